@@ -1,0 +1,112 @@
+//! Values of the BPF maps. Every type is `#[repr(C)]` with its fields ordered so that there is no
+//! implicit padding (the kernel copies values byte for byte; padding would leak or mismatch), and
+//! each size is asserted at compile time.
+
+/// `Policy::action`: limit the client with `limit` per `window_us`.
+pub const ACTION_LIMIT: u8 = 0;
+/// `Policy::action`: never limited (allow list); still counted.
+pub const ACTION_PASS: u8 = 1;
+/// `Policy::action`: always dropped (block list), the same as `limit: 0`.
+pub const ACTION_DROP: u8 = 2;
+
+/// `ClientState::flags`: the entry lives in the `STATIC_CLIENTS` map (an exact-address policy),
+/// which LRU eviction never touches.
+pub const FLAG_STATIC: u8 = 1;
+
+/// `Config::mode`: drop what is over the limit.
+pub const MODE_ENFORCE: u32 = 0;
+/// `Config::mode`: count what would be dropped, drop nothing.
+pub const MODE_DRY_RUN: u32 = 1;
+
+/// A resolved policy: the value of the `POLICIES` LPM trie, keyed by prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Packets admitted per window.
+    pub limit: u32,
+    /// Window length in microseconds (10 ms ..= 1 h fits in a `u32`).
+    pub window_us: u32,
+    /// Index of the policy in the config file (0 is `default`); shown by `limiter stats`.
+    pub id: u16,
+    /// One of `ACTION_*`.
+    pub action: u8,
+    pub _pad: u8,
+}
+
+/// Per-client state: the value of `CLIENTS` (LRU) and `STATIC_CLIENTS`.
+///
+/// 48 bytes. With the kernel's per-element overhead (`struct htab_elem`, 48 bytes) and the
+/// 16-byte key this is 112 bytes per client, inside the 128-byte budget at 1M clients.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientState {
+    /// Sliding-window slots indexed by window parity, each `tag << 32 | count` (see
+    /// [`crate::window`]); updated with compare-and-swap.
+    pub slots: [u64; 2],
+    /// Packets passed over the entry's lifetime (atomic add).
+    pub passed: u64,
+    /// Packets dropped (or, in dry-run, that would have been) over the entry's lifetime.
+    pub dropped: u64,
+    /// Effective allowance: packets admitted per effective window.
+    pub limit: u32,
+    /// Effective window in microseconds.
+    pub window_us: u32,
+    /// Generation of the policy table this cached policy was resolved at; a mismatch with
+    /// `Config::generation` makes the next packet resolve the policy again.
+    pub generation: u32,
+    /// `Policy::id` of the resolved policy.
+    pub policy: u16,
+    /// `Policy::action` of the resolved policy.
+    pub action: u8,
+    /// `FLAG_*`.
+    pub flags: u8,
+}
+
+/// The single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bumped by the agent on every policy change; clients re-resolve lazily.
+    pub generation: u32,
+    /// `MODE_ENFORCE` or `MODE_DRY_RUN`.
+    pub mode: u32,
+}
+
+/// Global counters, one copy per CPU (`STATS` per-CPU array); the reader sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// IP packets passed by the limiter (including allow-listed clients).
+    pub passed: u64,
+    /// IP packets dropped (in dry-run: that would have been dropped; they pass).
+    pub dropped: u64,
+    /// Frames that are not IPv4 or IPv6; passed untouched.
+    pub non_ip: u64,
+    /// Truncated or malformed frames; passed untouched.
+    pub malformed: u64,
+    /// Client entries created in `CLIENTS`. Once the map is full each one evicts the least
+    /// recently used dynamic client.
+    pub new_clients: u64,
+    /// Packets whose client entry could not be created (map full and nothing evictable); they
+    /// were charged to the shared `OVERFLOW` budget instead of passing unlimited.
+    pub map_full: u64,
+    /// Policy lookups in the LPM trie (first packet of a client, or after a policy change).
+    pub resolves: u64,
+    /// Packets denied because the window state was contended past the retry bound.
+    pub contended: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Policy>() == 12);
+const _: () = assert!(core::mem::size_of::<ClientState>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<GlobalStats>() == 64);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are `#[repr(C)]`, built only of integers, without padding (sizes are
+    // asserted above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::ClientState {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::GlobalStats {}
+}

@@ -1,0 +1,206 @@
+//! Sliding-window counter (the approach Cloudflare measured at 0.003% wrong decisions over 400M
+//! requests): the estimate at time `t` is the current fixed window's count plus the previous
+//! window's count weighted by the fraction of the previous window that still lies inside
+//! `[t - window, t]`. A hit is admitted when `estimate + hits <= limit`; only admitted hits are
+//! counted, so a client that keeps sending above its limit still gets `limit` per window.
+//!
+//! # State
+//! Two 64-bit slots per client, indexed by the parity of the fixed-window index. Each slot is
+//! self-describing: `tag << 32 | count`, where `tag` is the low 32 bits of the window index the
+//! count belongs to. A slot whose tag is not the current (or previous) window reads as zero, so
+//! rolling over to a new window needs no separate reset step: the first admitted hit of a window
+//! replaces the stale slot with `(index, hits)` in the same compare-and-swap that counts it.
+//! Every change is a single CAS of one word, so concurrent CPUs never lose a count and never
+//! admit past the limit (each CAS re-checks against the value it replaces). The previous
+//! window's slot is only read.
+//!
+//! Tags are 32 bits: a stale slot could alias the current window only after 2^32 windows
+//! (497 days at the smallest, 10 ms, window) without a packet, far beyond any LRU residency.
+//!
+//! # Precision
+//! The previous window's weight is a fixed-point fraction with [`FRAC_BITS`] bits, truncated, so
+//! the estimate is at most `prev / 2^20 + 1` packets below the exact real-valued estimate: one
+//! part in a million, far below the method's own approximation error.
+
+/// Fixed-point bits of the previous window's weight. 20 bits keep `remaining << 20` inside a
+/// `u64` for windows up to 2^44 ns (4.8 h, above the 1 h maximum) and `prev * weight` inside a
+/// `u64` for any `u32` count.
+pub const FRAC_BITS: u32 = 20;
+
+/// Shortest window a policy may have.
+pub const MIN_WINDOW_US: u32 = 10_000;
+/// Longest window a policy may have.
+pub const MAX_WINDOW_US: u32 = 3_600_000_000;
+
+/// Windows at least this long are timed with the kernel's coarse clock
+/// (`bpf_ktime_get_coarse_ns`, ~4 ns, one-jiffy resolution: at most 4 ms behind at HZ=250, i.e.
+/// 0.4% of a 1 s window); shorter ones with `bpf_ktime_get_ns` (~40 ns here), whose resolution
+/// stays far below 1% of a 10 ms window. Both read CLOCK_MONOTONIC.
+pub const COARSE_CLOCK_MIN_WINDOW_US: u32 = 1_000_000;
+
+/// Where a time falls in the fixed-window grid of a given window length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Fixed-window index: `now / window`.
+    pub index: u64,
+    /// Fraction of the window still to run, as a `FRAC_BITS` fixed-point number in `(0, 1]`;
+    /// this is the weight of the previous window in the estimate.
+    pub weight: u64,
+}
+
+/// The position of `now_ns` in windows of `window_ns` nanoseconds (`window_ns > 0`).
+#[inline(always)]
+pub fn position(now_ns: u64, window_ns: u64) -> Position {
+    let index = now_ns / window_ns;
+    let elapsed = now_ns - index * window_ns;
+    let weight = ((window_ns - elapsed) << FRAC_BITS) / window_ns;
+    Position { index, weight }
+}
+
+/// Builds a slot word.
+#[inline(always)]
+pub const fn slot(tag: u32, count: u32) -> u64 {
+    ((tag as u64) << 32) | count as u64
+}
+
+/// The tag of a slot word.
+#[inline(always)]
+pub const fn slot_tag(slot: u64) -> u32 {
+    (slot >> 32) as u32
+}
+
+/// The count of a slot word.
+#[inline(always)]
+pub const fn slot_count(slot: u64) -> u32 {
+    slot as u32
+}
+
+/// Slot index (0 or 1) that holds window `index`.
+#[inline(always)]
+pub const fn slot_of(index: u64) -> usize {
+    (index & 1) as usize
+}
+
+/// `(previous, current)` counts at window `index`.
+#[inline(always)]
+pub fn counts(slots: &[u64; 2], index: u64) -> (u32, u32) {
+    let cur = slots[slot_of(index)];
+    let prev = slots[slot_of(index + 1)];
+    let cur = if slot_tag(cur) == index as u32 { slot_count(cur) } else { 0 };
+    let prev_index = index.wrapping_sub(1) as u32;
+    let prev = if slot_tag(prev) == prev_index { slot_count(prev) } else { 0 };
+    (prev, cur)
+}
+
+/// The sliding-window estimate: `current + previous * weight`.
+#[inline(always)]
+pub fn estimate(prev: u32, cur: u32, weight: u64) -> u64 {
+    cur as u64 + ((prev as u64 * weight) >> FRAC_BITS)
+}
+
+/// The estimate for `slots` at `now_ns`.
+#[inline(always)]
+pub fn estimate_at(slots: &[u64; 2], now_ns: u64, window_ns: u64) -> u64 {
+    let pos = position(now_ns, window_ns);
+    let (prev, cur) = counts(slots, pos.index);
+    estimate(prev, cur, pos.weight)
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admit: replace `slots[slot]`, which must still hold `old`, with `new` (compare-and-swap).
+    /// When the CAS fails another CPU changed the slot: decide again on fresh slots.
+    Admit { slot: usize, old: u64, new: u64 },
+    /// Over the limit: nothing changes.
+    Deny,
+}
+
+/// Decides whether `hits` more hits are admitted at `now_ns` under `limit` per `window_ns`.
+///
+/// `hits == 0` asks without consuming (it is admitted iff the client is not already over).
+/// The caller applies `Admit` with a CAS; a `u32` count saturates at `limit <= u32::MAX`.
+#[inline(always)]
+pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u32) -> Verdict {
+    let pos = position(now_ns, window_ns);
+    let (prev, cur) = counts(slots, pos.index);
+    let est = estimate(prev, cur, pos.weight);
+    if est + hits as u64 > limit as u64 {
+        return Verdict::Deny;
+    }
+    let i = slot_of(pos.index);
+    // `cur + hits <= est + hits <= limit <= u32::MAX`: no overflow.
+    Verdict::Admit { slot: i, old: slots[i], new: slot(pos.index as u32, cur + hits) }
+}
+
+/// Applies `decide` to plain (non-shared) slots, as a single-threaded caller would; returns
+/// whether the hits were admitted. The host uses this for simulation and tests.
+pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u32) -> bool {
+    match decide(slots, now_ns, window_ns, limit, hits) {
+        Verdict::Admit { slot, new, .. } => {
+            slots[slot] = new;
+            true
+        }
+        Verdict::Deny => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: u64 = 1_000_000_000;
+
+    #[test]
+    fn admits_exactly_limit_in_a_fresh_window() {
+        let mut s = [0u64; 2];
+        let t0 = 10 * W + 1;
+        let admitted = (0..250).filter(|i| admit(&mut s, t0 + i * 1000, W, 100, 1)).count();
+        assert_eq!(admitted, 100);
+    }
+
+    #[test]
+    fn previous_window_is_weighted_by_the_remaining_fraction() {
+        let mut s = [0u64; 2];
+        for i in 0..100 {
+            assert!(admit(&mut s, 10 * W + i, W, 100, 1));
+        }
+        // A quarter into the next window, 75% of the previous 100 still count.
+        let t = 11 * W + W / 4;
+        assert_eq!(estimate_at(&s, t, W), 75);
+        let admitted = (0..100).filter(|_| admit(&mut s, t, W, 100, 1)).count();
+        assert_eq!(admitted, 25);
+    }
+
+    #[test]
+    fn stale_slots_read_as_zero() {
+        let mut s = [0u64; 2];
+        for _ in 0..100 {
+            admit(&mut s, 10 * W, W, 100, 1);
+        }
+        assert_eq!(estimate_at(&s, 12 * W, W), 0);
+        assert_eq!(estimate_at(&s, 13 * W, W), 0);
+        assert!(admit(&mut s, 12 * W + 5, W, 100, 100));
+    }
+
+    #[test]
+    fn zero_limit_blocks_and_zero_hits_reads() {
+        let mut s = [0u64; 2];
+        assert!(!admit(&mut s, W, W, 0, 1));
+        assert!(admit(&mut s, W, W, 1, 0));
+        assert_eq!(s, [0, 0]);
+        assert!(admit(&mut s, W, W, 1, 1));
+        assert!(!admit(&mut s, W, W, 1, 0));
+    }
+
+    #[test]
+    fn max_limit_and_window_do_not_overflow() {
+        let window = MAX_WINDOW_US as u64 * 1000;
+        let mut s = [0u64; 2];
+        assert!(admit(&mut s, 5 * window + 7, window, u32::MAX, u32::MAX));
+        assert!(!admit(&mut s, 5 * window + 8, window, u32::MAX, 1));
+        // Half a window later most of the previous window still counts.
+        let est = estimate_at(&s, 6 * window + window / 2, window);
+        assert_eq!(est, (u32::MAX as u64) / 2);
+    }
+}

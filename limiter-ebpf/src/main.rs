@@ -1,0 +1,36 @@
+//! The XDP fast path. For every frame: parse to the source address, find the client's state with
+//! one hash lookup, and admit or drop it with the sliding-window counter from `limiter-common`.
+//! No packet ever waits on userspace.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// BPF has no atomic CAS in Rust's high-level atomics (`atomic_cas: false` in rustc's bpf target
+// spec); the intrinsics lower to BPF_ATOMIC instructions (`lock *(u64 *)` add and cmpxchg,
+// kernel >= 5.12: https://git.kernel.org/torvalds/c/5ffa25502b5a). limiter-user's build.rs
+// enables them for this crate alone through RUSTC_BOOTSTRAP.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core::intrinsics atomics; see above")
+)]
+
+#[cfg(target_arch = "bpf")]
+mod fast_path;
+#[cfg(target_arch = "bpf")]
+mod parse;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // This crate is only meaningful for the BPF target; limiter-user's build.rs builds it.
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects programs that could reach this; it is never called.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,36 @@
+//! Builds the eBPF crate for the BPF target and leaves the object in OUT_DIR, where `src/ebpf.rs`
+//! embeds it with `include_bytes_aligned!`.
+//!
+//! Toolchain (installed by `cargo xtask setup`): Debian's rustc-web ships a prebuilt `core` for
+//! bpfel-unknown-none, linked into rustup as the `system` toolchain, and bpf-linker links.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    let ebpf_dir = PathBuf::from(manifest_dir).join("..").join("limiter-ebpf");
+    let ebpf_dir = ebpf_dir
+        .canonicalize()
+        .with_context(|| format!("finding the eBPF crate at {}", ebpf_dir.display()))?;
+    let ebpf_dir = ebpf_dir.to_str().context("the eBPF crate's path is not UTF-8")?;
+    let common_dir = ebpf_dir.replace("limiter-ebpf", "limiter-common");
+    println!("cargo:rerun-if-changed={common_dir}");
+
+    // aya-ebpf needs two nightly features and limiter-ebpf (its bin crate is named `limiter`) needs
+    // `core_intrinsics` (BPF atomics);
+    // unlock them for these two crates alone. aya-build's spawned cargo inherits this.
+    // SAFETY: the build script is single-threaded here.
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,limiter") };
+
+    aya_build::build_ebpf(
+        [Package { name: "limiter-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        Toolchain::Custom("system"),
+    )
+    .context(
+        "building the eBPF program (limiter-ebpf) failed; run `cargo xtask setup` to install \
+         the system Rust toolchain for bpfel-unknown-none and bpf-linker",
+    )
+}

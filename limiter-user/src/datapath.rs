@@ -1,0 +1,389 @@
+//! The kernel side as seen from userspace: loading and attaching the XDP program, its pinned
+//! maps, and writing a policy set into them.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use limiter_common::{
+    ClientState, Config as MapConfig, GlobalStats, Policy,
+    addr::ClientKey,
+    maps::{FLAG_STATIC, MODE_DRY_RUN, MODE_ENFORCE},
+};
+
+use crate::policy::{Config, Mode};
+
+/// Where each interface's maps are pinned: `/sys/fs/bpf/limiter/IFACE/`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/limiter";
+/// The XDP entry point the agent attaches.
+pub const PROGRAM: &str = "limiter";
+/// Default capacity of the dynamic-client LRU map. Each client costs ~112 bytes of kernel memory
+/// (48-byte value, 16-byte key, 48-byte `htab_elem`) plus its bucket, ~128 MiB at this size.
+pub const DEFAULT_MAX_CLIENTS: u32 = 1 << 20;
+
+/// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
+/// build, another `--max-clients`) is not adopted.
+const PINNED: [(&str, MapType, usize, usize); 6] = [
+    ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
+    ("STATIC_CLIENTS", MapType::Hash, 16, size_of::<ClientState>()),
+    ("POLICIES", MapType::LpmTrie, 20, size_of::<Policy>()),
+    ("CONFIG", MapType::Array, 4, size_of::<MapConfig>()),
+    ("STATS", MapType::PerCpuArray, 4, size_of::<GlobalStats>()),
+    ("OVERFLOW", MapType::Array, 4, size_of::<ClientState>()),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("limiter needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")]
+    NotRoot,
+    #[error("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf`")]
+    BpffsNotMounted,
+    #[error("interface {0:?} does not exist: check the name with `ip link`")]
+    NoInterface(String),
+    #[error("the driver of {iface} does not support XDP in {mode} mode: use `--xdp-mode skb` (generic XDP) or `--xdp-mode auto`")]
+    ModeUnsupported { iface: String, mode: &'static str },
+    #[error("{iface} already has another XDP program attached: remove it with `ip link set dev {iface} xdp off`")]
+    Busy { iface: String },
+    #[error("no limiter maps are pinned for {iface} under {dir}: is `limiter agent --iface {iface}` running?")]
+    NotPinned { iface: String, dir: PathBuf },
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// `/sys/fs/bpf/limiter/IFACE`.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// Fails with a message naming the fix when the process cannot use BPF at all.
+pub fn check_environment() -> Result<(), DatapathError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DatapathError::NotRoot);
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
+        what: "reading",
+        path: "/proc/mounts".into(),
+        source,
+    })?;
+    if !mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(1) == Some("/sys/fs/bpf") && f.next() == Some("bpf")
+    }) {
+        return Err(DatapathError::BpffsNotMounted);
+    }
+    Ok(())
+}
+
+/// The interface's index, or a clear error.
+pub fn if_index(iface: &str) -> Result<u32, DatapathError> {
+    let name = std::ffi::CString::new(iface).map_err(|_| DatapathError::NoInterface(iface.into()))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(DatapathError::NoInterface(iface.into())),
+        i => Ok(i),
+    }
+}
+
+/// How to load the object.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin (or adopt pinned) maps here; `None` loads private maps (tests, benchmarks).
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the dynamic-client LRU map.
+    pub max_clients: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { pin_dir: None, max_clients: DEFAULT_MAX_CLIENTS }
+    }
+}
+
+/// Loads the embedded object. With a pin directory, maps already pinned there with the same
+/// layout are adopted (counters survive an agent restart); pins of another layout are removed
+/// first, with a warning.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries("CLIENTS", opts.max_clients);
+    if let Some(dir) = &opts.pin_dir {
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+            what: "creating the pin directory",
+            path: dir.clone(),
+            source,
+        })?;
+        discard_incompatible_pins(dir, opts.max_clients)?;
+        for (name, ..) in PINNED {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    Ok(loader.load(crate::ebpf::OBJECT)?)
+}
+
+fn discard_incompatible_pins(dir: &Path, max_clients: u32) -> Result<(), DatapathError> {
+    let mut mismatch = None;
+    for (name, kind, key, value) in PINNED {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let ok = MapInfo::from_pin(&path).is_ok_and(|info| {
+            info.map_type().is_ok_and(|t| t == kind)
+                && info.key_size() as usize == key
+                && info.value_size() as usize == value
+                && (name != "CLIENTS" || info.max_entries() == max_clients)
+        });
+        if !ok {
+            mismatch = Some(name);
+            break;
+        }
+    }
+    if let Some(name) = mismatch {
+        tracing::warn!(
+            dir = %dir.display(),
+            map = name,
+            "pinned maps have another layout or size; discarding them and starting with fresh counters"
+        );
+        remove_pins(dir)?;
+    }
+    Ok(())
+}
+
+/// Removes the pinned maps of one interface (the maps live on while a program uses them).
+pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    for (name, ..) in PINNED {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Io { what: "removing pin", path, source }),
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native if the driver supports it, generic otherwise (the kernel decides).
+    #[default]
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP: works on any interface, slower.
+    Skb,
+}
+
+impl AttachMode {
+    fn name(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+/// Loads the `limiter` program into the kernel and attaches it to `iface`.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<XdpLinkId, DatapathError> {
+    if_index(iface)?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    program.load()?;
+    let flags = match mode {
+        AttachMode::Auto => XdpMode::Default,
+        AttachMode::Native => XdpMode::Driver,
+        AttachMode::Skb => XdpMode::Skb,
+    };
+    program.attach(iface, flags).map_err(|e| classify_attach_error(e, iface, mode))
+}
+
+fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> DatapathError {
+    let text = format!("{e:?}");
+    let errno = |code: i32| text.contains(&format!("code: {code},")) || text.contains(&format!("os error {code}"));
+    if errno(libc::EBUSY) || errno(libc::EEXIST) {
+        DatapathError::Busy { iface: iface.into() }
+    } else if errno(libc::EOPNOTSUPP) || (mode == AttachMode::Native && errno(libc::EINVAL)) {
+        DatapathError::ModeUnsupported { iface: iface.into(), mode: mode.name() }
+    } else {
+        DatapathError::Program(e)
+    }
+}
+
+/// Typed handles on the maps, from a freshly loaded object or from the pins of a running agent.
+pub struct Tables {
+    pub clients: HashMap<MapData, ClientKey, ClientState>,
+    pub static_clients: HashMap<MapData, ClientKey, ClientState>,
+    pub policies: LpmTrie<MapData, ClientKey, Policy>,
+    pub config: Array<MapData, MapConfig>,
+    pub stats: PerCpuArray<MapData, GlobalStats>,
+}
+
+/// What one `Tables::apply` changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub generation: u32,
+    pub policies_written: usize,
+    pub policies_removed: usize,
+    pub statics_added: usize,
+    pub statics_removed: usize,
+}
+
+impl Tables {
+    /// Takes the maps out of a loaded object (its programs keep their references).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Tables, DatapathError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } });
+        Ok(Tables {
+            clients: HashMap::try_from(take("CLIENTS")?).map_err(map_err("CLIENTS"))?,
+            static_clients: HashMap::try_from(take("STATIC_CLIENTS")?).map_err(map_err("STATIC_CLIENTS"))?,
+            policies: LpmTrie::try_from(take("POLICIES")?).map_err(map_err("POLICIES"))?,
+            config: Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?,
+            stats: PerCpuArray::try_from(take("STATS")?).map_err(map_err("STATS"))?,
+        })
+    }
+
+    /// Opens the maps a running (or crashed) agent pinned for `iface`.
+    pub fn open_pinned(iface: &str) -> Result<Tables, DatapathError> {
+        let dir = pin_dir(iface);
+        let open = |name: &'static str| -> Result<Map, DatapathError> {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(DatapathError::NotPinned { iface: iface.into(), dir: dir.clone() });
+            }
+            let data = MapData::from_pin(&path).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        Ok(Tables {
+            clients: HashMap::try_from(open("CLIENTS")?).map_err(map_err("CLIENTS"))?,
+            static_clients: HashMap::try_from(open("STATIC_CLIENTS")?).map_err(map_err("STATIC_CLIENTS"))?,
+            policies: LpmTrie::try_from(open("POLICIES")?).map_err(map_err("POLICIES"))?,
+            config: Array::try_from(open("CONFIG")?).map_err(map_err("CONFIG"))?,
+            stats: PerCpuArray::try_from(open("STATS")?).map_err(map_err("STATS"))?,
+        })
+    }
+
+    pub fn map_config(&self) -> Result<MapConfig, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global(&self) -> Result<GlobalStats, DatapathError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            sum.passed += s.passed;
+            sum.dropped += s.dropped;
+            sum.non_ip += s.non_ip;
+            sum.malformed += s.malformed;
+            sum.new_clients += s.new_clients;
+            sum.map_full += s.map_full;
+            sum.resolves += s.resolves;
+            sum.contended += s.contended;
+        }
+        Ok(sum)
+    }
+
+    /// Every client entry, static ones flagged `FLAG_STATIC`. Entries that vanish while the map
+    /// is walked (evicted) are skipped.
+    pub fn clients(&self) -> Vec<(ClientKey, ClientState)> {
+        let dynamic = self.clients.iter().filter_map(Result::ok);
+        let fixed = self.static_clients.iter().filter_map(Result::ok).map(|(k, mut v)| {
+            v.flags |= FLAG_STATIC;
+            (k, v)
+        });
+        dynamic.chain(fixed).collect()
+    }
+
+    /// Writes a validated policy set into the maps and bumps the generation, which makes every
+    /// client re-resolve its policy on its next packet. Counters are kept: a client whose policy
+    /// window is unchanged keeps its window state; a changed window starts afresh.
+    pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, DatapathError> {
+        let mut report = ApplyReport::default();
+        let desired = config.lpm_entries();
+        for ((prefix, addr), policy) in &desired {
+            let key = Key::new(*prefix, *addr);
+            if self.policies.get(&key, 0).ok().as_ref() != Some(policy) {
+                self.policies.insert(&key, policy, 0).map_err(map_err("POLICIES"))?;
+                report.policies_written += 1;
+            }
+        }
+        let stale: Vec<Key<ClientKey>> = self
+            .policies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !desired.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in &stale {
+            self.policies.remove(key).map_err(map_err("POLICIES"))?;
+            report.policies_removed += 1;
+        }
+        self.sync_static_clients(&config.static_clients(), &mut report)?;
+
+        let previous = self.map_config()?;
+        let generation = match previous.generation.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        let mode = match config.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::DryRun => MODE_DRY_RUN,
+        };
+        self.config.set(0, MapConfig { generation, mode }, 0).map_err(map_err("CONFIG"))?;
+        report.generation = generation;
+        Ok(report)
+    }
+
+    /// Moves clients between the LRU map and the never-evicted static map so that exactly the
+    /// addresses with exact-address policies are static, carrying their counters across.
+    fn sync_static_clients(&mut self, wanted: &[ClientKey], report: &mut ApplyReport) -> Result<(), DatapathError> {
+        let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
+        let current: HashSet<ClientKey> = self.static_clients.keys().filter_map(Result::ok).collect();
+        for key in wanted.difference(&current) {
+            let mut state = self.clients.get(key, 0).unwrap_or_default();
+            state.generation = 0; // re-resolve on the next packet
+            self.static_clients.insert(key, state, 0).map_err(map_err("STATIC_CLIENTS"))?;
+            let _ = self.clients.remove(key);
+            report.statics_added += 1;
+        }
+        for key in current.difference(&wanted) {
+            if let Ok(mut state) = self.static_clients.get(key, 0) {
+                state.generation = 0;
+                state.flags &= !FLAG_STATIC;
+                self.clients.insert(key, state, 0).map_err(map_err("CLIENTS"))?;
+            }
+            self.static_clients.remove(key).map_err(map_err("STATIC_CLIENTS"))?;
+            report.statics_removed += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Convenience for tests: current policies in the trie, `(prefix, key) -> Policy`.
+pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, ClientKey), Policy> {
+    tables
+        .policies
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+        .collect()
+}

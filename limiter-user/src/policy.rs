@@ -1,0 +1,490 @@
+//! YAML policies: parsing, validation, and the map entries they become.
+//!
+//! Every check happens here, before anything touches the maps, so a config with an error is
+//! rejected whole and the policies in force stay in force.
+
+use std::{collections::HashMap, fmt, net::IpAddr, str::FromStr};
+
+use limiter_common::{
+    Policy,
+    addr::{ClientKey, V4_MAPPED_PREFIX_BITS, v4_mapped},
+    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS},
+    window::{MAX_WINDOW_US, MIN_WINDOW_US},
+};
+use serde::{Deserialize, Deserializer, de};
+
+/// Most policies one config may hold (the `POLICIES` trie has room for these plus `default`).
+pub const MAX_POLICIES: usize = 65_535;
+/// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
+pub const MAX_STATIC_CLIENTS: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Syntax, unknown or missing fields, or a field with a bad value; serde_yaml's message names
+    /// the field path, line and column.
+    #[error("{0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("{field}{line}: {message}")]
+    Invalid { field: String, line: LineHint, message: String },
+    #[error("too many policies: {count} (at most {MAX_POLICIES})")]
+    TooMany { count: usize },
+    #[error("too many exact-address policies: {count} (at most {MAX_STATIC_CLIENTS})")]
+    TooManyStatic { count: usize },
+}
+
+/// ` (line N)` when the line is known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineHint(pub Option<usize>);
+
+impl fmt::Display for LineHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, " (line {line})"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Drop what is over the limit.
+    #[default]
+    Enforce,
+    /// Count what would be dropped, drop nothing.
+    DryRun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Limit to `limit` per `window`.
+    #[default]
+    Limit,
+    /// Never limited (allow list).
+    Pass,
+    /// Always dropped (block list).
+    Drop,
+}
+
+/// A window length, written `10ms`, `1.5s`, `2m`, `1h`; between 10 ms and 1 h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub micros: u32,
+}
+
+impl FromStr for Window {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let unit_us: f64 = match unit.trim() {
+            "us" | "µs" => 1.0,
+            "ms" => 1e3,
+            "s" => 1e6,
+            "m" => 60e6,
+            "h" => 3600e6,
+            _ => {
+                return Err(format!(
+                    "invalid window {s:?}: expected a number with a unit of ms, s, m or h, like 500ms or 1s"
+                ));
+            }
+        };
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("invalid window {s:?}: {number:?} is not a number"))?;
+        let micros = number * unit_us;
+        if micros.fract() != 0.0 {
+            return Err(format!("invalid window {s:?}: not a whole number of microseconds"));
+        }
+        if !(MIN_WINDOW_US as f64..=MAX_WINDOW_US as f64).contains(&micros) {
+            return Err(format!("window {s:?} is out of range: it must be between 10ms and 1h"));
+        }
+        Ok(Window { micros: micros as u32 })
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.micros as u64;
+        match us {
+            _ if us % 3_600_000_000 == 0 => write!(f, "{}h", us / 3_600_000_000),
+            _ if us % 60_000_000 == 0 => write!(f, "{}m", us / 60_000_000),
+            _ if us % 1_000_000 == 0 => write!(f, "{}s", us / 1_000_000),
+            _ if us % 1_000 == 0 => write!(f, "{}ms", us / 1_000),
+            _ => write!(f, "{us}us"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| de::Error::custom(format!("`window`: {e}")))
+    }
+}
+
+/// An IPv4 or IPv6 prefix (`10.0.0.0/8`, `2001:db8::/32`) or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// The LPM trie key: the address IPv4-mapped, with the prefix length in that space.
+    pub fn lpm_key(&self) -> (u32, ClientKey) {
+        match self.addr {
+            IpAddr::V4(v4) => (V4_MAPPED_PREFIX_BITS + self.prefix as u32, v4_mapped(v4.octets())),
+            IpAddr::V6(v6) => (self.prefix as u32, v6.octets()),
+        }
+    }
+
+    /// One address rather than a prefix.
+    pub fn is_host(&self) -> bool {
+        self.prefix == max_prefix(&self.addr)
+    }
+}
+
+fn max_prefix(addr: &IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr_s, prefix_s) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address or CIDR prefix"))?;
+        let max = max_prefix(&addr);
+        let prefix = match prefix_s {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("{s:?}: prefix length must be 0 to {max}")),
+            },
+        };
+        let cidr = Cidr { addr, prefix };
+        let masked = cidr.masked();
+        if masked != addr {
+            return Err(format!(
+                "{s:?} has address bits set beyond the /{prefix} prefix; did you mean {masked}/{prefix}?"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    fn masked(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_host() { write!(f, "{}", self.addr) } else { write!(f, "{}/{}", self.addr, self.prefix) }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| de::Error::custom(format!("`match`: {e}")))
+    }
+}
+
+/// A limit as written: `limit`, `window`, `action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub limit: Option<u32>,
+    pub window: Option<Window>,
+    #[serde(default)]
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(rename = "match")]
+    pub matches: Cidr,
+    pub limit: Option<u32>,
+    pub window: Option<Window>,
+    #[serde(default)]
+    pub action: Action,
+}
+
+impl Rule {
+    fn limit(&self) -> Limit {
+        Limit { limit: self.limit, window: self.window, action: self.action }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    mode: Mode,
+    default: Limit,
+    #[serde(default)]
+    policies: Vec<Rule>,
+}
+
+/// A validated limit, ready for the maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub action: Action,
+    /// Packets per window (0 for `drop`, unused for `pass`).
+    pub limit: u32,
+    /// Window (unused for `pass` and `drop`).
+    pub window: Window,
+}
+
+/// A validated policy set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    pub default: Resolved,
+    /// In file order; policy id `i + 1` is `policies[i]`, id 0 is `default`.
+    pub policies: Vec<(Cidr, Resolved)>,
+}
+
+/// Placeholder window for `pass`/`drop` policies, which never consult it.
+const UNUSED_WINDOW: Window = Window { micros: 1_000_000 };
+
+impl Config {
+    /// Parses and validates a config file's text.
+    pub fn parse(text: &str) -> Result<Config, PolicyError> {
+        let file: File = serde_yaml::from_str(text)?;
+        let match_lines = match_lines(text);
+        let line_of = |i: usize| LineHint(match_lines.get(i).copied().filter(|_| match_lines.len() == file.policies.len()));
+        let default = resolve(&file.default).map_err(|message| PolicyError::Invalid {
+            field: "default".into(),
+            line: LineHint(line_of_key(text, "default")),
+            message,
+        })?;
+        if file.policies.len() > MAX_POLICIES {
+            return Err(PolicyError::TooMany { count: file.policies.len() });
+        }
+        let mut seen: HashMap<Cidr, usize> = HashMap::new();
+        let mut policies = Vec::with_capacity(file.policies.len());
+        for (i, rule) in file.policies.iter().enumerate() {
+            let invalid = |message: String| PolicyError::Invalid {
+                field: format!("policies[{i}] (match {})", rule.matches),
+                line: line_of(i),
+                message,
+            };
+            if let Some(first) = seen.insert(rule.matches, i) {
+                return Err(invalid(format!("duplicate match: policies[{first}] already matches {}", rule.matches)));
+            }
+            policies.push((rule.matches, resolve(&rule.limit()).map_err(invalid)?));
+        }
+        let statics = policies.iter().filter(|(c, _)| c.is_host()).count();
+        if statics > MAX_STATIC_CLIENTS {
+            return Err(PolicyError::TooManyStatic { count: statics });
+        }
+        Ok(Config { mode: file.mode, default, policies })
+    }
+
+    /// The policy trie's entries: `(prefix length, key) -> Policy`; `default` is `::/0`.
+    pub fn lpm_entries(&self) -> HashMap<(u32, ClientKey), Policy> {
+        let mut entries = HashMap::with_capacity(self.policies.len() + 1);
+        entries.insert((0, [0u8; 16]), self.default.to_policy(0));
+        for (i, (cidr, resolved)) in self.policies.iter().enumerate() {
+            // Ids are u16 for the map; beyond that stats show the last id, decisions are unaffected.
+            let id = u16::try_from(i + 1).unwrap_or(u16::MAX);
+            entries.insert(cidr.lpm_key(), resolved.to_policy(id));
+        }
+        entries
+    }
+
+    /// Addresses named by an exact-address policy (kept in the never-evicted static map).
+    pub fn static_clients(&self) -> Vec<ClientKey> {
+        self.policies.iter().filter(|(c, _)| c.is_host()).map(|(c, _)| c.lpm_key().1).collect()
+    }
+
+    /// Human name of a policy id, for stats.
+    pub fn policy_name(&self, id: u16) -> String {
+        match id {
+            0 => "default".into(),
+            id => self
+                .policies
+                .get(id as usize - 1)
+                .map(|(c, _)| c.to_string())
+                .unwrap_or_else(|| format!("#{id}")),
+        }
+    }
+}
+
+impl Resolved {
+    fn to_policy(self, id: u16) -> Policy {
+        let action = match self.action {
+            Action::Limit => ACTION_LIMIT,
+            Action::Pass => ACTION_PASS,
+            Action::Drop => ACTION_DROP,
+        };
+        Policy { limit: self.limit, window_us: self.window.micros, id, action, _pad: 0 }
+    }
+}
+
+fn resolve(limit: &Limit) -> Result<Resolved, String> {
+    match limit.action {
+        Action::Limit => {
+            let count = limit.limit.ok_or("`limit` is required (packets per window; 0 blocks)")?;
+            let window = limit.window.ok_or("`window` is required, e.g. `window: 1s`")?;
+            Ok(Resolved { action: Action::Limit, limit: count, window })
+        }
+        Action::Pass => {
+            if limit.limit.is_some() || limit.window.is_some() {
+                return Err("`action: pass` is never limited: remove `limit` and `window`".into());
+            }
+            Ok(Resolved { action: Action::Pass, limit: 0, window: UNUSED_WINDOW })
+        }
+        Action::Drop => {
+            if limit.limit.is_some_and(|l| l != 0) || limit.window.is_some() {
+                return Err("`action: drop` blocks every packet: remove `window`, and `limit` unless it is 0".into());
+            }
+            Ok(Resolved { action: Action::Drop, limit: 0, window: UNUSED_WINDOW })
+        }
+    }
+}
+
+/// 1-based lines of each `match:` key, in order (policies are matched to them by position).
+fn match_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let code = l.split('#').next().unwrap_or("");
+            code.contains("match:")
+        })
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let prefix = format!("{key}:");
+    text.lines().position(|l| l.starts_with(&prefix)).map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "\
+mode: enforce            # or dry-run
+default: { limit: 1000, window: 1s }
+policies:
+  - match: 10.0.0.0/8
+    limit: 100
+    window: 500ms
+  - match: 2001:db8::/32
+    limit: 50
+    window: 1s
+  - match: 192.0.2.7
+    action: pass
+  - match: 198.51.100.0/24
+    action: drop
+";
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_readme_example() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.default.limit, 1000);
+        assert_eq!(c.default.window.micros, 1_000_000);
+        assert_eq!(c.policies.len(), 4);
+        assert_eq!(c.policies[0].1.window.micros, 500_000);
+        assert_eq!(c.policies[2].1.action, Action::Pass);
+        assert_eq!(c.static_clients(), vec![v4_mapped([192, 0, 2, 7])]);
+        let lpm = c.lpm_entries();
+        assert_eq!(lpm.len(), 5);
+        assert_eq!(lpm[&(104, v4_mapped([10, 0, 0, 0]))].limit, 100);
+        assert_eq!(lpm[&(128, v4_mapped([192, 0, 2, 7]))].action, ACTION_PASS);
+        assert_eq!(lpm[&(0, [0; 16])].id, 0);
+    }
+
+    #[test]
+    fn windows_parse_and_bound() {
+        assert_eq!("10ms".parse::<Window>().unwrap().micros, 10_000);
+        assert_eq!("1.5s".parse::<Window>().unwrap().micros, 1_500_000);
+        assert_eq!("1h".parse::<Window>().unwrap().micros, 3_600_000_000);
+        assert_eq!("2m".parse::<Window>().unwrap().to_string(), "2m");
+        assert!("9ms".parse::<Window>().unwrap_err().contains("between 10ms and 1h"));
+        assert!("2h".parse::<Window>().unwrap_err().contains("between 10ms and 1h"));
+        assert!("5x".parse::<Window>().unwrap_err().contains("unit"));
+        assert!("s".parse::<Window>().unwrap_err().contains("not a number"));
+    }
+
+    #[test]
+    fn cidrs_parse_strictly() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().lpm_key().0, 104);
+        assert_eq!("2001:db8::/32".parse::<Cidr>().unwrap().lpm_key().0, 32);
+        assert!("192.0.2.7".parse::<Cidr>().unwrap().is_host());
+        assert!("10.0.0.1/8".parse::<Cidr>().unwrap_err().contains("did you mean 10.0.0.0/8"));
+        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("0 to 32"));
+        assert!("10.0.0.300".parse::<Cidr>().unwrap_err().contains("not an IPv4 or IPv6"));
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().lpm_key().0, 96);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n    window: 5x\n");
+        assert!(e.contains("policies[0]: `window`: invalid window \"5x\"") && e.contains("line 3"), "{e}");
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/33\n    limit: 5\n    window: 1s\n");
+        assert!(e.contains("policies[0]: `match`: \"10.0.0.0/33\"") && e.contains("line 3"), "{e}");
+        let e = err("default: { limit: -1, window: 1s }\n");
+        assert!(e.contains("default.limit") && e.contains("line 1"), "{e}");
+        let e = err("default: { limit: 4294967296, window: 1s }\n");
+        assert!(e.contains("default.limit"), "{e}");
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limt: 5\n");
+        assert!(e.contains("limt") && e.contains("line 4"), "{e}");
+        let e = err("mode: enforced\ndefault: { limit: 10, window: 1s }\n");
+        assert!(e.contains("mode") && e.contains("enforced"), "{e}");
+        let e = err("policies: []\n");
+        assert!(e.contains("missing field `default`"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_errors_name_the_policy_and_line() {
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n");
+        assert!(e.contains("policies[0] (match 10.0.0.0/8) (line 3)") && e.contains("`window` is required"), "{e}");
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: 10.0.0.0/8, limit: 2, window: 1s }\n");
+        assert!(e.contains("policies[1]") && e.contains("line 4") && e.contains("duplicate"), "{e}");
+        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - { match: 192.0.2.7, action: pass, limit: 3 }\n");
+        assert!(e.contains("remove `limit` and `window`"), "{e}");
+        let e = err("default: { window: 1s }\n");
+        assert!(e.contains("default (line 1)") && e.contains("`limit` is required"), "{e}");
+    }
+
+    #[test]
+    fn limit_zero_and_drop_block() {
+        let c = Config::parse("default: { limit: 0, window: 1s }\npolicies:\n  - { match: 192.0.2.9, action: drop, limit: 0 }\n").unwrap();
+        assert_eq!(c.default.limit, 0);
+        assert_eq!(c.policies[0].1.action, Action::Drop);
+        let c = Config::parse("mode: dry-run\ndefault: { limit: 4294967295, window: 1h }\n").unwrap();
+        assert_eq!(c.mode, Mode::DryRun);
+        assert_eq!(c.default.limit, u32::MAX);
+    }
+}

@@ -1,0 +1,3 @@
+//! Test support shared by the privileged tests, the XDP benchmark and the demo.
+pub mod frames;
+pub mod netns;

@@ -1,0 +1,211 @@
+//! `cargo xtask setup`: installs the toolchain that builds the eBPF program on Debian 12, skipping
+//! every step that is already done.
+//!
+//! - Debian's rustc-web ships a prebuilt `core` for bpfel-unknown-none
+//!   (libstd-rust-web-dev-bpf, in /usr/lib/rustlib); it is linked into rustup as the `system`
+//!   toolchain, which limiter-user's build.rs builds the eBPF crate with.
+//! - bpf-linker links the BPF object; it is built against Debian's LLVM 22.
+//! - bpffs at /sys/fs/bpf lets the agent pin maps.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{Context as _, Result};
+
+use crate::process;
+use crate::workspace::Workspace;
+
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+];
+const SYSTEM_TOOLCHAIN: &str = "system";
+const SYSTEM_TOOLCHAIN_PREFIX: &str = "/usr";
+const BPF_TARGET_LIB: &str = "/usr/lib/rustlib/bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Runs every setup step in order.
+pub fn run(workspace: &Workspace) -> Result<()> {
+    install_apt_packages().context("setup: installing Debian packages")?;
+    link_system_toolchain().context("setup: linking the system Rust toolchain into rustup")?;
+    install_bpf_linker(workspace).context("setup: installing bpf-linker")?;
+    mount_bpffs().context("setup: mounting bpffs")?;
+    Ok(())
+}
+
+/// Runs setup unless the quick checks say the toolchain is already in place.
+pub fn ensure(workspace: &Workspace) -> Result<()> {
+    let missing = missing_tools();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("missing {}; running setup", missing.join(", "));
+    run(workspace)
+}
+
+/// The quick checks run before every command other than `setup`; names what is missing.
+fn missing_tools() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    if !has_system_toolchain() {
+        missing.push("the `system` rustup toolchain");
+    }
+    if process::find_executable("bpf-linker").is_none() {
+        missing.push("bpf-linker");
+    }
+    if !Path::new(BPF_TARGET_LIB).exists() {
+        missing.push(BPF_TARGET_LIB);
+    }
+    missing
+}
+
+fn install_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !is_installed(package))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("ok: Debian packages installed ({})", APT_PACKAGES.join(" "));
+        return Ok(());
+    }
+    eprintln!("installing: Debian packages {}", missing.join(" "));
+    process::run(
+        process::command("apt-get")
+            .arg("update")
+            .stdin(Stdio::null()),
+    )?;
+    process::run(
+        process::command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing)
+            .stdin(Stdio::null()),
+    )
+}
+
+fn is_installed(package: &str) -> bool {
+    let status =
+        process::stdout_of(process::command("dpkg-query").args(["-W", "-f=${Status}", package]));
+    status.is_some_and(|status| status.trim() == "install ok installed")
+}
+
+fn link_system_toolchain() -> Result<()> {
+    if has_system_toolchain() {
+        eprintln!("ok: rustup toolchain `{SYSTEM_TOOLCHAIN}` linked");
+        return Ok(());
+    }
+    eprintln!("installing: rustup toolchain `{SYSTEM_TOOLCHAIN}` -> {SYSTEM_TOOLCHAIN_PREFIX}");
+    process::run(process::command("rustup").args([
+        "toolchain",
+        "link",
+        SYSTEM_TOOLCHAIN,
+        SYSTEM_TOOLCHAIN_PREFIX,
+    ]))
+}
+
+fn has_system_toolchain() -> bool {
+    process::stdout_of(process::command("rustup").args(["toolchain", "list"]))
+        .is_some_and(|list| lists_toolchain(&list, SYSTEM_TOOLCHAIN))
+}
+
+/// Whether `rustup toolchain list` output has a line for `name` (lines look like
+/// `stable-x86_64-unknown-linux-gnu (active, default)`).
+fn lists_toolchain(list: &str, name: &str) -> bool {
+    list.lines()
+        .any(|line| line.split_whitespace().next() == Some(name))
+}
+
+fn install_bpf_linker(workspace: &Workspace) -> Result<()> {
+    if installed_bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
+        eprintln!("ok: bpf-linker {BPF_LINKER_VERSION} installed");
+        return Ok(());
+    }
+    eprintln!("installing: bpf-linker {BPF_LINKER_VERSION} (LLVM 22; takes a few minutes)");
+    process::run(
+        workspace
+            .cargo([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .stdin(Stdio::null()),
+    )
+}
+
+fn installed_bpf_linker_version() -> Option<String> {
+    let linker = process::find_executable("bpf-linker")?;
+    let output = process::stdout_of(process::command(linker).arg("--version"))?;
+    parse_bpf_linker_version(&output).map(str::to_owned)
+}
+
+/// The version in `bpf-linker --version` output (`bpf-linker 0.13.0`).
+fn parse_bpf_linker_version(output: &str) -> Option<&str> {
+    output
+        .split_whitespace()
+        .skip_while(|word| *word != "bpf-linker")
+        .nth(1)
+}
+
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if is_bpffs_mounted(&mounts, BPFFS) {
+        eprintln!("ok: bpffs mounted at {BPFFS}");
+        return Ok(());
+    }
+    eprintln!("installing: bpffs at {BPFFS}");
+    process::run(process::command("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+/// Whether /proc/mounts (`device mountpoint fstype options ...` lines) has bpffs at `mountpoint`.
+fn is_bpffs_mounted(mounts: &str, mountpoint: &str) -> bool {
+    mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(mountpoint) && fields.next() == Some("bpf")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_system_toolchain() {
+        let list = "stable-x86_64-unknown-linux-gnu (active, default)\nsystem\n";
+        assert!(lists_toolchain(list, "system"));
+        assert!(!lists_toolchain(
+            "stable-x86_64-unknown-linux-gnu (default)\n",
+            "system"
+        ));
+        assert!(!lists_toolchain("system-x (default)\n", "system"));
+    }
+
+    #[test]
+    fn parses_the_bpf_linker_version() {
+        assert_eq!(
+            parse_bpf_linker_version("bpf-linker 0.13.0\n"),
+            Some("0.13.0")
+        );
+        assert_eq!(parse_bpf_linker_version("error: something\n"), None);
+    }
+
+    #[test]
+    fn detects_bpffs() {
+        let mounts = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime 0 0\n";
+        assert!(is_bpffs_mounted(mounts, BPFFS));
+        assert!(!is_bpffs_mounted("sysfs /sys sysfs rw 0 0\n", BPFFS));
+        assert!(!is_bpffs_mounted("tmpfs /sys/fs/bpf tmpfs rw 0 0\n", BPFFS));
+    }
+}
