@@ -129,6 +129,10 @@ pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u
         return Verdict::Deny;
     }
     let i = slot_of(pos.index);
+    if hits == 0 {
+        // A read: admitted, and nothing to write.
+        return Verdict::Admit { slot: i, old: slots[i], new: slots[i] };
+    }
     // `cur + hits <= est + hits <= limit <= u32::MAX`: no overflow.
     Verdict::Admit { slot: i, old: slots[i], new: slot(pos.index as u32, cur + hits) }
 }
