@@ -194,7 +194,9 @@ mod tests {
         assert!(admit(&mut s, W, W, 1, 0));
         assert_eq!(s, [0, 0]);
         assert!(admit(&mut s, W, W, 1, 1));
-        assert!(!admit(&mut s, W, W, 1, 0));
+        // At the limit a read is still admitted (not over); one more hit is not.
+        assert!(admit(&mut s, W, W, 1, 0));
+        assert!(!admit(&mut s, W, W, 1, 1));
     }
 
     #[test]
