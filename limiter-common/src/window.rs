@@ -22,6 +22,8 @@
 //! the estimate is at most `prev / 2^20 + 1` packets below the exact real-valued estimate: one
 //! part in a million, far below the method's own approximation error.
 
+use core::num::NonZeroU64;
+
 /// Fixed-point bits of the previous window's weight. 20 bits keep `remaining << 20` inside a
 /// `u64` for windows up to 2^44 ns (4.8 h, above the 1 h maximum) and `prev * weight` inside a
 /// `u64` for any `u32` count.
@@ -48,12 +50,15 @@ pub struct Position {
     pub weight: u64,
 }
 
-/// The position of `now_ns` in windows of `window_ns` nanoseconds (`window_ns > 0`).
+/// The position of `now_ns` in windows of `window_ns` nanoseconds.
+///
+/// The window is `NonZeroU64` so that the divisions carry no division-by-zero panic path, which
+/// the BPF verifier would reject.
 #[inline(always)]
-pub fn position(now_ns: u64, window_ns: u64) -> Position {
+pub fn position(now_ns: u64, window_ns: NonZeroU64) -> Position {
     let index = now_ns / window_ns;
-    let elapsed = now_ns - index * window_ns;
-    let weight = ((window_ns - elapsed) << FRAC_BITS) / window_ns;
+    let elapsed = now_ns - index * window_ns.get();
+    let weight = ((window_ns.get() - elapsed) << FRAC_BITS) / window_ns;
     Position { index, weight }
 }
 
@@ -100,7 +105,7 @@ pub fn estimate(prev: u32, cur: u32, weight: u64) -> u64 {
 
 /// The estimate for `slots` at `now_ns`.
 #[inline(always)]
-pub fn estimate_at(slots: &[u64; 2], now_ns: u64, window_ns: u64) -> u64 {
+pub fn estimate_at(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64) -> u64 {
     let pos = position(now_ns, window_ns);
     let (prev, cur) = counts(slots, pos.index);
     estimate(prev, cur, pos.weight)
@@ -121,7 +126,7 @@ pub enum Verdict {
 /// `hits == 0` asks without consuming (it is admitted iff the client is not already over).
 /// The caller applies `Admit` with a CAS; a `u32` count saturates at `limit <= u32::MAX`.
 #[inline(always)]
-pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u32) -> Verdict {
+pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u32, hits: u32) -> Verdict {
     let pos = position(now_ns, window_ns);
     let (prev, cur) = counts(slots, pos.index);
     let est = estimate(prev, cur, pos.weight);
@@ -139,7 +144,7 @@ pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u
 
 /// Applies `decide` to plain (non-shared) slots, as a single-threaded caller would; returns
 /// whether the hits were admitted. The host uses this for simulation and tests.
-pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: u64, limit: u32, hits: u32) -> bool {
+pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u32, hits: u32) -> bool {
     match decide(slots, now_ns, window_ns, limit, hits) {
         Verdict::Admit { slot, new, .. } => {
             slots[slot] = new;
@@ -154,12 +159,13 @@ mod tests {
     use super::*;
 
     const W: u64 = 1_000_000_000;
+    const WN: NonZeroU64 = NonZeroU64::new(W).unwrap();
 
     #[test]
     fn admits_exactly_limit_in_a_fresh_window() {
         let mut s = [0u64; 2];
         let t0 = 10 * W + 1;
-        let admitted = (0..250).filter(|i| admit(&mut s, t0 + i * 1000, W, 100, 1)).count();
+        let admitted = (0..250).filter(|i| admit(&mut s, t0 + i * 1000, WN, 100, 1)).count();
         assert_eq!(admitted, 100);
     }
 
@@ -167,12 +173,12 @@ mod tests {
     fn previous_window_is_weighted_by_the_remaining_fraction() {
         let mut s = [0u64; 2];
         for i in 0..100 {
-            assert!(admit(&mut s, 10 * W + i, W, 100, 1));
+            assert!(admit(&mut s, 10 * W + i, WN, 100, 1));
         }
         // A quarter into the next window, 75% of the previous 100 still count.
         let t = 11 * W + W / 4;
-        assert_eq!(estimate_at(&s, t, W), 75);
-        let admitted = (0..100).filter(|_| admit(&mut s, t, W, 100, 1)).count();
+        assert_eq!(estimate_at(&s, t, WN), 75);
+        let admitted = (0..100).filter(|_| admit(&mut s, t, WN, 100, 1)).count();
         assert_eq!(admitted, 25);
     }
 
@@ -180,33 +186,33 @@ mod tests {
     fn stale_slots_read_as_zero() {
         let mut s = [0u64; 2];
         for _ in 0..100 {
-            admit(&mut s, 10 * W, W, 100, 1);
+            admit(&mut s, 10 * W, WN, 100, 1);
         }
-        assert_eq!(estimate_at(&s, 12 * W, W), 0);
-        assert_eq!(estimate_at(&s, 13 * W, W), 0);
-        assert!(admit(&mut s, 12 * W + 5, W, 100, 100));
+        assert_eq!(estimate_at(&s, 12 * W, WN), 0);
+        assert_eq!(estimate_at(&s, 13 * W, WN), 0);
+        assert!(admit(&mut s, 12 * W + 5, WN, 100, 100));
     }
 
     #[test]
     fn zero_limit_blocks_and_zero_hits_reads() {
         let mut s = [0u64; 2];
-        assert!(!admit(&mut s, W, W, 0, 1));
-        assert!(admit(&mut s, W, W, 1, 0));
+        assert!(!admit(&mut s, W, WN, 0, 1));
+        assert!(admit(&mut s, W, WN, 1, 0));
         assert_eq!(s, [0, 0]);
-        assert!(admit(&mut s, W, W, 1, 1));
+        assert!(admit(&mut s, W, WN, 1, 1));
         // At the limit a read is still admitted (not over); one more hit is not.
-        assert!(admit(&mut s, W, W, 1, 0));
-        assert!(!admit(&mut s, W, W, 1, 1));
+        assert!(admit(&mut s, W, WN, 1, 0));
+        assert!(!admit(&mut s, W, WN, 1, 1));
     }
 
     #[test]
     fn max_limit_and_window_do_not_overflow() {
-        let window = MAX_WINDOW_US as u64 * 1000;
+        let window = NonZeroU64::new(MAX_WINDOW_US as u64 * 1000).unwrap();
         let mut s = [0u64; 2];
-        assert!(admit(&mut s, 5 * window + 7, window, u32::MAX, u32::MAX));
-        assert!(!admit(&mut s, 5 * window + 8, window, u32::MAX, 1));
+        assert!(admit(&mut s, 5 * window.get() + 7, window, u32::MAX, u32::MAX));
+        assert!(!admit(&mut s, 5 * window.get() + 8, window, u32::MAX, 1));
         // Half a window later most of the previous window still counts.
-        let est = estimate_at(&s, 6 * window + window / 2, window);
+        let est = estimate_at(&s, 6 * window.get() + window.get() / 2, window);
         assert_eq!(est, (u32::MAX as u64) / 2);
     }
 }

@@ -11,7 +11,10 @@
 //! Maps are declared unpinned: the agent pins them under `/sys/fs/bpf/limiter/IFACE/` (and adopts
 //! existing pins), while tests and benchmarks load private copies.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    num::NonZeroU64,
+};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -236,9 +239,10 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
 unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
     let window_us = unsafe { (*state).window_us };
     let limit = unsafe { (*state).limit };
-    if window_us == 0 {
-        return limit > 0;
-    }
+    // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
+    let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
+        return false;
+    };
     // SAFETY: plain helper calls.
     let now = unsafe {
         if window_us >= COARSE_CLOCK_MIN_WINDOW_US {
@@ -247,7 +251,6 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
             bpf_ktime_get_ns()
         }
     };
-    let window_ns = window_us as u64 * 1000;
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
         // SAFETY: volatile reads of the live slots; another CPU may change them at any time,

@@ -142,6 +142,16 @@ impl Cidr {
         }
     }
 
+    /// The prefix an LPM trie key stands for (the inverse of [`Cidr::lpm_key`]).
+    pub fn from_lpm(prefix_len: u32, key: &ClientKey) -> Cidr {
+        match limiter_common::addr::as_v4(key) {
+            Some(v4) if prefix_len >= V4_MAPPED_PREFIX_BITS => {
+                Cidr { addr: IpAddr::V4(v4.into()), prefix: (prefix_len - V4_MAPPED_PREFIX_BITS) as u8 }
+            }
+            _ => Cidr { addr: IpAddr::V6((*key).into()), prefix: prefix_len.min(128) as u8 },
+        }
+    }
+
     /// One address rather than a prefix.
     pub fn is_host(&self) -> bool {
         self.prefix == max_prefix(&self.addr)
