@@ -62,12 +62,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let config = parse(&opts.config, &text)?;
 
     let pins = datapath::pin_dir(&opts.iface);
+    let adopting = pins.exists();
     let mut ebpf = datapath::load(&LoadOptions { pin_dir: Some(pins.clone()), max_clients: opts.max_clients })
         .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
-    let mut tables = Tables::take(&mut ebpf)?;
     // Policies first, then attach: the first packet the program sees is already enforced.
-    let report = tables.apply(&config)?;
-    datapath::attach(&mut ebpf, &opts.iface, opts.mode)?;
+    let started = Tables::take(&mut ebpf).and_then(|mut tables| {
+        let report = tables.apply(&config)?;
+        datapath::attach(&mut ebpf, &opts.iface, opts.mode)?;
+        Ok((tables, report))
+    });
+    let (mut tables, report) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            if !adopting {
+                // Leave no pins behind from a start that never enforced anything.
+                drop(ebpf);
+                let _ = datapath::remove_pins(&pins);
+            }
+            return Err(e.into());
+        }
+    };
     tracing::info!(
         iface = %opts.iface,
         pins = %pins.display(),
