@@ -2,6 +2,11 @@
 //! implicit padding (the kernel copies values byte for byte; padding would leak or mismatch), and
 //! each size is asserted at compile time.
 
+/// Version of the map layout: the set of maps, their key and value types. Bump it with any
+/// change to them; an agent finding pinned maps of another version never runs its program
+/// against them.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
 /// `Policy::action`: never limited (allow list); still counted.

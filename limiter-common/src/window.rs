@@ -154,6 +154,26 @@ pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u3
     }
 }
 
+/// Moves window state saved at `saved_ns` on one CLOCK_MONOTONIC to another clock (after a
+/// reboot), aged by `elapsed_ns` of wall-clock time between saving and now.
+///
+/// The aging rule: the state is read on its own clock at `saved_ns + elapsed_ns`, where the
+/// client would be had it kept running (windows that ended by then read as zero, a window still
+/// open keeps its count), and the resulting previous and current counts are placed in the
+/// previous and current windows of the new clock at `now_ns`. The position inside the window
+/// is the one thing not carried over: the new clock's phase decides how much of the previous
+/// count still weighs, so the restored estimate is exact at a window boundary and at most the
+/// previous count times the phase difference off elsewhere.
+pub fn rebase(slots: &[u64; 2], window_ns: NonZeroU64, saved_ns: u64, elapsed_ns: u64, now_ns: u64) -> [u64; 2] {
+    let old = position(saved_ns.saturating_add(elapsed_ns), window_ns);
+    let (prev, cur) = counts(slots, old.index);
+    let new = position(now_ns, window_ns).index;
+    let mut out = [0u64; 2];
+    out[slot_of(new)] = slot(new as u32, cur);
+    out[slot_of(new.wrapping_sub(1))] = slot(new.wrapping_sub(1) as u32, prev);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +234,26 @@ mod tests {
         // Half a window later most of the previous window still counts.
         let est = estimate_at(&s, 6 * window.get() + window.get() / 2, window);
         assert_eq!(est, (u32::MAX as u64) / 2);
+    }
+
+    #[test]
+    fn rebase_ages_by_wall_clock_and_moves_to_the_new_clock() {
+        let mut s = [0u64; 2];
+        for _ in 0..40 {
+            admit(&mut s, 100 * W + W / 2, WN, 100, 1);
+        }
+        // Same position on a new clock whose windows are numbered differently: same counts.
+        let r = rebase(&s, WN, 100 * W + W / 2, 0, 7 * W + W / 2);
+        assert_eq!(counts(&r, 7), (0, 40));
+        // Aged into the next window: the 40 become the previous window's count.
+        let r = rebase(&s, WN, 100 * W + W / 2, W, 3 * W);
+        assert_eq!(counts(&r, 3), (40, 0));
+        assert_eq!(estimate_at(&r, 3 * W, WN), 40);
+        // Aged by two windows or more: nothing left.
+        let r = rebase(&s, WN, 100 * W + W / 2, 2 * W, 3 * W);
+        assert_eq!(estimate_at(&r, 3 * W, WN), 0);
+        // Window 0 on the new clock: the previous window wraps to tag u32::MAX, still consistent.
+        let r = rebase(&s, WN, 100 * W + W / 2, 0, W / 2);
+        assert_eq!(counts(&r, 0), (0, 40));
     }
 }

@@ -55,6 +55,11 @@ static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static OVERFLOW: Array<ClientState> = Array::with_max_entries(1, 0);
 
+/// The layout version of these maps (`limiter_common::maps::LAYOUT_VERSION`), written by the
+/// agent and pinned with them; never read here.
+#[map]
+static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Bench-only: per-CPU sequence from which `limiter_bench_cycle` derives source addresses.
 #[map]
 static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -68,10 +68,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Policies first, then attach: the first packet the program sees is already enforced.
     let started = Tables::take(&mut ebpf).and_then(|mut tables| {
         let report = tables.apply(&config)?;
-        datapath::attach(&mut ebpf, &opts.iface, opts.mode)?;
-        Ok((tables, report))
+        let attachment = datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins))?;
+        Ok((tables, report, attachment))
     });
-    let (mut tables, report) = match started {
+    let (mut tables, report, attachment) = match started {
         Ok(started) => started,
         Err(e) => {
             if !adopting {
@@ -107,8 +107,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             _ = poll.tick() => reload(&mut watched, &mut tables),
         }
     }
-    // Dropping the object detaches the program; the pinned maps (and their counters) remain for
-    // `limiter stats` and the next agent.
+    // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
+    // program enforcing until the next agent takes it over.) The pinned maps and their counters
+    // remain for `limiter stats` and the next agent.
+    attachment.detach()?;
     drop(ebpf);
     tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
     Ok(())

@@ -4,18 +4,23 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use limiter_common::{
     ClientState, Config as MapConfig, GlobalStats, Policy,
     addr::ClientKey,
-    maps::{FLAG_STATIC, MODE_DRY_RUN, MODE_ENFORCE},
+    maps::{FLAG_STATIC, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE},
 };
 
 use crate::policy::{Config, Mode};
@@ -30,7 +35,8 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 6] = [
+const PINNED: [(&str, MapType, usize, usize); 7] = [
+    ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     ("STATIC_CLIENTS", MapType::Hash, 16, size_of::<ClientState>()),
     ("POLICIES", MapType::LpmTrie, 20, size_of::<Policy>()),
@@ -134,10 +140,42 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    Ok(loader.load(crate::ebpf::OBJECT)?)
+    let mut ebpf = loader.load(crate::ebpf::OBJECT)?;
+    let mut layout: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
+            name: "LAYOUT",
+            source: MapError::InvalidName { name: "LAYOUT".into() },
+        })?)
+        .map_err(map_err("LAYOUT"))?;
+    layout.set(0, LAYOUT_VERSION, 0).map_err(map_err("LAYOUT"))?;
+    Ok(ebpf)
+}
+
+/// The layout version stamped in an interface's pins, if any.
+fn pinned_layout(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join("LAYOUT")).ok()?;
+    let layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data).ok()?).ok()?;
+    layout.get(&0, 0).ok()
 }
 
 fn discard_incompatible_pins(dir: &Path, max_clients: u32) -> Result<(), DatapathError> {
+    let any_pinned = PINNED.iter().any(|(name, ..)| dir.join(name).exists());
+    if !any_pinned {
+        return Ok(());
+    }
+    match pinned_layout(dir) {
+        Some(LAYOUT_VERSION) => {}
+        found => {
+            // No earlier layout exists to migrate from yet; a future version adds its migration
+            // here and starts fresh only for layouts it does not know.
+            let found = found.map_or("no version stamp".to_string(), |v| format!("layout v{v}"));
+            tracing::warn!(
+                dir = %dir.display(),
+                "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
+            );
+            return remove_pins(dir);
+        }
+    }
     let mut mismatch = None;
     for (name, kind, key, value) in PINNED {
         let path = dir.join(name);
@@ -168,7 +206,7 @@ fn discard_incompatible_pins(dir: &Path, max_clients: u32) -> Result<(), Datapat
 
 /// Removes the pinned maps of one interface (the maps live on while a program uses them).
 pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
-    for (name, ..) in PINNED {
+    for name in PINNED.iter().map(|(name, ..)| *name) {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -202,20 +240,125 @@ impl AttachMode {
     }
 }
 
-/// Loads the `limiter` program into the kernel and attaches it to `iface`.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<XdpLinkId, DatapathError> {
+/// Name of the pinned XDP link beside the maps: while it is pinned the program stays attached,
+/// so enforcement continues when the agent dies.
+pub const LINK_PIN: &str = "link";
+
+/// The attached program. Dropping it closes the agent's handle only: a pinned link keeps the
+/// program attached; [`Attachment::detach`] removes it.
+pub struct Attachment {
+    link_pin: PathBuf,
+    pinned: Option<PinnedLink>,
+}
+
+impl Attachment {
+    /// Whether the link is pinned (enforcement survives the agent).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// Detaches the program now (whoever else holds the link) and removes the link pin.
+    pub fn detach(self) -> Result<(), DatapathError> {
+        if self.pinned.is_none() {
+            return Ok(());
+        }
+        let io = |what, source| DatapathError::Io { what, path: self.link_pin.clone(), source };
+        let fd = crate::syscall::obj_get(&self.link_pin).map_err(|e| io("opening the pinned XDP link", e))?;
+        crate::syscall::link_detach(fd.as_fd()).map_err(|e| io("detaching the XDP link", e))?;
+        std::fs::remove_file(&self.link_pin).map_err(|e| io("removing the XDP link pin", e))?;
+        Ok(())
+    }
+}
+
+/// Loads the `limiter` program into the kernel and attaches it to `iface` through a pinned link
+/// at `pins/link`. If a link pinned by an earlier agent is there, the new program replaces the
+/// old one in it atomically (no packet sees no program); otherwise a new link is created and
+/// pinned. Without `pins` the link is not pinned.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, pins: Option<&Path>) -> Result<Attachment, DatapathError> {
     if_index(iface)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     program.load()?;
+    let link_pin = pins.map(|d| d.join(LINK_PIN)).unwrap_or_default();
+    if pins.is_some() && link_pin.exists() {
+        match adopt_link(program, &link_pin) {
+            Ok(pinned) => {
+                tracing::info!(link = %link_pin.display(), "replaced the program in the pinned XDP link");
+                return Ok(Attachment { link_pin, pinned: Some(pinned) });
+            }
+            Err(e) => {
+                tracing::warn!(link = %link_pin.display(), "pinned XDP link unusable ({e}); attaching afresh");
+                let _ = std::fs::remove_file(&link_pin);
+            }
+        }
+    }
     let flags = match mode {
         AttachMode::Auto => XdpMode::Default,
         AttachMode::Native => XdpMode::Driver,
         AttachMode::Skb => XdpMode::Skb,
     };
-    program.attach(iface, flags).map_err(|e| classify_attach_error(e, iface, mode))
+    let id = program.attach(iface, flags).map_err(|e| classify_attach_error(e, iface, mode))?;
+    if pins.is_none() {
+        return Ok(Attachment { link_pin, pinned: None });
+    }
+    let link = program.take_link(id)?;
+    match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            let pinned = fd_link.pin(&link_pin).map_err(|e| DatapathError::Io {
+                what: "pinning the XDP link",
+                path: link_pin.clone(),
+                source: io::Error::other(e),
+            })?;
+            Ok(Attachment { link_pin, pinned: Some(pinned) })
+        }
+        Err(_) => {
+            // Netlink attachment (kernels without XDP bpf_link): works, but ends with the agent.
+            tracing::warn!("XDP attached through netlink, not a bpf link: enforcement stops if the agent dies");
+            Ok(Attachment { link_pin, pinned: None })
+        }
+    }
+}
+
+fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<PinnedLink, DatapathError> {
+    let io_err = |what, e: String| DatapathError::Io { what, path: link_pin.to_path_buf(), source: io::Error::other(e) };
+    let pinned = PinnedLink::from_pin(link_pin).map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
+    let id = program.attach_to_link(link)?;
+    let fd_link = FdLink::try_from(program.take_link(id)?).map_err(|e| io_err("taking the XDP link", e.to_string()))?;
+    // Pinning again over the existing pin of the same link would fail; the pin is still there.
+    Ok(PinnedLink::from_pin(link_pin)
+        .map(|p| {
+            drop(fd_link);
+            p
+        })
+        .map_err(|e| io_err("reopening the pinned XDP link", e.to_string()))?)
+}
+
+/// `limiter detach`: detaches the program pinned for `iface` (even while an agent holds it) and
+/// removes the link and map pins. Returns whether anything was there.
+pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
+    let dir = pin_dir(iface);
+    let link_pin = dir.join(LINK_PIN);
+    let mut found = false;
+    if link_pin.exists() {
+        found = true;
+        Attachment {
+            link_pin: link_pin.clone(),
+            pinned: Some(PinnedLink::from_pin(&link_pin).map_err(|e| DatapathError::Io {
+                what: "opening the pinned XDP link",
+                path: link_pin.clone(),
+                source: io::Error::other(e.to_string()),
+            })?),
+        }
+        .detach()?;
+    }
+    if dir.exists() {
+        found = true;
+        remove_pins(&dir)?;
+    }
+    Ok(found)
 }
 
 fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> DatapathError {

@@ -4,3 +4,4 @@ pub mod agent;
 pub mod datapath;
 pub mod policy;
 pub mod stats;
+pub mod syscall;

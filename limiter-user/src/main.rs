@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use limiter_user::{
     agent::{self, AgentOptions},
-    datapath::{AttachMode, DEFAULT_MAX_CLIENTS, Tables},
+    datapath::{self, AttachMode, DEFAULT_MAX_CLIENTS, Tables},
     stats,
 };
 
@@ -36,6 +36,13 @@ enum Command {
         /// Capacity of the dynamic-client map (least recently used clients are evicted).
         #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, value_parser = clap::value_parser!(u32).range(1..))]
         max_clients: u32,
+    },
+    /// Detach the program pinned for an interface (even while an agent runs) and remove its
+    /// pins: for uninstalling, or to stop enforcement that outlived a crashed agent.
+    Detach {
+        /// Interface to detach from.
+        #[arg(long)]
+        iface: String,
     },
     /// Print global counters and the busiest clients (reads the pinned maps).
     Stats {
@@ -71,6 +78,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { iface, config, xdp_mode, max_clients } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(agent::run(AgentOptions { iface, config, mode: xdp_mode, max_clients }))
+        }
+        Command::Detach { iface } => {
+            datapath::check_environment()?;
+            if datapath::detach_pinned(&iface)? {
+                println!("detached limiter from {iface} and removed {}", datapath::pin_dir(&iface).display());
+            } else {
+                println!("nothing to detach: no limiter pins for {iface}");
+            }
+            Ok(())
         }
         Command::Stats { iface, top, json } => {
             let tables = Tables::open_pinned(&iface)?;
