@@ -15,7 +15,9 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = ebpf_dir
         .canonicalize()
         .with_context(|| format!("finding the eBPF crate at {}", ebpf_dir.display()))?;
-    let ebpf_dir = ebpf_dir.to_str().context("the eBPF crate's path is not UTF-8")?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("the eBPF crate's path is not UTF-8")?;
     let common_dir = ebpf_dir.replace("limiter-ebpf", "limiter-common");
     println!("cargo:rerun-if-changed={common_dir}");
 
@@ -26,7 +28,11 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,limiter") };
 
     aya_build::build_ebpf(
-        [Package { name: "limiter-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "limiter-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom("system"),
     )
     .context(

@@ -91,9 +91,17 @@ pub const fn slot_of(index: u64) -> usize {
 pub fn counts(slots: &[u64; 2], index: u64) -> (u32, u32) {
     let cur = slots[slot_of(index)];
     let prev = slots[slot_of(index + 1)];
-    let cur = if slot_tag(cur) == index as u32 { slot_count(cur) } else { 0 };
+    let cur = if slot_tag(cur) == index as u32 {
+        slot_count(cur)
+    } else {
+        0
+    };
     let prev_index = index.wrapping_sub(1) as u32;
-    let prev = if slot_tag(prev) == prev_index { slot_count(prev) } else { 0 };
+    let prev = if slot_tag(prev) == prev_index {
+        slot_count(prev)
+    } else {
+        0
+    };
     (prev, cur)
 }
 
@@ -126,7 +134,13 @@ pub enum Verdict {
 /// `hits == 0` asks without consuming (it is admitted iff the client is not already over).
 /// The caller applies `Admit` with a CAS; a `u32` count saturates at `limit <= u32::MAX`.
 #[inline(always)]
-pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u32, hits: u32) -> Verdict {
+pub fn decide(
+    slots: &[u64; 2],
+    now_ns: u64,
+    window_ns: NonZeroU64,
+    limit: u32,
+    hits: u32,
+) -> Verdict {
     let pos = position(now_ns, window_ns);
     let (prev, cur) = counts(slots, pos.index);
     let est = estimate(prev, cur, pos.weight);
@@ -136,15 +150,29 @@ pub fn decide(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u32, 
     let i = slot_of(pos.index);
     if hits == 0 {
         // A read: admitted, and nothing to write.
-        return Verdict::Admit { slot: i, old: slots[i], new: slots[i] };
+        return Verdict::Admit {
+            slot: i,
+            old: slots[i],
+            new: slots[i],
+        };
     }
     // `cur + hits <= est + hits <= limit <= u32::MAX`: no overflow.
-    Verdict::Admit { slot: i, old: slots[i], new: slot(pos.index as u32, cur + hits) }
+    Verdict::Admit {
+        slot: i,
+        old: slots[i],
+        new: slot(pos.index as u32, cur + hits),
+    }
 }
 
 /// Applies `decide` to plain (non-shared) slots, as a single-threaded caller would; returns
 /// whether the hits were admitted. The host uses this for simulation and tests.
-pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u32, hits: u32) -> bool {
+pub fn admit(
+    slots: &mut [u64; 2],
+    now_ns: u64,
+    window_ns: NonZeroU64,
+    limit: u32,
+    hits: u32,
+) -> bool {
     match decide(slots, now_ns, window_ns, limit, hits) {
         Verdict::Admit { slot, new, .. } => {
             slots[slot] = new;
@@ -164,7 +192,13 @@ pub fn admit(slots: &mut [u64; 2], now_ns: u64, window_ns: NonZeroU64, limit: u3
 /// is the one thing not carried over: the new clock's phase decides how much of the previous
 /// count still weighs, so the restored estimate is exact at a window boundary and at most the
 /// previous count times the phase difference off elsewhere.
-pub fn rebase(slots: &[u64; 2], window_ns: NonZeroU64, saved_ns: u64, elapsed_ns: u64, now_ns: u64) -> [u64; 2] {
+pub fn rebase(
+    slots: &[u64; 2],
+    window_ns: NonZeroU64,
+    saved_ns: u64,
+    elapsed_ns: u64,
+    now_ns: u64,
+) -> [u64; 2] {
     let old = position(saved_ns.saturating_add(elapsed_ns), window_ns);
     let (prev, cur) = counts(slots, old.index);
     let new = position(now_ns, window_ns).index;
@@ -185,7 +219,9 @@ mod tests {
     fn admits_exactly_limit_in_a_fresh_window() {
         let mut s = [0u64; 2];
         let t0 = 10 * W + 1;
-        let admitted = (0..250).filter(|i| admit(&mut s, t0 + i * 1000, WN, 100, 1)).count();
+        let admitted = (0..250)
+            .filter(|i| admit(&mut s, t0 + i * 1000, WN, 100, 1))
+            .count();
         assert_eq!(admitted, 100);
     }
 
@@ -229,7 +265,13 @@ mod tests {
     fn max_limit_and_window_do_not_overflow() {
         let window = NonZeroU64::new(MAX_WINDOW_US as u64 * 1000).unwrap();
         let mut s = [0u64; 2];
-        assert!(admit(&mut s, 5 * window.get() + 7, window, u32::MAX, u32::MAX));
+        assert!(admit(
+            &mut s,
+            5 * window.get() + 7,
+            window,
+            u32::MAX,
+            u32::MAX
+        ));
         assert!(!admit(&mut s, 5 * window.get() + 8, window, u32::MAX, 1));
         // Half a window later most of the previous window still counts.
         let est = estimate_at(&s, 6 * window.get() + window.get() / 2, window);

@@ -3,6 +3,7 @@
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -13,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     datapath::{self, AttachMode, LoadOptions, Tables},
     policy::Config,
+    snapshot::{Clocks, Snapshot},
 };
 
 /// How often the config file is checked for changes. A change takes effect within this period
@@ -25,6 +27,16 @@ pub struct AgentOptions {
     pub config: PathBuf,
     pub mode: AttachMode,
     pub max_clients: u32,
+    /// Where `IFACE.snapshot` lives.
+    pub state_dir: PathBuf,
+    /// How often client state is snapshotted (and once more on shutdown).
+    pub snapshot_interval: Duration,
+}
+
+impl AgentOptions {
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.snapshot", self.iface))
+    }
 }
 
 /// The config file as last seen: its content hash, so that an unchanged or already-rejected file
@@ -57,16 +69,24 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     datapath::check_environment()?;
     datapath::if_index(&opts.iface)?;
-    let mut watched = Watched { path: opts.config.clone(), last_hash: None };
+    let mut watched = Watched {
+        path: opts.config.clone(),
+        last_hash: None,
+    };
     let text = watched.changed()?.unwrap_or_default();
     let config = parse(&opts.config, &text)?;
 
     let pins = datapath::pin_dir(&opts.iface);
     let adopting = pins.exists();
-    let mut ebpf = datapath::load(&LoadOptions { pin_dir: Some(pins.clone()), max_clients: opts.max_clients })
-        .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
+    let mut ebpf = datapath::load(&LoadOptions {
+        pin_dir: Some(pins.clone()),
+        max_clients: opts.max_clients,
+    })
+    .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
+    let snapshot_path = opts.snapshot_path();
     // Policies first, then attach: the first packet the program sees is already enforced.
     let started = Tables::take(&mut ebpf).and_then(|mut tables| {
+        restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
         let attachment = datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins))?;
         Ok((tables, report, attachment))
@@ -96,6 +116,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot_tick = tokio::time::interval(opts.snapshot_interval);
+    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    snapshot_tick.reset();
+    let mut snapshotting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -105,12 +129,36 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 reload(&mut watched, &mut tables);
             }
             _ = poll.tick() => reload(&mut watched, &mut tables),
+            _ = snapshot_tick.tick() => {
+                // Off the agent's thread; a snapshot still running is not started twice.
+                if snapshotting.as_ref().is_none_or(|h| h.is_finished()) {
+                    match tables.client_fds() {
+                        Ok(fds) => {
+                            let path = snapshot_path.clone();
+                            snapshotting = Some(tokio::task::spawn_blocking(move || {
+                                if let Err(e) = take_snapshot(&fds, &path) {
+                                    tracing::error!("snapshot {}: {e:#}", path.display());
+                                }
+                            }));
+                        }
+                        Err(e) => tracing::error!("snapshot: duplicating map descriptors: {e}"),
+                    }
+                }
+            }
         }
+    }
+    if let Some(h) = snapshotting {
+        let _ = h.await;
     }
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
     // program enforcing until the next agent takes it over.) The pinned maps and their counters
     // remain for `limiter stats` and the next agent.
     attachment.detach()?;
+    // The final snapshot, with the counters as the program left them.
+    let fds = tables
+        .client_fds()
+        .context("duplicating map descriptors for the final snapshot")?;
+    take_snapshot(&fds, &snapshot_path)?;
     drop(ebpf);
     tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
     Ok(())
@@ -140,4 +188,41 @@ fn reload(watched: &mut Watched, tables: &mut Tables) {
         },
         Err(e) => tracing::error!("{e:#}; the policies in force stay in force"),
     }
+}
+
+/// Captures both client maps and writes the snapshot atomically.
+fn take_snapshot(fds: &(OwnedFd, OwnedFd), path: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let snapshot = Snapshot::capture(fds.0.as_fd(), fds.1.as_fd(), Clocks::now())
+        .context("reading the client maps")?;
+    snapshot.write(path)?;
+    tracing::debug!(clients = snapshot.entries.len(), took = ?started.elapsed(), path = %path.display(), "snapshot written");
+    Ok(())
+}
+
+/// On fresh maps (nothing pinned to adopt), restores client state from the snapshot if there is
+/// a usable one.
+fn restore(tables: &mut Tables, path: &Path) -> Result<(), crate::datapath::DatapathError> {
+    if tables.map_config()?.generation != 0 {
+        return Ok(()); // adopted pinned maps: they are newer than any snapshot
+    }
+    let snapshot = match Snapshot::load(path) {
+        Ok(Some(snapshot)) => snapshot,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::warn!("not restoring: {e}");
+            return Ok(());
+        }
+    };
+    let now = Clocks::now();
+    let entries = snapshot.restored(now);
+    tables.restore_clients(&entries)?;
+    tracing::info!(
+        clients = entries.len(),
+        age_s = now.wall_ns.saturating_sub(snapshot.wall_ns) as f64 / 1e9,
+        same_boot = snapshot.boot_id == now.boot_id,
+        "restored client state from {}",
+        path.display()
+    );
+    Ok(())
 }

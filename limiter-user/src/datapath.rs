@@ -4,13 +4,16 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     io,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
+        PerCpuArray, lpm_trie::Key,
+    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -38,7 +41,12 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 1 << 20;
 const PINNED: [(&str, MapType, usize, usize); 7] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
-    ("STATIC_CLIENTS", MapType::Hash, 16, size_of::<ClientState>()),
+    (
+        "STATIC_CLIENTS",
+        MapType::Hash,
+        16,
+        size_of::<ClientState>(),
+    ),
     ("POLICIES", MapType::LpmTrie, 20, size_of::<Policy>()),
     ("CONFIG", MapType::Array, 4, size_of::<MapConfig>()),
     ("STATS", MapType::PerCpuArray, 4, size_of::<GlobalStats>()),
@@ -53,20 +61,33 @@ pub enum DatapathError {
     BpffsNotMounted,
     #[error("interface {0:?} does not exist: check the name with `ip link`")]
     NoInterface(String),
-    #[error("the driver of {iface} does not support XDP in {mode} mode: use `--xdp-mode skb` (generic XDP) or `--xdp-mode auto`")]
+    #[error(
+        "the driver of {iface} does not support XDP in {mode} mode: use `--xdp-mode skb` (generic XDP) or `--xdp-mode auto`"
+    )]
     ModeUnsupported { iface: String, mode: &'static str },
-    #[error("{iface} already has another XDP program attached: remove it with `ip link set dev {iface} xdp off`")]
+    #[error(
+        "{iface} already has another XDP program attached: remove it with `ip link set dev {iface} xdp off`"
+    )]
     Busy { iface: String },
-    #[error("no limiter maps are pinned for {iface} under {dir}: is `limiter agent --iface {iface}` running?")]
+    #[error(
+        "no limiter maps are pinned for {iface} under {dir}: is `limiter agent --iface {iface}` running?"
+    )]
     NotPinned { iface: String, dir: PathBuf },
     #[error("loading the XDP program: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -100,7 +121,8 @@ pub fn check_environment() -> Result<(), DatapathError> {
 
 /// The interface's index, or a clear error.
 pub fn if_index(iface: &str) -> Result<u32, DatapathError> {
-    let name = std::ffi::CString::new(iface).map_err(|_| DatapathError::NoInterface(iface.into()))?;
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| DatapathError::NoInterface(iface.into()))?;
     // SAFETY: `name` is a valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
         0 => Err(DatapathError::NoInterface(iface.into())),
@@ -119,7 +141,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { pin_dir: None, max_clients: DEFAULT_MAX_CLIENTS }
+        LoadOptions {
+            pin_dir: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+        }
     }
 }
 
@@ -144,10 +169,14 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut layout: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
             name: "LAYOUT",
-            source: MapError::InvalidName { name: "LAYOUT".into() },
+            source: MapError::InvalidName {
+                name: "LAYOUT".into(),
+            },
         })?)
         .map_err(map_err("LAYOUT"))?;
-    layout.set(0, LAYOUT_VERSION, 0).map_err(map_err("LAYOUT"))?;
+    layout
+        .set(0, LAYOUT_VERSION, 0)
+        .map_err(map_err("LAYOUT"))?;
     Ok(ebpf)
 }
 
@@ -211,7 +240,13 @@ pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DatapathError::Io { what: "removing pin", path, source }),
+            Err(source) => {
+                return Err(DatapathError::Io {
+                    what: "removing pin",
+                    path,
+                    source,
+                });
+            }
         }
     }
     let _ = std::fs::remove_dir(dir);
@@ -262,8 +297,13 @@ impl Attachment {
         if self.pinned.is_none() {
             return Ok(());
         }
-        let io = |what, source| DatapathError::Io { what, path: self.link_pin.clone(), source };
-        let fd = crate::syscall::obj_get(&self.link_pin).map_err(|e| io("opening the pinned XDP link", e))?;
+        let io = |what, source| DatapathError::Io {
+            what,
+            path: self.link_pin.clone(),
+            source,
+        };
+        let fd = crate::syscall::obj_get(&self.link_pin)
+            .map_err(|e| io("opening the pinned XDP link", e))?;
         crate::syscall::link_detach(fd.as_fd()).map_err(|e| io("detaching the XDP link", e))?;
         std::fs::remove_file(&self.link_pin).map_err(|e| io("removing the XDP link pin", e))?;
         Ok(())
@@ -274,7 +314,12 @@ impl Attachment {
 /// at `pins/link`. If a link pinned by an earlier agent is there, the new program replaces the
 /// old one in it atomically (no packet sees no program); otherwise a new link is created and
 /// pinned. Without `pins` the link is not pinned.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, pins: Option<&Path>) -> Result<Attachment, DatapathError> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    pins: Option<&Path>,
+) -> Result<Attachment, DatapathError> {
     if_index(iface)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
@@ -286,7 +331,10 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, pins: Option<&Path
         match adopt_link(program, &link_pin) {
             Ok(pinned) => {
                 tracing::info!(link = %link_pin.display(), "replaced the program in the pinned XDP link");
-                return Ok(Attachment { link_pin, pinned: Some(pinned) });
+                return Ok(Attachment {
+                    link_pin,
+                    pinned: Some(pinned),
+                });
             }
             Err(e) => {
                 tracing::warn!(link = %link_pin.display(), "pinned XDP link unusable ({e}); attaching afresh");
@@ -299,9 +347,14 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, pins: Option<&Path
         AttachMode::Native => XdpMode::Driver,
         AttachMode::Skb => XdpMode::Skb,
     };
-    let id = program.attach(iface, flags).map_err(|e| classify_attach_error(e, iface, mode))?;
+    let id = program
+        .attach(iface, flags)
+        .map_err(|e| classify_attach_error(e, iface, mode))?;
     if pins.is_none() {
-        return Ok(Attachment { link_pin, pinned: None });
+        return Ok(Attachment {
+            link_pin,
+            pinned: None,
+        });
     }
     let link = program.take_link(id)?;
     match FdLink::try_from(link) {
@@ -311,22 +364,37 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, pins: Option<&Path
                 path: link_pin.clone(),
                 source: io::Error::other(e),
             })?;
-            Ok(Attachment { link_pin, pinned: Some(pinned) })
+            Ok(Attachment {
+                link_pin,
+                pinned: Some(pinned),
+            })
         }
         Err(_) => {
             // Netlink attachment (kernels without XDP bpf_link): works, but ends with the agent.
-            tracing::warn!("XDP attached through netlink, not a bpf link: enforcement stops if the agent dies");
-            Ok(Attachment { link_pin, pinned: None })
+            tracing::warn!(
+                "XDP attached through netlink, not a bpf link: enforcement stops if the agent dies"
+            );
+            Ok(Attachment {
+                link_pin,
+                pinned: None,
+            })
         }
     }
 }
 
 fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<PinnedLink, DatapathError> {
-    let io_err = |what, e: String| DatapathError::Io { what, path: link_pin.to_path_buf(), source: io::Error::other(e) };
-    let pinned = PinnedLink::from_pin(link_pin).map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
+    let io_err = |what, e: String| DatapathError::Io {
+        what,
+        path: link_pin.to_path_buf(),
+        source: io::Error::other(e),
+    };
+    let pinned = PinnedLink::from_pin(link_pin)
+        .map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned))
+        .map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
     let id = program.attach_to_link(link)?;
-    let fd_link = FdLink::try_from(program.take_link(id)?).map_err(|e| io_err("taking the XDP link", e.to_string()))?;
+    let fd_link = FdLink::try_from(program.take_link(id)?)
+        .map_err(|e| io_err("taking the XDP link", e.to_string()))?;
     // Pinning again over the existing pin of the same link would fail; the pin is still there.
     Ok(PinnedLink::from_pin(link_pin)
         .map(|p| {
@@ -346,11 +414,13 @@ pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
         found = true;
         Attachment {
             link_pin: link_pin.clone(),
-            pinned: Some(PinnedLink::from_pin(&link_pin).map_err(|e| DatapathError::Io {
-                what: "opening the pinned XDP link",
-                path: link_pin.clone(),
-                source: io::Error::other(e.to_string()),
-            })?),
+            pinned: Some(
+                PinnedLink::from_pin(&link_pin).map_err(|e| DatapathError::Io {
+                    what: "opening the pinned XDP link",
+                    path: link_pin.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?,
+            ),
         }
         .detach()?;
     }
@@ -363,11 +433,18 @@ pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
 
 fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> DatapathError {
     let text = format!("{e:?}");
-    let errno = |code: i32| text.contains(&format!("code: {code},")) || text.contains(&format!("os error {code}"));
+    let errno = |code: i32| {
+        text.contains(&format!("code: {code},")) || text.contains(&format!("os error {code}"))
+    };
     if errno(libc::EBUSY) || errno(libc::EEXIST) {
-        DatapathError::Busy { iface: iface.into() }
+        DatapathError::Busy {
+            iface: iface.into(),
+        }
     } else if errno(libc::EOPNOTSUPP) || (mode == AttachMode::Native && errno(libc::EINVAL)) {
-        DatapathError::ModeUnsupported { iface: iface.into(), mode: mode.name() }
+        DatapathError::ModeUnsupported {
+            iface: iface.into(),
+            mode: mode.name(),
+        }
     } else {
         DatapathError::Program(e)
     }
@@ -395,10 +472,16 @@ pub struct ApplyReport {
 impl Tables {
     /// Takes the maps out of a loaded object (its programs keep their references).
     pub fn take(ebpf: &mut Ebpf) -> Result<Tables, DatapathError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } });
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            })
+        };
         Ok(Tables {
             clients: HashMap::try_from(take("CLIENTS")?).map_err(map_err("CLIENTS"))?,
-            static_clients: HashMap::try_from(take("STATIC_CLIENTS")?).map_err(map_err("STATIC_CLIENTS"))?,
+            static_clients: HashMap::try_from(take("STATIC_CLIENTS")?)
+                .map_err(map_err("STATIC_CLIENTS"))?,
             policies: LpmTrie::try_from(take("POLICIES")?).map_err(map_err("POLICIES"))?,
             config: Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(take("STATS")?).map_err(map_err("STATS"))?,
@@ -411,17 +494,61 @@ impl Tables {
         let open = |name: &'static str| -> Result<Map, DatapathError> {
             let path = dir.join(name);
             if !path.exists() {
-                return Err(DatapathError::NotPinned { iface: iface.into(), dir: dir.clone() });
+                return Err(DatapathError::NotPinned {
+                    iface: iface.into(),
+                    dir: dir.clone(),
+                });
             }
             let data = MapData::from_pin(&path).map_err(map_err(name))?;
             Map::from_map_data(data).map_err(map_err(name))
         };
         Ok(Tables {
             clients: HashMap::try_from(open("CLIENTS")?).map_err(map_err("CLIENTS"))?,
-            static_clients: HashMap::try_from(open("STATIC_CLIENTS")?).map_err(map_err("STATIC_CLIENTS"))?,
+            static_clients: HashMap::try_from(open("STATIC_CLIENTS")?)
+                .map_err(map_err("STATIC_CLIENTS"))?,
             policies: LpmTrie::try_from(open("POLICIES")?).map_err(map_err("POLICIES"))?,
             config: Array::try_from(open("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(open("STATS")?).map_err(map_err("STATS"))?,
+        })
+    }
+
+    /// Owned descriptors of the two client maps (dynamic, static), for a snapshot taken on
+    /// another thread.
+    pub fn client_fds(&self) -> io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            self.clients.map().fd().as_fd().try_clone_to_owned()?,
+            self.static_clients
+                .map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()?,
+        ))
+    }
+
+    /// Writes restored client entries into the dynamic map (a later `apply` moves the ones with
+    /// exact-address policies into the static map, carrying their state).
+    pub fn restore_clients(
+        &mut self,
+        entries: &[(ClientKey, ClientState)],
+    ) -> Result<(), DatapathError> {
+        let entries: Vec<(ClientKey, ClientState)> = entries
+            .iter()
+            .map(|(k, s)| {
+                (
+                    *k,
+                    ClientState {
+                        flags: s.flags & !FLAG_STATIC,
+                        ..*s
+                    },
+                )
+            })
+            .collect();
+        crate::syscall::update_all(self.clients.map().fd().as_fd(), &entries).map_err(|source| {
+            DatapathError::Io {
+                what: "restoring clients into",
+                path: "CLIENTS".into(),
+                source,
+            }
         })
     }
 
@@ -450,10 +577,14 @@ impl Tables {
     /// is walked (evicted) are skipped.
     pub fn clients(&self) -> Vec<(ClientKey, ClientState)> {
         let dynamic = self.clients.iter().filter_map(Result::ok);
-        let fixed = self.static_clients.iter().filter_map(Result::ok).map(|(k, mut v)| {
-            v.flags |= FLAG_STATIC;
-            (k, v)
-        });
+        let fixed = self
+            .static_clients
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, mut v)| {
+                v.flags |= FLAG_STATIC;
+                (k, v)
+            });
         dynamic.chain(fixed).collect()
     }
 
@@ -466,7 +597,9 @@ impl Tables {
         for ((prefix, addr), policy) in &desired {
             let key = Key::new(*prefix, *addr);
             if self.policies.get(&key, 0).ok().as_ref() != Some(policy) {
-                self.policies.insert(&key, policy, 0).map_err(map_err("POLICIES"))?;
+                self.policies
+                    .insert(&key, policy, 0)
+                    .map_err(map_err("POLICIES"))?;
                 report.policies_written += 1;
             }
         }
@@ -491,20 +624,29 @@ impl Tables {
             Mode::Enforce => MODE_ENFORCE,
             Mode::DryRun => MODE_DRY_RUN,
         };
-        self.config.set(0, MapConfig { generation, mode }, 0).map_err(map_err("CONFIG"))?;
+        self.config
+            .set(0, MapConfig { generation, mode }, 0)
+            .map_err(map_err("CONFIG"))?;
         report.generation = generation;
         Ok(report)
     }
 
     /// Moves clients between the LRU map and the never-evicted static map so that exactly the
     /// addresses with exact-address policies are static, carrying their counters across.
-    fn sync_static_clients(&mut self, wanted: &[ClientKey], report: &mut ApplyReport) -> Result<(), DatapathError> {
+    fn sync_static_clients(
+        &mut self,
+        wanted: &[ClientKey],
+        report: &mut ApplyReport,
+    ) -> Result<(), DatapathError> {
         let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
-        let current: HashSet<ClientKey> = self.static_clients.keys().filter_map(Result::ok).collect();
+        let current: HashSet<ClientKey> =
+            self.static_clients.keys().filter_map(Result::ok).collect();
         for key in wanted.difference(&current) {
             let mut state = self.clients.get(key, 0).unwrap_or_default();
             state.generation = 0; // re-resolve on the next packet
-            self.static_clients.insert(key, state, 0).map_err(map_err("STATIC_CLIENTS"))?;
+            self.static_clients
+                .insert(key, state, 0)
+                .map_err(map_err("STATIC_CLIENTS"))?;
             let _ = self.clients.remove(key);
             report.statics_added += 1;
         }
@@ -512,9 +654,13 @@ impl Tables {
             if let Ok(mut state) = self.static_clients.get(key, 0) {
                 state.generation = 0;
                 state.flags &= !FLAG_STATIC;
-                self.clients.insert(key, state, 0).map_err(map_err("CLIENTS"))?;
+                self.clients
+                    .insert(key, state, 0)
+                    .map_err(map_err("CLIENTS"))?;
             }
-            self.static_clients.remove(key).map_err(map_err("STATIC_CLIENTS"))?;
+            self.static_clients
+                .remove(key)
+                .map_err(map_err("STATIC_CLIENTS"))?;
             report.statics_removed += 1;
         }
         Ok(())

@@ -1,7 +1,8 @@
 //! The limiter agent and CLI as a library, so that tests and benchmarks drive the same code.
-pub mod ebpf;
 pub mod agent;
 pub mod datapath;
+pub mod ebpf;
 pub mod policy;
+pub mod snapshot;
 pub mod stats;
 pub mod syscall;

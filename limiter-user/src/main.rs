@@ -1,6 +1,6 @@
 //! `limiter`: the agent and its command-line tools.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use limiter_user::{
@@ -10,7 +10,11 @@ use limiter_user::{
 };
 
 #[derive(Parser)]
-#[command(name = "limiter", version, about = "Per-client packet rate limiting in XDP")]
+#[command(
+    name = "limiter",
+    version,
+    about = "Per-client packet rate limiting in XDP"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -36,6 +40,12 @@ enum Command {
         /// Capacity of the dynamic-client map (least recently used clients are evicted).
         #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, value_parser = clap::value_parser!(u32).range(1..))]
         max_clients: u32,
+        /// Directory of the client-state snapshot (`IFACE.snapshot`), restored after a reboot.
+        #[arg(long, default_value = "/var/lib/limiter")]
+        state_dir: PathBuf,
+        /// How often client state is snapshotted, e.g. 5s, 500ms (also on shutdown).
+        #[arg(long, default_value = "5s", value_parser = parse_interval)]
+        snapshot_interval: Duration,
     },
     /// Detach the program pinned for an interface (even while an agent runs) and remove its
     /// pins: for uninstalling, or to stop enforcement that outlived a crashed agent.
@@ -58,6 +68,16 @@ enum Command {
     },
 }
 
+/// `--snapshot-interval`: a duration with a unit, 100ms to 1h.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let window: limiter_user::policy::Window = s.parse()?;
+    let d = Duration::from_micros(window.micros as u64);
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is too short: at least 100ms"));
+    }
+    Ok(d)
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "info",
@@ -75,14 +95,33 @@ fn init_logging(verbose: u8) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent { iface, config, xdp_mode, max_clients } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(agent::run(AgentOptions { iface, config, mode: xdp_mode, max_clients }))
+        Command::Agent {
+            iface,
+            config,
+            xdp_mode,
+            max_clients,
+            state_dir,
+            snapshot_interval,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(AgentOptions {
+                iface,
+                config,
+                mode: xdp_mode,
+                max_clients,
+                state_dir,
+                snapshot_interval,
+            }))
         }
         Command::Detach { iface } => {
             datapath::check_environment()?;
             if datapath::detach_pinned(&iface)? {
-                println!("detached limiter from {iface} and removed {}", datapath::pin_dir(&iface).display());
+                println!(
+                    "detached limiter from {iface} and removed {}",
+                    datapath::pin_dir(&iface).display()
+                );
             } else {
                 println!("nothing to detach: no limiter pins for {iface}");
             }

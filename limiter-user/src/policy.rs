@@ -25,7 +25,11 @@ pub enum PolicyError {
     #[error("{0}")]
     Yaml(#[from] serde_yaml::Error),
     #[error("{field}{line}: {message}")]
-    Invalid { field: String, line: LineHint, message: String },
+    Invalid {
+        field: String,
+        line: LineHint,
+        message: String,
+    },
     #[error("too many policies: {count} (at most {MAX_POLICIES})")]
     TooMany { count: usize },
     #[error("too many exact-address policies: {count} (at most {MAX_STATIC_CLIENTS})")]
@@ -78,7 +82,9 @@ impl FromStr for Window {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
         let unit_us: f64 = match unit.trim() {
             "us" | "µs" => 1.0,
@@ -97,12 +103,18 @@ impl FromStr for Window {
             .map_err(|_| format!("invalid window {s:?}: {number:?} is not a number"))?;
         let micros = number * unit_us;
         if micros.fract() != 0.0 {
-            return Err(format!("invalid window {s:?}: not a whole number of microseconds"));
+            return Err(format!(
+                "invalid window {s:?}: not a whole number of microseconds"
+            ));
         }
         if !(MIN_WINDOW_US as f64..=MAX_WINDOW_US as f64).contains(&micros) {
-            return Err(format!("window {s:?} is out of range: it must be between 10ms and 1h"));
+            return Err(format!(
+                "window {s:?} is out of range: it must be between 10ms and 1h"
+            ));
         }
-        Ok(Window { micros: micros as u32 })
+        Ok(Window {
+            micros: micros as u32,
+        })
     }
 }
 
@@ -122,7 +134,8 @@ impl fmt::Display for Window {
 impl<'de> Deserialize<'de> for Window {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(|e| de::Error::custom(format!("`window`: {e}")))
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`window`: {e}")))
     }
 }
 
@@ -137,7 +150,10 @@ impl Cidr {
     /// The LPM trie key: the address IPv4-mapped, with the prefix length in that space.
     pub fn lpm_key(&self) -> (u32, ClientKey) {
         match self.addr {
-            IpAddr::V4(v4) => (V4_MAPPED_PREFIX_BITS + self.prefix as u32, v4_mapped(v4.octets())),
+            IpAddr::V4(v4) => (
+                V4_MAPPED_PREFIX_BITS + self.prefix as u32,
+                v4_mapped(v4.octets()),
+            ),
             IpAddr::V6(v6) => (self.prefix as u32, v6.octets()),
         }
     }
@@ -145,10 +161,14 @@ impl Cidr {
     /// The prefix an LPM trie key stands for (the inverse of [`Cidr::lpm_key`]).
     pub fn from_lpm(prefix_len: u32, key: &ClientKey) -> Cidr {
         match limiter_common::addr::as_v4(key) {
-            Some(v4) if prefix_len >= V4_MAPPED_PREFIX_BITS => {
-                Cidr { addr: IpAddr::V4(v4.into()), prefix: (prefix_len - V4_MAPPED_PREFIX_BITS) as u8 }
-            }
-            _ => Cidr { addr: IpAddr::V6((*key).into()), prefix: prefix_len.min(128) as u8 },
+            Some(v4) if prefix_len >= V4_MAPPED_PREFIX_BITS => Cidr {
+                addr: IpAddr::V4(v4.into()),
+                prefix: (prefix_len - V4_MAPPED_PREFIX_BITS) as u8,
+            },
+            _ => Cidr {
+                addr: IpAddr::V6((*key).into()),
+                prefix: prefix_len.min(128) as u8,
+            },
         }
     }
 
@@ -210,14 +230,19 @@ impl Cidr {
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_host() { write!(f, "{}", self.addr) } else { write!(f, "{}/{}", self.addr, self.prefix) }
+        if self.is_host() {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(|e| de::Error::custom(format!("`match`: {e}")))
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`match`: {e}")))
     }
 }
 
@@ -244,7 +269,11 @@ pub struct Rule {
 
 impl Rule {
     fn limit(&self) -> Limit {
-        Limit { limit: self.limit, window: self.window, action: self.action }
+        Limit {
+            limit: self.limit,
+            window: self.window,
+            action: self.action,
+        }
     }
 }
 
@@ -285,14 +314,23 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, PolicyError> {
         let file: File = serde_yaml::from_str(text)?;
         let match_lines = match_lines(text);
-        let line_of = |i: usize| LineHint(match_lines.get(i).copied().filter(|_| match_lines.len() == file.policies.len()));
+        let line_of = |i: usize| {
+            LineHint(
+                match_lines
+                    .get(i)
+                    .copied()
+                    .filter(|_| match_lines.len() == file.policies.len()),
+            )
+        };
         let default = resolve(&file.default).map_err(|message| PolicyError::Invalid {
             field: "default".into(),
             line: LineHint(line_of_key(text, "default")),
             message,
         })?;
         if file.policies.len() > MAX_POLICIES {
-            return Err(PolicyError::TooMany { count: file.policies.len() });
+            return Err(PolicyError::TooMany {
+                count: file.policies.len(),
+            });
         }
         let mut seen: HashMap<Cidr, usize> = HashMap::new();
         let mut policies = Vec::with_capacity(file.policies.len());
@@ -303,7 +341,10 @@ impl Config {
                 message,
             };
             if let Some(first) = seen.insert(rule.matches, i) {
-                return Err(invalid(format!("duplicate match: policies[{first}] already matches {}", rule.matches)));
+                return Err(invalid(format!(
+                    "duplicate match: policies[{first}] already matches {}",
+                    rule.matches
+                )));
             }
             policies.push((rule.matches, resolve(&rule.limit()).map_err(invalid)?));
         }
@@ -311,7 +352,11 @@ impl Config {
         if statics > MAX_STATIC_CLIENTS {
             return Err(PolicyError::TooManyStatic { count: statics });
         }
-        Ok(Config { mode: file.mode, default, policies })
+        Ok(Config {
+            mode: file.mode,
+            default,
+            policies,
+        })
     }
 
     /// The policy trie's entries: `(prefix length, key) -> Policy`; `default` is `::/0`.
@@ -328,7 +373,11 @@ impl Config {
 
     /// Addresses named by an exact-address policy (kept in the never-evicted static map).
     pub fn static_clients(&self) -> Vec<ClientKey> {
-        self.policies.iter().filter(|(c, _)| c.is_host()).map(|(c, _)| c.lpm_key().1).collect()
+        self.policies
+            .iter()
+            .filter(|(c, _)| c.is_host())
+            .map(|(c, _)| c.lpm_key().1)
+            .collect()
     }
 
     /// Human name of a policy id, for stats.
@@ -351,28 +400,50 @@ impl Resolved {
             Action::Pass => ACTION_PASS,
             Action::Drop => ACTION_DROP,
         };
-        Policy { limit: self.limit, window_us: self.window.micros, id, action, _pad: 0 }
+        Policy {
+            limit: self.limit,
+            window_us: self.window.micros,
+            id,
+            action,
+            _pad: 0,
+        }
     }
 }
 
 fn resolve(limit: &Limit) -> Result<Resolved, String> {
     match limit.action {
         Action::Limit => {
-            let count = limit.limit.ok_or("`limit` is required (packets per window; 0 blocks)")?;
-            let window = limit.window.ok_or("`window` is required, e.g. `window: 1s`")?;
-            Ok(Resolved { action: Action::Limit, limit: count, window })
+            let count = limit
+                .limit
+                .ok_or("`limit` is required (packets per window; 0 blocks)")?;
+            let window = limit
+                .window
+                .ok_or("`window` is required, e.g. `window: 1s`")?;
+            Ok(Resolved {
+                action: Action::Limit,
+                limit: count,
+                window,
+            })
         }
         Action::Pass => {
             if limit.limit.is_some() || limit.window.is_some() {
                 return Err("`action: pass` is never limited: remove `limit` and `window`".into());
             }
-            Ok(Resolved { action: Action::Pass, limit: 0, window: UNUSED_WINDOW })
+            Ok(Resolved {
+                action: Action::Pass,
+                limit: 0,
+                window: UNUSED_WINDOW,
+            })
         }
         Action::Drop => {
             if limit.limit.is_some_and(|l| l != 0) || limit.window.is_some() {
                 return Err("`action: drop` blocks every packet: remove `window`, and `limit` unless it is 0".into());
             }
-            Ok(Resolved { action: Action::Drop, limit: 0, window: UNUSED_WINDOW })
+            Ok(Resolved {
+                action: Action::Drop,
+                limit: 0,
+                window: UNUSED_WINDOW,
+            })
         }
     }
 }
@@ -391,7 +462,9 @@ fn match_lines(text: &str) -> Vec<usize> {
 
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
     let prefix = format!("{key}:");
-    text.lines().position(|l| l.starts_with(&prefix)).map(|i| i + 1)
+    text.lines()
+        .position(|l| l.starts_with(&prefix))
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -441,8 +514,17 @@ policies:
         assert_eq!("1.5s".parse::<Window>().unwrap().micros, 1_500_000);
         assert_eq!("1h".parse::<Window>().unwrap().micros, 3_600_000_000);
         assert_eq!("2m".parse::<Window>().unwrap().to_string(), "2m");
-        assert!("9ms".parse::<Window>().unwrap_err().contains("between 10ms and 1h"));
-        assert!("2h".parse::<Window>().unwrap_err().contains("between 10ms and 1h"));
+        assert!(
+            "9ms"
+                .parse::<Window>()
+                .unwrap_err()
+                .contains("between 10ms and 1h")
+        );
+        assert!(
+            "2h".parse::<Window>()
+                .unwrap_err()
+                .contains("between 10ms and 1h")
+        );
         assert!("5x".parse::<Window>().unwrap_err().contains("unit"));
         assert!("s".parse::<Window>().unwrap_err().contains("not a number"));
     }
@@ -452,23 +534,50 @@ policies:
         assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().lpm_key().0, 104);
         assert_eq!("2001:db8::/32".parse::<Cidr>().unwrap().lpm_key().0, 32);
         assert!("192.0.2.7".parse::<Cidr>().unwrap().is_host());
-        assert!("10.0.0.1/8".parse::<Cidr>().unwrap_err().contains("did you mean 10.0.0.0/8"));
-        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("0 to 32"));
-        assert!("10.0.0.300".parse::<Cidr>().unwrap_err().contains("not an IPv4 or IPv6"));
+        assert!(
+            "10.0.0.1/8"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("did you mean 10.0.0.0/8")
+        );
+        assert!(
+            "10.0.0.0/33"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("0 to 32")
+        );
+        assert!(
+            "10.0.0.300"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("not an IPv4 or IPv6")
+        );
         assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().lpm_key().0, 96);
     }
 
     #[test]
     fn errors_name_the_field_and_line() {
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n    window: 5x\n");
-        assert!(e.contains("policies[0]: `window`: invalid window \"5x\"") && e.contains("line 3"), "{e}");
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/33\n    limit: 5\n    window: 1s\n");
-        assert!(e.contains("policies[0]: `match`: \"10.0.0.0/33\"") && e.contains("line 3"), "{e}");
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n    window: 5x\n",
+        );
+        assert!(
+            e.contains("policies[0]: `window`: invalid window \"5x\"") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/33\n    limit: 5\n    window: 1s\n",
+        );
+        assert!(
+            e.contains("policies[0]: `match`: \"10.0.0.0/33\"") && e.contains("line 3"),
+            "{e}"
+        );
         let e = err("default: { limit: -1, window: 1s }\n");
         assert!(e.contains("default.limit") && e.contains("line 1"), "{e}");
         let e = err("default: { limit: 4294967296, window: 1s }\n");
         assert!(e.contains("default.limit"), "{e}");
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limt: 5\n");
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limt: 5\n",
+        );
         assert!(e.contains("limt") && e.contains("line 4"), "{e}");
         let e = err("mode: enforced\ndefault: { limit: 10, window: 1s }\n");
         assert!(e.contains("mode") && e.contains("enforced"), "{e}");
@@ -478,14 +587,30 @@ policies:
 
     #[test]
     fn cross_field_errors_name_the_policy_and_line() {
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n");
-        assert!(e.contains("policies[0] (match 10.0.0.0/8) (line 3)") && e.contains("`window` is required"), "{e}");
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: 10.0.0.0/8, limit: 2, window: 1s }\n");
-        assert!(e.contains("policies[1]") && e.contains("line 4") && e.contains("duplicate"), "{e}");
-        let e = err("default: { limit: 10, window: 1s }\npolicies:\n  - { match: 192.0.2.7, action: pass, limit: 3 }\n");
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n",
+        );
+        assert!(
+            e.contains("policies[0] (match 10.0.0.0/8) (line 3)")
+                && e.contains("`window` is required"),
+            "{e}"
+        );
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: 10.0.0.0/8, limit: 2, window: 1s }\n",
+        );
+        assert!(
+            e.contains("policies[1]") && e.contains("line 4") && e.contains("duplicate"),
+            "{e}"
+        );
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 192.0.2.7, action: pass, limit: 3 }\n",
+        );
         assert!(e.contains("remove `limit` and `window`"), "{e}");
         let e = err("default: { window: 1s }\n");
-        assert!(e.contains("default (line 1)") && e.contains("`limit` is required"), "{e}");
+        assert!(
+            e.contains("default (line 1)") && e.contains("`limit` is required"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -493,7 +618,8 @@ policies:
         let c = Config::parse("default: { limit: 0, window: 1s }\npolicies:\n  - { match: 192.0.2.9, action: drop, limit: 0 }\n").unwrap();
         assert_eq!(c.default.limit, 0);
         assert_eq!(c.policies[0].1.action, Action::Drop);
-        let c = Config::parse("mode: dry-run\ndefault: { limit: 4294967295, window: 1h }\n").unwrap();
+        let c =
+            Config::parse("mode: dry-run\ndefault: { limit: 4294967295, window: 1h }\n").unwrap();
         assert_eq!(c.mode, Mode::DryRun);
         assert_eq!(c.default.limit, u32::MAX);
     }

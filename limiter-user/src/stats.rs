@@ -64,7 +64,10 @@ pub struct ClientRow {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -98,7 +101,11 @@ pub fn client_row(key: &ClientKey, state: &ClientState, policy: String, now_ns: 
         limit: state.limit,
         window_ms: state.window_us as f64 / 1000.0,
         estimate,
-        rate_per_s: if window_s > 0.0 { estimate as f64 / window_s } else { 0.0 },
+        rate_per_s: if window_s > 0.0 {
+            estimate as f64 / window_s
+        } else {
+            0.0
+        },
         allowance: (state.limit as u64).saturating_sub(estimate),
         passed: state.passed,
         dropped: state.dropped,
@@ -112,7 +119,11 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     let names: HashMap<u16, String> = policy_entries(tables)
         .into_iter()
         .map(|((prefix, key), p)| {
-            let name = if prefix == 0 { "default".to_string() } else { Cidr::from_lpm(prefix, &key).to_string() };
+            let name = if prefix == 0 {
+                "default".to_string()
+            } else {
+                Cidr::from_lpm(prefix, &key).to_string()
+            };
             (p.id, name)
         })
         .collect();
@@ -122,7 +133,10 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     let mut rows: Vec<ClientRow> = entries
         .iter()
         .map(|(k, s)| {
-            let name = names.get(&s.policy).cloned().unwrap_or_else(|| format!("#{}", s.policy));
+            let name = names
+                .get(&s.policy)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", s.policy));
             client_row(k, s, name, now)
         })
         .collect();
@@ -137,7 +151,11 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     }
     Ok(Snapshot {
         iface: iface.to_string(),
-        mode: if config.mode == MODE_DRY_RUN { "dry-run" } else { "enforce" },
+        mode: if config.mode == MODE_DRY_RUN {
+            "dry-run"
+        } else {
+            "enforce"
+        },
         generation: config.generation,
         global: Global {
             passed: g.passed,
@@ -159,7 +177,11 @@ impl Snapshot {
     pub fn render(&self) -> String {
         let g = &self.global;
         let mut out = String::new();
-        let _ = writeln!(out, "limiter on {}: mode {}, policy generation {}", self.iface, self.mode, self.generation);
+        let _ = writeln!(
+            out,
+            "limiter on {}: mode {}, policy generation {}",
+            self.iface, self.mode, self.generation
+        );
         let _ = writeln!(
             out,
             "packets: passed {}  dropped {}  non-ip {}  malformed {}",
@@ -174,13 +196,28 @@ impl Snapshot {
         let _ = writeln!(
             out,
             "{:<39} {:<28} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
-            "CLIENT", "POLICY", "ACTION", "WINDOW", "LIMIT", "ALLOWANCE", "RATE/S", "PASSED", "DROPPED"
+            "CLIENT",
+            "POLICY",
+            "ACTION",
+            "WINDOW",
+            "LIMIT",
+            "ALLOWANCE",
+            "RATE/S",
+            "PASSED",
+            "DROPPED"
         );
         for c in &self.clients {
-            let policy = if c.is_static { format!("{} (static)", c.policy) } else { c.policy.clone() };
+            let policy = if c.is_static {
+                format!("{} (static)", c.policy)
+            } else {
+                c.policy.clone()
+            };
             let (window, limit, allowance) = match c.action {
                 "limit" => (
-                    Window { micros: (c.window_ms * 1000.0) as u32 }.to_string(),
+                    Window {
+                        micros: (c.window_ms * 1000.0) as u32,
+                    }
+                    .to_string(),
                     c.limit.to_string(),
                     c.allowance.to_string(),
                 ),

@@ -56,12 +56,18 @@ struct ObjGetAttr {
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     // SAFETY: `attr` is a valid, initialised attribute struct of the size passed.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Reads every entry of a hash map (plain or LRU) with BPF_MAP_LOOKUP_BATCH. Entries that are
 /// added or removed concurrently may or may not be seen, as with any walk of a live map.
-pub fn lookup_all<K: Pod + Default, V: Pod + Default>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+pub fn lookup_all<K: Pod + Default, V: Pod + Default>(
+    map: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     let mut keys = vec![K::default(); BATCH];
     let mut values = vec![V::default(); BATCH];
@@ -71,7 +77,11 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(map: BorrowedFd<'_>) -> io
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_mut_ptr() as u64 },
+            in_batch: if first {
+                0
+            } else {
+                token_in.as_mut_ptr() as u64
+            },
             out_batch: token_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -106,7 +116,11 @@ pub fn update_all<K: Pod, V: Pod>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> io
         };
         bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count as usize != chunk.len() {
-            return Err(io::Error::other(format!("batch update wrote {} of {} entries", attr.count, chunk.len())));
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} entries",
+                attr.count,
+                chunk.len()
+            )));
         }
     }
     Ok(())
@@ -114,16 +128,29 @@ pub fn update_all<K: Pod, V: Pod>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> io
 
 /// Detaches a BPF link from its hook now, whoever else holds it (BPF_LINK_DETACH, Linux 5.9).
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32 };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
     bpf(BPF_LINK_DETACH, &mut attr)
 }
 
 /// Opens a pinned BPF object (BPF_OBJ_GET).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
     // SAFETY: `attr` is a valid BPF_OBJ_GET attribute; `c_path` outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &mut attr as *mut ObjGetAttr, size_of::<ObjGetAttr>() as u32) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjGetAttr,
+            size_of::<ObjGetAttr>() as u32,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

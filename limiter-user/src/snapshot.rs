@@ -1,0 +1,433 @@
+//! Client state on disk, so that a reboot (which loses the pinned maps) does not hand every
+//! client a fresh allowance.
+//!
+//! # Format (version 1, little endian)
+//! ```text
+//! 0   magic      b"LIMSNAP\0"
+//! 8   format     u32 = 1
+//! 12  layout     u32 = limiter_common::maps::LAYOUT_VERSION
+//! 16  wall_ns    u64  CLOCK_REALTIME when taken
+//! 24  mono_ns    u64  CLOCK_MONOTONIC when taken (the clock the window tags count)
+//! 32  boot_id    [u8; 16]  /proc/sys/kernel/random/boot_id: is mono_ns comparable with now?
+//! 48  count      u64
+//! 56  reserved   u64 = 0
+//! 64  entries    count × (key [u8; 16], ClientState 48 bytes)
+//! end crc32      u32 (IEEE) of everything before it
+//! ```
+//! Written to a temporary file in the same directory, fsynced, renamed over the old snapshot and
+//! the directory fsynced: a crash at any moment leaves either the old or the new snapshot whole.
+
+use std::{
+    fs::{self, File},
+    io::{self, Write as _},
+    os::fd::BorrowedFd,
+    path::{Path, PathBuf},
+};
+
+use limiter_common::{ClientState, addr::ClientKey, maps::LAYOUT_VERSION, window::rebase};
+
+use crate::syscall;
+
+const MAGIC: &[u8; 8] = b"LIMSNAP\0";
+const FORMAT: u32 = 1;
+const HEADER: usize = 64;
+const ENTRY: usize = 16 + size_of::<ClientState>();
+const TRAILER: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("empty file")]
+    Empty,
+    #[error("not a limiter snapshot (bad magic)")]
+    Magic,
+    #[error("snapshot format {0} is not supported (this binary reads format {FORMAT})")]
+    Format(u32),
+    #[error("snapshot of map layout v{0}, this binary uses v{LAYOUT_VERSION}")]
+    Layout(u32),
+    #[error("truncated: {actual} bytes, the header promises {expected}")]
+    Truncated { expected: u64, actual: u64 },
+    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum { stored: u32, computed: u32 },
+}
+
+/// Client state at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub wall_ns: u64,
+    pub mono_ns: u64,
+    pub boot_id: [u8; 16],
+    pub entries: Vec<(ClientKey, ClientState)>,
+}
+
+/// Both clocks and the boot they belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clocks {
+    pub wall_ns: u64,
+    pub mono_ns: u64,
+    pub boot_id: [u8; 16],
+}
+
+impl Clocks {
+    pub fn now() -> Clocks {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid out-pointer.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        };
+        Clocks {
+            wall_ns: read(libc::CLOCK_REALTIME),
+            mono_ns: read(libc::CLOCK_MONOTONIC),
+            boot_id: boot_id(),
+        }
+    }
+}
+
+/// This boot's id (random per boot), as 16 bytes; zeros if unreadable.
+fn boot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(text) = fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let hex: Vec<u8> = text.trim().bytes().filter(u8::is_ascii_hexdigit).collect();
+        for (i, pair) in hex.chunks(2).take(16).enumerate() {
+            id[i] = u8::from_str_radix(std::str::from_utf8(pair).unwrap_or("0"), 16).unwrap_or(0);
+        }
+    }
+    id
+}
+
+impl Snapshot {
+    /// Reads both client maps (dynamic and static) in batches.
+    pub fn capture(
+        clients: BorrowedFd<'_>,
+        statics: BorrowedFd<'_>,
+        clocks: Clocks,
+    ) -> io::Result<Snapshot> {
+        let mut entries: Vec<(ClientKey, ClientState)> = syscall::lookup_all(clients)?;
+        entries.extend(syscall::lookup_all::<ClientKey, ClientState>(statics)?);
+        Ok(Snapshot {
+            wall_ns: clocks.wall_ns,
+            mono_ns: clocks.mono_ns,
+            boot_id: clocks.boot_id,
+            entries,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.entries.len() * ENTRY + TRAILER);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT.to_le_bytes());
+        out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.wall_ns.to_le_bytes());
+        out.extend_from_slice(&self.mono_ns.to_le_bytes());
+        out.extend_from_slice(&self.boot_id);
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        for (key, state) in &self.entries {
+            out.extend_from_slice(key);
+            encode_state(state, &mut out);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        if bytes.is_empty() {
+            return Err(SnapshotError::Empty);
+        }
+        if bytes.len() < MAGIC.len() || &bytes[..8] != MAGIC {
+            return Err(SnapshotError::Magic);
+        }
+        if bytes.len() < HEADER + TRAILER {
+            return Err(SnapshotError::Truncated {
+                expected: (HEADER + TRAILER) as u64,
+                actual: bytes.len() as u64,
+            });
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let format = u32_at(8);
+        if format != FORMAT {
+            return Err(SnapshotError::Format(format));
+        }
+        let count = u64_at(48);
+        let expected = (count as u128) * ENTRY as u128 + (HEADER + TRAILER) as u128;
+        if expected != bytes.len() as u128 {
+            return Err(SnapshotError::Truncated {
+                expected: expected.min(u64::MAX as u128) as u64,
+                actual: bytes.len() as u64,
+            });
+        }
+        let body = &bytes[..bytes.len() - TRAILER];
+        let stored = u32_at(bytes.len() - TRAILER);
+        let computed = crc32fast::hash(body);
+        if stored != computed {
+            return Err(SnapshotError::Checksum { stored, computed });
+        }
+        let layout = u32_at(12);
+        if layout != LAYOUT_VERSION {
+            return Err(SnapshotError::Layout(layout));
+        }
+        let entries = body[HEADER..]
+            .chunks_exact(ENTRY)
+            .map(|e| {
+                let key: ClientKey = e[..16].try_into().expect("16 bytes");
+                (key, decode_state(&e[16..]))
+            })
+            .collect();
+        Ok(Snapshot {
+            wall_ns: u64_at(16),
+            mono_ns: u64_at(24),
+            boot_id: bytes[32..48].try_into().expect("16 bytes"),
+            entries,
+        })
+    }
+
+    /// Writes atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("snapshot")
+        ));
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(&self.encode()).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, path).map_err(io(path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        Ok(())
+    }
+
+    /// Reads the snapshot at `path`. `Ok(None)` when there is none; a snapshot that cannot be
+    /// used is moved aside to `PATH.corrupt-UNIXTIME` with a log line and also gives `Ok(None)`,
+    /// so the agent starts from the config.
+    pub fn load(path: &Path) -> Result<Option<Snapshot>, SnapshotError> {
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(SnapshotError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        match Snapshot::decode(&bytes) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(reason) => {
+                let aside = PathBuf::from(format!(
+                    "{}.corrupt-{}",
+                    path.display(),
+                    Clocks::now().wall_ns / 1_000_000_000
+                ));
+                fs::rename(path, &aside).map_err(|source| SnapshotError::Io {
+                    path: aside.clone(),
+                    source,
+                })?;
+                tracing::warn!(
+                    snapshot = %path.display(),
+                    moved_to = %aside.display(),
+                    "snapshot unusable ({reason}); starting from the config"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// The entries as they should be restored at `now`: on the same boot the monotonic clock
+    /// goes on, so window state is exact as it is; after a reboot each client's window state is
+    /// moved to the new clock, aged by the wall-clock time since the snapshot
+    /// ([`limiter_common::window::rebase`]). Policies are re-resolved on the next packet.
+    pub fn restored(&self, now: Clocks) -> Vec<(ClientKey, ClientState)> {
+        let same_boot = self.boot_id == now.boot_id && now.mono_ns >= self.mono_ns;
+        let elapsed = now.wall_ns.saturating_sub(self.wall_ns);
+        self.entries
+            .iter()
+            .map(|(key, state)| {
+                let mut state = *state;
+                if !same_boot {
+                    if let Some(window) = std::num::NonZeroU64::new(state.window_us as u64 * 1000) {
+                        state.slots =
+                            rebase(&state.slots, window, self.mono_ns, elapsed, now.mono_ns);
+                    }
+                }
+                state.generation = 0;
+                (*key, state)
+            })
+            .collect()
+    }
+}
+
+fn encode_state(s: &ClientState, out: &mut Vec<u8>) {
+    out.extend_from_slice(&s.slots[0].to_le_bytes());
+    out.extend_from_slice(&s.slots[1].to_le_bytes());
+    out.extend_from_slice(&s.passed.to_le_bytes());
+    out.extend_from_slice(&s.dropped.to_le_bytes());
+    out.extend_from_slice(&s.limit.to_le_bytes());
+    out.extend_from_slice(&s.window_us.to_le_bytes());
+    out.extend_from_slice(&s.generation.to_le_bytes());
+    out.extend_from_slice(&s.policy.to_le_bytes());
+    out.push(s.action);
+    out.push(s.flags);
+}
+
+fn decode_state(b: &[u8]) -> ClientState {
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    ClientState {
+        slots: [u64_at(0), u64_at(8)],
+        passed: u64_at(16),
+        dropped: u64_at(24),
+        limit: u32_at(32),
+        window_us: u32_at(36),
+        generation: u32_at(40),
+        policy: u16::from_le_bytes([b[44], b[45]]),
+        action: b[46],
+        flags: b[47],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use limiter_common::{addr::v4_mapped, window::slot};
+
+    use super::*;
+
+    fn sample(n: usize) -> Snapshot {
+        Snapshot {
+            wall_ns: 1_700_000_000_000_000_000,
+            mono_ns: 50_000_000_000,
+            boot_id: [7; 16],
+            entries: (0..n)
+                .map(|i| {
+                    let key = v4_mapped([10, 0, (i >> 8) as u8, i as u8]);
+                    let state = ClientState {
+                        slots: [slot(50, i as u32), slot(49, 3)],
+                        passed: i as u64 * 10,
+                        dropped: 1,
+                        limit: 100,
+                        window_us: 1_000_000,
+                        generation: 4,
+                        policy: 2,
+                        action: 0,
+                        flags: (i % 2) as u8,
+                    };
+                    (key, state)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = sample(300);
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+        assert_eq!(Snapshot::decode(&sample(0).encode()).unwrap(), sample(0));
+    }
+
+    #[test]
+    fn every_corruption_is_detected() {
+        let bytes = sample(20).encode();
+        assert!(matches!(Snapshot::decode(&[]), Err(SnapshotError::Empty)));
+        assert!(matches!(
+            Snapshot::decode(b"mode: enforce\ndefault: {}\n"),
+            Err(SnapshotError::Magic)
+        ));
+        for cut in [9, HEADER, HEADER + 5, bytes.len() - 1] {
+            assert!(
+                matches!(
+                    Snapshot::decode(&bytes[..cut]),
+                    Err(SnapshotError::Truncated { .. })
+                ),
+                "cut at {cut}"
+            );
+        }
+        for i in (8..bytes.len()).step_by(7) {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 0x40;
+            assert!(
+                Snapshot::decode(&flipped).is_err(),
+                "flip at byte {i} undetected"
+            );
+        }
+        let mut other_format = bytes.clone();
+        other_format[8] = 9;
+        assert!(matches!(
+            Snapshot::decode(&other_format),
+            Err(SnapshotError::Format(9))
+        ));
+    }
+
+    #[test]
+    fn write_is_atomic_and_load_moves_bad_files_aside() {
+        let dir = std::env::temp_dir().join(format!("limiter-snap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("eth0.snapshot");
+        assert_eq!(Snapshot::load(&path).unwrap(), None);
+        sample(5).write(&path).unwrap();
+        assert_eq!(Snapshot::load(&path).unwrap(), Some(sample(5)));
+        fs::write(&path, b"garbage").unwrap();
+        assert_eq!(Snapshot::load(&path).unwrap(), None);
+        assert!(!path.exists());
+        let aside: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(Result::ok).collect();
+        assert!(
+            aside
+                .iter()
+                .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn restore_keeps_state_on_the_same_boot_and_rebases_after_a_reboot() {
+        let s = sample(3);
+        let same = s.restored(Clocks {
+            wall_ns: s.wall_ns + 2_000_000_000,
+            mono_ns: s.mono_ns + 2_000_000_000,
+            boot_id: s.boot_id,
+        });
+        assert_eq!(same[2].1.slots, s.entries[2].1.slots);
+        assert_eq!(same[2].1.generation, 0);
+        // Rebooted 0.2 s of wall time later (saved mid-window 50 at 50.0 s): still window 50 on
+        // the old clock, so the counts land in the new clock's current and previous windows.
+        let rebooted = s.restored(Clocks {
+            wall_ns: s.wall_ns + 200_000_000,
+            mono_ns: 3_500_000_000,
+            boot_id: [1; 16],
+        });
+        let window = std::num::NonZeroU64::new(1_000_000_000).unwrap();
+        assert_eq!(
+            limiter_common::window::counts(&rebooted[2].1.slots, 3),
+            (3, 2)
+        );
+        assert!(
+            limiter_common::window::estimate_at(&rebooted[2].1.slots, 3_500_000_000, window) >= 2
+        );
+        // Rebooted an hour later: everything aged out.
+        let later = s.restored(Clocks {
+            wall_ns: s.wall_ns + 3_600_000_000_000,
+            mono_ns: 3_500_000_000,
+            boot_id: [1; 16],
+        });
+        assert_eq!(
+            limiter_common::window::estimate_at(&later[2].1.slots, 3_500_000_000, window),
+            0
+        );
+        assert_eq!(later[2].1.passed, 20);
+    }
+}
