@@ -31,6 +31,8 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// How often client state is snapshotted (and once more on shutdown).
     pub snapshot_interval: Duration,
+    /// Replace an XDP program that is not ours instead of refusing to start.
+    pub replace: bool,
 }
 
 impl AgentOptions {
@@ -88,7 +90,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let started = Tables::take(&mut ebpf).and_then(|mut tables| {
         restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
-        let attachment = datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins))?;
+        let attachment =
+            datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
         Ok((tables, report, attachment))
     });
     let (mut tables, report, attachment) = match started {

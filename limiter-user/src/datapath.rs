@@ -66,9 +66,13 @@ pub enum DatapathError {
     )]
     ModeUnsupported { iface: String, mode: &'static str },
     #[error(
-        "{iface} already has another XDP program attached: remove it with `ip link set dev {iface} xdp off`"
+        "{iface} already has another XDP program attached: rerun with `--replace` to replace it, or remove it with `ip link set dev {iface} xdp off`"
     )]
     Busy { iface: String },
+    #[error(
+        "{iface}: the XDP program attached there is held by a bpf_link of another process; stop that process (or remove its pinned link) first"
+    )]
+    ForeignLink { iface: String },
     #[error(
         "no limiter maps are pinned for {iface} under {dir}: is `limiter agent --iface {iface}` running?"
     )]
@@ -319,8 +323,9 @@ pub fn attach(
     iface: &str,
     mode: AttachMode,
     pins: Option<&Path>,
+    replace_foreign: bool,
 ) -> Result<Attachment, DatapathError> {
-    if_index(iface)?;
+    let index = if_index(iface)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .ok_or(ProgramError::NotLoaded)?
@@ -347,9 +352,31 @@ pub fn attach(
         AttachMode::Native => XdpMode::Driver,
         AttachMode::Skb => XdpMode::Skb,
     };
-    let id = program
+    let id = match program
         .attach(iface, flags)
-        .map_err(|e| classify_attach_error(e, iface, mode))?;
+        .map_err(|e| classify_attach_error(e, iface, mode))
+    {
+        Err(DatapathError::Busy { .. }) if replace_foreign => {
+            tracing::warn!(
+                iface,
+                "--replace: detaching the XDP program already attached"
+            );
+            crate::netlink::detach_xdp(index).map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => DatapathError::ForeignLink {
+                    iface: iface.into(),
+                },
+                _ => DatapathError::Io {
+                    what: "detaching the other XDP program from",
+                    path: iface.into(),
+                    source: e,
+                },
+            })?;
+            program
+                .attach(iface, flags)
+                .map_err(|e| classify_attach_error(e, iface, mode))?
+        }
+        other => other?,
+    };
     if pins.is_none() {
         return Ok(Attachment {
             link_pin,

@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod ebpf;
+pub mod netlink;
 pub mod policy;
 pub mod snapshot;
 pub mod stats;

@@ -46,6 +46,10 @@ enum Command {
         /// How often client state is snapshotted, e.g. 5s, 500ms (also on shutdown).
         #[arg(long, default_value = "5s", value_parser = parse_interval)]
         snapshot_interval: Duration,
+        /// Replace an XDP program of another tool already attached to the interface (without
+        /// this, the agent refuses to start).
+        #[arg(long)]
+        replace: bool,
     },
     /// Detach the program pinned for an interface (even while an agent runs) and remove its
     /// pins: for uninstalling, or to stop enforcement that outlived a crashed agent.
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_clients,
             state_dir,
             snapshot_interval,
+            replace,
         } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -113,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_clients,
                 state_dir,
                 snapshot_interval,
+                replace,
             }))
         }
         Command::Detach { iface } => {
