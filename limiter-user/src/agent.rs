@@ -111,6 +111,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         policies = config.policies.len(),
         generation = report.generation,
         mode = ?config.mode,
+        survives_agent = attachment.is_pinned(),
         "ready: XDP program attached and policies applied"
     );
 

@@ -283,22 +283,22 @@ impl AttachMode {
 /// so enforcement continues when the agent dies.
 pub const LINK_PIN: &str = "link";
 
-/// The attached program. Dropping it closes the agent's handle only: a pinned link keeps the
+/// The attached program. Dropping it changes nothing in the kernel: a pinned link keeps the
 /// program attached; [`Attachment::detach`] removes it.
 pub struct Attachment {
     link_pin: PathBuf,
-    pinned: Option<PinnedLink>,
+    pinned: bool,
 }
 
 impl Attachment {
     /// Whether the link is pinned (enforcement survives the agent).
     pub fn is_pinned(&self) -> bool {
-        self.pinned.is_some()
+        self.pinned
     }
 
     /// Detaches the program now (whoever else holds the link) and removes the link pin.
     pub fn detach(self) -> Result<(), DatapathError> {
-        if self.pinned.is_none() {
+        if !self.pinned {
             return Ok(());
         }
         let io = |what, source| DatapathError::Io {
@@ -334,11 +334,11 @@ pub fn attach(
     let link_pin = pins.map(|d| d.join(LINK_PIN)).unwrap_or_default();
     if pins.is_some() && link_pin.exists() {
         match adopt_link(program, &link_pin) {
-            Ok(pinned) => {
+            Ok(()) => {
                 tracing::info!(link = %link_pin.display(), "replaced the program in the pinned XDP link");
                 return Ok(Attachment {
                     link_pin,
-                    pinned: Some(pinned),
+                    pinned: true,
                 });
             }
             Err(e) => {
@@ -380,20 +380,21 @@ pub fn attach(
     if pins.is_none() {
         return Ok(Attachment {
             link_pin,
-            pinned: None,
+            pinned: false,
         });
     }
     let link = program.take_link(id)?;
     match FdLink::try_from(link) {
         Ok(fd_link) => {
-            let pinned = fd_link.pin(&link_pin).map_err(|e| DatapathError::Io {
+            // The pin holds the link; the handle pin() returns may go.
+            let _pinned = fd_link.pin(&link_pin).map_err(|e| DatapathError::Io {
                 what: "pinning the XDP link",
                 path: link_pin.clone(),
                 source: io::Error::other(e),
             })?;
             Ok(Attachment {
                 link_pin,
-                pinned: Some(pinned),
+                pinned: true,
             })
         }
         Err(_) => {
@@ -403,32 +404,23 @@ pub fn attach(
             );
             Ok(Attachment {
                 link_pin,
-                pinned: None,
+                pinned: false,
             })
         }
     }
 }
 
-fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<PinnedLink, DatapathError> {
-    let io_err = |what, e: String| DatapathError::Io {
-        what,
+fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<(), DatapathError> {
+    let io_err = |e: String| DatapathError::Io {
+        what: "opening the pinned XDP link",
         path: link_pin.to_path_buf(),
         source: io::Error::other(e),
     };
-    let pinned = PinnedLink::from_pin(link_pin)
-        .map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
-    let link = XdpLink::try_from(FdLink::from(pinned))
-        .map_err(|e| io_err("opening the pinned XDP link", e.to_string()))?;
-    let id = program.attach_to_link(link)?;
-    let fd_link = FdLink::try_from(program.take_link(id)?)
-        .map_err(|e| io_err("taking the XDP link", e.to_string()))?;
-    // Pinning again over the existing pin of the same link would fail; the pin is still there.
-    Ok(PinnedLink::from_pin(link_pin)
-        .map(|p| {
-            drop(fd_link);
-            p
-        })
-        .map_err(|e| io_err("reopening the pinned XDP link", e.to_string()))?)
+    let pinned = PinnedLink::from_pin(link_pin).map_err(|e| io_err(e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| io_err(e.to_string()))?;
+    // The program keeps this handle; the pin keeps the link after the agent is gone.
+    program.attach_to_link(link)?;
+    Ok(())
 }
 
 /// `limiter detach`: detaches the program pinned for `iface` (even while an agent holds it) and
@@ -440,14 +432,8 @@ pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
     if link_pin.exists() {
         found = true;
         Attachment {
-            link_pin: link_pin.clone(),
-            pinned: Some(
-                PinnedLink::from_pin(&link_pin).map_err(|e| DatapathError::Io {
-                    what: "opening the pinned XDP link",
-                    path: link_pin.clone(),
-                    source: io::Error::other(e.to_string()),
-                })?,
-            ),
+            link_pin,
+            pinned: true,
         }
         .detach()?;
     }

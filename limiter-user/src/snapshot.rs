@@ -260,11 +260,9 @@ impl Snapshot {
             .iter()
             .map(|(key, state)| {
                 let mut state = *state;
-                if !same_boot {
-                    if let Some(window) = std::num::NonZeroU64::new(state.window_us as u64 * 1000) {
-                        state.slots =
-                            rebase(&state.slots, window, self.mono_ns, elapsed, now.mono_ns);
-                    }
+                let window = std::num::NonZeroU64::new(state.window_us as u64 * 1000);
+                if let (false, Some(window)) = (same_boot, window) {
+                    state.slots = rebase(&state.slots, window, self.mono_ns, elapsed, now.mono_ns);
                 }
                 state.generation = 0;
                 (*key, state)
