@@ -123,8 +123,15 @@ pub fn estimate_at(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64) -> u64 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Admit: replace `slots[slot]`, which must still hold `old`, with `new` (compare-and-swap).
-    /// When the CAS fails another CPU changed the slot: decide again on fresh slots.
-    Admit { slot: usize, old: u64, new: u64 },
+    /// When the CAS fails another CPU changed the slot: decide again on fresh slots. When it
+    /// succeeds, `fold` admitted packets of an ended window left the slot and belong in the
+    /// lifetime `passed` counter.
+    Admit {
+        slot: usize,
+        old: u64,
+        new: u64,
+        fold: u32,
+    },
     /// Over the limit: nothing changes.
     Deny,
 }
@@ -133,6 +140,9 @@ pub enum Verdict {
 ///
 /// `hits == 0` asks without consuming (it is admitted iff the client is not already over).
 /// The caller applies `Admit` with a CAS; a `u32` count saturates at `limit <= u32::MAX`.
+///
+/// The previous window's weight (a second division) is computed only when it can change the
+/// answer: `cur + hits` alone over the limit denies, `cur + prev + hits` within it admits.
 #[inline(always)]
 pub fn decide(
     slots: &[u64; 2],
@@ -141,26 +151,41 @@ pub fn decide(
     limit: u32,
     hits: u32,
 ) -> Verdict {
-    let pos = position(now_ns, window_ns);
-    let (prev, cur) = counts(slots, pos.index);
-    let est = estimate(prev, cur, pos.weight);
-    if est + hits as u64 > limit as u64 {
+    let index = now_ns / window_ns;
+    let (prev, cur) = counts(slots, index);
+    let need = cur as u64 + hits as u64;
+    if need > limit as u64 {
         return Verdict::Deny;
     }
-    let i = slot_of(pos.index);
+    if need + prev as u64 > limit as u64 {
+        let elapsed = now_ns - index * window_ns.get();
+        let weight = ((window_ns.get() - elapsed) << FRAC_BITS) / window_ns;
+        if need + ((prev as u64 * weight) >> FRAC_BITS) > limit as u64 {
+            return Verdict::Deny;
+        }
+    }
+    let i = slot_of(index);
+    let old = slots[i];
     if hits == 0 {
         // A read: admitted, and nothing to write.
         return Verdict::Admit {
             slot: i,
-            old: slots[i],
-            new: slots[i],
+            old,
+            new: old,
+            fold: 0,
         };
     }
-    // `cur + hits <= est + hits <= limit <= u32::MAX`: no overflow.
+    let fold = if slot_tag(old) == index as u32 {
+        0
+    } else {
+        slot_count(old)
+    };
+    // `cur + hits <= limit <= u32::MAX`: no overflow.
     Verdict::Admit {
         slot: i,
-        old: slots[i],
-        new: slot(pos.index as u32, cur + hits),
+        old,
+        new: slot(index as u32, cur + hits),
+        fold,
     }
 }
 

@@ -25,9 +25,9 @@ use aya_ebpf::{
 };
 use limiter_common::{
     ClientState, Config, GlobalStats, Policy,
-    addr::{ClientKey, v4_mapped},
+    addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
     maps::{ACTION_DROP, ACTION_PASS, MODE_DRY_RUN},
-    window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide},
+    window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide, slot_count},
 };
 
 use crate::parse::{Frame, parse};
@@ -41,9 +41,10 @@ static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entrie
 #[map]
 static STATIC_CLIENTS: HashMap<ClientKey, ClientState> = HashMap::with_max_entries(1 << 16, 0);
 
-/// Policies by prefix (IPv4 as IPv4-mapped, prefix + 96); `default` is the `::/0` entry.
+/// Policies by prefix, keyed by family byte + address (`limiter_common::addr::PolicyKey`);
+/// `default` is the bare family entry of each family.
 #[map]
-static POLICIES: LpmTrie<ClientKey, Policy> = LpmTrie::with_max_entries(1 << 16, 0);
+static POLICIES: LpmTrie<PolicyKey, Policy> = LpmTrie::with_max_entries(1 << 17, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -187,6 +188,9 @@ fn client_entry(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> Op
     // SAFETY: array value, valid for the program's run. Racy plain stores of the same policy
     // values from several CPUs are benign; the slots themselves are only changed by CAS.
     unsafe {
+        if (*overflow).window_us != policy.window_us {
+            clear_slots(overflow);
+        }
         (*overflow).limit = policy.limit;
         (*overflow).window_us = policy.window_us;
         (*overflow).action = policy.action;
@@ -198,7 +202,8 @@ fn client_entry(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> Op
 #[inline(always)]
 fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
     stats.resolves += 1;
-    POLICIES.get(Key::new(128, *key)).copied()
+    let (prefix_len, data) = policy_key(key);
+    POLICIES.get(Key::new(prefix_len, data)).copied()
 }
 
 /// Admits or denies one packet for `key`, counting it in the client's entry.
@@ -216,7 +221,7 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
             if let Some(policy) = resolve(key, stats) {
                 if policy.window_us != (*state).window_us {
                     // Window tags of another window length mean nothing: start afresh.
-                    (*state).slots = [0, 0];
+                    clear_slots(state);
                 }
                 (*state).limit = policy.limit;
                 (*state).window_us = policy.window_us;
@@ -226,12 +231,17 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
             (*state).generation = config.generation;
         }
         let admitted = match (*state).action {
-            ACTION_PASS => true,
+            ACTION_PASS => {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).passed, 1);
+                true
+            }
             ACTION_DROP => false,
+            // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => admit(state, stats),
         };
-        let counter = if admitted { &raw mut (*state).passed } else { &raw mut (*state).dropped };
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1);
+        if !admitted {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).dropped, 1);
+        }
         admitted
     }
 }
@@ -268,7 +278,7 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
         };
         match decide(&current, now, window_ns, limit, 1) {
             Verdict::Deny => return false,
-            Verdict::Admit { slot, old, new } => {
+            Verdict::Admit { slot, old, new, fold } => {
                 // SAFETY: `slot` is 0 or 1, inside the live slots array.
                 let (_, swapped) = unsafe {
                     atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
@@ -278,6 +288,15 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
                     )
                 };
                 if swapped {
+                    if fold != 0 {
+                        // SAFETY: live map value; only the CAS winner folds this slot's count.
+                        unsafe {
+                            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                                &raw mut (*state).passed,
+                                fold as u64,
+                            )
+                        };
+                    }
                     return true;
                 }
             }
@@ -285,4 +304,33 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
     }
     stats.contended += 1;
     false
+}
+
+/// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet
+/// admitted concurrently is either folded or kept, never lost).
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+unsafe fn clear_slots(state: *mut ClientState) {
+    for i in 0..2 {
+        for _ in 0..CAS_RETRIES {
+            // SAFETY: live map value, `i < 2`.
+            let (old, swapped) = unsafe {
+                let slot = &raw mut (*state).slots[i];
+                let old = core::ptr::read_volatile(slot);
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(slot, old, 0)
+            };
+            if swapped {
+                let count = slot_count(old) as u64;
+                if count != 0 {
+                    // SAFETY: live map value.
+                    unsafe {
+                        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).passed, count)
+                    };
+                }
+                break;
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Frame parsing: Ethernet, up to two VLAN tags (802.1Q, 802.1ad), IPv4 (with options), IPv6.
 
 use aya_ebpf::programs::XdpContext;
-use limiter_common::addr::{ClientKey, v4_mapped};
+use limiter_common::addr::{ClientKey, as_v4, v4_mapped};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -20,7 +20,8 @@ pub enum Frame {
     Ip(ClientKey),
     /// Not IPv4 or IPv6 (ARP, LLDP, three or more VLAN tags, ...).
     NonIp,
-    /// Truncated at some header, or a header that contradicts itself.
+    /// Truncated at some header, a header that contradicts itself, or an IPv4-mapped IPv6
+    /// source.
     Malformed,
 }
 
@@ -96,6 +97,9 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Frame {
         return Frame::Malformed;
     }
     match read::<ClientKey>(ctx, off + 8) {
+        // An IPv4-mapped IPv6 source would alias the IPv4 client of the same address; such
+        // packets are invalid on the wire (RFC 4291 §2.5.5.2) and Linux drops them.
+        Some(src) if as_v4(&src).is_some() => Frame::Malformed,
         Some(src) => Frame::Ip(src),
         None => Frame::Malformed,
     }

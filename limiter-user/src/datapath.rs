@@ -22,7 +22,7 @@ use aya::{
 };
 use limiter_common::{
     ClientState, Config as MapConfig, GlobalStats, Policy,
-    addr::ClientKey,
+    addr::{ClientKey, PolicyKey},
     maps::{FLAG_STATIC, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE},
 };
 
@@ -47,7 +47,12 @@ const PINNED: [(&str, MapType, usize, usize); 7] = [
         16,
         size_of::<ClientState>(),
     ),
-    ("POLICIES", MapType::LpmTrie, 20, size_of::<Policy>()),
+    (
+        "POLICIES",
+        MapType::LpmTrie,
+        4 + size_of::<PolicyKey>(),
+        size_of::<Policy>(),
+    ),
     ("CONFIG", MapType::Array, 4, size_of::<MapConfig>()),
     ("STATS", MapType::PerCpuArray, 4, size_of::<GlobalStats>()),
     ("OVERFLOW", MapType::Array, 4, size_of::<ClientState>()),
@@ -467,7 +472,7 @@ fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> Data
 pub struct Tables {
     pub clients: HashMap<MapData, ClientKey, ClientState>,
     pub static_clients: HashMap<MapData, ClientKey, ClientState>,
-    pub policies: LpmTrie<MapData, ClientKey, Policy>,
+    pub policies: LpmTrie<MapData, PolicyKey, Policy>,
     pub config: Array<MapData, MapConfig>,
     pub stats: PerCpuArray<MapData, GlobalStats>,
 }
@@ -616,7 +621,7 @@ impl Tables {
                 report.policies_written += 1;
             }
         }
-        let stale: Vec<Key<ClientKey>> = self
+        let stale: Vec<Key<PolicyKey>> = self
             .policies
             .keys()
             .filter_map(Result::ok)
@@ -681,7 +686,7 @@ impl Tables {
 }
 
 /// Convenience for tests: current policies in the trie, `(prefix, key) -> Policy`.
-pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, ClientKey), Policy> {
+pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
     tables
         .policies
         .iter()

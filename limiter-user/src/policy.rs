@@ -7,7 +7,7 @@ use std::{collections::HashMap, fmt, net::IpAddr, str::FromStr};
 
 use limiter_common::{
     Policy,
-    addr::{ClientKey, V4_MAPPED_PREFIX_BITS, v4_mapped},
+    addr::{ClientKey, FAMILY_BITS, FAMILY_V4, PolicyKey, policy_key_v4, policy_key_v6, v4_mapped},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS},
     window::{MAX_WINDOW_US, MIN_WINDOW_US},
 };
@@ -147,28 +147,36 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// The LPM trie key: the address IPv4-mapped, with the prefix length in that space.
-    pub fn lpm_key(&self) -> (u32, ClientKey) {
+    /// The policy-trie key: family byte, then the address ([`PolicyKey`]).
+    pub fn lpm_key(&self) -> (u32, PolicyKey) {
         match self.addr {
-            IpAddr::V4(v4) => (
-                V4_MAPPED_PREFIX_BITS + self.prefix as u32,
-                v4_mapped(v4.octets()),
-            ),
-            IpAddr::V6(v6) => (self.prefix as u32, v6.octets()),
+            IpAddr::V4(v4) => policy_key_v4(v4.octets(), self.prefix as u32),
+            IpAddr::V6(v6) => policy_key_v6(&v6.octets(), self.prefix as u32),
         }
     }
 
-    /// The prefix an LPM trie key stands for (the inverse of [`Cidr::lpm_key`]).
-    pub fn from_lpm(prefix_len: u32, key: &ClientKey) -> Cidr {
-        match limiter_common::addr::as_v4(key) {
-            Some(v4) if prefix_len >= V4_MAPPED_PREFIX_BITS => Cidr {
-                addr: IpAddr::V4(v4.into()),
-                prefix: (prefix_len - V4_MAPPED_PREFIX_BITS) as u8,
-            },
-            _ => Cidr {
-                addr: IpAddr::V6((*key).into()),
-                prefix: prefix_len.min(128) as u8,
-            },
+    /// The prefix a policy-trie key stands for (the inverse of [`Cidr::lpm_key`]).
+    pub fn from_lpm(prefix_len: u32, key: &PolicyKey) -> Cidr {
+        let prefix = prefix_len.saturating_sub(FAMILY_BITS) as u8;
+        if key[0] == FAMILY_V4 {
+            Cidr {
+                addr: IpAddr::V4([key[1], key[2], key[3], key[4]].into()),
+                prefix,
+            }
+        } else {
+            let octets: [u8; 16] = key[1..].try_into().expect("16 bytes");
+            Cidr {
+                addr: IpAddr::V6(octets.into()),
+                prefix,
+            }
+        }
+    }
+
+    /// The client-map key of a one-address prefix.
+    pub fn client_key(&self) -> ClientKey {
+        match self.addr {
+            IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
         }
     }
 
@@ -359,10 +367,12 @@ impl Config {
         })
     }
 
-    /// The policy trie's entries: `(prefix length, key) -> Policy`; `default` is `::/0`.
-    pub fn lpm_entries(&self) -> HashMap<(u32, ClientKey), Policy> {
-        let mut entries = HashMap::with_capacity(self.policies.len() + 1);
-        entries.insert((0, [0u8; 16]), self.default.to_policy(0));
+    /// The policy trie's entries: `(prefix length, key) -> Policy`. `default` is the bare entry
+    /// of each family; a `0.0.0.0/0` or `::/0` policy takes its family's place.
+    pub fn lpm_entries(&self) -> HashMap<(u32, PolicyKey), Policy> {
+        let mut entries = HashMap::with_capacity(self.policies.len() + 2);
+        entries.insert(policy_key_v4([0; 4], 0), self.default.to_policy(0));
+        entries.insert(policy_key_v6(&[0; 16], 0), self.default.to_policy(0));
         for (i, (cidr, resolved)) in self.policies.iter().enumerate() {
             // Ids are u16 for the map; beyond that stats show the last id, decisions are unaffected.
             let id = u16::try_from(i + 1).unwrap_or(u16::MAX);
@@ -376,7 +386,7 @@ impl Config {
         self.policies
             .iter()
             .filter(|(c, _)| c.is_host())
-            .map(|(c, _)| c.lpm_key().1)
+            .map(|(c, _)| c.client_key())
             .collect()
     }
 
@@ -502,10 +512,11 @@ policies:
         assert_eq!(c.policies[2].1.action, Action::Pass);
         assert_eq!(c.static_clients(), vec![v4_mapped([192, 0, 2, 7])]);
         let lpm = c.lpm_entries();
-        assert_eq!(lpm.len(), 5);
-        assert_eq!(lpm[&(104, v4_mapped([10, 0, 0, 0]))].limit, 100);
-        assert_eq!(lpm[&(128, v4_mapped([192, 0, 2, 7]))].action, ACTION_PASS);
-        assert_eq!(lpm[&(0, [0; 16])].id, 0);
+        assert_eq!(lpm.len(), 6);
+        assert_eq!(lpm[&policy_key_v4([10, 0, 0, 0], 8)].limit, 100);
+        assert_eq!(lpm[&policy_key_v4([192, 0, 2, 7], 32)].action, ACTION_PASS);
+        assert_eq!(lpm[&policy_key_v4([0; 4], 0)].id, 0);
+        assert_eq!(lpm[&policy_key_v6(&[0; 16], 0)].id, 0);
     }
 
     #[test]
@@ -531,8 +542,13 @@ policies:
 
     #[test]
     fn cidrs_parse_strictly() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().lpm_key().0, 104);
-        assert_eq!("2001:db8::/32".parse::<Cidr>().unwrap().lpm_key().0, 32);
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().lpm_key().0, 16);
+        assert_eq!("2001:db8::/32".parse::<Cidr>().unwrap().lpm_key().0, 40);
+        for text in ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7", "::/0"] {
+            let c: Cidr = text.parse().unwrap();
+            let (len, key) = c.lpm_key();
+            assert_eq!(Cidr::from_lpm(len, &key), c);
+        }
         assert!("192.0.2.7".parse::<Cidr>().unwrap().is_host());
         assert!(
             "10.0.0.1/8"
@@ -552,7 +568,7 @@ policies:
                 .unwrap_err()
                 .contains("not an IPv4 or IPv6")
         );
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().lpm_key().0, 96);
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().lpm_key().0, 8);
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub fn client_row(key: &ClientKey, state: &ClientState, policy: String, now_ns: 
             0.0
         },
         allowance: (state.limit as u64).saturating_sub(estimate),
-        passed: state.passed,
+        passed: state.total_passed(),
         dropped: state.dropped,
     }
 }
@@ -119,7 +119,7 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     let names: HashMap<u16, String> = policy_entries(tables)
         .into_iter()
         .map(|((prefix, key), p)| {
-            let name = if prefix == 0 {
+            let name = if p.id == 0 {
                 "default".to_string()
             } else {
                 Cidr::from_lpm(prefix, &key).to_string()

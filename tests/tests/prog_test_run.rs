@@ -1,0 +1,844 @@
+//! Exact behaviour of the XDP program through BPF_PROG_TEST_RUN: decisions, per-client and
+//! global counters, policy reloads, map pressure and concurrency. Needs root; every test loads
+//! its own private (unpinned) copy of the object.
+//!
+//! Windows of one hour or more are timed by the kernel's real clock, so a test whose counts
+//! depend on staying inside one fixed window runs inside [`in_one_window`], which repeats it
+//! (with a fresh object) if a window boundary passed while it ran.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Barrier,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use limiter_common::{
+    ClientState, GlobalStats,
+    addr::{ClientKey, v4_mapped},
+    maps::{ACTION_DROP, ACTION_PASS, FLAG_STATIC},
+};
+use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
+use limiter_user::{
+    datapath::{self, LoadOptions, Tables},
+    policy::Config,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const HOUR_NS: u64 = 3_600_000_000_000;
+/// `bpf_ktime_get_coarse_ns` lags CLOCK_MONOTONIC by up to one jiffy (10 ms at HZ=100).
+const COARSE_SLACK_NS: u64 = 20_000_000;
+
+/// Fails the surrounding `Result` function (rather than panicking) when `left != right`.
+macro_rules! check_eq {
+    ($left:expr, $right:expr $(,)?) => {
+        check_eq!($left, $right, "")
+    };
+    ($left:expr, $right:expr, $($ctx:tt)+) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            anyhow::bail!(
+                "`{}` == `{}` failed: {:?} != {:?} {}",
+                stringify!($left),
+                stringify!($right),
+                left,
+                right,
+                format!($($ctx)+)
+            );
+        }
+    }};
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs `test` (given the attempt number) and returns its result if no boundary of windows of
+/// `window_ns` passed while it ran; otherwise runs it again, up to three times.
+fn in_one_window<T>(window_ns: u64, mut test: impl FnMut(u32) -> Result<T>) -> Result<T> {
+    for attempt in 0..3 {
+        let before = monotonic_ns().saturating_sub(COARSE_SLACK_NS);
+        let result = test(attempt);
+        let after = monotonic_ns();
+        if before / window_ns == after / window_ns {
+            return result;
+        }
+        eprintln!("attempt {attempt} crossed a window boundary; repeating it");
+    }
+    bail!("crossed a window boundary three times in a row")
+}
+
+/// A private copy of the object with its policy tables and the `limiter` program loaded.
+struct Limiter {
+    ebpf: Ebpf,
+    tables: Tables,
+}
+
+impl Limiter {
+    fn new(max_clients: u32, yaml: &str) -> Result<Limiter> {
+        let mut ebpf = datapath::load(&LoadOptions {
+            pin_dir: None,
+            max_clients,
+        })
+        .context("loading the object (needs root)")?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables.apply(&Config::parse(yaml)?)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(datapath::PROGRAM)
+            .context("no limiter program")?
+            .try_into()?;
+        program.load()?;
+        Ok(Limiter { ebpf, tables })
+    }
+
+    fn apply(&mut self, yaml: &str) -> Result<()> {
+        self.tables.apply(&Config::parse(yaml)?)?;
+        Ok(())
+    }
+
+    fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(datapath::PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    /// One run on `frame` (at least an Ethernet header long: BPF_PROG_TEST_RUN rejects shorter
+    /// packets with EINVAL, also when they sit behind XDP metadata).
+    fn run(&self, frame: &[u8]) -> Result<u32> {
+        let result = self.program().test_run(TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        })?;
+        Ok(result.return_value)
+    }
+
+    /// The verdicts of `n` runs on `frame`.
+    fn verdicts(&self, frame: &[u8], n: usize) -> Result<Vec<u32>> {
+        (0..n).map(|_| self.run(frame)).collect()
+    }
+
+    /// Sends `n` UDP packets from `src`; returns how many passed.
+    fn send(&self, src: IpAddr, n: usize) -> Result<usize> {
+        let frame = udp_from(src);
+        let verdicts = self.verdicts(&frame, n)?;
+        ensure!(
+            verdicts.iter().all(|&v| v == XDP_PASS || v == XDP_DROP),
+            "unexpected verdicts {verdicts:?}"
+        );
+        Ok(verdicts.iter().filter(|&&v| v == XDP_PASS).count())
+    }
+
+    fn global(&self) -> Result<GlobalStats> {
+        Ok(self.tables.global()?)
+    }
+
+    fn client(&self, src: IpAddr) -> Option<ClientState> {
+        let key = key_of(src);
+        self.tables
+            .clients()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    fn client_counts(&self, src: IpAddr) -> Result<(u64, u64)> {
+        let c = self
+            .client(src)
+            .with_context(|| format!("no client entry for {src}"))?;
+        Ok((c.total_passed(), c.dropped))
+    }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn v6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse().unwrap())
+}
+
+fn key_of(src: IpAddr) -> ClientKey {
+    match src {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn builder_from(src: IpAddr) -> Builder {
+    match src {
+        IpAddr::V4(a) => Builder::ipv4(a, Ipv4Addr::new(192, 0, 2, 254)),
+        IpAddr::V6(a) => Builder::ipv6(a, "2001:db8::fe".parse().unwrap()),
+    }
+}
+
+fn udp_from(src: IpAddr) -> Vec<u8> {
+    builder_from(src).build().bytes
+}
+
+/// `n` distinct IPv4 sources 10.a.b.c, starting after `first`.
+fn spoofed(first: u32, n: u32) -> impl Iterator<Item = IpAddr> {
+    (first + 1..=first + n).map(|i| v4(10, (i >> 16) as u8, (i >> 8) as u8, i as u8))
+}
+
+fn expect_limit(verdicts: &[u32], limit: usize) -> Result<()> {
+    let mut want = vec![XDP_PASS; limit.min(verdicts.len())];
+    want.resize(verdicts.len(), XDP_DROP);
+    check_eq!(verdicts, want);
+    Ok(())
+}
+
+#[test]
+fn every_encapsulation_gets_exactly_the_limit() -> Result<()> {
+    const N: usize = 12;
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, "default: { limit: 5, window: 1h }\n")?;
+        let nops = [1u8; 39];
+        let cases: Vec<(&str, IpAddr, Builder)> = vec![
+            (
+                "IPv4",
+                v4(198, 51, 100, 1),
+                builder_from(v4(198, 51, 100, 1)),
+            ),
+            ("IPv6", v6("2001:db8::1"), builder_from(v6("2001:db8::1"))),
+            (
+                "802.1Q IPv4",
+                v4(198, 51, 100, 2),
+                builder_from(v4(198, 51, 100, 2)).vlan(TPID_8021Q, 10),
+            ),
+            (
+                "802.1Q IPv6",
+                v6("2001:db8::2"),
+                builder_from(v6("2001:db8::2")).vlan(TPID_8021Q, 10),
+            ),
+            (
+                "802.1ad IPv4",
+                v4(198, 51, 100, 3),
+                builder_from(v4(198, 51, 100, 3)).vlan(TPID_8021AD, 10),
+            ),
+            (
+                "QinQ IPv4",
+                v4(198, 51, 100, 4),
+                builder_from(v4(198, 51, 100, 4)).qinq(10, 20),
+            ),
+            (
+                "QinQ IPv6",
+                v6("2001:db8::4"),
+                builder_from(v6("2001:db8::4")).qinq(10, 20),
+            ),
+            (
+                "IPv4 router alert option",
+                v4(198, 51, 100, 5),
+                builder_from(v4(198, 51, 100, 5)).ipv4_options(&[0x94, 0x04, 0, 0]),
+            ),
+            (
+                "IPv4 40 bytes of options, QinQ",
+                v4(198, 51, 100, 6),
+                builder_from(v4(198, 51, 100, 6))
+                    .ipv4_options(&nops)
+                    .qinq(1, 2),
+            ),
+        ];
+        for (name, src, builder) in &cases {
+            let verdicts = lim.verdicts(&builder.build().bytes, N)?;
+            expect_limit(&verdicts, 5).with_context(|| name.to_string())?;
+            check_eq!(lim.client_counts(*src)?, (5, N as u64 - 5), "{name}");
+        }
+        let k = cases.len() as u64;
+        let g = lim.global()?;
+        check_eq!(g.passed, 5 * k);
+        check_eq!(g.dropped, (N as u64 - 5) * k);
+        check_eq!(g.new_clients, k);
+        check_eq!(g.resolves, k);
+        check_eq!(
+            (g.malformed, g.non_ip, g.map_full, g.contended),
+            (0, 0, 0, 0)
+        );
+        check_eq!(lim.tables.clients().len() as u64, k);
+        Ok(())
+    })
+}
+
+#[test]
+fn truncated_and_malformed_frames_pass_and_are_counted() -> Result<()> {
+    let lim = Limiter::new(1024, "default: { limit: 1000000, window: 1h }\n")?;
+    let src = v4(198, 51, 100, 7);
+    let src6 = v6("2001:db8::7");
+    let bases = [
+        ("IPv4", builder_from(src).build()),
+        (
+            "IPv4 + options",
+            builder_from(src)
+                .ipv4_options(&[0x94, 0x04, 0, 0, 1, 1, 1, 0])
+                .build(),
+        ),
+        ("IPv6", builder_from(src6).build()),
+        ("802.1Q IPv4", builder_from(src).vlan(TPID_8021Q, 7).build()),
+        (
+            "QinQ IPv4 + options",
+            builder_from(src)
+                .qinq(7, 8)
+                .ipv4_options(&[1, 1, 1, 1])
+                .build(),
+        ),
+        ("QinQ IPv6", builder_from(src6).qinq(7, 8).build()),
+    ];
+    let mut malformed = 0u64;
+    let mut run_malformed = |what: &str, frame: &[u8]| -> Result<()> {
+        check_eq!(lim.run(frame)?, XDP_PASS, "{what}");
+        malformed += 1;
+        let g = lim.global()?;
+        check_eq!(g.malformed, malformed, "{what}");
+        check_eq!(
+            (g.passed, g.dropped, g.non_ip, g.new_clients, g.resolves),
+            (0, 0, 0, 0, 0),
+            "{what}"
+        );
+        Ok(())
+    };
+    let mut udp_cuts = Vec::new();
+    for (name, frame) in &bases {
+        // Cuts inside the Ethernet header (shorter than 14 bytes) cannot be run: see `run`.
+        for cut in frame
+            .truncations()
+            .into_iter()
+            .filter(|c| c.len >= ETH_HLEN)
+        {
+            if cut.header.parsed() {
+                let what = format!(
+                    "{name} cut at {} ({:?}, boundary: {})",
+                    cut.len, cut.header, cut.at_boundary
+                );
+                run_malformed(&what, frame.truncated(cut.len))?;
+            } else {
+                udp_cuts.push((name, frame.truncated(cut.len).to_vec(), cut));
+            }
+        }
+    }
+    for ihl in 0..5 {
+        run_malformed(
+            &format!("IHL {ihl}"),
+            &builder_from(src).ihl(ihl).build().bytes,
+        )?;
+    }
+    // IHL 15 claims 40 bytes of options that the frame (20-byte header, 8 UDP, no payload) lacks.
+    run_malformed(
+        "IHL 15 beyond the frame",
+        &builder_from(src).payload(b"").ihl(15).build().bytes,
+    )?;
+    for version in [0, 6, 15] {
+        run_malformed(
+            &format!("IPv4 version {version}"),
+            &builder_from(src).version(version).build().bytes,
+        )?;
+    }
+    for version in [0, 4, 15] {
+        run_malformed(
+            &format!("IPv6 version {version}"),
+            &builder_from(src6).version(version).build().bytes,
+        )?;
+    }
+    for total in [0, 19] {
+        run_malformed(
+            &format!("total length {total}"),
+            &builder_from(src).total_len(total).build().bytes,
+        )?;
+    }
+    let with_options = builder_from(src).ipv4_options(&[1, 1, 1, 1]);
+    run_malformed(
+        "total length 20 < IHL 6 * 4",
+        &with_options.clone().total_len(20).build().bytes,
+    )?;
+    run_malformed(
+        "total length 23 < IHL 6 * 4",
+        &with_options.total_len(23).build().bytes,
+    )?;
+    ensure!(
+        lim.tables.clients().is_empty(),
+        "malformed frames created clients: {:?}",
+        lim.tables.clients()
+    );
+
+    // Cuts inside UDP or the payload leave a whole IP header: limited like any packet.
+    for (i, (name, bytes, cut)) in udp_cuts.iter().enumerate() {
+        check_eq!(
+            lim.run(bytes)?,
+            XDP_PASS,
+            "{name} cut at {} ({:?})",
+            cut.len,
+            cut.header
+        );
+        check_eq!(lim.global()?.passed, i as u64 + 1);
+    }
+    check_eq!(lim.global()?.malformed, malformed);
+    check_eq!(
+        lim.client_counts(src)?.0 + lim.client_counts(src6)?.0,
+        udp_cuts.len() as u64
+    );
+    Ok(())
+}
+
+#[test]
+fn non_ip_frames_pass_and_are_counted() -> Result<()> {
+    let lim = Limiter::new(1024, "default: { limit: 0, window: 1h }\n")?;
+    let arp = Builder::arp(
+        Ipv4Addr::new(198, 51, 100, 8),
+        Ipv4Addr::new(198, 51, 100, 9),
+    );
+    let src = v4(198, 51, 100, 8);
+    let frames = [
+        ("ARP", arp.build()),
+        ("802.1Q ARP", arp.clone().vlan(TPID_8021Q, 3).build()),
+        ("QinQ ARP", arp.qinq(3, 4).build()),
+        (
+            "three tags, IPv4",
+            builder_from(src).qinq(3, 4).vlan(TPID_8021Q, 5).build(),
+        ),
+        (
+            "three tags, IPv6",
+            builder_from(v6("2001:db8::8"))
+                .vlan(TPID_8021Q, 3)
+                .qinq(4, 5)
+                .build(),
+        ),
+    ];
+    for (i, (name, frame)) in frames.iter().enumerate() {
+        check_eq!(lim.run(&frame.bytes)?, XDP_PASS, "{name}");
+        let g = lim.global()?;
+        check_eq!(g.non_ip, i as u64 + 1, "{name}");
+        check_eq!(
+            (g.passed, g.dropped, g.malformed, g.new_clients),
+            (0, 0, 0, 0),
+            "{name}"
+        );
+    }
+    ensure!(lim.tables.clients().is_empty());
+    // The limit of 0 does apply to IP.
+    check_eq!(lim.run(&udp_from(src))?, XDP_DROP);
+    Ok(())
+}
+
+#[test]
+fn longest_prefix_wins_and_each_address_is_a_client() -> Result<()> {
+    let yaml = "\
+default: { limit: 2, window: 1h }
+policies:
+  - { match: 10.0.0.0/8, limit: 3, window: 1h }
+  - { match: 10.1.2.0/24, limit: 4, window: 1h }
+  - { match: 10.1.2.3, limit: 5, window: 1h }
+  - { match: 2001:db8::/32, limit: 6, window: 1h }
+  - { match: 2001:db8:1:2::/64, limit: 7, window: 1h }
+";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        let cases = [
+            (v4(10, 9, 9, 9), 3, 1),
+            (v4(10, 1, 3, 1), 3, 1),
+            (v4(10, 1, 2, 9), 4, 2),
+            (v4(10, 1, 2, 10), 4, 2),
+            (v4(10, 1, 2, 255), 4, 2),
+            (v4(10, 1, 2, 3), 5, 3),
+            (v4(11, 0, 0, 1), 2, 0),
+            (v4(9, 255, 255, 255), 2, 0),
+            (v6("2001:db8:ffff::1"), 6, 4),
+            (v6("2001:db8::1"), 6, 4),
+            (v6("2001:db8:1:2::5"), 7, 5),
+            (v6("2001:db8:1:2:ffff:ffff:ffff:ffff"), 7, 5),
+            (v6("2001:db8:1:3::5"), 6, 4),
+            (v6("2001:db9::1"), 2, 0),
+            // IPv6 addresses whose low 32 bits are inside 10.0.0.0/8 are not IPv4 clients.
+            (v6("::a01:203"), 2, 0),
+            (v6("2001:db8:1:2::a01:203"), 7, 5),
+            (v6("64:ff9b::a01:203"), 2, 0),
+        ];
+        for (src, limit, policy) in cases {
+            let verdicts = lim.verdicts(&udp_from(src), 10)?;
+            expect_limit(&verdicts, limit).with_context(|| format!("{src}"))?;
+            let c = lim.client(src).context("no client")?;
+            check_eq!(
+                (c.total_passed(), c.dropped, c.limit, c.policy),
+                (limit as u64, 10 - limit as u64, limit as u32, policy),
+                "{src}"
+            );
+            check_eq!(c.flags & FLAG_STATIC != 0, policy == 3, "{src}");
+        }
+        let g = lim.global()?;
+        let passed: u64 = cases.iter().map(|c| c.1 as u64).sum();
+        check_eq!(
+            (g.passed, g.dropped),
+            (passed, 10 * cases.len() as u64 - passed)
+        );
+        // The exact-address client is static, not a new dynamic one.
+        check_eq!(g.new_clients, cases.len() as u64 - 1);
+        Ok(())
+    })
+}
+
+#[test]
+fn pass_and_drop_actions() -> Result<()> {
+    let yaml = "\
+default: { limit: 3, window: 1h }
+policies:
+  - { match: 192.0.2.0/24, action: pass }
+  - { match: 198.51.100.0/24, action: drop }
+  - { match: 203.0.113.0/24, limit: 0, window: 1h }
+  - { match: 2001:db8:a::/48, action: pass }
+  - { match: 2001:db8:d::/48, action: drop }
+  - { match: 2001:db8:e::7, action: drop, limit: 0 }
+";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        const N: usize = 50;
+        let cases = [
+            (v4(192, 0, 2, 1), N, Some(ACTION_PASS)),
+            (v6("2001:db8:a::1"), N, Some(ACTION_PASS)),
+            (v4(198, 51, 100, 1), 0, Some(ACTION_DROP)),
+            (v6("2001:db8:d::1"), 0, Some(ACTION_DROP)),
+            (v6("2001:db8:e::7"), 0, Some(ACTION_DROP)),
+            (v4(203, 0, 113, 1), 0, None),
+            (v4(203, 0, 114, 1), 3, None),
+        ];
+        for (src, passes, action) in cases {
+            let verdicts = lim.verdicts(&udp_from(src), N)?;
+            expect_limit(&verdicts, passes).with_context(|| format!("{src}"))?;
+            let c = lim.client(src).context("no client")?;
+            check_eq!(
+                (c.total_passed(), c.dropped),
+                (passes as u64, (N - passes) as u64),
+                "{src}"
+            );
+            if let Some(action) = action {
+                check_eq!(c.action, action, "{src}");
+            }
+        }
+        let g = lim.global()?;
+        check_eq!((g.passed, g.dropped), (2 * N as u64 + 3, 5 * N as u64 - 3));
+        Ok(())
+    })
+}
+
+#[test]
+fn dry_run_passes_everything_and_counts_would_be_drops() -> Result<()> {
+    let yaml = "\
+mode: dry-run
+default: { limit: 5, window: 1h }
+policies:
+  - { match: 198.51.100.0/24, action: drop }
+";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        let (a, b) = (v4(192, 0, 2, 1), v4(198, 51, 100, 1));
+        check_eq!(lim.verdicts(&udp_from(a), 12)?, vec![XDP_PASS; 12]);
+        check_eq!(lim.verdicts(&udp_from(b), 4)?, vec![XDP_PASS; 4]);
+        check_eq!(lim.client_counts(a)?, (5, 7));
+        check_eq!(lim.client_counts(b)?, (0, 4));
+        let g = lim.global()?;
+        check_eq!((g.passed, g.dropped), (5, 11));
+        Ok(())
+    })
+}
+
+#[test]
+fn reload_keeps_window_state_unless_the_window_changes() -> Result<()> {
+    let before = "\
+default: { limit: 7, window: 1h }
+policies:
+  - { match: 10.0.0.0/8, limit: 5, window: 1h }
+  - { match: 172.16.0.0/16, limit: 5, window: 1h }
+  - { match: 172.17.0.0/16, limit: 5, window: 1h }
+";
+    let after = "\
+default: { limit: 7, window: 1h }
+policies:
+  - { match: 10.0.0.0/8, limit: 8, window: 1h }
+  - { match: 172.16.0.0/16, limit: 5, window: 30m }
+";
+    // The 30-minute window's boundaries include the hour's.
+    in_one_window(HOUR_NS / 2, |_| {
+        let mut lim = Limiter::new(1024, before)?;
+        let raised = v4(10, 0, 0, 1);
+        let other = v4(11, 0, 0, 1);
+        let rewindowed = v4(172, 16, 0, 1);
+        let removed = v4(172, 17, 0, 1);
+        expect_limit(&lim.verdicts(&udp_from(raised), 7)?, 5)?;
+        expect_limit(&lim.verdicts(&udp_from(other), 9)?, 7)?;
+        expect_limit(&lim.verdicts(&udp_from(rewindowed), 6)?, 5)?;
+        expect_limit(&lim.verdicts(&udp_from(removed), 5)?, 5)?;
+        let other_before = lim.client(other).context("other")?;
+
+        lim.apply(after)?;
+        // Raised from 5 to 8 inside the same window: exactly 3 more.
+        expect_limit(&lim.verdicts(&udp_from(raised), 10)?, 3)?;
+        check_eq!(lim.client_counts(raised)?, (8, 2 + 7));
+        // Another client's entry is untouched by the reload itself.
+        let other_after = lim.client(other).context("other")?;
+        check_eq!(
+            (other_after.total_passed(), other_after.dropped),
+            (other_before.total_passed(), other_before.dropped)
+        );
+        check_eq!(other_after.slots, other_before.slots);
+        check_eq!(lim.send(other, 1)?, 0);
+        // A new window length starts the window afresh: the full 5 again.
+        expect_limit(&lim.verdicts(&udp_from(rewindowed), 8)?, 5)?;
+        let c = lim.client(rewindowed).context("rewindowed")?;
+        check_eq!(
+            (c.total_passed(), c.dropped, c.window_us),
+            (10, 1 + 3, 1_800_000_000)
+        );
+        // Its policy removed, the client falls back to the default (same window: 5 of 7 used).
+        expect_limit(&lim.verdicts(&udp_from(removed), 5)?, 2)?;
+        let c = lim.client(removed).context("removed")?;
+        check_eq!((c.total_passed(), c.dropped, c.limit, c.policy), (7, 3, 7, 0));
+
+        // Lowering a limit below what was already admitted admits nothing more.
+        lim.apply("default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 2, window: 1h }\n")?;
+        check_eq!(lim.send(raised, 3)?, 0);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
+    let base = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";
+    let host = format!("{base}  - {{ match: 10.0.0.5, limit: 8, window: 1h }}\n");
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, base)?;
+        let src = v4(10, 0, 0, 5);
+        check_eq!(lim.send(src, 6)?, 5);
+        lim.apply(&host)?;
+        // Now static, with the same window: 5 of 8 used.
+        check_eq!(lim.send(src, 5)?, 3);
+        let c = lim.client(src).context("no client")?;
+        check_eq!(
+            (c.total_passed(), c.dropped, c.limit, c.flags & FLAG_STATIC),
+            (8, 3, 8, FLAG_STATIC)
+        );
+        check_eq!(
+            lim.tables
+                .clients()
+                .iter()
+                .filter(|(k, _)| *k == key_of(src))
+                .count(),
+            1
+        );
+        // The policy removed, it is dynamic again under 10.0.0.0/8, count and counters kept.
+        lim.apply(base)?;
+        check_eq!(lim.send(src, 2)?, 0);
+        let c = lim.client(src).context("no client")?;
+        check_eq!(
+            (c.total_passed(), c.dropped, c.limit, c.flags & FLAG_STATIC),
+            (8, 5, 5, 0)
+        );
+        check_eq!(lim.tables.clients().len(), 1);
+        Ok(())
+    })
+}
+
+#[test]
+fn exact_address_clients_are_static_and_survive_a_flood() -> Result<()> {
+    let yaml = "\
+default: { limit: 100, window: 1h }
+policies:
+  - { match: 192.0.2.7, limit: 10, window: 1h }
+";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(256, yaml)?;
+        let vip = v4(192, 0, 2, 7);
+        let dynamic = v4(198, 51, 100, 1);
+        check_eq!(lim.send(vip, 4)?, 4);
+        check_eq!(lim.send(dynamic, 1)?, 1);
+        let c = lim.client(vip).context("static client")?;
+        ensure!(
+            c.flags & FLAG_STATIC != 0,
+            "192.0.2.7 is not in STATIC_CLIENTS: {c:?}"
+        );
+        for src in spoofed(0, 5000) {
+            check_eq!(lim.send(src, 1)?, 1, "{src}");
+        }
+        // Its window state is intact: 4 of 10 used.
+        check_eq!(lim.send(vip, 10)?, 6);
+        let c = lim.client(vip).context("static client after the flood")?;
+        check_eq!(
+            (c.total_passed(), c.dropped, c.flags & FLAG_STATIC),
+            (10, 4, FLAG_STATIC)
+        );
+        ensure!(
+            lim.client(dynamic).is_none(),
+            "the dynamic client was not evicted"
+        );
+        let g = lim.global()?;
+        check_eq!(g.new_clients, 5001);
+        check_eq!(g.map_full, 0);
+        let dynamic_entries = lim
+            .tables
+            .clients()
+            .iter()
+            .filter(|(_, c)| c.flags & FLAG_STATIC == 0)
+            .count();
+        ensure!(
+            dynamic_entries <= 256,
+            "{dynamic_entries} dynamic entries in a 256-entry map"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_full_map_never_bypasses_limiting() -> Result<()> {
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(64, "default: { limit: 1, window: 1h }\n")?;
+        for src in spoofed(0, 2000) {
+            let frame = udp_from(src);
+            check_eq!(lim.verdicts(&frame, 2)?, vec![XDP_PASS, XDP_DROP], "{src}");
+        }
+        let g = lim.global()?;
+        check_eq!((g.passed, g.dropped), (2000, 2000));
+        eprintln!("new_clients {} map_full {}", g.new_clients, g.map_full);
+        check_eq!((g.new_clients, g.map_full), (2000, 0));
+        Ok(())
+    })
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity(0) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn concurrent_cpus_lose_no_counts() -> Result<()> {
+    const LIMIT: u64 = 150_000;
+    const REPEAT: u32 = 200_000;
+    ensure!(
+        std::thread::available_parallelism()?.get() >= 2,
+        "needs two CPUs"
+    );
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(
+            1024,
+            &format!("default: {{ limit: {LIMIT}, window: 1h }}\n"),
+        )?;
+        let src = v4(192, 0, 2, 77);
+        let frame = udp_from(src);
+        let barrier = Barrier::new(2);
+        let runs: Vec<Result<(u32, u64, u64)>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (lim, frame, barrier) = (&lim, &frame, &barrier);
+                    s.spawn(move || -> Result<(u32, u64, u64)> {
+                        pin_to_cpu(cpu)?;
+                        barrier.wait();
+                        let start = monotonic_ns();
+                        let r = lim.program().test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            repeat: REPEAT,
+                            ..Default::default()
+                        })?;
+                        Ok((r.return_value, start, monotonic_ns()))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("thread panicked"))
+                .collect()
+        });
+        let runs: Vec<(u32, u64, u64)> = runs.into_iter().collect::<Result<_>>()?;
+        let c = lim.client(src).context("no client")?;
+        let per_cpu = lim.tables.stats.get(&0, 0)?;
+        let per_cpu: Vec<(u64, u64, u64)> = per_cpu
+            .iter()
+            .map(|s| (s.passed, s.dropped, s.contended))
+            .collect();
+        eprintln!(
+            "runs (retval, start, end): {runs:?}; per CPU (passed, dropped, contended): {per_cpu:?}"
+        );
+        let g = lim.global()?;
+        check_eq!(c.total_passed() + c.dropped, 2 * REPEAT as u64, "client {c:?}");
+        check_eq!(c.total_passed(), LIMIT, "client {c:?}, contended {}", g.contended);
+        check_eq!((g.passed, g.dropped), (LIMIT, 2 * REPEAT as u64 - LIMIT));
+        check_eq!(g.new_clients, 1);
+        // Had the runs not overlapped, the first would have taken all 150000 and the second none.
+        ensure!(
+            per_cpu.iter().filter(|c| c.0 > 0).count() >= 2,
+            "the two runs did not overlap, so nothing concurrent was tested: {per_cpu:?}"
+        );
+        Ok(())
+    })
+}
+
+/// An IPv6 packet whose source is an IPv4-mapped address (`::ffff:a.b.c.d`, which the kernel's
+/// IPv6 input drops anyway) is malformed: it must not be charged to the IPv4 client a.b.c.d.
+#[test]
+fn ipv4_mapped_ipv6_sources_are_not_ipv4_clients() -> Result<()> {
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, "default: { limit: 5, window: 1h }\n")?;
+        check_eq!(lim.send(v6("::ffff:192.0.2.7"), 5)?, 5);
+        check_eq!(lim.global()?.malformed, 5);
+        check_eq!(
+            lim.send(v4(192, 0, 2, 7), 5)?,
+            5,
+            "IPv4 192.0.2.7 lost its budget to IPv6 packets"
+        );
+        Ok(())
+    })
+}
+
+/// An IPv6 policy whose prefix covers `::ffff:0:0/96` must not apply to IPv4 clients (the policy
+/// trie keeps the families apart).
+#[test]
+fn ipv6_policies_do_not_apply_to_ipv4() -> Result<()> {
+    let yaml =
+        "default: { limit: 5, window: 1h }\npolicies:\n  - { match: \"::/8\", action: drop }\n";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        check_eq!(lim.send(v6("::1"), 1)?, 0);
+        check_eq!(
+            lim.send(v4(192, 0, 2, 7), 1)?,
+            1,
+            "IPv4 matched the IPv6 policy ::/8"
+        );
+        Ok(())
+    })
+}
+
+/// `match: ::/0` replaces `default` for IPv6 clients only; IPv4 clients keep the default.
+#[test]
+fn ipv6_catch_all_does_not_replace_the_default() -> Result<()> {
+    let yaml = "default: { limit: 5, window: 1h }\npolicies:\n  - { match: \"::/0\", limit: 1, window: 1h }\n";
+    if Config::parse(yaml).is_err() {
+        return Ok(()); // Rejecting the duplicate is also a fix.
+    }
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        check_eq!(lim.send(v6("2001:db8::1"), 5)?, 1);
+        check_eq!(
+            lim.send(v4(192, 0, 2, 7), 5)?,
+            5,
+            "the IPv4 client lost the default"
+        );
+        Ok(())
+    })
+}
