@@ -20,9 +20,9 @@ pub const MAX_STATIC_CLIENTS: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// Syntax, unknown or missing fields, or a field with a bad value; serde_yaml's message names
+    /// Syntax, unknown or missing fields, or a field with a bad type; serde_yaml's message names
     /// the field path, line and column.
-    #[error("{0}")]
+    #[error(transparent)]
     Yaml(#[from] serde_yaml::Error),
     #[error("{field}{line}: {message}")]
     Invalid {
@@ -320,7 +320,7 @@ const UNUSED_WINDOW: Window = Window { micros: 1_000_000 };
 impl Config {
     /// Parses and validates a config file's text.
     pub fn parse(text: &str) -> Result<Config, PolicyError> {
-        let file: File = serde_yaml::from_str(text)?;
+        let file: File = serde_yaml::from_str(text).map_err(|e| locate_value_error(e, text))?;
         let match_lines = match_lines(text);
         let line_of = |i: usize| {
             LineHint(
@@ -458,6 +458,44 @@ fn resolve(limit: &Limit) -> Result<Resolved, String> {
     }
 }
 
+/// serde_yaml places an error raised while parsing a value (a bad `window` or `match`) at the
+/// start of the enclosing mapping; this moves it to the line of the field itself and names the
+/// field in the path (`policies[0].window (line 6): ...`).
+fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyError {
+    let (message, Some(location)) = (e.to_string(), e.location()) else {
+        return PolicyError::Yaml(e);
+    };
+    for key in ["window", "match"] {
+        let tag = format!("`{key}`: ");
+        let Some(at) = message.find(&tag) else {
+            continue;
+        };
+        let path = message[..at].trim_end_matches(": ").trim_end_matches(':');
+        let detail = &message[at + tag.len()..];
+        let detail = detail
+            .rfind(" at line ")
+            .map_or(detail, |end| &detail[..end]);
+        let needle = format!("{key}:");
+        let line = text
+            .lines()
+            .enumerate()
+            .skip(location.line().saturating_sub(1))
+            .find(|(_, l)| l.split('#').next().unwrap_or("").contains(&needle))
+            .map_or(location.line(), |(i, _)| i + 1);
+        let field = if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        };
+        return PolicyError::Invalid {
+            field,
+            line: LineHint(Some(line)),
+            message: detail.to_string(),
+        };
+    }
+    PolicyError::Yaml(e)
+}
+
 /// 1-based lines of each `match:` key, in order (policies are matched to them by position).
 fn match_lines(text: &str) -> Vec<usize> {
     text.lines()
@@ -577,16 +615,25 @@ policies:
             "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n    window: 5x\n",
         );
         assert!(
-            e.contains("policies[0]: `window`: invalid window \"5x\"") && e.contains("line 3"),
+            e.contains("policies[0].window (line 5): invalid window \"5x\""),
             "{e}"
         );
         let e = err(
             "default: { limit: 10, window: 1s }\npolicies:\n  - match: 10.0.0.0/33\n    limit: 5\n    window: 1s\n",
         );
         assert!(
-            e.contains("policies[0]: `match`: \"10.0.0.0/33\"") && e.contains("line 3"),
+            e.contains("policies[0].match (line 3): \"10.0.0.0/33\""),
             "{e}"
         );
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 2h }\n",
+        );
+        assert!(
+            e.contains("policies[0].window (line 3): window \"2h\" is out of range"),
+            "{e}"
+        );
+        let e = err("default: { limit: 10, window: 0s }\n");
+        assert!(e.contains("default.window (line 1)"), "{e}");
         let e = err("default: { limit: -1, window: 1s }\n");
         assert!(e.contains("default.limit") && e.contains("line 1"), "{e}");
         let e = err("default: { limit: 4294967296, window: 1s }\n");

@@ -12,7 +12,7 @@ use limiter_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{DatapathError, Tables, policy_entries},
+    datapath::{DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
     policy::{Cidr, Window},
 };
 
@@ -21,6 +21,9 @@ pub struct Snapshot {
     pub iface: String,
     pub mode: &'static str,
     pub generation: u32,
+    /// The program is attached through the pinned link (false after an orderly stop, or before
+    /// the agent attached).
+    pub attached: bool,
     pub global: Global,
     /// The busiest clients by current rate, then by lifetime packets.
     pub clients: Vec<ClientRow>,
@@ -157,6 +160,7 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             "enforce"
         },
         generation: config.generation,
+        attached: pin_dir(iface).join(LINK_PIN).exists(),
         global: Global {
             passed: g.passed,
             dropped: g.dropped,
@@ -179,8 +183,15 @@ impl Snapshot {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "limiter on {}: mode {}, policy generation {}",
-            self.iface, self.mode, self.generation
+            "limiter on {}: {}, mode {}, policy generation {}",
+            self.iface,
+            if self.attached {
+                "attached"
+            } else {
+                "not attached"
+            },
+            self.mode,
+            self.generation
         );
         let _ = writeln!(
             out,
