@@ -4,6 +4,7 @@
 mod process;
 mod setup;
 mod tasks;
+mod vm;
 mod workspace;
 
 use std::process::ExitCode;
@@ -63,6 +64,9 @@ enum Command {
         )]
         args: Vec<String>,
     },
+    /// Boot a kernel (default: Debian's 6.1 cloud kernel) in QEMU and run the privileged tests
+    /// inside it. Arguments after `--` go to the test binaries.
+    VmTest(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,11 @@ fn run(command: Command) -> Result<()> {
             require_root("demo", "it creates network namespaces and attaches XDP")?;
             setup::ensure(&workspace)?;
             tasks::demo(&workspace, &args)
+        }
+        Command::VmTest(args) => {
+            setup::ensure(&workspace)?;
+            vm::install_tools()?;
+            vm::run(&workspace, &args)
         }
     }
 }

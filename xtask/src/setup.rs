@@ -38,6 +38,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
     link_system_toolchain().context("setup: linking the system Rust toolchain into rustup")?;
     install_bpf_linker(workspace).context("setup: installing bpf-linker")?;
     mount_bpffs().context("setup: mounting bpffs")?;
+    crate::vm::install_tools().context("setup: installing QEMU for `vm-test`")?;
     Ok(())
 }
 

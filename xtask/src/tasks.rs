@@ -44,18 +44,50 @@ pub fn test(workspace: &Workspace, test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench`: runs the XDP benchmark, passing `bench_args` to it.
+/// `cargo xtask bench`: runs the XDP benchmark (passing `bench_args` to it) and the snapshot
+/// benchmark, prints both and writes them to BENCHMARKS.md.
 pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
+    let out_dir = workspace.root().join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("bench: creating {}", out_dir.display()))?;
+    let xdp = out_dir.join("xdp.md");
+    let snapshot = out_dir.join("snapshot.md");
+    run_bench_binary(workspace, "xdp-bench", &xdp, bench_args)?;
+    run_bench_binary(workspace, "snapshot-bench", &snapshot, &[])?;
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("bench: reading {}", path.display()))
+    };
+    let report = format!(
+        "# Benchmarks\n\nWritten by `cargo xtask bench`; rerun it to refresh. Targets are checked here, \
+         never by timed tests. Every ratio is against a baseline measured in the same run.\n\n{}\n\
+         ## Snapshots\n\nThe agent's own snapshot code (`limiter_user::snapshot`) on a private map \
+         holding one million clients; the file is fsynced and renamed as in production.\n\n{}",
+        read(&xdp)?.replacen("# XDP benchmark", "## XDP fast path", 1),
+        read(&snapshot)?,
+    );
+    let target = workspace.root().join("BENCHMARKS.md");
+    std::fs::write(&target, report)
+        .with_context(|| format!("bench: writing {}", target.display()))?;
+    eprintln!("bench: wrote {}", target.display());
+    Ok(())
+}
+
+fn run_bench_binary(
+    workspace: &Workspace,
+    bin: &str,
+    report: &std::path::Path,
+    args: &[String],
+) -> Result<()> {
     let mut command = workspace.cargo([
         "run",
         "--release",
         "-p",
         PRIVILEGED_TEST_PACKAGE,
         "--bin",
-        "xdp-bench",
+        bin,
     ]);
-    command.arg("--").args(bench_args);
-    process::run(&mut command).context("bench")
+    command.arg("--").arg("--write").arg(report).args(args);
+    process::run(&mut command).with_context(|| format!("bench: {bin}"))
 }
 
 /// `cargo xtask demo`: builds the release `limiter` and runs the demo against it.

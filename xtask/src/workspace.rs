@@ -20,6 +20,11 @@ pub enum Profile {
 }
 
 impl Workspace {
+    /// The workspace's root directory.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
     /// The workspace containing this crate (the parent of xtask's manifest directory), driven by
     /// the cargo that runs xtask (`$CARGO`), or `cargo` from PATH.
     pub fn locate() -> Result<Self> {
