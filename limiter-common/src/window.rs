@@ -34,10 +34,10 @@ pub const MIN_WINDOW_US: u32 = 10_000;
 /// Longest window a policy may have.
 pub const MAX_WINDOW_US: u32 = 3_600_000_000;
 
-/// Windows at least this long are timed with the kernel's coarse clock
-/// (`bpf_ktime_get_coarse_ns`, ~4 ns, one-jiffy resolution: at most 4 ms behind at HZ=250, i.e.
-/// 0.4% of a 1 s window); shorter ones with `bpf_ktime_get_ns` (~40 ns here), whose resolution
-/// stays far below 1% of a 10 ms window. Both read CLOCK_MONOTONIC.
+/// Windows at least this long are timed with the kernel's coarse clock (one-jiffy resolution,
+/// read once per jiffy by the XDP program: at most two jiffies, 8 ms at HZ=250, behind, 0.8% of
+/// a 1 s window); shorter ones with `bpf_ktime_get_ns` (~40 ns here), whose resolution stays
+/// far below 1% of a 10 ms window. Both read CLOCK_MONOTONIC.
 pub const COARSE_CLOCK_MIN_WINDOW_US: u32 = 1_000_000;
 
 /// Where a time falls in the fixed-window grid of a given window length.
