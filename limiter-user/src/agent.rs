@@ -157,12 +157,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
     // program enforcing until the next agent takes it over.) The pinned maps and their counters
     // remain for `limiter stats` and the next agent.
-    attachment.detach()?;
-    // The final snapshot, with the counters as the program left them.
+    let detached = attachment.detach();
+    // The final snapshot, with the counters as the program left them (taken even if detaching
+    // failed: the state is worth keeping either way).
     let fds = tables
         .client_fds()
         .context("duplicating map descriptors for the final snapshot")?;
     take_snapshot(&fds, &snapshot_path)?;
+    detached?;
     drop(ebpf);
     tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
     Ok(())

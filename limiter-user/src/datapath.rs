@@ -86,21 +86,21 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    #[error("{what} {path}: {source}")]
+    #[error("map {name}: {error}")]
+    Map { name: &'static str, error: MapError },
+    #[error("{what} {path}: {error}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source }
+    move |source| DatapathError::Map {
+        name,
+        error: source,
+    }
 }
 
 /// `/sys/fs/bpf/limiter/IFACE`.
@@ -117,7 +117,7 @@ pub fn check_environment() -> Result<(), DatapathError> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
         what: "reading",
         path: "/proc/mounts".into(),
-        source,
+        error: source,
     })?;
     if !mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
@@ -164,12 +164,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("CLIENTS", opts.max_clients);
     if let Some(dir) = &opts.pin_dir {
+        // Discarding may remove the directory itself: create it afterwards.
+        discard_incompatible_pins(dir, opts.max_clients)?;
         std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
             what: "creating the pin directory",
             path: dir.clone(),
-            source,
+            error: source,
         })?;
-        discard_incompatible_pins(dir, opts.max_clients)?;
         for (name, ..) in PINNED {
             loader.map_pin_path(name, dir.join(name));
         }
@@ -178,7 +179,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut layout: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
             name: "LAYOUT",
-            source: MapError::InvalidName {
+            error: MapError::InvalidName {
                 name: "LAYOUT".into(),
             },
         })?)
@@ -253,7 +254,7 @@ pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
                 return Err(DatapathError::Io {
                     what: "removing pin",
                     path,
-                    source,
+                    error: source,
                 });
             }
         }
@@ -301,7 +302,8 @@ impl Attachment {
         self.pinned
     }
 
-    /// Detaches the program now (whoever else holds the link) and removes the link pin.
+    /// Detaches the program now (whoever else holds the link) and removes the link pin; a link
+    /// pin already removed by someone else counts as detached.
     pub fn detach(self) -> Result<(), DatapathError> {
         if !self.pinned {
             return Ok(());
@@ -309,10 +311,14 @@ impl Attachment {
         let io = |what, source| DatapathError::Io {
             what,
             path: self.link_pin.clone(),
-            source,
+            error: source,
         };
-        let fd = crate::syscall::obj_get(&self.link_pin)
-            .map_err(|e| io("opening the pinned XDP link", e))?;
+        let fd = match crate::syscall::obj_get(&self.link_pin) {
+            Ok(fd) => fd,
+            // Someone (`limiter detach`) already removed it: nothing left to detach.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("opening the pinned XDP link", e)),
+        };
         crate::syscall::link_detach(fd.as_fd()).map_err(|e| io("detaching the XDP link", e))?;
         std::fs::remove_file(&self.link_pin).map_err(|e| io("removing the XDP link pin", e))?;
         Ok(())
@@ -373,7 +379,7 @@ pub fn attach(
                 _ => DatapathError::Io {
                     what: "detaching the other XDP program from",
                     path: iface.into(),
-                    source: e,
+                    error: e,
                 },
             })?;
             program
@@ -395,7 +401,7 @@ pub fn attach(
             let _pinned = fd_link.pin(&link_pin).map_err(|e| DatapathError::Io {
                 what: "pinning the XDP link",
                 path: link_pin.clone(),
-                source: io::Error::other(e),
+                error: io::Error::other(e),
             })?;
             Ok(Attachment {
                 link_pin,
@@ -419,7 +425,7 @@ fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<(), DatapathError> {
     let io_err = |e: String| DatapathError::Io {
         what: "opening the pinned XDP link",
         path: link_pin.to_path_buf(),
-        source: io::Error::other(e),
+        error: io::Error::other(e),
     };
     let pinned = PinnedLink::from_pin(link_pin).map_err(|e| io_err(e.to_string()))?;
     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| io_err(e.to_string()))?;
@@ -493,7 +499,7 @@ impl Tables {
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Map {
                 name,
-                source: MapError::InvalidName { name: name.into() },
+                error: MapError::InvalidName { name: name.into() },
             })
         };
         Ok(Tables {
@@ -565,7 +571,7 @@ impl Tables {
             DatapathError::Io {
                 what: "restoring clients into",
                 path: "CLIENTS".into(),
-                source,
+                error: source,
             }
         })
     }

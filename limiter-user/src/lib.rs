@@ -1,4 +1,5 @@
 //! The limiter agent and CLI as a library, so that tests and benchmarks drive the same code.
+pub mod adaptive;
 pub mod agent;
 pub mod datapath;
 pub mod ebpf;

@@ -36,8 +36,8 @@ const TRAILER: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("empty file")]
     Empty,
     #[error("not a limiter snapshot (bad magic)")]
@@ -192,7 +192,10 @@ impl Snapshot {
     pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| SnapshotError::Io { path, source }
+            move |source| SnapshotError::Io {
+                path,
+                error: source,
+            }
         };
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io(dir))?;
@@ -223,7 +226,7 @@ impl Snapshot {
             Err(source) => {
                 return Err(SnapshotError::Io {
                     path: path.to_path_buf(),
-                    source,
+                    error: source,
                 });
             }
         };
@@ -237,7 +240,7 @@ impl Snapshot {
                 ));
                 fs::rename(path, &aside).map_err(|source| SnapshotError::Io {
                     path: aside.clone(),
-                    source,
+                    error: source,
                 })?;
                 tracing::warn!(
                     snapshot = %path.display(),
