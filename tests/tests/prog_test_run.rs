@@ -601,7 +601,10 @@ policies:
         // Its policy removed, the client falls back to the default (same window: 5 of 7 used).
         expect_limit(&lim.verdicts(&udp_from(removed), 5)?, 2)?;
         let c = lim.client(removed).context("removed")?;
-        check_eq!((c.total_passed(), c.dropped, c.limit, c.policy), (7, 3, 7, 0));
+        check_eq!(
+            (c.total_passed(), c.dropped, c.limit, c.policy),
+            (7, 3, 7, 0)
+        );
 
         // Lowering a limit below what was already admitted admits nothing more.
         lim.apply("default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 2, window: 1h }\n")?;
@@ -776,8 +779,17 @@ fn concurrent_cpus_lose_no_counts() -> Result<()> {
             "runs (retval, start, end): {runs:?}; per CPU (passed, dropped, contended): {per_cpu:?}"
         );
         let g = lim.global()?;
-        check_eq!(c.total_passed() + c.dropped, 2 * REPEAT as u64, "client {c:?}");
-        check_eq!(c.total_passed(), LIMIT, "client {c:?}, contended {}", g.contended);
+        check_eq!(
+            c.total_passed() + c.dropped,
+            2 * REPEAT as u64,
+            "client {c:?}"
+        );
+        check_eq!(
+            c.total_passed(),
+            LIMIT,
+            "client {c:?}, contended {}",
+            g.contended
+        );
         check_eq!((g.passed, g.dropped), (LIMIT, 2 * REPEAT as u64 - LIMIT));
         check_eq!(g.new_clients, 1);
         // Had the runs not overlapped, the first would have taken all 150000 and the second none.

@@ -28,7 +28,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let max_clients = clients.next_power_of_two().max(1024);
-    let mut ebpf = datapath::load(&LoadOptions { pin_dir: None, max_clients }).context("loading the object")?;
+    let mut ebpf = datapath::load(&LoadOptions {
+        pin_dir: None,
+        max_clients,
+    })
+    .context("loading the object")?;
     let tables = Tables::take(&mut ebpf)?;
     let (dynamic, statics) = tables.client_fds()?;
 
@@ -57,12 +61,19 @@ fn main() -> anyhow::Result<()> {
     };
     let mut snapshot = None;
     let capture = timed(&mut || {
-        snapshot = Some(Snapshot::capture(dynamic.as_fd(), statics.as_fd(), Clocks::now())?);
+        snapshot = Some(Snapshot::capture(
+            dynamic.as_fd(),
+            statics.as_fd(),
+            Clocks::now(),
+        )?);
         Ok(())
     })?;
     let snapshot = snapshot.context("no snapshot")?;
     if snapshot.entries.len() != clients as usize {
-        bail!("captured {} entries, expected {clients}", snapshot.entries.len());
+        bail!(
+            "captured {} entries, expected {clients}",
+            snapshot.entries.len()
+        );
     }
     let write_time = timed(&mut || Ok(snapshot.write(&path)?))?;
     let bytes = std::fs::metadata(&path)?.len();
