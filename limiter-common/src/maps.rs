@@ -114,6 +114,20 @@ pub struct GlobalStats {
     pub contended: u64,
 }
 
+impl GlobalStats {
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, other: &GlobalStats) {
+        self.passed += other.passed;
+        self.dropped += other.dropped;
+        self.non_ip += other.non_ip;
+        self.malformed += other.malformed;
+        self.new_clients += other.new_clients;
+        self.map_full += other.map_full;
+        self.resolves += other.resolves;
+        self.contended += other.contended;
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<Policy>() == 12);
 const _: () = assert!(core::mem::size_of::<ClientState>() == 48);
 const _: () = assert!(core::mem::size_of::<Config>() == 8);

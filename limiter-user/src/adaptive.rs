@@ -66,7 +66,7 @@
 //! [`fair_shares`] divides an admitted capacity (e.g. `g · Σ r` over active clients) among
 //! clients by weighted max-min water-filling; it is independent of the controller.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use limiter_common::{
     addr::ClientKey,
@@ -191,14 +191,14 @@ fn ensure(
     value: f64,
     constraint: impl Into<String>,
 ) -> Result<(), AdaptiveError> {
-    match ok {
-        true => Ok(()),
-        false => Err(AdaptiveError {
-            field,
-            constraint: constraint.into(),
-            value,
-        }),
+    if ok {
+        return Ok(());
     }
+    Err(AdaptiveError {
+        field,
+        constraint: constraint.into(),
+        value,
+    })
 }
 
 /// One period's system input.
@@ -564,65 +564,22 @@ pub fn fair_shares(clients: &[FairDemand], capacity: f64) -> Vec<f64> {
         return clients.iter().map(demand).collect();
     }
     // Fill in order of demand per unit weight: the least demanding saturate first.
-    let mut order: VecDeque<usize> = {
-        let mut v: Vec<usize> = (0..clients.len()).collect();
-        v.sort_by(|&a, &b| {
-            let ra = demand(&clients[a]) / weight(&clients[a]);
-            let rb = demand(&clients[b]) / weight(&clients[b]);
-            ra.total_cmp(&rb)
-        });
-        v.into()
-    };
-    let mut left = capacity;
-    let mut weights: f64 = clients.iter().map(weight).sum();
-    let mut shares = vec![0.0; clients.len()];
-    while let Some(&i) = order.front() {
-        let (d, w) = (demand(&clients[i]), weight(&clients[i]));
-        if d / w > left / weights {
+    let ratio = |i: usize| demand(&clients[i]) / weight(&clients[i]);
+    let mut order: Vec<usize> = (0..clients.len()).collect();
+    order.sort_by(|&a, &b| ratio(a).total_cmp(&ratio(b)));
+    let (mut left, mut weights) = (capacity, clients.iter().map(weight).sum::<f64>());
+    let mut shares: Vec<f64> = clients.iter().map(demand).collect();
+    for (n, &i) in order.iter().enumerate() {
+        if ratio(i) > left / weights {
+            // Everyone from here on asks for more than the level: cut them to it.
+            let level = left / weights;
+            for &j in &order[n..] {
+                shares[j] = weight(&clients[j]) * level;
+            }
             break;
         }
-        shares[i] = d;
-        left -= d;
-        weights -= w;
-        order.pop_front();
-    }
-    let level = if weights > 0.0 { left / weights } else { 0.0 };
-    for i in order {
-        shares[i] = weight(&clients[i]) * level;
+        left -= demand(&clients[i]);
+        weights -= weight(&clients[i]);
     }
     shares
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_toward_is_bounded_and_never_overshoots() {
-        assert_eq!(step_toward(1.0, 4.0, 1.25), 1.25);
-        assert_eq!(step_toward(3.9, 4.0, 1.25), 4.0);
-        assert_eq!(step_toward(1.0, 0.9, 1.25), 0.9);
-        assert_eq!(step_toward(2.0, 2.0, 1.25), 2.0);
-    }
-
-    #[test]
-    fn reversal_waits_for_dwell() {
-        let mut g = Guarded::new(1.0);
-        g.drive(0.5, 1.25, 3);
-        assert_eq!(g.value, 0.8);
-        g.drive(1.0, 1.25, 3);
-        g.drive(1.0, 1.25, 3);
-        assert_eq!(g.value, 0.8);
-        g.drive(1.0, 1.25, 3);
-        assert_eq!(g.value, 1.0);
-    }
-
-    #[test]
-    fn effective_keeps_the_rate_and_clamps_the_window() {
-        assert_eq!(effective(100, 1_000_000, 2.0, 1.0), (2_000_000, 200));
-        assert_eq!(effective(100, 1_000_000, 2.0, 0.5), (2_000_000, 100));
-        // 20 ms × 0.25 = 5 ms is below the datapath's 10 ms: the scale used is 0.5.
-        assert_eq!(effective(10, 20_000, 0.25, 1.0), (10_000, 5));
-        assert_eq!(effective(1, 1_000_000, 0.25, 0.5), (250_000, 1));
-    }
 }

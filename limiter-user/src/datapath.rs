@@ -585,14 +585,7 @@ impl Tables {
         let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
         let mut sum = GlobalStats::default();
         for s in per_cpu.iter() {
-            sum.passed += s.passed;
-            sum.dropped += s.dropped;
-            sum.non_ip += s.non_ip;
-            sum.malformed += s.malformed;
-            sum.new_clients += s.new_clients;
-            sum.map_full += s.map_full;
-            sum.resolves += s.resolves;
-            sum.contended += s.contended;
+            sum.add(s);
         }
         Ok(sum)
     }

@@ -389,18 +389,6 @@ impl Config {
             .map(|(c, _)| c.client_key())
             .collect()
     }
-
-    /// Human name of a policy id, for stats.
-    pub fn policy_name(&self, id: u16) -> String {
-        match id {
-            0 => "default".into(),
-            id => self
-                .policies
-                .get(id as usize - 1)
-                .map(|(c, _)| c.to_string())
-                .unwrap_or_else(|| format!("#{id}")),
-        }
-    }
 }
 
 impl Resolved {

@@ -71,18 +71,9 @@ pub struct Clocks {
 
 impl Clocks {
     pub fn now() -> Clocks {
-        let read = |clock| {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `ts` is a valid out-pointer.
-            unsafe { libc::clock_gettime(clock, &mut ts) };
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-        };
         Clocks {
-            wall_ns: read(libc::CLOCK_REALTIME),
-            mono_ns: read(libc::CLOCK_MONOTONIC),
+            wall_ns: crate::stats::clock_ns(libc::CLOCK_REALTIME),
+            mono_ns: crate::stats::monotonic_ns(),
             boot_id: boot_id(),
         }
     }
