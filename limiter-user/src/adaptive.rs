@@ -48,10 +48,11 @@
 //! * **Dwell.** `s` and `g` remember the direction of their last move. A move in the opposite
 //!   direction happens only once it has been demanded for `dwell` consecutive periods (a period
 //!   demanding the old direction, or no move, restarts the count). Direction changes are
-//!   therefore at least `dwell` periods apart, and an input oscillating faster than that never
-//!   reverses the output. The first move has no dwell. After an input step, a quantity reaches
-//!   its new target within `lag + (dwell − 1) + ⌈ln(t/x) / ln(step)⌉` periods, where `lag` is the
-//!   periods the EWMA needs to cross the band.
+//!   therefore at least `dwell` periods apart, and a load whose band flips faster than that
+//!   never reverses `g` or `s`. The first move has no dwell.
+//! * **Convergence.** After a step in the input, a quantity reaches its new target `t` from `x`
+//!   monotonically within `lag + dwell + ⌈|ln(t/x)| / ln(step)⌉` periods, where `lag` is the
+//!   periods the EWMA needs to cross the band (for `s` after a pattern change, the band of `û`).
 //!
 //! # Cost and forgetting
 //!
@@ -64,7 +65,9 @@
 //! # Fairness
 //!
 //! [`fair_shares`] divides an admitted capacity (e.g. `g · Σ r` over active clients) among
-//! clients by weighted max-min water-filling; it is independent of the controller.
+//! clients by weighted max-min water-filling. It is independent of the controller: how its
+//! shares `fᵢ` combine with `A` (e.g. capping a client at `min(A, fᵢ · W)` under overload) is
+//! the wiring's choice.
 
 use std::collections::HashMap;
 
@@ -75,7 +78,22 @@ use limiter_common::{
 use serde::Deserialize;
 
 /// The `adaptive` knobs. Every field has a default; `enabled: false` (the default) pins
-/// `s = g = 1`.
+/// `s = g = 1`. Unknown keys are errors. With the defaults spelled out:
+///
+/// ```yaml
+/// enabled: true
+/// min_scale: 0.25          # s ∈ [min_scale, max_scale]
+/// max_scale: 4
+/// min_load_factor: 0.5     # g ∈ [min_load_factor, 1]
+/// step: 1.25               # at most ×/÷ step per period
+/// alpha: 0.3               # EWMA weight of the newest sample
+/// dwell: 3                 # periods a reversal must be demanded
+/// idle_periods: 30         # forget clients unseen this long
+/// grow_below: 0.5          # û below this for grow_after periods: p grows
+/// grow_after: 5
+/// shrink_above: 0.8        # û above this: p shrinks toward 1
+/// load: { high: 0.85, low: 0.60 }
+/// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
@@ -248,7 +266,8 @@ pub struct StepOutput {
     pub band: Band,
     /// The global load factor `g` now in force.
     pub load_factor: f64,
-    /// Observed clients whose `(W, A)` changed; unchanged ones are left out.
+    /// Observed clients whose `(W, A)` changed; unchanged ones are left out. A change of `g`
+    /// reaches a client's `A` when it is next observed: idle clients keep what they were given.
     pub decisions: Vec<ClientDecision>,
     /// Clients forgotten this period: the datapath should return them to their policy
     /// (`s = g = 1`).
