@@ -162,7 +162,11 @@ fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Option<u32> {
 /// The client's entry, created on its first packet. Returns `None` only if the policy table has
 /// no match (the agent always installs `::/0`).
 #[inline(always)]
-fn client_entry(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> Option<*mut ClientState> {
+fn client_entry(
+    key: &ClientKey,
+    config: &Config,
+    stats: &mut GlobalStats,
+) -> Option<*mut ClientState> {
     if let Some(p) = CLIENTS.get_ptr_mut(key) {
         return Some(p);
     }
@@ -282,7 +286,12 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
         };
         match decide(&current, now, window_ns, limit, 1) {
             Verdict::Deny => return false,
-            Verdict::Admit { slot, old, new, fold } => {
+            Verdict::Admit {
+                slot,
+                old,
+                new,
+                fold,
+            } => {
                 // SAFETY: `slot` is 0 or 1, inside the live slots array.
                 let (_, swapped) = unsafe {
                     atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
@@ -323,14 +332,19 @@ unsafe fn clear_slots(state: *mut ClientState) {
             let (old, swapped) = unsafe {
                 let slot = &raw mut (*state).slots[i];
                 let old = core::ptr::read_volatile(slot);
-                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(slot, old, 0)
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    slot, old, 0,
+                )
             };
             if swapped {
                 let count = slot_count(old) as u64;
                 if count != 0 {
                     // SAFETY: live map value.
                     unsafe {
-                        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).passed, count)
+                        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                            &raw mut (*state).passed,
+                            count,
+                        )
                     };
                 }
                 break;

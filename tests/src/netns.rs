@@ -1494,3 +1494,42 @@ pub fn clear_of_hour_boundary(needed: Duration) -> u128 {
     }
     window_index(hour)
 }
+
+/// The UDP port the privileged tests' receivers listen on.
+pub const UDP_PORT: u16 = 5300;
+
+/// The receiver's address in `src`'s family, on [`UDP_PORT`].
+pub fn receiver_for(src: IpAddr) -> SocketAddr {
+    match src {
+        IpAddr::V4(_) => SocketAddr::new(RECEIVER_V4.into(), UDP_PORT),
+        IpAddr::V6(_) => SocketAddr::new(RECEIVER_V6.into(), UDP_PORT),
+    }
+}
+
+/// Sends `count` datagrams from `src` to the receiver (light pacing).
+pub fn send(net: &TestNet, src: impl Into<IpAddr>, count: u64) -> Result<u64> {
+    let src = src.into();
+    let socket = net.udp_sender(src)?;
+    send_udp(&socket, receiver_for(src), count, Pacing::default())
+}
+
+/// Sends `count` datagrams from each source (one after the other), waits until the receiver is
+/// idle, and returns how many each source got through.
+pub fn send_and_count(
+    net: &TestNet,
+    counter: &PacketCounter,
+    sends: &[(IpAddr, u64)],
+) -> Result<HashMap<IpAddr, u64>> {
+    let before = counter.settle()?;
+    for (src, count) in sends {
+        send(net, *src, *count)?;
+    }
+    let after = counter.settle()?;
+    Ok(sends
+        .iter()
+        .map(|(src, _)| {
+            let got = after.get(src).copied().unwrap_or(0) - before.get(src).copied().unwrap_or(0);
+            (*src, got)
+        })
+        .collect())
+}

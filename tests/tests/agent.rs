@@ -7,98 +7,28 @@
 //! neighbour discovery) reach the limiter from the test addresses.
 
 use std::{
-    collections::HashMap,
     fs,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use limiter_tests::netns::{
-    Agent, Pacing, PacketCounter, QINQ_INNER, QINQ_OUTER, QINQ_TAGS, RECEIVER_V4, RECEIVER_V6,
-    TPID_8021AD, TPID_8021Q, TestNet, VLAN_TAGS, clear_of_hour_boundary, client_counts,
-    find_client, link_has_xdp, pin_dir, qinq_v4, run_limiter, send_udp, sender_v4, sender_v6,
-    vlan_v4, window_index,
+use limiter_tests::{
+    fixture::{ExactWindow, TempDir},
+    netns::{
+        Agent, Pacing, QINQ_INNER, QINQ_OUTER, QINQ_TAGS, TPID_8021AD, TPID_8021Q, TestNet,
+        UDP_PORT, VLAN_TAGS, client_counts, find_client, link_has_xdp, pin_dir, qinq_v4,
+        run_limiter, send, send_and_count, sender_v4, sender_v6, vlan_v4,
+    },
+    require_root,
 };
 use serde_json::Value;
 
 /// UDP port the receiver listens on.
-const PORT: u16 = 5300;
 /// Longest any one test's traffic phase may take; the hour window must not end inside it.
 const TEST_SPAN: Duration = Duration::from_secs(20);
-
-/// Asserts at the end of a test that no hour boundary of CLOCK_MONOTONIC passed since it was
-/// created (it first waits past a boundary that is too close). A `window: 1h` limit is exact
-/// only within one hour window: across a boundary the previous hour's count is weighted by a
-/// truncated fraction and a client may get one packet more.
-struct ExactWindow(u128);
-
-impl ExactWindow {
-    fn start() -> ExactWindow {
-        ExactWindow(clear_of_hour_boundary(TEST_SPAN))
-    }
-
-    fn check(&self) {
-        assert_eq!(
-            window_index(Duration::from_secs(3600)),
-            self.0,
-            "an hour boundary of CLOCK_MONOTONIC passed during the test, so the exact counts \
-             above may be off by one; rerun it"
-        );
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips (passes) a test that cannot run without root, saying so.
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces, XDP)");
-            return Ok(());
-        }
-    };
-}
-
-fn dst_for(src: IpAddr) -> SocketAddr {
-    match src {
-        IpAddr::V4(_) => SocketAddr::new(RECEIVER_V4.into(), PORT),
-        IpAddr::V6(_) => SocketAddr::new(RECEIVER_V6.into(), PORT),
-    }
-}
-
-/// Sends `count` datagrams from `src` to the receiver.
-fn send(net: &TestNet, src: impl Into<IpAddr>, count: u64) -> Result<u64> {
-    let src = src.into();
-    let socket = net.udp_sender(src)?;
-    send_udp(&socket, dst_for(src), count, Pacing::default())
-}
-
-/// Sends `count` datagrams from each source (one after the other), waits until the receiver is
-/// idle, and returns how many each source got through.
-fn send_and_count(
-    net: &TestNet,
-    counter: &PacketCounter,
-    sends: &[(IpAddr, u64)],
-) -> Result<HashMap<IpAddr, u64>> {
-    let before = counter.settle()?;
-    for (src, count) in sends {
-        send(net, *src, *count)?;
-    }
-    let after = counter.settle()?;
-    Ok(sends
-        .iter()
-        .map(|(src, _)| {
-            let got = after.get(src).copied().unwrap_or(0) - before.get(src).copied().unwrap_or(0);
-            (*src, got)
-        })
-        .collect())
-}
 
 fn u64_field(v: &Value, field: &str) -> u64 {
     v[field]
@@ -133,36 +63,6 @@ struct Expect {
 }
 
 /// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!(
-            "limiter-agent-test-{}-{tag}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        let dir = PathBuf::from(dir.to_string_lossy().replace(
-            |c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-',
-            "_",
-        ));
-        fs::create_dir_all(&dir)?;
-        Ok(TempDir(dir))
-    }
-
-    fn write(&self, name: &str, text: &str) -> Result<String> {
-        let path = self.0.join(name);
-        fs::write(&path, text)?;
-        Ok(path.to_string_lossy().into_owned())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The 1-based line of the first line of `text` containing `needle`.
 fn line_of(text: &str, needle: &str) -> usize {
     text.lines()
@@ -207,8 +107,8 @@ fn harness_delivers_everything_without_an_agent() -> Result<()> {
     {
         let net = TestNet::new()?;
         names = [net.sender_ns.clone(), net.receiver_ns.clone()];
-        let udp = net.udp_counter(PORT)?;
-        let frames = net.frame_counter(PORT + 1)?;
+        let udp = net.udp_counter(UDP_PORT)?;
+        let frames = net.frame_counter(UDP_PORT + 1)?;
         let sources: Vec<IpAddr> = vec![sender_v4(0).into(), sender_v6(0).into()];
         for src in &sources {
             send(&net, *src, 500)?;
@@ -220,7 +120,7 @@ fn harness_delivers_everything_without_an_agent() -> Result<()> {
             (&[], sender_v4(1).into()),
         ];
         for (tags, src) in tagged {
-            raw.send_udp(tags, src, PORT + 1, 300, Pacing::default())?;
+            raw.send_udp(tags, src, UDP_PORT + 1, 300, Pacing::default())?;
         }
         let got = udp.settle()?;
         for src in &sources {
@@ -316,8 +216,8 @@ policies:
     ];
     let net = TestNet::new()?;
     let agent = Agent::start(&net, config)?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let global_before = agent.stats()?["global"].clone();
 
     let sends: Vec<(IpAddr, u64)> = expect.iter().map(|e| (e.src, 3 * e.limit)).collect();
@@ -393,8 +293,8 @@ fn hot_reload_raises_a_limit_without_resetting_counters() -> Result<()> {
     require_root!();
     let net = TestNet::new()?;
     let agent = Agent::start(&net, &prefix_config(10))?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let (raised, other, fresh): (IpAddr, IpAddr, IpAddr) = (
         sender_v4(7).into(), // 198.18.0.17, in the prefix
         sender_v4(0).into(), // 198.18.0.10, default
@@ -451,8 +351,8 @@ fn rejected_reload_keeps_the_old_policies() -> Result<()> {
     require_root!();
     let net = TestNet::new()?;
     let agent = Agent::start(&net, &prefix_config(10))?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let generation = agent.generation()?;
 
     let first: IpAddr = sender_v4(7).into();
@@ -537,8 +437,8 @@ policies:
 ";
     let net = TestNet::new()?;
     let agent = Agent::start(&net, config)?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let cases: [(IpAddr, u64, u64); 3] = [
         (sender_v4(0).into(), 7, 21),
         (sender_v4(7).into(), 10, 30),
@@ -581,8 +481,8 @@ policies:
 "#;
     let net = TestNet::new()?;
     let agent = Agent::start(&net, config)?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let cases: [(IpAddr, &str, u64, u64); 5] = [
         (sender_v4(1).into(), "pass", 300, 300), // 198.18.0.11
         (sender_v6(2).into(), "pass", 300, 300), // fd00:77::12
@@ -630,9 +530,9 @@ policies:
 ";
     let net = TestNet::new()?;
     let agent = Agent::start(&net, config)?;
-    let frames = net.frame_counter(PORT)?;
+    let frames = net.frame_counter(UDP_PORT)?;
     let raw = net.raw_sender()?;
-    let window = ExactWindow::start();
+    let window = ExactWindow::start(TEST_SPAN);
     let three_tags: &[(u16, u16)] = &[
         (TPID_8021AD, QINQ_OUTER),
         (TPID_8021Q, QINQ_INNER),
@@ -652,7 +552,7 @@ policies:
     let global_before = agent.stats()?["global"].clone();
     frames.settle()?;
     for (tags, src, sent, _) in cases {
-        raw.send_udp(tags, src, PORT, sent, Pacing::default())?;
+        raw.send_udp(tags, src, UDP_PORT, sent, Pacing::default())?;
     }
     let got = frames.settle()?;
     let stats = agent.stats()?;
@@ -834,8 +734,8 @@ fn sigterm_detaches_and_exits_zero() -> Result<()> {
 fn after_a_crash_enforcement_continues_and_a_new_agent_adopts_the_counters() -> Result<()> {
     require_root!();
     let net = TestNet::new()?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let (first, second): (IpAddr, IpAddr) = (sender_v4(7).into(), sender_v4(8).into());
     let generation;
     {

@@ -12,9 +12,8 @@
 //! removes the namespaces and the pins.
 
 use std::{
-    collections::HashMap,
     fs,
-    net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv6Addr, UdpSocket},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -37,10 +36,13 @@ use limiter_common::{
     maps::LAYOUT_VERSION,
     window::{slot, slot_of},
 };
-use limiter_tests::netns::{
-    Agent, Pacing, PacketCounter, RECEIVER_V4, TestNet, clear_of_hour_boundary, client_counts,
-    limiter_command, link_has_xdp, monotonic, pin_dir, run_limiter, send_udp, sender_v4,
-    stats_json, window_index,
+use limiter_tests::{
+    fixture::{ExactWindow, TempDir},
+    netns::{
+        Agent, RECEIVER_V4, TestNet, UDP_PORT, client_counts, limiter_command, link_has_xdp,
+        monotonic, pin_dir, receiver_for, run_limiter, send_and_count, sender_v4, stats_json,
+    },
+    require_root,
 };
 use limiter_user::{
     datapath::{self, LoadOptions},
@@ -48,72 +50,10 @@ use limiter_user::{
 };
 
 /// UDP port the receiver listens on.
-const PORT: u16 = 5300;
 /// Longest any one test's exact-count phase may take; the hour window must not end inside it.
 const TEST_SPAN: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const HOUR_US: u32 = 3_600_000_000;
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips (passes) a test that cannot run without root, saying so.
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces, XDP)");
-            return Ok(());
-        }
-    };
-}
-
-/// Asserts at the end of a test that no hour boundary of CLOCK_MONOTONIC passed since it was
-/// created (it first waits past a boundary that is too close).
-struct ExactWindow(u128);
-
-impl ExactWindow {
-    fn start() -> ExactWindow {
-        ExactWindow(clear_of_hour_boundary(TEST_SPAN))
-    }
-
-    fn check(&self) {
-        assert_eq!(
-            window_index(HOUR),
-            self.0,
-            "an hour boundary of CLOCK_MONOTONIC passed during the test, so the exact counts \
-             may be off by one; rerun it"
-        );
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "limiter-ft-{}-{tag}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-
-    fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A file (a bpffs pin) removed on drop.
 struct RemoveOnDrop(PathBuf);
@@ -127,37 +67,6 @@ impl Drop for RemoveOnDrop {
 // ---------------------------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------------------------
-
-fn dst() -> SocketAddr {
-    SocketAddr::new(RECEIVER_V4.into(), PORT)
-}
-
-/// Sends `count` datagrams from `src` to the receiver (the harness's light pacing).
-fn send(net: &TestNet, src: IpAddr, count: u64) -> Result<u64> {
-    let socket = net.udp_sender(src)?;
-    send_udp(&socket, dst(), count, Pacing::default())
-}
-
-/// Sends `count` datagrams from each source (one after the other), waits until the receiver is
-/// idle, and returns how many each source got through.
-fn send_and_count(
-    net: &TestNet,
-    counter: &PacketCounter,
-    sends: &[(IpAddr, u64)],
-) -> Result<HashMap<IpAddr, u64>> {
-    let before = counter.settle()?;
-    for (src, count) in sends {
-        send(net, *src, *count)?;
-    }
-    let after = counter.settle()?;
-    Ok(sends
-        .iter()
-        .map(|(src, _)| {
-            let got = after.get(src).copied().unwrap_or(0) - before.get(src).copied().unwrap_or(0);
-            (*src, got)
-        })
-        .collect())
-}
 
 /// Sends up to `count` datagrams at `rate` per second on a fixed schedule (so a late wake-up
 /// catches up), adding each one to `sent`, until `stop` is set.
@@ -181,7 +90,7 @@ fn flood(
         payload[16..24].copy_from_slice(&seq.to_be_bytes());
         let mut attempts = 0;
         loop {
-            match socket.send_to(&payload, dst()) {
+            match socket.send_to(&payload, receiver_for(RECEIVER_V4.into())) {
                 Ok(_) => break,
                 Err(e) if attempts < 100 && e.raw_os_error() == Some(libc::ENOBUFS) => {
                     attempts += 1;
@@ -522,8 +431,8 @@ fn kill_9_mid_flood_neither_pauses_enforcement_nor_resets_the_flooder() -> Resul
     let started = Instant::now();
     let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
     let net = TestNet::new()?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let flooder: IpAddr = sender_v4(3).into();
     let bystander: IpAddr = sender_v4(4).into();
 
@@ -854,8 +763,8 @@ fn restart_without_pins_restores_exact_state_from_the_snapshot() -> Result<()> {
     fs::write(&config, "default: {limit: 10, window: 1h}\n")?;
     let state = dir.join("state");
     let path = state.join(format!("{}.snapshot", net.receiver_if));
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let (a, b): (IpAddr, IpAddr) = (sender_v4(5).into(), sender_v4(6).into());
 
     // Only the shutdown snapshot: no periodic one within the test.
@@ -946,8 +855,8 @@ fn a_bad_snapshot_is_moved_aside_and_the_agent_starts_from_the_config() -> Resul
         &config,
         format!("default: {{limit: {LIMIT}, window: 1h}}\n"),
     )?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let probe: IpAddr = sender_v4(7).into();
     let IpAddr::V4(probe_v4) = probe else {
         unreachable!()
@@ -1095,8 +1004,8 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     let started = Instant::now();
     let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
     let net = TestNet::new()?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let client: IpAddr = sender_v4(8).into();
 
     let mut first = Agent::start(&net, &config)?;
@@ -1235,8 +1144,8 @@ fn a_foreign_xdp_program_is_replaced_only_with_replace() -> Result<()> {
         "the foreign program should be left alone: {link}"
     );
 
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let agent = Agent::start_with(&net, &config, &["--replace"])?;
     // The foreign program counts as "an XDP program attached" for the harness: wait for the
     // agent's own word.
@@ -1277,8 +1186,8 @@ fn detach_under_a_running_agent_stops_enforcement_at_once() -> Result<()> {
     let started = Instant::now();
     let net = TestNet::new()?;
     let agent = Agent::start(&net, &format!("default: {{limit: {LIMIT}, window: 1h}}\n"))?;
-    let counter = net.udp_counter(PORT)?;
-    let window = ExactWindow::start();
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
     let (limited, fresh): (IpAddr, IpAddr) = (sender_v4(10).into(), sender_v4(11).into());
     let got = send_and_count(&net, &counter, &[(limited, 3 * LIMIT)])?;
     assert_eq!(got[&limited], LIMIT);

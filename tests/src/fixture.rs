@@ -1,0 +1,84 @@
+//! What every privileged test needs around its traffic: a root check, a temporary directory,
+//! and a guard that its exact counts stayed inside one hour window.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::{clear_of_hour_boundary, window_index};
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips (passes) a test that cannot run without root, saying so.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::fixture::is_root() {
+            eprintln!("skipped: needs root (network namespaces, XDP)");
+            return Ok(());
+        }
+    };
+}
+
+/// Asserts at the end of a test that no hour boundary of CLOCK_MONOTONIC passed since it was
+/// created (it first waits past a boundary closer than the test's `span`). A `window: 1h` limit
+/// is exact only within one hour window: across a boundary the previous hour's count is
+/// weighted by a truncated fraction and a client may get one packet more.
+pub struct ExactWindow(u128);
+
+impl ExactWindow {
+    pub fn start(span: Duration) -> ExactWindow {
+        ExactWindow(clear_of_hour_boundary(span))
+    }
+
+    pub fn check(&self) {
+        assert_eq!(
+            window_index(Duration::from_secs(3600)),
+            self.0,
+            "an hour boundary of CLOCK_MONOTONIC passed during the test, so the exact counts \
+             may be off by one; rerun it"
+        );
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "limiter-test-{}-{tag}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `text` to `name` in the directory; returns the file's path.
+    pub fn write(&self, name: &str, text: &str) -> Result<String> {
+        let path = self.0.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
