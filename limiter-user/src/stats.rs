@@ -136,7 +136,7 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
         })
         .collect();
     let now = monotonic_ns();
-    let entries = tables.clients();
+    let entries = tables.clients()?;
     let resident = entries.len() as u64;
     let mut rows: Vec<ClientRow> = entries
         .iter()

@@ -150,6 +150,7 @@ impl Limiter {
         let key = key_of(src);
         self.tables
             .clients()
+            .expect("reading the client maps")
             .into_iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v)
@@ -267,7 +268,7 @@ fn every_encapsulation_gets_exactly_the_limit() -> Result<()> {
             (g.malformed, g.non_ip, g.map_full, g.contended),
             (0, 0, 0, 0)
         );
-        check_eq!(lim.tables.clients().len() as u64, k);
+        check_eq!(lim.tables.clients()?.len() as u64, k);
         Ok(())
     })
 }
@@ -367,9 +368,9 @@ fn truncated_and_malformed_frames_pass_and_are_counted() -> Result<()> {
         &with_options.total_len(23).build().bytes,
     )?;
     ensure!(
-        lim.tables.clients().is_empty(),
+        lim.tables.clients()?.is_empty(),
         "malformed frames created clients: {:?}",
-        lim.tables.clients()
+        lim.tables.clients()?
     );
 
     // Cuts inside UDP or the payload leave a whole IP header: limited like any packet.
@@ -425,7 +426,7 @@ fn non_ip_frames_pass_and_are_counted() -> Result<()> {
             "{name}"
         );
     }
-    ensure!(lim.tables.clients().is_empty());
+    ensure!(lim.tables.clients()?.is_empty());
     // The limit of 0 does apply to IP.
     check_eq!(lim.run(&udp_from(src))?, XDP_DROP);
     Ok(())
@@ -631,7 +632,7 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
         );
         check_eq!(
             lim.tables
-                .clients()
+                .clients()?
                 .iter()
                 .filter(|(k, _)| *k == key_of(src))
                 .count(),
@@ -645,7 +646,7 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
             (c.total_passed(), c.dropped, c.limit, c.flags & FLAG_STATIC),
             (8, 5, 5, 0)
         );
-        check_eq!(lim.tables.clients().len(), 1);
+        check_eq!(lim.tables.clients()?.len(), 1);
         Ok(())
     })
 }
@@ -687,7 +688,7 @@ policies:
         check_eq!(g.map_full, 0);
         let dynamic_entries = lim
             .tables
-            .clients()
+            .clients()?
             .iter()
             .filter(|(_, c)| c.flags & FLAG_STATIC == 0)
             .count();
