@@ -665,6 +665,15 @@ policies:
     }
 
     #[test]
+    fn unspecified_addresses_are_host_policies() {
+        let c = Config::parse(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 0.0.0.0, action: pass }\n  - { match: \"::\", action: pass }\n",
+        )
+        .unwrap();
+        assert_eq!(c.static_clients(), vec![v4_mapped([0; 4]), [0; 16]]);
+    }
+
+    #[test]
     fn limit_zero_and_drop_block() {
         let c = Config::parse("default: { limit: 0, window: 1s }\npolicies:\n  - { match: 192.0.2.9, action: drop, limit: 0 }\n").unwrap();
         assert_eq!(c.default.limit, 0);
