@@ -118,6 +118,7 @@ fn stats() -> Option<&'static mut GlobalStats> {
 fn try_baseline(ctx: &XdpContext) -> Option<u32> {
     let stats = stats()?;
     match parse(ctx) {
+        // Always adds 1; reading the key keeps the compiler from dropping the address parse.
         Frame::Ip(key) => stats.passed += (key[15] != 0xff) as u64 | 1,
         Frame::NonIp => stats.non_ip += 1,
         Frame::Malformed => stats.malformed += 1,
@@ -160,7 +161,7 @@ fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Option<u32> {
 }
 
 /// The client's entry, created on its first packet. Returns `None` only if the policy table has
-/// no match (the agent always installs `::/0`).
+/// no match (the agent always installs a default for each family).
 #[inline(always)]
 fn client_entry(
     key: &ClientKey,
