@@ -496,26 +496,18 @@ pub struct ApplyReport {
 impl Tables {
     /// Takes the maps out of a loaded object (its programs keep their references).
     pub fn take(ebpf: &mut Ebpf) -> Result<Tables, DatapathError> {
-        let mut take = |name: &'static str| {
+        Tables::from_maps(|name| {
             ebpf.take_map(name).ok_or(DatapathError::Map {
                 name,
                 error: MapError::InvalidName { name: name.into() },
             })
-        };
-        Ok(Tables {
-            clients: HashMap::try_from(take("CLIENTS")?).map_err(map_err("CLIENTS"))?,
-            static_clients: HashMap::try_from(take("STATIC_CLIENTS")?)
-                .map_err(map_err("STATIC_CLIENTS"))?,
-            policies: LpmTrie::try_from(take("POLICIES")?).map_err(map_err("POLICIES"))?,
-            config: Array::try_from(take("CONFIG")?).map_err(map_err("CONFIG"))?,
-            stats: PerCpuArray::try_from(take("STATS")?).map_err(map_err("STATS"))?,
         })
     }
 
     /// Opens the maps a running (or crashed) agent pinned for `iface`.
     pub fn open_pinned(iface: &str) -> Result<Tables, DatapathError> {
         let dir = pin_dir(iface);
-        let open = |name: &'static str| -> Result<Map, DatapathError> {
+        Tables::from_maps(|name| {
             let path = dir.join(name);
             if !path.exists() {
                 return Err(DatapathError::NotPinned {
@@ -525,14 +517,20 @@ impl Tables {
             }
             let data = MapData::from_pin(&path).map_err(map_err(name))?;
             Map::from_map_data(data).map_err(map_err(name))
-        };
+        })
+    }
+
+    /// Typed handles on the maps `get` provides by name.
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Tables, DatapathError> {
         Ok(Tables {
-            clients: HashMap::try_from(open("CLIENTS")?).map_err(map_err("CLIENTS"))?,
-            static_clients: HashMap::try_from(open("STATIC_CLIENTS")?)
+            clients: HashMap::try_from(get("CLIENTS")?).map_err(map_err("CLIENTS"))?,
+            static_clients: HashMap::try_from(get("STATIC_CLIENTS")?)
                 .map_err(map_err("STATIC_CLIENTS"))?,
-            policies: LpmTrie::try_from(open("POLICIES")?).map_err(map_err("POLICIES"))?,
-            config: Array::try_from(open("CONFIG")?).map_err(map_err("CONFIG"))?,
-            stats: PerCpuArray::try_from(open("STATS")?).map_err(map_err("STATS"))?,
+            policies: LpmTrie::try_from(get("POLICIES")?).map_err(map_err("POLICIES"))?,
+            config: Array::try_from(get("CONFIG")?).map_err(map_err("CONFIG"))?,
+            stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
         })
     }
 
@@ -693,7 +691,7 @@ impl Tables {
     }
 }
 
-/// Convenience for tests: current policies in the trie, `(prefix, key) -> Policy`.
+/// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
 pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
     tables
         .policies
