@@ -1,5 +1,6 @@
 //! Builds the eBPF crate for the BPF target and leaves the object in OUT_DIR, where `src/ebpf.rs`
-//! embeds it with `include_bytes_aligned!`.
+//! embeds it with `include_bytes_aligned!`; and generates the gRPC code for `proto/limiter.proto`
+//! (compiled by protox, in pure Rust, so the build needs no `protoc`).
 //!
 //! Toolchain (installed by `cargo xtask setup`): Debian's rustc-web ships a prebuilt `core` for
 //! bpfel-unknown-none, linked into rustup as the `system` toolchain, and bpf-linker links.
@@ -19,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .context("the eBPF crate's path is not UTF-8")?;
     let common_dir = ebpf_dir.replace("limiter-ebpf", "limiter-common");
+    compile_proto(&ebpf_dir.replace("limiter-ebpf", "proto"))?;
     println!("cargo:rerun-if-changed={common_dir}");
 
     // aya-ebpf needs two nightly features and limiter-ebpf (its bin crate is named `limiter`) needs
@@ -39,4 +41,22 @@ fn main() -> anyhow::Result<()> {
         "building the eBPF program (limiter-ebpf) failed; run `cargo xtask setup` to install \
          the system Rust toolchain for bpfel-unknown-none and bpf-linker",
     )
+}
+
+/// Generates the messages and the tonic clients and servers of `limiter.proto` into OUT_DIR, with
+/// the encoded descriptor set that server reflection serves.
+fn compile_proto(proto_dir: &str) -> anyhow::Result<()> {
+    let proto = format!("{proto_dir}/limiter.proto");
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([&proto], [proto_dir])
+        .with_context(|| format!("compiling {proto}"))?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    std::fs::write(
+        out_dir.join("limiter_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )
+    .context("writing limiter_descriptor.bin")?;
+    tonic_prost_build::configure()
+        .compile_fds(descriptors)
+        .with_context(|| format!("generating Rust code for {proto}"))
 }

@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod netlink;
 pub mod policy;
+pub mod proto;
 pub mod snapshot;
 pub mod stats;
 pub mod syscall;

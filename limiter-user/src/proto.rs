@@ -1,0 +1,7 @@
+//! Code generated from `proto/limiter.proto` (package `limiter.v1`).
+#![expect(clippy::all, missing_docs, reason = "generated code")]
+
+tonic::include_proto!("limiter.v1");
+
+/// The encoded descriptor set of `limiter.proto`, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("limiter_descriptor");
