@@ -9,4 +9,4 @@ pub mod addr;
 pub mod maps;
 pub mod window;
 
-pub use maps::{ClientState, Config, GlobalStats, Policy};
+pub use maps::{CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy};

@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -80,6 +80,63 @@ impl ClientState {
     }
 }
 
+/// EtherType of a check frame: the agent runs the `limiter_check` program on one with
+/// BPF_PROG_TEST_RUN to decide an API check with the fast path's own maps and code. 0x88B5 is
+/// IEEE 802's "local experimental" EtherType; such frames never come from the wire to this
+/// program (the attached `limiter` program passes them as non-IP).
+pub const CHECK_ETHERTYPE: u16 = 0x88B5;
+/// Offset of the [`CheckRequest`] in a check frame: after the 14-byte Ethernet header and two
+/// bytes of padding, so that it is 8-byte aligned.
+pub const CHECK_REQUEST_OFFSET: usize = 16;
+/// Offset of the [`CheckReply`] the program writes into the frame.
+pub const CHECK_REPLY_OFFSET: usize = CHECK_REQUEST_OFFSET + core::mem::size_of::<CheckRequest>();
+/// Length of a check frame.
+pub const CHECK_FRAME_LEN: usize = CHECK_REPLY_OFFSET + core::mem::size_of::<CheckReply>();
+
+/// `CheckRequest::flags`: `key` names a client ID (a hash of it) in the `NAMED` maps, and
+/// `policy` is the one to apply; otherwise `key` is an address, resolved like a packet's.
+pub const CHECK_NAMED: u32 = 1;
+/// `CheckRequest::flags` with `CHECK_NAMED`: the ID has an exact-ID policy; its state lives in
+/// `NAMED_STATIC`, which LRU eviction never touches.
+pub const CHECK_STATIC: u32 = 2;
+
+/// `CheckReply::verdict`: the hits were admitted (for `hits == 0`: one hit would be).
+pub const VERDICT_ALLOWED: u32 = 1;
+/// `CheckReply::verdict` bit: the client has no entry and none was created (`hits == 0`); the
+/// reply's state is the fresh state its policy would give it.
+pub const VERDICT_NOT_RESIDENT: u32 = 2;
+/// `CheckReply::verdict` bit: no entry could be created and the check was charged to the shared
+/// overflow budget (see `GlobalStats::map_full`).
+pub const VERDICT_OVERFLOW: u32 = 4;
+
+/// An API check, as the agent writes it into a check frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckRequest {
+    /// The client: an address (IPv4-mapped) or the first 16 bytes of the SHA-256 of an ID.
+    pub key: [u8; 16],
+    /// Hits to consume; 0 reads without consuming (and creates no entry).
+    pub hits: u32,
+    /// `CHECK_*`.
+    pub flags: u32,
+    /// For `CHECK_NAMED`: the ID's policy, resolved by the agent.
+    pub policy: Policy,
+    pub _pad: u32,
+}
+
+/// The program's answer, written over the frame's reply area.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckReply {
+    /// The client's state right after the decision.
+    pub state: ClientState,
+    /// The CLOCK_MONOTONIC time the decision was taken at (ns).
+    pub now_ns: u64,
+    /// `VERDICT_*` bits.
+    pub verdict: u32,
+    pub _pad: u32,
+}
+
 /// The single entry of the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,13 +189,17 @@ const _: () = assert!(core::mem::size_of::<Policy>() == 12);
 const _: () = assert!(core::mem::size_of::<ClientState>() == 48);
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 const _: () = assert!(core::mem::size_of::<GlobalStats>() == 64);
+const _: () = assert!(core::mem::size_of::<CheckRequest>() == 40);
+const _: () = assert!(core::mem::size_of::<CheckReply>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are `#[repr(C)]`, built only of integers, without padding (sizes are
+    // SAFETY: all of these are `#[repr(C)]`, built only of integers, without padding (sizes are
     // asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::ClientState {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::GlobalStats {}
+    unsafe impl aya::Pod for super::CheckRequest {}
+    unsafe impl aya::Pod for super::CheckReply {}
 }

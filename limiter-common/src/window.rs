@@ -207,6 +207,60 @@ pub fn admit(
     }
 }
 
+/// Nanoseconds from `now_ns` until `hits` more hits would first be admitted if nothing else is
+/// spent meanwhile: 0 if they are admitted now, `None` if waiting cannot help (`hits > limit`).
+///
+/// The estimate never grows while no hits are admitted (the previous window's weight only
+/// shrinks, and at a boundary the current count becomes the previous one at full weight), so the
+/// admitted predicate is monotone in time and a binary search over `decide` itself finds the
+/// exact first admitted nanosecond under the same fixed-point arithmetic. After two windows both
+/// slots are stale, so the search is bounded by `2 * window` (about 45 steps at most).
+pub fn admitted_after(
+    slots: &[u64; 2],
+    now_ns: u64,
+    window_ns: NonZeroU64,
+    limit: u32,
+    hits: u32,
+) -> Option<u64> {
+    if hits > limit {
+        return None;
+    }
+    first_true(2 * window_ns.get(), |d| {
+        decide(slots, now_ns.saturating_add(d), window_ns, limit, hits) != Verdict::Deny
+    })
+}
+
+/// Nanoseconds from `now_ns` until the estimate reaches 0 (the whole allowance is available
+/// again) if nothing else is spent; see [`admitted_after`] for why a binary search is exact.
+pub fn reset_after(slots: &[u64; 2], now_ns: u64, window_ns: NonZeroU64) -> u64 {
+    first_true(2 * window_ns.get(), |d| {
+        estimate_at(slots, now_ns.saturating_add(d), window_ns) == 0
+    })
+    .unwrap_or(2 * window_ns.get())
+}
+
+/// The smallest `d` in `0..=max` with `pred(d)`, for a predicate that is monotone (false, then
+/// true); `None` if `pred(max)` is false.
+fn first_true(max: u64, pred: impl Fn(u64) -> bool) -> Option<u64> {
+    if pred(0) {
+        return Some(0);
+    }
+    if !pred(max) {
+        return None;
+    }
+    // Invariant: pred(lo) is false, pred(hi) is true.
+    let (mut lo, mut hi) = (0u64, max);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
 /// Moves window state saved at `saved_ns` on one CLOCK_MONOTONIC to another clock (after a
 /// reboot), aged by `elapsed_ns` of wall-clock time between saving and now.
 ///
@@ -301,6 +355,33 @@ mod tests {
         // Half a window later most of the previous window still counts.
         let est = estimate_at(&s, 6 * window.get() + window.get() / 2, window);
         assert_eq!(est, (u32::MAX as u64) / 2);
+    }
+
+    #[test]
+    fn retry_and_reset_times() {
+        let mut s = [0u64; 2];
+        let t = 10 * W + W / 2;
+        for _ in 0..100 {
+            assert!(admit(&mut s, t, WN, 100, 1));
+        }
+        // Full in the middle of window 10: the count moves to the previous slot at 11 * W, where
+        // its weight, truncated just below 1, already frees one hit.
+        let retry = admitted_after(&s, t, WN, 100, 1).unwrap();
+        assert_eq!(t + retry, 11 * W + 1);
+        // Fifty hits take about half a window more (the truncation frees the fiftieth early).
+        let retry50 = admitted_after(&s, t, WN, 100, 50).unwrap();
+        assert!((11 * W + 48 * W / 100..=11 * W + W / 2).contains(&(t + retry50)));
+        assert!(!admit(&mut s.clone(), t + retry - 1, WN, 100, 1));
+        assert!(admit(&mut s.clone(), t + retry, WN, 100, 1));
+        assert_eq!(admitted_after(&s, t, WN, 100, 101), None);
+        assert_eq!(admitted_after(&s, t, WN, 100, 0), Some(0));
+        assert_eq!(admitted_after(&[0, 0], t, WN, 100, 100), Some(0));
+        // Empty once the previous window's weight truncates the 100 to zero: 1/100 before 12 * W.
+        let reset = reset_after(&s, t, WN);
+        assert_eq!(estimate_at(&s, t + reset, WN), 0);
+        assert_eq!(estimate_at(&s, t + reset - 1, WN), 1);
+        assert!(t + reset <= 12 * W);
+        assert_eq!(reset_after(&[0, 0], t, WN), 0);
     }
 
     #[test]

@@ -287,4 +287,32 @@ proptest! {
         let later = (t + d % w).min(p.index * w + w - 1);
         prop_assert!(window::position(later, nz(w)).weight <= p.weight);
     }
+
+    /// `admitted_after` is the exact first admitted moment: `decide` denies one nanosecond
+    /// earlier and admits then, and `reset_after` is the first moment the estimate is zero.
+    #[test]
+    fn retry_and_reset_are_exact(s in scenario(), hits in 0u32..=600) {
+        let (decisions, _) = run(&s)?;
+        let Some(&(t_last, _, _)) = decisions.last() else { return Ok(()) };
+        let mut slots = [0u64; 2];
+        for &(t, h, _) in &decisions {
+            window::admit(&mut slots, t, nz(s.w), s.limit, h);
+        }
+        let now = t_last + 1;
+        match window::admitted_after(&slots, now, nz(s.w), s.limit, hits) {
+            None => prop_assert!(hits > s.limit),
+            Some(d) => {
+                prop_assert!(d <= 2 * s.w);
+                prop_assert!(window::decide(&slots, now + d, nz(s.w), s.limit, hits) != window::Verdict::Deny);
+                if d > 0 {
+                    prop_assert_eq!(window::decide(&slots, now + d - 1, nz(s.w), s.limit, hits), window::Verdict::Deny);
+                }
+            }
+        }
+        let r = window::reset_after(&slots, now, nz(s.w));
+        prop_assert_eq!(window::estimate_at(&slots, now + r, nz(s.w)), 0);
+        if r > 0 {
+            prop_assert!(window::estimate_at(&slots, now + r - 1, nz(s.w)) > 0);
+        }
+    }
 }

@@ -8,6 +8,11 @@
 //! eviction never touches, so a flood of spoofed sources cannot evict them; they cost one extra
 //! lookup (a miss in `CLIENTS`).
 //!
+//! `limiter_check` is never attached: the agent runs it with BPF_PROG_TEST_RUN on a crafted
+//! check frame to decide an API check with the same maps and the same code as the packets, so an
+//! address has one budget on the wire and in the API. API IDs that are not addresses live in
+//! `NAMED` and `NAMED_STATIC`, the counterparts of `CLIENTS` and `STATIC_CLIENTS`.
+//!
 //! Maps are declared unpinned: the agent pins them under `/sys/fs/bpf/limiter/IFACE/` (and adopts
 //! existing pins), while tests and benchmarks load private copies.
 
@@ -24,13 +29,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    ClientState, Config, GlobalStats, Policy,
+    CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
-    maps::{ACTION_DROP, ACTION_PASS, MODE_DRY_RUN},
+    maps::{
+        ACTION_DROP, ACTION_PASS, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET,
+        CHECK_REQUEST_OFFSET, CHECK_STATIC, FLAG_STATIC, MODE_DRY_RUN, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+    },
     window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide, slot_count},
 };
 
-use crate::parse::{Frame, parse};
+use crate::parse::{Frame, parse, ptr_at, read};
 
 /// Dynamic clients (default or prefix policies). The agent sets the real size at load time
 /// (`--max-clients`); LRU eviction bounds memory.
@@ -45,6 +54,15 @@ static STATIC_CLIENTS: HashMap<ClientKey, ClientState> = HashMap::with_max_entri
 /// `default` is the bare family entry of each family.
 #[map]
 static POLICIES: LpmTrie<PolicyKey, Policy> = LpmTrie::with_max_entries(1 << 17, 0);
+
+/// API clients named by an ID rather than an address, keyed by the first 16 bytes of the ID's
+/// SHA-256 (a collision needs ~2^64 IDs). Sized by the agent (`--max-ids`); LRU like `CLIENTS`.
+#[map]
+static NAMED: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(1 << 20, 0);
+
+/// Named clients with an exact-ID policy; never evicted (the counterpart of `STATIC_CLIENTS`).
+#[map]
+static NAMED_STATIC: HashMap<ClientKey, ClientState> = HashMap::with_max_entries(1 << 16, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -175,14 +193,7 @@ fn client_entry(
         return Some(p);
     }
     let policy = resolve(key, stats)?;
-    let fresh = ClientState {
-        limit: policy.limit,
-        window_us: policy.window_us,
-        generation: config.generation,
-        policy: policy.id,
-        action: policy.action,
-        ..ClientState::default()
-    };
+    let fresh = fresh_state(&policy, config.generation);
     // EEXIST: another CPU created it first, which is fine. Any other error: the map could not
     // take the entry; charge the shared overflow budget rather than letting the client through.
     let created = CLIENTS.insert(key, &fresh, BPF_NOEXIST as u64).is_ok();
@@ -192,6 +203,16 @@ fn client_entry(
         }
         return Some(p);
     }
+    overflow_entry(&policy, config.generation, stats)
+}
+
+/// The shared budget for a client whose entry could not be created.
+#[inline(always)]
+fn overflow_entry(
+    policy: &Policy,
+    generation: u32,
+    stats: &mut GlobalStats,
+) -> Option<*mut ClientState> {
     stats.map_full += 1;
     let overflow = OVERFLOW.get_ptr_mut(0)?;
     // SAFETY: array value, valid for the program's run. Racy plain stores of the same policy
@@ -203,9 +224,160 @@ fn client_entry(
         (*overflow).limit = policy.limit;
         (*overflow).window_us = policy.window_us;
         (*overflow).action = policy.action;
-        (*overflow).generation = config.generation;
+        (*overflow).generation = generation;
     }
     Some(overflow)
+}
+
+/// Runs one API check (see the module docs). The frame carries a `CheckRequest` at
+/// `CHECK_REQUEST_OFFSET`; the program writes a `CheckReply` at `CHECK_REPLY_OFFSET` and returns
+/// `XDP_PASS`, or `XDP_ABORTED` for a frame that is not a check frame.
+#[xdp]
+pub fn limiter_check(ctx: XdpContext) -> u32 {
+    try_check(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[inline(always)]
+fn try_check(ctx: &XdpContext) -> Option<u32> {
+    if read::<u16>(ctx, 12).map(u16::from_be) != Some(CHECK_ETHERTYPE) {
+        return None;
+    }
+    let request: CheckRequest = read(ctx, CHECK_REQUEST_OFFSET)?;
+    let reply = ptr_at::<CheckReply>(ctx, CHECK_REPLY_OFFSET)?.cast_mut();
+    let config = CONFIG.get(0)?;
+    let mut counted = GlobalStats::default();
+    let mut verdict = 0;
+    let mut state_ptr = None;
+    let mut fresh = None;
+    if request.flags & CHECK_NAMED != 0 {
+        let static_id = request.flags & CHECK_STATIC != 0;
+        let found = if static_id {
+            NAMED_STATIC.get_ptr_mut(&request.key)
+        } else {
+            NAMED.get_ptr_mut(&request.key)
+        };
+        if let Some(p) = found {
+            // SAFETY: live map value; the agent passes the ID's current policy.
+            unsafe { set_policy(p, &request.policy) };
+            state_ptr = Some(p);
+        } else if request.hits == 0 {
+            fresh = Some(fresh_state(&request.policy, 0));
+        } else {
+            let mut entry = fresh_state(&request.policy, 0);
+            let created = if static_id {
+                entry.flags = FLAG_STATIC;
+                NAMED_STATIC.insert(&request.key, &entry, BPF_NOEXIST as u64)
+            } else {
+                NAMED.insert(&request.key, &entry, BPF_NOEXIST as u64)
+            }
+            .is_ok();
+            let again = if static_id {
+                NAMED_STATIC.get_ptr_mut(&request.key)
+            } else {
+                NAMED.get_ptr_mut(&request.key)
+            };
+            if let Some(p) = again {
+                counted.new_clients += created as u64;
+                state_ptr = Some(p);
+            } else {
+                verdict |= VERDICT_OVERFLOW;
+                state_ptr = overflow_entry(&request.policy, 0, &mut counted);
+            }
+        }
+    } else if request.hits == 0 {
+        match CLIENTS
+            .get_ptr_mut(&request.key)
+            .or_else(|| STATIC_CLIENTS.get_ptr_mut(&request.key))
+        {
+            Some(p) => {
+                // SAFETY: live map value.
+                unsafe { refresh_policy(p, &request.key, config, &mut counted) };
+                state_ptr = Some(p);
+            }
+            None => {
+                let policy = resolve(&request.key, &mut counted)?;
+                fresh = Some(fresh_state(&policy, config.generation));
+            }
+        }
+    } else {
+        let p = client_entry(&request.key, config, &mut counted)?;
+        // SAFETY: live map value.
+        unsafe { refresh_policy(p, &request.key, config, &mut counted) };
+        state_ptr = Some(p);
+        if counted.map_full != 0 {
+            verdict |= VERDICT_OVERFLOW;
+        }
+    }
+    let mut now = 0;
+    let state = match state_ptr {
+        Some(p) => {
+            if request.hits != 0 {
+                // SAFETY: live map value.
+                let (admitted, at) = unsafe { decide_hits(p, request.hits, Clock::Direct, &mut counted) };
+                if admitted {
+                    verdict |= VERDICT_ALLOWED;
+                }
+                now = at;
+            }
+            // SAFETY: live map value; a torn read of a slot another CPU is changing is not
+            // possible (aligned 8-byte loads), and the copy is only reported.
+            unsafe { core::ptr::read_volatile(p) }
+        }
+        None => {
+            verdict |= VERDICT_NOT_RESIDENT;
+            fresh?
+        }
+    };
+    if now == 0 {
+        now = now_for(state.window_us, Clock::Direct);
+    }
+    // SAFETY: `ptr_at` checked that the reply area lies inside the frame.
+    unsafe {
+        reply.write_unaligned(CheckReply {
+            state,
+            now_ns: now,
+            verdict,
+            _pad: 0,
+        })
+    };
+    count_check(&counted);
+    Some(xdp_action::XDP_PASS)
+}
+
+/// A new entry under `policy`.
+#[inline(always)]
+fn fresh_state(policy: &Policy, generation: u32) -> ClientState {
+    ClientState {
+        limit: policy.limit,
+        window_us: policy.window_us,
+        generation,
+        policy: policy.id,
+        action: policy.action,
+        ..ClientState::default()
+    }
+}
+
+/// Adds a check's entry counters to this CPU's `STATS` with atomics: `limiter_check` runs in
+/// process context, where a packet's softirq may interrupt it on the same CPU.
+#[inline(always)]
+fn count_check(counted: &GlobalStats) {
+    let Some(stats) = STATS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value of a live map; only atomic adds, so an interrupting fast-path update
+    // of the same copy cannot lose either count.
+    unsafe {
+        for (field, n) in [
+            (&raw mut (*stats).new_clients, counted.new_clients),
+            (&raw mut (*stats).map_full, counted.map_full),
+            (&raw mut (*stats).resolves, counted.resolves),
+            (&raw mut (*stats).contended, counted.contended),
+        ] {
+            if n != 0 {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -222,58 +394,128 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
         return true;
     };
     // SAFETY: `state` points at a live map value for the duration of this program run (map
-    // values are RCU-protected while the program runs). Shared fields are changed only through
-    // atomics; the cached policy fields are rewritten in place with the same values by any CPU
-    // that sees a stale generation, which is benign.
+    // values are RCU-protected while the program runs).
     unsafe {
-        if (*state).generation != config.generation {
-            if let Some(policy) = resolve(key, stats) {
-                if policy.window_us != (*state).window_us {
-                    // Window tags of another window length mean nothing: start afresh.
-                    clear_slots(state);
-                }
-                (*state).limit = policy.limit;
-                (*state).window_us = policy.window_us;
-                (*state).policy = policy.id;
-                (*state).action = policy.action;
-            }
-            (*state).generation = config.generation;
-        }
-        let admitted = match (*state).action {
-            ACTION_PASS => {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).passed, 1);
-                true
-            }
-            ACTION_DROP => false,
-            // Admitted packets are counted by the window slots (see `ClientState::passed`).
-            _ => admit(state, stats),
-        };
-        if !admitted {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).dropped, 1);
-        }
-        admitted
+        refresh_policy(state, key, config, stats);
+        decide_hits(state, 1, Clock::Cached, stats).0
     }
 }
 
-/// The sliding-window decision with a bounded CAS loop.
+/// Re-resolves the cached policy of an entry whose generation is stale.
+///
+/// # Safety
+/// `state` points at a live map value. The cached policy fields are rewritten in place with the
+/// same values by any CPU that sees a stale generation, which is benign; the slots are only
+/// changed through atomics.
+#[inline(always)]
+unsafe fn refresh_policy(
+    state: *mut ClientState,
+    key: &ClientKey,
+    config: &Config,
+    stats: &mut GlobalStats,
+) {
+    unsafe {
+        if (*state).generation != config.generation {
+            if let Some(policy) = resolve(key, stats) {
+                set_policy(state, &policy);
+            }
+            (*state).generation = config.generation;
+        }
+    }
+}
+
+/// Makes `policy` the entry's policy (a no-op when it already is).
 ///
 /// # Safety
 /// `state` points at a live map value.
 #[inline(always)]
-unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
+unsafe fn set_policy(state: *mut ClientState, policy: &Policy) {
+    unsafe {
+        if policy.window_us != (*state).window_us {
+            // Window tags of another window length mean nothing: start afresh.
+            clear_slots(state);
+        }
+        (*state).limit = policy.limit;
+        (*state).window_us = policy.window_us;
+        (*state).policy = policy.id;
+        (*state).action = policy.action;
+    }
+}
+
+/// Where the time of a decision comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// The fast path: the per-CPU coarse-clock cache (see `coarse_now`).
+    Cached,
+    /// `limiter_check`, which runs in process context where a packet's softirq could interrupt
+    /// it halfway through updating the per-CPU cache: the helpers directly, no cache.
+    Direct,
+}
+
+/// Admits or denies `hits` for the entry and counts them; returns the verdict and the time it
+/// was taken at.
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+unsafe fn decide_hits(
+    state: *mut ClientState,
+    hits: u32,
+    clock: Clock,
+    stats: &mut GlobalStats,
+) -> (bool, u64) {
+    unsafe {
+        let (admitted, now) = match (*state).action {
+            ACTION_PASS => {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*state).passed,
+                    hits as u64,
+                );
+                (true, 0)
+            }
+            ACTION_DROP => (false, 0),
+            // Admitted packets are counted by the window slots (see `ClientState::passed`).
+            _ => {
+                let now = now_for((*state).window_us, clock);
+                (admit(state, stats, hits, now), now)
+            }
+        };
+        if !admitted {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*state).dropped,
+                hits as u64,
+            );
+        }
+        (admitted, now)
+    }
+}
+
+/// CLOCK_MONOTONIC for a window of `window_us`: coarse for windows of a second or more.
+#[inline(always)]
+fn now_for(window_us: u32, clock: Clock) -> u64 {
+    // SAFETY: plain helper calls.
+    unsafe {
+        if window_us < COARSE_CLOCK_MIN_WINDOW_US {
+            bpf_ktime_get_ns()
+        } else if clock == Clock::Cached {
+            coarse_now()
+        } else {
+            bpf_ktime_get_coarse_ns()
+        }
+    }
+}
+
+/// The sliding-window decision for `hits` at `now` with a bounded CAS loop.
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats, hits: u32, now: u64) -> bool {
     let window_us = unsafe { (*state).window_us };
     let limit = unsafe { (*state).limit };
     // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
     let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
         return false;
-    };
-    // SAFETY: plain helper calls.
-    let now = unsafe {
-        if window_us >= COARSE_CLOCK_MIN_WINDOW_US {
-            coarse_now()
-        } else {
-            bpf_ktime_get_ns()
-        }
     };
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
@@ -285,7 +527,7 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats) -> bool {
                 core::ptr::read_volatile(&raw const (*slots)[1]),
             ]
         };
-        match decide(&current, now, window_ns, limit, 1) {
+        match decide(&current, now, window_ns, limit, hits) {
             Verdict::Deny => return false,
             Verdict::Admit {
                 slot,

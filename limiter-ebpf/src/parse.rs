@@ -27,7 +27,7 @@ pub enum Frame {
 
 /// A bounds-checked pointer to a `T` at `offset` bytes into the frame.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -37,7 +37,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // SAFETY: `ptr_at` checked that the whole `T` lies inside the frame; unaligned because
     // headers sit at any offset.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
