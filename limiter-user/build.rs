@@ -48,8 +48,8 @@ fn main() -> anyhow::Result<()> {
 fn compile_proto(proto_dir: &str) -> anyhow::Result<()> {
     let proto = format!("{proto_dir}/limiter.proto");
     println!("cargo:rerun-if-changed={proto}");
-    let descriptors = protox::compile([&proto], [proto_dir])
-        .with_context(|| format!("compiling {proto}"))?;
+    let descriptors =
+        protox::compile([&proto], [proto_dir]).with_context(|| format!("compiling {proto}"))?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
     std::fs::write(
         out_dir.join("limiter_descriptor.bin"),

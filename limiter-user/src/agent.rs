@@ -2,9 +2,10 @@
 //! the config file, detach on SIGINT/SIGTERM.
 
 use std::{
-    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -12,10 +13,17 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    api::{self, ApiOptions, ApiState},
+    check::Checker,
     datapath::{self, AttachMode, LoadOptions, Tables},
+    limits::Limits,
+    metrics::{self, Counters, MapFigures},
     policy::Config,
     snapshot::{Clocks, Snapshot},
 };
+
+/// How long the API gets to finish requests in flight at shutdown.
+const API_DRAIN: Duration = Duration::from_secs(5);
 
 /// How often the config file is checked for changes. A change takes effect within this period
 /// plus the time to write the maps (well under the 1 s the README promises).
@@ -27,60 +35,22 @@ pub struct AgentOptions {
     pub config: PathBuf,
     pub mode: AttachMode,
     pub max_clients: u32,
+    /// Capacity of the LRU map of API IDs that are not addresses.
+    pub max_ids: u32,
     /// Where `IFACE.snapshot` lives.
     pub state_dir: PathBuf,
     /// How often client state is snapshotted (and once more on shutdown).
     pub snapshot_interval: Duration,
     /// Replace an XDP program that is not ours instead of refusing to start.
     pub replace: bool,
+    pub api: ApiOptions,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl AgentOptions {
     pub fn snapshot_path(&self) -> PathBuf {
         self.state_dir.join(format!("{}.snapshot", self.iface))
-    }
-}
-
-/// The config file as last seen: its content hash, so that an unchanged or already-rejected file
-/// is not parsed (or complained about) again.
-struct Watched {
-    path: PathBuf,
-    last_hash: Option<u64>,
-    /// The file could not be read at the last check (reported once, not every poll).
-    unreadable: bool,
-}
-
-impl Watched {
-    fn new(path: PathBuf) -> Watched {
-        Watched {
-            path,
-            last_hash: None,
-            unreadable: false,
-        }
-    }
-
-    /// The file's text if it changed since the last call. A read error is returned once per
-    /// outage (a deleted or unreadable file), then `Ok(None)` until the file is back.
-    fn changed(&mut self) -> anyhow::Result<Option<String>> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => {
-                self.unreadable = false;
-                text
-            }
-            Err(_) if self.unreadable => return Ok(None),
-            Err(e) => {
-                self.unreadable = true;
-                return Err(e).with_context(|| format!("reading config {}", self.path.display()));
-            }
-        };
-        let mut h = DefaultHasher::new();
-        text.hash(&mut h);
-        let hash = h.finish();
-        if self.last_hash == Some(hash) {
-            return Ok(None);
-        }
-        self.last_hash = Some(hash);
-        Ok(Some(text))
     }
 }
 
@@ -91,8 +61,8 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     datapath::check_environment()?;
     datapath::if_index(&opts.iface)?;
-    let mut watched = Watched::new(opts.config.clone());
-    let text = watched.changed()?.unwrap_or_default();
+    let text = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("reading config {}", opts.config.display()))?;
     let config = parse(&opts.config, &text)?;
 
     let pins = datapath::pin_dir(&opts.iface);
@@ -100,6 +70,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut ebpf = datapath::load(&LoadOptions {
         pin_dir: Some(pins.clone()),
         max_clients: opts.max_clients,
+        max_ids: opts.max_ids,
     })
     .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     let snapshot_path = opts.snapshot_path();
@@ -107,11 +78,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let started = Tables::take(&mut ebpf).and_then(|mut tables| {
         restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
+        let check_program = datapath::load_check_program(&mut ebpf)?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
-        Ok((tables, report, attachment))
+        Ok((tables, report, check_program, attachment))
     });
-    let (mut tables, report, attachment) = match started {
+    let (tables, report, check_program, attachment) = match started {
         Ok(started) => started,
         Err(e) => {
             if !adopting {
@@ -132,6 +104,51 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "ready: XDP program attached and policies applied"
     );
 
+    let counters = Arc::new(Counters::default());
+    let checker = Arc::new(Checker::new(check_program, &config));
+    let limits = Arc::new(Limits::new(
+        tables,
+        opts.config.clone(),
+        config,
+        &text,
+        checker.clone(),
+        counters.clone(),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = api::serve(
+        ApiState {
+            iface: opts.iface.clone(),
+            checker,
+            limits: limits.clone(),
+            counters: counters.clone(),
+            max_batch: opts.api.max_batch,
+        },
+        opts.api.clone(),
+        stop_rx.clone(),
+    )
+    .await?
+    .tasks;
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener to {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+        let limits = limits.clone();
+        let mut stop = stop_rx.clone();
+        let iface = opts.iface.clone();
+        let iface_label = opts.iface.clone();
+        tasks.push(tokio::spawn(async move {
+            let figures = move || map_figures(&limits, &iface);
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = metrics::serve(listener, iface_label, counters, figures, shutdown).await
+            {
+                tracing::error!("metrics: {e}");
+            }
+        }));
+    }
+
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -146,14 +163,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                watched.last_hash = None;
-                reload(&mut watched, &mut tables);
+                let limits = limits.clone();
+                let _ = tokio::task::spawn_blocking(move || limits.reload_file(true)).await;
             }
-            _ = poll.tick() => reload(&mut watched, &mut tables),
+            _ = poll.tick() => {
+                let limits = limits.clone();
+                let _ = tokio::task::spawn_blocking(move || limits.reload_file(false)).await;
+            }
             _ = snapshot_tick.tick() => {
                 // Off the agent's thread; a snapshot still running is not started twice.
                 if snapshotting.as_ref().is_none_or(|h| h.is_finished()) {
-                    match tables.client_fds() {
+                    match limits.with_tables(Tables::client_fds) {
                         Ok(fds) => {
                             let path = snapshot_path.clone();
                             snapshotting = Some(tokio::task::spawn_blocking(move || {
@@ -171,14 +191,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(h) = snapshotting {
         let _ = h.await;
     }
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        if tokio::time::timeout(API_DRAIN, task).await.is_err() {
+            tracing::warn!("API requests still running after {API_DRAIN:?}; stopping anyway");
+        }
+    }
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
     // program enforcing until the next agent takes it over.) The pinned maps and their counters
     // remain for `limiter stats` and the next agent.
     let detached = attachment.detach();
     // The final snapshot, with the counters as the program left them (taken even if detaching
     // failed: the state is worth keeping either way).
-    let fds = tables
-        .client_fds()
+    let fds = limits
+        .with_tables(Tables::client_fds)
         .context("duplicating map descriptors for the final snapshot")?;
     take_snapshot(&fds, &snapshot_path)?;
     detached?;
@@ -187,30 +213,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the config file if it changed. Any error is logged and the policies in force stay.
-fn reload(watched: &mut Watched, tables: &mut Tables) {
-    let text = match watched.changed() {
-        Ok(Some(text)) => text,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!("{e:#}; the policies in force stay in force");
-            return;
-        }
-    };
-    match parse(&watched.path, &text) {
-        Ok(config) => match tables.apply(&config) {
-            Ok(r) => tracing::info!(
-                generation = r.generation,
-                written = r.policies_written,
-                removed = r.policies_removed,
-                statics_added = r.statics_added,
-                statics_removed = r.statics_removed,
-                "config reloaded"
-            ),
-            Err(e) => tracing::error!("applying {}: {e}", watched.path.display()),
-        },
-        Err(e) => tracing::error!("{e:#}; the policies in force stay in force"),
-    }
+/// What the metrics endpoint reads from the maps at each scrape.
+fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
+    limits.with_tables(|t| {
+        let global = t.global()?;
+        let config = t.map_config()?;
+        let (clients_resident, ids_resident) = t.resident()?;
+        Ok(MapFigures {
+            global,
+            clients_resident,
+            ids_resident,
+            policy_generation: config.generation as u64,
+            attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
+            dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
+        })
+    })
 }
 
 /// Captures both client maps and writes the snapshot atomically.

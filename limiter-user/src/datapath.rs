@@ -35,10 +35,12 @@ pub const PROGRAM: &str = "limiter";
 /// Default capacity of the dynamic-client LRU map. Each client costs ~112 bytes of kernel memory
 /// (48-byte value, 16-byte key, 48-byte `htab_elem`) plus its bucket, ~128 MiB at this size.
 pub const DEFAULT_MAX_CLIENTS: u32 = 1 << 20;
+/// Default capacity of the LRU map of API IDs that are not addresses (same cost per entry).
+pub const DEFAULT_MAX_IDS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 7] = [
+const PINNED: [(&str, MapType, usize, usize); 9] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     (
@@ -47,6 +49,8 @@ const PINNED: [(&str, MapType, usize, usize); 7] = [
         16,
         size_of::<ClientState>(),
     ),
+    ("NAMED", MapType::LruHash, 16, size_of::<ClientState>()),
+    ("NAMED_STATIC", MapType::Hash, 16, size_of::<ClientState>()),
     (
         "POLICIES",
         MapType::LpmTrie,
@@ -146,6 +150,8 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the dynamic-client LRU map.
     pub max_clients: u32,
+    /// Capacity of the LRU map of API IDs that are not addresses.
+    pub max_ids: u32,
 }
 
 impl Default for LoadOptions {
@@ -153,6 +159,7 @@ impl Default for LoadOptions {
         LoadOptions {
             pin_dir: None,
             max_clients: DEFAULT_MAX_CLIENTS,
+            max_ids: DEFAULT_MAX_IDS,
         }
     }
 }
@@ -163,9 +170,10 @@ impl Default for LoadOptions {
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("CLIENTS", opts.max_clients);
+    loader.map_max_entries("NAMED", opts.max_ids);
     if let Some(dir) = &opts.pin_dir {
         // Discarding may remove the directory itself: create it afterwards.
-        discard_incompatible_pins(dir, opts.max_clients)?;
+        discard_incompatible_pins(dir, opts)?;
         std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
             what: "creating the pin directory",
             path: dir.clone(),
@@ -197,7 +205,7 @@ fn pinned_layout(dir: &Path) -> Option<u32> {
     layout.get(&0, 0).ok()
 }
 
-fn discard_incompatible_pins(dir: &Path, max_clients: u32) -> Result<(), DatapathError> {
+fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), DatapathError> {
     let any_pinned = PINNED.iter().any(|(name, ..)| dir.join(name).exists());
     if !any_pinned {
         return Ok(());
@@ -225,7 +233,8 @@ fn discard_incompatible_pins(dir: &Path, max_clients: u32) -> Result<(), Datapat
             info.map_type().is_ok_and(|t| t == kind)
                 && info.key_size() as usize == key
                 && info.value_size() as usize == value
-                && (name != "CLIENTS" || info.max_entries() == max_clients)
+                && (name != "CLIENTS" || info.max_entries() == opts.max_clients)
+                && (name != "NAMED" || info.max_entries() == opts.max_ids)
         });
         if !ok {
             mismatch = Some(name);
@@ -478,6 +487,10 @@ fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> Data
 pub struct Tables {
     pub clients: HashMap<MapData, ClientKey, ClientState>,
     pub static_clients: HashMap<MapData, ClientKey, ClientState>,
+    /// API IDs that are not addresses, by `ClientName::key`.
+    pub named: HashMap<MapData, ClientKey, ClientState>,
+    /// IDs with an exact-ID policy; never evicted.
+    pub named_static: HashMap<MapData, ClientKey, ClientState>,
     pub policies: LpmTrie<MapData, PolicyKey, Policy>,
     pub config: Array<MapData, MapConfig>,
     pub stats: PerCpuArray<MapData, GlobalStats>,
@@ -528,6 +541,9 @@ impl Tables {
             clients: HashMap::try_from(get("CLIENTS")?).map_err(map_err("CLIENTS"))?,
             static_clients: HashMap::try_from(get("STATIC_CLIENTS")?)
                 .map_err(map_err("STATIC_CLIENTS"))?,
+            named: HashMap::try_from(get("NAMED")?).map_err(map_err("NAMED"))?,
+            named_static: HashMap::try_from(get("NAMED_STATIC")?)
+                .map_err(map_err("NAMED_STATIC"))?,
             policies: LpmTrie::try_from(get("POLICIES")?).map_err(map_err("POLICIES"))?,
             config: Array::try_from(get("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
@@ -638,6 +654,15 @@ impl Tables {
             report.policies_removed += 1;
         }
         self.sync_static_clients(&config.static_clients(), &mut report)?;
+        let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
+        sync_static(
+            &mut self.named,
+            "NAMED",
+            &mut self.named_static,
+            "NAMED_STATIC",
+            &named,
+            &mut report,
+        )?;
 
         let previous = self.map_config()?;
         let generation = match previous.generation.wrapping_add(1) {
@@ -662,33 +687,88 @@ impl Tables {
         wanted: &[ClientKey],
         report: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
-        let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
-        let current: HashSet<ClientKey> =
-            self.static_clients.keys().filter_map(Result::ok).collect();
-        for key in wanted.difference(&current) {
-            let mut state = self.clients.get(key, 0).unwrap_or_default();
-            state.generation = 0; // re-resolve on the next packet
-            self.static_clients
-                .insert(key, state, 0)
-                .map_err(map_err("STATIC_CLIENTS"))?;
-            let _ = self.clients.remove(key);
-            report.statics_added += 1;
-        }
-        for key in current.difference(&wanted) {
-            if let Ok(mut state) = self.static_clients.get(key, 0) {
-                state.generation = 0;
-                state.flags &= !FLAG_STATIC;
-                self.clients
-                    .insert(key, state, 0)
-                    .map_err(map_err("CLIENTS"))?;
-            }
-            self.static_clients
-                .remove(key)
-                .map_err(map_err("STATIC_CLIENTS"))?;
-            report.statics_removed += 1;
-        }
-        Ok(())
+        sync_static(
+            &mut self.clients,
+            "CLIENTS",
+            &mut self.static_clients,
+            "STATIC_CLIENTS",
+            wanted,
+            report,
+        )
     }
+
+    /// Resident entries of the address maps and of the ID maps, counted by a batched walk.
+    pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
+        let count = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
+            crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
+                .map(|v| v.len() as u64)
+                .map_err(|error| DatapathError::Io {
+                    what: "reading",
+                    path: name.into(),
+                    error,
+                })
+        };
+        Ok((
+            count(&self.clients, "CLIENTS")? + count(&self.static_clients, "STATIC_CLIENTS")?,
+            count(&self.named, "NAMED")? + count(&self.named_static, "NAMED_STATIC")?,
+        ))
+    }
+}
+
+/// Moves entries between an LRU map and its never-evicted static map so that exactly the keys in
+/// `wanted` are static, carrying their counters across; moved entries re-resolve their policy.
+fn sync_static(
+    dynamic: &mut HashMap<MapData, ClientKey, ClientState>,
+    dynamic_name: &'static str,
+    statics: &mut HashMap<MapData, ClientKey, ClientState>,
+    static_name: &'static str,
+    wanted: &[ClientKey],
+    report: &mut ApplyReport,
+) -> Result<(), DatapathError> {
+    let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
+    let current: HashSet<ClientKey> = statics.keys().filter_map(Result::ok).collect();
+    for key in wanted.difference(&current) {
+        let mut state = dynamic.get(key, 0).unwrap_or_default();
+        state.generation = 0; // re-resolve on the next packet
+        state.flags |= FLAG_STATIC;
+        statics
+            .insert(key, state, 0)
+            .map_err(map_err(static_name))?;
+        let _ = dynamic.remove(key);
+        report.statics_added += 1;
+    }
+    for key in current.difference(&wanted) {
+        if let Ok(mut state) = statics.get(key, 0) {
+            state.generation = 0;
+            state.flags &= !FLAG_STATIC;
+            dynamic
+                .insert(key, state, 0)
+                .map_err(map_err(dynamic_name))?;
+        }
+        statics.remove(key).map_err(map_err(static_name))?;
+        report.statics_removed += 1;
+    }
+    Ok(())
+}
+
+/// Loads the `limiter_check` program (never attached; run with BPF_PROG_TEST_RUN) and returns
+/// a descriptor of it for a [`crate::check::Checker`].
+pub fn load_check_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(crate::check::CHECK_PROGRAM)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    program.load()?;
+    let fd = program
+        .fd()?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|error| DatapathError::Io {
+            what: "duplicating the descriptor of",
+            path: crate::check::CHECK_PROGRAM.into(),
+            error,
+        })?;
+    Ok(fd)
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).

@@ -1,12 +1,14 @@
 //! `limiter`: the agent and its command-line tools.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use limiter_user::{
     agent::{self, AgentOptions},
-    datapath::{self, AttachMode, DEFAULT_MAX_CLIENTS, Tables},
-    stats,
+    api::{self, ApiOptions, TlsFiles},
+    client::{self, Target, status_error},
+    datapath::{self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, Tables},
+    proto, stats,
 };
 
 #[derive(Parser)]
@@ -50,6 +52,62 @@ enum Command {
         /// this, the agent refuses to start).
         #[arg(long)]
         replace: bool,
+        /// Capacity of the map of API client IDs that are not addresses (LRU).
+        #[arg(long, default_value_t = DEFAULT_MAX_IDS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_ids: u32,
+        /// The API's Unix socket (mode 0600) [default: /run/limiter/IFACE.sock].
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Also serve the API on this TCP address; needs --api-token-file and/or the three
+        /// --api-tls-* files (mutual TLS).
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+        /// File holding the bearer token TCP clients must send (mode 0600, 16+ characters).
+        #[arg(long)]
+        api_token_file: Option<PathBuf>,
+        /// The API's TLS certificate (PEM).
+        #[arg(long, requires_all = ["api_tls_key", "api_tls_client_ca"])]
+        api_tls_cert: Option<PathBuf>,
+        /// The API's TLS private key (PEM).
+        #[arg(long, requires = "api_tls_cert")]
+        api_tls_key: Option<PathBuf>,
+        /// CA (PEM) that client certificates must chain to.
+        #[arg(long, requires = "api_tls_cert")]
+        api_tls_client_ca: Option<PathBuf>,
+        /// Most checks in one CheckBatch call.
+        #[arg(long, default_value_t = api::DEFAULT_MAX_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        api_max_batch: u32,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+    },
+    /// Ask a running agent whether a client may spend HITS now (an IP address or any ID).
+    Check {
+        /// The client: an IP address (shares the budget of its packets) or an ID.
+        id: String,
+        /// Hits to spend; 0 only reads.
+        #[arg(long, default_value_t = 1)]
+        hits: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change a running agent's policies (applied at once and written back to its config file).
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A live view of the busiest clients, refreshed every second.
+    Top {
+        /// How many clients.
+        #[arg(short, default_value_t = 20)]
+        n: u32,
+        /// Stop after this many refreshes (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Detach the program pinned for an interface (even while an agent runs) and remove its
     /// pins: for uninstalling, or to stop enforcement that outlived a crashed agent.
@@ -58,11 +116,14 @@ enum Command {
         #[arg(long)]
         iface: String,
     },
-    /// Print global counters and the busiest clients (reads the pinned maps).
+    /// Print global counters and the busiest clients: from the pinned maps, or with --api (or
+    /// without --iface) from a running agent's API.
     Stats {
         /// Interface the agent runs on.
         #[arg(long)]
-        iface: String,
+        iface: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
         /// How many clients to list (0: all).
         #[arg(long, default_value_t = 10)]
         top: usize,
@@ -70,6 +131,70 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How the client commands reach the agent.
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// The agent's API: a Unix socket path or an http(s):// URL [default: the socket of
+    /// --iface, or the only one in /run/limiter].
+    #[arg(long)]
+    api: Option<String>,
+    /// File with the bearer token (TCP).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate that signed the agent's (https).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn target(&self, iface: Option<&str>) -> Target {
+        Target {
+            api: self.api.clone(),
+            iface: iface.map(str::to_string),
+            token_file: self.token_file.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// Create or replace the policy for MATCH (`default`, a CIDR, an address or an ID).
+    Set {
+        #[arg(value_name = "MATCH")]
+        matches: String,
+        /// Hits per window (0 blocks).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Window, e.g. 500ms, 1s, 1m.
+        #[arg(long)]
+        window: Option<String>,
+        /// `limit` (the default), `pass` (never limited) or `drop` (always dropped).
+        #[arg(long, default_value = "limit")]
+        action: String,
+    },
+    /// Show the policy for MATCH.
+    Get {
+        #[arg(value_name = "MATCH")]
+        matches: String,
+    },
+    /// Remove the policy for MATCH.
+    Rm {
+        #[arg(value_name = "MATCH")]
+        matches: String,
+    },
+    /// List the policies (the default first).
+    Ls,
 }
 
 /// `--snapshot-interval`: a duration with a unit, 100ms to 1h.
@@ -107,20 +232,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             snapshot_interval,
             replace,
+            max_ids,
+            api_socket,
+            api_listen,
+            api_token_file,
+            api_tls_cert,
+            api_tls_key,
+            api_tls_client_ca,
+            api_max_batch,
+            metrics,
         } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let token = api_token_file.as_deref().map(api::read_token).transpose()?;
+            let tls = match (api_tls_cert, api_tls_key, api_tls_client_ca) {
+                (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                }),
+                _ => None,
+            };
+            if api_listen.is_some() && token.is_none() && tls.is_none() {
+                anyhow::bail!(
+                    "--api-listen needs --api-token-file or --api-tls-cert/--api-tls-key/--api-tls-client-ca: the TCP API is never served without authentication"
+                );
+            }
+            // Two workers: API calls are served while the agent's own loop runs.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?;
+            let api = ApiOptions {
+                socket: api_socket.unwrap_or_else(|| api::default_socket(&iface)),
+                listen: api_listen,
+                token,
+                tls,
+                max_batch: api_max_batch as usize,
+            };
             runtime.block_on(agent::run(AgentOptions {
                 iface,
                 config,
                 mode: xdp_mode,
                 max_clients,
+                max_ids,
                 state_dir,
                 snapshot_interval,
                 replace,
+                api,
+                metrics,
             }))
         }
+        Command::Check { id, hits, api } => block_on(check(id, hits, api.target(None))),
+        Command::Limits { command, api } => block_on(limits(command, api.target(None))),
+        Command::Top { n, iterations, api } => block_on(top(n, iterations, api.target(None))),
         Command::Detach { iface } => {
             datapath::check_environment()?;
             if datapath::detach_pinned(&iface)? {
@@ -133,7 +296,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { iface, top, json } => {
+        Command::Stats {
+            iface,
+            api,
+            top,
+            json,
+        } => {
+            let Some(iface) = iface.filter(|_| api.api.is_none()) else {
+                return block_on(remote_stats(top, json, api.target(None)));
+            };
             let tables = Tables::open_pinned(&iface)?;
             let snapshot = stats::snapshot(&tables, &iface, top)?;
             if json {
@@ -142,6 +313,298 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", snapshot.render());
             }
             Ok(())
+        }
+    }
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn show_duration(d: Option<&prost_types::Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        format!(
+            "{:?}",
+            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+        )
+    })
+}
+
+async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let r = c
+        .rate_limiter
+        .check(proto::CheckRequest {
+            client_id: id.clone(),
+            hits: Some(hits),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{id}: {}{}  limit {} per {}  remaining {}  reset in {}  retry in {}  (policy {}, {})",
+        if r.allowed { "allowed" } else { "denied" },
+        if r.dry_run_denied {
+            " (dry-run: would be denied)"
+        } else {
+            ""
+        },
+        r.limit,
+        show_duration(r.window.as_ref()),
+        r.remaining,
+        show_duration(r.reset_after.as_ref()),
+        show_duration(r.retry_after.as_ref()),
+        r.policy,
+        action_name(r.action),
+    );
+    if !r.allowed {
+        // A distinct status so scripts can branch on the decision.
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+fn action_name(action: i32) -> &'static str {
+    match proto::Action::try_from(action) {
+        Ok(proto::Action::Pass) => "pass",
+        Ok(proto::Action::Drop) => "drop",
+        _ => "limit",
+    }
+}
+
+fn show_policy(p: &proto::Policy) -> String {
+    match proto::Action::try_from(p.action) {
+        Ok(proto::Action::Pass) => format!("{}: pass", p.r#match),
+        Ok(proto::Action::Drop) => format!("{}: drop", p.r#match),
+        _ => format!(
+            "{}: limit {} per {}",
+            p.r#match,
+            p.limit.unwrap_or(0),
+            show_duration(p.window.as_ref())
+        ),
+    }
+}
+
+async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    match command {
+        LimitsCommand::Set {
+            matches,
+            limit,
+            window,
+            action,
+        } => {
+            let action = match action.as_str() {
+                "limit" => proto::Action::Limit,
+                "pass" => proto::Action::Pass,
+                "drop" => proto::Action::Drop,
+                other => anyhow::bail!("--action {other:?}: expected limit, pass or drop"),
+            };
+            let window = window
+                .map(|w| {
+                    w.parse::<limiter_user::policy::Window>()
+                        .map_err(|e| anyhow::anyhow!("--window: {e}"))
+                })
+                .transpose()?
+                .map(|w| prost_types::Duration {
+                    seconds: (w.micros / 1_000_000) as i64,
+                    nanos: (w.micros % 1_000_000) as i32 * 1000,
+                });
+            let change = c
+                .limits
+                .set(proto::SetLimitRequest {
+                    policy: Some(proto::Policy {
+                        r#match: matches,
+                        limit,
+                        window,
+                        action: action as i32,
+                    }),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if let Some(p) = change.policy {
+                println!("set {} (generation {})", show_policy(&p), change.generation);
+            }
+        }
+        LimitsCommand::Get { matches } => {
+            let p = c
+                .limits
+                .get(proto::GetLimitRequest { r#match: matches })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", show_policy(&p));
+        }
+        LimitsCommand::Rm { matches } => {
+            let change = c
+                .limits
+                .delete(proto::DeleteLimitRequest { r#match: matches })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if let Some(p) = change.policy {
+                println!(
+                    "removed {} (generation {})",
+                    show_policy(&p),
+                    change.generation
+                );
+            }
+        }
+        LimitsCommand::Ls => {
+            let list = c
+                .limits
+                .list(proto::ListLimitsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for p in &list.policies {
+                println!("{}", show_policy(p));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The busiest clients as a table.
+fn client_table(clients: &[proto::ClientStats]) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>10} {:>10} {:>12} {:>12}\n",
+        "CLIENT", "POLICY", "ACTION", "LIMIT", "WINDOW", "RATE/S", "ALLOWANCE", "PASSED", "DROPPED"
+    );
+    for c in clients {
+        let window = c
+            .window
+            .as_ref()
+            .map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 / 1e9);
+        let rate = if window > 0.0 {
+            c.estimate as f64 / window
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>10.1} {:>10} {:>12} {:>12}",
+            c.client_id,
+            c.policy,
+            action_name(c.action),
+            c.limit,
+            show_duration(c.window.as_ref()),
+            rate,
+            (c.limit as u64).saturating_sub(c.estimate),
+            c.passed,
+            c.dropped
+        );
+    }
+    out
+}
+
+async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let g = c
+        .stats
+        .global(proto::GlobalStatsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let clients = c
+        .stats
+        .top(proto::TopRequest { n: top as u32 })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .clients;
+    if json {
+        let rows: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "client": c.client_id, "policy": c.policy, "action": action_name(c.action),
+                    "limit": c.limit, "estimate": c.estimate, "passed": c.passed, "dropped": c.dropped,
+                    "window_ms": c.window.as_ref().map_or(0.0, |d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "global": {
+                "passed": g.packets_passed, "dropped": g.packets_dropped, "non_ip": g.packets_non_ip,
+                "malformed": g.packets_malformed, "new_clients": g.clients_created, "map_full": g.map_full,
+                "clients": g.clients_resident, "ids": g.ids_resident, "checks_allowed": g.checks_allowed,
+                "checks_denied": g.checks_denied, "config_reloads": g.config_reloads,
+                "config_rejects": g.config_rejects,
+            },
+            "generation": g.policy_generation, "dry_run": g.dry_run, "attached": g.attached,
+            "clients": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n",
+            if g.dry_run { "dry-run" } else { "enforce" },
+            g.policy_generation,
+            g.attached,
+            g.packets_passed,
+            g.packets_dropped,
+            g.packets_non_ip,
+            g.packets_malformed,
+            g.clients_resident,
+            g.ids_resident,
+            g.clients_created,
+            g.map_full,
+            g.checks_allowed,
+            g.checks_denied,
+            g.config_reloads,
+            g.config_rejects
+        );
+        print!("{}", client_table(&clients));
+    }
+    Ok(())
+}
+
+async fn top(n: u32, iterations: u64, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let tty = std::io::stdout().is_terminal();
+    let mut done = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let g = c
+            .stats
+            .global(proto::GlobalStatsRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let clients = c
+            .stats
+            .top(proto::TopRequest { n })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .clients;
+        if tty {
+            // Clear the screen and go home.
+            print!("\x1b[2J\x1b[H");
+        }
+        println!(
+            "limiter top  packets passed {}  dropped {}  clients {}  IDs {}  checks allowed {}  denied {}\n",
+            g.packets_passed,
+            g.packets_dropped,
+            g.clients_resident,
+            g.ids_resident,
+            g.checks_allowed,
+            g.checks_denied
+        );
+        print!("{}", client_table(&clients));
+        done += 1;
+        if iterations != 0 && done >= iterations {
+            return Ok(());
         }
     }
 }

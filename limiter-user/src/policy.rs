@@ -254,6 +254,119 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
+/// Longest client ID (API checks and `match`), in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// An API client ID that is not an address: 1 to 256 bytes of UTF-8 without control characters,
+/// not `default`, and not shaped like an address (see [`Match`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientName(String);
+
+impl ClientName {
+    pub fn new(s: &str) -> Result<ClientName, String> {
+        if s.is_empty() {
+            return Err("an ID must not be empty".into());
+        }
+        if s.len() > MAX_ID_LEN {
+            return Err(format!(
+                "an ID is at most {MAX_ID_LEN} bytes, this one has {}",
+                s.len()
+            ));
+        }
+        if let Some(c) = s.chars().find(|c| c.is_control()) {
+            return Err(format!("an ID must not contain control characters ({c:?})"));
+        }
+        if s == "default" {
+            return Err("`default` names the default policy, not an ID".into());
+        }
+        Ok(ClientName(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key of the ID's state in the `NAMED` maps: the first 16 bytes of its SHA-256 (a
+    /// collision takes about 2^64 IDs, so it cannot be provoked by choosing IDs).
+    pub fn key(&self) -> ClientKey {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.0.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        key
+    }
+}
+
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a policy matches: an address prefix (or one address), or one exact API client ID.
+///
+/// A string is an address if it parses as one. A string made only of hex digits, `.`, `:` and
+/// `/`, with at least one of the separators, that does not parse (`10.0.0.0/33`,
+/// `2001:db8::g`) is rejected as a malformed address rather than taken as an ID, so a typo never
+/// silently becomes a policy for a client ID nobody uses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    Prefix(Cidr),
+    Id(ClientName),
+}
+
+impl Match {
+    pub fn as_prefix(&self) -> Option<&Cidr> {
+        match self {
+            Match::Prefix(c) => Some(c),
+            Match::Id(_) => None,
+        }
+    }
+
+    pub fn as_id(&self) -> Option<&ClientName> {
+        match self {
+            Match::Prefix(_) => None,
+            Match::Id(id) => Some(id),
+        }
+    }
+}
+
+/// Whether `s` is shaped like an address or prefix (see [`Match`]).
+pub fn looks_like_address(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/'))
+        && s.contains(['.', ':', '/'])
+}
+
+impl FromStr for Match {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<Cidr>() {
+            Ok(cidr) => Ok(Match::Prefix(cidr)),
+            Err(e) if looks_like_address(s.trim()) => Err(e),
+            Err(_) => ClientName::new(s).map(Match::Id),
+        }
+    }
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Prefix(c) => c.fmt(f),
+            Match::Id(id) => id.fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Match {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`match`: {e}")))
+    }
+}
+
 /// A limit as written: `limit`, `window`, `action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,7 +381,7 @@ pub struct Limit {
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(rename = "match")]
-    pub matches: Cidr,
+    pub matches: Match,
     pub limit: Option<u32>,
     pub window: Option<Window>,
     #[serde(default)]
@@ -311,7 +424,7 @@ pub struct Config {
     pub mode: Mode,
     pub default: Resolved,
     /// In file order; policy id `i + 1` is `policies[i]`, id 0 is `default`.
-    pub policies: Vec<(Cidr, Resolved)>,
+    pub policies: Vec<(Match, Resolved)>,
 }
 
 /// Placeholder window for `pass`/`drop` policies, which never consult it.
@@ -340,7 +453,7 @@ impl Config {
                 count: file.policies.len(),
             });
         }
-        let mut seen: HashMap<Cidr, usize> = HashMap::new();
+        let mut seen: HashMap<&Match, usize> = HashMap::new();
         let mut policies = Vec::with_capacity(file.policies.len());
         for (i, rule) in file.policies.iter().enumerate() {
             let invalid = |message: String| PolicyError::Invalid {
@@ -348,15 +461,21 @@ impl Config {
                 line: line_of(i),
                 message,
             };
-            if let Some(first) = seen.insert(rule.matches, i) {
+            if let Some(first) = seen.insert(&rule.matches, i) {
                 return Err(invalid(format!(
                     "duplicate match: policies[{first}] already matches {}",
                     rule.matches
                 )));
             }
-            policies.push((rule.matches, resolve(&rule.limit()).map_err(invalid)?));
+            policies.push((
+                rule.matches.clone(),
+                resolve(&rule.limit()).map_err(invalid)?,
+            ));
         }
-        let statics = policies.iter().filter(|(c, _)| c.is_host()).count();
+        let statics = policies
+            .iter()
+            .filter(|(m, _)| m.as_prefix().is_some_and(Cidr::is_host))
+            .count();
         if statics > MAX_STATIC_CLIENTS {
             return Err(PolicyError::TooManyStatic { count: statics });
         }
@@ -373,10 +492,10 @@ impl Config {
         let mut entries = HashMap::with_capacity(self.policies.len() + 2);
         entries.insert(policy_key_v4([0; 4], 0), self.default.to_policy(0));
         entries.insert(policy_key_v6(&[0; 16], 0), self.default.to_policy(0));
-        for (i, (cidr, resolved)) in self.policies.iter().enumerate() {
-            // Ids are u16 for the map; beyond that stats show the last id, decisions are unaffected.
-            let id = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            entries.insert(cidr.lpm_key(), resolved.to_policy(id));
+        for (i, (m, resolved)) in self.policies.iter().enumerate() {
+            if let Match::Prefix(cidr) = m {
+                entries.insert(cidr.lpm_key(), resolved.to_policy(policy_id(i)));
+            }
         }
         entries
     }
@@ -385,14 +504,46 @@ impl Config {
     pub fn static_clients(&self) -> Vec<ClientKey> {
         self.policies
             .iter()
-            .filter(|(c, _)| c.is_host())
-            .map(|(c, _)| c.client_key())
+            .filter_map(|(m, _)| m.as_prefix())
+            .filter(|c| c.is_host())
+            .map(Cidr::client_key)
             .collect()
+    }
+
+    /// The exact-ID policies, as the map policy each ID's checks carry.
+    pub fn named_policies(&self) -> HashMap<ClientName, Policy> {
+        self.policies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (m, r))| Some((m.as_id()?.clone(), r.to_policy(policy_id(i)))))
+            .collect()
+    }
+
+    /// The default as a map policy (id 0).
+    pub fn default_policy(&self) -> Policy {
+        self.default.to_policy(0)
+    }
+
+    /// The `match` of policy `id` as written (`default` for 0).
+    pub fn policy_name(&self, id: u16) -> String {
+        match id {
+            0 => "default".into(),
+            id => self
+                .policies
+                .get(id as usize - 1)
+                .map_or_else(|| format!("#{id}"), |(m, _)| m.to_string()),
+        }
     }
 }
 
+/// The map id of `policies[i]`. Ids are u16 for the map; beyond that stats show the last id,
+/// decisions are unaffected.
+fn policy_id(i: usize) -> u16 {
+    u16::try_from(i + 1).unwrap_or(u16::MAX)
+}
+
 impl Resolved {
-    fn to_policy(self, id: u16) -> Policy {
+    pub fn to_policy(self, id: u16) -> Policy {
         let action = match self.action {
             Action::Limit => ACTION_LIMIT,
             Action::Pass => ACTION_PASS,
@@ -682,5 +833,66 @@ policies:
             Config::parse("mode: dry-run\ndefault: { limit: 4294967295, window: 1h }\n").unwrap();
         assert_eq!(c.mode, Mode::DryRun);
         assert_eq!(c.default.limit, u32::MAX);
+    }
+
+    #[test]
+    fn matches_are_prefixes_or_ids_never_mistyped_addresses() {
+        assert!(matches!(
+            "10.0.0.0/8".parse::<Match>(),
+            Ok(Match::Prefix(_))
+        ));
+        assert!(matches!(
+            "2001:db8::1".parse::<Match>(),
+            Ok(Match::Prefix(_))
+        ));
+        assert!(matches!("tenant-acme".parse::<Match>(), Ok(Match::Id(_))));
+        assert!(matches!(
+            "api key #7: \"x\"".parse::<Match>(),
+            Ok(Match::Id(_))
+        ));
+        // Digits alone (a customer number) are an ID; anything address-shaped must parse.
+        assert!(matches!("12345".parse::<Match>(), Ok(Match::Id(_))));
+        for typo in [
+            "10.0.0.0/33",
+            "10.0.0.1/8",
+            "2001:db8::12345/64",
+            "1.2.3",
+            "::/129",
+        ] {
+            let e = typo.parse::<Match>();
+            assert!(e.is_err(), "{typo} must be rejected, got {e:?}");
+        }
+        assert!("".parse::<Match>().unwrap_err().contains("empty"));
+        assert!("default".parse::<Match>().unwrap_err().contains("default"));
+        assert!("a\nb".parse::<Match>().unwrap_err().contains("control"));
+        assert!(
+            "x".repeat(257)
+                .parse::<Match>()
+                .unwrap_err()
+                .contains("256")
+        );
+        assert!("x".repeat(256).parse::<Match>().is_ok());
+    }
+
+    #[test]
+    fn id_policies_are_named_policies_not_trie_entries() {
+        let c = Config::parse(
+            "default: { limit: 5, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 1\n    window: 1s\n  - match: tenant-gold\n    limit: 9\n    window: 2s\n",
+        )
+        .unwrap();
+        assert_eq!(c.lpm_entries().len(), 3);
+        let named = c.named_policies();
+        let gold = named[&ClientName::new("tenant-gold").unwrap()];
+        assert_eq!((gold.limit, gold.window_us, gold.id), (9, 2_000_000, 2));
+        assert_eq!(c.policy_name(2), "tenant-gold");
+        assert_eq!(c.policy_name(0), "default");
+        // Keys are a hash prefix: stable, and distinct for distinct IDs.
+        let a = ClientName::new("a").unwrap();
+        assert_eq!(a.key(), ClientName::new("a").unwrap().key());
+        assert_ne!(a.key(), ClientName::new("b").unwrap().key());
+        let e = err(
+            "default: { limit: 5, window: 1s }\npolicies:\n  - match: t\n    limit: 1\n    window: 1s\n  - match: t\n    limit: 2\n    window: 1s\n",
+        );
+        assert!(e.contains("duplicate match"), "{e}");
     }
 }

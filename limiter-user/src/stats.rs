@@ -81,7 +81,7 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-fn addr_of(key: &ClientKey) -> IpAddr {
+pub fn addr_of(key: &ClientKey) -> IpAddr {
     match as_v4(key) {
         Some(v4) => IpAddr::V4(v4.into()),
         None => IpAddr::V6((*key).into()),

@@ -91,6 +91,7 @@ impl Limiter {
         let mut ebpf = datapath::load(&LoadOptions {
             pin_dir: None,
             max_clients,
+            ..LoadOptions::default()
         })
         .context("loading the object (needs root)")?;
         let mut tables = Tables::take(&mut ebpf)?;

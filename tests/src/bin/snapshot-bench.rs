@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let mut ebpf = datapath::load(&LoadOptions {
         pin_dir: None,
         max_clients,
+        ..LoadOptions::default()
     })
     .context("loading the object")?;
     let mut tables = Tables::take(&mut ebpf)?;

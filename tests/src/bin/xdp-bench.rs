@@ -236,6 +236,7 @@ fn main() -> Result<()> {
     let mut ebpf = datapath::load(&LoadOptions {
         pin_dir: None,
         max_clients: MAX_CLIENTS,
+        ..LoadOptions::default()
     })
     .context("loading the object (needs root)")?;
     let mut tables = Tables::take(&mut ebpf)?;

@@ -1,0 +1,294 @@
+//! API checks: "may this client spend `hits` now?", decided by the XDP program's own code on the
+//! XDP program's own maps.
+//!
+//! The agent runs the `limiter_check` program with BPF_PROG_TEST_RUN on a check frame (about a
+//! microsecond). For an address the program finds the client exactly as a packet would
+//! (`CLIENTS`, `STATIC_CLIENTS`, the policy trie), so the wire and the API share one budget; for
+//! another ID it uses the `NAMED` maps with the policy the agent resolved (exact ID, else the
+//! default). What the reply's state means for the caller (remaining, reset and retry times) is
+//! computed here with `limiter_common::window`, the same arithmetic the program decides with.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU64,
+    os::fd::{AsFd as _, OwnedFd},
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use limiter_common::{
+    CheckReply, CheckRequest, ClientState, Policy,
+    addr::{ClientKey, v4_mapped},
+    maps::{
+        ACTION_DROP, ACTION_PASS, CHECK_ETHERTYPE, CHECK_FRAME_LEN, CHECK_NAMED,
+        CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET, CHECK_STATIC, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+    },
+    window,
+};
+
+use crate::policy::{Action, ClientName, Config, Mode, looks_like_address};
+
+/// The XDP program that decides checks.
+pub const CHECK_PROGRAM: &str = "limiter_check";
+
+/// `XDP_PASS` (include/uapi/linux/bpf.h, `enum xdp_action`): the check program's success value.
+const XDP_PASS: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("client_id: {0}")]
+    InvalidId(String),
+    #[error("running the check program: {0}")]
+    Run(#[from] std::io::Error),
+    #[error("the check program rejected the check frame (return value {0})")]
+    Rejected(u32),
+}
+
+/// A client as the API names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientId {
+    /// The same client as this source address's packets.
+    Addr(IpAddr),
+    /// Any other ID.
+    Named(ClientName),
+}
+
+impl ClientId {
+    /// The client's key in its map.
+    pub fn key(&self) -> ClientKey {
+        match self {
+            ClientId::Addr(IpAddr::V4(v4)) => v4_mapped(v4.octets()),
+            ClientId::Addr(IpAddr::V6(v6)) => v6.octets(),
+            ClientId::Named(name) => name.key(),
+        }
+    }
+}
+
+impl FromStr for ClientId {
+    type Err = CheckError;
+
+    /// An address if it parses as one; a prefix or a malformed address is an error (a check is
+    /// for one client); anything else is an ID under [`ClientName`]'s rules.
+    fn from_str(s: &str) -> Result<Self, CheckError> {
+        if let Ok(addr) = s.parse::<IpAddr>() {
+            // An IPv4-mapped IPv6 address is the IPv4 client, as on the wire it would be a
+            // malformed source.
+            let addr = match addr {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+                v4 => v4,
+            };
+            return Ok(ClientId::Addr(addr));
+        }
+        if looks_like_address(s) {
+            return Err(CheckError::InvalidId(format!(
+                "{s:?} is neither one IP address nor an ID (IDs shaped like addresses or prefixes are not allowed)"
+            )));
+        }
+        ClientName::new(s)
+            .map(ClientId::Named)
+            .map_err(CheckError::InvalidId)
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientId::Addr(a) => a.fmt(f),
+            ClientId::Named(n) => n.fmt(f),
+        }
+    }
+}
+
+/// The answer to one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Admitted (for `hits == 0`: one more hit would be). In dry-run mode always true.
+    pub allowed: bool,
+    /// Denied, but the agent runs in dry-run mode, so `allowed` is true.
+    pub dry_run_denied: bool,
+    pub action: Action,
+    /// Allowance per window (`u32::MAX` for an allow-listed client, 0 for a blocked one).
+    pub limit: u32,
+    /// Hits the client could still spend now.
+    pub remaining: u32,
+    pub reset_after: Duration,
+    /// When denied and waiting helps: how long until the same check would be admitted.
+    pub retry_after: Option<Duration>,
+    pub window: Duration,
+    /// The `match` of the policy that applied (`default` for the default).
+    pub policy: String,
+    /// Current sliding-window estimate.
+    pub estimate: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    /// The client has an entry in the maps.
+    pub resident: bool,
+    /// The entry could not be created (map full): the check was charged to the shared overflow
+    /// budget, as a packet would be.
+    pub overflow: bool,
+}
+
+/// What the agent's current config says about IDs (policies, names); swapped on every apply.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyView {
+    named: HashMap<ClientName, Policy>,
+    default: Policy,
+    /// `names[id]` is the `match` of policy `id`.
+    names: Vec<String>,
+    dry_run: bool,
+}
+
+impl PolicyView {
+    pub fn new(config: &Config) -> PolicyView {
+        let names = std::iter::once("default".to_string())
+            .chain(config.policies.iter().map(|(m, _)| m.to_string()))
+            .collect();
+        PolicyView {
+            named: config.named_policies(),
+            default: config.default_policy(),
+            names,
+            dry_run: config.mode == Mode::DryRun,
+        }
+    }
+
+    /// The `match` of policy `id`.
+    pub fn name(&self, id: u16) -> String {
+        self.names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+}
+
+/// Runs checks; shared by every API task (BPF_PROG_TEST_RUN needs no locking).
+pub struct Checker {
+    prog: OwnedFd,
+    view: RwLock<Arc<PolicyView>>,
+}
+
+impl Checker {
+    /// `prog` is a descriptor of the loaded `limiter_check` program.
+    pub fn new(prog: OwnedFd, config: &Config) -> Checker {
+        Checker {
+            prog,
+            view: RwLock::new(Arc::new(PolicyView::new(config))),
+        }
+    }
+
+    /// Makes `config` the one checks resolve IDs against (call after applying it to the maps).
+    pub fn set_config(&self, config: &Config) {
+        let view = Arc::new(PolicyView::new(config));
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    pub fn view(&self) -> Arc<PolicyView> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Decides `hits` hits for `id` (0: read only).
+    pub fn check(&self, id: &ClientId, hits: u32) -> Result<Decision, CheckError> {
+        let view = self.view();
+        let mut request = CheckRequest {
+            key: id.key(),
+            hits,
+            ..CheckRequest::default()
+        };
+        if let ClientId::Named(name) = id {
+            request.flags = CHECK_NAMED;
+            match view.named.get(name) {
+                Some(policy) => {
+                    request.flags |= CHECK_STATIC;
+                    request.policy = *policy;
+                }
+                None => request.policy = view.default,
+            }
+        }
+        let reply = self.run(&request)?;
+        Ok(decision(&reply, hits, &view))
+    }
+
+    fn run(&self, request: &CheckRequest) -> Result<CheckReply, CheckError> {
+        let mut frame = [0u8; CHECK_FRAME_LEN];
+        frame[12..14].copy_from_slice(&CHECK_ETHERTYPE.to_be_bytes());
+        // SAFETY: both are `#[repr(C)]` integer-only `Pod` types without padding, written and
+        // read as plain bytes at offsets inside the frame.
+        unsafe {
+            frame
+                .as_mut_ptr()
+                .add(CHECK_REQUEST_OFFSET)
+                .cast::<CheckRequest>()
+                .write_unaligned(*request);
+        }
+        let ret = crate::syscall::prog_test_run(self.prog.as_fd(), &mut frame)?;
+        if ret != XDP_PASS {
+            return Err(CheckError::Rejected(ret));
+        }
+        // SAFETY: as above.
+        Ok(unsafe {
+            frame
+                .as_ptr()
+                .add(CHECK_REPLY_OFFSET)
+                .cast::<CheckReply>()
+                .read_unaligned()
+        })
+    }
+}
+
+/// Interprets the program's reply.
+pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
+    let s: &ClientState = &reply.state;
+    let window_ns = NonZeroU64::new(s.window_us as u64 * 1000).unwrap_or(NonZeroU64::MIN);
+    let mut d = Decision {
+        allowed: false,
+        dry_run_denied: false,
+        action: Action::Limit,
+        limit: s.limit,
+        remaining: 0,
+        reset_after: Duration::ZERO,
+        retry_after: None,
+        window: Duration::from_nanos(window_ns.get()),
+        policy: view.name(s.policy),
+        estimate: 0,
+        passed: s.total_passed(),
+        dropped: s.dropped,
+        resident: reply.verdict & VERDICT_NOT_RESIDENT == 0,
+        overflow: reply.verdict & VERDICT_OVERFLOW != 0,
+    };
+    match s.action {
+        ACTION_PASS => {
+            d.action = Action::Pass;
+            d.allowed = true;
+            d.limit = u32::MAX;
+            d.remaining = u32::MAX;
+        }
+        ACTION_DROP => {
+            d.action = Action::Drop;
+            d.limit = 0;
+        }
+        _ => {
+            d.estimate = window::estimate_at(&s.slots, reply.now_ns, window_ns);
+            d.remaining = (s.limit as u64).saturating_sub(d.estimate) as u32;
+            d.reset_after =
+                Duration::from_nanos(window::reset_after(&s.slots, reply.now_ns, window_ns));
+            d.allowed = if hits == 0 {
+                d.remaining >= 1
+            } else {
+                reply.verdict & VERDICT_ALLOWED != 0
+            };
+            if !d.allowed {
+                d.retry_after =
+                    window::admitted_after(&s.slots, reply.now_ns, window_ns, s.limit, hits.max(1))
+                        .map(Duration::from_nanos);
+            }
+        }
+    }
+    if view.dry_run && !d.allowed {
+        d.allowed = true;
+        d.dry_run_denied = true;
+        d.retry_after = None;
+    }
+    d
+}
