@@ -313,7 +313,8 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
         Some(p) => {
             if request.hits != 0 {
                 // SAFETY: live map value.
-                let (admitted, at) = unsafe { decide_hits(p, request.hits, Clock::Direct, &mut counted) };
+                let (admitted, at) =
+                    unsafe { decide_hits(p, request.hits, Clock::Direct, &mut counted) };
                 if admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
