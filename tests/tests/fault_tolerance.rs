@@ -1081,6 +1081,7 @@ fn a_foreign_xdp_program_is_replaced_only_with_replace() -> Result<()> {
     let mut foreign = datapath::load(&LoadOptions {
         pin_dir: None,
         max_clients: 1024,
+        ..LoadOptions::default()
     })?;
     let program: &mut Xdp = foreign
         .program_mut("limiter_baseline")
