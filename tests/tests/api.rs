@@ -988,3 +988,64 @@ async fn mutual_tls_admits_only_clients_of_the_configured_ca() -> Result<()> {
     ensure!(r.remaining == 5, "the rejected calls spent nothing: {r:?}");
     f.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_frames_are_only_for_the_check_program() -> Result<()> {
+    require_root!();
+    let f = Fixture::new(false).await?;
+    let run = |name: &str, frame: &[u8]| -> Result<u32> {
+        let program: &Xdp = f.ebpf.program(name).context("program")?.try_into()?;
+        Ok(program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..Default::default()
+            })?
+            .return_value)
+    };
+    const XDP_ABORTED: u32 = 0;
+    const XDP_PASS: u32 = 2;
+    // The check program refuses anything but a whole check frame, and changes nothing then.
+    let packet = Builder::ipv4(Ipv4Addr::new(10, 4, 4, 4), Ipv4Addr::new(192, 0, 2, 1))
+        .build()
+        .bytes;
+    ensure!(run("limiter_check", &packet)? == XDP_ABORTED);
+    let mut frame = vec![0u8; limiter_common::maps::CHECK_FRAME_LEN];
+    frame[12..14].copy_from_slice(&limiter_common::maps::CHECK_ETHERTYPE.to_be_bytes());
+    frame[16..32].copy_from_slice(&limiter_common::addr::v4_mapped([10, 4, 4, 4]));
+    frame[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    for cut in [14, 40, limiter_common::maps::CHECK_FRAME_LEN - 1] {
+        ensure!(
+            run("limiter_check", &frame[..cut])? == XDP_ABORTED,
+            "cut at {cut}"
+        );
+    }
+    let mut c = f.client().await?.rate_limiter;
+    ensure!(
+        c.check(check("10.4.4.4", Some(0)))
+            .await?
+            .into_inner()
+            .remaining
+            == 5
+    );
+    // A whole frame is a check (it spends one hit) ...
+    ensure!(run("limiter_check", &frame)? == XDP_PASS);
+    ensure!(
+        c.check(check("10.4.4.4", Some(0)))
+            .await?
+            .into_inner()
+            .remaining
+            == 4
+    );
+    // ... but on the wire the attached program passes it untouched as a non-IP frame.
+    ensure!(run(datapath::PROGRAM, &frame)? == XDP_PASS);
+    ensure!(
+        c.check(check("10.4.4.4", Some(0)))
+            .await?
+            .into_inner()
+            .remaining
+            == 4
+    );
+    let g = f.limits.with_tables(|t| t.global())?;
+    ensure!(g.non_ip == 1, "{g:?}");
+    f.shutdown().await
+}
