@@ -22,8 +22,9 @@ use crate::{
     snapshot::{Clocks, Snapshot},
 };
 
-/// How long the API gets to finish requests in flight at shutdown.
-const API_DRAIN: Duration = Duration::from_secs(5);
+/// How long the API gets to finish requests in flight and close its connections at shutdown;
+/// well inside the usual stop timeouts, so the final snapshot is always written.
+const API_DRAIN: Duration = Duration::from_secs(2);
 
 /// How often the config file is checked for changes. A change takes effect within this period
 /// plus the time to write the maps (well under the 1 s the README promises).
@@ -194,7 +195,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for task in tasks {
         if tokio::time::timeout(API_DRAIN, task).await.is_err() {
-            tracing::warn!("API requests still running after {API_DRAIN:?}; stopping anyway");
+            tracing::warn!(
+                "API connections still open after {API_DRAIN:?} (a client not closing?); stopping anyway"
+            );
         }
     }
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the

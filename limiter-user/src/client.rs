@@ -116,10 +116,9 @@ pub async fn connect(target: &Target) -> anyhow::Result<Clients> {
                 }
                 endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
             }
-            endpoint
-                .connect()
-                .await
-                .with_context(|| format!("connecting to the agent API at {url}"))?
+            endpoint.connect().await.map_err(|e| {
+                anyhow::anyhow!("connecting to the agent API at {url}: {}", root_cause(&e))
+            })?
         }
         other => {
             let path = match other {
@@ -138,7 +137,12 @@ pub async fn connect(target: &Target) -> anyhow::Result<Clients> {
                     }
                 }))
                 .await
-                .with_context(|| format!("connecting to the agent API socket {shown} (is `limiter agent` running? are you root?)"))?
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "connecting to the agent API socket {shown}: {} (is `limiter agent` running? are you root?)",
+                        root_cause(&e)
+                    )
+                })?
         }
     };
     let token = Token(token);
@@ -147,6 +151,15 @@ pub async fn connect(target: &Target) -> anyhow::Result<Clients> {
         limits: LimitsClient::with_interceptor(channel.clone(), token.clone()),
         stats: StatsClient::with_interceptor(channel, token),
     })
+}
+
+/// The innermost cause of a transport error (tonic's own layers repeat it).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// A `Status` as a one-line error: the code and the server's message.

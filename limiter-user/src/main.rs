@@ -138,19 +138,19 @@ enum Command {
 struct ApiArgs {
     /// The agent's API: a Unix socket path or an http(s):// URL [default: the socket of
     /// --iface, or the only one in /run/limiter].
-    #[arg(long)]
+    #[arg(long, global = true)]
     api: Option<String>,
     /// File with the bearer token (TCP).
-    #[arg(long)]
+    #[arg(long, global = true)]
     token_file: Option<PathBuf>,
     /// CA certificate that signed the agent's (https).
-    #[arg(long)]
+    #[arg(long, global = true)]
     tls_ca: Option<PathBuf>,
     /// Client certificate for mutual TLS.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, global = true, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Client key for mutual TLS.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, global = true, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 }
 
