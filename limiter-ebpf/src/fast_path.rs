@@ -32,9 +32,9 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET,
-        CHECK_REQUEST_OFFSET, CHECK_STATIC, FLAG_STATIC, MODE_DRY_RUN, VERDICT_ALLOWED,
-        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+        ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET,
+        CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_STATIC, FLAG_STATIC, MODE_DRY_RUN,
+        VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
     },
     window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide, slot_count},
 };
@@ -242,10 +242,37 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(CHECK_ETHERTYPE) {
         return None;
     }
-    let request: CheckRequest = read(ctx, CHECK_REQUEST_OFFSET)?;
-    let reply = ptr_at::<CheckReply>(ctx, CHECK_REPLY_OFFSET)?.cast_mut();
     let config = CONFIG.get(0)?;
-    let mut counted = GlobalStats::default();
+    // At least one whole slot; then as many as the frame holds, up to CHECK_BATCH, in order.
+    ptr_at::<CheckReply>(ctx, CHECK_REPLY_OFFSET)?;
+    for i in 0..CHECK_BATCH {
+        let offset = CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN;
+        let Some(request) = read::<CheckRequest>(ctx, offset) else {
+            break;
+        };
+        let Some(reply) = ptr_at::<CheckReply>(ctx, offset + size_of::<CheckRequest>()) else {
+            break;
+        };
+        // Counters go to STATS after each check, so that nothing but the slot index carries
+        // from one iteration to the next and the verifier's states stay prunable.
+        let mut counted = GlobalStats::default();
+        let done = check_one(&request, reply.cast_mut(), config, &mut counted);
+        count_check(&counted);
+        if done.is_none() {
+            break;
+        }
+    }
+    Some(xdp_action::XDP_PASS)
+}
+
+/// Decides one check and writes its reply.
+#[inline(always)]
+fn check_one(
+    request: &CheckRequest,
+    reply: *mut CheckReply,
+    config: &Config,
+    counted: &mut GlobalStats,
+) -> Option<()> {
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
@@ -281,7 +308,7 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
                 state_ptr = Some(p);
             } else {
                 verdict |= VERDICT_OVERFLOW;
-                state_ptr = overflow_entry(&request.policy, 0, &mut counted);
+                state_ptr = overflow_entry(&request.policy, 0, counted);
             }
         }
     } else if request.hits == 0 {
@@ -291,20 +318,21 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
         {
             Some(p) => {
                 // SAFETY: live map value.
-                unsafe { refresh_policy(p, &request.key, config, &mut counted) };
+                unsafe { refresh_policy(p, &request.key, config, counted) };
                 state_ptr = Some(p);
             }
             None => {
-                let policy = resolve(&request.key, &mut counted)?;
+                let policy = resolve(&request.key, counted)?;
                 fresh = Some(fresh_state(&policy, config.generation));
             }
         }
     } else {
-        let p = client_entry(&request.key, config, &mut counted)?;
+        let full_before = counted.map_full;
+        let p = client_entry(&request.key, config, counted)?;
         // SAFETY: live map value.
-        unsafe { refresh_policy(p, &request.key, config, &mut counted) };
+        unsafe { refresh_policy(p, &request.key, config, counted) };
         state_ptr = Some(p);
-        if counted.map_full != 0 {
+        if counted.map_full != full_before {
             verdict |= VERDICT_OVERFLOW;
         }
     }
@@ -314,7 +342,7 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
             if request.hits != 0 {
                 // SAFETY: live map value.
                 let (admitted, at) =
-                    unsafe { decide_hits(p, request.hits, Clock::Direct, &mut counted) };
+                    unsafe { decide_hits(p, request.hits, Clock::Direct, counted) };
                 if admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
@@ -341,8 +369,7 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
             _pad: 0,
         })
     };
-    count_check(&counted);
-    Some(xdp_action::XDP_PASS)
+    Some(())
 }
 
 /// A new entry under `policy`.

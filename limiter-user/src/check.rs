@@ -22,9 +22,8 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, Policy,
     addr::{ClientKey, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_ETHERTYPE, CHECK_FRAME_LEN, CHECK_NAMED,
-        CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET, CHECK_STATIC, VERDICT_ALLOWED,
-        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+        ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REQUEST_OFFSET,
+        CHECK_SLOT_LEN, CHECK_STATIC, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
     },
     window,
 };
@@ -119,7 +118,7 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
     pub window: Duration,
     /// The `match` of the policy that applied (`default` for the default).
-    pub policy: String,
+    pub policy: Arc<str>,
     /// Current sliding-window estimate.
     pub estimate: u64,
     pub passed: u64,
@@ -137,14 +136,19 @@ pub struct PolicyView {
     named: HashMap<ClientName, Policy>,
     default: Policy,
     /// `names[id]` is the `match` of policy `id`.
-    names: Vec<String>,
+    names: Vec<Arc<str>>,
     dry_run: bool,
 }
 
 impl PolicyView {
     pub fn new(config: &Config) -> PolicyView {
-        let names = std::iter::once("default".to_string())
-            .chain(config.policies.iter().map(|(m, _)| m.to_string()))
+        let names = std::iter::once(Arc::from("default"))
+            .chain(
+                config
+                    .policies
+                    .iter()
+                    .map(|(m, _)| Arc::from(m.to_string())),
+            )
             .collect();
         PolicyView {
             named: config.named_policies(),
@@ -155,11 +159,11 @@ impl PolicyView {
     }
 
     /// The `match` of policy `id`.
-    pub fn name(&self, id: u16) -> String {
+    pub fn name(&self, id: u16) -> Arc<str> {
         self.names
             .get(id as usize)
             .cloned()
-            .unwrap_or_else(|| format!("#{id}"))
+            .unwrap_or_else(|| Arc::from(format!("#{id}")))
     }
 }
 
@@ -190,51 +194,68 @@ impl Checker {
 
     /// Decides `hits` hits for `id` (0: read only).
     pub fn check(&self, id: &ClientId, hits: u32) -> Result<Decision, CheckError> {
-        let view = self.view();
-        let mut request = CheckRequest {
-            key: id.key(),
-            hits,
-            ..CheckRequest::default()
-        };
-        if let ClientId::Named(name) = id {
-            request.flags = CHECK_NAMED;
-            match view.named.get(name) {
-                Some(policy) => {
-                    request.flags |= CHECK_STATIC;
-                    request.policy = *policy;
-                }
-                None => request.policy = view.default,
-            }
-        }
-        let reply = self.run(&request)?;
-        Ok(decision(&reply, hits, &view))
+        let mut out = self.check_all(&[(id, hits)])?;
+        Ok(out.remove(0))
     }
 
-    fn run(&self, request: &CheckRequest) -> Result<CheckReply, CheckError> {
-        let mut frame = [0u8; CHECK_FRAME_LEN];
+    /// Decides checks in order, up to `CHECK_BATCH` per program run (one syscall).
+    pub fn check_all(&self, checks: &[(&ClientId, u32)]) -> Result<Vec<Decision>, CheckError> {
+        let view = self.view();
+        let mut out = Vec::with_capacity(checks.len());
+        let mut frame = [0u8; CHECK_REQUEST_OFFSET + CHECK_BATCH * CHECK_SLOT_LEN];
         frame[12..14].copy_from_slice(&CHECK_ETHERTYPE.to_be_bytes());
-        // SAFETY: both are `#[repr(C)]` integer-only `Pod` types without padding, written and
-        // read as plain bytes at offsets inside the frame.
-        unsafe {
-            frame
-                .as_mut_ptr()
-                .add(CHECK_REQUEST_OFFSET)
-                .cast::<CheckRequest>()
-                .write_unaligned(*request);
+        for chunk in checks.chunks(CHECK_BATCH) {
+            for (i, (id, hits)) in chunk.iter().enumerate() {
+                let request = request(id, *hits, &view);
+                // SAFETY: `CheckRequest` is a `#[repr(C)]` integer-only `Pod` type without
+                // padding, written as plain bytes at an offset inside the frame.
+                unsafe {
+                    frame
+                        .as_mut_ptr()
+                        .add(CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN)
+                        .cast::<CheckRequest>()
+                        .write_unaligned(request);
+                }
+            }
+            let len = CHECK_REQUEST_OFFSET + chunk.len() * CHECK_SLOT_LEN;
+            let ret = crate::syscall::prog_test_run(self.prog.as_fd(), &mut frame[..len])?;
+            if ret != XDP_PASS {
+                return Err(CheckError::Rejected(ret));
+            }
+            for (i, (_, hits)) in chunk.iter().enumerate() {
+                // SAFETY: as above; the program wrote each reply in place.
+                let reply = unsafe {
+                    frame
+                        .as_ptr()
+                        .add(CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN + size_of::<CheckRequest>())
+                        .cast::<CheckReply>()
+                        .read_unaligned()
+                };
+                out.push(decision(&reply, *hits, &view));
+            }
         }
-        let ret = crate::syscall::prog_test_run(self.prog.as_fd(), &mut frame)?;
-        if ret != XDP_PASS {
-            return Err(CheckError::Rejected(ret));
-        }
-        // SAFETY: as above.
-        Ok(unsafe {
-            frame
-                .as_ptr()
-                .add(CHECK_REPLY_OFFSET)
-                .cast::<CheckReply>()
-                .read_unaligned()
-        })
+        Ok(out)
     }
+}
+
+/// The request for one check: an address is resolved by the program; an ID carries its policy.
+fn request(id: &ClientId, hits: u32, view: &PolicyView) -> CheckRequest {
+    let mut request = CheckRequest {
+        key: id.key(),
+        hits,
+        ..CheckRequest::default()
+    };
+    if let ClientId::Named(name) = id {
+        request.flags = CHECK_NAMED;
+        match view.named.get(name) {
+            Some(policy) => {
+                request.flags |= CHECK_STATIC;
+                request.policy = *policy;
+            }
+            None => request.policy = view.default,
+        }
+    }
+    request
 }
 
 /// Interprets the program's reply.
