@@ -24,6 +24,9 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "iproute2",
+    // The gRPC API benchmark's baseline: Redis with the redis-cell module, and redis-benchmark.
+    "redis-server",
+    "redis-tools",
 ];
 const SYSTEM_TOOLCHAIN: &str = "system";
 const SYSTEM_TOOLCHAIN_PREFIX: &str = "/usr";

@@ -44,16 +44,21 @@ pub fn test(workspace: &Workspace, test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench`: runs the XDP benchmark (passing `bench_args` to it) and the snapshot
-/// benchmark, prints both and writes them to BENCHMARKS.md.
+/// `cargo xtask bench`: builds the release `limiter`, runs the XDP benchmark (passing
+/// `bench_args` to it), the snapshot benchmark and the gRPC API benchmark, prints them and
+/// writes them to BENCHMARKS.md.
 pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
+    build_limiter(workspace, Profile::Release).context("bench")?;
+    let limiter = workspace.binary(Profile::Release, "limiter");
     let out_dir = workspace.root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("bench: creating {}", out_dir.display()))?;
     let xdp = out_dir.join("xdp.md");
     let snapshot = out_dir.join("snapshot.md");
-    run_bench_binary(workspace, "xdp-bench", &xdp, bench_args)?;
-    run_bench_binary(workspace, "snapshot-bench", &snapshot, &[])?;
+    let api = out_dir.join("api.md");
+    run_bench_binary(workspace, &limiter, "xdp-bench", &[], &xdp, bench_args)?;
+    run_bench_binary(workspace, &limiter, "snapshot-bench", &[], &snapshot, &[])?;
+    run_bench_binary(workspace, &limiter, "api-bench", &["run"], &api, &[])?;
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path).with_context(|| format!("bench: reading {}", path.display()))
     };
@@ -61,9 +66,10 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
         "# Benchmarks\n\nWritten by `cargo xtask bench`; rerun it to refresh. Targets are checked here, \
          never by timed tests. Every ratio is against a baseline measured in the same run.\n\n{}\n\
          ## Snapshots\n\nThe agent's own snapshot code (`limiter_user::snapshot`) on a private map \
-         holding one million clients; the file is fsynced and renamed as in production.\n\n{}",
+         holding one million clients; the file is fsynced and renamed as in production.\n\n{}\n{}",
         read(&xdp)?.replacen("# XDP benchmark", "## XDP fast path", 1),
         read(&snapshot)?,
+        read(&api)?,
     );
     let target = workspace.root().join("BENCHMARKS.md");
     std::fs::write(&target, report)
@@ -72,9 +78,13 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo run --release -p limiter-tests --bin BIN -- SUBCOMMAND... --write REPORT ARGS...`,
+/// with `LIMITER_BIN` naming the release `limiter`.
 fn run_bench_binary(
     workspace: &Workspace,
+    limiter: &std::path::Path,
     bin: &str,
+    subcommand: &[&str],
     report: &std::path::Path,
     args: &[String],
 ) -> Result<()> {
@@ -86,7 +96,13 @@ fn run_bench_binary(
         "--bin",
         bin,
     ]);
-    command.arg("--").arg("--write").arg(report).args(args);
+    command
+        .env(LIMITER_BIN_ENV, limiter)
+        .arg("--")
+        .args(subcommand)
+        .arg("--write")
+        .arg(report)
+        .args(args);
     process::run(&mut command).with_context(|| format!("bench: {bin}"))
 }
 
