@@ -43,7 +43,8 @@ enum Command {
         )]
         args: Vec<String>,
     },
-    /// Run the XDP benchmark. Arguments after `--` go to `xdp-bench`.
+    /// Run the benchmarks (XDP fast path, snapshot, gRPC API) and rewrite BENCHMARKS.md.
+    /// Arguments after `--` go to `xdp-bench`.
     Bench {
         /// Passed to `xdp-bench`.
         #[arg(
@@ -64,6 +65,8 @@ enum Command {
         )]
         args: Vec<String>,
     },
+    /// Render the adaptive controller's simulations as SVG charts under docs/ (no root).
+    PlotAdaptive,
     /// Boot a kernel (default: Debian's 6.1 cloud kernel) in QEMU and run the privileged tests
     /// inside it. Arguments after `--` go to the test binaries.
     VmTest(vm::Args),
@@ -103,6 +106,10 @@ fn run(command: Command) -> Result<()> {
             require_root("demo", "it creates network namespaces and attaches XDP")?;
             setup::ensure(&workspace)?;
             tasks::demo(&workspace, &args)
+        }
+        Command::PlotAdaptive => {
+            setup::ensure(&workspace)?;
+            tasks::plot_adaptive(&workspace)
         }
         Command::VmTest(args) => {
             setup::ensure(&workspace)?;

@@ -125,6 +125,23 @@ pub fn demo(workspace: &Workspace, demo_args: &[String]) -> Result<()> {
     process::run(&mut command).context("demo")
 }
 
+/// `cargo xtask plot-adaptive`: the adaptive controller's simulations as SVGs in `docs/`
+/// (deterministic: the same bytes every run, so a diff shows a behaviour change).
+pub fn plot_adaptive(workspace: &Workspace) -> Result<()> {
+    let mut command = workspace.cargo([
+        "run",
+        "-p",
+        PRIVILEGED_TEST_PACKAGE,
+        "--bin",
+        "plot-adaptive",
+    ]);
+    command
+        .arg("--")
+        .arg("--out")
+        .arg(workspace.root().join("docs"));
+    process::run(&mut command).context("plot-adaptive")
+}
+
 fn build_limiter(workspace: &Workspace, profile: Profile) -> Result<()> {
     let mut command = workspace.cargo(["build", "-p", "limiter-user", "--bins"]);
     if let Profile::Release = profile {
