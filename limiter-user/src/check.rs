@@ -10,6 +10,7 @@
 
 use std::{
     collections::HashMap,
+    hash::BuildHasherDefault,
     net::IpAddr,
     num::NonZeroU64,
     os::fd::{AsFd as _, OwnedFd},
@@ -133,7 +134,8 @@ pub struct Decision {
 /// What the agent's current config says about IDs (policies, names); swapped on every apply.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyView {
-    named: HashMap<ClientName, Policy>,
+    /// Exact-ID policies by the ID's map key (its SHA-256 prefix, computed once per check).
+    named: HashMap<ClientKey, Policy, BuildHasherDefault<KeyHasher>>,
     default: Policy,
     /// `names[id]` is the `match` of policy `id`.
     names: Vec<Arc<str>>,
@@ -151,7 +153,11 @@ impl PolicyView {
             )
             .collect();
         PolicyView {
-            named: config.named_policies(),
+            named: config
+                .named_policies()
+                .into_iter()
+                .map(|(name, policy)| (name.key(), policy))
+                .collect(),
             default: config.default_policy(),
             names,
             dry_run: config.mode == Mode::DryRun,
@@ -240,14 +246,15 @@ impl Checker {
 
 /// The request for one check: an address is resolved by the program; an ID carries its policy.
 fn request(id: &ClientId, hits: u32, view: &PolicyView) -> CheckRequest {
+    let key = id.key();
     let mut request = CheckRequest {
-        key: id.key(),
+        key,
         hits,
         ..CheckRequest::default()
     };
-    if let ClientId::Named(name) = id {
+    if let ClientId::Named(_) = id {
         request.flags = CHECK_NAMED;
-        match view.named.get(name) {
+        match view.named.get(&key) {
             Some(policy) => {
                 request.flags |= CHECK_STATIC;
                 request.policy = *policy;
@@ -256,6 +263,27 @@ fn request(id: &ClientId, hits: u32, view: &PolicyView) -> CheckRequest {
         }
     }
     request
+}
+
+/// Hashes a `ClientKey` of a named ID by its first eight bytes: the key is already a SHA-256
+/// prefix, uniform and not choosable, so hashing it again (SipHash) would only cost time. The
+/// map holds only the config's exact-ID policies; lookups of arbitrary IDs never insert.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 16]` hashes as its length (a usize) then its bytes: keep the bytes' prefix.
+        if bytes.len() >= 8 {
+            self.0 = u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes"));
+        }
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
 }
 
 /// Interprets the program's reply.
