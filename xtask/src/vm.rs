@@ -697,9 +697,11 @@ fn write_initramfs(path: &Path, payload: &Payload) -> Result<()> {
     }
     cpio.char_device("dev/console", 5, 1)?;
     add_file(&mut cpio, "bin/busybox", 0o755, payload.busybox)?;
+    let scratch = path.with_extension("strip");
     for (in_vm, host) in &programs {
-        add_file(&mut cpio, in_vm, 0o755, host)?;
+        add_stripped(&mut cpio, in_vm, host, &scratch)?;
     }
+    let _ = fs::remove_file(&scratch);
     for library in &libraries {
         let in_vm = library.to_string_lossy();
         add_file(&mut cpio, in_vm.trim_start_matches('/'), 0o755, library)?;
@@ -717,6 +719,33 @@ fn add_file<W: Write>(cpio: &mut Cpio<W>, in_vm: &str, perm: u32, host: &Path) -
     let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
     cpio.file(in_vm, perm, &data)
         .with_context(|| format!("adding {} as /{in_vm}", host.display()))
+}
+
+/// Adds a program without its debug info (`strip --strip-debug` into `scratch`): the debug
+/// test binaries carry hundreds of MB of DWARF, which the VM's RAM-backed rootfs would have to
+/// hold twice while unpacking (it ran out at 2 GiB with a 769 MB initramfs).
+fn add_stripped<W: Write>(
+    cpio: &mut Cpio<W>,
+    in_vm: &str,
+    host: &Path,
+    scratch: &Path,
+) -> Result<()> {
+    let output = process::command("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(scratch)
+        .arg(host)
+        .stdin(Stdio::null())
+        .output()
+        .context("could not start `strip` (binutils)")?;
+    ensure!(
+        output.status.success(),
+        "`strip --strip-debug {}` failed ({}): {}",
+        host.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    add_file(cpio, in_vm, 0o755, scratch)
 }
 
 /// `(path in the VM, path on the host)` of every dynamically linked program the VM runs.
