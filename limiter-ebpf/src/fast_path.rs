@@ -34,7 +34,7 @@ use limiter_common::{
     maps::{
         ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET,
         CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_STATIC, FLAG_STATIC, MODE_DRY_RUN,
-        VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+        VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
     },
     window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide, slot_count},
 };
@@ -278,10 +278,17 @@ fn check_one(
     let mut fresh = None;
     if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
+        // The other map too: while the agent moves an ID between the two (its exact-ID policy
+        // was just added or removed) a check may still carry the old flag, and must find the
+        // ID's state rather than start it afresh.
         let found = if static_id {
-            NAMED_STATIC.get_ptr_mut(&request.key)
+            NAMED_STATIC
+                .get_ptr_mut(&request.key)
+                .or_else(|| NAMED.get_ptr_mut(&request.key))
         } else {
-            NAMED.get_ptr_mut(&request.key)
+            NAMED
+                .get_ptr_mut(&request.key)
+                .or_else(|| NAMED_STATIC.get_ptr_mut(&request.key))
         };
         if let Some(p) = found {
             // SAFETY: live map value; the agent passes the ID's current policy.
@@ -365,7 +372,7 @@ fn check_one(
         reply.write_unaligned(CheckReply {
             state,
             now_ns: now,
-            verdict,
+            verdict: verdict | VERDICT_WRITTEN,
             _pad: 0,
         })
     };

@@ -66,6 +66,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         .with_context(|| format!("reading config {}", opts.config.display()))?;
     let config = parse(&opts.config, &text)?;
 
+    // Listeners first: a port in use, a bad certificate or another agent on this interface's
+    // socket stops the start before anything is loaded, written or attached.
+    let listeners = api::bind(&opts.api).await?;
+    let metrics_listener = match opts.metrics {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&opts.api.socket);
+                return Err(e).with_context(|| format!("binding the metrics listener to {addr}"));
+            }
+        },
+    };
+
     let pins = datapath::pin_dir(&opts.iface);
     let adopting = pins.exists();
     let mut ebpf = datapath::load(&LoadOptions {
@@ -87,6 +101,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (tables, report, check_program, attachment) = match started {
         Ok(started) => started,
         Err(e) => {
+            let _ = std::fs::remove_file(&opts.api.socket);
             if !adopting {
                 // Leave no pins behind from a start that never enforced anything.
                 drop(ebpf);
@@ -116,7 +131,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         counters.clone(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = api::serve(
+    let served = api::serve(
         ApiState {
             iface: opts.iface.clone(),
             checker,
@@ -125,14 +140,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             max_batch: opts.api.max_batch,
         },
         opts.api.clone(),
+        listeners,
         stop_rx.clone(),
     )
-    .await?
-    .tasks;
-    if let Some(addr) = opts.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics listener to {addr}"))?;
+    .await;
+    let mut tasks = match served {
+        Ok(served) => served.tasks,
+        Err(e) => {
+            // Attached but not serving: do not leave a program nobody manages.
+            if let Err(d) = attachment.detach() {
+                tracing::error!("detaching after a failed start: {d}");
+            }
+            let _ = std::fs::remove_file(&opts.api.socket);
+            return Err(e);
+        }
+    };
+    if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
         let limits = limits.clone();
         let mut stop = stop_rx.clone();

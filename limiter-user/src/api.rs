@@ -67,12 +67,13 @@ pub struct ApiOptions {
     pub max_batch: usize,
 }
 
-/// Server certificate and key, and the CA that client certificates must chain to (mTLS).
+/// Server certificate and key, and optionally the CA that client certificates must chain to
+/// (mutual TLS; without it clients authenticate with the bearer token).
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The default socket of an interface's agent.
@@ -114,7 +115,9 @@ fn status_of(e: &LimitsError) -> Status {
 fn check_status(e: CheckError) -> Status {
     match e {
         CheckError::InvalidId(_) => Status::invalid_argument(e.to_string()),
-        CheckError::Run(_) | CheckError::Rejected(_) => Status::internal(e.to_string()),
+        CheckError::Run(_) | CheckError::Rejected(_) | CheckError::Unanswered => {
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -445,26 +448,26 @@ impl limits_server::Limits for LimitsService {
             let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
             let mut stop = self.stop.clone();
             tokio::spawn(async move {
-                for item in initial {
-                    if tx.send(item).await.is_err() {
-                        return;
+                // A client that stops reading blocks `send`: wait for it only until shutdown.
+                // (`is_ok` drops the borrow the wait returns, keeping the task `Send`.)
+                let closed = tx.clone();
+                let forward = async move {
+                    for item in initial {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
                     }
-                }
-                loop {
-                    tokio::select! {
-                        // (`is_ok` drops the borrow the wait returns, keeping the task `Send`.)
-                        _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
-                        _ = tx.closed() => return,
-                        item = live.next() => match item {
-                            Some(item) => {
-                                let lagged = item.is_err();
-                                if tx.send(item).await.is_err() || lagged {
-                                    return;
-                                }
-                            }
-                            None => return,
-                        },
+                    while let Some(item) = live.next().await {
+                        let lagged = item.is_err();
+                        if tx.send(item).await.is_err() || lagged {
+                            return;
+                        }
                     }
+                };
+                tokio::select! {
+                    _ = async { stop.wait_for(|s| *s).await.is_ok() } => {}
+                    _ = closed.closed() => {}
+                    _ = forward => {}
                 }
             });
             let stream: Self::WatchStream =
@@ -764,7 +767,14 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "API socket path {} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "API socket {} is in use by another process (another agent on this interface?)",
@@ -794,10 +804,79 @@ pub struct Served {
     pub tcp: Option<SocketAddr>,
 }
 
-/// Serves the API on the configured listeners until `shutdown` flips to true.
+/// The API's listeners, bound (and its TLS files read) before the agent touches the kernel, so
+/// that a port in use, a bad certificate or a second agent on the same socket stops the start
+/// before anything is attached or written.
+pub struct Listeners {
+    unix: tokio::net::UnixListener,
+    tcp: Option<(
+        tokio::net::TcpListener,
+        Option<tonic::transport::ServerTlsConfig>,
+    )>,
+}
+
+/// Binds the Unix socket and, if configured, the TCP listener with its TLS setup.
+pub async fn bind(opts: &ApiOptions) -> anyhow::Result<Listeners> {
+    let unix = bind_unix(&opts.socket)?;
+    let tcp = match opts.listen {
+        None => None,
+        Some(addr) => {
+            let bound = async {
+                let mutual_tls = opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+                if opts.token.is_none() && !mutual_tls {
+                    anyhow::bail!(
+                        "--api-listen {addr} needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
+                    );
+                }
+                let tls = match &opts.tls {
+                    None => None,
+                    Some(tls) => Some(tls_config(tls)?),
+                };
+                if tls.is_none() && !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        %addr,
+                        "the API's bearer token travels in clear text over TCP without TLS; add --api-tls-cert/--api-tls-key"
+                    );
+                }
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the API to {addr}"))?;
+                Ok((listener, tls))
+            }
+            .await;
+            match bound {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&opts.socket);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    Ok(Listeners { unix, tcp })
+}
+
+/// The server's TLS setup: its certificate, and with a client CA, mutual TLS.
+fn tls_config(tls: &TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read =
+        |p: &Path| std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()));
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    // Fail now on a bad certificate or key, not at the first connection.
+    Server::builder()
+        .tls_config(config.clone())
+        .context("configuring TLS for the API")?;
+    Ok(config)
+}
+
+/// Serves the API on `listeners` until `shutdown` flips to true.
 pub async fn serve(
     state: ApiState,
     opts: ApiOptions,
+    listeners: Listeners,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Served> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -809,7 +888,7 @@ pub async fn serve(
     let mut tasks = Vec::new();
     let mut tcp = None;
 
-    let unix = bind_unix(&opts.socket)?;
+    let unix = listeners.unix;
     let socket = opts.socket.clone();
     let routes_unix = routes(&state, &shutdown, health.clone())?;
     let mut stop = shutdown.clone();
@@ -828,30 +907,13 @@ pub async fn serve(
     }));
     tracing::info!(socket = %opts.socket.display(), "API listening on the Unix socket");
 
-    if let Some(addr) = opts.listen {
-        if opts.token.is_none() && opts.tls.is_none() {
-            anyhow::bail!(
-                "--api-listen {addr} needs --api-token-file or --api-tls-cert/--api-tls-key/--api-tls-client-ca: the TCP API is never served without authentication"
-            );
-        }
+    if let Some((listener, tls)) = listeners.tcp {
         let mut builder = server();
-        if let Some(tls) = &opts.tls {
-            let read = |p: &Path| {
-                std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()))
-            };
-            let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-            let ca = tonic::transport::Certificate::from_pem(read(&tls.client_ca)?);
+        if let Some(tls) = tls {
             builder = builder
-                .tls_config(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(identity)
-                        .client_ca_root(ca),
-                )
+                .tls_config(tls)
                 .context("configuring TLS for the API")?;
         }
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the API to {addr}"))?;
         let local = listener.local_addr()?;
         tcp = Some(local);
         let routes_tcp = routes(&state, &shutdown, health)?;

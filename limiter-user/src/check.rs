@@ -25,6 +25,7 @@ use limiter_common::{
     maps::{
         ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REQUEST_OFFSET,
         CHECK_SLOT_LEN, CHECK_STATIC, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+        VERDICT_WRITTEN,
     },
     window,
 };
@@ -45,6 +46,8 @@ pub enum CheckError {
     Run(#[from] std::io::Error),
     #[error("the check program rejected the check frame (return value {0})")]
     Rejected(u32),
+    #[error("the check program left a check unanswered (no policy matched the client)")]
+    Unanswered,
 }
 
 /// A client as the API names it.
@@ -237,6 +240,9 @@ impl Checker {
                         .cast::<CheckReply>()
                         .read_unaligned()
                 };
+                if reply.verdict & VERDICT_WRITTEN == 0 {
+                    return Err(CheckError::Unanswered);
+                }
                 out.push(decision(&reply, *hits, &view));
             }
         }
@@ -286,6 +292,25 @@ impl std::hash::Hasher for KeyHasher {
     fn write_usize(&mut self, _len: usize) {}
 }
 
+/// The resolution of CLOCK_MONOTONIC_COARSE (one kernel tick, e.g. 4 ms at HZ=250).
+fn coarse_tick() -> Duration {
+    static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0;
+        if ok {
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        } else {
+            // The longest tick Linux has (HZ=100).
+            Duration::from_millis(10)
+        }
+    })
+}
+
 /// Interprets the program's reply.
 pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
     let s: &ClientState = &reply.state;
@@ -331,6 +356,14 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
                 d.retry_after =
                     window::admitted_after(&s.slots, reply.now_ns, window_ns, s.limit, hits.max(1))
                         .map(Duration::from_nanos);
+            }
+            // Windows of a second or more are timed with the coarse clock, which runs up to one
+            // tick behind real time: a caller waiting the exact time on its own clock could
+            // come back a tick early. Add the tick so that waiting the time always suffices.
+            if s.window_us >= window::COARSE_CLOCK_MIN_WINDOW_US {
+                let tick = coarse_tick();
+                d.reset_after += tick;
+                d.retry_after = d.retry_after.map(|r| r + tick);
             }
         }
     }

@@ -15,6 +15,9 @@ use crate::proto::{
     limits_client::LimitsClient, rate_limiter_client::RateLimiterClient, stats_client::StatsClient,
 };
 
+/// Largest `Stats` reply the CLI accepts: about a million clients' rows.
+const MAX_STATS_REPLY: usize = 256 << 20;
+
 /// Where the agent's API is and how to authenticate.
 #[derive(Debug, Clone, Default)]
 pub struct Target {
@@ -149,7 +152,9 @@ pub async fn connect(target: &Target) -> anyhow::Result<Clients> {
     Ok(Clients {
         rate_limiter: RateLimiterClient::with_interceptor(channel.clone(), token.clone()),
         limits: LimitsClient::with_interceptor(channel.clone(), token.clone()),
-        stats: StatsClient::with_interceptor(channel, token),
+        // `Top` with n = 0 lists every client: allow replies far beyond tonic's 4 MiB default.
+        stats: StatsClient::with_interceptor(channel, token)
+            .max_decoding_message_size(MAX_STATS_REPLY),
     })
 }
 

@@ -344,9 +344,17 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(failed(format!("fsyncing the directory {}", dir.display())))
+    // The new text is in place once renamed; a failed directory fsync only weakens its
+    // durability across a crash, so it is reported, not returned (returning it would make the
+    // caller undo a change that did take effect).
+    if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(
+            "{} was written, but fsyncing its directory {} failed: {e}",
+            target.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Indentation of the `- ` of entries written into a `policies:` that has none.
@@ -640,6 +648,13 @@ fn double_quoted(s: &str) -> String {
 
 /// The entry of `values` whose `match` is `matches`; an error when several are.
 fn find_entry(values: &[Value], matches: &str) -> Result<Option<usize>, EditError> {
+    // Compared as policies compare them: `10.0.0.1/32` is `10.0.0.1`, `2001:DB8::/32` is
+    // `2001:db8::/32`; strings that are not valid matches compare as written.
+    let wanted = matches.parse::<crate::policy::Match>().ok();
+    let same = |s: &str| match (&wanted, s.parse::<crate::policy::Match>()) {
+        (Some(w), Ok(m)) => *w == m,
+        _ => s == matches,
+    };
     let found: Vec<usize> = values
         .iter()
         .enumerate()
@@ -647,7 +662,7 @@ fn find_entry(values: &[Value], matches: &str) -> Result<Option<usize>, EditErro
             v.as_mapping()
                 .and_then(|m| m.get("match"))
                 .and_then(Value::as_str)
-                == Some(matches)
+                .is_some_and(same)
         })
         .map(|(i, _)| i)
         .collect();
@@ -2771,5 +2786,27 @@ policies:
                 prop_assert_eq!(back, format!("{original}policies: []\n"));
             }
         }
+    }
+
+    #[test]
+    fn entries_are_found_by_policy_value_not_spelling() {
+        let text = "default: { limit: 5, window: 1s }\npolicies:\n  - match: 10.0.0.1/32\n    limit: 1\n    window: 1s\n  - match: 2001:DB8::/32\n    limit: 2\n    window: 1s\n";
+        let rule = RuleText {
+            matches: "10.0.0.1".into(),
+            limit: Some(9),
+            window: Some("1s".into()),
+            action: None,
+        };
+        let out = upsert_policy(text, &rule).unwrap();
+        let config = crate::policy::Config::parse(&out).unwrap();
+        assert_eq!(config.policies.len(), 2, "{out}");
+        assert_eq!(config.policies[0].1.limit, 9);
+        let out = remove_policy(text, "2001:db8::/32")
+            .unwrap()
+            .expect("found");
+        assert_eq!(
+            crate::policy::Config::parse(&out).unwrap().policies.len(),
+            1
+        );
     }
 }

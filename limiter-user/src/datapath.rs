@@ -727,16 +727,7 @@ fn sync_static(
 ) -> Result<(), DatapathError> {
     let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
     let current: HashSet<ClientKey> = statics.keys().filter_map(Result::ok).collect();
-    for key in wanted.difference(&current) {
-        let mut state = dynamic.get(key, 0).unwrap_or_default();
-        state.generation = 0; // re-resolve on the next packet
-        state.flags |= FLAG_STATIC;
-        statics
-            .insert(key, state, 0)
-            .map_err(map_err(static_name))?;
-        let _ = dynamic.remove(key);
-        report.statics_added += 1;
-    }
+    // Removals first, so that replacing a full set of statics never needs room for both.
     for key in current.difference(&wanted) {
         if let Ok(mut state) = statics.get(key, 0) {
             state.generation = 0;
@@ -747,6 +738,16 @@ fn sync_static(
         }
         statics.remove(key).map_err(map_err(static_name))?;
         report.statics_removed += 1;
+    }
+    for key in wanted.difference(&current) {
+        let mut state = dynamic.get(key, 0).unwrap_or_default();
+        state.generation = 0; // re-resolve on the next packet
+        state.flags |= FLAG_STATIC;
+        statics
+            .insert(key, state, 0)
+            .map_err(map_err(static_name))?;
+        let _ = dynamic.remove(key);
+        report.statics_added += 1;
     }
     Ok(())
 }

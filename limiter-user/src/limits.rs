@@ -220,7 +220,7 @@ impl Limits {
                 return;
             }
         };
-        match self.install(&mut inner, config, Source::File) {
+        match self.install(&mut inner, config, None) {
             Ok(changes) => {
                 self.counters
                     .config_reloads
@@ -240,16 +240,34 @@ impl Limits {
         }
     }
 
-    /// Applies `config` to the maps and the checker, and announces the differences.
+    /// Applies `config` to the maps and the checker, and announces the differences: the change
+    /// to `api` (the policy an API call edited) as the API's, any other as the file's (an edit
+    /// of the file the watcher had not applied yet). If the maps cannot take it, the config in
+    /// force before is written back (a failed apply can stop halfway).
     fn install(
         &self,
         inner: &mut Inner,
         config: Config,
-        source: Source,
+        api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
-        let report = inner.tables.apply(&config)?;
+        let report = match inner.tables.apply(&config) {
+            Ok(report) => report,
+            Err(e) => {
+                if let Err(restore) = inner.tables.apply(&inner.config) {
+                    tracing::error!(
+                        "restoring the policies in force after a failed apply: {restore}"
+                    );
+                }
+                return Err(e);
+            }
+        };
         self.checker.set_config(&config);
-        let changes = diff(&inner.config, &config, report.generation, source);
+        let mut changes = diff(&inner.config, &config, report.generation, Source::File);
+        for change in &mut changes {
+            if api == Some(&change.selector) {
+                change.source = Source::Api;
+            }
+        }
         inner.config = config;
         for change in &changes {
             // No subscribers is fine.
@@ -261,7 +279,7 @@ impl Limits {
     /// Creates or replaces a policy (the default with `Selector::Default`).
     pub fn set(&self, selector: &Selector, limit: Resolved) -> Result<Change, LimitsError> {
         let rule = rule_text(selector, &limit);
-        let change = self.edit(|text, path| {
+        let change = self.edit(selector, |text, path| {
             match selector {
                 Selector::Default => config_edit::set_default(text, &rule),
                 Selector::Match(_) => config_edit::upsert_policy(text, &rule),
@@ -287,7 +305,8 @@ impl Limits {
         let Some(before) = before else {
             return Err(LimitsError::NotFound(m.to_string()));
         };
-        let change = self.edit(|text, path| {
+        let selector = Selector::Match(m.clone());
+        let change = self.edit(&selector, |text, path| {
             config_edit::remove_policy(text, &m.to_string())
                 .map_err(|error| LimitsError::Edit {
                     path: path.into(),
@@ -308,6 +327,7 @@ impl Limits {
     /// new text. Returns the change to the edited policy, if the maps changed.
     fn edit(
         &self,
+        selector: &Selector,
         edit: impl FnOnce(&str, &std::path::Path) -> Result<String, LimitsError>,
     ) -> Result<Option<Change>, LimitsError> {
         let mut inner = self.lock();
@@ -331,10 +351,10 @@ impl Limits {
             );
         }
         let previous = inner.config.clone();
-        let changes = self.install(&mut inner, config, Source::Api)?;
+        let changes = self.install(&mut inner, config, Some(selector))?;
         if let Err(error) = config_edit::write_atomic(&path, &new_text) {
             // Put the maps back so that file and maps agree; the change is reported as failed.
-            if let Err(e) = self.install(&mut inner, previous, Source::Api) {
+            if let Err(e) = self.install(&mut inner, previous, None) {
                 tracing::error!("restoring the policies after a failed write: {e}");
             }
             return Err(LimitsError::Write { path, error });
@@ -343,7 +363,7 @@ impl Limits {
         self.counters
             .api_limit_changes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(changes.into_iter().find(|c| c.source == Source::Api))
+        Ok(changes.into_iter().find(|c| c.selector == *selector))
     }
 
     /// The policy for `selector`, if there is one.

@@ -66,12 +66,13 @@ enum Command {
         #[arg(long)]
         api_token_file: Option<PathBuf>,
         /// The API's TLS certificate (PEM).
-        #[arg(long, requires_all = ["api_tls_key", "api_tls_client_ca"])]
+        #[arg(long, requires = "api_tls_key")]
         api_tls_cert: Option<PathBuf>,
         /// The API's TLS private key (PEM).
         #[arg(long, requires = "api_tls_cert")]
         api_tls_key: Option<PathBuf>,
-        /// CA (PEM) that client certificates must chain to.
+        /// CA (PEM) that client certificates must chain to (mutual TLS); without it, TLS only
+        /// encrypts and clients authenticate with the bearer token.
         #[arg(long, requires = "api_tls_cert")]
         api_tls_client_ca: Option<PathBuf>,
         /// Most checks in one CheckBatch call.
@@ -243,17 +244,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics,
         } => {
             let token = api_token_file.as_deref().map(api::read_token).transpose()?;
-            let tls = match (api_tls_cert, api_tls_key, api_tls_client_ca) {
-                (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+            let tls = match (api_tls_cert, api_tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
                     key,
-                    client_ca,
+                    client_ca: api_tls_client_ca,
                 }),
                 _ => None,
             };
-            if api_listen.is_some() && token.is_none() && tls.is_none() {
+            let authenticated =
+                token.is_some() || tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            if api_listen.is_some() && !authenticated {
                 anyhow::bail!(
-                    "--api-listen needs --api-token-file or --api-tls-cert/--api-tls-key/--api-tls-client-ca: the TCP API is never served without authentication"
+                    "--api-listen needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
                 );
             }
             // Two workers: API calls are served while the agent's own loop runs.

@@ -276,6 +276,11 @@ impl ClientName {
         if let Some(c) = s.chars().find(|c| c.is_control()) {
             return Err(format!("an ID must not contain control characters ({c:?})"));
         }
+        if s.trim() != s {
+            return Err(format!(
+                "{s:?}: an ID must not start or end with whitespace (a padded address or `default` would read as an ID)"
+            ));
+        }
         if s == "default" {
             return Err("`default` names the default policy, not an ID".into());
         }

@@ -989,6 +989,65 @@ fn agent_refuses_an_unauthenticated_or_exposed_tcp_api() -> Result<()> {
         &["--api-listen", &listen, "--api-token-file", &short],
         &[&short, "at least 16 characters"],
     )?;
+
+    // Listeners are bound before anything is loaded: a metrics port in use, or a missing TLS
+    // file, stops the start with nothing attached, pinned or bound.
+    let busy = net.in_receiver(|| std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let busy_addr = busy.local_addr()?.to_string();
+    agent_refuses(
+        &net,
+        &dir,
+        &["--metrics", &busy_addr],
+        &["binding the metrics listener", &busy_addr],
+    )?;
+    let token = write_mode(&dir, "token", TOKEN, 0o600)?;
+    let missing = dir.join("missing.pem").to_string_lossy().into_owned();
+    agent_refuses(
+        &net,
+        &dir,
+        &[
+            "--api-listen",
+            &listen,
+            "--api-token-file",
+            &token,
+            "--api-tls-cert",
+            &missing,
+            "--api-tls-key",
+            &missing,
+        ],
+        &["reading TLS file", &missing],
+    )?;
+    drop(busy);
+    Ok(())
+}
+
+/// A socket path that names a regular file is refused, and the file is left alone.
+#[test]
+fn agent_never_replaces_a_file_at_its_socket_path() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let dir = TempDir::new("sockfile")?;
+    let config = dir.write("limiter.yaml", AUTH_CONFIG)?;
+    let state = dir.join("state").to_string_lossy().into_owned();
+    let victim = dir.write("precious.txt", "do not delete")?;
+    let out = limiter(
+        &net.receiver_ns,
+        &[
+            "agent",
+            "--iface",
+            &net.receiver_if,
+            "--config",
+            &config,
+            "--state-dir",
+            &state,
+            "--api-socket",
+            &victim,
+        ],
+    )?;
+    let line = out.failure("agent on a file", &["is not a socket"]);
+    eprintln!("{line}");
+    assert_eq!(std::fs::read_to_string(&victim)?, "do not delete");
+    assert!(!link_has_xdp(&net.receiver_link()?));
     Ok(())
 }
 

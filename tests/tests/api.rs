@@ -103,6 +103,14 @@ impl Fixture {
         ));
         let socket = dir.join("api.sock");
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let opts = ApiOptions {
+            socket: socket.clone(),
+            listen: tcp.is_some().then(|| "127.0.0.1:0".parse().unwrap()),
+            token: tcp.flatten(),
+            tls: tls.map(|(_, files)| files),
+            max_batch: 100,
+        };
+        let listeners = api::bind(&opts).await?;
         let served = api::serve(
             ApiState {
                 iface: "test0".into(),
@@ -111,13 +119,8 @@ impl Fixture {
                 counters: counters.clone(),
                 max_batch: 100,
             },
-            ApiOptions {
-                socket: socket.clone(),
-                listen: tcp.is_some().then(|| "127.0.0.1:0".parse().unwrap()),
-                token: tcp.flatten(),
-                tls: tls.map(|(_, files)| files),
-                max_batch: 100,
-            },
+            opts,
+            listeners,
             stop_rx,
         )
         .await?;
@@ -945,7 +948,7 @@ async fn mutual_tls_admits_only_clients_of_the_configured_ca() -> Result<()> {
     let files = TlsFiles {
         cert: server_cert,
         key: server_key,
-        client_ca: pki.ca_path(),
+        client_ca: Some(pki.ca_path()),
     };
     let ca = pki.ca_path();
     let f = Fixture::build(Some(None), Some((TempDir::new("tls")?, files)), 4096).await?;
