@@ -161,6 +161,12 @@ fn parse_check(req: &proto::CheckRequest, index: Option<usize>) -> Result<(Clien
     Ok((id, req.hits.unwrap_or(1)))
 }
 
+/// The `match` of a Get or Delete request.
+fn parse_selector(s: &str) -> Result<Selector, Status> {
+    s.parse()
+        .map_err(|e| Status::invalid_argument(format!("match: {e}")))
+}
+
 /// A policy from the API, validated field by field.
 pub fn parse_policy(p: &proto::Policy) -> Result<(Selector, Resolved), Status> {
     let invalid =
@@ -348,11 +354,7 @@ impl limits_server::Limits for LimitsService {
         request: Request<proto::GetLimitRequest>,
     ) -> Result<Response<proto::Policy>, Status> {
         let r = async {
-            let selector: Selector = request
-                .get_ref()
-                .r#match
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("match: {e}")))?;
+            let selector = parse_selector(&request.get_ref().r#match)?;
             let r = self
                 .state
                 .limits
@@ -369,11 +371,7 @@ impl limits_server::Limits for LimitsService {
         request: Request<proto::DeleteLimitRequest>,
     ) -> Result<Response<proto::LimitChange>, Status> {
         let r = async {
-            let selector: Selector = request
-                .get_ref()
-                .r#match
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("match: {e}")))?;
+            let selector = parse_selector(&request.get_ref().r#match)?;
             let Selector::Match(m) = selector else {
                 return Err(status_of(&LimitsError::DeleteDefault));
             };

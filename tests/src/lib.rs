@@ -2,3 +2,4 @@
 pub mod fixture;
 pub mod frames;
 pub mod netns;
+pub mod report;
