@@ -241,18 +241,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
 /// What the metrics endpoint reads from the maps at each scrape.
 fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
-    limits.with_tables(|t| {
-        let global = t.global()?;
-        let config = t.map_config()?;
-        let (clients_resident, ids_resident) = t.resident()?;
-        Ok(MapFigures {
-            global,
-            clients_resident,
-            ids_resident,
-            policy_generation: config.generation as u64,
-            attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
-            dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
-        })
+    // The walk that counts residents runs on duplicated descriptors, outside the policy lock.
+    let (global, config, maps) = limits.with_tables(|t| {
+        Ok::<_, datapath::DatapathError>((t.global()?, t.map_config()?, t.client_maps()?))
+    })?;
+    let (clients_resident, ids_resident) = maps.resident()?;
+    Ok(MapFigures {
+        global,
+        clients_resident,
+        ids_resident,
+        policy_generation: config.generation as u64,
+        attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
+        dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
     })
 }
 

@@ -8,7 +8,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    os::fd::AsFd as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     pin::Pin,
@@ -17,7 +16,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::IterableMap as _;
 use limiter_common::{
     ClientState,
     addr::ClientKey,
@@ -550,13 +548,15 @@ impl stats_server::Stats for StatsService {
 
 fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
     let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
-    let (g, config, (clients, ids)) = state.limits.with_tables(|t| {
+    // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
+    let (g, config, maps) = state.limits.with_tables(|t| {
         Ok::<_, Status>((
             t.global().map_err(internal)?,
             t.map_config().map_err(internal)?,
-            t.resident().map_err(internal)?,
+            t.client_maps().map_err(internal)?,
         ))
     })?;
+    let (clients, ids) = maps.resident().map_err(internal)?;
     let c = &state.counters;
     Ok(proto::GlobalStats {
         packets_passed: g.passed,
@@ -590,18 +590,12 @@ fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
         .keys()
         .map(|n| (n.key(), n.to_string()))
         .collect();
-    let (addresses, named) = state.limits.with_tables(|t| {
-        let named =
-            crate::syscall::lookup_all::<ClientKey, ClientState>(t.named.map().fd().as_fd())
-                .and_then(|mut v| {
-                    v.extend(crate::syscall::lookup_all::<ClientKey, ClientState>(
-                        t.named_static.map().fd().as_fd(),
-                    )?);
-                    Ok(v)
-                })
-                .map_err(|e| Status::internal(format!("reading the ID maps: {e}")))?;
-        Ok::<_, Status>((t.clients().map_err(internal)?, named))
-    })?;
+    let maps = state
+        .limits
+        .with_tables(|t| t.client_maps())
+        .map_err(internal)?;
+    let addresses = maps.addresses().map_err(internal)?;
+    let named = maps.ids().map_err(internal)?;
     let now = monotonic_ns();
     let row = |id: String, s: &ClientState| {
         let window_ns = s.window_us as u64 * 1000;

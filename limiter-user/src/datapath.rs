@@ -607,25 +607,7 @@ impl Tables {
     /// Every client entry, static ones flagged `FLAG_STATIC`, read in batches (a million
     /// clients in about 0.4 s). Entries added or evicted during the read may or may not appear.
     pub fn clients(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
-        let read = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
-            crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd()).map_err(
-                |error| DatapathError::Io {
-                    what: "reading",
-                    path: name.into(),
-                    error,
-                },
-            )
-        };
-        let mut entries = read(&self.clients, "CLIENTS")?;
-        entries.extend(
-            read(&self.static_clients, "STATIC_CLIENTS")?
-                .into_iter()
-                .map(|(k, mut v)| {
-                    v.flags |= FLAG_STATIC;
-                    (k, v)
-                }),
-        );
-        Ok(entries)
+        self.client_maps()?.addresses()
     }
 
     /// Writes a validated policy set into the maps and bumps the generation, which makes every
@@ -699,19 +681,87 @@ impl Tables {
 
     /// Resident entries of the address maps and of the ID maps, counted by a batched walk.
     pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
-        let count = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
-            crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
-                .map(|v| v.len() as u64)
+        self.client_maps()?.resident()
+    }
+
+    /// Owned descriptors of the four client maps, for walks that should not hold whatever
+    /// guards these `Tables` (a walk of a million entries takes about 0.4 s).
+    pub fn client_maps(&self) -> Result<ClientMaps, DatapathError> {
+        let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
+            map.map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
                 .map_err(|error| DatapathError::Io {
-                    what: "reading",
+                    what: "duplicating the descriptor of",
                     path: name.into(),
                     error,
                 })
         };
-        Ok((
-            count(&self.clients, "CLIENTS")? + count(&self.static_clients, "STATIC_CLIENTS")?,
-            count(&self.named, "NAMED")? + count(&self.named_static, "NAMED_STATIC")?,
-        ))
+        Ok(ClientMaps {
+            clients: dup(&self.clients, "CLIENTS")?,
+            static_clients: dup(&self.static_clients, "STATIC_CLIENTS")?,
+            named: dup(&self.named, "NAMED")?,
+            named_static: dup(&self.named_static, "NAMED_STATIC")?,
+        })
+    }
+}
+
+/// The client maps by descriptor (see [`Tables::client_maps`]).
+pub struct ClientMaps {
+    clients: OwnedFd,
+    static_clients: OwnedFd,
+    named: OwnedFd,
+    named_static: OwnedFd,
+}
+
+impl ClientMaps {
+    fn read(
+        fd: &OwnedFd,
+        name: &'static str,
+    ) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        crate::syscall::lookup_all::<ClientKey, ClientState>(fd.as_fd()).map_err(|error| {
+            DatapathError::Io {
+                what: "reading",
+                path: name.into(),
+                error,
+            }
+        })
+    }
+
+    /// Every entry of a map pair, those of the static map flagged `FLAG_STATIC`.
+    fn pair(
+        dynamic: (&OwnedFd, &'static str),
+        statics: (&OwnedFd, &'static str),
+    ) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        let mut entries = ClientMaps::read(dynamic.0, dynamic.1)?;
+        entries.extend(
+            ClientMaps::read(statics.0, statics.1)?
+                .into_iter()
+                .map(|(k, mut v)| {
+                    v.flags |= FLAG_STATIC;
+                    (k, v)
+                }),
+        );
+        Ok(entries)
+    }
+
+    /// Every address client.
+    pub fn addresses(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        ClientMaps::pair(
+            (&self.clients, "CLIENTS"),
+            (&self.static_clients, "STATIC_CLIENTS"),
+        )
+    }
+
+    /// Every named (ID) client, by key.
+    pub fn ids(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        ClientMaps::pair((&self.named, "NAMED"), (&self.named_static, "NAMED_STATIC"))
+    }
+
+    /// Resident `(addresses, IDs)`.
+    pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
+        Ok((self.addresses()?.len() as u64, self.ids()?.len() as u64))
     }
 }
 
