@@ -89,6 +89,15 @@ pub struct ApiState {
     pub max_batch: usize,
 }
 
+/// Runs `f` on the blocking pool (map walks, file writes); a panic in it becomes INTERNAL.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+}
+
 /// Counts a failed call by its code (`limiter_api_errors_total`).
 fn counted<T>(counters: &Counters, r: Result<T, Status>) -> Result<T, Status> {
     if let Err(status) = &r {
@@ -337,10 +346,9 @@ impl limits_server::Limits for LimitsService {
                 .ok_or_else(|| Status::invalid_argument("policy: required"))?;
             let (selector, resolved) = parse_policy(policy)?;
             let limits = self.state.limits.clone();
-            let change = tokio::task::spawn_blocking(move || limits.set(&selector, resolved))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| status_of(&e))?;
+            let change =
+                blocking(move || limits.set(&selector, resolved).map_err(|e| status_of(&e)))
+                    .await?;
             Ok(Response::new(change_proto(&change)))
         }
         .await;
@@ -374,10 +382,7 @@ impl limits_server::Limits for LimitsService {
                 return Err(status_of(&LimitsError::DeleteDefault));
             };
             let limits = self.state.limits.clone();
-            let change = tokio::task::spawn_blocking(move || limits.delete(&m))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| status_of(&e))?;
+            let change = blocking(move || limits.delete(&m).map_err(|e| status_of(&e))).await?;
             Ok(Response::new(change_proto(&change)))
         }
         .await;
@@ -497,9 +502,7 @@ impl stats_server::Stats for StatsService {
     ) -> Result<Response<proto::GlobalStats>, Status> {
         let r = async {
             let state = self.0.clone();
-            let out = tokio::task::spawn_blocking(move || global(&state))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+            let out = blocking(move || global(&state)).await?;
             Ok(Response::new(out))
         }
         .await;
@@ -536,9 +539,7 @@ impl stats_server::Stats for StatsService {
         let r = async {
             let n = request.get_ref().n as usize;
             let state = self.0.clone();
-            let clients = tokio::task::spawn_blocking(move || top(&state, n))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+            let clients = blocking(move || top(&state, n)).await?;
             Ok(Response::new(proto::TopResponse { clients }))
         }
         .await;

@@ -498,33 +498,20 @@ fn flow_map(inner: &str, existing: &Mapping, fields: &Fields, pad: &str) -> Opti
 /// the key's value in `existing`; `None` when they cannot be told apart with certainty.
 fn flow_parts(inner: &str, existing: &Mapping) -> Option<Vec<(String, String)>> {
     let mut parts = Vec::new();
-    let (mut quote, mut escaped, mut depth, mut start) = (None, false, 0usize, 0);
+    let (mut quote, mut depth, mut start) = (None::<Quoted>, 0usize, 0);
     let mut prev_sig: Option<char> = None;
     let mut pieces = Vec::new();
     let mut chars = inner.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
         match quote {
-            Some('"') => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == '"' {
+            Some(ref mut q) => {
+                if q.ends_at(c, &mut chars) {
                     quote = None;
-                }
-            }
-            Some(_) => {
-                if c == '\'' {
-                    if chars.peek().is_some_and(|&(_, n)| n == '\'') {
-                        chars.next();
-                    } else {
-                        quote = None;
-                    }
                 }
             }
             None => match c {
                 '"' | '\'' if matches!(prev_sig, None | Some(',' | ':' | '[' | '{')) => {
-                    quote = Some(c);
+                    quote = Some(Quoted::new(c));
                 }
                 '[' | '{' => depth += 1,
                 ']' | '}' => depth = depth.checked_sub(1)?,
@@ -1282,12 +1269,55 @@ struct LineScan {
     anchor_or_alias: bool,
 }
 
+/// Inside a quoted scalar while scanning a line.
+struct Quoted {
+    /// `"` or `'`.
+    quote: char,
+    /// The previous character was a backslash escape (double quotes only).
+    escaped: bool,
+}
+
+impl Quoted {
+    fn new(quote: char) -> Quoted {
+        Quoted {
+            quote,
+            escaped: false,
+        }
+    }
+
+    /// Whether `c` closes the scalar. In double quotes `\` escapes the next character; in
+    /// single quotes `''` is an escaped quote, whose second half is taken from `chars`.
+    fn ends_at(
+        &mut self,
+        c: char,
+        chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>,
+    ) -> bool {
+        if self.quote == '"' {
+            if self.escaped {
+                self.escaped = false;
+            } else if c == '\\' {
+                self.escaped = true;
+            } else {
+                return c == '"';
+            }
+            return false;
+        }
+        if c != '\'' {
+            return false;
+        }
+        if chars.peek().is_some_and(|&(_, n)| n == '\'') {
+            chars.next();
+            return false;
+        }
+        true
+    }
+}
+
 /// Finds the comment, the key's colon, and anchors or aliases in one line, skipping quoted
 /// scalars. A quote opens a scalar only where a scalar may start: at the start, or after a
 /// blank that follows `:`, a `- ` or `? ` indicator, or (inside `{}`/`[]`) after `,`, `[` or `{`.
 fn scan_line(line: &str) -> LineScan {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
+    let mut quote: Option<Quoted> = None;
     let mut depth = 0usize;
     let mut prev: Option<char> = None;
     let mut last_sig: Option<char> = None;
@@ -1298,22 +1328,9 @@ fn scan_line(line: &str) -> LineScan {
     let mut chars = line.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
         match quote {
-            Some('"') => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == '"' {
+            Some(ref mut q) => {
+                if q.ends_at(c, &mut chars) {
                     quote = None;
-                }
-            }
-            Some(_) => {
-                if c == '\'' {
-                    if chars.peek().is_some_and(|&(_, n)| n == '\'') {
-                        chars.next();
-                    } else {
-                        quote = None;
-                    }
                 }
             }
             None if c == '#' && prev.is_none_or(char::is_whitespace) => {
@@ -1336,7 +1353,7 @@ fn scan_line(line: &str) -> LineScan {
                     Some(_) => false,
                 };
                 match c {
-                    '"' | '\'' if at_token => quote = Some(c),
+                    '"' | '\'' if at_token => quote = Some(Quoted::new(c)),
                     '&' | '*' if at_token => anchor_or_alias = true,
                     '[' | '{' if at_token || depth > 0 => depth += 1,
                     ']' | '}' if depth > 0 => depth -= 1,
