@@ -1,25 +1,28 @@
 //! Adaptive windows (issue 3): the pure, deterministic controller that scales each client's
-//! window and allowance with its traffic pattern and with the system's load.
+//! window and allowance with its traffic pattern and with the system's load, and shares the
+//! admitted capacity among clients by weighted max-min fairness under overload.
 //!
 //! Nothing here touches a map, a clock or a thread: the caller runs [`Controller::step`] once per
-//! *period* (its choice, e.g. 1 s) with the period's CPU load and the clients it saw, and writes
-//! the returned decisions wherever they go. Every knob counted in periods counts `step` calls.
+//! *period* ([`AdaptiveConfig::period`], e.g. 1 s; the controller never reads it) with the
+//! period's CPU load and the clients it saw, and writes the returned decisions wherever they go.
+//! Every knob counted in periods (`dwell`, `idle_periods`, `grow_after`) counts `step` calls.
 //!
 //! # Quantities
 //!
-//! A policy's `limit` L per `window` w defines the client's long-run rate `r = L / w`. The
-//! controller keeps a per-client scale `s ∈ [min_scale, max_scale]` and a global load factor
-//! `g ∈ [min_load_factor, 1]`, and the datapath enforces
+//! A policy's `limit` L per `window` w defines the client's long-run rate `r = L / w`, and its
+//! `weight` its claim under overload. The controller keeps a per-client scale
+//! `s ∈ [min_scale, max_scale]`, a global load factor `g ∈ [min_load_factor, 1]` and a
+//! per-client fairness factor `gᵢ ∈ (0, 1]`, and the datapath enforces
 //!
 //! ```text
-//! W = s · w              (effective window)
-//! A = L · s · g          (effective allowance per W)     so   A / W = r · g
+//! W = s · w                    (effective window)
+//! A = L · (W / w) · gᵢ         (effective allowance per W)     so   A / W = r · gᵢ
 //! ```
 //!
-//! With `g = 1` the long-run rate stays `r` whatever `s` is: a larger `s` only tolerates larger
+//! With `gᵢ = 1` the long-run rate stays `r` whatever `s` is: a larger `s` only tolerates larger
 //! bursts, a smaller one smooths them. `W` is rounded to whole microseconds and clamped to the
 //! datapath's 10 ms to 1 h; `A` is computed from the scale `W / w` actually used, rounded, and at
-//! least 1 (a limited client is never turned into a blocked one).
+//! least 1 (a limited client is never turned into a blocked one). See [`effective`].
 //!
 //! # One period
 //!
@@ -37,37 +40,78 @@
 //! 4. **Scale**, per observed client, steps toward a target that depends on the load band:
 //!    overloaded `min_scale`; relaxed `p`; steady `min(s, p)` (nothing loosens, but a client
 //!    whose pattern shrank still tightens).
+//! 5. **Fairness factor**, once steps 3 and 4 are done for every client observed in the period
+//!    (the set `O`), per client `i ∈ O` with `rᵢ = Lᵢ / wᵢ`:
+//!
+//!    ```text
+//!    C  = g · Σ_{j ∈ O} r_j                      (admitted capacity)
+//!    dᵢ = min(ûᵢ · rᵢ, rᵢ)                       (demand)
+//!    fᵢ = fair_shares({(d_j, weight_j) : j ∈ O}, C)ᵢ      (only when g < 1)
+//!    tᵢ = 1                 if g = 1, or if fᵢ ≥ dᵢ (not cut)
+//!    tᵢ = fᵢ / rᵢ           otherwise (cut; < 1)
+//!    tᵢ ← max(tᵢ, min(g, wᵢ / (Lᵢ · Wᵢ)))
+//!    ```
+//!
+//!    and `gᵢ` steps toward `tᵢ` (see *Stability*). The last line is a floor that never changes
+//!    `A`: below `w / (L · W)` the allowance is already its minimum of 1 packet, so a lower `gᵢ`
+//!    would only delay the client's recovery (and a client of weight ~0, whose share is ~0,
+//!    could never come back). `W` there is the client's effective window after step 4.
+//! 6. **Decisions.** Each observed client's `(W, A) = effective(L, w, s, gᵢ)`; those that differ
+//!    from what it was last given are returned.
+//!
+//! # Fairness
+//!
+//! Under overload (`g < 1`) the global factor no longer cuts everyone alike: it only sets the
+//! capacity `C = g · Σ r` admitted for the clients observed in the period, and [`fair_shares`]
+//! divides `C` by weighted max-min water-filling over their demands `dᵢ`. A client whose demand
+//! is below the water level (`fᵢ ≥ dᵢ`) is not cut at all: its target `tᵢ` is 1, so it keeps its
+//! traffic, bursts up to its policy included. Only the clients above the level are cut, each to
+//! `A / W = fᵢ` (its share), so that the cut clients together get `C − Σ_{not cut} dᵢ`. With
+//! `g = 1` nobody is cut.
+//!
+//! * `gᵢ` is not bounded by `min_load_factor`: a client whose policy is larger than the others'
+//!   (a larger `rᵢ` for the same weight) can be cut further than `g`, since its share is bounded
+//!   by the water level, not by its own rate. It stays above 0 (and above the floor of step 5).
+//! * With equal policies and weights and every observed client heavy (`ûᵢ > g`), the water level
+//!   is `g · r`, so `tᵢ = g` for everyone, and a client tracked since `g` was last 1 has
+//!   `gᵢ = g` after every period (the global behaviour, `A / W = r · g`).
+//! * Demands use the smoothed `û`, so one burst does not take capacity from the others.
 //!
 //! # Stability
 //!
 //! * Inputs are smoothed (EWMA with `alpha`; `alpha = 1` turns smoothing off).
-//! * A *step* moves a quantity (`s`, `g`, `p`) by at most the factor `step` toward its target and
-//!   never past it: `x ← min(x·step, t)` or `max(x/step, t)`. A target `k` steps away is reached
-//!   in `⌈ln(t/x) / ln(step)⌉` periods, monotonically, without overshoot. (`s` and `g` each move
-//!   at most one step per period, so `A` moves by at most `step²` and `W` by `step`.)
-//! * **Dwell.** `s` and `g` remember the direction of their last move. A move in the opposite
-//!   direction happens only once it has been demanded for `dwell` consecutive periods (a period
-//!   demanding the old direction, or no move, restarts the count). Direction changes are
-//!   therefore at least `dwell` periods apart, and a load whose band flips faster than that
-//!   never reverses `g` or `s`. The first move has no dwell.
+//! * A *step* moves a quantity (`s`, `g`, `gᵢ`, `p`) by at most the factor `step` toward its
+//!   target and never past it: `x ← min(x·step, t)` or `max(x/step, t)`. A target `k` steps away
+//!   is reached in `⌈ln(t/x) / ln(step)⌉` periods, monotonically, without overshoot. (`s` and
+//!   `gᵢ` each move at most one step per period, so `A` moves by at most `step²` and `W` by
+//!   `step`.)
+//! * **Dwell.** `s`, `g` and `gᵢ` remember the direction of their last move. A move in the
+//!   opposite direction happens only once it has been demanded for `dwell` consecutive periods
+//!   (a period demanding the old direction, or no move, restarts the count). Direction changes
+//!   are therefore at least `dwell` periods apart, and a load whose band flips faster than that
+//!   never reverses `g` or `s`. The first move has no dwell. One exception, so that `gᵢ` follows
+//!   `g` rather than lagging it by a second dwell: a reversal of `gᵢ` in the direction `g` moved
+//!   in the same period (compared with the end of the previous period) needs no dwell of its own,
+//!   `g`'s dwell having already been served.
 //! * **Convergence.** After a step in the input, a quantity reaches its new target `t` from `x`
 //!   monotonically within `lag + dwell + ⌈|ln(t/x)| / ln(step)⌉` periods, where `lag` is the
 //!   periods the EWMA needs to cross the band (for `s` after a pattern change, the band of `û`).
 //!
 //! # Cost and forgetting
 //!
-//! A `step` costs O(clients observed in it), amortised: per-client state lives in a `HashMap`,
-//! only changed decisions are returned, and clients unseen for `idle_periods` are forgotten
-//! through a timing wheel, each client sitting in exactly one slot. A period in which a client
-//! is not observed leaves its state untouched (it counts neither as calm nor as busy); callers
-//! that want silence to count as zero utilisation pass such clients with rate 0.
+//! A `step` costs O(n log n) for the n clients observed in it, amortised (the log is the sort
+//! of [`fair_shares`], only under overload): per-client state lives in a `HashMap`, only changed
+//! decisions are returned, and clients unseen for `idle_periods` are forgotten through a timing
+//! wheel, each client sitting in exactly one slot. A period in which a client is not observed
+//! leaves its state untouched (it counts neither as calm nor as busy, and takes no share of the
+//! capacity); callers that want silence to count as zero utilisation pass such clients with
+//! rate 0.
 //!
-//! # Fairness
+//! # Reload
 //!
-//! [`fair_shares`] divides an admitted capacity (e.g. `g · Σ r` over active clients) among
-//! clients by weighted max-min water-filling. It is independent of the controller: how its
-//! shares `fᵢ` combine with `A` (e.g. capping a client at `min(A, fᵢ · W)` under overload) is
-//! the wiring's choice.
+//! [`Controller::set_config`] swaps the knobs in place: state is kept and clamped into the new
+//! ranges, or dropped when the new configuration is disabled. [`Controller::desired`] tells what
+//! the controller wants a tracked client to hold, for rewriting entries a reload reset.
 
 use std::collections::HashMap;
 
@@ -75,13 +119,16 @@ use limiter_common::{
     addr::ClientKey,
     window::{MAX_WINDOW_US, MIN_WINDOW_US},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
+
+use crate::policy::Window;
 
 /// The `adaptive` knobs. Every field has a default; `enabled: false` (the default) pins
-/// `s = g = 1`. Unknown keys are errors. With the defaults spelled out:
+/// `s = g = gᵢ = 1`. Unknown keys are errors. With the defaults spelled out:
 ///
 /// ```yaml
 /// enabled: true
+/// period: 1s               # one Controller::step per period, 100ms to 60s
 /// min_scale: 0.25          # s ∈ [min_scale, max_scale]
 /// max_scale: 4
 /// min_load_factor: 0.5     # g ∈ [min_load_factor, 1]
@@ -98,17 +145,23 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
     pub enabled: bool,
+    /// The controller period, written like a window (`1s`, `250ms`), 100 ms to 60 s. The
+    /// controller does not read it: the caller runs one [`Controller::step`] per period, and
+    /// every knob counted in periods counts `step` calls.
+    #[serde(deserialize_with = "deserialize_period")]
+    pub period: Window,
     /// Lowest per-client scale `s` (≤ 1, > 0).
     pub min_scale: f64,
     /// Highest per-client scale `s` (≥ 1).
     pub max_scale: f64,
-    /// Floor of the global load factor `g`, in (0, 1].
+    /// Floor of the global load factor `g`, in (0, 1]. (A client's `gᵢ` can go lower: see the
+    /// module docs.)
     pub min_load_factor: f64,
-    /// Largest factor by which `s`, `g` or `p` moves in one period (> 1).
+    /// Largest factor by which `s`, `g`, `gᵢ` or `p` moves in one period (> 1).
     pub step: f64,
     /// EWMA weight of the newest sample, in (0, 1].
     pub alpha: f64,
-    /// Periods a reversal of `s` or `g` must be demanded before it happens (≥ 1).
+    /// Periods a reversal of `s`, `g` or `gᵢ` must be demanded before it happens (≥ 1).
     pub dwell: u32,
     /// Periods after which an unseen client's state is forgotten (≥ 1).
     pub idle_periods: u32,
@@ -140,10 +193,20 @@ impl Default for LoadBands {
     }
 }
 
+/// The default [`AdaptiveConfig::period`], µs.
+pub const DEFAULT_PERIOD_US: u32 = 1_000_000;
+/// The shortest [`AdaptiveConfig::period`], µs.
+pub const MIN_PERIOD_US: u32 = 100_000;
+/// The longest [`AdaptiveConfig::period`], µs.
+pub const MAX_PERIOD_US: u32 = 60_000_000;
+
 impl Default for AdaptiveConfig {
     fn default() -> Self {
         AdaptiveConfig {
             enabled: false,
+            period: Window {
+                micros: DEFAULT_PERIOD_US,
+            },
             min_scale: 0.25,
             max_scale: 4.0,
             min_load_factor: 0.5,
@@ -159,6 +222,49 @@ impl Default for AdaptiveConfig {
     }
 }
 
+/// `period: 250ms`: a number and a unit of `ms`, `s` or `m`, a whole number of microseconds.
+/// The range (100 ms to 60 s) is checked by [`AdaptiveConfig::validate`].
+fn deserialize_period<'de, D: Deserializer<'de>>(d: D) -> Result<Window, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_period(&text).map_err(de::Error::custom)
+}
+
+fn parse_period(s: &str) -> Result<Window, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let unit_us = match unit.trim() {
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        _ => {
+            return Err(format!(
+                "invalid period {s:?}: expected a number with a unit of ms, s or m, like 250ms \
+                 or 1s"
+            ));
+        }
+    };
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid period {s:?}: {number:?} is not a number"))?;
+    let micros = number * unit_us;
+    if (micros - micros.round()).abs() > 1e-6 {
+        return Err(format!(
+            "invalid period {s:?}: not a whole number of microseconds"
+        ));
+    }
+    if !(0.0..=u32::MAX as f64).contains(&micros.round()) {
+        return Err(format!(
+            "period {s:?} is out of range: it must be between 100ms and 60s"
+        ));
+    }
+    Ok(Window {
+        micros: micros.round() as u32,
+    })
+}
+
 /// A knob out of range: names the field and the constraint it breaks.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field} must be {constraint}, got {value}")]
@@ -169,11 +275,19 @@ pub struct AdaptiveError {
 }
 
 impl AdaptiveConfig {
-    /// Checks every knob; the first one out of range is the error.
+    /// Checks every knob; the first one out of range is the error. (`period` is reported in
+    /// seconds.)
     pub fn validate(&self) -> Result<(), AdaptiveError> {
         let c = self;
         let unit = |x: f64| x > 0.0 && x <= 1.0; // false for NaN
         let finite_above = |x: f64, lo: f64| x.is_finite() && x > lo;
+        let period = c.period.micros;
+        ensure(
+            (MIN_PERIOD_US..=MAX_PERIOD_US).contains(&period),
+            "period",
+            period as f64 / 1e6,
+            "between 100ms and 60s (0.1 to 60 seconds)",
+        )?;
         ensure(unit(c.min_scale), "min_scale", c.min_scale, "in (0, 1]")?;
         let max_ok = c.max_scale.is_finite() && c.max_scale >= 1.0;
         ensure(max_ok, "max_scale", c.max_scale, ">= 1 and finite")?;
@@ -236,6 +350,10 @@ pub struct ClientObservation {
     pub window_us: u32,
     /// Offered rate over the period, packets per second (passed plus dropped).
     pub rate: f64,
+    /// The policy's `weight` (1 for equal treatment): the client's claim on the capacity under
+    /// overload. Not positive or not finite counts as the smallest positive weight, as in
+    /// [`fair_shares`].
+    pub weight: f64,
 }
 
 /// What the datapath should enforce for one client from now on.
@@ -248,6 +366,8 @@ pub struct ClientDecision {
     pub window_us: u32,
     /// Effective allowance `A` per `W`.
     pub allowance: u32,
+    /// The client's fairness factor `gᵢ`: `(W, A) = effective(L, w, s, gᵢ)`.
+    pub load_factor: f64,
 }
 
 /// The load band of a period (see the module docs).
@@ -264,13 +384,14 @@ pub struct StepOutput {
     /// Smoothed CPU utilisation.
     pub load: f64,
     pub band: Band,
-    /// The global load factor `g` now in force.
+    /// The global load factor `g` now in force (it sets the capacity; each client's own factor
+    /// is its decision's `load_factor`).
     pub load_factor: f64,
     /// Observed clients whose `(W, A)` changed; unchanged ones are left out. A change of `g`
     /// reaches a client's `A` when it is next observed: idle clients keep what they were given.
     pub decisions: Vec<ClientDecision>,
     /// Clients forgotten this period: the datapath should return them to their policy
-    /// (`s = g = 1`).
+    /// (`s = gᵢ = 1`).
     pub forgotten: Vec<ClientKey>,
 }
 
@@ -319,6 +440,11 @@ impl Guarded {
         self.last = Some(dir);
         self.opposing = 0;
     }
+
+    /// Puts the value into `[lo, hi]`, keeping the direction memory.
+    fn clamp(&mut self, lo: f64, hi: f64) {
+        self.value = self.value.clamp(lo, hi);
+    }
 }
 
 /// `x` moved by at most the factor `step` toward `target`, never past it.
@@ -339,11 +465,16 @@ fn ewma(prev: Option<f64>, sample: f64, alpha: f64) -> f64 {
 struct ClientState {
     limit: u32,
     window_us: u32,
+    /// The weight of the last observation.
+    weight: f64,
+    /// Smoothed utilisation `û`.
     util: f64,
     calm: u32,
     /// Pattern-driven scale `p`.
     pattern: f64,
     scale: Guarded,
+    /// Fairness factor `gᵢ`.
+    factor: Guarded,
     /// `(W, A)` the datapath holds.
     emitted: (u32, u32),
     last_seen: u64,
@@ -354,12 +485,40 @@ impl ClientState {
         ClientState {
             limit: obs.limit,
             window_us: obs.window_us,
+            weight: obs.weight,
             util,
             calm: 0,
             pattern: 1.0,
             scale: Guarded::new(1.0),
+            factor: Guarded::new(1.0),
             emitted: (obs.window_us, obs.limit),
             last_seen: now,
+        }
+    }
+
+    /// The policy's long-run rate `r = L / w`, packets per second.
+    fn rate(&self) -> f64 {
+        self.limit as f64 * 1e6 / self.window_us as f64
+    }
+
+    /// `effective(L, w, s, gᵢ)`.
+    fn effective(&self) -> (u32, u32) {
+        effective(
+            self.limit,
+            self.window_us,
+            self.scale.value,
+            self.factor.value,
+        )
+    }
+
+    fn decision(&self, key: ClientKey) -> ClientDecision {
+        let (window_us, allowance) = self.effective();
+        ClientDecision {
+            key,
+            scale: self.scale.value,
+            window_us,
+            allowance,
+            load_factor: self.factor.value,
         }
     }
 }
@@ -371,6 +530,8 @@ pub struct Controller {
     period: u64,
     load: Option<f64>,
     factor: Guarded,
+    /// `g` at the end of the previous period (for the dwell exception of `gᵢ`).
+    last_factor: f64,
     clients: HashMap<ClientKey, ClientState>,
     /// Timing wheel of `idle_periods + 1` slots: slot `t % len` holds the clients to check for
     /// expiry at period `t`.
@@ -378,7 +539,7 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller with no history (`s = g = 1` everywhere).
+    /// A controller with no history (`s = g = gᵢ = 1` everywhere).
     pub fn new(config: AdaptiveConfig) -> Result<Self, AdaptiveError> {
         config.validate()?;
         let slots = config.idle_periods as usize + 1;
@@ -387,6 +548,7 @@ impl Controller {
             period: 0,
             load: None,
             factor: Guarded::new(1.0),
+            last_factor: 1.0,
             clients: HashMap::new(),
             wheel: vec![Vec::new(); slots],
         })
@@ -394,6 +556,66 @@ impl Controller {
 
     pub fn config(&self) -> &AdaptiveConfig {
         &self.config
+    }
+
+    /// Replaces the knobs (hot reload). An invalid `config` is an error and changes nothing.
+    ///
+    /// * `enabled: false`: every client's state is dropped, the load history too, `g` is back
+    ///   to 1, and every previously tracked key is returned (sorted) so that the caller returns
+    ///   them to their policy.
+    /// * Otherwise client state is kept: each `s` is clamped into `[min_scale, max_scale]`, each
+    ///   `p` into `[1, max_scale]`, each `gᵢ` into `(0, 1]` (its range does not depend on the
+    ///   knobs: it moves toward its new target by bounded steps from the next period), and `g`
+    ///   into `[min_load_factor, 1]`. If `idle_periods` changed, the timing wheel is rebuilt and
+    ///   every client refiled to expire `idle_periods` (new) after it was last seen, or at the
+    ///   next period if that is already past. Returns an empty vector.
+    ///
+    /// Clamped values reach the datapath when the client is next observed; [`Self::desired`]
+    /// tells them at once.
+    pub fn set_config(&mut self, config: AdaptiveConfig) -> Result<Vec<ClientKey>, AdaptiveError> {
+        config.validate()?;
+        let resize = config.idle_periods != self.config.idle_periods;
+        if !config.enabled {
+            let mut keys: Vec<ClientKey> = self.clients.drain().map(|(k, _)| k).collect();
+            keys.sort_unstable();
+            self.wheel = vec![Vec::new(); config.idle_periods as usize + 1];
+            self.load = None;
+            self.factor = Guarded::new(1.0);
+            self.last_factor = 1.0;
+            self.config = config;
+            return Ok(keys);
+        }
+        let c = &config;
+        for state in self.clients.values_mut() {
+            state.scale.clamp(c.min_scale, c.max_scale);
+            state.pattern = state.pattern.clamp(1.0, c.max_scale);
+            state.factor.clamp(f64::MIN_POSITIVE, 1.0);
+        }
+        self.factor.clamp(c.min_load_factor, 1.0);
+        if resize {
+            self.rebuild_wheel(c.idle_periods);
+        }
+        self.config = config;
+        Ok(Vec::new())
+    }
+
+    /// Refiles every tracked client in a new wheel for `idle` periods, in the order the old
+    /// wheel would have come due (deterministic).
+    fn rebuild_wheel(&mut self, idle: u32) {
+        let old = std::mem::take(&mut self.wheel);
+        let len = idle as usize + 1;
+        self.wheel = vec![Vec::new(); len];
+        let next = self.period + 1;
+        let order = (0..old.len()).map(|k| (next as usize + k) % old.len());
+        for slot in order {
+            for &key in &old[slot] {
+                let Some(state) = self.clients.get(&key) else {
+                    continue;
+                };
+                let due = (state.last_seen + idle as u64).max(next);
+                self.wheel[due as usize % len].push(key);
+            }
+        }
     }
 
     /// The global load factor `g`.
@@ -411,7 +633,19 @@ impl Controller {
         self.clients.get(key).map(|c| c.scale.value)
     }
 
-    /// Runs one period. Costs O(observed clients), amortised.
+    /// The smoothed utilisation `û` (offered rate / r) of a tracked client.
+    pub fn utilisation(&self, key: &ClientKey) -> Option<f64> {
+        self.clients.get(key).map(|c| c.util)
+    }
+
+    /// What the controller currently wants a tracked client to hold: its `s`, `gᵢ` and
+    /// `(W, A) = effective(L, w, s, gᵢ)`. Equal to the client's last decision unless a
+    /// [`Self::set_config`] clamped it since.
+    pub fn desired(&self, key: &ClientKey) -> Option<ClientDecision> {
+        self.clients.get(key).map(|c| c.decision(*key))
+    }
+
+    /// Runs one period. Costs O(n log n) for the n observed clients, amortised.
     pub fn step(
         &mut self,
         sample: &LoadSample,
@@ -435,16 +669,36 @@ impl Controller {
             Band::Steady => self.factor.value,
         };
         self.factor.drive(factor_target, c.step, c.dwell);
+        // Pass 1: each client's utilisation, pattern and scale.
+        let observed: Vec<ClientKey> = clients
+            .into_iter()
+            .filter(|obs| self.observe(obs, band))
+            .map(|obs| obs.key)
+            .collect();
+        // Pass 2: the capacity, each client's share and factor, the decisions.
+        let targets = self.fair_targets(&observed);
+        let g = self.factor.value;
+        let g_moved = direction(self.last_factor, g);
+        self.last_factor = g;
+        let (step, dwell) = (self.config.step, self.config.dwell);
         let mut decisions = Vec::new();
-        for obs in clients {
-            if let Some(decision) = self.observe(&obs, band) {
-                decisions.push(decision);
+        for (key, target) in observed.iter().zip(targets) {
+            let state = self.clients.get_mut(key).expect("observed this period");
+            let dwell = match direction(state.factor.value, target) {
+                Some(dir) if Some(dir) == g_moved => 1,
+                _ => dwell,
+            };
+            state.factor.drive(target, step, dwell);
+            let effective = state.effective();
+            if effective != state.emitted {
+                state.emitted = effective;
+                decisions.push(state.decision(*key));
             }
         }
         StepOutput {
             load: self.load.unwrap_or(0.0),
             band,
-            load_factor: self.factor.value,
+            load_factor: g,
             decisions,
             forgotten: self.expire(),
         }
@@ -461,17 +715,18 @@ impl Controller {
         }
     }
 
-    /// Updates one client; returns its decision if its `(W, A)` changed.
-    fn observe(&mut self, obs: &ClientObservation, band: Band) -> Option<ClientDecision> {
+    /// Pass 1 for one client: its utilisation, pattern and scale. False if the observation is
+    /// skipped (blocked client, or already observed this period).
+    fn observe(&mut self, obs: &ClientObservation, band: Band) -> bool {
         if obs.limit == 0 || obs.window_us == 0 {
-            return None;
+            return false;
         }
         let c = &self.config;
         let now = self.period;
         let util = obs.rate.max(0.0) * obs.window_us as f64 / (obs.limit as f64 * 1e6);
         let fresh = match self.clients.get(&obs.key) {
             // Seen twice in one period: the first observation counts.
-            Some(s) if s.last_seen == now => return None,
+            Some(s) if s.last_seen == now => return false,
             Some(s) => (s.limit, s.window_us) != (obs.limit, obs.window_us),
             None => {
                 let slot = (now + c.idle_periods as u64) as usize % self.wheel.len();
@@ -487,6 +742,7 @@ impl Controller {
         if !fresh {
             state.util = ewma(Some(state.util), util, c.alpha);
         }
+        state.weight = obs.weight;
         state.last_seen = now;
         state.calm = if state.util < c.grow_below {
             state.calm + 1
@@ -504,22 +760,38 @@ impl Controller {
             Band::Steady => state.scale.value.min(state.pattern),
         };
         state.scale.drive(target, c.step, c.dwell);
-        let effective = effective(
-            obs.limit,
-            obs.window_us,
-            state.scale.value,
-            self.factor.value,
-        );
-        if effective == state.emitted {
-            return None;
+        true
+    }
+
+    /// The target `tᵢ` of each observed client's `gᵢ` (module docs, step 5).
+    fn fair_targets(&self, observed: &[ClientKey]) -> Vec<f64> {
+        let g = self.factor.value;
+        if g >= 1.0 {
+            return vec![1.0; observed.len()];
         }
-        state.emitted = effective;
-        Some(ClientDecision {
-            key: obs.key,
-            scale: state.scale.value,
-            window_us: effective.0,
-            allowance: effective.1,
-        })
+        let states: Vec<&ClientState> = observed.iter().map(|k| &self.clients[k]).collect();
+        let claims: Vec<FairDemand> = states
+            .iter()
+            .map(|s| FairDemand {
+                demand: s.util.min(1.0) * s.rate(),
+                weight: s.weight,
+            })
+            .collect();
+        let capacity = g * states.iter().map(|s| s.rate()).sum::<f64>();
+        let shares = fair_shares(&claims, capacity);
+        states
+            .iter()
+            .zip(claims.iter().zip(shares))
+            .map(|(state, (claim, share))| {
+                if share >= claim.demand {
+                    return 1.0;
+                }
+                // Below this gᵢ the allowance is 1 packet whatever gᵢ is.
+                let (w, _) = effective(state.limit, state.window_us, state.scale.value, 1.0);
+                let floor = state.window_us as f64 / (state.limit as f64 * w as f64);
+                (share / state.rate()).max(floor.min(g))
+            })
+            .collect()
     }
 
     /// Forgets the clients whose slot comes due and who stayed unseen; re-files the others.
@@ -544,8 +816,18 @@ impl Controller {
     }
 }
 
-/// `(W, A)` for a policy of `limit` per `window_us`, scale `s` and load factor `g`: `W` rounded
-/// and clamped to the datapath's window range, `A = L · (W / w) · g` rounded, at least 1.
+/// The direction from `from` to `to`, if they differ.
+fn direction(from: f64, to: f64) -> Option<Dir> {
+    match to {
+        t if t > from => Some(Dir::Up),
+        t if t < from => Some(Dir::Down),
+        _ => None,
+    }
+}
+
+/// `(W, A)` for a policy of `limit` per `window_us`, scale `s` and factor `g` (a client's `gᵢ`):
+/// `W` rounded and clamped to the datapath's window range, `A = L · (W / w) · g` rounded, at
+/// least 1.
 pub fn effective(limit: u32, window_us: u32, s: f64, g: f64) -> (u32, u32) {
     let w = (window_us as f64 * s)
         .round()
@@ -582,23 +864,90 @@ pub fn fair_shares(clients: &[FairDemand], capacity: f64) -> Vec<f64> {
     if clients.iter().map(demand).sum::<f64>() <= capacity {
         return clients.iter().map(demand).collect();
     }
-    // Fill in order of demand per unit weight: the least demanding saturate first.
+    // Fill in order of demand per unit weight: the least demanding saturate first. (Ties, e.g.
+    // the infinite ratios of weights that count as the smallest positive one, by demand.)
     let ratio = |i: usize| demand(&clients[i]) / weight(&clients[i]);
     let mut order: Vec<usize> = (0..clients.len()).collect();
-    order.sort_by(|&a, &b| ratio(a).total_cmp(&ratio(b)));
-    let (mut left, mut weights) = (capacity, clients.iter().map(weight).sum::<f64>());
+    order.sort_by(|&a, &b| {
+        let by_demand = demand(&clients[a]).total_cmp(&demand(&clients[b]));
+        ratio(a).total_cmp(&ratio(b)).then(by_demand)
+    });
+    // The weight of the clients from position n on, summed afresh rather than by subtracting
+    // from the total (which would lose weights as small as `f64::MIN_POSITIVE`). The level
+    // `left / rest[n]` is never formed: it overflows when `rest[n]` is that small.
+    let mut rest = vec![0.0; order.len() + 1];
+    for n in (0..order.len()).rev() {
+        rest[n] = rest[n + 1] + weight(&clients[order[n]]);
+    }
+    let mut left = capacity;
     let mut shares: Vec<f64> = clients.iter().map(demand).collect();
     for (n, &i) in order.iter().enumerate() {
-        if ratio(i) > left / weights {
+        let (d, w) = (demand(&clients[i]), weight(&clients[i]));
+        if d * rest[n] > left.max(0.0) * w {
             // Everyone from here on asks for more than the level: cut them to it.
-            let level = left / weights;
             for &j in &order[n..] {
-                shares[j] = weight(&clients[j]) * level;
+                shares[j] = left.max(0.0) * (weight(&clients[j]) / rest[n]);
             }
             break;
         }
-        left -= demand(&clients[i]);
-        weights -= weight(&clients[i]);
+        left -= d;
     }
     shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_parses_like_a_window() {
+        let micros = |s: &str| parse_period(s).map(|w| w.micros);
+        assert_eq!(micros("1s"), Ok(1_000_000));
+        assert_eq!(micros(" 250ms "), Ok(250_000));
+        assert_eq!(micros("0.1s"), Ok(100_000));
+        assert_eq!(micros("1.1s"), Ok(1_100_000));
+        assert_eq!(micros("2m"), Ok(120_000_000));
+        // Out of the period's range, but a duration: validate() names it.
+        assert_eq!(micros("5ms"), Ok(5_000));
+        assert!(micros("1.5ms").is_ok());
+        assert!(micros("0.0001ms").unwrap_err().contains("whole number"));
+        assert!(micros("1h").unwrap_err().contains("unit"));
+        assert!(micros("fast").unwrap_err().contains("invalid period"));
+        assert!(micros("1..2s").unwrap_err().contains("not a number"));
+        assert!(micros("100000m").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn dwell_delays_reversals_and_one_waives_it() {
+        let mut x = Guarded::new(1.0);
+        x.drive(0.5, 1.25, 3);
+        assert_eq!(x.value, 0.8);
+        x.drive(1.0, 1.25, 3);
+        x.drive(1.0, 1.25, 3);
+        assert_eq!(x.value, 0.8, "two periods of demand are not enough");
+        x.drive(1.0, 1.25, 3);
+        assert_eq!(x.value, 1.0);
+        x.drive(0.5, 1.25, 1);
+        assert_eq!(x.value, 0.8, "dwell 1: reverses at once");
+    }
+
+    #[test]
+    fn fair_shares_cuts_a_zero_weight_client_to_nothing() {
+        let claim = |demand, weight| FairDemand { demand, weight };
+        let shares = fair_shares(&[claim(100.0, 0.0), claim(100.0, 1.0)], 100.0);
+        assert_eq!(shares, [0.0, 100.0]);
+        let shares = fair_shares(&[claim(100.0, f64::NAN), claim(300.0, 1.0)], 100.0);
+        assert!(shares[0] < 1e-300 && shares[1] == 100.0, "{shares:?}");
+        // Only zero weights: the capacity is split among them as if equal.
+        let shares = fair_shares(&[claim(100.0, 0.0), claim(100.0, -1.0)], 100.0);
+        assert_eq!(shares, [50.0, 50.0]);
+    }
+
+    #[test]
+    fn fair_targets_floor_where_the_allowance_is_one_packet() {
+        // A limit of 2 per 1 s at s = 0.25 holds 0.5 packets at gᵢ = 1: any cut leaves A = 1.
+        assert_eq!(effective(2, 1_000_000, 0.25, 1.0), (250_000, 1));
+        assert_eq!(effective(2, 1_000_000, 0.25, 0.01), (250_000, 1));
+        assert_eq!(effective(100, 1_000_000, 0.25, 0.04), (250_000, 1));
+    }
 }

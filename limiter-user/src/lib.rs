@@ -8,6 +8,7 @@ pub mod config_edit;
 pub mod datapath;
 pub mod ebpf;
 pub mod limits;
+pub mod load;
 pub mod metrics;
 pub mod netlink;
 pub mod policy;

@@ -13,6 +13,8 @@ use limiter_common::{
 };
 use serde::{Deserialize, Deserializer, de};
 
+use crate::adaptive::{AdaptiveConfig, AdaptiveError};
+
 /// Most policies one config may hold (the `POLICIES` trie has room for these plus `default`).
 pub const MAX_POLICIES: usize = 65_535;
 /// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
@@ -372,14 +374,17 @@ impl<'de> Deserialize<'de> for Match {
     }
 }
 
-/// A limit as written: `limit`, `window`, `action`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// A limit as written: `limit`, `window`, `action`, `weight`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
     pub limit: Option<u32>,
     pub window: Option<Window>,
     #[serde(default)]
     pub action: Action,
+    /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
+    #[serde(default)]
+    pub weight: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -391,6 +396,9 @@ pub struct Rule {
     pub window: Option<Window>,
     #[serde(default)]
     pub action: Action,
+    /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
+    #[serde(default)]
+    pub weight: Option<serde_yaml::Value>,
 }
 
 impl Rule {
@@ -399,11 +407,12 @@ impl Rule {
             limit: self.limit,
             window: self.window,
             action: self.action,
+            weight: self.weight.clone(),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
@@ -411,7 +420,20 @@ struct File {
     default: Limit,
     #[serde(default)]
     policies: Vec<Rule>,
+    /// An absent section, and one with every key commented out (`adaptive:` alone), is the
+    /// default: off.
+    #[serde(default, deserialize_with = "null_is_default")]
+    adaptive: AdaptiveConfig,
 }
+
+fn null_is_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
+/// A policy's weight when it has none.
+pub const DEFAULT_WEIGHT: f64 = 1.0;
 
 /// A validated limit, ready for the maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,12 +446,21 @@ pub struct Resolved {
 }
 
 /// A validated policy set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Not `Eq`: the adaptive knobs are floating point.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub mode: Mode,
     pub default: Resolved,
     /// In file order; policy id `i + 1` is `policies[i]`, id 0 is `default`.
     pub policies: Vec<(Match, Resolved)>,
+    /// Weight of each policy for weighted fair shares under overload, indexed by policy id
+    /// (`weights[0]` is `default`'s, `weights[i + 1]` is `policies[i]`'s), so one longer than
+    /// `policies`. Each is positive and finite; [`DEFAULT_WEIGHT`] where none is written. Use
+    /// [`Config::weight`] to look one up.
+    pub weights: Vec<f64>,
+    /// The `adaptive` section, validated ([`AdaptiveConfig::default`], i.e. off, if absent).
+    pub adaptive: AdaptiveConfig,
 }
 
 /// Placeholder window for `pass`/`drop` policies, which never consult it.
@@ -437,8 +468,19 @@ const UNUSED_WINDOW: Window = Window { micros: 1_000_000 };
 
 impl Config {
     /// Parses and validates a config file's text.
+    ///
+    /// Besides `limit`, `window` and `action`, `default` and each policy may carry a `weight`
+    /// (a positive finite number, default 1): its share under overload relative to the other
+    /// policies' clients. It is accepted on `pass` and `drop` policies too, where it has no
+    /// effect: an API edit that turns a weighted policy into `pass` or `drop` keeps the keys it
+    /// does not manage, so rejecting it there would make such an edit fail. An optional
+    /// `adaptive` section holds the [`AdaptiveConfig`] knobs; it is validated even when
+    /// `enabled: false`, so a bad knob is caught before it is switched on.
     pub fn parse(text: &str) -> Result<Config, PolicyError> {
         let file: File = serde_yaml::from_str(text).map_err(|e| locate_value_error(e, text))?;
+        file.adaptive
+            .validate()
+            .map_err(|e| adaptive_error(&e, text))?;
         let match_lines = match_lines(text);
         let line_of = |i: usize| {
             LineHint(
@@ -448,11 +490,14 @@ impl Config {
                     .filter(|_| match_lines.len() == file.policies.len()),
             )
         };
-        let default = resolve(&file.default).map_err(|message| PolicyError::Invalid {
+        let default_invalid = |message| PolicyError::Invalid {
             field: "default".into(),
             line: LineHint(line_of_key(text, "default")),
             message,
-        })?;
+        };
+        let default = resolve(&file.default).map_err(default_invalid)?;
+        let mut weights = Vec::with_capacity(file.policies.len() + 1);
+        weights.push(weight(file.default.weight.as_ref()).map_err(default_invalid)?);
         if file.policies.len() > MAX_POLICIES {
             return Err(PolicyError::TooMany {
                 count: file.policies.len(),
@@ -476,6 +521,7 @@ impl Config {
                 rule.matches.clone(),
                 resolve(&rule.limit()).map_err(invalid)?,
             ));
+            weights.push(weight(rule.weight.as_ref()).map_err(invalid)?);
         }
         let statics = policies
             .iter()
@@ -488,7 +534,26 @@ impl Config {
             mode: file.mode,
             default,
             policies,
+            weights,
+            adaptive: file.adaptive,
         })
+    }
+
+    /// The weight of policy `id` (0 is `default`); [`DEFAULT_WEIGHT`] for an unknown id.
+    pub fn weight(&self, id: u16) -> f64 {
+        self.weights
+            .get(id as usize)
+            .copied()
+            .unwrap_or(DEFAULT_WEIGHT)
+    }
+
+    /// The limit, window and action of policy `id` as configured (0 is `default`), before any
+    /// adaptive scaling; `None` for an unknown id.
+    pub fn policy_base(&self, id: u16) -> Option<Resolved> {
+        match id {
+            0 => Some(self.default),
+            id => self.policies.get(id as usize - 1).map(|(_, r)| *r),
+        }
     }
 
     /// The policy trie's entries: `(prefix length, key) -> Policy`. `default` is the bare entry
@@ -602,6 +667,46 @@ fn resolve(limit: &Limit) -> Result<Resolved, String> {
     }
 }
 
+/// A `weight` as written, checked: absent is [`DEFAULT_WEIGHT`].
+fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
+    let Some(value) = written else {
+        return Ok(DEFAULT_WEIGHT);
+    };
+    match value.as_f64() {
+        Some(w) if w.is_finite() && w > 0.0 => Ok(w),
+        _ => {
+            let shown = match value {
+                serde_yaml::Value::String(s) => format!("the string {s:?}"),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Sequence(_) => "a list".into(),
+                serde_yaml::Value::Mapping(_) => "a mapping".into(),
+                _ => "a non-number".into(),
+            };
+            Err(format!(
+                "`weight` must be a positive finite number (default 1), got {shown}"
+            ))
+        }
+    }
+}
+
+/// An `adaptive` knob out of range, as `adaptive.<field> (line N): must be ..., got ...`, at
+/// the line of the key if it is written, else of the nearest enclosing key that is (a knob
+/// left at its default can break a constraint relative to another one).
+fn adaptive_error(e: &AdaptiveError, text: &str) -> PolicyError {
+    let path: Vec<&str> = std::iter::once("adaptive")
+        .chain(e.field.split('.'))
+        .collect();
+    let line = (1..=path.len())
+        .rev()
+        .find_map(|n| line_of_path(text, &path[..n]));
+    PolicyError::Invalid {
+        field: format!("adaptive.{}", e.field),
+        line: LineHint(line),
+        message: format!("must be {}, got {}", e.constraint, e.value),
+    }
+}
+
 /// serde_yaml places an error raised while parsing a value (a bad `window` or `match`) at the
 /// start of the enclosing mapping; this moves it to the line of the field itself and names the
 /// field in the path (`policies[0].window (line 6): ...`).
@@ -609,6 +714,21 @@ fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyError {
     let (message, Some(location)) = (e.to_string(), e.location()) else {
         return PolicyError::Yaml(e);
     };
+    // `adaptive.period`'s own parser says `invalid period "5x": ...` (or `period "..." is out
+    // of range`), and serde_yaml names it after, and places it at, the `adaptive` mapping.
+    if let Some(detail) = message
+        .strip_prefix("adaptive: ")
+        .filter(|d| d.starts_with("invalid period ") || d.starts_with("period \""))
+    {
+        let detail = detail
+            .rfind(" at line ")
+            .map_or(detail, |end| &detail[..end]);
+        return PolicyError::Invalid {
+            field: "adaptive.period".into(),
+            line: LineHint(line_of_path(text, &["adaptive", "period"]).or(Some(location.line()))),
+            message: detail.to_string(),
+        };
+    }
     for key in ["window", "match"] {
         let tag = format!("`{key}`: ");
         let Some(at) = message.find(&tag) else {
@@ -657,6 +777,66 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| l.starts_with(&prefix))
         .map(|i| i + 1)
+}
+
+/// `line` without its comment (a `#` at its start or after whitespace).
+fn strip_comment(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    let end = (0..bytes.len())
+        .find(|&i| bytes[i] == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()))
+        .unwrap_or(bytes.len());
+    &line[..end]
+}
+
+/// 1-based line of the key at `path` (`["adaptive", "load", "high"]`): a top-level key, then
+/// each next key inside the value of the one before, in block or flow style. The value of a key
+/// at column `c` is the rest of its line plus the following lines indented deeper than `c`.
+/// A text search, not a parse: good enough to point at a line, never used to decide validity.
+fn line_of_path(text: &str, path: &[&str]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().map(strip_comment).collect();
+    let (first, rest) = path.split_first()?;
+    let mut line = line_of_key(text, first)? - 1;
+    let (mut column, mut value_from) = (0, first.len() + 1);
+    for key in rest {
+        let region = std::iter::once((line, value_from)).chain(
+            (line + 1..lines.len())
+                .take_while(|&l| {
+                    let code = lines[l];
+                    code.trim().is_empty() || code.len() - code.trim_start().len() > column
+                })
+                .map(|l| (l, 0)),
+        );
+        let (l, at, end) = region
+            .filter_map(|(l, from)| find_key(lines[l], from, key).map(|(at, end)| (l, at, end)))
+            .next()?;
+        (line, column, value_from) = (l, at, end);
+    }
+    Some(line + 1)
+}
+
+/// The first `key:` (plain or quoted) in `code` at or after byte `from`, as a mapping key:
+/// preceded by the line start, whitespace, `{` or `,`, and followed by `:` and whitespace, `}`,
+/// `,` or the line end. Returns the key's start and the byte after its `:`.
+fn find_key(code: &str, from: usize, key: &str) -> Option<(usize, usize)> {
+    let bytes = code.as_bytes();
+    for quote in ["", "\"", "'"] {
+        let needle = format!("{quote}{key}{quote}");
+        let mut search = from;
+        while let Some(found) = code.get(search..)?.find(&needle) {
+            let at = search + found;
+            search = at + 1;
+            let before_ok = at == 0 || matches!(bytes[at - 1], b' ' | b'\t' | b'{' | b',' | b'-');
+            let after = code[at + needle.len()..].trim_start_matches([' ', '\t']);
+            let colon_ok = after
+                .strip_prefix(':')
+                .is_some_and(|v| v.is_empty() || v.starts_with([' ', '\t', '}', ',']));
+            if before_ok && colon_ok {
+                let end = code.len() - after.len() + 1;
+                return Some((at, end));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -877,6 +1057,346 @@ policies:
                 .contains("256")
         );
         assert!("x".repeat(256).parse::<Match>().is_ok());
+    }
+
+    const ADAPTIVE: &str = "\
+default: { limit: 1000, window: 1s }
+adaptive:
+  enabled: true
+  min_scale: 0.5           # s >= min_scale
+  max_scale: 8
+  min_load_factor: 0.25
+  step: 1.5
+  alpha: 1
+  dwell: 4
+  idle_periods: 60
+  grow_below: 0.4
+  grow_after: 3
+  shrink_above: 0.9
+  load:
+    high: 0.9
+    low: 0.5
+  period: 250ms
+policies:
+  - match: 10.0.0.0/8
+    limit: 100
+    window: 500ms
+";
+
+    /// `ADAPTIVE` with the line of `key` (its first occurrence) replaced by `line`.
+    fn adaptive_with(key: &str, line: &str) -> String {
+        let mut done = false;
+        ADAPTIVE
+            .lines()
+            .map(|l| {
+                if !done && l.trim_start().starts_with(&format!("{key}:")) {
+                    done = true;
+                    format!("{line}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adaptive_section_parses_every_knob() {
+        let c = Config::parse(ADAPTIVE).unwrap();
+        let want = AdaptiveConfig {
+            enabled: true,
+            min_scale: 0.5,
+            max_scale: 8.0,
+            min_load_factor: 0.25,
+            step: 1.5,
+            alpha: 1.0,
+            dwell: 4,
+            idle_periods: 60,
+            grow_below: 0.4,
+            grow_after: 3,
+            shrink_above: 0.9,
+            load: crate::adaptive::LoadBands {
+                high: 0.9,
+                low: 0.5,
+            },
+            period: Window { micros: 250_000 },
+        };
+        assert_eq!(c.adaptive, want);
+        assert_eq!(c.policies.len(), 1);
+        // Flow style, and partial sections keep the other defaults.
+        let c = Config::parse(
+            "default: { limit: 1, window: 1s }\nadaptive: { enabled: true, load: { high: 0.95 } }\n",
+        )
+        .unwrap();
+        assert!(c.adaptive.enabled);
+        assert_eq!(c.adaptive.load.high, 0.95);
+        assert_eq!(c.adaptive.load.low, 0.60);
+        assert_eq!(c.adaptive.step, AdaptiveConfig::default().step);
+    }
+
+    #[test]
+    fn adaptive_section_defaults_when_absent_or_off() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.adaptive, AdaptiveConfig::default());
+        assert!(!c.adaptive.enabled);
+        for text in [
+            "default: { limit: 1, window: 1s }\nadaptive: { enabled: false }\n",
+            "default: { limit: 1, window: 1s }\nadaptive: {}\n",
+            "default: { limit: 1, window: 1s }\nadaptive:\n  # enabled: true\n",
+        ] {
+            let c = Config::parse(text).unwrap();
+            assert_eq!(c.adaptive, AdaptiveConfig::default(), "{text}");
+        }
+    }
+
+    #[test]
+    fn adaptive_errors_name_the_knob_and_line() {
+        let cases = [
+            (
+                "min_scale",
+                "  min_scale: 0",
+                "adaptive.min_scale (line 4): must be in (0, 1], got 0",
+            ),
+            (
+                "min_scale",
+                "  min_scale: 1.5",
+                "adaptive.min_scale (line 4): must be in (0, 1]",
+            ),
+            (
+                "max_scale",
+                "  max_scale: 0.5",
+                "adaptive.max_scale (line 5): must be >= 1",
+            ),
+            (
+                "step",
+                "  step: 1",
+                "adaptive.step (line 7): must be > 1 and finite, got 1",
+            ),
+            ("step", "  step: .inf", "adaptive.step (line 7)"),
+            ("alpha", "  alpha: 0", "adaptive.alpha (line 8)"),
+            (
+                "dwell",
+                "  dwell: 0",
+                "adaptive.dwell (line 9): must be >= 1, got 0",
+            ),
+            (
+                "shrink_above",
+                "  shrink_above: 0.3",
+                "adaptive.shrink_above (line 13): must be > grow_below (0.4)",
+            ),
+            (
+                "high",
+                "    high: 0.5",
+                "adaptive.load.low (line 16): must be >= 0 and < load.high (0.5), got 0.5",
+            ),
+            (
+                "high",
+                "    high: 1.2",
+                "adaptive.load.high (line 15): must be in (0, 1], got 1.2",
+            ),
+        ];
+        for (key, line, want) in cases {
+            let text = adaptive_with(key, line);
+            let e = err(&text);
+            assert!(e.contains(want), "{line:?}: {e}\n{text}");
+        }
+        // Flow style: the knob's line.
+        let e = err(
+            "default: { limit: 1, window: 1s }\n\nadaptive: { enabled: true,\n  load: { high: 0.4, low: 0.4 } }\n",
+        );
+        assert!(e.contains("adaptive.load.low (line 4)"), "{e}");
+        // A knob left at its default that breaks a constraint: the nearest written key.
+        let e = err("default: { limit: 1, window: 1s }\nadaptive:\n  load: { low: 0.9 }\n");
+        assert!(e.contains("adaptive.load.low (line 3)"), "{e}");
+        let e = err("default: { limit: 1, window: 1s }\nadaptive:\n  grow_below: 0.9\n");
+        assert!(
+            e.contains("adaptive.shrink_above (line 2): must be > grow_below (0.9)"),
+            "{e}"
+        );
+        // Checked even when off.
+        let e = err("default: { limit: 1, window: 1s }\nadaptive: { enabled: false, step: 0.5 }\n");
+        assert!(e.contains("adaptive.step (line 2)"), "{e}");
+        // `period`: out of range (checked by `validate`), and unparsable (by its deserializer).
+        let range = "must be between 100ms and 60s";
+        for (period, want) in [
+            ("50ms", format!("adaptive.period (line 17): {range}")),
+            ("2m", format!("adaptive.period (line 17): {range}")),
+            ("99999999999s", "adaptive.period (line 17): period".into()),
+            (
+                "5x",
+                "adaptive.period (line 17): invalid period \"5x\"".into(),
+            ),
+            (
+                "1.5",
+                "adaptive.period (line 17): invalid period \"1.5\"".into(),
+            ),
+            (
+                "0.0000001s",
+                "adaptive.period (line 17): invalid period".into(),
+            ),
+        ] {
+            let e = err(&adaptive_with("period", &format!("  period: {period}")));
+            assert!(
+                e.contains(&want) && !e.contains(" at line "),
+                "{period}: {e}"
+            );
+        }
+        let e = err(
+            "default: { limit: 1, window: 1s }\nadaptive:\n  enabled: true\n\n  period: 7 # s\n",
+        );
+        assert!(
+            e.contains(
+                "adaptive.period (line 5): invalid period \"7\": expected a number with a unit"
+            ),
+            "{e}"
+        );
+        let e = err("default: { limit: 1, window: 1s }\nadaptive: { enabled: true, period: 1x }\n");
+        assert!(
+            e.contains("adaptive.period (line 2): invalid period"),
+            "{e}"
+        );
+        let e =
+            err("default: { limit: 1, window: 1s }\nadaptive: { enabled: true, period: [1] }\n");
+        assert!(e.contains("adaptive.period") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn adaptive_unknown_keys_and_bad_types_name_the_key_and_line() {
+        let cases = [
+            (
+                "min_scale",
+                "  min_scal: 0.5",
+                &["unknown field `min_scal`", "line 4"][..],
+            ),
+            (
+                "min_scale",
+                "  min_scale: half",
+                &[
+                    "adaptive.min_scale",
+                    "invalid type: string \"half\"",
+                    "line 4",
+                ],
+            ),
+            ("dwell", "  dwell: -1", &["adaptive.dwell", "line 9"]),
+            ("dwell", "  dwell: 2.5", &["adaptive.dwell", "line 9"]),
+            ("enabled", "  enabled: on", &["adaptive.enabled", "line 3"]),
+            (
+                "high",
+                "    hi: 0.9",
+                &["adaptive.load", "unknown field `hi`", "line 15"],
+            ),
+            (
+                "high",
+                "    high: \"0.9\"",
+                &["adaptive.load.high", "line 15"],
+            ),
+        ];
+        for (key, line, wants) in cases {
+            let text = adaptive_with(key, line);
+            let e = err(&text);
+            for want in wants {
+                assert!(e.contains(want), "{line:?}: {want:?} not in {e}");
+            }
+        }
+        let e = err("default: { limit: 1, window: 1s }\nadaptive: 3\n");
+        assert!(e.contains("adaptive") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn weights_parse_and_look_up_by_policy_id() {
+        let c = Config::parse(
+            "default: { limit: 10, window: 1s, weight: 0.5 }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 5\n    window: 1s\n    weight: 3\n  - { match: tenant-gold, limit: 9, window: 1s }\n  - { match: 192.0.2.7, action: pass, weight: 2.5 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.weights, vec![0.5, 3.0, 1.0, 2.5]);
+        assert_eq!(c.weight(0), 0.5);
+        assert_eq!(c.weight(1), 3.0);
+        assert_eq!(c.weight(2), DEFAULT_WEIGHT);
+        assert_eq!(c.weight(3), 2.5);
+        assert_eq!(c.weight(4), DEFAULT_WEIGHT, "unknown id");
+        assert_eq!(c.weight(u16::MAX), DEFAULT_WEIGHT);
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.weights, vec![1.0; 5]);
+        // `weight: ~` is no weight.
+        let c = Config::parse("default: { limit: 10, window: 1s, weight: ~ }\n").unwrap();
+        assert_eq!(c.weight(0), 1.0);
+        // Tiny and huge, as long as positive and finite.
+        let c = Config::parse("default: { limit: 10, window: 1s, weight: 1e-9 }\n").unwrap();
+        assert_eq!(c.weight(0), 1e-9);
+        let c = Config::parse("default: { limit: 10, window: 1s, weight: 1e300 }\n").unwrap();
+        assert_eq!(c.weight(0), 1e300);
+    }
+
+    #[test]
+    fn weight_errors_name_the_policy() {
+        for (weight, shown) in [
+            ("0", "got 0"),
+            ("-1", "got -1"),
+            ("-0.5", "got -0.5"),
+            (".nan", "got .nan"),
+            (".inf", "got .inf"),
+            ("-.inf", "got -.inf"),
+            ("heavy", "got the string \"heavy\""),
+            ("\"2\"", "got the string \"2\""),
+            ("true", "got true"),
+            ("[1]", "got a list"),
+            ("{ x: 1 }", "got a mapping"),
+        ] {
+            let text = format!(
+                "default: {{ limit: 10, window: 1s }}\npolicies:\n  - {{ match: 10.0.0.0/9, limit: 1, window: 1s }}\n  - match: 10.128.0.0/9\n    limit: 5\n    window: 1s\n    weight: {weight}\n"
+            );
+            let e = err(&text);
+            assert!(
+                e.contains("policies[1] (match 10.128.0.0/9) (line 4): `weight` must be a positive finite number")
+                    && e.contains(shown),
+                "{weight}: {e}"
+            );
+        }
+        let e = err("default: { limit: 10, window: 1s, weight: 0 }\n");
+        assert_eq!(
+            e,
+            "default (line 1): `weight` must be a positive finite number (default 1), got 0"
+        );
+        // On `pass` and `drop` a weight is accepted (and has no effect), but still checked.
+        let e = err(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 192.0.2.7, action: drop, weight: -2 }\n",
+        );
+        assert!(
+            e.contains("policies[0] (match 192.0.2.7) (line 3): `weight`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn policy_base_is_the_configured_limit() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.policy_base(0), Some(c.default));
+        let first = c.policy_base(1).unwrap();
+        assert_eq!(
+            (first.action, first.limit, first.window.micros),
+            (Action::Limit, 100, 500_000)
+        );
+        assert_eq!(c.policy_base(3).unwrap().action, Action::Pass);
+        assert_eq!(c.policy_base(4).unwrap().action, Action::Drop);
+        assert_eq!(c.policy_base(5), None);
+    }
+
+    #[test]
+    fn key_lines_are_found_in_block_and_flow_style() {
+        let text = "default: { limit: 1, window: 1s }\nadaptive:   # knobs\n  # load: here\n  step: 2\n  load:\n\n    low: 0.1\n    high: 0.2\n  'alpha' : 0.5\nmode: enforce\n";
+        assert_eq!(line_of_path(text, &["adaptive"]), Some(2));
+        assert_eq!(line_of_path(text, &["adaptive", "step"]), Some(4));
+        assert_eq!(line_of_path(text, &["adaptive", "load"]), Some(5));
+        assert_eq!(line_of_path(text, &["adaptive", "load", "high"]), Some(8));
+        assert_eq!(line_of_path(text, &["adaptive", "alpha"]), Some(9));
+        assert_eq!(line_of_path(text, &["adaptive", "mode"]), None);
+        assert_eq!(line_of_path(text, &["adaptive", "dwell"]), None);
+        let text = "adaptive: { min_scale_x: 1, min_scale: 0.5, load: {high: 0.2} }\n";
+        assert_eq!(line_of_path(text, &["adaptive", "min_scale"]), Some(1));
+        assert_eq!(line_of_path(text, &["adaptive", "load", "high"]), Some(1));
+        assert_eq!(
+            find_key("a: { min_scale_x: 1, min_scale: 0.5 }", 0, "min_scale"),
+            Some((21, 31))
+        );
     }
 
     #[test]

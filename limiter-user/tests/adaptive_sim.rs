@@ -1,13 +1,17 @@
 //! Deterministic simulation of the adaptive-window controller (`limiter_user::adaptive`): CPU
 //! traces (step, ramp, square wave, seeded noise) and client patterns (steady low, at the limit,
 //! bursty, switching) drive `Controller::step`; the tests check stability, convergence bounds,
-//! rate preservation and fairness. No clocks: one loop iteration is one period.
+//! rate preservation, controller-driven fairness under overload, hot reload (`set_config`) and
+//! `desired`. No clocks: one loop iteration is one period.
+
+use std::collections::HashMap;
 
 use limiter_common::addr::{ClientKey, v4_mapped};
 use limiter_user::adaptive::{
-    AdaptiveConfig, ClientObservation, Controller, FairDemand, LoadSample, StepOutput, effective,
-    fair_shares, step_toward,
+    AdaptiveConfig, ClientDecision, ClientObservation, Controller, FairDemand, LoadSample,
+    StepOutput, effective, fair_shares, step_toward,
 };
+use limiter_user::policy::Window;
 
 /// Every client's policy: 100 packets per second (r = 100/s).
 const LIMIT: u32 = 100;
@@ -43,10 +47,11 @@ fn switching(at: usize) -> Pattern {
     Box::new(move |t| if t < at { 0.2 } else { 1.0 })
 }
 
-/// The history of a run: `g` and each client's `s` after every period.
+/// The history of a run: `g` and each client's `s` and `gᵢ` after every period.
 struct Run {
     g: Vec<f64>,
     s: Vec<Vec<f64>>,
+    gi: Vec<Vec<f64>>,
     outputs: Vec<StepOutput>,
 }
 
@@ -55,6 +60,7 @@ fn run(config: AdaptiveConfig, cpu: impl Fn(usize) -> f64, clients: &[Pattern], 
     let mut out = Run {
         g: Vec::new(),
         s: vec![Vec::new(); clients.len()],
+        gi: vec![Vec::new(); clients.len()],
         outputs: Vec::new(),
     };
     for t in 0..n {
@@ -63,6 +69,7 @@ fn run(config: AdaptiveConfig, cpu: impl Fn(usize) -> f64, clients: &[Pattern], 
             limit: LIMIT,
             window_us: WINDOW_US,
             rate: u(t) * R,
+            weight: 1.0,
         });
         let output = ctl.step(&LoadSample { cpu: cpu(t) }, observations);
         check_rate_preserved(&output);
@@ -70,21 +77,34 @@ fn run(config: AdaptiveConfig, cpu: impl Fn(usize) -> f64, clients: &[Pattern], 
         for (i, s) in out.s.iter_mut().enumerate() {
             s.push(ctl.scale(&key(i)).unwrap_or(1.0));
         }
+        for (i, gi) in out.gi.iter_mut().enumerate() {
+            gi.push(ctl.desired(&key(i)).map_or(1.0, |d| d.load_factor));
+        }
         out.outputs.push(output);
     }
     out
 }
 
-/// Every decision keeps `A / W = r · g` up to rounding `A` to a whole packet.
+/// Every decision keeps `A / W = r · gᵢ` (its own `load_factor`) up to rounding `A` to a whole
+/// packet, with `gᵢ ∈ (0, 1]`.
 fn check_rate_preserved(output: &StepOutput) {
     for d in &output.decisions {
-        let exact = R * d.window_us as f64 / 1e6 * output.load_factor;
-        assert!((d.allowance as f64 - exact).abs() <= 0.5 + 1e-9, "{d:?}");
-        assert_eq!(
-            (d.window_us, d.allowance),
-            effective(LIMIT, WINDOW_US, d.scale, output.load_factor)
-        );
+        check_decision(d, LIMIT, WINDOW_US);
     }
+}
+
+fn check_decision(d: &ClientDecision, limit: u32, window_us: u32) {
+    let r = limit as f64 * 1e6 / window_us as f64;
+    assert!(d.load_factor > 0.0 && d.load_factor <= 1.0, "{d:?}");
+    let exact = r * d.window_us as f64 / 1e6 * d.load_factor;
+    assert!(
+        (d.allowance as f64 - exact).abs() <= 0.5 + 1e-9 || d.allowance == 1,
+        "{d:?}"
+    );
+    assert_eq!(
+        (d.window_us, d.allowance),
+        effective(limit, window_us, d.scale, d.load_factor)
+    );
 }
 
 /// Periods at which a series starts moving against its previous direction of movement.
@@ -439,6 +459,7 @@ fn only_changes_are_emitted_and_idle_clients_are_forgotten() {
         limit: LIMIT,
         window_us: WINDOW_US,
         rate: R,
+        weight: 1.0,
     };
     let hot = LoadSample { cpu: 0.95 };
     let first = ctl.step(&hot, (0..10_000).map(obs));
@@ -473,29 +494,6 @@ fn fair(demand: f64, weight: f64) -> FairDemand {
 }
 
 #[test]
-fn fairness_protects_modest_clients_from_an_aggressive_one() {
-    // Injected overload: the controller brings g to its floor; capacity = g · Σ r.
-    let r = run(enabled(), |_| 1.0, &[at_limit()], 30);
-    let g = r.g[29];
-    assert_eq!(g, 0.5);
-    let capacity = g * R * 21.0;
-    let mut clients = vec![fair(5_000.0, 1.0)];
-    clients.extend((0..20).map(|_| fair(40.0, 1.0)));
-    let shares = fair_shares(&clients, capacity);
-    for (c, s) in clients[1..].iter().zip(&shares[1..]) {
-        assert!(
-            *s >= 0.95 * c.demand,
-            "modest client got {s} of {}",
-            c.demand
-        );
-    }
-    // The aggressive one gets what is left: the water level, above every modest demand.
-    assert!((shares[0] - (capacity - 20.0 * 40.0)).abs() < 1e-9);
-    assert!(shares[0] > 40.0 && shares[0] < clients[0].demand);
-    assert!((shares.iter().sum::<f64>() - capacity).abs() < 1e-6);
-}
-
-#[test]
 fn fairness_respects_weights() {
     let clients = [
         fair(1_000.0, 1.0),
@@ -523,4 +521,536 @@ fn fairness_respects_weights() {
         fair_shares(&clients, 1e6),
         clients.map(|c| c.demand).to_vec()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Controller-driven fairness: per-client factors gᵢ under an injected overload.
+
+/// A client of the fairness runs: a policy of `limit` per 1 s (so r = limit/s), its weight, and
+/// the rate it offers every period.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    limit: u32,
+    weight: f64,
+    offered: f64,
+}
+
+impl Client {
+    fn r(&self) -> f64 {
+        self.limit as f64
+    }
+}
+
+fn modest(offered: f64) -> Client {
+    Client {
+        limit: LIMIT,
+        weight: 1.0,
+        offered,
+    }
+}
+
+/// The history of a fairness run, one entry per period, each taken after that period's step.
+struct FairRun {
+    g: Vec<f64>,
+    /// Each client's `gᵢ`.
+    gi: Vec<Vec<f64>>,
+    /// Each client's `(W, A)` as the datapath holds it: its policy until a decision changes it.
+    held: Vec<Vec<(u32, u32)>>,
+}
+
+impl FairRun {
+    /// The rate the datapath lets client `i` through at the end of period `t`: `A / W`.
+    fn enforced(&self, i: usize, t: usize) -> f64 {
+        let (w, a) = self.held[i][t];
+        a as f64 * 1e6 / w as f64
+    }
+
+    /// Half a packet per `W`: how far `A / W` can be from its exact value by rounding `A`.
+    fn rounding(&self, i: usize, t: usize) -> f64 {
+        0.5 * 1e6 / self.held[i][t].0 as f64 + 1e-9
+    }
+}
+
+fn fair_run(
+    config: AdaptiveConfig,
+    cpu: impl Fn(usize) -> f64,
+    clients: &[Client],
+    n: usize,
+) -> (Controller, FairRun) {
+    let mut ctl = Controller::new(config).expect("valid config");
+    let mut run = FairRun {
+        g: Vec::new(),
+        gi: vec![Vec::new(); clients.len()],
+        held: vec![Vec::new(); clients.len()],
+    };
+    let mut held: Vec<(u32, u32)> = clients.iter().map(|c| (WINDOW_US, c.limit)).collect();
+    for t in 0..n {
+        let observations = clients.iter().enumerate().map(|(i, c)| ClientObservation {
+            key: key(i),
+            limit: c.limit,
+            window_us: WINDOW_US,
+            rate: c.offered,
+            weight: c.weight,
+        });
+        let output = ctl.step(&LoadSample { cpu: cpu(t) }, observations);
+        for d in &output.decisions {
+            let i = (0..clients.len()).find(|&i| key(i) == d.key).unwrap();
+            check_decision(d, clients[i].limit, WINDOW_US);
+            held[i] = (d.window_us, d.allowance);
+        }
+        run.g.push(ctl.load_factor());
+        for (i, c) in clients.iter().enumerate() {
+            // Every client is observed every period: what it holds is what the controller wants.
+            let desired = ctl.desired(&key(i)).expect("tracked");
+            assert_eq!((desired.window_us, desired.allowance), held[i], "{c:?}");
+            run.gi[i].push(desired.load_factor);
+            run.held[i].push(held[i]);
+        }
+    }
+    (ctl, run)
+}
+
+/// `gᵢ` moves by at most one `step` per period, and reverses at least `dwell` periods apart.
+fn check_bounded(series: &[f64], c: &AdaptiveConfig) {
+    for (t, pair) in series.windows(2).enumerate() {
+        let ratio = pair[1] / pair[0];
+        assert!(
+            ratio <= c.step * (1.0 + 1e-12) && ratio >= 1.0 / c.step * (1.0 - 1e-12),
+            "jump at period {}: {} -> {}",
+            t + 1,
+            pair[0],
+            pair[1]
+        );
+    }
+    let turns = reversals(series);
+    assert!(
+        turns.windows(2).all(|w| w[1] - w[0] >= c.dwell as usize),
+        "{turns:?}"
+    );
+}
+
+#[test]
+fn fairness_under_overload_protects_modest_clients_from_an_aggressive_one() {
+    let c = enabled();
+    // One aggressive client with a larger policy (1000/s), 20 modest ones (100/s) offering 0.6 r.
+    let aggressive = Client {
+        limit: 1_000,
+        weight: 1.0,
+        offered: 5_000.0,
+    };
+    let mut clients = vec![aggressive];
+    clients.extend((0..20).map(|_| modest(0.6 * R)));
+    let n = 60;
+    let (_, run) = fair_run(c.clone(), |_| 1.0, &clients, n);
+    let last = n - 1;
+    let g = run.g[last];
+    assert_eq!(g, c.min_load_factor);
+    // A uniform cut (A / W = r · g for everyone) would take 17% of each modest client's traffic.
+    assert!(g * R < 0.95 * 0.6 * R);
+    let capacity = g * clients.iter().map(Client::r).sum::<f64>();
+    for (i, m) in clients.iter().enumerate().skip(1) {
+        assert!(
+            run.enforced(i, last) >= 0.95 * m.offered,
+            "modest client {i} let through {} of {}",
+            run.enforced(i, last),
+            m.offered
+        );
+        assert!(
+            run.gi[i].iter().all(|&gi| gi == 1.0),
+            "modest client {i} cut"
+        );
+    }
+    // The aggressive one is cut to what is left of the capacity, below its policy rate.
+    let share = capacity - 20.0 * 0.6 * R;
+    assert!(
+        (run.enforced(0, last) - share).abs() <= run.rounding(0, last),
+        "aggressive let through {}, share {share}",
+        run.enforced(0, last)
+    );
+    assert!(run.enforced(0, last) < aggressive.r());
+    // Its larger policy takes it below min_load_factor: bounded by the water level instead.
+    assert!((run.gi[0][last] - share / aggressive.r()).abs() < 1e-9);
+    assert!(run.gi[0][last] < c.min_load_factor);
+    // No jump from 1 to 0.3: one step per period, monotonically, within the bound.
+    for gi in &run.gi {
+        check_bounded(gi, &c);
+    }
+    assert!(reversals(&run.gi[0]).is_empty());
+    let reached = run.gi[0]
+        .iter()
+        .position(|&gi| gi == run.gi[0][last])
+        .unwrap();
+    // Not cut while the capacity covers every demand (g = 0.8 in period 0), then one step a
+    // period: the target (≥ 0.3) is reached in ⌈ln(1 / 0.3) / ln(1.25)⌉ steps.
+    assert_eq!(run.gi[0][0], 1.0);
+    assert!(
+        reached <= 1 + steps(1.0, share / aggressive.r(), c.step),
+        "{reached}"
+    );
+}
+
+#[test]
+fn fairness_under_overload_respects_weights() {
+    let c = enabled();
+    let heavy = |weight| Client {
+        limit: 1_000,
+        weight,
+        offered: 5_000.0,
+    };
+    let mut clients = vec![heavy(1.0), heavy(3.0)];
+    clients.extend((0..10).map(|_| modest(0.6 * R)));
+    let n = 60;
+    let (_, run) = fair_run(c.clone(), |_| 1.0, &clients, n);
+    let last = n - 1;
+    // C = 0.5 · 3000 = 1500; the modest take 600; the 900 left are split 1 : 3.
+    let capacity = run.g[last] * clients.iter().map(Client::r).sum::<f64>();
+    assert_eq!(capacity, 1_500.0);
+    for (i, expected) in [(0, 225.0), (1, 675.0)] {
+        let got = run.enforced(i, last);
+        assert!(
+            (got - expected).abs() <= run.rounding(i, last),
+            "{i}: {got}"
+        );
+        assert!((run.gi[i][last] - expected / 1_000.0).abs() < 1e-9);
+    }
+    for i in 2..clients.len() {
+        assert_eq!(run.gi[i][last], 1.0);
+        assert!(run.enforced(i, last) >= 0.6 * R);
+    }
+    for gi in &run.gi {
+        check_bounded(gi, &c);
+    }
+}
+
+#[test]
+fn a_zero_weight_client_is_held_to_one_packet_and_recovers() {
+    let c = enabled();
+    // Weight 0 counts as the smallest positive weight: its share is ~0 under overload.
+    let clients = [
+        Client {
+            limit: LIMIT,
+            weight: 0.0,
+            offered: 5.0 * R,
+        },
+        modest(3.0 * R),
+    ];
+    let (over, back, n) = (0, 60, 140);
+    let cpu = |t: usize| if t < back { 1.0 } else { 0.3 };
+    let (_, run) = fair_run(c.clone(), cpu, &clients, n);
+    // Never blocked: 1 packet per W at the bottom, gᵢ floored where A reaches 1 (W = 250 ms:
+    // 1 / (100 · 0.25) = 0.04), not driven toward 0.
+    assert_eq!(run.held[0][back - 1], (250_000, 1));
+    assert!((run.gi[0][back - 1] - 0.04).abs() < 1e-12);
+    assert!(run.gi[0][over..].iter().all(|&gi| gi >= 0.04 - 1e-12));
+    // The other heavy client gets the whole capacity it can use: C = 0.5 · 200 = 100.
+    assert_eq!(run.held[1][back - 1], (250_000, 25));
+    // Back to the policy once the overload is over, within the bound: the EWMA lag and dwell of
+    // g, g's climb, then gᵢ's own climb (no second dwell: g moved up in the same period).
+    let lag = ewma_lag(1.0, 0.3, c.load.low, c.alpha);
+    let g_back = lag + c.dwell as usize + steps(c.min_load_factor, 1.0, c.step);
+    let bound = g_back + steps(0.04, 1.0, c.step);
+    converges(&run.gi[0], back, 1.0, bound);
+    check_bounded(&run.gi[0], &c);
+}
+
+#[test]
+fn without_overload_nobody_is_cut() {
+    let aggressive = Client {
+        limit: 1_000,
+        weight: 1.0,
+        offered: 5_000.0,
+    };
+    let mut clients = vec![aggressive];
+    clients.extend((0..20).map(|_| modest(0.6 * R)));
+    // Relaxed (g climbs to / stays at 1) and steady (g holds at 1).
+    for cpu in [0.3, 0.7] {
+        let (_, run) = fair_run(enabled(), |_| cpu, &clients, 60);
+        assert!(run.g.iter().all(|&g| g == 1.0));
+        for (i, gi) in run.gi.iter().enumerate() {
+            assert!(gi.iter().all(|&gi| gi == 1.0), "cpu {cpu}, client {i}");
+            // A / W = r: the policy's rate, whatever the window.
+            let r = clients[i].r();
+            assert!((run.enforced(i, 59) - r).abs() <= run.rounding(i, 59));
+        }
+    }
+}
+
+#[test]
+fn equal_heavy_clients_follow_the_global_factor_exactly() {
+    // Equal policies, every client above the water level: gᵢ = g after every period, through
+    // descents, holds and reversals (the dwell of g is not served twice).
+    let patterns = || {
+        vec![
+            at_limit(),
+            at_limit(),
+            Box::new(|_| 2.0) as Pattern,
+            Box::new(|t: usize| 1.0 + (t % 3) as f64) as Pattern,
+        ]
+    };
+    let unsmoothed = AdaptiveConfig {
+        alpha: 1.0,
+        ..enabled()
+    };
+    let step_trace = |t: usize| if (40..100).contains(&t) { 0.95 } else { 0.3 };
+    let slow_wave = |t: usize| if (t / 8).is_multiple_of(2) { 0.95 } else { 0.3 };
+    let fast_wave = |t: usize| if (t / 2).is_multiple_of(2) { 0.95 } else { 0.3 };
+    let runs = [
+        run(enabled(), step_trace, &patterns(), 170),
+        run(unsmoothed.clone(), slow_wave, &patterns(), 200),
+        run(unsmoothed, fast_wave, &patterns(), 200),
+        run(enabled(), |_| 1.0, &patterns(), 50),
+    ];
+    for (n, r) in runs.iter().enumerate() {
+        assert!(r.g.iter().any(|&g| g < 1.0), "run {n} never cut");
+        for gi in &r.gi {
+            assert_eq!(gi, &r.g, "run {n}");
+        }
+        for o in &r.outputs {
+            assert!(o.decisions.iter().all(|d| d.load_factor == o.load_factor));
+        }
+    }
+    assert!(reversals(&runs[1].g).len() > 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot reload and the controller's view of each client.
+
+fn obs(i: usize, rate: f64) -> ClientObservation {
+    ClientObservation {
+        key: key(i),
+        limit: LIMIT,
+        window_us: WINDOW_US,
+        rate,
+        weight: 1.0,
+    }
+}
+
+const HOT: LoadSample = LoadSample { cpu: 1.0 };
+const COOL: LoadSample = LoadSample { cpu: 0.3 };
+
+#[test]
+fn period_is_a_window_between_100ms_and_60s() {
+    assert_eq!(
+        AdaptiveConfig::default().period,
+        Window { micros: 1_000_000 }
+    );
+    let parse = |yaml: &str| serde_yaml::from_str::<AdaptiveConfig>(yaml);
+    assert_eq!(parse("period: 250ms").unwrap().period.micros, 250_000);
+    assert_eq!(parse("period: 1.5s").unwrap().period.micros, 1_500_000);
+    assert_eq!(parse("period: 1m").unwrap().period.micros, 60_000_000);
+    let e = parse("period: fast").unwrap_err().to_string();
+    assert!(e.contains("invalid period \"fast\""), "{e}");
+    let e = parse("period: 1").unwrap_err().to_string();
+    assert!(e.contains("invalid"), "{e}");
+    for (yaml, got) in [("period: 50ms", "0.05"), ("period: 2m", "120")] {
+        let c = parse(yaml).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            format!("period must be between 100ms and 60s (0.1 to 60 seconds), got {got}")
+        );
+        assert_eq!(c.validate().unwrap_err().field, "period");
+    }
+    for ok in ["period: 100ms", "period: 60s"] {
+        assert_eq!(parse(ok).unwrap().validate(), Ok(()));
+    }
+}
+
+#[test]
+fn desired_is_the_last_decision_until_a_reload() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    let mut last: HashMap<ClientKey, ClientDecision> = HashMap::new();
+    let rates = [5.0 * R, 0.6 * R, 0.2 * R, R];
+    for t in 0..40 {
+        let cpu = if t < 25 { HOT } else { COOL };
+        let out = ctl.step(&cpu, rates.iter().enumerate().map(|(i, &r)| obs(i, r)));
+        check_rate_preserved(&out);
+        for d in out.decisions {
+            last.insert(d.key, d);
+        }
+        for i in 0..rates.len() {
+            let desired = ctl.desired(&key(i)).unwrap();
+            match last.get(&key(i)) {
+                Some(d) => assert_eq!(&desired, d, "period {t}"),
+                None => assert_eq!((desired.window_us, desired.allowance), (WINDOW_US, LIMIT)),
+            }
+        }
+    }
+    assert_eq!(ctl.desired(&key(99)), None);
+    assert_eq!(ctl.utilisation(&key(99)), None);
+    // The smoothed utilisation of constant offers is the offer.
+    for (i, &r) in rates.iter().enumerate() {
+        let u = ctl.utilisation(&key(i)).unwrap();
+        assert!((u - r / R).abs() < 1e-9, "{i}: {u}");
+    }
+}
+
+#[test]
+fn set_config_disabled_returns_every_key_and_pins_one() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    for _ in 0..20 {
+        ctl.step(&HOT, (0..5).map(|i| obs(i, R)));
+    }
+    assert_eq!(ctl.load_factor(), 0.5);
+    assert_eq!(ctl.scale(&key(3)), Some(0.25));
+    let keys = ctl.set_config(AdaptiveConfig::default()).unwrap();
+    assert_eq!(keys, (0..5).map(key).collect::<Vec<_>>());
+    assert!(!ctl.config().enabled);
+    assert_eq!((ctl.tracked(), ctl.load_factor()), (0, 1.0));
+    assert_eq!((ctl.scale(&key(3)), ctl.desired(&key(3))), (None, None));
+    for _ in 0..10 {
+        let out = ctl.step(&HOT, (0..5).map(|i| obs(i, R)));
+        assert!(out.decisions.is_empty() && out.forgotten.is_empty());
+        assert_eq!(out.load_factor, 1.0);
+    }
+    // Disabling twice returns nothing more; enabling starts afresh, without the old load history.
+    assert_eq!(
+        ctl.set_config(AdaptiveConfig::default()).unwrap(),
+        Vec::<ClientKey>::new()
+    );
+    assert_eq!(ctl.set_config(enabled()).unwrap(), Vec::<ClientKey>::new());
+    let out = ctl.step(&COOL, [obs(0, R)]);
+    assert_eq!(out.band, limiter_user::adaptive::Band::Relaxed);
+    assert_eq!(out.load_factor, 1.0);
+}
+
+#[test]
+fn set_config_clamps_into_narrower_ranges() {
+    // Relaxed: the calm client's s and p grow to 4.
+    let mut ctl = Controller::new(enabled()).unwrap();
+    for _ in 0..40 {
+        ctl.step(&COOL, [obs(0, 0.2 * R), obs(1, R)]);
+    }
+    assert_eq!(ctl.scale(&key(0)), Some(4.0));
+    let narrow = AdaptiveConfig {
+        max_scale: 2.0,
+        ..enabled()
+    };
+    assert_eq!(
+        ctl.set_config(narrow.clone()).unwrap(),
+        Vec::<ClientKey>::new()
+    );
+    assert_eq!(ctl.config(), &narrow);
+    assert_eq!(ctl.scale(&key(0)), Some(2.0));
+    let d = ctl.desired(&key(0)).unwrap();
+    assert_eq!((d.scale, d.window_us, d.allowance), (2.0, 2_000_000, 200));
+    // The pattern was clamped too: nothing grows back past the new max_scale.
+    for _ in 0..40 {
+        ctl.step(&COOL, [obs(0, 0.2 * R), obs(1, R)]);
+        assert_eq!(ctl.scale(&key(0)), Some(2.0));
+    }
+
+    // Overloaded: g and s at their floors; a higher floor lifts them at once, and each gᵢ
+    // follows by bounded steps.
+    let mut ctl = Controller::new(enabled()).unwrap();
+    for _ in 0..20 {
+        ctl.step(&HOT, [obs(0, R), obs(1, R)]);
+    }
+    assert_eq!((ctl.load_factor(), ctl.scale(&key(0))), (0.5, Some(0.25)));
+    let higher = AdaptiveConfig {
+        min_load_factor: 0.8,
+        min_scale: 0.5,
+        ..enabled()
+    };
+    ctl.set_config(higher).unwrap();
+    assert_eq!((ctl.load_factor(), ctl.scale(&key(0))), (0.8, Some(0.5)));
+    let d = ctl.desired(&key(0)).unwrap();
+    assert_eq!(
+        (d.load_factor, d.window_us, d.allowance),
+        (0.5, 500_000, 25)
+    );
+    let mut gi = vec![0.5];
+    for _ in 0..5 {
+        let out = ctl.step(&HOT, [obs(0, R), obs(1, R)]);
+        check_rate_preserved(&out);
+        gi.push(ctl.desired(&key(0)).unwrap().load_factor);
+    }
+    assert_eq!(gi, [0.5, 0.625, 0.78125, 0.8, 0.8, 0.8]);
+}
+
+#[test]
+fn an_invalid_config_changes_nothing() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    for _ in 0..20 {
+        ctl.step(&HOT, (0..3).map(|i| obs(i, R)));
+    }
+    let snapshot = |ctl: &Controller| {
+        (
+            ctl.config().clone(),
+            ctl.load_factor(),
+            ctl.tracked(),
+            (0..3).map(|i| ctl.desired(&key(i))).collect::<Vec<_>>(),
+        )
+    };
+    let before = snapshot(&ctl);
+    // Invalid even though it also disables: the state must not be dropped.
+    let bad = AdaptiveConfig {
+        alpha: 0.0,
+        ..AdaptiveConfig::default()
+    };
+    assert_eq!(ctl.set_config(bad).unwrap_err().field, "alpha");
+    let bad = AdaptiveConfig {
+        period: Window { micros: 50_000 },
+        idle_periods: 3,
+        ..enabled()
+    };
+    assert_eq!(ctl.set_config(bad).unwrap_err().field, "period");
+    assert_eq!(snapshot(&ctl), before);
+    // And the wheel still works at the old idle_periods (30).
+    let mut forgotten = 0;
+    for t in 21..=60 {
+        let out = ctl.step(&HOT, []);
+        forgotten += out.forgotten.len();
+        if t < 50 {
+            assert_eq!(ctl.tracked(), 3, "period {t}");
+        }
+    }
+    assert_eq!((forgotten, ctl.tracked()), (3, 0));
+}
+
+#[test]
+fn changing_idle_periods_keeps_expiry_working() {
+    let with_idle = |idle_periods| AdaptiveConfig {
+        idle_periods,
+        ..enabled()
+    };
+    // Periods are numbered from 1; a client last seen at t is forgotten at t + idle_periods.
+    let forgotten_at = |ctl: &mut Controller, from: u64, to: u64, keep: &[usize]| {
+        let mut at = HashMap::new();
+        for t in from..=to {
+            let out = ctl.step(&COOL, keep.iter().map(|&i| obs(i, R)));
+            for k in out.forgotten {
+                assert!(at.insert(k, t).is_none(), "forgotten twice");
+            }
+        }
+        at
+    };
+    // Shrinking 30 → 5 at period 12: client 0 (last seen at 1) is overdue and goes at once,
+    // client 1 (last seen at 10) at 15, client 2 (seen every period) stays.
+    let mut ctl = Controller::new(with_idle(30)).unwrap();
+    ctl.step(&COOL, [obs(0, R), obs(1, R), obs(2, R)]);
+    for _ in 2..10 {
+        ctl.step(&COOL, [obs(1, R), obs(2, R)]);
+    }
+    ctl.step(&COOL, [obs(1, R), obs(2, R)]); // period 10
+    ctl.step(&COOL, [obs(2, R)]); // 11
+    ctl.step(&COOL, [obs(2, R)]); // 12
+    assert_eq!(
+        ctl.set_config(with_idle(5)).unwrap(),
+        Vec::<ClientKey>::new()
+    );
+    let at = forgotten_at(&mut ctl, 13, 80, &[2]);
+    assert_eq!(at, HashMap::from([(key(0), 13), (key(1), 15)]));
+    assert_eq!(ctl.tracked(), 1);
+
+    // Growing 5 → 20 at period 3: a client last seen at 1 now goes at 21, not 6.
+    let mut ctl = Controller::new(with_idle(5)).unwrap();
+    ctl.step(&COOL, [obs(0, R), obs(1, R)]);
+    ctl.step(&COOL, [obs(1, R)]);
+    ctl.step(&COOL, [obs(1, R)]);
+    ctl.set_config(with_idle(20)).unwrap();
+    let at = forgotten_at(&mut ctl, 4, 100, &[1]);
+    assert_eq!(at, HashMap::from([(key(0), 21)]));
+    // Clients that arrive after the change use the new wheel: last seen at 100, gone at 120.
+    let at = forgotten_at(&mut ctl, 101, 200, &[]);
+    assert_eq!(at, HashMap::from([(key(1), 120)]));
 }

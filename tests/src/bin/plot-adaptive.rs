@@ -1,8 +1,9 @@
 //! Renders the adaptive-window controller (`limiter_user::adaptive`) at work as four SVG charts,
 //! for the README: a CPU step, a square-wave load faster than the dwell, the client patterns, and
 //! fairness under overload. The scenarios are those of `limiter-user/tests/adaptive_sim.rs`; every
-//! value plotted comes from the real `Controller::step` and `fair_shares`. No clock and no
-//! randomness: one loop iteration is one period, and the output is the same bytes on every run.
+//! value plotted comes from the real `Controller::step` (its decisions, as the datapath would
+//! hold them). No clock and no randomness: one loop iteration is one period, and the output is
+//! the same bytes on every run.
 //!
 //! Usage: `plot-adaptive [--out DIR]` (default: the workspace's `docs/`). Writes
 //! `adaptive-load-step.svg`, `adaptive-square-wave.svg`, `adaptive-client-patterns.svg` and
@@ -12,9 +13,7 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use limiter_common::addr::{ClientKey, v4_mapped};
-use limiter_user::adaptive::{
-    AdaptiveConfig, Band, ClientObservation, Controller, FairDemand, LoadSample, fair_shares,
-};
+use limiter_user::adaptive::{AdaptiveConfig, Band, ClientObservation, Controller, LoadSample};
 
 /// Every simulated client's policy: 100 packets per 1 s window, so r = 100 packets/s.
 const LIMIT: u32 = 100;
@@ -107,6 +106,8 @@ struct ClientTrace {
     u: Vec<f64>,
     /// Scale `s`.
     s: Vec<f64>,
+    /// Fairness factor `gᵢ`.
+    gi: Vec<f64>,
     /// Effective window `W`, seconds, as last decided (the datapath's view).
     w: Vec<f64>,
     /// Effective allowance `A` per `W`, as last decided.
@@ -142,6 +143,7 @@ fn simulate(
             .map(|_| ClientTrace {
                 u: Vec::new(),
                 s: Vec::new(),
+                gi: Vec::new(),
                 w: Vec::new(),
                 a: Vec::new(),
             })
@@ -155,6 +157,7 @@ fn simulate(
             limit: LIMIT,
             window_us: WINDOW_US,
             rate: u(t) * R,
+            weight: 1.0,
         });
         let sample = LoadSample { cpu: cpu(t) };
         let output = ctl.step(&sample, observations);
@@ -170,6 +173,8 @@ fn simulate(
         for (i, client) in trace.clients.iter_mut().enumerate() {
             client.u.push(patterns[i](t));
             client.s.push(ctl.scale(&key(i)).unwrap_or(1.0));
+            let desired = ctl.desired(&key(i));
+            client.gi.push(desired.map_or(1.0, |d| d.load_factor));
             client.w.push(held[i].0 as f64 / 1e6);
             client.a.push(held[i].1 as f64);
         }
@@ -255,11 +260,14 @@ fn load_step() -> Figure {
     load.marker(down as f64, "CPU → 30%", Corner::Top);
 
     let mut scale = Panel::new(
-        "Global load factor g and per-client scale s",
+        "Global load factor g, per-client scale s and fairness factor gᵢ",
         96.0,
         scale_axis(),
     );
     scale.step("g (global)", &trace.g, Stroke::solid(BLACK, 2.0));
+    // Under overload the capacity g · Σ r = 100 covers the calm client's 20 and leaves 80 of
+    // the busy one's 100: the busy one is cut to gᵢ = 0.8, the calm one not at all.
+    scale.step("gᵢ, busy client", &busy.gi, Stroke::dashed(VERMILLION, 2.0));
     let calm_name = "calm client (u = 0.2)";
     let busy_name = "busy client (u = 1)";
     scale.step(
@@ -272,6 +280,7 @@ fn load_step() -> Figure {
         &busy.s,
         Stroke::solid(ORANGE, 2.0),
     );
+    scale.note("(gᵢ, calm client: 1, never cut)");
 
     let seconds = |v: f64| {
         if v < 1.0 {
@@ -289,7 +298,7 @@ fn load_step() -> Figure {
     window.step("W, busy client", &busy.w, Stroke::solid(ORANGE, 2.0));
 
     let mut allowance = Panel::new(
-        "Effective allowance A = L · s · g per W (policy L = 100), so A / W = r · g",
+        "Effective allowance A = L · s · gᵢ per W (policy L = 100), so A / W = r · gᵢ",
         82.0,
         Axis::log2(12.5, 400.0, trim),
     );
@@ -460,88 +469,134 @@ fn client_patterns() -> Figure {
     }
 }
 
-/// One aggressive client and 20 modest ones under an injected overload: the capacity `g · Σ r`
-/// the controller admits, divided by `fair_shares`.
+/// One aggressive client and 20 modest ones under an injected overload, through the controller:
+/// `g` sets the capacity `g · Σ r`, and each client's own factor `gᵢ` its share of it.
 fn fairness() -> Figure {
-    let (overload_from, periods) = (10, 40);
-    let aggressive = 5_000.0;
-    // Modest clients offer 20 to 58 packets/s, all below their r = 100.
-    let modest: Vec<f64> = (0..20).map(|i| 20.0 + 2.0 * i as f64).collect();
-    let demands: Vec<f64> = std::iter::once(aggressive).chain(modest.clone()).collect();
-    let total_demand: f64 = demands.iter().sum();
-    let modest_demand: f64 = modest.iter().sum();
-    let claims: Vec<FairDemand> = demands
-        .iter()
-        .map(|&demand| FairDemand {
-            demand,
-            weight: 1.0,
-        })
+    let config = enabled();
+    let (overload_from, periods) = (10, 50);
+    // The aggressive client: a larger policy (1000/s), offering 5000 pps.
+    let (aggressive_limit, aggressive_offer) = (1_000u32, 5_000.0);
+    // The modest ones: 100/s each, offering 40 to 78 pps.
+    let modest: Vec<f64> = (0..20).map(|i| 40.0 + 2.0 * i as f64).collect();
+    let limits: Vec<u32> = std::iter::once(aggressive_limit)
+        .chain(modest.iter().map(|_| LIMIT))
         .collect();
+    let offers: Vec<f64> = std::iter::once(aggressive_offer)
+        .chain(modest.iter().copied())
+        .collect();
+    let total_rate: f64 = limits.iter().map(|&l| l as f64).sum();
+    // The modest client plotted over time: one offering more than g · r would leave it.
+    let shown = 1 + modest
+        .iter()
+        .position(|&m| m == 60.0)
+        .expect("a 60 pps client");
 
-    let mut ctl = Controller::new(enabled()).expect("the default configuration is valid");
-    let mut capacity = Vec::new();
-    let mut aggressive_share = Vec::new();
-    let mut modest_share = Vec::new();
-    let mut modest_proportional = Vec::new();
-    let mut shares = Vec::new();
+    let mut ctl = Controller::new(config.clone()).expect("the default configuration is valid");
+    let mut held: Vec<(u32, u32)> = limits.iter().map(|&l| (WINDOW_US, l)).collect();
+    let enforced = |(w, a): (u32, u32)| a as f64 * 1e6 / w as f64;
+    let (mut capacity, mut g, mut gi_aggressive, mut gi_modest) = (vec![], vec![], vec![], vec![]);
+    let (mut aggressive_rate, mut modest_rate, mut modest_uniform) = (vec![], vec![], vec![]);
     for t in 0..periods {
         let cpu = if t < overload_from { 0.3 } else { 1.0 };
-        let observations = demands
+        let observations = offers
             .iter()
             .enumerate()
             .map(|(i, &rate)| ClientObservation {
                 key: key(i),
-                limit: LIMIT,
+                limit: limits[i],
                 window_us: WINDOW_US,
                 rate,
+                weight: 1.0,
             });
         let output = ctl.step(&LoadSample { cpu }, observations);
-        let admitted = output.load_factor * R * demands.len() as f64;
-        shares = fair_shares(&claims, admitted);
-        capacity.push(admitted);
-        aggressive_share.push(shares[0]);
-        modest_share.push(shares[1..].iter().sum::<f64>());
-        modest_proportional.push(admitted * modest_demand / total_demand);
+        for decision in &output.decisions {
+            if let Some(i) = (0..offers.len()).find(|&i| key(i) == decision.key) {
+                held[i] = (decision.window_us, decision.allowance);
+            }
+        }
+        let factor = |i: usize| ctl.desired(&key(i)).map_or(1.0, |d| d.load_factor);
+        capacity.push(output.load_factor * total_rate);
+        g.push(output.load_factor);
+        gi_aggressive.push(factor(0));
+        gi_modest.push(factor(shown));
+        aggressive_rate.push(enforced(held[0]));
+        modest_rate.push(enforced(held[shown]));
+        modest_uniform.push(output.load_factor * R);
     }
-    let final_capacity = capacity[capacity.len() - 1];
-    // The water level: the share of every client cut below its demand.
-    let level = shares
-        .iter()
-        .zip(&demands)
-        .filter(|(s, d)| s < d)
-        .map(|(s, _)| *s)
-        .fold(0.0, f64::max);
+    let final_g = g[periods - 1];
+    let final_capacity = capacity[periods - 1];
+    // What the legend and subtitle say: the modest ones are never cut; the aggressive one is cut
+    // to the water level, below min_load_factor.
+    for i in 1..offers.len() {
+        let desired = ctl.desired(&key(i)).expect("tracked");
+        assert_eq!(
+            desired.load_factor, 1.0,
+            "modest client {i} was cut: fix the legend"
+        );
+    }
+    let level = gi_aggressive[periods - 1] * aggressive_limit as f64;
+    assert!((level - (final_capacity - modest.iter().sum::<f64>())).abs() < 1e-6);
+    assert!(gi_aggressive[periods - 1] < config.min_load_factor);
 
     let mut over_time = Panel::new(
-        "Packets per second: CPU pinned at 100% from period 10; after the EWMA lag, g falls to 0.5",
-        120.0,
-        Axis::log10(100.0, 10_000.0, true),
+        &format!(
+            "Packets per second let through (A / W): CPU pinned at 100% from period \
+             {overload_from}; g falls to {final_g}"
+        ),
+        130.0,
+        Axis::log10(20.0, 10_000.0, true),
     );
     over_time.step(
-        "aggressive: demand",
-        &vec![aggressive; periods],
+        "aggressive: offered",
+        &vec![aggressive_offer; periods],
         Stroke::dashed(VERMILLION, 1.6),
     );
-    let share_stroke = Stroke::solid(VERMILLION, 2.2);
-    over_time.step("aggressive: fair share", &aggressive_share, share_stroke);
-    over_time.step("capacity g · Σ r", &capacity, Stroke::solid(BLACK, 2.0));
-    let modest_stroke = Stroke::solid(BLUE, 2.2);
-    over_time.step("20 modest: share = demand", &modest_share, modest_stroke);
-    let proportional_stroke = Stroke::dashed(SKY, 1.6);
+    let aggressive_stroke = Stroke::solid(VERMILLION, 2.2);
+    over_time.step("aggressive: A / W", &aggressive_rate, aggressive_stroke);
+    over_time.step("capacity C = g · Σ r", &capacity, Stroke::solid(BLACK, 2.0));
     over_time.step(
-        "20 modest: if proportional",
-        &modest_proportional,
-        proportional_stroke,
+        "modest (60 pps): A / W",
+        &modest_rate,
+        Stroke::solid(BLUE, 2.2),
+    );
+    over_time.step(
+        "modest: offered",
+        &vec![offers[shown]; periods],
+        Stroke::dashed(BLUE, 1.6),
+    );
+    over_time.step(
+        "modest if uniform: g · r",
+        &modest_uniform,
+        Stroke::dashed(SKY, 1.6),
     );
     over_time.marker(overload_from as f64, "CPU → 100%", Corner::Bottom);
 
+    let mut factors = Panel::new(
+        "Global g (the capacity) and each client's own factor gᵢ (its A / W = r · gᵢ)",
+        96.0,
+        Axis::linear(0.0, 1.0, 0.25, trim),
+    );
+    factors.step("g (global)", &g, Stroke::solid(BLACK, 2.0));
+    factors.step(
+        "gᵢ, aggressive",
+        &gi_aggressive,
+        Stroke::solid(VERMILLION, 2.2),
+    );
+    factors.step("gᵢ, modest (all 20)", &gi_modest, Stroke::dashed(BLUE, 2.2));
+    factors.rule(
+        &format!("min_load_factor = {}", config.min_load_factor),
+        config.min_load_factor,
+        Stroke::dashed(GREEN, 1.3),
+    );
+    factors.marker(overload_from as f64, "CPU → 100%", Corner::Bottom);
+
     let mut per_client = Panel::new(
         &format!(
-            "Each client at the end: {} pps of capacity among 21 clients (log scale)",
+            "Each client at the end: C = {} pps among 21 clients (log scale)",
             trim(final_capacity)
         ),
         170.0,
-        Axis::log10(1.0, 10_000.0, false),
+        Axis::log10(10.0, 10_000.0, false),
     );
     per_client.x = Some(Axis {
         min: -0.6,
@@ -559,15 +614,13 @@ fn fairness() -> Figure {
             .collect(),
     });
     per_client.x_label = "client (aggr. = the aggressive one, 1–20 the modest ones)".into();
-    per_client.bars("demand (offered pps)", indexed(&demands), 0.8, "#d4d4d4");
-    per_client.bars("fair share", indexed(&shares), 0.44, BLUE);
-    let proportional: Vec<f64> = demands
-        .iter()
-        .map(|d| final_capacity * d / total_demand)
-        .collect();
+    per_client.bars("offered (pps)", indexed(&offers), 0.8, "#d4d4d4");
+    let through: Vec<f64> = held.iter().map(|&h| enforced(h)).collect();
+    per_client.bars("A / W let through", indexed(&through), 0.44, BLUE);
+    let uniform: Vec<f64> = limits.iter().map(|&l| final_g * l as f64).collect();
     per_client.ticks(
-        "proportional split",
-        indexed(&proportional),
+        "uniform cut r · g",
+        indexed(&uniform),
         0.8,
         Stroke::solid(BLACK, 2.4),
     );
@@ -579,19 +632,22 @@ fn fairness() -> Figure {
 
     Figure {
         width: 900.0,
-        title: "Adaptive windows: fairness under overload (fair_shares)".into(),
+        title: "Adaptive windows: fairness under overload (per-client factors gᵢ)".into(),
         subtitle: vec![
-            "1 aggressive client (5000 pps) and 20 modest ones (20–58 pps), r = 100 each, share \
-             the capacity g · Σ r."
+            "1 aggressive client (offers 5000 pps, policy 1000/s) and 20 modest ones (40–78 pps, \
+             100/s). g sets the capacity C = g · Σ r;"
                 .into(),
-            "Max-min water-filling cuts only the aggressive one, to the level λ; a split in \
-             proportion to demand would starve the rest."
+            "water-filling C over the demands min(û, 1) · r gives each client its gᵢ: the modest \
+             keep their traffic (gᵢ = 1),"
+                .into(),
+            "the aggressive one is cut to λ, one step per period. A uniform cut r · g would take \
+             up to 36% from the modest ones."
                 .into(),
         ],
         x: period_axis(periods, 5.0),
         x_label: PERIOD_LABEL.into(),
         shading: Vec::new(),
-        panels: vec![over_time, per_client],
+        panels: vec![over_time, factors, per_client],
     }
 }
 
