@@ -9,4 +9,6 @@ pub mod addr;
 pub mod maps;
 pub mod window;
 
-pub use maps::{CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy};
+pub use maps::{
+    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
+};

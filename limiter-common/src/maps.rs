@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -17,6 +17,11 @@ pub const ACTION_DROP: u8 = 2;
 /// `ClientState::flags`: the entry lives in the `STATIC_CLIENTS` map (an exact-address policy),
 /// which LRU eviction never touches.
 pub const FLAG_STATIC: u8 = 1;
+/// `ClientState::flags`: the client's key was pushed to `ACTIVE` for the agent's adaptive
+/// controller, which now tracks it; it is pushed again only after the agent releases it (an
+/// adapt request with `ADAPT_RELEASE`), so the ring carries each newly active client once, not
+/// one record per window.
+pub const FLAG_REPORTED: u8 = 2;
 
 /// `Config::mode`: drop what is over the limit.
 pub const MODE_ENFORCE: u32 = 0;
@@ -73,10 +78,15 @@ impl ClientState {
     /// Packets passed over the entry's lifetime. Admitted packets are counted in the window
     /// slots and folded into `passed` when their slot is reused for a later window, so the
     /// total is `passed` plus what both slots hold.
+    ///
+    /// Wrapping: when the agent rescales an entry's window (adaptive windows) it carries the
+    /// used fraction of the allowance into the new window as a count in a slot and subtracts that
+    /// count from `passed`, so `passed` alone can be transiently "negative" (wrapped) while the
+    /// sum stays exact.
     pub fn total_passed(&self) -> u64 {
         self.passed
-            + crate::window::slot_count(self.slots[0]) as u64
-            + crate::window::slot_count(self.slots[1]) as u64
+            .wrapping_add(crate::window::slot_count(self.slots[0]) as u64)
+            .wrapping_add(crate::window::slot_count(self.slots[1]) as u64)
     }
 }
 
@@ -150,6 +160,10 @@ pub struct CheckReply {
     pub _pad: u32,
 }
 
+/// `Config::flags`: adaptive windows are on; the fast path reports newly active clients to the
+/// agent through `ACTIVE`.
+pub const CONFIG_ADAPTIVE: u32 = 1;
+
 /// The single entry of the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -158,6 +172,85 @@ pub struct Config {
     pub generation: u32,
     /// `MODE_ENFORCE` or `MODE_DRY_RUN`.
     pub mode: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Size of the `ACTIVE` ring buffer, which carries the key of each newly active client from the
+/// fast path to the agent's adaptive controller. A record is the 16-byte key plus the ring's
+/// 8-byte header, so 1 MiB holds 43,690 records: that many clients can become active within one
+/// controller period before reports are refused. A refused report is not lost for good: the
+/// client stays unreported and is offered again at its next window rollover.
+pub const ACTIVE_RING_BYTES: u32 = 1 << 20;
+
+/// EtherType of an adapt frame: the agent runs the `limiter_adapt` program on one with
+/// BPF_PROG_TEST_RUN to change the effective window and allowance of clients in place (see
+/// [`AdaptSlot`]). Another IEEE 802 "local experimental" value; the attached program passes such
+/// frames as non-IP.
+pub const ADAPT_ETHERTYPE: u16 = 0x88B6;
+/// Offset of the first [`AdaptSlot`] in an adapt frame (8-byte aligned, like check frames).
+pub const ADAPT_OFFSET: usize = 16;
+/// Length of one slot.
+pub const ADAPT_SLOT_LEN: usize = core::mem::size_of::<AdaptSlot>();
+/// Most slots in one adapt frame: one BPF_PROG_TEST_RUN call costs ~0.8 µs of fixed overhead,
+/// so batching amortises it (10k changes take 1,250 calls). The verifier walks every iteration
+/// with its policy refresh and rescale: 32 exceed its one-million-instruction budget, 8 fit.
+pub const ADAPT_BATCH: usize = 8;
+
+/// `AdaptSlot::flags`: also clear the client's `FLAG_REPORTED`, because the agent stops
+/// tracking it; its next window rollover reports it again.
+pub const ADAPT_RELEASE: u32 = 1;
+
+/// `AdaptSlot::result`: the window and allowance were changed and the slots rescaled.
+pub const ADAPT_APPLIED: u32 = 1;
+/// `AdaptSlot::result`: the entry already had this window and allowance.
+pub const ADAPT_UNCHANGED: u32 = 2;
+/// `AdaptSlot::result`: the client has no entry (evicted, or never created).
+pub const ADAPT_NOT_RESIDENT: u32 = 3;
+/// `AdaptSlot::result`: the request was computed for another policy generation; nothing changed.
+pub const ADAPT_STALE: u32 = 4;
+/// `AdaptSlot::result`: the client's policy does not limit it (`pass` or `drop`); only
+/// `ADAPT_RELEASE` was applied.
+pub const ADAPT_SKIPPED: u32 = 5;
+/// `AdaptSlot::result`: the window is outside 10 ms ..= 1 h or the allowance is 0.
+pub const ADAPT_INVALID: u32 = 6;
+
+/// One change of a client's effective window and allowance, as the agent writes it into an adapt
+/// frame; the program writes `result` in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdaptSlot {
+    /// The client's address (IPv4-mapped).
+    pub key: [u8; 16],
+    /// Effective allowance `A` per effective window.
+    pub limit: u32,
+    /// Effective window `W`, µs.
+    pub window_us: u32,
+    /// `Config::generation` the agent computed this for; another one makes it `ADAPT_STALE`.
+    pub generation: u32,
+    /// `ADAPT_*` request bits.
+    pub flags: u32,
+    /// `ADAPT_*` result, written by the program (0: not reached).
+    pub result: u32,
+    pub _pad: u32,
+}
+
+/// Operator view of the adaptive controller, the single entry of the `ADAPTIVE` array: written
+/// by the agent once per period, read by `limiter stats`. Never read by the XDP programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdaptiveStatus {
+    /// Smoothed CPU utilisation, parts per million.
+    pub cpu_ppm: u32,
+    /// Global load factor `g`, parts per million.
+    pub load_factor_ppm: u32,
+    /// Controller period, µs (0: adaptive windows are off).
+    pub period_us: u32,
+    /// Clients the controller tracks.
+    pub tracked: u32,
+    /// Periods run since the agent started.
+    pub periods: u64,
 }
 
 /// Global counters, one copy per CPU (`STATS` per-CPU array); the reader sums them.
@@ -200,7 +293,9 @@ impl GlobalStats {
 
 const _: () = assert!(core::mem::size_of::<Policy>() == 12);
 const _: () = assert!(core::mem::size_of::<ClientState>() == 48);
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<AdaptSlot>() == 40);
+const _: () = assert!(core::mem::size_of::<AdaptiveStatus>() == 24);
 const _: () = assert!(core::mem::size_of::<GlobalStats>() == 64);
 const _: () = assert!(core::mem::size_of::<CheckRequest>() == 40);
 const _: () = assert!(core::mem::size_of::<CheckReply>() == 64);
@@ -215,4 +310,6 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::CheckRequest {}
     unsafe impl aya::Pod for super::CheckReply {}
+    unsafe impl aya::Pod for super::AdaptSlot {}
+    unsafe impl aya::Pod for super::AdaptiveStatus {}
 }

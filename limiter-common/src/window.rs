@@ -207,6 +207,62 @@ pub fn admit(
     }
 }
 
+/// The result of [`rescale`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rescaled {
+    /// The new slots, on the new window's grid.
+    pub slots: [u64; 2],
+    /// The count carried into them: the old estimate scaled to the new allowance. It was not
+    /// admitted as such, so the caller subtracts it from the lifetime `passed` counter (and adds
+    /// what the old slots held), keeping `passed + slots` exact.
+    pub carried: u32,
+}
+
+/// Moves a client from `old_limit` per `old_window` to `new_limit` per `new_window` at `now_ns`
+/// while keeping the fraction of its allowance in use (the adaptive controller changes windows
+/// by small steps every period; starting each one afresh would hand out a new allowance every
+/// period, exactly when load calls for less).
+///
+/// The old estimate `e` becomes `c = round(e · new_limit / old_limit)`, at most `new_limit`,
+/// counted in the new grid's current window, so the new estimate is `c`: the used fraction moves
+/// by at most half a hit of the new allowance. It then stays at `c` until the new window ends
+/// and decays over the one after, which can be stricter than the old decay, never more lenient.
+///
+/// `lag_ns`: how far behind `now_ns` the clock that decides packets may be (the fast path's
+/// coarse clock, for windows of 1 s or more). Within `lag_ns` of a window start the count goes
+/// into the window before, where such a clock still is; seen from the new window, it is the
+/// previous count at a weight of at least `1 - lag_ns / new_window`.
+#[inline(always)]
+pub fn rescale(
+    slots: &[u64; 2],
+    now_ns: u64,
+    old_window: NonZeroU64,
+    old_limit: u32,
+    new_window: NonZeroU64,
+    new_limit: u32,
+    lag_ns: u64,
+) -> Rescaled {
+    let used = estimate_at(slots, now_ns, old_window).min(old_limit as u64);
+    // `used <= old_limit < 2^32` and `new_limit < 2^32`: the product and the rounding term fit.
+    let carried = match old_limit {
+        0 => 0,
+        l => ((used * new_limit as u64 + l as u64 / 2) / l as u64).min(new_limit as u64) as u32,
+    };
+    let pos = position(now_ns, new_window);
+    let elapsed = now_ns - pos.index * new_window.get();
+    let index = if elapsed < lag_ns && pos.index > 0 {
+        pos.index - 1
+    } else {
+        pos.index
+    };
+    let mut new = [0; 2];
+    new[slot_of(index)] = slot(index as u32, carried);
+    Rescaled {
+        slots: new,
+        carried,
+    }
+}
+
 /// Nanoseconds from `now_ns` until `hits` more hits would first be admitted if nothing else is
 /// spent meanwhile: 0 if they are admitted now, `None` if waiting cannot help (`hits > limit`).
 ///
@@ -476,5 +532,88 @@ mod tests {
         // Window 0 on the new clock: the previous window wraps to tag u32::MAX, still consistent.
         let r = rebase(&s, WN, 100 * W + W / 2, 0, W / 2);
         assert_eq!(counts(&r, 0), (0, 40));
+    }
+
+    #[test]
+    fn rescale_keeps_the_used_fraction() {
+        // Deterministic xorshift so the cases are reproducible without proptest's runner here.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let old_w = 10_000_000 + next() % 4_000_000_000;
+            let new_w = 10_000_000 + next() % 4_000_000_000;
+            let (own, nwn) = (
+                NonZeroU64::new(old_w).unwrap(),
+                NonZeroU64::new(new_w).unwrap(),
+            );
+            let old_limit = 1 + (next() % 100_000) as u32;
+            let new_limit = 1 + (next() % 100_000) as u32;
+            let now = 1_000_000 * W + next() % (100 * W);
+            let index = now / old_w;
+            let mut slots = [0u64; 2];
+            let cur = (next() % (old_limit as u64 + 1)) as u32;
+            let prev = (next() % (old_limit as u64 + 1)) as u32;
+            slots[slot_of(index)] = slot(index as u32, cur);
+            slots[slot_of(index - 1)] = slot((index - 1) as u32, prev);
+            let used = estimate_at(&slots, now, own).min(old_limit as u64);
+            let lag = if next() % 2 == 0 { 0 } else { 8_000_000 };
+            let r = rescale(&slots, now, own, old_limit, nwn, new_limit, lag);
+            // The new estimate is the carried count, whether it went into the current window or
+            // (within the lag of a window start) the one before at a weight of nearly 1.
+            let after = estimate_at(&r.slots, now, nwn);
+            let elapsed = now % new_w;
+            if elapsed >= lag {
+                assert_eq!(after, r.carried as u64);
+            } else {
+                assert!(after <= r.carried as u64);
+                let floor = r.carried as f64 * (1.0 - lag as f64 / new_w as f64) - 1.0;
+                assert!(after as f64 >= floor, "{after} < {floor}");
+            }
+            // A clock up to `lag` behind sees at least as much (the count sits where it is).
+            let behind = estimate_at(&r.slots, now.saturating_sub(lag), nwn);
+            assert!(behind as f64 >= r.carried as f64 * (1.0 - lag as f64 / new_w as f64) - 1.0);
+            // The used fraction moves by at most half a hit of the new allowance.
+            let before = used as f64 / old_limit as f64;
+            let now_frac = r.carried as f64 / new_limit as f64;
+            assert!(
+                (before - now_frac).abs() <= 0.5 / new_limit as f64 + 1e-12,
+                "{used}/{old_limit} -> {}/{new_limit}",
+                r.carried
+            );
+            assert!(r.carried <= new_limit);
+        }
+    }
+
+    #[test]
+    fn rescale_of_an_idle_or_full_client() {
+        let now = 500 * W + W / 3;
+        let r = rescale(
+            &[0; 2],
+            now,
+            WN,
+            100,
+            NonZeroU64::new(W / 2).unwrap(),
+            40,
+            0,
+        );
+        assert_eq!((r.carried, estimate_at(&r.slots, now, WN)), (0, 0));
+        let mut s = [0u64; 2];
+        for _ in 0..100 {
+            admit(&mut s, now, WN, 100, 1);
+        }
+        let half = NonZeroU64::new(W / 2).unwrap();
+        let r = rescale(&s, now, WN, 100, half, 50, 0);
+        assert_eq!(r.carried, 50);
+        // Full under the new allowance too: nothing more until the new window ends...
+        let mut slots = r.slots;
+        assert!(!admit(&mut slots, now + 1, half, 50, 1));
+        // ...and the carried count then decays over the next window like an admitted one.
+        let next = (now / (W / 2) + 1) * (W / 2) + W / 4;
+        assert_eq!(estimate_at(&slots, next, half), 25);
     }
 }

@@ -17,7 +17,7 @@
 //! existing pins), while tests and benchmarks load private copies.
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
     num::NonZeroU64,
 };
 
@@ -25,18 +25,24 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
     helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use limiter_common::{
-    CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
+    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET,
-        CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_STATIC, FLAG_STATIC, MODE_DRY_RUN,
-        VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
+        ACTION_DROP, ACTION_LIMIT, ACTION_PASS, ACTIVE_RING_BYTES, ADAPT_APPLIED, ADAPT_BATCH,
+        ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_RELEASE,
+        ADAPT_SKIPPED, ADAPT_SLOT_LEN, ADAPT_STALE, ADAPT_UNCHANGED, CHECK_BATCH, CHECK_ETHERTYPE,
+        CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_STATIC,
+        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, MODE_DRY_RUN, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
     },
-    window::{COARSE_CLOCK_MIN_WINDOW_US, Verdict, decide, slot_count},
+    window::{
+        COARSE_CLOCK_MIN_WINDOW_US, MAX_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale,
+        slot_count, slot_tag,
+    },
 };
 
 use crate::parse::{Frame, parse, ptr_at, read};
@@ -83,6 +89,14 @@ static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static COARSE_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Keys of newly active clients, for the agent's adaptive controller (see `FLAG_REPORTED`).
+#[map]
+static ACTIVE: RingBuf = RingBuf::with_byte_size(ACTIVE_RING_BYTES, 0);
+
+/// The adaptive controller's status for `limiter stats`, written by the agent; never read here.
+#[map]
+static ADAPTIVE: Array<AdaptiveStatus> = Array::with_max_entries(1, 0);
+
 /// Bench-only: per-CPU sequence from which `limiter_bench_cycle` derives source addresses.
 #[map]
 static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -91,6 +105,10 @@ static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// CPU admitted a packet of the same client in between, so this bound is only reached under
 /// heavy same-client contention; denying then keeps the limit exact.
 const CAS_RETRIES: usize = 8;
+
+/// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
+/// jiffies are 8 ms at HZ=250 (see `coarse_now`).
+const COARSE_LAG_NS: u64 = 10_000_000;
 
 /// Distinct sources `limiter_bench_cycle` cycles through.
 const BENCH_CLIENTS: u64 = 1_000_000;
@@ -348,12 +366,11 @@ fn check_one(
         Some(p) => {
             if request.hits != 0 {
                 // SAFETY: live map value.
-                let (admitted, at) =
-                    unsafe { decide_hits(p, request.hits, Clock::Direct, counted) };
-                if admitted {
+                let outcome = unsafe { decide_hits(p, request.hits, Clock::Direct, counted) };
+                if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
-                now = at;
+                now = outcome.now;
             }
             // SAFETY: live map value; a torn read of a slot another CPU is changing is not
             // possible (aligned 8-byte loads), and the copy is only reported.
@@ -377,6 +394,124 @@ fn check_one(
         })
     };
     Some(())
+}
+
+/// Applies the adaptive controller's decisions (see the module docs): the frame carries up to
+/// `ADAPT_BATCH` [`AdaptSlot`]s from `ADAPT_OFFSET`; each one's `result` is written in place.
+/// Returns `XDP_PASS`, or `XDP_ABORTED` for a frame that is not an adapt frame.
+#[xdp]
+pub fn limiter_adapt(ctx: XdpContext) -> u32 {
+    try_adapt(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[inline(always)]
+fn try_adapt(ctx: &XdpContext) -> Option<u32> {
+    if read::<u16>(ctx, 12).map(u16::from_be) != Some(ADAPT_ETHERTYPE) {
+        return None;
+    }
+    let config = CONFIG.get(0)?;
+    ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET)?;
+    for i in 0..ADAPT_BATCH {
+        let Some(slot) = ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET + i * ADAPT_SLOT_LEN) else {
+            break;
+        };
+        // SAFETY: `ptr_at` checked that the slot lies inside the frame.
+        let request = unsafe { slot.read_unaligned() };
+        let mut counted = GlobalStats::default();
+        let result = adapt_one(&request, config, &mut counted);
+        count_check(&counted);
+        // SAFETY: as above.
+        unsafe { (&raw mut (*slot.cast_mut()).result).write_unaligned(result) };
+    }
+    Some(xdp_action::XDP_PASS)
+}
+
+/// Changes one client's effective window and allowance, keeping the used fraction of its
+/// allowance (`window::rescale`).
+///
+/// Ordering against packets deciding concurrently on other CPUs: the new window and allowance
+/// are stored first, then both slots are exchanged atomically for the rescaled ones. A packet in
+/// between decides on the new window with the old grid's slots, which read as empty, and counts
+/// itself in a fresh slot that the exchange then replaces; a packet between the snapshot and the
+/// exchange is likewise left out of the carried estimate. Such packets (a few nanoseconds' worth
+/// per change) are forgiven by the estimate, but never lost from the counters: every count the
+/// exchange replaces is folded into `passed`.
+#[inline(always)]
+fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) -> u32 {
+    let Some(state) = CLIENTS
+        .get_ptr_mut(&request.key)
+        .or_else(|| STATIC_CLIENTS.get_ptr_mut(&request.key))
+    else {
+        return ADAPT_NOT_RESIDENT;
+    };
+    // SAFETY: live map value for the duration of this run.
+    unsafe {
+        refresh_policy(state, &request.key, config, counted);
+        if request.generation != config.generation {
+            return ADAPT_STALE;
+        }
+        if request.flags & ADAPT_RELEASE != 0 {
+            (*state).flags &= !FLAG_REPORTED;
+        }
+        if (*state).action != ACTION_LIMIT {
+            return ADAPT_SKIPPED;
+        }
+        let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
+        if (old_limit, old_window_us) == (request.limit, request.window_us) {
+            return ADAPT_UNCHANGED;
+        }
+        if request.limit == 0
+            || request.window_us < MIN_WINDOW_US
+            || request.window_us > MAX_WINDOW_US
+        {
+            return ADAPT_INVALID;
+        }
+        let (Some(old_window), Some(new_window)) = (
+            NonZeroU64::new(old_window_us as u64 * 1000),
+            NonZeroU64::new(request.window_us as u64 * 1000),
+        ) else {
+            return ADAPT_INVALID;
+        };
+        // Packets decide with the clock their window calls for; the coarse one (1 s windows and
+        // up) may lag the helper by up to two jiffies (see `coarse_now`): 10 ms covers HZ=250.
+        let now = now_for(request.window_us, Clock::Direct);
+        let lag_ns = if request.window_us >= COARSE_CLOCK_MIN_WINDOW_US {
+            COARSE_LAG_NS
+        } else {
+            0
+        };
+        let slots = &raw mut (*state).slots;
+        let snapshot = [
+            core::ptr::read_volatile(&raw const (*slots)[0]),
+            core::ptr::read_volatile(&raw const (*slots)[1]),
+        ];
+        let rescaled = rescale(
+            &snapshot,
+            now,
+            old_window,
+            old_limit,
+            new_window,
+            request.limit,
+            lag_ns,
+        );
+        (*state).limit = request.limit;
+        (*state).window_us = request.window_us;
+        let mut replaced = 0u64;
+        for i in 0..2 {
+            let old = atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(
+                &raw mut (*slots)[i],
+                rescaled.slots[i],
+            );
+            replaced += slot_count(old) as u64;
+        }
+        // `passed + slots` stays exact: the replaced counts join `passed`, the carried count
+        // leaves it (wrapping: see `ClientState::total_passed`).
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*state).passed,
+            replaced.wrapping_sub(rescaled.carried as u64),
+        );
+    }
+    ADAPT_APPLIED
 }
 
 /// A new entry under `policy`.
@@ -432,7 +567,28 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
     // values are RCU-protected while the program runs).
     unsafe {
         refresh_policy(state, key, config, stats);
-        decide_hits(state, 1, Clock::Cached, stats).0
+        let outcome = decide_hits(state, 1, Clock::Cached, stats);
+        if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
+            report(key, state);
+        }
+        outcome.admitted
+    }
+}
+
+/// Offers a client that just started a new window to the agent's adaptive controller, unless it
+/// is already tracked. Runs once per window per client at most, off the per-packet path.
+///
+/// # Safety
+/// `state` points at a live map value. The flag byte is set with a plain store: two CPUs may
+/// both report the same client (the agent de-duplicates), and a store racing with the agent's
+/// release of the same client can at worst leave it unreported until the agent's next start,
+/// which adopts every reported entry.
+#[inline(always)]
+unsafe fn report(key: &ClientKey, state: *mut ClientState) {
+    unsafe {
+        if (*state).flags & FLAG_REPORTED == 0 && ACTIVE.output::<ClientKey>(key, 0).is_ok() {
+            (*state).flags |= FLAG_REPORTED;
+        }
     }
 }
 
@@ -487,8 +643,17 @@ enum Clock {
     Direct,
 }
 
-/// Admits or denies `hits` for the entry and counts them; returns the verdict and the time it
-/// was taken at.
+/// What [`decide_hits`] decided.
+#[derive(Clone, Copy)]
+struct Outcome {
+    admitted: bool,
+    /// The time the decision was taken at (0 for `pass` and `drop` clients, which need none).
+    now: u64,
+    /// The admitted hits started a new window for the client.
+    rolled: bool,
+}
+
+/// Admits or denies `hits` for the entry and counts them.
 ///
 /// # Safety
 /// `state` points at a live map value.
@@ -498,30 +663,43 @@ unsafe fn decide_hits(
     hits: u32,
     clock: Clock,
     stats: &mut GlobalStats,
-) -> (bool, u64) {
+) -> Outcome {
     unsafe {
-        let (admitted, now) = match (*state).action {
+        let outcome = match (*state).action {
             ACTION_PASS => {
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
                     &raw mut (*state).passed,
                     hits as u64,
                 );
-                (true, 0)
+                Outcome {
+                    admitted: true,
+                    now: 0,
+                    rolled: false,
+                }
             }
-            ACTION_DROP => (false, 0),
+            ACTION_DROP => Outcome {
+                admitted: false,
+                now: 0,
+                rolled: false,
+            },
             // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => {
                 let now = now_for((*state).window_us, clock);
-                (admit(state, stats, hits, now), now)
+                let (admitted, rolled) = admit(state, stats, hits, now);
+                Outcome {
+                    admitted,
+                    now,
+                    rolled,
+                }
             }
         };
-        if !admitted {
+        if !outcome.admitted {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
                 &raw mut (*state).dropped,
                 hits as u64,
             );
         }
-        (admitted, now)
+        outcome
     }
 }
 
@@ -540,17 +718,23 @@ fn now_for(window_us: u32, clock: Clock) -> u64 {
     }
 }
 
-/// The sliding-window decision for `hits` at `now` with a bounded CAS loop.
+/// The sliding-window decision for `hits` at `now` with a bounded CAS loop: whether they were
+/// admitted, and whether admitting them started a new window (the slot changed tag).
 ///
 /// # Safety
 /// `state` points at a live map value.
 #[inline(always)]
-unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats, hits: u32, now: u64) -> bool {
+unsafe fn admit(
+    state: *mut ClientState,
+    stats: &mut GlobalStats,
+    hits: u32,
+    now: u64,
+) -> (bool, bool) {
     let window_us = unsafe { (*state).window_us };
     let limit = unsafe { (*state).limit };
     // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
     let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
-        return false;
+        return (false, false);
     };
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
@@ -563,7 +747,7 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats, hits: u32, now
             ]
         };
         match decide(&current, now, window_ns, limit, hits) {
-            Verdict::Deny => return false,
+            Verdict::Deny => return (false, false),
             Verdict::Admit {
                 slot,
                 old,
@@ -588,13 +772,13 @@ unsafe fn admit(state: *mut ClientState, stats: &mut GlobalStats, hits: u32, now
                             )
                         };
                     }
-                    return true;
+                    return (true, slot_tag(old) != slot_tag(new));
                 }
             }
         }
     }
     stats.contended += 1;
-    false
+    (false, false)
 }
 
 /// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet

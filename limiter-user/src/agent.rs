@@ -6,7 +6,8 @@ use std::{
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -17,9 +18,11 @@ use crate::{
     check::Checker,
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::Limits,
+    load::{FileLoad, LoadSource, SystemLoad},
     metrics::{self, Counters, MapFigures},
     policy::Config,
     snapshot::{Clocks, Snapshot},
+    tuner::Tuner,
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;
@@ -47,6 +50,9 @@ pub struct AgentOptions {
     pub api: ApiOptions,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Read the CPU load for adaptive windows from this file instead of the system (a number,
+    /// `0.93` or `93%`); for tests and for operators who want their own load signal.
+    pub load_file: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -94,11 +100,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
+        let adapt_program = datapath::load_adapt_program(&mut ebpf)?;
+        let ring = datapath::take_active(&mut ebpf)?;
+        let handles = tables.adaptive_handles()?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
-        Ok((tables, report, check_program, attachment))
+        Ok((
+            tables,
+            report,
+            check_program,
+            (adapt_program, ring, handles),
+            attachment,
+        ))
     });
-    let (tables, report, check_program, attachment) = match started {
+    let (tables, report, check_program, adaptive_parts, attachment) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&opts.api.socket);
@@ -119,6 +134,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         survives_agent = attachment.is_pinned(),
         "ready: XDP program attached and policies applied"
     );
+
+    let load: Box<dyn LoadSource> = match &opts.load_file {
+        Some(path) => Box::new(FileLoad::new(path.clone())),
+        None => Box::new(SystemLoad::new().context("opening the system CPU load source")?),
+    };
+    let (adapt_program, ring, handles) = adaptive_parts;
+    let tuner = Tuner::new(
+        &config,
+        report.generation,
+        ring,
+        adapt_program,
+        handles,
+        load,
+    )?;
 
     let counters = Arc::new(Counters::default());
     let checker = Arc::new(Checker::new(check_program, &config));
@@ -173,6 +202,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
+    let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
+
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -215,6 +246,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(h) = snapshotting {
         let _ = h.await;
     }
+    drop(adaptive_stop);
+    if adaptive_loop.join().is_err() {
+        tracing::error!("the adaptive loop panicked");
+    }
     let _ = stop_tx.send(true);
     for task in tasks {
         if tokio::time::timeout(API_DRAIN, task).await.is_err() {
@@ -237,6 +272,61 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     drop(ebpf);
     tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
     Ok(())
+}
+
+/// Starts the adaptive loop on a thread of its own (its work is map syscalls); it runs until the
+/// returned sender is dropped.
+fn spawn_adaptive(
+    mut tuner: Tuner,
+    limits: Arc<Limits>,
+) -> anyhow::Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("limiter-adaptive".into())
+        .spawn(move || {
+            match tuner.adopt_reported() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    clients = n,
+                    "adaptive: adopted the clients a previous agent tracked"
+                ),
+                Err(e) => tracing::warn!("adaptive: adopting tracked clients: {e}"),
+            }
+            tracing::info!(
+                load = %tuner.load_source(),
+                enabled = tuner.controller().config().enabled,
+                period = ?tuner.period(),
+                "adaptive loop running"
+            );
+            let mut last = Instant::now();
+            let mut failing = false;
+            // Until the agent drops the sender (or sends on it).
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(tuner.period()) {
+                let synced = limits
+                    .with_policies(|config, generation| tuner.set_policies(config, generation));
+                let now = Instant::now();
+                let result = match synced {
+                    Ok(Ok(())) => tuner.tick(now - last),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                };
+                last = now;
+                match result {
+                    Ok(report) => {
+                        failing = false;
+                        tracing::debug!(?report, "adaptive period");
+                    }
+                    // Once per outage: a period that fails leaves every entry as it was.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!("adaptive period failed: {e}; entries keep their windows");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .context("starting the adaptive loop thread")?;
+    Ok((stop_tx, handle))
 }
 
 /// What the metrics endpoint reads from the maps at each scrape.

@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
-        PerCpuArray, lpm_trie::Key,
+        PerCpuArray, RingBuf, lpm_trie::Key,
     },
     programs::{
         ProgramError, Xdp, XdpMode,
@@ -21,9 +21,11 @@ use aya::{
     },
 };
 use limiter_common::{
-    ClientState, Config as MapConfig, GlobalStats, Policy,
+    AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey},
-    maps::{FLAG_STATIC, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE},
+    maps::{
+        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE,
+    },
 };
 
 use crate::policy::{Config, Mode};
@@ -40,7 +42,7 @@ pub const DEFAULT_MAX_IDS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 9] = [
+const PINNED: [(&str, MapType, usize, usize); 11] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     (
@@ -60,6 +62,9 @@ const PINNED: [(&str, MapType, usize, usize); 9] = [
     ("CONFIG", MapType::Array, 4, size_of::<MapConfig>()),
     ("STATS", MapType::PerCpuArray, 4, size_of::<GlobalStats>()),
     ("OVERFLOW", MapType::Array, 4, size_of::<ClientState>()),
+    // A ring buffer has neither keys nor values.
+    ("ACTIVE", MapType::RingBuf, 0, 0),
+    ("ADAPTIVE", MapType::Array, 4, size_of::<AdaptiveStatus>()),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -494,6 +499,8 @@ pub struct Tables {
     pub policies: LpmTrie<MapData, PolicyKey, Policy>,
     pub config: Array<MapData, MapConfig>,
     pub stats: PerCpuArray<MapData, GlobalStats>,
+    /// The adaptive controller's status (written by the agent each period).
+    pub adaptive: Array<MapData, AdaptiveStatus>,
 }
 
 /// What one `Tables::apply` changed.
@@ -547,6 +554,7 @@ impl Tables {
             policies: LpmTrie::try_from(get("POLICIES")?).map_err(map_err("POLICIES"))?,
             config: Array::try_from(get("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
+            adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
         })
     }
 
@@ -588,6 +596,16 @@ impl Tables {
                 error: source,
             }
         })
+    }
+
+    /// The adaptive controller's status as last written.
+    pub fn adaptive_status(&self) -> Result<AdaptiveStatus, DatapathError> {
+        self.adaptive.get(&0, 0).map_err(map_err("ADAPTIVE"))
+    }
+
+    /// Writes the adaptive controller's status for `limiter stats`.
+    pub fn set_adaptive_status(&mut self, status: AdaptiveStatus) -> Result<(), DatapathError> {
+        self.adaptive.set(0, status, 0).map_err(map_err("ADAPTIVE"))
     }
 
     pub fn map_config(&self) -> Result<MapConfig, DatapathError> {
@@ -655,8 +673,19 @@ impl Tables {
             Mode::Enforce => MODE_ENFORCE,
             Mode::DryRun => MODE_DRY_RUN,
         };
+        let flags = if config.adaptive.enabled {
+            CONFIG_ADAPTIVE
+        } else {
+            0
+        };
+        let map_config = MapConfig {
+            generation,
+            mode,
+            flags,
+            _pad: 0,
+        };
         self.config
-            .set(0, MapConfig { generation, mode }, 0)
+            .set(0, map_config, 0)
             .map_err(map_err("CONFIG"))?;
         report.generation = generation;
         Ok(report)
@@ -684,6 +713,22 @@ impl Tables {
         self.client_maps()?.resident()
     }
 
+    /// Handles of their own on the address maps and the adaptive status, for the adaptive loop
+    /// (which then runs without the guards of these `Tables`).
+    pub fn adaptive_handles(&self) -> Result<AdaptiveHandles, DatapathError> {
+        Ok(AdaptiveHandles {
+            clients: HashMap::try_from(dup_map(self.clients.map(), "CLIENTS")?)
+                .map_err(map_err("CLIENTS"))?,
+            static_clients: HashMap::try_from(dup_map(
+                self.static_clients.map(),
+                "STATIC_CLIENTS",
+            )?)
+            .map_err(map_err("STATIC_CLIENTS"))?,
+            status: Array::try_from(dup_map(self.adaptive.map(), "ADAPTIVE")?)
+                .map_err(map_err("ADAPTIVE"))?,
+        })
+    }
+
     /// Owned descriptors of the four client maps, for walks that should not hold whatever
     /// guards these `Tables` (a walk of a million entries takes about 0.4 s).
     pub fn client_maps(&self) -> Result<ClientMaps, DatapathError> {
@@ -704,6 +749,90 @@ impl Tables {
             named: dup(&self.named, "NAMED")?,
             named_static: dup(&self.named_static, "NAMED_STATIC")?,
         })
+    }
+}
+
+/// A second handle on a map, through a duplicated descriptor.
+fn dup_map(map: &MapData, name: &'static str) -> Result<Map, DatapathError> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|error| DatapathError::Io {
+            what: "duplicating the descriptor of",
+            path: name.into(),
+            error,
+        })?;
+    Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
+}
+
+/// What the adaptive loop reads and writes besides its ring and program (see
+/// [`Tables::adaptive_handles`]).
+pub struct AdaptiveHandles {
+    clients: HashMap<MapData, ClientKey, ClientState>,
+    static_clients: HashMap<MapData, ClientKey, ClientState>,
+    status: Array<MapData, AdaptiveStatus>,
+}
+
+impl AdaptiveHandles {
+    /// An address client's entry and whether it is in the static map; one lookup per map tried,
+    /// the static one first when `static_hint`. `None` if it has none (evicted).
+    pub fn address(
+        &self,
+        key: &ClientKey,
+        static_hint: bool,
+    ) -> Result<Option<(ClientState, bool)>, DatapathError> {
+        let get = |map: &HashMap<MapData, ClientKey, ClientState>, name| match map.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        };
+        let order = if static_hint {
+            [
+                (&self.static_clients, "STATIC_CLIENTS", true),
+                (&self.clients, "CLIENTS", false),
+            ]
+        } else {
+            [
+                (&self.clients, "CLIENTS", false),
+                (&self.static_clients, "STATIC_CLIENTS", true),
+            ]
+        };
+        for (map, name, is_static) in order {
+            if let Some(state) = get(map, name)? {
+                return Ok(Some((state, is_static)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every resident address client flagged `FLAG_REPORTED`: the clients a previous agent
+    /// tracked, which the fast path will not report again. One walk of both maps, at start.
+    pub fn reported(&self) -> Result<Vec<(ClientKey, bool)>, DatapathError> {
+        let mut out = Vec::new();
+        for (map, name, is_static) in [
+            (&self.clients, "CLIENTS", false),
+            (&self.static_clients, "STATIC_CLIENTS", true),
+        ] {
+            let entries =
+                crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
+                    .map_err(|error| DatapathError::Io {
+                        what: "reading",
+                        path: name.into(),
+                        error,
+                    })?;
+            out.extend(
+                entries
+                    .into_iter()
+                    .filter(|(_, s)| s.flags & FLAG_REPORTED != 0)
+                    .map(|(k, _)| (k, is_static)),
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn set_status(&mut self, status: AdaptiveStatus) -> Result<(), DatapathError> {
+        self.status.set(0, status, 0).map_err(map_err("ADAPTIVE"))
     }
 }
 
@@ -802,11 +931,33 @@ fn sync_static(
     Ok(())
 }
 
+/// Takes the `ACTIVE` ring buffer (newly active clients, for the adaptive controller) out of a
+/// loaded object.
+pub fn take_active(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, DatapathError> {
+    let map = ebpf.take_map("ACTIVE").ok_or(DatapathError::Map {
+        name: "ACTIVE",
+        error: MapError::InvalidName {
+            name: "ACTIVE".into(),
+        },
+    })?;
+    RingBuf::try_from(map).map_err(map_err("ACTIVE"))
+}
+
+/// Loads the `limiter_adapt` program (never attached; run with BPF_PROG_TEST_RUN) and returns a
+/// descriptor of it for the adaptive loop.
+pub fn load_adapt_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
+    load_test_run_program(ebpf, crate::tuner::ADAPT_PROGRAM)
+}
+
 /// Loads the `limiter_check` program (never attached; run with BPF_PROG_TEST_RUN) and returns
 /// a descriptor of it for a [`crate::check::Checker`].
 pub fn load_check_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
+    load_test_run_program(ebpf, crate::check::CHECK_PROGRAM)
+}
+
+fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, DatapathError> {
     let program: &mut Xdp = ebpf
-        .program_mut(crate::check::CHECK_PROGRAM)
+        .program_mut(name)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     program.load()?;
@@ -816,7 +967,7 @@ pub fn load_check_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
         .try_clone_to_owned()
         .map_err(|error| DatapathError::Io {
             what: "duplicating the descriptor of",
-            path: crate::check::CHECK_PROGRAM.into(),
+            path: name.into(),
             error,
         })?;
     Ok(fd)

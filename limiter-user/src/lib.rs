@@ -16,3 +16,4 @@ pub mod proto;
 pub mod snapshot;
 pub mod stats;
 pub mod syscall;
+pub mod tuner;

@@ -175,6 +175,17 @@ impl Limits {
         f(&self.lock().tables)
     }
 
+    /// Runs `f` on the config in force and the policy generation of the maps, read under one
+    /// lock so that they belong together.
+    pub fn with_policies<R>(
+        &self,
+        f: impl FnOnce(&Config, u32) -> R,
+    ) -> Result<R, crate::datapath::DatapathError> {
+        let inner = self.lock();
+        let generation = inner.tables.map_config()?.generation;
+        Ok(f(&inner.config, generation))
+    }
+
     /// The config in force.
     pub fn config(&self) -> Config {
         self.lock().config.clone()

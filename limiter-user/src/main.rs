@@ -81,6 +81,10 @@ enum Command {
         /// Serve Prometheus metrics on http://ADDR/metrics.
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Adaptive windows: read the CPU load from this file (`0.93` or `93%`, re-read every
+        /// period) instead of measuring the machine's.
+        #[arg(long)]
+        load_file: Option<PathBuf>,
     },
     /// Ask a running agent whether a client may spend HITS now (an IP address or any ID).
     Check {
@@ -242,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_tls_client_ca,
             api_max_batch,
             metrics,
+            load_file,
         } => {
             let token = api_token_file.as_deref().map(api::read_token).transpose()?;
             let tls = match (api_tls_cert, api_tls_key) {
@@ -282,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 replace,
                 api,
                 metrics,
+                load_file,
             }))
         }
         Command::Check { id, hits, api } => block_on(check(id, hits, api.target(None))),

@@ -4,9 +4,9 @@
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr, num::NonZeroU64};
 
 use limiter_common::{
-    ClientState, GlobalStats,
+    ClientState, GlobalStats, Policy,
     addr::{ClientKey, as_v4},
-    maps::{ACTION_DROP, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
+    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
     window::estimate_at,
 };
 use serde::Serialize;
@@ -25,6 +25,8 @@ pub struct Snapshot {
     /// the agent attached).
     pub attached: bool,
     pub global: Global,
+    /// The adaptive controller, as the agent last reported it.
+    pub adaptive: Adaptive,
     /// The busiest clients by current rate, then by lifetime packets.
     pub clients: Vec<ClientRow>,
 }
@@ -43,6 +45,22 @@ pub struct Global {
     pub clients: u64,
 }
 
+/// The adaptive controller's global state (see `limiter_common::AdaptiveStatus`).
+#[derive(Debug, Serialize)]
+pub struct Adaptive {
+    /// The agent runs the controller (`adaptive: { enabled: true }`).
+    pub enabled: bool,
+    pub period_ms: f64,
+    /// Smoothed CPU utilisation, 0 to 1.
+    pub cpu: f64,
+    /// Global load factor `g`.
+    pub load_factor: f64,
+    /// Clients the controller tracks (active within `idle_periods`).
+    pub tracked: u32,
+    /// Periods run since the agent started.
+    pub periods: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ClientRow {
     pub addr: IpAddr,
@@ -52,15 +70,24 @@ pub struct ClientRow {
     #[serde(rename = "static")]
     pub is_static: bool,
     pub action: &'static str,
-    /// Effective allowance per window.
+    /// Effective allowance `A` per effective window (the same as `allowance`; kept for
+    /// scripts written before adaptive windows).
     pub limit: u32,
-    /// Effective window.
+    /// Effective window `W`.
     pub window_ms: f64,
+    /// Effective allowance `A`: packets admitted per `W`.
+    pub allowance: u32,
+    /// `W / window` of the client's policy: the adaptive scale `s` (1 when adaptive windows
+    /// are off, or the client is not adapted).
+    pub scale: f64,
+    /// Admitted rate over the effective window (`estimate / W`) divided by the policy's rate
+    /// `limit / window`: how much of its long-run rate the client uses.
+    pub utilisation: f64,
     /// Sliding-window estimate of packets in the last window.
     pub estimate: u64,
     pub rate_per_s: f64,
-    /// Packets the client may still send now (`limit - estimate`).
-    pub allowance: u64,
+    /// Packets the client may still send now (`allowance - estimate`).
+    pub remaining: u64,
     pub passed: u64,
     pub dropped: u64,
 }
@@ -96,11 +123,30 @@ fn action_name(action: u8) -> &'static str {
     }
 }
 
-/// One client's row at `now_ns`.
-pub fn client_row(key: &ClientKey, state: &ClientState, policy: String, now_ns: u64) -> ClientRow {
+/// One client's row at `now_ns`; `base` is its policy as configured (for scale and
+/// utilisation).
+pub fn client_row(
+    key: &ClientKey,
+    state: &ClientState,
+    policy: String,
+    base: Option<&Policy>,
+    now_ns: u64,
+) -> ClientRow {
     let window_ns = state.window_us as u64 * 1000;
     let estimate = NonZeroU64::new(window_ns).map_or(0, |w| estimate_at(&state.slots, now_ns, w));
     let window_s = window_ns as f64 / 1e9;
+    let rate_per_s = if window_s > 0.0 {
+        estimate as f64 / window_s
+    } else {
+        0.0
+    };
+    let (scale, utilisation) = match base {
+        Some(p) if p.window_us > 0 && p.limit > 0 && state.action == ACTION_LIMIT => (
+            state.window_us as f64 / p.window_us as f64,
+            rate_per_s * p.window_us as f64 / (p.limit as f64 * 1e6),
+        ),
+        _ => (1.0, 0.0),
+    };
     ClientRow {
         addr: addr_of(key),
         policy,
@@ -108,13 +154,12 @@ pub fn client_row(key: &ClientKey, state: &ClientState, policy: String, now_ns: 
         action: action_name(state.action),
         limit: state.limit,
         window_ms: state.window_us as f64 / 1000.0,
+        allowance: state.limit,
+        scale,
+        utilisation,
         estimate,
-        rate_per_s: if window_s > 0.0 {
-            estimate as f64 / window_s
-        } else {
-            0.0
-        },
-        allowance: (state.limit as u64).saturating_sub(estimate),
+        rate_per_s,
+        remaining: (state.limit as u64).saturating_sub(estimate),
         passed: state.total_passed(),
         dropped: state.dropped,
     }
@@ -124,7 +169,7 @@ pub fn client_row(key: &ClientKey, state: &ClientState, policy: String, now_ns: 
 pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, DatapathError> {
     let config = tables.map_config()?;
     let g: GlobalStats = tables.global()?;
-    let names: HashMap<u16, String> = policy_entries(tables)
+    let policies: HashMap<u16, (String, Policy)> = policy_entries(tables)
         .into_iter()
         .map(|((prefix, key), p)| {
             let name = if p.id == 0 {
@@ -132,26 +177,25 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             } else {
                 Cidr::from_lpm(prefix, &key).to_string()
             };
-            (p.id, name)
+            (p.id, (name, p))
         })
         .collect();
+    let status = tables.adaptive_status()?;
     let now = monotonic_ns();
     let entries = tables.clients()?;
     let resident = entries.len() as u64;
     let mut rows: Vec<ClientRow> = entries
         .iter()
         .map(|(k, s)| {
-            let name = names
-                .get(&s.policy)
-                .cloned()
-                .unwrap_or_else(|| format!("#{}", s.policy));
-            client_row(k, s, name, now)
+            let base = policies.get(&s.policy);
+            let name = base.map_or_else(|| format!("#{}", s.policy), |(n, _)| n.clone());
+            client_row(k, s, name, base.map(|(_, p)| p), now)
         })
         .collect();
     rows.sort_by(|a, b| {
         b.rate_per_s
             .total_cmp(&a.rate_per_s)
-            .then((b.passed + b.dropped).cmp(&(a.passed + a.dropped)))
+            .then((b.passed.wrapping_add(b.dropped)).cmp(&a.passed.wrapping_add(a.dropped)))
             .then(a.addr.cmp(&b.addr))
     });
     if top > 0 {
@@ -176,6 +220,18 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             resolves: g.resolves,
             contended: g.contended,
             clients: resident,
+        },
+        adaptive: Adaptive {
+            enabled: status.period_us != 0,
+            period_ms: status.period_us as f64 / 1000.0,
+            cpu: status.cpu_ppm as f64 / 1e6,
+            load_factor: if status.period_us == 0 {
+                1.0
+            } else {
+                status.load_factor_ppm as f64 / 1e6
+            },
+            tracked: status.tracked,
+            periods: status.periods,
         },
         clients: rows,
     })
@@ -208,16 +264,32 @@ impl Snapshot {
             "clients: resident {}  created {}  map-full {}  policy lookups {}  contended {}",
             g.clients, g.new_clients, g.map_full, g.resolves, g.contended
         );
+        let a = &self.adaptive;
+        if a.enabled {
+            let _ = writeln!(
+                out,
+                "adaptive: cpu {:.0}%  load factor {:.3}  tracking {} clients  period {}ms  periods {}",
+                a.cpu * 100.0,
+                a.load_factor,
+                a.tracked,
+                a.period_ms,
+                a.periods
+            );
+        } else {
+            let _ = writeln!(out, "adaptive: off");
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<39} {:<28} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+            "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
             "CLIENT",
             "POLICY",
             "ACTION",
             "WINDOW",
-            "LIMIT",
             "ALLOWANCE",
+            "SCALE",
+            "UTIL",
+            "REMAINING",
             "RATE/S",
             "PASSED",
             "DROPPED"
@@ -228,26 +300,31 @@ impl Snapshot {
             } else {
                 c.policy.clone()
             };
-            let (window, limit, allowance) = match c.action {
+            let (window, allowance, scale, util, remaining) = match c.action {
                 "limit" => (
                     Window {
-                        micros: (c.window_ms * 1000.0) as u32,
+                        micros: (c.window_ms * 1000.0).round() as u32,
                     }
                     .to_string(),
-                    c.limit.to_string(),
                     c.allowance.to_string(),
+                    format!("{:.2}", c.scale),
+                    format!("{:.2}", c.utilisation),
+                    c.remaining.to_string(),
                 ),
-                _ => ("-".into(), "-".into(), "-".into()),
+                _ => Default::default(),
             };
+            let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
             let _ = writeln!(
                 out,
-                "{:<39} {:<28} {:>6} {:>10} {:>10} {:>10} {:>10.1} {:>12} {:>12}",
+                "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10.1} {:>12} {:>12}",
                 c.addr.to_string(),
                 policy,
                 c.action,
-                window,
-                limit,
-                allowance,
+                dash(window),
+                dash(allowance),
+                dash(scale),
+                dash(util),
+                dash(remaining),
                 c.rate_per_s,
                 c.passed,
                 c.dropped

@@ -16,7 +16,7 @@ use aya::{
 };
 use limiter_tests::{
     frames::Builder,
-    report::{date, machine},
+    report::{date, machine, pin_to_cpu},
 };
 use limiter_user::{
     datapath::{self, LoadOptions, Tables},
@@ -123,18 +123,6 @@ fn frame_from(src: Ipv4Addr) -> Vec<u8> {
     Builder::ipv4(src, Ipv4Addr::new(192, 0, 2, 254))
         .build()
         .bytes
-}
-
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity(0) applies to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// `key: value` fields of /proc/self/fdinfo/FD.

@@ -1,0 +1,416 @@
+//! The adaptive loop: once per period it finds the clients active in the period, feeds their
+//! observed rates and the CPU load to the [`Controller`], and writes the windows and allowances
+//! the controller wants into the client entries the XDP program reads.
+//!
+//! # Work per period is proportional to the active clients
+//!
+//! The loop never walks the client maps. It learns of clients from the `ACTIVE` ring buffer,
+//! into which the fast path pushes a client's key when the client starts a new window and is
+//! not yet tracked (`FLAG_REPORTED`). Each period it then reads only the clients it tracks (one
+//! map lookup each), runs the controller over those that sent something, and rewrites only the
+//! entries whose window or allowance differs from what the controller wants. A client that has
+//! been silent for `idle_periods` is released (its entry back to its policy, its flag cleared,
+//! so its next window reports it again) and costs nothing from then on. The one walk is at
+//! start, to adopt the clients a previous agent left flagged.
+//!
+//! # Writing entries
+//!
+//! The agent cannot write a client's entry from userspace without racing the packets counting
+//! in it, so it runs the never-attached `limiter_adapt` program with BPF_PROG_TEST_RUN on an
+//! adapt frame of up to `ADAPT_BATCH` changes. The program changes window and allowance in
+//! place and rescales the window slots so that the client keeps the fraction of its allowance
+//! it has used (`window::rescale`); see the program for its ordering against packets. A
+//! request carries the policy generation it was computed for and is refused (`ADAPT_STALE`)
+//! after a reload, which resets every entry to its policy; the next period recomputes.
+
+use std::{collections::HashMap, io, os::fd::AsFd as _, os::fd::OwnedFd, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use limiter_common::{
+    AdaptSlot, AdaptiveStatus,
+    addr::ClientKey,
+    maps::{
+        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_RELEASE,
+        ADAPT_SLOT_LEN, ADAPT_STALE,
+    },
+};
+
+use crate::{
+    adaptive::{AdaptiveError, ClientObservation, Controller, LoadSample},
+    datapath::{AdaptiveHandles, DatapathError},
+    load::LoadSource,
+    policy::{Action, Config},
+};
+
+/// The XDP entry point that applies adapt frames (never attached).
+pub const ADAPT_PROGRAM: &str = "limiter_adapt";
+
+/// `XDP_PASS`: what `limiter_adapt` returns for a frame it processed.
+const XDP_PASS: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunerError {
+    #[error(transparent)]
+    Map(#[from] DatapathError),
+    #[error("running {ADAPT_PROGRAM} with BPF_PROG_TEST_RUN: {0}")]
+    TestRun(#[from] io::Error),
+    #[error("{ADAPT_PROGRAM} rejected an adapt frame (returned {0})")]
+    Rejected(u32),
+    #[error("adaptive: {0}")]
+    Config(#[from] AdaptiveError),
+}
+
+/// What a policy contributes to the controller: its rate and weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Base {
+    limit: u32,
+    window_us: u32,
+    weight: f64,
+}
+
+/// A client the loop tracks.
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    /// `passed + dropped` at the last read; `None` until the first read (a newly reported
+    /// client is observed from its second period on, when a full period's delta exists).
+    total: Option<u64>,
+    /// Found in `STATIC_CLIENTS` last time (look there first).
+    in_static: bool,
+    /// Last period with traffic.
+    last_active: u64,
+    /// Window and allowance the entry had at the last read, and its policy.
+    window_us: u32,
+    limit: u32,
+    policy: u16,
+}
+
+/// What one period did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeriodReport {
+    pub period: u64,
+    /// CPU utilisation sampled for this period (NaN if the source failed).
+    pub cpu: f64,
+    /// Smoothed CPU utilisation the controller acted on.
+    pub load: f64,
+    /// The global load factor `g`.
+    pub load_factor: f64,
+    /// Keys read from the ring (reports of newly active clients).
+    pub reported: usize,
+    /// Clients tracked after the period.
+    pub tracked: usize,
+    /// Map lookups (one per tracked client, two for a miss in the first map tried).
+    pub reads: usize,
+    /// Clients with traffic in the period, fed to the controller.
+    pub observed: usize,
+    /// Entries whose window and allowance were changed.
+    pub written: usize,
+    /// Clients released (idle, evicted or forgotten).
+    pub released: usize,
+    /// Changes refused because a reload happened in between (redone next period).
+    pub stale: usize,
+    /// Adapt frames run (BPF_PROG_TEST_RUN calls).
+    pub runs: usize,
+}
+
+/// The adaptive loop's state (see the module docs).
+pub struct Tuner {
+    controller: Controller,
+    ring: RingBuf<MapData>,
+    program: OwnedFd,
+    maps: AdaptiveHandles,
+    load: Box<dyn LoadSource>,
+    tracked: HashMap<ClientKey, Tracked>,
+    /// Policy facts by policy id, for `generation`.
+    bases: Vec<Option<Base>>,
+    generation: u32,
+    /// Clients to return to their policy at the next period (adaptive was switched off).
+    pending_release: Vec<ClientKey>,
+    period: u64,
+    /// The adapt frame, reused.
+    frame: Vec<u8>,
+}
+
+impl Tuner {
+    pub fn new(
+        config: &Config,
+        generation: u32,
+        ring: RingBuf<MapData>,
+        program: OwnedFd,
+        maps: AdaptiveHandles,
+        load: Box<dyn LoadSource>,
+    ) -> Result<Tuner, TunerError> {
+        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
+        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
+        let mut tuner = Tuner {
+            controller: Controller::new(config.adaptive.clone())?,
+            ring,
+            program,
+            maps,
+            load,
+            tracked: HashMap::new(),
+            bases: Vec::new(),
+            generation: 0,
+            pending_release: Vec::new(),
+            period: 0,
+            frame,
+        };
+        tuner.set_policies(config, generation)?;
+        Ok(tuner)
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// The controller's period.
+    pub fn period(&self) -> Duration {
+        Duration::from_micros(self.controller.config().period.micros as u64)
+    }
+
+    pub fn load_source(&self) -> String {
+        self.load.describe()
+    }
+
+    /// Tracks the clients a previous agent left flagged as reported (one walk of the address
+    /// maps); returns how many.
+    pub fn adopt_reported(&mut self) -> Result<usize, TunerError> {
+        let reported = self.maps.reported()?;
+        let n = reported.len();
+        for (key, in_static) in reported {
+            self.track(key, in_static);
+        }
+        Ok(n)
+    }
+
+    fn track(&mut self, key: ClientKey, in_static: bool) {
+        let period = self.period;
+        self.tracked.entry(key).or_insert(Tracked {
+            total: None,
+            in_static,
+            last_active: period,
+            window_us: 0,
+            limit: 0,
+            policy: 0,
+        });
+    }
+
+    /// Takes a newly applied config: its policies (for `generation`) and its `adaptive` section.
+    /// A rejected section changes nothing (the config parser validates it first, so this only
+    /// happens for a config built in code).
+    pub fn set_policies(&mut self, config: &Config, generation: u32) -> Result<(), TunerError> {
+        if config.adaptive != *self.controller.config() {
+            let released = self.controller.set_config(config.adaptive.clone())?;
+            self.pending_release.extend(released);
+        }
+        if generation == self.generation && !self.bases.is_empty() {
+            return Ok(());
+        }
+        let ids = config.policies.len() + 1;
+        self.bases = (0..ids)
+            .map(|id| {
+                let id = u16::try_from(id).ok()?;
+                let base = config.policy_base(id)?;
+                (base.action == Action::Limit && base.limit > 0).then(|| Base {
+                    limit: base.limit,
+                    window_us: base.window.micros,
+                    weight: config.weight(id),
+                })
+            })
+            .collect();
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// Runs one period. `elapsed` is the time since the previous one (rates are per second of
+    /// it); the first period only establishes baselines.
+    pub fn tick(&mut self, elapsed: Duration) -> Result<PeriodReport, TunerError> {
+        self.period += 1;
+        let mut report = PeriodReport {
+            period: self.period,
+            ..PeriodReport::default()
+        };
+        let mut reported = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if let Ok(key) = <ClientKey>::try_from(&item[..item.len().min(16)]) {
+                reported.push(key);
+            }
+        }
+        report.reported = reported.len();
+        let enabled = self.controller.config().enabled;
+        if enabled {
+            for key in reported {
+                self.track(key, false);
+            }
+        }
+        let mut slots = Vec::new();
+        let mut release = std::mem::take(&mut self.pending_release);
+        if !enabled {
+            release.extend(self.tracked.keys().copied());
+        }
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let idle = self.controller.config().idle_periods as u64;
+        let mut observations = Vec::new();
+        let mut evicted = Vec::new();
+        if enabled {
+            for (key, t) in self.tracked.iter_mut() {
+                report.reads += 1;
+                let Some((state, in_static)) = self.maps.address(key, t.in_static)? else {
+                    evicted.push(*key);
+                    continue;
+                };
+                if in_static != t.in_static {
+                    report.reads += 1;
+                }
+                t.in_static = in_static;
+                let total = state.total_passed().wrapping_add(state.dropped);
+                let delta = match t.total {
+                    // An entry evicted and created again starts from zero.
+                    Some(before) if total >= before => Some(total - before),
+                    _ => None,
+                };
+                t.total = Some(total);
+                (t.window_us, t.limit, t.policy) = (state.window_us, state.limit, state.policy);
+                match delta {
+                    Some(d) if d > 0 => t.last_active = self.period,
+                    _ if self.period.saturating_sub(t.last_active) > idle => {
+                        release.push(*key);
+                        continue;
+                    }
+                    _ => continue,
+                }
+                // An entry that has not seen the current policies yet is left for a later period.
+                if state.generation != self.generation || state.action != ACTION_LIMIT {
+                    continue;
+                }
+                let Some(Some(base)) = self.bases.get(state.policy as usize) else {
+                    continue;
+                };
+                observations.push(ClientObservation {
+                    key: *key,
+                    limit: base.limit,
+                    window_us: base.window_us,
+                    rate: delta.unwrap_or(0) as f64 / secs,
+                    weight: base.weight,
+                });
+            }
+        }
+        report.observed = observations.len();
+        let cpu = self.load.sample();
+        let output = self
+            .controller
+            .step(&LoadSample { cpu }, observations.iter().copied());
+        report.cpu = cpu;
+        report.load = output.load;
+        report.load_factor = output.load_factor;
+        release.extend(output.forgotten);
+        for obs in &observations {
+            let (Some(want), Some(t)) = (
+                self.controller.desired(&obs.key),
+                self.tracked.get(&obs.key),
+            ) else {
+                continue;
+            };
+            if (want.window_us, want.allowance) != (t.window_us, t.limit) {
+                slots.push(AdaptSlot {
+                    key: obs.key,
+                    limit: want.allowance,
+                    window_us: want.window_us,
+                    generation: self.generation,
+                    ..AdaptSlot::default()
+                });
+            }
+        }
+        for key in evicted {
+            self.tracked.remove(&key);
+            report.released += 1;
+        }
+        for key in release {
+            let Some(t) = self.tracked.remove(&key) else {
+                continue;
+            };
+            report.released += 1;
+            // Back to the policy: s = g = 1. A `pass`/`drop` policy only has its flag cleared.
+            let base = self.bases.get(t.policy as usize).copied().flatten();
+            slots.push(AdaptSlot {
+                key,
+                limit: base.map_or(0, |b| b.limit),
+                window_us: base.map_or(0, |b| b.window_us),
+                generation: self.generation,
+                flags: ADAPT_RELEASE,
+                ..AdaptSlot::default()
+            });
+        }
+        for chunk in slots.chunks(ADAPT_BATCH) {
+            report.runs += 1;
+            for result in self.run(chunk)? {
+                // Unchanged, not resident (evicted since the read), skipped or invalid: nothing to
+                // count; the next period reads the entry afresh.
+                match result {
+                    ADAPT_APPLIED => report.written += 1,
+                    ADAPT_STALE => report.stale += 1,
+                    _ => {}
+                }
+            }
+        }
+        report.tracked = self.tracked.len();
+        let status = AdaptiveStatus {
+            cpu_ppm: ppm(output.load),
+            load_factor_ppm: ppm(output.load_factor),
+            period_us: if enabled {
+                self.controller.config().period.micros
+            } else {
+                0
+            },
+            tracked: u32::try_from(self.tracked.len()).unwrap_or(u32::MAX),
+            periods: self.period,
+        };
+        self.maps.set_status(status)?;
+        Ok(report)
+    }
+
+    /// The controller's scale and smoothed utilisation of a tracked client.
+    pub fn client(&self, key: &ClientKey) -> Option<(f64, f64)> {
+        Some((
+            self.controller.scale(key)?,
+            self.controller.utilisation(key)?,
+        ))
+    }
+
+    /// Runs one adapt frame; returns each slot's result.
+    fn run(&mut self, chunk: &[AdaptSlot]) -> Result<Vec<u32>, TunerError> {
+        for (i, slot) in chunk.iter().enumerate() {
+            // SAFETY: `AdaptSlot` is a `#[repr(C)]` integer-only `Pod` type without padding,
+            // written as plain bytes at an offset inside the frame.
+            unsafe {
+                self.frame
+                    .as_mut_ptr()
+                    .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
+                    .cast::<AdaptSlot>()
+                    .write_unaligned(*slot);
+            }
+        }
+        let len = ADAPT_OFFSET + chunk.len() * ADAPT_SLOT_LEN;
+        let ret = crate::syscall::prog_test_run(self.program.as_fd(), &mut self.frame[..len])?;
+        if ret != XDP_PASS {
+            return Err(TunerError::Rejected(ret));
+        }
+        Ok((0..chunk.len())
+            .map(|i| {
+                // SAFETY: as above; the program wrote each result in place.
+                unsafe {
+                    self.frame
+                        .as_ptr()
+                        .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
+                        .cast::<AdaptSlot>()
+                        .read_unaligned()
+                        .result
+                }
+            })
+            .collect())
+    }
+}
+
+/// A fraction in parts per million, saturating (NaN reads as 0).
+fn ppm(x: f64) -> u32 {
+    (x * 1e6).round().clamp(0.0, u32::MAX as f64) as u32
+}
