@@ -86,6 +86,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         },
     };
 
+    let load: Box<dyn LoadSource> = match &opts.load_file {
+        Some(path) => Box::new(FileLoad::new(path.clone())),
+        None => match SystemLoad::new() {
+            Ok(load) => Box::new(load),
+            Err(e) => {
+                let _ = std::fs::remove_file(&opts.api.socket);
+                return Err(e).context("opening the system CPU load source (/proc/stat)");
+            }
+        },
+    };
+
     let pins = datapath::pin_dir(&opts.iface);
     let adopting = pins.exists();
     let mut ebpf = datapath::load(&LoadOptions {
@@ -96,24 +107,24 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     let snapshot_path = opts.snapshot_path();
     // Policies first, then attach: the first packet the program sees is already enforced.
-    let started = Tables::take(&mut ebpf).and_then(|mut tables| {
+    let started = (|| -> anyhow::Result<_> {
+        let mut tables = Tables::take(&mut ebpf)?;
         restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
-        let adapt_program = datapath::load_adapt_program(&mut ebpf)?;
-        let ring = datapath::take_active(&mut ebpf)?;
-        let handles = tables.adaptive_handles()?;
+        let tuner = Tuner::new(
+            &config,
+            report.generation,
+            datapath::take_active(&mut ebpf)?,
+            datapath::load_adapt_program(&mut ebpf)?,
+            tables.adaptive_handles()?,
+            load,
+        )?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
-        Ok((
-            tables,
-            report,
-            check_program,
-            (adapt_program, ring, handles),
-            attachment,
-        ))
-    });
-    let (tables, report, check_program, adaptive_parts, attachment) = match started {
+        Ok((tables, report, check_program, tuner, attachment))
+    })();
+    let (tables, report, check_program, tuner, attachment) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&opts.api.socket);
@@ -122,7 +133,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 drop(ebpf);
                 let _ = datapath::remove_pins(&pins);
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
     tracing::info!(
@@ -134,20 +145,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         survives_agent = attachment.is_pinned(),
         "ready: XDP program attached and policies applied"
     );
-
-    let load: Box<dyn LoadSource> = match &opts.load_file {
-        Some(path) => Box::new(FileLoad::new(path.clone())),
-        None => Box::new(SystemLoad::new().context("opening the system CPU load source")?),
-    };
-    let (adapt_program, ring, handles) = adaptive_parts;
-    let tuner = Tuner::new(
-        &config,
-        report.generation,
-        ring,
-        adapt_program,
-        handles,
-        load,
-    )?;
 
     let counters = Arc::new(Counters::default());
     let checker = Arc::new(Checker::new(check_program, &config));
