@@ -508,7 +508,7 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
         // leaves it (wrapping: see `ClientState::total_passed`).
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             &raw mut (*state).passed,
-            replaced.wrapping_sub(rescaled.carried as u64),
+            replaced.wrapping_sub(rescaled.carried),
         );
     }
     ADAPT_APPLIED
@@ -772,7 +772,10 @@ unsafe fn admit(
                             )
                         };
                     }
-                    return (true, slot_tag(old) != slot_tag(new));
+                    // A new window: the slot changes tag, or was empty (a fresh entry's slots
+                    // are zero, tag 0, which is also the current tag while the monotonic
+                    // clock is below one window, e.g. a 1 h window in the first hour of boot).
+                    return (true, slot_tag(old) != slot_tag(new) || slot_count(old) == 0);
                 }
             }
         }

@@ -141,10 +141,19 @@ pub fn client_row(
         0.0
     };
     let (scale, utilisation) = match base {
-        Some(p) if p.window_us > 0 && p.limit > 0 && state.action == ACTION_LIMIT => (
-            state.window_us as f64 / p.window_us as f64,
-            rate_per_s * p.window_us as f64 / (p.limit as f64 * 1e6),
-        ),
+        // An entry the agent created for an exact-address policy is empty until its first
+        // packet fills in the policy: no scale to show yet.
+        Some(p)
+            if p.window_us > 0
+                && p.limit > 0
+                && state.window_us > 0
+                && state.action == ACTION_LIMIT =>
+        {
+            (
+                state.window_us as f64 / p.window_us as f64,
+                rate_per_s * p.window_us as f64 / (p.limit as f64 * 1e6),
+            )
+        }
         _ => (1.0, 0.0),
     };
     ClientRow {

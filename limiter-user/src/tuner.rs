@@ -68,7 +68,8 @@ struct Base {
     weight: f64,
 }
 
-/// A client the loop tracks.
+/// A client the loop tracks. Tracked clients are observed every period, silent ones with rate
+/// 0, until they have been silent for `idle_periods`.
 #[derive(Debug, Clone, Copy)]
 struct Tracked {
     /// `passed + dropped` at the last read; `None` until the first read (a newly reported
@@ -270,13 +271,17 @@ impl Tuner {
                 };
                 t.total = Some(total);
                 (t.window_us, t.limit, t.policy) = (state.window_us, state.limit, state.policy);
+                // A silent period counts (as rate 0): a client sending a burst every few
+                // periods is as calm as one sending evenly at the same average rate.
                 match delta {
                     Some(d) if d > 0 => t.last_active = self.period,
                     _ if self.period.saturating_sub(t.last_active) > idle => {
                         release.push(*key);
                         continue;
                     }
-                    _ => continue,
+                    Some(_) => {}
+                    // No baseline yet (first read, or the entry was evicted and created again).
+                    None => continue,
                 }
                 // An entry that has not seen the current policies yet is left for a later period.
                 if state.generation != self.generation || state.action != ACTION_LIMIT {
