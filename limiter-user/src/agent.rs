@@ -66,6 +66,12 @@ fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    // First: a SIGTERM that arrives while the agent starts (a supervisor stopping it as soon as
+    // it looks ready, say) is then held for the main loop, which stops in order, instead of
+    // killing the process with the program attached and no final snapshot.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     datapath::check_environment()?;
     datapath::if_index(&opts.iface)?;
     let text = std::fs::read_to_string(&opts.config)
@@ -201,9 +207,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_tick = tokio::time::interval(opts.snapshot_interval);
