@@ -198,8 +198,9 @@ pub const ADAPT_SLOT_LEN: usize = core::mem::size_of::<AdaptSlot>();
 /// with its policy refresh and rescale: 32 exceed its one-million-instruction budget, 8 fit.
 pub const ADAPT_BATCH: usize = 8;
 
-/// `AdaptSlot::flags`: also clear the client's `FLAG_REPORTED`, because the agent stops
-/// tracking it; its next window rollover reports it again.
+/// `AdaptSlot::flags`: the agent stops tracking the client: return it to the policy it resolves
+/// to (the slot's `limit`, `window_us` and `generation` are ignored) and clear its
+/// `FLAG_REPORTED`, so that its next window reports it again.
 pub const ADAPT_RELEASE: u32 = 1;
 
 /// `AdaptSlot::result`: the window and allowance were changed and the slots rescaled.

@@ -435,7 +435,8 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
 /// itself in a fresh slot that the exchange then replaces; a packet between the snapshot and the
 /// exchange is likewise left out of the carried estimate. Such packets (a few nanoseconds' worth
 /// per change) are forgiven by the estimate, but never lost from the counters: every count the
-/// exchange replaces is folded into `passed`.
+/// exchange replaces is folded into `passed`. A packet never decides on the new slots with the
+/// old window: `admit` reads the window after the slots, on every attempt.
 #[inline(always)]
 fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) -> u32 {
     let Some(state) = CLIENTS
@@ -447,35 +448,40 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
     // SAFETY: live map value for the duration of this run.
     unsafe {
         refresh_policy(state, &request.key, config, counted);
-        if request.generation != config.generation {
-            return ADAPT_STALE;
-        }
-        if request.flags & ADAPT_RELEASE != 0 {
+        // A release returns the client to the policy it resolves to now, whatever the agent
+        // last knew of it (a silent client's cached policy can predate a reload), and always
+        // clears the flag, so that the next window reports the client again.
+        let (limit, window_us) = if request.flags & ADAPT_RELEASE != 0 {
             (*state).flags &= !FLAG_REPORTED;
-        }
+            let Some(policy) = resolve(&request.key, counted) else {
+                return ADAPT_SKIPPED;
+            };
+            (policy.limit, policy.window_us)
+        } else if request.generation != config.generation {
+            return ADAPT_STALE;
+        } else {
+            (request.limit, request.window_us)
+        };
         if (*state).action != ACTION_LIMIT {
             return ADAPT_SKIPPED;
         }
         let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
-        if (old_limit, old_window_us) == (request.limit, request.window_us) {
+        if (old_limit, old_window_us) == (limit, window_us) {
             return ADAPT_UNCHANGED;
         }
-        if request.limit == 0
-            || request.window_us < MIN_WINDOW_US
-            || request.window_us > MAX_WINDOW_US
-        {
+        if limit == 0 || !(MIN_WINDOW_US..=MAX_WINDOW_US).contains(&window_us) {
             return ADAPT_INVALID;
         }
         let (Some(old_window), Some(new_window)) = (
             NonZeroU64::new(old_window_us as u64 * 1000),
-            NonZeroU64::new(request.window_us as u64 * 1000),
+            NonZeroU64::new(window_us as u64 * 1000),
         ) else {
             return ADAPT_INVALID;
         };
         // Packets decide with the clock their window calls for; the coarse one (1 s windows and
         // up) may lag the helper by up to two jiffies (see `coarse_now`): 10 ms covers HZ=250.
-        let now = now_for(request.window_us, Clock::Direct);
-        let lag_ns = if request.window_us >= COARSE_CLOCK_MIN_WINDOW_US {
+        let now = now_for(window_us, Clock::Direct);
+        let lag_ns = if window_us >= COARSE_CLOCK_MIN_WINDOW_US {
             COARSE_LAG_NS
         } else {
             0
@@ -486,16 +492,10 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
             core::ptr::read_volatile(&raw const (*slots)[1]),
         ];
         let rescaled = rescale(
-            &snapshot,
-            now,
-            old_window,
-            old_limit,
-            new_window,
-            request.limit,
-            lag_ns,
+            &snapshot, now, old_window, old_limit, new_window, limit, lag_ns,
         );
-        (*state).limit = request.limit;
-        (*state).window_us = request.window_us;
+        (*state).limit = limit;
+        (*state).window_us = window_us;
         let mut replaced = 0u64;
         for i in 0..2 {
             let old = atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(
@@ -730,12 +730,6 @@ unsafe fn admit(
     hits: u32,
     now: u64,
 ) -> (bool, bool) {
-    let window_us = unsafe { (*state).window_us };
-    let limit = unsafe { (*state).limit };
-    // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
-    let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
-        return (false, false);
-    };
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
         // SAFETY: volatile reads of the live slots; another CPU may change them at any time,
@@ -745,6 +739,21 @@ unsafe fn admit(
                 core::ptr::read_volatile(&raw const (*slots)[0]),
                 core::ptr::read_volatile(&raw const (*slots)[1]),
             ]
+        };
+        // Window and allowance after the slots, on every attempt: `limiter_adapt` stores them
+        // before it exchanges the slots, so slots on a new window's grid are never decided
+        // with the old window (whose grid would read them as empty and start a fresh
+        // allowance). Loads keep their order on x86; the exchange is a full barrier.
+        // SAFETY: volatile reads of the live entry.
+        let (window_us, limit) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*state).window_us),
+                core::ptr::read_volatile(&raw const (*state).limit),
+            )
+        };
+        // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
+        let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
+            return (false, false);
         };
         match decide(&current, now, window_ns, limit, hits) {
             Verdict::Deny => return (false, false),

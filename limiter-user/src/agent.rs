@@ -205,7 +205,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
-    let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
+    let (adaptive_stop, adaptive_loop) = match spawn_adaptive(tuner, limits.clone()) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            // As for the API above: attached but not managed is not an option.
+            let _ = stop_tx.send(true);
+            if let Err(d) = attachment.detach() {
+                tracing::error!("detaching after a failed start: {d}");
+            }
+            let _ = std::fs::remove_file(&opts.api.socket);
+            return Err(e);
+        }
+    };
 
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -79,10 +79,9 @@ struct Tracked {
     in_static: bool,
     /// Last period with traffic.
     last_active: u64,
-    /// Window and allowance the entry had at the last read, and its policy.
+    /// Window and allowance the entry had at the last read.
     window_us: u32,
     limit: u32,
-    policy: u16,
 }
 
 /// What one period did.
@@ -191,7 +190,6 @@ impl Tuner {
             last_active: period,
             window_us: 0,
             limit: 0,
-            policy: 0,
         });
     }
 
@@ -238,14 +236,16 @@ impl Tuner {
         }
         report.reported = reported.len();
         let enabled = self.controller.config().enabled;
+        let mut slots = Vec::new();
+        let mut release = std::mem::take(&mut self.pending_release);
         if enabled {
             for key in reported {
                 self.track(key, false);
             }
-        }
-        let mut slots = Vec::new();
-        let mut release = std::mem::take(&mut self.pending_release);
-        if !enabled {
+        } else {
+            // Flagged before adaptive was switched off: clear their flags, or they would never
+            // be reported again once it is back on.
+            release.extend(reported);
             release.extend(self.tracked.keys().copied());
         }
         let secs = elapsed.as_secs_f64().max(1e-3);
@@ -270,7 +270,7 @@ impl Tuner {
                     _ => None,
                 };
                 t.total = Some(total);
-                (t.window_us, t.limit, t.policy) = (state.window_us, state.limit, state.policy);
+                (t.window_us, t.limit) = (state.window_us, state.limit);
                 // A silent period counts (as rate 0): a client sending a burst every few
                 // periods is as calm as one sending evenly at the same average rate.
                 match delta {
@@ -283,8 +283,13 @@ impl Tuner {
                     // No baseline yet (first read, or the entry was evicted and created again).
                     None => continue,
                 }
+                // A client whose policy no longer limits it has nothing to adapt.
+                if state.generation == self.generation && state.action != ACTION_LIMIT {
+                    release.push(*key);
+                    continue;
+                }
                 // An entry that has not seen the current policies yet is left for a later period.
-                if state.generation != self.generation || state.action != ACTION_LIMIT {
+                if state.generation != self.generation {
                     continue;
                 }
                 let Some(Some(base)) = self.bases.get(state.policy as usize) else {
@@ -329,25 +334,29 @@ impl Tuner {
             self.tracked.remove(&key);
             report.released += 1;
         }
-        for key in release {
-            let Some(t) = self.tracked.remove(&key) else {
-                continue;
-            };
+        release.sort_unstable();
+        release.dedup();
+        for &key in &release {
+            self.tracked.remove(&key);
             report.released += 1;
-            // Back to the policy: s = g = 1. A `pass`/`drop` policy only has its flag cleared.
-            let base = self.bases.get(t.policy as usize).copied().flatten();
+            // Back to the policy it resolves to (the program looks it up): s = g = 1.
             slots.push(AdaptSlot {
                 key,
-                limit: base.map_or(0, |b| b.limit),
-                window_us: base.map_or(0, |b| b.window_us),
-                generation: self.generation,
                 flags: ADAPT_RELEASE,
                 ..AdaptSlot::default()
             });
         }
         for chunk in slots.chunks(ADAPT_BATCH) {
             report.runs += 1;
-            for result in self.run(chunk)? {
+            let results = match self.run(chunk) {
+                Ok(results) => results,
+                Err(e) => {
+                    // Untracked already: retried next period, or their flags would stay set.
+                    self.pending_release = release;
+                    return Err(e);
+                }
+            };
+            for result in results {
                 // Unchanged, not resident (evicted since the read), skipped or invalid: nothing to
                 // count; the next period reads the entry afresh.
                 match result {

@@ -348,6 +348,38 @@ fn adapted_windows_survive_a_reload_and_disabling_restores_the_policy() -> Resul
 }
 
 #[test]
+fn a_release_restores_the_policy_in_force_not_the_one_last_seen() -> Result<()> {
+    limiter_tests::require_root!();
+    let mut rig = Rig::new(YAML)?;
+    let client = v4(203, 0, 113, 50);
+    rig.send(client, 5)?;
+    rig.tick()?;
+    rig.load.set(0.95);
+    for _ in 0..3 {
+        rig.send(client, 5)?;
+        rig.tick()?;
+    }
+    ensure!(rig.client(client)?.window_us < 3_600_000_000);
+    // A new, tighter policy for its prefix, while the client is silent: its entry still caches
+    // the default (generation and policy id of before) when the loop releases it.
+    rig.apply(&YAML.replace(
+        "policies:\n",
+        "policies:\n  - match: 203.0.113.0/24\n    limit: 7\n    window: 30s\n",
+    ))?;
+    let mut released = 0;
+    for _ in 0..8 {
+        released += rig.tick()?.released;
+    }
+    ensure!(released == 1, "released {released}");
+    let state = rig.client(client)?;
+    ensure!(
+        (state.limit, state.window_us, state.flags & FLAG_REPORTED) == (7, 30_000_000, 0),
+        "released to {state:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn the_clients_a_previous_agent_tracked_are_found_for_adoption() -> Result<()> {
     limiter_tests::require_root!();
     let mut rig = Rig::new(YAML)?;
