@@ -465,18 +465,31 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
         if (*state).action != ACTION_LIMIT {
             return ADAPT_SKIPPED;
         }
-        let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
-        if (old_limit, old_window_us) == (limit, window_us) {
+        if ((*state).limit, (*state).window_us) == (limit, window_us) {
             return ADAPT_UNCHANGED;
         }
         if limit == 0 || !(MIN_WINDOW_US..=MAX_WINDOW_US).contains(&window_us) {
             return ADAPT_INVALID;
         }
+        rescale_entry(state, limit, window_us);
+    }
+    ADAPT_APPLIED
+}
+
+/// Gives a limited entry a new window and allowance, carrying the used fraction of its
+/// allowance over (`window::rescale`); see `adapt_one` for the ordering against packets.
+///
+/// # Safety
+/// `state` points at a live map value with a window of at least 10 ms; `window_us` is one too.
+#[inline(always)]
+unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
+    unsafe {
+        let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
         let (Some(old_window), Some(new_window)) = (
             NonZeroU64::new(old_window_us as u64 * 1000),
             NonZeroU64::new(window_us as u64 * 1000),
         ) else {
-            return ADAPT_INVALID;
+            return;
         };
         // Packets decide with the clock their window calls for; the coarse one (1 s windows and
         // up) may lag the helper by up to two jiffies (see `coarse_now`): 10 ms covers HZ=250.
@@ -511,7 +524,6 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
             replaced.wrapping_sub(rescaled.carried),
         );
     }
-    ADAPT_APPLIED
 }
 
 /// A new entry under `policy`.
@@ -622,12 +634,26 @@ unsafe fn refresh_policy(
 #[inline(always)]
 unsafe fn set_policy(state: *mut ClientState, policy: &Policy) {
     unsafe {
-        if policy.window_us != (*state).window_us {
-            // Window tags of another window length mean nothing: start afresh.
-            clear_slots(state);
+        let adapted = (*state).flags & FLAG_REPORTED != 0
+            && (*state).action == ACTION_LIMIT
+            && policy.action == ACTION_LIMIT
+            && (*state).window_us >= MIN_WINDOW_US
+            && policy.window_us >= MIN_WINDOW_US;
+        if adapted {
+            // A client the adaptive loop tracks: its entry holds an adapted window and
+            // allowance, which a reload returns to the policy's until the loop's next period.
+            // Carry the used fraction over, or every reload would hand it a fresh allowance.
+            if ((*state).limit, (*state).window_us) != (policy.limit, policy.window_us) {
+                rescale_entry(state, policy.limit, policy.window_us);
+            }
+        } else {
+            if policy.window_us != (*state).window_us {
+                // Window tags of another window length mean nothing: start afresh.
+                clear_slots(state);
+            }
+            (*state).limit = policy.limit;
+            (*state).window_us = policy.window_us;
         }
-        (*state).limit = policy.limit;
-        (*state).window_us = policy.window_us;
         (*state).policy = policy.id;
         (*state).action = policy.action;
     }

@@ -246,6 +246,22 @@ fn a_shrinking_window_keeps_the_used_fraction_and_every_count() -> Result<()> {
     );
     let state = rig.client(client)?;
     ensure!(state.total_passed() + state.dropped == 1310, "{state:?}");
+    // A reload (any change: a new generation) returns the entry to its policy's 10 s / 1000
+    // at its next packet, still used up: no fresh allowance either.
+    rig.apply(&YAML.replace("limit: 100,", "limit: 101,"))?;
+    ensure!(
+        rig.send(client, 100)? == 0,
+        "the reload handed out a fresh allowance"
+    );
+    let state = rig.client(client)?;
+    ensure!(
+        (state.window_us, state.limit) == (10_000_000, 1000),
+        "{state:?}"
+    );
+    ensure!(
+        state.total_passed() == 1000 && state.dropped == 410,
+        "{state:?}"
+    );
     Ok(())
 }
 
