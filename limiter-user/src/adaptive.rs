@@ -230,38 +230,16 @@ fn deserialize_period<'de, D: Deserializer<'de>>(d: D) -> Result<Window, D::Erro
 }
 
 fn parse_period(s: &str) -> Result<Window, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit_us = match unit.trim() {
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        _ => {
-            return Err(format!(
-                "invalid period {s:?}: expected a number with a unit of ms, s or m, like 250ms \
-                 or 1s"
-            ));
-        }
-    };
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid period {s:?}: {number:?} is not a number"))?;
-    let micros = number * unit_us;
-    if (micros - micros.round()).abs() > 1e-6 {
+    let micros = crate::policy::parse_duration_us(s, "period")?;
+    // The 100ms..=60s range is `validate`'s, which names the field and the bounds.
+    if !(0.0..=u32::MAX as f64).contains(&micros) {
         return Err(format!(
-            "invalid period {s:?}: not a whole number of microseconds"
-        ));
-    }
-    if !(0.0..=u32::MAX as f64).contains(&micros.round()) {
-        return Err(format!(
-            "period {s:?} is out of range: it must be between 100ms and 60s"
+            "period {:?} is out of range: it must be between 100ms and 60s",
+            s.trim()
         ));
     }
     Ok(Window {
-        micros: micros.round() as u32,
+        micros: micros as u32,
     })
 }
 
@@ -911,7 +889,8 @@ mod tests {
         assert_eq!(micros("5ms"), Ok(5_000));
         assert!(micros("1.5ms").is_ok());
         assert!(micros("0.0001ms").unwrap_err().contains("whole number"));
-        assert!(micros("1h").unwrap_err().contains("unit"));
+        assert_eq!(micros("1h"), Ok(3_600_000_000));
+        assert!(micros("1d").unwrap_err().contains("unit"));
         assert!(micros("fast").unwrap_err().contains("invalid period"));
         assert!(micros("1..2s").unwrap_err().contains("not a number"));
         assert!(micros("100000m").unwrap_err().contains("out of range"));
