@@ -526,6 +526,8 @@ impl stats_server::Stats for StatsService {
                 passed: d.passed,
                 dropped: d.dropped,
                 resident: d.resident,
+                scale: 1.0,
+                utilisation: 0.0,
             }))
         }
         .await;
@@ -550,10 +552,11 @@ impl stats_server::Stats for StatsService {
 fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
     let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
     // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
-    let (g, config, maps) = state.limits.with_tables(|t| {
+    let (g, config, adaptive, maps) = state.limits.with_tables(|t| {
         Ok::<_, Status>((
             t.global().map_err(internal)?,
             t.map_config().map_err(internal)?,
+            t.adaptive_status().map_err(internal)?,
             t.client_maps().map_err(internal)?,
         ))
     })?;
@@ -577,6 +580,14 @@ fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
         attached: pin_dir(&state.iface).join(LINK_PIN).exists(),
         config_reloads: c.config_reloads.load(Ordering::Relaxed),
         config_rejects: c.config_rejects.load(Ordering::Relaxed),
+        adaptive: adaptive.period_us != 0,
+        cpu: adaptive.cpu_ppm as f64 / 1e6,
+        load_factor: if adaptive.period_us == 0 {
+            1.0
+        } else {
+            adaptive.load_factor_ppm as f64 / 1e6
+        },
+        adaptive_tracked: adaptive.tracked,
     })
 }
 
@@ -613,6 +624,8 @@ fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
         } else {
             0.0
         };
+        let base = config.policy_base(s.policy).map(|r| r.to_policy(s.policy));
+        let (scale, utilisation) = crate::stats::adaptation(s, base.as_ref(), rate * 1e9);
         (
             rate,
             proto::ClientStats {
@@ -625,6 +638,8 @@ fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
                 passed: s.total_passed(),
                 dropped: s.dropped,
                 resident: true,
+                scale,
+                utilisation,
             },
         )
     };

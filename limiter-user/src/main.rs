@@ -482,8 +482,18 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
 fn client_table(clients: &[proto::ClientStats]) -> String {
     use std::fmt::Write as _;
     let mut out = format!(
-        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>10} {:>10} {:>12} {:>12}\n",
-        "CLIENT", "POLICY", "ACTION", "LIMIT", "WINDOW", "RATE/S", "ALLOWANCE", "PASSED", "DROPPED"
+        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
+        "CLIENT",
+        "POLICY",
+        "ACTION",
+        "ALLOWANCE",
+        "WINDOW",
+        "SCALE",
+        "UTIL",
+        "RATE/S",
+        "REMAINING",
+        "PASSED",
+        "DROPPED"
     );
     for c in clients {
         let window = c
@@ -497,12 +507,14 @@ fn client_table(clients: &[proto::ClientStats]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>10.1} {:>10} {:>12} {:>12}",
+            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6.2} {:>6.2} {:>10.1} {:>10} {:>12} {:>12}",
             c.client_id,
             c.policy,
             action_name(c.action),
             c.limit,
             show_duration(c.window.as_ref()),
+            c.scale,
+            c.utilisation,
             rate,
             (c.limit as u64).saturating_sub(c.estimate),
             c.passed,
@@ -533,7 +545,10 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
             .map(|c| {
                 serde_json::json!({
                     "client": c.client_id, "policy": c.policy, "action": action_name(c.action),
-                    "limit": c.limit, "estimate": c.estimate, "passed": c.passed, "dropped": c.dropped,
+                    "limit": c.limit, "allowance": c.limit, "estimate": c.estimate,
+                    "remaining": (c.limit as u64).saturating_sub(c.estimate),
+                    "scale": c.scale, "utilisation": c.utilisation,
+                    "passed": c.passed, "dropped": c.dropped,
                     "window_ms": c.window.as_ref().map_or(0.0, |d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6),
                 })
             })
@@ -546,13 +561,17 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
                 "checks_denied": g.checks_denied, "config_reloads": g.config_reloads,
                 "config_rejects": g.config_rejects,
             },
+            "adaptive": {
+                "enabled": g.adaptive, "cpu": g.cpu, "load_factor": g.load_factor,
+                "tracked": g.adaptive_tracked,
+            },
             "generation": g.policy_generation, "dry_run": g.dry_run, "attached": g.attached,
             "clients": rows,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n",
+            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n{}\n",
             if g.dry_run { "dry-run" } else { "enforce" },
             g.policy_generation,
             g.attached,
@@ -567,7 +586,17 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
             g.checks_allowed,
             g.checks_denied,
             g.config_reloads,
-            g.config_rejects
+            g.config_rejects,
+            if g.adaptive {
+                format!(
+                    "adaptive: cpu {:.0}%  load factor {:.3}  tracking {} clients",
+                    g.cpu * 100.0,
+                    g.load_factor,
+                    g.adaptive_tracked
+                )
+            } else {
+                "adaptive: off".to_string()
+            }
         );
         print!("{}", client_table(&clients));
     }

@@ -123,6 +123,26 @@ fn action_name(action: u8) -> &'static str {
     }
 }
 
+/// A client's adaptive scale `W / w` and utilisation (admitted rate over its effective window
+/// divided by its policy's `limit / window`), given its policy as configured: `(1, 0)` for a
+/// client that is not limited, or whose entry a packet has not filled in yet.
+pub fn adaptation(state: &ClientState, base: Option<&Policy>, rate_per_s: f64) -> (f64, f64) {
+    match base {
+        Some(p)
+            if p.window_us > 0
+                && p.limit > 0
+                && state.window_us > 0
+                && state.action == ACTION_LIMIT =>
+        {
+            (
+                state.window_us as f64 / p.window_us as f64,
+                rate_per_s * p.window_us as f64 / (p.limit as f64 * 1e6),
+            )
+        }
+        _ => (1.0, 0.0),
+    }
+}
+
 /// One client's row at `now_ns`; `base` is its policy as configured (for scale and
 /// utilisation).
 pub fn client_row(
@@ -140,22 +160,7 @@ pub fn client_row(
     } else {
         0.0
     };
-    let (scale, utilisation) = match base {
-        // An entry the agent created for an exact-address policy is empty until its first
-        // packet fills in the policy: no scale to show yet.
-        Some(p)
-            if p.window_us > 0
-                && p.limit > 0
-                && state.window_us > 0
-                && state.action == ACTION_LIMIT =>
-        {
-            (
-                state.window_us as f64 / p.window_us as f64,
-                rate_per_s * p.window_us as f64 / (p.limit as f64 * 1e6),
-            )
-        }
-        _ => (1.0, 0.0),
-    };
+    let (scale, utilisation) = adaptation(state, base, rate_per_s);
     ClientRow {
         addr: addr_of(key),
         policy,
