@@ -343,8 +343,13 @@ fn spawn_adaptive(
 /// What the metrics endpoint reads from the maps at each scrape.
 fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
     // The walk that counts residents runs on duplicated descriptors, outside the policy lock.
-    let (global, config, maps) = limits.with_tables(|t| {
-        Ok::<_, datapath::DatapathError>((t.global()?, t.map_config()?, t.client_maps()?))
+    let (global, config, adaptive, maps) = limits.with_tables(|t| {
+        Ok::<_, datapath::DatapathError>((
+            t.global()?,
+            t.map_config()?,
+            t.adaptive_status()?,
+            t.client_maps()?,
+        ))
     })?;
     let (clients_resident, ids_resident) = maps.resident()?;
     Ok(MapFigures {
@@ -354,6 +359,7 @@ fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
         policy_generation: config.generation as u64,
         attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
         dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
+        adaptive,
     })
 }
 

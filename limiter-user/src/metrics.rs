@@ -35,7 +35,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use limiter_common::GlobalStats;
+use limiter_common::{AdaptiveStatus, GlobalStats};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -161,6 +161,8 @@ pub struct MapFigures {
     pub attached: bool,
     /// `Config::mode` is dry-run: over-limit packets are counted, not dropped.
     pub dry_run: bool,
+    /// The adaptive controller's status (`ADAPTIVE`), as the agent last wrote it.
+    pub adaptive: AdaptiveStatus,
 }
 
 /// Renders everything in the text exposition format, version 0.0.4, with `iface` as a label on
@@ -312,6 +314,45 @@ pub fn render(counters: &Counters, figures: &MapFigures, iface: &str) -> String 
     )
     .sample(&[], u64::from(figures.dry_run));
 
+    let adaptive = &figures.adaptive;
+    text.family(
+        "limiter_adaptive_enabled",
+        Kind::Gauge,
+        "1 if the agent adapts windows and allowances to CPU load and client patterns, else 0.",
+    )
+    .sample(&[], u64::from(adaptive.period_us != 0));
+    text.family(
+        "limiter_adaptive_cpu",
+        Kind::Gauge,
+        "Smoothed CPU utilisation the adaptive controller acts on, 0 to 1.",
+    )
+    .sample(&[], adaptive.cpu_ppm as f64 / 1e6);
+    text.family(
+        "limiter_adaptive_load_factor",
+        Kind::Gauge,
+        "Global load factor g of the adaptive controller, 1 when not overloaded.",
+    )
+    .sample(
+        &[],
+        if adaptive.period_us == 0 {
+            1.0
+        } else {
+            adaptive.load_factor_ppm as f64 / 1e6
+        },
+    );
+    text.family(
+        "limiter_adaptive_tracked_clients",
+        Kind::Gauge,
+        "Clients the adaptive controller tracks (active within its idle_periods).",
+    )
+    .sample(&[], adaptive.tracked);
+    text.family(
+        "limiter_adaptive_periods_total",
+        Kind::Counter,
+        "Adaptive controller periods run since the agent started.",
+    )
+    .sample(&[], adaptive.periods);
+
     text.out
 }
 
@@ -369,8 +410,8 @@ struct Family<'e, 'a> {
 }
 
 impl Family<'_, '_> {
-    /// Writes `name{iface="…",label="…",…} value`.
-    fn sample(&mut self, labels: &[(&str, &str)], value: u64) {
+    /// Writes `name{iface="…",label="…",…} value` (an integer, or a float such as `0.85`).
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) {
         let out = &mut self.text.out;
         out.push_str(self.name);
         out.push_str("{iface=\"");
@@ -777,6 +818,13 @@ mod tests {
             policy_generation: 9,
             attached: true,
             dry_run: false,
+            adaptive: AdaptiveStatus {
+                cpu_ppm: 930_000,
+                load_factor_ppm: 640_000,
+                period_us: 1_000_000,
+                tracked: 12,
+                periods: 345,
+            },
         };
         (counters, figures)
     }
@@ -866,6 +914,21 @@ mod tests {
             "# HELP limiter_dry_run 1 if the limiter runs in dry-run mode (counts what it would drop, drops nothing), else 0.",
             "# TYPE limiter_dry_run gauge",
             "limiter_dry_run{iface=\"eth0\"} 0",
+            "# HELP limiter_adaptive_enabled 1 if the agent adapts windows and allowances to CPU load and client patterns, else 0.",
+            "# TYPE limiter_adaptive_enabled gauge",
+            "limiter_adaptive_enabled{iface=\"eth0\"} 1",
+            "# HELP limiter_adaptive_cpu Smoothed CPU utilisation the adaptive controller acts on, 0 to 1.",
+            "# TYPE limiter_adaptive_cpu gauge",
+            "limiter_adaptive_cpu{iface=\"eth0\"} 0.93",
+            "# HELP limiter_adaptive_load_factor Global load factor g of the adaptive controller, 1 when not overloaded.",
+            "# TYPE limiter_adaptive_load_factor gauge",
+            "limiter_adaptive_load_factor{iface=\"eth0\"} 0.64",
+            "# HELP limiter_adaptive_tracked_clients Clients the adaptive controller tracks (active within its idle_periods).",
+            "# TYPE limiter_adaptive_tracked_clients gauge",
+            "limiter_adaptive_tracked_clients{iface=\"eth0\"} 12",
+            "# HELP limiter_adaptive_periods_total Adaptive controller periods run since the agent started.",
+            "# TYPE limiter_adaptive_periods_total counter",
+            "limiter_adaptive_periods_total{iface=\"eth0\"} 345",
         ];
         let lines: Vec<&str> = text.lines().collect();
         for (index, (got, want)) in lines.iter().zip(expected).enumerate() {
@@ -884,6 +947,9 @@ mod tests {
         // Zero-valued plain series are still written: absent and zero differ to Prometheus.
         assert!(text.contains("limiter_packets_dropped_total{iface=\"eth0\"} 0\n"));
         assert!(text.contains("limiter_attached{iface=\"eth0\"} 0\n"));
+        // Adaptive windows off: load factor 1, as enforced.
+        assert!(text.contains("limiter_adaptive_enabled{iface=\"eth0\"} 0\n"));
+        assert!(text.contains("limiter_adaptive_load_factor{iface=\"eth0\"} 1\n"));
     }
 
     #[test]
@@ -1072,7 +1138,7 @@ mod tests {
                     .lines()
                     .filter_map(|line| line.strip_prefix("# TYPE "))
                     .collect();
-                assert_eq!(families.len(), 18, "{text}");
+                assert_eq!(families.len(), 23, "{text}");
                 let value = |name: &str| {
                     samples
                         .iter()
