@@ -254,6 +254,29 @@ pub struct AdaptiveStatus {
     pub periods: u64,
 }
 
+/// Host side only: the BPF target has no floating point.
+#[cfg(feature = "user")]
+impl AdaptiveStatus {
+    /// The agent runs the controller.
+    pub fn enabled(&self) -> bool {
+        self.period_us != 0
+    }
+
+    /// Smoothed CPU utilisation, 0 to 1.
+    pub fn cpu(&self) -> f64 {
+        self.cpu_ppm as f64 / 1e6
+    }
+
+    /// The global load factor `g` in force: 1 while adaptive windows are off.
+    pub fn load_factor(&self) -> f64 {
+        if self.enabled() {
+            self.load_factor_ppm as f64 / 1e6
+        } else {
+            1.0
+        }
+    }
+}
+
 /// Global counters, one copy per CPU (`STATS` per-CPU array); the reader sums them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -580,13 +580,9 @@ fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
         attached: pin_dir(&state.iface).join(LINK_PIN).exists(),
         config_reloads: c.config_reloads.load(Ordering::Relaxed),
         config_rejects: c.config_rejects.load(Ordering::Relaxed),
-        adaptive: adaptive.period_us != 0,
-        cpu: adaptive.cpu_ppm as f64 / 1e6,
-        load_factor: if adaptive.period_us == 0 {
-            1.0
-        } else {
-            adaptive.load_factor_ppm as f64 / 1e6
-        },
+        adaptive: adaptive.enabled(),
+        cpu: adaptive.cpu(),
+        load_factor: adaptive.load_factor(),
         adaptive_tracked: adaptive.tracked,
     })
 }

@@ -732,17 +732,7 @@ impl Tables {
     /// Owned descriptors of the four client maps, for walks that should not hold whatever
     /// guards these `Tables` (a walk of a million entries takes about 0.4 s).
     pub fn client_maps(&self) -> Result<ClientMaps, DatapathError> {
-        let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name: &'static str| {
-            map.map()
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|error| DatapathError::Io {
-                    what: "duplicating the descriptor of",
-                    path: name.into(),
-                    error,
-                })
-        };
+        let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name| dup_fd(map.map(), name);
         Ok(ClientMaps {
             clients: dup(&self.clients, "CLIENTS")?,
             static_clients: dup(&self.static_clients, "STATIC_CLIENTS")?,
@@ -752,17 +742,21 @@ impl Tables {
     }
 }
 
-/// A second handle on a map, through a duplicated descriptor.
-fn dup_map(map: &MapData, name: &'static str) -> Result<Map, DatapathError> {
-    let fd = map
-        .fd()
+/// A duplicate of a map's descriptor.
+fn dup_fd(map: &MapData, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    map.fd()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|error| DatapathError::Io {
             what: "duplicating the descriptor of",
             path: name.into(),
             error,
-        })?;
+        })
+}
+
+/// A second handle on a map, through a duplicated descriptor.
+fn dup_map(map: &MapData, name: &'static str) -> Result<Map, DatapathError> {
+    let fd = dup_fd(map, name)?;
     Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
 }
 

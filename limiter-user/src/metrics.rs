@@ -320,26 +320,19 @@ pub fn render(counters: &Counters, figures: &MapFigures, iface: &str) -> String 
         Kind::Gauge,
         "1 if the agent adapts windows and allowances to CPU load and client patterns, else 0.",
     )
-    .sample(&[], u64::from(adaptive.period_us != 0));
+    .sample(&[], u64::from(adaptive.enabled()));
     text.family(
         "limiter_adaptive_cpu",
         Kind::Gauge,
         "Smoothed CPU utilisation the adaptive controller acts on, 0 to 1.",
     )
-    .sample(&[], adaptive.cpu_ppm as f64 / 1e6);
+    .sample(&[], adaptive.cpu());
     text.family(
         "limiter_adaptive_load_factor",
         Kind::Gauge,
         "Global load factor g of the adaptive controller, 1 when not overloaded.",
     )
-    .sample(
-        &[],
-        if adaptive.period_us == 0 {
-            1.0
-        } else {
-            adaptive.load_factor_ppm as f64 / 1e6
-        },
-    );
+    .sample(&[], adaptive.load_factor());
     text.family(
         "limiter_adaptive_tracked_clients",
         Kind::Gauge,

@@ -236,14 +236,10 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             clients: resident,
         },
         adaptive: Adaptive {
-            enabled: status.period_us != 0,
+            enabled: status.enabled(),
             period_ms: status.period_us as f64 / 1000.0,
-            cpu: status.cpu_ppm as f64 / 1e6,
-            load_factor: if status.period_us == 0 {
-                1.0
-            } else {
-                status.load_factor_ppm as f64 / 1e6
-            },
+            cpu: status.cpu(),
+            load_factor: status.load_factor(),
             tracked: status.tracked,
             periods: status.periods,
         },
