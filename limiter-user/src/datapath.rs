@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     io,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -732,7 +732,9 @@ impl Tables {
     /// Owned descriptors of the four client maps, for walks that should not hold whatever
     /// guards these `Tables` (a walk of a million entries takes about 0.4 s).
     pub fn client_maps(&self) -> Result<ClientMaps, DatapathError> {
-        let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name| dup_fd(map.map(), name);
+        let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name| {
+            dup_fd(map.map().fd().as_fd(), name)
+        };
         Ok(ClientMaps {
             clients: dup(&self.clients, "CLIENTS")?,
             static_clients: dup(&self.static_clients, "STATIC_CLIENTS")?,
@@ -742,21 +744,18 @@ impl Tables {
     }
 }
 
-/// A duplicate of a map's descriptor.
-fn dup_fd(map: &MapData, name: &'static str) -> Result<OwnedFd, DatapathError> {
-    map.fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|error| DatapathError::Io {
-            what: "duplicating the descriptor of",
-            path: name.into(),
-            error,
-        })
+/// A duplicate of a map's or program's descriptor; `name` says whose in the error.
+fn dup_fd(fd: BorrowedFd<'_>, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    fd.try_clone_to_owned().map_err(|error| DatapathError::Io {
+        what: "duplicating the descriptor of",
+        path: name.into(),
+        error,
+    })
 }
 
 /// A second handle on a map, through a duplicated descriptor.
 fn dup_map(map: &MapData, name: &'static str) -> Result<Map, DatapathError> {
-    let fd = dup_fd(map, name)?;
+    let fd = dup_fd(map.fd().as_fd(), name)?;
     Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
 }
 
@@ -955,16 +954,7 @@ fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd,
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     program.load()?;
-    let fd = program
-        .fd()?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|error| DatapathError::Io {
-            what: "duplicating the descriptor of",
-            path: name.into(),
-            error,
-        })?;
-    Ok(fd)
+    dup_fd(program.fd()?.as_fd(), name)
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
