@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -14,14 +14,41 @@ pub const ACTION_PASS: u8 = 1;
 /// `Policy::action`: always dropped (block list), the same as `limit: 0`.
 pub const ACTION_DROP: u8 = 2;
 
-/// `ClientState::flags`: the entry lives in the `STATIC_CLIENTS` map (an exact-address policy),
-/// which LRU eviction never touches.
+/// `ClientState::flags`: the entry lives in a never-evicted map (`STATIC_CLIENTS` for an
+/// exact-address policy, `NAMED_STATIC` for an exact-ID one).
 pub const FLAG_STATIC: u8 = 1;
 /// `ClientState::flags`: the client's key was pushed to `ACTIVE` for the agent's adaptive
 /// controller, which now tracks it; it is pushed again only after the agent releases it (an
 /// adapt request with `ADAPT_RELEASE`), so the ring carries each newly active client once, not
 /// one record per window.
 pub const FLAG_REPORTED: u8 = 2;
+
+/// Bits of the lifetime counters `passed` and `dropped` in their words; the 16 bits above hold
+/// the entry's policy metadata (see [`ClientState`]). 2^48 packets are 219 days of a client
+/// flooding a 10 GbE link with minimum-size frames on its own; the counters then wrap modulo
+/// 2^48, and the writers keep the wrap from carrying into the metadata.
+pub const COUNTER_BITS: u32 = 48;
+/// The counter part of a counter word.
+pub const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+/// The 15-bit field in bits 48..63 of a counter word (generation tag or policy id).
+pub const META_MASK: u64 = 0x7fff << COUNTER_BITS;
+/// Bit 63 of a counter word (`FLAG_STATIC` in `passed`, `FLAG_REPORTED` in `dropped`).
+pub const META_FLAG: u64 = 1 << 63;
+/// Policy ids fit the 15-bit field of the `dropped` word.
+pub const MAX_POLICY_ID: u16 = 0x7fff;
+/// Generation tags are the low 15 bits of `Config::generation`. The agent never uses a
+/// generation whose tag is 0, so a tag of 0 always means "re-resolve", and it refreshes every
+/// resident entry in place whenever the tag passes a multiple of [`GENERATION_SWEEP`], so no
+/// entry's tag can be 2^15 generations old and alias the current one.
+pub const GENERATION_TAG_MASK: u32 = 0x7fff;
+/// Generations between two in-place refreshes of every entry (see [`GENERATION_TAG_MASK`]).
+pub const GENERATION_SWEEP: u32 = 1 << 14;
+
+/// The generation tag an entry stores for `Config::generation` `generation`.
+#[inline(always)]
+pub const fn generation_tag(generation: u32) -> u16 {
+    (generation & GENERATION_TAG_MASK) as u16
+}
 
 /// `Config::mode`: drop what is over the limit.
 pub const MODE_ENFORCE: u32 = 0;
@@ -43,50 +70,170 @@ pub struct Policy {
     pub _pad: u8,
 }
 
-/// Per-client state: the value of `CLIENTS` (LRU) and `STATIC_CLIENTS`.
+/// Per-client state: the value of `CLIENTS` (LRU), `STATIC_CLIENTS`, `NAMED` and `NAMED_STATIC`.
 ///
-/// 48 bytes. With the kernel's per-element overhead (`struct htab_elem`, 48 bytes) and the
-/// 16-byte key this is 112 bytes per client, inside the 128-byte budget at 1M clients.
+/// 40 bytes. The kernel adds 48 bytes per element (`struct htab_elem`), the 16-byte key and a
+/// 16-byte hash bucket (`struct bucket`, one per entry at a power-of-two size): 120 bytes per
+/// client, under the 128-byte budget at 1M clients
+/// (`htab_map_mem_usage`, kernel/bpf/hashtab.c). Five words, so the policy metadata rides in the
+/// top 16 bits of the two lifetime counters:
+///
+/// | word | bits 0..48 | bits 48..63 | bit 63 |
+/// |---|---|---|---|
+/// | `passed` | packets passed, except those in `slots` | generation tag | `FLAG_STATIC` |
+/// | `dropped` | packets dropped | policy id | `FLAG_REPORTED` |
+///
+/// The action is not stored: a `pass` entry has `window_us == 0`, a `drop` entry `limit == 0`
+/// (`drop` is `limit: 0`), every other entry limits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientState {
     /// Sliding-window slots indexed by window parity, each `tag << 32 | count` (see
     /// [`crate::window`]); updated with compare-and-swap.
     pub slots: [u64; 2],
-    /// Packets passed over the entry's lifetime, except those still counted in `slots`: use
-    /// [`ClientState::total_passed`]. Folding the slots in once per window instead of adding per
+    /// Counter word: packets passed over the entry's lifetime, except those still counted in
+    /// `slots` (use [`ClientState::total_passed`]); the generation tag the cached policy was
+    /// resolved at; `FLAG_STATIC`. Folding the slots in once per window instead of adding per
     /// packet saves an atomic add on the hot path.
     pub passed: u64,
-    /// Packets dropped (or, in dry-run, that would have been) over the entry's lifetime.
+    /// Counter word: packets dropped (or, in dry-run, that would have been) over the entry's
+    /// lifetime; the id of the cached policy; `FLAG_REPORTED`.
     pub dropped: u64,
-    /// Effective allowance: packets admitted per effective window.
+    /// Effective allowance: packets admitted per effective window (0: `drop`).
     pub limit: u32,
-    /// Effective window in microseconds.
+    /// Effective window in microseconds (0: `pass`).
     pub window_us: u32,
-    /// Generation of the policy table this cached policy was resolved at; a mismatch with
-    /// `Config::generation` makes the next packet resolve the policy again.
-    pub generation: u32,
-    /// `Policy::id` of the resolved policy.
-    pub policy: u16,
-    /// `Policy::action` of the resolved policy.
-    pub action: u8,
-    /// `FLAG_*`.
-    pub flags: u8,
 }
 
 impl ClientState {
-    /// Packets passed over the entry's lifetime. Admitted packets are counted in the window
-    /// slots and folded into `passed` when their slot is reused for a later window, so the
-    /// total is `passed` plus what both slots hold.
+    /// A new entry under `policy`, resolved at `generation`.
+    #[inline(always)]
+    pub fn fresh(policy: &Policy, generation: u32) -> ClientState {
+        let (limit, window_us) = policy.entry_limits();
+        ClientState {
+            slots: [0, 0],
+            passed: (generation_tag(generation) as u64) << COUNTER_BITS,
+            dropped: ((policy.id & MAX_POLICY_ID) as u64) << COUNTER_BITS,
+            limit,
+            window_us,
+        }
+    }
+
+    /// Packets passed over the entry's lifetime, modulo 2^48. Admitted packets are counted in
+    /// the window slots and folded into `passed` when their slot is reused for a later window,
+    /// so the total is `passed` plus what both slots hold.
     ///
     /// Wrapping: when the agent rescales an entry's window (adaptive windows) it carries the
     /// used fraction of the allowance into the new window as a count in a slot and subtracts that
     /// count from `passed`, so `passed` alone can be transiently "negative" (wrapped) while the
     /// sum stays exact.
+    #[inline(always)]
     pub fn total_passed(&self) -> u64 {
         self.passed
             .wrapping_add(crate::window::slot_count(self.slots[0]) as u64)
             .wrapping_add(crate::window::slot_count(self.slots[1]) as u64)
+            & COUNTER_MASK
+    }
+
+    /// The `passed` counter alone (without the slots), modulo 2^48.
+    #[inline(always)]
+    pub fn passed_count(&self) -> u64 {
+        self.passed & COUNTER_MASK
+    }
+
+    /// Packets dropped over the entry's lifetime, modulo 2^48.
+    #[inline(always)]
+    pub fn dropped_count(&self) -> u64 {
+        self.dropped & COUNTER_MASK
+    }
+
+    /// The generation tag the cached policy was resolved at (0: re-resolve).
+    #[inline(always)]
+    pub fn generation_tag(&self) -> u16 {
+        ((self.passed & META_MASK) >> COUNTER_BITS) as u16
+    }
+
+    /// Whether the cached policy was resolved at `Config::generation` `generation`.
+    #[inline(always)]
+    pub fn is_current(&self, generation: u32) -> bool {
+        self.generation_tag() == generation_tag(generation)
+    }
+
+    /// `Policy::id` of the cached policy.
+    #[inline(always)]
+    pub fn policy(&self) -> u16 {
+        ((self.dropped & META_MASK) >> COUNTER_BITS) as u16
+    }
+
+    /// `FLAG_*` bits.
+    #[inline(always)]
+    pub fn flags(&self) -> u8 {
+        let mut flags = 0;
+        if self.passed & META_FLAG != 0 {
+            flags |= FLAG_STATIC;
+        }
+        if self.dropped & META_FLAG != 0 {
+            flags |= FLAG_REPORTED;
+        }
+        flags
+    }
+
+    /// `ACTION_*` of the cached policy, from the limits it gave the entry.
+    #[inline(always)]
+    pub fn action(&self) -> u8 {
+        if self.window_us == 0 {
+            ACTION_PASS
+        } else if self.limit == 0 {
+            ACTION_DROP
+        } else {
+            ACTION_LIMIT
+        }
+    }
+
+    /// Sets the `passed` counter (without the slots), modulo 2^48, keeping the metadata.
+    pub fn set_passed_count(&mut self, passed: u64) {
+        self.passed = (self.passed & !COUNTER_MASK) | (passed & COUNTER_MASK);
+    }
+
+    /// Sets the `dropped` counter, modulo 2^48, keeping the metadata.
+    pub fn set_dropped_count(&mut self, dropped: u64) {
+        self.dropped = (self.dropped & !COUNTER_MASK) | (dropped & COUNTER_MASK);
+    }
+
+    /// Sets the generation tag (0 makes the next packet re-resolve the policy).
+    pub fn set_generation_tag(&mut self, tag: u16) {
+        self.passed = with_meta(self.passed, tag);
+    }
+
+    /// Sets the cached policy id (at most [`MAX_POLICY_ID`]).
+    pub fn set_policy(&mut self, id: u16) {
+        self.dropped = with_meta(self.dropped, id);
+    }
+
+    /// Sets the `FLAG_*` bits.
+    pub fn set_flags(&mut self, flags: u8) {
+        self.passed = (self.passed & !META_FLAG) | ((flags & FLAG_STATIC != 0) as u64) << 63;
+        self.dropped = (self.dropped & !META_FLAG) | ((flags & FLAG_REPORTED != 0) as u64) << 63;
+    }
+}
+
+/// A counter word with its 15-bit field set to `value`.
+#[inline(always)]
+pub const fn with_meta(word: u64, value: u16) -> u64 {
+    (word & !META_MASK) | (((value & MAX_POLICY_ID) as u64) << COUNTER_BITS)
+}
+
+impl Policy {
+    /// The `(limit, window_us)` an entry under this policy starts with: `pass` is a zero
+    /// window, `drop` a zero limit (see [`ClientState`]).
+    #[inline(always)]
+    pub fn entry_limits(&self) -> (u32, u32) {
+        match self.action {
+            ACTION_PASS => (u32::MAX, 0),
+            // Any valid window: a zero one would read as `pass`.
+            ACTION_DROP => (0, self.window_us.max(crate::window::MIN_WINDOW_US)),
+            _ => (self.limit, self.window_us),
+        }
     }
 }
 
@@ -194,14 +341,19 @@ pub const ADAPT_OFFSET: usize = 16;
 /// Length of one slot.
 pub const ADAPT_SLOT_LEN: usize = core::mem::size_of::<AdaptSlot>();
 /// Most slots in one adapt frame: one BPF_PROG_TEST_RUN call costs ~0.8 µs of fixed overhead,
-/// so batching amortises it (10k changes take 1,250 calls). The verifier walks every iteration
-/// with its policy refresh and rescale: 32 exceed its one-million-instruction budget, 8 fit.
-pub const ADAPT_BATCH: usize = 8;
+/// so batching amortises it (10k changes take 2,500 calls). The verifier walks every iteration
+/// with its policy refresh and rescale, whose counter-word atomics (see [`ClientState`]) branch
+/// on every compare-and-swap: 8 exceed its one-million-instruction budget, 4 fit.
+pub const ADAPT_BATCH: usize = 4;
 
 /// `AdaptSlot::flags`: the agent stops tracking the client: return it to the policy it resolves
 /// to (the slot's `limit`, `window_us` and `generation` are ignored) and clear its
 /// `FLAG_REPORTED`, so that its next window reports it again.
 pub const ADAPT_RELEASE: u32 = 1;
+/// `AdaptSlot::flags`: only bring the client's cached policy up to the current generation (the
+/// agent's in-place refresh of every entry, see [`GENERATION_SWEEP`]); `result` is
+/// `ADAPT_UNCHANGED`, or `ADAPT_NOT_RESIDENT`.
+pub const ADAPT_REFRESH: u32 = 2;
 
 /// `AdaptSlot::result`: the window and allowance were changed and the slots rescaled.
 pub const ADAPT_APPLIED: u32 = 1;
@@ -316,13 +468,13 @@ impl GlobalStats {
 }
 
 const _: () = assert!(core::mem::size_of::<Policy>() == 12);
-const _: () = assert!(core::mem::size_of::<ClientState>() == 48);
+const _: () = assert!(core::mem::size_of::<ClientState>() == 40);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<AdaptSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<AdaptiveStatus>() == 24);
 const _: () = assert!(core::mem::size_of::<GlobalStats>() == 64);
 const _: () = assert!(core::mem::size_of::<CheckRequest>() == 40);
-const _: () = assert!(core::mem::size_of::<CheckReply>() == 64);
+const _: () = assert!(core::mem::size_of::<CheckReply>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -336,4 +488,71 @@ mod pod {
     unsafe impl aya::Pod for super::CheckReply {}
     unsafe impl aya::Pod for super::AdaptSlot {}
     unsafe impl aya::Pod for super::AdaptiveStatus {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(limit: u32, window_us: u32, id: u16, action: u8) -> Policy {
+        Policy {
+            limit,
+            window_us,
+            id,
+            action,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_fresh_entry_carries_its_policy_in_the_counter_words() {
+        let s = ClientState::fresh(&policy(100, 1_000_000, 0x7abc, ACTION_LIMIT), 0x1_8005);
+        assert_eq!(
+            (s.limit, s.window_us, s.action()),
+            (100, 1_000_000, ACTION_LIMIT)
+        );
+        assert_eq!((s.policy(), s.generation_tag(), s.flags()), (0x7abc, 5, 0));
+        assert!(s.is_current(0x1_8005) && s.is_current(5) && !s.is_current(6));
+        assert_eq!((s.total_passed(), s.dropped_count()), (0, 0));
+    }
+
+    #[test]
+    fn the_action_is_carried_by_the_limits() {
+        let pass = ClientState::fresh(&policy(9, 1_000_000, 1, ACTION_PASS), 1);
+        assert_eq!((pass.window_us, pass.action()), (0, ACTION_PASS));
+        let drop = ClientState::fresh(&policy(9, 0, 2, ACTION_DROP), 1);
+        assert_eq!((drop.limit, drop.action()), (0, ACTION_DROP));
+        assert!(drop.window_us >= crate::window::MIN_WINDOW_US);
+        let zero = ClientState::fresh(&policy(0, 1_000_000, 3, ACTION_LIMIT), 1);
+        assert_eq!(zero.action(), ACTION_DROP);
+    }
+
+    #[test]
+    fn setters_touch_only_their_own_bits() {
+        let mut s = ClientState::fresh(&policy(5, 10_000, 3, ACTION_LIMIT), 7);
+        s.set_flags(FLAG_STATIC | FLAG_REPORTED);
+        s.set_passed_count(u64::MAX);
+        s.set_dropped_count((1 << 48) + 9);
+        assert_eq!((s.passed_count(), s.dropped_count()), (COUNTER_MASK, 9));
+        assert_eq!((s.policy(), s.generation_tag()), (3, 7));
+        assert_eq!(s.flags(), FLAG_STATIC | FLAG_REPORTED);
+        s.set_policy(MAX_POLICY_ID);
+        s.set_generation_tag(0);
+        s.set_flags(0);
+        assert_eq!((s.passed_count(), s.dropped_count()), (COUNTER_MASK, 9));
+        assert_eq!(
+            (s.policy(), s.generation_tag(), s.flags()),
+            (MAX_POLICY_ID, 0, 0)
+        );
+    }
+
+    #[test]
+    fn total_passed_wraps_modulo_2_48() {
+        let mut s = ClientState::fresh(&policy(5, 10_000, 3, ACTION_LIMIT), 7);
+        // A rescale left `passed` 4 "below zero" and carried 6 into a slot.
+        s.set_passed_count(4u64.wrapping_neg());
+        s.slots = [crate::window::slot(10, 6), crate::window::slot(9, 1)];
+        assert_eq!(s.total_passed(), 3);
+        assert_eq!(s.generation_tag(), 7);
+    }
 }

@@ -17,7 +17,7 @@
 //! existing pins), while tests and benchmarks load private copies.
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
+    intrinsics::{AtomicOrdering, atomic_and, atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg},
     num::NonZeroU64,
 };
 
@@ -33,11 +33,11 @@ use limiter_common::{
     addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
     maps::{
         ACTION_DROP, ACTION_LIMIT, ACTION_PASS, ACTIVE_RING_BYTES, ADAPT_APPLIED, ADAPT_BATCH,
-        ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_RELEASE,
-        ADAPT_SKIPPED, ADAPT_SLOT_LEN, ADAPT_STALE, ADAPT_UNCHANGED, CHECK_BATCH, CHECK_ETHERTYPE,
-        CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_STATIC,
-        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, MODE_DRY_RUN, VERDICT_ALLOWED,
-        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
+        ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_REFRESH,
+        ADAPT_RELEASE, ADAPT_SKIPPED, ADAPT_SLOT_LEN, ADAPT_STALE, ADAPT_UNCHANGED, CHECK_BATCH,
+        CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN,
+        CHECK_STATIC, CONFIG_ADAPTIVE, COUNTER_MASK, META_FLAG, MODE_DRY_RUN, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN, generation_tag, with_meta,
     },
     window::{
         COARSE_CLOCK_MIN_WINDOW_US, MAX_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale,
@@ -105,6 +105,15 @@ static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// CPU admitted a packet of the same client in between, so this bound is only reached under
 /// heavy same-client contention; denying then keeps the limit exact.
 const CAS_RETRIES: usize = 8;
+
+/// Compare-and-swap attempts to set a counter word's metadata (a policy id or generation tag).
+/// Only counter updates of the same entry contend; when every attempt fails the entry keeps its
+/// stale generation, so the next packet resolves and tries again: nothing is lost.
+const META_RETRIES: usize = 4;
+
+/// How far below 2^48 a counter must stay for `add_count` to use a plain atomic add: more than
+/// any adds racing with one (2^40 packets within nanoseconds) could cover.
+const COUNT_SLACK: u64 = 1 << 40;
 
 /// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
@@ -211,7 +220,7 @@ fn client_entry(
         return Some(p);
     }
     let policy = resolve(key, stats)?;
-    let fresh = fresh_state(&policy, config.generation);
+    let fresh = ClientState::fresh(&policy, config.generation);
     // EEXIST: another CPU created it first, which is fine. Any other error: the map could not
     // take the entry; charge the shared overflow budget rather than letting the client through.
     let created = CLIENTS.insert(key, &fresh, BPF_NOEXIST as u64).is_ok();
@@ -233,16 +242,18 @@ fn overflow_entry(
 ) -> Option<*mut ClientState> {
     stats.map_full += 1;
     let overflow = OVERFLOW.get_ptr_mut(0)?;
+    let (limit, window_us) = policy.entry_limits();
     // SAFETY: array value, valid for the program's run. Racy plain stores of the same policy
-    // values from several CPUs are benign; the slots themselves are only changed by CAS.
+    // values from several CPUs are benign; the slots and counter words are only changed by
+    // atomics.
     unsafe {
-        if (*overflow).window_us != policy.window_us {
+        if (*overflow).window_us != window_us {
             clear_slots(overflow);
         }
-        (*overflow).limit = policy.limit;
-        (*overflow).window_us = policy.window_us;
-        (*overflow).action = policy.action;
-        (*overflow).generation = generation;
+        (*overflow).limit = limit;
+        (*overflow).window_us = window_us;
+        set_meta(&raw mut (*overflow).dropped, policy.id);
+        set_meta(&raw mut (*overflow).passed, generation_tag(generation));
     }
     Some(overflow)
 }
@@ -309,15 +320,16 @@ fn check_one(
                 .or_else(|| NAMED_STATIC.get_ptr_mut(&request.key))
         };
         if let Some(p) = found {
-            // SAFETY: live map value; the agent passes the ID's current policy.
+            // SAFETY: live map value; the agent passes the ID's current policy. Should the id not
+            // be stored (contended), the next check of the ID stores it.
             unsafe { set_policy(p, &request.policy) };
             state_ptr = Some(p);
         } else if request.hits == 0 {
-            fresh = Some(fresh_state(&request.policy, 0));
+            fresh = Some(ClientState::fresh(&request.policy, 0));
         } else {
-            let mut entry = fresh_state(&request.policy, 0);
+            let mut entry = ClientState::fresh(&request.policy, 0);
             let created = if static_id {
-                entry.flags = FLAG_STATIC;
+                entry.passed |= META_FLAG; // FLAG_STATIC
                 NAMED_STATIC.insert(&request.key, &entry, BPF_NOEXIST as u64)
             } else {
                 NAMED.insert(&request.key, &entry, BPF_NOEXIST as u64)
@@ -348,7 +360,7 @@ fn check_one(
             }
             None => {
                 let policy = resolve(&request.key, counted)?;
-                fresh = Some(fresh_state(&policy, config.generation));
+                fresh = Some(ClientState::fresh(&policy, config.generation));
             }
         }
     } else {
@@ -448,27 +460,33 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
     // SAFETY: live map value for the duration of this run.
     unsafe {
         refresh_policy(state, &request.key, config, counted);
+        if request.flags & ADAPT_REFRESH != 0 {
+            return ADAPT_UNCHANGED;
+        }
         // A release returns the client to the policy it resolves to now, whatever the agent
         // last knew of it (a silent client's cached policy can predate a reload), and always
         // clears the flag, so that the next window reports the client again.
         let (limit, window_us) = if request.flags & ADAPT_RELEASE != 0 {
-            (*state).flags &= !FLAG_REPORTED;
+            atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
+                &raw mut (*state).dropped,
+                !META_FLAG, // FLAG_REPORTED
+            );
             let Some(policy) = resolve(&request.key, counted) else {
                 return ADAPT_SKIPPED;
             };
-            (policy.limit, policy.window_us)
+            policy.entry_limits()
         } else if request.generation != config.generation {
             return ADAPT_STALE;
         } else {
             (request.limit, request.window_us)
         };
-        if (*state).action != ACTION_LIMIT {
+        if (*state).action() != ACTION_LIMIT || limit == 0 || window_us == 0 {
             return ADAPT_SKIPPED;
         }
         if ((*state).limit, (*state).window_us) == (limit, window_us) {
             return ADAPT_UNCHANGED;
         }
-        if limit == 0 || !(MIN_WINDOW_US..=MAX_WINDOW_US).contains(&window_us) {
+        if !(MIN_WINDOW_US..=MAX_WINDOW_US).contains(&window_us) {
             return ADAPT_INVALID;
         }
         rescale_entry(state, limit, window_us);
@@ -519,24 +537,73 @@ unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
         }
         // `passed + slots` stays exact: the replaced counts join `passed`, the carried count
         // leaves it (wrapping: see `ClientState::total_passed`).
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+        add_count(
             &raw mut (*state).passed,
             replaced.wrapping_sub(rescaled.carried),
         );
     }
 }
 
-/// A new entry under `policy`.
+/// Adds `delta` (two's complement: it may subtract) to the 48-bit counter of a counter word
+/// (see `ClientState`), modulo 2^48, keeping the metadata bits above it.
+///
+/// A plain atomic add when the counter is at least `COUNT_SLACK` below the top: no add racing
+/// with it can carry it into the metadata. Otherwise (once per 2^48 packets, or a subtraction
+/// by a rescale) a compare-and-swap does the modular add. The BPF ISA this is built for (v1,
+/// aya-build's) has no fetch-and-add, so the add cannot see the value it changed.
+///
+/// # Safety
+/// `word` points at a counter word of a live map value.
 #[inline(always)]
-fn fresh_state(policy: &Policy, generation: u32) -> ClientState {
-    ClientState {
-        limit: policy.limit,
-        window_us: policy.window_us,
-        generation,
-        policy: policy.id,
-        action: policy.action,
-        ..ClientState::default()
+unsafe fn add_count(word: *mut u64, delta: u64) {
+    unsafe {
+        let seen = core::ptr::read_volatile(word) & COUNTER_MASK;
+        if (delta as i64) >= 0 && seen.wrapping_add(delta) <= COUNTER_MASK - COUNT_SLACK {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, delta);
+            return;
+        }
+        for _ in 0..META_RETRIES {
+            let old = core::ptr::read_volatile(word);
+            let new = (old & !COUNTER_MASK) | (old.wrapping_add(delta) & COUNTER_MASK);
+            let (_, swapped) =
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    word, old, new,
+                );
+            if swapped {
+                return;
+            }
+        }
+        // Contended throughout: count it regardless. A carry can then reach the metadata: a
+        // generation tag off by one costs one policy resolve; a policy id off by one shows in
+        // `limiter stats` until the next reload.
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, delta);
     }
+}
+
+/// Sets the 15-bit field of a counter word (a policy id or generation tag) by compare-and-swap,
+/// so that no concurrent count is lost. Returns whether it now holds `value`.
+///
+/// # Safety
+/// `word` points at a counter word of a live map value.
+#[inline(always)]
+unsafe fn set_meta(word: *mut u64, value: u16) -> bool {
+    for _ in 0..META_RETRIES {
+        // SAFETY: see the function's contract.
+        let (_, swapped) = unsafe {
+            let old = core::ptr::read_volatile(word);
+            let new = with_meta(old, value);
+            if new == old {
+                return true;
+            }
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                word, old, new,
+            )
+        };
+        if swapped {
+            return true;
+        }
+    }
+    false
 }
 
 /// Adds a check's entry counters to this CPU's `STATS` with atomics: `limiter_check` runs in
@@ -591,15 +658,16 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
 /// is already tracked. Runs once per window per client at most, off the per-packet path.
 ///
 /// # Safety
-/// `state` points at a live map value. The flag byte is set with a plain store: two CPUs may
-/// both report the same client (the agent de-duplicates), and a store racing with the agent's
-/// release of the same client can at worst leave it unreported until the agent's next start,
-/// which adopts every reported entry.
+/// `state` points at a live map value. The flag is set with an atomic OR after the push: two
+/// CPUs may both report the same client (the agent de-duplicates), and a push racing with the
+/// agent's release of the same client can at worst leave it unreported until the agent's next
+/// start, which adopts every reported entry.
 #[inline(always)]
 unsafe fn report(key: &ClientKey, state: *mut ClientState) {
     unsafe {
-        if (*state).flags & FLAG_REPORTED == 0 && ACTIVE.output::<ClientKey>(key, 0).is_ok() {
-            (*state).flags |= FLAG_REPORTED;
+        if (*state).dropped & META_FLAG == 0 && ACTIVE.output::<ClientKey>(key, 0).is_ok() {
+            // FLAG_REPORTED
+            atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).dropped, META_FLAG);
         }
     }
 }
@@ -608,8 +676,9 @@ unsafe fn report(key: &ClientKey, state: *mut ClientState) {
 ///
 /// # Safety
 /// `state` points at a live map value. The cached policy fields are rewritten in place with the
-/// same values by any CPU that sees a stale generation, which is benign; the slots are only
-/// changed through atomics.
+/// same values by any CPU that sees a stale generation, which is benign; the slots and counter
+/// words are only changed through atomics. The generation tag is written last, and only once
+/// the policy is in place, so an entry never looks current with a stale policy.
 #[inline(always)]
 unsafe fn refresh_policy(
     state: *mut ClientState,
@@ -618,44 +687,48 @@ unsafe fn refresh_policy(
     stats: &mut GlobalStats,
 ) {
     unsafe {
-        if (*state).generation != config.generation {
-            if let Some(policy) = resolve(key, stats) {
-                set_policy(state, &policy);
+        if !(*state).is_current(config.generation) {
+            let set = match resolve(key, stats) {
+                Some(policy) => set_policy(state, &policy),
+                None => true,
+            };
+            if set {
+                set_meta(&raw mut (*state).passed, generation_tag(config.generation));
             }
-            (*state).generation = config.generation;
         }
     }
 }
 
-/// Makes `policy` the entry's policy (a no-op when it already is).
+/// Makes `policy` the entry's policy (a no-op when it already is). Returns whether the policy id
+/// could be stored (see `set_meta`).
 ///
 /// # Safety
 /// `state` points at a live map value.
 #[inline(always)]
-unsafe fn set_policy(state: *mut ClientState, policy: &Policy) {
+unsafe fn set_policy(state: *mut ClientState, policy: &Policy) -> bool {
     unsafe {
-        let adapted = (*state).flags & FLAG_REPORTED != 0
-            && (*state).action == ACTION_LIMIT
-            && policy.action == ACTION_LIMIT
+        let (limit, window_us) = policy.entry_limits();
+        let adapted = (*state).dropped & META_FLAG != 0 // FLAG_REPORTED
+            && (*state).action() == ACTION_LIMIT
+            && limit != 0
             && (*state).window_us >= MIN_WINDOW_US
-            && policy.window_us >= MIN_WINDOW_US;
+            && window_us >= MIN_WINDOW_US;
         if adapted {
             // A client the adaptive loop tracks: its entry holds an adapted window and
             // allowance, which a reload returns to the policy's until the loop's next period.
             // Carry the used fraction over, or every reload would hand it a fresh allowance.
-            if ((*state).limit, (*state).window_us) != (policy.limit, policy.window_us) {
-                rescale_entry(state, policy.limit, policy.window_us);
+            if ((*state).limit, (*state).window_us) != (limit, window_us) {
+                rescale_entry(state, limit, window_us);
             }
         } else {
-            if policy.window_us != (*state).window_us {
+            if window_us != (*state).window_us {
                 // Window tags of another window length mean nothing: start afresh.
                 clear_slots(state);
             }
-            (*state).limit = policy.limit;
-            (*state).window_us = policy.window_us;
+            (*state).limit = limit;
+            (*state).window_us = window_us;
         }
-        (*state).policy = policy.id;
-        (*state).action = policy.action;
+        set_meta(&raw mut (*state).dropped, policy.id)
     }
 }
 
@@ -691,12 +764,9 @@ unsafe fn decide_hits(
     stats: &mut GlobalStats,
 ) -> Outcome {
     unsafe {
-        let outcome = match (*state).action {
+        let outcome = match (*state).action() {
             ACTION_PASS => {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*state).passed,
-                    hits as u64,
-                );
+                add_count(&raw mut (*state).passed, hits as u64);
                 Outcome {
                     admitted: true,
                     now: 0,
@@ -720,10 +790,7 @@ unsafe fn decide_hits(
             }
         };
         if !outcome.admitted {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*state).dropped,
-                hits as u64,
-            );
+            add_count(&raw mut (*state).dropped, hits as u64);
         }
         outcome
     }
@@ -777,9 +844,9 @@ unsafe fn admit(
                 core::ptr::read_volatile(&raw const (*state).limit),
             )
         };
-        // Policies always have a window of at least 10 ms; a zero here would be a corrupt entry.
+        // A zero window is `pass`: the entry's policy changed to it in the meantime.
         let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
-            return (false, false);
+            return (true, false);
         };
         match decide(&current, now, window_ns, limit, hits) {
             Verdict::Deny => return (false, false),
@@ -800,12 +867,7 @@ unsafe fn admit(
                 if swapped {
                     if fold != 0 {
                         // SAFETY: live map value; only the CAS winner folds this slot's count.
-                        unsafe {
-                            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                                &raw mut (*state).passed,
-                                fold as u64,
-                            )
-                        };
+                        unsafe { add_count(&raw mut (*state).passed, fold as u64) };
                     }
                     // A new window: the slot changes tag, or was empty (a fresh entry's slots
                     // are zero, tag 0, which is also the current tag while the monotonic
@@ -826,6 +888,7 @@ unsafe fn admit(
 /// `state` points at a live map value.
 #[inline(always)]
 unsafe fn clear_slots(state: *mut ClientState) {
+    let mut folded = 0u64;
     for i in 0..2 {
         for _ in 0..CAS_RETRIES {
             // SAFETY: live map value, `i < 2`.
@@ -837,19 +900,14 @@ unsafe fn clear_slots(state: *mut ClientState) {
                 )
             };
             if swapped {
-                let count = slot_count(old) as u64;
-                if count != 0 {
-                    // SAFETY: live map value.
-                    unsafe {
-                        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                            &raw mut (*state).passed,
-                            count,
-                        )
-                    };
-                }
+                folded += slot_count(old) as u64;
                 break;
             }
         }
+    }
+    if folded != 0 {
+        // SAFETY: live map value.
+        unsafe { add_count(&raw mut (*state).passed, folded) };
     }
 }
 

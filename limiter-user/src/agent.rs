@@ -115,6 +115,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Policies first, then attach: the first packet the program sees is already enforced.
     let started = (|| -> anyhow::Result<_> {
         let mut tables = Tables::take(&mut ebpf)?;
+        let adapt_program = datapath::load_adapt_program(&mut ebpf)?;
+        tables.set_refresher(
+            adapt_program
+                .try_clone()
+                .context("duplicating the adapt program's descriptor")?,
+        );
         restore(&mut tables, &snapshot_path)?;
         let report = tables.apply(&config)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
@@ -122,7 +128,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             &config,
             report.generation,
             datapath::take_active(&mut ebpf)?,
-            datapath::load_adapt_program(&mut ebpf)?,
+            adapt_program,
             tables.adaptive_handles()?,
             load,
         )?;

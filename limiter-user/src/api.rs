@@ -608,9 +608,9 @@ fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
     let row = |id: String, s: &ClientState| {
         let window_ns = s.window_us as u64 * 1000;
         let estimate = std::num::NonZeroU64::new(window_ns)
-            .filter(|_| s.action != ACTION_PASS && s.action != ACTION_DROP)
+            .filter(|_| s.action() != ACTION_PASS && s.action() != ACTION_DROP)
             .map_or(0, |w| estimate_at(&s.slots, now, w));
-        let action = match s.action {
+        let action = match s.action() {
             ACTION_PASS => Action::Pass,
             ACTION_DROP => Action::Drop,
             _ => Action::Limit,
@@ -620,19 +620,21 @@ fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
         } else {
             0.0
         };
-        let base = config.policy_base(s.policy).map(|r| r.to_policy(s.policy));
+        let base = config
+            .policy_base(s.policy())
+            .map(|r| r.to_policy(s.policy()));
         let (scale, utilisation) = crate::stats::adaptation(s, base.as_ref(), rate * 1e9);
         (
             rate,
             proto::ClientStats {
                 client_id: id,
-                policy: view.name(s.policy).to_string(),
+                policy: view.name(s.policy()).to_string(),
                 action: action_proto(action) as i32,
                 limit: s.limit,
                 window: Some(duration(Duration::from_nanos(window_ns))),
                 estimate,
                 passed: s.total_passed(),
-                dropped: s.dropped,
+                dropped: s.dropped_count(),
                 resident: true,
                 scale,
                 utilisation,

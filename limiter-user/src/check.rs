@@ -324,14 +324,14 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
         reset_after: Duration::ZERO,
         retry_after: None,
         window: Duration::from_nanos(window_ns.get()),
-        policy: view.name(s.policy),
+        policy: view.name(s.policy()),
         estimate: 0,
         passed: s.total_passed(),
-        dropped: s.dropped,
+        dropped: s.dropped_count(),
         resident: reply.verdict & VERDICT_NOT_RESIDENT == 0,
         overflow: reply.verdict & VERDICT_OVERFLOW != 0,
     };
-    match s.action {
+    match s.action() {
         ACTION_PASS => {
             d.action = Action::Pass;
             d.allowed = true;

@@ -21,10 +21,12 @@ use aya::{
     },
 };
 use limiter_common::{
-    AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
+    AdaptSlot, AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
-        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE,
+        ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_REFRESH, ADAPT_SLOT_LEN, ADAPT_UNCHANGED,
+        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, LAYOUT_VERSION,
+        MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
     },
 };
 
@@ -501,6 +503,9 @@ pub struct Tables {
     pub stats: PerCpuArray<MapData, GlobalStats>,
     /// The adaptive controller's status (written by the agent each period).
     pub adaptive: Array<MapData, AdaptiveStatus>,
+    /// The `limiter_adapt` program, for the in-place refresh of every entry (see
+    /// [`Tables::refresh_all`]).
+    refresher: Option<OwnedFd>,
 }
 
 /// What one `Tables::apply` changed.
@@ -511,6 +516,9 @@ pub struct ApplyReport {
     pub policies_removed: usize,
     pub statics_added: usize,
     pub statics_removed: usize,
+    /// Entries refreshed in place because the generation passed a multiple of
+    /// `GENERATION_SWEEP` (`None`: no refresh was due).
+    pub refreshed: Option<usize>,
 }
 
 impl Tables {
@@ -555,7 +563,78 @@ impl Tables {
             config: Array::try_from(get("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
             adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
+            refresher: None,
         })
+    }
+
+    /// Gives these tables the `limiter_adapt` program (from [`load_adapt_program`]), with which
+    /// `apply` refreshes every entry in place when one is due. The agent always does; without
+    /// it (tests, benchmarks) nothing is refreshed and a client idle across 2^15 policy changes
+    /// could keep a stale policy until its next change.
+    pub fn set_refresher(&mut self, program: OwnedFd) {
+        self.refresher = Some(program);
+    }
+
+    /// Brings the cached policy of every resident address client up to the current generation,
+    /// in place (`ADAPT_REFRESH`, with the same atomics as the fast path, so no concurrent count
+    /// is lost). Entries store only a 15-bit generation tag; `apply` runs this whenever the
+    /// generation passes a multiple of `GENERATION_SWEEP` (2^14), so no resident entry's tag is
+    /// ever 2^15 generations old, where it would alias the current one. Returns the entries
+    /// refreshed (0 without a refresher): a million take about a second.
+    pub fn refresh_all(&self) -> Result<usize, DatapathError> {
+        let Some(program) = &self.refresher else {
+            return Ok(0);
+        };
+        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
+        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
+        let mut refreshed = 0;
+        for (map, name) in [
+            (&self.clients, "CLIENTS"),
+            (&self.static_clients, "STATIC_CLIENTS"),
+        ] {
+            let keys: Vec<ClientKey> = map.keys().filter_map(Result::ok).collect();
+            for chunk in keys.chunks(ADAPT_BATCH) {
+                for (i, key) in chunk.iter().enumerate() {
+                    let slot = AdaptSlot {
+                        key: *key,
+                        flags: ADAPT_REFRESH,
+                        ..AdaptSlot::default()
+                    };
+                    // SAFETY: `AdaptSlot` is a `#[repr(C)]` integer-only `Pod` type without
+                    // padding, written as plain bytes at an offset inside the frame.
+                    unsafe {
+                        frame
+                            .as_mut_ptr()
+                            .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
+                            .cast::<AdaptSlot>()
+                            .write_unaligned(slot);
+                    }
+                }
+                let len = ADAPT_OFFSET + chunk.len() * ADAPT_SLOT_LEN;
+                crate::syscall::prog_test_run(program.as_fd(), &mut frame[..len]).map_err(
+                    |error| DatapathError::Io {
+                        what: "refreshing the policies of",
+                        path: name.into(),
+                        error,
+                    },
+                )?;
+                refreshed += (0..chunk.len())
+                    .filter(|i| {
+                        // SAFETY: as above; the program wrote each result in place.
+                        let result = unsafe {
+                            frame
+                                .as_ptr()
+                                .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
+                                .cast::<AdaptSlot>()
+                                .read_unaligned()
+                                .result
+                        };
+                        result == ADAPT_UNCHANGED
+                    })
+                    .count();
+            }
+        }
+        Ok(refreshed)
     }
 
     /// Owned descriptors of the two client maps (dynamic, static), for a snapshot taken on
@@ -580,13 +659,11 @@ impl Tables {
         let entries: Vec<(ClientKey, ClientState)> = entries
             .iter()
             .map(|(k, s)| {
-                (
-                    *k,
-                    ClientState {
-                        flags: s.flags & !FLAG_STATIC,
-                        ..*s
-                    },
-                )
+                (*k, {
+                    let mut s = *s;
+                    s.set_flags(s.flags() & !FLAG_STATIC);
+                    s
+                })
             })
             .collect();
         crate::syscall::update_all(self.clients.map().fd().as_fd(), &entries).map_err(|source| {
@@ -665,10 +742,7 @@ impl Tables {
         )?;
 
         let previous = self.map_config()?;
-        let generation = match previous.generation.wrapping_add(1) {
-            0 => 1,
-            g => g,
-        };
+        let generation = next_generation(previous.generation);
         let mode = match config.mode {
             Mode::Enforce => MODE_ENFORCE,
             Mode::DryRun => MODE_DRY_RUN,
@@ -688,6 +762,15 @@ impl Tables {
             .set(0, map_config, 0)
             .map_err(map_err("CONFIG"))?;
         report.generation = generation;
+        if generation / GENERATION_SWEEP != previous.generation / GENERATION_SWEEP {
+            let refreshed = self.refresh_all()?;
+            tracing::info!(
+                generation,
+                refreshed,
+                "refreshed every client's policy in place (due every {GENERATION_SWEEP} changes)"
+            );
+            report.refreshed = Some(refreshed);
+        }
         Ok(report)
     }
 
@@ -741,6 +824,17 @@ impl Tables {
             named: dup(&self.named, "NAMED")?,
             named_static: dup(&self.named_static, "NAMED_STATIC")?,
         })
+    }
+}
+
+/// The policy generation after `generation`: never one whose tag (its low 15 bits, which is all
+/// an entry stores) is 0, since a tag of 0 marks an entry to re-resolve.
+pub fn next_generation(generation: u32) -> u32 {
+    let next = generation.wrapping_add(1);
+    if generation_tag(next) == 0 {
+        next.wrapping_add(1)
+    } else {
+        next
     }
 }
 
@@ -817,7 +911,7 @@ impl AdaptiveHandles {
             out.extend(
                 entries
                     .into_iter()
-                    .filter(|(_, s)| s.flags & FLAG_REPORTED != 0)
+                    .filter(|(_, s)| s.flags() & FLAG_REPORTED != 0)
                     .map(|(k, _)| (k, is_static)),
             );
         }
@@ -861,7 +955,7 @@ impl ClientMaps {
             ClientMaps::read(statics.0, statics.1)?
                 .into_iter()
                 .map(|(k, mut v)| {
-                    v.flags |= FLAG_STATIC;
+                    v.set_flags(v.flags() | FLAG_STATIC);
                     (k, v)
                 }),
         );
@@ -902,8 +996,8 @@ fn sync_static(
     // Removals first, so that replacing a full set of statics never needs room for both.
     for key in current.difference(&wanted) {
         if let Ok(mut state) = statics.get(key, 0) {
-            state.generation = 0;
-            state.flags &= !FLAG_STATIC;
+            state.set_generation_tag(0);
+            state.set_flags(state.flags() & !FLAG_STATIC);
             dynamic
                 .insert(key, state, 0)
                 .map_err(map_err(dynamic_name))?;
@@ -913,8 +1007,8 @@ fn sync_static(
     }
     for key in wanted.difference(&current) {
         let mut state = dynamic.get(key, 0).unwrap_or_default();
-        state.generation = 0; // re-resolve on the next packet
-        state.flags |= FLAG_STATIC;
+        state.set_generation_tag(0); // re-resolve on the next packet
+        state.set_flags(state.flags() | FLAG_STATIC);
         statics
             .insert(key, state, 0)
             .map_err(map_err(static_name))?;
@@ -965,4 +1059,22 @@ pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
         .filter_map(Result::ok)
         .map(|(k, v)| ((k.prefix_len(), k.data()), v))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_never_have_tag_zero() {
+        assert_eq!(next_generation(1), 2);
+        assert_eq!(next_generation(0x7ffe), 0x7fff);
+        assert_eq!(next_generation(0x7fff), 0x8001);
+        assert_eq!(next_generation(u32::MAX), 1);
+        let mut g = 0;
+        for _ in 0..100_000 {
+            g = next_generation(g);
+            assert_ne!(generation_tag(g), 0, "{g}");
+        }
+    }
 }

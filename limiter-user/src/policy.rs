@@ -15,8 +15,10 @@ use serde::{Deserialize, Deserializer, de};
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveError};
 
-/// Most policies one config may hold (the `POLICIES` trie has room for these plus `default`).
-pub const MAX_POLICIES: usize = 65_535;
+/// Most policies one config may hold: a client entry stores its policy's id in 15 bits
+/// (`limiter_common::maps::MAX_POLICY_ID`; the `POLICIES` trie has room for these plus
+/// `default`).
+pub const MAX_POLICIES: usize = limiter_common::maps::MAX_POLICY_ID as usize;
 /// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
 pub const MAX_STATIC_CLIENTS: usize = 65_536;
 

@@ -11,7 +11,7 @@
 //! 32  boot_id    [u8; 16]  /proc/sys/kernel/random/boot_id: is mono_ns comparable with now?
 //! 48  count      u64
 //! 56  reserved   u64 = 0
-//! 64  entries    count × (key [u8; 16], ClientState 48 bytes)
+//! 64  entries    count × (key [u8; 16], state record 48 bytes: see `encode_state`)
 //! end crc32      u32 (IEEE) of everything before it
 //! ```
 //! Written to a temporary file in the same directory, fsynced, renamed over the old snapshot and
@@ -24,14 +24,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use limiter_common::{ClientState, addr::ClientKey, maps::LAYOUT_VERSION, window::rebase};
+use limiter_common::{
+    ClientState,
+    addr::ClientKey,
+    maps::{ACTION_DROP, ACTION_PASS, LAYOUT_VERSION, generation_tag},
+    window::{MIN_WINDOW_US, rebase},
+};
+
+/// Map layouts whose snapshots this binary restores: their entry records are the same (layout 4
+/// packed the map value into 40 bytes, but the record keeps one field per field).
+const READABLE_LAYOUTS: [u32; 2] = [3, LAYOUT_VERSION];
 
 use crate::syscall;
 
 const MAGIC: &[u8; 8] = b"LIMSNAP\0";
 const FORMAT: u32 = 1;
 const HEADER: usize = 64;
-const ENTRY: usize = 16 + size_of::<ClientState>();
+/// Bytes of one entry's state record (see `encode_state`).
+const RECORD: usize = 48;
+const ENTRY: usize = 16 + RECORD;
 const TRAILER: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +55,7 @@ pub enum SnapshotError {
     Magic,
     #[error("snapshot format {0} is not supported (this binary reads format {FORMAT})")]
     Format(u32),
-    #[error("snapshot of map layout v{0}, this binary uses v{LAYOUT_VERSION}")]
+    #[error("snapshot of map layout v{0}, this binary reads v3 and v{LAYOUT_VERSION}")]
     Layout(u32),
     #[error("truncated: {actual} bytes, the header promises {expected}")]
     Truncated { expected: u64, actual: u64 },
@@ -161,7 +172,7 @@ impl Snapshot {
             return Err(SnapshotError::Checksum { stored, computed });
         }
         let layout = u32_at(12);
-        if layout != LAYOUT_VERSION {
+        if !READABLE_LAYOUTS.contains(&layout) {
             return Err(SnapshotError::Layout(layout));
         }
         let entries = body[HEADER..]
@@ -258,40 +269,55 @@ impl Snapshot {
                 if let (false, Some(window)) = (same_boot, window) {
                     state.slots = rebase(&state.slots, window, self.mono_ns, elapsed, now.mono_ns);
                 }
-                state.generation = 0;
+                state.set_generation_tag(0);
                 (*key, state)
             })
             .collect()
     }
 }
 
+/// The 48-byte record: slots, passed (without the slots), dropped, limit, window_us (8, 8, 8, 8,
+/// 4, 4 bytes), generation tag (4), policy id (2), action (1), flags (1).
 fn encode_state(s: &ClientState, out: &mut Vec<u8>) {
     out.extend_from_slice(&s.slots[0].to_le_bytes());
     out.extend_from_slice(&s.slots[1].to_le_bytes());
-    out.extend_from_slice(&s.passed.to_le_bytes());
-    out.extend_from_slice(&s.dropped.to_le_bytes());
+    out.extend_from_slice(&s.passed_count().to_le_bytes());
+    out.extend_from_slice(&s.dropped_count().to_le_bytes());
     out.extend_from_slice(&s.limit.to_le_bytes());
     out.extend_from_slice(&s.window_us.to_le_bytes());
-    out.extend_from_slice(&s.generation.to_le_bytes());
-    out.extend_from_slice(&s.policy.to_le_bytes());
-    out.push(s.action);
-    out.push(s.flags);
+    out.extend_from_slice(&(s.generation_tag() as u32).to_le_bytes());
+    out.extend_from_slice(&s.policy().to_le_bytes());
+    out.push(s.action());
+    out.push(s.flags());
 }
 
 fn decode_state(b: &[u8]) -> ClientState {
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-    ClientState {
+    // The record keeps the fields of map layout 3 (one per field, 48 bytes), so snapshots of
+    // either layout restore into the other. The action is implied by the limits (see
+    // `ClientState`); a generation tag of 0 is what restoring sets anyway.
+    let mut state = ClientState {
         slots: [u64_at(0), u64_at(8)],
-        passed: u64_at(16),
-        dropped: u64_at(24),
+        passed: 0,
+        dropped: 0,
         limit: u32_at(32),
         window_us: u32_at(36),
-        generation: u32_at(40),
-        policy: u16::from_le_bytes([b[44], b[45]]),
-        action: b[46],
-        flags: b[47],
+    };
+    state.set_passed_count(u64_at(16));
+    state.set_dropped_count(u64_at(24));
+    state.set_generation_tag(generation_tag(u32_at(40)));
+    state.set_policy(u16::from_le_bytes([b[44], b[45]]));
+    state.set_flags(b[47]);
+    match b[46] {
+        ACTION_PASS => (state.limit, state.window_us) = (u32::MAX, 0),
+        ACTION_DROP => {
+            state.limit = 0;
+            state.window_us = state.window_us.max(MIN_WINDOW_US);
+        }
+        _ => {}
     }
+    state
 }
 
 #[cfg(test)]
@@ -308,17 +334,18 @@ mod tests {
             entries: (0..n)
                 .map(|i| {
                     let key = v4_mapped([10, 0, (i >> 8) as u8, i as u8]);
-                    let state = ClientState {
+                    let mut state = ClientState {
                         slots: [slot(50, i as u32), slot(49, 3)],
-                        passed: i as u64 * 10,
-                        dropped: 1,
+                        passed: 0,
+                        dropped: 0,
                         limit: 100,
                         window_us: 1_000_000,
-                        generation: 4,
-                        policy: 2,
-                        action: 0,
-                        flags: (i % 2) as u8,
                     };
+                    state.set_passed_count(i as u64 * 10);
+                    state.set_dropped_count(1);
+                    state.set_generation_tag(4);
+                    state.set_policy(2);
+                    state.set_flags((i % 3) as u8);
                     (key, state)
                 })
                 .collect(),
@@ -330,6 +357,50 @@ mod tests {
         let s = sample(300);
         assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
         assert_eq!(Snapshot::decode(&sample(0).encode()).unwrap(), sample(0));
+    }
+
+    /// A layout-3 snapshot (the 48-byte map value, byte for byte) restores into layout 4: the
+    /// counters, policy, flags and the action carried by the limits.
+    #[test]
+    fn reads_layout_3_snapshots() {
+        let mut bytes = sample(0).encode();
+        bytes[12..16].copy_from_slice(&3u32.to_le_bytes());
+        bytes.truncate(HEADER);
+        bytes[48..56].copy_from_slice(&2u64.to_le_bytes());
+        let mut record = Vec::new();
+        for (key, passed, dropped, action, flags) in [
+            (1u8, 5u64, 7u64, 1u8, 2u8), // pass, reported
+            (2, 1 << 50, 0, 2, 1),       // drop, static; passed beyond 48 bits
+        ] {
+            record.extend_from_slice(&v4_mapped([10, 0, 0, key]));
+            record.extend_from_slice(&slot(50, 3).to_le_bytes());
+            record.extend_from_slice(&0u64.to_le_bytes());
+            record.extend_from_slice(&passed.to_le_bytes());
+            record.extend_from_slice(&dropped.to_le_bytes());
+            record.extend_from_slice(&100u32.to_le_bytes());
+            record.extend_from_slice(&1_000_000u32.to_le_bytes());
+            record.extend_from_slice(&9u32.to_le_bytes());
+            record.extend_from_slice(&12u16.to_le_bytes());
+            record.extend_from_slice(&[action, flags]);
+        }
+        bytes.extend_from_slice(&record);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let s = Snapshot::decode(&bytes).unwrap();
+        let (pass, drop) = (s.entries[0].1, s.entries[1].1);
+        assert_eq!(
+            (pass.action(), pass.passed_count(), pass.dropped_count()),
+            (ACTION_PASS, 5, 7)
+        );
+        assert_eq!(
+            (pass.policy(), pass.flags(), pass.generation_tag()),
+            (12, 2, 9)
+        );
+        assert_eq!(
+            (drop.action(), drop.passed_count(), drop.flags()),
+            (ACTION_DROP, 0, 1)
+        );
+        assert_eq!(drop.total_passed(), 3);
     }
 
     #[test]
@@ -394,7 +465,7 @@ mod tests {
             boot_id: s.boot_id,
         });
         assert_eq!(same[2].1.slots, s.entries[2].1.slots);
-        assert_eq!(same[2].1.generation, 0);
+        assert_eq!(same[2].1.generation_tag(), 0);
         // Rebooted 0.2 s of wall time later (saved mid-window 50 at 50.0 s): still window 50 on
         // the old clock, so the counts land in the new clock's current and previous windows.
         let rebooted = s.restored(Clocks {
@@ -420,6 +491,6 @@ mod tests {
             limiter_common::window::estimate_at(&later[2].1.slots, 3_500_000_000, window),
             0
         );
-        assert_eq!(later[2].1.passed, 20);
+        assert_eq!(later[2].1.passed_count(), 20);
     }
 }

@@ -132,7 +132,7 @@ pub fn adaptation(state: &ClientState, base: Option<&Policy>, rate_per_s: f64) -
             if p.window_us > 0
                 && p.limit > 0
                 && state.window_us > 0
-                && state.action == ACTION_LIMIT =>
+                && state.action() == ACTION_LIMIT =>
         {
             (
                 state.window_us as f64 / p.window_us as f64,
@@ -164,8 +164,8 @@ pub fn client_row(
     ClientRow {
         addr: addr_of(key),
         policy,
-        is_static: state.flags & FLAG_STATIC != 0,
-        action: action_name(state.action),
+        is_static: state.flags() & FLAG_STATIC != 0,
+        action: action_name(state.action()),
         limit: state.limit,
         window_ms: state.window_us as f64 / 1000.0,
         allowance: state.limit,
@@ -175,7 +175,7 @@ pub fn client_row(
         rate_per_s,
         remaining: (state.limit as u64).saturating_sub(estimate),
         passed: state.total_passed(),
-        dropped: state.dropped,
+        dropped: state.dropped_count(),
     }
 }
 
@@ -201,8 +201,8 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     let mut rows: Vec<ClientRow> = entries
         .iter()
         .map(|(k, s)| {
-            let base = policies.get(&s.policy);
-            let name = base.map_or_else(|| format!("#{}", s.policy), |(n, _)| n.clone());
+            let base = policies.get(&s.policy());
+            let name = base.map_or_else(|| format!("#{}", s.policy()), |(n, _)| n.clone());
             client_row(k, s, name, base.map(|(_, p)| p), now)
         })
         .collect();

@@ -263,7 +263,7 @@ impl Tuner {
                     report.reads += 1;
                 }
                 t.in_static = in_static;
-                let total = state.total_passed().wrapping_add(state.dropped);
+                let total = state.total_passed().wrapping_add(state.dropped_count());
                 let delta = match t.total {
                     // An entry evicted and created again starts from zero.
                     Some(before) if total >= before => Some(total - before),
@@ -284,15 +284,15 @@ impl Tuner {
                     None => continue,
                 }
                 // A client whose policy no longer limits it has nothing to adapt.
-                if state.generation == self.generation && state.action != ACTION_LIMIT {
+                if state.is_current(self.generation) && state.action() != ACTION_LIMIT {
                     release.push(*key);
                     continue;
                 }
                 // An entry that has not seen the current policies yet is left for a later period.
-                if state.generation != self.generation {
+                if !state.is_current(self.generation) {
                     continue;
                 }
-                let Some(Some(base)) = self.bases.get(state.policy as usize) else {
+                let Some(Some(base)) = self.bases.get(state.policy() as usize) else {
                     continue;
                 };
                 observations.push(ClientObservation {

@@ -176,7 +176,7 @@ fn overload_shrinks_windows_in_the_map_and_relief_restores_them() -> Result<()> 
     let first = rig.tick()?;
     check(first.reported == 2 && first.tracked == 2, &first)?;
     // Reported once: the flag keeps later windows out of the ring.
-    ensure!(rig.client(busy)?.flags & FLAG_REPORTED != 0);
+    ensure!(rig.client(busy)?.flags() & FLAG_REPORTED != 0);
     rig.load.set(0.95);
     let mut windows = Vec::new();
     for _ in 0..8 {
@@ -245,7 +245,10 @@ fn a_shrinking_window_keeps_the_used_fraction_and_every_count() -> Result<()> {
         state.total_passed()
     );
     let state = rig.client(client)?;
-    ensure!(state.total_passed() + state.dropped == 1310, "{state:?}");
+    ensure!(
+        state.total_passed() + state.dropped_count() == 1310,
+        "{state:?}"
+    );
     // A reload (any change: a new generation) returns the entry to its policy's 10 s / 1000
     // at its next packet, still used up: no fresh allowance either.
     rig.apply(&YAML.replace("limit: 100,", "limit: 101,"))?;
@@ -259,7 +262,7 @@ fn a_shrinking_window_keeps_the_used_fraction_and_every_count() -> Result<()> {
         "{state:?}"
     );
     ensure!(
-        state.total_passed() == 1000 && state.dropped == 410,
+        state.total_passed() == 1000 && state.dropped_count() == 410,
         "{state:?}"
     );
     Ok(())
@@ -295,7 +298,7 @@ fn work_per_period_follows_the_active_clients_not_the_resident_ones() -> Result<
     )?;
     // Released entries are back to their policy with the report flag cleared.
     let state = rig.client(idle[0])?;
-    ensure!(state.flags & FLAG_REPORTED == 0, "{state:?}");
+    ensure!(state.flags() & FLAG_REPORTED == 0, "{state:?}");
     ensure!(rig.tables.clients()?.len() >= 403);
     // Steady load, steady clients: nothing is rewritten.
     let r = rig.tick()?;
@@ -316,7 +319,7 @@ fn a_released_client_is_reported_again_at_its_next_window() -> Result<()> {
     for _ in 0..6 {
         released += rig.tick()?.released;
     }
-    ensure!(released == 1 && rig.client(client)?.flags & FLAG_REPORTED == 0);
+    ensure!(released == 1 && rig.client(client)?.flags() & FLAG_REPORTED == 0);
     // Its next window (20 ms later) reports it again, exactly once.
     std::thread::sleep(Duration::from_millis(25));
     rig.send(client, 3)?;
@@ -359,7 +362,7 @@ fn adapted_windows_survive_a_reload_and_disabling_restores_the_policy() -> Resul
         (state.window_us, state.limit) == (10_000_000, 1000),
         "{state:?}"
     );
-    ensure!(state.flags & FLAG_REPORTED == 0);
+    ensure!(state.flags() & FLAG_REPORTED == 0);
     Ok(())
 }
 
@@ -389,7 +392,7 @@ fn a_release_restores_the_policy_in_force_not_the_one_last_seen() -> Result<()> 
     ensure!(released == 1, "released {released}");
     let state = rig.client(client)?;
     ensure!(
-        (state.limit, state.window_us, state.flags & FLAG_REPORTED) == (7, 30_000_000, 0),
+        (state.limit, state.window_us, state.flags() & FLAG_REPORTED) == (7, 30_000_000, 0),
         "released to {state:?}"
     );
     Ok(())

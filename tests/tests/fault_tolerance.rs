@@ -365,7 +365,6 @@ fn hour_client(limit: u32, used: u32, passed: u64, dropped: u64) -> ClientState 
         dropped,
         limit,
         window_us: HOUR_US,
-        ..ClientState::default()
     }
 }
 
@@ -591,7 +590,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
     let mut expected: Vec<(ClientKey, ClientState)> = (0..CLIENTS)
         .map(|i| {
             let mut state = hour_client(100, (i % 100) as u32, i, i % 13);
-            state.policy = (i % 3) as u16;
+            state.set_policy((i % 3) as u16);
             (doc_key(i), state)
         })
         .collect();
@@ -677,7 +676,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
                 "round {round}: other clients in the snapshot: {:?}",
                 others
                     .iter()
-                    .map(|(k, s)| (Ipv6Addr::from(*k), s.total_passed(), s.dropped))
+                    .map(|(k, s)| (Ipv6Addr::from(*k), s.total_passed(), s.dropped_count()))
                     .collect::<Vec<_>>()
             );
         }
@@ -792,7 +791,11 @@ fn restart_without_pins_restores_exact_state_from_the_snapshot() -> Result<()> {
             .find(|(key, _)| *key == v4_mapped(v4.octets()))
             .map(|(_, state)| state)
             .with_context(|| format!("{client} is not in the snapshot: {snapshot:?}"))?;
-        assert_eq!((state.total_passed(), state.dropped), counts, "{client}");
+        assert_eq!(
+            (state.total_passed(), state.dropped_count()),
+            counts,
+            "{client}"
+        );
     }
     let clients = snapshot.entries.len();
     let out = limiter_detach(&net.receiver_ns, &net.receiver_if)?;

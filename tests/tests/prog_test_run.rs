@@ -19,7 +19,7 @@ use aya::{
 use limiter_common::{
     ClientState, GlobalStats,
     addr::{ClientKey, v4_mapped},
-    maps::{ACTION_DROP, ACTION_PASS, FLAG_STATIC},
+    maps::{ACTION_DROP, ACTION_PASS, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP},
 };
 use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
 use limiter_user::{
@@ -161,7 +161,7 @@ impl Limiter {
         let c = self
             .client(src)
             .with_context(|| format!("no client entry for {src}"))?;
-        Ok((c.total_passed(), c.dropped))
+        Ok((c.total_passed(), c.dropped_count()))
     }
 }
 
@@ -471,11 +471,11 @@ policies:
             expect_limit(&verdicts, limit).with_context(|| format!("{src}"))?;
             let c = lim.client(src).context("no client")?;
             check_eq!(
-                (c.total_passed(), c.dropped, c.limit, c.policy),
+                (c.total_passed(), c.dropped_count(), c.limit, c.policy()),
                 (limit as u64, 10 - limit as u64, limit as u32, policy),
                 "{src}"
             );
-            check_eq!(c.flags & FLAG_STATIC != 0, policy == 3, "{src}");
+            check_eq!(c.flags() & FLAG_STATIC != 0, policy == 3, "{src}");
         }
         let g = lim.global()?;
         let passed: u64 = cases.iter().map(|c| c.1 as u64).sum();
@@ -518,12 +518,12 @@ policies:
             expect_limit(&verdicts, passes).with_context(|| format!("{src}"))?;
             let c = lim.client(src).context("no client")?;
             check_eq!(
-                (c.total_passed(), c.dropped),
+                (c.total_passed(), c.dropped_count()),
                 (passes as u64, (N - passes) as u64),
                 "{src}"
             );
             if let Some(action) = action {
-                check_eq!(c.action, action, "{src}");
+                check_eq!(c.action(), action, "{src}");
             }
         }
         let g = lim.global()?;
@@ -588,8 +588,8 @@ policies:
         // Another client's entry is untouched by the reload itself.
         let other_after = lim.client(other).context("other")?;
         check_eq!(
-            (other_after.total_passed(), other_after.dropped),
-            (other_before.total_passed(), other_before.dropped)
+            (other_after.total_passed(), other_after.dropped_count()),
+            (other_before.total_passed(), other_before.dropped_count())
         );
         check_eq!(other_after.slots, other_before.slots);
         check_eq!(lim.send(other, 1)?, 0);
@@ -597,14 +597,14 @@ policies:
         expect_limit(&lim.verdicts(&udp_from(rewindowed), 8)?, 5)?;
         let c = lim.client(rewindowed).context("rewindowed")?;
         check_eq!(
-            (c.total_passed(), c.dropped, c.window_us),
+            (c.total_passed(), c.dropped_count(), c.window_us),
             (10, 1 + 3, 1_800_000_000)
         );
         // Its policy removed, the client falls back to the default (same window: 5 of 7 used).
         expect_limit(&lim.verdicts(&udp_from(removed), 5)?, 2)?;
         let c = lim.client(removed).context("removed")?;
         check_eq!(
-            (c.total_passed(), c.dropped, c.limit, c.policy),
+            (c.total_passed(), c.dropped_count(), c.limit, c.policy()),
             (7, 3, 7, 0)
         );
 
@@ -628,7 +628,12 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
         check_eq!(lim.send(src, 5)?, 3);
         let c = lim.client(src).context("no client")?;
         check_eq!(
-            (c.total_passed(), c.dropped, c.limit, c.flags & FLAG_STATIC),
+            (
+                c.total_passed(),
+                c.dropped_count(),
+                c.limit,
+                c.flags() & FLAG_STATIC
+            ),
             (8, 3, 8, FLAG_STATIC)
         );
         check_eq!(
@@ -644,7 +649,12 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
         check_eq!(lim.send(src, 2)?, 0);
         let c = lim.client(src).context("no client")?;
         check_eq!(
-            (c.total_passed(), c.dropped, c.limit, c.flags & FLAG_STATIC),
+            (
+                c.total_passed(),
+                c.dropped_count(),
+                c.limit,
+                c.flags() & FLAG_STATIC
+            ),
             (8, 5, 5, 0)
         );
         check_eq!(lim.tables.clients()?.len(), 1);
@@ -667,7 +677,7 @@ policies:
         check_eq!(lim.send(dynamic, 1)?, 1);
         let c = lim.client(vip).context("static client")?;
         ensure!(
-            c.flags & FLAG_STATIC != 0,
+            c.flags() & FLAG_STATIC != 0,
             "192.0.2.7 is not in STATIC_CLIENTS: {c:?}"
         );
         for src in spoofed(0, 5000) {
@@ -677,7 +687,7 @@ policies:
         check_eq!(lim.send(vip, 10)?, 6);
         let c = lim.client(vip).context("static client after the flood")?;
         check_eq!(
-            (c.total_passed(), c.dropped, c.flags & FLAG_STATIC),
+            (c.total_passed(), c.dropped_count(), c.flags() & FLAG_STATIC),
             (10, 4, FLAG_STATIC)
         );
         ensure!(
@@ -691,7 +701,7 @@ policies:
             .tables
             .clients()?
             .iter()
-            .filter(|(_, c)| c.flags & FLAG_STATIC == 0)
+            .filter(|(_, c)| c.flags() & FLAG_STATIC == 0)
             .count();
         ensure!(
             dynamic_entries <= 256,
@@ -782,7 +792,7 @@ fn concurrent_cpus_lose_no_counts() -> Result<()> {
         );
         let g = lim.global()?;
         check_eq!(
-            c.total_passed() + c.dropped,
+            c.total_passed() + c.dropped_count(),
             2 * REPEAT as u64,
             "client {c:?}"
         );
@@ -855,4 +865,109 @@ fn ipv6_catch_all_does_not_replace_the_default() -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The lifetime counters share their words with the policy metadata (map layout 4): a counter
+/// passing 2^48 wraps to 0 without carrying into the generation tag, the policy id or the flags.
+#[test]
+fn counters_wrap_at_48_bits_and_leave_the_metadata_alone() -> Result<()> {
+    let yaml = "default: { limit: 3, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 2, window: 1h }\n  - { match: 203.0.113.0/24, action: pass }\n";
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(64, yaml)?;
+        let (limited, allowed) = (v4(10, 1, 1, 1), v4(203, 0, 113, 1));
+        check_eq!(lim.send(limited, 1)?, 1);
+        check_eq!(lim.send(allowed, 1)?, 1);
+        let generation = lim.tables.map_config()?.generation;
+        let near = (1u64 << 48) - 2;
+        let mut state = lim.client(limited).context("no entry")?;
+        state.set_dropped_count(near);
+        state.set_flags(FLAG_REPORTED);
+        lim.tables.clients.insert(key_of(limited), state, 0)?;
+        let mut state = lim.client(allowed).context("no entry")?;
+        state.set_passed_count(near);
+        lim.tables.clients.insert(key_of(allowed), state, 0)?;
+
+        // 1 more passes, 4 are dropped: 2^48 - 2 + 4 wraps to 2.
+        check_eq!(lim.send(limited, 5)?, 1);
+        check_eq!(lim.send(allowed, 5)?, 5);
+        let c = lim.client(limited).context("no entry")?;
+        check_eq!(
+            (c.dropped_count(), c.total_passed(), c.policy(), c.flags()),
+            (2, 2, 1, FLAG_REPORTED)
+        );
+        ensure!(c.is_current(generation), "{c:?}");
+        let c = lim.client(allowed).context("no entry")?;
+        check_eq!(
+            (
+                c.total_passed(),
+                c.dropped_count(),
+                c.policy(),
+                c.flags(),
+                c.action()
+            ),
+            (3, 0, 2, 0, ACTION_PASS)
+        );
+        ensure!(c.is_current(generation), "{c:?}");
+        Ok(())
+    })
+}
+
+/// Entries keep a 15-bit generation tag, so the agent refreshes every entry in place each time
+/// the generation passes a multiple of 2^14. Without that an entry idle for 2^15 policy changes
+/// would alias the current generation and keep a stale policy; with it every refresh keeps the
+/// counts.
+#[test]
+fn the_periodic_refresh_keeps_an_idle_client_from_aliasing_an_old_policy() -> Result<()> {
+    let yaml = |limit: u32| format!("default: {{ limit: {limit}, window: 1h }}\n");
+    // Jumps the generation to just before `next`, as that many reloads that did not touch the
+    // client would, without their refreshes (none is due before `next` anyway).
+    let jump = |lim: &mut Limiter, next: u32| -> Result<()> {
+        let config = limiter_common::Config {
+            generation: next - 1,
+            ..lim.tables.map_config()?
+        };
+        lim.tables.config.set(0, config, 0)?;
+        Ok(())
+    };
+    for refresh in [true, false] {
+        in_one_window(HOUR_NS, |_| {
+            let mut lim = Limiter::new(64, &yaml(5))?;
+            if refresh {
+                let program = datapath::load_adapt_program(&mut lim.ebpf)?;
+                lim.tables.set_refresher(program);
+            }
+            let client = v4(10, 0, 0, 1);
+            check_eq!(lim.send(client, 3)?, 3);
+            check_eq!(lim.client(client).context("no entry")?.generation_tag(), 1);
+
+            // Generation 16384: a refresh is due.
+            jump(&mut lim, GENERATION_SWEEP)?;
+            lim.apply(&yaml(7))?;
+            let c = lim.client(client).context("no entry")?;
+            if refresh {
+                check_eq!(
+                    (c.limit, c.generation_tag(), c.total_passed()),
+                    (7, 16384, 3)
+                );
+            } else {
+                check_eq!((c.limit, c.generation_tag(), c.total_passed()), (5, 1, 3));
+            }
+            // Generation 32769 (32768 has tag 0, which is never used): its tag is 1 again.
+            jump(&mut lim, 2 * GENERATION_SWEEP)?;
+            lim.apply(&yaml(9))?;
+            check_eq!(
+                lim.tables.map_config()?.generation,
+                2 * GENERATION_SWEEP + 1
+            );
+            if refresh {
+                // Refreshed again in place, so its next packets are decided under 9.
+                check_eq!(lim.send(client, 10)?, 6);
+            } else {
+                // Tag 1 from generation 1 reads as current: the stale limit of 5 still holds.
+                check_eq!(lim.send(client, 10)?, 2);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }

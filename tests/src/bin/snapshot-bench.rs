@@ -40,14 +40,14 @@ fn main() -> anyhow::Result<()> {
     let entries: Vec<_> = (0..clients)
         .map(|i| {
             let key = v4_mapped([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-            let state = ClientState {
+            let mut state = ClientState {
                 slots: [slot(1000, i % 100), slot(999, 7)],
                 passed: i as u64,
                 limit: 100,
                 window_us: 1_000_000,
-                generation: 1,
                 ..Default::default()
             };
+            state.set_generation_tag(1);
             (key, state)
         })
         .collect();
