@@ -38,7 +38,7 @@ pub const META_FLAG: u64 = 1 << 63;
 pub const MAX_POLICY_ID: u16 = 0x7fff;
 /// Generation tags are the low 15 bits of `Config::generation`. The agent never uses a
 /// generation whose tag is 0, so a tag of 0 always means "re-resolve", and it refreshes every
-/// resident entry in place whenever the tag passes a multiple of [`GENERATION_SWEEP`], so no
+/// resident entry in place [`GENERATION_SWEEP`] generations after its last refresh, so no
 /// entry's tag can be 2^15 generations old and alias the current one.
 pub const GENERATION_TAG_MASK: u32 = 0x7fff;
 /// Generations between two in-place refreshes of every entry (see [`GENERATION_TAG_MASK`]).
@@ -352,7 +352,8 @@ pub const ADAPT_BATCH: usize = 4;
 pub const ADAPT_RELEASE: u32 = 1;
 /// `AdaptSlot::flags`: only bring the client's cached policy up to the current generation (the
 /// agent's in-place refresh of every entry, see [`GENERATION_SWEEP`]); `result` is
-/// `ADAPT_UNCHANGED`, or `ADAPT_NOT_RESIDENT`.
+/// `ADAPT_UNCHANGED`, `ADAPT_STALE` (contended: the client is busy and its packets will refresh
+/// it), or `ADAPT_NOT_RESIDENT`.
 pub const ADAPT_REFRESH: u32 = 2;
 
 /// `AdaptSlot::result`: the window and allowance were changed and the slots rescaled.

@@ -111,7 +111,7 @@ const CAS_RETRIES: usize = 8;
 /// stale generation, so the next packet resolves and tries again: nothing is lost.
 const META_RETRIES: usize = 4;
 
-/// How far below 2^48 a counter must stay for `add_count` to use a plain atomic add: more than
+/// How far below 2^48 a counter must stay for `add_up` to use a plain atomic add: more than
 /// any adds racing with one (2^40 packets within nanoseconds) could cover.
 const COUNT_SLACK: u64 = 1 << 40;
 
@@ -461,7 +461,12 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
     unsafe {
         refresh_policy(state, &request.key, config, counted);
         if request.flags & ADAPT_REFRESH != 0 {
-            return ADAPT_UNCHANGED;
+            // Contended past the retries: the client is busy, and its own packets refresh it.
+            return if (*state).is_current(config.generation) {
+                ADAPT_UNCHANGED
+            } else {
+                ADAPT_STALE
+            };
         }
         // A release returns the client to the policy it resolves to now, whatever the agent
         // last knew of it (a silent client's cached policy can predate a reload), and always
@@ -537,32 +542,47 @@ unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
         }
         // `passed + slots` stays exact: the replaced counts join `passed`, the carried count
         // leaves it (wrapping: see `ClientState::total_passed`).
-        add_count(
+        add_passed(
             &raw mut (*state).passed,
             replaced.wrapping_sub(rescaled.carried),
         );
     }
 }
 
-/// Adds `delta` (two's complement: it may subtract) to the 48-bit counter of a counter word
-/// (see `ClientState`), modulo 2^48, keeping the metadata bits above it.
+/// Adds `n` to the 48-bit counter of a counter word (see `ClientState`) that only ever grows:
+/// `dropped`, and the `passed` of a `pass` entry, which is never rescaled (a window change to
+/// or from `pass` folds the slots back in first, so its `passed` is never below zero).
 ///
-/// A plain atomic add when the counter is at least `COUNT_SLACK` below the top: no add racing
-/// with it can carry it into the metadata. Otherwise (once per 2^48 packets, or a subtraction
-/// by a rescale) a compare-and-swap does the modular add. The BPF ISA this is built for (v1,
-/// aya-build's) has no fetch-and-add, so the add cannot see the value it changed.
+/// A plain atomic add when the counter is at least `COUNT_SLACK` below 2^48: no add racing with
+/// it can carry it into the metadata. Otherwise (once per 2^48 packets) the modular add of
+/// `add_passed`. The BPF ISA this is built for (v1, aya-build's) has no fetch-and-add, so an add
+/// cannot see the value it changed.
 ///
 /// # Safety
 /// `word` points at a counter word of a live map value.
 #[inline(always)]
-unsafe fn add_count(word: *mut u64, delta: u64) {
+unsafe fn add_up(word: *mut u64, n: u64) {
     unsafe {
         let seen = core::ptr::read_volatile(word) & COUNTER_MASK;
-        if (delta as i64) >= 0 && seen.wrapping_add(delta) <= COUNTER_MASK - COUNT_SLACK {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, delta);
-            return;
+        if seen + n <= COUNTER_MASK - COUNT_SLACK {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, n);
+        } else {
+            add_passed(word, n);
         }
-        for _ in 0..META_RETRIES {
+    }
+}
+
+/// Adds `delta` (two's complement: it may subtract) to the counter of a limited entry's `passed`
+/// word modulo 2^48, by compare-and-swap, keeping the metadata. A rescale can leave that counter
+/// "below zero" (see `ClientState::total_passed`) while a fold adds to it, so no plain add is
+/// safe there; both are once-per-window events, off the per-packet path.
+///
+/// # Safety
+/// `word` points at a counter word of a live map value.
+#[inline(always)]
+unsafe fn add_passed(word: *mut u64, delta: u64) {
+    unsafe {
+        for _ in 0..CAS_RETRIES {
             let old = core::ptr::read_volatile(word);
             let new = (old & !COUNTER_MASK) | (old.wrapping_add(delta) & COUNTER_MASK);
             let (_, swapped) =
@@ -573,9 +593,11 @@ unsafe fn add_count(word: *mut u64, delta: u64) {
                 return;
             }
         }
-        // Contended throughout: count it regardless. A carry can then reach the metadata: a
-        // generation tag off by one costs one policy resolve; a policy id off by one shows in
-        // `limiter stats` until the next reload.
+        // Lost eight races in a row to other writers of this word (folds, rescales and policy
+        // refreshes of the same client, a few per window): count it regardless. A carry or
+        // borrow can then reach the generation tag, and a tag one ahead would hold the entry's
+        // policy until the next refresh (see `GENERATION_SWEEP`); none of this is reachable
+        // without such contention.
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, delta);
     }
 }
@@ -688,9 +710,11 @@ unsafe fn refresh_policy(
 ) {
     unsafe {
         if !(*state).is_current(config.generation) {
+            // No policy at all (the agent always installs a default per family): stay stale, so
+            // that the entry takes the first policy that appears.
             let set = match resolve(key, stats) {
                 Some(policy) => set_policy(state, &policy),
-                None => true,
+                None => false,
             };
             if set {
                 set_meta(&raw mut (*state).passed, generation_tag(config.generation));
@@ -766,7 +790,7 @@ unsafe fn decide_hits(
     unsafe {
         let outcome = match (*state).action() {
             ACTION_PASS => {
-                add_count(&raw mut (*state).passed, hits as u64);
+                add_up(&raw mut (*state).passed, hits as u64);
                 Outcome {
                     admitted: true,
                     now: 0,
@@ -790,7 +814,7 @@ unsafe fn decide_hits(
             }
         };
         if !outcome.admitted {
-            add_count(&raw mut (*state).dropped, hits as u64);
+            add_up(&raw mut (*state).dropped, hits as u64);
         }
         outcome
     }
@@ -844,8 +868,11 @@ unsafe fn admit(
                 core::ptr::read_volatile(&raw const (*state).limit),
             )
         };
-        // A zero window is `pass`: the entry's policy changed to it in the meantime.
+        // A zero window is `pass`: the entry's policy changed to it in the meantime. Count the
+        // hits as a `pass` entry does.
         let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
+            // SAFETY: live map value.
+            unsafe { add_up(&raw mut (*state).passed, hits as u64) };
             return (true, false);
         };
         match decide(&current, now, window_ns, limit, hits) {
@@ -867,7 +894,7 @@ unsafe fn admit(
                 if swapped {
                     if fold != 0 {
                         // SAFETY: live map value; only the CAS winner folds this slot's count.
-                        unsafe { add_count(&raw mut (*state).passed, fold as u64) };
+                        unsafe { add_passed(&raw mut (*state).passed, fold as u64) };
                     }
                     // A new window: the slot changes tag, or was empty (a fresh entry's slots
                     // are zero, tag 0, which is also the current tag while the monotonic
@@ -907,7 +934,7 @@ unsafe fn clear_slots(state: *mut ClientState) {
     }
     if folded != 0 {
         // SAFETY: live map value.
-        unsafe { add_count(&raw mut (*state).passed, folded) };
+        unsafe { add_passed(&raw mut (*state).passed, folded) };
     }
 }
 

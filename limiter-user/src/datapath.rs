@@ -506,6 +506,8 @@ pub struct Tables {
     /// The `limiter_adapt` program, for the in-place refresh of every entry (see
     /// [`Tables::refresh_all`]).
     refresher: Option<OwnedFd>,
+    /// The generation of the last complete refresh (`None`: none yet by these tables).
+    last_refresh: Option<u32>,
 }
 
 /// What one `Tables::apply` changed.
@@ -564,6 +566,7 @@ impl Tables {
             stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
             adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
             refresher: None,
+            last_refresh: None,
         })
     }
 
@@ -577,10 +580,11 @@ impl Tables {
 
     /// Brings the cached policy of every resident address client up to the current generation,
     /// in place (`ADAPT_REFRESH`, with the same atomics as the fast path, so no concurrent count
-    /// is lost). Entries store only a 15-bit generation tag; `apply` runs this whenever the
-    /// generation passes a multiple of `GENERATION_SWEEP` (2^14), so no resident entry's tag is
-    /// ever 2^15 generations old, where it would alias the current one. Returns the entries
-    /// refreshed (0 without a refresher): a million take about a second.
+    /// is lost). Entries store only a 15-bit generation tag; `apply` runs this
+    /// `GENERATION_SWEEP` (2^14) generations after the last refresh, so no resident entry's tag
+    /// is ever 2^15 generations old, where it would alias the current one. Returns the entries
+    /// refreshed (0 without a refresher; a busy entry that stays contended is left to its own
+    /// packets): a million take 0.9 s (BENCHMARKS.md).
     pub fn refresh_all(&self) -> Result<usize, DatapathError> {
         let Some(program) = &self.refresher else {
             return Ok(0);
@@ -592,7 +596,18 @@ impl Tables {
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
         ] {
-            let keys: Vec<ClientKey> = map.keys().filter_map(Result::ok).collect();
+            // A batched walk: its cursor is a bucket, so evictions during the walk (a flood of
+            // new sources) cannot restart it, as they can a walk by `get_next_key`.
+            let keys: Vec<ClientKey> =
+                crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
+                    .map_err(|error| DatapathError::Io {
+                        what: "reading",
+                        path: name.into(),
+                        error,
+                    })?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect();
             for chunk in keys.chunks(ADAPT_BATCH) {
                 for (i, key) in chunk.iter().enumerate() {
                     let slot = AdaptSlot {
@@ -762,7 +777,14 @@ impl Tables {
             .set(0, map_config, 0)
             .map_err(map_err("CONFIG"))?;
         report.generation = generation;
-        if generation / GENERATION_SWEEP != previous.generation / GENERATION_SWEEP {
+        // A refresh is due every GENERATION_SWEEP generations after the last complete one,
+        // and first thing on maps a previous agent left (generation not 0), which may have died
+        // owing one. A failed refresh is due again at the next apply.
+        let due = match self.last_refresh {
+            Some(last) => generation.wrapping_sub(last) >= GENERATION_SWEEP,
+            None => previous.generation != 0,
+        };
+        if self.refresher.is_some() && due {
             let refreshed = self.refresh_all()?;
             tracing::info!(
                 generation,
@@ -770,6 +792,10 @@ impl Tables {
                 "refreshed every client's policy in place (due every {GENERATION_SWEEP} changes)"
             );
             report.refreshed = Some(refreshed);
+            self.last_refresh = Some(generation);
+        } else if self.last_refresh.is_none() && previous.generation == 0 {
+            // Fresh maps: nothing older than this generation.
+            self.last_refresh = Some(generation);
         }
         Ok(report)
     }

@@ -912,15 +912,14 @@ fn counters_wrap_at_48_bits_and_leave_the_metadata_alone() -> Result<()> {
     })
 }
 
-/// Entries keep a 15-bit generation tag, so the agent refreshes every entry in place each time
-/// the generation passes a multiple of 2^14. Without that an entry idle for 2^15 policy changes
-/// would alias the current generation and keep a stale policy; with it every refresh keeps the
-/// counts.
+/// Entries keep a 15-bit generation tag, so the agent refreshes every entry in place 2^14
+/// generations after the last refresh. Without that an entry idle for 2^15 policy changes would
+/// alias the current generation and keep a stale policy; with it every refresh keeps the counts.
 #[test]
 fn the_periodic_refresh_keeps_an_idle_client_from_aliasing_an_old_policy() -> Result<()> {
     let yaml = |limit: u32| format!("default: {{ limit: {limit}, window: 1h }}\n");
     // Jumps the generation to just before `next`, as that many reloads that did not touch the
-    // client would, without their refreshes (none is due before `next` anyway).
+    // client would (no refresh is due before `next`).
     let jump = |lim: &mut Limiter, next: u32| -> Result<()> {
         let config = limiter_common::Config {
             generation: next - 1,
@@ -940,20 +939,21 @@ fn the_periodic_refresh_keeps_an_idle_client_from_aliasing_an_old_policy() -> Re
             check_eq!(lim.send(client, 3)?, 3);
             check_eq!(lim.client(client).context("no entry")?.generation_tag(), 1);
 
-            // Generation 16384: a refresh is due.
-            jump(&mut lim, GENERATION_SWEEP)?;
+            // Generation 16385, 2^14 after the client's: a refresh is due.
+            jump(&mut lim, GENERATION_SWEEP + 1)?;
             lim.apply(&yaml(7))?;
             let c = lim.client(client).context("no entry")?;
             if refresh {
                 check_eq!(
                     (c.limit, c.generation_tag(), c.total_passed()),
-                    (7, 16384, 3)
+                    (7, 16385, 3)
                 );
             } else {
                 check_eq!((c.limit, c.generation_tag(), c.total_passed()), (5, 1, 3));
             }
-            // Generation 32769 (32768 has tag 0, which is never used): its tag is 1 again.
-            jump(&mut lim, 2 * GENERATION_SWEEP)?;
+            // Generation 32769 (32768 has tag 0, which is never used), 2^14 after the refresh:
+            // its tag is 1 again.
+            jump(&mut lim, 2 * GENERATION_SWEEP + 1)?;
             lim.apply(&yaml(9))?;
             check_eq!(
                 lim.tables.map_config()?.generation,

@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use limiter_common::maps::GENERATION_SWEEP;
 use limiter_tests::{
     frames::Builder,
     report::{date, machine, pin_to_cpu},
@@ -125,6 +126,7 @@ fn main() -> Result<()> {
     let set_load = |x: f64| load.0.store(x.to_bits(), Ordering::Relaxed);
     set_load(0.7);
     let adapt = datapath::load_adapt_program(&mut ebpf)?;
+    tables.set_refresher(adapt.try_clone().context("duplicating the adapt program")?);
     let ring = datapath::take_active(&mut ebpf)?;
     let mut tuner = Tuner::new(
         &config,
@@ -175,6 +177,17 @@ fn main() -> Result<()> {
     run("relief", 0.3, 8)?;
     let resident_end = tables.resident()?.0;
 
+    // The in-place refresh of every entry (due every GENERATION_SWEEP policy changes): after a
+    // reload every entry is stale, so each one is resolved and rewritten.
+    tables.apply(&Config::parse(&ON.replace("limit: ", "limit: 1"))?)?;
+    let (cpu0, wall0) = (thread_cpu(), Instant::now());
+    let refreshed = tables.refresh_all()?;
+    let (refresh_cpu, refresh_wall) = (thread_cpu() - cpu0, wall0.elapsed());
+    ensure!(
+        refreshed as u64 + ACTIVE as u64 >= resident_end,
+        "refreshed only {refreshed} of {resident_end} entries"
+    );
+
     let mut out = String::new();
     writeln!(out, "## Adaptive loop\n")?;
     writeln!(
@@ -219,6 +232,15 @@ fn main() -> Result<()> {
          {} were never read.\n",
         if max_cpu < TARGET_MS { "pass" } else { "FAIL" },
         resident_end.saturating_sub(ACTIVE as u64),
+    )?;
+    writeln!(
+        out,
+        "In-place refresh of every entry (`Tables::refresh_all`, due once per {GENERATION_SWEEP} \
+         policy changes, after a reload that made every entry stale): {refreshed} entries in \
+         {:.2} s wall, {:.2} s CPU ({:.2} µs each).\n",
+        refresh_wall.as_secs_f64(),
+        refresh_cpu.as_secs_f64(),
+        refresh_wall.as_secs_f64() * 1e6 / refreshed.max(1) as f64,
     )?;
     print!("{out}");
     if let Some(path) = write {
