@@ -24,9 +24,8 @@ use limiter_common::{
     AdaptSlot, AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
-        ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_REFRESH, ADAPT_SLOT_LEN, ADAPT_UNCHANGED,
-        CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, LAYOUT_VERSION,
-        MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
+        ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC,
+        GENERATION_SWEEP, LAYOUT_VERSION, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
     },
 };
 
@@ -589,8 +588,7 @@ impl Tables {
         let Some(program) = &self.refresher else {
             return Ok(0);
         };
-        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
-        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
+        let mut frame = crate::tuner::AdaptFrame::default();
         let mut refreshed = 0;
         for (map, name) in [
             (&self.clients, "CLIENTS"),
@@ -598,7 +596,7 @@ impl Tables {
         ] {
             // A batched walk: its cursor is a bucket, so evictions during the walk (a flood of
             // new sources) cannot restart it, as they can a walk by `get_next_key`.
-            let keys: Vec<ClientKey> =
+            let slots: Vec<AdaptSlot> =
                 crate::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
                     .map_err(|error| DatapathError::Io {
                         what: "reading",
@@ -606,47 +604,26 @@ impl Tables {
                         error,
                     })?
                     .into_iter()
-                    .map(|(k, _)| k)
-                    .collect();
-            for chunk in keys.chunks(ADAPT_BATCH) {
-                for (i, key) in chunk.iter().enumerate() {
-                    let slot = AdaptSlot {
-                        key: *key,
+                    .map(|(key, _)| AdaptSlot {
+                        key,
                         flags: ADAPT_REFRESH,
                         ..AdaptSlot::default()
-                    };
-                    // SAFETY: `AdaptSlot` is a `#[repr(C)]` integer-only `Pod` type without
-                    // padding, written as plain bytes at an offset inside the frame.
-                    unsafe {
-                        frame
-                            .as_mut_ptr()
-                            .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
-                            .cast::<AdaptSlot>()
-                            .write_unaligned(slot);
-                    }
-                }
-                let len = ADAPT_OFFSET + chunk.len() * ADAPT_SLOT_LEN;
-                crate::syscall::prog_test_run(program.as_fd(), &mut frame[..len]).map_err(
-                    |error| DatapathError::Io {
-                        what: "refreshing the policies of",
-                        path: name.into(),
-                        error,
-                    },
-                )?;
-                refreshed += (0..chunk.len())
-                    .filter(|i| {
-                        // SAFETY: as above; the program wrote each result in place.
-                        let result = unsafe {
-                            frame
-                                .as_ptr()
-                                .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
-                                .cast::<AdaptSlot>()
-                                .read_unaligned()
-                                .result
-                        };
-                        result == ADAPT_UNCHANGED
                     })
-                    .count();
+                    .collect();
+            for chunk in slots.chunks(ADAPT_BATCH) {
+                let io_err = |error| DatapathError::Io {
+                    what: "refreshing the policies of",
+                    path: name.into(),
+                    error,
+                };
+                let (ret, results) = frame.run(program.as_fd(), chunk).map_err(io_err)?;
+                if ret != crate::tuner::XDP_PASS {
+                    return Err(io_err(io::Error::other(format!(
+                        "{} returned {ret}",
+                        crate::tuner::ADAPT_PROGRAM
+                    ))));
+                }
+                refreshed += results.iter().filter(|&&r| r == ADAPT_UNCHANGED).count();
             }
         }
         Ok(refreshed)

@@ -23,7 +23,12 @@
 //! request carries the policy generation it was computed for and is refused (`ADAPT_STALE`)
 //! after a reload, which resets every entry to its policy; the next period recomputes.
 
-use std::{collections::HashMap, io, os::fd::AsFd as _, os::fd::OwnedFd, time::Duration};
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use limiter_common::{
@@ -46,7 +51,7 @@ use crate::{
 pub const ADAPT_PROGRAM: &str = "limiter_adapt";
 
 /// `XDP_PASS`: what `limiter_adapt` returns for a frame it processed.
-const XDP_PASS: u32 = 2;
+pub(crate) const XDP_PASS: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunerError {
@@ -127,7 +132,7 @@ pub struct Tuner {
     pending_release: Vec<ClientKey>,
     period: u64,
     /// The adapt frame, reused.
-    frame: Vec<u8>,
+    frame: AdaptFrame,
 }
 
 impl Tuner {
@@ -139,8 +144,6 @@ impl Tuner {
         maps: AdaptiveHandles,
         load: Box<dyn LoadSource>,
     ) -> Result<Tuner, TunerError> {
-        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
-        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
         let mut tuner = Tuner {
             controller: Controller::new(config.adaptive.clone())?,
             ring,
@@ -152,7 +155,7 @@ impl Tuner {
             generation: 0,
             pending_release: Vec::new(),
             period: 0,
-            frame,
+            frame: AdaptFrame::default(),
         };
         tuner.set_policies(config, generation)?;
         Ok(tuner)
@@ -392,27 +395,53 @@ impl Tuner {
 
     /// Runs one adapt frame; returns each slot's result.
     fn run(&mut self, chunk: &[AdaptSlot]) -> Result<Vec<u32>, TunerError> {
-        for (i, slot) in chunk.iter().enumerate() {
+        let (ret, results) = self.frame.run(self.program.as_fd(), chunk)?;
+        if ret != XDP_PASS {
+            return Err(TunerError::Rejected(ret));
+        }
+        Ok(results)
+    }
+}
+
+/// An adapt frame for `limiter_adapt` (see [`AdaptSlot`]), reused across runs: by the tuner and
+/// by the in-place refresh of every entry (`Tables::refresh_all`).
+pub struct AdaptFrame(Vec<u8>);
+
+impl Default for AdaptFrame {
+    fn default() -> AdaptFrame {
+        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
+        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
+        AdaptFrame(frame)
+    }
+}
+
+impl AdaptFrame {
+    /// Runs `program` on `slots` (at most `ADAPT_BATCH`); returns its return value (`XDP_PASS`
+    /// for a frame it processed) and each slot's result.
+    pub fn run(
+        &mut self,
+        program: BorrowedFd<'_>,
+        slots: &[AdaptSlot],
+    ) -> io::Result<(u32, Vec<u32>)> {
+        let slots = &slots[..slots.len().min(ADAPT_BATCH)];
+        for (i, slot) in slots.iter().enumerate() {
             // SAFETY: `AdaptSlot` is a `#[repr(C)]` integer-only `Pod` type without padding,
             // written as plain bytes at an offset inside the frame.
             unsafe {
-                self.frame
+                self.0
                     .as_mut_ptr()
                     .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
                     .cast::<AdaptSlot>()
                     .write_unaligned(*slot);
             }
         }
-        let len = ADAPT_OFFSET + chunk.len() * ADAPT_SLOT_LEN;
-        let ret = crate::syscall::prog_test_run(self.program.as_fd(), &mut self.frame[..len])?;
-        if ret != XDP_PASS {
-            return Err(TunerError::Rejected(ret));
-        }
-        Ok((0..chunk.len())
+        let len = ADAPT_OFFSET + slots.len() * ADAPT_SLOT_LEN;
+        let ret = crate::syscall::prog_test_run(program, &mut self.0[..len])?;
+        let results = (0..slots.len())
             .map(|i| {
                 // SAFETY: as above; the program wrote each result in place.
                 unsafe {
-                    self.frame
+                    self.0
                         .as_ptr()
                         .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
                         .cast::<AdaptSlot>()
@@ -420,7 +449,8 @@ impl Tuner {
                         .result
                 }
             })
-            .collect())
+            .collect();
+        Ok((ret, results))
     }
 }
 
