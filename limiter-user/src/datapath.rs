@@ -517,8 +517,8 @@ pub struct ApplyReport {
     pub policies_removed: usize,
     pub statics_added: usize,
     pub statics_removed: usize,
-    /// Entries refreshed in place because the generation passed a multiple of
-    /// `GENERATION_SWEEP` (`None`: no refresh was due).
+    /// Entries refreshed in place, a refresh being due `GENERATION_SWEEP` generations after the
+    /// last one or on adopted maps (`None`: none was due).
     pub refreshed: Option<usize>,
 }
 

@@ -25,10 +25,10 @@ use std::{
 };
 
 use limiter_common::{
-    ClientState,
+    ClientState, Policy,
     addr::ClientKey,
-    maps::{ACTION_DROP, ACTION_PASS, LAYOUT_VERSION, generation_tag},
-    window::{MIN_WINDOW_US, rebase},
+    maps::{LAYOUT_VERSION, generation_tag},
+    window::rebase,
 };
 
 /// Map layouts whose snapshots this binary restores: their entry records are the same (layout 4
@@ -309,20 +309,25 @@ fn decode_state(b: &[u8]) -> ClientState {
     state.set_generation_tag(generation_tag(u32_at(40)));
     state.set_policy(u16::from_le_bytes([b[44], b[45]]));
     state.set_flags(b[47]);
-    match b[46] {
-        ACTION_PASS => (state.limit, state.window_us) = (u32::MAX, 0),
-        ACTION_DROP => {
-            state.limit = 0;
-            state.window_us = state.window_us.max(MIN_WINDOW_US);
-        }
-        _ => {}
+    // A layout-3 record names the action; the limits carry it, as for a fresh entry.
+    (state.limit, state.window_us) = Policy {
+        limit: state.limit,
+        window_us: state.window_us,
+        id: state.policy(),
+        action: b[46],
+        _pad: 0,
     }
+    .entry_limits();
     state
 }
 
 #[cfg(test)]
 mod tests {
-    use limiter_common::{addr::v4_mapped, window::slot};
+    use limiter_common::{
+        addr::v4_mapped,
+        maps::{ACTION_DROP, ACTION_PASS},
+        window::slot,
+    };
 
     use super::*;
 
