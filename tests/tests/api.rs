@@ -530,13 +530,15 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
     let streamed = watch.message().await?.context("stream ended")?;
     ensure!(streamed.policy.unwrap().limit == Some(3) && streamed.source == "api");
 
-    // A new ID policy and a new default.
+    // A new ID policy and a new default. Hour-long windows: the exact counts below must not
+    // depend on a window boundary falling between the checks, as 1 s and 2 s ones did when the
+    // checks ran slowly (the TCG VM).
     let new_id = proto::SetLimitRequest {
         policy: Some(proto::Policy {
             r#match: "tenant-new".into(),
             limit: Some(1),
             window: Some(prost_types::Duration {
-                seconds: 1,
+                seconds: 3600,
                 nanos: 0,
             }),
             action: 0,
@@ -548,7 +550,7 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
             r#match: "default".into(),
             limit: Some(7),
             window: Some(prost_types::Duration {
-                seconds: 2,
+                seconds: 3600,
                 nanos: 0,
             }),
             action: 0,
@@ -594,7 +596,7 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         })
         .await?
         .into_inner();
-    ensure!(got.limit == Some(1) && secs(&got.window) == 1.0);
+    ensure!(got.limit == Some(1) && secs(&got.window) == 3600.0);
 
     // The watcher does not re-apply the API's own write...
     for _ in 0..3 {
