@@ -23,20 +23,16 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, Policy,
     addr::{ClientKey, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REQUEST_OFFSET,
-        CHECK_SLOT_LEN, CHECK_STATIC, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
-        VERDICT_WRITTEN,
+        ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_STATIC, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT,
+        VERDICT_OVERFLOW, VERDICT_WRITTEN,
     },
     window,
 };
 
-use crate::policy::{Action, ClientName, Config, Mode, looks_like_address};
-
-/// The XDP program that decides checks.
-pub const CHECK_PROGRAM: &str = "limiter_check";
-
-/// `XDP_PASS` (include/uapi/linux/bpf.h, `enum xdp_action`): the check program's success value.
-const XDP_PASS: u32 = 2;
+use crate::{
+    config::{Action, ClientName, Config, Mode, looks_like_address},
+    datapath::{CHECK_FRAME, TestRunFrame, XDP_PASS},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -211,39 +207,25 @@ impl Checker {
     pub fn check_all(&self, checks: &[(&ClientId, u32)]) -> Result<Vec<Decision>, CheckError> {
         let view = self.view();
         let mut out = Vec::with_capacity(checks.len());
-        let mut frame = [0u8; CHECK_REQUEST_OFFSET + CHECK_BATCH * CHECK_SLOT_LEN];
-        frame[12..14].copy_from_slice(&CHECK_ETHERTYPE.to_be_bytes());
-        for chunk in checks.chunks(CHECK_BATCH) {
-            for (i, (id, hits)) in chunk.iter().enumerate() {
-                let request = request(id, *hits, &view);
-                // SAFETY: `CheckRequest` is a `#[repr(C)]` integer-only `Pod` type without
-                // padding, written as plain bytes at an offset inside the frame.
-                unsafe {
-                    frame
-                        .as_mut_ptr()
-                        .add(CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN)
-                        .cast::<CheckRequest>()
-                        .write_unaligned(request);
-                }
+        let mut frame = TestRunFrame::new(CHECK_FRAME);
+        for chunk in checks.chunks(frame.batch()) {
+            let requests: Vec<CheckRequest> = chunk
+                .iter()
+                .map(|(id, hits)| request(id, *hits, &view))
+                .collect();
+            let run = frame.run::<CheckRequest, CheckReply>(
+                self.prog.as_fd(),
+                &requests,
+                size_of::<CheckRequest>(),
+            )?;
+            if run.ret != XDP_PASS {
+                return Err(CheckError::Rejected(run.ret));
             }
-            let len = CHECK_REQUEST_OFFSET + chunk.len() * CHECK_SLOT_LEN;
-            let ret = crate::syscall::prog_test_run(self.prog.as_fd(), &mut frame[..len])?;
-            if ret != XDP_PASS {
-                return Err(CheckError::Rejected(ret));
-            }
-            for (i, (_, hits)) in chunk.iter().enumerate() {
-                // SAFETY: as above; the program wrote each reply in place.
-                let reply = unsafe {
-                    frame
-                        .as_ptr()
-                        .add(CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN + size_of::<CheckRequest>())
-                        .cast::<CheckReply>()
-                        .read_unaligned()
-                };
+            for (reply, (_, hits)) in run.answers.iter().zip(chunk) {
                 if reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }
-                out.push(decision(&reply, *hits, &view));
+                out.push(decision(reply, *hits, &view));
             }
         }
         Ok(out)

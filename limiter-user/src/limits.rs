@@ -16,10 +16,10 @@ use tokio::sync::broadcast;
 
 use crate::{
     check::Checker,
-    config_edit::{self, RuleText},
+    config::edit::{self as config_edit, RuleText},
+    config::{Action, Config, Match, PolicyError, Resolved},
     datapath::{DatapathError, Tables},
     metrics::Counters,
-    policy::{Action, Config, Match, PolicyError, Resolved},
 };
 
 /// Changes a slow `Watch` subscriber may fall behind by before it is told it lagged.

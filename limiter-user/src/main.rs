@@ -204,7 +204,7 @@ enum LimitsCommand {
 
 /// `--snapshot-interval`: a duration with a unit, 100ms to 1h.
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let window: limiter_user::policy::Window = s.parse()?;
+    let window: limiter_user::config::Window = s.parse()?;
     let d = Duration::from_micros(window.micros as u64);
     if d < Duration::from_millis(100) {
         return Err(format!("{s:?} is too short: at least 100ms"));
@@ -414,7 +414,7 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
             };
             let window = window
                 .map(|w| {
-                    w.parse::<limiter_user::policy::Window>()
+                    w.parse::<limiter_user::config::Window>()
                         .map_err(|e| anyhow::anyhow!("--window: {e}"))
                 })
                 .transpose()?

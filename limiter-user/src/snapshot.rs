@@ -35,7 +35,7 @@ use limiter_common::{
 /// packed the map value into 40 bytes, but the record keeps one field per field).
 const READABLE_LAYOUTS: [u32; 2] = [3, LAYOUT_VERSION];
 
-use crate::syscall;
+use crate::datapath::syscall;
 
 const MAGIC: &[u8; 8] = b"LIMSNAP\0";
 const FORMAT: u32 = 1;

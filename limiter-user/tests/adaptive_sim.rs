@@ -8,10 +8,10 @@ use std::collections::HashMap;
 
 use limiter_common::addr::{ClientKey, v4_mapped};
 use limiter_user::adaptive::{
-    AdaptiveConfig, ClientDecision, ClientObservation, Controller, FairDemand, LoadSample,
-    StepOutput, effective, fair_shares, step_toward,
+    ClientDecision, ClientObservation, Controller, FairDemand, LoadSample, StepOutput, effective,
+    fair_shares, step_toward,
 };
-use limiter_user::policy::Window;
+use limiter_user::config::{AdaptiveConfig, Window};
 
 /// Every client's policy: 100 packets per second (r = 100/s).
 const LIMIT: u32 = 100;

@@ -24,10 +24,10 @@ use limiter_common::{
 };
 use limiter_tests::frames::Builder;
 use limiter_user::{
+    adaptive::load::LoadSource,
+    adaptive::tuner::{PeriodReport, Tuner},
+    config::Config,
     datapath::{self, LoadOptions, Tables},
-    load::LoadSource,
-    policy::Config,
-    tuner::{PeriodReport, Tuner},
 };
 
 const XDP_PASS: u32 = 2;

@@ -18,10 +18,10 @@ use limiter_user::{
     api::{self, ApiOptions, ApiState, TlsFiles},
     check::Checker,
     client::{self, Clients, Target},
+    config::Config,
     datapath::{self, LoadOptions, Tables},
     limits::Limits,
     metrics::Counters,
-    policy::Config,
     proto,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};

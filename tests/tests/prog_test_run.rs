@@ -23,8 +23,8 @@ use limiter_common::{
 };
 use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
 use limiter_user::{
+    config::Config,
     datapath::{self, LoadOptions, Tables},
-    policy::Config,
 };
 
 const XDP_DROP: u32 = 1;

@@ -1,4 +1,4 @@
-//! Adaptive-loop benchmark: the agent's own loop (`limiter_user::tuner::Tuner`) over a private
+//! Adaptive-loop benchmark: the agent's own loop (`limiter_user::adaptive::tuner::Tuner`) over a private
 //! copy of the real maps holding one million resident clients, of which 10k are active. Measures
 //! the CPU time and map updates of one period. `adapt-bench [--write FILE]`; needs root.
 //!
@@ -25,10 +25,10 @@ use limiter_tests::{
     report::{date, machine, pin_to_cpu},
 };
 use limiter_user::{
+    adaptive::load::LoadSource,
+    adaptive::tuner::{PeriodReport, Tuner},
+    config::Config,
     datapath::{self, LoadOptions, Tables},
-    load::LoadSource,
-    policy::Config,
-    tuner::{PeriodReport, Tuner},
 };
 
 /// Resident clients (`limiter_bench_cycle`'s `BENCH_CLIENTS`).

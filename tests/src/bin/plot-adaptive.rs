@@ -13,7 +13,10 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use limiter_common::addr::{ClientKey, v4_mapped};
-use limiter_user::adaptive::{AdaptiveConfig, Band, ClientObservation, Controller, LoadSample};
+use limiter_user::{
+    adaptive::{Band, ClientObservation, Controller, LoadSample},
+    config::AdaptiveConfig,
+};
 
 /// Every simulated client's policy: 100 packets per 1 s window, so r = 100 packets/s.
 const LIMIT: u32 = 100;

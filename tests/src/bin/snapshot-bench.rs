@@ -11,9 +11,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use limiter_common::{ClientState, addr::v4_mapped, window::slot};
 use limiter_user::{
+    datapath::syscall,
     datapath::{self, LoadOptions, Tables},
     snapshot::{Clocks, Snapshot},
-    syscall,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     // The agent's own loop while a snapshot runs: a config reload (`Tables::apply`) timed 40
     // times (25 ms apart) idle, and 40 times while another thread captures and writes snapshots
     // back to back, as the agent's snapshot worker would.
-    let config = limiter_user::policy::Config::parse(
+    let config = limiter_user::config::Config::parse(
         "default: { limit: 100, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 50, window: 1s }\n",
     )?;
     let reloads = |tables: &mut Tables| -> anyhow::Result<Vec<Duration>> {

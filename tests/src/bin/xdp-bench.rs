@@ -20,8 +20,8 @@ use limiter_tests::{
     report::{date, machine, pin_to_cpu},
 };
 use limiter_user::{
+    config::Config,
     datapath::{self, LoadOptions, Tables},
-    policy::Config,
 };
 
 const XDP_DROP: u32 = 1;

@@ -14,15 +14,15 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    adaptive::load::{FileLoad, LoadSource, SystemLoad},
+    adaptive::tuner::Tuner,
     api::{self, ApiOptions, ApiState},
     check::Checker,
+    config::Config,
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::Limits,
-    load::{FileLoad, LoadSource, SystemLoad},
     metrics::{self, Counters, MapFigures},
-    policy::Config,
     snapshot::{Clocks, Snapshot},
-    tuner::Tuner,
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;

@@ -637,8 +637,8 @@ fn double_quoted(s: &str) -> String {
 fn find_entry(values: &[Value], matches: &str) -> Result<Option<usize>, EditError> {
     // Compared as policies compare them: `10.0.0.1/32` is `10.0.0.1`, `2001:DB8::/32` is
     // `2001:db8::/32`; strings that are not valid matches compare as written.
-    let wanted = matches.parse::<crate::policy::Match>().ok();
-    let same = |s: &str| match (&wanted, s.parse::<crate::policy::Match>()) {
+    let wanted = matches.parse::<crate::config::Match>().ok();
+    let same = |s: &str| match (&wanted, s.parse::<crate::config::Match>()) {
         (Some(w), Ok(m)) => *w == m,
         _ => s == matches,
     };
@@ -1441,7 +1441,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::policy::Config;
+    use crate::config::Config;
 
     /// The README's example, comments included.
     const README: &str = "\
@@ -2678,7 +2678,7 @@ policies:
     }
 
     fn is_address(m: &str) -> bool {
-        m.parse::<crate::policy::Cidr>().is_ok()
+        m.parse::<crate::config::Cidr>().is_ok()
     }
 
     proptest! {
@@ -2815,14 +2815,14 @@ policies:
             action: None,
         };
         let out = upsert_policy(text, &rule).unwrap();
-        let config = crate::policy::Config::parse(&out).unwrap();
+        let config = crate::config::Config::parse(&out).unwrap();
         assert_eq!(config.policies.len(), 2, "{out}");
         assert_eq!(config.policies[0].1.limit, 9);
         let out = remove_policy(text, "2001:db8::/32")
             .unwrap()
             .expect("found");
         assert_eq!(
-            crate::policy::Config::parse(&out).unwrap().policies.len(),
+            crate::config::Config::parse(&out).unwrap().policies.len(),
             1
         );
     }

@@ -12,8 +12,8 @@ use limiter_common::{
 use serde::Serialize;
 
 use crate::{
+    config::{Cidr, Window},
     datapath::{DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
-    policy::{Cidr, Window},
 };
 
 #[derive(Debug, Serialize)]

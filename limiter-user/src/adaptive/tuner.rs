@@ -26,7 +26,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     time::Duration,
 };
 
@@ -34,24 +34,19 @@ use aya::maps::{MapData, RingBuf};
 use limiter_common::{
     AdaptSlot, AdaptiveStatus,
     addr::ClientKey,
-    maps::{
-        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_RELEASE,
-        ADAPT_SLOT_LEN, ADAPT_STALE,
+    maps::{ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_RELEASE, ADAPT_STALE},
+};
+
+use super::{
+    controller::{ClientObservation, Controller, LoadSample},
+    load::LoadSource,
+};
+use crate::{
+    config::{Action, AdaptiveError, Config},
+    datapath::{
+        ADAPT_FRAME, ADAPT_PROGRAM, AdaptiveHandles, DatapathError, TestRunFrame, XDP_PASS,
     },
 };
-
-use crate::{
-    adaptive::{AdaptiveError, ClientObservation, Controller, LoadSample},
-    datapath::{AdaptiveHandles, DatapathError},
-    load::LoadSource,
-    policy::{Action, Config},
-};
-
-/// The XDP entry point that applies adapt frames (never attached).
-pub const ADAPT_PROGRAM: &str = "limiter_adapt";
-
-/// `XDP_PASS`: what `limiter_adapt` returns for a frame it processed.
-pub(crate) const XDP_PASS: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunerError {
@@ -132,7 +127,7 @@ pub struct Tuner {
     pending_release: Vec<ClientKey>,
     period: u64,
     /// The adapt frame, reused.
-    frame: AdaptFrame,
+    frame: TestRunFrame,
 }
 
 impl Tuner {
@@ -155,7 +150,7 @@ impl Tuner {
             generation: 0,
             pending_release: Vec::new(),
             period: 0,
-            frame: AdaptFrame::default(),
+            frame: TestRunFrame::new(ADAPT_FRAME),
         };
         tuner.set_policies(config, generation)?;
         Ok(tuner)
@@ -395,62 +390,13 @@ impl Tuner {
 
     /// Runs one adapt frame; returns each slot's result.
     fn run(&mut self, chunk: &[AdaptSlot]) -> Result<Vec<u32>, TunerError> {
-        let (ret, results) = self.frame.run(self.program.as_fd(), chunk)?;
-        if ret != XDP_PASS {
-            return Err(TunerError::Rejected(ret));
+        let out = self
+            .frame
+            .run::<AdaptSlot, AdaptSlot>(self.program.as_fd(), chunk, 0)?;
+        if out.ret != XDP_PASS {
+            return Err(TunerError::Rejected(out.ret));
         }
-        Ok(results)
-    }
-}
-
-/// An adapt frame for `limiter_adapt` (see [`AdaptSlot`]), reused across runs: by the tuner and
-/// by the in-place refresh of every entry (`Tables::refresh_all`).
-pub struct AdaptFrame(Vec<u8>);
-
-impl Default for AdaptFrame {
-    fn default() -> AdaptFrame {
-        let mut frame = vec![0u8; ADAPT_OFFSET + ADAPT_BATCH * ADAPT_SLOT_LEN];
-        frame[12..14].copy_from_slice(&ADAPT_ETHERTYPE.to_be_bytes());
-        AdaptFrame(frame)
-    }
-}
-
-impl AdaptFrame {
-    /// Runs `program` on `slots` (at most `ADAPT_BATCH`); returns its return value (`XDP_PASS`
-    /// for a frame it processed) and each slot's result.
-    pub fn run(
-        &mut self,
-        program: BorrowedFd<'_>,
-        slots: &[AdaptSlot],
-    ) -> io::Result<(u32, Vec<u32>)> {
-        let slots = &slots[..slots.len().min(ADAPT_BATCH)];
-        for (i, slot) in slots.iter().enumerate() {
-            // SAFETY: `AdaptSlot` is a `#[repr(C)]` integer-only `Pod` type without padding,
-            // written as plain bytes at an offset inside the frame.
-            unsafe {
-                self.0
-                    .as_mut_ptr()
-                    .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
-                    .cast::<AdaptSlot>()
-                    .write_unaligned(*slot);
-            }
-        }
-        let len = ADAPT_OFFSET + slots.len() * ADAPT_SLOT_LEN;
-        let ret = crate::syscall::prog_test_run(program, &mut self.0[..len])?;
-        let results = (0..slots.len())
-            .map(|i| {
-                // SAFETY: as above; the program wrote each result in place.
-                unsafe {
-                    self.0
-                        .as_ptr()
-                        .add(ADAPT_OFFSET + i * ADAPT_SLOT_LEN)
-                        .cast::<AdaptSlot>()
-                        .read_unaligned()
-                        .result
-                }
-            })
-            .collect();
-        Ok((ret, results))
+        Ok(out.answers.iter().map(|slot| slot.result).collect())
     }
 }
 

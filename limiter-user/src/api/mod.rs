@@ -27,10 +27,10 @@ use tonic::{Request, Response, Status, service::Interceptor, transport::Server};
 
 use crate::{
     check::{CheckError, Checker, ClientId, Decision},
+    config::{Action, Resolved, Window},
     datapath::{LINK_PIN, pin_dir},
     limits::{Change, ChangeKind, Limits, LimitsError, Selector},
     metrics::Counters,
-    policy::{Action, Resolved, Window},
     proto::{
         self,
         limits_server::{self, LimitsServer},

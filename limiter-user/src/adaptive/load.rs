@@ -1,5 +1,5 @@
-//! CPU load sources for the adaptive controller ([`crate::adaptive`]): the agent samples one
-//! once per period and passes the value as [`crate::adaptive::LoadSample::cpu`].
+//! CPU load sources for the adaptive controller ([`super::Controller`]): the agent samples one
+//! once per period and passes the value as [`super::LoadSample::cpu`].
 //!
 //! A sample is a utilisation in `[0, 1]`, or NaN when it is unknown (the controller then keeps
 //! its previous smoothed load).

@@ -1,0 +1,605 @@
+//! The config: its schema (policies and the `adaptive` section), the validation every policy
+//! passes whether it comes from the file or from the API, the kernel encoding of policies into
+//! map keys and values ([`encode`]), and the location of errors in the file's text.
+//!
+//! Every check happens here, before anything touches the maps, so a config with an error is
+//! rejected whole and the policies in force stay in force.
+
+mod adaptive;
+pub mod edit;
+mod encode;
+mod locate;
+
+use std::{collections::HashMap, fmt, net::IpAddr, str::FromStr};
+
+use limiter_common::window::{MAX_WINDOW_US, MIN_WINDOW_US};
+use serde::{Deserialize, Deserializer, de};
+
+pub use self::adaptive::{
+    AdaptiveConfig, AdaptiveError, DEFAULT_PERIOD_US, LoadBands, MAX_PERIOD_US, MIN_PERIOD_US,
+};
+use self::locate::{adaptive_error, line_of_key, locate_value_error, match_lines};
+
+/// Most policies one config may hold: a client entry stores its policy's id in 15 bits
+/// (`limiter_common::maps::MAX_POLICY_ID`; the `POLICIES` trie has room for these plus
+/// `default`).
+pub const MAX_POLICIES: usize = limiter_common::maps::MAX_POLICY_ID as usize;
+/// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
+pub const MAX_STATIC_CLIENTS: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Syntax, unknown or missing fields, or a field with a bad type; serde_yaml's message names
+    /// the field path, line and column.
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("{field}{line}: {message}")]
+    Invalid {
+        field: String,
+        line: LineHint,
+        message: String,
+    },
+    #[error("too many policies: {count} (at most {MAX_POLICIES})")]
+    TooMany { count: usize },
+    #[error("too many exact-address policies: {count} (at most {MAX_STATIC_CLIENTS})")]
+    TooManyStatic { count: usize },
+}
+
+/// ` (line N)` when the line is known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineHint(pub Option<usize>);
+
+impl fmt::Display for LineHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, " (line {line})"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Drop what is over the limit.
+    #[default]
+    Enforce,
+    /// Count what would be dropped, drop nothing.
+    DryRun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Limit to `limit` per `window`.
+    #[default]
+    Limit,
+    /// Never limited (allow list).
+    Pass,
+    /// Always dropped (block list).
+    Drop,
+}
+
+/// A window length, written `10ms`, `1.5s`, `2m`, `1h`; between 10 ms and 1 h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub micros: u32,
+}
+
+/// A duration written with a unit (`250us`, `10ms`, `1.5s`, `2m`, `1h`), in whole microseconds;
+/// `what` names it in errors (`window`, `period`). Range checks are the caller's.
+pub fn parse_duration_us(s: &str, what: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let unit_us: f64 = match unit.trim() {
+        "us" | "µs" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => {
+            return Err(format!(
+                "invalid {what} {s:?}: expected a number with a unit of ms, s, m or h, like 500ms or 1s"
+            ));
+        }
+    };
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid {what} {s:?}: {number:?} is not a number"))?;
+    let micros = number * unit_us;
+    if (micros - micros.round()).abs() > 1e-6 {
+        return Err(format!(
+            "invalid {what} {s:?}: not a whole number of microseconds"
+        ));
+    }
+    Ok(micros.round())
+}
+
+impl FromStr for Window {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let micros = parse_duration_us(s, "window")?;
+        if !(MIN_WINDOW_US as f64..=MAX_WINDOW_US as f64).contains(&micros) {
+            return Err(format!(
+                "window {:?} is out of range: it must be between 10ms and 1h",
+                s.trim()
+            ));
+        }
+        Ok(Window {
+            micros: micros as u32,
+        })
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.micros as u64;
+        match us {
+            _ if us.is_multiple_of(3_600_000_000) => write!(f, "{}h", us / 3_600_000_000),
+            _ if us.is_multiple_of(60_000_000) => write!(f, "{}m", us / 60_000_000),
+            _ if us.is_multiple_of(1_000_000) => write!(f, "{}s", us / 1_000_000),
+            _ if us.is_multiple_of(1_000) => write!(f, "{}ms", us / 1_000),
+            _ => write!(f, "{us}us"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`window`: {e}")))
+    }
+}
+
+/// An IPv4 or IPv6 prefix (`10.0.0.0/8`, `2001:db8::/32`) or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// One address rather than a prefix.
+    pub fn is_host(&self) -> bool {
+        self.prefix == max_prefix(&self.addr)
+    }
+}
+
+fn max_prefix(addr: &IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr_s, prefix_s) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address or CIDR prefix"))?;
+        let max = max_prefix(&addr);
+        let prefix = match prefix_s {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("{s:?}: prefix length must be 0 to {max}")),
+            },
+        };
+        let cidr = Cidr { addr, prefix };
+        let masked = cidr.masked();
+        if masked != addr {
+            return Err(format!(
+                "{s:?} has address bits set beyond the /{prefix} prefix; did you mean {masked}/{prefix}?"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    fn masked(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_host() {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`match`: {e}")))
+    }
+}
+
+/// Longest client ID (API checks and `match`), in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// An API client ID that is not an address: 1 to 256 bytes of UTF-8 without control characters,
+/// not `default`, and not shaped like an address (see [`Match`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientName(String);
+
+impl ClientName {
+    pub fn new(s: &str) -> Result<ClientName, String> {
+        if s.is_empty() {
+            return Err("an ID must not be empty".into());
+        }
+        if s.len() > MAX_ID_LEN {
+            return Err(format!(
+                "an ID is at most {MAX_ID_LEN} bytes, this one has {}",
+                s.len()
+            ));
+        }
+        if let Some(c) = s.chars().find(|c| c.is_control()) {
+            return Err(format!("an ID must not contain control characters ({c:?})"));
+        }
+        if s.trim() != s {
+            return Err(format!(
+                "{s:?}: an ID must not start or end with whitespace (a padded address or `default` would read as an ID)"
+            ));
+        }
+        if s == "default" {
+            return Err("`default` names the default policy, not an ID".into());
+        }
+        Ok(ClientName(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a policy matches: an address prefix (or one address), or one exact API client ID.
+///
+/// A string is an address if it parses as one. A string made only of hex digits, `.`, `:` and
+/// `/`, with at least one of the separators, that does not parse (`10.0.0.0/33`,
+/// `2001:db8::g`) is rejected as a malformed address rather than taken as an ID, so a typo never
+/// silently becomes a policy for a client ID nobody uses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    Prefix(Cidr),
+    Id(ClientName),
+}
+
+impl Match {
+    pub fn as_prefix(&self) -> Option<&Cidr> {
+        match self {
+            Match::Prefix(c) => Some(c),
+            Match::Id(_) => None,
+        }
+    }
+
+    pub fn as_id(&self) -> Option<&ClientName> {
+        match self {
+            Match::Prefix(_) => None,
+            Match::Id(id) => Some(id),
+        }
+    }
+}
+
+/// Whether `s` is shaped like an address or prefix (see [`Match`]).
+pub fn looks_like_address(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/'))
+        && s.contains(['.', ':', '/'])
+}
+
+impl FromStr for Match {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<Cidr>() {
+            Ok(cidr) => Ok(Match::Prefix(cidr)),
+            Err(e) if looks_like_address(s.trim()) => Err(e),
+            Err(_) => ClientName::new(s).map(Match::Id),
+        }
+    }
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Prefix(c) => c.fmt(f),
+            Match::Id(id) => id.fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Match {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`match`: {e}")))
+    }
+}
+
+/// A limit as written: `limit`, `window`, `action`, `weight`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub limit: Option<u32>,
+    pub window: Option<Window>,
+    #[serde(default)]
+    pub action: Action,
+    /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
+    #[serde(default)]
+    pub weight: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(rename = "match")]
+    pub matches: Match,
+    pub limit: Option<u32>,
+    pub window: Option<Window>,
+    #[serde(default)]
+    pub action: Action,
+    /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
+    #[serde(default)]
+    pub weight: Option<serde_yaml::Value>,
+}
+
+impl Rule {
+    fn limit(&self) -> Limit {
+        Limit {
+            limit: self.limit,
+            window: self.window,
+            action: self.action,
+            weight: self.weight.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    mode: Mode,
+    default: Limit,
+    #[serde(default)]
+    policies: Vec<Rule>,
+    /// An absent section, and one with every key commented out (`adaptive:` alone), is the
+    /// default: off.
+    #[serde(default, deserialize_with = "null_is_default")]
+    adaptive: AdaptiveConfig,
+}
+
+fn null_is_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
+/// A policy's weight when it has none.
+pub const DEFAULT_WEIGHT: f64 = 1.0;
+
+/// A validated limit, ready for the maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub action: Action,
+    /// Packets per window (0 for `drop`, unused for `pass`).
+    pub limit: u32,
+    /// Window (unused for `pass` and `drop`).
+    pub window: Window,
+}
+
+/// A validated policy set.
+///
+/// Not `Eq`: the adaptive knobs are floating point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub mode: Mode,
+    pub default: Resolved,
+    /// In file order; policy id `i + 1` is `policies[i]`, id 0 is `default`.
+    pub policies: Vec<(Match, Resolved)>,
+    /// Weight of each policy for weighted fair shares under overload, indexed by policy id
+    /// (`weights[0]` is `default`'s, `weights[i + 1]` is `policies[i]`'s), so one longer than
+    /// `policies`. Each is positive and finite; [`DEFAULT_WEIGHT`] where none is written. Use
+    /// [`Config::weight`] to look one up.
+    pub weights: Vec<f64>,
+    /// The `adaptive` section, validated ([`AdaptiveConfig::default`], i.e. off, if absent).
+    pub adaptive: AdaptiveConfig,
+}
+
+/// Placeholder window for `pass`/`drop` policies, which never consult it.
+const UNUSED_WINDOW: Window = Window { micros: 1_000_000 };
+
+impl Config {
+    /// Parses and validates a config file's text.
+    ///
+    /// Besides `limit`, `window` and `action`, `default` and each policy may carry a `weight`
+    /// (a positive finite number, default 1): its share under overload relative to the other
+    /// policies' clients. It is accepted on `pass` and `drop` policies too, where it has no
+    /// effect: an API edit that turns a weighted policy into `pass` or `drop` keeps the keys it
+    /// does not manage, so rejecting it there would make such an edit fail. An optional
+    /// `adaptive` section holds the [`AdaptiveConfig`] knobs; it is validated even when
+    /// `enabled: false`, so a bad knob is caught before it is switched on.
+    pub fn parse(text: &str) -> Result<Config, PolicyError> {
+        let file: File = serde_yaml::from_str(text).map_err(|e| locate_value_error(e, text))?;
+        file.adaptive
+            .validate()
+            .map_err(|e| adaptive_error(&e, text))?;
+        let match_lines = match_lines(text);
+        let line_of = |i: usize| {
+            LineHint(
+                match_lines
+                    .get(i)
+                    .copied()
+                    .filter(|_| match_lines.len() == file.policies.len()),
+            )
+        };
+        let default_invalid = |message| PolicyError::Invalid {
+            field: "default".into(),
+            line: LineHint(line_of_key(text, "default")),
+            message,
+        };
+        let default = resolve(&file.default).map_err(default_invalid)?;
+        let mut weights = Vec::with_capacity(file.policies.len() + 1);
+        weights.push(weight(file.default.weight.as_ref()).map_err(default_invalid)?);
+        if file.policies.len() > MAX_POLICIES {
+            return Err(PolicyError::TooMany {
+                count: file.policies.len(),
+            });
+        }
+        let mut seen: HashMap<&Match, usize> = HashMap::new();
+        let mut policies = Vec::with_capacity(file.policies.len());
+        for (i, rule) in file.policies.iter().enumerate() {
+            let invalid = |message: String| PolicyError::Invalid {
+                field: format!("policies[{i}] (match {})", rule.matches),
+                line: line_of(i),
+                message,
+            };
+            if let Some(first) = seen.insert(&rule.matches, i) {
+                return Err(invalid(format!(
+                    "duplicate match: policies[{first}] already matches {}",
+                    rule.matches
+                )));
+            }
+            policies.push((
+                rule.matches.clone(),
+                resolve(&rule.limit()).map_err(invalid)?,
+            ));
+            weights.push(weight(rule.weight.as_ref()).map_err(invalid)?);
+        }
+        let statics = policies
+            .iter()
+            .filter(|(m, _)| m.as_prefix().is_some_and(Cidr::is_host))
+            .count();
+        if statics > MAX_STATIC_CLIENTS {
+            return Err(PolicyError::TooManyStatic { count: statics });
+        }
+        Ok(Config {
+            mode: file.mode,
+            default,
+            policies,
+            weights,
+            adaptive: file.adaptive,
+        })
+    }
+
+    /// The weight of policy `id` (0 is `default`); [`DEFAULT_WEIGHT`] for an unknown id.
+    pub fn weight(&self, id: u16) -> f64 {
+        self.weights
+            .get(id as usize)
+            .copied()
+            .unwrap_or(DEFAULT_WEIGHT)
+    }
+
+    /// The limit, window and action of policy `id` as configured (0 is `default`), before any
+    /// adaptive scaling; `None` for an unknown id.
+    pub fn policy_base(&self, id: u16) -> Option<Resolved> {
+        match id {
+            0 => Some(self.default),
+            id => self.policies.get(id as usize - 1).map(|(_, r)| *r),
+        }
+    }
+
+    /// The `match` of policy `id` as written (`default` for 0).
+    pub fn policy_name(&self, id: u16) -> String {
+        match id {
+            0 => "default".into(),
+            id => self
+                .policies
+                .get(id as usize - 1)
+                .map_or_else(|| format!("#{id}"), |(m, _)| m.to_string()),
+        }
+    }
+}
+
+fn resolve(limit: &Limit) -> Result<Resolved, String> {
+    match limit.action {
+        Action::Limit => {
+            let count = limit
+                .limit
+                .ok_or("`limit` is required (packets per window; 0 blocks)")?;
+            let window = limit
+                .window
+                .ok_or("`window` is required, e.g. `window: 1s`")?;
+            Ok(Resolved {
+                action: Action::Limit,
+                limit: count,
+                window,
+            })
+        }
+        Action::Pass => {
+            if limit.limit.is_some() || limit.window.is_some() {
+                return Err("`action: pass` is never limited: remove `limit` and `window`".into());
+            }
+            Ok(Resolved {
+                action: Action::Pass,
+                limit: 0,
+                window: UNUSED_WINDOW,
+            })
+        }
+        Action::Drop => {
+            if limit.limit.is_some_and(|l| l != 0) || limit.window.is_some() {
+                return Err("`action: drop` blocks every packet: remove `window`, and `limit` unless it is 0".into());
+            }
+            Ok(Resolved {
+                action: Action::Drop,
+                limit: 0,
+                window: UNUSED_WINDOW,
+            })
+        }
+    }
+}
+
+/// A `weight` as written, checked: absent is [`DEFAULT_WEIGHT`].
+fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
+    let Some(value) = written else {
+        return Ok(DEFAULT_WEIGHT);
+    };
+    match value.as_f64() {
+        Some(w) if w.is_finite() && w > 0.0 => Ok(w),
+        _ => {
+            let shown = match value {
+                serde_yaml::Value::String(s) => format!("the string {s:?}"),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Sequence(_) => "a list".into(),
+                serde_yaml::Value::Mapping(_) => "a mapping".into(),
+                _ => "a non-number".into(),
+            };
+            Err(format!(
+                "`weight` must be a positive finite number (default 1), got {shown}"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! The one way userspace writes a client entry without racing the packets counting in it: a
+//! never-attached XDP program (`limiter_check`, `limiter_adapt`) run with BPF_PROG_TEST_RUN
+//! (Linux 4.12, commit 1cf1cae963c2) on a frame of fixed-size slots, which the program reads,
+//! acts on with the fast path's own atomics, and answers in place.
+//!
+//! [`TestRunFrame`] is that runner, generic over the slot layout: API checks
+//! ([`crate::check`]), adaptive writes ([`crate::adaptive::tuner`]) and the in-place policy
+//! refresh ([`super::Tables::refresh_all`]) all go through it.
+
+use std::{io, mem::size_of, os::fd::BorrowedFd};
+
+use aya::Pod;
+use limiter_common::maps::{
+    ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
+    CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN,
+};
+
+use super::syscall;
+
+/// The XDP entry point that applies adapt frames (never attached).
+pub const ADAPT_PROGRAM: &str = "limiter_adapt";
+/// The XDP entry point that decides checks (never attached).
+pub const CHECK_PROGRAM: &str = "limiter_check";
+/// `XDP_PASS` (include/uapi/linux/bpf.h, `enum xdp_action`): what the test-run programs return
+/// for a frame they processed.
+pub const XDP_PASS: u32 = 2;
+
+/// The layout of one kind of test-run frame: an Ethernet header with a private ethertype, then
+/// up to `batch` slots of `slot_len` bytes from `offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLayout {
+    pub ethertype: u16,
+    pub offset: usize,
+    pub slot_len: usize,
+    pub batch: usize,
+}
+
+/// `limiter_adapt`'s frames (`AdaptSlot`s, answered in each slot's `result`).
+pub const ADAPT_FRAME: FrameLayout = FrameLayout {
+    ethertype: ADAPT_ETHERTYPE,
+    offset: ADAPT_OFFSET,
+    slot_len: ADAPT_SLOT_LEN,
+    batch: ADAPT_BATCH,
+};
+
+/// `limiter_check`'s frames (a `CheckRequest` then its `CheckReply` per slot).
+pub const CHECK_FRAME: FrameLayout = FrameLayout {
+    ethertype: CHECK_ETHERTYPE,
+    offset: CHECK_REQUEST_OFFSET,
+    slot_len: CHECK_SLOT_LEN,
+    batch: CHECK_BATCH,
+};
+
+/// A program and a frame buffer reused across its runs.
+pub struct TestRunFrame {
+    layout: FrameLayout,
+    frame: Vec<u8>,
+}
+
+/// What one run left: the program's return value and each slot's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunResult<Out> {
+    pub ret: u32,
+    pub answers: Vec<Out>,
+}
+
+impl TestRunFrame {
+    pub fn new(layout: FrameLayout) -> TestRunFrame {
+        let mut frame = vec![0u8; layout.offset + layout.batch * layout.slot_len];
+        frame[12..14].copy_from_slice(&layout.ethertype.to_be_bytes());
+        TestRunFrame { layout, frame }
+    }
+
+    /// Most slots one run carries.
+    pub fn batch(&self) -> usize {
+        self.layout.batch
+    }
+
+    /// Runs `program` once on `requests` (at most [`TestRunFrame::batch`]; more is an error),
+    /// each written at the start of its slot, and reads each slot's answer, an `Out` at
+    /// `answer_at` bytes into the slot, after the run.
+    pub fn run<In: Pod, Out: Pod>(
+        &mut self,
+        program: BorrowedFd<'_>,
+        requests: &[In],
+        answer_at: usize,
+    ) -> io::Result<RunResult<Out>> {
+        let FrameLayout {
+            offset,
+            slot_len,
+            batch,
+            ..
+        } = self.layout;
+        if requests.len() > batch
+            || size_of::<In>() > slot_len
+            || answer_at + size_of::<Out>() > slot_len
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} requests of {} bytes answered at {answer_at} by {} bytes do not fit a \
+                     frame of {batch} slots of {slot_len} bytes",
+                    requests.len(),
+                    size_of::<In>(),
+                    size_of::<Out>()
+                ),
+            ));
+        }
+        for (i, request) in requests.iter().enumerate() {
+            // SAFETY: `In` is `Pod` (plain bytes, any alignment via `write_unaligned`), and the
+            // check above keeps slot `i` (< batch) of `slot_len >= size_of::<In>()` bytes inside
+            // the buffer of `offset + batch * slot_len` bytes.
+            unsafe {
+                self.frame
+                    .as_mut_ptr()
+                    .add(offset + i * slot_len)
+                    .cast::<In>()
+                    .write_unaligned(*request);
+            }
+        }
+        let len = offset + requests.len() * slot_len;
+        let ret = syscall::prog_test_run(program, &mut self.frame[..len])?;
+        let answers = (0..requests.len())
+            .map(|i| {
+                // SAFETY: as above, with `answer_at + size_of::<Out>() <= slot_len`; every bit
+                // pattern is a valid `Out` (`Pod`), and the program wrote each answer in place.
+                unsafe {
+                    self.frame
+                        .as_ptr()
+                        .add(offset + i * slot_len + answer_at)
+                        .cast::<Out>()
+                        .read_unaligned()
+                }
+            })
+            .collect();
+        Ok(RunResult { ret, answers })
+    }
+}

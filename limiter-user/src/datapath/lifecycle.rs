@@ -1,0 +1,434 @@
+//! The XDP program's lifecycle: checking the environment, loading the object (adopting or
+//! discarding pinned maps), attaching (by a pinned bpf_link, or by netlink where links are not
+//! supported) and detaching, and loading the never-attached test-run programs.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, MapError, MapInfo, RingBuf},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use limiter_common::maps::LAYOUT_VERSION;
+
+use super::{
+    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DatapathError, PIN_ROOT, PINNED, PROGRAM, map_err,
+    tables::dup_fd,
+};
+
+/// `/sys/fs/bpf/limiter/IFACE`.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// Fails with a message naming the fix when the process cannot use BPF at all.
+pub fn check_environment() -> Result<(), DatapathError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DatapathError::NotRoot);
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
+        what: "reading",
+        path: "/proc/mounts".into(),
+        error: source,
+    })?;
+    if !mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(1) == Some("/sys/fs/bpf") && f.next() == Some("bpf")
+    }) {
+        return Err(DatapathError::BpffsNotMounted);
+    }
+    Ok(())
+}
+
+/// The interface's index, or a clear error.
+pub fn if_index(iface: &str) -> Result<u32, DatapathError> {
+    let name =
+        std::ffi::CString::new(iface).map_err(|_| DatapathError::NoInterface(iface.into()))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(DatapathError::NoInterface(iface.into())),
+        i => Ok(i),
+    }
+}
+
+/// How to load the object.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin (or adopt pinned) maps here; `None` loads private maps (tests, benchmarks).
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the dynamic-client LRU map.
+    pub max_clients: u32,
+    /// Capacity of the LRU map of API IDs that are not addresses.
+    pub max_ids: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            pin_dir: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_ids: DEFAULT_MAX_IDS,
+        }
+    }
+}
+
+/// Loads the embedded object. With a pin directory, maps already pinned there with the same
+/// layout are adopted (counters survive an agent restart); pins of another layout are removed
+/// first, with a warning.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries("CLIENTS", opts.max_clients);
+    loader.map_max_entries("NAMED", opts.max_ids);
+    if let Some(dir) = &opts.pin_dir {
+        // Discarding may remove the directory itself: create it afterwards.
+        discard_incompatible_pins(dir, opts)?;
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+            what: "creating the pin directory",
+            path: dir.clone(),
+            error: source,
+        })?;
+        for (name, ..) in PINNED {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(super::ebpf::OBJECT)?;
+    let mut layout: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
+            name: "LAYOUT",
+            error: MapError::InvalidName {
+                name: "LAYOUT".into(),
+            },
+        })?)
+        .map_err(map_err("LAYOUT"))?;
+    layout
+        .set(0, LAYOUT_VERSION, 0)
+        .map_err(map_err("LAYOUT"))?;
+    Ok(ebpf)
+}
+
+/// The layout version stamped in an interface's pins, if any.
+fn pinned_layout(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join("LAYOUT")).ok()?;
+    let layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data).ok()?).ok()?;
+    layout.get(&0, 0).ok()
+}
+
+fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), DatapathError> {
+    let any_pinned = PINNED.iter().any(|(name, ..)| dir.join(name).exists());
+    if !any_pinned {
+        return Ok(());
+    }
+    match pinned_layout(dir) {
+        Some(LAYOUT_VERSION) => {}
+        found => {
+            // No earlier layout exists to migrate from yet; a future version adds its migration
+            // here and starts fresh only for layouts it does not know.
+            let found = found.map_or("no version stamp".to_string(), |v| format!("layout v{v}"));
+            tracing::warn!(
+                dir = %dir.display(),
+                "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
+            );
+            return remove_pins(dir);
+        }
+    }
+    let mut mismatch = None;
+    for (name, kind, key, value) in PINNED {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let ok = MapInfo::from_pin(&path).is_ok_and(|info| {
+            info.map_type().is_ok_and(|t| t == kind)
+                && info.key_size() as usize == key
+                && info.value_size() as usize == value
+                && (name != "CLIENTS" || info.max_entries() == opts.max_clients)
+                && (name != "NAMED" || info.max_entries() == opts.max_ids)
+        });
+        if !ok {
+            mismatch = Some(name);
+            break;
+        }
+    }
+    if let Some(name) = mismatch {
+        tracing::warn!(
+            dir = %dir.display(),
+            map = name,
+            "pinned maps have another layout or size; discarding them and starting with fresh counters"
+        );
+        remove_pins(dir)?;
+    }
+    Ok(())
+}
+
+/// Removes the pinned maps of one interface (the maps live on while a program uses them).
+pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    for name in PINNED.iter().map(|(name, ..)| *name) {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::Io {
+                    what: "removing pin",
+                    path,
+                    error: source,
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native if the driver supports it, generic otherwise (the kernel decides).
+    #[default]
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP: works on any interface, slower.
+    Skb,
+}
+
+impl AttachMode {
+    fn name(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+/// Name of the pinned XDP link beside the maps: while it is pinned the program stays attached,
+/// so enforcement continues when the agent dies.
+pub const LINK_PIN: &str = "link";
+
+/// The attached program. Dropping it changes nothing in the kernel: a pinned link keeps the
+/// program attached; [`Attachment::detach`] removes it.
+pub struct Attachment {
+    link_pin: PathBuf,
+    pinned: bool,
+}
+
+impl Attachment {
+    /// Whether the link is pinned (enforcement survives the agent).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Detaches the program now (whoever else holds the link) and removes the link pin; a link
+    /// pin already removed by someone else counts as detached.
+    pub fn detach(self) -> Result<(), DatapathError> {
+        if !self.pinned {
+            return Ok(());
+        }
+        let io = |what, source| DatapathError::Io {
+            what,
+            path: self.link_pin.clone(),
+            error: source,
+        };
+        let fd = match super::syscall::obj_get(&self.link_pin) {
+            Ok(fd) => fd,
+            // Someone (`limiter detach`) already removed it: nothing left to detach.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("opening the pinned XDP link", e)),
+        };
+        super::syscall::link_detach(fd.as_fd()).map_err(|e| io("detaching the XDP link", e))?;
+        std::fs::remove_file(&self.link_pin).map_err(|e| io("removing the XDP link pin", e))?;
+        Ok(())
+    }
+}
+
+/// Loads the `limiter` program into the kernel and attaches it to `iface` through a pinned link
+/// at `pins/link`. If a link pinned by an earlier agent is there, the new program replaces the
+/// old one in it atomically (no packet sees no program); otherwise a new link is created and
+/// pinned. Without `pins` the link is not pinned.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    pins: Option<&Path>,
+    replace_foreign: bool,
+) -> Result<Attachment, DatapathError> {
+    let index = if_index(iface)?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    program.load()?;
+    let link_pin = pins.map(|d| d.join(LINK_PIN)).unwrap_or_default();
+    if pins.is_some() && link_pin.exists() {
+        match adopt_link(program, &link_pin) {
+            Ok(()) => {
+                tracing::info!(link = %link_pin.display(), "replaced the program in the pinned XDP link");
+                return Ok(Attachment {
+                    link_pin,
+                    pinned: true,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(link = %link_pin.display(), "pinned XDP link unusable ({e}); attaching afresh");
+                let _ = std::fs::remove_file(&link_pin);
+            }
+        }
+    }
+    let flags = match mode {
+        AttachMode::Auto => XdpMode::Default,
+        AttachMode::Native => XdpMode::Driver,
+        AttachMode::Skb => XdpMode::Skb,
+    };
+    let id = match program
+        .attach(iface, flags)
+        .map_err(|e| classify_attach_error(e, iface, mode))
+    {
+        Err(DatapathError::Busy { .. }) if replace_foreign => {
+            tracing::warn!(
+                iface,
+                "--replace: detaching the XDP program already attached"
+            );
+            super::netlink::detach_xdp(index).map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => DatapathError::ForeignLink {
+                    iface: iface.into(),
+                },
+                _ => DatapathError::Io {
+                    what: "detaching the other XDP program from",
+                    path: iface.into(),
+                    error: e,
+                },
+            })?;
+            program
+                .attach(iface, flags)
+                .map_err(|e| classify_attach_error(e, iface, mode))?
+        }
+        other => other?,
+    };
+    if pins.is_none() {
+        return Ok(Attachment {
+            link_pin,
+            pinned: false,
+        });
+    }
+    let link = program.take_link(id)?;
+    match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            // The pin holds the link; the handle pin() returns may go.
+            let _pinned = fd_link.pin(&link_pin).map_err(|e| DatapathError::Io {
+                what: "pinning the XDP link",
+                path: link_pin.clone(),
+                error: io::Error::other(e),
+            })?;
+            Ok(Attachment {
+                link_pin,
+                pinned: true,
+            })
+        }
+        Err(_) => {
+            // Netlink attachment (kernels without XDP bpf_link): works, but ends with the agent.
+            tracing::warn!(
+                "XDP attached through netlink, not a bpf link: enforcement stops if the agent dies"
+            );
+            Ok(Attachment {
+                link_pin,
+                pinned: false,
+            })
+        }
+    }
+}
+
+fn adopt_link(program: &mut Xdp, link_pin: &Path) -> Result<(), DatapathError> {
+    let io_err = |e: String| DatapathError::Io {
+        what: "opening the pinned XDP link",
+        path: link_pin.to_path_buf(),
+        error: io::Error::other(e),
+    };
+    let pinned = PinnedLink::from_pin(link_pin).map_err(|e| io_err(e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| io_err(e.to_string()))?;
+    // The program keeps this handle; the pin keeps the link after the agent is gone.
+    program.attach_to_link(link)?;
+    Ok(())
+}
+
+/// `limiter detach`: detaches the program pinned for `iface` (even while an agent holds it) and
+/// removes the link and map pins. Returns whether anything was there.
+pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
+    let dir = pin_dir(iface);
+    let link_pin = dir.join(LINK_PIN);
+    let mut found = false;
+    if link_pin.exists() {
+        found = true;
+        Attachment {
+            link_pin,
+            pinned: true,
+        }
+        .detach()?;
+    }
+    if dir.exists() {
+        found = true;
+        remove_pins(&dir)?;
+    }
+    Ok(found)
+}
+
+fn classify_attach_error(e: ProgramError, iface: &str, mode: AttachMode) -> DatapathError {
+    let text = format!("{e:?}");
+    let errno = |code: i32| {
+        text.contains(&format!("code: {code},")) || text.contains(&format!("os error {code}"))
+    };
+    if errno(libc::EBUSY) || errno(libc::EEXIST) {
+        DatapathError::Busy {
+            iface: iface.into(),
+        }
+    } else if errno(libc::EOPNOTSUPP) || (mode == AttachMode::Native && errno(libc::EINVAL)) {
+        DatapathError::ModeUnsupported {
+            iface: iface.into(),
+            mode: mode.name(),
+        }
+    } else {
+        DatapathError::Program(e)
+    }
+}
+
+/// Takes the `ACTIVE` ring buffer (newly active clients, for the adaptive controller) out of a
+/// loaded object.
+pub fn take_active(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, DatapathError> {
+    let map = ebpf.take_map("ACTIVE").ok_or(DatapathError::Map {
+        name: "ACTIVE",
+        error: MapError::InvalidName {
+            name: "ACTIVE".into(),
+        },
+    })?;
+    RingBuf::try_from(map).map_err(map_err("ACTIVE"))
+}
+
+/// Loads the `limiter_adapt` program (never attached; run with BPF_PROG_TEST_RUN) and returns a
+/// descriptor of it for the adaptive loop.
+pub fn load_adapt_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
+    load_test_run_program(ebpf, super::ADAPT_PROGRAM)
+}
+
+/// Loads the `limiter_check` program (never attached; run with BPF_PROG_TEST_RUN) and returns
+/// a descriptor of it for a [`crate::check::Checker`].
+pub fn load_check_program(ebpf: &mut Ebpf) -> Result<OwnedFd, DatapathError> {
+    load_test_run_program(ebpf, super::CHECK_PROGRAM)
+}
+
+fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    program.load()?;
+    dup_fd(program.fd()?.as_fd(), name)
+}
