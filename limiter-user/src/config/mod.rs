@@ -118,6 +118,18 @@ pub fn parse_duration_us(s: &str, what: &str) -> Result<f64, String> {
     Ok(micros.round())
 }
 
+impl Window {
+    /// A window of `micros` µs, checked against the 10 ms to 1 h range.
+    pub fn from_micros(micros: u64) -> Result<Window, String> {
+        match u32::try_from(micros) {
+            Ok(micros) if (MIN_WINDOW_US..=MAX_WINDOW_US).contains(&micros) => {
+                Ok(Window { micros })
+            }
+            _ => Err("must be between 10ms and 1h".into()),
+        }
+    }
+}
+
 impl FromStr for Window {
     type Err = String;
 
@@ -467,7 +479,10 @@ impl Config {
             line: LineHint(line_of_key(text, "default")),
             message,
         };
-        let default = resolve(&file.default).map_err(default_invalid)?;
+        let default = file
+            .default
+            .resolve()
+            .map_err(|e| default_invalid(e.message))?;
         let mut weights = Vec::with_capacity(file.policies.len() + 1);
         weights.push(weight(file.default.weight.as_ref()).map_err(default_invalid)?);
         if file.policies.len() > MAX_POLICIES {
@@ -491,7 +506,7 @@ impl Config {
             }
             policies.push((
                 rule.matches.clone(),
-                resolve(&rule.limit()).map_err(invalid)?,
+                rule.limit().resolve().map_err(|e| invalid(e.message))?,
             ));
             weights.push(weight(rule.weight.as_ref()).map_err(invalid)?);
         }
@@ -540,42 +555,72 @@ impl Config {
     }
 }
 
-fn resolve(limit: &Limit) -> Result<Resolved, String> {
-    match limit.action {
-        Action::Limit => {
-            let count = limit
-                .limit
-                .ok_or("`limit` is required (packets per window; 0 blocks)")?;
-            let window = limit
-                .window
-                .ok_or("`window` is required, e.g. `window: 1s`")?;
-            Ok(Resolved {
-                action: Action::Limit,
-                limit: count,
-                window,
-            })
-        }
-        Action::Pass => {
-            if limit.limit.is_some() || limit.window.is_some() {
-                return Err("`action: pass` is never limited: remove `limit` and `window`".into());
+impl Limit {
+    /// Validates a limit, from the file or from the API: the one place its rules live.
+    pub fn resolve(&self) -> Result<Resolved, LimitError> {
+        let invalid = |field, message: &str| LimitError {
+            field,
+            message: message.to_string(),
+        };
+        match self.action {
+            Action::Limit => {
+                let count = self.limit.ok_or_else(|| {
+                    invalid(
+                        "limit",
+                        "`limit` is required (packets per window; 0 blocks)",
+                    )
+                })?;
+                let window = self
+                    .window
+                    .ok_or_else(|| invalid("window", "`window` is required, e.g. `window: 1s`"))?;
+                Ok(Resolved {
+                    action: Action::Limit,
+                    limit: count,
+                    window,
+                })
             }
-            Ok(Resolved {
-                action: Action::Pass,
-                limit: 0,
-                window: UNUSED_WINDOW,
-            })
-        }
-        Action::Drop => {
-            if limit.limit.is_some_and(|l| l != 0) || limit.window.is_some() {
-                return Err("`action: drop` blocks every packet: remove `window`, and `limit` unless it is 0".into());
+            Action::Pass => {
+                let field = if self.limit.is_some() {
+                    "limit"
+                } else {
+                    "window"
+                };
+                if self.limit.is_some() || self.window.is_some() {
+                    return Err(invalid(
+                        field,
+                        "`action: pass` is never limited: remove `limit` and `window`",
+                    ));
+                }
+                Ok(Resolved {
+                    action: Action::Pass,
+                    limit: 0,
+                    window: UNUSED_WINDOW,
+                })
             }
-            Ok(Resolved {
-                action: Action::Drop,
-                limit: 0,
-                window: UNUSED_WINDOW,
-            })
+            Action::Drop => {
+                let bad_limit = self.limit.is_some_and(|l| l != 0);
+                if bad_limit || self.window.is_some() {
+                    return Err(invalid(
+                        if bad_limit { "limit" } else { "window" },
+                        "`action: drop` blocks every packet: remove `window`, and `limit` unless it is 0",
+                    ));
+                }
+                Ok(Resolved {
+                    action: Action::Drop,
+                    limit: 0,
+                    window: UNUSED_WINDOW,
+                })
+            }
         }
     }
+}
+
+/// A limit that breaks a rule: the field at fault (`limit` or `window`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct LimitError {
+    pub field: &'static str,
+    pub message: String,
 }
 
 /// A `weight` as written, checked: absent is [`DEFAULT_WEIGHT`].

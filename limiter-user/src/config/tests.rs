@@ -1,4 +1,3 @@
-
 use limiter_common::{
     addr::{policy_key_v4, policy_key_v6, v4_mapped},
     maps::ACTION_PASS,

@@ -1,0 +1,145 @@
+//! Conversions between the proto messages and the crate's types, and the `Status` each typed
+//! error becomes.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::{
+    check::{CheckError, ClientId, Decision},
+    config::{Action, Limit, Resolved, Window},
+    limits::{Change, ChangeKind, LimitsError, Selector},
+    proto::{self},
+};
+
+pub(super) fn status_of(e: &LimitsError) -> Status {
+    match e {
+        LimitsError::NotFound(_) => Status::not_found(e.to_string()),
+        LimitsError::DeleteDefault => Status::failed_precondition(e.to_string()),
+        LimitsError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        LimitsError::FileInvalid { .. } => Status::failed_precondition(e.to_string()),
+        LimitsError::Read { .. } | LimitsError::Edit { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        LimitsError::Write { .. } | LimitsError::Apply(_) => Status::internal(e.to_string()),
+    }
+}
+
+pub(super) fn check_status(e: CheckError) -> Status {
+    match e {
+        CheckError::InvalidId(_) => Status::invalid_argument(e.to_string()),
+        CheckError::Run(_) | CheckError::Rejected(_) | CheckError::Unanswered => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+pub(super) fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub(super) fn action_proto(a: Action) -> proto::Action {
+    match a {
+        Action::Limit => proto::Action::Limit,
+        Action::Pass => proto::Action::Pass,
+        Action::Drop => proto::Action::Drop,
+    }
+}
+
+pub(super) fn decision_proto(d: &Decision) -> proto::CheckResponse {
+    proto::CheckResponse {
+        allowed: d.allowed,
+        limit: d.limit,
+        remaining: d.remaining,
+        reset_after: Some(duration(d.reset_after)),
+        retry_after: d.retry_after.map(duration),
+        window: Some(duration(d.window)),
+        action: action_proto(d.action) as i32,
+        policy: d.policy.to_string(),
+        dry_run_denied: d.dry_run_denied,
+    }
+}
+
+/// Validates one check; `index` (in a batch) prefixes error messages with `checks[i].`.
+pub(super) fn parse_check(
+    req: &proto::CheckRequest,
+    index: Option<usize>,
+) -> Result<(ClientId, u32), Status> {
+    let id = req.client_id.parse::<ClientId>().map_err(|e| {
+        Status::invalid_argument(match index {
+            Some(i) => format!("checks[{i}].{e}"),
+            None => e.to_string(),
+        })
+    })?;
+    Ok((id, req.hits.unwrap_or(1)))
+}
+
+/// The `match` of a Get or Delete request.
+pub(super) fn parse_selector(s: &str) -> Result<Selector, Status> {
+    s.parse()
+        .map_err(|e| Status::invalid_argument(format!("match: {e}")))
+}
+
+/// A policy from the API, validated field by field.
+pub fn parse_policy(p: &proto::Policy) -> Result<(Selector, Resolved), Status> {
+    let invalid =
+        |field: &str, msg: String| Status::invalid_argument(format!("policy.{field}: {msg}"));
+    let selector: Selector = p.r#match.parse().map_err(|e| invalid("match", e))?;
+    let action = proto::Action::try_from(p.action)
+        .map_err(|_| invalid("action", format!("unknown action {}", p.action)))?;
+    let window = match &p.window {
+        None => None,
+        Some(d) => {
+            if d.seconds < 0 || d.nanos < 0 {
+                return Err(invalid("window", "must be positive".into()));
+            }
+            let ns = d.seconds as u128 * 1_000_000_000 + d.nanos as u128;
+            if !ns.is_multiple_of(1000) {
+                return Err(invalid(
+                    "window",
+                    "must be a whole number of microseconds".into(),
+                ));
+            }
+            let us = u64::try_from(ns / 1000).unwrap_or(u64::MAX);
+            Some(Window::from_micros(us).map_err(|e| invalid("window", e))?)
+        }
+    };
+    let limit = Limit {
+        limit: p.limit,
+        window,
+        action: match action {
+            proto::Action::Unspecified | proto::Action::Limit => Action::Limit,
+            proto::Action::Pass => Action::Pass,
+            proto::Action::Drop => Action::Drop,
+        },
+        weight: None,
+    };
+    let resolved = limit.resolve().map_err(|e| invalid(e.field, e.message))?;
+    Ok((selector, resolved))
+}
+
+/// A policy as the API shows it.
+pub fn policy_proto(selector: &Selector, r: &Resolved) -> proto::Policy {
+    let limited = r.action == Action::Limit;
+    proto::Policy {
+        r#match: selector.to_string(),
+        limit: limited.then_some(r.limit),
+        window: limited.then(|| duration(Duration::from_micros(r.window.micros as u64))),
+        action: action_proto(r.action) as i32,
+    }
+}
+
+pub(super) fn change_proto(c: &Change) -> proto::LimitChange {
+    proto::LimitChange {
+        kind: match c.kind {
+            ChangeKind::Set => proto::limit_change::Kind::Set,
+            ChangeKind::Deleted => proto::limit_change::Kind::Deleted,
+        } as i32,
+        policy: Some(policy_proto(&c.selector, &c.limit)),
+        generation: c.generation as u64,
+        source: c.source.as_str().into(),
+    }
+}

@@ -1,0 +1,250 @@
+//! Binding and serving: the Unix socket, TCP with the bearer token and/or TLS, and the routes
+//! (the three services beside gRPC health and reflection).
+
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path};
+
+use anyhow::Context as _;
+use tonic::transport::Server;
+
+use super::{
+    ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, MAX_MESSAGE_BYTES, MAX_STREAMS,
+    REQUEST_TIMEOUT, TlsFiles, auth::*, limits::*, rate_limiter::*, stats::*,
+};
+use crate::proto::{
+    self, limits_server::LimitsServer, rate_limiter_server::RateLimiterServer,
+    stats_server::StatsServer,
+};
+
+/// The routes served on every listener: the three services, health and reflection.
+fn routes(
+    state: &ApiState,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<tonic::service::Routes> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
+        .add_service(
+            RateLimiterServer::new(RateLimiterService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            LimitsServer::new(LimitsService {
+                state: state.clone(),
+                stop: stop.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            StatsServer::new(StatsService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(health)
+        .add_service(reflection);
+    Ok(routes.routes())
+}
+
+fn server() -> Server {
+    Server::builder()
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .max_concurrent_streams(MAX_STREAMS)
+        .timeout(REQUEST_TIMEOUT)
+}
+
+/// Binds the Unix socket: its directory is created (0755), a stale socket from a dead agent is
+/// replaced, a live one (another agent) is an error, and the socket is made 0600.
+pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "API socket path {} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "API socket {} is in use by another process (another agent on this interface?)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale API socket {}", path.display()))?;
+    }
+    // Bind with a restrictive umask so the socket is never briefly open to others.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The running API servers.
+pub struct Served {
+    /// One task per listener; each ends after shutdown, once its requests are done.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The bound TCP address (useful with port 0).
+    pub tcp: Option<SocketAddr>,
+}
+
+/// The API's listeners, bound (and its TLS files read) before the agent touches the kernel, so
+/// that a port in use, a bad certificate or a second agent on the same socket stops the start
+/// before anything is attached or written.
+pub struct Listeners {
+    unix: tokio::net::UnixListener,
+    tcp: Option<(
+        tokio::net::TcpListener,
+        Option<tonic::transport::ServerTlsConfig>,
+    )>,
+}
+
+/// Binds the Unix socket and, if configured, the TCP listener with its TLS setup.
+pub async fn bind(opts: &ApiOptions) -> anyhow::Result<Listeners> {
+    let unix = bind_unix(&opts.socket)?;
+    let tcp = match opts.listen {
+        None => None,
+        Some(addr) => {
+            let bound = async {
+                let mutual_tls = opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+                if opts.token.is_none() && !mutual_tls {
+                    anyhow::bail!(
+                        "--api-listen {addr} needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
+                    );
+                }
+                let tls = match &opts.tls {
+                    None => None,
+                    Some(tls) => Some(tls_config(tls)?),
+                };
+                if tls.is_none() && !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        %addr,
+                        "the API's bearer token travels in clear text over TCP without TLS; add --api-tls-cert/--api-tls-key"
+                    );
+                }
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the API to {addr}"))?;
+                Ok((listener, tls))
+            }
+            .await;
+            match bound {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&opts.socket);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    Ok(Listeners { unix, tcp })
+}
+
+/// The server's TLS setup: its certificate, and with a client CA, mutual TLS.
+fn tls_config(tls: &TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read =
+        |p: &Path| std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()));
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    // Fail now on a bad certificate or key, not at the first connection.
+    Server::builder()
+        .tls_config(config.clone())
+        .context("configuring TLS for the API")?;
+    Ok(config)
+}
+
+/// Serves the API on `listeners` until `shutdown` flips to true.
+pub async fn serve(
+    state: ApiState,
+    opts: ApiOptions,
+    listeners: Listeners,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Served> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<RateLimiterServer<RateLimiterService>>()
+        .await;
+    reporter.set_serving::<LimitsServer<LimitsService>>().await;
+    reporter.set_serving::<StatsServer<StatsService>>().await;
+    let mut tasks = Vec::new();
+    let mut tcp = None;
+
+    let unix = listeners.unix;
+    let socket = opts.socket.clone();
+    let routes_unix = routes(&state, &shutdown, health.clone())?;
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(unix);
+        let result = server()
+            .add_routes(routes_unix)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("API on {}: {e}", socket.display());
+        }
+        let _ = std::fs::remove_file(&socket);
+    }));
+    tracing::info!(socket = %opts.socket.display(), "API listening on the Unix socket");
+
+    if let Some((listener, tls)) = listeners.tcp {
+        let mut builder = server();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .context("configuring TLS for the API")?;
+        }
+        let local = listener.local_addr()?;
+        tcp = Some(local);
+        let routes_tcp = routes(&state, &shutdown, health)?;
+        let token = opts.token.clone();
+        tasks.push(tokio::spawn(async move {
+            // TCP_NODELAY: without it Nagle holds the last part of a multi-frame response (a
+            // CheckBatch reply) until the client's delayed ACK, ~40 ms per call.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let stop = async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            };
+            let result = match token {
+                Some(token) => {
+                    builder
+                        .layer(tonic::service::InterceptorLayer::new(BearerAuth::new(
+                            &token,
+                        )))
+                        .add_routes(routes_tcp)
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                }
+                None => {
+                    builder
+                        .add_routes(routes_tcp)
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!("API on {local}: {e}");
+            }
+        }));
+        tracing::info!(%local, tls = opts.tls.is_some(), token = opts.token.is_some(), "API listening on TCP");
+    }
+    Ok(Served { tasks, tcp })
+}

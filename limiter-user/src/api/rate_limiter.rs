@@ -1,0 +1,83 @@
+//! The `RateLimiter` service: checks, single and batched, through the check program.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use tonic::{Request, Response, Status};
+
+use super::{ApiState, convert::*, counted};
+use crate::{
+    check::{ClientId, Decision},
+    metrics::Counters,
+    proto::{
+        self,
+        rate_limiter_server::{self},
+    },
+};
+
+pub struct RateLimiterService(pub ApiState);
+
+#[tonic::async_trait]
+impl rate_limiter_server::RateLimiter for RateLimiterService {
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
+        let r = async {
+            let (id, hits) = parse_check(request.get_ref(), None)?;
+            let d = self.0.checker.check(&id, hits).map_err(check_status)?;
+            self.count(&d);
+            Ok(Response::new(decision_proto(&d)))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+
+    async fn check_batch(
+        &self,
+        request: Request<proto::CheckBatchRequest>,
+    ) -> Result<Response<proto::CheckBatchResponse>, Status> {
+        let r = async {
+            let checks = &request.get_ref().checks;
+            if checks.len() > self.0.max_batch {
+                return Err(Status::invalid_argument(format!(
+                    "checks: {} checks in one batch, at most {}",
+                    checks.len(),
+                    self.0.max_batch
+                )));
+            }
+            // Validate all first: a bad check rejects the batch before anything is spent.
+            let parsed = checks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| parse_check(c, Some(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<(&ClientId, u32)> = parsed.iter().map(|(id, h)| (id, *h)).collect();
+            let decisions = self.0.checker.check_all(&refs).map_err(check_status)?;
+            let results = decisions
+                .iter()
+                .map(|d| {
+                    self.count(d);
+                    decision_proto(d)
+                })
+                .collect();
+            Ok(Response::new(proto::CheckBatchResponse { results }))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+}
+
+impl RateLimiterService {
+    fn counters(&self) -> Arc<Counters> {
+        self.0.counters.clone()
+    }
+
+    fn count(&self, d: &Decision) {
+        let counter = if d.allowed && !d.dry_run_denied {
+            &self.0.counters.checks_allowed
+        } else {
+            &self.0.counters.checks_denied
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,206 @@
+//! The `Stats` service: global counters, one client, the busiest clients.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use limiter_common::{
+    ClientState,
+    addr::ClientKey,
+    maps::{ACTION_DROP, ACTION_PASS, MODE_DRY_RUN},
+    window::estimate_at,
+};
+use tonic::{Request, Response, Status};
+
+use super::{ApiState, blocking, convert::*, counted};
+use crate::{
+    check::ClientId,
+    config::Action,
+    datapath::{LINK_PIN, pin_dir},
+    metrics::Counters,
+    proto::{
+        self,
+        stats_server::{self},
+    },
+    stats::monotonic_ns,
+};
+
+pub struct StatsService(pub ApiState);
+
+impl StatsService {
+    fn counters(&self) -> Arc<Counters> {
+        self.0.counters.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl stats_server::Stats for StatsService {
+    async fn global(
+        &self,
+        _request: Request<proto::GlobalStatsRequest>,
+    ) -> Result<Response<proto::GlobalStats>, Status> {
+        let r = async {
+            let state = self.0.clone();
+            let out = blocking(move || global(&state)).await?;
+            Ok(Response::new(out))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+
+    async fn client(
+        &self,
+        request: Request<proto::ClientStatsRequest>,
+    ) -> Result<Response<proto::ClientStats>, Status> {
+        let r = async {
+            let id: ClientId = request.get_ref().client_id.parse().map_err(check_status)?;
+            let d = self.0.checker.check(&id, 0).map_err(check_status)?;
+            Ok(Response::new(proto::ClientStats {
+                client_id: id.to_string(),
+                policy: d.policy.to_string(),
+                action: action_proto(d.action) as i32,
+                limit: d.limit,
+                window: Some(duration(d.window)),
+                estimate: d.estimate,
+                passed: d.passed,
+                dropped: d.dropped,
+                resident: d.resident,
+                scale: 1.0,
+                utilisation: 0.0,
+            }))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+
+    async fn top(
+        &self,
+        request: Request<proto::TopRequest>,
+    ) -> Result<Response<proto::TopResponse>, Status> {
+        let r = async {
+            let n = request.get_ref().n as usize;
+            let state = self.0.clone();
+            let clients = blocking(move || top(&state, n)).await?;
+            Ok(Response::new(proto::TopResponse { clients }))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+}
+
+pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
+    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
+    // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
+    let (g, config, adaptive, maps) = state.limits.with_tables(|t| {
+        Ok::<_, Status>((
+            t.global().map_err(internal)?,
+            t.map_config().map_err(internal)?,
+            t.adaptive_status().map_err(internal)?,
+            t.client_maps().map_err(internal)?,
+        ))
+    })?;
+    let (clients, ids) = maps.resident().map_err(internal)?;
+    let c = &state.counters;
+    Ok(proto::GlobalStats {
+        packets_passed: g.passed,
+        packets_dropped: g.dropped,
+        packets_non_ip: g.non_ip,
+        packets_malformed: g.malformed,
+        clients_created: g.new_clients,
+        map_full: g.map_full,
+        policy_resolves: g.resolves,
+        contended: g.contended,
+        clients_resident: clients,
+        ids_resident: ids,
+        checks_allowed: c.checks_allowed.load(Ordering::Relaxed),
+        checks_denied: c.checks_denied.load(Ordering::Relaxed),
+        policy_generation: config.generation as u64,
+        dry_run: config.mode == MODE_DRY_RUN,
+        attached: pin_dir(&state.iface).join(LINK_PIN).exists(),
+        config_reloads: c.config_reloads.load(Ordering::Relaxed),
+        config_rejects: c.config_rejects.load(Ordering::Relaxed),
+        adaptive: adaptive.enabled(),
+        cpu: adaptive.cpu(),
+        load_factor: adaptive.load_factor(),
+        adaptive_tracked: adaptive.tracked,
+    })
+}
+
+/// The busiest clients (addresses and IDs) by current rate. IDs are stored by hash; those named
+/// by a policy are shown by name, others as `id:` and the first 8 bytes of the hash in hex.
+pub(super) fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
+    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
+    let view = state.checker.view();
+    let config = state.limits.config();
+    let id_names: HashMap<ClientKey, String> = config
+        .named_policies()
+        .keys()
+        .map(|n| (n.key(), n.to_string()))
+        .collect();
+    let maps = state
+        .limits
+        .with_tables(|t| t.client_maps())
+        .map_err(internal)?;
+    let addresses = maps.addresses().map_err(internal)?;
+    let named = maps.ids().map_err(internal)?;
+    let now = monotonic_ns();
+    let row = |id: String, s: &ClientState| {
+        let window_ns = s.window_us as u64 * 1000;
+        let estimate = std::num::NonZeroU64::new(window_ns)
+            .filter(|_| s.action() != ACTION_PASS && s.action() != ACTION_DROP)
+            .map_or(0, |w| estimate_at(&s.slots, now, w));
+        let action = match s.action() {
+            ACTION_PASS => Action::Pass,
+            ACTION_DROP => Action::Drop,
+            _ => Action::Limit,
+        };
+        let rate = if window_ns > 0 {
+            estimate as f64 / window_ns as f64
+        } else {
+            0.0
+        };
+        let base = config
+            .policy_base(s.policy())
+            .map(|r| r.to_policy(s.policy()));
+        let (scale, utilisation) = crate::stats::adaptation(s, base.as_ref(), rate * 1e9);
+        (
+            rate,
+            proto::ClientStats {
+                client_id: id,
+                policy: view.name(s.policy()).to_string(),
+                action: action_proto(action) as i32,
+                limit: s.limit,
+                window: Some(duration(Duration::from_nanos(window_ns))),
+                estimate,
+                passed: s.total_passed(),
+                dropped: s.dropped_count(),
+                resident: true,
+                scale,
+                utilisation,
+            },
+        )
+    };
+    let mut rows: Vec<(f64, proto::ClientStats)> = addresses
+        .iter()
+        .map(|(k, s)| (crate::stats::addr_of(k).to_string(), s))
+        .chain(named.iter().map(|(k, s)| {
+            let name = id_names.get(k).cloned().unwrap_or_else(|| {
+                let hex: String = k[..8].iter().map(|b| format!("{b:02x}")).collect();
+                format!("id:{hex}")
+            });
+            (name, s)
+        }))
+        .map(|(id, s)| row(id, s))
+        .collect();
+    rows.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then((b.1.passed + b.1.dropped).cmp(&(a.1.passed + a.1.dropped)))
+            .then(a.1.client_id.cmp(&b.1.client_id))
+    });
+    if n > 0 {
+        rows.truncate(n);
+    }
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
+}
