@@ -356,3 +356,114 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
     }
     d
 }
+
+#[cfg(test)]
+mod tests {
+    use limiter_common::maps::VERDICT_WRITTEN;
+
+    use super::*;
+
+    fn view(yaml: &str) -> PolicyView {
+        PolicyView::new(&Config::parse(yaml).expect("valid config"))
+    }
+
+    const CONFIG: &str = "\
+default: { limit: 10, window: 100ms }
+policies:
+  - match: 10.0.0.0/8
+    action: pass
+  - match: 192.0.2.0/24
+    action: drop
+";
+
+    /// A reply for a fresh entry of `config`'s policy `id`.
+    fn reply(config: &Config, id: u16, verdict: u32) -> CheckReply {
+        let policy = config.policy_base(id).expect("policy").to_policy(id);
+        CheckReply {
+            state: ClientState::fresh(&policy, 1),
+            now_ns: 1_000_000_000,
+            verdict: verdict | VERDICT_WRITTEN,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn ids_parse_as_one_address_or_a_name() {
+        let id = |s: &str| s.parse::<ClientId>();
+        assert_eq!(
+            id("192.0.2.1").unwrap(),
+            ClientId::Addr("192.0.2.1".parse().unwrap())
+        );
+        // An IPv4-mapped IPv6 address is the IPv4 client.
+        assert_eq!(
+            id("::ffff:192.0.2.1").unwrap(),
+            ClientId::Addr("192.0.2.1".parse().unwrap())
+        );
+        assert!(
+            matches!(id("tenant-acme").unwrap(), ClientId::Named(n) if n.as_str() == "tenant-acme")
+        );
+        for bad in ["10.0.0.0/8", "10.0.0.300", "", "default", " padded"] {
+            assert!(
+                matches!(id(bad), Err(CheckError::InvalidId(_))),
+                "{bad:?} must be rejected"
+            );
+        }
+        assert_eq!(
+            id("2001:db8::1").unwrap().key(),
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+    }
+
+    #[test]
+    fn a_limited_client_with_room_is_allowed_with_its_remaining_hits() {
+        let config = Config::parse(CONFIG).unwrap();
+        let v = PolicyView::new(&config);
+        let d = decision(&reply(&config, 0, VERDICT_ALLOWED), 1, &v);
+        assert!(d.allowed && !d.dry_run_denied);
+        assert_eq!(
+            (d.action, d.limit, d.remaining, d.estimate),
+            (Action::Limit, 10, 10, 0)
+        );
+        assert_eq!(d.window, Duration::from_millis(100));
+        assert_eq!(&*d.policy, "default");
+        assert!(d.resident && !d.overflow);
+        // The program refused the hits: denied, and told when to retry.
+        let d = decision(&reply(&config, 0, 0), 1, &v);
+        assert!(!d.allowed);
+        // A read (0 hits) is allowed while one more hit would be.
+        assert!(decision(&reply(&config, 0, 0), 0, &v).allowed);
+    }
+
+    #[test]
+    fn pass_and_drop_policies_decide_without_counting() {
+        let config = Config::parse(CONFIG).unwrap();
+        let v = PolicyView::new(&config);
+        let pass = decision(&reply(&config, 1, VERDICT_NOT_RESIDENT), 5, &v);
+        assert!(pass.allowed && !pass.resident);
+        assert_eq!(
+            (pass.action, pass.limit, pass.remaining),
+            (Action::Pass, u32::MAX, u32::MAX)
+        );
+        assert_eq!(&*pass.policy, "10.0.0.0/8");
+        let drop = decision(&reply(&config, 2, VERDICT_OVERFLOW), 1, &v);
+        assert!(!drop.allowed && drop.overflow);
+        assert_eq!(
+            (drop.action, drop.limit, drop.retry_after),
+            (Action::Drop, 0, None)
+        );
+    }
+
+    #[test]
+    fn dry_run_allows_what_it_would_deny_and_says_so() {
+        let yaml = format!("mode: dry-run\n{CONFIG}");
+        let config = Config::parse(&yaml).unwrap();
+        let d = decision(&reply(&config, 2, 0), 1, &view(&yaml));
+        assert!(d.allowed && d.dry_run_denied);
+        assert_eq!(d.retry_after, None);
+        let ok = decision(&reply(&config, 0, VERDICT_ALLOWED), 1, &view(&yaml));
+        assert!(ok.allowed && !ok.dry_run_denied);
+    }
+}

@@ -447,3 +447,65 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::parse(yaml).expect("valid config")
+    }
+
+    fn described(changes: &[Change]) -> Vec<(ChangeKind, String, u32)> {
+        changes
+            .iter()
+            .map(|c| (c.kind, c.selector.to_string(), c.limit.limit))
+            .collect()
+    }
+
+    #[test]
+    fn diff_lists_the_default_then_sets_then_removals() {
+        let old = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, limit: 2, window: 1s }\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n",
+        );
+        let new = config(
+            "default: { limit: 20, window: 1s }\npolicies:\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n  - { match: tenant-a, limit: 5, window: 1s }\n  - { match: tenant-b, limit: 6, window: 1s }\n",
+        );
+        let changes = diff(&old, &new, 7, Source::File);
+        assert_eq!(
+            described(&changes),
+            [
+                (ChangeKind::Set, "default".into(), 20),
+                (ChangeKind::Set, "tenant-a".into(), 5),
+                (ChangeKind::Set, "tenant-b".into(), 6),
+                // A removed policy is reported as it was.
+                (ChangeKind::Deleted, "10.0.0.0/8".into(), 1),
+            ]
+        );
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.generation == 7 && c.source == Source::File)
+        );
+    }
+
+    #[test]
+    fn diff_of_equal_configs_is_empty_and_reordering_is_no_change() {
+        let a = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
+        );
+        let b = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: tenant-a, action: pass }\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n",
+        );
+        assert!(diff(&a, &a, 1, Source::Api).is_empty());
+        assert!(diff(&a, &b, 1, Source::Api).is_empty());
+        // A changed window alone is a change.
+        let c = config(
+            "default: { limit: 10, window: 2s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
+        );
+        assert_eq!(
+            described(&diff(&a, &c, 1, Source::Api)),
+            [(ChangeKind::Set, "default".into(), 10)]
+        );
+    }
+}

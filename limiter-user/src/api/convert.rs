@@ -143,3 +143,100 @@ pub(super) fn change_proto(c: &Change) -> proto::LimitChange {
         source: c.source.as_str().into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use crate::config::Config;
+
+    use super::*;
+
+    fn policy(
+        m: &str,
+        limit: Option<u32>,
+        window_ms: Option<i64>,
+        action: proto::Action,
+    ) -> proto::Policy {
+        proto::Policy {
+            r#match: m.into(),
+            limit,
+            window: window_ms.map(|ms| prost_types::Duration {
+                seconds: ms / 1000,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            }),
+            action: action as i32,
+        }
+    }
+
+    /// The message of an INVALID_ARGUMENT.
+    fn rejected(p: &proto::Policy) -> String {
+        let status = parse_policy(p).expect_err("must be rejected");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        status.message().to_string()
+    }
+
+    #[test]
+    fn an_api_policy_resolves_as_the_same_policy_in_the_file_would() {
+        use proto::Action::*;
+        let (selector, r) =
+            parse_policy(&policy("10.0.0.0/8", Some(5), Some(1500), Limit)).unwrap();
+        assert_eq!(selector.to_string(), "10.0.0.0/8");
+        let file = Config::parse("default: { limit: 5, window: 1500ms }").unwrap();
+        assert_eq!(r, file.default);
+        // ACTION_UNSPECIFIED is a limit; `default` selects the default.
+        let (selector, _) =
+            parse_policy(&policy("default", Some(1), Some(10), Unspecified)).unwrap();
+        assert_eq!(selector, Selector::Default);
+        let (_, pass) = parse_policy(&policy("tenant-a", None, None, Pass)).unwrap();
+        assert_eq!(
+            pass,
+            Config::parse("default: { action: pass }").unwrap().default
+        );
+        let (_, drop) = parse_policy(&policy("tenant-a", Some(0), None, Drop)).unwrap();
+        assert_eq!(drop.action, Action::Drop);
+    }
+
+    #[test]
+    fn bad_api_policies_name_the_field_at_fault() {
+        use proto::Action::*;
+        for (p, field) in [
+            (
+                policy("10.0.0.0/33", Some(1), Some(1000), Limit),
+                "policy.match: ",
+            ),
+            (policy("", Some(1), Some(1000), Limit), "policy.match: "),
+            (
+                policy("10.0.0.0/24", None, Some(1000), Limit),
+                "policy.limit: ",
+            ),
+            (
+                policy("10.0.0.0/24", Some(1), None, Limit),
+                "policy.window: ",
+            ),
+            (
+                policy("10.0.0.0/24", Some(1), Some(5), Limit),
+                "policy.window: ",
+            ),
+            (
+                policy("10.0.0.0/24", Some(1), Some(7_200_000), Limit),
+                "policy.window: ",
+            ),
+            (policy("10.0.0.0/24", Some(1), None, Pass), "policy.limit: "),
+            (
+                policy("10.0.0.0/24", None, Some(1000), Drop),
+                "policy.window: ",
+            ),
+            (policy("10.0.0.0/24", Some(3), None, Drop), "policy.limit: "),
+        ] {
+            let message = rejected(&p);
+            assert!(message.starts_with(field), "{p:?}: {message}");
+        }
+        let mut unknown = policy("10.0.0.0/24", Some(1), Some(1000), Limit);
+        unknown.action = 42;
+        assert!(rejected(&unknown).starts_with("policy.action: "));
+        let mut sub_micro = policy("10.0.0.0/24", Some(1), Some(1000), Limit);
+        sub_micro.window.as_mut().unwrap().nanos = 1;
+        assert!(rejected(&sub_micro).contains("whole number of microseconds"));
+    }
+}
