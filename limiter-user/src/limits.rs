@@ -125,7 +125,7 @@ struct Inner {
 }
 
 /// The live policies (see the module docs).
-pub struct Limits {
+pub struct PolicyStore {
     inner: Mutex<Inner>,
     checker: Arc<Checker>,
     counters: Arc<Counters>,
@@ -138,7 +138,7 @@ fn hash(text: &str) -> u64 {
     h.finish()
 }
 
-impl Limits {
+impl PolicyStore {
     /// `config` has been applied to `tables` from the file's `text`.
     pub fn new(
         tables: Tables,
@@ -147,8 +147,8 @@ impl Limits {
         text: &str,
         checker: Arc<Checker>,
         counters: Arc<Counters>,
-    ) -> Limits {
-        Limits {
+    ) -> PolicyStore {
+        PolicyStore {
             inner: Mutex::new(Inner {
                 tables,
                 path,

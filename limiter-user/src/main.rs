@@ -315,7 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return block_on(remote_stats(top, json, api.target(None)));
             };
             let tables = Tables::open_pinned(&iface)?;
-            let snapshot = stats::snapshot(&tables, &iface, top)?;
+            let snapshot = stats::report(&tables, &iface, top)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {

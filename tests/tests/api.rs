@@ -20,7 +20,7 @@ use limiter_user::{
     client::{self, Clients, Target},
     config::Config,
     datapath::{self, LoadOptions, Tables},
-    limits::Limits,
+    limits::PolicyStore,
     metrics::Counters,
     proto,
 };
@@ -51,7 +51,7 @@ const TOKEN: &str = "correct-horse-battery-staple";
 struct Fixture {
     dir: TempDir,
     config: PathBuf,
-    limits: Arc<Limits>,
+    limits: Arc<PolicyStore>,
     counters: Arc<Counters>,
     ebpf: Ebpf,
     stop: tokio::sync::watch::Sender<bool>,
@@ -93,7 +93,7 @@ impl Fixture {
         program.load()?;
         let counters = Arc::new(Counters::default());
         let checker = Arc::new(Checker::new(check_program, &parsed));
-        let limits = Arc::new(Limits::new(
+        let limits = Arc::new(PolicyStore::new(
             tables,
             config.clone(),
             parsed,

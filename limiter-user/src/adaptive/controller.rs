@@ -250,7 +250,7 @@ fn ewma(prev: Option<f64>, sample: f64, alpha: f64) -> f64 {
 }
 
 #[derive(Debug, Clone)]
-struct ClientState {
+struct ClientTrack {
     limit: u32,
     window_us: u32,
     /// The weight of the last observation.
@@ -268,9 +268,9 @@ struct ClientState {
     last_seen: u64,
 }
 
-impl ClientState {
+impl ClientTrack {
     fn new(obs: &ClientObservation, util: f64, now: u64) -> Self {
-        ClientState {
+        ClientTrack {
             limit: obs.limit,
             window_us: obs.window_us,
             weight: obs.weight,
@@ -320,7 +320,7 @@ pub struct Controller {
     factor: Guarded,
     /// `g` at the end of the previous period (for the dwell exception of `gᵢ`).
     last_factor: f64,
-    clients: HashMap<ClientKey, ClientState>,
+    clients: HashMap<ClientKey, ClientTrack>,
     /// Timing wheel of `idle_periods + 1` slots: slot `t % len` holds the clients to check for
     /// expiry at period `t`.
     wheel: Vec<Vec<ClientKey>>,
@@ -523,7 +523,7 @@ impl Controller {
             }
         };
         if fresh {
-            let state = ClientState::new(obs, util, now);
+            let state = ClientTrack::new(obs, util, now);
             self.clients.insert(obs.key, state);
         }
         let state = self.clients.get_mut(&obs.key).expect("inserted above");
@@ -557,7 +557,7 @@ impl Controller {
         if g >= 1.0 {
             return vec![1.0; observed.len()];
         }
-        let states: Vec<&ClientState> = observed.iter().map(|k| &self.clients[k]).collect();
+        let states: Vec<&ClientTrack> = observed.iter().map(|k| &self.clients[k]).collect();
         let claims: Vec<FairDemand> = states
             .iter()
             .map(|s| FairDemand {

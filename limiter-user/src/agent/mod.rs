@@ -20,9 +20,10 @@ use crate::{
     check::Checker,
     config::Config,
     datapath::{self, AttachMode, LoadOptions, Tables},
-    limits::Limits,
+    limits::PolicyStore,
     metrics::{self, Counters, MapFigures},
     snapshot::{Clocks, Snapshot},
+    stats::Figures,
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;
@@ -160,7 +161,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let checker = Arc::new(Checker::new(check_program, &config));
-    let limits = Arc::new(Limits::new(
+    let limits = Arc::new(PolicyStore::new(
         tables,
         opts.config.clone(),
         config,
@@ -295,7 +296,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// returned sender is dropped.
 fn spawn_adaptive(
     mut tuner: Tuner,
-    limits: Arc<Limits>,
+    limits: Arc<PolicyStore>,
 ) -> anyhow::Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -347,25 +348,16 @@ fn spawn_adaptive(
 }
 
 /// What the metrics endpoint reads from the maps at each scrape.
-fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
-    // The walk that counts residents runs on duplicated descriptors, outside the policy lock.
-    let (global, config, adaptive, maps) = limits.with_tables(|t| {
-        Ok::<_, datapath::DatapathError>((
-            t.global()?,
-            t.map_config()?,
-            t.adaptive_status()?,
-            t.client_maps()?,
-        ))
-    })?;
-    let (clients_resident, ids_resident) = maps.resident()?;
+fn map_figures(limits: &PolicyStore, iface: &str) -> anyhow::Result<MapFigures> {
+    let f = Figures::read(|read| limits.with_tables(read), iface)?;
     Ok(MapFigures {
-        global,
-        clients_resident,
-        ids_resident,
-        policy_generation: config.generation as u64,
-        attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
-        dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
-        adaptive,
+        global: f.global,
+        clients_resident: f.clients_resident,
+        ids_resident: f.ids_resident,
+        policy_generation: f.policy_generation as u64,
+        attached: f.attached,
+        dry_run: f.dry_run,
+        adaptive: f.adaptive,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The gRPC API (`proto/limiter.proto`): each method validates its request, calls [`Checker`],
-//! [`Limits`] or the maps, and maps a typed error to a `Status` naming the field.
+//! [`PolicyStore`] or the maps, and maps a typed error to a `Status` naming the field.
 //!
 //! Served on a Unix socket (mode 0600) and, when configured, on TCP behind a bearer token and/or
 //! mutual TLS; both beside gRPC health and reflection. Requests are bounded in size, in batch
@@ -16,7 +16,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tonic::Status;
 
-use crate::{check::Checker, limits::Limits, metrics::Counters};
+use crate::{check::Checker, limits::PolicyStore, metrics::Counters};
 
 pub use self::{
     auth::{BearerAuth, read_token},
@@ -71,7 +71,7 @@ pub fn default_socket(iface: &str) -> PathBuf {
 pub struct ApiState {
     pub iface: String,
     pub checker: Arc<Checker>,
-    pub limits: Arc<Limits>,
+    pub limits: Arc<PolicyStore>,
     pub counters: Arc<Counters>,
     pub max_batch: usize,
 }

@@ -9,7 +9,7 @@ use std::{
 use limiter_common::{
     ClientState,
     addr::ClientKey,
-    maps::{ACTION_DROP, ACTION_PASS, MODE_DRY_RUN},
+    maps::{ACTION_DROP, ACTION_PASS},
     window::estimate_at,
 };
 use tonic::{Request, Response, Status};
@@ -18,12 +18,12 @@ use super::{ApiState, blocking, convert::*, counted};
 use crate::{
     check::ClientId,
     config::Action,
-    datapath::{LINK_PIN, pin_dir},
     metrics::Counters,
     proto::{
         self,
         stats_server::{self},
     },
+    stats::Figures,
     stats::monotonic_ns,
 };
 
@@ -91,18 +91,10 @@ impl stats_server::Stats for StatsService {
 }
 
 pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
-    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
     // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
-    let (g, config, adaptive, maps) = state.limits.with_tables(|t| {
-        Ok::<_, Status>((
-            t.global().map_err(internal)?,
-            t.map_config().map_err(internal)?,
-            t.adaptive_status().map_err(internal)?,
-            t.client_maps().map_err(internal)?,
-        ))
-    })?;
-    let (clients, ids) = maps.resident().map_err(internal)?;
-    let c = &state.counters;
+    let f = Figures::read(|read| state.limits.with_tables(read), &state.iface)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let (g, adaptive, c) = (&f.global, &f.adaptive, &state.counters);
     Ok(proto::GlobalStats {
         packets_passed: g.passed,
         packets_dropped: g.dropped,
@@ -112,13 +104,13 @@ pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
         map_full: g.map_full,
         policy_resolves: g.resolves,
         contended: g.contended,
-        clients_resident: clients,
-        ids_resident: ids,
+        clients_resident: f.clients_resident,
+        ids_resident: f.ids_resident,
         checks_allowed: c.checks_allowed.load(Ordering::Relaxed),
         checks_denied: c.checks_denied.load(Ordering::Relaxed),
-        policy_generation: config.generation as u64,
-        dry_run: config.mode == MODE_DRY_RUN,
-        attached: pin_dir(&state.iface).join(LINK_PIN).exists(),
+        policy_generation: f.policy_generation as u64,
+        dry_run: f.dry_run,
+        attached: f.attached,
         config_reloads: c.config_reloads.load(Ordering::Relaxed),
         config_rejects: c.config_rejects.load(Ordering::Relaxed),
         adaptive: adaptive.enabled(),

@@ -1,10 +1,12 @@
-//! `limiter stats`: global counters and the busiest clients, read from the pinned maps (works
-//! while the agent runs, and after it is gone while the pins remain).
+//! The one read model of what the datapath reports: global counters and status
+//! ([`Figures`], read by the CLI's `limiter stats`, the API's Stats service and the agent's
+//! Prometheus endpoint) and client rows ([`ClientRow`]). Works while the agent runs, and after
+//! it is gone while the pins remain.
 
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr, num::NonZeroU64};
 
 use limiter_common::{
-    ClientState, GlobalStats, Policy,
+    AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
     addr::{ClientKey, as_v4},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
     window::estimate_at,
@@ -13,11 +15,76 @@ use serde::Serialize;
 
 use crate::{
     config::{Cidr, Window},
-    datapath::{DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
+    datapath::{ClientMaps, DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
 };
 
+/// The global figures of the maps at one moment: what every consumer reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figures {
+    /// The per-CPU `STATS` counters, summed over CPUs.
+    pub global: GlobalStats,
+    /// Client entries keyed by an IP address (dynamic and static).
+    pub clients_resident: u64,
+    /// Client entries keyed by a named ID (from the API).
+    pub ids_resident: u64,
+    /// The policy generation: bumped on every policy change.
+    pub policy_generation: u32,
+    /// The program is attached through the pinned link (false after an orderly stop, or before
+    /// the agent attached).
+    pub attached: bool,
+    /// Over-limit packets are counted, not dropped.
+    pub dry_run: bool,
+    /// The adaptive controller's status, as the agent last wrote it.
+    pub adaptive: AdaptiveStatus,
+}
+
+/// The part of [`Figures`] read under the policy lock: cheap reads, and duplicated descriptors
+/// for the walks, which run outside it.
+pub struct LockedReads {
+    global: GlobalStats,
+    config: MapConfig,
+    adaptive: AdaptiveStatus,
+    maps: ClientMaps,
+}
+
+impl LockedReads {
+    pub fn read(tables: &Tables) -> Result<LockedReads, DatapathError> {
+        Ok(LockedReads {
+            global: tables.global()?,
+            config: tables.map_config()?,
+            adaptive: tables.adaptive_status()?,
+            maps: tables.client_maps()?,
+        })
+    }
+}
+
+impl Figures {
+    /// Reads the figures of `iface`'s maps: `locked` runs [`LockedReads::read`] on the tables
+    /// (under whatever lock guards them; `|read| read(&tables)` without one), and the walks
+    /// that count residents run after it returns.
+    pub fn read(
+        locked: impl FnOnce(
+            fn(&Tables) -> Result<LockedReads, DatapathError>,
+        ) -> Result<LockedReads, DatapathError>,
+        iface: &str,
+    ) -> Result<Figures, DatapathError> {
+        let reads = locked(LockedReads::read)?;
+        let (clients_resident, ids_resident) = reads.maps.resident()?;
+        Ok(Figures {
+            global: reads.global,
+            clients_resident,
+            ids_resident,
+            policy_generation: reads.config.generation,
+            attached: pin_dir(iface).join(LINK_PIN).exists(),
+            dry_run: reads.config.mode == MODE_DRY_RUN,
+            adaptive: reads.adaptive,
+        })
+    }
+}
+
+/// What `limiter stats` shows: the figures, and the busiest clients.
 #[derive(Debug, Serialize)]
-pub struct Snapshot {
+pub struct Report {
     pub iface: String,
     pub mode: &'static str,
     pub generation: u32,
@@ -180,9 +247,9 @@ pub fn client_row(
 }
 
 /// Reads the maps. `top == 0` lists every client.
-pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, DatapathError> {
-    let config = tables.map_config()?;
-    let g: GlobalStats = tables.global()?;
+pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, DatapathError> {
+    let figures = Figures::read(|read| read(tables), iface)?;
+    let g = figures.global;
     let policies: HashMap<u16, (String, Policy)> = policy_entries(tables)
         .into_iter()
         .map(|((prefix, key), p)| {
@@ -194,10 +261,9 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             (p.id, (name, p))
         })
         .collect();
-    let status = tables.adaptive_status()?;
+    let status = figures.adaptive;
     let now = monotonic_ns();
     let entries = tables.clients()?;
-    let resident = entries.len() as u64;
     let mut rows: Vec<ClientRow> = entries
         .iter()
         .map(|(k, s)| {
@@ -215,15 +281,15 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     if top > 0 {
         rows.truncate(top);
     }
-    Ok(Snapshot {
+    Ok(Report {
         iface: iface.to_string(),
-        mode: if config.mode == MODE_DRY_RUN {
+        mode: if figures.dry_run {
             "dry-run"
         } else {
             "enforce"
         },
-        generation: config.generation,
-        attached: pin_dir(iface).join(LINK_PIN).exists(),
+        generation: figures.policy_generation,
+        attached: figures.attached,
         global: Global {
             passed: g.passed,
             dropped: g.dropped,
@@ -233,7 +299,7 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
             map_full: g.map_full,
             resolves: g.resolves,
             contended: g.contended,
-            clients: resident,
+            clients: figures.clients_resident,
         },
         adaptive: Adaptive {
             enabled: status.enabled(),
@@ -247,7 +313,7 @@ pub fn snapshot(tables: &Tables, iface: &str, top: usize) -> Result<Snapshot, Da
     })
 }
 
-impl Snapshot {
+impl Report {
     /// The plain-text report.
     pub fn render(&self) -> String {
         let g = &self.global;
