@@ -1,6 +1,8 @@
 //! `limiter agent`: load and attach the XDP program, apply the policies, keep them in step with
 //! the config file, detach on SIGINT/SIGTERM.
 
+mod start;
+
 use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
@@ -13,6 +15,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+use self::start::StartGuard;
 use crate::{
     adaptive::load::{FileLoad, LoadSource, SystemLoad},
     adaptive::tuner::Tuner,
@@ -82,12 +85,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Listeners first: a port in use, a bad certificate or another agent on this interface's
     // socket stops the start before anything is loaded, written or attached.
     let listeners = api::bind(&opts.api).await?;
+    let mut guard = StartGuard::new(opts.api.socket.clone());
     let metrics_listener = match opts.metrics {
         None => None,
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
             Err(e) => {
-                let _ = std::fs::remove_file(&opts.api.socket);
                 return Err(e).with_context(|| format!("binding the metrics listener to {addr}"));
             }
         },
@@ -98,7 +101,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => match SystemLoad::new() {
             Ok(load) => Box::new(load),
             Err(e) => {
-                let _ = std::fs::remove_file(&opts.api.socket);
                 return Err(e).context("opening the system CPU load source (/proc/stat)");
             }
         },
@@ -112,6 +114,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         max_ids: opts.max_ids,
     })
     .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
+    if !adopting {
+        guard.created_pins(pins.clone());
+    }
     let snapshot_path = opts.snapshot_path();
     // Policies first, then attach: the first packet the program sees is already enforced.
     let started = (|| -> anyhow::Result<_> {
@@ -137,25 +142,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
         Ok((tables, report, check_program, tuner, attachment))
     })();
-    let (tables, report, check_program, tuner, attachment) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            let _ = std::fs::remove_file(&opts.api.socket);
-            if !adopting {
-                // Leave no pins behind from a start that never enforced anything.
-                drop(ebpf);
-                let _ = datapath::remove_pins(&pins);
-            }
-            return Err(e);
-        }
-    };
+    let (tables, report, check_program, tuner, attachment) = started?;
+    let survives_agent = attachment.is_pinned();
+    guard.attached(attachment);
     tracing::info!(
         iface = %opts.iface,
         pins = %pins.display(),
         policies = config.policies.len(),
         generation = report.generation,
         mode = ?config.mode,
-        survives_agent = attachment.is_pinned(),
+        survives_agent,
         "ready: XDP program attached and policies applied"
     );
 
@@ -183,17 +179,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         stop_rx.clone(),
     )
     .await;
-    let mut tasks = match served {
-        Ok(served) => served.tasks,
-        Err(e) => {
-            // Attached but not serving: do not leave a program nobody manages.
-            if let Err(d) = attachment.detach() {
-                tracing::error!("detaching after a failed start: {d}");
-            }
-            let _ = std::fs::remove_file(&opts.api.socket);
-            return Err(e);
-        }
-    };
+    let mut tasks = served?.tasks;
+    guard.serving(stop_tx);
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
         let limits = limits.clone();
@@ -212,18 +199,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
-    let (adaptive_stop, adaptive_loop) = match spawn_adaptive(tuner, limits.clone()) {
-        Ok(spawned) => spawned,
-        Err(e) => {
-            // As for the API above: attached but not managed is not an option.
-            let _ = stop_tx.send(true);
-            if let Err(d) = attachment.detach() {
-                tracing::error!("detaching after a failed start: {d}");
-            }
-            let _ = std::fs::remove_file(&opts.api.socket);
-            return Err(e);
-        }
-    };
+    let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
+    let (attachment, stop_tx) = guard.started();
 
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,7 +245,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if adaptive_loop.join().is_err() {
         tracing::error!("the adaptive loop panicked");
     }
-    let _ = stop_tx.send(true);
+    if let Some(stop_tx) = &stop_tx {
+        let _ = stop_tx.send(true);
+    }
     for task in tasks {
         if tokio::time::timeout(API_DRAIN, task).await.is_err() {
             tracing::warn!(
@@ -279,7 +258,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
     // program enforcing until the next agent takes it over.) The pinned maps and their counters
     // remain for `limiter stats` and the next agent.
-    let detached = attachment.detach();
+    let detached = attachment.map_or(Ok(()), |a| a.detach());
     // The final snapshot, with the counters as the program left them (taken even if detaching
     // failed: the state is worth keeping either way).
     let fds = limits

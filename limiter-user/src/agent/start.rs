@@ -1,0 +1,77 @@
+//! Undoing a start that fails: one guard instead of the cleanup repeated on every error path.
+
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+
+use crate::datapath::{self, Attachment};
+
+/// What a start that fails before the main loop must undo, done when the guard is dropped
+/// still armed (any early return): stop the API tasks, detach the program (attached but not
+/// managed is not an option), remove the API socket, and remove the pins a fresh start created
+/// before attaching (a start that never enforced anything leaves none behind).
+///
+/// Declare it before the loaded object: locals drop in reverse order, so the object releases
+/// its maps before their pins are removed.
+pub(super) struct StartGuard {
+    socket: PathBuf,
+    fresh_pins: Option<PathBuf>,
+    attachment: Option<Attachment>,
+    stop: Option<watch::Sender<bool>>,
+    started: bool,
+}
+
+impl StartGuard {
+    /// Armed for a start that has bound the API socket at `socket`.
+    pub(super) fn new(socket: PathBuf) -> StartGuard {
+        StartGuard {
+            socket,
+            fresh_pins: None,
+            attachment: None,
+            stop: None,
+            started: false,
+        }
+    }
+
+    /// The pins at `dir` were created by this start (none were there to adopt).
+    pub(super) fn created_pins(&mut self, dir: PathBuf) {
+        self.fresh_pins = Some(dir);
+    }
+
+    /// The program is attached: a failure from here detaches it, and leaves the pins.
+    pub(super) fn attached(&mut self, attachment: Attachment) {
+        self.attachment = Some(attachment);
+        self.fresh_pins = None;
+    }
+
+    /// The API tasks run until `stop` says so.
+    pub(super) fn serving(&mut self, stop: watch::Sender<bool>) {
+        self.stop = Some(stop);
+    }
+
+    /// The start is complete: disarms the guard and hands over what the main loop stops with.
+    pub(super) fn started(mut self) -> (Option<Attachment>, Option<watch::Sender<bool>>) {
+        self.started = true;
+        (self.attachment.take(), self.stop.take())
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if self.started {
+            return;
+        }
+        if let Some(stop) = &self.stop {
+            let _ = stop.send(true);
+        }
+        if let Some(attachment) = self.attachment.take()
+            && let Err(e) = attachment.detach()
+        {
+            tracing::error!("detaching after a failed start: {e}");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        if let Some(pins) = &self.fresh_pins {
+            let _ = datapath::remove_pins(pins);
+        }
+    }
+}
