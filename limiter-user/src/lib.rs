@@ -8,7 +8,7 @@ pub mod adaptive;
 pub mod agent;
 pub mod api;
 pub mod check;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod limits;

@@ -6,7 +6,10 @@ use clap::{Args, Parser, Subcommand};
 use limiter_user::{
     agent::{self, AgentOptions},
     api::{self, ApiOptions, TlsFiles},
-    client::{self, Target, status_error},
+    cli::{
+        client::{self, Target, status_error},
+        render::{self, action_name, client_table, show_duration, show_policy},
+    },
     datapath::{self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, Tables},
     proto, stats,
 };
@@ -319,7 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
-                print!("{}", snapshot.render());
+                print!("{}", render::report(&snapshot));
             }
             Ok(())
         }
@@ -331,15 +334,6 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(f)
-}
-
-fn show_duration(d: Option<&prost_types::Duration>) -> String {
-    d.map_or("-".into(), |d| {
-        format!(
-            "{:?}",
-            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-        )
-    })
 }
 
 async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
@@ -374,27 +368,6 @@ async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
         std::process::exit(3);
     }
     Ok(())
-}
-
-fn action_name(action: i32) -> &'static str {
-    match proto::Action::try_from(action) {
-        Ok(proto::Action::Pass) => "pass",
-        Ok(proto::Action::Drop) => "drop",
-        _ => "limit",
-    }
-}
-
-fn show_policy(p: &proto::Policy) -> String {
-    match proto::Action::try_from(p.action) {
-        Ok(proto::Action::Pass) => format!("{}: pass", p.r#match),
-        Ok(proto::Action::Drop) => format!("{}: drop", p.r#match),
-        _ => format!(
-            "{}: limit {} per {}",
-            p.r#match,
-            p.limit.unwrap_or(0),
-            show_duration(p.window.as_ref())
-        ),
-    }
 }
 
 async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
@@ -476,52 +449,6 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The busiest clients as a table.
-fn client_table(clients: &[proto::ClientStats]) -> String {
-    use std::fmt::Write as _;
-    let mut out = format!(
-        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
-        "CLIENT",
-        "POLICY",
-        "ACTION",
-        "ALLOWANCE",
-        "WINDOW",
-        "SCALE",
-        "UTIL",
-        "RATE/S",
-        "REMAINING",
-        "PASSED",
-        "DROPPED"
-    );
-    for c in clients {
-        let window = c
-            .window
-            .as_ref()
-            .map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 / 1e9);
-        let rate = if window > 0.0 {
-            c.estimate as f64 / window
-        } else {
-            0.0
-        };
-        let _ = writeln!(
-            out,
-            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6.2} {:>6.2} {:>10.1} {:>10} {:>12} {:>12}",
-            c.client_id,
-            c.policy,
-            action_name(c.action),
-            c.limit,
-            show_duration(c.window.as_ref()),
-            c.scale,
-            c.utilisation,
-            rate,
-            (c.limit as u64).saturating_sub(c.estimate),
-            c.passed,
-            c.dropped
-        );
-    }
-    out
 }
 
 async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<()> {

@@ -34,7 +34,7 @@ use limiter_tests::{
     require_root,
 };
 use limiter_user::{
-    client::{self, Clients, Target},
+    cli::client::{self, Clients, Target},
     proto,
 };
 use serde_json::Value;
@@ -145,7 +145,7 @@ async fn bounded<T>(
     }
 }
 
-/// The Rust client (`limiter_user::client`) on its own single-threaded runtime. Use it on the
+/// The Rust client (`limiter_user::cli::client`) on its own single-threaded runtime. Use it on the
 /// thread (and so in the network namespace) that created it, and drop it before the agent
 /// stops: its runtime runs only during a call, so between calls its connection does not answer
 /// the server's shutdown handshake, and the agent's graceful stop would wait its 5 s for it (a

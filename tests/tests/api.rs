@@ -17,7 +17,7 @@ use limiter_tests::{fixture::TempDir, frames::Builder, require_root};
 use limiter_user::{
     api::{self, ApiOptions, ApiState, TlsFiles},
     check::Checker,
-    client::{self, Clients, Target},
+    cli::client::{self, Clients, Target},
     config::Config,
     datapath::{self, LoadOptions, Tables},
     limits::PolicyStore,

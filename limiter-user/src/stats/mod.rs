@@ -3,7 +3,7 @@
 //! Prometheus endpoint) and client rows ([`ClientRow`]). Works while the agent runs, and after
 //! it is gone while the pins remain.
 
-use std::{collections::HashMap, fmt::Write as _, net::IpAddr, num::NonZeroU64};
+use std::{collections::HashMap, net::IpAddr, num::NonZeroU64};
 
 use limiter_common::{
     AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
@@ -14,7 +14,7 @@ use limiter_common::{
 use serde::Serialize;
 
 use crate::{
-    config::{Cidr, Window},
+    config::Cidr,
     datapath::{ClientMaps, DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
 };
 
@@ -311,101 +311,4 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
         },
         clients: rows,
     })
-}
-
-impl Report {
-    /// The plain-text report.
-    pub fn render(&self) -> String {
-        let g = &self.global;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "limiter on {}: {}, mode {}, policy generation {}",
-            self.iface,
-            if self.attached {
-                "attached"
-            } else {
-                "not attached"
-            },
-            self.mode,
-            self.generation
-        );
-        let _ = writeln!(
-            out,
-            "packets: passed {}  dropped {}  non-ip {}  malformed {}",
-            g.passed, g.dropped, g.non_ip, g.malformed
-        );
-        let _ = writeln!(
-            out,
-            "clients: resident {}  created {}  map-full {}  policy lookups {}  contended {}",
-            g.clients, g.new_clients, g.map_full, g.resolves, g.contended
-        );
-        let a = &self.adaptive;
-        if a.enabled {
-            let _ = writeln!(
-                out,
-                "adaptive: cpu {:.0}%  load factor {:.3}  tracking {} clients  period {}ms  periods {}",
-                a.cpu * 100.0,
-                a.load_factor,
-                a.tracked,
-                a.period_ms,
-                a.periods
-            );
-        } else {
-            let _ = writeln!(out, "adaptive: off");
-        }
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
-            "CLIENT",
-            "POLICY",
-            "ACTION",
-            "WINDOW",
-            "ALLOWANCE",
-            "SCALE",
-            "UTIL",
-            "REMAINING",
-            "RATE/S",
-            "PASSED",
-            "DROPPED"
-        );
-        for c in &self.clients {
-            let policy = if c.is_static {
-                format!("{} (static)", c.policy)
-            } else {
-                c.policy.clone()
-            };
-            let (window, allowance, scale, util, remaining) = match c.action {
-                "limit" => (
-                    Window {
-                        micros: (c.window_ms * 1000.0).round() as u32,
-                    }
-                    .to_string(),
-                    c.allowance.to_string(),
-                    format!("{:.2}", c.scale),
-                    format!("{:.2}", c.utilisation),
-                    c.remaining.to_string(),
-                ),
-                _ => Default::default(),
-            };
-            let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
-            let _ = writeln!(
-                out,
-                "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10.1} {:>12} {:>12}",
-                c.addr.to_string(),
-                policy,
-                c.action,
-                dash(window),
-                dash(allowance),
-                dash(scale),
-                dash(util),
-                dash(remaining),
-                c.rate_per_s,
-                c.passed,
-                c.dropped
-            );
-        }
-        out
-    }
 }

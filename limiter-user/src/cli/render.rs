@@ -1,0 +1,176 @@
+//! The CLI's rendering: the `limiter stats` report, the client tables and the formatting of
+//! durations, actions and policies that `main.rs`'s commands print with.
+
+use std::{fmt::Write as _, time::Duration};
+
+use crate::{config::Window, proto, stats::Report};
+
+/// The plain-text `limiter stats` report.
+pub fn report(report: &Report) -> String {
+    let g = &report.global;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "limiter on {}: {}, mode {}, policy generation {}",
+        report.iface,
+        if report.attached {
+            "attached"
+        } else {
+            "not attached"
+        },
+        report.mode,
+        report.generation
+    );
+    let _ = writeln!(
+        out,
+        "packets: passed {}  dropped {}  non-ip {}  malformed {}",
+        g.passed, g.dropped, g.non_ip, g.malformed
+    );
+    let _ = writeln!(
+        out,
+        "clients: resident {}  created {}  map-full {}  policy lookups {}  contended {}",
+        g.clients, g.new_clients, g.map_full, g.resolves, g.contended
+    );
+    let a = &report.adaptive;
+    if a.enabled {
+        let _ = writeln!(
+            out,
+            "adaptive: cpu {:.0}%  load factor {:.3}  tracking {} clients  period {}ms  periods {}",
+            a.cpu * 100.0,
+            a.load_factor,
+            a.tracked,
+            a.period_ms,
+            a.periods
+        );
+    } else {
+        let _ = writeln!(out, "adaptive: off");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}",
+        "CLIENT",
+        "POLICY",
+        "ACTION",
+        "WINDOW",
+        "ALLOWANCE",
+        "SCALE",
+        "UTIL",
+        "REMAINING",
+        "RATE/S",
+        "PASSED",
+        "DROPPED"
+    );
+    for c in &report.clients {
+        let policy = if c.is_static {
+            format!("{} (static)", c.policy)
+        } else {
+            c.policy.clone()
+        };
+        let (window, allowance, scale, util, remaining) = match c.action {
+            "limit" => (
+                Window {
+                    micros: (c.window_ms * 1000.0).round() as u32,
+                }
+                .to_string(),
+                c.allowance.to_string(),
+                format!("{:.2}", c.scale),
+                format!("{:.2}", c.utilisation),
+                c.remaining.to_string(),
+            ),
+            _ => Default::default(),
+        };
+        let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+        let _ = writeln!(
+            out,
+            "{:<39} {:<28} {:>6} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10.1} {:>12} {:>12}",
+            c.addr.to_string(),
+            policy,
+            c.action,
+            dash(window),
+            dash(allowance),
+            dash(scale),
+            dash(util),
+            dash(remaining),
+            c.rate_per_s,
+            c.passed,
+            c.dropped
+        );
+    }
+    out
+}
+
+pub fn show_duration(d: Option<&prost_types::Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        format!(
+            "{:?}",
+            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+        )
+    })
+}
+
+pub fn action_name(action: i32) -> &'static str {
+    match proto::Action::try_from(action) {
+        Ok(proto::Action::Pass) => "pass",
+        Ok(proto::Action::Drop) => "drop",
+        _ => "limit",
+    }
+}
+
+pub fn show_policy(p: &proto::Policy) -> String {
+    match proto::Action::try_from(p.action) {
+        Ok(proto::Action::Pass) => format!("{}: pass", p.r#match),
+        Ok(proto::Action::Drop) => format!("{}: drop", p.r#match),
+        _ => format!(
+            "{}: limit {} per {}",
+            p.r#match,
+            p.limit.unwrap_or(0),
+            show_duration(p.window.as_ref())
+        ),
+    }
+}
+
+/// The busiest clients as a table.
+pub fn client_table(clients: &[proto::ClientStats]) -> String {
+    let mut out = format!(
+        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
+        "CLIENT",
+        "POLICY",
+        "ACTION",
+        "ALLOWANCE",
+        "WINDOW",
+        "SCALE",
+        "UTIL",
+        "RATE/S",
+        "REMAINING",
+        "PASSED",
+        "DROPPED"
+    );
+    for c in clients {
+        let window = c
+            .window
+            .as_ref()
+            .map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 / 1e9);
+        let rate = if window > 0.0 {
+            c.estimate as f64 / window
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6.2} {:>6.2} {:>10.1} {:>10} {:>12} {:>12}",
+            c.client_id,
+            c.policy,
+            action_name(c.action),
+            c.limit,
+            show_duration(c.window.as_ref()),
+            c.scale,
+            c.utilisation,
+            rate,
+            (c.limit as u64).saturating_sub(c.estimate),
+            c.passed,
+            c.dropped
+        );
+    }
+    out
+}
