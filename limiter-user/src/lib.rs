@@ -1,9 +1,10 @@
 //! The limiter agent and CLI as a library, so that tests and benchmarks drive the same code.
 //!
 //! Each folder is one concept; see README.md "Architecture" for how they map onto the data flow.
-//! Dependencies only point down this list (no import circles):
-//! `config` < `datapath` < `check`, `adaptive`, `stats`, `snapshot` < `metrics` < `limits` <
-//! `api` < `agent`; `cli` (the command-line client) sits beside `api` and needs only `proto`.
+//! Imports point one way only (no circles): `config` (no crate imports) <- `datapath` <-
+//! `check`, `adaptive`, `stats` <- `snapshot`; `metrics` (standalone) and `check` <- `limits`
+//! (the policy store) <- `api` <- `agent`; `cli` (the command-line client) uses `api`'s socket
+//! path, `stats` and `proto`.
 pub mod adaptive;
 pub mod agent;
 pub mod api;
