@@ -19,12 +19,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use limiter_tests::netns::{
-    Agent, RECEIVER_V4, RECEIVER_V6, TestNet, find_client, limiter_bin, send_udp_at_rate,
-    sender_v4, sender_v6,
-};
+use anyhow::{Result, bail};
 use serde_json::Value;
+
+use crate::{
+    agent::{Agent, find_client, limiter_bin},
+    netns::{RECEIVER_V4, RECEIVER_V6, TestNet, sender_v4, sender_v6},
+    traffic::send_udp_at_rate,
+};
 
 const PORT: u16 = 5300;
 const DEFAULT_SECONDS: u64 = 20;
@@ -58,42 +60,19 @@ struct Sample {
     received: u64,
 }
 
-fn main() {
-    if let Err(e) = run() {
-        eprintln!("demo: {e:#}");
-        std::process::exit(1);
-    }
+/// `demo [--seconds N]`.
+#[derive(clap::Parser)]
+#[command(about = "The limiter at work on a veth pair between two network namespaces (root)")]
+pub struct Args {
+    /// How long the clients send, in seconds.
+    #[arg(long, default_value_t = DEFAULT_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
+    pub seconds: u64,
 }
 
-fn parse_args() -> Result<u64> {
-    let mut args = std::env::args().skip(1);
-    let mut seconds = DEFAULT_SECONDS;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--seconds" => {
-                let value = args.next().context("--seconds needs a value")?;
-                seconds = value
-                    .parse()
-                    .with_context(|| format!("--seconds {value:?} is not a number"))?;
-                if !(1..=MAX_SECONDS).contains(&seconds) {
-                    bail!("--seconds must be between 1 and {MAX_SECONDS}");
-                }
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: demo [--seconds N]  (root; runs `limiter agent` on a veth pair \
-                     for N seconds, default {DEFAULT_SECONDS})"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
-    Ok(seconds)
-}
-
-fn run() -> Result<()> {
-    let seconds = parse_args()?;
+/// Runs the demo for `args.seconds`.
+pub fn run(args: &Args) -> Result<()> {
+    let seconds = args.seconds;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and attaches XDP: run it as root");
@@ -238,7 +217,7 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn samples(clients: &[Client], counter: &limiter_tests::netns::PacketCounter) -> Vec<Sample> {
+fn samples(clients: &[Client], counter: &crate::traffic::PacketCounter) -> Vec<Sample> {
     let counts = counter.counts();
     clients
         .iter()

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::{clear_of_hour_boundary, window_index};
+use crate::clock::{clear_of_hour_boundary, window_index};
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -17,18 +17,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use limiter_common::maps::GENERATION_SWEEP;
-use limiter_tests::{
-    frames::Builder,
-    report::{date, machine, pin_to_cpu},
-};
 use limiter_user::{
     datapath::{self, LoadOptions, Tables},
     load::LoadSource,
     policy::Config,
     tuner::{PeriodReport, Tuner},
+};
+
+use crate::{
+    bench::report::{date, machine, pin_to_cpu},
+    frames::Builder,
 };
 
 /// Resident clients (`limiter_bench_cycle`'s `BENCH_CLIENTS`).
@@ -72,19 +73,18 @@ struct Period {
     report: PeriodReport,
 }
 
-fn main() -> Result<()> {
-    let mut write = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--write" => write = Some(it.next().context("--write needs a file")?),
-            "-h" | "--help" => {
-                println!("usage: adapt-bench [--write FILE.md]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+/// `adapt-bench [--write FILE]`.
+#[derive(clap::Parser)]
+#[command(about = "Adaptive-loop benchmark: one period's CPU time and map updates at 1M clients")]
+pub struct Args {
+    /// Also write the report (markdown) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<String>,
+}
+
+/// Runs the benchmark and prints (and with `--write` writes) the report.
+pub fn run(args: &Args) -> Result<()> {
+    let write = args.write.as_ref();
     // One CPU: `limiter_bench_cycle`'s per-CPU sequence must continue across calls.
     pin_to_cpu(0)?;
     let mut ebpf = datapath::load(&LoadOptions {

@@ -16,17 +16,22 @@ use limiter_user::{
     syscall,
 };
 
-fn main() -> anyhow::Result<()> {
-    let mut clients: u32 = 1_000_000;
-    let mut write = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--clients" => clients = args.next().context("--clients needs a number")?.parse()?,
-            "--write" => write = Some(args.next().context("--write needs a file")?),
-            other => bail!("unknown argument {other:?} (expected --clients N, --write FILE)"),
-        }
-    }
+/// `snapshot-bench [--clients N] [--write FILE]`.
+#[derive(clap::Parser)]
+#[command(about = "Snapshot cost at scale: capture, write, read back and restore N clients")]
+pub struct Args {
+    /// Clients in the map.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub clients: u32,
+    /// Also write the report (markdown) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<String>,
+}
+
+/// Runs the benchmark and prints (and with `--write` writes) the report.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let clients = args.clients;
+    let write = args.write.as_ref();
     let max_clients = clients.next_power_of_two().max(1024);
     let mut ebpf = datapath::load(&LoadOptions {
         pin_dir: None,
@@ -157,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     );
     print!("{report}");
     if let Some(file) = write {
-        std::fs::write(&file, &report).with_context(|| format!("writing {file}"))?;
+        std::fs::write(file, &report).with_context(|| format!("writing {file}"))?;
     }
     Ok(())
 }

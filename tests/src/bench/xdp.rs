@@ -8,20 +8,21 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
     maps::{IterableMap as _, MapInfo},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use limiter_common::ClientState;
-use limiter_tests::{
-    frames::Builder,
-    report::{date, machine, pin_to_cpu},
-};
 use limiter_user::{
     datapath::{self, LoadOptions, Tables},
     policy::Config,
+};
+
+use crate::{
+    bench::report::{date, machine, pin_to_cpu},
+    frames::Builder,
 };
 
 const XDP_DROP: u32 = 1;
@@ -45,36 +46,27 @@ const HOT_PASS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const HOT_DROP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
-struct Args {
-    repeat: u32,
-    write: Option<String>,
+/// `xdp-bench [--repeat N] [--write FILE]`.
+#[derive(clap::Parser)]
+#[command(
+    about = "XDP benchmark: per-packet cost with BPF_PROG_TEST_RUN and map memory per client"
+)]
+pub struct Args {
+    /// BPF_PROG_TEST_RUN repetitions per case (`_` separators allowed).
+    #[arg(long, default_value = "10000000", value_parser = parse_repeat)]
+    pub repeat: u32,
+    /// Also write the report (markdown) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub write: Option<String>,
 }
 
-fn args() -> Result<Args> {
-    let mut args = Args {
-        repeat: 10_000_000,
-        write: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--repeat" => {
-                let v = it.next().context("--repeat needs a value")?;
-                args.repeat = v
-                    .replace('_', "")
-                    .parse()
-                    .with_context(|| format!("--repeat {v}"))?;
-                ensure!(args.repeat > 0, "--repeat must be positive");
-            }
-            "--write" => args.write = Some(it.next().context("--write needs a file")?),
-            "-h" | "--help" => {
-                println!("usage: xdp-bench [--repeat N (default 10000000)] [--write FILE.md]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
+/// A positive count, `_` separators allowed: `10_000_000`.
+fn parse_repeat(text: &str) -> Result<u32, String> {
+    match text.replace('_', "").parse::<u32>() {
+        Ok(0) => Err("--repeat must be positive".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
     }
-    Ok(args)
 }
 
 /// Interleaved rounds of the hot-client cases, each round with its own baseline call.
@@ -225,8 +217,8 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-fn main() -> Result<()> {
-    let args = args()?;
+/// Runs the benchmark and prints (and with `--write` writes) the report.
+pub fn run(args: &Args) -> Result<()> {
     let n = args.repeat;
     // One CPU throughout: the per-CPU sequence of `limiter_bench_cycle` must continue across calls.
     pin_to_cpu(0)?;
