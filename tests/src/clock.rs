@@ -7,6 +7,7 @@ use std::{mem, thread, time::Duration};
 pub fn monotonic() -> Duration {
     // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
     let mut ts: libc::timespec = unsafe { mem::zeroed() };
+    // SAFETY: `ts` is a live timespec for the call to fill; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

@@ -20,8 +20,14 @@ pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Result<Outp
         .spawn()
         .with_context(|| format!("starting `{line}`"))?;
     // Drain both pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
+    let mut out = child
+        .stdout
+        .take()
+        .context("the child's stdout was not piped")?;
+    let mut err = child
+        .stderr
+        .take()
+        .context("the child's stderr was not piped")?;
     let out_reader = thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = out.read_to_end(&mut buf);

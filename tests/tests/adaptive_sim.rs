@@ -4,6 +4,11 @@
 //! rate preservation, controller-driven fairness under overload, hot reload (`set_config`) and
 //! `desired`. No clocks: one loop iteration is one period.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::collections::HashMap;
 
 // The scenarios, the runners and the controller's items, shared with `plot-adaptive`.

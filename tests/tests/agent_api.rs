@@ -10,6 +10,11 @@
 //! `/run/limiter`. The TCP API and the metrics endpoint listen on 127.0.0.1 of the receiver
 //! namespace, which only that namespace can reach: fixed ports cannot collide with anything.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     fs,
     io::{Read as _, Write as _},

@@ -11,6 +11,11 @@
 //! in a [`TempDir`] and stops the agent when dropped, before the [`TestNet`] (declared earlier)
 //! removes the namespaces and the pins.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     fs,
     net::{IpAddr, Ipv6Addr, UdpSocket},

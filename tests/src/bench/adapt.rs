@@ -107,7 +107,10 @@ pub fn run(args: &Args) -> Result<()> {
             .build()
             .bytes
     };
-    let cycle: &Xdp = ebpf.program("limiter_bench_cycle").unwrap().try_into()?;
+    let cycle: &Xdp = ebpf
+        .program("limiter_bench_cycle")
+        .context("no program limiter_bench_cycle")?
+        .try_into()?;
     cycle.test_run(TestRunOptions {
         data_in: Some(&frame(Ipv4Addr::new(192, 0, 2, 1))),
         repeat: RESIDENT,
@@ -136,7 +139,10 @@ pub fn run(args: &Args) -> Result<()> {
         tables.adaptive_handles()?,
         Box::new(load.clone()),
     )?;
-    let limiter: &Xdp = ebpf.program("limiter").unwrap().try_into()?;
+    let limiter: &Xdp = ebpf
+        .program("limiter")
+        .context("no program limiter")?
+        .try_into()?;
     let active: Vec<Vec<u8>> = (0..ACTIVE).map(|n| frame(cycle_addr(n))).collect();
     let send = || -> Result<()> {
         for f in &active {
@@ -244,7 +250,7 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     print!("{out}");
     if let Some(path) = write {
-        std::fs::write(&path, &out).with_context(|| format!("writing {path}"))?;
+        std::fs::write(path, &out).with_context(|| format!("writing {path}"))?;
     }
     // The claims above, checked.
     let steady_writes: usize = periods

@@ -125,7 +125,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
         let busy = reloads(&mut tables);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let snapshots = worker.join().expect("snapshot worker panicked")?;
+        let snapshots = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the snapshot worker panicked"))??;
         Ok((busy?, snapshots))
     })?;
     std::fs::remove_dir_all(&dir).ok();

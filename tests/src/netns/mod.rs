@@ -62,7 +62,10 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
         .spawn()
         .context("starting `ip -batch`")?;
     {
-        let mut stdin = child.stdin.take().expect("piped stdin");
+        let mut stdin = child
+            .stdin
+            .take()
+            .context("`ip -batch`'s stdin was not piped")?;
         stdin.write_all(lines.join("\n").as_bytes())?;
         stdin.write_all(b"\n")?;
     }

@@ -52,6 +52,7 @@ impl TestNet {
             // SAFETY: an all-zero sockaddr_ll is valid; recvfrom writes at most `len` bytes.
             let mut from: libc::sockaddr_ll = unsafe { mem::zeroed() };
             let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` and `from` are live for the call and their lengths are passed.
             let n = unsafe {
                 libc::recvfrom(
                     socket.as_raw_fd(),
