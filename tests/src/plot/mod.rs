@@ -1,8 +1,8 @@
 //! Renders the adaptive-window controller (`limiter_user::adaptive`) at work as four SVG charts,
 //! for the README: a CPU step, a square-wave load faster than the dwell, the client patterns, and
-//! fairness under overload. The scenarios are those of `limiter-user/tests/adaptive_sim.rs`; every
-//! value plotted comes from the real `Controller::step` (its decisions, as the datapath would
-//! hold them). No clock and no randomness: one loop iteration is one period, and the output is
+//! fairness under overload. The scenarios are [`crate::adaptive_sim`]'s, which its tests
+//! (`tests/tests/adaptive_sim.rs`) check; every value plotted comes from the real
+//! `Controller::step` (its decisions, as the datapath would hold them). No clock and no randomness: one loop iteration is one period, and the output is
 //! the same bytes on every run.
 //!
 //! Usage: `plot-adaptive [--out DIR]` (default: the workspace's `docs/`). Writes
