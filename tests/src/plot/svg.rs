@@ -1,17 +1,19 @@
 //! A small hand-written SVG chart: stacked panels sharing a time axis, a legend beside each.
 //!
-//! Why not the `plotters` crate (issue 11 asked to consider it): not ported yet, and a port
-//! must keep what makes these charts readable, which plotters does not give out of the box:
-//! - a legend column beside each panel, with line, dash and area swatches and free-text notes
-//!   (plotters draws series labels inside the plotting area);
+//! Why not the `plotters` crate (issue 11 asked to consider it): a one-panel prototype with
+//! plotters 0.3 (`svg_backend` + `line_series`, no font loading), rendered to PNG next to these
+//! charts, was less readable out of the box: its series labels sit inside the plotting area,
+//! over the data (`SeriesLabelPosition` only places them within the plot); its log axis was
+//! labelled ×1…×5 only, without the ×0.25 and ×0.5 below; step series, the bands and markers
+//! spanning every stacked panel, area swatches and notes in the legend all have to be drawn by
+//! hand. Matching these charts would keep most of this file's layout code and add a dependency,
+//! so the toolkit stays. What it must keep if ported later:
+//! - a legend column beside each panel, with line, dash and area swatches and free-text notes;
 //! - background bands (overloaded / steady periods) and markers spanning every stacked panel
 //!   of one figure, over one shared time axis with its labels only under the last panel;
 //! - log₂ and log₁₀ axes labelled ×0.25…×4, 250 ms…4 s, step series drawn as steps, and bar
 //!   and tick series over client indices in the same figure;
 //! - byte-identical output run after run (docs/*.svg diffs show behaviour changes only).
-//! Each is possible in plotters with hand-drawn elements on split drawing areas, which would
-//! keep most of this file's layout code; the decision was not made by rendering a port side
-//! by side, so it stays open.
 
 use std::fmt::Write as _;
 
