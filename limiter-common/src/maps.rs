@@ -246,13 +246,12 @@ pub const CHECK_ETHERTYPE: u16 = 0x88B5;
 /// bytes of padding, so that it is 8-byte aligned.
 pub const CHECK_REQUEST_OFFSET: usize = 16;
 /// Offset of the [`CheckReply`] the program writes into the frame.
-pub const CHECK_REPLY_OFFSET: usize = CHECK_REQUEST_OFFSET + core::mem::size_of::<CheckRequest>();
+pub const CHECK_REPLY_OFFSET: usize = CHECK_REQUEST_OFFSET + size_of::<CheckRequest>();
 /// Length of a check frame with one check.
-pub const CHECK_FRAME_LEN: usize = CHECK_REPLY_OFFSET + core::mem::size_of::<CheckReply>();
+pub const CHECK_FRAME_LEN: usize = CHECK_REPLY_OFFSET + size_of::<CheckReply>();
 /// A request and its reply: a frame carries up to [`CHECK_BATCH`] of these back to back from
 /// `CHECK_REQUEST_OFFSET`, decided in order in one program run.
-pub const CHECK_SLOT_LEN: usize =
-    core::mem::size_of::<CheckRequest>() + core::mem::size_of::<CheckReply>();
+pub const CHECK_SLOT_LEN: usize = size_of::<CheckRequest>() + size_of::<CheckReply>();
 /// Most checks in one check frame. One BPF_PROG_TEST_RUN call costs about 0.8 µs of fixed
 /// overhead here, so several checks per call amortise it (measured: 1.6 µs per check alone,
 /// 0.63 µs in frames of 4). The verifier walks every iteration: 4 take about 600k of its
@@ -339,7 +338,7 @@ pub const ADAPT_ETHERTYPE: u16 = 0x88B6;
 /// Offset of the first [`AdaptSlot`] in an adapt frame (8-byte aligned, like check frames).
 pub const ADAPT_OFFSET: usize = 16;
 /// Length of one slot.
-pub const ADAPT_SLOT_LEN: usize = core::mem::size_of::<AdaptSlot>();
+pub const ADAPT_SLOT_LEN: usize = size_of::<AdaptSlot>();
 /// Most slots in one adapt frame: one BPF_PROG_TEST_RUN call costs ~0.8 µs of fixed overhead,
 /// so batching amortises it (10k changes take 2,500 calls). The verifier walks every iteration
 /// with its policy refresh and rescale, whose counter-word atomics (see [`ClientState`]) branch
@@ -468,26 +467,34 @@ impl GlobalStats {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Policy>() == 12);
-const _: () = assert!(core::mem::size_of::<ClientState>() == 40);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
-const _: () = assert!(core::mem::size_of::<AdaptSlot>() == 40);
-const _: () = assert!(core::mem::size_of::<AdaptiveStatus>() == 24);
-const _: () = assert!(core::mem::size_of::<GlobalStats>() == 64);
-const _: () = assert!(core::mem::size_of::<CheckRequest>() == 40);
-const _: () = assert!(core::mem::size_of::<CheckReply>() == 56);
+const _: () = assert!(size_of::<Policy>() == 12);
+const _: () = assert!(size_of::<ClientState>() == 40);
+const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<AdaptSlot>() == 40);
+const _: () = assert!(size_of::<AdaptiveStatus>() == 24);
+const _: () = assert!(size_of::<GlobalStats>() == 64);
+const _: () = assert!(size_of::<CheckRequest>() == 40);
+const _: () = assert!(size_of::<CheckReply>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are `#[repr(C)]`, built only of integers, without padding (sizes are
+    // Every one of these is `#[repr(C)]`, built only of integers, without padding (sizes are
     // asserted above), so every bit pattern is a valid value.
+    // SAFETY: `Policy` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: `ClientState` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::ClientState {}
+    // SAFETY: `Config` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: `GlobalStats` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::GlobalStats {}
+    // SAFETY: `CheckRequest` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::CheckRequest {}
+    // SAFETY: `CheckReply` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::CheckReply {}
+    // SAFETY: `AdaptSlot` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::AdaptSlot {}
+    // SAFETY: `AdaptiveStatus` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::AdaptiveStatus {}
 }
 

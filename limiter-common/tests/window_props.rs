@@ -1,6 +1,11 @@
 //! Property tests of the sliding-window counter against a brute-force reference that keeps a log
 //! of every admitted hit and recomputes the estimate from it.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::num::NonZeroU64;
 
 use limiter_common::window::{self, FRAC_BITS};

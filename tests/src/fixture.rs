@@ -10,19 +10,42 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::{clear_of_hour_boundary, window_index};
+use crate::clock::{clear_of_hour_boundary, window_index};
 
 pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
+    // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Skips (passes) a test that cannot run without root, saying so.
+/// Whether the tests run under CI (`CI=true`, as GitHub Actions, GitLab CI and most others set
+/// it): there a privileged test that cannot run is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
+}
+
+/// What a privileged test does when it is not run as root: `None` to run it (root), the skip
+/// message outside CI, and a panic under CI so a runner without root cannot pass silently.
+pub fn root_missing() -> Option<&'static str> {
+    if is_root() {
+        return None;
+    }
+    if in_ci() {
+        panic!(
+            "this privileged test needs root (network namespaces, XDP) and CI=true is set, so it \
+             fails instead of skipping; run the privileged tests as root \
+             (`sudo -E cargo xtask test`)"
+        );
+    }
+    Some("skipped: needs root (network namespaces, XDP); under CI=true this is a failure")
+}
+
+/// Skips (passes) a test that cannot run without root, saying so; under `CI=true` the test fails
+/// instead.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::fixture::is_root() {
-            eprintln!("skipped: needs root (network namespaces, XDP)");
+        if let Some(skip) = $crate::fixture::root_missing() {
+            eprintln!("{skip}");
             return Ok(());
         }
     };

@@ -1,8 +1,10 @@
-//! Test frames: Ethernet with 0..=3 VLAN tags, IPv4 (with options) or IPv6 carrying UDP, or ARP;
-//! fields can be overridden to build malformed headers, and [`Frame::truncations`] cuts a frame
-//! at and inside every header.
+//! Test frames, the one place that writes Ethernet, VLAN, IP and UDP headers: Ethernet with any
+//! number of VLAN tags, IPv4 (with options) or IPv6 carrying UDP, or ARP; fields can be
+//! overridden to build malformed headers, and [`Frame::truncations`] cuts a frame at and inside
+//! every header. [`udp_source`] reads a received frame back. The BPF_PROG_TEST_RUN tests, the
+//! benchmarks and the raw VLAN sender of the namespace tests all build their frames here.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// 802.1Q tag protocol identifier (customer tag).
 pub const TPID_8021Q: u16 = 0x8100;
@@ -15,8 +17,13 @@ pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
 pub const UDP_HLEN: usize = 8;
 
+/// The MACs of a frame that no real interface sees (BPF_PROG_TEST_RUN); [`Builder::macs`]
+/// overrides them.
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The UDP ports unless [`Builder::ports`] says otherwise.
+const SRC_PORT: u16 = 40000;
+const DST_PORT: u16 = 9;
 
 /// A header of a built frame, for naming where a truncation cuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +55,9 @@ enum L3 {
 /// Builds a frame; start with [`Builder::ipv4`], [`Builder::ipv6`] or [`Builder::arp`].
 #[derive(Debug, Clone)]
 pub struct Builder {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    ports: (u16, u16),
     vlans: Vec<(u16, u16)>,
     l3: L3,
     options: Vec<u8>,
@@ -60,6 +70,9 @@ pub struct Builder {
 impl Builder {
     fn new(l3: L3) -> Builder {
         Builder {
+            src_mac: SRC_MAC,
+            dst_mac: DST_MAC,
+            ports: (SRC_PORT, DST_PORT),
             vlans: Vec::new(),
             l3,
             options: Vec::new(),
@@ -80,6 +93,15 @@ impl Builder {
         Builder::new(L3::V6 { src, dst })
     }
 
+    /// IPv4/UDP or IPv6/UDP from `src` to `dst`, which must be of the same family.
+    pub fn ip(src: IpAddr, dst: IpAddr) -> Builder {
+        match (src, dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => Builder::ipv4(src, dst),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => Builder::ipv6(src, dst),
+            _ => panic!("Builder::ip: {src} and {dst} are of different families"),
+        }
+    }
+
     /// An ARP request (not IP).
     pub fn arp(sender: Ipv4Addr, target: Ipv4Addr) -> Builder {
         Builder::new(L3::Arp { sender, target })
@@ -88,6 +110,25 @@ impl Builder {
     /// Adds a VLAN tag inside those already added (call outermost first).
     pub fn vlan(mut self, tpid: u16, vid: u16) -> Builder {
         self.vlans.push((tpid, vid & 0x0fff));
+        self
+    }
+
+    /// Adds VLAN `tags`, `(tpid, vid)`, outermost first.
+    pub fn vlans(self, tags: &[(u16, u16)]) -> Builder {
+        tags.iter()
+            .fold(self, |builder, &(tpid, vid)| builder.vlan(tpid, vid))
+    }
+
+    /// The source and destination MAC addresses.
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Builder {
+        self.src_mac = src;
+        self.dst_mac = dst;
+        self
+    }
+
+    /// The UDP source and destination ports.
+    pub fn ports(mut self, src: u16, dst: u16) -> Builder {
+        self.ports = (src, dst);
         self
     }
 
@@ -133,8 +174,8 @@ impl Builder {
     pub fn build(&self) -> Frame {
         let mut bytes = Vec::with_capacity(128);
         let mut headers = Vec::new();
-        bytes.extend_from_slice(&DST_MAC);
-        bytes.extend_from_slice(&SRC_MAC);
+        bytes.extend_from_slice(&self.dst_mac);
+        bytes.extend_from_slice(&self.src_mac);
         let inner_type = match self.l3 {
             L3::V4 { .. } => ETH_P_IP,
             L3::V6 { .. } => ETH_P_IPV6,
@@ -193,7 +234,7 @@ impl Builder {
             }
             L3::Arp { sender, target } => {
                 bytes.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
-                bytes.extend_from_slice(&SRC_MAC);
+                bytes.extend_from_slice(&self.src_mac);
                 bytes.extend_from_slice(&sender.octets());
                 bytes.extend_from_slice(&[0; 6]);
                 bytes.extend_from_slice(&target.octets());
@@ -216,8 +257,8 @@ impl Builder {
         let start = bytes.len();
         let len = (UDP_HLEN + self.payload.len()) as u16;
         let mut udp = Vec::with_capacity(len as usize);
-        udp.extend_from_slice(&40000u16.to_be_bytes());
-        udp.extend_from_slice(&9u16.to_be_bytes());
+        udp.extend_from_slice(&self.ports.0.to_be_bytes());
+        udp.extend_from_slice(&self.ports.1.to_be_bytes());
         udp.extend_from_slice(&len.to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(&self.payload);
@@ -303,6 +344,39 @@ impl Frame {
     pub fn truncated(&self, len: usize) -> &[u8] {
         &self.bytes[..len]
     }
+}
+
+/// The source address of a UDP datagram to `port` in an Ethernet frame with any number of VLAN
+/// tags (the kernel may already have moved the outermost one into metadata).
+pub fn udp_source(frame: &[u8], port: u16) -> Option<IpAddr> {
+    let be16 = |at: usize| -> Option<u16> {
+        Some(u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?))
+    };
+    let mut ethertype = be16(12)?;
+    let mut off = 14;
+    while ethertype == TPID_8021Q || ethertype == TPID_8021AD {
+        ethertype = be16(off + 2)?;
+        off += 4;
+    }
+    let (src, udp): (IpAddr, usize) = match ethertype {
+        ETH_P_IP => {
+            let ihl = (*frame.get(off)? & 0x0f) as usize * 4;
+            if *frame.get(off + 9)? != libc::IPPROTO_UDP as u8 {
+                return None;
+            }
+            let b: [u8; 4] = frame.get(off + 12..off + 16)?.try_into().ok()?;
+            (IpAddr::from(b), off + ihl)
+        }
+        ETH_P_IPV6 => {
+            if *frame.get(off + 6)? != libc::IPPROTO_UDP as u8 {
+                return None;
+            }
+            let b: [u8; 16] = frame.get(off + 8..off + 24)?.try_into().ok()?;
+            (IpAddr::from(b), off + 40)
+        }
+        _ => return None,
+    };
+    (be16(udp + 2)? == port).then_some(src)
 }
 
 #[cfg(test)]

@@ -1,5 +1,19 @@
-//! Test support shared by the privileged tests, the XDP benchmark and the demo.
+//! Test support for the privileged tests, and, apart from it, the benchmarks, the demo and the
+//! adaptive controller's charts (each behind a thin binary in `src/bin/`).
+
+// The harness: what the privileged tests run against.
+pub mod agent;
+pub mod clock;
+pub mod command;
 pub mod fixture;
 pub mod frames;
 pub mod netns;
-pub mod report;
+pub mod traffic;
+
+// Shared by the tests and the charts.
+pub mod adaptive_sim;
+
+// The binaries' bodies.
+pub mod bench;
+pub mod demo;
+pub mod plot;

@@ -3,6 +3,11 @@
 //! `limiter_adapt` program, and an injected CPU load. Needs root. The periods are driven by hand
 //! (`Tuner::tick` with a stated elapsed time), so nothing here waits on the controller's clock.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{

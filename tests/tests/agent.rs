@@ -16,13 +16,15 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use limiter_tests::{
+    agent::{Agent, client_counts, find_client, link_has_xdp, run_limiter},
     fixture::{ExactWindow, TempDir},
+    frames::{TPID_8021AD, TPID_8021Q},
     netns::{
-        Agent, Pacing, QINQ_INNER, QINQ_OUTER, QINQ_TAGS, TPID_8021AD, TPID_8021Q, TestNet,
-        UDP_PORT, VLAN_TAGS, client_counts, find_client, link_has_xdp, pin_dir, qinq_v4,
-        run_limiter, send, send_and_count, sender_v4, sender_v6, vlan_v4,
+        QINQ_INNER, QINQ_OUTER, QINQ_TAGS, TestNet, VLAN_TAGS, pin_dir, qinq_v4, sender_v4,
+        sender_v6, vlan_v4,
     },
     require_root,
+    traffic::{Pacing, UDP_PORT, send, send_and_count},
 };
 use serde_json::Value;
 

@@ -24,9 +24,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use limiter_tests::{
+    agent::{Agent, find_client},
     fixture::TempDir,
-    netns::{Agent, PacketCounter, TestNet, UDP_PORT, find_client, receiver_for, sender_v4},
+    netns::{TestNet, sender_v4},
     require_root,
+    traffic::{PacketCounter, UDP_PORT, receiver_for},
 };
 use limiter_user::adaptive::effective;
 use serde_json::Value;

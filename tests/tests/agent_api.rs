@@ -10,6 +10,11 @@
 //! `/run/limiter`. The TCP API and the metrics endpoint listen on 127.0.0.1 of the receiver
 //! namespace, which only that namespace can reach: fixed ports cannot collide with anything.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -26,12 +31,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use limiter_tests::{
+    agent::{Agent, link_has_xdp, run_limiter},
     fixture::{ExactWindow, TempDir},
-    netns::{
-        Agent, PacketCounter, TestNet, UDP_PORT, link_has_xdp, pin_dir, receiver_for, run_limiter,
-        send_and_count, sender_v4, sender_v6,
-    },
+    netns::{TestNet, pin_dir, sender_v4, sender_v6},
     require_root,
+    traffic::{PacketCounter, UDP_PORT, receiver_for, send_and_count},
 };
 use limiter_user::{
     cli::client::{self, Clients, Target},
@@ -1046,7 +1050,7 @@ fn agent_never_replaces_a_file_at_its_socket_path() -> Result<()> {
     )?;
     let line = out.failure("agent on a file", &["is not a socket"]);
     eprintln!("{line}");
-    assert_eq!(std::fs::read_to_string(&victim)?, "do not delete");
+    assert_eq!(fs::read_to_string(&victim)?, "do not delete");
     assert!(!link_has_xdp(&net.receiver_link()?));
     Ok(())
 }

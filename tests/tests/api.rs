@@ -1,6 +1,11 @@
 //! The gRPC API in process: every RPC and every validation error, against the real kernel maps
 //! and check program (private, unpinned copies; needs root), over the Unix socket and over TCP.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     net::Ipv4Addr,
     path::PathBuf,

@@ -11,6 +11,11 @@
 //! in a [`TempDir`] and stops the agent when dropped, before the [`TestNet`] (declared earlier)
 //! removes the namespaces and the pins.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     fs,
     net::{IpAddr, Ipv6Addr, UdpSocket},
@@ -37,12 +42,12 @@ use limiter_common::{
     window::{slot, slot_of},
 };
 use limiter_tests::{
+    agent::{Agent, client_counts, limiter_command, link_has_xdp, run_limiter, stats_json},
+    clock::monotonic,
     fixture::{ExactWindow, TempDir},
-    netns::{
-        Agent, RECEIVER_V4, TestNet, UDP_PORT, client_counts, limiter_command, link_has_xdp,
-        monotonic, pin_dir, receiver_for, run_limiter, send_and_count, sender_v4, stats_json,
-    },
+    netns::{RECEIVER_V4, TestNet, pin_dir, sender_v4},
     require_root,
+    traffic::{UDP_PORT, receiver_for, send_and_count},
 };
 use limiter_user::{
     datapath::{self, LoadOptions},

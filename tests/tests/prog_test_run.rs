@@ -6,6 +6,12 @@
 //! depend on staying inside one fixed window runs inside [`in_one_window`], which repeats it
 //! (with a fresh object) if a window boundary passed while it ran.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::Barrier,

@@ -18,12 +18,15 @@ pub fn build(workspace: &Workspace) -> Result<()> {
     build_limiter(workspace, Profile::Release).context("build")
 }
 
-/// `cargo xtask test`: builds the debug `limiter`, then runs every test suite, continuing past a
-/// failing suite so one run reports all failures. `test_args` go to the test binaries.
+/// `cargo xtask test`: builds the debug `limiter`, then runs every suite (formatting, clippy,
+/// the unprivileged and the privileged tests), continuing past a failing suite so one run reports
+/// all failures. `test_args` go to the test binaries.
 pub fn test(workspace: &Workspace, test_args: &[String]) -> Result<()> {
     build_limiter(workspace, Profile::Debug).context("test")?;
     let limiter = workspace.binary(Profile::Debug, "limiter");
     let suites = [
+        ("formatting", check_formatting(workspace)),
+        ("clippy", check_lints(workspace)),
         (
             "unprivileged tests",
             test_unprivileged(workspace, &limiter, test_args),
@@ -150,6 +153,26 @@ fn build_limiter(workspace: &Workspace, profile: Profile) -> Result<()> {
     if let Profile::Release = profile {
         command.arg("--release");
     }
+    process::run(&mut command)
+}
+
+/// `cargo fmt --all -- --check`: fails, listing the differences, if any file is not formatted.
+fn check_formatting(workspace: &Workspace) -> Result<()> {
+    let mut command = workspace.cargo(["fmt", "--all", "--", "--check"]);
+    process::run(&mut command)
+}
+
+/// `cargo clippy --workspace --all-targets -- -D warnings`: every warning of the workspace lints
+/// (root Cargo.toml) fails the suite.
+fn check_lints(workspace: &Workspace) -> Result<()> {
+    let mut command = workspace.cargo([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     process::run(&mut command)
 }
 

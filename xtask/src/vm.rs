@@ -687,7 +687,7 @@ const VETH_IN_VM: &str = "lib/modules/veth.ko";
 /// Where the `limiter` binary goes in the VM (the tests find it through LIMITER_BIN).
 const LIMITER_IN_VM: &str = "usr/bin/limiter";
 
-fn write_initramfs(path: &Path, payload: &Payload) -> Result<()> {
+fn write_initramfs(path: &Path, payload: &Payload<'_>) -> Result<()> {
     let programs = vm_programs(payload)?;
     let libraries = shared_libraries(programs.iter().map(|(_, host)| host.as_path()))?;
     let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -749,7 +749,7 @@ fn add_stripped<W: Write>(
 }
 
 /// `(path in the VM, path on the host)` of every dynamically linked program the VM runs.
-fn vm_programs(payload: &Payload) -> Result<Vec<(String, PathBuf)>> {
+fn vm_programs(payload: &Payload<'_>) -> Result<Vec<(String, PathBuf)>> {
     let mut programs = vec![
         ("usr/bin/ip".to_owned(), host_tool("ip", "-V", "iproute2")?),
         (
@@ -827,7 +827,7 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// The /init script: mounts, veth, lo, then every test binary in turn, then power off.
-fn init_script(payload: &Payload) -> String {
+fn init_script(payload: &Payload<'_>) -> String {
     let args: Vec<String> = payload.test_args.iter().map(|a| shell_quote(a)).collect();
     let mut names: Vec<String> = payload.tests.iter().map(Artifact::vm_name).collect();
     names.sort();

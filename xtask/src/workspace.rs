@@ -21,7 +21,7 @@ pub enum Profile {
 
 impl Workspace {
     /// The workspace's root directory.
-    pub fn root(&self) -> &std::path::Path {
+    pub fn root(&self) -> &Path {
         &self.root
     }
 

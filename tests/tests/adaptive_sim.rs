@@ -4,48 +4,21 @@
 //! rate preservation, controller-driven fairness under overload, hot reload (`set_config`) and
 //! `desired`. No clocks: one loop iteration is one period.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions; a panic there is the test failing"
+)]
+
 use std::collections::HashMap;
 
-use limiter_common::addr::{ClientKey, v4_mapped};
-use limiter_user::adaptive::{
-    ClientDecision, ClientObservation, Controller, FairDemand, LoadSample, StepOutput, effective,
-    fair_shares, step_toward,
+// The scenarios, the runners and the controller's items, shared with `plot-adaptive`.
+use limiter_tests::adaptive_sim::{
+    AGGRESSIVE, AdaptiveConfig, Client, ClientDecision, ClientKey, ClientObservation, Controller,
+    FairDemand, LIMIT, LoadSample, Pattern, R, StepOutput, WINDOW_US, at_limit, bursty,
+    check_decision, client_patterns, effective, enabled, fair_run, fair_shares, fairness, key,
+    load_step, modest, simulate, square_wave, steady_low, step_toward, switching,
 };
-use limiter_user::config::{AdaptiveConfig, Window};
-
-/// Every client's policy: 100 packets per second (r = 100/s).
-const LIMIT: u32 = 100;
-const WINDOW_US: u32 = 1_000_000;
-const R: f64 = 100.0;
-
-fn key(i: usize) -> ClientKey {
-    v4_mapped([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])
-}
-
-fn enabled() -> AdaptiveConfig {
-    AdaptiveConfig {
-        enabled: true,
-        ..AdaptiveConfig::default()
-    }
-}
-
-/// A client's utilisation `u` (offered rate / r) in period `t`.
-type Pattern = Box<dyn Fn(usize) -> f64>;
-
-fn steady_low() -> Pattern {
-    Box::new(|_| 0.2)
-}
-fn at_limit() -> Pattern {
-    Box::new(|_| 1.0)
-}
-/// 3 r for one period in five, silent otherwise.
-fn bursty() -> Pattern {
-    Box::new(|t| if t % 5 == 0 { 3.0 } else { 0.0 })
-}
-/// Low until `at`, at the limit from then on.
-fn switching(at: usize) -> Pattern {
-    Box::new(move |t| if t < at { 0.2 } else { 1.0 })
-}
+use limiter_user::config::Window;
 
 /// The history of a run: `g` and each client's `s` and `gᵢ` after every period.
 struct Run {
@@ -55,34 +28,18 @@ struct Run {
     outputs: Vec<StepOutput>,
 }
 
+/// [`simulate`], checking every decision ([`check_rate_preserved`]).
 fn run(config: AdaptiveConfig, cpu: impl Fn(usize) -> f64, clients: &[Pattern], n: usize) -> Run {
-    let mut ctl = Controller::new(config).expect("valid config");
-    let mut out = Run {
-        g: Vec::new(),
-        s: vec![Vec::new(); clients.len()],
-        gi: vec![Vec::new(); clients.len()],
-        outputs: Vec::new(),
-    };
-    for t in 0..n {
-        let observations = clients.iter().enumerate().map(|(i, u)| ClientObservation {
-            key: key(i),
-            limit: LIMIT,
-            window_us: WINDOW_US,
-            rate: u(t) * R,
-            weight: 1.0,
-        });
-        let output = ctl.step(&LoadSample { cpu: cpu(t) }, observations);
-        check_rate_preserved(&output);
-        out.g.push(ctl.load_factor());
-        for (i, s) in out.s.iter_mut().enumerate() {
-            s.push(ctl.scale(&key(i)).unwrap_or(1.0));
-        }
-        for (i, gi) in out.gi.iter_mut().enumerate() {
-            gi.push(ctl.desired(&key(i)).map_or(1.0, |d| d.load_factor));
-        }
-        out.outputs.push(output);
+    let trace = simulate(config, cpu, clients, n);
+    for output in &trace.outputs {
+        check_rate_preserved(output);
     }
-    out
+    Run {
+        g: trace.g,
+        s: trace.clients.iter().map(|c| c.s.clone()).collect(),
+        gi: trace.clients.iter().map(|c| c.gi.clone()).collect(),
+        outputs: trace.outputs,
+    }
 }
 
 /// Every decision keeps `A / W = r · gᵢ` (its own `load_factor`) up to rounding `A` to a whole
@@ -91,20 +48,6 @@ fn check_rate_preserved(output: &StepOutput) {
     for d in &output.decisions {
         check_decision(d, LIMIT, WINDOW_US);
     }
-}
-
-fn check_decision(d: &ClientDecision, limit: u32, window_us: u32) {
-    let r = limit as f64 * 1e6 / window_us as f64;
-    assert!(d.load_factor > 0.0 && d.load_factor <= 1.0, "{d:?}");
-    let exact = r * d.window_us as f64 / 1e6 * d.load_factor;
-    assert!(
-        (d.allowance as f64 - exact).abs() <= 0.5 + 1e-9 || d.allowance == 1,
-        "{d:?}"
-    );
-    assert_eq!(
-        (d.window_us, d.allowance),
-        effective(limit, window_us, d.scale, d.load_factor)
-    );
 }
 
 /// Periods at which a series starts moving against its previous direction of movement.
@@ -281,9 +224,14 @@ fn constant_input_never_reverses() {
 #[test]
 fn step_converges_monotonically_within_the_bound() {
     let c = enabled();
-    let (up, down) = (40, 100);
-    let cpu = |t: usize| if (up..down).contains(&t) { 0.95 } else { 0.3 };
-    let r = run(c.clone(), cpu, &[steady_low(), at_limit()], 170);
+    // The load step the README's chart shows.
+    let (up, down) = (load_step::UP, load_step::DOWN);
+    let r = run(
+        c.clone(),
+        load_step::cpu,
+        &load_step::clients(),
+        load_step::PERIODS,
+    );
     // Before the step: calm client at max_scale, the other at 1, g = 1.
     assert_eq!(
         (r.g[up - 1], r.s[0][up - 1], r.s[1][up - 1]),
@@ -417,12 +365,13 @@ fn noisy_load_is_smoothed_away() {
 #[test]
 fn client_patterns_under_low_load() {
     let c = enabled();
-    let at = 60;
+    // The client patterns the README's chart shows.
+    let at = client_patterns::SWITCH_AT;
     let r = run(
         c.clone(),
-        |_| 0.3,
-        &[steady_low(), at_limit(), bursty(), switching(at)],
-        120,
+        client_patterns::cpu,
+        &client_patterns::clients(),
+        client_patterns::PERIODS,
     );
     // Steady low: calm from the first period, one step per period once calm for `grow_after`.
     converges(
@@ -526,90 +475,6 @@ fn fairness_respects_weights() {
 // ---------------------------------------------------------------------------------------------
 // Controller-driven fairness: per-client factors gᵢ under an injected overload.
 
-/// A client of the fairness runs: a policy of `limit` per 1 s (so r = limit/s), its weight, and
-/// the rate it offers every period.
-#[derive(Debug, Clone, Copy)]
-struct Client {
-    limit: u32,
-    weight: f64,
-    offered: f64,
-}
-
-impl Client {
-    fn r(&self) -> f64 {
-        self.limit as f64
-    }
-}
-
-fn modest(offered: f64) -> Client {
-    Client {
-        limit: LIMIT,
-        weight: 1.0,
-        offered,
-    }
-}
-
-/// The history of a fairness run, one entry per period, each taken after that period's step.
-struct FairRun {
-    g: Vec<f64>,
-    /// Each client's `gᵢ`.
-    gi: Vec<Vec<f64>>,
-    /// Each client's `(W, A)` as the datapath holds it: its policy until a decision changes it.
-    held: Vec<Vec<(u32, u32)>>,
-}
-
-impl FairRun {
-    /// The rate the datapath lets client `i` through at the end of period `t`: `A / W`.
-    fn enforced(&self, i: usize, t: usize) -> f64 {
-        let (w, a) = self.held[i][t];
-        a as f64 * 1e6 / w as f64
-    }
-
-    /// Half a packet per `W`: how far `A / W` can be from its exact value by rounding `A`.
-    fn rounding(&self, i: usize, t: usize) -> f64 {
-        0.5 * 1e6 / self.held[i][t].0 as f64 + 1e-9
-    }
-}
-
-fn fair_run(
-    config: AdaptiveConfig,
-    cpu: impl Fn(usize) -> f64,
-    clients: &[Client],
-    n: usize,
-) -> (Controller, FairRun) {
-    let mut ctl = Controller::new(config).expect("valid config");
-    let mut run = FairRun {
-        g: Vec::new(),
-        gi: vec![Vec::new(); clients.len()],
-        held: vec![Vec::new(); clients.len()],
-    };
-    let mut held: Vec<(u32, u32)> = clients.iter().map(|c| (WINDOW_US, c.limit)).collect();
-    for t in 0..n {
-        let observations = clients.iter().enumerate().map(|(i, c)| ClientObservation {
-            key: key(i),
-            limit: c.limit,
-            window_us: WINDOW_US,
-            rate: c.offered,
-            weight: c.weight,
-        });
-        let output = ctl.step(&LoadSample { cpu: cpu(t) }, observations);
-        for d in &output.decisions {
-            let i = (0..clients.len()).find(|&i| key(i) == d.key).unwrap();
-            check_decision(d, clients[i].limit, WINDOW_US);
-            held[i] = (d.window_us, d.allowance);
-        }
-        run.g.push(ctl.load_factor());
-        for (i, c) in clients.iter().enumerate() {
-            // Every client is observed every period: what it holds is what the controller wants.
-            let desired = ctl.desired(&key(i)).expect("tracked");
-            assert_eq!((desired.window_us, desired.allowance), held[i], "{c:?}");
-            run.gi[i].push(desired.load_factor);
-            run.held[i].push(held[i]);
-        }
-    }
-    (ctl, run)
-}
-
 /// `gᵢ` moves by at most one `step` per period, and reverses at least `dwell` periods apart.
 fn check_bounded(series: &[f64], c: &AdaptiveConfig) {
     for (t, pair) in series.windows(2).enumerate() {
@@ -633,11 +498,7 @@ fn check_bounded(series: &[f64], c: &AdaptiveConfig) {
 fn fairness_under_overload_protects_modest_clients_from_an_aggressive_one() {
     let c = enabled();
     // One aggressive client with a larger policy (1000/s), 20 modest ones (100/s) offering 0.6 r.
-    let aggressive = Client {
-        limit: 1_000,
-        weight: 1.0,
-        offered: 5_000.0,
-    };
+    let aggressive = AGGRESSIVE;
     let mut clients = vec![aggressive];
     clients.extend((0..20).map(|_| modest(0.6 * R)));
     let n = 60;
@@ -755,11 +616,7 @@ fn a_zero_weight_client_is_held_to_one_packet_and_recovers() {
 
 #[test]
 fn without_overload_nobody_is_cut() {
-    let aggressive = Client {
-        limit: 1_000,
-        weight: 1.0,
-        offered: 5_000.0,
-    };
+    let aggressive = AGGRESSIVE;
     let mut clients = vec![aggressive];
     clients.extend((0..20).map(|_| modest(0.6 * R)));
     // Relaxed (g climbs to / stays at 1) and steady (g holds at 1).
@@ -791,11 +648,11 @@ fn equal_heavy_clients_follow_the_global_factor_exactly() {
         alpha: 1.0,
         ..enabled()
     };
-    let step_trace = |t: usize| if (40..100).contains(&t) { 0.95 } else { 0.3 };
+    let step_trace = load_step::cpu;
     let slow_wave = |t: usize| if (t / 8).is_multiple_of(2) { 0.95 } else { 0.3 };
     let fast_wave = |t: usize| if (t / 2).is_multiple_of(2) { 0.95 } else { 0.3 };
     let runs = [
-        run(enabled(), step_trace, &patterns(), 170),
+        run(enabled(), step_trace, &patterns(), load_step::PERIODS),
         run(unsmoothed.clone(), slow_wave, &patterns(), 200),
         run(unsmoothed, fast_wave, &patterns(), 200),
         run(enabled(), |_| 1.0, &patterns(), 50),
@@ -1053,4 +910,51 @@ fn changing_idle_periods_keeps_expiry_working() {
     // Clients that arrive after the change use the new wheel: last seen at 100, gone at 120.
     let at = forgotten_at(&mut ctl, 101, 200, &[]);
     assert_eq!(at, HashMap::from([(key(1), 120)]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios the README's charts show (`plot-adaptive`), checked for what their captions say.
+
+#[test]
+fn the_charted_square_wave_does_not_chatter_while_faster_than_the_dwell() {
+    let c = AdaptiveConfig {
+        alpha: 1.0,
+        ..enabled()
+    };
+    let r = run(
+        c.clone(),
+        square_wave::cpu,
+        &square_wave::clients(),
+        square_wave::PERIODS,
+    );
+    let fast = square_wave::FAST_UNTIL;
+    assert!(reversals(&r.g[..fast]).is_empty(), "{:?}", &r.g[..fast]);
+    // Once it flips every 8 periods, g follows it, turning at least `dwell` periods apart.
+    let turns = reversals(&r.g);
+    assert!(!turns.is_empty(), "g never followed the slow wave");
+    assert!(
+        turns.windows(2).all(|w| w[1] - w[0] >= c.dwell as usize),
+        "{turns:?}"
+    );
+}
+
+#[test]
+fn the_charted_fairness_run_cuts_only_the_aggressive_client() {
+    let c = enabled();
+    let clients = fairness::clients();
+    let (ctl, run) = fair_run(c.clone(), fairness::cpu, &clients, fairness::PERIODS);
+    let last = fairness::PERIODS - 1;
+    // Nobody is cut before the overload.
+    assert!(
+        run.gi
+            .iter()
+            .all(|gi| gi[fairness::OVERLOAD_FROM - 1] == 1.0)
+    );
+    for (i, _) in clients.iter().enumerate().skip(1) {
+        assert_eq!(ctl.desired(&key(i)).map(|d| d.load_factor), Some(1.0));
+    }
+    assert!(run.gi[0][last] < c.min_load_factor, "{}", run.gi[0][last]);
+    let modest_total: f64 = clients[1..].iter().map(|c| c.offered).sum();
+    let capacity = run.g[last] * clients.iter().map(Client::r).sum::<f64>();
+    assert!((run.gi[0][last] * AGGRESSIVE.r() - (capacity - modest_total)).abs() < 1e-6);
 }

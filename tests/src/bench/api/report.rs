@@ -1,0 +1,305 @@
+//! The markdown report: the measured rows and the section `cargo xtask bench` writes.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use super::load::LoadReport;
+use super::{
+    BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION, RunArgs,
+    STREAMS_PER_CONNECTION, TARGET_BATCH_OVER_REDIS, TARGET_UNARY_OVER_FLOOR, UNARY_CONCURRENCY,
+    WINDOW,
+};
+use crate::bench::report::machine;
+
+/// One measurement of one case.
+#[derive(Clone, Debug)]
+pub(super) struct Measurement {
+    pub(super) calls_per_s: Option<f64>,
+    pub(super) decisions_per_s: f64,
+    pub(super) p50_us: f64,
+    pub(super) p99_us: f64,
+    /// Share of the decisions that were denials (gRPC only).
+    pub(super) denied: Option<f64>,
+    /// Failed calls (gRPC only).
+    pub(super) errors: Option<u64>,
+}
+
+impl From<&LoadReport> for Measurement {
+    fn from(report: &LoadReport) -> Measurement {
+        Measurement {
+            calls_per_s: Some(report.calls_per_s()),
+            decisions_per_s: report.decisions_per_s(),
+            p50_us: report.p50_us,
+            p99_us: report.p99_us,
+            denied: Some(report.denied as f64 / report.decisions.max(1) as f64),
+            errors: Some(report.errors),
+        }
+    }
+}
+
+/// One row of the report: a system and a case, measured once per round.
+pub(super) struct Row {
+    pub(super) system: String,
+    /// The gRPC case; `None` for redis-benchmark rows.
+    pub(super) case: Option<(Mode, usize)>,
+    pub(super) call: &'static str,
+    pub(super) in_flight: String,
+    pub(super) rounds: Vec<Measurement>,
+}
+
+impl Row {
+    pub(super) fn grpc(system: &str, mode: Mode, concurrency: usize) -> Row {
+        Row {
+            system: system.to_owned(),
+            case: Some((mode, concurrency)),
+            call: match mode {
+                Mode::Unary => "Check",
+                Mode::Batch => "CheckBatch ×100",
+            },
+            in_flight: match mode {
+                Mode::Unary => concurrency.to_string(),
+                Mode::Batch => format!("{concurrency} × {BATCH}"),
+            },
+            rounds: Vec::new(),
+        }
+    }
+
+    /// The round with the median decisions/s (the lower of the two middle ones for an even
+    /// count); `None` before the first round.
+    pub(super) fn median(&self) -> Option<&Measurement> {
+        let mut sorted: Vec<&Measurement> = self.rounds.iter().collect();
+        sorted.sort_by(|a, b| a.decisions_per_s.total_cmp(&b.decisions_per_s));
+        sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// Lowest and highest decisions/s over the rounds.
+    pub(super) fn spread(&self) -> (f64, f64) {
+        self.rounds
+            .iter()
+            .fold((f64::INFINITY, 0.0_f64), |(lo, hi), m| {
+                (lo.min(m.decisions_per_s), hi.max(m.decisions_per_s))
+            })
+    }
+}
+
+/// The rows, in report order.
+pub(super) struct Rows(pub(super) Vec<Row>);
+
+impl Rows {
+    pub(super) fn get_mut(
+        &mut self,
+        system: &str,
+        mode: Mode,
+        concurrency: usize,
+    ) -> Option<&mut Row> {
+        self.0
+            .iter_mut()
+            .find(|r| r.system == system && r.case == Some((mode, concurrency)))
+    }
+
+    /// The median measurement of a gRPC case.
+    pub(super) fn median(
+        &self,
+        system: &str,
+        mode: Mode,
+        concurrency: usize,
+    ) -> Option<&Measurement> {
+        self.0
+            .iter()
+            .find(|r| r.system == system && r.case == Some((mode, concurrency)))
+            .and_then(Row::median)
+    }
+}
+
+pub(super) struct ReportInput<'a> {
+    pub(super) args: &'a RunArgs,
+    pub(super) date: String,
+    pub(super) load_before: String,
+    pub(super) rows: &'a Rows,
+    /// Why the limiter was not measured.
+    pub(super) limiter: Option<&'a str>,
+    /// Why redis-cell was not measured.
+    pub(super) redis: Option<&'a str>,
+    pub(super) redis_pipelined: Option<f64>,
+    pub(super) denied_case: bool,
+}
+
+pub(super) fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub(super) fn latency(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{:.2} ms", us / 1e3)
+    }
+}
+
+pub(super) fn mark(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "**MISS**" }
+}
+
+pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
+    let args = input.args;
+    let mut md = String::new();
+    writeln!(md, "## gRPC API\n")?;
+    writeln!(md, "- Date: {}", input.date)?;
+    writeln!(md, "- Machine: {}", machine())?;
+    writeln!(
+        md,
+        "- Load average before the run: {}",
+        input
+            .load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )?;
+    writeln!(
+        md,
+        "- Each case: {} interleaved rounds of {:.1} s warm-up and {:.1} s measured, reported by \
+         its median round (spread: the lowest and highest round); {} distinct client IDs, one \
+         drawn uniformly at random per check; every system limits each client to {} per {:?}, \
+         so every check is allowed unless the row says otherwise\n",
+        args.rounds,
+        args.warmup.as_secs_f64(),
+        args.duration.as_secs_f64(),
+        args.ids,
+        thousands(LIMIT as f64),
+        WINDOW
+    )?;
+    writeln!(
+        md,
+        "| System | Call | In flight | calls/s | decisions/s | spread | p50 | p99 | denied | errors |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for row in &input.rows.0 {
+        let Some(m) = row.median() else { continue };
+        let (lo, hi) = row.spread();
+        let errors: Option<u64> = row.rounds.iter().map(|m| m.errors).sum();
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.system,
+            row.call,
+            row.in_flight,
+            m.calls_per_s.map_or("—".into(), thousands),
+            thousands(m.decisions_per_s),
+            if row.rounds.len() > 1 {
+                format!("{}–{}", thousands(lo), thousands(hi))
+            } else {
+                "one round".into()
+            },
+            latency(m.p50_us),
+            latency(m.p99_us),
+            m.denied
+                .map_or("—".into(), |d| format!("{:.1}%", 100.0 * d)),
+            errors.map_or("—".into(), |e| e.to_string()),
+        )?;
+    }
+    if let Some(reason) = input.limiter {
+        writeln!(md, "\nThe limiter was not measured: {reason}.")?;
+    }
+    if let Some(reason) = input.redis {
+        writeln!(md, "\nredis-cell was not measured: {reason}.")?;
+    }
+
+    writeln!(md, "\nTargets (medians, every ratio from this run):\n")?;
+    writeln!(md, "| Target | limiter | baseline | ratio | |")?;
+    writeln!(md, "|---|---:|---:|---:|---|")?;
+    let floor = "governor floor";
+    for id_kind in [IdKind::Address, IdKind::Name] {
+        let system = format!("limiter, {} IDs", id_kind.as_str());
+        let target = format!(
+            "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {} IDs",
+            id_kind.as_str()
+        );
+        let batch = input.rows.median(&system, Mode::Batch, BATCH_CONCURRENCY);
+        match (batch, input.redis_pipelined) {
+            (Some(batch), Some(redis)) => {
+                let ratio = batch.decisions_per_s / redis;
+                writeln!(
+                    md,
+                    "| {target} | {} | {} | {ratio:.2}× | {} |",
+                    thousands(batch.decisions_per_s),
+                    thousands(redis),
+                    mark(ratio >= TARGET_BATCH_OVER_REDIS)
+                )?;
+            }
+            _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
+        }
+        for concurrency in UNARY_CONCURRENCY {
+            let target = format!(
+                "Check ≥ {TARGET_UNARY_OVER_FLOOR}× the governor floor's calls/s, {concurrency} in flight, {} IDs",
+                id_kind.as_str()
+            );
+            match (
+                input.rows.median(&system, Mode::Unary, concurrency),
+                input.rows.median(floor, Mode::Unary, concurrency),
+            ) {
+                (Some(limiter), Some(floor)) => {
+                    let ratio = limiter.decisions_per_s / floor.decisions_per_s;
+                    writeln!(
+                        md,
+                        "| {target} | {} | {} | {ratio:.2}× | {} |",
+                        thousands(limiter.decisions_per_s),
+                        thousands(floor.decisions_per_s),
+                        mark(ratio >= TARGET_UNARY_OVER_FLOOR)
+                    )?;
+                }
+                _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
+            }
+        }
+    }
+
+    writeln!(md, "\n### How measured\n")?;
+    let denied_rows = if input.denied_case {
+        "The ~50% denied rows reload the agent with `10.128.0.0/9` limited to 1 per hour, so \
+         once warmed up the upper half of the addresses is over its limit. "
+    } else {
+        ""
+    };
+    writeln!(
+        md,
+        "Everything runs on one machine inside one fresh network namespace, over its loopback: \
+         the agent (`limiter agent --api-listen {LIMITER_ADDR} --api-token-file FILE`, attached \
+         to a veth in the namespace, `default: {{ limit: {LIMIT}, window: {window}s }}`), the \
+         gRPC floor (`api-bench floor-server`: the same `limiter.v1.RateLimiter` service in \
+         tonic with default settings, deciding with the `governor` crate's keyed GCRA limiter — \
+         DashMap state, default clock, the same limit — and filling allowed, limit, remaining, \
+         reset_after, retry_after, window; no authentication) and Debian's `redis-server` with \
+         the redis-cell {REDIS_CELL_VERSION} module (built from its crates.io source, the only \
+         release there), persistence off. gRPC load comes from `api-bench load` in the same \
+         namespace: a closed loop with a fixed number of calls in flight over one HTTP/2 \
+         connection per {STREAMS_PER_CONNECTION} of them (tokio, one worker thread per CPU); \
+         calls to the agent carry `authorization: Bearer TOKEN`. A call counts if it completes \
+         inside the measured window; its latency runs from sending the request to decoding the \
+         response (hdrhistogram, 3 significant digits). Address IDs are IPv4 addresses spread \
+         over 10.0.0.0/8, name IDs are `tenant-N`; the floor is measured with address IDs (to \
+         governor both are opaque strings). {denied_rows}redis-cell is driven by \
+         `redis-benchmark -c {BATCH_CONCURRENCY} -P {BATCH} -r {ids} CL.THROTTLE \
+         key:__rand_int__ {burst} {LIMIT} {window} 1` (and `-P 1` for reference) after a \
+         100,000-request warm-up that sizes each measured run to about {seconds:.0} s; its \
+         latency is per command as redis-benchmark reports it, which for a pipeline is the \
+         pipeline's round trip. Every server shares the machine's {cpus} CPUs with its load \
+         generator. Run with `cargo xtask bench`, or as root `api-bench run [--rounds 3 \
+         --duration 2s --warmup 500ms --ids N --write FILE]`.",
+        window = WINDOW.as_secs(),
+        ids = args.ids,
+        burst = LIMIT - 1,
+        seconds = args.duration.as_secs_f64(),
+        // SAFETY: sysconf has no preconditions.
+        cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
+    )?;
+    Ok(md)
+}

@@ -1,0 +1,414 @@
+//! The whole benchmark (`api-bench run`): the namespace, the three systems, every case per round.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::SocketAddr,
+    os::unix::fs::OpenOptionsExt as _,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use super::load::LoadReport;
+use super::process::{
+    Daemon, TempDir, check_interrupted, find_executable, in_ns, listening, on_signal, output_of,
+    random_token, tail,
+};
+use super::redis::{build_redis_cell, redis_benchmark, target_dir};
+use super::report::{Measurement, ReportInput, Row, Rows, report};
+use super::{
+    BATCH, BATCH_CONCURRENCY, FLOOR_ADDR, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION,
+    REDIS_PORT, RunArgs, UNARY_CONCURRENCY, limiter_config, limiter_deny_config,
+};
+use crate::{
+    agent::{Agent, agent_has_option, limiter_bin},
+    bench::report::{date, read_trimmed},
+    netns::TestNet,
+};
+
+/// The gRPC services under test.
+pub(super) struct Target {
+    pub(super) system: String,
+    pub(super) addr: &'static str,
+    pub(super) token: Option<String>,
+    pub(super) id_kind: IdKind,
+}
+
+pub(super) struct Bench<'a> {
+    pub(super) args: &'a RunArgs,
+    pub(super) ns: String,
+    pub(super) exe: PathBuf,
+}
+
+impl Bench<'_> {
+    /// Runs one `load` in the namespace.
+    pub(super) fn load(
+        &self,
+        target: &Target,
+        mode: Mode,
+        concurrency: usize,
+    ) -> Result<LoadReport> {
+        check_interrupted()?;
+        let mut command = in_ns(&self.ns, &self.exe);
+        command.args([
+            "load".to_owned(),
+            "--target".to_owned(),
+            format!("http://{}", target.addr),
+            "--concurrency".to_owned(),
+            concurrency.to_string(),
+            "--duration".to_owned(),
+            format!("{}ms", self.args.duration.as_millis()),
+            "--warmup".to_owned(),
+            format!("{}ms", self.args.warmup.as_millis()),
+            "--mode".to_owned(),
+            format!("{mode:?}").to_lowercase(),
+            "--batch".to_owned(),
+            BATCH.to_string(),
+            "--ids".to_owned(),
+            self.args.ids.to_string(),
+            "--id-kind".to_owned(),
+            target.id_kind.as_str().to_owned(),
+        ]);
+        if let Some(token) = &target.token {
+            command.args(["--token", token]);
+        }
+        let what = format!("{} {mode:?} at concurrency {concurrency}", target.system);
+        let timeout = self.args.warmup + self.args.duration + Duration::from_secs(30);
+        let stdout = output_of(&mut command, timeout).with_context(|| format!("load: {what}"));
+        // A Ctrl-C also stops the load generator: report the interruption, not its failure.
+        check_interrupted()?;
+        let stdout = stdout?;
+        let report: LoadReport = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("load: {what}: parsing its report {stdout:?}"))?;
+        ensure!(
+            report.calls > 0,
+            "load: {what}: no call succeeded ({} errors, first: {})",
+            report.errors,
+            report.first_error.as_deref().unwrap_or("none")
+        );
+        eprintln!(
+            "{what}: {:.0} calls/s, {:.0} decisions/s, p50 {:.0} µs, p99 {:.0} µs, {:.1}% denied, {} errors",
+            report.calls_per_s(),
+            report.decisions_per_s(),
+            report.p50_us,
+            report.p99_us,
+            100.0 * report.denied as f64 / report.decisions.max(1) as f64,
+            report.errors
+        );
+        Ok(report)
+    }
+}
+
+/// What the limiter rows could not be measured for, when they were not.
+pub(super) enum Limiter {
+    Running { agent: Agent, token: String },
+    Missing(String),
+}
+
+/// The redis-cell rows: measured, or why not.
+pub(super) enum Redis {
+    Running(Daemon),
+    Missing(String),
+}
+
+pub(super) fn run(args: &RunArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("api-bench run creates network namespaces and attaches XDP: run it as root");
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            libc::signal(
+                signal,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+    let load_before = read_trimmed("/proc/loadavg");
+    let date = date();
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let bench_dir = target_dir().join("bench");
+    let tmp = TempDir::new("limiter-api-bench")?;
+
+    let redis_cell_dir = bench_dir.join("redis-cell");
+    eprintln!(
+        "building redis-cell {REDIS_CELL_VERSION} into {}",
+        redis_cell_dir.display()
+    );
+    let module = build_redis_cell(&redis_cell_dir);
+
+    let net = TestNet::new().context("creating the benchmark's network namespaces")?;
+    let ns = net.receiver_ns.clone();
+
+    let floor_addr: SocketAddr = FLOOR_ADDR.parse().context("FLOOR_ADDR")?;
+    let mut floor = Daemon::spawn(
+        "governor floor server",
+        {
+            let mut command = in_ns(&ns, &exe);
+            command.args(["floor-server", "--listen", FLOOR_ADDR]);
+            command
+        },
+        tmp.0.join("floor.log"),
+    )?;
+    floor.wait_listening(&ns, floor_addr, Duration::from_secs(10))?;
+
+    let mut redis = match (&module, find_executable("redis-server")) {
+        (Err(e), _) => Redis::Missing(format!("redis-cell did not build: {e:#}")),
+        (Ok(_), None) => Redis::Missing(
+            "`redis-server` is not installed (`cargo xtask setup` installs it)".into(),
+        ),
+        (Ok(module), Some(server)) => {
+            let mut command = in_ns(&ns, server);
+            command
+                .args(["--bind", "127.0.0.1", "--port", &REDIS_PORT.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&tmp.0)
+                .arg("--loadmodule")
+                .arg(module);
+            let mut daemon = Daemon::spawn("redis-server", command, tmp.0.join("redis.log"))?;
+            daemon.wait_listening(
+                &ns,
+                SocketAddr::from(([127, 0, 0, 1], REDIS_PORT)),
+                Duration::from_secs(10),
+            )?;
+            // The module answers: `CL.THROTTLE` gives 5 integers, the first 0 (allowed).
+            let reply = output_of(
+                in_ns(&ns, "redis-cli")
+                    .args(["-p", &REDIS_PORT.to_string(), "CL.THROTTLE", "bench-check"])
+                    .args([
+                        (LIMIT - 1).to_string(),
+                        LIMIT.to_string(),
+                        "1".into(),
+                        "1".into(),
+                    ]),
+                Duration::from_secs(10),
+            )
+            .context("redis-cli CL.THROTTLE")?;
+            ensure!(
+                reply.lines().count() == 5 && reply.lines().next() == Some("0"),
+                "CL.THROTTLE answered {reply:?}; redis-server's log:\n{}",
+                tail(&daemon.log, 4000)
+            );
+            Redis::Running(daemon)
+        }
+    };
+
+    let limiter = if !limiter_bin().is_file() {
+        Limiter::Missing(format!(
+            "no limiter binary at {} (set LIMITER_BIN or run `cargo xtask bench`)",
+            limiter_bin().display()
+        ))
+    } else if !agent_has_option("--api-listen") {
+        Limiter::Missing(format!(
+            "`{} agent` has no `--api-listen` (no gRPC API in this build)",
+            limiter_bin().display()
+        ))
+    } else {
+        let token = random_token()?;
+        let token_file = tmp.0.join("api-token");
+        // The agent refuses a token file others can read.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .and_then(|mut file| file.write_all(token.as_bytes()))
+            .with_context(|| format!("writing {}", token_file.display()))?;
+        let socket = tmp.0.join("api.sock");
+        let agent = Agent::start_with(
+            &net,
+            &limiter_config(),
+            &[
+                "--api-socket",
+                &socket.to_string_lossy(),
+                "--api-listen",
+                LIMITER_ADDR,
+                "--api-token-file",
+                &token_file.to_string_lossy(),
+            ],
+        )
+        .context("starting the agent")?;
+        let limiter_addr: SocketAddr = LIMITER_ADDR.parse().context("LIMITER_ADDR")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !listening(&ns, limiter_addr)? {
+            if let Some(status) = agent.exited()? {
+                bail!(
+                    "the agent exited ({status}) before serving {LIMITER_ADDR}:\n{}",
+                    agent.stderr()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the agent did not listen on {LIMITER_ADDR} within 10 s; its stderr:\n{}",
+                agent.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Limiter::Running { agent, token }
+    };
+
+    let bench = Bench {
+        args,
+        ns: ns.clone(),
+        exe,
+    };
+    let floor_target = Target {
+        system: "governor floor".into(),
+        addr: FLOOR_ADDR,
+        token: None,
+        id_kind: IdKind::Address,
+    };
+    let mut targets = vec![floor_target];
+    if let Limiter::Running { token, .. } = &limiter {
+        for id_kind in [IdKind::Address, IdKind::Name] {
+            targets.push(Target {
+                system: format!("limiter, {} IDs", id_kind.as_str()),
+                addr: LIMITER_ADDR,
+                token: Some(token.clone()),
+                id_kind,
+            });
+        }
+    }
+
+    // Round by round, case by case, every system in turn: a drift in the machine's speed
+    // touches all alike, and the median round of each case drops the outliers.
+    ensure!(args.rounds > 0, "--rounds must be positive");
+    let cases: Vec<(Mode, usize)> = UNARY_CONCURRENCY
+        .iter()
+        .map(|&c| (Mode::Unary, c))
+        .chain([(Mode::Batch, BATCH_CONCURRENCY)])
+        .collect();
+    let mut rows = Rows(
+        cases
+            .iter()
+            .flat_map(|&(mode, concurrency)| {
+                targets
+                    .iter()
+                    .map(move |target| Row::grpc(&target.system, mode, concurrency))
+            })
+            .collect(),
+    );
+    let redis_rows = [
+        (BATCH, "redis-cell, pipelined (-P 100)"),
+        (1, "redis-cell, unpipelined (-P 1)"),
+    ];
+    let mut redis_requests = Vec::new();
+    if let Redis::Running(_) = &redis {
+        for (pipeline, label) in redis_rows {
+            check_interrupted()?;
+            // Warm-up, which also sizes the measured runs to about `duration`.
+            let (warm_rps, ..) =
+                redis_benchmark(&ns, pipeline, BATCH_CONCURRENCY, 100_000, args.ids)
+                    .with_context(|| format!("redis-benchmark warm-up: {label}"))?;
+            redis_requests
+                .push(((warm_rps * args.duration.as_secs_f64()) as u64).clamp(50_000, 50_000_000));
+            rows.0.push(Row {
+                system: label.to_owned(),
+                case: None,
+                call: "CL.THROTTLE",
+                in_flight: if pipeline == 1 {
+                    BATCH_CONCURRENCY.to_string()
+                } else {
+                    format!("{BATCH_CONCURRENCY} × {pipeline}")
+                },
+                rounds: Vec::new(),
+            });
+        }
+    }
+    let redis_first_row = rows.0.len() - redis_requests.len();
+    for round in 1..=args.rounds {
+        eprintln!("round {round} of {}", args.rounds);
+        for &(mode, concurrency) in &cases {
+            for target in &targets {
+                let report = bench.load(target, mode, concurrency)?;
+                rows.get_mut(&target.system, mode, concurrency)
+                    .context("a row for every case")?
+                    .rounds
+                    .push((&report).into());
+            }
+        }
+        if let Redis::Running(daemon) = &mut redis {
+            for (i, ((pipeline, label), requests)) in
+                redis_rows.iter().zip(&redis_requests).enumerate()
+            {
+                check_interrupted()?;
+                let (rps, p50_ms, p99_ms) =
+                    redis_benchmark(&ns, *pipeline, BATCH_CONCURRENCY, *requests, args.ids)
+                        .with_context(|| format!("redis-benchmark: {label}"))?;
+                daemon.ensure_running()?;
+                eprintln!("{label}: {rps:.0} decisions/s, p50 {p50_ms} ms, p99 {p99_ms} ms");
+                rows.0[redis_first_row + i].rounds.push(Measurement {
+                    calls_per_s: (*pipeline == 1).then_some(rps),
+                    decisions_per_s: rps,
+                    p50_us: p50_ms * 1e3,
+                    p99_us: p99_ms * 1e3,
+                    denied: None,
+                    errors: None,
+                });
+            }
+        }
+    }
+    if let Redis::Missing(reason) = &redis {
+        eprintln!("redis-cell not measured: {reason}");
+    }
+    let redis_pipelined = rows
+        .0
+        .get(redis_first_row)
+        .filter(|_| !redis_requests.is_empty())
+        .and_then(Row::median)
+        .map(|m| m.decisions_per_s);
+
+    // Denials, after the comparison (the reload changes the agent's policies): one round.
+    let mut denied_case = false;
+    if let Limiter::Running { agent, token } = &limiter {
+        agent
+            .reload(&limiter_deny_config(), Duration::from_secs(10))
+            .context("reloading the agent with the denial config")?;
+        let target = Target {
+            system: "limiter, address IDs, ~50% denied".into(),
+            addr: LIMITER_ADDR,
+            token: Some(token.clone()),
+            id_kind: IdKind::Address,
+        };
+        for (mode, concurrency) in [(Mode::Unary, 16), (Mode::Batch, BATCH_CONCURRENCY)] {
+            let report = bench.load(&target, mode, concurrency)?;
+            let mut row = Row::grpc(&target.system, mode, concurrency);
+            row.rounds.push((&report).into());
+            rows.0.push(row);
+        }
+        denied_case = true;
+    }
+
+    let md = report(&ReportInput {
+        args,
+        date,
+        load_before,
+        rows: &rows,
+        limiter: match &limiter {
+            Limiter::Running { .. } => None,
+            Limiter::Missing(reason) => Some(reason.as_str()),
+        },
+        redis: match &redis {
+            Redis::Running(_) => None,
+            Redis::Missing(reason) => Some(reason.as_str()),
+        },
+        redis_pipelined,
+        denied_case,
+    })?;
+    print!("{md}");
+    if let Some(path) = &args.write {
+        fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    // Stopped in this order: the load is done; the servers, then the namespaces.
+    drop(limiter);
+    drop(redis);
+    drop(floor);
+    drop(net);
+    Ok(())
+}
