@@ -7,6 +7,8 @@ pub mod client;
 pub mod config_edit;
 pub mod datapath;
 pub mod ebpf;
+pub mod kernel;
+pub mod kernel_log;
 pub mod limits;
 pub mod load;
 pub mod metrics;

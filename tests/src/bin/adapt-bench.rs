@@ -87,11 +87,14 @@ fn main() -> Result<()> {
     }
     // One CPU: `limiter_bench_cycle`'s per-CPU sequence must continue across calls.
     pin_to_cpu(0)?;
-    let mut ebpf = datapath::load(&LoadOptions {
-        pin_dir: None,
-        max_clients: 1 << 20,
-        ..LoadOptions::default()
-    })
+    let mut ebpf = datapath::load_object(
+        limiter_user::ebpf::BENCH_OBJECT,
+        &LoadOptions {
+            pin_dir: None,
+            max_clients: 1 << 20,
+            ..LoadOptions::default()
+        },
+    )
     .context("loading the object (needs root)")?;
     let mut tables = Tables::take(&mut ebpf)?;
     tables.apply(&Config::parse(OFF)?)?;
