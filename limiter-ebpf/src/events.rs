@@ -39,13 +39,12 @@ pub(crate) fn log(event: Event, count: u64) {
     match event {
         Event::MapFull => warn!(
             &(),
-            "client map full: new clients share the overflow budget ({} so far on this CPU); raise --max-clients or --max-ids",
+            "client map full: {} packets on this CPU used the overflow budget (--max-clients)",
             count
         ),
         Event::Contended => warn!(
             &(),
-            "a client's window counter stayed contended past its retries: {} decisions denied so far on this CPU",
-            count
+            "client contended past its CAS retries: {} decisions denied on this CPU", count
         ),
     }
 }

@@ -2,10 +2,10 @@
 //! one fails with a line that names it and the Linux release that brought it, rather than with a
 //! verifier log or an `EINVAL` halfway through loading.
 //!
-//! Each feature is probed where that is cheap (aya's map-type and helper probes, a four-instruction
-//! program, a bpf(2) command on a closed descriptor), so a distribution kernel with backports passes
-//! and one built without a feature fails; the version string decides only when a probe itself
-//! fails in an unexpected way. Releases and commits are those of torvalds/linux.
+//! Each feature is probed where that is cheap (aya's map-type and helper probes, a six-instruction
+//! program, a bpf(2) command on a closed descriptor), so a distribution kernel with backports
+//! passes and one built without a feature fails; the version string decides only when a probe
+//! itself fails in an unexpected way. Releases and commits are those of torvalds/linux.
 
 use std::{io, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
