@@ -1,5 +1,6 @@
 //! Builds the eBPF crate for the BPF target and leaves the object in OUT_DIR, where `src/ebpf.rs`
-//! embeds it with `include_bytes_aligned!`; and generates the gRPC code for `proto/limiter.proto`
+//! embeds it with `include_bytes_aligned!` (and, with the `bench` feature, a second object with
+//! the benchmark programs); and generates the gRPC code for `proto/limiter.proto`
 //! (compiled by protox, in pure Rust, so the build needs no `protoc`).
 //!
 //! Toolchain (installed by `cargo xtask setup`): Debian's rustc-web ships a prebuilt `core` for
@@ -29,18 +30,37 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: the build script is single-threaded here.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,limiter") };
 
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    // With our `bench` feature, first the object with limiter-ebpf's benchmark programs (aya-build
+    // names its output after the binary, `limiter`: move it aside), then the production object,
+    // which never has them.
+    if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        build_object(ebpf_dir, &["bench"])?;
+        let (built, bench) = (out_dir.join("limiter"), out_dir.join("limiter-bench"));
+        std::fs::rename(&built, &bench)
+            .with_context(|| format!("moving {} to {}", built.display(), bench.display()))?;
+    }
+    build_object(ebpf_dir, &[])
+}
+
+/// Builds limiter-ebpf with `features` into OUT_DIR/limiter.
+fn build_object(ebpf_dir: &str, features: &[&str]) -> anyhow::Result<()> {
     aya_build::build_ebpf(
         [Package {
             name: "limiter-ebpf",
             root_dir: ebpf_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::Custom("system"),
     )
-    .context(
-        "building the eBPF program (limiter-ebpf) failed; run `cargo xtask setup` to install \
-         the system Rust toolchain for bpfel-unknown-none and bpf-linker",
-    )
+    .with_context(|| {
+        format!(
+            "building the eBPF program (limiter-ebpf, features {features:?}) failed; run `cargo \
+             xtask setup` to install the system Rust toolchain for bpfel-unknown-none and \
+             bpf-linker"
+        )
+    })
 }
 
 /// Generates the messages and the tonic clients and servers of `limiter.proto` into OUT_DIR, with

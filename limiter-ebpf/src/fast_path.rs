@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
-    addr::{ClientKey, PolicyKey, policy_key, v4_mapped},
+    addr::{ClientKey, PolicyKey, policy_key},
     maps::{
         ACTION_DROP, ACTION_LIMIT, ACTION_PASS, ACTIVE_RING_BYTES, ADAPT_APPLIED, ADAPT_BATCH,
         ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_REFRESH,
@@ -45,7 +45,10 @@ use limiter_common::{
     },
 };
 
-use crate::parse::{Frame, parse, ptr_at, read};
+use crate::{
+    events::{self, Event},
+    parse::{Frame, parse, ptr_at, read},
+};
 
 /// Dynamic clients (default or prefix policies). The agent sets the real size at load time
 /// (`--max-clients`); LRU eviction bounds memory.
@@ -97,10 +100,6 @@ static ACTIVE: RingBuf = RingBuf::with_byte_size(ACTIVE_RING_BYTES, 0);
 #[map]
 static ADAPTIVE: Array<AdaptiveStatus> = Array::with_max_entries(1, 0);
 
-/// Bench-only: per-CPU sequence from which `limiter_bench_cycle` derives source addresses.
-#[map]
-static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// Compare-and-swap attempts before a packet is denied as contended. Each failure means another
 /// CPU admitted a packet of the same client in between, so this bound is only reached under
 /// heavy same-client contention; denying then keeps the limit exact.
@@ -119,60 +118,22 @@ const COUNT_SLACK: u64 = 1 << 40;
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
 const COARSE_LAG_NS: u64 = 10_000_000;
 
-/// Distinct sources `limiter_bench_cycle` cycles through.
-const BENCH_CLIENTS: u64 = 1_000_000;
-
 #[xdp]
 pub fn limiter(ctx: XdpContext) -> u32 {
     try_limiter(&ctx, None).unwrap_or(xdp_action::XDP_PASS)
 }
 
-/// Benchmark baseline: the same parse and global counter as `limiter`, then XDP_PASS.
-#[xdp]
-pub fn limiter_baseline(ctx: XdpContext) -> u32 {
-    try_baseline(&ctx).unwrap_or(xdp_action::XDP_PASS)
-}
-
-/// Benchmark variant: the real decision path, but the source address comes from a per-CPU
-/// counter cycling through `BENCH_CLIENTS` addresses, so one BPF_PROG_TEST_RUN call exercises a
-/// million resident clients. Never attached by the agent.
-#[xdp]
-pub fn limiter_bench_cycle(ctx: XdpContext) -> u32 {
-    let seq = match BENCH_SEQ.get_ptr_mut(0) {
-        Some(p) => p,
-        None => return xdp_action::XDP_PASS,
-    };
-    // SAFETY: per-CPU value, valid for the program's run; XDP does not nest on a CPU.
-    let n = unsafe {
-        let n = *seq;
-        *seq = n + 1;
-        n % BENCH_CLIENTS
-    };
-    let key = v4_mapped([10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-    try_limiter(&ctx, Some(key)).unwrap_or(xdp_action::XDP_PASS)
-}
-
 #[inline(always)]
-fn stats() -> Option<&'static mut GlobalStats> {
+pub(crate) fn stats() -> Option<&'static mut GlobalStats> {
     // SAFETY: per-CPU value; XDP runs in softirq context and does not nest on a CPU, so this
     // CPU's copy has no concurrent writer.
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// The fast path's decision; `bench_key` replaces the frame's source (the benchmark programs, see
+/// `bench`).
 #[inline(always)]
-fn try_baseline(ctx: &XdpContext) -> Option<u32> {
-    let stats = stats()?;
-    match parse(ctx) {
-        // Always adds 1; reading the key keeps the compiler from dropping the address parse.
-        Frame::Ip(key) => stats.passed += (key[15] != 0xff) as u64 | 1,
-        Frame::NonIp => stats.non_ip += 1,
-        Frame::Malformed => stats.malformed += 1,
-    }
-    Some(xdp_action::XDP_PASS)
-}
-
-#[inline(always)]
-fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Option<u32> {
+pub(crate) fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Option<u32> {
     let stats = stats()?;
     let key = match parse(ctx) {
         Frame::Ip(key) => bench_key.unwrap_or(key),
@@ -212,6 +173,7 @@ fn client_entry(
     key: &ClientKey,
     config: &Config,
     stats: &mut GlobalStats,
+    run: Run,
 ) -> Option<*mut ClientState> {
     if let Some(p) = CLIENTS.get_ptr_mut(key) {
         return Some(p);
@@ -230,7 +192,7 @@ fn client_entry(
         }
         return Some(p);
     }
-    overflow_entry(&policy, config.generation, stats)
+    overflow_entry(&policy, config.generation, stats, run)
 }
 
 /// The shared budget for a client whose entry could not be created.
@@ -239,8 +201,12 @@ fn overflow_entry(
     policy: &Policy,
     generation: u32,
     stats: &mut GlobalStats,
+    run: Run,
 ) -> Option<*mut ClientState> {
     stats.map_full += 1;
+    if run == Run::Packet && events::sampled(stats.map_full) {
+        events::log(Event::MapFull, stats.map_full);
+    }
     let overflow = OVERFLOW.get_ptr_mut(0)?;
     let (limit, window_us) = policy.entry_limits();
     // SAFETY: array value, valid for the program's run. Racy plain stores of the same policy
@@ -345,7 +311,7 @@ fn check_one(
                 state_ptr = Some(p);
             } else {
                 verdict |= VERDICT_OVERFLOW;
-                state_ptr = overflow_entry(&request.policy, 0, counted);
+                state_ptr = overflow_entry(&request.policy, 0, counted, Run::Agent);
             }
         }
     } else if request.hits == 0 {
@@ -365,7 +331,7 @@ fn check_one(
         }
     } else {
         let full_before = counted.map_full;
-        let p = client_entry(&request.key, config, counted)?;
+        let p = client_entry(&request.key, config, counted, Run::Agent)?;
         // SAFETY: live map value.
         unsafe { refresh_policy(p, &request.key, config, counted) };
         state_ptr = Some(p);
@@ -378,7 +344,7 @@ fn check_one(
         Some(p) => {
             if request.hits != 0 {
                 // SAFETY: live map value.
-                let outcome = unsafe { decide_hits(p, request.hits, Clock::Direct, counted) };
+                let outcome = unsafe { decide_hits(p, request.hits, Run::Agent, counted) };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
@@ -394,7 +360,7 @@ fn check_one(
         }
     };
     if now == 0 {
-        now = now_for(state.window_us, Clock::Direct);
+        now = now_for(state.window_us, Run::Agent);
     }
     // SAFETY: `ptr_at` checked that the reply area lies inside the frame.
     unsafe {
@@ -516,7 +482,7 @@ unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
         };
         // Packets decide with the clock their window calls for; the coarse one (1 s windows and
         // up) may lag the helper by up to two jiffies (see `coarse_now`): 10 ms covers HZ=250.
-        let now = now_for(window_us, Clock::Direct);
+        let now = now_for(window_us, Run::Agent);
         let lag_ns = if window_us >= COARSE_CLOCK_MIN_WINDOW_US {
             COARSE_LAG_NS
         } else {
@@ -661,14 +627,14 @@ fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
 /// Admits or denies one packet for `key`, counting it in the client's entry.
 #[inline(always)]
 fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> bool {
-    let Some(state) = client_entry(key, config, stats) else {
+    let Some(state) = client_entry(key, config, stats, Run::Packet) else {
         return true;
     };
     // SAFETY: `state` points at a live map value for the duration of this program run (map
     // values are RCU-protected while the program runs).
     unsafe {
         refresh_policy(state, key, config, stats);
-        let outcome = decide_hits(state, 1, Clock::Cached, stats);
+        let outcome = decide_hits(state, 1, Run::Packet, stats);
         if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
             report(key, state);
         }
@@ -756,14 +722,18 @@ unsafe fn set_policy(state: *mut ClientState, policy: &Policy) -> bool {
     }
 }
 
-/// Where the time of a decision comes from.
+/// Which kind of run a decision is taken in: where its time comes from, and who logs its rare
+/// events (see `events`).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Clock {
-    /// The fast path: the per-CPU coarse-clock cache (see `coarse_now`).
-    Cached,
-    /// `limiter_check`, which runs in process context where a packet's softirq could interrupt
-    /// it halfway through updating the per-CPU cache: the helpers directly, no cache.
-    Direct,
+enum Run {
+    /// The fast path (`limiter`): time from the per-CPU coarse-clock cache (see `coarse_now`);
+    /// its `stats` are this CPU's `STATS`, so it logs rare events, sampled by their count.
+    Packet,
+    /// `limiter_check` and `limiter_adapt`, which the agent runs in process context where a
+    /// packet's softirq could interrupt them halfway through updating the per-CPU cache: the
+    /// clock helpers directly, no cache. Their `stats` are a local tally that `count_check` adds
+    /// to `STATS`; they log nothing (see `events`).
+    Agent,
 }
 
 /// What [`decide_hits`] decided.
@@ -784,7 +754,7 @@ struct Outcome {
 unsafe fn decide_hits(
     state: *mut ClientState,
     hits: u32,
-    clock: Clock,
+    run: Run,
     stats: &mut GlobalStats,
 ) -> Outcome {
     unsafe {
@@ -804,8 +774,8 @@ unsafe fn decide_hits(
             },
             // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => {
-                let now = now_for((*state).window_us, clock);
-                let (admitted, rolled) = admit(state, stats, hits, now);
+                let now = now_for((*state).window_us, run);
+                let (admitted, rolled) = admit(state, stats, hits, now, run);
                 Outcome {
                     admitted,
                     now,
@@ -822,12 +792,12 @@ unsafe fn decide_hits(
 
 /// CLOCK_MONOTONIC for a window of `window_us`: coarse for windows of a second or more.
 #[inline(always)]
-fn now_for(window_us: u32, clock: Clock) -> u64 {
+fn now_for(window_us: u32, run: Run) -> u64 {
     // SAFETY: plain helper calls.
     unsafe {
         if window_us < COARSE_CLOCK_MIN_WINDOW_US {
             bpf_ktime_get_ns()
-        } else if clock == Clock::Cached {
+        } else if run == Run::Packet {
             coarse_now()
         } else {
             bpf_ktime_get_coarse_ns()
@@ -846,6 +816,7 @@ unsafe fn admit(
     stats: &mut GlobalStats,
     hits: u32,
     now: u64,
+    run: Run,
 ) -> (bool, bool) {
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
@@ -905,6 +876,9 @@ unsafe fn admit(
         }
     }
     stats.contended += 1;
+    if run == Run::Packet && events::sampled(stats.contended) {
+        events::log(Event::Contended, stats.contended);
+    }
     (false, false)
 }
 

@@ -13,6 +13,10 @@
     expect(internal_features, reason = "core::intrinsics atomics; see above")
 )]
 
+#[cfg(all(target_arch = "bpf", feature = "bench"))]
+mod bench;
+#[cfg(target_arch = "bpf")]
+mod events;
 #[cfg(target_arch = "bpf")]
 mod fast_path;
 #[cfg(target_arch = "bpf")]

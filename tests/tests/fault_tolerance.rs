@@ -1086,11 +1086,14 @@ fn a_foreign_xdp_program_is_replaced_only_with_replace() -> Result<()> {
         std::process::id()
     ));
     let _ = fs::remove_file(&pin);
-    let mut foreign = datapath::load(&LoadOptions {
-        pin_dir: None,
-        max_clients: 1024,
-        ..LoadOptions::default()
-    })?;
+    let mut foreign = datapath::load_object(
+        datapath::ebpf::BENCH_OBJECT,
+        &LoadOptions {
+            pin_dir: None,
+            max_clients: 1024,
+            ..LoadOptions::default()
+        },
+    )?;
     let program: &mut Xdp = foreign
         .program_mut("limiter_baseline")
         .context("no limiter_baseline program in the object")?

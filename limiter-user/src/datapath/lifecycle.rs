@@ -46,6 +46,7 @@ pub fn check_environment() -> Result<(), DatapathError> {
     }) {
         return Err(DatapathError::BpffsNotMounted);
     }
+    super::kernel::check()?;
     Ok(())
 }
 
@@ -81,10 +82,15 @@ impl Default for LoadOptions {
     }
 }
 
-/// Loads the embedded object. With a pin directory, maps already pinned there with the same
-/// layout are adopted (counters survive an agent restart); pins of another layout are removed
-/// first, with a warning.
+/// Loads the embedded object ([`super::ebpf::OBJECT`]); see [`load_object`].
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
+    load_object(super::ebpf::OBJECT, opts)
+}
+
+/// Loads an object built from limiter-ebpf. With a pin directory, maps already pinned there with
+/// the same layout are adopted (counters survive an agent restart); pins of another layout are
+/// removed first, with a warning.
+pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("CLIENTS", opts.max_clients);
     loader.map_max_entries("NAMED", opts.max_ids);
@@ -100,7 +106,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    let mut ebpf = loader.load(super::ebpf::OBJECT)?;
+    super::kernel_log::set_level(&mut loader);
+    let mut ebpf = loader.load(object)?;
+    super::kernel_log::forward(&mut ebpf);
     let mut layout: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
             name: "LAYOUT",

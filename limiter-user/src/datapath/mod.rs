@@ -2,10 +2,13 @@
 //! [`lifecycle`]), its maps as typed tables (policy writes, restore, refresh, readers,
 //! [`tables`]), and the one primitive that writes client entries without racing packets, the
 //! BPF_PROG_TEST_RUN frame runner ([`frame`]). The raw `bpf(2)` and netlink calls aya does not
-//! offer are in [`syscall`] and `netlink`.
+//! offer are in [`syscall`] and `netlink`; the kernel version and feature check run at start is
+//! [`kernel`], and the program's rare-event log is forwarded to `tracing` by `kernel_log`.
 
 pub mod ebpf;
 pub mod frame;
+pub mod kernel;
+mod kernel_log;
 pub mod lifecycle;
 mod netlink;
 pub mod syscall;
@@ -72,6 +75,8 @@ pub enum DatapathError {
     NotRoot,
     #[error("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf`")]
     BpffsNotMounted,
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
     #[error("interface {0:?} does not exist: check the name with `ip link`")]
     NoInterface(String),
     #[error(

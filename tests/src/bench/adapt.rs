@@ -89,11 +89,14 @@ pub fn run(args: &Args) -> Result<()> {
     let write = args.write.as_ref();
     // One CPU: `limiter_bench_cycle`'s per-CPU sequence must continue across calls.
     pin_to_cpu(0)?;
-    let mut ebpf = datapath::load(&LoadOptions {
-        pin_dir: None,
-        max_clients: 1 << 20,
-        ..LoadOptions::default()
-    })
+    let mut ebpf = datapath::load_object(
+        datapath::ebpf::BENCH_OBJECT,
+        &LoadOptions {
+            pin_dir: None,
+            max_clients: 1 << 20,
+            ..LoadOptions::default()
+        },
+    )
     .context("loading the object (needs root)")?;
     let mut tables = Tables::take(&mut ebpf)?;
     tables.apply(&Config::parse(OFF)?)?;

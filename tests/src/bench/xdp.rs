@@ -223,11 +223,14 @@ pub fn run(args: &Args) -> Result<()> {
     // One CPU throughout: the per-CPU sequence of `limiter_bench_cycle` must continue across calls.
     pin_to_cpu(0)?;
 
-    let mut ebpf = datapath::load(&LoadOptions {
-        pin_dir: None,
-        max_clients: MAX_CLIENTS,
-        ..LoadOptions::default()
-    })
+    let mut ebpf = datapath::load_object(
+        datapath::ebpf::BENCH_OBJECT,
+        &LoadOptions {
+            pin_dir: None,
+            max_clients: MAX_CLIENTS,
+            ..LoadOptions::default()
+        },
+    )
     .context("loading the object (needs root)")?;
     let mut tables = Tables::take(&mut ebpf)?;
     tables.apply(&Config::parse(POLICY)?)?;
