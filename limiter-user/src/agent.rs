@@ -19,7 +19,7 @@ use crate::{
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::Limits,
     load::{FileLoad, LoadSource, SystemLoad},
-    metrics::{self, Counters, MapFigures},
+    metrics::{self, Counters, Exporter, KernelSource, MapFigures, Resident},
     policy::Config,
     snapshot::{Clocks, Snapshot},
     tuner::Tuner,
@@ -195,17 +195,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-        let limits = limits.clone();
+        let source = AgentFigures {
+            limits: limits.clone(),
+            iface: opts.iface.clone(),
+        };
+        let exporter = Arc::new(Exporter::new(&opts.iface, &counters, source));
         let mut stop = stop_rx.clone();
-        let iface = opts.iface.clone();
-        let iface_label = opts.iface.clone();
         tasks.push(tokio::spawn(async move {
-            let figures = move || map_figures(&limits, &iface);
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = metrics::serve(listener, iface_label, counters, figures, shutdown).await
-            {
+            if let Err(e) = metrics::serve(listener, exporter, shutdown).await {
                 tracing::error!("metrics: {e}");
             }
         }));
@@ -347,26 +347,33 @@ fn spawn_adaptive(
 }
 
 /// What the metrics endpoint reads from the maps at each scrape.
-fn map_figures(limits: &Limits, iface: &str) -> anyhow::Result<MapFigures> {
-    // The walk that counts residents runs on duplicated descriptors, outside the policy lock.
-    let (global, config, adaptive, maps) = limits.with_tables(|t| {
-        Ok::<_, datapath::DatapathError>((
-            t.global()?,
-            t.map_config()?,
-            t.adaptive_status()?,
-            t.client_maps()?,
-        ))
-    })?;
-    let (clients_resident, ids_resident) = maps.resident()?;
-    Ok(MapFigures {
-        global,
-        clients_resident,
-        ids_resident,
-        policy_generation: config.generation as u64,
-        attached: datapath::pin_dir(iface).join(datapath::LINK_PIN).exists(),
-        dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
-        adaptive,
-    })
+struct AgentFigures {
+    limits: Arc<Limits>,
+    iface: String,
+}
+
+impl KernelSource for AgentFigures {
+    fn figures(&self) -> anyhow::Result<MapFigures> {
+        let (global, config, adaptive) = self.limits.with_tables(|t| {
+            Ok::<_, datapath::DatapathError>((t.global()?, t.map_config()?, t.adaptive_status()?))
+        })?;
+        Ok(MapFigures {
+            global,
+            policy_generation: config.generation as u64,
+            attached: datapath::pin_dir(&self.iface)
+                .join(datapath::LINK_PIN)
+                .exists(),
+            dry_run: config.mode == limiter_common::maps::MODE_DRY_RUN,
+            adaptive,
+        })
+    }
+
+    fn resident(&self) -> anyhow::Result<Resident> {
+        // The walk runs on duplicated descriptors, outside the policy lock.
+        let maps = self.limits.with_tables(|t| t.client_maps())?;
+        let (addresses, ids) = maps.resident()?;
+        Ok(Resident { addresses, ids })
+    }
 }
 
 /// Captures both client maps and writes the snapshot atomically.

@@ -11,7 +11,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Duration,
 };
 
@@ -312,12 +312,7 @@ impl RateLimiterService {
     }
 
     fn count(&self, d: &Decision) {
-        let counter = if d.allowed && !d.dry_run_denied {
-            &self.0.counters.checks_allowed
-        } else {
-            &self.0.counters.checks_denied
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.0.counters.check(d.allowed && !d.dry_run_denied);
     }
 }
 
@@ -573,13 +568,13 @@ fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
         contended: g.contended,
         clients_resident: clients,
         ids_resident: ids,
-        checks_allowed: c.checks_allowed.load(Ordering::Relaxed),
-        checks_denied: c.checks_denied.load(Ordering::Relaxed),
+        checks_allowed: c.checks_allowed.get(),
+        checks_denied: c.checks_denied.get(),
         policy_generation: config.generation as u64,
         dry_run: config.mode == MODE_DRY_RUN,
         attached: pin_dir(&state.iface).join(LINK_PIN).exists(),
-        config_reloads: c.config_reloads.load(Ordering::Relaxed),
-        config_rejects: c.config_rejects.load(Ordering::Relaxed),
+        config_reloads: c.config_reloads.get(),
+        config_rejects: c.config_rejects.get(),
         adaptive: adaptive.enabled(),
         cpu: adaptive.cpu(),
         load_factor: adaptive.load_factor(),
