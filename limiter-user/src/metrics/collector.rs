@@ -255,6 +255,7 @@ mod tests {
     };
 
     use anyhow::anyhow;
+    use limiter_common::AdaptiveStatus;
     use prometheus_client::{encoding::prometheus_text, registry::Registry};
 
     use super::*;
@@ -364,5 +365,47 @@ mod tests {
         assert!(collector.take_error().is_none(), "taken once");
         assert!(scrape(&registry).is_err());
         assert_eq!(collector.take_error().unwrap().to_string(), "walk 2 failed");
+    }
+
+    struct Fixed(MapFigures);
+
+    impl KernelSource for Fixed {
+        fn figures(&self) -> anyhow::Result<MapFigures> {
+            Ok(self.0)
+        }
+
+        fn resident(&self) -> anyhow::Result<Resident> {
+            Ok(Resident::default())
+        }
+    }
+
+    /// Every CPU figure the controller can write (parts per million) reads back as the same
+    /// `f64`, whole ones as integers.
+    #[test]
+    fn fractions_read_back_exactly() {
+        for ppm in [
+            0, 1, 7, 10, 999, 123_456, 333_333, 930_000, 999_999, 1_000_000,
+        ] {
+            let adaptive = AdaptiveStatus {
+                cpu_ppm: ppm,
+                ..AdaptiveStatus::default()
+            };
+            let collector = KernelCollector::new(Box::new(Fixed(MapFigures {
+                adaptive,
+                ..MapFigures::default()
+            })));
+            let mut registry = Registry::default();
+            registry.register_collector(Box::new(Arc::new(collector)));
+            let mut text = String::new();
+            prometheus_text::encode(&mut text, &registry).unwrap();
+            let written = text
+                .lines()
+                .find_map(|line| line.strip_prefix("limiter_adaptive_cpu "))
+                .unwrap();
+            assert_eq!(written.parse::<f64>().unwrap(), adaptive.cpu(), "{ppm}");
+            if ppm % 1_000_000 == 0 {
+                assert!(!written.contains('.'), "{written}");
+            }
+        }
     }
 }
