@@ -221,9 +221,7 @@ impl PolicyStore {
         let config = match Config::parse(&text) {
             Ok(config) => config,
             Err(e) => {
-                self.counters
-                    .config_rejects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.counters.config_rejects.inc();
                 tracing::error!(
                     "config {} rejected: {e}; the policies in force stay in force",
                     inner.path.display()
@@ -233,9 +231,7 @@ impl PolicyStore {
         };
         match self.install(&mut inner, config, None) {
             Ok(changes) => {
-                self.counters
-                    .config_reloads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.counters.config_reloads.inc();
                 tracing::info!(
                     changes = changes.len(),
                     "config reloaded from {}",
@@ -243,9 +239,7 @@ impl PolicyStore {
                 );
             }
             Err(e) => {
-                self.counters
-                    .config_rejects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.counters.config_rejects.inc();
                 tracing::error!("applying {}: {e}", inner.path.display());
             }
         }
@@ -371,9 +365,7 @@ impl PolicyStore {
             return Err(LimitsError::Write { path, error });
         }
         inner.seen_hash = Some(hash(&new_text));
-        self.counters
-            .api_limit_changes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters.api_limit_changes.inc();
         Ok(changes.into_iter().find(|c| c.selector == *selector))
     }
 

@@ -1,12 +1,12 @@
-//! The one read model of what the datapath reports: global counters and status
-//! ([`Figures`], read by the CLI's `limiter stats`, the API's Stats service and the agent's
-//! Prometheus endpoint) and client rows ([`ClientRow`]). Works while the agent runs, and after
+//! The one read model of what the datapath reports: global counters and status ([`Figures`]) and
+//! resident entries ([`Resident`]), read by the CLI's `limiter stats`, the API's Stats service
+//! and the agent's Prometheus endpoint, and client rows ([`ClientRow`]). Works while the agent runs, and after
 //! it is gone while the pins remain.
 
 use std::{collections::HashMap, net::IpAddr, num::NonZeroU64};
 
 use limiter_common::{
-    AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
+    AdaptiveStatus, ClientState, GlobalStats, Policy,
     addr::{ClientKey, as_v4},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
     window::estimate_at,
@@ -18,15 +18,12 @@ use crate::{
     datapath::{ClientMaps, DatapathError, LINK_PIN, Tables, pin_dir, policy_entries},
 };
 
-/// The global figures of the maps at one moment: what every consumer reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The global figures of the maps at one moment, read with a handful of lookups: what every
+/// consumer reports, together with [`Resident`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Figures {
     /// The per-CPU `STATS` counters, summed over CPUs.
     pub global: GlobalStats,
-    /// Client entries keyed by an IP address (dynamic and static).
-    pub clients_resident: u64,
-    /// Client entries keyed by a named ID (from the API).
-    pub ids_resident: u64,
     /// The policy generation: bumped on every policy change.
     pub policy_generation: u32,
     /// The program is attached through the pinned link (false after an orderly stop, or before
@@ -38,47 +35,36 @@ pub struct Figures {
     pub adaptive: AdaptiveStatus,
 }
 
-/// The part of [`Figures`] read under the policy lock: cheap reads, and duplicated descriptors
-/// for the walks, which run outside it.
-pub struct LockedReads {
-    global: GlobalStats,
-    config: MapConfig,
-    adaptive: AdaptiveStatus,
-    maps: ClientMaps,
-}
-
-impl LockedReads {
-    pub fn read(tables: &Tables) -> Result<LockedReads, DatapathError> {
-        Ok(LockedReads {
+impl Figures {
+    /// Reads the figures of `iface`'s maps: cheap lookups, fit to run under the policy lock.
+    pub fn read(tables: &Tables, iface: &str) -> Result<Figures, DatapathError> {
+        let config = tables.map_config()?;
+        Ok(Figures {
             global: tables.global()?,
-            config: tables.map_config()?,
+            policy_generation: config.generation,
+            attached: pin_dir(iface).join(LINK_PIN).exists(),
+            dry_run: config.mode == MODE_DRY_RUN,
             adaptive: tables.adaptive_status()?,
-            maps: tables.client_maps()?,
         })
     }
 }
 
-impl Figures {
-    /// Reads the figures of `iface`'s maps: `locked` runs [`LockedReads::read`] on the tables
-    /// (under whatever lock guards them; `|read| read(&tables)` without one), and the walks
-    /// that count residents run after it returns.
-    pub fn read(
-        locked: impl FnOnce(
-            fn(&Tables) -> Result<LockedReads, DatapathError>,
-        ) -> Result<LockedReads, DatapathError>,
-        iface: &str,
-    ) -> Result<Figures, DatapathError> {
-        let reads = locked(LockedReads::read)?;
-        let (clients_resident, ids_resident) = reads.maps.resident()?;
-        Ok(Figures {
-            global: reads.global,
-            clients_resident,
-            ids_resident,
-            policy_generation: reads.config.generation,
-            attached: pin_dir(iface).join(LINK_PIN).exists(),
-            dry_run: reads.config.mode == MODE_DRY_RUN,
-            adaptive: reads.adaptive,
-        })
+/// Client entries resident in the kernel maps. No map type keeps an element count user space can
+/// read, so counting them walks the client maps: on handles of their own
+/// ([`Tables::client_maps`]), outside any lock, and (for the metrics endpoint) not on every read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// Entries keyed by an IP address (dynamic and static).
+    pub addresses: u64,
+    /// Entries keyed by a named ID (from the API).
+    pub ids: u64,
+}
+
+impl Resident {
+    /// Walks `maps`.
+    pub fn count(maps: &ClientMaps) -> Result<Resident, DatapathError> {
+        let (addresses, ids) = maps.resident()?;
+        Ok(Resident { addresses, ids })
     }
 }
 
@@ -248,7 +234,8 @@ pub fn client_row(
 
 /// Reads the maps. `top == 0` lists every client.
 pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, DatapathError> {
-    let figures = Figures::read(|read| read(tables), iface)?;
+    let figures = Figures::read(tables, iface)?;
+    let resident = Resident::count(&tables.client_maps()?)?;
     let g = figures.global;
     let policies: HashMap<u16, (String, Policy)> = policy_entries(tables)
         .into_iter()
@@ -299,7 +286,7 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
             map_full: g.map_full,
             resolves: g.resolves,
             contended: g.contended,
-            clients: figures.clients_resident,
+            clients: resident.addresses,
         },
         adaptive: Adaptive {
             enabled: status.enabled(),

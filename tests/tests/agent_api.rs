@@ -1398,6 +1398,14 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
     assert_eq!(start.value("limiter_attached", ""), 1);
     assert_eq!(start.value("limiter_dry_run", ""), 0);
     assert_eq!(start.value("limiter_config_reloads_total", ""), 0);
+    // The resident counts come from the agent's walk of the client maps (taken at most every
+    // 30 s): both kinds are there, the API's ID clients none yet.
+    assert!(
+        start
+            .get("limiter_clients_active", ",kind=\"address\"")
+            .is_some()
+    );
+    assert_eq!(start.value("limiter_clients_active", ",kind=\"id\""), 0);
     let generation = start.value("limiter_policy_generation", "");
     assert_eq!(generation, api.global()?.policy_generation);
     assert_eq!(

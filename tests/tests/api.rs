@@ -6,12 +6,7 @@
     reason = "test helpers outside #[test] functions; a panic there is the test failing"
 )]
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -278,8 +273,8 @@ async fn check_decides_addresses_and_ids_exactly() -> Result<()> {
         "the mapped form is the same client: {r:?}"
     );
 
-    ensure!(f.counters.checks_allowed.load(Ordering::Relaxed) >= 20);
-    ensure!(f.counters.checks_denied.load(Ordering::Relaxed) >= 10);
+    ensure!(f.counters.checks_allowed.get() >= 20);
+    ensure!(f.counters.checks_denied.get() >= 10);
     f.shutdown().await
 }
 
@@ -608,12 +603,9 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         // (set, set, delete) were streamed
         watch.message().await?.context("stream ended")?;
     }
-    let reloads = f.counters.config_reloads.load(Ordering::Relaxed);
+    let reloads = f.counters.config_reloads.get();
     f.limits.reload_file(false);
-    ensure!(
-        f.counters.config_reloads.load(Ordering::Relaxed) == reloads,
-        "no re-apply"
-    );
+    ensure!(f.counters.config_reloads.get() == reloads, "no re-apply");
     // ...but a hand edit of the file is applied and streamed as a file change.
     std::fs::write(&f.config, text.replace("limit: 3\n", "limit: 4\n"))?;
     f.limits.reload_file(false);

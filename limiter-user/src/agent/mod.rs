@@ -24,9 +24,9 @@ use crate::{
     config::Config,
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::PolicyStore,
-    metrics::{self, Counters, MapFigures},
+    metrics::{self, Counters, Exporter, KernelSource},
     snapshot::{Clocks, Snapshot},
-    stats::Figures,
+    stats::{Figures, Resident},
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;
@@ -183,17 +183,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     guard.serving(stop_tx);
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-        let limits = limits.clone();
+        let source = StoreFigures {
+            limits: limits.clone(),
+            iface: opts.iface.clone(),
+        };
+        let exporter = Arc::new(Exporter::new(&opts.iface, &counters, source));
         let mut stop = stop_rx.clone();
-        let iface = opts.iface.clone();
-        let iface_label = opts.iface.clone();
         tasks.push(tokio::spawn(async move {
-            let figures = move || map_figures(&limits, &iface);
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = metrics::serve(listener, iface_label, counters, figures, shutdown).await
-            {
+            if let Err(e) = metrics::serve(listener, exporter, shutdown).await {
                 tracing::error!("metrics: {e}");
             }
         }));
@@ -326,18 +326,22 @@ fn spawn_adaptive(
     Ok((stop_tx, handle))
 }
 
-/// What the metrics endpoint reads from the maps at each scrape.
-fn map_figures(limits: &PolicyStore, iface: &str) -> anyhow::Result<MapFigures> {
-    let f = Figures::read(|read| limits.with_tables(read), iface)?;
-    Ok(MapFigures {
-        global: f.global,
-        clients_resident: f.clients_resident,
-        ids_resident: f.ids_resident,
-        policy_generation: f.policy_generation as u64,
-        attached: f.attached,
-        dry_run: f.dry_run,
-        adaptive: f.adaptive,
-    })
+/// What the metrics endpoint reads from the maps: the stats read model, the cheap figures under
+/// the policy lock, the resident walk on handles of its own outside it.
+struct StoreFigures {
+    limits: Arc<PolicyStore>,
+    iface: String,
+}
+
+impl KernelSource for StoreFigures {
+    fn figures(&self) -> anyhow::Result<Figures> {
+        Ok(self.limits.with_tables(|t| Figures::read(t, &self.iface))?)
+    }
+
+    fn resident(&self) -> anyhow::Result<Resident> {
+        let maps = self.limits.with_tables(|t| t.client_maps())?;
+        Ok(Resident::count(&maps)?)
+    }
 }
 
 /// Captures both client maps and writes the snapshot atomically.

@@ -1,6 +1,6 @@
 //! The `RateLimiter` service: checks, single and batched, through the check program.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
@@ -73,11 +73,6 @@ impl RateLimiterService {
     }
 
     fn count(&self, d: &Decision) {
-        let counter = if d.allowed && !d.dry_run_denied {
-            &self.0.counters.checks_allowed
-        } else {
-            &self.0.counters.checks_denied
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.0.counters.check(d.allowed && !d.dry_run_denied);
     }
 }

@@ -1,10 +1,6 @@
 //! The `Stats` service: global counters, one client, the busiest clients.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use limiter_common::{
     ClientState,
@@ -23,8 +19,8 @@ use crate::{
         self,
         stats_server::{self},
     },
-    stats::Figures,
     stats::monotonic_ns,
+    stats::{Figures, Resident},
 };
 
 pub struct StatsService(pub ApiState);
@@ -92,8 +88,12 @@ impl stats_server::Stats for StatsService {
 
 pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
     // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
-    let f = Figures::read(|read| state.limits.with_tables(read), &state.iface)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
+    let (f, maps) = state
+        .limits
+        .with_tables(|t| Ok((Figures::read(t, &state.iface)?, t.client_maps()?)))
+        .map_err(internal)?;
+    let resident = Resident::count(&maps).map_err(internal)?;
     let (g, adaptive, c) = (&f.global, &f.adaptive, &state.counters);
     Ok(proto::GlobalStats {
         packets_passed: g.passed,
@@ -104,15 +104,15 @@ pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
         map_full: g.map_full,
         policy_resolves: g.resolves,
         contended: g.contended,
-        clients_resident: f.clients_resident,
-        ids_resident: f.ids_resident,
-        checks_allowed: c.checks_allowed.load(Ordering::Relaxed),
-        checks_denied: c.checks_denied.load(Ordering::Relaxed),
+        clients_resident: resident.addresses,
+        ids_resident: resident.ids,
+        checks_allowed: c.checks_allowed.get(),
+        checks_denied: c.checks_denied.get(),
         policy_generation: f.policy_generation as u64,
         dry_run: f.dry_run,
         attached: f.attached,
-        config_reloads: c.config_reloads.load(Ordering::Relaxed),
-        config_rejects: c.config_rejects.load(Ordering::Relaxed),
+        config_reloads: c.config_reloads.get(),
+        config_rejects: c.config_rejects.get(),
         adaptive: adaptive.enabled(),
         cpu: adaptive.cpu(),
         load_factor: adaptive.load_factor(),
