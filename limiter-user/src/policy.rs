@@ -412,7 +412,8 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn limit(&self) -> Limit {
+    /// The rule's limit fields.
+    pub fn limit(&self) -> Limit {
         Limit {
             limit: self.limit,
             window: self.window,
@@ -639,7 +640,9 @@ impl Resolved {
     }
 }
 
-fn resolve(limit: &Limit) -> Result<Resolved, String> {
+/// Checks a limit as written and resolves it (`limit`/`window`/`action` rules); the message
+/// names the problem, the caller names the policy.
+pub(crate) fn resolve(limit: &Limit) -> Result<Resolved, String> {
     match limit.action {
         Action::Limit => {
             let count = limit
@@ -678,7 +681,7 @@ fn resolve(limit: &Limit) -> Result<Resolved, String> {
 }
 
 /// A `weight` as written, checked: absent is [`DEFAULT_WEIGHT`].
-fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
+pub(crate) fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
     let Some(value) = written else {
         return Ok(DEFAULT_WEIGHT);
     };
