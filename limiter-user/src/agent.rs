@@ -17,10 +17,9 @@ use crate::{
     api::{self, ApiOptions, ApiState},
     check::Checker,
     datapath::{self, AttachMode, LoadOptions, Tables},
-    limits::Limits,
+    limits::{Limits, Start},
     load::{FileLoad, LoadSource, SystemLoad},
     metrics::{self, Counters, MapFigures},
-    policy::Config,
     snapshot::{Clocks, Snapshot},
     tuner::Tuner,
 };
@@ -59,10 +58,11 @@ impl AgentOptions {
     pub fn snapshot_path(&self) -> PathBuf {
         self.state_dir.join(format!("{}.snapshot", self.iface))
     }
-}
 
-fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
-    Config::parse(text).with_context(|| format!("config {} rejected", path.display()))
+    /// Where the policy changes made through the API live (`IFACE.overlay.yaml`).
+    pub fn overlay_path(&self) -> PathBuf {
+        crate::overlay::overlay_path(&self.state_dir, &self.iface)
+    }
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -76,7 +76,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     datapath::if_index(&opts.iface)?;
     let text = std::fs::read_to_string(&opts.config)
         .with_context(|| format!("reading config {}", opts.config.display()))?;
-    let config = parse(&opts.config, &text)?;
+    let start = Start::load(&text, &opts.overlay_path())
+        .with_context(|| format!("config {} rejected", opts.config.display()))?;
+    let config = start.effective.config.clone();
 
     // Listeners first: a port in use, a bad certificate or another agent on this interface's
     // socket stops the start before anything is loaded, written or attached.
@@ -163,8 +165,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let limits = Arc::new(Limits::new(
         tables,
         opts.config.clone(),
-        config,
-        &text,
+        start,
         checker.clone(),
         counters.clone(),
     ));

@@ -4,7 +4,6 @@ pub mod agent;
 pub mod api;
 pub mod check;
 pub mod client;
-pub mod config_edit;
 pub mod datapath;
 pub mod ebpf;
 pub mod limits;
