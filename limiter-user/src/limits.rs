@@ -1,14 +1,17 @@
-//! The policies in force, and every way they change: the config file (watched) and the API.
+//! The policies in force, and every way they change: the config file (watched, never written)
+//! and the API, whose changes live in the policy overlay the agent owns under `--state-dir`
+//! (see [`crate::config::overlay`] for the precedence).
 //!
-//! One lock serialises changes. An API change is made on the file's text (keeping its comments
-//! and order), validated by parsing that text exactly as a reload would, applied to the maps,
-//! and only then written back atomically; the watcher records the written text as applied, so it
-//! never re-applies it as a change of its own. If writing fails, the maps go back to the config
-//! in force before, so the file and the maps never disagree.
+//! One lock serialises changes. An API change is made on a copy of the overlay, merged over the
+//! config file's text in force, applied to the maps, and only then stored atomically; if storing
+//! fails, the maps go back to the policies in force before, so the overlay and the maps never
+//! disagree. An overlay that cannot be read (corrupt, or of a newer version) leaves the file's
+//! policies (or, on a reload, the ones in force) in force, and API changes are refused until it is
+//! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -16,8 +19,10 @@ use tokio::sync::broadcast;
 
 use crate::{
     check::Checker,
-    config::edit::{self as config_edit, RuleText},
-    config::{Action, Config, Match, PolicyError, Resolved},
+    config::{
+        Config, Match, PolicyError, Resolved,
+        overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
+    },
     datapath::{DatapathError, Tables},
     metrics::Counters,
 };
@@ -29,29 +34,79 @@ const CHANGE_BUFFER: usize = 1024;
 pub enum LimitsError {
     #[error("no policy matches {0}")]
     NotFound(String),
-    #[error("the default policy cannot be removed; set it instead")]
+    #[error("the default policy cannot be removed (the API has not set one); set it instead")]
     DeleteDefault,
     #[error("{0}")]
     Invalid(PolicyError),
-    #[error("the config file {path} is itself invalid, so it cannot be edited: {error}")]
-    FileInvalid { path: PathBuf, error: PolicyError },
-    #[error("reading the config file {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("editing the config file {path}: {error}")]
-    Edit {
-        path: PathBuf,
-        error: config_edit::EditError,
-    },
-    #[error("writing the config file {path} (the change was not applied): {error}")]
-    Write {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    #[error(
+        "{error}; API changes are refused until it is fixed or removed and the agent reloaded (SIGHUP)"
+    )]
+    OverlayUnusable { error: String },
+    #[error("{0} (the change was not applied)")]
+    Overlay(#[source] OverlayError),
     #[error("applying the policies to the maps: {0}")]
     Apply(#[from] DatapathError),
+}
+
+impl From<MergeError> for LimitsError {
+    fn from(e: MergeError) -> LimitsError {
+        match e {
+            MergeError::File(e) | MergeError::Effective(e) => LimitsError::Invalid(e),
+        }
+    }
+}
+
+/// The policies an agent starts with: the config file's, with the overlay merged over it.
+pub struct Loaded {
+    pub file_text: String,
+    pub file: Config,
+    pub overlay_path: PathBuf,
+    pub overlay: Overlay,
+    /// Why the overlay is not in force, if it is not.
+    pub overlay_error: Option<String>,
+    pub effective: Effective,
+}
+
+impl Loaded {
+    /// Merges the overlay at `overlay_path` over the config file's `text`. Only an invalid
+    /// config file is an error: an overlay that cannot be used is logged, and the file's
+    /// policies are in force.
+    pub fn load(text: &str, overlay_path: &Path) -> Result<Loaded, MergeError> {
+        let file = Config::parse(text).map_err(MergeError::File)?;
+        let (overlay, overlay_error) = match Overlay::load(overlay_path) {
+            Ok(overlay) => (overlay, None),
+            Err(e) => (Overlay::default(), Some(e.to_string())),
+        };
+        let (effective, overlay_error) = match overlay::merge(text, &overlay) {
+            Ok(effective) => (effective, overlay_error),
+            Err(MergeError::Effective(e)) => (
+                overlay::merge(text, &Overlay::default())?,
+                Some(format!(
+                    "the policy overlay {} does not fit over the config file: {e}",
+                    overlay_path.display()
+                )),
+            ),
+            Err(e) => return Err(e),
+        };
+        if let Some(error) = &overlay_error {
+            tracing::error!("{error}; the config file's policies are in force");
+        } else if !overlay.is_empty() {
+            tracing::info!(
+                overlay = %overlay_path.display(),
+                set = overlay.policies.len() + usize::from(overlay.default.is_some()),
+                removed = overlay.removed.len(),
+                "policy changes made through the API merged over the config file"
+            );
+        }
+        Ok(Loaded {
+            file_text: text.to_string(),
+            file,
+            overlay_path: overlay_path.to_path_buf(),
+            overlay,
+            overlay_error,
+            effective,
+        })
+    }
 }
 
 /// What a policy is keyed by: the default, or a `match`.
@@ -117,7 +172,16 @@ pub struct Change {
 struct Inner {
     tables: Tables,
     path: PathBuf,
-    config: Config,
+    /// The config file's text in force, and its policies.
+    file_text: String,
+    file: Config,
+    overlay_path: PathBuf,
+    /// The overlay in force.
+    overlay: Overlay,
+    /// Why the overlay on disk cannot be used (API changes are refused meanwhile).
+    overlay_error: Option<String>,
+    /// The policies in force: the file with the overlay merged over it.
+    effective: Effective,
     /// Hash of the file text last applied (or rejected), so it is not parsed again.
     seen_hash: Option<u64>,
     /// The file could not be read at the last check (reported once per outage).
@@ -139,12 +203,11 @@ fn hash(text: &str) -> u64 {
 }
 
 impl PolicyStore {
-    /// `config` has been applied to `tables` from the file's `text`.
+    /// `loaded.effective.config` has been applied to `tables`; `path` is the config file.
     pub fn new(
         tables: Tables,
         path: PathBuf,
-        config: Config,
-        text: &str,
+        loaded: Loaded,
         checker: Arc<Checker>,
         counters: Arc<Counters>,
     ) -> PolicyStore {
@@ -152,8 +215,13 @@ impl PolicyStore {
             inner: Mutex::new(Inner {
                 tables,
                 path,
-                config,
-                seen_hash: Some(hash(text)),
+                seen_hash: Some(hash(&loaded.file_text)),
+                file_text: loaded.file_text,
+                file: loaded.file,
+                overlay_path: loaded.overlay_path,
+                overlay: loaded.overlay,
+                overlay_error: loaded.overlay_error,
+                effective: loaded.effective,
                 unreadable: false,
             }),
             checker,
@@ -183,20 +251,49 @@ impl PolicyStore {
     ) -> Result<R, crate::datapath::DatapathError> {
         let inner = self.lock();
         let generation = inner.tables.map_config()?.generation;
-        Ok(f(&inner.config, generation))
+        Ok(f(&inner.effective.config, generation))
     }
 
     /// The config in force.
     pub fn config(&self) -> Config {
-        self.lock().config.clone()
+        self.lock().effective.config.clone()
     }
 
-    /// Applies the config file if it changed since it was last seen; `force` re-reads it even if
-    /// not (SIGHUP). Errors are logged and counted; the policies in force stay.
+    /// The config in force as YAML, with a comment saying what comes from the overlay
+    /// (`limiter config show`).
+    pub fn effective_yaml(&self) -> String {
+        let inner = self.lock();
+        let mut text = inner.effective.render(&inner.path, &inner.overlay_path);
+        if let Some(error) = &inner.overlay_error {
+            text.insert_str(0, &format!("# NOT IN FORCE: {error}\n"));
+        }
+        text
+    }
+
+    /// Applies the config file if it changed since it was last seen; `force` (SIGHUP) re-reads
+    /// it even if not, and re-reads the overlay too (so a fixed or removed overlay is taken up).
+    /// Errors are logged and counted; the policies in force stay.
     pub fn reload_file(&self, force: bool) {
         let mut inner = self.lock();
         if force {
             inner.seen_hash = None;
+            match Overlay::load(&inner.overlay_path) {
+                Ok(overlay) => {
+                    if inner.overlay_error.take().is_some() {
+                        tracing::info!(
+                            "the policy overlay {} is usable again",
+                            inner.overlay_path.display()
+                        );
+                    }
+                    inner.overlay = overlay;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "{e}; the policies in force stay in force, and API changes are refused"
+                    );
+                    inner.overlay_error = Some(e.to_string());
+                }
+            }
         }
         let text = match std::fs::read_to_string(&inner.path) {
             Ok(text) => {
@@ -218,8 +315,8 @@ impl PolicyStore {
             return;
         }
         inner.seen_hash = Some(h);
-        let config = match Config::parse(&text) {
-            Ok(config) => config,
+        let file = match Config::parse(&text) {
+            Ok(file) => file,
             Err(e) => {
                 self.counters.config_rejects.inc();
                 tracing::error!(
@@ -229,9 +326,32 @@ impl PolicyStore {
                 return;
             }
         };
-        match self.install(&mut inner, config, None) {
+        // Removals of policies the file no longer has are dropped (see `Overlay::prune`).
+        let mut overlay = inner.overlay.clone();
+        let stale = overlay.prune(&file);
+        let effective = match overlay::merge(&text, &overlay) {
+            Ok(effective) => effective,
+            Err(e) => {
+                self.counters.config_rejects.inc();
+                tracing::error!(
+                    "config {} rejected: {e}; the policies in force stay in force",
+                    inner.path.display()
+                );
+                return;
+            }
+        };
+        match self.install(&mut inner, effective, None) {
             Ok(changes) => {
                 self.counters.config_reloads.inc();
+                inner.file_text = text;
+                inner.file = file;
+                if !stale.is_empty() && inner.overlay_error.is_none() {
+                    // Best effort: a stale removal kept on disk is inert.
+                    match overlay.store(&inner.overlay_path) {
+                        Ok(()) => inner.overlay = overlay,
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
                 tracing::info!(
                     changes = changes.len(),
                     "config reloaded from {}",
@@ -245,20 +365,20 @@ impl PolicyStore {
         }
     }
 
-    /// Applies `config` to the maps and the checker, and announces the differences: the change
-    /// to `api` (the policy an API call edited) as the API's, any other as the file's (an edit
-    /// of the file the watcher had not applied yet). If the maps cannot take it, the config in
-    /// force before is written back (a failed apply can stop halfway).
+    /// Applies `effective` to the maps and the checker, and announces the differences: the
+    /// change to `api` (the policy an API call edited) as the API's, any other as the file's.
+    /// If the maps cannot take it, the config in force before is written back (a failed apply
+    /// can stop halfway).
     fn install(
         &self,
         inner: &mut Inner,
-        config: Config,
+        effective: Effective,
         api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
-        let report = match inner.tables.apply(&config) {
+        let report = match inner.tables.apply(&effective.config) {
             Ok(report) => report,
             Err(e) => {
-                if let Err(restore) = inner.tables.apply(&inner.config) {
+                if let Err(restore) = inner.tables.apply(&inner.effective.config) {
                     tracing::error!(
                         "restoring the policies in force after a failed apply: {restore}"
                     );
@@ -266,14 +386,19 @@ impl PolicyStore {
                 return Err(e);
             }
         };
-        self.checker.set_config(&config);
-        let mut changes = diff(&inner.config, &config, report.generation, Source::File);
+        self.checker.set_config(&effective.config);
+        let mut changes = diff(
+            &inner.effective.config,
+            &effective.config,
+            report.generation,
+            Source::File,
+        );
         for change in &mut changes {
             if api == Some(&change.selector) {
                 change.source = Source::Api;
             }
         }
-        inner.config = config;
+        inner.effective = effective;
         for change in &changes {
             // No subscribers is fine.
             let _ = self.changes.send(change.clone());
@@ -281,90 +406,95 @@ impl PolicyStore {
         Ok(changes)
     }
 
-    /// Creates or replaces a policy (the default with `Selector::Default`).
+    /// Creates or replaces a policy (the default with `Selector::Default`) in the overlay.
     pub fn set(&self, selector: &Selector, limit: Resolved) -> Result<Change, LimitsError> {
-        let rule = rule_text(selector, &limit);
-        let change = self.edit(selector, |text, path| {
+        let change = self.change(selector, |overlay, _| {
             match selector {
-                Selector::Default => config_edit::set_default(text, &rule),
-                Selector::Match(_) => config_edit::upsert_policy(text, &rule),
+                Selector::Default => overlay.set_default(limit),
+                Selector::Match(m) => overlay.set_policy(m, limit),
             }
-            .map_err(|error| LimitsError::Edit {
-                path: path.into(),
-                error,
-            })
+            Ok(())
         })?;
-        Ok(change.unwrap_or(Change {
+        Ok(change.unwrap_or_else(|| Change {
             // Setting what is already in force changes nothing; report it as set.
             kind: ChangeKind::Set,
             selector: selector.clone(),
             limit,
-            generation: self.with_tables(|t| t.map_config().map(|c| c.generation).unwrap_or(0)),
+            generation: self.generation(),
             source: Source::Api,
         }))
     }
 
-    /// Removes a policy.
-    pub fn delete(&self, m: &Match) -> Result<Change, LimitsError> {
-        let before = self.get(&Selector::Match(m.clone()));
-        let Some(before) = before else {
-            return Err(LimitsError::NotFound(m.to_string()));
-        };
-        let selector = Selector::Match(m.clone());
-        let change = self.edit(&selector, |text, path| {
-            config_edit::remove_policy(text, &m.to_string())
-                .map_err(|error| LimitsError::Edit {
-                    path: path.into(),
-                    error,
-                })?
-                .ok_or_else(|| LimitsError::NotFound(m.to_string()))
+    /// Removes a policy: the overlay's entry for it (the file's policy, if any, is then in force
+    /// again), else the file's (by a tombstone in the overlay); for the default, the overlay's
+    /// (see [`crate::config::overlay`]).
+    pub fn delete(&self, selector: &Selector) -> Result<Change, LimitsError> {
+        let mut outcome = None;
+        let change = self.change(selector, |overlay, file| {
+            let before = match selector {
+                Selector::Default => {
+                    if !overlay.unset_default() {
+                        return Err(LimitsError::DeleteDefault);
+                    }
+                    Removal::RestoredFile(file.default)
+                }
+                Selector::Match(m) => overlay.remove_policy(m, file).map_err(|e| match e {
+                    OverlayError::NotFound(m) => LimitsError::NotFound(m),
+                    e => LimitsError::Overlay(e),
+                })?,
+            };
+            outcome = Some(before);
+            Ok(())
         })?;
-        Ok(change.unwrap_or(Change {
-            kind: ChangeKind::Deleted,
-            selector: Selector::Match(m.clone()),
-            limit: before,
-            generation: 0,
+        if let Some(change) = change {
+            return Ok(change);
+        }
+        // The maps did not change (say the overlay had set what the file has).
+        let (kind, limit) = match outcome {
+            Some(Removal::RestoredFile(r)) => (ChangeKind::Set, r),
+            Some(Removal::Removed(r) | Removal::Tombstoned(r)) => (ChangeKind::Deleted, r),
+            None => return Err(LimitsError::NotFound(selector.to_string())),
+        };
+        Ok(Change {
+            kind,
+            selector: selector.clone(),
+            limit,
+            generation: self.generation(),
             source: Source::Api,
-        }))
+        })
     }
 
-    /// The edit-validate-apply-write sequence shared by `set` and `delete`. `edit` returns the
-    /// new text. Returns the change to the edited policy, if the maps changed.
-    fn edit(
+    fn generation(&self) -> u32 {
+        self.with_tables(|t| t.map_config().map(|c| c.generation).unwrap_or(0))
+    }
+
+    /// The change-merge-apply-store sequence shared by `set` and `delete`: `edit` changes a
+    /// copy of the overlay (given the file's policies). Returns the change to the edited
+    /// policy, if the maps changed.
+    fn change(
         &self,
         selector: &Selector,
-        edit: impl FnOnce(&str, &std::path::Path) -> Result<String, LimitsError>,
+        edit: impl FnOnce(&mut Overlay, &Config) -> Result<(), LimitsError>,
     ) -> Result<Option<Change>, LimitsError> {
         let mut inner = self.lock();
-        let path = inner.path.clone();
-        let text = std::fs::read_to_string(&path).map_err(|error| LimitsError::Read {
-            path: path.clone(),
-            error,
-        })?;
-        // The file as it is now must be valid: an edit never carries a broken file forward.
-        let on_disk = Config::parse(&text).map_err(|error| LimitsError::FileInvalid {
-            path: path.clone(),
-            error,
-        })?;
-        let new_text = edit(&text, &path)?;
-        let config = Config::parse(&new_text).map_err(LimitsError::Invalid)?;
-        if on_disk != inner.config {
-            // A file change the watcher has not applied yet goes in with this one.
-            tracing::info!(
-                "applying a pending edit of {} with the API change",
-                path.display()
-            );
+        if let Some(error) = &inner.overlay_error {
+            return Err(LimitsError::OverlayUnusable {
+                error: error.clone(),
+            });
         }
-        let previous = inner.config.clone();
-        let changes = self.install(&mut inner, config, Some(selector))?;
-        if let Err(error) = config_edit::write_atomic(&path, &new_text) {
-            // Put the maps back so that file and maps agree; the change is reported as failed.
+        let mut overlay = inner.overlay.clone();
+        edit(&mut overlay, &inner.file)?;
+        let effective = overlay::merge(&inner.file_text, &overlay)?;
+        let previous = inner.effective.clone();
+        let changes = self.install(&mut inner, effective, Some(selector))?;
+        if let Err(error) = overlay.store(&inner.overlay_path) {
+            // Put the maps back so that the overlay and the maps agree; the change failed.
             if let Err(e) = self.install(&mut inner, previous, None) {
                 tracing::error!("restoring the policies after a failed write: {e}");
             }
-            return Err(LimitsError::Write { path, error });
+            return Err(LimitsError::Overlay(error));
         }
-        inner.seen_hash = Some(hash(&new_text));
+        inner.overlay = overlay;
         self.counters.api_limit_changes.inc();
         Ok(changes.into_iter().find(|c| c.selector == *selector))
     }
@@ -372,10 +502,10 @@ impl PolicyStore {
     /// The policy for `selector`, if there is one.
     pub fn get(&self, selector: &Selector) -> Option<Resolved> {
         let inner = self.lock();
+        let config = &inner.effective.config;
         match selector {
-            Selector::Default => Some(inner.config.default),
-            Selector::Match(m) => inner
-                .config
+            Selector::Default => Some(config.default),
+            Selector::Match(m) => config
                 .policies
                 .iter()
                 .find(|(p, _)| p == m)
@@ -383,33 +513,20 @@ impl PolicyStore {
         }
     }
 
-    /// The default, then the policies in file order.
-    pub fn list(&self) -> Vec<(Selector, Resolved)> {
+    /// The default, then the policies in order (the file's, then the overlay's new ones), each
+    /// with the layer it comes from.
+    pub fn list(&self) -> Vec<(Selector, Resolved, Layer)> {
         let inner = self.lock();
-        std::iter::once((Selector::Default, inner.config.default))
+        let e = &inner.effective;
+        std::iter::once((Selector::Default, e.config.default, e.layer(0)))
             .chain(
-                inner
-                    .config
+                e.config
                     .policies
                     .iter()
-                    .map(|(m, r)| (Selector::Match(m.clone()), *r)),
+                    .enumerate()
+                    .map(|(i, (m, r))| (Selector::Match(m.clone()), *r, e.layer(i + 1))),
             )
             .collect()
-    }
-}
-
-/// How a policy is written in the file.
-pub fn rule_text(selector: &Selector, limit: &Resolved) -> RuleText {
-    let (count, window, action) = match limit.action {
-        Action::Limit => (Some(limit.limit), Some(limit.window.to_string()), None),
-        Action::Pass => (None, None, Some("pass".to_string())),
-        Action::Drop => (None, None, Some("drop".to_string())),
-    };
-    RuleText {
-        matches: selector.to_string(),
-        limit: count,
-        window,
-        action,
     }
 }
 

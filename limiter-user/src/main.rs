@@ -99,7 +99,8 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Change a running agent's policies (applied at once and written back to its config file).
+    /// Change a running agent's policies (applied at once and kept in its policy overlay under
+    /// --state-dir, merged over the config file, which is never written).
     Limits {
         #[command(subcommand)]
         command: LimitsCommand,
@@ -196,13 +197,19 @@ enum LimitsCommand {
         #[arg(value_name = "MATCH")]
         matches: String,
     },
-    /// Remove the policy for MATCH.
+    /// Remove the policy for MATCH: the one set through the API (the config file's, if it has
+    /// one, is then in force again), else the config file's. `default` removes the one set
+    /// through the API.
     Rm {
         #[arg(value_name = "MATCH")]
         matches: String,
     },
-    /// List the policies (the default first).
+    /// List the policies (the default first), each with its layer: `file`, `overlay` (set
+    /// through the API) or `overlay (overrides file)`.
     Ls,
+    /// Print the policies in force as a config file (YAML), to fold the changes made through
+    /// the API into the config file.
+    Effective,
 }
 
 /// `--snapshot-interval`: a duration with a unit, 100ms to 1h.
@@ -429,8 +436,14 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             if let Some(p) = change.policy {
+                let restored = change.kind == proto::limit_change::Kind::Set as i32;
                 println!(
-                    "removed {} (generation {})",
+                    "{} {} (generation {})",
+                    if restored {
+                        "removed the API's policy; in force again from the config file:"
+                    } else {
+                        "removed"
+                    },
                     show_policy(&p),
                     change.generation
                 );
@@ -443,9 +456,16 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            for p in &list.policies {
-                println!("{}", show_policy(p));
-            }
+            print!("{}", render::policy_table(&list));
+        }
+        LimitsCommand::Effective => {
+            let effective = c
+                .limits
+                .effective(proto::EffectiveConfigRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print!("{}", effective.yaml);
         }
     }
     Ok(())

@@ -18,8 +18,7 @@
 //! the directory fsynced: a crash at any moment leaves either the old or the new snapshot whole.
 
 use std::{
-    fs::{self, File},
-    io::{self, Write as _},
+    fs, io,
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
 };
@@ -35,7 +34,7 @@ use limiter_common::{
 /// packed the map value into 40 bytes, but the record keeps one field per field).
 const READABLE_LAYOUTS: [u32; 2] = [3, LAYOUT_VERSION];
 
-use crate::datapath::syscall;
+use crate::{datapath::syscall, state_file};
 
 const MAGIC: &[u8; 8] = b"LIMSNAP\0";
 const FORMAT: u32 = 1;
@@ -49,6 +48,12 @@ const TRAILER: usize = 4;
 pub enum SnapshotError {
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: io::Error },
+    #[error("writing the snapshot {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        error: crate::state_file::StateFileError,
+    },
     #[error("empty file")]
     Empty,
     #[error("not a limiter snapshot (bad magic)")]
@@ -190,32 +195,13 @@ impl Snapshot {
         })
     }
 
-    /// Writes atomically: temp file, fsync, rename, fsync of the directory.
+    /// Writes atomically ([`state_file::write_atomic`]): temp file, fsync, rename, fsync of the
+    /// directory.
     pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SnapshotError::Io {
-                path,
-                error: source,
-            }
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("snapshot")
-        ));
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&self.encode()).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io(path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-        Ok(())
+        state_file::write_atomic(path, &self.encode()).map_err(|error| SnapshotError::Write {
+            path: path.to_path_buf(),
+            error,
+        })
     }
 
     /// Reads the snapshot at `path`. `Ok(None)` when there is none; a snapshot that cannot be

@@ -90,6 +90,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent's `--state-dir` (snapshot, policy overlay) unless the test gave one.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// Starts `limiter agent --iface RECEIVER_IF --config FILE --xdp-mode native
     /// --max-clients 65536` in the receiver namespace with `config` as the config file, and waits
     /// until `limiter stats` shows the policies applied (generation >= 1).
@@ -125,9 +130,10 @@ impl Agent {
             "--max-clients",
             "65536",
         ];
-        // Keep client-state snapshots (newer agents write them) out of /var/lib.
+        // Keep client-state snapshots and policy overlays (newer agents write them) out of
+        // /var/lib, unless the test gives its own state dir.
         let state_dir = dir.join("state").to_string_lossy().into_owned();
-        if agent_has_option("--state-dir") {
+        if agent_has_option("--state-dir") && !extra_args.contains(&"--state-dir") {
             args.extend(["--state-dir", &state_dir]);
         }
         args.extend_from_slice(extra_args);

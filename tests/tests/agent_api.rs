@@ -475,15 +475,17 @@ policies:
 /// Lowers a prefix's limit with `limiter limits set` while a sender of the prefix that already
 /// spent the new limit probes every 2 ms: the probes pass until the change reaches the XDP path
 /// and are all dropped after. Then a fresh sender of the prefix gets exactly the new limit, a
-/// raise through the Rust client applies to the very next packets, and after a restart (fresh
-/// maps, the config file as the agent left it) the new limit still holds and the file's comments
-/// are all there.
+/// raise through the Rust client applies to the very next packets, all with the config file
+/// read-only (a bind mount), which is never written; after a restart (fresh maps, the same state
+/// dir) the policy overlay still holds the new limit, and `limits rm` puts the file's back.
 #[test]
 fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()> {
     require_root!();
     let net = TestNet::new()?;
     let (_dir, socket) = socket_dir()?;
     let agent = Agent::start_with(&net, RESTART_CONFIG, &["--api-socket", &socket])?;
+    // The config file read-only, as a ConfigMap is: API changes must not need to write it.
+    let read_only = ReadOnly::mount(&agent.config_path, &net.receiver_ns)?;
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
     let mut api = Api::unix(&socket)?;
@@ -581,27 +583,43 @@ fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()>
     // A connection whose client does not answer holds up the agent's graceful shutdown: close it.
     drop(api);
 
-    // The file holds the change, with every comment and every other line as it was; the comment
-    // on the changed line keeps its column.
+    // The config file is never written: the change is in the policy overlay under the state
+    // dir, which a restart with that state dir takes up again.
     let status = agent.terminate()?;
     assert!(
         status.success(),
         "the agent exited with {status} on SIGTERM"
     );
-    let written = fs::read_to_string(&agent.config_path)?;
-    let expected = RESTART_CONFIG.replace(
-        "    limit: 100000    # changed through the API",
-        "    limit: 40        # changed through the API",
+    assert_eq!(
+        fs::read_to_string(&agent.config_path)?,
+        RESTART_CONFIG,
+        "the config file after the API edits"
     );
-    assert_eq!(written, expected, "the config file after the API edits");
-    // Fresh maps (the pins and the snapshot go with the guard): the file alone carries the limit.
+    drop(read_only);
+    let overlay_name = format!("{}.overlay.yaml", net.receiver_if);
+    let overlay = fs::read_to_string(agent.state_dir().join(&overlay_name))?;
+    assert!(
+        overlay.contains("version: 1") && overlay.contains("limit: 40"),
+        "{overlay}"
+    );
+    // Fresh maps (the pins and the snapshot go with the guard): the overlay alone carries the
+    // limit.
+    let kept = TempDir::new("overlay-restart")?;
+    let state = kept.join("state");
+    fs::create_dir_all(&state)?;
+    fs::write(state.join(&overlay_name), &overlay)?;
     drop(agent);
     assert!(
         !pin_dir(&net.receiver_if).exists(),
         "the guard removes the pins"
     );
 
-    let agent = Agent::start_with(&net, &written, &["--api-socket", &socket])?;
+    let state_arg = state.to_string_lossy().into_owned();
+    let agent = Agent::start_with(
+        &net,
+        RESTART_CONFIG,
+        &["--api-socket", &socket, "--state-dir", &state_arg],
+    )?;
     let mut api = Api::unix(&socket)?;
     assert_eq!(
         api.list()?,
@@ -634,8 +652,61 @@ fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()>
         (40, 60, 40),
         "{row}"
     );
+    // Removing the API's policy puts the config file's back.
+    let out = limiter(
+        &net.receiver_ns,
+        &["limits", "--api", &socket, "rm", "198.18.0.16/28"],
+    )?;
+    assert!(
+        out.success("limiter limits rm")
+            .contains("in force again from the config file: 198.18.0.16/28: limit 100000"),
+    );
+    let got = send_and_count(&net, &counter, &[(third, 20)])?;
+    assert_eq!(got[&third], 20, "the file's limit again");
     assert!(agent.exited()?.is_none(), "{}", agent.stderr());
     Ok(())
+}
+
+/// `path` bind-mounted read-only onto itself until dropped: even root cannot write it.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    /// Checks from inside `ns` (where the agent runs, in a mount namespace of its own that
+    /// `ip netns exec` made) that the file is read-only there too.
+    fn mount(path: &Path, ns: &str) -> Result<ReadOnly> {
+        let run = |args: &[&str]| -> Result<std::process::Output> {
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .with_context(|| format!("running {args:?}"))
+        };
+        let p = path.to_str().context("a UTF-8 path")?;
+        let out = run(&["mount", "--bind", p, p])?;
+        ensure!(out.status.success(), "mount --bind {p}: {out:?}");
+        let guard = ReadOnly(path.to_path_buf());
+        let out = run(&["mount", "-o", "remount,bind,ro", p])?;
+        ensure!(out.status.success(), "remounting {p} read-only: {out:?}");
+        let out = run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo >> '{p}'"),
+        ])?;
+        ensure!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+            "{p} should be read-only in {ns}: {out:?}"
+        );
+        Ok(guard)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -876,7 +947,11 @@ fn tcp_api_calls_without_the_token_fail_and_change_nothing() -> Result<()> {
     .success("limits ls with the token");
     assert_eq!(
         listed,
-        format!("default: limit 1000 per {HOUR}\n198.18.0.16/28: limit 20 per {HOUR}\n")
+        format!(
+            "LAYER                     POLICY\n\
+             file                      default: limit 1000 per {HOUR}\n\
+             file                      198.18.0.16/28: limit 20 per {HOUR}\n"
+        )
     );
     assert_eq!((good.allowed, good.remaining), (true, 16), "{good:?}");
     let got = send_and_count(&net, &counter, &[(src, 30)])?;
@@ -908,10 +983,14 @@ fn tcp_api_calls_without_the_token_fail_and_change_nothing() -> Result<()> {
         .concat(),
     )?;
     out.success("limits set with the token");
+    let overlay = agent
+        .state_dir()
+        .join(format!("{}.overlay.yaml", net.receiver_if));
     assert!(
-        fs::read_to_string(&agent.config_path)?.contains("    limit: 1\n"),
-        "the authenticated change was written back"
+        fs::read_to_string(&overlay)?.contains("limit: 1\n"),
+        "the authenticated change was kept in the overlay"
     );
+    assert_eq!(fs::read_to_string(&agent.config_path)?, AUTH_CONFIG);
     assert_eq!(unix.global()?.policy_generation, generation + 1);
     window.check();
     Ok(())
@@ -1136,8 +1215,10 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
     assert_eq!(
         limits(&["ls"])?.success("limits ls"),
         format!(
-            "default: limit 1000 per {HOUR}\n198.18.0.16/28: limit 20 per {HOUR}\n\
-             tenant-acme: limit 3 per {HOUR}\n"
+            "LAYER                     POLICY\n\
+             file                      default: limit 1000 per {HOUR}\n\
+             file                      198.18.0.16/28: limit 20 per {HOUR}\n\
+             file                      tenant-acme: limit 3 per {HOUR}\n"
         )
     );
     assert_eq!(
@@ -1161,30 +1242,46 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
         line.contains("allowed  limit 5 per 3600s  remaining 1  "),
         "{line:?}"
     );
-    let text = fs::read_to_string(&agent.config_path)?;
     assert_eq!(
-        text,
-        CLI_CONFIG.replace("    limit: 3\n", "    limit: 5\n"),
-        "written back, comments kept"
+        fs::read_to_string(&agent.config_path)?,
+        CLI_CONFIG,
+        "the config file is never written"
+    );
+    let effective = limits(&["effective"])?.success("limits effective");
+    assert!(
+        effective.contains("# Set through the API: tenant-acme (overlay (overrides file)).")
+            && effective.contains("limit: 5"),
+        "{effective}"
     );
 
-    // limits rm: gone from the maps, the list and the file; the default cannot go.
+    // limits rm: the API's policy goes and the file's is back; a second rm removes the file's
+    // from the maps and the list (not from the file); the default cannot go.
     let out = limits(&["rm", "tenant-acme"])?;
     assert_eq!(
         out.success("limits rm"),
         format!(
-            "removed tenant-acme: limit 5 per {HOUR} (generation {})\n",
+            "removed the API's policy; in force again from the config file: tenant-acme: limit 3 per {HOUR} (generation {})\n",
             generation + 2
+        )
+    );
+    let out = limits(&["rm", "tenant-acme"])?;
+    assert_eq!(
+        out.success("limits rm"),
+        format!(
+            "removed tenant-acme: limit 3 per {HOUR} (generation {})\n",
+            generation + 3
         )
     );
     limits(&["get", "tenant-acme"])?.failure("get after rm", &["NotFound", "tenant-acme"]);
     assert_eq!(
         limits(&["ls"])?.success("limits ls after rm"),
-        format!("default: limit 1000 per {HOUR}\n198.18.0.16/28: limit 20 per {HOUR}\n")
+        format!(
+            "LAYER                     POLICY\n\
+             file                      default: limit 1000 per {HOUR}\n\
+             file                      198.18.0.16/28: limit 20 per {HOUR}\n"
+        )
     );
-    let text = fs::read_to_string(&agent.config_path)?;
-    assert!(!text.contains("tenant-acme"), "{text}");
-    assert!(text.starts_with("# CLI test\n"), "{text}");
+    assert_eq!(fs::read_to_string(&agent.config_path)?, CLI_CONFIG);
     let line = run(&["check", "tenant-acme", "--api", &socket])?.success("check after rm");
     allowed += 1;
     assert!(line.contains("limit 1000 per 3600s") && line.contains("(policy default, limit)"));
@@ -1217,7 +1314,7 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
         (allowed, denied),
         "{global}"
     );
-    assert_eq!(u64_at(&stats, "generation"), generation + 2, "{stats}");
+    assert_eq!(u64_at(&stats, "generation"), generation + 3, "{stats}");
     assert_eq!(stats["attached"], true, "{stats}");
     assert_eq!(stats["dry_run"], false, "{stats}");
     let row = api_row(&stats, "198.18.0.17");
@@ -1305,7 +1402,10 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
         .failure("pass with a limit", &["InvalidArgument", "policy.limit"]);
     let listed = limits(&["ls"])?.success("limits ls after pass/drop");
     assert!(
-        listed.ends_with("198.18.0.17: pass\n198.18.0.21: drop\n"),
+        listed.ends_with(
+            "overlay                   198.18.0.17: pass\n\
+             overlay                   198.18.0.21: drop\n"
+        ),
         "{listed}"
     );
     let got = send_and_count(&net, &counter, &[(busy, 30), (blocked, 10)])?;

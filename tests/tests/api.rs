@@ -18,9 +18,12 @@ use limiter_user::{
     api::{self, ApiOptions, ApiState, TlsFiles},
     check::Checker,
     cli::client::{self, Clients, Target},
-    config::Config,
+    config::{
+        Config, Match,
+        overlay::{Overlay, merge},
+    },
     datapath::{self, LoadOptions, Tables},
-    limits::PolicyStore,
+    limits::{Loaded, PolicyStore},
     metrics::Counters,
     proto,
 };
@@ -51,6 +54,8 @@ const TOKEN: &str = "correct-horse-battery-staple";
 struct Fixture {
     dir: TempDir,
     config: PathBuf,
+    /// The policy overlay (API changes), under the fixture's directory as a state dir.
+    overlay: PathBuf,
     limits: Arc<PolicyStore>,
     counters: Arc<Counters>,
     ebpf: Ebpf,
@@ -83,7 +88,9 @@ impl Fixture {
         })
         .context("loading the object (needs root)")?;
         let mut tables = Tables::take(&mut ebpf)?;
-        let parsed = Config::parse(CONFIG)?;
+        let overlay = dir.join("test0.overlay.yaml");
+        let loaded = Loaded::load(CONFIG, &overlay)?;
+        let parsed = loaded.effective.config.clone();
         tables.apply(&parsed)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
         let program: &mut Xdp = ebpf
@@ -96,8 +103,7 @@ impl Fixture {
         let limits = Arc::new(PolicyStore::new(
             tables,
             config.clone(),
-            parsed,
-            CONFIG,
+            loaded,
             checker.clone(),
             counters.clone(),
         ));
@@ -127,6 +133,7 @@ impl Fixture {
         Ok(Fixture {
             dir,
             config,
+            overlay,
             limits,
             counters,
             ebpf,
@@ -468,7 +475,7 @@ async fn invalid_requests_are_rejected_naming_the_field() -> Result<()> {
     )
     .await?;
     ensure!(
-        std::fs::read_to_string(&f.config)? == before,
+        std::fs::read_to_string(&f.config)? == before && !f.overlay.exists(),
         "nothing was written"
     );
     ensure!(
@@ -569,13 +576,21 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         "the block is gone: {r:?}"
     );
 
-    // Written back: comments kept, order kept, and the file parses to what is in force.
-    let text = std::fs::read_to_string(&f.config)?;
-    ensure!(text.contains("# The API test config. This comment must survive every edit."));
-    ensure!(text.contains("# an exact ID"));
-    let on_disk = Config::parse(&text)?;
-    ensure!(on_disk == f.limits.config(), "file and maps agree");
-    let order: Vec<String> = on_disk
+    // The config file is never written; the changes are in the overlay, which merged over the
+    // file is what is in force.
+    ensure!(
+        std::fs::read_to_string(&f.config)? == CONFIG,
+        "the file is untouched"
+    );
+    let overlay = Overlay::load(&f.overlay)?;
+    ensure!(overlay.removed == ["198.51.100.0/24".parse::<Match>().unwrap()]);
+    let effective = merge(CONFIG, &overlay)?;
+    ensure!(
+        effective.config == f.limits.config(),
+        "overlay and maps agree"
+    );
+    let order: Vec<String> = effective
+        .config
         .policies
         .iter()
         .map(|(m, _)| m.to_string())
@@ -584,6 +599,28 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         order == ["10.0.0.0/8", "192.0.2.7", "tenant-gold", "tenant-new"],
         "{order:?}"
     );
+    let layers = lim
+        .list(proto::ListLimitsRequest {})
+        .await?
+        .into_inner()
+        .layers;
+    ensure!(
+        layers
+            == [
+                "overlay (overrides file)",
+                "overlay (overrides file)",
+                "file",
+                "file",
+                "overlay"
+            ],
+        "{layers:?}"
+    );
+    let yaml = lim
+        .effective(proto::EffectiveConfigRequest {})
+        .await?
+        .into_inner()
+        .yaml;
+    ensure!(Config::parse(&yaml)? == f.limits.config(), "{yaml}");
     let list = lim
         .list(proto::ListLimitsRequest {})
         .await?
@@ -598,26 +635,51 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         .into_inner();
     ensure!(got.limit == Some(1) && secs(&got.window) == 3600.0);
 
-    // The watcher does not re-apply the API's own write...
     for _ in 0..3 {
         // (set, set, delete) were streamed
         watch.message().await?.context("stream ended")?;
     }
+    // An unchanged file is not re-applied...
     let reloads = f.counters.config_reloads.get();
     f.limits.reload_file(false);
     ensure!(f.counters.config_reloads.get() == reloads, "no re-apply");
-    // ...but a hand edit of the file is applied and streamed as a file change.
-    std::fs::write(&f.config, text.replace("limit: 3\n", "limit: 4\n"))?;
+    // ...a hand edit of the file is applied and streamed as a file change, under the overlay:
+    // tenant-gold's new limit is in force, 10.0.0.0/8 stays the API's.
+    std::fs::write(&f.config, CONFIG.replace("limit: 10\n", "limit: 11\n"))?;
     f.limits.reload_file(false);
     let c = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await??
         .context("stream ended")?;
-    ensure!(c.source == "file" && c.policy.unwrap().limit == Some(4));
+    let p = c.policy.unwrap();
+    ensure!(c.source == "file" && p.r#match == "tenant-gold" && p.limit == Some(11));
+    let r = rl.check(check("10.5.5.5", Some(0))).await?.into_inner();
+    ensure!(r.limit == 3, "the overlay's: {r:?}");
+    // Removing the API's 10.0.0.0/8 puts the file's back (limit 5); removing again removes the
+    // file's.
+    let rm = || proto::DeleteLimitRequest {
+        r#match: "10.0.0.0/8".into(),
+    };
+    let c = lim.delete(rm()).await?.into_inner();
+    ensure!(
+        c.kind == proto::limit_change::Kind::Set as i32 && c.policy.unwrap().limit == Some(5),
+        "restored"
+    );
+    let r = rl.check(check("10.5.5.5", Some(0))).await?.into_inner();
+    ensure!(r.limit == 5, "the file's again: {r:?}");
+    let c = lim.delete(rm()).await?.into_inner();
+    ensure!(c.kind == proto::limit_change::Kind::Deleted as i32);
+    let r = rl.check(check("10.5.5.5", Some(0))).await?.into_inner();
+    ensure!(r.policy == "default", "{r:?}");
+    expect_code(lim.delete(rm()).await, Code::NotFound, "10.0.0.0/8").await?;
+    ensure!(
+        std::fs::read_to_string(&f.config)? == CONFIG.replace("limit: 10\n", "limit: 11\n"),
+        "the file is untouched"
+    );
     f.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_or_missing_file_blocks_edits_and_changes_nothing() -> Result<()> {
+async fn an_unusable_overlay_blocks_edits_and_changes_nothing() -> Result<()> {
     require_root!();
     let f = Fixture::new(false).await?;
     let mut lim = f.client().await?.limits;
@@ -632,31 +694,37 @@ async fn an_invalid_or_missing_file_blocks_edits_and_changes_nothing() -> Result
             action: 0,
         }),
     };
-    // A broken file on disk: the edit is refused, naming the file's own error.
+    // A broken config file on disk does not block API changes (they are made over the file in
+    // force, and the file is never written)...
     std::fs::write(&f.config, "default: { limit: -1 }\n")?;
+    lim.set(set()).await?;
+    ensure!(Overlay::load(&f.overlay)?.policies.len() == 1);
+    lim.delete(proto::DeleteLimitRequest {
+        r#match: "tenant-z".into(),
+    })
+    .await?;
+    std::fs::write(&f.config, CONFIG)?;
+    // ...an overlay from a newer limiter, taken up on SIGHUP, does: the policies in force stay
+    // and the overlay is not overwritten.
+    let newer = "version: 2\nwhatever: comes next\n";
+    std::fs::write(&f.overlay, newer)?;
+    f.limits.reload_file(true);
     expect_code(
         lim.set(set()).await,
         Code::FailedPrecondition,
-        "itself invalid",
+        "written by a newer limiter",
     )
     .await?;
     ensure!(
         f.limits.config() == Config::parse(CONFIG)?,
         "the config in force stays"
     );
-    // No file at all: refused, naming the file; nothing changes.
-    std::fs::remove_file(&f.config)?;
-    expect_code(
-        lim.set(set()).await,
-        Code::FailedPrecondition,
-        "limiter.yaml",
-    )
-    .await?;
-    ensure!(
-        f.limits.config() == Config::parse(CONFIG)?,
-        "the config in force stays"
-    );
-    ensure!(!f.config.exists(), "no file was created from nothing");
+    ensure!(std::fs::read_to_string(&f.overlay)? == newer);
+    // Removed and reloaded: changes are accepted again.
+    std::fs::remove_file(&f.overlay)?;
+    f.limits.reload_file(true);
+    lim.set(set()).await?;
+    ensure!(f.overlay.exists());
     f.shutdown().await
 }
 
@@ -831,7 +899,7 @@ async fn tcp_requires_the_bearer_token() -> Result<()> {
         .await?;
     }
     ensure!(
-        std::fs::read_to_string(&f.config)? == before,
+        std::fs::read_to_string(&f.config)? == before && !f.overlay.exists(),
         "unauthenticated calls change nothing"
     );
     let mut c = client::connect(&Target {

@@ -589,7 +589,21 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
     fs::write(&config, "default: {limit: 100, window: 1h}\n")?;
     let state = dir.join("state");
     let path = state.join(format!("{}.snapshot", net.receiver_if));
-    let tmp = state.join(format!(".{}.snapshot.tmp", net.receiver_if));
+    // The writer's temporary files: `.IFACE.snapshot.<random>.tmp` (limiter_user::state_file).
+    let tmp_prefix = format!(".{}.snapshot.", net.receiver_if);
+    let temps = || -> Vec<PathBuf> {
+        fs::read_dir(&state)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.starts_with(&tmp_prefix) && name.ends_with(".tmp")
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let corrupt_prefix = format!("{}.snapshot.corrupt-", net.receiver_if);
 
     let mut expected: Vec<(ClientKey, ClientState)> = (0..CLIENTS)
@@ -645,7 +659,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
         // a write however fast or slow (emulated) the machine is.
         let pause = if round % 2 == 0 {
             wait_until(Duration::from_secs(60), "a snapshot write to begin", || {
-                tmp.exists()
+                !temps().is_empty()
             })?;
             Duration::from_millis(rng.below(21))
         } else {
@@ -654,7 +668,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
         thread::sleep(pause);
         let status = agent.kill()?;
         assert!(!status.success());
-        let interrupted = tmp.exists();
+        let interrupted = !temps().is_empty();
         mid_write += u32::from(interrupted);
         let log = agent.log();
         assert!(
@@ -714,8 +728,10 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
             snapshot.mono_ns / 1_000_000,
         );
         // The agent is dead: the temporary file it may have left says nothing about the next
-        // round, so it goes.
-        let _ = fs::remove_file(&tmp);
+        // round, so it goes (the next agent's first write would remove it too).
+        for tmp in temps() {
+            let _ = fs::remove_file(tmp);
+        }
 
         // Lose the pins (as a reboot would), then start again from the snapshot.
         limiter_detach(&net.receiver_ns, &net.receiver_if)?;

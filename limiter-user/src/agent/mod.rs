@@ -21,9 +21,9 @@ use crate::{
     adaptive::tuner::Tuner,
     api::{self, ApiOptions, ApiState},
     check::Checker,
-    config::Config,
+    config::overlay,
     datapath::{self, AttachMode, LoadOptions, Tables},
-    limits::PolicyStore,
+    limits::{Loaded, PolicyStore},
     metrics::{self, Counters, Exporter, KernelSource},
     snapshot::{Clocks, Snapshot},
     stats::{Figures, Resident},
@@ -63,10 +63,11 @@ impl AgentOptions {
     pub fn snapshot_path(&self) -> PathBuf {
         self.state_dir.join(format!("{}.snapshot", self.iface))
     }
-}
 
-fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
-    Config::parse(text).with_context(|| format!("config {} rejected", path.display()))
+    /// Where the policy changes made through the API live (`IFACE.overlay.yaml`).
+    pub fn overlay_path(&self) -> PathBuf {
+        overlay::overlay_path(&self.state_dir, &self.iface)
+    }
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -80,7 +81,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     datapath::if_index(&opts.iface)?;
     let text = std::fs::read_to_string(&opts.config)
         .with_context(|| format!("reading config {}", opts.config.display()))?;
-    let config = parse(&opts.config, &text)?;
+    let loaded = Loaded::load(&text, &opts.overlay_path())
+        .with_context(|| format!("config {} rejected", opts.config.display()))?;
+    let config = loaded.effective.config.clone();
 
     // Listeners first: a port in use, a bad certificate or another agent on this interface's
     // socket stops the start before anything is loaded, written or attached.
@@ -160,8 +163,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let limits = Arc::new(PolicyStore::new(
         tables,
         opts.config.clone(),
-        config,
-        &text,
+        loaded,
         checker.clone(),
         counters.clone(),
     ));

@@ -17,11 +17,8 @@ pub(super) fn status_of(e: &LimitsError) -> Status {
         LimitsError::NotFound(_) => Status::not_found(e.to_string()),
         LimitsError::DeleteDefault => Status::failed_precondition(e.to_string()),
         LimitsError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        LimitsError::FileInvalid { .. } => Status::failed_precondition(e.to_string()),
-        LimitsError::Read { .. } | LimitsError::Edit { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
-        LimitsError::Write { .. } | LimitsError::Apply(_) => Status::internal(e.to_string()),
+        LimitsError::OverlayUnusable { .. } => Status::failed_precondition(e.to_string()),
+        LimitsError::Overlay(_) | LimitsError::Apply(_) => Status::internal(e.to_string()),
     }
 }
 

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiState, blocking, convert::*, counted};
 use crate::{
-    limits::{LimitsError, Selector},
     metrics::Counters,
     proto::{
         self,
@@ -72,11 +71,9 @@ impl limits_server::Limits for LimitsService {
     ) -> Result<Response<proto::LimitChange>, Status> {
         let r = async {
             let selector = parse_selector(&request.get_ref().r#match)?;
-            let Selector::Match(m) = selector else {
-                return Err(status_of(&LimitsError::DeleteDefault));
-            };
             let limits = self.state.limits.clone();
-            let change = blocking(move || limits.delete(&m).map_err(|e| status_of(&e))).await?;
+            let change =
+                blocking(move || limits.delete(&selector).map_err(|e| status_of(&e))).await?;
             Ok(Response::new(change_proto(&change)))
         }
         .await;
@@ -88,14 +85,24 @@ impl limits_server::Limits for LimitsService {
         _request: Request<proto::ListLimitsRequest>,
     ) -> Result<Response<proto::ListLimitsResponse>, Status> {
         let r = async {
-            let policies = self
-                .state
-                .limits
-                .list()
-                .iter()
-                .map(|(s, r)| policy_proto(s, r))
-                .collect();
-            Ok(Response::new(proto::ListLimitsResponse { policies }))
+            let list = self.state.limits.list();
+            Ok(Response::new(proto::ListLimitsResponse {
+                policies: list.iter().map(|(s, r, _)| policy_proto(s, r)).collect(),
+                layers: list.iter().map(|(_, _, l)| l.as_str().into()).collect(),
+            }))
+        }
+        .await;
+        counted(&self.counters(), r)
+    }
+
+    async fn effective(
+        &self,
+        _request: Request<proto::EffectiveConfigRequest>,
+    ) -> Result<Response<proto::EffectiveConfig>, Status> {
+        let r = async {
+            Ok(Response::new(proto::EffectiveConfig {
+                yaml: self.state.limits.effective_yaml(),
+            }))
         }
         .await;
         counted(&self.counters(), r)
@@ -119,7 +126,7 @@ impl limits_server::Limits for LimitsService {
                     .limits
                     .list()
                     .iter()
-                    .map(|(s, r)| {
+                    .map(|(s, r, _)| {
                         Ok(proto::LimitChange {
                             kind: proto::limit_change::Kind::Set as i32,
                             policy: Some(policy_proto(s, r)),

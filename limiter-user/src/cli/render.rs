@@ -130,6 +130,16 @@ pub fn show_policy(p: &proto::Policy) -> String {
     }
 }
 
+/// `limits ls`: each policy with the layer it comes from (`file`, `overlay`, ...).
+pub fn policy_table(list: &proto::ListLimitsResponse) -> String {
+    let mut out = format!("{:<24}  POLICY\n", "LAYER");
+    for (i, p) in list.policies.iter().enumerate() {
+        let layer = list.layers.get(i).map_or("?", String::as_str);
+        out.push_str(&format!("{layer:<24}  {}\n", show_policy(p)));
+    }
+    out
+}
+
 /// The busiest clients as a table.
 pub fn client_table(clients: &[proto::ClientStats]) -> String {
     let mut out = format!(

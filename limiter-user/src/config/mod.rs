@@ -6,9 +6,9 @@
 //! rejected whole and the policies in force stay in force.
 
 mod adaptive;
-pub mod edit;
 mod encode;
 mod locate;
+pub mod overlay;
 
 use std::{collections::HashMap, fmt, net::IpAddr, str::FromStr};
 
@@ -386,7 +386,8 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn limit(&self) -> Limit {
+    /// The rule's limit fields.
+    pub fn limit(&self) -> Limit {
         Limit {
             limit: self.limit,
             window: self.window,
@@ -624,7 +625,7 @@ pub struct LimitError {
 }
 
 /// A `weight` as written, checked: absent is [`DEFAULT_WEIGHT`].
-fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
+pub(crate) fn weight(written: Option<&serde_yaml::Value>) -> Result<f64, String> {
     let Some(value) = written else {
         return Ok(DEFAULT_WEIGHT);
     };
