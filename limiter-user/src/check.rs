@@ -267,7 +267,9 @@ impl std::hash::Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {
         // `[u8; 16]` hashes as its length (a usize) then its bytes: keep the bytes' prefix.
         if bytes.len() >= 8 {
-            self.0 = u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes"));
+            #[expect(clippy::expect_used, reason = "a slice of 8 bytes is an [u8; 8]")]
+            let prefix: [u8; 8] = bytes[..8].try_into().expect("8 bytes");
+            self.0 = u64::from_ne_bytes(prefix);
         }
     }
 

@@ -245,10 +245,7 @@ impl PolicyStore {
 
     /// Runs `f` on the config in force and the policy generation of the maps, read under one
     /// lock so that they belong together.
-    pub fn with_policies<R>(
-        &self,
-        f: impl FnOnce(&Config, u32) -> R,
-    ) -> Result<R, crate::datapath::DatapathError> {
+    pub fn with_policies<R>(&self, f: impl FnOnce(&Config, u32) -> R) -> Result<R, DatapathError> {
         let inner = self.lock();
         let generation = inner.tables.map_config()?.generation;
         Ok(f(&inner.effective.config, generation))

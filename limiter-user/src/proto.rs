@@ -1,5 +1,11 @@
 //! Code generated from `proto/limiter.proto` (package `limiter.v1`).
-#![expect(clippy::all, missing_docs, reason = "generated code")]
+#![expect(
+    clippy::all,
+    clippy::allow_attributes,
+    unused_qualifications,
+    missing_docs,
+    reason = "generated code (tonic-prost-build)"
+)]
 
 tonic::include_proto!("limiter.v1");
 

@@ -52,7 +52,7 @@ pub enum SnapshotError {
     Write {
         path: PathBuf,
         #[source]
-        error: crate::state_file::StateFileError,
+        error: state_file::StateFileError,
     },
     #[error("empty file")]
     Empty,
@@ -156,8 +156,8 @@ impl Snapshot {
                 actual: bytes.len() as u64,
             });
         }
-        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_le_bytes(array(&bytes[o..o + 4]));
+        let u64_at = |o: usize| u64::from_le_bytes(array(&bytes[o..o + 8]));
         let format = u32_at(8);
         if format != FORMAT {
             return Err(SnapshotError::Format(format));
@@ -183,14 +183,14 @@ impl Snapshot {
         let entries = body[HEADER..]
             .chunks_exact(ENTRY)
             .map(|e| {
-                let key: ClientKey = e[..16].try_into().expect("16 bytes");
+                let key: ClientKey = array(&e[..16]);
                 (key, decode_state(&e[16..]))
             })
             .collect();
         Ok(Snapshot {
             wall_ns: u64_at(16),
             mono_ns: u64_at(24),
-            boot_id: bytes[32..48].try_into().expect("16 bytes"),
+            boot_id: array(&bytes[32..48]),
             entries,
         })
     }
@@ -277,9 +277,17 @@ fn encode_state(s: &ClientState, out: &mut Vec<u8>) {
     out.push(s.flags());
 }
 
+/// `bytes` as an array of its length. Every caller slices exactly `N` bytes out of a record
+/// whose length was checked first.
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(bytes);
+    out
+}
+
 fn decode_state(b: &[u8]) -> ClientState {
-    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(array(&b[o..o + 8]));
+    let u32_at = |o: usize| u32::from_le_bytes(array(&b[o..o + 4]));
     // The record keeps the fields of map layout 3 (one per field, 48 bytes), so snapshots of
     // either layout restore into the other. The action is implied by the limits (see
     // `ClientState`); a generation tag of 0 is what restoring sets anyway.

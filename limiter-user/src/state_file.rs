@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two, longer");
         assert_ne!(fs::metadata(&path).unwrap().ino(), old_ino);
         let mut was = String::new();
-        std::io::Read::read_to_string(&mut old, &mut was).unwrap();
+        io::Read::read_to_string(&mut old, &mut was).unwrap();
         assert_eq!(was, "one");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,

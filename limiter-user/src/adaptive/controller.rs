@@ -471,6 +471,10 @@ impl Controller {
         let (step, dwell) = (self.config.step, self.config.dwell);
         let mut decisions = Vec::new();
         for (key, target) in observed.iter().zip(targets) {
+            #[expect(
+                clippy::expect_used,
+                reason = "every observed key was tracked by `observe` earlier this period"
+            )]
             let state = self.clients.get_mut(key).expect("observed this period");
             let dwell = match direction(state.factor.value, target) {
                 Some(dir) if Some(dir) == g_moved => 1,
@@ -526,6 +530,10 @@ impl Controller {
             let state = ClientTrack::new(obs, util, now);
             self.clients.insert(obs.key, state);
         }
+        #[expect(
+            clippy::expect_used,
+            reason = "the key was inserted just above if absent"
+        )]
         let state = self.clients.get_mut(&obs.key).expect("inserted above");
         if !fresh {
             state.util = ewma(Some(state.util), util, c.alpha);

@@ -348,7 +348,7 @@ impl KernelSource for StoreFigures {
 
 /// Captures both client maps and writes the snapshot atomically.
 fn take_snapshot(fds: &(OwnedFd, OwnedFd), path: &Path) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let snapshot = Snapshot::capture(fds.0.as_fd(), fds.1.as_fd(), Clocks::now())
         .context("reading the client maps")?;
     snapshot.write(path)?;
@@ -358,7 +358,7 @@ fn take_snapshot(fds: &(OwnedFd, OwnedFd), path: &Path) -> anyhow::Result<()> {
 
 /// On fresh maps (nothing pinned to adopt), restores client state from the snapshot if there is
 /// a usable one.
-fn restore(tables: &mut Tables, path: &Path) -> Result<(), crate::datapath::DatapathError> {
+fn restore(tables: &mut Tables, path: &Path) -> Result<(), datapath::DatapathError> {
     if tables.map_config()?.generation != 0 {
         return Ok(()); // adopted pinned maps: they are newer than any snapshot
     }

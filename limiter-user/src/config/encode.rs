@@ -29,6 +29,7 @@ impl Cidr {
                 prefix,
             }
         } else {
+            #[expect(clippy::expect_used, reason = "an LPM key is 1 + 16 bytes")]
             let octets: [u8; 16] = key[1..].try_into().expect("16 bytes");
             Cidr {
                 addr: IpAddr::V6(octets.into()),

@@ -275,7 +275,7 @@ fn adaptive_section_parses_every_knob() {
         grow_below: 0.4,
         grow_after: 3,
         shrink_above: 0.9,
-        load: crate::config::LoadBands {
+        load: LoadBands {
             high: 0.9,
             low: 0.5,
         },

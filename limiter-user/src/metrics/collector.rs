@@ -90,7 +90,7 @@ impl KernelCollector {
 }
 
 impl Collector for KernelCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let (figures, resident) = match self.read() {
             Ok(read) => read,
             Err(err) => {
@@ -220,7 +220,7 @@ impl Collector for KernelCollector {
 }
 
 /// A counter family of one sample; `name` without `_total`, which the encoder appends.
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+fn counter(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
     ConstCounter::new(value).encode(encoder.encode_descriptor(
         name,
         help,
@@ -230,14 +230,19 @@ fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) 
 }
 
 /// A gauge family of one integer sample.
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+fn gauge(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> fmt::Result {
     ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
 /// A gauge family of one sample between 0 and 1 (from parts per million): whole values are
 /// written as integers (`1`, as the hand-written exposition did, rather than the encoder's
 /// `1.0`), others in the shortest decimal form that reads back to the same `f64` (`0.93`).
-fn fraction(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> fmt::Result {
+fn fraction(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> fmt::Result {
     let descriptor = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     // Exact: a whole `f64` this small converts to `i64` without loss.
     if value.fract() == 0.0 && value.abs() < 1e15 {

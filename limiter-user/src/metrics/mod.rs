@@ -260,7 +260,7 @@ impl TypedMetric for ByLabel {
 }
 
 impl EncodeMetric for ByLabel {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
         for (value, counter) in &self.series {
             if self.only_seen && counter.get() == 0 {
                 continue;
