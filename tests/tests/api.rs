@@ -902,6 +902,12 @@ async fn tcp_requires_the_bearer_token() -> Result<()> {
         std::fs::read_to_string(&f.config)? == before && !f.overlay.exists(),
         "unauthenticated calls change nothing"
     );
+    // Answered by the token check, not by a method, and still counted by code.
+    ensure!(
+        f.counters.api_errors(Code::Unauthenticated) == 6,
+        "{} UNAUTHENTICATED counted",
+        f.counters.api_errors(Code::Unauthenticated)
+    );
     let mut c = client::connect(&Target {
         api: Some(url),
         token_file: Some(PathBuf::from(token_file)),

@@ -1,17 +1,14 @@
 //! The `Limits` service: listing, setting and removing policies, and watching changes.
 
-use std::{pin::Pin, sync::Arc};
+use std::pin::Pin;
 
 use tokio_stream::{Stream, StreamExt as _, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
-use super::{ApiState, blocking, convert::*, counted};
-use crate::{
-    metrics::Counters,
-    proto::{
-        self,
-        limits_server::{self},
-    },
+use super::{ApiState, blocking, convert::*};
+use crate::proto::{
+    self,
+    limits_server::{self},
 };
 
 pub struct LimitsService {
@@ -31,7 +28,7 @@ impl limits_server::Limits for LimitsService {
         &self,
         request: Request<proto::SetLimitRequest>,
     ) -> Result<Response<proto::LimitChange>, Status> {
-        let r = async {
+        async {
             let policy = request
                 .get_ref()
                 .policy
@@ -44,15 +41,14 @@ impl limits_server::Limits for LimitsService {
                     .await?;
             Ok(Response::new(change_proto(&change)))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn get(
         &self,
         request: Request<proto::GetLimitRequest>,
     ) -> Result<Response<proto::Policy>, Status> {
-        let r = async {
+        async {
             let selector = parse_selector(&request.get_ref().r#match)?;
             let r = self
                 .state
@@ -61,51 +57,47 @@ impl limits_server::Limits for LimitsService {
                 .ok_or_else(|| Status::not_found(format!("no policy matches {selector}")))?;
             Ok(Response::new(policy_proto(&selector, &r)))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn delete(
         &self,
         request: Request<proto::DeleteLimitRequest>,
     ) -> Result<Response<proto::LimitChange>, Status> {
-        let r = async {
+        async {
             let selector = parse_selector(&request.get_ref().r#match)?;
             let limits = self.state.limits.clone();
             let change =
                 blocking(move || limits.delete(&selector).map_err(|e| status_of(&e))).await?;
             Ok(Response::new(change_proto(&change)))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn list(
         &self,
         _request: Request<proto::ListLimitsRequest>,
     ) -> Result<Response<proto::ListLimitsResponse>, Status> {
-        let r = async {
+        async {
             let list = self.state.limits.list();
             Ok(Response::new(proto::ListLimitsResponse {
                 policies: list.iter().map(|(s, r, _)| policy_proto(s, r)).collect(),
                 layers: list.iter().map(|(_, _, l)| l.as_str().into()).collect(),
             }))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn effective(
         &self,
         _request: Request<proto::EffectiveConfigRequest>,
     ) -> Result<Response<proto::EffectiveConfig>, Status> {
-        let r = async {
+        async {
             Ok(Response::new(proto::EffectiveConfig {
                 yaml: self.state.limits.effective_yaml(),
             }))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     type WatchStream = ChangeStream;
@@ -114,7 +106,7 @@ impl limits_server::Limits for LimitsService {
         &self,
         request: Request<proto::WatchLimitsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let r = async {
+        async {
             // Subscribe before listing, so nothing falls between the list and the changes.
             let changes = self.state.limits.subscribe();
             let initial: Vec<Result<proto::LimitChange, Status>> = if request.get_ref().initial {
@@ -176,13 +168,6 @@ impl limits_server::Limits for LimitsService {
                 Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(Response::new(stream))
         }
-        .await;
-        counted(&self.counters(), r)
-    }
-}
-
-impl LimitsService {
-    fn counters(&self) -> Arc<Counters> {
-        self.state.counters.clone()
+        .await
     }
 }

@@ -1,15 +1,17 @@
 //! Binding and serving: the Unix socket, TCP with the bearer token and/or TLS, and the routes
 //! (the three services beside gRPC health and reflection).
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use tonic::transport::Server;
+use tower::layer::util::{Identity, Stack};
 
 use super::{
-    ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, MAX_MESSAGE_BYTES, MAX_STREAMS,
-    REQUEST_TIMEOUT, TlsFiles, auth::*, limits::*, rate_limiter::*, stats::*,
+    ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, ErrorCountLayer, MAX_MESSAGE_BYTES,
+    MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, auth::*, limits::*, rate_limiter::*, stats::*,
 };
+use crate::metrics::Counters;
 use crate::proto::{
     self, limits_server::LimitsServer, rate_limiter_server::RateLimiterServer,
     stats_server::StatsServer,
@@ -50,11 +52,14 @@ fn routes(
     Ok(routes.routes())
 }
 
-fn server() -> Server {
+/// The server every listener runs: bounded, and counting errors outermost (so that the token
+/// check's answers are counted too).
+fn server(counters: &Arc<Counters>) -> Server<Stack<ErrorCountLayer, Identity>> {
     Server::builder()
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .max_concurrent_streams(MAX_STREAMS)
         .timeout(REQUEST_TIMEOUT)
+        .layer(ErrorCountLayer::new(Arc::clone(counters)))
 }
 
 /// Binds the Unix socket: its directory is created (0755), a stale socket from a dead agent is
@@ -188,10 +193,11 @@ pub async fn serve(
     let unix = listeners.unix;
     let socket = opts.socket.clone();
     let routes_unix = routes(&state, &shutdown, health.clone())?;
+    let mut unix_server = server(&state.counters);
     let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(unix);
-        let result = server()
+        let result = unix_server
             .add_routes(routes_unix)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -205,7 +211,7 @@ pub async fn serve(
     tracing::info!(socket = %opts.socket.display(), "API listening on the Unix socket");
 
     if let Some((listener, tls)) = listeners.tcp {
-        let mut builder = server();
+        let mut builder = server(&state.counters);
         if let Some(tls) = tls {
             builder = builder
                 .tls_config(tls)

@@ -1,12 +1,16 @@
 //! The gRPC API (`proto/limiter.proto`): each method validates its request, calls [`Checker`],
 //! [`PolicyStore`] or the maps, and maps a typed error to a `Status` naming the field.
 //!
+//! Every answer other than OK is counted by code in one tower layer ([`ErrorCountLayer`]), not
+//! by the methods.
+//!
 //! Served on a Unix socket (mode 0600) and, when configured, on TCP behind a bearer token and/or
 //! mutual TLS; both beside gRPC health and reflection. Requests are bounded in size, in batch
 //! length, and in concurrency per connection.
 
 mod auth;
 mod convert;
+mod count;
 mod limits;
 mod listen;
 mod rate_limiter;
@@ -21,6 +25,7 @@ use crate::{check::Checker, limits::PolicyStore, metrics::Counters};
 pub use self::{
     auth::{BearerAuth, read_token},
     convert::{parse_policy, policy_proto},
+    count::ErrorCountLayer,
     limits::LimitsService,
     listen::{Listeners, Served, bind, bind_unix, serve},
     rate_limiter::RateLimiterService,
@@ -83,12 +88,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-}
-
-/// Counts a failed call by its code (`limiter_api_errors_total`).
-fn counted<T>(counters: &Counters, r: Result<T, Status>) -> Result<T, Status> {
-    if let Err(status) = &r {
-        counters.api_error(status.code());
-    }
-    r
 }

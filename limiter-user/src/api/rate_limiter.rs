@@ -1,13 +1,10 @@
 //! The `RateLimiter` service: checks, single and batched, through the check program.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
-use super::{ApiState, convert::*, counted};
+use super::{ApiState, convert::*};
 use crate::{
     check::{ClientId, Decision},
-    metrics::Counters,
     proto::{
         self,
         rate_limiter_server::{self},
@@ -22,21 +19,20 @@ impl rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         request: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
-        let r = async {
+        async {
             let (id, hits) = parse_check(request.get_ref(), None)?;
             let d = self.0.checker.check(&id, hits).map_err(check_status)?;
             self.count(&d);
             Ok(Response::new(decision_proto(&d)))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn check_batch(
         &self,
         request: Request<proto::CheckBatchRequest>,
     ) -> Result<Response<proto::CheckBatchResponse>, Status> {
-        let r = async {
+        async {
             let checks = &request.get_ref().checks;
             if checks.len() > self.0.max_batch {
                 return Err(Status::invalid_argument(format!(
@@ -62,16 +58,11 @@ impl rate_limiter_server::RateLimiter for RateLimiterService {
                 .collect();
             Ok(Response::new(proto::CheckBatchResponse { results }))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 }
 
 impl RateLimiterService {
-    fn counters(&self) -> Arc<Counters> {
-        self.0.counters.clone()
-    }
-
     fn count(&self, d: &Decision) {
         self.0.counters.check(d.allowed && !d.dry_run_denied);
     }

@@ -1,6 +1,6 @@
 //! The `Stats` service: global counters, one client, the busiest clients.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use limiter_common::{
     ClientState,
@@ -10,11 +10,10 @@ use limiter_common::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{ApiState, blocking, convert::*, counted};
+use super::{ApiState, blocking, convert::*};
 use crate::{
     check::ClientId,
     config::Action,
-    metrics::Counters,
     proto::{
         self,
         stats_server::{self},
@@ -25,32 +24,25 @@ use crate::{
 
 pub struct StatsService(pub ApiState);
 
-impl StatsService {
-    fn counters(&self) -> Arc<Counters> {
-        self.0.counters.clone()
-    }
-}
-
 #[tonic::async_trait]
 impl stats_server::Stats for StatsService {
     async fn global(
         &self,
         _request: Request<proto::GlobalStatsRequest>,
     ) -> Result<Response<proto::GlobalStats>, Status> {
-        let r = async {
+        async {
             let state = self.0.clone();
             let out = blocking(move || global(&state)).await?;
             Ok(Response::new(out))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn client(
         &self,
         request: Request<proto::ClientStatsRequest>,
     ) -> Result<Response<proto::ClientStats>, Status> {
-        let r = async {
+        async {
             let id: ClientId = request.get_ref().client_id.parse().map_err(check_status)?;
             let d = self.0.checker.check(&id, 0).map_err(check_status)?;
             Ok(Response::new(proto::ClientStats {
@@ -67,22 +59,20 @@ impl stats_server::Stats for StatsService {
                 utilisation: 0.0,
             }))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 
     async fn top(
         &self,
         request: Request<proto::TopRequest>,
     ) -> Result<Response<proto::TopResponse>, Status> {
-        let r = async {
+        async {
             let n = request.get_ref().n as usize;
             let state = self.0.clone();
             let clients = blocking(move || top(&state, n)).await?;
             Ok(Response::new(proto::TopResponse { clients }))
         }
-        .await;
-        counted(&self.counters(), r)
+        .await
     }
 }
 
