@@ -472,6 +472,8 @@ fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) ->
 /// `state` points at a live map value with a window of at least 10 ms; `window_us` is one too.
 #[inline(always)]
 unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
+    // SAFETY: `state` points at a live map value (the function's contract), valid for the whole
+    // run; the slots are only changed by atomics and `add_passed` gets a counter word of it.
     unsafe {
         let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
         let (Some(old_window), Some(new_window)) = (
@@ -528,6 +530,8 @@ unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
 /// `word` points at a counter word of a live map value.
 #[inline(always)]
 unsafe fn add_up(word: *mut u64, n: u64) {
+    // SAFETY: `word` points at a counter word of a live map value (the function's contract):
+    // aligned, valid for the run, and changed by other CPUs only through atomics.
     unsafe {
         let seen = core::ptr::read_volatile(word) & COUNTER_MASK;
         if seen + n <= COUNTER_MASK - COUNT_SLACK {
@@ -547,6 +551,8 @@ unsafe fn add_up(word: *mut u64, n: u64) {
 /// `word` points at a counter word of a live map value.
 #[inline(always)]
 unsafe fn add_passed(word: *mut u64, delta: u64) {
+    // SAFETY: `word` points at a counter word of a live map value (the function's contract):
+    // aligned, valid for the run, and changed by other CPUs only through atomics.
     unsafe {
         for _ in 0..CAS_RETRIES {
             let old = core::ptr::read_volatile(word);
@@ -652,6 +658,8 @@ fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> b
 /// start, which adopts every reported entry.
 #[inline(always)]
 unsafe fn report(key: &ClientKey, state: *mut ClientState) {
+    // SAFETY: `state` points at a live map value (the function's contract); the flag is read
+    // once and set with an atomic OR, so a concurrent writer of `dropped` loses nothing.
     unsafe {
         if (*state).dropped & META_FLAG == 0 && ACTIVE.output::<ClientKey>(key, 0).is_ok() {
             // FLAG_REPORTED
@@ -674,6 +682,8 @@ unsafe fn refresh_policy(
     config: &Config,
     stats: &mut GlobalStats,
 ) {
+    // SAFETY: `state` points at a live map value (the function's contract), which `set_policy`
+    // and `set_meta` are given in turn.
     unsafe {
         if !(*state).is_current(config.generation) {
             // No policy at all (the agent always installs a default per family): stay stale, so
@@ -696,6 +706,9 @@ unsafe fn refresh_policy(
 /// `state` points at a live map value.
 #[inline(always)]
 unsafe fn set_policy(state: *mut ClientState, policy: &Policy) -> bool {
+    // SAFETY: `state` points at a live map value (the function's contract). The plain stores of
+    // the policy's limit and window race only with stores of the same values (see
+    // `refresh_policy`); the slots and counter words change only through atomics.
     unsafe {
         let (limit, window_us) = policy.entry_limits();
         let adapted = (*state).dropped & META_FLAG != 0 // FLAG_REPORTED
@@ -757,6 +770,8 @@ unsafe fn decide_hits(
     run: Run,
     stats: &mut GlobalStats,
 ) -> Outcome {
+    // SAFETY: `state` points at a live map value (the function's contract), whose counter words
+    // `add_up` and slots `admit` are given.
     unsafe {
         let outcome = match (*state).action() {
             ACTION_PASS => {
@@ -818,6 +833,8 @@ unsafe fn admit(
     now: u64,
     run: Run,
 ) -> (bool, bool) {
+    // SAFETY: `state` points at a live map value (the function's contract); this only computes
+    // the address of its slots.
     let slots = unsafe { &raw mut (*state).slots };
     for _ in 0..CAS_RETRIES {
         // SAFETY: volatile reads of the live slots; another CPU may change them at any time,

@@ -30,7 +30,7 @@ pub enum Frame {
 pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
+    if start + offset + size_of::<T>() > end {
         return None;
     }
     Some((start + offset) as *const T)
