@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
+    // clippy of the same rustc-web, the only one that reads its prebuilt BPF `core`: `cargo
+    // xtask test` lints limiter-ebpf for the BPF target with it.
+    "rust-web-clippy",
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",

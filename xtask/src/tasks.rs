@@ -173,6 +173,29 @@ fn check_lints(workspace: &Workspace) -> Result<()> {
         "-D",
         "warnings",
     ]);
+    process::run(&mut command)?;
+    check_bpf_lints(workspace)
+}
+
+/// Clippy on limiter-ebpf for the BPF target: on the host every program module is compiled out
+/// (`cfg(target_arch = "bpf")`), so the workspace run above never sees the program. It uses the
+/// toolchain that builds the program (rustup's `system`, with Debian's `rust-web-clippy`), the
+/// flags aya-build passes (see limiter-user/build.rs), and a target directory of its own so the
+/// host build is not invalidated. `--lib --bins` only: there are no tests for the BPF target.
+fn check_bpf_lints(workspace: &Workspace) -> Result<()> {
+    let mut command = process::command("rustup");
+    command
+        .args(["run", "system", "cargo", "clippy", "-p", "limiter-ebpf"])
+        .args(["--target", "bpfel-unknown-none", "--lib", "--bins"])
+        .args(["--features", "bench", "--target-dir"])
+        .arg(workspace.root().join("target").join("clippy-bpf"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(workspace.root())
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,limiter")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        );
     process::run(&mut command)
 }
 
