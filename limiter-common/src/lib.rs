@@ -10,5 +10,6 @@ pub mod maps;
 pub mod window;
 
 pub use maps::{
-    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
+    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
+    Policy,
 };

@@ -36,7 +36,7 @@ pub const META_MASK: u64 = 0x7fff << COUNTER_BITS;
 pub const META_FLAG: u64 = 1 << 63;
 /// Policy ids fit the 15-bit field of the `dropped` word.
 pub const MAX_POLICY_ID: u16 = 0x7fff;
-/// Generation tags are the low 15 bits of `Config::generation`. The agent never uses a
+/// Generation tags are the low 15 bits of `MapConfig::generation`. The agent never uses a
 /// generation whose tag is 0, so a tag of 0 always means "re-resolve", and it refreshes every
 /// resident entry in place [`GENERATION_SWEEP`] generations after its last refresh, so no
 /// entry's tag can be 2^15 generations old and alias the current one.
@@ -44,15 +44,15 @@ pub const GENERATION_TAG_MASK: u32 = 0x7fff;
 /// Generations between two in-place refreshes of every entry (see [`GENERATION_TAG_MASK`]).
 pub const GENERATION_SWEEP: u32 = 1 << 14;
 
-/// The generation tag an entry stores for `Config::generation` `generation`.
+/// The generation tag an entry stores for `MapConfig::generation` `generation`.
 #[inline(always)]
 pub const fn generation_tag(generation: u32) -> u16 {
     (generation & GENERATION_TAG_MASK) as u16
 }
 
-/// `Config::mode`: drop what is over the limit.
+/// `MapConfig::mode`: drop what is over the limit.
 pub const MODE_ENFORCE: u32 = 0;
-/// `Config::mode`: count what would be dropped, drop nothing.
+/// `MapConfig::mode`: count what would be dropped, drop nothing.
 pub const MODE_DRY_RUN: u32 = 1;
 
 /// A resolved policy: the value of the `POLICIES` LPM trie, keyed by prefix.
@@ -153,7 +153,7 @@ impl ClientState {
         ((self.passed & META_MASK) >> COUNTER_BITS) as u16
     }
 
-    /// Whether the cached policy was resolved at `Config::generation` `generation`.
+    /// Whether the cached policy was resolved at `MapConfig::generation` `generation`.
     #[inline(always)]
     pub fn is_current(&self, generation: u32) -> bool {
         self.generation_tag() == generation_tag(generation)
@@ -306,14 +306,14 @@ pub struct CheckReply {
     pub _pad: u32,
 }
 
-/// `Config::flags`: adaptive windows are on; the fast path reports newly active clients to the
+/// `MapConfig::flags`: adaptive windows are on; the fast path reports newly active clients to the
 /// agent through `ACTIVE`.
 pub const CONFIG_ADAPTIVE: u32 = 1;
 
 /// The single entry of the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
+pub struct MapConfig {
     /// Bumped by the agent on every policy change; clients re-resolve lazily.
     pub generation: u32,
     /// `MODE_ENFORCE` or `MODE_DRY_RUN`.
@@ -380,7 +380,7 @@ pub struct AdaptSlot {
     pub limit: u32,
     /// Effective window `W`, µs.
     pub window_us: u32,
-    /// `Config::generation` the agent computed this for; another one makes it `ADAPT_STALE`.
+    /// `MapConfig::generation` the agent computed this for; another one makes it `ADAPT_STALE`.
     pub generation: u32,
     /// `ADAPT_*` request bits.
     pub flags: u32,
@@ -469,7 +469,7 @@ impl GlobalStats {
 
 const _: () = assert!(size_of::<Policy>() == 12);
 const _: () = assert!(size_of::<ClientState>() == 40);
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<MapConfig>() == 16);
 const _: () = assert!(size_of::<AdaptSlot>() == 40);
 const _: () = assert!(size_of::<AdaptiveStatus>() == 24);
 const _: () = assert!(size_of::<GlobalStats>() == 64);
@@ -484,8 +484,8 @@ mod pod {
     unsafe impl aya::Pod for super::Policy {}
     // SAFETY: `ClientState` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::ClientState {}
-    // SAFETY: `Config` is repr(C) integers without padding (see above).
-    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: `MapConfig` is repr(C) integers without padding (see above).
+    unsafe impl aya::Pod for super::MapConfig {}
     // SAFETY: `GlobalStats` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::GlobalStats {}
     // SAFETY: `CheckRequest` is repr(C) integers without padding (see above).

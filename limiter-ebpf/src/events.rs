@@ -1,5 +1,5 @@
 //! Rare kernel-side events, logged through aya-log: the agent forwards the records into its own
-//! `tracing` log (`limiter_user::kernel_log`).
+//! `tracing` log (`limiter_user::datapath::kernel_log`).
 //!
 //! Only the fast path (`limiter`) logs: each call sits in a branch that only a full client map
 //! or a client contended past its compare-and-swap retries reaches, and these counted events are

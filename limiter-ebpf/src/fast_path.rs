@@ -29,7 +29,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, Config, GlobalStats, Policy,
+    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
+    Policy,
     addr::{ClientKey, PolicyKey, policy_key},
     maps::{
         ACTION_DROP, ACTION_LIMIT, ACTION_PASS, ACTIVE_RING_BYTES, ADAPT_APPLIED, ADAPT_BATCH,
@@ -74,7 +75,7 @@ static NAMED: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(
 static NAMED_STATIC: HashMap<ClientKey, ClientState> = HashMap::with_max_entries(1 << 16, 0);
 
 #[map]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+static CONFIG: Array<MapConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
@@ -171,7 +172,7 @@ pub(crate) fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Opt
 #[inline(always)]
 fn client_entry(
     key: &ClientKey,
-    config: &Config,
+    config: &MapConfig,
     stats: &mut GlobalStats,
     run: Run,
 ) -> Option<*mut ClientState> {
@@ -265,7 +266,7 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
 fn check_one(
     request: &CheckRequest,
     reply: *mut CheckReply,
-    config: &Config,
+    config: &MapConfig,
     counted: &mut GlobalStats,
 ) -> Option<()> {
     let mut verdict = 0;
@@ -416,7 +417,7 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
 /// exchange replaces is folded into `passed`. A packet never decides on the new slots with the
 /// old window: `admit` reads the window after the slots, on every attempt.
 #[inline(always)]
-fn adapt_one(request: &AdaptSlot, config: &Config, counted: &mut GlobalStats) -> u32 {
+fn adapt_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats) -> u32 {
     let Some(state) = CLIENTS
         .get_ptr_mut(&request.key)
         .or_else(|| STATIC_CLIENTS.get_ptr_mut(&request.key))
@@ -632,7 +633,7 @@ fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
 
 /// Admits or denies one packet for `key`, counting it in the client's entry.
 #[inline(always)]
-fn decide_client(key: &ClientKey, config: &Config, stats: &mut GlobalStats) -> bool {
+fn decide_client(key: &ClientKey, config: &MapConfig, stats: &mut GlobalStats) -> bool {
     let Some(state) = client_entry(key, config, stats, Run::Packet) else {
         return true;
     };
@@ -679,7 +680,7 @@ unsafe fn report(key: &ClientKey, state: *mut ClientState) {
 unsafe fn refresh_policy(
     state: *mut ClientState,
     key: &ClientKey,
-    config: &Config,
+    config: &MapConfig,
     stats: &mut GlobalStats,
 ) {
     // SAFETY: `state` points at a live map value (the function's contract), which `set_policy`

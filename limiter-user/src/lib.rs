@@ -19,3 +19,18 @@ pub mod proto;
 pub mod snapshot;
 pub mod state_file;
 pub mod stats;
+
+/// `e` and its causes (its `source` chain), `: `-joined: how an error is shown where only a
+/// string goes (a gRPC status, a log line, a reason kept for later), so no cause is lost. The
+/// variants of the crate's error enums name their cause through `#[source]` and leave it out of
+/// their own message, so nothing is shown twice.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -36,15 +36,17 @@ pub enum LimitsError {
     NotFound(String),
     #[error("the default policy cannot be removed (the API has not set one); set it instead")]
     DeleteDefault,
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(PolicyError),
+    /// The overlay on disk cannot be used; `error` is why, as it was found (at start or at the
+    /// last SIGHUP), with its causes.
     #[error(
         "{error}; API changes are refused until it is fixed or removed and the agent reloaded (SIGHUP)"
     )]
     OverlayUnusable { error: String },
-    #[error("{0} (the change was not applied)")]
+    #[error("the change was not applied")]
     Overlay(#[source] OverlayError),
-    #[error("applying the policies to the maps: {0}")]
+    #[error("applying the policies to the maps")]
     Apply(#[from] DatapathError),
 }
 
@@ -73,21 +75,30 @@ impl Loaded {
     /// policies are in force.
     pub fn load(text: &str, overlay_path: &Path) -> Result<Loaded, MergeError> {
         let file = Config::parse(text).map_err(MergeError::File)?;
-        let (overlay, overlay_error) = match Overlay::load(overlay_path) {
+        let (mut overlay, mut overlay_error) = match Overlay::load(overlay_path) {
             Ok(overlay) => (overlay, None),
-            Err(e) => (Overlay::default(), Some(e.to_string())),
+            Err(e) => (Overlay::default(), Some(crate::error_chain(&e))),
         };
-        let (effective, overlay_error) = match overlay::merge(text, &overlay) {
-            Ok(effective) => (effective, overlay_error),
-            Err(MergeError::Effective(e)) => (
-                overlay::merge(text, &Overlay::default())?,
-                Some(format!(
-                    "the policy overlay {} does not fit over the config file: {e}",
-                    overlay_path.display()
-                )),
-            ),
+        // Removals of policies the file dropped while the agent was down go, as on a reload.
+        let stale = overlay.prune(&file);
+        let effective = match overlay::merge(text, &overlay) {
+            Ok(effective) => effective,
+            Err(MergeError::Effective(e)) => {
+                // The file's policies alone are in force, and API changes are refused until a
+                // SIGHUP finds an overlay that fits.
+                overlay_error = Some(format!(
+                    "the policy overlay {} does not fit over the config file: {}",
+                    overlay_path.display(),
+                    crate::error_chain(&e)
+                ));
+                overlay = Overlay::default();
+                overlay::merge(text, &overlay)?
+            }
             Err(e) => return Err(e),
         };
+        if overlay_error.is_none() && !stale.is_empty() {
+            store_pruned(&overlay, overlay_path);
+        }
         if let Some(error) = &overlay_error {
             tracing::error!("{error}; the config file's policies are in force");
         } else if !overlay.is_empty() {
@@ -106,6 +117,14 @@ impl Loaded {
             overlay_error,
             effective,
         })
+    }
+}
+
+/// Stores an overlay whose stale removals were pruned, best effort: a stale removal left on disk
+/// is inert, and pruned again at the next start or reload.
+fn store_pruned(overlay: &Overlay, path: &Path) {
+    if let Err(e) = overlay.store(path) {
+        tracing::warn!("{}", crate::error_chain(&e));
     }
 }
 
@@ -272,23 +291,19 @@ impl PolicyStore {
     /// Errors are logged and counted; the policies in force stay.
     pub fn reload_file(&self, force: bool) {
         let mut inner = self.lock();
+        // The overlay read on SIGHUP is taken up only with the file it is merged over: until
+        // then the one in force stays (and stays in step with the maps).
+        let mut disk_overlay = None;
         if force {
             inner.seen_hash = None;
             match Overlay::load(&inner.overlay_path) {
-                Ok(overlay) => {
-                    if inner.overlay_error.take().is_some() {
-                        tracing::info!(
-                            "the policy overlay {} is usable again",
-                            inner.overlay_path.display()
-                        );
-                    }
-                    inner.overlay = overlay;
-                }
+                Ok(overlay) => disk_overlay = Some(overlay),
                 Err(e) => {
+                    let error = crate::error_chain(&e);
                     tracing::error!(
-                        "{e}; the policies in force stay in force, and API changes are refused"
+                        "{error}; the policies in force stay in force, and API changes are refused"
                     );
-                    inner.overlay_error = Some(e.to_string());
+                    inner.overlay_error = Some(error);
                 }
             }
         }
@@ -324,15 +339,17 @@ impl PolicyStore {
             }
         };
         // Removals of policies the file no longer has are dropped (see `Overlay::prune`).
-        let mut overlay = inner.overlay.clone();
+        let taken_up = disk_overlay.is_some();
+        let mut overlay = disk_overlay.unwrap_or_else(|| inner.overlay.clone());
         let stale = overlay.prune(&file);
         let effective = match overlay::merge(&text, &overlay) {
             Ok(effective) => effective,
             Err(e) => {
                 self.counters.config_rejects.inc();
                 tracing::error!(
-                    "config {} rejected: {e}; the policies in force stay in force",
-                    inner.path.display()
+                    "config {} rejected: {}; the policies in force stay in force",
+                    inner.path.display(),
+                    crate::error_chain(&e)
                 );
                 return;
             }
@@ -342,13 +359,16 @@ impl PolicyStore {
                 self.counters.config_reloads.inc();
                 inner.file_text = text;
                 inner.file = file;
-                if !stale.is_empty() && inner.overlay_error.is_none() {
-                    // Best effort: a stale removal kept on disk is inert.
-                    match overlay.store(&inner.overlay_path) {
-                        Ok(()) => inner.overlay = overlay,
-                        Err(e) => tracing::warn!("{e}"),
-                    }
+                if taken_up && inner.overlay_error.take().is_some() {
+                    tracing::info!(
+                        "the policy overlay {} is usable again",
+                        inner.overlay_path.display()
+                    );
                 }
+                if !stale.is_empty() && inner.overlay_error.is_none() {
+                    store_pruned(&overlay, &inner.overlay_path);
+                }
+                inner.overlay = overlay;
                 tracing::info!(
                     changes = changes.len(),
                     "config reloaded from {}",
@@ -357,7 +377,11 @@ impl PolicyStore {
             }
             Err(e) => {
                 self.counters.config_rejects.inc();
-                tracing::error!("applying {}: {e}", inner.path.display());
+                tracing::error!(
+                    "applying {}: {}",
+                    inner.path.display(),
+                    crate::error_chain(&e)
+                );
             }
         }
     }
@@ -557,6 +581,64 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh directory for one test's overlay.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "limiter-limits-{name}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const FILE: &str = "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n";
+
+    #[test]
+    fn an_invalid_file_at_start_is_reported_once_by_its_own_message() {
+        let dir = scratch("invalid");
+        let e = Loaded::load("default: { limit: -1 }\n", &dir.join("lo.overlay.yaml"))
+            .err()
+            .unwrap();
+        let shown = crate::error_chain(&e);
+        let problem = Config::parse("default: { limit: -1 }\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(shown, format!("the config file is invalid: {problem}"));
+    }
+
+    #[test]
+    fn a_corrupt_overlay_at_start_leaves_the_file_in_force_and_names_why() {
+        let dir = scratch("corrupt");
+        let path = dir.join("lo.overlay.yaml");
+        std::fs::write(&path, "version: [\n").unwrap();
+        let loaded = Loaded::load(FILE, &path).unwrap();
+        assert_eq!(loaded.effective.config, config(FILE));
+        assert!(loaded.overlay.is_empty());
+        let error = loaded.overlay_error.unwrap();
+        assert!(error.contains("is corrupt"), "{error}");
+        // Nothing was written over it.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "version: [\n");
+    }
+
+    #[test]
+    fn removals_of_policies_the_file_dropped_are_pruned_at_start() {
+        let dir = scratch("prune");
+        let path = dir.join("lo.overlay.yaml");
+        let m: Match = "10.0.0.0/8".parse().unwrap();
+        let mut overlay = Overlay::default();
+        overlay.remove_policy(&m, &config(FILE)).unwrap();
+        overlay.store(&path).unwrap();
+        // While the agent was down, the file dropped the policy the API had removed.
+        let file = "default: { limit: 10, window: 1s }\n";
+        let loaded = Loaded::load(file, &path).unwrap();
+        assert!(loaded.overlay.removed.is_empty());
+        assert!(Overlay::load(&path).unwrap().removed.is_empty(), "stored");
+        // So the policy, written back into the file later, is in force again.
+        let again = Loaded::load(FILE, &path).unwrap();
+        assert_eq!(again.effective.config, config(FILE));
+    }
 
     fn config(yaml: &str) -> Config {
         Config::parse(yaml).expect("valid config")

@@ -927,7 +927,7 @@ fn the_periodic_refresh_keeps_an_idle_client_from_aliasing_an_old_policy() -> Re
     // Jumps the generation to just before `next`, as that many reloads that did not touch the
     // client would (no refresh is due before `next`).
     let jump = |lim: &mut Limiter, next: u32| -> Result<()> {
-        let config = limiter_common::Config {
+        let config = limiter_common::MapConfig {
             generation: next - 1,
             ..lim.tables.map_config()?
         };

@@ -78,6 +78,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     datapath::check_environment()?;
+    // The kernel features the program and the agent need; not for `limiter detach`, which must
+    // clean up on any kernel.
+    datapath::kernel::check().map_err(datapath::DatapathError::from)?;
     datapath::if_index(&opts.iface)?;
     let text = std::fs::read_to_string(&opts.config)
         .with_context(|| format!("reading config {}", opts.config.display()))?;

@@ -12,13 +12,16 @@ use crate::{
     proto::{self},
 };
 
+/// The status of a failed policy change; its message carries the whole cause chain (an overlay
+/// that cannot be written names the I/O error).
 pub(super) fn status_of(e: &LimitsError) -> Status {
+    let message = crate::error_chain(e);
     match e {
-        LimitsError::NotFound(_) => Status::not_found(e.to_string()),
-        LimitsError::DeleteDefault => Status::failed_precondition(e.to_string()),
-        LimitsError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        LimitsError::OverlayUnusable { .. } => Status::failed_precondition(e.to_string()),
-        LimitsError::Overlay(_) | LimitsError::Apply(_) => Status::internal(e.to_string()),
+        LimitsError::NotFound(_) => Status::not_found(message),
+        LimitsError::DeleteDefault => Status::failed_precondition(message),
+        LimitsError::Invalid(_) => Status::invalid_argument(message),
+        LimitsError::OverlayUnusable { .. } => Status::failed_precondition(message),
+        LimitsError::Overlay(_) | LimitsError::Apply(_) => Status::internal(message),
     }
 }
 
@@ -148,6 +151,28 @@ mod tests {
     use crate::config::Config;
 
     use super::*;
+
+    #[test]
+    fn an_overlay_that_cannot_be_written_answers_internal_naming_the_os_error() {
+        let blocker = std::env::temp_dir().join(format!("limiter-convert-{}", std::process::id()));
+        std::fs::write(&blocker, "a file where the state directory should be").unwrap();
+        let error = crate::config::overlay::Overlay::default()
+            .store(&blocker.join("lo.overlay.yaml"))
+            .unwrap_err();
+        let status = status_of(&LimitsError::Overlay(error));
+        std::fs::remove_file(&blocker).unwrap();
+        assert_eq!(status.code(), Code::Internal);
+        let message = status.message();
+        assert!(
+            message.starts_with("the change was not applied: "),
+            "{message}"
+        );
+        assert!(message.contains("lo.overlay.yaml"), "{message}");
+        assert!(
+            message.contains("(os error "),
+            "the cause is named: {message}"
+        );
+    }
 
     fn policy(
         m: &str,

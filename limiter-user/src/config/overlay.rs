@@ -78,15 +78,13 @@ pub enum OverlayError {
     },
     #[error("no policy matches {0}")]
     NotFound(String),
-    #[error("the default policy cannot be removed (the API has not set one); set it instead")]
-    DeleteDefault,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
-    #[error("the config file is invalid: {0}")]
+    #[error("the config file is invalid")]
     File(#[source] PolicyError),
-    #[error("the config file with the policy overlay merged over it is invalid: {0}")]
+    #[error("the config file with the policy overlay merged over it is invalid")]
     Effective(#[source] PolicyError),
 }
 
@@ -889,7 +887,8 @@ adaptive: { enabled: true, period: 250ms }
     fn an_invalid_file_or_merge_is_an_error() {
         let e = merge("default: { limit: 1 }\n", &Overlay::default()).unwrap_err();
         assert!(matches!(e, MergeError::File(_)), "{e:?}");
-        assert!(e.to_string().contains("`window` is required"), "{e}");
+        let shown = crate::error_chain(&e);
+        assert!(shown.contains("`window` is required"), "{shown}");
         // The file at the most policies there may be, and the overlay adds one.
         let mut text = String::from("default: { limit: 1, window: 1s }\npolicies:\n");
         for i in 0..config::MAX_POLICIES {

@@ -107,6 +107,9 @@ impl TestRunFrame {
             ));
         }
         for (i, request) in requests.iter().enumerate() {
+            // A slot starts zeroed, so an answer the program did not write reads as none (the
+            // frame is reused: it would otherwise hold the answer of an earlier run).
+            self.frame[offset + i * slot_len..offset + (i + 1) * slot_len].fill(0);
             // SAFETY: `In` is `Pod` (plain bytes, any alignment via `write_unaligned`), and the
             // check above keeps slot `i` (< batch) of `slot_len >= size_of::<In>()` bytes inside
             // the buffer of `offset + batch * slot_len` bytes.

@@ -46,7 +46,6 @@ pub fn check_environment() -> Result<(), DatapathError> {
     }) {
         return Err(DatapathError::BpffsNotMounted);
     }
-    super::kernel::check()?;
     Ok(())
 }
 

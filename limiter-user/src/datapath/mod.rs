@@ -30,7 +30,7 @@ use aya::{
     programs::ProgramError,
 };
 use limiter_common::{
-    AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy, addr::PolicyKey,
+    AdaptiveStatus, ClientState, GlobalStats, MapConfig, Policy, addr::PolicyKey,
 };
 /// Where each interface's maps are pinned: `/sys/fs/bpf/limiter/IFACE/`.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/limiter";

@@ -16,7 +16,7 @@ use aya::{
     },
 };
 use limiter_common::{
-    AdaptSlot, AdaptiveStatus, ClientState, Config as MapConfig, GlobalStats, Policy,
+    AdaptSlot, AdaptiveStatus, ClientState, GlobalStats, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
         ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC,

@@ -8,7 +8,8 @@
 //! - the kernel's figures (the per-CPU global counters, resident clients, the policy generation,
 //!   the adaptive status), read from the BPF maps when the scrape arrives by a custom collector
 //!   ([`collector`]) through one seam, [`KernelSource`], so they are exact and cost nothing
-//!   between scrapes.
+//!   between scrapes; only the resident clients, which take a walk of the client maps, are
+//!   counted at most once per [`RESIDENT_MAX_AGE`].
 //!
 //! [`server`] answers HTTP.
 

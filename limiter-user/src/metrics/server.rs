@@ -1,7 +1,7 @@
 //! The HTTP side of `GET /metrics`: a bare hyper 1 HTTP/1.1 server rather than a framework: one
 //! route, no body to read, and hyper is already in the build through tonic. It is meant for a
 //! scraper on a trusted network, but it bounds what a flood of connections can cost the agent: at
-//! most [`Limits::max_connections`] at once, each closed when it does not send a complete request
+//! most [`Bounds::max_connections`] at once, each closed when it does not send a complete request
 //! head in time (also between keep-alive requests) and recycled after a maximum age.
 
 use std::{
@@ -33,7 +33,7 @@ const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// Bounds on what the server's clients can cost the agent.
 #[derive(Clone, Copy, Debug)]
-struct Limits {
+struct Bounds {
     /// Connections served at once. Beyond it the server stops accepting, and further
     /// connections wait in the kernel's accept queue (then its SYN backlog) until one closes, so
     /// a flood costs queue slots rather than tasks and memory. A scraper needs one; 64 leaves
@@ -53,9 +53,9 @@ struct Limits {
     shutdown_grace: Duration,
 }
 
-impl Limits {
+impl Bounds {
     /// The limits `serve` runs with.
-    const AGENT: Limits = Limits {
+    const AGENT: Bounds = Bounds {
         max_connections: 64,
         header_read_timeout: Duration::from_secs(10),
         max_connection_age: Duration::from_secs(300),
@@ -82,7 +82,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Answers: 200 with the exposition on `GET /metrics` (any query string ignored), 404 on any
 /// other path, 405 (with `Allow: GET`) on another method to `/metrics`.
 ///
-/// HTTP/1.1 via hyper, each connection in its own task, with the limits of [`Limits::AGENT`]:
+/// HTTP/1.1 via hyper, each connection in its own task, with the limits of [`Bounds::AGENT`]:
 /// at most 64 connections at once, 10 s to send a request head, connections recycled after
 /// 5 minutes. When `shutdown` resolves the listener is closed at once, connections finish the
 /// request in flight (up to 5 s) and are closed, and `serve` returns `Ok(())`.
@@ -96,7 +96,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     serve_with(
-        Limits::AGENT,
+        Bounds::AGENT,
         listener,
         Arc::new(Endpoint { exporter }),
         shutdown,
@@ -171,7 +171,7 @@ fn respond_with(
 
 /// [`serve`] with explicit limits (tests use small ones).
 async fn serve_with(
-    limits: Limits,
+    limits: Bounds,
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: impl Future<Output = ()>,
@@ -293,7 +293,7 @@ async fn connection(
     peer: SocketAddr,
     endpoint: Arc<Endpoint>,
     mut stop: watch::Receiver<bool>,
-    limits: Limits,
+    limits: Bounds,
 ) {
     let service = service_fn(move |request| {
         let endpoint = Arc::clone(&endpoint);
@@ -390,7 +390,7 @@ mod tests {
     }
 
     impl Server {
-        async fn start<F>(limits: Limits, counters: Arc<Counters>, figures: F) -> Server
+        async fn start<F>(limits: Bounds, counters: Arc<Counters>, figures: F) -> Server
         where
             F: Fn() -> anyhow::Result<Figures> + Send + Sync + 'static,
         {
@@ -515,8 +515,8 @@ mod tests {
         raw
     }
 
-    fn test_limits() -> Limits {
-        Limits {
+    fn test_limits() -> Bounds {
+        Bounds {
             max_connections: 8,
             // Far longer than the hang guard: a test that means neither to happen fails on the
             // guard rather than passing late through the other.
@@ -687,7 +687,7 @@ mod tests {
 
     #[tokio::test]
     async fn header_read_timeout_closes_slow_and_idle_connections() {
-        let limits = Limits {
+        let limits = Bounds {
             header_read_timeout: Duration::from_millis(200),
             ..test_limits()
         };
@@ -717,7 +717,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_connection_age_closes_keep_alive_connections() {
-        let limits = Limits {
+        let limits = Bounds {
             max_connection_age: Duration::from_millis(200),
             ..test_limits()
         };
@@ -745,7 +745,7 @@ mod tests {
     /// the `connections.len() < limits.max_connections` guard on `accept` is what enforces it.
     #[tokio::test]
     async fn connection_cap_serves_in_turn() {
-        let limits = Limits {
+        let limits = Bounds {
             max_connections: 1,
             ..test_limits()
         };
