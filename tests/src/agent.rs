@@ -347,20 +347,7 @@ impl Agent {
         let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             bail!("the agent is not running");
         };
-        // SAFETY: signalling our own, not yet reaped, child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                eprintln!("warning: the agent ignored SIGTERM for 5 s; killing it");
-                let _ = child.kill();
-                break child.wait()?;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = crate::command::terminate(&mut child, Duration::from_secs(5))?;
         self.unregister(child.id());
         *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         Ok(status)

@@ -3,12 +3,33 @@
 
 use std::{
     io::Read as _,
-    process::{Command, Output, Stdio},
+    process::{Command, ExitStatus, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+/// Sends SIGTERM to `child` and waits for it to exit, killing it after `grace`.
+pub fn terminate(child: &mut std::process::Child, grace: Duration) -> Result<ExitStatus> {
+    // SAFETY: signalling our own child, not yet reaped (the caller holds it).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "warning: pid {} ignored SIGTERM for {grace:?}; killing it",
+                child.id()
+            );
+            let _ = child.kill();
+            return Ok(child.wait()?);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// Runs `command` to completion, killing it after `timeout`; captures stdout and stderr.
 pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Result<Output> {
@@ -59,8 +80,13 @@ pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Result<Outp
 
 /// Runs `command` (10 s timeout) and fails, with its stderr, unless it succeeds.
 pub fn run_ok(command: &mut Command) -> Result<String> {
+    run_ok_within(command, Duration::from_secs(10))
+}
+
+/// Runs `command` within `timeout` and fails, with its stderr, unless it succeeds; its stdout.
+pub fn run_ok_within(command: &mut Command, timeout: Duration) -> Result<String> {
     let line = describe(command);
-    let output = run_with_timeout(command, Duration::from_secs(10))?;
+    let output = run_with_timeout(command, timeout)?;
     if !output.status.success() {
         bail!(
             "`{line}` failed ({}): {}",

@@ -315,20 +315,7 @@ impl Daemon {
             return Ok(status);
         }
         let mut child = self.child.take().expect("a running agent");
-        // SAFETY: signalling our own, not yet reaped, child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                eprintln!("warning: the agent ignored SIGTERM for 10 s; killing it");
-                let _ = child.kill();
-                break child.wait()?;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = limiter_tests::command::terminate(&mut child, Duration::from_secs(10))?;
         self.exit = Some(status);
         Ok(status)
     }

@@ -1,19 +1,27 @@
 //! Locating config errors in the file's text: serde_yaml places some errors at the enclosing
-//! mapping, and the validation after parsing has no positions at all; these text searches point
-//! at the line of the field (never used to decide validity).
+//! mapping, and the validation after parsing has no positions at all. A second parse of the text
+//! into YAML events by yaml-rust2, which keeps a position per event, maps the path of every key to
+//! its line ([`KeyLines`]); it only ever points at a line, never decides validity.
+
+use std::collections::HashMap;
+
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
 
 use super::{AdaptiveError, LineHint, PolicyError};
 
 /// An `adaptive` knob out of range, as `adaptive.<field> (line N): must be ..., got ...`, at
 /// the line of the key if it is written, else of the nearest enclosing key that is (a knob
 /// left at its default can break a constraint relative to another one).
-pub(super) fn adaptive_error(e: &AdaptiveError, text: &str) -> PolicyError {
+pub(super) fn adaptive_error(e: &AdaptiveError, lines: &KeyLines) -> PolicyError {
     let path: Vec<&str> = std::iter::once("adaptive")
         .chain(e.field.split('.'))
         .collect();
     let line = (1..=path.len())
         .rev()
-        .find_map(|n| line_of_path(text, &path[..n]));
+        .find_map(|n| lines.line(&path[..n].join(".")));
     PolicyError::Invalid {
         field: format!("adaptive.{}", e.field),
         line: LineHint(line),
@@ -24,7 +32,7 @@ pub(super) fn adaptive_error(e: &AdaptiveError, text: &str) -> PolicyError {
 /// serde_yaml places an error raised while parsing a value (a bad `window` or `match`) at the
 /// start of the enclosing mapping; this moves it to the line of the field itself and names the
 /// field in the path (`policies[0].window (line 6): ...`).
-pub(super) fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyError {
+pub(super) fn locate_value_error(e: serde_yaml::Error, lines: &KeyLines) -> PolicyError {
     let (message, Some(location)) = (e.to_string(), e.location()) else {
         return PolicyError::Yaml(e);
     };
@@ -39,7 +47,7 @@ pub(super) fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyErro
             .map_or(detail, |end| &detail[..end]);
         return PolicyError::Invalid {
             field: "adaptive.period".into(),
-            line: LineHint(line_of_path(text, &["adaptive", "period"]).or(Some(location.line()))),
+            line: LineHint(lines.line("adaptive.period").or(Some(location.line()))),
             message: detail.to_string(),
         };
     }
@@ -53,18 +61,12 @@ pub(super) fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyErro
         let detail = detail
             .rfind(" at line ")
             .map_or(detail, |end| &detail[..end]);
-        let needle = format!("{key}:");
-        let line = text
-            .lines()
-            .enumerate()
-            .skip(location.line().saturating_sub(1))
-            .find(|(_, l)| l.split('#').next().unwrap_or("").contains(&needle))
-            .map_or(location.line(), |(i, _)| i + 1);
         let field = if path.is_empty() {
             key.to_string()
         } else {
             format!("{path}.{key}")
         };
+        let line = lines.line(&field).unwrap_or(location.line());
         return PolicyError::Invalid {
             field,
             line: LineHint(Some(line)),
@@ -74,81 +76,106 @@ pub(super) fn locate_value_error(e: serde_yaml::Error, text: &str) -> PolicyErro
     PolicyError::Yaml(e)
 }
 
-/// 1-based lines of each `match:` key, in order (policies are matched to them by position).
-pub(super) fn match_lines(text: &str) -> Vec<usize> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| {
-            let code = l.split('#').next().unwrap_or("");
-            code.contains("match:")
-        })
-        .map(|(i, _)| i + 1)
-        .collect()
-}
+/// The 1-based line of every mapping key of a YAML document, by its path: `default`,
+/// `adaptive.load.high`, `policies[0].match` (a key that is itself a collection, never used in a
+/// config, is `?`). Empty when the text is not YAML; serde_yaml then says why.
+#[derive(Debug, Default)]
+pub(super) struct KeyLines(HashMap<String, usize>);
 
-pub(super) fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let prefix = format!("{key}:");
-    text.lines()
-        .position(|l| l.starts_with(&prefix))
-        .map(|i| i + 1)
-}
-
-/// `line` without its comment (a `#` at its start or after whitespace).
-pub(super) fn strip_comment(line: &str) -> &str {
-    let bytes = line.as_bytes();
-    let end = (0..bytes.len())
-        .find(|&i| bytes[i] == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()))
-        .unwrap_or(bytes.len());
-    &line[..end]
-}
-
-/// 1-based line of the key at `path` (`["adaptive", "load", "high"]`): a top-level key, then
-/// each next key inside the value of the one before, in block or flow style. The value of a key
-/// at column `c` is the rest of its line plus the following lines indented deeper than `c`.
-/// A text search, not a parse: good enough to point at a line, never used to decide validity.
-pub(super) fn line_of_path(text: &str, path: &[&str]) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().map(strip_comment).collect();
-    let (first, rest) = path.split_first()?;
-    let mut line = line_of_key(text, first)? - 1;
-    let (mut column, mut value_from) = (0, first.len() + 1);
-    for key in rest {
-        let region = std::iter::once((line, value_from)).chain(
-            (line + 1..lines.len())
-                .take_while(|&l| {
-                    let code = lines[l];
-                    code.trim().is_empty() || code.len() - code.trim_start().len() > column
-                })
-                .map(|l| (l, 0)),
-        );
-        let (l, at, end) = region
-            .filter_map(|(l, from)| find_key(lines[l], from, key).map(|(at, end)| (l, at, end)))
-            .next()?;
-        (line, column, value_from) = (l, at, end);
-    }
-    Some(line + 1)
-}
-
-/// The first `key:` (plain or quoted) in `code` at or after byte `from`, as a mapping key:
-/// preceded by the line start, whitespace, `{` or `,`, and followed by `:` and whitespace, `}`,
-/// `,` or the line end. Returns the key's start and the byte after its `:`.
-pub(super) fn find_key(code: &str, from: usize, key: &str) -> Option<(usize, usize)> {
-    let bytes = code.as_bytes();
-    for quote in ["", "\"", "'"] {
-        let needle = format!("{quote}{key}{quote}");
-        let mut search = from;
-        while let Some(found) = code.get(search..)?.find(&needle) {
-            let at = search + found;
-            search = at + 1;
-            let before_ok = at == 0 || matches!(bytes[at - 1], b' ' | b'\t' | b'{' | b',' | b'-');
-            let after = code[at + needle.len()..].trim_start_matches([' ', '\t']);
-            let colon_ok = after
-                .strip_prefix(':')
-                .is_some_and(|v| v.is_empty() || v.starts_with([' ', '\t', '}', ',']));
-            if before_ok && colon_ok {
-                let end = code.len() - after.len() + 1;
-                return Some((at, end));
-            }
+impl KeyLines {
+    pub(super) fn of(text: &str) -> KeyLines {
+        let mut walk = Walk::default();
+        match Parser::new_from_str(text).load(&mut walk, false) {
+            Ok(()) => KeyLines(walk.lines),
+            Err(_) => KeyLines::default(),
         }
     }
-    None
+
+    /// The line of the key at `path`, if it is written.
+    pub(super) fn line(&self, path: &str) -> Option<usize> {
+        self.0.get(path).copied()
+    }
+}
+
+/// A collection being walked, with the path of its own value.
+enum Open {
+    /// `key` is the key whose value comes next; `None` while a key is awaited.
+    Mapping { path: String, key: Option<String> },
+    /// `index` is the index of the next entry.
+    Sequence { path: String, index: usize },
+}
+
+/// Records the line of each key as the parser's events go by.
+#[derive(Default)]
+struct Walk {
+    open: Vec<Open>,
+    lines: HashMap<String, usize>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl Walk {
+    /// A node (scalar, alias or collection) ended inside the innermost collection: it was a key
+    /// (`key` names it) or a value.
+    fn node_done(&mut self, key: impl FnOnce() -> String) {
+        match self.open.last_mut() {
+            Some(Open::Mapping {
+                key: next @ None, ..
+            }) => *next = Some(key()),
+            Some(Open::Mapping { key: next, .. }) => *next = None,
+            Some(Open::Sequence { index, .. }) => *index += 1,
+            None => {}
+        }
+    }
+
+    /// The path of a collection starting inside the innermost one.
+    fn child_path(&self) -> String {
+        match self.open.last() {
+            None => String::new(),
+            Some(Open::Mapping {
+                path,
+                key: Some(key),
+            }) => join(path, key),
+            Some(Open::Mapping { path, key: None }) => join(path, "?"),
+            Some(Open::Sequence { path, index }) => format!("{path}[{index}]"),
+        }
+    }
+}
+
+impl MarkedEventReceiver for Walk {
+    fn on_event(&mut self, event: Event, mark: Marker) {
+        match event {
+            Event::Scalar(value, ..) => {
+                if let Some(Open::Mapping { path, key: None }) = self.open.last() {
+                    let at = join(path, &value);
+                    self.lines.entry(at).or_insert(mark.line());
+                }
+                self.node_done(|| value);
+            }
+            Event::Alias(_) => self.node_done(|| "*".to_owned()),
+            Event::MappingStart(..) => {
+                let path = self.child_path();
+                self.open.push(Open::Mapping { path, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.child_path();
+                self.open.push(Open::Sequence { path, index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.open.pop();
+                self.node_done(|| "?".to_owned());
+            }
+            Event::Nothing
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart
+            | Event::DocumentEnd => {}
+        }
+    }
 }

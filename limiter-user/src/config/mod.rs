@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, de};
 pub use self::adaptive::{
     AdaptiveConfig, AdaptiveError, DEFAULT_PERIOD_US, LoadBands, MAX_PERIOD_US, MIN_PERIOD_US,
 };
-use self::locate::{adaptive_error, line_of_key, locate_value_error, match_lines};
+use self::locate::{KeyLines, adaptive_error, locate_value_error};
 
 /// Most policies one config may hold: a client entry stores its policy's id in 15 bits
 /// (`limiter_common::maps::MAX_POLICY_ID`; the `POLICIES` trie has room for these plus
@@ -462,22 +462,19 @@ impl Config {
     /// `adaptive` section holds the [`AdaptiveConfig`] knobs; it is validated even when
     /// `enabled: false`, so a bad knob is caught before it is switched on.
     pub fn parse(text: &str) -> Result<Config, PolicyError> {
-        let file: File = serde_yaml::from_str(text).map_err(|e| locate_value_error(e, text))?;
+        let file: Result<File, _> = serde_yaml::from_str(text);
+        // Positions only for a file with something to point at: the common valid file pays
+        // nothing more than its validation.
+        let positions = std::cell::OnceCell::new();
+        let lines = || positions.get_or_init(|| KeyLines::of(text));
+        let file = file.map_err(|e| locate_value_error(e, lines()))?;
         file.adaptive
             .validate()
-            .map_err(|e| adaptive_error(&e, text))?;
-        let match_lines = match_lines(text);
-        let line_of = |i: usize| {
-            LineHint(
-                match_lines
-                    .get(i)
-                    .copied()
-                    .filter(|_| match_lines.len() == file.policies.len()),
-            )
-        };
+            .map_err(|e| adaptive_error(&e, lines()))?;
+        let line_of = |i: usize| LineHint(lines().line(&format!("policies[{i}].match")));
         let default_invalid = |message| PolicyError::Invalid {
             field: "default".into(),
-            line: LineHint(line_of_key(text, "default")),
+            line: LineHint(lines().line("default")),
             message,
         };
         let default = file

@@ -3,10 +3,7 @@ use limiter_common::{
     maps::ACTION_PASS,
 };
 
-use super::{
-    locate::{find_key, line_of_path},
-    *,
-};
+use super::{locate::KeyLines, *};
 
 const EXAMPLE: &str = "\
 mode: enforce            # or dry-run
@@ -540,20 +537,28 @@ fn policy_base_is_the_configured_limit() {
 #[test]
 fn key_lines_are_found_in_block_and_flow_style() {
     let text = "default: { limit: 1, window: 1s }\nadaptive:   # knobs\n  # load: here\n  step: 2\n  load:\n\n    low: 0.1\n    high: 0.2\n  'alpha' : 0.5\nmode: enforce\n";
-    assert_eq!(line_of_path(text, &["adaptive"]), Some(2));
-    assert_eq!(line_of_path(text, &["adaptive", "step"]), Some(4));
-    assert_eq!(line_of_path(text, &["adaptive", "load"]), Some(5));
-    assert_eq!(line_of_path(text, &["adaptive", "load", "high"]), Some(8));
-    assert_eq!(line_of_path(text, &["adaptive", "alpha"]), Some(9));
-    assert_eq!(line_of_path(text, &["adaptive", "mode"]), None);
-    assert_eq!(line_of_path(text, &["adaptive", "dwell"]), None);
-    let text = "adaptive: { min_scale_x: 1, min_scale: 0.5, load: {high: 0.2} }\n";
-    assert_eq!(line_of_path(text, &["adaptive", "min_scale"]), Some(1));
-    assert_eq!(line_of_path(text, &["adaptive", "load", "high"]), Some(1));
-    assert_eq!(
-        find_key("a: { min_scale_x: 1, min_scale: 0.5 }", 0, "min_scale"),
-        Some((21, 31))
-    );
+    let lines = KeyLines::of(text);
+    assert_eq!(lines.line("default"), Some(1));
+    assert_eq!(lines.line("default.window"), Some(1));
+    assert_eq!(lines.line("adaptive"), Some(2));
+    assert_eq!(lines.line("adaptive.step"), Some(4));
+    assert_eq!(lines.line("adaptive.load"), Some(5));
+    assert_eq!(lines.line("adaptive.load.high"), Some(8));
+    assert_eq!(lines.line("adaptive.alpha"), Some(9));
+    assert_eq!(lines.line("adaptive.mode"), None);
+    assert_eq!(lines.line("adaptive.dwell"), None);
+    let lines = KeyLines::of("adaptive: { min_scale_x: 1, min_scale: 0.5, load: {high: 0.2} }\n");
+    assert_eq!(lines.line("adaptive.min_scale"), Some(1));
+    assert_eq!(lines.line("adaptive.load.high"), Some(1));
+    // Policies by index, whatever the style; a `match:` in a comment or a string is no key.
+    let text = "policies:\n  # match: commented out\n  - { match: a, action: pass }\n  - note: \"match: x\"\n    match: b\n    action: drop\n  -\n    match: c\n";
+    let lines = KeyLines::of(text);
+    assert_eq!(lines.line("policies[0].match"), Some(3));
+    assert_eq!(lines.line("policies[1].match"), Some(5));
+    assert_eq!(lines.line("policies[2].match"), Some(8));
+    assert_eq!(lines.line("policies[3].match"), None);
+    // Not YAML: nothing to point at.
+    assert_eq!(KeyLines::of("a: [\n").line("a"), None);
 }
 
 #[test]

@@ -167,16 +167,7 @@ impl Drop for TempDir {
 
 /// Runs `command` to completion within `timeout`; its stdout, or an error with its stderr.
 pub(super) fn output_of(command: &mut Command, timeout: Duration) -> Result<String> {
-    let line = describe(command);
-    let output = crate::command::run_with_timeout(command, timeout)?;
-    if !output.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    crate::command::run_ok_within(command, timeout)
 }
 
 /// 32 hex digits from /dev/urandom: the agent's API token for this run.

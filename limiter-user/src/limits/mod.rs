@@ -8,10 +8,22 @@
 //! disagree. An overlay that cannot be read (corrupt, or of a newer version) leaves the file's
 //! policies (or, on a reload, the ones in force) in force, and API changes are refused until it is
 //! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten.
+//!
+//! [`PolicyStore`] is the store, the lock around the maps and the file watcher's reload; what
+//! a change is lives in [`change`], and the policies an agent starts with in [`loaded`].
+
+mod change;
+mod loaded;
+
+use self::loaded::store_pruned;
+pub use self::{
+    change::{Change, ChangeKind, Selector, Source, diff},
+    loaded::Loaded,
+};
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -20,7 +32,7 @@ use tokio::sync::broadcast;
 use crate::{
     check::Checker,
     config::{
-        Config, Match, PolicyError, Resolved,
+        Config, PolicyError, Resolved,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
     },
     datapath::{DatapathError, Tables},
@@ -56,136 +68,6 @@ impl From<MergeError> for LimitsError {
             MergeError::File(e) | MergeError::Effective(e) => LimitsError::Invalid(e),
         }
     }
-}
-
-/// The policies an agent starts with: the config file's, with the overlay merged over it.
-pub struct Loaded {
-    pub file_text: String,
-    pub file: Config,
-    pub overlay_path: PathBuf,
-    pub overlay: Overlay,
-    /// Why the overlay is not in force, if it is not.
-    pub overlay_error: Option<String>,
-    pub effective: Effective,
-}
-
-impl Loaded {
-    /// Merges the overlay at `overlay_path` over the config file's `text`. Only an invalid
-    /// config file is an error: an overlay that cannot be used is logged, and the file's
-    /// policies are in force.
-    pub fn load(text: &str, overlay_path: &Path) -> Result<Loaded, MergeError> {
-        let file = Config::parse(text).map_err(MergeError::File)?;
-        let (mut overlay, mut overlay_error) = match Overlay::load(overlay_path) {
-            Ok(overlay) => (overlay, None),
-            Err(e) => (Overlay::default(), Some(crate::error_chain(&e))),
-        };
-        // Removals of policies the file dropped while the agent was down go, as on a reload.
-        let stale = overlay.prune(&file);
-        let effective = match overlay::merge(text, &overlay) {
-            Ok(effective) => effective,
-            Err(MergeError::Effective(e)) => {
-                // The file's policies alone are in force, and API changes are refused until a
-                // SIGHUP finds an overlay that fits.
-                overlay_error = Some(format!(
-                    "the policy overlay {} does not fit over the config file: {}",
-                    overlay_path.display(),
-                    crate::error_chain(&e)
-                ));
-                overlay = Overlay::default();
-                overlay::merge(text, &overlay)?
-            }
-            Err(e) => return Err(e),
-        };
-        if overlay_error.is_none() && !stale.is_empty() {
-            store_pruned(&overlay, overlay_path);
-        }
-        if let Some(error) = &overlay_error {
-            tracing::error!("{error}; the config file's policies are in force");
-        } else if !overlay.is_empty() {
-            tracing::info!(
-                overlay = %overlay_path.display(),
-                set = overlay.policies.len() + usize::from(overlay.default.is_some()),
-                removed = overlay.removed.len(),
-                "policy changes made through the API merged over the config file"
-            );
-        }
-        Ok(Loaded {
-            file_text: text.to_string(),
-            file,
-            overlay_path: overlay_path.to_path_buf(),
-            overlay,
-            overlay_error,
-            effective,
-        })
-    }
-}
-
-/// Stores an overlay whose stale removals were pruned, best effort: a stale removal left on disk
-/// is inert, and pruned again at the next start or reload.
-fn store_pruned(overlay: &Overlay, path: &Path) {
-    if let Err(e) = overlay.store(path) {
-        tracing::warn!("{}", crate::error_chain(&e));
-    }
-}
-
-/// What a policy is keyed by: the default, or a `match`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Selector {
-    Default,
-    Match(Match),
-}
-
-impl std::str::FromStr for Selector {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.trim() == "default" {
-            Ok(Selector::Default)
-        } else {
-            s.parse().map(Selector::Match)
-        }
-    }
-}
-
-impl std::fmt::Display for Selector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Selector::Default => f.write_str("default"),
-            Selector::Match(m) => m.fmt(f),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Set,
-    Deleted,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Api,
-    File,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Api => "api",
-            Source::File => "file",
-        }
-    }
-}
-
-/// One policy created, replaced or removed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub kind: ChangeKind,
-    pub selector: Selector,
-    /// The policy as it is now (for `Deleted`: as it was).
-    pub limit: Resolved,
-    pub generation: u32,
-    pub source: Source,
 }
 
 struct Inner {
@@ -548,152 +430,5 @@ impl PolicyStore {
                     .map(|(i, (m, r))| (Selector::Match(m.clone()), *r, e.layer(i + 1))),
             )
             .collect()
-    }
-}
-
-/// The policy changes from `old` to `new`: the default if it changed, then every policy set or
-/// replaced (in `new`'s order), then every one removed.
-pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
-    let mut out = Vec::new();
-    let change = |kind, selector, limit| Change {
-        kind,
-        selector,
-        limit,
-        generation,
-        source,
-    };
-    if old.default != new.default {
-        out.push(change(ChangeKind::Set, Selector::Default, new.default));
-    }
-    for (m, r) in &new.policies {
-        if !old.policies.iter().any(|(om, or)| om == m && or == r) {
-            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
-        }
-    }
-    for (m, r) in &old.policies {
-        if !new.policies.iter().any(|(nm, _)| nm == m) {
-            out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A fresh directory for one test's overlay.
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "limiter-limits-{name}-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    const FILE: &str = "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n";
-
-    #[test]
-    fn an_invalid_file_at_start_is_reported_once_by_its_own_message() {
-        let dir = scratch("invalid");
-        let e = Loaded::load("default: { limit: -1 }\n", &dir.join("lo.overlay.yaml"))
-            .err()
-            .unwrap();
-        let shown = crate::error_chain(&e);
-        let problem = Config::parse("default: { limit: -1 }\n")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(shown, format!("the config file is invalid: {problem}"));
-    }
-
-    #[test]
-    fn a_corrupt_overlay_at_start_leaves_the_file_in_force_and_names_why() {
-        let dir = scratch("corrupt");
-        let path = dir.join("lo.overlay.yaml");
-        std::fs::write(&path, "version: [\n").unwrap();
-        let loaded = Loaded::load(FILE, &path).unwrap();
-        assert_eq!(loaded.effective.config, config(FILE));
-        assert!(loaded.overlay.is_empty());
-        let error = loaded.overlay_error.unwrap();
-        assert!(error.contains("is corrupt"), "{error}");
-        // Nothing was written over it.
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "version: [\n");
-    }
-
-    #[test]
-    fn removals_of_policies_the_file_dropped_are_pruned_at_start() {
-        let dir = scratch("prune");
-        let path = dir.join("lo.overlay.yaml");
-        let m: Match = "10.0.0.0/8".parse().unwrap();
-        let mut overlay = Overlay::default();
-        overlay.remove_policy(&m, &config(FILE)).unwrap();
-        overlay.store(&path).unwrap();
-        // While the agent was down, the file dropped the policy the API had removed.
-        let file = "default: { limit: 10, window: 1s }\n";
-        let loaded = Loaded::load(file, &path).unwrap();
-        assert!(loaded.overlay.removed.is_empty());
-        assert!(Overlay::load(&path).unwrap().removed.is_empty(), "stored");
-        // So the policy, written back into the file later, is in force again.
-        let again = Loaded::load(FILE, &path).unwrap();
-        assert_eq!(again.effective.config, config(FILE));
-    }
-
-    fn config(yaml: &str) -> Config {
-        Config::parse(yaml).expect("valid config")
-    }
-
-    fn described(changes: &[Change]) -> Vec<(ChangeKind, String, u32)> {
-        changes
-            .iter()
-            .map(|c| (c.kind, c.selector.to_string(), c.limit.limit))
-            .collect()
-    }
-
-    #[test]
-    fn diff_lists_the_default_then_sets_then_removals() {
-        let old = config(
-            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, limit: 2, window: 1s }\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n",
-        );
-        let new = config(
-            "default: { limit: 20, window: 1s }\npolicies:\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n  - { match: tenant-a, limit: 5, window: 1s }\n  - { match: tenant-b, limit: 6, window: 1s }\n",
-        );
-        let changes = diff(&old, &new, 7, Source::File);
-        assert_eq!(
-            described(&changes),
-            [
-                (ChangeKind::Set, "default".into(), 20),
-                (ChangeKind::Set, "tenant-a".into(), 5),
-                (ChangeKind::Set, "tenant-b".into(), 6),
-                // A removed policy is reported as it was.
-                (ChangeKind::Deleted, "10.0.0.0/8".into(), 1),
-            ]
-        );
-        assert!(
-            changes
-                .iter()
-                .all(|c| c.generation == 7 && c.source == Source::File)
-        );
-    }
-
-    #[test]
-    fn diff_of_equal_configs_is_empty_and_reordering_is_no_change() {
-        let a = config(
-            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
-        );
-        let b = config(
-            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: tenant-a, action: pass }\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n",
-        );
-        assert!(diff(&a, &a, 1, Source::Api).is_empty());
-        assert!(diff(&a, &b, 1, Source::Api).is_empty());
-        // A changed window alone is a change.
-        let c = config(
-            "default: { limit: 10, window: 2s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
-        );
-        assert_eq!(
-            described(&diff(&a, &c, 1, Source::Api)),
-            [(ChangeKind::Set, "default".into(), 10)]
-        );
     }
 }

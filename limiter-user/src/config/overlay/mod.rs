@@ -1,0 +1,537 @@
+//! The policy overlay: the policy changes made through the API (`limiter limits set/rm`, the
+//! gRPC `Limits` service), kept in a file the agent owns under `--state-dir`, merged over the
+//! operator's config file, which the agent then never writes (it may be read-only: a Kubernetes
+//! ConfigMap, a file Ansible or Puppet rewrites).
+//!
+//! # Precedence
+//! - `default`: the overlay's if the API set one, else the file's.
+//! - A policy (by `match`): the overlay's entry if it has one; else none if the overlay removed
+//!   it (a tombstone); else the file's.
+//! - An overlay entry replaces `limit`, `window` and `action`; its `weight` is the overlay's if it
+//!   has one, else the file's policy's (as an API edit of the file kept the keys it does not
+//!   manage), else 1.
+//! - Order (policy ids): the file's policies in file order, each overridden one in its place,
+//!   then the overlay's new policies in the order they were first set.
+//! - `mode` and `adaptive` come from the file only.
+//!
+//! # Changes
+//! - `set` of a policy or of the default records it in the overlay (and drops a tombstone of it).
+//! - `rm` of a policy the overlay sets drops that entry: the file's policy, if it has one, is in
+//!   force again (so `rm` after `set` undoes the `set`); a second `rm` then removes the file's.
+//! - `rm` of a policy only the file has is allowed and records a tombstone, so it works with a
+//!   read-only file as it did when the agent edited the file. A tombstone whose policy the file
+//!   no longer has is dropped ([`Overlay::prune`]), so a policy the operator later writes again
+//!   is not hidden by an old removal.
+//! - `rm` of the default drops the overlay's default (the file's is in force again); with none
+//!   it is refused, as there is always a default.
+//!
+//! # Format (`STATE_DIR/IFACE.overlay.yaml`, YAML)
+//! ```yaml
+//! version: 1                      # required; a newer version is refused, never overwritten
+//! default: { limit: 500, window: 1s }
+//! policies:                       # as in the config file (limit/window/action/weight)
+//!   - { match: 10.0.0.0/8, limit: 50, window: 1s }
+//!   - { match: tenant-gold, action: pass }
+//! removed:                        # file policies the API removed
+//!   - 198.51.100.0/24
+//! ```
+//! Entries are validated with the config file's own rules (`Limit::resolve`, `config::weight`).
+//! It is written whole through [`state_file::write_atomic`], the writer the snapshot uses.
+
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use crate::{
+    config::{self, Action, Config, Limit, Match, PolicyError, Resolved, Rule},
+    state_file::{self, StateFileError},
+};
+
+/// The overlay format this binary reads and writes.
+pub const VERSION: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("reading the policy overlay {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    #[error("the policy overlay {path} is corrupt: {problem}")]
+    Corrupt { path: PathBuf, problem: String },
+    #[error(
+        "the policy overlay {path} has version {found}, written by a newer limiter; this one reads \
+         version {VERSION}: run the newer limiter, or move the file aside to start again from the \
+         config file's policies"
+    )]
+    FutureVersion { path: PathBuf, found: u64 },
+    #[error("writing the policy overlay {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        error: StateFileError,
+    },
+    #[error("no policy matches {0}")]
+    NotFound(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("the config file is invalid")]
+    File(#[source] PolicyError),
+    #[error("the config file with the policy overlay merged over it is invalid")]
+    Effective(#[source] PolicyError),
+}
+
+/// A policy as the API set it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry {
+    pub limit: Resolved,
+    /// `None`: the file's policy's weight (if it has the policy), else 1.
+    pub weight: Option<f64>,
+}
+
+impl From<Resolved> for Entry {
+    fn from(limit: Resolved) -> Entry {
+        Entry {
+            limit,
+            weight: None,
+        }
+    }
+}
+
+/// The API's policy changes (see the module docs).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Overlay {
+    pub default: Option<Entry>,
+    /// In the order first set; one entry per match.
+    pub policies: Vec<(Match, Entry)>,
+    /// Tombstones: file policies removed through the API. Never also in `policies`.
+    pub removed: Vec<Match>,
+}
+
+/// What [`Overlay::remove_policy`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Removal {
+    /// The overlay's entry went, and the file's policy (this one) is in force again.
+    RestoredFile(Resolved),
+    /// The overlay's entry (this one) went; the file has no such policy.
+    Removed(Resolved),
+    /// The file's policy (this one) is now removed by a tombstone.
+    Tombstoned(Resolved),
+}
+
+/// The overlay of the agent on `iface` (one agent per interface, as for the snapshot).
+pub fn overlay_path(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.overlay.yaml"))
+}
+
+/// The overlay as written (`deny_unknown_fields`: a misspelt key is an error, not ignored).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDisk {
+    #[expect(
+        dead_code,
+        reason = "checked through `VersionProbe` first; a field so that `deny_unknown_fields` accepts it"
+    )]
+    version: u64,
+    #[serde(default)]
+    default: Option<Limit>,
+    #[serde(default)]
+    policies: Vec<Rule>,
+    #[serde(default)]
+    removed: Vec<Match>,
+}
+
+/// Only `version`, read before anything else so that a newer format is refused as such rather
+/// than as whatever field it added.
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: Option<Value>,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        *self == Overlay::default()
+    }
+
+    /// Reads the overlay at `path`; none there is an empty overlay.
+    pub fn load(path: &Path) -> Result<Overlay, OverlayError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Overlay::parse(&text, path),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Overlay::default()),
+            Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                Err(OverlayError::Corrupt {
+                    path: path.to_path_buf(),
+                    problem: "not UTF-8 text".into(),
+                })
+            }
+            Err(error) => Err(OverlayError::Read {
+                path: path.to_path_buf(),
+                error,
+            }),
+        }
+    }
+
+    /// Writes the overlay to `path` atomically ([`state_file::write_atomic`]).
+    pub fn store(&self, path: &Path) -> Result<(), OverlayError> {
+        state_file::write_atomic(path, self.to_yaml().as_bytes()).map_err(|error| {
+            OverlayError::Write {
+                path: path.to_path_buf(),
+                error,
+            }
+        })
+    }
+
+    /// Parses and validates an overlay's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Overlay, OverlayError> {
+        let corrupt = |problem: String| OverlayError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if text.trim().is_empty() {
+            return Err(corrupt("the file is empty".into()));
+        }
+        let probe: VersionProbe = serde_yaml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        match probe.version {
+            None => return Err(corrupt("no `version` field".into())),
+            Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > VERSION) => {
+                return Err(OverlayError::FutureVersion {
+                    path: path.to_path_buf(),
+                    found: n.as_u64().unwrap_or_default(),
+                });
+            }
+            Some(v) => {
+                return Err(corrupt(format!(
+                    "`version` must be {VERSION}, got {}",
+                    serde_yaml::to_string(&v).unwrap_or_default().trim()
+                )));
+            }
+        }
+        let disk: OnDisk = serde_yaml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        let default = disk
+            .default
+            .as_ref()
+            .map(entry)
+            .transpose()
+            .map_err(|m| corrupt(format!("default: {m}")))?;
+        let mut policies: Vec<(Match, Entry)> = Vec::with_capacity(disk.policies.len());
+        for (i, rule) in disk.policies.iter().enumerate() {
+            let invalid =
+                |m: String| corrupt(format!("policies[{i}] (match {}): {m}", rule.matches));
+            if policies.iter().any(|(m, _)| *m == rule.matches) {
+                return Err(invalid("duplicate match".into()));
+            }
+            policies.push((rule.matches.clone(), entry(&rule.limit()).map_err(invalid)?));
+        }
+        for (i, m) in disk.removed.iter().enumerate() {
+            let invalid = |what: &str| corrupt(format!("removed[{i}] ({m}): {what}"));
+            if disk.removed[..i].contains(m) {
+                return Err(invalid("listed twice"));
+            }
+            if policies.iter().any(|(p, _)| p == m) {
+                return Err(invalid("also set under `policies`"));
+            }
+        }
+        Ok(Overlay {
+            default,
+            policies,
+            removed: disk.removed,
+        })
+    }
+
+    /// The overlay's text: what [`Overlay::parse`] reads back into the same overlay.
+    pub fn to_yaml(&self) -> String {
+        let mut doc = Mapping::new();
+        doc.insert("version".into(), VERSION.into());
+        if let Some(e) = &self.default {
+            doc.insert("default".into(), entry_value(None, e, None));
+        }
+        if !self.policies.is_empty() {
+            let seq = self
+                .policies
+                .iter()
+                .map(|(m, e)| entry_value(Some(m), e, None))
+                .collect();
+            doc.insert("policies".into(), Value::Sequence(seq));
+        }
+        if !self.removed.is_empty() {
+            let seq = self
+                .removed
+                .iter()
+                .map(|m| Value::String(m.to_string()))
+                .collect();
+            doc.insert("removed".into(), Value::Sequence(seq));
+        }
+        // Serialising a mapping of strings, numbers and sequences cannot fail.
+        let body = serde_yaml::to_string(&Value::Mapping(doc)).unwrap_or_default();
+        format!(
+            "# Policy changes made through the limiter API, merged over the config file.\n\
+             # Written by the agent: edit the config file instead (see `limiter config show`).\n\
+             {body}"
+        )
+    }
+
+    /// Sets the default (`limiter limits set default ...`).
+    pub fn set_default(&mut self, limit: Resolved) {
+        let weight = self.default.and_then(|e| e.weight);
+        self.default = Some(Entry { limit, weight });
+    }
+
+    /// Drops the overlay's default; false if it had none (the default cannot be removed).
+    pub fn unset_default(&mut self) -> bool {
+        self.default.take().is_some()
+    }
+
+    /// Sets the policy for `m`, replacing the overlay's entry (keeping its weight) or adding one
+    /// after the others, and dropping a tombstone of it.
+    pub fn set_policy(&mut self, m: &Match, limit: Resolved) {
+        self.removed.retain(|r| r != m);
+        match self.policies.iter_mut().find(|(p, _)| p == m) {
+            Some((_, e)) => e.limit = limit,
+            None => self.policies.push((m.clone(), limit.into())),
+        }
+    }
+
+    /// Removes the policy for `m` from the effective config (see the module docs), given the
+    /// config file's policies.
+    pub fn remove_policy(&mut self, m: &Match, file: &Config) -> Result<Removal, OverlayError> {
+        let in_file = file.policies.iter().find(|(p, _)| p == m).map(|(_, r)| *r);
+        if let Some(i) = self.policies.iter().position(|(p, _)| p == m) {
+            let (_, entry) = self.policies.remove(i);
+            return Ok(match in_file {
+                Some(r) => Removal::RestoredFile(r),
+                None => Removal::Removed(entry.limit),
+            });
+        }
+        match in_file {
+            Some(r) if !self.removed.contains(m) => {
+                self.removed.push(m.clone());
+                Ok(Removal::Tombstoned(r))
+            }
+            _ => Err(OverlayError::NotFound(m.to_string())),
+        }
+    }
+
+    /// Drops the tombstones of policies `file` no longer has (see the module docs); returns
+    /// them.
+    pub fn prune(&mut self, file: &Config) -> Vec<Match> {
+        let (keep, stale) = self
+            .removed
+            .drain(..)
+            .partition(|m| file.policies.iter().any(|(p, _)| p == m));
+        self.removed = keep;
+        stale
+    }
+}
+
+/// A limit as written, checked by the config file's rules.
+fn entry(limit: &Limit) -> Result<Entry, String> {
+    let resolved = limit.resolve().map_err(|e| e.to_string())?;
+    let weight = match &limit.weight {
+        None => None,
+        Some(w) => Some(config::weight(Some(w))?),
+    };
+    Ok(Entry {
+        limit: resolved,
+        weight,
+    })
+}
+
+/// A policy as the config file writes it: `match` (if any), then `limit` and `window`, or
+/// `action`, then `weight`: the entry's, else `file_weight` (the file's policy's, as written).
+fn entry_value(m: Option<&Match>, e: &Entry, file_weight: Option<&Value>) -> Value {
+    let mut out = Mapping::new();
+    if let Some(m) = m {
+        out.insert("match".into(), Value::String(m.to_string()));
+    }
+    match e.limit.action {
+        Action::Limit => {
+            out.insert("limit".into(), e.limit.limit.into());
+            out.insert("window".into(), Value::String(e.limit.window.to_string()));
+        }
+        Action::Pass => {
+            out.insert("action".into(), "pass".into());
+        }
+        Action::Drop => {
+            out.insert("action".into(), "drop".into());
+        }
+    }
+    match (e.weight, file_weight) {
+        (Some(w), _) => {
+            out.insert("weight".into(), w.into());
+        }
+        (None, Some(w)) if !w.is_null() => {
+            out.insert("weight".into(), w.clone());
+        }
+        _ => {}
+    }
+    Value::Mapping(out)
+}
+
+/// Where an effective policy comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// The config file.
+    File,
+    /// The overlay: a policy the file does not have.
+    Overlay,
+    /// The overlay, in place of the file's policy for the same match.
+    OverlayOverridesFile,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::File => "file",
+            Layer::Overlay => "overlay",
+            Layer::OverlayOverridesFile => "overlay (overrides file)",
+        }
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The config file with the overlay merged over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    /// What the maps get.
+    pub config: Config,
+    /// The layer of each policy, by policy id: `layers[0]` is the default's, `layers[i + 1]`
+    /// is `config.policies[i]`'s.
+    pub layers: Vec<Layer>,
+    /// The file's policies the overlay removes.
+    pub removed: Vec<(Match, Resolved)>,
+    /// Tombstones of policies the file does not have (inert; see [`Overlay::prune`]).
+    pub stale_removals: Vec<Match>,
+    /// `config` as a config file: [`Config::parse`] reads it back into `config`. Comments of
+    /// the file are not kept.
+    pub yaml: String,
+}
+
+impl Effective {
+    /// The layer of policy `id` (0 is the default).
+    pub fn layer(&self, id: usize) -> Layer {
+        self.layers.get(id).copied().unwrap_or(Layer::File)
+    }
+
+    /// The layer of the policy for `m`, if there is one.
+    pub fn layer_of(&self, m: &Match) -> Option<Layer> {
+        let i = self.config.policies.iter().position(|(p, _)| p == m)?;
+        Some(self.layer(i + 1))
+    }
+
+    /// The effective config for `limiter config show`: a comment saying where each part comes
+    /// from, then [`Effective::yaml`], which an operator can put in place of the config file
+    /// (and then delete the overlay) to fold the API's changes in.
+    pub fn render(&self, file: &Path, overlay: &Path) -> String {
+        let mut out = format!(
+            "# The effective limiter config: {} with the policy overlay {} merged over it.\n",
+            file.display(),
+            overlay.display()
+        );
+        let from_overlay: Vec<String> = std::iter::once("default".to_string())
+            .chain(self.config.policies.iter().map(|(m, _)| m.to_string()))
+            .zip(&self.layers)
+            .filter(|(_, l)| **l != Layer::File)
+            .map(|(name, l)| format!("{name} ({l})"))
+            .collect();
+        if from_overlay.is_empty() && self.removed.is_empty() {
+            out.push_str("# The overlay changes nothing: this is the config file's policies.\n");
+        } else {
+            if !from_overlay.is_empty() {
+                out.push_str(&format!(
+                    "# Set through the API: {}.\n",
+                    from_overlay.join(", ")
+                ));
+            }
+            if !self.removed.is_empty() {
+                let names: Vec<String> = self.removed.iter().map(|(m, _)| m.to_string()).collect();
+                out.push_str(&format!(
+                    "# Removed through the API (not below): {}.\n",
+                    names.join(", ")
+                ));
+            }
+            out.push_str(
+                "# To fold them into the config file: replace it with this text (its comments are\n\
+                 # not kept), then delete the overlay file and reload the agent (SIGHUP).\n",
+            );
+        }
+        out.push_str(&self.yaml);
+        out
+    }
+}
+
+/// Merges `overlay` over the config file's text (see the module docs for the precedence). Pure:
+/// reads and writes nothing.
+pub fn merge(file_text: &str, overlay: &Overlay) -> Result<Effective, MergeError> {
+    let file = Config::parse(file_text).map_err(MergeError::File)?;
+    // `Config::parse` accepted it, so it is a mapping with a valid `policies` sequence whose
+    // entries are `file.policies`, in order.
+    let mut doc: Mapping =
+        serde_yaml::from_str(file_text).map_err(|e| MergeError::File(PolicyError::Yaml(e)))?;
+    let mut layers = Vec::with_capacity(file.policies.len() + overlay.policies.len() + 1);
+    match &overlay.default {
+        Some(e) => {
+            let file_weight = doc.get("default").and_then(|d| d.get("weight")).cloned();
+            doc.insert("default".into(), entry_value(None, e, file_weight.as_ref()));
+            layers.push(Layer::OverlayOverridesFile);
+        }
+        None => layers.push(Layer::File),
+    }
+    let items = match doc.remove("policies") {
+        Some(Value::Sequence(items)) => items,
+        _ => Vec::new(),
+    };
+    let mut policies = Vec::with_capacity(items.len() + overlay.policies.len());
+    let mut removed = Vec::new();
+    for (item, (m, r)) in items.into_iter().zip(&file.policies) {
+        if let Some((_, e)) = overlay.policies.iter().find(|(p, _)| p == m) {
+            policies.push(entry_value(Some(m), e, item.get("weight")));
+            layers.push(Layer::OverlayOverridesFile);
+        } else if overlay.removed.contains(m) {
+            removed.push((m.clone(), *r));
+        } else {
+            policies.push(item);
+            layers.push(Layer::File);
+        }
+    }
+    for (m, e) in &overlay.policies {
+        if !file.policies.iter().any(|(p, _)| p == m) {
+            policies.push(entry_value(Some(m), e, None));
+            layers.push(Layer::Overlay);
+        }
+    }
+    let stale_removals = overlay
+        .removed
+        .iter()
+        .filter(|m| !file.policies.iter().any(|(p, _)| p == *m))
+        .cloned()
+        .collect();
+    if !policies.is_empty() {
+        doc.insert("policies".into(), Value::Sequence(policies));
+    }
+    // Serialising a mapping parsed from YAML, plus strings and numbers, cannot fail.
+    let yaml = serde_yaml::to_string(&Value::Mapping(doc)).unwrap_or_default();
+    let config = Config::parse(&yaml).map_err(MergeError::Effective)?;
+    Ok(Effective {
+        config,
+        layers,
+        removed,
+        stale_removals,
+        yaml,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! What a policy change is: which policy ([`Selector`]), what happened ([`ChangeKind`]), where
+//! it came from ([`Source`]); and the changes between two configs ([`diff`]), which the store
+//! announces to `Watch` subscribers.
+
+use crate::config::{Config, Match, Resolved};
+
+/// What a policy is keyed by: the default, or a `match`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    Default,
+    Match(Match),
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "default" {
+            Ok(Selector::Default)
+        } else {
+            s.parse().map(Selector::Match)
+        }
+    }
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Default => f.write_str("default"),
+            Selector::Match(m) => m.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Set,
+    Deleted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Api,
+    File,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::File => "file",
+        }
+    }
+}
+
+/// One policy created, replaced or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub selector: Selector,
+    /// The policy as it is now (for `Deleted`: as it was).
+    pub limit: Resolved,
+    pub generation: u32,
+    pub source: Source,
+}
+
+/// The policy changes from `old` to `new`: the default if it changed, then every policy set or
+/// replaced (in `new`'s order), then every one removed.
+pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
+    let mut out = Vec::new();
+    let change = |kind, selector, limit| Change {
+        kind,
+        selector,
+        limit,
+        generation,
+        source,
+    };
+    if old.default != new.default {
+        out.push(change(ChangeKind::Set, Selector::Default, new.default));
+    }
+    for (m, r) in &new.policies {
+        if !old.policies.iter().any(|(om, or)| om == m && or == r) {
+            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+        }
+    }
+    for (m, r) in &old.policies {
+        if !new.policies.iter().any(|(nm, _)| nm == m) {
+            out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::parse(yaml).expect("valid config")
+    }
+
+    fn described(changes: &[Change]) -> Vec<(ChangeKind, String, u32)> {
+        changes
+            .iter()
+            .map(|c| (c.kind, c.selector.to_string(), c.limit.limit))
+            .collect()
+    }
+
+    #[test]
+    fn diff_lists_the_default_then_sets_then_removals() {
+        let old = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, limit: 2, window: 1s }\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n",
+        );
+        let new = config(
+            "default: { limit: 20, window: 1s }\npolicies:\n  - { match: 192.0.2.1, limit: 3, window: 1s }\n  - { match: tenant-a, limit: 5, window: 1s }\n  - { match: tenant-b, limit: 6, window: 1s }\n",
+        );
+        let changes = diff(&old, &new, 7, Source::File);
+        assert_eq!(
+            described(&changes),
+            [
+                (ChangeKind::Set, "default".into(), 20),
+                (ChangeKind::Set, "tenant-a".into(), 5),
+                (ChangeKind::Set, "tenant-b".into(), 6),
+                // A removed policy is reported as it was.
+                (ChangeKind::Deleted, "10.0.0.0/8".into(), 1),
+            ]
+        );
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.generation == 7 && c.source == Source::File)
+        );
+    }
+
+    #[test]
+    fn diff_of_equal_configs_is_empty_and_reordering_is_no_change() {
+        let a = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
+        );
+        let b = config(
+            "default: { limit: 10, window: 1s }\npolicies:\n  - { match: tenant-a, action: pass }\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n",
+        );
+        assert!(diff(&a, &a, 1, Source::Api).is_empty());
+        assert!(diff(&a, &b, 1, Source::Api).is_empty());
+        // A changed window alone is a change.
+        let c = config(
+            "default: { limit: 10, window: 2s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n  - { match: tenant-a, action: pass }\n",
+        );
+        assert_eq!(
+            described(&diff(&a, &c, 1, Source::Api)),
+            [(ChangeKind::Set, "default".into(), 10)]
+        );
+    }
+}
