@@ -208,20 +208,23 @@ impl Checker {
         let view = self.view();
         let mut out = Vec::with_capacity(checks.len());
         let mut frame = TestRunFrame::new(CHECK_FRAME);
+        let (mut requests, mut replies) = (
+            Vec::with_capacity(frame.batch()),
+            Vec::with_capacity(frame.batch()),
+        );
         for chunk in checks.chunks(frame.batch()) {
-            let requests: Vec<CheckRequest> = chunk
-                .iter()
-                .map(|(id, hits)| request(id, *hits, &view))
-                .collect();
-            let run = frame.run::<CheckRequest, CheckReply>(
+            requests.clear();
+            requests.extend(chunk.iter().map(|(id, hits)| request(id, *hits, &view)));
+            let ret = frame.run_into::<CheckRequest, CheckReply>(
                 self.prog.as_fd(),
                 &requests,
                 size_of::<CheckRequest>(),
+                &mut replies,
             )?;
-            if run.ret != XDP_PASS {
-                return Err(CheckError::Rejected(run.ret));
+            if ret != XDP_PASS {
+                return Err(CheckError::Rejected(ret));
             }
-            for (reply, (_, hits)) in run.answers.iter().zip(chunk) {
+            for (reply, (_, hits)) in replies.iter().zip(chunk) {
                 if reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }

@@ -85,6 +85,21 @@ impl TestRunFrame {
         requests: &[In],
         answer_at: usize,
     ) -> io::Result<RunResult<Out>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        let ret = self.run_into(program, requests, answer_at, &mut answers)?;
+        Ok(RunResult { ret, answers })
+    }
+
+    /// [`TestRunFrame::run`] with the answers put in `answers` (cleared first) and the
+    /// program's return value returned: a caller running frame after frame (an API check
+    /// batch) reuses one buffer instead of allocating per run.
+    pub fn run_into<In: Pod, Out: Pod>(
+        &mut self,
+        program: BorrowedFd<'_>,
+        requests: &[In],
+        answer_at: usize,
+        answers: &mut Vec<Out>,
+    ) -> io::Result<u32> {
         let FrameLayout {
             offset,
             slot_len,
@@ -123,19 +138,18 @@ impl TestRunFrame {
         }
         let len = offset + requests.len() * slot_len;
         let ret = syscall::prog_test_run(program, &mut self.frame[..len])?;
-        let answers = (0..requests.len())
-            .map(|i| {
-                // SAFETY: as above, with `answer_at + size_of::<Out>() <= slot_len`; every bit
-                // pattern is a valid `Out` (`Pod`), and the program wrote each answer in place.
-                unsafe {
-                    self.frame
-                        .as_ptr()
-                        .add(offset + i * slot_len + answer_at)
-                        .cast::<Out>()
-                        .read_unaligned()
-                }
-            })
-            .collect();
-        Ok(RunResult { ret, answers })
+        answers.clear();
+        answers.extend((0..requests.len()).map(|i| {
+            // SAFETY: as above, with `answer_at + size_of::<Out>() <= slot_len`; every bit
+            // pattern is a valid `Out` (`Pod`), and the program wrote each answer in place.
+            unsafe {
+                self.frame
+                    .as_ptr()
+                    .add(offset + i * slot_len + answer_at)
+                    .cast::<Out>()
+                    .read_unaligned()
+            }
+        }));
+        Ok(ret)
     }
 }
