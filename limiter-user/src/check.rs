@@ -38,7 +38,7 @@ use crate::{
 pub enum CheckError {
     #[error("client_id: {0}")]
     InvalidId(String),
-    #[error("running the check program: {0}")]
+    #[error("running the check program")]
     Run(#[from] std::io::Error),
     #[error("the check program rejected the check frame (return value {0})")]
     Rejected(u32),

@@ -52,11 +52,11 @@ use crate::{
 pub enum TunerError {
     #[error(transparent)]
     Map(#[from] DatapathError),
-    #[error("running {ADAPT_PROGRAM} with BPF_PROG_TEST_RUN: {0}")]
+    #[error("running {ADAPT_PROGRAM} with BPF_PROG_TEST_RUN")]
     TestRun(#[from] io::Error),
     #[error("{ADAPT_PROGRAM} rejected an adapt frame (returned {0})")]
     Rejected(u32),
-    #[error("adaptive: {0}")]
+    #[error("adaptive")]
     Config(#[from] AdaptiveError),
 }
 

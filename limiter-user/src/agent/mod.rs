@@ -199,7 +199,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             if let Err(e) = metrics::serve(listener, exporter, shutdown).await {
-                tracing::error!("metrics: {e}");
+                tracing::error!("metrics: {e:#}");
             }
         }));
     }
@@ -237,7 +237,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                                 }
                             }));
                         }
-                        Err(e) => tracing::error!("snapshot: duplicating map descriptors: {e}"),
+                        Err(e) => tracing::error!(
+                            "snapshot: duplicating map descriptors: {}",
+                            crate::error_chain(&e)
+                        ),
                     }
                 }
             }
@@ -292,7 +295,10 @@ fn spawn_adaptive(
                     clients = n,
                     "adaptive: adopted the clients a previous agent tracked"
                 ),
-                Err(e) => tracing::warn!("adaptive: adopting tracked clients: {e}"),
+                Err(e) => tracing::warn!(
+                    "adaptive: adopting tracked clients: {}",
+                    crate::error_chain(&e)
+                ),
             }
             tracing::info!(
                 load = %tuner.load_source(),
@@ -321,7 +327,10 @@ fn spawn_adaptive(
                     // Once per outage: a period that fails leaves every entry as it was.
                     Err(e) if !failing => {
                         failing = true;
-                        tracing::error!("adaptive period failed: {e}; entries keep their windows");
+                        tracing::error!(
+                            "adaptive period failed: {}; entries keep their windows",
+                            crate::error_chain(&e)
+                        );
                     }
                     Err(_) => {}
                 }
@@ -369,7 +378,7 @@ fn restore(tables: &mut Tables, path: &Path) -> Result<(), datapath::DatapathErr
         Ok(Some(snapshot)) => snapshot,
         Ok(None) => return Ok(()),
         Err(e) => {
-            tracing::warn!("not restoring: {e}");
+            tracing::warn!("not restoring: {}", crate::error_chain(&e));
             return Ok(());
         }
     };

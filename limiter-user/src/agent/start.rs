@@ -67,7 +67,7 @@ impl Drop for StartGuard {
         if let Some(attachment) = self.attachment.take()
             && let Err(e) = attachment.detach()
         {
-            tracing::error!("detaching after a failed start: {e}");
+            tracing::error!("detaching after a failed start: {}", crate::error_chain(&e));
         }
         let _ = std::fs::remove_file(&self.socket);
         if let Some(pins) = &self.fresh_pins {

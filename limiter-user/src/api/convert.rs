@@ -29,7 +29,7 @@ pub(super) fn check_status(e: CheckError) -> Status {
     match e {
         CheckError::InvalidId(_) => Status::invalid_argument(e.to_string()),
         CheckError::Run(_) | CheckError::Rejected(_) | CheckError::Unanswered => {
-            Status::internal(e.to_string())
+            Status::internal(crate::error_chain(&e))
         }
     }
 }

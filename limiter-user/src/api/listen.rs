@@ -204,7 +204,7 @@ pub async fn serve(
             })
             .await;
         if let Err(e) = result {
-            tracing::error!("API on {}: {e}", socket.display());
+            tracing::error!("API on {}: {}", socket.display(), crate::error_chain(&e));
         }
         let _ = std::fs::remove_file(&socket);
     }));
@@ -247,7 +247,7 @@ pub async fn serve(
                 }
             };
             if let Err(e) = result {
-                tracing::error!("API on {local}: {e}");
+                tracing::error!("API on {local}: {}", crate::error_chain(&e));
             }
         }));
         tracing::info!(%local, tls = opts.tls.is_some(), token = opts.token.is_some(), "API listening on TCP");

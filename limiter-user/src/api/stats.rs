@@ -78,7 +78,7 @@ impl stats_server::Stats for StatsService {
 
 pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
     // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
-    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
+    let internal = |e: crate::datapath::DatapathError| Status::internal(crate::error_chain(&e));
     let (f, maps) = state
         .limits
         .with_tables(|t| Ok((Figures::read(t, &state.iface)?, t.client_maps()?)))
@@ -113,7 +113,7 @@ pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
 /// The busiest clients (addresses and IDs) by current rate. IDs are stored by hash; those named
 /// by a policy are shown by name, others as `id:` and the first 8 bytes of the hash in hex.
 pub(super) fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
-    let internal = |e: crate::datapath::DatapathError| Status::internal(e.to_string());
+    let internal = |e: crate::datapath::DatapathError| Status::internal(crate::error_chain(&e));
     let view = state.checker.view();
     let config = state.limits.config();
     let id_names: HashMap<ClientKey, String> = config

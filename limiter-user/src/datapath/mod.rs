@@ -95,16 +95,21 @@ pub enum DatapathError {
         "no limiter maps are pinned for {iface} under {dir}: is `limiter agent --iface {iface}` running?"
     )]
     NotPinned { iface: String, dir: PathBuf },
-    #[error("loading the XDP program: {0}")]
+    #[error("loading the XDP program")]
     Load(#[from] aya::EbpfError),
-    #[error("XDP program: {0}")]
+    #[error("XDP program")]
     Program(#[from] ProgramError),
-    #[error("map {name}: {error}")]
-    Map { name: &'static str, error: MapError },
-    #[error("{what} {path}: {error}")]
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        error: MapError,
+    },
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
+        #[source]
         error: io::Error,
     },
 }

@@ -7,10 +7,13 @@
 //! fails, the maps go back to the policies in force before, so the overlay and the maps never
 //! disagree. An overlay that cannot be read (corrupt, or of a newer version) leaves the file's
 //! policies (or, on a reload, the ones in force) in force, and API changes are refused until it is
-//! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten.
+//! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten. An overlay
+//! that does not fit over the file (say the file nears `MAX_POLICIES` and the overlay adds more)
+//! leaves the file alone in force at start; on a reload the new file is rejected whole, as an
+//! invalid file would be, and the policies in force stay.
 //!
 //! [`PolicyStore`] is the store, the lock around the maps and the file watcher's reload; what
-//! a change is lives in [`change`], and the policies an agent starts with in [`loaded`].
+//! a change is lives in `change`, and the policies an agent starts with in `loaded`.
 
 mod change;
 mod loaded;
@@ -183,7 +186,7 @@ impl PolicyStore {
                 Err(e) => {
                     let error = crate::error_chain(&e);
                     tracing::error!(
-                        "{error}; the policies in force stay in force, and API changes are refused"
+                        "{error}; the overlay in force stays in force, and API changes are refused"
                     );
                     inner.overlay_error = Some(error);
                 }
@@ -194,7 +197,15 @@ impl PolicyStore {
                 inner.unreadable = false;
                 text
             }
-            Err(_) if inner.unreadable => return,
+            Err(e) if inner.unreadable => {
+                if force {
+                    tracing::warn!(
+                        "reading config {}: {e}; the policies in force stay in force",
+                        inner.path.display()
+                    );
+                }
+                return;
+            }
             Err(e) => {
                 inner.unreadable = true;
                 tracing::warn!(
@@ -247,7 +258,10 @@ impl PolicyStore {
                         inner.overlay_path.display()
                     );
                 }
-                if !stale.is_empty() && inner.overlay_error.is_none() {
+                // Stored only when read from disk in this reload: the disk may hold what the
+                // operator put there since (a deleted or restored overlay not taken up yet), and
+                // a stale removal left on disk is inert.
+                if taken_up && !stale.is_empty() && inner.overlay_error.is_none() {
                     store_pruned(&overlay, &inner.overlay_path);
                 }
                 inner.overlay = overlay;
@@ -393,7 +407,19 @@ impl PolicyStore {
         if let Err(error) = overlay.store(&inner.overlay_path) {
             // Put the maps back so that the overlay and the maps agree; the change failed.
             if let Err(e) = self.install(&mut inner, previous, None) {
-                tracing::error!("restoring the policies after a failed write: {e}");
+                // The change stays in force in the maps, but not on disk: keep the overlay in
+                // step with what is in force, and refuse further changes until a SIGHUP reads
+                // the overlay again.
+                let behind = format!(
+                    "the policy overlay {} is behind the policies in force (writing it failed: \
+                     {}; restoring the maps failed: {})",
+                    inner.overlay_path.display(),
+                    crate::error_chain(&error),
+                    crate::error_chain(&e)
+                );
+                tracing::error!("{behind}");
+                inner.overlay = overlay;
+                inner.overlay_error = Some(behind);
             }
             return Err(LimitsError::Overlay(error));
         }
