@@ -25,12 +25,22 @@
     )
 )]
 
+#[cfg(target_arch = "bpf")]
+mod adapt;
 #[cfg(all(target_arch = "bpf", feature = "bench"))]
 mod bench;
+#[cfg(target_arch = "bpf")]
+mod check;
+#[cfg(target_arch = "bpf")]
+mod counter;
+#[cfg(target_arch = "bpf")]
+mod entry;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
 mod fast_path;
+#[cfg(target_arch = "bpf")]
+mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
 

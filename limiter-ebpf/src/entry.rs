@@ -1,0 +1,459 @@
+//! A client's entry (`ClientState`) and the decisions on it, shared by the three programs
+//! (`limiter`, `limiter_check`, `limiter_adapt`): finding or creating it (or charging the shared
+//! overflow budget when it cannot be created), resolving and refreshing its cached policy,
+//! admitting hits with a bounded compare-and-swap loop, rescaling its window, and the clocks the
+//! decisions read.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
+    num::NonZeroU64,
+};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
+use limiter_common::{
+    ClientState, GlobalStats, MapConfig, Policy,
+    addr::{ClientKey, policy_key},
+    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, META_FLAG, generation_tag},
+    window::{
+        COARSE_CLOCK_MIN_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale, slot_count, slot_tag,
+    },
+};
+
+use crate::{
+    counter::{CAS_RETRIES, add_passed, add_up, set_meta},
+    events::{self, Event},
+    maps::{CLIENTS, COARSE_CLOCK, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
+};
+
+/// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
+/// jiffies are 8 ms at HZ=250 (see `coarse_now`).
+const COARSE_LAG_NS: u64 = 10_000_000;
+
+/// The client's entry, created on its first packet. Returns `None` only if the policy table has
+/// no match (the agent always installs a default for each family).
+#[inline(always)]
+pub(crate) fn client_entry(
+    key: &ClientKey,
+    config: &MapConfig,
+    stats: &mut GlobalStats,
+    run: Run,
+) -> Option<*mut ClientState> {
+    if let Some(p) = CLIENTS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    if let Some(p) = STATIC_CLIENTS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let policy = resolve(key, stats)?;
+    let fresh = ClientState::fresh(&policy, config.generation);
+    // EEXIST: another CPU created it first, which is fine. Any other error: the map could not
+    // take the entry; charge the shared overflow budget rather than letting the client through.
+    let created = CLIENTS.insert(key, &fresh, BPF_NOEXIST as u64).is_ok();
+    if let Some(p) = CLIENTS.get_ptr_mut(key) {
+        if created {
+            stats.new_clients += 1;
+        }
+        return Some(p);
+    }
+    overflow_entry(&policy, config.generation, stats, run)
+}
+
+/// The shared budget for a client whose entry could not be created.
+#[inline(always)]
+pub(crate) fn overflow_entry(
+    policy: &Policy,
+    generation: u32,
+    stats: &mut GlobalStats,
+    run: Run,
+) -> Option<*mut ClientState> {
+    stats.map_full += 1;
+    if run == Run::Packet && events::sampled(stats.map_full) {
+        events::log(Event::MapFull, stats.map_full);
+    }
+    let overflow = OVERFLOW.get_ptr_mut(0)?;
+    let (limit, window_us) = policy.entry_limits();
+    // SAFETY: array value, valid for the program's run. Racy plain stores of the same policy
+    // values from several CPUs are benign; the slots and counter words are only changed by
+    // atomics.
+    unsafe {
+        if (*overflow).window_us != window_us {
+            clear_slots(overflow);
+        }
+        (*overflow).limit = limit;
+        (*overflow).window_us = window_us;
+        set_meta(&raw mut (*overflow).dropped, policy.id);
+        set_meta(&raw mut (*overflow).passed, generation_tag(generation));
+    }
+    Some(overflow)
+}
+
+#[inline(always)]
+pub(crate) fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
+    stats.resolves += 1;
+    let (prefix_len, data) = policy_key(key);
+    POLICIES.get(Key::new(prefix_len, data)).copied()
+}
+
+/// Re-resolves the cached policy of an entry whose generation is stale.
+///
+/// # Safety
+/// `state` points at a live map value. The cached policy fields are rewritten in place with the
+/// same values by any CPU that sees a stale generation, which is benign; the slots and counter
+/// words are only changed through atomics. The generation tag is written last, and only once
+/// the policy is in place, so an entry never looks current with a stale policy.
+#[inline(always)]
+pub(crate) unsafe fn refresh_policy(
+    state: *mut ClientState,
+    key: &ClientKey,
+    config: &MapConfig,
+    stats: &mut GlobalStats,
+) {
+    // SAFETY: `state` points at a live map value (the function's contract), which `set_policy`
+    // and `set_meta` are given in turn.
+    unsafe {
+        if !(*state).is_current(config.generation) {
+            // No policy at all (the agent always installs a default per family): stay stale, so
+            // that the entry takes the first policy that appears.
+            let set = match resolve(key, stats) {
+                Some(policy) => set_policy(state, &policy),
+                None => false,
+            };
+            if set {
+                set_meta(&raw mut (*state).passed, generation_tag(config.generation));
+            }
+        }
+    }
+}
+
+/// Makes `policy` the entry's policy (a no-op when it already is). Returns whether the policy id
+/// could be stored (see `set_meta`).
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+pub(crate) unsafe fn set_policy(state: *mut ClientState, policy: &Policy) -> bool {
+    // SAFETY: `state` points at a live map value (the function's contract). The plain stores of
+    // the policy's limit and window race only with stores of the same values (see
+    // `refresh_policy`); the slots and counter words change only through atomics.
+    unsafe {
+        let (limit, window_us) = policy.entry_limits();
+        let adapted = (*state).dropped & META_FLAG != 0 // FLAG_REPORTED
+            && (*state).action() == ACTION_LIMIT
+            && limit != 0
+            && (*state).window_us >= MIN_WINDOW_US
+            && window_us >= MIN_WINDOW_US;
+        if adapted {
+            // A client the adaptive loop tracks: its entry holds an adapted window and
+            // allowance, which a reload returns to the policy's until the loop's next period.
+            // Carry the used fraction over, or every reload would hand it a fresh allowance.
+            if ((*state).limit, (*state).window_us) != (limit, window_us) {
+                rescale_entry(state, limit, window_us);
+            }
+        } else {
+            if window_us != (*state).window_us {
+                // Window tags of another window length mean nothing: start afresh.
+                clear_slots(state);
+            }
+            (*state).limit = limit;
+            (*state).window_us = window_us;
+        }
+        set_meta(&raw mut (*state).dropped, policy.id)
+    }
+}
+
+/// Gives a limited entry a new window and allowance, carrying the used fraction of its
+/// allowance over (`window::rescale`); see `adapt_one` for the ordering against packets.
+///
+/// # Safety
+/// `state` points at a live map value with a window of at least 10 ms; `window_us` is one too.
+#[inline(always)]
+pub(crate) unsafe fn rescale_entry(state: *mut ClientState, limit: u32, window_us: u32) {
+    // SAFETY: `state` points at a live map value (the function's contract), valid for the whole
+    // run; the slots are only changed by atomics and `add_passed` gets a counter word of it.
+    unsafe {
+        let (old_limit, old_window_us) = ((*state).limit, (*state).window_us);
+        let (Some(old_window), Some(new_window)) = (
+            NonZeroU64::new(old_window_us as u64 * 1000),
+            NonZeroU64::new(window_us as u64 * 1000),
+        ) else {
+            return;
+        };
+        // Packets decide with the clock their window calls for; the coarse one (1 s windows and
+        // up) may lag the helper by up to two jiffies (see `coarse_now`): 10 ms covers HZ=250.
+        let now = now_for(window_us, Run::Agent);
+        let lag_ns = if window_us >= COARSE_CLOCK_MIN_WINDOW_US {
+            COARSE_LAG_NS
+        } else {
+            0
+        };
+        let slots = &raw mut (*state).slots;
+        let snapshot = [
+            core::ptr::read_volatile(&raw const (*slots)[0]),
+            core::ptr::read_volatile(&raw const (*slots)[1]),
+        ];
+        let rescaled = rescale(
+            &snapshot, now, old_window, old_limit, new_window, limit, lag_ns,
+        );
+        (*state).limit = limit;
+        (*state).window_us = window_us;
+        let mut replaced = 0u64;
+        for i in 0..2 {
+            let old = atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(
+                &raw mut (*slots)[i],
+                rescaled.slots[i],
+            );
+            replaced += slot_count(old) as u64;
+        }
+        // `passed + slots` stays exact: the replaced counts join `passed`, the carried count
+        // leaves it (wrapping: see `ClientState::total_passed`).
+        add_passed(
+            &raw mut (*state).passed,
+            replaced.wrapping_sub(rescaled.carried),
+        );
+    }
+}
+
+/// Which kind of run a decision is taken in: where its time comes from, and who logs its rare
+/// events (see `events`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Run {
+    /// The fast path (`limiter`): time from the per-CPU coarse-clock cache (see `coarse_now`);
+    /// its `stats` are this CPU's `STATS`, so it logs rare events, sampled by their count.
+    Packet,
+    /// `limiter_check` and `limiter_adapt`, which the agent runs in process context where a
+    /// packet's softirq could interrupt them halfway through updating the per-CPU cache: the
+    /// clock helpers directly, no cache. Their `stats` are a local tally that `count_check` adds
+    /// to `STATS`; they log nothing (see `events`).
+    Agent,
+}
+
+/// What [`decide_hits`] decided.
+#[derive(Clone, Copy)]
+pub(crate) struct Outcome {
+    pub(crate) admitted: bool,
+    /// The time the decision was taken at (0 for `pass` and `drop` clients, which need none).
+    pub(crate) now: u64,
+    /// The admitted hits started a new window for the client.
+    pub(crate) rolled: bool,
+}
+
+/// Admits or denies `hits` for the entry and counts them.
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+pub(crate) unsafe fn decide_hits(
+    state: *mut ClientState,
+    hits: u32,
+    run: Run,
+    stats: &mut GlobalStats,
+) -> Outcome {
+    // SAFETY: `state` points at a live map value (the function's contract), whose counter words
+    // `add_up` and slots `admit` are given.
+    unsafe {
+        let outcome = match (*state).action() {
+            ACTION_PASS => {
+                add_up(&raw mut (*state).passed, hits as u64);
+                Outcome {
+                    admitted: true,
+                    now: 0,
+                    rolled: false,
+                }
+            }
+            ACTION_DROP => Outcome {
+                admitted: false,
+                now: 0,
+                rolled: false,
+            },
+            // Admitted packets are counted by the window slots (see `ClientState::passed`).
+            _ => {
+                let now = now_for((*state).window_us, run);
+                let (admitted, rolled) = admit(state, stats, hits, now, run);
+                Outcome {
+                    admitted,
+                    now,
+                    rolled,
+                }
+            }
+        };
+        if !outcome.admitted {
+            add_up(&raw mut (*state).dropped, hits as u64);
+        }
+        outcome
+    }
+}
+
+/// CLOCK_MONOTONIC for a window of `window_us`: coarse for windows of a second or more.
+#[inline(always)]
+pub(crate) fn now_for(window_us: u32, run: Run) -> u64 {
+    // SAFETY: plain helper calls.
+    unsafe {
+        if window_us < COARSE_CLOCK_MIN_WINDOW_US {
+            bpf_ktime_get_ns()
+        } else if run == Run::Packet {
+            coarse_now()
+        } else {
+            bpf_ktime_get_coarse_ns()
+        }
+    }
+}
+
+/// The sliding-window decision for `hits` at `now` with a bounded CAS loop: whether they were
+/// admitted, and whether admitting them started a new window (the slot changed tag).
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+unsafe fn admit(
+    state: *mut ClientState,
+    stats: &mut GlobalStats,
+    hits: u32,
+    now: u64,
+    run: Run,
+) -> (bool, bool) {
+    // SAFETY: `state` points at a live map value (the function's contract); this only computes
+    // the address of its slots.
+    let slots = unsafe { &raw mut (*state).slots };
+    for _ in 0..CAS_RETRIES {
+        // SAFETY: volatile reads of the live slots; another CPU may change them at any time,
+        // which the CAS below detects.
+        let current = unsafe {
+            [
+                core::ptr::read_volatile(&raw const (*slots)[0]),
+                core::ptr::read_volatile(&raw const (*slots)[1]),
+            ]
+        };
+        // Window and allowance after the slots, on every attempt: `limiter_adapt` stores them
+        // before it exchanges the slots, so slots on a new window's grid are never decided
+        // with the old window (whose grid would read them as empty and start a fresh
+        // allowance). Loads keep their order on x86; the exchange is a full barrier.
+        // SAFETY: volatile reads of the live entry.
+        let (window_us, limit) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*state).window_us),
+                core::ptr::read_volatile(&raw const (*state).limit),
+            )
+        };
+        // A zero window is `pass`: the entry's policy changed to it in the meantime. Count the
+        // hits as a `pass` entry does.
+        let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
+            // SAFETY: live map value.
+            unsafe { add_up(&raw mut (*state).passed, hits as u64) };
+            return (true, false);
+        };
+        match decide(&current, now, window_ns, limit, hits) {
+            Verdict::Deny => return (false, false),
+            Verdict::Admit {
+                slot,
+                old,
+                new,
+                fold,
+            } => {
+                // SAFETY: `slot` is 0 or 1, inside the live slots array.
+                let (_, swapped) = unsafe {
+                    atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                        (&raw mut (*slots)[slot & 1]).cast(),
+                        old,
+                        new,
+                    )
+                };
+                if swapped {
+                    if fold != 0 {
+                        // SAFETY: live map value; only the CAS winner folds this slot's count.
+                        unsafe { add_passed(&raw mut (*state).passed, fold as u64) };
+                    }
+                    // A new window: the slot changes tag, or was empty (a fresh entry's slots
+                    // are zero, tag 0, which is also the current tag while the monotonic
+                    // clock is below one window, e.g. a 1 h window in the first hour of boot).
+                    return (true, slot_tag(old) != slot_tag(new) || slot_count(old) == 0);
+                }
+            }
+        }
+    }
+    stats.contended += 1;
+    if run == Run::Packet && events::sampled(stats.contended) {
+        events::log(Event::Contended, stats.contended);
+    }
+    (false, false)
+}
+
+/// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet
+/// admitted concurrently is either folded or kept, never lost).
+///
+/// # Safety
+/// `state` points at a live map value.
+#[inline(always)]
+unsafe fn clear_slots(state: *mut ClientState) {
+    let mut folded = 0u64;
+    for i in 0..2 {
+        for _ in 0..CAS_RETRIES {
+            // SAFETY: live map value, `i < 2`.
+            let (old, swapped) = unsafe {
+                let slot = &raw mut (*state).slots[i];
+                let old = core::ptr::read_volatile(slot);
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    slot, old, 0,
+                )
+            };
+            if swapped {
+                folded += slot_count(old) as u64;
+                break;
+            }
+        }
+    }
+    if folded != 0 {
+        // SAFETY: live map value.
+        unsafe { add_passed(&raw mut (*state).passed, folded) };
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE, read once per jiffy per CPU.
+///
+/// The coarse clock only moves on the timer tick, so within one jiffy every read returns the
+/// same value; the verifier inlines `bpf_jiffies64` to a load, while `bpf_ktime_get_coarse_ns`
+/// is a real call (~15 ns in this VM). At a tick the cached value can be one jiffy older than a
+/// fresh read would be, so the result is at most two jiffies behind real time, against one for
+/// the helper itself.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helper calls; the per-CPU value has no concurrent writer (XDP does not nest).
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        let Some(cache) = COARSE_CLOCK.get_ptr_mut(0) else {
+            return bpf_ktime_get_coarse_ns();
+        };
+        if (*cache)[0] == jiffies {
+            return (*cache)[1];
+        }
+        let now = bpf_ktime_get_coarse_ns();
+        *cache = [jiffies, now];
+        now
+    }
+}
+
+/// Adds a check's entry counters to this CPU's `STATS` with atomics: `limiter_check` runs in
+/// process context, where a packet's softirq may interrupt it on the same CPU.
+#[inline(always)]
+pub(crate) fn count_check(counted: &GlobalStats) {
+    let Some(stats) = STATS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value of a live map; only atomic adds, so an interrupting fast-path update
+    // of the same copy cannot lose either count.
+    unsafe {
+        for (field, n) in [
+            (&raw mut (*stats).new_clients, counted.new_clients),
+            (&raw mut (*stats).map_full, counted.map_full),
+            (&raw mut (*stats).resolves, counted.resolves),
+            (&raw mut (*stats).contended, counted.contended),
+        ] {
+            if n != 0 {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n);
+            }
+        }
+    }
+}
