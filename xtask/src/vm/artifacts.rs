@@ -1,0 +1,105 @@
+//! Building `limiter` and the `limiter-tests` test executables for the VM, found through cargo's
+//! JSON messages.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+
+use crate::workspace::Workspace;
+
+const TESTS_PACKAGE: &str = "limiter-tests";
+
+/// An executable cargo built: `kind` is the target kind (`lib`, `bin`, `test`).
+pub(super) struct Artifact {
+    pub(super) name: String,
+    pub(super) kind: String,
+    pub(super) executable: PathBuf,
+    pub(super) test: bool,
+}
+
+impl Artifact {
+    /// Its file name inside the VM: `KIND-NAME`, unique within one package.
+    pub(super) fn vm_name(&self) -> String {
+        format!("{}-{}", self.kind, self.name)
+    }
+}
+
+pub(super) fn build_limiter(workspace: &Workspace, profile: &[&str]) -> Result<PathBuf> {
+    let args = [&["build", "-p", "limiter-user", "--bins"], profile].concat();
+    let artifacts = cargo_artifacts(workspace, &args)?;
+    artifacts
+        .into_iter()
+        .find(|artifact| artifact.name == "limiter" && !artifact.test)
+        .map(|artifact| artifact.executable)
+        .context("cargo built no `limiter` executable")
+}
+
+/// Every test executable of `limiter-tests`: its library's, its binaries' and tests/*.rs.
+pub(super) fn build_tests(workspace: &Workspace, profile: &[&str]) -> Result<Vec<Artifact>> {
+    let args = [&["test", "--no-run", "-p", TESTS_PACKAGE], profile].concat();
+    let artifacts = cargo_artifacts(workspace, &args)?;
+    let tests: Vec<Artifact> = artifacts.into_iter().filter(|a| a.test).collect();
+    ensure!(!tests.is_empty(), "cargo built no test executable");
+    Ok(tests)
+}
+
+/// Runs `cargo ARGS --message-format=json-render-diagnostics` and returns the executables it
+/// reports (diagnostics still go to stderr).
+fn cargo_artifacts(workspace: &Workspace, args: &[&str]) -> Result<Vec<Artifact>> {
+    let line = format!(
+        "cargo {} --message-format=json-render-diagnostics",
+        args.join(" ")
+    );
+    eprintln!("+ {line}");
+    let output = workspace
+        .cargo(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{line}`"))?;
+    ensure!(
+        output.status.success(),
+        "`{line}` failed ({})",
+        output.status
+    );
+    Ok(parse_artifacts(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// The `compiler-artifact` messages with an executable, from cargo's JSON lines.
+fn parse_artifacts(json_lines: &str) -> Vec<Artifact> {
+    json_lines
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter_map(|message| {
+            Some(Artifact {
+                name: message["target"]["name"].as_str()?.to_owned(),
+                kind: message["target"]["kind"][0].as_str()?.to_owned(),
+                executable: PathBuf::from(message["executable"].as_str()?),
+                test: message["profile"]["test"].as_bool()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn parses_cargo_artifacts() {
+        let json = r#"{"reason":"compiler-artifact","target":{"name":"agent","kind":["test"]},"profile":{"test":true},"executable":"/t/debug/deps/agent-1"}
+{"reason":"compiler-artifact","target":{"name":"limiter_tests","kind":["lib"]},"profile":{"test":false},"executable":null}
+{"reason":"build-finished","success":true}"#;
+        let artifacts = parse_artifacts(json);
+        assert_eq!(artifacts.len(), 1);
+        assert_eq!(artifacts[0].vm_name(), "test-agent");
+        assert_eq!(artifacts[0].executable, Path::new("/t/debug/deps/agent-1"));
+        assert!(artifacts[0].test);
+    }
+}
