@@ -5,12 +5,14 @@
 //! imports) <- `config` (its overlay is stored with it) <- `datapath` <- `check`, `adaptive`,
 //! `stats` <- `snapshot`, `metrics`; `metrics` and `check` <- `limits` (the policy store) <-
 //! `api` <- `agent`; `cli` (the command-line client) uses `api`'s socket path, `stats` and
-//! `proto`.
+//! `proto`. `cluster` (the cluster's pure algorithms: shares, leases, owners) imports nothing
+//! of the crate.
 pub mod adaptive;
 pub mod agent;
 pub mod api;
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod limits;

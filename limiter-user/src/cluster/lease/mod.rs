@@ -1,0 +1,463 @@
+//! Grants and leases for one global client: what a member (the holder) enforces, and what the
+//! client's owner may count as in force on each member, so that **the shares in force on all
+//! members never sum above L**, with message loss, delay and reordering, and clocks that are
+//! offset and drift (no clock is ever compared with another node's; only durations are).
+//!
+//! The rules, and why they hold:
+//! - A holder enforces the newest grant it received (grants carry a sequence number; an older
+//!   one arriving late is ignored). Before any grant, and after a release, it enforces the cold
+//!   share.
+//! - Every grant answers one report of the holder and is valid for the lease `T` counted on the
+//!   holder's clock from when it *sent* that report. After that the holder enforces
+//!   `min(value, cold)`: a raise (above the cold share) lapses back to the cold share on its own,
+//!   so the raises of a dead owner end; a cut (below it) stays.
+//! - A holder that has heard nothing from the owner for the silence limit `D` (its own clock)
+//!   drops the grant and goes back to the cold share.
+//! - The owner keeps, per holder, every grant the holder may be enforcing: the newest one the
+//!   holder acknowledged and all issued after it. It counts a grant at its value until the
+//!   lease may have lapsed on the holder (the owner received the report it answers at `r`, so the
+//!   holder sent it before `r` in real time; with both clocks drifting at most `ρ` the lease is
+//!   over by `r + T·(1+ρ)/(1−ρ)` on the owner's clock: a small margin is added), and at
+//!   `min(value, cold)` after. It counts the cold share too when the holder may have dropped the
+//!   grant for silence: from `s + D·(1−ρ)/(1+ρ)` on, where `s` is when the owner sent the newest
+//!   message the holder has echoed back.
+//! - A grant is issued only if, over the whole horizon of the new grant's lease, the largest
+//!   share each holder may be enforcing plus the cold shares of the members not enrolled stays
+//!   ≤ L. A cut never raises a holder's bound, so cuts go out at once; raises get only the room
+//!   the bounds leave, so a raise that a cut makes room for waits until the cut is acknowledged.
+//!   This is cut-before-raise, and it is what keeps the sum ≤ L while messages are in flight.
+//!
+//! Times are [`Duration`]s since the node's own monotonic origin (injected; never a wall clock).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
+
+use super::{NodeId, shares};
+
+/// How many recent report send times a holder remembers; a grant answering an older report is
+/// applied as already lapsed (`min(value, cold)`), which is always safe.
+const SENT_REPORTS: usize = 16;
+
+/// Clock parameters shared by owner and holders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Lease of a grant, on the holder's clock, from the report it answers.
+    pub lease: Duration,
+    /// A holder that heard nothing from the owner for this long (its clock) drops the grant.
+    pub silence: Duration,
+    /// Largest clock rate error of any member, in parts per million (1000: ±0.1%).
+    pub drift_ppm: u32,
+}
+
+impl Timing {
+    /// `d` measured on a clock running up to `drift_ppm` slow, seen on one up to as fast: the
+    /// most real-and-other-clock time `d` can take (`d·(1+ρ)/(1−ρ)`, rounded up, plus 1 ms).
+    fn stretched(&self, d: Duration) -> Duration {
+        let rho = u128::from(self.drift_ppm.min(100_000));
+        let ns = d.as_nanos() * (1_000_000 + rho);
+        let ns = ns.div_ceil(1_000_000 - rho);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)) + Duration::from_millis(1)
+    }
+
+    /// The least time `d` on one clock can take seen on another (`d·(1−ρ)/(1+ρ)`, less 1 ms).
+    fn shrunk(&self, d: Duration) -> Duration {
+        let rho = u128::from(self.drift_ppm.min(100_000));
+        let ns = d.as_nanos() * (1_000_000 - rho) / (1_000_000 + rho);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+            .saturating_sub(Duration::from_millis(1))
+    }
+}
+
+/// A grant from the owner to one holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Increases with every grant the owner issues for this client (to any holder).
+    pub seq: u64,
+    /// Packets per policy window the holder may admit.
+    pub value: u32,
+    /// The holder's report this grant answers (its lease starts when that report was sent).
+    pub answers: u64,
+}
+
+/// An owner's message to a holder: the grant in force for it (re-sent on every round, so it
+/// also shows the owner alive), numbered per holder so the holder can echo it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToHolder {
+    pub message: u64,
+    pub grant: Option<Grant>,
+}
+
+/// A holder's report to the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Increases with every report of this holder.
+    pub seq: u64,
+    /// Packets per window the client asked of this holder (passed + dropped).
+    pub demand: u32,
+    /// The newest grant the holder applied (it never goes back to an older one).
+    pub applied: Option<u64>,
+    /// The newest owner message the holder received.
+    pub echo: Option<u64>,
+}
+
+/// The member's side: what it enforces for the client.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    timing: Timing,
+    grant: Option<Applied>,
+    last_heard: Option<Duration>,
+    echo: Option<u64>,
+    next_report: u64,
+    sent: VecDeque<(u64, Duration)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Applied {
+    seq: u64,
+    value: u32,
+    /// End of the lease on this holder's clock; `None`: lapsed on arrival.
+    until: Option<Duration>,
+}
+
+impl Holder {
+    pub fn new(timing: Timing) -> Holder {
+        Holder {
+            timing,
+            grant: None,
+            last_heard: None,
+            echo: None,
+            next_report: 1,
+            sent: VecDeque::with_capacity(SENT_REPORTS),
+        }
+    }
+
+    /// The share enforced at `now` when the cold share is `cold`.
+    pub fn enforced(&self, now: Duration, cold: u32) -> u32 {
+        let Some(grant) = self.grant else {
+            return cold;
+        };
+        if self
+            .last_heard
+            .is_some_and(|heard| now.saturating_sub(heard) >= self.timing.silence)
+        {
+            return cold;
+        }
+        match grant.until {
+            Some(until) if now < until => grant.value,
+            _ => grant.value.min(cold),
+        }
+    }
+
+    /// A report of `demand`, sent at `now`.
+    pub fn report(&mut self, now: Duration, demand: u32) -> Report {
+        let seq = self.next_report;
+        self.next_report += 1;
+        if self.sent.len() == SENT_REPORTS {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((seq, now));
+        Report {
+            seq,
+            demand,
+            applied: self.grant.map(|g| g.seq),
+            echo: self.echo,
+        }
+    }
+
+    /// Takes in a message from the owner received at `now`.
+    pub fn receive(&mut self, now: Duration, message: ToHolder) {
+        // Silence is over only if the grant in force is still valid (a dropped grant stays
+        // dropped until a newer one).
+        if let Some(heard) = self.last_heard
+            && now.saturating_sub(heard) >= self.timing.silence
+        {
+            self.grant = None;
+        }
+        self.last_heard = Some(now);
+        self.echo = Some(
+            self.echo
+                .map_or(message.message, |e| e.max(message.message)),
+        );
+        let Some(grant) = message.grant else {
+            return;
+        };
+        if self.grant.is_some_and(|g| g.seq >= grant.seq) {
+            return;
+        }
+        let until = self
+            .sent
+            .iter()
+            .find(|(seq, _)| *seq == grant.answers)
+            .map(|&(_, sent)| sent + self.timing.lease);
+        self.grant = Some(Applied {
+            seq: grant.seq,
+            value: grant.value,
+            until,
+        });
+    }
+
+    /// Drops the grant (the owner released the client): back to the cold share.
+    pub fn release(&mut self) {
+        self.grant = None;
+    }
+}
+
+/// The owner's side for one client: the enrolled holders and what each may be enforcing.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    limit: u32,
+    timing: Timing,
+    next_grant: u64,
+    holders: BTreeMap<NodeId, Account>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Account {
+    /// Grants the holder may be enforcing: the newest acknowledged and all issued after it.
+    live: Vec<Counted>,
+    /// Whether the holder may still be enforcing the cold share (nothing applied yet).
+    cold_possible: bool,
+    demand: u32,
+    /// The newest report: its seq and when it arrived (owner clock).
+    last_report: Option<(u64, Duration)>,
+    next_message: u64,
+    /// Send times of recent messages, for echoes.
+    sent: VecDeque<(u64, Duration)>,
+    /// When the owner sent the newest message the holder echoed.
+    echoed_sent_at: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    seq: u64,
+    value: u32,
+    /// The report it answers: a copy sent again must answer the same one, or the holder that
+    /// missed the first copy would count the lease from a later report than the owner does.
+    answers: u64,
+    /// Owner-clock time after which the holder enforces at most `min(value, cold)`.
+    lapses_at: Duration,
+}
+
+impl Account {
+    /// The largest share the holder may be enforcing at `at` (owner clock, `at` ≥ now): a step
+    /// function of time that changes only at the instants `changes` lists.
+    fn bound_at(&self, at: Duration, cold: u32, timing: &Timing) -> u32 {
+        let mut bound = if self.cold_possible || self.silent_from(timing).is_none_or(|s| s <= at) {
+            cold
+        } else {
+            0
+        };
+        for g in &self.live {
+            bound = bound.max(if at < g.lapses_at {
+                g.value
+            } else {
+                g.value.min(cold)
+            });
+        }
+        bound
+    }
+
+    /// From when the holder may have dropped its grant for silence (`None`: it never heard the
+    /// owner, or the owner cannot tell that it did).
+    fn silent_from(&self, timing: &Timing) -> Option<Duration> {
+        self.echoed_sent_at
+            .map(|s| s + timing.shrunk(timing.silence))
+    }
+
+    /// The instants at which `bound_at` may change.
+    fn changes<'a>(&'a self, timing: &Timing) -> impl Iterator<Item = Duration> + 'a {
+        self.live
+            .iter()
+            .map(|g| g.lapses_at)
+            .chain(self.silent_from(timing))
+    }
+}
+
+impl Ledger {
+    pub fn new(limit: u32, timing: Timing) -> Ledger {
+        Ledger {
+            limit,
+            timing,
+            next_grant: 1,
+            holders: BTreeMap::new(),
+        }
+    }
+
+    /// Enrols `node`: it enforces the cold share until it applies a grant.
+    pub fn enrol(&mut self, node: NodeId) {
+        self.holders.entry(node).or_insert_with(|| Account {
+            cold_possible: true,
+            ..Account::default()
+        });
+    }
+
+    /// The enrolled holders.
+    pub fn enrolled(&self) -> impl Iterator<Item = &NodeId> {
+        self.holders.keys()
+    }
+
+    /// Takes in `report` from `node`, received at `now` (owner clock). Reports from members not
+    /// enrolled are ignored (the caller enrols first).
+    pub fn receive(&mut self, node: &NodeId, now: Duration, report: Report) {
+        let Some(account) = self.holders.get_mut(node) else {
+            return;
+        };
+        if account
+            .last_report
+            .is_some_and(|(seq, _)| seq >= report.seq)
+        {
+            return; // old or duplicate: the newer one already counted
+        }
+        account.last_report = Some((report.seq, now));
+        account.demand = report.demand;
+        if let Some(applied) = report.applied {
+            // It never goes back to an older grant, nor to the cold share (until silence or a
+            // release, which the bound covers).
+            account.live.retain(|g| g.seq >= applied);
+            account.cold_possible = false;
+        }
+        if let Some(echo) = report.echo
+            && let Some(&(_, at)) = account.sent.iter().find(|(m, _)| *m == echo)
+        {
+            account.echoed_sent_at = Some(account.echoed_sent_at.map_or(at, |a| a.max(at)));
+        }
+    }
+
+    /// One round at `now` (owner clock) with `cold` the cold share and `others` the members not
+    /// enrolled: the grants to send, one message per holder (holders whose grant is unchanged get
+    /// it again, as a heartbeat; holders that never reported get none, as a grant needs a report
+    /// to count its lease from).
+    ///
+    /// The targets are the water-filled demand. Each holder's grant is then the largest value up
+    /// to its target that keeps, at every instant from now on, the bounds of all holders plus the
+    /// cold shares of the others ≤ L. The bounds are step functions of time, so checking the
+    /// instants where one of them changes covers all instants. Holders are taken cuts first, then
+    /// raises from the smallest target up (max-min: the room goes to the small first).
+    pub fn round(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
+        let timing = self.timing;
+        let budget = u64::from(self.limit).saturating_sub(u64::from(cold) * u64::from(others));
+        let lease = timing.stretched(timing.lease);
+        let wants: Vec<u32> = self
+            .holders
+            .values()
+            .map(|a| shares::with_headroom(a.demand))
+            .collect();
+        let targets = shares::water_fill(budget, &wants);
+        let ids: Vec<NodeId> = self.holders.keys().cloned().collect();
+        let now_bounds: Vec<u32> = self
+            .holders
+            .values()
+            .map(|a| a.bound_at(now, cold, &timing))
+            .collect();
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| (targets[i] > now_bounds[i], targets[i]));
+        let mut grants: Vec<Option<Grant>> = vec![None; ids.len()];
+        for i in order {
+            let Some((answers, received)) = self.holders[&ids[i]].last_report else {
+                continue;
+            };
+            let lapses_at = received + lease;
+            let value = self.feasible(i, &ids, targets[i], now, lapses_at, cold, budget);
+            let seq = self.next_grant;
+            let Some(account) = self.holders.get_mut(&ids[i]) else {
+                continue;
+            };
+            // The same value with more than half its lease to go: send it again (the holder
+            // ignores a grant it has; the message still shows the owner alive).
+            let unchanged = account
+                .live
+                .last()
+                .filter(|g| g.value == value && g.lapses_at >= now + timing.lease / 2);
+            grants[i] = Some(match unchanged {
+                Some(g) => Grant {
+                    seq: g.seq,
+                    value,
+                    answers: g.answers,
+                },
+                None => {
+                    self.next_grant += 1;
+                    account.live.push(Counted {
+                        seq,
+                        value,
+                        answers,
+                        lapses_at,
+                    });
+                    Grant {
+                        seq,
+                        value,
+                        answers,
+                    }
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (account, (id, grant)) in self.holders.values_mut().zip(ids.into_iter().zip(grants)) {
+            let message = account.next_message;
+            account.next_message += 1;
+            if account.sent.len() == SENT_REPORTS {
+                account.sent.pop_front();
+            }
+            account.sent.push_back((message, now));
+            out.push((id, ToHolder { message, grant }));
+        }
+        out
+    }
+
+    /// The largest grant up to `target` for holder `i` (lapsing at `lapses_at`) that keeps the sum
+    /// of all bounds ≤ `budget` at every instant from `now` on.
+    #[expect(clippy::too_many_arguments, reason = "one round's context, private")]
+    fn feasible(
+        &self,
+        i: usize,
+        ids: &[NodeId],
+        target: u32,
+        now: Duration,
+        lapses_at: Duration,
+        cold: u32,
+        budget: u64,
+    ) -> u32 {
+        let timing = &self.timing;
+        let mut instants: Vec<Duration> = vec![now, lapses_at];
+        for account in self.holders.values() {
+            instants.extend(account.changes(timing).filter(|&t| t > now));
+        }
+        let mine = &self.holders[&ids[i]];
+        let mut value = target;
+        for at in instants {
+            let rest: u64 = ids
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, id)| u64::from(self.holders[id].bound_at(at, cold, timing)))
+                .sum();
+            let room = budget.saturating_sub(rest);
+            // What holder i may already enforce at `at` stays possible whatever we send.
+            let cap = u64::from(mine.bound_at(at, cold, timing)).max(room);
+            let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+            if at < lapses_at {
+                value = value.min(cap);
+            } else if cap < cold {
+                // After its lease the grant counts as min(value, cold).
+                value = value.min(cap);
+            }
+        }
+        value
+    }
+
+    /// The most that all members may be enforcing at `now`: the bounds of the enrolled plus the
+    /// cold shares of the `others`. Never above L (the tests assert it; `round` keeps it).
+    pub fn in_force_bound(&self, now: Duration, cold: u32, others: u32) -> u64 {
+        let fixed = u64::from(cold) * u64::from(others);
+        fixed
+            + self
+                .holders
+                .values()
+                .map(|a| u64::from(a.bound_at(now, cold, &self.timing)))
+                .sum::<u64>()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,266 @@
+//! A simulated cluster for one client: one owner, holders with offset and drifting clocks, a
+//! network that delays, reorders and loses messages. After every event the shares the holders
+//! actually enforce (each at its own clock) must sum to at most L, and the owner's bound must
+//! cover them.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Real time moves on by this many milliseconds (delivering what arrives meanwhile).
+    Advance(u16),
+    /// Holder `node` reports `demand`; delivered after `delay` ms, or lost.
+    Report {
+        node: usize,
+        demand: u32,
+        delay: u16,
+        lost: bool,
+    },
+    /// The owner runs a round; each grant message gets a delay from `delays` (ms; ≥ 400: lost).
+    Round { delays: Vec<u16> },
+}
+
+#[derive(Debug, Clone)]
+enum Message {
+    ToOwner(usize, Report),
+    ToHolder(usize, ToHolder),
+}
+
+struct Node {
+    id: NodeId,
+    offset: Duration,
+    ppm: i64,
+    holder: Holder,
+}
+
+impl Node {
+    /// This node's clock at real time `real`.
+    fn clock(&self, real: Duration) -> Duration {
+        let ns = real.as_nanos() as i128;
+        let skewed = ns + ns * i128::from(self.ppm) / 1_000_000;
+        self.offset + Duration::from_nanos(u64::try_from(skewed.max(0)).unwrap_or(u64::MAX))
+    }
+}
+
+struct Sim {
+    limit: u32,
+    cold: u32,
+    /// Members not enrolled (they enforce the cold share).
+    others: u32,
+    real: Duration,
+    nodes: Vec<Node>,
+    /// `nodes[0]` is the owner (and a holder too).
+    ledger: Ledger,
+    in_flight: Vec<(Duration, Message)>,
+}
+
+impl Sim {
+    fn new(
+        limit: u32,
+        members: u32,
+        enrolled: usize,
+        timing: Timing,
+        clocks: &[(u64, i16)],
+    ) -> Sim {
+        let nodes: Vec<Node> = (0..enrolled)
+            .map(|i| Node {
+                id: NodeId::new(&format!("n{i}")).expect("a valid id"),
+                offset: Duration::from_millis(clocks[i].0),
+                ppm: i64::from(clocks[i].1),
+                holder: Holder::new(timing),
+            })
+            .collect();
+        let mut ledger = Ledger::new(limit, timing);
+        for n in &nodes {
+            ledger.enrol(n.id.clone());
+        }
+        let cold = shares::cold_share(limit, members);
+        Sim {
+            limit,
+            cold,
+            others: members - enrolled as u32,
+            real: Duration::ZERO,
+            nodes,
+            ledger,
+            in_flight: Vec::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), TestCaseError> {
+        let enforced: u64 = self
+            .nodes
+            .iter()
+            .map(|n| u64::from(n.holder.enforced(n.clock(self.real), self.cold)))
+            .sum::<u64>()
+            + u64::from(self.cold) * u64::from(self.others);
+        prop_assert!(
+            enforced <= u64::from(self.limit),
+            "shares in force sum to {enforced} > L = {} at {:?}",
+            self.limit,
+            self.real
+        );
+        let bound =
+            self.ledger
+                .in_force_bound(self.nodes[0].clock(self.real), self.cold, self.others);
+        prop_assert!(
+            bound >= enforced,
+            "the owner's bound {bound} is below what is in force, {enforced}"
+        );
+        Ok(())
+    }
+
+    fn deliver(&mut self, message: Message) {
+        match message {
+            Message::ToOwner(from, report) => {
+                let now = self.nodes[0].clock(self.real);
+                let id = self.nodes[from].id.clone();
+                self.ledger.receive(&id, now, report);
+            }
+            Message::ToHolder(to, message) => {
+                let node = &mut self.nodes[to];
+                let now = node.clock(self.real);
+                node.holder.receive(now, message);
+            }
+        }
+    }
+
+    /// Moves real time to `until`, delivering each message at its arrival time.
+    fn advance(&mut self, until: Duration) -> Result<(), TestCaseError> {
+        loop {
+            let next = self
+                .in_flight
+                .iter()
+                .enumerate()
+                .filter(|(_, (at, _))| *at <= until)
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(i, _)| i);
+            let Some(i) = next else { break };
+            let (at, message) = self.in_flight.swap_remove(i);
+            self.real = self.real.max(at);
+            self.check()?;
+            self.deliver(message);
+            self.check()?;
+        }
+        self.real = until;
+        self.check()
+    }
+
+    fn run(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match op {
+            Op::Advance(ms) => self.advance(self.real + Duration::from_millis(u64::from(*ms)))?,
+            Op::Report {
+                node,
+                demand,
+                delay,
+                lost,
+            } => {
+                let i = node % self.nodes.len();
+                let n = &mut self.nodes[i];
+                let report = n.holder.report(n.clock(self.real), *demand);
+                if !lost {
+                    let at = self.real + Duration::from_millis(u64::from(*delay));
+                    self.in_flight.push((at, Message::ToOwner(i, report)));
+                }
+            }
+            Op::Round { delays } => {
+                let now = self.nodes[0].clock(self.real);
+                let sent = self.ledger.round(now, self.cold, self.others);
+                for (k, (id, message)) in sent.into_iter().enumerate() {
+                    let to = self
+                        .nodes
+                        .iter()
+                        .position(|n| n.id == id)
+                        .expect("grants go to enrolled nodes");
+                    let delay = delays.get(k).copied().unwrap_or(0);
+                    if delay < 400 {
+                        let at = self.real + Duration::from_millis(u64::from(delay));
+                        self.in_flight.push((at, Message::ToHolder(to, message)));
+                    }
+                }
+            }
+        }
+        self.check()
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u16..600).prop_map(Op::Advance),
+        (0usize..8, 0u32..5_000, 0u16..300, prop::bool::weighted(0.1)).prop_map(
+            |(node, demand, delay, lost)| Op::Report {
+                node,
+                demand,
+                delay,
+                lost
+            }
+        ),
+        prop::collection::vec(0u16..500, 8).prop_map(|delays| Op::Round { delays }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn shares_in_force_never_sum_above_the_limit(
+        limit in 1u32..2_000,
+        members in 1u32..8,
+        enrolled_pick in 0usize..8,
+        lease_ms in 50u64..2_000,
+        silence_factor in 2u64..6,
+        clocks in prop::collection::vec((0u64..10_000_000, -1000i16..=1000), 8),
+        ops in prop::collection::vec(op(), 1..120),
+    ) {
+        let enrolled = 1 + enrolled_pick % members as usize;
+        let timing = Timing {
+            lease: Duration::from_millis(lease_ms),
+            silence: Duration::from_millis(lease_ms * silence_factor),
+            drift_ppm: 1000,
+        };
+        let mut sim = Sim::new(limit, members, enrolled, timing, &clocks);
+        sim.check()?;
+        for op in &ops {
+            sim.run(op)?;
+        }
+        // And once everything in flight has landed and every lease could have lapsed.
+        sim.advance(sim.real + Duration::from_millis(lease_ms * 10))?;
+    }
+}
+
+/// Without loss, a client at 3× L spread 80/15/5 over three members gets about L in total,
+/// split by demand, after a few rounds (liveness: the safety rules do not starve it).
+#[test]
+fn hot_client_spread_80_15_5_converges_to_its_limit() -> Result<(), TestCaseError> {
+    let timing = Timing {
+        lease: Duration::from_secs(1),
+        silence: Duration::from_secs(3),
+        drift_ppm: 1000,
+    };
+    let mut sim = Sim::new(100, 3, 3, timing, &[(0, 0), (5_000, 700), (123_456, -900)]);
+    for _ in 0..10 {
+        for (node, demand) in [(0, 240), (1, 45), (2, 15)] {
+            sim.run(&Op::Report {
+                node,
+                demand,
+                delay: 5,
+                lost: false,
+            })?;
+        }
+        sim.run(&Op::Advance(10))?;
+        sim.run(&Op::Round { delays: vec![5; 3] })?;
+        sim.run(&Op::Advance(40))?;
+    }
+    let shares: Vec<u32> = sim
+        .nodes
+        .iter()
+        .map(|n| n.holder.enforced(n.clock(sim.real), sim.cold))
+        .collect();
+    let total: u32 = shares.iter().sum();
+    assert!(total >= 95, "{shares:?}");
+    assert!(shares[0] > 33 && shares[2] < 33, "{shares:?}");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The cluster's algorithms, pure and with time injected: how a global client's limit L is split
+//! between members so that the shares in force never sum above L (`shares`, `lease`), and which
+//! member owns a client (`owner`). The agent's sync loop, its peers and its wire format build on
+//! these; nothing here does I/O or reads a clock.
+//!
+//! The model (issue 12): each member enforces its own share of L exactly in its maps. A client
+//! no one has enrolled gets the cold share ⌊L/N⌋ everywhere, with no sync. A client that grows hot
+//! is enrolled by its owner, which water-fills the members' reported demand into grants; cuts
+//! take effect at once, raises only in the room that acknowledged cuts and lapsed leases leave.
+
+pub mod lease;
+pub mod owner;
+pub mod shares;
+
+use std::fmt;
+
+/// A member's id: unique and stable (peers are identified by it, never by address). 1 to 63
+/// bytes of ASCII letters, digits, `.`, `_` and `-`, so it is safe in logs, metrics labels and
+/// file names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(String);
+
+/// Why a node id is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    #[error("a node id is 1 to {max} bytes, not {0}", max = NodeId::MAX_LEN)]
+    Length(usize),
+    #[error("a node id has only ASCII letters, digits, '.', '_' and '-', not {0:?}")]
+    Character(char),
+}
+
+impl NodeId {
+    /// Longest id, in bytes.
+    pub const MAX_LEN: usize = 63;
+
+    pub fn new(id: &str) -> Result<NodeId, NodeIdError> {
+        if id.is_empty() || id.len() > Self::MAX_LEN {
+            return Err(NodeIdError::Length(id.len()));
+        }
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(NodeIdError::Character(c));
+        }
+        Ok(NodeId(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_checked() {
+        assert_eq!(
+            NodeId::new("n1").map(|n| n.to_string()),
+            Ok("n1".to_owned())
+        );
+        assert_eq!(NodeId::new(""), Err(NodeIdError::Length(0)));
+        assert_eq!(NodeId::new(&"a".repeat(64)), Err(NodeIdError::Length(64)));
+        assert_eq!(NodeId::new("n 1"), Err(NodeIdError::Character(' ')));
+        assert_eq!(
+            NodeId::new("n1\0").map_err(|e| e.to_string()),
+            Err("a node id has only ASCII letters, digits, '.', '_' and '-', not '\\0'".to_owned())
+        );
+    }
+}
