@@ -1,6 +1,6 @@
 //! The cluster's algorithms, pure and with time injected: how a global client's limit L is split
-//! between members so that the shares in force never sum above L (`shares`, `lease`), and which
-//! member owns a client (`owner`). The agent's sync loop, its peers and its wire format build on
+//! between members so that the shares in force never sum above L (`shares`, `lease`), which
+//! member owns a client (`owner`), and how members' reports merge into demand (`demand`). The agent's sync loop, its peers and its wire format build on
 //! these; nothing here does I/O or reads a clock.
 //!
 //! The model (issue 12): each member enforces its own share of L exactly in its maps. A client
@@ -8,6 +8,7 @@
 //! is enrolled by its owner, which water-fills the members' reported demand into grants; cuts
 //! take effect at once, raises only in the room that acknowledged cuts and lapsed leases leave.
 
+pub mod demand;
 pub mod lease;
 pub mod owner;
 pub mod shares;
