@@ -28,6 +28,16 @@
 //!   This is cut-before-raise, and it is what keeps the sum ≤ L while messages are in flight.
 //!
 //! Times are [`Duration`]s since the node's own monotonic origin (injected; never a wall clock).
+//!
+//! Preconditions the sync loop built on this must keep, and what is not covered yet (an
+//! independent review listed them): the cold share a holder uses is never above the one its
+//! owner counts with, and a larger member count (a smaller budget) may be used by the owner only
+//! a stretched lease after it was announced; a holder that restarts must not enforce more than
+//! the cold share less what it cannot account for until it hears its owner (reports and grants
+//! will carry the holder's incarnation); a new owner (after the old one left) must be told apart
+//! by an owner epoch in its messages, and issue no raise for one lease (learning mode); releasing
+//! a client is cut-before-raise too (every grant brought to at most the cold share and
+//! acknowledged before the ledger is dropped). None of these exist here yet.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -40,22 +50,65 @@ use super::{NodeId, shares};
 /// applied as already lapsed (`min(value, cold)`), which is always safe.
 const SENT_REPORTS: usize = 16;
 
-/// Clock parameters shared by owner and holders.
+/// Clock parameters shared by owner and holders (build with [`Timing::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// Lease of a grant, on the holder's clock, from the report it answers.
-    pub lease: Duration,
+    lease: Duration,
     /// A holder that heard nothing from the owner for this long (its clock) drops the grant.
-    pub silence: Duration,
+    silence: Duration,
     /// Largest clock rate error of any member, in parts per million (1000: ±0.1%).
-    pub drift_ppm: u32,
+    drift_ppm: u32,
+}
+
+/// Why clock parameters are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    #[error("the lease must be between 10 ms and 1 h, not {0:?}")]
+    Lease(Duration),
+    #[error(
+        "the silence limit ({silence:?}) must exceed the lease stretched by clock drift \
+         ({lease:?}), or no raise could ever be granted"
+    )]
+    Silence { silence: Duration, lease: Duration },
+    #[error("clock drift is at most 100000 ppm (10%), not {0}")]
+    Drift(u32),
 }
 
 impl Timing {
+    /// Longest lease (and so the longest silence that makes sense is a few of them).
+    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+    pub fn new(lease: Duration, silence: Duration, drift_ppm: u32) -> Result<Timing, TimingError> {
+        if drift_ppm > 100_000 {
+            return Err(TimingError::Drift(drift_ppm));
+        }
+        if lease < Duration::from_millis(10) || lease > Self::MAX_LEASE {
+            return Err(TimingError::Lease(lease));
+        }
+        let timing = Timing {
+            lease,
+            silence,
+            drift_ppm,
+        };
+        let stretched = timing.stretched(lease);
+        if silence <= stretched || silence > 100 * Self::MAX_LEASE {
+            return Err(TimingError::Silence {
+                silence,
+                lease: stretched,
+            });
+        }
+        Ok(timing)
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// `d` measured on a clock running up to `drift_ppm` slow, seen on one up to as fast: the
     /// most real-and-other-clock time `d` can take (`d·(1+ρ)/(1−ρ)`, rounded up, plus 1 ms).
     fn stretched(&self, d: Duration) -> Duration {
-        let rho = u128::from(self.drift_ppm.min(100_000));
+        let rho = u128::from(self.drift_ppm);
         let ns = d.as_nanos() * (1_000_000 + rho);
         let ns = ns.div_ceil(1_000_000 - rho);
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)) + Duration::from_millis(1)
@@ -63,7 +116,7 @@ impl Timing {
 
     /// The least time `d` on one clock can take seen on another (`d·(1−ρ)/(1+ρ)`, less 1 ms).
     fn shrunk(&self, d: Duration) -> Duration {
-        let rho = u128::from(self.drift_ppm.min(100_000));
+        let rho = u128::from(self.drift_ppm);
         let ns = d.as_nanos() * (1_000_000 - rho) / (1_000_000 + rho);
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
             .saturating_sub(Duration::from_millis(1))
@@ -107,6 +160,9 @@ pub struct Report {
 pub struct Holder {
     timing: Timing,
     grant: Option<Applied>,
+    /// The newest grant ever applied, kept across a drop for silence so that a late copy of an
+    /// older grant (one the owner may have stopped counting) is never applied again.
+    newest_grant: u64,
     last_heard: Option<Duration>,
     echo: Option<u64>,
     next_report: u64,
@@ -126,6 +182,7 @@ impl Holder {
         Holder {
             timing,
             grant: None,
+            newest_grant: 0,
             last_heard: None,
             echo: None,
             next_report: 1,
@@ -183,9 +240,10 @@ impl Holder {
         let Some(grant) = message.grant else {
             return;
         };
-        if self.grant.is_some_and(|g| g.seq >= grant.seq) {
+        if grant.seq <= self.newest_grant {
             return;
         }
+        self.newest_grant = grant.seq;
         let until = self
             .sent
             .iter()
@@ -215,8 +273,13 @@ pub struct Ledger {
 
 #[derive(Debug, Clone, Default)]
 struct Account {
-    /// Grants the holder may be enforcing: the newest acknowledged and all issued after it.
+    /// Grants the holder may be enforcing: the newest acknowledged and all issued after it,
+    /// except those whose lease is over, which are merged into `lapsed`.
     live: Vec<Counted>,
+    /// Grants whose lease is over but which the holder may still be enforcing, as
+    /// `min(value, cold)`: the newest seq and the largest value among them. Keeps `live` bounded
+    /// (a holder whose grants never arrive would otherwise add one every half lease).
+    lapsed: Option<(u64, u32)>,
     /// Whether the holder may still be enforcing the cold share (nothing applied yet).
     cold_possible: bool,
     demand: u32,
@@ -249,6 +312,9 @@ impl Account {
         } else {
             0
         };
+        if let Some((_, value)) = self.lapsed {
+            bound = bound.max(value.min(cold));
+        }
         for g in &self.live {
             bound = bound.max(if at < g.lapses_at {
                 g.value
@@ -264,6 +330,21 @@ impl Account {
     fn silent_from(&self, timing: &Timing) -> Option<Duration> {
         self.echoed_sent_at
             .map(|s| s + timing.shrunk(timing.silence))
+    }
+
+    /// Merges the grants whose lease is over at `now` into `lapsed`.
+    fn compact(&mut self, now: Duration) {
+        let mut lapsed = self.lapsed;
+        self.live.retain(|g| {
+            if g.lapses_at > now {
+                return true;
+            }
+            lapsed = Some(lapsed.map_or((g.seq, g.value), |(seq, value)| {
+                (seq.max(g.seq), value.max(g.value))
+            }));
+            false
+        });
+        self.lapsed = lapsed;
     }
 
     /// The instants at which `bound_at` may change.
@@ -316,6 +397,7 @@ impl Ledger {
             // It never goes back to an older grant, nor to the cold share (until silence or a
             // release, which the bound covers).
             account.live.retain(|g| g.seq >= applied);
+            account.lapsed = account.lapsed.filter(|&(seq, _)| seq >= applied);
             account.cold_possible = false;
         }
         if let Some(echo) = report.echo
@@ -345,6 +427,9 @@ impl Ledger {
             .map(|a| shares::with_headroom(a.demand))
             .collect();
         let targets = shares::water_fill(budget, &wants);
+        for account in self.holders.values_mut() {
+            account.compact(now);
+        }
         let ids: Vec<NodeId> = self.holders.keys().cloned().collect();
         let now_bounds: Vec<u32> = self
             .holders
@@ -419,6 +504,9 @@ impl Ledger {
         budget: u64,
     ) -> u32 {
         let timing = &self.timing;
+        // A grant answering a report older than a lease is lapsed on arrival: from now on it
+        // counts as min(value, cold).
+        let lapses_at = lapses_at.max(now);
         let mut instants: Vec<Duration> = vec![now, lapses_at];
         for account in self.holders.values() {
             instants.extend(account.changes(timing).filter(|&t| t > now));

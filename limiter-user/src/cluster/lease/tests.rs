@@ -39,6 +39,19 @@ struct Node {
 
 impl Node {
     /// This node's clock at real time `real`.
+    /// The earliest real time at which this node's clock reads `clock` or more (`None`: before
+    /// real time 0).
+    fn real_at(&self, clock: Duration) -> Option<Duration> {
+        let since = clock.checked_sub(self.offset)?.as_nanos() as i128;
+        let real = (since * 1_000_000).div_euclid(1_000_000 + i128::from(self.ppm));
+        // Rounding: step forward until the clock really reads `clock`.
+        let mut real = Duration::from_nanos(u64::try_from(real.max(0)).ok()?);
+        while self.clock(real) < clock {
+            real += Duration::from_nanos(1);
+        }
+        Some(real)
+    }
+
     fn clock(&self, real: Duration) -> Duration {
         let ns = real.as_nanos() as i128;
         let skewed = ns + ns * i128::from(self.ppm) / 1_000_000;
@@ -128,8 +141,46 @@ impl Sim {
         }
     }
 
+    /// The real instants in `(self.real, until]` at which a holder's enforced share or the
+    /// owner's bound steps (a lease ends, a silence limit passes): the sums are checked there too,
+    /// not only at events.
+    fn steps(&self, until: Duration) -> Vec<Duration> {
+        let mut clocks: Vec<(usize, Duration)> = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(g) = n.holder.grant
+                && let Some(end) = g.until
+            {
+                clocks.push((i, end));
+            }
+            if let Some(heard) = n.holder.last_heard {
+                clocks.push((i, heard + n.holder.timing.silence));
+            }
+        }
+        for account in self.ledger.holders.values() {
+            for at in account.changes(&self.ledger.timing) {
+                clocks.push((0, at));
+            }
+        }
+        let mut steps: Vec<Duration> = clocks
+            .into_iter()
+            .filter_map(|(i, at)| self.nodes[i].real_at(at))
+            .flat_map(|r| [r.saturating_sub(Duration::from_nanos(1)), r])
+            .filter(|&r| r > self.real && r <= until)
+            .collect();
+        steps.sort();
+        steps.dedup();
+        steps
+    }
+
     /// Moves real time to `until`, delivering each message at its arrival time.
     fn advance(&mut self, until: Duration) -> Result<(), TestCaseError> {
+        for step in self.steps(until) {
+            self.advance_to(step)?;
+        }
+        self.advance_to(until)
+    }
+
+    fn advance_to(&mut self, until: Duration) -> Result<(), TestCaseError> {
         loop {
             let next = self
                 .in_flight
@@ -164,6 +215,11 @@ impl Sim {
                 if !lost {
                     let at = self.real + Duration::from_millis(u64::from(*delay));
                     self.in_flight.push((at, Message::ToOwner(i, report)));
+                    // Odd delays: the network also delivers a second copy, later.
+                    if delay % 2 == 1 {
+                        let again = at + Duration::from_millis(u64::from(*delay));
+                        self.in_flight.push((again, Message::ToOwner(i, report)));
+                    }
                 }
             }
             Op::Round { delays } => {
@@ -179,6 +235,10 @@ impl Sim {
                     if delay < 400 {
                         let at = self.real + Duration::from_millis(u64::from(delay));
                         self.in_flight.push((at, Message::ToHolder(to, message)));
+                        if delay % 3 == 1 {
+                            let again = at + Duration::from_millis(u64::from(delay) * 4);
+                            self.in_flight.push((again, Message::ToHolder(to, message)));
+                        }
                     }
                 }
             }
@@ -216,11 +276,12 @@ proptest! {
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let enrolled = 1 + enrolled_pick % members as usize;
-        let timing = Timing {
-            lease: Duration::from_millis(lease_ms),
-            silence: Duration::from_millis(lease_ms * silence_factor),
-            drift_ppm: 1000,
-        };
+        let timing = Timing::new(
+            Duration::from_millis(lease_ms),
+            Duration::from_millis(lease_ms * silence_factor),
+            1000,
+        )
+        .expect("valid timing");
         let mut sim = Sim::new(limit, members, enrolled, timing, &clocks);
         sim.check()?;
         for op in &ops {
@@ -231,36 +292,57 @@ proptest! {
     }
 }
 
-/// Without loss, a client at 3× L spread 80/15/5 over three members gets about L in total,
-/// split by demand, after a few rounds (liveness: the safety rules do not starve it).
+/// Liveness: with every fifth report and every seventh grant lost, a client at 3× L spread
+/// 80/15/5 over three members gets at least 90% of L in total after warm-up, split max-min by
+/// demand; after the spread flips to 5/15/80 it follows within a few rounds. Runs 12 leases,
+/// so grants are renewed many times.
 #[test]
-fn hot_client_spread_80_15_5_converges_to_its_limit() -> Result<(), TestCaseError> {
-    let timing = Timing {
-        lease: Duration::from_secs(1),
-        silence: Duration::from_secs(3),
-        drift_ppm: 1000,
-    };
+fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError> {
+    let timing = Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing");
     let mut sim = Sim::new(100, 3, 3, timing, &[(0, 0), (5_000, 700), (123_456, -900)]);
-    for _ in 0..10 {
-        for (node, demand) in [(0, 240), (1, 45), (2, 15)] {
+    let mut sent = 0u32;
+    for round in 0..60 {
+        let spread = if round < 30 {
+            [240, 45, 15]
+        } else {
+            [15, 45, 240]
+        };
+        for (node, demand) in spread.into_iter().enumerate() {
+            sent += 1;
             sim.run(&Op::Report {
                 node,
                 demand,
-                delay: 5,
-                lost: false,
+                delay: 4,
+                lost: sent % 5 == 0,
             })?;
         }
         sim.run(&Op::Advance(10))?;
-        sim.run(&Op::Round { delays: vec![5; 3] })?;
-        sim.run(&Op::Advance(40))?;
+        let delays = (0..3)
+            .map(|i| if (round * 3 + i) % 7 == 0 { 450 } else { 6 })
+            .collect();
+        sim.run(&Op::Round { delays })?;
+        sim.run(&Op::Advance(90))?;
+        let shares: Vec<u32> = sim
+            .nodes
+            .iter()
+            .map(|n| n.holder.enforced(n.clock(sim.real), sim.cold))
+            .collect();
+        let total: u32 = shares.iter().sum();
+        let settled = (5..30).contains(&round) || round >= 35;
+        if settled {
+            prop_assert!(total >= 90, "round {round}: {shares:?}");
+            let (hot, cold_end) = if round < 30 { (0, 2) } else { (2, 0) };
+            // Max-min: the light member gets its want (15 + 10%), the two others split the rest.
+            prop_assert!(
+                shares[hot] >= 40 && shares[cold_end] <= 20,
+                "round {round}: {shares:?}"
+            );
+        }
     }
-    let shares: Vec<u32> = sim
-        .nodes
-        .iter()
-        .map(|n| n.holder.enforced(n.clock(sim.real), sim.cold))
-        .collect();
-    let total: u32 = shares.iter().sum();
-    assert!(total >= 95, "{shares:?}");
-    assert!(shares[0] > 33 && shares[2] < 33, "{shares:?}");
     Ok(())
 }
