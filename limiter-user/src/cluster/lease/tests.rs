@@ -306,7 +306,7 @@ fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError
     .expect("valid timing");
     let mut sim = Sim::new(100, 3, 3, timing, &[(0, 0), (5_000, 700), (123_456, -900)]);
     let mut sent = 0u32;
-    for round in 0..60 {
+    for round in 0u32..60 {
         let spread = if round < 30 {
             [240, 45, 15]
         } else {
@@ -318,12 +318,18 @@ fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError
                 node,
                 demand,
                 delay: 4,
-                lost: sent % 5 == 0,
+                lost: sent.is_multiple_of(5),
             })?;
         }
         sim.run(&Op::Advance(10))?;
         let delays = (0..3)
-            .map(|i| if (round * 3 + i) % 7 == 0 { 450 } else { 6 })
+            .map(|i| {
+                if (round * 3 + i).is_multiple_of(7) {
+                    450
+                } else {
+                    6
+                }
+            })
             .collect();
         sim.run(&Op::Round { delays })?;
         sim.run(&Op::Advance(90))?;
