@@ -82,7 +82,6 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     datapath::check_environment()?;
-    let nofile = open_files(&mut opts);
     // The kernel features the program and the agent need; not for `limiter detach`, which must
     // clean up on any kernel.
     datapath::kernel::check().map_err(datapath::DatapathError::from)?;
@@ -165,6 +164,9 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         survives_agent,
         "ready: XDP program attached and policies applied"
     );
+    // Here rather than first thing: a start that fails says so in one line. Everything the caps
+    // are for (the listeners' serving) starts below.
+    let nofile = open_files(&mut opts);
 
     let counters = Arc::new(Counters::default());
     counters
