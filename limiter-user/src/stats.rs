@@ -372,3 +372,77 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
         clients: rows,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// A walk that takes 50 ms and counts itself: its counts say which walk they came from.
+    fn counting_walk(walks: &Arc<AtomicU64>) -> impl FnOnce() -> Result<Resident, ()> + use<> {
+        let walks = Arc::clone(walks);
+        move || {
+            let n = walks.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(Resident {
+                addresses: n,
+                ids: 0,
+            })
+        }
+    }
+
+    /// Twenty callers at once, each wanting counts from a walk that started after it arrived,
+    /// cost at most two walks; each gets counts no older than its arrival.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_walks() {
+        let shared = Arc::new(Walks::default());
+        let walks = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let (shared, walks) = (Arc::clone(&shared), Arc::clone(&walks));
+                tokio::spawn(async move {
+                    let arrived = Instant::now();
+                    let counts = shared
+                        .resident(arrived, counting_walk(&walks))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    (arrived, counts)
+                })
+            })
+            .collect();
+        for caller in callers {
+            let (_, counts) = caller.await.unwrap();
+            assert!((1..=2).contains(&counts.addresses), "{counts:?}");
+        }
+        assert!(walks.load(Ordering::SeqCst) <= 2);
+
+        // A caller arriving later gets a walk of its own, not the old counts.
+        let later = shared
+            .resident(Instant::now(), counting_walk(&walks))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(later.addresses, walks.load(Ordering::SeqCst));
+
+        // One that accepts counts from a minute back reuses the last walk.
+        let before = walks.load(Ordering::SeqCst);
+        let since = Instant::now() - Duration::from_secs(60);
+        let reused = shared
+            .resident(since, counting_walk(&walks))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (reused.addresses, walks.load(Ordering::SeqCst)),
+            (before, before)
+        );
+    }
+}
