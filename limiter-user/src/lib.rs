@@ -2,12 +2,14 @@
 //!
 //! Each folder is one concept; see README.md "Architecture" for how they map onto the data flow.
 //! Imports point one way only (no circles): `state_file` (the one atomic writer, no crate
-//! imports) <- `config` (its overlay is stored with it) <- `datapath` <- `check`, `adaptive`,
+//! imports) and `admission` (connection caps, no crate imports) at the bottom; `state_file` <-
+//! `config` (its overlay is stored with it) <- `datapath` <- `check`, `adaptive`,
 //! `stats` <- `snapshot`, `metrics`; `metrics` and `check` <- `limits` (the policy store) <-
 //! `api` <- `agent`; `cli` (the command-line client) uses `api`'s socket path, `stats` and
 //! `proto`. `cluster` (the cluster's pure algorithms: shares, leases, owners) imports nothing
 //! of the crate.
 pub mod adaptive;
+pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod check;

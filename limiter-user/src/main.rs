@@ -2,10 +2,11 @@
 
 use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use limiter_user::{
+    admission::Caps,
     agent::{self, AgentOptions},
-    api::{self, ApiOptions, TlsFiles},
+    api::{self, ApiOptions, ConnectionLimits, TlsFiles},
     cli::{
         client::{self, Target, status_error},
         render::{self, action_name, client_table, show_duration, show_policy},
@@ -81,9 +82,31 @@ enum Command {
         /// Most checks in one CheckBatch call.
         #[arg(long, default_value_t = api::DEFAULT_MAX_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         api_max_batch: u32,
+        /// TCP API connections served at once; more are closed at once and counted
+        /// (limiter_connections_refused_total). Lowered at start if the open-files limit cannot
+        /// hold them.
+        #[arg(long, default_value_t = api::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+        api_max_connections: usize,
+        /// TCP API connections served at once from one source: an IPv4 address, or an IPv6 /64.
+        #[arg(long, default_value_t = api::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+        api_max_connections_per_address: usize,
+        /// Time a TCP API connection has to complete TLS and make its first authenticated call
+        /// before it is closed, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = parse_interval)]
+        api_auth_timeout: Duration,
+        /// Time a TCP API connection may stay without an authenticated call in flight before it
+        /// is closed, e.g. 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_interval)]
+        api_idle_timeout: Duration,
         /// Serve Prometheus metrics on http://ADDR/metrics.
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Metrics connections served at once; more are closed at once and counted.
+        #[arg(long, default_value_t = limiter_user::metrics::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+        metrics_max_connections: usize,
+        /// Metrics connections served at once from one source: an IPv4 address, or an IPv6 /64.
+        #[arg(long, default_value_t = limiter_user::metrics::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+        metrics_max_connections_per_address: usize,
         /// Adaptive windows: read the CPU load from this file (`0.93` or `93%`, re-read every
         /// period) instead of measuring the machine's.
         #[arg(long)]
@@ -133,7 +156,8 @@ enum Command {
         iface: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
-        /// How many clients to list (0: all).
+        /// How many clients to list (0: all from the pinned maps with --iface; through the API
+        /// at most 1000, and 0 asks for 1000).
         #[arg(long, default_value_t = 10)]
         top: usize,
         /// Machine-readable output.
@@ -255,7 +279,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_tls_key,
             api_tls_client_ca,
             api_max_batch,
+            api_max_connections,
+            api_max_connections_per_address,
+            api_auth_timeout,
+            api_idle_timeout,
             metrics,
+            metrics_max_connections,
+            metrics_max_connections_per_address,
             load_file,
         } => {
             let token = api_token_file.as_deref().map(api::read_token).transpose()?;
@@ -285,6 +315,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 tls,
                 max_batch: api_max_batch as usize,
+                connections: ConnectionLimits {
+                    caps: Caps {
+                        total: api_max_connections,
+                        per_source: api_max_connections_per_address.min(api_max_connections),
+                    },
+                    auth_timeout: api_auth_timeout,
+                    idle_timeout: api_idle_timeout,
+                },
             };
             runtime.block_on(agent::run(AgentOptions {
                 iface,
@@ -297,6 +335,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 replace,
                 api,
                 metrics,
+                metrics_caps: Caps {
+                    total: metrics_max_connections,
+                    per_source: metrics_max_connections_per_address.min(metrics_max_connections),
+                },
                 load_file,
             }))
         }
@@ -481,7 +523,9 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
         .into_inner();
     let clients = c
         .stats
-        .top(proto::TopRequest { n: top as u32 })
+        .top(proto::TopRequest {
+            n: u32::try_from(top).unwrap_or(u32::MAX),
+        })
         .await
         .map_err(status_error)?
         .into_inner()

@@ -3,7 +3,7 @@
 //! and the agent's Prometheus endpoint, and client rows ([`ClientRow`]). Works while the agent runs, and after
 //! it is gone while the pins remain.
 
-use std::{collections::HashMap, net::IpAddr, num::NonZeroU64};
+use std::{collections::HashMap, net::IpAddr, num::NonZeroU64, time::Instant};
 
 use limiter_common::{
     AdaptiveStatus, ClientState, GlobalStats, Policy,
@@ -51,7 +51,8 @@ impl Figures {
 
 /// Client entries resident in the kernel maps. No map type keeps an element count user space can
 /// read, so counting them walks the client maps: on handles of their own
-/// ([`Tables::client_maps`]), outside any lock, and (for the metrics endpoint) not on every read.
+/// ([`Tables::client_maps`]), outside any lock, one batch in memory at a time, and shared by
+/// concurrent callers ([`Walks`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Resident {
     /// Entries keyed by an IP address (dynamic and static).
@@ -65,6 +66,78 @@ impl Resident {
     pub fn count(maps: &ClientMaps) -> Result<Resident, DatapathError> {
         let (addresses, ids) = maps.resident()?;
         Ok(Resident { addresses, ids })
+    }
+}
+
+/// The agent's walks of the client maps (for `Stats.Global`, `Stats.Top` and the metrics
+/// endpoint): one at a time, and the resident counts of the last one shared.
+///
+/// A walk costs the kernel a copy of every entry (about 0.4 s for a million clients) but holds
+/// only one batch at a time in the agent. Concurrent callers never each start one: a caller who
+/// needs counts from a walk that started after some moment (for `Stats.Global`: its own arrival)
+/// waits for the walk in progress and then takes the last walk's counts if they are recent
+/// enough, else walks itself; a burst of callers costs at most two walks. (A caller cancelled
+/// while its walk runs releases the turn; that walk finishes unshared on the blocking pool.)
+#[derive(Debug, Default)]
+pub struct Walks {
+    /// When the last complete walk started, and what it counted; the lock is held during a walk.
+    last: tokio::sync::Mutex<Option<(Instant, Resident)>>,
+}
+
+impl Walks {
+    /// Resident counts from a walk that started at `since` or later: the last one's, or those
+    /// of `walk`, run now on the blocking pool. An error of `walk` is returned and not kept.
+    pub async fn resident<E: Send + 'static>(
+        &self,
+        since: Instant,
+        walk: impl FnOnce() -> Result<Resident, E> + Send + 'static,
+    ) -> Result<Result<Resident, E>, tokio::task::JoinError> {
+        let mut last = self.last.lock().await;
+        if let Some((started, resident)) = *last
+            && started >= since
+        {
+            return Ok(Ok(resident));
+        }
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(walk).await?;
+        if let Ok(resident) = &outcome {
+            *last = Some((started, *resident));
+        }
+        Ok(outcome)
+    }
+
+    /// [`Walks::resident`] for a caller already on the blocking pool (not a runtime worker):
+    /// `walk` runs on the calling thread.
+    pub fn blocking_resident<E>(
+        &self,
+        since: Instant,
+        walk: impl FnOnce() -> Result<Resident, E>,
+    ) -> Result<Resident, E> {
+        let mut last = self.last.blocking_lock();
+        if let Some((started, resident)) = *last
+            && started >= since
+        {
+            return Ok(resident);
+        }
+        let started = Instant::now();
+        let resident = walk()?;
+        *last = Some((started, resident));
+        Ok(resident)
+    }
+
+    /// Runs `walk`, which visits every entry and counts what it visited, on the blocking pool in
+    /// its turn; its counts become the last walk's.
+    pub async fn walk<T: Send + 'static, E: Send + 'static>(
+        &self,
+        walk: impl FnOnce() -> Result<(T, Resident), E> + Send + 'static,
+    ) -> Result<Result<(T, Resident), E>, tokio::task::JoinError> {
+        let mut last = self.last.lock().await;
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(walk).await?;
+        if let Ok((_, resident)) = &outcome {
+            *last = Some((started, *resident));
+        }
+        Ok(outcome)
     }
 }
 
@@ -298,4 +371,78 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
         },
         clients: rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// A walk that takes 50 ms and counts itself: its counts say which walk they came from.
+    fn counting_walk(walks: &Arc<AtomicU64>) -> impl FnOnce() -> Result<Resident, ()> + use<> {
+        let walks = Arc::clone(walks);
+        move || {
+            let n = walks.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(Resident {
+                addresses: n,
+                ids: 0,
+            })
+        }
+    }
+
+    /// Twenty callers at once, each wanting counts from a walk that started after it arrived,
+    /// cost at most two walks; each gets counts no older than its arrival.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_walks() {
+        let shared = Arc::new(Walks::default());
+        let walks = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let (shared, walks) = (Arc::clone(&shared), Arc::clone(&walks));
+                tokio::spawn(async move {
+                    let arrived = Instant::now();
+                    let counts = shared
+                        .resident(arrived, counting_walk(&walks))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    (arrived, counts)
+                })
+            })
+            .collect();
+        for caller in callers {
+            let (_, counts) = caller.await.unwrap();
+            assert!((1..=2).contains(&counts.addresses), "{counts:?}");
+        }
+        assert!(walks.load(Ordering::SeqCst) <= 2);
+
+        // A caller arriving later gets a walk of its own, not the old counts.
+        let later = shared
+            .resident(Instant::now(), counting_walk(&walks))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(later.addresses, walks.load(Ordering::SeqCst));
+
+        // One that accepts counts from a minute back reuses the last walk.
+        let before = walks.load(Ordering::SeqCst);
+        let since = Instant::now() - Duration::from_secs(60);
+        let reused = shared
+            .resident(since, counting_walk(&walks))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (reused.addresses, walks.load(Ordering::SeqCst)),
+            (before, before)
+        );
+    }
 }

@@ -111,6 +111,17 @@ impl Agent {
 
     /// Starts the agent without waiting for it.
     pub fn spawn(net: &TestNet, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        Agent::spawn_adjusted(net, config, extra_args, |_| {})
+    }
+
+    /// [`Agent::spawn`], with `adjust` applied to the command before it runs (to set resource
+    /// limits, say).
+    pub fn spawn_adjusted(
+        net: &TestNet,
+        config: &str,
+        extra_args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Agent> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("limiter-test-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -145,6 +156,7 @@ impl Agent {
             // Its own process group: a Ctrl-C in the terminal reaches the demo, which stops the
             // agent itself after cleaning up.
             .process_group(0);
+        adjust(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("starting `{}`", describe(&command)))?;

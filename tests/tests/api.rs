@@ -115,6 +115,7 @@ impl Fixture {
             token: tcp.flatten(),
             tls: tls.map(|(_, files)| files),
             max_batch: 100,
+            connections: api::ConnectionLimits::default(),
         };
         let listeners = api::bind(&opts).await?;
         let served = api::serve(
@@ -124,6 +125,7 @@ impl Fixture {
                 limits: limits.clone(),
                 counters: counters.clone(),
                 max_batch: 100,
+                walks: Default::default(),
             },
             opts,
             listeners,

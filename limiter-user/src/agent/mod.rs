@@ -1,6 +1,7 @@
 //! `limiter agent`: load and attach the XDP program, apply the policies, keep them in step with
 //! the config file, detach on SIGINT/SIGTERM.
 
+pub mod descriptors;
 mod start;
 
 use std::{
@@ -19,6 +20,7 @@ use self::start::StartGuard;
 use crate::{
     adaptive::load::{FileLoad, LoadSource, SystemLoad},
     adaptive::tuner::Tuner,
+    admission::Caps,
     api::{self, ApiOptions, ApiState},
     check::Checker,
     config::overlay,
@@ -26,7 +28,7 @@ use crate::{
     limits::{Loaded, PolicyStore},
     metrics::{self, Counters, Exporter, KernelSource},
     snapshot::{Clocks, Snapshot},
-    stats::{Figures, Resident},
+    stats::{Figures, Resident, Walks},
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;
@@ -54,6 +56,8 @@ pub struct AgentOptions {
     pub api: ApiOptions,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Connections the metrics endpoint serves at once.
+    pub metrics_caps: Caps,
     /// Read the CPU load for adaptive windows from this file instead of the system (a number,
     /// `0.93` or `93%`); for tests and for operators who want their own load signal.
     pub load_file: Option<PathBuf>,
@@ -70,7 +74,7 @@ impl AgentOptions {
     }
 }
 
-pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // First: a SIGTERM that arrives while the agent starts (a supervisor stopping it as soon as
     // it looks ready, say) is then held for the main loop, which stops in order, instead of
     // killing the process with the program attached and no final snapshot.
@@ -160,8 +164,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         survives_agent,
         "ready: XDP program attached and policies applied"
     );
+    // Here rather than first thing: a start that fails says so in one line. Everything the caps
+    // are for (the listeners' serving) starts below.
+    let nofile = open_files(&mut opts);
 
     let counters = Arc::new(Counters::default());
+    counters
+        .open_files_limit
+        .set(i64::try_from(nofile).unwrap_or(i64::MAX));
     let checker = Arc::new(Checker::new(check_program, &config));
     let limits = Arc::new(PolicyStore::new(
         tables,
@@ -170,6 +180,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         checker.clone(),
         counters.clone(),
     ));
+    let walks = Arc::new(Walks::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let served = api::serve(
         ApiState {
@@ -178,6 +189,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             limits: limits.clone(),
             counters: counters.clone(),
             max_batch: opts.api.max_batch,
+            walks: walks.clone(),
         },
         opts.api.clone(),
         listeners,
@@ -191,14 +203,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let source = StoreFigures {
             limits: limits.clone(),
             iface: opts.iface.clone(),
+            walks,
         };
         let exporter = Arc::new(Exporter::new(&opts.iface, &counters, source));
+        let (caps, connections) = (opts.metrics_caps, counters.metrics_connections.clone());
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = metrics::serve(listener, exporter, shutdown).await {
+            if let Err(e) = metrics::serve(listener, exporter, caps, connections, shutdown).await {
                 tracing::error!("metrics: {e:#}");
             }
         }));
@@ -340,11 +354,53 @@ fn spawn_adaptive(
     Ok((stop_tx, handle))
 }
 
+/// Raises the open-files limit to its hard limit, logs it, and fits the TCP listeners' caps under
+/// it (see [`descriptors`]); returns the soft limit the agent runs with.
+fn open_files(opts: &mut AgentOptions) -> u64 {
+    let soft = match descriptors::raise() {
+        Ok(limit) => {
+            if limit.before < limit.soft {
+                tracing::info!(
+                    "open files: soft limit raised from {} to the hard limit, {}",
+                    limit.before,
+                    limit.soft
+                );
+            } else {
+                tracing::info!("open files: limit {}", limit.soft);
+            }
+            limit.soft
+        }
+        Err(e) => {
+            // getrlimit and raising the soft limit to the hard one do not fail on Linux; were
+            // they to, assume systemd's default soft limit.
+            tracing::warn!("open files: cannot raise RLIMIT_NOFILE: {e}; assuming 1024");
+            1024
+        }
+    };
+    let (api, metrics, lowered) = descriptors::fit(
+        soft,
+        opts.api.listen.map(|_| opts.api.connections.caps),
+        opts.metrics.map(|_| opts.metrics_caps),
+    );
+    if let Some(api) = api {
+        opts.api.connections.caps = api;
+    }
+    if let Some(metrics) = metrics {
+        opts.metrics_caps = metrics;
+    }
+    if let Some(lowered) = lowered {
+        tracing::warn!("{lowered}");
+    }
+    soft
+}
+
 /// What the metrics endpoint reads from the maps: the stats read model, the cheap figures under
-/// the policy lock, the resident walk on handles of its own outside it.
+/// the policy lock, the resident walk on handles of its own outside it, shared with the API's
+/// (a walk the API started within the last second serves the scrape too).
 struct StoreFigures {
     limits: Arc<PolicyStore>,
     iface: String,
+    walks: Arc<Walks>,
 }
 
 impl KernelSource for StoreFigures {
@@ -353,8 +409,13 @@ impl KernelSource for StoreFigures {
     }
 
     fn resident(&self) -> anyhow::Result<Resident> {
-        let maps = self.limits.with_tables(|t| t.client_maps())?;
-        Ok(Resident::count(&maps)?)
+        let now = Instant::now();
+        let since = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        let resident = self.walks.blocking_resident(since, || {
+            let maps = self.limits.with_tables(|t| t.client_maps())?;
+            Resident::count(&maps)
+        })?;
+        Ok(resident)
     }
 }
 

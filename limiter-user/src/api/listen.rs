@@ -1,7 +1,9 @@
 //! Binding and serving: the Unix socket, TCP with the bearer token and/or TLS, and the routes
 //! (the three services beside gRPC health and reflection).
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
+use std::{
+    net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use tonic::transport::Server;
@@ -9,7 +11,8 @@ use tower::layer::util::{Identity, Stack};
 
 use super::{
     ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, ErrorCountLayer, MAX_MESSAGE_BYTES,
-    MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, auth::*, limits::*, rate_limiter::*, stats::*,
+    MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, auth::*, connection::*, limits::*, rate_limiter::*,
+    stats::*,
 };
 use crate::metrics::Counters;
 use crate::proto::{
@@ -196,7 +199,7 @@ pub async fn serve(
     let mut unix_server = server(&state.counters);
     let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(unix);
+        let incoming = UnixIncoming::new(unix);
         let result = unix_server
             .add_routes(routes_unix)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -211,36 +214,44 @@ pub async fn serve(
     tracing::info!(socket = %opts.socket.display(), "API listening on the Unix socket");
 
     if let Some((listener, tls)) = listeners.tcp {
-        let mut builder = server(&state.counters);
+        let limits = opts.connections;
+        let mut builder = server(&state.counters)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         if let Some(tls) = tls {
+            // The connection's own deadline (the auth timeout) ends a handshake first, and
+            // counts it; tonic's handshake timeout is the backstop.
             builder = builder
-                .tls_config(tls)
+                .tls_config(tls.timeout(limits.auth_timeout + Duration::from_secs(1)))
                 .context("configuring TLS for the API")?;
         }
         let local = listener.local_addr()?;
         tcp = Some(local);
         let routes_tcp = routes(&state, &shutdown, health)?;
         let token = opts.token.clone();
+        let connections = Connections::new(limits, state.counters.api_connections.clone());
         tasks.push(tokio::spawn(async move {
-            // TCP_NODELAY: without it Nagle holds the last part of a multi-frame response (a
-            // CheckBatch reply) until the client's delayed ACK, ~40 ms per call.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = connections.incoming(listener);
             let stop = async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             };
+            // The activity layer inside authentication: only authenticated calls keep a
+            // connection open.
+            let activity = ActivityLayer::new(connections);
             let result = match token {
                 Some(token) => {
                     builder
                         .layer(tonic::service::InterceptorLayer::new(BearerAuth::new(
                             &token,
                         )))
+                        .layer(activity)
                         .add_routes(routes_tcp)
                         .serve_with_incoming_shutdown(incoming, stop)
                         .await
                 }
                 None => {
                     builder
+                        .layer(activity)
                         .add_routes(routes_tcp)
                         .serve_with_incoming_shutdown(incoming, stop)
                         .await
@@ -250,7 +261,16 @@ pub async fn serve(
                 tracing::error!("API on {local}: {}", crate::error_chain(&e));
             }
         }));
-        tracing::info!(%local, tls = opts.tls.is_some(), token = opts.token.is_some(), "API listening on TCP");
+        tracing::info!(
+            %local,
+            tls = opts.tls.is_some(),
+            token = opts.token.is_some(),
+            max_connections = limits.caps.total,
+            max_per_address = limits.caps.per_source,
+            auth_timeout = ?limits.auth_timeout,
+            idle_timeout = ?limits.idle_timeout,
+            "API listening on TCP"
+        );
     }
     Ok(Served { tasks, tcp })
 }

@@ -6,9 +6,11 @@
 //!
 //! Served on a Unix socket (mode 0600) and, when configured, on TCP behind a bearer token and/or
 //! mutual TLS; both beside gRPC health and reflection. Requests are bounded in size, in batch
-//! length, and in concurrency per connection.
+//! length, and in concurrency per connection; TCP connections in number (in total and per
+//! source) and in time (to authenticate, and idle), see [`connection`].
 
 mod auth;
+mod connection;
 mod convert;
 mod count;
 mod limits;
@@ -20,16 +22,20 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tonic::Status;
 
-use crate::{check::Checker, limits::PolicyStore, metrics::Counters};
+use crate::{check::Checker, limits::PolicyStore, metrics::Counters, stats::Walks};
 
 pub use self::{
     auth::{BearerAuth, read_token},
+    connection::{
+        ConnectionLimits, DEFAULT_AUTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    },
     convert::{parse_policy, policy_proto},
     count::ErrorCountLayer,
     limits::LimitsService,
     listen::{Listeners, Served, bind, bind_unix, serve},
     rate_limiter::RateLimiterService,
-    stats::StatsService,
+    stats::{MAX_TOP, StatsService},
 };
 
 /// Default `--api-max-batch`.
@@ -55,6 +61,8 @@ pub struct ApiOptions {
     pub token: Option<String>,
     pub tls: Option<TlsFiles>,
     pub max_batch: usize,
+    /// Caps and timeouts of TCP connections.
+    pub connections: ConnectionLimits,
 }
 
 /// Server certificate and key, and optionally the CA that client certificates must chain to
@@ -79,6 +87,8 @@ pub struct ApiState {
     pub limits: Arc<PolicyStore>,
     pub counters: Arc<Counters>,
     pub max_batch: usize,
+    /// The walks of the client maps, shared with the metrics endpoint.
+    pub walks: Arc<Walks>,
 }
 
 /// Runs `f` on the blocking pool (map walks, file writes); a panic in it becomes INTERNAL.

@@ -1,6 +1,14 @@
 //! The `Stats` service: global counters, one client, the busiest clients.
+//!
+//! The two answers that walk the client maps are bounded: `Top` returns at most [`MAX_TOP`]
+//! clients and keeps only those while it walks; `Global`'s resident counts come from a walk
+//! that holds one batch at a time, shared by concurrent callers ([`crate::stats::Walks`]).
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, HashMap},
+    time::{Duration, Instant},
+};
 
 use limiter_common::{
     ClientState,
@@ -22,6 +30,11 @@ use crate::{
     stats::{Figures, Resident},
 };
 
+/// Most clients one `Top` call returns (`n` = 0 asks for this many). A row is at most about
+/// 600 bytes (a 256-byte ID named by a policy of the same name), so an answer stays well under
+/// the 4 MiB gRPC clients accept by default.
+pub const MAX_TOP: u32 = 1000;
+
 pub struct StatsService(pub ApiState);
 
 #[tonic::async_trait]
@@ -30,12 +43,7 @@ impl stats_server::Stats for StatsService {
         &self,
         _request: Request<proto::GlobalStatsRequest>,
     ) -> Result<Response<proto::GlobalStats>, Status> {
-        async {
-            let state = self.0.clone();
-            let out = blocking(move || global(&state)).await?;
-            Ok(Response::new(out))
-        }
-        .await
+        Ok(Response::new(global(&self.0).await?))
     }
 
     async fn client(
@@ -66,24 +74,60 @@ impl stats_server::Stats for StatsService {
         &self,
         request: Request<proto::TopRequest>,
     ) -> Result<Response<proto::TopResponse>, Status> {
-        async {
-            let n = request.get_ref().n as usize;
-            let state = self.0.clone();
-            let clients = blocking(move || top(&state, n)).await?;
-            Ok(Response::new(proto::TopResponse { clients }))
-        }
-        .await
+        let n = top_n(request.get_ref().n)?;
+        let state = self.0.clone();
+        let (clients, resident) = self
+            .0
+            .walks
+            .walk(move || top(&state, n))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(proto::TopResponse {
+            clients,
+            resident: resident.addresses + resident.ids,
+        }))
     }
 }
 
-pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
-    // Under the policy lock only what is cheap; the walks run on duplicated descriptors.
-    let internal = |e: crate::datapath::DatapathError| Status::internal(crate::error_chain(&e));
-    let (f, maps) = state
-        .limits
-        .with_tables(|t| Ok((Figures::read(t, &state.iface)?, t.client_maps()?)))
-        .map_err(internal)?;
-    let resident = Resident::count(&maps).map_err(internal)?;
+fn internal(e: crate::datapath::DatapathError) -> Status {
+    Status::internal(crate::error_chain(&e))
+}
+
+/// How many clients a `Top` call asks for: `n`, 0 for [`MAX_TOP`], more is INVALID_ARGUMENT.
+fn top_n(n: u32) -> Result<usize, Status> {
+    match n {
+        0 => Ok(MAX_TOP as usize),
+        n if n <= MAX_TOP => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "n: at most {MAX_TOP} clients per call, got {n} (0 asks for {MAX_TOP})"
+        ))),
+    }
+}
+
+pub(super) async fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
+    let arrived = Instant::now();
+    let reader = state.clone();
+    // Under the policy lock only what is cheap; the walk runs on duplicated descriptors, shared
+    // with any other caller walking now.
+    let f = blocking(move || {
+        reader
+            .limits
+            .with_tables(|t| Figures::read(t, &reader.iface))
+            .map_err(internal)
+    })
+    .await?;
+    let walker = state.clone();
+    let resident = state
+        .walks
+        .resident(arrived, move || {
+            let maps = walker
+                .limits
+                .with_tables(|t| t.client_maps())
+                .map_err(internal)?;
+            Resident::count(&maps).map_err(internal)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
     let (g, adaptive, c) = (&f.global, &f.adaptive, &state.counters);
     Ok(proto::GlobalStats {
         packets_passed: g.passed,
@@ -110,10 +154,117 @@ pub(super) fn global(state: &ApiState) -> Result<proto::GlobalStats, Status> {
     })
 }
 
-/// The busiest clients (addresses and IDs) by current rate. IDs are stored by hash; those named
-/// by a policy are shown by name, others as `id:` and the first 8 bytes of the hash in hex.
-pub(super) fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>, Status> {
-    let internal = |e: crate::datapath::DatapathError| Status::internal(crate::error_chain(&e));
+/// One candidate of [`Busiest`]: ordered so that the worse candidate is the greater, so the top
+/// of a max-heap is the one to drop first.
+struct Ranked<T> {
+    rate: f64,
+    total: u64,
+    id: String,
+    item: T,
+}
+
+impl<T> Ranked<T> {
+    fn rank(&self, other: &Self) -> Ordering {
+        // Better: higher rate, then more packets, then the smaller ID.
+        other
+            .rate
+            .total_cmp(&self.rate)
+            .then(other.total.cmp(&self.total))
+            .then(self.id.cmp(&other.id))
+    }
+}
+
+impl<T> PartialEq for Ranked<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank(other) == Ordering::Equal
+    }
+}
+
+impl<T> Eq for Ranked<T> {}
+
+impl<T> PartialOrd for Ranked<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Ranked<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.rank(other)
+    }
+}
+
+/// The `n` best of a stream of candidates by rate, then packets, then ID (the order
+/// `limiter stats` lists), keeping only `n` of them: a walk of a million clients for the top 20
+/// holds 20. The ID, a string, is only made for a candidate that gets in or ties the worst.
+struct Busiest<T> {
+    n: usize,
+    heap: BinaryHeap<Ranked<T>>,
+}
+
+impl<T> Busiest<T> {
+    fn new(n: usize) -> Busiest<T> {
+        Busiest {
+            n,
+            heap: BinaryHeap::with_capacity(n.min(MAX_TOP as usize) + 1),
+        }
+    }
+
+    fn offer(
+        &mut self,
+        rate: f64,
+        total: u64,
+        id: impl FnOnce() -> String,
+        item: impl FnOnce() -> T,
+    ) {
+        if self.n == 0 {
+            return;
+        }
+        if self.heap.len() == self.n {
+            let Some(worst) = self.heap.peek() else {
+                return;
+            };
+            match rate.total_cmp(&worst.rate).then(total.cmp(&worst.total)) {
+                Ordering::Less => return,
+                Ordering::Greater => {}
+                Ordering::Equal => {
+                    let id = id();
+                    if id >= worst.id {
+                        return;
+                    }
+                    self.heap.pop();
+                    self.heap.push(Ranked {
+                        rate,
+                        total,
+                        id,
+                        item: item(),
+                    });
+                    return;
+                }
+            }
+            self.heap.pop();
+        }
+        self.heap.push(Ranked {
+            rate,
+            total,
+            id: id(),
+            item: item(),
+        });
+    }
+
+    /// The kept candidates, best first.
+    fn into_sorted(self) -> Vec<Ranked<T>> {
+        self.heap.into_sorted_vec()
+    }
+}
+
+/// The `n` busiest clients (addresses and IDs) by current rate, and what the walk counted. IDs are
+/// stored by hash; those named by a policy are shown by name, others as `id:` and the first 8
+/// bytes of the hash in hex. Runs on the blocking pool, in [`crate::stats::Walks`]' turn.
+pub(super) fn top(
+    state: &ApiState,
+    n: usize,
+) -> Result<(Vec<proto::ClientStats>, Resident), Status> {
     let view = state.checker.view();
     let config = state.limits.config();
     let id_names: HashMap<ClientKey, String> = config
@@ -125,64 +276,154 @@ pub(super) fn top(state: &ApiState, n: usize) -> Result<Vec<proto::ClientStats>,
         .limits
         .with_tables(|t| t.client_maps())
         .map_err(internal)?;
-    let addresses = maps.addresses().map_err(internal)?;
-    let named = maps.ids().map_err(internal)?;
     let now = monotonic_ns();
-    let row = |id: String, s: &ClientState| {
+    // What the order needs: the estimate (0 for pass and drop), the rate, and the packets.
+    let measure = |s: &ClientState| {
         let window_ns = s.window_us as u64 * 1000;
         let estimate = std::num::NonZeroU64::new(window_ns)
             .filter(|_| s.action() != ACTION_PASS && s.action() != ACTION_DROP)
             .map_or(0, |w| estimate_at(&s.slots, now, w));
-        let action = match s.action() {
-            ACTION_PASS => Action::Pass,
-            ACTION_DROP => Action::Drop,
-            _ => Action::Limit,
-        };
         let rate = if window_ns > 0 {
             estimate as f64 / window_ns as f64
         } else {
             0.0
         };
-        let base = config
-            .policy_base(s.policy())
-            .map(|r| r.to_policy(s.policy()));
-        let (scale, utilisation) = crate::stats::adaptation(s, base.as_ref(), rate * 1e9);
         (
+            estimate,
             rate,
-            proto::ClientStats {
-                client_id: id,
-                policy: view.name(s.policy()).to_string(),
-                action: action_proto(action) as i32,
-                limit: s.limit,
-                window: Some(duration(Duration::from_nanos(window_ns))),
-                estimate,
-                passed: s.total_passed(),
-                dropped: s.dropped_count(),
-                resident: true,
-                scale,
-                utilisation,
-            },
+            s.total_passed().saturating_add(s.dropped_count()),
         )
     };
-    let mut rows: Vec<(f64, proto::ClientStats)> = addresses
-        .iter()
-        .map(|(k, s)| (crate::stats::addr_of(k).to_string(), s))
-        .chain(named.iter().map(|(k, s)| {
-            let name = id_names.get(k).cloned().unwrap_or_else(|| {
+    let mut busiest = Busiest::new(n);
+    let mut resident = Resident::default();
+    maps.each_address(|k, s| {
+        resident.addresses += 1;
+        let (_, rate, total) = measure(s);
+        busiest.offer(rate, total, || crate::stats::addr_of(k).to_string(), || *s);
+    })
+    .map_err(internal)?;
+    maps.each_id(|k, s| {
+        resident.ids += 1;
+        let (_, rate, total) = measure(s);
+        let id = || {
+            id_names.get(k).cloned().unwrap_or_else(|| {
                 let hex: String = k[..8].iter().map(|b| format!("{b:02x}")).collect();
                 format!("id:{hex}")
-            });
-            (name, s)
-        }))
-        .map(|(id, s)| row(id, s))
+            })
+        };
+        busiest.offer(rate, total, id, || *s);
+    })
+    .map_err(internal)?;
+    let rows = busiest
+        .into_sorted()
+        .into_iter()
+        .map(
+            |Ranked {
+                 rate, id, item: s, ..
+             }| {
+                let (estimate, _, _) = measure(&s);
+                let window_ns = s.window_us as u64 * 1000;
+                let action = match s.action() {
+                    ACTION_PASS => Action::Pass,
+                    ACTION_DROP => Action::Drop,
+                    _ => Action::Limit,
+                };
+                let base = config
+                    .policy_base(s.policy())
+                    .map(|r| r.to_policy(s.policy()));
+                let (scale, utilisation) = crate::stats::adaptation(&s, base.as_ref(), rate * 1e9);
+                proto::ClientStats {
+                    client_id: id,
+                    policy: view.name(s.policy()).to_string(),
+                    action: action_proto(action) as i32,
+                    limit: s.limit,
+                    window: Some(duration(Duration::from_nanos(window_ns))),
+                    estimate,
+                    passed: s.total_passed(),
+                    dropped: s.dropped_count(),
+                    resident: true,
+                    scale,
+                    utilisation,
+                }
+            },
+        )
         .collect();
-    rows.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then((b.1.passed + b.1.dropped).cmp(&(a.1.passed + a.1.dropped)))
-            .then(a.1.client_id.cmp(&b.1.client_id))
-    });
-    if n > 0 {
-        rows.truncate(n);
+    Ok((rows, resident))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The kept candidates, as (rate, total, id).
+    fn kept(busiest: Busiest<()>) -> Vec<(u64, u64, String)> {
+        busiest
+            .into_sorted()
+            .into_iter()
+            .map(|r| (r.rate as u64, r.total, r.id))
+            .collect()
     }
-    Ok(rows.into_iter().map(|(_, r)| r).collect())
+
+    #[test]
+    fn n_is_bounded_and_zero_asks_for_the_maximum() {
+        assert_eq!(top_n(0).unwrap(), MAX_TOP as usize);
+        assert_eq!(top_n(1).unwrap(), 1);
+        assert_eq!(top_n(MAX_TOP).unwrap(), MAX_TOP as usize);
+        let status = top_n(MAX_TOP + 1).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("n: at most 1000"),
+            "{status:?}"
+        );
+        assert!(top_n(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn ids_are_made_only_for_candidates_that_get_in_or_tie() {
+        let mut busiest = Busiest::new(2);
+        let mut made = 0;
+        for (rate, total, id) in [(5.0, 1, "e"), (9.0, 1, "i"), (1.0, 1, "a"), (5.0, 1, "d")] {
+            busiest.offer(
+                rate,
+                total,
+                || {
+                    made += 1;
+                    id.to_owned()
+                },
+                || (),
+            );
+        }
+        // e and i get in; a is worse than e without its ID; d ties e and wins on its ID.
+        assert_eq!(made, 3);
+        assert_eq!(
+            kept(busiest),
+            [(9, 1, "i".to_owned()), (5, 1, "d".to_owned())]
+        );
+    }
+
+    proptest! {
+        /// The same clients, in the same order, as sorting them all and keeping the first `n`.
+        #[test]
+        fn busiest_is_sort_and_truncate(
+            entries in prop::collection::vec((0u64..4, 0u64..4, 0u32..50), 0..200),
+            n in 0usize..30,
+        ) {
+            let mut all: Vec<(u64, u64, String)> = entries
+                .iter()
+                .map(|(rate, total, id)| (*rate, *total, format!("c{id}")))
+                .collect();
+            // IDs are unique in a walk (one entry per key).
+            all.sort_by(|a, b| a.2.cmp(&b.2));
+            all.dedup_by(|a, b| a.2 == b.2);
+            let mut busiest = Busiest::new(n);
+            for (rate, total, id) in &all {
+                busiest.offer(*rate as f64, *total, || id.clone(), || ());
+            }
+            all.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+            all.truncate(n);
+            prop_assert_eq!(kept(busiest), all);
+        }
+    }
 }

@@ -112,6 +112,17 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(
     map: BorrowedFd<'_>,
 ) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    lookup_each(map, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Visits every entry of a hash map (plain or LRU) with BPF_MAP_LOOKUP_BATCH, one batch of
+/// [`BATCH`] entries in memory at a time (for 56-byte entries, 224 KiB however big the map), as
+/// [`lookup_all`] sees them.
+pub fn lookup_each<K: Pod + Default, V: Pod + Default>(
+    map: BorrowedFd<'_>,
+    mut visit: impl FnMut(&K, &V),
+) -> io::Result<()> {
     let mut keys = vec![K::default(); BATCH];
     let mut values = vec![V::default(); BATCH];
     // The batch token: for hash maps a bucket index (u32); sized generously.
@@ -133,11 +144,13 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(
             ..Default::default()
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = attr.count as usize;
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        let n = (attr.count as usize).min(BATCH);
+        for (key, value) in keys[..n].iter().zip(&values[..n]) {
+            visit(key, value);
+        }
         match result {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
         token_in = token_out;

@@ -524,9 +524,65 @@ impl ClientMaps {
         ClientMaps::pair((&self.named, "NAMED"), (&self.named_static, "NAMED_STATIC"))
     }
 
-    /// Resident `(addresses, IDs)`.
+    /// Visits every entry of a map, one batch in memory at a time.
+    fn each(
+        fd: &OwnedFd,
+        name: &'static str,
+        visit: impl FnMut(&ClientKey, &ClientState),
+    ) -> Result<(), DatapathError> {
+        super::syscall::lookup_each::<ClientKey, ClientState>(fd.as_fd(), visit).map_err(|error| {
+            DatapathError::Io {
+                what: "reading",
+                path: name.into(),
+                error,
+            }
+        })
+    }
+
+    /// Visits every entry of a map pair, those of the static map flagged `FLAG_STATIC`.
+    fn each_of_pair(
+        dynamic: (&OwnedFd, &'static str),
+        statics: (&OwnedFd, &'static str),
+        mut visit: impl FnMut(&ClientKey, &ClientState),
+    ) -> Result<(), DatapathError> {
+        ClientMaps::each(dynamic.0, dynamic.1, &mut visit)?;
+        ClientMaps::each(statics.0, statics.1, |k: &ClientKey, v: &ClientState| {
+            let mut v = *v;
+            v.set_flags(v.flags() | FLAG_STATIC);
+            visit(k, &v);
+        })
+    }
+
+    /// Visits every address client without copying the maps (see [`Self::each_of_pair`]).
+    pub fn each_address(
+        &self,
+        visit: impl FnMut(&ClientKey, &ClientState),
+    ) -> Result<(), DatapathError> {
+        ClientMaps::each_of_pair(
+            (&self.clients, "CLIENTS"),
+            (&self.static_clients, "STATIC_CLIENTS"),
+            visit,
+        )
+    }
+
+    /// Visits every named (ID) client without copying the maps.
+    pub fn each_id(
+        &self,
+        visit: impl FnMut(&ClientKey, &ClientState),
+    ) -> Result<(), DatapathError> {
+        ClientMaps::each_of_pair(
+            (&self.named, "NAMED"),
+            (&self.named_static, "NAMED_STATIC"),
+            visit,
+        )
+    }
+
+    /// Resident `(addresses, IDs)`, counted by a walk that keeps one batch in memory.
     pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
-        Ok((self.addresses()?.len() as u64, self.ids()?.len() as u64))
+        let (mut addresses, mut ids) = (0u64, 0u64);
+        self.each_address(|_, _| addresses += 1)?;
+        self.each_id(|_, _| ids += 1)?;
+        Ok((addresses, ids))
     }
 }
 

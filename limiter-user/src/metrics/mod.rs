@@ -23,15 +23,19 @@ use std::{
 
 use prometheus_client::{
     encoding::{EncodeMetric, MetricEncoder, prometheus_text},
-    metrics::{MetricType, TypedMetric, counter::Counter, info::Info},
+    metrics::{MetricType, TypedMetric, counter::Counter, gauge::Gauge, info::Info},
     registry::Registry,
 };
 use tonic::Code;
 
+use crate::admission::Refusal;
+
 pub use crate::stats::{Figures, Resident};
 
 pub use collector::RESIDENT_MAX_AGE;
-pub use server::{METRICS_PATH, serve};
+pub use server::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, METRICS_PATH, serve,
+};
 
 use collector::KernelCollector;
 
@@ -106,6 +110,54 @@ pub struct Counters {
     pub api_limit_changes: Counter,
     /// API calls answered with an error status, indexed by the status code's number.
     api_errors: [Counter; GRPC_CODES.len()],
+    /// The TCP API's connections.
+    pub api_connections: ListenerCounters,
+    /// The metrics endpoint's connections.
+    pub metrics_connections: ListenerCounters,
+    /// The soft limit on open descriptors the agent runs with (after raising it at start).
+    pub open_files_limit: Gauge,
+}
+
+/// The connections of one TCP listener (the API's or the metrics endpoint's). Clones share the
+/// atomics, so a listener keeps its own clone.
+#[derive(Debug, Default, Clone)]
+pub struct ListenerCounters {
+    /// Connections refused because the listener served its total cap.
+    pub refused_total: Counter,
+    /// Connections refused because their source (an IPv4 address or an IPv6 /64) held its cap.
+    pub refused_per_address: Counter,
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed for not making an authenticated call in time (the API only).
+    pub timed_out_unauthenticated: Counter,
+    /// Connections closed after the idle timeout with no call in flight (the API only).
+    pub timed_out_idle: Counter,
+}
+
+impl ListenerCounters {
+    /// Counts a refused connection.
+    pub fn refused(&self, why: Refusal) {
+        match why {
+            Refusal::Total => self.refused_total.inc(),
+            Refusal::PerSource => self.refused_per_address.inc(),
+        };
+    }
+
+    /// Counts a connection open until the returned guard is dropped.
+    pub fn opened(&self) -> OpenConnection {
+        self.open.inc();
+        OpenConnection(self.open.clone())
+    }
+}
+
+/// One open connection in [`ListenerCounters::open`]; dropping it counts the close.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Counters {
@@ -212,6 +264,70 @@ impl Exporter {
                 only_seen: true,
             },
         );
+        let listeners = [
+            ("api", &counters.api_connections),
+            ("metrics", &counters.metrics_connections),
+        ];
+        registry.register(
+            "limiter_connections_refused",
+            "TCP connections refused by a listener (closed at once): over its total cap, or \
+             over the cap of their source address (an IPv6 /64 counts as one)",
+            ByLabels {
+                metric_type: MetricType::Counter,
+                series: listeners
+                    .iter()
+                    .flat_map(|(listener, c)| {
+                        [
+                            (
+                                vec![("listener", *listener), ("reason", "total")],
+                                c.refused_total.clone(),
+                            ),
+                            (
+                                vec![("listener", *listener), ("reason", "per_address")],
+                                c.refused_per_address.clone(),
+                            ),
+                        ]
+                    })
+                    .collect(),
+            },
+        );
+        registry.register(
+            "limiter_connections_open",
+            "TCP connections a listener serves now",
+            ByLabels {
+                metric_type: MetricType::Gauge,
+                series: listeners
+                    .iter()
+                    .map(|(listener, c)| (vec![("listener", *listener)], c.open.clone()))
+                    .collect(),
+            },
+        );
+        let api = &counters.api_connections;
+        registry.register(
+            "limiter_connections_timed_out",
+            "TCP API connections closed by the agent: no authenticated call within \
+             --api-auth-timeout of opening (unauthenticated), or none in flight for \
+             --api-idle-timeout (idle)",
+            ByLabels {
+                metric_type: MetricType::Counter,
+                series: vec![
+                    (
+                        vec![("listener", "api"), ("reason", "unauthenticated")],
+                        api.timed_out_unauthenticated.clone(),
+                    ),
+                    (
+                        vec![("listener", "api"), ("reason", "idle")],
+                        api.timed_out_idle.clone(),
+                    ),
+                ],
+            },
+        );
+        registry.register(
+            "limiter_open_files_limit",
+            "The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start \
+             to its hard limit)",
+            counters.open_files_limit.clone(),
+        );
         let kernel = Arc::new(KernelCollector::new(Box::new(source)));
         registry.register_collector(Box::new(Arc::clone(&kernel)));
         Exporter {
@@ -277,6 +393,27 @@ impl EncodeMetric for ByLabel {
     }
 }
 
+/// A family of one metric type whose series each carry their own fixed labels, written in the
+/// order given (see [`ByLabel`] for why not a `Family`).
+#[derive(Debug)]
+struct ByLabels<M> {
+    metric_type: MetricType,
+    series: Vec<(Vec<(&'static str, &'static str)>, M)>,
+}
+
+impl<M: EncodeMetric> EncodeMetric for ByLabels<M> {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (labels, metric) in &self.series {
+            metric.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.metric_type
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::HashMap;
@@ -327,6 +464,13 @@ pub(crate) mod tests {
         counters.api_error(Code::InvalidArgument);
         counters.api_error(Code::InvalidArgument);
         counters.api_error(Code::Unauthenticated);
+        counters.api_connections.refused_total.inc_by(4);
+        counters.api_connections.refused_per_address.inc_by(2);
+        counters.api_connections.open.set(3);
+        counters.api_connections.timed_out_unauthenticated.inc_by(5);
+        counters.metrics_connections.refused_per_address.inc();
+        counters.metrics_connections.open.set(1);
+        counters.open_files_limit.set(524_288);
         let figures = Figures {
             global: GlobalStats {
                 passed: 1_000_000,
@@ -396,6 +540,23 @@ pub(crate) mod tests {
             "# TYPE limiter_api_errors_total counter",
             "limiter_api_errors_total{iface=\"eth0\",code=\"InvalidArgument\"} 2",
             "limiter_api_errors_total{iface=\"eth0\",code=\"Unauthenticated\"} 1",
+            "# HELP limiter_connections_refused_total TCP connections refused by a listener (closed at once): over its total cap, or over the cap of their source address (an IPv6 /64 counts as one).",
+            "# TYPE limiter_connections_refused_total counter",
+            "limiter_connections_refused_total{iface=\"eth0\",listener=\"api\",reason=\"total\"} 4",
+            "limiter_connections_refused_total{iface=\"eth0\",listener=\"api\",reason=\"per_address\"} 2",
+            "limiter_connections_refused_total{iface=\"eth0\",listener=\"metrics\",reason=\"total\"} 0",
+            "limiter_connections_refused_total{iface=\"eth0\",listener=\"metrics\",reason=\"per_address\"} 1",
+            "# HELP limiter_connections_open TCP connections a listener serves now.",
+            "# TYPE limiter_connections_open gauge",
+            "limiter_connections_open{iface=\"eth0\",listener=\"api\"} 3",
+            "limiter_connections_open{iface=\"eth0\",listener=\"metrics\"} 1",
+            "# HELP limiter_connections_timed_out_total TCP API connections closed by the agent: no authenticated call within --api-auth-timeout of opening (unauthenticated), or none in flight for --api-idle-timeout (idle).",
+            "# TYPE limiter_connections_timed_out_total counter",
+            "limiter_connections_timed_out_total{iface=\"eth0\",listener=\"api\",reason=\"unauthenticated\"} 5",
+            "limiter_connections_timed_out_total{iface=\"eth0\",listener=\"api\",reason=\"idle\"} 0",
+            "# HELP limiter_open_files_limit The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start to its hard limit).",
+            "# TYPE limiter_open_files_limit gauge",
+            "limiter_open_files_limit{iface=\"eth0\"} 524288",
             "# HELP limiter_packets_passed_total IP packets passed by the XDP program, allow-listed clients included.",
             "# TYPE limiter_packets_passed_total counter",
             "limiter_packets_passed_total{iface=\"eth0\"} 1000000",
@@ -717,7 +878,7 @@ pub(crate) mod tests {
                     .lines()
                     .filter_map(|line| line.strip_prefix("# TYPE "))
                     .collect();
-                assert_eq!(families.len(), 23, "{text}");
+                assert_eq!(families.len(), 27, "{text}");
                 let value = |name: &str| {
                     samples
                         .iter()

@@ -1,7 +1,8 @@
 //! The HTTP side of `GET /metrics`: a bare hyper 1 HTTP/1.1 server rather than a framework: one
 //! route, no body to read, and hyper is already in the build through tonic. It is meant for a
 //! scraper on a trusted network, but it bounds what a flood of connections can cost the agent: at
-//! most [`Bounds::max_connections`] at once, each closed when it does not send a complete request
+//! most [`Caps::total`] connections at once and [`Caps::per_source`] from one source address
+//! (more are closed at once and counted), each closed when it does not send a complete request
 //! head in time (also between keep-alive requests) and recycled after a maximum age.
 
 use std::{
@@ -23,7 +24,8 @@ use tokio::{
     task::{JoinError, JoinSet},
 };
 
-use super::{EXPOSITION_CONTENT_TYPE, Exporter};
+use super::{EXPOSITION_CONTENT_TYPE, Exporter, ListenerCounters, OpenConnection};
+use crate::admission::{ACCEPT_BACKOFF, AcceptFailure, Admission, Caps, Slot};
 
 /// The only path served.
 pub const METRICS_PATH: &str = "/metrics";
@@ -31,14 +33,19 @@ pub const METRICS_PATH: &str = "/metrics";
 /// `Content-Type` of the error answers (404, 405, 503): a sentence for a human.
 const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
+/// Default `--metrics-max-connections`: a scraper needs one; 64 leaves room for several
+/// Prometheus replicas and a human with curl.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default `--metrics-max-connections-per-address`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 8;
+
 /// Bounds on what the server's clients can cost the agent.
 #[derive(Clone, Copy, Debug)]
 struct Bounds {
-    /// Connections served at once. Beyond it the server stops accepting, and further
-    /// connections wait in the kernel's accept queue (then its SYN backlog) until one closes, so
-    /// a flood costs queue slots rather than tasks and memory. A scraper needs one; 64 leaves
-    /// room for several Prometheus replicas and a human with curl.
-    max_connections: usize,
+    /// Connections served at once, in total and per source. Beyond them a connection is
+    /// accepted and closed at once, and counted, so a flood costs a descriptor for an instant
+    /// rather than a task, memory, or a place in the accept queue legitimate scrapers need.
+    caps: Caps,
     /// Time a connection has to send a complete request head, counted from its opening and
     /// again from the end of each response, so idle keep-alive connections are closed too.
     /// A slow-loris holds a slot at most this long; a scraper whose interval is longer simply
@@ -54,23 +61,21 @@ struct Bounds {
 }
 
 impl Bounds {
-    /// The limits `serve` runs with.
-    const AGENT: Bounds = Bounds {
-        max_connections: 64,
-        header_read_timeout: Duration::from_secs(10),
-        max_connection_age: Duration::from_secs(300),
-        shutdown_grace: Duration::from_secs(5),
-    };
+    /// The limits `serve` runs with, but for the caps.
+    fn agent(caps: Caps) -> Bounds {
+        Bounds {
+            caps,
+            header_read_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Largest buffer hyper keeps per connection. Its default (~400 KiB) is sized for large
 /// requests; a scrape request is a few hundred bytes, and 16 KiB (hyper's minimum is 8 KiB)
 /// keeps 64 connections under 1 MiB of buffers. A longer request head gets 431.
 const MAX_CONNECTION_BUFFER: usize = 16 * 1024;
-
-/// Wait after `accept` failed for want of resources (descriptors, memory) before trying again:
-/// retrying at once would spin, and the condition usually clears when connections close.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 ///
@@ -82,9 +87,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Answers: 200 with the exposition on `GET /metrics` (any query string ignored), 404 on any
 /// other path, 405 (with `Allow: GET`) on another method to `/metrics`.
 ///
-/// HTTP/1.1 via hyper, each connection in its own task, with the limits of [`Bounds::AGENT`]:
-/// at most 64 connections at once, 10 s to send a request head, connections recycled after
-/// 5 minutes. When `shutdown` resolves the listener is closed at once, connections finish the
+/// HTTP/1.1 via hyper, each connection in its own task: at most `caps` connections at once
+/// (more are closed at once and counted in `counters`), 10 s to send a request head,
+/// connections recycled after 5 minutes. When `shutdown` resolves the listener is closed at once, connections finish the
 /// request in flight (up to 5 s) and are closed, and `serve` returns `Ok(())`.
 ///
 /// Failures of `accept` that concern one connection, or a shortage of descriptors or memory,
@@ -93,12 +98,15 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<Exporter>,
+    caps: Caps,
+    counters: ListenerCounters,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     serve_with(
-        Bounds::AGENT,
+        Bounds::agent(caps),
         listener,
         Arc::new(Endpoint { exporter }),
+        counters,
         shutdown,
     )
     .await
@@ -174,8 +182,10 @@ async fn serve_with(
     limits: Bounds,
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
+    counters: ListenerCounters,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let admission = Admission::new(limits.caps);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -186,8 +196,7 @@ async fn serve_with(
     let mut shutdown = pin!(shutdown);
 
     let result = loop {
-        // `biased`: shutdown first, then reaping finished connections (which frees slots)
-        // before accepting, so the count checked by the accept branch is current.
+        // `biased`: shutdown first, then reaping finished connections before accepting.
         let accepted = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
@@ -195,19 +204,32 @@ async fn serve_with(
                 report_connection_task(done);
                 continue;
             }
-            accepted = listener.accept(), if connections.len() < limits.max_connections => accepted,
+            accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                connections.spawn(connection(
-                    http.clone(),
-                    stream,
-                    peer,
-                    Arc::clone(&endpoint),
-                    stop_rx.clone(),
-                    limits,
-                ));
-            }
+            Ok((stream, peer)) => match admission.admit(peer.ip()) {
+                Ok(slot) => {
+                    let held = Held {
+                        _slot: slot,
+                        _open: counters.opened(),
+                    };
+                    connections.spawn(connection(
+                        http.clone(),
+                        stream,
+                        peer,
+                        Arc::clone(&endpoint),
+                        stop_rx.clone(),
+                        limits,
+                        held,
+                    ));
+                }
+                Err(why) => {
+                    counters.refused(why);
+                    tracing::debug!(%peer, reason = why.label(), "metrics: connection refused");
+                    // Dropping the stream closes it.
+                    drop(stream);
+                }
+            },
             Err(err) => match AcceptFailure::of(&err) {
                 AcceptFailure::Connection => {
                     tracing::debug!("metrics: accept failed for one connection: {err}");
@@ -258,29 +280,11 @@ fn report_connection_task(done: Result<(), JoinError>) {
     }
 }
 
-/// What a failed `accept` means for the server.
-#[derive(Debug, PartialEq, Eq)]
-enum AcceptFailure {
-    /// A problem of the connection being accepted (aborted by its client, a network error
-    /// Linux reports through `accept`): skip it.
-    Connection,
-    /// The process or system is out of descriptors or memory: wait a little and try again.
-    Resources,
-    /// The listening socket is unusable: give up.
-    Listener,
-}
-
-impl AcceptFailure {
-    fn of(err: &io::Error) -> Self {
-        match err.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Self::Resources,
-            Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EFAULT) => Self::Listener,
-            // ECONNABORTED, EINTR, EPERM (a firewall), and the network errors accept(2) says to
-            // treat like EAGAIN (ENETDOWN, EPROTO, EHOSTUNREACH, ...): each consumed one
-            // queued connection, so retrying cannot spin.
-            _ => Self::Connection,
-        }
-    }
+/// What an admitted connection holds until it ends: its place under the caps, and its count
+/// in `limiter_connections_open`.
+struct Held {
+    _slot: Slot,
+    _open: OpenConnection,
 }
 
 /// Serves one connection until it closes, fails, outlives `limits.max_connection_age`, or the
@@ -294,6 +298,7 @@ async fn connection(
     endpoint: Arc<Endpoint>,
     mut stop: watch::Receiver<bool>,
     limits: Bounds,
+    _held: Held,
 ) {
     let service = service_fn(move |request| {
         let endpoint = Arc::clone(&endpoint);
@@ -355,32 +360,6 @@ mod tests {
             .unwrap_or_else(|_| panic!("{what}: no progress in {HANG_GUARD:?}"))
     }
 
-    #[test]
-    fn accept_failures_are_classified() {
-        let os = io::Error::from_raw_os_error;
-        assert_eq!(
-            AcceptFailure::of(&os(libc::ECONNABORTED)),
-            AcceptFailure::Connection
-        );
-        assert_eq!(
-            AcceptFailure::of(&os(libc::EPROTO)),
-            AcceptFailure::Connection
-        );
-        assert_eq!(
-            AcceptFailure::of(&os(libc::EMFILE)),
-            AcceptFailure::Resources
-        );
-        assert_eq!(
-            AcceptFailure::of(&os(libc::ENOBUFS)),
-            AcceptFailure::Resources
-        );
-        assert_eq!(AcceptFailure::of(&os(libc::EBADF)), AcceptFailure::Listener);
-        assert_eq!(
-            AcceptFailure::of(&os(libc::EINVAL)),
-            AcceptFailure::Listener
-        );
-    }
-
     /// A server under test: its address, the handle of `serve`, and the trigger of its
     /// shutdown.
     struct Server {
@@ -399,10 +378,16 @@ mod tests {
             let (stop, stopped) = oneshot::channel::<()>();
             let exporter = Arc::new(Exporter::new("eth0", &counters, FnSource(figures)));
             let endpoint = Arc::new(Endpoint { exporter });
-            let task = tokio::spawn(serve_with(limits, listener, endpoint, async {
-                // A dropped sender stops the server too.
-                let _ = stopped.await;
-            }));
+            let task = tokio::spawn(serve_with(
+                limits,
+                listener,
+                endpoint,
+                counters.metrics_connections.clone(),
+                async {
+                    // A dropped sender stops the server too.
+                    let _ = stopped.await;
+                },
+            ));
             Server { addr, task, stop }
         }
 
@@ -517,7 +502,10 @@ mod tests {
 
     fn test_limits() -> Bounds {
         Bounds {
-            max_connections: 8,
+            caps: Caps {
+                total: 8,
+                per_source: 8,
+            },
             // Far longer than the hang guard: a test that means neither to happen fails on the
             // guard rather than passing late through the other.
             header_read_timeout: HANG_GUARD * 10,
@@ -541,7 +529,13 @@ mod tests {
         let ok = request(server.addr, "GET", "/metrics").await;
         assert_eq!(ok.status, 200);
         assert_eq!(ok.header("content-type"), Some(EXPOSITION_CONTENT_TYPE));
-        assert_eq!(ok.body, render(&counters, &figures, "eth0"));
+        // The scrape's own connection is open while it is answered: one more than `populated`.
+        let open = "\nlimiter_connections_open{iface=\"eth0\",listener=\"metrics\"} ";
+        assert_eq!(
+            ok.body,
+            render(&counters, &figures, "eth0")
+                .replace(&format!("{open}1\n"), &format!("{open}2\n"))
+        );
         assert!(
             ok.body
                 .contains("\nlimiter_packets_passed_total{iface=\"eth0\"} 1000000\n")
@@ -736,52 +730,69 @@ mod tests {
         server.stop().await;
     }
 
-    /// With a cap of one connection, a scrape arriving while another is in flight waits its
-    /// turn and is served once the first is done; `figures` never runs for two scrapes at once
-    /// although the first blocks in it until the test releases it.
-    ///
-    /// This shows the cap leaves the server working, not that the second connection was held
-    /// back: "not accepted yet" is only observable by waiting, which these tests do not do, and
-    /// the `connections.len() < limits.max_connections` guard on `accept` is what enforces it.
+    /// Connects from `source` (any 127.0.0.0/8 address reaches the server on loopback).
+    async fn connect_from(source: [u8; 4], server: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        guarded("connect", socket.connect(server)).await.unwrap()
+    }
+
+    /// Connections over the per-address cap, then over the total cap, are closed at once without
+    /// an answer and counted by reason; those admitted are served, and a closed one's place is
+    /// taken by the next.
     #[tokio::test]
-    async fn connection_cap_serves_in_turn() {
+    async fn connections_over_the_caps_are_refused_and_counted() {
         let limits = Bounds {
-            max_connections: 1,
+            caps: Caps {
+                total: 3,
+                per_source: 2,
+            },
             ..test_limits()
         };
-        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = Mutex::new(released);
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let most = Arc::new(AtomicUsize::new(0));
-        let (in_flight_in, most_in) = (Arc::clone(&in_flight), Arc::clone(&most));
-        let server = Server::start(limits, Arc::new(Counters::default()), move || {
-            let now = in_flight_in.fetch_add(1, Ordering::SeqCst) + 1;
-            most_in.fetch_max(now, Ordering::SeqCst);
-            entered_tx.send(()).unwrap();
-            released.lock().unwrap().recv().unwrap();
-            in_flight_in.fetch_sub(1, Ordering::SeqCst);
-            Ok(Figures::default())
+        let counters = Arc::new(Counters::default());
+        let server = Server::start(limits, Arc::clone(&counters), || Ok(Figures::default())).await;
+        let (a, b) = ([127, 0, 0, 2], [127, 0, 0, 3]);
+        let refusals = |c: &Counters| {
+            (
+                c.metrics_connections.refused_per_address.get(),
+                c.metrics_connections.refused_total.get(),
+            )
+        };
+
+        let mut held = vec![
+            connect_from(a, server.addr).await,
+            connect_from(a, server.addr).await,
+        ];
+        let mut third_from_a = connect_from(a, server.addr).await;
+        assert!(read_until_closed(&mut third_from_a).await.is_empty());
+        assert_eq!(refusals(&counters), (1, 0));
+        held.push(connect_from(b, server.addr).await);
+        let mut over_total = connect_from(b, server.addr).await;
+        assert!(read_until_closed(&mut over_total).await.is_empty());
+        assert_eq!(refusals(&counters), (1, 1));
+
+        // The admitted ones are served.
+        for stream in &mut held {
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(guarded("scrape", read_reply(stream)).await.status, 200);
+        }
+        assert_eq!(counters.metrics_connections.open.get(), 3);
+
+        // One closes: its place is free again (once the server has seen the close).
+        drop(held.pop());
+        guarded("the server sees the close", async {
+            while counters.metrics_connections.open.get() != 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         })
         .await;
-        let addr = server.addr;
-
-        let first = tokio::spawn(request(addr, "GET", "/metrics"));
-        guarded("first scrape reaches figures", entered.recv())
-            .await
-            .unwrap();
-        // Connected (the kernel completes the handshake) but not accepted while the first
-        // connection holds the only slot.
-        let second = tokio::spawn(request(addr, "GET", "/metrics"));
-        release.send(()).unwrap();
-        assert_eq!(first.await.unwrap().status, 200);
-        guarded("second scrape reaches figures", entered.recv())
-            .await
-            .unwrap();
-        release.send(()).unwrap();
-        assert_eq!(second.await.unwrap().status, 200);
-        assert_eq!(most.load(Ordering::SeqCst), 1);
-
+        let reply = request(server.addr, "GET", "/metrics").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(refusals(&counters), (1, 1));
+        drop(held);
         server.stop().await;
     }
 }
