@@ -15,6 +15,7 @@ mod limits;
 mod listen;
 mod rate_limiter;
 mod stats;
+mod unix_socket;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -30,6 +31,7 @@ pub use self::{
     listen::{Listeners, Served, bind, bind_unix, serve},
     rate_limiter::RateLimiterService,
     stats::StatsService,
+    unix_socket::SocketFile,
 };
 
 /// Default `--api-max-batch`.
