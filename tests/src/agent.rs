@@ -111,6 +111,17 @@ impl Agent {
 
     /// Starts the agent without waiting for it.
     pub fn spawn(net: &TestNet, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        Agent::spawn_wrapped(net, config, extra_args, &[])
+    }
+
+    /// Starts the agent without waiting for it, through `wrapper` (a command and its arguments
+    /// that runs the rest of its command line, such as `setpriv ...`), inside the namespace.
+    pub fn spawn_wrapped(
+        net: &TestNet,
+        config: &str,
+        extra_args: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Agent> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("limiter-test-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -137,7 +148,17 @@ impl Agent {
             args.extend(["--state-dir", &state_dir]);
         }
         args.extend_from_slice(extra_args);
-        let mut command = limiter_command(&net.receiver_ns, &args);
+        let mut command = if wrapper.is_empty() {
+            limiter_command(&net.receiver_ns, &args)
+        } else {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/run/netns/{}", net.receiver_ns))
+                .args(wrapper)
+                .arg(limiter_bin())
+                .args(&args);
+            command
+        };
         command
             .stdin(Stdio::null())
             .stdout(stderr.try_clone()?)
