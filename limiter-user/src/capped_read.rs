@@ -98,7 +98,9 @@ pub fn read(path: &Path, cap: u64, what: &'static str) -> Result<Vec<u8>, Capped
         return Err(too_large(Some(meta.len())));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(cap + 1).read_to_end(&mut bytes).map_err(io_err)?;
+    file.take(cap.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
     if bytes.len() as u64 > cap {
         return Err(too_large(None));
     }
@@ -140,6 +142,8 @@ mod tests {
         fs::write(&path, b"0123456789").unwrap();
         assert_eq!(read(&path, 10, "config").unwrap(), b"0123456789");
         assert_eq!(read_to_string(&path, 100, "config").unwrap(), "0123456789");
+        // No cap at all (tests reading the agent's snapshot) does not overflow.
+        assert_eq!(read(&path, u64::MAX, "config").unwrap(), b"0123456789");
         fs::remove_dir_all(&dir).unwrap();
     }
 
