@@ -4,7 +4,10 @@
 use std::{
     fs,
     net::IpAddr,
-    os::unix::process::CommandExt as _,
+    os::unix::{
+        fs::FileTypeExt as _,
+        process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -369,6 +372,16 @@ impl Agent {
             bail!("the agent is not running");
         };
         let status = crate::command::terminate(&mut child, Duration::from_secs(5))?;
+        // Killed after ignoring SIGTERM for the whole grace (a machine too loaded for it to stop
+        // in time): it could not remove its default socket, so the harness does, rather than
+        // leave one per test in /run/limiter (a socket given with --api-socket lives in the
+        // test's own directory). An agent that stops by itself removes its own.
+        let socket = PathBuf::from(format!("/run/limiter/{}.sock", self.iface));
+        if status.signal() == Some(libc::SIGKILL)
+            && fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket())
+        {
+            let _ = fs::remove_file(&socket);
+        }
         self.unregister(child.id());
         *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         Ok(status)
