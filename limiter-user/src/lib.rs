@@ -1,9 +1,10 @@
 //! The limiter agent and CLI as a library, so that tests and benchmarks drive the same code.
 //!
 //! Each folder is one concept; see README.md "Architecture" for how they map onto the data flow.
-//! Imports point one way only (no circles): `state_file` (the one atomic writer, no crate
-//! imports) and `admission` (connection caps, no crate imports) at the bottom; `state_file` <-
-//! `config` (its overlay is stored with it) <- `datapath` <- `check`, `adaptive`,
+//! Imports point one way only (no circles): at the bottom, importing nothing of the crate but
+//! each other, `state_file` (the one atomic writer), `trusted_dir` (the directories it writes
+//! in), `capped_read` (size-capped reads) and `admission` (connection caps); then `config` (its
+//! overlay is stored with it) <- `datapath` <- `check`, `adaptive`,
 //! `stats` <- `snapshot`, `metrics`; `metrics` and `check` <- `limits` (the policy store) <-
 //! `api` <- `agent`; `cli` (the command-line client) uses `api`'s socket path, `stats` and
 //! `proto`. `cluster` (the cluster's pure algorithms: shares, leases, owners) imports nothing
@@ -12,6 +13,7 @@ pub mod adaptive;
 pub mod admission;
 pub mod agent;
 pub mod api;
+pub mod capped_read;
 pub mod check;
 pub mod cli;
 pub mod cluster;
@@ -23,6 +25,7 @@ pub mod proto;
 pub mod snapshot;
 pub mod state_file;
 pub mod stats;
+pub mod trusted_dir;
 
 /// `e` and its causes (its `source` chain), `: `-joined: how an error is shown where only a
 /// string goes (a gRPC status, a log line, a reason kept for later), so no cause is lost. The

@@ -34,7 +34,11 @@ use limiter_common::{
 /// packed the map value into 40 bytes, but the record keeps one field per field).
 const READABLE_LAYOUTS: [u32; 2] = [3, LAYOUT_VERSION];
 
-use crate::{datapath::syscall, state_file};
+use crate::{
+    capped_read::{self, CappedReadError},
+    datapath::syscall,
+    state_file,
+};
 
 const MAGIC: &[u8; 8] = b"LIMSNAP\0";
 const FORMAT: u32 = 1;
@@ -48,6 +52,8 @@ const TRAILER: usize = 4;
 pub enum SnapshotError {
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Read(CappedReadError),
     #[error("writing the snapshot {path}")]
     Write {
         path: PathBuf,
@@ -204,21 +210,28 @@ impl Snapshot {
         })
     }
 
-    /// Reads the snapshot at `path`. `Ok(None)` when there is none; a snapshot that cannot be
-    /// used is moved aside to `PATH.corrupt-UNIXTIME` with a log line and also gives `Ok(None)`,
-    /// so the agent starts from the config.
-    pub fn load(path: &Path) -> Result<Option<Snapshot>, SnapshotError> {
-        let bytes = match fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(SnapshotError::Io {
-                    path: path.to_path_buf(),
-                    error: source,
-                });
-            }
+    /// The largest snapshot of `max_entries` entries.
+    pub fn max_bytes(max_entries: u64) -> u64 {
+        ((HEADER + TRAILER) as u64).saturating_add(max_entries.saturating_mul(ENTRY as u64))
+    }
+
+    /// Reads the snapshot at `path`, which may hold at most `max_entries` entries (what the
+    /// maps it is restored into can hold: a bigger file is refused before it is read, see
+    /// [`Snapshot::max_bytes`]). `Ok(None)` when there is none; a snapshot that cannot be used
+    /// (over that size included) is moved aside to `PATH.corrupt-UNIXTIME` with a log line and
+    /// also gives `Ok(None)`, so the agent starts from the config.
+    pub fn load(path: &Path, max_entries: u64) -> Result<Option<Snapshot>, SnapshotError> {
+        let cap = Snapshot::max_bytes(max_entries);
+        let decoded = match capped_read::read(path, cap, "the snapshot") {
+            Ok(bytes) => Snapshot::decode(&bytes).map_err(|e| e.to_string()),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e @ CappedReadError::TooLarge { .. }) => Err(format!(
+                "{e}: the size of {max_entries} entries, what the client maps hold \
+                 (--max-clients plus the exact-address clients)"
+            )),
+            Err(e) => return Err(SnapshotError::Read(e)),
         };
-        match Snapshot::decode(&bytes) {
+        match decoded {
             Ok(snapshot) => Ok(Some(snapshot)),
             Err(reason) => {
                 let aside = PathBuf::from(format!(
@@ -317,6 +330,8 @@ fn decode_state(b: &[u8]) -> ClientState {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use limiter_common::{
         addr::v4_mapped,
         maps::{ACTION_DROP, ACTION_PASS},
@@ -440,11 +455,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("limiter-snap-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("eth0.snapshot");
-        assert_eq!(Snapshot::load(&path).unwrap(), None);
+        assert_eq!(Snapshot::load(&path, 5).unwrap(), None);
         sample(5).write(&path).unwrap();
-        assert_eq!(Snapshot::load(&path).unwrap(), Some(sample(5)));
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "a snapshot lists clients: owner only"
+        );
+        assert_eq!(Snapshot::load(&path, 5).unwrap(), Some(sample(5)));
         fs::write(&path, b"garbage").unwrap();
-        assert_eq!(Snapshot::load(&path).unwrap(), None);
+        assert_eq!(Snapshot::load(&path, 5).unwrap(), None);
         assert!(!path.exists());
         let aside: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(Result::ok).collect();
         assert!(
@@ -452,6 +472,24 @@ mod tests {
                 .iter()
                 .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_over_what_the_maps_hold_is_set_aside_unread() {
+        let dir = std::env::temp_dir().join(format!("limiter-snap-cap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("eth0.snapshot");
+        sample(5).write(&path).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            Snapshot::max_bytes(5),
+            "the cap is exact"
+        );
+        assert_eq!(Snapshot::load(&path, 5).unwrap(), Some(sample(5)));
+        // Four entries' worth of maps: one entry too many, refused before decoding.
+        assert_eq!(Snapshot::load(&path, 4).unwrap(), None);
+        assert!(!path.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,6 +8,10 @@
 //! through), fsynced, renamed over the target, and the directory fsynced so the rename itself
 //! survives a crash. A symlink at the target is replaced, not followed: the agent's own files are
 //! never links. On failure the temporary file is removed and the target is untouched.
+//!
+//! Before every write the directory is checked with [`trusted_dir`] (created 0700 if missing):
+//! one that another user can write, or that is not the agent's, is refused with an error naming
+//! it and its mode, since such a user could swap the files for their own between writes.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -16,6 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::trusted_dir::{self, DirKind, TrustedDirError};
+
 /// Temporary names tried before giving up (each collision is with a file someone else made).
 const ATTEMPTS: usize = 8;
 
@@ -23,12 +29,8 @@ const ATTEMPTS: usize = 8;
 pub enum StateFileError {
     #[error("{path} has no file name")]
     NoFileName { path: PathBuf },
-    #[error("creating the directory {path}")]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        error: io::Error,
-    },
+    #[error(transparent)]
+    Dir(#[from] TrustedDirError),
     #[error("{step} {path}")]
     Temp {
         step: &'static str,
@@ -49,10 +51,7 @@ pub enum StateFileError {
 /// missing. The new file has mode 0600.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateFileError> {
     let (dir, name) = split(path)?;
-    fs::create_dir_all(&dir).map_err(|error| StateFileError::CreateDir {
-        path: dir.clone(),
-        error,
-    })?;
+    trusted_dir::prepare(&dir, DirKind::State)?;
     remove_stale_temps(&dir, &name);
     let mut last = None;
     for _ in 0..ATTEMPTS {
@@ -196,6 +195,8 @@ mod tests {
             random_u64()
         ));
         fs::create_dir_all(&dir).unwrap();
+        // Whatever the umask: the writer refuses a directory others can write.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         dir
     }
 
@@ -317,6 +318,18 @@ mod tests {
         want.push("state");
         want.sort();
         assert_eq!(entries(&dir), want);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused_and_nothing_is_written() {
+        let dir = scratch("open-dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.join("state");
+        let e = write_atomic(&path, b"new").unwrap_err();
+        assert!(matches!(e, StateFileError::Dir(_)), "{e:?}");
+        assert!(e.to_string().contains("mode 0777"), "{e}");
+        assert!(entries(&dir).is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }
 

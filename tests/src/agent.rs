@@ -4,7 +4,10 @@
 use std::{
     fs,
     net::IpAddr,
-    os::unix::process::CommandExt as _,
+    os::unix::{
+        fs::FileTypeExt as _,
+        process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -111,7 +114,7 @@ impl Agent {
 
     /// Starts the agent without waiting for it.
     pub fn spawn(net: &TestNet, config: &str, extra_args: &[&str]) -> Result<Agent> {
-        Agent::spawn_adjusted(net, config, extra_args, |_| {})
+        Agent::spawn_with(net, config, extra_args, &[], |_| {})
     }
 
     /// [`Agent::spawn`], with `adjust` applied to the command before it runs (to set resource
@@ -120,6 +123,27 @@ impl Agent {
         net: &TestNet,
         config: &str,
         extra_args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Agent> {
+        Agent::spawn_with(net, config, extra_args, &[], adjust)
+    }
+
+    /// Starts the agent without waiting for it, through `wrapper` (a command and its arguments
+    /// that runs the rest of its command line, such as `setpriv ...`), inside the namespace.
+    pub fn spawn_wrapped(
+        net: &TestNet,
+        config: &str,
+        extra_args: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Agent> {
+        Agent::spawn_with(net, config, extra_args, wrapper, |_| {})
+    }
+
+    fn spawn_with(
+        net: &TestNet,
+        config: &str,
+        extra_args: &[&str],
+        wrapper: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Result<Agent> {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +172,17 @@ impl Agent {
             args.extend(["--state-dir", &state_dir]);
         }
         args.extend_from_slice(extra_args);
-        let mut command = limiter_command(&net.receiver_ns, &args);
+        let mut command = if wrapper.is_empty() {
+            limiter_command(&net.receiver_ns, &args)
+        } else {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/run/netns/{}", net.receiver_ns))
+                .args(wrapper)
+                .arg(limiter_bin())
+                .args(&args);
+            command
+        };
         command
             .stdin(Stdio::null())
             .stdout(stderr.try_clone()?)
@@ -360,6 +394,16 @@ impl Agent {
             bail!("the agent is not running");
         };
         let status = crate::command::terminate(&mut child, Duration::from_secs(5))?;
+        // Killed after ignoring SIGTERM for the whole grace (a machine too loaded for it to stop
+        // in time): it could not remove its default socket, so the harness does, rather than
+        // leave one per test in /run/limiter (a socket given with --api-socket lives in the
+        // test's own directory). An agent that stops by itself removes its own.
+        let socket = PathBuf::from(format!("/run/limiter/{}.sock", self.iface));
+        if status.signal() == Some(libc::SIGKILL)
+            && fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket())
+        {
+            let _ = fs::remove_file(&socket);
+        }
         self.unregister(child.id());
         *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         Ok(status)

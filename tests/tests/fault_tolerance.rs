@@ -664,7 +664,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
         );
 
         let t = Instant::now();
-        let snapshot = Snapshot::load(&path)
+        let snapshot = Snapshot::load(&path, u64::MAX)
             .with_context(|| format!("round {round}: loading the snapshot"))?
             .with_context(|| {
                 format!("round {round}: no usable snapshot left after kill -9 (moved aside?)")
@@ -729,7 +729,7 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
     agent.wait_ready(Duration::from_secs(30))?;
     let status = agent.terminate()?;
     assert!(status.success(), "final SIGTERM: {status}\n{}", agent.log());
-    let last = Snapshot::load(&path)?.context("no snapshot after SIGTERM")?;
+    let last = Snapshot::load(&path, u64::MAX)?.context("no snapshot after SIGTERM")?;
     let ours = last
         .entries
         .iter()
@@ -786,7 +786,7 @@ fn restart_without_pins_restores_exact_state_from_the_snapshot() -> Result<()> {
 
     let status = first.terminate()?;
     assert!(status.success(), "SIGTERM: {status}\n{}", first.log());
-    let snapshot = Snapshot::load(&path)?.context("no snapshot after SIGTERM")?;
+    let snapshot = Snapshot::load(&path, u64::MAX)?.context("no snapshot after SIGTERM")?;
     // A and B, as the maps held them (and possibly `::`: the sender's MLD reports, sent from
     // the unspecified address while its IPv6 addresses are set up, may reach the limiter).
     for (client, counts) in [(a, (10, 5)), (b, (5, 0))] {

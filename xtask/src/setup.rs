@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "iproute2",
+    // `nsenter` runs the agent in the tests' namespaces, `setpriv` runs it with capabilities only
+    // (tests/tests/hostile_files.rs). Essential on Debian, so normally there already.
+    "util-linux",
     // The gRPC API benchmark's baseline: Redis with the redis-cell module, and redis-benchmark.
     "redis-server",
     "redis-tools",

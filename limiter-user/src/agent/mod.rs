@@ -21,14 +21,16 @@ use crate::{
     adaptive::load::{FileLoad, LoadSource, SystemLoad},
     adaptive::tuner::Tuner,
     admission::Caps,
-    api::{self, ApiOptions, ApiState},
+    api::{self, ApiOptions, ApiState, SocketFile},
+    capped_read,
     check::Checker,
-    config::overlay,
+    config::{MAX_CONFIG_BYTES, MAX_STATIC_CLIENTS, overlay},
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::{Loaded, PolicyStore},
     metrics::{self, Counters, Exporter, KernelSource},
     snapshot::{Clocks, Snapshot},
     stats::{Figures, Resident, Walks},
+    trusted_dir::{self, DirKind},
 };
 
 /// How long the API gets to finish requests in flight and close its connections at shutdown;
@@ -86,8 +88,10 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // clean up on any kernel.
     datapath::kernel::check().map_err(datapath::DatapathError::from)?;
     datapath::if_index(&opts.iface)?;
-    let text = std::fs::read_to_string(&opts.config)
-        .with_context(|| format!("reading config {}", opts.config.display()))?;
+    // Before anything is read from it: an overlay or a snapshot in a directory others can write
+    // could be theirs.
+    trusted_dir::prepare(&opts.state_dir, DirKind::State)?;
+    let text = capped_read::read_to_string(&opts.config, MAX_CONFIG_BYTES, "config")?;
     let loaded = Loaded::load(&text, &opts.overlay_path())
         .with_context(|| format!("config {} rejected", opts.config.display()))?;
     let config = loaded.effective.config.clone();
@@ -95,7 +99,10 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // Listeners first: a port in use, a bad certificate or another agent on this interface's
     // socket stops the start before anything is loaded, written or attached.
     let listeners = api::bind(&opts.api).await?;
-    let mut guard = StartGuard::new(opts.api.socket.clone());
+    // Removes the socket when `run` returns, whichever way (an orderly stop, an error after the
+    // start, a failed start); dropped last, after the API has stopped.
+    let _socket = SocketFile::claim(&opts.api.socket);
+    let mut guard = StartGuard::new();
     let metrics_listener = match opts.metrics {
         None => None,
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
@@ -137,7 +144,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 .try_clone()
                 .context("duplicating the adapt program's descriptor")?,
         );
-        restore(&mut tables, &snapshot_path)?;
+        restore(&mut tables, &snapshot_path, snapshot_capacity(&opts))?;
         let report = tables.apply(&config)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
         let tuner = Tuner::new(
@@ -429,13 +436,23 @@ fn take_snapshot(fds: &(OwnedFd, OwnedFd), path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The most entries a snapshot restored into this agent's maps can usefully hold: the dynamic
+/// clients (`--max-clients`) and the exact-address ones. A bigger file is refused unread.
+fn snapshot_capacity(opts: &AgentOptions) -> u64 {
+    u64::from(opts.max_clients) + MAX_STATIC_CLIENTS as u64
+}
+
 /// On fresh maps (nothing pinned to adopt), restores client state from the snapshot if there is
-/// a usable one.
-fn restore(tables: &mut Tables, path: &Path) -> Result<(), datapath::DatapathError> {
+/// a usable one (at most `max_entries` entries, see [`snapshot_capacity`]).
+fn restore(
+    tables: &mut Tables,
+    path: &Path,
+    max_entries: u64,
+) -> Result<(), datapath::DatapathError> {
     if tables.map_config()?.generation != 0 {
         return Ok(()); // adopted pinned maps: they are newer than any snapshot
     }
-    let snapshot = match Snapshot::load(path) {
+    let snapshot = match Snapshot::load(path, max_entries) {
         Ok(Some(snapshot)) => snapshot,
         Ok(None) => return Ok(()),
         Err(e) => {

@@ -8,13 +8,13 @@ use crate::datapath::{self, Attachment};
 
 /// What a start that fails before the main loop must undo, done when the guard is dropped
 /// still armed (any early return): stop the API tasks, detach the program (attached but not
-/// managed is not an option), remove the API socket, and remove the pins a fresh start created
-/// before attaching (a start that never enforced anything leaves none behind).
+/// managed is not an option), and remove the pins a fresh start created before attaching (a
+/// start that never enforced anything leaves none behind). The API socket is removed by the
+/// agent's `SocketFile`, on a failed start as on any other return.
 ///
 /// Declare it before the loaded object: locals drop in reverse order, so the object releases
 /// its maps before their pins are removed.
 pub(super) struct StartGuard {
-    socket: PathBuf,
     fresh_pins: Option<PathBuf>,
     attachment: Option<Attachment>,
     stop: Option<watch::Sender<bool>>,
@@ -22,10 +22,9 @@ pub(super) struct StartGuard {
 }
 
 impl StartGuard {
-    /// Armed for a start that has bound the API socket at `socket`.
-    pub(super) fn new(socket: PathBuf) -> StartGuard {
+    /// Armed for a start that has bound its listeners.
+    pub(super) fn new() -> StartGuard {
         StartGuard {
-            socket,
             fresh_pins: None,
             attachment: None,
             stop: None,
@@ -69,7 +68,6 @@ impl Drop for StartGuard {
         {
             tracing::error!("detaching after a failed start: {}", crate::error_chain(&e));
         }
-        let _ = std::fs::remove_file(&self.socket);
         if let Some(pins) = &self.fresh_pins {
             let _ = datapath::remove_pins(pins);
         }

@@ -1,9 +1,7 @@
 //! Binding and serving: the Unix socket, TCP with the bearer token and/or TLS, and the routes
 //! (the three services beside gRPC health and reflection).
 
-use std::{
-    net::SocketAddr, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration,
-};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tonic::transport::Server;
@@ -65,40 +63,11 @@ fn server(counters: &Arc<Counters>) -> Server<Stack<ErrorCountLayer, Identity>> 
         .layer(ErrorCountLayer::new(Arc::clone(counters)))
 }
 
-/// Binds the Unix socket: its directory is created (0755), a stale socket from a dead agent is
-/// replaced, a live one (another agent) is an error, and the socket is made 0600.
+/// Binds the Unix socket (see `unix_socket`): its directory is created (0755) and must be one
+/// only the agent's user or root can change, a stale socket from a dead agent is replaced, a live
+/// one (another agent) is an error, and the socket is 0600 from its creation.
 pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt as _;
-        if !meta.file_type().is_socket() {
-            anyhow::bail!(
-                "API socket path {} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "API socket {} is in use by another process (another agent on this interface?)",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale API socket {}", path.display()))?;
-    }
-    // Bind with a restrictive umask so the socket is never briefly open to others.
-    // SAFETY: umask only changes this process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = tokio::net::UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("binding the API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
+    super::unix_socket::bind(path)
 }
 
 /// The running API servers.

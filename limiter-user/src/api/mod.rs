@@ -17,6 +17,7 @@ mod limits;
 mod listen;
 mod rate_limiter;
 mod stats;
+mod unix_socket;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -36,6 +37,7 @@ pub use self::{
     listen::{Listeners, Served, bind, bind_unix, serve},
     rate_limiter::RateLimiterService,
     stats::{MAX_TOP, StatsService},
+    unix_socket::SocketFile,
 };
 
 /// Default `--api-max-batch`.

@@ -26,6 +26,11 @@ use self::locate::{KeyLines, adaptive_error, locate_value_error};
 pub const MAX_POLICIES: usize = limiter_common::maps::MAX_POLICY_ID as usize;
 /// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
 pub const MAX_STATIC_CLIENTS: usize = 65_536;
+/// Largest config file the agent reads (`crate::capped_read`). The largest valid config,
+/// `MAX_POLICIES` policies each naming a 256-byte ID with every key at its longest (about 340
+/// bytes a policy, 11 MB in all), fits with room for comments; a bigger file is a wrong path or
+/// a mistake, refused before it is read into memory.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

@@ -29,11 +29,16 @@ pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(iface)
 }
 
-/// Fails with a message naming the fix when the process cannot use BPF at all.
+/// Fails with a message naming the fix when the process cannot use BPF at all: a capability
+/// the agent needs is missing ([`super::privileges`]; root or not does not matter), or bpffs is
+/// not mounted.
 pub fn check_environment() -> Result<(), DatapathError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(DatapathError::NotRoot);
+    let effective = super::privileges::effective().map_err(DatapathError::Capabilities)?;
+    let missing = super::privileges::missing(&super::privileges::AGENT, &effective);
+    if !missing.is_empty() {
+        return Err(DatapathError::MissingCapabilities(
+            super::privileges::Missing(missing),
+        ));
     }
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
         what: "reading",
@@ -47,6 +52,23 @@ pub fn check_environment() -> Result<(), DatapathError> {
         return Err(DatapathError::BpffsNotMounted);
     }
     Ok(())
+}
+
+/// Whether this process may create and remove entries in `dir` (by its effective ids and
+/// capabilities, as the kernel will judge the pin and unlink calls).
+fn writable(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string; faccessat only reads it.
+    unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        ) == 0
+    }
 }
 
 /// The interface's index, or a clear error.
@@ -96,11 +118,17 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     if let Some(dir) = &opts.pin_dir {
         // Discarding may remove the directory itself: create it afterwards.
         discard_incompatible_pins(dir, opts)?;
-        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
-            what: "creating the pin directory",
-            path: dir.clone(),
-            error: source,
+        std::fs::create_dir_all(dir).map_err(|source| match source.kind() {
+            io::ErrorKind::PermissionDenied => DatapathError::PinDirDenied { dir: dir.clone() },
+            _ => DatapathError::Io {
+                what: "creating the pin directory",
+                path: dir.clone(),
+                error: source,
+            },
         })?;
+        if !writable(dir) {
+            return Err(DatapathError::PinDirDenied { dir: dir.clone() });
+        }
         for (name, ..) in PINNED {
             loader.map_pin_path(name, dir.join(name));
         }

@@ -11,6 +11,7 @@ pub mod kernel;
 mod kernel_log;
 pub mod lifecycle;
 mod netlink;
+pub mod privileges;
 pub mod syscall;
 pub mod tables;
 
@@ -71,8 +72,20 @@ const PINNED: [(&str, MapType, usize, usize); 11] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("limiter needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")]
-    NotRoot,
+    #[error(
+        "limiter lacks {0}: run it as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON \
+         (systemd: AmbientCapabilities=; by hand: setpriv --inh-caps=+bpf,+net_admin,+perfmon \
+         --ambient-caps=+bpf,+net_admin,+perfmon ...)"
+    )]
+    MissingCapabilities(privileges::Missing),
+    #[error("reading the process's capabilities")]
+    Capabilities(#[source] io::Error),
+    #[error(
+        "the pin directory {dir} cannot be created or written by this user: an agent that is not \
+         root needs it made for it, owned by its user (`install -d -m 0700 -o USER {dir}`; the \
+         systemd unit packaging/limiter@.service does this)"
+    )]
+    PinDirDenied { dir: PathBuf },
     #[error("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf`")]
     BpffsNotMounted,
     #[error(transparent)]

@@ -33,9 +33,10 @@ use std::{
 use tokio::sync::broadcast;
 
 use crate::{
+    capped_read::{self, CappedReadError},
     check::Checker,
     config::{
-        Config, PolicyError, Resolved,
+        Config, MAX_CONFIG_BYTES, PolicyError, Resolved,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
     },
     datapath::{DatapathError, Tables},
@@ -192,26 +193,25 @@ impl PolicyStore {
                 }
             }
         }
-        let text = match std::fs::read_to_string(&inner.path) {
+        let text = match capped_read::read_to_string(&inner.path, MAX_CONFIG_BYTES, "config") {
             Ok(text) => {
                 inner.unreadable = false;
                 text
             }
-            Err(e) if inner.unreadable => {
-                if force {
-                    tracing::warn!(
-                        "reading config {}: {e}; the policies in force stay in force",
-                        inner.path.display()
+            Err(e) => {
+                // Reported once per outage (and on every SIGHUP); a file over the size cap is
+                // a rejected config, counted as such once.
+                let first = !inner.unreadable;
+                inner.unreadable = true;
+                if first && matches!(e, CappedReadError::TooLarge { .. }) {
+                    self.counters.config_rejects.inc();
+                }
+                if first || force {
+                    tracing::error!(
+                        "{}; the policies in force stay in force",
+                        crate::error_chain(&e)
                     );
                 }
-                return;
-            }
-            Err(e) => {
-                inner.unreadable = true;
-                tracing::warn!(
-                    "reading config {}: {e}; the policies in force stay in force",
-                    inner.path.display()
-                );
                 return;
             }
         };

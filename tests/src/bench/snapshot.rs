@@ -84,7 +84,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let bytes = std::fs::metadata(&path)?.len();
     let mut loaded = None;
     let read = timed(&mut || {
-        loaded = Snapshot::load(&path)?;
+        loaded = Snapshot::load(&path, u64::MAX)?;
         Ok(())
     })?;
     let loaded = loaded.context("snapshot did not load back")?;

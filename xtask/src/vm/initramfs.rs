@@ -1,7 +1,7 @@
 //! The VM's root file system, `target/vm/initramfs.cpio` (newc, uncompressed): static busybox,
-//! the host's `ip` and `nsenter`, `limiter`, the test binaries, the shared libraries `ldd` lists
-//! for them, the veth module and the /init script, with the marker lines /init prints for the
-//! host to read.
+//! the host's `ip`, `nsenter` and `setpriv`, `limiter`, the test binaries, the shared libraries
+//! `ldd` lists for them, the veth module and the /init script, with the marker lines /init prints
+//! for the host to read.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -24,7 +24,8 @@ pub(super) const DONE_MARKER: &str = "VMTEST-DONE status=";
 /// Printed by /init when its setup went wrong (e.g. veth could not be loaded).
 pub(super) const WARNING_MARKER: &str = "VMTEST-WARNING ";
 
-/// What goes into the initramfs besides the host's `ip`, `nsenter` and shared libraries.
+/// What goes into the initramfs besides the host's `ip`, `nsenter`, `setpriv` and shared
+/// libraries.
 pub(super) struct Payload<'a> {
     pub(super) busybox: &'a Path,
     pub(super) limiter: &'a Path,
@@ -107,6 +108,11 @@ fn vm_programs(payload: &Payload<'_>) -> Result<Vec<(String, PathBuf)>> {
         (
             "usr/bin/nsenter".to_owned(),
             host_tool("nsenter", "--version", "util-linux")?,
+        ),
+        // The capabilities-only agent of tests/tests/hostile_files.rs runs under it.
+        (
+            "usr/bin/setpriv".to_owned(),
+            host_tool("setpriv", "--version", "util-linux")?,
         ),
         (LIMITER_IN_VM.to_owned(), payload.limiter.to_path_buf()),
     ];

@@ -11,7 +11,7 @@
 //!    a cache (the kernel package is resolved through `linux-image-cloud-amd64` on every run, so a
 //!    new kernel ABI is fetched; delete `target/vm` to refresh the rest).
 //! 3. Writes `target/vm/initramfs.cpio` (newc, uncompressed): static busybox, the host's real
-//!    iproute2 `ip` and util-linux `nsenter` in /usr/bin, ahead of busybox's applets in /bin on
+//!    iproute2 `ip` and util-linux `nsenter` and `setpriv` in /usr/bin, ahead of busybox's applets in /bin on
 //!    PATH (busybox's `ip` cannot create named veth peers), `limiter`, the test binaries, every
 //!    shared library `ldd` lists for them with the dynamic loader, the kernel's veth.ko and /init.
 //! 4. Boots it with `qemu-system-x86_64 -nic none -no-reboot -nographic` (serial console

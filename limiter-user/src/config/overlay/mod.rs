@@ -39,7 +39,7 @@
 //! It is written whole through [`state_file::write_atomic`], the writer the snapshot uses.
 
 use std::{
-    fmt, io,
+    fmt,
     path::{Path, PathBuf},
 };
 
@@ -47,6 +47,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use crate::{
+    capped_read::{self, CappedReadError},
     config::{self, Action, Config, Limit, Match, PolicyError, Resolved, Rule},
     state_file::{self, StateFileError},
 };
@@ -54,14 +55,16 @@ use crate::{
 /// The overlay format this binary reads and writes.
 pub const VERSION: u64 = 1;
 
+/// Largest overlay read (`crate::capped_read`): twice the config file's cap, since an overlay
+/// may list up to `MAX_POLICIES` policies of its own plus as many removals of the file's, so
+/// the agent never refuses an overlay it wrote itself.
+pub const MAX_OVERLAY_BYTES: u64 = 2 * config::MAX_CONFIG_BYTES;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    #[error("reading the policy overlay {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        error: io::Error,
-    },
+    /// Not readable, not a regular file, or over [`MAX_OVERLAY_BYTES`]; the cause names the file.
+    #[error(transparent)]
+    Read(CappedReadError),
     #[error("the policy overlay {path} is corrupt: {problem}")]
     Corrupt { path: PathBuf, problem: String },
     #[error(
@@ -162,19 +165,14 @@ impl Overlay {
 
     /// Reads the overlay at `path`; none there is an empty overlay.
     pub fn load(path: &Path) -> Result<Overlay, OverlayError> {
-        match std::fs::read_to_string(path) {
+        match capped_read::read_to_string(path, MAX_OVERLAY_BYTES, "the policy overlay") {
             Ok(text) => Overlay::parse(&text, path),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Overlay::default()),
-            Err(error) if error.kind() == io::ErrorKind::InvalidData => {
-                Err(OverlayError::Corrupt {
-                    path: path.to_path_buf(),
-                    problem: "not UTF-8 text".into(),
-                })
-            }
-            Err(error) => Err(OverlayError::Read {
+            Err(error) if error.is_not_found() => Ok(Overlay::default()),
+            Err(CappedReadError::NotUtf8 { .. }) => Err(OverlayError::Corrupt {
                 path: path.to_path_buf(),
-                error,
+                problem: "not UTF-8 text".into(),
             }),
+            Err(error) => Err(OverlayError::Read(error)),
         }
     }
 

@@ -341,7 +341,7 @@ fn load_and_store_under_the_state_dir() {
     std::fs::remove_file(&path).unwrap();
     std::fs::create_dir(&path).unwrap();
     let e = Overlay::load(&path).unwrap_err();
-    assert!(matches!(e, OverlayError::Read { .. }), "{e:?}");
+    assert!(matches!(e, OverlayError::Read(_)), "{e:?}");
     assert!(e.to_string().contains("eth0.overlay.yaml"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
