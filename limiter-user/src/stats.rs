@@ -76,12 +76,14 @@ impl Resident {
 /// only one batch at a time in the agent. Concurrent callers never each start one: a caller who
 /// needs counts from a walk that started after some moment (for `Stats.Global`: its own arrival)
 /// waits for the walk in progress and then takes the last walk's counts if they are recent
-/// enough, else walks itself; a burst of callers costs at most two walks. (A caller cancelled
-/// while its walk runs releases the turn; that walk finishes unshared on the blocking pool.)
+/// enough, else walks itself; a burst of callers costs at most two walks. The turn is held by
+/// the walk itself, not by its caller: a caller cancelled while its walk runs (a short
+/// `grpc-timeout`, say) leaves the walk to finish and record its counts before the next begins,
+/// so cancelled callers can never pile walks up (each holds duplicated map descriptors).
 #[derive(Debug, Default)]
 pub struct Walks {
     /// When the last complete walk started, and what it counted; the lock is held during a walk.
-    last: tokio::sync::Mutex<Option<(Instant, Resident)>>,
+    last: std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Resident)>>>,
 }
 
 impl Walks {
@@ -92,18 +94,21 @@ impl Walks {
         since: Instant,
         walk: impl FnOnce() -> Result<Resident, E> + Send + 'static,
     ) -> Result<Result<Resident, E>, tokio::task::JoinError> {
-        let mut last = self.last.lock().await;
+        let mut last = self.last.clone().lock_owned().await;
         if let Some((started, resident)) = *last
             && started >= since
         {
             return Ok(Ok(resident));
         }
-        let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(walk).await?;
-        if let Ok(resident) = &outcome {
-            *last = Some((started, *resident));
-        }
-        Ok(outcome)
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = walk();
+            if let Ok(resident) = &outcome {
+                *last = Some((started, *resident));
+            }
+            outcome
+        })
+        .await
     }
 
     /// [`Walks::resident`] for a caller already on the blocking pool (not a runtime worker):
@@ -131,13 +136,16 @@ impl Walks {
         &self,
         walk: impl FnOnce() -> Result<(T, Resident), E> + Send + 'static,
     ) -> Result<Result<(T, Resident), E>, tokio::task::JoinError> {
-        let mut last = self.last.lock().await;
-        let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(walk).await?;
-        if let Ok((_, resident)) = &outcome {
-            *last = Some((started, *resident));
-        }
-        Ok(outcome)
+        let mut last = self.last.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = walk();
+            if let Ok((_, resident)) = &outcome {
+                *last = Some((started, *resident));
+            }
+            outcome
+        })
+        .await
     }
 }
 

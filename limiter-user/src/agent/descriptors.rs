@@ -43,11 +43,18 @@ pub fn raise() -> io::Result<Limit> {
             rlim_max: limit.rlim_max,
         };
         // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one is
-        // always allowed.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-            return Err(io::Error::last_os_error());
+        // allowed, except above `fs.nr_open` (EPERM), which a hard limit set before nr_open was
+        // lowered can be: then the soft limit stays what it was, and is what the caps must fit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            tracing::warn!(
+                "open files: cannot raise the soft limit {before} to the hard limit {}: {}; \
+                 keeping {before}",
+                limit.rlim_max,
+                io::Error::last_os_error()
+            );
         }
-        limit = raised;
     }
     Ok(Limit {
         before,
