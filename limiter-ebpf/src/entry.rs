@@ -26,27 +26,47 @@ use limiter_common::{
 use crate::{
     counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
-    maps::{CLIENTS, COARSE_CLOCK, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
+    maps::{CLIENTS, COARSE_CLOCK, LIMITED, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
 };
+
+/// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
+const EEXIST: i32 = 17;
 
 /// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
 const COARSE_LAG_NS: u64 = 10_000_000;
 
-/// The client's entry, created on its first packet. Returns `None` only if the policy table has
-/// no match (the agent always installs a default for each family).
+/// Which map a client's entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Home {
+    /// `CLIENTS`, the LRU map of dynamic clients.
+    Clients,
+    /// `STATIC_CLIENTS` or `LIMITED`: never evicted.
+    Kept,
+    /// The shared `OVERFLOW` budget (no entry could be created).
+    Overflow,
+}
+
+/// The client's entry, created on its first packet, and where it lives. Returns `None` only if
+/// the policy table has no match (the agent always installs a default for each family).
+///
+/// Lookups in order: `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS`, then
+/// `LIMITED` (a client over its limit pays the two misses before it, on packets it drops).
 #[inline(always)]
 pub(crate) fn client_entry(
     key: &ClientKey,
     config: &MapConfig,
     stats: &mut GlobalStats,
     run: Run,
-) -> Option<*mut ClientState> {
+) -> Option<(*mut ClientState, Home)> {
     if let Some(p) = CLIENTS.get_ptr_mut(key) {
-        return Some(p);
+        return Some((p, Home::Clients));
     }
-    if let Some(p) = STATIC_CLIENTS.get_ptr_mut(key) {
-        return Some(p);
+    if let Some(p) = STATIC_CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| LIMITED.get_ptr_mut(key))
+    {
+        return Some((p, Home::Kept));
     }
     let policy = resolve(key, stats)?;
     let fresh = ClientState::fresh(&policy, config.generation);
@@ -57,9 +77,59 @@ pub(crate) fn client_entry(
         if created {
             stats.new_clients += 1;
         }
-        return Some(p);
+        return Some((p, Home::Clients));
     }
-    overflow_entry(&policy, config.generation, stats, run)
+    overflow_entry(&policy, config.generation, stats, run).map(|p| (p, Home::Overflow))
+}
+
+/// An address client's entry if it has one, in whichever map (no entry is created).
+#[inline(always)]
+pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
+    CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| STATIC_CLIENTS.get_ptr_mut(key))
+        .or_else(|| LIMITED.get_ptr_mut(key))
+}
+
+/// Moves a `CLIENTS` entry that was just denied into `LIMITED`, which LRU eviction never
+/// touches: a limited client keeps its window state however many new sources arrive after it.
+/// Called on denied hits only, so a passing client never pays for it; once moved, the client's
+/// later packets find it in `LIMITED`. Only `limit` entries move: a `drop` policy's clients have
+/// no window to protect, and must not fill the map.
+///
+/// The entry is copied with `BPF_NOEXIST` before it is deleted from `CLIENTS`, so a packet on
+/// another CPU finds it in one map or the other throughout; hits decided on the `CLIENTS` copy
+/// between the two steps (a client at its limit, so at most a drop or a rare admission) are not
+/// carried over. When `LIMITED` is full the client stays in `CLIENTS` and `limited_full` counts
+/// the attempt.
+///
+/// # Safety
+/// `state` points at the live `CLIENTS` value of `key`.
+#[inline(always)]
+pub(crate) unsafe fn hold_limited(
+    key: &ClientKey,
+    state: *mut ClientState,
+    stats: &mut GlobalStats,
+) {
+    // SAFETY: live map value (the function's contract); the copy is read with volatile loads
+    // (another CPU may be updating it, which the doc comment above accounts for).
+    let copy = unsafe {
+        if (*state).action() != ACTION_LIMIT {
+            return;
+        }
+        core::ptr::read_volatile(state)
+    };
+    match LIMITED.insert(key, &copy, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            let _ = CLIENTS.remove(key);
+            stats.limited_moves += 1;
+        }
+        // Another CPU moved it first: its copy is the client's state.
+        Err(e) if e == -EEXIST => {
+            let _ = CLIENTS.remove(key);
+        }
+        Err(_) => stats.limited_full += 1,
+    }
 }
 
 /// The shared budget for a client whose entry could not be created.
@@ -450,6 +520,8 @@ pub(crate) fn count_check(counted: &GlobalStats) {
             (&raw mut (*stats).map_full, counted.map_full),
             (&raw mut (*stats).resolves, counted.resolves),
             (&raw mut (*stats).contended, counted.contended),
+            (&raw mut (*stats).limited_moves, counted.limited_moves),
+            (&raw mut (*stats).limited_full, counted.limited_full),
         ] {
             if n != 0 {
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n);
