@@ -20,8 +20,8 @@ use limiter_common::{
 
 use crate::{
     entry::{
-        Home, Run, client_entry, count_check, decide_hits, hold_limited, now_for, overflow_entry,
-        refresh_policy, resident_entry, resolve, set_policy,
+        Home, Run, client_entry, count_check, decide_hits, now_for, overflow_entry, refresh_policy,
+        resident_entry, resolve, set_policy,
     },
     maps::{CONFIG, NAMED, NAMED_STATIC},
     parse::{ptr_at, read},
@@ -74,8 +74,6 @@ fn check_one(
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
-    // An address entry in `CLIENTS`, which a denial moves to `LIMITED` (as a dropped packet does).
-    let mut in_clients = false;
     if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
@@ -133,37 +131,41 @@ fn check_one(
         }
     } else {
         let full_before = counted.map_full;
-        let (p, home) = client_entry(&request.key, config, counted, Run::Agent)?;
+        // Wherever the entry lives, a denied check does not move it to `LIMITED` (the client's
+        // next dropped packet does): the move's map updates, in each of the CHECK_BATCH
+        // iterations, take the verifier past its one-million-instruction budget.
+        let (p, _) = client_entry(&request.key, config, counted, Run::Agent)?;
         // SAFETY: live map value.
         unsafe { refresh_policy(p, &request.key, config, counted) };
         state_ptr = Some(p);
-        in_clients = home == Home::Clients;
         if counted.map_full != full_before {
             verdict |= VERDICT_OVERFLOW;
         }
     }
     let mut now = 0;
     let state = match state_ptr {
-        Some(p) => {
-            let mut denied = false;
+        Some(mut p) => {
             if request.hits != 0 {
-                // SAFETY: live map value.
-                let outcome = unsafe { decide_hits(p, request.hits, Run::Agent, counted) };
+                // SAFETY: live map value. `Home::Kept`: never moved here (see above).
+                let outcome = unsafe {
+                    decide_hits(
+                        &request.key,
+                        p,
+                        Home::Kept,
+                        request.hits,
+                        Run::Agent,
+                        counted,
+                    )
+                };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
-                denied = !outcome.admitted;
                 now = outcome.now;
+                p = outcome.entry;
             }
             // SAFETY: live map value; a torn read of a slot another CPU is changing is not
             // possible (aligned 8-byte loads), and the copy is only reported.
-            let state = unsafe { core::ptr::read_volatile(p) };
-            if denied && in_clients {
-                // SAFETY: `p` is the live `CLIENTS` value of the key; not used after this, since
-                // the move deletes it.
-                unsafe { hold_limited(&request.key, p, counted) };
-            }
-            state
+            unsafe { core::ptr::read_volatile(p) }
         }
         None => {
             verdict |= VERDICT_NOT_RESIDENT;

@@ -95,27 +95,31 @@ pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
 /// touches: a limited client keeps its window state however many new sources arrive after it.
 /// Called on denied hits only, so a passing client never pays for it; once moved, the client's
 /// later packets find it in `LIMITED`. Only `limit` entries move: a `drop` policy's clients have
-/// no window to protect, and must not fill the map.
+/// no window to protect, and must not fill the map. Returns the entry the denied hits are to be
+/// counted in: the `LIMITED` one once the client is there, else `state`.
 ///
 /// The entry is copied with `BPF_NOEXIST` before it is deleted from `CLIENTS`, so a packet on
-/// another CPU finds it in one map or the other throughout; hits decided on the `CLIENTS` copy
-/// between the two steps (a client at its limit, so at most a drop or a rare admission) are not
-/// carried over. When `LIMITED` is full the client stays in `CLIENTS` and `limited_full` counts
-/// the attempt.
+/// another CPU finds it in one map or the other throughout. A denial on the `CLIENTS` entry is
+/// counted only after this move (the copy's `EEXIST` tells another CPU that the client moved),
+/// so no dropped packet is lost. Only a client denied by its window moves, i.e. one at its
+/// limit, so another CPU can admit a hit on the `CLIENTS` entry in the instant between the copy
+/// and the delete only as the previous window's weight decays (or for a smaller check than the
+/// one denied); such a hit is not carried over. When `LIMITED` is full the client stays in
+/// `CLIENTS` and `limited_full` counts the attempt.
 ///
 /// # Safety
 /// `state` points at the live `CLIENTS` value of `key`.
 #[inline(always)]
-pub(crate) unsafe fn hold_limited(
+unsafe fn hold_limited(
     key: &ClientKey,
     state: *mut ClientState,
     stats: &mut GlobalStats,
-) {
+) -> *mut ClientState {
     // SAFETY: live map value (the function's contract); the copy is read with volatile loads
     // (another CPU may be updating it, which the doc comment above accounts for).
     let copy = unsafe {
         if (*state).action() != ACTION_LIMIT {
-            return;
+            return state;
         }
         core::ptr::read_volatile(state)
     };
@@ -128,8 +132,13 @@ pub(crate) unsafe fn hold_limited(
         Err(e) if e == -EEXIST => {
             let _ = CLIENTS.remove(key);
         }
-        Err(_) => stats.limited_full += 1,
+        Err(_) => {
+            stats.limited_full += 1;
+            return state;
+        }
     }
+    // Gone again only if the agent's sweep deleted it meanwhile: count on the old entry then.
+    LIMITED.get_ptr_mut(key).unwrap_or(state)
 }
 
 /// The shared budget for a client whose entry could not be created.
@@ -309,15 +318,21 @@ pub(crate) struct Outcome {
     pub(crate) now: u64,
     /// The admitted hits started a new window for the client.
     pub(crate) rolled: bool,
+    /// The entry the hits were counted in: the one decided on, or for a denial of a `CLIENTS`
+    /// entry the `LIMITED` entry the client moved to (see `hold_limited`).
+    pub(crate) entry: *mut ClientState,
 }
 
-/// Admits or denies `hits` for the entry and counts them.
+/// Admits or denies `hits` for the entry of `key` found in `home` and counts them; a denied
+/// `CLIENTS` entry first moves to `LIMITED` (see `hold_limited`).
 ///
 /// # Safety
-/// `state` points at a live map value.
+/// `state` points at a live map value, the entry of `key` in `home`.
 #[inline(always)]
 pub(crate) unsafe fn decide_hits(
+    key: &ClientKey,
     state: *mut ClientState,
+    home: Home,
     hits: u32,
     run: Run,
     stats: &mut GlobalStats,
@@ -325,33 +340,45 @@ pub(crate) unsafe fn decide_hits(
     // SAFETY: `state` points at a live map value (the function's contract), whose counter words
     // `add_up` and slots `admit` are given.
     unsafe {
-        let outcome = match (*state).action() {
+        // Denied by the window (not a `drop` policy, not contention): the client is over its
+        // limit. Only such a client moves to `LIMITED`: one denied by contention may be well
+        // within its limit, and hits other CPUs admit on the old entry while it moves would be
+        // lost (see `hold_limited`).
+        let mut over_limit = false;
+        let mut outcome = match (*state).action() {
             ACTION_PASS => {
                 add_up(&raw mut (*state).passed, hits as u64);
                 Outcome {
                     admitted: true,
                     now: 0,
                     rolled: false,
+                    entry: state,
                 }
             }
             ACTION_DROP => Outcome {
                 admitted: false,
                 now: 0,
                 rolled: false,
+                entry: state,
             },
             // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => {
                 let now = now_for((*state).window_us, run);
-                let (admitted, rolled) = admit(state, stats, hits, now, run);
+                let (admitted, rolled, contended) = admit(state, stats, hits, now, run);
+                over_limit = !admitted && !contended;
                 Outcome {
                     admitted,
                     now,
                     rolled,
+                    entry: state,
                 }
             }
         };
         if !outcome.admitted {
-            add_up(&raw mut (*state).dropped, hits as u64);
+            if over_limit && home == Home::Clients {
+                outcome.entry = hold_limited(key, state, stats);
+            }
+            add_up(&raw mut (*outcome.entry).dropped, hits as u64);
         }
         outcome
     }
@@ -373,7 +400,8 @@ pub(crate) fn now_for(window_us: u32, run: Run) -> u64 {
 }
 
 /// The sliding-window decision for `hits` at `now` with a bounded CAS loop: whether they were
-/// admitted, and whether admitting them started a new window (the slot changed tag).
+/// admitted, whether admitting them started a new window (the slot changed tag), and whether
+/// they were denied only because the slots stayed contended past the retries.
 ///
 /// # Safety
 /// `state` points at a live map value.
@@ -384,7 +412,7 @@ unsafe fn admit(
     hits: u32,
     now: u64,
     run: Run,
-) -> (bool, bool) {
+) -> (bool, bool, bool) {
     // SAFETY: `state` points at a live map value (the function's contract); this only computes
     // the address of its slots.
     let slots = unsafe { &raw mut (*state).slots };
@@ -413,10 +441,10 @@ unsafe fn admit(
         let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
             // SAFETY: live map value.
             unsafe { add_up(&raw mut (*state).passed, hits as u64) };
-            return (true, false);
+            return (true, false, false);
         };
         match decide(&current, now, window_ns, limit, hits) {
-            Verdict::Deny => return (false, false),
+            Verdict::Deny => return (false, false, false),
             Verdict::Admit {
                 slot,
                 old,
@@ -439,7 +467,11 @@ unsafe fn admit(
                     // A new window: the slot changes tag, or was empty (a fresh entry's slots
                     // are zero, tag 0, which is also the current tag while the monotonic
                     // clock is below one window, e.g. a 1 h window in the first hour of boot).
-                    return (true, slot_tag(old) != slot_tag(new) || slot_count(old) == 0);
+                    return (
+                        true,
+                        slot_tag(old) != slot_tag(new) || slot_count(old) == 0,
+                        false,
+                    );
                 }
             }
         }
@@ -448,7 +480,7 @@ unsafe fn admit(
     if run == Run::Packet && events::sampled(stats.contended) {
         events::log(Event::Contended, stats.contended);
     }
-    (false, false)
+    (false, false, true)
 }
 
 /// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet

@@ -24,7 +24,7 @@ use limiter_common::{
 };
 
 use crate::{
-    entry::{Home, Run, client_entry, decide_hits, hold_limited, refresh_policy},
+    entry::{Run, client_entry, decide_hits, refresh_policy},
     maps::{ACTIVE, CONFIG, STATS},
     parse::{Frame, parse},
 };
@@ -87,12 +87,9 @@ fn decide_client(key: &ClientKey, config: &MapConfig, stats: &mut GlobalStats) -
     // values are RCU-protected while the program runs).
     unsafe {
         refresh_policy(state, key, config, stats);
-        let outcome = decide_hits(state, 1, Run::Packet, stats);
+        let outcome = decide_hits(key, state, home, 1, Run::Packet, stats);
         if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
             report(key, state);
-        }
-        if !outcome.admitted && home == Home::Clients {
-            hold_limited(key, state, stats);
         }
         outcome.admitted
     }

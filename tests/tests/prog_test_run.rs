@@ -908,6 +908,11 @@ fn concurrent_cpus_lose_no_counts() -> Result<()> {
             "runs (retval, start, end): {runs:?}; per CPU (passed, dropped, contended): {per_cpu:?}"
         );
         let g = lim.global()?;
+        eprintln!(
+            "CLIENTS {:?} LIMITED {:?} global {g:?}",
+            lim.tables.clients.get(&key_of(src), 0),
+            lim.tables.limited.get(&key_of(src), 0)
+        );
         check_eq!(
             c.total_passed() + c.dropped_count(),
             2 * REPEAT as u64,
