@@ -725,7 +725,7 @@ pub(crate) mod tests {
                     .lines()
                     .filter_map(|line| line.strip_prefix("# TYPE "))
                     .collect();
-                assert_eq!(families.len(), 23, "{text}");
+                assert_eq!(families.len(), 25, "{text}");
                 let value = |name: &str| {
                     samples
                         .iter()
