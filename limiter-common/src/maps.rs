@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -70,7 +70,8 @@ pub struct Policy {
     pub _pad: u8,
 }
 
-/// Per-client state: the value of `CLIENTS` (LRU), `STATIC_CLIENTS`, `NAMED` and `NAMED_STATIC`.
+/// Per-client state: the value of `CLIENTS` (LRU), `STATIC_CLIENTS`, `LIMITED`, `NAMED` and
+/// `NAMED_STATIC`.
 ///
 /// 40 bytes. The kernel adds 48 bytes per element (`struct htab_elem`), the 16-byte key and a
 /// 16-byte hash bucket (`struct bucket`, one per entry at a power-of-two size): 120 bytes per
@@ -254,9 +255,10 @@ pub const CHECK_FRAME_LEN: usize = CHECK_REPLY_OFFSET + size_of::<CheckReply>();
 pub const CHECK_SLOT_LEN: usize = size_of::<CheckRequest>() + size_of::<CheckReply>();
 /// Most checks in one check frame. One BPF_PROG_TEST_RUN call costs about 0.8 µs of fixed
 /// overhead here, so several checks per call amortise it (measured: 1.6 µs per check alone,
-/// 0.63 µs in frames of 4). The verifier walks every iteration: 4 take about 600k of its
-/// one-million-instruction budget, 8 exceed it.
-pub const CHECK_BATCH: usize = 4;
+/// 0.63 µs in frames of 4). The verifier walks every iteration: since a check also looks a
+/// client up in `LIMITED` (whose value pointers it cannot prune together with the other maps'),
+/// 4 exceed its one-million-instruction budget; 3 fit.
+pub const CHECK_BATCH: usize = 3;
 
 /// `CheckRequest::flags`: `key` names a client ID (a hash of it) in the `NAMED` maps, and
 /// `policy` is the one to apply; otherwise `key` is an address, resolved like a packet's.
@@ -451,6 +453,12 @@ pub struct GlobalStats {
     pub resolves: u64,
     /// Packets denied because the window state was contended past the retry bound.
     pub contended: u64,
+    /// Clients moved from `CLIENTS` into the never-evicted `LIMITED` map on their first dropped
+    /// packet, so that a flood of new sources cannot evict them and hand them a fresh window.
+    pub limited_moves: u64,
+    /// Dropped packets of a `CLIENTS` entry that could not move into `LIMITED` because it was
+    /// full: the client stayed in `CLIENTS`, where eviction can still reset it.
+    pub limited_full: u64,
 }
 
 impl GlobalStats {
@@ -464,6 +472,8 @@ impl GlobalStats {
         self.map_full += other.map_full;
         self.resolves += other.resolves;
         self.contended += other.contended;
+        self.limited_moves += other.limited_moves;
+        self.limited_full += other.limited_full;
     }
 }
 
@@ -472,7 +482,7 @@ const _: () = assert!(size_of::<ClientState>() == 40);
 const _: () = assert!(size_of::<MapConfig>() == 16);
 const _: () = assert!(size_of::<AdaptSlot>() == 40);
 const _: () = assert!(size_of::<AdaptiveStatus>() == 24);
-const _: () = assert!(size_of::<GlobalStats>() == 64);
+const _: () = assert!(size_of::<GlobalStats>() == 80);
 const _: () = assert!(size_of::<CheckRequest>() == 40);
 const _: () = assert!(size_of::<CheckReply>() == 56);
 

@@ -17,8 +17,8 @@ use limiter_common::{
 };
 
 use crate::{
-    entry::{count_check, refresh_policy, rescale_entry, resolve},
-    maps::{CLIENTS, CONFIG, STATIC_CLIENTS},
+    entry::{count_check, refresh_policy, rescale_entry, resident_entry, resolve},
+    maps::CONFIG,
     parse::{ptr_at, read},
 };
 
@@ -65,10 +65,7 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
 /// old window: `admit` reads the window after the slots, on every attempt.
 #[inline(always)]
 fn adapt_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats) -> u32 {
-    let Some(state) = CLIENTS
-        .get_ptr_mut(&request.key)
-        .or_else(|| STATIC_CLIENTS.get_ptr_mut(&request.key))
-    else {
+    let Some(state) = resident_entry(&request.key) else {
         return ADAPT_NOT_RESIDENT;
     };
     // SAFETY: live map value for the duration of this run.

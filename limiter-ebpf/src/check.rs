@@ -20,10 +20,10 @@ use limiter_common::{
 
 use crate::{
     entry::{
-        Run, client_entry, count_check, decide_hits, now_for, overflow_entry, refresh_policy,
-        resolve, set_policy,
+        Home, Run, client_entry, count_check, decide_hits, now_for, overflow_entry, refresh_policy,
+        resident_entry, resolve, set_policy,
     },
-    maps::{CLIENTS, CONFIG, NAMED, NAMED_STATIC, STATIC_CLIENTS},
+    maps::{CONFIG, NAMED, NAMED_STATIC},
     parse::{ptr_at, read},
 };
 
@@ -118,10 +118,7 @@ fn check_one(
             }
         }
     } else if request.hits == 0 {
-        match CLIENTS
-            .get_ptr_mut(&request.key)
-            .or_else(|| STATIC_CLIENTS.get_ptr_mut(&request.key))
-        {
+        match resident_entry(&request.key) {
             Some(p) => {
                 // SAFETY: live map value.
                 unsafe { refresh_policy(p, &request.key, config, counted) };
@@ -134,7 +131,10 @@ fn check_one(
         }
     } else {
         let full_before = counted.map_full;
-        let p = client_entry(&request.key, config, counted, Run::Agent)?;
+        // Wherever the entry lives, a denied check does not move it to `LIMITED` (the client's
+        // next dropped packet does): the move's map updates, in each of the CHECK_BATCH
+        // iterations, take the verifier past its one-million-instruction budget.
+        let (p, _) = client_entry(&request.key, config, counted, Run::Agent)?;
         // SAFETY: live map value.
         unsafe { refresh_policy(p, &request.key, config, counted) };
         state_ptr = Some(p);
@@ -144,14 +144,24 @@ fn check_one(
     }
     let mut now = 0;
     let state = match state_ptr {
-        Some(p) => {
+        Some(mut p) => {
             if request.hits != 0 {
-                // SAFETY: live map value.
-                let outcome = unsafe { decide_hits(p, request.hits, Run::Agent, counted) };
+                // SAFETY: live map value. `Home::Kept`: never moved here (see above).
+                let outcome = unsafe {
+                    decide_hits(
+                        &request.key,
+                        p,
+                        Home::Kept,
+                        request.hits,
+                        Run::Agent,
+                        counted,
+                    )
+                };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }
                 now = outcome.now;
+                p = outcome.entry;
             }
             // SAFETY: live map value; a torn read of a slot another CPU is changing is not
             // possible (aligned 8-byte loads), and the copy is only reported.

@@ -26,27 +26,47 @@ use limiter_common::{
 use crate::{
     counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
-    maps::{CLIENTS, COARSE_CLOCK, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
+    maps::{CLIENTS, COARSE_CLOCK, LIMITED, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
 };
+
+/// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
+const EEXIST: i32 = 17;
 
 /// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
 const COARSE_LAG_NS: u64 = 10_000_000;
 
-/// The client's entry, created on its first packet. Returns `None` only if the policy table has
-/// no match (the agent always installs a default for each family).
+/// Which map a client's entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Home {
+    /// `CLIENTS`, the LRU map of dynamic clients.
+    Clients,
+    /// `STATIC_CLIENTS` or `LIMITED`: never evicted.
+    Kept,
+    /// The shared `OVERFLOW` budget (no entry could be created).
+    Overflow,
+}
+
+/// The client's entry, created on its first packet, and where it lives. Returns `None` only if
+/// the policy table has no match (the agent always installs a default for each family).
+///
+/// Lookups in order: `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS`, then
+/// `LIMITED` (a client over its limit pays the two misses before it, on packets it drops).
 #[inline(always)]
 pub(crate) fn client_entry(
     key: &ClientKey,
     config: &MapConfig,
     stats: &mut GlobalStats,
     run: Run,
-) -> Option<*mut ClientState> {
+) -> Option<(*mut ClientState, Home)> {
     if let Some(p) = CLIENTS.get_ptr_mut(key) {
-        return Some(p);
+        return Some((p, Home::Clients));
     }
-    if let Some(p) = STATIC_CLIENTS.get_ptr_mut(key) {
-        return Some(p);
+    if let Some(p) = STATIC_CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| LIMITED.get_ptr_mut(key))
+    {
+        return Some((p, Home::Kept));
     }
     let policy = resolve(key, stats)?;
     let fresh = ClientState::fresh(&policy, config.generation);
@@ -57,9 +77,68 @@ pub(crate) fn client_entry(
         if created {
             stats.new_clients += 1;
         }
-        return Some(p);
+        return Some((p, Home::Clients));
     }
-    overflow_entry(&policy, config.generation, stats, run)
+    overflow_entry(&policy, config.generation, stats, run).map(|p| (p, Home::Overflow))
+}
+
+/// An address client's entry if it has one, in whichever map (no entry is created).
+#[inline(always)]
+pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
+    CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| STATIC_CLIENTS.get_ptr_mut(key))
+        .or_else(|| LIMITED.get_ptr_mut(key))
+}
+
+/// Moves a `CLIENTS` entry that was just denied into `LIMITED`, which LRU eviction never
+/// touches: a limited client keeps its window state however many new sources arrive after it.
+/// Called on denied hits only, so a passing client never pays for it; once moved, the client's
+/// later packets find it in `LIMITED`. Only `limit` entries move: a `drop` policy's clients have
+/// no window to protect, and must not fill the map. Returns the entry the denied hits are to be
+/// counted in: the `LIMITED` one once the client is there, else `state`.
+///
+/// The entry is copied with `BPF_NOEXIST` before it is deleted from `CLIENTS`, so a packet on
+/// another CPU finds it in one map or the other throughout. A denial on the `CLIENTS` entry is
+/// counted only after this move (the copy's `EEXIST` tells another CPU that the client moved),
+/// so no dropped packet is lost. Only a client denied by its window moves, i.e. one at its
+/// limit, so another CPU can admit a hit on the `CLIENTS` entry in the instant between the copy
+/// and the delete only as the previous window's weight decays (or for a smaller check than the
+/// one denied); such a hit is not carried over. When `LIMITED` is full the client stays in
+/// `CLIENTS` and `limited_full` counts the attempt.
+///
+/// # Safety
+/// `state` points at the live `CLIENTS` value of `key`.
+#[inline(always)]
+unsafe fn hold_limited(
+    key: &ClientKey,
+    state: *mut ClientState,
+    stats: &mut GlobalStats,
+) -> *mut ClientState {
+    // SAFETY: live map value (the function's contract); the copy is read with volatile loads
+    // (another CPU may be updating it, which the doc comment above accounts for).
+    let copy = unsafe {
+        if (*state).action() != ACTION_LIMIT {
+            return state;
+        }
+        core::ptr::read_volatile(state)
+    };
+    match LIMITED.insert(key, &copy, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            let _ = CLIENTS.remove(key);
+            stats.limited_moves += 1;
+        }
+        // Another CPU moved it first: its copy is the client's state.
+        Err(e) if e == -EEXIST => {
+            let _ = CLIENTS.remove(key);
+        }
+        Err(_) => {
+            stats.limited_full += 1;
+            return state;
+        }
+    }
+    // Gone again only if the agent's sweep deleted it meanwhile: count on the old entry then.
+    LIMITED.get_ptr_mut(key).unwrap_or(state)
 }
 
 /// The shared budget for a client whose entry could not be created.
@@ -239,15 +318,21 @@ pub(crate) struct Outcome {
     pub(crate) now: u64,
     /// The admitted hits started a new window for the client.
     pub(crate) rolled: bool,
+    /// The entry the hits were counted in: the one decided on, or for a denial of a `CLIENTS`
+    /// entry the `LIMITED` entry the client moved to (see `hold_limited`).
+    pub(crate) entry: *mut ClientState,
 }
 
-/// Admits or denies `hits` for the entry and counts them.
+/// Admits or denies `hits` for the entry of `key` found in `home` and counts them; a denied
+/// `CLIENTS` entry first moves to `LIMITED` (see `hold_limited`).
 ///
 /// # Safety
-/// `state` points at a live map value.
+/// `state` points at a live map value, the entry of `key` in `home`.
 #[inline(always)]
 pub(crate) unsafe fn decide_hits(
+    key: &ClientKey,
     state: *mut ClientState,
+    home: Home,
     hits: u32,
     run: Run,
     stats: &mut GlobalStats,
@@ -255,33 +340,45 @@ pub(crate) unsafe fn decide_hits(
     // SAFETY: `state` points at a live map value (the function's contract), whose counter words
     // `add_up` and slots `admit` are given.
     unsafe {
-        let outcome = match (*state).action() {
+        // Denied by the window (not a `drop` policy, not contention): the client is over its
+        // limit. Only such a client moves to `LIMITED`: one denied by contention may be well
+        // within its limit, and hits other CPUs admit on the old entry while it moves would be
+        // lost (see `hold_limited`).
+        let mut over_limit = false;
+        let mut outcome = match (*state).action() {
             ACTION_PASS => {
                 add_up(&raw mut (*state).passed, hits as u64);
                 Outcome {
                     admitted: true,
                     now: 0,
                     rolled: false,
+                    entry: state,
                 }
             }
             ACTION_DROP => Outcome {
                 admitted: false,
                 now: 0,
                 rolled: false,
+                entry: state,
             },
             // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => {
                 let now = now_for((*state).window_us, run);
-                let (admitted, rolled) = admit(state, stats, hits, now, run);
+                let (admitted, rolled, contended) = admit(state, stats, hits, now, run);
+                over_limit = !admitted && !contended;
                 Outcome {
                     admitted,
                     now,
                     rolled,
+                    entry: state,
                 }
             }
         };
         if !outcome.admitted {
-            add_up(&raw mut (*state).dropped, hits as u64);
+            if over_limit && home == Home::Clients {
+                outcome.entry = hold_limited(key, state, stats);
+            }
+            add_up(&raw mut (*outcome.entry).dropped, hits as u64);
         }
         outcome
     }
@@ -303,7 +400,8 @@ pub(crate) fn now_for(window_us: u32, run: Run) -> u64 {
 }
 
 /// The sliding-window decision for `hits` at `now` with a bounded CAS loop: whether they were
-/// admitted, and whether admitting them started a new window (the slot changed tag).
+/// admitted, whether admitting them started a new window (the slot changed tag), and whether
+/// they were denied only because the slots stayed contended past the retries.
 ///
 /// # Safety
 /// `state` points at a live map value.
@@ -314,7 +412,7 @@ unsafe fn admit(
     hits: u32,
     now: u64,
     run: Run,
-) -> (bool, bool) {
+) -> (bool, bool, bool) {
     // SAFETY: `state` points at a live map value (the function's contract); this only computes
     // the address of its slots.
     let slots = unsafe { &raw mut (*state).slots };
@@ -343,10 +441,10 @@ unsafe fn admit(
         let Some(window_ns) = NonZeroU64::new(window_us as u64 * 1000) else {
             // SAFETY: live map value.
             unsafe { add_up(&raw mut (*state).passed, hits as u64) };
-            return (true, false);
+            return (true, false, false);
         };
         match decide(&current, now, window_ns, limit, hits) {
-            Verdict::Deny => return (false, false),
+            Verdict::Deny => return (false, false, false),
             Verdict::Admit {
                 slot,
                 old,
@@ -369,7 +467,11 @@ unsafe fn admit(
                     // A new window: the slot changes tag, or was empty (a fresh entry's slots
                     // are zero, tag 0, which is also the current tag while the monotonic
                     // clock is below one window, e.g. a 1 h window in the first hour of boot).
-                    return (true, slot_tag(old) != slot_tag(new) || slot_count(old) == 0);
+                    return (
+                        true,
+                        slot_tag(old) != slot_tag(new) || slot_count(old) == 0,
+                        false,
+                    );
                 }
             }
         }
@@ -378,7 +480,7 @@ unsafe fn admit(
     if run == Run::Packet && events::sampled(stats.contended) {
         events::log(Event::Contended, stats.contended);
     }
-    (false, false)
+    (false, false, true)
 }
 
 /// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet
@@ -450,6 +552,8 @@ pub(crate) fn count_check(counted: &GlobalStats) {
             (&raw mut (*stats).map_full, counted.map_full),
             (&raw mut (*stats).resolves, counted.resolves),
             (&raw mut (*stats).contended, counted.contended),
+            (&raw mut (*stats).limited_moves, counted.limited_moves),
+            (&raw mut (*stats).limited_full, counted.limited_full),
         ] {
             if n != 0 {
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n);

@@ -9,7 +9,10 @@
 //! after the agent bumps the policy generation; the resolved policy is cached in the client's
 //! entry. Clients with an exact-address policy live in `STATIC_CLIENTS`, a plain hash that LRU
 //! eviction never touches, so a flood of spoofed sources cannot evict them; they cost one extra
-//! lookup (a miss in `CLIENTS`). The maps are declared in `maps`.
+//! lookup (a miss in `CLIENTS`). A client's first dropped packet moves its entry from `CLIENTS`
+//! into `LIMITED`, another never-evicted hash (see `entry::hold_limited`), so a flood of spoofed
+//! sources cannot evict a limited client either; its later packets find it there after two
+//! misses. The maps are declared in `maps`.
 
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
@@ -77,14 +80,14 @@ pub(crate) fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Opt
 /// Admits or denies one packet for `key`, counting it in the client's entry.
 #[inline(always)]
 fn decide_client(key: &ClientKey, config: &MapConfig, stats: &mut GlobalStats) -> bool {
-    let Some(state) = client_entry(key, config, stats, Run::Packet) else {
+    let Some((state, home)) = client_entry(key, config, stats, Run::Packet) else {
         return true;
     };
     // SAFETY: `state` points at a live map value for the duration of this program run (map
     // values are RCU-protected while the program runs).
     unsafe {
         refresh_policy(state, key, config, stats);
-        let outcome = decide_hits(state, 1, Run::Packet, stats);
+        let outcome = decide_hits(key, state, home, 1, Run::Packet, stats);
         if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
             report(key, state);
         }

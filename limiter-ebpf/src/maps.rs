@@ -24,6 +24,14 @@ pub(crate) static CLIENTS: LruHashMap<ClientKey, ClientState> =
 pub(crate) static STATIC_CLIENTS: HashMap<ClientKey, ClientState> =
     HashMap::with_max_entries(1 << 16, 0);
 
+/// Clients over their limit, moved out of `CLIENTS` on their first dropped packet (see
+/// `entry::hold_limited`); never evicted, so a flood of new sources cannot evict a limited client
+/// and hand it a fresh window. Sized by the agent (`--max-limited`); the agent deletes an entry
+/// once its window state has aged out (the client then starts afresh in `CLIENTS`, as it would
+/// anyway).
+#[map]
+pub(crate) static LIMITED: HashMap<ClientKey, ClientState> = HashMap::with_max_entries(1 << 16, 0);
+
 /// Policies by prefix, keyed by family byte + address (`limiter_common::addr::PolicyKey`);
 /// `default` is the bare family entry of each family.
 #[map]

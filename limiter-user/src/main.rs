@@ -11,7 +11,9 @@ use limiter_user::{
         client::{self, Target, status_error},
         render::{self, action_name, client_table, show_duration, show_policy},
     },
-    datapath::{self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, Tables},
+    datapath::{
+        self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DEFAULT_MAX_LIMITED, Tables,
+    },
     proto, stats,
 };
 
@@ -56,6 +58,10 @@ enum Command {
         /// this, the agent refuses to start).
         #[arg(long)]
         replace: bool,
+        /// Capacity of the never-evicted map that holds clients over their limit, so that a flood
+        /// of new sources cannot evict them and reset their windows (120 bytes an entry).
+        #[arg(long, default_value_t = DEFAULT_MAX_LIMITED, value_parser = clap::value_parser!(u32).range(1..))]
+        max_limited: u32,
         /// Capacity of the map of API client IDs that are not addresses (LRU).
         #[arg(long, default_value_t = DEFAULT_MAX_IDS, value_parser = clap::value_parser!(u32).range(1..))]
         max_ids: u32,
@@ -272,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             snapshot_interval,
             replace,
             max_ids,
+            max_limited,
             api_socket,
             api_listen,
             api_token_file,
@@ -330,6 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mode: xdp_mode,
                 max_clients,
                 max_ids,
+                max_limited,
                 state_dir,
                 snapshot_interval,
                 replace,
@@ -548,6 +556,7 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
             "global": {
                 "passed": g.packets_passed, "dropped": g.packets_dropped, "non_ip": g.packets_non_ip,
                 "malformed": g.packets_malformed, "new_clients": g.clients_created, "map_full": g.map_full,
+                "limited_moves": g.limited_moves, "limited_full": g.limited_full,
                 "clients": g.clients_resident, "ids": g.ids_resident, "checks_allowed": g.checks_allowed,
                 "checks_denied": g.checks_denied, "config_reloads": g.config_reloads,
                 "config_rejects": g.config_rejects,

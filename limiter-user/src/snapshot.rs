@@ -31,8 +31,9 @@ use limiter_common::{
 };
 
 /// Map layouts whose snapshots this binary restores: their entry records are the same (layout 4
-/// packed the map value into 40 bytes, but the record keeps one field per field).
-const READABLE_LAYOUTS: [u32; 2] = [3, LAYOUT_VERSION];
+/// packed the map value into 40 bytes, but the record keeps one field per field; layout 5 added
+/// the `LIMITED` map, whose entries a snapshot lists with the others).
+const READABLE_LAYOUTS: [u32; 3] = [3, 4, LAYOUT_VERSION];
 
 use crate::{
     capped_read::{self, CappedReadError},
@@ -66,7 +67,7 @@ pub enum SnapshotError {
     Magic,
     #[error("snapshot format {0} is not supported (this binary reads format {FORMAT})")]
     Format(u32),
-    #[error("snapshot of map layout v{0}, this binary reads v3 and v{LAYOUT_VERSION}")]
+    #[error("snapshot of map layout v{0}, this binary reads v3, v4 and v{LAYOUT_VERSION}")]
     Layout(u32),
     #[error("truncated: {actual} bytes, the header promises {expected}")]
     Truncated { expected: u64, actual: u64 },
@@ -114,14 +115,13 @@ fn boot_id() -> [u8; 16] {
 }
 
 impl Snapshot {
-    /// Reads both client maps (dynamic and static) in batches.
-    pub fn capture(
-        clients: BorrowedFd<'_>,
-        statics: BorrowedFd<'_>,
-        clocks: Clocks,
-    ) -> io::Result<Snapshot> {
-        let mut entries: Vec<(ClientKey, ClientState)> = syscall::lookup_all(clients)?;
-        entries.extend(syscall::lookup_all::<ClientKey, ClientState>(statics)?);
+    /// Reads the address-client maps (dynamic, static and limited: see
+    /// `Tables::client_fds`) in batches.
+    pub fn capture(maps: &[BorrowedFd<'_>], clocks: Clocks) -> io::Result<Snapshot> {
+        let mut entries: Vec<(ClientKey, ClientState)> = Vec::new();
+        for map in maps {
+            entries.extend(syscall::lookup_all::<ClientKey, ClientState>(*map)?);
+        }
         Ok(Snapshot {
             wall_ns: clocks.wall_ns,
             mono_ns: clocks.mono_ns,

@@ -175,8 +175,14 @@ pub struct Global {
     pub map_full: u64,
     pub resolves: u64,
     pub contended: u64,
-    /// Client entries resident now (dynamic and static).
+    /// Clients moved into the never-evicted `LIMITED` map on their first dropped packet.
+    pub limited_moves: u64,
+    /// Dropped packets of clients that could not move into `LIMITED` (full; `--max-limited`).
+    pub limited_full: u64,
+    /// Client entries resident now (dynamic, static and limited).
     pub clients: u64,
+    /// Of those, clients held in `LIMITED`.
+    pub limited: u64,
 }
 
 /// The adaptive controller's global state (see `limiter_common::AdaptiveStatus`).
@@ -203,6 +209,8 @@ pub struct ClientRow {
     /// Named by an exact-address policy: never evicted.
     #[serde(rename = "static")]
     pub is_static: bool,
+    /// Held in `LIMITED`: over its limit in a window not yet over, never evicted.
+    pub limited: bool,
     pub action: &'static str,
     /// Effective allowance `A` per effective window (the same as `allowance`; kept for
     /// scripts written before adaptive windows).
@@ -299,6 +307,7 @@ pub fn client_row(
         addr: addr_of(key),
         policy,
         is_static: state.flags() & FLAG_STATIC != 0,
+        limited: false,
         action: action_name(state.action()),
         limit: state.limit,
         window_ms: state.window_us as f64 / 1000.0,
@@ -330,13 +339,17 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
         .collect();
     let status = figures.adaptive;
     let now = monotonic_ns();
-    let entries = tables.clients()?;
+    let maps = tables.client_maps()?;
+    let entries = maps.addresses()?;
+    let held = maps.limited_keys()?;
     let mut rows: Vec<ClientRow> = entries
         .iter()
         .map(|(k, s)| {
             let base = policies.get(&s.policy());
             let name = base.map_or_else(|| format!("#{}", s.policy()), |(n, _)| n.clone());
-            client_row(k, s, name, base.map(|(_, p)| p), now)
+            let mut row = client_row(k, s, name, base.map(|(_, p)| p), now);
+            row.limited = held.contains(k);
+            row
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -366,8 +379,11 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
             map_full: g.map_full,
             resolves: g.resolves,
             contended: g.contended,
+            limited_moves: g.limited_moves,
+            limited_full: g.limited_full,
             // The rows' own walk: one walk, and a count that agrees with the rows.
             clients: entries.len() as u64,
+            limited: held.len() as u64,
         },
         adaptive: Adaptive {
             enabled: status.enabled(),

@@ -162,9 +162,11 @@ impl Agent {
             &config_arg,
             "--xdp-mode",
             "native",
-            "--max-clients",
-            "65536",
         ];
+        // The test's own `--max-clients` (clap takes an option once) or the harness's.
+        if !extra_args.contains(&"--max-clients") {
+            args.extend(["--max-clients", "65536"]);
+        }
         // Keep client-state snapshots and policy overlays (newer agents write them) out of
         // /var/lib, unless the test gives its own state dir.
         let state_dir = dir.join("state").to_string_lossy().into_owned();

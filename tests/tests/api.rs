@@ -85,6 +85,7 @@ impl Fixture {
             pin_dir: None,
             max_clients: 4096,
             max_ids,
+            ..LoadOptions::default()
         })
         .context("loading the object (needs root)")?;
         let mut tables = Tables::take(&mut ebpf)?;

@@ -1066,6 +1066,56 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     Ok(())
 }
 
+/// Pins of layout 4 (the one before `LIMITED`) are adopted, not discarded: a client keeps its
+/// window and counters across the upgrade; only the global counters (whose map grew) start again.
+#[test]
+fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
+    require_root!();
+    const LIMIT: u64 = 10;
+    let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
+    let net = TestNet::new()?;
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let client: IpAddr = sender_v4(9).into();
+
+    let mut first = Agent::start(&net, &config)?;
+    first.keep_pins();
+    let got = send_and_count(&net, &counter, &[(client, 6)])?;
+    assert_eq!(got[&client], 6);
+    let status = first.terminate()?;
+    assert!(status.success(), "SIGTERM: {status}\n{}", first.stderr());
+    // What a layout-4 agent leaves behind: its stamp, and no `LIMITED`.
+    {
+        let path = pin_dir(&net.receiver_if).join("LAYOUT");
+        let data = MapData::from_pin(&path)?;
+        let mut layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
+        layout.set(0, 4, 0)?;
+    }
+    fs::remove_file(pin_dir(&net.receiver_if).join("LIMITED"))?;
+
+    let second = Agent::start(&net, &config)?;
+    let log = second.stderr();
+    let mentions = lines_with(&log, "layout v4");
+    assert_eq!(mentions.len(), 1, "one log line about the v4 pins:\n{log}");
+    eprintln!("{}", mentions[0].trim());
+    assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
+    let got = send_and_count(&net, &counter, &[(client, LIMIT)])?;
+    let stats = second.stats()?;
+    window.check();
+    assert_eq!(
+        got[&client],
+        LIMIT - 6,
+        "the client kept its window: 6 of {LIMIT} used"
+    );
+    assert_eq!(client_counts(&stats, client), (LIMIT, 6));
+    let passed = stats["global"]["passed"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        passed < LIMIT,
+        "the global counters start again: passed {passed}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Another tool's XDP program
 // ---------------------------------------------------------------------------------------------

@@ -637,9 +637,10 @@ fn a_resident_count_holds_one_batch_not_the_map() -> Result<()> {
         pin_dir: None,
         max_clients: CLIENTS.next_power_of_two(),
         max_ids: 1024,
+        max_limited: 1024,
     })?;
     let tables = Tables::take(&mut ebpf)?;
-    let (dynamic, _) = tables.client_fds()?;
+    let [dynamic, ..] = tables.client_fds()?;
     let entries: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let key = v4_mapped([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);

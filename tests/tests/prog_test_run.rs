@@ -733,6 +733,117 @@ fn a_full_map_never_bypasses_limiting() -> Result<()> {
     })
 }
 
+/// A client over its limit moves into the never-evicted `LIMITED` map on its first dropped
+/// packet: a flood of new sources many times `--max-clients` evicts everyone else, but the limited
+/// client keeps its window (before `LIMITED`, it came back with a fresh allowance).
+#[test]
+fn a_limited_client_is_held_through_a_flood_of_new_sources() -> Result<()> {
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(128, "default: { limit: 5, window: 1h }\n")?;
+        let limited = v4(198, 51, 100, 1);
+        let polite = v4(198, 51, 100, 2);
+        check_eq!(lim.send(limited, 10)?, 5);
+        check_eq!(lim.send(polite, 3)?, 3);
+        ensure!(
+            lim.tables.limited.get(&key_of(limited), 0).is_ok(),
+            "the limited client is not in LIMITED"
+        );
+        ensure!(
+            lim.tables.clients.get(&key_of(limited), 0).is_err(),
+            "the limited client is still in CLIENTS too"
+        );
+        check_eq!(lim.global()?.limited_moves, 1);
+        // 8x --max-clients new sources, each within its limit: none of them moves.
+        for src in spoofed(0, 1024) {
+            check_eq!(lim.send(src, 2)?, 2, "{src}");
+        }
+        check_eq!(
+            lim.send(limited, 5)?,
+            0,
+            "the flood reset the limited client"
+        );
+        check_eq!(lim.client_counts(limited)?, (5, 10));
+        // The polite client was evicted (it was within its limit): it starts afresh.
+        ensure!(
+            lim.client(polite).is_none(),
+            "the polite client was not evicted"
+        );
+        let g = lim.global()?;
+        check_eq!((g.limited_moves, g.limited_full), (1, 0));
+        check_eq!(g.new_clients, 2 + 1024);
+        Ok(())
+    })
+}
+
+/// A full `LIMITED` refuses the move: the client stays in `CLIENTS` (limited as before, only
+/// evictable again), and `limited_full` counts each refused attempt.
+#[test]
+fn a_full_limited_map_leaves_clients_evictable_and_says_so() -> Result<()> {
+    in_one_window(HOUR_NS, |_| {
+        let mut ebpf = datapath::load(&LoadOptions {
+            pin_dir: None,
+            max_clients: 1024,
+            max_limited: 2,
+            ..LoadOptions::default()
+        })?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables.apply(&Config::parse("default: { limit: 1, window: 1h }\n")?)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(datapath::PROGRAM)
+            .context("no limiter program")?
+            .try_into()?;
+        program.load()?;
+        let lim = Limiter { ebpf, tables };
+        let sources: Vec<IpAddr> = spoofed(0, 4).collect();
+        for src in &sources {
+            check_eq!(lim.send(*src, 3)?, 1, "{src}");
+        }
+        let held = sources
+            .iter()
+            .filter(|s| lim.tables.limited.get(&key_of(**s), 0).is_ok())
+            .count();
+        let kept = sources
+            .iter()
+            .filter(|s| lim.tables.clients.get(&key_of(**s), 0).is_ok())
+            .count();
+        check_eq!((held, kept), (2, 2));
+        let g = lim.global()?;
+        // The first two moved on their first drop; the other two tried on each of their 2 drops.
+        check_eq!((g.limited_moves, g.limited_full), (2, 4));
+        check_eq!((g.passed, g.dropped), (4, 8));
+        Ok(())
+    })
+}
+
+/// The agent's sweep deletes a `LIMITED` entry once its window state has aged out; the client's
+/// next packet starts it afresh in `CLIENTS`. Entries still in their window stay.
+#[test]
+fn the_sweep_releases_limited_clients_whose_windows_are_over() -> Result<()> {
+    let yaml = "\
+default: { limit: 2, window: 10ms }
+policies:
+  - { match: 10.0.0.0/8, limit: 2, window: 1h }
+";
+    in_one_window(HOUR_NS, |_| {
+        let lim = Limiter::new(1024, yaml)?;
+        let short = v4(198, 51, 100, 1);
+        let long = v4(10, 0, 0, 1);
+        check_eq!(lim.send(long, 3)?, 2);
+        check_eq!(lim.send(short, 3)?, 2);
+        let mut sweep = lim.tables.limited_sweep()?;
+        check_eq!(sweep.sweep(monotonic_ns())?, 0, "nothing is over yet");
+        // Two 10 ms windows and the sweep's allowance for the program's clock later.
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        check_eq!(sweep.sweep(monotonic_ns())?, 1);
+        ensure!(lim.tables.limited.get(&key_of(short), 0).is_err());
+        ensure!(lim.tables.limited.get(&key_of(long), 0).is_ok());
+        check_eq!(lim.send(long, 1)?, 0);
+        check_eq!(lim.send(short, 1)?, 1);
+        ensure!(lim.tables.clients.get(&key_of(short), 0).is_ok());
+        Ok(())
+    })
+}
+
 fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity(0) applies to the calling thread.
     unsafe {
@@ -797,6 +908,11 @@ fn concurrent_cpus_lose_no_counts() -> Result<()> {
             "runs (retval, start, end): {runs:?}; per CPU (passed, dropped, contended): {per_cpu:?}"
         );
         let g = lim.global()?;
+        eprintln!(
+            "CLIENTS {:?} LIMITED {:?} global {g:?}",
+            lim.tables.clients.get(&key_of(src), 0),
+            lim.tables.limited.get(&key_of(src), 0)
+        );
         check_eq!(
             c.total_passed() + c.dropped_count(),
             2 * REPEAT as u64,

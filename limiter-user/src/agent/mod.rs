@@ -41,6 +41,11 @@ const API_DRAIN: Duration = Duration::from_secs(2);
 /// plus the time to write the maps (well under the 1 s the README promises).
 pub const RELOAD_POLL: Duration = Duration::from_millis(200);
 
+/// How often the entries of `LIMITED` whose windows are over are deleted (see
+/// [`datapath::LimitedSweep`]): a client stays held at most this long after its window state
+/// aged out, which costs it nothing (it is admitted in full either way).
+const LIMITED_SWEEP: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub iface: String,
@@ -49,6 +54,8 @@ pub struct AgentOptions {
     pub max_clients: u32,
     /// Capacity of the LRU map of API IDs that are not addresses.
     pub max_ids: u32,
+    /// Capacity of `LIMITED`, the never-evicted map of clients over their limit.
+    pub max_limited: u32,
     /// Where `IFACE.snapshot` lives.
     pub state_dir: PathBuf,
     /// How often client state is snapshotted (and once more on shutdown).
@@ -129,6 +136,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         pin_dir: Some(pins.clone()),
         max_clients: opts.max_clients,
         max_ids: opts.max_ids,
+        max_limited: opts.max_limited,
     })
     .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     if !adopting {
@@ -155,11 +163,13 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             tables.adaptive_handles()?,
             load,
         )?;
+        let sweep = tables.limited_sweep()?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
-        Ok((tables, report, check_program, tuner, attachment))
+        Ok((tables, report, check_program, tuner, sweep, attachment))
     })();
-    let (tables, report, check_program, tuner, attachment) = started?;
+    let (tables, report, check_program, tuner, sweep, attachment) = started?;
+    let mut sweep = Some(sweep);
     let survives_agent = attachment.is_pinned();
     guard.attached(attachment);
     tracing::info!(
@@ -233,6 +243,8 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let mut snapshot_tick = tokio::time::interval(opts.snapshot_interval);
     snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     snapshot_tick.reset();
+    let mut sweep_tick = tokio::time::interval(LIMITED_SWEEP);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshotting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
@@ -245,6 +257,22 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 let limits = limits.clone();
                 let _ = tokio::task::spawn_blocking(move || limits.reload_file(false)).await;
+            }
+            _ = sweep_tick.tick() => {
+                if let Some(mut held) = sweep.take() {
+                    let (held, result) = tokio::task::spawn_blocking(move || {
+                        let result = held.sweep(crate::stats::monotonic_ns());
+                        (held, result)
+                    })
+                    .await
+                    .context("the LIMITED sweep panicked")?;
+                    sweep = Some(held);
+                    match result {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(released = n, "LIMITED: released clients whose windows are over"),
+                        Err(e) => tracing::error!("LIMITED sweep: {}", crate::error_chain(&e)),
+                    }
+                }
             }
             _ = snapshot_tick.tick() => {
                 // Off the agent's thread; a snapshot still running is not started twice.
@@ -426,20 +454,21 @@ impl KernelSource for StoreFigures {
     }
 }
 
-/// Captures both client maps and writes the snapshot atomically.
-fn take_snapshot(fds: &(OwnedFd, OwnedFd), path: &Path) -> anyhow::Result<()> {
+/// Captures the address-client maps and writes the snapshot atomically.
+fn take_snapshot(fds: &[OwnedFd], path: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    let snapshot = Snapshot::capture(fds.0.as_fd(), fds.1.as_fd(), Clocks::now())
-        .context("reading the client maps")?;
+    let maps: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+    let snapshot = Snapshot::capture(&maps, Clocks::now()).context("reading the client maps")?;
     snapshot.write(path)?;
     tracing::debug!(clients = snapshot.entries.len(), took = ?started.elapsed(), path = %path.display(), "snapshot written");
     Ok(())
 }
 
 /// The most entries a snapshot restored into this agent's maps can usefully hold: the dynamic
-/// clients (`--max-clients`) and the exact-address ones. A bigger file is refused unread.
+/// clients (`--max-clients`), the exact-address ones and the held limited ones (`--max-limited`).
+/// A bigger file is refused unread.
 fn snapshot_capacity(opts: &AgentOptions) -> u64 {
-    u64::from(opts.max_clients) + MAX_STATIC_CLIENTS as u64
+    u64::from(opts.max_clients) + MAX_STATIC_CLIENTS as u64 + u64::from(opts.max_limited)
 }
 
 /// On fresh maps (nothing pinned to adopt), restores client state from the snapshot if there is

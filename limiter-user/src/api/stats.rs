@@ -138,6 +138,8 @@ pub(super) async fn global(state: &ApiState) -> Result<proto::GlobalStats, Statu
         map_full: g.map_full,
         policy_resolves: g.resolves,
         contended: g.contended,
+        limited_moves: g.limited_moves,
+        limited_full: g.limited_full,
         clients_resident: resident.addresses,
         ids_resident: resident.ids,
         checks_allowed: c.checks_allowed.get(),

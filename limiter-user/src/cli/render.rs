@@ -31,6 +31,11 @@ pub fn report(report: &Report) -> String {
         "clients: resident {}  created {}  map-full {}  policy lookups {}  contended {}",
         g.clients, g.new_clients, g.map_full, g.resolves, g.contended
     );
+    let _ = writeln!(
+        out,
+        "limited: held {}  moved in {}  refused (map full) {}",
+        g.limited, g.limited_moves, g.limited_full
+    );
     let a = &report.adaptive;
     if a.enabled {
         let _ = writeln!(
@@ -64,6 +69,8 @@ pub fn report(report: &Report) -> String {
     for c in &report.clients {
         let policy = if c.is_static {
             format!("{} (static)", c.policy)
+        } else if c.limited {
+            format!("{} (held)", c.policy)
         } else {
             c.policy.clone()
         };

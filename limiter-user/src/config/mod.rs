@@ -218,6 +218,22 @@ impl FromStr for Cidr {
                 "{s:?} has address bits set beyond the /{prefix} prefix; did you mean {masked}/{prefix}?"
             ));
         }
+        // An IPv4-mapped address (`::ffff:a.b.c.d`, or a prefix inside `::ffff:0:0/96`) is how
+        // IPv4 clients are keyed: as an IPv6 policy it would take an IPv4 client's key while no
+        // IPv6 packet can come from it (such sources are malformed on the wire).
+        if let (IpAddr::V6(v6), 96..) = (addr, prefix)
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            let v4_form = if prefix == 128 {
+                v4.to_string()
+            } else {
+                format!("{v4}/{}", prefix - 96)
+            };
+            return Err(format!(
+                "{s:?} is an IPv4-mapped IPv6 address, which no IPv6 packet comes from; IPv4 \
+                 clients are matched by IPv4 addresses: write {v4_form}"
+            ));
+        }
         Ok(cidr)
     }
 }

@@ -582,3 +582,37 @@ fn id_policies_are_named_policies_not_trie_entries() {
     );
     assert!(e.contains("duplicate match"), "{e}");
 }
+
+#[test]
+fn ipv4_mapped_policies_are_rejected_naming_the_ipv4_form() {
+    for (text, v4_form) in [
+        ("::ffff:192.0.2.7", "write 192.0.2.7"),
+        ("::ffff:192.0.2.0/120", "write 192.0.2.0/24"),
+        ("::ffff:0:0/96", "write 0.0.0.0/0"),
+    ] {
+        let e = text.parse::<Cidr>().unwrap_err();
+        assert!(
+            e.contains("IPv4-mapped") && e.contains(v4_form),
+            "{text}: {e}"
+        );
+        // The API's `match` parses the same way.
+        assert!(text.parse::<Match>().is_err(), "{text}");
+    }
+    // Wider prefixes that merely contain the mapped space, and the IPv4 forms, stay valid.
+    for ok in [
+        "::/0",
+        "::/64",
+        "192.0.2.7",
+        "192.0.2.0/24",
+        "::fffe:c000:207",
+    ] {
+        assert!(ok.parse::<Cidr>().is_ok(), "{ok}");
+    }
+    let e = err(
+        "default: { limit: 1, window: 1s }\npolicies:\n  - match: \"::ffff:10.1.2.3\"\n    action: pass\n",
+    );
+    assert!(
+        e.contains("policies[0].match (line 3)") && e.contains("write 10.1.2.3"),
+        "{e}"
+    );
+}

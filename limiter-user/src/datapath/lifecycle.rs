@@ -20,8 +20,8 @@ use aya::{
 use limiter_common::maps::LAYOUT_VERSION;
 
 use super::{
-    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DatapathError, PIN_ROOT, PINNED, PROGRAM, map_err,
-    tables::dup_fd,
+    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DEFAULT_MAX_LIMITED, DatapathError, PIN_ROOT, PINNED,
+    PROGRAM, map_err, tables::dup_fd,
 };
 
 /// `/sys/fs/bpf/limiter/IFACE`.
@@ -91,6 +91,8 @@ pub struct LoadOptions {
     pub max_clients: u32,
     /// Capacity of the LRU map of API IDs that are not addresses.
     pub max_ids: u32,
+    /// Capacity of `LIMITED`, the never-evicted map of clients over their limit.
+    pub max_limited: u32,
 }
 
 impl Default for LoadOptions {
@@ -99,6 +101,7 @@ impl Default for LoadOptions {
             pin_dir: None,
             max_clients: DEFAULT_MAX_CLIENTS,
             max_ids: DEFAULT_MAX_IDS,
+            max_limited: DEFAULT_MAX_LIMITED,
         }
     }
 }
@@ -115,6 +118,7 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("CLIENTS", opts.max_clients);
     loader.map_max_entries("NAMED", opts.max_ids);
+    loader.map_max_entries("LIMITED", opts.max_limited);
     if let Some(dir) = &opts.pin_dir {
         // Discarding may remove the directory itself: create it afterwards.
         discard_incompatible_pins(dir, opts)?;
@@ -164,9 +168,29 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), Datap
     }
     match pinned_layout(dir) {
         Some(LAYOUT_VERSION) => {}
+        Some(4) => {
+            // Layout 5 added `LIMITED` (created and pinned by the load) and two counters to
+            // `STATS`; every other map is the same. Adopt them, so clients keep their windows
+            // and counters; only the global counters start again.
+            tracing::info!(
+                dir = %dir.display(),
+                "pinned maps have layout v4: adopting them as v{LAYOUT_VERSION} (clients keep their state; the global counters start from zero)"
+            );
+            let stats = dir.join("STATS");
+            match std::fs::remove_file(&stats) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DatapathError::Io {
+                        what: "removing pin",
+                        path: stats,
+                        error: source,
+                    });
+                }
+            }
+        }
         found => {
-            // No earlier layout exists to migrate from yet; a future version adds its migration
-            // here and starts fresh only for layouts it does not know.
+            // Layouts before 4 have no migration: start fresh (the snapshot restores clients).
             let found = found.map_or("no version stamp".to_string(), |v| format!("layout v{v}"));
             tracing::warn!(
                 dir = %dir.display(),
@@ -187,6 +211,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), Datap
                 && info.value_size() as usize == value
                 && (name != "CLIENTS" || info.max_entries() == opts.max_clients)
                 && (name != "NAMED" || info.max_entries() == opts.max_ids)
+                && (name != "LIMITED" || info.max_entries() == opts.max_limited)
         });
         if !ok {
             mismatch = Some(name);

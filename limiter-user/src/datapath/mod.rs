@@ -40,12 +40,15 @@ pub const PROGRAM: &str = "limiter";
 /// Default capacity of the dynamic-client LRU map. Each client costs ~112 bytes of kernel memory
 /// (48-byte value, 16-byte key, 48-byte `htab_elem`) plus its bucket, ~128 MiB at this size.
 pub const DEFAULT_MAX_CLIENTS: u32 = 1 << 20;
+/// Default capacity of `LIMITED`, the never-evicted map of clients over their limit: 65,536
+/// entries of 120 bytes, 7.5 MiB.
+pub const DEFAULT_MAX_LIMITED: u32 = 1 << 16;
 /// Default capacity of the LRU map of API IDs that are not addresses (same cost per entry).
 pub const DEFAULT_MAX_IDS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 11] = [
+const PINNED: [(&str, MapType, usize, usize); 12] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     (
@@ -54,6 +57,7 @@ const PINNED: [(&str, MapType, usize, usize); 11] = [
         16,
         size_of::<ClientState>(),
     ),
+    ("LIMITED", MapType::Hash, 16, size_of::<ClientState>()),
     ("NAMED", MapType::LruHash, 16, size_of::<ClientState>()),
     ("NAMED_STATIC", MapType::Hash, 16, size_of::<ClientState>()),
     (

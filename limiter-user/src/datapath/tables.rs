@@ -19,9 +19,10 @@ use limiter_common::{
     AdaptSlot, AdaptiveStatus, ClientState, GlobalStats, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
-        ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, FLAG_REPORTED, FLAG_STATIC,
-        GENERATION_SWEEP, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
+        ACTION_LIMIT, ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, FLAG_REPORTED,
+        FLAG_STATIC, GENERATION_SWEEP, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
     },
+    window::{slot_count, slot_tag},
 };
 
 use super::{
@@ -33,6 +34,9 @@ use crate::config::{Config, Mode};
 pub struct Tables {
     pub clients: HashMap<MapData, ClientKey, ClientState>,
     pub static_clients: HashMap<MapData, ClientKey, ClientState>,
+    /// Address clients over their limit, moved out of `clients` by the program; never evicted
+    /// (see [`LimitedSweep`]).
+    pub limited: HashMap<MapData, ClientKey, ClientState>,
     /// API IDs that are not addresses, by `ClientName::key`.
     pub named: HashMap<MapData, ClientKey, ClientState>,
     /// IDs with an exact-ID policy; never evicted.
@@ -97,6 +101,7 @@ impl Tables {
             clients: HashMap::try_from(get("CLIENTS")?).map_err(map_err("CLIENTS"))?,
             static_clients: HashMap::try_from(get("STATIC_CLIENTS")?)
                 .map_err(map_err("STATIC_CLIENTS"))?,
+            limited: HashMap::try_from(get("LIMITED")?).map_err(map_err("LIMITED"))?,
             named: HashMap::try_from(get("NAMED")?).map_err(map_err("NAMED"))?,
             named_static: HashMap::try_from(get("NAMED_STATIC")?)
                 .map_err(map_err("NAMED_STATIC"))?,
@@ -133,6 +138,7 @@ impl Tables {
         for (map, name) in [
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
+            (&self.limited, "LIMITED"),
         ] {
             // A batched walk: its cursor is a bucket, so evictions during the walk (a flood of
             // new sources) cannot restart it, as they can a walk by `get_next_key`.
@@ -175,21 +181,31 @@ impl Tables {
         Ok(refreshed)
     }
 
-    /// Owned descriptors of the two client maps (dynamic, static), for a snapshot taken on
-    /// another thread.
-    pub fn client_fds(&self) -> io::Result<(OwnedFd, OwnedFd)> {
-        Ok((
+    /// Owned descriptors of the three address-client maps (dynamic, static, limited), for a
+    /// snapshot taken on another thread.
+    pub fn client_fds(&self) -> io::Result<[OwnedFd; 3]> {
+        Ok([
             self.clients.map().fd().as_fd().try_clone_to_owned()?,
             self.static_clients
                 .map()
                 .fd()
                 .as_fd()
                 .try_clone_to_owned()?,
-        ))
+            self.limited.map().fd().as_fd().try_clone_to_owned()?,
+        ])
+    }
+
+    /// A handle of its own on `LIMITED`, for the agent's periodic [`LimitedSweep`].
+    pub fn limited_sweep(&self) -> Result<LimitedSweep, DatapathError> {
+        Ok(LimitedSweep {
+            limited: HashMap::try_from(dup_map(self.limited.map(), "LIMITED")?)
+                .map_err(map_err("LIMITED"))?,
+        })
     }
 
     /// Writes restored client entries into the dynamic map (a later `apply` moves the ones with
-    /// exact-address policies into the static map, carrying their state).
+    /// exact-address policies into the static map, carrying their state; a limited client moves
+    /// into `LIMITED` again on its first dropped packet).
     pub fn restore_clients(
         &mut self,
         entries: &[(ClientKey, ClientState)],
@@ -275,6 +291,7 @@ impl Tables {
             "NAMED",
             &mut self.named_static,
             "NAMED_STATIC",
+            None,
             &named,
             &mut report,
         )?;
@@ -335,6 +352,7 @@ impl Tables {
             "CLIENTS",
             &mut self.static_clients,
             "STATIC_CLIENTS",
+            Some(&mut self.limited),
             wanted,
             report,
         )
@@ -356,12 +374,14 @@ impl Tables {
                 "STATIC_CLIENTS",
             )?)
             .map_err(map_err("STATIC_CLIENTS"))?,
+            limited: HashMap::try_from(dup_map(self.limited.map(), "LIMITED")?)
+                .map_err(map_err("LIMITED"))?,
             status: Array::try_from(dup_map(self.adaptive.map(), "ADAPTIVE")?)
                 .map_err(map_err("ADAPTIVE"))?,
         })
     }
 
-    /// Owned descriptors of the four client maps, for walks that should not hold whatever
+    /// Owned descriptors of the five client maps, for walks that should not hold whatever
     /// guards these `Tables` (a walk of a million entries takes about 0.4 s).
     pub fn client_maps(&self) -> Result<ClientMaps, DatapathError> {
         let dup = |map: &HashMap<MapData, ClientKey, ClientState>, name| {
@@ -370,6 +390,7 @@ impl Tables {
         Ok(ClientMaps {
             clients: dup(&self.clients, "CLIENTS")?,
             static_clients: dup(&self.static_clients, "STATIC_CLIENTS")?,
+            limited: dup(&self.limited, "LIMITED")?,
             named: dup(&self.named, "NAMED")?,
             named_static: dup(&self.named_static, "NAMED_STATIC")?,
         })
@@ -407,12 +428,14 @@ fn dup_map(map: &MapData, name: &'static str) -> Result<Map, DatapathError> {
 pub struct AdaptiveHandles {
     clients: HashMap<MapData, ClientKey, ClientState>,
     static_clients: HashMap<MapData, ClientKey, ClientState>,
+    limited: HashMap<MapData, ClientKey, ClientState>,
     status: Array<MapData, AdaptiveStatus>,
 }
 
 impl AdaptiveHandles {
     /// An address client's entry and whether it is in the static map; one lookup per map tried,
-    /// the static one first when `static_hint`. `None` if it has none (evicted).
+    /// the static one first when `static_hint`, `LIMITED` last. `None` if it has none
+    /// (evicted).
     pub fn address(
         &self,
         key: &ClientKey,
@@ -439,7 +462,7 @@ impl AdaptiveHandles {
                 return Ok(Some((state, is_static)));
             }
         }
-        Ok(None)
+        Ok(get(&self.limited, "LIMITED")?.map(|state| (state, false)))
     }
 
     /// Every resident address client flagged `FLAG_REPORTED`: the clients a previous agent
@@ -449,6 +472,7 @@ impl AdaptiveHandles {
         for (map, name, is_static) in [
             (&self.clients, "CLIENTS", false),
             (&self.static_clients, "STATIC_CLIENTS", true),
+            (&self.limited, "LIMITED", false),
         ] {
             let entries =
                 super::syscall::lookup_all::<ClientKey, ClientState>(map.map().fd().as_fd())
@@ -476,6 +500,7 @@ impl AdaptiveHandles {
 pub struct ClientMaps {
     clients: OwnedFd,
     static_clients: OwnedFd,
+    limited: OwnedFd,
     named: OwnedFd,
     named_static: OwnedFd,
 }
@@ -511,12 +536,22 @@ impl ClientMaps {
         Ok(entries)
     }
 
-    /// Every address client.
+    /// Every address client: dynamic, static (flagged `FLAG_STATIC`) and limited.
     pub fn addresses(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
-        ClientMaps::pair(
+        let mut entries = ClientMaps::pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
-        )
+        )?;
+        entries.extend(ClientMaps::read(&self.limited, "LIMITED")?);
+        Ok(entries)
+    }
+
+    /// The address clients held in `LIMITED` (over their limit, never evicted).
+    pub fn limited_keys(&self) -> Result<HashSet<ClientKey>, DatapathError> {
+        Ok(ClientMaps::read(&self.limited, "LIMITED")?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
     }
 
     /// Every named (ID) client, by key.
@@ -588,11 +623,14 @@ impl ClientMaps {
 
 /// Moves entries between an LRU map and its never-evicted static map so that exactly the keys in
 /// `wanted` are static, carrying their counters across; moved entries re-resolve their policy.
+/// A key that becomes static takes its state from `held` (`LIMITED`) if it is held there: a
+/// limited client keeps its window wherever it lives.
 fn sync_static(
     dynamic: &mut HashMap<MapData, ClientKey, ClientState>,
     dynamic_name: &'static str,
     statics: &mut HashMap<MapData, ClientKey, ClientState>,
     static_name: &'static str,
+    mut held: Option<&mut HashMap<MapData, ClientKey, ClientState>>,
     wanted: &[ClientKey],
     report: &mut ApplyReport,
 ) -> Result<(), DatapathError> {
@@ -611,16 +649,84 @@ fn sync_static(
         report.statics_removed += 1;
     }
     for key in wanted.difference(&current) {
-        let mut state = dynamic.get(key, 0).unwrap_or_default();
+        let from_held = held.as_deref().and_then(|h| h.get(key, 0).ok());
+        let mut state = from_held.unwrap_or_else(|| dynamic.get(key, 0).unwrap_or_default());
         state.set_generation_tag(0); // re-resolve on the next packet
         state.set_flags(state.flags() | FLAG_STATIC);
         statics
             .insert(key, state, 0)
             .map_err(map_err(static_name))?;
         let _ = dynamic.remove(key);
+        if from_held.is_some()
+            && let Some(h) = held.as_deref_mut()
+        {
+            let _ = h.remove(key);
+        }
         report.statics_added += 1;
     }
     Ok(())
+}
+
+/// The agent's periodic sweep of `LIMITED`: deletes the entries whose window state has aged out.
+///
+/// The program moves a client into `LIMITED` on its first dropped packet and never takes it out;
+/// once neither window slot counts anything the current or the previous window could weigh, the
+/// client would be admitted in full anyway, so its entry goes, and its next packet starts it
+/// afresh in `CLIENTS` (where it is evictable again until it next goes over its limit). Entries
+/// whose policy no longer limits them (`pass`, `drop` after a reload) go at once.
+pub struct LimitedSweep {
+    limited: HashMap<MapData, ClientKey, ClientState>,
+}
+
+/// How far behind CLOCK_MONOTONIC the program's coarse clock may be (two jiffies at HZ=250 are
+/// 8 ms; see `entry::coarse_now` in limiter-ebpf): the sweep judges a window over only once the
+/// program's clock is past it too.
+const PROGRAM_CLOCK_LAG_NS: u64 = 20_000_000;
+
+impl LimitedSweep {
+    /// Deletes the aged-out entries at `now_ns` (CLOCK_MONOTONIC); returns how many went. One
+    /// batched walk of at most `--max-limited` entries (65,536 by default: about 25 ms).
+    pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DatapathError> {
+        let entries =
+            super::syscall::lookup_all::<ClientKey, ClientState>(self.limited.map().fd().as_fd())
+                .map_err(|error| DatapathError::Io {
+                what: "reading",
+                path: "LIMITED".into(),
+                error,
+            })?;
+        let mut removed = 0;
+        for (key, state) in entries {
+            if !aged_out(&state, now_ns.saturating_sub(PROGRAM_CLOCK_LAG_NS)) {
+                continue;
+            }
+            match self.limited.remove(&key) {
+                Ok(()) => removed += 1,
+                // Gone meanwhile (an `apply` moved it into the static map).
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err("LIMITED")(e)),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether a `LIMITED` entry has nothing left to protect at `now_ns` (at least as late as the
+/// program's clock can be): it is not a `limit` entry any more, or no slot with a count is of
+/// the current or the previous window (tags are window numbers modulo 2^32; a slot ahead of
+/// `now_ns` counts as live).
+pub fn aged_out(state: &ClientState, now_ns: u64) -> bool {
+    if state.action() != ACTION_LIMIT {
+        return true;
+    }
+    let Some(window) = std::num::NonZeroU64::new(state.window_us as u64 * 1000) else {
+        return true;
+    };
+    let index = (now_ns / window) as u32;
+    state.slots.iter().all(|&slot| {
+        let behind = index.wrapping_sub(slot_tag(slot));
+        slot_count(slot) == 0 || (2..1 << 31).contains(&behind)
+    })
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
@@ -636,6 +742,37 @@ pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limited_entries_age_out_after_two_windows() {
+        use limiter_common::window::slot;
+        let entry = |slots: [u64; 2]| ClientState {
+            slots,
+            limit: 10,
+            window_us: 1_000_000,
+            ..ClientState::default()
+        };
+        let at = |window: u64, ms: u64| window * 1_000_000_000 + ms * 1_000_000;
+        // Counted in window 7: live through window 8 (the previous window weighs in), over in 9.
+        let s = entry([slot(7, 10), 0]);
+        assert!(!aged_out(&s, at(7, 999)));
+        assert!(!aged_out(&s, at(8, 999)));
+        assert!(aged_out(&s, at(9, 0)));
+        // The other slot counts too; empty slots never do.
+        let s = entry([slot(2, 3), slot(9, 1)]);
+        assert!(!aged_out(&s, at(10, 500)));
+        assert!(aged_out(&s, at(11, 0)));
+        assert!(aged_out(&entry([slot(9, 0), slot(10, 0)]), at(10, 0)));
+        // A slot ahead of the sweep's clock (the program's clock is later) is live.
+        assert!(!aged_out(&entry([slot(12, 4), 0]), at(11, 999)));
+        // Entries whose policy no longer limits them go at once.
+        let mut pass = entry([slot(10, 3), 0]);
+        pass.window_us = 0;
+        assert!(aged_out(&pass, at(10, 0)));
+        let mut drop = entry([slot(10, 3), 0]);
+        drop.limit = 0;
+        assert!(aged_out(&drop, at(10, 0)));
+    }
 
     #[test]
     fn generations_never_have_tag_zero() {

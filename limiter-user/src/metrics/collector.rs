@@ -145,6 +145,18 @@ impl Collector for KernelCollector {
                  retry bound.",
                 global.contended,
             ),
+            (
+                "limiter_limited_moves",
+                "Clients moved into the never-evicted map of clients over their limit on their \
+                 first dropped packet.",
+                global.limited_moves,
+            ),
+            (
+                "limiter_limited_full",
+                "Dropped packets of clients that could not move into the map of clients over \
+                 their limit because it was full (--max-limited); they stay evictable.",
+                global.limited_full,
+            ),
         ];
         for (name, help, value) in counters {
             counter(&mut encoder, name, help, value)?;

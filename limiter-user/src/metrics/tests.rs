@@ -65,6 +65,8 @@ pub(crate) fn populated() -> (Counters, Figures) {
             map_full: 0,
             resolves: 44,
             contended: 1,
+            limited_moves: 6,
+            limited_full: 2,
         },
         policy_generation: 9,
         attached: true,
@@ -165,6 +167,12 @@ fn populated_lines() -> Vec<String> {
         "# HELP limiter_contended_total Packets denied because their client's window state stayed contended past the retry bound.",
         "# TYPE limiter_contended_total counter",
         "limiter_contended_total{iface=\"eth0\"} 1",
+        "# HELP limiter_limited_moves_total Clients moved into the never-evicted map of clients over their limit on their first dropped packet.",
+        "# TYPE limiter_limited_moves_total counter",
+        "limiter_limited_moves_total{iface=\"eth0\"} 6",
+        "# HELP limiter_limited_full_total Dropped packets of clients that could not move into the map of clients over their limit because it was full (--max-limited); they stay evictable.",
+        "# TYPE limiter_limited_full_total counter",
+        "limiter_limited_full_total{iface=\"eth0\"} 2",
         "# HELP limiter_clients_active Client entries resident in the kernel maps, by key kind: an IP address, or a named ID from the API.",
         "# TYPE limiter_clients_active gauge",
         "limiter_clients_active{iface=\"eth0\",kind=\"address\"} 38",
@@ -462,7 +470,7 @@ fn exposition_is_well_formed() {
                 .lines()
                 .filter_map(|line| line.strip_prefix("# TYPE "))
                 .collect();
-            assert_eq!(families.len(), 27, "{text}");
+            assert_eq!(families.len(), 29, "{text}");
             let value = |name: &str| {
                 samples
                     .iter()

@@ -39,7 +39,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     })
     .context("loading the object")?;
     let mut tables = Tables::take(&mut ebpf)?;
-    let (dynamic, statics) = tables.client_fds()?;
+    let [dynamic, statics, limited] = tables.client_fds()?;
+    let maps = [dynamic.as_fd(), statics.as_fd(), limited.as_fd()];
 
     let entries: Vec<_> = (0..clients)
         .map(|i| {
@@ -66,11 +67,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let mut snapshot = None;
     let capture = timed(&mut || {
-        snapshot = Some(Snapshot::capture(
-            dynamic.as_fd(),
-            statics.as_fd(),
-            Clocks::now(),
-        )?);
+        snapshot = Some(Snapshot::capture(&maps, Clocks::now())?);
         Ok(())
     })?;
     let snapshot = snapshot.context("no snapshot")?;
@@ -116,7 +113,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let worker = scope.spawn(|| -> anyhow::Result<u32> {
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                Snapshot::capture(dynamic.as_fd(), statics.as_fd(), Clocks::now())?.write(&path)?;
+                Snapshot::capture(&maps, Clocks::now())?.write(&path)?;
                 n += 1;
             }
             Ok(n)
