@@ -115,6 +115,7 @@ impl Fixture {
             token: tcp.flatten(),
             tls: tls.map(|(_, files)| files),
             max_batch: 100,
+            access: api::AccessOptions::default(),
         };
         let listeners = api::bind(&opts).await?;
         let served = api::serve(

@@ -8,8 +8,9 @@ use tonic::transport::Server;
 use tower::layer::util::{Identity, Stack};
 
 use super::{
-    ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, ErrorCountLayer, MAX_MESSAGE_BYTES,
-    MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, auth::*, limits::*, rate_limiter::*, stats::*,
+    AccessLayer, ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, CallerLimits, CheckLanes,
+    ErrorCountLayer, MAX_MESSAGE_BYTES, MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, limits::*,
+    rate_limiter::*, stats::*,
 };
 use crate::metrics::Counters;
 use crate::proto::{
@@ -20,6 +21,7 @@ use crate::proto::{
 /// The routes served on every listener: the three services, health and reflection.
 fn routes(
     state: &ApiState,
+    checks: &Checks,
     stop: &tokio::sync::watch::Receiver<bool>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -33,8 +35,12 @@ fn routes(
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(
-            RateLimiterServer::new(RateLimiterService(state.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            RateLimiterServer::new(RateLimiterService {
+                state: state.clone(),
+                lanes: Arc::clone(&checks.lanes),
+                callers: Arc::clone(&checks.callers),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             LimitsServer::new(LimitsService {
@@ -52,14 +58,25 @@ fn routes(
     Ok(routes.routes())
 }
 
-/// The server every listener runs: bounded, and counting errors outermost (so that the token
-/// check's answers are counted too).
-fn server(counters: &Arc<Counters>) -> Server<Stack<ErrorCountLayer, Identity>> {
+/// What the check methods share across listeners: the lanes checks run in, and the per-caller
+/// limits.
+struct Checks {
+    lanes: Arc<CheckLanes>,
+    callers: Arc<CallerLimits>,
+}
+
+/// The server every listener runs: bounded, counting errors outermost (so that the access
+/// layer's refusals are counted too), then authenticating and limiting callers.
+fn server(
+    counters: &Arc<Counters>,
+    access: AccessLayer,
+) -> Server<Stack<AccessLayer, Stack<ErrorCountLayer, Identity>>> {
     Server::builder()
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .max_concurrent_streams(MAX_STREAMS)
         .timeout(REQUEST_TIMEOUT)
         .layer(ErrorCountLayer::new(Arc::clone(counters)))
+        .layer(access)
 }
 
 /// Binds the Unix socket: its directory is created (0755), a stale socket from a dead agent is
@@ -124,10 +141,9 @@ pub async fn bind(opts: &ApiOptions) -> anyhow::Result<Listeners> {
         None => None,
         Some(addr) => {
             let bound = async {
-                let mutual_tls = opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-                if opts.token.is_none() && !mutual_tls {
+                if !opts.credentials()?.any() {
                     anyhow::bail!(
-                        "--api-listen {addr} needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
+                        "--api-listen {addr} needs --api-token-file, --api-check-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
                     );
                 }
                 let tls = match &opts.tls {
@@ -189,11 +205,21 @@ pub async fn serve(
     reporter.set_serving::<StatsServer<StatsService>>().await;
     let mut tasks = Vec::new();
     let mut tcp = None;
+    let checks = Checks {
+        lanes: Arc::new(CheckLanes::new(
+            opts.access.check_threads,
+            opts.access.check_queue,
+        )),
+        callers: Arc::new(CallerLimits::new(
+            opts.access.caller_rate,
+            opts.access.new_clients,
+        )),
+    };
 
     let unix = listeners.unix;
     let socket = opts.socket.clone();
-    let routes_unix = routes(&state, &shutdown, health.clone())?;
-    let mut unix_server = server(&state.counters);
+    let routes_unix = routes(&state, &checks, &shutdown, health.clone())?;
+    let mut unix_server = server(&state.counters, AccessLayer::unix());
     let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(unix);
@@ -211,7 +237,8 @@ pub async fn serve(
     tracing::info!(socket = %opts.socket.display(), "API listening on the Unix socket");
 
     if let Some((listener, tls)) = listeners.tcp {
-        let mut builder = server(&state.counters);
+        let access = AccessLayer::tcp(opts.credentials()?, Arc::clone(&checks.callers));
+        let mut builder = server(&state.counters, access);
         if let Some(tls) = tls {
             builder = builder
                 .tls_config(tls)
@@ -219,8 +246,7 @@ pub async fn serve(
         }
         let local = listener.local_addr()?;
         tcp = Some(local);
-        let routes_tcp = routes(&state, &shutdown, health)?;
-        let token = opts.token.clone();
+        let routes_tcp = routes(&state, &checks, &shutdown, health)?;
         tasks.push(tokio::spawn(async move {
             // TCP_NODELAY: without it Nagle holds the last part of a multi-frame response (a
             // CheckBatch reply) until the client's delayed ACK, ~40 ms per call.
@@ -229,28 +255,21 @@ pub async fn serve(
             let stop = async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             };
-            let result = match token {
-                Some(token) => {
-                    builder
-                        .layer(tonic::service::InterceptorLayer::new(BearerAuth::new(
-                            &token,
-                        )))
-                        .add_routes(routes_tcp)
-                        .serve_with_incoming_shutdown(incoming, stop)
-                        .await
-                }
-                None => {
-                    builder
-                        .add_routes(routes_tcp)
-                        .serve_with_incoming_shutdown(incoming, stop)
-                        .await
-                }
-            };
+            let result = builder
+                .add_routes(routes_tcp)
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await;
             if let Err(e) = result {
                 tracing::error!("API on {local}: {}", crate::error_chain(&e));
             }
         }));
-        tracing::info!(%local, tls = opts.tls.is_some(), token = opts.token.is_some(), "API listening on TCP");
+        tracing::info!(
+            %local,
+            tls = opts.tls.is_some(),
+            admin_token = opts.token.is_some(),
+            check_token = opts.access.check_token.is_some(),
+            "API listening on TCP"
+        );
     }
     Ok(Served { tasks, tcp })
 }
