@@ -29,6 +29,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; the agent's options are most of it"
+)]
 enum Command {
     /// Load and attach the XDP program on an interface, apply the policies in FILE and keep them
     /// in step with it until SIGINT/SIGTERM.

@@ -119,7 +119,8 @@ impl Credentials {
         {
             return Err(CredentialsError::SameToken);
         }
-        if !mutual_tls && !(admin_subjects.is_empty() && check_subjects.is_empty()) {
+        let any_subject = !admin_subjects.is_empty() || !check_subjects.is_empty();
+        if any_subject && !mutual_tls {
             return Err(CredentialsError::SubjectsWithoutMutualTls);
         }
         let mut subjects = HashMap::new();
