@@ -235,6 +235,33 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// How many client entries in the packet path's map `checks` would create: the distinct
+    /// addresses checked with hits > 0 that have no entry now. Found by reading each such
+    /// address (hits 0) through the check program, which resolves it exactly as its check will
+    /// and creates nothing; IDs that are not addresses have maps of their own and are not
+    /// counted.
+    pub fn new_address_entries(&self, checks: &[(&ClientId, u32)]) -> Result<u32, CheckError> {
+        let mut seen = std::collections::HashSet::new();
+        let reads: Vec<(&ClientId, u32)> = checks
+            .iter()
+            .filter(|(id, hits)| {
+                *hits > 0 && matches!(id, ClientId::Addr(_)) && seen.insert(id.key())
+            })
+            .map(|(id, _)| (*id, 0))
+            .collect();
+        if reads.is_empty() {
+            return Ok(0);
+        }
+        let absent = self
+            .check_all(&reads)?
+            .iter()
+            .filter(|d| !d.resident)
+            .count();
+        Ok(u32::try_from(absent).unwrap_or(u32::MAX))
+    }
+}
+
 /// The request for one check: an address is resolved by the program; an ID carries its policy.
 fn request(id: &ClientId, hits: u32, view: &PolicyView) -> CheckRequest {
     let key = id.key();

@@ -32,6 +32,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; the agent's options are most of it"
+)]
 enum Command {
     /// Load and attach the XDP program on an interface, apply the policies in FILE and keep them
     /// in step with it until SIGINT/SIGTERM.
@@ -72,9 +76,12 @@ enum Command {
         /// --api-tls-* files (mutual TLS).
         #[arg(long)]
         api_listen: Option<SocketAddr>,
-        /// File holding the bearer token TCP clients must send (mode 0600, 16+ characters).
+        /// File holding the admin bearer token (every method) TCP clients may send (mode 0600,
+        /// 16+ characters).
         #[arg(long)]
         api_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        access: AccessArgs,
         /// The API's TLS certificate (PEM).
         #[arg(long, requires = "api_tls_key")]
         api_tls_cert: Option<PathBuf>,
@@ -170,6 +177,118 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The agent's API roles beyond the admin token, its per-caller limits and check threads.
+#[derive(Args)]
+struct AccessArgs {
+    /// File holding the check role's bearer token (mode 0600, 16+ characters): Check,
+    /// CheckBatch, health and reflection only; other methods answer PERMISSION_DENIED.
+    #[arg(long, requires = "api_listen")]
+    api_check_token_file: Option<PathBuf>,
+    /// With mutual TLS: a client certificate common name (CN) with the admin role; repeat for
+    /// more. With neither this nor --api-check-subject, every certificate of the CA is admin.
+    #[arg(long, value_name = "CN", requires = "api_tls_client_ca")]
+    api_admin_subject: Vec<String>,
+    /// With mutual TLS: a client certificate common name (CN) with the check role; repeat for
+    /// more. Certificates whose CN has no role are refused (PERMISSION_DENIED).
+    #[arg(long, value_name = "CN", requires = "api_tls_client_ca")]
+    api_check_subject: Vec<String>,
+    /// API calls per second per TCP caller (role and peer address, or certificate subject), a
+    /// CheckBatch counting one call per check; `off` for no limit. The Unix socket is exempt.
+    #[arg(long, default_value_t = PerSecond::On(api::DEFAULT_CALLER_RATE), value_parser = parse_per_second)]
+    api_caller_rate: PerSecond,
+    /// Calls a TCP caller may make at once above its rate [default: the rate, at least
+    /// --api-max-batch].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    api_caller_burst: Option<u32>,
+    /// Client entries in the packet path's map one TCP caller's checks may create per second
+    /// (checks of addresses with an entry are not counted); `off` for no cap. Over the cap a
+    /// call answers RESOURCE_EXHAUSTED and checks nothing.
+    #[arg(long, default_value_t = PerSecond::On(api::DEFAULT_NEW_CLIENTS_PER_SECOND), value_parser = parse_per_second)]
+    api_new_clients_per_second: PerSecond,
+    /// Threads that run checks (BPF_PROG_TEST_RUN), per lane: TCP callers share one lane, the
+    /// Unix socket has its own [default: one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    api_check_threads: Option<u32>,
+    /// Calls per lane that may wait for a check thread; more answer RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = api::DEFAULT_CHECK_QUEUE as u32, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    api_check_queue: u32,
+}
+
+/// A per-second rate flag: a positive number, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PerSecond {
+    On(u32),
+    Off,
+}
+
+impl std::fmt::Display for PerSecond {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PerSecond::On(n) => write!(f, "{n}"),
+            PerSecond::Off => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_per_second(s: &str) -> Result<PerSecond, String> {
+    if s == "off" {
+        return Ok(PerSecond::Off);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(PerSecond::On(n)),
+        _ => Err(format!(
+            "{s:?} is not a positive number per second or `off`"
+        )),
+    }
+}
+
+impl AccessArgs {
+    /// The API's access options; `check_token` read from its file by the caller.
+    fn options(
+        &self,
+        check_token: Option<String>,
+        max_batch: u32,
+    ) -> anyhow::Result<api::AccessOptions> {
+        let positive = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        let caller_rate = match self.api_caller_rate {
+            PerSecond::Off => None,
+            PerSecond::On(n) => {
+                let burst = self.api_caller_burst.unwrap_or(n.max(max_batch));
+                if burst < max_batch {
+                    anyhow::bail!(
+                        "--api-caller-burst {burst} is below --api-max-batch {max_batch}: a full CheckBatch could never pass"
+                    );
+                }
+                Some(api::Rate {
+                    per_second: positive(n),
+                    burst: positive(burst),
+                })
+            }
+        };
+        if caller_rate.is_none() && self.api_caller_burst.is_some() {
+            anyhow::bail!("--api-caller-burst needs a rate: --api-caller-rate is off");
+        }
+        let new_clients = match self.api_new_clients_per_second {
+            PerSecond::Off => None,
+            PerSecond::On(n) => Some(api::Rate {
+                per_second: positive(n),
+                burst: positive(n),
+            }),
+        };
+        Ok(api::AccessOptions {
+            check_token,
+            admin_subjects: self.api_admin_subject.clone(),
+            check_subjects: self.api_check_subject.clone(),
+            caller_rate,
+            new_clients,
+            check_threads: self
+                .api_check_threads
+                .map_or_else(api::default_check_threads, |n| n as usize),
+            check_queue: self.api_check_queue as usize,
+        })
+    }
 }
 
 /// How the client commands reach the agent.
@@ -282,6 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_socket,
             api_listen,
             api_token_file,
+            access,
             api_tls_cert,
             api_tls_key,
             api_tls_client_ca,
@@ -295,7 +415,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_max_connections_per_address,
             load_file,
         } => {
-            let token = api_token_file.as_deref().map(api::read_token).transpose()?;
+            let (token, check_token) = api::read_tokens(
+                api_token_file.as_deref(),
+                access.api_check_token_file.as_deref(),
+            )?;
+            let access = access.options(check_token, api_max_batch)?;
             let tls = match (api_tls_cert, api_tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
@@ -304,11 +428,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 _ => None,
             };
-            let authenticated =
-                token.is_some() || tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            let authenticated = token.is_some()
+                || access.check_token.is_some()
+                || tls.as_ref().is_some_and(|t| t.client_ca.is_some());
             if api_listen.is_some() && !authenticated {
                 anyhow::bail!(
-                    "--api-listen needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
+                    "--api-listen needs --api-token-file, --api-check-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
                 );
             }
             // Two workers: API calls are served while the agent's own loop runs.
@@ -330,7 +455,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     auth_timeout: api_auth_timeout,
                     idle_timeout: api_idle_timeout,
                 },
+                access,
             };
+            // Bad role options (a subject in both roles, ...) stop the start here.
+            api.credentials()?;
             runtime.block_on(agent::run(AgentOptions {
                 iface,
                 config,

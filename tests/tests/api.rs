@@ -117,6 +117,7 @@ impl Fixture {
             tls: tls.map(|(_, files)| files),
             max_batch: 100,
             connections: api::ConnectionLimits::default(),
+            access: api::AccessOptions::default(),
         };
         let listeners = api::bind(&opts).await?;
         let served = api::serve(

@@ -593,6 +593,16 @@ pub struct ActiveBody<B> {
     _in_flight: Option<InFlight>,
 }
 
+/// An empty body with no call in flight (what the access layer answers a refused call with).
+impl<B: Default> Default for ActiveBody<B> {
+    fn default() -> Self {
+        ActiveBody {
+            inner: B::default(),
+            _in_flight: None,
+        }
+    }
+}
+
 impl<B: Body + Unpin> Body for ActiveBody<B> {
     type Data = B::Data;
     type Error = B::Error;

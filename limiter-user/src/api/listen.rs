@@ -8,9 +8,9 @@ use tonic::transport::Server;
 use tower::layer::util::{Identity, Stack};
 
 use super::{
-    ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, ErrorCountLayer, MAX_MESSAGE_BYTES,
-    MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, auth::*, connection::*, limits::*, rate_limiter::*,
-    stats::*,
+    AccessLayer, ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, CallerLimits, CheckLanes,
+    ErrorCountLayer, MAX_MESSAGE_BYTES, MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, connection::*,
+    limits::*, rate_limiter::*, stats::*,
 };
 use crate::metrics::Counters;
 use crate::proto::{
@@ -21,6 +21,7 @@ use crate::proto::{
 /// The routes served on every listener: the three services, health and reflection.
 fn routes(
     state: &ApiState,
+    checks: &Checks,
     stop: &tokio::sync::watch::Receiver<bool>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -34,8 +35,12 @@ fn routes(
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(
-            RateLimiterServer::new(RateLimiterService(state.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            RateLimiterServer::new(RateLimiterService {
+                state: state.clone(),
+                lanes: Arc::clone(&checks.lanes),
+                callers: Arc::clone(&checks.callers),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             LimitsServer::new(LimitsService {
@@ -53,14 +58,25 @@ fn routes(
     Ok(routes.routes())
 }
 
-/// The server every listener runs: bounded, and counting errors outermost (so that the token
-/// check's answers are counted too).
-fn server(counters: &Arc<Counters>) -> Server<Stack<ErrorCountLayer, Identity>> {
+/// What the check methods share across listeners: the lanes checks run in, and the per-caller
+/// limits.
+struct Checks {
+    lanes: Arc<CheckLanes>,
+    callers: Arc<CallerLimits>,
+}
+
+/// The server every listener runs: bounded, counting errors outermost (so that the access
+/// layer's refusals are counted too), then authenticating and limiting callers.
+fn server(
+    counters: &Arc<Counters>,
+    access: AccessLayer,
+) -> Server<Stack<AccessLayer, Stack<ErrorCountLayer, Identity>>> {
     Server::builder()
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .max_concurrent_streams(MAX_STREAMS)
         .timeout(REQUEST_TIMEOUT)
         .layer(ErrorCountLayer::new(Arc::clone(counters)))
+        .layer(access)
 }
 
 /// Binds the Unix socket (see `unix_socket`): its directory is created (0755) and must be one
@@ -96,10 +112,9 @@ pub async fn bind(opts: &ApiOptions) -> anyhow::Result<Listeners> {
         None => None,
         Some(addr) => {
             let bound = async {
-                let mutual_tls = opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-                if opts.token.is_none() && !mutual_tls {
+                if !opts.credentials()?.any() {
                     anyhow::bail!(
-                        "--api-listen {addr} needs --api-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
+                        "--api-listen {addr} needs --api-token-file, --api-check-token-file or --api-tls-client-ca (mutual TLS): the TCP API is never served without authentication"
                     );
                 }
                 let tls = match &opts.tls {
@@ -161,11 +176,21 @@ pub async fn serve(
     reporter.set_serving::<StatsServer<StatsService>>().await;
     let mut tasks = Vec::new();
     let mut tcp = None;
+    let checks = Checks {
+        lanes: Arc::new(CheckLanes::new(
+            opts.access.check_threads,
+            opts.access.check_queue,
+        )),
+        callers: Arc::new(CallerLimits::new(
+            opts.access.caller_rate,
+            opts.access.new_clients,
+        )),
+    };
 
     let unix = listeners.unix;
     let socket = opts.socket.clone();
-    let routes_unix = routes(&state, &shutdown, health.clone())?;
-    let mut unix_server = server(&state.counters);
+    let routes_unix = routes(&state, &checks, &shutdown, health.clone())?;
+    let mut unix_server = server(&state.counters, AccessLayer::unix());
     let mut stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = UnixIncoming::new(unix);
@@ -184,7 +209,8 @@ pub async fn serve(
 
     if let Some((listener, tls)) = listeners.tcp {
         let limits = opts.connections;
-        let mut builder = server(&state.counters)
+        let access = AccessLayer::tcp(opts.credentials()?, Arc::clone(&checks.callers));
+        let mut builder = server(&state.counters, access)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         if let Some(tls) = tls {
@@ -196,36 +222,21 @@ pub async fn serve(
         }
         let local = listener.local_addr()?;
         tcp = Some(local);
-        let routes_tcp = routes(&state, &shutdown, health)?;
-        let token = opts.token.clone();
+        let routes_tcp = routes(&state, &checks, &shutdown, health)?;
         let connections = Connections::new(limits, state.counters.api_connections.clone());
         tasks.push(tokio::spawn(async move {
             let incoming = connections.incoming(listener);
             let stop = async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             };
-            // The activity layer inside authentication: only authenticated calls keep a
-            // connection open.
+            // The activity layer inside authentication (`server` put the access layer outside
+            // it): only authenticated calls keep a connection open.
             let activity = ActivityLayer::new(connections);
-            let result = match token {
-                Some(token) => {
-                    builder
-                        .layer(tonic::service::InterceptorLayer::new(BearerAuth::new(
-                            &token,
-                        )))
-                        .layer(activity)
-                        .add_routes(routes_tcp)
-                        .serve_with_incoming_shutdown(incoming, stop)
-                        .await
-                }
-                None => {
-                    builder
-                        .layer(activity)
-                        .add_routes(routes_tcp)
-                        .serve_with_incoming_shutdown(incoming, stop)
-                        .await
-                }
-            };
+            let result = builder
+                .layer(activity)
+                .add_routes(routes_tcp)
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await;
             if let Err(e) = result {
                 tracing::error!("API on {local}: {}", crate::error_chain(&e));
             }
@@ -233,7 +244,8 @@ pub async fn serve(
         tracing::info!(
             %local,
             tls = opts.tls.is_some(),
-            token = opts.token.is_some(),
+            admin_token = opts.token.is_some(),
+            check_token = opts.access.check_token.is_some(),
             max_connections = limits.caps.total,
             max_per_address = limits.caps.per_source,
             auth_timeout = ?limits.auth_timeout,

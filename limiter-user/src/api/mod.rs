@@ -4,12 +4,17 @@
 //! Every answer other than OK is counted by code in one tower layer ([`ErrorCountLayer`]), not
 //! by the methods.
 //!
-//! Served on a Unix socket (mode 0600) and, when configured, on TCP behind a bearer token and/or
-//! mutual TLS; both beside gRPC health and reflection. Requests are bounded in size, in batch
-//! length, and in concurrency per connection; TCP connections in number (in total and per
-//! source) and in time (to authenticate, and idle), see [`connection`].
+//! Served on a Unix socket (mode 0600) and, when configured, on TCP behind bearer tokens and/or
+//! mutual TLS; both beside gRPC health and reflection. TCP callers have a role (admin, or check
+//! only) and per-caller limits ([`access`], [`callers`]); checks run off the async runtime
+//! ([`check_lanes`]). Requests are bounded in size, in batch length, and in concurrency per
+//! connection; TCP connections in number (in total and per source) and in time (to
+//! authenticate, and idle), see [`connection`].
 
+mod access;
 mod auth;
+mod callers;
+mod check_lanes;
 mod connection;
 mod convert;
 mod count;
@@ -26,7 +31,13 @@ use tonic::Status;
 use crate::{check::Checker, limits::PolicyStore, metrics::Counters, stats::Walks};
 
 pub use self::{
-    auth::{BearerAuth, read_token},
+    access::AccessLayer,
+    auth::{Credentials, CredentialsError, Role, read_token, read_tokens},
+    callers::{
+        Caller, CallerKey, CallerLimits, DEFAULT_CALLER_RATE, DEFAULT_NEW_CLIENTS_PER_SECOND, Rate,
+        Who,
+    },
+    check_lanes::{CheckLanes, DEFAULT_CHECK_QUEUE, default_check_threads},
     connection::{
         ConnectionLimits, DEFAULT_AUTH_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
@@ -59,12 +70,65 @@ pub struct ApiOptions {
     pub socket: PathBuf,
     /// TCP address, if any; requires `token` or `tls`.
     pub listen: Option<SocketAddr>,
-    /// Bearer token TCP clients must send (`authorization: Bearer TOKEN`).
+    /// The admin bearer token TCP clients may send (`authorization: Bearer TOKEN`).
     pub token: Option<String>,
     pub tls: Option<TlsFiles>,
     pub max_batch: usize,
     /// Caps and timeouts of TCP connections.
     pub connections: ConnectionLimits,
+    /// Roles beyond the admin token, per-caller limits, check threads.
+    pub access: AccessOptions,
+}
+
+/// The API's roles and per-caller limits (see `access`, `callers`, `check_lanes`).
+#[derive(Debug, Clone)]
+pub struct AccessOptions {
+    /// The check role's bearer token (`--api-check-token-file`).
+    pub check_token: Option<String>,
+    /// With mutual TLS: certificate common names with the admin or the check role. Both empty:
+    /// every certificate of the client CA is admin.
+    pub admin_subjects: Vec<String>,
+    pub check_subjects: Vec<String>,
+    /// Calls per second per TCP caller (a CheckBatch counts its checks); `None`: no limit.
+    pub caller_rate: Option<Rate>,
+    /// Client entries one TCP caller's checks may create per second; `None`: no cap.
+    pub new_clients: Option<Rate>,
+    /// Check threads per lane, and calls that may wait for them.
+    pub check_threads: usize,
+    pub check_queue: usize,
+}
+
+impl Default for AccessOptions {
+    fn default() -> AccessOptions {
+        let rate = |n: u32| {
+            std::num::NonZeroU32::new(n).map(|n| Rate {
+                per_second: n,
+                burst: n,
+            })
+        };
+        AccessOptions {
+            check_token: None,
+            admin_subjects: Vec::new(),
+            check_subjects: Vec::new(),
+            caller_rate: rate(DEFAULT_CALLER_RATE),
+            new_clients: rate(DEFAULT_NEW_CLIENTS_PER_SECOND),
+            check_threads: default_check_threads(),
+            check_queue: DEFAULT_CHECK_QUEUE,
+        }
+    }
+}
+
+impl ApiOptions {
+    /// The TCP listener's credentials, from the tokens and the TLS setup.
+    pub fn credentials(&self) -> Result<Credentials, CredentialsError> {
+        Credentials::new(
+            self.token.as_deref(),
+            self.access.check_token.as_deref(),
+            self.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            &self.access.admin_subjects,
+            &self.access.check_subjects,
+        )
+    }
 }
 
 /// Server certificate and key, and optionally the CA that client certificates must chain to

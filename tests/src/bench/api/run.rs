@@ -220,19 +220,29 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             .and_then(|mut file| file.write_all(token.as_bytes()))
             .with_context(|| format!("writing {}", token_file.display()))?;
         let socket = tmp.0.join("api.sock");
-        let agent = Agent::start_with(
-            &net,
-            &limiter_config(),
-            &[
-                "--api-socket",
-                &socket.to_string_lossy(),
-                "--api-listen",
-                LIMITER_ADDR,
-                "--api-token-file",
-                &token_file.to_string_lossy(),
-            ],
-        )
-        .context("starting the agent")?;
+        let socket = socket.to_string_lossy();
+        let token_path = token_file.to_string_lossy();
+        let mut args = vec![
+            "--api-socket",
+            &socket,
+            "--api-listen",
+            LIMITER_ADDR,
+            "--api-token-file",
+            &token_path,
+        ];
+        // The load generator is one caller sending far more than the per-caller defaults: raise
+        // them out of the way, but keep them on, so that their cost is measured (the new-client
+        // cap reads each address before checking it).
+        if agent_has_option("--api-caller-rate") {
+            args.extend([
+                "--api-caller-rate",
+                "1000000000",
+                "--api-new-clients-per-second",
+                "1000000000",
+            ]);
+        }
+        let agent =
+            Agent::start_with(&net, &limiter_config(), &args).context("starting the agent")?;
         let limiter_addr: SocketAddr = LIMITER_ADDR.parse().context("LIMITER_ADDR")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !listening(&ns, limiter_addr)? {
