@@ -381,10 +381,10 @@ fn an_oversized_overlay_or_snapshot_is_refused_and_the_config_stays_in_force() -
         &overlay,
         padded("version: 1\ndefault: {action: pass}\n", 33 << 20),
     )?;
-    // The harness runs the agent with --max-clients 65536: its maps hold 65,536 dynamic and
-    // 65,536 exact-address clients, 64 bytes each in a snapshot, plus 68 bytes of header and
-    // checksum.
-    let cap = 68 + (65_536 + 65_536) * 64;
+    // The harness runs the agent with --max-clients 65536: its maps hold 65,536 dynamic,
+    // 65,536 exact-address and 65,536 held limited clients (--max-limited's default), 64 bytes
+    // each in a snapshot, plus 68 bytes of header and checksum.
+    let cap = 68 + (65_536 + 65_536 + 65_536) * 64;
     let snapshot = state.join(format!("{iface}.snapshot"));
     fs::write(&snapshot, vec![0u8; cap + 1])?;
     let socket = dir.join("api.sock");

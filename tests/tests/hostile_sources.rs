@@ -179,8 +179,10 @@ fn a_held_client_is_released_when_its_window_is_over() -> Result<()> {
     loop {
         let stats = agent.stats()?;
         if global(&stats, "limited") == 0 {
-            let row = find_client(&stats, client);
-            assert!(row.is_none(), "released, yet listed: {row:?}");
+            // Released back into the LRU map with its lifetime counters.
+            let row = find_client(&stats, client).context("released, and its entry lost")?;
+            assert_eq!(row["limited"], Value::Bool(false), "{row}");
+            assert!(row["dropped"].as_u64().unwrap_or(0) >= LIMIT, "{row}");
             break;
         }
         ensure!(

@@ -836,6 +836,10 @@ policies:
         std::thread::sleep(std::time::Duration::from_millis(60));
         check_eq!(sweep.sweep(monotonic_ns())?, 1);
         ensure!(lim.tables.limited.get(&key_of(short), 0).is_err());
+        // Released back into CLIENTS with its lifetime counters: 2 passed, 1 dropped.
+        let released = lim.tables.clients.get(&key_of(short), 0)?;
+        check_eq!(released.dropped_count(), 1);
+        check_eq!(released.total_passed(), 2);
         ensure!(lim.tables.limited.get(&key_of(long), 0).is_ok());
         check_eq!(lim.send(long, 1)?, 0);
         check_eq!(lim.send(short, 1)?, 1);

@@ -305,11 +305,15 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     if let Some(stop_tx) = &stop_tx {
         let _ = stop_tx.send(true);
     }
+    // One deadline for all the listeners' tasks, so a stop takes API_DRAIN at most, not that
+    // much per listener.
+    let drained = tokio::time::Instant::now() + API_DRAIN;
     for task in tasks {
-        if tokio::time::timeout(API_DRAIN, task).await.is_err() {
+        if tokio::time::timeout_at(drained, task).await.is_err() {
             tracing::warn!(
                 "API connections still open after {API_DRAIN:?} (a client not closing?); stopping anyway"
             );
+            break;
         }
     }
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the

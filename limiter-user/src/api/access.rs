@@ -75,7 +75,7 @@ impl AccessLayer {
             role: identity.role,
             who: match (identity.subject, peer) {
                 (Some(subject), _) => Who::Subject(subject),
-                (None, Some(peer)) => Who::Addr(peer.ip().to_canonical()),
+                (None, Some(peer)) => Who::peer(peer.ip()),
                 (None, None) => Who::Unknown,
             },
         };

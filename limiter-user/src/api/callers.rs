@@ -59,17 +59,35 @@ pub struct CallerKey {
 pub enum Who {
     /// The certificate subject (mutual TLS).
     Subject(Arc<str>),
-    /// The peer's IP address.
+    /// The peer's IPv4 address, or its IPv6 /64 (see [`Who::peer`]).
     Addr(IpAddr),
     /// A TCP connection without a peer address (never seen in practice).
     Unknown,
+}
+
+impl Who {
+    /// The caller a peer address is: its IPv4 address (an IPv4-mapped IPv6 peer included), or
+    /// the /64 of an IPv6 one, as the connection caps count sources (`admission`). A host
+    /// usually holds a whole /64: keyed by address, each of its 2^64 addresses would get a
+    /// bucket of its own, and a caller could escape its rate and its new-client cap by
+    /// connecting from a new address.
+    pub fn peer(ip: IpAddr) -> Who {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Who::Addr(IpAddr::V6(prefix.into()))
+            }
+            v4 => Who::Addr(v4),
+        }
+    }
 }
 
 impl fmt::Display for CallerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.who {
             Who::Subject(s) => write!(f, "{} caller {s:?}", self.role),
-            Who::Addr(a) => write!(f, "{} caller {a}", self.role),
+            Who::Addr(a @ IpAddr::V4(_)) => write!(f, "{} caller {a}", self.role),
+            Who::Addr(a) => write!(f, "{} caller {a}/64", self.role),
             Who::Unknown => write!(f, "{} caller (no peer address)", self.role),
         }
     }
@@ -230,6 +248,24 @@ mod tests {
             role,
             who: Who::Addr(addr.parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn an_ipv6_caller_is_its_slash_64() {
+        let a = Who::peer("2001:db8:1:2::1".parse().unwrap());
+        let b = Who::peer("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = Who::peer("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            Who::peer("::ffff:192.0.2.7".parse().unwrap()),
+            Who::Addr("192.0.2.7".parse().unwrap())
+        );
+        let key = CallerKey {
+            role: Role::Check,
+            who: a,
+        };
+        assert_eq!(key.to_string(), "check caller 2001:db8:1:2::/64");
     }
 
     #[test]

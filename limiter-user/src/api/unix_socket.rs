@@ -105,11 +105,33 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
             }
         );
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        anyhow::bail!(
+    // Stale only if the kernel says nobody listens (ECONNREFUSED). The connect does not block:
+    // a live agent whose accept queue is full (EAGAIN) is in use too, and any other error
+    // (EACCES on another user's socket, say) is no proof of staleness.
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None).and_then(|probe| {
+        probe.set_nonblocking(true)?;
+        probe.connect(&SockAddr::unix(path)?)
+    });
+    match probe {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Ok(()) => anyhow::bail!(
             "API socket {} is in use by another process (another agent on this interface?)",
             path.display()
-        );
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => anyhow::bail!(
+            "API socket {} is in use by another process whose accept queue is full (another \
+             agent on this interface?)",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "probing whether anyone listens on the API socket {}; refusing to replace it",
+                    path.display()
+                )
+            });
+        }
     }
     tracing::info!(socket = %path.display(), "replacing a stale API socket nobody listens on");
     match std::fs::remove_file(path) {

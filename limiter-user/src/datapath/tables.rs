@@ -200,6 +200,8 @@ impl Tables {
         Ok(LimitedSweep {
             limited: HashMap::try_from(dup_map(self.limited.map(), "LIMITED")?)
                 .map_err(map_err("LIMITED"))?,
+            clients: HashMap::try_from(dup_map(self.clients.map(), "CLIENTS")?)
+                .map_err(map_err("CLIENTS"))?,
         })
     }
 
@@ -588,16 +590,18 @@ impl ClientMaps {
         })
     }
 
-    /// Visits every address client without copying the maps (see [`Self::each_of_pair`]).
+    /// Visits every address client without copying the maps (see [`Self::each_of_pair`]),
+    /// the clients held in `LIMITED` included.
     pub fn each_address(
         &self,
-        visit: impl FnMut(&ClientKey, &ClientState),
+        mut visit: impl FnMut(&ClientKey, &ClientState),
     ) -> Result<(), DatapathError> {
         ClientMaps::each_of_pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
-            visit,
-        )
+            &mut visit,
+        )?;
+        ClientMaps::each(&self.limited, "LIMITED", visit)
     }
 
     /// Visits every named (ID) client without copying the maps.
@@ -667,15 +671,20 @@ fn sync_static(
     Ok(())
 }
 
-/// The agent's periodic sweep of `LIMITED`: deletes the entries whose window state has aged out.
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create only, fail with EEXIST if the key is there.
+const BPF_NOEXIST: u64 = 1;
+
+/// The agent's periodic sweep of `LIMITED`: releases the entries whose window state has aged
+/// out back into `CLIENTS`.
 ///
 /// The program moves a client into `LIMITED` on its first dropped packet and never takes it out;
 /// once neither window slot counts anything the current or the previous window could weigh, the
-/// client would be admitted in full anyway, so its entry goes, and its next packet starts it
-/// afresh in `CLIENTS` (where it is evictable again until it next goes over its limit). Entries
-/// whose policy no longer limits them (`pass`, `drop` after a reload) go at once.
+/// client would be admitted in full anyway, so it goes back to `CLIENTS` with its counters
+/// (where it is evictable again until it next goes over its limit). Entries whose policy no
+/// longer limits them (`pass`, `drop` after a reload) go at once.
 pub struct LimitedSweep {
     limited: HashMap<MapData, ClientKey, ClientState>,
+    clients: HashMap<MapData, ClientKey, ClientState>,
 }
 
 /// How far behind CLOCK_MONOTONIC the program's coarse clock may be (two jiffies at HZ=250 are
@@ -684,8 +693,13 @@ pub struct LimitedSweep {
 const PROGRAM_CLOCK_LAG_NS: u64 = 20_000_000;
 
 impl LimitedSweep {
-    /// Deletes the aged-out entries at `now_ns` (CLOCK_MONOTONIC); returns how many went. One
-    /// batched walk of at most `--max-limited` entries (65,536 by default: about 25 ms).
+    /// Releases the aged-out entries at `now_ns` (CLOCK_MONOTONIC) back into `CLIENTS`, with
+    /// their lifetime counters (a client's `passed` and `dropped` never go back because it was
+    /// held); returns how many went. Each is read again just before it moves, so a client that
+    /// resumed since the walk stays held. The copy goes into `CLIENTS` (`BPF_NOEXIST`) before the
+    /// entry leaves `LIMITED`, so a packet always finds it in one or the other (the program
+    /// creates an entry only when all three maps miss). One batched walk of at most
+    /// `--max-limited` entries (65,536 by default: about 25 ms).
     pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DatapathError> {
         let entries =
             super::syscall::lookup_all::<ClientKey, ClientState>(self.limited.map().fd().as_fd())
@@ -696,8 +710,25 @@ impl LimitedSweep {
             })?;
         let mut removed = 0;
         for (key, state) in entries {
-            if !aged_out(&state, now_ns.saturating_sub(PROGRAM_CLOCK_LAG_NS)) {
+            let now = now_ns.saturating_sub(PROGRAM_CLOCK_LAG_NS);
+            if !aged_out(&state, now) {
                 continue;
+            }
+            let state = match self.limited.get(&key, 0) {
+                Ok(state) if aged_out(&state, now) => state,
+                // Resumed since the walk, or gone meanwhile.
+                Ok(_) => continue,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err("LIMITED")(e)),
+            };
+            match self.clients.insert(key, state, BPF_NOEXIST) {
+                Ok(()) => {}
+                // Already there (cannot happen while LIMITED holds the key, but harmless).
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                // CLIENTS is full and would not take it (an LRU map evicts instead, so this is a
+                // preallocation failure): the client starts afresh, as before it was held.
+                Err(_) => {}
             }
             match self.limited.remove(&key) {
                 Ok(()) => removed += 1,

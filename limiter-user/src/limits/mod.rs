@@ -182,10 +182,20 @@ impl PolicyStore {
         let mut disk_overlay = None;
         if force {
             inner.seen_hash = None;
-            match Overlay::load(&inner.overlay_path) {
+            // The state directory is checked again before the overlay in it is read: one made
+            // writable by others since the start could hold a planted overlay.
+            let trusted = match inner.overlay_path.parent() {
+                Some(dir) => crate::trusted_dir::check(dir, crate::trusted_dir::DirKind::State)
+                    .map_err(|e| crate::error_chain(&e)),
+                None => Ok(()),
+            };
+            let read = match trusted {
+                Ok(()) => Overlay::load(&inner.overlay_path).map_err(|e| crate::error_chain(&e)),
+                Err(error) => Err(error),
+            };
+            match read {
                 Ok(overlay) => disk_overlay = Some(overlay),
-                Err(e) => {
-                    let error = crate::error_chain(&e);
+                Err(error) => {
                     tracing::error!(
                         "{error}; the overlay in force stays in force, and API changes are refused"
                     );
