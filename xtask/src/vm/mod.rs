@@ -79,8 +79,9 @@ pub struct Args {
     /// QEMU accelerator; `auto` uses KVM only where it can boot a stock kernel.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
-    /// Fail if the VM has not finished after this many seconds.
-    #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+    /// Fail if the VM has not finished after this many seconds. Under TCG (no usable KVM) the
+    /// whole suite takes about 15-20 minutes on 2 cores; 30 leaves room for a slower machine.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
     timeout: u64,
     /// Build `limiter` and the tests with the release profile (faster under emulation).
     #[arg(long)]
