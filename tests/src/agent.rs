@@ -216,6 +216,13 @@ impl Agent {
 
     /// Waits until `limiter stats` reports generation >= 1; fails early if the agent exits.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        // Under emulation (`cargo xtask vm-test` without KVM) loading and verifying the programs
+        // alone can take most of the time a host needs for everything.
+        let timeout = if std::env::var_os("LIMITER_EMULATED").is_some() {
+            timeout * 4
+        } else {
+            timeout
+        };
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited()? {

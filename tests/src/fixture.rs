@@ -51,6 +51,19 @@ macro_rules! require_root {
     };
 }
 
+/// Skips (passes, saying so) a test whose bounds are wall-clock rates that an emulated CPU cannot
+/// meet: `cargo xtask vm-test` runs the tests under TCG, many times slower, and sets
+/// `LIMITER_EMULATED`. Such a test still runs on the host in `cargo xtask test`.
+#[macro_export]
+macro_rules! skip_under_emulation {
+    ($why:expr) => {
+        if std::env::var_os("LIMITER_EMULATED").is_some() {
+            eprintln!("skipped under emulation (vm-test): {}", $why);
+            return Ok(());
+        }
+    };
+}
+
 /// Asserts at the end of a test that no hour boundary of CLOCK_MONOTONIC passed since it was
 /// created (it first waits past a boundary closer than the test's `span`). A `window: 1h` limit
 /// is exact only within one hour window: across a boundary the previous hour's count is

@@ -609,6 +609,7 @@ fn a_caller_over_its_rate_is_refused_and_other_callers_are_not() -> Result<()> {
 #[test]
 fn checks_of_random_addresses_create_at_most_the_cap() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("the cap refills 20 entries a second of wall clock");
     let s = Setup::new()?;
     let agent = s.start(&["--api-new-clients-per-second", "20"])?;
     let mut unix = Api::unix(&s.socket)?;
@@ -711,6 +712,7 @@ const FLOOD_CONCURRENCY: usize = 16;
 #[test]
 fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("its bounds are wall-clock answer times");
     let s = Setup::new()?;
     let listen = format!("0.0.0.0:{API_PORT}");
     let max_batch = FLOOD_BATCH.to_string();

@@ -198,7 +198,7 @@ fn init_script(payload: &Payload<'_>) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/usr/bin:/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 LIMITER_BIN=/{LIMITER_IN_VM}
+export PATH=/usr/bin:/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 LIMITER_BIN=/{LIMITER_IN_VM} LIMITER_EMULATED=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
