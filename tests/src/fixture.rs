@@ -118,3 +118,22 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `timeout`; the error names
+/// `what`.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe()? {
+            return Ok(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -29,10 +29,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use limiter_tests::{
     agent::{Agent, link_has_xdp, run_limiter},
-    fixture::{ExactWindow, TempDir},
+    fixture::{ExactWindow, TempDir, wait_until},
     netns::{TestNet, pin_dir, sender_v4, sender_v6},
     require_root,
     traffic::{PacketCounter, UDP_PORT, receiver_for, send_and_count},
@@ -117,24 +117,6 @@ fn limiter(ns: &str, args: &[&str]) -> Result<Run> {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
-}
-
-/// Polls `probe` every 20 ms until it returns `Some`, for at most `timeout`.
-fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe()? {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Awaits an API call for at most [`CALL_TIMEOUT`].

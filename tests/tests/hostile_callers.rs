@@ -16,15 +16,14 @@ use std::{
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::Path,
     sync::atomic::{AtomicUsize, Ordering},
-    thread,
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use limiter_common::{ClientState, addr::v4_mapped, window::slot};
 use limiter_tests::{
     agent::{Agent, run_limiter},
-    fixture::TempDir,
+    fixture::{TempDir, wait_until},
     netns::TestNet,
     require_root,
 };
@@ -203,24 +202,6 @@ fn api_connections(net: &TestNet) -> Result<(u64, u64, u64, u64, u64)> {
         )?,
         get("limiter_connections_timed_out_total", Some("idle"))?,
     ))
-}
-
-/// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.
-fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe()? {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Raises this process's soft descriptor limit to its hard limit (the flood needs 1500).
