@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -67,7 +67,10 @@ pub struct Policy {
     pub id: u16,
     /// One of `ACTION_*`.
     pub action: u8,
-    pub _pad: u8,
+    /// How the policy groups addresses into clients: 0 per address, else the group's prefix
+    /// length + 1, with `addr::GROUP_SPLIT` (see `addr::group_key`). Layout 5 wrote 0 here, the
+    /// meaning it had then.
+    pub group: u8,
 }
 
 /// Per-client state: the value of `CLIENTS` (LRU), `STATIC_CLIENTS`, `LIMITED`, `NAMED` and
@@ -322,7 +325,11 @@ pub struct MapConfig {
     pub mode: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The group length (a `Policy::group` value, without `GROUP_SPLIT`) the fast path tries
+    /// first for an IPv4 and an IPv6 source: the family default's, which most policies inherit.
+    /// A packet whose client is keyed otherwise pays a policy lookup (see `addr::group_key`).
+    pub fast_group: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Size of the `ACTIVE` ring buffer, which carries the key of each newly active client from the
@@ -518,7 +525,7 @@ mod tests {
             window_us,
             id,
             action,
-            _pad: 0,
+            group: 0,
         }
     }
 

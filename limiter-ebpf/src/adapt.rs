@@ -17,7 +17,7 @@ use limiter_common::{
 };
 
 use crate::{
-    entry::{count_check, refresh_policy, rescale_entry, resident_entry, resolve},
+    entry::{count_check, refresh_keyed, rescale_entry, resident_entry, resolve_key},
     maps::CONFIG,
     parse::{ptr_at, read},
 };
@@ -70,7 +70,16 @@ fn adapt_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats)
     };
     // SAFETY: live map value for the duration of this run.
     unsafe {
-        refresh_policy(state, &request.key, config, counted);
+        // One trie lookup serves both the refresh of a stale entry and a release.
+        let release = request.flags & ADAPT_RELEASE != 0;
+        let policy = if release || !(*state).is_current(config.generation) {
+            resolve_key(&request.key, counted)
+        } else {
+            None
+        };
+        if let Some(policy) = &policy {
+            refresh_keyed(state, &request.key, policy, config);
+        }
         if request.flags & ADAPT_REFRESH != 0 {
             // Contended past the retries: the client is busy, and its own packets refresh it.
             return if (*state).is_current(config.generation) {
@@ -82,12 +91,12 @@ fn adapt_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats)
         // A release returns the client to the policy it resolves to now, whatever the agent
         // last knew of it (a silent client's cached policy can predate a reload), and always
         // clears the flag, so that the next window reports the client again.
-        let (limit, window_us) = if request.flags & ADAPT_RELEASE != 0 {
+        let (limit, window_us) = if release {
             atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
                 &raw mut (*state).dropped,
                 !META_FLAG, // FLAG_REPORTED
             );
-            let Some(policy) = resolve(&request.key, counted) else {
+            let Some(policy) = policy else {
                 return ADAPT_SKIPPED;
             };
             policy.entry_limits()

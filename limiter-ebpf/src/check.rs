@@ -20,8 +20,8 @@ use limiter_common::{
 
 use crate::{
     entry::{
-        Home, Run, client_entry, count_check, decide_hits, now_for, overflow_entry, refresh_policy,
-        resident_entry, resolve, set_policy,
+        Home, Located, Run, client_entry, count_check, decide_hits, locate, now_for,
+        overflow_entry, set_policy,
     },
     maps::{CONFIG, NAMED, NAMED_STATIC},
     parse::{ptr_at, read},
@@ -74,6 +74,8 @@ fn check_one(
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
+    // The key of the client's entry: the ID's, or the address's own or its group's.
+    let mut key = request.key;
     if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
@@ -118,14 +120,12 @@ fn check_one(
             }
         }
     } else if request.hits == 0 {
-        match resident_entry(&request.key) {
-            Some(p) => {
-                // SAFETY: live map value.
-                unsafe { refresh_policy(p, &request.key, config, counted) };
+        match locate(&request.key, config, counted)? {
+            Located::Found(p, _, k) => {
+                key = k;
                 state_ptr = Some(p);
             }
-            None => {
-                let policy = resolve(&request.key, counted)?;
+            Located::Missing(policy, _) => {
                 fresh = Some(ClientState::fresh(&policy, config.generation));
             }
         }
@@ -134,9 +134,8 @@ fn check_one(
         // Wherever the entry lives, a denied check does not move it to `LIMITED` (the client's
         // next dropped packet does): the move's map updates, in each of the CHECK_BATCH
         // iterations, take the verifier past its one-million-instruction budget.
-        let (p, _) = client_entry(&request.key, config, counted, Run::Agent)?;
-        // SAFETY: live map value.
-        unsafe { refresh_policy(p, &request.key, config, counted) };
+        let (p, _, k) = client_entry(&request.key, config, counted, Run::Agent)?;
+        key = k;
         state_ptr = Some(p);
         if counted.map_full != full_before {
             verdict |= VERDICT_OVERFLOW;
@@ -147,16 +146,8 @@ fn check_one(
         Some(mut p) => {
             if request.hits != 0 {
                 // SAFETY: live map value. `Home::Kept`: never moved here (see above).
-                let outcome = unsafe {
-                    decide_hits(
-                        &request.key,
-                        p,
-                        Home::Kept,
-                        request.hits,
-                        Run::Agent,
-                        counted,
-                    )
-                };
+                let outcome =
+                    unsafe { decide_hits(&key, p, Home::Kept, request.hits, Run::Agent, counted) };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     ClientState, GlobalStats, MapConfig, Policy,
-    addr::{ClientKey, policy_key},
+    addr::{ClientKey, as_v4, keyed_by, set_group_key, set_policy_key_of},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, META_FLAG, generation_tag},
     window::{
         COARSE_CLOCK_MIN_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale, slot_count, slot_tag,
@@ -47,48 +47,105 @@ pub(crate) enum Home {
     Overflow,
 }
 
-/// The client's entry, created on its first packet, and where it lives. Returns `None` only if
-/// the policy table has no match (the agent always installs a default for each family).
+/// Where an address's client is, as far as a lookup can tell.
+pub(crate) enum Located {
+    /// Its entry, current with the policy generation, where it lives, and its key (the address's
+    /// own, or its group's).
+    Found(*mut ClientState, Home, ClientKey),
+    /// No entry: the policy it resolves to and the key its entry would have.
+    Missing(Policy, ClientKey),
+}
+
+/// The entry of the client `addr` belongs to, brought up to the current policy generation;
+/// `None` only if the policy table has no match (the agent always installs a default for each
+/// family).
 ///
-/// Lookups in order: `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS`, then
-/// `LIMITED` (a client over its limit pays the two misses before it, on packets it drops).
+/// A client is keyed by its address or by its group's key (`addr::group_key`), which depends on
+/// its policy. The first lookup uses the family's usual grouping (`MapConfig::fast_group`):
+/// `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS`, then `LIMITED` (a client
+/// over its limit pays the two misses before it, on packets it drops). An entry found there
+/// that is current is this address's: the agent marks every group a longer policy splits, so
+/// the fast key names exactly one policy's group. Otherwise the policy trie decides the key,
+/// and a stale entry under it takes the policy just resolved.
+#[inline(always)]
+pub(crate) fn locate(
+    addr: &ClientKey,
+    config: &MapConfig,
+    stats: &mut GlobalStats,
+) -> Option<Located> {
+    let mut fast = [0u8; 16];
+    set_group_key(addr, fast_group(addr, config), &mut fast);
+    if let Some((p, home)) = find(&fast) {
+        // SAFETY: a live map value.
+        if unsafe { (*p).is_current(config.generation) } {
+            return Some(Located::Found(p, home, fast));
+        }
+    }
+    let policy = resolve(addr, stats)?;
+    let mut key = [0u8; 16];
+    set_group_key(addr, policy.group, &mut key);
+    match find(&key) {
+        Some((p, home)) => {
+            // SAFETY: a live map value.
+            unsafe { refresh_with(p, &policy, config) };
+            Some(Located::Found(p, home, key))
+        }
+        None => Some(Located::Missing(policy, key)),
+    }
+}
+
+/// The `Policy::group` the fast path tries first for `addr`'s family.
+#[inline(always)]
+fn fast_group(addr: &ClientKey, config: &MapConfig) -> u8 {
+    if as_v4(addr).is_some() {
+        config.fast_group[0]
+    } else {
+        config.fast_group[1]
+    }
+}
+
+/// The entry under `key` in whichever map holds it.
+#[inline(always)]
+fn find(key: &ClientKey) -> Option<(*mut ClientState, Home)> {
+    if let Some(p) = CLIENTS.get_ptr_mut(key) {
+        return Some((p, Home::Clients));
+    }
+    STATIC_CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| LIMITED.get_ptr_mut(key))
+        .map(|p| (p, Home::Kept))
+}
+
+/// The client's entry (see [`locate`]), created on its first packet, where it lives, and its
+/// key.
 #[inline(always)]
 pub(crate) fn client_entry(
-    key: &ClientKey,
+    addr: &ClientKey,
     config: &MapConfig,
     stats: &mut GlobalStats,
     run: Run,
-) -> Option<(*mut ClientState, Home)> {
-    if let Some(p) = CLIENTS.get_ptr_mut(key) {
-        return Some((p, Home::Clients));
-    }
-    if let Some(p) = STATIC_CLIENTS
-        .get_ptr_mut(key)
-        .or_else(|| LIMITED.get_ptr_mut(key))
-    {
-        return Some((p, Home::Kept));
-    }
-    let policy = resolve(key, stats)?;
+) -> Option<(*mut ClientState, Home, ClientKey)> {
+    let (policy, key) = match locate(addr, config, stats)? {
+        Located::Found(p, home, key) => return Some((p, home, key)),
+        Located::Missing(policy, key) => (policy, key),
+    };
     let fresh = ClientState::fresh(&policy, config.generation);
     // EEXIST: another CPU created it first, which is fine. Any other error: the map could not
     // take the entry; charge the shared overflow budget rather than letting the client through.
-    let created = CLIENTS.insert(key, &fresh, BPF_NOEXIST as u64).is_ok();
-    if let Some(p) = CLIENTS.get_ptr_mut(key) {
+    let created = CLIENTS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok();
+    if let Some(p) = CLIENTS.get_ptr_mut(&key) {
         if created {
             stats.new_clients += 1;
         }
-        return Some((p, Home::Clients));
+        return Some((p, Home::Clients, key));
     }
-    overflow_entry(&policy, config.generation, stats, run).map(|p| (p, Home::Overflow))
+    overflow_entry(&policy, config.generation, stats, run).map(|p| (p, Home::Overflow, key))
 }
 
-/// An address client's entry if it has one, in whichever map (no entry is created).
+/// An entry by its key (an address's or a group's), in whichever map; `None` if there is none.
 #[inline(always)]
 pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
-    CLIENTS
-        .get_ptr_mut(key)
-        .or_else(|| STATIC_CLIENTS.get_ptr_mut(key))
-        .or_else(|| LIMITED.get_ptr_mut(key))
+    find(key).map(|(p, _)| p)
 }
 
 /// Moves a `CLIENTS` entry that was just denied into `LIMITED`, which LRU eviction never
@@ -170,14 +227,27 @@ pub(crate) fn overflow_entry(
     Some(overflow)
 }
 
+/// The policy of an address (its full-length match).
 #[inline(always)]
-pub(crate) fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
-    stats.resolves += 1;
-    let (prefix_len, data) = policy_key(key);
-    POLICIES.get(Key::new(prefix_len, data)).copied()
+pub(crate) fn resolve(addr: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
+    // An address key is its own trie lookup.
+    resolve_key(addr, stats)
 }
 
-/// Re-resolves the cached policy of an entry whose generation is stale.
+/// The policy of an entry's key: an address's, or a group's prefix's (the policy every address
+/// of the group resolves to).
+#[inline(always)]
+pub(crate) fn resolve_key(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy> {
+    stats.resolves += 1;
+    // Built in place: `Key` is packed, so its length goes in through a local.
+    let mut lookup = Key::new(0, [0u8; 17]);
+    let mut len = 0;
+    set_policy_key_of(key, &mut len, &mut lookup.data);
+    lookup.prefix_len = len;
+    POLICIES.get(&lookup).copied()
+}
+
+/// Brings a stale entry up to `policy`, resolved at the current generation.
 ///
 /// # Safety
 /// `state` points at a live map value. The cached policy fields are rewritten in place with the
@@ -185,26 +255,33 @@ pub(crate) fn resolve(key: &ClientKey, stats: &mut GlobalStats) -> Option<Policy
 /// words are only changed through atomics. The generation tag is written last, and only once
 /// the policy is in place, so an entry never looks current with a stale policy.
 #[inline(always)]
-pub(crate) unsafe fn refresh_policy(
-    state: *mut ClientState,
-    key: &ClientKey,
-    config: &MapConfig,
-    stats: &mut GlobalStats,
-) {
+pub(crate) unsafe fn refresh_with(state: *mut ClientState, policy: &Policy, config: &MapConfig) {
     // SAFETY: `state` points at a live map value (the function's contract), which `set_policy`
     // and `set_meta` are given in turn.
     unsafe {
-        if !(*state).is_current(config.generation) {
-            // No policy at all (the agent always installs a default per family): stay stale, so
-            // that the entry takes the first policy that appears.
-            let set = match resolve(key, stats) {
-                Some(policy) => set_policy(state, &policy),
-                None => false,
-            };
-            if set {
-                set_meta(&raw mut (*state).passed, generation_tag(config.generation));
-            }
+        if !(*state).is_current(config.generation) && set_policy(state, policy) {
+            set_meta(&raw mut (*state).passed, generation_tag(config.generation));
         }
+    }
+}
+
+/// Brings a stale entry up to `policy`, the trie's match for its key (`resolve_key`), unless
+/// that policy would not key it so: a reload changed how its addresses group, no address finds
+/// it current any more, and LRU eviction or the `LIMITED` sweep removes it. The agent's adapt
+/// requests carry keys, not addresses.
+///
+/// # Safety
+/// `state` points at the live map value of `key`.
+#[inline(always)]
+pub(crate) unsafe fn refresh_keyed(
+    state: *mut ClientState,
+    key: &ClientKey,
+    policy: &Policy,
+    config: &MapConfig,
+) {
+    if keyed_by(key, policy.group) {
+        // SAFETY: the function's contract.
+        unsafe { refresh_with(state, policy, config) };
     }
 }
 

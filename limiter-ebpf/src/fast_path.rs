@@ -24,7 +24,7 @@ use limiter_common::{
 };
 
 use crate::{
-    entry::{Run, client_entry, decide_hits, refresh_policy},
+    entry::{Run, client_entry, decide_hits},
     maps::{ACTIVE, CONFIG, STATS},
     parse::{Frame, parse},
 };
@@ -77,19 +77,19 @@ pub(crate) fn try_limiter(ctx: &XdpContext, bench_key: Option<ClientKey>) -> Opt
     }
 }
 
-/// Admits or denies one packet for `key`, counting it in the client's entry.
+/// Admits or denies one packet from `key`, counting it in its client's entry (its own, or its
+/// group's).
 #[inline(always)]
 fn decide_client(key: &ClientKey, config: &MapConfig, stats: &mut GlobalStats) -> bool {
-    let Some((state, home)) = client_entry(key, config, stats, Run::Packet) else {
+    let Some((state, home, key)) = client_entry(key, config, stats, Run::Packet) else {
         return true;
     };
     // SAFETY: `state` points at a live map value for the duration of this program run (map
     // values are RCU-protected while the program runs).
     unsafe {
-        refresh_policy(state, key, config, stats);
-        let outcome = decide_hits(key, state, home, 1, Run::Packet, stats);
+        let outcome = decide_hits(&key, state, home, 1, Run::Packet, stats);
         if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
-            report(key, state);
+            report(&key, outcome.entry);
         }
         outcome.admitted
     }

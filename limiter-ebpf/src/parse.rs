@@ -1,7 +1,7 @@
 //! Frame parsing: Ethernet, up to two VLAN tags (802.1Q, 802.1ad), IPv4 (with options), IPv6.
 
 use aya_ebpf::programs::XdpContext;
-use limiter_common::addr::{ClientKey, as_v4, v4_mapped};
+use limiter_common::addr::{ClientKey, GROUP_KEY_MARK, as_v4, v4_mapped};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -20,8 +20,8 @@ pub enum Frame {
     Ip(ClientKey),
     /// Not IPv4 or IPv6 (ARP, LLDP, three or more VLAN tags, ...).
     NonIp,
-    /// Truncated at some header, a header that contradicts itself, or an IPv4-mapped IPv6
-    /// source.
+    /// Truncated at some header, a header that contradicts itself, or an IPv4-mapped or
+    /// multicast IPv6 source.
     Malformed,
 }
 
@@ -100,6 +100,9 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Frame {
         // An IPv4-mapped IPv6 source would alias the IPv4 client of the same address; such
         // packets are invalid on the wire (RFC 4291 §2.5.5.2) and Linux drops them.
         Some(src) if as_v4(&src).is_some() => Frame::Malformed,
+        // A multicast source is invalid too (RFC 4291 §2.7; Linux drops it in `ipv6_rcv`), and
+        // `ff00::/8` is where group keys live (`limiter_common::addr`).
+        Some(src) if src[0] == GROUP_KEY_MARK => Frame::Malformed,
         Some(src) => Frame::Ip(src),
         None => Frame::Malformed,
     }

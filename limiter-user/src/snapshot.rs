@@ -322,7 +322,7 @@ fn decode_state(b: &[u8]) -> ClientState {
         window_us: state.window_us,
         id: state.policy(),
         action: b[46],
-        _pad: 0,
+        group: 0,
     }
     .entry_limits();
     state

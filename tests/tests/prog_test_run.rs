@@ -24,7 +24,7 @@ use aya::{
 };
 use limiter_common::{
     ClientState, GlobalStats,
-    addr::{ClientKey, v4_mapped},
+    addr::{ClientKey, covers, v4_mapped},
     maps::{ACTION_DROP, ACTION_PASS, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP},
 };
 use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
@@ -153,13 +153,14 @@ impl Limiter {
         Ok(self.tables.global()?)
     }
 
+    /// The entry `src` is counted in: its own, or its group's (IPv6 sources share one per /64
+    /// unless the policy says otherwise).
     fn client(&self, src: IpAddr) -> Option<ClientState> {
-        let key = key_of(src);
         self.tables
             .clients()
             .expect("reading the client maps")
             .into_iter()
-            .find(|(k, _)| *k == key)
+            .find(|(k, _)| covers(k, &key_of(src)))
             .map(|(_, v)| v)
     }
 
@@ -215,6 +216,7 @@ fn every_encapsulation_gets_exactly_the_limit() -> Result<()> {
     in_one_window(HOUR_NS, |_| {
         let lim = Limiter::new(1024, "default: { limit: 5, window: 1h }\n")?;
         let nops = [1u8; 39];
+        // Each IPv6 case in a /64 of its own: IPv6 sources share one client per /64.
         let cases: Vec<(&str, IpAddr, Builder)> = vec![
             (
                 "IPv4",
@@ -229,8 +231,8 @@ fn every_encapsulation_gets_exactly_the_limit() -> Result<()> {
             ),
             (
                 "802.1Q IPv6",
-                v6("2001:db8::2"),
-                builder_from(v6("2001:db8::2")).vlan(TPID_8021Q, 10),
+                v6("2001:db8:2::2"),
+                builder_from(v6("2001:db8:2::2")).vlan(TPID_8021Q, 10),
             ),
             (
                 "802.1ad IPv4",
@@ -244,8 +246,8 @@ fn every_encapsulation_gets_exactly_the_limit() -> Result<()> {
             ),
             (
                 "QinQ IPv6",
-                v6("2001:db8::4"),
-                builder_from(v6("2001:db8::4")).qinq(10, 20),
+                v6("2001:db8:4::4"),
+                builder_from(v6("2001:db8:4::4")).qinq(10, 20),
             ),
             (
                 "IPv4 router alert option",
@@ -442,7 +444,7 @@ fn non_ip_frames_pass_and_are_counted() -> Result<()> {
 #[test]
 fn longest_prefix_wins_and_each_address_is_a_client() -> Result<()> {
     let yaml = "\
-default: { limit: 2, window: 1h }
+default: { limit: 2, window: 1h, per: address }
 policies:
   - { match: 10.0.0.0/8, limit: 3, window: 1h }
   - { match: 10.1.2.0/24, limit: 4, window: 1h }

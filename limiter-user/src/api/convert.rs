@@ -116,6 +116,7 @@ pub fn parse_policy(p: &proto::Policy) -> Result<(Selector, Resolved), Status> {
             proto::Action::Drop => Action::Drop,
         },
         weight: None,
+        per: None,
     };
     let resolved = limit.resolve().map_err(|e| invalid(e.field, e.message))?;
     Ok((selector, resolved))

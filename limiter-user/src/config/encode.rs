@@ -5,11 +5,14 @@ use std::{collections::HashMap, net::IpAddr};
 
 use limiter_common::{
     Policy,
-    addr::{ClientKey, FAMILY_BITS, FAMILY_V4, PolicyKey, policy_key_v4, policy_key_v6, v4_mapped},
+    addr::{
+        ClientKey, FAMILY_BITS, FAMILY_V4, GROUP_BITS_MASK, GROUP_SPLIT, MAX_V6_GROUP_BITS,
+        PolicyKey, group_bits, group_of, policy_key_v4, policy_key_v6, v4_mapped,
+    },
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS},
 };
 
-use super::{Action, Cidr, ClientName, Config, Match, Resolved};
+use super::{Action, Cidr, ClientName, Config, Grouping, Match, Per, Resolved};
 
 impl Cidr {
     /// The policy-trie key: family byte, then the address ([`PolicyKey`]).
@@ -59,19 +62,124 @@ impl ClientName {
     }
 }
 
+impl Grouping {
+    /// `Policy::group` for a policy of `cidr` written with `per` (`None`: the family default's);
+    /// for `default` itself, `cidr` is the family's `/0`.
+    ///
+    /// A group never spans two policies: `per: /N` on a policy longer than /N groups the whole
+    /// policy. An IPv6 group longer than `MAX_V6_GROUP_BITS` counts per address (the
+    /// validation refuses such a `per` written on the policy; one inherited from `default`, on
+    /// a policy longer than /104, means per address).
+    pub fn group(&self, cidr: &Cidr, per: Option<Per>) -> u8 {
+        let v6 = cidr.addr.is_ipv6();
+        let per = per.unwrap_or(if v6 { self.default_v6 } else { self.default_v4 });
+        let (full, group_max) = if v6 {
+            (128, MAX_V6_GROUP_BITS)
+        } else {
+            (32, 31)
+        };
+        let bits = match per {
+            Per::Address => return group_of(None),
+            Per::Policy => cidr.prefix,
+            Per::Prefix(n) => n.max(cidr.prefix),
+        };
+        if bits >= full || bits > group_max {
+            group_of(None)
+        } else {
+            group_of(Some(bits))
+        }
+    }
+
+    /// `MapConfig::fast_group`: each family default's `Policy::group`.
+    pub fn fast_groups(&self) -> [u8; 2] {
+        [
+            self.group(&FAMILY_V4_ALL, None),
+            self.group(&FAMILY_V6_ALL, None),
+        ]
+    }
+}
+
+const FAMILY_V4_ALL: Cidr = Cidr {
+    addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    prefix: 0,
+};
+const FAMILY_V6_ALL: Cidr = Cidr {
+    addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    prefix: 0,
+};
+
 impl Config {
     /// The policy trie's entries: `(prefix length, key) -> Policy`. `default` is the bare entry
     /// of each family; a `0.0.0.0/0` or `::/0` policy takes its family's place.
+    ///
+    /// Besides the policies, one entry per `/k` group that a longer policy splits, where `k` is
+    /// the family's usual group length (`MapConfig::fast_group`): a copy of the policy covering
+    /// the group, marked `GROUP_SPLIT` (or that policy itself, marked, if it sits at exactly that
+    /// prefix). The fast path finds a client under its family's usual group key without a trie
+    /// lookup, which is only right if every address of that group has the same policy; in a
+    /// split group the covering policy's addresses take a split group key instead, so an entry
+    /// under the usual key never exists there (see `limiter_common::addr::group_key`).
     pub fn lpm_entries(&self) -> HashMap<(u32, PolicyKey), Policy> {
         let mut entries = HashMap::with_capacity(self.policies.len() + 2);
-        entries.insert(policy_key_v4([0; 4], 0), self.default.to_policy(0));
-        entries.insert(policy_key_v6(&[0; 16], 0), self.default.to_policy(0));
+        let mut default = self.default.to_policy(0);
+        default.group = self.grouping.group(&FAMILY_V4_ALL, None);
+        entries.insert(policy_key_v4([0; 4], 0), default);
+        default.group = self.grouping.group(&FAMILY_V6_ALL, None);
+        entries.insert(policy_key_v6(&[0; 16], 0), default);
         for (i, (m, resolved)) in self.policies.iter().enumerate() {
             if let Match::Prefix(cidr) = m {
-                entries.insert(cidr.lpm_key(), resolved.to_policy(policy_id(i)));
+                let mut policy = resolved.to_policy(policy_id(i));
+                let per = self.grouping.policies.get(i).copied().flatten();
+                policy.group = if cidr.prefix == 0 {
+                    // `0.0.0.0/0` or `::/0`: the family's default, grouped as it.
+                    self.grouping
+                        .group(cidr, per.or(Some(self.family_default_per(cidr))))
+                } else {
+                    self.grouping.group(cidr, per)
+                };
+                entries.insert(cidr.lpm_key(), policy);
+            }
+        }
+        let [fast_v4, fast_v6] = self.grouping.fast_groups();
+        let splits: Vec<(u32, PolicyKey)> = entries
+            .keys()
+            .filter_map(|&(len, key)| {
+                let fast = if key[0] == FAMILY_V4 {
+                    fast_v4
+                } else {
+                    fast_v6
+                };
+                let k = group_bits(fast)? as u32;
+                (len > FAMILY_BITS + k).then(|| mask_lpm(len, key, FAMILY_BITS + k))
+            })
+            .collect();
+        for region in splits {
+            let fast = if region.1[0] == FAMILY_V4 {
+                fast_v4
+            } else {
+                fast_v6
+            };
+            // The policy covering the region: the longest entry at or above it.
+            let covering = (FAMILY_BITS..=region.0)
+                .rev()
+                .find_map(|len| entries.get(&mask_lpm(region.0, region.1, len)).copied());
+            if let Some(mut policy) = covering
+                && policy.group & GROUP_BITS_MASK == fast
+            {
+                policy.group |= GROUP_SPLIT;
+                entries.insert(region, policy);
             }
         }
         entries
+    }
+
+    /// `default`'s `per` for the family of `cidr`.
+    fn family_default_per(&self, cidr: &Cidr) -> Per {
+        if cidr.addr.is_ipv6() {
+            self.grouping.default_v6
+        } else {
+            self.grouping.default_v4
+        }
     }
 
     /// Addresses named by an exact-address policy (kept in the never-evicted static map).
@@ -99,6 +207,21 @@ impl Config {
     }
 }
 
+/// The trie key `(len, key)` cut to its first `to` bits (family byte included).
+fn mask_lpm(len: u32, key: PolicyKey, to: u32) -> (u32, PolicyKey) {
+    let to = to.min(len);
+    let mut out = [0u8; 17];
+    for (i, byte) in key.iter().enumerate() {
+        let keep = (to as usize).saturating_sub(i * 8).min(8);
+        out[i] = if keep == 0 {
+            0
+        } else {
+            byte & (0xffu8 << (8 - keep))
+        };
+    }
+    (to, out)
+}
+
 /// The map id of `policies[i]`. Ids are u16 for the map; beyond that stats show the last id,
 /// decisions are unaffected.
 fn policy_id(i: usize) -> u16 {
@@ -117,7 +240,8 @@ impl Resolved {
             window_us: self.window.micros,
             id,
             action,
-            _pad: 0,
+            // Set by `Config::lpm_entries` for address policies; IDs are one client each.
+            group: 0,
         }
     }
 }

@@ -51,7 +51,7 @@ pub(super) fn locate_value_error(e: serde_yaml::Error, lines: &KeyLines) -> Poli
             message: detail.to_string(),
         };
     }
-    for key in ["window", "match"] {
+    for key in ["window", "match", "per"] {
         let tag = format!("`{key}`: ");
         let Some(at) = message.find(&tag) else {
             continue;

@@ -379,6 +379,126 @@ impl<'de> Deserialize<'de> for Match {
     }
 }
 
+/// How a policy groups source addresses into clients, each with its own budget (`per`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Per {
+    /// Every address is its own client (`per: address`).
+    Address,
+    /// Every address the policy matches shares one budget (`per: policy`); a longer policy
+    /// inside it still takes its own addresses.
+    Policy,
+    /// Every address shares a budget with the others of its `/N` (`per: /64`); the policy's own
+    /// prefix if that is longer.
+    Prefix(u8),
+}
+
+/// IPv6's grouping where the config names none: one client per /64, the smallest prefix a site
+/// is assigned (RFC 6177 recommends /48 or /56 for sites, RFC 7421 fixes the /64 subnet): one
+/// host controls every address of its /64 and can send from a new one with every packet.
+pub const DEFAULT_V6_PER: Per = Per::Prefix(64);
+
+impl FromStr for Per {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "address" => Ok(Per::Address),
+            "policy" => Ok(Per::Policy),
+            t => match t.strip_prefix('/').map(str::parse::<u8>) {
+                Some(Ok(n)) if n <= 128 => Ok(Per::Prefix(n)),
+                _ => Err(format!(
+                    "{s:?} is not a grouping: write `address`, `policy` or a prefix length like /64"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Per {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Per::Address => f.write_str("address"),
+            Per::Policy => f.write_str("policy"),
+            Per::Prefix(n) => write!(f, "/{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Per {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| de::Error::custom(format!("`per`: {e}")))
+    }
+}
+
+/// `default`'s `per`: `address` or `policy` for both families, or one per family.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DefaultPer {
+    Both(Per),
+    Families {
+        ipv4: Option<Per>,
+        ipv6: Option<Per>,
+    },
+}
+
+/// How addresses group into clients: `default`'s grouping of each family, which a policy without
+/// `per` follows, and each policy's own (`None`: follows the default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grouping {
+    pub default_v4: Per,
+    pub default_v6: Per,
+    /// Indexed like [`Config::policies`].
+    pub policies: Vec<Option<Per>>,
+}
+
+impl Default for Grouping {
+    fn default() -> Self {
+        Grouping {
+            default_v4: Per::Address,
+            default_v6: DEFAULT_V6_PER,
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// Checks a `per` as written for a policy of `cidr` (`None`: `default`) in its family.
+fn check_per(per: Per, cidr: Option<&Cidr>, v6: bool) -> Result<(), String> {
+    let max = if v6 { 128 } else { 32 };
+    let group_max = if v6 {
+        limiter_common::addr::MAX_V6_GROUP_BITS
+    } else {
+        31
+    };
+    let prefix = cidr.map_or(0, |c| c.prefix);
+    match per {
+        Per::Prefix(n) if n > max => Err(format!(
+            "/{n} is longer than an {} address",
+            if v6 { "IPv6" } else { "IPv4" }
+        )),
+        Per::Prefix(n) if v6 && n > group_max && n < max => Err(format!(
+            "an IPv6 group is at most /{group_max} (its key holds {group_max} prefix bits); \
+             write a shorter prefix or `per: address`"
+        )),
+        Per::Prefix(_) | Per::Policy if v6 && n_or(per, prefix) > group_max && prefix < max => {
+            Err(format!(
+                "this /{prefix} prefix is longer than the /{group_max} an IPv6 group can be: \
+                 write `per: address`"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The group length `per` gives a policy of `prefix` bits (before the per-address cases).
+fn n_or(per: Per, prefix: u8) -> u8 {
+    match per {
+        Per::Prefix(n) => n.max(prefix),
+        _ => prefix,
+    }
+}
+
 /// A limit as written: `limit`, `window`, `action`, `weight`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -390,6 +510,9 @@ pub struct Limit {
     /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
     #[serde(default)]
     pub weight: Option<serde_yaml::Value>,
+    /// `default` only: how each family's addresses group into clients (see [`Grouping`]).
+    #[serde(default)]
+    pub per: Option<DefaultPer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -404,6 +527,10 @@ pub struct Rule {
     /// As written (any YAML value); [`Config::parse`] checks it is a positive finite number.
     #[serde(default)]
     pub weight: Option<serde_yaml::Value>,
+    /// How the policy groups its addresses into clients; absent: as `default` does for the
+    /// family.
+    #[serde(default)]
+    pub per: Option<Per>,
 }
 
 impl Rule {
@@ -414,6 +541,7 @@ impl Rule {
             window: self.window,
             action: self.action,
             weight: self.weight.clone(),
+            per: None,
         }
     }
 }
@@ -467,6 +595,8 @@ pub struct Config {
     pub weights: Vec<f64>,
     /// The `adaptive` section, validated ([`AdaptiveConfig::default`], i.e. off, if absent).
     pub adaptive: AdaptiveConfig,
+    /// How addresses group into clients (`per`), validated.
+    pub grouping: Grouping,
 }
 
 /// Placeholder window for `pass`/`drop` policies, which never consult it.
@@ -504,6 +634,30 @@ impl Config {
             .map_err(|e| default_invalid(e.message))?;
         let mut weights = Vec::with_capacity(file.policies.len() + 1);
         weights.push(weight(file.default.weight.as_ref()).map_err(default_invalid)?);
+        let per_invalid = |message| PolicyError::Invalid {
+            field: "default.per".into(),
+            line: LineHint(lines().line("default.per").or(lines().line("default"))),
+            message,
+        };
+        let (default_v4, default_v6) = match &file.default.per {
+            None => (Per::Address, DEFAULT_V6_PER),
+            Some(DefaultPer::Both(per)) => match per {
+                Per::Prefix(n) => {
+                    return Err(per_invalid(format!(
+                        "`default` covers both families, so a prefix length needs one per \
+                         family: write `per: {{ ipv4: /{n}, ipv6: /64 }}` (either may be left \
+                         out: IPv4 counts per address, IPv6 per /64)"
+                    )));
+                }
+                per => (*per, *per),
+            },
+            Some(DefaultPer::Families { ipv4, ipv6 }) => {
+                (ipv4.unwrap_or(Per::Address), ipv6.unwrap_or(DEFAULT_V6_PER))
+            }
+        };
+        check_per(default_v4, None, false).map_err(|e| per_invalid(format!("ipv4: {e}")))?;
+        check_per(default_v6, None, true).map_err(|e| per_invalid(format!("ipv6: {e}")))?;
+        let mut pers = Vec::with_capacity(file.policies.len());
         if file.policies.len() > MAX_POLICIES {
             return Err(PolicyError::TooMany {
                 count: file.policies.len(),
@@ -528,6 +682,26 @@ impl Config {
                 rule.limit().resolve().map_err(|e| invalid(e.message))?,
             ));
             weights.push(weight(rule.weight.as_ref()).map_err(invalid)?);
+            if let Some(per) = rule.per {
+                let per_invalid = |message: String| PolicyError::Invalid {
+                    field: format!("policies[{i}].per (match {})", rule.matches),
+                    line: LineHint(lines().line(&format!("policies[{i}].per")).or(line_of(i).0)),
+                    message,
+                };
+                match &rule.matches {
+                    Match::Id(_) => {
+                        return Err(per_invalid(
+                            "`per` groups addresses; a policy for a client ID has one client, \
+                             the ID: remove `per`"
+                                .into(),
+                        ));
+                    }
+                    Match::Prefix(cidr) => {
+                        check_per(per, Some(cidr), cidr.addr.is_ipv6()).map_err(per_invalid)?;
+                    }
+                }
+            }
+            pers.push(rule.per);
         }
         let statics = policies
             .iter()
@@ -542,6 +716,11 @@ impl Config {
             policies,
             weights,
             adaptive: file.adaptive,
+            grouping: Grouping {
+                default_v4,
+                default_v6,
+                policies: pers,
+            },
         })
     }
 
