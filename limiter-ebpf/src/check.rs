@@ -20,7 +20,7 @@ use limiter_common::{
 
 use crate::{
     entry::{
-        Home, Located, Run, client_entry, count_check, decide_hits, locate, now_for,
+        Home, Located, Run, count_check, create_entry, decide_hits, locate_resolved, now_for,
         overflow_entry, set_policy,
     },
     maps::{CONFIG, NAMED, NAMED_STATIC},
@@ -119,24 +119,25 @@ fn check_one(
                 state_ptr = overflow_entry(&request.policy, 0, counted, Run::Agent);
             }
         }
-    } else if request.hits == 0 {
-        match locate(&request.key, config, counted)? {
+    } else {
+        // One lookup path for reads and checks that spend (the verifier walks each copy in
+        // each of the CHECK_BATCH iterations). Wherever the entry lives, a denied check does
+        // not move it to `LIMITED` (the client's next dropped packet does): the move's map
+        // updates take the verifier past its one-million-instruction budget.
+        let full_before = counted.map_full;
+        match locate_resolved(&request.key, config, counted)? {
             Located::Found(p, _, k) => {
                 key = k;
                 state_ptr = Some(p);
             }
-            Located::Missing(policy, _) => {
+            Located::Missing(policy, _) if request.hits == 0 => {
                 fresh = Some(ClientState::fresh(&policy, config.generation));
             }
+            Located::Missing(policy, k) => {
+                key = k;
+                state_ptr = create_entry(&policy, &k, config, counted, Run::Agent).map(|(p, _)| p);
+            }
         }
-    } else {
-        let full_before = counted.map_full;
-        // Wherever the entry lives, a denied check does not move it to `LIMITED` (the client's
-        // next dropped packet does): the move's map updates, in each of the CHECK_BATCH
-        // iterations, take the verifier past its one-million-instruction budget.
-        let (p, _, k) = client_entry(&request.key, config, counted, Run::Agent)?;
-        key = k;
-        state_ptr = Some(p);
         if counted.map_full != full_before {
             verdict |= VERDICT_OVERFLOW;
         }

@@ -81,6 +81,18 @@ pub(crate) fn locate(
             return Some(Located::Found(p, home, fast));
         }
     }
+    locate_resolved(addr, config, stats)
+}
+
+/// [`locate`] without the first lookup under the fast key: the policy trie decides the key.
+/// The agent's checks take this path: one lookup path instead of two keeps the check program,
+/// whose slots the verifier walks one by one, under its instruction budget.
+#[inline(always)]
+pub(crate) fn locate_resolved(
+    addr: &ClientKey,
+    config: &MapConfig,
+    stats: &mut GlobalStats,
+) -> Option<Located> {
     let policy = resolve(addr, stats)?;
     let mut key = [0u8; 16];
     set_group_key(addr, policy.group, &mut key);
@@ -125,21 +137,36 @@ pub(crate) fn client_entry(
     stats: &mut GlobalStats,
     run: Run,
 ) -> Option<(*mut ClientState, Home, ClientKey)> {
-    let (policy, key) = match locate(addr, config, stats)? {
-        Located::Found(p, home, key) => return Some((p, home, key)),
-        Located::Missing(policy, key) => (policy, key),
-    };
-    let fresh = ClientState::fresh(&policy, config.generation);
+    match locate(addr, config, stats)? {
+        Located::Found(p, home, key) => Some((p, home, key)),
+        Located::Missing(policy, key) => {
+            let (p, home) = create_entry(&policy, &key, config, stats, run)?;
+            Some((p, home, key))
+        }
+    }
+}
+
+/// Creates the entry `key` of a client under `policy` in `CLIENTS`, or, if the map cannot take
+/// it, returns the shared overflow budget.
+#[inline(always)]
+pub(crate) fn create_entry(
+    policy: &Policy,
+    key: &ClientKey,
+    config: &MapConfig,
+    stats: &mut GlobalStats,
+    run: Run,
+) -> Option<(*mut ClientState, Home)> {
+    let fresh = ClientState::fresh(policy, config.generation);
     // EEXIST: another CPU created it first, which is fine. Any other error: the map could not
     // take the entry; charge the shared overflow budget rather than letting the client through.
-    let created = CLIENTS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok();
-    if let Some(p) = CLIENTS.get_ptr_mut(&key) {
+    let created = CLIENTS.insert(key, &fresh, BPF_NOEXIST as u64).is_ok();
+    if let Some(p) = CLIENTS.get_ptr_mut(key) {
         if created {
             stats.new_clients += 1;
         }
-        return Some((p, Home::Clients, key));
+        return Some((p, Home::Clients));
     }
-    overflow_entry(&policy, config.generation, stats, run).map(|p| (p, Home::Overflow, key))
+    overflow_entry(policy, config.generation, stats, run).map(|p| (p, Home::Overflow))
 }
 
 /// An entry by its key (an address's or a group's), in whichever map; `None` if there is none.

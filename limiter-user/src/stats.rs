@@ -3,11 +3,16 @@
 //! and the agent's Prometheus endpoint, and client rows ([`ClientRow`]). Works while the agent runs, and after
 //! it is gone while the pins remain.
 
-use std::{collections::HashMap, net::IpAddr, num::NonZeroU64, time::Instant};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    num::NonZeroU64,
+    time::Instant,
+};
 
 use limiter_common::{
     AdaptiveStatus, ClientState, GlobalStats, Policy,
-    addr::{ClientKey, as_v4},
+    addr::{Client, ClientKey, client_of},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
     window::estimate_at,
 };
@@ -203,7 +208,8 @@ pub struct Adaptive {
 
 #[derive(Debug, Serialize)]
 pub struct ClientRow {
-    pub addr: IpAddr,
+    /// The client's address, or its group's prefix (`2001:db8:1:2::/64`, see `per`).
+    pub addr: String,
     /// The matching policy's `match` (`default` for the default policy).
     pub policy: String,
     /// Named by an exact-address policy: never evicted.
@@ -250,10 +256,13 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-pub fn addr_of(key: &ClientKey) -> IpAddr {
-    match as_v4(key) {
-        Some(v4) => IpAddr::V4(v4.into()),
-        None => IpAddr::V6((*key).into()),
+/// How a client key reads: its address, or its group's prefix (`2001:db8:1:2::/64`).
+pub fn client_label(key: &ClientKey) -> String {
+    match client_of(key) {
+        Client::V4(a) => Ipv4Addr::from(a).to_string(),
+        Client::V6(a) => Ipv6Addr::from(a).to_string(),
+        Client::GroupV4 { prefix, bits, .. } => format!("{}/{bits}", Ipv4Addr::from(prefix)),
+        Client::GroupV6 { prefix, bits, .. } => format!("{}/{bits}", Ipv6Addr::from(prefix)),
     }
 }
 
@@ -304,7 +313,7 @@ pub fn client_row(
     };
     let (scale, utilisation) = adaptation(state, base, rate_per_s);
     ClientRow {
-        addr: addr_of(key),
+        addr: client_label(key),
         policy,
         is_static: state.flags() & FLAG_STATIC != 0,
         limited: false,

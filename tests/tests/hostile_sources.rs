@@ -34,6 +34,13 @@ fn spoofed_v4(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, hi, lo))
 }
 
+/// The `i`-th address of `2001:db8:0:NET::/64` (documentation range, outside the namespaces'
+/// own fd00:77::/64), spread over the interface ID as privacy addresses are (RFC 8981).
+fn rotating_v6(net: u16, i: u64) -> IpAddr {
+    let iid = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    IpAddr::V6(((0x2001_0db8_u128 << 96) | ((net as u128) << 64) | iid as u128).into())
+}
+
 /// Sends `count` raw UDP frames from `src` to the receiver.
 fn send_from(raw: &RawSender, src: IpAddr, count: u64) -> Result<()> {
     raw.send_udp(&[], src, UDP_PORT, count, Pacing::default())?;
@@ -138,6 +145,80 @@ fn a_flood_of_spoofed_sources_does_not_reset_a_limited_client() -> Result<()> {
         global(&stats, "clients"),
         global(&stats, "limited"),
         started.elapsed()
+    );
+    Ok(())
+}
+
+/// Issue 13's rotating source: 10x the limit from one /64, every frame from a new address. Counted
+/// per address (the agent before layout 6, and `per: { ipv6: address }` now), every frame had a
+/// fresh budget and all were delivered; counted per /64, IPv6's default now, the /64 gets its
+/// limit once, in one entry. Between the two the config is reloaded, not restarted.
+#[test]
+fn a_rotating_ipv6_source_gets_its_64s_limit_once() -> Result<()> {
+    require_root!();
+    const LIMIT: u64 = 10;
+    const SENT: u64 = 10 * LIMIT;
+    let per_address =
+        format!("default: {{limit: {LIMIT}, window: 1h, per: {{ ipv6: address }}}}\n");
+    let per_64 = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
+    let net = TestNet::new()?;
+    let agent = Agent::start(&net, &per_address)?;
+    let frames = net.frame_counter(UDP_PORT)?;
+    let raw = net.raw_sender()?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let from_net = |got: &HashMap<IpAddr, u64>, net: u16| -> u64 {
+        got.iter()
+            .filter(|(src, _)| match src {
+                IpAddr::V6(a) => a.segments()[..4] == [0x2001, 0xdb8, 0, net],
+                IpAddr::V4(_) => false,
+            })
+            .map(|(_, n)| n)
+            .sum()
+    };
+
+    let mut results = Vec::new();
+    for (phase, net_id) in [("per address", 1u16), ("per /64", 2)] {
+        if net_id == 2 {
+            agent.reload(&per_64, Duration::from_secs(10))?;
+        }
+        let created_before = global(&agent.stats()?, "new_clients");
+        let before = frames.settle()?;
+        for i in 0..SENT {
+            send_from(&raw, rotating_v6(net_id, i), 1)?;
+        }
+        let got = delivered_since(&frames, &before)?;
+        let stats = agent.stats()?;
+        let created = global(&stats, "new_clients") - created_before;
+        results.push((phase, from_net(&got, net_id), created));
+        if net_id == 2 {
+            let label = format!("2001:db8:0:{net_id}::/64");
+            let row = stats["clients"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["addr"] == label.as_str()))
+                .with_context(|| format!("no client {label} in {stats}"))?;
+            assert_eq!(
+                (row["passed"].as_u64(), row["dropped"].as_u64()),
+                (Some(LIMIT), Some(SENT - LIMIT)),
+                "{row}"
+            );
+        }
+    }
+    window.check();
+    let clients_kib = map_memlock(&net.receiver_if, "CLIENTS")? / 1024;
+    eprintln!(
+        "{SENT} frames from a rotating /64 at limit {LIMIT}: {results:?} (phase, delivered, \
+         clients_created); CLIENTS map {clients_kib} KiB"
+    );
+    let [(_, before, before_created), (_, after, after_created)] = results[..] else {
+        unreachable!("two phases")
+    };
+    assert_eq!(before, SENT, "per address: every frame a fresh budget");
+    // Each frame an entry (plus any stray frame of the namespaces' own).
+    ensure!(before_created >= SENT, "{before_created} clients created");
+    assert_eq!(after, LIMIT, "per /64: the limit, once");
+    ensure!(
+        after_created <= 3,
+        "{after_created} clients created: one for the /64, plus stray frames at most"
     );
     Ok(())
 }

@@ -301,7 +301,7 @@ pub(super) fn top(
     maps.each_address(|k, s| {
         resident.addresses += 1;
         let (_, rate, total) = measure(s);
-        busiest.offer(rate, total, || crate::stats::addr_of(k).to_string(), || *s);
+        busiest.offer(rate, total, || crate::stats::client_label(k), || *s);
     })
     .map_err(internal)?;
     maps.each_id(|k, s| {
