@@ -464,15 +464,47 @@ pub fn stats_json(ns: &str, iface: &str) -> Result<Value> {
     })
 }
 
-/// The entry of `stats["clients"]` whose `addr` is `addr`.
+/// The entry of `stats["clients"]` whose `addr` is `addr`, else the group (a prefix) it is counted
+/// in.
 pub fn find_client(stats: &Value, addr: impl Into<IpAddr>) -> Option<&Value> {
-    let addr = addr.into();
-    stats["clients"].as_array()?.iter().find(|c| {
-        c["addr"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok())
-            .is_some_and(|a| a.to_canonical() == addr)
-    })
+    let addr = addr.into().to_canonical();
+    let rows = stats["clients"].as_array()?;
+    rows.iter()
+        .find(|c| {
+            c["addr"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .is_some_and(|a| a.to_canonical() == addr)
+        })
+        .or_else(|| {
+            rows.iter().find(|c| {
+                c["addr"]
+                    .as_str()
+                    .is_some_and(|group| prefix_contains(group, addr))
+            })
+        })
+}
+
+/// Whether the prefix `group` (`2001:db8::/64`, as stats show a group of addresses counted as
+/// one client) contains `addr`.
+pub fn prefix_contains(group: &str, addr: IpAddr) -> bool {
+    let Some((net, len)) = group.split_once('/') else {
+        return false;
+    };
+    let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    match (net, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
 }
 
 /// `(passed, dropped)` of client `addr` in `stats`, `(0, 0)` if it is not listed.

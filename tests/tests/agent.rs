@@ -150,8 +150,9 @@ fn harness_delivers_everything_without_an_agent() -> Result<()> {
 #[test]
 fn limits_each_source_to_its_policy() -> Result<()> {
     require_root!();
+    // The namespaces' IPv6 senders share one /64: count them per address, as IPv4.
     let config = r#"mode: enforce
-default: {limit: 7, window: 1h}
+default: {limit: 7, window: 1h, per: {ipv6: address}}
 policies:
   - match: 198.18.0.16/28
     limit: 11
@@ -520,8 +521,9 @@ type Tagged = (&'static [(u16, u16)], IpAddr, u64, u64);
 #[test]
 fn vlan_and_qinq_traffic_is_limited() -> Result<()> {
     require_root!();
+    // The namespaces' IPv6 senders share one /64: count them per address, as IPv4.
     let config = "mode: enforce
-default: {limit: 7, window: 1h}
+default: {limit: 7, window: 1h, per: {ipv6: address}}
 policies:
   - match: 198.18.10.0/24
     limit: 9

@@ -181,6 +181,14 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         survives_agent,
         "ready: XDP program attached and policies applied"
     );
+    // Said at every start: IPv6 clients used to be single addresses (before layout 6).
+    tracing::info!(
+        ipv4 = %config.grouping.default_v4,
+        ipv6 = %config.grouping.default_v6,
+        "clients: sources are counted per these groups unless a policy says otherwise (`per`); \
+         IPv6 per /64 is the default since map layout 6 (before, each address), and \
+         `default: {{ per: {{ ipv6: address }} }}` restores per-address counting"
+    );
     // Here rather than first thing: a start that fails says so in one line. Everything the caps
     // are for (the listeners' serving) starts below.
     let nofile = open_files(&mut opts);
