@@ -25,15 +25,23 @@ use std::{
 
 use limiter_common::{
     ClientState, Policy,
-    addr::ClientKey,
+    addr::{ClientKey, GROUP_KEY_MARK},
     maps::{LAYOUT_VERSION, generation_tag},
     window::rebase,
 };
 
 /// Map layouts whose snapshots this binary restores: their entry records are the same (layout 4
 /// packed the map value into 40 bytes, but the record keeps one field per field; layout 5 added
-/// the `LIMITED` map, whose entries a snapshot lists with the others).
-const READABLE_LAYOUTS: [u32; 3] = [3, 4, LAYOUT_VERSION];
+/// the `LIMITED` map, whose entries a snapshot lists with the others; layout 6 added group keys,
+/// which are keys like any other: a layout-5 snapshot's address keys restore as they are, and an
+/// IPv6 client now counted per /64 starts its group afresh, its old address entry left to age
+/// out of the LRU map).
+const READABLE_LAYOUTS: [u32; 4] = [3, 4, 5, LAYOUT_VERSION];
+/// The first layout with group keys (`limiter_common::addr::group_key`, in `ff00::/8`). Before
+/// it, a key there was a multicast source the parser then let through; restored now it would
+/// read as a group's key, so a source could have chosen the state of another client's group:
+/// such entries are dropped from older snapshots.
+const GROUPED_LAYOUT: u32 = 6;
 
 use crate::{
     capped_read::{self, CappedReadError},
@@ -67,7 +75,7 @@ pub enum SnapshotError {
     Magic,
     #[error("snapshot format {0} is not supported (this binary reads format {FORMAT})")]
     Format(u32),
-    #[error("snapshot of map layout v{0}, this binary reads v3, v4 and v{LAYOUT_VERSION}")]
+    #[error("snapshot of map layout v{0}, this binary reads v3 to v{LAYOUT_VERSION}")]
     Layout(u32),
     #[error("truncated: {actual} bytes, the header promises {expected}")]
     Truncated { expected: u64, actual: u64 },
@@ -192,6 +200,7 @@ impl Snapshot {
                 let key: ClientKey = array(&e[..16]);
                 (key, decode_state(&e[16..]))
             })
+            .filter(|(key, _)| layout >= GROUPED_LAYOUT || key[0] != GROUP_KEY_MARK)
             .collect();
         Ok(Snapshot {
             wall_ns: u64_at(16),
@@ -415,6 +424,37 @@ mod tests {
             (ACTION_DROP, 0, 1)
         );
         assert_eq!(drop.total_passed(), 3);
+    }
+
+    /// Snapshots of the layouts before this one whose records are the same restore as they are
+    /// (layout 5 is the one before grouping: an upgrade must not lose every client); a newer
+    /// layout is refused.
+    #[test]
+    fn reads_snapshots_of_earlier_layouts_with_the_same_records() {
+        let mut grouped = sample(3);
+        grouped.entries[1].0[0] = GROUP_KEY_MARK;
+        let with_layout = |layout: u32, snapshot: &Snapshot| {
+            let mut bytes = snapshot.encode();
+            bytes[12..16].copy_from_slice(&layout.to_le_bytes());
+            bytes.truncate(bytes.len() - TRAILER);
+            let crc = crc32fast::hash(&bytes);
+            bytes.extend_from_slice(&crc.to_le_bytes());
+            bytes
+        };
+        for layout in [4, 5, LAYOUT_VERSION] {
+            let s = Snapshot::decode(&with_layout(layout, &sample(3))).unwrap();
+            assert_eq!(s.entries, sample(3).entries, "layout {layout}");
+        }
+        // A key in ff00::/8 is a group's from layout 6 on; before, a multicast source's: dropped.
+        let s = Snapshot::decode(&with_layout(LAYOUT_VERSION, &grouped)).unwrap();
+        assert_eq!(s.entries, grouped.entries);
+        let s = Snapshot::decode(&with_layout(5, &grouped)).unwrap();
+        assert_eq!(s.entries, [grouped.entries[0], grouped.entries[2]]);
+        let next = LAYOUT_VERSION + 1;
+        assert!(matches!(
+            Snapshot::decode(&with_layout(next, &sample(3))),
+            Err(SnapshotError::Layout(l)) if l == next
+        ));
     }
 
     #[test]

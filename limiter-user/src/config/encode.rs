@@ -89,14 +89,6 @@ impl Grouping {
             group_of(Some(bits))
         }
     }
-
-    /// `MapConfig::fast_group`: each family default's `Policy::group`.
-    pub fn fast_groups(&self) -> [u8; 2] {
-        [
-            self.group(&FAMILY_V4_ALL, None),
-            self.group(&FAMILY_V6_ALL, None),
-        ]
-    }
 }
 
 const FAMILY_V4_ALL: Cidr = Cidr {
@@ -130,17 +122,12 @@ impl Config {
             if let Match::Prefix(cidr) = m {
                 let mut policy = resolved.to_policy(policy_id(i));
                 let per = self.grouping.policies.get(i).copied().flatten();
-                policy.group = if cidr.prefix == 0 {
-                    // `0.0.0.0/0` or `::/0`: the family's default, grouped as it.
-                    self.grouping
-                        .group(cidr, per.or(Some(self.family_default_per(cidr))))
-                } else {
-                    self.grouping.group(cidr, per)
-                };
+                policy.group = self.grouping.group(cidr, per);
                 entries.insert(cidr.lpm_key(), policy);
             }
         }
-        let [fast_v4, fast_v6] = self.grouping.fast_groups();
+        // The group of each family's bare entry (`default`, or the `/0` policy in its place).
+        let [fast_v4, fast_v6] = self.fast_groups();
         let splits: Vec<(u32, PolicyKey)> = entries
             .keys()
             .filter_map(|&(len, key)| {
@@ -173,13 +160,20 @@ impl Config {
         entries
     }
 
-    /// `default`'s `per` for the family of `cidr`.
-    fn family_default_per(&self, cidr: &Cidr) -> Per {
-        if cidr.addr.is_ipv6() {
-            self.grouping.default_v6
-        } else {
-            self.grouping.default_v4
-        }
+    /// `MapConfig::fast_group`: the `Policy::group` of each family's bare trie entry (`[IPv4,
+    /// IPv6]`), i.e. `default`'s grouping for the family, or that of a `0.0.0.0/0` or `::/0`
+    /// policy in its place: the grouping of every address no longer policy matches, which the
+    /// fast path tries first. `lpm_entries` marks the groups split against the same values.
+    pub fn fast_groups(&self) -> [u8; 2] {
+        let root = |all: &Cidr| {
+            let per = self
+                .policies
+                .iter()
+                .position(|(m, _)| m.as_prefix() == Some(all))
+                .and_then(|i| self.grouping.policies.get(i).copied().flatten());
+            self.grouping.group(all, per)
+        };
+        [root(&FAMILY_V4_ALL), root(&FAMILY_V6_ALL)]
     }
 
     /// Addresses named by an exact-address policy (kept in the never-evicted static map).

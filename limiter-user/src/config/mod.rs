@@ -424,23 +424,79 @@ impl fmt::Display for Per {
     }
 }
 
-impl<'de> Deserialize<'de> for Per {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e| de::Error::custom(format!("`per`: {e}")))
+impl Per {
+    /// A `per` as written: a string, or what a user may write by mistake (`per: 64`, a
+    /// mapping), each refused saying what to write.
+    fn from_value(value: &serde_yaml::Value) -> Result<Per, String> {
+        use serde_yaml::Value;
+        let got = match value {
+            Value::String(s) => return s.parse(),
+            Value::Number(n) => {
+                return Err(format!(
+                    "{n} is not a grouping: a prefix length is written with its slash, like \
+                     /{n}; or write `address` or `policy`"
+                ));
+            }
+            Value::Null => "nothing",
+            Value::Bool(_) => "a boolean",
+            Value::Sequence(_) => "a list",
+            Value::Mapping(_) => "a mapping",
+            Value::Tagged(_) => "a tagged value",
+        };
+        Err(format!(
+            "expected `address`, `policy` or a prefix length like /64, got {got}"
+        ))
     }
 }
 
-/// `default`'s `per`: `address` or `policy` for both families, or one per family.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+impl<'de> Deserialize<'de> for Per {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_yaml::Value::deserialize(d)?;
+        Per::from_value(&value).map_err(|e| de::Error::custom(format!("`per`: {e}")))
+    }
+}
+
+/// `default`'s `per`: `address` or `policy` for both families, or one per family
+/// (`{ ipv4: .., ipv6: .. }`, either left out: that family's usual grouping).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DefaultPer {
     Both(Per),
     Families {
         ipv4: Option<Per>,
         ipv6: Option<Per>,
     },
+}
+
+impl<'de> Deserialize<'de> for DefaultPer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_yaml::Value::deserialize(d)?;
+        let invalid = |e: String| de::Error::custom(format!("`per`: {e}"));
+        let serde_yaml::Value::Mapping(families) = &value else {
+            return Per::from_value(&value)
+                .map(DefaultPer::Both)
+                .map_err(invalid);
+        };
+        let (mut ipv4, mut ipv6) = (None, None);
+        for (key, per) in families {
+            let slot = match key.as_str() {
+                Some("ipv4") => &mut ipv4,
+                Some("ipv6") => &mut ipv6,
+                _ => {
+                    let shown = match key {
+                        serde_yaml::Value::String(s) => format!("`{s}`"),
+                        other => serde_yaml::to_string(other)
+                            .map_or_else(|_| "?".into(), |s| format!("`{}`", s.trim())),
+                    };
+                    return Err(invalid(format!(
+                        "unknown key {shown}: the per-family form has `ipv4` and `ipv6`"
+                    )));
+                }
+            };
+            let family = key.as_str().unwrap_or_default();
+            *slot = Some(Per::from_value(per).map_err(|e| invalid(format!("{family}: {e}")))?);
+        }
+        Ok(DefaultPer::Families { ipv4, ipv6 })
+    }
 }
 
 /// How addresses group into clients: `default`'s grouping of each family, which a policy without
@@ -464,39 +520,40 @@ impl Default for Grouping {
 }
 
 /// Checks a `per` as written for a policy of `cidr` (`None`: `default`) in its family.
+///
+/// A group as long as an address is one address (`per: /128`, `per: policy` on a host): per
+/// address, accepted. An IPv6 group between /105 and /127 cannot be keyed
+/// ([`limiter_common::addr::MAX_V6_GROUP_BITS`]) and is refused rather than silently counted per
+/// address.
 fn check_per(per: Per, cidr: Option<&Cidr>, v6: bool) -> Result<(), String> {
-    let max = if v6 { 128 } else { 32 };
-    let group_max = if v6 {
-        limiter_common::addr::MAX_V6_GROUP_BITS
-    } else {
-        31
-    };
+    use limiter_common::addr::MAX_V6_GROUP_BITS;
+    let (family, max) = if v6 { ("IPv6", 128) } else { ("IPv4", 32) };
     let prefix = cidr.map_or(0, |c| c.prefix);
-    match per {
-        Per::Prefix(n) if n > max => Err(format!(
-            "/{n} is longer than an {} address",
-            if v6 { "IPv6" } else { "IPv4" }
-        )),
-        Per::Prefix(n) if v6 && n > group_max && n < max => Err(format!(
-            "an IPv6 group is at most /{group_max} (its key holds {group_max} prefix bits); \
-             write a shorter prefix or `per: address`"
-        )),
-        Per::Prefix(_) | Per::Policy if v6 && n_or(per, prefix) > group_max && prefix < max => {
-            Err(format!(
-                "this /{prefix} prefix is longer than the /{group_max} an IPv6 group can be: \
-                 write `per: address`"
-            ))
+    let bits = match per {
+        Per::Address => return Ok(()),
+        Per::Prefix(n) if n > max => {
+            return Err(format!(
+                "/{n} is longer than an {family} address (at most /{max})"
+            ));
         }
-        _ => Ok(()),
-    }
-}
-
-/// The group length `per` gives a policy of `prefix` bits (before the per-address cases).
-fn n_or(per: Per, prefix: u8) -> u8 {
-    match per {
+        // A group never spans two policies: `/N` on a longer policy groups the policy.
         Per::Prefix(n) => n.max(prefix),
-        _ => prefix,
+        Per::Policy => prefix,
+    };
+    if !v6 || bits == max || bits <= MAX_V6_GROUP_BITS {
+        return Ok(());
     }
+    Err(match per {
+        Per::Prefix(n) if n > MAX_V6_GROUP_BITS => format!(
+            "an IPv6 group is at most /{MAX_V6_GROUP_BITS} (its key holds \
+             {MAX_V6_GROUP_BITS} prefix bits): write a shorter prefix, or `per: address`"
+        ),
+        _ => format!(
+            "this /{prefix} policy is longer than the /{MAX_V6_GROUP_BITS} an IPv6 group can \
+             be, so its addresses cannot share one budget: write `per: address`, or leave \
+             `per` out (a policy longer than /{MAX_V6_GROUP_BITS} counts per address)"
+        ),
+    })
 }
 
 /// A limit as written: `limit`, `window`, `action`, `weight`.
@@ -655,8 +712,21 @@ impl Config {
                 (ipv4.unwrap_or(Per::Address), ipv6.unwrap_or(DEFAULT_V6_PER))
             }
         };
-        check_per(default_v4, None, false).map_err(|e| per_invalid(format!("ipv4: {e}")))?;
-        check_per(default_v6, None, true).map_err(|e| per_invalid(format!("ipv6: {e}")))?;
+        for (family, per, v6) in [("ipv4", default_v4, false), ("ipv6", default_v6, true)] {
+            check_per(per, None, v6).map_err(|message| {
+                let field = format!("default.per.{family}");
+                PolicyError::Invalid {
+                    line: LineHint(
+                        lines()
+                            .line(&field)
+                            .or(lines().line("default.per"))
+                            .or(lines().line("default")),
+                    ),
+                    field,
+                    message,
+                }
+            })?;
+        }
         let mut pers = Vec::with_capacity(file.policies.len());
         if file.policies.len() > MAX_POLICIES {
             return Err(PolicyError::TooMany {

@@ -1,5 +1,5 @@
 use limiter_common::{
-    addr::{policy_key_v4, policy_key_v6, v4_mapped},
+    addr::{GROUP_SPLIT, PolicyKey, group_bits, group_of, policy_key_v4, policy_key_v6, v4_mapped},
     maps::ACTION_PASS,
 };
 
@@ -615,4 +615,386 @@ fn ipv4_mapped_policies_are_rejected_naming_the_ipv4_form() {
         e.contains("policies[0].match (line 3)") && e.contains("write 10.1.2.3"),
         "{e}"
     );
+}
+
+/// A config of `default` (with `default_per`, YAML, if any) and `policies`, one flow mapping
+/// each without `limit`/`window` (added).
+fn with_per(default_per: Option<&str>, policies: &[&str]) -> String {
+    let mut text = String::from("default:\n  limit: 10\n  window: 1s\n");
+    if let Some(per) = default_per {
+        text.push_str(&format!("  per: {per}\n"));
+    }
+    text.push_str("policies:\n");
+    for p in policies {
+        text.push_str(&format!("  - {{ {p}, limit: 1, window: 1s }}\n"));
+    }
+    text
+}
+
+fn trie_key(cidr: &str) -> (u32, PolicyKey) {
+    cidr.parse::<Cidr>().unwrap().lpm_key()
+}
+
+/// The `Policy::group` of the trie entry for `cidr` (which must exist).
+fn group_at(c: &Config, cidr: &str) -> u8 {
+    c.lpm_entries()
+        .get(&trie_key(cidr))
+        .unwrap_or_else(|| panic!("no trie entry for {cidr}"))
+        .group
+}
+
+#[test]
+fn per_parses_in_each_form() {
+    let c = Config::parse(&with_per(
+        None,
+        &[
+            "match: 10.0.0.0/8, per: address",
+            "match: 10.1.0.0/16, per: policy",
+            "match: 2001:db8::/32, per: /48",
+            "match: 2001:db9::/32",
+            "match: 10.2.0.0/16, per: /32",
+            "match: 2001:dba::/112, per: /128",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        c.grouping,
+        Grouping {
+            default_v4: Per::Address,
+            default_v6: Per::Prefix(64),
+            policies: vec![
+                Some(Per::Address),
+                Some(Per::Policy),
+                Some(Per::Prefix(48)),
+                None,
+                Some(Per::Prefix(32)),
+                Some(Per::Prefix(128)),
+            ],
+        }
+    );
+    assert_eq!(
+        c.grouping,
+        Grouping {
+            policies: c.grouping.policies.clone(),
+            ..Grouping::default()
+        }
+    );
+    for (written, v4, v6) in [
+        ("address", Per::Address, Per::Address),
+        ("policy", Per::Policy, Per::Policy),
+        ("{ ipv6: address }", Per::Address, Per::Address),
+        ("{ ipv4: /24 }", Per::Prefix(24), Per::Prefix(64)),
+        ("{ ipv4: policy, ipv6: /56 }", Per::Policy, Per::Prefix(56)),
+        ("{}", Per::Address, Per::Prefix(64)),
+        (
+            "\n    ipv4: /16\n    ipv6: /48",
+            Per::Prefix(16),
+            Per::Prefix(48),
+        ),
+    ] {
+        let c = Config::parse(&with_per(Some(written), &[])).unwrap();
+        assert_eq!(
+            (c.grouping.default_v4, c.grouping.default_v6),
+            (v4, v6),
+            "{written}"
+        );
+    }
+    for per in [Per::Address, Per::Policy, Per::Prefix(64)] {
+        assert_eq!(per.to_string().parse::<Per>(), Ok(per));
+    }
+}
+
+#[test]
+fn per_errors_name_the_field_and_line() {
+    let policy = |per: &str, m: &str| {
+        format!(
+            "default: {{ limit: 1, window: 1s }}\npolicies:\n  - match: {m}\n    limit: 1\n    window: 1s\n    per: {per}\n"
+        )
+    };
+    for (per, m, expect) in [
+        (
+            "/x",
+            "10.0.0.0/8",
+            "policies[0].per (line 6): \"/x\" is not a grouping: write `address`, `policy` or a prefix length like /64",
+        ),
+        (
+            "5",
+            "10.0.0.0/8",
+            "policies[0].per (line 6): 5 is not a grouping: a prefix length is written with its slash, like /5",
+        ),
+        (
+            "[a]",
+            "10.0.0.0/8",
+            "policies[0].per (line 6): expected `address`, `policy` or a prefix length like /64, got a list",
+        ),
+        (
+            "/129",
+            "2001:db8::/32",
+            "policies[0].per (line 6): \"/129\" is not a grouping",
+        ),
+        (
+            "/33",
+            "10.0.0.0/8",
+            "policies[0].per (match 10.0.0.0/8) (line 6): /33 is longer than an IPv4 address (at most /32)",
+        ),
+        (
+            "/110",
+            "2001:db8::/48",
+            "policies[0].per (match 2001:db8::/48) (line 6): an IPv6 group is at most /104",
+        ),
+        (
+            "policy",
+            "2001:db8::/112",
+            "policies[0].per (match 2001:db8::/112) (line 6): this /112 policy is longer than the /104 an IPv6 group can be",
+        ),
+        (
+            "/64",
+            "2001:db8::/112",
+            "policies[0].per (match 2001:db8::/112) (line 6): this /112 policy is longer than the /104",
+        ),
+        (
+            "policy",
+            "tenant-gold",
+            "policies[0].per (match tenant-gold) (line 6): `per` groups addresses; a policy for a client ID has one client",
+        ),
+    ] {
+        let e = err(&policy(per, m));
+        assert!(e.contains(expect), "per: {per} on {m}: {e}");
+    }
+    // Longest group, and groups as long as an address (per address), are accepted.
+    for (per, m) in [
+        ("/104", "2001:db8::/48"),
+        ("policy", "2001:db8::/104"),
+        ("/128", "2001:db8::/112"),
+        ("policy", "2001:db8::1"),
+        ("/32", "10.0.0.0/8"),
+        ("policy", "10.0.0.1"),
+    ] {
+        assert!(Config::parse(&policy(per, m)).is_ok(), "per: {per} on {m}");
+    }
+    let default = |per: &str| format!("default:\n  limit: 1\n  window: 1s\n  per: {per}\n");
+    for (per, expect) in [
+        (
+            "/64",
+            "default.per (line 4): `default` covers both families, so a prefix length needs one per family: write `per: { ipv4: /64, ipv6: /64 }`",
+        ),
+        ("/x", "default.per (line 4): \"/x\" is not a grouping"),
+        (
+            "{ ipv4: address, ipv7: /64 }",
+            "default.per (line 4): unknown key `ipv7`: the per-family form has `ipv4` and `ipv6`",
+        ),
+        (
+            "{ ipv6: 64 }",
+            "default.per (line 4): ipv6: 64 is not a grouping: a prefix length is written with its slash, like /64",
+        ),
+        (
+            "\n    ipv4: address\n    ipv6: /x",
+            "default.per (line 4): ipv6: \"/x\" is not a grouping",
+        ),
+        (
+            "\n    ipv4: /33",
+            "default.per.ipv4 (line 5): /33 is longer than an IPv4 address",
+        ),
+        (
+            "\n    ipv4: /8\n    ipv6: /120",
+            "default.per.ipv6 (line 6): an IPv6 group is at most /104",
+        ),
+    ] {
+        let e = err(&default(per));
+        assert!(e.contains(expect), "default per: {per}: {e}");
+    }
+}
+
+#[test]
+fn policies_group_as_written_never_across_policies() {
+    let c = Config::parse(&with_per(
+        None,
+        &[
+            "match: 10.0.0.0/24, per: policy",
+            "match: 10.1.0.0/24, per: /16",
+            "match: 10.2.0.0/16, per: /24",
+            "match: 10.3.0.0/16",
+            "match: 2001:db8::/48",
+            "match: 2001:db9::/48, per: /56",
+            "match: 2001:dba::/104",
+            "match: 2001:dbb::/112",
+            "match: 2001:dbc::/112, per: address",
+            "match: 2001:dbd::/32, per: policy",
+            "match: 192.0.2.1, per: policy",
+        ],
+    ))
+    .unwrap();
+    // The defaults: IPv4 per address, IPv6 per /64.
+    assert_eq!(group_at(&c, "0.0.0.0/0"), 0);
+    assert_eq!(group_at(&c, "::/0"), group_of(Some(64)));
+    assert_eq!(group_at(&c, "10.0.0.0/24"), group_of(Some(24)));
+    // A /16 group on a /24 policy: the /24 (a group never spans two policies).
+    assert_eq!(group_at(&c, "10.1.0.0/24"), group_of(Some(24)));
+    assert_eq!(group_at(&c, "10.2.0.0/16"), group_of(Some(24)));
+    assert_eq!(group_at(&c, "10.3.0.0/16"), 0);
+    assert_eq!(group_at(&c, "2001:db8::/48"), group_of(Some(64)));
+    assert_eq!(group_at(&c, "2001:db9::/48"), group_of(Some(56)));
+    assert_eq!(group_at(&c, "2001:dba::/104"), group_of(Some(104)));
+    // Longer than an IPv6 group can be, without `per`: per address.
+    assert_eq!(group_at(&c, "2001:dbb::/112"), 0);
+    assert_eq!(group_at(&c, "2001:dbc::/112"), 0);
+    assert_eq!(group_at(&c, "2001:dbd::/32"), group_of(Some(32)));
+    assert_eq!(group_at(&c, "192.0.2.1"), 0);
+    // The policies longer than /64 each split a /64 of the default's: marked (see
+    // `groups_a_longer_policy_splits_are_marked_in_the_trie`); nothing else is added.
+    let lpm = c.lpm_entries();
+    assert_eq!(lpm.len(), 2 + 11 + 3);
+    for split in ["2001:dba::/64", "2001:dbb::/64", "2001:dbc::/64"] {
+        assert_eq!(
+            lpm[&trie_key(split)].group,
+            group_of(Some(64)) | GROUP_SPLIT
+        );
+    }
+    assert_eq!(group_bits(group_at(&c, "2001:db9::/48")), Some(56));
+}
+
+#[test]
+fn groups_a_longer_policy_splits_are_marked_in_the_trie() {
+    // A host inside the default's /64: the rest of that /64 is the default's, marked split.
+    let c = Config::parse(&with_per(None, &["match: \"2001:db8::1\""])).unwrap();
+    let lpm = c.lpm_entries();
+    assert_eq!(lpm.len(), 4);
+    assert_eq!(lpm[&trie_key("2001:db8::1")].group, 0);
+    let marker = lpm[&trie_key("2001:db8::/64")];
+    let mut expected = c.default_policy();
+    expected.group = group_of(Some(64)) | GROUP_SPLIT;
+    assert_eq!(marker, expected);
+    // The default unmarked elsewhere.
+    assert_eq!(lpm[&policy_key_v6(&[0; 16], 0)].group, group_of(Some(64)));
+
+    // Inside a /48 policy grouped per /64 (as the default): the /48's copy is the marker.
+    let c = Config::parse(&with_per(
+        None,
+        &["match: 2001:db8::/48", "match: \"2001:db8:0:5::9\""],
+    ))
+    .unwrap();
+    let marker = c.lpm_entries()[&trie_key("2001:db8:0:5::/64")];
+    assert_eq!(
+        (marker.id, marker.group),
+        (1, group_of(Some(64)) | GROUP_SPLIT)
+    );
+    assert_eq!(group_at(&c, "2001:db8::/48"), group_of(Some(64)));
+
+    // No marker where the covering policy groups otherwise: the fast key (a /64 group key)
+    // is never written there.
+    for (default_per, covering) in [
+        (Some("{ ipv6: address }"), None),
+        (None, Some("match: 2001:db8::/48, per: policy")),
+        (None, Some("match: 2001:db8::/48, per: /56")),
+        (None, Some("match: 2001:db8::/48, per: address")),
+    ] {
+        let mut policies = vec!["match: \"2001:db8::1\""];
+        policies.extend(covering);
+        let c = Config::parse(&with_per(default_per, &policies)).unwrap();
+        let lpm = c.lpm_entries();
+        assert!(
+            !lpm.contains_key(&trie_key("2001:db8::/64")),
+            "{default_per:?} {covering:?}"
+        );
+        assert_eq!(
+            lpm.len(),
+            2 + policies.len(),
+            "{default_per:?} {covering:?}"
+        );
+    }
+
+    // A policy exactly at /64 with a host inside it: that policy's own entry is marked.
+    let c = Config::parse(&with_per(
+        None,
+        &[
+            "match: \"2001:db8:0:1::/64\"",
+            "match: \"2001:db8:0:1::5\"",
+            "match: \"2001:db8:0:2::/64\"",
+        ],
+    ))
+    .unwrap();
+    let lpm = c.lpm_entries();
+    assert_eq!(lpm.len(), 5);
+    let own = lpm[&trie_key("2001:db8:0:1::/64")];
+    assert_eq!((own.id, own.group), (1, group_of(Some(64)) | GROUP_SPLIT));
+    assert_eq!(
+        lpm[&trie_key("2001:db8:0:2::/64")].group,
+        group_of(Some(64))
+    );
+
+    // Two hosts in one /64, and an IPv4 default grouped per /24: one marker per group.
+    let c = Config::parse(&with_per(
+        Some("{ ipv4: /24 }"),
+        &[
+            "match: 10.0.0.7",
+            "match: 10.0.0.9",
+            "match: \"2001:db8::1\"",
+            "match: \"2001:db8::2\"",
+        ],
+    ))
+    .unwrap();
+    let lpm = c.lpm_entries();
+    assert_eq!(lpm.len(), 2 + 4 + 2);
+    assert_eq!(
+        lpm[&trie_key("10.0.0.0/24")].group,
+        group_of(Some(24)) | GROUP_SPLIT
+    );
+    assert_eq!(lpm[&trie_key("10.0.0.0/24")].id, 0);
+    assert_eq!(
+        lpm[&trie_key("2001:db8::/64")].group,
+        group_of(Some(64)) | GROUP_SPLIT
+    );
+}
+
+#[test]
+fn the_fast_group_is_each_familys_bare_entry() {
+    for (default_per, policies, fast) in [
+        (None, vec![], [0, group_of(Some(64))]),
+        (
+            Some("{ ipv4: /24, ipv6: /56 }"),
+            vec![],
+            [group_of(Some(24)), group_of(Some(56))],
+        ),
+        (Some("{ ipv6: address }"), vec![], [0, 0]),
+        (
+            Some("policy"),
+            vec![],
+            [group_of(Some(0)), group_of(Some(0))],
+        ),
+        // A `/0` policy takes its family's place, grouped as written or as the default.
+        (
+            None,
+            vec![
+                "match: \"::/0\", per: address",
+                "match: 0.0.0.0/0, per: /16",
+            ],
+            [group_of(Some(16)), 0],
+        ),
+        (
+            Some("{ ipv6: /48 }"),
+            vec!["match: \"::/0\""],
+            [0, group_of(Some(48))],
+        ),
+        // Longer policies do not change it.
+        (
+            None,
+            vec![
+                "match: 10.0.0.0/8, per: policy",
+                "match: \"2001:db8::/32\", per: /48",
+            ],
+            [0, group_of(Some(64))],
+        ),
+    ] {
+        let c = Config::parse(&with_per(default_per, &policies)).unwrap();
+        assert_eq!(c.fast_groups(), fast, "{default_per:?} {policies:?}");
+        let lpm = c.lpm_entries();
+        assert_eq!(
+            [
+                lpm[&policy_key_v4([0; 4], 0)].group,
+                lpm[&policy_key_v6(&[0; 16], 0)].group
+            ],
+            fast,
+            "{default_per:?} {policies:?}"
+        );
+    }
 }

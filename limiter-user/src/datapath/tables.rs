@@ -313,7 +313,7 @@ impl Tables {
             generation,
             mode,
             flags,
-            fast_group: config.grouping.fast_groups(),
+            fast_group: config.fast_groups(),
             _pad: 0,
         };
         self.config

@@ -9,7 +9,9 @@
 //!   it (a tombstone); else the file's.
 //! - An overlay entry replaces `limit`, `window` and `action`; its `weight` is the overlay's if it
 //!   has one, else the file's policy's (as an API edit of the file kept the keys it does not
-//!   manage), else 1.
+//!   manage), else 1. `per` (how addresses group into clients; `default.per` for the default) is
+//!   the file's as written: the API does not set it, so a policy only the overlay has groups as
+//!   `default` does.
 //! - Order (policy ids): the file's policies in file order, each overridden one in its place,
 //!   then the overlay's new policies in the order they were first set.
 //! - `mode` and `adaptive` come from the file only.
@@ -29,7 +31,7 @@
 //! ```yaml
 //! version: 1                      # required; a newer version is refused, never overwritten
 //! default: { limit: 500, window: 1s }
-//! policies:                       # as in the config file (limit/window/action/weight)
+//! policies:                       # as in the config file (limit/window/action/weight; no per)
 //!   - { match: 10.0.0.0/8, limit: 50, window: 1s }
 //!   - { match: tenant-gold, action: pass }
 //! removed:                        # file policies the API removed
@@ -213,6 +215,24 @@ impl Overlay {
             }
         }
         let disk: OnDisk = serde_yaml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        // The agent never writes `per` here (it is the file's); one written by hand would be
+        // ignored, so it is refused as any other unknown key is.
+        let no_per = "`per` is not an overlay key: how addresses group into clients is set in \
+                      the config file";
+        if disk.default.as_ref().is_some_and(|d| d.per.is_some()) {
+            return Err(corrupt(format!("default: {no_per}")));
+        }
+        if let Some((i, rule)) = disk
+            .policies
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.per.is_some())
+        {
+            return Err(corrupt(format!(
+                "policies[{i}] (match {}): {no_per}",
+                rule.matches
+            )));
+        }
         let default = disk
             .default
             .as_ref()
@@ -343,8 +363,10 @@ fn entry(limit: &Limit) -> Result<Entry, String> {
 }
 
 /// A policy as the config file writes it: `match` (if any), then `limit` and `window`, or
-/// `action`, then `weight`: the entry's, else `file_weight` (the file's policy's, as written).
-fn entry_value(m: Option<&Match>, e: &Entry, file_weight: Option<&Value>) -> Value {
+/// `action`, then `weight`: the entry's, else the file's policy's as written, then `per`: the
+/// file's policy's as written. `file` is the file's policy (or `default`) this entry overrides.
+fn entry_value(m: Option<&Match>, e: &Entry, file: Option<&Value>) -> Value {
+    let file_key = |key: &str| file.and_then(|f| f.get(key)).filter(|v| !v.is_null());
     let mut out = Mapping::new();
     if let Some(m) = m {
         out.insert("match".into(), Value::String(m.to_string()));
@@ -361,14 +383,17 @@ fn entry_value(m: Option<&Match>, e: &Entry, file_weight: Option<&Value>) -> Val
             out.insert("action".into(), "drop".into());
         }
     }
-    match (e.weight, file_weight) {
+    match (e.weight, file_key("weight")) {
         (Some(w), _) => {
             out.insert("weight".into(), w.into());
         }
-        (None, Some(w)) if !w.is_null() => {
+        (None, Some(w)) => {
             out.insert("weight".into(), w.clone());
         }
-        _ => {}
+        (None, None) => {}
+    }
+    if let Some(per) = file_key("per") {
+        out.insert("per".into(), per.clone());
     }
     Value::Mapping(out)
 }
@@ -481,8 +506,8 @@ pub fn merge(file_text: &str, overlay: &Overlay) -> Result<Effective, MergeError
     let mut layers = Vec::with_capacity(file.policies.len() + overlay.policies.len() + 1);
     match &overlay.default {
         Some(e) => {
-            let file_weight = doc.get("default").and_then(|d| d.get("weight")).cloned();
-            doc.insert("default".into(), entry_value(None, e, file_weight.as_ref()));
+            let value = entry_value(None, e, doc.get("default"));
+            doc.insert("default".into(), value);
             layers.push(Layer::OverlayOverridesFile);
         }
         None => layers.push(Layer::File),
@@ -495,7 +520,7 @@ pub fn merge(file_text: &str, overlay: &Overlay) -> Result<Effective, MergeError
     let mut removed = Vec::new();
     for (item, (m, r)) in items.into_iter().zip(&file.policies) {
         if let Some((_, e)) = overlay.policies.iter().find(|(p, _)| p == m) {
-            policies.push(entry_value(Some(m), e, item.get("weight")));
+            policies.push(entry_value(Some(m), e, Some(&item)));
             layers.push(Layer::OverlayOverridesFile);
         } else if overlay.removed.contains(m) {
             removed.push((m.clone(), *r));

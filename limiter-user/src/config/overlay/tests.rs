@@ -117,6 +117,59 @@ fn an_overlay_weight_replaces_the_files() {
 }
 
 #[test]
+fn an_overridden_policy_keeps_the_files_per() {
+    use crate::config::{Grouping, Per};
+    let text = "\
+default:
+  limit: 1000
+  window: 1s
+  per: { ipv4: /24, ipv6: address }
+policies:
+  - { match: 10.0.0.0/8, limit: 100, window: 1s, per: policy, weight: 3 }
+  - { match: \"2001:db8::/32\", limit: 5, window: 1s, per: /48 }
+  - { match: 192.0.2.0/24, limit: 5, window: 1s }
+";
+    let file = Config::parse(text).unwrap();
+    let mut o = Overlay::default();
+    o.set_default(limit(50, "1m"));
+    o.set_policy(&m("10.0.0.0/8"), limit(7, "10ms"));
+    o.set_policy(&m("2001:db8::/32"), pass());
+    o.set_policy(&m("192.0.2.0/24"), limit(1, "1s"));
+    o.set_policy(&m("198.51.100.0/24"), limit(2, "1s"));
+    let e = merge(text, &o).unwrap();
+    let c = &e.config;
+    assert_eq!(policy(c, "10.0.0.0/8"), Some(limit(7, "10ms")));
+    assert_eq!(c.default, limit(50, "1m"));
+    // `per` as the file wrote it, the default's per-family map included; a policy only the
+    // overlay has (and one the file wrote without `per`) follows the default.
+    assert_eq!(
+        c.grouping,
+        Grouping {
+            default_v4: Per::Prefix(24),
+            default_v6: Per::Address,
+            policies: vec![Some(Per::Policy), Some(Per::Prefix(48)), None, None],
+        }
+    );
+    assert_eq!(c.grouping.default_v4, file.grouping.default_v4);
+    // The trie groups as the file's does.
+    let trie = c.lpm_entries();
+    for (key, p) in file.lpm_entries() {
+        assert_eq!(trie[&key].group, p.group, "{key:?}");
+    }
+    // The weight stays too, and the text reads back into the same config.
+    assert_eq!(c.weights, [1.0, 3.0, 1.0, 1.0, 1.0]);
+    assert!(e.yaml.contains("per: policy"), "{}", e.yaml);
+    assert_eq!(Config::parse(&e.yaml).unwrap(), e.config);
+    // Without the overlay's default, the file's default (with its `per`) is in force.
+    o.unset_default();
+    let c = merge(text, &o).unwrap().config;
+    assert_eq!(
+        (c.grouping.default_v4, c.grouping.default_v6),
+        (Per::Prefix(24), Per::Address)
+    );
+}
+
+#[test]
 fn rm_of_an_overlay_entry_restores_the_files_policy_then_removes_it() {
     let f = file();
     let mut o = Overlay::default();
@@ -292,6 +345,14 @@ fn a_corrupt_overlay_is_refused_with_the_problem() {
         (
             "version: 1\nremoved: [t, t]\n",
             "removed[1] (t): listed twice",
+        ),
+        (
+            "version: 1\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s, per: policy }\n",
+            "policies[0] (match 10.0.0.0/8): `per` is not an overlay key",
+        ),
+        (
+            "version: 1\ndefault: { limit: 1, window: 1s, per: address }\n",
+            "default: `per` is not an overlay key",
         ),
     ];
     for (text, want) in cases {
