@@ -75,13 +75,34 @@ pub(crate) fn locate(
 ) -> Option<Located> {
     let mut fast = [0u8; 16];
     set_group_key(addr, fast_group(addr, config), &mut fast);
-    if let Some((p, home)) = find(&fast) {
+    let found = find(&fast);
+    if let Some((p, home)) = found {
         // SAFETY: a live map value.
         if unsafe { (*p).is_current(config.generation) } {
             return Some(Located::Found(p, home, fast));
         }
     }
-    locate_resolved(addr, config, stats)
+    let policy = resolve(addr, stats)?;
+    let mut key = [0u8; 16];
+    set_group_key(addr, policy.group, &mut key);
+    if key == fast {
+        // The fast lookup was this key's: no second one.
+        return Some(match found {
+            Some((p, home)) => {
+                // SAFETY: a live map value.
+                unsafe { refresh_with(p, &policy, config) };
+                Located::Found(p, home, key)
+            }
+            None => Located::Missing(policy, key),
+        });
+    }
+    if let Some((p, home)) = found {
+        // A stale entry under the fast key that this address's policy does not key it by: a
+        // reload changed the grouping there, and no address resolves to it any more.
+        // SAFETY: a live map value.
+        unsafe { orphan(p, home, &fast) };
+    }
+    found_or_missing(key, policy, config)
 }
 
 /// [`locate`] without the first lookup under the fast key: the policy trie decides the key.
@@ -96,6 +117,11 @@ pub(crate) fn locate_resolved(
     let policy = resolve(addr, stats)?;
     let mut key = [0u8; 16];
     set_group_key(addr, policy.group, &mut key);
+    found_or_missing(key, policy, config)
+}
+
+#[inline(always)]
+fn found_or_missing(key: ClientKey, policy: Policy, config: &MapConfig) -> Option<Located> {
     match find(&key) {
         Some((p, home)) => {
             // SAFETY: a live map value.
@@ -103,6 +129,25 @@ pub(crate) fn locate_resolved(
             Some(Located::Found(p, home, key))
         }
         None => Some(Located::Missing(policy, key)),
+    }
+}
+
+/// Retires an entry no address resolves to any more (see [`refresh_keyed`]): deleted from
+/// `CLIENTS` or `LIMITED`, so packets stop finding it and it stops taking room. Its generation
+/// tag is also set to 0, which no generation uses, so that an entry that stays (in
+/// `STATIC_CLIENTS`, which the agent manages) never reads as current again (a tag would alias
+/// the current one 2^15 generations later).
+///
+/// # Safety
+/// `state` points at the live map value of `key` in `home`.
+#[inline(always)]
+unsafe fn orphan(state: *mut ClientState, home: Home, key: &ClientKey) {
+    if home == Home::Clients {
+        let _ = CLIENTS.remove(key);
+    } else {
+        let _ = LIMITED.remove(key);
+        // SAFETY: the function's contract (a deleted value stays valid for the program's run).
+        unsafe { set_meta(&raw mut (*state).passed, 0) };
     }
 }
 
@@ -306,9 +351,15 @@ pub(crate) unsafe fn refresh_keyed(
     policy: &Policy,
     config: &MapConfig,
 ) {
-    if keyed_by(key, policy.group) {
-        // SAFETY: the function's contract.
-        unsafe { refresh_with(state, policy, config) };
+    // SAFETY: the function's contract.
+    unsafe {
+        if keyed_by(key, policy.group) {
+            refresh_with(state, policy, config);
+        } else if !(*state).is_current(config.generation) {
+            // Never aliases the current generation (see `orphan`); the LRU or the sweep takes
+            // it.
+            set_meta(&raw mut (*state).passed, 0);
+        }
     }
 }
 

@@ -76,6 +76,12 @@ impl FromStr for ClientId {
             // An IPv4-mapped IPv6 address is the IPv4 client, as on the wire it would be a
             // malformed source.
             let addr = match addr {
+                IpAddr::V6(v6) if v6.is_multicast() => {
+                    return Err(CheckError::InvalidId(format!(
+                        "{s:?} is an IPv6 multicast address, which no packet comes from \
+                         (RFC 4291 section 2.7): no client has it"
+                    )));
+                }
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
                 v4 => v4,
             };
@@ -434,7 +440,14 @@ policies:
         assert!(
             matches!(id("tenant-acme").unwrap(), ClientId::Named(n) if n.as_str() == "tenant-acme")
         );
-        for bad in ["10.0.0.0/8", "10.0.0.300", "", "default", " padded"] {
+        for bad in [
+            "10.0.0.0/8",
+            "10.0.0.300",
+            "",
+            "default",
+            " padded",
+            "ff02::1",
+        ] {
             assert!(
                 matches!(id(bad), Err(CheckError::InvalidId(_))),
                 "{bad:?} must be rejected"

@@ -1116,6 +1116,68 @@ fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
     Ok(())
 }
 
+/// Pins of layout 5 (before groups of addresses) are adopted with their clients; entries a
+/// layout-5 agent keyed in ff00::/8 (multicast sources, which it did not refuse, and which read
+/// as group keys now) are dropped.
+#[test]
+fn pins_of_layout_5_are_adopted_without_their_multicast_keys() -> Result<()> {
+    require_root!();
+    const LIMIT: u64 = 10;
+    let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
+    let net = TestNet::new()?;
+    let counter = net.udp_counter(UDP_PORT)?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let client: IpAddr = sender_v4(10).into();
+
+    let mut first = Agent::start(&net, &config)?;
+    first.keep_pins();
+    let got = send_and_count(&net, &counter, &[(client, 6)])?;
+    assert_eq!(got[&client], 6);
+    let status = first.terminate()?;
+    assert!(status.success(), "SIGTERM: {status}\n{}", first.stderr());
+    // What a layout-5 agent could leave behind: its stamp, and an entry of a multicast source
+    // whose bytes read as the group key of 2001:db8::/64 now.
+    {
+        let path = pin_dir(&net.receiver_if).join("LAYOUT");
+        let data = MapData::from_pin(&path)?;
+        let mut layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
+        layout.set(0, 5, 0)?;
+        let data = MapData::from_pin(pin_dir(&net.receiver_if).join("CLIENTS"))?;
+        let mut clients: aya::maps::HashMap<MapData, [u8; 16], limiter_common::ClientState> =
+            aya::maps::HashMap::try_from(Map::from_map_data(data)?)?;
+        let planted = limiter_common::addr::group_key(
+            &"2001:db8::1".parse::<std::net::Ipv6Addr>()?.octets(),
+            limiter_common::addr::group_of(Some(64)),
+        );
+        clients.insert(planted, limiter_common::ClientState::default(), 0)?;
+    }
+
+    let second = Agent::start(&net, &config)?;
+    let log = second.stderr();
+    let mentions = lines_with(&log, "layout v5");
+    assert_eq!(mentions.len(), 1, "one log line about the v5 pins:\n{log}");
+    assert_eq!(
+        lines_with(&log, "dropped entries of multicast sources").len(),
+        1,
+        "{log}"
+    );
+    assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
+    let got = send_and_count(&net, &counter, &[(client, LIMIT)])?;
+    let stats = second.stats()?;
+    window.check();
+    assert_eq!(
+        got[&client],
+        LIMIT - 6,
+        "the client kept its window: 6 of {LIMIT} used"
+    );
+    let rows = stats["clients"].as_array().context("no clients in stats")?;
+    ensure!(
+        !rows.iter().any(|r| r["addr"] == "2001:db8::/64"),
+        "the planted entry survived: {stats}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Another tool's XDP program
 // ---------------------------------------------------------------------------------------------

@@ -1264,3 +1264,53 @@ policies:
         Ok(())
     })
 }
+
+/// A reload that changes how a prefix groups leaves the old group's entry to no one: the first
+/// packet that finds it stale under the fast key deletes it, so it neither takes room nor, kept
+/// warm by lookups, outlives the 15-bit generation tag and reads as current again.
+#[test]
+fn an_entry_a_reload_regroups_is_retired_by_the_next_packet() -> Result<()> {
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, "default: { limit: 3, window: 1h }\n")?;
+        check_eq!(lim.send(v6("2001:db8::2"), 5)?, 3);
+        let labels = |lim: &Limiter| -> Result<Vec<String>> {
+            Ok(lim
+                .tables
+                .clients()?
+                .iter()
+                .map(|(k, _)| limiter_user::stats::client_label(k))
+                .collect())
+        };
+        check_eq!(labels(&lim)?, vec!["2001:db8::/64".to_string()]);
+        // A host policy splits the /64: the group's entry under the fast key is no one's.
+        lim.apply(
+            "default: { limit: 3, window: 1h }\npolicies:\n  - { match: 2001:db8::1, action: pass }\n",
+        )?;
+        check_eq!(
+            lim.send(v6("2001:db8::2"), 5)?,
+            3,
+            "the split rest starts afresh"
+        );
+        let held: Vec<_> = lim
+            .tables
+            .clients()?
+            .into_iter()
+            .filter(|(_, s)| s.flags() & FLAG_STATIC == 0)
+            .collect();
+        let decoded: Vec<_> = held
+            .iter()
+            .map(|(k, s)| (limiter_common::addr::client_of(k), s.total_passed()))
+            .collect();
+        check_eq!(held.len(), 1, "{decoded:?}");
+        check_eq!(
+            limiter_common::addr::client_of(&held[0].0),
+            limiter_common::addr::Client::GroupV6 {
+                prefix: "2001:db8::".parse::<std::net::Ipv6Addr>()?.octets(),
+                bits: 64,
+                split: true
+            }
+        );
+        check_eq!(lim.send(v6("2001:db8::1"), 5)?, 5);
+        Ok(())
+    })
+}

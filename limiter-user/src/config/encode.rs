@@ -91,6 +91,9 @@ impl Grouping {
     }
 }
 
+/// `fe80::`, the link-local prefix (RFC 4291 §2.5.6), as trie key data.
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 const FAMILY_V4_ALL: Cidr = Cidr {
     addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     prefix: 0,
@@ -124,6 +127,24 @@ impl Config {
                 let per = self.grouping.policies.get(i).copied().flatten();
                 policy.group = self.grouping.group(cidr, per);
                 entries.insert(cidr.lpm_key(), policy);
+            }
+        }
+        // Link-local sources (fe80::/10) count per address: every host on a link has its
+        // link-local address in the same fe80::/64, so grouping them as global addresses are
+        // would give one budget to a router's and every neighbour's discovery traffic. Unless a
+        // policy says otherwise at fe80::/10 (or inside it, where it wins anyway).
+        let link_local = policy_key_v6(&LINK_LOCAL, 10);
+        if !entries.contains_key(&link_local) {
+            let covering = (FAMILY_BITS..=link_local.0).rev().find_map(|len| {
+                entries
+                    .get(&mask_lpm(link_local.0, link_local.1, len))
+                    .copied()
+            });
+            if let Some(mut policy) = covering
+                && policy.group != 0
+            {
+                policy.group = 0;
+                entries.insert(link_local, policy);
             }
         }
         // The group of each family's bare entry (`default`, or the `/0` policy in its place).

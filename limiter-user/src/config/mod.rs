@@ -218,6 +218,16 @@ impl FromStr for Cidr {
                 "{s:?} has address bits set beyond the /{prefix} prefix; did you mean {masked}/{prefix}?"
             ));
         }
+        // Multicast (`ff00::/8`) is never a source (RFC 4291 section 2.7; the fast path counts
+        // such packets as malformed), and client keys use that range for groups of addresses.
+        if let (IpAddr::V6(v6), 8..) = (addr, prefix)
+            && v6.is_multicast()
+        {
+            return Err(format!(
+                "{s:?} is inside ff00::/8, IPv6 multicast, which no packet comes from: a policy \
+                 for it would never match"
+            ));
+        }
         // An IPv4-mapped address (`::ffff:a.b.c.d`, or a prefix inside `::ffff:0:0/96`) is how
         // IPv4 clients are keyed: as an IPv6 policy it would take an IPv4 client's key while no
         // IPv6 packet can come from it (such sources are malformed on the wire).

@@ -1,5 +1,8 @@
 use limiter_common::{
-    addr::{GROUP_SPLIT, PolicyKey, group_bits, group_of, policy_key_v4, policy_key_v6, v4_mapped},
+    addr::{
+        GROUP_BITS_MASK, GROUP_SPLIT, PolicyKey, group_bits, group_of, policy_key_v4,
+        policy_key_v6, v4_mapped,
+    },
     maps::ACTION_PASS,
 };
 
@@ -36,7 +39,7 @@ fn parses_the_readme_example() {
     assert_eq!(c.policies[2].1.action, Action::Pass);
     assert_eq!(c.static_clients(), vec![v4_mapped([192, 0, 2, 7])]);
     let lpm = c.lpm_entries();
-    assert_eq!(lpm.len(), 6);
+    assert_eq!(lpm.len(), 7, "with the link-local entry");
     assert_eq!(lpm[&policy_key_v4([10, 0, 0, 0], 8)].limit, 100);
     assert_eq!(lpm[&policy_key_v4([192, 0, 2, 7], 32)].action, ACTION_PASS);
     assert_eq!(lpm[&policy_key_v4([0; 4], 0)].id, 0);
@@ -567,7 +570,7 @@ fn id_policies_are_named_policies_not_trie_entries() {
             "default: { limit: 5, window: 1s }\npolicies:\n  - match: 10.0.0.0/8\n    limit: 1\n    window: 1s\n  - match: tenant-gold\n    limit: 9\n    window: 2s\n",
         )
         .unwrap();
-    assert_eq!(c.lpm_entries().len(), 3);
+    assert_eq!(c.lpm_entries().len(), 4, "with the link-local entry");
     let named = c.named_policies();
     let gold = named[&ClientName::new("tenant-gold").unwrap()];
     assert_eq!((gold.limit, gold.window_us, gold.id), (9, 2_000_000, 2));
@@ -843,7 +846,7 @@ fn policies_group_as_written_never_across_policies() {
     // The policies longer than /64 each split a /64 of the default's: marked (see
     // `groups_a_longer_policy_splits_are_marked_in_the_trie`); nothing else is added.
     let lpm = c.lpm_entries();
-    assert_eq!(lpm.len(), 2 + 11 + 3);
+    assert_eq!(lpm.len(), 2 + 11 + 3 + 1, "with the link-local entry");
     for split in ["2001:dba::/64", "2001:dbb::/64", "2001:dbc::/64"] {
         assert_eq!(
             lpm[&trie_key(split)].group,
@@ -858,7 +861,7 @@ fn groups_a_longer_policy_splits_are_marked_in_the_trie() {
     // A host inside the default's /64: the rest of that /64 is the default's, marked split.
     let c = Config::parse(&with_per(None, &["match: \"2001:db8::1\""])).unwrap();
     let lpm = c.lpm_entries();
-    assert_eq!(lpm.len(), 4);
+    assert_eq!(lpm.len(), 5, "with the link-local entry");
     assert_eq!(lpm[&trie_key("2001:db8::1")].group, 0);
     let marker = lpm[&trie_key("2001:db8::/64")];
     let mut expected = c.default_policy();
@@ -896,9 +899,10 @@ fn groups_a_longer_policy_splits_are_marked_in_the_trie() {
             !lpm.contains_key(&trie_key("2001:db8::/64")),
             "{default_per:?} {covering:?}"
         );
+        // Plus the link-local entry where the default groups IPv6.
         assert_eq!(
             lpm.len(),
-            2 + policies.len(),
+            2 + policies.len() + usize::from(default_per.is_none()),
             "{default_per:?} {covering:?}"
         );
     }
@@ -914,7 +918,7 @@ fn groups_a_longer_policy_splits_are_marked_in_the_trie() {
     ))
     .unwrap();
     let lpm = c.lpm_entries();
-    assert_eq!(lpm.len(), 5);
+    assert_eq!(lpm.len(), 6, "with the link-local entry");
     let own = lpm[&trie_key("2001:db8:0:1::/64")];
     assert_eq!((own.id, own.group), (1, group_of(Some(64)) | GROUP_SPLIT));
     assert_eq!(
@@ -934,7 +938,7 @@ fn groups_a_longer_policy_splits_are_marked_in_the_trie() {
     ))
     .unwrap();
     let lpm = c.lpm_entries();
-    assert_eq!(lpm.len(), 2 + 4 + 2);
+    assert_eq!(lpm.len(), 2 + 4 + 2 + 1, "with the link-local entry");
     assert_eq!(
         lpm[&trie_key("10.0.0.0/24")].group,
         group_of(Some(24)) | GROUP_SPLIT
@@ -988,13 +992,59 @@ fn the_fast_group_is_each_familys_bare_entry() {
         let c = Config::parse(&with_per(default_per, &policies)).unwrap();
         assert_eq!(c.fast_groups(), fast, "{default_per:?} {policies:?}");
         let lpm = c.lpm_entries();
+        // Without the split mark: with `per: policy` (a /0 group) every longer entry splits
+        // the family's root, the link-local one included.
         assert_eq!(
             [
-                lpm[&policy_key_v4([0; 4], 0)].group,
-                lpm[&policy_key_v6(&[0; 16], 0)].group
+                lpm[&policy_key_v4([0; 4], 0)].group & GROUP_BITS_MASK,
+                lpm[&policy_key_v6(&[0; 16], 0)].group & GROUP_BITS_MASK
             ],
             fast,
             "{default_per:?} {policies:?}"
         );
     }
+}
+
+#[test]
+fn multicast_policies_are_rejected() {
+    for text in ["ff02::1", "ff00::/8", "ff05::/16"] {
+        let e = text.parse::<Cidr>().unwrap_err();
+        assert!(e.contains("multicast"), "{text}: {e}");
+    }
+    // Prefixes that merely contain ff00::/8 match other sources too.
+    for ok in ["::/0", "f000::/4", "fe80::/10"] {
+        assert!(ok.parse::<Cidr>().is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn link_local_sources_count_per_address_unless_a_policy_says_otherwise() {
+    use limiter_common::addr::{group_of, policy_key_v6};
+    let link_local = policy_key_v6(
+        &"fe80::".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        10,
+    );
+    let c = Config::parse("default: { limit: 5, window: 1s }\n").unwrap();
+    let lpm = c.lpm_entries();
+    let entry = lpm[&link_local];
+    assert_eq!((entry.group, entry.id, entry.limit), (0, 0, 5));
+    // The default's own grouping stays /64 elsewhere.
+    assert_eq!(lpm[&policy_key_v6(&[0; 16], 0)].group, group_of(Some(64)));
+    // Per address already: nothing added.
+    let c = Config::parse("default: { limit: 5, window: 1s, per: address }\n").unwrap();
+    assert!(!c.lpm_entries().contains_key(&link_local));
+    // A policy at fe80::/10 is the operator's.
+    let c = Config::parse(
+        "default: { limit: 5, window: 1s }\npolicies:\n  - { match: fe80::/10, limit: 9, window: 1s, per: /64 }\n",
+    )
+    .unwrap();
+    let entry = c.lpm_entries()[&link_local];
+    assert_eq!((entry.group, entry.limit), (group_of(Some(64)), 9));
+    // A shorter policy covering it is copied, per address.
+    let c = Config::parse(
+        "default: { limit: 5, window: 1s }\npolicies:\n  - { match: fe00::/7, limit: 7, window: 1s }\n",
+    )
+    .unwrap();
+    let entry = c.lpm_entries()[&link_local];
+    assert_eq!((entry.group, entry.limit, entry.id), (0, 7, 1));
 }

@@ -116,12 +116,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
 /// removed first, with a warning.
 pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
+    let mut adopted_layout = None;
     loader.map_max_entries("CLIENTS", opts.max_clients);
     loader.map_max_entries("NAMED", opts.max_ids);
     loader.map_max_entries("LIMITED", opts.max_limited);
     if let Some(dir) = &opts.pin_dir {
         // Discarding may remove the directory itself: create it afterwards.
-        discard_incompatible_pins(dir, opts)?;
+        adopted_layout = discard_incompatible_pins(dir, opts)?;
         std::fs::create_dir_all(dir).map_err(|source| match source.kind() {
             io::ErrorKind::PermissionDenied => DatapathError::PinDirDenied { dir: dir.clone() },
             _ => DatapathError::Io {
@@ -140,6 +141,9 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     super::kernel_log::set_level(&mut loader);
     let mut ebpf = loader.load(object)?;
     super::kernel_log::forward(&mut ebpf);
+    if adopted_layout.is_some_and(|v| v < 6) {
+        purge_multicast_keys(&mut ebpf)?;
+    }
     let mut layout: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
             name: "LAYOUT",
@@ -161,13 +165,25 @@ fn pinned_layout(dir: &Path) -> Option<u32> {
     layout.get(&0, 0).ok()
 }
 
-fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), DatapathError> {
+/// Removes pins this binary cannot adopt; returns the layout of the pins it will adopt.
+fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
     let any_pinned = PINNED.iter().any(|(name, ..)| dir.join(name).exists());
     if !any_pinned {
-        return Ok(());
+        return Ok(None);
     }
-    match pinned_layout(dir) {
+    let layout = pinned_layout(dir);
+    match layout {
         Some(LAYOUT_VERSION) => {}
+        Some(5) => {
+            // Layout 6 gave meaning to two padding fields (`Policy::group`, `MapConfig::
+            // fast_group`), zero in layout 5, which means per address; the agent rewrites both
+            // when it applies its config. Keys in ff00::/8, multicast sources then, read as
+            // groups now: `purge_multicast_keys` drops them once the maps are loaded.
+            tracing::info!(
+                dir = %dir.display(),
+                "pinned maps have layout v5: adopting them as v{LAYOUT_VERSION} (clients keep their state)"
+            );
+        }
         Some(4) => {
             // Layout 5 added `LIMITED` (created and pinned by the load) and two counters to
             // `STATS`; every other map is the same. Adopt them, so clients keep their windows
@@ -196,7 +212,8 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), Datap
                 dir = %dir.display(),
                 "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
             );
-            return remove_pins(dir);
+            remove_pins(dir)?;
+            return Ok(None);
         }
     }
     let mut mismatch = None;
@@ -225,6 +242,41 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<(), Datap
             "pinned maps have another layout or size; discarding them and starting with fresh counters"
         );
         remove_pins(dir)?;
+        return Ok(None);
+    }
+    Ok(layout)
+}
+
+/// Deletes the entries keyed in ff00::/8 from the client maps of pins adopted from a layout
+/// before 6: multicast sources then (the parser did not refuse them), group keys now, so a
+/// sender could have chosen its source to put its counts on another prefix's group.
+fn purge_multicast_keys(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    use aya::maps::HashMap;
+    use limiter_common::{ClientState, addr::ClientKey};
+    let mut purged = 0usize;
+    for name in ["CLIENTS", "STATIC_CLIENTS", "LIMITED"] {
+        let map = ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            error: MapError::InvalidName { name: name.into() },
+        })?;
+        let mut map: HashMap<&mut MapData, ClientKey, ClientState> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let doomed: Vec<ClientKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k[0] == limiter_common::addr::GROUP_KEY_MARK)
+            .collect();
+        for key in &doomed {
+            // Gone already (evicted meanwhile) is fine.
+            let _ = map.remove(key);
+        }
+        purged += doomed.len();
+    }
+    if purged > 0 {
+        tracing::info!(
+            purged,
+            "dropped entries of multicast sources from the adopted maps"
+        );
     }
     Ok(())
 }
