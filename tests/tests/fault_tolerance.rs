@@ -1143,13 +1143,13 @@ fn pins_of_layout_5_are_adopted_without_their_multicast_keys() -> Result<()> {
         let mut layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
         layout.set(0, 5, 0)?;
         let data = MapData::from_pin(pin_dir(&net.receiver_if).join("CLIENTS"))?;
-        let mut clients: aya::maps::HashMap<MapData, [u8; 16], limiter_common::ClientState> =
+        let mut clients: aya::maps::HashMap<MapData, ClientKey, ClientState> =
             aya::maps::HashMap::try_from(Map::from_map_data(data)?)?;
         let planted = limiter_common::addr::group_key(
-            &"2001:db8::1".parse::<std::net::Ipv6Addr>()?.octets(),
+            &"2001:db8::1".parse::<Ipv6Addr>()?.octets(),
             limiter_common::addr::group_of(Some(64)),
         );
-        clients.insert(planted, limiter_common::ClientState::default(), 0)?;
+        clients.insert(planted, ClientState::default(), 0)?;
     }
 
     let second = Agent::start(&net, &config)?;
