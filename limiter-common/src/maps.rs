@@ -326,7 +326,8 @@ pub struct MapConfig {
     /// `CONFIG_*` bits.
     pub flags: u32,
     /// The group length (a `Policy::group` value, without `GROUP_SPLIT`) the fast path tries
-    /// first for an IPv4 and an IPv6 source: the family default's, which most policies inherit.
+    /// first for an IPv4 and an IPv6 source: that of the family's bare trie entry (`default`, or
+    /// a `0.0.0.0/0` or `::/0` policy in its place), which most policies inherit.
     /// A packet whose client is keyed otherwise pays a policy lookup (see `addr::group_key`).
     pub fast_group: [u8; 2],
     pub _pad: u16,

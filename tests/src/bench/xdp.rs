@@ -3,7 +3,7 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     time::Instant,
 };
@@ -41,10 +41,15 @@ default: { limit: 4294967295, window: 1h }
 policies:
   - { match: 198.51.100.0/24, limit: 1, window: 1h }
   - { match: 203.0.113.0/24, action: pass }
+  - { match: \"2001:db8:1::/48\", limit: 4294967295, window: 1h, per: address }
 ";
 const HOT_PASS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const HOT_DROP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Under `default`: IPv6 counts per /64, found under the fast key.
+const HOT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// Under a per-address policy, off the family's usual grouping: a trie lookup per packet.
+const HOT_V6_OWN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 
 /// `xdp-bench [--repeat N] [--write FILE]`.
 #[derive(clap::Parser)]
@@ -172,6 +177,12 @@ fn frame_from(src: Ipv4Addr) -> Vec<u8> {
         .bytes
 }
 
+fn frame_from_v6(src: Ipv6Addr) -> Vec<u8> {
+    Builder::ipv6(src, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe))
+        .build()
+        .bytes
+}
+
 /// `key: value` fields of /proc/self/fdinfo/FD.
 fn fdinfo(fd: i32) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
@@ -245,6 +256,8 @@ pub fn run(args: &Args) -> Result<()> {
     let hot = frame_from(HOT_PASS);
     let hot_drop = frame_from(HOT_DROP);
     let allowed = frame_from(ALLOWED);
+    let hot_v6 = frame_from_v6(HOT_V6);
+    let hot_v6_own = frame_from_v6(HOT_V6_OWN);
     let mut rows = Vec::new();
     let mut row = |case: &str, (ns, wall_ns): (f64, f64), repeat: u32| {
         eprintln!("{case}: {ns} ns/packet (wall {wall_ns:.1})");
@@ -263,6 +276,8 @@ pub fn run(args: &Args) -> Result<()> {
     measure(&ebpf, "limiter", &hot, 1000, XDP_PASS)?;
     measure(&ebpf, "limiter", &hot_drop, 1000, XDP_DROP)?;
     measure(&ebpf, "limiter", &allowed, 1000, XDP_PASS)?;
+    measure(&ebpf, "limiter", &hot_v6, 1000, XDP_PASS)?;
+    measure(&ebpf, "limiter", &hot_v6_own, 1000, XDP_PASS)?;
 
     let mut hot_rows = rounds(
         &ebpf,
@@ -282,6 +297,21 @@ pub fn run(args: &Args) -> Result<()> {
                 "1 hot allow-listed client (`action: pass`)",
                 "limiter",
                 &allowed,
+                XDP_PASS,
+                false,
+            ),
+            // IPv6 parses 40 bytes of header where the baseline's IPv4 frame has 20.
+            (
+                "1 hot IPv6 client, passing (its /64, the usual key)",
+                "limiter",
+                &hot_v6,
+                XDP_PASS,
+                false,
+            ),
+            (
+                "1 hot IPv6 client, passing (`per: address` policy: a trie lookup per packet)",
+                "limiter",
+                &hot_v6_own,
                 XDP_PASS,
                 false,
             ),
