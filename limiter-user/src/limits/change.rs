@@ -75,11 +75,19 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         generation,
         source,
     };
-    if old.default != new.default {
+    // A change of grouping (`per`) alone is a change of the policy too.
+    let default_per = |c: &Config| (c.grouping.default_v4, c.grouping.default_v6);
+    if old.default != new.default || default_per(old) != default_per(new) {
         out.push(change(ChangeKind::Set, Selector::Default, new.default));
     }
-    for (m, r) in &new.policies {
-        if !old.policies.iter().any(|(om, or)| om == m && or == r) {
+    let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
+    for (i, (m, r)) in new.policies.iter().enumerate() {
+        let same = old
+            .policies
+            .iter()
+            .enumerate()
+            .any(|(j, (om, or))| om == m && or == r && per(old, j) == per(new, i));
+        if !same {
             out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
         }
     }
@@ -104,6 +112,24 @@ mod tests {
             .iter()
             .map(|c| (c.kind, c.selector.to_string(), c.limit.limit))
             .collect()
+    }
+
+    #[test]
+    fn a_change_of_grouping_alone_is_a_change() {
+        let old = config(
+            "default: { limit: 5, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n",
+        );
+        let new = config(
+            "default: { limit: 5, window: 1s, per: { ipv6: /56 } }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s, per: policy }\n",
+        );
+        assert_eq!(
+            described(&diff(&old, &new, 2, Source::File)),
+            [
+                (ChangeKind::Set, "default".to_string(), 5),
+                (ChangeKind::Set, "10.0.0.0/8".to_string(), 1)
+            ]
+        );
+        assert!(diff(&new, &new, 3, Source::File).is_empty());
     }
 
     #[test]
