@@ -144,12 +144,13 @@ impl Rig {
         Ok(passed)
     }
 
+    /// The entry `src` is counted in: its own, or its group's.
     fn client(&self, src: IpAddr) -> Result<ClientState> {
         let key = key_of(src);
         self.tables
             .clients()?
             .into_iter()
-            .find(|(k, _)| *k == key)
+            .find(|(k, _)| limiter_common::addr::covers(k, &key))
             .map(|(_, v)| v)
             .with_context(|| format!("no entry for {src}"))
     }
@@ -217,6 +218,38 @@ fn overload_shrinks_windows_in_the_map_and_relief_restores_them() -> Result<()> 
         (busy_state.window_us, busy_state.limit) == (10_000_000, 1000),
         "after relief {busy_state:?}"
     );
+    Ok(())
+}
+
+/// An IPv6 /64 is one client to the controller too: the ring reports its group once, however
+/// many of its addresses send, and the window the controller sets is the group's, for each of
+/// its addresses.
+#[test]
+fn an_ipv6_64_is_tracked_and_adapted_as_one_client() -> Result<()> {
+    limiter_tests::require_root!();
+    let yaml = YAML.replace(
+        "policies:\n",
+        "policies:\n  - match: \"2001:db8:5::/48\"\n    limit: 1000\n    window: 10s\n",
+    );
+    let mut rig = Rig::new(&yaml)?;
+    let a: IpAddr = "2001:db8:5:1::a".parse()?;
+    let b: IpAddr = "2001:db8:5:1:ffff::b".parse()?;
+    rig.send(a, 25)?;
+    rig.send(b, 25)?;
+    let first = rig.tick()?;
+    check(first.reported == 1 && first.tracked == 1, &first)?;
+    rig.load.set(0.95);
+    for _ in 0..3 {
+        rig.send(a, 25)?;
+        rig.send(b, 25)?;
+        let r = rig.tick()?;
+        check(r.reads == 1 && r.observed == 1, &r)?;
+    }
+    // 10 s shrinks one step per period: 8, 6.4, 5.12 s, for both addresses.
+    let (sa, sb) = (rig.client(a)?, rig.client(b)?);
+    ensure!(sa == sb, "one entry for the /64: {sa:?} {sb:?}");
+    ensure!(sa.window_us == 5_120_000, "window {}", sa.window_us);
+    ensure!(sa.total_passed() == 200, "passed {}", sa.total_passed());
     Ok(())
 }
 

@@ -6,7 +6,12 @@
     reason = "test helpers outside #[test] functions; a panic there is the test failing"
 )]
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -156,15 +161,18 @@ impl Fixture {
     }
 
     /// Runs the attached-path program on one UDP packet from `src`; true if it passed.
-    fn packet(&self, src: Ipv4Addr) -> Result<bool> {
+    fn packet(&self, src: impl Into<IpAddr>) -> Result<bool> {
         let program: &Xdp = self
             .ebpf
             .program(datapath::PROGRAM)
             .context("no limiter program")?
             .try_into()?;
-        let frame = Builder::ipv4(src, Ipv4Addr::new(192, 0, 2, 1))
-            .build()
-            .bytes;
+        let frame = match src.into() {
+            IpAddr::V4(src) => Builder::ipv4(src, Ipv4Addr::new(192, 0, 2, 1)),
+            IpAddr::V6(src) => Builder::ipv6(src, "2001:db8::fe".parse()?),
+        }
+        .build()
+        .bytes;
         let r = program.test_run(TestRunOptions {
             data_in: Some(&frame),
             ..Default::default()
@@ -328,6 +336,56 @@ async fn packets_and_checks_share_one_budget() -> Result<()> {
             .into_inner()
             .allowed
     );
+    f.shutdown().await
+}
+
+/// An IPv6 address is counted in its /64 (the default): a check on one address of a /64 spends
+/// the budget that packets from another address of it spent, and the answer names the budget's
+/// limit; a check on another /64 is another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_check_shares_its_64s_budget_with_packets() -> Result<()> {
+    require_root!();
+    let f = Fixture::new(false).await?;
+    let mut c = f.client().await?.rate_limiter;
+    let src: Ipv6Addr = "2001:db8:7:7::1".parse()?;
+    ensure!(f.packet(src)? && f.packet(src)?);
+    let r = c
+        .check(check("2001:db8:7:7::abcd", Some(0)))
+        .await?
+        .into_inner();
+    ensure!(
+        r.remaining == 1 && r.limit == 3,
+        "after 2 packets of the /64: {r:?}"
+    );
+    ensure!(
+        c.check(check("2001:db8:7:7:ffff::9", None))
+            .await?
+            .into_inner()
+            .allowed
+    );
+    ensure!(
+        !f.packet("2001:db8:7:7::2".parse::<Ipv6Addr>()?)?,
+        "the packet path sees the budget the API spent"
+    );
+    ensure!(
+        !c.check(check("2001:db8:7:7::3", None))
+            .await?
+            .into_inner()
+            .allowed
+    );
+    ensure!(
+        c.check(check("2001:db8:7:8::3", None))
+            .await?
+            .into_inner()
+            .allowed
+    );
+    // Multicast is no client.
+    expect_code(
+        c.check(check("ff02::1", None)).await,
+        Code::InvalidArgument,
+        "multicast",
+    )
+    .await?;
     f.shutdown().await
 }
 
