@@ -82,6 +82,16 @@ pub(crate) fn locate(
             return Some(Located::Found(p, home, fast));
         }
     }
+    // An exact-address policy's client is keyed by its address in `STATIC_CLIENTS`, whatever
+    // the family groups by: found there, and current, it needs no trie lookup (an IPv6
+    // allow-listed host is the common case).
+    if fast != *addr
+        && let Some(p) = STATIC_CLIENTS.get_ptr_mut(addr)
+        // SAFETY: a live map value.
+        && unsafe { (*p).is_current(config.generation) }
+    {
+        return Some(Located::Found(p, Home::Kept, *addr));
+    }
     let policy = resolve(addr, stats)?;
     let mut key = [0u8; 16];
     set_group_key(addr, policy.group, &mut key);

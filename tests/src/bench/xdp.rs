@@ -42,6 +42,7 @@ policies:
   - { match: 198.51.100.0/24, limit: 1, window: 1h }
   - { match: 203.0.113.0/24, action: pass }
   - { match: \"2001:db8:1::/48\", limit: 4294967295, window: 1h, per: address }
+  - { match: \"2001:db8:2::1\", limit: 4294967295, window: 1h }
 ";
 const HOT_PASS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const HOT_DROP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -50,6 +51,8 @@ const ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const HOT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// Under a per-address policy, off the family's usual grouping: a trie lookup per packet.
 const HOT_V6_OWN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+/// With an exact-address policy: in `STATIC_CLIENTS`, found without a trie lookup.
+const HOT_V6_STATIC: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 
 /// `xdp-bench [--repeat N] [--write FILE]`.
 #[derive(clap::Parser)]
@@ -258,6 +261,7 @@ pub fn run(args: &Args) -> Result<()> {
     let allowed = frame_from(ALLOWED);
     let hot_v6 = frame_from_v6(HOT_V6);
     let hot_v6_own = frame_from_v6(HOT_V6_OWN);
+    let hot_v6_static = frame_from_v6(HOT_V6_STATIC);
     let mut rows = Vec::new();
     let mut row = |case: &str, (ns, wall_ns): (f64, f64), repeat: u32| {
         eprintln!("{case}: {ns} ns/packet (wall {wall_ns:.1})");
@@ -278,6 +282,7 @@ pub fn run(args: &Args) -> Result<()> {
     measure(&ebpf, "limiter", &allowed, 1000, XDP_PASS)?;
     measure(&ebpf, "limiter", &hot_v6, 1000, XDP_PASS)?;
     measure(&ebpf, "limiter", &hot_v6_own, 1000, XDP_PASS)?;
+    measure(&ebpf, "limiter", &hot_v6_static, 1000, XDP_PASS)?;
 
     let mut hot_rows = rounds(
         &ebpf,
@@ -312,6 +317,13 @@ pub fn run(args: &Args) -> Result<()> {
                 "1 hot IPv6 client, passing (`per: address` policy: a trie lookup per packet)",
                 "limiter",
                 &hot_v6_own,
+                XDP_PASS,
+                false,
+            ),
+            (
+                "1 hot IPv6 client, passing (exact-address policy, `STATIC_CLIENTS`)",
+                "limiter",
+                &hot_v6_static,
                 XDP_PASS,
                 false,
             ),
