@@ -154,9 +154,10 @@ fn found_or_missing(key: ClientKey, policy: Policy, config: &MapConfig) -> Optio
 unsafe fn orphan(state: *mut ClientState, home: Home, key: &ClientKey) {
     if home == Home::Clients {
         let _ = CLIENTS.remove(key);
-    } else {
-        let _ = LIMITED.remove(key);
-        // SAFETY: the function's contract (a deleted value stays valid for the program's run).
+    } else if LIMITED.remove(key).is_err() {
+        // Not in `LIMITED`, so in `STATIC_CLIENTS`: it stays. (A deleted value is not written:
+        // the preallocated map may already have given its slot to another client.)
+        // SAFETY: the function's contract.
         unsafe { set_meta(&raw mut (*state).passed, 0) };
     }
 }

@@ -166,6 +166,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         let sweep = tables.limited_sweep()?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
+        datapath::complete_upgrade(&mut ebpf, &mut tables)?;
         Ok((tables, report, check_program, tuner, sweep, attachment))
     })();
     let (tables, report, check_program, tuner, sweep, attachment) = started?;

@@ -141,8 +141,11 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     super::kernel_log::set_level(&mut loader);
     let mut ebpf = loader.load(object)?;
     super::kernel_log::forward(&mut ebpf);
-    if adopted_layout.is_some_and(|v| v < 6) {
-        purge_multicast_keys(&mut ebpf)?;
+    // Pins of an older layout keep their stamp until the agent has swapped its program in and
+    // cleaned them up (`Tables::complete_upgrade`): until the swap the old program still runs on
+    // them, and a start that fails before it must find them still marked old.
+    if adopted_layout.is_some_and(|v| v < LAYOUT_VERSION) {
+        return Ok(ebpf);
     }
     let mut layout: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
@@ -178,7 +181,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             // Layout 6 gave meaning to two padding fields (`Policy::group`, `MapConfig::
             // fast_group`), zero in layout 5, which means per address; the agent rewrites both
             // when it applies its config. Keys in ff00::/8, multicast sources then, read as
-            // groups now: `purge_multicast_keys` drops them once the maps are loaded.
+            // groups now: `complete_upgrade` drops them once the program is swapped in.
             tracing::info!(
                 dir = %dir.display(),
                 "pinned maps have layout v5: adopting them as v{LAYOUT_VERSION} (clients keep their state)"
@@ -245,40 +248,6 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
         return Ok(None);
     }
     Ok(layout)
-}
-
-/// Deletes the entries keyed in ff00::/8 from the client maps of pins adopted from a layout
-/// before 6: multicast sources then (the parser did not refuse them), group keys now, so a
-/// sender could have chosen its source to put its counts on another prefix's group.
-fn purge_multicast_keys(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    use aya::maps::HashMap;
-    use limiter_common::{ClientState, addr::ClientKey};
-    let mut purged = 0usize;
-    for name in ["CLIENTS", "STATIC_CLIENTS", "LIMITED"] {
-        let map = ebpf.map_mut(name).ok_or(DatapathError::Map {
-            name,
-            error: MapError::InvalidName { name: name.into() },
-        })?;
-        let mut map: HashMap<&mut MapData, ClientKey, ClientState> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        let doomed: Vec<ClientKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k[0] == limiter_common::addr::GROUP_KEY_MARK)
-            .collect();
-        for key in &doomed {
-            // Gone already (evicted meanwhile) is fine.
-            let _ = map.remove(key);
-        }
-        purged += doomed.len();
-    }
-    if purged > 0 {
-        tracing::info!(
-            purged,
-            "dropped entries of multicast sources from the adopted maps"
-        );
-    }
-    Ok(())
 }
 
 /// Removes the pinned maps of one interface (the maps live on while a program uses them).
@@ -543,4 +512,32 @@ fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd,
         .try_into()?;
     program.load()?;
     dup_fd(program.fd()?.as_fd(), name)
+}
+
+/// Finishes adopting pins of an older layout, once the agent's program is attached: drops the
+/// entries keyed in ff00::/8 from the client maps (multicast sources then, which the old parser
+/// did not refuse; group keys now, so a sender could have chosen its source to put its counts on
+/// another prefix's group), then stamps the layout. Before the swap the old program could still
+/// add such entries; a start that fails before this finds the pins still marked old next time.
+/// A no-op on maps of this layout.
+pub fn complete_upgrade(ebpf: &mut Ebpf, tables: &mut super::Tables) -> Result<(), DatapathError> {
+    let mut layout: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
+            name: "LAYOUT",
+            error: MapError::InvalidName {
+                name: "LAYOUT".into(),
+            },
+        })?)
+        .map_err(map_err("LAYOUT"))?;
+    if layout.get(&0, 0).map_err(map_err("LAYOUT"))? == LAYOUT_VERSION {
+        return Ok(());
+    }
+    let purged = tables.remove_group_marked_keys()?;
+    if purged > 0 {
+        tracing::info!(
+            purged,
+            "dropped entries of multicast sources from the adopted maps"
+        );
+    }
+    layout.set(0, LAYOUT_VERSION, 0).map_err(map_err("LAYOUT"))
 }

@@ -77,6 +77,32 @@ impl Tables {
         })
     }
 
+    /// Deletes every entry keyed in ff00::/8 (`limiter_common::addr::GROUP_KEY_MARK`) from the
+    /// address client maps; returns how many. For maps of an older layout only, where such keys
+    /// were multicast sources (see `lifecycle::complete_upgrade`).
+    pub fn remove_group_marked_keys(&mut self) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        for (name, map) in [
+            ("CLIENTS", &mut self.clients),
+            ("STATIC_CLIENTS", &mut self.static_clients),
+            ("LIMITED", &mut self.limited),
+        ] {
+            let doomed: Vec<ClientKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k[0] == limiter_common::addr::GROUP_KEY_MARK)
+                .collect();
+            for key in &doomed {
+                match map.remove(key) {
+                    // Gone meanwhile (evicted) is fine.
+                    Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
+                    Err(e) => return Err(map_err(name)(e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Opens the maps a running (or crashed) agent pinned for `iface`.
     pub fn open_pinned(iface: &str) -> Result<Tables, DatapathError> {
         let dir = pin_dir(iface);
