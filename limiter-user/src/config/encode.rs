@@ -140,8 +140,12 @@ impl Config {
                     .get(&mask_lpm(link_local.0, link_local.1, len))
                     .copied()
             });
+            // Only where the covering policy groups by more than /10: grouping by less (say
+            // `per: policy`, one budget for all of IPv6) is the operator's word on link-local
+            // sources too, and an entry here would split that group for every IPv6 source.
             if let Some(mut policy) = covering
-                && policy.group != 0
+                && group_bits(policy.group)
+                    .is_some_and(|bits| bits as u32 > link_local.0 - FAMILY_BITS)
             {
                 policy.group = 0;
                 entries.insert(link_local, policy);

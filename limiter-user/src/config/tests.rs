@@ -1030,9 +1030,14 @@ fn link_local_sources_count_per_address_unless_a_policy_says_otherwise() {
     assert_eq!((entry.group, entry.id, entry.limit), (0, 0, 5));
     // The default's own grouping stays /64 elsewhere.
     assert_eq!(lpm[&policy_key_v6(&[0; 16], 0)].group, group_of(Some(64)));
-    // Per address already: nothing added.
-    let c = Config::parse("default: { limit: 5, window: 1s, per: address }\n").unwrap();
-    assert!(!c.lpm_entries().contains_key(&link_local));
+    // Per address already, or one budget for all of IPv6 (`per: policy`): nothing added.
+    for per in ["address", "policy", "{ ipv6: /8 }"] {
+        let c = Config::parse(&format!(
+            "default: {{ limit: 5, window: 1s, per: {per} }}\n"
+        ))
+        .unwrap();
+        assert!(!c.lpm_entries().contains_key(&link_local), "{per}");
+    }
     // A policy at fe80::/10 is the operator's.
     let c = Config::parse(
         "default: { limit: 5, window: 1s }\npolicies:\n  - { match: fe80::/10, limit: 9, window: 1s, per: /64 }\n",
