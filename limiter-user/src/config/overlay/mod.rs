@@ -50,7 +50,7 @@ use serde_yaml::{Mapping, Value};
 
 use crate::{
     capped_read::{self, CappedReadError},
-    config::{self, Action, Config, Limit, Match, PolicyError, Resolved, Rule},
+    config::{self, Action, Cidr, Config, Limit, Match, PolicyError, Resolved, Rule},
     state_file::{self, StateFileError},
 };
 
@@ -214,7 +214,16 @@ impl Overlay {
                 )));
             }
         }
-        let disk: OnDisk = serde_yaml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        let mut doc: Value = serde_yaml::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        for what in drop_unmatchable(&mut doc) {
+            tracing::warn!(
+                overlay = %path.display(),
+                "dropping the overlay's {what}: it names addresses no packet comes from, which \
+                 this version refuses as a policy (the next API change rewrites the overlay \
+                 without it)"
+            );
+        }
+        let disk: OnDisk = serde_yaml::from_value(doc).map_err(|e| corrupt(e.to_string()))?;
         // The agent never writes `per` here (it is the file's); one written by hand would be
         // ignored, so it is refused as any other unknown key is.
         let no_per = "`per` is not an overlay key: how addresses group into clients is set in \
@@ -360,6 +369,46 @@ fn entry(limit: &Limit) -> Result<Entry, String> {
         limit: resolved,
         weight,
     })
+}
+
+/// Removes from an overlay document the entries (under `policies` or `removed`) whose `match`
+/// is an address range no packet comes from: IPv4-mapped IPv6 (`::ffff:0:0/96`) or IPv6
+/// multicast (`ff00::/8`). Earlier versions accepted them as policies that never matched
+/// anything; refusing the whole overlay for them would take every other API policy out of
+/// force. Returns a description of each entry dropped.
+fn drop_unmatchable(doc: &mut Value) -> Vec<String> {
+    let unmatchable = |m: &Value| {
+        m.as_str()
+            .and_then(|m| m.parse::<Cidr>().err())
+            .is_some_and(|e| e.contains("IPv4-mapped") || e.contains("multicast"))
+    };
+    let mut dropped = Vec::new();
+    let Some(map) = doc.as_mapping_mut() else {
+        return dropped;
+    };
+    if let Some(Value::Sequence(items)) = map.get_mut("policies") {
+        items.retain(|item| {
+            let m = item.get("match");
+            let keep = !m.is_some_and(unmatchable);
+            if !keep {
+                dropped.push(format!(
+                    "policy for {}",
+                    m.and_then(Value::as_str).unwrap_or("?")
+                ));
+            }
+            keep
+        });
+    }
+    if let Some(Value::Sequence(items)) = map.get_mut("removed") {
+        items.retain(|m| {
+            let keep = !unmatchable(m);
+            if !keep {
+                dropped.push(format!("removal of {}", m.as_str().unwrap_or("?")));
+            }
+            keep
+        });
+    }
+    dropped
 }
 
 /// A policy as the config file writes it: `match` (if any), then `limit` and `window`, or

@@ -306,6 +306,34 @@ fn a_newer_version_is_refused_as_such() {
     assert!(corrupt("policies: []\n").contains("no `version` field"));
 }
 
+/// Policies earlier versions accepted for addresses no packet comes from (IPv4-mapped, multicast)
+/// are dropped from an overlay, not taken for corruption: the rest stays in force.
+#[test]
+fn unmatchable_policies_are_dropped_from_the_overlay_and_the_rest_kept() {
+    let text = "version: 1
+policies:
+  - { match: \"::ffff:192.0.2.7\", action: drop }
+  - { match: 10.0.0.0/8, action: drop }
+  - { match: \"ff02::/16\", limit: 1, window: 1s }
+removed:
+  - \"ff05::1\"
+  - 192.0.2.0/24
+";
+    let o = Overlay::parse(text, Path::new("o.yaml")).unwrap();
+    let matches: Vec<String> = o.policies.iter().map(|(m, _)| m.to_string()).collect();
+    assert_eq!(matches, ["10.0.0.0/8"]);
+    let removed: Vec<String> = o.removed.iter().map(ToString::to_string).collect();
+    assert_eq!(removed, ["192.0.2.0/24"]);
+    // Other bad matches are still corruption.
+    assert!(
+        Overlay::parse(
+            "version: 1\npolicies:\n  - { match: 10.0.0.1/8, action: drop }\n",
+            Path::new("o.yaml")
+        )
+        .is_err()
+    );
+}
+
 #[test]
 fn a_corrupt_overlay_is_refused_with_the_problem() {
     let cases = [
