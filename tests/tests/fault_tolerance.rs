@@ -1066,17 +1066,20 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     Ok(())
 }
 
-/// Pins of layout 4 (the one before `LIMITED`) are adopted, not discarded: a client keeps its
-/// window and counters across the upgrade; only the global counters (whose map grew) start again.
-#[test]
-fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
-    require_root!();
+/// An agent's pins restamped as `layout` and changed by `leave_behind` (what an agent of that
+/// layout leaves), with `client` 6 packets into its 10 per hour; then an agent of this layout
+/// starts on them. Asserts one log line about the old layout, the stamp brought up to date and
+/// the client's window kept (4 more of 10 delivered); returns the second agent's log and stats.
+fn adopt_pins_of_layout(
+    layout: u32,
+    client: IpAddr,
+    leave_behind: impl FnOnce(&Path) -> Result<()>,
+) -> Result<(String, serde_json::Value)> {
     const LIMIT: u64 = 10;
     let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
     let net = TestNet::new()?;
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
-    let client: IpAddr = sender_v4(9).into();
 
     let mut first = Agent::start(&net, &config)?;
     first.keep_pins();
@@ -1084,19 +1087,22 @@ fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
     assert_eq!(got[&client], 6);
     let status = first.terminate()?;
     assert!(status.success(), "SIGTERM: {status}\n{}", first.stderr());
-    // What a layout-4 agent leaves behind: its stamp, and no `LIMITED`.
+    let pins = pin_dir(&net.receiver_if);
     {
-        let path = pin_dir(&net.receiver_if).join("LAYOUT");
-        let data = MapData::from_pin(&path)?;
-        let mut layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
-        layout.set(0, 4, 0)?;
+        let data = MapData::from_pin(pins.join("LAYOUT"))?;
+        let mut stamp: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
+        stamp.set(0, layout, 0)?;
     }
-    fs::remove_file(pin_dir(&net.receiver_if).join("LIMITED"))?;
+    leave_behind(&pins)?;
 
     let second = Agent::start(&net, &config)?;
     let log = second.stderr();
-    let mentions = lines_with(&log, "layout v4");
-    assert_eq!(mentions.len(), 1, "one log line about the v4 pins:\n{log}");
+    let mentions = lines_with(&log, &format!("layout v{layout}"));
+    assert_eq!(
+        mentions.len(),
+        1,
+        "one log line about the v{layout} pins:\n{log}"
+    );
     eprintln!("{}", mentions[0].trim());
     assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
     let got = send_and_count(&net, &counter, &[(client, LIMIT)])?;
@@ -1108,9 +1114,21 @@ fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
         "the client kept its window: 6 of {LIMIT} used"
     );
     assert_eq!(client_counts(&stats, client), (LIMIT, 6));
+    Ok((log, stats))
+}
+
+/// Pins of layout 4 (the one before `LIMITED`) are adopted, not discarded: a client keeps its
+/// window and counters across the upgrade; only the global counters (whose map grew) start again.
+#[test]
+fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
+    require_root!();
+    // What a layout-4 agent leaves behind: its stamp, and no `LIMITED`.
+    let (_, stats) = adopt_pins_of_layout(4, sender_v4(9).into(), |pins| {
+        Ok(fs::remove_file(pins.join("LIMITED"))?)
+    })?;
     let passed = stats["global"]["passed"].as_u64().unwrap_or(u64::MAX);
     assert!(
-        passed < LIMIT,
+        passed < 10,
         "the global counters start again: passed {passed}"
     );
     Ok(())
@@ -1122,27 +1140,10 @@ fn pins_of_layout_4_are_adopted_with_their_clients() -> Result<()> {
 #[test]
 fn pins_of_layout_5_are_adopted_without_their_multicast_keys() -> Result<()> {
     require_root!();
-    const LIMIT: u64 = 10;
-    let config = format!("default: {{limit: {LIMIT}, window: 1h}}\n");
-    let net = TestNet::new()?;
-    let counter = net.udp_counter(UDP_PORT)?;
-    let window = ExactWindow::start(TEST_SPAN);
-    let client: IpAddr = sender_v4(10).into();
-
-    let mut first = Agent::start(&net, &config)?;
-    first.keep_pins();
-    let got = send_and_count(&net, &counter, &[(client, 6)])?;
-    assert_eq!(got[&client], 6);
-    let status = first.terminate()?;
-    assert!(status.success(), "SIGTERM: {status}\n{}", first.stderr());
-    // What a layout-5 agent could leave behind: its stamp, and an entry of a multicast source
-    // whose bytes read as the group key of 2001:db8::/64 now.
-    {
-        let path = pin_dir(&net.receiver_if).join("LAYOUT");
-        let data = MapData::from_pin(&path)?;
-        let mut layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
-        layout.set(0, 5, 0)?;
-        let data = MapData::from_pin(pin_dir(&net.receiver_if).join("CLIENTS"))?;
+    // What a layout-5 agent could leave behind: an entry of a multicast source whose bytes read
+    // as the group key of 2001:db8::/64 now.
+    let (log, stats) = adopt_pins_of_layout(5, sender_v4(10).into(), |pins| {
+        let data = MapData::from_pin(pins.join("CLIENTS"))?;
         let mut clients: aya::maps::HashMap<MapData, ClientKey, ClientState> =
             aya::maps::HashMap::try_from(Map::from_map_data(data)?)?;
         let planted = limiter_common::addr::group_key(
@@ -1150,25 +1151,12 @@ fn pins_of_layout_5_are_adopted_without_their_multicast_keys() -> Result<()> {
             limiter_common::addr::group_of(Some(64)),
         );
         clients.insert(planted, ClientState::default(), 0)?;
-    }
-
-    let second = Agent::start(&net, &config)?;
-    let log = second.stderr();
-    let mentions = lines_with(&log, "layout v5");
-    assert_eq!(mentions.len(), 1, "one log line about the v5 pins:\n{log}");
+        Ok(())
+    })?;
     assert_eq!(
         lines_with(&log, "dropped entries of multicast sources").len(),
         1,
         "{log}"
-    );
-    assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
-    let got = send_and_count(&net, &counter, &[(client, LIMIT)])?;
-    let stats = second.stats()?;
-    window.check();
-    assert_eq!(
-        got[&client],
-        LIMIT - 6,
-        "the client kept its window: 6 of {LIMIT} used"
     );
     let rows = stats["clients"].as_array().context("no clients in stats")?;
     ensure!(

@@ -142,23 +142,26 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     let mut ebpf = loader.load(object)?;
     super::kernel_log::forward(&mut ebpf);
     // Pins of an older layout keep their stamp until the agent has swapped its program in and
-    // cleaned them up (`Tables::complete_upgrade`): until the swap the old program still runs on
+    // cleaned them up (`complete_upgrade`): until the swap the old program still runs on
     // them, and a start that fails before it must find them still marked old.
     if adopted_layout.is_some_and(|v| v < LAYOUT_VERSION) {
         return Ok(ebpf);
     }
-    let mut layout: Array<&mut MapData, u32> =
-        Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
-            name: "LAYOUT",
-            error: MapError::InvalidName {
-                name: "LAYOUT".into(),
-            },
-        })?)
-        .map_err(map_err("LAYOUT"))?;
-    layout
+    layout_map(ebpf.map_mut("LAYOUT"))?
         .set(0, LAYOUT_VERSION, 0)
         .map_err(map_err("LAYOUT"))?;
     Ok(ebpf)
+}
+
+/// The object's `LAYOUT` map (`ebpf.map_mut("LAYOUT")`).
+fn layout_map(map: Option<&mut Map>) -> Result<Array<&mut MapData, u32>, DatapathError> {
+    let map = map.ok_or(DatapathError::Map {
+        name: "LAYOUT",
+        error: MapError::InvalidName {
+            name: "LAYOUT".into(),
+        },
+    })?;
+    Array::try_from(map).map_err(map_err("LAYOUT"))
 }
 
 /// The layout version stamped in an interface's pins, if any.
@@ -521,14 +524,7 @@ fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd,
 /// add such entries; a start that fails before this finds the pins still marked old next time.
 /// A no-op on maps of this layout.
 pub fn complete_upgrade(ebpf: &mut Ebpf, tables: &mut super::Tables) -> Result<(), DatapathError> {
-    let mut layout: Array<&mut MapData, u32> =
-        Array::try_from(ebpf.map_mut("LAYOUT").ok_or(DatapathError::Map {
-            name: "LAYOUT",
-            error: MapError::InvalidName {
-                name: "LAYOUT".into(),
-            },
-        })?)
-        .map_err(map_err("LAYOUT"))?;
+    let mut layout = layout_map(ebpf.map_mut("LAYOUT"))?;
     if layout.get(&0, 0).map_err(map_err("LAYOUT"))? == LAYOUT_VERSION {
         return Ok(());
     }
