@@ -184,8 +184,8 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
 }
 
 /// The API's connection figures: (open, refused over the total cap, refused per address,
-/// closed unauthenticated, closed idle).
-fn api_connections(net: &TestNet) -> Result<(u64, u64, u64, u64, u64)> {
+/// closed unauthenticated, closed idle, displaced).
+fn api_connections(net: &TestNet) -> Result<(u64, u64, u64, u64, u64, u64)> {
     let text = scrape(net)?;
     let get = |name: &str, reason: Option<&str>| {
         let mut labels = vec![("listener", "api")];
@@ -201,6 +201,8 @@ fn api_connections(net: &TestNet) -> Result<(u64, u64, u64, u64, u64)> {
             Some("unauthenticated"),
         )?,
         get("limiter_connections_timed_out_total", Some("idle"))?,
+        sample(&text, "limiter_connections_displaced_total", &[])
+            .with_context(|| format!("limiter_connections_displaced_total in:\n{text}"))?,
     ))
 }
 
@@ -284,9 +286,11 @@ fn modified(path: &Path) -> Option<SystemTime> {
 // ---------------------------------------------------------------------------------------------
 
 /// 1500 TCP connections that never authenticate, at 1024 descriptors: 25 from one address, the
-/// rest spread 20 per address. The agent (caps 200 in total, 20 per address) serves exactly 200,
-/// refuses and counts the rest by reason, and meanwhile answers on its Unix socket, applies a
-/// config edit and writes snapshots, with no descriptor shortage in its log. After the auth
+/// rest spread 20 per address. The agent (caps 200 in total, 20 per address) holds exactly 200:
+/// past the per-address cap a connection is refused; past the total cap each new one displaces
+/// the oldest that has not authenticated; all counted. Meanwhile an authenticated TCP caller is
+/// served (it displaces one of the flood's), and the agent answers on its Unix socket, applies
+/// a config edit and writes snapshots, with no descriptor shortage in its log. After the auth
 /// timeout every connection it held is closed, and counted.
 #[test]
 fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> {
@@ -330,22 +334,36 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
         streams.extend(connect_from(&net, Ipv4Addr::new(127, 0, 1, source), count)?);
         source += 1;
     }
-    let (open, refused_total, refused_per_address, _, _) = wait_until(
+    let (open, refused_total, refused_per_address, _, _, displaced) = wait_until(
         "the agent has accepted every connection",
         Duration::from_secs(10),
         || {
-            let figures = api_connections(&net)?;
-            Ok((figures.0 + figures.1 + figures.2 == 1500).then_some(figures))
+            let f = api_connections(&net)?;
+            Ok((f.0 == 200 && f.0 + f.1 + f.2 + f.5 == 1500).then_some(f))
         },
     )?;
     eprintln!(
         "1500 connections in {:?}: {open} open, {refused_total} refused (total), \
-         {refused_per_address} refused (per address)",
+         {refused_per_address} refused (per address), {displaced} displaced",
         started.elapsed()
     );
-    assert_eq!(open, 200);
     assert_eq!(refused_per_address, 5, "the 21st to 25th from 127.0.0.2");
-    assert_eq!(refused_total, 1500 - 200 - 5);
+    assert_eq!((refused_total, displaced), (0, 1500 - 200 - 5));
+
+    // An authenticated TCP caller gets in while the flood holds the cap.
+    let url = format!("http://127.0.0.1:{API_PORT}");
+    let out = run_limiter(
+        &agent.ns,
+        &["limits", "--api", &url, "--token-file", &token, "ls"],
+    )?;
+    assert!(out.status.success(), "served under the flood: {out:?}");
+    let (open, .., displaced) = api_connections(&net)?;
+    assert_eq!(
+        displaced,
+        1500 - 200 - 5 + 1,
+        "it displaced one of the flood's"
+    );
+    ensure!(open <= 200, "{open} open");
     ensure!(
         started.elapsed() < auth_timeout,
         "the flood took longer than the auth timeout: the checks below would see it closed"
@@ -387,11 +405,14 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
             .map(|_| ()))
     })?;
     let (open, ..) = api_connections(&net)?;
-    assert_eq!(open, 200, "still held while the checks above ran");
+    assert_eq!(
+        open, 199,
+        "still held while the checks above ran (one displaced)"
+    );
 
     // The auth timeout closes every connection the agent held; the refused ones were closed at
     // once.
-    let (open, _, _, unauthenticated, idle) = wait_until(
+    let (open, _, _, unauthenticated, idle, _) = wait_until(
         "the unauthenticated connections are closed",
         auth_timeout + Duration::from_secs(5),
         || {
@@ -399,7 +420,7 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
             Ok((figures.0 == 0).then_some(figures))
         },
     )?;
-    assert_eq!((open, unauthenticated, idle), (0, 200, 0));
+    assert_eq!((open, unauthenticated, idle), (0, 199, 0));
     for (index, stream) in streams.iter_mut().enumerate() {
         assert!(
             closed_by_server(stream, Duration::from_secs(2))?,
@@ -408,7 +429,6 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
     }
 
     // With the flood gone, an authenticated TCP caller is served.
-    let url = format!("http://127.0.0.1:{API_PORT}");
     let out = run_limiter(
         &agent.ns,
         &["limits", "--api", &url, "--token-file", &token, "ls"],
@@ -471,10 +491,10 @@ fn idle_connections_are_closed_and_calls_in_flight_are_not() -> Result<()> {
             let called = Instant::now();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             // Past the auth timeout, inside the idle one: still open.
-            let (open, _, _, unauthenticated, idle) = api_connections(&net)?;
+            let (open, _, _, unauthenticated, idle, _) = api_connections(&net)?;
             assert_eq!((open, unauthenticated, idle), (1, 1, 0));
             loop {
-                let (open, _, _, _, idle) = api_connections(&net)?;
+                let (open, _, _, _, idle, _) = api_connections(&net)?;
                 if open == 0 {
                     assert_eq!(idle, 1);
                     break;
@@ -587,7 +607,7 @@ fn a_stalled_tls_handshake_is_closed_after_the_auth_timeout() -> Result<()> {
     assert!(closed_by_server(&mut stalled[0], Duration::from_secs(4))?);
     let lived = opened.elapsed();
     assert!(lived < Duration::from_secs(3), "closed after {lived:?}");
-    let (open, _, _, unauthenticated, _) = api_connections(&net)?;
+    let (open, _, _, unauthenticated, _, _) = api_connections(&net)?;
     assert_eq!((open, unauthenticated), (0, 1));
 
     let target = Target {

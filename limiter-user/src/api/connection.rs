@@ -24,9 +24,9 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
@@ -42,7 +42,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use crate::{
-    admission::{ACCEPT_BACKOFF, AcceptFailure, Admission, Caps, Slot},
+    admission::{ACCEPT_BACKOFF, AcceptFailure, Admission, Caps, Refusal, Slot},
     metrics::{ListenerCounters, OpenConnection},
 };
 
@@ -94,6 +94,9 @@ enum Expiry {
     Unauthenticated,
     /// No call in flight for the idle timeout.
     Idle,
+    /// Closed to make room: the listener was full and this was the oldest connection that had
+    /// made no authenticated call.
+    Displaced,
 }
 
 impl Expiry {
@@ -103,9 +106,17 @@ impl Expiry {
             match self {
                 Expiry::Unauthenticated => "no authenticated call within --api-auth-timeout",
                 Expiry::Idle => "idle for --api-idle-timeout",
+                Expiry::Displaced => {
+                    "closed to make room: the listener was full and this connection had made no authenticated call"
+                }
             },
         )
     }
+}
+
+/// Locks `m`; its holders only store or take a value, so a poisoned lock is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a connection's deadline depends on: when it opened, its calls in flight and when the
@@ -117,15 +128,29 @@ struct Activity {
     /// Milliseconds from `opened` to the last start or end of an authenticated call, plus one;
     /// 0 while there has been none.
     last: AtomicU64,
+    /// The connection's place under the caps; taken early when it is displaced.
+    slot: Mutex<Option<Slot>>,
+    /// Displaced (see [`Connections::displace`]): its next read or write fails.
+    displaced: AtomicBool,
+    /// The connection's task while it has made no authenticated call, to wake it if displaced.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Activity {
-    fn new(opened: Instant) -> Activity {
+    fn new(opened: Instant, slot: Slot) -> Activity {
         Activity {
             opened,
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
+            slot: Mutex::new(Some(slot)),
+            displaced: AtomicBool::new(false),
+            waker: Mutex::new(None),
         }
+    }
+
+    /// No authenticated call yet, and none in flight.
+    fn unauthenticated(&self) -> bool {
+        self.last.load(Ordering::Acquire) == 0 && self.in_flight.load(Ordering::Acquire) == 0
     }
 
     fn touch(&self, now: Instant) {
@@ -199,7 +224,11 @@ impl Connections {
 
     /// Admits `stream` from `peer`, or closes it and counts the refusal.
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Option<AdmittedStream> {
-        let slot = match self.admission.admit(peer.ip()) {
+        let admitted = match self.admission.admit(peer.ip()) {
+            Err(Refusal::Total) if self.displace() => self.admission.admit(peer.ip()),
+            admitted => admitted,
+        };
+        let slot = match admitted {
             Ok(slot) => slot,
             Err(why) => {
                 self.counters.refused(why);
@@ -211,7 +240,7 @@ impl Connections {
         // until the client's delayed ACK, ~40 ms per call.
         let _ = stream.set_nodelay(true);
         let opened = Instant::now();
-        let activity = Arc::new(Activity::new(opened));
+        let activity = Arc::new(Activity::new(opened, slot));
         self.by_peer().insert(peer, Arc::clone(&activity));
         Some(AdmittedStream {
             local: stream.local_addr().ok(),
@@ -221,9 +250,33 @@ impl Connections {
             activity,
             expired: None,
             connections: Arc::clone(self),
-            _slot: slot,
             _open: self.counters.opened(),
         })
+    }
+
+    /// Makes room under the total cap by closing the oldest connection that has made no
+    /// authenticated call, if there is one: connections without credentials cannot hold the
+    /// listener against callers with them (who authenticate within their first round trips,
+    /// while a flood's connections wait out the auth timeout), and a connection that has
+    /// authenticated is never displaced. Its place is given back at once; its task is woken to
+    /// close it.
+    fn displace(&self) -> bool {
+        let victim = self
+            .by_peer()
+            .values()
+            .filter(|a| a.unauthenticated() && !a.displaced.load(Ordering::Acquire))
+            .min_by_key(|a| a.opened)
+            .cloned();
+        let Some(victim) = victim else {
+            return false;
+        };
+        victim.displaced.store(true, Ordering::Release);
+        drop(lock(&victim.slot).take());
+        if let Some(waker) = lock(&victim.waker).take() {
+            waker.wake();
+        }
+        self.counters.displaced.inc();
+        true
     }
 
     /// The activity of the open connection from `peer`.
@@ -392,7 +445,6 @@ pub struct AdmittedStream {
     /// Set once the deadline closed the connection: every read and write fails from then on.
     expired: Option<Expiry>,
     connections: Arc<Connections>,
-    _slot: Slot,
     _open: OpenConnection,
 }
 
@@ -401,6 +453,17 @@ impl AdmittedStream {
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if let Some(expiry) = self.expired {
             return Err(expiry.error());
+        }
+        if self.activity.displaced.load(Ordering::Acquire) {
+            self.expired = Some(Expiry::Displaced);
+            tracing::debug!(peer = %self.peer, "API: connection displaced");
+            return Err(Expiry::Displaced.error());
+        }
+        if self.activity.unauthenticated() {
+            let mut waker = lock(&self.activity.waker);
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
         }
         while self.deadline.as_mut().poll(cx).is_ready() {
             match self
@@ -413,9 +476,15 @@ impl AdmittedStream {
                     self.expired = Some(expiry);
                     let counters = &self.connections.counters;
                     match expiry {
-                        Expiry::Unauthenticated => counters.timed_out_unauthenticated.inc(),
-                        Expiry::Idle => counters.timed_out_idle.inc(),
-                    };
+                        Expiry::Unauthenticated => {
+                            counters.timed_out_unauthenticated.inc();
+                        }
+                        Expiry::Idle => {
+                            counters.timed_out_idle.inc();
+                        }
+                        // Set above, never by the deadline.
+                        Expiry::Displaced => {}
+                    }
                     tracing::debug!(peer = %self.peer, ?expiry, "API: connection closed");
                     return Err(expiry.error());
                 }
@@ -638,10 +707,18 @@ mod tests {
         }
     }
 
+    /// A connection's activity, opened at `opened`, holding a place of its own.
+    fn activity_at(opened: Instant) -> Activity {
+        let slot = Admission::new(limits().caps)
+            .admit("192.0.2.1".parse().unwrap())
+            .unwrap();
+        Activity::new(opened, slot)
+    }
+
     #[test]
     fn a_connection_without_a_call_expires_after_the_auth_timeout() {
         let opened = Instant::now();
-        let activity = Activity::new(opened);
+        let activity = activity_at(opened);
         let limits = limits();
         assert_eq!(
             activity.check(opened, &limits),
@@ -660,7 +737,7 @@ mod tests {
     #[test]
     fn a_call_in_flight_keeps_the_connection_and_its_end_starts_the_idle_timeout() {
         let opened = Instant::now();
-        let activity = Arc::new(Activity::new(opened));
+        let activity = Arc::new(activity_at(opened));
         let limits = limits();
         let call = activity.begin(opened);
         // Long past both timeouts, the call is still in flight: checked again an idle timeout on.
@@ -693,7 +770,7 @@ mod tests {
     #[test]
     fn an_authenticated_connection_is_not_held_to_the_auth_timeout() {
         let opened = Instant::now();
-        let activity = Arc::new(Activity::new(opened));
+        let activity = Arc::new(activity_at(opened));
         let limits = limits();
         drop(activity.begin(opened + Duration::from_secs(1)));
         // 11 s after opening: past the auth timeout, inside the idle one.

@@ -132,6 +132,9 @@ pub struct ListenerCounters {
     pub timed_out_unauthenticated: Counter,
     /// Connections closed after the idle timeout with no call in flight (the API only).
     pub timed_out_idle: Counter,
+    /// Connections closed to make room for a new one: the listener was full and they had made
+    /// no authenticated call (the API only).
+    pub displaced: Counter,
 }
 
 impl ListenerCounters {
@@ -321,6 +324,12 @@ impl Exporter {
                     ),
                 ],
             },
+        );
+        registry.register(
+            "limiter_connections_displaced",
+            "TCP API connections closed to make room for a new one: the listener served its \
+             total cap and they were the oldest that had made no authenticated call",
+            api.displaced.clone(),
         );
         registry.register(
             "limiter_open_files_limit",

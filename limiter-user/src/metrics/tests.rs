@@ -52,6 +52,7 @@ pub(crate) fn populated() -> (Counters, Figures) {
     counters.api_connections.refused_per_address.inc_by(2);
     counters.api_connections.open.set(3);
     counters.api_connections.timed_out_unauthenticated.inc_by(5);
+    counters.api_connections.displaced.inc_by(3);
     counters.metrics_connections.refused_per_address.inc();
     counters.metrics_connections.open.set(1);
     counters.open_files_limit.set(524_288);
@@ -140,6 +141,9 @@ fn populated_lines() -> Vec<String> {
         "# TYPE limiter_connections_timed_out_total counter",
         "limiter_connections_timed_out_total{iface=\"eth0\",listener=\"api\",reason=\"unauthenticated\"} 5",
         "limiter_connections_timed_out_total{iface=\"eth0\",listener=\"api\",reason=\"idle\"} 0",
+        "# HELP limiter_connections_displaced_total TCP API connections closed to make room for a new one: the listener served its total cap and they were the oldest that had made no authenticated call.",
+        "# TYPE limiter_connections_displaced_total counter",
+        "limiter_connections_displaced_total{iface=\"eth0\"} 3",
         "# HELP limiter_open_files_limit The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start to its hard limit).",
         "# TYPE limiter_open_files_limit gauge",
         "limiter_open_files_limit{iface=\"eth0\"} 524288",
@@ -470,7 +474,7 @@ fn exposition_is_well_formed() {
                 .lines()
                 .filter_map(|line| line.strip_prefix("# TYPE "))
                 .collect();
-            assert_eq!(families.len(), 29, "{text}");
+            assert_eq!(families.len(), 30, "{text}");
             let value = |name: &str| {
                 samples
                     .iter()
