@@ -10,7 +10,8 @@
 //!
 //! Connections over a cap are accepted and closed at once by the listener (not left in the
 //! kernel's accept queue), so that each refusal is counted and the queue never fills with
-//! connections the agent will not serve.
+//! connections the agent will not serve. (The API's listener first tries to make room under its
+//! total cap by displacing a connection that has not authenticated: `api::connection`.)
 
 use std::{
     collections::HashMap,

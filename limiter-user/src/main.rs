@@ -95,9 +95,10 @@ enum Command {
         /// Most checks in one CheckBatch call.
         #[arg(long, default_value_t = api::DEFAULT_MAX_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         api_max_batch: u32,
-        /// TCP API connections served at once; more are closed at once and counted
-        /// (limiter_connections_refused_total). Lowered at start if the open-files limit cannot
-        /// hold them.
+        /// TCP API connections served at once; past it a new one displaces the oldest that has
+        /// made no authenticated call (limiter_connections_displaced_total), or is closed at once
+        /// if all have (limiter_connections_refused_total). Lowered at start if the open-files
+        /// limit cannot hold them.
         #[arg(long, default_value_t = api::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
         api_max_connections: usize,
         /// TCP API connections served at once from one source: an IPv4 address, or an IPv6 /64.

@@ -201,8 +201,12 @@ fn api_connections(net: &TestNet) -> Result<(u64, u64, u64, u64, u64, u64)> {
             Some("unauthenticated"),
         )?,
         get("limiter_connections_timed_out_total", Some("idle"))?,
-        sample(&text, "limiter_connections_displaced_total", &[])
-            .with_context(|| format!("limiter_connections_displaced_total in:\n{text}"))?,
+        sample(
+            &text,
+            "limiter_connections_displaced_total",
+            &[("listener", "api")],
+        )
+        .with_context(|| format!("limiter_connections_displaced_total in:\n{text}"))?,
     ))
 }
 
@@ -288,10 +292,11 @@ fn modified(path: &Path) -> Option<SystemTime> {
 /// 1500 TCP connections that never authenticate, at 1024 descriptors: 25 from one address, the
 /// rest spread 20 per address. The agent (caps 200 in total, 20 per address) holds exactly 200:
 /// past the per-address cap a connection is refused; past the total cap each new one displaces
-/// the oldest that has not authenticated; all counted. Meanwhile an authenticated TCP caller is
-/// served (it displaces one of the flood's), and the agent answers on its Unix socket, applies
-/// a config edit and writes snapshots, with no descriptor shortage in its log. After the auth
-/// timeout every connection it held is closed, and counted.
+/// the oldest that has not authenticated; all counted. A caller with credentials connected
+/// before the flood keeps its connection through it; a new one is served during it (it
+/// displaces one of the flood's); the agent answers on its Unix socket, applies a config edit
+/// and writes snapshots, with no descriptor shortage in its log. After the auth timeout every
+/// connection it held is closed, and counted.
 #[test]
 fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> {
     require_root!();
@@ -326,6 +331,22 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
     );
     raise_own_nofile();
 
+    // A caller with credentials, connected before the flood: its connection must survive it.
+    let url = format!("http://127.0.0.1:{API_PORT}");
+    let (runtime, mut authed) = net.in_receiver(|| -> Result<_> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let clients = runtime.block_on(client::connect(&Target {
+            api: Some(url.clone()),
+            token_file: Some(token.clone().into()),
+            ..Target::default()
+        }))?;
+        Ok((runtime, clients))
+    })??;
+    let list = || proto::ListLimitsRequest {};
+    runtime.block_on(authed.limits.list(list()))?;
+
     let started = Instant::now();
     let mut streams = connect_from(&net, Ipv4Addr::new(127, 0, 0, 2), 25)?;
     let mut source = 3u8;
@@ -339,7 +360,7 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
         Duration::from_secs(10),
         || {
             let f = api_connections(&net)?;
-            Ok((f.0 == 200 && f.0 + f.1 + f.2 + f.5 == 1500).then_some(f))
+            Ok((f.0 == 200 && f.0 + f.1 + f.2 + f.5 == 1501).then_some(f))
         },
     )?;
     eprintln!(
@@ -348,10 +369,19 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
         started.elapsed()
     );
     assert_eq!(refused_per_address, 5, "the 21st to 25th from 127.0.0.2");
-    assert_eq!((refused_total, displaced), (0, 1500 - 200 - 5));
+    // 199 of the flood's held beside the authenticated connection; each later one displaced
+    // the oldest unauthenticated one.
+    assert_eq!((refused_total, displaced), (0, 1500 - 5 - 199));
+    // The authenticated connection was never displaced: a call on it works (a reconnect would
+    // come from outside the namespace and fail) and displaces nothing.
+    runtime.block_on(authed.limits.list(list()))?;
+    assert_eq!(
+        api_connections(&net)?.5,
+        displaced,
+        "nothing displaced by the call"
+    );
 
-    // An authenticated TCP caller gets in while the flood holds the cap.
-    let url = format!("http://127.0.0.1:{API_PORT}");
+    // A new TCP caller with credentials gets in while the flood holds the cap.
     let out = run_limiter(
         &agent.ns,
         &["limits", "--api", &url, "--token-file", &token, "ls"],
@@ -360,7 +390,7 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
     let (open, .., displaced) = api_connections(&net)?;
     assert_eq!(
         displaced,
-        1500 - 200 - 5 + 1,
+        1500 - 5 - 199 + 1,
         "it displaced one of the flood's"
     );
     ensure!(open <= 200, "{open} open");
@@ -407,8 +437,11 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
     let (open, ..) = api_connections(&net)?;
     assert_eq!(
         open, 199,
-        "still held while the checks above ran (one displaced)"
+        "still held while the checks above ran: the authenticated one and 198 of the flood's"
     );
+    // The caller with credentials closes its connection (not a timeout).
+    drop(authed);
+    drop(runtime);
 
     // The auth timeout closes every connection the agent held; the refused ones were closed at
     // once.
@@ -420,7 +453,7 @@ fn an_unauthenticated_connection_flood_leaves_the_agent_working() -> Result<()> 
             Ok((figures.0 == 0).then_some(figures))
         },
     )?;
-    assert_eq!((open, unauthenticated, idle), (0, 199, 0));
+    assert_eq!((open, unauthenticated, idle), (0, 198, 0));
     for (index, stream) in streams.iter_mut().enumerate() {
         assert!(
             closed_by_server(stream, Duration::from_secs(2))?,

@@ -17,14 +17,14 @@
 //! in flight (a `Watch` stream is in flight as long as it runs).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker, ready},
     time::Duration,
@@ -114,6 +114,10 @@ impl Expiry {
     }
 }
 
+/// A TCP connection: its local address (a listener on a wildcard address serves several) and its
+/// peer's.
+type ConnKey = (Option<SocketAddr>, SocketAddr);
+
 /// Locks `m`; its holders only store or take a value, so a poisoned lock is still consistent.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -130,11 +134,18 @@ struct Activity {
     last: AtomicU64,
     /// The connection's place under the caps; taken early when it is displaced.
     slot: Mutex<Option<Slot>>,
-    /// Displaced (see [`Connections::displace`]): its next read or write fails.
-    displaced: AtomicBool,
+    /// `UNAUTHENTICATED` until its first authenticated call (`AUTHENTICATED`) or its
+    /// displacement (`DISPLACED`, see [`Connections::displace`]), whichever comes first: one
+    /// compare-and-swap decides, so an authenticated connection is never displaced.
+    state: AtomicU8,
     /// The connection's task while it has made no authenticated call, to wake it if displaced.
     waker: Mutex<Option<Waker>>,
 }
+
+/// `Activity::state` values.
+const UNAUTHENTICATED: u8 = 0;
+const AUTHENTICATED: u8 = 1;
+const DISPLACED: u8 = 2;
 
 impl Activity {
     fn new(opened: Instant, slot: Slot) -> Activity {
@@ -143,14 +154,25 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
             slot: Mutex::new(Some(slot)),
-            displaced: AtomicBool::new(false),
+            state: AtomicU8::new(UNAUTHENTICATED),
             waker: Mutex::new(None),
         }
     }
 
-    /// No authenticated call yet, and none in flight.
-    fn unauthenticated(&self) -> bool {
-        self.last.load(Ordering::Acquire) == 0 && self.in_flight.load(Ordering::Acquire) == 0
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Marks it displaced unless it has authenticated (or was displaced) already.
+    fn displace(&self) -> bool {
+        self.state
+            .compare_exchange(
+                UNAUTHENTICATED,
+                DISPLACED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
     }
 
     fn touch(&self, now: Instant) {
@@ -160,6 +182,13 @@ impl Activity {
 
     /// An authenticated call starts; it ends when the returned guard is dropped.
     fn begin(self: &Arc<Self>, now: Instant) -> InFlight {
+        // From now on never displaced (a connection displaced first is closing anyway).
+        let _ = self.state.compare_exchange(
+            UNAUTHENTICATED,
+            AUTHENTICATED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.touch(now);
         InFlight(Arc::clone(self))
@@ -203,7 +232,11 @@ impl Drop for InFlight {
 pub struct Connections {
     limits: ConnectionLimits,
     admission: Arc<Admission>,
-    by_peer: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
+    by_conn: Mutex<HashMap<ConnKey, Arc<Activity>>>,
+    /// Connections admitted and not yet authenticated, oldest first (with stale entries of ones
+    /// that authenticated or closed since, dropped as they are met): who [`Connections::displace`]
+    /// closes.
+    unauthenticated: Mutex<VecDeque<Weak<Activity>>>,
     counters: ListenerCounters,
 }
 
@@ -212,14 +245,15 @@ impl Connections {
         Arc::new(Connections {
             limits,
             admission: Admission::new(limits.caps),
-            by_peer: Mutex::new(HashMap::new()),
+            by_conn: Mutex::new(HashMap::new()),
+            unauthenticated: Mutex::new(VecDeque::new()),
             counters,
         })
     }
 
-    fn by_peer(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Activity>>> {
+    fn by_conn(&self) -> std::sync::MutexGuard<'_, HashMap<ConnKey, Arc<Activity>>> {
         // Inserts and removes only: a panic cannot leave the map half-updated.
-        self.by_peer.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.by_conn)
     }
 
     /// Admits `stream` from `peer`, or closes it and counts the refusal.
@@ -241,9 +275,20 @@ impl Connections {
         let _ = stream.set_nodelay(true);
         let opened = Instant::now();
         let activity = Arc::new(Activity::new(opened, slot));
-        self.by_peer().insert(peer, Arc::clone(&activity));
+        let local = stream.local_addr().ok();
+        self.by_conn().insert((local, peer), Arc::clone(&activity));
+        {
+            let mut queue = lock(&self.unauthenticated);
+            // Entries of connections that authenticated or closed are dropped when they reach
+            // the front; a listener that never fills never pops, so prune them here too, once
+            // they outnumber the cap (amortised O(1) per connection).
+            if queue.len() >= 2 * self.limits.caps.total {
+                queue.retain(|a| a.upgrade().is_some_and(|a| a.state() == UNAUTHENTICATED));
+            }
+            queue.push_back(Arc::downgrade(&activity));
+        }
         Some(AdmittedStream {
-            local: stream.local_addr().ok(),
+            local,
             stream,
             peer,
             deadline: Box::pin(tokio::time::sleep_until(opened + self.limits.auth_timeout)),
@@ -261,16 +306,19 @@ impl Connections {
     /// authenticated is never displaced. Its place is given back at once; its task is woken to
     /// close it.
     fn displace(&self) -> bool {
-        let victim = self
-            .by_peer()
-            .values()
-            .filter(|a| a.unauthenticated() && !a.displaced.load(Ordering::Acquire))
-            .min_by_key(|a| a.opened)
-            .cloned();
-        let Some(victim) = victim else {
-            return false;
+        let victim = {
+            let mut queue = lock(&self.unauthenticated);
+            loop {
+                let Some(front) = queue.pop_front() else {
+                    return false;
+                };
+                if let Some(activity) = front.upgrade()
+                    && activity.displace()
+                {
+                    break activity;
+                }
+            }
         };
-        victim.displaced.store(true, Ordering::Release);
         drop(lock(&victim.slot).take());
         if let Some(waker) = lock(&victim.waker).take() {
             waker.wake();
@@ -279,9 +327,9 @@ impl Connections {
         true
     }
 
-    /// The activity of the open connection from `peer`.
-    fn activity(&self, peer: SocketAddr) -> Option<Arc<Activity>> {
-        self.by_peer().get(&peer).cloned()
+    /// The activity of the open connection `conn`.
+    fn activity(&self, conn: ConnKey) -> Option<Arc<Activity>> {
+        self.by_conn().get(&conn).cloned()
     }
 
     /// The accept loop over `listener`, as the stream of connections tonic serves.
@@ -454,16 +502,17 @@ impl AdmittedStream {
         if let Some(expiry) = self.expired {
             return Err(expiry.error());
         }
-        if self.activity.displaced.load(Ordering::Acquire) {
-            self.expired = Some(Expiry::Displaced);
-            tracing::debug!(peer = %self.peer, "API: connection displaced");
-            return Err(Expiry::Displaced.error());
-        }
-        if self.activity.unauthenticated() {
+        // The waker first, then the state: a displacement after the check finds the waker.
+        if self.activity.state() == UNAUTHENTICATED {
             let mut waker = lock(&self.activity.waker);
             if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *waker = Some(cx.waker().clone());
             }
+        }
+        if self.activity.state() == DISPLACED {
+            self.expired = Some(Expiry::Displaced);
+            tracing::debug!(peer = %self.peer, "API: connection displaced");
+            return Err(Expiry::Displaced.error());
         }
         while self.deadline.as_mut().poll(cx).is_ready() {
             match self
@@ -496,12 +545,13 @@ impl AdmittedStream {
 
 impl Drop for AdmittedStream {
     fn drop(&mut self) {
-        let mut by_peer = self.connections.by_peer();
-        if by_peer
-            .get(&self.peer)
+        let key = (self.local, self.peer);
+        let mut by_conn = self.connections.by_conn();
+        if by_conn
+            .get(&key)
             .is_some_and(|a| Arc::ptr_eq(a, &self.activity))
         {
-            by_peer.remove(&self.peer);
+            by_conn.remove(&key);
         }
     }
 }
@@ -594,17 +644,15 @@ pub struct Active<S> {
     connections: Arc<Connections>,
 }
 
-/// The peer of the connection a request came on, as tonic records it.
-fn peer<B>(request: &Request<B>) -> Option<SocketAddr> {
+/// The connection a request came on (local and peer address), as tonic records it.
+fn conn<B>(request: &Request<B>) -> Option<ConnKey> {
     let extensions = request.extensions();
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|info| info.get_ref().remote_addr())
-        })
+    let info = extensions.get::<TcpConnectInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })?;
+    Some((info.local_addr(), info.remote_addr()?))
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Active<S>
@@ -620,8 +668,8 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let in_flight = peer(&request)
-            .and_then(|peer| self.connections.activity(peer))
+        let in_flight = conn(&request)
+            .and_then(|conn| self.connections.activity(conn))
             .map(|activity| activity.begin(Instant::now()));
         ActiveFuture {
             call: self.inner.call(request),

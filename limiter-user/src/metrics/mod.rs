@@ -329,7 +329,10 @@ impl Exporter {
             "limiter_connections_displaced",
             "TCP API connections closed to make room for a new one: the listener served its \
              total cap and they were the oldest that had made no authenticated call",
-            api.displaced.clone(),
+            ByLabels {
+                metric_type: MetricType::Counter,
+                series: vec![(vec![("listener", "api")], api.displaced.clone())],
+            },
         );
         registry.register(
             "limiter_open_files_limit",

@@ -143,7 +143,7 @@ fn populated_lines() -> Vec<String> {
         "limiter_connections_timed_out_total{iface=\"eth0\",listener=\"api\",reason=\"idle\"} 0",
         "# HELP limiter_connections_displaced_total TCP API connections closed to make room for a new one: the listener served its total cap and they were the oldest that had made no authenticated call.",
         "# TYPE limiter_connections_displaced_total counter",
-        "limiter_connections_displaced_total{iface=\"eth0\"} 3",
+        "limiter_connections_displaced_total{iface=\"eth0\",listener=\"api\"} 3",
         "# HELP limiter_open_files_limit The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start to its hard limit).",
         "# TYPE limiter_open_files_limit gauge",
         "limiter_open_files_limit{iface=\"eth0\"} 524288",
