@@ -4,8 +4,11 @@
 //! that are not addresses live in `NAMED` and `NAMED_STATIC`, the counterparts of `CLIENTS` and
 //! `STATIC_CLIENTS`.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
+    helpers::generated::bpf_loop,
     macros::xdp,
     programs::XdpContext,
 };
@@ -35,32 +38,59 @@ pub fn limiter_check(ctx: XdpContext) -> u32 {
     try_check(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
 }
 
+/// The state `bpf_loop` hands each iteration: the program's context (the frame).
+#[repr(C)]
+struct Slots {
+    ctx: *mut aya_ebpf::bindings::xdp_md,
+}
+
 #[inline(always)]
 fn try_check(ctx: &XdpContext) -> Option<u32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(CHECK_ETHERTYPE) {
         return None;
     }
-    let config = CONFIG.get(0)?;
     // At least one whole slot; then as many as the frame holds, up to CHECK_BATCH, in order.
     ptr_at::<CheckReply>(ctx, CHECK_REPLY_OFFSET)?;
-    for i in 0..CHECK_BATCH {
-        let offset = CHECK_REQUEST_OFFSET + i * CHECK_SLOT_LEN;
-        let Some(request) = read::<CheckRequest>(ctx, offset) else {
-            break;
-        };
-        let Some(reply) = ptr_at::<CheckReply>(ctx, offset + size_of::<CheckRequest>()) else {
-            break;
-        };
-        // Counters go to STATS after each check, so that nothing but the slot index carries
-        // from one iteration to the next and the verifier's states stay prunable.
-        let mut counted = GlobalStats::default();
-        let done = check_one(&request, reply.cast_mut(), config, &mut counted);
-        count_check(&counted);
-        if done.is_none() {
-            break;
-        }
+    let len = ctx.data_end().saturating_sub(ctx.data());
+    let slots = (len.saturating_sub(CHECK_REQUEST_OFFSET) / CHECK_SLOT_LEN).min(CHECK_BATCH);
+    let mut state = Slots { ctx: ctx.ctx };
+    // SAFETY: `check_slot` has the callback signature bpf_loop (Linux 5.17) calls, and `state`
+    // outlives the call.
+    unsafe {
+        bpf_loop(
+            slots as u32,
+            check_slot as *mut c_void,
+            (&raw mut state).cast(),
+            0,
+        );
     }
     Some(xdp_action::XDP_PASS)
+}
+
+/// One slot of a check frame: `bpf_loop`'s callback, verified once however many slots a frame
+/// has. Returns 1 to stop (a slot it could not decide).
+#[inline(never)]
+extern "C" fn check_slot(index: u32, state: *mut c_void) -> i64 {
+    // SAFETY: `state` is the `Slots` `try_check` passed.
+    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    // bpf_loop runs at most CHECK_BATCH iterations (`try_check`); the mask (CHECK_BATCH is a
+    // power of two) is what bounds the slot offset for the verifier, which knows nothing of the
+    // index but its type. A comparison would let the compiler drop the mask.
+    let index = index as usize & (CHECK_BATCH - 1);
+    let Some(config) = CONFIG.get(0) else {
+        return 1;
+    };
+    let offset = CHECK_REQUEST_OFFSET + index * CHECK_SLOT_LEN;
+    let Some(request) = read::<CheckRequest>(&ctx, offset) else {
+        return 1;
+    };
+    let Some(reply) = ptr_at::<CheckReply>(&ctx, offset + size_of::<CheckRequest>()) else {
+        return 1;
+    };
+    let mut counted = GlobalStats::default();
+    let done = check_one(&request, reply.cast_mut(), config, &mut counted);
+    count_check(&counted);
+    if done.is_none() { 1 } else { 0 }
 }
 
 /// Decides one check and writes its reply.
@@ -74,8 +104,10 @@ fn check_one(
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
-    // The key of the client's entry: the ID's, or the address's own or its group's.
+    // The key of the client's entry (the ID's, or the address's own or its group's) and the map
+    // it lives in (an ID's never moves to `LIMITED`: `Kept`).
     let mut key = request.key;
+    let mut home = Home::Kept;
     if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
@@ -120,14 +152,13 @@ fn check_one(
             }
         }
     } else {
-        // One lookup path for reads and checks that spend (the verifier walks each copy in
-        // each of the CHECK_BATCH iterations). Wherever the entry lives, a denied check does
-        // not move it to `LIMITED` (the client's next dropped packet does): the move's map
-        // updates take the verifier past its one-million-instruction budget.
+        // Through the trie (`locate_resolved`): one lookup path for reads and for checks that
+        // spend. A denied check moves a `CLIENTS` entry into `LIMITED` as a dropped packet does.
         let full_before = counted.map_full;
         match locate_resolved(&request.key, config, counted)? {
-            Located::Found(p, _, k) => {
+            Located::Found(p, h, k) => {
                 key = k;
+                home = h;
                 state_ptr = Some(p);
             }
             Located::Missing(policy, _) if request.hits == 0 => {
@@ -135,7 +166,10 @@ fn check_one(
             }
             Located::Missing(policy, k) => {
                 key = k;
-                state_ptr = create_entry(&policy, &k, config, counted, Run::Agent).map(|(p, _)| p);
+                if let Some((p, h)) = create_entry(&policy, &k, config, counted, Run::Agent) {
+                    home = h;
+                    state_ptr = Some(p);
+                }
             }
         }
         if counted.map_full != full_before {
@@ -146,9 +180,9 @@ fn check_one(
     let state = match state_ptr {
         Some(mut p) => {
             if request.hits != 0 {
-                // SAFETY: live map value. `Home::Kept`: never moved here (see above).
+                // SAFETY: live map value, the entry of `key` in `home`.
                 let outcome =
-                    unsafe { decide_hits(&key, p, Home::Kept, request.hits, Run::Agent, counted) };
+                    unsafe { decide_hits(&key, p, home, request.hits, Run::Agent, counted) };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }

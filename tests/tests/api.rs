@@ -389,6 +389,47 @@ async fn an_ipv6_check_shares_its_64s_budget_with_packets() -> Result<()> {
     f.shutdown().await
 }
 
+/// A check denied by an address's window moves its entry into the never-evicted `LIMITED` map,
+/// as a dropped packet does: a flood of new sources cannot then hand it a fresh window. Its
+/// packets and checks keep sharing the one budget there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_check_holds_the_client_like_a_dropped_packet() -> Result<()> {
+    require_root!();
+    let f = Fixture::new(false).await?;
+    let mut c = f.client().await?;
+    let global = |g: proto::GlobalStats| (g.limited_moves, g.limited_full);
+    let before = global(
+        c.stats
+            .global(proto::GlobalStatsRequest {})
+            .await?
+            .into_inner(),
+    );
+    // 10.0.0.0/8 allows 5 a minute.
+    ensure!(count_allowed(&mut c.rate_limiter, "10.9.9.11", 6).await? == 5);
+    let after = global(
+        c.stats
+            .global(proto::GlobalStatsRequest {})
+            .await?
+            .into_inner(),
+    );
+    ensure!(
+        after.0 == before.0 + 1,
+        "one move into LIMITED: {before:?} -> {after:?}"
+    );
+    ensure!(
+        !f.packet(Ipv4Addr::new(10, 9, 9, 11))?,
+        "the packet path finds the held entry, spent"
+    );
+    ensure!(
+        !c.rate_limiter
+            .check(check("10.9.9.11", None))
+            .await?
+            .into_inner()
+            .allowed
+    );
+    f.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_batch_decides_in_order_and_validates_first() -> Result<()> {
     require_root!();

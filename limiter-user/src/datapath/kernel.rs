@@ -17,7 +17,7 @@ use aya::{
 };
 
 /// The oldest release with every feature in [`FEATURES`] (the README's requirement).
-pub const MINIMUM: (u8, u8) = (5, 12);
+pub const MINIMUM: (u8, u8) = (5, 17);
 
 /// One kernel feature the program or the agent needs.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +54,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_PROG_LOAD: libc::c_long = 5;
 
 /// What the program and the agent use, oldest first.
-pub const FEATURES: [Feature; 9] = [
+pub const FEATURES: [Feature; 10] = [
     Feature {
         what: "XDP programs",
         since: (4, 8),
@@ -116,6 +116,12 @@ pub const FEATURES: [Feature; 9] = [
         since: (5, 12),
         commit: "5ffa25502b5a",
         probe: Probe::AtomicCmpxchg,
+    },
+    Feature {
+        what: "the bpf_loop helper",
+        since: (5, 17),
+        commit: "e6f2dd0f8067",
+        probe: Probe::Helper(BpfHelper::BPF_FUNC_loop),
     },
 ];
 
@@ -320,7 +326,7 @@ mod tests {
             error.to_string(),
             "this kernel (Linux 5.4.0) lacks ring buffer maps (Linux 5.8, commit 457f44363a88), \
              BPF atomic compare-and-exchange instructions (Linux 5.12, commit 5ffa25502b5a); \
-             limiter needs Linux >= 5.12"
+             limiter needs Linux >= 5.17"
         );
         let error = KernelError::Missing {
             running: None,

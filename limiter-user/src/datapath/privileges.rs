@@ -11,7 +11,7 @@
 //! `CAP_SYS_RESOURCE` is not needed: since Linux 5.11 BPF memory is charged to the memory cgroup,
 //! not to `RLIMIT_MEMLOCK` (series "bpf: switch to memcg-based memory accounting", e.g. commit
 //! 3ac1f01b43b6 "bpf: Eliminate rlimit-based memory accounting for bpf progs"), and the agent
-//! needs 5.12 anyway ([`super::kernel`]); so the agent never raises the memlock limit.
+//! needs 5.17 anyway ([`super::kernel`]); so the agent never raises the memlock limit.
 
 use std::collections::HashSet;
 
