@@ -259,13 +259,17 @@ pub const CHECK_SLOT_LEN: usize = size_of::<CheckRequest>() + size_of::<CheckRep
 /// Most checks in one check frame. One BPF_PROG_TEST_RUN call costs about 0.8 µs of fixed
 /// overhead here, so many checks per call amortise it (measured: 1.6 µs per check alone, 0.63 µs
 /// in frames of 4). The program runs its slots with `bpf_loop` (Linux 5.17, commit
-/// e6f2dd0f8067), whose callback the verifier checks once, so the number is not bounded by the
-/// verifier's budget (unrolled, 4 slots exceeded it) but by the frame: BPF_PROG_TEST_RUN takes
-/// an XDP frame of one page less headroom and tailroom (about 3.5 KB, `bpf_prog_test_run_xdp`),
-/// which holds 36 slots. A power of two: the program bounds a slot's offset with a mask.
-pub const CHECK_BATCH: usize = 32;
-const _: () = assert!(CHECK_BATCH.is_power_of_two());
-const _: () = assert!(CHECK_REQUEST_OFFSET + CHECK_BATCH * CHECK_SLOT_LEN <= 3500);
+/// e6f2dd0f8067), whose callback the verifier checks as one function rather than once per slot,
+/// so the number is not bounded by the verifier's budget (unrolled, 4 slots exceeded it) but by
+/// the frame: BPF_PROG_TEST_RUN takes an XDP frame of one page less 256 bytes of headroom and
+/// the tailroom (`bpf_prog_test_run_xdp`), 3,072 bytes at the largest `CONFIG_MAX_SKB_FRAGS`
+/// (45, configurable since 6.3); beyond, the kernel puts the rest in a fragment the program
+/// cannot read. 31 slots fit.
+pub const CHECK_BATCH: usize = 31;
+/// Bounds a slot's index for the verifier (the next power of two less one; the frame's bounds
+/// check does the rest).
+pub const CHECK_SLOT_MASK: usize = CHECK_BATCH.next_power_of_two() - 1;
+const _: () = assert!(CHECK_REQUEST_OFFSET + CHECK_BATCH * CHECK_SLOT_LEN <= 3072);
 
 /// `CheckRequest::flags`: `key` names a client ID (a hash of it) in the `NAMED` maps, and
 /// `policy` is the one to apply; otherwise `key` is an address, resolved like a packet's.

@@ -16,8 +16,8 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
     maps::{
         CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET,
-        CHECK_SLOT_LEN, CHECK_STATIC, META_FLAG, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT,
-        VERDICT_OVERFLOW, VERDICT_WRITTEN,
+        CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, META_FLAG, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
     },
 };
 
@@ -73,10 +73,10 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
 extern "C" fn check_slot(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_check` passed.
     let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
-    // bpf_loop runs at most CHECK_BATCH iterations (`try_check`); the mask (CHECK_BATCH is a
-    // power of two) is what bounds the slot offset for the verifier, which knows nothing of the
-    // index but its type. A comparison would let the compiler drop the mask.
-    let index = index as usize & (CHECK_BATCH - 1);
+    // bpf_loop runs at most CHECK_BATCH iterations (`try_check`). The mask bounds the slot
+    // offset for the verifier, which knows nothing of the index but its type (a comparison would
+    // let the compiler drop it); the frame bounds check below is what keeps the read inside.
+    let index = index as usize & CHECK_SLOT_MASK;
     let Some(config) = CONFIG.get(0) else {
         return 1;
     };
@@ -104,10 +104,8 @@ fn check_one(
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
-    // The key of the client's entry (the ID's, or the address's own or its group's) and the map
-    // it lives in (an ID's never moves to `LIMITED`: `Kept`).
+    // The key of the client's entry: the ID's, or the address's own or its group's.
     let mut key = request.key;
-    let mut home = Home::Kept;
     if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
@@ -153,12 +151,13 @@ fn check_one(
         }
     } else {
         // Through the trie (`locate_resolved`): one lookup path for reads and for checks that
-        // spend. A denied check moves a `CLIENTS` entry into `LIMITED` as a dropped packet does.
+        // spend. A denied check does not move the entry into `LIMITED` (the client's next
+        // dropped packet does): a check-role caller could otherwise fill that never-evicted map
+        // without sending a packet, by checking clients it spends out itself.
         let full_before = counted.map_full;
         match locate_resolved(&request.key, config, counted)? {
-            Located::Found(p, h, k) => {
+            Located::Found(p, _, k) => {
                 key = k;
-                home = h;
                 state_ptr = Some(p);
             }
             Located::Missing(policy, _) if request.hits == 0 => {
@@ -166,10 +165,7 @@ fn check_one(
             }
             Located::Missing(policy, k) => {
                 key = k;
-                if let Some((p, h)) = create_entry(&policy, &k, config, counted, Run::Agent) {
-                    home = h;
-                    state_ptr = Some(p);
-                }
+                state_ptr = create_entry(&policy, &k, config, counted, Run::Agent).map(|(p, _)| p);
             }
         }
         if counted.map_full != full_before {
@@ -180,9 +176,10 @@ fn check_one(
     let state = match state_ptr {
         Some(mut p) => {
             if request.hits != 0 {
-                // SAFETY: live map value, the entry of `key` in `home`.
+                // SAFETY: live map value. `Home::Kept`: a denied check never moves the entry into
+                // `LIMITED` (see above).
                 let outcome =
-                    unsafe { decide_hits(&key, p, home, request.hits, Run::Agent, counted) };
+                    unsafe { decide_hits(&key, p, Home::Kept, request.hits, Run::Agent, counted) };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }

@@ -389,43 +389,49 @@ async fn an_ipv6_check_shares_its_64s_budget_with_packets() -> Result<()> {
     f.shutdown().await
 }
 
-/// A check denied by an address's window moves its entry into the never-evicted `LIMITED` map,
-/// as a dropped packet does: a flood of new sources cannot then hand it a fresh window. Its
-/// packets and checks keep sharing the one budget there.
+/// A check denied by an address's window does not move its entry into `LIMITED` (a check-role
+/// caller could otherwise fill that never-evicted map by spending clients out itself, without a
+/// packet); the client's next dropped packet does. Batches of more checks than one program run
+/// holds (`CHECK_BATCH`) are decided in order across runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_denied_check_holds_the_client_like_a_dropped_packet() -> Result<()> {
+async fn a_denied_check_leaves_the_holding_to_packets() -> Result<()> {
     require_root!();
     let f = Fixture::new(false).await?;
     let mut c = f.client().await?;
-    let global = |g: proto::GlobalStats| (g.limited_moves, g.limited_full);
-    let before = global(
-        c.stats
+    let moves = async |c: &mut Clients| -> Result<u64> {
+        Ok(c.stats
             .global(proto::GlobalStatsRequest {})
             .await?
-            .into_inner(),
-    );
-    // 10.0.0.0/8 allows 5 a minute.
-    ensure!(count_allowed(&mut c.rate_limiter, "10.9.9.11", 6).await? == 5);
-    let after = global(
-        c.stats
-            .global(proto::GlobalStatsRequest {})
-            .await?
-            .into_inner(),
-    );
+            .into_inner()
+            .limited_moves)
+    };
+    let before = moves(&mut c).await?;
+    // 10.0.0.0/8 allows 5 a minute: one batch of 2 * CHECK_BATCH + 1 checks of one address.
+    let n = 2 * limiter_common::maps::CHECK_BATCH + 1;
+    let batch = proto::CheckBatchRequest {
+        checks: (0..n).map(|_| check("10.9.9.11", None)).collect(),
+    };
+    let results = c
+        .rate_limiter
+        .check_batch(batch)
+        .await?
+        .into_inner()
+        .results;
+    let allowed: Vec<bool> = results.iter().map(|r| r.allowed).collect();
+    let mut expected = vec![true; 5];
+    expected.resize(n, false);
+    ensure!(allowed == expected, "{allowed:?}");
     ensure!(
-        after.0 == before.0 + 1,
-        "one move into LIMITED: {before:?} -> {after:?}"
+        moves(&mut c).await? == before,
+        "a denied check moved the client"
     );
     ensure!(
         !f.packet(Ipv4Addr::new(10, 9, 9, 11))?,
-        "the packet path finds the held entry, spent"
+        "spent for packets too"
     );
     ensure!(
-        !c.rate_limiter
-            .check(check("10.9.9.11", None))
-            .await?
-            .into_inner()
-            .allowed
+        moves(&mut c).await? == before + 1,
+        "the dropped packet moved it"
     );
     f.shutdown().await
 }

@@ -24,7 +24,7 @@ use crate::{
 /// (with the new-client read, two), a few microseconds, cheaper than the hop to a blocking
 /// thread, which measured at one call in flight took Check from 49 to 70-125 µs (p50) and halved
 /// its calls per second. Larger batches, the ones that block for longer, go to the lanes (a
-/// frame holds up to `CHECK_BATCH` checks, but 32 of them block for about 10 µs).
+/// frame holds up to `CHECK_BATCH` checks, but 31 of them block for about 10 µs).
 const INLINE_CHECKS: usize = 3;
 
 pub struct RateLimiterService {
