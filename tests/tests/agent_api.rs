@@ -328,7 +328,11 @@ fn api_row<'a>(stats: &'a Value, client: &str) -> &'a Value {
 fn unspecified_counts(stats: &Value) -> (u64, u64) {
     stats["clients"]
         .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["client"] == "::"))
+        // `::` is counted in its /64 (IPv6's default grouping), shown as `::/64`.
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["client"] == "::" || r["client"] == "::/64")
+        })
         .map_or((0, 0), |r| (u64_at(r, "passed"), u64_at(r, "dropped")))
 }
 
