@@ -3,6 +3,7 @@
 
 // The harness: what the privileged tests run against.
 pub mod agent;
+pub mod api;
 pub mod clock;
 pub mod command;
 pub mod fixture;

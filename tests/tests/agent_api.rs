@@ -32,17 +32,15 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use limiter_tests::{
     agent::{Agent, link_has_xdp, run_limiter},
+    api::Api,
     fixture::{ExactWindow, TempDir, wait_until},
     netns::{TestNet, pin_dir, sender_v4, sender_v6},
     require_root,
     traffic::{PacketCounter, UDP_PORT, receiver_for, send_and_count},
 };
-use limiter_user::{
-    cli::client::{self, Clients, Target},
-    proto,
-};
+use limiter_user::{cli::client::Target, proto};
 use serde_json::Value;
-use tonic::{Code, Status};
+use tonic::Code;
 
 /// Longest any one test's traffic phase may take; the hour window must not end inside it.
 const TEST_SPAN: Duration = Duration::from_secs(40);
@@ -117,99 +115,6 @@ fn limiter(ns: &str, args: &[&str]) -> Result<Run> {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
-}
-
-/// Awaits an API call for at most [`CALL_TIMEOUT`].
-async fn bounded<T>(
-    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, Status> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result.map(tonic::Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "the test gave up on the call after {CALL_TIMEOUT:?}"
-        ))),
-    }
-}
-
-/// The Rust client (`limiter_user::cli::client`) on its own single-threaded runtime. Use it on the
-/// thread (and so in the network namespace) that created it, and drop it before the agent
-/// stops: its runtime runs only during a call, so between calls its connection does not answer
-/// the server's shutdown handshake, and the agent's graceful stop would wait its 5 s for it (a
-/// test declares its `Api` after its `Agent`, so it is dropped first).
-struct Api {
-    rt: tokio::runtime::Runtime,
-    clients: Clients,
-}
-
-impl Api {
-    /// Connects to `target`, retrying for up to 10 s: the agent binds its API listeners just
-    /// after attaching, so a ready agent may not be listening yet.
-    fn connect(target: &Target) -> Result<Api> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let attempt = rt.block_on(async {
-                tokio::time::timeout(CALL_TIMEOUT, client::connect(target)).await
-            });
-            let error = match attempt {
-                Ok(Ok(clients)) => return Ok(Api { rt, clients }),
-                Ok(Err(e)) => e,
-                Err(_) => anyhow!("connect did not finish within {CALL_TIMEOUT:?}"),
-            };
-            if Instant::now() >= deadline {
-                return Err(error.context(format!("connecting to the agent API at {target:?}")));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Connects to the agent's Unix socket.
-    fn unix(socket: &str) -> Result<Api> {
-        Api::connect(&Target {
-            api: Some(socket.to_owned()),
-            ..Target::default()
-        })
-    }
-
-    fn check(&mut self, id: &str, hits: u32) -> Result<proto::CheckResponse, Status> {
-        let request = proto::CheckRequest {
-            client_id: id.to_owned(),
-            hits: Some(hits),
-        };
-        self.rt
-            .block_on(bounded(self.clients.rate_limiter.check(request)))
-    }
-
-    fn set(&mut self, policy: proto::Policy) -> Result<proto::LimitChange, Status> {
-        let request = proto::SetLimitRequest {
-            policy: Some(policy),
-        };
-        self.rt.block_on(bounded(self.clients.limits.set(request)))
-    }
-
-    fn list(&mut self) -> Result<Vec<proto::Policy>, Status> {
-        self.rt
-            .block_on(bounded(
-                self.clients.limits.list(proto::ListLimitsRequest {}),
-            ))
-            .map(|l| l.policies)
-    }
-
-    fn global(&mut self) -> Result<proto::GlobalStats, Status> {
-        self.rt.block_on(bounded(
-            self.clients.stats.global(proto::GlobalStatsRequest {}),
-        ))
-    }
-
-    fn client_stats(&mut self, id: &str) -> Result<proto::ClientStats, Status> {
-        let request = proto::ClientStatsRequest {
-            client_id: id.to_owned(),
-        };
-        self.rt
-            .block_on(bounded(self.clients.stats.client(request)))
-    }
 }
 
 fn hour() -> Option<prost_types::Duration> {
@@ -474,7 +379,7 @@ fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()>
     let read_only = ReadOnly::mount(&agent.config_path, &net.receiver_ns)?;
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
-    let mut api = Api::unix(&socket)?;
+    let mut api = Api::unix(&socket, CALL_TIMEOUT)?;
     let (spent, fresh, third, listed): (IpAddr, IpAddr, IpAddr, IpAddr) = (
         sender_v4(7).into(),  // 198.18.0.17, in the prefix
         sender_v4(8).into(),  // 198.18.0.18, in the prefix, first seen after the change
@@ -606,7 +511,7 @@ fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()>
         RESTART_CONFIG,
         &["--api-socket", &socket, "--state-dir", &state_arg],
     )?;
-    let mut api = Api::unix(&socket)?;
+    let mut api = Api::unix(&socket, CALL_TIMEOUT)?;
     assert_eq!(
         api.list()?,
         policies_before,
@@ -723,7 +628,7 @@ fn check_on_an_address_shares_the_budget_of_its_packets() -> Result<()> {
     let _agent = Agent::start_with(&net, SHARED_CONFIG, &["--api-socket", &socket])?;
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
-    let mut api = Api::unix(&socket)?;
+    let mut api = Api::unix(&socket, CALL_TIMEOUT)?;
 
     // (source, its limit, its policy, packets sent first)
     let cases: [(IpAddr, u32, &str, u64); 3] = [
@@ -834,7 +739,7 @@ fn tcp_api_calls_without_the_token_fail_and_change_nothing() -> Result<()> {
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
     let ns = net.receiver_ns.clone();
-    let mut unix = Api::unix(&socket)?;
+    let mut unix = Api::unix(&socket, CALL_TIMEOUT)?;
     let generation = unix.global()?.policy_generation;
     let src: IpAddr = sender_v4(7).into(); // 198.18.0.17
     let got = send_and_count(&net, &counter, &[(src, 4)])?;
@@ -911,9 +816,9 @@ fn tcp_api_calls_without_the_token_fail_and_change_nothing() -> Result<()> {
         ..Target::default()
     };
     let (no_token, bad_token, good) = net.in_receiver(|| -> Result<_> {
-        let mut bare = Api::connect(&target(None))?;
-        let mut bad = Api::connect(&target(Some(&wrong)))?;
-        let mut good = Api::connect(&target(Some(&token)))?;
+        let mut bare = Api::connect(&target(None), CALL_TIMEOUT)?;
+        let mut bad = Api::connect(&target(Some(&wrong)), CALL_TIMEOUT)?;
+        let mut good = Api::connect(&target(Some(&token)), CALL_TIMEOUT)?;
         Ok((
             bare.set(hourly("198.18.0.16/28", 1)).map(|_| ()),
             bad.check("198.18.0.17", 10).map(|_| ()),
@@ -1151,7 +1056,9 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
     let run = |args: &[&str]| limiter(&ns, args);
     let limits = |args: &[&str]| run(&[&["limits", "--api", &socket][..], args].concat());
     // Waits for the socket.
-    let generation = Api::unix(&socket)?.global()?.policy_generation;
+    let generation = Api::unix(&socket, CALL_TIMEOUT)?
+        .global()?
+        .policy_generation;
 
     let busy: IpAddr = sender_v4(7).into(); // 198.18.0.17
     let got = send_and_count(&net, &counter, &[(busy, 50)])?;
@@ -1409,7 +1316,7 @@ fn limits_takes_api_options_after_the_subcommand() -> Result<()> {
     let net = TestNet::new()?;
     let (_dir, socket) = socket_dir()?;
     let _agent = Agent::start_with(&net, CLI_CONFIG, &["--api-socket", &socket])?;
-    Api::unix(&socket)?;
+    Api::unix(&socket, CALL_TIMEOUT)?;
     let ns = &net.receiver_ns;
     limiter(
         ns,
@@ -1465,7 +1372,7 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
     let iface = net.receiver_if.clone();
-    let mut api = Api::unix(&socket)?;
+    let mut api = Api::unix(&socket, CALL_TIMEOUT)?;
 
     let http = wait_until(
         "the metrics endpoint answers",

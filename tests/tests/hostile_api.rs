@@ -28,12 +28,13 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use limiter_tests::{
     agent::{Agent, agent_has_option, run_limiter},
+    api::Api,
     fixture::TempDir,
     netns::{RECEIVER_V4, TestNet},
     require_root,
 };
 use limiter_user::{
-    cli::client::{self, Clients, Target},
+    cli::client::{self, Target},
     proto,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -64,114 +65,16 @@ fn secret(dir: &TempDir, name: &str, text: &str) -> Result<String> {
     Ok(path)
 }
 
-/// Awaits an API call for at most [`CALL_TIMEOUT`].
-async fn bounded<T>(
-    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, Status> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result.map(tonic::Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded("the test gave up on the call")),
-    }
-}
-
-/// The Rust client on its own single-threaded runtime; used on the thread (and so in the
-/// namespace) that created it, and dropped before the agent.
-struct Api {
-    rt: tokio::runtime::Runtime,
-    clients: Clients,
-}
-
-impl Api {
-    /// Connects, retrying for up to 10 s while the agent binds its listeners.
-    fn connect(target: &Target) -> Result<Api> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let attempt = rt.block_on(async {
-                tokio::time::timeout(CALL_TIMEOUT, client::connect(target)).await
-            });
-            let error = match attempt {
-                Ok(Ok(clients)) => return Ok(Api { rt, clients }),
-                Ok(Err(e)) => e,
-                Err(_) => anyhow!("connect did not finish"),
-            };
-            if Instant::now() >= deadline {
-                return Err(error.context(format!("connecting to {target:?}")));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn unix(socket: &str) -> Result<Api> {
-        Api::connect(&Target {
-            api: Some(socket.to_owned()),
-            ..Target::default()
-        })
-    }
-
-    /// Over TCP to `host`, with a token file.
-    fn tcp(host: &str, token_file: &str) -> Result<Api> {
-        Api::connect(&Target {
+/// The API over TCP to `host`, with a token file.
+fn tcp(host: &str, token_file: &str) -> Result<Api> {
+    Api::connect(
+        &Target {
             api: Some(format!("http://{host}:{API_PORT}")),
             token_file: Some(token_file.into()),
             ..Target::default()
-        })
-    }
-
-    fn check(&mut self, id: &str, hits: u32) -> Result<proto::CheckResponse, Status> {
-        let request = proto::CheckRequest {
-            client_id: id.to_owned(),
-            hits: Some(hits),
-        };
-        self.rt
-            .block_on(bounded(self.clients.rate_limiter.check(request)))
-    }
-
-    fn batch(&mut self, ids: &[String]) -> Result<proto::CheckBatchResponse, Status> {
-        let checks = ids
-            .iter()
-            .map(|id| proto::CheckRequest {
-                client_id: id.clone(),
-                hits: Some(1),
-            })
-            .collect();
-        self.rt.block_on(bounded(
-            self.clients
-                .rate_limiter
-                .check_batch(proto::CheckBatchRequest { checks }),
-        ))
-    }
-
-    fn set(&mut self, policy: proto::Policy) -> Result<proto::LimitChange, Status> {
-        let request = proto::SetLimitRequest {
-            policy: Some(policy),
-        };
-        self.rt.block_on(bounded(self.clients.limits.set(request)))
-    }
-
-    fn delete(&mut self, matches: &str) -> Result<proto::LimitChange, Status> {
-        let request = proto::DeleteLimitRequest {
-            r#match: matches.to_owned(),
-        };
-        self.rt
-            .block_on(bounded(self.clients.limits.delete(request)))
-    }
-
-    fn list(&mut self) -> Result<Vec<proto::Policy>, Status> {
-        self.rt
-            .block_on(bounded(
-                self.clients.limits.list(proto::ListLimitsRequest {}),
-            ))
-            .map(|l| l.policies)
-    }
-
-    fn global(&mut self) -> Result<proto::GlobalStats, Status> {
-        self.rt.block_on(bounded(
-            self.clients.stats.global(proto::GlobalStatsRequest {}),
-        ))
-    }
+        },
+        CALL_TIMEOUT,
+    )
 }
 
 fn pass_default() -> proto::Policy {
@@ -270,11 +173,11 @@ fn the_check_token_may_check_but_never_change_policies() -> Result<()> {
     let overlay = agent
         .state_dir()
         .join(format!("{}.overlay.yaml", s.net.receiver_if));
-    let mut unix = Api::unix(&s.socket)?;
+    let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
     let generation = unix.global()?.policy_generation;
     let policies = unix.list()?;
     let (checker, admin) = s.net.in_receiver(|| -> Result<_> {
-        let mut checker = Api::tcp("127.0.0.1", &s.check)?;
+        let mut checker = tcp("127.0.0.1", &s.check)?;
         let r = checker.check("198.18.0.17", 1)?;
         assert!(r.allowed && r.limit == 20 && r.remaining == 19, "{r:?}");
         assert!(checker.check("tenant-a", 1)?.allowed);
@@ -303,16 +206,14 @@ fn the_check_token_may_check_but_never_change_policies() -> Result<()> {
                 ),
             )
         })?;
-        let serving = checker.rt.block_on(bounded(health.check(
-            tonic_health::pb::HealthCheckRequest {
-                service: "limiter.v1.RateLimiter".into(),
-            },
-        )))?;
+        let serving = checker.call(health.check(tonic_health::pb::HealthCheckRequest {
+            service: "limiter.v1.RateLimiter".into(),
+        }))?;
         assert_eq!(
             serving.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
-        let admin = Api::tcp("127.0.0.1", &s.admin)?;
+        let admin = tcp("127.0.0.1", &s.admin)?;
         Ok((checker, admin))
     })??;
     let (mut checker, mut admin) = (checker, admin);
@@ -497,7 +398,7 @@ fn certificate_subjects_give_roles() -> Result<()> {
             "web",
         ],
     )?;
-    let mut unix = Api::unix(&s.socket)?;
+    let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
     let generation = unix.global()?.policy_generation;
     let target = |(cert, key): &(PathBuf, PathBuf)| Target {
         api: Some(format!("https://127.0.0.1:{API_PORT}")),
@@ -507,10 +408,10 @@ fn certificate_subjects_give_roles() -> Result<()> {
         ..Target::default()
     };
     s.net.in_receiver(|| -> Result<()> {
-        let mut web = Api::connect(&target(&web))?;
+        let mut web = Api::connect(&target(&web), CALL_TIMEOUT)?;
         ensure!(web.check("198.18.0.17", 1)?.allowed);
         assert_denied(web.set(pass_default()), "Limits/Set");
-        let mut stranger = Api::connect(&target(&stranger))?;
+        let mut stranger = Api::connect(&target(&stranger), CALL_TIMEOUT)?;
         let e = stranger.check("198.18.0.17", 1).expect_err("no role");
         ensure!(e.code() == Code::PermissionDenied, "{e:?}");
         ensure!(
@@ -518,7 +419,7 @@ fn certificate_subjects_give_roles() -> Result<()> {
             "{}",
             e.message()
         );
-        let mut ops = Api::connect(&target(&ops))?;
+        let mut ops = Api::connect(&target(&ops), CALL_TIMEOUT)?;
         ops.set(hourly("10.0.0.0/8", 5))?;
         ensure!(ops.global()?.policy_generation == generation + 1);
         Ok(())
@@ -553,7 +454,7 @@ fn a_caller_over_its_rate_is_refused_and_other_callers_are_not() -> Result<()> {
     ])?;
     let receiver = RECEIVER_V4.to_string();
     s.net.in_receiver(|| -> Result<()> {
-        let mut a = Api::tcp("127.0.0.1", &s.check)?;
+        let mut a = tcp("127.0.0.1", &s.check)?;
         let mut answered = 0;
         let refused = loop {
             match a.check("tenant-a", 1) {
@@ -573,12 +474,12 @@ fn a_caller_over_its_rate_is_refused_and_other_callers_are_not() -> Result<()> {
             refused.message()
         );
         // The other role from the same address is another caller.
-        let mut admin = Api::tcp("127.0.0.1", &s.admin)?;
+        let mut admin = tcp("127.0.0.1", &s.admin)?;
         for _ in 0..5 {
             admin.check("tenant-a", 1)?;
         }
         // So is the same role from another address; a batch counts its checks.
-        let mut b = Api::tcp(&receiver, &s.check)?;
+        let mut b = tcp(&receiver, &s.check)?;
         b.check("tenant-b", 1)?;
         let nine: Vec<String> = (0..9).map(|i| format!("tenant-b{i}")).collect();
         b.batch(&nine)?;
@@ -593,7 +494,7 @@ fn a_caller_over_its_rate_is_refused_and_other_callers_are_not() -> Result<()> {
         Ok(())
     })??;
     // The Unix socket is exempt.
-    let mut unix = Api::unix(&s.socket)?;
+    let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
     for _ in 0..50 {
         unix.check("tenant-a", 1)?;
     }
@@ -612,11 +513,11 @@ fn checks_of_random_addresses_create_at_most_the_cap() -> Result<()> {
     limiter_tests::skip_under_emulation!("the cap refills 20 entries a second of wall clock");
     let s = Setup::new()?;
     let agent = s.start(&["--api-new-clients-per-second", "20"])?;
-    let mut unix = Api::unix(&s.socket)?;
+    let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
     let before = unix.global()?;
     let start = Instant::now();
     let (answered, refused, first_refusal) = s.net.in_receiver(|| -> Result<_> {
-        let mut checker = Api::tcp("127.0.0.1", &s.check)?;
+        let mut checker = tcp("127.0.0.1", &s.check)?;
         let mut answered = Vec::new();
         let mut refused = 0;
         let mut first_refusal = None;
@@ -802,7 +703,7 @@ fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
         })
     };
     let result = (|| -> Result<(Vec<Duration>, Duration)> {
-        let mut unix = Api::unix(&s.socket)?;
+        let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
         // Let the flood build up.
         let deadline = Instant::now() + Duration::from_secs(10);
         while ok.load(Ordering::Relaxed) < 2 {
