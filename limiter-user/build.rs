@@ -67,13 +67,18 @@ fn build_object(ebpf_dir: &str, features: &[&str]) -> anyhow::Result<()> {
 /// the encoded descriptor set that server reflection serves.
 fn compile_proto(proto_dir: &str) -> anyhow::Result<()> {
     let proto = format!("{proto_dir}/limiter.proto");
+    let cluster = format!("{proto_dir}/cluster.proto");
     println!("cargo:rerun-if-changed={proto}");
-    let descriptors =
-        protox::compile([&proto], [proto_dir]).with_context(|| format!("compiling {proto}"))?;
+    println!("cargo:rerun-if-changed={cluster}");
+    let descriptors = protox::compile([&proto, &cluster], [proto_dir])
+        .with_context(|| format!("compiling {proto} and {cluster}"))?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    // Reflection on the API serves the API's files only: the peer service is not on the API.
+    let mut api_files = descriptors.clone();
+    api_files.file.retain(|f| f.name() != "cluster.proto");
     std::fs::write(
         out_dir.join("limiter_descriptor.bin"),
-        prost::Message::encode_to_vec(&descriptors),
+        prost::Message::encode_to_vec(&api_files),
     )
     .context("writing limiter_descriptor.bin")?;
     tonic_prost_build::configure()

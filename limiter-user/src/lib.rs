@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod duration;
 pub mod limits;
 pub mod metrics;
 pub mod proto;

@@ -144,6 +144,14 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// The cluster a running agent is a member of: its members, which answer, and the share
+    /// of each global policy it enforces.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// A live view of the busiest clients, refreshed every second.
     Top {
         /// How many clients.
@@ -327,6 +335,16 @@ impl ApiArgs {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// This node, its phase, the member count, each peer and each global policy's share.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum LimitsCommand {
     /// Create or replace the policy for MATCH (`default`, a CIDR, an address or an ID).
     Set {
@@ -481,6 +499,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { id, hits, api } => block_on(check(id, hits, api.target(None))),
         Command::Limits { command, api } => block_on(limits(command, api.target(None))),
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+            api,
+        } => block_on(cluster_status(json, api.target(None))),
         Command::Top { n, iterations, api } => block_on(top(n, iterations, api.target(None))),
         Command::Detach { iface } => {
             datapath::check_environment()?;
@@ -646,6 +668,94 @@ async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
                 .into_inner();
             print!("{}", effective.yaml);
         }
+    }
+    Ok(())
+}
+
+async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let s = c
+        .cluster
+        .status(proto::ClusterStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let ms = |d: Option<&prost_types::Duration>| {
+        d.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6)
+    };
+    if json {
+        let out = serde_json::json!({
+            "configured": s.configured, "node_id": s.node_id, "incarnation": s.incarnation,
+            "listen": s.listen, "phase": s.phase, "partition": s.partition,
+            "members": s.members, "agreed_members": s.agreed_members,
+            "views_agree": s.views_agree,
+            "peers": s.peers.iter().map(|p| serde_json::json!({
+                "address": p.address, "node_id": p.node_id, "live": p.live,
+                "since_ms": ms(p.since.as_ref()), "incarnation": p.incarnation,
+                "members": p.members, "agrees": p.agrees,
+            })).collect::<Vec<_>>(),
+            "policies": s.policies.iter().map(|g| serde_json::json!({
+                "match": g.r#match, "limit": g.limit, "share": g.share,
+                "window_ms": ms(g.window.as_ref()),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if !s.configured {
+        println!("not a cluster member: the config has no `cluster:` section");
+        return Ok(());
+    }
+    println!(
+        "node {}  incarnation {}  listen {}\nphase {}  partition {}  members {} (agreed {}){}",
+        s.node_id,
+        s.incarnation,
+        s.listen,
+        s.phase,
+        s.partition,
+        s.members,
+        s.agreed_members,
+        if s.views_agree { "" } else { "  VIEWS DIFFER" }
+    );
+    println!(
+        "\n{:<28} {:<20} {:<5} {:>10} {:>8}",
+        "PEER", "NODE", "LIVE", "SINCE", "MEMBERS"
+    );
+    for p in &s.peers {
+        println!(
+            "{:<28} {:<20} {:<5} {:>10} {:>8}{}",
+            if p.address.is_empty() {
+                "(heard only)"
+            } else {
+                &p.address
+            },
+            if p.node_id.is_empty() {
+                "?"
+            } else {
+                &p.node_id
+            },
+            if p.live { "yes" } else { "no" },
+            show_duration(p.since.as_ref()),
+            p.members,
+            if p.agrees || p.node_id.is_empty() {
+                ""
+            } else {
+                "  differs"
+            }
+        );
+    }
+    println!(
+        "\n{:<40} {:>10} {:>10} {:>10}",
+        "GLOBAL POLICY", "LIMIT", "SHARE", "WINDOW"
+    );
+    for g in &s.policies {
+        println!(
+            "{:<40} {:>10} {:>10} {:>10}",
+            g.r#match,
+            g.limit,
+            g.share,
+            show_duration(g.window.as_ref())
+        );
     }
     Ok(())
 }

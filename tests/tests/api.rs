@@ -110,6 +110,7 @@ impl Fixture {
             tables,
             config.clone(),
             loaded,
+            limiter_user::cluster::membership::ShareView::ALONE,
             checker.clone(),
             counters.clone(),
         ));
@@ -133,6 +134,7 @@ impl Fixture {
                 counters: counters.clone(),
                 max_batch: 100,
                 walks: Default::default(),
+                cluster: tokio::sync::watch::channel(None).1,
             },
             opts,
             listeners,

@@ -1,6 +1,7 @@
 //! `limiter agent`: load and attach the XDP program, apply the policies, keep them in step with
 //! the config file, detach on SIGINT/SIGTERM.
 
+pub mod cluster;
 pub mod descriptors;
 mod start;
 
@@ -24,9 +25,10 @@ use crate::{
     api::{self, ApiOptions, ApiState, SocketFile},
     capped_read,
     check::Checker,
+    cluster::membership::ShareView,
     config::{MAX_CONFIG_BYTES, MAX_STATIC_CLIENTS, overlay},
     datapath::{self, AttachMode, LoadOptions, Tables},
-    limits::{Loaded, PolicyStore},
+    limits::{Loaded, PolicyStore, policies_for_cluster, with_shares},
     metrics::{self, Counters, Exporter, KernelSource},
     snapshot::{Clocks, Snapshot},
     stats::{Figures, Resident, Walks},
@@ -132,6 +134,25 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
 
     let pins = datapath::pin_dir(&opts.iface);
     let adopting = pins.exists();
+    // The cluster's listener with the others, before anything is written; the node's first
+    // share view is what the maps start with.
+    let incarnation_path = cluster::incarnation_path(&opts.state_dir, &opts.iface);
+    let prepared = match &config.cluster {
+        Some(section) => Some(
+            cluster::Prepared::new(
+                section,
+                policies_for_cluster(&config),
+                &incarnation_path,
+                adopting,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let share_view = prepared
+        .as_ref()
+        .map_or(ShareView::ALONE, cluster::Prepared::share_view);
+    let applied = with_shares(&config, &share_view);
     let mut ebpf = datapath::load(&LoadOptions {
         pin_dir: Some(pins.clone()),
         max_clients: opts.max_clients,
@@ -153,10 +174,10 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 .context("duplicating the adapt program's descriptor")?,
         );
         restore(&mut tables, &snapshot_path, snapshot_capacity(&opts))?;
-        let report = tables.apply(&config)?;
+        let report = tables.apply(&applied)?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
         let tuner = Tuner::new(
-            &config,
+            &applied,
             report.generation,
             datapath::take_active(&mut ebpf)?,
             adapt_program,
@@ -198,15 +219,17 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     counters
         .open_files_limit
         .set(i64::try_from(nofile).unwrap_or(i64::MAX));
-    let checker = Arc::new(Checker::new(check_program, &config));
+    let checker = Arc::new(Checker::new(check_program, &applied));
     let limits = Arc::new(PolicyStore::new(
         tables,
         opts.config.clone(),
         loaded,
+        share_view,
         checker.clone(),
         counters.clone(),
     ));
     let walks = Arc::new(Walks::default());
+    let (cluster_tx, cluster_rx) = tokio::sync::watch::channel(None);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let served = api::serve(
         ApiState {
@@ -216,6 +239,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             counters: counters.clone(),
             max_batch: opts.api.max_batch,
             walks: walks.clone(),
+            cluster: cluster_rx,
         },
         opts.api.clone(),
         listeners,
@@ -244,6 +268,14 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
+    let (membership, membership_task) = cluster::Membership::start(
+        prepared,
+        &limits,
+        incarnation_path,
+        cluster_tx,
+        stop_rx.clone(),
+    );
+    tasks.push(membership_task);
     let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
     let (attachment, stop_tx) = guard.started();
 
@@ -327,8 +359,21 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     }
     // A signal is an orderly stop: detach. (A crash leaves the pinned link, which keeps the
     // program enforcing until the next agent takes it over.) The pinned maps and their counters
-    // remain for `limiter stats` and the next agent.
-    let detached = attachment.map_or(Ok(()), |a| a.detach());
+    // remain for `limiter stats` and the next agent. A cluster member stays attached: detached,
+    // this host would admit everything of its global clients while its peers still count on it
+    // enforcing its share (`limiter detach` removes it).
+    let in_cluster = membership.node().is_some();
+    let detached = match attachment {
+        Some(a) if in_cluster && a.is_pinned() => {
+            tracing::info!(
+                iface = %opts.iface,
+                "cluster member: the program stays attached and enforcing its shares;                  `limiter detach --iface {}` removes it",
+                opts.iface
+            );
+            Ok(())
+        }
+        a => a.map_or(Ok(()), |a| a.detach()),
+    };
     // The final snapshot, with the counters as the program left them (taken even if detaching
     // failed: the state is worth keeping either way).
     let fds = limits

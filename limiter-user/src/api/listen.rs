@@ -9,13 +9,13 @@ use tower::layer::util::{Identity, Stack};
 
 use super::{
     AccessLayer, ApiOptions, ApiState, CONCURRENCY_PER_CONNECTION, CallerLimits, CheckLanes,
-    ErrorCountLayer, MAX_MESSAGE_BYTES, MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles, connection::*,
-    limits::*, rate_limiter::*, stats::*,
+    ErrorCountLayer, MAX_MESSAGE_BYTES, MAX_STREAMS, REQUEST_TIMEOUT, TlsFiles,
+    cluster::ClusterService, connection::*, limits::*, rate_limiter::*, stats::*,
 };
 use crate::metrics::Counters;
 use crate::proto::{
-    self, limits_server::LimitsServer, rate_limiter_server::RateLimiterServer,
-    stats_server::StatsServer,
+    self, cluster_server::ClusterServer, limits_server::LimitsServer,
+    rate_limiter_server::RateLimiterServer, stats_server::StatsServer,
 };
 
 /// The routes served on every listener: the three services, health and reflection.
@@ -51,6 +51,10 @@ fn routes(
         )
         .add_service(
             StatsServer::new(StatsService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(health)

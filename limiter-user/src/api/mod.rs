@@ -12,9 +12,10 @@
 //! authenticate, and idle), see [`connection`].
 
 mod access;
-mod auth;
+pub mod auth;
 mod callers;
 mod check_lanes;
+mod cluster;
 mod connection;
 mod convert;
 mod count;
@@ -155,6 +156,8 @@ pub struct ApiState {
     pub max_batch: usize,
     /// The walks of the client maps, shared with the metrics endpoint.
     pub walks: Arc<Walks>,
+    /// The cluster node, while the config has a `cluster:` section.
+    pub cluster: tokio::sync::watch::Receiver<Option<crate::cluster::node::Node>>,
 }
 
 /// Runs `f` on the blocking pool (map walks, file writes); a panic in it becomes INTERNAL.

@@ -12,7 +12,8 @@ use tonic::{
 };
 
 use crate::proto::{
-    limits_client::LimitsClient, rate_limiter_client::RateLimiterClient, stats_client::StatsClient,
+    cluster_client::ClusterClient, limits_client::LimitsClient,
+    rate_limiter_client::RateLimiterClient, stats_client::StatsClient,
 };
 
 /// Largest `Stats` reply the CLI accepts: about a million clients' rows.
@@ -52,6 +53,7 @@ pub struct Clients {
     pub rate_limiter: RateLimiterClient<Authed>,
     pub limits: LimitsClient<Authed>,
     pub stats: StatsClient<Authed>,
+    pub cluster: ClusterClient<Authed>,
 }
 
 /// The socket to use when `--api` is not given: the interface's, or the only one there is.
@@ -153,8 +155,9 @@ pub async fn connect(target: &Target) -> anyhow::Result<Clients> {
         rate_limiter: RateLimiterClient::with_interceptor(channel.clone(), token.clone()),
         limits: LimitsClient::with_interceptor(channel.clone(), token.clone()),
         // `Top` with n = 0 lists every client: allow replies far beyond tonic's 4 MiB default.
-        stats: StatsClient::with_interceptor(channel, token)
+        stats: StatsClient::with_interceptor(channel.clone(), token.clone())
             .max_decoding_message_size(MAX_STATS_REPLY),
+        cluster: ClusterClient::with_interceptor(channel, token),
     })
 }
 

@@ -1,19 +1,54 @@
-//! The cluster's algorithms, pure and with time injected: how a global client's limit L is split
-//! between members so that the shares in force never sum above L (`shares`, `lease`), which
-//! member owns a client (`owner`), and how members' reports merge into demand (`demand`). The agent's sync loop, its peers and its wire format build on
-//! these; nothing here does I/O or reads a clock.
+//! The cluster: its config section (`config`); its algorithms, pure and with time injected: who
+//! the members are and what share of a global limit each enforces (`membership`, `shares`),
+//! how a hot client's limit is split so that the shares in force never sum above L (`lease`),
+//! which member owns a client (`owner`), and how members' reports merge into demand
+//! (`demand`); and this agent as a member, over the wire (`node`), the one part that does I/O.
 //!
 //! The model (issue 12): each member enforces its own share of L exactly in its maps. A client
 //! no one has enrolled gets the cold share ⌊L/N⌋ everywhere, with no sync. A client that grows hot
 //! is enrolled by its owner, which water-fills the members' reported demand into grants; cuts
 //! take effect at once, raises only in the room that acknowledged cuts and lapsed leases leave.
 
+pub mod config;
 pub mod demand;
 pub mod lease;
+pub mod membership;
+pub mod node;
 pub mod owner;
 pub mod shares;
 
-use std::fmt;
+use std::{
+    fmt,
+    hash::{DefaultHasher, Hash, Hasher},
+};
+
+use self::config::ClusterConfig;
+
+/// What the cluster's node needs of the policies in force: the `cluster:` section and the
+/// global policies.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterPolicies {
+    pub config: Option<ClusterConfig>,
+    pub global: Vec<GlobalPolicy>,
+}
+
+/// A global `limit` policy in force: its `match` as written, limit and window (µs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GlobalPolicy {
+    pub matches: String,
+    pub limit: u32,
+    pub window_us: u32,
+}
+
+impl ClusterPolicies {
+    /// A hash of the global policies, carried in heartbeats so that members notice they
+    /// disagree.
+    pub fn hash(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.global.hash(&mut h);
+        h.finish()
+    }
+}
 
 /// A member's id: unique and stable (peers are identified by it, never by address). 1 to 63
 /// bytes of ASCII letters, digits, `.`, `_` and `-`, so it is safe in logs, metrics labels and

@@ -22,6 +22,8 @@ pub use self::adaptive::{
 use self::locate::{KeyLines, adaptive_error, locate_value_error};
 use self::per::check_per;
 pub use self::per::{DEFAULT_V6_PER, DefaultPer, Grouping, Per};
+use crate::cluster::config::{ClusterConfig, RawCluster};
+pub use crate::duration::parse_duration_us;
 
 /// Most policies one config may hold: a client entry stores its policy's id in 15 bits
 /// (`limiter_common::maps::MAX_POLICY_ID`; the `POLICIES` trie has room for these plus
@@ -88,42 +90,22 @@ pub enum Action {
     Drop,
 }
 
+/// Where a policy's limit holds: on this host alone, or across the cluster (issue 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Each host enforces the whole limit for the traffic it sees.
+    #[default]
+    Local,
+    /// The limit holds for the client's total across the members of the `cluster:` section:
+    /// each member enforces its share.
+    Global,
+}
+
 /// A window length, written `10ms`, `1.5s`, `2m`, `1h`; between 10 ms and 1 h.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
     pub micros: u32,
-}
-
-/// A duration written with a unit (`250us`, `10ms`, `1.5s`, `2m`, `1h`), in whole microseconds;
-/// `what` names it in errors (`window`, `period`). Range checks are the caller's.
-pub fn parse_duration_us(s: &str, what: &str) -> Result<f64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit_us: f64 = match unit.trim() {
-        "us" | "µs" => 1.0,
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        "h" => 3600e6,
-        _ => {
-            return Err(format!(
-                "invalid {what} {s:?}: expected a number with a unit of ms, s, m or h, like 500ms or 1s"
-            ));
-        }
-    };
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid {what} {s:?}: {number:?} is not a number"))?;
-    let micros = number * unit_us;
-    if (micros - micros.round()).abs() > 1e-6 {
-        return Err(format!(
-            "invalid {what} {s:?}: not a whole number of microseconds"
-        ));
-    }
-    Ok(micros.round())
 }
 
 impl Window {
@@ -424,6 +406,9 @@ pub struct Rule {
     /// family.
     #[serde(default)]
     pub per: Option<Per>,
+    /// `global`: the limit holds across the cluster (needs a `cluster:` section).
+    #[serde(default)]
+    pub scope: Scope,
 }
 
 impl Rule {
@@ -451,6 +436,9 @@ struct File {
     /// default: off.
     #[serde(default, deserialize_with = "null_is_default")]
     adaptive: AdaptiveConfig,
+    /// Absent: the agent limits alone, as before the cluster existed.
+    #[serde(default)]
+    cluster: Option<RawCluster>,
 }
 
 fn null_is_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
@@ -490,6 +478,13 @@ pub struct Config {
     pub adaptive: AdaptiveConfig,
     /// How addresses group into clients (`per`), validated.
     pub grouping: Grouping,
+    /// The scope of each policy, indexed like `weights` (`default` is always local).
+    pub scopes: Vec<Scope>,
+    /// The `cluster:` section, validated; `None` without one.
+    pub cluster: Option<ClusterConfig>,
+    /// What is valid but likely a mistake (a global limit close to the member count), for the
+    /// agent to log when it takes the config up.
+    pub warnings: Vec<String>,
 }
 
 /// Placeholder window for `pass`/`drop` policies, which never consult it.
@@ -616,6 +611,63 @@ impl Config {
         if statics > MAX_STATIC_CLIENTS {
             return Err(PolicyError::TooManyStatic { count: statics });
         }
+        let cluster = match &file.cluster {
+            None => None,
+            Some(raw) => Some(raw.validate().map_err(|e| {
+                let field = format!("cluster.{}", e.field);
+                PolicyError::Invalid {
+                    line: LineHint(lines().line(&field).or(lines().line("cluster"))),
+                    field,
+                    message: e.message,
+                }
+            })?),
+        };
+        let mut scopes = Vec::with_capacity(file.policies.len() + 1);
+        scopes.push(Scope::Local);
+        let mut warnings = Vec::new();
+        for (i, rule) in file.policies.iter().enumerate() {
+            scopes.push(rule.scope);
+            if rule.scope == Scope::Local {
+                continue;
+            }
+            let invalid = |message: String| PolicyError::Invalid {
+                field: format!("policies[{i}].scope (match {})", rule.matches),
+                line: LineHint(
+                    lines()
+                        .line(&format!("policies[{i}].scope"))
+                        .or(line_of(i).0),
+                ),
+                message,
+            };
+            let Some(cluster) = &cluster else {
+                return Err(invalid(
+                    "`scope: global` holds a limit across the members of a cluster: add a                      `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
+                        .into(),
+                ));
+            };
+            let (_, resolved) = &policies[i];
+            if resolved.action != Action::Limit {
+                // Accepted, and without effect, as `weight` is: an API edit that turns a global
+                // policy into `pass` or `drop` keeps the file's keys.
+                continue;
+            }
+            let members = cluster.configured_members();
+            if resolved.limit < members {
+                return Err(invalid(format!(
+                    "limit {} is below the cluster's {members} members: each member enforces                      its share ⌊limit / members⌋, which would be 0",
+                    resolved.limit
+                )));
+            }
+            if u64::from(resolved.limit) < 10 * u64::from(members) {
+                warnings.push(format!(
+                    "policies[{i}] (match {}){}: global limit {} is below 10× the cluster's                      {members} members: the shares ⌊limit / members⌋ round away up to {} of it",
+                    rule.matches,
+                    line_of(i),
+                    resolved.limit,
+                    members - 1
+                ));
+            }
+        }
         Ok(Config {
             mode: file.mode,
             default,
@@ -627,6 +679,9 @@ impl Config {
                 default_v6,
                 policies: pers,
             },
+            scopes,
+            cluster,
+            warnings,
         })
     }
 
@@ -636,6 +691,14 @@ impl Config {
             .get(id as usize)
             .copied()
             .unwrap_or(DEFAULT_WEIGHT)
+    }
+
+    /// The scope of policy `id` (0 is `default`, always local); local for an unknown id.
+    pub fn scope(&self, id: u16) -> Scope {
+        self.scopes
+            .get(id as usize)
+            .copied()
+            .unwrap_or(Scope::Local)
     }
 
     /// The limit, window and action of policy `id` as configured (0 is `default`), before any

@@ -1053,3 +1053,82 @@ fn link_local_sources_count_per_address_unless_a_policy_says_otherwise() {
     let entry = c.lpm_entries()[&link_local];
     assert_eq!((entry.group, entry.limit, entry.id), (0, 7, 1));
 }
+
+const CLUSTER: &str = "\
+default: { limit: 1000, window: 1s }
+policies:
+  - match: 10.230.0.0/24
+    limit: 40
+    window: 1s
+    scope: global
+  - match: 10.231.0.0/24
+    limit: 40
+    window: 1s
+cluster:
+  node_id: n1
+  listen: 127.0.0.1:7201
+  peers: [\"127.0.0.1:7202\", \"127.0.0.1:7203\"]
+  token_file: /etc/limiter/cluster.token
+";
+
+#[test]
+fn global_policies_and_the_cluster_section_are_read() {
+    let c = Config::parse(CLUSTER).unwrap();
+    assert_eq!(c.scope(0), Scope::Local);
+    assert_eq!(c.scope(1), Scope::Global);
+    assert_eq!(c.scope(2), Scope::Local);
+    let cluster = c.cluster.as_ref().expect("cluster section");
+    assert_eq!(cluster.configured_members(), 3);
+    assert_eq!(
+        c.warnings.len(),
+        0,
+        "40 is not below 10 × 3 members: {:?}",
+        c.warnings
+    );
+    // Without the section, as before the cluster existed.
+    assert!(Config::parse(EXAMPLE).unwrap().cluster.is_none());
+}
+
+#[test]
+fn global_policies_need_a_cluster_and_a_limit_of_at_least_the_member_count() {
+    let without = CLUSTER.split("cluster:").next().unwrap();
+    let e = err(without);
+    assert!(
+        e.contains("policies[0].scope (match 10.230.0.0/24) (line 6)") && e.contains("`cluster:`"),
+        "{e}"
+    );
+    let e = err(&CLUSTER.replace(
+        "limit: 40\n    window: 1s\n    scope",
+        "limit: 2\n    window: 1s\n    scope",
+    ));
+    assert!(
+        e.contains("limit 2 is below the cluster's 3 members"),
+        "{e}"
+    );
+    let c = Config::parse(&CLUSTER.replace(
+        "limit: 40\n    window: 1s\n    scope",
+        "limit: 29\n    window: 1s\n    scope",
+    ))
+    .unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("below 10×"), "{}", c.warnings[0]);
+    // Accepted (without effect) on pass and drop, as `weight` is.
+    let c = Config::parse(&CLUSTER.replace(
+        "limit: 40\n    window: 1s\n    scope",
+        "action: pass\n    scope",
+    ))
+    .unwrap();
+    assert_eq!(c.scope(1), Scope::Global);
+    let e = err(&CLUSTER.replace("scope: global", "scope: everywhere"));
+    assert!(e.contains("scope") && e.contains("line 6"), "{e}");
+}
+
+#[test]
+fn cluster_section_errors_name_the_field_and_line() {
+    let e = err(&CLUSTER.replace("listen: 127.0.0.1:7201", "listen: nowhere"));
+    assert!(e.starts_with("cluster.listen (line 12)"), "{e}");
+    let e = err(&CLUSTER.replace("  token_file: /etc/limiter/cluster.token\n", ""));
+    assert!(e.starts_with("cluster.token_file (line 10)"), "{e}");
+    let e = err(&CLUSTER.replace("node_id: n1", "node_id: n1\n  gossip: true"));
+    assert!(e.contains("gossip"), "{e}");
+}

@@ -35,8 +35,9 @@ use tokio::sync::broadcast;
 use crate::{
     capped_read::{self, CappedReadError},
     check::Checker,
+    cluster::{ClusterPolicies, GlobalPolicy, membership::ShareView},
     config::{
-        Config, MAX_CONFIG_BYTES, PolicyError, Resolved,
+        Action, Config, MAX_CONFIG_BYTES, PolicyError, Resolved, Scope,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
     },
     datapath::{DatapathError, Tables},
@@ -87,6 +88,11 @@ struct Inner {
     overlay_error: Option<String>,
     /// The policies in force: the file with the overlay merged over it.
     effective: Effective,
+    /// What the cluster's shares derive from now ([`ShareView::ALONE`] outside a cluster).
+    share_view: ShareView,
+    /// What the maps and the checker hold: `effective` with each global limit replaced by this
+    /// node's share of it.
+    applied: Config,
     /// Hash of the file text last applied (or rejected), so it is not parsed again.
     seen_hash: Option<u64>,
     /// The file could not be read at the last check (reported once per outage).
@@ -99,23 +105,69 @@ pub struct PolicyStore {
     checker: Arc<Checker>,
     counters: Arc<Counters>,
     changes: broadcast::Sender<Change>,
+    cluster: tokio::sync::watch::Sender<ClusterPolicies>,
 }
 
-fn hash(text: &str) -> u64 {
+pub fn policies_for_cluster(config: &Config) -> ClusterPolicies {
+    ClusterPolicies {
+        config: config.cluster.clone(),
+        global: global_policies(config)
+            .map(|(i, r)| GlobalPolicy {
+                matches: config.policies[i].0.to_string(),
+                limit: r.limit,
+                window_us: r.window.micros,
+            })
+            .collect(),
+    }
+}
+
+fn hash_of(value: &impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
-    text.hash(&mut h);
+    value.hash(&mut h);
     h.finish()
 }
 
+/// The global `limit` policies of `config`: index into `policies`, and the policy.
+fn global_policies(config: &Config) -> impl Iterator<Item = (usize, &Resolved)> {
+    config
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, r))| {
+            r.action == Action::Limit && config.scope(*i as u16 + 1) == Scope::Global
+        })
+        .map(|(i, (_, r))| (i, r))
+}
+
+/// `config` with each global `limit` policy's limit replaced by `view`'s share of it: what the
+/// maps and the checker enforce on this node.
+pub fn with_shares(config: &Config, view: &ShareView) -> Config {
+    let mut applied = config.clone();
+    let global: Vec<usize> = global_policies(config).map(|(i, _)| i).collect();
+    for i in global {
+        let limit = &mut applied.policies[i].1.limit;
+        *limit = view.share(*limit);
+    }
+    applied
+}
+
+fn hash(text: &str) -> u64 {
+    hash_of(&text)
+}
+
 impl PolicyStore {
-    /// `loaded.effective.config` has been applied to `tables`; `path` is the config file.
+    /// `with_shares(&loaded.effective.config, &share_view)` has been applied to `tables`; `path`
+    /// is the config file.
     pub fn new(
         tables: Tables,
         path: PathBuf,
         loaded: Loaded,
+        share_view: ShareView,
         checker: Arc<Checker>,
         counters: Arc<Counters>,
     ) -> PolicyStore {
+        let applied = with_shares(&loaded.effective.config, &share_view);
+        let cluster = policies_for_cluster(&loaded.effective.config);
         PolicyStore {
             inner: Mutex::new(Inner {
                 tables,
@@ -127,12 +179,51 @@ impl PolicyStore {
                 overlay: loaded.overlay,
                 overlay_error: loaded.overlay_error,
                 effective: loaded.effective,
+                share_view,
+                applied,
                 unreadable: false,
             }),
             checker,
             counters,
             changes: broadcast::channel(CHANGE_BUFFER).0,
+            cluster: tokio::sync::watch::Sender::new(cluster),
         }
+    }
+
+    /// The `cluster:` section and global policies in force, updated as they change.
+    pub fn cluster_policies(&self) -> tokio::sync::watch::Receiver<ClusterPolicies> {
+        self.cluster.subscribe()
+    }
+
+    /// The view the shares in force derive from.
+    pub fn share_view(&self) -> ShareView {
+        self.lock().share_view
+    }
+
+    /// Applies the shares `view` gives (the cluster's membership changed); nothing is written
+    /// if no global policy's share changes. If the maps cannot take them, the shares before are
+    /// written back and the error returned.
+    pub fn set_share_view(&self, view: ShareView) -> Result<(), DatapathError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.share_view == view {
+            return Ok(());
+        }
+        let applied = with_shares(&inner.effective.config, &view);
+        if applied == inner.applied {
+            inner.share_view = view;
+            return Ok(());
+        }
+        if let Err(e) = inner.tables.apply(&applied) {
+            if let Err(restore) = inner.tables.apply(&inner.applied) {
+                tracing::error!("restoring the shares in force after a failed apply: {restore}");
+            }
+            return Err(e);
+        }
+        self.checker.set_config(&applied);
+        inner.share_view = view;
+        inner.applied = applied;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -148,12 +239,12 @@ impl PolicyStore {
         f(&self.lock().tables)
     }
 
-    /// Runs `f` on the config in force and the policy generation of the maps, read under one
-    /// lock so that they belong together.
+    /// Runs `f` on the config the maps enforce (global limits replaced by this node's shares)
+    /// and the policy generation of the maps, read under one lock so that they belong together.
     pub fn with_policies<R>(&self, f: impl FnOnce(&Config, u32) -> R) -> Result<R, DatapathError> {
         let inner = self.lock();
         let generation = inner.tables.map_config()?.generation;
-        Ok(f(&inner.effective.config, generation))
+        Ok(f(&inner.applied, generation))
     }
 
     /// The config in force.
@@ -302,10 +393,16 @@ impl PolicyStore {
         effective: Effective,
         api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
-        let report = match inner.tables.apply(&effective.config) {
+        // A `cluster:` section added by this change: global policies admit nothing until the
+        // node has started and been counted (the agent's cluster task then sets the view).
+        if effective.config.cluster.is_some() && inner.effective.config.cluster.is_none() {
+            inner.share_view = ShareView::JOINING;
+        }
+        let applied = with_shares(&effective.config, &inner.share_view);
+        let report = match inner.tables.apply(&applied) {
             Ok(report) => report,
             Err(e) => {
-                if let Err(restore) = inner.tables.apply(&inner.effective.config) {
+                if let Err(restore) = inner.tables.apply(&inner.applied) {
                     tracing::error!(
                         "restoring the policies in force after a failed apply: {restore}"
                     );
@@ -313,7 +410,19 @@ impl PolicyStore {
                 return Err(e);
             }
         };
-        self.checker.set_config(&effective.config);
+        self.checker.set_config(&applied);
+        for warning in &effective.config.warnings {
+            if !inner.effective.config.warnings.contains(warning) {
+                tracing::warn!("{warning}");
+            }
+        }
+        inner.applied = applied;
+        let cluster = policies_for_cluster(&effective.config);
+        self.cluster.send_if_modified(|c| {
+            let changed = *c != cluster;
+            *c = cluster;
+            changed
+        });
         let mut changes = diff(
             &inner.effective.config,
             &effective.config,

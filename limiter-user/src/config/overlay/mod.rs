@@ -441,8 +441,10 @@ fn entry_value(m: Option<&Match>, e: &Entry, file: Option<&Value>) -> Value {
         }
         (None, None) => {}
     }
-    if let Some(per) = file_key("per") {
-        out.insert("per".into(), per.clone());
+    for key in ["per", "scope"] {
+        if let Some(value) = file_key(key) {
+            out.insert(key.into(), value.clone());
+        }
     }
     Value::Mapping(out)
 }

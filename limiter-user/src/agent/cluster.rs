@@ -1,0 +1,228 @@
+//! The agent's side of the cluster: the incarnation kept in `--state-dir`, the node started with
+//! the agent (or by a reload that adds the `cluster:` section), reloads of the section, and the
+//! share views the node hands to the policy store.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    api::auth::read_token,
+    cluster::{
+        ClusterPolicies,
+        config::ClusterConfig,
+        membership::ShareView,
+        node::{Node, ShareSink},
+    },
+    limits::PolicyStore,
+    state_file,
+};
+
+/// `IFACE.incarnation` in the state directory: a counter incremented at each start, so that
+/// peers tell this run's messages from an earlier run's without comparing clocks.
+pub fn incarnation_path(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.incarnation"))
+}
+
+/// Reads the incarnation the last start left (0 if none), and stores and returns the next. A
+/// file that does not hold a number is an error naming it: the counter must never go back.
+pub fn next_incarnation(path: &Path) -> anyhow::Result<u64> {
+    let last = match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| {
+            format!(
+                "{} does not hold a number (the cluster incarnation counter); remove it only \
+                 if this node's peers have forgotten it (after 10 × peer_timeout, at least 10 s)",
+                path.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let next = last
+        .checked_add(1)
+        .with_context(|| format!("{}: the counter is at its maximum", path.display()))?;
+    state_file::write_atomic(path, format!("{next}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(next)
+}
+
+/// The node of a running agent, if its config has a `cluster:` section.
+pub struct Membership {
+    node: Mutex<Option<Running>>,
+    incarnation_path: PathBuf,
+    /// The running node, for the API's `Cluster.Status`.
+    published: watch::Sender<Option<Node>>,
+}
+
+struct Running {
+    node: Node,
+    stop: watch::Sender<bool>,
+}
+
+/// A node made at start, with its listener bound, before the maps are written.
+pub struct Prepared {
+    node: Node,
+    listener: tokio::net::TcpListener,
+}
+
+impl Prepared {
+    /// Binds `cluster.listen`, reads the token and the incarnation; `adopted`: the agent took
+    /// over pinned maps.
+    pub async fn new(
+        config: &ClusterConfig,
+        policies: ClusterPolicies,
+        incarnation_path: &Path,
+        adopted: bool,
+    ) -> anyhow::Result<Prepared> {
+        let listener = Node::bind(config).await?;
+        let token = read_token(&config.token_file).context("cluster.token_file")?;
+        let incarnation = next_incarnation(incarnation_path)?;
+        let node = Node::new(config, &token, incarnation, adopted, policies)?;
+        tracing::info!(
+            node_id = %config.node_id,
+            listen = %config.listen,
+            peers = config.peers.len(),
+            incarnation,
+            partition = %config.partition,
+            "cluster: member of a cluster"
+        );
+        Ok(Prepared { node, listener })
+    }
+
+    /// The share view the maps start with.
+    pub fn share_view(&self) -> ShareView {
+        self.node.share_view()
+    }
+}
+
+fn sink(limits: &Arc<PolicyStore>) -> ShareSink {
+    let limits = limits.clone();
+    Arc::new(move |view| {
+        if let Err(e) = limits.set_share_view(view) {
+            tracing::error!(
+                "cluster: applying the shares of {} members: {}",
+                view.members,
+                crate::error_chain(&e)
+            );
+        }
+    })
+}
+
+impl Membership {
+    /// Starts the prepared node, if any, and follows the `cluster:` section through reloads
+    /// until `stop` turns true.
+    pub fn start(
+        prepared: Option<Prepared>,
+        limits: &Arc<PolicyStore>,
+        incarnation_path: PathBuf,
+        published: watch::Sender<Option<Node>>,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<Membership>, JoinHandle<()>) {
+        let membership = Arc::new(Membership {
+            node: Mutex::new(None),
+            incarnation_path,
+            published,
+        });
+        if let Some(p) = prepared {
+            membership.run(p, limits);
+        }
+        let task = tokio::spawn(follow(
+            membership.clone(),
+            limits.clone(),
+            limits.cluster_policies(),
+            stop,
+        ));
+        (membership, task)
+    }
+
+    fn run(&self, prepared: Prepared, limits: &Arc<PolicyStore>) {
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = prepared.node.run(prepared.listener, sink(limits), stop_rx);
+        drop(tasks);
+        self.published.send_replace(Some(prepared.node.clone()));
+        *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running {
+            node: prepared.node,
+            stop,
+        });
+    }
+
+    /// The running node, if any.
+    pub fn node(&self) -> Option<Node> {
+        self.node
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.node.clone())
+    }
+
+    /// Stops the node (its listener and heartbeats).
+    fn stop_node(&self) {
+        if let Some(running) = self.node.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = running.stop.send(true);
+        }
+        self.published.send_replace(None);
+    }
+}
+
+/// Follows reloads: the section's changes go to the running node; a section added starts one
+/// (joining: it admits nothing of global policies until counted); one removed stops it.
+async fn follow(
+    membership: Arc<Membership>,
+    limits: Arc<PolicyStore>,
+    mut policies: watch::Receiver<ClusterPolicies>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = policies.changed() => if changed.is_err() { break },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let current = policies.borrow_and_update().clone();
+        match (&current.config, membership.node()) {
+            (Some(config), Some(node)) => {
+                let reconfigured = read_token(&config.token_file)
+                    .context("cluster.token_file")
+                    .and_then(|token| Ok(node.reconfigure(config, &token, current.clone())?));
+                match reconfigured {
+                    Ok(()) => {
+                        tracing::info!(peers = config.peers.len(), "cluster: section reloaded")
+                    }
+                    Err(e) => tracing::error!(
+                        "cluster: the reloaded section is not taken up: {e:#}; the one in force stays"
+                    ),
+                }
+            }
+            (Some(config), None) => {
+                match Prepared::new(config, current.clone(), &membership.incarnation_path, false)
+                    .await
+                {
+                    Ok(prepared) => {
+                        let view = prepared.share_view();
+                        let limits2 = limits.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || limits2.set_share_view(view)).await;
+                        membership.run(prepared, &limits);
+                    }
+                    Err(e) => tracing::error!(
+                        "cluster: the added section is not taken up: {e:#}; global policies \
+                         admit nothing here until it is fixed"
+                    ),
+                }
+            }
+            (None, Some(_)) => {
+                membership.stop_node();
+                let limits = limits.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || limits.set_share_view(ShareView::ALONE))
+                        .await;
+                tracing::info!("cluster: section removed; this agent limits alone");
+            }
+            (None, None) => {}
+        }
+    }
+    membership.stop_node();
+}

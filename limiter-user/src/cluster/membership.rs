@@ -1,0 +1,717 @@
+//! Who the members are, which of them answer, and what that means for the shares: pure, with
+//! time injected (every method takes `now`; only durations on this node's clock are compared).
+//!
+//! A node dials its peers' endpoints (the `peers:` entries, resolved) with heartbeats, and
+//! answers theirs. A peer is **live** while some answer of its echoes a heartbeat we sent within
+//! `peer_timeout` (counted from when we sent it): one-way partitions, where our heartbeats
+//! arrive but the answers do not, make it silent too.
+//!
+//! **Members** are this node, every endpoint (one each while its id is unknown), and every node
+//! heard from (an answer or a heartbeat of its own) within `forget` (much longer than
+//! `peer_timeout`): a member that goes silent still counts, because its pinned program keeps
+//! enforcing its share without an agent. Joins count at once (smaller shares, safe); leaves only
+//! after `forget` (the hysteresis). Each heartbeat carries the sender's member count and a hash
+//! of its member list and global policies; the **agreed** count is the largest any member
+//! reported within `forget`, so while views disagree this node uses the smaller cold share.
+//!
+//! The **phase** decides what a global policy's limit L becomes here ([`ShareView::share`]):
+//! - *joining*: a node that started without pins admits nothing of global policies until every
+//!   endpoint has answered counting at least as many members as we do (it has counted us), or
+//!   `join_limit` passes;
+//! - *cut off*: endpoints exist but none is live: `partition` applies (`share` ⌊L/N⌋, `local` L,
+//!   `deny` 0);
+//! - otherwise the cold share ⌊L/N⌋.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    NodeId,
+    config::{MAX_MEMBERS, Partition},
+    shares::cold_share,
+};
+
+/// What a member says of itself in each heartbeat and each answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub node: NodeId,
+    /// Incremented at each start of the node (kept in its `--state-dir`).
+    pub incarnation: u64,
+    /// Increments with every heartbeat the node sends (answers carry the one they answer).
+    pub seq: u64,
+    /// The sender's member count.
+    pub members: u32,
+    /// The sender's [`Membership::view_hash`].
+    pub view_hash: u64,
+    /// Where the sender listens, if it said: an endpoint at that address whose id is not known
+    /// yet is taken to be the sender (its own answer corrects a false claim).
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why a peer's message is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the peer claims this node's own id {0}")]
+    OwnId(NodeId),
+    #[error("{MAX_MEMBERS} members are known already; {0} is not taken in")]
+    TooMany(NodeId),
+    #[error("a member count of 0 is not possible (a node counts itself)")]
+    NoMembers,
+}
+
+/// The phase a node is in (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No peers configured or resolved: the node is the whole cluster.
+    Alone,
+    /// Started without pins, not yet counted by its peers: admits nothing of global policies.
+    Joining,
+    /// At least one peer is live.
+    Connected,
+    /// Peers exist, none is live.
+    CutOff,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Alone => "alone",
+            Phase::Joining => "joining",
+            Phase::Connected => "connected",
+            Phase::CutOff => "cut-off",
+        }
+    }
+}
+
+/// What the shares in force derive from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareView {
+    /// The agreed member count N.
+    pub members: u32,
+    pub phase: Phase,
+    pub partition: Partition,
+}
+
+impl ShareView {
+    /// A node outside any cluster: every global limit whole (never used for global policies,
+    /// which need a cluster; the identity for the rest).
+    pub const ALONE: ShareView = ShareView {
+        members: 1,
+        phase: Phase::Alone,
+        partition: Partition::Share,
+    };
+
+    /// A node whose `cluster:` section was just added by a reload: global policies admit
+    /// nothing until its node has started and been counted.
+    pub const JOINING: ShareView = ShareView {
+        members: 1,
+        phase: Phase::Joining,
+        partition: Partition::Share,
+    };
+
+    /// What this node enforces of a global limit `limit`.
+    pub fn share(&self, limit: u32) -> u32 {
+        match (self.phase, self.partition) {
+            (Phase::Joining, _) | (Phase::CutOff, Partition::Deny) => 0,
+            (Phase::CutOff, Partition::Local) => limit,
+            _ => cold_share(limit, self.members),
+        }
+    }
+}
+
+/// The timings membership runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub peer_timeout: Duration,
+    /// How long a silent member still counts (and its reported count with it).
+    pub forget: Duration,
+    /// How long a node without pins waits to be counted before it admits its share anyway.
+    pub join_limit: Duration,
+}
+
+impl Timing {
+    /// `forget` = max(10 × `peer_timeout`, 10 s); `join_limit` = 3 × `peer_timeout`.
+    pub fn new(peer_timeout: Duration) -> Timing {
+        Timing {
+            peer_timeout,
+            forget: (peer_timeout * 10).max(Duration::from_secs(10)),
+            join_limit: peer_timeout * 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Endpoint {
+    /// Learned from its answers.
+    node: Option<NodeId>,
+    /// When we sent the newest heartbeat it answered.
+    echoed: Option<Instant>,
+    /// The endpoint answered as this node itself (a `peers` entry pointing back here).
+    is_self: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    incarnation: u64,
+    seq: u64,
+    members: u32,
+    view_hash: u64,
+}
+
+/// One endpoint or member, for `limiter cluster status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The endpoint dialled (`None` for a member only heard from).
+    pub addr: Option<SocketAddr>,
+    pub node: Option<NodeId>,
+    pub live: bool,
+    /// Since the newest echoed heartbeat was sent (dialled endpoints) or since it was last heard.
+    pub since: Option<Duration>,
+    pub incarnation: u64,
+    pub members: u32,
+    /// Its view hash equals ours.
+    pub agrees: bool,
+}
+
+/// The membership state (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Membership {
+    me: NodeId,
+    timing: Timing,
+    partition: Partition,
+    started: Instant,
+    /// The join gate is passed (latched).
+    joined: bool,
+    endpoints: BTreeMap<SocketAddr, Endpoint>,
+    seen: BTreeMap<NodeId, Seen>,
+    /// Hash of the global policies in force here.
+    policies_hash: u64,
+}
+
+impl Membership {
+    /// A node starting at `now`; `adopted`: it took over pinned maps, whose shares are in force,
+    /// so it continues at once instead of joining.
+    pub fn new(
+        me: NodeId,
+        timing: Timing,
+        partition: Partition,
+        adopted: bool,
+        now: Instant,
+    ) -> Membership {
+        Membership {
+            me,
+            timing,
+            partition,
+            started: now,
+            joined: adopted,
+            endpoints: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            policies_hash: 0,
+        }
+    }
+
+    /// The node starts talking to its peers now: the join limit and the grace before a node
+    /// can be cut off count from here.
+    pub fn begin(&mut self, now: Instant) {
+        self.started = now;
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// Takes up a reloaded `cluster:` section's timing and partition policy.
+    pub fn reconfigure(&mut self, timing: Timing, partition: Partition) {
+        self.timing = timing;
+        self.partition = partition;
+    }
+
+    /// The global policies in force changed (their hash goes into the view hash).
+    pub fn set_policies_hash(&mut self, hash: u64) {
+        self.policies_hash = hash;
+    }
+
+    /// The endpoints to dial now (the `peers` entries resolved); state is kept for those that
+    /// stay. At most [`MAX_MEMBERS`] are taken (in address order).
+    pub fn set_endpoints(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let wanted: BTreeSet<SocketAddr> = addrs.into_iter().take(MAX_MEMBERS).collect();
+        self.endpoints.retain(|a, _| wanted.contains(a));
+        for addr in wanted {
+            self.endpoints.entry(addr).or_default();
+        }
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoints.keys().copied()
+    }
+
+    fn take_report(&mut self, report: &Report, now: Instant) -> Result<(), Refusal> {
+        if report.node == self.me {
+            return Err(Refusal::OwnId(report.node.clone()));
+        }
+        if report.members == 0 {
+            return Err(Refusal::NoMembers);
+        }
+        self.forget_silent(now);
+        let newer = |s: &Seen| (report.incarnation, report.seq) >= (s.incarnation, s.seq);
+        match self.seen.get_mut(&report.node) {
+            Some(s) if newer(s) => {
+                *s = Seen {
+                    at: now,
+                    incarnation: report.incarnation,
+                    seq: report.seq,
+                    members: report.members,
+                    view_hash: report.view_hash,
+                };
+            }
+            // Older than what we have (reordered, or from an earlier incarnation): heard, but
+            // its view is stale.
+            Some(s) => s.at = now,
+            None => {
+                if self.seen.len() + 1 >= MAX_MEMBERS {
+                    return Err(Refusal::TooMany(report.node.clone()));
+                }
+                self.seen.insert(
+                    report.node.clone(),
+                    Seen {
+                        at: now,
+                        incarnation: report.incarnation,
+                        seq: report.seq,
+                        members: report.members,
+                        view_hash: report.view_hash,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A heartbeat from a peer (dialled by it).
+    pub fn heard(&mut self, report: &Report, now: Instant) -> Result<(), Refusal> {
+        self.take_report(report, now)?;
+        if let Some(e) = report.listen.and_then(|a| self.endpoints.get_mut(&a))
+            && e.node.is_none()
+            && !e.is_self
+        {
+            e.node = Some(report.node.clone());
+        }
+        Ok(())
+    }
+
+    /// `addr` answered our heartbeat sent at `sent`, with `report`.
+    pub fn answered(
+        &mut self,
+        addr: SocketAddr,
+        sent: Instant,
+        report: &Report,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if report.node == self.me {
+            if let Some(e) = self.endpoints.get_mut(&addr) {
+                e.is_self = true;
+            }
+            return Err(Refusal::OwnId(report.node.clone()));
+        }
+        self.take_report(report, now)?;
+        if let Some(e) = self.endpoints.get_mut(&addr) {
+            e.node = Some(report.node.clone());
+            e.is_self = false;
+            e.echoed = Some(e.echoed.map_or(sent, |t| t.max(sent)));
+        }
+        Ok(())
+    }
+
+    fn forget_silent(&mut self, now: Instant) {
+        let forget = self.timing.forget;
+        self.seen
+            .retain(|_, s| now.saturating_duration_since(s.at) <= forget);
+    }
+
+    fn fresh(&self, now: Instant) -> impl Iterator<Item = (&NodeId, &Seen)> {
+        self.seen
+            .iter()
+            .filter(move |(_, s)| now.saturating_duration_since(s.at) <= self.timing.forget)
+    }
+
+    fn is_live(&self, e: &Endpoint, now: Instant) -> bool {
+        !e.is_self
+            && e.echoed
+                .is_some_and(|t| now.saturating_duration_since(t) <= self.timing.peer_timeout)
+    }
+
+    /// The member ids known, with this node, and the endpoints whose id is not known yet.
+    fn member_set(&self, now: Instant) -> (BTreeSet<&NodeId>, u32) {
+        let mut ids: BTreeSet<&NodeId> = self.fresh(now).map(|(id, _)| id).collect();
+        ids.insert(&self.me);
+        let mut unknown = 0;
+        for e in self.endpoints.values() {
+            match &e.node {
+                _ if e.is_self => {}
+                Some(id) => {
+                    ids.insert(id);
+                }
+                None => unknown += 1,
+            }
+        }
+        (ids, unknown)
+    }
+
+    /// This node's member count (see the module docs).
+    pub fn members(&self, now: Instant) -> u32 {
+        let (ids, unknown) = self.member_set(now);
+        (ids.len() as u32 + unknown).min(MAX_MEMBERS as u32)
+    }
+
+    /// The hash of this node's member list and global policies.
+    pub fn view_hash(&self, now: Instant) -> u64 {
+        let (ids, unknown) = self.member_set(now);
+        let mut h = DefaultHasher::new();
+        ids.hash(&mut h);
+        unknown.hash(&mut h);
+        self.policies_hash.hash(&mut h);
+        h.finish()
+    }
+
+    /// The agreed member count: the largest of ours and those members reported.
+    pub fn agreed_members(&self, now: Instant) -> u32 {
+        self.fresh(now)
+            .map(|(_, s)| s.members)
+            .fold(self.members(now), u32::max)
+            .min(MAX_MEMBERS as u32)
+    }
+
+    /// Every member heard within `forget` reported our view hash.
+    pub fn agreed(&self, now: Instant) -> bool {
+        let mine = self.view_hash(now);
+        self.fresh(now).all(|(_, s)| s.view_hash == mine)
+    }
+
+    /// The phase (see the module docs); passing the join gate is remembered.
+    pub fn phase(&mut self, now: Instant) -> Phase {
+        let dialled = self.endpoints.values().filter(|e| !e.is_self).count();
+        if dialled == 0 && self.fresh(now).next().is_none() {
+            self.joined = true;
+            return Phase::Alone;
+        }
+        if !self.joined {
+            let members = self.members(now);
+            let counted = self.endpoints.values().all(|e| {
+                e.is_self
+                    || e.node
+                        .as_ref()
+                        .and_then(|id| self.seen.get(id))
+                        .is_some_and(|s| s.members >= members)
+            });
+            if counted || now.saturating_duration_since(self.started) >= self.timing.join_limit {
+                self.joined = true;
+            } else {
+                return Phase::Joining;
+            }
+        }
+        let live = self.endpoints.values().any(|e| self.is_live(e, now));
+        let settled = now.saturating_duration_since(self.started) >= self.timing.peer_timeout;
+        if dialled > 0 && !live && settled {
+            Phase::CutOff
+        } else {
+            Phase::Connected
+        }
+    }
+
+    /// What the shares derive from now.
+    pub fn share_view(&mut self, now: Instant) -> ShareView {
+        ShareView {
+            phase: self.phase(now),
+            members: self.agreed_members(now),
+            partition: self.partition,
+        }
+    }
+
+    /// What this node says of itself in a heartbeat or answer numbered `seq`.
+    pub fn report(&self, incarnation: u64, seq: u64, now: Instant) -> Report {
+        Report {
+            node: self.me.clone(),
+            incarnation,
+            seq,
+            members: self.members(now),
+            view_hash: self.view_hash(now),
+            listen: None,
+        }
+    }
+
+    /// Every endpoint, then every member heard from that is not an endpoint.
+    pub fn peers(&self, now: Instant) -> Vec<PeerStatus> {
+        let mine = self.view_hash(now);
+        let mut out = Vec::new();
+        let mut listed = BTreeSet::new();
+        for (addr, e) in &self.endpoints {
+            let seen = e.node.as_ref().and_then(|id| self.seen.get(id));
+            if let Some(id) = &e.node {
+                listed.insert(id.clone());
+            }
+            out.push(PeerStatus {
+                addr: Some(*addr),
+                node: if e.is_self {
+                    Some(self.me.clone())
+                } else {
+                    e.node.clone()
+                },
+                live: self.is_live(e, now),
+                since: e.echoed.map(|t| now.saturating_duration_since(t)),
+                incarnation: seen.map_or(0, |s| s.incarnation),
+                members: seen.map_or(0, |s| s.members),
+                agrees: seen.is_some_and(|s| s.view_hash == mine),
+            });
+        }
+        for (id, s) in self.fresh(now) {
+            if listed.contains(id) {
+                continue;
+            }
+            let since = now.saturating_duration_since(s.at);
+            out.push(PeerStatus {
+                addr: None,
+                node: Some(id.clone()),
+                live: since <= self.timing.peer_timeout,
+                since: Some(since),
+                incarnation: s.incarnation,
+                members: s.members,
+                agrees: s.view_hash == mine,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).expect("id")
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn report(node: &str, seq: u64, members: u32, hash: u64) -> Report {
+        Report {
+            node: id(node),
+            incarnation: 1,
+            seq,
+            members,
+            view_hash: hash,
+            listen: None,
+        }
+    }
+
+    fn three(adopted: bool, partition: Partition, t0: Instant) -> Membership {
+        let mut m = Membership::new(id("n1"), Timing::new(TIMEOUT), partition, adopted, t0);
+        m.set_endpoints([addr(7202), addr(7203)]);
+        m
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn configured_peers_count_before_they_answer_and_once_they_do() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        assert_eq!(m.members(t0), 3);
+        let hash = m.view_hash(t0);
+        m.answered(addr(7202), t0, &report("n2", 1, 3, hash), t0 + ms(5))
+            .expect("answer");
+        assert_eq!(m.members(t0 + ms(5)), 3, "n2 replaces its placeholder");
+        assert_eq!(m.share_view(t0 + ms(5)).phase, Phase::Connected);
+        assert_eq!(m.share_view(t0 + ms(5)).share(40), 13);
+    }
+
+    #[test]
+    fn a_larger_view_lowers_the_share_until_forgotten() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        m.answered(addr(7202), t0, &report("n2", 1, 5, 9), t0)
+            .expect("answer");
+        assert_eq!(m.agreed_members(t0), 5);
+        assert!(!m.agreed(t0), "n2's view differs");
+        assert_eq!(m.share_view(t0).share(100), 20);
+        // Still counted long after n2 went silent (its program may still enforce its share)...
+        let later = t0 + Timing::new(TIMEOUT).forget;
+        assert_eq!(m.agreed_members(later), 5);
+        // ...and forgotten after `forget`.
+        assert_eq!(m.agreed_members(later + ms(1)), 3);
+    }
+
+    #[test]
+    fn a_heartbeat_names_the_endpoint_it_listens_on() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        let hb = Report {
+            listen: Some(addr(7202)),
+            ..report("n2", 1, 3, 0)
+        };
+        m.heard(&hb, t0).expect("heard");
+        assert_eq!(
+            m.members(t0),
+            3,
+            "n2 is the endpoint 7202, not a fourth member"
+        );
+        // Heard, but not live: only an answer to our own heartbeat proves the way back.
+        assert!(!m.peers(t0)[0].live);
+    }
+
+    #[test]
+    fn a_member_heard_only_counts_as_one_more() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        m.heard(&report("n4", 1, 4, 0), t0).expect("heard");
+        assert_eq!(m.members(t0), 4);
+        assert_eq!(m.peers(t0).len(), 3);
+    }
+
+    #[test]
+    fn liveness_needs_an_echo_of_a_recent_heartbeat() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        // A heartbeat of theirs arriving proves nothing about ours reaching them.
+        m.heard(&report("n2", 1, 3, 0), t0 + TIMEOUT)
+            .expect("heard");
+        assert_eq!(m.phase(t0 + TIMEOUT + ms(1)), Phase::CutOff);
+        // An answer to a heartbeat sent long ago does not make it live either.
+        m.answered(addr(7202), t0, &report("n2", 2, 3, 0), t0 + TIMEOUT * 2)
+            .expect("answer");
+        assert_eq!(m.phase(t0 + TIMEOUT * 2), Phase::CutOff);
+        m.answered(
+            addr(7202),
+            t0 + TIMEOUT * 2,
+            &report("n2", 3, 3, 0),
+            t0 + TIMEOUT * 2,
+        )
+        .expect("answer");
+        assert_eq!(m.phase(t0 + TIMEOUT * 2), Phase::Connected);
+        assert_eq!(m.phase(t0 + TIMEOUT * 3), Phase::Connected);
+        assert_eq!(m.phase(t0 + TIMEOUT * 3 + ms(1)), Phase::CutOff);
+    }
+
+    #[test]
+    fn partition_policies_decide_a_cut_off_share() {
+        let t0 = Instant::now();
+        let later = t0 + TIMEOUT * 2;
+        for (partition, share) in [
+            (Partition::Share, 13),
+            (Partition::Local, 40),
+            (Partition::Deny, 0),
+        ] {
+            let mut m = three(true, partition, t0);
+            let view = m.share_view(later);
+            assert_eq!(view.phase, Phase::CutOff);
+            assert_eq!(view.share(40), share, "{partition}");
+        }
+        // Not cut off before a peer_timeout has passed since the start.
+        assert_eq!(
+            three(true, Partition::Deny, t0)
+                .share_view(t0 + ms(10))
+                .share(40),
+            13
+        );
+    }
+
+    #[test]
+    fn a_node_without_pins_admits_nothing_until_counted() {
+        let t0 = Instant::now();
+        let mut m = three(false, Partition::Share, t0);
+        assert_eq!(m.share_view(t0).share(40), 0);
+        // n2 answers but counts only 2 members: it has not counted us yet.
+        m.answered(addr(7202), t0, &report("n2", 1, 2, 0), t0 + ms(10))
+            .expect("answer");
+        m.answered(addr(7203), t0, &report("n3", 1, 3, 0), t0 + ms(10))
+            .expect("answer");
+        assert_eq!(m.phase(t0 + ms(10)), Phase::Joining);
+        m.answered(addr(7202), t0 + ms(50), &report("n2", 2, 3, 0), t0 + ms(60))
+            .expect("answer");
+        let view = m.share_view(t0 + ms(60));
+        assert_eq!(view.phase, Phase::Connected);
+        assert_eq!(view.share(40), 13);
+        // Latched: n2 forgetting us for a moment does not stop admission.
+        m.answered(addr(7202), t0 + ms(70), &report("n2", 3, 2, 0), t0 + ms(80))
+            .expect("answer");
+        assert_eq!(m.phase(t0 + ms(80)), Phase::Connected);
+    }
+
+    #[test]
+    fn the_join_gate_opens_after_its_limit() {
+        let t0 = Instant::now();
+        let mut m = three(false, Partition::Share, t0);
+        let limit = Timing::new(TIMEOUT).join_limit;
+        assert_eq!(m.phase(t0 + limit - ms(1)), Phase::Joining);
+        // Nobody answered: cut off, and `share` keeps the cold share.
+        let view = m.share_view(t0 + limit);
+        assert_eq!(view.phase, Phase::CutOff);
+        assert_eq!(view.share(40), 13);
+    }
+
+    #[test]
+    fn peers_cannot_claim_our_id_or_a_zero_count() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        assert_eq!(
+            m.heard(&report("n1", 1, 3, 0), t0),
+            Err(Refusal::OwnId(id("n1")))
+        );
+        assert_eq!(m.heard(&report("n2", 1, 0, 0), t0), Err(Refusal::NoMembers));
+        // An endpoint that turns out to be this node does not count.
+        let _ = m.answered(addr(7203), t0, &report("n1", 1, 3, 0), t0);
+        assert_eq!(m.members(t0), 2);
+    }
+
+    #[test]
+    fn stale_reports_do_not_replace_newer_views() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        // Heard only (its endpoint has not answered): n1, n2 and two unknown endpoints.
+        m.heard(&report("n2", 5, 6, 0), t0).expect("heard");
+        m.heard(&report("n2", 3, 9, 0), t0).expect("heard");
+        assert_eq!(m.agreed_members(t0), 6, "the older report's 9 is ignored");
+        // A new incarnation starts its sequence again.
+        m.heard(
+            &Report {
+                incarnation: 2,
+                ..report("n2", 1, 5, 0)
+            },
+            t0,
+        )
+        .expect("heard");
+        assert_eq!(m.agreed_members(t0), 5);
+    }
+
+    #[test]
+    fn the_member_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut m = three(true, Partition::Share, t0);
+        let mut refused = 0;
+        for i in 0..(MAX_MEMBERS + 10) {
+            if m.heard(&report(&format!("x{i}"), 1, 2, 0), t0).is_err() {
+                refused += 1;
+            }
+        }
+        assert!(refused >= 10);
+        assert!(m.members(t0) <= MAX_MEMBERS as u32);
+    }
+
+    #[test]
+    fn alone_is_the_whole_cluster() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(id("n1"), Timing::new(TIMEOUT), Partition::Deny, false, t0);
+        let view = m.share_view(t0 + TIMEOUT * 5);
+        assert_eq!(view.phase, Phase::Alone);
+        assert_eq!(view.share(40), 40);
+    }
+}

@@ -1,0 +1,611 @@
+//! This agent as a member of its cluster: the `limiter.cluster.v1.Peer` service on
+//! `cluster.listen`, the heartbeats it sends its peers every `sync_interval`, and the share view
+//! it hands the policy store whenever membership changes what the shares are.
+//!
+//! Nothing here is on the fast path: a peer that is slow, silent or hostile changes at most when
+//! this node's shares change, and every share view is safe on its own (see
+//! [`super::membership`]). Heartbeats run one at a time per endpoint, each bounded by
+//! `peer_timeout`; messages are capped at [`MAX_MESSAGE_BYTES`] and authenticated by the shared
+//! token.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tonic::{
+    Request, Response, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use super::{
+    ClusterPolicies, NodeId,
+    config::{ClusterConfig, PeerAddr},
+    membership::{Membership, Phase, Report, ShareView, Timing},
+};
+use crate::proto::{
+    self,
+    cluster::{
+        Heartbeat,
+        peer_client::PeerClient,
+        peer_server::{Peer, PeerServer},
+    },
+};
+
+/// Largest message a peer may send (a heartbeat is under 100 bytes).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+/// How often `peers` names (`host:port`, `dns:NAME:PORT`) are resolved again.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most calls one peer connection may have in flight.
+const MAX_STREAMS: u32 = 16;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("binding the cluster listener to {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the cluster token is not valid in an HTTP header")]
+    Token,
+}
+
+/// What the sink is told when the shares change.
+pub type ShareSink = Arc<dyn Fn(ShareView) + Send + Sync>;
+
+struct State {
+    membership: Membership,
+    config: ClusterConfig,
+    policies: ClusterPolicies,
+    /// The view last handed to the sink.
+    view: ShareView,
+    /// The addresses `peers` resolved to at the last resolution (kept on a failed one).
+    resolved: HashMap<PeerAddr, Vec<SocketAddr>>,
+}
+
+struct Shared {
+    incarnation: u64,
+    seq: AtomicU64,
+    token: RwLock<AsciiMetadataValue>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn token(&self) -> AsciiMetadataValue {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn bearer(token: &str) -> Result<AsciiMetadataValue, NodeError> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| NodeError::Token)
+}
+
+/// Compares without an early exit on the first differing byte (the length is not secret).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
+    let node =
+        NodeId::new(&hb.node_id).map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?;
+    Ok(Report {
+        node,
+        incarnation: hb.incarnation,
+        seq: hb.seq,
+        members: hb.members,
+        view_hash: hb.view_hash,
+        listen: hb.listen.parse().ok(),
+    })
+}
+
+fn to_heartbeat(report: Report, echo: u64, incarnation: u64, listen: SocketAddr) -> Heartbeat {
+    Heartbeat {
+        node_id: report.node.to_string(),
+        incarnation,
+        seq: report.seq,
+        echo,
+        members: report.members,
+        view_hash: report.view_hash,
+        listen: listen.to_string(),
+    }
+}
+
+/// The peer service: answers heartbeats.
+struct PeerService(Arc<Shared>);
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<Heartbeat>, Status> {
+        let hb = request.into_inner();
+        let report = to_report(&hb)?;
+        let now = Instant::now();
+        let mut state = self.0.lock();
+        state
+            .membership
+            .heard(&report, now)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let me = state
+            .membership
+            .report(self.0.incarnation, self.0.next_seq(), now);
+        Ok(Response::new(to_heartbeat(
+            me,
+            hb.seq,
+            self.0.incarnation,
+            state.config.listen,
+        )))
+    }
+}
+
+/// Checks the bearer token on the server side, and adds it on the client side.
+#[derive(Clone)]
+struct TokenCheck(Arc<Shared>);
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let expected = self.0.token();
+        match request.metadata().get("authorization") {
+            Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong cluster token")),
+            None => Err(Status::unauthenticated(
+                "the cluster token is required (authorization: Bearer TOKEN)",
+            )),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TokenAdd(Arc<Shared>);
+
+impl Interceptor for TokenAdd {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.token());
+        Ok(request)
+    }
+}
+
+type Client = PeerClient<InterceptedService<Channel, TokenAdd>>;
+
+/// This agent's membership of its cluster (see the module docs).
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+impl Node {
+    /// A node starting now, before anything is served or sent: its first share view is what the
+    /// maps get at start. `adopted`: the agent took over pinned maps (see
+    /// [`Membership::new`]).
+    pub fn new(
+        config: &ClusterConfig,
+        token: &str,
+        incarnation: u64,
+        adopted: bool,
+        policies: ClusterPolicies,
+    ) -> Result<Node, NodeError> {
+        let now = Instant::now();
+        let mut membership = Membership::new(
+            config.node_id.clone(),
+            Timing::new(config.peer_timeout),
+            config.partition,
+            adopted,
+            now,
+        );
+        membership.set_policies_hash(policies.hash());
+        let resolved: HashMap<PeerAddr, Vec<SocketAddr>> = config
+            .peers
+            .iter()
+            .filter_map(|p| match p {
+                PeerAddr::Socket(a) => Some((p.clone(), vec![*a])),
+                _ => None,
+            })
+            .collect();
+        membership.set_endpoints(resolved.values().flatten().copied());
+        let view = membership.share_view(now);
+        Ok(Node {
+            shared: Arc::new(Shared {
+                incarnation,
+                seq: AtomicU64::new(0),
+                token: RwLock::new(bearer(token)?),
+                state: Mutex::new(State {
+                    membership,
+                    config: config.clone(),
+                    policies,
+                    view,
+                    resolved,
+                }),
+            }),
+        })
+    }
+
+    /// The share view in force.
+    pub fn share_view(&self) -> ShareView {
+        self.shared.lock().view
+    }
+
+    /// Binds `cluster.listen` (before anything else starts, so that a port in use stops the
+    /// agent's start).
+    pub async fn bind(config: &ClusterConfig) -> Result<tokio::net::TcpListener, NodeError> {
+        tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: config.listen,
+                source,
+            })
+    }
+
+    /// Takes up a reloaded `cluster:` section (a changed `node_id` or `listen` needs a restart:
+    /// said and ignored), token and global policies.
+    pub fn reconfigure(
+        &self,
+        config: &ClusterConfig,
+        token: &str,
+        policies: ClusterPolicies,
+    ) -> Result<(), NodeError> {
+        let token = bearer(token)?;
+        *self.shared.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        let mut state = self.shared.lock();
+        if config.node_id != state.config.node_id || config.listen != state.config.listen {
+            tracing::warn!(
+                "cluster.node_id and cluster.listen take effect at the next start; this agent \
+                 stays {} on {}",
+                state.config.node_id,
+                state.config.listen
+            );
+        }
+        state
+            .membership
+            .reconfigure(Timing::new(config.peer_timeout), config.partition);
+        state.membership.set_policies_hash(policies.hash());
+        state.resolved.retain(|p, _| config.peers.contains(p));
+        for p in &config.peers {
+            if let PeerAddr::Socket(a) = p {
+                state.resolved.insert(p.clone(), vec![*a]);
+            }
+        }
+        let endpoints: Vec<SocketAddr> = state.resolved.values().flatten().copied().collect();
+        state.membership.set_endpoints(endpoints);
+        let (node_id, listen) = (state.config.node_id.clone(), state.config.listen);
+        state.config = ClusterConfig {
+            node_id,
+            listen,
+            ..config.clone()
+        };
+        state.policies = policies;
+        Ok(())
+    }
+
+    /// Serves the peer service on `listener` and heartbeats the peers until `stop` turns true;
+    /// `sink` is called (off the runtime's workers) with every new share view.
+    pub fn run(
+        &self,
+        listener: tokio::net::TcpListener,
+        sink: ShareSink,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let server = {
+            let shared = self.shared.clone();
+            let mut stop = stop.clone();
+            let peer_timeout = shared.lock().config.peer_timeout;
+            tokio::spawn(async move {
+                let service = InterceptedService::new(
+                    PeerServer::new(PeerService(shared.clone()))
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    TokenCheck(shared.clone()),
+                );
+                let served = tonic::transport::Server::builder()
+                    .timeout(peer_timeout)
+                    .max_concurrent_streams(MAX_STREAMS)
+                    .http2_keepalive_interval(Some(peer_timeout))
+                    .http2_keepalive_timeout(Some(peer_timeout))
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        },
+                    )
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!("cluster listener: {}", crate::error_chain(&e));
+                }
+            })
+        };
+        // Silence is counted from now, not from when the node was made (the maps were written
+        // and the program attached in between).
+        self.shared.lock().membership.begin(Instant::now());
+        let resolver = tokio::spawn(resolve_loop(self.shared.clone(), stop.clone()));
+        let heartbeats = tokio::spawn(heartbeat_loop(self.shared.clone(), sink, stop));
+        vec![server, resolver, heartbeats]
+    }
+
+    /// For `limiter cluster status`.
+    pub fn status(&self) -> proto::ClusterStatus {
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        let view = state.membership.share_view(now);
+        let peers = state
+            .membership
+            .peers(now)
+            .into_iter()
+            .map(|p| proto::ClusterPeer {
+                address: p.addr.map(|a| a.to_string()).unwrap_or_default(),
+                node_id: p.node.map(|n| n.to_string()).unwrap_or_default(),
+                live: p.live,
+                since: p
+                    .since
+                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                incarnation: p.incarnation,
+                members: p.members,
+                agrees: p.agrees,
+            })
+            .collect();
+        let policies = state
+            .policies
+            .global
+            .iter()
+            .map(|g| proto::GlobalPolicyShare {
+                r#match: g.matches.clone(),
+                limit: g.limit,
+                share: state.view.share(g.limit),
+                window: prost_types::Duration::try_from(Duration::from_micros(g.window_us.into()))
+                    .ok(),
+            })
+            .collect();
+        proto::ClusterStatus {
+            configured: true,
+            node_id: state.config.node_id.to_string(),
+            incarnation: self.shared.incarnation,
+            listen: state.config.listen.to_string(),
+            phase: view.phase.as_str().into(),
+            partition: state.config.partition.to_string(),
+            members: state.membership.members(now),
+            agreed_members: state.membership.agreed_members(now),
+            views_agree: state.membership.agreed(now),
+            peers,
+            policies,
+        }
+    }
+}
+
+/// Resolves the `peers` names every [`RESOLVE_INTERVAL`]; a failed lookup keeps the addresses
+/// it last gave (a DNS hiccup must not shrink the member count).
+async fn resolve_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (names, timeout) = {
+            let state = shared.lock();
+            let names: Vec<PeerAddr> = state
+                .config
+                .peers
+                .iter()
+                .filter(|p| !matches!(p, PeerAddr::Socket(_)))
+                .cloned()
+                .collect();
+            (names, state.config.peer_timeout)
+        };
+        for peer in names {
+            let (name, port, all) = match &peer {
+                PeerAddr::Host { name, port } => (name.clone(), *port, false),
+                PeerAddr::Dns { name, port } => (name.clone(), *port, true),
+                PeerAddr::Socket(_) => continue,
+            };
+            let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((name, port)));
+            let addrs: Vec<SocketAddr> = match lookup.await {
+                Ok(Ok(addrs)) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    if !all {
+                        addrs.truncate(1);
+                    }
+                    addrs
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("resolving cluster peer {peer}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!("resolving cluster peer {peer}: timed out");
+                    continue;
+                }
+            };
+            let mut state = shared.lock();
+            if !state.config.peers.contains(&peer) {
+                continue;
+            }
+            state.resolved.insert(peer, addrs);
+            let endpoints: Vec<SocketAddr> = state.resolved.values().flatten().copied().collect();
+            state.membership.set_endpoints(endpoints);
+        }
+    }
+}
+
+/// Every `sync_interval`: a heartbeat to each endpoint that has none in flight, and the share
+/// view handed to the sink when it changed.
+async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::Receiver<bool>) {
+    let mut clients: HashMap<SocketAddr, Client> = HashMap::new();
+    let in_flight: Arc<Mutex<HashSet<SocketAddr>>> = Arc::default();
+    let mut interval = shared.lock().config.sync_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = Instant::now();
+        let (endpoints, timeout, sync_interval, view, previous) = {
+            let mut state = shared.lock();
+            let view = state.membership.share_view(now);
+            let previous = std::mem::replace(&mut state.view, view);
+            let endpoints: Vec<SocketAddr> = state.membership.endpoints().collect();
+            (
+                endpoints,
+                state.config.peer_timeout,
+                state.config.sync_interval,
+                view,
+                previous,
+            )
+        };
+        if view != previous {
+            say_view(&previous, &view);
+            let sink = sink.clone();
+            // Map writes: off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || sink(view)).await;
+        }
+        if sync_interval != interval {
+            interval = sync_interval;
+            tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        clients.retain(|a, _| endpoints.contains(a));
+        for addr in endpoints {
+            if !in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(addr)
+            {
+                continue;
+            }
+            let client = match clients.get(&addr) {
+                Some(c) => c.clone(),
+                None => match client(addr, timeout, &shared) {
+                    Ok(c) => clients.entry(addr).or_insert(c).clone(),
+                    Err(e) => {
+                        tracing::warn!(%addr, "cluster peer: {}", crate::error_chain(&e));
+                        in_flight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&addr);
+                        continue;
+                    }
+                },
+            };
+            let (shared, in_flight) = (shared.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                heartbeat(&shared, addr, client, timeout).await;
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&addr);
+            });
+        }
+    }
+}
+
+fn client(
+    addr: SocketAddr,
+    timeout: Duration,
+    shared: &Arc<Shared>,
+) -> Result<Client, tonic::transport::Error> {
+    // From the listen address when it is a specific one of the same family: the peer then
+    // sees this node's heartbeats come from where it answers (and a firewall rule on that
+    // address cuts both ways).
+    let listen = shared.lock().config.listen.ip();
+    let local = (!listen.is_unspecified() && listen.is_ipv4() == addr.is_ipv4()).then_some(listen);
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .local_address(local)
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(
+        PeerClient::with_interceptor(channel, TokenAdd(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
+    let sent = Instant::now();
+    let seq = shared.next_seq();
+    let request = {
+        let state = shared.lock();
+        to_heartbeat(
+            state.membership.report(shared.incarnation, seq, sent),
+            0,
+            shared.incarnation,
+            state.config.listen,
+        )
+    };
+    let answer = match tokio::time::timeout(timeout, client.heartbeat(request)).await {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(status)) => {
+            tracing::debug!(%addr, "cluster heartbeat: {}", status.message());
+            return;
+        }
+        Err(_) => return,
+    };
+    if answer.echo != seq {
+        tracing::debug!(%addr, "cluster heartbeat: the answer echoes {} not {seq}", answer.echo);
+        return;
+    }
+    let report = match to_report(&answer) {
+        Ok(report) => report,
+        Err(status) => {
+            tracing::warn!(%addr, "cluster peer answered with {}", status.message());
+            return;
+        }
+    };
+    let mut state = shared.lock();
+    if let Err(refusal) = state
+        .membership
+        .answered(addr, sent, &report, Instant::now())
+    {
+        tracing::warn!(%addr, "cluster peer refused: {refusal}");
+    }
+}
+
+fn say_view(previous: &ShareView, view: &ShareView) {
+    if previous.phase != view.phase {
+        match view.phase {
+            Phase::CutOff => tracing::warn!(
+                partition = %view.partition,
+                "cluster: no peer answers within peer_timeout: cut off; global policies now \
+                 follow `partition: {}`",
+                view.partition
+            ),
+            phase => tracing::info!(
+                phase = phase.as_str(),
+                members = view.members,
+                "cluster: {}",
+                phase.as_str()
+            ),
+        }
+    }
+    if previous.members != view.members {
+        tracing::info!(
+            members = view.members,
+            before = previous.members,
+            "cluster: the agreed member count changed; global policies' shares follow"
+        );
+    }
+}
