@@ -15,10 +15,11 @@ use crate::{
     cluster::{
         ClusterPolicies,
         config::ClusterConfig,
-        membership::ShareView,
+        membership::{Phase, ShareView},
         node::{Node, ShareSink},
     },
     limits::PolicyStore,
+    metrics::Counters,
     state_file,
 };
 
@@ -56,6 +57,7 @@ pub struct Membership {
     incarnation_path: PathBuf,
     /// The running node, for the API's `Cluster.Status`.
     published: watch::Sender<Option<Node>>,
+    counters: Arc<Counters>,
 }
 
 struct Running {
@@ -99,9 +101,10 @@ impl Prepared {
     }
 }
 
-fn sink(limits: &Arc<PolicyStore>) -> ShareSink {
-    let limits = limits.clone();
-    Arc::new(move |view| {
+fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>) -> ShareSink {
+    let (limits, counters) = (limits.clone(), counters.clone());
+    Arc::new(move |view: ShareView| {
+        show(&counters, Some(view));
         if let Err(e) = limits.set_share_view(view) {
             tracing::error!(
                 "cluster: applying the shares of {} members: {}",
@@ -112,12 +115,25 @@ fn sink(limits: &Arc<PolicyStore>) -> ShareSink {
     })
 }
 
+/// The cluster gauges for `view` (`None`: not a member).
+fn show(counters: &Counters, view: Option<ShareView>) {
+    let (members, phase) = view.map_or((0, None), |v| (i64::from(v.members), Some(v.phase)));
+    counters.cluster_members.set(members);
+    counters
+        .cluster_cut_off
+        .set(i64::from(phase == Some(Phase::CutOff)));
+    counters
+        .cluster_joining
+        .set(i64::from(phase == Some(Phase::Joining)));
+}
+
 impl Membership {
     /// Starts the prepared node, if any, and follows the `cluster:` section through reloads
     /// until `stop` turns true.
     pub fn start(
         prepared: Option<Prepared>,
         limits: &Arc<PolicyStore>,
+        counters: &Arc<Counters>,
         incarnation_path: PathBuf,
         published: watch::Sender<Option<Node>>,
         stop: watch::Receiver<bool>,
@@ -126,6 +142,7 @@ impl Membership {
             node: Mutex::new(None),
             incarnation_path,
             published,
+            counters: counters.clone(),
         });
         if let Some(p) = prepared {
             membership.run(p, limits);
@@ -141,7 +158,10 @@ impl Membership {
 
     fn run(&self, prepared: Prepared, limits: &Arc<PolicyStore>) {
         let (stop, stop_rx) = watch::channel(false);
-        let tasks = prepared.node.run(prepared.listener, sink(limits), stop_rx);
+        show(&self.counters, Some(prepared.node.share_view()));
+        let tasks = prepared
+            .node
+            .run(prepared.listener, sink(limits, &self.counters), stop_rx);
         drop(tasks);
         self.published.send_replace(Some(prepared.node.clone()));
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running {
@@ -165,6 +185,7 @@ impl Membership {
             let _ = running.stop.send(true);
         }
         self.published.send_replace(None);
+        show(&self.counters, None);
     }
 }
 

@@ -271,6 +271,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let (membership, membership_task) = cluster::Membership::start(
         prepared,
         &limits,
+        &counters,
         incarnation_path,
         cluster_tx,
         stop_rx.clone(),

@@ -609,3 +609,147 @@ fn say_view(previous: &ShareView, view: &ShareView) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::cluster::{
+        GlobalPolicy,
+        config::Partition,
+    };
+
+    const TOKEN: &str = "a-cluster-token-of-some-length";
+
+    fn section(id: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> ClusterConfig {
+        ClusterConfig {
+            node_id: NodeId::new(id).expect("id"),
+            listen,
+            peers: peers.into_iter().map(PeerAddr::Socket).collect(),
+            token_file: "/unused".into(),
+            sync_interval: Duration::from_millis(20),
+            peer_timeout: Duration::from_millis(200),
+            partition: Partition::Local,
+        }
+    }
+
+    fn policies() -> ClusterPolicies {
+        ClusterPolicies {
+            config: None,
+            global: vec![GlobalPolicy {
+                matches: "10.0.0.0/8".into(),
+                limit: 40,
+                window_us: 1_000_000,
+            }],
+        }
+    }
+
+    async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let a = l.local_addr().expect("addr");
+        (l, a)
+    }
+
+    /// Records the share views a node hands over.
+    fn recorder() -> (ShareSink, Arc<AtomicU32>) {
+        let last = Arc::new(AtomicU32::new(u32::MAX));
+        let seen = last.clone();
+        (
+            Arc::new(move |v: ShareView| seen.store(v.share(40), Ordering::SeqCst)),
+            last,
+        )
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
+        let (l1, a1) = listener().await;
+        let (l2, a2) = listener().await;
+        let n1 = Node::new(&section("n1", a1, vec![a2]), TOKEN, 1, true, policies()).expect("n1");
+        let n2 = Node::new(&section("n2", a2, vec![a1]), TOKEN, 1, true, policies()).expect("n2");
+        let (stop1, rx1) = watch::channel(false);
+        let (stop2, rx2) = watch::channel(false);
+        let (sink1, share1) = recorder();
+        let (sink2, _) = recorder();
+        let _t1 = n1.run(l1, sink1, rx1);
+        let _t2 = n2.run(l2, sink2, rx2);
+        wait_for("both live", || {
+            let s = n1.status();
+            s.phase == "connected" && s.peers.iter().all(|p| p.live && p.node_id == "n2")
+        })
+        .await;
+        let s = n1.status();
+        assert_eq!((s.members, s.agreed_members), (2, 2));
+        assert!(s.views_agree, "{s:?}");
+        assert_eq!(s.policies[0].share, 20);
+        // n2 stops: n1 is cut off, and `partition: local` gives it the whole limit.
+        stop2.send_replace(true);
+        wait_for("n1 cut off", || share1.load(Ordering::SeqCst) == 40).await;
+        assert_eq!(n1.status().phase, "cut-off");
+        assert_eq!(n1.status().members, 2, "a silent member still counts");
+        stop1.send_replace(true);
+    }
+
+    #[tokio::test]
+    async fn peers_without_the_token_or_as_this_node_are_refused() {
+        let (l1, a1) = listener().await;
+        let n1 = Node::new(&section("n1", a1, vec![]), TOKEN, 1, true, policies()).expect("n1");
+        let (stop, rx) = watch::channel(false);
+        let (sink, _) = recorder();
+        let _t = n1.run(l1, sink, rx);
+        let channel = Endpoint::from_shared(format!("http://{a1}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let heartbeat = |id: &str| Heartbeat {
+            node_id: id.into(),
+            incarnation: 1,
+            seq: 1,
+            echo: 0,
+            members: 2,
+            view_hash: 0,
+            listen: String::new(),
+        };
+        let mut bare = PeerClient::new(channel.clone());
+        let e = bare.heartbeat(heartbeat("n2")).await.expect_err("no token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let with = |token: &'static str| {
+            move |mut r: Request<()>| {
+                r.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().expect("value"));
+                Ok(r)
+            }
+        };
+        let mut wrong = PeerClient::with_interceptor(channel.clone(), with("not-the-cluster-token"));
+        let e = wrong.heartbeat(heartbeat("n2")).await.expect_err("wrong token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let mut good = PeerClient::with_interceptor(channel, with(TOKEN));
+        let e = good.heartbeat(heartbeat("n1")).await.expect_err("own id");
+        assert!(e.message().contains("this node's own id"), "{e:?}");
+        let e = good.heartbeat(heartbeat("n 2")).await.expect_err("bad id");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = good
+            .heartbeat(Heartbeat {
+                listen: "x".repeat(MAX_MESSAGE_BYTES),
+                ..heartbeat("n2")
+            })
+            .await
+            .expect_err("oversized");
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        let answer = good.heartbeat(heartbeat("n2")).await.expect("valid").into_inner();
+        assert_eq!((answer.node_id.as_str(), answer.echo), ("n1", 1));
+        assert_eq!(answer.members, 2, "n2 heard: n1 counts it");
+        stop.send_replace(true);
+    }
+}

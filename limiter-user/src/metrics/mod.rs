@@ -116,6 +116,14 @@ pub struct Counters {
     pub metrics_connections: ListenerCounters,
     /// The soft limit on open descriptors the agent runs with (after raising it at start).
     pub open_files_limit: Gauge,
+    /// The agreed member count N of the cluster (0 outside one).
+    pub cluster_members: Gauge,
+    /// 1 while this cluster member hears none of its peers (its global policies follow
+    /// `partition`).
+    pub cluster_cut_off: Gauge,
+    /// 1 while this member, started without pins, waits to be counted by its peers (its global
+    /// policies admit nothing).
+    pub cluster_joining: Gauge,
 }
 
 /// The connections of one TCP listener (the API's or the metrics endpoint's). Clones share the
@@ -339,6 +347,24 @@ impl Exporter {
             "The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start \
              to its hard limit)",
             counters.open_files_limit.clone(),
+        );
+        registry.register(
+            "limiter_cluster_members",
+            "The agreed member count N of the cluster, which divides each global limit into \
+             this node's cold share (0 outside a cluster)",
+            counters.cluster_members.clone(),
+        );
+        registry.register(
+            "limiter_cluster_cut_off",
+            "1 while this cluster member hears none of its peers; its global policies then \
+             follow the `partition` setting",
+            counters.cluster_cut_off.clone(),
+        );
+        registry.register(
+            "limiter_cluster_joining",
+            "1 while this cluster member, started without pinned maps, waits to be counted by \
+             its peers; its global policies admit nothing meanwhile",
+            counters.cluster_joining.clone(),
         );
         let kernel = Arc::new(KernelCollector::new(Box::new(source)));
         registry.register_collector(Box::new(Arc::clone(&kernel)));

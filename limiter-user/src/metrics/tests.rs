@@ -56,6 +56,8 @@ pub(crate) fn populated() -> (Counters, Figures) {
     counters.metrics_connections.refused_per_address.inc();
     counters.metrics_connections.open.set(1);
     counters.open_files_limit.set(524_288);
+    counters.cluster_members.set(3);
+    counters.cluster_cut_off.set(1);
     let figures = Figures {
         global: GlobalStats {
             passed: 1_000_000,
@@ -147,6 +149,15 @@ fn populated_lines() -> Vec<String> {
         "# HELP limiter_open_files_limit The limit on open descriptors the agent runs with (RLIMIT_NOFILE, raised at start to its hard limit).",
         "# TYPE limiter_open_files_limit gauge",
         "limiter_open_files_limit{iface=\"eth0\"} 524288",
+        "# HELP limiter_cluster_members The agreed member count N of the cluster, which divides each global limit into this node's cold share (0 outside a cluster).",
+        "# TYPE limiter_cluster_members gauge",
+        "limiter_cluster_members{iface=\"eth0\"} 3",
+        "# HELP limiter_cluster_cut_off 1 while this cluster member hears none of its peers; its global policies then follow the `partition` setting.",
+        "# TYPE limiter_cluster_cut_off gauge",
+        "limiter_cluster_cut_off{iface=\"eth0\"} 1",
+        "# HELP limiter_cluster_joining 1 while this cluster member, started without pinned maps, waits to be counted by its peers; its global policies admit nothing meanwhile.",
+        "# TYPE limiter_cluster_joining gauge",
+        "limiter_cluster_joining{iface=\"eth0\"} 0",
         "# HELP limiter_packets_passed_total IP packets passed by the XDP program, allow-listed clients included.",
         "# TYPE limiter_packets_passed_total counter",
         "limiter_packets_passed_total{iface=\"eth0\"} 1000000",
@@ -474,7 +485,7 @@ fn exposition_is_well_formed() {
                 .lines()
                 .filter_map(|line| line.strip_prefix("# TYPE "))
                 .collect();
-            assert_eq!(families.len(), 30, "{text}");
+            assert_eq!(families.len(), 33, "{text}");
             let value = |name: &str| {
                 samples
                     .iter()
