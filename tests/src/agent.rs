@@ -1,5 +1,5 @@
 //! The `limiter` binary under test and a running `limiter agent` on a [`TestNet`] (or on any
-//! [`AgentTarget`]): starting it,
+//! [`AgentTarget`], such as a [`ClusterNet`](crate::netns::ClusterNet) node): starting it,
 //! waiting for its policies, reloading its config, stopping it, and reading `limiter stats`.
 
 use std::{
@@ -78,7 +78,8 @@ pub fn run_limiter(ns: &str, args: &[&str]) -> Result<Output> {
 
 /// Where an agent runs: a network namespace, the interface in it that the agent attaches to,
 /// and the kill list of the test network that owns both (so that dropping the network kills
-/// the agent even if its guard leaked). From [`TestNet::agent_target`].
+/// the agent even if its guard leaked). From [`TestNet::agent_target`] or
+/// [`ClusterNet::agent_target`](crate::netns::ClusterNet::agent_target).
 #[derive(Clone)]
 pub struct AgentTarget {
     /// The namespace the agent runs in (under /run/netns).
@@ -381,7 +382,8 @@ impl Agent {
     }
 
     /// Leaves the pinned maps (and a crashed agent's pinned link) in place when the guard is
-    /// dropped, for a next agent to adopt; the network (a [`TestNet`]) still removes them.
+    /// dropped, for a next agent to adopt; the network (a [`TestNet`] or a
+    /// [`ClusterNet`](crate::netns::ClusterNet)) still removes them.
     pub fn keep_pins(&mut self) {
         self.keep_pins = true;
     }

@@ -26,8 +26,13 @@
 //! on the receiver's veth ([`TestNet::frame_counter`]), which sees every frame the XDP program
 //! passed. The subnets are 198.18.10.0/24 (802.1Q id [`VLAN_ID`]) and 198.18.20.0/24 (802.1ad
 //! [`QINQ_OUTER`] + 802.1Q [`QINQ_INNER`]).
+//!
+//! # Several agents
+//! [`ClusterNet`] is the same idea with one sender and one receiver namespace joined by several
+//! veth pairs, one agent per receiver veth; see its module.
 
 mod addresses;
+mod cluster;
 
 use std::{
     fs,
@@ -48,14 +53,21 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{agent::AgentTarget, command::run_ok};
 
-pub use self::addresses::*;
+pub use self::{addresses::*, cluster::*};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// `ip -n NS -batch -` with `lines` on stdin: one process for many changes.
 fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
+    ip_batch_with(ns, &[], lines)
+}
+
+/// [`ip_batch`] with `options` (such as `-6`, which a batch line cannot carry) before `-batch`.
+fn ip_batch_with(ns: &str, options: &[&str], lines: &[String]) -> Result<()> {
     let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
+        .args(["-n", ns])
+        .args(options)
+        .args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -72,7 +84,8 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     let output = child.wait_with_output()?;
     if !output.status.success() {
         bail!(
-            "`ip -n {ns} -batch` failed ({}): {}",
+            "`ip -n {ns} {}-batch` failed ({}): {}",
+            options.iter().map(|o| format!("{o} ")).collect::<String>(),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
@@ -119,7 +132,8 @@ where
     })
 }
 
-/// Process ids of the agents started on one test network, killed when it is dropped.
+/// Process ids of the agents started on one [`TestNet`] or [`ClusterNet`], killed when it is
+/// dropped.
 pub(crate) type AgentRegistry = Arc<Mutex<Vec<u32>>>;
 
 /// Two network namespaces joined by a veth pair; see the module documentation.
