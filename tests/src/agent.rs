@@ -1,4 +1,5 @@
-//! The `limiter` binary under test and a running `limiter agent` on a [`TestNet`]: starting it,
+//! The `limiter` binary under test and a running `limiter agent` on a [`TestNet`] (or on any
+//! [`AgentTarget`], such as a [`ClusterNet`](crate::netns::ClusterNet) node): starting it,
 //! waiting for its policies, reloading its config, stopping it, and reading `limiter stats`.
 
 use std::{
@@ -11,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
     },
     thread,
@@ -75,8 +76,21 @@ pub fn run_limiter(ns: &str, args: &[&str]) -> Result<Output> {
     run_with_timeout(&mut limiter_command(ns, args), Duration::from_secs(20))
 }
 
-/// A running `limiter agent` on a [`TestNet`]'s receiver veth. Dropping it stops the agent
-/// (SIGTERM, SIGKILL after 5 s) and removes its pinned maps.
+/// Where an agent runs: a network namespace, the interface in it that the agent attaches to,
+/// and the kill list of the test network that owns both (so that dropping the network kills
+/// the agent even if its guard leaked). From [`TestNet::agent_target`] or
+/// [`ClusterNet::agent_target`](crate::netns::ClusterNet::agent_target).
+#[derive(Clone)]
+pub struct AgentTarget {
+    /// The namespace the agent runs in (under /run/netns).
+    pub ns: String,
+    /// The interface it attaches to; unique machine-wide (its pin directory is).
+    pub iface: String,
+    pub(crate) registry: AgentRegistry,
+}
+
+/// A running `limiter agent` on an [`AgentTarget`] (a [`TestNet`]'s receiver veth, say).
+/// Dropping it stops the agent (SIGTERM, SIGKILL after 5 s) and removes its pinned maps.
 pub struct Agent {
     child: Mutex<Option<Child>>,
     /// The interface the agent is attached to.
@@ -114,7 +128,20 @@ impl Agent {
 
     /// Starts the agent without waiting for it.
     pub fn spawn(net: &TestNet, config: &str, extra_args: &[&str]) -> Result<Agent> {
-        Agent::spawn_with(net, config, extra_args, &[], |_| {})
+        Agent::spawn_on(&net.agent_target(), config, extra_args)
+    }
+
+    /// [`Agent::start_with`] on `target`: starts `limiter agent --iface IFACE ...` in the
+    /// target's namespace and waits until its policies are applied and its program attached.
+    pub fn start_on(target: &AgentTarget, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        let agent = Agent::spawn_on(target, config, extra_args)?;
+        agent.wait_ready(Duration::from_secs(15))?;
+        Ok(agent)
+    }
+
+    /// [`Agent::spawn`] on `target`: starts the agent without waiting for it.
+    pub fn spawn_on(target: &AgentTarget, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        Agent::spawn_with(target, config, extra_args, &[], |_| {})
     }
 
     /// [`Agent::spawn`], with `adjust` applied to the command before it runs (to set resource
@@ -125,7 +152,7 @@ impl Agent {
         extra_args: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Result<Agent> {
-        Agent::spawn_with(net, config, extra_args, &[], adjust)
+        Agent::spawn_with(&net.agent_target(), config, extra_args, &[], adjust)
     }
 
     /// Starts the agent without waiting for it, through `wrapper` (a command and its arguments
@@ -136,11 +163,11 @@ impl Agent {
         extra_args: &[&str],
         wrapper: &[&str],
     ) -> Result<Agent> {
-        Agent::spawn_with(net, config, extra_args, wrapper, |_| {})
+        Agent::spawn_with(&net.agent_target(), config, extra_args, wrapper, |_| {})
     }
 
     fn spawn_with(
-        net: &TestNet,
+        target: &AgentTarget,
         config: &str,
         extra_args: &[&str],
         wrapper: &[&str],
@@ -157,7 +184,7 @@ impl Agent {
         let mut args = vec![
             "agent",
             "--iface",
-            &net.receiver_if,
+            &target.iface,
             "--config",
             &config_arg,
             "--xdp-mode",
@@ -175,11 +202,11 @@ impl Agent {
         }
         args.extend_from_slice(extra_args);
         let mut command = if wrapper.is_empty() {
-            limiter_command(&net.receiver_ns, &args)
+            limiter_command(&target.ns, &args)
         } else {
             let mut command = Command::new("nsenter");
             command
-                .arg(format!("--net=/run/netns/{}", net.receiver_ns))
+                .arg(format!("--net=/run/netns/{}", target.ns))
                 .args(wrapper)
                 .arg(limiter_bin())
                 .args(&args);
@@ -196,15 +223,15 @@ impl Agent {
         let child = command
             .spawn()
             .with_context(|| format!("starting `{}`", describe(&command)))?;
-        let registry = net.registry();
+        let registry = Arc::clone(&target.registry);
         registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(child.id());
         Ok(Agent {
             child: Mutex::new(Some(child)),
-            iface: net.receiver_if.clone(),
-            ns: net.receiver_ns.clone(),
+            iface: target.iface.clone(),
+            ns: target.ns.clone(),
             config_path,
             stderr_path,
             dir,
@@ -355,7 +382,8 @@ impl Agent {
     }
 
     /// Leaves the pinned maps (and a crashed agent's pinned link) in place when the guard is
-    /// dropped, for a next agent to adopt; the [`TestNet`] still removes them.
+    /// dropped, for a next agent to adopt; the network (a [`TestNet`] or a
+    /// [`ClusterNet`](crate::netns::ClusterNet)) still removes them.
     pub fn keep_pins(&mut self) {
         self.keep_pins = true;
     }

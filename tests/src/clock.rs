@@ -22,13 +22,25 @@ pub fn window_index(window: Duration) -> u128 {
 /// sleeps until just past it (at most `needed`) and says so. Returns the hour index to check
 /// against afterwards with [`window_index`].
 pub fn clear_of_hour_boundary(needed: Duration) -> u128 {
-    let hour = Duration::from_secs(3600);
-    let into = Duration::from_nanos((monotonic().as_nanos() % hour.as_nanos()) as u64);
-    let left = hour - into;
+    clear_of_boundary(Duration::from_secs(3600), needed)
+}
+
+/// [`clear_of_hour_boundary`] for windows of any length: if the current `window` of
+/// CLOCK_MONOTONIC ends less than `needed` from now, sleeps until just past its end (so `needed`
+/// should be well under `window`). Returns the window index to check against afterwards with
+/// [`window_index`].
+pub fn clear_of_boundary(window: Duration, needed: Duration) -> u128 {
+    let into = Duration::from_nanos((monotonic().as_nanos() % window.as_nanos()) as u64);
+    let left = window - into;
     if left < needed {
-        let wait = left + Duration::from_millis(50);
-        eprintln!("an hour boundary of CLOCK_MONOTONIC is {left:?} away: waiting {wait:?}");
+        let wait = left + Duration::from_millis(50).min(window / 10);
+        // Worth saying only when the wait is long.
+        if window >= Duration::from_secs(60) {
+            eprintln!(
+                "a {window:?} boundary of CLOCK_MONOTONIC is {left:?} away: waiting {wait:?}"
+            );
+        }
         thread::sleep(wait);
     }
-    window_index(hour)
+    window_index(window)
 }

@@ -26,8 +26,13 @@
 //! on the receiver's veth ([`TestNet::frame_counter`]), which sees every frame the XDP program
 //! passed. The subnets are 198.18.10.0/24 (802.1Q id [`VLAN_ID`]) and 198.18.20.0/24 (802.1ad
 //! [`QINQ_OUTER`] + 802.1Q [`QINQ_INNER`]).
+//!
+//! # Several agents
+//! [`ClusterNet`] is the same idea with one sender and one receiver namespace joined by several
+//! veth pairs, one agent per receiver veth; see its module.
 
 mod addresses;
+mod cluster;
 
 use std::{
     fs,
@@ -46,16 +51,23 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::command::run_ok;
+use crate::{agent::AgentTarget, command::run_ok};
 
-pub use self::addresses::*;
+pub use self::{addresses::*, cluster::*};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// `ip -n NS -batch -` with `lines` on stdin: one process for many changes.
 fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
+    ip_batch_with(ns, &[], lines)
+}
+
+/// [`ip_batch`] with `options` (such as `-6`, which a batch line cannot carry) before `-batch`.
+fn ip_batch_with(ns: &str, options: &[&str], lines: &[String]) -> Result<()> {
     let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
+        .args(["-n", ns])
+        .args(options)
+        .args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -72,7 +84,8 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     let output = child.wait_with_output()?;
     if !output.status.success() {
         bail!(
-            "`ip -n {ns} -batch` failed ({}): {}",
+            "`ip -n {ns} {}-batch` failed ({}): {}",
+            options.iter().map(|o| format!("{o} ")).collect::<String>(),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
@@ -119,7 +132,8 @@ where
     })
 }
 
-/// Process ids of the agents started on one [`TestNet`], killed when it is dropped.
+/// Process ids of the agents started on one [`TestNet`] or [`ClusterNet`], killed when it is
+/// dropped.
 pub(crate) type AgentRegistry = Arc<Mutex<Vec<u32>>>;
 
 /// Two network namespaces joined by a veth pair; see the module documentation.
@@ -193,20 +207,8 @@ impl TestNet {
             "netns",
             r_ns,
         ]))?;
-        // Quiet IPv6 on the veth: no router solicitations, no link-local address (and so no DAD
-        // or MLD from one). Set before the link goes up; the test addresses are `nodad`.
         for (ns, dev) in [(s_ns, s_if), (r_ns, r_if)] {
-            in_netns(ns, || -> Result<()> {
-                for (key, value) in [
-                    ("router_solicitations", "0"),
-                    ("accept_ra", "0"),
-                    ("addr_gen_mode", "1"),
-                ] {
-                    let path = format!("/proc/sys/net/ipv6/conf/{dev}/{key}");
-                    fs::write(&path, value).with_context(|| format!("writing {path}"))?;
-                }
-                Ok(())
-            })??;
+            quiet_ipv6(ns, dev)?;
         }
 
         let mut sender = vec![format!("link set lo up"), format!("link set {s_if} up")];
@@ -242,21 +244,7 @@ impl TestNet {
         }
         ip_batch(r_ns, &receiver)?;
 
-        // Wait for carrier at both ends: before it, the veth's qdisc silently drops.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let up = [(s_ns, s_if), (r_ns, r_if)].iter().all(|(ns, dev)| {
-                run_ok(Command::new("ip").args(["-n", ns, "-br", "link", "show", dev]))
-                    .is_ok_and(|out| out.split_whitespace().nth(1) == Some("UP"))
-            });
-            if up {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the veth pair did not come up within 5 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_links_up(&[(s_ns, s_if), (r_ns, r_if)])
     }
 
     /// Runs `f` inside the sender namespace (see [`in_netns`]).
@@ -280,40 +268,101 @@ impl TestNet {
         ]))
     }
 
-    /// The kill list agents register in.
-    pub(crate) fn registry(&self) -> AgentRegistry {
-        Arc::clone(&self.agents)
+    /// Where [`Agent::spawn_on`](crate::agent::Agent::spawn_on) starts an agent on this
+    /// network: the receiver's veth in the receiver namespace (where
+    /// [`Agent::spawn`](crate::agent::Agent::spawn) starts it); dropping the network kills it.
+    pub fn agent_target(&self) -> AgentTarget {
+        AgentTarget {
+            ns: self.receiver_ns.clone(),
+            iface: self.receiver_if.clone(),
+            registry: Arc::clone(&self.agents),
+        }
     }
 }
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        // Agents whose guard was leaked: an agent holds the namespace (and the veth) alive.
-        let pids: Vec<u32> = mem::take(&mut *self.agents.lock().unwrap_or_else(|e| e.into_inner()));
-        for pid in pids {
-            // SAFETY: plain syscalls on a child process of ours that is still registered
-            // (unregistered once reaped, so the pid cannot have been reused).
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
-            }
+        teardown(&self.agents, &self.created, &[&self.receiver_if]);
+    }
+}
+
+/// What dropping a network does: kills the agents still in `agents` (a guard leaked, or the
+/// test panicked before dropping it: an agent holds the namespace, and its interface, alive),
+/// deletes the namespaces in `namespaces` (last first), which destroys their veth pairs, and
+/// removes the pin directories of `ifaces`, shared by all namespaces.
+fn teardown(agents: &AgentRegistry, namespaces: &[String], ifaces: &[&str]) {
+    let pids: Vec<u32> = mem::take(&mut *agents.lock().unwrap_or_else(|e| e.into_inner()));
+    for pid in pids {
+        // SAFETY: plain syscalls on a child process of ours that is still registered
+        // (unregistered once reaped, so the pid cannot have been reused).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
         }
-        for ns in self.created.iter().rev() {
-            let result = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .output();
-            match result {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => eprintln!(
-                    "warning: `ip netns del {ns}` failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                Err(e) => eprintln!("warning: `ip netns del {ns}`: {e}"),
-            }
+    }
+    for ns in namespaces.iter().rev() {
+        let result = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match result {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "warning: `ip netns del {ns}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("warning: `ip netns del {ns}`: {e}"),
         }
-        let _ = fs::remove_dir_all(pin_dir(&self.receiver_if));
+    }
+    for iface in ifaces {
+        let _ = fs::remove_dir_all(pin_dir(iface));
+    }
+}
+
+/// Writes each `(KEY, value)` to `/proc/sys/net/KEY` as seen from namespace `ns`.
+fn write_sysctls(ns: &str, settings: &[(String, &str)]) -> Result<()> {
+    in_netns(ns, || -> Result<()> {
+        for (key, value) in settings {
+            let path = format!("/proc/sys/net/{key}");
+            fs::write(&path, value).with_context(|| format!("writing {path} in namespace {ns}"))?;
+        }
+        Ok(())
+    })?
+}
+
+/// Quiets IPv6 on `dev` in `ns`: no router solicitations, no link-local address (and so no DAD
+/// or MLD from one). Call before the link goes up; the test addresses are added `nodad`.
+fn quiet_ipv6(ns: &str, dev: &str) -> Result<()> {
+    let settings = [
+        ("router_solicitations", "0"),
+        ("accept_ra", "0"),
+        ("addr_gen_mode", "1"),
+    ]
+    .map(|(key, value)| (format!("ipv6/conf/{dev}/{key}"), value));
+    write_sysctls(ns, &settings)
+}
+
+/// Waits (at most 5 s) for carrier on every `(namespace, device)`: before it, a veth's qdisc
+/// silently drops.
+fn wait_links_up(links: &[(&str, &str)]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let down: Vec<&str> = links
+            .iter()
+            .filter(|(ns, dev)| {
+                !run_ok(Command::new("ip").args(["-n", ns, "-br", "link", "show", dev]))
+                    .is_ok_and(|out| out.split_whitespace().nth(1) == Some("UP"))
+            })
+            .map(|(_, dev)| *dev)
+            .collect();
+        if down.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("veth {} did not come up within 5 s", down.join(", "));
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

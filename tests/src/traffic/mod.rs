@@ -1,6 +1,8 @@
 //! Test traffic: UDP datagrams from the sender namespace's addresses (paced, or at a rate), raw
-//! VLAN-tagged frames, and per-source counting at the receiver.
+//! VLAN-tagged frames, and per-source counting at the receiver; on a
+//! [`ClusterNet`](crate::netns::ClusterNet), one client's datagrams spread over its nodes.
 
+mod cluster;
 mod counter;
 mod raw;
 mod socket;
@@ -19,7 +21,7 @@ use anyhow::{Context as _, Result, ensure};
 use self::socket::is_timeout;
 use crate::netns::{RECEIVER_V4, RECEIVER_V6, TestNet};
 
-pub use self::{counter::PacketCounter, raw::RawSender};
+pub use self::{cluster::spread_order, counter::PacketCounter, raw::RawSender};
 
 /// Light pacing: `burst` packets back to back, then `pause`.
 #[derive(Debug, Clone, Copy)]

@@ -12,32 +12,21 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{PacketCounter, RawSender};
-use crate::{frames::udp_source, netns::TestNet};
+use crate::{
+    frames::udp_source,
+    netns::{TestNet, in_netns},
+};
 
 impl TestNet {
     /// A UDP socket in the sender namespace bound to `src` (port chosen by the kernel).
     pub fn udp_sender(&self, src: IpAddr) -> Result<UdpSocket> {
-        self.in_sender(|| -> Result<UdpSocket> {
-            let socket = UdpSocket::bind(SocketAddr::new(src, 0))
-                .with_context(|| format!("binding a UDP socket to {src}"))?;
-            set_int_opt(&socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20)?;
-            Ok(socket)
-        })?
+        udp_sender_in(&self.sender_ns, src)
     }
 
     /// A dual-stack UDP socket in the receiver namespace bound to `[::]:port` with a 32 MiB
     /// receive buffer, counting datagrams per source address on a background thread.
     pub fn udp_counter(&self, port: u16) -> Result<PacketCounter> {
-        let socket = self.in_receiver(|| dual_stack_udp(port))??;
-        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let mut buf = vec![0u8; 2048];
-        Ok(PacketCounter::spawn(move || {
-            match socket.recv_from(&mut buf) {
-                Ok((_, from)) => Ok(Some(from.ip().to_canonical())),
-                Err(e) if is_timeout(&e) => Ok(None),
-                Err(e) => Err(e),
-            }
-        }))
+        udp_counter_in(&self.receiver_ns, port)
     }
 
     /// An `AF_PACKET` socket on the receiver's veth counting UDP frames to `port` per source
@@ -85,6 +74,33 @@ impl TestNet {
         set_int_opt(&socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20)?;
         Ok(RawSender { socket, ifindex })
     }
+}
+
+/// A UDP socket in namespace `ns` bound to `src` (port chosen by the kernel), with a 4 MiB send
+/// buffer.
+pub(super) fn udp_sender_in(ns: &str, src: IpAddr) -> Result<UdpSocket> {
+    in_netns(ns, || -> Result<UdpSocket> {
+        let socket = UdpSocket::bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("binding a UDP socket to {src} in namespace {ns}"))?;
+        set_int_opt(&socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20)?;
+        Ok(socket)
+    })?
+}
+
+/// A dual-stack UDP socket in namespace `ns` bound to `[::]:port` (so every IPv4 and IPv6
+/// address of the namespace, on any interface), counting datagrams per source address on a
+/// background thread.
+pub(super) fn udp_counter_in(ns: &str, port: u16) -> Result<PacketCounter> {
+    let socket = in_netns(ns, || dual_stack_udp(port))??;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut buf = vec![0u8; 2048];
+    Ok(PacketCounter::spawn(move || {
+        match socket.recv_from(&mut buf) {
+            Ok((_, from)) => Ok(Some(from.ip().to_canonical())),
+            Err(e) if is_timeout(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }))
 }
 
 pub(super) fn is_timeout(e: &io::Error) -> bool {
