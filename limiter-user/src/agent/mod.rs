@@ -268,7 +268,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
-    let (membership, membership_task) = cluster::Membership::start(
+    let (_membership, membership_task) = cluster::Membership::start(
         prepared,
         &limits,
         &counters,
@@ -363,12 +363,13 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // remain for `limiter stats` and the next agent. A cluster member stays attached: detached,
     // this host would admit everything of its global clients while its peers still count on it
     // enforcing its share (`limiter detach` removes it).
-    let in_cluster = membership.node().is_some();
+    let in_cluster = limits.config().cluster.is_some();
     let detached = match attachment {
         Some(a) if in_cluster && a.is_pinned() => {
             tracing::info!(
                 iface = %opts.iface,
-                "cluster member: the program stays attached and enforcing its shares;                  `limiter detach --iface {}` removes it",
+                "cluster member: the program stays attached and enforcing its shares; \
+                    `limiter detach --iface {}` removes it",
                 opts.iface
             );
             Ok(())
@@ -383,7 +384,9 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     take_snapshot(&fds, &snapshot_path)?;
     detached?;
     drop(ebpf);
-    tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
+    if !in_cluster {
+        tracing::info!(iface = %opts.iface, "detached; maps stay pinned under {}", pins.display());
+    }
     Ok(())
 }
 

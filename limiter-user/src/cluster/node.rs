@@ -344,8 +344,9 @@ impl Node {
     /// For `limiter cluster status`.
     pub fn status(&self) -> proto::ClusterStatus {
         let now = Instant::now();
-        let mut state = self.shared.lock();
-        let view = state.membership.share_view(now);
+        let state = self.shared.lock();
+        // The view in force: the one the maps hold.
+        let view = state.view;
         let peers = state
             .membership
             .peers(now)
@@ -382,7 +383,7 @@ impl Node {
             phase: view.phase.as_str().into(),
             partition: state.config.partition.to_string(),
             members: state.membership.members(now),
-            agreed_members: state.membership.agreed_members(now),
+            agreed_members: view.members,
             views_agree: state.membership.agreed(now),
             peers,
             policies,
@@ -465,7 +466,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::R
         let (endpoints, timeout, sync_interval, view, previous) = {
             let mut state = shared.lock();
             let view = state.membership.share_view(now);
-            let previous = std::mem::replace(&mut state.view, view);
+            let previous = state.view;
             let endpoints: Vec<SocketAddr> = state.membership.endpoints().collect();
             (
                 endpoints,
@@ -478,8 +479,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::R
         if view != previous {
             say_view(&previous, &view);
             let sink = sink.clone();
-            // Map writes: off the runtime's workers.
+            // Map writes: off the runtime's workers. The view is in force (and in the status)
+            // once they are done.
             let _ = tokio::task::spawn_blocking(move || sink(view)).await;
+            shared.lock().view = view;
         }
         if sync_interval != interval {
             interval = sync_interval;
@@ -615,10 +618,7 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     use super::*;
-    use crate::cluster::{
-        GlobalPolicy,
-        config::Partition,
-    };
+    use crate::cluster::{GlobalPolicy, config::Partition};
 
     const TOKEN: &str = "a-cluster-token-of-some-length";
 
@@ -726,13 +726,19 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         let with = |token: &'static str| {
             move |mut r: Request<()>| {
-                r.metadata_mut()
-                    .insert("authorization", format!("Bearer {token}").parse().expect("value"));
+                r.metadata_mut().insert(
+                    "authorization",
+                    format!("Bearer {token}").parse().expect("value"),
+                );
                 Ok(r)
             }
         };
-        let mut wrong = PeerClient::with_interceptor(channel.clone(), with("not-the-cluster-token"));
-        let e = wrong.heartbeat(heartbeat("n2")).await.expect_err("wrong token");
+        let mut wrong =
+            PeerClient::with_interceptor(channel.clone(), with("not-the-cluster-token"));
+        let e = wrong
+            .heartbeat(heartbeat("n2"))
+            .await
+            .expect_err("wrong token");
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         let mut good = PeerClient::with_interceptor(channel, with(TOKEN));
         let e = good.heartbeat(heartbeat("n1")).await.expect_err("own id");
@@ -747,7 +753,11 @@ mod tests {
             .await
             .expect_err("oversized");
         assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
-        let answer = good.heartbeat(heartbeat("n2")).await.expect("valid").into_inner();
+        let answer = good
+            .heartbeat(heartbeat("n2"))
+            .await
+            .expect("valid")
+            .into_inner();
         assert_eq!((answer.node_id.as_str(), answer.echo), ("n1", 1));
         assert_eq!(answer.members, 2, "n2 heard: n1 counts it");
         stop.send_replace(true);

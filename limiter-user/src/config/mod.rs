@@ -641,7 +641,8 @@ impl Config {
             };
             let Some(cluster) = &cluster else {
                 return Err(invalid(
-                    "`scope: global` holds a limit across the members of a cluster: add a                      `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
+                    "`scope: global` holds a limit across the members of a cluster: add a \
+                    `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
                         .into(),
                 ));
             };
@@ -654,13 +655,15 @@ impl Config {
             let members = cluster.configured_members();
             if resolved.limit < members {
                 return Err(invalid(format!(
-                    "limit {} is below the cluster's {members} members: each member enforces                      its share ⌊limit / members⌋, which would be 0",
+                    "limit {} is below the cluster's {members} members: each member enforces \
+                    its share ⌊limit / members⌋, which would be 0",
                     resolved.limit
                 )));
             }
             if u64::from(resolved.limit) < 10 * u64::from(members) {
                 warnings.push(format!(
-                    "policies[{i}] (match {}){}: global limit {} is below 10× the cluster's                      {members} members: the shares ⌊limit / members⌋ round away up to {} of it",
+                    "policies[{i}] (match {}){}: global limit {} is below 10× the cluster's \
+                    {members} members: the shares ⌊limit / members⌋ round away up to {} of it",
                     rule.matches,
                     line_of(i),
                     resolved.limit,
