@@ -14,6 +14,7 @@ pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod capped_read;
+pub mod certificate;
 pub mod check;
 pub mod cli;
 pub mod cluster;

@@ -16,7 +16,7 @@ use crate::{
         ClusterPolicies,
         config::ClusterConfig,
         membership::{Phase, ShareView},
-        node::{Node, ShareSink},
+        node::{Credentials, Node, ShareSink, TlsMaterial},
     },
     limits::PolicyStore,
     metrics::Counters,
@@ -81,9 +81,10 @@ impl Prepared {
         adopted: bool,
     ) -> anyhow::Result<Prepared> {
         let listener = Node::bind(config).await?;
-        let token = read_token(&config.token_file).context("cluster.token_file")?;
+        let credentials = credentials(config)?;
         let incarnation = next_incarnation(incarnation_path)?;
-        let node = Node::new(config, &token, incarnation, adopted, policies)?;
+        let node =
+            Node::new(config, &credentials, incarnation, adopted, policies).context("cluster")?;
         tracing::info!(
             node_id = %config.node_id,
             listen = %config.listen,
@@ -99,6 +100,45 @@ impl Prepared {
     pub fn share_view(&self) -> ShareView {
         self.node.share_view()
     }
+}
+
+/// Reads the token and the TLS files the section names; with TLS, this node's certificate must
+/// name its `node_id` (its peers check that it speaks only as itself).
+fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
+    let token = config
+        .token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()
+        .context("cluster.token_file")?;
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            let read = |p: &Path| {
+                std::fs::read(p).with_context(|| format!("cluster.tls: reading {}", p.display()))
+            };
+            let cert = read(&tls.cert)?;
+            let cn = crate::certificate::pem_common_name(&cert)
+                .map_err(|e| anyhow::anyhow!("cluster.tls.cert {}: {e}", tls.cert.display()))?;
+            if cn.as_deref() != Some(config.node_id.as_str()) {
+                anyhow::bail!(
+                    "cluster.tls.cert {} names {:?}, not this node's node_id {:?}: a peer's \
+                     certificate names it (common name), since peers accept a heartbeat only from \
+                     the node its certificate names",
+                    tls.cert.display(),
+                    cn.unwrap_or_default(),
+                    config.node_id.as_str()
+                );
+            }
+            Some(TlsMaterial {
+                cert,
+                key: read(&tls.key)?,
+                ca: read(&tls.client_ca)?,
+                server_name: tls.server_name.clone(),
+            })
+        }
+    };
+    Ok(Credentials { token, tls })
 }
 
 fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>) -> ShareSink {
@@ -205,9 +245,15 @@ async fn follow(
         let current = policies.borrow_and_update().clone();
         match (&current.config, membership.node()) {
             (Some(config), Some(node)) => {
-                let reconfigured = read_token(&config.token_file)
+                let reconfigured = config
+                    .token_file
+                    .as_deref()
+                    .map(read_token)
+                    .transpose()
                     .context("cluster.token_file")
-                    .and_then(|token| Ok(node.reconfigure(config, &token, current.clone())?));
+                    .and_then(|token| {
+                        Ok(node.reconfigure(config, token.as_deref(), current.clone())?)
+                    });
                 match reconfigured {
                     Ok(()) => {
                         tracing::info!(peers = config.peers.len(), "cluster: section reloaded")

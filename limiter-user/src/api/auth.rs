@@ -190,7 +190,7 @@ impl Credentials {
             let der = certificate.ok_or_else(|| {
                 Status::unauthenticated("missing credentials: no client certificate")
             })?;
-            let (dn, common_name) = certificate_subject(der).map_err(|e| {
+            let (dn, common_name) = crate::certificate::subject(der).map_err(|e| {
                 Status::unauthenticated(format!("unreadable client certificate: {e}"))
             })?;
             if self.subjects.is_empty() {
@@ -211,18 +211,6 @@ impl Credentials {
         let role = role.ok_or_else(|| Status::unauthenticated("the TCP API takes no callers"))?;
         Ok(Identity { role, subject })
     }
-}
-
-/// The subject of a DER certificate as a string (`CN=..., O=...`) and its first common name.
-fn certificate_subject(der: &[u8]) -> Result<(String, Option<String>), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let subject = cert.subject();
-    let common_name = subject
-        .iter_common_name()
-        .next()
-        .map(|cn| cn.as_str().map(str::to_owned).map_err(|e| e.to_string()))
-        .transpose()?;
-    Ok((subject.to_string(), common_name))
 }
 
 /// Compares without an early exit on the first differing byte (the length is not secret).

@@ -123,12 +123,32 @@ pub struct RawCluster {
     #[serde(default)]
     pub peers: Vec<PeerAddr>,
     pub token_file: Option<PathBuf>,
-    /// Accepted by the parser only so that its absence of support is said plainly.
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<PeerTls>,
     pub sync_interval: Option<String>,
     pub peer_timeout: Option<String>,
     #[serde(default)]
     pub partition: Partition,
+}
+
+/// Mutual TLS between peers: every node's certificate is signed by `client_ca`, names the
+/// node's `node_id` as its common name, and carries `server_name` (default
+/// [`DEFAULT_SERVER_NAME`]) as a DNS name, which each node checks of the peers it dials (they are
+/// dialled by address, so their own names cannot be checked before they answer).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+/// The DNS name every peer certificate carries unless `tls.server_name` says otherwise.
+pub const DEFAULT_SERVER_NAME: &str = "limiter-cluster";
+
+fn default_server_name() -> String {
+    DEFAULT_SERVER_NAME.to_owned()
 }
 
 /// The validated section.
@@ -138,8 +158,10 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     pub peers: Vec<PeerAddr>,
     /// The shared secret peers present (`authorization: Bearer ...`); read by the agent with the
-    /// rules of `--api-token-file`.
-    pub token_file: PathBuf,
+    /// rules of `--api-token-file`. At least one of this and `tls` is set.
+    pub token_file: Option<PathBuf>,
+    /// Mutual TLS between peers; a peer may then speak only as its certificate's common name.
+    pub tls: Option<PeerTls>,
     pub sync_interval: Duration,
     pub peer_timeout: Duration,
     pub partition: Partition,
@@ -195,21 +217,29 @@ impl RawCluster {
                 message: "the port must be set: peers dial it".into(),
             });
         }
-        if self.tls.is_some() {
+        if self.token_file.is_none() && self.tls.is_none() {
             return Err(ClusterConfigError {
-                field: "tls",
-                message: "TLS between peers is not supported yet: use token_file (a shared \
-                          secret, at least 16 characters, mode 600) on a network you trust"
+                field: "token_file",
+                message: "peers must authenticate each other: set token_file to a file holding \
+                          a shared secret of at least 16 characters (mode 600), the same on \
+                          every node, or tls: { cert, key, client_ca } for mutual TLS"
                     .into(),
             });
         }
-        let token_file = self.token_file.clone().ok_or_else(|| ClusterConfigError {
-            field: "token_file",
-            message: "peers must authenticate each other: set token_file to a file holding a \
-                      shared secret of at least 16 characters (mode 600), the same on every \
-                      node"
-                .into(),
-        })?;
+        if let Some(tls) = &self.tls {
+            let valid_name = !tls.server_name.is_empty()
+                && tls.server_name.len() <= 253
+                && tls
+                    .server_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+            if !valid_name {
+                return Err(ClusterConfigError {
+                    field: "tls.server_name",
+                    message: format!("{:?} is not a DNS name", tls.server_name),
+                });
+            }
+        }
         if self.peers.len() > MAX_PEERS {
             return Err(ClusterConfigError {
                 field: "peers",
@@ -256,7 +286,8 @@ impl RawCluster {
             node_id,
             listen,
             peers: self.peers.clone(),
-            token_file,
+            token_file: self.token_file.clone(),
+            tls: self.tls.clone(),
             sync_interval,
             peer_timeout,
             partition: self.partition,
@@ -311,6 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn mutual_tls_may_replace_the_token() {
+        let c =
+            raw("node_id: n1\nlisten: 127.0.0.1:7201\ntls: {cert: /c, key: /k, client_ca: /a}\n")
+                .validate()
+                .expect("valid");
+        assert_eq!(c.token_file, None);
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.server_name, DEFAULT_SERVER_NAME);
+        let e = serde_yaml::from_str::<RawCluster>(
+            "node_id: n1\nlisten: 127.0.0.1:7201\ntls: {cert: /c}\n",
+        )
+        .expect_err("key and client_ca are required");
+        assert!(e.to_string().contains("missing field `key`"), "{e}");
+    }
+
+    #[test]
     fn defaults_apply() {
         let c = raw("node_id: n1\nlisten: 127.0.0.1:7201\ntoken_file: /t\n")
             .validate()
@@ -335,8 +382,9 @@ mod tests {
             ),
             ("node_id: n1\nlisten: 127.0.0.1:1\n", "token_file"),
             (
-                "node_id: n1\nlisten: 127.0.0.1:1\ntoken_file: /t\ntls: {cert: /c}\n",
-                "tls",
+                "node_id: n1\nlisten: 127.0.0.1:1\ntls: {cert: /c, key: /k, client_ca: /a, \
+                 server_name: 'a b'}\n",
+                "tls.server_name",
             ),
             (
                 "node_id: n1\nlisten: 127.0.0.1:1\ntoken_file: /t\npeers: [127.0.0.1:2, 127.0.0.1:2]\n",

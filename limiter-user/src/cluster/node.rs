@@ -58,6 +58,42 @@ pub enum NodeError {
     },
     #[error("the cluster token is not valid in an HTTP header")]
     Token,
+    #[error("the cluster's TLS certificate, key or CA")]
+    Tls(#[source] tonic::transport::Error),
+}
+
+/// What a node authenticates itself and its peers with (the agent reads the files the section
+/// names).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The shared token.
+    pub token: Option<String>,
+    pub tls: Option<TlsMaterial>,
+}
+
+/// Mutual TLS between peers, as PEM.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+    /// The DNS name every peer's certificate carries (checked of the peers this node dials).
+    pub server_name: String,
+}
+
+impl TlsMaterial {
+    fn server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
+    }
+
+    fn client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .domain_name(self.server_name.clone())
+    }
 }
 
 /// What the sink is told when the shares change.
@@ -76,7 +112,9 @@ struct State {
 struct Shared {
     incarnation: u64,
     seq: AtomicU64,
-    token: RwLock<AsciiMetadataValue>,
+    token: RwLock<Option<AsciiMetadataValue>>,
+    /// Mutual TLS, fixed at start (new files take effect at the next start).
+    tls: Option<TlsMaterial>,
     state: Mutex<State>,
 }
 
@@ -89,15 +127,15 @@ impl Shared {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn token(&self) -> AsciiMetadataValue {
+    fn token(&self) -> Option<AsciiMetadataValue> {
         self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
-fn bearer(token: &str) -> Result<AsciiMetadataValue, NodeError> {
-    format!("Bearer {token}")
-        .parse()
-        .map_err(|_| NodeError::Token)
+fn bearer(token: Option<&str>) -> Result<Option<AsciiMetadataValue>, NodeError> {
+    token
+        .map(|t| format!("Bearer {t}").parse().map_err(|_| NodeError::Token))
+        .transpose()
 }
 
 /// Compares without an early exit on the first differing byte (the length is not secret).
@@ -136,7 +174,37 @@ struct PeerService(Arc<Shared>);
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<Heartbeat>, Status> {
+        // With mutual TLS a peer speaks only as its certificate's common name.
+        let certified = match &self.0.tls {
+            None => None,
+            Some(_) => {
+                let certs = request
+                    .peer_certs()
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+                let der = certs
+                    .first()
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+                let (subject, cn) = crate::certificate::subject(der).map_err(|e| {
+                    Status::unauthenticated(format!("unreadable client certificate: {e}"))
+                })?;
+                Some(cn.ok_or_else(|| {
+                    Status::permission_denied(format!(
+                        "the client certificate {subject:?} has no common name: a peer's is its \
+                         node_id"
+                    ))
+                })?)
+            }
+        };
         let hb = request.into_inner();
+        if let Some(cn) = certified
+            && cn != hb.node_id
+        {
+            return Err(Status::permission_denied(format!(
+                "the heartbeat says node_id {:?} but the certificate names {cn:?}: a peer speaks \
+                 only as itself",
+                hb.node_id
+            )));
+        }
         let report = to_report(&hb)?;
         let now = Instant::now();
         let mut state = self.0.lock();
@@ -162,7 +230,10 @@ struct TokenCheck(Arc<Shared>);
 
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let expected = self.0.token();
+        let Some(expected) = self.0.token() else {
+            // Mutual TLS alone: the handshake authenticated the peer.
+            return Ok(request);
+        };
         match request.metadata().get("authorization") {
             Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(request),
             Some(_) => Err(Status::unauthenticated("wrong cluster token")),
@@ -178,9 +249,9 @@ struct TokenAdd(Arc<Shared>);
 
 impl Interceptor for TokenAdd {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.token());
+        if let Some(token) = self.0.token() {
+            request.metadata_mut().insert("authorization", token);
+        }
         Ok(request)
     }
 }
@@ -199,11 +270,20 @@ impl Node {
     /// [`Membership::new`]).
     pub fn new(
         config: &ClusterConfig,
-        token: &str,
+        credentials: &Credentials,
         incarnation: u64,
         adopted: bool,
         policies: ClusterPolicies,
     ) -> Result<Node, NodeError> {
+        if let Some(tls) = &credentials.tls {
+            // A bad certificate or key stops the start, not the first connection.
+            tonic::transport::Server::builder()
+                .tls_config(tls.server())
+                .map_err(NodeError::Tls)?;
+            Endpoint::from_static("https://peer")
+                .tls_config(tls.client())
+                .map_err(NodeError::Tls)?;
+        }
         let now = Instant::now();
         let mut membership = Membership::new(
             config.node_id.clone(),
@@ -227,7 +307,8 @@ impl Node {
             shared: Arc::new(Shared {
                 incarnation,
                 seq: AtomicU64::new(0),
-                token: RwLock::new(bearer(token)?),
+                token: RwLock::new(bearer(credentials.token.as_deref())?),
+                tls: credentials.tls.clone(),
                 state: Mutex::new(State {
                     membership,
                     config: config.clone(),
@@ -260,7 +341,7 @@ impl Node {
     pub fn reconfigure(
         &self,
         config: &ClusterConfig,
-        token: &str,
+        token: Option<&str>,
         policies: ClusterPolicies,
     ) -> Result<(), NodeError> {
         let token = bearer(token)?;
@@ -309,13 +390,24 @@ impl Node {
             let mut stop = stop.clone();
             let peer_timeout = shared.lock().config.peer_timeout;
             tokio::spawn(async move {
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = &shared.tls {
+                    // Checked in `Node::new`.
+                    builder = match builder.tls_config(tls.server()) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!("cluster listener TLS: {}", crate::error_chain(&e));
+                            return;
+                        }
+                    };
+                }
                 let service = InterceptedService::new(
                     PeerServer::new(PeerService(shared.clone()))
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES),
                     TokenCheck(shared.clone()),
                 );
-                let served = tonic::transport::Server::builder()
+                let served = builder
                     .timeout(peer_timeout)
                     .max_concurrent_streams(MAX_STREAMS)
                     .http2_keepalive_interval(Some(peer_timeout))
@@ -534,7 +626,16 @@ fn client(
     // address cuts both ways).
     let listen = shared.lock().config.listen.ip();
     let local = (!listen.is_unspecified() && listen.is_ipv4() == addr.is_ipv4()).then_some(listen);
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    let scheme = if shared.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = &shared.tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    let channel = endpoint
         .local_address(local)
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -627,10 +728,18 @@ mod tests {
             node_id: NodeId::new(id).expect("id"),
             listen,
             peers: peers.into_iter().map(PeerAddr::Socket).collect(),
-            token_file: "/unused".into(),
+            token_file: Some("/unused".into()),
+            tls: None,
             sync_interval: Duration::from_millis(20),
             peer_timeout: Duration::from_millis(200),
             partition: Partition::Local,
+        }
+    }
+
+    fn token() -> Credentials {
+        Credentials {
+            token: Some(TOKEN.into()),
+            tls: None,
         }
     }
 
@@ -675,8 +784,10 @@ mod tests {
     async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
         let (l1, a1) = listener().await;
         let (l2, a2) = listener().await;
-        let n1 = Node::new(&section("n1", a1, vec![a2]), TOKEN, 1, true, policies()).expect("n1");
-        let n2 = Node::new(&section("n2", a2, vec![a1]), TOKEN, 1, true, policies()).expect("n2");
+        let n1 =
+            Node::new(&section("n1", a1, vec![a2]), &token(), 1, true, policies()).expect("n1");
+        let n2 =
+            Node::new(&section("n2", a2, vec![a1]), &token(), 1, true, policies()).expect("n2");
         let (stop1, rx1) = watch::channel(false);
         let (stop2, rx2) = watch::channel(false);
         let (sink1, share1) = recorder();
@@ -703,7 +814,7 @@ mod tests {
     #[tokio::test]
     async fn peers_without_the_token_or_as_this_node_are_refused() {
         let (l1, a1) = listener().await;
-        let n1 = Node::new(&section("n1", a1, vec![]), TOKEN, 1, true, policies()).expect("n1");
+        let n1 = Node::new(&section("n1", a1, vec![]), &token(), 1, true, policies()).expect("n1");
         let (stop, rx) = watch::channel(false);
         let (sink, _) = recorder();
         let _t = n1.run(l1, sink, rx);
@@ -760,6 +871,121 @@ mod tests {
             .into_inner();
         assert_eq!((answer.node_id.as_str(), answer.echo), ("n1", 1));
         assert_eq!(answer.members, 2, "n2 heard: n1 counts it");
+        stop.send_replace(true);
+    }
+
+    /// A CA, and PEM credentials for `cn` (DNS name `limiter-cluster`) signed by it.
+    struct Pki(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "cluster test CA");
+            let key = rcgen::KeyPair::generate().expect("key");
+            Pki(rcgen::CertifiedIssuer::self_signed(params, key).expect("CA"))
+        }
+
+        fn credentials(&self, cn: &str) -> Credentials {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params =
+                rcgen::CertificateParams::new(vec!["limiter-cluster".to_owned()]).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let cert = params.signed_by(&key, &self.0).expect("cert");
+            Credentials {
+                token: None,
+                tls: Some(TlsMaterial {
+                    cert: cert.pem().into_bytes(),
+                    key: key.serialize_pem().into_bytes(),
+                    ca: self.0.pem().into_bytes(),
+                    server_name: "limiter-cluster".into(),
+                }),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
+        let pki = Pki::new();
+        let (l1, a1) = listener().await;
+        let (l2, a2) = listener().await;
+        let (l3, a3) = listener().await;
+        let tls_section = |id, a, peers| ClusterConfig {
+            token_file: None,
+            ..section(id, a, peers)
+        };
+        let n1 = Node::new(
+            &tls_section("n1", a1, vec![a2]),
+            &pki.credentials("n1"),
+            1,
+            true,
+            policies(),
+        )
+        .expect("n1");
+        let n2 = Node::new(
+            &tls_section("n2", a2, vec![a1]),
+            &pki.credentials("n2"),
+            1,
+            true,
+            policies(),
+        )
+        .expect("n2");
+        // n3's certificate is the CA's, but its heartbeats say n4.
+        let n3 = Node::new(
+            &tls_section("n4", a3, vec![a1]),
+            &pki.credentials("n3"),
+            1,
+            true,
+            policies(),
+        )
+        .expect("n3");
+        let (stop, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for (node, l) in [(&n1, l1), (&n2, l2), (&n3, l3)] {
+            let (sink, _) = recorder();
+            tasks.extend(node.run(l, sink, rx.clone()));
+        }
+        wait_for("n1 and n2 live over TLS", || {
+            let s = n1.status();
+            s.phase == "connected" && s.peers.iter().all(|p| p.live && p.node_id == "n2")
+        })
+        .await;
+        // n3's heartbeats are refused (it is never counted), and it hears no answer.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = n1.status();
+        assert_eq!(s.members, 2, "the impostor is not counted: {s:?}");
+        assert!(
+            n3.status().peers.iter().all(|p| !p.live),
+            "{:?}",
+            n3.status()
+        );
+        // Without a client certificate, nothing gets through the handshake.
+        let plain = Endpoint::from_shared(format!("https://{a1}"))
+            .expect("uri")
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pki.0.pem()))
+                    .domain_name("limiter-cluster"),
+            )
+            .expect("tls")
+            .connect()
+            .await;
+        if let Ok(channel) = plain {
+            let e = PeerClient::new(channel)
+                .heartbeat(Heartbeat {
+                    node_id: "n9".into(),
+                    members: 1,
+                    ..Heartbeat::default()
+                })
+                .await
+                .expect_err("no client certificate");
+            assert_ne!(e.code(), tonic::Code::Ok);
+        }
+        assert_eq!(n1.status().members, 2);
         stop.send_replace(true);
     }
 }
