@@ -134,6 +134,9 @@ pub struct Decision {
     /// The entry could not be created (map full): the check was charged to the shared overflow
     /// budget, as a packet would be.
     pub overflow: bool,
+    /// Under a `scope: global` policy: its limit across the cluster (`limit` is this node's
+    /// share of it).
+    pub global_limit: Option<u32>,
 }
 
 /// What the agent's current config says about IDs (policies, names); swapped on every apply.
@@ -145,6 +148,8 @@ pub struct PolicyView {
     /// `names[id]` is the `match` of policy `id`.
     names: Vec<Arc<str>>,
     dry_run: bool,
+    /// Global policies' limits across the cluster, by policy id.
+    global_limits: std::collections::BTreeMap<u16, u32>,
 }
 
 impl PolicyView {
@@ -166,6 +171,7 @@ impl PolicyView {
             default: config.default_policy(),
             names,
             dry_run: config.mode == Mode::DryRun,
+            global_limits: config.global_limits.clone(),
         }
     }
 
@@ -350,6 +356,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
         dropped: s.dropped_count(),
         resident: reply.verdict & VERDICT_NOT_RESIDENT == 0,
         overflow: reply.verdict & VERDICT_OVERFLOW != 0,
+        global_limit: None,
     };
     match s.action() {
         ACTION_PASS => {
@@ -363,6 +370,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
             d.limit = 0;
         }
         _ => {
+            d.global_limit = view.global_limits.get(&s.policy()).copied();
             d.estimate = window::estimate_at(&s.slots, reply.now_ns, window_ns);
             d.remaining = (s.limit as u64).saturating_sub(d.estimate) as u32;
             d.reset_after =

@@ -556,7 +556,7 @@ async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     println!(
-        "{id}: {}{}  limit {} per {}  remaining {}  reset in {}  retry in {}  (policy {}, {})",
+        "{id}: {}{}  limit {}{} per {}  remaining {}  reset in {}  retry in {}  (policy {}, {})",
         if r.allowed { "allowed" } else { "denied" },
         if r.dry_run_denied {
             " (dry-run: would be denied)"
@@ -564,6 +564,9 @@ async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
             ""
         },
         r.limit,
+        r.global_limit
+            .map(|g| format!(" (this node's share of {g} across the cluster)"))
+            .unwrap_or_default(),
         show_duration(r.window.as_ref()),
         r.remaining,
         show_duration(r.reset_after.as_ref()),

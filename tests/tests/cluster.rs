@@ -241,6 +241,29 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
     // A local policy: the limit on each node.
     let local = c.measure(cluster_client_v4(6), &[30, 30, 30])?;
     assert_eq!(local, 90, "scope: local holds per node");
+    // API checks draw from this node's share, and say so.
+    let client = cluster_client_v4(5).to_string();
+    let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
+    let check = |hits: &str| {
+        run_limiter(
+            &c.net.receiver_ns,
+            &["check", &client, "--hits", hits, "--api", &socket],
+        )
+    };
+    let out = check("10")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("limit 10 (this node's share of 30 across the cluster)"),
+        "{text}"
+    );
+    let out = check("1")?;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the share is spent: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }
 

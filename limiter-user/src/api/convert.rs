@@ -60,6 +60,7 @@ pub(super) fn decision_proto(d: &Decision) -> proto::CheckResponse {
         action: action_proto(d.action) as i32,
         policy: d.policy.to_string(),
         dry_run_denied: d.dry_run_denied,
+        global_limit: d.global_limit,
     }
 }
 

@@ -485,6 +485,9 @@ pub struct Config {
     /// What is valid but likely a mistake (a global limit close to the member count), for the
     /// agent to log when it takes the config up.
     pub warnings: Vec<String>,
+    /// In the config the maps hold (`limits::with_shares`): each global policy's limit across
+    /// the cluster, by policy id, its `limit` being this node's share. Empty as parsed.
+    pub global_limits: std::collections::BTreeMap<u16, u32>,
 }
 
 /// Placeholder window for `pass`/`drop` policies, which never consult it.
@@ -685,6 +688,7 @@ impl Config {
             scopes,
             cluster,
             warnings,
+            global_limits: Default::default(),
         })
     }
 

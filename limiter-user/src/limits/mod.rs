@@ -146,6 +146,7 @@ pub fn with_shares(config: &Config, view: &ShareView) -> Config {
     let global: Vec<usize> = global_policies(config).map(|(i, _)| i).collect();
     for i in global {
         let limit = &mut applied.policies[i].1.limit;
+        applied.global_limits.insert(i as u16 + 1, *limit);
         *limit = view.share(*limit);
     }
     applied
