@@ -1,0 +1,341 @@
+//! A simulated cluster running the real membership logic with injected time: heartbeats and
+//! answers over a network that loses messages and cuts links one way or both, members killed
+//! (their pinned program keeps enforcing the share last in force) and restarted with their pins
+//! (continuing) or without (joining), some members configured with a peer that never runs. After
+//! every step the shares in force must sum to at most L under `share` and `deny`, and to at most
+//! L·(1 + k) under `local` with k members cut off.
+//!
+//! Every member lists every other (the guarantee's precondition; see the README): the rolling
+//! addition of a member is the separate, deterministic test at the end.
+
+use std::{net::SocketAddr, time::Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const LIMIT: u32 = 100;
+const STEP: Duration = Duration::from_millis(20);
+const TIMEOUT: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// This many sync intervals pass.
+    Advance(u16),
+    /// The link from one member to another goes down (one way), or comes back.
+    Link {
+        from: usize,
+        to: usize,
+        up: bool,
+    },
+    /// Every link to and from a member goes down.
+    Isolate(usize),
+    HealAll,
+    /// Messages are lost with this probability (percent) from now on.
+    Loss(u8),
+    /// `kill -9`: the member's program keeps enforcing what was in force.
+    Kill(usize),
+    /// A new agent on a killed member, with its pins (continues) or without (joins).
+    Restart {
+        node: usize,
+        pins: bool,
+    },
+}
+
+fn op(nodes: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u16..40).prop_map(Op::Advance),
+        1 => (1u16..800).prop_map(Op::Advance),
+        2 => (0..nodes, 0..nodes, any::<bool>()).prop_map(|(from, to, up)| Op::Link { from, to, up }),
+        1 => (0..nodes).prop_map(Op::Isolate),
+        1 => Just(Op::HealAll),
+        1 => (0u8..60).prop_map(Op::Loss),
+        1 => (0..nodes).prop_map(Op::Kill),
+        1 => (0..nodes, any::<bool>()).prop_map(|(node, pins)| Op::Restart { node, pins }),
+    ]
+}
+
+fn addr(k: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000 + k as u16))
+}
+
+struct Member {
+    /// `None` while killed.
+    m: Option<Membership>,
+    incarnation: u64,
+    seq: u64,
+    /// The share of L its maps hold, and the phase it came from.
+    in_force: u32,
+    phase: Phase,
+}
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    members: Vec<Member>,
+    /// Peers that never run (configured on every member).
+    phantoms: usize,
+    up: Vec<Vec<bool>>,
+    loss: u8,
+    rng: u64,
+    partition: Partition,
+}
+
+impl Sim {
+    fn new(nodes: usize, phantoms: usize, partition: Partition, seed: u64) -> Sim {
+        let t0 = Instant::now();
+        let mut sim = Sim {
+            t0,
+            now: t0,
+            members: Vec::new(),
+            phantoms,
+            up: vec![vec![true; nodes]; nodes],
+            loss: 0,
+            rng: seed | 1,
+            partition,
+        };
+        for k in 0..nodes {
+            let m = sim.start(k, false, 1);
+            sim.members.push(Member {
+                m: Some(m),
+                incarnation: 1,
+                seq: 0,
+                in_force: 0,
+                phase: Phase::Joining,
+            });
+        }
+        sim
+    }
+
+    fn start(&self, k: usize, pins: bool, _incarnation: u64) -> Membership {
+        let nodes = self.up.len();
+        let mut m = Membership::new(
+            NodeId::new(&format!("n{k}")).expect("id"),
+            Timing::new(TIMEOUT),
+            self.partition,
+            pins,
+            self.now,
+        );
+        m.set_endpoints((0..nodes + self.phantoms).filter(|&j| j != k).map(addr));
+        m
+    }
+
+    fn lost(&mut self) -> bool {
+        // xorshift64
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % 100) < u64::from(self.loss)
+    }
+
+    fn step(&mut self) {
+        self.now += STEP;
+        let now = self.now;
+        let nodes = self.members.len();
+        for i in 0..nodes {
+            // Each member dials its own endpoints (phantoms never answer).
+            let dialled: Vec<usize> = match &self.members[i].m {
+                None => continue,
+                Some(m) => m
+                    .endpoints()
+                    .map(|a| usize::from(a.port() - 7000))
+                    .filter(|&j| j < nodes)
+                    .collect(),
+            };
+            for j in dialled {
+                self.members[i].seq += 1;
+                let (inc_i, seq_i) = (self.members[i].incarnation, self.members[i].seq);
+                let hb = self.members[i]
+                    .m
+                    .as_ref()
+                    .expect("running")
+                    .report(inc_i, seq_i, now);
+                if !self.up[i][j] || self.members[j].m.is_none() || self.lost() {
+                    continue;
+                }
+                self.members[j].seq += 1;
+                let (inc_j, seq_j) = (self.members[j].incarnation, self.members[j].seq);
+                let mj = self.members[j].m.as_mut().expect("running");
+                if mj.heard(&hb, now).is_err() {
+                    continue;
+                }
+                let answer = mj.report(inc_j, seq_j, now);
+                if !self.up[j][i] || self.lost() {
+                    continue;
+                }
+                let _ = self.members[i].m.as_mut().expect("running").answered(
+                    addr(j),
+                    now,
+                    &answer,
+                    now,
+                );
+            }
+        }
+        for member in &mut self.members {
+            if let Some(m) = member.m.as_mut() {
+                let view = m.share_view(now);
+                member.in_force = view.share(LIMIT);
+                member.phase = view.phase;
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Advance(n) => {
+                for _ in 0..n {
+                    self.step();
+                    self.check();
+                }
+            }
+            Op::Link { from, to, up } => self.up[from][to] = up,
+            Op::Isolate(k) => {
+                for j in 0..self.up.len() {
+                    self.up[k][j] = false;
+                    self.up[j][k] = false;
+                }
+            }
+            Op::HealAll => {
+                for row in &mut self.up {
+                    row.fill(true);
+                }
+            }
+            Op::Loss(p) => self.loss = p,
+            Op::Kill(k) => self.members[k].m = None,
+            Op::Restart { node, pins } => {
+                if self.members[node].m.is_some() {
+                    return;
+                }
+                let incarnation = self.members[node].incarnation + 1;
+                let mut m = self.start(node, pins, incarnation);
+                let view = m.share_view(self.now);
+                let member = &mut self.members[node];
+                member.m = Some(m);
+                member.incarnation = incarnation;
+                member.seq = 0;
+                if !pins {
+                    // Fresh maps: what the new agent applies before attaching.
+                    member.in_force = view.share(LIMIT);
+                    member.phase = view.phase;
+                }
+            }
+        }
+    }
+
+    fn check(&self) {
+        let sum: u32 = self.members.iter().map(|m| m.in_force).sum();
+        let bound = match self.partition {
+            Partition::Local => {
+                let cut = self
+                    .members
+                    .iter()
+                    .filter(|m| m.phase == Phase::CutOff)
+                    .count() as u32;
+                LIMIT * (1 + cut)
+            }
+            Partition::Share | Partition::Deny => LIMIT,
+        };
+        let shares: Vec<(u32, Phase)> =
+            self.members.iter().map(|m| (m.in_force, m.phase)).collect();
+        assert!(
+            sum <= bound,
+            "at {:?}: shares {shares:?} sum to {sum} > {bound}",
+            self.now - self.t0
+        );
+    }
+}
+
+fn partition() -> impl Strategy<Value = Partition> {
+    prop_oneof![
+        Just(Partition::Share),
+        Just(Partition::Local),
+        Just(Partition::Deny)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn shares_in_force_never_sum_above_the_bound(
+        nodes in 2usize..5,
+        phantoms in 0usize..2,
+        partition in partition(),
+        seed in any::<u64>(),
+        ops in proptest::collection::vec(op(4), 1..60),
+    ) {
+        let mut sim = Sim::new(nodes, phantoms, partition, seed);
+        for op in &ops {
+            let fits = match *op {
+                Op::Link { from, to, .. } => from < nodes && to < nodes,
+                Op::Isolate(k) | Op::Kill(k) | Op::Restart { node: k, .. } => k < nodes,
+                _ => true,
+            };
+            if fits {
+                sim.apply(op);
+            }
+        }
+        // And a quiet, healed network brings every running member to the cold share.
+        sim.apply(&Op::HealAll);
+        sim.apply(&Op::Loss(0));
+        for k in 0..nodes {
+            if sim.members[k].m.is_none() {
+                sim.apply(&Op::Restart { node: k, pins: true });
+            }
+        }
+        // (A member that joined without pins waits up to 3 × peer_timeout for phantoms.)
+        sim.apply(&Op::Advance(60));
+        for (k, member) in sim.members.iter().enumerate() {
+            prop_assert_eq!(member.phase, Phase::Connected, "member {}", k);
+            prop_assert_eq!(member.in_force, LIMIT / (nodes + phantoms) as u32, "member {}", k);
+        }
+    }
+}
+
+/// A member added in a rolling change: the new one lists everyone and joins (admitting nothing)
+/// until every member it dials counts it, which they do from its heartbeats before their own
+/// configs list it; the sum stays ≤ L throughout, and ends at 4 × ⌊L/4⌋.
+#[test]
+fn a_member_added_in_a_rolling_change_is_counted_before_it_admits() {
+    let mut sim = Sim::new(3, 0, Partition::Share, 7);
+    sim.apply(&Op::Advance(20));
+    assert!(sim.members.iter().all(|m| m.in_force == LIMIT / 3));
+    // n3 starts, configured with all four; the others still list three.
+    sim.up = vec![vec![true; 4]; 4];
+    let mut m = Membership::new(
+        NodeId::new("n3").expect("id"),
+        Timing::new(TIMEOUT),
+        Partition::Share,
+        false,
+        sim.now,
+    );
+    m.set_endpoints((0..3).map(addr));
+    assert_eq!(m.share_view(sim.now).share(LIMIT), 0, "joining");
+    sim.members.push(Member {
+        m: Some(m),
+        incarnation: 1,
+        seq: 0,
+        in_force: 0,
+        phase: Phase::Joining,
+    });
+    let mut admitted_at = None;
+    for step in 0..40 {
+        sim.apply(&Op::Advance(1));
+        if admitted_at.is_none() && sim.members[3].in_force > 0 {
+            admitted_at = Some(step);
+            let shares: Vec<u32> = sim.members.iter().map(|m| m.in_force).collect();
+            assert!(
+                sim.members[..3].iter().all(|m| m.in_force == LIMIT / 4),
+                "the others took the smaller share first: {shares:?}"
+            );
+        }
+    }
+    assert!(admitted_at.is_some(), "n3 never admitted");
+    // The old members' configs catch up.
+    for k in 0..3 {
+        let m = sim.members[k].m.as_mut().expect("running");
+        m.set_endpoints((0..4).filter(|&j| j != k).map(addr));
+    }
+    sim.apply(&Op::Advance(20));
+    assert!(sim.members.iter().all(|m| m.in_force == LIMIT / 4));
+}
