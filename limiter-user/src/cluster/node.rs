@@ -988,4 +988,41 @@ mod tests {
         assert_eq!(n1.status().members, 2);
         stop.send_replace(true);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_named_by_dns_are_resolved_and_dialled() {
+        let (l1, a1) = listener().await;
+        let (l2, a2) = listener().await;
+        let mut c1 = section("n1", a1, vec![]);
+        c1.peers = vec![PeerAddr::Host {
+            name: "localhost".into(),
+            port: a2.port(),
+        }];
+        let n1 = Node::new(&c1, &token(), 1, true, policies()).expect("n1");
+        let n2 =
+            Node::new(&section("n2", a2, vec![a1]), &token(), 1, true, policies()).expect("n2");
+        assert_eq!(n1.status().members, 1, "nothing resolved yet");
+        let (stop, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for (node, l) in [(&n1, l1), (&n2, l2)] {
+            let (sink, _) = recorder();
+            tasks.extend(node.run(l, sink, rx.clone()));
+        }
+        wait_for("localhost resolved and n2 live", || {
+            n1.status()
+                .peers
+                .iter()
+                .any(|p| p.live && p.node_id == "n2" && p.address == a2.to_string())
+        })
+        .await;
+        // A reload that drops the name: the endpoint goes, the member stays counted a while.
+        let mut c1 = section("n1", a1, vec![]);
+        c1.peers.clear();
+        n1.reconfigure(&c1, Some(TOKEN), policies())
+            .expect("reconfigure");
+        let s = n1.status();
+        assert!(s.peers.iter().all(|p| p.address.is_empty()), "{s:?}");
+        assert_eq!(s.members, 2, "n2 is still counted: {s:?}");
+        stop.send_replace(true);
+    }
 }
