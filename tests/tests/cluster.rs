@@ -1,6 +1,6 @@
 //! Global limits across hosts (issue 12): three agents, one per node of a [`ClusterNet`], in one
-//! namespace, peers over its loopback (node `k` listens on `127.0.0.(k+1):7201`, so an nftables
-//! rule on that address cuts one node off in both directions). Truth is what the receiver counts
+//! namespace, peers over its loopback (node `k` listens on `127.0.0.(k+1):7201`, so routing
+//! rules on that address cut one node off in both directions). Truth is what the receiver counts
 //! per source across all nodes. Root only; one at a time.
 //!
 //! The limits here use `window: 1s`; the traffic of one measurement is sent early in one 1 s
@@ -8,9 +8,8 @@
 //! there, so the counts are exact: each node enforces its share exactly.
 
 use std::{
-    io::Write as _,
     net::{IpAddr, Ipv4Addr},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -190,40 +189,45 @@ impl Cluster {
         Ok(got.get(&IpAddr::from(client)).copied().unwrap_or(0))
     }
 
-    /// Cuts node `k` off its peers: nothing to or from its listen address on the loopback.
+    /// Cuts node `k` off its peers: routing rules that blackhole everything to and from its
+    /// listen address on the loopback (iproute2 only, so it runs in the VM too). The local table
+    /// moves below them first (its rule is at priority 0).
     fn cut(&self, k: usize) -> Result<()> {
-        let addr = listen(k);
-        self.nft(&format!(
-            "table inet cut {{\n chain input {{\n  type filter hook input priority 0\n  \
-             ip saddr {addr} drop\n  ip daddr {addr} drop\n }}\n}}\n"
-        ))
+        let addr = listen(k).to_string();
+        let ns = &self.net.receiver_ns;
+        let ip = |args: &[&str]| -> Result<()> {
+            let mut all = vec!["-n", ns.as_str(), "rule"];
+            all.extend_from_slice(args);
+            let out = Command::new("ip")
+                .args(&all)
+                .output()
+                .context("running ip")?;
+            ensure!(
+                out.status.success(),
+                "ip {}: {}",
+                all.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        ip(&["add", "prio", "100", "table", "local"])?;
+        ip(&["del", "prio", "0", "table", "local"])?;
+        ip(&["add", "prio", "10", "to", &addr, "blackhole"])?;
+        ip(&["add", "prio", "11", "from", &addr, "blackhole"])
     }
 
     fn heal(&self) -> Result<()> {
-        self.nft("delete table inet cut\n")
-    }
-
-    /// `nft -f -` with `script`, in the receiver namespace.
-    fn nft(&self, script: &str) -> Result<()> {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.net.receiver_ns))
-            .args(["nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft (cargo xtask setup installs it)")?;
-        child
-            .stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "nft {script:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for prio in ["10", "11"] {
+            let out = Command::new("ip")
+                .args(["-n", &self.net.receiver_ns, "rule", "del", "prio", prio])
+                .output()
+                .context("running ip")?;
+            ensure!(
+                out.status.success(),
+                "ip rule del prio {prio}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         Ok(())
     }
 }
@@ -278,7 +282,7 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
     Ok(())
 }
 
-/// One node cut off (nftables drops everything to and from its peer address): it notices within
+/// One node cut off (everything to and from its peer address blackholed): it notices within
 /// peer_timeout and applies `partition`; its peers keep their cold share (they count it still:
 /// its program may still be enforcing); healed, it goes back to the cold share.
 #[test]

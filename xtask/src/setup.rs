@@ -33,9 +33,6 @@ const APT_PACKAGES: &[&str] = &[
     // The gRPC API benchmark's baseline: Redis with the redis-cell module, and redis-benchmark.
     "redis-server",
     "redis-tools",
-    // `nft`: the cluster tests cut a node off its peers with a drop rule on its address
-    // (tests/tests/cluster.rs).
-    "nftables",
 ];
 const SYSTEM_TOOLCHAIN: &str = "system";
 const SYSTEM_TOOLCHAIN_PREFIX: &str = "/usr";
