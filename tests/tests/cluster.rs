@@ -265,6 +265,8 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
             &["check", &client, "--hits", hits, "--api", &socket],
         )
     };
+    // Both checks inside one window, as the packets were.
+    let index = clear_of_boundary(WINDOW, Duration::from_millis(600));
     let out = check("10")?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -273,6 +275,10 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
         "{text}"
     );
     let out = check("1")?;
+    ensure!(
+        window_index(WINDOW) == index,
+        "a window boundary passed between the checks; rerun"
+    );
     assert_eq!(
         out.status.code(),
         Some(3),

@@ -42,7 +42,7 @@ use super::{
     load::LoadSource,
 };
 use crate::{
-    config::{Action, AdaptiveError, Config},
+    config::{Action, AdaptiveError, Config, Scope},
     datapath::{
         ADAPT_FRAME, ADAPT_PROGRAM, AdaptiveHandles, DatapathError, TestRunFrame, XDP_PASS,
     },
@@ -207,7 +207,13 @@ impl Tuner {
             .map(|id| {
                 let id = u16::try_from(id).ok()?;
                 let base = config.policy_base(id)?;
-                (base.action == Action::Limit && base.limit > 0).then(|| Base {
+                // Global policies' clients keep their share: scaling their windows would let
+                // one policy window admit more than the share (issue 12 keeps the window fixed
+                // and scales the share, which needs the enrolment protocol).
+                let adapted = base.action == Action::Limit
+                    && base.limit > 0
+                    && config.scope(id) != Scope::Global;
+                adapted.then(|| Base {
                     limit: base.limit,
                     window_us: base.window.micros,
                     weight: config.weight(id),

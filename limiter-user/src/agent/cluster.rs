@@ -143,14 +143,19 @@ fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
 
 fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>) -> ShareSink {
     let (limits, counters) = (limits.clone(), counters.clone());
-    Arc::new(move |view: ShareView| {
-        show(&counters, Some(view));
-        if let Err(e) = limits.set_share_view(view) {
+    Arc::new(move |view: ShareView| match limits.set_share_view(view) {
+        Ok(()) => {
+            show(&counters, Some(view));
+            true
+        }
+        Err(e) => {
             tracing::error!(
-                "cluster: applying the shares of {} members: {}",
+                "cluster: applying the shares of {} members (retried at the next sync \
+                 interval): {}",
                 view.members,
                 crate::error_chain(&e)
             );
+            false
         }
     })
 }

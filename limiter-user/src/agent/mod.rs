@@ -193,6 +193,14 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let (tables, report, check_program, tuner, sweep, attachment) = started?;
     let mut sweep = Some(sweep);
     let survives_agent = attachment.is_pinned();
+    if config.cluster.is_some() && !survives_agent {
+        tracing::error!(
+            iface = %opts.iface,
+            "cluster member attached without a pinned link (netlink XDP): when this agent \
+             stops or crashes the program goes, and this host admits everything of its global \
+             clients while its peers still count on its share"
+        );
+    }
     guard.attached(attachment);
     tracing::info!(
         iface = %opts.iface,

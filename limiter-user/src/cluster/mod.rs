@@ -17,10 +17,7 @@ pub mod node;
 pub mod owner;
 pub mod shares;
 
-use std::{
-    fmt,
-    hash::{DefaultHasher, Hash, Hasher},
-};
+use std::fmt;
 
 use self::config::ClusterConfig;
 
@@ -44,9 +41,11 @@ impl ClusterPolicies {
     /// A hash of the global policies, carried in heartbeats so that members notice they
     /// disagree.
     pub fn hash(&self) -> u64 {
-        let mut h = DefaultHasher::new();
-        self.global.hash(&mut h);
-        h.finish()
+        let mut text = String::new();
+        for g in &self.global {
+            text.push_str(&format!("{} {} {}\n", g.matches, g.limit, g.window_us));
+        }
+        membership::stable_hash(text.as_bytes())
     }
 }
 

@@ -29,7 +29,7 @@ use tonic::{
 use super::{
     ClusterPolicies, NodeId,
     config::{ClusterConfig, PeerAddr},
-    membership::{Membership, Phase, Report, ShareView, Timing},
+    membership::{Membership, Phase, Refusal, Report, ShareView, Timing},
 };
 use crate::proto::{
     self,
@@ -60,6 +60,11 @@ pub enum NodeError {
     Token,
     #[error("the cluster's TLS certificate, key or CA")]
     Tls(#[source] tonic::transport::Error),
+    #[error(
+        "this agent started without cluster.tls, so its listener needs the token: a reload \
+         cannot drop token_file (restart to switch to TLS alone)"
+    )]
+    AuthChange,
 }
 
 /// What a node authenticates itself and its peers with (the agent reads the files the section
@@ -96,8 +101,9 @@ impl TlsMaterial {
     }
 }
 
-/// What the sink is told when the shares change.
-pub type ShareSink = Arc<dyn Fn(ShareView) + Send + Sync>;
+/// What the sink is told when the shares change; it says whether the maps took them (if not,
+/// the view is offered again at the next sync interval).
+pub type ShareSink = Arc<dyn Fn(ShareView) -> bool + Send + Sync>;
 
 struct State {
     membership: Membership,
@@ -111,6 +117,9 @@ struct State {
 
 struct Shared {
     incarnation: u64,
+    /// Random, drawn at start: tells this node's own heartbeats from another node's that uses
+    /// its id.
+    nonce: u64,
     seq: AtomicU64,
     token: RwLock<Option<AsciiMetadataValue>>,
     /// Mutual TLS, fixed at start (new files take effect at the next start).
@@ -155,14 +164,31 @@ fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
     })
 }
 
-fn to_heartbeat(report: Report, echo: u64, incarnation: u64) -> Heartbeat {
+fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartbeat {
     Heartbeat {
         node_id: report.node.to_string(),
-        incarnation,
+        incarnation: shared.incarnation,
         seq: report.seq,
         echo,
         members: report.members,
         view_hash: report.view_hash,
+        nonce: shared.nonce,
+    }
+}
+
+impl State {
+    /// Hands membership the endpoints `peers` resolved to, and how many entries resolved to
+    /// none yet (each counts as a member until it does).
+    fn refresh_endpoints(&mut self) {
+        let unresolved = self
+            .config
+            .peers
+            .iter()
+            .filter(|p| self.resolved.get(*p).is_none_or(Vec::is_empty))
+            .count() as u32;
+        let endpoints: Vec<SocketAddr> = self.resolved.values().flatten().copied().collect();
+        self.membership.set_endpoints(endpoints);
+        self.membership.set_unresolved(unresolved);
     }
 }
 
@@ -206,14 +232,23 @@ impl Peer for PeerService {
         let report = to_report(&hb)?;
         let now = Instant::now();
         let mut state = self.0.lock();
-        state
-            .membership
-            .heard(&report, now)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let own = report.node == *state.membership.me();
+        if own && hb.nonce != self.0.nonce {
+            tracing::warn!(
+                "cluster: another node uses this node's id {}: its heartbeats are refused",
+                report.node
+            );
+        }
+        if !(own && hb.nonce == self.0.nonce) {
+            state
+                .membership
+                .heard(&report, now)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         let me = state
             .membership
             .report(self.0.incarnation, self.0.next_seq(), now);
-        Ok(Response::new(to_heartbeat(me, hb.seq, self.0.incarnation)))
+        Ok(Response::new(to_heartbeat(me, hb.seq, &self.0)))
     }
 }
 
@@ -224,8 +259,13 @@ struct TokenCheck(Arc<Shared>);
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = self.0.token() else {
-            // Mutual TLS alone: the handshake authenticated the peer.
-            return Ok(request);
+            if self.0.tls.is_some() {
+                // Mutual TLS alone: the handshake authenticated the peer.
+                return Ok(request);
+            }
+            return Err(Status::unauthenticated(
+                "no cluster credentials are configured",
+            ));
         };
         match request.metadata().get("authorization") {
             Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(request),
@@ -294,11 +334,21 @@ impl Node {
                 _ => None,
             })
             .collect();
+        let unresolved = config
+            .peers
+            .iter()
+            .filter(|p| !resolved.contains_key(*p))
+            .count() as u32;
         membership.set_endpoints(resolved.values().flatten().copied());
+        membership.set_unresolved(unresolved);
         let view = membership.share_view(now);
         Ok(Node {
             shared: Arc::new(Shared {
                 incarnation,
+                nonce: std::hash::BuildHasher::hash_one(
+                    &std::hash::RandomState::new(),
+                    (std::process::id(), incarnation),
+                ),
                 seq: AtomicU64::new(0),
                 token: RwLock::new(bearer(credentials.token.as_deref())?),
                 tls: credentials.tls.clone(),
@@ -337,6 +387,16 @@ impl Node {
         token: Option<&str>,
         policies: ClusterPolicies,
     ) -> Result<(), NodeError> {
+        if token.is_none() && self.shared.tls.is_none() {
+            // TLS is set up at start: dropping the token now would leave the listener open.
+            return Err(NodeError::AuthChange);
+        }
+        if config.tls.is_some() != self.shared.tls.is_some() {
+            tracing::warn!(
+                "cluster.tls takes effect at the next start; peers authenticate as before \
+                 meanwhile"
+            );
+        }
         let token = bearer(token)?;
         *self.shared.token.write().unwrap_or_else(|e| e.into_inner()) = token;
         let mut state = self.shared.lock();
@@ -358,14 +418,13 @@ impl Node {
                 state.resolved.insert(p.clone(), vec![*a]);
             }
         }
-        let endpoints: Vec<SocketAddr> = state.resolved.values().flatten().copied().collect();
-        state.membership.set_endpoints(endpoints);
         let (node_id, listen) = (state.config.node_id.clone(), state.config.listen);
         state.config = ClusterConfig {
             node_id,
             listen,
             ..config.clone()
         };
+        state.refresh_endpoints();
         state.policies = policies;
         Ok(())
     }
@@ -528,8 +587,7 @@ async fn resolve_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             state.resolved.insert(peer, addrs);
-            let endpoints: Vec<SocketAddr> = state.resolved.values().flatten().copied().collect();
-            state.membership.set_endpoints(endpoints);
+            state.refresh_endpoints();
         }
     }
 }
@@ -566,8 +624,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::R
             let sink = sink.clone();
             // Map writes: off the runtime's workers. The view is in force (and in the status)
             // once they are done.
-            let _ = tokio::task::spawn_blocking(move || sink(view)).await;
-            shared.lock().view = view;
+            let applied = tokio::task::spawn_blocking(move || sink(view))
+                .await
+                .unwrap_or(false);
+            if applied {
+                shared.lock().view = view;
+            }
         }
         if sync_interval != interval {
             interval = sync_interval;
@@ -649,11 +711,17 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         to_heartbeat(
             state.membership.report(shared.incarnation, seq, sent),
             0,
-            shared.incarnation,
+            shared,
         )
     };
-    let answer = match tokio::time::timeout(timeout, client.heartbeat(request)).await {
+    // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
+    let answer = match tokio::time::timeout(timeout / 2, client.heartbeat(request)).await {
         Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            // Refused as a member (say another node uses this id): worth an operator's eye.
+            tracing::warn!(%addr, "cluster heartbeat refused: {}", status.message());
+            return;
+        }
         Ok(Err(status)) => {
             tracing::debug!(%addr, "cluster heartbeat: {}", status.message());
             return;
@@ -672,11 +740,16 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         }
     };
     let mut state = shared.lock();
-    if let Err(refusal) = state
+    match state
         .membership
         .answered(addr, sent, &report, Instant::now())
     {
-        tracing::warn!(%addr, "cluster peer refused: {refusal}");
+        Ok(()) => {}
+        // This node itself (its own heartbeat came back): not counted.
+        Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
+            tracing::debug!(%addr, "cluster: this endpoint is this node")
+        }
+        Err(refusal) => tracing::warn!(%addr, "cluster peer refused: {refusal}"),
     }
 }
 
@@ -759,7 +832,10 @@ mod tests {
         let last = Arc::new(AtomicU32::new(u32::MAX));
         let seen = last.clone();
         (
-            Arc::new(move |v: ShareView| seen.store(v.share(40), Ordering::SeqCst)),
+            Arc::new(move |v: ShareView| {
+                seen.store(v.share(40), Ordering::SeqCst);
+                true
+            }),
             last,
         )
     }
@@ -825,6 +901,7 @@ mod tests {
             .await
             .expect("connect");
         let heartbeat = |id: &str| Heartbeat {
+            nonce: 0,
             node_id: id.into(),
             incarnation: 1,
             seq: 1,
@@ -1001,7 +1078,9 @@ mod tests {
         let n1 = Node::new(&c1, &token(), 1, true, policies()).expect("n1");
         let n2 =
             Node::new(&section("n2", a2, vec![a1]), &token(), 1, true, policies()).expect("n2");
-        assert_eq!(n1.status().members, 1, "nothing resolved yet");
+        // Not resolved yet: the name counts as a member, and the node is not alone.
+        assert_eq!(n1.status().members, 2);
+        assert_eq!(n1.share_view().phase, Phase::Connected);
         let (stop, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for (node, l) in [(&n1, l1), (&n2, l2)] {
@@ -1024,5 +1103,30 @@ mod tests {
         assert!(s.peers.iter().all(|p| p.address.is_empty()), "{s:?}");
         assert_eq!(s.members, 2, "n2 is still counted: {s:?}");
         stop.send_replace(true);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endpoint_that_is_this_node_is_not_counted() {
+        let (l1, a1) = listener().await;
+        let n1 =
+            Node::new(&section("n1", a1, vec![a1]), &token(), 1, true, policies()).expect("n1");
+        let (stop, rx) = watch::channel(false);
+        let (sink, share) = recorder();
+        let _t = n1.run(l1, sink, rx);
+        wait_for("n1 alone", || share.load(Ordering::SeqCst) == 40).await;
+        let s = n1.status();
+        assert_eq!((s.members, s.phase.as_str()), (1, "alone"), "{s:?}");
+        stop.send_replace(true);
+    }
+
+    #[test]
+    fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
+        let a: SocketAddr = "127.0.0.1:7201".parse().expect("addr");
+        let n1 = Node::new(&section("n1", a, vec![]), &token(), 1, true, policies()).expect("n1");
+        let e = n1
+            .reconfigure(&section("n1", a, vec![]), None, policies())
+            .expect_err("no credentials left");
+        assert!(matches!(e, NodeError::AuthChange), "{e}");
+        assert!(n1.shared.token().is_some(), "the token in force stays");
     }
 }

@@ -24,7 +24,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -34,6 +33,16 @@ use super::{
     config::{MAX_MEMBERS, Partition},
     shares::cold_share,
 };
+
+/// A hash that is the same on every build (the view hashes of members built by different
+/// toolchains must compare): the first 8 bytes of SHA-256.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
 
 /// What a member says of itself in each heartbeat and each answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +194,15 @@ pub struct Membership {
     /// The join gate is passed (latched).
     joined: bool,
     endpoints: BTreeMap<SocketAddr, Endpoint>,
+    /// Endpoints past [`MAX_MEMBERS`], not dialled but counted.
+    overflow: u32,
+    /// `peers` entries that have resolved to no address yet (a name not looked up, or a failed
+    /// lookup): each counts as one unknown member, and keeps the node from being alone.
+    unresolved: u32,
+    /// Every id an endpoint answered as, for the life of the process: a member found through
+    /// its endpoint keeps counting after the endpoint goes (a `dns:` record of a pod that is not
+    /// ready), since its pinned program may still enforce its share.
+    learned: BTreeSet<NodeId>,
     seen: BTreeMap<NodeId, Seen>,
     /// Hash of the global policies in force here.
     policies_hash: u64,
@@ -207,6 +225,9 @@ impl Membership {
             started: now,
             joined: adopted,
             endpoints: BTreeMap::new(),
+            overflow: 0,
+            unresolved: 0,
+            learned: BTreeSet::new(),
             seen: BTreeMap::new(),
             policies_hash: 0,
         }
@@ -234,13 +255,21 @@ impl Membership {
     }
 
     /// The endpoints to dial now (the `peers` entries resolved); state is kept for those that
-    /// stay. At most [`MAX_MEMBERS`] are taken (in address order).
+    /// stay. The first [`MAX_MEMBERS`] in address order are dialled; the rest are counted as
+    /// unknown members (a smaller count than the truth would be unsafe).
     pub fn set_endpoints(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
-        let wanted: BTreeSet<SocketAddr> = addrs.into_iter().take(MAX_MEMBERS).collect();
+        let all: BTreeSet<SocketAddr> = addrs.into_iter().collect();
+        self.overflow = all.len().saturating_sub(MAX_MEMBERS) as u32;
+        let wanted: BTreeSet<SocketAddr> = all.into_iter().take(MAX_MEMBERS).collect();
         self.endpoints.retain(|a, _| wanted.contains(a));
         for addr in wanted {
             self.endpoints.entry(addr).or_default();
         }
+    }
+
+    /// How many `peers` entries have resolved to no address yet (see `unresolved`).
+    pub fn set_unresolved(&mut self, entries: u32) {
+        self.unresolved = entries;
     }
 
     pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
@@ -266,11 +295,11 @@ impl Membership {
                     view_hash: report.view_hash,
                 };
             }
-            // Older than what we have (reordered, or from an earlier incarnation): heard, but
-            // its view is stale.
-            Some(s) => s.at = now,
+            // Older than what we have (reordered, or from an earlier incarnation): ignored, and
+            // it does not keep the stale view alive either.
+            Some(_) => {}
             None => {
-                if self.seen.len() + 1 >= MAX_MEMBERS {
+                if self.seen.len() >= MAX_MEMBERS {
                     return Err(Refusal::TooMany(report.node.clone()));
                 }
                 self.seen.insert(
@@ -311,6 +340,9 @@ impl Membership {
         }
         self.take_report(report, now)?;
         if let Some(e) = self.endpoints.get_mut(&addr) {
+            if self.learned.len() < MAX_MEMBERS {
+                self.learned.insert(report.node.clone());
+            }
             e.node = Some(report.node.clone());
             e.is_self = false;
             e.echoed = Some(e.echoed.map_or(sent, |t| t.max(sent)));
@@ -339,8 +371,9 @@ impl Membership {
     /// The member ids known, with this node, and the endpoints whose id is not known yet.
     fn member_set(&self, now: Instant) -> (BTreeSet<&NodeId>, u32) {
         let mut ids: BTreeSet<&NodeId> = self.fresh(now).map(|(id, _)| id).collect();
+        ids.extend(&self.learned);
         ids.insert(&self.me);
-        let mut unknown = 0;
+        let mut unknown = self.unresolved + self.overflow;
         for e in self.endpoints.values() {
             match &e.node {
                 _ if e.is_self => {}
@@ -356,17 +389,18 @@ impl Membership {
     /// This node's member count (see the module docs).
     pub fn members(&self, now: Instant) -> u32 {
         let (ids, unknown) = self.member_set(now);
-        (ids.len() as u32 + unknown).min(MAX_MEMBERS as u32)
+        ids.len() as u32 + unknown
     }
 
     /// The hash of this node's member list and global policies.
     pub fn view_hash(&self, now: Instant) -> u64 {
         let (ids, unknown) = self.member_set(now);
-        let mut h = DefaultHasher::new();
-        ids.hash(&mut h);
-        unknown.hash(&mut h);
-        self.policies_hash.hash(&mut h);
-        h.finish()
+        let mut text = String::new();
+        for id in ids {
+            text.push_str(id.as_str());
+            text.push('\n');
+        }
+        stable_hash(format!("{text}{unknown}\n{}", self.policies_hash).as_bytes())
     }
 
     /// The agreed member count: the largest of ours and those members reported.
@@ -374,7 +408,6 @@ impl Membership {
         self.fresh(now)
             .map(|(_, s)| s.members)
             .fold(self.members(now), u32::max)
-            .min(MAX_MEMBERS as u32)
     }
 
     /// Every member heard within `forget` reported our view hash.
@@ -386,19 +419,20 @@ impl Membership {
     /// The phase (see the module docs); passing the join gate is remembered.
     pub fn phase(&mut self, now: Instant) -> Phase {
         let dialled = self.endpoints.values().filter(|e| !e.is_self).count();
-        if dialled == 0 && self.fresh(now).next().is_none() {
+        if dialled == 0 && self.unresolved == 0 && self.members(now) == 1 {
             self.joined = true;
             return Phase::Alone;
         }
         if !self.joined {
             let members = self.members(now);
-            let counted = self.endpoints.values().all(|e| {
-                e.is_self
-                    || e.node
-                        .as_ref()
-                        .and_then(|id| self.seen.get(id))
-                        .is_some_and(|s| s.members >= members)
-            });
+            let counted = self.unresolved == 0
+                && self.endpoints.values().all(|e| {
+                    e.is_self
+                        || e.node
+                            .as_ref()
+                            .and_then(|id| self.seen.get(id))
+                            .is_some_and(|s| s.members >= members)
+                });
             if counted || now.saturating_duration_since(self.started) >= self.timing.join_limit {
                 self.joined = true;
             } else {

@@ -207,7 +207,12 @@ fn the_member_table_is_bounded() {
         }
     }
     assert!(refused >= 10);
-    assert!(m.members(t0) <= MAX_MEMBERS as u32);
+    // The table of members heard is bounded; the count is never capped below the truth.
+    assert_eq!(
+        m.members(t0),
+        MAX_MEMBERS as u32 + 3,
+        "256 heard, this node, two endpoints"
+    );
 }
 
 #[test]
@@ -217,4 +222,42 @@ fn alone_is_the_whole_cluster() {
     let view = m.share_view(t0 + TIMEOUT * 5);
     assert_eq!(view.phase, Phase::Alone);
     assert_eq!(view.share(40), 40);
+}
+
+#[test]
+fn a_peer_name_not_resolved_yet_counts_and_keeps_the_node_from_being_alone() {
+    let t0 = Instant::now();
+    let mut m = Membership::new(id("n1"), Timing::new(TIMEOUT), Partition::Share, false, t0);
+    m.set_unresolved(1);
+    assert_eq!(m.members(t0), 2);
+    let view = m.share_view(t0);
+    assert_eq!(view.phase, Phase::Joining, "not alone, and not counted yet");
+    assert_eq!(view.share(40), 0);
+    // Resolved and answered as n2, counting both: the gate opens.
+    m.set_unresolved(0);
+    m.set_endpoints([addr(7202)]);
+    m.answered(addr(7202), t0, &report("n2", 1, 2, 0), t0)
+        .expect("answer");
+    assert_eq!(m.share_view(t0).share(40), 20);
+}
+
+#[test]
+fn a_member_found_through_an_endpoint_counts_after_the_endpoint_goes() {
+    let t0 = Instant::now();
+    let mut m = three(true, Partition::Share, t0);
+    m.answered(addr(7202), t0, &report("n2", 1, 3, 0), t0)
+        .expect("answer");
+    // Its DNS record goes (a pod not ready): long after, it still counts.
+    m.set_endpoints([addr(7203)]);
+    let later = t0 + Duration::from_secs(3600);
+    assert_eq!(m.members(later), 3);
+}
+
+#[test]
+fn endpoints_past_the_table_still_count() {
+    let t0 = Instant::now();
+    let mut m = Membership::new(id("n1"), Timing::new(TIMEOUT), Partition::Share, true, t0);
+    m.set_endpoints((0..300).map(|p| addr(10_000 + p)));
+    assert_eq!(m.endpoints().count(), MAX_MEMBERS);
+    assert_eq!(m.members(t0), 301);
 }
