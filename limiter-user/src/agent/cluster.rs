@@ -51,6 +51,25 @@ pub fn next_incarnation(path: &Path) -> anyhow::Result<u64> {
     Ok(next)
 }
 
+/// The agreed member count last in force, kept beside the incarnation as
+/// `IFACE.cluster-members`, so that a restart counts at least as many members for a while (a
+/// member added in a rolling change this node's config does not list yet). The count `path`
+/// holds, if any; a file that does not hold one is reported and ignored.
+fn previous_members(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match text.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            tracing::error!(
+                "{} does not hold a member count; ignored (this start counts only the members \
+                 it finds)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
 /// The node of a running agent, if its config has a `cluster:` section.
 pub struct Membership {
     node: Mutex<Option<Running>>,
@@ -69,6 +88,8 @@ struct Running {
 pub struct Prepared {
     node: Node,
     listener: tokio::net::TcpListener,
+    /// Where the agreed member count is kept.
+    members_path: PathBuf,
 }
 
 impl Prepared {
@@ -85,6 +106,11 @@ impl Prepared {
         let incarnation = next_incarnation(incarnation_path)?;
         let node =
             Node::new(config, &credentials, incarnation, adopted, policies).context("cluster")?;
+        // Beside the incarnation: IFACE.incarnation -> IFACE.cluster-members.
+        let members_path = incarnation_path.with_extension("cluster-members");
+        if let Some(before) = previous_members(&members_path) {
+            node.set_floor(before);
+        }
         tracing::info!(
             node_id = %config.node_id,
             listen = %config.listen,
@@ -93,7 +119,11 @@ impl Prepared {
             partition = %config.partition,
             "cluster: member of a cluster"
         );
-        Ok(Prepared { node, listener })
+        Ok(Prepared {
+            node,
+            listener,
+            members_path,
+        })
     }
 
     /// The share view the maps start with.
@@ -141,11 +171,19 @@ fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
     Ok(Credentials { token, tls })
 }
 
-fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>) -> ShareSink {
+fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>, members_path: PathBuf) -> ShareSink {
     let (limits, counters) = (limits.clone(), counters.clone());
     Arc::new(move |view: ShareView| match limits.set_share_view(view) {
         Ok(()) => {
             show(&counters, Some(view));
+            let text = format!("{}\n", view.members);
+            if let Err(e) = state_file::write_atomic(&members_path, text.as_bytes()) {
+                tracing::error!(
+                    "cluster: keeping the member count in {}: {}",
+                    members_path.display(),
+                    crate::error_chain(&e)
+                );
+            }
             true
         }
         Err(e) => {
@@ -204,9 +242,8 @@ impl Membership {
     fn run(&self, prepared: Prepared, limits: &Arc<PolicyStore>) {
         let (stop, stop_rx) = watch::channel(false);
         show(&self.counters, Some(prepared.node.share_view()));
-        let tasks = prepared
-            .node
-            .run(prepared.listener, sink(limits, &self.counters), stop_rx);
+        let sink = sink(limits, &self.counters, prepared.members_path.clone());
+        let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
         drop(tasks);
         self.published.send_replace(Some(prepared.node.clone()));
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running {

@@ -368,6 +368,15 @@ impl Node {
         self.shared.lock().view
     }
 
+    /// The agreed member count the previous run of this agent left: counted for a while (see
+    /// [`Membership::set_floor`]), and the view in force recomputed with it.
+    pub fn set_floor(&self, members: u32) {
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        state.membership.set_floor(members, now);
+        state.view = state.membership.share_view(now);
+    }
+
     /// Binds `cluster.listen` (before anything else starts, so that a port in use stops the
     /// agent's start).
     pub async fn bind(config: &ClusterConfig) -> Result<tokio::net::TcpListener, NodeError> {

@@ -17,7 +17,8 @@
 //! The **phase** decides what a global policy's limit L becomes here ([`ShareView::share`]):
 //! - *joining*: a node that started without pins admits nothing of global policies until every
 //!   endpoint has answered counting at least as many members as we do (it has counted us), or
-//!   `join_limit` passes;
+//!   `join_limit` passes (a member down meanwhile may hold the share of a smaller count: see the
+//!   README on adding members);
 //! - *cut off*: endpoints exist but none is live: `partition` applies (`share` ⌊L/N⌋, `local` L,
 //!   `deny` 0);
 //! - otherwise the cold share ⌊L/N⌋.
@@ -204,6 +205,10 @@ pub struct Membership {
     /// ready), since its pinned program may still enforce its share.
     learned: BTreeSet<NodeId>,
     seen: BTreeMap<NodeId, Seen>,
+    /// The agreed count the previous run of this agent left (kept in its state directory), and
+    /// until when it still counts: a restart must not count fewer members than it did just
+    /// before (a member added in a rolling change it has not been told of yet).
+    floor: Option<(u32, Instant)>,
     /// Hash of the global policies in force here.
     policies_hash: u64,
 }
@@ -229,6 +234,7 @@ impl Membership {
             unresolved: 0,
             learned: BTreeSet::new(),
             seen: BTreeMap::new(),
+            floor: None,
             policies_hash: 0,
         }
     }
@@ -265,6 +271,11 @@ impl Membership {
         for addr in wanted {
             self.endpoints.entry(addr).or_default();
         }
+    }
+
+    /// The agreed count the previous run left, counted until `forget` from `now` has passed.
+    pub fn set_floor(&mut self, members: u32, now: Instant) {
+        self.floor = Some((members, now + self.timing.forget));
     }
 
     /// How many `peers` entries have resolved to no address yet (see `unresolved`).
@@ -405,9 +416,13 @@ impl Membership {
 
     /// The agreed member count: the largest of ours and those members reported.
     pub fn agreed_members(&self, now: Instant) -> u32 {
+        let floor = match self.floor {
+            Some((members, until)) if now <= until => members,
+            _ => 0,
+        };
         self.fresh(now)
             .map(|(_, s)| s.members)
-            .fold(self.members(now), u32::max)
+            .fold(self.members(now).max(floor), u32::max)
     }
 
     /// Every member heard within `forget` reported our view hash.
@@ -433,7 +448,8 @@ impl Membership {
                             .and_then(|id| self.seen.get(id))
                             .is_some_and(|s| s.members >= members)
                 });
-            if counted || now.saturating_duration_since(self.started) >= self.timing.join_limit {
+            let waited = now.saturating_duration_since(self.started) >= self.timing.join_limit;
+            if counted || waited {
                 self.joined = true;
             } else {
                 return Phase::Joining;

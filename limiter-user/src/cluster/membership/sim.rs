@@ -17,6 +17,8 @@ use super::*;
 const LIMIT: u32 = 100;
 const STEP: Duration = Duration::from_millis(20);
 const TIMEOUT: Duration = Duration::from_millis(200);
+/// Most real members (one may be added to the first ones); phantoms are numbered after them.
+const MAX_REAL: usize = 5;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -40,6 +42,11 @@ enum Op {
         node: usize,
         pins: bool,
     },
+    /// A rolling addition starts: a new member, listing everyone, joins without pins; the
+    /// others do not list it yet.
+    AddMember,
+    /// A member's config catches up: it lists every member there is.
+    Configure(usize),
 }
 
 fn op(nodes: usize) -> impl Strategy<Value = Op> {
@@ -52,6 +59,8 @@ fn op(nodes: usize) -> impl Strategy<Value = Op> {
         1 => (0u8..60).prop_map(Op::Loss),
         1 => (0..nodes).prop_map(Op::Kill),
         1 => (0..nodes, any::<bool>()).prop_map(|(node, pins)| Op::Restart { node, pins }),
+        1 => Just(Op::AddMember),
+        2 => (0..nodes).prop_map(Op::Configure),
     ]
 }
 
@@ -62,11 +71,15 @@ fn addr(k: usize) -> SocketAddr {
 struct Member {
     /// `None` while killed.
     m: Option<Membership>,
+    /// The members its config lists (indices; phantoms are `MAX_REAL..`).
+    peers: Vec<usize>,
     incarnation: u64,
     seq: u64,
     /// The share of L its maps hold, and the phase it came from.
     in_force: u32,
     phase: Phase,
+    /// The agreed count last in force (what the agent keeps in its state directory).
+    agreed: u32,
 }
 
 struct Sim {
@@ -89,26 +102,36 @@ impl Sim {
             now: t0,
             members: Vec::new(),
             phantoms,
-            up: vec![vec![true; nodes]; nodes],
+            up: vec![vec![true; MAX_REAL]; MAX_REAL],
             loss: 0,
             rng: seed | 1,
             partition,
         };
         for k in 0..nodes {
-            let m = sim.start(k, false, 1);
+            let peers = sim.everyone(nodes, k);
+            let m = sim.start(k, &peers, false);
             sim.members.push(Member {
                 m: Some(m),
+                peers,
                 incarnation: 1,
                 seq: 0,
                 in_force: 0,
                 phase: Phase::Joining,
+                agreed: 0,
             });
         }
         sim
     }
 
-    fn start(&self, k: usize, pins: bool, _incarnation: u64) -> Membership {
-        let nodes = self.up.len();
+    /// Every member of the first `nodes` but `k`, and the phantoms.
+    fn everyone(&self, nodes: usize, k: usize) -> Vec<usize> {
+        (0..nodes)
+            .filter(|&j| j != k)
+            .chain(MAX_REAL..MAX_REAL + self.phantoms)
+            .collect()
+    }
+
+    fn start(&self, k: usize, peers: &[usize], pins: bool) -> Membership {
         let mut m = Membership::new(
             NodeId::new(&format!("n{k}")).expect("id"),
             Timing::new(TIMEOUT),
@@ -116,8 +139,18 @@ impl Sim {
             pins,
             self.now,
         );
-        m.set_endpoints((0..nodes + self.phantoms).filter(|&j| j != k).map(addr));
+        m.set_endpoints(peers.iter().map(|&j| addr(j)));
         m
+    }
+
+    /// Every member lists every other: links may be cut without breaking the guarantee's
+    /// precondition (a rolling change is finished while the cluster is whole).
+    fn complete(&self) -> bool {
+        let n = self.members.len();
+        self.members
+            .iter()
+            .enumerate()
+            .all(|(k, m)| (0..n).all(|j| j == k || m.peers.contains(&j)))
     }
 
     fn lost(&mut self) -> bool {
@@ -176,6 +209,7 @@ impl Sim {
                 let view = m.share_view(now);
                 member.in_force = view.share(LIMIT);
                 member.phase = view.phase;
+                member.agreed = view.members;
             }
         }
     }
@@ -188,11 +222,54 @@ impl Sim {
                     self.check();
                 }
             }
-            Op::Link { from, to, up } => self.up[from][to] = up,
+            Op::Link { from, to, up } => {
+                // Nothing is cut during a rolling change (the precondition).
+                if up || self.complete() {
+                    self.up[from][to] = up;
+                }
+            }
             Op::Isolate(k) => {
+                if !self.complete() {
+                    return;
+                }
                 for j in 0..self.up.len() {
                     self.up[k][j] = false;
                     self.up[j][k] = false;
+                }
+            }
+            Op::AddMember => {
+                let k = self.members.len();
+                // Added while the cluster is whole: every member running, every link up (the
+                // precondition: a dead member's program keeps the share of a smaller count).
+                if k >= MAX_REAL
+                    || self.up.iter().flatten().any(|up| !up)
+                    || self.members.iter().any(|m| m.m.is_none())
+                {
+                    return;
+                }
+                for j in 0..MAX_REAL {
+                    self.up[k][j] = true;
+                    self.up[j][k] = true;
+                }
+                let peers = self.everyone(k + 1, k);
+                let m = self.start(k, &peers, false);
+                self.members.push(Member {
+                    m: Some(m),
+                    peers,
+                    incarnation: 1,
+                    seq: 0,
+                    in_force: 0,
+                    phase: Phase::Joining,
+                    agreed: 0,
+                });
+            }
+            Op::Configure(k) => {
+                let all = self.members.len();
+                let peers = self.everyone(all, k);
+                let member = &mut self.members[k];
+                member.peers = peers;
+                if let Some(m) = member.m.as_mut() {
+                    m.set_endpoints(member.peers.iter().map(|&j| addr(j)));
                 }
             }
             Op::HealAll => {
@@ -201,23 +278,29 @@ impl Sim {
                 }
             }
             Op::Loss(p) => self.loss = p,
-            Op::Kill(k) => self.members[k].m = None,
+            // Not while a member is being added (the precondition: finish it while the cluster
+            // is whole).
+            Op::Kill(k) => {
+                if self.complete() {
+                    self.members[k].m = None;
+                }
+            }
             Op::Restart { node, pins } => {
                 if self.members[node].m.is_some() {
                     return;
                 }
                 let incarnation = self.members[node].incarnation + 1;
-                let mut m = self.start(node, pins, incarnation);
+                let peers = self.members[node].peers.clone();
+                let mut m = self.start(node, &peers, pins);
+                m.set_floor(self.members[node].agreed, self.now);
+                // What the new agent writes into the maps before attaching.
                 let view = m.share_view(self.now);
                 let member = &mut self.members[node];
                 member.m = Some(m);
                 member.incarnation = incarnation;
                 member.seq = 0;
-                if !pins {
-                    // Fresh maps: what the new agent applies before attaching.
-                    member.in_force = view.share(LIMIT);
-                    member.phase = view.phase;
-                }
+                member.in_force = view.share(LIMIT);
+                member.phase = view.phase;
             }
         }
     }
@@ -258,22 +341,30 @@ proptest! {
 
     #[test]
     fn shares_in_force_never_sum_above_the_bound(
-        nodes in 2usize..5,
+        nodes in 2usize..4,
         phantoms in 0usize..2,
         partition in partition(),
         seed in any::<u64>(),
-        ops in proptest::collection::vec(op(4), 1..60),
+        ops in proptest::collection::vec(op(MAX_REAL), 1..60),
     ) {
         let mut sim = Sim::new(nodes, phantoms, partition, seed);
         for op in &ops {
+            let n = sim.members.len();
             let fits = match *op {
-                Op::Link { from, to, .. } => from < nodes && to < nodes,
-                Op::Isolate(k) | Op::Kill(k) | Op::Restart { node: k, .. } => k < nodes,
+                Op::Link { from, to, .. } => from < n && to < n,
+                Op::Isolate(k)
+                | Op::Kill(k)
+                | Op::Restart { node: k, .. }
+                | Op::Configure(k) => k < n,
                 _ => true,
             };
             if fits {
                 sim.apply(op);
             }
+        }
+        let nodes = sim.members.len();
+        for k in 0..nodes {
+            sim.apply(&Op::Configure(k));
         }
         // And a quiet, healed network brings every running member to the cold share.
         sim.apply(&Op::HealAll);
@@ -283,8 +374,9 @@ proptest! {
                 sim.apply(&Op::Restart { node: k, pins: true });
             }
         }
-        // (A member that joined without pins waits up to 3 × peer_timeout for phantoms.)
-        sim.apply(&Op::Advance(60));
+        // (A member that joined without pins waits up to 3 × peer_timeout for phantoms, and a
+        // restarted one counts its previous run's members for `forget`: 10 s.)
+        sim.apply(&Op::Advance(600));
         for (k, member) in sim.members.iter().enumerate() {
             prop_assert_eq!(member.phase, Phase::Connected, "member {}", k);
             prop_assert_eq!(member.in_force, LIMIT / (nodes + phantoms) as u32, "member {}", k);
@@ -300,24 +392,8 @@ fn a_member_added_in_a_rolling_change_is_counted_before_it_admits() {
     let mut sim = Sim::new(3, 0, Partition::Share, 7);
     sim.apply(&Op::Advance(20));
     assert!(sim.members.iter().all(|m| m.in_force == LIMIT / 3));
-    // n3 starts, configured with all four; the others still list three.
-    sim.up = vec![vec![true; 4]; 4];
-    let mut m = Membership::new(
-        NodeId::new("n3").expect("id"),
-        Timing::new(TIMEOUT),
-        Partition::Share,
-        false,
-        sim.now,
-    );
-    m.set_endpoints((0..3).map(addr));
-    assert_eq!(m.share_view(sim.now).share(LIMIT), 0, "joining");
-    sim.members.push(Member {
-        m: Some(m),
-        incarnation: 1,
-        seq: 0,
-        in_force: 0,
-        phase: Phase::Joining,
-    });
+    sim.apply(&Op::AddMember);
+    assert_eq!(sim.members[3].in_force, 0, "joining");
     let mut admitted_at = None;
     for step in 0..40 {
         sim.apply(&Op::Advance(1));
@@ -331,10 +407,8 @@ fn a_member_added_in_a_rolling_change_is_counted_before_it_admits() {
         }
     }
     assert!(admitted_at.is_some(), "n3 never admitted");
-    // The old members' configs catch up.
     for k in 0..3 {
-        let m = sim.members[k].m.as_mut().expect("running");
-        m.set_endpoints((0..4).filter(|&j| j != k).map(addr));
+        sim.apply(&Op::Configure(k));
     }
     sim.apply(&Op::Advance(20));
     assert!(sim.members.iter().all(|m| m.in_force == LIMIT / 4));

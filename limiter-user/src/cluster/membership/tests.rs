@@ -154,6 +154,8 @@ fn a_node_without_pins_admits_nothing_until_counted() {
 fn the_join_gate_opens_after_its_limit() {
     let t0 = Instant::now();
     let mut m = three(false, Partition::Share, t0);
+    // Counted at three before this restart (the state directory says so).
+    m.set_floor(3, t0);
     let limit = Timing::new(TIMEOUT).join_limit;
     assert_eq!(m.phase(t0 + limit - ms(1)), Phase::Joining);
     // Nobody answered: cut off, and `share` keeps the cold share.
@@ -260,4 +262,16 @@ fn endpoints_past_the_table_still_count() {
     m.set_endpoints((0..300).map(|p| addr(10_000 + p)));
     assert_eq!(m.endpoints().count(), MAX_MEMBERS);
     assert_eq!(m.members(t0), 301);
+}
+
+#[test]
+fn a_restart_counts_at_least_the_members_of_its_previous_run() {
+    let t0 = Instant::now();
+    // The previous run had agreed on four (a member added that this config does not list yet).
+    let mut m = three(true, Partition::Share, t0);
+    m.set_floor(4, t0);
+    assert_eq!(m.share_view(t0).share(40), 10);
+    let forget = Timing::new(TIMEOUT).forget;
+    assert_eq!(m.agreed_members(t0 + forget), 4);
+    assert_eq!(m.agreed_members(t0 + forget + Duration::from_millis(1)), 3);
 }
