@@ -387,3 +387,55 @@ fn a_peer_added_by_a_reload_lowers_every_share() -> Result<()> {
     assert_eq!(got, 3 * (LIMIT / 4));
     Ok(())
 }
+
+/// Two agents that start without a `cluster:` section (the policy local) and are reloaded into
+/// a cluster with it global: each takes ⌊L/2⌋ once the other counts it; reloaded back out of it,
+/// each holds L on its own again.
+#[test]
+fn a_reload_adds_and_removes_the_cluster_section() -> Result<()> {
+    require_root!();
+    let net = ClusterNet::new(2)?;
+    let dir = TempDir::new("cluster-reload")?;
+    let token = dir.write("cluster.token", TOKEN)?;
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let clustered: Vec<String> = (0..2).map(|k| config(k, 2, "share", &token, &[])).collect();
+    let alone = |k: usize| -> String {
+        clustered[k]
+            .split("cluster:")
+            .next()
+            .unwrap_or_default()
+            .replace("    scope: global\n", "")
+    };
+    let agents: Vec<Agent> = (0..2)
+        .map(|k| Agent::start_on(&net.agent_target(k), &alone(k), &[]))
+        .collect::<Result<_>>()?;
+    let c = Cluster {
+        net,
+        agents,
+        dir,
+        token,
+        partition: "share",
+    };
+    let got = c.measure(cluster_client_v4(0), &[30, 30])?;
+    assert_eq!(got, 60, "local: the limit on each node");
+    for (k, agent) in c.agents.iter().enumerate() {
+        agent.reload(&clustered[k], Duration::from_secs(10))?;
+    }
+    for k in 0..2 {
+        let s = c.wait_phase(k, "connected", 2)?;
+        assert_eq!(share_of(&s), LIMIT / 2, "node {k}: {s:#}");
+    }
+    let got = c.measure(cluster_client_v4(1), &[30, 30])?;
+    assert_eq!(got, 30, "global: L across both");
+    for (k, agent) in c.agents.iter().enumerate() {
+        agent.reload(&alone(k), Duration::from_secs(10))?;
+    }
+    for k in 0..2 {
+        wait_until("the section removed", Duration::from_secs(10), || {
+            Ok((c.status(k)?["configured"] == false).then_some(()))
+        })?;
+    }
+    let got = c.measure(cluster_client_v4(2), &[30, 30])?;
+    assert_eq!(got, 60, "local again");
+    Ok(())
+}
