@@ -71,7 +71,7 @@ fn previous_members(path: &Path) -> Option<u32> {
 }
 
 /// The node of a running agent, if its config has a `cluster:` section.
-pub struct Membership {
+pub struct Member {
     node: Mutex<Option<Running>>,
     incarnation_path: PathBuf,
     /// The running node, for the API's `Cluster.Status`.
@@ -210,7 +210,7 @@ fn show(counters: &Counters, view: Option<ShareView>) {
         .set(i64::from(phase == Some(Phase::Joining)));
 }
 
-impl Membership {
+impl Member {
     /// Starts the prepared node, if any, and follows the `cluster:` section through reloads
     /// until `stop` turns true.
     pub fn start(
@@ -220,8 +220,8 @@ impl Membership {
         incarnation_path: PathBuf,
         published: watch::Sender<Option<Node>>,
         stop: watch::Receiver<bool>,
-    ) -> (Arc<Membership>, JoinHandle<()>) {
-        let membership = Arc::new(Membership {
+    ) -> (Arc<Member>, JoinHandle<()>) {
+        let membership = Arc::new(Member {
             node: Mutex::new(None),
             incarnation_path,
             published,
@@ -274,7 +274,7 @@ impl Membership {
 /// Follows reloads: the section's changes go to the running node; a section added starts one
 /// (joining: it admits nothing of global policies until counted); one removed stops it.
 async fn follow(
-    membership: Arc<Membership>,
+    membership: Arc<Member>,
     limits: Arc<PolicyStore>,
     mut policies: watch::Receiver<ClusterPolicies>,
     mut stop: watch::Receiver<bool>,

@@ -276,7 +276,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         }));
     }
 
-    let (_membership, membership_task) = cluster::Membership::start(
+    let (_member, member_task) = cluster::Member::start(
         prepared,
         &limits,
         &counters,
@@ -284,7 +284,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         cluster_tx,
         stop_rx.clone(),
     );
-    tasks.push(membership_task);
+    tasks.push(member_task);
     let (adaptive_stop, adaptive_loop) = spawn_adaptive(tuner, limits.clone())?;
     let (attachment, stop_tx) = guard.started();
 
