@@ -4,6 +4,7 @@
 //! check program and answers.
 
 pub mod config;
+pub mod listen;
 pub mod matching;
 pub mod service;
 
