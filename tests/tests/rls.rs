@@ -29,7 +29,11 @@ use limiter_tests::{
     require_root,
     traffic::{UDP_PORT, send_and_count},
 };
-use tonic::{Status, transport::Channel};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::{
+    Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
 /// Longest any one test's traffic phase may take; the hour window must not end inside it.
 const TEST_SPAN: Duration = Duration::from_secs(40);
@@ -76,38 +80,44 @@ struct Rls {
 }
 
 impl Rls {
-    /// Connects (retrying for up to 10 s: the agent starts serving just after it attaches).
+    /// Connects from the receiver namespace to 127.0.0.1 (retrying for up to 10 s: the agent
+    /// starts serving just after it attaches).
     fn connect(net: &TestNet) -> Result<Rls> {
-        net.in_receiver(|| -> Result<Rls> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let attempt = rt.block_on(async {
-                    tokio::time::timeout(
-                        CALL_TIMEOUT,
-                        Channel::from_shared(format!("http://127.0.0.1:{RLS_PORT}"))?.connect(),
-                    )
+        let url = format!("http://127.0.0.1:{RLS_PORT}");
+        net.in_receiver(|| Rls::connect_here(&url, None, Duration::from_secs(10)))?
+    }
+
+    /// Connects to `url` from the calling thread's namespace, retrying for `patience`.
+    fn connect_here(url: &str, tls: Option<ClientTlsConfig>, patience: Duration) -> Result<Rls> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let deadline = Instant::now() + patience;
+        loop {
+            let attempt = rt.block_on(async {
+                let mut endpoint = Channel::from_shared(url.to_owned())?;
+                if let Some(tls) = &tls {
+                    endpoint = endpoint.tls_config(tls.clone())?;
+                }
+                tokio::time::timeout(CALL_TIMEOUT, endpoint.connect())
                     .await
                     .map_err(|_| anyhow!("connect timed out"))?
                     .map_err(anyhow::Error::from)
-                });
-                match attempt {
-                    Ok(channel) => {
-                        return Ok(Rls {
-                            rt,
-                            client: RateLimitServiceClient::new(channel.clone()),
-                            channel,
-                        });
-                    }
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(e.context(format!("connecting to 127.0.0.1:{RLS_PORT}")));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
+            });
+            match attempt {
+                Ok(channel) => {
+                    return Ok(Rls {
+                        rt,
+                        client: RateLimitServiceClient::new(channel.clone()),
+                        channel,
+                    });
                 }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!("connecting to {url}")));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
             }
-        })?
+        }
     }
 
     fn ask(&mut self, request: RateLimitRequest) -> Result<RateLimitResponse, Status> {
@@ -411,5 +421,73 @@ fn plaintext_off_loopback_is_refused() -> Result<()> {
         assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
     }
     assert!(!link_has_xdp(&net.receiver_link()?), "nothing attached");
+    Ok(())
+}
+
+/// Off loopback with mutual TLS: a client with a certificate of the configured CA is served,
+/// one without a certificate is not.
+#[test]
+fn mutual_tls_serves_off_loopback() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let dir = TempDir::new("rls-tls")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+    let issue = |name: &str, sans: &[&str]| -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?
+            .signed_by(&key, &ca)?;
+        Ok((
+            dir.write(&format!("{name}.pem"), &cert.pem())?,
+            dir.write(&format!("{name}.key"), &key.serialize_pem())?,
+        ))
+    };
+    let (server_cert, server_key) = issue("server", &["198.18.0.1"])?;
+    let (client_cert, client_key) = issue("envoy", &["envoy"])?;
+    let ca_path = dir.write("ca.pem", &ca.pem())?;
+    let rls = dir.write("rls.yaml", RLS_CONFIG)?;
+    let socket = dir.join("api.sock").to_string_lossy().into_owned();
+    let listen = format!("198.18.0.1:{RLS_PORT}");
+    let _agent = Agent::start_with(
+        &net,
+        AGENT_CONFIG,
+        &[
+            "--api-socket",
+            &socket,
+            "--rls-listen",
+            &listen,
+            "--rls-config",
+            &rls,
+            "--rls-tls-cert",
+            &server_cert,
+            "--rls-tls-key",
+            &server_key,
+            "--rls-tls-client-ca",
+            &ca_path,
+        ],
+    )?;
+    let url = format!("https://198.18.0.1:{RLS_PORT}");
+    let trust = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem()));
+    let with_cert = trust.clone().identity(Identity::from_pem(
+        std::fs::read(&client_cert)?,
+        std::fs::read(&client_key)?,
+    ));
+    let (served, refused) = net.in_sender(|| -> Result<_> {
+        let mut rls = Rls::connect_here(&url, Some(with_cert), Duration::from_secs(10))?;
+        let served = rls.web(&[&[("user", "tls")]])?;
+        // Without a client certificate the handshake (or the first call) fails.
+        let refused = match Rls::connect_here(&url, Some(trust), Duration::ZERO) {
+            Err(e) => format!("connect: {e:#}"),
+            Ok(mut rls) => match rls.web(&[&[("user", "tls")]]) {
+                Ok(r) => anyhow::bail!("served without a client certificate: {r:?}"),
+                Err(e) => format!("call: {e:#}"),
+            },
+        };
+        Ok((served, refused))
+    })??;
+    assert_eq!(codes(&served), (OK, vec![OK]));
+    assert_eq!(served.statuses[0].limit_remaining, 4);
+    eprintln!("refused as expected: {refused}");
     Ok(())
 }
