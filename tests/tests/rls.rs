@@ -468,7 +468,7 @@ fn mutual_tls_serves_off_loopback() -> Result<()> {
         ],
     )?;
     let url = format!("https://198.18.0.1:{RLS_PORT}");
-    let trust = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem()));
+    let trust = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem()));
     let with_cert = trust.clone().identity(Identity::from_pem(
         std::fs::read(&client_cert)?,
         std::fs::read(&client_key)?,
