@@ -94,6 +94,7 @@ impl Unit {
         }
     }
 
+    /// The unit as the config writes it (`second`).
     pub fn name(self) -> &'static str {
         match self {
             Unit::Second => "second",
@@ -186,6 +187,7 @@ impl Descriptors {
             .or(rules.any.as_ref())
     }
 
+    /// No rules: a rule without a nested list ends the walk.
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
@@ -211,6 +213,7 @@ impl Descriptors {
 /// One file's domain.
 #[derive(Debug, Clone)]
 pub struct Domain {
+    /// `domain`.
     pub name: String,
     pub descriptors: Descriptors,
     /// The file it came from.
@@ -220,6 +223,7 @@ pub struct Domain {
 /// Every domain the service knows.
 #[derive(Debug, Clone, Default)]
 pub struct RlsConfig {
+    /// By name.
     pub domains: HashMap<String, Domain>,
     /// What is worth saying at load beyond errors (limits of a day or longer, enforced as an
     /// hourly share).

@@ -42,6 +42,7 @@ pub struct RlsListener {
 }
 
 impl RlsListener {
+    /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

@@ -17,6 +17,7 @@ use super::config::{RlsConfig, Rule, Unit};
 /// A descriptor as matching sees it.
 #[derive(Debug, Clone)]
 pub struct Descriptor<'a> {
+    /// `(key, value)` in order.
     pub entries: Vec<(&'a str, &'a str)>,
     /// The request's per-descriptor `limit` (`requests_per_unit`, `unit`).
     pub limit_override: Option<(u32, Unit)>,

@@ -45,6 +45,7 @@ impl RlsStore {
         }
     }
 
+    /// The config in force.
     pub fn current(&self) -> Arc<RlsConfig> {
         self.current
             .read()
