@@ -302,6 +302,11 @@ mod tests {
                    \"CL.THROTTLE key:__rand_int__ 1 2 1 1\",\"290275.78\",\"5.268\",\"0.368\",\
                    \"4.551\",\"8.831\",\"11.583\",\"13.735\"\n";
         assert_eq!(parse_redis_csv(csv).unwrap(), (290275.78, 4.551, 11.583));
+        // A script's commas inside the quoted test name.
+        let eval = "\"test\",\"rps\",\"p50_latency_ms\",\"p99_latency_ms\"\n\
+                    \"EVAL local n = redis.call('INCRBY', KEYS[1], 1) return n 1 k\",\"83194.67\",\
+                    \"0.127\",\"0.383\"\n";
+        assert_eq!(parse_redis_csv(eval).unwrap(), (83194.67, 0.127, 0.383));
         assert!(parse_redis_csv("\"test\",\"rps\"\n").is_err());
     }
 

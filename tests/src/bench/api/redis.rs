@@ -222,13 +222,29 @@ pub(super) fn redis_fixed_window(
 pub(super) const FIXED_WINDOW_SCRIPT: &str =
     "local n = redis.call('INCRBY', KEYS[1], 1) redis.call('EXPIRE', KEYS[1], ARGV[1]) return n";
 
+/// The fields of one CSV line; a quoted field may hold commas (the test's name is the command,
+/// and a Lua script has them). redis-benchmark quotes every field and doubles no quotes.
+fn csv_fields(line: &str) -> Vec<&str> {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                fields.push(line[start..i].trim_matches('"'));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    fields.push(line[start..].trim_matches('"'));
+    fields
+}
+
 /// redis-benchmark `--csv`: a header line naming the columns, then one line per test.
 pub(super) fn parse_redis_csv(csv: &str) -> Result<(f64, f64, f64)> {
-    let mut lines = csv.lines().map(|line| {
-        line.split(',')
-            .map(|f| f.trim_matches('"'))
-            .collect::<Vec<_>>()
-    });
+    let mut lines = csv.lines().map(csv_fields);
     let header = lines.next().context("no header line")?;
     let row = lines.next().context("no result line")?;
     let column = |name: &str| -> Result<f64> {
