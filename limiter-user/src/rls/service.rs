@@ -7,7 +7,8 @@
 //!
 //! **All or nothing.** Every descriptor is read first (hits 0, nothing spent); if one would be
 //! denied the request is OVER_LIMIT and nothing is spent, so a denied request never eats
-//! another descriptor's budget. Otherwise every descriptor is spent. The read and the spend are
+//! another descriptor's budget (descriptors of one client must fit together). Otherwise every
+//! descriptor is spent. The read and the spend are
 //! one program run each, under one lock that every `ShouldRateLimit` takes, so no other call of
 //! this service spends in between. Only address clients can still change in between (their
 //! packets, and `limiter.v1` checks of the address, do not take the lock): should such a client
@@ -44,7 +45,7 @@ use envoy_types::pb::{
 use limiter_common::{
     CheckRequest, Policy,
     addr::ClientKey,
-    maps::{ACTION_LIMIT, MAX_POLICY_ID},
+    maps::{ACTION_LIMIT, CHECK_NAMED, MAX_POLICY_ID},
 };
 use tonic::{Request, Response, Status};
 
@@ -217,17 +218,30 @@ impl<B: Budget> RlsService<B> {
                 .collect();
             Some(self.budget.decide(&reads).map_err(unavailable)?)
         };
+        // What each check's client must have left: the hits of every check of the request on
+        // that client (two descriptors can name one client, and each alone may fit while both
+        // together do not).
+        let needed: Vec<u32> = checks
+            .iter()
+            .map(|(_, r, _)| {
+                checks
+                    .iter()
+                    .filter(|(_, o, _)| same_client(r, o))
+                    .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
+            })
+            .collect();
         if let Some(read) = &read {
             let denied = blocked
                 || checks
                     .iter()
                     .zip(read)
-                    .any(|((_, r, shadow), d)| enforced(*shadow) && !fits(d, r.hits));
+                    .zip(&needed)
+                    .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !fits(d, *n));
             if denied {
-                for ((i, r, _), d) in checks.iter().zip(read) {
+                for (((i, _, _), d), n) in checks.iter().zip(read).zip(&needed) {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
-                        over: !fits(d, r.hits),
+                        over: !fits(d, *n),
                     });
                 }
                 return Ok(outcomes);
@@ -236,10 +250,7 @@ impl<B: Budget> RlsService<B> {
         // Spend what fits (a shadow descriptor over its limit is not spent: it would be refused
         // anyway).
         let spend: Vec<usize> = (0..checks.len())
-            .filter(|&k| {
-                read.as_ref()
-                    .is_none_or(|read| fits(&read[k], checks[k].1.hits))
-            })
+            .filter(|&k| read.as_ref().is_none_or(|read| fits(&read[k], needed[k])))
             .collect();
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
@@ -390,6 +401,11 @@ enum Plan {
 struct Outcome {
     decision: Decision,
     over: bool,
+}
+
+/// Whether two checks are of one client (the same key in the same map).
+fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
+    a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
 }
 
 /// Whether `hits` fit in what a read found left.

@@ -260,6 +260,24 @@ fn a_denied_request_spends_nothing_from_its_other_descriptors() {
 }
 
 #[test]
+fn two_descriptors_of_one_client_must_fit_together() {
+    let (svc, sim) = service();
+    let user = request(vec![desc(&[("user", "fay")])]);
+    for _ in 0..4 {
+        assert_eq!(svc.answer(&user).unwrap().overall_code, OK);
+    }
+    // One left: the same descriptor twice needs two, so neither is spent.
+    let twice = request(vec![desc(&[("user", "fay")]), desc(&[("user", "fay")])]);
+    let before = sim.spent().len();
+    assert_eq!(
+        codes(&svc.answer(&twice).unwrap()),
+        (OVER, vec![OVER, OVER])
+    );
+    assert_eq!(sim.spent().len(), before, "nothing spent");
+    assert_eq!(svc.answer(&user).unwrap().statuses[0].limit_remaining, 0);
+}
+
+#[test]
 fn hits_addend_zero_means_one_and_a_descriptor_may_override_it() {
     let (svc, _) = service();
     let mut req = request(vec![desc(&[("user", "bo")])]);
