@@ -247,6 +247,23 @@ fn envoy_asks_the_agent_and_enforces_its_answers() -> Result<()> {
         "{ann:?}"
     );
     assert_eq!(ann[0].body, "ok\n");
+    // Admitted responses carry the tighter descriptor's RateLimit headers too (ann's 4, not the
+    // address's 6).
+    let remaining: Vec<Option<&str>> = ann[..4]
+        .iter()
+        .map(|r| r.header("ratelimit-remaining"))
+        .collect();
+    assert_eq!(
+        remaining,
+        [Some("3"), Some("2"), Some("1"), Some("0")],
+        "{ann:?}"
+    );
+    assert!(
+        ann[..4]
+            .iter()
+            .all(|r| r.header("ratelimit-limit") == Some("4")
+                && r.header("x-envoy-ratelimited").is_none())
+    );
     for denied in &ann[4..] {
         assert_eq!(
             denied.header("x-envoy-ratelimited"),
