@@ -122,6 +122,9 @@ pub struct Decision {
     pub reset_after: Duration,
     /// When denied and waiting helps: how long until the same check would be admitted.
     pub retry_after: Option<Duration>,
+    /// How long until one more hit would be admitted, if nothing else is spent meanwhile:
+    /// zero while one is left now, `None` when waiting cannot help (a `drop` policy).
+    pub next_after: Option<Duration>,
     pub window: Duration,
     /// The `match` of the policy that applied (`default` for the default).
     pub policy: Arc<str>,
@@ -175,6 +178,11 @@ impl PolicyView {
         }
     }
 
+    /// The agent runs in dry-run mode: checks that would be denied are allowed, and say so.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
     /// The `match` of policy `id`.
     pub fn name(&self, id: u16) -> Arc<str> {
         self.names
@@ -218,29 +226,43 @@ impl Checker {
     /// Decides checks in order, up to `CHECK_BATCH` per program run (one syscall).
     pub fn check_all(&self, checks: &[(&ClientId, u32)]) -> Result<Vec<Decision>, CheckError> {
         let view = self.view();
-        let mut out = Vec::with_capacity(checks.len());
+        let requests: Vec<CheckRequest> = checks
+            .iter()
+            .map(|(id, hits)| request(id, *hits, &view))
+            .collect();
+        self.run_requests(&requests, &view)
+    }
+
+    /// Decides checks the caller resolved itself (see [`address_request`] and
+    /// [`named_request`]), in order: how a check with its own limit and window, not one of the
+    /// config's policies, is run (Envoy's rate limit service).
+    pub fn check_requests(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError> {
+        self.run_requests(requests, &self.view())
+    }
+
+    fn run_requests(
+        &self,
+        all: &[CheckRequest],
+        view: &PolicyView,
+    ) -> Result<Vec<Decision>, CheckError> {
+        let mut out = Vec::with_capacity(all.len());
         let mut frame = TestRunFrame::new(CHECK_FRAME);
-        let (mut requests, mut replies) = (
-            Vec::with_capacity(frame.batch()),
-            Vec::with_capacity(frame.batch()),
-        );
-        for chunk in checks.chunks(frame.batch()) {
-            requests.clear();
-            requests.extend(chunk.iter().map(|(id, hits)| request(id, *hits, &view)));
+        let mut replies = Vec::with_capacity(frame.batch());
+        for requests in all.chunks(frame.batch()) {
             let ret = frame.run_into::<CheckRequest, CheckReply>(
                 self.prog.as_fd(),
-                &requests,
+                requests,
                 size_of::<CheckRequest>(),
                 &mut replies,
             )?;
             if ret != XDP_PASS {
                 return Err(CheckError::Rejected(ret));
             }
-            for (reply, (_, hits)) in replies.iter().zip(chunk) {
+            for (reply, request) in replies.iter().zip(requests) {
                 if reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }
-                out.push(decision(reply, *hits, &view));
+                out.push(decision(reply, request.hits, view));
             }
         }
         Ok(out)
@@ -271,6 +293,28 @@ impl Checker {
             .filter(|d| !d.resident)
             .count();
         Ok(u32::try_from(absent).unwrap_or(u32::MAX))
+    }
+}
+
+/// A check of an address's client, resolved by the program exactly as its packets are (the
+/// config's policy for the address, one budget with the wire).
+pub fn address_request(addr: IpAddr, hits: u32) -> CheckRequest {
+    CheckRequest {
+        key: ClientId::Addr(addr).key(),
+        hits,
+        ..CheckRequest::default()
+    }
+}
+
+/// A check of the named client `key` (in the `NAMED` map) under `policy`, which the caller
+/// chose: the entry takes that policy's limit and window.
+pub fn named_request(key: ClientKey, hits: u32, policy: Policy) -> CheckRequest {
+    CheckRequest {
+        key,
+        hits,
+        flags: CHECK_NAMED,
+        policy,
+        ..CheckRequest::default()
     }
 }
 
@@ -349,6 +393,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
         remaining: 0,
         reset_after: Duration::ZERO,
         retry_after: None,
+        next_after: None,
         window: Duration::from_nanos(window_ns.get()),
         policy: view.name(s.policy()),
         estimate: 0,
@@ -364,6 +409,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
             d.allowed = true;
             d.limit = u32::MAX;
             d.remaining = u32::MAX;
+            d.next_after = Some(Duration::ZERO);
         }
         ACTION_DROP => {
             d.action = Action::Drop;
@@ -385,6 +431,12 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
                     window::admitted_after(&s.slots, reply.now_ns, window_ns, s.limit, hits.max(1))
                         .map(Duration::from_nanos);
             }
+            d.next_after = if d.remaining >= 1 {
+                Some(Duration::ZERO)
+            } else {
+                window::admitted_after(&s.slots, reply.now_ns, window_ns, s.limit, 1)
+                    .map(Duration::from_nanos)
+            };
             // Windows of a second or more are timed with the coarse clock, which runs up to one
             // tick behind real time: a caller waiting the exact time on its own clock could
             // come back a tick early. Add the tick so that waiting the time always suffices.
@@ -392,6 +444,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
                 let tick = coarse_tick();
                 d.reset_after += tick;
                 d.retry_after = d.retry_after.map(|r| r + tick);
+                d.next_after = d.next_after.map(|r| if r.is_zero() { r } else { r + tick });
             }
         }
     }

@@ -24,6 +24,7 @@ pub mod duration;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod rls;
 pub mod snapshot;
 pub mod state_file;
 pub mod stats;

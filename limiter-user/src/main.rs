@@ -125,6 +125,8 @@ enum Command {
         /// period) instead of measuring the machine's.
         #[arg(long)]
         load_file: Option<PathBuf>,
+        #[command(flatten)]
+        rls: RlsArgs,
     },
     /// Ask a running agent whether a client may spend HITS now (an IP address or any ID).
     Check {
@@ -186,6 +188,76 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Envoy's rate limit service (`envoy.service.ratelimit.v3`), served by the agent.
+#[derive(Args)]
+struct RlsArgs {
+    /// Serve Envoy's rate limit service (ShouldRateLimit, and grpc.health.v1) on this TCP
+    /// address: plaintext h2c on a loopback address, elsewhere only with --rls-tls-cert and
+    /// --rls-tls-key.
+    #[arg(long, requires = "rls_config")]
+    rls_listen: Option<SocketAddr>,
+    /// The rate limit service's config, in envoyproxy/ratelimit's YAML: one file, or a
+    /// directory whose *.yaml and *.yml files are read (one domain each). Changes are applied
+    /// without restart; a config that does not load leaves the one in force.
+    #[arg(long, requires = "rls_listen")]
+    rls_config: Option<PathBuf>,
+    /// Whether a descriptor whose only entry is `remote_address` (or `masked_remote_address`)
+    /// is that address's client, spending the budget its packets spend under the agent's policy
+    /// for it (`false`: a client of its own under the rule's limit).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    rls_address_clients: bool,
+    /// Add RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset (and Retry-After when denied)
+    /// to the rate limit service's answers, for Envoy to add to its responses.
+    #[arg(long)]
+    rls_headers: bool,
+    /// File whose content is the body Envoy sends with a denial (raw_body).
+    #[arg(long, requires = "rls_listen")]
+    rls_deny_body: Option<PathBuf>,
+    /// The rate limit service's TLS certificate (PEM).
+    #[arg(long, requires_all = ["rls_tls_key", "rls_listen"])]
+    rls_tls_cert: Option<PathBuf>,
+    /// The rate limit service's TLS private key (PEM).
+    #[arg(long, requires = "rls_tls_cert")]
+    rls_tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mutual TLS: Envoy authenticates with
+    /// its certificate; the protocol carries no token).
+    #[arg(long, requires = "rls_tls_cert")]
+    rls_tls_client_ca: Option<PathBuf>,
+}
+
+impl RlsArgs {
+    fn options(self) -> anyhow::Result<Option<limiter_user::rls::listen::RlsAgentOptions>> {
+        let (Some(listen), Some(config)) = (self.rls_listen, self.rls_config) else {
+            return Ok(None);
+        };
+        let deny_body = match &self.rls_deny_body {
+            None => None,
+            Some(path) => Some(
+                limiter_user::capped_read::read_to_string(path, 64 * 1024, "--rls-deny-body")?
+                    .into_bytes(),
+            ),
+        };
+        let tls = match (self.rls_tls_cert, self.rls_tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.rls_tls_client_ca,
+            }),
+            _ => None,
+        };
+        Ok(Some(limiter_user::rls::listen::RlsAgentOptions {
+            listen,
+            config,
+            tls,
+            service: limiter_user::rls::service::RlsOptions {
+                address_clients: self.rls_address_clients,
+                headers: self.rls_headers,
+                deny_body,
+            },
+        }))
+    }
 }
 
 /// The agent's API roles beyond the admin token, its per-caller limits and check threads.
@@ -433,7 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_max_connections,
             metrics_max_connections_per_address,
             load_file,
+            rls,
         } => {
+            let rls = rls.options()?;
             let (token, check_token) = api::read_tokens(
                 api_token_file.as_deref(),
                 access.api_check_token_file.as_deref(),
@@ -495,6 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     per_source: metrics_max_connections_per_address.min(metrics_max_connections),
                 },
                 load_file,
+                rls,
             }))
         }
         Command::Check { id, hits, api } => block_on(check(id, hits, api.target(None))),

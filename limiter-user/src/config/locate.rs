@@ -80,10 +80,10 @@ pub(super) fn locate_value_error(e: serde_yaml::Error, lines: &KeyLines) -> Poli
 /// `adaptive.load.high`, `policies[0].match` (a key that is itself a collection, never used in a
 /// config, is `?`). Empty when the text is not YAML; serde_yaml then says why.
 #[derive(Debug, Default)]
-pub(super) struct KeyLines(HashMap<String, usize>);
+pub(crate) struct KeyLines(HashMap<String, usize>);
 
 impl KeyLines {
-    pub(super) fn of(text: &str) -> KeyLines {
+    pub(crate) fn of(text: &str) -> KeyLines {
         let mut walk = Walk::default();
         match Parser::new_from_str(text).load(&mut walk, false) {
             Ok(()) => KeyLines(walk.lines),
@@ -92,7 +92,7 @@ impl KeyLines {
     }
 
     /// The line of the key at `path`, if it is written.
-    pub(super) fn line(&self, path: &str) -> Option<usize> {
+    pub(crate) fn line(&self, path: &str) -> Option<usize> {
         self.0.get(path).copied()
     }
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Deserializer, de};
 pub use self::adaptive::{
     AdaptiveConfig, AdaptiveError, DEFAULT_PERIOD_US, LoadBands, MAX_PERIOD_US, MIN_PERIOD_US,
 };
-use self::locate::{KeyLines, adaptive_error, locate_value_error};
+pub(crate) use self::locate::KeyLines;
+use self::locate::{adaptive_error, locate_value_error};
 use self::per::check_per;
 pub use self::per::{DEFAULT_V6_PER, DefaultPer, Grouping, Per};
 use crate::cluster::config::{ClusterConfig, RawCluster};

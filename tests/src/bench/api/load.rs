@@ -3,6 +3,13 @@
 use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use envoy_types::pb::envoy::{
+    extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
+    service::ratelimit::v3::{
+        RateLimitRequest, rate_limit_response::Code,
+        rate_limit_service_client::RateLimitServiceClient,
+    },
+};
 use hdrhistogram::Histogram;
 use limiter_user::proto::{
     CheckBatchRequest, CheckRequest, rate_limiter_client::RateLimiterClient,
@@ -14,7 +21,22 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use super::{IdKind, LoadArgs, MAX_BATCH, Mode, STREAMS_PER_CONNECTION};
+use super::{IdKind, LoadArgs, MAX_BATCH, Mode, RLS_DOMAIN, STREAMS_PER_CONNECTION};
+
+/// The clients of one connection: limiter.v1's and Envoy's rate limit service's.
+pub(super) struct Clients {
+    pub(super) v1: RateLimiterClient<Channel>,
+    pub(super) rls: RateLimitServiceClient<Channel>,
+}
+
+impl Clients {
+    pub(super) fn new(channel: Channel) -> Clients {
+        Clients {
+            v1: RateLimiterClient::new(channel.clone()),
+            rls: RateLimitServiceClient::new(channel),
+        }
+    }
+}
 
 /// What one `load` run measured; printed as JSON.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -147,10 +169,27 @@ impl Plan {
     /// One call: `(decisions, denied)`.
     pub(super) async fn call(
         &self,
-        client: &mut RateLimiterClient<Channel>,
+        clients: &mut Clients,
         rng: &mut Rng,
     ) -> Result<(u64, u64), Status> {
+        let client = &mut clients.v1;
         match self.mode {
+            Mode::Rls => {
+                let request = RateLimitRequest {
+                    domain: RLS_DOMAIN.into(),
+                    descriptors: vec![RateLimitDescriptor {
+                        entries: vec![Entry {
+                            key: "client".into(),
+                            value: self.ids[rng.below(self.ids.len())].clone(),
+                        }],
+                        ..RateLimitDescriptor::default()
+                    }],
+                    hits_addend: 0,
+                };
+                let response = clients.rls.should_rate_limit(request).await?;
+                let over = response.get_ref().overall_code == Code::OverLimit as i32;
+                Ok((1, u64::from(over)))
+            }
             Mode::Unary => {
                 let response = client.check(self.request(self.check(rng))).await?;
                 Ok((1, u64::from(!response.get_ref().allowed)))
@@ -177,11 +216,7 @@ impl Plan {
 
 /// Calls back to back until `plan.end`; counts the calls that complete inside the measured
 /// window (completion time decides, which keeps the throughput unbiased).
-pub(super) async fn worker(
-    plan: Arc<Plan>,
-    mut client: RateLimiterClient<Channel>,
-    seed: u64,
-) -> Result<Tally> {
+pub(super) async fn worker(plan: Arc<Plan>, mut client: Clients, seed: u64) -> Result<Tally> {
     let mut rng = Rng::new(seed);
     let mut tally = Tally::new()?;
     loop {
@@ -246,7 +281,7 @@ pub(super) async fn load(args: &LoadArgs) -> Result<LoadReport> {
     };
     // One call first, so a wrong token or address fails here with the server's reason.
     plan.call(
-        &mut RateLimiterClient::new(channels[0].clone()),
+        &mut Clients::new(channels[0].clone()),
         &mut Rng::new(args.seed),
     )
     .await
@@ -265,7 +300,7 @@ pub(super) async fn load(args: &LoadArgs) -> Result<LoadReport> {
     let plan = Arc::new(plan);
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..args.concurrency {
-        let client = RateLimiterClient::new(channels[i % channels.len()].clone());
+        let client = Clients::new(channels[i % channels.len()].clone());
         workers.spawn(worker(
             Arc::clone(&plan),
             client,

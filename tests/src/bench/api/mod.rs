@@ -6,6 +6,10 @@
 //! - Redis (Debian's `redis-server`) with the redis-cell module (`CL.THROTTLE`, built from its
 //!   crates.io source under `target/bench/redis-cell/`), driven by `redis-benchmark`, pipelined.
 //!
+//! And Envoy's rate limit service (`ShouldRateLimit` on the agent's `--rls-listen`) beside
+//! envoyproxy/ratelimit's algorithm as it runs today, Redis-backed fixed-window counting (its
+//! INCRBY and EXPIRE per descriptor, here one EVAL per request), which cannot be built here (Go).
+//!
 //! Subcommands:
 //!
 //! - `api-bench run [--write FILE]`: the whole benchmark as `cargo xtask bench` runs it (root:
@@ -47,6 +51,15 @@ const LIMIT: u32 = 1_000_000;
 const WINDOW: Duration = Duration::from_secs(1);
 /// Where each server listens, on the namespace's loopback.
 const LIMITER_ADDR: &str = "127.0.0.1:50051";
+/// The agent's rate limit service (`--rls-listen`).
+const RLS_ADDR: &str = "127.0.0.1:50081";
+/// The rate limit service's domain in the benchmark.
+const RLS_DOMAIN: &str = "bench";
+/// Targets of the rate limit service at 16 in flight: calls/s over Redis fixed-window counting
+/// with as many requests in flight, and p99.
+const RLS_CONCURRENCY: usize = 16;
+const TARGET_RLS_OVER_REDIS: f64 = 2.0;
+const TARGET_RLS_P99_US: f64 = 1000.0;
 const FLOOR_ADDR: &str = "127.0.0.1:50061";
 const REDIS_PORT: u16 = 6390;
 /// redis-cell's only release on crates.io (0.3 and 0.4 were published on GitHub only).
@@ -61,6 +74,14 @@ fn limiter_config() -> String {
     format!(
         "default: {{ limit: {LIMIT}, window: {}s }}\n",
         WINDOW.as_secs()
+    )
+}
+
+/// The rate limit service's config (envoyproxy/ratelimit's format): each client `LIMIT` per
+/// second.
+fn rls_config() -> String {
+    format!(
+        "domain: {RLS_DOMAIN}\ndescriptors:\n  - key: client\n    rate_limit: {{ unit: second, requests_per_unit: {LIMIT} }}\n"
     )
 }
 
@@ -165,6 +186,9 @@ enum Mode {
     Unary,
     /// `--batch` checks per CheckBatch call.
     Batch,
+    /// One `envoy.service.ratelimit.v3` ShouldRateLimit per call, one descriptor
+    /// (`client`, the ID) in domain `bench`.
+    Rls,
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -278,6 +302,11 @@ mod tests {
                    \"CL.THROTTLE key:__rand_int__ 1 2 1 1\",\"290275.78\",\"5.268\",\"0.368\",\
                    \"4.551\",\"8.831\",\"11.583\",\"13.735\"\n";
         assert_eq!(parse_redis_csv(csv).unwrap(), (290275.78, 4.551, 11.583));
+        // A script's commas inside the quoted test name.
+        let eval = "\"test\",\"rps\",\"p50_latency_ms\",\"p99_latency_ms\"\n\
+                    \"EVAL local n = redis.call('INCRBY', KEYS[1], 1) return n 1 k\",\"83194.67\",\
+                    \"0.127\",\"0.383\"\n";
+        assert_eq!(parse_redis_csv(eval).unwrap(), (83194.67, 0.127, 0.383));
         assert!(parse_redis_csv("\"test\",\"rps\"\n").is_err());
     }
 

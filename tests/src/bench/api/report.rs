@@ -6,9 +6,9 @@ use anyhow::Result;
 
 use super::load::LoadReport;
 use super::{
-    BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION, RunArgs,
-    STREAMS_PER_CONNECTION, TARGET_BATCH_OVER_REDIS, TARGET_UNARY_OVER_FLOOR, UNARY_CONCURRENCY,
-    WINDOW,
+    BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION, RLS_ADDR,
+    RLS_CONCURRENCY, RunArgs, STREAMS_PER_CONNECTION, TARGET_BATCH_OVER_REDIS,
+    TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US, TARGET_UNARY_OVER_FLOOR, UNARY_CONCURRENCY, WINDOW,
 };
 use crate::bench::report::machine;
 
@@ -56,9 +56,10 @@ impl Row {
             call: match mode {
                 Mode::Unary => "Check",
                 Mode::Batch => "CheckBatch ×100",
+                Mode::Rls => "ShouldRateLimit",
             },
             in_flight: match mode {
-                Mode::Unary => concurrency.to_string(),
+                Mode::Unary | Mode::Rls => concurrency.to_string(),
                 Mode::Batch => format!("{concurrency} × {BATCH}"),
             },
             rounds: Vec::new(),
@@ -122,6 +123,10 @@ pub(super) struct ReportInput<'a> {
     /// Why redis-cell was not measured.
     pub(super) redis: Option<&'a str>,
     pub(super) redis_pipelined: Option<f64>,
+    /// Redis fixed-window requests/s at `RLS_CONCURRENCY` in flight.
+    pub(super) redis_fixed_window: Option<f64>,
+    /// The rate limit service's row system, when measured.
+    pub(super) rls: Option<&'a str>,
     pub(super) denied_case: bool,
 }
 
@@ -262,6 +267,40 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         }
     }
 
+    let rls = input
+        .rls
+        .and_then(|system| input.rows.median(system, Mode::Rls, RLS_CONCURRENCY));
+    let target = format!(
+        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× Redis fixed-window requests/s, {RLS_CONCURRENCY} in flight"
+    );
+    match (rls, input.redis_fixed_window) {
+        (Some(rls), Some(redis)) => {
+            let ratio = rls.calls_per_s.unwrap_or(rls.decisions_per_s) / redis;
+            writeln!(
+                md,
+                "| {target} | {} | {} | {ratio:.2}× | {} |",
+                thousands(rls.decisions_per_s),
+                thousands(redis),
+                mark(ratio >= TARGET_RLS_OVER_REDIS)
+            )?;
+        }
+        _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
+    }
+    let target = format!(
+        "ShouldRateLimit p99 < {} at {RLS_CONCURRENCY} in flight",
+        latency(TARGET_RLS_P99_US)
+    );
+    match rls {
+        Some(rls) => writeln!(
+            md,
+            "| {target} | {} | {} | | {} |",
+            latency(rls.p99_us),
+            latency(TARGET_RLS_P99_US),
+            mark(rls.p99_us < TARGET_RLS_P99_US)
+        )?,
+        None => writeln!(md, "| {target} | — | — | — | not measured |")?,
+    }
+
     writeln!(md, "\n### How measured\n")?;
     let denied_rows = if input.denied_case {
         "The ~50% denied rows reload the agent with `10.128.0.0/9` limited to 1 per hour, so \
@@ -300,6 +339,21 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         seconds = args.duration.as_secs_f64(),
         // SAFETY: sysconf has no preconditions.
         cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
+    )?;
+    writeln!(
+        md,
+        "\nThe rate limit service rows call `envoy.service.ratelimit.v3.RateLimitService/\
+         ShouldRateLimit` on the agent's `--rls-listen {RLS_ADDR}` (plaintext on loopback, as \
+         Envoy on the same host calls it) with one descriptor `(client, tenant-N)` in a domain \
+         whose rule allows {limit} per second, so every request is a read and a spend of one \
+         client of the check program's `NAMED` map. envoyproxy/ratelimit itself is written in \
+         Go and cannot be built here, so its algorithm is measured as it runs against Redis: \
+         per descriptor an INCRBY of a fixed window's key and an EXPIRE of it in one round \
+         trip (it pipelines the two; here one `EVAL` of both, `redis-benchmark -c \
+         {RLS_CONCURRENCY} -P 1 -r {ids}`), with as many requests in flight. That row is \
+         Redis alone: the service's own gRPC hop and Go code would come on top of it.",
+        limit = thousands(LIMIT as f64),
+        ids = args.ids,
     )?;
     Ok(md)
 }

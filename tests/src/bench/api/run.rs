@@ -17,11 +17,12 @@ use super::process::{
     Daemon, TempDir, check_interrupted, find_executable, in_ns, listening, on_signal, output_of,
     random_token, tail,
 };
-use super::redis::{build_redis_cell, redis_benchmark, target_dir};
+use super::redis::{build_redis_cell, redis_benchmark, redis_fixed_window, target_dir};
 use super::report::{Measurement, ReportInput, Row, Rows, report};
 use super::{
     BATCH, BATCH_CONCURRENCY, FLOOR_ADDR, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION,
-    REDIS_PORT, RunArgs, UNARY_CONCURRENCY, limiter_config, limiter_deny_config,
+    REDIS_PORT, RLS_ADDR, RLS_CONCURRENCY, RunArgs, UNARY_CONCURRENCY, limiter_config,
+    limiter_deny_config, rls_config,
 };
 use crate::{
     agent::{Agent, agent_has_option, limiter_bin},
@@ -198,6 +199,12 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         }
     };
 
+    // Envoy's rate limit service, in agents that have it.
+    let rls_served = limiter_bin().is_file() && agent_has_option("--rls-listen");
+    let rls_path = tmp.0.join("rls.yaml");
+    fs::write(&rls_path, rls_config())
+        .with_context(|| format!("writing {}", rls_path.display()))?;
+    let rls_path = rls_path.to_string_lossy().into_owned();
     let limiter = if !limiter_bin().is_file() {
         Limiter::Missing(format!(
             "no limiter binary at {} (set LIMITER_BIN or run `cargo xtask bench`)",
@@ -240,6 +247,9 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
                 "--api-new-clients-per-second",
                 "1000000000",
             ]);
+        }
+        if rls_served {
+            args.extend(["--rls-listen", RLS_ADDR, "--rls-config", &rls_path]);
         }
         let agent =
             Agent::start_with(&net, &limiter_config(), &args).context("starting the agent")?;
@@ -331,6 +341,39 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         }
     }
     let redis_first_row = rows.0.len() - redis_requests.len();
+    // Envoy's rate limit service, and the Redis fixed-window counting it replaces.
+    let rls_target = match &limiter {
+        Limiter::Running { .. } if rls_served => Some(Target {
+            system: "limiter, Envoy rate limit service".into(),
+            addr: RLS_ADDR,
+            token: None,
+            id_kind: IdKind::Name,
+        }),
+        _ => None,
+    };
+    if let Some(target) = &rls_target {
+        for concurrency in UNARY_CONCURRENCY {
+            rows.0
+                .push(Row::grpc(&target.system, Mode::Rls, concurrency));
+        }
+    }
+    let fixed_label = "Redis fixed window (INCRBY + EXPIRE, one EVAL)";
+    let mut fixed = None;
+    if let Redis::Running(_) = &redis {
+        let (warm_rps, ..) = redis_fixed_window(&ns, RLS_CONCURRENCY, 50_000, args.ids)
+            .context("redis-benchmark warm-up: fixed window")?;
+        fixed = Some((
+            rows.0.len(),
+            ((warm_rps * args.duration.as_secs_f64()) as u64).clamp(50_000, 50_000_000),
+        ));
+        rows.0.push(Row {
+            system: fixed_label.to_owned(),
+            case: None,
+            call: "EVAL",
+            in_flight: RLS_CONCURRENCY.to_string(),
+            rounds: Vec::new(),
+        });
+    }
     for round in 1..=args.rounds {
         eprintln!("round {round} of {}", args.rounds);
         for &(mode, concurrency) in &cases {
@@ -341,6 +384,31 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
                     .rounds
                     .push((&report).into());
             }
+        }
+        if let Some(target) = &rls_target {
+            for concurrency in UNARY_CONCURRENCY {
+                let report = bench.load(target, Mode::Rls, concurrency)?;
+                rows.get_mut(&target.system, Mode::Rls, concurrency)
+                    .context("a row for every case")?
+                    .rounds
+                    .push((&report).into());
+            }
+        }
+        if let (Some((row, requests)), Redis::Running(daemon)) = (fixed, &mut redis) {
+            check_interrupted()?;
+            let (rps, p50_ms, p99_ms) =
+                redis_fixed_window(&ns, RLS_CONCURRENCY, requests, args.ids)
+                    .context("redis-benchmark: fixed window")?;
+            daemon.ensure_running()?;
+            eprintln!("{fixed_label}: {rps:.0} requests/s, p50 {p50_ms} ms, p99 {p99_ms} ms");
+            rows.0[row].rounds.push(Measurement {
+                calls_per_s: Some(rps),
+                decisions_per_s: rps,
+                p50_us: p50_ms * 1e3,
+                p99_us: p99_ms * 1e3,
+                denied: None,
+                errors: None,
+            });
         }
         if let Redis::Running(daemon) = &mut redis {
             for (i, ((pipeline, label), requests)) in
@@ -408,6 +476,11 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             Redis::Missing(reason) => Some(reason.as_str()),
         },
         redis_pipelined,
+        redis_fixed_window: fixed
+            .and_then(|(row, _)| rows.0.get(row))
+            .and_then(Row::median)
+            .map(|m| m.decisions_per_s),
+        rls: rls_target.as_ref().map(|t| t.system.as_str()),
         denied_case,
     })?;
     print!("{md}");

@@ -1,0 +1,603 @@
+//! envoyproxy/ratelimit's configuration, read as that service reads it: one YAML document per
+//! file with a `domain` and nested `descriptors` (`key`, optional `value` with a `*` suffix
+//! wildcard, `rate_limit { unit, requests_per_unit, unlimited, name, replaces }`,
+//! `shadow_mode`, `detailed_metric`, `descriptors`), from one file or from every `*.yaml` /
+//! `*.yml` file of a directory (not its subdirectories; dotfiles skipped), one domain per file.
+//!
+//! Errors name the file, the field's path and its line (`descriptors[0].rate_limit.unit (line
+//! 5): ...`), as the agent's own config does.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+};
+
+use limiter_common::window::MAX_WINDOW_US;
+use serde::{Deserialize, Deserializer};
+
+use crate::{
+    capped_read,
+    config::{KeyLines, LineHint, MAX_CONFIG_BYTES},
+};
+
+/// Why a rate limit service config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RlsConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    ReadCapped {
+        path: PathBuf,
+        #[source]
+        source: capped_read::CappedReadError,
+    },
+    /// Syntax, unknown fields or a field of the wrong type: serde_yaml's message names the
+    /// field's path, line and column.
+    #[error("{file}: {source}")]
+    Yaml {
+        file: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{file}: {field}{line}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        line: LineHint,
+        message: String,
+    },
+    #[error("{path}: no *.yaml or *.yml file in the directory")]
+    Empty { path: PathBuf },
+}
+
+/// A time unit of `rate_limit.unit` (and of the protocol's `RateLimit.Unit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Unit {
+    /// Case-insensitive, as envoyproxy/ratelimit reads it.
+    pub fn parse(s: &str) -> Option<Unit> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "second" => Unit::Second,
+            "minute" => Unit::Minute,
+            "hour" => Unit::Hour,
+            "day" => Unit::Day,
+            "week" => Unit::Week,
+            "month" => Unit::Month,
+            "year" => Unit::Year,
+            _ => return None,
+        })
+    }
+
+    /// The unit's length, as envoyproxy/ratelimit counts it (a month is 30 days, a year 365).
+    pub fn seconds(self) -> u64 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3600,
+            Unit::Day => 86_400,
+            Unit::Week => 7 * 86_400,
+            Unit::Month => 30 * 86_400,
+            Unit::Year => 365 * 86_400,
+        }
+    }
+
+    /// The unit as the config writes it (`second`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+            Unit::Week => "week",
+            Unit::Month => "month",
+            Unit::Year => "year",
+        }
+    }
+}
+
+/// The sliding window a limit of `requests_per_unit` per `unit` is enforced with.
+///
+/// Units up to an hour are windows of that length with that allowance. The check program's
+/// windows are at most an hour (`window_us` is a `u32` of microseconds), so a longer unit is
+/// enforced as its hourly share, `requests_per_unit * 3600 / unit_seconds` rounded down (at least
+/// 1 when `requests_per_unit` is not 0), over a sliding hour: a steady client gets the same
+/// total over the unit, but a burst of the whole unit's allowance at once is not admitted.
+pub fn window(requests_per_unit: u32, unit: Unit) -> (u32, u32) {
+    let seconds = unit.seconds();
+    let hour_us = u64::from(MAX_WINDOW_US);
+    let unit_us = seconds * 1_000_000;
+    if unit_us <= hour_us {
+        return (requests_per_unit, unit_us as u32);
+    }
+    let share = u64::from(requests_per_unit) * 3600 / seconds;
+    let share = if requests_per_unit > 0 {
+        share.max(1)
+    } else {
+        0
+    };
+    (share as u32, MAX_WINDOW_US)
+}
+
+/// A rule's `rate_limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `name`: what other rules' `replaces` refer to, and the name reported in `current_limit`.
+    pub name: Option<String>,
+    /// The names of the limits this one replaces when both apply to one request.
+    pub replaces: Vec<String>,
+    /// `None`: `unlimited: true`.
+    pub limit: Option<(u32, Unit)>,
+}
+
+/// One entry of a `descriptors` list, with its nested list.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// `domain.key_value.key...`, the rule's path as envoyproxy/ratelimit names it in logs.
+    pub path: String,
+    pub rate_limit: Option<RateLimit>,
+    pub shadow_mode: bool,
+    pub detailed_metric: bool,
+    pub children: Descriptors,
+    /// The line the rule starts at, for messages.
+    pub line: Option<usize>,
+}
+
+/// A `descriptors` list, indexed for matching: by key, then exact values, `*` suffix
+/// wildcards (in file order) and the key-only rule.
+#[derive(Debug, Clone, Default)]
+pub struct Descriptors {
+    by_key: HashMap<String, KeyRules>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct KeyRules {
+    values: HashMap<String, Rule>,
+    wildcards: Vec<(String, Rule)>,
+    any: Option<Rule>,
+}
+
+impl Descriptors {
+    /// The rule for one request entry: `key` with `value` exactly, else the first wildcard
+    /// whose prefix `value` starts with, else `key` alone.
+    pub fn lookup(&self, key: &str, value: &str) -> Option<&Rule> {
+        let rules = self.by_key.get(key)?;
+        rules
+            .values
+            .get(value)
+            .or_else(|| {
+                rules
+                    .wildcards
+                    .iter()
+                    .find(|(prefix, _)| value.starts_with(prefix.as_str()))
+                    .map(|(_, rule)| rule)
+            })
+            .or(rules.any.as_ref())
+    }
+
+    /// No rules: a rule without a nested list ends the walk.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Every rule of this list and of the lists nested in it.
+    fn rules(&self) -> Vec<&Rule> {
+        let mut out = Vec::new();
+        for rules in self.by_key.values() {
+            let all = rules
+                .values
+                .values()
+                .chain(rules.wildcards.iter().map(|(_, r)| r))
+                .chain(rules.any.iter());
+            for rule in all {
+                out.push(rule);
+                out.extend(rule.children.rules());
+            }
+        }
+        out
+    }
+}
+
+/// One file's domain.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    /// `domain`.
+    pub name: String,
+    pub descriptors: Descriptors,
+    /// The file it came from.
+    pub file: String,
+}
+
+/// Every domain the service knows.
+#[derive(Debug, Clone, Default)]
+pub struct RlsConfig {
+    /// By name.
+    pub domains: HashMap<String, Domain>,
+    /// What is worth saying at load beyond errors (limits of a day or longer, enforced as an
+    /// hourly share).
+    pub notes: Vec<String>,
+}
+
+impl RlsConfig {
+    /// Loads `path`: one file, or every `*.yaml` / `*.yml` file of a directory. Also returns a
+    /// fingerprint of what was read (names and contents), to tell a changed config from the
+    /// one in force without parsing it.
+    pub fn load(path: &Path) -> Result<(RlsConfig, u64), RlsConfigError> {
+        let files = read_files(path)?;
+        let fingerprint = fingerprint(&files);
+        Ok((RlsConfig::from_files(&files)?, fingerprint))
+    }
+
+    /// What `load` would read, fingerprinted (see [`RlsConfig::load`]).
+    pub fn fingerprint_of(path: &Path) -> Result<u64, RlsConfigError> {
+        Ok(fingerprint(&read_files(path)?))
+    }
+
+    /// One domain per file; a domain in two files is an error (as envoyproxy/ratelimit without
+    /// `MERGE_DOMAIN_CONFIG`).
+    pub fn from_files(files: &[(String, String)]) -> Result<RlsConfig, RlsConfigError> {
+        let mut config = RlsConfig::default();
+        for (file, text) in files {
+            let (domain, notes) = parse_domain(file, text)?;
+            if let Some(other) = config.domains.get(&domain.name) {
+                return Err(RlsConfigError::Invalid {
+                    file: file.clone(),
+                    field: "domain".into(),
+                    line: LineHint(KeyLines::of(text).line("domain")),
+                    message: format!(
+                        "duplicate domain {:?}: {} has it too (one file per domain)",
+                        domain.name, other.file
+                    ),
+                });
+            }
+            config.notes.extend(notes);
+            config.domains.insert(domain.name.clone(), domain);
+        }
+        Ok(config)
+    }
+
+    /// Parses one file's text.
+    pub fn parse(text: &str) -> Result<RlsConfig, RlsConfigError> {
+        RlsConfig::from_files(&[("config".to_string(), text.to_string())])
+    }
+}
+
+fn fingerprint(files: &[(String, String)]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    files.hash(&mut h);
+    h.finish()
+}
+
+/// The files of `path` with their text, in name order.
+fn read_files(path: &Path) -> Result<Vec<(String, String)>, RlsConfigError> {
+    let read = |p: &Path| {
+        capped_read::read_to_string(p, MAX_CONFIG_BYTES, "rate limit service config")
+            .map(|text| (p.display().to_string(), text))
+            .map_err(|source| RlsConfigError::ReadCapped {
+                path: p.to_path_buf(),
+                source,
+            })
+    };
+    let meta = std::fs::metadata(path).map_err(|source| RlsConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Ok(vec![read(path)?]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| RlsConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| RlsConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let p = entry.path();
+        if name.starts_with('.')
+            || !(name.ends_with(".yaml") || name.ends_with(".yml"))
+            || !p.is_file()
+        {
+            continue;
+        }
+        paths.push(p);
+    }
+    if paths.is_empty() {
+        return Err(RlsConfigError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    paths.sort();
+    paths.iter().map(|p| read(p)).collect()
+}
+
+/// A scalar read as text, as envoyproxy/ratelimit's YAML decoder reads `key` and `value`
+/// (`value: 500` is the string "500").
+fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error as _;
+    match Option::<serde_yaml::Value>::deserialize(d)? {
+        None | Some(serde_yaml::Value::Null) => Ok(None),
+        Some(serde_yaml::Value::String(s)) => Ok(Some(s)),
+        Some(serde_yaml::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(serde_yaml::Value::Bool(b)) => Ok(Some(b.to_string())),
+        Some(_) => Err(D::Error::custom("expected a string")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default, deserialize_with = "scalar")]
+    domain: Option<String>,
+    #[serde(default)]
+    descriptors: Vec<RawDescriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDescriptor {
+    #[serde(default, deserialize_with = "scalar")]
+    key: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    value: Option<String>,
+    rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    descriptors: Vec<RawDescriptor>,
+    #[serde(default)]
+    shadow_mode: bool,
+    #[serde(default)]
+    detailed_metric: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    #[serde(default, deserialize_with = "scalar")]
+    unit: Option<String>,
+    requests_per_unit: Option<u32>,
+    #[serde(default)]
+    unlimited: bool,
+    #[serde(default, deserialize_with = "scalar")]
+    name: Option<String>,
+    #[serde(default)]
+    replaces: Vec<RawReplace>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplace {
+    #[serde(default, deserialize_with = "scalar")]
+    name: Option<String>,
+}
+
+/// Builds one file's domain, checking what envoyproxy/ratelimit checks at load.
+fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConfigError> {
+    let raw: RawFile = serde_yaml::from_str(text).map_err(|source| RlsConfigError::Yaml {
+        file: file.to_string(),
+        source,
+    })?;
+    let lines = KeyLines::of(text);
+    let invalid = |field: &str, message: String| RlsConfigError::Invalid {
+        file: file.to_string(),
+        field: field.to_string(),
+        line: LineHint(line_of(&lines, field)),
+        message,
+    };
+    let name = match raw.domain {
+        Some(d) if !d.is_empty() => d,
+        _ => {
+            return Err(invalid(
+                "domain",
+                "a config file must name its domain".into(),
+            ));
+        }
+    };
+    let mut notes = Vec::new();
+    let descriptors = build_list(
+        &raw.descriptors,
+        "descriptors",
+        &name,
+        &lines,
+        &invalid,
+        &mut notes,
+    )?;
+    let domain = Domain {
+        name,
+        descriptors,
+        file: file.to_string(),
+    };
+    // `replaces` must name a limit that exists somewhere in the domain: a typo would otherwise
+    // silently replace nothing.
+    let rules = domain.descriptors.rules();
+    let names: HashSet<&str> = rules
+        .iter()
+        .filter_map(|r| r.rate_limit.as_ref()?.name.as_deref())
+        .collect();
+    for rule in &rules {
+        for replaced in rule.rate_limit.iter().flat_map(|l| &l.replaces) {
+            if !names.contains(replaced.as_str()) {
+                return Err(RlsConfigError::Invalid {
+                    file: file.to_string(),
+                    field: format!("{}.rate_limit.replaces", rule.path),
+                    line: LineHint(rule.line),
+                    message: format!("no rate_limit of the domain is named {replaced:?}"),
+                });
+            }
+        }
+    }
+    Ok((domain, notes))
+}
+
+/// The line of `field`, else of the nearest enclosing key that is written.
+fn line_of(lines: &KeyLines, field: &str) -> Option<usize> {
+    let mut path = field;
+    loop {
+        if let Some(line) = lines.line(path) {
+            return Some(line);
+        }
+        // Drop the last `.key` or `[i]`.
+        let cut = path.rfind(['.', '['])?;
+        path = &path[..cut];
+        if path.is_empty() {
+            return None;
+        }
+    }
+}
+
+fn build_list(
+    raw: &[RawDescriptor],
+    field: &str,
+    parent: &str,
+    lines: &KeyLines,
+    invalid: &dyn Fn(&str, String) -> RlsConfigError,
+    notes: &mut Vec<String>,
+) -> Result<Descriptors, RlsConfigError> {
+    let mut list = Descriptors::default();
+    for (i, d) in raw.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let key = match &d.key {
+            Some(k) if !k.is_empty() => k.clone(),
+            _ => {
+                // At the entry's own line: that of the first of its keys that is written.
+                let line = ["key", "value", "rate_limit", "descriptors", "shadow_mode"]
+                    .iter()
+                    .find_map(|k| lines.line(&format!("{at}.{k}")));
+                let mut e = invalid(&format!("{at}.key"), "a descriptor needs a key".into());
+                if let (RlsConfigError::Invalid { line: at_line, .. }, Some(line)) = (&mut e, line)
+                {
+                    *at_line = LineHint(Some(line));
+                }
+                return Err(e);
+            }
+        };
+        let value = d.value.clone().filter(|v| !v.is_empty());
+        let path = match &value {
+            Some(v) => format!("{parent}.{key}_{v}"),
+            None => format!("{parent}.{key}"),
+        };
+        let rate_limit = match &d.rate_limit {
+            None => None,
+            Some(r) => Some(build_limit(
+                r,
+                &format!("{at}.rate_limit"),
+                &path,
+                invalid,
+                notes,
+            )?),
+        };
+        let children = build_list(
+            &d.descriptors,
+            &format!("{at}.descriptors"),
+            &path,
+            lines,
+            invalid,
+            notes,
+        )?;
+        let rule = Rule {
+            path: path.clone(),
+            rate_limit,
+            shadow_mode: d.shadow_mode,
+            detailed_metric: d.detailed_metric,
+            children,
+            line: line_of(lines, &format!("{at}.key")),
+        };
+        let rules = list.by_key.entry(key).or_default();
+        let duplicate = match value {
+            None => rules.any.replace(rule).is_some(),
+            Some(v) => match v.strip_suffix('*') {
+                Some(prefix) => {
+                    let dup = rules.wildcards.iter().any(|(p, _)| p == prefix);
+                    rules.wildcards.push((prefix.to_string(), rule));
+                    dup
+                }
+                None => rules.values.insert(v, rule).is_some(),
+            },
+        };
+        if duplicate {
+            return Err(invalid(
+                &format!("{at}.key"),
+                format!("duplicate descriptor composite key {path:?}"),
+            ));
+        }
+    }
+    Ok(list)
+}
+
+fn build_limit(
+    r: &RawRateLimit,
+    at: &str,
+    path: &str,
+    invalid: &dyn Fn(&str, String) -> RlsConfigError,
+    notes: &mut Vec<String>,
+) -> Result<RateLimit, RlsConfigError> {
+    let unit = match r.unit.as_deref() {
+        None | Some("") => None,
+        Some(u) => Some(Unit::parse(u).ok_or_else(|| {
+            invalid(
+                &format!("{at}.unit"),
+                format!(
+                    "invalid rate limit unit {u:?}: one of second, minute, hour, day, week, month, year"
+                ),
+            )
+        })?),
+    };
+    let limit = if r.unlimited {
+        if unit.is_some() || r.requests_per_unit.is_some() {
+            return Err(invalid(
+                &format!("{at}.unlimited"),
+                "an unlimited rate_limit takes no unit or requests_per_unit".into(),
+            ));
+        }
+        None
+    } else {
+        let Some(unit) = unit else {
+            return Err(invalid(
+                &format!("{at}.unit"),
+                "a rate_limit needs a unit (second, minute, hour, day, week, month, year) or unlimited: true".into(),
+            ));
+        };
+        let rpu = r.requests_per_unit.unwrap_or(0);
+        if unit.seconds() > 3600 && rpu > 0 {
+            let (share, _) = window(rpu, unit);
+            notes.push(format!(
+                "{path}: {rpu} per {} is enforced as {share} per sliding hour (windows are at most an hour)",
+                unit.name()
+            ));
+        }
+        Some((rpu, unit))
+    };
+    let mut replaces = Vec::new();
+    for (j, rep) in r.replaces.iter().enumerate() {
+        match &rep.name {
+            Some(n) if !n.is_empty() => replaces.push(n.clone()),
+            _ => {
+                return Err(invalid(
+                    &format!("{at}.replaces[{j}].name"),
+                    "a replaces entry needs the name of the rate_limit it replaces".into(),
+                ));
+            }
+        }
+    }
+    Ok(RateLimit {
+        name: r.name.clone().filter(|n| !n.is_empty()),
+        replaces,
+        limit,
+    })
+}

@@ -1,0 +1,515 @@
+//! Conformance vectors written from the examples of envoyproxy/ratelimit's README (its
+//! "Examples" section) and the protocol's documentation of `RateLimitRequest`, plus the
+//! config's validation messages.
+
+use super::*;
+use crate::rls::config::{RlsConfigError, window};
+
+fn config(yaml: &str) -> RlsConfig {
+    RlsConfig::parse(yaml).unwrap_or_else(|e| panic!("valid config: {e}"))
+}
+
+fn d<'a>(entries: &[(&'a str, &'a str)]) -> Descriptor<'a> {
+    Descriptor {
+        entries: entries.to_vec(),
+        limit_override: None,
+    }
+}
+
+/// `(requests_per_unit, unit, shadow)` of the one descriptor `entries`, `None` when unlimited
+/// or not limited at all.
+fn limit(config: &RlsConfig, domain: &str, entries: &[(&str, &str)]) -> Applies {
+    limits_for(config, domain, &[d(entries)]).remove(0)
+}
+
+fn per(rpu: u32, unit: Unit) -> Applies {
+    Applies::Limited(Limit {
+        requests_per_unit: rpu,
+        unit,
+        name: None,
+        shadow_mode: false,
+        overridden: false,
+    })
+}
+
+#[test]
+fn example_1_key_and_value() {
+    let c = config(
+        "domain: mongo_cps
+descriptors:
+  - key: database
+    value: users
+    rate_limit:
+      unit: second
+      requests_per_unit: 500
+
+  - key: database
+    value: default
+    rate_limit:
+      unit: second
+      requests_per_unit: 500
+",
+    );
+    assert_eq!(
+        limit(&c, "mongo_cps", &[("database", "users")]),
+        per(500, Unit::Second)
+    );
+    assert_eq!(
+        limit(&c, "mongo_cps", &[("database", "default")]),
+        per(500, Unit::Second)
+    );
+    // No key-only rule: another value is not limited.
+    assert_eq!(
+        limit(&c, "mongo_cps", &[("database", "other")]),
+        Applies::Nothing
+    );
+    // Another domain knows none of it.
+    assert_eq!(
+        limit(&c, "other", &[("database", "users")]),
+        Applies::Nothing
+    );
+}
+
+const EXAMPLE_2: &str = "domain: messaging
+descriptors:
+  # Only allow 5 marketing messages a day
+  - key: message_type
+    value: marketing
+    descriptors:
+      - key: to_number
+        rate_limit:
+          unit: day
+          requests_per_unit: 5
+
+  # Only allow 100 messages a day to any unique phone number
+  - key: to_number
+    rate_limit:
+      unit: day
+      requests_per_unit: 100
+";
+
+#[test]
+fn example_2_nested_lists_and_several_descriptors() {
+    let c = config(EXAMPLE_2);
+    let request = [
+        d(&[("message_type", "marketing"), ("to_number", "2061111111")]),
+        d(&[("to_number", "2061111111")]),
+    ];
+    assert_eq!(
+        limits_for(&c, "messaging", &request),
+        vec![per(5, Unit::Day), per(100, Unit::Day)]
+    );
+    // The placeholder level has no limit of its own.
+    assert_eq!(
+        limit(&c, "messaging", &[("message_type", "marketing")]),
+        Applies::Nothing
+    );
+    // Another message type is not under the nested rule.
+    assert_eq!(
+        limit(
+            &c,
+            "messaging",
+            &[("message_type", "transactional"), ("to_number", "1")]
+        ),
+        Applies::Nothing
+    );
+    // A day is enforced as its hourly share over a sliding hour.
+    assert_eq!(window(100, Unit::Day), (4, 3_600_000_000));
+    assert_eq!(window(5, Unit::Day), (1, 3_600_000_000));
+    assert_eq!(window(0, Unit::Day), (0, 3_600_000_000));
+    assert_eq!(window(500, Unit::Second), (500, 1_000_000));
+    assert_eq!(window(7, Unit::Hour), (7, 3_600_000_000));
+    assert!(
+        c.notes
+            .iter()
+            .any(|n| n.contains("100 per day is enforced as 4 per sliding hour"))
+    );
+}
+
+#[test]
+fn example_3_key_and_value_before_key_only() {
+    let c = config(
+        "domain: edge_proxy_per_ip
+descriptors:
+  - key: remote_address
+    rate_limit:
+      unit: second
+      requests_per_unit: 10
+
+  # Black list IP
+  - key: remote_address
+    value: 50.0.0.5
+    rate_limit:
+      unit: second
+      requests_per_unit: 0
+",
+    );
+    assert_eq!(
+        limit(&c, "edge_proxy_per_ip", &[("remote_address", "50.0.0.1")]),
+        per(10, Unit::Second)
+    );
+    assert_eq!(
+        limit(&c, "edge_proxy_per_ip", &[("remote_address", "50.0.0.5")]),
+        per(0, Unit::Second)
+    );
+}
+
+#[test]
+fn example_4_a_rule_applies_at_the_depth_of_the_request() {
+    let flat = config(
+        "domain: example4
+descriptors:
+  - key: key
+    value: value
+    rate_limit:
+      requests_per_unit: 300
+      unit: second
+",
+    );
+    let two = [("key", "value"), ("subkey", "subvalue")];
+    assert_eq!(limit(&flat, "example4", &two), Applies::Nothing);
+    assert_eq!(
+        limit(&flat, "example4", &[("key", "value")]),
+        per(300, Unit::Second)
+    );
+    let nested = config(
+        "domain: example4
+descriptors:
+  - key: key
+    value: value
+    descriptors:
+      - key: subkey
+        rate_limit:
+          requests_per_unit: 300
+          unit: second
+",
+    );
+    assert_eq!(limit(&nested, "example4", &two), per(300, Unit::Second));
+    // One entry short of the rule's depth: nothing.
+    assert_eq!(
+        limit(&nested, "example4", &[("key", "value")]),
+        Applies::Nothing
+    );
+    // One entry deeper than the rules go: nothing.
+    assert_eq!(
+        limit(
+            &nested,
+            "example4",
+            &[("key", "value"), ("subkey", "x"), ("more", "y")]
+        ),
+        Applies::Nothing
+    );
+}
+
+#[test]
+fn example_5_unlimited() {
+    let c = config(
+        "domain: internal
+descriptors:
+  - key: ldap
+    rate_limit:
+      unlimited: true
+
+  - key: azure
+    rate_limit:
+      unit: minute
+      requests_per_unit: 100
+",
+    );
+    assert_eq!(limit(&c, "internal", &[("ldap", "x")]), Applies::Unlimited);
+    assert_eq!(
+        limit(&c, "internal", &[("azure", "x")]),
+        per(100, Unit::Minute)
+    );
+}
+
+#[test]
+fn example_6_shadow_mode() {
+    let c = config(
+        "domain: example6
+descriptors:
+  - key: service
+    descriptors:
+      - key: user
+        value: user-a
+        rate_limit:
+          requests_per_unit: 10
+          unit: second
+        shadow_mode: true
+      - key: user
+        value: user-b
+        rate_limit:
+          requests_per_unit: 20
+          unit: second
+",
+    );
+    let a = limit(
+        &c,
+        "example6",
+        &[("service", "auth-service"), ("user", "user-a")],
+    );
+    assert!(matches!(
+        a,
+        Applies::Limited(Limit {
+            requests_per_unit: 10,
+            shadow_mode: true,
+            ..
+        })
+    ));
+    let b = limit(
+        &c,
+        "example6",
+        &[("service", "auth-service"), ("user", "user-b")],
+    );
+    assert_eq!(b, per(20, Unit::Second));
+}
+
+#[test]
+fn example_7_replaces() {
+    let c = config(
+        "domain: example7
+descriptors:
+  - key: key_1
+    value: value_1
+    descriptors:
+      - key: user
+        value: bkthomps
+        rate_limit:
+          name: specific_limit
+          requests_per_unit: 5
+          unit: second
+  - key: key_2
+    value: value_2
+    descriptors:
+      - key: user
+        value: bkthomps
+        rate_limit:
+          replaces:
+            - name: specific_limit
+          requests_per_unit: 10
+          unit: second
+",
+    );
+    let one = d(&[("key_1", "value_1"), ("user", "bkthomps")]);
+    let two = d(&[("key_2", "value_2"), ("user", "bkthomps")]);
+    let named = Applies::Limited(Limit {
+        requests_per_unit: 5,
+        unit: Unit::Second,
+        name: Some("specific_limit".into()),
+        shadow_mode: false,
+        overridden: false,
+    });
+    assert_eq!(
+        limits_for(&c, "example7", std::slice::from_ref(&one)),
+        vec![named]
+    );
+    assert_eq!(
+        limits_for(&c, "example7", std::slice::from_ref(&two)),
+        vec![per(10, Unit::Second)]
+    );
+    // Both in one request: the replaced limit does not apply (and is not spent).
+    assert_eq!(
+        limits_for(&c, "example7", &[one, two]),
+        vec![Applies::Nothing, per(10, Unit::Second)]
+    );
+}
+
+#[test]
+fn example_8_detailed_metric_changes_no_match() {
+    let c = config(
+        "domain: example8
+descriptors:
+  - key: key1
+    detailed_metric: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 10
+  - key: key1
+    value: value1
+    rate_limit:
+      unit: minute
+      requests_per_unit: 20
+",
+    );
+    assert_eq!(
+        limit(&c, "example8", &[("key1", "unspecified")]),
+        per(10, Unit::Minute)
+    );
+    assert_eq!(
+        limit(&c, "example8", &[("key1", "value1")]),
+        per(20, Unit::Minute)
+    );
+}
+
+#[test]
+fn example_9_wildcards_after_exact_values_before_key_only() {
+    let c = config(
+        "domain: example9
+descriptors:
+  - key: key1
+    value: value*
+    rate_limit:
+      unit: minute
+      requests_per_unit: 20
+  - key: key1
+    value: value9
+    rate_limit:
+      unit: minute
+      requests_per_unit: 9
+  - key: key1
+    rate_limit:
+      unit: minute
+      requests_per_unit: 1
+",
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("key1", "value_1")]),
+        per(20, Unit::Minute)
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("key1", "value")]),
+        per(20, Unit::Minute)
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("key1", "value9")]),
+        per(9, Unit::Minute)
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("key1", "other")]),
+        per(1, Unit::Minute)
+    );
+}
+
+#[test]
+fn a_request_override_applies_in_a_known_domain_only() {
+    let c = config(EXAMPLE_2);
+    let mut over = d(&[("anything", "x")]);
+    over.limit_override = Some((42, Unit::Minute));
+    let got = limits_for(&c, "messaging", std::slice::from_ref(&over));
+    assert!(matches!(
+        &got[0],
+        Applies::Limited(Limit {
+            requests_per_unit: 42,
+            unit: Unit::Minute,
+            overridden: true,
+            ..
+        })
+    ));
+    assert_eq!(limits_for(&c, "unknown", &[over]), vec![Applies::Nothing]);
+}
+
+#[test]
+fn values_may_be_yaml_numbers_and_units_any_case() {
+    let c = config(
+        "domain: 7
+descriptors:
+  - key: code
+    value: 500
+    rate_limit: { unit: SECOND, requests_per_unit: 3 }
+",
+    );
+    assert_eq!(limit(&c, "7", &[("code", "500")]), per(3, Unit::Second));
+}
+
+fn error(yaml: &str) -> String {
+    match RlsConfig::parse(yaml) {
+        Ok(_) => panic!("must be refused:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn errors_name_the_field_and_its_line() {
+    let e = error("descriptors:\n  - key: a\n");
+    assert_eq!(e, "config: domain: a config file must name its domain");
+    let e = error(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: fortnight\n      requests_per_unit: 1\n",
+    );
+    assert!(
+        e.starts_with(
+            "config: descriptors[0].rate_limit.unit (line 5): invalid rate limit unit \"fortnight\""
+        ),
+        "{e}"
+    );
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - value: b\n");
+    assert!(
+        e.starts_with(
+            "config: descriptors[0].descriptors[0].key (line 5): a descriptor needs a key"
+        ),
+        "{e}"
+    );
+    let e = error(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unlimited: true\n      unit: second\n",
+    );
+    assert!(
+        e.starts_with("config: descriptors[0].rate_limit.unlimited (line 5)"),
+        "{e}"
+    );
+    let e =
+        error("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      requests_per_unit: 1\n");
+    assert!(
+        e.starts_with("config: descriptors[0].rate_limit.unit (line 4): a rate_limit needs a unit"),
+        "{e}"
+    );
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    value: b\n  - key: a\n    value: b\n");
+    assert!(
+        e.starts_with(
+            "config: descriptors[1].key (line 5): duplicate descriptor composite key \"d.a_b\""
+        ),
+        "{e}"
+    );
+    let e = error(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: 1\n      replaces:\n        - name: nope\n",
+    );
+    assert!(
+        e.contains(
+            "d.a.rate_limit.replaces (line 3): no rate_limit of the domain is named \"nope\""
+        ),
+        "{e}"
+    );
+    // Unknown fields and bad types: serde_yaml's message, with the path and the line.
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    rate_limt: {}\n");
+    assert!(
+        e.contains("descriptors[0]: unknown field `rate_limt`") && e.contains("line 4"),
+        "{e}"
+    );
+    let e = error(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n",
+    );
+    assert!(
+        e.contains("requests_per_unit") && e.contains("line 6"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_domain_in_two_files_is_refused() {
+    let files = [
+        ("a.yaml".to_string(), "domain: d\n".to_string()),
+        ("b.yaml".to_string(), "# b\ndomain: d\n".to_string()),
+    ];
+    let e = RlsConfig::from_files(&files).unwrap_err();
+    assert!(matches!(e, RlsConfigError::Invalid { .. }));
+    assert_eq!(
+        e.to_string(),
+        "b.yaml: domain (line 2): duplicate domain \"d\": a.yaml has it too (one file per domain)"
+    );
+}
+
+#[test]
+fn a_directory_loads_its_yaml_files_and_skips_the_rest() {
+    let dir = std::env::temp_dir().join(format!("limiter-rls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), EXAMPLE_2).unwrap();
+    std::fs::write(dir.join("b.yml"), "domain: other\n").unwrap();
+    std::fs::write(dir.join(".hidden.yaml"), "not: [yaml").unwrap();
+    std::fs::write(dir.join("notes.txt"), "not: [yaml").unwrap();
+    let (c, first) = RlsConfig::load(&dir).unwrap();
+    let mut domains: Vec<&str> = c.domains.keys().map(String::as_str).collect();
+    domains.sort();
+    assert_eq!(domains, ["messaging", "other"]);
+    assert_eq!(RlsConfig::fingerprint_of(&dir).unwrap(), first);
+    std::fs::write(dir.join("b.yml"), "domain: changed\n").unwrap();
+    assert_ne!(RlsConfig::fingerprint_of(&dir).unwrap(), first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,102 @@
+//! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService`), served by the
+//! agent on `--rls-listen` from an envoyproxy/ratelimit configuration (`--rls-config`):
+//! [`config`] reads it, [`matching`] finds each descriptor's limit, [`service`] decides with the
+//! check program and answers.
+
+pub mod config;
+pub mod listen;
+pub mod matching;
+pub mod service;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+};
+
+pub use self::config::{RlsConfig, RlsConfigError, Unit};
+
+/// The rate limit service's config in force, and its file(s), re-read on change.
+pub struct RlsStore {
+    path: PathBuf,
+    current: RwLock<Arc<RlsConfig>>,
+    /// The fingerprint of the files last seen (loaded or refused), so a refused file is reported
+    /// once, not at every poll.
+    seen: Mutex<Option<u64>>,
+}
+
+impl RlsStore {
+    /// Loads `path` (a file or a directory); an error here stops the start.
+    pub fn load(path: PathBuf) -> Result<RlsStore, RlsConfigError> {
+        let (config, fingerprint) = RlsConfig::load(&path)?;
+        log_loaded(&path, &config);
+        Ok(RlsStore {
+            path,
+            current: RwLock::new(Arc::new(config)),
+            seen: Mutex::new(Some(fingerprint)),
+        })
+    }
+
+    /// A store over a config already parsed (tests).
+    pub fn fixed(config: RlsConfig) -> RlsStore {
+        RlsStore {
+            path: PathBuf::new(),
+            current: RwLock::new(Arc::new(config)),
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// The config in force.
+    pub fn current(&self) -> Arc<RlsConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the config if its files changed (`force`: even if not). A config that does not
+    /// load is logged and the one in force stays.
+    pub fn reload(&self, force: bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let fingerprint = match RlsConfig::fingerprint_of(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Once per outage (the fingerprint forgotten), and on every SIGHUP.
+                if seen.is_some() || force {
+                    tracing::error!(
+                        "rate limit service config: {}; the config in force stays in force",
+                        crate::error_chain(&e)
+                    );
+                }
+                *seen = None;
+                return;
+            }
+        };
+        if !force && *seen == Some(fingerprint) {
+            return;
+        }
+        *seen = Some(fingerprint);
+        match RlsConfig::load(&self.path) {
+            Ok((config, _)) => {
+                log_loaded(&self.path, &config);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+            }
+            Err(e) => tracing::error!(
+                "rate limit service config rejected: {}; the config in force stays in force",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+}
+
+fn log_loaded(path: &std::path::Path, config: &RlsConfig) {
+    let mut domains: Vec<&str> = config.domains.keys().map(String::as_str).collect();
+    domains.sort_unstable();
+    tracing::info!(
+        path = %path.display(),
+        domains = ?domains,
+        "rate limit service config loaded"
+    );
+    for note in &config.notes {
+        tracing::info!("rate limit service config: {note}");
+    }
+}

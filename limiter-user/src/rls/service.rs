@@ -1,0 +1,634 @@
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`, decided with the check
+//! program (see `check`): each limited descriptor is a client of the sliding window with its
+//! limit, keyed by (domain, the descriptor's entries), in the `NAMED` map; a descriptor whose
+//! only entry is `remote_address` (or `masked_remote_address`) is that address's client and
+//! spends the budget its packets spend at the XDP fast path, under the agent's policy for the
+//! address (unless [`RlsOptions::address_clients`] is off).
+//!
+//! **All or nothing.** Every descriptor is read first (hits 0, nothing spent); if one would be
+//! denied the request is OVER_LIMIT and nothing is spent, so a denied request never eats
+//! another descriptor's budget (descriptors of one client must fit together). Otherwise every
+//! descriptor is spent. The read and the spend are
+//! one program run each, under one lock that every `ShouldRateLimit` takes, so no other call of
+//! this service spends in between. Only address clients can still change in between (their
+//! packets, and `limiter.v1` checks of the address, do not take the lock): should such a client
+//! run out in those microseconds, its descriptor is OVER_LIMIT and the others were spent.
+//!
+//! **Fields.** `overall_code` is OK or OVER_LIMIT. One status per descriptor, in order: `code`,
+//! `current_limit` (the rule's `requests_per_unit`, `unit` and `name`; for an address client
+//! the agent's policy, see [`address_limit`]), `limit_remaining` (the hits the client could
+//! still spend now) and `duration_until_reset`: windows slide, so there is no reset instant;
+//! it is the time until one more request would be admitted if nothing else is spent meanwhile
+//! (zero while one is left). An unlimited descriptor is OK with `limit_remaining` `u32::MAX`;
+//! one no rule matches is OK without `current_limit`. A `shadow_mode` rule (and every rule while
+//! the agent runs in dry-run mode) reports OK whatever it would have said.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::HeaderValue,
+        service::ratelimit::v3::{
+            RateLimitRequest, RateLimitResponse,
+            rate_limit_response::{
+                Code, DescriptorStatus, RateLimit as PbLimit, rate_limit::Unit as PbUnit,
+            },
+            rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
+        },
+    },
+    google::protobuf::Duration as PbDuration,
+};
+use limiter_common::{
+    CheckRequest, Policy,
+    addr::ClientKey,
+    maps::{ACTION_LIMIT, CHECK_NAMED, MAX_POLICY_ID},
+};
+use tonic::{Request, Response, Status};
+
+use super::{
+    RlsStore,
+    config::{Unit, window},
+    matching::{Applies, Descriptor, Limit, limits_for},
+};
+use crate::{
+    check::{CheckError, Checker, Decision, address_request, named_request},
+    config::Action,
+};
+
+/// The policy id the service's entries carry (`limiter stats` shows it as `#32767` unless a
+/// policy has that index).
+pub const RLS_POLICY_ID: u16 = MAX_POLICY_ID;
+
+/// Largest request accepted (Envoy's are a few hundred bytes).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Most descriptors in one request.
+pub const MAX_DESCRIPTORS: usize = 64;
+
+/// How the service answers.
+#[derive(Debug, Clone)]
+pub struct RlsOptions {
+    /// A descriptor whose only entry is `remote_address` or `masked_remote_address` is the
+    /// address's client, sharing its packets' budget (`--rls-address-clients`, on by default).
+    pub address_clients: bool,
+    /// Add `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` and, when denied,
+    /// `Retry-After` to `response_headers_to_add` (`--rls-headers`).
+    pub headers: bool,
+    /// The body of a denied request (`raw_body`), if set (`--rls-deny-body`).
+    pub deny_body: Option<Vec<u8>>,
+}
+
+impl Default for RlsOptions {
+    fn default() -> RlsOptions {
+        RlsOptions {
+            address_clients: true,
+            headers: false,
+            deny_body: None,
+        }
+    }
+}
+
+/// Where the service's checks are decided: the check program, or a simulation in tests.
+pub trait Budget: Send + Sync + 'static {
+    /// Decides `requests` in order.
+    fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
+    /// The agent runs in dry-run mode (denials are reported as allowed).
+    fn dry_run(&self) -> bool;
+}
+
+impl Budget for Checker {
+    fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError> {
+        self.check_requests(requests)
+    }
+
+    fn dry_run(&self) -> bool {
+        self.view().dry_run()
+    }
+}
+
+/// The service (see the module docs).
+pub struct RlsService<B = Checker> {
+    budget: Arc<B>,
+    store: Arc<RlsStore>,
+    options: RlsOptions,
+    /// Held from the read to the spend (see the module docs).
+    spending: Mutex<()>,
+}
+
+impl<B: Budget> RlsService<B> {
+    pub fn new(budget: Arc<B>, store: Arc<RlsStore>, options: RlsOptions) -> RlsService<B> {
+        RlsService {
+            budget,
+            store,
+            options,
+            spending: Mutex::new(()),
+        }
+    }
+
+    /// The tonic server of this service.
+    pub fn server(self) -> RateLimitServiceServer<RlsService<B>> {
+        RateLimitServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Answers one request (see the module docs).
+    pub fn answer(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+        let parsed = parse(request)?;
+        let config = self.store.current();
+        let descriptors: Vec<Descriptor<'_>> =
+            parsed.iter().map(|p| p.descriptor.clone()).collect();
+        let limits = limits_for(&config, &request.domain, &descriptors);
+        let plans: Vec<Plan> = parsed
+            .iter()
+            .zip(limits)
+            .map(|(p, applies)| self.plan(&request.domain, p, applies))
+            .collect();
+        let outcomes = self.run(&plans)?;
+        Ok(self.response(&plans, &outcomes))
+    }
+
+    /// What to do for one descriptor.
+    fn plan(&self, domain: &str, p: &Parsed<'_>, applies: Applies) -> Plan {
+        let limit = match applies {
+            Applies::Nothing => return Plan::NoLimit,
+            Applies::Unlimited => return Plan::Unlimited,
+            Applies::Limited(limit) => limit,
+        };
+        let address = self
+            .options
+            .address_clients
+            .then(|| address_of(&p.descriptor.entries))
+            .flatten();
+        if let Some(addr) = address {
+            return Plan::Check {
+                request: address_request(addr, p.hits),
+                limit,
+                address: true,
+            };
+        }
+        if limit.requests_per_unit == 0 {
+            return Plan::Blocked(limit);
+        }
+        let (allowance, window_us) = window(limit.requests_per_unit, limit.unit);
+        let policy = Policy {
+            limit: allowance,
+            window_us,
+            id: RLS_POLICY_ID,
+            action: ACTION_LIMIT,
+            group: 0,
+        };
+        Plan::Check {
+            request: named_request(client_key(domain, &p.descriptor.entries), p.hits, policy),
+            limit,
+            address: false,
+        }
+    }
+
+    /// Reads every check, then spends all of them or none (see the module docs).
+    fn run(&self, plans: &[Plan]) -> Result<Vec<Option<Outcome>>, Status> {
+        let checks: Vec<(usize, CheckRequest, bool)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, plan)| match plan {
+                Plan::Check { request, limit, .. } => Some((i, *request, limit.shadow_mode)),
+                _ => None,
+            })
+            .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; plans.len()];
+        if checks.is_empty() {
+            return Ok(outcomes);
+        }
+        let dry_run = self.budget.dry_run();
+        let enforced = |shadow: bool| !shadow && !dry_run;
+        // A blocked descriptor (requests_per_unit 0) denies the request before anything is read.
+        let blocked = plans
+            .iter()
+            .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
+        let _held = self.spending.lock().unwrap_or_else(|e| e.into_inner());
+        // One check alone needs no read first: spending it is all or nothing already.
+        let read = if checks.len() == 1 && !blocked {
+            None
+        } else {
+            let reads: Vec<CheckRequest> = checks
+                .iter()
+                .map(|(_, r, _)| CheckRequest { hits: 0, ..*r })
+                .collect();
+            Some(self.budget.decide(&reads).map_err(unavailable)?)
+        };
+        // What each check's client must have left: the hits of every check of the request on
+        // that client (two descriptors can name one client, and each alone may fit while both
+        // together do not).
+        let needed: Vec<u32> = checks
+            .iter()
+            .map(|(_, r, _)| {
+                checks
+                    .iter()
+                    .filter(|(_, o, _)| same_client(r, o))
+                    .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
+            })
+            .collect();
+        if let Some(read) = &read {
+            let denied = blocked
+                || checks
+                    .iter()
+                    .zip(read)
+                    .zip(&needed)
+                    .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !fits(d, *n));
+            if denied {
+                for (((i, _, _), d), n) in checks.iter().zip(read).zip(&needed) {
+                    outcomes[*i] = Some(Outcome {
+                        decision: d.clone(),
+                        over: !fits(d, *n),
+                    });
+                }
+                return Ok(outcomes);
+            }
+        }
+        // Spend what fits (a shadow descriptor over its limit is not spent: it would be refused
+        // anyway).
+        let spend: Vec<usize> = (0..checks.len())
+            .filter(|&k| read.as_ref().is_none_or(|read| fits(&read[k], needed[k])))
+            .collect();
+        let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
+        let spent = self.budget.decide(&requests).map_err(unavailable)?;
+        for (k, d) in spend.iter().zip(spent) {
+            let over = (d.dry_run_denied || !d.allowed) && checks[*k].1.hits > 0;
+            outcomes[checks[*k].0] = Some(Outcome { decision: d, over });
+        }
+        if let Some(read) = read {
+            for (k, (i, r, _)) in checks.iter().enumerate() {
+                if outcomes[*i].is_none() {
+                    outcomes[*i] = Some(Outcome {
+                        decision: read[k].clone(),
+                        over: !fits(&read[k], r.hits),
+                    });
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn response(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) -> RateLimitResponse {
+        let dry_run = self.budget.dry_run();
+        let mut statuses = Vec::with_capacity(plans.len());
+        let mut over_limit = false;
+        // For the headers: the status with the least left, and the longest wait of the denied.
+        let mut tightest: Option<(u32, u32, Duration)> = None;
+        let mut retry: Option<Duration> = None;
+        for (plan, outcome) in plans.iter().zip(outcomes) {
+            let status = match (plan, outcome) {
+                (Plan::NoLimit, _) => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..DescriptorStatus::default()
+                },
+                (Plan::Unlimited, _) => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    limit_remaining: u32::MAX,
+                    ..DescriptorStatus::default()
+                },
+                (Plan::Blocked(limit), _) => {
+                    let enforced = !limit.shadow_mode && !dry_run;
+                    over_limit |= enforced;
+                    if enforced {
+                        retry = retry.max(Some(Duration::ZERO));
+                    }
+                    tightest = tighter(tightest, (0, 0, Duration::ZERO));
+                    DescriptorStatus {
+                        code: if enforced { Code::OverLimit } else { Code::Ok } as i32,
+                        current_limit: Some(pb_limit(limit.requests_per_unit, limit.unit, limit)),
+                        ..DescriptorStatus::default()
+                    }
+                }
+                (Plan::Check { limit, address, .. }, Some(outcome)) => {
+                    let d = &outcome.decision;
+                    let enforced = outcome.over && !limit.shadow_mode && !dry_run;
+                    over_limit |= enforced;
+                    let current = if *address {
+                        address_limit(d, limit)
+                    } else {
+                        pb_limit(limit.requests_per_unit, limit.unit, limit)
+                    };
+                    let next = d.next_after.unwrap_or(Duration::ZERO);
+                    if enforced {
+                        retry = retry.max(Some(next));
+                    }
+                    if d.action == Action::Limit || d.action == Action::Drop {
+                        tightest =
+                            tighter(tightest, (current.requests_per_unit, d.remaining, next));
+                    }
+                    DescriptorStatus {
+                        code: if enforced { Code::OverLimit } else { Code::Ok } as i32,
+                        current_limit: Some(current),
+                        limit_remaining: d.remaining,
+                        duration_until_reset: Some(pb_duration(next)),
+                        ..DescriptorStatus::default()
+                    }
+                }
+                // Every check has an outcome (`run`); should one not, it is not limited.
+                (Plan::Check { .. }, None) => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..DescriptorStatus::default()
+                },
+            };
+            statuses.push(status);
+        }
+        let mut response = RateLimitResponse {
+            overall_code: if over_limit {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            } as i32,
+            statuses,
+            ..RateLimitResponse::default()
+        };
+        if self.options.headers
+            && let Some((limit, remaining, reset)) = tightest
+        {
+            let mut headers = vec![
+                header("RateLimit-Limit", limit.to_string()),
+                header("RateLimit-Remaining", remaining.to_string()),
+                header("RateLimit-Reset", ceil_seconds(reset).to_string()),
+            ];
+            if over_limit && let Some(retry) = retry {
+                headers.push(header("Retry-After", ceil_seconds(retry).to_string()));
+            }
+            response.response_headers_to_add = headers;
+        }
+        if over_limit && let Some(body) = &self.options.deny_body {
+            response.raw_body = body.clone();
+        }
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Budget> RateLimitService for RlsService<B> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        // A few microseconds (two program runs at most): decided on the runtime's worker.
+        self.answer(request.get_ref()).map(Response::new)
+    }
+}
+
+/// One descriptor of the request, validated.
+struct Parsed<'a> {
+    descriptor: Descriptor<'a>,
+    hits: u32,
+}
+
+/// What the service does for one descriptor.
+#[derive(Debug, Clone)]
+enum Plan {
+    NoLimit,
+    Unlimited,
+    /// `requests_per_unit: 0`: denied without a check.
+    Blocked(Limit),
+    Check {
+        request: CheckRequest,
+        limit: Limit,
+        /// The address's client (the agent's policy, not `limit`, decides).
+        address: bool,
+    },
+}
+
+/// A check's decision, and whether its hits were (or would have been) refused.
+#[derive(Debug, Clone)]
+struct Outcome {
+    decision: Decision,
+    over: bool,
+}
+
+/// Whether two checks are of one client (the same key in the same map).
+fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
+    a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
+}
+
+/// Whether `hits` fit in what a read found left.
+fn fits(d: &Decision, hits: u32) -> bool {
+    match d.action {
+        Action::Pass => true,
+        Action::Drop => false,
+        Action::Limit => d.remaining >= hits,
+    }
+}
+
+fn tighter(
+    current: Option<(u32, u32, Duration)>,
+    candidate: (u32, u32, Duration),
+) -> Option<(u32, u32, Duration)> {
+    match current {
+        Some(c) if c.1 <= candidate.1 => Some(c),
+        _ => Some(candidate),
+    }
+}
+
+/// Validates the request (INVALID_ARGUMENT naming the field) and resolves each descriptor's
+/// hits: its own `hits_addend` if set, else the request's, where 0 means 1.
+fn parse(request: &RateLimitRequest) -> Result<Vec<Parsed<'_>>, Status> {
+    if request.domain.is_empty() {
+        return Err(Status::invalid_argument("domain: must not be empty"));
+    }
+    if request.descriptors.is_empty() {
+        return Err(Status::invalid_argument(
+            "descriptors: at least one descriptor is needed",
+        ));
+    }
+    if request.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(Status::invalid_argument(format!(
+            "descriptors: {} in one request, at most {MAX_DESCRIPTORS}",
+            request.descriptors.len()
+        )));
+    }
+    let default_hits = request.hits_addend.max(1);
+    request
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            if d.entries.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "descriptors[{i}].entries: a descriptor needs at least one entry"
+                )));
+            }
+            if d.is_negative_hits {
+                return Err(Status::invalid_argument(format!(
+                    "descriptors[{i}].is_negative_hits: giving hits back is not supported"
+                )));
+            }
+            let hits = match &d.hits_addend {
+                Some(h) => u32::try_from(h.value).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "descriptors[{i}].hits_addend: {} is more than {}",
+                        h.value,
+                        u32::MAX
+                    ))
+                })?,
+                None => default_hits,
+            };
+            let limit_override = match &d.limit {
+                None => None,
+                Some(o) => {
+                    let unit = PbUnit::try_from(o.unit).ok().and_then(unit_of).ok_or_else(
+                        || {
+                            Status::invalid_argument(format!(
+                                "descriptors[{i}].limit.unit: {} is not a unit (SECOND to YEAR)",
+                                o.unit
+                            ))
+                        },
+                    )?;
+                    Some((o.requests_per_unit, unit))
+                }
+            };
+            Ok(Parsed {
+                descriptor: Descriptor {
+                    entries: d
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.as_str(), e.value.as_str()))
+                        .collect(),
+                    limit_override,
+                },
+                hits,
+            })
+        })
+        .collect()
+}
+
+/// The address of a descriptor that is one `remote_address` entry (an address) or one
+/// `masked_remote_address` entry (`address/length`, the address taken as written: the agent's
+/// own grouping decides which addresses share its budget).
+pub fn address_of(entries: &[(&str, &str)]) -> Option<IpAddr> {
+    let [(key, value)] = entries else {
+        return None;
+    };
+    let text = match *key {
+        "remote_address" => *value,
+        "masked_remote_address" => value.split_once('/').map_or(*value, |(a, _)| a),
+        _ => return None,
+    };
+    let addr: IpAddr = text.parse().ok()?;
+    // As the API's checks: an IPv4-mapped address is the IPv4 client; multicast has none.
+    match addr {
+        IpAddr::V6(v6) if v6.is_multicast() => None,
+        IpAddr::V6(v6) => Some(v6.to_ipv4_mapped().map_or(addr, IpAddr::V4)),
+        v4 => Some(v4),
+    }
+}
+
+/// The `NAMED` key of a descriptor's client: a SHA-256 prefix of the domain and the entries,
+/// each length-prefixed, after a marker no `limiter.v1` ID can start with (IDs have no control
+/// characters), so the service's clients never share a budget with the API's IDs.
+pub fn client_key(domain: &str, entries: &[(&str, &str)]) -> ClientKey {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"\0rls\0");
+    let mut field = |s: &str| {
+        h.update((s.len() as u32).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    field(domain);
+    for (k, v) in entries {
+        field(k);
+        field(v);
+    }
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+fn unit_of(unit: PbUnit) -> Option<Unit> {
+    Some(match unit {
+        PbUnit::Unknown => return None,
+        PbUnit::Second => Unit::Second,
+        PbUnit::Minute => Unit::Minute,
+        PbUnit::Hour => Unit::Hour,
+        PbUnit::Day => Unit::Day,
+        PbUnit::Week => Unit::Week,
+        PbUnit::Month => Unit::Month,
+        PbUnit::Year => Unit::Year,
+    })
+}
+
+fn pb_unit(unit: Unit) -> PbUnit {
+    match unit {
+        Unit::Second => PbUnit::Second,
+        Unit::Minute => PbUnit::Minute,
+        Unit::Hour => PbUnit::Hour,
+        Unit::Day => PbUnit::Day,
+        Unit::Week => PbUnit::Week,
+        Unit::Month => PbUnit::Month,
+        Unit::Year => PbUnit::Year,
+    }
+}
+
+fn pb_limit(requests_per_unit: u32, unit: Unit, limit: &Limit) -> PbLimit {
+    PbLimit {
+        name: limit.name.clone().unwrap_or_default(),
+        requests_per_unit,
+        unit: pb_unit(unit) as i32,
+    }
+}
+
+/// The `current_limit` of an address client: the agent's policy for the address, as
+/// `requests_per_unit` per the unit its window is (1 s, 1 min, 1 h); a window of another
+/// length is reported per second, rounded to the nearest request (at least 1 while the policy
+/// admits any). An allow-listed address reports `u32::MAX` per second.
+pub fn address_limit(d: &Decision, limit: &Limit) -> PbLimit {
+    let (rpu, unit) = match d.action {
+        Action::Pass => (u32::MAX, Unit::Second),
+        _ => {
+            let window_ns = d.window.as_nanos().max(1);
+            match [Unit::Second, Unit::Minute, Unit::Hour]
+                .into_iter()
+                .find(|u| u128::from(u.seconds()) * 1_000_000_000 == window_ns)
+            {
+                Some(unit) => (d.limit, unit),
+                None => {
+                    let per_second =
+                        (u128::from(d.limit) * 1_000_000_000 + window_ns / 2) / window_ns;
+                    let per_second = u32::try_from(per_second).unwrap_or(u32::MAX);
+                    let per_second = if d.limit > 0 { per_second.max(1) } else { 0 };
+                    (per_second, Unit::Second)
+                }
+            }
+        }
+    };
+    pb_limit(rpu, unit, limit)
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn ceil_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value,
+        ..HeaderValue::default()
+    }
+}
+
+/// A failure to decide is UNAVAILABLE, so that Envoy's `failure_mode_deny` decides, never a
+/// silent OK.
+fn unavailable(e: CheckError) -> Status {
+    Status::unavailable(format!(
+        "the rate limit service could not decide: {}",
+        crate::error_chain(&e)
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,518 @@
+//! The field mapping and the all-or-nothing spending, over a simulated budget that keeps
+//! client state as the check program does (`limiter_common::window::admit` on the slots, the
+//! reply read by `check::decision`, the agent's own reading of the program's replies).
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU64,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use envoy_types::pb::{
+    envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor,
+        rate_limit_descriptor::{Entry, RateLimitOverride},
+    },
+    google::protobuf::UInt64Value,
+};
+use limiter_common::{
+    CheckReply, ClientState,
+    maps::{ACTION_LIMIT, CHECK_NAMED, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_WRITTEN},
+    window,
+};
+use tonic::Code as GrpcCode;
+
+use super::*;
+use crate::{
+    check::{PolicyView, decision},
+    config::Config,
+    rls::RlsConfig,
+};
+
+/// The check program's bookkeeping, simulated: one state per key, addresses under one policy.
+struct Sim {
+    clients: Mutex<HashMap<ClientKey, ClientState>>,
+    now_ns: AtomicU64,
+    address_policy: Policy,
+    view: PolicyView,
+    /// Every request seen, for asserting what was read and spent.
+    seen: Mutex<Vec<CheckRequest>>,
+    fail: AtomicBool,
+}
+
+impl Sim {
+    fn new(dry_run: bool) -> Sim {
+        let mode = if dry_run { "mode: dry-run\n" } else { "" };
+        let config = Config::parse(&format!("{mode}default: {{ limit: 10, window: 1s }}\n"))
+            .expect("config");
+        Sim {
+            clients: Mutex::new(HashMap::new()),
+            now_ns: AtomicU64::new(1_000_000_000_000),
+            address_policy: Policy {
+                limit: 2,
+                window_us: 1_000_000,
+                id: 1,
+                action: ACTION_LIMIT,
+                group: 0,
+            },
+            view: PolicyView::new(&config),
+            seen: Mutex::new(Vec::new()),
+            fail: AtomicBool::new(false),
+        }
+    }
+
+    fn advance(&self, d: Duration) {
+        self.now_ns.fetch_add(d.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    fn spent(&self) -> Vec<(ClientKey, u32)> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|r| r.hits > 0)
+            .map(|r| (r.key, r.hits))
+            .collect()
+    }
+}
+
+impl Budget for Sim {
+    fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(CheckError::Unanswered);
+        }
+        self.seen.lock().unwrap().extend_from_slice(requests);
+        let now = self.now_ns.load(Ordering::SeqCst);
+        let mut clients = self.clients.lock().unwrap();
+        Ok(requests
+            .iter()
+            .map(|r| {
+                let policy = if r.flags & CHECK_NAMED != 0 {
+                    r.policy
+                } else {
+                    self.address_policy
+                };
+                let mut verdict = VERDICT_WRITTEN;
+                let state = match clients.get_mut(&r.key) {
+                    Some(s) => {
+                        if s.window_us != policy.window_us {
+                            s.slots = [0, 0];
+                        }
+                        s.limit = policy.limit;
+                        s.window_us = policy.window_us;
+                        s
+                    }
+                    None if r.hits == 0 => {
+                        verdict |= VERDICT_NOT_RESIDENT;
+                        let fresh = ClientState::fresh(&policy, 0);
+                        let reply = CheckReply {
+                            state: fresh,
+                            now_ns: now,
+                            verdict,
+                            _pad: 0,
+                        };
+                        return decision(&reply, 0, &self.view);
+                    }
+                    None => clients
+                        .entry(r.key)
+                        .or_insert_with(|| ClientState::fresh(&policy, 0)),
+                };
+                let window_ns = NonZeroU64::new(u64::from(state.window_us) * 1000).unwrap();
+                if r.hits > 0
+                    && window::admit(&mut state.slots, now, window_ns, state.limit, r.hits)
+                {
+                    verdict |= VERDICT_ALLOWED;
+                }
+                let reply = CheckReply {
+                    state: *state,
+                    now_ns: now,
+                    verdict,
+                    _pad: 0,
+                };
+                decision(&reply, r.hits, &self.view)
+            })
+            .collect())
+    }
+
+    fn dry_run(&self) -> bool {
+        self.view.dry_run()
+    }
+}
+
+const CONFIG: &str = "domain: web
+descriptors:
+  - key: path
+    rate_limit: { unit: second, requests_per_unit: 3, name: per_path }
+  - key: user
+    rate_limit: { unit: minute, requests_per_unit: 5 }
+  - key: tier
+    value: small
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+  - key: banned
+    rate_limit: { unit: second, requests_per_unit: 0 }
+  - key: shadow
+    shadow_mode: true
+    rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: free
+    rate_limit: { unlimited: true }
+  - key: remote_address
+    rate_limit: { unit: second, requests_per_unit: 100 }
+";
+
+fn service_with(sim: Sim, options: RlsOptions) -> (RlsService<Sim>, Arc<Sim>) {
+    let sim = Arc::new(sim);
+    let store = Arc::new(RlsStore::fixed(RlsConfig::parse(CONFIG).expect("config")));
+    (RlsService::new(Arc::clone(&sim), store, options), sim)
+}
+
+fn service() -> (RlsService<Sim>, Arc<Sim>) {
+    service_with(Sim::new(false), RlsOptions::default())
+}
+
+fn desc(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        ..RateLimitDescriptor::default()
+    }
+}
+
+fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "web".into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+fn codes(r: &RateLimitResponse) -> (i32, Vec<i32>) {
+    (r.overall_code, r.statuses.iter().map(|s| s.code).collect())
+}
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+#[test]
+fn a_descriptor_admits_exactly_its_limit_and_reports_it() {
+    let (svc, sim) = service();
+    let req = request(vec![desc(&[("path", "/a")])]);
+    for left in [2, 1, 0] {
+        let r = svc.answer(&req).unwrap();
+        assert_eq!(codes(&r), (OK, vec![OK]));
+        let s = &r.statuses[0];
+        assert_eq!(s.limit_remaining, left);
+        let limit = s.current_limit.as_ref().unwrap();
+        assert_eq!(
+            (limit.requests_per_unit, limit.unit, limit.name.as_str()),
+            (3, PbUnit::Second as i32, "per_path")
+        );
+        let reset = s.duration_until_reset.as_ref().unwrap();
+        // Zero while one more is left; then the time until one more is admitted.
+        assert_eq!(
+            reset.seconds == 0 && reset.nanos == 0,
+            left > 0,
+            "{reset:?}"
+        );
+    }
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER]));
+    let reset = r.statuses[0].duration_until_reset.unwrap();
+    let wait = Duration::new(reset.seconds as u64, reset.nanos as u32);
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(1100),
+        "{wait:?}"
+    );
+    // Another path is another client.
+    assert_eq!(
+        svc.answer(&request(vec![desc(&[("path", "/b")])]))
+            .unwrap()
+            .overall_code,
+        OK
+    );
+    // Waiting that long admits one more.
+    sim.advance(wait);
+    assert_eq!(svc.answer(&req).unwrap().overall_code, OK);
+}
+
+#[test]
+fn a_denied_request_spends_nothing_from_its_other_descriptors() {
+    let (svc, sim) = service();
+    let both = request(vec![desc(&[("user", "ann")]), desc(&[("tier", "small")])]);
+    assert_eq!(codes(&svc.answer(&both).unwrap()), (OK, vec![OK, OK]));
+    // `tier` (1 per hour) is out: the request is denied, `user` is not spent.
+    for _ in 0..10 {
+        let r = svc.answer(&both).unwrap();
+        assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+        assert_eq!(r.statuses[0].limit_remaining, 4);
+    }
+    let user = client_key("web", &[("user", "ann")]);
+    let tier = client_key("web", &[("tier", "small")]);
+    assert_eq!(sim.spent(), vec![(user, 1), (tier, 1)]);
+    // `user` alone still has its 4.
+    let alone = request(vec![desc(&[("user", "ann")])]);
+    let lefts: Vec<u32> = (0..5)
+        .map(|_| svc.answer(&alone).unwrap().statuses[0].limit_remaining)
+        .collect();
+    assert_eq!(lefts, [3, 2, 1, 0, 0]);
+}
+
+#[test]
+fn two_descriptors_of_one_client_must_fit_together() {
+    let (svc, sim) = service();
+    let user = request(vec![desc(&[("user", "fay")])]);
+    for _ in 0..4 {
+        assert_eq!(svc.answer(&user).unwrap().overall_code, OK);
+    }
+    // One left: the same descriptor twice needs two, so neither is spent.
+    let twice = request(vec![desc(&[("user", "fay")]), desc(&[("user", "fay")])]);
+    let before = sim.spent().len();
+    assert_eq!(
+        codes(&svc.answer(&twice).unwrap()),
+        (OVER, vec![OVER, OVER])
+    );
+    assert_eq!(sim.spent().len(), before, "nothing spent");
+    assert_eq!(svc.answer(&user).unwrap().statuses[0].limit_remaining, 0);
+}
+
+#[test]
+fn hits_addend_zero_means_one_and_a_descriptor_may_override_it() {
+    let (svc, _) = service();
+    let mut req = request(vec![desc(&[("user", "bo")])]);
+    req.hits_addend = 0;
+    assert_eq!(svc.answer(&req).unwrap().statuses[0].limit_remaining, 4);
+    req.hits_addend = 3;
+    assert_eq!(svc.answer(&req).unwrap().statuses[0].limit_remaining, 1);
+    // 2 more do not fit in the 1 left: denied, nothing spent.
+    req.hits_addend = 2;
+    let r = svc.answer(&req).unwrap();
+    assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OVER, 1));
+    // The descriptor's own hits_addend wins over the request's.
+    let mut d = desc(&[("user", "bo")]);
+    d.hits_addend = Some(UInt64Value { value: 1 });
+    req.descriptors = vec![d];
+    let r = svc.answer(&req).unwrap();
+    assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
+}
+
+#[test]
+fn a_request_limit_override_replaces_the_rule() {
+    let (svc, _) = service();
+    let mut d = desc(&[("nothing-configured", "x")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 2,
+        unit: PbUnit::Minute as i32,
+    });
+    let req = request(vec![d]);
+    let r = svc.answer(&req).unwrap();
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit),
+        (2, PbUnit::Minute as i32)
+    );
+    assert_eq!(svc.answer(&req).unwrap().overall_code, OK);
+    assert_eq!(svc.answer(&req).unwrap().overall_code, OVER);
+}
+
+#[test]
+fn unlimited_unmatched_shadow_and_blocked_descriptors() {
+    let (svc, sim) = service();
+    let r = svc
+        .answer(&request(vec![
+            desc(&[("free", "x")]),
+            desc(&[("unknown", "y")]),
+        ]))
+        .unwrap();
+    assert_eq!(codes(&r), (OK, vec![OK, OK]));
+    assert_eq!(r.statuses[0].limit_remaining, u32::MAX);
+    assert!(r.statuses[1].current_limit.is_none());
+    // Shadow mode: over its limit, still OK.
+    let shadow = request(vec![desc(&[("shadow", "s")])]);
+    for _ in 0..3 {
+        assert_eq!(codes(&svc.answer(&shadow).unwrap()), (OK, vec![OK]));
+    }
+    // requests_per_unit 0: denied, and the other descriptor is not spent.
+    let before = sim.spent().len();
+    let r = svc
+        .answer(&request(vec![
+            desc(&[("user", "cy")]),
+            desc(&[("banned", "b")]),
+        ]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(sim.spent().len(), before);
+    assert_eq!(r.statuses[0].limit_remaining, 5);
+}
+
+#[test]
+fn a_remote_address_descriptor_is_the_address_client() {
+    let (svc, sim) = service();
+    let req = request(vec![desc(&[("remote_address", "192.0.2.7")])]);
+    // The agent's policy for the address (2 per second in the simulation), not the rule's 100.
+    let r = svc.answer(&req).unwrap();
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit),
+        (2, PbUnit::Second as i32)
+    );
+    assert_eq!(svc.answer(&req).unwrap().overall_code, OK);
+    assert_eq!(svc.answer(&req).unwrap().overall_code, OVER);
+    let addr = crate::check::ClientId::Addr("192.0.2.7".parse().unwrap()).key();
+    let seen = sim.seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .all(|r| r.key == addr && r.flags & CHECK_NAMED == 0)
+    );
+    drop(seen);
+    // Off: the address is a named client under the rule's limit.
+    let (svc, sim) = service_with(
+        Sim::new(false),
+        RlsOptions {
+            address_clients: false,
+            ..RlsOptions::default()
+        },
+    );
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(r.statuses[0].limit_remaining, 99);
+    assert!(
+        sim.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.flags & CHECK_NAMED != 0)
+    );
+    assert_eq!(
+        address_of(&[("masked_remote_address", "10.1.2.0/24")]),
+        Some("10.1.2.0".parse().unwrap())
+    );
+    assert_eq!(
+        address_of(&[("remote_address", "::ffff:10.0.0.1")]),
+        Some("10.0.0.1".parse().unwrap())
+    );
+    assert_eq!(address_of(&[("remote_address", "ff02::1")]), None);
+    assert_eq!(
+        address_of(&[("remote_address", "1.2.3.4"), ("path", "/")]),
+        None
+    );
+}
+
+#[test]
+fn headers_and_body_when_asked_for() {
+    let (svc, _) = service_with(
+        Sim::new(false),
+        RlsOptions {
+            headers: true,
+            deny_body: Some(b"slow down".to_vec()),
+            ..RlsOptions::default()
+        },
+    );
+    let req = request(vec![desc(&[("user", "di")]), desc(&[("path", "/x")])]);
+    let headers = |r: &RateLimitResponse| -> Vec<(String, String)> {
+        r.response_headers_to_add
+            .iter()
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
+    };
+    let r = svc.answer(&req).unwrap();
+    // The tighter descriptor (`path`: 2 of 3 left, against 4 of 5) is the one reported.
+    assert_eq!(
+        headers(&r),
+        [
+            ("RateLimit-Limit".to_string(), "3".to_string()),
+            ("RateLimit-Remaining".to_string(), "2".to_string()),
+            ("RateLimit-Reset".to_string(), "0".to_string()),
+        ]
+    );
+    assert!(r.raw_body.is_empty());
+    svc.answer(&req).unwrap();
+    svc.answer(&req).unwrap();
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(r.overall_code, OVER);
+    let h = headers(&r);
+    assert_eq!(h[1], ("RateLimit-Remaining".to_string(), "0".to_string()));
+    // Whole seconds, rounded up, of the denied descriptor's wait (a second and the coarse
+    // clock's tick here).
+    let wait = r.statuses[1].duration_until_reset.unwrap();
+    let seconds = (wait.seconds + i64::from(wait.nanos > 0)).to_string();
+    assert!(seconds == "1" || seconds == "2", "{wait:?}");
+    assert_eq!(h[2], ("RateLimit-Reset".to_string(), seconds.clone()));
+    assert_eq!(h[3], ("Retry-After".to_string(), seconds));
+    assert_eq!(r.raw_body, b"slow down");
+}
+
+#[test]
+fn dry_run_reports_ok() {
+    let (svc, _) = service_with(Sim::new(true), RlsOptions::default());
+    let req = request(vec![desc(&[("tier", "small")]), desc(&[("user", "ed")])]);
+    for _ in 0..3 {
+        assert_eq!(codes(&svc.answer(&req).unwrap()), (OK, vec![OK, OK]));
+    }
+}
+
+#[test]
+fn bad_requests_name_the_field_and_failures_are_unavailable() {
+    let (svc, sim) = service();
+    let mut req = request(vec![desc(&[("user", "x")])]);
+    req.domain.clear();
+    let e = svc.answer(&req).unwrap_err();
+    assert_eq!(e.code(), GrpcCode::InvalidArgument);
+    assert!(e.message().starts_with("domain:"), "{}", e.message());
+    let e = svc.answer(&request(vec![])).unwrap_err();
+    assert_eq!(e.code(), GrpcCode::InvalidArgument);
+    assert!(e.message().starts_with("descriptors:"), "{}", e.message());
+    let e = svc.answer(&request(vec![desc(&[])])).unwrap_err();
+    assert!(
+        e.message().starts_with("descriptors[0].entries:"),
+        "{}",
+        e.message()
+    );
+    let mut negative = desc(&[("user", "x")]);
+    negative.is_negative_hits = true;
+    let e = svc
+        .answer(&request(vec![desc(&[("user", "x")]), negative]))
+        .unwrap_err();
+    assert!(
+        e.message().starts_with("descriptors[1].is_negative_hits:"),
+        "{}",
+        e.message()
+    );
+    let mut bad_unit = desc(&[("user", "x")]);
+    bad_unit.limit = Some(RateLimitOverride {
+        requests_per_unit: 1,
+        unit: 0,
+    });
+    let e = svc.answer(&request(vec![bad_unit])).unwrap_err();
+    assert!(
+        e.message().starts_with("descriptors[0].limit.unit:"),
+        "{}",
+        e.message()
+    );
+    // Nothing was checked for any of them.
+    assert!(sim.seen.lock().unwrap().is_empty());
+    sim.fail.store(true, Ordering::SeqCst);
+    let e = svc
+        .answer(&request(vec![desc(&[("user", "x")])]))
+        .unwrap_err();
+    assert_eq!(e.code(), GrpcCode::Unavailable);
+    // A request with no limited descriptor needs no check, and answers.
+    assert_eq!(
+        svc.answer(&request(vec![desc(&[("free", "x")])]))
+            .unwrap()
+            .overall_code,
+        OK
+    );
+}
+
+#[test]
+fn client_keys_differ_by_domain_and_entries() {
+    let a = client_key("d", &[("k", "v")]);
+    assert_ne!(a, client_key("e", &[("k", "v")]));
+    assert_ne!(a, client_key("d", &[("k", "w")]));
+    assert_ne!(
+        client_key("d", &[("ab", "c")]),
+        client_key("d", &[("a", "bc")])
+    );
+    assert_eq!(a, client_key("d", &[("k", "v")]));
+}
