@@ -79,7 +79,7 @@ struct Inner {
     tables: Tables,
     path: PathBuf,
     /// The config file's text in force, and its policies.
-    file_text: String,
+    file_text: Arc<str>,
     file: Config,
     overlay_path: PathBuf,
     /// The overlay in force.
@@ -173,7 +173,7 @@ impl PolicyStore {
                 tables,
                 path,
                 seen_hash: Some(hash(&loaded.file_text)),
-                file_text: loaded.file_text,
+                file_text: Arc::from(loaded.file_text),
                 file: loaded.file,
                 overlay_path: loaded.overlay_path,
                 overlay: loaded.overlay,
@@ -336,7 +336,8 @@ impl PolicyStore {
         let taken_up = disk_overlay.is_some();
         let mut overlay = disk_overlay.unwrap_or_else(|| inner.overlay.clone());
         let stale = overlay.prune(&file);
-        let effective = match overlay::merge(&text, &overlay) {
+        let text: Arc<str> = Arc::from(text);
+        let effective = match overlay::merge_parsed(text.clone(), &file, &overlay) {
             Ok(effective) => effective,
             Err(e) => {
                 self.counters.config_rejects.inc();
@@ -520,7 +521,7 @@ impl PolicyStore {
         }
         let mut overlay = inner.overlay.clone();
         edit(&mut overlay, &inner.file)?;
-        let effective = overlay::merge(&inner.file_text, &overlay)?;
+        let effective = overlay::merge_parsed(inner.file_text.clone(), &inner.file, &overlay)?;
         let previous = inner.effective.clone();
         let changes = self.install(&mut inner, effective, Some(selector))?;
         if let Err(error) = overlay.store(&inner.overlay_path) {
