@@ -51,6 +51,9 @@ pub struct Tables {
     refresher: Option<OwnedFd>,
     /// The generation of the last complete refresh (`None`: none yet by these tables).
     last_refresh: Option<u32>,
+    /// What the policy trie holds, as these tables last wrote it (`None`: not known, as on
+    /// maps just opened or after a failed write; the next `apply` reads the trie).
+    trie: Option<StdHashMap<(u32, PolicyKey), Policy>>,
 }
 
 /// What one `Tables::apply` changed.
@@ -137,6 +140,7 @@ impl Tables {
             adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
             refresher: None,
             last_refresh: None,
+            trie: None,
         })
     }
 
@@ -293,25 +297,34 @@ impl Tables {
     pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
         let desired = config.lpm_entries();
-        for ((prefix, addr), policy) in &desired {
-            let key = Key::new(*prefix, *addr);
-            if self.policies.get(&key, 0).ok().as_ref() != Some(policy) {
+        // Only the entries that differ from what the trie holds are written: the trie as last
+        // written, read once when not known. Forgotten until the writes succeed.
+        let mut trie = match self.trie.take() {
+            Some(trie) => trie,
+            None => policy_entries(self),
+        };
+        for (&(prefix, addr), policy) in &desired {
+            if trie.get(&(prefix, addr)) != Some(policy) {
                 self.policies
-                    .insert(&key, policy, 0)
+                    .insert(&Key::new(prefix, addr), policy, 0)
                     .map_err(map_err("POLICIES"))?;
+                trie.insert((prefix, addr), *policy);
                 report.policies_written += 1;
             }
         }
-        let stale: Vec<Key<PolicyKey>> = self
-            .policies
+        let stale: Vec<(u32, PolicyKey)> = trie
             .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !desired.contains_key(&(k.prefix_len(), k.data())))
+            .filter(|k| !desired.contains_key(k))
+            .copied()
             .collect();
-        for key in &stale {
-            self.policies.remove(key).map_err(map_err("POLICIES"))?;
+        for (prefix, addr) in stale {
+            self.policies
+                .remove(&Key::new(prefix, addr))
+                .map_err(map_err("POLICIES"))?;
+            trie.remove(&(prefix, addr));
             report.policies_removed += 1;
         }
+        self.trie = Some(trie);
         self.sync_static_clients(&config.static_clients(), &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(

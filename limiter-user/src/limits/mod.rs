@@ -294,7 +294,17 @@ impl PolicyStore {
                 }
             }
         }
-        let text = match capped_read::read_to_string(&inner.path, MAX_CONFIG_BYTES, "config") {
+        // The file is read and parsed without the lock, which stats, metrics and snapshots
+        // take too: a large file takes a while to parse.
+        let (path, seen_hash) = (inner.path.clone(), inner.seen_hash);
+        drop(inner);
+        let read = capped_read::read_to_string(&path, MAX_CONFIG_BYTES, "config");
+        let parsed = read.as_ref().ok().and_then(|text| {
+            let h = hash(text);
+            (seen_hash != Some(h)).then(|| (h, Config::parse(text)))
+        });
+        let mut inner = self.lock();
+        let text = match read {
             Ok(text) => {
                 inner.unreadable = false;
                 text
@@ -316,12 +326,15 @@ impl PolicyStore {
                 return;
             }
         };
-        let h = hash(&text);
+        // Unchanged since it was last seen (or taken up meanwhile by another reload).
+        let Some((h, parsed)) = parsed else {
+            return;
+        };
         if inner.seen_hash == Some(h) {
             return;
         }
         inner.seen_hash = Some(h);
-        let file = match Config::parse(&text) {
+        let file = match parsed {
             Ok(file) => file,
             Err(e) => {
                 self.counters.config_rejects.inc();
