@@ -295,8 +295,17 @@ impl Tables {
     /// client re-resolve its policy on its next packet. Counters are kept: a client whose policy
     /// window is unchanged keeps its window state; a changed window starts afresh.
     pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, DatapathError> {
+        self.apply_entries(config, config.lpm_entries())
+    }
+
+    /// [`Tables::apply`] with `desired`, `config.lpm_entries()`, made beforehand (outside any
+    /// lock the caller holds around the maps).
+    pub fn apply_entries(
+        &mut self,
+        config: &Config,
+        desired: StdHashMap<(u32, PolicyKey), Policy>,
+    ) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
-        let desired = config.lpm_entries();
         // Only the entries that differ from what the trie holds are written: the trie as last
         // written, read once when not known. Forgotten until the writes succeed.
         let mut trie = match self.trie.take() {
