@@ -7,6 +7,7 @@
 
 mod adaptive;
 mod encode;
+pub use self::encode::TrieEntries;
 mod locate;
 pub mod overlay;
 mod per;

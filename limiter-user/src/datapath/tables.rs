@@ -3,7 +3,7 @@
 //! status and clients.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::HashSet,
     io,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
@@ -28,7 +28,7 @@ use limiter_common::{
 use super::{
     ADAPT_FRAME, ADAPT_PROGRAM, DatapathError, TestRunFrame, XDP_PASS, lifecycle::pin_dir, map_err,
 };
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, TrieEntries};
 
 /// Typed handles on the maps, from a freshly loaded object or from the pins of a running agent.
 pub struct Tables {
@@ -53,7 +53,7 @@ pub struct Tables {
     last_refresh: Option<u32>,
     /// What the policy trie holds, as these tables last wrote it (`None`: not known, as on
     /// maps just opened or after a failed write; the next `apply` reads the trie).
-    trie: Option<StdHashMap<(u32, PolicyKey), Policy>>,
+    trie: Option<TrieEntries>,
 }
 
 /// What one `Tables::apply` changed.
@@ -303,7 +303,7 @@ impl Tables {
     pub fn apply_entries(
         &mut self,
         config: &Config,
-        desired: StdHashMap<(u32, PolicyKey), Policy>,
+        desired: TrieEntries,
     ) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
         // Only the entries that differ from what the trie holds are written: the trie as last
@@ -810,7 +810,7 @@ pub fn aged_out(state: &ClientState, now_ns: u64) -> bool {
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
-pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
+pub fn policy_entries(tables: &Tables) -> TrieEntries {
     tables
         .policies
         .iter()

@@ -2,7 +2,8 @@
 //! it came from ([`Source`]); and the changes between two configs ([`diff`]), which the store
 //! announces to `Watch` subscribers.
 
-use std::collections::HashMap;
+/// Maps keyed by the operator's matches: a fast hasher (the keys are not the network's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::config::{Config, Match, Resolved};
 
@@ -84,10 +85,23 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         out.push(change(ChangeKind::Set, Selector::Default, new.default));
     }
     let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
+    // The policies both have in the same places (all of them, after an edit of one or an API
+    // change of one) are compared in place; only the rest is looked up by match.
+    let common = old
+        .policies
+        .iter()
+        .zip(&new.policies)
+        .take_while(|((om, _), (nm, _))| om == nm)
+        .count();
+    for (i, (m, r)) in new.policies[..common].iter().enumerate() {
+        if old.policies[i].1 != *r || per(old, i) != per(new, i) {
+            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+        }
+    }
     // A config never holds two policies of one match (`Config::parse` refuses it).
-    let old_index: HashMap<&Match, usize> = by_match(old);
-    let new_index: HashMap<&Match, usize> = by_match(new);
-    for (i, (m, r)) in new.policies.iter().enumerate() {
+    let old_index: HashMap<&Match, usize> = by_match(&old.policies[common..], common);
+    let new_index: HashMap<&Match, usize> = by_match(&new.policies[common..], common);
+    for (i, (m, r)) in new.policies.iter().enumerate().skip(common) {
         let same = old_index
             .get(m)
             .is_some_and(|&j| old.policies[j].1 == *r && per(old, j) == per(new, i));
@@ -95,7 +109,7 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
             out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
         }
     }
-    for (m, r) in &old.policies {
+    for (m, r) in &old.policies[common..] {
         if !new_index.contains_key(m) {
             out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
         }
@@ -103,13 +117,12 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
     out
 }
 
-/// Each policy's index in `config.policies`, by match.
-fn by_match(config: &Config) -> HashMap<&Match, usize> {
-    config
-        .policies
+/// The index of each of `policies` (which start at index `first` of their config), by match.
+fn by_match(policies: &[(Match, Resolved)], first: usize) -> HashMap<&Match, usize> {
+    policies
         .iter()
         .enumerate()
-        .map(|(i, (m, _))| (m, i))
+        .map(|(i, (m, _))| (m, first + i))
         .collect()
 }
 

@@ -41,7 +41,7 @@
 //! It is written whole through [`state_file::write_atomic`], the writer the snapshot uses.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -57,6 +57,10 @@ use crate::{
     },
     state_file::{self, StateFileError},
 };
+
+/// Maps keyed by the operator's matches: a fast hasher (the keys are not the network's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// The overlay format this binary reads and writes.
 pub const VERSION: u64 = 1;
@@ -577,7 +581,7 @@ pub fn merge_parsed(
     overlay: &Overlay,
 ) -> Result<Effective, MergeError> {
     let entries: HashMap<&Match, &Entry> = overlay.policies.iter().map(|(m, e)| (m, e)).collect();
-    let tombstones: HashSet<&Match> = overlay.removed.iter().collect();
+    let tombstones: FastSet<&Match> = overlay.removed.iter().collect();
     let n = file.policies.len() + overlay.policies.len();
     let mut layers = Vec::with_capacity(n + 1);
     let mut policies = Vec::with_capacity(n);
@@ -599,7 +603,7 @@ pub fn merge_parsed(
     };
     scopes.push(Scope::Local);
     let mut removed = Vec::new();
-    let mut in_file = HashSet::with_capacity(file.policies.len());
+    let mut in_file = FastSet::with_capacity_and_hasher(file.policies.len(), Default::default());
     for (i, (m, r)) in file.policies.iter().enumerate() {
         in_file.insert(m);
         let id = i + 1;
