@@ -274,7 +274,10 @@ mod tests {
             new in proptest::collection::vec((0..6usize, 0..3u32, 0..3u8), 0..8),
         ) {
             let (old, new) = (pool_config(&old), pool_config(&new));
-            proptest::prop_assert_eq!(diff(&old, &new, 3, Source::Api), quadratic(&old, &new, 3, Source::Api));
+            proptest::prop_assert_eq!(
+                diff(&old, &new, 3, Source::Api),
+                quadratic(&old, &new, 3, Source::Api)
+            );
         }
     }
 

@@ -4,15 +4,16 @@
 //!
 //! One lock serialises changes (`writer`); another (`inner`), which stats, metrics and snapshots
 //! take too, is held only to read the state and to write the maps and swap the state in: the new
-//! config, its map entries and its differences are made outside it. An API change is made on a copy of the overlay, merged over the
-//! config file's text in force, applied to the maps, and only then stored atomically; if storing
-//! fails, the maps go back to the policies in force before, so the overlay and the maps never
-//! disagree. An overlay that cannot be read (corrupt, or of a newer version) leaves the file's
-//! policies (or, on a reload, the ones in force) in force, and API changes are refused until it is
-//! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten. An overlay
-//! that does not fit over the file (say the file nears `MAX_POLICIES` and the overlay adds more)
-//! leaves the file alone in force at start; on a reload the new file is rejected whole, as an
-//! invalid file would be, and the policies in force stay.
+//! config, its map entries and its differences are made outside it, so a change of a large config
+//! keeps them waiting only while the maps are written. An API change is made on a copy of the
+//! overlay, merged over the config file's text in force, applied to the maps, and only then stored
+//! atomically; if storing fails, the maps go back to the policies in force before, so the overlay
+//! and the maps never disagree. An overlay that cannot be read (corrupt, or of a newer version)
+//! leaves the file's policies (or, on a reload, the ones in force) in force, and API changes are
+//! refused until it is fixed or removed and the agent reloaded (SIGHUP), so nothing in it is
+//! overwritten. An overlay that does not fit over the file (say the file nears `MAX_POLICIES` and
+//! the overlay adds more) leaves the file alone in force at start; on a reload the new file is
+//! rejected whole, as an invalid file would be, and the policies in force stay.
 //!
 //! [`PolicyStore`] is the store, the lock around the maps and the file watcher's reload; what
 //! a change is lives in `change`, and the policies an agent starts with in `loaded`.
