@@ -14,6 +14,9 @@ use limiter_common::{
 
 use super::{Action, Cidr, ClientName, Config, Grouping, Match, Per, Resolved};
 
+/// The policy trie's entries, `(prefix length, key) -> Policy` ([`Config::lpm_entries`]).
+pub type TrieEntries = HashMap<(u32, PolicyKey), Policy, foldhash::fast::RandomState>;
+
 impl Cidr {
     /// The policy-trie key: family byte, then the address ([`PolicyKey`]).
     pub fn lpm_key(&self) -> (u32, PolicyKey) {
@@ -114,8 +117,9 @@ impl Config {
     /// lookup, which is only right if every address of that group has the same policy; in a
     /// split group the covering policy's addresses take a split group key instead, so an entry
     /// under the usual key never exists there (see `limiter_common::addr::group_key`).
-    pub fn lpm_entries(&self) -> HashMap<(u32, PolicyKey), Policy> {
-        let mut entries = HashMap::with_capacity(self.policies.len() + 2);
+    pub fn lpm_entries(&self) -> TrieEntries {
+        let mut entries =
+            TrieEntries::with_capacity_and_hasher(self.policies.len() + 2, Default::default());
         let mut default = self.default.to_policy(0);
         default.group = self.grouping.group(&FAMILY_V4_ALL, None);
         entries.insert(policy_key_v4([0; 4], 0), default);

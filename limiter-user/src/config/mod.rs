@@ -7,6 +7,7 @@
 
 mod adaptive;
 mod encode;
+pub use self::encode::TrieEntries;
 mod locate;
 pub mod overlay;
 mod per;
@@ -628,53 +629,14 @@ impl Config {
         };
         let mut scopes = Vec::with_capacity(file.policies.len() + 1);
         scopes.push(Scope::Local);
-        let mut warnings = Vec::new();
-        for (i, rule) in file.policies.iter().enumerate() {
-            scopes.push(rule.scope);
-            if rule.scope == Scope::Local {
-                continue;
-            }
-            let invalid = |message: String| PolicyError::Invalid {
-                field: format!("policies[{i}].scope (match {})", rule.matches),
-                line: LineHint(
-                    lines()
-                        .line(&format!("policies[{i}].scope"))
-                        .or(line_of(i).0),
-                ),
-                message,
-            };
-            let Some(cluster) = &cluster else {
-                return Err(invalid(
-                    "`scope: global` holds a limit across the members of a cluster: add a \
-                    `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
-                        .into(),
-                ));
-            };
-            let (_, resolved) = &policies[i];
-            if resolved.action != Action::Limit {
-                // Accepted, and without effect, as `weight` is: an API edit that turns a global
-                // policy into `pass` or `drop` keeps the file's keys.
-                continue;
-            }
-            let members = cluster.configured_members();
-            if resolved.limit < members {
-                return Err(invalid(format!(
-                    "limit {} is below the cluster's {members} members: each member enforces \
-                    its share ⌊limit / members⌋, which would be 0",
-                    resolved.limit
-                )));
-            }
-            if u64::from(resolved.limit) < 10 * u64::from(members) {
-                warnings.push(format!(
-                    "policies[{i}] (match {}){}: global limit {} is below 10× the cluster's \
-                    {members} members: the shares ⌊limit / members⌋ round away up to {} of it",
-                    rule.matches,
-                    line_of(i),
-                    resolved.limit,
-                    members - 1
-                ));
-            }
-        }
+        scopes.extend(file.policies.iter().map(|rule| rule.scope));
+        let warnings = check_scopes(&policies, &scopes, cluster.as_ref(), |i, key| {
+            LineHint(
+                lines()
+                    .line(&format!("policies[{i}].{key}"))
+                    .or(line_of(i).0),
+            )
+        })?;
         Ok(Config {
             mode: file.mode,
             default,
@@ -728,6 +690,83 @@ impl Config {
                 .map_or_else(|| format!("#{id}"), |(m, _)| m.to_string()),
         }
     }
+}
+
+/// The checks [`Config::parse`] makes of the whole policy set, for one made without parsing
+/// (the file with the policy overlay merged over it, whose every policy and `per` was checked
+/// where it came from): the number of policies, of exact-address policies, and the global
+/// limits. Returns the warnings; errors name no line (there is no text).
+pub(crate) fn check_merged(
+    policies: &[(Match, Resolved)],
+    scopes: &[Scope],
+    cluster: Option<&ClusterConfig>,
+) -> Result<Vec<String>, PolicyError> {
+    if policies.len() > MAX_POLICIES {
+        return Err(PolicyError::TooMany {
+            count: policies.len(),
+        });
+    }
+    let statics = policies
+        .iter()
+        .filter(|(m, _)| m.as_prefix().is_some_and(Cidr::is_host))
+        .count();
+    if statics > MAX_STATIC_CLIENTS {
+        return Err(PolicyError::TooManyStatic { count: statics });
+    }
+    check_scopes(policies, scopes, cluster, |_, _| LineHint(None))
+}
+
+/// Checks the global policies of `policies` (scopes indexed by policy id, 0 the default's)
+/// against `cluster`: each needs the section, and a `limit` policy at least one per member.
+/// Returns the warnings (a global limit below 10× the members); `line(i, key)` is where
+/// `policies[i].key` is written, if known.
+fn check_scopes(
+    policies: &[(Match, Resolved)],
+    scopes: &[Scope],
+    cluster: Option<&ClusterConfig>,
+    line: impl Fn(usize, &str) -> LineHint,
+) -> Result<Vec<String>, PolicyError> {
+    let mut warnings = Vec::new();
+    for (i, (matches, resolved)) in policies.iter().enumerate() {
+        if scopes.get(i + 1).copied().unwrap_or_default() == Scope::Local {
+            continue;
+        }
+        let invalid = |message: String| PolicyError::Invalid {
+            field: format!("policies[{i}].scope (match {matches})"),
+            line: line(i, "scope"),
+            message,
+        };
+        let Some(cluster) = cluster else {
+            return Err(invalid(
+                "`scope: global` holds a limit across the members of a cluster: add a \
+                `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
+                    .into(),
+            ));
+        };
+        if resolved.action != Action::Limit {
+            // Accepted, and without effect, as `weight` is: an API edit that turns a global
+            // policy into `pass` or `drop` keeps the file's keys.
+            continue;
+        }
+        let members = cluster.configured_members();
+        if resolved.limit < members {
+            return Err(invalid(format!(
+                "limit {} is below the cluster's {members} members: each member enforces \
+                its share ⌊limit / members⌋, which would be 0",
+                resolved.limit
+            )));
+        }
+        if u64::from(resolved.limit) < 10 * u64::from(members) {
+            warnings.push(format!(
+                "policies[{i}] (match {matches}){}: global limit {} is below 10× the cluster's \
+                {members} members: the shares ⌊limit / members⌋ round away up to {} of it",
+                line(i, "match"),
+                resolved.limit,
+                members - 1
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 impl Limit {

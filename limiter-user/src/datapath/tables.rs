@@ -3,7 +3,7 @@
 //! status and clients.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::HashSet,
     io,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
@@ -28,7 +28,7 @@ use limiter_common::{
 use super::{
     ADAPT_FRAME, ADAPT_PROGRAM, DatapathError, TestRunFrame, XDP_PASS, lifecycle::pin_dir, map_err,
 };
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, TrieEntries};
 
 /// Typed handles on the maps, from a freshly loaded object or from the pins of a running agent.
 pub struct Tables {
@@ -51,6 +51,9 @@ pub struct Tables {
     refresher: Option<OwnedFd>,
     /// The generation of the last complete refresh (`None`: none yet by these tables).
     last_refresh: Option<u32>,
+    /// What the policy trie holds, as these tables last wrote it (`None`: not known, as on
+    /// maps just opened or after a failed write; the next `apply` reads the trie).
+    trie: Option<TrieEntries>,
 }
 
 /// What one `Tables::apply` changed.
@@ -137,6 +140,7 @@ impl Tables {
             adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
             refresher: None,
             last_refresh: None,
+            trie: None,
         })
     }
 
@@ -291,27 +295,45 @@ impl Tables {
     /// client re-resolve its policy on its next packet. Counters are kept: a client whose policy
     /// window is unchanged keeps its window state; a changed window starts afresh.
     pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, DatapathError> {
+        self.apply_entries(config, config.lpm_entries())
+    }
+
+    /// [`Tables::apply`] with `desired`, `config.lpm_entries()`, made beforehand (outside any
+    /// lock the caller holds around the maps).
+    pub fn apply_entries(
+        &mut self,
+        config: &Config,
+        desired: TrieEntries,
+    ) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
-        let desired = config.lpm_entries();
-        for ((prefix, addr), policy) in &desired {
-            let key = Key::new(*prefix, *addr);
-            if self.policies.get(&key, 0).ok().as_ref() != Some(policy) {
+        // Only the entries that differ from what the trie holds are written: the trie as last
+        // written, read once when not known. Forgotten until the writes succeed.
+        let mut trie = match self.trie.take() {
+            Some(trie) => trie,
+            None => policy_entries(self),
+        };
+        for (&(prefix, addr), policy) in &desired {
+            if trie.get(&(prefix, addr)) != Some(policy) {
                 self.policies
-                    .insert(&key, policy, 0)
+                    .insert(&Key::new(prefix, addr), policy, 0)
                     .map_err(map_err("POLICIES"))?;
+                trie.insert((prefix, addr), *policy);
                 report.policies_written += 1;
             }
         }
-        let stale: Vec<Key<PolicyKey>> = self
-            .policies
+        let stale: Vec<(u32, PolicyKey)> = trie
             .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !desired.contains_key(&(k.prefix_len(), k.data())))
+            .filter(|k| !desired.contains_key(k))
+            .copied()
             .collect();
-        for key in &stale {
-            self.policies.remove(key).map_err(map_err("POLICIES"))?;
+        for (prefix, addr) in stale {
+            self.policies
+                .remove(&Key::new(prefix, addr))
+                .map_err(map_err("POLICIES"))?;
+            trie.remove(&(prefix, addr));
             report.policies_removed += 1;
         }
+        self.trie = Some(trie);
         self.sync_static_clients(&config.static_clients(), &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
@@ -788,7 +810,7 @@ pub fn aged_out(state: &ClientState, now_ns: u64) -> bool {
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
-pub fn policy_entries(tables: &Tables) -> StdHashMap<(u32, PolicyKey), Policy> {
+pub fn policy_entries(tables: &Tables) -> TrieEntries {
     tables
         .policies
         .iter()

@@ -2,6 +2,9 @@
 //! it came from ([`Source`]); and the changes between two configs ([`diff`]), which the store
 //! announces to `Watch` subscribers.
 
+/// Maps keyed by the operator's matches: a fast hasher (the keys are not the network's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 use crate::config::{Config, Match, Resolved};
 
 /// What a policy is keyed by: the default, or a `match`.
@@ -65,7 +68,8 @@ pub struct Change {
 }
 
 /// The policy changes from `old` to `new`: the default if it changed, then every policy set or
-/// replaced (in `new`'s order), then every one removed.
+/// replaced (in `new`'s order), then every one removed (in `old`'s order). Linear in the
+/// policies: `old`'s are looked up by match.
 pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
     let mut out = Vec::new();
     let change = |kind, selector, limit| Change {
@@ -81,22 +85,45 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         out.push(change(ChangeKind::Set, Selector::Default, new.default));
     }
     let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
-    for (i, (m, r)) in new.policies.iter().enumerate() {
-        let same = old
-            .policies
-            .iter()
-            .enumerate()
-            .any(|(j, (om, or))| om == m && or == r && per(old, j) == per(new, i));
+    // The policies both have in the same places (all of them, after an edit of one or an API
+    // change of one) are compared in place; only the rest is looked up by match.
+    let common = old
+        .policies
+        .iter()
+        .zip(&new.policies)
+        .take_while(|((om, _), (nm, _))| om == nm)
+        .count();
+    for (i, (m, r)) in new.policies[..common].iter().enumerate() {
+        if old.policies[i].1 != *r || per(old, i) != per(new, i) {
+            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+        }
+    }
+    // A config never holds two policies of one match (`Config::parse` refuses it).
+    let old_index: HashMap<&Match, usize> = by_match(&old.policies[common..], common);
+    let new_index: HashMap<&Match, usize> = by_match(&new.policies[common..], common);
+    for (i, (m, r)) in new.policies.iter().enumerate().skip(common) {
+        let same = old_index
+            .get(m)
+            .is_some_and(|&j| old.policies[j].1 == *r && per(old, j) == per(new, i));
         if !same {
             out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
         }
     }
-    for (m, r) in &old.policies {
-        if !new.policies.iter().any(|(nm, _)| nm == m) {
+    for (m, r) in &old.policies[common..] {
+        if !new_index.contains_key(m) {
             out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
         }
     }
     out
+}
+
+/// The index of each of `policies` (which start at index `first` of their config), by match.
+fn by_match(policies: &[(Match, Resolved)], first: usize) -> HashMap<&Match, usize> {
+    policies
+        .iter()
+        .enumerate()
+        .map(|(i, (m, _))| (m, first + i))
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,6 +202,112 @@ mod tests {
         assert_eq!(
             described(&diff(&a, &c, 1, Source::Api)),
             [(ChangeKind::Set, "default".into(), 10)]
+        );
+    }
+
+    /// The diff as it was first written (quadratic): the reference the linear one must equal.
+    fn quadratic(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
+        let mut out = Vec::new();
+        let change = |kind, selector, limit| Change {
+            kind,
+            selector,
+            limit,
+            generation,
+            source,
+        };
+        let default_per = |c: &Config| (c.grouping.default_v4, c.grouping.default_v6);
+        if old.default != new.default || default_per(old) != default_per(new) {
+            out.push(change(ChangeKind::Set, Selector::Default, new.default));
+        }
+        let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
+        for (i, (m, r)) in new.policies.iter().enumerate() {
+            let same = old
+                .policies
+                .iter()
+                .enumerate()
+                .any(|(j, (om, or))| om == m && or == r && per(old, j) == per(new, i));
+            if !same {
+                out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+            }
+        }
+        for (m, r) in &old.policies {
+            if !new.policies.iter().any(|(nm, _)| nm == m) {
+                out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
+            }
+        }
+        out
+    }
+
+    /// A config of some of `pool`'s matches, each with a limit, a `per` or none, in an order.
+    fn pool_config(entries: &[(usize, u32, u8)]) -> Config {
+        let pool = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "192.0.2.0/24",
+            "tenant-a",
+            "tenant-b",
+            "2001:db8::/32",
+        ];
+        let mut text = String::from("default: { limit: 10, window: 1s }\npolicies:\n");
+        let mut seen = std::collections::HashSet::new();
+        for &(i, limit, per) in entries {
+            let m = pool[i % pool.len()];
+            if !seen.insert(m) {
+                continue;
+            }
+            let per = match per % 3 {
+                1 if !m.starts_with("tenant") => ", per: policy",
+                _ => "",
+            };
+            text.push_str(&format!(
+                "  - {{ match: {m}, limit: {}, window: 1s{per} }}\n",
+                limit % 3
+            ));
+        }
+        config(&text)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_linear_diff_equals_the_quadratic_one(
+            old in proptest::collection::vec((0..6usize, 0..3u32, 0..3u8), 0..8),
+            new in proptest::collection::vec((0..6usize, 0..3u32, 0..3u8), 0..8),
+        ) {
+            let (old, new) = (pool_config(&old), pool_config(&new));
+            proptest::prop_assert_eq!(
+                diff(&old, &new, 3, Source::Api),
+                quadratic(&old, &new, 3, Source::Api)
+            );
+        }
+    }
+
+    #[test]
+    fn the_linear_diff_equals_the_quadratic_one_at_scale() {
+        let text = |edit: usize, drop: usize| {
+            let mut t = String::from("default: { limit: 10, window: 1s }\npolicies:\n");
+            for i in 0..3000usize {
+                if i == drop {
+                    continue;
+                }
+                let limit = if i == edit { 7 } else { 100 };
+                t.push_str(&format!(
+                    "  - {{ match: 16.{}.{}.0/24, limit: {limit}, window: 1s }}\n",
+                    i >> 8,
+                    i & 0xff
+                ));
+            }
+            config(&t)
+        };
+        let (old, new) = (text(usize::MAX, 10), text(2999, 20));
+        let changes = diff(&old, &new, 1, Source::File);
+        assert_eq!(changes, quadratic(&old, &new, 1, Source::File));
+        assert_eq!(
+            described(&changes),
+            [
+                (ChangeKind::Set, "16.0.10.0/24".into(), 100),
+                (ChangeKind::Set, "16.11.183.0/24".into(), 7),
+                (ChangeKind::Deleted, "16.0.20.0/24".into(), 100),
+            ]
         );
     }
 }

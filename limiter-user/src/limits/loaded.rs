@@ -30,7 +30,8 @@ impl Loaded {
         };
         // Removals of policies the file dropped while the agent was down go, as on a reload.
         let stale = overlay.prune(&file);
-        let effective = match overlay::merge(text, &overlay) {
+        let shared: std::sync::Arc<str> = std::sync::Arc::from(text);
+        let effective = match overlay::merge_parsed(shared.clone(), &file, &overlay) {
             Ok(effective) => effective,
             Err(MergeError::Effective(e)) => {
                 // The file's policies alone are in force, and API changes are refused until a
@@ -41,7 +42,7 @@ impl Loaded {
                     crate::error_chain(&e)
                 ));
                 overlay = Overlay::default();
-                overlay::merge(text, &overlay)?
+                overlay::merge_parsed(shared, &file, &overlay)?
             }
             Err(e) => return Err(e),
         };

@@ -2,15 +2,18 @@
 //! and the API, whose changes live in the policy overlay the agent owns under `--state-dir`
 //! (see [`crate::config::overlay`] for the precedence).
 //!
-//! One lock serialises changes. An API change is made on a copy of the overlay, merged over the
-//! config file's text in force, applied to the maps, and only then stored atomically; if storing
-//! fails, the maps go back to the policies in force before, so the overlay and the maps never
-//! disagree. An overlay that cannot be read (corrupt, or of a newer version) leaves the file's
-//! policies (or, on a reload, the ones in force) in force, and API changes are refused until it is
-//! fixed or removed and the agent reloaded (SIGHUP), so nothing in it is overwritten. An overlay
-//! that does not fit over the file (say the file nears `MAX_POLICIES` and the overlay adds more)
-//! leaves the file alone in force at start; on a reload the new file is rejected whole, as an
-//! invalid file would be, and the policies in force stay.
+//! One lock serialises changes (`writer`); another (`inner`), which stats, metrics and snapshots
+//! take too, is held only to read the state and to write the maps and swap the state in: the new
+//! config, its map entries and its differences are made outside it, so a change of a large config
+//! keeps them waiting only while the maps are written. An API change is made on a copy of the
+//! overlay, merged over the config file's text in force, applied to the maps, and only then stored
+//! atomically; if storing fails, the maps go back to the policies in force before, so the overlay
+//! and the maps never disagree. An overlay that cannot be read (corrupt, or of a newer version)
+//! leaves the file's policies (or, on a reload, the ones in force) in force, and API changes are
+//! refused until it is fixed or removed and the agent reloaded (SIGHUP), so nothing in it is
+//! overwritten. An overlay that does not fit over the file (say the file nears `MAX_POLICIES` and
+//! the overlay adds more) leaves the file alone in force at start; on a reload the new file is
+//! rejected whole, as an invalid file would be, and the policies in force stay.
 //!
 //! [`PolicyStore`] is the store, the lock around the maps and the file watcher's reload; what
 //! a change is lives in `change`, and the policies an agent starts with in `loaded`.
@@ -79,20 +82,20 @@ struct Inner {
     tables: Tables,
     path: PathBuf,
     /// The config file's text in force, and its policies.
-    file_text: String,
-    file: Config,
+    file_text: Arc<str>,
+    file: Arc<Config>,
     overlay_path: PathBuf,
     /// The overlay in force.
     overlay: Overlay,
     /// Why the overlay on disk cannot be used (API changes are refused meanwhile).
     overlay_error: Option<String>,
     /// The policies in force: the file with the overlay merged over it.
-    effective: Effective,
+    effective: Arc<Effective>,
     /// What the cluster's shares derive from now ([`ShareView::ALONE`] outside a cluster).
     share_view: ShareView,
     /// What the maps and the checker hold: `effective` with each global limit replaced by this
     /// node's share of it.
-    applied: Config,
+    applied: Arc<Config>,
     /// Hash of the file text last applied (or rejected), so it is not parsed again.
     seen_hash: Option<u64>,
     /// The file could not be read at the last check (reported once per outage).
@@ -102,6 +105,9 @@ struct Inner {
 /// The live policies (see the module docs).
 pub struct PolicyStore {
     inner: Mutex<Inner>,
+    /// Held by every change (file reloads, API changes, shares) from start to end, so that the
+    /// state read at its start is still the state in force when it is swapped in.
+    writer: Mutex<()>,
     checker: Arc<Checker>,
     counters: Arc<Counters>,
     changes: broadcast::Sender<Change>,
@@ -167,23 +173,24 @@ impl PolicyStore {
         checker: Arc<Checker>,
         counters: Arc<Counters>,
     ) -> PolicyStore {
-        let applied = with_shares(&loaded.effective.config, &share_view);
+        let applied = Arc::new(with_shares(&loaded.effective.config, &share_view));
         let cluster = policies_for_cluster(&loaded.effective.config);
         PolicyStore {
             inner: Mutex::new(Inner {
                 tables,
                 path,
                 seen_hash: Some(hash(&loaded.file_text)),
-                file_text: loaded.file_text,
-                file: loaded.file,
+                file_text: Arc::from(loaded.file_text),
+                file: Arc::new(loaded.file),
                 overlay_path: loaded.overlay_path,
                 overlay: loaded.overlay,
                 overlay_error: loaded.overlay_error,
-                effective: loaded.effective,
+                effective: Arc::new(loaded.effective),
                 share_view,
                 applied,
                 unreadable: false,
             }),
+            writer: Mutex::new(()),
             checker,
             counters,
             changes: broadcast::channel(CHANGE_BUFFER).0,
@@ -205,30 +212,36 @@ impl PolicyStore {
     /// if no global policy's share changes. If the maps cannot take them, the shares before are
     /// written back and the error returned.
     pub fn set_share_view(&self, view: ShareView) -> Result<(), DatapathError> {
+        let _writer = self.writer();
         let mut guard = self.lock();
         let inner = &mut *guard;
         if inner.share_view == view {
             return Ok(());
         }
         let applied = with_shares(&inner.effective.config, &view);
-        if applied == inner.applied {
+        if applied == *inner.applied {
             inner.share_view = view;
             return Ok(());
         }
         if let Err(e) = inner.tables.apply(&applied) {
-            if let Err(restore) = inner.tables.apply(&inner.applied) {
+            let before = inner.applied.clone();
+            if let Err(restore) = inner.tables.apply(&before) {
                 tracing::error!("restoring the shares in force after a failed apply: {restore}");
             }
             return Err(e);
         }
         self.checker.set_config(&applied);
         inner.share_view = view;
-        inner.applied = applied;
+        inner.applied = Arc::new(applied);
         Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -250,15 +263,25 @@ impl PolicyStore {
 
     /// The config in force.
     pub fn config(&self) -> Config {
-        self.lock().effective.config.clone()
+        let effective = self.lock().effective.clone();
+        effective.config.clone()
     }
 
     /// The config in force as YAML, with a comment saying what comes from the overlay
     /// (`limiter config show`).
     pub fn effective_yaml(&self) -> String {
-        let inner = self.lock();
-        let mut text = inner.effective.render(&inner.path, &inner.overlay_path);
-        if let Some(error) = &inner.overlay_error {
+        let (effective, path, overlay_path, error) = {
+            let inner = self.lock();
+            (
+                inner.effective.clone(),
+                inner.path.clone(),
+                inner.overlay_path.clone(),
+                inner.overlay_error.clone(),
+            )
+        };
+        // Written out of the lock: the text of a large config takes a while.
+        let mut text = effective.render(&path, &overlay_path);
+        if let Some(error) = error {
             text.insert_str(0, &format!("# NOT IN FORCE: {error}\n"));
         }
         text
@@ -268,6 +291,7 @@ impl PolicyStore {
     /// it even if not, and re-reads the overlay too (so a fixed or removed overlay is taken up).
     /// Errors are logged and counted; the policies in force stay.
     pub fn reload_file(&self, force: bool) {
+        let _writer = self.writer();
         let mut inner = self.lock();
         // The overlay read on SIGHUP is taken up only with the file it is merged over: until
         // then the one in force stays (and stays in step with the maps).
@@ -295,7 +319,17 @@ impl PolicyStore {
                 }
             }
         }
-        let text = match capped_read::read_to_string(&inner.path, MAX_CONFIG_BYTES, "config") {
+        // The file is read and parsed without the lock, which stats, metrics and snapshots
+        // take too: a large file takes a while to parse.
+        let (path, seen_hash) = (inner.path.clone(), inner.seen_hash);
+        drop(inner);
+        let read = capped_read::read_to_string(&path, MAX_CONFIG_BYTES, "config");
+        let parsed = read.as_ref().ok().and_then(|text| {
+            let h = hash(text);
+            (seen_hash != Some(h)).then(|| (h, Config::parse(text)))
+        });
+        let mut inner = self.lock();
+        let text = match read {
             Ok(text) => {
                 inner.unreadable = false;
                 text
@@ -317,12 +351,15 @@ impl PolicyStore {
                 return;
             }
         };
-        let h = hash(&text);
+        // Unchanged since it was last seen (or taken up meanwhile by another reload).
+        let Some((h, parsed)) = parsed else {
+            return;
+        };
         if inner.seen_hash == Some(h) {
             return;
         }
         inner.seen_hash = Some(h);
-        let file = match Config::parse(&text) {
+        let file = match parsed {
             Ok(file) => file,
             Err(e) => {
                 self.counters.config_rejects.inc();
@@ -336,24 +373,27 @@ impl PolicyStore {
         // Removals of policies the file no longer has are dropped (see `Overlay::prune`).
         let taken_up = disk_overlay.is_some();
         let mut overlay = disk_overlay.unwrap_or_else(|| inner.overlay.clone());
+        drop(inner);
         let stale = overlay.prune(&file);
-        let effective = match overlay::merge(&text, &overlay) {
+        let text: Arc<str> = Arc::from(text);
+        let effective = match overlay::merge_parsed(text.clone(), &file, &overlay) {
             Ok(effective) => effective,
             Err(e) => {
                 self.counters.config_rejects.inc();
                 tracing::error!(
                     "config {} rejected: {}; the policies in force stay in force",
-                    inner.path.display(),
+                    path.display(),
                     crate::error_chain(&e)
                 );
                 return;
             }
         };
-        match self.install(&mut inner, effective, None) {
+        match self.install(Arc::new(effective), None) {
             Ok(changes) => {
                 self.counters.config_reloads.inc();
+                let mut inner = self.lock();
                 inner.file_text = text;
-                inner.file = file;
+                inner.file = Arc::new(file);
                 if taken_up && inner.overlay_error.take().is_some() {
                     tracing::info!(
                         "the policy overlay {} is usable again",
@@ -375,11 +415,7 @@ impl PolicyStore {
             }
             Err(e) => {
                 self.counters.config_rejects.inc();
-                tracing::error!(
-                    "applying {}: {}",
-                    inner.path.display(),
-                    crate::error_chain(&e)
-                );
+                tracing::error!("applying {}: {}", path.display(), crate::error_chain(&e));
             }
         }
     }
@@ -387,55 +423,67 @@ impl PolicyStore {
     /// Applies `effective` to the maps and the checker, and announces the differences: the
     /// change to `api` (the policy an API call edited) as the API's, any other as the file's.
     /// If the maps cannot take it, the config in force before is written back (a failed apply
-    /// can stop halfway).
+    /// can stop halfway). Called with the writer lock held; takes the state lock only to write
+    /// the maps and swap the state in.
     fn install(
         &self,
-        inner: &mut Inner,
-        effective: Effective,
+        effective: Arc<Effective>,
         api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
+        let (before, mut share_view) = {
+            let inner = self.lock();
+            (inner.effective.clone(), inner.share_view)
+        };
         // A `cluster:` section added by this change: global policies admit nothing until the
         // node has started and been counted (the agent's cluster task then sets the view).
-        if effective.config.cluster.is_some() && inner.effective.config.cluster.is_none() {
-            inner.share_view = ShareView::JOINING;
+        if effective.config.cluster.is_some() && before.config.cluster.is_none() {
+            share_view = ShareView::JOINING;
         }
-        let applied = with_shares(&effective.config, &inner.share_view);
-        let report = match inner.tables.apply(&applied) {
-            Ok(report) => report,
-            Err(e) => {
-                if let Err(restore) = inner.tables.apply(&inner.applied) {
-                    tracing::error!(
-                        "restoring the policies in force after a failed apply: {restore}"
-                    );
+        let applied = Arc::new(with_shares(&effective.config, &share_view));
+        let entries = applied.lpm_entries();
+        let mut changes = diff(&before.config, &effective.config, 0, Source::File);
+        let cluster = policies_for_cluster(&effective.config);
+        let replaced = {
+            let mut inner = self.lock();
+            let report = match inner.tables.apply_entries(&applied, entries) {
+                Ok(report) => report,
+                Err(e) => {
+                    let in_force = inner.applied.clone();
+                    if let Err(restore) = inner.tables.apply(&in_force) {
+                        tracing::error!(
+                            "restoring the policies in force after a failed apply: {restore}"
+                        );
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+            };
+            for change in &mut changes {
+                change.generation = report.generation;
             }
+            inner.share_view = share_view;
+            (
+                std::mem::replace(&mut inner.applied, applied.clone()),
+                std::mem::replace(&mut inner.effective, effective.clone()),
+            )
         };
+        // The configs replaced go out of the lock too.
+        drop(replaced);
         self.checker.set_config(&applied);
         for warning in &effective.config.warnings {
-            if !inner.effective.config.warnings.contains(warning) {
+            if !before.config.warnings.contains(warning) {
                 tracing::warn!("{warning}");
             }
         }
-        inner.applied = applied;
-        let cluster = policies_for_cluster(&effective.config);
         self.cluster.send_if_modified(|c| {
             let changed = *c != cluster;
             *c = cluster;
             changed
         });
-        let mut changes = diff(
-            &inner.effective.config,
-            &effective.config,
-            report.generation,
-            Source::File,
-        );
         for change in &mut changes {
             if api == Some(&change.selector) {
                 change.source = Source::Api;
             }
         }
-        inner.effective = effective;
         for change in &changes {
             // No subscribers is fine.
             let _ = self.changes.send(change.clone());
@@ -513,45 +561,54 @@ impl PolicyStore {
         selector: &Selector,
         edit: impl FnOnce(&mut Overlay, &Config) -> Result<(), LimitsError>,
     ) -> Result<Option<Change>, LimitsError> {
-        let mut inner = self.lock();
-        if let Some(error) = &inner.overlay_error {
-            return Err(LimitsError::OverlayUnusable {
-                error: error.clone(),
-            });
-        }
-        let mut overlay = inner.overlay.clone();
-        edit(&mut overlay, &inner.file)?;
-        let effective = overlay::merge(&inner.file_text, &overlay)?;
-        let previous = inner.effective.clone();
-        let changes = self.install(&mut inner, effective, Some(selector))?;
-        if let Err(error) = overlay.store(&inner.overlay_path) {
+        let _writer = self.writer();
+        let (file_text, file, mut overlay, previous, overlay_path) = {
+            let inner = self.lock();
+            if let Some(error) = &inner.overlay_error {
+                return Err(LimitsError::OverlayUnusable {
+                    error: error.clone(),
+                });
+            }
+            (
+                inner.file_text.clone(),
+                inner.file.clone(),
+                inner.overlay.clone(),
+                inner.effective.clone(),
+                inner.overlay_path.clone(),
+            )
+        };
+        edit(&mut overlay, &file)?;
+        let effective = overlay::merge_parsed(file_text, &file, &overlay)?;
+        let changes = self.install(Arc::new(effective), Some(selector))?;
+        if let Err(error) = overlay.store(&overlay_path) {
             // Put the maps back so that the overlay and the maps agree; the change failed.
-            if let Err(e) = self.install(&mut inner, previous, None) {
+            if let Err(e) = self.install(previous, None) {
                 // The change stays in force in the maps, but not on disk: keep the overlay in
                 // step with what is in force, and refuse further changes until a SIGHUP reads
                 // the overlay again.
                 let behind = format!(
                     "the policy overlay {} is behind the policies in force (writing it failed: \
                      {}; restoring the maps failed: {})",
-                    inner.overlay_path.display(),
+                    overlay_path.display(),
                     crate::error_chain(&error),
                     crate::error_chain(&e)
                 );
                 tracing::error!("{behind}");
+                let mut inner = self.lock();
                 inner.overlay = overlay;
                 inner.overlay_error = Some(behind);
             }
             return Err(LimitsError::Overlay(error));
         }
-        inner.overlay = overlay;
+        self.lock().overlay = overlay;
         self.counters.api_limit_changes.inc();
         Ok(changes.into_iter().find(|c| c.selector == *selector))
     }
 
     /// The policy for `selector`, if there is one.
     pub fn get(&self, selector: &Selector) -> Option<Resolved> {
-        let inner = self.lock();
-        let config = &inner.effective.config;
+        let effective = self.lock().effective.clone();
+        let config = &effective.config;
         match selector {
             Selector::Default => Some(config.default),
             Selector::Match(m) => config
@@ -565,8 +622,7 @@ impl PolicyStore {
     /// The default, then the policies in order (the file's, then the overlay's new ones), each
     /// with the layer it comes from.
     pub fn list(&self) -> Vec<(Selector, Resolved, Layer)> {
-        let inner = self.lock();
-        let e = &inner.effective;
+        let e = self.lock().effective.clone();
         std::iter::once((Selector::Default, e.config.default, e.layer(0)))
             .chain(
                 e.config

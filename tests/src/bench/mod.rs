@@ -1,10 +1,11 @@
 //! The benchmarks `cargo xtask bench` runs, each behind a thin binary of the same name: the XDP
-//! fast path (`xdp-bench`), snapshots (`snapshot-bench`), the gRPC API (`api-bench`) and the
-//! adaptive loop (`adapt-bench`). Each prints a markdown section and `--write`s it for
+//! fast path (`xdp-bench`), snapshots (`snapshot-bench`), the gRPC API (`api-bench`), the
+//! adaptive loop (`adapt-bench`) and the control plane with many policies (`control-bench`). Each prints a markdown section and `--write`s it for
 //! BENCHMARKS.md.
 
 pub mod adapt;
 pub mod api;
+pub mod control;
 pub mod report;
 pub mod snapshot;
 pub mod xdp;

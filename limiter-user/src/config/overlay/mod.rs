@@ -41,8 +41,10 @@
 //! It is written whole through [`state_file::write_atomic`], the writer the snapshot uses.
 
 use std::{
+    collections::HashSet,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -50,9 +52,15 @@ use serde_yaml::{Mapping, Value};
 
 use crate::{
     capped_read::{self, CappedReadError},
-    config::{self, Action, Cidr, Config, Limit, Match, PolicyError, Resolved, Rule},
+    config::{
+        self, Action, Cidr, Config, Grouping, Limit, Match, PolicyError, Resolved, Rule, Scope,
+    },
     state_file::{self, StateFileError},
 };
+
+/// Maps keyed by the operator's matches: a fast hasher (the keys are not the network's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// The overlay format this binary reads and writes.
 pub const VERSION: u64 = 1;
@@ -249,20 +257,22 @@ impl Overlay {
             .transpose()
             .map_err(|m| corrupt(format!("default: {m}")))?;
         let mut policies: Vec<(Match, Entry)> = Vec::with_capacity(disk.policies.len());
+        let mut set = HashSet::with_capacity(disk.policies.len());
         for (i, rule) in disk.policies.iter().enumerate() {
             let invalid =
                 |m: String| corrupt(format!("policies[{i}] (match {}): {m}", rule.matches));
-            if policies.iter().any(|(m, _)| *m == rule.matches) {
+            if !set.insert(&rule.matches) {
                 return Err(invalid("duplicate match".into()));
             }
             policies.push((rule.matches.clone(), entry(&rule.limit()).map_err(invalid)?));
         }
+        let mut removed = HashSet::with_capacity(disk.removed.len());
         for (i, m) in disk.removed.iter().enumerate() {
             let invalid = |what: &str| corrupt(format!("removed[{i}] ({m}): {what}"));
-            if disk.removed[..i].contains(m) {
+            if !removed.insert(m) {
                 return Err(invalid("listed twice"));
             }
-            if policies.iter().any(|(p, _)| p == m) {
+            if set.contains(m) {
                 return Err(invalid("also set under `policies`"));
             }
         }
@@ -349,10 +359,8 @@ impl Overlay {
     /// Drops the tombstones of policies `file` no longer has (see the module docs); returns
     /// them.
     pub fn prune(&mut self, file: &Config) -> Vec<Match> {
-        let (keep, stale) = self
-            .removed
-            .drain(..)
-            .partition(|m| file.policies.iter().any(|(p, _)| p == m));
+        let in_file: HashSet<&Match> = file.policies.iter().map(|(p, _)| p).collect();
+        let (keep, stale) = self.removed.drain(..).partition(|m| in_file.contains(m));
         self.removed = keep;
         stale
     }
@@ -488,12 +496,21 @@ pub struct Effective {
     pub removed: Vec<(Match, Resolved)>,
     /// Tombstones of policies the file does not have (inert; see [`Overlay::prune`]).
     pub stale_removals: Vec<Match>,
-    /// `config` as a config file: [`Config::parse`] reads it back into `config`. Comments of
-    /// the file are not kept.
-    pub yaml: String,
+    /// What [`Effective::yaml`] writes out when asked (`limiter config show`): the file's text
+    /// and the overlay merged.
+    source: Arc<(Arc<str>, Overlay)>,
 }
 
 impl Effective {
+    /// `config` as a config file: [`Config::parse`] reads it back into `config` (its warnings
+    /// aside, whose lines are the file's). Comments of the file are not kept. Written on demand:
+    /// a large config takes a while.
+    pub fn yaml(&self) -> String {
+        let (file_text, overlay) = &*self.source;
+        // The text was parsed and merged when `self` was made, so this cannot fail.
+        merged_yaml(file_text, overlay).unwrap_or_default()
+    }
+
     /// The layer of policy `id` (0 is the default).
     pub fn layer(&self, id: usize) -> Layer {
         self.layers.get(id).copied().unwrap_or(Layer::File)
@@ -541,7 +558,7 @@ impl Effective {
                  # not kept), then delete the overlay file and reload the agent (SIGHUP).\n",
             );
         }
-        out.push_str(&self.yaml);
+        out.push_str(&self.yaml());
         out
     }
 }
@@ -550,61 +567,149 @@ impl Effective {
 /// reads and writes nothing.
 pub fn merge(file_text: &str, overlay: &Overlay) -> Result<Effective, MergeError> {
     let file = Config::parse(file_text).map_err(MergeError::File)?;
-    // `Config::parse` accepted it, so it is a mapping with a valid `policies` sequence whose
-    // entries are `file.policies`, in order.
-    let mut doc: Mapping =
-        serde_yaml::from_str(file_text).map_err(|e| MergeError::File(PolicyError::Yaml(e)))?;
-    let mut layers = Vec::with_capacity(file.policies.len() + overlay.policies.len() + 1);
-    match &overlay.default {
+    merge_parsed(Arc::from(file_text), &file, overlay)
+}
+
+/// [`merge`] of a file already parsed: `file` is `Config::parse(&file_text)`. The effective
+/// config is made from `file` and the overlay's entries directly, in time linear in the
+/// policies, and checked by the rules [`Config::parse`] applies to the whole (the count of
+/// policies, of exact addresses, the global limits); its text is written only on demand
+/// ([`Effective::yaml`]).
+pub fn merge_parsed(
+    file_text: Arc<str>,
+    file: &Config,
+    overlay: &Overlay,
+) -> Result<Effective, MergeError> {
+    let entries: HashMap<&Match, &Entry> = overlay.policies.iter().map(|(m, e)| (m, e)).collect();
+    let tombstones: FastSet<&Match> = overlay.removed.iter().collect();
+    let n = file.policies.len() + overlay.policies.len();
+    let mut layers = Vec::with_capacity(n + 1);
+    let mut policies = Vec::with_capacity(n);
+    let mut weights = Vec::with_capacity(n + 1);
+    let mut pers = Vec::with_capacity(n);
+    let mut scopes = Vec::with_capacity(n + 1);
+    // An entry's weight is its own, else the file's policy's as written (1 if none).
+    let default = match &overlay.default {
         Some(e) => {
-            let value = entry_value(None, e, doc.get("default"));
-            doc.insert("default".into(), value);
             layers.push(Layer::OverlayOverridesFile);
+            weights.push(e.weight.unwrap_or(file.weight(0)));
+            e.limit
         }
-        None => layers.push(Layer::File),
-    }
-    let items = match doc.remove("policies") {
-        Some(Value::Sequence(items)) => items,
-        _ => Vec::new(),
-    };
-    let mut policies = Vec::with_capacity(items.len() + overlay.policies.len());
-    let mut removed = Vec::new();
-    for (item, (m, r)) in items.into_iter().zip(&file.policies) {
-        if let Some((_, e)) = overlay.policies.iter().find(|(p, _)| p == m) {
-            policies.push(entry_value(Some(m), e, Some(&item)));
-            layers.push(Layer::OverlayOverridesFile);
-        } else if overlay.removed.contains(m) {
-            removed.push((m.clone(), *r));
-        } else {
-            policies.push(item);
+        None => {
             layers.push(Layer::File);
+            weights.push(file.weight(0));
+            file.default
         }
+    };
+    scopes.push(Scope::Local);
+    let mut removed = Vec::new();
+    let mut in_file = FastSet::with_capacity_and_hasher(file.policies.len(), Default::default());
+    for (i, (m, r)) in file.policies.iter().enumerate() {
+        in_file.insert(m);
+        let id = i + 1;
+        let file_weight = file
+            .weights
+            .get(id)
+            .copied()
+            .unwrap_or(config::DEFAULT_WEIGHT);
+        let (resolved, weight, layer) = match entries.get(m) {
+            Some(e) => (
+                e.limit,
+                e.weight.unwrap_or(file_weight),
+                Layer::OverlayOverridesFile,
+            ),
+            None if tombstones.contains(m) => {
+                removed.push((m.clone(), *r));
+                continue;
+            }
+            None => (*r, file_weight, Layer::File),
+        };
+        policies.push((m.clone(), resolved));
+        weights.push(weight);
+        pers.push(file.grouping.policies.get(i).copied().flatten());
+        scopes.push(file.scopes.get(id).copied().unwrap_or_default());
+        layers.push(layer);
     }
     for (m, e) in &overlay.policies {
-        if !file.policies.iter().any(|(p, _)| p == m) {
-            policies.push(entry_value(Some(m), e, None));
+        if !in_file.contains(m) {
+            policies.push((m.clone(), e.limit));
+            weights.push(e.weight.unwrap_or(config::DEFAULT_WEIGHT));
+            pers.push(None);
+            scopes.push(Scope::Local);
             layers.push(Layer::Overlay);
         }
     }
     let stale_removals = overlay
         .removed
         .iter()
-        .filter(|m| !file.policies.iter().any(|(p, _)| p == *m))
+        .filter(|m| !in_file.contains(m))
         .cloned()
         .collect();
-    if !policies.is_empty() {
-        doc.insert("policies".into(), Value::Sequence(policies));
-    }
-    // Serialising a mapping parsed from YAML, plus strings and numbers, cannot fail.
-    let yaml = serde_yaml::to_string(&Value::Mapping(doc)).unwrap_or_default();
-    let config = Config::parse(&yaml).map_err(MergeError::Effective)?;
+    let warnings = config::check_merged(&policies, &scopes, file.cluster.as_ref())
+        .map_err(MergeError::Effective)?;
+    let config = Config {
+        mode: file.mode,
+        default,
+        policies,
+        weights,
+        adaptive: file.adaptive.clone(),
+        grouping: Grouping {
+            default_v4: file.grouping.default_v4,
+            default_v6: file.grouping.default_v6,
+            policies: pers,
+        },
+        scopes,
+        cluster: file.cluster.clone(),
+        warnings,
+        global_limits: Default::default(),
+    };
     Ok(Effective {
         config,
         layers,
         removed,
         stale_removals,
-        yaml,
+        source: Arc::new((file_text, overlay.clone())),
     })
+}
+
+/// The text of `overlay` merged over the config file's text: the file's document with each
+/// overridden policy rewritten in its place ([`entry_value`]), the removed ones left out and
+/// the overlay's new ones appended; what [`Effective::yaml`] returns.
+fn merged_yaml(file_text: &str, overlay: &Overlay) -> Result<String, MergeError> {
+    let file = Config::parse(file_text).map_err(MergeError::File)?;
+    // `Config::parse` accepted it, so it is a mapping with a valid `policies` sequence whose
+    // entries are `file.policies`, in order.
+    let mut doc: Mapping =
+        serde_yaml::from_str(file_text).map_err(|e| MergeError::File(PolicyError::Yaml(e)))?;
+    if let Some(e) = &overlay.default {
+        let value = entry_value(None, e, doc.get("default"));
+        doc.insert("default".into(), value);
+    }
+    let items = match doc.remove("policies") {
+        Some(Value::Sequence(items)) => items,
+        _ => Vec::new(),
+    };
+    let entries: HashMap<&Match, &Entry> = overlay.policies.iter().map(|(m, e)| (m, e)).collect();
+    let tombstones: HashSet<&Match> = overlay.removed.iter().collect();
+    let in_file: HashSet<&Match> = file.policies.iter().map(|(m, _)| m).collect();
+    let mut policies = Vec::with_capacity(items.len() + overlay.policies.len());
+    for (item, (m, _)) in items.into_iter().zip(&file.policies) {
+        if let Some(e) = entries.get(m) {
+            policies.push(entry_value(Some(m), e, Some(&item)));
+        } else if !tombstones.contains(m) {
+            policies.push(item);
+        }
+    }
+    for (m, e) in &overlay.policies {
+        if !in_file.contains(m) {
+            policies.push(entry_value(Some(m), e, None));
+        }
+    }
+    if !policies.is_empty() {
+        doc.insert("policies".into(), Value::Sequence(policies));
+    }
+    // Serialising a mapping parsed from YAML, plus strings and numbers, cannot fail.
+    Ok(serde_yaml::to_string(&Value::Mapping(doc)).unwrap_or_default())
 }
 
 #[cfg(test)]

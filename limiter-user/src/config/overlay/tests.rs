@@ -97,7 +97,7 @@ fn the_overlay_takes_precedence_and_new_policies_come_after_the_file() {
     assert_eq!(c.adaptive, file().adaptive);
     assert!(c.adaptive.enabled);
     // The rendered config reads back into the same config.
-    assert_eq!(Config::parse(&e.yaml).unwrap(), e.config);
+    assert_eq!(Config::parse(&e.yaml()).unwrap(), e.config);
 }
 
 #[test]
@@ -158,8 +158,8 @@ policies:
     }
     // The weight stays too, and the text reads back into the same config.
     assert_eq!(c.weights, [1.0, 3.0, 1.0, 1.0, 1.0]);
-    assert!(e.yaml.contains("per: policy"), "{}", e.yaml);
-    assert_eq!(Config::parse(&e.yaml).unwrap(), e.config);
+    assert!(e.yaml().contains("per: policy"), "{}", e.yaml());
+    assert_eq!(Config::parse(&e.yaml()).unwrap(), e.config);
     // Without the overlay's default, the file's default (with its `per`) is in force.
     o.unset_default();
     let c = merge(text, &o).unwrap().config;
@@ -593,7 +593,7 @@ proptest! {
         prop_assert_eq!(Overlay::parse(&o.to_yaml(), &path()).unwrap(), o.clone());
 
         let e = merge(&text, &o).unwrap();
-        prop_assert_eq!(Config::parse(&e.yaml).unwrap(), e.config.clone());
+        prop_assert_eq!(Config::parse(&e.yaml()).unwrap(), e.config.clone());
         prop_assert_eq!(e.config.mode, file_config.mode);
         prop_assert_eq!(e.layers.len(), e.config.policies.len() + 1);
         prop_assert_eq!(e.config.default, o.default.map_or(file_config.default, |d| d.limit));
@@ -618,4 +618,86 @@ proptest! {
 
 fn policy_of(c: &Config, p: &Match) -> Option<Resolved> {
     c.policies.iter().find(|(q, _)| q == p).map(|(_, r)| *r)
+}
+
+/// A file with a cluster of 3 members and one global policy (10.230.0.0/24, limit 40).
+const CLUSTER_FILE: &str = "\
+default: { limit: 1000, window: 1s }
+policies:
+  - { match: 10.230.0.0/24, limit: 40, window: 1s, scope: global, weight: 2 }
+  - { match: 10.231.0.0/24, limit: 40, window: 1s }
+cluster:
+  node_id: n1
+  listen: 127.0.0.1:7201
+  peers: [\"127.0.0.1:7202\", \"127.0.0.1:7203\"]
+  token_file: /etc/limiter/cluster.token
+";
+
+#[test]
+fn the_merge_keeps_the_file_s_scope_and_checks_global_limits_as_the_file_s_are() {
+    let mut o = Overlay::default();
+    o.set_policy(&m("10.230.0.0/24"), limit(29, "1s"));
+    let e = merge(CLUSTER_FILE, &o).unwrap();
+    assert_eq!(e.config.scope(1), Scope::Global);
+    assert_eq!(e.config.weight(1), 2.0);
+    assert_eq!(e.config.warnings.len(), 1, "{:?}", e.config.warnings);
+    assert!(
+        e.config.warnings[0].contains("below 10×"),
+        "{:?}",
+        e.config.warnings
+    );
+    // What the text says, but for the warning's line (the text's, not the file's).
+    let mut reread = Config::parse(&e.yaml()).unwrap();
+    reread.warnings.clear();
+    let mut config = e.config.clone();
+    config.warnings.clear();
+    assert_eq!(reread, config);
+    // A share of 0 is refused, as it is in the file.
+    o.set_policy(&m("10.230.0.0/24"), limit(2, "1s"));
+    let e = merge(CLUSTER_FILE, &o).unwrap_err();
+    let shown = crate::error_chain(&e);
+    assert!(
+        matches!(e, MergeError::Effective(_))
+            && shown.contains(
+                "policies[0].scope (match 10.230.0.0/24): limit 2 is below the cluster's 3 members"
+            ),
+        "{shown}"
+    );
+    // Removing the global policy leaves none, and no warning.
+    let mut o = Overlay::default();
+    o.remove_policy(&m("10.230.0.0/24"), &Config::parse(CLUSTER_FILE).unwrap())
+        .unwrap();
+    let e = merge(CLUSTER_FILE, &o).unwrap();
+    assert_eq!(e.config.scopes, [Scope::Local, Scope::Local]);
+    assert!(e.config.warnings.is_empty());
+    assert_eq!(Config::parse(&e.yaml()).unwrap(), e.config);
+}
+
+#[test]
+fn a_large_merge_equals_its_text_read_back() {
+    let mut text = String::from("default: { limit: 1000, window: 1s, weight: 3 }\npolicies:\n");
+    for i in 0..5000usize {
+        let per = if i % 7 == 0 { ", per: /28" } else { "" };
+        text.push_str(&format!(
+            "  - {{ match: 16.{}.{}.0/24, limit: {}, window: 1s{per} }}\n",
+            i >> 8,
+            i & 0xff,
+            i % 50
+        ));
+    }
+    let file = Config::parse(&text).unwrap();
+    let mut o = Overlay::default();
+    o.set_default(limit(7, "2s"));
+    for i in (0..5000usize).step_by(97) {
+        o.set_policy(&m(&format!("16.{}.{}.0/24", i >> 8, i & 0xff)), pass());
+    }
+    for i in (3..5000usize).step_by(101) {
+        o.remove_policy(&m(&format!("16.{}.{}.0/24", i >> 8, i & 0xff)), &file)
+            .unwrap();
+    }
+    o.set_policy(&m("tenant-x"), limit(5, "1m"));
+    let e = merge(&text, &o).unwrap();
+    assert_eq!(e.config.weight(0), 3.0);
+    assert_eq!(e.layers.len(), e.config.policies.len() + 1);
+    assert_eq!(Config::parse(&e.yaml()).unwrap(), e.config);
 }
