@@ -56,8 +56,8 @@ cluster:
   listen: {}:{PORT}
   peers: [{}]
   token_file: {token}
-  sync_interval: 20ms
-  peer_timeout: 300ms
+  sync_interval: 50ms
+  peer_timeout: 2s
   partition: {partition}
 ",
         listen(k),
@@ -138,7 +138,7 @@ impl Cluster {
         let mut last = Value::Null;
         let reached = wait_until(
             &format!("node {k} in phase {phase} with {members} members"),
-            Duration::from_secs(15),
+            Duration::from_secs(30),
             || {
                 let s = self.status(k)?;
                 // Agreed, too: a member that just started may be counted twice for a sync
@@ -158,7 +158,7 @@ impl Cluster {
     fn wait_silent(&self, k: usize, peer: usize) -> Result<()> {
         wait_until(
             &format!("node {k} seeing n{peer} silent"),
-            Duration::from_secs(5),
+            Duration::from_secs(15),
             || {
                 let s = self.status(k)?;
                 let silent = s["peers"].as_array().is_some_and(|p| {

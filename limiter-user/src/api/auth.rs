@@ -29,9 +29,10 @@ const CHECK_ROLE_METHODS: [&str; 2] = [
     "/limiter.v1.RateLimiter/Check",
     "/limiter.v1.RateLimiter/CheckBatch",
 ];
-const CHECK_ROLE_SERVICES: [&str; 2] = [
+const CHECK_ROLE_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
 impl Role {
@@ -307,6 +308,7 @@ mod tests {
             "/grpc.health.v1.Health/Check",
             "/grpc.health.v1.Health/Watch",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ] {
             assert!(Role::Check.allows(path), "{path}");
             assert!(Role::Admin.allows(path), "{path}");
@@ -322,6 +324,7 @@ mod tests {
             "/limiter.v1.RateLimiter/CheckBatchX",
             "/limiter.v1.RateLimiter/Check/",
             "/grpc.health.v1.HealthX/Check",
+            "/grpc.reflection.v1beta.ServerReflection/ServerReflectionInfo",
         ] {
             assert!(!Role::Check.allows(path), "{path}");
             assert!(Role::Admin.allows(path), "{path}");

@@ -27,11 +27,19 @@ fn routes(
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> anyhow::Result<tonic::service::Routes> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl and grpc-go speak v1, while grpcio's reflection client
+    // (Python) and older tools speak only v1alpha. The messages are the same.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .context("building the reflection service")?;
+        .context("building the reflection service (v1)")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(
@@ -58,7 +66,8 @@ fn routes(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(health)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     Ok(routes.routes())
 }
 
