@@ -65,9 +65,11 @@ cluster:
     )
 }
 
+/// Fields drop in order: the agents first (each stops on SIGTERM and removes its socket), then
+/// the network (which would SIGKILL any left).
 struct Cluster {
-    net: ClusterNet,
     agents: Vec<Agent>,
+    net: ClusterNet,
     dir: TempDir,
     token: String,
     partition: &'static str,
