@@ -1122,9 +1122,14 @@ mod tests {
         let (stop, rx) = watch::channel(false);
         let (sink, share) = recorder();
         let _t = n1.run(l1, sink, rx);
-        wait_for("n1 alone", || share.load(Ordering::SeqCst) == 40).await;
+        wait_for("n1 alone", || n1.status().phase == "alone").await;
         let s = n1.status();
-        assert_eq!((s.members, s.phase.as_str()), (1, "alone"), "{s:?}");
+        assert_eq!((s.members, s.agreed_members), (1, 1), "{s:?}");
+        assert_eq!(
+            share.load(Ordering::SeqCst),
+            40,
+            "the maps got the whole limit"
+        );
         stop.send_replace(true);
     }
 

@@ -310,7 +310,14 @@ impl Tables {
         // written, read once when not known. Forgotten until the writes succeed.
         let mut trie = match self.trie.take() {
             Some(trie) => trie,
-            None => policy_entries(self),
+            // A read that stops early would leave entries out of the cache for good (never
+            // removed as stale): an error instead, and the next apply reads again.
+            None => self
+                .policies
+                .iter()
+                .map(|entry| entry.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+                .collect::<Result<TrieEntries, _>>()
+                .map_err(map_err("POLICIES"))?,
         };
         for (&(prefix, addr), policy) in &desired {
             if trie.get(&(prefix, addr)) != Some(policy) {

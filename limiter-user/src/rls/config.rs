@@ -576,8 +576,21 @@ fn build_limit(
         let rpu = r.requests_per_unit.unwrap_or(0);
         if unit.seconds() > 3600 && rpu > 0 {
             let (share, _) = window(rpu, unit);
+            // Rounded up to one an hour, a small allowance over a long unit is loosened: 1 per
+            // day becomes 24 a day.
+            let per_unit = u64::from(share) * unit.seconds() / 3600;
+            let loosened = if per_unit > u64::from(rpu) {
+                format!(
+                    "; WARNING: that admits up to {per_unit} per {}, {:.1}x the limit (an hourly \
+                     share cannot be smaller than 1)",
+                    unit.name(),
+                    per_unit as f64 / f64::from(rpu)
+                )
+            } else {
+                String::new()
+            };
             notes.push(format!(
-                "{path}: {rpu} per {} is enforced as {share} per sliding hour (windows are at most an hour)",
+                "{path}: {rpu} per {} is enforced as {share} per sliding hour (windows are at most an hour){loosened}",
                 unit.name()
             ));
         }

@@ -74,8 +74,12 @@ impl RlsStore {
         if !force && *seen == Some(fingerprint) {
             return;
         }
-        *seen = Some(fingerprint);
-        match RlsConfig::load(&self.path) {
+        let loaded = RlsConfig::load(&self.path);
+        // Taken as seen only if the files did not change while they were read (a file caught
+        // mid-write would otherwise stay in force, or stay rejected, until a SIGHUP).
+        let settled = RlsConfig::fingerprint_of(&self.path).is_ok_and(|after| after == fingerprint);
+        *seen = settled.then_some(fingerprint);
+        match loaded {
             Ok((config, _)) => {
                 log_loaded(&self.path, &config);
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
@@ -97,6 +101,10 @@ fn log_loaded(path: &std::path::Path, config: &RlsConfig) {
         "rate limit service config loaded"
     );
     for note in &config.notes {
+        if note.contains("WARNING") {
+            tracing::warn!("rate limit service config: {note}");
+            continue;
+        }
         tracing::info!("rate limit service config: {note}");
     }
 }

@@ -119,10 +119,24 @@ fn example_2_nested_lists_and_several_descriptors() {
     assert_eq!(window(0, Unit::Day), (0, 3_600_000_000));
     assert_eq!(window(500, Unit::Second), (500, 1_000_000));
     assert_eq!(window(7, Unit::Hour), (7, 3_600_000_000));
+    assert!(c.notes.iter().any(
+        |n| n.contains("100 per day is enforced as 4 per sliding hour") && !n.contains("WARNING")
+    ));
+    // Below one an hour the share rounds up: said as a warning with the factor.
+    let loose = config(
+        "domain: d
+descriptors:
+  - key: k
+    rate_limit: { unit: day, requests_per_unit: 1 }
+",
+    );
     assert!(
-        c.notes
+        loose
+            .notes
             .iter()
-            .any(|n| n.contains("100 per day is enforced as 4 per sliding hour"))
+            .any(|n| n.contains("WARNING: that admits up to 24 per day, 24.0x")),
+        "{:?}",
+        loose.notes
     );
 }
 
