@@ -212,27 +212,43 @@ impl PolicyStore {
     /// if no global policy's share changes. If the maps cannot take them, the shares before are
     /// written back and the error returned.
     pub fn set_share_view(&self, view: ShareView) -> Result<(), DatapathError> {
+        // The writer lock keeps every other change out; the config with the shares and its trie
+        // entries are made outside the policy lock (stats, metrics and checks take it), which is
+        // held only to write the maps and swap.
         let _writer = self.writer();
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        if inner.share_view == view {
+        let (effective, in_force, before_view) = {
+            let inner = self.lock();
+            (
+                inner.effective.clone(),
+                inner.applied.clone(),
+                inner.share_view,
+            )
+        };
+        if before_view == view {
             return Ok(());
         }
-        let applied = with_shares(&inner.effective.config, &view);
-        if applied == *inner.applied {
-            inner.share_view = view;
+        let applied = with_shares(&effective.config, &view);
+        if applied == *in_force {
+            self.lock().share_view = view;
             return Ok(());
         }
-        if let Err(e) = inner.tables.apply(&applied) {
-            let before = inner.applied.clone();
-            if let Err(restore) = inner.tables.apply(&before) {
-                tracing::error!("restoring the shares in force after a failed apply: {restore}");
+        let applied = Arc::new(applied);
+        let entries = applied.lpm_entries();
+        {
+            let mut inner = self.lock();
+            if let Err(e) = inner.tables.apply_entries(&applied, entries) {
+                if let Err(restore) = inner.tables.apply(&in_force) {
+                    tracing::error!(
+                        "restoring the shares in force after a failed apply: {restore}"
+                    );
+                }
+                return Err(e);
             }
-            return Err(e);
+            inner.share_view = view;
+            inner.applied = applied.clone();
         }
+        drop(in_force);
         self.checker.set_config(&applied);
-        inner.share_view = view;
-        inner.applied = Arc::new(applied);
         Ok(())
     }
 
