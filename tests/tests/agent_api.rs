@@ -335,14 +335,25 @@ impl Metrics {
     }
 }
 
-/// `limiter_packets_{passed,dropped}_total` of a scrape less the packets from `::` (see
-/// [`unspecified_counts`]): what the test sent.
-fn packet_counts(m: &Metrics, api: &mut Api) -> Result<(u64, u64)> {
-    let stray = api.client_stats("::")?;
-    Ok((
-        m.value("limiter_packets_passed_total", "") - stray.passed,
-        m.value("limiter_packets_dropped_total", "") - stray.dropped,
-    ))
+/// A scrape, and its `limiter_packets_{passed,dropped}_total` less the packets from `::` (see
+/// [`unspecified_counts`]): what the test sent. The stray count is read before and after the
+/// scrape, and the scrape taken again if one of the sender's stray packets arrived in between
+/// (the scrape and the count would not belong together).
+fn scrape_counts(net: &TestNet, iface: &str, api: &mut Api) -> Result<(Metrics, (u64, u64))> {
+    for _ in 0..20 {
+        let before = api.client_stats("::")?;
+        let m = scrape(net, iface)?;
+        let after = api.client_stats("::")?;
+        if (before.passed, before.dropped) == (after.passed, after.dropped) {
+            let counts = (
+                m.value("limiter_packets_passed_total", "") - before.passed,
+                m.value("limiter_packets_dropped_total", "") - before.dropped,
+            );
+            return Ok((m, counts));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("the sender's stray packets kept arriving during the scrapes")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1387,7 +1398,7 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
         "{}",
         http.head
     );
-    let start = scrape(&net, &iface)?;
+    let (start, start_counts) = scrape_counts(&net, &iface, &mut api)?;
     assert_eq!(start.value("limiter_attached", ""), 1);
     assert_eq!(start.value("limiter_dry_run", ""), 0);
     assert_eq!(start.value("limiter_config_reloads_total", ""), 0);
@@ -1401,19 +1412,15 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
     assert_eq!(start.value("limiter_clients_active", ",kind=\"id\""), 0);
     let generation = start.value("limiter_policy_generation", "");
     assert_eq!(generation, api.global()?.policy_generation);
-    assert_eq!(
-        packet_counts(&start, &mut api)?,
-        (0, 0),
-        "no test packet yet"
-    );
+    assert_eq!(start_counts, (0, 0), "no test packet yet");
 
     // Packets: 20 of 50 pass.
     let src: IpAddr = sender_v4(7).into();
     let got = send_and_count(&net, &counter, &[(src, 50)])?;
-    let after = scrape(&net, &iface)?;
+    let (_after, after_counts) = scrape_counts(&net, &iface, &mut api)?;
     assert_eq!(got[&src], 20);
     assert_eq!(
-        packet_counts(&after, &mut api)?,
+        after_counts,
         (got[&src], 50 - got[&src]),
         "the packet counters against the receiver"
     );
@@ -1423,7 +1430,7 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
         assert!(api.check("tenant-metrics", 1)?.allowed);
     }
     assert!(!api.check("198.18.0.17", 1)?.allowed);
-    let checked = scrape(&net, &iface)?;
+    let (checked, checked_counts) = scrape_counts(&net, &iface, &mut api)?;
     assert_eq!(
         checked.value("limiter_checks_total", ",result=\"allowed\""),
         3
@@ -1432,11 +1439,7 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
         checked.value("limiter_checks_total", ",result=\"denied\""),
         1
     );
-    assert_eq!(
-        packet_counts(&checked, &mut api)?,
-        (20, 30),
-        "checks are not packets"
-    );
+    assert_eq!(checked_counts, (20, 30), "checks are not packets");
 
     // A reload of the file: counted, generation bumped, and the raise reaches the packets.
     let (new_generation, took) = agent.reload(
@@ -1454,8 +1457,8 @@ fn metrics_count_packets_checks_reloads_and_errors() -> Result<()> {
     // The denied check took nothing: 5 more at 25.
     let got = send_and_count(&net, &counter, &[(src, 10)])?;
     assert_eq!(got[&src], 5);
-    let raised = scrape(&net, &iface)?;
-    assert_eq!(packet_counts(&raised, &mut api)?, (25, 35));
+    let (_raised, raised_counts) = scrape_counts(&net, &iface, &mut api)?;
+    assert_eq!(raised_counts, (25, 35));
 
     // A rejected config: counted, nothing applied.
     agent.write_config("default: {limit: 7, window: 5x}\n")?;
