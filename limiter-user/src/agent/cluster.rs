@@ -132,15 +132,20 @@ impl Prepared {
     }
 }
 
-/// Reads the token and the TLS files the section names; with TLS, this node's certificate must
-/// name its `node_id` (its peers check that it speaks only as itself).
-fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
-    let token = config
+/// The token `cluster.token_file` holds, if the section names one.
+fn token(config: &ClusterConfig) -> anyhow::Result<Option<String>> {
+    config
         .token_file
         .as_deref()
         .map(read_token)
         .transpose()
-        .context("cluster.token_file")?;
+        .context("cluster.token_file")
+}
+
+/// Reads the token and the TLS files the section names; with TLS, this node's certificate must
+/// name its `node_id` (its peers check that it speaks only as itself).
+fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
+    let token = token(config)?;
     let tls = match &config.tls {
         None => None,
         Some(tls) => {
@@ -287,15 +292,9 @@ async fn follow(
         let current = policies.borrow_and_update().clone();
         match (&current.config, membership.node()) {
             (Some(config), Some(node)) => {
-                let reconfigured = config
-                    .token_file
-                    .as_deref()
-                    .map(read_token)
-                    .transpose()
-                    .context("cluster.token_file")
-                    .and_then(|token| {
-                        Ok(node.reconfigure(config, token.as_deref(), current.clone())?)
-                    });
+                let reconfigured = token(config).and_then(|token| {
+                    Ok(node.reconfigure(config, token.as_deref(), current.clone())?)
+                });
                 match reconfigured {
                     Ok(()) => {
                         tracing::info!(peers = config.peers.len(), "cluster: section reloaded")
