@@ -5,7 +5,7 @@
 /// Version of the map layout: the set of maps, their key and value types. Bump it with any
 /// change to them; an agent finding pinned maps of another version never runs its program
 /// against them.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// `Policy::action`: limit the client with `limit` per `window_us`.
 pub const ACTION_LIMIT: u8 = 0;
@@ -322,6 +322,43 @@ pub struct CheckReply {
 /// `MapConfig::flags`: adaptive windows are on; the fast path reports newly active clients to the
 /// agent through `ACTIVE`.
 pub const CONFIG_ADAPTIVE: u32 = 1;
+/// `MapConfig::flags`: the agent is a cluster member enforcing global policies. The fast path
+/// pushes the key of each client it moves into `LIMITED` (over its limit) to `HOT`, and decides
+/// clients that have an entry in `GRANTS` with the allowance the grant gives.
+pub const CONFIG_CLUSTER: u32 = 2;
+
+/// Size of the `HOT` ring buffer: the key of each client the fast path moves into `LIMITED`
+/// while `CONFIG_CLUSTER` is set, for the agent's cluster enrolment (24 bytes a record: 10,922
+/// moves between two reads, one sync interval apart). A refused push is not retried: the agent
+/// also finds global clients in `LIMITED` when it starts.
+pub const HOT_RING_BYTES: u32 = 1 << 18;
+
+/// A global client's allowance from its owner in the cluster: the value of `GRANTS`, keyed like
+/// the client's entry. The fast path decides the client with [`Grant::limit_at`] instead of the
+/// entry's own limit (the cold share). The lease is enforced here, in the kernel: a raise lapses
+/// at `until_ns` back to the cold share even if the agent that wrote it is dead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Packets per policy window the owner granted.
+    pub value: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC (ns) at which the lease ends: from then on the grant counts only as far
+    /// as it is below the cold share (a cut stays, a raise lapses).
+    pub until_ns: u64,
+}
+
+impl Grant {
+    /// The allowance at `now_ns` for an entry whose own limit (the cold share) is `cold`.
+    #[inline(always)]
+    pub fn limit_at(&self, now_ns: u64, cold: u32) -> u32 {
+        if now_ns < self.until_ns || self.value < cold {
+            self.value
+        } else {
+            cold
+        }
+    }
+}
 
 /// The single entry of the `CONFIG` array.
 #[repr(C)]
@@ -494,6 +531,7 @@ impl GlobalStats {
 }
 
 const _: () = assert!(size_of::<Policy>() == 12);
+const _: () = assert!(size_of::<Grant>() == 16);
 const _: () = assert!(size_of::<ClientState>() == 40);
 const _: () = assert!(size_of::<MapConfig>() == 16);
 const _: () = assert!(size_of::<AdaptSlot>() == 40);
@@ -522,6 +560,8 @@ mod pod {
     unsafe impl aya::Pod for super::AdaptSlot {}
     // SAFETY: `AdaptiveStatus` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::AdaptiveStatus {}
+    // SAFETY: `Grant` is repr(C) integers without padding (see above).
+    unsafe impl aya::Pod for super::Grant {}
 }
 
 #[cfg(test)]
@@ -578,6 +618,21 @@ mod tests {
             (s.policy(), s.generation_tag(), s.flags()),
             (MAX_POLICY_ID, 0, 0)
         );
+    }
+
+    #[test]
+    fn a_raise_lapses_to_the_cold_share_and_a_cut_stays() {
+        let raise = Grant {
+            value: 25,
+            _pad: 0,
+            until_ns: 1_000,
+        };
+        assert_eq!(
+            (raise.limit_at(999, 10), raise.limit_at(1_000, 10)),
+            (25, 10)
+        );
+        let cut = Grant { value: 4, ..raise };
+        assert_eq!((cut.limit_at(999, 10), cut.limit_at(5_000, 10)), (4, 4));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
     maps::{
         CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET,
-        CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, META_FLAG, VERDICT_ALLOWED,
+        CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED,
         VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
     },
 };
@@ -173,13 +173,23 @@ fn check_one(
         }
     }
     let mut now = 0;
+    let cluster = config.flags & CONFIG_CLUSTER != 0;
     let state = match state_ptr {
         Some(mut p) => {
             if request.hits != 0 {
                 // SAFETY: live map value. `Home::Kept`: a denied check never moves the entry into
                 // `LIMITED` (see above).
-                let outcome =
-                    unsafe { decide_hits(&key, p, Home::Kept, request.hits, Run::Agent, counted) };
+                let outcome = unsafe {
+                    decide_hits(
+                        &key,
+                        p,
+                        Home::Kept,
+                        request.hits,
+                        Run::Agent,
+                        cluster,
+                        counted,
+                    )
+                };
                 if outcome.admitted {
                     verdict |= VERDICT_ALLOWED;
                 }

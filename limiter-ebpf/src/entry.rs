@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use limiter_common::{
-    ClientState, GlobalStats, MapConfig, Policy,
+    ClientState, GlobalStats, Grant, MapConfig, Policy,
     addr::{ClientKey, as_v4, keyed_by, set_group_key, set_policy_key_of},
     maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, META_FLAG, generation_tag},
     window::{
@@ -26,7 +26,9 @@ use limiter_common::{
 use crate::{
     counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
-    maps::{CLIENTS, COARSE_CLOCK, LIMITED, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS},
+    maps::{
+        CLIENTS, COARSE_CLOCK, GRANTS, HOT, LIMITED, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS,
+    },
 };
 
 /// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
@@ -253,6 +255,7 @@ pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
 unsafe fn hold_limited(
     key: &ClientKey,
     state: *mut ClientState,
+    cluster: bool,
     stats: &mut GlobalStats,
 ) -> *mut ClientState {
     // SAFETY: live map value (the function's contract); the copy is read with volatile loads
@@ -267,6 +270,11 @@ unsafe fn hold_limited(
         Ok(()) => {
             let _ = CLIENTS.remove(key);
             stats.limited_moves += 1;
+            if cluster {
+                // Once per move (only the CPU whose copy landed gets here): the agent's cluster
+                // enrolment learns of the client. A full ring loses the notice, not the limit.
+                let _ = HOT.output::<ClientKey>(key, 0);
+            }
         }
         // Another CPU moved it first: its copy is the client's state.
         Err(e) if e == -EEXIST => {
@@ -490,7 +498,9 @@ pub(crate) struct Outcome {
 }
 
 /// Admits or denies `hits` for the entry of `key` found in `home` and counts them; a denied
-/// `CLIENTS` entry first moves to `LIMITED` (see `hold_limited`).
+/// `CLIENTS` entry first moves to `LIMITED` (see `hold_limited`). With `cluster` (the agent set
+/// `CONFIG_CLUSTER`) a client with a grant in `GRANTS` is decided with the grant's allowance,
+/// and a move to `LIMITED` is reported on `HOT`.
 ///
 /// # Safety
 /// `state` points at a live map value, the entry of `key` in `home`.
@@ -501,6 +511,7 @@ pub(crate) unsafe fn decide_hits(
     home: Home,
     hits: u32,
     run: Run,
+    cluster: bool,
     stats: &mut GlobalStats,
 ) -> Outcome {
     // SAFETY: `state` points at a live map value (the function's contract), whose counter words
@@ -530,7 +541,15 @@ pub(crate) unsafe fn decide_hits(
             // Admitted packets are counted by the window slots (see `ClientState::passed`).
             _ => {
                 let now = now_for((*state).window_us, run);
-                let (admitted, rolled, contended) = admit(state, stats, hits, now, run);
+                // One hash lookup, only on a cluster member: the grants of global clients.
+                // The agent replaces an entry whole (a hash map update swaps in a new element),
+                // and the value is copied at once.
+                let grant = if cluster {
+                    GRANTS.get(key).copied()
+                } else {
+                    None
+                };
+                let (admitted, rolled, contended) = admit(state, stats, hits, now, run, grant);
                 over_limit = !admitted && !contended;
                 Outcome {
                     admitted,
@@ -542,7 +561,7 @@ pub(crate) unsafe fn decide_hits(
         };
         if !outcome.admitted {
             if over_limit && home == Home::Clients {
-                outcome.entry = hold_limited(key, state, stats);
+                outcome.entry = hold_limited(key, state, cluster, stats);
             }
             add_up(&raw mut (*outcome.entry).dropped, hits as u64);
         }
@@ -578,6 +597,7 @@ unsafe fn admit(
     hits: u32,
     now: u64,
     run: Run,
+    grant: Option<Grant>,
 ) -> (bool, bool, bool) {
     // SAFETY: `state` points at a live map value (the function's contract); this only computes
     // the address of its slots.
@@ -608,6 +628,11 @@ unsafe fn admit(
             // SAFETY: live map value.
             unsafe { add_up(&raw mut (*state).passed, hits as u64) };
             return (true, false, false);
+        };
+        // The owner's grant replaces the cold share while its lease runs (a cut for good).
+        let limit = match grant {
+            Some(g) => g.limit_at(now, limit),
+            None => limit,
         };
         match decide(&current, now, window_ns, limit, hits) {
             Verdict::Deny => return (false, false, false),

@@ -20,7 +20,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use limiter_common::{
     ClientState, GlobalStats, MapConfig,
     addr::ClientKey,
-    maps::{CONFIG_ADAPTIVE, META_FLAG, MODE_DRY_RUN},
+    maps::{CONFIG_ADAPTIVE, CONFIG_CLUSTER, META_FLAG, MODE_DRY_RUN},
 };
 
 use crate::{
@@ -87,7 +87,8 @@ fn decide_client(key: &ClientKey, config: &MapConfig, stats: &mut GlobalStats) -
     // SAFETY: `state` points at a live map value for the duration of this program run (map
     // values are RCU-protected while the program runs).
     unsafe {
-        let outcome = decide_hits(&key, state, home, 1, Run::Packet, stats);
+        let cluster = config.flags & CONFIG_CLUSTER != 0;
+        let outcome = decide_hits(&key, state, home, 1, Run::Packet, cluster, stats);
         if outcome.rolled && config.flags & CONFIG_ADAPTIVE != 0 {
             report(&key, outcome.entry);
         }

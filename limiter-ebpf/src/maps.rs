@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::{
-    AdaptiveStatus, ClientState, GlobalStats, MapConfig, Policy,
+    AdaptiveStatus, ClientState, GlobalStats, Grant, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
-    maps::ACTIVE_RING_BYTES,
+    maps::{ACTIVE_RING_BYTES, HOT_RING_BYTES},
 };
 
 /// Dynamic clients (default or prefix policies). The agent sets the real size at load time
@@ -74,3 +74,14 @@ pub(crate) static ACTIVE: RingBuf = RingBuf::with_byte_size(ACTIVE_RING_BYTES, 0
 /// The adaptive controller's status for `limiter stats`, written by the agent; never read here.
 #[map]
 static ADAPTIVE: Array<AdaptiveStatus> = Array::with_max_entries(1, 0);
+
+/// Grants of the cluster's owners to this node for global clients, keyed like the clients'
+/// entries; written by the agent, read by the fast path while `CONFIG_CLUSTER` is set. Never
+/// evicted; sized by the agent (`--max-global-clients`).
+#[map]
+pub(crate) static GRANTS: HashMap<ClientKey, Grant> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Keys of clients moved into `LIMITED` while `CONFIG_CLUSTER` is set, for the agent's cluster
+/// enrolment (see `CONFIG_CLUSTER`).
+#[map]
+pub(crate) static HOT: RingBuf = RingBuf::with_byte_size(HOT_RING_BYTES, 0);

@@ -20,8 +20,8 @@ use aya::{
 use limiter_common::maps::LAYOUT_VERSION;
 
 use super::{
-    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DEFAULT_MAX_LIMITED, DatapathError, PIN_ROOT, PINNED,
-    PROGRAM, map_err, tables::dup_fd,
+    DEFAULT_MAX_CLIENTS, DEFAULT_MAX_GLOBAL_CLIENTS, DEFAULT_MAX_IDS, DEFAULT_MAX_LIMITED,
+    DatapathError, PIN_ROOT, PINNED, PROGRAM, map_err, tables::dup_fd,
 };
 
 /// `/sys/fs/bpf/limiter/IFACE`.
@@ -93,6 +93,8 @@ pub struct LoadOptions {
     pub max_ids: u32,
     /// Capacity of `LIMITED`, the never-evicted map of clients over their limit.
     pub max_limited: u32,
+    /// Capacity of `GRANTS`, the cluster owners' grants for global clients.
+    pub max_global_clients: u32,
 }
 
 impl Default for LoadOptions {
@@ -102,6 +104,7 @@ impl Default for LoadOptions {
             max_clients: DEFAULT_MAX_CLIENTS,
             max_ids: DEFAULT_MAX_IDS,
             max_limited: DEFAULT_MAX_LIMITED,
+            max_global_clients: DEFAULT_MAX_GLOBAL_CLIENTS,
         }
     }
 }
@@ -120,6 +123,7 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     loader.map_max_entries("CLIENTS", opts.max_clients);
     loader.map_max_entries("NAMED", opts.max_ids);
     loader.map_max_entries("LIMITED", opts.max_limited);
+    loader.map_max_entries("GRANTS", opts.max_global_clients);
     if let Some(dir) = &opts.pin_dir {
         // Discarding may remove the directory itself: create it afterwards.
         adopted_layout = discard_incompatible_pins(dir, opts)?;
@@ -180,6 +184,14 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
     let layout = pinned_layout(dir);
     match layout {
         Some(LAYOUT_VERSION) => {}
+        Some(6) => {
+            // Layout 7 added `GRANTS` and `HOT` (created and pinned by the load) and the
+            // `CONFIG_CLUSTER` flag, which layout 6 never set; every other map is the same.
+            tracing::info!(
+                dir = %dir.display(),
+                "pinned maps have layout v6: adopting them as v{LAYOUT_VERSION} (clients keep their state)"
+            );
+        }
         Some(5) => {
             // Layout 6 gave meaning to two padding fields (`Policy::group`, `MapConfig::
             // fast_group`), zero in layout 5, which means per address; the agent rewrites both
@@ -235,6 +247,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
                 && (name != "CLIENTS" || info.max_entries() == opts.max_clients)
                 && (name != "NAMED" || info.max_entries() == opts.max_ids)
                 && (name != "LIMITED" || info.max_entries() == opts.max_limited)
+                && (name != "GRANTS" || info.max_entries() == opts.max_global_clients)
         });
         if !ok {
             mismatch = Some(name);

@@ -7,6 +7,7 @@
 
 pub mod ebpf;
 pub mod frame;
+pub mod grants;
 pub mod kernel;
 mod kernel_log;
 pub mod lifecycle;
@@ -20,6 +21,7 @@ pub use self::{
         ADAPT_FRAME, ADAPT_PROGRAM, CHECK_FRAME, CHECK_PROGRAM, FrameLayout, RunResult,
         TestRunFrame, XDP_PASS,
     },
+    grants::{ClusterMaps, DEFAULT_MAX_GLOBAL_CLIENTS},
     lifecycle::*,
     tables::*,
 };
@@ -48,7 +50,7 @@ pub const DEFAULT_MAX_IDS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 12] = [
+const PINNED: [(&str, MapType, usize, usize); 14] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     (
@@ -72,6 +74,13 @@ const PINNED: [(&str, MapType, usize, usize); 12] = [
     // A ring buffer has neither keys nor values.
     ("ACTIVE", MapType::RingBuf, 0, 0),
     ("ADAPTIVE", MapType::Array, 4, size_of::<AdaptiveStatus>()),
+    (
+        "GRANTS",
+        MapType::Hash,
+        16,
+        size_of::<limiter_common::Grant>(),
+    ),
+    ("HOT", MapType::RingBuf, 0, 0),
 ];
 
 #[derive(Debug, thiserror::Error)]

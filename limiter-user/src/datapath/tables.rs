@@ -19,8 +19,8 @@ use limiter_common::{
     AdaptSlot, AdaptiveStatus, ClientState, GlobalStats, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
-        ACTION_LIMIT, ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, FLAG_REPORTED,
-        FLAG_STATIC, GENERATION_SWEEP, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
+        ACTION_LIMIT, ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, CONFIG_CLUSTER,
+        FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
     },
     window::{slot_count, slot_tag},
 };
@@ -359,11 +359,15 @@ impl Tables {
             Mode::Enforce => MODE_ENFORCE,
             Mode::DryRun => MODE_DRY_RUN,
         };
-        let flags = if config.adaptive.enabled {
+        let mut flags = if config.adaptive.enabled {
             CONFIG_ADAPTIVE
         } else {
             0
         };
+        // Global policies in force (a cluster member): report hot clients, apply grants.
+        if !config.global_limits.is_empty() {
+            flags |= CONFIG_CLUSTER;
+        }
         let map_config = MapConfig {
             generation,
             mode,

@@ -1,0 +1,109 @@
+//! The maps of the cluster's enrolment: `GRANTS` (what the owners of global clients granted this
+//! node; the fast path enforces the leases itself), `HOT` (the clients the fast path moved into
+//! `LIMITED` while `CONFIG_CLUSTER` is set) and the address-client maps, read one client at a
+//! time for the held clients' counters.
+
+use std::os::fd::OwnedFd;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, RingBuf},
+};
+use limiter_common::{ClientState, Grant, addr::ClientKey};
+
+use super::{DatapathError, Tables, map_err};
+
+/// Default capacity of `GRANTS` (`--max-global-clients`): 65,536 entries of ~100 bytes.
+pub const DEFAULT_MAX_GLOBAL_CLIENTS: u32 = 1 << 16;
+
+/// Enrolment's handles on the maps.
+pub struct ClusterMaps {
+    grants: HashMap<MapData, ClientKey, Grant>,
+    hot: RingBuf<MapData>,
+    /// `LIMITED`, `CLIENTS`, `STATIC_CLIENTS`: where a client's entry may be, likeliest first for
+    /// a hot client.
+    clients: [HashMap<MapData, ClientKey, ClientState>; 3],
+}
+
+fn taken(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::Map {
+        name,
+        error: MapError::InvalidName { name: name.into() },
+    })
+}
+
+fn from_fd(
+    fd: OwnedFd,
+    name: &'static str,
+) -> Result<HashMap<MapData, ClientKey, ClientState>, DatapathError> {
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
+    HashMap::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
+}
+
+impl ClusterMaps {
+    /// Takes `GRANTS` and `HOT` out of a loaded object, and handles of its own on the client
+    /// maps `tables` hold.
+    pub fn take(ebpf: &mut Ebpf, tables: &Tables) -> Result<ClusterMaps, DatapathError> {
+        let grants = HashMap::try_from(taken(ebpf, "GRANTS")?).map_err(map_err("GRANTS"))?;
+        let hot = RingBuf::try_from(taken(ebpf, "HOT")?).map_err(map_err("HOT"))?;
+        let [clients, statics, limited] =
+            tables.client_fds().map_err(|error| DatapathError::Io {
+                what: "duplicating the descriptors of",
+                path: "the client maps".into(),
+                error,
+            })?;
+        Ok(ClusterMaps {
+            grants,
+            hot,
+            clients: [
+                from_fd(limited, "LIMITED")?,
+                from_fd(clients, "CLIENTS")?,
+                from_fd(statics, "STATIC_CLIENTS")?,
+            ],
+        })
+    }
+
+    /// The clients reported hot since the last call.
+    pub fn hot(&mut self) -> Vec<ClientKey> {
+        let mut keys = Vec::new();
+        while let Some(item) = self.hot.next() {
+            if let Ok(key) = <ClientKey>::try_from(&item[..item.len().min(16)]) {
+                keys.push(key);
+            }
+        }
+        keys
+    }
+
+    /// The clients in `LIMITED` (at start: those a previous run's fast path moved there).
+    pub fn limited(&self) -> Vec<ClientKey> {
+        self.clients[0].keys().filter_map(Result::ok).collect()
+    }
+
+    /// The client's entry, wherever it lives.
+    pub fn entry(&self, client: &ClientKey) -> Option<ClientState> {
+        self.clients.iter().find_map(|m| m.get(client, 0).ok())
+    }
+
+    /// Sets (`Some`) or deletes (`None`) grants.
+    pub fn write(&mut self, changes: &[(ClientKey, Option<Grant>)]) -> Result<(), DatapathError> {
+        for (client, grant) in changes {
+            match grant {
+                Some(g) => self.grants.insert(client, g, 0),
+                None => match self.grants.remove(client) {
+                    Err(MapError::KeyNotFound) => Ok(()),
+                    other => other,
+                },
+            }
+            .map_err(map_err("GRANTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Every grant the map holds.
+    pub fn grants(&self) -> Result<Vec<(ClientKey, Grant)>, DatapathError> {
+        self.grants
+            .iter()
+            .map(|r| r.map_err(map_err("GRANTS")))
+            .collect()
+    }
+}
