@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod demand;
+pub mod enrolment;
 pub mod lease;
 pub mod membership;
 pub mod node;
@@ -32,6 +33,8 @@ pub struct ClusterPolicies {
 /// A global `limit` policy in force: its `match` as written, limit and window (µs).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GlobalPolicy {
+    /// The policy's id (its index in the config, 1-based): how reports name it.
+    pub id: u16,
     pub matches: String,
     pub limit: u32,
     pub window_us: u32,
@@ -43,7 +46,10 @@ impl ClusterPolicies {
     pub fn hash(&self) -> u64 {
         let mut text = String::new();
         for g in &self.global {
-            text.push_str(&format!("{} {} {}\n", g.matches, g.limit, g.window_us));
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                g.id, g.matches, g.limit, g.window_us
+            ));
         }
         membership::stable_hash(text.as_bytes())
     }

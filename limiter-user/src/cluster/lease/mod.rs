@@ -105,6 +105,11 @@ impl Timing {
         self.lease
     }
 
+    /// The silence limit: a holder that heard nothing from the owner for this long drops the grant.
+    pub fn silence(&self) -> Duration {
+        self.silence
+    }
+
     /// `d` measured on a clock running up to `drift_ppm` slow, seen on one up to as fast: the
     /// most real-and-other-clock time `d` can take (`d·(1+ρ)/(1−ρ)`, rounded up, plus 1 ms).
     fn stretched(&self, d: Duration) -> Duration {
@@ -179,15 +184,42 @@ struct Applied {
 
 impl Holder {
     pub fn new(timing: Timing) -> Holder {
+        Holder::numbered_from(timing, 1)
+    }
+
+    /// A holder whose reports are numbered from `first`: the agent numbers every holder's
+    /// reports from one increasing counter (and its incarnation), so a late grant answering a
+    /// report of an earlier holder of the same client never matches a report of this one.
+    pub fn numbered_from(timing: Timing, first: u64) -> Holder {
         Holder {
             timing,
             grant: None,
             newest_grant: 0,
             last_heard: None,
             echo: None,
-            next_report: 1,
+            next_report: first.max(1),
             sent: VecDeque::with_capacity(SENT_REPORTS),
         }
+    }
+
+    /// The grant in force at `now`, for the datapath: its value and the end of its lease on this
+    /// holder's clock (`None`: lapsed, it counts as `min(value, cold)`); `None` when the cold
+    /// share is in force (no grant, or dropped for the owner's silence).
+    pub fn in_force(&self, now: Duration) -> Option<(u32, Option<Duration>)> {
+        let grant = self.grant?;
+        if self
+            .last_heard
+            .is_some_and(|heard| now.saturating_sub(heard) >= self.timing.silence)
+        {
+            return None;
+        }
+        Some((grant.value, grant.until))
+    }
+
+    /// The owner has been silent for the silence limit: the holder is back at the cold share.
+    pub fn owner_silent(&self, now: Duration) -> bool {
+        self.last_heard
+            .is_none_or(|heard| now.saturating_sub(heard) >= self.timing.silence)
     }
 
     /// The share enforced at `now` when the cold share is `cold`.
@@ -268,6 +300,13 @@ pub struct Ledger {
     limit: u32,
     timing: Timing,
     next_grant: u64,
+    /// Until then (owner clock) no grant goes above the cold share: a new owner's learning
+    /// mode, during which raises another ledger of the client issued lapse.
+    no_raise_until: Duration,
+    /// Releasing: no grant above the cold share any more (see [`Ledger::releasable`]).
+    releasing: bool,
+    /// The first message number of a new holder's account.
+    first_message: u64,
     holders: BTreeMap<NodeId, Account>,
 }
 
@@ -358,20 +397,79 @@ impl Account {
 
 impl Ledger {
     pub fn new(limit: u32, timing: Timing) -> Ledger {
+        Ledger::numbered_from(limit, timing, 1, Duration::ZERO)
+    }
+
+    /// A ledger whose grants and messages are numbered from `first` (the agent takes it from an
+    /// increasing counter and its incarnation, so a holder never mistakes an earlier ledger's
+    /// grant for a newer one of this), issuing no raise before `no_raise_until` (learning mode:
+    /// a stretched lease after it is created, any raise of an earlier owner has lapsed).
+    pub fn numbered_from(
+        limit: u32,
+        timing: Timing,
+        first: u64,
+        no_raise_until: Duration,
+    ) -> Ledger {
         Ledger {
             limit,
             timing,
-            next_grant: 1,
+            next_grant: first.max(1),
+            no_raise_until,
+            releasing: false,
+            first_message: first.max(1),
             holders: BTreeMap::new(),
         }
     }
 
+    /// How long a new owner stays in learning mode: a lease on a holder's clock, seen on the
+    /// owner's.
+    pub fn learning(timing: &Timing) -> Duration {
+        timing.stretched(timing.lease)
+    }
+
+    /// The limit L this ledger splits.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// Enrols `node`: it enforces the cold share until it applies a grant.
     pub fn enrol(&mut self, node: NodeId) {
+        let first = self.first_message;
         self.holders.entry(node).or_insert_with(|| Account {
             cold_possible: true,
+            next_message: first,
             ..Account::default()
         });
+    }
+
+    /// Whether `node` is enrolled.
+    pub fn is_enrolled(&self, node: &NodeId) -> bool {
+        self.holders.contains_key(node)
+    }
+
+    /// Σ of the enrolled holders' reported demand, packets per window.
+    pub fn demand(&self) -> u64 {
+        self.holders.values().map(|a| u64::from(a.demand)).sum()
+    }
+
+    /// Starts releasing the client: from now on no grant goes above the cold share.
+    pub fn release(&mut self) {
+        self.releasing = true;
+    }
+
+    pub fn is_releasing(&self) -> bool {
+        self.releasing
+    }
+
+    /// Releasing, and no holder can be enforcing more than the cold share any more (every raise
+    /// was superseded or its lease is over on the owner's clock): the holders may go back to the
+    /// cold share, which sums to at most L, and the ledger may be dropped.
+    pub fn releasable(&self, now: Duration, cold: u32) -> bool {
+        self.releasing
+            && self
+                .holders
+                .values()
+                .all(|a| a.live.iter().all(|g| g.value <= cold || g.lapses_at <= now))
     }
 
     /// The enrolled holders.
@@ -426,7 +524,12 @@ impl Ledger {
             .values()
             .map(|a| shares::with_headroom(a.demand))
             .collect();
-        let targets = shares::water_fill(budget, &wants);
+        let mut targets = shares::water_fill(budget, &wants);
+        if self.releasing || now < self.no_raise_until {
+            for t in &mut targets {
+                *t = (*t).min(cold);
+            }
+        }
         for account in self.holders.values_mut() {
             account.compact(now);
         }

@@ -473,6 +473,35 @@ impl Membership {
         }
     }
 
+    /// For enrolment: every member id (this node's included: the set owners are chosen from,
+    /// the same on every member whose view hash agrees), the live ones, and whether every
+    /// member agrees on the view.
+    pub fn enrolment_view(&self, now: Instant) -> (Vec<NodeId>, Vec<NodeId>, bool) {
+        let (ids, _) = self.member_set(now);
+        let members: Vec<NodeId> = ids.into_iter().cloned().collect();
+        let mut live: BTreeSet<NodeId> = self
+            .endpoints
+            .values()
+            .filter(|e| self.is_live(e, now))
+            .filter_map(|e| e.node.clone())
+            .collect();
+        live.extend(
+            self.fresh(now)
+                .filter(|(_, s)| now.saturating_duration_since(s.at) <= self.timing.peer_timeout)
+                .map(|(id, _)| id.clone()),
+        );
+        live.insert(self.me.clone());
+        (members, live.into_iter().collect(), self.agreed(now))
+    }
+
+    /// The id an endpoint answered as (`None`: not answered yet, or it is this node).
+    pub fn endpoint_node(&self, addr: SocketAddr) -> Option<&NodeId> {
+        self.endpoints
+            .get(&addr)
+            .filter(|e| !e.is_self)
+            .and_then(|e| e.node.as_ref())
+    }
+
     /// What this node says of itself in a heartbeat or answer numbered `seq`.
     pub fn report(&self, incarnation: u64, seq: u64, now: Instant) -> Report {
         Report {

@@ -1,0 +1,534 @@
+//! Enrolment: how this member takes part in the split of a hot global client's limit, as a
+//! holder (it enforces what the client's owner grants it) and as the owner of the clients that
+//! rendezvous hashing gives it. Pure: time is injected (the node's CLOCK_MONOTONIC), the maps
+//! and the wire are the caller's.
+//!
+//! The protocol, over the rules of [`super::lease`]:
+//! - A client grows hot on a member when the fast path drops one of its packets (it moves into
+//!   `LIMITED`, which reports it once): the member starts holding it, attached to the client's
+//!   owner, and reports its demand to the owner every round.
+//! - An owner that receives a report for a client it owns and has no ledger for opens one and
+//!   enrols every live member; each enrolled member attaches to the owner on its first message
+//!   and reports too. The owner water-fills the reported demand into grants every round (cuts at
+//!   once, raises in the room acknowledged cuts and lapsed leases leave) and opens in learning
+//!   mode: no raise for a stretched lease, so any raise an earlier owner issued has lapsed.
+//! - Enrolment is sticky: a holder takes grants only from the owner it is attached to, until it
+//!   is released or the owner goes silent (the silence limit, after which the holder is back at
+//!   the cold share). New ledgers and attachments happen only while every member reports the
+//!   same view: with views that differ, two members could take themselves for the owner.
+//! - A client whose demand stays under half of what the cold shares give for
+//!   [`QUIET_BEFORE_RELEASE`] is released: no more raises; once no raise can be in force the
+//!   owner tells the holders, which go back to the cold share (Σ ≤ L), and drops the ledger.
+//! - Every holder's reports and every ledger's grants and messages are numbered from
+//!   `incarnation << 48 | now in µs`, so numbers only grow across ledgers, holders and restarts.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use limiter_common::addr::ClientKey;
+
+use super::{
+    NodeId,
+    lease::{Holder, Ledger, Report, Timing, ToHolder},
+    owner,
+};
+
+/// A client quiet for this long (demand under half of what the cold shares give) is released.
+pub const QUIET_BEFORE_RELEASE: Duration = Duration::from_secs(5);
+
+/// A holder's report for one client, to the client's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportMsg {
+    pub client: ClientKey,
+    /// The global policy's id (the configs of the members are the same: their view hashes say so).
+    pub policy: u16,
+    pub report: Report,
+}
+
+/// An owner's message for one client, to one holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantMsg {
+    pub client: ClientKey,
+    pub policy: u16,
+    pub message: ToHolder,
+    /// The owner released the client: back to the cold share.
+    pub release: bool,
+}
+
+/// What one round sends to one member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    pub reports: Vec<ReportMsg>,
+    pub grants: Vec<GrantMsg>,
+}
+
+/// The cluster as enrolment sees it at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    /// Every member's id, this node's included (the set rendezvous hashing picks owners from).
+    pub members: &'a [NodeId],
+    /// The members that are live now, this node included.
+    pub live: &'a [NodeId],
+    /// The agreed member count N (members without a known id included).
+    pub agreed_members: u32,
+    /// Every member reports this node's view hash.
+    pub agreed: bool,
+}
+
+/// A global policy as enrolment needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyInfo {
+    /// L, packets per window across the cluster.
+    pub limit: u32,
+    pub window: Duration,
+    /// The cold share in force on this node.
+    pub cold: u32,
+}
+
+/// A change of the grants the datapath enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// The client's grant: its value and the end of its lease (`None`: lapsed, a raise no more).
+    Set {
+        client: ClientKey,
+        value: u32,
+        until: Option<Duration>,
+    },
+    /// Back to the cold share.
+    Clear(ClientKey),
+}
+
+/// Counts for `limiter cluster status` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Clients this node owns (a ledger open).
+    pub owned: u64,
+    /// Clients this node holds (reports on, enforces grants for).
+    pub held: u64,
+    /// Of those, with a grant in force.
+    pub granted: u64,
+    /// Clients refused for want of room (`--max-global-clients`): they keep the cold share.
+    pub refused: u64,
+    /// Owner messages ignored: from a member that is not the client's owner here.
+    pub foreign: u64,
+}
+
+struct Held {
+    owner: NodeId,
+    policy: u16,
+    holder: Holder,
+    /// (time, passed + dropped) of the client's entry, newest last.
+    samples: VecDeque<(Duration, u64)>,
+    demand: u32,
+    /// When the client last had demand.
+    busy_at: Duration,
+}
+
+struct Owned {
+    policy: u16,
+    ledger: Ledger,
+    quiet_since: Option<Duration>,
+}
+
+/// This member's enrolment state (see the module docs).
+pub struct Enrolment {
+    me: NodeId,
+    timing: Timing,
+    incarnation: u64,
+    capacity: usize,
+    last_number: u64,
+    held: HashMap<ClientKey, Held>,
+    owned: HashMap<ClientKey, Owned>,
+    /// What the datapath holds, as last written.
+    written: HashMap<ClientKey, (u32, Option<Duration>)>,
+    /// Grants adopted from a previous run are kept until then, unless a holder takes over.
+    adopted_until: Option<Duration>,
+    refused: u64,
+    foreign: u64,
+}
+
+impl Enrolment {
+    /// `capacity`: most clients held, and most owned (`--max-global-clients`).
+    pub fn new(me: NodeId, timing: Timing, incarnation: u64, capacity: usize) -> Enrolment {
+        Enrolment {
+            me,
+            timing,
+            incarnation,
+            capacity,
+            last_number: 0,
+            held: HashMap::new(),
+            owned: HashMap::new(),
+            written: HashMap::new(),
+            adopted_until: None,
+            refused: 0,
+            foreign: 0,
+        }
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// New lease timing (a reload changed `peer_timeout`): for ledgers and holders opened from now.
+    pub fn set_timing(&mut self, timing: Timing) {
+        self.timing = timing;
+    }
+
+    /// Grants the datapath held when this agent started (pinned maps of a previous run): kept
+    /// as written (a raise lapses on its own in the kernel), cleared when no owner confirms
+    /// them within the silence limit (see [`Enrolment::adopt`]).
+    pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = (ClientKey, u32)>) {
+        for (client, value) in grants {
+            self.written.insert(client, (value, None));
+        }
+        self.adopted_until = Some(now + self.timing.silence());
+    }
+
+    fn number(&mut self, now: Duration) -> u64 {
+        let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX) & ((1 << 48) - 1);
+        let n = (self.incarnation << 48 | micros).max(self.last_number + 1);
+        self.last_number = n;
+        n
+    }
+
+    fn attach(&mut self, client: ClientKey, owner: NodeId, policy: u16, now: Duration) -> bool {
+        if self.held.len() >= self.capacity {
+            self.refused += 1;
+            return false;
+        }
+        let first = self.number(now);
+        self.held.insert(
+            client,
+            Held {
+                owner,
+                policy,
+                holder: Holder::numbered_from(self.timing, first),
+                samples: VecDeque::new(),
+                demand: 0,
+                busy_at: now,
+            },
+        );
+        true
+    }
+
+    /// The fast path reported `client` (of global policy `policy`) over its limit here.
+    pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: u16) {
+        if self.held.contains_key(&client) || !view.agreed {
+            return;
+        }
+        if let Some(owner) = owner::owner(&client, view.members) {
+            let owner = owner.clone();
+            self.attach(client, owner, policy, now);
+        }
+    }
+
+    /// The clients held, whose counters the caller reads for [`Enrolment::observe`].
+    pub fn held(&self) -> impl Iterator<Item = &ClientKey> {
+        self.held.keys()
+    }
+
+    /// `count`: the client's passed + dropped now (`None`: it has no entry, so nothing came).
+    pub fn observe(&mut self, now: Duration, client: &ClientKey, count: Option<u64>) {
+        let Some(held) = self.held.get_mut(client) else {
+            return;
+        };
+        match count {
+            // Counters that went back: a new entry (the old one aged out); start afresh.
+            Some(c) if held.samples.back().is_some_and(|&(_, last)| c < last) => {
+                held.samples.clear();
+                held.samples.push_back((now, c));
+            }
+            Some(c) => held.samples.push_back((now, c)),
+            None => held.samples.clear(),
+        }
+        while held.samples.len() > 64 {
+            held.samples.pop_front();
+        }
+    }
+
+    /// Takes in a holder's report. `info`: the report's policy here (`None`: not a global policy
+    /// of this node's config; the report is ignored).
+    pub fn receive_report(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        from: &NodeId,
+        msg: ReportMsg,
+        info: Option<PolicyInfo>,
+    ) {
+        let Some(info) = info else {
+            return;
+        };
+        if !self.owned.contains_key(&msg.client) {
+            // A ledger opens for demand past the cold share (a report that is not hot, such as a
+            // released holder's last one, opens nothing).
+            let mine = owner::owner(&msg.client, view.members) == Some(&self.me);
+            if !(mine && view.agreed && msg.report.demand > info.cold) {
+                return;
+            }
+            if self.owned.len() >= self.capacity {
+                self.refused += 1;
+                return;
+            }
+            let first = self.number(now);
+            let mut ledger = Ledger::numbered_from(
+                info.limit,
+                self.timing,
+                first,
+                now + Ledger::learning(&self.timing),
+            );
+            for member in view.live {
+                ledger.enrol(member.clone());
+            }
+            self.owned.insert(
+                msg.client,
+                Owned {
+                    policy: msg.policy,
+                    ledger,
+                    quiet_since: None,
+                },
+            );
+        }
+        let Some(owned) = self.owned.get_mut(&msg.client) else {
+            return;
+        };
+        if owned.policy != msg.policy {
+            return;
+        }
+        // A member that reports is live; one that restarted enrols again.
+        owned.ledger.enrol(from.clone());
+        owned.ledger.receive(from, now, msg.report);
+    }
+
+    /// Takes in an owner's message.
+    pub fn receive_grant(&mut self, now: Duration, view: &View<'_>, from: &NodeId, msg: GrantMsg) {
+        match self.held.get_mut(&msg.client) {
+            Some(held) if held.owner == *from => {
+                if msg.release {
+                    self.held.remove(&msg.client);
+                } else {
+                    held.holder.receive(now, msg.message);
+                }
+            }
+            Some(_) => self.foreign += 1,
+            None => {
+                if msg.release {
+                    return;
+                }
+                let owner = owner::owner(&msg.client, view.members);
+                if !(view.agreed && owner == Some(from)) {
+                    self.foreign += 1;
+                    return;
+                }
+                if self.attach(msg.client, from.clone(), msg.policy, now)
+                    && let Some(held) = self.held.get_mut(&msg.client)
+                {
+                    held.holder.receive(now, msg.message);
+                }
+            }
+        }
+    }
+
+    /// One round at `now`: the holders' reports and the owners' grants, by member (this node's
+    /// own are delivered here and not returned), and the grant changes for the datapath.
+    pub fn round(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        info: &dyn Fn(u16) -> Option<PolicyInfo>,
+    ) -> (BTreeMap<NodeId, Outgoing>, Vec<Write>) {
+        let mut out: BTreeMap<NodeId, Outgoing> = BTreeMap::new();
+        // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
+        let silence = self.timing.silence();
+        let mut dropped = Vec::new();
+        for (client, held) in self.held.iter_mut() {
+            let Some(policy) = info(held.policy) else {
+                dropped.push(*client);
+                continue;
+            };
+            held.demand = demand(&held.samples, now, policy.window);
+            if held.demand > 0 {
+                held.busy_at = now;
+            }
+            let idle = now.saturating_sub(held.busy_at) >= silence;
+            let gone = !view.members.contains(&held.owner);
+            if held.holder.owner_silent(now) && (idle || gone) {
+                dropped.push(*client);
+                continue;
+            }
+            let report = held.holder.report(now, held.demand);
+            out.entry(held.owner.clone())
+                .or_default()
+                .reports
+                .push(ReportMsg {
+                    client: *client,
+                    policy: held.policy,
+                    report,
+                });
+        }
+        for client in dropped {
+            self.held.remove(&client);
+        }
+        if let Some(mine) = out.remove(&self.me) {
+            for msg in mine.reports {
+                let me = self.me.clone();
+                self.receive_report(now, view, &me, msg, info(msg.policy));
+            }
+        }
+        // Owners: enrol the live members, water-fill, release what is quiet.
+        let mut closed = Vec::new();
+        for (client, owned) in self.owned.iter_mut() {
+            let Some(policy) = info(owned.policy) else {
+                closed.push(*client);
+                continue;
+            };
+            if view.agreed {
+                for member in view.live {
+                    owned.ledger.enrol(member.clone());
+                }
+            }
+            let enrolled = owned.ledger.enrolled().count() as u32;
+            let others = view.agreed_members.saturating_sub(enrolled);
+            let cold = policy.cold;
+            let quiet = owned.ledger.demand() * 2 <= u64::from(cold) * u64::from(enrolled);
+            owned.quiet_since = if quiet {
+                owned.quiet_since.or(Some(now))
+            } else {
+                None
+            };
+            if !owned.ledger.is_releasing()
+                && owned
+                    .quiet_since
+                    .is_some_and(|q| now.saturating_sub(q) >= QUIET_BEFORE_RELEASE)
+            {
+                owned.ledger.release();
+            }
+            let release = owned.ledger.releasable(now, cold);
+            for (node, message) in owned.ledger.round(now, cold, others) {
+                out.entry(node).or_default().grants.push(GrantMsg {
+                    client: *client,
+                    policy: owned.policy,
+                    message,
+                    release,
+                });
+            }
+            if release {
+                closed.push(*client);
+            }
+        }
+        for client in closed {
+            self.owned.remove(&client);
+        }
+        if let Some(mine) = out.remove(&self.me) {
+            for msg in mine.grants {
+                let me = self.me.clone();
+                self.receive_grant(now, view, &me, msg);
+            }
+        }
+        (out, self.writes(now))
+    }
+
+    /// The grant changes since the last round.
+    fn writes(&mut self, now: Duration) -> Vec<Write> {
+        let desired: HashMap<ClientKey, (u32, Option<Duration>)> = self
+            .held
+            .iter()
+            .filter_map(|(client, held)| Some((*client, held.holder.in_force(now)?)))
+            .collect();
+        let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
+        let mut writes: Vec<Write> = self
+            .written
+            .keys()
+            .filter(|client| !desired.contains_key(*client) && !keep_adopted)
+            .map(|client| Write::Clear(*client))
+            .collect();
+        for (client, &(value, until)) in &desired {
+            if self.written.get(client) != Some(&(value, until)) {
+                writes.push(Write::Set {
+                    client: *client,
+                    value,
+                    until,
+                });
+            }
+        }
+        for w in &writes {
+            match *w {
+                Write::Set {
+                    client,
+                    value,
+                    until,
+                } => {
+                    self.written.insert(client, (value, until));
+                }
+                Write::Clear(client) => {
+                    self.written.remove(&client);
+                }
+            }
+        }
+        writes
+    }
+
+    /// The datapath refused these writes: offer them again next round.
+    pub fn unwritten(&mut self, writes: &[Write]) {
+        for w in writes {
+            match w {
+                Write::Set { client, .. } => {
+                    self.written.remove(client);
+                }
+                Write::Clear(client) => {
+                    self.written.insert(*client, (0, None));
+                }
+            }
+        }
+    }
+
+    pub fn counts(&self, now: Duration) -> Counts {
+        Counts {
+            owned: self.owned.len() as u64,
+            held: self.held.len() as u64,
+            granted: self
+                .held
+                .values()
+                .filter(|h| h.holder.in_force(now).is_some())
+                .count() as u64,
+            refused: self.refused,
+            foreign: self.foreign,
+        }
+    }
+
+    /// The demand this node reports for `client`, and the total its owner sees if this node owns
+    /// it (`limiter stats`).
+    pub fn demand_of(&self, client: &ClientKey) -> (Option<u32>, Option<u64>) {
+        (
+            self.held.get(client).map(|h| h.demand),
+            self.owned.get(client).map(|o| o.ledger.demand()),
+        )
+    }
+}
+
+/// Packets per `window` over the samples of the last window (at least two sampling rounds).
+fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) -> u32 {
+    let Some(&(newest_at, newest)) = samples.back() else {
+        return 0;
+    };
+    let from = now.saturating_sub(window);
+    let Some(&(oldest_at, oldest)) = samples
+        .iter()
+        .find(|(at, _)| *at >= from)
+        .filter(|(at, _)| *at < newest_at)
+        .or_else(|| samples.iter().rev().nth(1))
+    else {
+        return 0;
+    };
+    let elapsed = newest_at.saturating_sub(oldest_at);
+    if elapsed.is_zero() {
+        return 0;
+    }
+    let packets = u128::from(newest.saturating_sub(oldest));
+    u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+use proptest::prelude::*;
+
+use super::*;
+
+const L: u32 = 30;
+const WINDOW: Duration = Duration::from_secs(1);
+const ROUND: Duration = Duration::from_millis(50);
+
+fn ids(n: usize) -> Vec<NodeId> {
+    (0..n)
+        .map(|i| NodeId::new(&format!("n{i}")).expect("a valid id"))
+        .collect()
+}
+
+fn timing() -> Timing {
+    Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000).expect("valid")
+}
+
+/// `n` members, all live and agreeing, exchanging messages each round with a delay of one round
+/// (and `loss`: every how many-th message is lost, 0 for none), for one client whose packets
+/// arrive at `rates` per window. Returns the share each node enforced at every round.
+struct Sim {
+    members: Vec<NodeId>,
+    nodes: Vec<Enrolment>,
+    /// What each node's datapath holds, as written.
+    grants: Vec<Option<(u32, Option<Duration>)>>,
+    counts: Vec<u64>,
+    in_flight: Vec<(usize, usize, Outgoing)>,
+    now: Duration,
+    sent: u64,
+    loss: u64,
+}
+
+const CLIENT: ClientKey = [7; 16];
+
+impl Sim {
+    fn new(n: usize, loss: u64) -> Sim {
+        let members = ids(n);
+        Sim {
+            nodes: members
+                .iter()
+                .map(|m| Enrolment::new(m.clone(), timing(), 1, 16))
+                .collect(),
+            members,
+            grants: vec![None; n],
+            counts: vec![0; n],
+            in_flight: Vec::new(),
+            now: Duration::from_secs(100),
+            sent: 0,
+            loss,
+        }
+    }
+
+    fn cold(&self) -> u32 {
+        L / self.members.len() as u32
+    }
+
+    /// What node `i` enforces now (the kernel's rule, `Grant::limit_at`).
+    fn enforced(&self, i: usize) -> u32 {
+        let cold = self.cold();
+        match self.grants[i] {
+            None => cold,
+            Some((value, Some(until))) if self.now < until => value,
+            Some((value, _)) => value.min(cold),
+        }
+    }
+
+    fn step(&mut self, rates: &[u32]) {
+        self.now += ROUND;
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: self.cold(),
+        };
+        let members = self.members.clone();
+        let view = View {
+            members: &members,
+            live: &members,
+            agreed_members: members.len() as u32,
+            agreed: true,
+        };
+        // Deliver what was sent last round.
+        for (from, to, out) in std::mem::take(&mut self.in_flight) {
+            for msg in out.reports {
+                self.nodes[to].receive_report(self.now, &view, &members[from], msg, Some(info));
+            }
+            for msg in out.grants {
+                self.nodes[to].receive_grant(self.now, &view, &members[from], msg);
+            }
+        }
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            // Milli-packets: a rate below 20 per window is under one packet a round.
+            self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
+            // A node sees its client hot once it sends more than the cold share.
+            if u64::from(rates[i]) > u64::from(info.cold) {
+                node.hot(self.now, &view, CLIENT, 1);
+            }
+            node.observe(self.now, &CLIENT, Some(self.counts[i] / 1000));
+            let (out, writes) = node.round(self.now, &view, &|_| Some(info));
+            for w in writes {
+                self.grants[i] = match w {
+                    Write::Set { value, until, .. } => Some((value, until)),
+                    Write::Clear(_) => None,
+                };
+            }
+            for (to, msgs) in out {
+                self.sent += 1;
+                if self.loss != 0 && self.sent.is_multiple_of(self.loss) {
+                    continue;
+                }
+                let j = members.iter().position(|m| *m == to).expect("a member");
+                self.in_flight.push((i, j, msgs));
+            }
+        }
+    }
+
+    fn total(&self) -> u32 {
+        (0..self.nodes.len()).map(|i| self.enforced(i)).sum()
+    }
+}
+
+#[test]
+fn a_skewed_client_gets_its_limit_and_never_more() {
+    let mut sim = Sim::new(3, 0);
+    // 3 L spread 80/15/5.
+    let rates = [72, 14, 4];
+    for round in 0..200 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    let shares: Vec<u32> = (0..3).map(|i| sim.enforced(i)).collect();
+    assert_eq!(shares.iter().sum::<u32>(), L, "{shares:?}");
+    // The node with 4 per window gets at least what it needs; the others split the rest.
+    assert!(shares[2] >= 4, "{shares:?}");
+    let admitted: u32 = shares.iter().zip(rates).map(|(s, r)| (*s).min(r)).sum();
+    assert!(
+        admitted * 100 >= L * 95,
+        "{shares:?} admit {admitted} of {L}"
+    );
+}
+
+#[test]
+fn a_polite_client_on_one_node_keeps_its_rate() {
+    let mut sim = Sim::new(3, 0);
+    let rates = [27, 0, 0];
+    for _ in 0..200 {
+        sim.step(&rates);
+        assert!(sim.total() <= L);
+    }
+    assert!(sim.enforced(0) >= 27, "{}", sim.enforced(0));
+}
+
+#[test]
+fn a_client_that_goes_quiet_is_released_to_the_cold_share() {
+    let mut sim = Sim::new(3, 0);
+    for _ in 0..100 {
+        sim.step(&[27, 0, 0]);
+    }
+    assert!(sim.enforced(0) > sim.cold());
+    for _ in 0..300 {
+        sim.step(&[0, 0, 0]);
+        assert!(sim.total() <= L);
+    }
+    assert!(sim.nodes.iter().all(|n| n.counts(sim.now).owned == 0));
+    assert_eq!(sim.grants, vec![None; 3]);
+}
+
+#[test]
+fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_grants() {
+    let members = ids(3);
+    let view = View {
+        members: &members,
+        live: &members,
+        agreed_members: 3,
+        agreed: true,
+    };
+    let owner = owner::owner(&CLIENT, &members).expect("an owner").clone();
+    let other = members
+        .iter()
+        .find(|m| **m != owner)
+        .expect("another")
+        .clone();
+    let info = PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold: 10,
+    };
+    let report = ReportMsg {
+        client: CLIENT,
+        policy: 1,
+        report: Report {
+            seq: 1,
+            demand: 50,
+            applied: None,
+            echo: None,
+        },
+    };
+    let now = Duration::from_secs(5);
+    let mut not_owner = Enrolment::new(other.clone(), timing(), 1, 16);
+    not_owner.receive_report(now, &view, &owner, report, Some(info));
+    assert_eq!(not_owner.counts(now).owned, 0);
+    // A grant from a member that is not the owner.
+    let grant = GrantMsg {
+        client: CLIENT,
+        policy: 1,
+        message: ToHolder {
+            message: 1,
+            grant: Some(crate::cluster::lease::Grant {
+                seq: 1,
+                value: 30,
+                answers: 1,
+            }),
+        },
+        release: false,
+    };
+    not_owner.receive_grant(now, &view, &other, grant);
+    assert_eq!(not_owner.counts(now).held, 0);
+    assert_eq!(not_owner.counts(now).foreign, 1);
+    // Views that differ: no new enrolment.
+    let split = View {
+        agreed: false,
+        ..view
+    };
+    let mut the_owner = Enrolment::new(owner.clone(), timing(), 1, 16);
+    the_owner.receive_report(now, &split, &other, report, Some(info));
+    assert_eq!(the_owner.counts(now).owned, 0);
+    the_owner.receive_report(now, &view, &other, report, Some(info));
+    assert_eq!(the_owner.counts(now).owned, 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// With messages lost and demand moving, the shares in force never sum above L.
+    #[test]
+    fn the_shares_in_force_never_sum_above_the_limit(
+        n in 2usize..6,
+        loss in prop::sample::select(vec![0u64, 3, 7]),
+        phases in prop::collection::vec(prop::collection::vec(0u32..120, 5), 1..4),
+    ) {
+        let mut sim = Sim::new(n, loss);
+        for rates in &phases {
+            for _ in 0..60 {
+                sim.step(&rates[..n]);
+                prop_assert!(sim.total() <= L, "{} > {L}", sim.total());
+            }
+        }
+    }
+}
