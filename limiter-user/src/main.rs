@@ -12,7 +12,8 @@ use limiter_user::{
         render::{self, action_name, client_table, show_duration, show_policy},
     },
     datapath::{
-        self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IDS, DEFAULT_MAX_LIMITED, Tables,
+        self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_GLOBAL_CLIENTS, DEFAULT_MAX_IDS,
+        DEFAULT_MAX_LIMITED, Tables,
     },
     proto, stats,
 };
@@ -66,6 +67,11 @@ enum Command {
         /// of new sources cannot evict them and reset their windows (120 bytes an entry).
         #[arg(long, default_value_t = DEFAULT_MAX_LIMITED, value_parser = clap::value_parser!(u32).range(1..))]
         max_limited: u32,
+        /// With a `cluster:` section: most global clients this node holds grants for, and most it
+        /// owns (never evicted; ~100 bytes each). A client past it keeps its cold share (safe;
+        /// `limiter cluster status` counts them).
+        #[arg(long, default_value_t = DEFAULT_MAX_GLOBAL_CLIENTS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_global_clients: u32,
         /// Capacity of the map of API client IDs that are not addresses (LRU).
         #[arg(long, default_value_t = DEFAULT_MAX_IDS, value_parser = clap::value_parser!(u32).range(1..))]
         max_ids: u32,
@@ -489,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
             max_ids,
             max_limited,
+            max_global_clients,
             api_socket,
             api_listen,
             api_token_file,
@@ -559,6 +566,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_clients,
                 max_ids,
                 max_limited,
+                max_global_clients,
                 state_dir,
                 snapshot_interval,
                 replace,

@@ -672,6 +672,7 @@ fn a_resident_count_holds_one_batch_not_the_map() -> Result<()> {
         max_clients: CLIENTS.next_power_of_two(),
         max_ids: 1024,
         max_limited: 1024,
+        ..LoadOptions::default()
     })?;
     let tables = Tables::take(&mut ebpf)?;
     let [dynamic, ..] = tables.client_fds()?;

@@ -10,14 +10,17 @@ use std::{
 use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinHandle};
 
+use limiter_common::{ClientState, Grant, addr::ClientKey};
+
 use crate::{
     api::auth::read_token,
     cluster::{
         ClusterPolicies,
         config::ClusterConfig,
         membership::{Phase, ShareView},
-        node::{Credentials, Node, ShareSink, TlsMaterial},
+        node::{Credentials, Datapath, GrantsError, Node, ShareSink, TlsMaterial},
     },
+    datapath::ClusterMaps,
     limits::PolicyStore,
     metrics::Counters,
     state_file,
@@ -74,6 +77,9 @@ fn previous_members(path: &Path) -> Option<u32> {
 pub struct Member {
     node: Mutex<Option<Running>>,
     incarnation_path: PathBuf,
+    /// The maps enrolment uses, handed to each node started.
+    maps: Arc<Mutex<ClusterMaps>>,
+    max_global_clients: usize,
     /// The running node, for the API's `Cluster.Status`.
     published: watch::Sender<Option<Node>>,
     counters: Arc<Counters>,
@@ -100,12 +106,20 @@ impl Prepared {
         policies: ClusterPolicies,
         incarnation_path: &Path,
         adopted: bool,
+        max_global_clients: usize,
     ) -> anyhow::Result<Prepared> {
         let listener = Node::bind(config).await?;
         let credentials = credentials(config)?;
         let incarnation = next_incarnation(incarnation_path)?;
-        let node =
-            Node::new(config, &credentials, incarnation, adopted, policies).context("cluster")?;
+        let node = Node::new(
+            config,
+            &credentials,
+            incarnation,
+            adopted,
+            policies,
+            max_global_clients,
+        )
+        .context("cluster")?;
         // Beside the incarnation: IFACE.incarnation -> IFACE.cluster-members.
         let members_path = incarnation_path.with_extension("cluster-members");
         if let Some(before) = previous_members(&members_path) {
@@ -222,13 +236,15 @@ impl Member {
         prepared: Option<Prepared>,
         limits: &Arc<PolicyStore>,
         counters: &Arc<Counters>,
-        incarnation_path: PathBuf,
+        enrolment: Enrolling,
         published: watch::Sender<Option<Node>>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Member>, JoinHandle<()>) {
         let membership = Arc::new(Member {
             node: Mutex::new(None),
-            incarnation_path,
+            incarnation_path: enrolment.incarnation_path,
+            maps: Arc::new(Mutex::new(enrolment.maps)),
+            max_global_clients: enrolment.max_global_clients,
             published,
             counters: counters.clone(),
         });
@@ -248,6 +264,10 @@ impl Member {
         let (stop, stop_rx) = watch::channel(false);
         show(&self.counters, Some(prepared.node.share_view()));
         let sink = sink(limits, &self.counters, prepared.members_path.clone());
+        prepared.node.set_datapath(Box::new(Maps {
+            maps: self.maps.clone(),
+            primed: false,
+        }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
         drop(tasks);
         self.published.send_replace(Some(prepared.node.clone()));
@@ -305,8 +325,14 @@ async fn follow(
                 }
             }
             (Some(config), None) => {
-                match Prepared::new(config, current.clone(), &membership.incarnation_path, false)
-                    .await
+                match Prepared::new(
+                    config,
+                    current.clone(),
+                    &membership.incarnation_path,
+                    false,
+                    membership.max_global_clients,
+                )
+                .await
                 {
                     Ok(prepared) => {
                         let view = prepared.share_view();
@@ -333,4 +359,61 @@ async fn follow(
         }
     }
     membership.stop_node();
+}
+
+/// What every node the agent starts needs besides its config.
+pub struct Enrolling {
+    /// `IFACE.incarnation` in the state directory.
+    pub incarnation_path: PathBuf,
+    /// The maps of enrolment.
+    pub maps: ClusterMaps,
+    /// `--max-global-clients`.
+    pub max_global_clients: usize,
+}
+
+/// Enrolment's view of the agent's maps.
+struct Maps {
+    maps: Arc<Mutex<ClusterMaps>>,
+    /// The clients already in `LIMITED` were offered as hot (at the node's first round: those a
+    /// previous run, or the time before the node started, left there).
+    primed: bool,
+}
+
+impl Maps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClusterMaps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Datapath for Maps {
+    fn hot(&mut self) -> Vec<ClientKey> {
+        let mut maps = self.lock();
+        let mut hot = maps.hot();
+        if !self.primed {
+            hot.extend(maps.limited());
+        }
+        drop(maps);
+        self.primed = true;
+        hot
+    }
+
+    fn entry(&self, client: &ClientKey) -> Option<ClientState> {
+        self.lock().entry(client)
+    }
+
+    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Result<(), GrantsError> {
+        self.lock()
+            .write(writes)
+            .map_err(|e| GrantsError(crate::error_chain(&e)))
+    }
+
+    fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {
+        Ok(self
+            .lock()
+            .grants()
+            .map_err(|e| GrantsError(crate::error_chain(&e)))?
+            .into_iter()
+            .map(|(k, g)| (k, g.value))
+            .collect())
+    }
 }

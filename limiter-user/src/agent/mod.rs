@@ -59,6 +59,8 @@ pub struct AgentOptions {
     pub max_ids: u32,
     /// Capacity of `LIMITED`, the never-evicted map of clients over their limit.
     pub max_limited: u32,
+    /// Capacity of `GRANTS`, and most clients the cluster node holds or owns.
+    pub max_global_clients: u32,
     /// Where `IFACE.snapshot` lives.
     pub state_dir: PathBuf,
     /// How often client state is snapshotted (and once more on shutdown).
@@ -151,6 +153,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 policies_for_cluster(&config),
                 &incarnation_path,
                 adopting,
+                opts.max_global_clients as usize,
             )
             .await?,
         ),
@@ -165,6 +168,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         max_clients: opts.max_clients,
         max_ids: opts.max_ids,
         max_limited: opts.max_limited,
+        max_global_clients: opts.max_global_clients,
     })
     .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     if !adopting {
@@ -192,12 +196,21 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             load,
         )?;
         let sweep = tables.limited_sweep()?;
+        let cluster_maps = datapath::ClusterMaps::take(&mut ebpf, &tables)?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
         datapath::complete_upgrade(&mut ebpf, &mut tables)?;
-        Ok((tables, report, check_program, tuner, sweep, attachment))
+        Ok((
+            tables,
+            report,
+            check_program,
+            tuner,
+            sweep,
+            cluster_maps,
+            attachment,
+        ))
     })();
-    let (tables, report, check_program, tuner, sweep, attachment) = started?;
+    let (tables, report, check_program, tuner, sweep, cluster_maps, attachment) = started?;
     let mut sweep = Some(sweep);
     let survives_agent = attachment.is_pinned();
     if config.cluster.is_some() && !survives_agent {
@@ -291,7 +304,11 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         prepared,
         &limits,
         &counters,
-        incarnation_path,
+        cluster::Enrolling {
+            incarnation_path,
+            maps: cluster_maps,
+            max_global_clients: opts.max_global_clients as usize,
+        },
         cluster_tx,
         stop_rx.clone(),
     );

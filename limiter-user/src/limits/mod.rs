@@ -119,6 +119,7 @@ pub fn policies_for_cluster(config: &Config) -> ClusterPolicies {
         config: config.cluster.clone(),
         global: global_policies(config)
             .map(|(i, r)| GlobalPolicy {
+                id: i as u16 + 1,
                 matches: config.policies[i].0.to_string(),
                 limit: r.limit,
                 window_us: r.window.micros,

@@ -40,8 +40,13 @@ use crate::proto::{
     },
 };
 
-/// Largest message a peer may send (a heartbeat is under 100 bytes).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+mod enrolment;
+
+pub use self::enrolment::{Datapath, GrantsError};
+
+/// Largest message a peer may send: a heartbeat is under 100 bytes, and each client it carries
+/// for enrolment about 60 (so 60k clients between two members in one sync interval).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// How often `peers` names (`host:port`, `dns:NAME:PORT`) are resolved again.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Most calls one peer connection may have in flight.
@@ -125,11 +130,21 @@ struct Shared {
     /// Mutual TLS, fixed at start (new files take effect at the next start).
     tls: Option<TlsMaterial>,
     state: Mutex<State>,
+    /// Enrolment (`super::enrolment`); locked after `state`, never while holding it.
+    enrolment: Mutex<super::enrolment::Enrolment>,
+    /// The maps enrolment reads and writes (set by the agent before `run`).
+    datapath: Mutex<Option<Box<dyn Datapath>>>,
+    /// The latest enrolment messages for each member, sent with the next heartbeat to it.
+    outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enrolment(&self) -> MutexGuard<'_, super::enrolment::Enrolment> {
+        self.enrolment.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn next_seq(&self) -> u64 {
@@ -173,6 +188,8 @@ fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartbeat {
         members: report.members,
         view_hash: report.view_hash,
         nonce: shared.nonce,
+        reports: Vec::new(),
+        grants: Vec::new(),
     }
 }
 
@@ -248,6 +265,10 @@ impl Peer for PeerService {
         let me = state
             .membership
             .report(self.0.incarnation, self.0.next_seq(), now);
+        drop(state);
+        if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
+            enrolment::take_in(&self.0, &report.node, &hb)?;
+        }
         Ok(Response::new(to_heartbeat(me, hb.seq, &self.0)))
     }
 }
@@ -307,6 +328,7 @@ impl Node {
         incarnation: u64,
         adopted: bool,
         policies: ClusterPolicies,
+        max_global_clients: usize,
     ) -> Result<Node, NodeError> {
         if let Some(tls) = &credentials.tls {
             // A bad certificate or key stops the start, not the first connection.
@@ -342,6 +364,12 @@ impl Node {
         membership.set_endpoints(resolved.values().flatten().copied());
         membership.set_unresolved(unresolved);
         let view = membership.share_view(now);
+        let enrolment = super::enrolment::Enrolment::new(
+            config.node_id.clone(),
+            enrolment::lease_timing(config.peer_timeout),
+            incarnation,
+            max_global_clients,
+        );
         Ok(Node {
             shared: Arc::new(Shared {
                 incarnation,
@@ -359,8 +387,29 @@ impl Node {
                     view,
                     resolved,
                 }),
+                enrolment: Mutex::new(enrolment),
+                datapath: Mutex::new(None),
+                outbox: Mutex::default(),
             }),
         })
+    }
+
+    /// Gives enrolment the maps: the hot clients, their counters and the grants (the agent's
+    /// [`Datapath`]); grants pinned by a previous run are adopted. Without it (tests of
+    /// membership alone) the node enrols nothing.
+    pub fn set_datapath(&self, datapath: Box<dyn Datapath>) {
+        match datapath.grants() {
+            Ok(grants) => self
+                .shared
+                .enrolment()
+                .adopt(enrolment::monotonic(), grants),
+            Err(e) => tracing::warn!("cluster: reading pinned grants: {e}"),
+        }
+        *self
+            .shared
+            .datapath
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(datapath);
     }
 
     /// The share view in force.
@@ -420,6 +469,9 @@ impl Node {
         state
             .membership
             .reconfigure(Timing::new(config.peer_timeout), config.partition);
+        self.shared
+            .enrolment()
+            .set_timing(enrolment::lease_timing(config.peer_timeout));
         state.membership.set_policies_hash(policies.hash());
         state.resolved.retain(|p, _| config.peers.contains(p));
         for p in &config.peers {
@@ -640,6 +692,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::R
                 shared.lock().view = view;
             }
         }
+        {
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || enrolment::round(&shared)).await;
+        }
         if sync_interval != interval {
             interval = sync_interval;
             tick = tokio::time::interval(interval);
@@ -715,14 +771,20 @@ fn client(
 async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
     let sent = Instant::now();
     let seq = shared.next_seq();
-    let request = {
+    let (mut request, node) = {
         let state = shared.lock();
-        to_heartbeat(
-            state.membership.report(shared.incarnation, seq, sent),
-            0,
-            shared,
+        (
+            to_heartbeat(
+                state.membership.report(shared.incarnation, seq, sent),
+                0,
+                shared,
+            ),
+            state.membership.endpoint_node(addr).cloned(),
         )
     };
+    if let Some(node) = node {
+        enrolment::attach_outgoing(shared, &node, &mut request);
+    }
     // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
     let answer = match tokio::time::timeout(timeout / 2, client.heartbeat(request)).await {
         Ok(Ok(answer)) => answer.into_inner(),
@@ -821,6 +883,7 @@ mod tests {
         ClusterPolicies {
             config: None,
             global: vec![GlobalPolicy {
+                id: 1,
                 matches: "10.0.0.0/8".into(),
                 limit: 40,
                 window_us: 1_000_000,
@@ -861,10 +924,24 @@ mod tests {
     async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
         let (l1, a1) = listener().await;
         let (l2, a2) = listener().await;
-        let n1 =
-            Node::new(&section("n1", a1, vec![a2]), &token(), 1, true, policies()).expect("n1");
-        let n2 =
-            Node::new(&section("n2", a2, vec![a1]), &token(), 1, true, policies()).expect("n2");
+        let n1 = Node::new(
+            &section("n1", a1, vec![a2]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n1");
+        let n2 = Node::new(
+            &section("n2", a2, vec![a1]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n2");
         let (stop1, rx1) = watch::channel(false);
         let (stop2, rx2) = watch::channel(false);
         let (sink1, share1) = recorder();
@@ -900,7 +977,15 @@ mod tests {
     #[tokio::test]
     async fn peers_without_the_token_or_as_this_node_are_refused() {
         let (l1, a1) = listener().await;
-        let n1 = Node::new(&section("n1", a1, vec![]), &token(), 1, true, policies()).expect("n1");
+        let n1 = Node::new(
+            &section("n1", a1, vec![]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n1");
         let (stop, rx) = watch::channel(false);
         let (sink, _) = recorder();
         let _t = n1.run(l1, sink, rx);
@@ -917,6 +1002,7 @@ mod tests {
             echo: 0,
             members: 2,
             view_hash: 0,
+            ..Heartbeat::default()
         };
         let mut bare = PeerClient::new(channel.clone());
         let e = bare.heartbeat(heartbeat("n2")).await.expect_err("no token");
@@ -1010,6 +1096,7 @@ mod tests {
             1,
             true,
             policies(),
+            1024,
         )
         .expect("n1");
         let n2 = Node::new(
@@ -1018,6 +1105,7 @@ mod tests {
             1,
             true,
             policies(),
+            1024,
         )
         .expect("n2");
         // n3's certificate is the CA's, but its heartbeats say n4.
@@ -1027,6 +1115,7 @@ mod tests {
             1,
             true,
             policies(),
+            1024,
         )
         .expect("n3");
         let (stop, rx) = watch::channel(false);
@@ -1084,9 +1173,16 @@ mod tests {
             name: "localhost".into(),
             port: a2.port(),
         }];
-        let n1 = Node::new(&c1, &token(), 1, true, policies()).expect("n1");
-        let n2 =
-            Node::new(&section("n2", a2, vec![a1]), &token(), 1, true, policies()).expect("n2");
+        let n1 = Node::new(&c1, &token(), 1, true, policies(), 1024).expect("n1");
+        let n2 = Node::new(
+            &section("n2", a2, vec![a1]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n2");
         // Not resolved yet: the name counts as a member, and the node is not alone.
         assert_eq!(n1.status().members, 2);
         assert_eq!(n1.share_view().phase, Phase::Connected);
@@ -1117,8 +1213,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_endpoint_that_is_this_node_is_not_counted() {
         let (l1, a1) = listener().await;
-        let n1 =
-            Node::new(&section("n1", a1, vec![a1]), &token(), 1, true, policies()).expect("n1");
+        let n1 = Node::new(
+            &section("n1", a1, vec![a1]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n1");
         let (stop, rx) = watch::channel(false);
         let (sink, share) = recorder();
         let _t = n1.run(l1, sink, rx);
@@ -1136,7 +1239,15 @@ mod tests {
     #[test]
     fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
         let a: SocketAddr = "127.0.0.1:7201".parse().expect("addr");
-        let n1 = Node::new(&section("n1", a, vec![]), &token(), 1, true, policies()).expect("n1");
+        let n1 = Node::new(
+            &section("n1", a, vec![]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n1");
         let e = n1
             .reconfigure(&section("n1", a, vec![]), None, policies())
             .expect_err("no credentials left");

@@ -1,0 +1,299 @@
+//! Enrolment on the wire and on the maps: each sync interval, the clients the fast path reported
+//! hot are taken up, the held clients' counters read, one round of [`super::super::enrolment`]
+//! run, the grant changes written to the maps, and the messages for each member left in the
+//! outbox its next heartbeat carries. Heartbeats that arrive hand their reports and grants in.
+
+use std::time::Duration;
+
+use limiter_common::{ClientState, Grant, addr::ClientKey};
+use tonic::Status;
+
+use super::Shared;
+use crate::{
+    cluster::{
+        NodeId,
+        enrolment::{GrantMsg, Outgoing, PolicyInfo, ReportMsg, View, Write},
+        lease::{self, Report, ToHolder},
+    },
+    proto::cluster::{ClientGrant, ClientReport, GrantValue, Heartbeat},
+};
+
+/// Most clients one heartbeat may carry reports or grants for (with [`super::MAX_MESSAGE_BYTES`]).
+const MAX_CLIENTS_PER_MESSAGE: usize = 60_000;
+
+/// Slack taken off a lease's end when it is written for the kernel: the fast path reads a coarse
+/// clock for windows of a second or more, up to two jiffies (20 ms at HZ=100) behind.
+const COARSE_SLACK: Duration = Duration::from_millis(25);
+
+/// Why the maps did not take a change of grants.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GrantsError(pub String);
+
+/// The maps, as enrolment needs them (the agent implements it over its pinned maps).
+pub trait Datapath: Send {
+    /// The clients the fast path reported over their limit since the last call.
+    fn hot(&mut self) -> Vec<ClientKey>;
+    /// The client's entry, wherever it lives.
+    fn entry(&self, client: &ClientKey) -> Option<ClientState>;
+    /// Applies grant changes.
+    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Result<(), GrantsError>;
+    /// The grants the maps hold (at start: those a previous run left).
+    fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError>;
+}
+
+/// Lease timing from `peer_timeout`: a raise lives one `peer_timeout` past the report it answers
+/// (a dead node's raises end as soon as its peers notice it is gone), a holder that hears nothing
+/// of the owner for three drops its grant; clocks drift at most ±1000 ppm.
+pub fn lease_timing(peer_timeout: Duration) -> lease::Timing {
+    let lease = peer_timeout.clamp(Duration::from_millis(10), lease::Timing::MAX_LEASE);
+    lease::Timing::new(lease, lease * 3, 1_000).unwrap_or_else(|_| {
+        // Unreachable for leases in range (3× exceeds the stretched lease); the defaults are valid.
+        lease::Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000)
+            .unwrap_or_else(|e| panic!("default lease timing: {e}"))
+    })
+}
+
+/// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: leases written for the kernel are on it.
+pub fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// What enrolment needs of the node's state now: the member view and the global policies.
+struct Snapshot {
+    members: Vec<NodeId>,
+    live: Vec<NodeId>,
+    agreed_members: u32,
+    agreed: bool,
+    policies: Vec<(u16, PolicyInfo)>,
+}
+
+impl Snapshot {
+    fn take(shared: &Shared) -> Snapshot {
+        let now = std::time::Instant::now();
+        let state = shared.lock();
+        let (members, live, agreed) = state.membership.enrolment_view(now);
+        let policies = state
+            .policies
+            .global
+            .iter()
+            .map(|g| {
+                (
+                    g.id,
+                    PolicyInfo {
+                        limit: g.limit,
+                        window: Duration::from_micros(u64::from(g.window_us)),
+                        cold: state.view.share(g.limit),
+                    },
+                )
+            })
+            .collect();
+        Snapshot {
+            members,
+            live,
+            agreed_members: state.view.members,
+            agreed,
+            policies,
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            members: &self.members,
+            live: &self.live,
+            agreed_members: self.agreed_members,
+            agreed: self.agreed,
+        }
+    }
+
+    fn info(&self, policy: u16) -> Option<PolicyInfo> {
+        self.policies
+            .iter()
+            .find(|(id, _)| *id == policy)
+            .map(|(_, p)| *p)
+    }
+}
+
+/// One enrolment round (blocking: map reads and writes).
+pub fn round(shared: &Shared) {
+    let mut datapath = shared.datapath.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(datapath) = datapath.as_mut() else {
+        return;
+    };
+    let snapshot = Snapshot::take(shared);
+    if snapshot.policies.is_empty() {
+        return;
+    }
+    let view = snapshot.view();
+    let now = monotonic();
+    let hot = datapath.hot();
+    let mut enrolment = shared.enrolment();
+    for client in hot {
+        if let Some(entry) = datapath.entry(&client)
+            && snapshot.info(entry.policy()).is_some()
+        {
+            enrolment.hot(now, &view, client, entry.policy());
+        }
+    }
+    let held: Vec<ClientKey> = enrolment.held().copied().collect();
+    for client in &held {
+        let count = datapath
+            .entry(client)
+            .map(|e| e.total_passed() + e.dropped_count());
+        enrolment.observe(now, client, count);
+    }
+    let (out, writes) = enrolment.round(now, &view, &|id| snapshot.info(id));
+    let changes: Vec<(ClientKey, Option<Grant>)> = writes
+        .iter()
+        .map(|w| match *w {
+            Write::Set {
+                client,
+                value,
+                until,
+            } => (
+                client,
+                Some(Grant {
+                    value,
+                    _pad: 0,
+                    until_ns: until.map_or(0, |u| {
+                        u64::try_from(u.saturating_sub(COARSE_SLACK).as_nanos()).unwrap_or(0)
+                    }),
+                }),
+            ),
+            Write::Clear(client) => (client, None),
+        })
+        .collect();
+    if let Err(e) = datapath.write(&changes) {
+        tracing::warn!("cluster: writing grants: {e}");
+        enrolment.unwritten(&writes);
+    }
+    drop(enrolment);
+    *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
+}
+
+/// Puts the latest enrolment messages for `node` into a heartbeat to it.
+pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) {
+    let Some(out) = shared
+        .outbox
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(node)
+    else {
+        return;
+    };
+    heartbeat.reports = out
+        .reports
+        .iter()
+        .take(MAX_CLIENTS_PER_MESSAGE)
+        .map(|r| ClientReport {
+            client: r.client.to_vec(),
+            policy: u32::from(r.policy),
+            seq: r.report.seq,
+            demand: r.report.demand,
+            applied: r.report.applied,
+            echo: r.report.echo,
+        })
+        .collect();
+    heartbeat.grants = out
+        .grants
+        .iter()
+        .take(MAX_CLIENTS_PER_MESSAGE)
+        .map(|g| ClientGrant {
+            client: g.client.to_vec(),
+            policy: u32::from(g.policy),
+            message: g.message.message,
+            grant: g.message.grant.map(|v| GrantValue {
+                seq: v.seq,
+                value: v.value,
+                answers: v.answers,
+            }),
+            release: g.release,
+        })
+        .collect();
+}
+
+fn client_key(bytes: &[u8]) -> Result<ClientKey, Status> {
+    ClientKey::try_from(bytes).map_err(|_| {
+        Status::invalid_argument(format!("a client key is 16 bytes, not {}", bytes.len()))
+    })
+}
+
+fn policy_id(policy: u32) -> Result<u16, Status> {
+    u16::try_from(policy)
+        .map_err(|_| Status::invalid_argument(format!("policy id {policy} is out of range")))
+}
+
+/// Checks and converts a heartbeat's enrolment messages (all or nothing).
+fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
+    if hb.reports.len() > MAX_CLIENTS_PER_MESSAGE || hb.grants.len() > MAX_CLIENTS_PER_MESSAGE {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_CLIENTS_PER_MESSAGE} clients per heartbeat"
+        )));
+    }
+    let reports = hb
+        .reports
+        .iter()
+        .map(|r| {
+            Ok(ReportMsg {
+                client: client_key(&r.client)?,
+                policy: policy_id(r.policy)?,
+                report: Report {
+                    seq: r.seq,
+                    demand: r.demand,
+                    applied: r.applied,
+                    echo: r.echo,
+                },
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    let grants = hb
+        .grants
+        .iter()
+        .map(|g| {
+            Ok(GrantMsg {
+                client: client_key(&g.client)?,
+                policy: policy_id(g.policy)?,
+                message: ToHolder {
+                    message: g.message,
+                    grant: g.grant.as_ref().map(|v| lease::Grant {
+                        seq: v.seq,
+                        value: v.value,
+                        answers: v.answers,
+                    }),
+                },
+                release: g.release,
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    Ok(Outgoing { reports, grants })
+}
+
+/// Takes in the enrolment messages of a heartbeat from `from` (already authenticated as it).
+pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Status> {
+    let incoming = from_wire(hb)?;
+    if shared
+        .datapath
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_none()
+    {
+        return Ok(());
+    }
+    let snapshot = Snapshot::take(shared);
+    let view = snapshot.view();
+    let now = monotonic();
+    let mut enrolment = shared.enrolment();
+    for msg in incoming.reports {
+        enrolment.receive_report(now, &view, from, msg, snapshot.info(msg.policy));
+    }
+    for msg in incoming.grants {
+        enrolment.receive_grant(now, &view, from, msg);
+    }
+    Ok(())
+}
