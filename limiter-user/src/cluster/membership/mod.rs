@@ -457,7 +457,8 @@ impl Membership {
         }
         let live = self.endpoints.values().any(|e| self.is_live(e, now));
         let settled = now.saturating_duration_since(self.started) >= self.timing.peer_timeout;
-        if dialled > 0 && !live && settled {
+        // Peers configured (dialled, or named but not resolved) and none live: cut off.
+        if (dialled > 0 || self.unresolved > 0) && !live && settled {
             Phase::CutOff
         } else {
             Phase::Connected
