@@ -784,6 +784,10 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
                 "match": g.r#match, "limit": g.limit, "share": g.share,
                 "window_ms": ms(g.window.as_ref()),
             })).collect::<Vec<_>>(),
+            "enrolment": s.enrolment.as_ref().map(|e| serde_json::json!({
+                "owned": e.owned, "held": e.held, "granted": e.granted,
+                "refused": e.refused, "foreign": e.foreign,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -841,6 +845,13 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             g.limit,
             g.share,
             show_duration(g.window.as_ref())
+        );
+    }
+    if let Some(e) = &s.enrolment {
+        println!(
+            "\nenrolment: owns {} hot clients, holds {} ({} with a grant in force); refused {} \
+             (--max-global-clients), ignored {} messages of non-owners",
+            e.owned, e.held, e.granted, e.refused, e.foreign
         );
     }
     Ok(())

@@ -343,6 +343,15 @@ fn enrolment_splits_a_hot_clients_limit_by_demand() -> Result<()> {
         ratio >= 0.95 - 3.0 / (windows * LIMIT as f64),
         "admitted {got} in {took:?} ({ratio:.3} · L); {statuses:#?}"
     );
+    // The status says who owns it and that every node holds it.
+    let owned: u64 = statuses
+        .iter()
+        .map(|s| s["enrolment"]["owned"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(owned, 1, "one owner: {statuses:#?}");
+    for s in &statuses {
+        assert_eq!(s["enrolment"]["held"], 1, "every node holds it: {s:#}");
+    }
     drop(counter);
     // Polite: 0.9 · L, all on node 0 (whose cold share is a third of it).
     let polite = cluster_client_v4(3);

@@ -388,6 +388,16 @@ impl Enrolment {
                 for member in view.live {
                     owned.ledger.enrol(member.clone());
                 }
+                // Rendezvous now picks another member (one joined): hand the client over by
+                // releasing it (no more raises; the holders go back to the cold share once none
+                // can be in force), so two ledgers never raise the same client for long.
+                if owner::owner(client, view.members) != Some(&self.me) {
+                    owned.ledger.release();
+                }
+            }
+            // A reload changed L: the ledger's budget is the old one; release and start afresh.
+            if policy.limit != owned.ledger.limit() {
+                owned.ledger.release();
             }
             let enrolled = owned.ledger.enrolled().count() as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
@@ -465,6 +475,24 @@ impl Enrolment {
                 Write::Clear(client) => {
                     self.written.remove(&client);
                 }
+            }
+        }
+        writes
+    }
+
+    /// The node's phase gives no cold share to split by (cut off, joining): every grant is
+    /// written as lapsed (raises end now, cuts stay), and no round runs until it is connected
+    /// again; returns the writes.
+    pub fn suspend(&mut self) -> Vec<Write> {
+        let mut writes = Vec::new();
+        for (client, grant) in self.written.iter_mut() {
+            if grant.1.is_some() {
+                grant.1 = None;
+                writes.push(Write::Set {
+                    client: *client,
+                    value: grant.0,
+                    until: None,
+                });
             }
         }
         writes

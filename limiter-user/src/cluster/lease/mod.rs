@@ -37,7 +37,8 @@
 //! will carry the holder's incarnation); a new owner (after the old one left) must be told apart
 //! by an owner epoch in its messages, and issue no raise for one lease (learning mode); releasing
 //! a client is cut-before-raise too (every grant brought to at most the cold share and
-//! acknowledged before the ledger is dropped). None of these exist here yet.
+//! acknowledged before the ledger is dropped). `super::enrolment` provides the numbering across
+//! incarnations, learning mode and release; the README lists what is still open.
 
 use std::{
     collections::{BTreeMap, VecDeque},

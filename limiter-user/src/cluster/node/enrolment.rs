@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Most clients one heartbeat may carry reports or grants for (with [`super::MAX_MESSAGE_BYTES`]).
-const MAX_CLIENTS_PER_MESSAGE: usize = 60_000;
+const MAX_CLIENTS_PER_MESSAGE: usize = 30_000;
 
 /// Slack taken off a lease's end when it is written for the kernel: the fast path reads a coarse
 /// clock for windows of a second or more, up to two jiffies (20 ms at HZ=100) behind.
@@ -67,6 +67,8 @@ pub fn monotonic() -> Duration {
 
 /// What enrolment needs of the node's state now: the member view and the global policies.
 struct Snapshot {
+    /// The phase gives a share to split (connected or alone).
+    splitting: bool,
     members: Vec<NodeId>,
     live: Vec<NodeId>,
     agreed_members: u32,
@@ -95,6 +97,11 @@ impl Snapshot {
             })
             .collect();
         Snapshot {
+            splitting: matches!(
+                state.view.phase,
+                crate::cluster::membership::Phase::Connected
+                    | crate::cluster::membership::Phase::Alone
+            ),
             members,
             live,
             agreed_members: state.view.members,
@@ -130,25 +137,19 @@ pub fn round(shared: &Shared) {
     if snapshot.policies.is_empty() {
         return;
     }
-    let view = snapshot.view();
     let now = monotonic();
     let hot = datapath.hot();
     let mut enrolment = shared.enrolment();
-    for client in hot {
-        if let Some(entry) = datapath.entry(&client)
-            && snapshot.info(entry.policy()).is_some()
-        {
-            enrolment.hot(now, &view, client, entry.policy());
-        }
+    let writes;
+    let out;
+    if !snapshot.splitting {
+        // Cut off or joining: the owner's ledgers would count silent holders at this phase's
+        // share (0 under `deny`); no round, and this node's raises end now.
+        writes = enrolment.suspend();
+        out = Default::default();
+    } else {
+        (out, writes) = split(&mut enrolment, datapath.as_ref(), &snapshot, hot, now);
     }
-    let held: Vec<ClientKey> = enrolment.held().copied().collect();
-    for client in &held {
-        let count = datapath
-            .entry(client)
-            .map(|e| e.total_passed() + e.dropped_count());
-        enrolment.observe(now, client, count);
-    }
-    let (out, writes) = enrolment.round(now, &view, &|id| snapshot.info(id));
     let changes: Vec<(ClientKey, Option<Grant>)> = writes
         .iter()
         .map(|w| match *w {
@@ -175,6 +176,32 @@ pub fn round(shared: &Shared) {
     }
     drop(enrolment);
     *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
+}
+
+/// The hot clients taken up, the held clients' counters read, and one round run.
+fn split(
+    enrolment: &mut crate::cluster::enrolment::Enrolment,
+    datapath: &dyn Datapath,
+    snapshot: &Snapshot,
+    hot: Vec<ClientKey>,
+    now: Duration,
+) -> (std::collections::BTreeMap<NodeId, Outgoing>, Vec<Write>) {
+    let view = snapshot.view();
+    for client in hot {
+        if let Some(entry) = datapath.entry(&client)
+            && snapshot.info(entry.policy()).is_some()
+        {
+            enrolment.hot(now, &view, client, entry.policy());
+        }
+    }
+    let held: Vec<ClientKey> = enrolment.held().copied().collect();
+    for client in &held {
+        let count = datapath
+            .entry(client)
+            .map(|e| e.total_passed() + e.dropped_count());
+        enrolment.observe(now, client, count);
+    }
+    enrolment.round(now, &view, &|id| snapshot.info(id))
 }
 
 /// Puts the latest enrolment messages for `node` into a heartbeat to it.

@@ -580,18 +580,31 @@ impl Node {
                     .ok(),
             })
             .collect();
+        let members = state.membership.members(now);
+        let views_agree = state.membership.agreed(now);
+        let (node_id, listen) = (state.config.node_id.to_string(), state.config.listen);
+        let partition = state.config.partition.to_string();
+        drop(state);
+        let counts = self.shared.enrolment().counts(enrolment::monotonic());
         proto::ClusterStatus {
             configured: true,
-            node_id: state.config.node_id.to_string(),
+            node_id,
             incarnation: self.shared.incarnation,
-            listen: state.config.listen.to_string(),
+            listen: listen.to_string(),
             phase: view.phase.as_str().into(),
-            partition: state.config.partition.to_string(),
-            members: state.membership.members(now),
+            partition,
+            members,
             agreed_members: view.members,
-            views_agree: state.membership.agreed(now),
+            views_agree,
             peers,
             policies,
+            enrolment: Some(proto::ClusterEnrolment {
+                owned: counts.owned,
+                held: counts.held,
+                granted: counts.granted,
+                refused: counts.refused,
+                foreign: counts.foreign,
+            }),
         }
     }
 }
