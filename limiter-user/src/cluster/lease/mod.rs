@@ -308,6 +308,9 @@ pub struct Ledger {
     releasing: bool,
     /// The first message number of a new holder's account.
     first_message: u64,
+    /// The first grant number of this ledger: a holder that reports applying an older one
+    /// applied another ledger's grant (an earlier owner's), which this one does not account for.
+    first_grant: u64,
     holders: BTreeMap<NodeId, Account>,
 }
 
@@ -418,6 +421,7 @@ impl Ledger {
             no_raise_until,
             releasing: false,
             first_message: first.max(1),
+            first_grant: first.max(1),
             holders: BTreeMap::new(),
         }
     }
@@ -492,7 +496,9 @@ impl Ledger {
         }
         account.last_report = Some((report.seq, now));
         account.demand = report.demand;
-        if let Some(applied) = report.applied {
+        // Another ledger's grant (an earlier owner's): not ours to account for; the holder
+        // stays counted at the cold share at least (its raises lapse during learning mode).
+        if let Some(applied) = report.applied.filter(|&a| a >= self.first_grant) {
             // It never goes back to an older grant, nor to the cold share (until silence or a
             // release, which the bound covers).
             account.live.retain(|g| g.seq >= applied);
@@ -544,6 +550,11 @@ impl Ledger {
         order.sort_by_key(|&i| (targets[i] > now_bounds[i], targets[i]));
         let mut grants: Vec<Option<Grant>> = vec![None; ids.len()];
         for i in order {
+            // Learning mode sends no grant at all: capping at the cold share would *raise* a
+            // holder an earlier ledger had cut while others still enforce its raises.
+            if now < self.no_raise_until {
+                continue;
+            }
             let Some((answers, received)) = self.holders[&ids[i]].last_report else {
                 continue;
             };
