@@ -29,6 +29,10 @@ struct Sim {
     now: Duration,
     sent: u64,
     loss: u64,
+    /// Messages to this node are lost.
+    drop_to: Option<usize>,
+    limit: u32,
+    client: ClientKey,
 }
 
 const CLIENT: ClientKey = [7; 16];
@@ -48,11 +52,21 @@ impl Sim {
             now: Duration::from_secs(100),
             sent: 0,
             loss,
+            drop_to: None,
+            limit: L,
+            client: CLIENT,
+        }
+    }
+
+    fn for_client(n: usize, client: ClientKey) -> Sim {
+        Sim {
+            client,
+            ..Sim::new(n, 0)
         }
     }
 
     fn cold(&self) -> u32 {
-        L / self.members.len() as u32
+        self.limit / self.members.len() as u32
     }
 
     /// What node `i` enforces now (the kernel's rule, `Grant::limit_at`).
@@ -68,7 +82,7 @@ impl Sim {
     fn step(&mut self, rates: &[u32]) {
         self.now += ROUND;
         let info = PolicyInfo {
-            limit: L,
+            limit: self.limit,
             window: WINDOW,
             cold: self.cold(),
         };
@@ -93,9 +107,9 @@ impl Sim {
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends more than the cold share.
             if u64::from(rates[i]) > u64::from(info.cold) {
-                node.hot(self.now, &view, CLIENT, 1);
+                node.hot(self.now, &view, self.client, 1);
             }
-            node.observe(self.now, &CLIENT, Some(self.counts[i] / 1000));
+            node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
             let (out, writes) = node.round(self.now, &view, &|_| Some(info));
             for w in writes {
                 self.grants[i] = match w {
@@ -105,10 +119,11 @@ impl Sim {
             }
             for (to, msgs) in out {
                 self.sent += 1;
-                if self.loss != 0 && self.sent.is_multiple_of(self.loss) {
+                let j = members.iter().position(|m| *m == to).expect("a member");
+                if self.loss != 0 && self.sent.is_multiple_of(self.loss) || self.drop_to == Some(j)
+                {
                     continue;
                 }
-                let j = members.iter().position(|m| *m == to).expect("a member");
                 self.in_flight.push((i, j, msgs));
             }
         }
@@ -253,96 +268,6 @@ proptest! {
 mod review {
     use super::*;
 
-    struct Sim2 {
-        members: Vec<NodeId>,
-        nodes: Vec<Enrolment>,
-        grants: Vec<Option<(u32, Option<Duration>)>>,
-        counts: Vec<u64>,
-        in_flight: Vec<(usize, usize, Outgoing)>,
-        now: Duration,
-        limit: u32,
-        client: ClientKey,
-        drop_to: Option<usize>,
-    }
-
-    impl Sim2 {
-        fn new(n: usize, client: ClientKey) -> Sim2 {
-            let members = ids(n);
-            Sim2 {
-                nodes: members
-                    .iter()
-                    .map(|m| Enrolment::new(m.clone(), timing(), 1, 16))
-                    .collect(),
-                members,
-                grants: vec![None; n],
-                counts: vec![0; n],
-                in_flight: Vec::new(),
-                now: Duration::from_secs(100),
-                limit: L,
-                client,
-                drop_to: None,
-            }
-        }
-        fn cold(&self) -> u32 {
-            self.limit / self.members.len() as u32
-        }
-        fn enforced(&self, i: usize) -> u32 {
-            let cold = self.cold();
-            match self.grants[i] {
-                None => cold,
-                Some((value, Some(until))) if self.now < until => value,
-                Some((value, _)) => value.min(cold),
-            }
-        }
-        fn total(&self) -> u32 {
-            (0..self.nodes.len()).map(|i| self.enforced(i)).sum()
-        }
-        fn step(&mut self, rates: &[u32]) {
-            self.now += ROUND;
-            let info = PolicyInfo {
-                limit: self.limit,
-                window: WINDOW,
-                cold: self.cold(),
-            };
-            let members = self.members.clone();
-            let view = View {
-                members: &members,
-                live: &members,
-                agreed_members: members.len() as u32,
-                agreed: true,
-            };
-            for (from, to, out) in std::mem::take(&mut self.in_flight) {
-                for msg in out.reports {
-                    self.nodes[to].receive_report(self.now, &view, &members[from], msg, Some(info));
-                }
-                for msg in out.grants {
-                    self.nodes[to].receive_grant(self.now, &view, &members[from], msg);
-                }
-            }
-            for (i, node) in self.nodes.iter_mut().enumerate() {
-                self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
-                if u64::from(rates[i]) > u64::from(info.cold) {
-                    node.hot(self.now, &view, self.client, 1);
-                }
-                node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
-                let (out, writes) = node.round(self.now, &view, &|_| Some(info));
-                for w in writes {
-                    self.grants[i] = match w {
-                        Write::Set { value, until, .. } => Some((value, until)),
-                        Write::Clear(_) => None,
-                    };
-                }
-                for (to, msgs) in out {
-                    let j = members.iter().position(|m| *m == to).expect("a member");
-                    if self.drop_to == Some(j) {
-                        continue;
-                    }
-                    self.in_flight.push((i, j, msgs));
-                }
-            }
-        }
-    }
-
     #[test]
     fn a_join_that_moves_ownership_hands_the_client_over() {
         let three = ids(3);
@@ -352,7 +277,7 @@ mod review {
             .find(|c| owner::owner(c, &four) == Some(&four[3]))
             .expect("a client the new member wins");
         assert_ne!(owner::owner(&client, &three), Some(&four[3]));
-        let mut sim = Sim2::new(3, client);
+        let mut sim = Sim::for_client(3, client);
         for _ in 0..100 {
             sim.step(&[72, 14, 4]);
         }
@@ -390,7 +315,7 @@ mod review {
             .iter()
             .position(|m| Some(m) == owner::owner(&client, &three))
             .unwrap();
-        let mut sim = Sim2::new(3, client);
+        let mut sim = Sim::for_client(3, client);
         let mut rates = [4u32, 4, 4];
         // the biggest sender is not the owner
         let big = (o + 1) % 3;
@@ -421,7 +346,7 @@ mod review {
     #[test]
     fn a_reload_that_lowers_the_limit_reaches_the_ledger() {
         let client = [7u8; 16];
-        let mut sim = Sim2::new(3, client);
+        let mut sim = Sim::for_client(3, client);
         for _ in 0..100 {
             sim.step(&[72, 14, 4]);
         }
