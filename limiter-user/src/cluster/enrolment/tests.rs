@@ -225,6 +225,7 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
                 value: 30,
                 answers: 1,
             }),
+            terms: None,
         },
         release: false,
     };

@@ -146,6 +146,20 @@ pub struct Grant {
 pub struct ToHolder {
     pub message: u64,
     pub grant: Option<Grant>,
+    /// The lease and silence limit the owner's ledger counts with (`None`: not sent, the holder
+    /// uses its own). Members configure them alike, but a reload or a mistake can make them
+    /// differ, and the owner's count is what the sum ≤ L rests on.
+    pub terms: Option<Terms>,
+}
+
+/// The lease and silence limit an owner counts a holder's grants with. A holder keeps a raise
+/// for at most the shorter of the owner's lease and its own, and keeps a grant through silence
+/// for at least the longer of the two silence limits: an owner never counts a grant as lapsed,
+/// or a cut as dropped, before the holder is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    pub lease: Duration,
+    pub silence: Duration,
 }
 
 /// A holder's report to the owner.
@@ -165,6 +179,8 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Holder {
     timing: Timing,
+    /// The silence limit in force: the longest of this holder's and its owner's.
+    silence: Duration,
     grant: Option<Applied>,
     /// The newest grant ever applied, kept across a drop for silence so that a late copy of an
     /// older grant (one the owner may have stopped counting) is never applied again.
@@ -194,6 +210,7 @@ impl Holder {
     pub fn numbered_from(timing: Timing, first: u64) -> Holder {
         Holder {
             timing,
+            silence: timing.silence,
             grant: None,
             newest_grant: 0,
             last_heard: None,
@@ -210,7 +227,7 @@ impl Holder {
         let grant = self.grant?;
         if self
             .last_heard
-            .is_some_and(|heard| now.saturating_sub(heard) >= self.timing.silence)
+            .is_some_and(|heard| now.saturating_sub(heard) >= self.silence)
         {
             return None;
         }
@@ -220,7 +237,7 @@ impl Holder {
     /// The owner has been silent for the silence limit: the holder is back at the cold share.
     pub fn owner_silent(&self, now: Duration) -> bool {
         self.last_heard
-            .is_none_or(|heard| now.saturating_sub(heard) >= self.timing.silence)
+            .is_none_or(|heard| now.saturating_sub(heard) >= self.silence)
     }
 
     /// The share enforced at `now` when the cold share is `cold`.
@@ -230,7 +247,7 @@ impl Holder {
         };
         if self
             .last_heard
-            .is_some_and(|heard| now.saturating_sub(heard) >= self.timing.silence)
+            .is_some_and(|heard| now.saturating_sub(heard) >= self.silence)
         {
             return cold;
         }
@@ -261,11 +278,18 @@ impl Holder {
         // Silence is over only if the grant in force is still valid (a dropped grant stays
         // dropped until a newer one).
         if let Some(heard) = self.last_heard
-            && now.saturating_sub(heard) >= self.timing.silence
+            && now.saturating_sub(heard) >= self.silence
         {
             self.grant = None;
         }
         self.last_heard = Some(now);
+        let lease = match message.terms {
+            Some(terms) => {
+                self.silence = self.silence.max(terms.silence);
+                self.timing.lease.min(terms.lease)
+            }
+            None => self.timing.lease,
+        };
         self.echo = Some(
             self.echo
                 .map_or(message.message, |e| e.max(message.message)),
@@ -281,7 +305,7 @@ impl Holder {
             .sent
             .iter()
             .find(|(seq, _)| *seq == grant.answers)
-            .map(|&(_, sent)| sent + self.timing.lease);
+            .map(|&(_, sent)| sent + lease);
         self.grant = Some(Applied {
             seq: grant.seq,
             value: grant.value,
@@ -600,7 +624,17 @@ impl Ledger {
                 account.sent.pop_front();
             }
             account.sent.push_back((message, now));
-            out.push((id, ToHolder { message, grant }));
+            out.push((
+                id,
+                ToHolder {
+                    message,
+                    grant,
+                    terms: Some(Terms {
+                        lease: timing.lease,
+                        silence: timing.silence,
+                    }),
+                },
+            ));
         }
         out
     }

@@ -79,12 +79,25 @@ impl Sim {
         timing: Timing,
         clocks: &[(u64, i16)],
     ) -> Sim {
+        Sim::mismatched(limit, members, enrolled, timing, timing, clocks)
+    }
+
+    /// Holders other than the owner's own configured with `holders` (another lease and silence
+    /// limit than the owner's `timing`: a reload, or a mistake).
+    fn mismatched(
+        limit: u32,
+        members: u32,
+        enrolled: usize,
+        timing: Timing,
+        holders: Timing,
+        clocks: &[(u64, i16)],
+    ) -> Sim {
         let nodes: Vec<Node> = (0..enrolled)
             .map(|i| Node {
                 id: NodeId::new(&format!("n{i}")).expect("a valid id"),
                 offset: Duration::from_millis(clocks[i].0),
                 ppm: i64::from(clocks[i].1),
-                holder: Holder::new(timing),
+                holder: Holder::new(if i == 0 { timing } else { holders }),
             })
             .collect();
         let mut ledger = Ledger::new(limit, timing);
@@ -153,7 +166,7 @@ impl Sim {
                 clocks.push((i, end));
             }
             if let Some(heard) = n.holder.last_heard {
-                clocks.push((i, heard + n.holder.timing.silence));
+                clocks.push((i, heard + n.holder.silence));
             }
         }
         for account in self.ledger.holders.values() {
@@ -274,6 +287,7 @@ proptest! {
         silence_factor in 2u64..6,
         clocks in prop::collection::vec((0u64..10_000_000, -1000i16..=1000), 8),
         ops in prop::collection::vec(op(), 1..120),
+        mismatch in prop::option::weighted(0.3, (25u64..4_000, 2u64..6)),
     ) {
         let enrolled = 1 + enrolled_pick % members as usize;
         let timing = Timing::new(
@@ -282,7 +296,17 @@ proptest! {
             1000,
         )
         .expect("valid timing");
-        let mut sim = Sim::new(limit, members, enrolled, timing, &clocks);
+        // Holders may be configured with another lease and silence limit than the owner.
+        let holders = match mismatch {
+            Some((lease_ms, silence_factor)) => Timing::new(
+                Duration::from_millis(lease_ms),
+                Duration::from_millis(lease_ms * silence_factor),
+                1000,
+            )
+            .expect("valid timing"),
+            None => timing,
+        };
+        let mut sim = Sim::mismatched(limit, members, enrolled, timing, holders, &clocks);
         sim.check()?;
         for op in &ops {
             sim.run(op)?;

@@ -13,7 +13,7 @@ use crate::{
     cluster::{
         NodeId,
         enrolment::{GrantMsg, Outgoing, PolicyInfo, ReportMsg, View, Write},
-        lease::{self, Report, ToHolder},
+        lease::{self, Report, Terms, ToHolder},
     },
     proto::cluster::{ClientGrant, ClientReport, GrantValue, Heartbeat},
 };
@@ -214,7 +214,12 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
     else {
         return;
     };
-    heartbeat.reports = out
+    (heartbeat.reports, heartbeat.grants) = to_wire(&out);
+}
+
+/// An outbox entry as heartbeat fields (each list cut at [`MAX_CLIENTS_PER_MESSAGE`]).
+fn to_wire(out: &Outgoing) -> (Vec<ClientReport>, Vec<ClientGrant>) {
+    let reports = out
         .reports
         .iter()
         .take(MAX_CLIENTS_PER_MESSAGE)
@@ -227,7 +232,7 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
             echo: r.report.echo,
         })
         .collect();
-    heartbeat.grants = out
+    let grants = out
         .grants
         .iter()
         .take(MAX_CLIENTS_PER_MESSAGE)
@@ -241,8 +246,35 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
                 answers: v.answers,
             }),
             release: g.release,
+            lease_ms: g.message.terms.map_or(0, |t| {
+                // Rounded down: a holder may keep a raise for less, never for more.
+                u32::try_from(t.lease.as_millis()).unwrap_or(u32::MAX)
+            }),
+            silence_ms: g.message.terms.map_or(0, |t| {
+                // Rounded up: a holder may keep a grant through silence for longer, not shorter.
+                u32::try_from(t.silence.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)
+            }),
         })
         .collect();
+    (reports, grants)
+}
+
+/// The owner's terms of a grant message: both 0 (not sent), or a lease within the lease bounds
+/// and a silence limit past it.
+fn terms(lease_ms: u32, silence_ms: u32) -> Result<Option<Terms>, Status> {
+    if lease_ms == 0 && silence_ms == 0 {
+        return Ok(None);
+    }
+    let lease = Duration::from_millis(u64::from(lease_ms));
+    let silence = Duration::from_millis(u64::from(silence_ms));
+    if lease.is_zero() || lease > lease::Timing::MAX_LEASE || silence <= lease {
+        return Err(Status::invalid_argument(format!(
+            "a grant's lease_ms ({lease_ms}) must be 1 to {} and below its silence_ms \
+             ({silence_ms})",
+            lease::Timing::MAX_LEASE.as_millis()
+        )));
+    }
+    Ok(Some(Terms { lease, silence }))
 }
 
 fn client_key(bytes: &[u8]) -> Result<ClientKey, Status> {
@@ -293,6 +325,7 @@ fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
                         value: v.value,
                         answers: v.answers,
                     }),
+                    terms: terms(g.lease_ms, g.silence_ms)?,
                 },
                 release: g.release,
             })
@@ -323,4 +356,102 @@ pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Sta
         enrolment.receive_grant(now, &view, from, msg);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(terms: Option<Terms>) -> Outgoing {
+        Outgoing {
+            reports: vec![ReportMsg {
+                client: [7; 16],
+                policy: 3,
+                report: Report {
+                    seq: 9,
+                    demand: 120,
+                    applied: Some(4),
+                    echo: None,
+                },
+            }],
+            grants: vec![GrantMsg {
+                client: [7; 16],
+                policy: 3,
+                message: ToHolder {
+                    message: 11,
+                    grant: Some(lease::Grant {
+                        seq: 5,
+                        value: 17,
+                        answers: 9,
+                    }),
+                    terms,
+                },
+                release: false,
+            }],
+        }
+    }
+
+    fn heartbeat(out: &Outgoing) -> Heartbeat {
+        let (reports, grants) = to_wire(out);
+        Heartbeat {
+            reports,
+            grants,
+            ..Heartbeat::default()
+        }
+    }
+
+    #[test]
+    fn messages_survive_the_wire() {
+        let terms = Terms {
+            lease: Duration::from_millis(2_000),
+            silence: Duration::from_millis(6_000),
+        };
+        for out in [grant(Some(terms)), grant(None)] {
+            assert_eq!(from_wire(&heartbeat(&out)).expect("valid"), out);
+        }
+    }
+
+    #[test]
+    fn terms_are_rounded_to_the_safe_side() {
+        let out = grant(Some(Terms {
+            lease: Duration::from_micros(1_999_999),
+            silence: Duration::from_micros(6_000_001),
+        }));
+        let got = from_wire(&heartbeat(&out)).expect("valid");
+        let terms = got.grants[0].message.terms.expect("terms");
+        assert_eq!(
+            terms.lease,
+            Duration::from_millis(1_999),
+            "a lease only shorter"
+        );
+        assert_eq!(
+            terms.silence,
+            Duration::from_millis(6_001),
+            "silence only longer"
+        );
+    }
+
+    #[test]
+    fn bad_terms_and_keys_are_refused_naming_the_field() {
+        for (lease_ms, silence_ms) in [
+            (0, 3_000),
+            (2_000, 0),
+            (2_000, 2_000),
+            (3_600_001, 9_000_000),
+        ] {
+            let mut hb = heartbeat(&grant(None));
+            hb.grants[0].lease_ms = lease_ms;
+            hb.grants[0].silence_ms = silence_ms;
+            let e = from_wire(&hb).expect_err("refused");
+            assert!(e.message().contains("lease_ms"), "{}", e.message());
+        }
+        let mut hb = heartbeat(&grant(None));
+        hb.reports[0].client = vec![1; 4];
+        let e = from_wire(&hb).expect_err("refused");
+        assert!(e.message().contains("16 bytes"), "{}", e.message());
+        let mut hb = heartbeat(&grant(None));
+        hb.grants[0].policy = 70_000;
+        let e = from_wire(&hb).expect_err("refused");
+        assert!(e.message().contains("policy id 70000"), "{}", e.message());
+    }
 }
