@@ -786,7 +786,7 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "enrolment": s.enrolment.as_ref().map(|e| serde_json::json!({
                 "owned": e.owned, "held": e.held, "granted": e.granted,
-                "refused": e.refused, "foreign": e.foreign,
+                "refused": e.refused, "foreign": e.foreign, "unwritten": e.unwritten,
             })),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -850,8 +850,9 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
     if let Some(e) = &s.enrolment {
         println!(
             "\nenrolment: owns {} hot clients, holds {} ({} with a grant in force); refused {} \
-             (--max-global-clients), ignored {} messages of non-owners",
-            e.owned, e.held, e.granted, e.refused, e.foreign
+             (--max-global-clients), ignored {} messages of non-owners; the maps refused {} \
+             grant changes",
+            e.owned, e.held, e.granted, e.refused, e.foreign, e.unwritten
         );
     }
     Ok(())

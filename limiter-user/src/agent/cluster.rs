@@ -401,10 +401,12 @@ impl Datapath for Maps {
         self.lock().entry(client)
     }
 
-    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Result<(), GrantsError> {
+    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)> {
         self.lock()
             .write(writes)
-            .map_err(|e| GrantsError(crate::error_chain(&e)))
+            .into_iter()
+            .map(|(i, e)| (i, GrantsError(crate::error_chain(&e))))
+            .collect()
     }
 
     fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {

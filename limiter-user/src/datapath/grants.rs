@@ -84,19 +84,25 @@ impl ClusterMaps {
         self.clients.iter().find_map(|m| m.get(client, 0).ok())
     }
 
-    /// Sets (`Some`) or deletes (`None`) grants.
-    pub fn write(&mut self, changes: &[(ClientKey, Option<Grant>)]) -> Result<(), DatapathError> {
-        for (client, grant) in changes {
-            match grant {
-                Some(g) => self.grants.insert(client, g, 0),
-                None => match self.grants.remove(client) {
-                    Err(MapError::KeyNotFound) => Ok(()),
-                    other => other,
-                },
-            }
-            .map_err(map_err("GRANTS"))?;
-        }
-        Ok(())
+    /// Sets (`Some`) or deletes (`None`) grants, each on its own (a full map refuses a new
+    /// client, not the changes after it); returns the indices of the changes refused, with why.
+    pub fn write(&mut self, changes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, DatapathError)> {
+        changes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (client, grant))| {
+                match grant {
+                    Some(g) => self.grants.insert(client, g, 0),
+                    None => match self.grants.remove(client) {
+                        Err(MapError::KeyNotFound) => Ok(()),
+                        other => other,
+                    },
+                }
+                .map_err(map_err("GRANTS"))
+                .err()
+                .map(|e| (i, e))
+            })
+            .collect()
     }
 
     /// Every grant the map holds.

@@ -113,6 +113,22 @@ pub struct Counts {
     pub refused: u64,
     /// Owner messages ignored: from a member that is not the client's owner here.
     pub foreign: u64,
+    /// Grant changes the datapath refused (offered again next round; until then the reports
+    /// say the older grant is applied).
+    pub unwritten: u64,
+}
+
+/// The datapath's side of a round: applies grant changes in order and returns those it refused.
+pub type WriteGrants<'a> = dyn FnMut(&[Write]) -> Vec<Write> + 'a;
+
+/// A grant as the datapath holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Written {
+    value: u32,
+    until: Option<Duration>,
+    /// The grant's number (`None`: adopted from a previous run, or unknown after a refused
+    /// change): what the reports say is applied.
+    seq: Option<u64>,
 }
 
 struct Held {
@@ -142,11 +158,12 @@ pub struct Enrolment {
     held: HashMap<ClientKey, Held>,
     owned: HashMap<ClientKey, Owned>,
     /// What the datapath holds, as last written.
-    written: HashMap<ClientKey, (u32, Option<Duration>)>,
+    written: HashMap<ClientKey, Written>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
     refused: u64,
     foreign: u64,
+    unwritten: u64,
 }
 
 impl Enrolment {
@@ -164,6 +181,7 @@ impl Enrolment {
             adopted_until: None,
             refused: 0,
             foreign: 0,
+            unwritten: 0,
         }
     }
 
@@ -181,7 +199,14 @@ impl Enrolment {
     /// them within the silence limit (see [`Enrolment::adopt`]).
     pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = (ClientKey, u32)>) {
         for (client, value) in grants {
-            self.written.insert(client, (value, None));
+            self.written.insert(
+                client,
+                Written {
+                    value,
+                    until: None,
+                    seq: None,
+                },
+            );
         }
         self.adopted_until = Some(now + self.timing.silence());
     }
@@ -331,14 +356,34 @@ impl Enrolment {
         }
     }
 
-    /// One round at `now`: the holders' reports and the owners' grants, by member (this node's
-    /// own are delivered here and not returned), and the grant changes for the datapath.
+    /// [`Enrolment::round_writing`] with a datapath that takes every change: returns the
+    /// messages and the changes, in order.
     pub fn round(
         &mut self,
         now: Duration,
         view: &View<'_>,
         info: &dyn Fn(u16) -> Option<PolicyInfo>,
     ) -> (BTreeMap<NodeId, Outgoing>, Vec<Write>) {
+        let mut all = Vec::new();
+        let out = self.round_writing(now, view, info, &mut |writes: &[Write]| {
+            all.extend_from_slice(writes);
+            Vec::new()
+        });
+        (out, all)
+    }
+
+    /// One round at `now`: the holders' reports and the owners' grants, by member (this node's
+    /// own are delivered here and not returned). Grant changes go to `write` first (the grants
+    /// received since the last round), so that each report says which grant the datapath
+    /// holds, never one it refused, and again at the end (this node's own grants, releases).
+    pub fn round_writing(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        info: &dyn Fn(u16) -> Option<PolicyInfo>,
+        write: &mut WriteGrants<'_>,
+    ) -> BTreeMap<NodeId, Outgoing> {
+        self.flush(now, write);
         let mut out: BTreeMap<NodeId, Outgoing> = BTreeMap::new();
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
@@ -358,7 +403,10 @@ impl Enrolment {
                 dropped.push(*client);
                 continue;
             }
-            let report = held.holder.report(now, held.demand);
+            let mut report = held.holder.report(now, held.demand);
+            // What the datapath holds, not what the holder took in: a refused write leaves the
+            // older grant in force, and the owner must go on counting it.
+            report.applied = self.written.get(client).and_then(|w| w.seq);
             out.entry(held.owner.clone())
                 .or_default()
                 .reports
@@ -437,15 +485,30 @@ impl Enrolment {
                 self.receive_grant(now, view, &me, msg);
             }
         }
-        (out, self.writes(now))
+        self.flush(now, write);
+        out
     }
 
-    /// The grant changes since the last round.
+    /// Writes the grant changes since the last call; what `write` refuses is offered again.
+    fn flush(&mut self, now: Duration, write: &mut WriteGrants<'_>) {
+        let writes = self.writes(now);
+        if writes.is_empty() {
+            return;
+        }
+        let refused = write(&writes);
+        self.unwritten(&refused);
+    }
+
+    /// The grant changes since the last call.
     fn writes(&mut self, now: Duration) -> Vec<Write> {
-        let desired: HashMap<ClientKey, (u32, Option<Duration>)> = self
+        let desired: HashMap<ClientKey, Written> = self
             .held
             .iter()
-            .filter_map(|(client, held)| Some((*client, held.holder.in_force(now)?)))
+            .filter_map(|(client, held)| {
+                let (value, until) = held.holder.in_force(now)?;
+                let seq = held.holder.in_force_seq(now);
+                Some((*client, Written { value, until, seq }))
+            })
             .collect();
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
         let mut writes: Vec<Write> = self
@@ -454,23 +517,23 @@ impl Enrolment {
             .filter(|client| !desired.contains_key(*client) && !keep_adopted)
             .map(|client| Write::Clear(*client))
             .collect();
-        for (client, &(value, until)) in &desired {
-            if self.written.get(client) != Some(&(value, until)) {
-                writes.push(Write::Set {
+        for (client, want) in &desired {
+            match self.written.get_mut(client) {
+                // The same enforcement under a newer number: nothing to write.
+                Some(w) if (w.value, w.until) == (want.value, want.until) => w.seq = want.seq,
+                _ => writes.push(Write::Set {
                     client: *client,
-                    value,
-                    until,
-                });
+                    value: want.value,
+                    until: want.until,
+                }),
             }
         }
         for w in &writes {
             match *w {
-                Write::Set {
-                    client,
-                    value,
-                    until,
-                } => {
-                    self.written.insert(client, (value, until));
+                Write::Set { client, .. } => {
+                    if let Some(&want) = desired.get(&client) {
+                        self.written.insert(client, want);
+                    }
                 }
                 Write::Clear(client) => {
                     self.written.remove(&client);
@@ -486,11 +549,11 @@ impl Enrolment {
     pub fn suspend(&mut self) -> Vec<Write> {
         let mut writes = Vec::new();
         for (client, grant) in self.written.iter_mut() {
-            if grant.1.is_some() {
-                grant.1 = None;
+            if grant.until.is_some() {
+                grant.until = None;
                 writes.push(Write::Set {
                     client: *client,
-                    value: grant.0,
+                    value: grant.value,
                     until: None,
                 });
             }
@@ -498,17 +561,22 @@ impl Enrolment {
         writes
     }
 
-    /// The datapath refused these writes: offer them again next round.
+    /// The datapath refused these writes: offer them again next round. Until one is taken the
+    /// datapath's grant is unknown, and the client's reports say none is applied.
     pub fn unwritten(&mut self, writes: &[Write]) {
+        self.unwritten += writes.len() as u64;
         for w in writes {
-            match w {
-                Write::Set { client, .. } => {
-                    self.written.remove(client);
-                }
-                Write::Clear(client) => {
-                    self.written.insert(*client, (0, None));
-                }
-            }
+            let client = match w {
+                Write::Set { client, .. } | Write::Clear(client) => client,
+            };
+            self.written.insert(
+                *client,
+                Written {
+                    value: u32::MAX,
+                    until: None,
+                    seq: None,
+                },
+            );
         }
     }
 
@@ -523,6 +591,7 @@ impl Enrolment {
                 .count() as u64,
             refused: self.refused,
             foreign: self.foreign,
+            unwritten: self.unwritten,
         }
     }
 

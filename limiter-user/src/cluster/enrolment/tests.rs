@@ -31,6 +31,8 @@ struct Sim {
     loss: u64,
     /// Messages to this node are lost.
     drop_to: Option<usize>,
+    /// This node's datapath refuses every grant change.
+    refuse: Option<usize>,
     limit: u32,
     client: ClientKey,
 }
@@ -53,6 +55,7 @@ impl Sim {
             sent: 0,
             loss,
             drop_to: None,
+            refuse: None,
             limit: L,
             client: CLIENT,
         }
@@ -110,13 +113,20 @@ impl Sim {
                 node.hot(self.now, &view, self.client, 1);
             }
             node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
-            let (out, writes) = node.round(self.now, &view, &|_| Some(info));
-            for w in writes {
-                self.grants[i] = match w {
-                    Write::Set { value, until, .. } => Some((value, until)),
-                    Write::Clear(_) => None,
-                };
-            }
+            let refuse = self.refuse == Some(i);
+            let grant = &mut self.grants[i];
+            let out = node.round_writing(self.now, &view, &|_| Some(info), &mut |writes| {
+                if refuse {
+                    return writes.to_vec();
+                }
+                for w in writes {
+                    *grant = match *w {
+                        Write::Set { value, until, .. } => Some((value, until)),
+                        Write::Clear(_) => None,
+                    };
+                }
+                Vec::new()
+            });
             for (to, msgs) in out {
                 self.sent += 1;
                 let j = members.iter().position(|m| *m == to).expect("a member");
@@ -151,6 +161,40 @@ fn a_skewed_client_gets_its_limit_and_never_more() {
     assert!(
         admitted * 100 >= L * 95,
         "{shares:?} admit {admitted} of {L}"
+    );
+}
+
+/// A datapath that refuses grant changes (a full map, a failing syscall) keeps enforcing the
+/// grant it holds; the holder's reports say that one is applied, not the newer one, so the owner
+/// goes on counting it and the sum stays ≤ L while the spread flips.
+#[test]
+fn a_grant_the_datapath_refused_is_never_reported_applied() {
+    let mut sim = Sim::new(3, 0);
+    for _ in 0..100 {
+        sim.step(&[72, 14, 4]);
+    }
+    assert!(sim.enforced(0) > sim.cold(), "node 0 holds a raise");
+    let raised = sim.grants[0];
+    sim.refuse = Some(0);
+    for round in 0..200 {
+        sim.step(&[4, 14, 72]);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    assert_eq!(
+        sim.grants[0], raised,
+        "the refused cut never reached the datapath"
+    );
+    assert!(sim.nodes[0].counts(sim.now).unwritten > 0);
+    // Once the datapath takes changes again, the flipped spread gets its limit.
+    sim.refuse = None;
+    for round in 0..100 {
+        sim.step(&[4, 14, 72]);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    assert!(
+        sim.enforced(2) > sim.cold(),
+        "node 2 raised: {}",
+        sim.enforced(2)
     );
 }
 

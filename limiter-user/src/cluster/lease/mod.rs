@@ -220,6 +220,11 @@ impl Holder {
         }
     }
 
+    /// The number of the grant [`Holder::in_force`] gives at `now`.
+    pub fn in_force_seq(&self, now: Duration) -> Option<u64> {
+        self.in_force(now).and(self.grant.map(|g| g.seq))
+    }
+
     /// The grant in force at `now`, for the datapath: its value and the end of its lease on this
     /// holder's clock (`None`: lapsed, it counts as `min(value, cold)`); `None` when the cold
     /// share is in force (no grant, or dropped for the owner's silence).

@@ -36,8 +36,9 @@ pub trait Datapath: Send {
     fn hot(&mut self) -> Vec<ClientKey>;
     /// The client's entry, wherever it lives.
     fn entry(&self, client: &ClientKey) -> Option<ClientState>;
-    /// Applies grant changes.
-    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Result<(), GrantsError>;
+    /// Applies grant changes in order, each on its own; returns the indices of those refused,
+    /// with why.
+    fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)>;
     /// The grants the maps hold (at start: those a previous run left).
     fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError>;
 }
@@ -140,16 +141,22 @@ pub fn round(shared: &Shared) {
     let now = monotonic();
     let hot = datapath.hot();
     let mut enrolment = shared.enrolment();
-    let writes;
-    let out;
-    if !snapshot.splitting {
+    let out = if snapshot.splitting {
+        split(&mut enrolment, datapath.as_mut(), &snapshot, hot, now)
+    } else {
         // Cut off or joining: the owner's ledgers would count silent holders at this phase's
         // share (0 under `deny`); no round, and this node's raises end now.
-        writes = enrolment.suspend();
-        out = Default::default();
-    } else {
-        (out, writes) = split(&mut enrolment, datapath.as_ref(), &snapshot, hot, now);
-    }
+        let writes = enrolment.suspend();
+        let refused = write_grants(datapath.as_mut(), &writes);
+        enrolment.unwritten(&refused);
+        Default::default()
+    };
+    drop(enrolment);
+    *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
+}
+
+/// Writes grant changes to the maps; returns those refused (and logs why).
+fn write_grants(datapath: &mut dyn Datapath, writes: &[Write]) -> Vec<Write> {
     let changes: Vec<(ClientKey, Option<Grant>)> = writes
         .iter()
         .map(|w| match *w {
@@ -170,22 +177,28 @@ pub fn round(shared: &Shared) {
             Write::Clear(client) => (client, None),
         })
         .collect();
-    if let Err(e) = datapath.write(&changes) {
-        tracing::warn!("cluster: writing grants: {e}");
-        enrolment.unwritten(&writes);
+    let refused = datapath.write(&changes);
+    if let Some((_, e)) = refused.first() {
+        tracing::warn!(
+            "cluster: the maps refused {} of {} grant changes (offered again next round): {e}",
+            refused.len(),
+            changes.len()
+        );
     }
-    drop(enrolment);
-    *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    refused
+        .iter()
+        .filter_map(|&(i, _)| writes.get(i).copied())
+        .collect()
 }
 
 /// The hot clients taken up, the held clients' counters read, and one round run.
 fn split(
     enrolment: &mut crate::cluster::enrolment::Enrolment,
-    datapath: &dyn Datapath,
+    datapath: &mut dyn Datapath,
     snapshot: &Snapshot,
     hot: Vec<ClientKey>,
     now: Duration,
-) -> (std::collections::BTreeMap<NodeId, Outgoing>, Vec<Write>) {
+) -> std::collections::BTreeMap<NodeId, Outgoing> {
     let view = snapshot.view();
     for client in hot {
         if let Some(entry) = datapath.entry(&client)
@@ -201,7 +214,9 @@ fn split(
             .map(|e| e.total_passed() + e.dropped_count());
         enrolment.observe(now, client, count);
     }
-    enrolment.round(now, &view, &|id| snapshot.info(id))
+    enrolment.round_writing(now, &view, &|id| snapshot.info(id), &mut |writes| {
+        write_grants(datapath, writes)
+    })
 }
 
 /// Puts the latest enrolment messages for `node` into a heartbeat to it.

@@ -604,6 +604,7 @@ impl Node {
                 granted: counts.granted,
                 refused: counts.refused,
                 foreign: counts.foreign,
+                unwritten: counts.unwritten,
             }),
         }
     }
