@@ -3,7 +3,7 @@
 //! run, the grant changes written to the maps, and the messages for each member left in the
 //! outbox its next heartbeat carries. Heartbeats that arrive hand their reports and grants in.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::atomic::Ordering, time::Duration};
 
 use limiter_common::{ClientState, Grant, addr::ClientKey};
 use tonic::Status;
@@ -128,7 +128,8 @@ impl Snapshot {
     }
 }
 
-/// One enrolment round (blocking: map reads and writes).
+/// One enrolment round (blocking: map reads and writes). The maps are read before enrolment is
+/// locked, so heartbeats that arrive meanwhile are taken in without waiting for the reads.
 pub fn round(shared: &Shared) {
     let mut datapath = shared.datapath.lock().unwrap_or_else(|e| e.into_inner());
     let Some(datapath) = datapath.as_mut() else {
@@ -138,20 +139,33 @@ pub fn round(shared: &Shared) {
     if snapshot.policies.is_empty() {
         return;
     }
-    let now = monotonic();
     let hot = datapath.hot();
-    let mut enrolment = shared.enrolment();
     let out = if snapshot.splitting {
-        split(&mut enrolment, datapath.as_mut(), &snapshot, hot, now)
+        let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
+        let entries: HashMap<ClientKey, Option<ClientState>> = held
+            .into_iter()
+            .chain(hot.iter().copied())
+            .map(|client| (client, datapath.entry(&client)))
+            .collect();
+        let now = monotonic();
+        let mut enrolment = shared.enrolment();
+        split(
+            &mut enrolment,
+            datapath.as_mut(),
+            &snapshot,
+            &hot,
+            &entries,
+            now,
+        )
     } else {
         // Cut off or joining: the owner's ledgers would count silent holders at this phase's
         // share (0 under `deny`); no round, and this node's raises end now.
+        let mut enrolment = shared.enrolment();
         let writes = enrolment.suspend();
         let refused = write_grants(datapath.as_mut(), &writes);
         enrolment.unwritten(&refused);
         Default::default()
     };
-    drop(enrolment);
     *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
 }
 
@@ -196,23 +210,25 @@ fn split(
     enrolment: &mut crate::cluster::enrolment::Enrolment,
     datapath: &mut dyn Datapath,
     snapshot: &Snapshot,
-    hot: Vec<ClientKey>,
+    hot: &[ClientKey],
+    entries: &HashMap<ClientKey, Option<ClientState>>,
     now: Duration,
 ) -> std::collections::BTreeMap<NodeId, Outgoing> {
     let view = snapshot.view();
     for client in hot {
-        if let Some(entry) = datapath.entry(&client)
+        if let Some(Some(entry)) = entries.get(client)
             && snapshot.info(entry.policy()).is_some()
         {
-            enrolment.hot(now, &view, client, entry.policy());
+            enrolment.hot(now, &view, *client, entry.policy());
         }
     }
     let held: Vec<ClientKey> = enrolment.held().copied().collect();
     for client in &held {
-        let count = datapath
-            .entry(client)
-            .map(|e| e.total_passed() + e.dropped_count());
-        enrolment.observe(now, client, count);
+        // A client a grant attached while the maps were read gets its first sample next round.
+        if let Some(entry) = entries.get(client) {
+            let count = entry.map(|e| e.total_passed() + e.dropped_count());
+            enrolment.observe(now, client, count);
+        }
     }
     enrolment.round_writing(now, &view, &|id| snapshot.info(id), &mut |writes| {
         write_grants(datapath, writes)
@@ -352,12 +368,7 @@ fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
 /// Takes in the enrolment messages of a heartbeat from `from` (already authenticated as it).
 pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Status> {
     let incoming = from_wire(hb)?;
-    if shared
-        .datapath
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_none()
-    {
+    if !shared.enrolling.load(Ordering::Acquire) {
         return Ok(());
     }
     let snapshot = Snapshot::take(shared);

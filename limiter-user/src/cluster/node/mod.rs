@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -132,8 +132,12 @@ struct Shared {
     state: Mutex<State>,
     /// Enrolment (`super::enrolment`); locked after `state`, never while holding it.
     enrolment: Mutex<super::enrolment::Enrolment>,
-    /// The maps enrolment reads and writes (set by the agent before `run`).
+    /// The maps enrolment reads and writes (set by the agent before `run`); only the round
+    /// locks it.
     datapath: Mutex<Option<Box<dyn Datapath>>>,
+    /// `datapath` is set: heartbeats' enrolment messages are taken in (without waiting for a
+    /// round that holds the maps).
+    enrolling: AtomicBool,
     /// The latest enrolment messages for each member, sent with the next heartbeat to it.
     outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
 }
@@ -389,6 +393,7 @@ impl Node {
                 }),
                 enrolment: Mutex::new(enrolment),
                 datapath: Mutex::new(None),
+                enrolling: AtomicBool::new(false),
                 outbox: Mutex::default(),
             }),
         })
@@ -410,6 +415,7 @@ impl Node {
             .datapath
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(datapath);
+        self.shared.enrolling.store(true, Ordering::Release);
     }
 
     /// The share view in force.
