@@ -138,8 +138,8 @@ struct Held {
     /// (time, passed + dropped) of the client's entry, newest last.
     samples: VecDeque<(Duration, u64)>,
     demand: u32,
-    /// When the client last had demand.
-    busy_at: Duration,
+    /// When this node started holding it.
+    attached_at: Duration,
 }
 
 struct Owned {
@@ -157,6 +157,8 @@ pub struct Enrolment {
     last_number: u64,
     held: HashMap<ClientKey, Held>,
     owned: HashMap<ClientKey, Owned>,
+    /// Hot notices that came while views differed: (policy, when), at most `capacity`.
+    pending: HashMap<ClientKey, (u16, Duration)>,
     /// What the datapath holds, as last written.
     written: HashMap<ClientKey, Written>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
@@ -177,6 +179,7 @@ impl Enrolment {
             last_number: 0,
             held: HashMap::new(),
             owned: HashMap::new(),
+            pending: HashMap::new(),
             written: HashMap::new(),
             adopted_until: None,
             refused: 0,
@@ -232,20 +235,42 @@ impl Enrolment {
                 holder: Holder::numbered_from(self.timing, first),
                 samples: VecDeque::new(),
                 demand: 0,
-                busy_at: now,
+                attached_at: now,
             },
         );
         true
     }
 
-    /// The fast path reported `client` (of global policy `policy`) over its limit here.
+    /// The fast path reported `client` (of global policy `policy`) over its limit here. The
+    /// fast path says so once per episode: while the members' views differ (no attachment then)
+    /// the notice is kept, and taken up at the first round they agree, for a silence limit.
     pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: u16) {
-        if self.held.contains_key(&client) || !view.agreed {
+        if self.held.contains_key(&client) {
             return;
         }
+        if !view.agreed {
+            if self.pending.len() < self.capacity {
+                self.pending.insert(client, (policy, now));
+            }
+            return;
+        }
+        self.pending.remove(&client);
         if let Some(owner) = owner::owner(&client, view.members) {
             let owner = owner.clone();
             self.attach(client, owner, policy, now);
+        }
+    }
+
+    /// Takes up the hot notices kept while views differed, once they agree.
+    fn take_pending(&mut self, now: Duration, view: &View<'_>) {
+        if !view.agreed || self.pending.is_empty() {
+            return;
+        }
+        let silence = self.timing.silence();
+        for (client, (policy, at)) in std::mem::take(&mut self.pending) {
+            if now.saturating_sub(at) < silence {
+                self.hot(now, view, client, policy);
+            }
         }
     }
 
@@ -384,6 +409,7 @@ impl Enrolment {
         write: &mut WriteGrants<'_>,
     ) -> BTreeMap<NodeId, Outgoing> {
         self.flush(now, write);
+        self.take_pending(now, view);
         let mut out: BTreeMap<NodeId, Outgoing> = BTreeMap::new();
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
@@ -394,12 +420,10 @@ impl Enrolment {
                 continue;
             };
             held.demand = demand(&held.samples, now, policy.window);
-            if held.demand > 0 {
-                held.busy_at = now;
-            }
-            let idle = now.saturating_sub(held.busy_at) >= silence;
-            let gone = !view.members.contains(&held.owner);
-            if held.holder.owner_silent(now) && (idle || gone) {
+            // The owner silent for the silence limit (or never heard: it opened no ledger, the
+            // demand was not past the cold share): back to the cold share and no more reports; the
+            // fast path reports the client again if it is over its share again.
+            if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
                 dropped.push(*client);
                 continue;
             }
@@ -450,7 +474,7 @@ impl Enrolment {
             let enrolled = owned.ledger.enrolled().count() as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
             let cold = policy.cold;
-            let quiet = owned.ledger.demand() * 2 <= u64::from(cold) * u64::from(enrolled);
+            let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled);
             owned.quiet_since = if quiet {
                 owned.quiet_since.or(Some(now))
             } else {
@@ -597,10 +621,10 @@ impl Enrolment {
 
     /// The demand this node reports for `client`, and the total its owner sees if this node owns
     /// it (`limiter stats`).
-    pub fn demand_of(&self, client: &ClientKey) -> (Option<u32>, Option<u64>) {
+    pub fn demand_of(&self, now: Duration, client: &ClientKey) -> (Option<u32>, Option<u64>) {
         (
             self.held.get(client).map(|h| h.demand),
-            self.owned.get(client).map(|o| o.ledger.demand()),
+            self.owned.get(client).map(|o| o.ledger.demand(now)),
         )
     }
 }

@@ -33,6 +33,9 @@ struct Sim {
     drop_to: Option<usize>,
     /// This node's datapath refuses every grant change.
     refuse: Option<usize>,
+    /// This node is dead: it runs no round and takes nothing in (its datapath keeps what it
+    /// holds, as a killed agent's pinned maps do).
+    dead: Option<usize>,
     limit: u32,
     client: ClientKey,
 }
@@ -56,6 +59,7 @@ impl Sim {
             loss,
             drop_to: None,
             refuse: None,
+            dead: None,
             limit: L,
             client: CLIENT,
         }
@@ -98,6 +102,9 @@ impl Sim {
         };
         // Deliver what was sent last round.
         for (from, to, out) in std::mem::take(&mut self.in_flight) {
+            if self.dead == Some(to) {
+                continue;
+            }
             for msg in out.reports {
                 self.nodes[to].receive_report(self.now, &view, &members[from], msg, Some(info));
             }
@@ -106,6 +113,9 @@ impl Sim {
             }
         }
         for (i, node) in self.nodes.iter_mut().enumerate() {
+            if self.dead == Some(i) {
+                continue;
+            }
             // Milli-packets: a rate below 20 per window is under one packet a round.
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends more than the cold share.
@@ -196,6 +206,118 @@ fn a_grant_the_datapath_refused_is_never_reported_applied() {
         "node 2 raised: {}",
         sim.enforced(2)
     );
+}
+
+/// A member that dies with a large demand reported: the owner stops counting that demand a
+/// lease after its last report, so the client still goes quiet and is released.
+#[test]
+fn a_dead_members_last_demand_does_not_keep_the_client_enrolled() {
+    let mut sim = Sim::new(3, 0);
+    let owner = owner::owner(&CLIENT, &sim.members)
+        .expect("an owner")
+        .clone();
+    let o = sim
+        .members
+        .iter()
+        .position(|m| *m == owner)
+        .expect("a member");
+    let heavy = (o + 1) % 3;
+    let mut rates = [4, 4, 4];
+    rates[heavy] = 72;
+    for _ in 0..100 {
+        sim.step(&rates);
+    }
+    assert_eq!(sim.nodes[o].counts(sim.now).owned, 1);
+    sim.dead = Some(heavy);
+    // The others go quiet: 5 s of quiet after the dead member's demand stopped counting (a
+    // lease), then the raises run out (a lease) before the release.
+    for round in 0..200 {
+        sim.step(&[0, 0, 0]);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    assert_eq!(
+        sim.nodes[o].counts(sim.now).owned,
+        0,
+        "released in 10 s, though the dead member last reported 72 per window"
+    );
+}
+
+fn alone_view(members: &[NodeId], agreed: bool) -> View<'_> {
+    View {
+        members,
+        live: members,
+        agreed_members: members.len() as u32,
+        agreed,
+    }
+}
+
+/// A member holding a client whose owner never answers (it opened no ledger: the demand it saw
+/// was under the cold share) stops holding it and reporting after the silence limit.
+#[test]
+fn a_client_no_owner_answers_for_is_let_go() {
+    let members = ids(3);
+    let owner = owner::owner(&CLIENT, &members).expect("an owner").clone();
+    let me = members
+        .iter()
+        .find(|m| **m != owner)
+        .expect("another")
+        .clone();
+    let view = alone_view(&members, true);
+    let info = PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold: 10,
+    };
+    let mut node = Enrolment::new(me, timing(), 1, 16);
+    let mut now = Duration::from_secs(100);
+    node.hot(now, &view, CLIENT, 1);
+    let mut count = 0;
+    let mut reported_until = now;
+    for _ in 0..100 {
+        now += ROUND;
+        count += 1;
+        node.observe(now, &CLIENT, Some(count));
+        let (out, _) = node.round(now, &view, &|_| Some(info));
+        if out.get(&owner).is_some_and(|o| !o.reports.is_empty()) {
+            reported_until = now;
+        }
+    }
+    assert_eq!(node.counts(now).held, 0);
+    let silence = timing().silence();
+    assert!(
+        reported_until >= Duration::from_secs(100) + silence - ROUND
+            && reported_until <= Duration::from_secs(100) + silence + ROUND,
+        "reports for the silence limit, then none: last at {reported_until:?}"
+    );
+}
+
+/// The fast path reports a hot client once per episode: a notice that comes while views differ
+/// is kept and taken up when they agree again (within the silence limit), not lost.
+#[test]
+fn a_hot_notice_while_views_differ_is_taken_up_when_they_agree() {
+    let members = ids(3);
+    let info = PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold: 10,
+    };
+    let mut node = Enrolment::new(members[0].clone(), timing(), 1, 16);
+    let mut now = Duration::from_secs(100);
+    node.hot(now, &alone_view(&members, false), CLIENT, 1);
+    node.hot(now, &alone_view(&members, false), [8; 16], 1);
+    assert_eq!(node.counts(now).held, 0, "no attachment while views differ");
+    now += ROUND;
+    node.round(now, &alone_view(&members, false), &|_| Some(info));
+    assert_eq!(node.counts(now).held, 0);
+    now += ROUND;
+    node.round(now, &alone_view(&members, true), &|_| Some(info));
+    assert_eq!(node.counts(now).held, 2, "taken up once views agree");
+    // A notice older than the silence limit is stale: the episode is over.
+    let mut late = Enrolment::new(members[0].clone(), timing(), 1, 16);
+    late.hot(now, &alone_view(&members, false), CLIENT, 1);
+    now += timing().silence();
+    late.round(now, &alone_view(&members, true), &|_| Some(info));
+    assert_eq!(late.counts(now).held, 0);
 }
 
 #[test]

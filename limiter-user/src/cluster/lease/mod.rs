@@ -376,6 +376,17 @@ struct Counted {
 }
 
 impl Account {
+    /// The holder's demand at `now`: the newest report's, or 0 when no report arrived for a
+    /// lease (holders report every sync interval; one that stopped is dead or cut off, and its
+    /// last demand must neither hold room the others could use nor keep the client from going
+    /// quiet).
+    fn demand_at(&self, now: Duration, timing: &Timing) -> u32 {
+        match self.last_report {
+            Some((_, at)) if now.saturating_sub(at) < timing.lease => self.demand,
+            _ => 0,
+        }
+    }
+
     /// The largest share the holder may be enforcing at `at` (owner clock, `at` ≥ now): a step
     /// function of time that changes only at the instants `changes` lists.
     fn bound_at(&self, at: Duration, cold: u32, timing: &Timing) -> u32 {
@@ -481,9 +492,13 @@ impl Ledger {
         self.holders.contains_key(node)
     }
 
-    /// Σ of the enrolled holders' reported demand, packets per window.
-    pub fn demand(&self) -> u64 {
-        self.holders.values().map(|a| u64::from(a.demand)).sum()
+    /// Σ of the enrolled holders' reported demand at `now`, packets per window (see
+    /// [`Account::demand_at`]).
+    pub fn demand(&self, now: Duration) -> u64 {
+        self.holders
+            .values()
+            .map(|a| u64::from(a.demand_at(now, &self.timing)))
+            .sum()
     }
 
     /// Starts releasing the client: from now on no grant goes above the cold share.
@@ -558,7 +573,7 @@ impl Ledger {
         let wants: Vec<u32> = self
             .holders
             .values()
-            .map(|a| shares::with_headroom(a.demand))
+            .map(|a| shares::with_headroom(a.demand_at(now, &timing)))
             .collect();
         let mut targets = shares::water_fill(budget, &wants);
         if self.releasing || now < self.no_raise_until {
