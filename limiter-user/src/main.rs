@@ -778,7 +778,7 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             "peers": s.peers.iter().map(|p| serde_json::json!({
                 "address": p.address, "node_id": p.node_id, "live": p.live,
                 "since_ms": ms(p.since.as_ref()), "incarnation": p.incarnation,
-                "members": p.members, "agrees": p.agrees,
+                "members": p.members, "agrees": p.agrees, "rtt_ms": ms(p.rtt.as_ref()),
             })).collect::<Vec<_>>(),
             "policies": s.policies.iter().map(|g| serde_json::json!({
                 "match": g.r#match, "limit": g.limit, "share": g.share,
@@ -787,6 +787,12 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             "enrolment": s.enrolment.as_ref().map(|e| serde_json::json!({
                 "owned": e.owned, "held": e.held, "granted": e.granted,
                 "refused": e.refused, "foreign": e.foreign, "unwritten": e.unwritten,
+                "learning": e.learning, "raises_lapsed": e.raises_lapsed,
+            })),
+            "traffic": s.traffic.as_ref().map(|t| serde_json::json!({
+                "rounds": t.rounds, "round_time_ms": ms(t.round_time.as_ref()),
+                "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
+                "heartbeats_failed": t.heartbeats_failed,
             })),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -808,12 +814,12 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
         if s.views_agree { "" } else { "  VIEWS DIFFER" }
     );
     println!(
-        "\n{:<28} {:<20} {:<5} {:>10} {:>8}",
-        "PEER", "NODE", "LIVE", "SINCE", "MEMBERS"
+        "\n{:<28} {:<20} {:<5} {:>10} {:>10} {:>8}",
+        "PEER", "NODE", "LIVE", "SINCE", "RTT", "MEMBERS"
     );
     for p in &s.peers {
         println!(
-            "{:<28} {:<20} {:<5} {:>10} {:>8}{}",
+            "{:<28} {:<20} {:<5} {:>10} {:>10} {:>8}{}",
             if p.address.is_empty() {
                 "(heard only)"
             } else {
@@ -826,6 +832,7 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             },
             if p.live { "yes" } else { "no" },
             show_duration(p.since.as_ref()),
+            show_duration(p.rtt.as_ref()),
             p.members,
             if p.agrees || p.node_id.is_empty() {
                 ""
@@ -853,6 +860,20 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
              (--max-global-clients), ignored {} messages of non-owners; the maps refused {} \
              grant changes",
             e.owned, e.held, e.granted, e.refused, e.foreign, e.unwritten
+        );
+        println!(
+            "  {} owned in learning mode; {} raises held here ran out before a newer grant",
+            e.learning, e.raises_lapsed
+        );
+    }
+    if let Some(t) = &s.traffic {
+        println!(
+            "sync: {} rounds ({} in all), {} bytes sent, {} received, {} heartbeats unanswered",
+            t.rounds,
+            show_duration(t.round_time.as_ref()),
+            t.bytes_sent,
+            t.bytes_received,
+            t.heartbeats_failed
         );
     }
     Ok(())

@@ -29,7 +29,7 @@ use crate::{
     config::{MAX_CONFIG_BYTES, MAX_STATIC_CLIENTS, overlay},
     datapath::{self, AttachMode, LoadOptions, Tables},
     limits::{Loaded, PolicyStore, policies_for_cluster, with_shares},
-    metrics::{self, Counters, Exporter, KernelSource},
+    metrics::{self, ClusterSource, Counters, Exporter, KernelSource},
     rls,
     snapshot::{Clocks, Snapshot},
     stats::{Figures, Resident, Walks},
@@ -267,7 +267,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             counters: counters.clone(),
             max_batch: opts.api.max_batch,
             walks: walks.clone(),
-            cluster: cluster_rx,
+            cluster: cluster_rx.clone(),
         },
         opts.api.clone(),
         listeners,
@@ -287,7 +287,9 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             iface: opts.iface.clone(),
             walks,
         };
-        let exporter = Arc::new(Exporter::new(&opts.iface, &counters, source));
+        let exporter = Arc::new(
+            Exporter::new(&opts.iface, &counters, source).with_cluster(MemberFigures(cluster_rx)),
+        );
         let (caps, connections) = (opts.metrics_caps, counters.metrics_connections.clone());
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -606,4 +608,13 @@ fn restore(
         path.display()
     );
     Ok(())
+}
+
+/// The cluster member's status for the metrics (the node the cluster task publishes, if any).
+struct MemberFigures(tokio::sync::watch::Receiver<Option<crate::cluster::node::Node>>);
+
+impl ClusterSource for MemberFigures {
+    fn status(&self) -> Option<crate::proto::ClusterStatus> {
+        self.0.borrow().as_ref().map(|node| node.status())
+    }
 }

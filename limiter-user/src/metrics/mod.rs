@@ -13,6 +13,7 @@
 //!
 //! [`server`] answers HTTP.
 
+mod cluster;
 mod collector;
 mod server;
 
@@ -32,6 +33,7 @@ use crate::admission::Refusal;
 
 pub use crate::stats::{Figures, Resident};
 
+pub use cluster::ClusterSource;
 pub use collector::RESIDENT_MAX_AGE;
 pub use server::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, METRICS_PATH, serve,
@@ -373,6 +375,13 @@ impl Exporter {
             kernel,
             scraping: Mutex::new(()),
         }
+    }
+
+    /// Adds the cluster member's figures (written only while the agent is a member).
+    pub fn with_cluster(mut self, source: impl ClusterSource) -> Exporter {
+        self.registry
+            .register_collector(Box::new(cluster::ClusterCollector(Box::new(source))));
+        self
     }
 
     /// The whole document, or the error of the kernel source (nothing partial).

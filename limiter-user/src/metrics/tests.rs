@@ -519,3 +519,145 @@ fn sample_parser_rejects_malformed_lines() {
         assert!(parse_sample(bad).is_none(), "{bad:?}");
     }
 }
+
+struct FixedCluster(Option<crate::proto::ClusterStatus>);
+
+impl ClusterSource for FixedCluster {
+    fn status(&self) -> Option<crate::proto::ClusterStatus> {
+        self.0.clone()
+    }
+}
+
+fn member_status() -> crate::proto::ClusterStatus {
+    use crate::proto::{ClusterEnrolment, ClusterPeer, ClusterStatus, ClusterTraffic};
+    let d = |ms: u64| prost_types::Duration::try_from(std::time::Duration::from_millis(ms)).ok();
+    ClusterStatus {
+        configured: true,
+        node_id: "n0".into(),
+        peers: vec![
+            ClusterPeer {
+                address: "127.0.0.2:7201".into(),
+                node_id: "n1".into(),
+                live: true,
+                since: d(40),
+                agrees: true,
+                rtt: d(2),
+                ..ClusterPeer::default()
+            },
+            ClusterPeer {
+                address: "127.0.0.3:7201".into(),
+                node_id: "n2".into(),
+                live: true,
+                since: d(1_500),
+                agrees: false,
+                rtt: None,
+                ..ClusterPeer::default()
+            },
+            ClusterPeer {
+                address: "127.0.0.4:7201".into(),
+                live: false,
+                ..ClusterPeer::default()
+            },
+        ],
+        enrolment: Some(ClusterEnrolment {
+            owned: 4,
+            held: 9,
+            granted: 7,
+            refused: 1,
+            foreign: 2,
+            unwritten: 3,
+            learning: 1,
+            raises_lapsed: 5,
+        }),
+        traffic: Some(ClusterTraffic {
+            rounds: 1200,
+            round_time: d(2_500),
+            bytes_sent: 64_000,
+            bytes_received: 51_000,
+            heartbeats_failed: 6,
+        }),
+        ..ClusterStatus::default()
+    }
+}
+
+#[test]
+fn a_cluster_member_exports_its_sync_and_enrolment() {
+    let (counters, figures) = populated();
+    let text = Exporter::new("eth0", &counters, FnSource(move || Ok(figures)))
+        .with_cluster(FixedCluster(Some(member_status())))
+        .scrape()
+        .unwrap();
+    let samples = check_exposition(&text, "eth0");
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && label.is_none_or(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|s| s.value)
+    };
+    assert_eq!(
+        value("limiter_cluster_peers", Some(("state", "live"))),
+        Some(2.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_peers", Some(("state", "down"))),
+        Some(1.0)
+    );
+    assert_eq!(value("limiter_cluster_view_mismatches", None), Some(1.0));
+    assert_eq!(
+        value(
+            "limiter_cluster_peer_last_contact_seconds",
+            Some(("peer", "n2"))
+        ),
+        Some(1.5)
+    );
+    assert_eq!(
+        value("limiter_cluster_peer_rtt_seconds", Some(("peer", "n1"))),
+        Some(0.002)
+    );
+    assert_eq!(
+        value("limiter_cluster_peer_rtt_seconds", Some(("peer", "n2"))),
+        None
+    );
+    assert_eq!(value("limiter_cluster_rounds_total", None), Some(1200.0));
+    assert_eq!(
+        value("limiter_cluster_round_seconds_total", None),
+        Some(2.5)
+    );
+    assert_eq!(
+        value("limiter_cluster_bytes_total", Some(("direction", "sent"))),
+        Some(64_000.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_heartbeats_failed_total", None),
+        Some(6.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_clients", Some(("role", "learning"))),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_clients", Some(("role", "granted"))),
+        Some(7.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_raises_lapsed_total", None),
+        Some(5.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_grant_writes_refused_total", None),
+        Some(3.0)
+    );
+    // Outside a cluster: no cluster family at all (the three membership gauges aside).
+    let alone = Exporter::new("eth0", &counters, FnSource(move || Ok(figures)))
+        .with_cluster(FixedCluster(None))
+        .scrape()
+        .unwrap();
+    assert_eq!(
+        alone.matches("# TYPE limiter_cluster_").count(),
+        3,
+        "{alone}"
+    );
+}

@@ -116,6 +116,11 @@ pub struct Counts {
     /// Grant changes the datapath refused (offered again next round; until then the reports
     /// say the older grant is applied).
     pub unwritten: u64,
+    /// Owned clients whose ledger is in learning mode.
+    pub learning: u64,
+    /// Raises held here that ran out before a newer grant came: the kernel went back to the
+    /// cold share on its own.
+    pub raises_lapsed: u64,
 }
 
 /// The datapath's side of a round: applies grant changes in order and returns those it refused.
@@ -140,6 +145,8 @@ struct Held {
     demand: u32,
     /// When this node started holding it.
     attached_at: Duration,
+    /// The newest grant counted as a lapsed raise.
+    lapsed: Option<u64>,
 }
 
 struct Owned {
@@ -166,6 +173,7 @@ pub struct Enrolment {
     refused: u64,
     foreign: u64,
     unwritten: u64,
+    raises_lapsed: u64,
 }
 
 impl Enrolment {
@@ -185,6 +193,7 @@ impl Enrolment {
             refused: 0,
             foreign: 0,
             unwritten: 0,
+            raises_lapsed: 0,
         }
     }
 
@@ -236,6 +245,7 @@ impl Enrolment {
                 samples: VecDeque::new(),
                 demand: 0,
                 attached_at: now,
+                lapsed: None,
             },
         );
         true
@@ -414,12 +424,23 @@ impl Enrolment {
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
         let mut dropped = Vec::new();
+        let mut lapsed = 0;
         for (client, held) in self.held.iter_mut() {
             let Some(policy) = info(held.policy) else {
                 dropped.push(*client);
                 continue;
             };
             held.demand = demand(&held.samples, now, policy.window);
+            if let Some((value, Some(until))) = held.holder.in_force(now)
+                && until <= now
+                && value > policy.cold
+            {
+                let seq = held.holder.in_force_seq(now);
+                if held.lapsed != seq {
+                    held.lapsed = seq;
+                    lapsed += 1;
+                }
+            }
             // The owner silent for the silence limit (or never heard: it opened no ledger, the
             // demand was not past the cold share): back to the cold share and no more reports; the
             // fast path reports the client again if it is over its share again.
@@ -440,6 +461,7 @@ impl Enrolment {
                     report,
                 });
         }
+        self.raises_lapsed += lapsed;
         for client in dropped {
             self.held.remove(&client);
         }
@@ -616,6 +638,12 @@ impl Enrolment {
             refused: self.refused,
             foreign: self.foreign,
             unwritten: self.unwritten,
+            learning: self
+                .owned
+                .values()
+                .filter(|o| o.ledger.is_learning(now))
+                .count() as u64,
+            raises_lapsed: self.raises_lapsed,
         }
     }
 

@@ -510,6 +510,11 @@ impl Ledger {
         self.releasing
     }
 
+    /// In learning mode at `now`: no grant yet (see [`Ledger::numbered_from`]).
+    pub fn is_learning(&self, now: Duration) -> bool {
+        now < self.no_raise_until
+    }
+
     /// Releasing, and no holder can be enforcing more than the cold share any more (every raise
     /// was superseded or its lease is over on the owner's clock): the holders may go back to the
     /// cold share, which sums to at most L, and the ledger may be dropped.

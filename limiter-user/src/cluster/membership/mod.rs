@@ -157,6 +157,8 @@ struct Endpoint {
     node: Option<NodeId>,
     /// When we sent the newest heartbeat it answered.
     echoed: Option<Instant>,
+    /// That heartbeat's round trip.
+    rtt: Option<Duration>,
     /// The endpoint answered as this node itself (a `peers` entry pointing back here).
     is_self: bool,
 }
@@ -183,6 +185,8 @@ pub struct PeerStatus {
     pub members: u32,
     /// Its view hash equals ours.
     pub agrees: bool,
+    /// The round trip of the newest answered heartbeat (dialled endpoints).
+    pub rtt: Option<Duration>,
 }
 
 /// The membership state (see the module docs).
@@ -356,7 +360,10 @@ impl Membership {
             }
             e.node = Some(report.node.clone());
             e.is_self = false;
-            e.echoed = Some(e.echoed.map_or(sent, |t| t.max(sent)));
+            if e.echoed.is_none_or(|t| sent >= t) {
+                e.echoed = Some(sent);
+                e.rtt = Some(now.saturating_duration_since(sent));
+            }
         }
         Ok(())
     }
@@ -536,6 +543,7 @@ impl Membership {
                 incarnation: seen.map_or(0, |s| s.incarnation),
                 members: seen.map_or(0, |s| s.members),
                 agrees: seen.is_some_and(|s| s.view_hash == mine),
+                rtt: e.rtt,
             });
         }
         for (id, s) in self.fresh(now) {
@@ -551,6 +559,7 @@ impl Membership {
                 incarnation: s.incarnation,
                 members: s.members,
                 agrees: s.view_hash == mine,
+                rtt: None,
             });
         }
         out

@@ -18,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prost::Message as _;
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::{
     Request, Response, Status,
@@ -140,6 +141,35 @@ struct Shared {
     enrolling: AtomicBool,
     /// The latest enrolment messages for each member, sent with the next heartbeat to it.
     outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
+    traffic: Traffic,
+}
+
+/// The sync's work since start (status and metrics).
+#[derive(Debug, Default)]
+struct Traffic {
+    rounds: AtomicU64,
+    round_ns: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    heartbeats_failed: AtomicU64,
+}
+
+impl Traffic {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn to_proto(&self) -> proto::ClusterTraffic {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        proto::ClusterTraffic {
+            rounds: get(&self.rounds),
+            round_time: prost_types::Duration::try_from(Duration::from_nanos(get(&self.round_ns)))
+                .ok(),
+            bytes_sent: get(&self.bytes_sent),
+            bytes_received: get(&self.bytes_received),
+            heartbeats_failed: get(&self.heartbeats_failed),
+        }
+    }
 }
 
 impl Shared {
@@ -241,6 +271,7 @@ impl Peer for PeerService {
             }
         };
         let hb = request.into_inner();
+        Traffic::add(&self.0.traffic.bytes_received, hb.encoded_len());
         if let Some(cn) = certified
             && cn != hb.node_id
         {
@@ -273,7 +304,9 @@ impl Peer for PeerService {
         if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
             enrolment::take_in(&self.0, &report.node, &hb)?;
         }
-        Ok(Response::new(to_heartbeat(me, hb.seq, &self.0)))
+        let answer = to_heartbeat(me, hb.seq, &self.0);
+        Traffic::add(&self.0.traffic.bytes_sent, answer.encoded_len());
+        Ok(Response::new(answer))
     }
 }
 
@@ -395,6 +428,7 @@ impl Node {
                 datapath: Mutex::new(None),
                 enrolling: AtomicBool::new(false),
                 outbox: Mutex::default(),
+                traffic: Traffic::default(),
             }),
         })
     }
@@ -572,6 +606,7 @@ impl Node {
                 incarnation: p.incarnation,
                 members: p.members,
                 agrees: p.agrees,
+                rtt: p.rtt.and_then(|d| prost_types::Duration::try_from(d).ok()),
             })
             .collect();
         let policies = state
@@ -611,7 +646,10 @@ impl Node {
                 refused: counts.refused,
                 foreign: counts.foreign,
                 unwritten: counts.unwritten,
+                learning: counts.learning,
+                raises_lapsed: counts.raises_lapsed,
             }),
+            traffic: Some(self.shared.traffic.to_proto()),
         }
     }
 }
@@ -714,7 +752,14 @@ async fn heartbeat_loop(shared: Arc<Shared>, sink: ShareSink, mut stop: watch::R
         }
         {
             let shared = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || enrolment::round(&shared)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                enrolment::round(&shared);
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                shared.traffic.rounds.fetch_add(1, Ordering::Relaxed);
+                shared.traffic.round_ns.fetch_add(took, Ordering::Relaxed);
+            })
+            .await;
         }
         if sync_interval != interval {
             interval = sync_interval;
@@ -805,20 +850,28 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
     if let Some(node) = node {
         enrolment::attach_outgoing(shared, &node, &mut request);
     }
+    let traffic = &shared.traffic;
+    Traffic::add(&traffic.bytes_sent, request.encoded_len());
     // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
     let answer = match tokio::time::timeout(timeout / 2, client.heartbeat(request)).await {
         Ok(Ok(answer)) => answer.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
             // Refused as a member (say another node uses this id): worth an operator's eye.
             tracing::warn!(%addr, "cluster heartbeat refused: {}", status.message());
+            Traffic::add(&traffic.heartbeats_failed, 1);
             return;
         }
         Ok(Err(status)) => {
             tracing::debug!(%addr, "cluster heartbeat: {}", status.message());
+            Traffic::add(&traffic.heartbeats_failed, 1);
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            Traffic::add(&traffic.heartbeats_failed, 1);
+            return;
+        }
     };
+    Traffic::add(&traffic.bytes_received, answer.encoded_len());
     if answer.echo != seq {
         tracing::debug!(%addr, "cluster heartbeat: the answer echoes {} not {seq}", answer.echo);
         return;
@@ -982,9 +1035,17 @@ mod tests {
         assert_eq!((s.members, s.agreed_members), (2, 2));
         assert!(s.views_agree, "{s:?}");
         assert_eq!(s.policies[0].share, 20);
+        // The status (and the metrics, which read it) show the sync's work.
+        let peer = &s.peers[0];
+        let rtt = peer.rtt.expect("an answered heartbeat has a round trip");
+        assert!(rtt.seconds == 0 && rtt.nanos > 0, "{rtt:?}");
+        let traffic = s.traffic.expect("traffic");
+        assert!(traffic.rounds >= 1 && traffic.bytes_sent > 0 && traffic.bytes_received > 0);
+        assert_eq!(traffic.heartbeats_failed, 0);
         // n2 stops: n1 is cut off, and `partition: local` gives it the whole limit.
         stop2.send_replace(true);
         wait_for("n1 cut off", || n1.status().phase == "cut-off").await;
+        assert!(n1.status().traffic.expect("traffic").heartbeats_failed > 0);
         assert_eq!(
             share1.load(Ordering::SeqCst),
             40,
