@@ -26,7 +26,7 @@ use crate::{
         Home, Located, Run, count_check, create_entry, decide_hits, locate_resolved, now_for,
         overflow_entry, set_policy,
     },
-    maps::{CONFIG, NAMED, NAMED_STATIC},
+    maps::{CONFIG, GRANTS, NAMED, NAMED_STATIC},
     parse::{ptr_at, read},
 };
 
@@ -174,7 +174,7 @@ fn check_one(
     }
     let mut now = 0;
     let cluster = config.flags & CONFIG_CLUSTER != 0;
-    let state = match state_ptr {
+    let mut state = match state_ptr {
         Some(mut p) => {
             if request.hits != 0 {
                 // SAFETY: live map value. `Home::Kept`: a denied check never moves the entry into
@@ -207,6 +207,16 @@ fn check_one(
     };
     if now == 0 {
         now = now_for(state.window_us, Run::Agent);
+    }
+    // A global client's grant replaces the cold share in the decision (`decide_hits`): the reply
+    // reports the allowance the decision used, so the agent's `remaining` and retry times are
+    // this node's share in force.
+    if cluster {
+        // SAFETY: the value is copied at once; the agent replaces a grant whole (a hash map
+        // update swaps in a new element).
+        if let Some(grant) = unsafe { GRANTS.get(&key) }.copied() {
+            state.limit = grant.limit_at(now, state.limit);
+        }
     }
     // SAFETY: `ptr_at` checked that the reply area lies inside the frame.
     unsafe {

@@ -1314,3 +1314,110 @@ fn an_entry_a_reload_regroups_is_retired_by_the_next_packet() -> Result<()> {
         Ok(())
     })
 }
+
+const GLOBAL: &str = "\
+default: { limit: 1000, window: 1h }
+policies:
+  - match: 10.230.0.0/24
+    limit: 30
+    window: 1h
+    scope: global
+cluster:
+  node_id: n1
+  listen: 127.0.0.1:7201
+  peers: [\"127.0.0.1:7202\", \"127.0.0.1:7203\"]
+  token_file: /unused
+";
+
+/// A cluster member's fast path (global policies in force, so `CONFIG_CLUSTER` is set): a
+/// client with a grant in `GRANTS` is decided with the grant while its lease runs and with
+/// `min(grant, cold share)` after (a raise lapses in the kernel, a cut stays); a client without
+/// one gets the cold share; each client over its limit is reported on `HOT` once; and the check
+/// program decides and reports with the same allowance.
+#[test]
+fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
+    use limiter_common::Grant;
+    use limiter_user::{
+        check::{Checker, ClientId},
+        cluster::{
+            config::Partition,
+            membership::{Phase, ShareView},
+        },
+        datapath::grants::ClusterMaps,
+        limits::with_shares,
+    };
+    limiter_tests::require_root!();
+    in_one_window(HOUR_NS, |_| {
+        let mut ebpf = datapath::load(&LoadOptions {
+            pin_dir: None,
+            max_clients: 1024,
+            ..LoadOptions::default()
+        })
+        .context("loading the object (needs root)")?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        let view = ShareView {
+            members: 3,
+            phase: Phase::Connected,
+            partition: Partition::Share,
+        };
+        let config = with_shares(&Config::parse(GLOBAL)?, &view);
+        tables.apply(&config)?;
+        let check_program = datapath::load_check_program(&mut ebpf)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(datapath::PROGRAM)
+            .context("no limiter program")?
+            .try_into()?;
+        program.load()?;
+        let mut grants = ClusterMaps::take(&mut ebpf, &tables)?;
+        let lim = Limiter { ebpf, tables };
+        let checker = Checker::new(check_program, &config);
+        let src = |last: u8| IpAddr::V4(Ipv4Addr::new(10, 230, 0, last));
+        let key = |last: u8| v4_mapped([10, 230, 0, last]);
+        let now = monotonic_ns();
+        let grant = |value: u32, until_ns: u64| Grant {
+            value,
+            _pad: 0,
+            until_ns,
+        };
+        let refused = grants.write(&[
+            // A raise whose lease runs for the hour.
+            (key(1), Some(grant(25, now + HOUR_NS))),
+            // A raise whose lease is over: the cold share.
+            (key(2), Some(grant(25, now - 1_000_000_000))),
+            // A cut (no lease): for good.
+            (key(3), Some(grant(4, 0))),
+            // A cut whose lease is over: still a cut.
+            (key(4), Some(grant(6, now - 1_000_000_000))),
+        ]);
+        ensure!(
+            refused.is_empty(),
+            "grant writes refused: {}",
+            refused.len()
+        );
+        // The check program reads with the grant's allowance too.
+        let read = checker.check(&ClientId::Addr(src(1)), 0)?;
+        check_eq!(
+            (read.limit, read.remaining, read.global_limit),
+            (25, 25, Some(30))
+        );
+        check_eq!(checker.check(&ClientId::Addr(src(3)), 0)?.limit, 4);
+        for (last, expected) in [(1, 25), (2, 10), (3, 4), (4, 6), (5, 10)] {
+            check_eq!(lim.send(src(last), 40)?, expected, "client 10.230.0.{last}");
+        }
+        let mut hot = grants.hot();
+        hot.sort();
+        check_eq!(
+            hot,
+            (1..=5).map(key).collect::<Vec<_>>(),
+            "each client over its limit reported once"
+        );
+        // A check spends from the same budget: the raised client has none left.
+        let spent = checker.check(&ClientId::Addr(src(1)), 1)?;
+        check_eq!((spent.allowed, spent.limit), (false, 25));
+        // The grant withdrawn: the cold share again, already spent.
+        ensure!(grants.write(&[(key(1), None)]).is_empty());
+        check_eq!(lim.send(src(1), 5)?, 0);
+        check_eq!(checker.check(&ClientId::Addr(src(1)), 0)?.limit, 10);
+        Ok(())
+    })
+}
