@@ -183,6 +183,11 @@ impl PolicyView {
         self.dry_run
     }
 
+    /// The limit across the cluster of policy `id`, if it is a global one.
+    pub fn global_limit(&self, id: u16) -> Option<u32> {
+        self.global_limits.get(&id).copied()
+    }
+
     /// The `match` of policy `id`.
     pub fn name(&self, id: u16) -> Arc<str> {
         self.names

@@ -9,7 +9,9 @@ use limiter_user::{
     api::{self, ApiOptions, ConnectionLimits, TlsFiles},
     cli::{
         client::{self, Target, status_error},
-        render::{self, action_name, client_table, show_duration, show_policy},
+        render::{
+            self, action_name, client_table, global_client_table, show_duration, show_policy,
+        },
     },
     datapath::{
         self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_GLOBAL_CLIENTS, DEFAULT_MAX_IDS,
@@ -907,6 +909,10 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
                     "scale": c.scale, "utilisation": c.utilisation,
                     "passed": c.passed, "dropped": c.dropped,
                     "window_ms": c.window.as_ref().map_or(0.0, |d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6),
+                    "cluster": c.cluster.as_ref().map(|g| serde_json::json!({
+                        "global_limit": g.global_limit, "share": g.share, "grant": g.grant,
+                        "owner": g.owner, "demand": g.demand, "cluster_demand": g.cluster_demand,
+                    })),
                 })
             })
             .collect();
@@ -957,6 +963,7 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
             }
         );
         print!("{}", client_table(&clients));
+        print!("{}", global_client_table(&clients));
     }
     Ok(())
 }

@@ -53,6 +53,15 @@ impl stats_server::Stats for StatsService {
         async {
             let id: ClientId = request.get_ref().client_id.parse().map_err(check_status)?;
             let d = self.0.checker.check(&id, 0).map_err(check_status)?;
+            // The kernel's answer gives the share in force (`d.limit`, the grant's while its
+            // lease runs); the member adds the owner and the demand.
+            let cluster = d.global_limit.and_then(|global| {
+                let view = cluster_views(&self.0, &[(id.key(), d.limit, global)]).pop()??;
+                Some(proto::ClientCluster {
+                    share: d.limit,
+                    ..view
+                })
+            });
             Ok(Response::new(proto::ClientStats {
                 client_id: id.to_string(),
                 policy: d.policy.to_string(),
@@ -65,6 +74,7 @@ impl stats_server::Stats for StatsService {
                 resident: d.resident,
                 scale: 1.0,
                 utilisation: 0.0,
+                cluster,
             }))
         }
         .await
@@ -87,6 +97,29 @@ impl stats_server::Stats for StatsService {
             resident: resident.addresses + resident.ids,
         }))
     }
+}
+
+/// How the cluster member sees `clients` of global policies (key, cold share, limit across the
+/// cluster): one entry per client, all `None` outside a cluster.
+fn cluster_views(
+    state: &ApiState,
+    clients: &[(ClientKey, u32, u32)],
+) -> Vec<Option<proto::ClientCluster>> {
+    let node = state.cluster.borrow().clone();
+    let Some(node) = node.filter(|_| !clients.is_empty()) else {
+        return vec![None; clients.len()];
+    };
+    let keys: Vec<(ClientKey, u32)> = clients.iter().map(|&(k, cold, _)| (k, cold)).collect();
+    node.client_views(&keys)
+        .into_iter()
+        .zip(clients)
+        .map(|(view, &(_, _, global_limit))| {
+            Some(proto::ClientCluster {
+                global_limit,
+                ..view
+            })
+        })
+        .collect()
 }
 
 fn internal(e: crate::datapath::DatapathError) -> Status {
@@ -301,7 +334,7 @@ pub(super) fn top(
     maps.each_address(|k, s| {
         resident.addresses += 1;
         let (_, rate, total) = measure(s);
-        busiest.offer(rate, total, || crate::stats::client_label(k), || *s);
+        busiest.offer(rate, total, || crate::stats::client_label(k), || (*k, *s));
     })
     .map_err(internal)?;
     maps.each_id(|k, s| {
@@ -313,15 +346,26 @@ pub(super) fn top(
                 format!("id:{hex}")
             })
         };
-        busiest.offer(rate, total, id, || *s);
+        busiest.offer(rate, total, id, || (*k, *s));
     })
     .map_err(internal)?;
-    let rows = busiest
-        .into_sorted()
+    let ranked = busiest.into_sorted();
+    let global: Vec<(ClientKey, u32, u32)> = ranked
+        .iter()
+        .filter_map(|r| {
+            let (k, s) = &r.item;
+            Some((*k, s.limit, view.global_limit(s.policy())?))
+        })
+        .collect();
+    let mut cluster = cluster_views(state, &global).into_iter();
+    let rows = ranked
         .into_iter()
         .map(
             |Ranked {
-                 rate, id, item: s, ..
+                 rate,
+                 id,
+                 item: (_, s),
+                 ..
              }| {
                 let (estimate, _, _) = measure(&s);
                 let window_ns = s.window_us as u64 * 1000;
@@ -334,11 +378,17 @@ pub(super) fn top(
                     .policy_base(s.policy())
                     .map(|r| r.to_policy(s.policy()));
                 let (scale, utilisation) = crate::stats::adaptation(&s, base.as_ref(), rate * 1e9);
+                let cluster = if view.global_limit(s.policy()).is_some() {
+                    cluster.next().flatten()
+                } else {
+                    None
+                };
                 proto::ClientStats {
                     client_id: id,
                     policy: view.name(s.policy()).to_string(),
                     action: action_proto(action) as i32,
-                    limit: s.limit,
+                    // A global client's allowance in force: the grant's while its lease runs.
+                    limit: cluster.as_ref().map_or(s.limit, |c| c.share),
                     window: Some(duration(Duration::from_nanos(window_ns))),
                     estimate,
                     passed: s.total_passed(),
@@ -346,6 +396,7 @@ pub(super) fn top(
                     resident: true,
                     scale,
                     utilisation,
+                    cluster,
                 }
             },
         )

@@ -148,6 +148,37 @@ pub fn policy_table(list: &proto::ListLimitsResponse) -> String {
 }
 
 /// The busiest clients as a table.
+/// The global clients among `clients` (empty if none): their limit across the cluster, this
+/// node's share in force, the owner splitting it and the demand reported.
+pub fn global_client_table(clients: &[proto::ClientStats]) -> String {
+    let rows: Vec<(&proto::ClientStats, &proto::ClientCluster)> = clients
+        .iter()
+        .filter_map(|c| Some((c, c.cluster.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<40} {:>10} {:>10} {:>10} {:<20} {:>10} {:>14}\n",
+        "GLOBAL CLIENT", "LIMIT", "SHARE", "GRANT", "OWNER", "DEMAND", "CLUSTER DEMAND"
+    );
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for (c, g) in rows {
+        let _ = writeln!(
+            out,
+            "{:<40} {:>10} {:>10} {:>10} {:<20} {:>10} {:>14}",
+            c.client_id,
+            g.global_limit,
+            g.share,
+            opt(g.grant.map(u64::from)),
+            if g.owner.is_empty() { "-" } else { &g.owner },
+            opt(g.demand.map(u64::from)),
+            opt(g.cluster_demand),
+        );
+    }
+    out
+}
+
 pub fn client_table(clients: &[proto::ClientStats]) -> String {
     let mut out = format!(
         "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",

@@ -123,6 +123,22 @@ pub struct Counts {
     pub raises_lapsed: u64,
 }
 
+/// One global client as a member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientView {
+    /// The member that splits its limit, while this one holds it.
+    pub owner: Option<NodeId>,
+    /// The allowance the datapath enforces now: the grant's while its lease runs, else at most
+    /// the cold share.
+    pub share: u32,
+    /// The grant the datapath holds.
+    pub grant: Option<u32>,
+    /// Packets per window this member reports (while it holds the client).
+    pub demand: Option<u32>,
+    /// On the owner: Σ of the members' reported demand.
+    pub cluster_demand: Option<u64>,
+}
+
 /// The datapath's side of a round: applies grant changes in order and returns those it refused.
 pub type WriteGrants<'a> = dyn FnMut(&[Write]) -> Vec<Write> + 'a;
 
@@ -647,13 +663,21 @@ impl Enrolment {
         }
     }
 
-    /// The demand this node reports for `client`, and the total its owner sees if this node owns
-    /// it (`limiter stats`).
-    pub fn demand_of(&self, now: Duration, client: &ClientKey) -> (Option<u32>, Option<u64>) {
-        (
-            self.held.get(client).map(|h| h.demand),
-            self.owned.get(client).map(|o| o.ledger.demand(now)),
-        )
+    /// One global client as this member sees it at `now`, when its cold share is `cold`
+    /// (`limiter stats`).
+    pub fn client_view(&self, now: Duration, client: &ClientKey, cold: u32) -> ClientView {
+        let held = self.held.get(client);
+        let grant = self.written.get(client).filter(|w| w.value != u32::MAX);
+        ClientView {
+            owner: held.map(|h| h.owner.clone()),
+            share: grant.map_or(cold, |w| match w.until {
+                Some(until) if now < until => w.value,
+                _ => w.value.min(cold),
+            }),
+            grant: grant.map(|w| w.value),
+            demand: held.map(|h| h.demand),
+            cluster_demand: self.owned.get(client).map(|o| o.ledger.demand(now)),
+        }
     }
 }
 

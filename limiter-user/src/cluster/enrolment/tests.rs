@@ -320,6 +320,61 @@ fn a_hot_notice_while_views_differ_is_taken_up_when_they_agree() {
     assert_eq!(late.counts(now).held, 0);
 }
 
+/// What `limiter stats` shows of a hot client on each member: the owner, this member's demand
+/// and share in force, and on the owner the cluster's demand.
+#[test]
+fn each_member_shows_the_owner_its_share_and_the_demand() {
+    let mut sim = Sim::new(3, 0);
+    for _ in 0..100 {
+        sim.step(&[72, 14, 4]);
+    }
+    let owner = owner::owner(&CLIENT, &sim.members)
+        .expect("an owner")
+        .clone();
+    let cold = sim.cold();
+    let mut total = 0;
+    for (i, node) in sim.nodes.iter().enumerate() {
+        let v = node.client_view(sim.now, &CLIENT, cold);
+        assert_eq!(v.owner.as_ref(), Some(&owner), "node {i}");
+        assert_eq!(
+            v.share,
+            sim.enforced(i),
+            "node {i}: the share the kernel enforces"
+        );
+        let demand = v.demand.expect("a holder reports demand");
+        let rate = [72, 14, 4][i];
+        assert!(
+            demand.abs_diff(rate) <= 2,
+            "node {i}: demand {demand} for {rate}"
+        );
+        total += u64::from(demand);
+        assert_eq!(
+            v.cluster_demand.is_some(),
+            sim.members[i] == owner,
+            "node {i}"
+        );
+    }
+    let o = sim
+        .members
+        .iter()
+        .position(|m| *m == owner)
+        .expect("a member");
+    let seen = sim.nodes[o]
+        .client_view(sim.now, &CLIENT, cold)
+        .cluster_demand
+        .expect("the owner's sum");
+    assert!(
+        seen.abs_diff(total) <= 3,
+        "owner sees {seen}, members report {total}"
+    );
+    // A client nobody holds: the cold share, no owner.
+    let v = sim.nodes[0].client_view(sim.now, &[9; 16], cold);
+    assert_eq!(
+        (v.owner, v.share, v.grant, v.demand),
+        (None, cold, None, None)
+    );
+}
+
 #[test]
 fn a_polite_client_on_one_node_keeps_its_rate() {
     let mut sim = Sim::new(3, 0);

@@ -27,6 +27,8 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
+use limiter_common::addr::ClientKey;
+
 use super::{
     ClusterPolicies, NodeId,
     config::{ClusterConfig, PeerAddr},
@@ -587,6 +589,27 @@ impl Node {
     }
 
     /// For `limiter cluster status`.
+    /// How this member sees each global client of `clients` (key and cold share): for
+    /// `limiter stats`.
+    pub fn client_views(&self, clients: &[(ClientKey, u32)]) -> Vec<proto::ClientCluster> {
+        let now = enrolment::monotonic();
+        let enrolment = self.shared.enrolment();
+        clients
+            .iter()
+            .map(|(client, cold)| {
+                let v = enrolment.client_view(now, client, *cold);
+                proto::ClientCluster {
+                    global_limit: 0,
+                    share: v.share,
+                    grant: v.grant,
+                    owner: v.owner.map(|o| o.to_string()).unwrap_or_default(),
+                    demand: v.demand,
+                    cluster_demand: v.cluster_demand,
+                }
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> proto::ClusterStatus {
         let now = Instant::now();
         let state = self.shared.lock();
