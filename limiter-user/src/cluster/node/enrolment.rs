@@ -245,15 +245,35 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
     else {
         return;
     };
-    (heartbeat.reports, heartbeat.grants) = to_wire(&out);
+    let turn = {
+        let mut turns = shared.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = turns.entry(node.clone()).or_default();
+        *turn += 1;
+        *turn - 1
+    };
+    (heartbeat.reports, heartbeat.grants) = to_wire(&out, turn);
 }
 
-/// An outbox entry as heartbeat fields (each list cut at [`MAX_CLIENTS_PER_MESSAGE`]).
-fn to_wire(out: &Outgoing) -> (Vec<ClientReport>, Vec<ClientGrant>) {
-    let reports = out
-        .reports
+/// At most [`MAX_CLIENTS_PER_MESSAGE`] of `items`: all of them if they fit, else the `turn`-th
+/// run of that many, wrapping around, so that every client's latest state goes out within
+/// ⌈len / MAX⌉ heartbeats (each carries the newest state, never a queue).
+fn part<T>(items: &[T], turn: u64) -> impl Iterator<Item = &T> {
+    let len = items.len();
+    let start = if len <= MAX_CLIENTS_PER_MESSAGE {
+        0
+    } else {
+        let runs = len.div_ceil(MAX_CLIENTS_PER_MESSAGE) as u64;
+        (turn % runs) as usize * MAX_CLIENTS_PER_MESSAGE
+    };
+    items[start..]
         .iter()
+        .chain(&items[..start])
         .take(MAX_CLIENTS_PER_MESSAGE)
+}
+
+/// An outbox entry as heartbeat fields, the `turn`-th part of lists longer than one message.
+fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
+    let reports = part(&out.reports, turn)
         .map(|r| ClientReport {
             client: r.client.to_vec(),
             policy: u32::from(r.policy),
@@ -263,10 +283,7 @@ fn to_wire(out: &Outgoing) -> (Vec<ClientReport>, Vec<ClientGrant>) {
             echo: r.report.echo,
         })
         .collect();
-    let grants = out
-        .grants
-        .iter()
-        .take(MAX_CLIENTS_PER_MESSAGE)
+    let grants = part(&out.grants, turn)
         .map(|g| ClientGrant {
             client: g.client.to_vec(),
             policy: u32::from(g.policy),
@@ -418,12 +435,33 @@ mod tests {
     }
 
     fn heartbeat(out: &Outgoing) -> Heartbeat {
-        let (reports, grants) = to_wire(out);
+        let (reports, grants) = to_wire(out, 0);
         Heartbeat {
             reports,
             grants,
             ..Heartbeat::default()
         }
+    }
+
+    /// Lists longer than one message go out in turns that cover every client.
+    #[test]
+    fn long_lists_are_sent_in_turns_that_cover_them() {
+        let len = MAX_CLIENTS_PER_MESSAGE * 2 + 7;
+        let items: Vec<usize> = (0..len).collect();
+        let mut seen = vec![0; len];
+        for turn in 0..3 {
+            let sent: Vec<usize> = part(&items, turn).copied().collect();
+            assert_eq!(sent.len(), MAX_CLIENTS_PER_MESSAGE);
+            for i in sent {
+                seen[i] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&n| n >= 1),
+            "every client within three turns"
+        );
+        let short: Vec<usize> = (0..10).collect();
+        assert_eq!(part(&short, 5).count(), 10);
     }
 
     #[test]

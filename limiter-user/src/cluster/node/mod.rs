@@ -143,6 +143,9 @@ struct Shared {
     enrolling: AtomicBool,
     /// The latest enrolment messages for each member, sent with the next heartbeat to it.
     outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
+    /// Heartbeats with enrolment messages sent to each member: which part of a list longer
+    /// than one message carries goes next.
+    turns: Mutex<HashMap<NodeId, u64>>,
     traffic: Traffic,
 }
 
@@ -430,6 +433,7 @@ impl Node {
                 datapath: Mutex::new(None),
                 enrolling: AtomicBool::new(false),
                 outbox: Mutex::default(),
+                turns: Mutex::default(),
                 traffic: Traffic::default(),
             }),
         })
