@@ -61,9 +61,11 @@ policies:
 const TOKEN: &str = "correct-horse-battery-staple";
 
 struct Fixture {
-    /// The config's windows are an hour long and aligned to CLOCK_MONOTONIC; the exact counts
-    /// hold while no hour boundary passes during a test (one did, once, with the 1 min windows
-    /// these tests had: 11 of 10 checks admitted across it, the sliding estimate's rounding).
+    /// The config's windows are an hour long and aligned to CLOCK_MONOTONIC; the counts these
+    /// tests expect are those of one window, which hold while no hour boundary passes during a
+    /// test (one passed once with the 1 min windows they had: 11 of 10 were admitted across it,
+    /// from a rounding since fixed in `window`; across a boundary the sliding window itself
+    /// admits more than a fresh window's count).
     exact: ExactWindow,
     dir: TempDir,
     config: PathBuf,
