@@ -144,6 +144,18 @@ impl Agent {
         Agent::spawn_with(target, config, extra_args, &[], |_| {})
     }
 
+    /// [`Agent::spawn_on`] through `wrapper` (a command and its arguments that execs the rest of
+    /// its command line in the same process, such as `env VAR=VALUE`: the agent's pid is the one
+    /// [`Agent::kill`] signals); an empty `wrapper` is none.
+    pub fn spawn_on_wrapped(
+        target: &AgentTarget,
+        config: &str,
+        extra_args: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Agent> {
+        Agent::spawn_with(target, config, extra_args, wrapper, |_| {})
+    }
+
     /// [`Agent::spawn`], with `adjust` applied to the command before it runs (to set resource
     /// limits, say).
     pub fn spawn_adjusted(

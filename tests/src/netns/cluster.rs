@@ -52,29 +52,34 @@ use crate::{agent::AgentTarget, command::run_ok};
 
 /// Most nodes a [`ClusterNet`] has (its interface names stay within 15 characters).
 pub const MAX_NODES: usize = 16;
-/// How many IPv4 and how many IPv6 client addresses the cluster's sender has:
-/// [`cluster_client_v4`]`(0..CLUSTER_CLIENTS)`, [`cluster_client_v6`]`(0..CLUSTER_CLIENTS)`.
+/// How many IPv4 and how many IPv6 client addresses [`ClusterNet::new`] gives the cluster's
+/// sender: [`cluster_client_v4`]`(0..CLUSTER_CLIENTS)`, [`cluster_client_v6`]`(0..CLUSTER_CLIENTS)`.
 pub const CLUSTER_CLIENTS: u8 = 16;
+/// Most client addresses of each family a [`ClusterNet::with_clients`] can have: 198.18.99.10 to
+/// 198.18.99.255.
+pub const MAX_CLUSTER_CLIENTS: u8 = 246;
 
 /// The subnet of the [`cluster_client_v4`] addresses.
 pub const CLUSTER_CLIENTS_V4: &str = "198.18.99.0/24";
 /// The subnet of the [`cluster_client_v6`] addresses.
 pub const CLUSTER_CLIENTS_V6: &str = "fd00:77:99::/64";
 
-/// The `i`-th client IPv4 address of a [`ClusterNet`]: 198.18.99.(10 + i).
+/// The `i`-th client IPv4 address of a [`ClusterNet`]: 198.18.99.(10 + i). The sender has it if
+/// `i` is below the network's [`ClusterNet::clients`].
 pub fn cluster_client_v4(i: u8) -> Ipv4Addr {
     assert!(
-        i < CLUSTER_CLIENTS,
-        "cluster_client_v4({i}): the cluster's sender has {CLUSTER_CLIENTS} addresses"
+        i < MAX_CLUSTER_CLIENTS,
+        "cluster_client_v4({i}): a cluster's sender has at most {MAX_CLUSTER_CLIENTS} addresses"
     );
     Ipv4Addr::new(198, 18, 99, 10 + i)
 }
 
-/// The `i`-th client IPv6 address of a [`ClusterNet`]: fd00:77:99::(0x10 + i).
+/// The `i`-th client IPv6 address of a [`ClusterNet`]: fd00:77:99::(0x10 + i). The sender has it
+/// if `i` is below the network's [`ClusterNet::clients`].
 pub fn cluster_client_v6(i: u8) -> Ipv6Addr {
     assert!(
-        i < CLUSTER_CLIENTS,
-        "cluster_client_v6({i}): the cluster's sender has {CLUSTER_CLIENTS} addresses"
+        i < MAX_CLUSTER_CLIENTS,
+        "cluster_client_v6({i}): a cluster's sender has at most {MAX_CLUSTER_CLIENTS} addresses"
     );
     Ipv6Addr::new(0xfd00, 0x77, 0x99, 0, 0, 0, 0, 0x10 + i as u16)
 }
@@ -142,17 +147,31 @@ pub struct ClusterNet {
     pub receiver_ns: String,
     /// The nodes, in order: node `k` is `nodes[k]`.
     pub nodes: Vec<ClusterNode>,
+    /// How many client addresses of each family the sender has: [`cluster_client_v4`]`(0..clients)`
+    /// and [`cluster_client_v6`]`(0..clients)`.
+    pub clients: u8,
     agents: AgentRegistry,
     created: Vec<String>,
 }
 
 impl ClusterNet {
     /// Creates both namespaces and `nodes` veth pairs with their addresses, routes, rules and
-    /// neighbour entries, and waits until every link is up at both ends.
+    /// neighbour entries, and waits until every link is up at both ends. The sender has
+    /// [`CLUSTER_CLIENTS`] client addresses of each family.
     pub fn new(nodes: usize) -> Result<ClusterNet> {
+        ClusterNet::with_clients(nodes, CLUSTER_CLIENTS)
+    }
+
+    /// [`ClusterNet::new`] with `clients` client addresses of each family (at most
+    /// [`MAX_CLUSTER_CLIENTS`]): a test with many clients, one per source address.
+    pub fn with_clients(nodes: usize, clients: u8) -> Result<ClusterNet> {
         ensure!(
             (1..=MAX_NODES).contains(&nodes),
             "a ClusterNet has 1 to {MAX_NODES} nodes, not {nodes}"
+        );
+        ensure!(
+            (1..=MAX_CLUSTER_CLIENTS).contains(&clients),
+            "a ClusterNet has 1 to {MAX_CLUSTER_CLIENTS} clients, not {clients}"
         );
         let pid = std::process::id();
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -180,6 +199,7 @@ impl ClusterNet {
             sender_ns: format!("lc{pid}s{n}"),
             receiver_ns: format!("lc{pid}r{n}"),
             nodes: node_list,
+            clients,
             agents: Arc::default(),
             created: Vec::new(),
         };
@@ -231,8 +251,8 @@ impl ClusterNet {
         write_sysctls(s_ns, &no_rp_filter(&sender_ifs))?;
         write_sysctls(r_ns, &no_rp_filter(&receiver_ifs))?;
 
-        let clients_v4 = (0..CLUSTER_CLIENTS).map(cluster_client_v4);
-        let clients_v6 = (0..CLUSTER_CLIENTS).map(cluster_client_v6);
+        let clients_v4 = (0..self.clients).map(cluster_client_v4);
+        let clients_v6 = (0..self.clients).map(cluster_client_v6);
         let mut sender = vec!["link set lo up".to_owned()];
         for ip in clients_v4.clone() {
             sender.push(format!("addr add {ip}/32 dev lo"));

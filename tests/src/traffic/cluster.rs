@@ -3,17 +3,60 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 
 use super::{
     Pacing, PacketCounter, SEND_TIME_LIMIT, UDP_PORT, payload, send_retrying, send_udp,
-    socket::{udp_counter_in, udp_sender_in},
+    socket::{udp_counter_in, udp_sender_in, udp_timed_counter_in},
 };
-use crate::netns::ClusterNet;
+use crate::{clock::monotonic, netns::ClusterNet};
+
+/// One client's traffic for [`ClusterNet::send_flows`]: `rate` datagrams a second from `src`
+/// (one socket: one client), spread over the nodes by weights that may change along the way.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// The client's address (a [`cluster_client_v4`](crate::netns::cluster_client_v4), say).
+    pub src: IpAddr,
+    /// Datagrams per second.
+    pub rate: f64,
+    /// `(from, weights)`: the weights (one per node, not all zero) in force from `from` after
+    /// the start on, in order; the first from zero.
+    pub spreads: Vec<(Duration, Vec<u32>)>,
+}
+
+impl Flow {
+    /// `rate` datagrams a second from `src`, spread by `weights` throughout.
+    pub fn new(src: impl Into<IpAddr>, rate: f64, weights: &[u32]) -> Flow {
+        Flow {
+            src: src.into(),
+            rate,
+            spreads: vec![(Duration::ZERO, weights.to_vec())],
+        }
+    }
+
+    /// The same flow, spread by `weights` from `from` after the start on.
+    pub fn then(mut self, from: Duration, weights: &[u32]) -> Flow {
+        self.spreads.push((from, weights.to_vec()));
+        self
+    }
+}
+
+/// What [`ClusterNet::send_flows`] sent.
+#[derive(Debug, Clone)]
+pub struct FlowsSent {
+    /// Per flow (in the order given), how many datagrams each node was sent.
+    pub sent: Vec<Vec<u64>>,
+    /// CLOCK_MONOTONIC when sending started: a flow's spread `(from, _)` took effect within a
+    /// millisecond or two of `started + from`.
+    pub started: Duration,
+    /// How long it sent.
+    pub elapsed: Duration,
+}
 
 impl ClusterNet {
     /// A UDP socket in the sender namespace bound to `src` (a [`cluster_client_v4`] or
@@ -30,6 +73,13 @@ impl ClusterNet {
     /// all the nodes together let through.
     pub fn udp_counter(&self, port: u16) -> Result<PacketCounter> {
         udp_counter_in(&self.receiver_ns, port)
+    }
+
+    /// [`ClusterNet::udp_counter`] that also keeps when each datagram arrived
+    /// ([`PacketCounter::arrivals`], [`PacketCounter::per_window`]): the kernel's receive
+    /// timestamp, by CLOCK_MONOTONIC, the clock the XDP program's windows are aligned to.
+    pub fn udp_timed_counter(&self, port: u16) -> Result<PacketCounter> {
+        udp_timed_counter_in(&self.receiver_ns, port)
     }
 
     /// Node `k`'s address in `src`'s family, on [`UDP_PORT`].
@@ -92,6 +142,83 @@ impl ClusterNet {
             );
         }
         Ok(sent)
+    }
+}
+
+impl ClusterNet {
+    /// Sends every flow at once, from one thread, for `duration` or until `stop` is set: each
+    /// flow at its rate (evenly through time, the flows' phases staggered so that they do not
+    /// all send on the same tick), to the nodes in the order of [`spread_order`] for the
+    /// weights in force. Keep the sum of the rates to a few thousand a second per core.
+    pub fn send_flows(
+        &self,
+        flows: &[Flow],
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<FlowsSent> {
+        let nodes = self.nodes.len();
+        for flow in flows {
+            ensure!(
+                flow.rate > 0.0 && flow.spreads.first().is_some_and(|(f, _)| f.is_zero()),
+                "send_flows: a flow from {} needs a rate and weights from the start",
+                flow.src
+            );
+            for (_, weights) in &flow.spreads {
+                ensure!(
+                    weights.len() == nodes && weights.iter().any(|&w| w > 0),
+                    "send_flows: weights {weights:?} of {} for {nodes} nodes",
+                    flow.src
+                );
+            }
+        }
+        let sockets: Vec<UdpSocket> = flows
+            .iter()
+            .map(|f| self.udp_sender(f.src))
+            .collect::<Result<_>>()?;
+        let dsts: Vec<Vec<SocketAddr>> = flows
+            .iter()
+            .map(|f| (0..nodes).map(|k| self.node_dst(k, f.src)).collect())
+            .collect();
+        let mut orders: Vec<Box<dyn Iterator<Item = usize>>> = flows
+            .iter()
+            .map(|f| Box::new(spread_order(&f.spreads[0].1)) as Box<dyn Iterator<Item = usize>>)
+            .collect();
+        let mut phase = vec![0usize; flows.len()];
+        let mut seq = vec![0u64; flows.len()];
+        let mut sent = vec![vec![0u64; nodes]; flows.len()];
+        let stagger: Vec<f64> = (0..flows.len())
+            .map(|i| i as f64 / flows.len() as f64)
+            .collect();
+        let started = monotonic();
+        let start = Instant::now();
+        loop {
+            let elapsed = start.elapsed();
+            if elapsed >= duration || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            for (i, flow) in flows.iter().enumerate() {
+                while phase[i] + 1 < flow.spreads.len() && elapsed >= flow.spreads[phase[i] + 1].0 {
+                    phase[i] += 1;
+                    orders[i] = Box::new(spread_order(&flow.spreads[phase[i]].1));
+                }
+                let due = (elapsed.as_secs_f64() * flow.rate + stagger[i]) as u64;
+                while seq[i] < due {
+                    let k = orders[i].next().context("send_flows: no node to send to")?;
+                    send_retrying(|| sockets[i].send_to(&payload(seq[i]), dsts[i][k]))
+                        .with_context(|| {
+                            format!("sending from {} to node {k} ({})", flow.src, dsts[i][k])
+                        })?;
+                    sent[i][k] += 1;
+                    seq[i] += 1;
+                }
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        Ok(FlowsSent {
+            sent,
+            started,
+            elapsed: start.elapsed(),
+        })
     }
 }
 

@@ -1,7 +1,8 @@
-//! Counting received packets per source address on a background thread.
+//! Counting received packets per source address on a background thread, and (for a counter that
+//! knows when each packet arrived) when they arrived, by CLOCK_MONOTONIC.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     net::IpAddr,
     sync::{
@@ -17,6 +18,9 @@ use anyhow::{Result, bail};
 #[derive(Default)]
 struct CounterState {
     counts: Mutex<HashMap<IpAddr, u64>>,
+    /// Per source, when each packet arrived (CLOCK_MONOTONIC), in the order they were read; only
+    /// for a counter whose receive function says.
+    arrivals: Mutex<HashMap<IpAddr, Vec<Duration>>>,
     total: AtomicU64,
     /// Nanoseconds since `epoch` of the last counted packet.
     last_ns: AtomicU64,
@@ -37,6 +41,20 @@ impl PacketCounter {
     pub(super) fn spawn(
         mut recv_one: impl FnMut() -> io::Result<Option<IpAddr>> + Send + 'static,
     ) -> PacketCounter {
+        PacketCounter::spawn_inner(move || Ok(recv_one()?.map(|ip| (ip, None))))
+    }
+
+    /// [`PacketCounter::spawn`] around a `recv_one` that also says when the packet arrived
+    /// (CLOCK_MONOTONIC): the counter keeps every arrival time, for [`PacketCounter::arrivals`].
+    pub(super) fn spawn_timed(
+        mut recv_one: impl FnMut() -> io::Result<Option<(IpAddr, Duration)>> + Send + 'static,
+    ) -> PacketCounter {
+        PacketCounter::spawn_inner(move || Ok(recv_one()?.map(|(ip, at)| (ip, Some(at)))))
+    }
+
+    fn spawn_inner(
+        mut recv_one: impl FnMut() -> io::Result<Option<(IpAddr, Option<Duration>)>> + Send + 'static,
+    ) -> PacketCounter {
         let state = Arc::new(CounterState::default());
         let stop = Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
@@ -45,7 +63,16 @@ impl PacketCounter {
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match recv_one() {
-                        Ok(Some(ip)) => {
+                        Ok(Some((ip, at))) => {
+                            if let Some(at) = at {
+                                state
+                                    .arrivals
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .entry(ip)
+                                    .or_default()
+                                    .push(at);
+                            }
                             *state
                                 .counts
                                 .lock()
@@ -87,6 +114,39 @@ impl PacketCounter {
     /// Packets counted so far from `ip`.
     pub fn count(&self, ip: impl Into<IpAddr>) -> u64 {
         self.counts().get(&ip.into()).copied().unwrap_or(0)
+    }
+
+    /// When each packet counted so far arrived (CLOCK_MONOTONIC), per source, in time order;
+    /// empty unless the counter knows arrival times (such as
+    /// [`ClusterNet::udp_timed_counter`](crate::netns::ClusterNet::udp_timed_counter)).
+    pub fn arrivals(&self) -> HashMap<IpAddr, Vec<Duration>> {
+        let mut arrivals = self
+            .state
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for times in arrivals.values_mut() {
+            times.sort_unstable();
+        }
+        arrivals
+    }
+
+    /// Packets counted so far per source and per fixed `window` of CLOCK_MONOTONIC (the window
+    /// index: arrival time / `window`), for a counter that knows arrival times; sources with no
+    /// arrival time recorded are left out.
+    pub fn per_window(&self, window: Duration) -> HashMap<IpAddr, BTreeMap<u64, u64>> {
+        self.arrivals()
+            .into_iter()
+            .map(|(ip, times)| {
+                let mut windows = BTreeMap::new();
+                for at in times {
+                    let index = (at.as_nanos() / window.as_nanos()) as u64;
+                    *windows.entry(index).or_default() += 1;
+                }
+                (ip, windows)
+            })
+            .collect()
     }
 
     /// Packets counted so far from all sources.

@@ -21,7 +21,11 @@ use anyhow::{Context as _, Result, ensure};
 use self::socket::is_timeout;
 use crate::netns::{RECEIVER_V4, RECEIVER_V6, TestNet};
 
-pub use self::{cluster::spread_order, counter::PacketCounter, raw::RawSender};
+pub use self::{
+    cluster::{Flow, FlowsSent, spread_order},
+    counter::PacketCounter,
+    raw::RawSender,
+};
 
 /// Light pacing: `burst` packets back to back, then `pause`.
 #[derive(Debug, Clone, Copy)]

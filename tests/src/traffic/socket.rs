@@ -103,6 +103,90 @@ pub(super) fn udp_counter_in(ns: &str, port: u16) -> Result<PacketCounter> {
     }))
 }
 
+/// [`udp_counter_in`] that also keeps when each datagram arrived, by CLOCK_MONOTONIC: the
+/// kernel's receive timestamp (`SO_TIMESTAMPNS`, taken when the packet entered the receiver's
+/// stack, right after the XDP program passed it, not when the counting thread got to it), moved
+/// from CLOCK_REALTIME onto CLOCK_MONOTONIC by the offset between the two when the counter
+/// starts. A datagram without a timestamp gets the time it was read.
+pub(super) fn udp_timed_counter_in(ns: &str, port: u16) -> Result<PacketCounter> {
+    let socket = in_netns(ns, || dual_stack_udp(port))??;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    set_int_opt(&socket, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
+    let offset = realtime_minus_monotonic();
+    let mut buf = vec![0u8; 2048];
+    // Room for one cmsg with a timespec, aligned as cmsghdr needs.
+    let mut control = [0u64; 16];
+    Ok(PacketCounter::spawn_timed(move || {
+        // SAFETY: all-zero sockaddr_in6 and msghdr are valid; the pointers set below are live
+        // for the call and their lengths are passed.
+        let mut from: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_name = (&raw mut from).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: `msg` points at live buffers of the lengths it gives.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if is_timeout(&e) { Ok(None) } else { Err(e) };
+        }
+        let mut at = None;
+        // SAFETY: the CMSG_* walk stays within `msg.msg_control`/`msg_controllen` as the kernel
+        // filled them; an SCM_TIMESTAMPNS payload is a timespec.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                    && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+                {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    let real = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+                    at = u64::try_from(real - offset).ok().map(Duration::from_nanos);
+                }
+                cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+            }
+        }
+        let ip = std::net::SocketAddrV6::new(
+            from.sin6_addr.s6_addr.into(),
+            u16::from_be(from.sin6_port),
+            0,
+            0,
+        )
+        .ip()
+        .to_canonical();
+        Ok(Some((ip, at.unwrap_or_else(crate::clock::monotonic))))
+    }))
+}
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC in nanoseconds, from the closest of a few readings of one
+/// between two of the other.
+fn realtime_minus_monotonic() -> i128 {
+    let read = |clock| {
+        // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+        let mut ts: libc::timespec = unsafe { mem::zeroed() };
+        // SAFETY: `ts` is a live timespec; both clocks exist.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    (0..10)
+        .map(|_| {
+            let before = read(libc::CLOCK_MONOTONIC);
+            let real = read(libc::CLOCK_REALTIME);
+            let after = read(libc::CLOCK_MONOTONIC);
+            (after - before, real - (before + after) / 2)
+        })
+        .min_by_key(|&(spread, _)| spread)
+        .map_or(0, |(_, offset)| offset)
+}
+
 pub(super) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
