@@ -1088,9 +1088,9 @@ fn sleep_until(at: Duration) {
 /// the others take over, and no window of any client goes over 1.01·L + N, before, during or
 /// after; restarted (adopting its pins), it rejoins and the clients get their L again.
 ///
-/// Fails now and then (2 runs in about 20): when the restarted agent's first enrolment round runs
-/// before it has heard any peer, it takes every client in `LIMITED` for its own and never lets go
-/// (see `a_member_restarted_before_it_hears_its_peers_takes_its_owners_grants`).
+/// Failed now and then (2 runs in about 20) until a restarted agent stopped taking every client
+/// in `LIMITED` for its own before it heard its peers (see
+/// `a_member_restarted_before_it_hears_its_peers_takes_its_owners_grants`).
 #[test]
 fn a_killed_agent_with_enrolled_clients_keeps_the_bounds_and_rejoins() -> Result<()> {
     require_root!();
@@ -1359,23 +1359,17 @@ fn wall_clocks_off_by_seconds_and_an_hour_change_nothing() -> Result<()> {
 /// that node (which owns it), loses nothing, and a client at 3 × L (owned by node 0) gets 0.95 · L,
 /// before the restart and again a few seconds after.
 ///
-/// Ignored: it fails today, every run, in one of two ways (node 1 is the restarted member):
-/// - Node 1's first round sees the members `[n1]` (its peers' endpoints have not answered, so
-///   their ids are unknown) with `agreed` true (no peer heard, so none disagrees), and attaches
-///   every client the fast path holds in `LIMITED` to itself as owner. That is sticky: the real
-///   owner's grants are counted as `foreign`, node 1's reports to itself open no ledger (it is not
-///   the owner in the full view), and a busy client whose owner is a member is never dropped. The
-///   3 × L client gets 0.90 · L for good, node 1 at its cold share (`held` 2, `granted` 1,
-///   `foreign` growing by 20 a second).
-/// - Or the rounds run while node 1 is not splitting (cut off) or its view is not agreed: the
-///   clients the fast path offers (the one-time scan of `LIMITED` at start, and the ring events)
-///   are drained and dropped, and a client that stays in `LIMITED` is never offered again. The
-///   polite client, hot nowhere else, is never enrolled: 333 of its 900 a window get through, for
-///   good (`held` 1: only the 3 × L client, which its owner's grants attached).
-///
-/// Run it with `--ignored` once both are fixed.
+/// It failed every run before two fixes (node 1 is the restarted member):
+/// - Node 1's first rounds saw the members `[n1]` (its peers' endpoints had not answered, so their
+///   ids were unknown) with `agreed` true (no peer heard, so none disagreed), and attached every
+///   client the fast path holds in `LIMITED` to itself as owner, for good (the 3 × L client got
+///   0.90 · L, the real owner's grants counted as `foreign`). Now a view with an unanswered
+///   endpoint is not agreed, and a held client past its cold share whose owner stays silent is
+///   offered again to the owner the view then picks.
+/// - Rounds that ran while node 1 was not splitting (cut off) drained the clients the fast path
+///   offers (the scan of `LIMITED` at start, the ring) and dropped them: the polite client was
+///   never enrolled (333 of its 900 a window). Now they are kept until a round can take them.
 #[test]
-#[ignore = "fails until a restarted member stops enrolling clients with itself as owner before it hears its peers"]
 fn a_member_restarted_before_it_hears_its_peers_takes_its_owners_grants() -> Result<()> {
     require_root!();
     const M: u64 = 3;

@@ -269,15 +269,13 @@ impl Enrolment {
 
     /// The fast path reported `client` (of global policy `policy`) over its limit here. The
     /// fast path says so once per episode: while the members' views differ (no attachment then)
-    /// the notice is kept, and taken up at the first round they agree, for a silence limit.
+    /// the notice is kept, and taken up at the first round they agree.
     pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: u16) {
         if self.held.contains_key(&client) {
             return;
         }
         if !view.agreed {
-            if self.pending.len() < self.capacity {
-                self.pending.insert(client, (policy, now));
-            }
+            self.defer(client, policy, now);
             return;
         }
         self.pending.remove(&client);
@@ -287,16 +285,22 @@ impl Enrolment {
         }
     }
 
-    /// Takes up the hot notices kept while views differed, once they agree.
+    /// Keeps a hot notice for the first round whose view agrees (at most `capacity` of them):
+    /// one that came while views differed, or while the node ran no rounds (cut off, joining).
+    pub fn defer(&mut self, client: ClientKey, policy: u16, now: Duration) {
+        if self.pending.len() < self.capacity || self.pending.contains_key(&client) {
+            self.pending.insert(client, (policy, now));
+        }
+    }
+
+    /// Takes up the hot notices kept while views differed, once they agree. A notice that is no
+    /// longer hot costs one silence limit of reports (see `round`'s let-go rule).
     fn take_pending(&mut self, now: Duration, view: &View<'_>) {
         if !view.agreed || self.pending.is_empty() {
             return;
         }
-        let silence = self.timing.silence();
-        for (client, (policy, at)) in std::mem::take(&mut self.pending) {
-            if now.saturating_sub(at) < silence {
-                self.hot(now, view, client, policy);
-            }
+        for (client, (policy, _)) in std::mem::take(&mut self.pending) {
+            self.hot(now, view, client, policy);
         }
     }
 
@@ -440,6 +444,7 @@ impl Enrolment {
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
         let mut dropped = Vec::new();
+        let mut reoffer = Vec::new();
         let mut lapsed = 0;
         for (client, held) in self.held.iter_mut() {
             let Some(policy) = info(held.policy) else {
@@ -459,8 +464,13 @@ impl Enrolment {
             }
             // The owner silent for the silence limit (or never heard: it opened no ledger, the
             // demand was not past the cold share): back to the cold share and no more reports; the
-            // fast path reports the client again if it is over its share again.
+            // fast path reports the client again if it is over its share again. One still past
+            // its cold share is offered again at once, to the owner the view picks now (the one
+            // it was attached to may have been picked from a view since corrected).
             if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
+                if held.demand > policy.cold {
+                    reoffer.push((*client, held.policy));
+                }
                 dropped.push(*client);
                 continue;
             }
@@ -480,6 +490,9 @@ impl Enrolment {
         self.raises_lapsed += lapsed;
         for client in dropped {
             self.held.remove(&client);
+        }
+        for (client, policy) in reoffer {
+            self.defer(client, policy, now);
         }
         if let Some(mine) = out.remove(&self.me) {
             for msg in mine.reports {

@@ -252,7 +252,8 @@ fn alone_view(members: &[NodeId], agreed: bool) -> View<'_> {
 }
 
 /// A member holding a client whose owner never answers (it opened no ledger: the demand it saw
-/// was under the cold share) stops holding it and reporting after the silence limit.
+/// was under the cold share) stops holding it and reporting after the silence limit; one still
+/// past its cold share is held again at once, attached to the owner the view picks then.
 #[test]
 fn a_client_no_owner_answers_for_is_let_go() {
     let members = ids(3);
@@ -268,14 +269,15 @@ fn a_client_no_owner_answers_for_is_let_go() {
         window: WINDOW,
         cold: 10,
     };
-    let mut node = Enrolment::new(me, timing(), 1, 16);
+    let mut node = Enrolment::new(me.clone(), timing(), 1, 16);
     let mut now = Duration::from_secs(100);
     node.hot(now, &view, CLIENT, 1);
     let mut count = 0;
     let mut reported_until = now;
-    for _ in 0..100 {
+    for round in 0..100 {
         now += ROUND;
-        count += 1;
+        // 5 packets a second: under the cold share of 10.
+        count += u64::from(round % 4 == 0);
         node.observe(now, &CLIENT, Some(count));
         let (out, _) = node.round(now, &view, &|_| Some(info));
         if out.get(&owner).is_some_and(|o| !o.reports.is_empty()) {
@@ -289,6 +291,16 @@ fn a_client_no_owner_answers_for_is_let_go() {
             && reported_until <= Duration::from_secs(100) + silence + ROUND,
         "reports for the silence limit, then none: last at {reported_until:?}"
     );
+    // At 20 a second (past the cold share) it is held again, as long as it stays so.
+    let mut busy = Enrolment::new(me, timing(), 1, 16);
+    busy.hot(now, &view, CLIENT, 1);
+    for _ in 0..200 {
+        now += ROUND;
+        count += 1;
+        busy.observe(now, &CLIENT, Some(count));
+        busy.round(now, &view, &|_| Some(info));
+    }
+    assert_eq!(busy.counts(now).held, 1);
 }
 
 /// The fast path reports a hot client once per episode: a notice that comes while views differ
@@ -312,12 +324,12 @@ fn a_hot_notice_while_views_differ_is_taken_up_when_they_agree() {
     now += ROUND;
     node.round(now, &alone_view(&members, true), &|_| Some(info));
     assert_eq!(node.counts(now).held, 2, "taken up once views agree");
-    // A notice older than the silence limit is stale: the episode is over.
+    // However long the views differed.
     let mut late = Enrolment::new(members[0].clone(), timing(), 1, 16);
     late.hot(now, &alone_view(&members, false), CLIENT, 1);
-    now += timing().silence();
+    now += timing().silence() * 10;
     late.round(now, &alone_view(&members, true), &|_| Some(info));
-    assert_eq!(late.counts(now).held, 0);
+    assert_eq!(late.counts(now).held, 1);
 }
 
 /// What `limiter stats` shows of a hot client on each member: the owner, this member's demand

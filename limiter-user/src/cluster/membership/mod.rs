@@ -483,9 +483,12 @@ impl Membership {
 
     /// For enrolment: every member id (this node's included: the set owners are chosen from,
     /// the same on every member whose view hash agrees), the live ones, and whether every
-    /// member agrees on the view.
+    /// member agrees on the view. Agreement also needs every member's id known (no endpoint
+    /// unanswered or unresolved, no fewer ids than the agreed count): a node that restarted and
+    /// has heard no peer yet disagrees with nobody, but would pick itself as every client's owner.
     pub fn enrolment_view(&self, now: Instant) -> (Vec<NodeId>, Vec<NodeId>, bool) {
-        let (ids, _) = self.member_set(now);
+        let (ids, unknown) = self.member_set(now);
+        let complete = unknown == 0 && ids.len() as u32 >= self.agreed_members(now);
         let members: Vec<NodeId> = ids.into_iter().cloned().collect();
         let mut live: BTreeSet<NodeId> = self
             .endpoints
@@ -499,7 +502,11 @@ impl Membership {
                 .map(|(id, _)| id.clone()),
         );
         live.insert(self.me.clone());
-        (members, live.into_iter().collect(), self.agreed(now))
+        (
+            members,
+            live.into_iter().collect(),
+            complete && self.agreed(now),
+        )
     }
 
     /// The id an endpoint answered as (`None`: not answered yet, or it is this node).

@@ -159,8 +159,18 @@ pub fn round(shared: &Shared) {
         )
     } else {
         // Cut off or joining: the owner's ledgers would count silent holders at this phase's
-        // share (0 under `deny`); no round, and this node's raises end now.
+        // share (0 under `deny`); no round, and this node's raises end now. The fast path's hot
+        // reports (once per episode, and the scan of LIMITED at start) are kept for later.
+        let hot: Vec<(ClientKey, u16)> = hot
+            .iter()
+            .filter_map(|client| Some((*client, datapath.entry(client)?.policy())))
+            .filter(|(_, policy)| snapshot.info(*policy).is_some())
+            .collect();
+        let now = monotonic();
         let mut enrolment = shared.enrolment();
+        for (client, policy) in hot {
+            enrolment.defer(client, policy, now);
+        }
         let writes = enrolment.suspend();
         let refused = write_grants(datapath.as_mut(), &writes);
         enrolment.unwritten(&refused);
