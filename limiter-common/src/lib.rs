@@ -10,6 +10,6 @@ pub mod maps;
 pub mod window;
 
 pub use maps::{
-    AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, GlobalStats, Grant,
-    MapConfig, Policy,
+    AdaptRead, AdaptSlot, AdaptiveStatus, CheckReply, CheckRequest, ClientState, GlobalStats,
+    Grant, MapConfig, Policy,
 };

@@ -3,31 +3,45 @@
 //! windows and allowances in place (or release them back to their policy), in the entries the
 //! packets decide on.
 
-use core::intrinsics::{AtomicOrdering, atomic_and};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_and},
+};
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_loop, macros::xdp, programs::XdpContext,
+};
 use limiter_common::{
-    AdaptSlot, GlobalStats, MapConfig,
+    AdaptRead, AdaptSlot, ClientState, GlobalStats, MapConfig,
     maps::{
-        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_INVALID,
-        ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_REFRESH, ADAPT_RELEASE, ADAPT_SKIPPED,
-        ADAPT_SLOT_LEN, ADAPT_STALE, ADAPT_UNCHANGED, META_FLAG,
+        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_KIND_READ,
+        ADAPT_KIND_WRITE, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_READ_BATCH, ADAPT_READ_LEN,
+        ADAPT_READ_MASK, ADAPT_REFRESH, ADAPT_RELEASE, ADAPT_SKIPPED, ADAPT_SLOT_LEN,
+        ADAPT_SLOT_MASK, ADAPT_STALE, ADAPT_UNCHANGED, HOME_CLIENTS, HOME_LIMITED, HOME_STATIC,
+        META_FLAG,
     },
     window::{MAX_WINDOW_US, MIN_WINDOW_US},
 };
 
 use crate::{
     entry::{count_check, refresh_keyed, rescale_entry, resident_entry, resolve_key},
-    maps::CONFIG,
+    maps::{CLIENTS, CONFIG, LIMITED, STATIC_CLIENTS},
     parse::{ptr_at, read},
 };
 
 /// Applies the adaptive controller's decisions (see the module docs): the frame carries up to
-/// `ADAPT_BATCH` [`AdaptSlot`]s from `ADAPT_OFFSET`; each one's `result` is written in place.
-/// Returns `XDP_PASS`, or `XDP_ABORTED` for a frame that is not an adapt frame.
+/// `ADAPT_BATCH` [`AdaptSlot`]s from `ADAPT_OFFSET`, each one's `result` written in place; or,
+/// marked `ADAPT_KIND_READ`, up to `ADAPT_READ_BATCH` [`AdaptRead`]s, each filled with a copy of
+/// its entry. Returns `XDP_PASS`, or `XDP_ABORTED` for a frame that is not an adapt frame.
 #[xdp]
 pub fn limiter_adapt(ctx: XdpContext) -> u32 {
     try_adapt(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+/// The state `bpf_loop` hands each iteration: the program's context (the frame).
+#[repr(C)]
+struct Slots {
+    ctx: *mut aya_ebpf::bindings::xdp_md,
 }
 
 #[inline(always)]
@@ -35,21 +49,85 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
     if read::<u16>(ctx, 12).map(u16::from_be) != Some(ADAPT_ETHERTYPE) {
         return None;
     }
-    let config = CONFIG.get(0)?;
-    ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET)?;
-    for i in 0..ADAPT_BATCH {
-        let Some(slot) = ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET + i * ADAPT_SLOT_LEN) else {
-            break;
-        };
-        // SAFETY: `ptr_at` checked that the slot lies inside the frame.
-        let request = unsafe { slot.read_unaligned() };
-        let mut counted = GlobalStats::default();
-        let result = adapt_one(&request, config, &mut counted);
-        count_check(&counted);
-        // SAFETY: as above.
-        unsafe { (&raw mut (*slot.cast_mut()).result).write_unaligned(result) };
-    }
+    let kind = read::<u16>(ctx, 14)?;
+    let len = ctx.data_end().saturating_sub(ctx.data());
+    let (slots, callback) = match kind {
+        ADAPT_KIND_WRITE => {
+            ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET)?;
+            let n = (len.saturating_sub(ADAPT_OFFSET) / ADAPT_SLOT_LEN).min(ADAPT_BATCH);
+            (n, adapt_slot as *mut c_void)
+        }
+        ADAPT_KIND_READ => {
+            ptr_at::<AdaptRead>(ctx, ADAPT_OFFSET)?;
+            let n = (len.saturating_sub(ADAPT_OFFSET) / ADAPT_READ_LEN).min(ADAPT_READ_BATCH);
+            (n, read_slot as *mut c_void)
+        }
+        _ => return None,
+    };
+    let mut state = Slots { ctx: ctx.ctx };
+    // SAFETY: both callbacks have the signature bpf_loop (Linux 5.17, commit e6f2dd0f8067)
+    // calls, and `state` outlives the call.
+    unsafe { bpf_loop(slots as u32, callback, (&raw mut state).cast(), 0) };
     Some(xdp_action::XDP_PASS)
+}
+
+/// One slot of a write frame: `bpf_loop`'s callback, verified once however many slots a frame
+/// has. Returns 1 to stop (a slot outside the frame).
+#[inline(never)]
+extern "C" fn adapt_slot(index: u32, state: *mut c_void) -> i64 {
+    // SAFETY: `state` is the `Slots` `try_adapt` passed.
+    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    // The mask bounds the offset for the verifier; the frame bounds check keeps it inside.
+    let offset = ADAPT_OFFSET + (index as usize & ADAPT_SLOT_MASK) * ADAPT_SLOT_LEN;
+    let Some(config) = CONFIG.get(0) else {
+        return 1;
+    };
+    let Some(slot) = ptr_at::<AdaptSlot>(&ctx, offset) else {
+        return 1;
+    };
+    // SAFETY: `ptr_at` checked that the slot lies inside the frame.
+    let request = unsafe { slot.read_unaligned() };
+    let mut counted = GlobalStats::default();
+    let result = adapt_one(&request, config, &mut counted);
+    count_check(&counted);
+    // SAFETY: as above.
+    unsafe { (&raw mut (*slot.cast_mut()).result).write_unaligned(result) };
+    0
+}
+
+/// One slot of a read frame: copies the entry of the slot's key (`CLIENTS`, then
+/// `STATIC_CLIENTS`, then `LIMITED`, as the packets find it) into the slot. A lookup here marks
+/// an LRU entry used, as a packet would: the clients read are the active ones the agent tracks.
+#[inline(never)]
+extern "C" fn read_slot(index: u32, state: *mut c_void) -> i64 {
+    // SAFETY: `state` is the `Slots` `try_adapt` passed.
+    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    let offset = ADAPT_OFFSET + (index as usize & ADAPT_READ_MASK) * ADAPT_READ_LEN;
+    let Some(slot) = ptr_at::<AdaptRead>(&ctx, offset) else {
+        return 1;
+    };
+    let slot = slot.cast_mut();
+    // SAFETY: `ptr_at` checked that the slot lies inside the frame.
+    let key = unsafe { (*slot).key };
+    let found = CLIENTS
+        .get_ptr(&key)
+        .map(|p| (p, HOME_CLIENTS))
+        .or_else(|| STATIC_CLIENTS.get_ptr(&key).map(|p| (p, HOME_STATIC)))
+        .or_else(|| LIMITED.get_ptr(&key).map(|p| (p, HOME_LIMITED)));
+    // SAFETY: the slot lies inside the frame (above); `p` is a live map value for this run, and
+    // each of its words is read once (another CPU may be changing the counters).
+    unsafe {
+        match found {
+            Some((p, home)) => {
+                let copy: ClientState = core::ptr::read_volatile(p);
+                (&raw mut (*slot).state).write_unaligned(copy);
+                (&raw mut (*slot).home).write_unaligned(home);
+                (&raw mut (*slot).result).write_unaligned(ADAPT_APPLIED);
+            }
+            None => (&raw mut (*slot).result).write_unaligned(ADAPT_NOT_RESIDENT),
+        }
+    }
+    0
 }
 
 /// Changes one client's effective window and allowance, keeping the used fraction of its

@@ -465,3 +465,57 @@ fn check(ok: bool, report: &PeriodReport) -> Result<()> {
     ensure!(ok, "unexpected period: {report:?}");
     Ok(())
 }
+
+/// The loop reads its tracked clients in read frames of the adapt program (dozens per run, from
+/// whichever map holds each: `CLIENTS`, `STATIC_CLIENTS`, `LIMITED`) and writes changes dozens
+/// per run: 200 busy clients under overload take ⌈200 / 47⌉ read runs and ⌈200 / 64⌉ write runs
+/// a period, and every one of them, the limited and the exact-address ones too, is adapted.
+#[test]
+fn many_clients_are_read_and_written_dozens_per_run() -> Result<()> {
+    use limiter_common::maps::{ADAPT_BATCH, ADAPT_READ_BATCH};
+    limiter_tests::require_root!();
+    // The /24 of YAML, and an exact-address policy (its client lives in STATIC_CLIENTS).
+    let yaml = YAML.replacen(
+        "adaptive:",
+        "  - match: 198.51.100.200\n    limit: 1000\n    window: 10s\nadaptive:",
+        1,
+    );
+    let mut rig = Rig::new(&yaml)?;
+    let clients: Vec<IpAddr> = (0..200u32)
+        .map(|i| v4(198, 51, 100, if i == 199 { 200 } else { i as u8 }))
+        .collect();
+    // One client far over its limit: it moves into LIMITED.
+    let limited = clients[5];
+    rig.send(limited, 1100)?;
+    ensure!(
+        rig.tables
+            .client_maps()?
+            .limited_keys()?
+            .contains(&key_of(limited))
+    );
+    for &c in &clients {
+        rig.send(c, 3)?;
+    }
+    let first = rig.tick()?;
+    check(first.tracked == 200, &first)?;
+    rig.load.set(0.95);
+    for _ in 0..3 {
+        for &c in &clients {
+            rig.send(c, 3)?;
+        }
+        let r = rig.tick()?;
+        check(
+            r.reads == 200
+                && r.read_runs == 200usize.div_ceil(ADAPT_READ_BATCH)
+                && r.observed == 200
+                && r.written == 200
+                && r.runs == 200usize.div_ceil(ADAPT_BATCH),
+            &r,
+        )?;
+    }
+    for &c in &clients {
+        let state = rig.client(c)?;
+        ensure!(state.window_us == 5_120_000, "{c}: {state:?}");
+    }
+    Ok(())
+}

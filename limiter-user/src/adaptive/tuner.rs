@@ -32,9 +32,12 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use limiter_common::{
-    AdaptSlot, AdaptiveStatus,
+    AdaptRead, AdaptSlot, AdaptiveStatus, ClientState,
     addr::ClientKey,
-    maps::{ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_RELEASE, ADAPT_STALE},
+    maps::{
+        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_READ_BATCH, ADAPT_RELEASE, ADAPT_STALE,
+        HOME_STATIC,
+    },
 };
 
 use super::{
@@ -44,7 +47,8 @@ use super::{
 use crate::{
     config::{Action, AdaptiveError, Config, Scope},
     datapath::{
-        ADAPT_FRAME, ADAPT_PROGRAM, AdaptiveHandles, DatapathError, TestRunFrame, XDP_PASS,
+        ADAPT_FRAME, ADAPT_PROGRAM, ADAPT_READ_FRAME, AdaptiveHandles, DatapathError, TestRunFrame,
+        XDP_PASS,
     },
 };
 
@@ -98,8 +102,10 @@ pub struct PeriodReport {
     pub reported: usize,
     /// Clients tracked after the period.
     pub tracked: usize,
-    /// Map lookups (one per tracked client, two for a miss in the first map tried).
+    /// Tracked clients' entries read (in read frames of the adapt program, dozens per run).
     pub reads: usize,
+    /// Read frames run (BPF_PROG_TEST_RUN calls).
+    pub read_runs: usize,
     /// Clients with traffic in the period, fed to the controller.
     pub observed: usize,
     /// Entries whose window and allowance were changed.
@@ -128,6 +134,8 @@ pub struct Tuner {
     period: u64,
     /// The adapt frame, reused.
     frame: TestRunFrame,
+    /// The read frame, reused.
+    read_frame: TestRunFrame,
 }
 
 impl Tuner {
@@ -151,6 +159,7 @@ impl Tuner {
             pending_release: Vec::new(),
             period: 0,
             frame: TestRunFrame::new(ADAPT_FRAME),
+            read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
         };
         tuner.set_policies(config, generation)?;
         Ok(tuner)
@@ -256,16 +265,17 @@ impl Tuner {
         let idle = self.controller.config().idle_periods as u64;
         let mut observations = Vec::new();
         let mut evicted = Vec::new();
+        let entries = if enabled {
+            self.read_tracked(&mut report)?
+        } else {
+            HashMap::new()
+        };
         if enabled {
             for (key, t) in self.tracked.iter_mut() {
-                report.reads += 1;
-                let Some((state, in_static)) = self.maps.address(key, t.in_static)? else {
+                let Some(&(state, in_static)) = entries.get(key) else {
                     evicted.push(*key);
                     continue;
                 };
-                if in_static != t.in_static {
-                    report.reads += 1;
-                }
                 t.in_static = in_static;
                 let total = state.total_passed().wrapping_add(state.dropped_count());
                 let delta = match t.total {
@@ -392,6 +402,44 @@ impl Tuner {
             self.controller.scale(key)?,
             self.controller.utilisation(key)?,
         ))
+    }
+
+    /// The tracked clients' resident entries (and whether each is in `STATIC_CLIENTS`), read in
+    /// frames of `ADAPT_READ_BATCH`: one program run per frame instead of a lookup syscall per
+    /// client. A client missing from the answer has no entry.
+    fn read_tracked(
+        &mut self,
+        report: &mut PeriodReport,
+    ) -> Result<HashMap<ClientKey, (ClientState, bool)>, TunerError> {
+        let requests: Vec<AdaptRead> = self
+            .tracked
+            .keys()
+            .map(|&key| AdaptRead {
+                key,
+                ..AdaptRead::default()
+            })
+            .collect();
+        let mut entries = HashMap::with_capacity(requests.len());
+        let mut answers = Vec::with_capacity(ADAPT_READ_BATCH);
+        for chunk in requests.chunks(ADAPT_READ_BATCH) {
+            report.read_runs += 1;
+            report.reads += chunk.len();
+            let ret = self.read_frame.run_into::<AdaptRead, AdaptRead>(
+                self.program.as_fd(),
+                chunk,
+                0,
+                &mut answers,
+            )?;
+            if ret != XDP_PASS {
+                return Err(TunerError::Rejected(ret));
+            }
+            for read in &answers {
+                if read.result == ADAPT_APPLIED {
+                    entries.insert(read.key, (read.state, read.home == HOME_STATIC));
+                }
+            }
+        }
+        Ok(entries)
     }
 
     /// Runs one adapt frame; returns each slot's result.

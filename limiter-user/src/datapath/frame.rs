@@ -11,7 +11,8 @@ use std::{io, mem::size_of, os::fd::BorrowedFd};
 
 use aya::Pod;
 use limiter_common::maps::{
-    ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_OFFSET, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
+    ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_KIND_READ, ADAPT_KIND_WRITE, ADAPT_OFFSET,
+    ADAPT_READ_BATCH, ADAPT_READ_LEN, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
     CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN,
 };
 
@@ -25,11 +26,13 @@ pub const CHECK_PROGRAM: &str = "limiter_check";
 /// for a frame they processed.
 pub const XDP_PASS: u32 = 2;
 
-/// The layout of one kind of test-run frame: an Ethernet header with a private ethertype, then
-/// up to `batch` slots of `slot_len` bytes from `offset`.
+/// The layout of one kind of test-run frame: an Ethernet header with a private ethertype, a
+/// 16-bit kind (for programs that take more than one), then up to `batch` slots of `slot_len`
+/// bytes from `offset`.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameLayout {
     pub ethertype: u16,
+    pub kind: u16,
     pub offset: usize,
     pub slot_len: usize,
     pub batch: usize,
@@ -38,14 +41,25 @@ pub struct FrameLayout {
 /// `limiter_adapt`'s frames (`AdaptSlot`s, answered in each slot's `result`).
 pub const ADAPT_FRAME: FrameLayout = FrameLayout {
     ethertype: ADAPT_ETHERTYPE,
+    kind: ADAPT_KIND_WRITE,
     offset: ADAPT_OFFSET,
     slot_len: ADAPT_SLOT_LEN,
     batch: ADAPT_BATCH,
 };
 
+/// `limiter_adapt`'s read frames (`AdaptRead`s, each filled with a copy of its entry).
+pub const ADAPT_READ_FRAME: FrameLayout = FrameLayout {
+    ethertype: ADAPT_ETHERTYPE,
+    kind: ADAPT_KIND_READ,
+    offset: ADAPT_OFFSET,
+    slot_len: ADAPT_READ_LEN,
+    batch: ADAPT_READ_BATCH,
+};
+
 /// `limiter_check`'s frames (a `CheckRequest` then its `CheckReply` per slot).
 pub const CHECK_FRAME: FrameLayout = FrameLayout {
     ethertype: CHECK_ETHERTYPE,
+    kind: 0,
     offset: CHECK_REQUEST_OFFSET,
     slot_len: CHECK_SLOT_LEN,
     batch: CHECK_BATCH,
@@ -68,6 +82,7 @@ impl TestRunFrame {
     pub fn new(layout: FrameLayout) -> TestRunFrame {
         let mut frame = vec![0u8; layout.offset + layout.batch * layout.slot_len];
         frame[12..14].copy_from_slice(&layout.ethertype.to_be_bytes());
+        frame[14..16].copy_from_slice(&layout.kind.to_ne_bytes());
         TestRunFrame { layout, frame }
     }
 
