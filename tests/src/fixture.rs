@@ -66,9 +66,8 @@ macro_rules! skip_under_emulation {
 
 /// Asserts at the end of a test that no hour boundary of CLOCK_MONOTONIC passed since it was
 /// created (it first waits past a boundary closer than the test's `span`). A `window: 1h` limit
-/// is exact only within one hour window: across a boundary the previous hour's count starts to
-/// decay, so estimates, reset times and what a client may still send move, by a packet at a
-/// time, while the test runs.
+/// is exact only within one hour window: across a boundary the previous hour's count is
+/// weighted by a truncated fraction and a client may get one packet more.
 pub struct ExactWindow(u128);
 
 impl ExactWindow {
