@@ -585,3 +585,94 @@ mod review {
         assert!(worst <= 15, "worst {worst} > 15");
     }
 }
+
+/// Scenarios found by a second independent review (the terms, the reports of what the kernel
+/// holds, stopped demand).
+mod second_review {
+    use super::*;
+
+    /// A shorter lease and silence limit (`peer_timeout` 200 ms instead of 1 s).
+    fn short() -> Timing {
+        Timing::new(
+            Duration::from_millis(200),
+            Duration::from_millis(600),
+            1_000,
+        )
+        .expect("valid")
+    }
+
+    /// The owner restarts with a shorter `peer_timeout` (a rolling change that reaches the owner
+    /// first). Its new ledger's learning mode lasts one of *its* leases, but the holders keep the
+    /// raises the previous run granted for the old, longer lease (the terms cap a holder's raise
+    /// only by the lease of the owner that granted it). Once learning ends the new ledger counts
+    /// the raised holder at the cold share and raises another member into room that is not free.
+    #[test]
+    fn an_owner_restarting_with_a_shorter_lease_waits_out_the_old_raises() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        rates[big] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(big) > sim.cold(), "the big sender holds a raise");
+        rates[o] = 40;
+        rates[(o + 2) % 3] = 40;
+        let mut fresh = Enrolment::new(three[o].clone(), short(), 2, 16);
+        fresh.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        sim.nodes[o] = fresh;
+        sim.in_flight.clear();
+        let mut worst = (0, 0);
+        for round in 0..100 {
+            sim.step(&rates);
+            if sim.total() > worst.0 {
+                worst = (sim.total(), round);
+            }
+        }
+        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+    }
+
+    /// A holder restarts with a shorter `peer_timeout` and adopts the cut its pinned maps hold.
+    /// It clears the adopted cut after *its own* silence limit, but the owner counts the cut until
+    /// the owner's (longer) silence limit has passed since the holder's last echo, and has given
+    /// the room the cut left to the others. While no owner message reaches the restarted holder
+    /// (it is still joining the others' views, or the owner's messages are lost), the holder goes
+    /// back to the cold share too early.
+    #[test]
+    fn a_holder_restarting_with_a_shorter_silence_keeps_its_adopted_cut_long_enough() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        let small = (o + 2) % 3;
+        rates[big] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(small) < sim.cold(), "the small sender holds a cut");
+        let mut fresh = Enrolment::new(three[small].clone(), short(), 2, 16);
+        fresh.adopt(sim.now, sim.grants[small].map(|(v, _)| (client, v)));
+        sim.nodes[small] = fresh;
+        sim.in_flight.clear();
+        sim.drop_to = Some(small);
+        let mut worst = (0, 0);
+        for round in 0..60 {
+            sim.step(&rates);
+            if sim.total() > worst.0 {
+                worst = (sim.total(), round);
+            }
+        }
+        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+    }
+}
