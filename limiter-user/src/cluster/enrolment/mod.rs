@@ -466,8 +466,16 @@ impl Enrolment {
             }
             let mut report = held.holder.report(now, held.demand);
             // What the datapath holds, not what the holder took in: a refused write leaves the
-            // older grant in force, and the owner must go on counting it.
-            report.applied = self.written.get(client).and_then(|w| w.seq);
+            // older grant in force, and the owner must go on counting it. Only a grant of this
+            // holder's owner: what the maps keep after a release or drop (adopted pins are kept
+            // for a silence limit) may be another owner's, whose numbers this owner cannot tell
+            // from its own.
+            let own = held.holder.in_force_seq(now);
+            report.applied = self
+                .written
+                .get(client)
+                .and_then(|w| w.seq)
+                .filter(|&seq| own == Some(seq));
             out.entry(held.owner.clone())
                 .or_default()
                 .reports

@@ -675,4 +675,118 @@ mod second_review {
         }
         assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
     }
+
+    /// An agent that adopted its pins keeps what the maps hold for a silence limit, also for a
+    /// client it no longer holds. If the client's owner changes meanwhile (a member joined) and
+    /// the client grows hot again, the report to the new owner names the *previous* owner's
+    /// grant as applied. Grant numbers of different owners are not ordered (each counts from its
+    /// own incarnation and boot time), so the new ledger may take that number for one of its own:
+    /// it then no longer counts the holder at the cold share, while the kernel still enforces the
+    /// old grant.
+    #[test]
+    fn a_report_to_a_new_owner_never_names_the_previous_owners_grant() {
+        let three = ids(3);
+        let four = ids(4);
+        let client = (0u8..=255)
+            .map(|b| [b; 16])
+            .find(|c| owner::owner(c, &four) == Some(&four[3]))
+            .expect("a client the new member wins");
+        let first = owner::owner(&client, &three).expect("an owner").clone();
+        let me = three
+            .iter()
+            .find(|m| **m != first)
+            .expect("another member")
+            .clone();
+        let (v3, v4) = (alone_view(&three, true), alone_view(&four, true));
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 4,
+        };
+        let mut node = Enrolment::new(me.clone(), timing(), 1, 16);
+        let mut now = Duration::from_secs(100);
+        let mut count = 0;
+        let mut tick = |node: &mut Enrolment, now: &mut Duration| {
+            *now += ROUND;
+            count += 2;
+            node.observe(*now, &client, Some(count));
+        };
+        // Restarted with pins: what the maps hold stays for a silence limit.
+        node.adopt(now, []);
+        node.hot(now, &v3, client, 1);
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v3, &|_| Some(info));
+        let asked = out[&first].reports[0].report.seq;
+        // The first owner (a later incarnation: larger numbers) cuts it.
+        let theirs = (9 << 48) | 1;
+        node.receive_grant(
+            now,
+            &v3,
+            &first,
+            GrantMsg {
+                client,
+                policy: 1,
+                message: ToHolder {
+                    message: theirs,
+                    grant: Some(crate::cluster::lease::Grant {
+                        seq: theirs,
+                        value: 5,
+                        answers: asked,
+                    }),
+                    terms: None,
+                },
+                release: false,
+            },
+        );
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v3, &|_| Some(info));
+        assert_eq!(out[&first].reports[0].report.applied, Some(theirs));
+        // A member joins; the first owner hands the client over (releases it).
+        node.receive_grant(
+            now,
+            &v3,
+            &first,
+            GrantMsg {
+                client,
+                policy: 1,
+                message: ToHolder {
+                    message: theirs + 1,
+                    grant: None,
+                    terms: None,
+                },
+                release: true,
+            },
+        );
+        tick(&mut node, &mut now);
+        node.round(now, &v4, &|_| Some(info));
+        // Hot again: attached to the new owner.
+        node.hot(now, &v4, client, 1);
+        tick(&mut node, &mut now);
+        node.round(now, &v4, &|_| Some(info));
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v4, &|_| Some(info));
+        let report = out[&four[3]].reports[0];
+        // The new owner (incarnation 1: smaller numbers) opens a ledger on it.
+        let mut new_owner = Enrolment::new(four[3].clone(), timing(), 1, 16);
+        new_owner.receive_report(now, &v4, &me, report, Some(info));
+        // Its first message (learning mode: no grant) reaches the holder, which echoes it.
+        let (out, _) = new_owner.round(now, &v4, &|_| Some(info));
+        for msg in &out[&me].grants {
+            node.receive_grant(now, &v4, &four[3], *msg);
+        }
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v4, &|_| Some(info));
+        let report = out[&four[3]].reports[0];
+        new_owner.receive_report(now, &v4, &me, report, Some(info));
+        let bound = new_owner.owned[&client]
+            .ledger
+            .in_force_bound(now, info.cold, 0);
+        assert!(
+            bound >= 4 * u64::from(info.cold),
+            "the new ledger counts {bound} for 4 members at the cold share {} (the holder's \
+             report named {:?}, the previous owner's grant)",
+            info.cold,
+            report.report.applied,
+        );
+    }
 }

@@ -545,9 +545,13 @@ impl Ledger {
         }
         account.last_report = Some((report.seq, now));
         account.demand = report.demand;
-        // Another ledger's grant (an earlier owner's): not ours to account for; the holder
-        // stays counted at the cold share at least (its raises lapse during learning mode).
-        if let Some(applied) = report.applied.filter(|&a| a >= self.first_grant) {
+        // Another ledger's grant (an earlier owner's, or another node's, whose numbers may be
+        // larger than ours): not ours to account for; the holder stays counted at the cold
+        // share at least (its raises lapse during learning mode).
+        if let Some(applied) = report
+            .applied
+            .filter(|&a| a >= self.first_grant && a < self.next_grant)
+        {
             // It never goes back to an older grant, nor to the cold share (until silence or a
             // release, which the bound covers).
             account.live.retain(|g| g.seq >= applied);
