@@ -440,6 +440,7 @@ impl Enrolment {
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
         let mut dropped = Vec::new();
+        let mut busy = Vec::new();
         let mut lapsed = 0;
         for (client, held) in self.held.iter_mut() {
             let Some(policy) = info(held.policy) else {
@@ -458,10 +459,16 @@ impl Enrolment {
                 }
             }
             // The owner silent for the silence limit (or never heard: it opened no ledger, the
-            // demand was not past the cold share): back to the cold share and no more reports; the
-            // fast path reports the client again if it is over its share again.
+            // demand was not past the cold share): back to the cold share. A client still over
+            // the cold share is held afresh, attached to the owner rendezvous picks now: the fast
+            // path reports a client hot only when it moves into `LIMITED`, and one that stays over
+            // its share stays there, so no notice would come again while it is busy (an owner
+            // that was down and came back, or one that replaced it, would never hear of it).
             if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
                 dropped.push(*client);
+                if held.demand > policy.cold {
+                    busy.push((*client, held.policy, std::mem::take(&mut held.samples)));
+                }
                 continue;
             }
             let mut report = held.holder.report(now, held.demand);
@@ -488,6 +495,12 @@ impl Enrolment {
         self.raises_lapsed += lapsed;
         for client in dropped {
             self.held.remove(&client);
+        }
+        for (client, policy, samples) in busy {
+            self.hot(now, view, client, policy);
+            if let Some(held) = self.held.get_mut(&client) {
+                held.samples = samples;
+            }
         }
         if let Some(mine) = out.remove(&self.me) {
             for msg in mine.reports {

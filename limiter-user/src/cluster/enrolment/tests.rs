@@ -38,6 +38,10 @@ struct Sim {
     dead: Option<usize>,
     limit: u32,
     client: ClientKey,
+    /// Hot notices as the fast path gives them: once per episode (a move into `LIMITED`), which
+    /// lasts while the node's rate stays above 0 (`None`: a notice every round over the cold
+    /// share).
+    episodes: Option<Vec<bool>>,
 }
 
 const CLIENT: ClientKey = [7; 16];
@@ -62,6 +66,7 @@ impl Sim {
             dead: None,
             limit: L,
             client: CLIENT,
+            episodes: None,
         }
     }
 
@@ -119,8 +124,16 @@ impl Sim {
             // Milli-packets: a rate below 20 per window is under one packet a round.
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends more than the cold share.
-            if u64::from(rates[i]) > u64::from(info.cold) {
-                node.hot(self.now, &view, self.client, 1);
+            let over = u64::from(rates[i]) > u64::from(info.cold);
+            match &mut self.episodes {
+                None if over => node.hot(self.now, &view, self.client, 1),
+                None => {}
+                Some(episodes) => {
+                    if over && !episodes[i] {
+                        node.hot(self.now, &view, self.client, 1);
+                    }
+                    episodes[i] = (episodes[i] || over) && rates[i] > 0;
+                }
             }
             node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
             let refuse = self.refuse == Some(i);
@@ -252,7 +265,8 @@ fn alone_view(members: &[NodeId], agreed: bool) -> View<'_> {
 }
 
 /// A member holding a client whose owner never answers (it opened no ledger: the demand it saw
-/// was under the cold share) stops holding it and reporting after the silence limit.
+/// was under the cold share) stops holding it and reporting after the silence limit; one whose
+/// demand is over the cold share goes on reporting.
 #[test]
 fn a_client_no_owner_answers_for_is_let_go() {
     let members = ids(3);
@@ -268,14 +282,17 @@ fn a_client_no_owner_answers_for_is_let_go() {
         window: WINDOW,
         cold: 10,
     };
-    let mut node = Enrolment::new(me, timing(), 1, 16);
+    let mut node = Enrolment::new(me.clone(), timing(), 1, 16);
     let mut now = Duration::from_secs(100);
     node.hot(now, &view, CLIENT, 1);
     let mut count = 0;
     let mut reported_until = now;
-    for _ in 0..100 {
+    for round in 0..100 {
         now += ROUND;
-        count += 1;
+        // About 7 per window: under the cold share.
+        if round % 3 == 0 {
+            count += 1;
+        }
         node.observe(now, &CLIENT, Some(count));
         let (out, _) = node.round(now, &view, &|_| Some(info));
         if out.get(&owner).is_some_and(|o| !o.reports.is_empty()) {
@@ -289,6 +306,24 @@ fn a_client_no_owner_answers_for_is_let_go() {
             && reported_until <= Duration::from_secs(100) + silence + ROUND,
         "reports for the silence limit, then none: last at {reported_until:?}"
     );
+    // A client over the cold share (20 per window) is held afresh instead: its owner may be
+    // down and come back, and the fast path gives no second notice while the client stays over.
+    let mut node = Enrolment::new(me, timing(), 1, 16);
+    node.hot(now, &view, CLIENT, 1);
+    let start = now;
+    let mut last = None;
+    for _ in 0..200 {
+        now += ROUND;
+        count += 1;
+        node.observe(now, &CLIENT, Some(count));
+        let (out, _) = node.round(now, &view, &|_| Some(info));
+        if let Some(r) = out.get(&owner).and_then(|o| o.reports.first()) {
+            last = Some((now, r.report.demand));
+        }
+    }
+    let (at, demand) = last.expect("reports");
+    assert!(at == now && at >= start + 2 * silence, "still reported at {at:?}");
+    assert!(demand > info.cold, "with its demand {demand}");
 }
 
 /// The fast path reports a hot client once per episode: a notice that comes while views differ
@@ -787,6 +822,50 @@ mod second_review {
              report named {:?}, the previous owner's grant)",
             info.cold,
             report.report.applied,
+        );
+    }
+
+    /// The owner is killed and comes back after more than the silence limit (a member listed in
+    /// the others' configs stays the owner meanwhile). The holders let the client go once the
+    /// owner is silent for the silence limit, but the fast path reports a client hot only when it
+    /// moves into `LIMITED`, and one that stays over its share stays there: nobody reports it to
+    /// the returned owner, and the client keeps the cold shares for as long as it is busy.
+    #[test]
+    fn a_busy_client_is_enrolled_again_when_its_owner_returns() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        sim.episodes = Some(vec![false; 3]);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        rates[big] = 72;
+        rates[(o + 2) % 3] = 14;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(big) > sim.cold(), "enrolled: the big sender is raised");
+        // kill -9 of the owner for 5 s (its pinned maps keep what they hold).
+        sim.dead = Some(o);
+        for _ in 0..100 {
+            sim.step(&rates);
+            assert!(sim.total() <= L);
+        }
+        let mut back = Enrolment::new(three[o].clone(), timing(), 2, 16);
+        back.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        sim.nodes[o] = back;
+        sim.dead = None;
+        for _ in 0..200 {
+            sim.step(&rates);
+            assert!(sim.total() <= L);
+        }
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "10 s after the owner came back the big sender still has the cold share {}",
+            sim.enforced(big)
         );
     }
 }
