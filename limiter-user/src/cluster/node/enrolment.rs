@@ -139,8 +139,11 @@ pub fn round(shared: &Shared) {
     if snapshot.policies.is_empty() {
         return;
     }
-    let hot = datapath.hot();
     let out = if snapshot.splitting {
+        // Only while splitting: the fast path reports a client once, when it moves into
+        // `LIMITED` (one that stays busy stays there), so a notice taken while no round runs
+        // would be lost for good. While cut off or joining the notices wait in the ring.
+        let hot = datapath.hot();
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
         let entries: HashMap<ClientKey, Option<ClientState>> = held
             .into_iter()
