@@ -322,7 +322,10 @@ fn a_client_no_owner_answers_for_is_let_go() {
         }
     }
     let (at, demand) = last.expect("reports");
-    assert!(at == now && at >= start + 2 * silence, "still reported at {at:?}");
+    assert!(
+        at == now && at >= start + 2 * silence,
+        "still reported at {at:?}"
+    );
     assert!(demand > info.cold, "with its demand {demand}");
 }
 
@@ -656,7 +659,10 @@ mod second_review {
         for _ in 0..100 {
             sim.step(&rates);
         }
-        assert!(sim.enforced(big) > sim.cold(), "the big sender holds a raise");
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "the big sender holds a raise"
+        );
         rates[o] = 40;
         rates[(o + 2) % 3] = 40;
         let mut fresh = Enrolment::new(three[o].clone(), short(), 2, 16);
@@ -695,7 +701,10 @@ mod second_review {
         for _ in 0..100 {
             sim.step(&rates);
         }
-        assert!(sim.enforced(small) < sim.cold(), "the small sender holds a cut");
+        assert!(
+            sim.enforced(small) < sim.cold(),
+            "the small sender holds a cut"
+        );
         let mut fresh = Enrolment::new(three[small].clone(), short(), 2, 16);
         fresh.adopt(sim.now, sim.grants[small].map(|(v, _)| (client, v)));
         sim.nodes[small] = fresh;
@@ -847,7 +856,10 @@ mod second_review {
         for _ in 0..100 {
             sim.step(&rates);
         }
-        assert!(sim.enforced(big) > sim.cold(), "enrolled: the big sender is raised");
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "enrolled: the big sender is raised"
+        );
         // kill -9 of the owner for 5 s (its pinned maps keep what they hold).
         sim.dead = Some(o);
         for _ in 0..100 {

@@ -1385,11 +1385,11 @@ mod tests {
         fn write(
             &mut self,
             _: &[(ClientKey, Option<limiter_common::Grant>)],
-        ) -> Vec<(usize, enrolment::GrantsError)> {
+        ) -> Vec<(usize, GrantsError)> {
             Vec::new()
         }
 
-        fn grants(&self) -> Result<Vec<(ClientKey, u32)>, enrolment::GrantsError> {
+        fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {
             Ok(Vec::new())
         }
     }
@@ -1435,9 +1435,10 @@ mod tests {
             s.phase == "connected" && s.views_agree
         })
         .await;
-        wait_for("n1 holds the client reported hot while it was joining", || {
-            n1.shared.enrolment().counts(enrolment::monotonic()).held == 1
-        })
+        wait_for(
+            "n1 holds the client reported hot while it was joining",
+            || n1.shared.enrolment().counts(enrolment::monotonic()).held == 1,
+        )
         .await;
     }
 }
