@@ -80,6 +80,9 @@ impl Timing {
     /// Longest lease (and so the longest silence that makes sense is a few of them).
     pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 
+    /// Longest silence limit: 100 of the longest leases.
+    pub const MAX_SILENCE: Duration = Duration::from_secs(100 * 3600);
+
     pub fn new(lease: Duration, silence: Duration, drift_ppm: u32) -> Result<Timing, TimingError> {
         if drift_ppm > 100_000 {
             return Err(TimingError::Drift(drift_ppm));
@@ -93,7 +96,7 @@ impl Timing {
             drift_ppm,
         };
         let stretched = timing.stretched(lease);
-        if silence <= stretched || silence > 100 * Self::MAX_LEASE {
+        if silence <= stretched || silence > Self::MAX_SILENCE {
             return Err(TimingError::Silence {
                 silence,
                 lease: stretched,
