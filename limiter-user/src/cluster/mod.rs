@@ -41,10 +41,15 @@ pub struct GlobalPolicy {
 }
 
 impl ClusterPolicies {
-    /// A hash of the global policies, carried in heartbeats so that members notice they
-    /// disagree.
+    /// A hash of the global policies and the lease timing (`peer_timeout`), carried in
+    /// heartbeats so that members notice they disagree: members whose leases differ enrol no
+    /// client together (a new owner's learning mode lasts its own lease, which must cover the
+    /// raises an earlier owner granted).
     pub fn hash(&self) -> u64 {
         let mut text = String::new();
+        if let Some(config) = &self.config {
+            text.push_str(&format!("peer_timeout {:?}\n", config.peer_timeout));
+        }
         for g in &self.global {
             text.push_str(&format!(
                 "{} {} {} {}\n",

@@ -444,7 +444,7 @@ impl Enrolment {
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
         let mut dropped = Vec::new();
-        let mut reoffer = Vec::new();
+        let mut busy = Vec::new();
         let mut lapsed = 0;
         for (client, held) in self.held.iter_mut() {
             let Some(policy) = info(held.policy) else {
@@ -463,21 +463,30 @@ impl Enrolment {
                 }
             }
             // The owner silent for the silence limit (or never heard: it opened no ledger, the
-            // demand was not past the cold share): back to the cold share and no more reports; the
-            // fast path reports the client again if it is over its share again. One still past
-            // its cold share is offered again at once, to the owner the view picks now (the one
-            // it was attached to may have been picked from a view since corrected).
+            // demand was not past the cold share): back to the cold share. A client still over
+            // the cold share is held afresh, attached to the owner rendezvous picks now: the fast
+            // path reports a client hot only when it moves into `LIMITED`, and one that stays over
+            // its share stays there, so no notice would come again while it is busy (an owner
+            // that was down and came back, or one that replaced it, would never hear of it).
             if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
-                if held.demand > policy.cold {
-                    reoffer.push((*client, held.policy));
-                }
                 dropped.push(*client);
+                if held.demand > policy.cold {
+                    busy.push((*client, held.policy, std::mem::take(&mut held.samples)));
+                }
                 continue;
             }
             let mut report = held.holder.report(now, held.demand);
             // What the datapath holds, not what the holder took in: a refused write leaves the
-            // older grant in force, and the owner must go on counting it.
-            report.applied = self.written.get(client).and_then(|w| w.seq);
+            // older grant in force, and the owner must go on counting it. Only a grant of this
+            // holder's owner: what the maps keep after a release or drop (adopted pins are kept
+            // for a silence limit) may be another owner's, whose numbers this owner cannot tell
+            // from its own.
+            let own = held.holder.in_force_seq(now);
+            report.applied = self
+                .written
+                .get(client)
+                .and_then(|w| w.seq)
+                .filter(|&seq| own == Some(seq));
             out.entry(held.owner.clone())
                 .or_default()
                 .reports
@@ -491,8 +500,11 @@ impl Enrolment {
         for client in dropped {
             self.held.remove(&client);
         }
-        for (client, policy) in reoffer {
-            self.defer(client, policy, now);
+        for (client, policy, samples) in busy {
+            self.hot(now, view, client, policy);
+            if let Some(held) = self.held.get_mut(&client) {
+                held.samples = samples;
+            }
         }
         if let Some(mine) = out.remove(&self.me) {
             for msg in mine.reports {

@@ -38,6 +38,10 @@ struct Sim {
     dead: Option<usize>,
     limit: u32,
     client: ClientKey,
+    /// Hot notices as the fast path gives them: once per episode (a move into `LIMITED`), which
+    /// lasts while the node's rate stays above 0 (`None`: a notice every round over the cold
+    /// share).
+    episodes: Option<Vec<bool>>,
 }
 
 const CLIENT: ClientKey = [7; 16];
@@ -62,6 +66,7 @@ impl Sim {
             dead: None,
             limit: L,
             client: CLIENT,
+            episodes: None,
         }
     }
 
@@ -119,8 +124,16 @@ impl Sim {
             // Milli-packets: a rate below 20 per window is under one packet a round.
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends more than the cold share.
-            if u64::from(rates[i]) > u64::from(info.cold) {
-                node.hot(self.now, &view, self.client, 1);
+            let over = u64::from(rates[i]) > u64::from(info.cold);
+            match &mut self.episodes {
+                None if over => node.hot(self.now, &view, self.client, 1),
+                None => {}
+                Some(episodes) => {
+                    if over && !episodes[i] {
+                        node.hot(self.now, &view, self.client, 1);
+                    }
+                    episodes[i] = (episodes[i] || over) && rates[i] > 0;
+                }
             }
             node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
             let refuse = self.refuse == Some(i);
@@ -252,8 +265,8 @@ fn alone_view(members: &[NodeId], agreed: bool) -> View<'_> {
 }
 
 /// A member holding a client whose owner never answers (it opened no ledger: the demand it saw
-/// was under the cold share) stops holding it and reporting after the silence limit; one still
-/// past its cold share is held again at once, attached to the owner the view picks then.
+/// was under the cold share) stops holding it and reporting after the silence limit; one whose
+/// demand is over the cold share goes on reporting.
 #[test]
 fn a_client_no_owner_answers_for_is_let_go() {
     let members = ids(3);
@@ -276,8 +289,10 @@ fn a_client_no_owner_answers_for_is_let_go() {
     let mut reported_until = now;
     for round in 0..100 {
         now += ROUND;
-        // 5 packets a second: under the cold share of 10.
-        count += u64::from(round % 4 == 0);
+        // About 7 per window: under the cold share.
+        if round % 3 == 0 {
+            count += 1;
+        }
         node.observe(now, &CLIENT, Some(count));
         let (out, _) = node.round(now, &view, &|_| Some(info));
         if out.get(&owner).is_some_and(|o| !o.reports.is_empty()) {
@@ -291,16 +306,27 @@ fn a_client_no_owner_answers_for_is_let_go() {
             && reported_until <= Duration::from_secs(100) + silence + ROUND,
         "reports for the silence limit, then none: last at {reported_until:?}"
     );
-    // At 20 a second (past the cold share) it is held again, as long as it stays so.
-    let mut busy = Enrolment::new(me, timing(), 1, 16);
-    busy.hot(now, &view, CLIENT, 1);
+    // A client over the cold share (20 per window) is held afresh instead: its owner may be
+    // down and come back, and the fast path gives no second notice while the client stays over.
+    let mut node = Enrolment::new(me, timing(), 1, 16);
+    node.hot(now, &view, CLIENT, 1);
+    let start = now;
+    let mut last = None;
     for _ in 0..200 {
         now += ROUND;
         count += 1;
-        busy.observe(now, &CLIENT, Some(count));
-        busy.round(now, &view, &|_| Some(info));
+        node.observe(now, &CLIENT, Some(count));
+        let (out, _) = node.round(now, &view, &|_| Some(info));
+        if let Some(r) = out.get(&owner).and_then(|o| o.reports.first()) {
+            last = Some((now, r.report.demand));
+        }
     }
-    assert_eq!(busy.counts(now).held, 1);
+    let (at, demand) = last.expect("reports");
+    assert!(
+        at == now && at >= start + 2 * silence,
+        "still reported at {at:?}"
+    );
+    assert!(demand > info.cold, "with its demand {demand}");
 }
 
 /// The fast path reports a hot client once per episode: a notice that comes while views differ
@@ -636,5 +662,265 @@ mod review {
             }
         }
         assert!(worst <= 15, "worst {worst} > 15");
+    }
+}
+
+/// Scenarios found by a second independent review (the terms, the reports of what the kernel
+/// holds, stopped demand).
+mod second_review {
+    use super::*;
+
+    /// A shorter lease and silence limit (`peer_timeout` 200 ms instead of 1 s).
+    fn short() -> Timing {
+        Timing::new(
+            Duration::from_millis(200),
+            Duration::from_millis(600),
+            1_000,
+        )
+        .expect("valid")
+    }
+
+    /// The owner restarts with a shorter `peer_timeout` (a rolling change that reaches the owner
+    /// first). Its new ledger's learning mode lasts one of *its* leases, but the holders keep the
+    /// raises the previous run granted for the old, longer lease (the terms cap a holder's raise
+    /// only by the lease of the owner that granted it). Once learning ends the new ledger counts
+    /// the raised holder at the cold share and raises another member into room that is not free.
+    #[test]
+    #[ignore = "open: a new owner's learning mode lasts its own lease; an earlier owner's longer raise can outlast it (members must keep peer_timeout equal; the view hash now makes differing ones disagree)"]
+    fn an_owner_restarting_with_a_shorter_lease_waits_out_the_old_raises() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        rates[big] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "the big sender holds a raise"
+        );
+        rates[o] = 40;
+        rates[(o + 2) % 3] = 40;
+        let mut fresh = Enrolment::new(three[o].clone(), short(), 2, 16);
+        fresh.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        sim.nodes[o] = fresh;
+        sim.in_flight.clear();
+        let mut worst = (0, 0);
+        for round in 0..100 {
+            sim.step(&rates);
+            if sim.total() > worst.0 {
+                worst = (sim.total(), round);
+            }
+        }
+        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+    }
+
+    /// A holder restarts with a shorter `peer_timeout` and adopts the cut its pinned maps hold.
+    /// It clears the adopted cut after *its own* silence limit, but the owner counts the cut until
+    /// the owner's (longer) silence limit has passed since the holder's last echo, and has given
+    /// the room the cut left to the others. While no owner message reaches the restarted holder
+    /// (it is still joining the others' views, or the owner's messages are lost), the holder goes
+    /// back to the cold share too early.
+    #[test]
+    #[ignore = "open: adopted grants are kept for the restarted holder's own silence limit, not the one they were granted under (keep peer_timeout equal across a restart)"]
+    fn a_holder_restarting_with_a_shorter_silence_keeps_its_adopted_cut_long_enough() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        let small = (o + 2) % 3;
+        rates[big] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(
+            sim.enforced(small) < sim.cold(),
+            "the small sender holds a cut"
+        );
+        let mut fresh = Enrolment::new(three[small].clone(), short(), 2, 16);
+        fresh.adopt(sim.now, sim.grants[small].map(|(v, _)| (client, v)));
+        sim.nodes[small] = fresh;
+        sim.in_flight.clear();
+        sim.drop_to = Some(small);
+        let mut worst = (0, 0);
+        for round in 0..60 {
+            sim.step(&rates);
+            if sim.total() > worst.0 {
+                worst = (sim.total(), round);
+            }
+        }
+        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+    }
+
+    /// An agent that adopted its pins keeps what the maps hold for a silence limit, also for a
+    /// client it no longer holds. If the client's owner changes meanwhile (a member joined) and
+    /// the client grows hot again, the report to the new owner names the *previous* owner's
+    /// grant as applied. Grant numbers of different owners are not ordered (each counts from its
+    /// own incarnation and boot time), so the new ledger may take that number for one of its own:
+    /// it then no longer counts the holder at the cold share, while the kernel still enforces the
+    /// old grant.
+    #[test]
+    fn a_report_to_a_new_owner_never_names_the_previous_owners_grant() {
+        let three = ids(3);
+        let four = ids(4);
+        let client = (0u8..=255)
+            .map(|b| [b; 16])
+            .find(|c| owner::owner(c, &four) == Some(&four[3]))
+            .expect("a client the new member wins");
+        let first = owner::owner(&client, &three).expect("an owner").clone();
+        let me = three
+            .iter()
+            .find(|m| **m != first)
+            .expect("another member")
+            .clone();
+        let (v3, v4) = (alone_view(&three, true), alone_view(&four, true));
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 4,
+        };
+        let mut node = Enrolment::new(me.clone(), timing(), 1, 16);
+        let mut now = Duration::from_secs(100);
+        let mut count = 0;
+        let mut tick = |node: &mut Enrolment, now: &mut Duration| {
+            *now += ROUND;
+            count += 2;
+            node.observe(*now, &client, Some(count));
+        };
+        // Restarted with pins: what the maps hold stays for a silence limit.
+        node.adopt(now, []);
+        node.hot(now, &v3, client, 1);
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v3, &|_| Some(info));
+        let asked = out[&first].reports[0].report.seq;
+        // The first owner (a later incarnation: larger numbers) cuts it.
+        let theirs = (9 << 48) | 1;
+        node.receive_grant(
+            now,
+            &v3,
+            &first,
+            GrantMsg {
+                client,
+                policy: 1,
+                message: ToHolder {
+                    message: theirs,
+                    grant: Some(crate::cluster::lease::Grant {
+                        seq: theirs,
+                        value: 5,
+                        answers: asked,
+                    }),
+                    terms: None,
+                },
+                release: false,
+            },
+        );
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v3, &|_| Some(info));
+        assert_eq!(out[&first].reports[0].report.applied, Some(theirs));
+        // A member joins; the first owner hands the client over (releases it).
+        node.receive_grant(
+            now,
+            &v3,
+            &first,
+            GrantMsg {
+                client,
+                policy: 1,
+                message: ToHolder {
+                    message: theirs + 1,
+                    grant: None,
+                    terms: None,
+                },
+                release: true,
+            },
+        );
+        tick(&mut node, &mut now);
+        node.round(now, &v4, &|_| Some(info));
+        // Hot again: attached to the new owner.
+        node.hot(now, &v4, client, 1);
+        tick(&mut node, &mut now);
+        node.round(now, &v4, &|_| Some(info));
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v4, &|_| Some(info));
+        let report = out[&four[3]].reports[0];
+        // The new owner (incarnation 1: smaller numbers) opens a ledger on it.
+        let mut new_owner = Enrolment::new(four[3].clone(), timing(), 1, 16);
+        new_owner.receive_report(now, &v4, &me, report, Some(info));
+        // Its first message (learning mode: no grant) reaches the holder, which echoes it.
+        let (out, _) = new_owner.round(now, &v4, &|_| Some(info));
+        for msg in &out[&me].grants {
+            node.receive_grant(now, &v4, &four[3], *msg);
+        }
+        tick(&mut node, &mut now);
+        let (out, _) = node.round(now, &v4, &|_| Some(info));
+        let report = out[&four[3]].reports[0];
+        new_owner.receive_report(now, &v4, &me, report, Some(info));
+        let bound = new_owner.owned[&client]
+            .ledger
+            .in_force_bound(now, info.cold, 0);
+        assert!(
+            bound >= 4 * u64::from(info.cold),
+            "the new ledger counts {bound} for 4 members at the cold share {} (the holder's \
+             report named {:?}, the previous owner's grant)",
+            info.cold,
+            report.report.applied,
+        );
+    }
+
+    /// The owner is killed and comes back after more than the silence limit (a member listed in
+    /// the others' configs stays the owner meanwhile). The holders let the client go once the
+    /// owner is silent for the silence limit, but the fast path reports a client hot only when it
+    /// moves into `LIMITED`, and one that stays over its share stays there: nobody reports it to
+    /// the returned owner, and the client keeps the cold shares for as long as it is busy.
+    #[test]
+    fn a_busy_client_is_enrolled_again_when_its_owner_returns() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let o = three
+            .iter()
+            .position(|m| Some(m) == owner::owner(&client, &three))
+            .expect("an owner");
+        let mut sim = Sim::for_client(3, client);
+        sim.episodes = Some(vec![false; 3]);
+        let mut rates = [4u32, 4, 4];
+        let big = (o + 1) % 3;
+        rates[big] = 72;
+        rates[(o + 2) % 3] = 14;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "enrolled: the big sender is raised"
+        );
+        // kill -9 of the owner for 5 s (its pinned maps keep what they hold).
+        sim.dead = Some(o);
+        for _ in 0..100 {
+            sim.step(&rates);
+            assert!(sim.total() <= L);
+        }
+        let mut back = Enrolment::new(three[o].clone(), timing(), 2, 16);
+        back.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        sim.nodes[o] = back;
+        sim.dead = None;
+        for _ in 0..200 {
+            sim.step(&rates);
+            assert!(sim.total() <= L);
+        }
+        assert!(
+            sim.enforced(big) > sim.cold(),
+            "10 s after the owner came back the big sender still has the cold share {}",
+            sim.enforced(big)
+        );
     }
 }

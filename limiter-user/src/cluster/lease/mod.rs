@@ -80,6 +80,9 @@ impl Timing {
     /// Longest lease (and so the longest silence that makes sense is a few of them).
     pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 
+    /// Longest silence limit: 100 of the longest leases.
+    pub const MAX_SILENCE: Duration = Duration::from_secs(100 * 3600);
+
     pub fn new(lease: Duration, silence: Duration, drift_ppm: u32) -> Result<Timing, TimingError> {
         if drift_ppm > 100_000 {
             return Err(TimingError::Drift(drift_ppm));
@@ -93,7 +96,7 @@ impl Timing {
             drift_ppm,
         };
         let stretched = timing.stretched(lease);
-        if silence <= stretched || silence > 100 * Self::MAX_LEASE {
+        if silence <= stretched || silence > Self::MAX_SILENCE {
             return Err(TimingError::Silence {
                 silence,
                 lease: stretched,
@@ -545,9 +548,13 @@ impl Ledger {
         }
         account.last_report = Some((report.seq, now));
         account.demand = report.demand;
-        // Another ledger's grant (an earlier owner's): not ours to account for; the holder
-        // stays counted at the cold share at least (its raises lapse during learning mode).
-        if let Some(applied) = report.applied.filter(|&a| a >= self.first_grant) {
+        // Another ledger's grant (an earlier owner's, or another node's, whose numbers may be
+        // larger than ours): not ours to account for; the holder stays counted at the cold
+        // share at least (its raises lapse during learning mode).
+        if let Some(applied) = report
+            .applied
+            .filter(|&a| a >= self.first_grant && a < self.next_grant)
+        {
             // It never goes back to an older grant, nor to the cold share (until silence or a
             // release, which the bound covers).
             account.live.retain(|g| g.seq >= applied);

@@ -139,6 +139,9 @@ pub fn round(shared: &Shared) {
     if snapshot.policies.is_empty() {
         return;
     }
+    // The fast path reports a client once, when it moves into `LIMITED` (one that stays busy
+    // stays there): a notice taken while no round can split is kept (`Enrolment::defer`), not
+    // left in the ring, which would overflow during a long partition.
     let hot = datapath.hot();
     let out = if snapshot.splitting {
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
@@ -318,18 +321,24 @@ fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
 }
 
 /// The owner's terms of a grant message: both 0 (not sent), or a lease within the lease bounds
-/// and a silence limit past it.
+/// and a silence limit past it, within the silence bounds (a holder keeps a grant through the
+/// longest silence limit it was sent, for as long as it holds the client).
 fn terms(lease_ms: u32, silence_ms: u32) -> Result<Option<Terms>, Status> {
     if lease_ms == 0 && silence_ms == 0 {
         return Ok(None);
     }
     let lease = Duration::from_millis(u64::from(lease_ms));
     let silence = Duration::from_millis(u64::from(silence_ms));
-    if lease.is_zero() || lease > lease::Timing::MAX_LEASE || silence <= lease {
+    if lease.is_zero()
+        || lease > lease::Timing::MAX_LEASE
+        || silence <= lease
+        || silence > lease::Timing::MAX_SILENCE
+    {
         return Err(Status::invalid_argument(format!(
             "a grant's lease_ms ({lease_ms}) must be 1 to {} and below its silence_ms \
-             ({silence_ms})",
-            lease::Timing::MAX_LEASE.as_millis()
+             ({silence_ms}), at most {}",
+            lease::Timing::MAX_LEASE.as_millis(),
+            lease::Timing::MAX_SILENCE.as_millis()
         )));
     }
     Ok(Some(Terms { lease, silence }))
@@ -512,6 +521,7 @@ mod tests {
             (2_000, 0),
             (2_000, 2_000),
             (3_600_001, 9_000_000),
+            (2_000, u32::MAX),
         ] {
             let mut hb = heartbeat(&grant(None));
             hb.grants[0].lease_ms = lease_ms;

@@ -1362,4 +1362,83 @@ mod tests {
         assert!(matches!(e, NodeError::AuthChange), "{e}");
         assert!(n1.shared.token().is_some(), "the token in force stays");
     }
+
+    /// Maps whose fast path reported `hot` (once, as the `HOT` ring does) and whose every entry
+    /// is a client of global policy 1.
+    struct HotOnce(Vec<ClientKey>);
+
+    impl Datapath for HotOnce {
+        fn hot(&mut self) -> Vec<ClientKey> {
+            std::mem::take(&mut self.0)
+        }
+
+        fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
+            let policy = limiter_common::Policy {
+                limit: 20,
+                window_us: 1_000_000,
+                id: 1,
+                ..limiter_common::Policy::default()
+            };
+            Some(limiter_common::ClientState::fresh(&policy, 0))
+        }
+
+        fn write(
+            &mut self,
+            _: &[(ClientKey, Option<limiter_common::Grant>)],
+        ) -> Vec<(usize, GrantsError)> {
+            Vec::new()
+        }
+
+        fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A client the fast path reports hot while the node runs no rounds (joining after a start
+    /// without pins, where the share is 0 and every busy global client is dropped; or cut off)
+    /// is taken up once it splits again: the fast path reports a client once, when it moves into
+    /// `LIMITED`, and one that stays busy gets no second notice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
+        let (l1, a1) = listener().await;
+        let (l2, a2) = listener().await;
+        // n1 starts without pins: joining until n2 counts it.
+        let n1 = Node::new(
+            &section("n1", a1, vec![a2]),
+            &token(),
+            1,
+            false,
+            policies(),
+            1024,
+        )
+        .expect("n1");
+        let n2 = Node::new(
+            &section("n2", a2, vec![a1]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("n2");
+        n1.set_datapath(Box::new(HotOnce(vec![[7; 16]])));
+        assert_eq!(n1.status().phase, "joining");
+        enrolment::round(&n1.shared);
+        let (_stop1, rx1) = watch::channel(false);
+        let (_stop2, rx2) = watch::channel(false);
+        let (sink1, _) = recorder();
+        let (sink2, _) = recorder();
+        let _t1 = n1.run(l1, sink1, rx1);
+        let _t2 = n2.run(l2, sink2, rx2);
+        wait_for("n1 connected, views agreed", || {
+            let s = n1.status();
+            s.phase == "connected" && s.views_agree
+        })
+        .await;
+        wait_for(
+            "n1 holds the client reported hot while it was joining",
+            || n1.shared.enrolment().counts(enrolment::monotonic()).held == 1,
+        )
+        .await;
+    }
 }
