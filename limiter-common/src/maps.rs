@@ -342,7 +342,10 @@ pub const HOT_RING_BYTES: u32 = 1 << 18;
 pub struct Grant {
     /// Packets per policy window the owner granted.
     pub value: u32,
-    pub _pad: u32,
+    /// The agent's, never read here: the silence limit (ms) the holder kept the grant under, so
+    /// that an agent restarting with a shorter one keeps an adopted grant as long as its owner
+    /// counts on it.
+    pub silence_ms: u32,
     /// CLOCK_MONOTONIC (ns) at which the lease ends: from then on the grant counts only as far
     /// as it is below the cold share (a cut stays, a raise lapses).
     pub until_ns: u64,
@@ -668,7 +671,7 @@ mod tests {
     fn a_raise_lapses_to_the_cold_share_and_a_cut_stays() {
         let raise = Grant {
             value: 25,
-            _pad: 0,
+            silence_ms: 0,
             until_ns: 1_000,
         };
         assert_eq!(

@@ -1376,7 +1376,7 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
         let now = monotonic_ns();
         let grant = |value: u32, until_ns: u64| Grant {
             value,
-            _pad: 0,
+            silence_ms: 0,
             until_ns,
         };
         let refused = grants.write(&[

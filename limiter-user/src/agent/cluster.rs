@@ -409,13 +409,19 @@ impl Datapath for Maps {
             .collect()
     }
 
-    fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {
+    fn grants(&self) -> Result<Vec<crate::cluster::enrolment::PinnedGrant>, GrantsError> {
         Ok(self
             .lock()
             .grants()
             .map_err(|e| GrantsError(crate::error_chain(&e)))?
             .into_iter()
-            .map(|(k, g)| (k, g.value))
+            .map(|(client, g)| crate::cluster::enrolment::PinnedGrant {
+                client,
+                value: g.value,
+                until: (g.until_ns != 0).then(|| std::time::Duration::from_nanos(g.until_ns)),
+                silence: (g.silence_ms != 0)
+                    .then(|| std::time::Duration::from_millis(u64::from(g.silence_ms))),
+            })
             .collect())
     }
 }

@@ -90,11 +90,13 @@ pub struct PolicyInfo {
 /// A change of the grants the datapath enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Write {
-    /// The client's grant: its value and the end of its lease (`None`: lapsed, a raise no more).
+    /// The client's grant: its value, the end of its lease (`None`: lapsed, a raise no more)
+    /// and the silence limit it is held under (kept with it, for a restart).
     Set {
         client: ClientKey,
         value: u32,
         until: Option<Duration>,
+        silence: Duration,
     },
     /// Back to the cold share.
     Clear(ClientKey),
@@ -150,6 +152,19 @@ struct Written {
     /// The grant's number (`None`: adopted from a previous run, or unknown after a refused
     /// change): what the reports say is applied.
     seq: Option<u64>,
+    /// The silence limit the holder keeps it under (stored with it in the maps).
+    silence: Duration,
+}
+
+/// A grant the maps held at start (a previous run's, pinned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedGrant {
+    pub client: ClientKey,
+    pub value: u32,
+    /// The end of its lease on CLOCK_MONOTONIC (`None`: none, a cut).
+    pub until: Option<Duration>,
+    /// The silence limit it was held under (`None`: not recorded).
+    pub silence: Option<Duration>,
 }
 
 struct Held {
@@ -225,18 +240,23 @@ impl Enrolment {
     /// Grants the datapath held when this agent started (pinned maps of a previous run): kept
     /// as written (a raise lapses on its own in the kernel), cleared when no owner confirms
     /// them within the silence limit (see [`Enrolment::adopt`]).
-    pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = (ClientKey, u32)>) {
-        for (client, value) in grants {
+    pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = PinnedGrant>) {
+        let mut silence = self.timing.silence();
+        for g in grants {
             self.written.insert(
-                client,
+                g.client,
                 Written {
-                    value,
-                    until: None,
+                    value: g.value,
+                    until: g.until,
                     seq: None,
+                    silence: g.silence.unwrap_or(silence),
                 },
             );
+            // The owner counts a cut until *its* silence limit has passed: keep every adopted
+            // grant at least as long as the longest limit any of them was held under.
+            silence = silence.max(g.silence.unwrap_or_default());
         }
-        self.adopted_until = Some(now + self.timing.silence());
+        self.adopted_until = Some(now + silence);
     }
 
     fn number(&mut self, now: Duration) -> u64 {
@@ -487,6 +507,12 @@ impl Enrolment {
                 .get(client)
                 .and_then(|w| w.seq)
                 .filter(|&seq| own == Some(seq));
+            // The lease left on what the kernel holds (an adopted grant's included).
+            report.raise_left = self
+                .written
+                .get(client)
+                .and_then(|w| w.until?.checked_sub(now))
+                .filter(|d| !d.is_zero());
             out.entry(held.owner.clone())
                 .or_default()
                 .reports
@@ -594,7 +620,16 @@ impl Enrolment {
             .filter_map(|(client, held)| {
                 let (value, until) = held.holder.in_force(now)?;
                 let seq = held.holder.in_force_seq(now);
-                Some((*client, Written { value, until, seq }))
+                let silence = held.holder.silence_limit();
+                Some((
+                    *client,
+                    Written {
+                        value,
+                        until,
+                        seq,
+                        silence,
+                    },
+                ))
             })
             .collect();
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
@@ -607,11 +642,16 @@ impl Enrolment {
         for (client, want) in &desired {
             match self.written.get_mut(client) {
                 // The same enforcement under a newer number: nothing to write.
-                Some(w) if (w.value, w.until) == (want.value, want.until) => w.seq = want.seq,
+                Some(w)
+                    if (w.value, w.until, w.silence) == (want.value, want.until, want.silence) =>
+                {
+                    w.seq = want.seq
+                }
                 _ => writes.push(Write::Set {
                     client: *client,
                     value: want.value,
                     until: want.until,
+                    silence: want.silence,
                 }),
             }
         }
@@ -642,6 +682,7 @@ impl Enrolment {
                     client: *client,
                     value: grant.value,
                     until: None,
+                    silence: grant.silence,
                 });
             }
         }
@@ -662,6 +703,7 @@ impl Enrolment {
                     value: u32::MAX,
                     until: None,
                     seq: None,
+                    silence: self.timing.silence(),
                 },
             );
         }

@@ -24,6 +24,8 @@ struct Sim {
     nodes: Vec<Enrolment>,
     /// What each node's datapath holds, as written.
     grants: Vec<Option<(u32, Option<Duration>)>>,
+    /// The silence limit each node's datapath holds its grant under.
+    silences: Vec<Duration>,
     counts: Vec<u64>,
     in_flight: Vec<(usize, usize, Outgoing)>,
     now: Duration,
@@ -56,6 +58,7 @@ impl Sim {
                 .collect(),
             members,
             grants: vec![None; n],
+            silences: vec![Duration::ZERO; n],
             counts: vec![0; n],
             in_flight: Vec::new(),
             now: Duration::from_secs(100),
@@ -138,13 +141,22 @@ impl Sim {
             node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
             let refuse = self.refuse == Some(i);
             let grant = &mut self.grants[i];
+            let kept = &mut self.silences[i];
             let out = node.round_writing(self.now, &view, &|_| Some(info), &mut |writes| {
                 if refuse {
                     return writes.to_vec();
                 }
                 for w in writes {
                     *grant = match *w {
-                        Write::Set { value, until, .. } => Some((value, until)),
+                        Write::Set {
+                            value,
+                            until,
+                            silence,
+                            ..
+                        } => {
+                            *kept = silence;
+                            Some((value, until))
+                        }
                         Write::Clear(_) => None,
                     };
                 }
@@ -160,6 +172,16 @@ impl Sim {
                 self.in_flight.push((i, j, msgs));
             }
         }
+    }
+
+    /// What node `i`'s maps hold for `client`, as a restarted agent finds it pinned.
+    fn pinned(&self, i: usize, client: ClientKey) -> Option<PinnedGrant> {
+        self.grants[i].map(|(value, until)| PinnedGrant {
+            client,
+            value,
+            until,
+            silence: Some(self.silences[i]),
+        })
     }
 
     fn total(&self) -> u32 {
@@ -508,6 +530,7 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
             demand: 50,
             applied: None,
             echo: None,
+            raise_left: None,
         },
     };
     let now = Duration::from_secs(5);
@@ -587,6 +610,7 @@ mod review {
         sim.nodes
             .push(Enrolment::new(four[3].clone(), timing(), 1, 16));
         sim.grants.push(None);
+        sim.silences.push(Duration::ZERO);
         sim.counts.push(0);
         // Raises issued for three members stay in force until their lease ends (in an agent the
         // join gate keeps the new member at 0 meanwhile, which this simulation leaves out):
@@ -627,7 +651,7 @@ mod review {
         rates[(o + 2) % 3] = 14;
         // The owner's agent restarts (incarnation 2): its maps are adopted.
         let mut fresh = Enrolment::new(three[o].clone(), timing(), 2, 16);
-        fresh.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        fresh.adopt(sim.now, sim.pinned(o, client));
         sim.nodes[o] = fresh;
         sim.in_flight.clear();
         sim.drop_to = Some(big);
@@ -686,7 +710,6 @@ mod second_review {
     /// only by the lease of the owner that granted it). Once learning ends the new ledger counts
     /// the raised holder at the cold share and raises another member into room that is not free.
     #[test]
-    #[ignore = "open: a new owner's learning mode lasts its own lease; an earlier owner's longer raise can outlast it (members must keep peer_timeout equal; the view hash now makes differing ones disagree)"]
     fn an_owner_restarting_with_a_shorter_lease_waits_out_the_old_raises() {
         let three = ids(3);
         let client = [7u8; 16];
@@ -708,7 +731,7 @@ mod second_review {
         rates[o] = 40;
         rates[(o + 2) % 3] = 40;
         let mut fresh = Enrolment::new(three[o].clone(), short(), 2, 16);
-        fresh.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        fresh.adopt(sim.now, sim.pinned(o, client));
         sim.nodes[o] = fresh;
         sim.in_flight.clear();
         let mut worst = (0, 0);
@@ -728,7 +751,6 @@ mod second_review {
     /// (it is still joining the others' views, or the owner's messages are lost), the holder goes
     /// back to the cold share too early.
     #[test]
-    #[ignore = "open: adopted grants are kept for the restarted holder's own silence limit, not the one they were granted under (keep peer_timeout equal across a restart)"]
     fn a_holder_restarting_with_a_shorter_silence_keeps_its_adopted_cut_long_enough() {
         let three = ids(3);
         let client = [7u8; 16];
@@ -749,7 +771,7 @@ mod second_review {
             "the small sender holds a cut"
         );
         let mut fresh = Enrolment::new(three[small].clone(), short(), 2, 16);
-        fresh.adopt(sim.now, sim.grants[small].map(|(v, _)| (client, v)));
+        fresh.adopt(sim.now, sim.pinned(small, client));
         sim.nodes[small] = fresh;
         sim.in_flight.clear();
         sim.drop_to = Some(small);
@@ -910,7 +932,7 @@ mod second_review {
             assert!(sim.total() <= L);
         }
         let mut back = Enrolment::new(three[o].clone(), timing(), 2, 16);
-        back.adopt(sim.now, sim.grants[o].map(|(v, _)| (client, v)));
+        back.adopt(sim.now, sim.pinned(o, client));
         sim.nodes[o] = back;
         sim.dead = None;
         for _ in 0..200 {

@@ -176,6 +176,11 @@ pub struct Report {
     pub applied: Option<u64>,
     /// The newest owner message the holder received.
     pub echo: Option<u64>,
+    /// How long the lease of the grant the holder's kernel enforces still runs (`None`: none
+    /// runs). A ledger that did not issue that grant (an earlier owner's, one the holder kept
+    /// across a restart) stays in learning mode until it has run out: the earlier owner's lease
+    /// may have been longer than this one's.
+    pub raise_left: Option<Duration>,
 }
 
 /// The member's side: what it enforces for the client.
@@ -221,6 +226,11 @@ impl Holder {
             next_report: first.max(1),
             sent: VecDeque::with_capacity(SENT_REPORTS),
         }
+    }
+
+    /// The silence limit in force: the longest of this holder's and its owner's.
+    pub fn silence_limit(&self) -> Duration {
+        self.silence
     }
 
     /// The number of the grant [`Holder::in_force`] gives at `now`.
@@ -278,6 +288,7 @@ impl Holder {
             demand,
             applied: self.grant.map(|g| g.seq),
             echo: self.echo,
+            raise_left: None,
         }
     }
 
@@ -548,6 +559,14 @@ impl Ledger {
         }
         account.last_report = Some((report.seq, now));
         account.demand = report.demand;
+        let ours = report
+            .applied
+            .is_some_and(|a| a >= self.first_grant && a < self.next_grant);
+        if !ours && let Some(left) = report.raise_left {
+            // Received after the holder sent it: the lease ends before `now + left` stretched.
+            let until = now + self.timing.stretched(left);
+            self.no_raise_until = self.no_raise_until.max(until);
+        }
         // Another ledger's grant (an earlier owner's, or another node's, whose numbers may be
         // larger than ours): not ours to account for; the holder stays counted at the cold
         // share at least (its raises lapse during learning mode).

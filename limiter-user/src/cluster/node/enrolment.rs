@@ -12,7 +12,7 @@ use super::Shared;
 use crate::{
     cluster::{
         NodeId,
-        enrolment::{GrantMsg, Outgoing, PolicyInfo, ReportMsg, View, Write},
+        enrolment::{GrantMsg, Outgoing, PinnedGrant, PolicyInfo, ReportMsg, View, Write},
         lease::{self, Report, Terms, ToHolder},
     },
     proto::cluster::{ClientGrant, ClientReport, GrantValue, Heartbeat},
@@ -40,7 +40,7 @@ pub trait Datapath: Send {
     /// with why.
     fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)>;
     /// The grants the maps hold (at start: those a previous run left).
-    fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError>;
+    fn grants(&self) -> Result<Vec<PinnedGrant>, GrantsError>;
 }
 
 /// Lease timing from `peer_timeout`: a raise lives one `peer_timeout` past the report it answers
@@ -191,11 +191,12 @@ fn write_grants(datapath: &mut dyn Datapath, writes: &[Write]) -> Vec<Write> {
                 client,
                 value,
                 until,
+                silence,
             } => (
                 client,
                 Some(Grant {
                     value,
-                    _pad: 0,
+                    silence_ms: u32::try_from(silence.as_millis()).unwrap_or(u32::MAX),
                     until_ns: until.map_or(0, |u| {
                         u64::try_from(u.saturating_sub(COARSE_SLACK).as_nanos()).unwrap_or(0)
                     }),
@@ -294,6 +295,11 @@ fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
             demand: r.report.demand,
             applied: r.report.applied,
             echo: r.report.echo,
+            // Rounded up: an owner may wait longer, never shorter.
+            raise_left_ms: r
+                .report
+                .raise_left
+                .map(|d| u32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)),
         })
         .collect();
     let grants = part(&out.grants, turn)
@@ -374,6 +380,20 @@ fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
                     demand: r.demand,
                     applied: r.applied,
                     echo: r.echo,
+                    raise_left: r
+                        .raise_left_ms
+                        .map(|ms| {
+                            let left = Duration::from_millis(u64::from(ms));
+                            if left > lease::Timing::MAX_LEASE {
+                                return Err(Status::invalid_argument(format!(
+                                    "a report's raise_left_ms ({ms}) is past the longest lease, \
+                                     {} ms",
+                                    lease::Timing::MAX_LEASE.as_millis()
+                                )));
+                            }
+                            Ok(left)
+                        })
+                        .transpose()?,
                 },
             })
         })
@@ -434,6 +454,7 @@ mod tests {
                     demand: 120,
                     applied: Some(4),
                     echo: None,
+                    raise_left: Some(Duration::from_millis(1_500)),
                 },
             }],
             grants: vec![GrantMsg {
@@ -533,6 +554,10 @@ mod tests {
         hb.reports[0].client = vec![1; 4];
         let e = from_wire(&hb).expect_err("refused");
         assert!(e.message().contains("16 bytes"), "{}", e.message());
+        let mut hb = heartbeat(&grant(None));
+        hb.reports[0].raise_left_ms = Some(3_600_001);
+        let e = from_wire(&hb).expect_err("refused");
+        assert!(e.message().contains("raise_left_ms"), "{}", e.message());
         let mut hb = heartbeat(&grant(None));
         hb.grants[0].policy = 70_000;
         let e = from_wire(&hb).expect_err("refused");

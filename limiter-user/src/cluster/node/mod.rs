@@ -1389,7 +1389,7 @@ mod tests {
             Vec::new()
         }
 
-        fn grants(&self) -> Result<Vec<(ClientKey, u32)>, GrantsError> {
+        fn grants(&self) -> Result<Vec<crate::cluster::enrolment::PinnedGrant>, GrantsError> {
             Ok(Vec::new())
         }
     }
