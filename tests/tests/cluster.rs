@@ -907,6 +907,7 @@ fn steady_windows(
 #[test]
 fn many_hot_clients_hold_the_steady_state_bounds() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("12k packets/s with per-window accuracy bounds");
     const SMALL: u8 = 100;
     const M: u64 = 10;
     let c = Cluster::start_with(3, traffic_settings(118 + SMALL))?;
@@ -1006,16 +1007,16 @@ fn sliding_range(times: &[Duration], from: Duration, to: Duration) -> (u64, u64)
 /// A spread change in one step: a client at 3 × L spread 80/15/5 moves to 5/15/80. Admitted over
 /// any [t − W, t] stays ≤ 1.2·L + N, and the count over (t − W, t] comes back within L ± 5%.
 ///
-/// Issue 12 asks for the return within W plus a few sync intervals. Measured here it takes
-/// W + 6 to 27 sync intervals (1.3 to 2.4 s at W = 1 s): a holder's demand is its rate over the
-/// last whole window, so after the step the node that lost its traffic still looks busy for up to
-/// a window and keeps a share it no longer uses (the fixed windows after the change admit
-/// 0.88–0.93 · L, then 0.95). The assertion is the bound this design gives, 2·W + 20 sync
-/// intervals, until demand is measured over a shorter interval. The L = 10/s client alongside is
-/// held to the 1.2·L + N bound only (±5% of 10 is half a packet).
+/// Issue 12 asks for the return within W plus a few sync intervals. With demand measured over
+/// the last whole window it took W + 6 to 27 sync intervals (the node that lost its traffic
+/// looked busy for up to a window); measured over a short span (32 packets, or the span the old
+/// rate would fill, when it falls) it takes about W + 11 (1.53–1.58 s at W = 1 s, sync 50 ms).
+/// Measured again after a merge: W + 16 to 17. Asserted: W + 30 sync intervals. The L = 10/s client alongside is held to the 1.2·L + N bound
+/// only (±5% of 10 is half a packet; its demand is measured over the whole window).
 #[test]
 fn a_spread_change_stays_bounded_and_recovers() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("recovery measured in sync intervals of wall-clock time");
     const CHANGE: Duration = Duration::from_secs(8);
     const AFTER: Duration = Duration::from_secs(5);
     let c = Cluster::start_with(3, traffic_settings(119))?;
@@ -1065,7 +1066,7 @@ fn a_spread_change_stays_bounded_and_recovers() -> Result<()> {
                 "L = {limit}: {max} admitted within one W > 1.2·L + N"
             ));
         }
-        if limit == BIG_L && back > WINDOW * 2 + SYNC_INTERVAL * 20 {
+        if limit == BIG_L && back > WINDOW + SYNC_INTERVAL * 30 {
             failures.push(format!(
                 "L = {limit}: back within ±5% only {back:?} after the change"
             ));
@@ -1094,6 +1095,7 @@ fn sleep_until(at: Duration) {
 #[test]
 fn a_killed_agent_with_enrolled_clients_keeps_the_bounds_and_rejoins() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("per-window accuracy bounds at wall-clock rates");
     const SMALL: u8 = 12;
     const KILL_AT: Duration = Duration::from_secs(7);
     const DEAD_FOR: Duration = Duration::from_secs(5);
@@ -1288,6 +1290,9 @@ fn wall_now() -> f64 {
 #[test]
 fn wall_clocks_off_by_seconds_and_an_hour_change_nothing() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!(
+        "per-window accuracy bounds at wall-clock rates (and faketime on the host)"
+    );
     const M: u64 = 10;
     let lib = libfaketime()?;
     let wrapper = |offset: &str| -> Vec<String> {
@@ -1372,6 +1377,7 @@ fn wall_clocks_off_by_seconds_and_an_hour_change_nothing() -> Result<()> {
 #[test]
 fn a_member_restarted_before_it_hears_its_peers_takes_its_owners_grants() -> Result<()> {
     require_root!();
+    limiter_tests::skip_under_emulation!("per-window accuracy bounds at wall-clock rates");
     const M: u64 = 3;
     let mut c = Cluster::start_with(3, traffic_settings(16))?;
     let (polite, hot) = (big_client(3), big_client(4));
