@@ -214,9 +214,11 @@ impl Credentials {
     }
 }
 
-/// Compares without an early exit on the first differing byte (the length is not secret).
+/// Compares a presented secret with the expected one without an early exit on the first
+/// differing byte (`subtle`'s constant-time comparison; the length is not secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    a.ct_eq(b).into()
 }
 
 /// Reads a token file: the token is its content without surrounding whitespace; it must not be

@@ -19,6 +19,7 @@ use std::{
 };
 
 use prost::Message as _;
+use subtle::ConstantTimeEq as _;
 use tokio::{sync::watch, task::JoinHandle};
 use tonic::{
     Request, Response, Status,
@@ -201,11 +202,6 @@ fn bearer(token: Option<&str>) -> Result<Option<AsciiMetadataValue>, NodeError> 
         .transpose()
 }
 
-/// Compares without an early exit on the first differing byte (the length is not secret).
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
     let node =
         NodeId::new(&hb.node_id).map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?;
@@ -331,7 +327,8 @@ impl Interceptor for TokenCheck {
             ));
         };
         match request.metadata().get("authorization") {
-            Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(request),
+            // Constant time: no early exit on the first differing byte.
+            Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(request),
             Some(_) => Err(Status::unauthenticated("wrong cluster token")),
             None => Err(Status::unauthenticated(
                 "the cluster token is required (authorization: Bearer TOKEN)",
