@@ -526,6 +526,16 @@ impl Enrolment {
         }
     }
 
+    /// Whether this node owns `client` (a ledger is open for it).
+    pub fn owns(&self, client: &ClientKey) -> bool {
+        self.owned.contains_key(client)
+    }
+
+    /// Whether this node holds `client` (reports on it, enforces its owner's grants).
+    pub fn holds(&self, client: &ClientKey) -> bool {
+        self.held.contains_key(client)
+    }
+
     /// The demand this node reports for `client`, and the total its owner sees if this node owns
     /// it (`limiter stats`).
     pub fn demand_of(&self, client: &ClientKey) -> (Option<u32>, Option<u64>) {
