@@ -13,6 +13,8 @@ pub mod traffic;
 
 // Shared by the tests and the charts.
 pub mod adaptive_sim;
+// Shared by the cluster simulation tests and the cluster benchmark.
+pub mod cluster_sim;
 
 // The binaries' bodies.
 pub mod bench;

@@ -746,6 +746,16 @@ impl Enrolment {
             cluster_demand: self.owned.get(client).map(|o| o.ledger.demand(now)),
         }
     }
+
+    /// Whether this node owns `client` (a ledger is open for it).
+    pub fn owns(&self, client: &ClientKey) -> bool {
+        self.owned.contains_key(client)
+    }
+
+    /// Whether this node holds `client` (reports on it, enforces its owner's grants).
+    pub fn holds(&self, client: &ClientKey) -> bool {
+        self.held.contains_key(client)
+    }
 }
 
 /// Packets a demand measurement wants before it trusts a span shorter than the window.

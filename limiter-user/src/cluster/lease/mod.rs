@@ -451,6 +451,19 @@ impl Account {
             .map(|g| g.lapses_at)
             .chain(self.silent_from(timing))
     }
+
+    /// The instants after `now` at which `bound_at` may change, and `also` if it is after `now`,
+    /// in order and each once.
+    fn steps(&self, now: Duration, timing: &Timing, also: Option<Duration>) -> Vec<Duration> {
+        let mut steps: Vec<Duration> = self
+            .changes(timing)
+            .chain(also)
+            .filter(|&t| t > now)
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        steps
+    }
 }
 
 impl Ledger {
@@ -597,6 +610,10 @@ impl Ledger {
     /// cold shares of the others ≤ L. The bounds are step functions of time, so checking the
     /// instants where one of them changes covers all instants. Holders are taken cuts first, then
     /// raises from the smallest target up (max-min: the room goes to the small first).
+    ///
+    /// The sum of the bounds at those instants is computed once and kept up to date as grants
+    /// are issued ([`Sums`]): a round costs O(n log n) for n holders (each has a few grants in
+    /// flight), and an idle holder whose grant stays as it is costs no check at all.
     pub fn round(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
         let timing = self.timing;
         let budget = u64::from(self.limit).saturating_sub(u64::from(cold) * u64::from(others));
@@ -615,60 +632,75 @@ impl Ledger {
         for account in self.holders.values_mut() {
             account.compact(now);
         }
-        let ids: Vec<NodeId> = self.holders.keys().cloned().collect();
-        let now_bounds: Vec<u32> = self
-            .holders
-            .values()
-            .map(|a| a.bound_at(now, cold, &timing))
-            .collect();
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| (targets[i] > now_bounds[i], targets[i]));
-        let mut grants: Vec<Option<Grant>> = vec![None; ids.len()];
-        for i in order {
-            // Learning mode sends no grant at all: capping at the cold share would *raise* a
-            // holder an earlier ledger had cut while others still enforce its raises.
-            if now < self.no_raise_until {
-                continue;
-            }
-            let Some((answers, received)) = self.holders[&ids[i]].last_report else {
-                continue;
-            };
-            let lapses_at = received + lease;
-            let value = self.feasible(i, &ids, targets[i], now, lapses_at, cold, budget);
-            let seq = self.next_grant;
-            let Some(account) = self.holders.get_mut(&ids[i]) else {
-                continue;
-            };
-            // The same value with more than half its lease to go: send it again (the holder
-            // ignores a grant it has; the message still shows the owner alive).
-            let unchanged = account
-                .live
-                .last()
-                .filter(|g| g.value == value && g.lapses_at >= now + timing.lease / 2);
-            grants[i] = Some(match unchanged {
-                Some(g) => Grant {
-                    seq: g.seq,
-                    value,
-                    answers: g.answers,
-                },
-                None => {
-                    self.next_grant += 1;
-                    account.live.push(Counted {
-                        seq,
+        let mut grants: Vec<Option<Grant>> = vec![None; self.holders.len()];
+        // Learning mode sends no grant at all: capping at the cold share would *raise* a holder
+        // an earlier ledger had cut while others still enforce its raises.
+        if now >= self.no_raise_until {
+            let mut accounts: Vec<&mut Account> = self.holders.values_mut().collect();
+            let now_bounds: Vec<u32> = accounts
+                .iter()
+                .map(|a| a.bound_at(now, cold, &timing))
+                .collect();
+            let mut order: Vec<usize> = (0..accounts.len()).collect();
+            order.sort_by_key(|&i| (targets[i] > now_bounds[i], targets[i]));
+            let mut sums = Sums::new(&accounts, now, lease, cold, &timing);
+            for i in order {
+                let account = &mut *accounts[i];
+                let Some((answers, received)) = account.last_report else {
+                    continue;
+                };
+                let lapses_at = received + lease;
+                let target = targets[i];
+                // An idle holder's grant, re-sent: its target is the value of its newest grant,
+                // at most the cold share, with more than half its lease to go. The holder's
+                // bound is at least that value at every instant from now on, so the check
+                // below would allow all of it; it is skipped.
+                let idle = account.live.last().is_some_and(|g| {
+                    g.value == target && target <= cold && g.lapses_at >= now + timing.lease / 2
+                });
+                let value = if idle {
+                    target
+                } else {
+                    sums.feasible(account, target, now, lapses_at, cold, budget, &timing)
+                };
+                // The same value with more than half its lease to go: send it again (the holder
+                // ignores a grant it has; the message still shows the owner alive).
+                let unchanged = account
+                    .live
+                    .last()
+                    .filter(|g| g.value == value && g.lapses_at >= now + timing.lease / 2);
+                grants[i] = Some(match unchanged {
+                    Some(g) => Grant {
+                        seq: g.seq,
                         value,
-                        answers,
-                        lapses_at,
-                    });
-                    Grant {
-                        seq,
-                        value,
-                        answers,
+                        answers: g.answers,
+                    },
+                    None => {
+                        let seq = self.next_grant;
+                        self.next_grant += 1;
+                        sums.issue(
+                            account,
+                            Counted {
+                                seq,
+                                value,
+                                answers,
+                                lapses_at,
+                            },
+                            now,
+                            cold,
+                            &timing,
+                        );
+                        Grant {
+                            seq,
+                            value,
+                            answers,
+                        }
                     }
-                }
-            });
+                });
+            }
         }
-        let mut out = Vec::with_capacity(ids.len());
-        for (account, (id, grant)) in self.holders.values_mut().zip(ids.into_iter().zip(grants)) {
+        let mut out = Vec::with_capacity(self.holders.len());
+        for ((id, account), grant) in self.holders.iter_mut().zip(grants) {
             let message = account.next_message;
             account.next_message += 1;
             if account.sent.len() == SENT_REPORTS {
@@ -676,7 +708,7 @@ impl Ledger {
             }
             account.sent.push_back((message, now));
             out.push((
-                id,
+                id.clone(),
                 ToHolder {
                     message,
                     grant,
@@ -690,50 +722,6 @@ impl Ledger {
         out
     }
 
-    /// The largest grant up to `target` for holder `i` (lapsing at `lapses_at`) that keeps the sum
-    /// of all bounds ≤ `budget` at every instant from `now` on.
-    #[expect(clippy::too_many_arguments, reason = "one round's context, private")]
-    fn feasible(
-        &self,
-        i: usize,
-        ids: &[NodeId],
-        target: u32,
-        now: Duration,
-        lapses_at: Duration,
-        cold: u32,
-        budget: u64,
-    ) -> u32 {
-        let timing = &self.timing;
-        // A grant answering a report older than a lease is lapsed on arrival: from now on it
-        // counts as min(value, cold).
-        let lapses_at = lapses_at.max(now);
-        let mut instants: Vec<Duration> = vec![now, lapses_at];
-        for account in self.holders.values() {
-            instants.extend(account.changes(timing).filter(|&t| t > now));
-        }
-        let mine = &self.holders[&ids[i]];
-        let mut value = target;
-        for at in instants {
-            let rest: u64 = ids
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, id)| u64::from(self.holders[id].bound_at(at, cold, timing)))
-                .sum();
-            let room = budget.saturating_sub(rest);
-            // What holder i may already enforce at `at` stays possible whatever we send.
-            let cap = u64::from(mine.bound_at(at, cold, timing)).max(room);
-            let cap = u32::try_from(cap).unwrap_or(u32::MAX);
-            if at < lapses_at {
-                value = value.min(cap);
-            } else if cap < cold {
-                // After its lease the grant counts as min(value, cold).
-                value = value.min(cap);
-            }
-        }
-        value
-    }
-
     /// The most that all members may be enforcing at `now`: the bounds of the enrolled plus the
     /// cold shares of the `others`. Never above L (the tests assert it; `round` keeps it).
     pub fn in_force_bound(&self, now: Duration, cold: u32, others: u32) -> u64 {
@@ -744,6 +732,209 @@ impl Ledger {
                 .values()
                 .map(|a| u64::from(a.bound_at(now, cold, &self.timing)))
                 .sum::<u64>()
+    }
+}
+
+/// The Σ of all holders' bounds at each instant one round must check, kept up to date as the
+/// round issues grants, so that a round costs O(n log n) for n holders rather than the O(n³) of
+/// summing every other holder's bound at every instant for every holder.
+///
+/// The instants are now, every instant at which some holder's bound may change, and the lapse
+/// of every grant the round may issue (a report's arrival plus the stretched lease): every bound
+/// is constant between two of them. The sums live in a segment tree over the instants with range
+/// add (a grant only ever raises its holder's bound, never lowers it) and range max.
+struct Sums {
+    instants: Vec<Duration>,
+    /// Per tree node: the largest sum in its range, with its own `add` and none of its
+    /// ancestors'.
+    max: Vec<u64>,
+    /// Per tree node: what was added to its whole range.
+    add: Vec<u64>,
+}
+
+impl Sums {
+    fn new(
+        accounts: &[&mut Account],
+        now: Duration,
+        lease: Duration,
+        cold: u32,
+        timing: &Timing,
+    ) -> Sums {
+        let mut instants = vec![now];
+        for a in accounts {
+            instants.extend(a.changes(timing).filter(|&t| t > now));
+            if let Some((_, received)) = a.last_report {
+                instants.push((received + lease).max(now));
+            }
+        }
+        instants.sort_unstable();
+        instants.dedup();
+        let len = instants.len();
+        let mut sums = Sums {
+            instants,
+            max: vec![0; 4 * len],
+            add: vec![0; 4 * len],
+        };
+        // Each bound as steps: its value at now, then what it changes by at each of its
+        // instants; the running total is the sum at each instant.
+        let mut steps = vec![0i64; len + 1];
+        for a in accounts {
+            let mut before = a.bound_at(now, cold, timing);
+            steps[0] += i64::from(before);
+            for at in a.steps(now, timing, None) {
+                let after = a.bound_at(at, cold, timing);
+                steps[sums.index(at)] += i64::from(after) - i64::from(before);
+                before = after;
+            }
+        }
+        let mut total = 0i64;
+        let leaves: Vec<u64> = steps[..len]
+            .iter()
+            .map(|s| {
+                total += s;
+                u64::try_from(total).unwrap_or(0)
+            })
+            .collect();
+        sums.build(1, 0, len, &leaves);
+        sums
+    }
+
+    /// The position of `at`, one of the instants.
+    fn index(&self, at: Duration) -> usize {
+        self.instants.partition_point(|&t| t < at)
+    }
+
+    fn build(&mut self, node: usize, lo: usize, hi: usize, leaves: &[u64]) {
+        if hi - lo == 1 {
+            self.max[node] = leaves[lo];
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        self.build(2 * node, lo, mid, leaves);
+        self.build(2 * node + 1, mid, hi, leaves);
+        self.max[node] = self.max[2 * node].max(self.max[2 * node + 1]);
+    }
+
+    /// Adds `v` to the sums at the instants `from..to`.
+    fn raise(&mut self, from: usize, to: usize, v: u64) {
+        self.raise_in(1, 0, self.instants.len(), from, to, v);
+    }
+
+    fn raise_in(&mut self, node: usize, lo: usize, hi: usize, from: usize, to: usize, v: u64) {
+        if to <= lo || hi <= from {
+            return;
+        }
+        if from <= lo && hi <= to {
+            self.max[node] += v;
+            self.add[node] += v;
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        self.raise_in(2 * node, lo, mid, from, to, v);
+        self.raise_in(2 * node + 1, mid, hi, from, to, v);
+        self.max[node] = self.max[2 * node].max(self.max[2 * node + 1]) + self.add[node];
+    }
+
+    /// The largest sum at the instants `from..to` (0 for none: sums are never negative).
+    fn most(&self, from: usize, to: usize) -> u64 {
+        self.most_in(1, 0, self.instants.len(), from, to)
+    }
+
+    fn most_in(&self, node: usize, lo: usize, hi: usize, from: usize, to: usize) -> u64 {
+        if to <= lo || hi <= from {
+            return 0;
+        }
+        if from <= lo && hi <= to {
+            return self.max[node];
+        }
+        let mid = (lo + hi) / 2;
+        self.most_in(2 * node, lo, mid, from, to)
+            .max(self.most_in(2 * node + 1, mid, hi, from, to))
+            + self.add[node]
+    }
+
+    /// The instants from `now` at which `account`'s bound may change, and `lapses_at` (a grant
+    /// about to be issued to it) if later than now; as runs of instants (`start`, `from..to`)
+    /// over which the bound is constant.
+    fn runs(
+        &self,
+        account: &Account,
+        now: Duration,
+        lapses_at: Duration,
+        timing: &Timing,
+    ) -> Vec<(Duration, usize, usize)> {
+        let cuts = account.steps(now, timing, Some(lapses_at));
+        let mut runs = Vec::with_capacity(cuts.len() + 1);
+        let (mut start, mut from) = (now, 0);
+        for cut in cuts {
+            let to = self.index(cut);
+            runs.push((start, from, to));
+            (start, from) = (cut, to);
+        }
+        runs.push((start, from, self.instants.len()));
+        runs
+    }
+
+    /// The largest grant up to `target` for `account` (lapsing at `lapses_at`) that keeps the
+    /// sum of all bounds ≤ `budget` at every instant from `now` on.
+    ///
+    /// At an instant where the holder's own bound is `b` and the sum of all bounds is `s`, the
+    /// others leave room for `budget − (s − b)`, and whatever the holder may already enforce stays
+    /// possible whatever is sent: the cap there is `max(b, budget − s + b) = b + (budget ∸ s)`.
+    /// Over a run where `b` is constant, the least cap is at the largest sum.
+    #[expect(clippy::too_many_arguments, reason = "one round's context, private")]
+    fn feasible(
+        &self,
+        account: &Account,
+        target: u32,
+        now: Duration,
+        lapses_at: Duration,
+        cold: u32,
+        budget: u64,
+        timing: &Timing,
+    ) -> u32 {
+        // A grant answering a report older than a lease is lapsed on arrival: from now on it
+        // counts as min(value, cold).
+        let lapses_at = lapses_at.max(now);
+        let mut value = target;
+        for (start, from, to) in self.runs(account, now, lapses_at, timing) {
+            if from >= to {
+                continue;
+            }
+            let mine = u64::from(account.bound_at(start, cold, timing));
+            let cap = mine + budget.saturating_sub(self.most(from, to));
+            let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+            // After its lease the grant counts as min(value, cold): only a cap below the cold
+            // share limits it there.
+            if start < lapses_at || cap < cold {
+                value = value.min(cap);
+            }
+        }
+        value
+    }
+
+    /// Issues `grant` to `account`: its bound goes up by what the grant adds, instant by
+    /// instant.
+    fn issue(
+        &mut self,
+        account: &mut Account,
+        grant: Counted,
+        now: Duration,
+        cold: u32,
+        timing: &Timing,
+    ) {
+        let runs = self.runs(account, now, grant.lapses_at, timing);
+        let before: Vec<u32> = runs
+            .iter()
+            .map(|&(start, _, _)| account.bound_at(start, cold, timing))
+            .collect();
+        account.live.push(grant);
+        for (&(start, from, to), before) in runs.iter().zip(before) {
+            let after = account.bound_at(start, cold, timing);
+            if after > before && from < to {
+                self.raise(from, to, u64::from(after - before));
+            }
+        }
     }
 }
 

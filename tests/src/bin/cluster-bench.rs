@@ -1,0 +1,9 @@
+//! Cluster sync benchmark (simulated); see `limiter_tests::bench::cluster`.
+//! `cluster-bench [--clients H,...] [--nodes N,...] [--seconds S] [--samples K] [--write FILE]`.
+
+use clap::Parser as _;
+use limiter_tests::bench::cluster::{Args, run};
+
+fn main() -> anyhow::Result<()> {
+    run(&Args::parse())
+}
