@@ -758,67 +758,26 @@ impl Enrolment {
     }
 }
 
-/// Packets a demand measurement wants before it trusts a span shorter than the window.
-const DEMAND_PACKETS: u64 = 32;
-
-/// Packets per `window`. A client with at least [`DEMAND_PACKETS`] packets in the last window is
-/// measured over the shortest recent span that lasts a tenth of the window or more (two sampling
-/// rounds at least) and holds that many packets, or, if none does (its traffic fell), over the
-/// last tenth of the window: its demand follows a rise or a fall within a few rounds (a node that
-/// lost its traffic stops holding its share). A sparser one is measured over the last window, so
-/// its demand is not noise.
+/// Packets per `window` over the samples of the last window (at least two sampling rounds).
 fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) -> u32 {
     let Some(&(newest_at, newest)) = samples.back() else {
         return 0;
     };
     let from = now.saturating_sub(window);
-    let short = window / 10;
-    let in_window = samples
+    let Some(&(oldest_at, oldest)) = samples
         .iter()
         .find(|(at, _)| *at >= from)
         .filter(|(at, _)| *at < newest_at)
-        .or_else(|| samples.iter().rev().nth(1));
-    let busy = in_window.is_some_and(|&(_, count)| newest.saturating_sub(count) >= DEMAND_PACKETS);
-    let recent = || {
-        samples
-            .iter()
-            .rev()
-            .skip(1)
-            .take_while(|(at, _)| *at >= from)
-            .filter(|(at, _)| newest_at.saturating_sub(*at) >= short)
+        .or_else(|| samples.iter().rev().nth(1))
+    else {
+        return 0;
     };
-    let rate = |span: Option<&(Duration, u64)>| -> u32 {
-        let Some(&(oldest_at, oldest)) = span else {
-            return 0;
-        };
-        let elapsed = newest_at.saturating_sub(oldest_at);
-        if elapsed.is_zero() {
-            return 0;
-        }
-        let packets = u128::from(newest.saturating_sub(oldest));
-        u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
-    };
-    if !busy {
-        return rate(in_window);
+    let elapsed = newest_at.saturating_sub(oldest_at);
+    if elapsed.is_zero() {
+        return 0;
     }
-    let span = recent()
-        .find(|&&(_, count)| newest.saturating_sub(count) >= DEMAND_PACKETS)
-        .or_else(|| recent().next())
-        .or(in_window);
-    let measured = rate(span);
-    // A fall: the recent span in which the last window's rate would bring DEMAND_PACKETS holds
-    // under a quarter of them. Then that span's rate is the demand (the shortest span with
-    // DEMAND_PACKETS in it reaches back to the old traffic, and would make a client that stopped
-    // look busy for a while).
-    let expect = window
-        .mul_f64(DEMAND_PACKETS as f64 / f64::from(rate(in_window).max(1)))
-        .max(short);
-    match recent().find(|(at, _)| newest_at.saturating_sub(*at) >= expect) {
-        Some(&(_, count)) if newest.saturating_sub(count) * 4 < DEMAND_PACKETS => {
-            rate(recent().find(|(at, _)| newest_at.saturating_sub(*at) >= expect))
-        }
-        _ => measured,
-    }
+    let packets = u128::from(newest.saturating_sub(oldest));
+    u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
