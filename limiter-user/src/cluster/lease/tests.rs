@@ -397,7 +397,7 @@ mod reference {
         let wants: Vec<u32> = ledger
             .holders
             .values()
-            .map(|a| shares::with_headroom(a.demand))
+            .map(|a| shares::with_headroom(a.demand_at(now, &timing)))
             .collect();
         let mut targets = shares::water_fill(budget, &wants);
         if ledger.releasing || now < ledger.no_raise_until {
