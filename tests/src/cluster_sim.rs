@@ -53,7 +53,7 @@ pub use limiter_user::cluster::{
     config::Partition,
     enrolment::{Enrolment, GrantMsg, Outgoing, PinnedGrant, PolicyInfo, ReportMsg, View, Write},
     lease::{Terms, Timing},
-    membership::{self, Membership, Phase, ShareView},
+    membership::{self, Heard, Membership, Phase, ShareView},
 };
 use limiter_user::proto::cluster::{ClientGrant, ClientReport, GrantValue, Heartbeat};
 use prost::Message as _;
@@ -76,7 +76,7 @@ pub struct Config {
     pub limit: u32,
     pub window: Duration,
     pub sync: Duration,
-    /// `peer_timeout`: the lease is one, the silence limit three (as `lease_timing`).
+    /// `peer_timeout`: the lease is one, the silence limit three (as `Timing::from_peer_timeout`).
     pub peer_timeout: Duration,
     /// Each directed link's one-way delay is drawn once from this range...
     pub delay: (Duration, Duration),
@@ -131,10 +131,9 @@ impl Config {
         }
     }
 
-    /// The lease timing enrolment runs on (`lease_timing` of the agent).
+    /// The lease timing enrolment runs on (as the agent).
     pub fn timing(&self) -> Timing {
-        Timing::new(self.peer_timeout, self.peer_timeout * 3, 1_000)
-            .unwrap_or_else(|e| panic!("lease timing from peer_timeout: {e}"))
+        Timing::from_peer_timeout(self.peer_timeout)
     }
 }
 
@@ -1677,9 +1676,13 @@ impl Sim {
                     Some(&(seq, sent)) if seq == echo && now - sent < half_timeout => {
                         node.in_flight.remove(&addr);
                         // A refusal (a peer claiming this member's id) cannot happen here.
-                        let _ =
+                        let heard =
                             node.membership
                                 .answered(addr, self.t0 + sent, &report, self.t0 + now);
+                        if heard == Ok(Heard::Restarted) {
+                            node.enrolment
+                                .holder_restarted(&report.node, report.incarnation);
+                        }
                     }
                     _ => {}
                 }
@@ -1704,8 +1707,15 @@ impl Sim {
         let now = node.clock.at(real);
         let instant = self.t0 + now;
         let fixed = self.cfg.views == Views::Fixed;
-        if !fixed && node.membership.heard(report, instant).is_err() {
-            return;
+        if !fixed {
+            match node.membership.heard(report, instant) {
+                Ok(Heard::Known) => {}
+                // Before the answer, as the agent does.
+                Ok(Heard::Restarted) => node
+                    .enrolment
+                    .holder_restarted(&report.node, report.incarnation),
+                Err(_) => return,
+            }
         }
         node.seq += 1;
         let answer = match &node.report {

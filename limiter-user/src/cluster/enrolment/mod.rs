@@ -180,6 +180,12 @@ struct Held {
     lapsed: Option<u64>,
 }
 
+/// The smallest number a member's reports, grants and messages carry in incarnation
+/// `incarnation` (see the module docs).
+fn first_number(incarnation: u64) -> u64 {
+    incarnation << 48
+}
+
 struct Owned {
     policy: u16,
     ledger: Ledger,
@@ -261,7 +267,7 @@ impl Enrolment {
 
     fn number(&mut self, now: Duration) -> u64 {
         let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX) & ((1 << 48) - 1);
-        let n = (self.incarnation << 48 | micros).max(self.last_number + 1);
+        let n = (first_number(self.incarnation) | micros).max(self.last_number + 1);
         self.last_number = n;
         n
     }
@@ -321,6 +327,18 @@ impl Enrolment {
         }
         for (client, (policy, _)) in std::mem::take(&mut self.pending) {
             self.hot(now, view, client, policy);
+        }
+    }
+
+    /// Member `node` started again (a new incarnation, [`super::membership::Heard::Restarted`]):
+    /// every ledger here counts it at the cold share at least from now on (see
+    /// [`Ledger::holder_restarted`]). Called before this node answers the member's heartbeat:
+    /// the member's join gate waits for that answer, then one lease more, so that every raise
+    /// granted while it was counted lower has lapsed when it takes its cold share.
+    pub fn holder_restarted(&mut self, node: &NodeId, incarnation: u64) {
+        let first_report = first_number(incarnation);
+        for owned in self.owned.values_mut() {
+            owned.ledger.holder_restarted(node, first_report);
         }
     }
 

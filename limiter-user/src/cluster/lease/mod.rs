@@ -32,9 +32,10 @@
 //! Preconditions the sync loop built on this must keep, and what is not covered yet (an
 //! independent review listed them): the cold share a holder uses is never above the one its
 //! owner counts with, and a larger member count (a smaller budget) may be used by the owner only
-//! a stretched lease after it was announced; a holder that restarts must not enforce more than
-//! the cold share less what it cannot account for until it hears its owner (reports and grants
-//! will carry the holder's incarnation); a new owner (after the old one left) must be told apart
+//! a stretched lease after it was announced; a holder that restarts is counted at the cold share at
+//! least from the owner's first news of its new incarnation ([`Ledger::holder_restarted`]), and
+//! must enforce nothing above what the owner counted before that until a stretched lease after
+//! the owner had that news (`super::membership`'s join gate holds it at 0); a new owner (after the old one left) must be told apart
 //! by an owner epoch in its messages, and issue no raise for one lease (learning mode); releasing
 //! a client is cut-before-raise too (every grant brought to at most the cold share and
 //! acknowledged before the ledger is dropped). `super::enrolment` provides the numbering across
@@ -103,6 +104,20 @@ impl Timing {
             });
         }
         Ok(timing)
+    }
+
+    /// The timing the agent runs on, from `peer_timeout`: a raise lives one `peer_timeout` past
+    /// the report it answers (a dead node's raises end as soon as its peers notice it is gone),
+    /// a holder that hears nothing of the owner for three drops its grant; clocks drift at most
+    /// ±1000 ppm.
+    pub fn from_peer_timeout(peer_timeout: Duration) -> Timing {
+        let lease = peer_timeout.clamp(Duration::from_millis(10), Self::MAX_LEASE);
+        Timing::new(lease, lease * 3, 1_000).unwrap_or_else(|_| {
+            // Unreachable for leases in range (3× exceeds the stretched lease); the defaults
+            // are valid.
+            Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000)
+                .unwrap_or_else(|e| panic!("default lease timing: {e}"))
+        })
     }
 
     pub fn lease(&self) -> Duration {
@@ -366,8 +381,11 @@ struct Account {
     /// `min(value, cold)`: the newest seq and the largest value among them. Keeps `live` bounded
     /// (a holder whose grants never arrive would otherwise add one every half lease).
     lapsed: Option<(u64, u32)>,
-    /// Whether the holder may still be enforcing the cold share (nothing applied yet).
+    /// Whether the holder may still be enforcing the cold share (nothing applied yet, or it
+    /// started again since).
     cold_possible: bool,
+    /// Reports numbered below this are from an earlier run of the holder's agent: ignored.
+    reports_from: u64,
     demand: u32,
     /// The newest report: its seq and when it arrived (owner clock).
     last_report: Option<(u64, Duration)>,
@@ -514,6 +532,19 @@ impl Ledger {
         });
     }
 
+    /// `node`'s agent started again and numbers its reports from `first_report` on: it may have
+    /// lost the grant it applied (a start without pins enforces the cold share once it has
+    /// joined), so it is counted at the cold share at least until a report of the new run says
+    /// it applied a grant of this ledger. Its grants stay counted too (a start with pins keeps
+    /// enforcing them). A late report of the earlier run is ignored: what it says was applied
+    /// may be gone.
+    pub fn holder_restarted(&mut self, node: &NodeId, first_report: u64) {
+        if let Some(account) = self.holders.get_mut(node) {
+            account.cold_possible = true;
+            account.reports_from = account.reports_from.max(first_report);
+        }
+    }
+
     /// Whether `node` is enrolled.
     pub fn is_enrolled(&self, node: &NodeId) -> bool {
         self.holders.contains_key(node)
@@ -564,9 +595,10 @@ impl Ledger {
         let Some(account) = self.holders.get_mut(node) else {
             return;
         };
-        if account
-            .last_report
-            .is_some_and(|(seq, _)| seq >= report.seq)
+        if report.seq < account.reports_from
+            || account
+                .last_report
+                .is_some_and(|(seq, _)| seq >= report.seq)
         {
             return; // old or duplicate: the newer one already counted
         }

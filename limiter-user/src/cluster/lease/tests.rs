@@ -690,3 +690,99 @@ mod reference {
         }
     }
 }
+
+/// Holders that apply every grant at once and report every round (for the restart test).
+struct Prompt {
+    ids: Vec<NodeId>,
+    seq: u64,
+    applied: BTreeMap<NodeId, u64>,
+    echo: BTreeMap<NodeId, u64>,
+}
+
+impl Prompt {
+    fn report(&self, id: &NodeId, demand: u32) -> Report {
+        Report {
+            seq: self.seq,
+            demand,
+            applied: self.applied.get(id).copied(),
+            echo: self.echo.get(id).copied(),
+            raise_left: None,
+        }
+    }
+
+    /// Everyone reports `demands`, the owner runs a round; the values granted.
+    fn round(&mut self, ledger: &mut Ledger, at: Duration, demands: [u32; 3]) -> Vec<u32> {
+        self.seq += 1;
+        for (id, demand) in self.ids.iter().zip(demands) {
+            ledger.receive(id, at, self.report(id, demand));
+        }
+        let mut granted: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for (id, message) in ledger.round(at, 100, 0) {
+            self.echo.insert(id.clone(), message.message);
+            if let Some(grant) = message.grant {
+                self.applied.insert(id.clone(), grant.seq);
+                granted.insert(id, grant.value);
+            }
+        }
+        self.ids.iter().map(|id| granted[id]).collect()
+    }
+}
+
+/// A holder whose agent started again is counted at the cold share at least: a member that
+/// restarted without its pins enforces the cold share once it has joined, not the cut its
+/// previous run applied, and the others' raises must make room for that.
+#[test]
+fn a_restarted_holder_counts_at_the_cold_share_at_least() {
+    let timing = Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing");
+    let ms = Duration::from_millis;
+    let mut holders = Prompt {
+        ids: ["a", "b", "c"]
+            .iter()
+            .map(|s| NodeId::new(s).expect("id"))
+            .collect(),
+        seq: 0,
+        applied: BTreeMap::new(),
+        echo: BTreeMap::new(),
+    };
+    let mut ledger = Ledger::new(300, timing);
+    for id in &holders.ids {
+        ledger.enrol(id.clone());
+    }
+    let demands = [240, 240, 15];
+    let mut split = Vec::new();
+    for i in 0..5 {
+        split = holders.round(&mut ledger, ms(50 * i), demands);
+    }
+    assert!(
+        split[0] > 100 && split[1] > 100 && split[2] < 100,
+        "the light member is cut, the others raised: {split:?}"
+    );
+    // c starts again without its pins: its reports are numbered from 1000 on, apply nothing
+    // and echo nothing; a late one of its earlier run (which says it applied its cut) is ignored.
+    let c = holders.ids[2].clone();
+    holders.seq += 1;
+    let late = holders.report(&c, 15);
+    ledger.holder_restarted(&c, 1000);
+    ledger.receive(&c, ms(240), late);
+    holders.applied.remove(&c);
+    holders.echo.remove(&c);
+    holders.seq = 1000;
+    // From now on the raises leave room for c's cold share: a and b get no more than the
+    // limit less 100 between them, as long as c's new run has applied nothing (the owner's
+    // messages to it are lost here)...
+    for i in 5..40 {
+        let split = holders.round(&mut ledger, ms(50 * i), demands);
+        holders.applied.remove(&c);
+        holders.echo.remove(&c);
+        assert!(split[0] + split[1] <= 200, "round {i}: {split:?}");
+    }
+    // ...until the new run applies its cut again.
+    holders.round(&mut ledger, ms(2_000), demands);
+    let split = holders.round(&mut ledger, ms(2_050), demands);
+    assert!(split[0] + split[1] > 200, "{split:?}");
+}

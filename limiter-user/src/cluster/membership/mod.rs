@@ -16,9 +16,14 @@
 //!
 //! The **phase** decides what a global policy's limit L becomes here ([`ShareView::share`]):
 //! - *joining*: a node that started without pins admits nothing of global policies until every
-//!   endpoint has answered counting at least as many members as we do (it has counted us), or
-//!   `join_limit` passes (a member down meanwhile may hold the share of a smaller count: see the
-//!   README on adding members);
+//!   endpoint has answered a heartbeat of this run counting at least as many members as we do
+//!   (it has counted us, and seen this incarnation), or `join_limit` passes (a member down
+//!   meanwhile may hold the share of a smaller count: see the README on adding members), and
+//!   then for one stretched lease more (`hold`): raises that owners granted before they counted
+//!   this node (for fewer members), or while they counted it at a cut its previous run applied,
+//!   have lapsed by then, so its cold share never comes on top of them. Owners count a member
+//!   that started again at the cold share at least from its first heartbeat ([`Heard::Restarted`]);
+//!   everything they grant after that already leaves room for it;
 //! - *cut off*: endpoints exist but none is live: `partition` applies (`share` ⌊L/N⌋, `local` L,
 //!   `deny` 0);
 //! - otherwise the cold share ⌊L/N⌋.
@@ -32,6 +37,7 @@ use std::{
 use super::{
     NodeId,
     config::{MAX_MEMBERS, Partition},
+    lease::{self, Ledger},
     shares::cold_share,
 };
 
@@ -68,6 +74,17 @@ pub enum Refusal {
     TooMany(NodeId),
     #[error("a member count of 0 is not possible (a node counts itself)")]
     NoMembers,
+}
+
+/// What a peer's report told membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// A member already known in this incarnation, or one not heard of before.
+    Known,
+    /// A member known in an earlier incarnation: its agent started again, and whatever grant it
+    /// enforced may be gone (a start without pins enforces the cold share once it has joined).
+    /// Owners must count it at the cold share at least before this node answers it.
+    Restarted,
 }
 
 /// The phase a node is in (see the module docs).
@@ -138,15 +155,20 @@ pub struct Timing {
     pub forget: Duration,
     /// How long a node without pins waits to be counted before it admits its share anyway.
     pub join_limit: Duration,
+    /// How long a node without pins still admits nothing after the join gate opened: the lease
+    /// of a raise as its owner counts it (stretched by clock drift).
+    pub hold: Duration,
 }
 
 impl Timing {
-    /// `forget` = max(10 × `peer_timeout`, 10 s); `join_limit` = 3 × `peer_timeout`.
+    /// `forget` = max(10 × `peer_timeout`, 10 s); `join_limit` = 3 × `peer_timeout`; `hold` =
+    /// the learning time of a ledger on the lease timing the agent derives from `peer_timeout`.
     pub fn new(peer_timeout: Duration) -> Timing {
         Timing {
             peer_timeout,
             forget: (peer_timeout * 10).max(Duration::from_secs(10)),
             join_limit: peer_timeout * 3,
+            hold: Ledger::learning(&lease::Timing::from_peer_timeout(peer_timeout)),
         }
     }
 }
@@ -198,6 +220,8 @@ pub struct Membership {
     started: Instant,
     /// The join gate is passed (latched).
     joined: bool,
+    /// When the join gate opened, for a node that started without pins (`hold` runs from here).
+    joined_at: Option<Instant>,
     endpoints: BTreeMap<SocketAddr, Endpoint>,
     /// Endpoints past [`MAX_MEMBERS`], not dialled but counted.
     overflow: u32,
@@ -233,6 +257,7 @@ impl Membership {
             partition,
             started: now,
             joined: adopted,
+            joined_at: None,
             endpoints: BTreeMap::new(),
             overflow: 0,
             unresolved: 0,
@@ -291,7 +316,7 @@ impl Membership {
         self.endpoints.keys().copied()
     }
 
-    fn take_report(&mut self, report: &Report, now: Instant) -> Result<(), Refusal> {
+    fn take_report(&mut self, report: &Report, now: Instant) -> Result<Heard, Refusal> {
         if report.node == self.me {
             return Err(Refusal::OwnId(report.node.clone()));
         }
@@ -300,8 +325,12 @@ impl Membership {
         }
         self.forget_silent(now);
         let newer = |s: &Seen| (report.incarnation, report.seq) >= (s.incarnation, s.seq);
+        let mut heard = Heard::Known;
         match self.seen.get_mut(&report.node) {
             Some(s) if newer(s) => {
+                if report.incarnation > s.incarnation {
+                    heard = Heard::Restarted;
+                }
                 *s = Seen {
                     at: now,
                     incarnation: report.incarnation,
@@ -329,13 +358,13 @@ impl Membership {
                 );
             }
         }
-        Ok(())
+        Ok(heard)
     }
 
     /// A heartbeat from a peer (dialled by it). Its sender is counted by its id until one of
     /// our endpoints answers as that id: an endpoint is never taken to be a node on the
     /// sender's word (a false claim would hide a member, and a smaller count is unsafe).
-    pub fn heard(&mut self, report: &Report, now: Instant) -> Result<(), Refusal> {
+    pub fn heard(&mut self, report: &Report, now: Instant) -> Result<Heard, Refusal> {
         self.take_report(report, now)
     }
 
@@ -346,14 +375,14 @@ impl Membership {
         sent: Instant,
         report: &Report,
         now: Instant,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Heard, Refusal> {
         if report.node == self.me {
             if let Some(e) = self.endpoints.get_mut(&addr) {
                 e.is_self = true;
             }
             return Err(Refusal::OwnId(report.node.clone()));
         }
-        self.take_report(report, now)?;
+        let heard = self.take_report(report, now)?;
         if let Some(e) = self.endpoints.get_mut(&addr) {
             if self.learned.len() < MAX_MEMBERS {
                 self.learned.insert(report.node.clone());
@@ -365,7 +394,7 @@ impl Membership {
                 e.rtt = Some(now.saturating_duration_since(sent));
             }
         }
-        Ok(())
+        Ok(heard)
     }
 
     fn forget_silent(&mut self, now: Instant) {
@@ -447,20 +476,30 @@ impl Membership {
         }
         if !self.joined {
             let members = self.members(now);
+            // An answer to a heartbeat of this run: the peer has seen this incarnation (a
+            // heartbeat of its own may count us from before the restart).
             let counted = self.unresolved == 0
                 && self.endpoints.values().all(|e| {
                     e.is_self
-                        || e.node
-                            .as_ref()
-                            .and_then(|id| self.seen.get(id))
-                            .is_some_and(|s| s.members >= members)
+                        || e.echoed.is_some()
+                            && e.node
+                                .as_ref()
+                                .and_then(|id| self.seen.get(id))
+                                .is_some_and(|s| s.members >= members)
                 });
             let waited = now.saturating_duration_since(self.started) >= self.timing.join_limit;
             if counted || waited {
                 self.joined = true;
+                self.joined_at = Some(now);
             } else {
                 return Phase::Joining;
             }
+        }
+        if self
+            .joined_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.timing.hold)
+        {
+            return Phase::Joining;
         }
         let live = self.endpoints.values().any(|e| self.is_live(e, now));
         let settled = now.saturating_duration_since(self.started) >= self.timing.peer_timeout;

@@ -141,13 +141,58 @@ fn a_node_without_pins_admits_nothing_until_counted() {
     assert_eq!(m.phase(t0 + ms(10)), Phase::Joining);
     m.answered(addr(7202), t0 + ms(50), &report("n2", 2, 3, 0), t0 + ms(60))
         .expect("answer");
-    let view = m.share_view(t0 + ms(60));
+    // Counted by both: the gate is open, and one stretched lease of holding follows.
+    let hold = Timing::new(TIMEOUT).hold;
+    assert!(hold > TIMEOUT, "a lease stretched by drift: {hold:?}");
+    assert_eq!(m.share_view(t0 + ms(60)).share(40), 0);
+    assert_eq!(m.phase(t0 + ms(60) + hold - ms(1)), Phase::Joining);
+    // Answers keep coming (the peers stay live).
+    let later = t0 + ms(60) + hold;
+    for (port, node) in [(7202, "n2"), (7203, "n3")] {
+        m.answered(addr(port), later, &report(node, 9, 3, 0), later)
+            .expect("answer");
+    }
+    let view = m.share_view(later);
     assert_eq!(view.phase, Phase::Connected);
     assert_eq!(view.share(40), 13);
     // Latched: n2 forgetting us for a moment does not stop admission.
-    m.answered(addr(7202), t0 + ms(70), &report("n2", 3, 2, 0), t0 + ms(80))
+    m.answered(addr(7202), later, &report("n2", 10, 2, 0), later + ms(10))
         .expect("answer");
-    assert_eq!(m.phase(t0 + ms(80)), Phase::Connected);
+    assert_eq!(m.phase(later + ms(10)), Phase::Connected);
+}
+
+#[test]
+fn a_peers_own_heartbeat_does_not_open_the_join_gate() {
+    // After a restart, a peer's heartbeats count us from before: only an answer to one of
+    // ours shows that it has seen this incarnation (and that its owners count us afresh).
+    let t0 = Instant::now();
+    let mut m = three(false, Partition::Share, t0);
+    m.heard(&report("n2", 1, 3, 0), t0).expect("heard");
+    m.heard(&report("n3", 1, 3, 0), t0).expect("heard");
+    m.answered(addr(7202), t0, &report("n2", 2, 3, 0), t0 + ms(1))
+        .expect("answer");
+    assert_eq!(m.phase(t0 + ms(1)), Phase::Joining);
+    assert!(!m.joined, "n3's endpoint has not answered");
+    m.answered(addr(7203), t0, &report("n3", 2, 3, 0), t0 + ms(2))
+        .expect("answer");
+    assert_eq!(m.phase(t0 + ms(2)), Phase::Joining, "holding");
+    assert!(m.joined);
+}
+
+#[test]
+fn a_new_incarnation_is_told_apart() {
+    let t0 = Instant::now();
+    let mut m = three(true, Partition::Share, t0);
+    assert_eq!(m.heard(&report("n2", 5, 3, 0), t0), Ok(Heard::Known));
+    assert_eq!(m.heard(&report("n2", 6, 3, 0), t0), Ok(Heard::Known));
+    let again = Report {
+        incarnation: 2,
+        ..report("n2", 1, 3, 0)
+    };
+    assert_eq!(m.answered(addr(7202), t0, &again, t0), Ok(Heard::Restarted));
+    assert_eq!(m.heard(&again, t0), Ok(Heard::Known), "told once");
+    // A late report of the earlier incarnation is not a restart.
+    assert_eq!(m.heard(&report("n2", 7, 3, 0), t0), Ok(Heard::Known));
 }
 
 #[test]
@@ -156,10 +201,14 @@ fn the_join_gate_opens_after_its_limit() {
     let mut m = three(false, Partition::Share, t0);
     // Counted at three before this restart (the state directory says so).
     m.set_floor(3, t0);
-    let limit = Timing::new(TIMEOUT).join_limit;
-    assert_eq!(m.phase(t0 + limit - ms(1)), Phase::Joining);
+    let Timing {
+        join_limit, hold, ..
+    } = Timing::new(TIMEOUT);
+    assert_eq!(m.phase(t0 + join_limit - ms(1)), Phase::Joining);
+    assert_eq!(m.phase(t0 + join_limit), Phase::Joining, "holding");
+    assert_eq!(m.phase(t0 + join_limit + hold - ms(1)), Phase::Joining);
     // Nobody answered: cut off, and `share` keeps the cold share.
-    let view = m.share_view(t0 + limit);
+    let view = m.share_view(t0 + join_limit + hold);
     assert_eq!(view.phase, Phase::CutOff);
     assert_eq!(view.share(40), 13);
 }
@@ -240,7 +289,11 @@ fn a_peer_name_not_resolved_yet_counts_and_keeps_the_node_from_being_alone() {
     m.set_endpoints([addr(7202)]);
     m.answered(addr(7202), t0, &report("n2", 1, 2, 0), t0)
         .expect("answer");
-    assert_eq!(m.share_view(t0).share(40), 20);
+    assert_eq!(m.share_view(t0).share(40), 0, "holding");
+    let hold = Timing::new(TIMEOUT).hold;
+    m.answered(addr(7202), t0 + hold, &report("n2", 2, 2, 0), t0 + hold)
+        .expect("answer");
+    assert_eq!(m.share_view(t0 + hold).share(40), 20);
 }
 
 #[test]

@@ -43,18 +43,6 @@ pub trait Datapath: Send {
     fn grants(&self) -> Result<Vec<PinnedGrant>, GrantsError>;
 }
 
-/// Lease timing from `peer_timeout`: a raise lives one `peer_timeout` past the report it answers
-/// (a dead node's raises end as soon as its peers notice it is gone), a holder that hears nothing
-/// of the owner for three drops its grant; clocks drift at most ±1000 ppm.
-pub fn lease_timing(peer_timeout: Duration) -> lease::Timing {
-    let lease = peer_timeout.clamp(Duration::from_millis(10), lease::Timing::MAX_LEASE);
-    lease::Timing::new(lease, lease * 3, 1_000).unwrap_or_else(|_| {
-        // Unreachable for leases in range (3× exceeds the stretched lease); the defaults are valid.
-        lease::Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000)
-            .unwrap_or_else(|e| panic!("default lease timing: {e}"))
-    })
-}
-
 /// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: leases written for the kernel are on it.
 pub fn monotonic() -> Duration {
     let mut ts = libc::timespec {

@@ -33,7 +33,7 @@ use limiter_common::addr::ClientKey;
 use super::{
     ClusterPolicies, NodeId,
     config::{ClusterConfig, PeerAddr},
-    membership::{Membership, Phase, Refusal, Report, ShareView, Timing},
+    membership::{Heard, Membership, Phase, Refusal, Report, ShareView, Timing},
 };
 use crate::proto::{
     self,
@@ -292,8 +292,9 @@ impl Peer for PeerService {
                 report.node
             );
         }
+        let mut heard = Heard::Known;
         if !(own && hb.nonce == self.0.nonce) {
-            state
+            heard = state
                 .membership
                 .heard(&report, now)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -302,6 +303,12 @@ impl Peer for PeerService {
             .membership
             .report(self.0.incarnation, self.0.next_seq(), now);
         drop(state);
+        if heard == Heard::Restarted {
+            // Before the answer: the member's join gate opens on it (see `Heard::Restarted`).
+            self.0
+                .enrolment()
+                .holder_restarted(&report.node, report.incarnation);
+        }
         if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
             enrolment::take_in(&self.0, &report.node, &hb)?;
         }
@@ -405,7 +412,7 @@ impl Node {
         let view = membership.share_view(now);
         let enrolment = super::enrolment::Enrolment::new(
             config.node_id.clone(),
-            enrolment::lease_timing(config.peer_timeout),
+            super::lease::Timing::from_peer_timeout(config.peer_timeout),
             incarnation,
             max_global_clients,
         );
@@ -514,7 +521,7 @@ impl Node {
             .reconfigure(Timing::new(config.peer_timeout), config.partition);
         self.shared
             .enrolment()
-            .set_timing(enrolment::lease_timing(config.peer_timeout));
+            .set_timing(super::lease::Timing::from_peer_timeout(config.peer_timeout));
         state.membership.set_policies_hash(policies.hash());
         state.resolved.retain(|p, _| config.peers.contains(p));
         for p in &config.peers {
@@ -912,7 +919,13 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         .membership
         .answered(addr, sent, &report, Instant::now())
     {
-        Ok(()) => {}
+        Ok(Heard::Known) => {}
+        Ok(Heard::Restarted) => {
+            drop(state);
+            shared
+                .enrolment()
+                .holder_restarted(&report.node, report.incarnation);
+        }
         // This node itself (its own heartbeat came back): not counted.
         Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
             tracing::debug!(%addr, "cluster: this endpoint is this node")
