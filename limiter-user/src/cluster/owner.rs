@@ -29,9 +29,12 @@ pub fn weight(node: &NodeId, client: &ClientKey) -> u64 {
 /// The owner of `client` among `members` (ties, which need a SHA-256 prefix collision, go to the
 /// smaller id); `None` when there are no members.
 pub fn owner<'a>(client: &ClientKey, members: &'a [NodeId]) -> Option<&'a NodeId> {
+    // Each weight once (a comparison-based max would hash every member twice).
     members
         .iter()
-        .max_by(|a, b| weight(a, client).cmp(&weight(b, client)).then(b.cmp(a)))
+        .map(|m| (weight(m, client), m))
+        .max_by(|(wa, a), (wb, b)| wa.cmp(wb).then(b.cmp(a)))
+        .map(|(_, m)| m)
 }
 
 #[cfg(test)]

@@ -190,6 +190,9 @@ struct Owned {
     policy: u16,
     ledger: Ledger,
     quiet_since: Option<Duration>,
+    /// Its ledger has enrolled the live members, and its owner was checked, under the view of
+    /// the last round (see `round_writing`).
+    checked: bool,
 }
 
 /// This member's enrolment state (see the module docs).
@@ -201,6 +204,9 @@ pub struct Enrolment {
     last_number: u64,
     held: HashMap<ClientKey, Held>,
     owned: HashMap<ClientKey, Owned>,
+    /// The members and live members of the last round whose view agreed: while they stay the
+    /// same, a ledger checked under them needs no enrolling or owner check again.
+    checked_view: (Vec<NodeId>, Vec<NodeId>),
     /// Hot notices that came while views differed: (policy, when), at most `capacity`.
     pending: HashMap<ClientKey, (u16, Duration)>,
     /// What the datapath holds, as last written.
@@ -224,6 +230,7 @@ impl Enrolment {
             last_number: 0,
             held: HashMap::new(),
             owned: HashMap::new(),
+            checked_view: (Vec::new(), Vec::new()),
             pending: HashMap::new(),
             written: HashMap::new(),
             adopted_until: None,
@@ -398,7 +405,7 @@ impl Enrolment {
                 now + Ledger::learning(&self.timing),
             );
             for member in view.live {
-                ledger.enrol(member.clone());
+                ledger.enrol(member);
             }
             self.owned.insert(
                 msg.client,
@@ -406,6 +413,7 @@ impl Enrolment {
                     policy: msg.policy,
                     ledger,
                     quiet_since: None,
+                    checked: false,
                 },
             );
         }
@@ -416,7 +424,7 @@ impl Enrolment {
             return;
         }
         // A member that reports is live; one that restarted enrols again.
-        owned.ledger.enrol(from.clone());
+        owned.ledger.enrol(from);
         owned.ledger.receive(from, now, msg.report);
     }
 
@@ -556,16 +564,23 @@ impl Enrolment {
                 self.receive_report(now, view, &me, msg, info(msg.policy));
             }
         }
-        // Owners: enrol the live members, water-fill, release what is quiet.
+        // Owners: enrol the live members, water-fill, release what is quiet. Enrolling and the
+        // owner check are done again only when the view changed (O(members) hashes a client).
         let mut closed = Vec::new();
+        let view_changed = view.agreed
+            && (self.checked_view.0 != view.members || self.checked_view.1 != view.live);
+        if view_changed {
+            self.checked_view = (view.members.to_vec(), view.live.to_vec());
+        }
         for (client, owned) in self.owned.iter_mut() {
             let Some(policy) = info(owned.policy) else {
                 closed.push(*client);
                 continue;
             };
-            if view.agreed {
+            if view.agreed && (view_changed || !owned.checked) {
+                owned.checked = true;
                 for member in view.live {
-                    owned.ledger.enrol(member.clone());
+                    owned.ledger.enrol(member);
                 }
                 // Rendezvous now picks another member (one joined): hand the client over by
                 // releasing it (no more raises; the holders go back to the cold share once none

@@ -52,6 +52,16 @@ use super::{NodeId, shares};
 /// applied as already lapsed (`min(value, cold)`), which is always safe.
 const SENT_REPORTS: usize = 16;
 
+/// The time of message or report `number` among the recent ones `sent`, which are numbered one
+/// after the other (so it is found by its offset from the oldest).
+fn numbered(sent: &VecDeque<(u64, Duration)>, number: u64) -> Option<Duration> {
+    let &(first, _) = sent.front()?;
+    let index = usize::try_from(number.checked_sub(first)?).ok()?;
+    sent.get(index)
+        .filter(|(n, _)| *n == number)
+        .map(|&(_, at)| at)
+}
+
 /// Clock parameters shared by owner and holders (build with [`Timing::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -335,11 +345,7 @@ impl Holder {
             return;
         }
         self.newest_grant = grant.seq;
-        let until = self
-            .sent
-            .iter()
-            .find(|(seq, _)| *seq == grant.answers)
-            .map(|&(_, sent)| sent + lease);
+        let until = numbered(&self.sent, grant.answers).map(|sent| sent + lease);
         self.grant = Some(Applied {
             seq: grant.seq,
             value: grant.value,
@@ -522,14 +528,20 @@ impl Ledger {
         self.limit
     }
 
-    /// Enrols `node`: it enforces the cold share until it applies a grant.
-    pub fn enrol(&mut self, node: NodeId) {
-        let first = self.first_message;
-        self.holders.entry(node).or_insert_with(|| Account {
-            cold_possible: true,
-            next_message: first,
-            ..Account::default()
-        });
+    /// Enrols `node` (nothing changes if it is enrolled): it enforces the cold share until it
+    /// applies a grant.
+    pub fn enrol(&mut self, node: &NodeId) {
+        if self.holders.contains_key(node) {
+            return;
+        }
+        self.holders.insert(
+            node.clone(),
+            Account {
+                cold_possible: true,
+                next_message: self.first_message,
+                ..Account::default()
+            },
+        );
     }
 
     /// `node`'s agent started again and numbers its reports from `first_report` on: it may have
@@ -626,7 +638,7 @@ impl Ledger {
             account.cold_possible = false;
         }
         if let Some(echo) = report.echo
-            && let Some(&(_, at)) = account.sent.iter().find(|(m, _)| *m == echo)
+            && let Some(at) = numbered(&account.sent, echo)
         {
             account.echoed_sent_at = Some(account.echoed_sent_at.map_or(at, |a| a.max(at)));
         }

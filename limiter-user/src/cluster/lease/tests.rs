@@ -102,7 +102,7 @@ impl Sim {
             .collect();
         let mut ledger = Ledger::new(limit, timing);
         for n in &nodes {
-            ledger.enrol(n.id.clone());
+            ledger.enrol(&n.id);
         }
         let cold = shares::cold_share(limit, members);
         Sim {
@@ -597,7 +597,7 @@ mod reference {
             let mut sent: Vec<(Vec<u64>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); 12];
             for op in &ops {
                 match op {
-                    Op::Enrol(node) => ledger.enrol(ids[*node].clone()),
+                    Op::Enrol(node) => ledger.enrol(&ids[*node]),
                     Op::Report { node, demand, back, applied, echo } => {
                         seqs[*node] += 1;
                         let (grants, messages) = &sent[*node];
@@ -647,7 +647,7 @@ mod reference {
             .map(|i| NodeId::new(&format!("n{i}")).expect("a valid id"))
             .collect();
         for id in &ids {
-            ledger.enrol(id.clone());
+            ledger.enrol(id);
         }
         let mut now = Duration::from_secs(10);
         let mut seq = 0;
@@ -751,7 +751,7 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
     };
     let mut ledger = Ledger::new(300, timing);
     for id in &holders.ids {
-        ledger.enrol(id.clone());
+        ledger.enrol(id);
     }
     let demands = [240, 240, 15];
     let mut split = Vec::new();
