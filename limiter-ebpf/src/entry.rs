@@ -17,7 +17,7 @@ use aya_ebpf::{
 use limiter_common::{
     ClientState, GlobalStats, Grant, MapConfig, Policy,
     addr::{ClientKey, as_v4, keyed_by, set_group_key, set_policy_key_of},
-    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, META_FLAG, generation_tag},
+    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, COUNTER_MASK, META_FLAG, generation_tag},
     window::{
         COARSE_CLOCK_MIN_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale, slot_count, slot_tag,
     },
@@ -33,6 +33,10 @@ use crate::{
 
 /// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
 const EEXIST: i32 = 17;
+
+/// A client over its limit in a map it never moves out of is reported on `HOT` at its first
+/// denied hit and then once per 2^12 denied hits (see `report_kept`).
+const KEPT_HOT_SHIFT: u32 = 12;
 
 /// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
@@ -500,7 +504,8 @@ pub(crate) struct Outcome {
 /// Admits or denies `hits` for the entry of `key` found in `home` and counts them; a denied
 /// `CLIENTS` entry first moves to `LIMITED` (see `hold_limited`). With `cluster` (the agent set
 /// `CONFIG_CLUSTER`) a client with a grant in `GRANTS` is decided with the grant's allowance,
-/// and a move to `LIMITED` is reported on `HOT`.
+/// and a move to `LIMITED` is reported on `HOT` (as are, paced, the denials of entries that do
+/// not move: see `report_kept`).
 ///
 /// # Safety
 /// `state` points at a live map value, the entry of `key` in `home`.
@@ -562,10 +567,34 @@ pub(crate) unsafe fn decide_hits(
         if !outcome.admitted {
             if over_limit && home == Home::Clients {
                 outcome.entry = hold_limited(key, state, cluster, stats);
+            } else if over_limit && home == Home::Kept && cluster {
+                report_kept(key, outcome.entry, hits);
             }
             add_up(&raw mut (*outcome.entry).dropped, hits as u64);
         }
         outcome
+    }
+}
+
+/// Reports on `HOT` a client denied by its window whose entry does not move into `LIMITED`
+/// (the move is what reports a `CLIENTS` entry): an exact-address client (`STATIC_CLIENTS`), an
+/// API ID (`NAMED`, `NAMED_STATIC`), any client an API check denies (checks never move entries:
+/// see `limiter_check`), and one already in `LIMITED`. Without a flag to spare in the entry,
+/// the dropped counter paces it: the first denied hit, then one report per 2^12 denied hits,
+/// so a notice the ring lost, or one the agent let go (its owner silent), comes again while the
+/// client stays over its limit. Called before the hits are added to the counter.
+///
+/// # Safety
+/// `entry` points at a live map value.
+#[inline(always)]
+unsafe fn report_kept(key: &ClientKey, entry: *mut ClientState, hits: u32) {
+    // SAFETY: live map value (the function's contract); a racing add only shifts which denied
+    // hit reports.
+    let before = unsafe { core::ptr::read_volatile(&raw const (*entry).dropped) } & COUNTER_MASK;
+    let after = before + hits as u64;
+    if before == 0 || before >> KEPT_HOT_SHIFT != after >> KEPT_HOT_SHIFT {
+        // A full ring loses the notice, not the limit.
+        let _ = HOT.output::<ClientKey>(key, 0);
     }
 }
 

@@ -414,6 +414,89 @@ fn enrolment_splits_a_hot_clients_limit_by_demand() -> Result<()> {
     Ok(())
 }
 
+/// Makes `count` checks of one hit of `id`, one every `pause`, node `k` taking `weights[k]` of
+/// every Σ weights in turn; returns how many each node allowed.
+fn checks_spread(
+    apis: &mut [limiter_tests::api::Api],
+    id: &str,
+    count: u32,
+    weights: &[u32],
+    pause: Duration,
+) -> Result<Vec<u64>> {
+    let turn: Vec<usize> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &w)| std::iter::repeat_n(k, w as usize))
+        .collect();
+    let mut allowed = vec![0; apis.len()];
+    let start = Instant::now();
+    for i in 0..count {
+        let k = turn[i as usize % turn.len()];
+        if apis[k].check(id, 1)?.allowed {
+            allowed[k] += 1;
+        }
+        sleep_until_instant(start + pause * (i + 1));
+    }
+    Ok(allowed)
+}
+
+fn sleep_until_instant(at: Instant) {
+    if let Some(left) = at.checked_duration_since(Instant::now()) {
+        thread::sleep(left);
+    }
+}
+
+/// An API ID under a global policy (no packet ever carries it) is enrolled like an address:
+/// the check program reports it hot on its denials (its entry never moves into `LIMITED`), and
+/// its owner splits L by the checks each node sees. At 3 × L spread 80/15/5 the cold shares
+/// alone allow 10 + 10 + 4.5 of 30 a second (0.82 · L); enrolled, at least 0.9 · L, never more
+/// than L a window plus N.
+#[test]
+fn an_api_id_under_a_global_policy_is_enrolled_by_its_denials() -> Result<()> {
+    require_root!();
+    let mut settings = Settings::standard("share");
+    settings.policies.push_str(&format!(
+        "  - match: tenant-gold
+    limit: {LIMIT}
+    window: 1s
+    scope: global
+"
+    ));
+    let c = Cluster::start_with(3, settings)?;
+    let mut apis = (0..3)
+        .map(|k| {
+            let socket = format!("/run/limiter/{}.sock", c.net.node(k).receiver_if);
+            limiter_tests::api::Api::unix(&socket, Duration::from_secs(5))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rate = 3 * LIMIT as u32;
+    let pause = Duration::from_micros(1_000_000 / u64::from(rate));
+    let weights = [16, 3, 1];
+    // Warm-up: denied at once on node 0, enrolled, raised after learning mode (one lease).
+    checks_spread(&mut apis, "tenant-gold", rate * 4, &weights, pause)?;
+    let start = Instant::now();
+    let allowed = checks_spread(&mut apis, "tenant-gold", rate * 6, &weights, pause)?;
+    let took = start.elapsed().as_secs_f64();
+    let got: u64 = allowed.iter().sum();
+    let ratio = got as f64 / (took * LIMIT as f64);
+    let statuses: Vec<Value> = (0..3).map(|k| c.status(k)).collect::<Result<_>>()?;
+    eprintln!("an API ID at 3 × L, 80/15/5: allowed {allowed:?} in {took:.2} s: {ratio:.3} · L");
+    assert!(
+        got as f64 <= (took.ceil() + 1.0) * LIMIT as f64 * 1.01 + 3.0,
+        "allowed {got} in {took:.2} s: over L; {statuses:#?}"
+    );
+    assert!(
+        ratio >= 0.9,
+        "allowed {allowed:?} in {took:.2} s ({ratio:.3} · L): not enrolled? {statuses:#?}"
+    );
+    let held: u64 = statuses
+        .iter()
+        .map(|s| s["enrolment"]["held"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(held, 3, "every node holds the ID: {statuses:#?}");
+    Ok(())
+}
+
 /// One node cut off (everything to and from its peer address blackholed): it notices within
 /// peer_timeout and applies `partition`; its peers keep their cold share (they count it still:
 /// its program may still be enforcing); healed, it goes back to the cold share.

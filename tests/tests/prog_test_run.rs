@@ -1322,6 +1322,14 @@ policies:
     limit: 30
     window: 1h
     scope: global
+  - match: 10.230.1.7
+    limit: 30
+    window: 1h
+    scope: global
+  - match: tenant-gold
+    limit: 30
+    window: 1h
+    scope: global
 cluster:
   node_id: n1
   listen: 127.0.0.1:7201
@@ -1418,6 +1426,105 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
         ensure!(grants.write(&[(key(1), None)]).is_empty());
         check_eq!(lim.send(src(1), 5)?, 0);
         check_eq!(checker.check(&ClientId::Addr(src(1)), 0)?.limit, 10);
+        Ok(())
+    })
+}
+
+/// Clients whose entries never move into `LIMITED` are reported on `HOT` by their denials: an
+/// exact-address client (`STATIC_CLIENTS`), an API ID (`NAMED_STATIC`), and an address an API
+/// check denies (checks never move entries). Otherwise a global client that only the API sees,
+/// or one with an exact-address policy, would never be enrolled and stay at the cold share
+/// wherever its demand is. The first denial reports, then one per 2^12 denied hits; the agent's
+/// cluster maps find the entries wherever they live.
+#[test]
+fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
+    use limiter_user::{
+        check::{Checker, ClientId},
+        cluster::{
+            config::Partition,
+            membership::{Phase, ShareView},
+        },
+        datapath::grants::ClusterMaps,
+        limits::with_shares,
+    };
+    limiter_tests::require_root!();
+    in_one_window(HOUR_NS, |_| {
+        let mut ebpf = datapath::load(&LoadOptions {
+            pin_dir: None,
+            max_clients: 1024,
+            ..LoadOptions::default()
+        })
+        .context("loading the object (needs root)")?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        let view = ShareView {
+            members: 3,
+            phase: Phase::Connected,
+            partition: Partition::Share,
+        };
+        let config = with_shares(&Config::parse(GLOBAL)?, &view);
+        tables.apply(&config)?;
+        let check_program = datapath::load_check_program(&mut ebpf)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(datapath::PROGRAM)
+            .context("no limiter program")?
+            .try_into()?;
+        program.load()?;
+        let mut maps = ClusterMaps::take(&mut ebpf, &tables)?;
+        let lim = Limiter { ebpf, tables };
+        let checker = Checker::new(check_program, &config);
+        let exact = IpAddr::V4(Ipv4Addr::new(10, 230, 1, 7));
+        let gold: ClientId = "tenant-gold".parse()?;
+        let checked = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 9));
+        // The exact address's packets: its cold share of 10, the rest denied, one report.
+        check_eq!(lim.send(exact, 40)?, 10);
+        check_eq!(
+            maps.hot(),
+            vec![ClientId::Addr(exact).key()],
+            "the exact address"
+        );
+        // The ID's checks, one hit each: 10 allowed, 5 denied, one report.
+        let allowed = (0..15)
+            .map(|_| checker.check(&gold, 1).map(|d| d.allowed))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_eq!(allowed.iter().filter(|a| **a).count(), 10);
+        check_eq!(maps.hot(), vec![gold.key()], "the API ID");
+        // An address only checked through the API: its entry stays in `CLIENTS`.
+        let spent = checker.check(&ClientId::Addr(checked), 12)?;
+        check_eq!(spent.allowed, false);
+        check_eq!(
+            maps.hot(),
+            vec![ClientId::Addr(checked).key()],
+            "the checked address"
+        );
+        // Each has an entry the agent's enrolment reads (its counters are its demand).
+        for (what, key) in [
+            ("exact", ClientId::Addr(exact).key()),
+            ("ID", gold.key()),
+            ("checked", ClientId::Addr(checked).key()),
+        ] {
+            let entry = maps
+                .entry(&key)
+                .with_context(|| format!("no entry for the {what}"))?;
+            ensure!(
+                entry.dropped_count() > 0,
+                "the {what} client's entry counts no drop"
+            );
+        }
+        // Paced: 30 denied so far; 4066 more cross 4096 once.
+        check_eq!(lim.send(exact, 4_065)?, 0);
+        check_eq!(
+            maps.hot(),
+            Vec::<ClientKey>::new(),
+            "4095 denied: no second report"
+        );
+        check_eq!(lim.send(exact, 1)?, 0);
+        check_eq!(
+            maps.hot(),
+            vec![ClientId::Addr(exact).key()],
+            "the 4097th denied"
+        );
+        check_eq!(lim.send(exact, 100)?, 0);
+        check_eq!(maps.hot(), Vec::<ClientKey>::new());
         Ok(())
     })
 }

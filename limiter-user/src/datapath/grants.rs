@@ -20,9 +20,10 @@ pub const DEFAULT_MAX_GLOBAL_CLIENTS: u32 = 1 << 16;
 pub struct ClusterMaps {
     grants: HashMap<MapData, ClientKey, Grant>,
     hot: RingBuf<MapData>,
-    /// `LIMITED`, `CLIENTS`, `STATIC_CLIENTS`: where a client's entry may be, likeliest first for
-    /// a hot client.
-    clients: [HashMap<MapData, ClientKey, ClientState>; 3],
+    /// `LIMITED`, `CLIENTS`, `STATIC_CLIENTS`, `NAMED_STATIC`, `NAMED`: where a client's entry
+    /// may be, likeliest first for a hot client (an address's before an API ID's: address keys
+    /// and ID keys, SHA-256 prefixes, do not meet).
+    clients: [HashMap<MapData, ClientKey, ClientState>; 5],
 }
 
 fn taken(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
@@ -46,7 +47,7 @@ impl ClusterMaps {
     pub fn take(ebpf: &mut Ebpf, tables: &Tables) -> Result<ClusterMaps, DatapathError> {
         let grants = HashMap::try_from(taken(ebpf, "GRANTS")?).map_err(map_err("GRANTS"))?;
         let hot = RingBuf::try_from(taken(ebpf, "HOT")?).map_err(map_err("HOT"))?;
-        let [clients, statics, limited] =
+        let [clients, statics, limited, named, named_static] =
             tables.client_fds().map_err(|error| DatapathError::Io {
                 what: "duplicating the descriptors of",
                 path: "the client maps".into(),
@@ -59,6 +60,8 @@ impl ClusterMaps {
                 from_fd(limited, "LIMITED")?,
                 from_fd(clients, "CLIENTS")?,
                 from_fd(statics, "STATIC_CLIENTS")?,
+                from_fd(named_static, "NAMED_STATIC")?,
+                from_fd(named, "NAMED")?,
             ],
         })
     }

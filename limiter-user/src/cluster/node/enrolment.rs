@@ -128,8 +128,9 @@ pub fn round(shared: &Shared) {
         return;
     }
     // The fast path reports a client once, when it moves into `LIMITED` (one that stays busy
-    // stays there): a notice taken while no round can split is kept (`Enrolment::defer`), not
-    // left in the ring, which would overflow during a long partition.
+    // stays there; entries that never move are reported once per 4096 denied hits): a notice
+    // taken while no round can split is kept (`Enrolment::defer`), not left in the ring, which
+    // would overflow during a long partition.
     let hot = datapath.hot();
     let out = if snapshot.splitting {
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
