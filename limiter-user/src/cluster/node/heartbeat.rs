@@ -1,0 +1,305 @@
+//! The client side of membership: resolving the `peers` names, and the heartbeat loop that
+//! dials every endpoint each `sync_interval`, carries the enrolment messages, takes in the
+//! answers and hands the policy store each new share view.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use prost::Message as _;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+
+use super::{
+    MAX_MESSAGE_BYTES, RESOLVE_INTERVAL, ShareSink, Shared, Traffic, enrolment,
+    service::{Client, TokenAdd, to_heartbeat, to_report},
+};
+use crate::{
+    cluster::{
+        config::PeerAddr,
+        membership::{Heard, Phase, Refusal, ShareView},
+    },
+    proto::cluster::peer_client::PeerClient,
+};
+
+/// Resolves the `peers` names every [`RESOLVE_INTERVAL`]; a failed lookup keeps the addresses
+/// it last gave (a DNS hiccup must not shrink the member count).
+pub(super) async fn resolve_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (names, timeout) = {
+            let state = shared.lock();
+            let names: Vec<PeerAddr> = state
+                .config
+                .peers
+                .iter()
+                .filter(|p| !matches!(p, PeerAddr::Socket(_)))
+                .cloned()
+                .collect();
+            (names, state.config.peer_timeout)
+        };
+        for peer in names {
+            let (name, port, all) = match &peer {
+                PeerAddr::Host { name, port } => (name.clone(), *port, false),
+                PeerAddr::Dns { name, port } => (name.clone(), *port, true),
+                PeerAddr::Socket(_) => continue,
+            };
+            let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((name, port)));
+            let addrs: Vec<SocketAddr> = match lookup.await {
+                Ok(Ok(addrs)) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    if !all {
+                        addrs.truncate(1);
+                    }
+                    addrs
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("resolving cluster peer {peer}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!("resolving cluster peer {peer}: timed out");
+                    continue;
+                }
+            };
+            let mut state = shared.lock();
+            if !state.config.peers.contains(&peer) {
+                continue;
+            }
+            state.resolved.insert(peer, addrs);
+            state.refresh_endpoints();
+        }
+    }
+}
+
+/// Every `sync_interval`: a heartbeat to each endpoint that has none in flight, and the share
+/// view handed to the sink when it changed.
+pub(super) async fn heartbeat_loop(
+    shared: Arc<Shared>,
+    sink: ShareSink,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut clients: HashMap<SocketAddr, Client> = HashMap::new();
+    let in_flight: Arc<Mutex<HashSet<SocketAddr>>> = Arc::default();
+    let mut interval = shared.lock().config.sync_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = Instant::now();
+        let (endpoints, timeout, sync_interval, view, previous) = {
+            let mut state = shared.lock();
+            let view = state.membership.share_view(now);
+            let previous = state.view;
+            let endpoints: Vec<SocketAddr> = state.membership.endpoints().collect();
+            (
+                endpoints,
+                state.config.peer_timeout,
+                state.config.sync_interval,
+                view,
+                previous,
+            )
+        };
+        if view != previous {
+            say_view(&previous, &view);
+            let sink = sink.clone();
+            // Map writes: off the runtime's workers. The view is in force (and in the status)
+            // once they are done.
+            let applied = tokio::task::spawn_blocking(move || sink(view))
+                .await
+                .unwrap_or(false);
+            if applied {
+                shared.lock().view = view;
+            }
+        }
+        {
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                enrolment::round(&shared);
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                shared.traffic.rounds.fetch_add(1, Ordering::Relaxed);
+                shared.traffic.round_ns.fetch_add(took, Ordering::Relaxed);
+            })
+            .await;
+        }
+        if sync_interval != interval {
+            interval = sync_interval;
+            tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        clients.retain(|a, _| endpoints.contains(a));
+        for addr in endpoints {
+            if !in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(addr)
+            {
+                continue;
+            }
+            let client = match clients.get(&addr) {
+                Some(c) => c.clone(),
+                None => match client(addr, timeout, &shared) {
+                    Ok(c) => clients.entry(addr).or_insert(c).clone(),
+                    Err(e) => {
+                        tracing::warn!(%addr, "cluster peer: {}", crate::error_chain(&e));
+                        in_flight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&addr);
+                        continue;
+                    }
+                },
+            };
+            let (shared, in_flight) = (shared.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                heartbeat(&shared, addr, client, timeout).await;
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&addr);
+            });
+        }
+    }
+}
+
+pub(super) fn client(
+    addr: SocketAddr,
+    timeout: Duration,
+    shared: &Arc<Shared>,
+) -> Result<Client, tonic::transport::Error> {
+    // From the listen address when it is a specific one of the same family: the peer then
+    // sees this node's heartbeats come from where it answers (and a firewall rule on that
+    // address cuts both ways).
+    let listen = shared.lock().config.listen.ip();
+    let local = (!listen.is_unspecified() && listen.is_ipv4() == addr.is_ipv4()).then_some(listen);
+    let scheme = if shared.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = &shared.tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    let channel = endpoint
+        .local_address(local)
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(
+        PeerClient::with_interceptor(channel, TokenAdd(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
+    let sent = Instant::now();
+    let seq = shared.next_seq();
+    let (mut request, node) = {
+        let state = shared.lock();
+        (
+            to_heartbeat(
+                state.membership.report(shared.incarnation, seq, sent),
+                0,
+                shared,
+            ),
+            state.membership.endpoint_node(addr).cloned(),
+        )
+    };
+    if let Some(node) = node {
+        enrolment::attach_outgoing(shared, &node, &mut request);
+    }
+    let traffic = &shared.traffic;
+    Traffic::add(&traffic.bytes_sent, request.encoded_len());
+    // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
+    let answer = match tokio::time::timeout(timeout / 2, client.heartbeat(request)).await {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            // Refused as a member (say another node uses this id): worth an operator's eye.
+            tracing::warn!(%addr, "cluster heartbeat refused: {}", status.message());
+            Traffic::add(&traffic.heartbeats_failed, 1);
+            return;
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(%addr, "cluster heartbeat: {}", status.message());
+            Traffic::add(&traffic.heartbeats_failed, 1);
+            return;
+        }
+        Err(_) => {
+            Traffic::add(&traffic.heartbeats_failed, 1);
+            return;
+        }
+    };
+    Traffic::add(&traffic.bytes_received, answer.encoded_len());
+    if answer.echo != seq {
+        tracing::debug!(%addr, "cluster heartbeat: the answer echoes {} not {seq}", answer.echo);
+        return;
+    }
+    let report = match to_report(&answer) {
+        Ok(report) => report,
+        Err(status) => {
+            tracing::warn!(%addr, "cluster peer answered with {}", status.message());
+            return;
+        }
+    };
+    let mut state = shared.lock();
+    match state
+        .membership
+        .answered(addr, sent, &report, Instant::now())
+    {
+        Ok(Heard::Known) => {}
+        Ok(Heard::Restarted) => {
+            drop(state);
+            shared
+                .enrolment()
+                .holder_restarted(&report.node, report.incarnation);
+        }
+        // This node itself (its own heartbeat came back): not counted.
+        Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
+            tracing::debug!(%addr, "cluster: this endpoint is this node")
+        }
+        Err(refusal) => tracing::warn!(%addr, "cluster peer refused: {refusal}"),
+    }
+}
+
+fn say_view(previous: &ShareView, view: &ShareView) {
+    if previous.phase != view.phase {
+        match view.phase {
+            Phase::CutOff => tracing::warn!(
+                partition = %view.partition,
+                "cluster: no peer answers within peer_timeout: cut off; global policies now \
+                 follow `partition: {}`",
+                view.partition
+            ),
+            phase => tracing::info!(
+                phase = phase.as_str(),
+                members = view.members,
+                "cluster: {}",
+                phase.as_str()
+            ),
+        }
+    }
+    if previous.members != view.members {
+        tracing::info!(
+            members = view.members,
+            before = previous.members,
+            "cluster: the agreed member count changed; global policies' shares follow"
+        );
+    }
+}

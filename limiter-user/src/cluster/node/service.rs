@@ -1,0 +1,169 @@
+//! The server side of membership: the `limiter.cluster.v1.Peer` service that answers heartbeats
+//! (and takes in the enrolment messages they carry), the token check on every call, and the
+//! conversions between heartbeats and membership reports.
+
+use std::{sync::Arc, time::Instant};
+
+use prost::Message as _;
+use subtle::ConstantTimeEq as _;
+use tonic::{
+    Request, Response, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+use super::{NodeError, Shared, Traffic, enrolment};
+use crate::{
+    cluster::{
+        NodeId,
+        membership::{Heard, Report},
+    },
+    proto::cluster::{Heartbeat, peer_client::PeerClient, peer_server::Peer},
+};
+
+pub(super) fn bearer(token: Option<&str>) -> Result<Option<AsciiMetadataValue>, NodeError> {
+    token
+        .map(|t| format!("Bearer {t}").parse().map_err(|_| NodeError::Token))
+        .transpose()
+}
+
+pub(super) fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
+    let node =
+        NodeId::new(&hb.node_id).map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?;
+    Ok(Report {
+        node,
+        incarnation: hb.incarnation,
+        seq: hb.seq,
+        members: hb.members,
+        view_hash: hb.view_hash,
+    })
+}
+
+pub(super) fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartbeat {
+    Heartbeat {
+        node_id: report.node.to_string(),
+        incarnation: shared.incarnation,
+        seq: report.seq,
+        echo,
+        members: report.members,
+        view_hash: report.view_hash,
+        nonce: shared.nonce,
+        reports: Vec::new(),
+        grants: Vec::new(),
+    }
+}
+
+/// The peer service: answers heartbeats.
+pub(super) struct PeerService(pub(super) Arc<Shared>);
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<Heartbeat>, Status> {
+        // With mutual TLS a peer speaks only as its certificate's common name.
+        let certified = match &self.0.tls {
+            None => None,
+            Some(_) => {
+                let certs = request
+                    .peer_certs()
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+                let der = certs
+                    .first()
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+                let (subject, cn) = crate::certificate::subject(der).map_err(|e| {
+                    Status::unauthenticated(format!("unreadable client certificate: {e}"))
+                })?;
+                Some(cn.ok_or_else(|| {
+                    Status::permission_denied(format!(
+                        "the client certificate {subject:?} has no common name: a peer's is its \
+                         node_id"
+                    ))
+                })?)
+            }
+        };
+        let hb = request.into_inner();
+        Traffic::add(&self.0.traffic.bytes_received, hb.encoded_len());
+        if let Some(cn) = certified
+            && cn != hb.node_id
+        {
+            return Err(Status::permission_denied(format!(
+                "the heartbeat says node_id {:?} but the certificate names {cn:?}: a peer speaks \
+                 only as itself",
+                hb.node_id
+            )));
+        }
+        let report = to_report(&hb)?;
+        let now = Instant::now();
+        let mut state = self.0.lock();
+        let own = report.node == *state.membership.me();
+        if own && hb.nonce != self.0.nonce {
+            tracing::warn!(
+                "cluster: another node uses this node's id {}: its heartbeats are refused",
+                report.node
+            );
+        }
+        let mut heard = Heard::Known;
+        if !(own && hb.nonce == self.0.nonce) {
+            heard = state
+                .membership
+                .heard(&report, now)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
+        let me = state
+            .membership
+            .report(self.0.incarnation, self.0.next_seq(), now);
+        drop(state);
+        if heard == Heard::Restarted {
+            // Before the answer: the member's join gate opens on it (see `Heard::Restarted`).
+            self.0
+                .enrolment()
+                .holder_restarted(&report.node, report.incarnation);
+        }
+        if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
+            enrolment::take_in(&self.0, &report.node, &hb)?;
+        }
+        let answer = to_heartbeat(me, hb.seq, &self.0);
+        Traffic::add(&self.0.traffic.bytes_sent, answer.encoded_len());
+        Ok(Response::new(answer))
+    }
+}
+
+/// Checks the bearer token on the server side, and adds it on the client side.
+#[derive(Clone)]
+pub(super) struct TokenCheck(pub(super) Arc<Shared>);
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = self.0.token() else {
+            if self.0.tls.is_some() {
+                // Mutual TLS alone: the handshake authenticated the peer.
+                return Ok(request);
+            }
+            return Err(Status::unauthenticated(
+                "no cluster credentials are configured",
+            ));
+        };
+        match request.metadata().get("authorization") {
+            // Constant time: no early exit on the first differing byte.
+            Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong cluster token")),
+            None => Err(Status::unauthenticated(
+                "the cluster token is required (authorization: Bearer TOKEN)",
+            )),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct TokenAdd(pub(super) Arc<Shared>);
+
+impl Interceptor for TokenAdd {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = self.0.token() {
+            request.metadata_mut().insert("authorization", token);
+        }
+        Ok(request)
+    }
+}
+
+pub(super) type Client = PeerClient<InterceptedService<Channel, TokenAdd>>;

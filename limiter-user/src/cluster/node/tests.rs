@@ -1,0 +1,496 @@
+//! The node over real sockets: heartbeats, tokens, views and enrolment between agents in one
+//! process.
+
+use std::sync::atomic::AtomicU32;
+
+use tonic::Request;
+
+use super::*;
+use crate::{
+    cluster::{GlobalPolicy, config::Partition, membership::Phase},
+    proto::cluster::{Heartbeat, peer_client::PeerClient},
+};
+
+const TOKEN: &str = "a-cluster-token-of-some-length";
+
+fn section(id: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> ClusterConfig {
+    ClusterConfig {
+        node_id: NodeId::new(id).expect("id"),
+        listen,
+        peers: peers.into_iter().map(PeerAddr::Socket).collect(),
+        token_file: Some("/unused".into()),
+        tls: None,
+        sync_interval: Duration::from_millis(20),
+        peer_timeout: Duration::from_millis(200),
+        partition: Partition::Local,
+    }
+}
+
+fn token() -> Credentials {
+    Credentials {
+        token: Some(TOKEN.into()),
+        tls: None,
+    }
+}
+
+fn policies() -> ClusterPolicies {
+    ClusterPolicies {
+        config: None,
+        global: vec![GlobalPolicy {
+            id: 1,
+            matches: "10.0.0.0/8".into(),
+            limit: 40,
+            window_us: 1_000_000,
+        }],
+    }
+}
+
+async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+/// Records the share views a node hands over.
+fn recorder() -> (ShareSink, Arc<AtomicU32>) {
+    let last = Arc::new(AtomicU32::new(u32::MAX));
+    let seen = last.clone();
+    (
+        Arc::new(move |v: ShareView| {
+            seen.store(v.share(40), Ordering::SeqCst);
+            true
+        }),
+        last,
+    )
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let n1 = Node::new(
+        &section("n1", a1, vec![a2]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let n2 = Node::new(
+        &section("n2", a2, vec![a1]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n2");
+    let (stop1, rx1) = watch::channel(false);
+    let (stop2, rx2) = watch::channel(false);
+    let (sink1, share1) = recorder();
+    let (sink2, _) = recorder();
+    let _t1 = n1.run(l1, sink1, rx1);
+    let _t2 = n2.run(l2, sink2, rx2);
+    // (Before n2 hears n1 answer, it counts n1 twice, by id and by endpoint: safe, and
+    // gone at n2's next heartbeat.)
+    wait_for("both live, two members agreed", || {
+        let s = n1.status();
+        s.phase == "connected"
+            && s.agreed_members == 2
+            && s.views_agree
+            && s.peers.iter().all(|p| p.live && p.node_id == "n2")
+    })
+    .await;
+    let s = n1.status();
+    assert_eq!((s.members, s.agreed_members), (2, 2));
+    assert!(s.views_agree, "{s:?}");
+    assert_eq!(s.policies[0].share, 20);
+    // The status (and the metrics, which read it) show the sync's work.
+    let peer = &s.peers[0];
+    let rtt = peer.rtt.expect("an answered heartbeat has a round trip");
+    assert!(rtt.seconds == 0 && rtt.nanos > 0, "{rtt:?}");
+    let traffic = s.traffic.expect("traffic");
+    assert!(traffic.rounds >= 1 && traffic.bytes_sent > 0 && traffic.bytes_received > 0);
+    assert_eq!(traffic.heartbeats_failed, 0);
+    // n2 stops: n1 is cut off, and `partition: local` gives it the whole limit.
+    stop2.send_replace(true);
+    wait_for("n1 cut off", || n1.status().phase == "cut-off").await;
+    assert!(n1.status().traffic.expect("traffic").heartbeats_failed > 0);
+    assert_eq!(
+        share1.load(Ordering::SeqCst),
+        40,
+        "the maps got the whole limit"
+    );
+    assert_eq!(n1.status().members, 2, "a silent member still counts");
+    stop1.send_replace(true);
+}
+
+#[tokio::test]
+async fn peers_without_the_token_or_as_this_node_are_refused() {
+    let (l1, a1) = listener().await;
+    let n1 = Node::new(
+        &section("n1", a1, vec![]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let (stop, rx) = watch::channel(false);
+    let (sink, _) = recorder();
+    let _t = n1.run(l1, sink, rx);
+    let channel = Endpoint::from_shared(format!("http://{a1}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let heartbeat = |id: &str| Heartbeat {
+        nonce: 0,
+        node_id: id.into(),
+        incarnation: 1,
+        seq: 1,
+        echo: 0,
+        members: 2,
+        view_hash: 0,
+        ..Heartbeat::default()
+    };
+    let mut bare = PeerClient::new(channel.clone());
+    let e = bare.heartbeat(heartbeat("n2")).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let with = |token: &'static str| {
+        move |mut r: Request<()>| {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("value"),
+            );
+            Ok(r)
+        }
+    };
+    let mut wrong = PeerClient::with_interceptor(channel.clone(), with("not-the-cluster-token"));
+    let e = wrong
+        .heartbeat(heartbeat("n2"))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut good = PeerClient::with_interceptor(channel, with(TOKEN));
+    let e = good.heartbeat(heartbeat("n1")).await.expect_err("own id");
+    assert!(e.message().contains("this node's own id"), "{e:?}");
+    let e = good.heartbeat(heartbeat("n 2")).await.expect_err("bad id");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = good
+        .heartbeat(Heartbeat {
+            node_id: "x".repeat(MAX_MESSAGE_BYTES),
+            ..heartbeat("n2")
+        })
+        .await
+        .expect_err("oversized");
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    let answer = good
+        .heartbeat(heartbeat("n2"))
+        .await
+        .expect("valid")
+        .into_inner();
+    assert_eq!((answer.node_id.as_str(), answer.echo), ("n1", 1));
+    assert_eq!(answer.members, 2, "n2 heard: n1 counts it");
+    stop.send_replace(true);
+}
+
+/// A CA, and PEM credentials for `cn` (DNS name `limiter-cluster`) signed by it.
+struct Pki(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cluster test CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        Pki(rcgen::CertifiedIssuer::self_signed(params, key).expect("CA"))
+    }
+
+    fn credentials(&self, cn: &str) -> Credentials {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["limiter-cluster".to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.0).expect("cert");
+        Credentials {
+            token: None,
+            tls: Some(TlsMaterial {
+                cert: cert.pem().into_bytes(),
+                key: key.serialize_pem().into_bytes(),
+                ca: self.0.pem().into_bytes(),
+                server_name: "limiter-cluster".into(),
+            }),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
+    let pki = Pki::new();
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let (l3, a3) = listener().await;
+    let tls_section = |id, a, peers| ClusterConfig {
+        token_file: None,
+        ..section(id, a, peers)
+    };
+    let n1 = Node::new(
+        &tls_section("n1", a1, vec![a2]),
+        &pki.credentials("n1"),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let n2 = Node::new(
+        &tls_section("n2", a2, vec![a1]),
+        &pki.credentials("n2"),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n2");
+    // n3's certificate is the CA's, but its heartbeats say n4.
+    let n3 = Node::new(
+        &tls_section("n4", a3, vec![a1]),
+        &pki.credentials("n3"),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n3");
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (node, l) in [(&n1, l1), (&n2, l2), (&n3, l3)] {
+        let (sink, _) = recorder();
+        tasks.extend(node.run(l, sink, rx.clone()));
+    }
+    wait_for("n1 and n2 live over TLS", || {
+        let s = n1.status();
+        s.phase == "connected" && s.peers.iter().all(|p| p.live && p.node_id == "n2")
+    })
+    .await;
+    // n3's heartbeats are refused (it is never counted), and it hears no answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = n1.status();
+    assert_eq!(s.members, 2, "the impostor is not counted: {s:?}");
+    assert!(
+        n3.status().peers.iter().all(|p| !p.live),
+        "{:?}",
+        n3.status()
+    );
+    // Without a client certificate, nothing gets through the handshake.
+    let plain = Endpoint::from_shared(format!("https://{a1}"))
+        .expect("uri")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pki.0.pem()))
+                .domain_name("limiter-cluster"),
+        )
+        .expect("tls")
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let e = PeerClient::new(channel)
+            .heartbeat(Heartbeat {
+                node_id: "n9".into(),
+                members: 1,
+                ..Heartbeat::default()
+            })
+            .await
+            .expect_err("no client certificate");
+        assert_ne!(e.code(), tonic::Code::Ok);
+    }
+    assert_eq!(n1.status().members, 2);
+    stop.send_replace(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_named_by_dns_are_resolved_and_dialled() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let mut c1 = section("n1", a1, vec![]);
+    c1.peers = vec![PeerAddr::Host {
+        name: "localhost".into(),
+        port: a2.port(),
+    }];
+    let n1 = Node::new(&c1, &token(), 1, true, policies(), 1024).expect("n1");
+    let n2 = Node::new(
+        &section("n2", a2, vec![a1]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n2");
+    // Not resolved yet: the name counts as a member, and the node is not alone.
+    assert_eq!(n1.status().members, 2);
+    assert_eq!(n1.share_view().phase, Phase::Connected);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (node, l) in [(&n1, l1), (&n2, l2)] {
+        let (sink, _) = recorder();
+        tasks.extend(node.run(l, sink, rx.clone()));
+    }
+    wait_for("localhost resolved and n2 live", || {
+        n1.status()
+            .peers
+            .iter()
+            .any(|p| p.live && p.node_id == "n2" && p.address == a2.to_string())
+    })
+    .await;
+    // A reload that drops the name: the endpoint goes, the member stays counted a while.
+    let mut c1 = section("n1", a1, vec![]);
+    c1.peers.clear();
+    n1.reconfigure(&c1, Some(TOKEN), policies())
+        .expect("reconfigure");
+    let s = n1.status();
+    assert!(s.peers.iter().all(|p| p.address.is_empty()), "{s:?}");
+    assert_eq!(s.members, 2, "n2 is still counted: {s:?}");
+    stop.send_replace(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_is_this_node_is_not_counted() {
+    let (l1, a1) = listener().await;
+    let n1 = Node::new(
+        &section("n1", a1, vec![a1]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let (stop, rx) = watch::channel(false);
+    let (sink, share) = recorder();
+    let _t = n1.run(l1, sink, rx);
+    wait_for("n1 alone", || n1.status().phase == "alone").await;
+    let s = n1.status();
+    assert_eq!((s.members, s.agreed_members), (1, 1), "{s:?}");
+    assert_eq!(
+        share.load(Ordering::SeqCst),
+        40,
+        "the maps got the whole limit"
+    );
+    stop.send_replace(true);
+}
+
+#[test]
+fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
+    let a: SocketAddr = "127.0.0.1:7201".parse().expect("addr");
+    let n1 = Node::new(
+        &section("n1", a, vec![]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let e = n1
+        .reconfigure(&section("n1", a, vec![]), None, policies())
+        .expect_err("no credentials left");
+    assert!(matches!(e, NodeError::AuthChange), "{e}");
+    assert!(n1.shared.token().is_some(), "the token in force stays");
+}
+
+/// Maps whose fast path reported `hot` (once, as the `HOT` ring does) and whose every entry
+/// is a client of global policy 1.
+struct HotOnce(Vec<ClientKey>);
+
+impl Datapath for HotOnce {
+    fn hot(&mut self) -> Vec<ClientKey> {
+        std::mem::take(&mut self.0)
+    }
+
+    fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
+        let policy = limiter_common::Policy {
+            limit: 20,
+            window_us: 1_000_000,
+            id: 1,
+            ..limiter_common::Policy::default()
+        };
+        Some(limiter_common::ClientState::fresh(&policy, 0))
+    }
+
+    fn write(
+        &mut self,
+        _: &[(ClientKey, Option<limiter_common::Grant>)],
+    ) -> Vec<(usize, GrantsError)> {
+        Vec::new()
+    }
+
+    fn grants(&self) -> Result<Vec<crate::cluster::enrolment::PinnedGrant>, GrantsError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A client the fast path reports hot while the node runs no rounds (joining after a start
+/// without pins, where the share is 0 and every busy global client is dropped; or cut off)
+/// is taken up once it splits again: the fast path reports a client once, when it moves into
+/// `LIMITED`, and one that stays busy gets no second notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    // n1 starts without pins: joining until n2 counts it.
+    let n1 = Node::new(
+        &section("n1", a1, vec![a2]),
+        &token(),
+        1,
+        false,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let n2 = Node::new(
+        &section("n2", a2, vec![a1]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n2");
+    n1.set_datapath(Box::new(HotOnce(vec![[7; 16]])));
+    assert_eq!(n1.status().phase, "joining");
+    enrolment::round(&n1.shared);
+    let (_stop1, rx1) = watch::channel(false);
+    let (_stop2, rx2) = watch::channel(false);
+    let (sink1, _) = recorder();
+    let (sink2, _) = recorder();
+    let _t1 = n1.run(l1, sink1, rx1);
+    let _t2 = n2.run(l2, sink2, rx2);
+    wait_for("n1 connected, views agreed", || {
+        let s = n1.status();
+        s.phase == "connected" && s.views_agree
+    })
+    .await;
+    wait_for(
+        "n1 holds the client reported hot while it was joining",
+        || n1.shared.enrolment().counts(enrolment::monotonic()).held == 1,
+    )
+    .await;
+}
