@@ -30,6 +30,7 @@ use limiter_common::{
 };
 
 use crate::{
+    cluster::membership::ShareView,
     config::{Action, ClientName, Config, Mode, looks_like_address},
     datapath::{CHECK_FRAME, TestRunFrame, XDP_PASS},
 };
@@ -201,6 +202,9 @@ impl PolicyView {
 pub struct Checker {
     prog: OwnedFd,
     view: RwLock<Arc<PolicyView>>,
+    /// What the shares of global limits derive from now (cluster membership), for callers that
+    /// bring limits of their own (Envoy's rate limit service).
+    shares: RwLock<ShareView>,
 }
 
 impl Checker {
@@ -209,7 +213,18 @@ impl Checker {
         Checker {
             prog,
             view: RwLock::new(Arc::new(PolicyView::new(config))),
+            shares: RwLock::new(ShareView::ALONE),
         }
+    }
+
+    /// The cluster's share view changed (the policy store calls this whenever it takes one up).
+    pub fn set_share_view(&self, view: ShareView) {
+        *self.shares.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    /// What the shares of global limits derive from now ([`ShareView::ALONE`] outside a cluster).
+    pub fn share_view(&self) -> ShareView {
+        *self.shares.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `config` the one checks resolve IDs against (call after applying it to the maps).

@@ -223,6 +223,11 @@ struct RlsArgs {
     /// File whose content is the body Envoy sends with a denial (raw_body).
     #[arg(long, requires = "rls_listen")]
     rls_deny_body: Option<PathBuf>,
+    /// `global`: the rate limit service's rules are limits across the cluster (the agent's
+    /// `cluster:` section), each agent enforcing its share ⌊L/N⌋, as a global policy's cold
+    /// share (every agent must serve the same rules); `local`: each agent the whole limit.
+    #[arg(long, value_enum, default_value_t = RlsScope::Local, requires = "rls_listen")]
+    rls_scope: RlsScope,
     /// The rate limit service's TLS certificate (PEM).
     #[arg(long, requires_all = ["rls_tls_key", "rls_listen"])]
     rls_tls_cert: Option<PathBuf>,
@@ -233,6 +238,13 @@ struct RlsArgs {
     /// its certificate; the protocol carries no token).
     #[arg(long, requires = "rls_tls_cert")]
     rls_tls_client_ca: Option<PathBuf>,
+}
+
+/// What a rate limit service rule limits (`--rls-scope`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RlsScope {
+    Local,
+    Global,
 }
 
 impl RlsArgs {
@@ -263,6 +275,7 @@ impl RlsArgs {
                 address_clients: self.rls_address_clients,
                 headers: self.rls_headers,
                 deny_body,
+                global: self.rls_scope == RlsScope::Global,
             },
         }))
     }

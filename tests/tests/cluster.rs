@@ -31,6 +31,8 @@ const LIMIT: u64 = 30;
 const WINDOW: Duration = Duration::from_secs(1);
 const PORT: u16 = 7201;
 const TOKEN: &str = "cluster-test-token-0123456789";
+/// Envoy's rate limit service's port, on each node's listen address.
+const RLS_PORT: u16 = 8081;
 
 fn listen(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, k as u8 + 1)
@@ -47,6 +49,9 @@ struct Settings {
     clients: u8,
     /// Per node, a command that execs the agent in its own process (empty: none).
     wrappers: Vec<Vec<String>>,
+    /// Envoy's rate limit service on every node (`127.0.0.(k+1):`[`RLS_PORT`]) with this config
+    /// and `--rls-scope global`.
+    rls: Option<&'static str>,
 }
 
 impl Settings {
@@ -68,6 +73,7 @@ impl Settings {
             peer_timeout: "2s",
             clients: limiter_tests::netns::CLUSTER_CLIENTS,
             wrappers: Vec::new(),
+            rls: None,
         }
     }
 }
@@ -119,6 +125,9 @@ impl Cluster {
         let dir = TempDir::new("cluster")?;
         let token = dir.write("cluster.token", TOKEN)?;
         std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        if let Some(rls) = settings.rls {
+            dir.write("rls.yaml", rls)?;
+        }
         let mut cluster = Cluster {
             net,
             agents: Vec::new(),
@@ -150,10 +159,23 @@ impl Cluster {
             .get(k)
             .map(|w| w.iter().map(String::as_str).collect())
             .unwrap_or_default();
+        let rls_listen = format!("{}:{RLS_PORT}", listen(k));
+        let rls_config = self.dir.join("rls.yaml").to_string_lossy().into_owned();
+        let mut args = vec!["--state-dir", state.as_str()];
+        if self.settings.rls.is_some() {
+            args.extend([
+                "--rls-listen",
+                &rls_listen,
+                "--rls-config",
+                &rls_config,
+                "--rls-scope",
+                "global",
+            ]);
+        }
         Agent::spawn_on_wrapped(
             &self.net.agent_target(k),
             &config(k, nodes, &self.settings, &self.token, &[]),
-            &["--state-dir", &state],
+            &args,
             &wrapper,
         )
         .with_context(|| format!("starting node {k}'s agent"))
@@ -497,6 +519,101 @@ fn an_api_id_under_a_global_policy_is_enrolled_by_its_denials() -> Result<()> {
     Ok(())
 }
 
+/// A client of node `k`'s rate limit service, connected from the receiver namespace.
+struct Rls {
+    rt: tokio::runtime::Runtime,
+    client: envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<
+        tonic::transport::Channel,
+    >,
+}
+
+impl Rls {
+    fn connect(c: &Cluster, k: usize) -> Result<Rls> {
+        let url = format!("http://{}:{RLS_PORT}", listen(k));
+        c.net.in_receiver(|| -> Result<Rls> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let channel = wait_until(&format!("{url} serving"), Duration::from_secs(10), || {
+                let attempt = rt.block_on(async {
+                    let endpoint = tonic::transport::Channel::from_shared(url.clone())?;
+                    tokio::time::timeout(Duration::from_secs(5), endpoint.connect())
+                        .await
+                        .map_err(|_| anyhow::anyhow!("connect timed out"))?
+                        .map_err(anyhow::Error::from)
+                });
+                Ok(attempt.ok())
+            })?;
+            Ok(Rls {
+                rt,
+                client: envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel),
+            })
+        })?
+    }
+
+    /// ShouldRateLimit for `user` in domain `web`, one hit: whether it was OK.
+    fn ok(&mut self, user: &str) -> Result<bool> {
+        use envoy_types::pb::envoy::{
+            extensions::common::ratelimit::v3::{
+                RateLimitDescriptor, rate_limit_descriptor::Entry,
+            },
+            service::ratelimit::v3::{RateLimitRequest, rate_limit_response::Code},
+        };
+        let request = RateLimitRequest {
+            domain: "web".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "user".into(),
+                    value: user.into(),
+                }],
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        };
+        let call = self.client.should_rate_limit(request);
+        let answer = self
+            .rt
+            .block_on(limiter_tests::api::bounded(Duration::from_secs(10), call))
+            .map_err(|s| anyhow::anyhow!("ShouldRateLimit: {s}"))?;
+        Ok(answer.overall_code == Code::Ok as i32)
+    }
+}
+
+/// Envoy's rate limit service with `--rls-scope global` on every node (two Envoys, or any
+/// number, each asking its own agent): each agent enforces its share of a rule's limit, so
+/// requests that alternate over the agents get exactly the rule's limit through, never more
+/// (3 agents, 30 an hour: 10 each); requests all on one agent get its share (the service's
+/// descriptors are not enrolled by demand yet).
+#[test]
+fn the_rate_limit_service_splits_a_rules_limit_across_the_cluster() -> Result<()> {
+    require_root!();
+    let mut settings = Settings::standard("share");
+    settings.rls = Some(
+        "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 30 }
+",
+    );
+    let c = Cluster::start_with(3, settings)?;
+    let mut agents = (0..3)
+        .map(|k| Rls::connect(&c, k))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ok = [0u32; 3];
+    for i in 0..60 {
+        if agents[i % 3].ok("alice")? {
+            ok[i % 3] += 1;
+        }
+    }
+    assert_eq!(ok, [10, 10, 10], "alternating: each agent its share of 30");
+    let mut alone = 0;
+    for _ in 0..30 {
+        alone += u32::from(agents[0].ok("bob")?);
+    }
+    assert_eq!(alone, 10, "all on one agent: its share");
+    Ok(())
+}
+
 /// One node cut off (everything to and from its peer address blackholed): it notices within
 /// peer_timeout and applies `partition`; its peers keep their cold share (they count it still:
 /// its program may still be enforcing); healed, it goes back to the cold share.
@@ -711,6 +828,7 @@ fn traffic_settings(clients: u8) -> Settings {
         peer_timeout: "1s",
         clients,
         wrappers: Vec::new(),
+        rls: None,
     }
 }
 

@@ -176,6 +176,7 @@ impl PolicyStore {
     ) -> PolicyStore {
         let applied = Arc::new(with_shares(&loaded.effective.config, &share_view));
         let cluster = policies_for_cluster(&loaded.effective.config);
+        checker.set_share_view(share_view);
         PolicyStore {
             inner: Mutex::new(Inner {
                 tables,
@@ -231,6 +232,7 @@ impl PolicyStore {
         let applied = with_shares(&effective.config, &view);
         if applied == *in_force {
             self.lock().share_view = view;
+            self.checker.set_share_view(view);
             return Ok(());
         }
         let applied = Arc::new(applied);
@@ -250,6 +252,7 @@ impl PolicyStore {
         }
         drop(in_force);
         self.checker.set_config(&applied);
+        self.checker.set_share_view(view);
         Ok(())
     }
 
@@ -486,6 +489,7 @@ impl PolicyStore {
         // The configs replaced go out of the lock too.
         drop(replaced);
         self.checker.set_config(&applied);
+        self.checker.set_share_view(share_view);
         for warning in &effective.config.warnings {
             if !before.config.warnings.contains(warning) {
                 tracing::warn!("{warning}");

@@ -56,6 +56,7 @@ use super::{
 };
 use crate::{
     check::{CheckError, Checker, Decision, address_request, named_request},
+    cluster::membership::ShareView,
     config::Action,
 };
 
@@ -80,6 +81,9 @@ pub struct RlsOptions {
     pub headers: bool,
     /// The body of a denied request (`raw_body`), if set (`--rls-deny-body`).
     pub deny_body: Option<Vec<u8>>,
+    /// The config's rules are limits across the cluster (`--rls-scope global`): each agent
+    /// enforces its share of a rule's limit, as for a global policy's cold share.
+    pub global: bool,
 }
 
 impl Default for RlsOptions {
@@ -88,6 +92,7 @@ impl Default for RlsOptions {
             address_clients: true,
             headers: false,
             deny_body: None,
+            global: false,
         }
     }
 }
@@ -98,6 +103,8 @@ pub trait Budget: Send + Sync + 'static {
     fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
     /// The agent runs in dry-run mode (denials are reported as allowed).
     fn dry_run(&self) -> bool;
+    /// What a global limit's share here derives from (cluster membership).
+    fn share_view(&self) -> ShareView;
 }
 
 impl Budget for Checker {
@@ -107,6 +114,10 @@ impl Budget for Checker {
 
     fn dry_run(&self) -> bool {
         self.view().dry_run()
+    }
+
+    fn share_view(&self) -> ShareView {
+        Checker::share_view(self)
     }
 }
 
@@ -173,6 +184,14 @@ impl<B: Budget> RlsService<B> {
             return Plan::Blocked(limit);
         }
         let (allowance, window_us) = window(limit.requests_per_unit, limit.unit);
+        // A rule's limit across the cluster: this agent's share of it (the cold share ⌊L/N⌋;
+        // 0 while joining; per `partition` while cut off), so the agents' admissions never sum
+        // above it. A request's own override is not the cluster's to agree on: it stays local.
+        let allowance = if self.options.global && !limit.overridden {
+            self.budget.share_view().share(allowance)
+        } else {
+            allowance
+        };
         let policy = Policy {
             limit: allowance,
             window_us,

@@ -38,6 +38,7 @@ struct Sim {
     /// Every request seen, for asserting what was read and spent.
     seen: Mutex<Vec<CheckRequest>>,
     fail: AtomicBool,
+    shares: Mutex<ShareView>,
 }
 
 impl Sim {
@@ -58,6 +59,7 @@ impl Sim {
             view: PolicyView::new(&config),
             seen: Mutex::new(Vec::new()),
             fail: AtomicBool::new(false),
+            shares: Mutex::new(ShareView::ALONE),
         }
     }
 
@@ -134,6 +136,10 @@ impl Budget for Sim {
 
     fn dry_run(&self) -> bool {
         self.view.dry_run()
+    }
+
+    fn share_view(&self) -> ShareView {
+        *self.shares.lock().unwrap()
     }
 }
 
@@ -515,4 +521,72 @@ fn client_keys_differ_by_domain_and_entries() {
         client_key("d", &[("a", "bc")])
     );
     assert_eq!(a, client_key("d", &[("k", "v")]));
+}
+
+/// `--rls-scope global`: a rule's limit is the cluster's, and this agent enforces its share as
+/// a global policy's cold share is (⌊L/N⌋; nothing while joining; `partition` while cut off). A
+/// request's own override stays a local limit; `current_limit` stays the rule's.
+#[test]
+fn a_global_scope_enforces_this_agents_share_of_each_rule() {
+    use crate::cluster::{
+        config::Partition,
+        membership::{Phase, ShareView},
+    };
+    let options = RlsOptions {
+        address_clients: false,
+        global: true,
+        ..RlsOptions::default()
+    };
+    let (svc, sim) = service_with(Sim::new(false), options);
+    let three = ShareView {
+        members: 3,
+        phase: Phase::Connected,
+        partition: Partition::Share,
+    };
+    *sim.shares.lock().unwrap() = three;
+    let ask = |addr: &str| {
+        svc.answer(&request(vec![desc(&[("remote_address", addr)])]))
+            .unwrap()
+    };
+    let r = ask("192.0.2.1");
+    assert_eq!(r.statuses[0].limit_remaining, 32, "⌊100/3⌋ = 33, one spent");
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit),
+        Some(100)
+    );
+    // Joining: nothing.
+    *sim.shares.lock().unwrap() = ShareView::JOINING;
+    assert_eq!(codes(&ask("192.0.2.2")), (OVER, vec![OVER]));
+    // Cut off under `local`: the whole limit.
+    *sim.shares.lock().unwrap() = ShareView {
+        phase: Phase::CutOff,
+        partition: Partition::Local,
+        ..three
+    };
+    assert_eq!(ask("192.0.2.3").statuses[0].limit_remaining, 99);
+    // A request's own limit is not the cluster's: local.
+    *sim.shares.lock().unwrap() = three;
+    let mut d = desc(&[("remote_address", "192.0.2.4")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 50,
+        unit: PbUnit::Second as i32,
+    });
+    let r = svc.answer(&request(vec![d])).unwrap();
+    assert_eq!(r.statuses[0].limit_remaining, 49);
+    // The local scope (the default) ignores the share view.
+    let (svc, sim) = service_with(
+        Sim::new(false),
+        RlsOptions {
+            address_clients: false,
+            ..RlsOptions::default()
+        },
+    );
+    *sim.shares.lock().unwrap() = three;
+    let r = svc
+        .answer(&request(vec![desc(&[("remote_address", "192.0.2.5")])]))
+        .unwrap();
+    assert_eq!(r.statuses[0].limit_remaining, 99);
 }
