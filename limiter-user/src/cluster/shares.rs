@@ -25,6 +25,37 @@ pub fn enrolled_budget(limit: u32, cold: u32, others: u32) -> u64 {
     u64::from(limit).saturating_sub(u64::from(cold) * u64::from(others))
 }
 
+/// What an owner grants toward, from the enrolled members' `demands` (packets per window, one per
+/// member in a fixed order), out of `budget`:
+/// - the demands with their headroom fit: [`water_fill`] over them (each member its demand, its
+///   headroom, and an even part of the rest);
+/// - only the demands fit: each member its demand, and what is left goes to the headroom,
+///   max-min;
+/// - the demands do not fit (the client is over L in all): [`water_fill`] over the demands
+///   alone. Headroom keeps a polite client (under L in all) from dropping when its rate creeps
+///   up between two syncs; a client over L has no slack to keep, and headroom reserved for its
+///   light members would go unused while its heavy member drops (at L = 10 spread 80/15/5 that
+///   was a tenth of L).
+///
+/// The targets sum to at most `budget`.
+pub fn targets(budget: u64, demands: &[u32]) -> Vec<u32> {
+    let sum = |v: &[u32]| v.iter().map(|&x| u64::from(x)).sum::<u64>();
+    let wants: Vec<u32> = demands.iter().map(|&d| with_headroom(d)).collect();
+    if sum(&wants) <= budget {
+        return water_fill(budget, &wants);
+    }
+    if sum(demands) <= budget {
+        let headroom: Vec<u32> = wants.iter().zip(demands).map(|(w, d)| w - d).collect();
+        let more = water_fill(budget - sum(demands), &headroom);
+        return demands
+            .iter()
+            .zip(more)
+            .map(|(d, m)| d.saturating_add(m))
+            .collect();
+    }
+    water_fill(budget, demands)
+}
+
 /// Max-min fair split of `budget` over `wants` (one per enrolled member, in a fixed order).
 ///
 /// When the wants fit, each member gets its want and the rest of the budget is spread evenly
@@ -102,20 +133,25 @@ mod tests {
     #[test]
     fn a_client_at_three_times_the_limit_spread_80_15_5_gets_the_limit() {
         // L = 100, three nodes, demand 240/45/15 per window: all enrolled, budget 100.
-        let wants: Vec<u32> = [240, 45, 15].map(with_headroom).to_vec();
-        let grants = water_fill(enrolled_budget(100, cold_share(100, 3), 0), &wants);
+        let grants = targets(enrolled_budget(100, cold_share(100, 3), 0), &[240, 45, 15]);
         assert_eq!(grants.iter().sum::<u32>(), 100);
-        // 15 -> 17 is satisfied, the other two share the rest evenly.
-        assert_eq!(grants, vec![42, 41, 17]);
+        // Over L in all: no headroom; 15 is satisfied, the other two share the rest evenly.
+        assert_eq!(grants, vec![43, 42, 15]);
+        // At L = 10 (24/4/2 a window): the heavy node gets what the light ones do not use.
+        assert_eq!(targets(10, &[24, 4, 2]), vec![4, 4, 2]);
     }
 
     #[test]
     fn a_polite_client_on_one_node_keeps_its_rate() {
         // 0.9 L on one node of three, the two others idle but enrolled.
-        let wants: Vec<u32> = [90, 0, 0].map(with_headroom).to_vec();
-        let grants = water_fill(100, &wants);
-        assert!(grants[0] >= 90, "{grants:?}");
+        let grants = targets(100, &[90, 0, 0]);
+        assert!(
+            grants[0] >= 98,
+            "its demand and most of its headroom: {grants:?}"
+        );
         assert_eq!(grants.iter().sum::<u32>(), 100);
+        // 0.95 L: its demand, and the headroom that is left, max-min.
+        assert_eq!(targets(100, &[95, 0, 0]), vec![98, 1, 1]);
     }
 
     #[test]
@@ -153,6 +189,28 @@ mod tests {
                         // Short of its want: within one packet of the largest grant.
                         prop_assert!(*g + 1 >= max, "grants {:?} wants {:?}", grants, wants);
                     }
+                }
+            }
+        }
+
+        #[test]
+        fn targets_fit_the_budget_and_keep_demand_and_headroom_while_they_fit(
+            budget in 0u64..100_000,
+            demands in prop::collection::vec(0u32..20_000, 0..20),
+        ) {
+            let got = targets(budget, &demands);
+            prop_assert_eq!(got.len(), demands.len());
+            let sum: u64 = got.iter().map(|&g| u64::from(g)).sum();
+            prop_assert!(sum <= budget || demands.is_empty());
+            let total: u64 = demands.iter().map(|&d| u64::from(d)).sum();
+            let with: u64 = demands.iter().map(|&d| u64::from(with_headroom(d))).sum();
+            for (g, d) in got.iter().zip(&demands) {
+                if with <= budget {
+                    prop_assert!(*g >= with_headroom(*d));
+                } else if total <= budget {
+                    prop_assert!(g >= d && *g <= with_headroom(*d));
+                } else {
+                    prop_assert!(g <= d);
                 }
             }
         }

@@ -665,9 +665,9 @@ impl Ledger {
         let wants: Vec<u32> = self
             .holders
             .values()
-            .map(|a| shares::with_headroom(a.demand_at(now, &timing)))
+            .map(|a| a.demand_at(now, &timing))
             .collect();
-        let mut targets = shares::water_fill(budget, &wants);
+        let mut targets = shares::targets(budget, &wants);
         if self.releasing || now < self.no_raise_until {
             for t in &mut targets {
                 *t = (*t).min(cold);

@@ -397,9 +397,9 @@ mod reference {
         let wants: Vec<u32> = ledger
             .holders
             .values()
-            .map(|a| shares::with_headroom(a.demand_at(now, &timing)))
+            .map(|a| a.demand_at(now, &timing))
             .collect();
-        let mut targets = shares::water_fill(budget, &wants);
+        let mut targets = shares::targets(budget, &wants);
         if ledger.releasing || now < ledger.no_raise_until {
             for t in &mut targets {
                 *t = (*t).min(cold);
