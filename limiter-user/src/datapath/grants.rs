@@ -1,7 +1,8 @@
 //! The maps of the cluster's enrolment: `GRANTS` (what the owners of global clients granted this
-//! node; the fast path enforces the leases itself), `HOT` (the clients the fast path moved into
-//! `LIMITED` while `CONFIG_CLUSTER` is set) and the address-client maps, read one client at a
-//! time for the held clients' counters.
+//! node; the fast path enforces the leases itself), `HOT` (the clients the fast path reported
+//! over their limit while `CONFIG_CLUSTER` is set: moved into `LIMITED`, or, paced, dropped in
+//! a map they never leave) and the client maps, addresses' and IDs', read one client at a time
+//! for the held clients' counters.
 
 use std::os::fd::OwnedFd;
 
@@ -47,12 +48,13 @@ impl ClusterMaps {
     pub fn take(ebpf: &mut Ebpf, tables: &Tables) -> Result<ClusterMaps, DatapathError> {
         let grants = HashMap::try_from(taken(ebpf, "GRANTS")?).map_err(map_err("GRANTS"))?;
         let hot = RingBuf::try_from(taken(ebpf, "HOT")?).map_err(map_err("HOT"))?;
-        let [clients, statics, limited, named, named_static] =
-            tables.client_fds().map_err(|error| DatapathError::Io {
-                what: "duplicating the descriptors of",
-                path: "the client maps".into(),
-                error,
-            })?;
+        let dup_error = |error| DatapathError::Io {
+            what: "duplicating the descriptors of",
+            path: "the client maps".into(),
+            error,
+        };
+        let [clients, statics, limited] = tables.client_fds().map_err(dup_error)?;
+        let [named, named_static] = tables.named_fds().map_err(dup_error)?;
         Ok(ClusterMaps {
             grants,
             hot,

@@ -213,7 +213,7 @@ impl Tables {
 
     /// Owned descriptors of the three address-client maps (dynamic, static, limited), for a
     /// snapshot taken on another thread.
-    pub fn client_fds(&self) -> io::Result<[OwnedFd; 5]> {
+    pub fn client_fds(&self) -> io::Result<[OwnedFd; 3]> {
         Ok([
             self.clients.map().fd().as_fd().try_clone_to_owned()?,
             self.static_clients
@@ -222,6 +222,13 @@ impl Tables {
                 .as_fd()
                 .try_clone_to_owned()?,
             self.limited.map().fd().as_fd().try_clone_to_owned()?,
+        ])
+    }
+
+    /// Owned descriptors of the two ID-client maps (`NAMED`, `NAMED_STATIC`), for the cluster's
+    /// reads of global API IDs (never for snapshots, which hold address clients only).
+    pub fn named_fds(&self) -> io::Result<[OwnedFd; 2]> {
+        Ok([
             self.named.map().fd().as_fd().try_clone_to_owned()?,
             self.named_static.map().fd().as_fd().try_clone_to_owned()?,
         ])

@@ -39,7 +39,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     })
     .context("loading the object")?;
     let mut tables = Tables::take(&mut ebpf)?;
-    let [dynamic, statics, limited, _, _] = tables.client_fds()?;
+    let [dynamic, statics, limited] = tables.client_fds()?;
     let maps = [dynamic.as_fd(), statics.as_fd(), limited.as_fd()];
 
     let entries: Vec<_> = (0..clients)
