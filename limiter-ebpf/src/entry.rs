@@ -35,8 +35,8 @@ use crate::{
 const EEXIST: i32 = 17;
 
 /// A client over its limit in a map it never moves out of is reported on `HOT` at its first
-/// denied hit and then once per 2^12 denied hits (see `report_kept`).
-const KEPT_HOT_SHIFT: u32 = 12;
+/// dropped packet and then once per 2^8 (see `report_kept`).
+const KEPT_HOT_SHIFT: u32 = 8;
 
 /// How far the fast path's cached coarse clock can lag `bpf_ktime_get_coarse_ns`, bounded: two
 /// jiffies are 8 ms at HZ=250 (see `coarse_now`).
@@ -567,7 +567,7 @@ pub(crate) unsafe fn decide_hits(
         if !outcome.admitted {
             if over_limit && home == Home::Clients {
                 outcome.entry = hold_limited(key, state, cluster, stats);
-            } else if over_limit && home == Home::Kept && cluster {
+            } else if over_limit && home == Home::Kept && cluster && run == Run::Packet {
                 report_kept(key, outcome.entry, hits);
             }
             add_up(&raw mut (*outcome.entry).dropped, hits as u64);
@@ -576,13 +576,14 @@ pub(crate) unsafe fn decide_hits(
     }
 }
 
-/// Reports on `HOT` a client denied by its window whose entry does not move into `LIMITED`
-/// (the move is what reports a `CLIENTS` entry): an exact-address client (`STATIC_CLIENTS`), an
-/// API ID (`NAMED`, `NAMED_STATIC`), any client an API check denies (checks never move entries:
-/// see `limiter_check`), and one already in `LIMITED`. Without a flag to spare in the entry,
-/// the dropped counter paces it: the first denied hit, then one report per 2^12 denied hits,
-/// so a notice the ring lost, or one the agent let go (its owner silent), comes again while the
-/// client stays over its limit. Called before the hits are added to the counter.
+/// Reports on `HOT` a client whose packet its window dropped and whose entry does not move into
+/// `LIMITED` (the move is what reports a `CLIENTS` entry): an exact-address client
+/// (`STATIC_CLIENTS`), and one already in `LIMITED`. Without a flag to spare in the entry, the
+/// dropped counter paces it: the first dropped packet, then one report per 2^8, so a notice the
+/// ring lost, or a client the agent let go, comes again while the client stays over its limit,
+/// and a flood of drops costs the ring one record per 256. Packets only: API checks (which
+/// never move entries, and whose callers could otherwise fill the ring) are reported by the
+/// agent, which sees their verdicts. Called before the hits are added to the counter.
 ///
 /// # Safety
 /// `entry` points at a live map value.

@@ -205,6 +205,33 @@ pub struct Checker {
     /// What the shares of global limits derive from now (cluster membership), for callers that
     /// bring limits of their own (Envoy's rate limit service).
     shares: RwLock<ShareView>,
+    /// API IDs under a global policy that a check denied, for the cluster's enrolment.
+    hot: Arc<HotIds>,
+}
+
+/// API IDs under a global policy that checks denied since the cluster's enrolment last took
+/// them: the fast path reports clients hot when their packets are dropped, but an ID has no
+/// packets, and checks must not report through the kernel's ring (a check-role caller could fill
+/// it). Each ID once until taken; at most [`HotIds::CAPACITY`] (more are dropped, and come again
+/// with their next denial).
+#[derive(Default)]
+pub struct HotIds(std::sync::Mutex<std::collections::HashSet<ClientKey>>);
+
+impl HotIds {
+    pub const CAPACITY: usize = 4096;
+
+    fn note(&self, key: ClientKey) {
+        let mut ids = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.len() < Self::CAPACITY {
+            ids.insert(key);
+        }
+    }
+
+    /// The IDs noted since the last call.
+    pub fn take(&self) -> Vec<ClientKey> {
+        let mut ids = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ids.drain().collect()
+    }
 }
 
 impl Checker {
@@ -214,7 +241,13 @@ impl Checker {
             prog,
             view: RwLock::new(Arc::new(PolicyView::new(config))),
             shares: RwLock::new(ShareView::ALONE),
+            hot: Arc::new(HotIds::default()),
         }
+    }
+
+    /// The API IDs under global policies that checks denied (see [`HotIds`]).
+    pub fn hot_ids(&self) -> Arc<HotIds> {
+        Arc::clone(&self.hot)
     }
 
     /// The cluster's share view changed (the policy store calls this whenever it takes one up).
@@ -282,7 +315,17 @@ impl Checker {
                 if reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }
-                out.push(decision(reply, request.hits, view));
+                let d = decision(reply, request.hits, view);
+                // An ID's entry is keyed by the ID (an address's may be its group's, which the
+                // reply does not say: addresses are reported by their dropped packets).
+                if request.flags & CHECK_NAMED != 0
+                    && request.hits > 0
+                    && d.global_limit.is_some()
+                    && (!d.allowed || d.dry_run_denied)
+                {
+                    self.hot.note(request.key);
+                }
+                out.push(d);
             }
         }
         Ok(out)

@@ -354,7 +354,6 @@ fn three_members_one_skewed_client(owner_is: usize) -> (Sim, usize) {
 /// race, which the 12-member run of `failures_and_partitions...` with a join lost in two seeds
 /// of three. The new member must still come in: it admits its share once the hold is over.
 #[test]
-
 fn a_join_keeps_the_sum_at_or_below_the_limit() {
     let (mut sim, c) = three_members_one_skewed_client(2);
     sim.link(2, 0, false);
@@ -380,7 +379,6 @@ fn a_join_keeps_the_sum_at_or_below_the_limit() {
 /// half a peer timeout, while the member's own heartbeats are answered at once: it was
 /// 125 + 125 + 100 = 350 > L = 300 for about 200 ms.
 #[test]
-
 fn a_restart_without_pins_keeps_the_sum_at_or_below_the_limit() {
     let (mut sim, c) = three_members_one_skewed_client(0);
     sim.fail(2);

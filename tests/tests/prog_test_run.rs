@@ -1430,12 +1430,13 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
     })
 }
 
-/// Clients whose entries never move into `LIMITED` are reported on `HOT` by their denials: an
-/// exact-address client (`STATIC_CLIENTS`), an API ID (`NAMED_STATIC`), and an address an API
-/// check denies (checks never move entries). Otherwise a global client that only the API sees,
-/// or one with an exact-address policy, would never be enrolled and stay at the cold share
-/// wherever its demand is. The first denial reports, then one per 2^12 denied hits; the agent's
-/// cluster maps find the entries wherever they live.
+/// Clients whose entries never move into `LIMITED` are reported hot all the same: an
+/// exact-address client (`STATIC_CLIENTS`) on `HOT` by its dropped packets (the first, then one
+/// per 256), and an API ID under a global policy by the checker (`HotIds`), which sees the
+/// denials (the check program reports nothing: a check-role caller could fill the ring).
+/// Otherwise a global client that only the API sees, or one with an exact-address policy, would
+/// never be enrolled and stay at the cold share wherever its demand is. The agent's cluster maps
+/// find the entries wherever they live.
 #[test]
 fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
     use limiter_user::{
@@ -1472,36 +1473,39 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         let mut maps = ClusterMaps::take(&mut ebpf, &tables)?;
         let lim = Limiter { ebpf, tables };
         let checker = Checker::new(check_program, &config);
+        let hot_ids = checker.hot_ids();
         let exact = IpAddr::V4(Ipv4Addr::new(10, 230, 1, 7));
         let gold: ClientId = "tenant-gold".parse()?;
+        let local: ClientId = "some-local-id".parse()?;
         let checked = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 9));
-        // The exact address's packets: its cold share of 10, the rest denied, one report.
+        // The exact address's packets: its cold share of 10, the rest dropped, one report.
         check_eq!(lim.send(exact, 40)?, 10);
         check_eq!(
             maps.hot(),
             vec![ClientId::Addr(exact).key()],
             "the exact address"
         );
-        // The ID's checks, one hit each: 10 allowed, 5 denied, one report.
+        // The ID's checks, one hit each: 10 allowed, 5 denied, noted once; nothing on the ring.
         let allowed = (0..15)
             .map(|_| checker.check(&gold, 1).map(|d| d.allowed))
             .collect::<Result<Vec<_>, _>>()?;
         check_eq!(allowed.iter().filter(|a| **a).count(), 10);
-        check_eq!(maps.hot(), vec![gold.key()], "the API ID");
-        // An address only checked through the API: its entry stays in `CLIENTS`.
+        check_eq!(hot_ids.take(), vec![gold.key()], "the API ID");
+        check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "taken");
+        // An ID under a local policy (the default) is not the cluster's.
+        checker.check(&local, 2_000)?;
+        check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "a local ID");
+        // An address only checked through the API: reported by its dropped packets, if any.
         let spent = checker.check(&ClientId::Addr(checked), 12)?;
         check_eq!(spent.allowed, false);
         check_eq!(
             maps.hot(),
-            vec![ClientId::Addr(checked).key()],
-            "the checked address"
+            Vec::<ClientKey>::new(),
+            "checks never report on the ring"
         );
+        check_eq!(hot_ids.take(), Vec::<ClientKey>::new());
         // Each has an entry the agent's enrolment reads (its counters are its demand).
-        for (what, key) in [
-            ("exact", ClientId::Addr(exact).key()),
-            ("ID", gold.key()),
-            ("checked", ClientId::Addr(checked).key()),
-        ] {
+        for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {
             let entry = maps
                 .entry(&key)
                 .with_context(|| format!("no entry for the {what}"))?;
@@ -1510,18 +1514,18 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
                 "the {what} client's entry counts no drop"
             );
         }
-        // Paced: 30 denied so far; 4066 more cross 4096 once.
-        check_eq!(lim.send(exact, 4_065)?, 0);
+        // Paced: 30 dropped so far; the 256th reports again, the next 100 do not.
+        check_eq!(lim.send(exact, 225)?, 0);
         check_eq!(
             maps.hot(),
             Vec::<ClientKey>::new(),
-            "4095 denied: no second report"
+            "255 dropped: no second report"
         );
         check_eq!(lim.send(exact, 1)?, 0);
         check_eq!(
             maps.hot(),
             vec![ClientId::Addr(exact).key()],
-            "the 4097th denied"
+            "the 256th dropped"
         );
         check_eq!(lim.send(exact, 100)?, 0);
         check_eq!(maps.hot(), Vec::<ClientKey>::new());

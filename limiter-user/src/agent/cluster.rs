@@ -14,6 +14,7 @@ use limiter_common::{ClientState, Grant, addr::ClientKey};
 
 use crate::{
     api::auth::read_token,
+    check::HotIds,
     cluster::{
         ClusterPolicies,
         config::ClusterConfig,
@@ -79,6 +80,8 @@ pub struct Member {
     incarnation_path: PathBuf,
     /// The maps enrolment uses, handed to each node started.
     maps: Arc<Mutex<ClusterMaps>>,
+    /// API IDs of global policies that checks denied (hot, as dropped packets report addresses).
+    hot_ids: Arc<HotIds>,
     max_global_clients: usize,
     /// The running node, for the API's `Cluster.Status`.
     published: watch::Sender<Option<Node>>,
@@ -96,6 +99,9 @@ pub struct Prepared {
     listener: tokio::net::TcpListener,
     /// Where the agreed member count is kept.
     members_path: PathBuf,
+    /// Where the incarnation that last passed the join gate (and its hold) is kept.
+    joined_path: PathBuf,
+    incarnation: u64,
 }
 
 impl Prepared {
@@ -111,6 +117,12 @@ impl Prepared {
         let listener = Node::bind(config).await?;
         let credentials = credentials(config)?;
         let incarnation = next_incarnation(incarnation_path)?;
+        // Pins alone do not show that their shares are safe to continue with: a run started
+        // without pins creates them at once, and if it stopped before its join gate and hold
+        // were over, raises granted for fewer members (or while it was counted at a cut) may
+        // still be in force. Only the pins of a run that passed them are continued at once.
+        let joined_path = incarnation_path.with_extension("cluster-joined");
+        let adopted = adopted && previous_joined(&joined_path) == Some(incarnation - 1);
         let node = Node::new(
             config,
             &credentials,
@@ -133,10 +145,16 @@ impl Prepared {
             partition = %config.partition,
             "cluster: member of a cluster"
         );
+        if adopted {
+            // Continuing at once: this run has passed the gate (none to pass).
+            write_joined(&joined_path, incarnation);
+        }
         Ok(Prepared {
             node,
             listener,
             members_path,
+            joined_path,
+            incarnation,
         })
     }
 
@@ -190,11 +208,35 @@ fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
     Ok(Credentials { token, tls })
 }
 
-fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>, members_path: PathBuf) -> ShareSink {
+/// The incarnation `path` (`IFACE.cluster-joined`) says last passed the join gate, if any.
+fn previous_joined(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Records that run `incarnation` passed the join gate and its hold (or continued at once).
+fn write_joined(path: &Path, incarnation: u64) {
+    if let Err(e) = state_file::write_atomic(path, format!("{incarnation}\n").as_bytes()) {
+        tracing::error!(
+            "cluster: keeping the join in {} (the next start will join again): {}",
+            path.display(),
+            crate::error_chain(&e)
+        );
+    }
+}
+
+fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>, prepared: &Prepared) -> ShareSink {
     let (limits, counters) = (limits.clone(), counters.clone());
+    let members_path = prepared.members_path.clone();
+    let (joined_path, incarnation) = (prepared.joined_path.clone(), prepared.incarnation);
+    let joined = std::sync::atomic::AtomicBool::new(false);
     Arc::new(move |view: ShareView| match limits.set_share_view(view) {
         Ok(()) => {
             show(&counters, Some(view));
+            if view.phase != Phase::Joining
+                && !joined.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                write_joined(&joined_path, incarnation);
+            }
             let text = format!("{}\n", view.members);
             if let Err(e) = state_file::write_atomic(&members_path, text.as_bytes()) {
                 tracing::error!(
@@ -244,6 +286,7 @@ impl Member {
             node: Mutex::new(None),
             incarnation_path: enrolment.incarnation_path,
             maps: Arc::new(Mutex::new(enrolment.maps)),
+            hot_ids: enrolment.hot_ids,
             max_global_clients: enrolment.max_global_clients,
             published,
             counters: counters.clone(),
@@ -263,9 +306,10 @@ impl Member {
     fn run(&self, prepared: Prepared, limits: &Arc<PolicyStore>) {
         let (stop, stop_rx) = watch::channel(false);
         show(&self.counters, Some(prepared.node.share_view()));
-        let sink = sink(limits, &self.counters, prepared.members_path.clone());
+        let sink = sink(limits, &self.counters, &prepared);
         prepared.node.set_datapath(Box::new(Maps {
             maps: self.maps.clone(),
+            hot_ids: self.hot_ids.clone(),
             primed: false,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
@@ -367,6 +411,8 @@ pub struct Enrolling {
     pub incarnation_path: PathBuf,
     /// The maps of enrolment.
     pub maps: ClusterMaps,
+    /// The checker's API IDs of global policies that checks denied.
+    pub hot_ids: Arc<HotIds>,
     /// `--max-global-clients`.
     pub max_global_clients: usize,
 }
@@ -374,6 +420,7 @@ pub struct Enrolling {
 /// Enrolment's view of the agent's maps.
 struct Maps {
     maps: Arc<Mutex<ClusterMaps>>,
+    hot_ids: Arc<HotIds>,
     /// The clients already in `LIMITED` were offered as hot (at the node's first round: those a
     /// previous run, or the time before the node started, left there).
     primed: bool,
@@ -394,6 +441,11 @@ impl Datapath for Maps {
         }
         drop(maps);
         self.primed = true;
+        hot.extend(self.hot_ids.take());
+        // Once each: a client over its limit for long is reported again and again (paced),
+        // and each notice costs the round a lookup in every client map.
+        hot.sort_unstable();
+        hot.dedup();
         hot
     }
 

@@ -248,6 +248,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         .open_files_limit
         .set(i64::try_from(nofile).unwrap_or(i64::MAX));
     let checker = Arc::new(Checker::new(check_program, &applied));
+    let hot_ids = checker.hot_ids();
     let limits = Arc::new(PolicyStore::new(
         tables,
         opts.config.clone(),
@@ -309,6 +310,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         cluster::Enrolling {
             incarnation_path,
             maps: cluster_maps,
+            hot_ids,
             max_global_clients: opts.max_global_clients as usize,
         },
         cluster_tx,

@@ -4,9 +4,11 @@
 //! and the wire are the caller's.
 //!
 //! The protocol, over the rules of [`super::lease`]:
-//! - A client grows hot on a member when the fast path drops one of its packets (it moves into
-//!   `LIMITED`, which reports it once): the member starts holding it, attached to the client's
-//!   owner, and reports its demand to the owner every round.
+//! - A client grows hot on a member when the fast path drops one of its packets (the move into
+//!   `LIMITED` reports it; an entry that does not move reports its first drop and one in 256),
+//!   or when an API check of a global ID is denied (the checker notes it): the member starts
+//!   holding it, attached to the client's owner, and reports its demand to the owner every
+//!   round.
 //! - An owner that receives a report for a client it owns and has no ledger for opens one and
 //!   enrols every live member; each enrolled member attaches to the owner on its first message
 //!   and reports too. The owner water-fills the reported demand into grants every round (cuts at
@@ -300,9 +302,10 @@ impl Enrolment {
         true
     }
 
-    /// The fast path reported `client` (of global policy `policy`) over its limit here. The
-    /// fast path says so once per episode: while the members' views differ (no attachment then)
-    /// the notice is kept, and taken up at the first round they agree.
+    /// The fast path (or the checker) reported `client` (of global policy `policy`) over its
+    /// limit here. A client already held is not attached again (notices repeat while a client
+    /// stays over its limit); while the members' views differ (no attachment then) the notice is
+    /// kept, and taken up at the first round they agree.
     pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: u16) {
         if self.held.contains_key(&client) {
             return;

@@ -22,8 +22,10 @@
 //!   then for one stretched lease more (`hold`): raises that owners granted before they counted
 //!   this node (for fewer members), or while they counted it at a cut its previous run applied,
 //!   have lapsed by then, so its cold share never comes on top of them. Owners count a member
-//!   that started again at the cold share at least from its first heartbeat ([`Heard::Restarted`]);
-//!   everything they grant after that already leaves room for it;
+//!   that started again at the cold share at least from the first heartbeat (or answer) of it
+//!   they take in, before they answer anything ([`Heard::Restarted`]); everything they grant
+//!   after that already leaves room for it. This holds for owners among this node's endpoints
+//!   (the gate waits for their answers), with the same lease (the same `peer_timeout`);
 //! - *cut off*: endpoints exist but none is live: `partition` applies (`share` ⌊L/N⌋, `local` L,
 //!   `deny` 0);
 //! - otherwise the cold share ⌊L/N⌋.

@@ -264,12 +264,11 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         .answered(addr, sent, &report, Instant::now())
     {
         Ok(Heard::Known) => {}
-        Ok(Heard::Restarted) => {
-            drop(state);
-            shared
-                .enrolment()
-                .holder_restarted(&report.node, report.incarnation);
-        }
+        // Under the state lock, so that no answer to the member goes out in between (see the
+        // peer service).
+        Ok(Heard::Restarted) => shared
+            .enrolment()
+            .holder_restarted(&report.node, report.incarnation),
         // This node itself (its own heartbeat came back): not counted.
         Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
             tracing::debug!(%addr, "cluster: this endpoint is this node")

@@ -112,13 +112,16 @@ impl Peer for PeerService {
         let me = state
             .membership
             .report(self.0.incarnation, self.0.next_seq(), now);
-        drop(state);
         if heard == Heard::Restarted {
-            // Before the answer: the member's join gate opens on it (see `Heard::Restarted`).
+            // Before any answer to the member: its join gate opens on one (see
+            // `Heard::Restarted`). Under the state lock (state before enrolment, as everywhere),
+            // so no other answer goes out while membership knows of the restart and the ledgers
+            // do not yet.
             self.0
                 .enrolment()
                 .holder_restarted(&report.node, report.incarnation);
         }
+        drop(state);
         if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
             enrolment::take_in(&self.0, &report.node, &hb)?;
         }
