@@ -152,6 +152,28 @@ impl Tables {
         self.refresher = Some(program);
     }
 
+    /// Runs the refresh an `apply` made before [`Tables::set_refresher`] could not: on adopted
+    /// maps (whose previous agent may have died owing one) the first apply is due one, and
+    /// without a refresher it leaves it owed. Returns the entries refreshed, `None` if none was
+    /// owed (or there is no refresher).
+    pub fn refresh_if_owed(&mut self) -> Result<Option<usize>, DatapathError> {
+        if self.refresher.is_none() || self.last_refresh.is_some() {
+            return Ok(None);
+        }
+        let generation = self.map_config()?.generation;
+        if generation == 0 {
+            return Ok(None);
+        }
+        let refreshed = self.refresh_all()?;
+        tracing::info!(
+            generation,
+            refreshed,
+            "refreshed every client's policy in place (due on adopted maps)"
+        );
+        self.last_refresh = Some(generation);
+        Ok(Some(refreshed))
+    }
+
     /// Brings the cached policy of every resident address client up to the current generation,
     /// in place (`ADAPT_REFRESH`, with the same atomics as the fast path, so no concurrent count
     /// is lost). Entries store only a 15-bit generation tag; `apply` runs this
