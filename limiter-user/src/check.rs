@@ -31,7 +31,7 @@ use limiter_common::{
 
 use crate::{
     cluster::membership::ShareView,
-    config::{Action, ClientName, Config, Match, Mode, looks_like_address},
+    config::{Action, ClientName, Config, Mode, looks_like_address},
     datapath::{CHECK_FRAME, TestRunFrame, XDP_PASS},
 };
 
@@ -149,9 +149,8 @@ pub struct PolicyView {
     /// Exact-ID policies by the ID's map key (its SHA-256 prefix, computed once per check).
     named: HashMap<ClientKey, Policy, BuildHasherDefault<KeyHasher>>,
     default: Policy,
-    /// `matches[id - 1]` is the `match` of policy `id` (written out when asked: formatting
-    /// every one on each change would cost a large policy set milliseconds).
-    matches: Vec<Match>,
+    /// `names[id]` is the `match` of policy `id`.
+    names: Vec<Arc<str>>,
     dry_run: bool,
     /// Global policies' limits across the cluster, by policy id.
     global_limits: std::collections::BTreeMap<u16, u32>,
@@ -159,7 +158,14 @@ pub struct PolicyView {
 
 impl PolicyView {
     pub fn new(config: &Config) -> PolicyView {
-        let matches = config.policies.iter().map(|(m, _)| m.clone()).collect();
+        let names = std::iter::once(Arc::from("default"))
+            .chain(
+                config
+                    .policies
+                    .iter()
+                    .map(|(m, _)| Arc::from(m.to_string())),
+            )
+            .collect();
         PolicyView {
             named: config
                 .named_policies()
@@ -167,7 +173,7 @@ impl PolicyView {
                 .map(|(name, policy)| (name.key(), policy))
                 .collect(),
             default: config.default_policy(),
-            matches,
+            names,
             dry_run: config.mode == Mode::DryRun,
             global_limits: config.global_limits.clone(),
         }
@@ -185,13 +191,10 @@ impl PolicyView {
 
     /// The `match` of policy `id`.
     pub fn name(&self, id: u16) -> Arc<str> {
-        match id.checked_sub(1) {
-            None => Arc::from("default"),
-            Some(i) => match self.matches.get(i as usize) {
-                Some(m) => Arc::from(m.to_string()),
-                None => Arc::from(format!("#{id}")),
-            },
-        }
+        self.names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(format!("#{id}")))
     }
 }
 
@@ -260,12 +263,7 @@ impl Checker {
     /// Makes `config` the one checks resolve IDs against (call after applying it to the maps).
     pub fn set_config(&self, config: &Config) {
         let view = Arc::new(PolicyView::new(config));
-        let replaced = std::mem::replace(
-            &mut *self.view.write().unwrap_or_else(|e| e.into_inner()),
-            view,
-        );
-        // Freed out of the lock checks take.
-        drop(replaced);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
     }
 
     pub fn view(&self) -> Arc<PolicyView> {
@@ -619,8 +617,6 @@ policies:
             (Action::Pass, u32::MAX, u32::MAX)
         );
         assert_eq!(&*pass.policy, "10.0.0.0/8");
-        assert_eq!(&*v.name(2), "192.0.2.0/24");
-        assert_eq!(&*v.name(3), "#3", "an id past the policies");
         let drop = decision(&reply(&config, 2, VERDICT_OVERFLOW), 1, &v);
         assert!(!drop.allowed && drop.overflow);
         assert_eq!(
