@@ -121,8 +121,12 @@ impl Prepared {
         // without pins creates them at once, and if it stopped before its join gate and hold
         // were over, raises granted for fewer members (or while it was counted at a cut) may
         // still be in force. Only the pins of a run that passed them are continued at once.
-        let joined_path = incarnation_path.with_extension("cluster-joined");
-        let adopted = adopted && previous_joined(&joined_path) == Some(incarnation - 1);
+        let joined_path = joined_path(incarnation_path);
+        // Taken, not just read: this run writes it again once it has passed the gate (and the
+        // hold), so a marker can only ever vouch for the run right before the next.
+        let previous = previous_joined(&joined_path);
+        forget_joined(incarnation_path);
+        let adopted = adopted && previous == Some(incarnation - 1);
         let node = Node::new(
             config,
             &credentials,
@@ -208,9 +212,29 @@ fn credentials(config: &ClusterConfig) -> anyhow::Result<Credentials> {
     Ok(Credentials { token, tls })
 }
 
+/// `IFACE.cluster-joined` beside `IFACE.incarnation`: the incarnation that passed the join gate
+/// and its hold (or continued at once), while it runs and after it stopped.
+fn joined_path(incarnation_path: &Path) -> PathBuf {
+    incarnation_path.with_extension("cluster-joined")
+}
+
 /// The incarnation `path` (`IFACE.cluster-joined`) says last passed the join gate, if any.
 fn previous_joined(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Removes the join marker: this agent is not a member now (no `cluster:` section, or it was
+/// removed), so its peers will forget it, and its next start as a member must join again.
+pub fn forget_joined(incarnation_path: &Path) {
+    let path = joined_path(incarnation_path);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!(
+            "cluster: removing the join marker {}: {e} (the next start may continue at once)",
+            path.display()
+        ),
+    }
 }
 
 /// Records that run `incarnation` passed the join gate and its hold (or continued at once).
@@ -393,6 +417,7 @@ async fn follow(
             }
             (None, Some(_)) => {
                 membership.stop_node();
+                forget_joined(&membership.incarnation_path);
                 let limits = limits.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || limits.set_share_view(ShareView::ALONE))

@@ -142,11 +142,26 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     };
 
     let pins = datapath::pin_dir(&opts.iface);
-    let adopting = pins.exists();
+    let load_options = LoadOptions {
+        pin_dir: Some(pins.clone()),
+        max_clients: opts.max_clients,
+        max_ids: opts.max_ids,
+        max_limited: opts.max_limited,
+        max_global_clients: opts.max_global_clients,
+    };
+    // Whether the maps pinned there will be adopted (pins of another layout are discarded
+    // here, as the load would): the cluster node continues at once only on adopted maps.
+    let adopting = datapath::lifecycle::adoptable_pins(&load_options)
+        .with_context(|| format!("the pinned maps of {}", opts.iface))?;
     // The cluster's listener with the others, before anything is written; the node's first
     // share view is what the maps start with.
     let incarnation_path = cluster::incarnation_path(&opts.state_dir, &opts.iface);
     let prepared = match &config.cluster {
+        None => {
+            // Not a member now: a later start with a `cluster:` section must join again.
+            cluster::forget_joined(&incarnation_path);
+            None
+        }
         Some(section) => Some(
             cluster::Prepared::new(
                 section,
@@ -157,20 +172,13 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             )
             .await?,
         ),
-        None => None,
     };
     let share_view = prepared
         .as_ref()
         .map_or(ShareView::ALONE, cluster::Prepared::share_view);
     let applied = with_shares(&config, &share_view);
-    let mut ebpf = datapath::load(&LoadOptions {
-        pin_dir: Some(pins.clone()),
-        max_clients: opts.max_clients,
-        max_ids: opts.max_ids,
-        max_limited: opts.max_limited,
-        max_global_clients: opts.max_global_clients,
-    })
-    .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
+    let mut ebpf = datapath::load(&load_options)
+        .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     if !adopting {
         guard.created_pins(pins.clone());
     }

@@ -114,6 +114,17 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     load_object(super::ebpf::OBJECT, opts)
 }
 
+/// Whether [`load`] with `opts` will adopt pinned maps: pins of another layout or size are
+/// discarded first, as `load` does (it finds nothing left to discard then), and what remains
+/// is what it adopts. An empty or missing pin directory adopts nothing.
+pub fn adoptable_pins(opts: &LoadOptions) -> Result<bool, DatapathError> {
+    let Some(dir) = &opts.pin_dir else {
+        return Ok(false);
+    };
+    discard_incompatible_pins(dir, opts)?;
+    Ok(PINNED.iter().any(|(name, ..)| dir.join(name).exists()))
+}
+
 /// Loads an object built from limiter-ebpf. With a pin directory, maps already pinned there with
 /// the same layout are adopted (counters survive an agent restart); pins of another layout are
 /// removed first, with a warning.

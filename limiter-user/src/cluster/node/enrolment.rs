@@ -128,7 +128,7 @@ pub fn round(shared: &Shared) {
         return;
     }
     // The fast path reports a client once, when it moves into `LIMITED` (one that stays busy
-    // stays there; entries that never move are reported once per 4096 denied hits): a notice
+    // stays there; entries that never move report one drop in 256, and the checker notes denied global IDs): a notice
     // taken while no round can split is kept (`Enrolment::defer`), not left in the ring, which
     // would overflow during a long partition.
     let hot = datapath.hot();
@@ -152,7 +152,7 @@ pub fn round(shared: &Shared) {
     } else {
         // Cut off or joining: the owner's ledgers would count silent holders at this phase's
         // share (0 under `deny`); no round, and this node's raises end now. The fast path's hot
-        // reports (once per episode, and the scan of LIMITED at start) are kept for later.
+        // reports (at a move into LIMITED or paced, and the scan of LIMITED at start) are kept for later.
         let hot: Vec<(ClientKey, u16)> = hot
             .iter()
             .filter_map(|client| Some((*client, datapath.entry(client)?.policy())))

@@ -116,7 +116,8 @@ impl Peer for PeerService {
             // Before any answer to the member: its join gate opens on one (see
             // `Heard::Restarted`). Under the state lock (state before enrolment, as everywhere),
             // so no other answer goes out while membership knows of the restart and the ledgers
-            // do not yet.
+            // do not yet. It waits for a round in progress (milliseconds at 10k hot clients),
+            // holding up heartbeats meanwhile: only on a peer's restart.
             self.0
                 .enrolment()
                 .holder_restarted(&report.node, report.incarnation);
