@@ -149,10 +149,9 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         max_limited: opts.max_limited,
         max_global_clients: opts.max_global_clients,
     };
-    // Whether the maps pinned there will be adopted (pins of another layout are discarded
-    // here, as the load would): the cluster node continues at once only on adopted maps.
-    let adopting = datapath::lifecycle::adoptable_pins(&load_options)
-        .with_context(|| format!("the pinned maps of {}", opts.iface))?;
+    // Whether the load will adopt the maps pinned there (not those of another layout or size,
+    // which it discards): the cluster node continues at once only on adopted maps.
+    let adopting = datapath::lifecycle::adoptable_pins(&load_options);
     // The cluster's listener with the others, before anything is written; the node's first
     // share view is what the maps start with.
     let incarnation_path = cluster::incarnation_path(&opts.state_dir, &opts.iface);

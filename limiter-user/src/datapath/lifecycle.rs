@@ -114,15 +114,19 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     load_object(super::ebpf::OBJECT, opts)
 }
 
-/// Whether [`load`] with `opts` will adopt pinned maps: pins of another layout or size are
-/// discarded first, as `load` does (it finds nothing left to discard then), and what remains
-/// is what it adopts. An empty or missing pin directory adopts nothing.
-pub fn adoptable_pins(opts: &LoadOptions) -> Result<bool, DatapathError> {
+/// Whether [`load`] with `opts` will adopt pinned maps (it discards pins of another layout or
+/// size, with a warning): asked before the load, and changing nothing. An empty or missing pin
+/// directory adopts nothing.
+pub fn adoptable_pins(opts: &LoadOptions) -> bool {
     let Some(dir) = &opts.pin_dir else {
-        return Ok(false);
+        return false;
     };
-    discard_incompatible_pins(dir, opts)?;
-    Ok(PINNED.iter().any(|(name, ..)| dir.join(name).exists()))
+    let layout = pinned_layout(dir);
+    // Layout 4's `STATS` is removed by the load (two counters were added since), not compared.
+    let skip = (layout == Some(4)).then_some("STATS");
+    PINNED.iter().any(|(name, ..)| dir.join(name).exists())
+        && matches!(layout, Some(v) if v == LAYOUT_VERSION || (4..=6).contains(&v))
+        && mismatched_pin(dir, opts, skip).is_none()
 }
 
 /// Loads an object built from limiter-ebpf. With a pin directory, maps already pinned there with
@@ -245,10 +249,24 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             return Ok(None);
         }
     }
-    let mut mismatch = None;
+    if let Some(name) = mismatched_pin(dir, opts, None) {
+        tracing::warn!(
+            dir = %dir.display(),
+            map = name,
+            "pinned maps have another layout or size; discarding them and starting with fresh counters"
+        );
+        remove_pins(dir)?;
+        return Ok(None);
+    }
+    Ok(layout)
+}
+
+/// The first pinned map (but `skip`) whose type, key, value or size differs from what this
+/// binary loads with `opts` (such pins cannot be adopted).
+fn mismatched_pin(dir: &Path, opts: &LoadOptions, skip: Option<&str>) -> Option<&'static str> {
     for (name, kind, key, value) in PINNED {
         let path = dir.join(name);
-        if !path.exists() {
+        if !path.exists() || skip == Some(name) {
             continue;
         }
         let ok = MapInfo::from_pin(&path).is_ok_and(|info| {
@@ -261,20 +279,10 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
                 && (name != "GRANTS" || info.max_entries() == opts.max_global_clients)
         });
         if !ok {
-            mismatch = Some(name);
-            break;
+            return Some(name);
         }
     }
-    if let Some(name) = mismatch {
-        tracing::warn!(
-            dir = %dir.display(),
-            map = name,
-            "pinned maps have another layout or size; discarding them and starting with fresh counters"
-        );
-        remove_pins(dir)?;
-        return Ok(None);
-    }
-    Ok(layout)
+    None
 }
 
 /// Removes the pinned maps of one interface (the maps live on while a program uses them).
