@@ -1337,6 +1337,47 @@ cluster:
   token_file: /unused
 ";
 
+/// The program loaded with [`GLOBAL`] applied as one of 3 connected members (each global limit
+/// at its cold share, `CONFIG_CLUSTER` set), the cluster's handles on its maps, and a checker.
+fn cluster_member() -> Result<(
+    Limiter,
+    datapath::grants::ClusterMaps,
+    limiter_user::check::Checker,
+)> {
+    use limiter_user::{
+        check::Checker,
+        cluster::{
+            config::Partition,
+            membership::{Phase, ShareView},
+        },
+        datapath::grants::ClusterMaps,
+        limits::with_shares,
+    };
+    let mut ebpf = datapath::load(&LoadOptions {
+        pin_dir: None,
+        max_clients: 1024,
+        ..LoadOptions::default()
+    })
+    .context("loading the object (needs root)")?;
+    let mut tables = Tables::take(&mut ebpf)?;
+    let view = ShareView {
+        members: 3,
+        phase: Phase::Connected,
+        partition: Partition::Share,
+    };
+    let config = with_shares(&Config::parse(GLOBAL)?, &view);
+    tables.apply(&config)?;
+    let check_program = datapath::load_check_program(&mut ebpf)?;
+    let program: &mut Xdp = ebpf
+        .program_mut(datapath::PROGRAM)
+        .context("no limiter program")?
+        .try_into()?;
+    program.load()?;
+    let maps = ClusterMaps::take(&mut ebpf, &tables)?;
+    let checker = Checker::new(check_program, &config);
+    Ok((Limiter { ebpf, tables }, maps, checker))
+}
+
 /// A cluster member's fast path (global policies in force, so `CONFIG_CLUSTER` is set): a
 /// client with a grant in `GRANTS` is decided with the grant while its lease runs and with
 /// `min(grant, cold share)` after (a raise lapses in the kernel, a cut stays); a client without
@@ -1345,40 +1386,10 @@ cluster:
 #[test]
 fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
     use limiter_common::Grant;
-    use limiter_user::{
-        check::{Checker, ClientId},
-        cluster::{
-            config::Partition,
-            membership::{Phase, ShareView},
-        },
-        datapath::grants::ClusterMaps,
-        limits::with_shares,
-    };
+    use limiter_user::check::ClientId;
     limiter_tests::require_root!();
     in_one_window(HOUR_NS, |_| {
-        let mut ebpf = datapath::load(&LoadOptions {
-            pin_dir: None,
-            max_clients: 1024,
-            ..LoadOptions::default()
-        })
-        .context("loading the object (needs root)")?;
-        let mut tables = Tables::take(&mut ebpf)?;
-        let view = ShareView {
-            members: 3,
-            phase: Phase::Connected,
-            partition: Partition::Share,
-        };
-        let config = with_shares(&Config::parse(GLOBAL)?, &view);
-        tables.apply(&config)?;
-        let check_program = datapath::load_check_program(&mut ebpf)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(datapath::PROGRAM)
-            .context("no limiter program")?
-            .try_into()?;
-        program.load()?;
-        let mut grants = ClusterMaps::take(&mut ebpf, &tables)?;
-        let lim = Limiter { ebpf, tables };
-        let checker = Checker::new(check_program, &config);
+        let (lim, mut grants, checker) = cluster_member()?;
         let src = |last: u8| IpAddr::V4(Ipv4Addr::new(10, 230, 0, last));
         let key = |last: u8| v4_mapped([10, 230, 0, last]);
         let now = monotonic_ns();
@@ -1439,40 +1450,10 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
 /// find the entries wherever they live.
 #[test]
 fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
-    use limiter_user::{
-        check::{Checker, ClientId},
-        cluster::{
-            config::Partition,
-            membership::{Phase, ShareView},
-        },
-        datapath::grants::ClusterMaps,
-        limits::with_shares,
-    };
+    use limiter_user::check::ClientId;
     limiter_tests::require_root!();
     in_one_window(HOUR_NS, |_| {
-        let mut ebpf = datapath::load(&LoadOptions {
-            pin_dir: None,
-            max_clients: 1024,
-            ..LoadOptions::default()
-        })
-        .context("loading the object (needs root)")?;
-        let mut tables = Tables::take(&mut ebpf)?;
-        let view = ShareView {
-            members: 3,
-            phase: Phase::Connected,
-            partition: Partition::Share,
-        };
-        let config = with_shares(&Config::parse(GLOBAL)?, &view);
-        tables.apply(&config)?;
-        let check_program = datapath::load_check_program(&mut ebpf)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(datapath::PROGRAM)
-            .context("no limiter program")?
-            .try_into()?;
-        program.load()?;
-        let mut maps = ClusterMaps::take(&mut ebpf, &tables)?;
-        let lim = Limiter { ebpf, tables };
-        let checker = Checker::new(check_program, &config);
+        let (lim, mut maps, checker) = cluster_member()?;
         let hot_ids = checker.hot_ids();
         let exact = IpAddr::V4(Ipv4Addr::new(10, 230, 1, 7));
         let gold: ClientId = "tenant-gold".parse()?;

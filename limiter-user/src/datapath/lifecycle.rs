@@ -122,11 +122,17 @@ pub fn adoptable_pins(opts: &LoadOptions) -> bool {
         return false;
     };
     let layout = pinned_layout(dir);
-    // Layout 4's `STATS` is removed by the load (two counters were added since), not compared.
-    let skip = (layout == Some(4)).then_some("STATS");
+    any_pinned(dir) && adopts_layout(layout) && mismatched_pin(dir, opts, layout).is_none()
+}
+
+fn any_pinned(dir: &Path) -> bool {
     PINNED.iter().any(|(name, ..)| dir.join(name).exists())
-        && matches!(layout, Some(v) if v == LAYOUT_VERSION || (4..=6).contains(&v))
-        && mismatched_pin(dir, opts, skip).is_none()
+}
+
+/// Whether pins stamped `layout` are adopted: this binary's layout, or one it migrates from
+/// (4, 5 and 6; see `discard_incompatible_pins`). Unstamped or older pins are discarded.
+fn adopts_layout(layout: Option<u32>) -> bool {
+    matches!(layout, Some(v) if v == LAYOUT_VERSION || (4..=6).contains(&v))
 }
 
 /// Loads an object built from limiter-ebpf. With a pin directory, maps already pinned there with
@@ -192,13 +198,21 @@ fn pinned_layout(dir: &Path) -> Option<u32> {
 
 /// Removes pins this binary cannot adopt; returns the layout of the pins it will adopt.
 fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
-    let any_pinned = PINNED.iter().any(|(name, ..)| dir.join(name).exists());
-    if !any_pinned {
+    if !any_pinned(dir) {
         return Ok(None);
     }
     let layout = pinned_layout(dir);
+    if !adopts_layout(layout) {
+        // Layouts before 4 have no migration: start fresh (the snapshot restores clients).
+        let found = layout.map_or("no version stamp".to_string(), |v| format!("layout v{v}"));
+        tracing::warn!(
+            dir = %dir.display(),
+            "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
+        );
+        remove_pins(dir)?;
+        return Ok(None);
+    }
     match layout {
-        Some(LAYOUT_VERSION) => {}
         Some(6) => {
             // Layout 7 added `GRANTS` and `HOT` (created and pinned by the load) and the
             // `CONFIG_CLUSTER` flag, which layout 6 never set; every other map is the same.
@@ -238,18 +252,10 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
                 }
             }
         }
-        found => {
-            // Layouts before 4 have no migration: start fresh (the snapshot restores clients).
-            let found = found.map_or("no version stamp".to_string(), |v| format!("layout v{v}"));
-            tracing::warn!(
-                dir = %dir.display(),
-                "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
-            );
-            remove_pins(dir)?;
-            return Ok(None);
-        }
+        // This binary's layout: nothing to migrate.
+        _ => {}
     }
-    if let Some(name) = mismatched_pin(dir, opts, None) {
+    if let Some(name) = mismatched_pin(dir, opts, layout) {
         tracing::warn!(
             dir = %dir.display(),
             map = name,
@@ -261,12 +267,13 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
     Ok(layout)
 }
 
-/// The first pinned map (but `skip`) whose type, key, value or size differs from what this
-/// binary loads with `opts` (such pins cannot be adopted).
-fn mismatched_pin(dir: &Path, opts: &LoadOptions, skip: Option<&str>) -> Option<&'static str> {
+/// The first pinned map whose type, key, value or size differs from what this binary loads with
+/// `opts` (such pins cannot be adopted). Layout 4's `STATS` is not compared: the load removes it
+/// (two counters were added since).
+fn mismatched_pin(dir: &Path, opts: &LoadOptions, layout: Option<u32>) -> Option<&'static str> {
     for (name, kind, key, value) in PINNED {
         let path = dir.join(name);
-        if !path.exists() || skip == Some(name) {
+        if !path.exists() || (layout == Some(4) && name == "STATS") {
             continue;
         }
         let ok = MapInfo::from_pin(&path).is_ok_and(|info| {

@@ -478,16 +478,16 @@ impl Membership {
         }
         if !self.joined {
             let members = self.members(now);
-            // An answer to a heartbeat of this run: the peer has seen this incarnation (a
-            // heartbeat of its own may count us from before the restart).
+            // An endpoint's id is learned only from an answer to a heartbeat of this run: the
+            // peer has seen this incarnation (a heartbeat of its own may count us from before
+            // the restart, and is not taken for its endpoint's).
             let counted = self.unresolved == 0
                 && self.endpoints.values().all(|e| {
                     e.is_self
-                        || e.echoed.is_some()
-                            && e.node
-                                .as_ref()
-                                .and_then(|id| self.seen.get(id))
-                                .is_some_and(|s| s.members >= members)
+                        || e.node
+                            .as_ref()
+                            .and_then(|id| self.seen.get(id))
+                            .is_some_and(|s| s.members >= members)
                 });
             let waited = now.saturating_duration_since(self.started) >= self.timing.join_limit;
             if counted || waited {
