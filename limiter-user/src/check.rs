@@ -31,7 +31,7 @@ use limiter_common::{
 
 use crate::{
     cluster::membership::ShareView,
-    config::{Action, ClientName, Config, Mode, looks_like_address},
+    config::{Action, ClientName, Config, Match, Mode, looks_like_address},
     datapath::{CHECK_FRAME, TestRunFrame, XDP_PASS},
 };
 
@@ -149,8 +149,9 @@ pub struct PolicyView {
     /// Exact-ID policies by the ID's map key (its SHA-256 prefix, computed once per check).
     named: HashMap<ClientKey, Policy, BuildHasherDefault<KeyHasher>>,
     default: Policy,
-    /// `names[id]` is the `match` of policy `id`.
-    names: Vec<Arc<str>>,
+    /// `matches[id - 1]` is the `match` of policy `id` (written out when asked: formatting
+    /// every one on each change would cost a large policy set milliseconds).
+    matches: Vec<Match>,
     dry_run: bool,
     /// Global policies' limits across the cluster, by policy id.
     global_limits: std::collections::BTreeMap<u16, u32>,
@@ -158,14 +159,7 @@ pub struct PolicyView {
 
 impl PolicyView {
     pub fn new(config: &Config) -> PolicyView {
-        let names = std::iter::once(Arc::from("default"))
-            .chain(
-                config
-                    .policies
-                    .iter()
-                    .map(|(m, _)| Arc::from(m.to_string())),
-            )
-            .collect();
+        let matches = config.policies.iter().map(|(m, _)| m.clone()).collect();
         PolicyView {
             named: config
                 .named_policies()
@@ -173,7 +167,7 @@ impl PolicyView {
                 .map(|(name, policy)| (name.key(), policy))
                 .collect(),
             default: config.default_policy(),
-            names,
+            matches,
             dry_run: config.mode == Mode::DryRun,
             global_limits: config.global_limits.clone(),
         }
@@ -191,10 +185,13 @@ impl PolicyView {
 
     /// The `match` of policy `id`.
     pub fn name(&self, id: u16) -> Arc<str> {
-        self.names
-            .get(id as usize)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(format!("#{id}")))
+        match id.checked_sub(1) {
+            None => Arc::from("default"),
+            Some(i) => match self.matches.get(i as usize) {
+                Some(m) => Arc::from(m.to_string()),
+                None => Arc::from(format!("#{id}")),
+            },
+        }
     }
 }
 
@@ -263,7 +260,12 @@ impl Checker {
     /// Makes `config` the one checks resolve IDs against (call after applying it to the maps).
     pub fn set_config(&self, config: &Config) {
         let view = Arc::new(PolicyView::new(config));
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        let replaced = std::mem::replace(
+            &mut *self.view.write().unwrap_or_else(|e| e.into_inner()),
+            view,
+        );
+        // Freed out of the lock checks take.
+        drop(replaced);
     }
 
     pub fn view(&self) -> Arc<PolicyView> {
@@ -617,6 +619,8 @@ policies:
             (Action::Pass, u32::MAX, u32::MAX)
         );
         assert_eq!(&*pass.policy, "10.0.0.0/8");
+        assert_eq!(&*v.name(2), "192.0.2.0/24");
+        assert_eq!(&*v.name(3), "#3", "an id past the policies");
         let drop = decision(&reply(&config, 2, VERDICT_OVERFLOW), 1, &v);
         assert!(!drop.allowed && drop.overflow);
         assert_eq!(

@@ -185,14 +185,21 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // Policies first, then attach: the first packet the program sees is already enforced.
     let started = (|| -> anyhow::Result<_> {
         let mut tables = Tables::take(&mut ebpf)?;
+        // The kernel verifies the programs while the policies are written.
+        let report = datapath::load_programs_while(&mut ebpf, &datapath::AGENT_PROGRAMS, || {
+            restore(&mut tables, &snapshot_path, snapshot_capacity(&opts))?;
+            let report = tables.apply(&applied)?;
+            anyhow::Ok(report)
+        })??;
         let adapt_program = datapath::load_adapt_program(&mut ebpf)?;
         tables.set_refresher(
             adapt_program
                 .try_clone()
                 .context("duplicating the adapt program's descriptor")?,
         );
-        restore(&mut tables, &snapshot_path, snapshot_capacity(&opts))?;
-        let report = tables.apply(&applied)?;
+        // The policies went in before the refresher was loaded: on adopted maps, the refresh
+        // their first apply is due runs now, still before the program is attached.
+        tables.refresh_if_owed()?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
         let tuner = Tuner::new(
             &applied,

@@ -390,7 +390,7 @@ pub fn attach(
         .program_mut(PROGRAM)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
-    program.load()?;
+    load_once(program)?;
     let link_pin = pins.map(|d| d.join(LINK_PIN)).unwrap_or_default();
     if pins.is_some() && link_pin.exists() {
         match adopt_link(program, &link_pin) {
@@ -552,8 +552,63 @@ fn load_test_run_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd,
         .program_mut(name)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
-    program.load()?;
+    load_once(program)?;
     dup_fd(program.fd()?.as_fd(), name)
+}
+
+/// Loads `program` into the kernel unless [`load_programs_while`] already has.
+fn load_once(program: &mut Xdp) -> Result<(), ProgramError> {
+    if program.fd().is_ok() {
+        return Ok(());
+    }
+    program.load()
+}
+
+/// The programs the agent loads: the one it attaches, and the two it runs with
+/// BPF_PROG_TEST_RUN.
+pub const AGENT_PROGRAMS: [&str; 3] = [PROGRAM, super::ADAPT_PROGRAM, super::CHECK_PROGRAM];
+
+/// Loads the programs `names` of `ebpf` into the kernel, each on a thread of its own, while
+/// `meanwhile` runs on this one; returns what `meanwhile` returned once every load is done.
+/// The kernel's verifier takes most of an agent's start (hundreds of milliseconds per program),
+/// one CPU per load: side by side, and beside the writes of a large policy set, they take the
+/// time of the longest instead of the sum. [`attach`], [`load_adapt_program`] and
+/// [`load_check_program`] then use the programs loaded here. The first load error (in `names`
+/// order) is returned, after `meanwhile` has run.
+pub fn load_programs_while<R>(
+    ebpf: &mut Ebpf,
+    names: &[&str],
+    meanwhile: impl FnOnce() -> R,
+) -> Result<R, DatapathError> {
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = ebpf
+            .programs_mut()
+            .filter(|(name, _)| names.contains(name))
+            .map(|(name, program)| {
+                let position = names.iter().position(|n| *n == name);
+                let load = scope.spawn(move || -> Result<(), DatapathError> {
+                    let program: &mut Xdp = program.try_into()?;
+                    Ok(load_once(program)?)
+                });
+                (position, load)
+            })
+            .collect();
+        let out = meanwhile();
+        let mut results: Vec<_> = loads
+            .into_iter()
+            .map(|(position, load)| {
+                let result = load
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (position, result)
+            })
+            .collect();
+        results.sort_by_key(|(position, _)| *position);
+        for (_, result) in results {
+            result?;
+        }
+        Ok(out)
+    })
 }
 
 /// Finishes adopting pins of an older layout, once the agent's program is attached: drops the

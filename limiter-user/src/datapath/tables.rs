@@ -6,6 +6,7 @@ use std::{
     collections::HashSet,
     io,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    sync::Arc,
 };
 
 use aya::{
@@ -52,8 +53,54 @@ pub struct Tables {
     /// The generation of the last complete refresh (`None`: none yet by these tables).
     last_refresh: Option<u32>,
     /// What the policy trie holds, as these tables last wrote it (`None`: not known, as on
-    /// maps just opened or after a failed write; the next `apply` reads the trie).
-    trie: Option<TrieEntries>,
+    /// maps just opened or after a failed write; the next `apply` reads the trie). Shared with
+    /// the [`TrieDiff`]s made against it.
+    trie: Option<Arc<TrieEntries>>,
+}
+
+/// The trie writes that turn what [`Tables::trie_written`] returned into the desired entries,
+/// worked out beforehand (outside any lock the caller holds around the maps), so that
+/// [`Tables::apply_diff`] only writes them: a change of one policy among tens of thousands
+/// then costs the maps' lock one write instead of a comparison of every entry.
+#[derive(Default)]
+pub struct TrieDiff {
+    /// What the diff was made against (`None`: nothing; `apply_diff` compares itself).
+    base: Option<Arc<TrieEntries>>,
+    writes: Vec<(Key<PolicyKey>, Policy)>,
+    removes: Vec<Key<PolicyKey>>,
+}
+
+impl TrieDiff {
+    /// The writes from `base` (from [`Tables::trie_written`]) to `desired`.
+    pub fn between(base: Option<Arc<TrieEntries>>, desired: &TrieEntries) -> TrieDiff {
+        match base {
+            Some(base) => TrieDiff {
+                base: Some(base.clone()),
+                ..trie_writes(&base, desired)
+            },
+            None => TrieDiff::default(),
+        }
+    }
+}
+
+/// The entries of `desired` that `trie` lacks or holds otherwise, and the keys of `trie` that
+/// `desired` lacks (no base: made where they are written).
+fn trie_writes(trie: &TrieEntries, desired: &TrieEntries) -> TrieDiff {
+    let writes = desired
+        .iter()
+        .filter(|(key, policy)| trie.get(*key) != Some(*policy))
+        .map(|(&(prefix, addr), policy)| (Key::new(prefix, addr), *policy))
+        .collect();
+    let removes = trie
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .map(|&(prefix, addr)| Key::new(prefix, addr))
+        .collect();
+    TrieDiff {
+        base: None,
+        writes,
+        removes,
+    }
 }
 
 /// What one `Tables::apply` changed.
@@ -150,6 +197,28 @@ impl Tables {
     /// could keep a stale policy until its next change.
     pub fn set_refresher(&mut self, program: OwnedFd) {
         self.refresher = Some(program);
+    }
+
+    /// Runs the refresh an `apply` made before [`Tables::set_refresher`] could not: on adopted
+    /// maps (whose previous agent may have died owing one) the first apply is due one, and
+    /// without a refresher it leaves it owed. Returns the entries refreshed, `None` if none was
+    /// owed (or there is no refresher).
+    pub fn refresh_if_owed(&mut self) -> Result<Option<usize>, DatapathError> {
+        if self.refresher.is_none() || self.last_refresh.is_some() {
+            return Ok(None);
+        }
+        let generation = self.map_config()?.generation;
+        if generation == 0 {
+            return Ok(None);
+        }
+        let refreshed = self.refresh_all()?;
+        tracing::info!(
+            generation,
+            refreshed,
+            "refreshed every client's policy in place (due on adopted maps)"
+        );
+        self.last_refresh = Some(generation);
+        Ok(Some(refreshed))
     }
 
     /// Brings the cached policy of every resident address client up to the current generation,
@@ -314,42 +383,61 @@ impl Tables {
         config: &Config,
         desired: TrieEntries,
     ) -> Result<ApplyReport, DatapathError> {
+        self.apply_diff(config, desired, &TrieDiff::default())
+    }
+
+    /// What the policy trie holds, as these tables last wrote it (`None`: not known), for a
+    /// [`TrieDiff`] made outside the lock around these tables.
+    pub fn trie_written(&self) -> Option<Arc<TrieEntries>> {
+        self.trie.clone()
+    }
+
+    /// [`Tables::apply_entries`] writing only `diff`'s entries, if it was made against what
+    /// the trie holds (else the differences are worked out here, as `apply_entries` does).
+    pub fn apply_diff(
+        &mut self,
+        config: &Config,
+        desired: TrieEntries,
+        diff: &TrieDiff,
+    ) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
         // Only the entries that differ from what the trie holds are written: the trie as last
         // written, read once when not known. Forgotten until the writes succeed.
-        let mut trie = match self.trie.take() {
-            Some(trie) => trie,
-            // A read that stops early would leave entries out of the cache for good (never
-            // removed as stale): an error instead, and the next apply reads again.
-            None => self
-                .policies
-                .iter()
-                .map(|entry| entry.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
-                .collect::<Result<TrieEntries, _>>()
-                .map_err(map_err("POLICIES"))?,
-        };
-        for (&(prefix, addr), policy) in &desired {
-            if trie.get(&(prefix, addr)) != Some(policy) {
-                self.policies
-                    .insert(&Key::new(prefix, addr), policy, 0)
-                    .map_err(map_err("POLICIES"))?;
-                trie.insert((prefix, addr), *policy);
-                report.policies_written += 1;
+        let current = self.trie.take();
+        let computed;
+        let (writes, removes) = match (&diff.base, current) {
+            (Some(base), Some(current)) if Arc::ptr_eq(base, &current) => {
+                (&diff.writes, &diff.removes)
             }
-        }
-        let stale: Vec<(u32, PolicyKey)> = trie
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
-        for (prefix, addr) in stale {
+            (_, current) => {
+                let trie = match current {
+                    Some(trie) => trie,
+                    // A read that stops early would leave entries out of the cache for good
+                    // (never removed as stale): an error instead, and the next apply reads
+                    // again.
+                    None => Arc::new(
+                        self.policies
+                            .iter()
+                            .map(|entry| entry.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+                            .collect::<Result<TrieEntries, _>>()
+                            .map_err(map_err("POLICIES"))?,
+                    ),
+                };
+                computed = trie_writes(&trie, &desired);
+                (&computed.writes, &computed.removes)
+            }
+        };
+        for (key, policy) in writes {
             self.policies
-                .remove(&Key::new(prefix, addr))
+                .insert(key, policy, 0)
                 .map_err(map_err("POLICIES"))?;
-            trie.remove(&(prefix, addr));
+            report.policies_written += 1;
+        }
+        for key in removes {
+            self.policies.remove(key).map_err(map_err("POLICIES"))?;
             report.policies_removed += 1;
         }
-        self.trie = Some(trie);
+        self.trie = Some(Arc::new(desired));
         self.sync_static_clients(&config.static_clients(), &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
@@ -872,6 +960,54 @@ mod tests {
         let mut drop = entry([slot(10, 3), 0]);
         drop.limit = 0;
         assert!(aged_out(&drop, at(10, 0)));
+    }
+
+    #[test]
+    fn a_trie_diff_writes_what_differs_and_removes_what_is_gone() {
+        let entries = |policies: &str| {
+            Config::parse(&format!(
+                "default: {{ limit: 10, window: 1s }}\npolicies:\n{policies}"
+            ))
+            .expect("valid config")
+            .lpm_entries()
+        };
+        let before = Arc::new(entries(
+            "  - { match: 10.0.0.0/8, limit: 5, window: 1s }\n  - { match: 10.1.0.0/16, limit: 6, window: 1s }\n",
+        ));
+        let after = entries(
+            "  - { match: 10.0.0.0/8, limit: 7, window: 1s }\n  - { match: 10.2.0.0/16, limit: 6, window: 1s }\n",
+        );
+        let key = |s: &str| s.parse::<crate::config::Cidr>().expect("prefix").lpm_key();
+        let diff = TrieDiff::between(Some(before.clone()), &after);
+        assert!(Arc::ptr_eq(diff.base.as_ref().expect("a base"), &before));
+        let mut written: Vec<(u32, PolicyKey)> = diff
+            .writes
+            .iter()
+            .map(|(k, policy)| {
+                let k = (k.prefix_len(), k.data());
+                assert_eq!(after.get(&k), Some(policy));
+                k
+            })
+            .collect();
+        written.sort();
+        let mut wanted = vec![key("10.0.0.0/8"), key("10.2.0.0/16")];
+        wanted.sort();
+        assert_eq!(
+            written, wanted,
+            "the changed and the new policy, nothing else"
+        );
+        let removed: Vec<(u32, PolicyKey)> = diff
+            .removes
+            .iter()
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        assert_eq!(removed, vec![key("10.1.0.0/16")]);
+        // Against the same entries: nothing to write.
+        let same = TrieDiff::between(Some(Arc::new(after.clone())), &after);
+        assert!(same.writes.is_empty() && same.removes.is_empty());
+        // Without a base, nothing is worked out beforehand (`apply_diff` compares itself).
+        let none = TrieDiff::between(None, &after);
+        assert!(none.base.is_none() && none.writes.is_empty() && none.removes.is_empty());
     }
 
     #[test]

@@ -43,7 +43,7 @@ use crate::{
         Action, Config, MAX_CONFIG_BYTES, PolicyError, Resolved, Scope,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
     },
-    datapath::{DatapathError, Tables},
+    datapath::{DatapathError, Tables, TrieDiff},
     metrics::Counters,
 };
 
@@ -159,6 +159,16 @@ pub fn with_shares(config: &Config, view: &ShareView) -> Config {
     applied
 }
 
+/// Frees `value` on a thread of its own: the configs and trie entries a change replaces hold
+/// tens of thousands of allocations with a large policy set, milliseconds to free that the
+/// change (and an API caller waiting for it) need not wait for.
+fn free_later<T: Send + 'static>(value: T) {
+    // A thread that cannot be spawned leaves the value to be freed here.
+    let _ = std::thread::Builder::new()
+        .name("limiter-free".into())
+        .spawn(move || drop(value));
+}
+
 fn hash(text: &str) -> u64 {
     hash_of(&text)
 }
@@ -237,9 +247,10 @@ impl PolicyStore {
         }
         let applied = Arc::new(applied);
         let entries = applied.lpm_entries();
-        {
+        let trie_diff = TrieDiff::between(self.lock().tables.trie_written(), &entries);
+        let replaced = {
             let mut inner = self.lock();
-            if let Err(e) = inner.tables.apply_entries(&applied, entries) {
+            if let Err(e) = inner.tables.apply_diff(&applied, entries, &trie_diff) {
                 if let Err(restore) = inner.tables.apply(&in_force) {
                     tracing::error!(
                         "restoring the shares in force after a failed apply: {restore}"
@@ -248,9 +259,9 @@ impl PolicyStore {
                 return Err(e);
             }
             inner.share_view = view;
-            inner.applied = applied.clone();
-        }
-        drop(in_force);
+            std::mem::replace(&mut inner.applied, applied.clone())
+        };
+        free_later((replaced, in_force, effective, trie_diff));
         self.checker.set_config(&applied);
         self.checker.set_share_view(view);
         Ok(())
@@ -450,9 +461,13 @@ impl PolicyStore {
         effective: Arc<Effective>,
         api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
-        let (before, mut share_view) = {
+        let (before, mut share_view, trie) = {
             let inner = self.lock();
-            (inner.effective.clone(), inner.share_view)
+            (
+                inner.effective.clone(),
+                inner.share_view,
+                inner.tables.trie_written(),
+            )
         };
         // A `cluster:` section added by this change: global policies admit nothing until the
         // node has started and been counted (the agent's cluster task then sets the view).
@@ -461,11 +476,12 @@ impl PolicyStore {
         }
         let applied = Arc::new(with_shares(&effective.config, &share_view));
         let entries = applied.lpm_entries();
+        let trie_diff = TrieDiff::between(trie, &entries);
         let mut changes = diff(&before.config, &effective.config, 0, Source::File);
         let cluster = policies_for_cluster(&effective.config);
         let replaced = {
             let mut inner = self.lock();
-            let report = match inner.tables.apply_entries(&applied, entries) {
+            let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {
                 Ok(report) => report,
                 Err(e) => {
                     let in_force = inner.applied.clone();
@@ -486,8 +502,8 @@ impl PolicyStore {
                 std::mem::replace(&mut inner.effective, effective.clone()),
             )
         };
-        // The configs replaced go out of the lock too.
-        drop(replaced);
+        // The configs and the trie replaced go out of the lock, and off the caller's path.
+        free_later((replaced, trie_diff));
         self.checker.set_config(&applied);
         self.checker.set_share_view(share_view);
         for warning in &effective.config.warnings {
@@ -509,6 +525,7 @@ impl PolicyStore {
             // No subscribers is fine.
             let _ = self.changes.send(change.clone());
         }
+        free_later(before);
         Ok(changes)
     }
 
@@ -621,7 +638,8 @@ impl PolicyStore {
             }
             return Err(LimitsError::Overlay(error));
         }
-        self.lock().overlay = overlay;
+        let replaced = std::mem::replace(&mut self.lock().overlay, overlay);
+        free_later((previous, replaced));
         self.counters.api_limit_changes.inc();
         Ok(changes.into_iter().find(|c| c.selector == *selector))
     }
