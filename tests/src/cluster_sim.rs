@@ -1471,12 +1471,11 @@ impl Sim {
             }
             let held: Vec<ClientKey> = node.enrolment.held().copied().collect();
             for k in &held {
-                let count = self
-                    .keys
-                    .get(k)
-                    .and_then(|c| node.flows.get(c))
-                    .map(|f| f.count as u64);
-                node.enrolment.observe(now, k, count);
+                let flow = self.keys.get(k).and_then(|c| node.flows.get(c));
+                let count = flow.map(|f| f.count as u64);
+                // What the node's window holds as admitted (the model's windows are fixed).
+                let used = flow.map_or(0, |f| f.passed.ceil() as u32);
+                node.enrolment.observe(now, k, count, used);
             }
             node.enrolment.round(now, &view, &|_| Some(info))
         } else {

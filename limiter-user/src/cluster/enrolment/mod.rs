@@ -176,6 +176,8 @@ struct Held {
     /// (time, passed + dropped) of the client's entry, newest last.
     samples: VecDeque<(Duration, u64)>,
     demand: u32,
+    /// What the client's sliding window here counted as admitted at the newest sample.
+    used: u32,
     /// When this node started holding it.
     attached_at: Duration,
     /// The newest grant counted as a lapsed raise.
@@ -295,6 +297,7 @@ impl Enrolment {
                 holder: Holder::numbered_from(self.timing, first),
                 samples: VecDeque::new(),
                 demand: 0,
+                used: 0,
                 attached_at: now,
                 lapsed: None,
             },
@@ -357,11 +360,14 @@ impl Enrolment {
         self.held.keys()
     }
 
-    /// `count`: the client's passed + dropped now (`None`: it has no entry, so nothing came).
-    pub fn observe(&mut self, now: Duration, client: &ClientKey, count: Option<u64>) {
+    /// `count`: the client's passed + dropped now (`None`: it has no entry, so nothing came);
+    /// `used`: what its sliding window counts as admitted now (reported to the owner, which
+    /// raises no other holder into room this node's window still holds).
+    pub fn observe(&mut self, now: Duration, client: &ClientKey, count: Option<u64>, used: u32) {
         let Some(held) = self.held.get_mut(client) else {
             return;
         };
+        held.used = if count.is_some() { used } else { 0 };
         match count {
             // Counters that went back: a new entry (the old one aged out); start afresh.
             Some(c) if held.samples.back().is_some_and(|&(_, last)| c < last) => {
@@ -406,7 +412,8 @@ impl Enrolment {
                 self.timing,
                 first,
                 now + Ledger::learning(&self.timing),
-            );
+            )
+            .with_window(info.window);
             for member in view.live {
                 ledger.enrol(member);
             }
@@ -524,7 +531,7 @@ impl Enrolment {
                 }
                 continue;
             }
-            let mut report = held.holder.report(now, held.demand);
+            let mut report = held.holder.report(now, held.demand, held.used);
             // What the datapath holds, not what the holder took in: a refused write leaves the
             // older grant in force, and the owner must go on counting it. Only a grant of this
             // holder's owner: what the maps keep after a release or drop (adopted pins are kept
@@ -794,7 +801,25 @@ impl Enrolment {
     }
 }
 
-/// Packets per `window` over the samples of the last window (at least two sampling rounds).
+/// How many sampling rounds the short span of [`demand`] covers.
+const SHORT_SPAN_ROUNDS: usize = 4;
+
+/// The fewest packets the short span must hold (or would at the window's rate) to be measured
+/// over: below that, a span of a few rounds is mostly noise (at 10 packets a second, 0 or 1 in
+/// 200 ms), and the window's rate is used.
+const SHORT_SPAN_PACKETS: u64 = 16;
+
+/// Packets per `window` the client sends this member: over the last window (at least two
+/// sampling rounds), unless the last [`SHORT_SPAN_ROUNDS`] rounds show the rate has changed:
+/// they hold enough packets to measure (at the window's rate, or their own: a client that
+/// stopped reads as stopped within a few rounds) and differ from what the window's rate predicts
+/// by more than chance would (three standard deviations of a Poisson count, and two packets).
+/// A steady client's demand so stays the window's, which does not jitter with every burst.
+///
+/// The short span is what lets a spread change settle within a window and a few sync
+/// intervals: over a whole window, the member the traffic left would go on reporting (and be
+/// granted) its old demand for a window while the member it moved to waited. It is safe because
+/// the owner raises nobody into room a cut member's window still holds (its reports' `used`).
 fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) -> u32 {
     let Some(&(newest_at, newest)) = samples.back() else {
         return 0;
@@ -808,12 +833,32 @@ fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) 
     else {
         return 0;
     };
+    let per_window = |packets: u64, elapsed: Duration| -> u32 {
+        let packets = u128::from(packets);
+        u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
+    };
     let elapsed = newest_at.saturating_sub(oldest_at);
     if elapsed.is_zero() {
         return 0;
     }
-    let packets = u128::from(newest.saturating_sub(oldest));
-    u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
+    let packets = newest.saturating_sub(oldest);
+    if let Some(&(short_at, short)) = samples.iter().rev().nth(SHORT_SPAN_ROUNDS)
+        && short_at >= oldest_at
+        && short_at < newest_at
+    {
+        let span = newest_at - short_at;
+        let in_span = newest.saturating_sub(short);
+        let at_window_rate =
+            u64::try_from(u128::from(packets) * span.as_nanos() / elapsed.as_nanos())
+                .unwrap_or(u64::MAX);
+        let deviation = in_span.abs_diff(at_window_rate) as f64;
+        if in_span.max(at_window_rate) >= SHORT_SPAN_PACKETS
+            && deviation > 3.0 * (at_window_rate as f64).sqrt() + 2.0
+        {
+            return per_window(in_span, span);
+        }
+    }
+    per_window(packets, elapsed)
 }
 
 #[cfg(test)]

@@ -138,7 +138,7 @@ impl Sim {
                     episodes[i] = (episodes[i] || over) && rates[i] > 0;
                 }
             }
-            node.observe(self.now, &self.client, Some(self.counts[i] / 1000));
+            node.observe(self.now, &self.client, Some(self.counts[i] / 1000), 0);
             let refuse = self.refuse == Some(i);
             let grant = &mut self.grants[i];
             let kept = &mut self.silences[i];
@@ -315,7 +315,7 @@ fn a_client_no_owner_answers_for_is_let_go() {
         if round % 3 == 0 {
             count += 1;
         }
-        node.observe(now, &CLIENT, Some(count));
+        node.observe(now, &CLIENT, Some(count), 0);
         let (out, _) = node.round(now, &view, &|_| Some(info));
         if out.get(&owner).is_some_and(|o| !o.reports.is_empty()) {
             reported_until = now;
@@ -337,7 +337,7 @@ fn a_client_no_owner_answers_for_is_let_go() {
     for _ in 0..200 {
         now += ROUND;
         count += 1;
-        node.observe(now, &CLIENT, Some(count));
+        node.observe(now, &CLIENT, Some(count), 0);
         let (out, _) = node.round(now, &view, &|_| Some(info));
         if let Some(r) = out.get(&owner).and_then(|o| o.reports.first()) {
             last = Some((now, r.report.demand));
@@ -487,6 +487,7 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
         report: Report {
             seq: 1,
             demand: 50,
+            used: 0,
             applied: None,
             echo: None,
             raise_left: None,
@@ -777,7 +778,7 @@ mod second_review {
         let mut tick = |node: &mut Enrolment, now: &mut Duration| {
             *now += ROUND;
             count += 2;
-            node.observe(*now, &client, Some(count));
+            node.observe(*now, &client, Some(count), 0);
         };
         // Restarted with pins: what the maps hold stays for a silence limit.
         node.adopt(now, []);
@@ -904,4 +905,55 @@ mod second_review {
             sim.enforced(big)
         );
     }
+}
+
+/// Samples of a client's counter every 50 ms: `rate(i)` packets per second in round `i`.
+fn sampled(rounds: u32, rate: impl Fn(u32) -> u64) -> VecDeque<(Duration, u64)> {
+    let mut samples = VecDeque::new();
+    let mut count = 0;
+    for i in 0..rounds {
+        count += rate(i) / 20;
+        samples.push_back((Duration::from_millis(50 * u64::from(i)), count));
+    }
+    samples
+}
+
+/// A busy client's demand follows a change within a few rounds (the short span); a slow one's is
+/// measured over the window, where a few rounds would hold a packet or none.
+#[test]
+fn demand_follows_a_busy_client_within_rounds_and_a_slow_one_over_the_window() {
+    let window = Duration::from_secs(1);
+    let last = |s: &VecDeque<(Duration, u64)>| s.back().expect("samples").0;
+    // 2,000 a second, then nothing from round 40 on: five rounds later it reads 0.
+    let stopped = sampled(45, |i| if i < 40 { 2_000 } else { 0 });
+    assert_eq!(demand(&stopped, last(&stopped), window), 0);
+    // ...where the window's rate would still say about 1,000.
+    let busy = sampled(40, |_| 2_000);
+    assert_eq!(demand(&busy, last(&busy), window), 2_000);
+    // 100 a second, then 2,000: it reads 2,000 four rounds later.
+    let rose = sampled(45, |i| if i < 41 { 100 } else { 2_000 });
+    assert_eq!(demand(&rose, last(&rose), window), 2_000);
+    // 20 a second (one packet a round): too few for the short span, so the window's rate, which
+    // a 10-packet burst in the last round moves only a little.
+    let slow = sampled(40, |i| if i == 39 { 200 } else { 20 });
+    let d = demand(&slow, last(&slow), window);
+    assert!((20..=40).contains(&d), "{d}");
+}
+
+/// A busy client whose rate wobbles by chance keeps the window's rate as its demand: a few
+/// rounds of it are not taken for a change.
+#[test]
+fn demand_stays_the_windows_through_chance_wobbles() {
+    let window = Duration::from_secs(1);
+    // 400 a second (20 a round), the last four rounds 22, 18, 23, 19: within chance.
+    let wobbly = sampled(40, |i| match i {
+        36 => 440,
+        37 => 360,
+        38 => 460,
+        39 => 380,
+        _ => 400,
+    });
+    let now = wobbly.back().expect("samples").0;
+    // The window's rate (the wobble's part in it: 402), not the last rounds' 410.
+    assert_eq!(demand(&wobbly, now, window), 402);
 }

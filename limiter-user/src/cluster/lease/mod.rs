@@ -197,6 +197,11 @@ pub struct Report {
     pub seq: u64,
     /// Packets per window the client asked of this holder (passed + dropped).
     pub demand: u32,
+    /// What the holder's sliding window counts as admitted when it read the counters: until
+    /// those packets leave its window (two windows at most) it admits no more than it has
+    /// admitted, whatever it is granted, so a cut cannot hand their room to another holder
+    /// before then.
+    pub used: u32,
     /// The newest grant the holder applied (it never goes back to an older one).
     pub applied: Option<u64>,
     /// The newest owner message the holder received.
@@ -300,8 +305,8 @@ impl Holder {
         }
     }
 
-    /// A report of `demand`, sent at `now`.
-    pub fn report(&mut self, now: Duration, demand: u32) -> Report {
+    /// A report of `demand`, with `used` admitted in the holder's sliding window, sent at `now`.
+    pub fn report(&mut self, now: Duration, demand: u32, used: u32) -> Report {
         let seq = self.next_report;
         self.next_report += 1;
         if self.sent.len() == SENT_REPORTS {
@@ -311,6 +316,7 @@ impl Holder {
         Report {
             seq,
             demand,
+            used,
             applied: self.grant.map(|g| g.seq),
             echo: self.echo,
             raise_left: None,
@@ -364,6 +370,9 @@ impl Holder {
 pub struct Ledger {
     limit: u32,
     timing: Timing,
+    /// The policy window: a holder's reported `used` counts for two of them (stretched) after
+    /// the report arrives, or until the next report (see [`Account::counted_at`]).
+    window: Duration,
     next_grant: u64,
     /// Until then (owner clock) no grant goes above the cold share: a new owner's learning
     /// mode, during which raises another ledger of the client issued lapse.
@@ -393,6 +402,9 @@ struct Account {
     /// Reports numbered below this are from an earlier run of the holder's agent: ignored.
     reports_from: u64,
     demand: u32,
+    /// The newest report's `used`, and until when (owner clock) it may still be in the holder's
+    /// sliding window.
+    used: Option<(u32, Duration)>,
     /// The newest report: its seq and when it arrived (owner clock).
     last_report: Option<(u64, Duration)>,
     next_message: u64,
@@ -446,6 +458,21 @@ impl Account {
         bound
     }
 
+    /// What the owner counts the holder at, at `at`, when it sizes grants: its bound, or what
+    /// its sliding window still holds of what it admitted, if more. A holder cut below what it
+    /// has admitted in its window admits nothing until its estimate decays below the cut; a raise
+    /// of another holder into the cut's room before then would admit more than L over a window
+    /// (a cut cannot take back what was admitted). The estimate only decays, and the holder
+    /// admits only while it is below what it is granted, so `used` bounds it from above until
+    /// the next report.
+    fn counted_at(&self, at: Duration, cold: u32, timing: &Timing) -> u32 {
+        let bound = self.bound_at(at, cold, timing);
+        match self.used {
+            Some((used, until)) if at < until => bound.max(used),
+            _ => bound,
+        }
+    }
+
     /// From when the holder may have dropped its grant for silence (`None`: it never heard the
     /// owner, or the owner cannot tell that it did).
     fn silent_from(&self, timing: &Timing) -> Option<Duration> {
@@ -468,12 +495,13 @@ impl Account {
         self.lapsed = lapsed;
     }
 
-    /// The instants at which `bound_at` may change.
+    /// The instants at which `counted_at` (and `bound_at`) may change.
     fn changes<'a>(&'a self, timing: &Timing) -> impl Iterator<Item = Duration> + 'a {
         self.live
             .iter()
             .map(|g| g.lapses_at)
             .chain(self.silent_from(timing))
+            .chain(self.used.map(|(_, until)| until))
     }
 
     /// The instants after `now` at which `bound_at` may change, and `also` if it is after `now`,
@@ -508,6 +536,7 @@ impl Ledger {
         Ledger {
             limit,
             timing,
+            window: Duration::ZERO,
             next_grant: first.max(1),
             no_raise_until,
             releasing: false,
@@ -515,6 +544,13 @@ impl Ledger {
             first_grant: first.max(1),
             holders: BTreeMap::new(),
         }
+    }
+
+    /// Counts each holder's reported `used` for two `window`s (stretched) after its report (see
+    /// [`Account::counted_at`]). A ledger without a window ignores `used`.
+    pub fn with_window(mut self, window: Duration) -> Ledger {
+        self.window = window;
+        self
     }
 
     /// How long a new owner stays in learning mode: a lease on a holder's clock, seen on the
@@ -616,6 +652,13 @@ impl Ledger {
         }
         account.last_report = Some((report.seq, now));
         account.demand = report.demand;
+        // At most L: more is a bug or a hostile peer, and would only hold raises back.
+        account.used = (!self.window.is_zero() && report.used > 0).then(|| {
+            (
+                report.used.min(self.limit),
+                now + self.timing.stretched(self.window * 2),
+            )
+        });
         let ours = report
             .applied
             .is_some_and(|a| a >= self.first_grant && a < self.next_grant);
@@ -823,10 +866,10 @@ impl Sums {
         // instants; the running total is the sum at each instant.
         let mut steps = vec![0i64; len + 1];
         for a in accounts {
-            let mut before = a.bound_at(now, cold, timing);
+            let mut before = a.counted_at(now, cold, timing);
             steps[0] += i64::from(before);
             for at in a.steps(now, timing, None) {
-                let after = a.bound_at(at, cold, timing);
+                let after = a.counted_at(at, cold, timing);
                 steps[sums.index(at)] += i64::from(after) - i64::from(before);
                 before = after;
             }
@@ -922,10 +965,12 @@ impl Sums {
     /// The largest grant up to `target` for `account` (lapsing at `lapses_at`) that keeps the
     /// sum of all bounds ≤ `budget` at every instant from `now` on.
     ///
-    /// At an instant where the holder's own bound is `b` and the sum of all bounds is `s`, the
-    /// others leave room for `budget − (s − b)`, and whatever the holder may already enforce stays
-    /// possible whatever is sent: the cap there is `max(b, budget − s + b) = b + (budget ∸ s)`.
-    /// Over a run where `b` is constant, the least cap is at the largest sum.
+    /// At an instant where the holder's own bound is `b`, its count `c` (`b`, or more while its
+    /// window holds more: [`Account::counted_at`]) and the sum of all counts is `s`, the others
+    /// leave room for `budget − (s − c)`, and whatever the holder may already enforce stays
+    /// possible whatever is sent: the cap there is `max(b, budget + c ∸ s)` (with `c = b`, the
+    /// `b + (budget ∸ s)` of bounds alone). Over a run where `b` and `c` are constant, the least
+    /// cap is at the largest sum.
     #[expect(clippy::too_many_arguments, reason = "one round's context, private")]
     fn feasible(
         &self,
@@ -945,8 +990,12 @@ impl Sums {
             if from >= to {
                 continue;
             }
-            let mine = u64::from(account.bound_at(start, cold, timing));
-            let cap = mine + budget.saturating_sub(self.most(from, to));
+            // What the holder may enforce stays possible (its bound); more only into what the
+            // others' counts leave (its own count, which its window may hold above its bound,
+            // is replaced by the grant's).
+            let bound = u64::from(account.bound_at(start, cold, timing));
+            let mine = u64::from(account.counted_at(start, cold, timing));
+            let cap = bound.max((budget + mine).saturating_sub(self.most(from, to)));
             let cap = u32::try_from(cap).unwrap_or(u32::MAX);
             // After its lease the grant counts as min(value, cold): only a cap below the cold
             // share limits it there.
@@ -970,11 +1019,11 @@ impl Sums {
         let runs = self.runs(account, now, grant.lapses_at, timing);
         let before: Vec<u32> = runs
             .iter()
-            .map(|&(start, _, _)| account.bound_at(start, cold, timing))
+            .map(|&(start, _, _)| account.counted_at(start, cold, timing))
             .collect();
         account.live.push(grant);
         for (&(start, from, to), before) in runs.iter().zip(before) {
-            let after = account.bound_at(start, cold, timing);
+            let after = account.counted_at(start, cold, timing);
             if after > before && from < to {
                 self.raise(from, to, u64::from(after - before));
             }

@@ -17,6 +17,9 @@ enum Op {
     Report {
         node: usize,
         demand: u32,
+        /// What the holder's window holds as admitted (any value: the owner must stay safe
+        /// whatever a holder says it holds).
+        used: u32,
         delay: u16,
         lost: bool,
     },
@@ -100,7 +103,9 @@ impl Sim {
                 holder: Holder::new(if i == 0 { timing } else { holders }),
             })
             .collect();
-        let mut ledger = Ledger::new(limit, timing);
+        // Reports carry what the holders' windows hold (at random in the proptest): counted for
+        // two windows of a second.
+        let mut ledger = Ledger::new(limit, timing).with_window(Duration::from_secs(1));
         for n in &nodes {
             ledger.enrol(&n.id);
         }
@@ -219,12 +224,13 @@ impl Sim {
             Op::Report {
                 node,
                 demand,
+                used,
                 delay,
                 lost,
             } => {
                 let i = node % self.nodes.len();
                 let n = &mut self.nodes[i];
-                let report = n.holder.report(n.clock(self.real), *demand);
+                let report = n.holder.report(n.clock(self.real), *demand, *used);
                 if !lost {
                     let at = self.real + Duration::from_millis(u64::from(*delay));
                     self.in_flight.push((at, Message::ToOwner(i, report)));
@@ -263,14 +269,20 @@ impl Sim {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u16..600).prop_map(Op::Advance),
-        (0usize..8, 0u32..5_000, 0u16..300, prop::bool::weighted(0.1)).prop_map(
-            |(node, demand, delay, lost)| Op::Report {
+        (
+            0usize..8,
+            0u32..5_000,
+            prop_oneof![Just(0u32), 0u32..5_000],
+            0u16..300,
+            prop::bool::weighted(0.1)
+        )
+            .prop_map(|(node, demand, used, delay, lost)| Op::Report {
                 node,
                 demand,
+                used,
                 delay,
                 lost
-            }
-        ),
+            }),
         prop::collection::vec(0u16..500, 8).prop_map(|delays| Op::Round { delays }),
     ]
 }
@@ -341,6 +353,7 @@ fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError
             sim.run(&Op::Report {
                 node,
                 demand,
+                used: 0,
                 delay: 4,
                 lost: sent.is_multiple_of(5),
             })?;
@@ -501,7 +514,7 @@ mod reference {
                 .iter()
                 .enumerate()
                 .filter(|&(j, _)| j != i)
-                .map(|(_, id)| u64::from(ledger.holders[id].bound_at(at, cold, timing)))
+                .map(|(_, id)| u64::from(ledger.holders[id].counted_at(at, cold, timing)))
                 .sum();
             let room = budget.saturating_sub(rest);
             let cap = u64::from(mine.bound_at(at, cold, timing)).max(room);
@@ -525,6 +538,8 @@ mod reference {
         Report {
             node: usize,
             demand: u32,
+            /// What the holder's window holds as admitted.
+            used: u32,
             back: u8,
             applied: Option<prop::sample::Index>,
             echo: Option<prop::sample::Index>,
@@ -544,13 +559,15 @@ mod reference {
             6 => (
                 0usize..12,
                 prop_oneof![0..limit.max(1) * 2, Just(0)],
+                prop_oneof![Just(0), 0..limit.max(1) * 2],
                 prop_oneof![4 => Just(0u8), 1 => 0u8..3],
                 prop::option::weighted(0.7, any::<prop::sample::Index>()),
                 prop::option::weighted(0.8, any::<prop::sample::Index>()),
             )
-                .prop_map(|(node, demand, back, applied, echo)| Op::Report {
+                .prop_map(|(node, demand, used, back, applied, echo)| Op::Report {
                     node,
                     demand,
+                    used,
                     back,
                     applied,
                     echo
@@ -578,6 +595,7 @@ mod reference {
             lease_ms in 50u64..2_000,
             silence_factor in 2u64..6,
             learning_ms in prop_oneof![Just(0u64), 0u64..3_000],
+            window_ms in prop_oneof![Just(0u64), 50u64..3_000],
         ) {
             let timing = Timing::new(
                 Duration::from_millis(lease_ms),
@@ -590,7 +608,8 @@ mod reference {
                 .collect();
             let start = Duration::from_secs(100);
             let mut ledger =
-                Ledger::numbered_from(limit, timing, 1, start + Duration::from_millis(learning_ms));
+                Ledger::numbered_from(limit, timing, 1, start + Duration::from_millis(learning_ms))
+                    .with_window(Duration::from_millis(window_ms));
             let mut now = start;
             let mut seqs = [0u64; 12];
             // Per node: the grant seqs and message numbers sent to it.
@@ -598,12 +617,13 @@ mod reference {
             for op in &ops {
                 match op {
                     Op::Enrol(node) => ledger.enrol(&ids[*node]),
-                    Op::Report { node, demand, back, applied, echo } => {
+                    Op::Report { node, demand, used, back, applied, echo } => {
                         seqs[*node] += 1;
                         let (grants, messages) = &sent[*node];
                         let report = Report {
                             seq: seqs[*node].saturating_sub(u64::from(*back)),
                             demand: *demand,
+                            used: *used,
                             applied: applied
                                 .filter(|_| !grants.is_empty())
                                 .map(|i| grants[i.index(grants.len())]),
@@ -671,6 +691,7 @@ mod reference {
                     Report {
                         seq,
                         demand,
+                        used: 0,
                         applied: newest[i].0,
                         echo: newest[i].1,
                         raise_left: None,
@@ -697,6 +718,8 @@ struct Prompt {
     seq: u64,
     applied: BTreeMap<NodeId, u64>,
     echo: BTreeMap<NodeId, u64>,
+    /// What each holder's window holds as admitted (0 if absent).
+    used: BTreeMap<NodeId, u32>,
 }
 
 impl Prompt {
@@ -704,6 +727,7 @@ impl Prompt {
         Report {
             seq: self.seq,
             demand,
+            used: self.used.get(id).copied().unwrap_or(0),
             applied: self.applied.get(id).copied(),
             echo: self.echo.get(id).copied(),
             raise_left: None,
@@ -748,6 +772,7 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
         seq: 0,
         applied: BTreeMap::new(),
         echo: BTreeMap::new(),
+        used: BTreeMap::new(),
     };
     let mut ledger = Ledger::new(300, timing);
     for id in &holders.ids {
@@ -785,4 +810,86 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
     holders.round(&mut ledger, ms(2_000), demands);
     let split = holders.round(&mut ledger, ms(2_050), demands);
     assert!(split[0] + split[1] > 200, "{split:?}");
+}
+
+/// A holder cut below what its sliding window already holds admits nothing more until the
+/// window lets go of it, but it cannot give those packets back: the owner raises no other holder
+/// into that room before the holder reports it gone. Without the window (a ledger that ignores
+/// `used`), the cut's room goes out one round after the cut, and the three admit more than L
+/// over that window.
+#[test]
+fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
+    let timing = Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing");
+    let ms = Duration::from_millis;
+    let run = |window: Option<Duration>| -> Vec<Vec<u32>> {
+        let mut holders = Prompt {
+            ids: ["a", "b", "c"]
+                .iter()
+                .map(|s| NodeId::new(s).expect("id"))
+                .collect(),
+            seq: 0,
+            applied: BTreeMap::new(),
+            echo: BTreeMap::new(),
+            used: BTreeMap::new(),
+        };
+        let mut ledger = Ledger::new(300, timing);
+        if let Some(window) = window {
+            ledger = ledger.with_window(window);
+        }
+        for id in &holders.ids {
+            ledger.enrol(id);
+        }
+        let mut split = vec![100; 3];
+        // a takes nearly all of L; each holder's window holds what it was granted.
+        for i in 0..20 {
+            for ((id, &g), d) in holders.ids.iter().zip(&split).zip([240, 15, 15]) {
+                holders.used.insert(id.clone(), g.min(d));
+            }
+            split = holders.round(&mut ledger, ms(50 * i), [240, 15, 15]);
+        }
+        assert!(split[0] > 200, "{split:?}");
+        let a = holders.ids[0].clone();
+        let c = holders.ids[2].clone();
+        holders.used.insert(a.clone(), split[0]);
+        holders.used.insert(c.clone(), split[2]);
+        // The traffic moves from a to c in one step. a's window still holds its packets, and
+        // lets go of them over the next window.
+        let mut splits = Vec::new();
+        for (i, a_used) in [
+            (20, 240),
+            (21, 240),
+            (22, 240),
+            (23, 120),
+            (24, 30),
+            (25, 15),
+        ] {
+            holders.used.insert(a.clone(), a_used);
+            splits.push(holders.round(&mut ledger, ms(50 * i), [15, 15, 240]));
+        }
+        splits
+    };
+    let with = run(Some(Duration::from_secs(1)));
+    for (i, (split, a_used)) in with.iter().zip([240, 240, 240, 120, 30, 15]).enumerate() {
+        // What a's window holds, plus what b and c may admit, stays within L.
+        assert!(
+            a_used + split[1] + split[2] <= 300,
+            "round {i}: {split:?} with {a_used} in a's window"
+        );
+    }
+    assert!(with[0][0] < 100, "a is cut at once: {:?}", with[0]);
+    assert!(
+        with[5][2] > 200,
+        "c raised once a's window let go: {:?}",
+        with[5]
+    );
+    let without = run(None);
+    assert!(
+        without.iter().take(3).any(|s| 240 + s[1] + s[2] > 300),
+        "without the window the cut's room goes out at once: {without:?}"
+    );
 }

@@ -230,12 +230,23 @@ fn split(
         // A client a grant attached while the maps were read gets its first sample next round.
         if let Some(entry) = entries.get(client) {
             let count = entry.map(|e| e.total_passed() + e.dropped_count());
-            enrolment.observe(now, client, count);
+            enrolment.observe(now, client, count, entry.map_or(0, |e| used(&e, now)));
         }
     }
     enrolment.round_writing(now, &view, &|id| snapshot.info(id), &mut |writes| {
         write_grants(datapath, writes)
     })
+}
+
+/// What `entry`'s sliding window counts as admitted at `now` (CLOCK_MONOTONIC, the clock its
+/// window numbers count): the owner raises no other holder into room these packets still hold.
+fn used(entry: &ClientState, now: Duration) -> u32 {
+    let Some(window) = std::num::NonZeroU64::new(u64::from(entry.window_us) * 1_000) else {
+        return 0;
+    };
+    let now_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+    let estimate = limiter_common::window::estimate_at(&entry.slots, now_ns, window);
+    u32::try_from(estimate).unwrap_or(u32::MAX)
 }
 
 /// Puts the latest enrolment messages for `node` into a heartbeat to it.
@@ -282,6 +293,7 @@ fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
             policy: u32::from(r.policy),
             seq: r.report.seq,
             demand: r.report.demand,
+            used: r.report.used,
             applied: r.report.applied,
             echo: r.report.echo,
             // Rounded up: an owner may wait longer, never shorter.
@@ -367,6 +379,7 @@ fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
                 report: Report {
                     seq: r.seq,
                     demand: r.demand,
+                    used: r.used,
                     applied: r.applied,
                     echo: r.echo,
                     raise_left: r
@@ -441,6 +454,7 @@ mod tests {
                 report: Report {
                     seq: 9,
                     demand: 120,
+                    used: 37,
                     applied: Some(4),
                     echo: None,
                     raise_left: Some(Duration::from_millis(1_500)),
