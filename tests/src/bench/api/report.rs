@@ -308,8 +308,9 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         writeln!(
             md,
             "\nFor scale: the governor floor's Check at {RLS_CONCURRENCY} in flight makes {} \
-             calls/s, {:.2}× the Redis-backed service's: the most a gRPC service answered \
-             through this load generator on this machine reaches.",
+             calls/s, {:.2}× the Redis-backed service's, about the most any tonic service \
+             (a decision costing next to nothing) reaches through this load generator sharing \
+             this machine's CPUs.",
             thousands(floor.decisions_per_s),
             floor.decisions_per_s / redis.decisions_per_s
         )?;
