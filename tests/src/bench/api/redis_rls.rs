@@ -269,8 +269,11 @@ impl RateLimitService for RedisRls {
 pub(super) async fn rls_redis_server(args: RlsRedisArgs) -> Result<()> {
     let (config, _) = RlsConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    let client = redis::Client::open(format!("redis://{}/", args.redis))
-        .with_context(|| format!("--redis {}", args.redis))?;
+    // TCP_NODELAY as Go's net package sets it on every connection (radix's included).
+    let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{}/", args.redis))
+        .with_context(|| format!("--redis {}", args.redis))?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info).with_context(|| format!("--redis {}", args.redis))?;
     // Fails here, not at the first request, if Redis does not answer.
     let connection = client
         .get_multiplexed_async_connection()
