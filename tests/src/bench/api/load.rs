@@ -21,7 +21,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use super::{IdKind, LoadArgs, MAX_BATCH, Mode, RLS_DOMAIN, STREAMS_PER_CONNECTION};
+use super::{IdKind, LoadArgs, MAX_BATCH, Mode, RLS_DOMAIN, STREAMS_PER_CONNECTION, rls_path};
 
 /// The clients of one connection: limiter.v1's and Envoy's rate limit service's.
 pub(super) struct Clients {
@@ -143,6 +143,8 @@ impl Tally {
 /// Everything a worker needs, shared.
 pub(super) struct Plan {
     pub(super) ids: Vec<String>,
+    /// The rate limit service's paths (`--mode rls`), one per ID.
+    pub(super) paths: Vec<String>,
     pub(super) auth: Option<MetadataValue<Ascii>>,
     pub(super) mode: Mode,
     pub(super) batch: usize,
@@ -166,6 +168,31 @@ impl Plan {
         }
     }
 
+    /// The rate limit service's request: an address descriptor and a nested path descriptor,
+    /// the address and the path drawn independently.
+    pub(super) fn rls_request(&self, rng: &mut Rng) -> RateLimitRequest {
+        let entry = |key: &str, value: &str| Entry {
+            key: key.into(),
+            value: value.into(),
+        };
+        let address = &self.ids[rng.below(self.ids.len())];
+        let path = &self.paths[rng.below(self.paths.len())];
+        RateLimitRequest {
+            domain: RLS_DOMAIN.into(),
+            descriptors: vec![
+                RateLimitDescriptor {
+                    entries: vec![entry("remote_address", address)],
+                    ..RateLimitDescriptor::default()
+                },
+                RateLimitDescriptor {
+                    entries: vec![entry("generic_key", "api"), entry("path", path)],
+                    ..RateLimitDescriptor::default()
+                },
+            ],
+            hits_addend: 0,
+        }
+    }
+
     /// One call: `(decisions, denied)`.
     pub(super) async fn call(
         &self,
@@ -175,19 +202,15 @@ impl Plan {
         let client = &mut clients.v1;
         match self.mode {
             Mode::Rls => {
-                let request = RateLimitRequest {
-                    domain: RLS_DOMAIN.into(),
-                    descriptors: vec![RateLimitDescriptor {
-                        entries: vec![Entry {
-                            key: "client".into(),
-                            value: self.ids[rng.below(self.ids.len())].clone(),
-                        }],
-                        ..RateLimitDescriptor::default()
-                    }],
-                    hits_addend: 0,
-                };
-                let response = clients.rls.should_rate_limit(request).await?;
-                let over = response.get_ref().overall_code == Code::OverLimit as i32;
+                let response = clients.rls.should_rate_limit(self.rls_request(rng)).await?;
+                let response = response.get_ref();
+                if response.statuses.len() != 2 {
+                    return Err(Status::internal(format!(
+                        "ShouldRateLimit of 2 descriptors returned {} statuses",
+                        response.statuses.len()
+                    )));
+                }
+                let over = response.overall_code == Code::OverLimit as i32;
                 Ok((1, u64::from(over)))
             }
             Mode::Unary => {
@@ -273,6 +296,10 @@ pub(super) async fn load(args: &LoadArgs) -> Result<LoadReport> {
     }
     let mut plan = Plan {
         ids: client_ids(args.id_kind, args.ids),
+        paths: match args.mode {
+            Mode::Rls => (0..args.ids).map(|i| rls_path(i, args.free_half)).collect(),
+            Mode::Unary | Mode::Batch => Vec::new(),
+        },
         auth,
         mode: args.mode,
         batch: args.batch,

@@ -7,21 +7,26 @@
 //!   crates.io source under `target/bench/redis-cell/`), driven by `redis-benchmark`, pipelined.
 //!
 //! And Envoy's rate limit service (`ShouldRateLimit` on the agent's `--rls-listen`) beside
-//! envoyproxy/ratelimit's algorithm as it runs today, Redis-backed fixed-window counting (its
-//! INCRBY and EXPIRE per descriptor, here one EVAL per request), which cannot be built here (Go).
+//! envoyproxy/ratelimit's algorithm as it runs today, which cannot be built here (Go): the same
+//! service in tonic counting fixed windows in the same Redis as it does (per request a pipelined
+//! GET of its descriptors' keys, then a pipelined INCRBY and EXPIRE of each;
+//! `api-bench rls-redis-server`), driven by the same gRPC load.
 //!
 //! Subcommands:
 //!
 //! - `api-bench run [--write FILE]`: the whole benchmark as `cargo xtask bench` runs it (root:
 //!   it creates network namespaces and starts the agent). Writes a markdown section.
 //! - `api-bench floor-server --listen ADDR`: the governor floor server.
+//! - `api-bench rls-redis-server --listen ADDR --redis ADDR --config FILE`: the Redis-backed
+//!   rate limit service.
 //! - `api-bench load --target http://ADDR [--token T] --concurrency N --duration D --mode
-//!   unary|batch ...`: a closed-loop gRPC load generator; prints one JSON line.
+//!   unary|batch|rls ...`: a closed-loop gRPC load generator; prints one JSON line.
 
 mod floor;
 mod load;
 mod process;
 mod redis;
+mod redis_rls;
 mod report;
 mod run;
 
@@ -30,7 +35,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use self::{floor::floor_server, load::load, run::run};
+use self::{floor::floor_server, load::load, redis_rls::rls_redis_server, run::run};
 
 // ---------------------------------------------------------------------------------------------
 // The benchmark's parameters
@@ -53,9 +58,11 @@ const WINDOW: Duration = Duration::from_secs(1);
 const LIMITER_ADDR: &str = "127.0.0.1:50051";
 /// The agent's rate limit service (`--rls-listen`).
 const RLS_ADDR: &str = "127.0.0.1:50081";
+/// The Redis-backed rate limit service (`api-bench rls-redis-server`).
+const RLS_REDIS_ADDR: &str = "127.0.0.1:50091";
 /// The rate limit service's domain in the benchmark.
 const RLS_DOMAIN: &str = "bench";
-/// Targets of the rate limit service at 16 in flight: calls/s over Redis fixed-window counting
+/// Targets of the rate limit service at 16 in flight: calls/s over the Redis-backed service's
 /// with as many requests in flight, and p99.
 const RLS_CONCURRENCY: usize = 16;
 const TARGET_RLS_OVER_REDIS: f64 = 2.0;
@@ -77,12 +84,36 @@ fn limiter_config() -> String {
     )
 }
 
-/// The rate limit service's config (envoyproxy/ratelimit's format): each client `LIMIT` per
-/// second.
+/// The rate limit service's config (envoyproxy/ratelimit's format), as a site limiting per
+/// client address and per API path writes it: each address `LIMIT` per second; under
+/// `generic_key: api`, each path `LIMIT` per second, except paths under `/free/`, once per hour
+/// (only the ~50% denied case sends such paths).
 fn rls_config() -> String {
     format!(
-        "domain: {RLS_DOMAIN}\ndescriptors:\n  - key: client\n    rate_limit: {{ unit: second, requests_per_unit: {LIMIT} }}\n"
+        "domain: {RLS_DOMAIN}
+descriptors:
+  - key: remote_address
+    rate_limit: {{ unit: second, requests_per_unit: {LIMIT} }}
+  - key: generic_key
+    value: api
+    descriptors:
+      - key: path
+        rate_limit: {{ unit: second, requests_per_unit: {LIMIT} }}
+      - key: path
+        value: \"/free/*\"
+        rate_limit: {{ unit: hour, requests_per_unit: 1 }}
+"
     )
+}
+
+/// The path of client ID number `i` in the rate limit service's requests: `/paid/i`, or with
+/// `free_half` for odd `i` `/free/i` (denied once warmed up).
+fn rls_path(i: usize, free_half: bool) -> String {
+    if free_half && i % 2 == 1 {
+        format!("/free/{i}")
+    } else {
+        format!("/paid/{i}")
+    }
 }
 
 /// The agent's config for the denial cases: the upper half of 10.0.0.0/8 may send one check
@@ -109,6 +140,8 @@ pub struct Cli {
 enum Cmd {
     /// A minimal tonic server of limiter.v1.RateLimiter on governor's keyed limiter.
     FloorServer(FloorArgs),
+    /// Envoy's rate limit service counting fixed windows in Redis, as envoyproxy/ratelimit does.
+    RlsRedisServer(RlsRedisArgs),
     /// A closed-loop gRPC load generator; prints one JSON line.
     Load(LoadArgs),
     /// The whole benchmark (root): every system and case, a markdown report.
@@ -126,6 +159,19 @@ struct FloorArgs {
     /// The window (`1s`, `500ms`).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     window: Duration,
+}
+
+#[derive(clap::Args)]
+struct RlsRedisArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The Redis server's `HOST:PORT`.
+    #[arg(long)]
+    redis: String,
+    /// envoyproxy/ratelimit's YAML config (one file).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(clap::Args, Clone)]
@@ -158,6 +204,10 @@ struct LoadArgs {
     /// Seed of the ID choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// `--mode rls`: half of the paths under `/free/` (limited to 1 per hour by the benchmark's
+    /// config), so that about half of the requests are denied once warmed up.
+    #[arg(long)]
+    free_half: bool,
 }
 
 #[derive(clap::Args)]
@@ -186,8 +236,9 @@ enum Mode {
     Unary,
     /// `--batch` checks per CheckBatch call.
     Batch,
-    /// One `envoy.service.ratelimit.v3` ShouldRateLimit per call, one descriptor
-    /// (`client`, the ID) in domain `bench`.
+    /// One `envoy.service.ratelimit.v3` ShouldRateLimit per call in domain `bench`, two
+    /// descriptors: `(remote_address, ADDRESS)` and `(generic_key, api), (path, /paid/N)`, the
+    /// address and N drawn independently from `--ids` (address IDs).
     Rls,
 }
 
@@ -232,6 +283,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::FloorServer(args) => runtime()?.block_on(floor_server(args)),
+        Cmd::RlsRedisServer(args) => runtime()?.block_on(rls_redis_server(args)),
         Cmd::Load(args) => {
             let report = runtime()?.block_on(load(&args))?;
             println!(
@@ -256,7 +308,106 @@ mod tests {
     use limiter_user::proto::CheckRequest;
 
     use super::*;
-    use super::{floor::*, load::*, redis::*, report::*};
+    use super::{floor::*, load::*, redis::*, redis_rls::*, report::*};
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use limiter_user::rls::{
+        RlsConfig, Unit,
+        matching::{Applies, Descriptor, Limit, limits_for},
+    };
+
+    fn limit_of(config: &RlsConfig, entries: &[(&str, &str)]) -> Option<(u32, Unit)> {
+        let descriptor = Descriptor {
+            entries: entries.to_vec(),
+            limit_override: None,
+        };
+        match &limits_for(config, RLS_DOMAIN, &[descriptor])[..] {
+            [Applies::Limited(l)] => Some((l.requests_per_unit, l.unit)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn rls_config_limits_addresses_and_paths_and_free_paths_hourly() {
+        let config = RlsConfig::parse(&rls_config()).unwrap();
+        let second = Some((LIMIT, Unit::Second));
+        assert_eq!(limit_of(&config, &[("remote_address", "10.1.2.3")]), second);
+        assert_eq!(
+            limit_of(
+                &config,
+                &[("generic_key", "api"), ("path", &rls_path(6, true))]
+            ),
+            second
+        );
+        assert_eq!(
+            limit_of(
+                &config,
+                &[("generic_key", "api"), ("path", &rls_path(7, true))]
+            ),
+            Some((1, Unit::Hour))
+        );
+        assert_eq!(
+            limit_of(
+                &config,
+                &[("generic_key", "api"), ("path", &rls_path(7, false))]
+            ),
+            second
+        );
+        assert_eq!(limit_of(&config, &[("generic_key", "api")]), None);
+        assert_eq!(
+            (rls_path(7, true), rls_path(7, false)),
+            ("/free/7".to_owned(), "/paid/7".to_owned())
+        );
+    }
+
+    fn counted(requests_per_unit: u32, shadow_mode: bool) -> Counted {
+        Counted {
+            key: "k".into(),
+            limit: Limit {
+                requests_per_unit,
+                unit: Unit::Minute,
+                name: None,
+                shadow_mode,
+                overridden: false,
+            },
+            reset: 5,
+        }
+    }
+
+    #[test]
+    fn redis_keys_are_envoy_ratelimit_window_keys() {
+        let entries = [("generic_key", "api"), ("path", "/paid/1")];
+        assert_eq!(
+            window_key("bench", &entries, Unit::Minute, 125),
+            ("bench_generic_key_api_path_/paid/1_120".to_owned(), 55)
+        );
+        assert_eq!(
+            window_key("bench", &[("remote_address", "10.0.0.1")], Unit::Second, 7),
+            ("bench_remote_address_10.0.0.1_7".to_owned(), 1)
+        );
+    }
+
+    #[test]
+    fn a_descriptor_going_over_leaves_the_others_unspent() {
+        let both = [counted(10, false), counted(3, false)];
+        // One descriptor: nothing read, the hits added.
+        assert_eq!(addends(&both[..1], None, 2), [2]);
+        assert_eq!(addends(&both, Some(&[0, 0]), 2), [2, 2]);
+        assert_eq!(addends(&both, Some(&[8, 1]), 2), [2, 2]);
+        // The second would reach 4 > 3: only it is incremented.
+        assert_eq!(addends(&both, Some(&[8, 2]), 2), [0, 2]);
+        assert_eq!(addends(&both, Some(&[9, 9]), 2), [2, 0]);
+    }
+
+    #[test]
+    fn redis_status_is_over_above_the_limit_unless_shadow() {
+        let at = status(&counted(3, false), 3);
+        assert_eq!((at.code, at.limit_remaining), (Code::Ok as i32, 0));
+        let over = status(&counted(3, false), 4);
+        assert_eq!(over.code, Code::OverLimit as i32);
+        assert_eq!(over.duration_until_reset.unwrap().seconds, 5);
+        assert_eq!(over.current_limit.unwrap().requests_per_unit, 3);
+        assert_eq!(status(&counted(3, true), 4).code, Code::Ok as i32);
+    }
 
     #[test]
     fn parses_durations() {

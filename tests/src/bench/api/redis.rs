@@ -181,47 +181,6 @@ pub(super) fn redis_benchmark(
     parse_redis_csv(&csv).with_context(|| format!("parsing redis-benchmark's output {csv:?}"))
 }
 
-/// envoyproxy/ratelimit's fixed-window counting as it runs against Redis: per descriptor an
-/// INCRBY of the window's key and an EXPIRE of it, in one round trip per request (it pipelines
-/// them; here one EVAL of both, which redis-benchmark can send). `connections` requests in
-/// flight, one command each (`-P 1`), `keys` distinct clients. Returns (requests/s, p50 ms,
-/// p99 ms).
-pub(super) fn redis_fixed_window(
-    ns: &str,
-    connections: usize,
-    requests: u64,
-    keys: usize,
-) -> Result<(f64, f64, f64)> {
-    let mut command = in_ns(ns, "redis-benchmark");
-    command.args([
-        "-h".to_owned(),
-        "127.0.0.1".to_owned(),
-        "-p".to_owned(),
-        REDIS_PORT.to_string(),
-        "-c".to_owned(),
-        connections.to_string(),
-        "-P".to_owned(),
-        "1".to_owned(),
-        "-n".to_owned(),
-        requests.to_string(),
-        "-r".to_owned(),
-        keys.to_string(),
-        "--csv".to_owned(),
-        "EVAL".to_owned(),
-        FIXED_WINDOW_SCRIPT.to_owned(),
-        "1".to_owned(),
-        "fw:__rand_int__".to_owned(),
-        WINDOW.as_secs().to_string(),
-    ]);
-    let csv = output_of(&mut command, Duration::from_secs(120))?;
-    parse_redis_csv(&csv).with_context(|| format!("parsing redis-benchmark's output {csv:?}"))
-}
-
-/// The fixed-window count: add the hit, (re)arm the key's expiry at the window's end, return
-/// the count (the service compares it with the limit).
-pub(super) const FIXED_WINDOW_SCRIPT: &str =
-    "local n = redis.call('INCRBY', KEYS[1], 1) redis.call('EXPIRE', KEYS[1], ARGV[1]) return n";
-
 /// The fields of one CSV line; a quoted field may hold commas (the test's name is the command,
 /// and a Lua script has them). redis-benchmark quotes every field and doubles no quotes.
 fn csv_fields(line: &str) -> Vec<&str> {

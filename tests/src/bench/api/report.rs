@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::load::LoadReport;
+use super::run::{RLS_AGENT, RLS_REDIS};
 use super::{
     BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION, RLS_ADDR,
-    RLS_CONCURRENCY, RunArgs, STREAMS_PER_CONNECTION, TARGET_BATCH_OVER_REDIS,
-    TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US, TARGET_UNARY_OVER_FLOOR, UNARY_CONCURRENCY, WINDOW,
+    RLS_CONCURRENCY, RLS_DOMAIN, RLS_REDIS_ADDR, RunArgs, STREAMS_PER_CONNECTION,
+    TARGET_BATCH_OVER_REDIS, TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US, TARGET_UNARY_OVER_FLOOR,
+    UNARY_CONCURRENCY, WINDOW,
 };
 use crate::bench::report::machine;
 
@@ -123,11 +125,9 @@ pub(super) struct ReportInput<'a> {
     /// Why redis-cell was not measured.
     pub(super) redis: Option<&'a str>,
     pub(super) redis_pipelined: Option<f64>,
-    /// Redis fixed-window requests/s at `RLS_CONCURRENCY` in flight.
-    pub(super) redis_fixed_window: Option<f64>,
-    /// The rate limit service's row system, when measured.
-    pub(super) rls: Option<&'a str>,
     pub(super) denied_case: bool,
+    /// The rate limit services' ~50% denied rows were measured.
+    pub(super) rls_denied_case: bool,
 }
 
 pub(super) fn thousands(value: f64) -> String {
@@ -267,20 +267,19 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         }
     }
 
-    let rls = input
-        .rls
-        .and_then(|system| input.rows.median(system, Mode::Rls, RLS_CONCURRENCY));
+    let rls = input.rows.median(RLS_AGENT, Mode::Rls, RLS_CONCURRENCY);
+    let rls_redis = input.rows.median(RLS_REDIS, Mode::Rls, RLS_CONCURRENCY);
     let target = format!(
-        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× Redis fixed-window requests/s, {RLS_CONCURRENCY} in flight"
+        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× the Redis-backed service's calls/s, {RLS_CONCURRENCY} in flight"
     );
-    match (rls, input.redis_fixed_window) {
+    match (rls, rls_redis) {
         (Some(rls), Some(redis)) => {
-            let ratio = rls.calls_per_s.unwrap_or(rls.decisions_per_s) / redis;
+            let ratio = rls.decisions_per_s / redis.decisions_per_s;
             writeln!(
                 md,
                 "| {target} | {} | {} | {ratio:.2}× | {} |",
                 thousands(rls.decisions_per_s),
-                thousands(redis),
+                thousands(redis.decisions_per_s),
                 mark(ratio >= TARGET_RLS_OVER_REDIS)
             )?;
         }
@@ -300,6 +299,23 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         )?,
         None => writeln!(md, "| {target} | — | — | — | not measured |")?,
     }
+    // How far any service could go here: the governor floor answers limiter.v1 with a decision
+    // that costs nearly nothing, through the same tonic stack and load generator.
+    if let (Some(floor), Some(redis)) = (
+        input.rows.median(floor, Mode::Unary, RLS_CONCURRENCY),
+        rls_redis,
+    ) {
+        writeln!(
+            md,
+            "\nFor scale: the governor floor's Check at {RLS_CONCURRENCY} in flight makes {} \
+             calls/s, {:.2}× the Redis-backed service's, about the most any tonic service \
+             (a decision costing next to nothing) reaches through this load generator sharing \
+             this machine's CPUs.",
+            thousands(floor.decisions_per_s),
+            floor.decisions_per_s / redis.decisions_per_s
+        )?;
+    }
+    rls_side_by_side(&mut md, input.rows)?;
 
     writeln!(md, "\n### How measured\n")?;
     let denied_rows = if input.denied_case {
@@ -340,20 +356,90 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         // SAFETY: sysconf has no preconditions.
         cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
     )?;
+    let rls_denied = if input.rls_denied_case {
+        " The ~50% denied rows send `/free/N` paths for odd N (limited to 1 per hour), so once \
+         warmed up about half of the requests are over the limit; the agent then spends from \
+         neither descriptor, the Redis-backed service increments the path's key and adds 0 to \
+         the address's."
+    } else {
+        ""
+    };
     writeln!(
         md,
         "\nThe rate limit service rows call `envoy.service.ratelimit.v3.RateLimitService/\
-         ShouldRateLimit` on the agent's `--rls-listen {RLS_ADDR}` (plaintext on loopback, as \
-         Envoy on the same host calls it) with one descriptor `(client, tenant-N)` in a domain \
-         whose rule allows {limit} per second, so every request is a read and a spend of one \
-         client of the check program's `NAMED` map. envoyproxy/ratelimit itself is written in \
-         Go and cannot be built here, so its algorithm is measured as it runs against Redis: \
-         per descriptor an INCRBY of a fixed window's key and an EXPIRE of it in one round \
-         trip (it pipelines the two; here one `EVAL` of both, `redis-benchmark -c \
-         {RLS_CONCURRENCY} -P 1 -r {ids}`), with as many requests in flight. That row is \
-         Redis alone: the service's own gRPC hop and Go code would come on top of it.",
+         ShouldRateLimit` (plaintext on loopback, as an Envoy on the same host calls it) in \
+         domain `{RLS_DOMAIN}` with two descriptors per request, as Envoy's `remote_address` \
+         and `generic_key` + `request_headers` actions send them: `(remote_address, ADDRESS)` \
+         and `(generic_key, api), (path, /paid/N)`, ADDRESS and N drawn independently from \
+         {ids} each; the config (envoyproxy/ratelimit's YAML) allows {limit} per second to \
+         each address and each path. On the agent (`--rls-listen {RLS_ADDR} --rls-config \
+         FILE`) the address descriptor is the address's client of the XDP path and the path \
+         descriptor a named client: both are checked, then both spent. envoyproxy/ratelimit \
+         itself is written in Go and cannot be built here, so its algorithm runs as \
+         `api-bench rls-redis-server` on {RLS_REDIS_ADDR}: the same service in tonic, the \
+         agent's rule matcher, and its default Redis cache as in its `fixed_cache_impl.go`: \
+         per request one pipelined round trip of `GET` of each descriptor's window key \
+         (`DOMAIN_KEY_VALUE_..._WINDOWSTART`; a request of two or more descriptors reads them \
+         first so that one over its limit leaves the others unspent), then one of `INCRBY` \
+         and `EXPIRE` per descriptor, each request on a pooled connection of its own (the \
+         `redis` crate, no implicit pipelining across requests, as its default), against the \
+         same `redis-server`. What it leaves out of the Go service: the Go runtime and its gRPC \
+         stack (here tonic's, as the agent's), stats, the local over-limit cache (off by \
+         default) and the response headers.{rls_denied} The limiter.v1 Check rows above are \
+         the same agent's other API, one check per call, for scale.",
         limit = thousands(LIMIT as f64),
-        ids = args.ids,
+        ids = thousands(args.ids as f64),
     )?;
     Ok(md)
+}
+
+/// ShouldRateLimit on the agent, on the Redis-backed service, and limiter.v1 Check, side by side
+/// at each concurrency (calls/s, p50, p99).
+fn rls_side_by_side(md: &mut String, rows: &Rows) -> Result<()> {
+    let check = format!("limiter, {} IDs", IdKind::Address.as_str());
+    let columns = [
+        (RLS_AGENT, Mode::Rls, "limiter ShouldRateLimit"),
+        (RLS_REDIS, Mode::Rls, "Redis-backed ShouldRateLimit"),
+        (check.as_str(), Mode::Unary, "limiter.v1 Check"),
+    ];
+    if rows
+        .0
+        .iter()
+        .all(|r| r.case.is_none_or(|(mode, _)| mode != Mode::Rls))
+    {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "\nShouldRateLimit side by side (medians; calls/s, p50 / p99):\n"
+    )?;
+    write!(md, "| In flight |")?;
+    for (_, _, name) in columns {
+        write!(md, " {name} |")?;
+    }
+    writeln!(md, " limiter / Redis-backed |")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    for concurrency in UNARY_CONCURRENCY {
+        write!(md, "| {concurrency} |")?;
+        for (system, mode, _) in columns {
+            match rows.median(system, mode, concurrency) {
+                Some(m) => write!(
+                    md,
+                    " {}, {} / {} |",
+                    thousands(m.decisions_per_s),
+                    latency(m.p50_us),
+                    latency(m.p99_us)
+                )?,
+                None => write!(md, " — |")?,
+            }
+        }
+        match (
+            rows.median(RLS_AGENT, Mode::Rls, concurrency),
+            rows.median(RLS_REDIS, Mode::Rls, concurrency),
+        ) {
+            (Some(a), Some(r)) => writeln!(md, " {:.2}× |", a.decisions_per_s / r.decisions_per_s)?,
+            _ => writeln!(md, " — |")?,
+        }
+    }
+    Ok(())
 }

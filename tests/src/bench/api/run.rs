@@ -17,12 +17,12 @@ use super::process::{
     Daemon, TempDir, check_interrupted, find_executable, in_ns, listening, on_signal, output_of,
     random_token, tail,
 };
-use super::redis::{build_redis_cell, redis_benchmark, redis_fixed_window, target_dir};
+use super::redis::{build_redis_cell, redis_benchmark, target_dir};
 use super::report::{Measurement, ReportInput, Row, Rows, report};
 use super::{
     BATCH, BATCH_CONCURRENCY, FLOOR_ADDR, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION,
-    REDIS_PORT, RLS_ADDR, RLS_CONCURRENCY, RunArgs, UNARY_CONCURRENCY, limiter_config,
-    limiter_deny_config, rls_config,
+    REDIS_PORT, RLS_ADDR, RLS_CONCURRENCY, RLS_REDIS_ADDR, RunArgs, UNARY_CONCURRENCY,
+    limiter_config, limiter_deny_config, rls_config,
 };
 use crate::{
     agent::{Agent, agent_has_option, limiter_bin},
@@ -36,6 +36,8 @@ pub(super) struct Target {
     pub(super) addr: &'static str,
     pub(super) token: Option<String>,
     pub(super) id_kind: IdKind,
+    /// `--mode rls`: half of the paths denied (`load --free-half`).
+    pub(super) free_half: bool,
 }
 
 pub(super) struct Bench<'a> {
@@ -76,6 +78,9 @@ impl Bench<'_> {
         if let Some(token) = &target.token {
             command.args(["--token", token]);
         }
+        if target.free_half {
+            command.arg("--free-half");
+        }
         let what = format!("{} {mode:?} at concurrency {concurrency}", target.system);
         let timeout = self.args.warmup + self.args.duration + Duration::from_secs(30);
         let stdout = output_of(&mut command, timeout).with_context(|| format!("load: {what}"));
@@ -102,6 +107,10 @@ impl Bench<'_> {
         Ok(report)
     }
 }
+
+/// The rate limit service rows' systems.
+pub(super) const RLS_AGENT: &str = "limiter, Envoy rate limit service";
+pub(super) const RLS_REDIS: &str = "Redis-backed rate limit service (fixed window)";
 
 /// What the limiter rows could not be measured for, when they were not.
 pub(super) enum Limiter {
@@ -282,6 +291,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         addr: FLOOR_ADDR,
         token: None,
         id_kind: IdKind::Address,
+        free_half: false,
     };
     let mut targets = vec![floor_target];
     if let Limiter::Running { token, .. } = &limiter {
@@ -291,6 +301,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
                 addr: LIMITER_ADDR,
                 token: Some(token.clone()),
                 id_kind,
+                free_half: false,
             });
         }
     }
@@ -341,38 +352,50 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         }
     }
     let redis_first_row = rows.0.len() - redis_requests.len();
-    // Envoy's rate limit service, and the Redis fixed-window counting it replaces.
-    let rls_target = match &limiter {
-        Limiter::Running { .. } if rls_served => Some(Target {
-            system: "limiter, Envoy rate limit service".into(),
+    // Envoy's rate limit service on the agent, and the Redis-backed service it replaces.
+    let mut rls_targets = Vec::new();
+    if let (Limiter::Running { .. }, true) = (&limiter, rls_served) {
+        rls_targets.push(Target {
+            system: RLS_AGENT.into(),
             addr: RLS_ADDR,
             token: None,
-            id_kind: IdKind::Name,
-        }),
-        _ => None,
+            id_kind: IdKind::Address,
+            free_half: false,
+        });
+    }
+    let rls_redis = match &redis {
+        Redis::Running(_) => {
+            let mut command = in_ns(&ns, &bench.exe);
+            command
+                .args(["rls-redis-server", "--listen", RLS_REDIS_ADDR, "--redis"])
+                .arg(format!("127.0.0.1:{REDIS_PORT}"))
+                .args(["--config", &rls_path]);
+            let mut daemon = Daemon::spawn(
+                "Redis-backed rate limit service",
+                command,
+                tmp.0.join("rls-redis.log"),
+            )?;
+            daemon.wait_listening(
+                &ns,
+                RLS_REDIS_ADDR.parse().context("RLS_REDIS_ADDR")?,
+                Duration::from_secs(10),
+            )?;
+            rls_targets.push(Target {
+                system: RLS_REDIS.into(),
+                addr: RLS_REDIS_ADDR,
+                token: None,
+                id_kind: IdKind::Address,
+                free_half: false,
+            });
+            Some(daemon)
+        }
+        Redis::Missing(_) => None,
     };
-    if let Some(target) = &rls_target {
+    for target in &rls_targets {
         for concurrency in UNARY_CONCURRENCY {
             rows.0
                 .push(Row::grpc(&target.system, Mode::Rls, concurrency));
         }
-    }
-    let fixed_label = "Redis fixed window (INCRBY + EXPIRE, one EVAL)";
-    let mut fixed = None;
-    if let Redis::Running(_) = &redis {
-        let (warm_rps, ..) = redis_fixed_window(&ns, RLS_CONCURRENCY, 50_000, args.ids)
-            .context("redis-benchmark warm-up: fixed window")?;
-        fixed = Some((
-            rows.0.len(),
-            ((warm_rps * args.duration.as_secs_f64()) as u64).clamp(50_000, 50_000_000),
-        ));
-        rows.0.push(Row {
-            system: fixed_label.to_owned(),
-            case: None,
-            call: "EVAL",
-            in_flight: RLS_CONCURRENCY.to_string(),
-            rounds: Vec::new(),
-        });
     }
     for round in 1..=args.rounds {
         eprintln!("round {round} of {}", args.rounds);
@@ -385,30 +408,14 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
                     .push((&report).into());
             }
         }
-        if let Some(target) = &rls_target {
-            for concurrency in UNARY_CONCURRENCY {
+        for concurrency in UNARY_CONCURRENCY {
+            for target in &rls_targets {
                 let report = bench.load(target, Mode::Rls, concurrency)?;
                 rows.get_mut(&target.system, Mode::Rls, concurrency)
                     .context("a row for every case")?
                     .rounds
                     .push((&report).into());
             }
-        }
-        if let (Some((row, requests)), Redis::Running(daemon)) = (fixed, &mut redis) {
-            check_interrupted()?;
-            let (rps, p50_ms, p99_ms) =
-                redis_fixed_window(&ns, RLS_CONCURRENCY, requests, args.ids)
-                    .context("redis-benchmark: fixed window")?;
-            daemon.ensure_running()?;
-            eprintln!("{fixed_label}: {rps:.0} requests/s, p50 {p50_ms} ms, p99 {p99_ms} ms");
-            rows.0[row].rounds.push(Measurement {
-                calls_per_s: Some(rps),
-                decisions_per_s: rps,
-                p50_us: p50_ms * 1e3,
-                p99_us: p99_ms * 1e3,
-                denied: None,
-                errors: None,
-            });
         }
         if let Redis::Running(daemon) = &mut redis {
             for (i, ((pipeline, label), requests)) in
@@ -441,7 +448,22 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         .and_then(Row::median)
         .map(|m| m.decisions_per_s);
 
-    // Denials, after the comparison (the reload changes the agent's policies): one round.
+    // Denials, after the comparison: one round. The rate limit services first: requests with
+    // `/free/` paths half the time (no reload: the config has the rule from the start).
+    let mut rls_denied_case = false;
+    for target in &mut rls_targets {
+        target.free_half = true;
+        let report = bench.load(target, Mode::Rls, RLS_CONCURRENCY)?;
+        let mut row = Row::grpc(
+            &format!("{}, ~50% denied", target.system),
+            Mode::Rls,
+            RLS_CONCURRENCY,
+        );
+        row.rounds.push((&report).into());
+        rows.0.push(row);
+        rls_denied_case = true;
+    }
+    // Then limiter.v1 (the reload changes the agent's policies).
     let mut denied_case = false;
     if let Limiter::Running { agent, token } = &limiter {
         agent
@@ -452,6 +474,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             addr: LIMITER_ADDR,
             token: Some(token.clone()),
             id_kind: IdKind::Address,
+            free_half: false,
         };
         for (mode, concurrency) in [(Mode::Unary, 16), (Mode::Batch, BATCH_CONCURRENCY)] {
             let report = bench.load(&target, mode, concurrency)?;
@@ -476,12 +499,8 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             Redis::Missing(reason) => Some(reason.as_str()),
         },
         redis_pipelined,
-        redis_fixed_window: fixed
-            .and_then(|(row, _)| rows.0.get(row))
-            .and_then(Row::median)
-            .map(|m| m.decisions_per_s),
-        rls: rls_target.as_ref().map(|t| t.system.as_str()),
         denied_case,
+        rls_denied_case,
     })?;
     print!("{md}");
     if let Some(path) = &args.write {
@@ -490,6 +509,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     }
     // Stopped in this order: the load is done; the servers, then the namespaces.
     drop(limiter);
+    drop(rls_redis);
     drop(redis);
     drop(floor);
     drop(net);
