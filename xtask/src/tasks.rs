@@ -48,8 +48,8 @@ pub fn test(workspace: &Workspace, test_args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench`: builds the release `limiter`, runs the XDP benchmark (passing
-/// `bench_args` to it), the snapshot, gRPC API, adaptive-loop, control-plane and cluster-sync
-/// benchmarks, prints them and writes them to BENCHMARKS.md.
+/// `bench_args` to it), the snapshot, gRPC API, adaptive-loop, control-plane, cluster-sync and
+/// live-traffic benchmarks, prints them and writes them to BENCHMARKS.md.
 pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
     build_limiter(workspace, Profile::Release).context("bench")?;
     let limiter = workspace.binary(Profile::Release, "limiter");
@@ -68,6 +68,8 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
     run_bench_binary(workspace, &limiter, "control-bench", &[], &control, &[])?;
     let cluster = out_dir.join("cluster.md");
     run_bench_binary(workspace, &limiter, "cluster-bench", &[], &cluster, &[])?;
+    let live = out_dir.join("live.md");
+    run_bench_binary(workspace, &limiter, "live-bench", &[], &live, &[])?;
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path).with_context(|| format!("bench: reading {}", path.display()))
     };
@@ -75,13 +77,14 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
         "# Benchmarks\n\nWritten by `cargo xtask bench`; rerun it to refresh. Targets are checked here, \
          never by timed tests. Every ratio is against a baseline measured in the same run.\n\n{}\n\
          ## Snapshots\n\nThe agent's own snapshot code (`limiter_user::snapshot`) on a private map \
-         holding one million clients; the file is fsynced and renamed as in production.\n\n{}\n{}\n{}\n{}\n{}",
+         holding one million clients; the file is fsynced and renamed as in production.\n\n{}\n{}\n{}\n{}\n{}\n{}",
         read(&xdp)?.replacen("# XDP benchmark", "## XDP fast path", 1),
         read(&snapshot)?,
         read(&api)?,
         read(&adaptive)?,
         read(&control)?,
         read(&cluster)?,
+        read(&live)?,
     );
     let target = workspace.root().join("BENCHMARKS.md");
     std::fs::write(&target, report)
