@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod clock;
 pub mod command;
+pub mod envoy;
 pub mod fixture;
 pub mod frames;
 pub mod netns;

@@ -8,7 +8,7 @@
 //! there, so the counts are exact: each node enforces its share exactly.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -19,7 +19,8 @@ use anyhow::{Context as _, Result, ensure};
 use limiter_tests::{
     agent::{Agent, run_limiter},
     clock::{clear_of_boundary, window_index},
-    fixture::{TempDir, wait_until},
+    envoy::{self, Envoy},
+    fixture::{ExactWindow, TempDir, in_ci, wait_until},
     netns::{ClusterNet, cluster_client_v4},
     require_root,
     traffic::{Flow, FlowsSent, Pacing, PacketCounter, UDP_PORT},
@@ -33,6 +34,8 @@ const PORT: u16 = 7201;
 const TOKEN: &str = "cluster-test-token-0123456789";
 /// Envoy's rate limit service's port, on each node's listen address.
 const RLS_PORT: u16 = 8081;
+/// The backend the Envoys route to (examples/envoy/envoy.yaml).
+const ENVOY_BACKEND_PORT: u16 = 8090;
 
 fn listen(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, k as u8 + 1)
@@ -612,6 +615,89 @@ descriptors:
         alone += u32::from(agents[0].ok("bob")?);
     }
     assert_eq!(alone, 10, "all on one agent: its share");
+    Ok(())
+}
+
+/// Two Envoys, each asking its own agent (`--rls-scope global`), in front of one backend:
+/// requests of one user alternating over them get the rule's limit once, not once per Envoy;
+/// all on one Envoy get that agent's share. This is the deployment the protocol's users run (an
+/// Envoy per host, each with a local rate limit service), end to end through Envoy's filter.
+#[test]
+fn two_envoys_in_front_of_two_agents_share_a_rules_limit() -> Result<()> {
+    require_root!();
+    let Some(binary) = envoy::binary() else {
+        assert!(!in_ci(), "Envoy is not installed: run `cargo xtask setup`");
+        eprintln!("skipped: Envoy is not installed (`cargo xtask setup` installs it)");
+        return Ok(());
+    };
+    let mut settings = Settings::standard("share");
+    // Clients 198.18.99.40 and up: outside both /28 policies, so their TCP packets are not
+    // limited at the fast path (the default policy, 1000/s).
+    settings.clients = 32;
+    settings.rls = Some(
+        "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 10 }
+",
+    );
+    let c = Cluster::start_with(2, settings)?;
+    envoy::backend(&c.net.receiver_ns, ENVOY_BACKEND_PORT)?;
+    let bootstrap = std::fs::read_to_string(envoy::example("envoy.yaml"))?;
+    let envoys: Vec<(Envoy, SocketAddr)> = (0..2)
+        .map(|k| -> Result<(Envoy, SocketAddr)> {
+            let port = 10_000 + k as u16;
+            let file = c.dir.write(
+                &format!("envoy{k}.yaml"),
+                &bootstrap
+                    .replace("port_value: 10000", &format!("port_value: {port}"))
+                    .replace(
+                        "address: 127.0.0.1, port_value: 8081",
+                        &format!("address: {}, port_value: {RLS_PORT}", listen(k)),
+                    ),
+            )?;
+            let at = SocketAddr::from((c.net.node(k).v4, port));
+            let envoy = Envoy::start(
+                &binary,
+                &c.net.receiver_ns,
+                &c.net.sender_ns,
+                at,
+                std::path::Path::new(&file),
+                c.dir.join(format!("envoy{k}.log")),
+            )?;
+            Ok((envoy, at))
+        })
+        .collect::<Result<_>>()?;
+    let window = ExactWindow::start(Duration::from_secs(60));
+    let (one, two) = (cluster_client_v4(30), cluster_client_v4(31));
+    let alternating: Vec<u16> = (0..20)
+        .map(|i| envoy::get(&c.net.sender_ns, one, envoys[i % 2].1, Some("ann")).map(|r| r.status))
+        .collect::<Result<_>>()?;
+    let ok = |envoy: usize, statuses: &[u16]| {
+        statuses
+            .iter()
+            .enumerate()
+            .filter(|&(i, &s)| i % 2 == envoy && s == 200)
+            .count()
+    };
+    assert_eq!(
+        (ok(0, &alternating), ok(1, &alternating)),
+        (5, 5),
+        "alternating over two Envoys: each agent its share of 10: {alternating:?}"
+    );
+    assert!(
+        alternating.iter().all(|&s| s == 200 || s == 429),
+        "{alternating:?}"
+    );
+    let alone: Vec<u16> = (0..10)
+        .map(|_| envoy::get(&c.net.sender_ns, two, envoys[0].1, Some("bob")).map(|r| r.status))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        alone,
+        [200, 200, 200, 200, 200, 429, 429, 429, 429, 429],
+        "all through one Envoy: its agent's share"
+    );
+    window.check();
     Ok(())
 }
 
