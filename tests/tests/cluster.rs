@@ -328,36 +328,43 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
     // A local policy: the limit on each node.
     let local = c.measure(cluster_client_v4(6), &[30, 30, 30])?;
     assert_eq!(local, 90, "scope: local holds per node");
-    // API checks draw from this node's share, and say so.
-    let client = cluster_client_v4(5).to_string();
+    // API checks draw from this node's share, and say so. Both checks inside one window, as the
+    // packets were; a boundary between them (two process starts, slow under emulation) tries
+    // again with a fresh client.
     let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
-    let check = |hits: &str| {
-        run_limiter(
-            &c.net.receiver_ns,
-            &["check", &client, "--hits", hits, "--api", &socket],
-        )
-    };
-    // Both checks inside one window, as the packets were.
-    let index = clear_of_boundary(WINDOW, Duration::from_millis(600));
-    let out = check("10")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("limit 10 (this node's share of 30 across the cluster)"),
-        "{text}"
-    );
-    let out = check("1")?;
-    ensure!(
-        window_index(WINDOW) == index,
-        "a window boundary passed between the checks; rerun"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "the share is spent: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    Ok(())
+    for (attempt, i) in [5, 4, 3].into_iter().enumerate() {
+        let client = cluster_client_v4(i).to_string();
+        let check = |hits: &str| {
+            run_limiter(
+                &c.net.receiver_ns,
+                &["check", &client, "--hits", hits, "--api", &socket],
+            )
+        };
+        let index = clear_of_boundary(WINDOW, Duration::from_millis(600));
+        let out = check("10")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("limit 10 (this node's share of 30 across the cluster)"),
+            "{text}"
+        );
+        let out = check("1")?;
+        if window_index(WINDOW) != index {
+            ensure!(
+                attempt < 2,
+                "a window boundary passed between the checks, three times"
+            );
+            continue;
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "the share is spent: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        return Ok(());
+    }
+    unreachable!("the loop returns or fails")
 }
 
 /// Sends `per_second` datagrams a second from `client`, spread over the nodes by `weights`, for
@@ -388,6 +395,9 @@ fn steady(
 #[test]
 fn enrolment_splits_a_hot_clients_limit_by_demand() -> Result<()> {
     require_root!();
+    // Under vm-test's emulation the 6 s of paced traffic took 11 s: the rate, not the split, was
+    // measured (0.87 · L there, 0.975 on the host).
+    limiter_tests::skip_under_emulation!("a rate of packets paced on the wall clock");
     let c = Cluster::start(3, "share")?;
     let rate = 3 * LIMIT;
     let skewed = cluster_client_v4(2);
