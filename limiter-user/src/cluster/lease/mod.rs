@@ -504,7 +504,7 @@ impl Account {
             .chain(self.used.map(|(_, until)| until))
     }
 
-    /// The instants after `now` at which `bound_at` may change, and `also` if it is after `now`,
+    /// The instants after `now` at which `counted_at` may change, and `also` if it is after `now`,
     /// in order and each once.
     fn steps(&self, now: Duration, timing: &Timing, also: Option<Duration>) -> Vec<Duration> {
         let mut steps: Vec<Duration> = self
@@ -822,14 +822,15 @@ impl Ledger {
     }
 }
 
-/// The Σ of all holders' bounds at each instant one round must check, kept up to date as the
+/// The Σ of all holders' counts ([`Account::counted_at`]: their bounds, or more while a window
+/// holds more) at each instant one round must check, kept up to date as the
 /// round issues grants, so that a round costs O(n log n) for n holders rather than the O(n³) of
 /// summing every other holder's bound at every instant for every holder.
 ///
 /// The instants are now, every instant at which some holder's bound may change, and the lapse
 /// of every grant the round may issue (a report's arrival plus the stretched lease): every bound
 /// is constant between two of them. The sums live in a segment tree over the instants with range
-/// add (a grant only ever raises its holder's bound, never lowers it) and range max.
+/// add (a grant only ever raises its holder's count, never lowers it) and range max.
 struct Sums {
     instants: Vec<Duration>,
     /// Per tree node: the largest sum in its range, with its own `add` and none of its
@@ -942,7 +943,7 @@ impl Sums {
 
     /// The instants from `now` at which `account`'s bound may change, and `lapses_at` (a grant
     /// about to be issued to it) if later than now; as runs of instants (`start`, `from..to`)
-    /// over which the bound is constant.
+    /// over which the count is constant.
     fn runs(
         &self,
         account: &Account,
@@ -963,7 +964,8 @@ impl Sums {
     }
 
     /// The largest grant up to `target` for `account` (lapsing at `lapses_at`) that keeps the
-    /// sum of all bounds ≤ `budget` at every instant from `now` on.
+    /// sum of all bounds ≤ `budget` at every instant from `now` on (and raises it only within
+    /// the room the counts leave).
     ///
     /// At an instant where the holder's own bound is `b`, its count `c` (`b`, or more while its
     /// window holds more: [`Account::counted_at`]) and the sum of all counts is `s`, the others
@@ -1006,7 +1008,7 @@ impl Sums {
         value
     }
 
-    /// Issues `grant` to `account`: its bound goes up by what the grant adds, instant by
+    /// Issues `grant` to `account`: its count goes up by what the grant adds, instant by
     /// instant.
     fn issue(
         &mut self,

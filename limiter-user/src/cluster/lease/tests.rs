@@ -893,3 +893,69 @@ fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
         "without the window the cut's room goes out at once: {without:?}"
     );
 }
+
+/// What a holder said its window holds counts for two windows after its report, not forever: a
+/// holder cut with a full window that then goes silent (dead, or cut off) holds the others'
+/// raises back until its packets have left any window, and no longer.
+#[test]
+fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
+    let timing = Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing");
+    let ms = Duration::from_millis;
+    let mut holders = Prompt {
+        ids: ["a", "b", "c"]
+            .iter()
+            .map(|s| NodeId::new(s).expect("id"))
+            .collect(),
+        seq: 0,
+        applied: BTreeMap::new(),
+        echo: BTreeMap::new(),
+        used: BTreeMap::new(),
+    };
+    let mut ledger = Ledger::new(300, timing).with_window(Duration::from_secs(1));
+    for id in &holders.ids {
+        ledger.enrol(id);
+    }
+    for i in 0..20 {
+        holders.round(&mut ledger, ms(50 * i), [240, 15, 15]);
+    }
+    // a's traffic moves to c; a reports once more, its window full, and is never heard again.
+    let a = holders.ids[0].clone();
+    holders.used.insert(a.clone(), 240);
+    holders.round(&mut ledger, ms(1_000), [15, 15, 240]);
+    let mut c_before = 0;
+    let mut c_after = 0;
+    for i in 1..80u64 {
+        let at = ms(1_000 + 50 * i);
+        holders.seq += 1;
+        for (id, demand) in holders.ids.iter().zip([15, 15, 240]).skip(1) {
+            ledger.receive(id, at, holders.report(id, demand));
+        }
+        for (id, message) in ledger.round(at, 100, 0) {
+            holders.echo.insert(id.clone(), message.message);
+            if let Some(grant) = message.grant {
+                holders.applied.insert(id.clone(), grant.seq);
+                if id == holders.ids[2] {
+                    // a's report arrived at 1 s; its `used` counts until 3 s (stretched).
+                    if at < ms(2_950) {
+                        c_before = c_before.max(grant.value);
+                    } else if at > ms(3_100) {
+                        c_after = c_after.max(grant.value);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        c_before <= 300 - 240,
+        "c raised into what a's window held: {c_before}"
+    );
+    assert!(
+        c_after >= 150,
+        "c still held back once a's packets left its window: {c_after}"
+    );
+}
