@@ -384,7 +384,8 @@ impl RlsHits {
             domain
                 .descriptors
                 .for_each_rule_mut(&mut |rule: &mut Rule| {
-                    if rule.rate_limit.is_none() {
+                    // Limits only: not a rule without one, nor an `unlimited` one.
+                    if rule.rate_limit.as_ref().is_none_or(|l| l.limit.is_none()) {
                         rule.series = None;
                         return;
                     }
