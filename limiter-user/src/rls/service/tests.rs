@@ -607,7 +607,7 @@ fn hits_are_counted_per_rule() {
             .map(|s| s.counts)
     };
     let expect = |within_limit, over_limit, near_limit, shadow_mode| {
-        Some(crate::rls::hits::Counts {
+        Some(hits::Counts {
             within_limit,
             over_limit,
             near_limit,
