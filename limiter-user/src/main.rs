@@ -228,6 +228,15 @@ struct RlsArgs {
     /// share (every agent must serve the same rules); `local`: each agent the whole limit.
     #[arg(long, value_enum, default_value_t = RlsScope::Local, requires = "rls_listen")]
     rls_scope: RlsScope,
+    /// Most metrics series keyed by request values (rules with `detailed_metric: true`, and
+    /// descriptors with their own `limit`); hits of keys beyond it are counted in
+    /// limiter_rls_unrecorded_hits_total.
+    #[arg(
+        long,
+        default_value_t = limiter_user::rls::hits::DEFAULT_MAX_DETAILED_SERIES,
+        value_name = "N"
+    )]
+    rls_metrics_max_detailed: usize,
     /// The rate limit service's TLS certificate (PEM).
     #[arg(long, requires_all = ["rls_tls_key", "rls_listen"])]
     rls_tls_cert: Option<PathBuf>,
@@ -277,6 +286,7 @@ impl RlsArgs {
                 deny_body,
                 global: self.rls_scope == RlsScope::Global,
             },
+            max_detailed_series: self.rls_metrics_max_detailed,
         }))
     }
 }

@@ -7,7 +7,8 @@
 //! CLOCK_MONOTONIC passed during it ([`ExactWindow`]).
 
 use std::{
-    net::IpAddr,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -24,7 +25,7 @@ use envoy_types::pb::envoy::{
 use limiter_tests::{
     agent::{Agent, link_has_xdp, run_limiter},
     api::bounded,
-    fixture::{ExactWindow, TempDir},
+    fixture::{ExactWindow, TempDir, wait_until},
     netns::{TestNet, sender_v4},
     require_root,
     traffic::{UDP_PORT, send_and_count},
@@ -380,6 +381,197 @@ fn the_config_is_reloaded_and_a_bad_one_is_refused() -> Result<()> {
             .contains("the config in force stays in force")
     );
     assert_eq!(limit_of(&mut rls, "d")?, 7, "the config in force stayed");
+    window.check();
+    Ok(())
+}
+
+/// The metrics port, on 127.0.0.1 of the receiver namespace.
+const METRICS_PORT: u16 = 9464;
+
+const METRICS_RLS_CONFIG: &str = "\
+domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 5 }
+  - key: tier
+    value: small
+    shadow_mode: true
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+  - key: client
+    detailed_metric: true
+    rate_limit: { unit: hour, requests_per_unit: 10 }
+";
+
+/// The body of `GET /metrics` on 127.0.0.1:`METRICS_PORT` of the receiver namespace, waiting
+/// (up to 10 s) for the endpoint to come up.
+fn scrape(net: &TestNet) -> Result<String> {
+    let get = || -> Result<String> {
+        let raw = net.in_receiver(|| -> Result<Vec<u8>> {
+            let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw)?;
+            Ok(raw)
+        })??;
+        let text = String::from_utf8(raw).context("the answer is not UTF-8")?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("no end of the head in {text:?}"))?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET /metrics: {head}");
+        Ok(body.to_owned())
+    };
+    wait_until(
+        "the metrics endpoint answers",
+        Duration::from_secs(10),
+        || Ok(get().ok()),
+    )
+}
+
+/// The value of the one sample of `name` carrying every label of `labels` (whatever others it
+/// has), if there is one.
+fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    let found: Vec<u64> = body
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labelled, value) = rest.rsplit_once(' ')?;
+            if !labelled.is_empty() && !labelled.starts_with('{') {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| labelled.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse().ok())?
+        })
+        .collect();
+    match found[..] {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// Per-rule counters on `--metrics`: exact within, over, near-limit and shadow-mode hits under
+/// the rule's config key; detailed_metric rules under the request's values, capped by
+/// --rls-metrics-max-detailed with the rest counted as unrecorded; a reload drops the series
+/// of a rule that went.
+#[test]
+fn per_rule_hits_are_counted_in_the_metrics() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let dir = TempDir::new("rls")?;
+    let rls_config = dir.write("rls.yaml", METRICS_RLS_CONFIG)?;
+    let socket = dir.join("api.sock").to_string_lossy().into_owned();
+    let listen = format!("127.0.0.1:{RLS_PORT}");
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let _agent = Agent::start_with(
+        &net,
+        AGENT_CONFIG,
+        &[
+            "--api-socket",
+            &socket,
+            "--rls-listen",
+            &listen,
+            "--rls-config",
+            &rls_config,
+            "--metrics",
+            &metrics,
+            "--rls-metrics-max-detailed",
+            "2",
+        ],
+    )?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let mut rls = Rls::connect(&net)?;
+
+    // Before any call: the rules' series exist at zero; detailed ones do not yet.
+    let body = scrape(&net)?;
+    let hits = |body: &str, descriptor: &str, outcome: &str| {
+        sample(
+            body,
+            "limiter_rls_hits_total",
+            &[
+                ("domain", "web"),
+                ("descriptor", descriptor),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(hits(&body, "user", "within_limit"), Some(0), "{body}");
+    assert_eq!(hits(&body, "client_a", "within_limit"), None, "{body}");
+
+    // user (5 an hour): ann 7 times (5 admitted, the 5th above 80% of 5; 2 refused), bob once.
+    let ann: Vec<i32> = (0..7)
+        .map(|_| rls.web(&[&[("user", "ann")]]).map(|r| r.overall_code))
+        .collect::<Result<_>>()?;
+    assert_eq!(ann, [OK, OK, OK, OK, OK, OVER, OVER]);
+    assert_eq!(rls.web(&[&[("user", "bob")]])?.overall_code, OK);
+    // tier=small (1 an hour, shadow mode): 3 calls all answered OK, 2 of them over.
+    for _ in 0..3 {
+        assert_eq!(rls.web(&[&[("tier", "small")]])?.overall_code, OK);
+    }
+    // client (detailed, cap 2): a 3 times, b once, then c twice, which does not fit.
+    for client in ["a", "a", "a", "b", "c", "c"] {
+        assert_eq!(rls.web(&[&[("client", client)]])?.overall_code, OK);
+    }
+
+    let body = scrape(&net)?;
+    let labelled = |name: &str, descriptor: &str| {
+        sample(
+            &body,
+            name,
+            &[("domain", "web"), ("descriptor", descriptor)],
+        )
+    };
+    assert_eq!(hits(&body, "user", "within_limit"), Some(6), "{body}");
+    assert_eq!(hits(&body, "user", "over_limit"), Some(2), "{body}");
+    assert_eq!(
+        labelled("limiter_rls_near_limit_hits_total", "user"),
+        Some(1)
+    );
+    assert_eq!(
+        labelled("limiter_rls_shadow_mode_hits_total", "user"),
+        Some(0)
+    );
+    assert_eq!(hits(&body, "tier_small", "within_limit"), Some(1), "{body}");
+    assert_eq!(hits(&body, "tier_small", "over_limit"), Some(2), "{body}");
+    assert_eq!(
+        labelled("limiter_rls_shadow_mode_hits_total", "tier_small"),
+        Some(2)
+    );
+    assert_eq!(hits(&body, "client_a", "within_limit"), Some(3), "{body}");
+    assert_eq!(hits(&body, "client_b", "within_limit"), Some(1), "{body}");
+    assert_eq!(hits(&body, "client_c", "within_limit"), None, "{body}");
+    assert_eq!(sample(&body, "limiter_rls_detailed_series", &[]), Some(2));
+    assert_eq!(
+        sample(&body, "limiter_rls_detailed_series_max", &[]),
+        Some(2)
+    );
+    assert_eq!(
+        sample(&body, "limiter_rls_unrecorded_hits_total", &[]),
+        Some(2),
+        "{body}"
+    );
+
+    // A reload without the tier rule: its series goes, user's counts go on.
+    dir.write(
+        "rls.yaml",
+        &METRICS_RLS_CONFIG.replace("  - key: tier\n    value: small\n", "  - key: plan\n"),
+    )?;
+    let body = wait_until(
+        "the reload drops tier_small",
+        Duration::from_secs(5),
+        || {
+            let body = scrape(&net)?;
+            Ok(hits(&body, "tier_small", "within_limit")
+                .is_none()
+                .then_some(body))
+        },
+    )?;
+    assert_eq!(hits(&body, "user", "within_limit"), Some(6), "{body}");
+    assert_eq!(hits(&body, "plan", "within_limit"), Some(0), "{body}");
     window.check();
     Ok(())
 }

@@ -302,9 +302,12 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             iface: opts.iface.clone(),
             walks,
         };
-        let exporter = Arc::new(
-            Exporter::new(&opts.iface, &counters, source).with_cluster(MemberFigures(cluster_rx)),
-        );
+        let mut exporter =
+            Exporter::new(&opts.iface, &counters, source).with_cluster(MemberFigures(cluster_rx));
+        if let Some(store) = &rls_store {
+            exporter = exporter.with_rls(Arc::clone(store.hits()));
+        }
+        let exporter = Arc::new(exporter);
         let (caps, connections) = (opts.metrics_caps, counters.metrics_connections.clone());
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {

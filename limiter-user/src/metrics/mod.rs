@@ -15,6 +15,7 @@
 
 mod cluster;
 mod collector;
+mod rls;
 mod server;
 
 use std::{
@@ -381,6 +382,13 @@ impl Exporter {
     pub fn with_cluster(mut self, source: impl ClusterSource) -> Exporter {
         self.registry
             .register_collector(Box::new(cluster::ClusterCollector(Box::new(source))));
+        self
+    }
+
+    /// Adds the rate limit service's per-rule hit counters.
+    pub fn with_rls(mut self, hits: Arc<crate::rls::hits::RlsHits>) -> Exporter {
+        self.registry
+            .register_collector(Box::new(rls::RlsCollector(hits)));
         self
     }
 

@@ -15,6 +15,7 @@ use std::{
 use limiter_common::window::MAX_WINDOW_US;
 use serde::{Deserialize, Deserializer};
 
+use super::hits::SeriesRef;
 use crate::{
     capped_read,
     config::{KeyLines, LineHint, MAX_CONFIG_BYTES},
@@ -153,6 +154,8 @@ pub struct Rule {
     pub children: Descriptors,
     /// The line the rule starts at, for messages.
     pub line: Option<usize>,
+    /// Its hit counters, once the config is installed (`hits`); `None` without a `rate_limit`.
+    pub series: Option<SeriesRef>,
 }
 
 /// A `descriptors` list, indexed for matching: by key, then exact values, `*` suffix
@@ -192,6 +195,21 @@ impl Descriptors {
         self.by_key.is_empty()
     }
 
+    /// Calls `f` on every rule of this list and of the lists nested in it.
+    pub fn for_each_rule_mut(&mut self, f: &mut impl FnMut(&mut Rule)) {
+        for rules in self.by_key.values_mut() {
+            let all = rules
+                .values
+                .values_mut()
+                .chain(rules.wildcards.iter_mut().map(|(_, r)| r))
+                .chain(rules.any.iter_mut());
+            for rule in all {
+                f(rule);
+                rule.children.for_each_rule_mut(f);
+            }
+        }
+    }
+
     /// Every rule of this list and of the lists nested in it.
     fn rules(&self) -> Vec<&Rule> {
         let mut out = Vec::new();
@@ -218,6 +236,9 @@ pub struct Domain {
     pub descriptors: Descriptors,
     /// The file it came from.
     pub file: String,
+    /// The hit counters of its descriptors' own `limit` overrides, once the config is
+    /// installed (`hits`).
+    pub overrides: Option<SeriesRef>,
 }
 
 /// Every domain the service knows.
@@ -422,6 +443,7 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
         name,
         descriptors,
         file: file.to_string(),
+        overrides: None,
     };
     // `replaces` must name a limit that exists somewhere in the domain: a typo would otherwise
     // silently replace nothing.
@@ -517,6 +539,7 @@ fn build_list(
             detailed_metric: d.detailed_metric,
             children,
             line: line_of(lines, &format!("{at}.key")),
+            series: None,
         };
         let rules = list.by_key.entry(key).or_default();
         let duplicate = match value {

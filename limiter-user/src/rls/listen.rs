@@ -13,6 +13,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 
 use super::{
     RlsStore,
+    hits::RlsHits,
     service::{RlsOptions, RlsService},
 };
 use crate::{
@@ -31,6 +32,8 @@ pub struct RlsAgentOptions {
     pub config: PathBuf,
     pub tls: Option<TlsFiles>,
     pub service: RlsOptions,
+    /// `--rls-metrics-max-detailed`: the cap on the metrics' detailed series (see `hits`).
+    pub max_detailed_series: usize,
 }
 
 /// The listener, bound (and its config and TLS files read) before the agent touches the kernel.
@@ -59,7 +62,8 @@ pub async fn bind(options: &RlsAgentOptions) -> anyhow::Result<RlsListener> {
             addr.ip()
         );
     }
-    let store = RlsStore::load(options.config.clone())
+    let hits = Arc::new(RlsHits::new(options.max_detailed_series));
+    let store = RlsStore::load(options.config.clone(), hits)
         .with_context(|| format!("--rls-config {}", options.config.display()))?;
     let tls = match &options.tls {
         None => None,

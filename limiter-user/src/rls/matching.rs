@@ -12,7 +12,10 @@
 
 use std::collections::HashSet;
 
-use super::config::{RlsConfig, Rule, Unit};
+use super::{
+    config::{RlsConfig, Rule, Unit},
+    hits::SeriesRef,
+};
 
 /// A descriptor as matching sees it.
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ pub struct Limit {
     pub shadow_mode: bool,
     /// Came from the request's override, not from a rule.
     pub overridden: bool,
+    /// Where its hits are counted (`None`: the config was not installed, as in tests).
+    pub series: Option<SeriesRef>,
 }
 
 /// The rule whose limit applies to `entries` in `domain`'s rules, if any (see the module docs).
@@ -75,9 +80,9 @@ pub fn limits_for(
     domain: &str,
     descriptors: &[Descriptor<'_>],
 ) -> Vec<Applies> {
-    if !config.domains.contains_key(domain) {
+    let Some(configured) = config.domains.get(domain) else {
         return vec![Applies::Nothing; descriptors.len()];
-    }
+    };
     let rules: Vec<Option<&Rule>> = descriptors
         .iter()
         .map(|d| match d.limit_override {
@@ -102,6 +107,7 @@ pub fn limits_for(
                     name: None,
                     shadow_mode: false,
                     overridden: true,
+                    series: configured.overrides.clone(),
                 });
             }
             let Some(rule) = rule else {
@@ -121,6 +127,7 @@ pub fn limits_for(
                     name: limit.name.clone(),
                     shadow_mode: rule.shadow_mode,
                     overridden: false,
+                    series: rule.series.clone(),
                 }),
             }
         })

@@ -1,9 +1,10 @@
 //! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService`), served by the
 //! agent on `--rls-listen` from an envoyproxy/ratelimit configuration (`--rls-config`):
 //! [`config`] reads it, [`matching`] finds each descriptor's limit, [`service`] decides with the
-//! check program and answers.
+//! check program and answers, [`hits`] counts each rule's hits for the metrics.
 
 pub mod config;
+pub mod hits;
 pub mod listen;
 pub mod matching;
 pub mod service;
@@ -14,6 +15,7 @@ use std::{
 };
 
 pub use self::config::{RlsConfig, RlsConfigError, Unit};
+use self::hits::{DEFAULT_MAX_DETAILED_SERIES, RlsHits};
 
 /// The rate limit service's config in force, and its file(s), re-read on change.
 pub struct RlsStore {
@@ -22,27 +24,40 @@ pub struct RlsStore {
     /// The fingerprint of the files last seen (loaded or refused), so a refused file is reported
     /// once, not at every poll.
     seen: Mutex<Option<u64>>,
+    /// The hit counters, attached to each config before it comes into force.
+    hits: Arc<RlsHits>,
 }
 
 impl RlsStore {
-    /// Loads `path` (a file or a directory); an error here stops the start.
-    pub fn load(path: PathBuf) -> Result<RlsStore, RlsConfigError> {
-        let (config, fingerprint) = RlsConfig::load(&path)?;
+    /// Loads `path` (a file or a directory), its hits counted in `hits`; an error here stops
+    /// the start.
+    pub fn load(path: PathBuf, hits: Arc<RlsHits>) -> Result<RlsStore, RlsConfigError> {
+        let (mut config, fingerprint) = RlsConfig::load(&path)?;
         log_loaded(&path, &config);
+        hits.install(&mut config);
         Ok(RlsStore {
             path,
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new(Some(fingerprint)),
+            hits,
         })
     }
 
-    /// A store over a config already parsed (tests).
-    pub fn fixed(config: RlsConfig) -> RlsStore {
+    /// A store over a config already parsed (tests), counted with the default cap.
+    pub fn fixed(mut config: RlsConfig) -> RlsStore {
+        let hits = Arc::new(RlsHits::new(DEFAULT_MAX_DETAILED_SERIES));
+        hits.install(&mut config);
         RlsStore {
             path: PathBuf::new(),
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new(None),
+            hits,
         }
+    }
+
+    /// The hit counters of the rules in force.
+    pub fn hits(&self) -> &Arc<RlsHits> {
+        &self.hits
     }
 
     /// The config in force.
@@ -80,8 +95,9 @@ impl RlsStore {
         let settled = RlsConfig::fingerprint_of(&self.path).is_ok_and(|after| after == fingerprint);
         *seen = settled.then_some(fingerprint);
         match loaded {
-            Ok((config, _)) => {
+            Ok((mut config, _)) => {
                 log_loaded(&self.path, &config);
+                self.hits.install(&mut config);
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
             }
             Err(e) => tracing::error!(

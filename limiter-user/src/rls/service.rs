@@ -52,6 +52,7 @@ use tonic::{Request, Response, Status};
 use super::{
     RlsStore,
     config::{Unit, window},
+    hits,
     matching::{Applies, Descriptor, Limit, limits_for},
 };
 use crate::{
@@ -158,6 +159,7 @@ impl<B: Budget> RlsService<B> {
             .map(|(p, applies)| self.plan(&request.domain, p, applies))
             .collect();
         let outcomes = self.run(&plans)?;
+        count(&parsed, &plans, &outcomes);
         Ok(self.response(&plans, &outcomes))
     }
 
@@ -261,6 +263,7 @@ impl<B: Budget> RlsService<B> {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
                         over: !fits(d, *n),
+                        spent: false,
                     });
                 }
                 return Ok(outcomes);
@@ -275,7 +278,11 @@ impl<B: Budget> RlsService<B> {
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
         for (k, d) in spend.iter().zip(spent) {
             let over = (d.dry_run_denied || !d.allowed) && checks[*k].1.hits > 0;
-            outcomes[checks[*k].0] = Some(Outcome { decision: d, over });
+            outcomes[checks[*k].0] = Some(Outcome {
+                decision: d,
+                over,
+                spent: !over,
+            });
         }
         if let Some(read) = read {
             for (k, (i, r, _)) in checks.iter().enumerate() {
@@ -283,6 +290,7 @@ impl<B: Budget> RlsService<B> {
                     outcomes[*i] = Some(Outcome {
                         decision: read[k].clone(),
                         over: !fits(&read[k], r.hits),
+                        spent: false,
                     });
                 }
             }
@@ -420,6 +428,49 @@ enum Plan {
 struct Outcome {
     decision: Decision,
     over: bool,
+    /// The hits were spent (`decision` says what is left after them; otherwise what was left
+    /// before).
+    spent: bool,
+}
+
+/// Counts each limited descriptor's hits in its rule's series (see `hits`).
+fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
+    for ((p, plan), outcome) in parsed.iter().zip(plans).zip(outcomes) {
+        let (limit, counted) = match (plan, outcome) {
+            (Plan::Blocked(limit), _) => (
+                limit,
+                hits::Outcome {
+                    hits: p.hits,
+                    limit: Some(0),
+                    used_before: 0,
+                    over: true,
+                    shadow: limit.shadow_mode,
+                },
+            ),
+            (Plan::Check { limit, .. }, Some(o)) => {
+                let d = &o.decision;
+                let used = d.limit.saturating_sub(d.remaining);
+                (
+                    limit,
+                    hits::Outcome {
+                        hits: p.hits,
+                        limit: (d.action != Action::Pass).then_some(d.limit),
+                        used_before: if o.spent {
+                            used.saturating_sub(p.hits)
+                        } else {
+                            used
+                        },
+                        over: o.over,
+                        shadow: limit.shadow_mode,
+                    },
+                )
+            }
+            _ => continue,
+        };
+        if let Some(series) = &limit.series {
+            series.0.record(&p.descriptor.entries, &counted);
+        }
+    }
 }
 
 /// Whether two checks are of one client (the same key in the same map).

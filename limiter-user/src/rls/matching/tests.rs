@@ -29,6 +29,7 @@ fn per(rpu: u32, unit: Unit) -> Applies {
         name: None,
         shadow_mode: false,
         overridden: false,
+        series: None,
     })
 }
 
@@ -312,6 +313,7 @@ descriptors:
         name: Some("specific_limit".into()),
         shadow_mode: false,
         overridden: false,
+        series: None,
     });
     assert_eq!(
         limits_for(&c, "example7", std::slice::from_ref(&one)),

@@ -590,3 +590,61 @@ fn a_global_scope_enforces_this_agents_share_of_each_rule() {
         .unwrap();
     assert_eq!(r.statuses[0].limit_remaining, 99);
 }
+
+/// Each limited descriptor's hits are counted in its rule's series as its status says:
+/// within or over the limit, near it, let through by shadow mode; a refused request's hits are
+/// all over (nothing spent), and a descriptor no rule limits is not counted.
+#[test]
+fn hits_are_counted_per_rule() {
+    let (svc, _sim) = service();
+    let counts = |descriptor: &str| {
+        svc.store
+            .hits()
+            .snapshot()
+            .series
+            .into_iter()
+            .find(|s| s.domain == "web" && s.descriptor == descriptor)
+            .map(|s| s.counts)
+    };
+    let expect = |within_limit, over_limit, near_limit, shadow_mode| {
+        Some(hits::Counts {
+            within_limit,
+            over_limit,
+            near_limit,
+            shadow_mode,
+        })
+    };
+    // path: 3 a second, the 3rd above ⌊0.8 × 3⌋ = 2.
+    for _ in 0..4 {
+        svc.answer(&request(vec![desc(&[("path", "/a")])])).unwrap();
+    }
+    assert_eq!(counts("path"), expect(3, 1, 1, 0));
+    // shadow: 1 a second, in shadow mode: answered OK, the second over (and the first near:
+    // ⌊0.8 × 1⌋ = 0, as in envoyproxy/ratelimit).
+    for _ in 0..2 {
+        let r = svc
+            .answer(&request(vec![desc(&[("shadow", "x")])]))
+            .unwrap();
+        assert_eq!(r.overall_code, OK);
+    }
+    assert_eq!(counts("shadow"), expect(1, 1, 1, 1));
+    // banned (0): over without a check. The request is refused and nothing spent; user, which
+    // fitted, is counted as its status says (within).
+    let r = svc
+        .answer(&request(vec![
+            desc(&[("user", "u")]),
+            desc(&[("banned", "b")]),
+        ]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(counts("banned"), expect(0, 1, 0, 0));
+    assert_eq!(counts("user"), expect(1, 0, 0, 0));
+    // Unlimited and unmatched descriptors are not counted.
+    svc.answer(&request(vec![
+        desc(&[("free", "f")]),
+        desc(&[("nope", "n")]),
+    ]))
+    .unwrap();
+    assert_eq!(counts("free"), None);
+    assert_eq!(counts("nope"), None);
+}

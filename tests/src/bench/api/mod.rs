@@ -368,6 +368,7 @@ mod tests {
                 name: None,
                 shadow_mode,
                 overridden: false,
+                series: None,
             },
             reset: 5,
         }
