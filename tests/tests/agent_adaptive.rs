@@ -1069,11 +1069,17 @@ fn adaptive_knobs_reload_without_a_restart() -> Result<()> {
 
     // Off: every window back to its policy, and it stays there although the load is high.
     agent.reload(&reload_config("  enabled: false\n"), Duration::from_secs(3))?;
+    // The loop takes the new section at its next period; until then a reload's re-resolved
+    // entry can show the policy while the loop is still on (and about to adapt it again).
+    let back = has((2_000_000, 100));
     let (_, took) = poll(
         &agent,
         "back to the policy",
         Duration::from_secs(3),
-        has((2_000_000, 100)),
+        move |s: &Value| -> Result<Option<Row>> {
+            let off = adaptive(s).is_ok_and(|g| !g.enabled);
+            Ok(back(s)?.filter(|_| off))
+        },
     )?;
     eprintln!("disabled: back to the policy after {took:?}");
     for _ in 0..8 {
