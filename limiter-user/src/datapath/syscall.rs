@@ -96,6 +96,37 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, frame: &mut [u8]) -> io::Result<u32> 
     Ok(attr.retval)
 }
 
+/// `BPF_F_TEST_XDP_LIVE_FRAMES`: BPF_PROG_TEST_RUN runs an XDP program on real frames that its
+/// verdict sends on (XDP_TX out of the context's interface, XDP_REDIRECT), Linux 5.18 (commit
+/// b530e9e1063e, "bpf: Add "live packet" mode for XDP in BPF_PROG_RUN").
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// Runs XDP program `prog` `repeat` times in live-frames mode on `frame`, as if received on
+/// interface `ifindex` of the calling thread's namespace: an XDP_TX verdict transmits the frame
+/// out of that interface. A traffic generator for benchmarks (aya 0.14's test run has no flags).
+pub fn prog_test_run_live(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> io::Result<()> {
+    let len =
+        u32::try_from(frame.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let md: [u32; 6] = [0, len, 0, ifindex, 0, 0];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: len,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of_val(&md) as u32,
+        ctx_in: md.as_ptr() as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        ..TestRunAttr::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)
+}
+
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     // SAFETY: `attr` is a valid, initialised attribute struct of the size passed.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };

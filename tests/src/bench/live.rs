@@ -31,7 +31,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -455,13 +455,15 @@ impl LiveBench {
             .program("live_gen")
             .context("no program live_gen")?
             .try_into()?;
-        let fd = prog.fd()?.as_fd().as_raw_fd();
+        let fd = prog.fd()?.as_fd();
         let (frame, ifindex) = (&self.frame, self.sender_ifindex);
         in_netns(&self.net.sender_ns, || -> Result<()> {
             pin_to_cpu(GENERATOR_CPU)?;
             let start = Instant::now();
             while start.elapsed() < time {
-                live_frames(fd, frame, ifindex, CHUNK)?;
+                datapath::syscall::prog_test_run_live(fd, frame, ifindex, CHUNK).context(
+                    "BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (Linux 5.18 or later)",
+                )?;
             }
             Ok(())
         })?
@@ -472,63 +474,6 @@ impl Drop for LiveBench {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `union bpf_attr` for BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h), up to `batch_size`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    pad: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-
-/// Runs XDP program `fd` `repeat` times in live-frames mode on `frame` as if received on
-/// `ifindex` (of the calling thread's namespace): its XDP_TX transmits out of that interface.
-/// aya 0.14's test run has no flags, hence bpf(2).
-fn live_frames(fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> Result<()> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let attr = TestRunAttr {
-        prog_fd: fd as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ctx_size_in: size_of_val(&md) as u32,
-        ctx_in: md.as_ptr() as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute whose pointers outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &attr as *const TestRunAttr,
-            size_of::<TestRunAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (Linux 5.18 or later)");
-    }
-    Ok(())
 }
 
 /// Run time (ns) and run count of BPF program `id` (with BPF_ENABLE_STATS on).

@@ -723,6 +723,20 @@ struct Prompt {
 }
 
 impl Prompt {
+    /// Holders a, b and c, nothing applied, echoed or admitted yet.
+    fn abc() -> Prompt {
+        Prompt {
+            ids: ["a", "b", "c"]
+                .iter()
+                .map(|s| NodeId::new(s).expect("id"))
+                .collect(),
+            seq: 0,
+            applied: BTreeMap::new(),
+            echo: BTreeMap::new(),
+            used: BTreeMap::new(),
+        }
+    }
+
     fn report(&self, id: &NodeId, demand: u32) -> Report {
         Report {
             seq: self.seq,
@@ -764,16 +778,7 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
     )
     .expect("valid timing");
     let ms = Duration::from_millis;
-    let mut holders = Prompt {
-        ids: ["a", "b", "c"]
-            .iter()
-            .map(|s| NodeId::new(s).expect("id"))
-            .collect(),
-        seq: 0,
-        applied: BTreeMap::new(),
-        echo: BTreeMap::new(),
-        used: BTreeMap::new(),
-    };
+    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing);
     for id in &holders.ids {
         ledger.enrol(id);
@@ -827,16 +832,7 @@ fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
     .expect("valid timing");
     let ms = Duration::from_millis;
     let run = |window: Option<Duration>| -> Vec<Vec<u32>> {
-        let mut holders = Prompt {
-            ids: ["a", "b", "c"]
-                .iter()
-                .map(|s| NodeId::new(s).expect("id"))
-                .collect(),
-            seq: 0,
-            applied: BTreeMap::new(),
-            echo: BTreeMap::new(),
-            used: BTreeMap::new(),
-        };
+        let mut holders = Prompt::abc();
         let mut ledger = Ledger::new(300, timing);
         if let Some(window) = window {
             ledger = ledger.with_window(window);
@@ -906,16 +902,7 @@ fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
     )
     .expect("valid timing");
     let ms = Duration::from_millis;
-    let mut holders = Prompt {
-        ids: ["a", "b", "c"]
-            .iter()
-            .map(|s| NodeId::new(s).expect("id"))
-            .collect(),
-        seq: 0,
-        applied: BTreeMap::new(),
-        echo: BTreeMap::new(),
-        used: BTreeMap::new(),
-    };
+    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing).with_window(Duration::from_secs(1));
     for id in &holders.ids {
         ledger.enrol(id);
