@@ -62,7 +62,8 @@ impl Collector for RlsCollector {
                 "limiter_rls_hits",
                 "Hits of the rate limit service's descriptors a rule (or the request's own \
                  limit) limits, by domain, descriptor key (envoyproxy/ratelimit's stat key \
-                 without the domain) and outcome: within_limit (admitted) or over_limit \
+                 without the domain) and outcome: within_limit (the descriptor fitted; \
+                 spent unless another descriptor refused the request) or over_limit \
                  (refused, or let through by shadow_mode or dry-run); their sum is \
                  envoyproxy/ratelimit's total_hits.",
                 None,

@@ -13,11 +13,12 @@
 //! counted in [`DetailedCap::unrecorded`], and memory never grows past the cap whatever the
 //! requests say.
 //!
-//! **Counting.** Every hit of a descriptor a rule (or an override) limits is counted once as
-//! `within_limit` (admitted) or `over_limit` (over the limit: refused, or let through by
-//! `shadow_mode` or the agent's dry-run mode). Since the service refuses a request's hits all
-//! or none, a refused request's hits are all `over_limit`. `near_limit` counts the admitted
-//! hits that landed above 80% of the limit in force (floor, as envoyproxy/ratelimit's default
+//! **Counting.** Every hit of a descriptor a rule (or an override) limits is counted once, as
+//! its status says: `within_limit` (its descriptor fitted) or `over_limit` (over the limit:
+//! refused, or let through by `shadow_mode` or the agent's dry-run mode). The service spends a
+//! request's hits all or none, so in a refused request the descriptors that fitted count
+//! `within_limit` (and maybe `near_limit`) although nothing was spent. `near_limit` counts the
+//! fitting hits that landed above 80% of the limit in force (floor, as envoyproxy/ratelimit's default
 //! `NEAR_LIMIT_RATIO`); `shadow_mode` the `over_limit` hits a `shadow_mode` rule let through.
 //! An `unlimited` rule's hits are not counted (as in envoyproxy/ratelimit, which never checks
 //! them).
@@ -390,6 +391,13 @@ impl RlsHits {
                         return;
                     }
                     let key = (name.clone(), rule.path[prefix_len..].to_string());
+                    // Two rules can have one stat key (`key: a_b`, and `key: a` with `value:
+                    // b`): like envoyproxy/ratelimit's equal stat keys, they count in one series
+                    // (the first rule's kind of series wins).
+                    if let Some(shared) = next.rules.get(&key) {
+                        rule.series = Some(SeriesRef(Arc::clone(shared)));
+                        return;
+                    }
                     let series = match installed.rules.remove(&key) {
                         Some(s) if s.is_detailed() == rule.detailed_metric => s,
                         _ => self.series(rule.detailed_metric),

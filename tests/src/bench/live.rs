@@ -419,15 +419,29 @@ impl LiveBench {
         let agent0 = agent.map(process_cpu_ns).transpose()?;
         let prog0 = prog.map(program_stats).transpose()?;
         self.generate(measure)?;
-        let (cpu1, rx1, drop1) = (thread_cpu_ns(napi)?, self.rx_packets()?, dropped()?);
+        // The receiver drains what is still queued (the veth ring, a poll batch): read once its
+        // count stands still, drops first, so that no frame counts as dropped but not received.
+        let mut rx = self.rx_packets()?;
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = self.rx_packets()?;
+            if now == rx {
+                break;
+            }
+            rx = now;
+        }
+        let drop1 = dropped()?;
+        let (cpu1, rx1) = (thread_cpu_ns(napi)?, self.rx_packets()?);
         let agent1 = agent.map(process_cpu_ns).transpose()?;
         let prog1 = prog.map(program_stats).transpose()?;
         Ok(Run {
-            processed: rx1 - rx0,
-            dropped: drop1 - drop0,
-            cpu_ns: cpu1 - cpu0,
-            agent_cpu_ns: agent1.unwrap_or(0) - agent0.unwrap_or(0),
-            program: prog0.zip(prog1).map(|(a, b)| (b.0 - a.0, b.1 - a.1)),
+            processed: rx1.saturating_sub(rx0),
+            dropped: drop1.saturating_sub(drop0),
+            cpu_ns: cpu1.saturating_sub(cpu0),
+            agent_cpu_ns: agent1.unwrap_or(0).saturating_sub(agent0.unwrap_or(0)),
+            program: prog0
+                .zip(prog1)
+                .map(|(a, b)| (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))),
         })
     }
 
@@ -534,7 +548,8 @@ fn nft_dropped(ns: &str) -> Result<u64> {
             .and_then(|(_, v)| v.parse().ok())
             .with_context(|| format!("no {name} in /proc/net/snmp: {snmp}"))
     };
-    Ok(field("InReceives")? - field("InDelivers")?)
+    // Read one after the other: a frame in flight between them must not underflow.
+    Ok(field("InReceives")?.saturating_sub(field("InDelivers")?))
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -280,3 +280,26 @@ fn counting_from_many_threads_loses_nothing() {
     assert_eq!(total("user_"), 40_000);
     assert_eq!(snapshot.detailed_series, 50);
 }
+
+/// Two rules whose stat keys are equal (`key: a_b`, and `key: a` with `value: b`) count in one
+/// series, as equal stat keys are one stat in envoyproxy/ratelimit: neither rule's hits vanish.
+#[test]
+fn rules_with_one_stat_key_share_one_series() {
+    let (hits, config) = installed(
+        "domain: web
+descriptors:
+  - key: a_b
+    rate_limit: { unit: second, requests_per_unit: 10 }
+  - key: a
+    value: b
+    rate_limit: { unit: second, requests_per_unit: 10 }
+",
+        100,
+    );
+    series(&config, &[("a_b", "x")]).record(&[("a_b", "x")], &within(1));
+    series(&config, &[("a", "b")]).record(&[("a", "b")], &within(2));
+    assert_eq!(
+        keys(&hits),
+        vec![("web".into(), "a_b".into(), counts(3, 0, 0, 0))]
+    );
+}

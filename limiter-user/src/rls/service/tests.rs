@@ -592,8 +592,9 @@ fn a_global_scope_enforces_this_agents_share_of_each_rule() {
 }
 
 /// Each limited descriptor's hits are counted in its rule's series as its status says:
-/// within or over the limit, near it, let through by shadow mode; a refused request's hits are
-/// all over (nothing spent), and a descriptor no rule limits is not counted.
+/// within or over the limit, near it, let through by shadow mode; in a refused request the
+/// descriptor that fitted counts within (nothing spent), and a descriptor no rule limits is not
+/// counted.
 #[test]
 fn hits_are_counted_per_rule() {
     let (svc, _sim) = service();
