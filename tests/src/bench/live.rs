@@ -50,7 +50,7 @@ use crate::{
     bench::report::{date, machine, pin_to_cpu, read_trimmed},
     command::{run_ok, run_ok_within},
     frames::Builder,
-    netns::{RECEIVER_MAC, RECEIVER_V4, SENDER_MAC, TestNet, in_netns},
+    netns::{RECEIVER_MAC, RECEIVER_V4, SENDER_MAC, TestNet, in_netns, link_json, link_packets},
 };
 
 /// CPU the generator runs on.
@@ -373,19 +373,7 @@ impl LiveBench {
 
     /// Frames the receiver's veth has processed (its rx counter, which counts XDP drops too).
     fn rx_packets(&self) -> Result<u64> {
-        let out = run_ok(Command::new("ip").args([
-            "-n",
-            &self.net.receiver_ns,
-            "-s",
-            "-j",
-            "link",
-            "show",
-            &self.net.receiver_if,
-        ]))?;
-        let json: serde_json::Value = serde_json::from_str(&out)?;
-        json[0]["stats64"]["rx"]["packets"]
-            .as_u64()
-            .with_context(|| format!("no rx packets in `ip -s -j link`: {out}"))
+        link_packets(&self.net.receiver_ns, &self.net.receiver_if, "rx")
     }
 
     /// Sends for `warm_up`, then measures while sending for `measure`: CPU of the NAPI thread
@@ -447,19 +435,11 @@ impl LiveBench {
 
     /// The id of the XDP program attached to the receiver's veth (`ip -j link`).
     fn xdp_program_id(&self) -> Result<u32> {
-        let out = run_ok(Command::new("ip").args([
-            "-n",
-            &self.net.receiver_ns,
-            "-j",
-            "link",
-            "show",
-            &self.net.receiver_if,
-        ]))?;
-        let json: serde_json::Value = serde_json::from_str(&out)?;
-        json[0]["xdp"]["prog"]["id"]
+        let link = link_json(&self.net.receiver_ns, &self.net.receiver_if)?;
+        link["xdp"]["prog"]["id"]
             .as_u64()
             .map(|id| id as u32)
-            .with_context(|| format!("no XDP program in `ip -j link`: {out}"))
+            .with_context(|| format!("no XDP program in `ip -j link`: {link}"))
     }
 
     /// Runs the generator on [`GENERATOR_CPU`] in the sender namespace for `time`.

@@ -45,8 +45,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::{
-    AgentRegistry, NEXT_ID, in_netns, ip_batch, ip_batch_with, mac_string, pin_dir, quiet_ipv6,
-    teardown, wait_links_up, write_sysctls,
+    AgentRegistry, NEXT_ID, in_netns, ip_batch, ip_batch_with, link_packets, mac_string, pin_dir,
+    quiet_ipv6, teardown, wait_links_up, write_sysctls,
 };
 use crate::{agent::AgentTarget, command::run_ok};
 
@@ -367,22 +367,7 @@ impl ClusterNet {
 
     /// The `tx` or `rx` packet count of node `k`'s sender veth.
     fn sender_link_packets(&self, k: usize, direction: &str) -> Result<u64> {
-        let dev = &self.node(k).sender_if;
-        let out = run_ok(Command::new("ip").args([
-            "-n",
-            &self.sender_ns,
-            "-j",
-            "-s",
-            "link",
-            "show",
-            "dev",
-            dev,
-        ]))?;
-        let json: serde_json::Value = serde_json::from_str(&out)
-            .with_context(|| format!("`ip -j -s link show dev {dev}` printed {out:?}"))?;
-        json[0]["stats64"][direction]["packets"]
-            .as_u64()
-            .with_context(|| format!("no {direction} packet count for {dev} in {out}"))
+        link_packets(&self.sender_ns, &self.node(k).sender_if, direction)
     }
 
     /// `/proc/sys/net/ipv4/conf/DEV/rp_filter` in the receiver namespace, for `all` and every

@@ -373,6 +373,23 @@ fn mac_string(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// `dev` in namespace `ns` as `ip -j -s link show` describes it (its XDP program, its counters).
+pub fn link_json(ns: &str, dev: &str) -> Result<serde_json::Value> {
+    let out = run_ok(Command::new("ip").args(["-n", ns, "-j", "-s", "link", "show", "dev", dev]))?;
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("`ip -n {ns} -j -s link show dev {dev}` printed {out:?}"))?;
+    Ok(json[0].clone())
+}
+
+/// The `rx` or `tx` packet count of `dev` in namespace `ns` (`ip -s link`; a veth's `rx` counts
+/// the frames its XDP program dropped too).
+pub fn link_packets(ns: &str, dev: &str, direction: &str) -> Result<u64> {
+    let link = link_json(ns, dev)?;
+    link["stats64"][direction]["packets"]
+        .as_u64()
+        .with_context(|| format!("no {direction} packet count for {dev} in {link}"))
+}
+
 /// `/sys/fs/bpf/limiter/IFACE`, where the agent pins its maps.
 pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/limiter").join(iface)
