@@ -142,6 +142,10 @@ pub struct ClientObservation {
     /// overload. Not positive or not finite counts as the smallest positive weight, as in
     /// [`fair_shares`].
     pub weight: f64,
+    /// The window stays the policy's: `s` is held at 1 and only `gᵢ` moves (a global policy's
+    /// client, whose window every member of the cluster counts alike; see
+    /// [`super::global`]).
+    pub fixed_window: bool,
 }
 
 /// What the datapath should enforce for one client from now on.
@@ -255,6 +259,8 @@ struct ClientTrack {
     window_us: u32,
     /// The weight of the last observation.
     weight: f64,
+    /// `s` is held at 1 ([`ClientObservation::fixed_window`]).
+    fixed_window: bool,
     /// Smoothed utilisation `û`.
     util: f64,
     calm: u32,
@@ -274,6 +280,7 @@ impl ClientTrack {
             limit: obs.limit,
             window_us: obs.window_us,
             weight: obs.weight,
+            fixed_window: obs.fixed_window,
             util,
             calm: 0,
             pattern: 1.0,
@@ -519,7 +526,10 @@ impl Controller {
         let fresh = match self.clients.get(&obs.key) {
             // Seen twice in one period: the first observation counts.
             Some(s) if s.last_seen == now => return false,
-            Some(s) => (s.limit, s.window_us) != (obs.limit, obs.window_us),
+            Some(s) => {
+                (s.limit, s.window_us, s.fixed_window)
+                    != (obs.limit, obs.window_us, obs.fixed_window)
+            }
             None => {
                 let slot = (now + c.idle_periods as u64) as usize % self.wheel.len();
                 self.wheel[slot].push(obs.key);
@@ -551,6 +561,7 @@ impl Controller {
             state.pattern = step_toward(state.pattern, 1.0, c.step);
         }
         let target = match band {
+            _ if state.fixed_window => 1.0,
             Band::Overloaded => c.min_scale,
             Band::Relaxed => state.pattern,
             Band::Steady => state.scale.value.min(state.pattern),

@@ -328,6 +328,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             incarnation_path,
             maps: cluster_maps,
             hot_ids,
+            global_caps: tuner.global_caps(),
             max_global_clients: opts.max_global_clients as usize,
         },
         cluster_tx,

@@ -217,6 +217,10 @@ pub struct Enrolment {
     written: HashMap<ClientKey, Written>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
+    /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
+    /// for a client is at most its cap (a client held or not), and a held client's demand is
+    /// reported as at most its cap.
+    caps: HashMap<ClientKey, u32>,
     refused: u64,
     foreign: u64,
     unwritten: u64,
@@ -238,6 +242,7 @@ impl Enrolment {
             pending: HashMap::new(),
             written: HashMap::new(),
             adopted_until: None,
+            caps: HashMap::new(),
             refused: 0,
             foreign: 0,
             unwritten: 0,
@@ -274,6 +279,12 @@ impl Enrolment {
             silence = silence.max(g.silence.unwrap_or_default());
         }
         self.adopted_until = Some(now + silence);
+    }
+
+    /// Takes the adaptive loop's caps (all of them; see the `caps` field). They reach the
+    /// datapath with the next writes, and the reports with the next round.
+    pub fn set_caps(&mut self, caps: HashMap<ClientKey, u32>) {
+        self.caps = caps;
     }
 
     fn number(&mut self, now: Duration) -> u64 {
@@ -508,6 +519,10 @@ impl Enrolment {
                 continue;
             };
             held.demand = demand(&held.samples, now, policy.window);
+            if let Some(&cap) = self.caps.get(client) {
+                // What this node would admit of more: the owner gives the rest to others.
+                held.demand = held.demand.min(cap);
+            }
             if let Some((value, Some(until))) = held.holder.in_force(now)
                 && until <= now
                 && value > policy.cold
@@ -655,15 +670,19 @@ impl Enrolment {
         self.unwritten(&refused);
     }
 
-    /// The grant changes since the last call.
+    /// The grant changes since the last call. A capped client gets at most its cap: below what
+    /// its owner granted (which the owner goes on counting, so the sum stays safe), or, not
+    /// held, as a cut of its cold share written by this node alone (no lease: a cap is below
+    /// the cold share, and `Grant::limit_at` keeps a value below it with or without one).
     fn writes(&mut self, now: Duration) -> Vec<Write> {
-        let desired: HashMap<ClientKey, Written> = self
+        let mut desired: HashMap<ClientKey, Written> = self
             .held
             .iter()
             .filter_map(|(client, held)| {
                 let (value, until) = held.holder.in_force(now)?;
                 let seq = held.holder.in_force_seq(now);
                 let silence = held.holder.silence_limit();
+                let value = self.caps.get(client).map_or(value, |&cap| value.min(cap));
                 Some((
                     *client,
                     Written {
@@ -675,6 +694,14 @@ impl Enrolment {
                 ))
             })
             .collect();
+        for (client, &cap) in &self.caps {
+            desired.entry(*client).or_insert(Written {
+                value: cap,
+                until: None,
+                seq: None,
+                silence: self.timing.silence(),
+            });
+        }
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
         let mut writes: Vec<Write> = self
             .written

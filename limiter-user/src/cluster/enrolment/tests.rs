@@ -957,3 +957,57 @@ fn demand_stays_the_windows_through_chance_wobbles() {
     // The window's rate (the wobble's part in it: 402), not the last rounds' 410.
     assert_eq!(demand(&wobbly, now, window), 402);
 }
+
+/// An overloaded member's adaptive cap (issue 12, "Adaptive windows"; `crate::adaptive::global`):
+/// it enforces at most its cap and reports at most its cap as demand, so the owner gives the
+/// rest of L to the members with room; once the cap is lifted the shares come back. The sum in
+/// force stays ≤ L throughout. Without the demand cap, the others would stay at about a third
+/// of L; without the write cap, node 0 would enforce its grant.
+#[test]
+fn an_adaptive_cap_holds_a_member_down_and_frees_the_rest_for_the_others() {
+    let mut sim = Sim::new(3, 0);
+    let rates = [40, 40, 40];
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    let cap = 4;
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, cap)]));
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+        assert!(sim.enforced(0) <= cap, "round {round}: {}", sim.enforced(0));
+    }
+    let others = sim.enforced(1) + sim.enforced(2);
+    assert!(others >= L - cap - 2, "the others got {others} of {L}");
+    sim.nodes[0].set_caps(HashMap::new());
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    assert!(
+        sim.enforced(0) >= sim.cold() - 1,
+        "back: {}",
+        sim.enforced(0)
+    );
+}
+
+/// A capped client that is not enrolled (under its cold share everywhere) gets the cap written
+/// as a cut of its own, with no lease; lifting the cap clears it.
+#[test]
+fn an_adaptive_cap_on_a_client_not_enrolled_is_a_cut_of_its_own() {
+    let mut sim = Sim::new(3, 0);
+    let rates = [5, 5, 5];
+    for _ in 0..20 {
+        sim.step(&rates);
+    }
+    assert_eq!(sim.grants[0], None);
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 3)]));
+    sim.step(&rates);
+    assert_eq!(sim.grants[0], Some((3, None)));
+    assert_eq!(sim.enforced(0), 3);
+    assert!(!sim.nodes[0].holds(&CLIENT));
+    sim.nodes[0].set_caps(HashMap::new());
+    sim.step(&rates);
+    assert_eq!(sim.grants[0], None);
+}
