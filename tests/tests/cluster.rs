@@ -794,6 +794,8 @@ fn an_overloaded_member_caps_its_share_and_the_others_take_the_rest() -> Result<
         capped["demand"].as_u64().is_some_and(|d| d <= cap),
         "node 0 reports more demand than its cap {cap}: {capped:#}"
     );
+    let status = c.status(0)?;
+    assert_eq!(status["enrolment"]["capped"], 1, "{status:#}");
     let counter = c.net.udp_counter(UDP_PORT)?;
     let (sent, took) = steady(&c, client, 3 * LIMIT, &[1, 1, 1], 5)?;
     let got = counter

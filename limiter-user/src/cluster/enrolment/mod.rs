@@ -125,6 +125,8 @@ pub struct Counts {
     /// Raises held here that ran out before a newer grant came: the kernel went back to the
     /// cold share on its own.
     pub raises_lapsed: u64,
+    /// Global clients the adaptive loop caps here (`crate::adaptive::global`).
+    pub capped: u64,
 }
 
 /// One global client as a member sees it.
@@ -797,6 +799,7 @@ impl Enrolment {
                 .filter(|o| o.ledger.is_learning(now))
                 .count() as u64,
             raises_lapsed: self.raises_lapsed,
+            capped: self.caps.len() as u64,
         }
     }
 
