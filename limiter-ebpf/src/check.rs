@@ -54,12 +54,23 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
     let len = ctx.data_end().saturating_sub(ctx.data());
     let slots = (len.saturating_sub(CHECK_REQUEST_OFFSET) / CHECK_SLOT_LEN).min(CHECK_BATCH);
     let mut state = Slots { ctx: ctx.ctx };
+    // Two passes over the slots, one callback for named IDs and one for addresses, each
+    // skipping the other kind: the verifier walks each callback on its own, so the two kinds'
+    // paths add up instead of multiplying (one callback for both went past the verifier's
+    // 1M-instruction budget on 6.18.44). Checks of one kind keep their order; the two kinds never
+    // share an entry.
     // SAFETY: `check_slot` has the callback signature bpf_loop (Linux 5.17) calls, and `state`
-    // outlives the call.
+    // outlives the calls.
     unsafe {
         bpf_loop(
             slots as u32,
-            check_slot as *mut c_void,
+            check_slot::<true> as *mut c_void,
+            (&raw mut state).cast(),
+            0,
+        );
+        bpf_loop(
+            slots as u32,
+            check_slot::<false> as *mut c_void,
             (&raw mut state).cast(),
             0,
         );
@@ -67,10 +78,11 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
     Some(xdp_action::XDP_PASS)
 }
 
-/// One slot of a check frame: `bpf_loop`'s callback, verified once however many slots a frame
-/// has. Returns 1 to stop (a slot it could not decide).
+/// One slot of a check frame, if it is a named ID's (`BY_NAME`) or an address's (`!BY_NAME`):
+/// `bpf_loop`'s callback, verified once however many slots a frame has. Returns 1 to stop (a
+/// slot it could not decide), 0 for a slot of the other kind.
 #[inline(never)]
-extern "C" fn check_slot(index: u32, state: *mut c_void) -> i64 {
+extern "C" fn check_slot<const BY_NAME: bool>(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_check` passed.
     let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
     // bpf_loop runs at most CHECK_BATCH iterations (`try_check`). The mask bounds the slot
@@ -84,18 +96,21 @@ extern "C" fn check_slot(index: u32, state: *mut c_void) -> i64 {
     let Some(request) = read::<CheckRequest>(&ctx, offset) else {
         return 1;
     };
+    if (request.flags & CHECK_NAMED != 0) != BY_NAME {
+        return 0;
+    }
     let Some(reply) = ptr_at::<CheckReply>(&ctx, offset + size_of::<CheckRequest>()) else {
         return 1;
     };
     let mut counted = GlobalStats::default();
-    let done = check_one(&request, reply.cast_mut(), config, &mut counted);
+    let done = check_one::<BY_NAME>(&request, reply.cast_mut(), config, &mut counted);
     count_check(&counted);
     if done.is_none() { 1 } else { 0 }
 }
 
 /// Decides one check and writes its reply.
 #[inline(always)]
-fn check_one(
+fn check_one<const BY_NAME: bool>(
     request: &CheckRequest,
     reply: *mut CheckReply,
     config: &MapConfig,
@@ -106,7 +121,7 @@ fn check_one(
     let mut fresh = None;
     // The key of the client's entry: the ID's, or the address's own or its group's.
     let mut key = request.key;
-    if request.flags & CHECK_NAMED != 0 {
+    if BY_NAME {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
         // was just added or removed) a check may still carry the old flag, and must find the
