@@ -9,7 +9,10 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_loop, macros::xdp, programs::XdpContext,
+    bindings::{xdp_action, xdp_md},
+    helpers::generated::bpf_loop,
+    macros::xdp,
+    programs::XdpContext,
 };
 use limiter_common::{
     AdaptRead, AdaptSlot, ClientState, GlobalStats, MapConfig,
@@ -24,6 +27,7 @@ use limiter_common::{
 };
 
 use crate::{
+    check::stop_or_continue,
     entry::{count_check, refresh_keyed, rescale_entry, resident_entry, resolve_key},
     maps::{CLIENTS, CONFIG, LIMITED, STATIC_CLIENTS},
     parse::{ptr_at, read},
@@ -41,7 +45,7 @@ pub fn limiter_adapt(ctx: XdpContext) -> u32 {
 /// The state `bpf_loop` hands each iteration: the program's context (the frame).
 #[repr(C)]
 struct Slots {
-    ctx: *mut aya_ebpf::bindings::xdp_md,
+    ctx: *mut xdp_md,
 }
 
 #[inline(always)]
@@ -51,41 +55,43 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
     }
     let kind = read::<u16>(ctx, 14)?;
     let len = ctx.data_end().saturating_sub(ctx.data());
-    let mut state = Slots { ctx: ctx.ctx };
-    let state = (&raw mut state).cast();
-    // SAFETY: every callback has the signature bpf_loop (Linux 5.17, commit e6f2dd0f8067)
-    // calls, and `state` outlives the calls.
-    unsafe {
-        match kind {
-            ADAPT_KIND_WRITE => {
-                ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET)?;
-                let n = (len.saturating_sub(ADAPT_OFFSET) / ADAPT_SLOT_LEN).min(ADAPT_BATCH);
-                // Two passes, plain writes and then releases and refreshes, each skipping the
-                // other kind: the verifier walks each callback on its own, so their paths add
-                // up instead of multiplying (one callback for both went past its 1M-instruction
-                // budget on 6.18.44). A frame never carries two changes of one client.
-                bpf_loop(n as u32, adapt_slot::<false> as *mut c_void, state, 0);
-                bpf_loop(n as u32, adapt_slot::<true> as *mut c_void, state, 0);
-            }
-            ADAPT_KIND_READ => {
-                ptr_at::<AdaptRead>(ctx, ADAPT_OFFSET)?;
-                let n =
-                    (len.saturating_sub(ADAPT_OFFSET) / ADAPT_READ_LEN).min(ADAPT_READ_BATCH);
-                bpf_loop(n as u32, read_slot as *mut c_void, state, 0);
-            }
-            _ => return None,
+    let (slots, callback) = match kind {
+        ADAPT_KIND_WRITE => {
+            ptr_at::<AdaptSlot>(ctx, ADAPT_OFFSET)?;
+            let n = (len.saturating_sub(ADAPT_OFFSET) / ADAPT_SLOT_LEN).min(ADAPT_BATCH);
+            (n, adapt_slot as *mut c_void)
         }
-    }
+        ADAPT_KIND_READ => {
+            ptr_at::<AdaptRead>(ctx, ADAPT_OFFSET)?;
+            let n = (len.saturating_sub(ADAPT_OFFSET) / ADAPT_READ_LEN).min(ADAPT_READ_BATCH);
+            (n, read_slot as *mut c_void)
+        }
+        _ => return None,
+    };
+    let mut state = Slots { ctx: ctx.ctx };
+    // SAFETY: both callbacks have the signature bpf_loop (Linux 5.17, commit e6f2dd0f8067)
+    // calls, and `state` outlives the call.
+    unsafe { bpf_loop(slots as u32, callback, (&raw mut state).cast(), 0) };
     Some(xdp_action::XDP_PASS)
 }
 
-/// One slot of a write frame, if it is a release or refresh (`RESOLVE`) or a plain write
-/// (`!RESOLVE`): `bpf_loop`'s callback, verified once however many slots a frame has. Returns 1
-/// to stop (a slot outside the frame), 0 for a slot of the other kind.
+/// One slot of a write frame: `bpf_loop`'s callback, verified once however many slots a frame
+/// has. Returns 1 to stop (a slot outside the frame). The work is in the global function
+/// [`limiter_adapt_slot`].
 #[inline(never)]
-extern "C" fn adapt_slot<const RESOLVE: bool>(index: u32, state: *mut c_void) -> i64 {
+extern "C" fn adapt_slot(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_adapt` passed.
-    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    let ctx = unsafe { (*state.cast::<Slots>()).ctx };
+    stop_or_continue(limiter_adapt_slot(ctx, index))
+}
+
+/// One slot of a write frame (see [`adapt_slot`]), in a global function, which the verifier
+/// checks once on its own rather than as the body of the `bpf_loop` (see
+/// `check::limiter_check_slot` for why).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_adapt_slot(ctx: *mut xdp_md, index: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
     // The mask bounds the offset for the verifier; the frame bounds check keeps it inside.
     let offset = ADAPT_OFFSET + (index as usize & ADAPT_SLOT_MASK) * ADAPT_SLOT_LEN;
     let Some(config) = CONFIG.get(0) else {
@@ -96,15 +102,8 @@ extern "C" fn adapt_slot<const RESOLVE: bool>(index: u32, state: *mut c_void) ->
     };
     // SAFETY: `ptr_at` checked that the slot lies inside the frame.
     let request = unsafe { slot.read_unaligned() };
-    if (request.flags & (ADAPT_RELEASE | ADAPT_REFRESH) != 0) != RESOLVE {
-        return 0;
-    }
     let mut counted = GlobalStats::default();
-    let result = if RESOLVE {
-        resolve_one(&request, config, &mut counted)
-    } else {
-        write_one(&request, config)
-    };
+    let result = adapt_one(&request, config, &mut counted);
     count_check(&counted);
     // SAFETY: as above.
     unsafe { (&raw mut (*slot.cast_mut()).result).write_unaligned(result) };
@@ -147,9 +146,7 @@ extern "C" fn read_slot(index: u32, state: *mut c_void) -> i64 {
 }
 
 /// Changes one client's effective window and allowance, keeping the used fraction of its
-/// allowance (`window::rescale`). An entry that has not seen the current policies yet is left
-/// alone (`ADAPT_STALE`): the agent computed the change from a current one, and the next period
-/// recomputes it once the client's packets have refreshed it.
+/// allowance (`window::rescale`).
 ///
 /// Ordering against packets deciding concurrently on other CPUs: the new window and allowance
 /// are stored first, then both slots are exchanged atomically for the rescaled ones. A packet in
@@ -160,33 +157,13 @@ extern "C" fn read_slot(index: u32, state: *mut c_void) -> i64 {
 /// exchange replaces is folded into `passed`. A packet never decides on the new slots with the
 /// old window: `admit` reads the window after the slots, on every attempt.
 #[inline(always)]
-fn write_one(request: &AdaptSlot, config: &MapConfig) -> u32 {
-    let Some(state) = resident_entry(&request.key) else {
-        return ADAPT_NOT_RESIDENT;
-    };
-    if request.generation != config.generation {
-        return ADAPT_STALE;
-    }
-    // SAFETY: live map value for the duration of this run.
-    unsafe {
-        if !(*state).is_current(config.generation) {
-            return ADAPT_STALE;
-        }
-        rescale_to(state, request.limit, request.window_us)
-    }
-}
-
-/// A release (the client back to the policy it resolves to now, whatever the agent last knew of
-/// it: a silent client's cached policy can predate a reload; its flag cleared, so that its next
-/// window reports it again) or an in-place refresh of a stale entry (`ADAPT_REFRESH`). One trie
-/// lookup serves both the refresh and the release.
-#[inline(always)]
-fn resolve_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats) -> u32 {
+fn adapt_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStats) -> u32 {
     let Some(state) = resident_entry(&request.key) else {
         return ADAPT_NOT_RESIDENT;
     };
     // SAFETY: live map value for the duration of this run.
     unsafe {
+        // One trie lookup serves both the refresh of a stale entry and a release.
         let release = request.flags & ADAPT_RELEASE != 0;
         let policy = if release || !(*state).is_current(config.generation) {
             resolve_key(&request.key, counted)
@@ -196,7 +173,7 @@ fn resolve_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStat
         if let Some(policy) = &policy {
             refresh_keyed(state, &request.key, policy, config);
         }
-        if !release {
+        if request.flags & ADAPT_REFRESH != 0 {
             // Contended past the retries: the client is busy, and its own packets refresh it.
             return if (*state).is_current(config.generation) {
                 ADAPT_UNCHANGED
@@ -204,26 +181,23 @@ fn resolve_one(request: &AdaptSlot, config: &MapConfig, counted: &mut GlobalStat
                 ADAPT_STALE
             };
         }
-        atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
-            &raw mut (*state).dropped,
-            !META_FLAG, // FLAG_REPORTED
-        );
-        let Some(policy) = policy else {
-            return ADAPT_SKIPPED;
+        // A release returns the client to the policy it resolves to now, whatever the agent
+        // last knew of it (a silent client's cached policy can predate a reload), and always
+        // clears the flag, so that the next window reports the client again.
+        let (limit, window_us) = if release {
+            atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
+                &raw mut (*state).dropped,
+                !META_FLAG, // FLAG_REPORTED
+            );
+            let Some(policy) = policy else {
+                return ADAPT_SKIPPED;
+            };
+            policy.entry_limits()
+        } else if request.generation != config.generation {
+            return ADAPT_STALE;
+        } else {
+            (request.limit, request.window_us)
         };
-        let (limit, window_us) = policy.entry_limits();
-        rescale_to(state, limit, window_us)
-    }
-}
-
-/// Gives a limited entry `limit` per `window_us` (see [`write_one`] for the ordering).
-///
-/// # Safety
-/// `state` points at a live map value.
-#[inline(always)]
-unsafe fn rescale_to(state: *mut ClientState, limit: u32, window_us: u32) -> u32 {
-    // SAFETY: the function's contract.
-    unsafe {
         if (*state).action() != ACTION_LIMIT || limit == 0 || window_us == 0 {
             return ADAPT_SKIPPED;
         }

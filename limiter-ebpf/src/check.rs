@@ -7,7 +7,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::{BPF_NOEXIST, xdp_action, xdp_md},
     helpers::generated::bpf_loop,
     macros::xdp,
     programs::XdpContext,
@@ -41,7 +41,7 @@ pub fn limiter_check(ctx: XdpContext) -> u32 {
 /// The state `bpf_loop` hands each iteration: the program's context (the frame).
 #[repr(C)]
 struct Slots {
-    ctx: *mut aya_ebpf::bindings::xdp_md,
+    ctx: *mut xdp_md,
 }
 
 #[inline(always)]
@@ -54,23 +54,12 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
     let len = ctx.data_end().saturating_sub(ctx.data());
     let slots = (len.saturating_sub(CHECK_REQUEST_OFFSET) / CHECK_SLOT_LEN).min(CHECK_BATCH);
     let mut state = Slots { ctx: ctx.ctx };
-    // Two passes over the slots, one callback for named IDs and one for addresses, each
-    // skipping the other kind: the verifier walks each callback on its own, so the two kinds'
-    // paths add up instead of multiplying (one callback for both went past the verifier's
-    // 1M-instruction budget on 6.18.44). Checks of one kind keep their order; the two kinds never
-    // share an entry.
     // SAFETY: `check_slot` has the callback signature bpf_loop (Linux 5.17) calls, and `state`
-    // outlives the calls.
+    // outlives the call.
     unsafe {
         bpf_loop(
             slots as u32,
-            check_slot::<true> as *mut c_void,
-            (&raw mut state).cast(),
-            0,
-        );
-        bpf_loop(
-            slots as u32,
-            check_slot::<false> as *mut c_void,
+            check_slot as *mut c_void,
             (&raw mut state).cast(),
             0,
         );
@@ -78,13 +67,48 @@ fn try_check(ctx: &XdpContext) -> Option<u32> {
     Some(xdp_action::XDP_PASS)
 }
 
-/// One slot of a check frame, if it is a named ID's (`BY_NAME`) or an address's (`!BY_NAME`):
-/// `bpf_loop`'s callback, verified once however many slots a frame has. Returns 1 to stop (a
-/// slot it could not decide), 0 for a slot of the other kind.
+/// One slot of a check frame: `bpf_loop`'s callback, verified once however many slots a frame
+/// has. Returns 1 to stop (a slot it could not decide). The work is in the global function
+/// [`limiter_check_slot`].
 #[inline(never)]
-extern "C" fn check_slot<const BY_NAME: bool>(index: u32, state: *mut c_void) -> i64 {
+extern "C" fn check_slot(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_check` passed.
-    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    let ctx = unsafe { (*state.cast::<Slots>()).ctx };
+    stop_or_continue(limiter_check_slot(ctx, index))
+}
+
+/// A `bpf_loop` callback's return value, 0 (continue) or 1 (stop), from the answer of a global
+/// function, of which the verifier knows nothing but that it is a scalar (and a callback must
+/// return a value it can prove to be 0 or 1). The volatile read keeps the compiler from dropping
+/// the comparison on what it knows of the function.
+#[inline(always)]
+pub(crate) fn stop_or_continue(answer: i64) -> i64 {
+    // SAFETY: a read of a local.
+    if unsafe { core::ptr::read_volatile(&answer) } == 0 {
+        0
+    } else {
+        1
+    }
+}
+
+/// One slot of a check frame (see [`check_slot`]), in a global function (`#[no_mangle]`: BTF
+/// linkage global), which the verifier checks once, on its own, as it checks a program: its
+/// arguments typed by their BTF (`ctx` the program's context, `index` any scalar), and each call
+/// only checked against that signature.
+///
+/// Why not in the callback itself: the verifier walks a `bpf_loop` callback as the body of a loop
+/// (Linux 6.7, "bpf: verify callbacks as if they are called unknown number of times"), and while
+/// it explores that loop it only prunes a path against a state whose scalar ranges contain the
+/// path's, precise or not. Two paths that differ only in a constant (a counter 0 or 1, a verdict
+/// bit, a window length's range) were both walked to the end (4,659 states reached the reply
+/// write in the callback, differing in such slots), so every branch of the decision multiplied
+/// the paths: 1M instructions, E2BIG, on 6.18.44-fc-v1272 (whose verifier tracks stack liveness
+/// path-insensitively: `mark_read 0`). In a global function they prune as a program's do: 106k
+/// instructions for the whole program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
     // bpf_loop runs at most CHECK_BATCH iterations (`try_check`). The mask bounds the slot
     // offset for the verifier, which knows nothing of the index but its type (a comparison would
     // let the compiler drop it); the frame bounds check below is what keeps the read inside.
@@ -96,21 +120,18 @@ extern "C" fn check_slot<const BY_NAME: bool>(index: u32, state: *mut c_void) ->
     let Some(request) = read::<CheckRequest>(&ctx, offset) else {
         return 1;
     };
-    if (request.flags & CHECK_NAMED != 0) != BY_NAME {
-        return 0;
-    }
     let Some(reply) = ptr_at::<CheckReply>(&ctx, offset + size_of::<CheckRequest>()) else {
         return 1;
     };
     let mut counted = GlobalStats::default();
-    let done = check_one::<BY_NAME>(&request, reply.cast_mut(), config, &mut counted);
+    let done = check_one(&request, reply.cast_mut(), config, &mut counted);
     count_check(&counted);
     if done.is_none() { 1 } else { 0 }
 }
 
 /// Decides one check and writes its reply.
 #[inline(always)]
-fn check_one<const BY_NAME: bool>(
+fn check_one(
     request: &CheckRequest,
     reply: *mut CheckReply,
     config: &MapConfig,
@@ -121,7 +142,7 @@ fn check_one<const BY_NAME: bool>(
     let mut fresh = None;
     // The key of the client's entry: the ID's, or the address's own or its group's.
     let mut key = request.key;
-    if BY_NAME {
+    if request.flags & CHECK_NAMED != 0 {
         let static_id = request.flags & CHECK_STATIC != 0;
         // The other map too: while the agent moves an ID between the two (its exact-ID policy
         // was just added or removed) a check may still carry the old flag, and must find the

@@ -11,20 +11,10 @@ use limiter_common::maps::{COUNTER_MASK, with_meta};
 /// heavy same-client contention; denying then keeps the limit exact.
 pub(crate) const CAS_RETRIES: usize = 8;
 
-/// The same bound for checks (`limiter_check`, in process context). Each attempt is a copy of
-/// the whole decision for the verifier to walk, in a callback that already branches on five maps:
-/// eight copies there took `limiter_check` past the verifier's 1M-instruction budget (E2BIG on
-/// 6.18.44). A check that loses every race is denied as contended, as a packet would be.
-pub(crate) const AGENT_CAS_RETRIES: usize = 2;
-
 /// Compare-and-swap attempts to set a counter word's metadata (a policy id or generation tag).
 /// Only counter updates of the same entry contend; when every attempt fails the entry keeps its
 /// stale generation, so the next packet resolves and tries again: nothing is lost.
-const META_RETRIES: usize = 1;
-
-/// Compare-and-swap attempts of `add_passed` before it adds regardless. Its writers are folds,
-/// rescales and refreshes of one client, a few per window, so a second attempt is already rare.
-const ADD_PASSED_RETRIES: usize = 1;
+const META_RETRIES: usize = 4;
 
 /// How far below 2^48 a counter must stay for `add_up` to use a plain atomic add: more than
 /// any adds racing with one (2^40 packets within nanoseconds) could cover.
@@ -67,7 +57,7 @@ pub(crate) unsafe fn add_passed(word: *mut u64, delta: u64) {
     // SAFETY: `word` points at a counter word of a live map value (the function's contract):
     // aligned, valid for the run, and changed by other CPUs only through atomics.
     unsafe {
-        for _ in 0..ADD_PASSED_RETRIES {
+        for _ in 0..CAS_RETRIES {
             let old = core::ptr::read_volatile(word);
             let new = (old & !COUNTER_MASK) | (old.wrapping_add(delta) & COUNTER_MASK);
             let (_, swapped) =
@@ -78,7 +68,7 @@ pub(crate) unsafe fn add_passed(word: *mut u64, delta: u64) {
                 return;
             }
         }
-        // Lost every race to other writers of this word (folds, rescales and policy
+        // Lost eight races in a row to other writers of this word (folds, rescales and policy
         // refreshes of the same client, a few per window): count it regardless. A carry or
         // borrow can then reach the generation tag, and a tag one ahead would hold the entry's
         // policy until the next refresh (see `GENERATION_SWEEP`); none of this is reachable

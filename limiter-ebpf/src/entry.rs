@@ -24,7 +24,7 @@ use limiter_common::{
 };
 
 use crate::{
-    counter::{AGENT_CAS_RETRIES, CAS_RETRIES, add_passed, add_up, set_meta},
+    counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
     maps::{
         CLIENTS, COARSE_CLOCK, GRANTS, HOT, LIMITED, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS,
@@ -632,11 +632,7 @@ unsafe fn admit(
     // SAFETY: `state` points at a live map value (the function's contract); this only computes
     // the address of its slots.
     let slots = unsafe { &raw mut (*state).slots };
-    let retries = match run {
-        Run::Packet => CAS_RETRIES,
-        Run::Agent => AGENT_CAS_RETRIES,
-    };
-    for _ in 0..retries {
+    for _ in 0..CAS_RETRIES {
         // SAFETY: volatile reads of the live slots; another CPU may change them at any time,
         // which the CAS below detects.
         let current = unsafe {
@@ -708,12 +704,8 @@ unsafe fn admit(
     (false, false, true)
 }
 
-/// Empties both window slots, folding their counts into `passed` (each slot by one atomic
-/// exchange, so a packet admitted concurrently is either folded or kept, never lost).
-///
-/// An exchange rather than a compare-and-exchange loop: it cannot fail, and a retry loop of
-/// eight per slot here multiplied the verifier's states past its 1M-instruction budget in the
-/// programs that refresh entries (`limiter_check`, `limiter_adapt`; E2BIG on 6.18.44).
+/// Empties both window slots, folding their counts into `passed` (each slot by CAS, so a packet
+/// admitted concurrently is either folded or kept, never lost).
 ///
 /// # Safety
 /// `state` points at a live map value.
@@ -721,11 +713,20 @@ unsafe fn admit(
 unsafe fn clear_slots(state: *mut ClientState) {
     let mut folded = 0u64;
     for i in 0..2 {
-        // SAFETY: live map value, `i < 2`.
-        let old = unsafe {
-            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).slots[i], 0)
-        };
-        folded += slot_count(old) as u64;
+        for _ in 0..CAS_RETRIES {
+            // SAFETY: live map value, `i < 2`.
+            let (old, swapped) = unsafe {
+                let slot = &raw mut (*state).slots[i];
+                let old = core::ptr::read_volatile(slot);
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    slot, old, 0,
+                )
+            };
+            if swapped {
+                folded += slot_count(old) as u64;
+                break;
+            }
+        }
     }
     if folded != 0 {
         // SAFETY: live map value.
