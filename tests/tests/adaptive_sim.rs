@@ -1000,3 +1000,32 @@ fn a_fixed_window_client_is_cut_by_its_factor_only() {
     let back = ctl.desired(&key(0)).unwrap();
     assert_eq!((back.window_us, back.allowance), (WINDOW_US, LIMIT));
 }
+
+/// A global client's cold share changes with the cluster's member count: its factor carries
+/// over (a restart of its state would lift an overloaded node's cap at every membership change),
+/// and its allowance follows the new share at once.
+#[test]
+fn a_fixed_window_client_keeps_its_factor_when_its_share_changes() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    let global = |limit, rate| ClientObservation {
+        fixed_window: true,
+        limit,
+        ..obs(0, rate)
+    };
+    for _ in 0..30 {
+        ctl.step(&HOT, [global(LIMIT, 3.0 * R), obs(1, 3.0 * R)]);
+    }
+    let before = ctl.desired(&key(0)).unwrap();
+    assert!(before.load_factor < 1.0, "{before:?}");
+    let out = ctl.step(&HOT, [global(LIMIT / 2, 3.0 * R), obs(1, 3.0 * R)]);
+    let after = ctl.desired(&key(0)).unwrap();
+    assert!(
+        after.load_factor <= before.load_factor,
+        "{before:?} → {after:?}"
+    );
+    assert_eq!(
+        after.allowance,
+        effective(LIMIT / 2, WINDOW_US, 1.0, after.load_factor).1
+    );
+    assert!(out.decisions.iter().any(|d| d.key == key(0)));
+}

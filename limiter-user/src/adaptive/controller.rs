@@ -134,7 +134,9 @@ pub struct ClientObservation {
     pub key: ClientKey,
     /// The policy's `limit` (a client with limit 0 is blocked and skipped).
     pub limit: u32,
-    /// The policy's `window`, µs. A changed `(limit, window)` starts the client afresh.
+    /// The policy's `window`, µs. A changed `(limit, window)` starts the client afresh (for a
+    /// `fixed_window` client, only a changed window: its limit is a cold share, which follows
+    /// the cluster's member count).
     pub window_us: u32,
     /// Offered rate over the period, packets per second (passed plus dropped).
     pub rate: f64,
@@ -526,6 +528,9 @@ impl Controller {
         let fresh = match self.clients.get(&obs.key) {
             // Seen twice in one period: the first observation counts.
             Some(s) if s.last_seen == now => return false,
+            // A global client whose cold share changed (the member count did) keeps its state:
+            // starting it afresh would lift an overloaded node's caps at every membership change.
+            Some(s) if s.fixed_window && obs.fixed_window && s.window_us == obs.window_us => false,
             Some(s) => {
                 (s.limit, s.window_us, s.fixed_window)
                     != (obs.limit, obs.window_us, obs.fixed_window)
@@ -547,6 +552,7 @@ impl Controller {
         let state = self.clients.get_mut(&obs.key).expect("inserted above");
         if !fresh {
             state.util = ewma(Some(state.util), util, c.alpha);
+            state.limit = obs.limit;
         }
         state.weight = obs.weight;
         state.last_seen = now;

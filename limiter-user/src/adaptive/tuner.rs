@@ -22,6 +22,13 @@
 //! it has used (`window::rescale`); see the program for its ordering against packets. A
 //! request carries the policy generation it was computed for and is refused (`ADAPT_STALE`)
 //! after a reload, which resets every entry to its policy; the next period recomputes.
+//!
+//! # Global clients
+//!
+//! A client under a `scope: global` policy keeps its entry as the policy and the cluster set it:
+//! the loop observes it against this node's cold share with its window fixed, and publishes a
+//! cap on it in [`GlobalCaps`] when its factor is below 1, which the cluster's enrolment
+//! enforces through the client's grant (see [`super::global`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -429,6 +436,15 @@ impl Tuner {
         };
         self.maps.set_status(status)?;
         Ok(report)
+    }
+
+    /// Takes every published cap back (a period failed: the caps stop following the load, and
+    /// no cap is always safe).
+    pub fn clear_global_caps(&mut self) {
+        let all: Vec<ClientKey> = self.capped.drain().collect();
+        if !all.is_empty() {
+            self.caps.update([], all);
+        }
     }
 
     /// Puts `set` into the published caps and takes out those of `clear` that have one.

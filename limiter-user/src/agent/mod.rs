@@ -501,15 +501,18 @@ fn spawn_adaptive(
                         failing = false;
                         tracing::debug!(?report, "adaptive period");
                     }
-                    // Once per outage: a period that fails leaves every entry as it was.
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::error!(
-                            "adaptive period failed: {}; entries keep their windows",
-                            crate::error_chain(&e)
-                        );
+                    // A period that fails leaves every entry as it was, and takes the caps on
+                    // global clients back; logged once per outage.
+                    Err(e) => {
+                        tuner.clear_global_caps();
+                        if !failing {
+                            failing = true;
+                            tracing::error!(
+                                "adaptive period failed: {}; entries keep their windows",
+                                crate::error_chain(&e)
+                            );
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         })

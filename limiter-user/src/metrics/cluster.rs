@@ -150,8 +150,8 @@ impl Collector for ClusterCollector {
                 "limiter_cluster_clients",
                 "Hot global clients by role: owned (this member splits the limit), learning (of \
                  those, in learning mode), held (this member reports demand and enforces \
-                 grants), granted (of those, with a grant in force), capped (those whose \
-                 allowance here the adaptive loop holds below their share)",
+                 grants), granted (of those, with a grant in force), capped (global clients \
+                 with a cap from the adaptive loop)",
                 MetricType::Gauge,
                 [
                     ("owned", e.owned),

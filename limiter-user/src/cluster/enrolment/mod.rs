@@ -158,6 +158,9 @@ struct Written {
     seq: Option<u64>,
     /// The silence limit the holder keeps it under (stored with it in the maps).
     silence: Duration,
+    /// Adopted from a previous run (`Enrolment::adopt`) and not replaced since: kept while
+    /// `adopted_until` runs, and never raised by a cap meanwhile.
+    adopted: bool,
 }
 
 /// A grant the maps held at start (a previous run's, pinned).
@@ -274,6 +277,7 @@ impl Enrolment {
                     until: g.until,
                     seq: None,
                     silence: g.silence.unwrap_or(silence),
+                    adopted: true,
                 },
             );
             // The owner counts a cut until *its* silence limit has passed: keep every adopted
@@ -692,24 +696,56 @@ impl Enrolment {
                         until,
                         seq,
                         silence,
+                        adopted: false,
                     },
                 ))
             })
             .collect();
-        for (client, &cap) in &self.caps {
-            desired.entry(*client).or_insert(Written {
-                value: cap,
-                until: None,
-                seq: None,
-                silence: self.timing.silence(),
-            });
-        }
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
+        // Grants written for caps alone fit in what `GRANTS` has left after the held clients
+        // (it holds `capacity` entries, never evicted): a held client's grant is never refused
+        // for a cap's. A capped client left out keeps its share (safe).
+        for (client, &cap) in &self.caps {
+            if desired.contains_key(client) {
+                continue;
+            }
+            if desired.len() >= self.capacity {
+                break;
+            }
+            // An adopted grant (a previous run's, which its owner may still count) is never
+            // raised by a cap while it is kept: the lower of the two holds.
+            let adopted = self
+                .written
+                .get(client)
+                .filter(|w| w.adopted && keep_adopted);
+            desired.insert(
+                *client,
+                match adopted {
+                    Some(w) if w.value <= cap => *w,
+                    Some(w) => Written {
+                        value: cap,
+                        until: None,
+                        ..*w
+                    },
+                    None => Written {
+                        value: cap,
+                        until: None,
+                        seq: None,
+                        silence: self.timing.silence(),
+                        adopted: false,
+                    },
+                },
+            );
+        }
+        // While adopted grants are kept, only what this run wrote itself is cleared.
         let mut writes: Vec<Write> = self
             .written
-            .keys()
-            .filter(|client| !desired.contains_key(*client) && !keep_adopted)
-            .map(|client| Write::Clear(*client))
+            .iter()
+            .filter(|(client, w)| {
+                let kept = keep_adopted && w.adopted;
+                !kept && !desired.contains_key(*client)
+            })
+            .map(|(client, _)| Write::Clear(*client))
             .collect();
         for (client, want) in &desired {
             match self.written.get_mut(client) {
@@ -776,6 +812,7 @@ impl Enrolment {
                     until: None,
                     seq: None,
                     silence: self.timing.silence(),
+                    adopted: false,
                 },
             );
         }

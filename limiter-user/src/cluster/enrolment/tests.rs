@@ -1011,3 +1011,44 @@ fn an_adaptive_cap_on_a_client_not_enrolled_is_a_cut_of_its_own() {
     sim.step(&rates);
     assert_eq!(sim.grants[0], None);
 }
+
+/// A cap never raises a grant adopted from a previous run while it is kept (its owner may still
+/// count it, and others' raises granted against it may not have lapsed): the lower holds.
+#[test]
+fn an_adaptive_cap_never_raises_an_adopted_cut() {
+    let mut sim = Sim::new(3, 0);
+    let now = sim.now;
+    sim.nodes[0].adopt(
+        now,
+        [PinnedGrant {
+            client: CLIENT,
+            value: 2,
+            until: None,
+            silence: None,
+        }],
+    );
+    sim.grants[0] = Some((2, None));
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 8)]));
+    for round in 0..10 {
+        sim.step(&[5, 5, 5]);
+        assert_eq!(sim.grants[0], Some((2, None)), "round {round}");
+    }
+    // A cap below the adopted cut applies.
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], Some((1, None)));
+}
+
+/// A cap lifted while adopted grants are kept is cleared at once: only adopted grants wait.
+#[test]
+fn a_lifted_cap_is_cleared_while_adopted_grants_are_kept() {
+    let mut sim = Sim::new(3, 0);
+    let now = sim.now;
+    sim.nodes[0].adopt(now, []);
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 3)]));
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], Some((3, None)));
+    sim.nodes[0].set_caps(HashMap::new());
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], None);
+}
