@@ -32,34 +32,20 @@ use std::{
 
 use limiter_common::addr::ClientKey;
 
-/// The caps the adaptive loop wants enforced on global clients (see the module docs). Only
-/// clients whose `gᵢ` is below 1 have one.
+/// The caps the adaptive loop wants enforced on global clients (see the module docs), as the
+/// loop last published them. Only clients whose `gᵢ` is below 1 have one.
 #[derive(Debug, Default)]
 pub struct GlobalCaps {
     caps: Mutex<HashMap<ClientKey, u32>>,
-    /// Bumped on every change, so that a reader copies the map only when it changed.
+    /// Bumped on every publication, so that a reader copies the map only when it changed.
     version: AtomicU64,
 }
 
 impl GlobalCaps {
-    /// Sets the caps in `set` and removes those of `clear` (in that order); a call that changes
-    /// nothing leaves the version as it was.
-    pub fn update(
-        &self,
-        set: impl IntoIterator<Item = (ClientKey, u32)>,
-        clear: impl IntoIterator<Item = ClientKey>,
-    ) {
-        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = false;
-        for (client, cap) in set {
-            changed |= caps.insert(client, cap) != Some(cap);
-        }
-        for client in clear {
-            changed |= caps.remove(&client).is_some();
-        }
-        if changed {
-            self.version.fetch_add(1, Ordering::Release);
-        }
+    /// Replaces the caps with `caps` (the loop publishes only when they changed).
+    pub fn publish(&self, caps: HashMap<ClientKey, u32>) {
+        *self.caps.lock().unwrap_or_else(|e| e.into_inner()) = caps;
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// The caps, if they changed since `seen` (a version this returned before; start at 0),
@@ -71,50 +57,24 @@ impl GlobalCaps {
         let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
         Some((self.version.load(Ordering::Acquire), caps.clone()))
     }
-
-    /// The cap on `client`, if any.
-    pub fn get(&self, client: &ClientKey) -> Option<u32> {
-        self.caps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client)
-            .copied()
-    }
-
-    /// Clients with a cap.
-    pub fn len(&self) -> usize {
-        self.caps.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn key(n: u8) -> ClientKey {
-        [n; 16]
-    }
-
     #[test]
     fn readers_copy_only_what_changed() {
         let caps = GlobalCaps::default();
         assert!(caps.changed_since(0).is_none());
-        caps.update([(key(1), 7), (key(2), 3)], []);
+        caps.publish(HashMap::from([([1; 16], 7), ([2; 16], 3)]));
         let (v1, all) = caps.changed_since(0).expect("changed");
         assert_eq!(all.len(), 2);
         assert!(caps.changed_since(v1).is_none());
-        // The same caps again: no new version.
-        caps.update([(key(1), 7)], [key(9)]);
-        assert!(caps.changed_since(v1).is_none());
-        caps.update([], [key(2)]);
+        caps.publish(HashMap::from([([1; 16], 7)]));
         let (v2, all) = caps.changed_since(v1).expect("changed");
         assert!(v2 > v1);
-        assert_eq!(all.get(&key(1)), Some(&7));
-        assert_eq!(caps.get(&key(2)), None);
-        assert_eq!(caps.len(), 1);
+        assert_eq!(all, HashMap::from([([1; 16], 7)]));
+        assert!(caps.changed_since(v2).is_none());
     }
 }

@@ -31,7 +31,7 @@
 //! enforces through the client's grant (see [`super::global`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io,
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
@@ -149,10 +149,10 @@ pub struct Tuner {
     frame: TestRunFrame,
     /// The read frame, reused.
     read_frame: TestRunFrame,
-    /// The caps on global clients, for the cluster's enrolment.
+    /// Where the caps on global clients are published, for the cluster's enrolment.
     caps: Arc<GlobalCaps>,
-    /// The clients with a cap in `caps`.
-    capped: HashSet<ClientKey>,
+    /// The caps as last published.
+    capped: HashMap<ClientKey, u32>,
 }
 
 impl Tuner {
@@ -178,7 +178,7 @@ impl Tuner {
             frame: TestRunFrame::new(ADAPT_FRAME),
             read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
             caps: Arc::default(),
-            capped: HashSet::new(),
+            capped: HashMap::new(),
         };
         tuner.set_policies(config, generation)?;
         Ok(tuner)
@@ -441,18 +441,24 @@ impl Tuner {
     /// Takes every published cap back (a period failed: the caps stop following the load, and
     /// no cap is always safe).
     pub fn clear_global_caps(&mut self) {
-        let all: Vec<ClientKey> = self.capped.drain().collect();
-        if !all.is_empty() {
-            self.caps.update([], all);
+        if !self.capped.is_empty() {
+            self.capped.clear();
+            self.caps.publish(HashMap::new());
         }
     }
 
-    /// Puts `set` into the published caps and takes out those of `clear` that have one.
+    /// Puts `set` into the caps and takes out those of `clear`; publishes them if that changed
+    /// anything.
     fn publish_caps(&mut self, set: Vec<(ClientKey, u32)>, clear: impl Iterator<Item = ClientKey>) {
-        let clear: Vec<ClientKey> = clear.filter(|k| self.capped.remove(k)).collect();
-        self.capped.extend(set.iter().map(|(k, _)| *k));
-        if !set.is_empty() || !clear.is_empty() {
-            self.caps.update(set, clear);
+        let mut changed = false;
+        for (client, cap) in set {
+            changed |= self.capped.insert(client, cap) != Some(cap);
+        }
+        for client in clear {
+            changed |= self.capped.remove(&client).is_some();
+        }
+        if changed {
+            self.caps.publish(self.capped.clone());
         }
     }
 
