@@ -18,7 +18,8 @@
 //!    ttyS0, `panic=-1`). /init mounts proc, sysfs, devtmpfs, bpffs, tmpfs on /run and /tmp,
 //!    loads veth, brings lo up and runs each test binary with `--test-threads=1` (and the
 //!    arguments after `--`), printing `VMTEST-BINARY NAME exit=N` after each and
-//!    `VMTEST-DONE status=N` at the end, then powers off.
+//!    `VMTEST-DONE status=N` at the end, then powers off. The `*_sim` simulations are left out:
+//!    they touch no kernel, and `cargo xtask test` runs them on the host.
 //!
 //! The serial output is streamed and parsed: the command fails when a test fails, the kernel
 //! panics (`panic=-1` reboots and `-no-reboot` turns that into QEMU exiting), the VM runs longer
@@ -80,7 +81,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     accel: AccelChoice,
     /// Fail if the VM has not finished after this many seconds. Under TCG (no usable KVM) the
-    /// whole suite takes about 15-20 minutes on 2 cores; 30 leaves room for a slower machine.
+    /// whole suite takes about 15 minutes on 2 cores; 30 leaves room for a slower machine.
     #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
     timeout: u64,
     /// Build `limiter` and the tests with the release profile (faster under emulation).
