@@ -16,9 +16,11 @@
 //! The datapath is modelled as the XDP program enforces it: a client with a grant written gets
 //! [`Grant::limit_at`] on the member's own clock (the lease written `COARSE_SLACK` early, as the
 //! agent writes it), any other the cold share of the member's share view; packets are counted in
-//! fixed windows with a random phase per member (fluid: fractions of packets). The fast path
-//! flags a client hot once a window when what it passed and dropped there goes past 0.8 of its
-//! limit in force; an agent restarted with its pins takes up, in its first round, every client
+//! fixed windows with a random phase per member, as the sliding-window counter of
+//! `limiter_common::window` sees them: the current window's count plus the previous one's,
+//! weighted by how much of it is still within the last window (fluid: fractions of packets).
+//! The fast path flags a client hot once a window when that estimate and what it dropped there
+//! go past 0.8 of its limit in force; an agent restarted with its pins takes up, in its first round, every client
 //! flagged in the current or the last window (the agent primes its first round with the
 //! clients in `LIMITED`).
 //!
@@ -241,13 +243,74 @@ struct Flow {
     rate: f64,
     /// passed + dropped since the flow began (what the agent reads from the client's entry).
     count: f64,
-    /// The datapath's window (index on the member's window grid) and what it passed in it.
+    /// The datapath's window (index on the member's window grid), what it passed in it and in
+    /// the window before (the sliding-window counter's two slots).
     window: i64,
     passed: f64,
+    previous: f64,
     /// The window in which the fast path last flagged the client.
     flagged: i64,
     /// Member clock up to which packets were counted.
     last: Duration,
+}
+
+impl Flow {
+    /// Moves the counter to window `index`: the current window's count becomes the previous
+    /// one's (or nothing, after a window without packets).
+    fn roll(&mut self, index: i64) {
+        if self.window != index {
+            self.previous = if self.window == index - 1 {
+                self.passed
+            } else {
+                0.0
+            };
+            self.passed = 0.0;
+            self.window = index;
+        }
+    }
+
+    /// The sliding-window estimate at `now` (member clock): the current window's count plus the
+    /// previous one's, weighted by how much of it is still within the last window.
+    fn estimate(&self, phase: Duration, window: Duration, now: Duration) -> f64 {
+        let since = now.saturating_sub(phase);
+        let index = (since.as_nanos() / window.as_nanos()) as i64;
+        let x = (since.as_secs_f64() / window.as_secs_f64()) - index as f64;
+        match index - self.window {
+            0 => self.passed + self.previous * (1.0 - x),
+            1 => self.passed * (1.0 - x),
+            _ => 0.0,
+        }
+    }
+}
+
+/// What a sliding-window counter (`limiter_common::window`) admits of a fluid flow of `rate`
+/// packets per window over `(x0, x1)` of one fixed window (in windows since its start), with
+/// `current` already counted in this window, `previous` in the last one, and `limit` in force:
+/// everything while the estimate `current + previous · (1 − x)` is below the limit; once it is
+/// there, what the previous window's fading weight frees (`previous` per window); nothing while
+/// it is above (a cut), until that weight has brought it down to the limit.
+fn sliding_admit(current: f64, previous: f64, (x0, x1): (f64, f64), rate: f64, limit: f64) -> f64 {
+    let estimate = current + previous * (1.0 - x0);
+    let (before, at_limit_from) = if estimate < limit {
+        if rate <= previous {
+            // The estimate does not rise: all of it passes.
+            return rate * (x1 - x0);
+        }
+        let reached = x0 + (limit - estimate) / (rate - previous);
+        if reached >= x1 {
+            return rate * (x1 - x0);
+        }
+        (rate * (reached - x0), reached)
+    } else if previous > 0.0 {
+        let reached = x0 + (estimate - limit) / previous;
+        if reached >= x1 {
+            return 0.0;
+        }
+        (0.0, reached)
+    } else {
+        return 0.0;
+    };
+    before + rate.min(previous) * (x1 - at_limit_from)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -696,6 +759,7 @@ impl Sim {
                 count: 0.0,
                 window: i64::MIN,
                 passed: 0.0,
+                previous: 0.0,
                 flagged: i64::MIN,
                 last: now,
             });
@@ -1321,17 +1385,22 @@ impl Sim {
                     to = Duration::from_nanos(e.grant.until_ns);
                 }
             }
-            if flow.window != index {
-                flow.window = index;
-                flow.passed = 0.0;
-            }
-            let arrived = flow.rate * (to - from).as_secs_f64() / window.as_secs_f64();
-            let room = (f64::from(in_force) - flow.passed).max(0.0);
-            let admitted = arrived.min(room);
+            flow.roll(index);
+            let start = node.window_phase + window * index as u32;
+            let at = |t: Duration| t.saturating_sub(start).as_secs_f64() / window.as_secs_f64();
+            let (x0, x1) = (at(from), at(to));
+            let arrived = flow.rate * (x1 - x0);
+            let admitted = sliding_admit(
+                flow.passed,
+                flow.previous,
+                (x0, x1),
+                flow.rate,
+                f64::from(in_force),
+            );
             flow.passed += admitted;
             flow.count += arrived;
-            if flow.passed + (arrived - admitted) > 0.8 * f64::from(in_force)
-                && flow.flagged != index
+            let estimate = flow.passed + flow.previous * (1.0 - x1);
+            if estimate + (arrived - admitted) > 0.8 * f64::from(in_force) && flow.flagged != index
             {
                 flow.flagged = index;
                 node.hot.push(c);
@@ -1473,8 +1542,10 @@ impl Sim {
             for k in &held {
                 let flow = self.keys.get(k).and_then(|c| node.flows.get(c));
                 let count = flow.map(|f| f.count as u64);
-                // What the node's window holds as admitted (the model's windows are fixed).
-                let used = flow.map_or(0, |f| f.passed.ceil() as u32);
+                // What the node's window holds as admitted: its sliding estimate now.
+                let used = flow.map_or(0, |f| {
+                    f.estimate(node.window_phase, self.cfg.window, now).ceil() as u32
+                });
                 node.enrolment.observe(now, k, count, used);
             }
             node.enrolment.round(now, &view, &|_| Some(info))
@@ -1841,5 +1912,59 @@ pub fn reversed(demand: &Demand) -> Demand {
             .zip(fractions)
             .map(|((n, _), f)| (*n, f))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a flow of `rate` per window through the model's counter for `windows` windows in
+    /// `steps` steps each, the limit given per window; returns what each window admitted.
+    fn run(rate: f64, limits: &[f64], steps: u32) -> Vec<f64> {
+        let mut current = 0.0;
+        let mut admitted = Vec::new();
+        for &limit in limits {
+            let previous = std::mem::replace(&mut current, 0.0);
+            for s in 0..steps {
+                let x = (
+                    f64::from(s) / f64::from(steps),
+                    f64::from(s + 1) / f64::from(steps),
+                );
+                current += sliding_admit(current, previous, x, rate, limit);
+            }
+            admitted.push(current);
+        }
+        admitted
+    }
+
+    /// A flow above its limit gets the limit in every window, however finely it is stepped; one
+    /// under it passes whole.
+    #[test]
+    fn the_counter_admits_the_limit_per_window_and_all_of_a_flow_under_it() {
+        for steps in [1, 7, 50] {
+            let over = run(300.0, &[100.0; 6], steps);
+            assert!(
+                over.iter().all(|a| (a - 100.0).abs() < 1e-9),
+                "{steps}: {over:?}"
+            );
+            let under = run(60.0, &[100.0; 6], steps);
+            assert!(
+                under.iter().all(|a| (a - 60.0).abs() < 1e-9),
+                "{steps}: {under:?}"
+            );
+        }
+    }
+
+    /// Cut from 100 to 20 at a window's start: nothing passes until the previous window's
+    /// weight has faded to the cut (at 80% of the window), then what the fading frees: 20 in
+    /// the last fifth, and 20 in each window after.
+    #[test]
+    fn a_cut_passes_nothing_until_the_previous_window_fades_to_it() {
+        let early = sliding_admit(0.0, 100.0, (0.0, 0.8), 300.0, 20.0);
+        assert!(early.abs() < 1e-9, "{early}");
+        let admitted = run(300.0, &[100.0, 100.0, 20.0, 20.0], 50);
+        assert!((admitted[2] - 20.0).abs() < 1e-9, "{admitted:?}");
+        assert!((admitted[3] - 20.0).abs() < 1e-9, "{admitted:?}");
     }
 }

@@ -199,9 +199,9 @@ fn failures_and_partitions(seed: u64) {
 }
 
 /// A spread change, 80/15/5 to 5/15/80 on the same members, for every client at once: nothing
-/// above L in force; no window of the policy's length admits more than 1.5·L + N (the issue
-/// asks 1.2·L + N: see below), and each client is back within ±5% of what it got before within
-/// two windows and a few sync intervals (the issue asks one window and a few).
+/// above L in force; no window of the policy's length admits more than 1.2·L + N, and each
+/// client is back within ±5% of what it got before within two windows and a few sync intervals
+/// (the issue asks one window and a few: see below).
 #[test]
 fn a_spread_change_stays_within_its_bound_and_settles() {
     let (nodes, clients) = (20, 100);
@@ -247,14 +247,14 @@ fn a_spread_change_stays_within_its_bound_and_settles() {
             .expect("settled by the end");
         slowest = slowest.max(settled);
     }
-    // The issue's target is 1.2·L + N; this design admits up to about L plus the share that
-    // moved: a member cut mid-window has already passed what its old share allowed in that
-    // window, and the member raised passes its new share in its own (shares in force never sum
-    // above L; what passed over a sliding window can). 80/15/5 to 5/15/80 moves ~0.4·L.
-    let bound = 1.5 * f64::from(limit) + nodes as f64;
+    // Shares in force never sum above L, but what passed over a sliding window can: a member
+    // cut mid-window has already passed part of its old share. The owner raises nobody into
+    // room a cut member's window still holds (`used`), which keeps it near L (with fixed
+    // windows, as this simulation modelled the datapath before, it reached 1.39·L).
+    let bound = 1.2 * f64::from(limit) + nodes as f64;
     assert!(
         worst <= bound,
-        "a window admitted {worst:.0}, above 1.5·L + N = {bound:.0}"
+        "a window admitted {worst:.0}, above 1.2·L + N = {bound:.0}"
     );
     // The issue's target is a window and a few sync intervals; here it takes about two windows
     // and a few: the demand a member reports is its packets over the last policy window, so the
