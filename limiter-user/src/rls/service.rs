@@ -12,7 +12,7 @@
 //! one program run each, under the locks of the request's clients (one of [`CLIENT_LOCKS`] per
 //! client key, by its hash; a request takes those of its clients in index order), so no other
 //! call of this service spends from those clients in between, while calls about other clients
-//! go on (one lock for every call would stop both runtime workers whenever the holder's thread
+//! go on (one lock for every call would stop every serving thread whenever the holder's thread
 //! is preempted between its two runs). Only address clients can still change in between (their
 //! packets, `limiter.v1` checks of the address, and calls about other addresses of its group do
 //! not take its lock): should such a client run out in those microseconds, its descriptor is
