@@ -237,6 +237,11 @@ struct RlsArgs {
         value_name = "N"
     )]
     rls_metrics_max_detailed: usize,
+    /// Threads serving the rate limit service, each with its own connections (Envoy keeps one
+    /// per worker) and a single-threaded runtime of its own. Default: half the CPUs, at least
+    /// one (Envoy, on the same host, needs the others).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    rls_threads: Option<u16>,
     /// The rate limit service's TLS certificate (PEM).
     #[arg(long, requires_all = ["rls_tls_key", "rls_listen"])]
     rls_tls_cert: Option<PathBuf>,
@@ -287,6 +292,9 @@ impl RlsArgs {
                 global: self.rls_scope == RlsScope::Global,
             },
             max_detailed_series: self.rls_metrics_max_detailed,
+            threads: self
+                .rls_threads
+                .map_or_else(limiter_user::rls::listen::default_threads, usize::from),
         }))
     }
 }

@@ -683,3 +683,39 @@ fn mutual_tls_serves_off_loopback() -> Result<()> {
     eprintln!("refused as expected: {refused}");
     Ok(())
 }
+
+/// With `--rls-threads 3` the connections are served by three threads in turn: four
+/// connections (one thread serves two) each get answers, and a client's budget is one across
+/// them (its limit of 5 admitted exactly once in total). The agent still stops cleanly (SIGTERM:
+/// every thread drains its connections).
+#[test]
+fn connections_spread_over_the_serving_threads_share_one_budget() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let dir = TempDir::new("rls-threads")?;
+    let agent = start(&net, &dir, &["--rls-threads", "3"])?;
+    assert!(
+        agent.wait_for_stderr("threads=3", Duration::from_secs(10)),
+        "the service says it serves on 3 threads:\n{}",
+        agent.stderr()
+    );
+    let window = ExactWindow::start(TEST_SPAN);
+    let mut clients = (0..4)
+        .map(|_| Rls::connect(&net))
+        .collect::<Result<Vec<_>>>()?;
+    let mut admitted = 0;
+    for round in 0..3 {
+        for (i, rls) in clients.iter_mut().enumerate() {
+            let r = rls
+                .web(&[&[("user", "spread")]])
+                .with_context(|| format!("round {round}, connection {i}"))?;
+            admitted += usize::from(r.overall_code == OK);
+        }
+    }
+    window.check();
+    assert_eq!(admitted, 5, "12 requests of a client limited to 5 an hour");
+    drop(clients);
+    let status = agent.terminate()?;
+    assert!(status.success(), "the agent stopped with {status}");
+    Ok(())
+}

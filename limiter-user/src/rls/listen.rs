@@ -4,8 +4,17 @@
 //! address: Envoy on the same host. Anywhere else the service needs TLS (`--rls-tls-cert`,
 //! `--rls-tls-key`, and `--rls-tls-client-ca` for mutual TLS, which is how Envoy should
 //! authenticate itself: the protocol has no token), and the agent refuses to start without it.
+//!
+//! **Threads.** The service is served by threads of its own (`--rls-threads`, default half the
+//! CPUs), each a single-threaded runtime with the connections the agent's accept loop hands it
+//! in turn. A call is a few microseconds of decoding, two check program runs and encoding: on
+//! the agent's shared two-worker runtime the workers spent as much again parking, waking each
+//! other and stealing the calls' tasks, each answer was written on its own, and the agent's
+//! other work (API calls, the metrics, the reload poll) shared the workers with Envoy's calls.
+//! On its own thread a connection's calls run where its frames are read, and the answers of
+//! the calls decided together leave in one write.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -34,7 +43,19 @@ pub struct RlsAgentOptions {
     pub service: RlsOptions,
     /// `--rls-metrics-max-detailed`: the cap on the metrics' detailed series (see `hits`).
     pub max_detailed_series: usize,
+    /// `--rls-threads`: threads serving the connections (see the module docs).
+    pub threads: usize,
 }
+
+/// The default `--rls-threads`: half the CPUs, at least one (Envoy, on the same host, needs
+/// the others).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// How long the accept loop pauses after a failed accept (out of descriptors: retrying at once
+/// would spin).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The listener, bound (and its config and TLS files read) before the agent touches the kernel.
 pub struct RlsListener {
@@ -80,11 +101,12 @@ pub async fn bind(options: &RlsAgentOptions) -> anyhow::Result<RlsListener> {
     })
 }
 
-/// Serves the service until `shutdown` flips to true.
+/// Serves the service until `shutdown` flips to true: the returned task ends when every
+/// serving thread has drained its connections.
 pub async fn serve(
     bound: RlsListener,
     checker: Arc<Checker>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -93,37 +115,95 @@ pub async fn serve(
     let service =
         RlsService::new(checker, Arc::clone(&bound.store), bound.options.service).server();
     let local = bound.listener.local_addr()?;
-    let mut builder = Server::builder()
-        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
     let tls = bound.tls.is_some();
-    if let Some(config) = bound.tls {
-        builder = builder
-            .tls_config(config)
-            .context("configuring TLS for the rate limit service")?;
+    let threads = bound.options.threads.max(1);
+    let mut connections = Vec::with_capacity(threads);
+    let mut drained = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let mut builder = Server::builder()
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(config) = bound.tls.clone() {
+            builder = builder
+                .tls_config(config)
+                .context("configuring TLS for the rate limit service")?;
+        }
+        let router = builder
+            .add_service(service.clone())
+            .add_service(health.clone());
+        let (give, taken) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for the rate limit service")?;
+        let mut stop = shutdown.clone();
+        std::thread::Builder::new()
+            .name(format!("rls-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // Registered with this thread's runtime as they arrive.
+                    let incoming = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::UnboundedReceiverStream::new(taken),
+                        tokio::net::TcpStream::from_std,
+                    );
+                    let result = router
+                        .serve_with_incoming_shutdown(incoming, async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        tracing::error!(
+                            "rate limit service on {local}: {}",
+                            crate::error_chain(&e)
+                        );
+                    }
+                });
+                let _ = done.send(());
+            })
+            .context("starting a thread for the rate limit service")?;
+        connections.push(give);
+        drained.push(finished);
     }
-    // Without Nagle's delay: an answer is one small frame, and Envoy waits for it.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(bound.listener),
-        |stream| {
-            stream.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
-        },
-    );
+    let listener = bound.listener;
+    let mut stop = shutdown;
     let task = tokio::spawn(async move {
-        let result = builder
-            .add_service(service)
-            .add_service(health)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!("rate limit service on {local}: {}", crate::error_chain(&e));
+        // Each connection to the next thread in turn.
+        let mut next = 0usize;
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted.and_then(|(stream, _)| {
+                // Without Nagle's delay: an answer is one small frame, and Envoy waits for it.
+                let _ = stream.set_nodelay(true);
+                stream.into_std()
+            }) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("rate limit service on {local}: accepting: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            // A thread that stopped (its server failed, and said why) gets no more.
+            let mut stream = stream;
+            for _ in 0..connections.len() {
+                let thread = &connections[next % connections.len()];
+                next = next.wrapping_add(1);
+                match thread.send(stream) {
+                    Ok(()) => break,
+                    Err(returned) => stream = returned.0,
+                }
+            }
+        }
+        drop(connections);
+        for finished in drained {
+            let _ = finished.await;
         }
     });
-    tracing::info!(%local, tls, "rate limit service (envoy.service.ratelimit.v3) listening");
+    tracing::info!(%local, tls, threads, "rate limit service (envoy.service.ratelimit.v3) listening");
     Ok(task)
 }

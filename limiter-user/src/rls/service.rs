@@ -9,10 +9,14 @@
 //! denied the request is OVER_LIMIT and nothing is spent, so a denied request never eats
 //! another descriptor's budget (descriptors of one client must fit together). Otherwise every
 //! descriptor is spent. The read and the spend are
-//! one program run each, under one lock that every `ShouldRateLimit` takes, so no other call of
-//! this service spends in between. Only address clients can still change in between (their
-//! packets, and `limiter.v1` checks of the address, do not take the lock): should such a client
-//! run out in those microseconds, its descriptor is OVER_LIMIT and the others were spent.
+//! one program run each, under the locks of the request's clients (one of [`CLIENT_LOCKS`] per
+//! client key, by its hash; a request takes those of its clients in index order), so no other
+//! call of this service spends from those clients in between, while calls about other clients
+//! go on (one lock for every call would stop every serving thread whenever the holder's thread
+//! is preempted between its two runs). Only address clients can still change in between (their
+//! packets, `limiter.v1` checks of the address, and calls about other addresses of its group do
+//! not take its lock): should such a client run out in those microseconds, its descriptor is
+//! OVER_LIMIT and the others were spent.
 //!
 //! **Fields.** `overall_code` is OK or OVER_LIMIT. One status per descriptor, in order: `code`,
 //! `current_limit` (the rule's `requests_per_unit`, `unit` and `name`; for an address client
@@ -71,6 +75,11 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most descriptors in one request.
 pub const MAX_DESCRIPTORS: usize = 64;
 
+/// Locks the service's calls hold from their read to their spend, each for the client keys
+/// that hash to it (see the module docs): enough that two calls about different clients rarely
+/// share one.
+pub const CLIENT_LOCKS: usize = 256;
+
 /// How the service answers.
 #[derive(Debug, Clone)]
 pub struct RlsOptions {
@@ -127,8 +136,8 @@ pub struct RlsService<B = Checker> {
     budget: Arc<B>,
     store: Arc<RlsStore>,
     options: RlsOptions,
-    /// Held from the read to the spend (see the module docs).
-    spending: Mutex<()>,
+    /// Held from the read to the spend, per client key (see the module docs).
+    spending: Box<[Mutex<()>]>,
 }
 
 impl<B: Budget> RlsService<B> {
@@ -137,7 +146,7 @@ impl<B: Budget> RlsService<B> {
             budget,
             store,
             options,
-            spending: Mutex::new(()),
+            spending: (0..CLIENT_LOCKS).map(|_| Mutex::new(())).collect(),
         }
     }
 
@@ -228,7 +237,7 @@ impl<B: Budget> RlsService<B> {
         let blocked = plans
             .iter()
             .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
-        let _held = self.spending.lock().unwrap_or_else(|e| e.into_inner());
+        let _held = self.lock_clients(&checks);
         // One check alone needs no read first: spending it is all or nothing already.
         let read = if checks.len() == 1 && !blocked {
             None
@@ -296,6 +305,21 @@ impl<B: Budget> RlsService<B> {
             }
         }
         Ok(outcomes)
+    }
+
+    /// The locks of the checks' clients, taken in index order (so two calls never wait for
+    /// each other's), each once.
+    fn lock_clients(
+        &self,
+        checks: &[(usize, CheckRequest, bool)],
+    ) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let mut locks: Vec<usize> = checks.iter().map(|(_, r, _)| lock_of(r)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        locks
+            .into_iter()
+            .map(|i| self.spending[i].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
     }
 
     fn response(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) -> RateLimitResponse {
@@ -471,6 +495,17 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
             series.0.record(&p.descriptor.entries, &counted);
         }
     }
+}
+
+/// The index of a check's client lock: its key's leading bytes (a SHA-256 prefix for a named
+/// client; an address's low bytes, which vary most, for an address client), and whether it is
+/// named.
+fn lock_of(r: &CheckRequest) -> usize {
+    let k = &r.key;
+    let mixed = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[12], k[13], k[14], k[15]])
+        ^ u64::from(r.flags & CHECK_NAMED);
+    // Fibonacci hashing: the product's top bits depend on every input bit.
+    (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % CLIENT_LOCKS
 }
 
 /// Whether two checks are of one client (the same key in the same map).

@@ -228,6 +228,18 @@ struct RunArgs {
     /// Distinct client IDs.
     #[arg(long, default_value_t = 10_000)]
     ids: usize,
+    /// Measure only these rows (a partial run; the report says so).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+/// The partial runs `api-bench run --only` makes.
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Only {
+    /// The rate limit service rows (the agent's and the Redis-backed, every concurrency, and
+    /// their ~50% denied rows), with the governor floor's Check at as many in flight as the
+    /// service's targets, for scale; no redis-cell and no limiter.v1 rows.
+    Rls,
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]

@@ -7,8 +7,8 @@ use anyhow::Result;
 use super::load::LoadReport;
 use super::run::{RLS_AGENT, RLS_REDIS};
 use super::{
-    BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION, RLS_ADDR,
-    RLS_CONCURRENCY, RLS_DOMAIN, RLS_REDIS_ADDR, RunArgs, STREAMS_PER_CONNECTION,
+    BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, Only, REDIS_CELL_VERSION,
+    RLS_ADDR, RLS_CONCURRENCY, RLS_DOMAIN, RLS_REDIS_ADDR, RunArgs, STREAMS_PER_CONNECTION,
     TARGET_BATCH_OVER_REDIS, TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US, TARGET_UNARY_OVER_FLOOR,
     UNARY_CONCURRENCY, WINDOW,
 };
@@ -183,6 +183,14 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         thousands(LIMIT as f64),
         WINDOW
     )?;
+    if args.only == Some(Only::Rls) {
+        writeln!(
+            md,
+            "Partial run (`api-bench run --only rls`): the rate limit service rows, and the \
+             governor floor's Check at {RLS_CONCURRENCY} in flight for scale; no redis-cell and \
+             no limiter.v1 rows.\n"
+        )?;
+    }
     writeln!(
         md,
         "| System | Call | In flight | calls/s | decisions/s | spread | p50 | p99 | denied | errors |"
@@ -223,7 +231,11 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
     writeln!(md, "| Target | limiter | baseline | ratio | |")?;
     writeln!(md, "|---|---:|---:|---:|---|")?;
     let floor = "governor floor";
-    for id_kind in [IdKind::Address, IdKind::Name] {
+    let v1_kinds: &[IdKind] = match args.only {
+        Some(Only::Rls) => &[],
+        None => &[IdKind::Address, IdKind::Name],
+    };
+    for &id_kind in v1_kinds {
         let system = format!("limiter, {} IDs", id_kind.as_str());
         let target = format!(
             "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {} IDs",
@@ -348,7 +360,8 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
          latency is per command as redis-benchmark reports it, which for a pipeline is the \
          pipeline's round trip. Every server shares the machine's {cpus} CPUs with its load \
          generator. Run with `cargo xtask bench`, or as root `api-bench run [--rounds 3 \
-         --duration 2s --warmup 500ms --ids N --write FILE]`.",
+         --duration 2s --warmup 500ms --ids N --only rls --write FILE]` (`--only rls`: the \
+         rate limit service rows alone).",
         window = WINDOW.as_secs(),
         ids = args.ids,
         burst = LIMIT - 1,
@@ -373,7 +386,8 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
          and `(generic_key, api), (path, /paid/N)`, ADDRESS and N drawn independently from \
          {ids} each; the config (envoyproxy/ratelimit's YAML) allows {limit} per second to \
          each address and each path. On the agent (`--rls-listen {RLS_ADDR} --rls-config \
-         FILE`) the address descriptor is the address's client of the XDP path and the path \
+         FILE`, served by `--rls-threads`' default, one thread per 2 CPUs) the address \
+         descriptor is the address's client of the XDP path and the path \
          descriptor a named client: both are checked, then both spent. envoyproxy/ratelimit \
          itself is written in Go and cannot be built here, so its algorithm runs as \
          `api-bench rls-redis-server` on {RLS_REDIS_ADDR}: the same service in tonic, the \

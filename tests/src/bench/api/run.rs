@@ -20,9 +20,9 @@ use super::process::{
 use super::redis::{build_redis_cell, redis_benchmark, target_dir};
 use super::report::{Measurement, ReportInput, Row, Rows, report};
 use super::{
-    BATCH, BATCH_CONCURRENCY, FLOOR_ADDR, IdKind, LIMIT, LIMITER_ADDR, Mode, REDIS_CELL_VERSION,
-    REDIS_PORT, RLS_ADDR, RLS_CONCURRENCY, RLS_REDIS_ADDR, RunArgs, UNARY_CONCURRENCY,
-    limiter_config, limiter_deny_config, rls_config,
+    BATCH, BATCH_CONCURRENCY, FLOOR_ADDR, IdKind, LIMIT, LIMITER_ADDR, Mode, Only,
+    REDIS_CELL_VERSION, REDIS_PORT, RLS_ADDR, RLS_CONCURRENCY, RLS_REDIS_ADDR, RunArgs,
+    UNARY_CONCURRENCY, limiter_config, limiter_deny_config, rls_config,
 };
 use crate::{
     agent::{Agent, agent_has_option, limiter_bin},
@@ -293,8 +293,9 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         id_kind: IdKind::Address,
         free_half: false,
     };
+    let rls_only = args.only == Some(Only::Rls);
     let mut targets = vec![floor_target];
-    if let Limiter::Running { token, .. } = &limiter {
+    if let (Limiter::Running { token, .. }, false) = (&limiter, rls_only) {
         for id_kind in [IdKind::Address, IdKind::Name] {
             targets.push(Target {
                 system: format!("limiter, {} IDs", id_kind.as_str()),
@@ -309,11 +310,16 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     // Round by round, case by case, every system in turn: a drift in the machine's speed
     // touches all alike, and the median round of each case drops the outliers.
     ensure!(args.rounds > 0, "--rounds must be positive");
-    let cases: Vec<(Mode, usize)> = UNARY_CONCURRENCY
-        .iter()
-        .map(|&c| (Mode::Unary, c))
-        .chain([(Mode::Batch, BATCH_CONCURRENCY)])
-        .collect();
+    // `--only rls`: of these, the floor's Check at the service's target concurrency, for scale.
+    let cases: Vec<(Mode, usize)> = if rls_only {
+        vec![(Mode::Unary, RLS_CONCURRENCY)]
+    } else {
+        UNARY_CONCURRENCY
+            .iter()
+            .map(|&c| (Mode::Unary, c))
+            .chain([(Mode::Batch, BATCH_CONCURRENCY)])
+            .collect()
+    };
     let mut rows = Rows(
         cases
             .iter()
@@ -329,7 +335,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         (1, "redis-cell, unpipelined (-P 1)"),
     ];
     let mut redis_requests = Vec::new();
-    if let Redis::Running(_) = &redis {
+    if let (Redis::Running(_), false) = (&redis, rls_only) {
         for (pipeline, label) in redis_rows {
             check_interrupted()?;
             // Warm-up, which also sizes the measured runs to about `duration`.
@@ -465,7 +471,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     }
     // Then limiter.v1 (the reload changes the agent's policies).
     let mut denied_case = false;
-    if let Limiter::Running { agent, token } = &limiter {
+    if let (Limiter::Running { agent, token }, false) = (&limiter, rls_only) {
         agent
             .reload(&limiter_deny_config(), Duration::from_secs(10))
             .context("reloading the agent with the denial config")?;
