@@ -9,7 +9,10 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_loop, macros::xdp, programs::XdpContext,
+    bindings::{xdp_action, xdp_md},
+    helpers::generated::bpf_loop,
+    macros::xdp,
+    programs::XdpContext,
 };
 use limiter_common::{
     AdaptRead, AdaptSlot, ClientState, GlobalStats, MapConfig,
@@ -24,6 +27,7 @@ use limiter_common::{
 };
 
 use crate::{
+    check::stop_or_continue,
     entry::{count_check, refresh_keyed, rescale_entry, resident_entry, resolve_key},
     maps::{CLIENTS, CONFIG, LIMITED, STATIC_CLIENTS},
     parse::{ptr_at, read},
@@ -41,7 +45,7 @@ pub fn limiter_adapt(ctx: XdpContext) -> u32 {
 /// The state `bpf_loop` hands each iteration: the program's context (the frame).
 #[repr(C)]
 struct Slots {
-    ctx: *mut aya_ebpf::bindings::xdp_md,
+    ctx: *mut xdp_md,
 }
 
 #[inline(always)]
@@ -72,11 +76,22 @@ fn try_adapt(ctx: &XdpContext) -> Option<u32> {
 }
 
 /// One slot of a write frame: `bpf_loop`'s callback, verified once however many slots a frame
-/// has. Returns 1 to stop (a slot outside the frame).
+/// has. Returns 1 to stop (a slot outside the frame). The work is in the global function
+/// [`limiter_adapt_slot`].
 #[inline(never)]
 extern "C" fn adapt_slot(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_adapt` passed.
-    let ctx = XdpContext::new(unsafe { (*state.cast::<Slots>()).ctx });
+    let ctx = unsafe { (*state.cast::<Slots>()).ctx };
+    stop_or_continue(limiter_adapt_slot(ctx, index))
+}
+
+/// One slot of a write frame (see [`adapt_slot`]), in a global function, which the verifier
+/// checks once on its own rather than as the body of the `bpf_loop` (see
+/// `check::limiter_check_slot` for why).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_adapt_slot(ctx: *mut xdp_md, index: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
     // The mask bounds the offset for the verifier; the frame bounds check keeps it inside.
     let offset = ADAPT_OFFSET + (index as usize & ADAPT_SLOT_MASK) * ADAPT_SLOT_LEN;
     let Some(config) = CONFIG.get(0) else {

@@ -813,6 +813,7 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
                 "owned": e.owned, "held": e.held, "granted": e.granted,
                 "refused": e.refused, "foreign": e.foreign, "unwritten": e.unwritten,
                 "learning": e.learning, "raises_lapsed": e.raises_lapsed,
+                "capped": e.capped,
             })),
             "traffic": s.traffic.as_ref().map(|t| serde_json::json!({
                 "rounds": t.rounds, "round_time_ms": ms(t.round_time.as_ref()),
@@ -887,8 +888,9 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             e.owned, e.held, e.granted, e.refused, e.foreign, e.unwritten
         );
         println!(
-            "  {} owned in learning mode; {} raises held here ran out before a newer grant",
-            e.learning, e.raises_lapsed
+            "  {} owned in learning mode; {} raises held here ran out before a newer grant; {} capped \
+             by adaptation (overloaded)",
+            e.learning, e.raises_lapsed, e.capped
         );
     }
     if let Some(t) = &s.traffic {

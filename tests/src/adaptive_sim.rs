@@ -215,6 +215,7 @@ pub fn simulate(
             window_us: WINDOW_US,
             rate: u(t) * R,
             weight: 1.0,
+            fixed_window: false,
         });
         let sample = LoadSample { cpu: cpu(t) };
         let output = ctl.step(&sample, observations);
@@ -346,6 +347,7 @@ pub fn fair_run(
             window_us: WINDOW_US,
             rate: c.offered,
             weight: c.weight,
+            fixed_window: false,
         });
         let output = ctl.step(&LoadSample { cpu: cpu(t) }, observations);
         for d in &output.decisions {

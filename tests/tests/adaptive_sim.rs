@@ -409,6 +409,7 @@ fn only_changes_are_emitted_and_idle_clients_are_forgotten() {
         window_us: WINDOW_US,
         rate: R,
         weight: 1.0,
+        fixed_window: false,
     };
     let hot = LoadSample { cpu: 0.95 };
     let first = ctl.step(&hot, (0..10_000).map(obs));
@@ -679,6 +680,7 @@ fn obs(i: usize, rate: f64) -> ClientObservation {
         window_us: WINDOW_US,
         rate,
         weight: 1.0,
+        fixed_window: false,
     }
 }
 
@@ -957,4 +959,73 @@ fn the_charted_fairness_run_cuts_only_the_aggressive_client() {
     let modest_total: f64 = clients[1..].iter().map(|c| c.offered).sum();
     let capacity = run.g[last] * clients.iter().map(Client::r).sum::<f64>();
     assert!((run.gi[0][last] * AGGRESSIVE.r() - (capacity - modest_total)).abs() < 1e-6);
+}
+
+/// A global policy's client (issue 12): under overload its window stays the policy's while a
+/// local client's shrinks, and its allowance is cut by its fairness factor alone; relief brings
+/// it back to the policy. Removing `fixed_window`'s hold on `s` fails the first assertion.
+#[test]
+fn a_fixed_window_client_is_cut_by_its_factor_only() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    let global = |rate| ClientObservation {
+        fixed_window: true,
+        ..obs(0, rate)
+    };
+    let mut cut = None;
+    for _ in 0..30 {
+        let out = ctl.step(&HOT, [global(3.0 * R), obs(1, 3.0 * R)]);
+        for d in &out.decisions {
+            if d.key == key(0) {
+                assert_eq!(d.window_us, WINDOW_US, "a fixed window moved: {d:?}");
+                assert_eq!(d.scale, 1.0);
+                assert_eq!(
+                    d.allowance,
+                    effective(LIMIT, WINDOW_US, 1.0, d.load_factor).1
+                );
+                cut = Some(d.allowance);
+            } else {
+                assert!(d.window_us <= WINDOW_US);
+            }
+        }
+    }
+    let cut = cut.expect("overload cut the global client");
+    assert!(cut < LIMIT, "{cut}");
+    assert!(
+        ctl.scale(&key(1)).unwrap() < 1.0,
+        "the local client's window shrank"
+    );
+    for _ in 0..60 {
+        ctl.step(&COOL, [global(3.0 * R), obs(1, 3.0 * R)]);
+    }
+    let back = ctl.desired(&key(0)).unwrap();
+    assert_eq!((back.window_us, back.allowance), (WINDOW_US, LIMIT));
+}
+
+/// A global client's cold share changes with the cluster's member count: its factor carries
+/// over (a restart of its state would lift an overloaded node's cap at every membership change),
+/// and its allowance follows the new share at once.
+#[test]
+fn a_fixed_window_client_keeps_its_factor_when_its_share_changes() {
+    let mut ctl = Controller::new(enabled()).unwrap();
+    let global = |limit, rate| ClientObservation {
+        fixed_window: true,
+        limit,
+        ..obs(0, rate)
+    };
+    for _ in 0..30 {
+        ctl.step(&HOT, [global(LIMIT, 3.0 * R), obs(1, 3.0 * R)]);
+    }
+    let before = ctl.desired(&key(0)).unwrap();
+    assert!(before.load_factor < 1.0, "{before:?}");
+    let out = ctl.step(&HOT, [global(LIMIT / 2, 3.0 * R), obs(1, 3.0 * R)]);
+    let after = ctl.desired(&key(0)).unwrap();
+    assert!(
+        after.load_factor <= before.load_factor,
+        "{before:?} → {after:?}"
+    );
+    assert_eq!(
+        after.allowance,
+        effective(LIMIT / 2, WINDOW_US, 1.0, after.load_factor).1
+    );
+    assert!(out.decisions.iter().any(|d| d.key == key(0)));
 }

@@ -55,6 +55,10 @@ struct Settings {
     /// Envoy's rate limit service on every node (`127.0.0.(k+1):`[`RLS_PORT`]) with this config
     /// and `--rls-scope global`.
     rls: Option<&'static str>,
+    /// Appended to every node's config (top-level sections, e.g. `adaptive:`).
+    extra: String,
+    /// Per node, arguments added to its agent's command line.
+    args: Vec<Vec<String>>,
 }
 
 impl Settings {
@@ -77,6 +81,8 @@ impl Settings {
             clients: limiter_tests::netns::CLUSTER_CLIENTS,
             wrappers: Vec::new(),
             rls: None,
+            extra: String::new(),
+            args: Vec::new(),
         }
     }
 }
@@ -99,12 +105,13 @@ policies:
   sync_interval: 50ms
   peer_timeout: {}
   partition: {}
-",
+{}",
         settings.policies,
         listen(k),
         peers.join(", "),
         settings.peer_timeout,
         settings.partition,
+        settings.extra,
     )
 }
 
@@ -165,6 +172,9 @@ impl Cluster {
         let rls_listen = format!("{}:{RLS_PORT}", listen(k));
         let rls_config = self.dir.join("rls.yaml").to_string_lossy().into_owned();
         let mut args = vec!["--state-dir", state.as_str()];
+        if let Some(extra) = self.settings.args.get(k) {
+            args.extend(extra.iter().map(String::as_str));
+        }
         if self.settings.rls.is_some() {
             args.extend([
                 "--rls-listen",
@@ -793,6 +803,116 @@ descriptors:
     Ok(())
 }
 
+/// Node `k`'s cluster view of `client` (`limiter stats --json`'s `cluster` of its row: share,
+/// grant, demand, ...), `Value::Null` if it lists none.
+fn client_cluster(c: &Cluster, k: usize, client: Ipv4Addr) -> Result<Value> {
+    let socket = format!("/run/limiter/{}.sock", c.net.node(k).receiver_if);
+    let out = run_limiter(
+        &c.net.receiver_ns,
+        &["stats", "--json", "--top", "100", "--api", &socket],
+    )?;
+    ensure!(
+        out.status.success(),
+        "stats of node {k}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    let row = stats["clients"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["client"] == client.to_string()));
+    Ok(row.map_or(Value::Null, |r| r["cluster"].clone()))
+}
+
+/// Adaptive windows on a global client (issue 12): node 0, told its CPU is at 99%
+/// (`--load-file`), cuts its share of a client spread evenly at 3 × L to gᵢ of its cold share
+/// (the window stays the policy's), reports no more than that as demand, and the owner gives the
+/// rest of L to the other two: the cluster still admits about L (without the demand cap, the
+/// others would keep a third of L each and it would admit about 0.77 · L). A relaxed load gives
+/// node 0 its share back.
+#[test]
+fn an_overloaded_member_caps_its_share_and_the_others_take_the_rest() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("a rate of packets paced on the wall clock");
+    let loads = TempDir::new("load")?;
+    let load = |k: usize| {
+        loads
+            .join(format!("load{k}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    loads.write("load0", "0.99")?;
+    loads.write("load1", "0.1")?;
+    loads.write("load2", "0.1")?;
+    let mut settings = Settings::standard("share");
+    settings.extra = "adaptive:
+  enabled: true
+  period: 200ms
+  alpha: 1
+  step: 1.5
+  dwell: 1
+  min_load_factor: 0.25
+"
+    .into();
+    settings.args = (0..3)
+        .map(|k| vec!["--load-file".to_string(), load(k)])
+        .collect();
+    let c = Cluster::start_with(3, settings)?;
+    let client = cluster_client_v4(4);
+    let cold = LIMIT / 3;
+    // g reaches 0.25 in four periods; the client's gᵢ follows; enrolment, learning mode (a
+    // lease: peer_timeout 2 s) and the raises of nodes 1 and 2 follow.
+    steady(&c, client, 3 * LIMIT, &[1, 1, 1], 5)?;
+    let capped = client_cluster(&c, 0, client)?;
+    let share = capped["share"].as_u64().unwrap_or(u64::MAX);
+    let cap = (cold as f64 * 0.25).round() as u64;
+    assert!(
+        share <= cap,
+        "node 0 enforces {share}, over its cap {cap}: {capped:#}"
+    );
+    assert!(
+        capped["demand"].as_u64().is_some_and(|d| d <= cap),
+        "node 0 reports more demand than its cap {cap}: {capped:#}"
+    );
+    let status = c.status(0)?;
+    assert_eq!(status["enrolment"]["capped"], 1, "{status:#}");
+    let counter = c.net.udp_counter(UDP_PORT)?;
+    let (sent, took) = steady(&c, client, 3 * LIMIT, &[1, 1, 1], 5)?;
+    let got = counter
+        .settle()?
+        .get(&IpAddr::from(client))
+        .copied()
+        .unwrap_or(0);
+    let windows = took.as_secs_f64();
+    let ratio = got as f64 / (windows * LIMIT as f64);
+    let views: Vec<Value> = (0..3)
+        .map(|k| client_cluster(&c, k, client))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "even at 3 × L, node 0 capped at {cap}: sent {sent:?} in {took:?}, admitted {got}: {ratio:.3} · L; {views:#?}"
+    );
+    assert!(
+        got as f64 <= (windows.ceil() + 1.0) * LIMIT as f64 * 1.01 + 3.0,
+        "admitted {got} in {took:?}: over L; {views:#?}"
+    );
+    assert!(
+        ratio >= 0.9,
+        "admitted {got} in {took:?} ({ratio:.3} · L): the others did not take node 0's rest; {views:#?}"
+    );
+    // Relaxed: g climbs back in four periods, the cap goes, the owner's split follows.
+    loads.write("load0", "0.1")?;
+    let back = wait_until(
+        "node 0's share back to its cold share",
+        Duration::from_secs(15),
+        || {
+            steady(&c, client, 3 * LIMIT, &[1, 1, 1], 1)?;
+            let view = client_cluster(&c, 0, client)?;
+            Ok((view["share"].as_u64().unwrap_or(0) + 1 >= cold).then_some(view))
+        },
+    )?;
+    eprintln!("relaxed: {back:#}");
+    Ok(())
+}
+
 /// One node cut off (everything to and from its peer address blackholed): it notices within
 /// peer_timeout and applies `partition`; its peers keep their cold share (they count it still:
 /// its program may still be enforcing); healed, it goes back to the cold share.
@@ -1017,6 +1137,8 @@ fn traffic_settings(clients: u8) -> Settings {
         clients,
         wrappers: Vec::new(),
         rls: None,
+        extra: String::new(),
+        args: Vec::new(),
     }
 }
 

@@ -134,7 +134,9 @@ pub struct ClientObservation {
     pub key: ClientKey,
     /// The policy's `limit` (a client with limit 0 is blocked and skipped).
     pub limit: u32,
-    /// The policy's `window`, µs. A changed `(limit, window)` starts the client afresh.
+    /// The policy's `window`, µs. A changed `(limit, window)` starts the client afresh (for a
+    /// `fixed_window` client, only a changed window: its limit is a cold share, which follows
+    /// the cluster's member count).
     pub window_us: u32,
     /// Offered rate over the period, packets per second (passed plus dropped).
     pub rate: f64,
@@ -142,6 +144,10 @@ pub struct ClientObservation {
     /// overload. Not positive or not finite counts as the smallest positive weight, as in
     /// [`fair_shares`].
     pub weight: f64,
+    /// The window stays the policy's: `s` is held at 1 and only `gᵢ` moves (a global policy's
+    /// client, whose window every member of the cluster counts alike; see
+    /// [`super::global`]).
+    pub fixed_window: bool,
 }
 
 /// What the datapath should enforce for one client from now on.
@@ -255,6 +261,8 @@ struct ClientTrack {
     window_us: u32,
     /// The weight of the last observation.
     weight: f64,
+    /// `s` is held at 1 ([`ClientObservation::fixed_window`]).
+    fixed_window: bool,
     /// Smoothed utilisation `û`.
     util: f64,
     calm: u32,
@@ -274,6 +282,7 @@ impl ClientTrack {
             limit: obs.limit,
             window_us: obs.window_us,
             weight: obs.weight,
+            fixed_window: obs.fixed_window,
             util,
             calm: 0,
             pattern: 1.0,
@@ -519,7 +528,13 @@ impl Controller {
         let fresh = match self.clients.get(&obs.key) {
             // Seen twice in one period: the first observation counts.
             Some(s) if s.last_seen == now => return false,
-            Some(s) => (s.limit, s.window_us) != (obs.limit, obs.window_us),
+            // A global client whose cold share changed (the member count did) keeps its state:
+            // starting it afresh would lift an overloaded node's caps at every membership change.
+            Some(s) if s.fixed_window && obs.fixed_window && s.window_us == obs.window_us => false,
+            Some(s) => {
+                (s.limit, s.window_us, s.fixed_window)
+                    != (obs.limit, obs.window_us, obs.fixed_window)
+            }
             None => {
                 let slot = (now + c.idle_periods as u64) as usize % self.wheel.len();
                 self.wheel[slot].push(obs.key);
@@ -537,6 +552,7 @@ impl Controller {
         let state = self.clients.get_mut(&obs.key).expect("inserted above");
         if !fresh {
             state.util = ewma(Some(state.util), util, c.alpha);
+            state.limit = obs.limit;
         }
         state.weight = obs.weight;
         state.last_seen = now;
@@ -551,6 +567,7 @@ impl Controller {
             state.pattern = step_toward(state.pattern, 1.0, c.step);
         }
         let target = match band {
+            _ if state.fixed_window => 1.0,
             Band::Overloaded => c.min_scale,
             Band::Relaxed => state.pattern,
             Band::Steady => state.scale.value.min(state.pattern),

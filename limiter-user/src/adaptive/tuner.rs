@@ -22,11 +22,19 @@
 //! it has used (`window::rescale`); see the program for its ordering against packets. A
 //! request carries the policy generation it was computed for and is refused (`ADAPT_STALE`)
 //! after a reload, which resets every entry to its policy; the next period recomputes.
+//!
+//! # Global clients
+//!
+//! A client under a `scope: global` policy keeps its entry as the policy and the cluster set it:
+//! the loop observes it against this node's cold share with its window fixed, and publishes a
+//! cap on it in [`GlobalCaps`] when its factor is below 1, which the cluster's enrolment
+//! enforces through the client's grant (see [`super::global`]).
 
 use std::{
     collections::HashMap,
     io,
     os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
     time::Duration,
 };
 
@@ -42,6 +50,7 @@ use limiter_common::{
 
 use super::{
     controller::{ClientObservation, Controller, LoadSample},
+    global::GlobalCaps,
     load::LoadSource,
 };
 use crate::{
@@ -67,9 +76,13 @@ pub enum TunerError {
 /// What a policy contributes to the controller: its rate and weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Base {
+    /// The policy's limit; a global policy's cold share on this node.
     limit: u32,
     window_us: u32,
     weight: f64,
+    /// A global policy: its clients' entries are not rewritten; their caps go to
+    /// [`GlobalCaps`] for the cluster's enrolment to enforce.
+    global: bool,
 }
 
 /// A client the loop tracks. Tracked clients are observed every period, silent ones with rate
@@ -136,6 +149,10 @@ pub struct Tuner {
     frame: TestRunFrame,
     /// The read frame, reused.
     read_frame: TestRunFrame,
+    /// Where the caps on global clients are published, for the cluster's enrolment.
+    caps: Arc<GlobalCaps>,
+    /// The caps as last published.
+    capped: HashMap<ClientKey, u32>,
 }
 
 impl Tuner {
@@ -160,6 +177,8 @@ impl Tuner {
             period: 0,
             frame: TestRunFrame::new(ADAPT_FRAME),
             read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
+            caps: Arc::default(),
+            capped: HashMap::new(),
         };
         tuner.set_policies(config, generation)?;
         Ok(tuner)
@@ -172,6 +191,12 @@ impl Tuner {
     /// The controller's period.
     pub fn period(&self) -> Duration {
         Duration::from_micros(self.controller.config().period.micros as u64)
+    }
+
+    /// The caps this loop puts on global clients (see [`super::global`]): the cluster's
+    /// enrolment enforces them.
+    pub fn global_caps(&self) -> Arc<GlobalCaps> {
+        Arc::clone(&self.caps)
     }
 
     pub fn load_source(&self) -> String {
@@ -216,16 +241,15 @@ impl Tuner {
             .map(|id| {
                 let id = u16::try_from(id).ok()?;
                 let base = config.policy_base(id)?;
-                // Global policies' clients keep their share: scaling their windows would let
-                // one policy window admit more than the share (issue 12 keeps the window fixed
-                // and scales the share, which needs the enrolment protocol).
-                let adapted = base.action == Action::Limit
-                    && base.limit > 0
-                    && config.scope(id) != Scope::Global;
+                // A global policy's limit in `config` is already this node's cold share (see
+                // `limits::with_shares`): its clients are observed against it, with their
+                // windows fixed, and capped through enrolment (`super::global`).
+                let adapted = base.action == Action::Limit && base.limit > 0;
                 adapted.then(|| Base {
                     limit: base.limit,
                     window_us: base.window.micros,
                     weight: config.weight(id),
+                    global: config.scope(id) == Scope::Global,
                 })
             })
             .collect();
@@ -315,6 +339,7 @@ impl Tuner {
                     window_us: base.window_us,
                     rate: delta.unwrap_or(0) as f64 / secs,
                     weight: base.weight,
+                    fixed_window: base.global,
                 });
             }
         }
@@ -327,6 +352,8 @@ impl Tuner {
         report.load = output.load;
         report.load_factor = output.load_factor;
         release.extend(output.forgotten);
+        let mut caps = Vec::new();
+        let mut uncapped = Vec::new();
         for obs in &observations {
             let (Some(want), Some(t)) = (
                 self.controller.desired(&obs.key),
@@ -334,6 +361,16 @@ impl Tuner {
             ) else {
                 continue;
             };
+            if obs.fixed_window {
+                // A global client: its entry keeps the policy's window and cold share.
+                if want.load_factor < 1.0 && want.allowance < obs.limit {
+                    caps.push((obs.key, want.allowance));
+                } else {
+                    uncapped.push(obs.key);
+                }
+                continue;
+            }
+            uncapped.push(obs.key);
             if (want.window_us, want.allowance) != (t.window_us, t.limit) {
                 slots.push(AdaptSlot {
                     key: obs.key,
@@ -344,12 +381,17 @@ impl Tuner {
                 });
             }
         }
-        for key in evicted {
-            self.tracked.remove(&key);
+        for key in &evicted {
+            self.tracked.remove(key);
             report.released += 1;
         }
         release.sort_unstable();
         release.dedup();
+        let clear = uncapped
+            .into_iter()
+            .chain(evicted)
+            .chain(release.iter().copied());
+        self.publish_caps(caps, clear);
         for &key in &release {
             self.tracked.remove(&key);
             report.released += 1;
@@ -394,6 +436,30 @@ impl Tuner {
         };
         self.maps.set_status(status)?;
         Ok(report)
+    }
+
+    /// Takes every published cap back (a period failed: the caps stop following the load, and
+    /// no cap is always safe).
+    pub fn clear_global_caps(&mut self) {
+        if !self.capped.is_empty() {
+            self.capped.clear();
+            self.caps.publish(HashMap::new());
+        }
+    }
+
+    /// Puts `set` into the caps and takes out those of `clear`; publishes them if that changed
+    /// anything.
+    fn publish_caps(&mut self, set: Vec<(ClientKey, u32)>, clear: impl Iterator<Item = ClientKey>) {
+        let mut changed = false;
+        for (client, cap) in set {
+            changed |= self.capped.insert(client, cap) != Some(cap);
+        }
+        for client in clear {
+            changed |= self.capped.remove(&client).is_some();
+        }
+        if changed {
+            self.caps.publish(self.capped.clone());
+        }
     }
 
     /// The controller's scale and smoothed utilisation of a tracked client.

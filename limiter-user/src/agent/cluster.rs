@@ -82,6 +82,7 @@ pub struct Member {
     maps: Arc<Mutex<ClusterMaps>>,
     /// API IDs of global policies that checks denied (hot, as dropped packets report addresses).
     hot_ids: Arc<HotIds>,
+    global_caps: Arc<crate::adaptive::GlobalCaps>,
     max_global_clients: usize,
     /// The running node, for the API's `Cluster.Status`.
     published: watch::Sender<Option<Node>>,
@@ -311,6 +312,7 @@ impl Member {
             incarnation_path: enrolment.incarnation_path,
             maps: Arc::new(Mutex::new(enrolment.maps)),
             hot_ids: enrolment.hot_ids,
+            global_caps: enrolment.global_caps,
             max_global_clients: enrolment.max_global_clients,
             published,
             counters: counters.clone(),
@@ -334,6 +336,8 @@ impl Member {
         prepared.node.set_datapath(Box::new(Maps {
             maps: self.maps.clone(),
             hot_ids: self.hot_ids.clone(),
+            caps: self.global_caps.clone(),
+            caps_seen: 0,
             primed: false,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
@@ -438,6 +442,8 @@ pub struct Enrolling {
     pub maps: ClusterMaps,
     /// The checker's API IDs of global policies that checks denied.
     pub hot_ids: Arc<HotIds>,
+    /// The adaptive loop's caps on global clients.
+    pub global_caps: Arc<crate::adaptive::GlobalCaps>,
     /// `--max-global-clients`.
     pub max_global_clients: usize,
 }
@@ -446,6 +452,9 @@ pub struct Enrolling {
 struct Maps {
     maps: Arc<Mutex<ClusterMaps>>,
     hot_ids: Arc<HotIds>,
+    caps: Arc<crate::adaptive::GlobalCaps>,
+    /// The version of `caps` last handed to enrolment.
+    caps_seen: u64,
     /// The clients already in `LIMITED` were offered as hot (at the node's first round: those a
     /// previous run, or the time before the node started, left there).
     primed: bool,
@@ -476,6 +485,12 @@ impl Datapath for Maps {
 
     fn entry(&self, client: &ClientKey) -> Option<ClientState> {
         self.lock().entry(client)
+    }
+
+    fn caps(&mut self) -> Option<std::collections::HashMap<ClientKey, u32>> {
+        let (version, caps) = self.caps.changed_since(self.caps_seen)?;
+        self.caps_seen = version;
+        Some(caps)
     }
 
     fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)> {

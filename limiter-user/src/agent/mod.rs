@@ -328,6 +328,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             incarnation_path,
             maps: cluster_maps,
             hot_ids,
+            global_caps: tuner.global_caps(),
             max_global_clients: opts.max_global_clients as usize,
         },
         cluster_tx,
@@ -500,15 +501,18 @@ fn spawn_adaptive(
                         failing = false;
                         tracing::debug!(?report, "adaptive period");
                     }
-                    // Once per outage: a period that fails leaves every entry as it was.
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::error!(
-                            "adaptive period failed: {}; entries keep their windows",
-                            crate::error_chain(&e)
-                        );
+                    // A period that fails leaves every entry as it was, and takes the caps on
+                    // global clients back; logged once per outage.
+                    Err(e) => {
+                        tuner.clear_global_caps();
+                        if !failing {
+                            failing = true;
+                            tracing::error!(
+                                "adaptive period failed: {}; entries keep their windows",
+                                crate::error_chain(&e)
+                            );
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         })

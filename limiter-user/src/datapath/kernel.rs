@@ -44,6 +44,8 @@ enum Probe {
     },
     /// Loading a program with a BPF_ATOMIC compare-and-exchange.
     AtomicCmpxchg,
+    /// The kernel's own BTF in sysfs.
+    KernelBtf,
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` and the offset of `map_fd` in `bpf_attr.batch`.
@@ -54,7 +56,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_PROG_LOAD: libc::c_long = 5;
 
 /// What the program and the agent use, oldest first.
-pub const FEATURES: [Feature; 10] = [
+pub const FEATURES: [Feature; 11] = [
     Feature {
         what: "XDP programs",
         since: (4, 8),
@@ -72,6 +74,13 @@ pub const FEATURES: [Feature; 10] = [
         since: (4, 11),
         commit: "b95a5c4db09b",
         probe: Probe::Map(MapType::LpmTrie),
+    },
+    Feature {
+        what: "kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF), by which the verifier \
+               types the context argument of the check and adapt programs' global functions",
+        since: (5, 4),
+        commit: "341dfcf8d78e",
+        probe: Probe::KernelBtf,
     },
     Feature {
         what: "the bpf_jiffies64 helper",
@@ -218,6 +227,22 @@ fn probe(probe: Probe) -> Result<bool, String> {
             }
         }
         Probe::AtomicCmpxchg => atomic_cmpxchg(),
+        Probe::KernelBtf => kernel_btf(),
+    }
+}
+
+/// Whether the kernel exposes its BTF: absent from a mounted sysfs means built without it; no
+/// sysfs at all (an unusual container) is a failed probe, which goes by the version.
+fn kernel_btf() -> Result<bool, String> {
+    match std::fs::metadata("/sys/kernel/btf/vmlinux") {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && std::path::Path::new("/sys/kernel").is_dir() =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(format!("/sys/kernel/btf/vmlinux: {e}")),
     }
 }
 
@@ -317,7 +342,7 @@ mod tests {
 
     #[test]
     fn the_message_names_what_is_missing_and_the_kernel_that_brings_it() {
-        let missing = vec![FEATURES[5], FEATURES[8]];
+        let missing = vec![FEATURES[6], FEATURES[9]];
         let error = KernelError::Missing {
             running: Some("5.4.0".into()),
             missing,
@@ -330,7 +355,7 @@ mod tests {
         );
         let error = KernelError::Missing {
             running: None,
-            missing: vec![FEATURES[7]],
+            missing: vec![FEATURES[8]],
         };
         assert!(error.to_string().starts_with(
             "this kernel lacks the bpf_ktime_get_coarse_ns helper (Linux 5.11, commit d05512618056)"

@@ -150,13 +150,15 @@ impl Collector for ClusterCollector {
                 "limiter_cluster_clients",
                 "Hot global clients by role: owned (this member splits the limit), learning (of \
                  those, in learning mode), held (this member reports demand and enforces \
-                 grants), granted (of those, with a grant in force)",
+                 grants), granted (of those, with a grant in force), capped (global clients \
+                 with a cap from the adaptive loop)",
                 MetricType::Gauge,
                 [
                     ("owned", e.owned),
                     ("learning", e.learning),
                     ("held", e.held),
                     ("granted", e.granted),
+                    ("capped", e.capped),
                 ]
                 .map(|(role, n)| (vec![("role", role.to_string())], ConstGauge::new(n))),
             )?;

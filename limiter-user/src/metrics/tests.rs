@@ -568,6 +568,7 @@ fn member_status() -> crate::proto::ClusterStatus {
             unwritten: 3,
             learning: 1,
             raises_lapsed: 5,
+            capped: 4,
         }),
         traffic: Some(ClusterTraffic {
             rounds: 1200,
@@ -641,6 +642,10 @@ fn a_cluster_member_exports_its_sync_and_enrolment() {
     assert_eq!(
         value("limiter_cluster_clients", Some(("role", "granted"))),
         Some(7.0)
+    );
+    assert_eq!(
+        value("limiter_cluster_clients", Some(("role", "capped"))),
+        Some(4.0)
     );
     assert_eq!(
         value("limiter_cluster_raises_lapsed_total", None),

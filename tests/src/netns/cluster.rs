@@ -173,6 +173,7 @@ impl ClusterNet {
             (1..=MAX_CLUSTER_CLIENTS).contains(&clients),
             "a ClusterNet has 1 to {MAX_CLUSTER_CLIENTS} clients, not {clients}"
         );
+        super::sweep_stale();
         let pid = std::process::id();
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut node_list = Vec::with_capacity(nodes);

@@ -155,6 +155,7 @@ impl TestNet {
     /// Creates both namespaces, the veth pair, the addresses and the neighbour entries, and
     /// waits until the link is up at both ends.
     pub fn new() -> Result<TestNet> {
+        sweep_stale();
         let pid = std::process::id();
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         // "lt" + pid (<= 7 digits) + "s"/"r" + n: short and unique on this machine.
@@ -286,6 +287,59 @@ impl Drop for TestNet {
     }
 }
 
+/// Deletes the namespaces an earlier test process of this crate left behind, and kills what
+/// still runs in them. Dropping a network cleans up after a failure or a panic, but a process
+/// ended by a signal (a `timeout`, an interrupted run) runs no destructor, and its namespaces
+/// (named by its pid, see [`namespace_owner`]) would stay until the machine restarts. Once per
+/// process, before its first network.
+pub(crate) fn sweep_stale() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let Ok(entries) = fs::read_dir("/run/netns") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = namespace_owner(&name) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            // Agents the dead process started: no longer anyone's children, so only killed.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: a plain syscall.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            eprintln!("note: deleting namespace {name}, left by test process {pid}");
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    });
+}
+
+/// The pid in the name of a namespace this crate's networks make (`lt`/`lc` + pid + `s`/`r` +
+/// a number), if `name` is one.
+fn namespace_owner(name: &str) -> Option<u32> {
+    let rest = name
+        .strip_prefix("lt")
+        .or_else(|| name.strip_prefix("lc"))?;
+    let end = rest.find(['s', 'r'])?;
+    let (pid, tail) = rest.split_at(end);
+    let n = &tail[1..];
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    (digits(pid) && digits(n))
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
 /// What dropping a network does: kills the agents still in `agents` (a guard leaked, or the
 /// test panicked before dropping it: an agent holds the namespace, and its interface, alive),
 /// deletes the namespaces in `namespaces` (last first), which destroys their veth pairs, and
@@ -393,4 +447,20 @@ pub fn link_packets(ns: &str, dev: &str, direction: &str) -> Result<u64> {
 /// `/sys/fs/bpf/limiter/IFACE`, where the agent pins its maps.
 pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/limiter").join(iface)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::namespace_owner;
+
+    #[test]
+    fn only_this_crates_namespaces_name_an_owner() {
+        assert_eq!(namespace_owner("lt4242s3"), Some(4242));
+        assert_eq!(namespace_owner("lc21159r6"), Some(21159));
+        for other in [
+            "vt", "lt", "lts1", "lt12x3", "lt12s", "lc12r3x", "ltabcs1", "ns1",
+        ] {
+            assert_eq!(namespace_owner(other), None, "{other}");
+        }
+    }
 }

@@ -128,6 +128,8 @@ pub struct Counts {
     /// Raises held here that ran out before a newer grant came: the kernel went back to the
     /// cold share on its own.
     pub raises_lapsed: u64,
+    /// Global clients the adaptive loop caps here (`crate::adaptive::global`).
+    pub capped: u64,
 }
 
 /// One global client as a member sees it.
@@ -159,6 +161,9 @@ struct Written {
     seq: Option<u64>,
     /// The silence limit the holder keeps it under (stored with it in the maps).
     silence: Duration,
+    /// Adopted from a previous run (`Enrolment::adopt`) and not replaced since: kept while
+    /// `adopted_until` runs, and never raised by a cap meanwhile.
+    adopted: bool,
 }
 
 /// A grant the maps held at start (a previous run's, pinned).
@@ -220,6 +225,10 @@ pub struct Enrolment {
     written: HashMap<ClientKey, Written>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
+    /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
+    /// for a client is at most its cap (a client held or not), and a held client's demand is
+    /// reported as at most its cap.
+    caps: HashMap<ClientKey, u32>,
     refused: u64,
     foreign: u64,
     unwritten: u64,
@@ -241,6 +250,7 @@ impl Enrolment {
             pending: HashMap::new(),
             written: HashMap::new(),
             adopted_until: None,
+            caps: HashMap::new(),
             refused: 0,
             foreign: 0,
             unwritten: 0,
@@ -270,6 +280,7 @@ impl Enrolment {
                     until: g.until,
                     seq: None,
                     silence: g.silence.unwrap_or(silence),
+                    adopted: true,
                 },
             );
             // The owner counts a cut until *its* silence limit has passed: keep every adopted
@@ -277,6 +288,12 @@ impl Enrolment {
             silence = silence.max(g.silence.unwrap_or_default());
         }
         self.adopted_until = Some(now + silence);
+    }
+
+    /// Takes the adaptive loop's caps (all of them; see the `caps` field). They reach the
+    /// datapath with the next writes, and the reports with the next round.
+    pub fn set_caps(&mut self, caps: HashMap<ClientKey, u32>) {
+        self.caps = caps;
     }
 
     fn number(&mut self, now: Duration) -> u64 {
@@ -512,6 +529,10 @@ impl Enrolment {
                 continue;
             };
             held.demand = demand(&held.samples, now, policy.window);
+            if let Some(&cap) = self.caps.get(client) {
+                // What this node would admit of more: the owner gives the rest to others.
+                held.demand = held.demand.min(cap);
+            }
             if let Some((value, Some(until))) = held.holder.in_force(now)
                 && until <= now
                 && value > policy.cold
@@ -661,15 +682,19 @@ impl Enrolment {
         self.unwritten(&refused);
     }
 
-    /// The grant changes since the last call.
+    /// The grant changes since the last call. A capped client gets at most its cap: below what
+    /// its owner granted (which the owner goes on counting, so the sum stays safe), or, not
+    /// held, as a cut of its cold share written by this node alone (no lease: a cap is below
+    /// the cold share, and `Grant::limit_at` keeps a value below it with or without one).
     fn writes(&mut self, now: Duration) -> Vec<Write> {
-        let desired: HashMap<ClientKey, Written> = self
+        let mut desired: HashMap<ClientKey, Written> = self
             .held
             .iter()
             .filter_map(|(client, held)| {
                 let (value, until) = held.holder.in_force(now)?;
                 let seq = held.holder.in_force_seq(now);
                 let silence = held.holder.silence_limit();
+                let value = self.caps.get(client).map_or(value, |&cap| value.min(cap));
                 Some((
                     *client,
                     Written {
@@ -677,16 +702,56 @@ impl Enrolment {
                         until,
                         seq,
                         silence,
+                        adopted: false,
                     },
                 ))
             })
             .collect();
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
+        // Grants written for caps alone fit in what `GRANTS` has left after the held clients
+        // (it holds `capacity` entries, never evicted): a held client's grant is never refused
+        // for a cap's. A capped client left out keeps its share (safe).
+        for (client, &cap) in &self.caps {
+            if desired.contains_key(client) {
+                continue;
+            }
+            if desired.len() >= self.capacity {
+                break;
+            }
+            // An adopted grant (a previous run's, which its owner may still count) is never
+            // raised by a cap while it is kept: the lower of the two holds.
+            let adopted = self
+                .written
+                .get(client)
+                .filter(|w| w.adopted && keep_adopted);
+            desired.insert(
+                *client,
+                match adopted {
+                    Some(w) if w.value <= cap => *w,
+                    Some(w) => Written {
+                        value: cap,
+                        until: None,
+                        ..*w
+                    },
+                    None => Written {
+                        value: cap,
+                        until: None,
+                        seq: None,
+                        silence: self.timing.silence(),
+                        adopted: false,
+                    },
+                },
+            );
+        }
+        // While adopted grants are kept, only what this run wrote itself is cleared.
         let mut writes: Vec<Write> = self
             .written
-            .keys()
-            .filter(|client| !desired.contains_key(*client) && !keep_adopted)
-            .map(|client| Write::Clear(*client))
+            .iter()
+            .filter(|(client, w)| {
+                let kept = keep_adopted && w.adopted;
+                !kept && !desired.contains_key(*client)
+            })
+            .map(|(client, _)| Write::Clear(*client))
             .collect();
         for (client, want) in &desired {
             match self.written.get_mut(client) {
@@ -753,6 +818,7 @@ impl Enrolment {
                     until: None,
                     seq: None,
                     silence: self.timing.silence(),
+                    adopted: false,
                 },
             );
         }
@@ -776,6 +842,7 @@ impl Enrolment {
                 .filter(|o| o.ledger.is_learning(now))
                 .count() as u64,
             raises_lapsed: self.raises_lapsed,
+            capped: self.caps.len() as u64,
         }
     }
 

@@ -992,3 +992,98 @@ fn demand_stays_the_windows_through_chance_wobbles() {
     // The window's rate (the wobble's part in it: 402), not the last rounds' 410.
     assert_eq!(demand(&wobbly, now, window), 402);
 }
+
+/// An overloaded member's adaptive cap (issue 12, "Adaptive windows"; `crate::adaptive::global`):
+/// it enforces at most its cap and reports at most its cap as demand, so the owner gives the
+/// rest of L to the members with room; once the cap is lifted the shares come back. The sum in
+/// force stays ≤ L throughout. Without the demand cap, the others would stay at about a third
+/// of L; without the write cap, node 0 would enforce its grant.
+#[test]
+fn an_adaptive_cap_holds_a_member_down_and_frees_the_rest_for_the_others() {
+    let mut sim = Sim::new(3, 0);
+    let rates = [40, 40, 40];
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    let cap = 4;
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, cap)]));
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+        assert!(sim.enforced(0) <= cap, "round {round}: {}", sim.enforced(0));
+    }
+    let others = sim.enforced(1) + sim.enforced(2);
+    assert!(others >= L - cap - 2, "the others got {others} of {L}");
+    sim.nodes[0].set_caps(HashMap::new());
+    for round in 0..100 {
+        sim.step(&rates);
+        assert!(sim.total() <= L, "round {round}: {}", sim.total());
+    }
+    assert!(
+        sim.enforced(0) >= sim.cold() - 1,
+        "back: {}",
+        sim.enforced(0)
+    );
+}
+
+/// A capped client that is not enrolled (under its cold share everywhere) gets the cap written
+/// as a cut of its own, with no lease; lifting the cap clears it.
+#[test]
+fn an_adaptive_cap_on_a_client_not_enrolled_is_a_cut_of_its_own() {
+    let mut sim = Sim::new(3, 0);
+    let rates = [5, 5, 5];
+    for _ in 0..20 {
+        sim.step(&rates);
+    }
+    assert_eq!(sim.grants[0], None);
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 3)]));
+    sim.step(&rates);
+    assert_eq!(sim.grants[0], Some((3, None)));
+    assert_eq!(sim.enforced(0), 3);
+    assert!(!sim.nodes[0].holds(&CLIENT));
+    sim.nodes[0].set_caps(HashMap::new());
+    sim.step(&rates);
+    assert_eq!(sim.grants[0], None);
+}
+
+/// A cap never raises a grant adopted from a previous run while it is kept (its owner may still
+/// count it, and others' raises granted against it may not have lapsed): the lower holds.
+#[test]
+fn an_adaptive_cap_never_raises_an_adopted_cut() {
+    let mut sim = Sim::new(3, 0);
+    let now = sim.now;
+    sim.nodes[0].adopt(
+        now,
+        [PinnedGrant {
+            client: CLIENT,
+            value: 2,
+            until: None,
+            silence: None,
+        }],
+    );
+    sim.grants[0] = Some((2, None));
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 8)]));
+    for round in 0..10 {
+        sim.step(&[5, 5, 5]);
+        assert_eq!(sim.grants[0], Some((2, None)), "round {round}");
+    }
+    // A cap below the adopted cut applies.
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], Some((1, None)));
+}
+
+/// A cap lifted while adopted grants are kept is cleared at once: only adopted grants wait.
+#[test]
+fn a_lifted_cap_is_cleared_while_adopted_grants_are_kept() {
+    let mut sim = Sim::new(3, 0);
+    let now = sim.now;
+    sim.nodes[0].adopt(now, []);
+    sim.nodes[0].set_caps(HashMap::from([(CLIENT, 3)]));
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], Some((3, None)));
+    sim.nodes[0].set_caps(HashMap::new());
+    sim.step(&[5, 5, 5]);
+    assert_eq!(sim.grants[0], None);
+}

@@ -41,6 +41,11 @@ pub trait Datapath: Send {
     fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)>;
     /// The grants the maps hold (at start: those a previous run left).
     fn grants(&self) -> Result<Vec<PinnedGrant>, GrantsError>;
+    /// The adaptive loop's caps on global clients (`crate::adaptive::global`), if they changed
+    /// since the last call.
+    fn caps(&mut self) -> Option<HashMap<ClientKey, u32>> {
+        None
+    }
 }
 
 /// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: leases written for the kernel are on it.
@@ -132,6 +137,9 @@ pub fn round(shared: &Shared) {
     // taken while no round can split is kept (`Enrolment::defer`), not left in the ring, which
     // would overflow during a long partition.
     let hot = datapath.hot();
+    if let Some(caps) = datapath.caps() {
+        shared.enrolment().set_caps(caps);
+    }
     let out = if snapshot.splitting {
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
         let entries: HashMap<ClientKey, Option<ClientState>> = held

@@ -528,6 +528,7 @@ impl Node {
                 unwritten: counts.unwritten,
                 learning: counts.learning,
                 raises_lapsed: counts.raises_lapsed,
+                capped: counts.capped,
             }),
             traffic: Some(self.shared.traffic.to_proto()),
         }
