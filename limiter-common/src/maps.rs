@@ -357,11 +357,21 @@ pub const fn hot_count(limit: u32) -> u32 {
     (limit as u64 * 4).div_ceil(5) as u32
 }
 
+/// Whether a window's count going from `before` to `after` crosses [`hot_count`] of `limit`:
+/// `before < ⌈0.8 · limit⌉ ≤ after`, computed without a division (for integer counts,
+/// `c ≥ ⌈4·limit/5⌉` exactly when `5·c ≥ 4·limit`; all in u64, which holds `5 · u32::MAX`). The
+/// fast path's test, on the one admission that takes the count there.
+#[inline(always)]
+pub const fn crosses_hot(before: u32, after: u32, limit: u32) -> bool {
+    let at = limit as u64 * 4;
+    (before as u64 * 5) < at && (after as u64 * 5) >= at
+}
+
 /// Whether `hits` admitted at `now_ns` took an entry's count in the current window from below
-/// [`hot_count`] of `limit` (the share in force) to at or above it: the crossing the fast path
-/// reports once per window, computed by the agent from a check's reply (`slots` after the
-/// decision). A check admitted on another CPU in between may take the crossing from both: the
-/// next window's brings it.
+/// [`hot_count`] of `limit` (the share in force) to at or above it ([`crosses_hot`]): the
+/// crossing the fast path reports once per window, computed by the agent from a check's reply
+/// (`slots` after the decision). A check admitted on another CPU in between may take the
+/// crossing from both: the next window's brings it.
 pub fn grew_hot(
     slots: &[u64; 2],
     now_ns: u64,
@@ -370,8 +380,7 @@ pub fn grew_hot(
     hits: u32,
 ) -> bool {
     let (_, count) = crate::window::counts(slots, now_ns / window_ns);
-    let at = hot_count(limit);
-    hits != 0 && count >= at && count.saturating_sub(hits) < at
+    hits != 0 && crosses_hot(count.saturating_sub(hits), count, limit)
 }
 
 /// Words of the `GLOBAL_POLICIES` bitmap: one bit for each policy id up to [`MAX_POLICY_ID`].
@@ -722,6 +731,23 @@ mod tests {
             let hot = hot_count(limit);
             assert!(5 * u64::from(hot) >= 4 * u64::from(limit));
             assert!(hot == 0 || 5 * u64::from(hot - 1) < 4 * u64::from(limit));
+        }
+    }
+
+    #[test]
+    fn crossing_without_a_division_agrees_with_the_hot_count() {
+        for limit in (0..2_000u32).chain([u32::MAX - 1, u32::MAX]) {
+            let at = hot_count(limit);
+            for before in [0, at.saturating_sub(2), at.saturating_sub(1), at, at + 1] {
+                for after in [before, before + 1, at, at + 1, limit] {
+                    let expected = before < at && after >= at;
+                    assert_eq!(
+                        crosses_hot(before, after, limit),
+                        expected,
+                        "limit {limit}, {before} → {after}"
+                    );
+                }
+            }
         }
     }
 
