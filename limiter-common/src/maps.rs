@@ -319,19 +319,91 @@ pub struct CheckReply {
     pub _pad: u32,
 }
 
+/// A slot of a check frame as the program leaves it: the request, whose key the program
+/// overwrites for an address with the key of its client's entry (the address's own, or its
+/// group's), and the reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckSlot {
+    pub request: CheckRequest,
+    pub reply: CheckReply,
+}
+
 /// `MapConfig::flags`: adaptive windows are on; the fast path reports newly active clients to the
 /// agent through `ACTIVE`.
 pub const CONFIG_ADAPTIVE: u32 = 1;
-/// `MapConfig::flags`: the agent is a cluster member enforcing global policies. The fast path
-/// pushes the key of each client it moves into `LIMITED` (over its limit) to `HOT`, and decides
-/// clients that have an entry in `GRANTS` with the allowance the grant gives.
+/// `MapConfig::flags`: the agent is a cluster member enforcing global policies. The programs
+/// push the key of a client of a global policy (`GLOBAL_POLICIES`) to `HOT` when it grows hot
+/// (see [`hot_count`]), and decide clients that have an entry in `GRANTS` with the allowance the
+/// grant gives.
 pub const CONFIG_CLUSTER: u32 = 2;
 
-/// Size of the `HOT` ring buffer: the key of each client the fast path moves into `LIMITED`
-/// while `CONFIG_CLUSTER` is set, for the agent's cluster enrolment (24 bytes a record: 10,922
-/// moves between two reads, one sync interval apart). A refused push is not retried: the agent
-/// also finds global clients in `LIMITED` when it starts.
+/// Size of the `HOT` ring buffer: the keys of the global clients the programs report hot while
+/// `CONFIG_CLUSTER` is set, for the agent's cluster enrolment (24 bytes a record: 10,922 notices
+/// between two reads, one sync interval apart). A client is reported when its count in a window
+/// reaches [`hot_count`] of its share in force (once per window: the one admission that takes
+/// the count there), when a packet of it moves its entry into `LIMITED`, and on its first
+/// denial and one in 256 after that in an entry that does not move. A refused push is not
+/// retried: the next window's crossing reports the client again, and the agent also finds
+/// global clients in `LIMITED` when it starts.
 pub const HOT_RING_BYTES: u32 = 1 << 18;
+
+/// The count in one window at which a client of a global policy grows hot on this node: 0.8 of
+/// the share in force (`limit`), rounded up, so that its owner can enrol it, and give it slack,
+/// before it loses a packet. 0 for a `limit` of 0 (a count never crosses it).
+#[inline(always)]
+pub const fn hot_count(limit: u32) -> u32 {
+    // ⌈4·limit / 5⌉; `4 · u32::MAX` fits a u64.
+    (limit as u64 * 4).div_ceil(5) as u32
+}
+
+/// Whether a window's count going from `before` to `after` crosses [`hot_count`] of `limit`:
+/// `before < ⌈0.8 · limit⌉ ≤ after`, computed without a division (for integer counts,
+/// `c ≥ ⌈4·limit/5⌉` exactly when `5·c ≥ 4·limit`; all in u64, which holds `5 · u32::MAX`). The
+/// fast path's test, on the one admission that takes the count there.
+#[inline(always)]
+pub const fn crosses_hot(before: u32, after: u32, limit: u32) -> bool {
+    let at = limit as u64 * 4;
+    (before as u64 * 5) < at && (after as u64 * 5) >= at
+}
+
+/// Whether `hits` admitted at `now_ns` took an entry's count in the current window from below
+/// [`hot_count`] of `limit` (the share in force) to at or above it ([`crosses_hot`]): the
+/// crossing the fast path reports once per window, computed by the agent from a check's reply
+/// (`slots` after the decision). A check admitted on another CPU in between may take the
+/// crossing from both: the next window's brings it.
+pub fn grew_hot(
+    slots: &[u64; 2],
+    now_ns: u64,
+    window_ns: core::num::NonZeroU64,
+    limit: u32,
+    hits: u32,
+) -> bool {
+    let (_, count) = crate::window::counts(slots, now_ns / window_ns);
+    hits != 0 && crosses_hot(count.saturating_sub(hits), count, limit)
+}
+
+/// Words of the `GLOBAL_POLICIES` bitmap: one bit for each policy id up to [`MAX_POLICY_ID`].
+pub const GLOBAL_POLICY_WORDS: usize = (MAX_POLICY_ID as usize + 1) / 64;
+
+/// The value of `GLOBAL_POLICIES`' one entry, written by the agent with the policies: bit
+/// `id % 64` of word `id / 64` is set for each global `limit` policy. The programs read it only
+/// when a client grows hot, to report to `HOT` the clients the cluster splits and no other.
+pub type GlobalPolicies = [u64; GLOBAL_POLICY_WORDS];
+
+/// Whether policy `id` is global in `bits` (ids above [`MAX_POLICY_ID`] are read modulo it, as
+/// the entries store them).
+#[inline(always)]
+pub fn is_global(bits: &GlobalPolicies, id: u16) -> bool {
+    let id = (id & MAX_POLICY_ID) as usize;
+    (bits[(id >> 6) & (GLOBAL_POLICY_WORDS - 1)] >> (id & 63)) & 1 != 0
+}
+
+/// Sets policy `id`'s bit in `bits` (see [`is_global`]).
+pub fn set_global(bits: &mut GlobalPolicies, id: u16) {
+    let id = (id & MAX_POLICY_ID) as usize;
+    bits[(id >> 6) & (GLOBAL_POLICY_WORDS - 1)] |= 1 << (id & 63);
+}
 
 /// A global client's allowance from its owner in the cluster: the value of `GRANTS`, keyed like
 /// the client's entry. The fast path decides the client with [`Grant::limit_at`] instead of the
@@ -584,6 +656,8 @@ const _: () = assert!(size_of::<AdaptiveStatus>() == 24);
 const _: () = assert!(size_of::<GlobalStats>() == 80);
 const _: () = assert!(size_of::<CheckRequest>() == 40);
 const _: () = assert!(size_of::<CheckReply>() == 56);
+const _: () = assert!(size_of::<GlobalPolicies>() == 4096);
+const _: () = assert!(size_of::<CheckSlot>() == CHECK_SLOT_LEN);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -601,6 +675,8 @@ mod pod {
     unsafe impl aya::Pod for super::CheckRequest {}
     // SAFETY: `CheckReply` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::CheckReply {}
+    // SAFETY: `CheckSlot` is two such structs, without padding (see above).
+    unsafe impl aya::Pod for super::CheckSlot {}
     // SAFETY: `AdaptSlot` is repr(C) integers without padding (see above).
     unsafe impl aya::Pod for super::AdaptSlot {}
     // SAFETY: `#[repr(C)]`, only integers and a `ClientState`, no padding (64 bytes, asserted).
@@ -635,6 +711,85 @@ mod tests {
         assert_eq!((s.policy(), s.generation_tag(), s.flags()), (0x7abc, 5, 0));
         assert!(s.is_current(0x1_8005) && s.is_current(5) && !s.is_current(6));
         assert_eq!((s.total_passed(), s.dropped_count()), (0, 0));
+    }
+
+    #[test]
+    fn the_hot_count_is_four_fifths_rounded_up() {
+        for (limit, hot) in [
+            (0, 0),
+            (1, 1),
+            (4, 4),
+            (5, 4),
+            (10, 8),
+            (11, 9),
+            (1000, 800),
+        ] {
+            assert_eq!(hot_count(limit), hot, "limit {limit}");
+        }
+        assert_eq!(hot_count(u32::MAX), 3_435_973_836);
+        for limit in 0..10_000u32 {
+            let hot = hot_count(limit);
+            assert!(5 * u64::from(hot) >= 4 * u64::from(limit));
+            assert!(hot == 0 || 5 * u64::from(hot - 1) < 4 * u64::from(limit));
+        }
+    }
+
+    #[test]
+    fn crossing_without_a_division_agrees_with_the_hot_count() {
+        for limit in (0..2_000u32).chain([u32::MAX - 1, u32::MAX]) {
+            let at = hot_count(limit);
+            for before in [0, at.saturating_sub(2), at.saturating_sub(1), at, at + 1] {
+                for after in [before, before + 1, at, at + 1, limit] {
+                    let expected = before < at && after >= at;
+                    assert_eq!(
+                        crosses_hot(before, after, limit),
+                        expected,
+                        "limit {limit}, {before} → {after}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_check_grows_hot_once_a_window() {
+        use crate::window::admit;
+        use core::num::NonZeroU64 as WindowNs;
+        let w = WindowNs::new(1_000_000_000).unwrap();
+        let mut slots = [0u64; 2];
+        let t = 7 * w.get() + 1;
+        // Share 10: hot at the 8th hit, and only there.
+        let (mut hot, mut at) = (0, 0);
+        for i in 1..=10 {
+            assert!(admit(&mut slots, t, w, 10, 1));
+            if grew_hot(&slots, t, w, 10, 1) {
+                hot += 1;
+                at = i;
+            }
+        }
+        assert_eq!((hot, at), (1, 8));
+        // A batch that jumps over 8 crosses too; a read never does.
+        let mut slots = [0u64; 2];
+        assert!(admit(&mut slots, t, w, 10, 5) && !grew_hot(&slots, t, w, 10, 5));
+        assert!(admit(&mut slots, t, w, 10, 4) && grew_hot(&slots, t, w, 10, 4));
+        assert!(!grew_hot(&slots, t, w, 10, 0));
+        // A later window starts below it again.
+        let next = t + 2 * w.get();
+        assert!(admit(&mut slots, next, w, 10, 8) && grew_hot(&slots, next, w, 10, 8));
+    }
+
+    #[test]
+    fn the_global_policy_bits_name_each_id() {
+        let mut bits = [0u64; GLOBAL_POLICY_WORDS];
+        for id in [0, 1, 63, 64, 4097, MAX_POLICY_ID] {
+            assert!(!is_global(&bits, id));
+            set_global(&mut bits, id);
+            assert!(is_global(&bits, id));
+        }
+        let set = (0..=MAX_POLICY_ID)
+            .filter(|&id| is_global(&bits, id))
+            .count();
+        assert_eq!(set, 6);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
+    addr::ClientKey,
     maps::{
         CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET,
         CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED,
@@ -117,26 +118,38 @@ pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
         return 1;
     };
     let offset = CHECK_REQUEST_OFFSET + index * CHECK_SLOT_LEN;
-    let Some(request) = read::<CheckRequest>(&ctx, offset) else {
+    let Some(request_at) = ptr_at::<CheckRequest>(&ctx, offset) else {
         return 1;
     };
+    // SAFETY: `ptr_at` checked that the request lies inside the frame.
+    let request = unsafe { request_at.read_unaligned() };
     let Some(reply) = ptr_at::<CheckReply>(&ctx, offset + size_of::<CheckRequest>()) else {
         return 1;
     };
     let mut counted = GlobalStats::default();
     let done = check_one(&request, reply.cast_mut(), config, &mut counted);
     count_check(&counted);
-    if done.is_none() { 1 } else { 0 }
+    let Some(key) = done else {
+        return 1;
+    };
+    // The key of the client's entry over the request's (see `check_one`), once its paths have
+    // joined: written inside them, the verifier would explore the store once for each.
+    // SAFETY: `ptr_at` checked that the request lies inside the frame.
+    unsafe { (&raw mut (*request_at.cast_mut()).key).write_unaligned(key) };
+    0
 }
 
-/// Decides one check and writes its reply.
+/// Decides one check and writes its reply; returns the key of the client's entry (an ID's, an
+/// address's own or its group's), which `check_slot` writes over the request's key in the frame
+/// for the agent to report a global client that grows hot through the API (see `Checker`'s hot
+/// notices).
 #[inline(always)]
 fn check_one(
     request: &CheckRequest,
     reply: *mut CheckReply,
     config: &MapConfig,
     counted: &mut GlobalStats,
-) -> Option<()> {
+) -> Option<ClientKey> {
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
@@ -263,5 +276,5 @@ fn check_one(
             _pad: 0,
         })
     };
-    Some(())
+    Some(key)
 }

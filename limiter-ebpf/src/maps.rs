@@ -10,7 +10,7 @@ use aya_ebpf::{
 use limiter_common::{
     AdaptiveStatus, ClientState, GlobalStats, Grant, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
-    maps::{ACTIVE_RING_BYTES, HOT_RING_BYTES},
+    maps::{ACTIVE_RING_BYTES, GlobalPolicies, HOT_RING_BYTES},
 };
 
 /// Dynamic clients (default or prefix policies). The agent sets the real size at load time
@@ -81,7 +81,12 @@ static ADAPTIVE: Array<AdaptiveStatus> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static GRANTS: HashMap<ClientKey, Grant> = HashMap::with_max_entries(1 << 16, 0);
 
-/// Keys of clients moved into `LIMITED` while `CONFIG_CLUSTER` is set, for the agent's cluster
-/// enrolment (see `CONFIG_CLUSTER`).
+/// Keys of global clients grown hot while `CONFIG_CLUSTER` is set, for the agent's cluster
+/// enrolment (see `HOT_RING_BYTES` and `entry::report_hot`).
 #[map]
 pub(crate) static HOT: RingBuf = RingBuf::with_byte_size(HOT_RING_BYTES, 0);
+
+/// Which policies are global (`limiter_common::maps::GlobalPolicies`), written by the agent with
+/// the policies; read only when a client grows hot, to report global clients alone.
+#[map]
+pub(crate) static GLOBAL_POLICIES: Array<GlobalPolicies> = Array::with_max_entries(1, 0);

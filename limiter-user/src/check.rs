@@ -23,8 +23,8 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, Policy,
     addr::{ClientKey, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_STATIC, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT,
-        VERDICT_OVERFLOW, VERDICT_WRITTEN,
+        ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_STATIC, CheckSlot, VERDICT_ALLOWED,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN, grew_hot,
     },
     window,
 };
@@ -202,15 +202,17 @@ pub struct Checker {
     /// What the shares of global limits derive from now (cluster membership), for callers that
     /// bring limits of their own (Envoy's rate limit service).
     shares: RwLock<ShareView>,
-    /// API IDs under a global policy that a check denied, for the cluster's enrolment.
+    /// Clients of global policies that checks found hot, for the cluster's enrolment.
     hot: Arc<HotIds>,
 }
 
-/// API IDs under a global policy that checks denied since the cluster's enrolment last took
-/// them: the fast path reports clients hot when their packets are dropped, but an ID has no
-/// packets, and checks must not report through the kernel's ring (a check-role caller could fill
-/// it). Each ID once until taken; at most [`HotIds::CAPACITY`] (more are dropped, and come again
-/// with their next denial).
+/// Clients (API IDs and addresses, by the key of their entry) under a global policy that checks
+/// found hot since the cluster's enrolment last took them: admitted hits that took the count in
+/// a window to 0.8 of the share in force (`limiter_common::maps::grew_hot`, the fast path's
+/// trigger for packets), or a denial of an ID. The programs report packets on the kernel's ring;
+/// checks are noted here instead, so a check-role caller cannot fill the ring. Each key once
+/// until taken; at most [`HotIds::CAPACITY`] (more are dropped, and come again with their next
+/// window's crossing or denial).
 #[derive(Default)]
 pub struct HotIds(std::sync::Mutex<std::collections::HashSet<ClientKey>>);
 
@@ -242,7 +244,7 @@ impl Checker {
         }
     }
 
-    /// The API IDs under global policies that checks denied (see [`HotIds`]).
+    /// The clients of global policies that checks found hot (see [`HotIds`]).
     pub fn hot_ids(&self) -> Arc<HotIds> {
         Arc::clone(&self.hot)
     }
@@ -302,30 +304,27 @@ impl Checker {
     ) -> Result<Vec<Decision>, CheckError> {
         let mut out = Vec::with_capacity(all.len());
         let mut frame = TestRunFrame::new(CHECK_FRAME);
-        let mut replies = Vec::with_capacity(frame.batch());
+        let mut slots = Vec::with_capacity(frame.batch());
         for requests in all.chunks(frame.batch()) {
-            let ret = frame.run_into::<CheckRequest, CheckReply>(
+            // The whole slot: the program writes an address's entry key over the request's.
+            let ret = frame.run_into::<CheckRequest, CheckSlot>(
                 self.prog.as_fd(),
                 requests,
-                size_of::<CheckRequest>(),
-                &mut replies,
+                0,
+                &mut slots,
             )?;
             if ret != XDP_PASS {
                 return Err(CheckError::Rejected(ret));
             }
-            for (reply, request) in replies.iter().zip(requests) {
+            for (slot, request) in slots.iter().zip(requests) {
+                let reply = &slot.reply;
                 if reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }
                 let d = decision(reply, request.hits, view);
-                // An ID's entry is keyed by the ID (an address's may be its group's, which the
-                // reply does not say: addresses are reported by their dropped packets).
-                if request.flags & CHECK_NAMED != 0
-                    && request.hits > 0
-                    && d.global_limit.is_some()
-                    && (!d.allowed || d.dry_run_denied)
-                {
-                    self.hot.note(request.key);
+                if d.global_limit.is_some() && hot_check(reply, request, &d) {
+                    // An ID's entry is keyed by the ID, an address's by what the program found.
+                    self.hot.note(slot.request.key);
                 }
                 out.push(d);
             }
@@ -446,6 +445,19 @@ fn coarse_tick() -> Duration {
     })
 }
 
+/// Whether a check of a global client found it hot (see [`HotIds`]): its admitted hits crossed
+/// 0.8 of the share in force, or an ID was denied.
+fn hot_check(reply: &CheckReply, request: &CheckRequest, d: &Decision) -> bool {
+    let s = &reply.state;
+    let admitted = reply.verdict & VERDICT_ALLOWED != 0;
+    let crossed = admitted
+        && NonZeroU64::new(u64::from(s.window_us) * 1000)
+            .is_some_and(|w| grew_hot(&s.slots, reply.now_ns, w, s.limit, request.hits));
+    let denied_id =
+        request.flags & CHECK_NAMED != 0 && request.hits > 0 && (!d.allowed || d.dry_run_denied);
+    crossed || denied_id
+}
+
 /// Interprets the program's reply.
 pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
     let s: &ClientState = &reply.state;
@@ -549,6 +561,48 @@ policies:
             verdict: verdict | VERDICT_WRITTEN,
             _pad: 0,
         }
+    }
+
+    /// A check of a global client is noted hot when its admitted hits take the count in the
+    /// window to 0.8 of the share in force (an address too, by the key the program echoes), or
+    /// when an ID is denied; not below it, not for a read.
+    #[test]
+    fn a_check_that_crosses_four_fifths_of_the_share_is_hot() {
+        let config = Config::parse(CONFIG).expect("valid config");
+        let v = PolicyView::new(&config);
+        let window = 1_000_000_000u64;
+        let now = 42 * window + 5;
+        let at = |count: u32, verdict: u32| {
+            let mut r = reply(&config, 0, verdict);
+            r.state.limit = 10;
+            r.state.window_us = 1_000_000;
+            r.state.slots[window::slot_of(42)] = window::slot(42, count);
+            r.now_ns = now;
+            r
+        };
+        let address = CheckRequest {
+            hits: 1,
+            ..CheckRequest::default()
+        };
+        let hot = |r: &CheckReply, q: &CheckRequest| {
+            let d = decision(r, q.hits, &v);
+            hot_check(r, q, &d)
+        };
+        assert!(hot(&at(8, VERDICT_ALLOWED), &address));
+        assert!(!hot(&at(7, VERDICT_ALLOWED), &address));
+        assert!(!hot(&at(9, VERDICT_ALLOWED), &address));
+        let read = CheckRequest { hits: 0, ..address };
+        assert!(!hot(&at(8, VERDICT_ALLOWED), &read));
+        // Three hits from 6 to 9 cross 8.
+        let three = CheckRequest { hits: 3, ..address };
+        assert!(hot(&at(9, VERDICT_ALLOWED), &three));
+        // A denied address is left to its packets; a denied ID is noted.
+        assert!(!hot(&at(10, 0), &address));
+        let id = CheckRequest {
+            flags: CHECK_NAMED,
+            ..address
+        };
+        assert!(hot(&at(10, 0), &id));
     }
 
     #[test]

@@ -462,6 +462,85 @@ fn enrolment_splits_a_hot_clients_limit_by_demand() -> Result<()> {
     Ok(())
 }
 
+/// The sum over the nodes of the global clients each holds.
+fn holders(c: &Cluster) -> Result<(u64, Vec<Value>)> {
+    let statuses: Vec<Value> = (0..3).map(|k| c.status(k)).collect::<Result<_>>()?;
+    let held = statuses
+        .iter()
+        .map(|s| s["enrolment"]["held"].as_u64().unwrap_or(0))
+        .sum();
+    Ok((held, statuses))
+}
+
+/// The 0.8 trigger: a polite client at 0.9 of its cold share, all on node 0, never loses a
+/// packet there, but it is hot (its count reaches 0.8 of the share every window), so its owner
+/// enrols it and, once out of learning mode, gives node 0 slack. Its rate then creeps up to
+/// 0.9 · L, a tenth of L more each second, and it still loses nothing. Reported only on its
+/// first drop (as before), it would be enrolled only once over its cold share, and lose packets
+/// for a lease of learning mode.
+#[test]
+fn a_polite_client_is_enrolled_before_it_loses_a_packet() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("a rate of packets paced on the wall clock");
+    let c = Cluster::start(3, "share")?;
+    let client = cluster_client_v4(4);
+    let cold = LIMIT / 3;
+    let counter = c.net.udp_counter(UDP_PORT)?;
+    // 0.9 of the cold share: hot after a second, enrolled at the next syncs, out of learning
+    // mode one lease (peer_timeout = 2 s, stretched) later.
+    let (mut sent, _) = steady(&c, client, cold * 9 / 10, &[1, 0, 0], 5)?;
+    let (held, statuses) = holders(&c)?;
+    assert_eq!(held, 3, "every node holds the polite client: {statuses:#?}");
+    let mut rate = cold * 9 / 10;
+    while rate < LIMIT * 9 / 10 {
+        rate = (rate + LIMIT / 10).min(LIMIT * 9 / 10);
+        let (more, _) = steady(&c, client, rate, &[1, 0, 0], 1)?;
+        sent[0] += more[0];
+    }
+    let got = counter
+        .settle()?
+        .get(&IpAddr::from(client))
+        .copied()
+        .unwrap_or(0);
+    eprintln!("polite from 0.9 · cold share up to 0.9 · L: sent {sent:?}, admitted {got}");
+    let (_, statuses) = holders(&c)?;
+    assert_eq!(
+        got, sent[0],
+        "the polite client lost packets: {statuses:#?}"
+    );
+    Ok(())
+}
+
+/// An address only ever checked through the API (no packet of it reaches any node) under a
+/// global policy is reported hot by the check program under its entry's key, as its packets
+/// would be: at 0.9 of the cold share on node 0, every check allowed, it is enrolled on every
+/// node.
+#[test]
+fn an_address_checked_only_through_the_api_is_enrolled() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("checks at a wall-clock rate");
+    let c = Cluster::start(3, "share")?;
+    let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
+    let mut api = limiter_tests::api::Api::unix(&socket, Duration::from_secs(5))?;
+    let address = cluster_client_v4(5).to_string();
+    let rate = (LIMIT / 3) * 9 / 10;
+    let pause = Duration::from_micros(1_000_000 / rate);
+    let start = Instant::now();
+    let mut allowed = 0;
+    for i in 0..rate as u32 * 5 {
+        allowed += u32::from(api.check(&address, 1)?.allowed);
+        sleep_until_instant(start + pause * (i + 1));
+    }
+    let (held, statuses) = holders(&c)?;
+    assert_eq!(
+        allowed,
+        rate as u32 * 5,
+        "checks under the share were denied"
+    );
+    assert_eq!(held, 3, "every node holds the address: {statuses:#?}");
+    Ok(())
+}
+
 /// Makes `count` checks of one hit of `id`, one every `pause`, node `k` taking `weights[k]` of
 /// every Σ weights in turn; returns how many each node allowed.
 fn checks_spread(

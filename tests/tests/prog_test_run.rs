@@ -25,7 +25,7 @@ use aya::{
 use limiter_common::{
     ClientState, GlobalStats,
     addr::{ClientKey, covers, v4_mapped},
-    maps::{ACTION_DROP, ACTION_PASS, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP},
+    maps::{ACTION_DROP, ACTION_PASS, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, hot_count},
 };
 use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
 use limiter_user::{
@@ -1381,8 +1381,9 @@ fn cluster_member() -> Result<(
 /// A cluster member's fast path (global policies in force, so `CONFIG_CLUSTER` is set): a
 /// client with a grant in `GRANTS` is decided with the grant while its lease runs and with
 /// `min(grant, cold share)` after (a raise lapses in the kernel, a cut stays); a client without
-/// one gets the cold share; each client over its limit is reported on `HOT` once; and the check
-/// program decides and reports with the same allowance.
+/// one gets the cold share; each client is reported on `HOT` by the packet that takes its count
+/// to 0.8 of that allowance (not one before it), and once more as it moves into `LIMITED`; and
+/// the check program decides and reports with the same allowance.
 #[test]
 fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
     use limiter_common::Grant;
@@ -1421,15 +1422,35 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
         );
         check_eq!(checker.check(&ClientId::Addr(src(3)), 0)?.limit, 4);
         for (last, expected) in [(1, 25), (2, 10), (3, 4), (4, 6), (5, 10)] {
-            check_eq!(lim.send(src(last), 40)?, expected, "client 10.230.0.{last}");
+            // 0.8 of the allowance in force, rounded up: 20, 8, 4, 5, 8.
+            let at = hot_count(expected as u32) as usize;
+            check_eq!(
+                lim.send(src(last), at - 1)?,
+                at - 1,
+                "client 10.230.0.{last}"
+            );
+            check_eq!(
+                grants.hot(),
+                Vec::<ClientKey>::new(),
+                "client 10.230.0.{last} below 0.8 of its allowance"
+            );
+            check_eq!(lim.send(src(last), 1)?, 1);
+            check_eq!(
+                grants.hot(),
+                vec![key(last)],
+                "client 10.230.0.{last} at 0.8 of its allowance: hot before any drop"
+            );
+            check_eq!(
+                lim.send(src(last), 40)?,
+                expected - at,
+                "client 10.230.0.{last}"
+            );
+            check_eq!(
+                grants.hot(),
+                vec![key(last)],
+                "client 10.230.0.{last} over its limit: reported again as it moves"
+            );
         }
-        let mut hot = grants.hot();
-        hot.sort();
-        check_eq!(
-            hot,
-            (1..=5).map(key).collect::<Vec<_>>(),
-            "each client over its limit reported once"
-        );
         // A check spends from the same budget: the raised client has none left.
         let spent = checker.check(&ClientId::Addr(src(1)), 1)?;
         check_eq!((spent.allowed, spent.limit), (false, 25));
@@ -1442,9 +1463,10 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
 }
 
 /// Clients whose entries never move into `LIMITED` are reported hot all the same: an
-/// exact-address client (`STATIC_CLIENTS`) on `HOT` by its dropped packets (the first, then one
-/// per 256), and an API ID under a global policy by the checker (`HotIds`), which sees the
-/// denials (the check program reports nothing: a check-role caller could fill the ring).
+/// exact-address client (`STATIC_CLIENTS`) on `HOT` at 0.8 of its share and by its dropped
+/// packets (the first, then one per 256), and an API ID under a global policy by the checker
+/// (`HotIds`), which sees the denials (the check program reports nothing on the ring: a
+/// check-role caller could fill it).
 /// Otherwise a global client that only the API sees, or one with an exact-address policy, would
 /// never be enrolled and stay at the cold share wherever its demand is. The agent's cluster maps
 /// find the entries wherever they live.
@@ -1459,12 +1481,19 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         let gold: ClientId = "tenant-gold".parse()?;
         let local: ClientId = "some-local-id".parse()?;
         let checked = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 9));
-        // The exact address's packets: its cold share of 10, the rest dropped, one report.
-        check_eq!(lim.send(exact, 40)?, 10);
+        // The exact address's packets: its cold share of 10, reported at the 8th, and again at
+        // the first dropped.
+        check_eq!(lim.send(exact, 8)?, 8);
         check_eq!(
             maps.hot(),
             vec![ClientId::Addr(exact).key()],
-            "the exact address"
+            "the exact address at 0.8 of its share"
+        );
+        check_eq!(lim.send(exact, 32)?, 2);
+        check_eq!(
+            maps.hot(),
+            vec![ClientId::Addr(exact).key()],
+            "the exact address's first drop"
         );
         // The ID's checks, one hit each: 10 allowed, 5 denied, noted once; nothing on the ring.
         let allowed = (0..15)
@@ -1476,7 +1505,8 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         // An ID under a local policy (the default) is not the cluster's.
         checker.check(&local, 2_000)?;
         check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "a local ID");
-        // An address only checked through the API: reported by its dropped packets, if any.
+        // An address only checked through the API: a denied check notes nothing (its packets,
+        // if any, report it)...
         let spent = checker.check(&ClientId::Addr(checked), 12)?;
         check_eq!(spent.allowed, false);
         check_eq!(
@@ -1485,6 +1515,17 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             "checks never report on the ring"
         );
         check_eq!(hot_ids.take(), Vec::<ClientKey>::new());
+        // ...but admitted hits that take its count to 0.8 of its share (8 of 10) do, under the
+        // key of its entry, which the check program writes back.
+        check_eq!(checker.check(&ClientId::Addr(checked), 7)?.allowed, true);
+        check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "7 of 10");
+        check_eq!(checker.check(&ClientId::Addr(checked), 1)?.allowed, true);
+        check_eq!(
+            hot_ids.take(),
+            vec![ClientId::Addr(checked).key()],
+            "the checked address at 0.8 of its share"
+        );
+        check_eq!(maps.hot(), Vec::<ClientKey>::new(), "still not on the ring");
         // Each has an entry the agent's enrolment reads (its counters are its demand).
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {
             let entry = maps

@@ -50,7 +50,7 @@ pub const DEFAULT_MAX_IDS: u32 = 1 << 20;
 
 /// The maps the agent pins, with their kernel layout: a pinned map of another layout (an older
 /// build, another `--max-clients`) is not adopted.
-const PINNED: [(&str, MapType, usize, usize); 14] = [
+const PINNED: [(&str, MapType, usize, usize); 15] = [
     ("LAYOUT", MapType::Array, 4, 4),
     ("CLIENTS", MapType::LruHash, 16, size_of::<ClientState>()),
     (
@@ -81,6 +81,13 @@ const PINNED: [(&str, MapType, usize, usize); 14] = [
         size_of::<limiter_common::Grant>(),
     ),
     ("HOT", MapType::RingBuf, 0, 0),
+    // Added within layout 7: pins without it get it created (and written at the first apply).
+    (
+        "GLOBAL_POLICIES",
+        MapType::Array,
+        4,
+        size_of::<limiter_common::maps::GlobalPolicies>(),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

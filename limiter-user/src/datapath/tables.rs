@@ -21,7 +21,8 @@ use limiter_common::{
     addr::{ClientKey, PolicyKey},
     maps::{
         ACTION_LIMIT, ADAPT_BATCH, ADAPT_REFRESH, ADAPT_UNCHANGED, CONFIG_ADAPTIVE, CONFIG_CLUSTER,
-        FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, MODE_DRY_RUN, MODE_ENFORCE, generation_tag,
+        FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, GLOBAL_POLICY_WORDS, GlobalPolicies,
+        MODE_DRY_RUN, MODE_ENFORCE, generation_tag, set_global,
     },
     window::{slot_count, slot_tag},
 };
@@ -47,6 +48,9 @@ pub struct Tables {
     pub stats: PerCpuArray<MapData, GlobalStats>,
     /// The adaptive controller's status (written by the agent each period).
     pub adaptive: Array<MapData, AdaptiveStatus>,
+    /// Which policies are global, for the programs' hot notices (`None`: pins of an agent that
+    /// predates the map; only an agent's own loaded maps are applied to).
+    global_policies: Option<Array<MapData, GlobalPolicies>>,
     /// The `limiter_adapt` program, for the in-place refresh of every entry (see
     /// [`Tables::refresh_all`]).
     refresher: Option<OwnedFd>,
@@ -119,12 +123,16 @@ pub struct ApplyReport {
 impl Tables {
     /// Takes the maps out of a loaded object (its programs keep their references).
     pub fn take(ebpf: &mut Ebpf) -> Result<Tables, DatapathError> {
-        Tables::from_maps(|name| {
+        let mut get = |name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Map {
                 name,
                 error: MapError::InvalidName { name: name.into() },
             })
-        })
+        };
+        let mut tables = Tables::from_maps(&mut get)?;
+        tables.global_policies =
+            Some(Array::try_from(get("GLOBAL_POLICIES")?).map_err(map_err("GLOBAL_POLICIES"))?);
+        Ok(tables)
     }
 
     /// Deletes every entry keyed in ff00::/8 (`limiter_common::addr::GROUP_KEY_MARK`) from the
@@ -185,6 +193,7 @@ impl Tables {
             config: Array::try_from(get("CONFIG")?).map_err(map_err("CONFIG"))?,
             stats: PerCpuArray::try_from(get("STATS")?).map_err(map_err("STATS"))?,
             adaptive: Array::try_from(get("ADAPTIVE")?).map_err(map_err("ADAPTIVE"))?,
+            global_policies: None,
             refresher: None,
             last_refresh: None,
             trie: None,
@@ -461,7 +470,16 @@ impl Tables {
         } else {
             0
         };
-        // Global policies in force (a cluster member): report hot clients, apply grants.
+        // Global policies in force (a cluster member): report hot clients, apply grants. Which
+        // policies are global goes in first, so the programs never see the flag with the
+        // previous set.
+        if let Some(map) = &mut self.global_policies {
+            let mut bits = [0u64; GLOBAL_POLICY_WORDS];
+            for &id in config.global_limits.keys() {
+                set_global(&mut bits, id);
+            }
+            map.set(0, bits, 0).map_err(map_err("GLOBAL_POLICIES"))?;
+        }
         if !config.global_limits.is_empty() {
             flags |= CONFIG_CLUSTER;
         }

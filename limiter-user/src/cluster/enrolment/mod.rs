@@ -4,13 +4,16 @@
 //! and the wire are the caller's.
 //!
 //! The protocol, over the rules of [`super::lease`]:
-//! - A client grows hot on a member when the fast path drops one of its packets (the move into
-//!   `LIMITED` reports it; an entry that does not move reports its first drop and one in 256),
-//!   or when an API check of a global ID is denied (the checker notes it): the member starts
-//!   holding it, attached to the client's owner, and reports its demand to the owner every
-//!   round.
-//! - An owner that receives a report for a client it owns and has no ledger for opens one and
-//!   enrols every live member; each enrolled member attaches to the owner on its first message
+//! - A client grows hot on a member when its count in a window reaches 0.8 of the share in force
+//!   there (`limiter_common::maps::hot_count`: the programs report it once a window, packets and
+//!   API checks alike), when the fast path drops one of its packets (the move into `LIMITED`
+//!   reports it; an entry that does not move reports its first denial and one in 256), or when
+//!   an API check of a global ID is denied (the checker notes it): the member starts holding it,
+//!   attached to the client's owner, and reports its demand to the owner every round.
+//! - An owner that receives a report of hot demand (at least 0.8 of the cold share) for a client
+//!   it owns and has no ledger for opens one and enrols every live member, so that a client
+//!   whose rate creeps up is enrolled, and out of learning mode, before it reaches its cold
+//!   share; each enrolled member attaches to the owner on its first message
 //!   and reports too. The owner water-fills the reported demand into grants every round (cuts at
 //!   once, raises in the room acknowledged cuts and lapsed leases leave) and opens in learning
 //!   mode: no raise for a stretched lease, so any raise an earlier owner issued has lapsed.
@@ -18,8 +21,8 @@
 //!   is released or the owner goes silent (the silence limit, after which the holder is back at
 //!   the cold share). New ledgers and attachments happen only while every member reports the
 //!   same view: with views that differ, two members could take themselves for the owner.
-//! - A client whose demand stays under half of what the cold shares give for
-//!   [`QUIET_BEFORE_RELEASE`] is released: no more raises; once no raise can be in force the
+//! - A client whose demand stays under half of what the cold shares give, and under 0.8 of the
+//!   cold share on every member, for [`QUIET_BEFORE_RELEASE`] is released: no more raises; once no raise can be in force the
 //!   owner tells the holders, which go back to the cold share (Σ ≤ L), and drops the ledger.
 //! - Every holder's reports and every ledger's grants and messages are numbered from
 //!   `incarnation << 48 | now in µs`, so numbers only grow across ledgers, holders and restarts.
@@ -29,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-use limiter_common::addr::ClientKey;
+use limiter_common::{addr::ClientKey, maps::hot_count};
 
 use super::{
     NodeId,
@@ -413,10 +416,11 @@ impl Enrolment {
             return;
         };
         if !self.owned.contains_key(&msg.client) {
-            // A ledger opens for demand past the cold share (a report that is not hot, such as a
-            // released holder's last one, opens nothing).
+            // A ledger opens for hot demand, 0.8 of the cold share or more, as the programs report
+            // it (a report that is not hot, such as a released holder's last one, opens nothing).
             let mine = owner::owner(&msg.client, view.members) == Some(&self.me);
-            if !(mine && view.agreed && msg.report.demand > info.cold) {
+            let hot = msg.report.demand > 0 && msg.report.demand >= hot_count(info.cold);
+            if !(mine && view.agreed && hot) {
                 return;
             }
             if self.owned.len() >= self.capacity {
@@ -540,14 +544,13 @@ impl Enrolment {
                 }
             }
             // The owner silent for the silence limit (or never heard: it opened no ledger, the
-            // demand was not past the cold share): back to the cold share. A client still over
-            // the cold share is held afresh, attached to the owner rendezvous picks now: the fast
-            // path reports a client hot only when it moves into `LIMITED`, and one that stays over
-            // its share stays there, so no notice would come again while it is busy (an owner
-            // that was down and came back, or one that replaced it, would never hear of it).
+            // demand was not hot): back to the cold share. A client still hot is held afresh at
+            // once, attached to the owner rendezvous picks now, rather than at its next notice
+            // (the programs report it again in the next window it reaches 0.8 of its share; a
+            // ring that was full may have lost that one too).
             if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
                 dropped.push(*client);
-                if held.demand > policy.cold {
+                if held.demand > 0 && held.demand >= hot_count(policy.cold) {
                     busy.push((*client, held.policy, std::mem::take(&mut held.samples)));
                 }
                 continue;
@@ -627,7 +630,10 @@ impl Enrolment {
             let enrolled = owned.ledger.enrolled().count() as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
             let cold = policy.cold;
-            let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled);
+            // Not while a member is hot: a polite client near its cold share on one member keeps
+            // its slack (the member would report it hot again at once).
+            let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled)
+                && owned.ledger.peak_demand(now) < hot_count(cold).max(1);
             owned.quiet_since = if quiet {
                 owned.quiet_since.or(Some(now))
             } else {

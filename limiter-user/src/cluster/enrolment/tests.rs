@@ -126,8 +126,9 @@ impl Sim {
             }
             // Milli-packets: a rate below 20 per window is under one packet a round.
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
-            // A node sees its client hot once it sends more than the cold share.
-            let over = u64::from(rates[i]) > u64::from(info.cold);
+            // A node sees its client hot once it sends 0.8 of the cold share (the programs'
+            // `hot_count`) or more.
+            let over = rates[i] > 0 && rates[i] >= hot_count(info.cold);
             match &mut self.episodes {
                 None if over => node.hot(self.now, &view, self.client, 1),
                 None => {}
@@ -444,6 +445,40 @@ fn a_polite_client_on_one_node_keeps_its_rate() {
         assert!(sim.total() <= L);
     }
     assert!(sim.enforced(0) >= 27, "{}", sim.enforced(0));
+}
+
+/// A polite client at 0.9 of the cold share on one node is hot there (0.8 of the share): its
+/// owner enrols it, and once out of learning mode gives it slack, so as its rate creeps up to
+/// 0.9 · L it is never held below its rate (it never loses a packet), and it is not released
+/// while it stays near its cold share.
+#[test]
+fn a_polite_client_is_enrolled_before_it_reaches_its_cold_share() {
+    let mut sim = Sim::new(3, 0);
+    let cold = sim.cold();
+    let start = cold * 9 / 10;
+    // Ten seconds at 0.9 of the cold share: past learning mode and the quiet period.
+    for _ in 0..200 {
+        sim.step(&[start, 0, 0]);
+        assert!(sim.enforced(0) >= start);
+        assert!(sim.total() <= L);
+    }
+    let owned: u64 = sim.nodes.iter().map(|n| n.counts(sim.now).owned).sum();
+    assert_eq!(owned, 1, "enrolled by its owner");
+    assert!(sim.enforced(0) > cold, "slack: {}", sim.enforced(0));
+    // Up by a tenth of L a second, to 0.9 · L.
+    let mut rate = start;
+    while rate < L * 9 / 10 {
+        rate = (rate + L / 10).min(L * 9 / 10);
+        for _ in 0..20 {
+            sim.step(&[rate, 0, 0]);
+            assert!(
+                sim.enforced(0) >= rate,
+                "at {rate} a window node 0 enforces {}",
+                sim.enforced(0)
+            );
+            assert!(sim.total() <= L);
+        }
+    }
 }
 
 #[test]

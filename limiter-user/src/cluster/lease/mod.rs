@@ -607,6 +607,15 @@ impl Ledger {
             .sum()
     }
 
+    /// The largest demand one holder reports (as [`Ledger::demand`] counts it).
+    pub fn peak_demand(&self, now: Duration) -> u32 {
+        self.holders
+            .values()
+            .map(|a| a.demand_at(now, &self.timing))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Starts releasing the client: from now on no grant goes above the cold share.
     pub fn release(&mut self) {
         self.releasing = true;
