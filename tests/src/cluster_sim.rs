@@ -19,8 +19,8 @@
 //! fixed windows with a random phase per member, as the sliding-window counter of
 //! `limiter_common::window` sees them: the current window's count plus the previous one's,
 //! weighted by how much of it is still within the last window (fluid: fractions of packets).
-//! The fast path flags a client hot once a window when that estimate and what it dropped there
-//! go past 0.8 of its limit in force; an agent restarted with its pins takes up, in its first round, every client
+//! The fast path flags a client hot once a window when an admission takes the window's count
+//! to 0.8 of its limit in force, or it drops; an agent restarted with its pins takes up, in its first round, every client
 //! flagged in the current or the last window (the agent primes its first round with the
 //! clients in `LIMITED`).
 //!
@@ -275,9 +275,10 @@ impl Flow {
         let since = now.saturating_sub(phase);
         let index = (since.as_nanos() / window.as_nanos()) as i64;
         let x = (since.as_secs_f64() / window.as_secs_f64()) - index as f64;
-        match index - self.window {
-            0 => self.passed + self.previous * (1.0 - x),
-            1 => self.passed * (1.0 - x),
+        // `window` starts at i64::MIN (never counted): no difference to take.
+        match index.checked_sub(self.window) {
+            Some(0) => self.passed + self.previous * (1.0 - x),
+            Some(1) => self.passed * (1.0 - x),
             _ => 0.0,
         }
     }
@@ -1397,11 +1398,13 @@ impl Sim {
                 flow.rate,
                 f64::from(in_force),
             );
+            // As the fast path flags it (`limiter_common::maps::crosses_hot`): the admission
+            // that takes the window's count to ⌈0.8 · limit⌉, or a drop.
+            let hot = (0.8 * f64::from(in_force)).ceil();
+            let crossed = flow.passed < hot && flow.passed + admitted >= hot;
             flow.passed += admitted;
             flow.count += arrived;
-            let estimate = flow.passed + flow.previous * (1.0 - x1);
-            if estimate + (arrived - admitted) > 0.8 * f64::from(in_force) && flow.flagged != index
-            {
+            if (crossed || arrived - admitted > 1e-9) && flow.flagged != index {
                 flow.flagged = index;
                 node.hot.push(c);
             }
@@ -1544,7 +1547,7 @@ impl Sim {
                 let count = flow.map(|f| f.count as u64);
                 // What the node's window holds as admitted: its sliding estimate now.
                 let used = flow.map_or(0, |f| {
-                    f.estimate(node.window_phase, self.cfg.window, now).ceil() as u32
+                    f.estimate(node.window_phase, self.cfg.window, now).floor() as u32
                 });
                 node.enrolment.observe(now, k, count, used);
             }
