@@ -321,7 +321,8 @@ pub struct CheckReply {
 
 /// A slot of a check frame as the program leaves it: the request, whose key the program
 /// overwrites for an address with the key of its client's entry (the address's own, or its
-/// group's), and the reply.
+/// group's), and the reply. A read (`hits` 0) of an address that has no entry leaves the
+/// address itself (nothing was created, and a read is never noted hot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CheckSlot {

@@ -511,8 +511,9 @@ pub(crate) struct Outcome {
 /// and a global client is reported on `HOT` (`report_hot`) when it grows hot: the admission
 /// that takes its count in a window to `hot_count` of the share in force (once per window), a
 /// move to `LIMITED`, and, paced, the denials of entries that do not move (`report_kept`). API
-/// checks report the same way: an address or ID only ever checked through the API is enrolled
-/// as its packets would be.
+/// checks are not reported here: `limiter_check` writes the entry's key back into its slot and
+/// the agent notes a check that crossed or was denied, so an address or ID only ever checked
+/// through the API is enrolled as its packets would be.
 ///
 /// # Safety
 /// `state` points at a live map value, the entry of `key` in `home`.
@@ -561,10 +562,10 @@ pub(crate) unsafe fn decide_hits(
                 } else {
                     None
                 };
-                // The shared overflow budget is no client's: nothing to report. A check reports
-                // at its end instead (`limiter_check`), where its paths have joined: here, inside
-                // its many ways to an entry, the verifier would explore the test once for each
-                // (past its budget).
+                // The shared overflow budget is no client's: nothing to report. A check is not
+                // watched here: the agent notes it from the reply and the key `limiter_check`
+                // writes back (inside a check's many ways to an entry, the verifier would
+                // explore the test once for each, past its budget).
                 let watch = cluster && home != Home::Overflow && run == Run::Packet;
                 let admission = admit(state, stats, hits, now, run, grant, watch);
                 if admission.hot {
@@ -597,8 +598,9 @@ pub(crate) unsafe fn decide_hits(
 /// (`STATIC_CLIENTS`), and one already in `LIMITED`. Without a flag to spare in the entry, the
 /// dropped counter paces it: the first dropped packet, then one report per 2^8, so a notice the
 /// ring lost, or a client the agent let go, comes again while the client stays over its limit,
-/// and a flood of drops costs the ring one record per 256. Packets only: an API check reports
-/// its client as it grows hot (see `limiter_check`), and the agent notes denied IDs. Called
+/// and a flood of drops costs the ring one record per 256. Packets only: the agent notes API
+/// checks that cross 0.8 or are denied, from the reply and the key `limiter_check` writes
+/// back. Called
 /// before the hits are added to the counter.
 ///
 /// # Safety

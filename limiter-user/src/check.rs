@@ -209,7 +209,7 @@ pub struct Checker {
 /// Clients (API IDs and addresses, by the key of their entry) under a global policy that checks
 /// found hot since the cluster's enrolment last took them: admitted hits that took the count in
 /// a window to 0.8 of the share in force (`limiter_common::maps::grew_hot`, the fast path's
-/// trigger for packets), or a denial of an ID. The programs report packets on the kernel's ring;
+/// trigger for packets), or a denial. The programs report packets on the kernel's ring;
 /// checks are noted here instead, so a check-role caller cannot fill the ring. Each key once
 /// until taken; at most [`HotIds::CAPACITY`] (more are dropped, and come again with their next
 /// window's crossing or denial).
@@ -446,16 +446,20 @@ fn coarse_tick() -> Duration {
 }
 
 /// Whether a check of a global client found it hot (see [`HotIds`]): its admitted hits crossed
-/// 0.8 of the share in force, or an ID was denied.
+/// 0.8 of the share in force, or it was denied (an address too: one checked only through the
+/// API has no packets to report it, and the program wrote its entry's key back). Never for a
+/// check the maps had no room for (`VERDICT_OVERFLOW`): it counted against the shared overflow
+/// budget, not an entry of the client's own.
 fn hot_check(reply: &CheckReply, request: &CheckRequest, d: &Decision) -> bool {
+    if reply.verdict & VERDICT_OVERFLOW != 0 || request.hits == 0 {
+        return false;
+    }
     let s = &reply.state;
     let admitted = reply.verdict & VERDICT_ALLOWED != 0;
     let crossed = admitted
         && NonZeroU64::new(u64::from(s.window_us) * 1000)
             .is_some_and(|w| grew_hot(&s.slots, reply.now_ns, w, s.limit, request.hits));
-    let denied_id =
-        request.flags & CHECK_NAMED != 0 && request.hits > 0 && (!d.allowed || d.dry_run_denied);
-    crossed || denied_id
+    crossed || !d.allowed || d.dry_run_denied
 }
 
 /// Interprets the program's reply.
@@ -565,7 +569,7 @@ policies:
 
     /// A check of a global client is noted hot when its admitted hits take the count in the
     /// window to 0.8 of the share in force (an address too, by the key the program echoes), or
-    /// when an ID is denied; not below it, not for a read.
+    /// when it is denied; not below it, not for a read, not on the overflow budget.
     #[test]
     fn a_check_that_crosses_four_fifths_of_the_share_is_hot() {
         let config = Config::parse(CONFIG).expect("valid config");
@@ -596,13 +600,15 @@ policies:
         // Three hits from 6 to 9 cross 8.
         let three = CheckRequest { hits: 3, ..address };
         assert!(hot(&at(9, VERDICT_ALLOWED), &three));
-        // A denied address is left to its packets; a denied ID is noted.
-        assert!(!hot(&at(10, 0), &address));
+        // A denied address or ID is noted, unless the check fell on the overflow budget.
+        assert!(hot(&at(10, 0), &address));
         let id = CheckRequest {
             flags: CHECK_NAMED,
             ..address
         };
         assert!(hot(&at(10, 0), &id));
+        assert!(!hot(&at(10, VERDICT_OVERFLOW), &address));
+        assert!(!hot(&at(8, VERDICT_ALLOWED | VERDICT_OVERFLOW), &address));
     }
 
     #[test]

@@ -53,8 +53,8 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
-/// How long the accept loop pauses after a failed accept (out of descriptors: retrying at once
-/// would spin).
+/// How long the accept loop pauses after a failed accept that would fail again at once (out of
+/// descriptors: retrying at once would spin).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The listener, bound (and its config and TLS files read) before the agent touches the kernel.
@@ -184,19 +184,41 @@ pub async fn serve(
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!("rate limit service on {local}: accepting: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    // One connection's failure (reset or aborted before it was taken) says
+                    // nothing of the next; anything else (out of descriptors or memory) would
+                    // come back at once.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                     continue;
                 }
             };
             // A thread that stopped (its server failed, and said why) gets no more.
-            let mut stream = stream;
+            let mut left = Some(stream);
             for _ in 0..connections.len() {
+                let Some(stream) = left.take() else { break };
                 let thread = &connections[next % connections.len()];
                 next = next.wrapping_add(1);
-                match thread.send(stream) {
-                    Ok(()) => break,
-                    Err(returned) => stream = returned.0,
+                if let Err(returned) = thread.send(stream) {
+                    left = Some(returned.0);
                 }
+            }
+            if left.is_some() {
+                // Every serving thread has stopped: refuse connections (Envoy's
+                // `failure_mode_deny` then decides) rather than take and drop them.
+                tracing::error!(
+                    "rate limit service on {local}: every serving thread has stopped; \
+                     no longer accepting connections"
+                );
+                reporter
+                    .set_not_serving::<RateLimitServiceServer<RlsService>>()
+                    .await;
+                break;
             }
         }
         drop(connections);
