@@ -1505,8 +1505,8 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         // An ID under a local policy (the default) is not the cluster's.
         checker.check(&local, 2_000)?;
         check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "a local ID");
-        // An address only checked through the API: a denied check notes nothing (its packets,
-        // if any, report it)...
+        // An address only checked through the API: a denied check notes it, under the key of
+        // its entry, which the check program writes back (it has no packets to report it)...
         let spent = checker.check(&ClientId::Addr(checked), 12)?;
         check_eq!(spent.allowed, false);
         check_eq!(
@@ -1514,9 +1514,12 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             Vec::<ClientKey>::new(),
             "checks never report on the ring"
         );
-        check_eq!(hot_ids.take(), Vec::<ClientKey>::new());
-        // ...but admitted hits that take its count to 0.8 of its share (8 of 10) do, under the
-        // key of its entry, which the check program writes back.
+        check_eq!(
+            hot_ids.take(),
+            vec![ClientId::Addr(checked).key()],
+            "a denied address"
+        );
+        // ...and so do admitted hits that take its count to 0.8 of its share (8 of 10).
         check_eq!(checker.check(&ClientId::Addr(checked), 7)?.allowed, true);
         check_eq!(hot_ids.take(), Vec::<ClientKey>::new(), "7 of 10");
         check_eq!(checker.check(&ClientId::Addr(checked), 1)?.allowed, true);
