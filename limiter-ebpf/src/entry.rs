@@ -600,8 +600,7 @@ pub(crate) unsafe fn decide_hits(
 /// ring lost, or a client the agent let go, comes again while the client stays over its limit,
 /// and a flood of drops costs the ring one record per 256. Packets only: the agent notes API
 /// checks that cross 0.8 or are denied, from the reply and the key `limiter_check` writes
-/// back. Called
-/// before the hits are added to the counter.
+/// back. Called before the hits are added to the counter.
 ///
 /// # Safety
 /// `entry` points at a live map value.

@@ -46,6 +46,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use limiter_common::maps::hot_count;
 pub use limiter_common::{
     Grant,
     addr::{ClientKey, v4_mapped},
@@ -1400,7 +1401,7 @@ impl Sim {
             );
             // As the fast path flags it (`limiter_common::maps::crosses_hot`): the admission
             // that takes the window's count to ⌈0.8 · limit⌉, or a drop.
-            let hot = (0.8 * f64::from(in_force)).ceil();
+            let hot = f64::from(hot_count(in_force));
             let crossed = flow.passed < hot && flow.passed + admitted >= hot;
             flow.passed += admitted;
             flow.count += arrived;

@@ -22,8 +22,9 @@
 //!   the cold share). New ledgers and attachments happen only while every member reports the
 //!   same view: with views that differ, two members could take themselves for the owner.
 //! - A client whose demand stays under half of what the cold shares give, and under 0.8 of the
-//!   cold share on every member, for [`QUIET_BEFORE_RELEASE`] is released: no more raises; once no raise can be in force the
-//!   owner tells the holders, which go back to the cold share (Σ ≤ L), and drops the ledger.
+//!   cold share on every member, for [`QUIET_BEFORE_RELEASE`] is released: no more raises;
+//!   once no raise can be in force the owner tells the holders, which go back to the cold share
+//!   (Σ ≤ L), and drops the ledger.
 //! - Every holder's reports and every ledger's grants and messages are numbered from
 //!   `incarnation << 48 | now in µs`, so numbers only grow across ledgers, holders and restarts.
 
@@ -39,6 +40,12 @@ use super::{
     lease::{Holder, Ledger, Report, Timing, ToHolder},
     owner,
 };
+
+/// Whether one member's `demand` (packets per window) makes a client hot there: at least
+/// [`hot_count`] of the `cold` share, as the programs report it, and not nothing.
+fn is_hot(demand: u32, cold: u32) -> bool {
+    demand > 0 && demand >= hot_count(cold)
+}
 
 /// A client quiet for this long (demand under half of what the cold shares give) is released.
 pub const QUIET_BEFORE_RELEASE: Duration = Duration::from_secs(5);
@@ -419,8 +426,7 @@ impl Enrolment {
             // A ledger opens for hot demand, 0.8 of the cold share or more, as the programs report
             // it (a report that is not hot, such as a released holder's last one, opens nothing).
             let mine = owner::owner(&msg.client, view.members) == Some(&self.me);
-            let hot = msg.report.demand > 0 && msg.report.demand >= hot_count(info.cold);
-            if !(mine && view.agreed && hot) {
+            if !(mine && view.agreed && is_hot(msg.report.demand, info.cold)) {
                 return;
             }
             if self.owned.len() >= self.capacity {
@@ -550,7 +556,7 @@ impl Enrolment {
             // ring that was full may have lost that one too).
             if held.holder.owner_silent(now) && now.saturating_sub(held.attached_at) >= silence {
                 dropped.push(*client);
-                if held.demand > 0 && held.demand >= hot_count(policy.cold) {
+                if is_hot(held.demand, policy.cold) {
                     busy.push((*client, held.policy, std::mem::take(&mut held.samples)));
                 }
                 continue;
@@ -633,7 +639,7 @@ impl Enrolment {
             // Not while a member is hot: a polite client near its cold share on one member keeps
             // its slack (the member would report it hot again at once).
             let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled)
-                && owned.ledger.peak_demand(now) < hot_count(cold).max(1);
+                && !is_hot(owned.ledger.peak_demand(now), cold);
             owned.quiet_since = if quiet {
                 owned.quiet_since.or(Some(now))
             } else {

@@ -128,7 +128,7 @@ impl Sim {
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends 0.8 of the cold share (the programs'
             // `hot_count`) or more.
-            let over = rates[i] > 0 && rates[i] >= hot_count(info.cold);
+            let over = is_hot(rates[i], info.cold);
             match &mut self.episodes {
                 None if over => node.hot(self.now, &view, self.client, 1),
                 None => {}

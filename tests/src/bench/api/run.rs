@@ -295,7 +295,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     };
     let rls_only = args.only == Some(Only::Rls);
     let mut targets = vec![floor_target];
-    if let (Limiter::Running { token, .. }, false) = (&limiter, rls_only) {
+    if !rls_only && let Limiter::Running { token, .. } = &limiter {
         for id_kind in [IdKind::Address, IdKind::Name] {
             targets.push(Target {
                 system: format!("limiter, {} IDs", id_kind.as_str()),
@@ -335,7 +335,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         (1, "redis-cell, unpipelined (-P 1)"),
     ];
     let mut redis_requests = Vec::new();
-    if let (Redis::Running(_), false) = (&redis, rls_only) {
+    if !rls_only && let Redis::Running(_) = &redis {
         for (pipeline, label) in redis_rows {
             check_interrupted()?;
             // Warm-up, which also sizes the measured runs to about `duration`.
@@ -471,7 +471,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     }
     // Then limiter.v1 (the reload changes the agent's policies).
     let mut denied_case = false;
-    if let (Limiter::Running { agent, token }, false) = (&limiter, rls_only) {
+    if !rls_only && let Limiter::Running { agent, token } = &limiter {
         agent
             .reload(&limiter_deny_config(), Duration::from_secs(10))
             .context("reloading the agent with the denial config")?;
