@@ -143,14 +143,17 @@ impl Sim {
         m
     }
 
-    /// Every member lists every other: links may be cut without breaking the guarantee's
-    /// precondition (a rolling change is finished while the cluster is whole).
+    /// The rolling change is finished: every member lists every other, and the share in force
+    /// on each counts them all. Links may be cut and members stopped from here without breaking
+    /// the guarantee's precondition (a change finished while the cluster is whole). A member
+    /// stopped after its config lists the new one but before its share counts it would keep the
+    /// smaller count's share in its pinned program: the case the README names as what breaks it.
     fn complete(&self) -> bool {
         let n = self.members.len();
-        self.members
-            .iter()
-            .enumerate()
-            .all(|(k, m)| (0..n).all(|j| j == k || m.peers.contains(&j)))
+        let all = (n + self.phantoms) as u32;
+        self.members.iter().enumerate().all(|(k, m)| {
+            (0..n).all(|j| j == k || m.peers.contains(&j)) && m.agreed >= all
+        })
     }
 
     fn lost(&mut self) -> bool {
