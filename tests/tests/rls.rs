@@ -685,36 +685,103 @@ fn mutual_tls_serves_off_loopback() -> Result<()> {
 }
 
 /// With `--rls-threads 3` the connections are served by three threads in turn: four
-/// connections (one thread serves two) each get answers, and a client's budget is one across
-/// them (its limit of 5 admitted exactly once in total). The agent still stops cleanly (SIGTERM:
-/// every thread drains its connections).
+/// connections (thread 0 serves two), each on a client thread of its own, all calling at once.
+/// Each request has two descriptors: `user=spread`, whose limit of 5 an hour all of them share,
+/// and `user=own-I`, its connection's own (5 an hour). Across the threads the shared budget is
+/// admitted exactly 5 times, and all or nothing: a connection's own descriptor was spent only
+/// by its admitted requests, so it has exactly 5 less those left. The metrics show every thread
+/// answered its connections' calls (on one thread this would fail). The agent still stops
+/// cleanly (SIGTERM: every thread drains its connections).
 #[test]
 fn connections_spread_over_the_serving_threads_share_one_budget() -> Result<()> {
     require_root!();
+    const CONNECTIONS: usize = 4;
+    const CALLS: usize = 20;
+    const ALONE: usize = 6;
     let net = TestNet::new()?;
     let dir = TempDir::new("rls-threads")?;
-    let agent = start(&net, &dir, &["--rls-threads", "3"])?;
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let agent = start(&net, &dir, &["--rls-threads", "3", "--metrics", &metrics])?;
     assert!(
         agent.wait_for_stderr("threads=3", Duration::from_secs(10)),
         "the service says it serves on 3 threads:\n{}",
         agent.stderr()
     );
     let window = ExactWindow::start(TEST_SPAN);
-    let mut clients = (0..4)
+    // Connected one after the other: the agent hands them to threads 0, 1, 2, 0.
+    let clients = (0..CONNECTIONS)
         .map(|_| Rls::connect(&net))
         .collect::<Result<Vec<_>>>()?;
-    let mut admitted = 0;
-    for round in 0..3 {
-        for (i, rls) in clients.iter_mut().enumerate() {
-            let r = rls
-                .web(&[&[("user", "spread")]])
-                .with_context(|| format!("round {round}, connection {i}"))?;
-            admitted += usize::from(r.overall_code == OK);
-        }
+    let together = std::sync::Barrier::new(CONNECTIONS);
+    let admitted: Vec<(Rls, usize)> = thread::scope(|scope| {
+        let calling: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut rls)| {
+                let together = &together;
+                scope.spawn(move || -> Result<(Rls, usize)> {
+                    let own = format!("own-{i}");
+                    together.wait();
+                    let mut admitted = 0;
+                    for call in 0..CALLS {
+                        let r = rls
+                            .web(&[&[("user", "spread")], &[("user", &own)]])
+                            .with_context(|| format!("connection {i}, call {call}"))?;
+                        admitted += usize::from(r.overall_code == OK);
+                    }
+                    Ok((rls, admitted))
+                })
+            })
+            .collect();
+        calling
+            .into_iter()
+            .map(|t| t.join().map_err(|_| anyhow!("a client thread panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let total: usize = admitted.iter().map(|(_, n)| n).sum();
+    let each: Vec<usize> = admitted.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        total,
+        5,
+        "{} requests at once, sharing a client limited to 5 an hour, admitted {each:?}",
+        CONNECTIONS * CALLS
+    );
+    for (i, (rls, spent)) in admitted.into_iter().enumerate() {
+        let own = format!("own-{i}");
+        let mut rls = rls;
+        let left = (0..ALONE)
+            .map(|_| rls.web(&[&[("user", &own)]]).map(|r| r.overall_code == OK))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|&ok| ok)
+            .count();
+        assert_eq!(
+            left,
+            5 - spent,
+            "connection {i} had {spent} requests admitted: only those spent its own descriptor"
+        );
     }
     window.check();
-    assert_eq!(admitted, 5, "12 requests of a client limited to 5 an hour");
-    drop(clients);
+    let body = scrape(&net)?;
+    let calls: Vec<Option<u64>> = (0..3)
+        .map(|t| {
+            sample(
+                &body,
+                "limiter_rls_calls_total",
+                &[("thread", &t.to_string())],
+            )
+        })
+        .collect();
+    let per_connection = (CALLS + ALONE) as u64;
+    assert_eq!(
+        calls,
+        [
+            Some(2 * per_connection),
+            Some(per_connection),
+            Some(per_connection)
+        ],
+        "calls answered by threads 0, 1, 2 (four connections handed out in turn)"
+    );
     let status = agent.terminate()?;
     assert!(status.success(), "the agent stopped with {status}");
     Ok(())

@@ -10,7 +10,8 @@
 //!   `shadow_mode` rule let through;
 //! - `limiter_rls_detailed_series` / `limiter_rls_detailed_series_max`: the series keyed by
 //!   request values held now, and their cap;
-//! - `limiter_rls_unrecorded_hits_total`: hits of such series that did not fit under the cap.
+//! - `limiter_rls_unrecorded_hits_total`: hits of such series that did not fit under the cap;
+//! - `limiter_rls_calls_total{thread}`: the calls each serving thread (`--rls-threads`) answered.
 //!
 //! `near_limit` and `shadow_mode` overlap the outcomes, so they are families of their own rather
 //! than values of `outcome`: a sum over one label of one family never counts a hit twice.
@@ -112,6 +113,21 @@ impl Collector for RlsCollector {
             "The cap on limiter_rls_detailed_series (--rls-metrics-max-detailed).",
             snapshot.max_detailed_series as u64,
         )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "limiter_rls_calls",
+                "ShouldRateLimit calls answered (valid or not), by serving thread \
+                 (--rls-threads, numbered from 0). Connections are handed to the threads in \
+                 turn, so a thread is as busy as the connections it holds.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (thread, calls) in snapshot.calls.iter().enumerate() {
+                let thread = thread.to_string();
+                ConstCounter::new(*calls)
+                    .encode(family.encode_family(&[("thread", thread.as_str())])?)?;
+            }
+        }
         counter(
             &mut encoder,
             "limiter_rls_unrecorded_hits",

@@ -336,6 +336,8 @@ pub struct Snapshot {
     pub max_detailed_series: usize,
     /// Hits of detailed series that did not fit.
     pub unrecorded: u64,
+    /// Calls answered by each serving thread, in thread order.
+    pub calls: Vec<u64>,
 }
 
 /// Every series of the config in force (see the module docs).
@@ -343,6 +345,8 @@ pub struct Snapshot {
 pub struct RlsHits {
     cap: Arc<DetailedCap>,
     installed: Mutex<Installed>,
+    /// Calls answered, one counter per serving thread (see [`RlsHits::thread_calls`]).
+    calls: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 #[derive(Debug, Default)]
@@ -363,7 +367,19 @@ impl RlsHits {
                 unrecorded: AtomicU64::new(0),
             }),
             installed: Mutex::new(Installed::default()),
+            calls: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A counter of the calls the next serving thread answers: the threads take theirs in
+    /// order, so the n-th counter taken is thread n's.
+    pub fn thread_calls(&self) -> Arc<AtomicU64> {
+        let counter = Arc::new(AtomicU64::new(0));
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&counter));
+        counter
     }
 
     /// Attaches the series to `config`, about to come into force (see the module docs).
@@ -467,6 +483,13 @@ impl RlsHits {
             detailed_series: self.cap.used.load(Ordering::Relaxed),
             max_detailed_series: self.cap.max,
             unrecorded: self.cap.unrecorded.load(Ordering::Relaxed),
+            calls: self
+                .calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }

@@ -12,7 +12,9 @@
 //! other and stealing the calls' tasks, each answer was written on its own, and the agent's
 //! other work (API calls, the metrics, the reload poll) shared the workers with Envoy's calls.
 //! On its own thread a connection's calls run where its frames are read, and the answers of
-//! the calls decided together leave in one write.
+//! the calls decided together leave in one write. `limiter_rls_calls_total{thread}` counts the
+//! calls each thread answered: Envoy opens a connection per worker, so a thread can only be as
+//! busy as the connections it was handed.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -112,8 +114,7 @@ pub async fn serve(
     reporter
         .set_serving::<RateLimitServiceServer<RlsService>>()
         .await;
-    let service =
-        RlsService::new(checker, Arc::clone(&bound.store), bound.options.service).server();
+    let service = RlsService::new(checker, Arc::clone(&bound.store), bound.options.service);
     let local = bound.listener.local_addr()?;
     let tls = bound.tls.is_some();
     let threads = bound.options.threads.max(1);
@@ -129,8 +130,9 @@ pub async fn serve(
                 .tls_config(config)
                 .context("configuring TLS for the rate limit service")?;
         }
+        let calls = bound.store.hits().thread_calls();
         let router = builder
-            .add_service(service.clone())
+            .add_service(service.counting_calls(calls).server())
             .add_service(health.clone());
         let (give, taken) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();

@@ -29,7 +29,10 @@
 
 use std::{
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -136,8 +139,11 @@ pub struct RlsService<B = Checker> {
     budget: Arc<B>,
     store: Arc<RlsStore>,
     options: RlsOptions,
-    /// Held from the read to the spend, per client key (see the module docs).
-    spending: Box<[Mutex<()>]>,
+    /// Held from the read to the spend, per client key (see the module docs); shared by the
+    /// serving threads' services.
+    spending: Arc<[Mutex<()>]>,
+    /// Counts the calls this service answers (one per serving thread, see `listen`).
+    calls: Option<Arc<AtomicU64>>,
 }
 
 impl<B: Budget> RlsService<B> {
@@ -147,6 +153,19 @@ impl<B: Budget> RlsService<B> {
             store,
             options,
             spending: (0..CLIENT_LOCKS).map(|_| Mutex::new(())).collect(),
+            calls: None,
+        }
+    }
+
+    /// The same service (the same budget, config and client locks) counting its calls in
+    /// `calls`: one per serving thread.
+    pub fn counting_calls(&self, calls: Arc<AtomicU64>) -> RlsService<B> {
+        RlsService {
+            budget: Arc::clone(&self.budget),
+            store: Arc::clone(&self.store),
+            options: self.options.clone(),
+            spending: Arc::clone(&self.spending),
+            calls: Some(calls),
         }
     }
 
@@ -421,6 +440,9 @@ impl<B: Budget> RateLimitService for RlsService<B> {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        if let Some(calls) = &self.calls {
+            calls.fetch_add(1, Ordering::Relaxed);
+        }
         // A few microseconds (two program runs at most): decided on the runtime's worker.
         self.answer(request.get_ref()).map(Response::new)
     }

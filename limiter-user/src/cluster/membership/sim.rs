@@ -151,9 +151,10 @@ impl Sim {
     fn complete(&self) -> bool {
         let n = self.members.len();
         let all = (n + self.phantoms) as u32;
-        self.members.iter().enumerate().all(|(k, m)| {
-            (0..n).all(|j| j == k || m.peers.contains(&j)) && m.agreed >= all
-        })
+        self.members
+            .iter()
+            .enumerate()
+            .all(|(k, m)| (0..n).all(|j| j == k || m.peers.contains(&j)) && m.agreed >= all)
     }
 
     fn lost(&mut self) -> bool {
