@@ -30,10 +30,13 @@ use crate::{
     counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
     maps::{
-        CLIENTS, COARSE_CLOCK, GLOBAL_POLICIES, GRANTS, HOT, LIMITED, OVERFLOW, POLICIES,
-        STATIC_CLIENTS, STATS,
+        CLIENTS, COARSE_CLOCK, GLOBAL_POLICIES, GRANTS, HOT, LIMITED, LIMITED_FULL_UNTIL, OVERFLOW,
+        POLICIES, STATIC_CLIENTS, STATS,
     },
 };
+
+/// How long a CPU tries no move into `LIMITED` after the map refused one (see `hold_limited`).
+pub(crate) const LIMITED_FULL_PAUSE_NS: u64 = 10_000_000;
 
 /// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
 const EEXIST: i32 = 17;
@@ -255,7 +258,13 @@ pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
 /// limit, so another CPU can admit a hit on the `CLIENTS` entry in the instant between the copy
 /// and the delete only as the previous window's weight decays (or for a smaller check than the
 /// one denied); such a hit is not carried over. When `LIMITED` is full the client stays in
-/// `CLIENTS` and `limited_full` counts the attempt.
+/// `CLIENTS` and `limited_full` counts the attempt; this CPU then tries no move for
+/// [`LIMITED_FULL_PAUSE_NS`] (each denial in the pause counts in `limited_full` too). A refused
+/// insert costs a bucket lock and a search of the free lists, on every denied packet of every
+/// client that could not be held: under a flood of more sources than `LIMITED` holds, that was
+/// most packets (live-bench, 1M sources). Room comes back only with the agent's sweep (once a
+/// second) or a client's own window running out, so a client denied in the pause moves at one
+/// of its next denials.
 ///
 /// # Safety
 /// `state` points at the live `CLIENTS` value of `key`.
@@ -274,6 +283,14 @@ unsafe fn hold_limited(
         }
         core::ptr::read_volatile(state)
     };
+    let now = coarse_now();
+    let pause = LIMITED_FULL_UNTIL.get_ptr_mut(0);
+    // SAFETY: this CPU's value of a live map; a check run interrupted by a packet's run on the
+    // same CPU may lose one of two writes, which only shortens or repeats a pause.
+    if pause.is_some_and(|until| now < unsafe { *until }) {
+        stats.limited_full += 1;
+        return state;
+    }
     match LIMITED.insert(key, &copy, BPF_NOEXIST as u64) {
         Ok(()) => {
             let _ = CLIENTS.remove(key);
@@ -290,6 +307,10 @@ unsafe fn hold_limited(
         }
         Err(_) => {
             stats.limited_full += 1;
+            if let Some(until) = pause {
+                // SAFETY: as above.
+                unsafe { *until = now + LIMITED_FULL_PAUSE_NS };
+            }
             return state;
         }
     }

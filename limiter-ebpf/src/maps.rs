@@ -67,6 +67,12 @@ static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static COARSE_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU: the coarse-clock time (ns) until which a denied client is not moved into `LIMITED`,
+/// after the map refused a move for being full (see `entry::hold_limited`). Not pinned: a new
+/// program starts without a pause.
+#[map]
+pub(crate) static LIMITED_FULL_UNTIL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Keys of newly active clients, for the agent's adaptive controller (see `FLAG_REPORTED`).
 #[map]
 pub(crate) static ACTIVE: RingBuf = RingBuf::with_byte_size(ACTIVE_RING_BYTES, 0);

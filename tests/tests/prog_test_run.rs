@@ -817,6 +817,62 @@ fn a_full_limited_map_leaves_clients_evictable_and_says_so() -> Result<()> {
     })
 }
 
+/// After `LIMITED` refused a move for being full, the CPU tries none for 10 ms (a refused
+/// insert costs a bucket lock and a search of the free lists on every denied packet): a client
+/// denied in that pause stays in `CLIENTS` although the map has room again, and moves at its first
+/// denial after it. Every denial that did not move counts in `limited_full`. The pause is per
+/// CPU, so the test runs on one.
+#[test]
+fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
+    limiter_tests::bench::report::pin_to_cpu(0)?;
+    in_one_window(HOUR_NS, |_| {
+        let mut ebpf = datapath::load(&LoadOptions {
+            pin_dir: None,
+            max_clients: 1024,
+            max_limited: 1,
+            ..LoadOptions::default()
+        })?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables.apply(&Config::parse("default: { limit: 1, window: 1h }\n")?)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(datapath::PROGRAM)
+            .context("no limiter program")?
+            .try_into()?;
+        program.load()?;
+        let mut lim = Limiter { ebpf, tables };
+        let (held, refused) = (v4(198, 51, 100, 1), v4(198, 51, 100, 2));
+        check_eq!(lim.send(held, 2)?, 1);
+        check_eq!(lim.send(refused, 2)?, 1);
+        check_eq!(
+            (lim.global()?.limited_moves, lim.global()?.limited_full),
+            (1, 1)
+        );
+        // Room again, but within the pause: the next denial does not move.
+        lim.tables.limited.remove(&key_of(held))?;
+        check_eq!(lim.send(refused, 1)?, 0);
+        ensure!(
+            lim.tables.limited.get(&key_of(refused), 0).is_err(),
+            "moved within the pause"
+        );
+        check_eq!(
+            (lim.global()?.limited_moves, lim.global()?.limited_full),
+            (1, 2)
+        );
+        // After it (10 ms, and two jiffies of the coarse clock at HZ 100), the first denial moves.
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        check_eq!(lim.send(refused, 1)?, 0);
+        ensure!(
+            lim.tables.limited.get(&key_of(refused), 0).is_ok(),
+            "not moved after the pause"
+        );
+        check_eq!(
+            (lim.global()?.limited_moves, lim.global()?.limited_full),
+            (2, 2)
+        );
+        Ok(())
+    })
+}
+
 /// The agent's sweep deletes a `LIMITED` entry once its window state has aged out; the client's
 /// next packet starts it afresh in `CLIENTS`. Entries still in their window stay.
 #[test]
