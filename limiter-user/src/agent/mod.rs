@@ -345,7 +345,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     snapshot_tick.reset();
     let mut sweep_tick = tokio::time::interval(LIMITED_SWEEP);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut snapshotting: Option<std::thread::JoinHandle<()>> = None;
+    let mut snapshotting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -383,14 +383,17 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 }
             }
             _ = snapshot_tick.tick() => {
-                // Off the agent's thread, in the background (see `background_snapshot`); a
-                // snapshot still running is not started twice.
+                // Off the agent's thread; a snapshot still running is not started twice.
                 if snapshotting.as_ref().is_none_or(|h| h.is_finished()) {
                     match limits.with_tables(Tables::client_fds) {
-                        Ok(fds) => match background_snapshot(fds, snapshot_path.clone()) {
-                            Ok(h) => snapshotting = Some(h),
-                            Err(e) => tracing::error!("snapshot: starting its thread: {e}"),
-                        },
+                        Ok(fds) => {
+                            let path = snapshot_path.clone();
+                            snapshotting = Some(tokio::task::spawn_blocking(move || {
+                                if let Err(e) = take_snapshot(&fds, &path) {
+                                    tracing::error!("snapshot {}: {e:#}", path.display());
+                                }
+                            }));
+                        }
                         Err(e) => tracing::error!(
                             "snapshot: duplicating map descriptors: {}",
                             crate::error_chain(&e)
@@ -401,7 +404,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
     if let Some(h) = snapshotting {
-        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        let _ = h.await;
     }
     drop(adaptive_stop);
     if adaptive_loop.join().is_err() {
@@ -582,44 +585,6 @@ impl KernelSource for StoreFigures {
     }
 }
 
-/// The nice value of the thread taking the periodic snapshots: they are background work (at a
-/// million clients one costs about 0.6 s of CPU: BENCHMARKS.md, Snapshots), which must yield to
-/// the agent's other threads (the API, the rate limit service, the adaptive loop) and to packet
-/// processing that runs in a thread (threaded NAPI) on the same CPU. The final snapshot, on
-/// shutdown, runs at the agent's own priority.
-const SNAPSHOT_NICE: libc::c_int = 10;
-
-/// Takes a snapshot on a thread of its own at [`SNAPSHOT_NICE`] (a thread of its own because a
-/// thread cannot take back the priority it gave up without `CAP_SYS_NICE`: a pooled thread would
-/// keep it for whatever work it takes next).
-fn background_snapshot(
-    fds: [OwnedFd; 3],
-    path: PathBuf,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("snapshot".into())
-        .spawn(move || {
-            if let Err(e) = lower_thread_priority(SNAPSHOT_NICE) {
-                tracing::warn!("snapshot: taking nice {SNAPSHOT_NICE}: {e}; snapshotting anyway");
-            }
-            if let Err(e) = take_snapshot(&fds, &path) {
-                tracing::error!("snapshot {}: {e:#}", path.display());
-            }
-        })
-}
-
-/// Sets the calling thread's nice value to `nice` (Linux keeps one per thread).
-fn lower_thread_priority(nice: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    let result =
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Captures the address-client maps and writes the snapshot atomically.
 fn take_snapshot(fds: &[OwnedFd], path: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -674,29 +639,5 @@ struct MemberFigures(tokio::sync::watch::Receiver<Option<crate::cluster::node::N
 impl ClusterSource for MemberFigures {
     fn status(&self) -> Option<crate::proto::ClusterStatus> {
         self.0.borrow().as_ref().map(|node| node.status())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The snapshot thread's priority is its own: it drops to `SNAPSHOT_NICE`, and the thread
-    /// that started it keeps its own.
-    #[test]
-    fn a_background_thread_lowers_its_own_priority_only() {
-        let nice_of_this_thread = || {
-            // SAFETY: plain syscall on the calling thread's own id.
-            unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-        };
-        let before = nice_of_this_thread();
-        let lowered = std::thread::spawn(move || {
-            lower_thread_priority(SNAPSHOT_NICE).expect("raising one's own nice value");
-            nice_of_this_thread()
-        })
-        .join()
-        .expect("the thread");
-        assert_eq!(lowered, SNAPSHOT_NICE.max(before));
-        assert_eq!(nice_of_this_thread(), before);
     }
 }
