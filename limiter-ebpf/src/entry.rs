@@ -40,6 +40,8 @@ pub(crate) const LIMITED_FULL_PAUSE_NS: u64 = 10_000_000;
 
 /// `EEXIST` (asm-generic/errno-base.h): `BPF_NOEXIST` found the key already there.
 const EEXIST: i32 = 17;
+/// `E2BIG` (asm-generic/errno-base.h): a hash map is full.
+const E2BIG: i32 = 7;
 
 /// A global client over its limit in a map it never moves out of is reported on `HOT` at its
 /// first dropped packet and then once per 2^8 (see `report_kept`).
@@ -262,9 +264,9 @@ pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
 /// [`LIMITED_FULL_PAUSE_NS`] (each denial in the pause counts in `limited_full` too). A refused
 /// insert costs a bucket lock and a search of the free lists, on every denied packet of every
 /// client that could not be held: under a flood of more sources than `LIMITED` holds, that was
-/// most packets (live-bench, 1M sources). Room comes back only with the agent's sweep (once a
-/// second) or a client's own window running out, so a client denied in the pause moves at one
-/// of its next denials.
+/// most packets (live-bench, 1M sources). Room comes back only when the agent deletes entries
+/// (its sweep, once a second, and a reload's orphans), so a client denied in the pause moves at
+/// one of its next denials. Packets only: the check program reaches no `CLIENTS` entry here.
 ///
 /// # Safety
 /// `state` points at the live `CLIENTS` value of `key`.
@@ -275,22 +277,20 @@ unsafe fn hold_limited(
     cluster: bool,
     stats: &mut GlobalStats,
 ) -> *mut ClientState {
-    // SAFETY: live map value (the function's contract); the copy is read with volatile loads
-    // (another CPU may be updating it, which the doc comment above accounts for).
-    let copy = unsafe {
-        if (*state).action() != ACTION_LIMIT {
-            return state;
-        }
-        core::ptr::read_volatile(state)
-    };
+    // SAFETY: live map value (the function's contract).
+    if unsafe { (*state).action() } != ACTION_LIMIT {
+        return state;
+    }
     let now = coarse_now();
     let pause = LIMITED_FULL_UNTIL.get_ptr_mut(0);
-    // SAFETY: this CPU's value of a live map; a check run interrupted by a packet's run on the
-    // same CPU may lose one of two writes, which only shortens or repeats a pause.
+    // SAFETY: this CPU's value of a live map, used by packets only (XDP does not nest on a CPU).
     if pause.is_some_and(|until| now < unsafe { *until }) {
         stats.limited_full += 1;
         return state;
     }
+    // SAFETY: live map value (the function's contract); the copy is read with volatile loads
+    // (another CPU may be updating it, which the doc comment above accounts for).
+    let copy = unsafe { core::ptr::read_volatile(state) };
     match LIMITED.insert(key, &copy, BPF_NOEXIST as u64) {
         Ok(()) => {
             let _ = CLIENTS.remove(key);
@@ -305,9 +305,13 @@ unsafe fn hold_limited(
         Err(e) if e == -EEXIST => {
             let _ = CLIENTS.remove(key);
         }
-        Err(_) => {
+        Err(e) => {
             stats.limited_full += 1;
-            if let Some(until) = pause {
+            // Full (a preallocated hash map refuses with E2BIG, kernel/bpf/hashtab.c
+            // `alloc_htab_elem`): pause. Another failure is not a reason to stop trying.
+            if e == -E2BIG
+                && let Some(until) = pause
+            {
                 // SAFETY: as above.
                 unsafe { *until = now + LIMITED_FULL_PAUSE_NS };
             }

@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
+    maps::{PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use limiter_common::{
@@ -818,10 +819,11 @@ fn a_full_limited_map_leaves_clients_evictable_and_says_so() -> Result<()> {
 }
 
 /// After `LIMITED` refused a move for being full, the CPU tries none for 10 ms (a refused
-/// insert costs a bucket lock and a search of the free lists on every denied packet): a client
-/// denied in that pause stays in `CLIENTS` although the map has room again, and moves at its first
-/// denial after it. Every denial that did not move counts in `limited_full`. The pause is per
-/// CPU, so the test runs on one.
+/// insert costs a bucket lock and a search of the free lists on every denied packet): the
+/// refusal sets this CPU's pause to 10 ms of the coarse clock ahead; a client denied within a
+/// pause stays in `CLIENTS` although the map has room again, and moves at its first denial after
+/// it. Every denial that did not move counts in `limited_full`. The pause is per CPU, so the test
+/// runs on one, and it sets the pause itself (far ahead, then over) rather than race the clock.
 #[test]
 fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
     limiter_tests::bench::report::pin_to_cpu(0)?;
@@ -842,13 +844,25 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
         let mut lim = Limiter { ebpf, tables };
         let (held, refused) = (v4(198, 51, 100, 1), v4(198, 51, 100, 2));
         check_eq!(lim.send(held, 2)?, 1);
+        let coarse = || limiter_user::stats::clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let before = coarse();
         check_eq!(lim.send(refused, 2)?, 1);
+        let after = coarse();
         check_eq!(
             (lim.global()?.limited_moves, lim.global()?.limited_full),
             (1, 1)
         );
+        // 10 ms from the program's coarse clock, which is up to two jiffies (20 ms at HZ 100)
+        // behind.
+        const PAUSE_NS: u64 = 10_000_000;
+        let until = pause_until(&mut lim, None)?;
+        ensure!(
+            until + 20_000_000 >= before + PAUSE_NS && until <= after + PAUSE_NS,
+            "the pause ends at {until}, not 10 ms after the refusal ({before}..{after})"
+        );
         // Room again, but within the pause: the next denial does not move.
         lim.tables.limited.remove(&key_of(held))?;
+        pause_until(&mut lim, Some(u64::MAX))?;
         check_eq!(lim.send(refused, 1)?, 0);
         ensure!(
             lim.tables.limited.get(&key_of(refused), 0).is_err(),
@@ -858,8 +872,8 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
             (lim.global()?.limited_moves, lim.global()?.limited_full),
             (1, 2)
         );
-        // After it (10 ms, and two jiffies of the coarse clock at HZ 100), the first denial moves.
-        std::thread::sleep(std::time::Duration::from_millis(40));
+        // The pause over, the first denial moves.
+        pause_until(&mut lim, Some(0))?;
         check_eq!(lim.send(refused, 1)?, 0);
         ensure!(
             lim.tables.limited.get(&key_of(refused), 0).is_ok(),
@@ -871,6 +885,21 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// CPU 0's end of the pause on moves into `LIMITED` (the map `LIMITED_FULL_UNTIL`), set to
+/// `set` on every CPU first if given.
+fn pause_until(lim: &mut Limiter, set: Option<u64>) -> Result<u64> {
+    let mut pause: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        lim.ebpf
+            .map_mut("LIMITED_FULL_UNTIL")
+            .context("no map LIMITED_FULL_UNTIL")?,
+    )?;
+    if let Some(value) = set {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        pause.set(0, PerCpuValues::try_from(vec![value; cpus])?, 0)?;
+    }
+    Ok(pause.get(&0, 0)?[0])
 }
 
 /// The agent's sweep deletes a `LIMITED` entry once its window state has aged out; the client's

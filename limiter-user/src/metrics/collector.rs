@@ -154,7 +154,8 @@ impl Collector for KernelCollector {
             (
                 "limiter_limited_full",
                 "Dropped packets of clients that could not move into the map of clients over \
-                 their limit because it was full (--max-limited); they stay evictable.",
+                 their limit because it was full (--max-limited), or that came within 10 ms of \
+                 a refused move on the same CPU (no move is tried then); they stay evictable.",
                 global.limited_full,
             ),
         ];

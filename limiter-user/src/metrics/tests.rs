@@ -185,7 +185,7 @@ fn populated_lines() -> Vec<String> {
         "# HELP limiter_limited_moves_total Clients moved into the never-evicted map of clients over their limit on their first dropped packet.",
         "# TYPE limiter_limited_moves_total counter",
         "limiter_limited_moves_total{iface=\"eth0\"} 6",
-        "# HELP limiter_limited_full_total Dropped packets of clients that could not move into the map of clients over their limit because it was full (--max-limited); they stay evictable.",
+        "# HELP limiter_limited_full_total Dropped packets of clients that could not move into the map of clients over their limit because it was full (--max-limited), or that came within 10 ms of a refused move on the same CPU (no move is tried then); they stay evictable.",
         "# TYPE limiter_limited_full_total counter",
         "limiter_limited_full_total{iface=\"eth0\"} 2",
         "# HELP limiter_clients_active Client entries resident in the kernel maps, by key kind: an IP address, or a named ID from the API.",

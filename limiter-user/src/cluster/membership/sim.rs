@@ -115,9 +115,10 @@ impl Sim {
                 peers,
                 incarnation: 1,
                 seq: 0,
+                // Joining: nothing in force, which counts every member there is.
                 in_force: 0,
                 phase: Phase::Joining,
-                agreed: 0,
+                agreed: (nodes + phantoms) as u32,
             });
         }
         sim
@@ -264,7 +265,7 @@ impl Sim {
                     seq: 0,
                     in_force: 0,
                     phase: Phase::Joining,
-                    agreed: 0,
+                    agreed: (k + 1 + self.phantoms) as u32,
                 });
             }
             Op::Configure(k) => {
@@ -305,6 +306,7 @@ impl Sim {
                 member.seq = 0;
                 member.in_force = view.share(LIMIT);
                 member.phase = view.phase;
+                member.agreed = view.members;
             }
         }
     }

@@ -649,3 +649,38 @@ fn hits_are_counted_per_rule() {
     assert_eq!(counts("free"), None);
     assert_eq!(counts("nope"), None);
 }
+
+/// A serving thread's copy of the service shares the original's client locks (all or nothing
+/// across threads needs them: with locks of its own, two threads could read and spend one client
+/// at once) and its budget, and counts the calls it answers in its own counter.
+#[test]
+fn a_threads_copy_shares_the_client_locks_and_counts_its_calls() {
+    let (svc, sim) = service();
+    let calls = Arc::new(AtomicU64::new(0));
+    let copy = svc.counting_calls(Arc::clone(&calls));
+    assert!(Arc::ptr_eq(&svc.spending, &copy.spending));
+    assert!(Arc::ptr_eq(&svc.budget, &copy.budget));
+    let held = copy.spending[7].lock().expect("lock");
+    assert!(svc.spending[7].try_lock().is_err(), "the lock is one");
+    drop(held);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let req = request(vec![desc(&[("path", "/a")])]);
+    for _ in 0..3 {
+        runtime
+            .block_on(copy.should_rate_limit(Request::new(req.clone())))
+            .expect("answered");
+    }
+    // An invalid call counts too: it was answered.
+    let _ = runtime.block_on(copy.should_rate_limit(Request::new(request(Vec::new()))));
+    assert_eq!(calls.load(Ordering::Relaxed), 4);
+    // The original counts nothing, and the copy spent the budget both see.
+    let r = svc.answer(&req).expect("answered");
+    assert_eq!(
+        codes(&r),
+        (OVER, vec![OVER]),
+        "3 of /a's 3 spent through the copy"
+    );
+    drop(sim);
+}
