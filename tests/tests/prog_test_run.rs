@@ -95,12 +95,18 @@ struct Limiter {
 
 impl Limiter {
     fn new(max_clients: u32, yaml: &str) -> Result<Limiter> {
-        let mut ebpf = datapath::load(&LoadOptions {
-            pin_dir: None,
-            max_clients,
-            ..LoadOptions::default()
-        })
-        .context("loading the object (needs root)")?;
+        Limiter::with_options(
+            &LoadOptions {
+                pin_dir: None,
+                max_clients,
+                ..LoadOptions::default()
+            },
+            yaml,
+        )
+    }
+
+    fn with_options(options: &LoadOptions, yaml: &str) -> Result<Limiter> {
+        let mut ebpf = datapath::load(options).context("loading the object (needs root)")?;
         let mut tables = Tables::take(&mut ebpf)?;
         tables.apply(&Config::parse(yaml)?)?;
         let program: &mut Xdp = ebpf
@@ -783,20 +789,15 @@ fn a_limited_client_is_held_through_a_flood_of_new_sources() -> Result<()> {
 #[test]
 fn a_full_limited_map_leaves_clients_evictable_and_says_so() -> Result<()> {
     in_one_window(HOUR_NS, |_| {
-        let mut ebpf = datapath::load(&LoadOptions {
-            pin_dir: None,
-            max_clients: 1024,
-            max_limited: 2,
-            ..LoadOptions::default()
-        })?;
-        let mut tables = Tables::take(&mut ebpf)?;
-        tables.apply(&Config::parse("default: { limit: 1, window: 1h }\n")?)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(datapath::PROGRAM)
-            .context("no limiter program")?
-            .try_into()?;
-        program.load()?;
-        let lim = Limiter { ebpf, tables };
+        let lim = Limiter::with_options(
+            &LoadOptions {
+                pin_dir: None,
+                max_clients: 1024,
+                max_limited: 2,
+                ..LoadOptions::default()
+            },
+            "default: { limit: 1, window: 1h }\n",
+        )?;
         let sources: Vec<IpAddr> = spoofed(0, 4).collect();
         for src in &sources {
             check_eq!(lim.send(*src, 3)?, 1, "{src}");
@@ -828,20 +829,15 @@ fn a_full_limited_map_leaves_clients_evictable_and_says_so() -> Result<()> {
 fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
     limiter_tests::bench::report::pin_to_cpu(0)?;
     in_one_window(HOUR_NS, |_| {
-        let mut ebpf = datapath::load(&LoadOptions {
-            pin_dir: None,
-            max_clients: 1024,
-            max_limited: 1,
-            ..LoadOptions::default()
-        })?;
-        let mut tables = Tables::take(&mut ebpf)?;
-        tables.apply(&Config::parse("default: { limit: 1, window: 1h }\n")?)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(datapath::PROGRAM)
-            .context("no limiter program")?
-            .try_into()?;
-        program.load()?;
-        let mut lim = Limiter { ebpf, tables };
+        let mut lim = Limiter::with_options(
+            &LoadOptions {
+                pin_dir: None,
+                max_clients: 1024,
+                max_limited: 1,
+                ..LoadOptions::default()
+            },
+            "default: { limit: 1, window: 1h }\n",
+        )?;
         let (held, refused) = (v4(198, 51, 100, 1), v4(198, 51, 100, 2));
         check_eq!(lim.send(held, 2)?, 1);
         let coarse = || limiter_user::stats::clock_ns(libc::CLOCK_MONOTONIC_COARSE);
