@@ -844,10 +844,8 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
         let before = coarse();
         check_eq!(lim.send(refused, 2)?, 1);
         let after = coarse();
-        check_eq!(
-            (lim.global()?.limited_moves, lim.global()?.limited_full),
-            (1, 1)
-        );
+        let g = lim.global()?;
+        check_eq!((g.limited_moves, g.limited_full), (1, 1));
         // 10 ms from the program's coarse clock, which is up to two jiffies (20 ms at HZ 100)
         // behind.
         const PAUSE_NS: u64 = 10_000_000;
@@ -864,10 +862,8 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
             lim.tables.limited.get(&key_of(refused), 0).is_err(),
             "moved within the pause"
         );
-        check_eq!(
-            (lim.global()?.limited_moves, lim.global()?.limited_full),
-            (1, 2)
-        );
+        let g = lim.global()?;
+        check_eq!((g.limited_moves, g.limited_full), (1, 2));
         // The pause over, the first denial moves.
         pause_until(&mut lim, Some(0))?;
         check_eq!(lim.send(refused, 1)?, 0);
@@ -875,10 +871,8 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
             lim.tables.limited.get(&key_of(refused), 0).is_ok(),
             "not moved after the pause"
         );
-        check_eq!(
-            (lim.global()?.limited_moves, lim.global()?.limited_full),
-            (2, 2)
-        );
+        let g = lim.global()?;
+        check_eq!((g.limited_moves, g.limited_full), (2, 2));
         Ok(())
     })
 }
