@@ -41,6 +41,32 @@ use super::{
     owner,
 };
 
+/// Records that `want` is to be written for `client`: a set when the datapath holds anything
+/// else, only the newer number and stamp when it holds the same enforcement.
+fn want_written(
+    written: &mut HashMap<ClientKey, Written>,
+    sets: &mut Vec<Write>,
+    client: ClientKey,
+    want: Written,
+) {
+    match written.get_mut(&client) {
+        // The same enforcement under a newer number: nothing to write.
+        Some(w) if (w.value, w.until, w.silence) == (want.value, want.until, want.silence) => {
+            w.seq = want.seq;
+            w.stamp = want.stamp;
+        }
+        _ => {
+            sets.push(Write::Set {
+                client,
+                value: want.value,
+                until: want.until,
+                silence: want.silence,
+            });
+            written.insert(client, want);
+        }
+    }
+}
+
 /// Whether one member's `demand` (packets per window) makes a client hot there: at least
 /// [`hot_count`] of the `cold` share, as the programs report it, and not nothing.
 fn is_hot(demand: u32, cold: u32) -> bool {
@@ -171,6 +197,8 @@ struct Written {
     /// Adopted from a previous run (`Enrolment::adopt`) and not replaced since: kept while
     /// `adopted_until` runs, and never raised by a cap meanwhile.
     adopted: bool,
+    /// The number of the last `Enrolment::writes` call that wanted it written (0: none yet).
+    stamp: u64,
 }
 
 /// A grant the maps held at start (a previous run's, pinned).
@@ -240,6 +268,8 @@ pub struct Enrolment {
     foreign: u64,
     unwritten: u64,
     raises_lapsed: u64,
+    /// Calls of `Enrolment::writes` so far: the stamp of what the last one wanted written.
+    writes_made: u64,
 }
 
 impl Enrolment {
@@ -262,6 +292,7 @@ impl Enrolment {
             foreign: 0,
             unwritten: 0,
             raises_lapsed: 0,
+            writes_made: 0,
         }
     }
 
@@ -288,6 +319,7 @@ impl Enrolment {
                     seq: None,
                     silence: g.silence.unwrap_or(silence),
                     adopted: true,
+                    stamp: 0,
                 },
             );
             // The owner counts a cut until *its* silence limit has passed: keep every adopted
@@ -461,8 +493,7 @@ impl Enrolment {
             return;
         }
         // A member that reports is live; one that restarted enrols again.
-        owned.ledger.enrol(from);
-        owned.ledger.receive(from, now, msg.report);
+        owned.ledger.enrol_and_receive(from, now, msg.report);
     }
 
     /// Takes in an owner's message.
@@ -693,100 +724,78 @@ impl Enrolment {
     /// held, as a cut of its cold share written by this node alone (no lease: a cap is below
     /// the cold share, and `Grant::limit_at` keeps a value below it with or without one).
     fn writes(&mut self, now: Duration) -> Vec<Write> {
-        let mut desired: HashMap<ClientKey, Written> = self
-            .held
-            .iter()
-            .filter_map(|(client, held)| {
-                let (value, until) = held.holder.in_force(now)?;
-                let seq = held.holder.in_force_seq(now);
-                let silence = held.holder.silence_limit();
-                let value = self.caps.get(client).map_or(value, |&cap| value.min(cap));
-                Some((
-                    *client,
-                    Written {
-                        value,
-                        until,
-                        seq,
-                        silence,
-                        adopted: false,
-                    },
-                ))
-            })
-            .collect();
+        // One pass over the held clients, one over the caps, one over what is written, with no
+        // map built per round: what this call wants written is stamped with its number, and
+        // what is written without that stamp is cleared.
+        self.writes_made += 1;
+        let stamp = self.writes_made;
+        let mut sets = Vec::new();
+        let mut wanted = 0;
+        for (client, held) in &self.held {
+            let Some((value, until)) = held.holder.in_force(now) else {
+                continue;
+            };
+            wanted += 1;
+            want_written(
+                &mut self.written,
+                &mut sets,
+                *client,
+                Written {
+                    value: self.caps.get(client).map_or(value, |&cap| value.min(cap)),
+                    until,
+                    seq: held.holder.in_force_seq(now),
+                    silence: held.holder.silence_limit(),
+                    adopted: false,
+                    stamp,
+                },
+            );
+        }
         let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
         // Grants written for caps alone fit in what `GRANTS` has left after the held clients
         // (it holds `capacity` entries, never evicted): a held client's grant is never refused
         // for a cap's. A capped client left out keeps its share (safe).
         for (client, &cap) in &self.caps {
-            if desired.contains_key(client) {
-                continue;
+            let written = self.written.get(client);
+            if written.is_some_and(|w| w.stamp == stamp) {
+                continue; // held, with its grant capped above
             }
-            if desired.len() >= self.capacity {
+            if wanted >= self.capacity {
                 break;
             }
             // An adopted grant (a previous run's, which its owner may still count) is never
             // raised by a cap while it is kept: the lower of the two holds.
-            let adopted = self
-                .written
-                .get(client)
-                .filter(|w| w.adopted && keep_adopted);
-            desired.insert(
-                *client,
-                match adopted {
-                    Some(w) if w.value <= cap => *w,
-                    Some(w) => Written {
-                        value: cap,
-                        until: None,
-                        ..*w
-                    },
-                    None => Written {
-                        value: cap,
-                        until: None,
-                        seq: None,
-                        silence: self.timing.silence(),
-                        adopted: false,
-                    },
+            let adopted = written.filter(|w| w.adopted && keep_adopted).copied();
+            let capped = match adopted {
+                Some(w) if w.value <= cap => Written { stamp, ..w },
+                Some(w) => Written {
+                    value: cap,
+                    until: None,
+                    stamp,
+                    ..w
                 },
-            );
+                None => Written {
+                    value: cap,
+                    until: None,
+                    seq: None,
+                    silence: self.timing.silence(),
+                    adopted: false,
+                    stamp,
+                },
+            };
+            wanted += 1;
+            want_written(&mut self.written, &mut sets, *client, capped);
         }
-        // While adopted grants are kept, only what this run wrote itself is cleared.
-        let mut writes: Vec<Write> = self
-            .written
-            .iter()
-            .filter(|(client, w)| {
-                let kept = keep_adopted && w.adopted;
-                !kept && !desired.contains_key(*client)
-            })
-            .map(|(client, _)| Write::Clear(*client))
-            .collect();
-        for (client, want) in &desired {
-            match self.written.get_mut(client) {
-                // The same enforcement under a newer number: nothing to write.
-                Some(w)
-                    if (w.value, w.until, w.silence) == (want.value, want.until, want.silence) =>
-                {
-                    w.seq = want.seq
-                }
-                _ => writes.push(Write::Set {
-                    client: *client,
-                    value: want.value,
-                    until: want.until,
-                    silence: want.silence,
-                }),
+        // Clears first, so that they free room in the map before the sets take it. While
+        // adopted grants are kept, only what this run wrote itself is cleared.
+        let mut writes = Vec::new();
+        self.written.retain(|client, w| {
+            let keep = w.stamp == stamp || (keep_adopted && w.adopted);
+            if !keep {
+                writes.push(Write::Clear(*client));
             }
-        }
-        for w in &writes {
-            match *w {
-                Write::Set { client, .. } => {
-                    if let Some(&want) = desired.get(&client) {
-                        self.written.insert(client, want);
-                    }
-                }
-                Write::Clear(client) => {
-                    self.written.remove(&client);
-                }
-            }
-        }
+            keep
+        });
+        writes.append(&mut sets);
         writes
     }
 
@@ -825,6 +834,7 @@ impl Enrolment {
                     seq: None,
                     silence: self.timing.silence(),
                     adopted: false,
+                    stamp: 0,
                 },
             );
         }

@@ -1087,3 +1087,39 @@ fn a_lifted_cap_is_cleared_while_adopted_grants_are_kept() {
     sim.step(&[5, 5, 5]);
     assert_eq!(sim.grants[0], None);
 }
+
+/// Caps alone never take more of `GRANTS` than `--max-global-clients`, and a round's clears
+/// come before its sets, so that they free room in the map before the sets take it.
+#[test]
+fn caps_fit_in_the_capacity_and_clears_come_before_sets() {
+    let members = ids(3);
+    let view = alone_view(&members, true);
+    let info = |_| {
+        Some(PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 3,
+        })
+    };
+    let mut node = Enrolment::new(members[0].clone(), timing(), 1, 2);
+    let [a, b, c, d] = [[1; 16], [2; 16], [3; 16], [4; 16]];
+    node.set_caps(HashMap::from([(a, 1), (b, 1), (c, 1)]));
+    let (_, writes) = node.round(ROUND, &view, &info);
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    assert!(writes.iter().all(|w| matches!(
+        w,
+        Write::Set {
+            value: 1,
+            until: None,
+            ..
+        }
+    )));
+    // The same caps again: nothing new to write.
+    let (_, again) = node.round(ROUND * 2, &view, &info);
+    assert_eq!(again, []);
+    node.set_caps(HashMap::from([(d, 2)]));
+    let (_, writes) = node.round(ROUND * 3, &view, &info);
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(matches!(writes[0], Write::Clear(_)) && matches!(writes[1], Write::Clear(_)));
+    assert!(matches!(writes[2], Write::Set { client, value: 2, .. } if client == d));
+}

@@ -426,6 +426,16 @@ struct Counted {
 }
 
 impl Account {
+    /// A holder just enrolled: counted at the cold share until a report says otherwise, its
+    /// messages numbered from `first_message`.
+    fn enrolled(first_message: u64) -> Account {
+        Account {
+            cold_possible: true,
+            next_message: first_message,
+            ..Account::default()
+        }
+    }
+
     /// The holder's demand at `now`: the newest report's, or 0 when no report arrived for a
     /// lease (holders report every sync interval; one that stopped is dead or cut off, and its
     /// last demand must neither hold room the others could use nor keep the client from going
@@ -570,14 +580,8 @@ impl Ledger {
         if self.holders.contains_key(node) {
             return;
         }
-        self.holders.insert(
-            node.clone(),
-            Account {
-                cold_possible: true,
-                next_message: self.first_message,
-                ..Account::default()
-            },
-        );
+        self.holders
+            .insert(node.clone(), Account::enrolled(self.first_message));
     }
 
     /// `node`'s agent started again and numbers its reports from `first_report` on: it may have
@@ -647,10 +651,28 @@ impl Ledger {
     }
 
     /// Takes in `report` from `node`, received at `now` (owner clock). Reports from members not
-    /// enrolled are ignored (the caller enrols first).
+    /// enrolled are ignored (see [`Ledger::enrol_and_receive`]).
     pub fn receive(&mut self, node: &NodeId, now: Duration, report: Report) {
-        let Some(account) = self.holders.get_mut(node) else {
-            return;
+        self.take_report(node, now, report, false);
+    }
+
+    /// [`Ledger::enrol`] then [`Ledger::receive`], with one search of the holders: a member
+    /// that reports is live, and one that restarted enrols again.
+    pub fn enrol_and_receive(&mut self, node: &NodeId, now: Duration, report: Report) {
+        self.take_report(node, now, report, true);
+    }
+
+    fn take_report(&mut self, node: &NodeId, now: Duration, report: Report, enrol: bool) {
+        let account = if enrol {
+            let first_message = self.first_message;
+            self.holders
+                .entry(node.clone())
+                .or_insert_with(|| Account::enrolled(first_message))
+        } else {
+            let Some(account) = self.holders.get_mut(node) else {
+                return;
+            };
+            account
         };
         if report.seq < account.reports_from
             || account
