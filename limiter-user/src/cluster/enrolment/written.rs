@@ -1,0 +1,226 @@
+//! What the datapath holds of this member's grants: the changes each round writes (grants in
+//! force, capped by the adaptive loop), what the maps held at start (adopted), and what the
+//! datapath refused.
+
+use std::{collections::HashMap, time::Duration};
+
+use limiter_common::addr::ClientKey;
+
+use super::{Enrolment, Write, WriteGrants};
+
+/// A grant as the datapath holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Written {
+    pub(super) value: u32,
+    pub(super) until: Option<Duration>,
+    /// The grant's number (`None`: adopted from a previous run, or unknown after a refused
+    /// change): what the reports say is applied.
+    pub(super) seq: Option<u64>,
+    /// The silence limit the holder keeps it under (stored with it in the maps).
+    silence: Duration,
+    /// Adopted from a previous run (`Enrolment::adopt`) and not replaced since: kept while
+    /// `adopted_until` runs, and never raised by a cap meanwhile.
+    adopted: bool,
+    /// The number of the last `Enrolment::writes` call that wanted it written (0: none yet).
+    stamp: u64,
+}
+
+/// A grant the maps held at start (a previous run's, pinned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedGrant {
+    pub client: ClientKey,
+    pub value: u32,
+    /// The end of its lease on CLOCK_MONOTONIC (`None`: none, a cut).
+    pub until: Option<Duration>,
+    /// The silence limit it was held under (`None`: not recorded).
+    pub silence: Option<Duration>,
+}
+
+/// Records that `want` is to be written for `client`: a set when the datapath holds anything
+/// else, only the newer number and stamp when it holds the same enforcement.
+fn want_written(
+    written: &mut HashMap<ClientKey, Written>,
+    sets: &mut Vec<Write>,
+    client: ClientKey,
+    want: Written,
+) {
+    match written.get_mut(&client) {
+        // The same enforcement under a newer number: nothing to write.
+        Some(w) if (w.value, w.until, w.silence) == (want.value, want.until, want.silence) => {
+            w.seq = want.seq;
+            w.stamp = want.stamp;
+        }
+        _ => {
+            sets.push(Write::Set {
+                client,
+                value: want.value,
+                until: want.until,
+                silence: want.silence,
+            });
+            written.insert(client, want);
+        }
+    }
+}
+
+impl Enrolment {
+    /// Grants the datapath held when this agent started (pinned maps of a previous run): kept
+    /// as written (a raise lapses on its own in the kernel), cleared when no owner confirms
+    /// them within the silence limit (see [`Enrolment::adopt`]).
+    pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = PinnedGrant>) {
+        let mut silence = self.timing.silence();
+        for g in grants {
+            self.written.insert(
+                g.client,
+                Written {
+                    value: g.value,
+                    until: g.until,
+                    seq: None,
+                    silence: g.silence.unwrap_or(silence),
+                    adopted: true,
+                    stamp: 0,
+                },
+            );
+            // The owner counts a cut until *its* silence limit has passed: keep every adopted
+            // grant at least as long as the longest limit any of them was held under.
+            silence = silence.max(g.silence.unwrap_or_default());
+        }
+        self.adopted_until = Some(now + silence);
+    }
+
+    /// Takes the adaptive loop's caps (all of them; see the `caps` field). They reach the
+    /// datapath with the next writes, and the reports with the next round.
+    pub fn set_caps(&mut self, caps: HashMap<ClientKey, u32>) {
+        self.caps = caps;
+    }
+
+    /// Writes the grant changes since the last call; what `write` refuses is offered again.
+    pub(super) fn flush(&mut self, now: Duration, write: &mut WriteGrants<'_>) {
+        let writes = self.writes(now);
+        if writes.is_empty() {
+            return;
+        }
+        let refused = write(&writes);
+        self.unwritten(&refused);
+    }
+
+    /// The grant changes since the last call. A capped client gets at most its cap: below what
+    /// its owner granted (which the owner goes on counting, so the sum stays safe), or, not
+    /// held, as a cut of its cold share written by this node alone (no lease: a cap is below
+    /// the cold share, and `Grant::limit_at` keeps a value below it with or without one).
+    fn writes(&mut self, now: Duration) -> Vec<Write> {
+        // One pass over the held clients, one over the caps, one over what is written, with no
+        // map built per round: what this call wants written is stamped with its number, and
+        // what is written without that stamp is cleared.
+        self.writes_made += 1;
+        let stamp = self.writes_made;
+        let mut sets = Vec::new();
+        let mut wanted = 0;
+        for (client, held) in &self.held {
+            let Some((value, until)) = held.holder.in_force(now) else {
+                continue;
+            };
+            wanted += 1;
+            want_written(
+                &mut self.written,
+                &mut sets,
+                *client,
+                Written {
+                    value: self.caps.get(client).map_or(value, |&cap| value.min(cap)),
+                    until,
+                    seq: held.holder.in_force_seq(now),
+                    silence: held.holder.silence_limit(),
+                    adopted: false,
+                    stamp,
+                },
+            );
+        }
+        let keep_adopted = self.adopted_until.is_some_and(|until| now < until);
+        // Grants written for caps alone fit in what `GRANTS` has left after the held clients
+        // (it holds `capacity` entries, never evicted): a held client's grant is never refused
+        // for a cap's. A capped client left out keeps its share (safe).
+        for (client, &cap) in &self.caps {
+            let written = self.written.get(client);
+            if written.is_some_and(|w| w.stamp == stamp) {
+                continue; // held, with its grant capped above
+            }
+            if wanted >= self.capacity {
+                break;
+            }
+            // An adopted grant (a previous run's, which its owner may still count) is never
+            // raised by a cap while it is kept: the lower of the two holds.
+            let adopted = written.filter(|w| w.adopted && keep_adopted).copied();
+            let capped = match adopted {
+                Some(w) if w.value <= cap => Written { stamp, ..w },
+                Some(w) => Written {
+                    value: cap,
+                    until: None,
+                    stamp,
+                    ..w
+                },
+                None => Written {
+                    value: cap,
+                    until: None,
+                    seq: None,
+                    silence: self.timing.silence(),
+                    adopted: false,
+                    stamp,
+                },
+            };
+            wanted += 1;
+            want_written(&mut self.written, &mut sets, *client, capped);
+        }
+        // Clears first, so that they free room in the map before the sets take it. While
+        // adopted grants are kept, only what this run wrote itself is cleared.
+        let mut writes = Vec::new();
+        self.written.retain(|client, w| {
+            let keep = w.stamp == stamp || (keep_adopted && w.adopted);
+            if !keep {
+                writes.push(Write::Clear(*client));
+            }
+            keep
+        });
+        writes.append(&mut sets);
+        writes
+    }
+
+    /// The node's phase gives no cold share to split by (cut off, joining): every grant is
+    /// written as lapsed (raises end now, cuts stay), and no round runs until it is connected
+    /// again; returns the writes.
+    pub fn suspend(&mut self) -> Vec<Write> {
+        let mut writes = Vec::new();
+        for (client, grant) in self.written.iter_mut() {
+            if grant.until.is_some() {
+                grant.until = None;
+                writes.push(Write::Set {
+                    client: *client,
+                    value: grant.value,
+                    until: None,
+                    silence: grant.silence,
+                });
+            }
+        }
+        writes
+    }
+
+    /// The datapath refused these writes: offer them again next round. Until one is taken the
+    /// datapath's grant is unknown, and the client's reports say none is applied.
+    pub fn unwritten(&mut self, writes: &[Write]) {
+        self.unwritten += writes.len() as u64;
+        for w in writes {
+            let client = match w {
+                Write::Set { client, .. } | Write::Clear(client) => client,
+            };
+            self.written.insert(
+                *client,
+                Written {
+                    value: u32::MAX,
+                    until: None,
+                    seq: None,
+                    silence: self.timing.silence(),
+                    adopted: false,
+                    stamp: 0,
+                },
+            );
+        }
+    }
+}
