@@ -58,7 +58,8 @@ enum Command {
         /// Directory of the client-state snapshot (`IFACE.snapshot`), restored after a reboot.
         #[arg(long, default_value = "/var/lib/limiter")]
         state_dir: PathBuf,
-        /// How often client state is snapshotted, e.g. 5s, 500ms (also on shutdown).
+        /// How often client state is snapshotted, e.g. 5s, 500ms (also on shutdown); stretched
+        /// to 20 times the last snapshot's CPU time if longer (at most 5% of a CPU).
         #[arg(long, default_value = "5s", value_parser = parse_interval)]
         snapshot_interval: Duration,
         /// Replace an XDP program of another tool already attached to the interface (without

@@ -30,6 +30,22 @@ use limiter_common::{
     window::rebase,
 };
 
+/// Periodic snapshots take at most 1/`PERIODIC_CPU_SHARE` of one CPU (5%): see [`periodic_gap`].
+pub const PERIODIC_CPU_SHARE: u32 = 20;
+
+/// The least time from the start of one periodic snapshot to the start of the next, for
+/// `--snapshot-interval` `interval`, when the last one took `cpu` of its thread's CPU time: the
+/// interval, or [`PERIODIC_CPU_SHARE`] times that CPU time if longer. A million clients take
+/// about 0.6 s of CPU (BENCHMARKS.md, Snapshots), so every 5 s would hold 12% of a CPU from the
+/// packets and the rest of the agent, during a flood of new sources above all; paced, they are
+/// snapshotted every 12 s or so. The snapshot at shutdown is never paced.
+pub fn periodic_gap(
+    interval: std::time::Duration,
+    cpu: std::time::Duration,
+) -> std::time::Duration {
+    interval.max(cpu.saturating_mul(PERIODIC_CPU_SHARE))
+}
+
 /// Map layouts whose snapshots this binary restores: their entry records are the same (layout 4
 /// packed the map value into 40 bytes, but the record keeps one field per field; layout 5 added
 /// the `LIMITED` map, whose entries a snapshot lists with the others; layout 6 added group keys,
@@ -339,7 +355,7 @@ fn decode_state(b: &[u8]) -> ClientState {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
     use limiter_common::{
         addr::v4_mapped,
@@ -373,6 +389,25 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn periodic_snapshots_keep_within_their_cpu_share() {
+        let interval = Duration::from_secs(5);
+        // Small maps: the interval as set.
+        assert_eq!(periodic_gap(interval, Duration::from_millis(3)), interval);
+        assert_eq!(periodic_gap(interval, Duration::from_millis(250)), interval);
+        // A million clients, 0.6 s of CPU: one every 12 s, 5% of a CPU.
+        assert_eq!(
+            periodic_gap(interval, Duration::from_millis(600)),
+            Duration::from_secs(12)
+        );
+        // A short interval stretches the same way; nothing overflows.
+        assert_eq!(
+            periodic_gap(Duration::from_millis(100), Duration::from_millis(10)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(periodic_gap(interval, Duration::MAX), Duration::MAX);
     }
 
     #[test]

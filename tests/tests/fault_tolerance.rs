@@ -753,6 +753,90 @@ fn kill_9_while_snapshotting_always_leaves_a_whole_snapshot() -> Result<()> {
     Ok(())
 }
 
+/// Periodic snapshots take at most 1/20 of a CPU (`limiter_user::snapshot::periodic_gap`):
+/// with 200k clients and `--snapshot-interval 100ms`, where each snapshot takes tens of
+/// milliseconds of CPU, the agent snapshots far less often than every 100 ms, says so once, and
+/// never starts one before 20 times the last one's CPU time has passed.
+#[test]
+fn periodic_snapshots_keep_to_their_cpu_share() -> Result<()> {
+    require_root!();
+    const CLIENTS: u64 = 200_000;
+    const RUN: Duration = Duration::from_secs(4);
+    let net = TestNet::new()?;
+    let dir = TempDir::new("snappace")?;
+    let config = dir.join("limiter.yaml");
+    fs::write(&config, "default: {limit: 100, window: 1h}\n")?;
+    let state = dir.join("state");
+    let path = state.join(format!("{}.snapshot", net.receiver_if));
+    snapshot_now(
+        (0..CLIENTS)
+            .map(|i| (doc_key(i), hour_client(100, (i % 100) as u32, i, i % 13)))
+            .collect(),
+    )
+    .write(&path)?;
+    let mut agent = Daemon::spawn(
+        &net,
+        &config,
+        &state,
+        262_144,
+        dir.join("agent.log"),
+        &["--snapshot-interval", "100ms", "-v"],
+    )?;
+    agent.wait_ready(Duration::from_secs(30))?;
+    thread::sleep(RUN);
+    let log = agent.log();
+    let status = agent.terminate()?;
+    assert!(status.success(), "SIGTERM: {status}\n{}", agent.log());
+    // The periodic snapshots of the run, with the CPU time each took.
+    let cpus: Vec<Duration> = lines_with(&log, "snapshot written")
+        .iter()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("cpu=")))
+        .map(|d| parse_debug_duration(d).with_context(|| format!("cpu={d}")))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "{} periodic snapshots in {RUN:?}, CPU each: {cpus:?}",
+        cpus.len()
+    );
+    let least = *cpus
+        .iter()
+        .min()
+        .context("no periodic snapshot in the run")?;
+    assert!(
+        least >= Duration::from_millis(5),
+        "a snapshot of {CLIENTS} clients took only {least:?} of CPU: the pacing was not exercised"
+    );
+    assert_eq!(
+        lines_with(&log, "instead of --snapshot-interval").len(),
+        1,
+        "the stretched interval is logged once:\n{log}"
+    );
+    // Every start at least 20 x the CPU time of the one before, from the first at 100 ms:
+    // at most this many fit in the run (unpaced, they would run back to back).
+    let most = 1 + (RUN.as_secs_f64() / (20.0 * least.as_secs_f64())).floor() as usize;
+    assert!(
+        cpus.len() <= most,
+        "{} periodic snapshots in {RUN:?}, at most {most} fit at 20 x {least:?} apart",
+        cpus.len()
+    );
+    Ok(())
+}
+
+/// A `Duration`'s `Debug` form as the agent logs it (`152.3ms`, `1.2s`, `950µs`, `12ns`).
+fn parse_debug_duration(s: &str) -> Result<Duration> {
+    let (number, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| s.split_at(i))
+        .context("no unit")?;
+    let scale = match unit {
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "µs" => 1e-6,
+        "ns" => 1e-9,
+        other => anyhow::bail!("unit {other:?}"),
+    };
+    Ok(Duration::from_secs_f64(number.parse::<f64>()? * scale))
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Simulated reboot
 // ---------------------------------------------------------------------------------------------

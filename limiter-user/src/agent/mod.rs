@@ -9,8 +9,8 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Arc,
     sync::mpsc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -346,6 +346,8 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let mut sweep_tick = tokio::time::interval(LIMITED_SWEEP);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshotting: Option<tokio::task::JoinHandle<()>> = None;
+    // When the next periodic snapshot may start (`snapshot::periodic_gap`), set by the last one.
+    let snapshot_pace = Arc::new(Mutex::new(SnapshotPace::default()));
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -383,13 +385,29 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 }
             }
             _ = snapshot_tick.tick() => {
-                // Off the agent's thread; a snapshot still running is not started twice.
-                if snapshotting.as_ref().is_none_or(|h| h.is_finished()) {
+                // Off the agent's thread; a snapshot still running is not started twice, nor
+                // one before the last one's CPU time allows.
+                let not_before = snapshot_pace
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .not_before
+                    .filter(|&t| Instant::now() < t);
+                if let Some(t) = not_before {
+                    // Paced: the next tick comes when it may start.
+                    snapshot_tick.reset_at(tokio::time::Instant::from_std(t));
+                } else if snapshotting.as_ref().is_none_or(|h| h.is_finished()) {
                     match limits.with_tables(Tables::client_fds) {
                         Ok(fds) => {
                             let path = snapshot_path.clone();
+                            let pace = Arc::clone(&snapshot_pace);
+                            let interval = opts.snapshot_interval;
                             snapshotting = Some(tokio::task::spawn_blocking(move || {
-                                if let Err(e) = take_snapshot(&fds, &path) {
+                                let started = Instant::now();
+                                let (cpu, result) = take_snapshot(&fds, &path);
+                                pace.lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .took(started, cpu, interval);
+                                if let Err(e) = result {
                                     tracing::error!("snapshot {}: {e:#}", path.display());
                                 }
                             }));
@@ -447,7 +465,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let fds = limits
         .with_tables(Tables::client_fds)
         .context("duplicating map descriptors for the final snapshot")?;
-    take_snapshot(&fds, &snapshot_path)?;
+    take_snapshot(&fds, &snapshot_path).1?;
     detached?;
     drop(ebpf);
     if !in_cluster {
@@ -586,13 +604,59 @@ impl KernelSource for StoreFigures {
 }
 
 /// Captures the address-client maps and writes the snapshot atomically.
-fn take_snapshot(fds: &[OwnedFd], path: &Path) -> anyhow::Result<()> {
+/// The pacing of periodic snapshots (see [`crate::snapshot::periodic_gap`]).
+#[derive(Debug, Default)]
+struct SnapshotPace {
+    /// The next periodic snapshot starts no earlier (`None`: none taken yet).
+    not_before: Option<Instant>,
+    /// The last gap was stretched beyond the interval (logged when that changes).
+    stretched: bool,
+}
+
+impl SnapshotPace {
+    /// A periodic snapshot started at `started` took `cpu` of its thread's CPU time.
+    fn took(&mut self, started: Instant, cpu: Duration, interval: Duration) {
+        let gap = crate::snapshot::periodic_gap(interval, cpu);
+        self.not_before = Some(started + gap);
+        let stretched = gap > interval;
+        if stretched != self.stretched {
+            if stretched {
+                tracing::info!(
+                    cpu = ?cpu,
+                    every = ?gap,
+                    "snapshots: one every {gap:.1?} instead of --snapshot-interval {interval:?}, so that they take at most 1/{} of a CPU",
+                    crate::snapshot::PERIODIC_CPU_SHARE
+                );
+            } else {
+                tracing::info!("snapshots: back to one every {interval:?}");
+            }
+            self.stretched = stretched;
+        }
+    }
+}
+
+/// This thread's CPU time (user and system).
+fn thread_cpu() -> Duration {
+    Duration::from_nanos(crate::stats::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID))
+}
+
+/// Captures the client maps and writes the snapshot; returns the CPU time this thread spent on
+/// it, whether or not it succeeded.
+fn take_snapshot(fds: &[OwnedFd], path: &Path) -> (Duration, anyhow::Result<()>) {
     let started = Instant::now();
-    let maps: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-    let snapshot = Snapshot::capture(&maps, Clocks::now()).context("reading the client maps")?;
-    snapshot.write(path)?;
-    tracing::debug!(clients = snapshot.entries.len(), took = ?started.elapsed(), path = %path.display(), "snapshot written");
-    Ok(())
+    let cpu = thread_cpu();
+    let result = (|| {
+        let maps: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let snapshot =
+            Snapshot::capture(&maps, Clocks::now()).context("reading the client maps")?;
+        snapshot.write(path)?;
+        anyhow::Ok(snapshot.entries.len())
+    })();
+    let cpu = thread_cpu().saturating_sub(cpu);
+    let result = result.map(|clients| {
+        tracing::debug!(clients, took = ?started.elapsed(), cpu = ?cpu, path = %path.display(), "snapshot written");
+    });
+    (cpu, result)
 }
 
 /// The most entries a snapshot restored into this agent's maps can usefully hold: the dynamic
