@@ -384,7 +384,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = snapshot_tick.tick() => {
+            due = snapshot_tick.tick() => {
                 // Off the agent's thread; a snapshot still running is not started twice, nor
                 // one before the last one's CPU time allows.
                 let not_before = snapshot_pace
@@ -401,12 +401,12 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                             let path = snapshot_path.clone();
                             let pace = Arc::clone(&snapshot_pace);
                             let interval = opts.snapshot_interval;
+                            let due = due.into_std();
                             snapshotting = Some(tokio::task::spawn_blocking(move || {
-                                let started = Instant::now();
                                 let (cpu, result) = take_snapshot(&fds, &path);
                                 pace.lock()
                                     .unwrap_or_else(|e| e.into_inner())
-                                    .took(started, cpu, interval);
+                                    .took(due, cpu, interval);
                                 if let Err(e) = result {
                                     tracing::error!("snapshot {}: {e:#}", path.display());
                                 }
@@ -603,22 +603,28 @@ impl KernelSource for StoreFigures {
     }
 }
 
-/// Captures the address-client maps and writes the snapshot atomically.
 /// The pacing of periodic snapshots (see [`crate::snapshot::periodic_gap`]).
 #[derive(Debug, Default)]
 struct SnapshotPace {
     /// The next periodic snapshot starts no earlier (`None`: none taken yet).
     not_before: Option<Instant>,
-    /// The last gap was stretched beyond the interval (logged when that changes).
+    /// The interval is stretched (logged when that changes, with hysteresis).
     stretched: bool,
 }
 
 impl SnapshotPace {
-    /// A periodic snapshot started at `started` took `cpu` of its thread's CPU time.
-    fn took(&mut self, started: Instant, cpu: Duration, interval: Duration) {
+    /// A periodic snapshot due at `due` (its tick) took `cpu` of its thread's CPU time.
+    fn took(&mut self, due: Instant, cpu: Duration, interval: Duration) {
         let gap = crate::snapshot::periodic_gap(interval, cpu);
-        self.not_before = Some(started + gap);
-        let stretched = gap > interval;
+        self.not_before = due.checked_add(gap).or_else(|| due.checked_add(interval));
+        // Stretched when the gap exceeds the interval; back only well below it, so that a
+        // snapshot whose CPU time hovers at interval / 20 does not log at every snapshot.
+        let stretched = if self.stretched {
+            gap > interval
+                || cpu.saturating_mul(crate::snapshot::PERIODIC_CPU_SHARE) * 5 >= interval * 4
+        } else {
+            gap > interval
+        };
         if stretched != self.stretched {
             if stretched {
                 tracing::info!(
@@ -640,7 +646,7 @@ fn thread_cpu() -> Duration {
     Duration::from_nanos(crate::stats::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID))
 }
 
-/// Captures the client maps and writes the snapshot; returns the CPU time this thread spent on
+/// Captures the client maps and writes the snapshot atomically; returns the CPU time this thread spent on
 /// it, whether or not it succeeded.
 fn take_snapshot(fds: &[OwnedFd], path: &Path) -> (Duration, anyhow::Result<()>) {
     let started = Instant::now();
@@ -703,5 +709,36 @@ struct MemberFigures(tokio::sync::watch::Receiver<Option<crate::cluster::node::N
 impl ClusterSource for MemberFigures {
     fn status(&self) -> Option<crate::proto::ClusterStatus> {
         self.0.borrow().as_ref().map(|node| node.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The next periodic snapshot is due 20 x the last one's CPU time after the last one's
+    /// tick, or an interval; the stretch is switched off only well below the threshold, so CPU
+    /// times hovering at interval / 20 do not flip it at every snapshot.
+    #[test]
+    fn snapshot_pace_stretches_with_hysteresis() {
+        let interval = Duration::from_secs(5);
+        let due = Instant::now();
+        let mut pace = SnapshotPace::default();
+        pace.took(due, Duration::from_millis(10), interval);
+        assert_eq!(pace.not_before, Some(due + interval));
+        assert!(!pace.stretched);
+        pace.took(due, Duration::from_millis(600), interval);
+        assert_eq!(pace.not_before, Some(due + Duration::from_secs(12)));
+        assert!(pace.stretched);
+        // Just under the threshold (20 x 240 ms = 4.8 s): the interval, still flagged stretched.
+        pace.took(due, Duration::from_millis(240), interval);
+        assert_eq!(pace.not_before, Some(due + interval));
+        assert!(pace.stretched);
+        // Under 80% of it: back.
+        pace.took(due, Duration::from_millis(199), interval);
+        assert!(!pace.stretched);
+        // Just under the threshold again: not stretched.
+        pace.took(due, Duration::from_millis(240), interval);
+        assert!(!pace.stretched);
     }
 }
