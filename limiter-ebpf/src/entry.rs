@@ -18,8 +18,8 @@ use limiter_common::{
     ClientState, GlobalStats, Grant, MapConfig, Policy,
     addr::{ClientKey, as_v4, keyed_by, set_group_key, set_policy_key_of},
     maps::{
-        ACTION_DROP, ACTION_LIMIT, ACTION_PASS, COUNTER_BITS, COUNTER_MASK, META_FLAG, META_MASK,
-        crosses_hot, generation_tag, is_global,
+        ACTION_DROP, ACTION_LIMIT, ACTION_PASS, CONFIG_NO_STATIC, COUNTER_BITS, COUNTER_MASK,
+        META_FLAG, META_MASK, crosses_hot, generation_tag, is_global,
     },
     window::{
         COARSE_CLOCK_MIN_WINDOW_US, MIN_WINDOW_US, Verdict, decide, rescale, slot_count, slot_tag,
@@ -90,7 +90,7 @@ pub(crate) fn locate(
 ) -> Option<Located> {
     let mut fast = [0u8; 16];
     set_group_key(addr, fast_group(addr, config), &mut fast);
-    let found = find(&fast);
+    let found = find(&fast, config);
     if let Some((p, home)) = found {
         // SAFETY: a live map value.
         if unsafe { (*p).is_current(config.generation) } {
@@ -101,6 +101,7 @@ pub(crate) fn locate(
     // the family groups by: found there, and current, it needs no trie lookup (an IPv6
     // allow-listed host is the common case).
     if fast != *addr
+        && has_statics(config)
         && let Some(p) = STATIC_CLIENTS.get_ptr_mut(addr)
         // SAFETY: a live map value.
         && unsafe { (*p).is_current(config.generation) }
@@ -147,7 +148,7 @@ pub(crate) fn locate_resolved(
 
 #[inline(always)]
 fn found_or_missing(key: ClientKey, policy: Policy, config: &MapConfig) -> Option<Located> {
-    match find(&key) {
+    match find(&key, config) {
         Some((p, home)) => {
             // SAFETY: a live map value.
             unsafe { refresh_with(p, &policy, config) };
@@ -187,16 +188,25 @@ fn fast_group(addr: &ClientKey, config: &MapConfig) -> u8 {
     }
 }
 
-/// The entry under `key` in whichever map holds it.
+/// Whether `STATIC_CLIENTS` may hold entries (see `CONFIG_NO_STATIC`).
 #[inline(always)]
-fn find(key: &ClientKey) -> Option<(*mut ClientState, Home)> {
+fn has_statics(config: &MapConfig) -> bool {
+    config.flags & CONFIG_NO_STATIC == 0
+}
+
+/// The entry under `key` in whichever map holds it (`STATIC_CLIENTS` only while `config` says
+/// it may hold any).
+#[inline(always)]
+fn find(key: &ClientKey, config: &MapConfig) -> Option<(*mut ClientState, Home)> {
     if let Some(p) = CLIENTS.get_ptr_mut(key) {
         return Some((p, Home::Clients));
     }
-    STATIC_CLIENTS
-        .get_ptr_mut(key)
-        .or_else(|| LIMITED.get_ptr_mut(key))
-        .map(|p| (p, Home::Kept))
+    if has_statics(config)
+        && let Some(p) = STATIC_CLIENTS.get_ptr_mut(key)
+    {
+        return Some((p, Home::Kept));
+    }
+    LIMITED.get_ptr_mut(key).map(|p| (p, Home::Kept))
 }
 
 /// The client's entry (see [`locate`]), created on its first packet, where it lives, and its
@@ -243,7 +253,12 @@ pub(crate) fn create_entry(
 /// An entry by its key (an address's or a group's), in whichever map; `None` if there is none.
 #[inline(always)]
 pub(crate) fn resident_entry(key: &ClientKey) -> Option<*mut ClientState> {
-    find(key).map(|(p, _)| p)
+    if let Some(p) = CLIENTS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    STATIC_CLIENTS
+        .get_ptr_mut(key)
+        .or_else(|| LIMITED.get_ptr_mut(key))
 }
 
 /// Moves a `CLIENTS` entry that was just denied into `LIMITED`, which LRU eviction never

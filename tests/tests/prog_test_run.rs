@@ -26,7 +26,10 @@ use aya::{
 use limiter_common::{
     ClientState, GlobalStats,
     addr::{ClientKey, covers, v4_mapped},
-    maps::{ACTION_DROP, ACTION_PASS, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP, hot_count},
+    maps::{
+        ACTION_DROP, ACTION_PASS, CONFIG_NO_STATIC, FLAG_REPORTED, FLAG_STATIC, GENERATION_SWEEP,
+        hot_count,
+    },
 };
 use limiter_tests::frames::{Builder, ETH_HLEN, TPID_8021AD, TPID_8021Q};
 use limiter_user::{
@@ -636,9 +639,21 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
     let host = format!("{base}  - {{ match: 10.0.0.5, limit: 8, window: 1h }}\n");
     in_one_window(HOUR_NS, |_| {
         let mut lim = Limiter::new(1024, base)?;
+        let no_static = |lim: &Limiter| -> Result<bool> {
+            Ok(lim.tables.map_config()?.flags & CONFIG_NO_STATIC != 0)
+        };
+        // No exact-address policy: the programs skip the empty `STATIC_CLIENTS`.
+        ensure!(
+            no_static(&lim)?,
+            "CONFIG_NO_STATIC without exact-address policies"
+        );
         let src = v4(10, 0, 0, 5);
         check_eq!(lim.send(src, 6)?, 5);
         lim.apply(&host)?;
+        ensure!(
+            !no_static(&lim)?,
+            "CONFIG_NO_STATIC with an exact-address policy"
+        );
         // Now static, with the same window: 5 of 8 used.
         check_eq!(lim.send(src, 5)?, 3);
         let c = lim.client(src).context("no client")?;
@@ -659,8 +674,35 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
                 .count(),
             1
         );
+        // The programs honour the flag: set while the client is static, its packets miss its
+        // entry and make a second one (which is why the agent clears the flag before the
+        // first static entry goes in).
+        let config = lim.tables.map_config()?;
+        lim.tables.config.set(
+            0,
+            limiter_common::MapConfig {
+                flags: config.flags | CONFIG_NO_STATIC,
+                ..config
+            },
+            0,
+        )?;
+        check_eq!(lim.send(src, 1)?, 1);
+        check_eq!(
+            lim.tables
+                .clients()?
+                .iter()
+                .filter(|(k, _)| *k == key_of(src))
+                .count(),
+            2
+        );
+        lim.tables.config.set(0, config, 0)?;
+        lim.tables.clients.remove(&key_of(src))?;
         // The policy removed, it is dynamic again under 10.0.0.0/8, count and counters kept.
         lim.apply(base)?;
+        ensure!(
+            no_static(&lim)?,
+            "CONFIG_NO_STATIC once the exact-address policy is gone"
+        );
         check_eq!(lim.send(src, 2)?, 0);
         let c = lim.client(src).context("no client")?;
         check_eq!(

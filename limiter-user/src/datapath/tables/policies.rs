@@ -8,8 +8,8 @@ use limiter_common::{
     ClientState, MapConfig, Policy,
     addr::{ClientKey, PolicyKey},
     maps::{
-        CONFIG_ADAPTIVE, CONFIG_CLUSTER, FLAG_STATIC, GENERATION_SWEEP, GLOBAL_POLICY_WORDS,
-        MODE_DRY_RUN, MODE_ENFORCE, generation_tag, set_global,
+        CONFIG_ADAPTIVE, CONFIG_CLUSTER, CONFIG_NO_STATIC, FLAG_STATIC, GENERATION_SWEEP,
+        GLOBAL_POLICY_WORDS, MODE_DRY_RUN, MODE_ENFORCE, generation_tag, set_global,
     },
 };
 
@@ -147,7 +147,23 @@ impl Tables {
             report.policies_removed += 1;
         }
         self.trie = Some(Arc::new(desired));
-        self.sync_static_clients(&config.static_clients(), &mut report)?;
+        let statics = config.static_clients();
+        let previous = self.map_config()?;
+        if !statics.is_empty() && previous.flags & CONFIG_NO_STATIC != 0 {
+            // The programs must look in `STATIC_CLIENTS` before its first entry goes in: one
+            // that skipped it would give a client moved there a second entry in `CLIENTS`.
+            self.config
+                .set(
+                    0,
+                    MapConfig {
+                        flags: previous.flags & !CONFIG_NO_STATIC,
+                        ..previous
+                    },
+                    0,
+                )
+                .map_err(map_err("CONFIG"))?;
+        }
+        self.sync_static_clients(&statics, &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
             &mut self.named,
@@ -159,7 +175,6 @@ impl Tables {
             &mut report,
         )?;
 
-        let previous = self.map_config()?;
         let generation = next_generation(previous.generation);
         let mode = match config.mode {
             Mode::Enforce => MODE_ENFORCE,
@@ -182,6 +197,10 @@ impl Tables {
         }
         if !config.global_limits.is_empty() {
             flags |= CONFIG_CLUSTER;
+        }
+        // `STATIC_CLIENTS` was emptied above when no exact-address policy is left.
+        if statics.is_empty() {
+            flags |= CONFIG_NO_STATIC;
         }
         let map_config = MapConfig {
             generation,
