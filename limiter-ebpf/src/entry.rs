@@ -77,8 +77,9 @@ pub(crate) enum Located {
 ///
 /// A client is keyed by its address or by its group's key (`addr::group_key`), which depends on
 /// its policy. The first lookup uses the family's usual grouping (`MapConfig::fast_group`):
-/// `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS`, then `LIMITED` (a client
-/// over its limit pays the two misses before it, on packets it drops). An entry found there
+/// `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS` unless the agent says it is
+/// empty (`CONFIG_NO_STATIC`), then `LIMITED` (a client over its limit pays the misses before
+/// it, on packets it drops). An entry found there
 /// that is current is this address's: the agent marks every group a longer policy splits, so
 /// the fast key names exactly one policy's group. Otherwise the policy trie decides the key,
 /// and a stale entry under it takes the policy just resolved.

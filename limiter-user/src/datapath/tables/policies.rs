@@ -162,6 +162,9 @@ impl Tables {
                     0,
                 )
                 .map_err(map_err("CONFIG"))?;
+            // A program already running may have read the flag before the write: let every
+            // such run end (a run takes microseconds) before an entry goes in.
+            std::thread::sleep(PROGRAM_RUNS_END);
         }
         self.sync_static_clients(&statics, &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
@@ -266,6 +269,10 @@ pub fn next_generation(generation: u32) -> u32 {
     }
 }
 
+/// Longer than any run of the programs (microseconds, in softirq or a test run): after a
+/// `CONFIG` write, runs that read the value before it have ended once this has passed.
+const PROGRAM_RUNS_END: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Moves entries between an LRU map and its never-evicted static map so that exactly the keys in
 /// `wanted` are static, carrying their counters across; moved entries re-resolve their policy.
 /// A key that becomes static takes its state from `held` (`LIMITED`) if it is held there: a
@@ -280,7 +287,12 @@ fn sync_static(
     report: &mut ApplyReport,
 ) -> Result<(), DatapathError> {
     let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
-    let current: HashSet<ClientKey> = statics.keys().filter_map(Result::ok).collect();
+    // Every key, or an error: a walk cut short would leave keys nobody removes (and, with no
+    // exact-address policy left, entries the programs skip under `CONFIG_NO_STATIC`).
+    let current: HashSet<ClientKey> = statics
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(static_name))?;
     // Removals first, so that replacing a full set of statics never needs room for both.
     for key in current.difference(&wanted) {
         if let Ok(mut state) = statics.get(key, 0) {
