@@ -666,14 +666,15 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
             ),
             (8, 3, 8, FLAG_STATIC)
         );
-        check_eq!(
-            lim.tables
+        let entries_of = |lim: &Limiter| -> Result<usize> {
+            Ok(lim
+                .tables
                 .clients()?
                 .iter()
                 .filter(|(k, _)| *k == key_of(src))
-                .count(),
-            1
-        );
+                .count())
+        };
+        check_eq!(entries_of(&lim)?, 1);
         // The programs honour the flag: set while the client is static, its packets miss its
         // entry and make a second one (which is why the agent clears the flag before the
         // first static entry goes in).
@@ -687,14 +688,7 @@ fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
             0,
         )?;
         check_eq!(lim.send(src, 1)?, 1);
-        check_eq!(
-            lim.tables
-                .clients()?
-                .iter()
-                .filter(|(k, _)| *k == key_of(src))
-                .count(),
-            2
-        );
+        check_eq!(entries_of(&lim)?, 2);
         lim.tables.config.set(0, config, 0)?;
         lim.tables.clients.remove(&key_of(src))?;
         // The policy removed, it is dynamic again under 10.0.0.0/8, count and counters kept.
