@@ -633,6 +633,46 @@ policies:
     })
 }
 
+/// The check program honours `CONFIG_NO_STATIC` as the packet path does: with the flag clear it
+/// reads a static client's window, set it looks past `STATIC_CLIENTS` (so the agent must never
+/// set it over a static entry; see `a_new_exact_address_policy_moves_the_client_with_its_count`).
+#[test]
+fn checks_look_in_static_clients_unless_the_agent_says_it_is_empty() -> Result<()> {
+    let yaml = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.5, limit: 8, window: 1h }\n";
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, yaml)?;
+        let checker = limiter_user::check::Checker::new(
+            datapath::load_check_program(&mut lim.ebpf)?,
+            &Config::parse(yaml)?,
+        );
+        let src = v4(10, 0, 0, 5);
+        check_eq!(lim.send(src, 5)?, 5);
+        let id = limiter_user::check::ClientId::Addr(src);
+        check_eq!(checker.check(&id, 0)?.remaining, 3);
+        let config = lim.tables.map_config()?;
+        ensure!(
+            config.flags & CONFIG_NO_STATIC == 0,
+            "an exact-address policy is in force"
+        );
+        lim.tables.config.set(
+            0,
+            limiter_common::MapConfig {
+                flags: config.flags | CONFIG_NO_STATIC,
+                ..config
+            },
+            0,
+        )?;
+        check_eq!(
+            checker.check(&id, 0)?.remaining,
+            8,
+            "the static entry skipped"
+        );
+        lim.tables.config.set(0, config, 0)?;
+        check_eq!(checker.check(&id, 0)?.remaining, 3);
+        Ok(())
+    })
+}
+
 #[test]
 fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
     let base = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";
