@@ -182,6 +182,24 @@ impl ClientState {
         flags
     }
 
+    /// Whether `hits` more hits would be admitted at `now_ns` (on the entry's clock) by the state
+    /// as it is, as the programs decide a spend (`window::decide`), without spending: the probe
+    /// of an all-or-none check (`CHECK_PROBE`). A `pass` entry admits anything, a `drop` entry
+    /// nothing, not even 0 hits.
+    #[inline(always)]
+    pub fn admits(&self, now_ns: u64, hits: u32) -> bool {
+        match core::num::NonZeroU64::new(u64::from(self.window_us) * 1000) {
+            None => true,
+            Some(window_ns) => {
+                self.limit != 0
+                    && !matches!(
+                        crate::window::decide(&self.slots, now_ns, window_ns, self.limit, hits),
+                        crate::window::Verdict::Deny
+                    )
+            }
+        }
+    }
+
     /// `ACTION_*` of the cached policy, from the limits it gave the entry.
     #[inline(always)]
     pub fn action(&self) -> u8 {
@@ -277,6 +295,20 @@ pub const CHECK_NAMED: u32 = 1;
 /// `CheckRequest::flags` with `CHECK_NAMED`: the ID has an exact-ID policy; its state lives in
 /// `NAMED_STATIC`, which LRU eviction never touches.
 pub const CHECK_STATIC: u32 = 2;
+/// `CheckRequest::flags`: a probe. The client is read as with `hits` 0 (nothing spent, no entry
+/// created), and if `hits` would not be admitted now ([`ClientState::admits`] on the state
+/// read) the program sets the frame's veto byte (at [`CHECK_VETO_OFFSET`]) and
+/// `VERDICT_WONT_FIT`. With `CHECK_UNLESS_VETOED` slots after them, probes make a frame all or
+/// none in one program run: every client is probed for what the whole frame would spend of
+/// it, then every check is spent, or none is (Envoy's rate limit service spends a request's
+/// descriptors so).
+pub const CHECK_PROBE: u32 = 4;
+/// `CheckRequest::flags`: made only if no probe before it in the frame set the veto; otherwise
+/// answered `VERDICT_VETOED` without touching the client.
+pub const CHECK_UNLESS_VETOED: u32 = 8;
+/// Offset of the check frame's veto byte: the first of the two spare bytes between the
+/// Ethernet header and the first slot, which the agent zeroes before every run.
+pub const CHECK_VETO_OFFSET: usize = 14;
 
 /// `CheckReply::verdict`: the hits were admitted (set only for `hits > 0`; for a read the agent
 /// derives the answer from the reply's state).
@@ -290,6 +322,12 @@ pub const VERDICT_OVERFLOW: u32 = 4;
 /// `CheckReply::verdict` bit: the program wrote this reply (a slot it stopped before, e.g. for
 /// a client no policy matched, lacks it and must not be read as a decision).
 pub const VERDICT_WRITTEN: u32 = 8;
+/// `CheckReply::verdict` bit of a `CHECK_PROBE` slot: its `hits` would not be admitted now, and
+/// the program set the frame's veto.
+pub const VERDICT_WONT_FIT: u32 = 16;
+/// `CheckReply::verdict` bit of a `CHECK_UNLESS_VETOED` slot: the frame's veto was set, so the
+/// check was not made (the reply carries no state).
+pub const VERDICT_VETOED: u32 = 32;
 
 /// An API check, as the agent writes it into a check frame.
 #[repr(C)]
@@ -799,6 +837,39 @@ mod tests {
             .filter(|&id| is_global(&bits, id))
             .count();
         assert_eq!(set, 6);
+    }
+
+    proptest::proptest! {
+        /// A probe answers what a spend of the same hits on the same state would: the
+        /// sliding window's own `admit` for a limit, anything for `pass`, nothing for `drop`;
+        /// and it changes nothing.
+        #[test]
+        fn a_probe_admits_what_a_spend_would(
+            counts in proptest::array::uniform2(0u32..40),
+            tags in proptest::array::uniform2(0u32..6),
+            window_ms in 10u64..3_000,
+            at in 0u64..6_000_000_000,
+            limit in 0u32..40,
+            hits in 0u32..45,
+            action in 0u8..3,
+        ) {
+            use crate::window::{admit, slot};
+            let mut state = ClientState::fresh(&policy(limit, window_ms as u32 * 1000, 1, action), 1);
+            state.slots = [slot(tags[0], counts[0]), slot(tags[1], counts[1])];
+            let before = state;
+            let probed = state.admits(at, hits);
+            proptest::prop_assert_eq!(state, before);
+            let expected = match state.action() {
+                ACTION_PASS => true,
+                ACTION_DROP => false,
+                _ => {
+                    let w = core::num::NonZeroU64::new(u64::from(state.window_us) * 1000).unwrap();
+                    let mut slots = state.slots;
+                    admit(&mut slots, at, w, state.limit, hits)
+                }
+            };
+            proptest::prop_assert_eq!(probed, expected);
+        }
     }
 
     #[test]

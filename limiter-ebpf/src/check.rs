@@ -2,7 +2,9 @@
 //! BPF_PROG_TEST_RUN on a crafted check frame to decide an API check with the same maps and the
 //! same code as the packets, so an address has one budget on the wire and in the API. API IDs
 //! that are not addresses live in `NAMED` and `NAMED_STATIC`, the counterparts of `CLIENTS` and
-//! `STATIC_CLIENTS`.
+//! `STATIC_CLIENTS`. A frame of probes (`CHECK_PROBE`) followed by `CHECK_UNLESS_VETOED` checks
+//! spends all or none in one run: a probe that does not fit sets the frame's veto byte, and
+//! the checks after it are then not made.
 
 use core::ffi::c_void;
 
@@ -16,9 +18,10 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, GlobalStats, MapConfig,
     addr::ClientKey,
     maps::{
-        CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_REPLY_OFFSET, CHECK_REQUEST_OFFSET,
-        CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED,
-        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN,
+        CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_PROBE, CHECK_REPLY_OFFSET,
+        CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, CHECK_UNLESS_VETOED,
+        CHECK_VETO_OFFSET, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT,
+        VERDICT_OVERFLOW, VERDICT_VETOED, VERDICT_WONT_FIT, VERDICT_WRITTEN,
     },
 };
 
@@ -114,6 +117,12 @@ pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
     // offset for the verifier, which knows nothing of the index but its type (a comparison would
     // let the compiler drop it); the frame bounds check below is what keeps the read inside.
     let index = index as usize & CHECK_SLOT_MASK;
+    // Before the slot's bounds check, which would imply this one: the compiler would drop it,
+    // and the verifier does not carry the slot's range over to the frame's start.
+    let Some(veto) = ptr_at::<u8>(&ctx, CHECK_VETO_OFFSET) else {
+        return 1;
+    };
+    let veto = veto.cast_mut();
     let Some(config) = CONFIG.get(0) else {
         return 1;
     };
@@ -122,16 +131,42 @@ pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
         return 1;
     };
     // SAFETY: `ptr_at` checked that the request lies inside the frame.
-    let request = unsafe { request_at.read_unaligned() };
+    let mut request = unsafe { request_at.read_unaligned() };
     let Some(reply) = ptr_at::<CheckReply>(&ctx, offset + size_of::<CheckRequest>()) else {
         return 1;
     };
+    // All or none (`CHECK_PROBE`, `CHECK_UNLESS_VETOED`): a vetoed check is not made.
+    // SAFETY: `ptr_at` checked that the veto byte and the reply lie inside the frame.
+    unsafe {
+        if request.flags & CHECK_UNLESS_VETOED != 0 && veto.read_volatile() != 0 {
+            (&raw mut (*reply.cast_mut()).verdict)
+                .write_unaligned(VERDICT_WRITTEN | VERDICT_VETOED);
+            return 0;
+        }
+    }
+    let probe = request.flags & CHECK_PROBE != 0;
+    let need = request.hits;
+    if probe {
+        request.hits = 0;
+    }
     let mut counted = GlobalStats::default();
     let done = check_one(&request, reply.cast_mut(), config, &mut counted);
     count_check(&counted);
     let Some(key) = done else {
         return 1;
     };
+    if probe {
+        // SAFETY: `check_one` wrote the reply, inside the frame (`ptr_at`), with the state read
+        // (the grant's allowance in force for a global client) and the time it was read at.
+        unsafe {
+            let written = reply.read_unaligned();
+            if !written.state.admits(written.now_ns, need) {
+                (&raw mut (*reply.cast_mut()).verdict)
+                    .write_unaligned(written.verdict | VERDICT_WONT_FIT);
+                veto.write_volatile(1);
+            }
+        }
+    }
     // The key of the client's entry over the request's (see `check_one`), once its paths have
     // joined: written inside them, the verifier would explore the store once for each.
     // SAFETY: `ptr_at` checked that the request lies inside the frame.

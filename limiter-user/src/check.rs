@@ -23,8 +23,9 @@ use limiter_common::{
     CheckReply, CheckRequest, ClientState, Policy,
     addr::{ClientKey, v4_mapped},
     maps::{
-        ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_STATIC, CheckSlot, VERDICT_ALLOWED,
-        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_WRITTEN, grew_hot,
+        ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_PROBE, CHECK_STATIC, CHECK_UNLESS_VETOED,
+        CheckSlot, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_VETOED,
+        VERDICT_WONT_FIT, VERDICT_WRITTEN, grew_hot,
     },
     window,
 };
@@ -141,6 +142,17 @@ pub struct Decision {
     /// Under a `scope: global` policy: its limit across the cluster (`limit` is this node's
     /// share of it).
     pub global_limit: Option<u32>,
+}
+
+impl Decision {
+    /// Whether `hits` fit in what a read (this decision) found left.
+    pub fn fits(&self, hits: u32) -> bool {
+        match self.action {
+            Action::Pass => true,
+            Action::Drop => false,
+            Action::Limit => self.remaining >= hits,
+        }
+    }
 }
 
 /// What the agent's current config says about IDs (policies, names); swapped on every apply.
@@ -297,6 +309,73 @@ impl Checker {
         self.run_requests(requests, &self.view())
     }
 
+    /// Spends `checks` all or none, in one program run when they fit a frame twice over: each
+    /// client is first probed for `needed[i]` hits (what the whole request spends of it, when
+    /// two checks name one client), and the checks are then spent, in order, only if every
+    /// probe fits (`CHECK_PROBE`, `CHECK_UNLESS_VETOED`). More checks than that take two runs,
+    /// a read and then the spend ([`all_or_none_in_two_runs`]). A packet or check that lands
+    /// between a probe and its spend can still deny the spend (its decision says so); the
+    /// caller keeps its own other calls out (the rate limit service's client locks).
+    pub fn check_all_or_none(
+        &self,
+        checks: &[CheckRequest],
+        needed: &[u32],
+    ) -> Result<AllOrNone, CheckError> {
+        if checks.len() * 2 > CHECK_FRAME.batch {
+            return all_or_none_in_two_runs(checks, needed, |r| self.check_requests(r));
+        }
+        let view = self.view();
+        let requests: Vec<CheckRequest> = checks
+            .iter()
+            .zip(needed)
+            .map(|(c, &hits)| CheckRequest {
+                hits,
+                flags: c.flags | CHECK_PROBE,
+                ..*c
+            })
+            .chain(checks.iter().map(|c| CheckRequest {
+                flags: c.flags | CHECK_UNLESS_VETOED,
+                ..*c
+            }))
+            .collect();
+        let mut frame = TestRunFrame::new(CHECK_FRAME);
+        let mut slots = Vec::with_capacity(requests.len());
+        let ret = frame.run_into::<CheckRequest, CheckSlot>(
+            self.prog.as_fd(),
+            &requests,
+            0,
+            &mut slots,
+        )?;
+        if ret != XDP_PASS {
+            return Err(CheckError::Rejected(ret));
+        }
+        if slots.iter().any(|s| s.reply.verdict & VERDICT_WRITTEN == 0) {
+            return Err(CheckError::Unanswered);
+        }
+        let (probes, spends) = slots.split_at(checks.len());
+        if spends.iter().any(|s| s.reply.verdict & VERDICT_VETOED != 0) {
+            // A probe set the veto: nothing was spent.
+            return Ok(AllOrNone::Refused(
+                probes
+                    .iter()
+                    .map(|p| {
+                        (
+                            decision(&p.reply, 0, &view),
+                            p.reply.verdict & VERDICT_WONT_FIT == 0,
+                        )
+                    })
+                    .collect(),
+            ));
+        }
+        Ok(AllOrNone::Spent(
+            spends
+                .iter()
+                .zip(checks)
+                .map(|(slot, request)| self.answer(slot, request, &view))
+                .collect(),
+        ))
+    }
+
     fn run_requests(
         &self,
         all: &[CheckRequest],
@@ -317,19 +396,23 @@ impl Checker {
                 return Err(CheckError::Rejected(ret));
             }
             for (slot, request) in slots.iter().zip(requests) {
-                let reply = &slot.reply;
-                if reply.verdict & VERDICT_WRITTEN == 0 {
+                if slot.reply.verdict & VERDICT_WRITTEN == 0 {
                     return Err(CheckError::Unanswered);
                 }
-                let d = decision(reply, request.hits, view);
-                if d.global_limit.is_some() && hot_check(reply, request, &d) {
-                    // An ID's entry is keyed by the ID, an address's by what the program found.
-                    self.hot.note(slot.request.key);
-                }
-                out.push(d);
+                out.push(self.answer(slot, request, view));
             }
         }
         Ok(out)
+    }
+
+    /// The decision of a check the program answered, noted if it found a global client hot.
+    fn answer(&self, slot: &CheckSlot, request: &CheckRequest, view: &PolicyView) -> Decision {
+        let d = decision(&slot.reply, request.hits, view);
+        if d.global_limit.is_some() && hot_check(&slot.reply, request, &d) {
+            // An ID's entry is keyed by the ID, an address's by what the program found.
+            self.hot.note(slot.request.key);
+        }
+        d
     }
 }
 
@@ -358,6 +441,37 @@ impl Checker {
             .count();
         Ok(u32::try_from(absent).unwrap_or(u32::MAX))
     }
+}
+
+/// What [`Checker::check_all_or_none`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllOrNone {
+    /// Every probe fitted, and every check was spent: each one's decision, in order (one may
+    /// still be denied, by hits that came between its probe and its spend).
+    Spent(Vec<Decision>),
+    /// A probe did not fit, and nothing was spent: each check's client as a read found it, and
+    /// whether the hits the request needed of it fitted.
+    Refused(Vec<(Decision, bool)>),
+}
+
+/// All or none in two runs of `decide`: a read of every check, then, if each client has the
+/// hits the request needs of it left, the spend. What [`Checker::check_all_or_none`] does for
+/// more checks than a frame holds twice over, and a simulated budget's way.
+pub fn all_or_none_in_two_runs(
+    checks: &[CheckRequest],
+    needed: &[u32],
+    mut decide: impl FnMut(&[CheckRequest]) -> Result<Vec<Decision>, CheckError>,
+) -> Result<AllOrNone, CheckError> {
+    let reads: Vec<CheckRequest> = checks
+        .iter()
+        .map(|c| CheckRequest { hits: 0, ..*c })
+        .collect();
+    let read = decide(&reads)?;
+    let fits: Vec<bool> = read.iter().zip(needed).map(|(d, &n)| d.fits(n)).collect();
+    if fits.iter().all(|&f| f) {
+        return decide(checks).map(AllOrNone::Spent);
+    }
+    Ok(AllOrNone::Refused(read.into_iter().zip(fits).collect()))
 }
 
 /// A check of an address's client, resolved by the program exactly as its packets are (the

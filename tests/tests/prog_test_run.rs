@@ -673,6 +673,92 @@ fn checks_look_in_static_clients_unless_the_agent_says_it_is_empty() -> Result<(
     })
 }
 
+/// A frame of probes and `CHECK_UNLESS_VETOED` checks spends all or none in one run: every
+/// check when each client has what the request needs of it, none (and the program says which
+/// probe did not fit) otherwise, also for two checks of one client; a request too big for one
+/// frame takes a read and a spend, with the same answer.
+#[test]
+fn a_probed_frame_spends_all_or_none() -> Result<()> {
+    use limiter_user::check::{AllOrNone, address_request, named_request};
+    let yaml = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, yaml)?;
+        let checker = limiter_user::check::Checker::new(
+            datapath::load_check_program(&mut lim.ebpf)?,
+            &Config::parse(yaml)?,
+        );
+        let policy = limiter_common::Policy {
+            limit: 3,
+            window_us: 3_600_000_000,
+            id: 9,
+            action: limiter_common::maps::ACTION_LIMIT,
+            group: 0,
+        };
+        let addr = address_request(v4(10, 0, 0, 5), 2);
+        let named = |i: u8, hits| named_request([i; 16], hits, policy);
+        let remaining = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u32>> {
+            let reads: Vec<_> = requests
+                .iter()
+                .map(|r| limiter_common::CheckRequest { hits: 0, ..*r })
+                .collect();
+            Ok(checker
+                .check_requests(&reads)?
+                .iter()
+                .map(|d| d.remaining)
+                .collect())
+        };
+        let both = [addr, named(1, 2)];
+        let AllOrNone::Spent(spent) = checker.check_all_or_none(&both, &[2, 2])? else {
+            bail!("both fit, but the frame was vetoed");
+        };
+        ensure!(spent.iter().all(|d| d.allowed), "{spent:?}");
+        check_eq!(remaining(&both)?, vec![3, 1]);
+        // The ID has 1 left of the 2 asked: neither is spent.
+        let AllOrNone::Refused(read) = checker.check_all_or_none(&both, &[2, 2])? else {
+            bail!("the ID has 1 left, yet both were spent");
+        };
+        check_eq!(
+            read.iter()
+                .map(|(d, fits)| (d.remaining, *fits))
+                .collect::<Vec<_>>(),
+            vec![(3, true), (1, false)]
+        );
+        check_eq!(remaining(&both)?, vec![3, 1], "nothing spent");
+        // Two checks of one client must fit together (3 left).
+        let twice = [addr, addr];
+        ensure!(matches!(
+            checker.check_all_or_none(&twice, &[4, 4])?,
+            AllOrNone::Refused(_)
+        ));
+        check_eq!(remaining(&twice)?, vec![3, 3]);
+        let twice = [address_request(v4(10, 0, 0, 5), 1), addr];
+        ensure!(matches!(
+            checker.check_all_or_none(&twice, &[3, 3])?,
+            AllOrNone::Spent(_)
+        ));
+        check_eq!(remaining(&twice)?, vec![0, 0]);
+        // 16 checks (more than a frame holds twice over), the last over its limit: a read, no
+        // spend. Then with room: every one spent.
+        let mut many: Vec<_> = (10..25).map(|i| named(i, 1)).collect();
+        many.push(named(1, 2));
+        let mut needed = [1u32; 16];
+        needed[15] = 2;
+        ensure!(matches!(
+            checker.check_all_or_none(&many, &needed)?,
+            AllOrNone::Refused(_)
+        ));
+        check_eq!(remaining(&many[..1])?, vec![3], "nothing spent");
+        many[15] = named(1, 1);
+        ensure!(matches!(
+            checker.check_all_or_none(&many, &[1; 16])?,
+            AllOrNone::Spent(_)
+        ));
+        check_eq!(remaining(&many[..1])?, vec![2]);
+        check_eq!(remaining(&many[15..])?, vec![0]);
+        Ok(())
+    })
+}
+
 #[test]
 fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
     let base = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";

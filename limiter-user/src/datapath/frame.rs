@@ -151,6 +151,9 @@ impl TestRunFrame {
                     .write_unaligned(*request);
             }
         }
+        // The header too: a program may write the frame's spare bytes (the check program's veto,
+        // `CHECK_VETO_OFFSET`).
+        self.frame[14..16].copy_from_slice(&self.layout.kind.to_ne_bytes());
         let len = offset + requests.len() * slot_len;
         let ret = syscall::prog_test_run(program, &mut self.frame[..len])?;
         answers.clear();

@@ -7,7 +7,7 @@
 //!
 //! **Threads.** The service is served by threads of its own (`--rls-threads`, default half the
 //! CPUs), each a single-threaded runtime with the connections the agent's accept loop hands it
-//! in turn. A call is a few microseconds of decoding, two check program runs and encoding: on
+//! in turn. A call is a few microseconds of decoding, a check program run and encoding: on
 //! the agent's shared two-worker runtime the workers spent as much again parking, waking each
 //! other and stealing the calls' tasks, each answer was written on its own, and the agent's
 //! other work (API calls, the metrics, the reload poll) shared the workers with Envoy's calls.

@@ -5,18 +5,22 @@
 //! spends the budget its packets spend at the XDP fast path, under the agent's policy for the
 //! address (unless [`RlsOptions::address_clients`] is off).
 //!
-//! **All or nothing.** Every descriptor is read first (hits 0, nothing spent); if one would be
-//! denied the request is OVER_LIMIT and nothing is spent, so a denied request never eats
-//! another descriptor's budget (descriptors of one client must fit together). Otherwise every
-//! descriptor is spent. The read and the spend are
-//! one program run each, under the locks of the request's clients (one of [`CLIENT_LOCKS`] per
-//! client key, by its hash; a request takes those of its clients in index order), so no other
-//! call of this service spends from those clients in between, while calls about other clients
-//! go on (one lock for every call would stop every serving thread whenever the holder's thread
-//! is preempted between its two runs). Only address clients can still change in between (their
-//! packets, `limiter.v1` checks of the address, and calls about other addresses of its group do
-//! not take its lock): should such a client run out in those microseconds, its descriptor is
-//! OVER_LIMIT and the others were spent.
+//! **All or nothing.** Every descriptor's client is probed first (would the hits the request
+//! needs of it be admitted? nothing spent); if one would be denied the request is OVER_LIMIT
+//! and nothing is spent, so a denied request never eats another descriptor's budget
+//! (descriptors of one client must fit together). Otherwise every descriptor is spent. When
+//! every descriptor is enforced, the probes and the spends are one program run
+//! ([`Checker::check_all_or_none`]: the program itself skips the spends after a probe that
+//! does not fit); with a `shadow_mode` descriptor, a blocked one or in dry-run mode, a read
+//! and then the spend of what fits, two runs. Either way under the locks of the request's
+//! clients (one of [`CLIENT_LOCKS`] per client key, by its hash; a request takes those of its
+//! clients in index order), so no other call of this service spends from those clients in
+//! between, while calls about other clients go on (one lock for every call would stop every
+//! serving thread whenever the holder's thread is preempted between its two runs). Only
+//! address clients can still change in between (their packets, `limiter.v1` checks of the
+//! address, and calls about other addresses of its group do not take its lock): should such a
+//! client run out in those microseconds, its descriptor is OVER_LIMIT and the others were
+//! spent.
 //!
 //! **Fields.** `overall_code` is OK or OVER_LIMIT. One status per descriptor, in order: `code`,
 //! `current_limit` (the rule's `requests_per_unit`, `unit` and `name`; for an address client
@@ -63,7 +67,10 @@ use super::{
     matching::{Applies, Descriptor, Limit, limits_for},
 };
 use crate::{
-    check::{CheckError, Checker, Decision, address_request, named_request},
+    check::{
+        AllOrNone, CheckError, Checker, Decision, address_request, all_or_none_in_two_runs,
+        named_request,
+    },
     cluster::membership::ShareView,
     config::Action,
 };
@@ -114,6 +121,15 @@ impl Default for RlsOptions {
 pub trait Budget: Send + Sync + 'static {
     /// Decides `requests` in order.
     fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
+    /// Spends `checks` all or none: only if each client has the hits the request needs of it
+    /// (`needed`) left (see [`Checker::check_all_or_none`]).
+    fn decide_all_or_none(
+        &self,
+        checks: &[CheckRequest],
+        needed: &[u32],
+    ) -> Result<AllOrNone, CheckError> {
+        all_or_none_in_two_runs(checks, needed, |r| self.decide(r))
+    }
     /// The agent runs in dry-run mode (denials are reported as allowed).
     fn dry_run(&self) -> bool;
     /// What a global limit's share here derives from (cluster membership).
@@ -123,6 +139,14 @@ pub trait Budget: Send + Sync + 'static {
 impl Budget for Checker {
     fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError> {
         self.check_requests(requests)
+    }
+
+    fn decide_all_or_none(
+        &self,
+        checks: &[CheckRequest],
+        needed: &[u32],
+    ) -> Result<AllOrNone, CheckError> {
+        self.check_all_or_none(checks, needed)
     }
 
     fn dry_run(&self) -> bool {
@@ -257,16 +281,6 @@ impl<B: Budget> RlsService<B> {
             .iter()
             .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
         let _held = self.lock_clients(&checks);
-        // One check alone needs no read first: spending it is all or nothing already.
-        let read = if checks.len() == 1 && !blocked {
-            None
-        } else {
-            let reads: Vec<CheckRequest> = checks
-                .iter()
-                .map(|(_, r, _)| CheckRequest { hits: 0, ..*r })
-                .collect();
-            Some(self.budget.decide(&reads).map_err(unavailable)?)
-        };
         // What each check's client must have left: the hits of every check of the request on
         // that client (two descriptors can name one client, and each alone may fit while both
         // together do not).
@@ -279,18 +293,60 @@ impl<B: Budget> RlsService<B> {
                     .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
             })
             .collect();
+        // Every check enforced and none blocked (the common case): all or none in one program
+        // run, each client probed for what it needs, then spent.
+        if checks.len() > 1 && !blocked && checks.iter().all(|(_, _, shadow)| enforced(*shadow)) {
+            let requests: Vec<CheckRequest> = checks.iter().map(|(_, r, _)| *r).collect();
+            match self
+                .budget
+                .decide_all_or_none(&requests, &needed)
+                .map_err(unavailable)?
+            {
+                AllOrNone::Spent(spent) => {
+                    for ((i, r, _), d) in checks.iter().zip(spent) {
+                        let over = (d.dry_run_denied || !d.allowed) && r.hits > 0;
+                        outcomes[*i] = Some(Outcome {
+                            decision: d,
+                            over,
+                            spent: !over,
+                        });
+                    }
+                }
+                AllOrNone::Refused(read) => {
+                    for ((i, _, _), (d, fits)) in checks.iter().zip(read) {
+                        outcomes[*i] = Some(Outcome {
+                            decision: d,
+                            over: !fits,
+                            spent: false,
+                        });
+                    }
+                }
+            }
+            return Ok(outcomes);
+        }
+        // Otherwise (a shadow descriptor, dry-run mode, a blocked descriptor) a read first,
+        // unless one check alone: spending it is all or nothing already.
+        let read = if checks.len() == 1 && !blocked {
+            None
+        } else {
+            let reads: Vec<CheckRequest> = checks
+                .iter()
+                .map(|(_, r, _)| CheckRequest { hits: 0, ..*r })
+                .collect();
+            Some(self.budget.decide(&reads).map_err(unavailable)?)
+        };
         if let Some(read) = &read {
             let denied = blocked
                 || checks
                     .iter()
                     .zip(read)
                     .zip(&needed)
-                    .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !fits(d, *n));
+                    .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !d.fits(*n));
             if denied {
                 for (((i, _, _), d), n) in checks.iter().zip(read).zip(&needed) {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
-                        over: !fits(d, *n),
+                        over: !d.fits(*n),
                         spent: false,
                     });
                 }
@@ -300,7 +356,7 @@ impl<B: Budget> RlsService<B> {
         // Spend what fits (a shadow descriptor over its limit is not spent: it would be refused
         // anyway).
         let spend: Vec<usize> = (0..checks.len())
-            .filter(|&k| read.as_ref().is_none_or(|read| fits(&read[k], needed[k])))
+            .filter(|&k| read.as_ref().is_none_or(|read| read[k].fits(needed[k])))
             .collect();
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
@@ -317,7 +373,7 @@ impl<B: Budget> RlsService<B> {
                 if outcomes[*i].is_none() {
                     outcomes[*i] = Some(Outcome {
                         decision: read[k].clone(),
-                        over: !fits(&read[k], r.hits),
+                        over: !read[k].fits(r.hits),
                         spent: false,
                     });
                 }
@@ -443,7 +499,8 @@ impl<B: Budget> RateLimitService for RlsService<B> {
         if let Some(calls) = &self.calls {
             calls.fetch_add(1, Ordering::Relaxed);
         }
-        // A few microseconds (two program runs at most): decided on the runtime's worker.
+        // A few microseconds (one program run, two with a shadow descriptor): decided on the
+        // runtime's worker.
         self.answer(request.get_ref()).map(Response::new)
     }
 }
@@ -533,15 +590,6 @@ fn lock_of(r: &CheckRequest) -> usize {
 /// Whether two checks are of one client (the same key in the same map).
 fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
     a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
-}
-
-/// Whether `hits` fit in what a read found left.
-fn fits(d: &Decision, hits: u32) -> bool {
-    match d.action {
-        Action::Pass => true,
-        Action::Drop => false,
-        Action::Limit => d.remaining >= hits,
-    }
 }
 
 fn tighter(
