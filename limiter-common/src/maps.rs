@@ -185,17 +185,19 @@ impl ClientState {
     /// Whether `hits` more hits would be admitted at `now_ns` (on the entry's clock) by the state
     /// as it is, as the programs decide a spend (`window::decide`), without spending: the probe
     /// of an all-or-none check (`CHECK_PROBE`). A `pass` entry admits anything, a `drop` entry
-    /// nothing, not even 0 hits.
+    /// nothing, not even 0 hits; 0 hits always fit a limited entry, even one over its limit
+    /// (whose limit was lowered), as they fit in what a read reports left.
     #[inline(always)]
     pub fn admits(&self, now_ns: u64, hits: u32) -> bool {
         match core::num::NonZeroU64::new(u64::from(self.window_us) * 1000) {
             None => true,
             Some(window_ns) => {
                 self.limit != 0
-                    && !matches!(
-                        crate::window::decide(&self.slots, now_ns, window_ns, self.limit, hits),
-                        crate::window::Verdict::Deny
-                    )
+                    && (hits == 0
+                        || !matches!(
+                            crate::window::decide(&self.slots, now_ns, window_ns, self.limit, hits),
+                            crate::window::Verdict::Deny
+                        ))
             }
         }
     }
@@ -299,9 +301,9 @@ pub const CHECK_STATIC: u32 = 2;
 /// created), and if `hits` would not be admitted now ([`ClientState::admits`] on the state
 /// read) the program sets the frame's veto byte (at [`CHECK_VETO_OFFSET`]) and
 /// `VERDICT_WONT_FIT`. With `CHECK_UNLESS_VETOED` slots after them, probes make a frame all or
-/// none in one program run: every client is probed for what the whole frame would spend of
-/// it, then every check is spent, or none is (Envoy's rate limit service spends a request's
-/// descriptors so).
+/// none in one program run: the agent probes every client for the hits the frame's checks
+/// spend of it (their sum, when two name one client), then every check is spent, or none is
+/// (Envoy's rate limit service spends a request's descriptors so).
 pub const CHECK_PROBE: u32 = 4;
 /// `CheckRequest::flags`: made only if no probe before it in the frame set the veto; otherwise
 /// answered `VERDICT_VETOED` without touching the client.
@@ -335,7 +337,8 @@ pub const VERDICT_VETOED: u32 = 32;
 pub struct CheckRequest {
     /// The client: an address (IPv4-mapped) or the first 16 bytes of the SHA-256 of an ID.
     pub key: [u8; 16],
-    /// Hits to consume; 0 reads without consuming (and creates no entry).
+    /// Hits to consume; 0 reads without consuming (and creates no entry). For `CHECK_PROBE`, the
+    /// hits to probe for (nothing is consumed).
     pub hits: u32,
     /// `CHECK_*`.
     pub flags: u32,
@@ -840,9 +843,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// A probe answers what a spend of the same hits on the same state would: the
-        /// sliding window's own `admit` for a limit, anything for `pass`, nothing for `drop`;
-        /// and it changes nothing.
+        /// A probe answers what a spend of the same hits on the same state would (the sliding
+        /// window's own `admit`, for hits > 0), and what a read says is left (the estimate
+        /// leaves room for them: 0 hits always fit) for a limit; anything for `pass`, nothing
+        /// for `drop`; and it changes nothing.
         #[test]
         fn a_probe_admits_what_a_spend_would(
             counts in proptest::array::uniform2(0u32..40),
@@ -853,7 +857,7 @@ mod tests {
             hits in 0u32..45,
             action in 0u8..3,
         ) {
-            use crate::window::{admit, slot};
+            use crate::window::{admit, estimate_at, slot};
             let mut state = ClientState::fresh(&policy(limit, window_ms as u32 * 1000, 1, action), 1);
             state.slots = [slot(tags[0], counts[0]), slot(tags[1], counts[1])];
             let before = state;
@@ -865,7 +869,12 @@ mod tests {
                 _ => {
                     let w = core::num::NonZeroU64::new(u64::from(state.window_us) * 1000).unwrap();
                     let mut slots = state.slots;
-                    admit(&mut slots, at, w, state.limit, hits)
+                    let left = u64::from(state.limit).saturating_sub(estimate_at(&slots, at, w));
+                    let fits = u64::from(hits) <= left;
+                    if hits > 0 {
+                        proptest::prop_assert_eq!(admit(&mut slots, at, w, state.limit, hits), fits);
+                    }
+                    fits
                 }
             };
             proptest::prop_assert_eq!(probed, expected);

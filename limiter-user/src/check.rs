@@ -309,31 +309,33 @@ impl Checker {
         self.run_requests(requests, &self.view())
     }
 
-    /// Spends `checks` all or none, in one program run when they fit a frame twice over: each
-    /// client is first probed for `needed[i]` hits (what the whole request spends of it, when
-    /// two checks name one client), and the checks are then spent, in order, only if every
-    /// probe fits (`CHECK_PROBE`, `CHECK_UNLESS_VETOED`). More checks than that take two runs,
-    /// a read and then the spend ([`all_or_none_in_two_runs`]). A packet or check that lands
-    /// between a probe and its spend can still deny the spend (its decision says so); the
-    /// caller keeps its own other calls out (the rate limit service's client locks).
+    /// Spends checks all or none, in one program run when they fit a frame twice over. Each
+    /// check comes with the hits the request needs of its client (its own, or the sum of the
+    /// request's checks of that client): every client is first probed for those, and the
+    /// checks are then spent, in order, only if every probe fits (`CHECK_PROBE`,
+    /// `CHECK_UNLESS_VETOED`). More checks than that take two runs, a read and then the spend
+    /// ([`all_or_none_in_two_runs`]). A packet or check that lands between a probe and its
+    /// spend can still deny the spend (its decision says so); the caller keeps its own other
+    /// calls out (the rate limit service's client locks).
     pub fn check_all_or_none(
         &self,
-        checks: &[CheckRequest],
-        needed: &[u32],
+        checks: &[(CheckRequest, u32)],
     ) -> Result<AllOrNone, CheckError> {
+        if checks.is_empty() {
+            return Ok(AllOrNone::Spent(Vec::new()));
+        }
         if checks.len() * 2 > CHECK_FRAME.batch {
-            return all_or_none_in_two_runs(checks, needed, |r| self.check_requests(r));
+            return all_or_none_in_two_runs(checks, |r| self.check_requests(r));
         }
         let view = self.view();
         let requests: Vec<CheckRequest> = checks
             .iter()
-            .zip(needed)
-            .map(|(c, &hits)| CheckRequest {
-                hits,
+            .map(|(c, needed)| CheckRequest {
+                hits: *needed,
                 flags: c.flags | CHECK_PROBE,
                 ..*c
             })
-            .chain(checks.iter().map(|c| CheckRequest {
+            .chain(checks.iter().map(|(c, _)| CheckRequest {
                 flags: c.flags | CHECK_UNLESS_VETOED,
                 ..*c
             }))
@@ -371,7 +373,7 @@ impl Checker {
             spends
                 .iter()
                 .zip(checks)
-                .map(|(slot, request)| self.answer(slot, request, &view))
+                .map(|(slot, (request, _))| self.answer(slot, request, &view))
                 .collect(),
         ))
     }
@@ -458,18 +460,22 @@ pub enum AllOrNone {
 /// hits the request needs of it left, the spend. What [`Checker::check_all_or_none`] does for
 /// more checks than a frame holds twice over, and a simulated budget's way.
 pub fn all_or_none_in_two_runs(
-    checks: &[CheckRequest],
-    needed: &[u32],
+    checks: &[(CheckRequest, u32)],
     mut decide: impl FnMut(&[CheckRequest]) -> Result<Vec<Decision>, CheckError>,
 ) -> Result<AllOrNone, CheckError> {
     let reads: Vec<CheckRequest> = checks
         .iter()
-        .map(|c| CheckRequest { hits: 0, ..*c })
+        .map(|(c, _)| CheckRequest { hits: 0, ..*c })
         .collect();
     let read = decide(&reads)?;
-    let fits: Vec<bool> = read.iter().zip(needed).map(|(d, &n)| d.fits(n)).collect();
+    let fits: Vec<bool> = read
+        .iter()
+        .zip(checks)
+        .map(|(d, (_, needed))| d.fits(*needed))
+        .collect();
     if fits.iter().all(|&f| f) {
-        return decide(checks).map(AllOrNone::Spent);
+        let spends: Vec<CheckRequest> = checks.iter().map(|(c, _)| *c).collect();
+        return decide(&spends).map(AllOrNone::Spent);
     }
     Ok(AllOrNone::Refused(read.into_iter().zip(fits).collect()))
 }

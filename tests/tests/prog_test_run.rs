@@ -707,14 +707,21 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
                 .map(|d| d.remaining)
                 .collect())
         };
+        let needing = |requests: &[limiter_common::CheckRequest], needed: &[u32]| {
+            requests
+                .iter()
+                .copied()
+                .zip(needed.iter().copied())
+                .collect::<Vec<_>>()
+        };
         let both = [addr, named(1, 2)];
-        let AllOrNone::Spent(spent) = checker.check_all_or_none(&both, &[2, 2])? else {
+        let AllOrNone::Spent(spent) = checker.check_all_or_none(&needing(&both, &[2, 2]))? else {
             bail!("both fit, but the frame was vetoed");
         };
         ensure!(spent.iter().all(|d| d.allowed), "{spent:?}");
         check_eq!(remaining(&both)?, vec![3, 1]);
         // The ID has 1 left of the 2 asked: neither is spent.
-        let AllOrNone::Refused(read) = checker.check_all_or_none(&both, &[2, 2])? else {
+        let AllOrNone::Refused(read) = checker.check_all_or_none(&needing(&both, &[2, 2]))? else {
             bail!("the ID has 1 left, yet both were spent");
         };
         check_eq!(
@@ -727,13 +734,13 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         // Two checks of one client must fit together (3 left).
         let twice = [addr, addr];
         ensure!(matches!(
-            checker.check_all_or_none(&twice, &[4, 4])?,
+            checker.check_all_or_none(&needing(&twice, &[4, 4]))?,
             AllOrNone::Refused(_)
         ));
         check_eq!(remaining(&twice)?, vec![3, 3]);
         let twice = [address_request(v4(10, 0, 0, 5), 1), addr];
         ensure!(matches!(
-            checker.check_all_or_none(&twice, &[3, 3])?,
+            checker.check_all_or_none(&needing(&twice, &[3, 3]))?,
             AllOrNone::Spent(_)
         ));
         check_eq!(remaining(&twice)?, vec![0, 0]);
@@ -744,17 +751,26 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         let mut needed = [1u32; 16];
         needed[15] = 2;
         ensure!(matches!(
-            checker.check_all_or_none(&many, &needed)?,
+            checker.check_all_or_none(&needing(&many, &needed))?,
             AllOrNone::Refused(_)
         ));
         check_eq!(remaining(&many[..1])?, vec![3], "nothing spent");
         many[15] = named(1, 1);
         ensure!(matches!(
-            checker.check_all_or_none(&many, &[1; 16])?,
+            checker.check_all_or_none(&needing(&many, &[1; 16]))?,
             AllOrNone::Spent(_)
         ));
         check_eq!(remaining(&many[..1])?, vec![2]);
         check_eq!(remaining(&many[15..])?, vec![0]);
+        // A check of 0 hits fits a client over its limit (its limit lowered to 1, 3 counted),
+        // as it fits what a read reports left.
+        let lowered = named_request([1; 16], 0, limiter_common::Policy { limit: 1, ..policy });
+        let with_zero = [lowered, address_request(v4(10, 0, 0, 6), 1)];
+        ensure!(matches!(
+            checker.check_all_or_none(&needing(&with_zero, &[0, 1]))?,
+            AllOrNone::Spent(_)
+        ));
+        check_eq!(remaining(&with_zero)?, vec![0, 4]);
         Ok(())
     })
 }

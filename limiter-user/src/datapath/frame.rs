@@ -13,7 +13,7 @@ use aya::Pod;
 use limiter_common::maps::{
     ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_KIND_READ, ADAPT_KIND_WRITE, ADAPT_OFFSET,
     ADAPT_READ_BATCH, ADAPT_READ_LEN, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
-    CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN,
+    CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_VETO_OFFSET,
 };
 
 use super::syscall;
@@ -27,7 +27,8 @@ pub const CHECK_PROGRAM: &str = "limiter_check";
 pub const XDP_PASS: u32 = 2;
 
 /// The layout of one kind of test-run frame: an Ethernet header with a private ethertype, a
-/// 16-bit kind (for programs that take more than one), then up to `batch` slots of `slot_len`
+/// 16-bit kind (for programs that take more than one; written before every run, as the check
+/// program uses its first byte as the frame's veto), then up to `batch` slots of `slot_len`
 /// bytes from `offset`.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameLayout {
@@ -55,6 +56,9 @@ pub const ADAPT_READ_FRAME: FrameLayout = FrameLayout {
     slot_len: ADAPT_READ_LEN,
     batch: ADAPT_READ_BATCH,
 };
+
+/// The check frame's kind is its veto byte (`CHECK_VETO_OFFSET`), clear when a run starts.
+const _: () = assert!(CHECK_FRAME.kind == 0 && CHECK_VETO_OFFSET == 14);
 
 /// `limiter_check`'s frames (a `CheckRequest` then its `CheckReply` per slot).
 pub const CHECK_FRAME: FrameLayout = FrameLayout {

@@ -9,14 +9,15 @@
 //! needs of it be admitted? nothing spent); if one would be denied the request is OVER_LIMIT
 //! and nothing is spent, so a denied request never eats another descriptor's budget
 //! (descriptors of one client must fit together). Otherwise every descriptor is spent. When
-//! every descriptor is enforced, the probes and the spends are one program run
-//! ([`Checker::check_all_or_none`]: the program itself skips the spends after a probe that
-//! does not fit); with a `shadow_mode` descriptor, a blocked one or in dry-run mode, a read
-//! and then the spend of what fits, two runs. Either way under the locks of the request's
-//! clients (one of [`CLIENT_LOCKS`] per client key, by its hash; a request takes those of its
-//! clients in index order), so no other call of this service spends from those clients in
-//! between, while calls about other clients go on (one lock for every call would stop every
-//! serving thread whenever the holder's thread is preempted between its two runs). Only
+//! every descriptor is enforced, the probes and the spends are one program run for up to 15
+//! checks ([`Checker::check_all_or_none`]: the program itself skips the spends after a probe
+//! that does not fit; more take a read and a spend); with a `shadow_mode` descriptor, a
+//! blocked one or in dry-run mode, a read and then the spend of what fits, two runs; a single
+//! check is simply spent. All under the locks of the request's clients (one of
+//! [`CLIENT_LOCKS`] per client key, by its hash; a request takes those of its clients in index
+//! order), so no other call of this service spends from those clients between a probe (or
+//! read) and the spend, while calls about other clients go on (one lock for every call would
+//! stop every serving thread whenever the holder's thread is preempted while it holds it). Only
 //! address clients can still change in between (their packets, `limiter.v1` checks of the
 //! address, and calls about other addresses of its group do not take its lock): should such a
 //! client run out in those microseconds, its descriptor is OVER_LIMIT and the others were
@@ -121,14 +122,10 @@ impl Default for RlsOptions {
 pub trait Budget: Send + Sync + 'static {
     /// Decides `requests` in order.
     fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
-    /// Spends `checks` all or none: only if each client has the hits the request needs of it
-    /// (`needed`) left (see [`Checker::check_all_or_none`]).
-    fn decide_all_or_none(
-        &self,
-        checks: &[CheckRequest],
-        needed: &[u32],
-    ) -> Result<AllOrNone, CheckError> {
-        all_or_none_in_two_runs(checks, needed, |r| self.decide(r))
+    /// Spends checks all or none: only if each client has the hits the request needs of it
+    /// (each check's second half) left (see [`Checker::check_all_or_none`]).
+    fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
+        all_or_none_in_two_runs(checks, |r| self.decide(r))
     }
     /// The agent runs in dry-run mode (denials are reported as allowed).
     fn dry_run(&self) -> bool;
@@ -141,12 +138,8 @@ impl Budget for Checker {
         self.check_requests(requests)
     }
 
-    fn decide_all_or_none(
-        &self,
-        checks: &[CheckRequest],
-        needed: &[u32],
-    ) -> Result<AllOrNone, CheckError> {
-        self.check_all_or_none(checks, needed)
+    fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
+        self.check_all_or_none(checks)
     }
 
     fn dry_run(&self) -> bool {
@@ -296,10 +289,14 @@ impl<B: Budget> RlsService<B> {
         // Every check enforced and none blocked (the common case): all or none in one program
         // run, each client probed for what it needs, then spent.
         if checks.len() > 1 && !blocked && checks.iter().all(|(_, _, shadow)| enforced(*shadow)) {
-            let requests: Vec<CheckRequest> = checks.iter().map(|(_, r, _)| *r).collect();
+            let requests: Vec<(CheckRequest, u32)> = checks
+                .iter()
+                .zip(&needed)
+                .map(|((_, r, _), n)| (*r, *n))
+                .collect();
             match self
                 .budget
-                .decide_all_or_none(&requests, &needed)
+                .decide_all_or_none(&requests)
                 .map_err(unavailable)?
             {
                 AllOrNone::Spent(spent) => {

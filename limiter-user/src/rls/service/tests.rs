@@ -39,6 +39,8 @@ struct Sim {
     seen: Mutex<Vec<CheckRequest>>,
     fail: AtomicBool,
     shares: Mutex<ShareView>,
+    /// Requests decided all or none (`Budget::decide_all_or_none`).
+    all_or_none: AtomicU64,
 }
 
 impl Sim {
@@ -60,6 +62,7 @@ impl Sim {
             seen: Mutex::new(Vec::new()),
             fail: AtomicBool::new(false),
             shares: Mutex::new(ShareView::ALONE),
+            all_or_none: AtomicU64::new(0),
         }
     }
 
@@ -132,6 +135,11 @@ impl Budget for Sim {
                 decision(&reply, r.hits, &self.view)
             })
             .collect())
+    }
+
+    fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
+        self.all_or_none.fetch_add(1, Ordering::SeqCst);
+        all_or_none_in_two_runs(checks, |r| self.decide(r))
     }
 
     fn dry_run(&self) -> bool {
@@ -683,4 +691,27 @@ fn a_threads_copy_shares_the_client_locks_and_counts_its_calls() {
         "3 of /a's 3 spent through the copy"
     );
     drop(sim);
+}
+
+/// A request whose descriptors are all enforced is decided all or none by the budget (one
+/// program run on the agent); one with a shadow descriptor, a blocked one, a single check, or
+/// in dry-run mode takes the service's read and spend of what fits.
+#[test]
+fn enforced_requests_are_decided_all_or_none_by_the_budget() {
+    let (svc, sim) = service();
+    let calls = || sim.all_or_none.load(Ordering::SeqCst);
+    let both = request(vec![desc(&[("path", "/a")]), desc(&[("user", "u")])]);
+    assert_eq!(codes(&svc.answer(&both).unwrap()), (OK, vec![OK, OK]));
+    assert_eq!(calls(), 1);
+    for other in [
+        request(vec![desc(&[("path", "/a")]), desc(&[("shadow", "s")])]),
+        request(vec![desc(&[("path", "/a")]), desc(&[("banned", "b")])]),
+        request(vec![desc(&[("path", "/a")])]),
+    ] {
+        svc.answer(&other).unwrap();
+    }
+    assert_eq!(calls(), 1);
+    let (svc, sim) = service_with(Sim::new(true), RlsOptions::default());
+    svc.answer(&both).unwrap();
+    assert_eq!(sim.all_or_none.load(Ordering::SeqCst), 0, "dry-run mode");
 }
