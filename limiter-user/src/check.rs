@@ -356,15 +356,20 @@ impl Checker {
         }
         let (probes, spends) = slots.split_at(checks.len());
         if spends.iter().any(|s| s.reply.verdict & VERDICT_VETOED != 0) {
-            // A probe set the veto: nothing was spent.
+            // A probe set the veto: nothing was spent. A global client whose probe did not fit
+            // was as good as denied, and is noted hot as a denied check is (under the key of
+            // its entry, which the program wrote back): a client refused only in such requests
+            // would otherwise never be reported.
             return Ok(AllOrNone::Refused(
                 probes
                     .iter()
                     .map(|p| {
-                        (
-                            decision(&p.reply, 0, &view),
-                            p.reply.verdict & VERDICT_WONT_FIT == 0,
-                        )
+                        let d = decision(&p.reply, 0, &view);
+                        let fits = p.reply.verdict & VERDICT_WONT_FIT == 0;
+                        if !fits && d.global_limit.is_some() {
+                            self.hot.note(p.request.key);
+                        }
+                        (d, fits)
                     })
                     .collect(),
             ));

@@ -1718,8 +1718,8 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
 /// Clients whose entries never move into `LIMITED` are reported hot all the same: an
 /// exact-address client (`STATIC_CLIENTS`) on `HOT` at 0.8 of its share and by its dropped
 /// packets (the first, then one per 256), and an API ID under a global policy by the checker
-/// (`HotIds`), which sees the denials (the check program reports nothing on the ring: a
-/// check-role caller could fill it).
+/// (`HotIds`), which sees the denials, and the probes that refuse an all-or-none request (the
+/// check program reports nothing on the ring: a check-role caller could fill it).
 /// Otherwise a global client that only the API sees, or one with an exact-address policy, would
 /// never be enrolled and stay at the cold share wherever its demand is. The agent's cluster maps
 /// find the entries wherever they live.
@@ -1782,6 +1782,24 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             "the checked address at 0.8 of its share"
         );
         check_eq!(maps.hot(), Vec::<ClientKey>::new(), "still not on the ring");
+        // A request refused all or none by the address's probe (3 needed, 2 left) notes it as
+        // a denied check would; the local ID with room beside it is not the cluster's.
+        let refused = checker.check_all_or_none(&[
+            (limiter_user::check::address_request(checked, 3), 3),
+            (
+                limiter_user::check::address_request(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 1),
+                1,
+            ),
+        ])?;
+        ensure!(
+            matches!(refused, limiter_user::check::AllOrNone::Refused(_)),
+            "{refused:?}"
+        );
+        check_eq!(
+            hot_ids.take(),
+            vec![ClientId::Addr(checked).key()],
+            "refused by its probe"
+        );
         // Each has an entry the agent's enrolment reads (its counters are its demand).
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {
             let entry = maps
