@@ -21,6 +21,7 @@ use std::{
     fs, io,
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use limiter_common::{
@@ -36,13 +37,10 @@ pub const PERIODIC_CPU_SHARE: u32 = 20;
 /// The least time from the start of one periodic snapshot to the start of the next, for
 /// `--snapshot-interval` `interval`, when the last one took `cpu` of its thread's CPU time: the
 /// interval, or [`PERIODIC_CPU_SHARE`] times that CPU time if longer. A million clients take
-/// about 0.6 s of CPU (BENCHMARKS.md, Snapshots: the pacing paragraph), so every 5 s would hold 12% of a CPU from the
-/// packets and the rest of the agent, during a flood of new sources above all; paced, they are
-/// snapshotted every 12 s or so. The snapshot at shutdown is never paced.
-pub fn periodic_gap(
-    interval: std::time::Duration,
-    cpu: std::time::Duration,
-) -> std::time::Duration {
+/// about 0.6 s of CPU (BENCHMARKS.md, Snapshots: the pacing paragraph), so every 5 s would
+/// hold 12% of a CPU from the packets and the rest of the agent, during a flood of new sources
+/// above all; paced, they are snapshotted every 12 s or so. The snapshot at shutdown is never paced.
+pub fn periodic_gap(interval: Duration, cpu: Duration) -> Duration {
     interval.max(cpu.saturating_mul(PERIODIC_CPU_SHARE))
 }
 
@@ -355,7 +353,7 @@ fn decode_state(b: &[u8]) -> ClientState {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+    use std::os::unix::fs::PermissionsExt as _;
 
     use limiter_common::{
         addr::v4_mapped,

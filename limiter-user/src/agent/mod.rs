@@ -9,8 +9,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::mpsc,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -617,11 +616,12 @@ impl SnapshotPace {
     fn took(&mut self, due: Instant, cpu: Duration, interval: Duration) {
         let gap = crate::snapshot::periodic_gap(interval, cpu);
         self.not_before = due.checked_add(gap).or_else(|| due.checked_add(interval));
-        // Stretched when the gap exceeds the interval; back only well below it, so that a
-        // snapshot whose CPU time hovers at interval / 20 does not log at every snapshot.
+        // Stretched when the gap exceeds the interval; back only once the CPU time's share
+        // is below 80% of it, so that a snapshot whose CPU time hovers at interval / 20 does
+        // not log at every snapshot (a gap over the interval is above that too).
         let stretched = if self.stretched {
-            gap > interval
-                || cpu.saturating_mul(crate::snapshot::PERIODIC_CPU_SHARE) * 5 >= interval * 4
+            cpu.saturating_mul(crate::snapshot::PERIODIC_CPU_SHARE * 5)
+                >= interval.saturating_mul(4)
         } else {
             gap > interval
         };
