@@ -858,7 +858,8 @@ mod tests {
             action in 0u8..3,
         ) {
             use crate::window::{admit, estimate_at, slot};
-            let mut state = ClientState::fresh(&policy(limit, window_ms as u32 * 1000, 1, action), 1);
+            let policy = policy(limit, window_ms as u32 * 1000, 1, action);
+            let mut state = ClientState::fresh(&policy, 1);
             state.slots = [slot(tags[0], counts[0]), slot(tags[1], counts[1])];
             let before = state;
             let probed = state.admits(at, hits);
@@ -872,7 +873,8 @@ mod tests {
                     let left = u64::from(state.limit).saturating_sub(estimate_at(&slots, at, w));
                     let fits = u64::from(hits) <= left;
                     if hits > 0 {
-                        proptest::prop_assert_eq!(admit(&mut slots, at, w, state.limit, hits), fits);
+                        let admitted = admit(&mut slots, at, w, state.limit, hits);
+                        proptest::prop_assert_eq!(admitted, fits);
                     }
                     fits
                 }

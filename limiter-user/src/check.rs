@@ -145,7 +145,9 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Whether `hits` fit in what a read (this decision) found left.
+    /// Whether `hits` fit in what a read (this decision) found left: what the check program's
+    /// probe decides from the same state (`ClientState::admits`, the one-run all-or-none),
+    /// here for a read run's answer (the two-run one).
     pub fn fits(&self, hits: u32) -> bool {
         match self.action {
             Action::Pass => true,
@@ -366,7 +368,9 @@ impl Checker {
                     .map(|p| {
                         let d = decision(&p.reply, 0, &view);
                         let fits = p.reply.verdict & VERDICT_WONT_FIT == 0;
-                        if !fits && d.global_limit.is_some() {
+                        // Only a client with an entry: the key of a read of an address without
+                        // one is the address's, not its group's.
+                        if !fits && d.global_limit.is_some() && d.resident {
                             self.hot.note(p.request.key);
                         }
                         (d, fits)
@@ -665,6 +669,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
 #[cfg(test)]
 mod tests {
     use limiter_common::maps::VERDICT_WRITTEN;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -823,5 +828,28 @@ policies:
         assert_eq!(d.retry_after, None);
         let ok = decision(&reply(&config, 0, VERDICT_ALLOWED), 1, &view(&yaml));
         assert!(ok.allowed && !ok.dry_run_denied);
+    }
+
+    proptest! {
+        /// The check program's probe (`ClientState::admits`) and the agent's reading of a read
+        /// (`Decision::fits`) agree on every state, so a request is refused alike in one run
+        /// or two.
+        #[test]
+        fn a_probe_and_a_read_agree_on_what_fits(
+            counts in proptest::array::uniform2(0u32..40),
+            tags in proptest::array::uniform2(0u32..6),
+            window_ms in 10u32..3_000,
+            at in 0u64..6_000_000_000,
+            limit in 0u32..40,
+            hits in 0u32..45,
+            action in 0u8..3,
+        ) {
+            let policy = Policy { limit, window_us: window_ms * 1000, id: 1, action, group: 0 };
+            let mut state = ClientState::fresh(&policy, 1);
+            state.slots = [window::slot(tags[0], counts[0]), window::slot(tags[1], counts[1])];
+            let reply = CheckReply { state, now_ns: at, verdict: VERDICT_WRITTEN, _pad: 0 };
+            let read = decision(&reply, 0, &PolicyView::default());
+            prop_assert_eq!(state.admits(at, hits), read.fits(hits));
+        }
     }
 }

@@ -35,11 +35,12 @@ use limiter_common::{
 pub const PERIODIC_CPU_SHARE: u32 = 20;
 
 /// The least time from the start of one periodic snapshot to the start of the next, for
-/// `--snapshot-interval` `interval`, when the last one took `cpu` of its thread's CPU time: the
-/// interval, or [`PERIODIC_CPU_SHARE`] times that CPU time if longer. A million clients take
-/// about 0.6 s of CPU (BENCHMARKS.md, Snapshots: the pacing paragraph), so every 5 s would
-/// hold 12% of a CPU from the packets and the rest of the agent, during a flood of new sources
-/// above all; paced, they are snapshotted every 12 s or so. The snapshot at shutdown is never paced.
+/// `--snapshot-interval` `interval`, when the last one took `cpu` of its thread's CPU time:
+/// the interval, or [`PERIODIC_CPU_SHARE`] times that CPU time if longer. A million clients
+/// take about 0.6 s of CPU (BENCHMARKS.md, Snapshots: the pacing paragraph), so every 5 s
+/// would hold 12% of a CPU from the packets and the rest of the agent, during a flood of new
+/// sources above all; paced, they are snapshotted every 12 s or so. The snapshot at shutdown is
+/// never paced.
 pub fn periodic_gap(interval: Duration, cpu: Duration) -> Duration {
     interval.max(cpu.saturating_mul(PERIODIC_CPU_SHARE))
 }

@@ -616,9 +616,9 @@ impl SnapshotPace {
     fn took(&mut self, due: Instant, cpu: Duration, interval: Duration) {
         let gap = crate::snapshot::periodic_gap(interval, cpu);
         self.not_before = due.checked_add(gap).or_else(|| due.checked_add(interval));
-        // Stretched when the gap exceeds the interval; back only once the CPU time's share
-        // is below 80% of it, so that a snapshot whose CPU time hovers at interval / 20 does
-        // not log at every snapshot (a gap over the interval is above that too).
+        // Stretched when the gap exceeds the interval; back only once 20 times the CPU time is
+        // below 80% of the interval, so that a snapshot whose CPU time hovers at interval / 20
+        // does not log at every snapshot (a gap over the interval is above that too).
         let stretched = if self.stretched {
             cpu.saturating_mul(crate::snapshot::PERIODIC_CPU_SHARE * 5)
                 >= interval.saturating_mul(4)

@@ -57,8 +57,11 @@ pub const ADAPT_READ_FRAME: FrameLayout = FrameLayout {
     batch: ADAPT_READ_BATCH,
 };
 
+/// Where a frame's kind is, after the Ethernet header.
+const KIND_OFFSET: usize = 14;
+
 /// The check frame's kind is its veto byte (`CHECK_VETO_OFFSET`), clear when a run starts.
-const _: () = assert!(CHECK_FRAME.kind == 0 && CHECK_VETO_OFFSET == 14);
+const _: () = assert!(CHECK_FRAME.kind == 0 && CHECK_VETO_OFFSET == KIND_OFFSET);
 
 /// `limiter_check`'s frames (a `CheckRequest` then its `CheckReply` per slot).
 pub const CHECK_FRAME: FrameLayout = FrameLayout {
@@ -86,7 +89,7 @@ impl TestRunFrame {
     pub fn new(layout: FrameLayout) -> TestRunFrame {
         let mut frame = vec![0u8; layout.offset + layout.batch * layout.slot_len];
         frame[12..14].copy_from_slice(&layout.ethertype.to_be_bytes());
-        frame[14..16].copy_from_slice(&layout.kind.to_ne_bytes());
+        frame[KIND_OFFSET..KIND_OFFSET + 2].copy_from_slice(&layout.kind.to_ne_bytes());
         TestRunFrame { layout, frame }
     }
 
@@ -157,7 +160,7 @@ impl TestRunFrame {
         }
         // The header too: a program may write the frame's spare bytes (the check program's veto,
         // `CHECK_VETO_OFFSET`).
-        self.frame[14..16].copy_from_slice(&self.layout.kind.to_ne_bytes());
+        self.frame[KIND_OFFSET..KIND_OFFSET + 2].copy_from_slice(&self.layout.kind.to_ne_bytes());
         let len = offset + requests.len() * slot_len;
         let ret = syscall::prog_test_run(program, &mut self.frame[..len])?;
         answers.clear();

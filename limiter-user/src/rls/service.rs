@@ -11,9 +11,10 @@
 //! (descriptors of one client must fit together). Otherwise every descriptor is spent. When
 //! every descriptor is enforced, the probes and the spends are one program run for up to 15
 //! checks ([`Checker::check_all_or_none`]: the program itself skips the spends after a probe
-//! that does not fit; more take a read and a spend); with a `shadow_mode` descriptor, a
-//! blocked one or in dry-run mode, a read and then the spend of what fits, two runs; a single
-//! check is simply spent. All under the locks of the request's clients (one of
+//! that does not fit; more take a read and then, if all fit, the spend); with a `shadow_mode`
+//! descriptor or in dry-run mode, a read and then the spend of what fits (a shadow descriptor
+//! over its limit is not spent); with a blocked descriptor, a read only (nothing is spent); a
+//! single check is simply spent. All under the locks of the request's clients (one of
 //! [`CLIENT_LOCKS`] per client key, by its hash; a request takes those of its clients in index
 //! order), so no other call of this service spends from those clients between a probe (or
 //! read) and the spend, while calls about other clients go on (one lock for every call would
@@ -123,7 +124,7 @@ pub trait Budget: Send + Sync + 'static {
     /// Decides `requests` in order.
     fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
     /// Spends checks all or none: only if each client has the hits the request needs of it
-    /// (each check's second half) left (see [`Checker::check_all_or_none`]).
+    /// (the `u32` beside each check) left (see [`Checker::check_all_or_none`]).
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
         all_or_none_in_two_runs(checks, |r| self.decide(r))
     }
@@ -253,7 +254,7 @@ impl<B: Budget> RlsService<B> {
         }
     }
 
-    /// Reads every check, then spends all of them or none (see the module docs).
+    /// Probes (or reads) every check, then spends all of them or none (see the module docs).
     fn run(&self, plans: &[Plan]) -> Result<Vec<Option<Outcome>>, Status> {
         let checks: Vec<(usize, CheckRequest, bool)> = plans
             .iter()
@@ -496,8 +497,8 @@ impl<B: Budget> RateLimitService for RlsService<B> {
         if let Some(calls) = &self.calls {
             calls.fetch_add(1, Ordering::Relaxed);
         }
-        // A few microseconds (one program run, two with a shadow descriptor): decided on the
-        // runtime's worker.
+        // A few microseconds (one program run; two with a shadow descriptor, in dry-run mode or
+        // past 15 descriptors): decided on the runtime's worker.
         self.answer(request.get_ref()).map(Response::new)
     }
 }

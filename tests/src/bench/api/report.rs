@@ -388,7 +388,8 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
          each address and each path. On the agent (`--rls-listen {RLS_ADDR} --rls-config \
          FILE`, served by `--rls-threads`' default, one thread per 2 CPUs) the address \
          descriptor is the address's client of the XDP path and the path \
-         descriptor a named client: both are checked, then both spent. envoyproxy/ratelimit \
+         descriptor a named client: both are probed, then both spent, in one run of the \
+         check program (two runs, a read and a spend, before 2026-12-05). envoyproxy/ratelimit \
          itself is written in Go and cannot be built here, so its algorithm runs as \
          `api-bench rls-redis-server` on {RLS_REDIS_ADDR}: the same service in tonic, the \
          agent's rule matcher, and its default Redis cache as in its `fixed_cache_impl.go`: \
