@@ -155,13 +155,29 @@ impl ClientMaps {
         Ok(entries)
     }
 
-    /// Every address client: dynamic, static (flagged `FLAG_STATIC`) and limited.
+    /// Every address client: dynamic, static (flagged `FLAG_STATIC`) and limited, each once.
+    ///
+    /// A client that moves between `CLIENTS` and `LIMITED` during the walk is found all the
+    /// same. The packet path copies a client into `LIMITED` before it deletes it from
+    /// `CLIENTS`, and the agent's sweep copies it back before it deletes it from `LIMITED`; so
+    /// `LIMITED` is read both before and after `CLIENTS`. With one read after, a client the
+    /// sweep released between the two reads was in neither (`limiter stats` lost it for a
+    /// moment); with one read before, one the packet path held between them. A client seen in
+    /// both maps (mid-move) is listed once, with its `LIMITED` state.
     pub fn addresses(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
+        let before = ClientMaps::read(&self.limited, "LIMITED")?;
         let mut entries = ClientMaps::pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
         )?;
-        entries.extend(ClientMaps::read(&self.limited, "LIMITED")?);
+        let after = ClientMaps::read(&self.limited, "LIMITED")?;
+        // The latest read of each limited client.
+        let limited: std::collections::HashMap<ClientKey, ClientState> =
+            before.into_iter().chain(after).collect();
+        if !limited.is_empty() {
+            entries.retain(|(k, _)| !limited.contains_key(k));
+            entries.extend(limited);
+        }
         Ok(entries)
     }
 
