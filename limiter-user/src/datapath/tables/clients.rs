@@ -155,15 +155,18 @@ impl ClientMaps {
         Ok(entries)
     }
 
-    /// Every address client: dynamic, static (flagged `FLAG_STATIC`) and limited, each once.
+    /// Every address client: dynamic, static (flagged `FLAG_STATIC`) and limited.
     ///
-    /// A client that moves between `CLIENTS` and `LIMITED` during the walk is found all the
-    /// same. The packet path copies a client into `LIMITED` before it deletes it from
+    /// A client that moves once between `CLIENTS` and `LIMITED` during the walk is found all
+    /// the same. The packet path copies a client into `LIMITED` before it deletes it from
     /// `CLIENTS`, and the agent's sweep copies it back before it deletes it from `LIMITED`; so
     /// `LIMITED` is read both before and after `CLIENTS`. With one read after, a client the
     /// sweep released between the two reads was in neither (`limiter stats` lost it for a
-    /// moment); with one read before, one the packet path held between them. A client seen in
-    /// both maps (mid-move) is listed once, with its `LIMITED` state.
+    /// moment); with one read before, one the packet path held between them. (A client held
+    /// and released again inside one walk can still be missed.) A key seen in `LIMITED` is
+    /// listed once, with its latest `LIMITED` state, even over a newer `CLIENTS` copy or a
+    /// `STATIC_CLIENTS` one (a key moving into the static map is in both for a moment); keys
+    /// moving between `CLIENTS` and `STATIC_CLIENTS` may be listed twice.
     pub fn addresses(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
         let before = ClientMaps::read(&self.limited, "LIMITED")?;
         let mut entries = ClientMaps::pair(
