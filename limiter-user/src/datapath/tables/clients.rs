@@ -163,10 +163,10 @@ impl ClientMaps {
     /// `LIMITED` is read both before and after `CLIENTS`. With one read after, a client the
     /// sweep released between the two reads was in neither (`limiter stats` lost it for a
     /// moment); with one read before, one the packet path held between them. (A client held
-    /// and released again inside one walk can still be missed.) A key seen in `LIMITED` is
-    /// listed once, with its latest `LIMITED` state, even over a newer `CLIENTS` copy or a
-    /// `STATIC_CLIENTS` one (a key moving into the static map is in both for a moment); keys
-    /// moving between `CLIENTS` and `STATIC_CLIENTS` may be listed twice.
+    /// and released again inside one walk can still be missed.) A key seen in more than one
+    /// map is listed once, from the latest read that found it: the read of `LIMITED` after,
+    /// else `CLIENTS` or `STATIC_CLIENTS`, else the read before (keys moving between `CLIENTS`
+    /// and `STATIC_CLIENTS` may still be listed twice).
     pub fn addresses(&self) -> Result<Vec<(ClientKey, ClientState)>, DatapathError> {
         let before = ClientMaps::read(&self.limited, "LIMITED")?;
         let mut entries = ClientMaps::pair(
@@ -174,13 +174,20 @@ impl ClientMaps {
             (&self.static_clients, "STATIC_CLIENTS"),
         )?;
         let after = ClientMaps::read(&self.limited, "LIMITED")?;
-        // The latest read of each limited client.
-        let limited: std::collections::HashMap<ClientKey, ClientState> =
-            before.into_iter().chain(after).collect();
-        if !limited.is_empty() {
-            entries.retain(|(k, _)| !limited.contains_key(k));
-            entries.extend(limited);
+        if before.is_empty() && after.is_empty() {
+            return Ok(entries);
         }
+        let after_keys: HashSet<ClientKey> = after.iter().map(|(k, _)| *k).collect();
+        let mut before_only: std::collections::HashMap<ClientKey, ClientState> = before
+            .into_iter()
+            .filter(|(k, _)| !after_keys.contains(k))
+            .collect();
+        entries.retain(|(k, _)| {
+            before_only.remove(k);
+            !after_keys.contains(k)
+        });
+        entries.extend(after);
+        entries.extend(before_only);
         Ok(entries)
     }
 

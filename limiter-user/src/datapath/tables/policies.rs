@@ -314,9 +314,10 @@ fn sync_static(
             .insert(key, state, 0)
             .map_err(map_err(static_name))?;
         let _ = dynamic.remove(key);
-        if from_held.is_some()
-            && let Some(h) = held.as_deref_mut()
-        {
+        // Whether or not the state came from `LIMITED`: a packet may have held the client (a
+        // copy into `LIMITED`) since `from_held` was read, and a copy left there would come
+        // back into `CLIENTS` with the sweep, a second entry that packets find first.
+        if let Some(h) = held.as_deref_mut() {
             let _ = h.remove(key);
         }
         report.statics_added += 1;
