@@ -15,7 +15,10 @@ use std::{
     num::NonZeroU64,
     os::fd::{AsFd as _, OwnedFd},
     str::FromStr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -218,6 +221,8 @@ pub struct Checker {
     shares: RwLock<ShareView>,
     /// Clients of global policies that checks found hot, for the cluster's enrolment.
     hot: Arc<HotIds>,
+    /// Program runs so far ([`Checker::runs`]).
+    runs: AtomicU64,
 }
 
 /// Clients (API IDs and addresses, by the key of their entry) under a global policy that checks
@@ -255,6 +260,7 @@ impl Checker {
             view: RwLock::new(Arc::new(PolicyView::new(config))),
             shares: RwLock::new(ShareView::ALONE),
             hot: Arc::new(HotIds::default()),
+            runs: AtomicU64::new(0),
         }
     }
 
@@ -342,31 +348,31 @@ impl Checker {
                 ..*c
             }))
             .collect();
-        let mut frame = TestRunFrame::new(CHECK_FRAME);
         let mut slots = Vec::with_capacity(requests.len());
-        let ret = frame.run_into::<CheckRequest, CheckSlot>(
-            self.prog.as_fd(),
-            &requests,
-            0,
-            &mut slots,
-        )?;
-        if ret != XDP_PASS {
-            return Err(CheckError::Rejected(ret));
-        }
-        if slots.iter().any(|s| s.reply.verdict & VERDICT_WRITTEN == 0) {
-            return Err(CheckError::Unanswered);
-        }
+        self.run_frame(&mut TestRunFrame::new(CHECK_FRAME), &requests, &mut slots)?;
         let (probes, spends) = slots.split_at(checks.len());
+        Ok(self.all_or_none(probes, spends, checks, &view))
+    }
+
+    /// What one request's probe slots and check slots of a run say (see
+    /// [`Checker::check_all_or_none`]).
+    fn all_or_none(
+        &self,
+        probes: &[CheckSlot],
+        spends: &[CheckSlot],
+        checks: &[(CheckRequest, u32)],
+        view: &PolicyView,
+    ) -> AllOrNone {
         if spends.iter().any(|s| s.reply.verdict & VERDICT_VETOED != 0) {
             // A probe set the veto: nothing was spent. A global client whose probe did not fit
             // was as good as denied, and is noted hot as a denied check is (under the key of
             // its entry, which the program wrote back): a client refused only in such requests
             // would otherwise never be reported.
-            return Ok(AllOrNone::Refused(
+            return AllOrNone::Refused(
                 probes
                     .iter()
                     .map(|p| {
-                        let d = decision(&p.reply, 0, &view);
+                        let d = decision(&p.reply, 0, view);
                         let fits = p.reply.verdict & VERDICT_WONT_FIT == 0;
                         // Only a client with an entry: the key of a read of an address without
                         // one is the address's, not its group's.
@@ -376,15 +382,15 @@ impl Checker {
                         (d, fits)
                     })
                     .collect(),
-            ));
+            );
         }
-        Ok(AllOrNone::Spent(
+        AllOrNone::Spent(
             spends
                 .iter()
                 .zip(checks)
-                .map(|(slot, (request, _))| self.answer(slot, request, &view))
+                .map(|(slot, (request, _))| self.answer(slot, request, view))
                 .collect(),
-        ))
+        )
     }
 
     fn run_requests(
@@ -396,24 +402,41 @@ impl Checker {
         let mut frame = TestRunFrame::new(CHECK_FRAME);
         let mut slots = Vec::with_capacity(frame.batch());
         for requests in all.chunks(frame.batch()) {
-            // The whole slot: the program writes an address's entry key over the request's.
-            let ret = frame.run_into::<CheckRequest, CheckSlot>(
-                self.prog.as_fd(),
-                requests,
-                0,
-                &mut slots,
-            )?;
-            if ret != XDP_PASS {
-                return Err(CheckError::Rejected(ret));
-            }
-            for (slot, request) in slots.iter().zip(requests) {
-                if slot.reply.verdict & VERDICT_WRITTEN == 0 {
-                    return Err(CheckError::Unanswered);
-                }
-                out.push(self.answer(slot, request, view));
-            }
+            self.run_frame(&mut frame, requests, &mut slots)?;
+            out.extend(
+                slots
+                    .iter()
+                    .zip(requests)
+                    .map(|(slot, request)| self.answer(slot, request, view)),
+            );
         }
         Ok(out)
+    }
+
+    /// One run of the check program over `requests` (at most a frame's), every slot as the
+    /// program left it in `slots` (the program writes an address's entry key over the
+    /// request's); an error unless the program passed the frame and answered every slot.
+    fn run_frame(
+        &self,
+        frame: &mut TestRunFrame,
+        requests: &[CheckRequest],
+        slots: &mut Vec<CheckSlot>,
+    ) -> Result<(), CheckError> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        let ret =
+            frame.run_into::<CheckRequest, CheckSlot>(self.prog.as_fd(), requests, 0, slots)?;
+        if ret != XDP_PASS {
+            return Err(CheckError::Rejected(ret));
+        }
+        if slots.iter().any(|s| s.reply.verdict & VERDICT_WRITTEN == 0) {
+            return Err(CheckError::Unanswered);
+        }
+        Ok(())
+    }
+
+    /// Runs of the check program so far (each one BPF_PROG_TEST_RUN call).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     /// The decision of a check the program answered, noted if it found a global client hot.

@@ -715,9 +715,11 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
                 .collect::<Vec<_>>()
         };
         let both = [addr, named(1, 2)];
+        let runs = checker.runs();
         let AllOrNone::Spent(spent) = checker.check_all_or_none(&needing(&both, &[2, 2]))? else {
             bail!("both fit, but the frame was vetoed");
         };
+        check_eq!(checker.runs() - runs, 1, "probes and checks in one run");
         ensure!(spent.iter().all(|d| d.allowed), "{spent:?}");
         check_eq!(remaining(&both)?, vec![3, 1]);
         // The ID has 1 left of the 2 asked: neither is spent.
@@ -750,16 +752,20 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         many.push(named(1, 2));
         let mut needed = [1u32; 16];
         needed[15] = 2;
+        let runs = checker.runs();
         ensure!(matches!(
             checker.check_all_or_none(&needing(&many, &needed))?,
             AllOrNone::Refused(_)
         ));
+        check_eq!(checker.runs() - runs, 1, "a read, and no spend after it");
         check_eq!(remaining(&many[..1])?, vec![3], "nothing spent");
         many[15] = named(1, 1);
+        let runs = checker.runs();
         ensure!(matches!(
             checker.check_all_or_none(&needing(&many, &[1; 16]))?,
             AllOrNone::Spent(_)
         ));
+        check_eq!(checker.runs() - runs, 2, "a read, then the spend");
         check_eq!(remaining(&many[..1])?, vec![2]);
         check_eq!(remaining(&many[15..])?, vec![0]);
         // A check of 0 hits fits a client over its limit (its limit lowered to 1, 3 counted),

@@ -3,6 +3,7 @@
 //! [`config`] reads it, [`matching`] finds each descriptor's limit, [`service`] decides with the
 //! check program and answers, [`hits`] counts each rule's hits for the metrics.
 
+pub mod budget;
 pub mod config;
 pub mod hits;
 pub mod listen;

@@ -15,7 +15,7 @@
 //! descriptor or in dry-run mode, a read and then the spend of what fits (a shadow descriptor
 //! over its limit is not spent); with a blocked descriptor, a read only (nothing is spent); a
 //! single check is simply spent. All under the locks of the request's clients (one of
-//! [`CLIENT_LOCKS`] per client key, by its hash; a request takes those of its clients in index
+//! [`CLIENT_LOCKS`](super::budget::CLIENT_LOCKS) per client key, by its hash; a request takes those of its clients in index
 //! order), so no other call of this service spends from those clients between a probe (or
 //! read) and the spend, while calls about other clients go on (one lock for every call would
 //! stop every serving thread whenever the holder's thread is preempted while it holds it). Only
@@ -36,7 +36,7 @@
 use std::{
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -64,16 +64,13 @@ use tonic::{Request, Response, Status};
 
 use super::{
     RlsStore,
+    budget::{Budget, ClientLocks, unavailable},
     config::{Unit, window},
     hits,
     matching::{Applies, Descriptor, Limit, limits_for},
 };
 use crate::{
-    check::{
-        AllOrNone, CheckError, Checker, Decision, address_request, all_or_none_in_two_runs,
-        named_request,
-    },
-    cluster::membership::ShareView,
+    check::{AllOrNone, Checker, Decision, address_request, named_request},
     config::Action,
 };
 
@@ -86,11 +83,6 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Most descriptors in one request.
 pub const MAX_DESCRIPTORS: usize = 64;
-
-/// Locks the service's calls hold from their read to their spend, each for the client keys
-/// that hash to it (see the module docs): enough that two calls about different clients rarely
-/// share one.
-pub const CLIENT_LOCKS: usize = 256;
 
 /// How the service answers.
 #[derive(Debug, Clone)]
@@ -119,39 +111,6 @@ impl Default for RlsOptions {
     }
 }
 
-/// Where the service's checks are decided: the check program, or a simulation in tests.
-pub trait Budget: Send + Sync + 'static {
-    /// Decides `requests` in order.
-    fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError>;
-    /// Spends checks all or none: only if each client has the hits the request needs of it
-    /// (the `u32` beside each check) left (see [`Checker::check_all_or_none`]).
-    fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
-        all_or_none_in_two_runs(checks, |r| self.decide(r))
-    }
-    /// The agent runs in dry-run mode (denials are reported as allowed).
-    fn dry_run(&self) -> bool;
-    /// What a global limit's share here derives from (cluster membership).
-    fn share_view(&self) -> ShareView;
-}
-
-impl Budget for Checker {
-    fn decide(&self, requests: &[CheckRequest]) -> Result<Vec<Decision>, CheckError> {
-        self.check_requests(requests)
-    }
-
-    fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
-        self.check_all_or_none(checks)
-    }
-
-    fn dry_run(&self) -> bool {
-        self.view().dry_run()
-    }
-
-    fn share_view(&self) -> ShareView {
-        Checker::share_view(self)
-    }
-}
-
 /// The service (see the module docs).
 pub struct RlsService<B = Checker> {
     budget: Arc<B>,
@@ -159,7 +118,7 @@ pub struct RlsService<B = Checker> {
     options: RlsOptions,
     /// Held from the read to the spend, per client key (see the module docs); shared by the
     /// serving threads' services.
-    spending: Arc<[Mutex<()>]>,
+    locks: ClientLocks,
     /// Counts the calls this service answers (one per serving thread, see `listen`).
     calls: Option<Arc<AtomicU64>>,
 }
@@ -170,7 +129,7 @@ impl<B: Budget> RlsService<B> {
             budget,
             store,
             options,
-            spending: (0..CLIENT_LOCKS).map(|_| Mutex::new(())).collect(),
+            locks: ClientLocks::new(),
             calls: None,
         }
     }
@@ -182,7 +141,7 @@ impl<B: Budget> RlsService<B> {
             budget: Arc::clone(&self.budget),
             store: Arc::clone(&self.store),
             options: self.options.clone(),
-            spending: Arc::clone(&self.spending),
+            locks: self.locks.clone(),
             calls: Some(calls),
         }
     }
@@ -274,7 +233,6 @@ impl<B: Budget> RlsService<B> {
         let blocked = plans
             .iter()
             .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
-        let _held = self.lock_clients(&checks);
         // What each check's client must have left: the hits of every check of the request on
         // that client (two descriptors can name one client, and each alone may fit while both
         // together do not).
@@ -287,6 +245,7 @@ impl<B: Budget> RlsService<B> {
                     .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
             })
             .collect();
+        let _held = self.locks.hold(checks.iter().map(|(_, r, _)| r));
         // Every check enforced and none blocked (the common case): all or none in one program
         // run, each client probed for what it needs, then spent.
         if checks.len() > 1 && !blocked && checks.iter().all(|(_, _, shadow)| enforced(*shadow)) {
@@ -322,8 +281,22 @@ impl<B: Budget> RlsService<B> {
             }
             return Ok(outcomes);
         }
-        // Otherwise (a shadow descriptor, dry-run mode, a blocked descriptor) a read first,
-        // unless one check alone: spending it is all or nothing already.
+        self.read_then_spend(&checks, &needed, blocked, enforced, &mut outcomes)?;
+        Ok(outcomes)
+    }
+
+    /// One check, a shadow descriptor, dry-run mode or a blocked descriptor: a read first
+    /// (unless one check alone: spending it is all or nothing already), then the spend of what fits (a shadow
+    /// descriptor over its limit is not spent: it would be refused anyway), or nothing if an
+    /// enforced one does not fit. Under the checks' client locks.
+    fn read_then_spend(
+        &self,
+        checks: &[(usize, CheckRequest, bool)],
+        needed: &[u32],
+        blocked: bool,
+        enforced: impl Fn(bool) -> bool,
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<(), Status> {
         let read = if checks.len() == 1 && !blocked {
             None
         } else {
@@ -338,21 +311,19 @@ impl<B: Budget> RlsService<B> {
                 || checks
                     .iter()
                     .zip(read)
-                    .zip(&needed)
+                    .zip(needed)
                     .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !d.fits(*n));
             if denied {
-                for (((i, _, _), d), n) in checks.iter().zip(read).zip(&needed) {
+                for (((i, _, _), d), n) in checks.iter().zip(read).zip(needed) {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
                         over: !d.fits(*n),
                         spent: false,
                     });
                 }
-                return Ok(outcomes);
+                return Ok(());
             }
         }
-        // Spend what fits (a shadow descriptor over its limit is not spent: it would be refused
-        // anyway).
         let spend: Vec<usize> = (0..checks.len())
             .filter(|&k| read.as_ref().is_none_or(|read| read[k].fits(needed[k])))
             .collect();
@@ -377,22 +348,7 @@ impl<B: Budget> RlsService<B> {
                 }
             }
         }
-        Ok(outcomes)
-    }
-
-    /// The locks of the checks' clients, taken in index order (so two calls never wait for
-    /// each other's), each once.
-    fn lock_clients(
-        &self,
-        checks: &[(usize, CheckRequest, bool)],
-    ) -> Vec<std::sync::MutexGuard<'_, ()>> {
-        let mut locks: Vec<usize> = checks.iter().map(|(_, r, _)| lock_of(r)).collect();
-        locks.sort_unstable();
-        locks.dedup();
-        locks
-            .into_iter()
-            .map(|i| self.spending[i].lock().unwrap_or_else(|e| e.into_inner()))
-            .collect()
+        Ok(())
     }
 
     fn response(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) -> RateLimitResponse {
@@ -498,7 +454,7 @@ impl<B: Budget> RateLimitService for RlsService<B> {
             calls.fetch_add(1, Ordering::Relaxed);
         }
         // A few microseconds (one program run; two with a shadow descriptor, in dry-run mode or
-        // past 15 descriptors): decided on the runtime's worker.
+        // past 15 descriptors): decided on the serving thread.
         self.answer(request.get_ref()).map(Response::new)
     }
 }
@@ -572,17 +528,6 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
             series.0.record(&p.descriptor.entries, &counted);
         }
     }
-}
-
-/// The index of a check's client lock: its key's leading bytes (a SHA-256 prefix for a named
-/// client; an address's low bytes, which vary most, for an address client), and whether it is
-/// named.
-fn lock_of(r: &CheckRequest) -> usize {
-    let k = &r.key;
-    let mixed = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[12], k[13], k[14], k[15]])
-        ^ u64::from(r.flags & CHECK_NAMED);
-    // Fibonacci hashing: the product's top bits depend on every input bit.
-    (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % CLIENT_LOCKS
 }
 
 /// Whether two checks are of one client (the same key in the same map).
@@ -792,15 +737,6 @@ fn header(key: &str, value: String) -> HeaderValue {
         value,
         ..HeaderValue::default()
     }
-}
-
-/// A failure to decide is UNAVAILABLE, so that Envoy's `failure_mode_deny` decides, never a
-/// silent OK.
-fn unavailable(e: CheckError) -> Status {
-    Status::unavailable(format!(
-        "the rate limit service could not decide: {}",
-        crate::error_chain(&e)
-    ))
 }
 
 #[cfg(test)]

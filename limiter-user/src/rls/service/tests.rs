@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     num::NonZeroU64,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use envoy_types::pb::{
@@ -24,7 +27,8 @@ use tonic::Code as GrpcCode;
 
 use super::*;
 use crate::{
-    check::{PolicyView, decision},
+    check::{CheckError, PolicyView, all_or_none_in_two_runs, decision},
+    cluster::membership::ShareView,
     config::Config,
     rls::RlsConfig,
 };
@@ -666,10 +670,10 @@ fn a_threads_copy_shares_the_client_locks_and_counts_its_calls() {
     let (svc, sim) = service();
     let calls = Arc::new(AtomicU64::new(0));
     let copy = svc.counting_calls(Arc::clone(&calls));
-    assert!(Arc::ptr_eq(&svc.spending, &copy.spending));
+    assert!(svc.locks.same(&copy.locks));
     assert!(Arc::ptr_eq(&svc.budget, &copy.budget));
-    let held = copy.spending[7].lock().expect("lock");
-    assert!(svc.spending[7].try_lock().is_err(), "the lock is one");
+    let held = copy.locks.lock(7).expect("lock");
+    assert!(svc.locks.lock(7).is_err(), "the lock is one");
     drop(held);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
