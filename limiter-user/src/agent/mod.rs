@@ -734,7 +734,9 @@ mod tests {
         pace.took(due, Duration::from_millis(240), interval);
         assert_eq!(pace.not_before, Some(due + interval));
         assert!(pace.stretched);
-        // Under 80% of it: back.
+        // At 80% of it (20 x 200 ms = 4 s): still stretched; just under: back.
+        pace.took(due, Duration::from_millis(200), interval);
+        assert!(pace.stretched);
         pace.took(due, Duration::from_millis(199), interval);
         assert!(!pace.stretched);
         // Just under the threshold again: not stretched.
