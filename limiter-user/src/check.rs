@@ -333,7 +333,11 @@ impl Checker {
             return Ok(AllOrNone::Spent(Vec::new()));
         }
         if checks.len() * 2 > CHECK_FRAME.batch {
-            return all_or_none_in_two_runs(checks, |r| self.check_requests(r));
+            return all_or_none_in_two_runs(
+                checks,
+                |c| self.read_needing(c),
+                |r| self.check_requests(r),
+            );
         }
         let view = self.view();
         let requests: Vec<CheckRequest> = checks
@@ -352,6 +356,34 @@ impl Checker {
         self.run_frame(&mut TestRunFrame::new(CHECK_FRAME), &requests, &mut slots)?;
         let (probes, spends) = slots.split_at(checks.len());
         Ok(self.all_or_none(probes, spends, checks, &view))
+    }
+
+    /// Reads each check's client (nothing spent, no entry created) and says whether the hits
+    /// beside the check (what the request needs of the client) fit. A client of a global policy
+    /// with an entry that does not fit is noted hot, as a denied check or a refusing probe is:
+    /// the read is the request's refusal (the rate limit service's requests of more than 15
+    /// checks, or with a shadow descriptor, are read before they are spent).
+    pub fn read_needing(
+        &self,
+        checks: &[(CheckRequest, u32)],
+    ) -> Result<Vec<(Decision, bool)>, CheckError> {
+        let view = self.view();
+        let reads: Vec<CheckRequest> = checks
+            .iter()
+            .map(|(c, _)| CheckRequest { hits: 0, ..*c })
+            .collect();
+        let mut out = Vec::with_capacity(checks.len());
+        self.run_all(&reads, |k, slot| {
+            let d = decision(&slot.reply, 0, &view);
+            let fits = d.fits(checks[k].1);
+            // Only a client with an entry: the key of a read of an address without one is the
+            // address's, not its group's (the program wrote the entry's key back).
+            if !fits && d.global_limit.is_some() && d.resident {
+                self.hot.note(slot.request.key);
+            }
+            out.push((d, fits));
+        })?;
+        Ok(out)
     }
 
     /// What one request's probe slots and check slots of a run say (see
@@ -399,18 +431,26 @@ impl Checker {
         view: &PolicyView,
     ) -> Result<Vec<Decision>, CheckError> {
         let mut out = Vec::with_capacity(all.len());
+        self.run_all(all, |k, slot| out.push(self.answer(slot, &all[k], view)))?;
+        Ok(out)
+    }
+
+    /// Runs `all` in order, a frame at a time, and gives each slot as the program left it to
+    /// `each` with its index in `all`.
+    fn run_all(
+        &self,
+        all: &[CheckRequest],
+        mut each: impl FnMut(usize, &CheckSlot),
+    ) -> Result<(), CheckError> {
         let mut frame = TestRunFrame::new(CHECK_FRAME);
         let mut slots = Vec::with_capacity(frame.batch());
-        for requests in all.chunks(frame.batch()) {
+        for (n, requests) in all.chunks(frame.batch()).enumerate() {
             self.run_frame(&mut frame, requests, &mut slots)?;
-            out.extend(
-                slots
-                    .iter()
-                    .zip(requests)
-                    .map(|(slot, request)| self.answer(slot, request, view)),
-            );
+            for (k, slot) in slots.iter().enumerate() {
+                each(n * frame.batch() + k, slot);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One run of the check program over `requests` (at most a frame's), every slot as the
@@ -488,28 +528,41 @@ pub enum AllOrNone {
     Refused(Vec<(Decision, bool)>),
 }
 
-/// All or none in two runs of `decide`: a read of every check, then, if each client has the
-/// hits the request needs of it left, the spend. What [`Checker::check_all_or_none`] does for
-/// more checks than a frame holds twice over, and a simulated budget's way.
+/// All or none in two runs: `read` says of every check whether the hits the request needs of
+/// its client fit (nothing spent), then, if all do, `spend` spends them. What
+/// [`Checker::check_all_or_none`] does for more checks than a frame holds twice over, and a
+/// simulated budget's way.
 pub fn all_or_none_in_two_runs(
     checks: &[(CheckRequest, u32)],
-    mut decide: impl FnMut(&[CheckRequest]) -> Result<Vec<Decision>, CheckError>,
+    read: impl FnOnce(&[(CheckRequest, u32)]) -> Result<Vec<(Decision, bool)>, CheckError>,
+    spend: impl FnOnce(&[CheckRequest]) -> Result<Vec<Decision>, CheckError>,
 ) -> Result<AllOrNone, CheckError> {
+    let read = read(checks)?;
+    if read.iter().all(|(_, fits)| *fits) {
+        let spends: Vec<CheckRequest> = checks.iter().map(|(c, _)| *c).collect();
+        return spend(&spends).map(AllOrNone::Spent);
+    }
+    Ok(AllOrNone::Refused(read))
+}
+
+/// Each check's decision and whether the hits beside it fit, from `decide` of reads (hits 0)
+/// of the checks' clients: [`Checker::read_needing`] without its hot notes.
+pub fn read_needing_with(
+    checks: &[(CheckRequest, u32)],
+    decide: impl FnOnce(&[CheckRequest]) -> Result<Vec<Decision>, CheckError>,
+) -> Result<Vec<(Decision, bool)>, CheckError> {
     let reads: Vec<CheckRequest> = checks
         .iter()
         .map(|(c, _)| CheckRequest { hits: 0, ..*c })
         .collect();
-    let read = decide(&reads)?;
-    let fits: Vec<bool> = read
-        .iter()
+    Ok(decide(&reads)?
+        .into_iter()
         .zip(checks)
-        .map(|(d, (_, needed))| d.fits(*needed))
-        .collect();
-    if fits.iter().all(|&f| f) {
-        let spends: Vec<CheckRequest> = checks.iter().map(|(c, _)| *c).collect();
-        return decide(&spends).map(AllOrNone::Spent);
-    }
-    Ok(AllOrNone::Refused(read.into_iter().zip(fits).collect()))
+        .map(|(d, (_, needed))| {
+            let fits = d.fits(*needed);
+            (d, fits)
+        })
+        .collect())
 }
 
 /// A check of an address's client, resolved by the program exactly as its packets are (the

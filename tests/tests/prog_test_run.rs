@@ -1724,8 +1724,8 @@ fn grants_replace_the_cold_share_while_their_lease_runs() -> Result<()> {
 /// Clients whose entries never move into `LIMITED` are reported hot all the same: an
 /// exact-address client (`STATIC_CLIENTS`) on `HOT` at 0.8 of its share and by its dropped
 /// packets (the first, then one per 256), and an API ID under a global policy by the checker
-/// (`HotIds`), which sees the denials, and the probes that refuse an all-or-none request (the
-/// check program reports nothing on the ring: a check-role caller could fill it).
+/// (`HotIds`), which sees the denials, and the probes and reads that refuse an all-or-none
+/// request (the check program reports nothing on the ring: a check-role caller could fill it).
 /// Otherwise a global client that only the API sees, or one with an exact-address policy, would
 /// never be enrolled and stay at the cold share wherever its demand is. The agent's cluster maps
 /// find the entries wherever they live.
@@ -1805,6 +1805,23 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             hot_ids.take(),
             vec![ClientId::Addr(checked).key()],
             "refused by its probe"
+        );
+        // So does the read that refuses a request too big for one run (16 checks: a read, then
+        // the spend only if all fit).
+        let mut many = vec![(limiter_user::check::address_request(checked, 3), 3)];
+        many.extend((1..16).map(|i| {
+            let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, i));
+            (limiter_user::check::address_request(other, 1), 1)
+        }));
+        let refused = checker.check_all_or_none(&many)?;
+        ensure!(
+            matches!(refused, limiter_user::check::AllOrNone::Refused(_)),
+            "{refused:?}"
+        );
+        check_eq!(
+            hot_ids.take(),
+            vec![ClientId::Addr(checked).key()],
+            "refused by its read"
         );
         // Each has an entry the agent's enrolment reads (its counters are its demand).
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {

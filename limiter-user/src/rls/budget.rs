@@ -8,7 +8,7 @@ use limiter_common::{CheckRequest, maps::CHECK_NAMED};
 use tonic::Status;
 
 use crate::{
-    check::{AllOrNone, CheckError, Checker, Decision, all_or_none_in_two_runs},
+    check::{AllOrNone, CheckError, Checker, Decision, all_or_none_in_two_runs, read_needing_with},
     cluster::membership::ShareView,
 };
 
@@ -24,7 +24,15 @@ pub trait Budget: Send + Sync + 'static {
     /// Spends checks all or none: only if each client has the hits the request needs of it
     /// (the `u32` beside each check) left (see [`Checker::check_all_or_none`]).
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
-        all_or_none_in_two_runs(checks, |r| self.decide(r))
+        all_or_none_in_two_runs(checks, |c| self.read_needing(c), |r| self.decide(r))
+    }
+    /// Reads each check's client (nothing spent) and says whether the hits beside the check fit
+    /// (see [`Checker::read_needing`]).
+    fn read_needing(
+        &self,
+        checks: &[(CheckRequest, u32)],
+    ) -> Result<Vec<(Decision, bool)>, CheckError> {
+        read_needing_with(checks, |r| self.decide(r))
     }
     /// The agent runs in dry-run mode (denials are reported as allowed).
     fn dry_run(&self) -> bool;
@@ -39,6 +47,13 @@ impl Budget for Checker {
 
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
         self.check_all_or_none(checks)
+    }
+
+    fn read_needing(
+        &self,
+        checks: &[(CheckRequest, u32)],
+    ) -> Result<Vec<(Decision, bool)>, CheckError> {
+        Checker::read_needing(self, checks)
     }
 
     fn dry_run(&self) -> bool {

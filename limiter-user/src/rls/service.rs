@@ -300,24 +300,24 @@ impl<B: Budget> RlsService<B> {
         let read = if checks.len() == 1 && !blocked {
             None
         } else {
-            let reads: Vec<CheckRequest> = checks
+            let reads: Vec<(CheckRequest, u32)> = checks
                 .iter()
-                .map(|(_, r, _)| CheckRequest { hits: 0, ..*r })
+                .zip(needed)
+                .map(|((_, r, _), n)| (*r, *n))
                 .collect();
-            Some(self.budget.decide(&reads).map_err(unavailable)?)
+            Some(self.budget.read_needing(&reads).map_err(unavailable)?)
         };
         if let Some(read) = &read {
             let denied = blocked
                 || checks
                     .iter()
                     .zip(read)
-                    .zip(needed)
-                    .any(|(((_, _, shadow), d), n)| enforced(*shadow) && !d.fits(*n));
+                    .any(|((_, _, shadow), (_, fits))| enforced(*shadow) && !fits);
             if denied {
-                for (((i, _, _), d), n) in checks.iter().zip(read).zip(needed) {
+                for ((i, _, _), (d, fits)) in checks.iter().zip(read) {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
-                        over: !d.fits(*n),
+                        over: !fits,
                         spent: false,
                     });
                 }
@@ -325,7 +325,7 @@ impl<B: Budget> RlsService<B> {
             }
         }
         let spend: Vec<usize> = (0..checks.len())
-            .filter(|&k| read.as_ref().is_none_or(|read| read[k].fits(needed[k])))
+            .filter(|&k| read.as_ref().is_none_or(|read| read[k].1))
             .collect();
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
@@ -340,9 +340,10 @@ impl<B: Budget> RlsService<B> {
         if let Some(read) = read {
             for (k, (i, r, _)) in checks.iter().enumerate() {
                 if outcomes[*i].is_none() {
+                    let (d, _) = &read[k];
                     outcomes[*i] = Some(Outcome {
-                        decision: read[k].clone(),
-                        over: !read[k].fits(r.hits),
+                        decision: d.clone(),
+                        over: !d.fits(r.hits),
                         spent: false,
                     });
                 }

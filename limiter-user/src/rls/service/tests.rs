@@ -143,7 +143,7 @@ impl Budget for Sim {
 
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
         self.all_or_none.fetch_add(1, Ordering::SeqCst);
-        all_or_none_in_two_runs(checks, |r| self.decide(r))
+        all_or_none_in_two_runs(checks, |c| self.read_needing(c), |r| self.decide(r))
     }
 
     fn dry_run(&self) -> bool {
