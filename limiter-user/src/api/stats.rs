@@ -287,6 +287,33 @@ impl<T> Busiest<T> {
         });
     }
 
+    /// [`Busiest::offer`] for a candidate the stream may have offered before (`same` finds
+    /// that copy): only the better copy is kept (the first on a tie), so no candidate is kept
+    /// twice. A copy that would not get in needs no search: the one kept, if any, is better.
+    fn offer_again(
+        &mut self,
+        rate: f64,
+        total: u64,
+        id: impl FnOnce() -> String,
+        item: impl FnOnce() -> T,
+        same: impl Fn(&T) -> bool,
+    ) {
+        if self.heap.len() == self.n
+            && self.heap.peek().is_some_and(|worst| {
+                rate.total_cmp(&worst.rate).then(total.cmp(&worst.total)) == Ordering::Less
+            })
+        {
+            return;
+        }
+        if let Some(kept) = self.heap.iter().find(|r| same(&r.item)) {
+            if rate.total_cmp(&kept.rate).then(total.cmp(&kept.total)) != Ordering::Greater {
+                return;
+            }
+            self.heap.retain(|r| !same(&r.item));
+        }
+        self.offer(rate, total, id, item);
+    }
+
     /// The kept candidates, best first.
     fn into_sorted(self) -> Vec<Ranked<T>> {
         self.heap.into_sorted_vec()
@@ -331,10 +358,15 @@ pub(super) fn top(
     };
     let mut busiest = Busiest::new(n);
     let mut resident = Resident::default();
-    maps.each_address(|k, s| {
+    maps.each_address(|k, s, again| {
         resident.addresses += 1;
         let (_, rate, total) = measure(s);
-        busiest.offer(rate, total, || crate::stats::client_label(k), || (*k, *s));
+        let label = || crate::stats::client_label(k);
+        if again {
+            busiest.offer_again(rate, total, label, || (*k, *s), |(kept, _)| kept == k);
+        } else {
+            busiest.offer(rate, total, label, || (*k, *s));
+        }
     })
     .map_err(internal)?;
     maps.each_id(|k, s| {
@@ -477,6 +509,57 @@ mod tests {
             all.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
             all.truncate(n);
             prop_assert_eq!(kept(busiest), all);
+        }
+
+        /// A walk that visits some clients a second time (a client moving between maps during
+        /// `each_address`), the second copy offered with `offer_again`: each client is kept
+        /// once, by its better copy (the first on a tie), as if the walk had seen only that one.
+        #[test]
+        fn a_client_offered_again_is_kept_once_by_its_better_copy(
+            entries in prop::collection::vec((0u64..4, 0u64..4, 0u32..50), 0..200),
+            again in prop::collection::vec((0usize..200, 0u64..4, 0u64..4), 0..40),
+            n in 0usize..30,
+        ) {
+            let mut first: Vec<(u64, u64, u32)> = entries.clone();
+            first.sort_by_key(|e| e.2);
+            first.dedup_by_key(|e| e.2);
+            let seconds: Vec<(u64, u64, u32)> = again
+                .iter()
+                .filter_map(|(i, rate, total)| first.get(*i).map(|e| (*rate, *total, e.2)))
+                .collect();
+            let mut busiest: Busiest<u32> = Busiest::new(n);
+            for (rate, total, key) in &first {
+                busiest.offer(*rate as f64, *total, || format!("c{key}"), || *key);
+            }
+            for (rate, total, key) in &seconds {
+                busiest.offer_again(
+                    *rate as f64,
+                    *total,
+                    || format!("c{key}"),
+                    || *key,
+                    |kept| kept == key,
+                );
+            }
+            let mut best: std::collections::BTreeMap<u32, (u64, u64)> =
+                std::collections::BTreeMap::new();
+            for (rate, total, key) in first.iter().chain(&seconds) {
+                let copy = best.entry(*key).or_insert((*rate, *total));
+                if (*rate, *total) > *copy {
+                    *copy = (*rate, *total);
+                }
+            }
+            let mut all: Vec<(u64, u64, String)> = best
+                .into_iter()
+                .map(|(key, (rate, total))| (rate, total, format!("c{key}")))
+                .collect();
+            all.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+            all.truncate(n);
+            let got: Vec<(u64, u64, String)> = busiest
+                .into_sorted()
+                .into_iter()
+                .map(|r| (r.rate as u64, r.total, r.id))
+                .collect();
+            prop_assert_eq!(got, all);
         }
     }
 }

@@ -233,18 +233,37 @@ impl ClientMaps {
         })
     }
 
-    /// Visits every address client without copying the maps (see [`Self::each_of_pair`]),
-    /// the clients held in `LIMITED` included.
+    /// Visits every address client without copying the maps (see [`Self::each_of_pair`]), the
+    /// clients held in `LIMITED` included (only that map is read into memory).
+    ///
+    /// Each client at least once: like [`Self::addresses`], the walk reads `LIMITED` before
+    /// and after the others, so a client that moves once between `CLIENTS` and `LIMITED`
+    /// during it is never missed; but it may be visited twice, once from each map (the walk
+    /// does not keep the keys it visited). `visit`'s last argument is true for every visit
+    /// that may be such a second one (every client of `LIMITED`): whoever lists clients keeps
+    /// one copy of those; a count may count the client twice.
     pub fn each_address(
         &self,
-        mut visit: impl FnMut(&ClientKey, &ClientState),
+        mut visit: impl FnMut(&ClientKey, &ClientState, bool),
     ) -> Result<(), DatapathError> {
+        let before = ClientMaps::read(&self.limited, "LIMITED")?;
         ClientMaps::each_of_pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
-            &mut visit,
+            |k, s| visit(k, s, false),
         )?;
-        ClientMaps::each(&self.limited, "LIMITED", visit)
+        let mut after = HashSet::with_capacity(before.len());
+        ClientMaps::each(&self.limited, "LIMITED", |k, s| {
+            after.insert(*k);
+            visit(k, s, true);
+        })?;
+        // Released during the walk: in `CLIENTS` now, where the walk may have passed it.
+        for (k, s) in &before {
+            if !after.contains(k) {
+                visit(k, s, true);
+            }
+        }
+        Ok(())
     }
 
     /// Visits every named (ID) client without copying the maps.
@@ -262,7 +281,7 @@ impl ClientMaps {
     /// Resident `(addresses, IDs)`, counted by a walk that keeps one batch in memory.
     pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
         let (mut addresses, mut ids) = (0u64, 0u64);
-        self.each_address(|_, _| addresses += 1)?;
+        self.each_address(|_, _, _| addresses += 1)?;
         self.each_id(|_, _| ids += 1)?;
         Ok((addresses, ids))
     }
