@@ -321,8 +321,8 @@ impl Checker {
     /// check comes with the hits the request needs of its client (its own, or the sum of the
     /// request's checks of that client): every client is first probed for those, and the
     /// checks are then spent, in order, only if every probe fits (`CHECK_PROBE`,
-    /// `CHECK_UNLESS_VETOED`). More checks than that take two runs, a read and then the spend
-    /// ([`all_or_none_in_two_runs`]). A packet or check that lands between a probe and its
+    /// `CHECK_UNLESS_VETOED`). More checks than that take a read and then the spend
+    /// ([`all_or_none_in_two_runs`]), each one run per frame of checks. A packet or check that lands between a probe and its
     /// spend can still deny the spend (its decision says so); the caller keeps its own other
     /// calls out (the rate limit service's client locks).
     pub fn check_all_or_none(
@@ -360,9 +360,11 @@ impl Checker {
 
     /// Reads each check's client (nothing spent, no entry created) and says whether the hits
     /// beside the check (what the request needs of the client) fit. A client of a global policy
-    /// with an entry that does not fit is noted hot, as a denied check or a refusing probe is:
-    /// the read is the request's refusal (the rate limit service's requests of more than 15
-    /// checks, or with a shadow descriptor, are read before they are spent).
+    /// with an entry that is short of what the request needs of it is noted hot, as a denied
+    /// check or a refusing probe is (the rate limit service reads before it spends requests of
+    /// more than 15 checks, with a shadow or a blocked descriptor, and every request in
+    /// dry-run mode; a shadow descriptor's or a dry run's short read is noted as its denied
+    /// check would be, though it refuses nothing).
     pub fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],
@@ -462,9 +464,9 @@ impl Checker {
         requests: &[CheckRequest],
         slots: &mut Vec<CheckSlot>,
     ) -> Result<(), CheckError> {
-        self.runs.fetch_add(1, Ordering::Relaxed);
         let ret =
             frame.run_into::<CheckRequest, CheckSlot>(self.prog.as_fd(), requests, 0, slots)?;
+        self.runs.fetch_add(1, Ordering::Relaxed);
         if ret != XDP_PASS {
             return Err(CheckError::Rejected(ret));
         }
@@ -474,7 +476,7 @@ impl Checker {
         Ok(())
     }
 
-    /// Runs of the check program so far (each one BPF_PROG_TEST_RUN call).
+    /// Runs of the check program so far (each one BPF_PROG_TEST_RUN call that returned).
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::Relaxed)
     }

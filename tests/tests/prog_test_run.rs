@@ -768,6 +768,45 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         check_eq!(checker.runs() - runs, 2, "a read, then the spend");
         check_eq!(remaining(&many[..1])?, vec![2]);
         check_eq!(remaining(&many[15..])?, vec![0]);
+        // 40 checks of distinct clients (two frames of reads, the second partial), each with
+        // its own limit: every read answers its own check, and the last, short, refuses all.
+        let distinct = |i: u8, hits| {
+            named_request(
+                [100 + i; 16],
+                hits,
+                limiter_common::Policy {
+                    limit: 50 + u32::from(i),
+                    ..policy
+                },
+            )
+        };
+        let mut wide: Vec<_> = (0..40).map(|i| (distinct(i, 1), 1)).collect();
+        wide[39].1 = 90;
+        let runs = checker.runs();
+        let AllOrNone::Refused(read) = checker.check_all_or_none(&wide)? else {
+            bail!("the 40th client has 89 left of the 90 asked, yet all were spent");
+        };
+        check_eq!(checker.runs() - runs, 2, "two frames of reads, no spend");
+        check_eq!(
+            read.iter()
+                .map(|(d, fits)| (d.remaining, *fits))
+                .collect::<Vec<_>>(),
+            (0..40u32).map(|i| (50 + i, i != 39)).collect::<Vec<_>>()
+        );
+        wide[39].1 = 1;
+        let runs = checker.runs();
+        let AllOrNone::Spent(spent) = checker.check_all_or_none(&wide)? else {
+            bail!("every client has room, yet the request was refused");
+        };
+        check_eq!(
+            checker.runs() - runs,
+            4,
+            "two frames of reads, two of spends"
+        );
+        check_eq!(
+            spent.iter().map(|d| d.remaining).collect::<Vec<_>>(),
+            (0..40u32).map(|i| 50 + i - 1).collect::<Vec<_>>()
+        );
         // A check of 0 hits fits a client over its limit (its limit lowered to 1, 3 counted),
         // as it fits what a read reports left.
         let lowered = named_request([1; 16], 0, limiter_common::Policy { limit: 1, ..policy });
@@ -1822,6 +1861,21 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             hot_ids.take(),
             vec![ClientId::Addr(checked).key()],
             "refused by its read"
+        );
+        // The rate limit service reads through its budget (shadow descriptors, dry-run mode):
+        // the checker's read notes the client, though such a read refuses nothing.
+        let read = limiter_user::rls::budget::Budget::read_needing(
+            &checker,
+            &[(limiter_user::check::address_request(checked, 3), 3)],
+        )?;
+        check_eq!(
+            read.iter().map(|(_, fits)| *fits).collect::<Vec<_>>(),
+            vec![false]
+        );
+        check_eq!(
+            hot_ids.take(),
+            vec![ClientId::Addr(checked).key()],
+            "a short read through the service's budget"
         );
         // Each has an entry the agent's enrolment reads (its counters are its demand).
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {

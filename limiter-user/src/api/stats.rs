@@ -369,7 +369,7 @@ pub(super) fn top(
         }
     })
     .map_err(internal)?;
-    maps.each_id(|k, s| {
+    maps.each_id(|k, s, again| {
         resident.ids += 1;
         let (_, rate, total) = measure(s);
         let id = || {
@@ -378,7 +378,11 @@ pub(super) fn top(
                 format!("id:{hex}")
             })
         };
-        busiest.offer(rate, total, id, || (*k, *s));
+        if again {
+            busiest.offer_again(rate, total, id, || (*k, *s), |(kept, _)| kept == k);
+        } else {
+            busiest.offer(rate, total, id, || (*k, *s));
+        }
     })
     .map_err(internal)?;
     let ranked = busiest.into_sorted();
@@ -513,7 +517,8 @@ mod tests {
 
         /// A walk that visits some clients a second time (a client moving between maps during
         /// `each_address`), the second copy offered with `offer_again`: each client is kept
-        /// once, by its better copy (the first on a tie), as if the walk had seen only that one.
+        /// once, by its better copy (the earlier on a tie: the copies of a client tie on the
+        /// label, and may differ in the state shown), as if the walk had seen only that one.
         #[test]
         fn a_client_offered_again_is_kept_once_by_its_better_copy(
             entries in prop::collection::vec((0u64..4, 0u64..4, 0u32..50), 0..200),
@@ -523,41 +528,43 @@ mod tests {
             let mut first: Vec<(u64, u64, u32)> = entries.clone();
             first.sort_by_key(|e| e.2);
             first.dedup_by_key(|e| e.2);
-            let seconds: Vec<(u64, u64, u32)> = again
+            // (rate, total, key, copy): copy 0 is the first visit, copy j + 1 the j-th again.
+            let stream: Vec<(u64, u64, u32, usize)> = first
                 .iter()
-                .filter_map(|(i, rate, total)| first.get(*i).map(|e| (*rate, *total, e.2)))
+                .map(|&(rate, total, key)| (rate, total, key, 0))
+                .chain(again.iter().enumerate().filter_map(|(j, (i, rate, total))| {
+                    first.get(*i).map(|e| (*rate, *total, e.2, j + 1))
+                }))
                 .collect();
-            let mut busiest: Busiest<u32> = Busiest::new(n);
-            for (rate, total, key) in &first {
-                busiest.offer(*rate as f64, *total, || format!("c{key}"), || *key);
-            }
-            for (rate, total, key) in &seconds {
-                busiest.offer_again(
-                    *rate as f64,
-                    *total,
-                    || format!("c{key}"),
-                    || *key,
-                    |kept| kept == key,
-                );
-            }
-            let mut best: std::collections::BTreeMap<u32, (u64, u64)> =
-                std::collections::BTreeMap::new();
-            for (rate, total, key) in first.iter().chain(&seconds) {
-                let copy = best.entry(*key).or_insert((*rate, *total));
-                if (*rate, *total) > *copy {
-                    *copy = (*rate, *total);
+            let mut busiest: Busiest<(u32, usize)> = Busiest::new(n);
+            for &(rate, total, key, copy) in &stream {
+                let id = || format!("c{key}");
+                if copy == 0 {
+                    busiest.offer(rate as f64, total, id, || (key, copy));
+                } else {
+                    busiest.offer_again(rate as f64, total, id, || (key, copy), |kept| {
+                        kept.0 == key
+                    });
                 }
             }
-            let mut all: Vec<(u64, u64, String)> = best
+            let mut best: std::collections::BTreeMap<u32, (u64, u64, usize)> =
+                std::collections::BTreeMap::new();
+            for &(rate, total, key, copy) in &stream {
+                let kept = best.entry(key).or_insert((rate, total, copy));
+                if (rate, total) > (kept.0, kept.1) {
+                    *kept = (rate, total, copy);
+                }
+            }
+            let mut all: Vec<(u64, u64, String, (u32, usize))> = best
                 .into_iter()
-                .map(|(key, (rate, total))| (rate, total, format!("c{key}")))
+                .map(|(key, (rate, total, copy))| (rate, total, format!("c{key}"), (key, copy)))
                 .collect();
             all.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
             all.truncate(n);
-            let got: Vec<(u64, u64, String)> = busiest
+            let got: Vec<(u64, u64, String, (u32, usize))> = busiest
                 .into_sorted()
                 .into_iter()
-                .map(|r| (r.rate as u64, r.total, r.id))
+                .map(|r| (r.rate as u64, r.total, r.id, r.item))
                 .collect();
             prop_assert_eq!(got, all);
         }

@@ -99,6 +99,12 @@ impl ClientLocks {
     pub fn lock(&self, i: usize) -> std::sync::TryLockResult<MutexGuard<'_, ()>> {
         self.0[i].try_lock()
     }
+
+    /// Whether the lock of `check`'s client is held (tests).
+    #[cfg(test)]
+    pub fn held(&self, check: &CheckRequest) -> bool {
+        self.lock(lock_of(check)).is_err()
+    }
 }
 
 impl Default for ClientLocks {

@@ -219,29 +219,31 @@ impl ClientMaps {
         })
     }
 
-    /// Visits every entry of a map pair, those of the static map flagged `FLAG_STATIC`.
+    /// Visits every entry of a map pair, those of the static map flagged `FLAG_STATIC`; `visit`'s
+    /// last argument says which map the entry came from (true: the static one).
     fn each_of_pair(
         dynamic: (&OwnedFd, &'static str),
         statics: (&OwnedFd, &'static str),
-        mut visit: impl FnMut(&ClientKey, &ClientState),
+        mut visit: impl FnMut(&ClientKey, &ClientState, bool),
     ) -> Result<(), DatapathError> {
-        ClientMaps::each(dynamic.0, dynamic.1, &mut visit)?;
+        ClientMaps::each(dynamic.0, dynamic.1, |k, v| visit(k, v, false))?;
         ClientMaps::each(statics.0, statics.1, |k: &ClientKey, v: &ClientState| {
             let mut v = *v;
             v.set_flags(v.flags() | FLAG_STATIC);
-            visit(k, &v);
+            visit(k, &v, true);
         })
     }
 
     /// Visits every address client without copying the maps (see [`Self::each_of_pair`]), the
     /// clients held in `LIMITED` included (only that map is read into memory).
     ///
-    /// Each client at least once: like [`Self::addresses`], the walk reads `LIMITED` before
-    /// and after the others, so a client that moves once between `CLIENTS` and `LIMITED`
-    /// during it is never missed; but it may be visited twice, once from each map (the walk
-    /// does not keep the keys it visited). `visit`'s last argument is true for every visit
-    /// that may be such a second one (every client of `LIMITED`): whoever lists clients keeps
-    /// one copy of those; a count may count the client twice.
+    /// Like [`Self::addresses`], the walk reads `LIMITED` before and after the others, so a
+    /// client that moves once between `CLIENTS` and `LIMITED` during it is never missed; but it
+    /// may be visited twice, once from each map (the walk does not keep the keys it visited),
+    /// and so may a key a config change moves between `CLIENTS` and `STATIC_CLIENTS` (one
+    /// moving back from the static map can also be missed). `visit`'s last argument is true
+    /// for every visit that may be such a second one (every client of `LIMITED` and of
+    /// `STATIC_CLIENTS`): whoever lists clients keeps one copy of those.
     pub fn each_address(
         &self,
         mut visit: impl FnMut(&ClientKey, &ClientState, bool),
@@ -250,7 +252,7 @@ impl ClientMaps {
         ClientMaps::each_of_pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
-            |k, s| visit(k, s, false),
+            &mut visit,
         )?;
         let mut after = HashSet::with_capacity(before.len());
         ClientMaps::each(&self.limited, "LIMITED", |k, s| {
@@ -266,10 +268,12 @@ impl ClientMaps {
         Ok(())
     }
 
-    /// Visits every named (ID) client without copying the maps.
+    /// Visits every named (ID) client without copying the maps; `visit`'s last argument is
+    /// true for the clients of `NAMED_STATIC`, which a config change moving a key between the
+    /// two maps during the walk may show twice (see [`Self::each_address`]).
     pub fn each_id(
         &self,
-        visit: impl FnMut(&ClientKey, &ClientState),
+        visit: impl FnMut(&ClientKey, &ClientState, bool),
     ) -> Result<(), DatapathError> {
         ClientMaps::each_of_pair(
             (&self.named, "NAMED"),
@@ -278,11 +282,18 @@ impl ClientMaps {
         )
     }
 
-    /// Resident `(addresses, IDs)`, counted by a walk that keeps one batch in memory.
+    /// Resident `(addresses, IDs)`: the entries of each map, counted by a walk that keeps one
+    /// batch in memory (a client moving between two maps during it may be counted twice, or
+    /// not at all).
     pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
         let (mut addresses, mut ids) = (0u64, 0u64);
-        self.each_address(|_, _, _| addresses += 1)?;
-        self.each_id(|_, _| ids += 1)?;
+        ClientMaps::each_of_pair(
+            (&self.clients, "CLIENTS"),
+            (&self.static_clients, "STATIC_CLIENTS"),
+            |_, _, _| addresses += 1,
+        )?;
+        ClientMaps::each(&self.limited, "LIMITED", |_, _| addresses += 1)?;
+        self.each_id(|_, _, _| ids += 1)?;
         Ok((addresses, ids))
     }
 }

@@ -45,6 +45,10 @@ struct Sim {
     shares: Mutex<ShareView>,
     /// Requests decided all or none (`Budget::decide_all_or_none`).
     all_or_none: AtomicU64,
+    /// The service's client locks, once the test hands them over: every check decided while
+    /// its client's lock was free is counted in `unlocked`.
+    locks: Mutex<Option<ClientLocks>>,
+    unlocked: AtomicU64,
 }
 
 impl Sim {
@@ -67,6 +71,8 @@ impl Sim {
             fail: AtomicBool::new(false),
             shares: Mutex::new(ShareView::ALONE),
             all_or_none: AtomicU64::new(0),
+            locks: Mutex::new(None),
+            unlocked: AtomicU64::new(0),
         }
     }
 
@@ -89,6 +95,10 @@ impl Budget for Sim {
             return Err(CheckError::Unanswered);
         }
         self.seen.lock().unwrap().extend_from_slice(requests);
+        if let Some(locks) = &*self.locks.lock().unwrap() {
+            let free = requests.iter().filter(|r| !locks.held(r)).count();
+            self.unlocked.fetch_add(free as u64, Ordering::SeqCst);
+        }
         let now = self.now_ns.load(Ordering::SeqCst);
         let mut clients = self.clients.lock().unwrap();
         Ok(requests
@@ -660,6 +670,40 @@ fn hits_are_counted_per_rule() {
     .unwrap();
     assert_eq!(counts("free"), None);
     assert_eq!(counts("nope"), None);
+}
+
+/// Every read and spend runs under the locks of the request's clients, on each path: one
+/// check, all or none, and read then spend (shadow, blocked), refused or not; so no other call
+/// of the service spends from a client between a request's read and its spend.
+#[test]
+fn every_check_is_decided_under_its_clients_lock() {
+    let (svc, sim) = service();
+    *sim.locks.lock().unwrap() = Some(svc.locks.clone());
+    let requests = [
+        vec![desc(&[("path", "/a")])],
+        vec![desc(&[("path", "/a")]), desc(&[("user", "u")])],
+        vec![
+            desc(&[("path", "/b")]),
+            desc(&[("remote_address", "192.0.2.5")]),
+        ],
+        vec![desc(&[("path", "/a")]), desc(&[("shadow", "s")])],
+        vec![desc(&[("user", "v")]), desc(&[("banned", "b")])],
+    ];
+    for _ in 0..5 {
+        for descriptors in &requests {
+            svc.answer(&request(descriptors.clone())).unwrap();
+        }
+    }
+    assert!(
+        sim.spent().len() > 10,
+        "the requests were read and spent: {:?}",
+        sim.spent()
+    );
+    assert_eq!(sim.unlocked.load(Ordering::SeqCst), 0);
+    // The detector sees a check decided outside the service.
+    sim.decide(&[named_request([3; 16], 1, sim.address_policy)])
+        .unwrap();
+    assert_eq!(sim.unlocked.load(Ordering::SeqCst), 1);
 }
 
 /// A serving thread's copy of the service shares the original's client locks (all or nothing
