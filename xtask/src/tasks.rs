@@ -87,10 +87,38 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
         read(&live)?,
     );
     let target = workspace.root().join("BENCHMARKS.md");
+    let old = match std::fs::read_to_string(&target) {
+        Ok(old) => old,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("bench: reading {}", target.display()));
+        }
+    };
+    let report = with_measured_by_hand(report, &old);
     std::fs::write(&target, report)
         .with_context(|| format!("bench: writing {}", target.display()))?;
     eprintln!("bench: wrote {}", target.display());
     Ok(())
+}
+
+/// The heading of BENCHMARKS.md's last section, which holds what was measured by hand (A/B runs
+/// of a change, experiments): `cargo xtask bench` does not measure it, so it keeps it.
+const MEASURED_BY_HAND: &str = "## Measured by hand";
+
+/// The generated `report` followed by the section measured by hand of the `old` BENCHMARKS.md,
+/// if it has one (from its heading, at the start of a line, to the end).
+fn with_measured_by_hand(mut report: String, old: &str) -> String {
+    let kept = old
+        .match_indices(MEASURED_BY_HAND)
+        .find(|(i, _)| *i == 0 || old[..*i].ends_with('\n'))
+        .map(|(i, _)| &old[i..]);
+    if let Some(kept) = kept {
+        if !report.ends_with("\n\n") {
+            report.push_str(if report.ends_with('\n') { "\n" } else { "\n\n" });
+        }
+        report.push_str(kept);
+    }
+    report
 }
 
 /// `cargo run --release -p limiter-tests --bin BIN -- SUBCOMMAND... --write REPORT ARGS...`,
@@ -235,4 +263,27 @@ fn test_privileged(
         .args(["--", "--test-threads=1"])
         .args(test_args);
     process::run(&mut command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A regenerated BENCHMARKS.md keeps the old one's section measured by hand, whole, after
+    /// the generated sections, and only that: a mention of the heading inside a line is not it.
+    #[test]
+    fn the_section_measured_by_hand_survives_a_rerun() {
+        let old = "# Benchmarks\n\n## gRPC API\n\nold figures, see \"## Measured by hand\"\n\n\
+                   ## Measured by hand\n\n### An A/B\n\n| a | b |\n";
+        assert_eq!(
+            with_measured_by_hand("# Benchmarks\n\n## gRPC API\n\nnew figures\n".into(), old),
+            "# Benchmarks\n\n## gRPC API\n\nnew figures\n\n## Measured by hand\n\n### An A/B\n\n\
+             | a | b |\n"
+        );
+        assert_eq!(
+            with_measured_by_hand("new\n".into(), "# Benchmarks\n\nno such section\n"),
+            "new\n"
+        );
+        assert_eq!(with_measured_by_hand("new".into(), ""), "new");
+    }
 }
