@@ -233,15 +233,19 @@ impl<B: Budget> RlsService<B> {
         let blocked = plans
             .iter()
             .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
-        // What each check's client must have left: the hits of every check of the request on
-        // that client (two descriptors can name one client, and each alone may fit while both
-        // together do not).
+        // What each check's client must have left: the hits of the request's checks on that
+        // client (two descriptors can name one client, and each alone may fit while both
+        // together do not). An enforced check needs only the enforced ones' (a shadow
+        // descriptor must never deny the request); a shadow one needs every check's, so that
+        // it is spent only when the enforced checks beside it fit too.
         let needed: Vec<u32> = checks
             .iter()
-            .map(|(_, r, _)| {
+            .map(|(_, r, shadow)| {
                 checks
                     .iter()
-                    .filter(|(_, o, _)| same_client(r, o))
+                    .filter(|(_, o, o_shadow)| {
+                        same_client(r, o) && (!enforced(*shadow) || enforced(*o_shadow))
+                    })
                     .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
             })
             .collect();

@@ -179,6 +179,9 @@ descriptors:
   - key: shadow
     shadow_mode: true
     rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: masked_remote_address
+    shadow_mode: true
+    rate_limit: { unit: second, requests_per_unit: 100 }
   - key: free
     rate_limit: { unlimited: true }
   - key: remote_address
@@ -372,6 +375,38 @@ fn unlimited_unmatched_shadow_and_blocked_descriptors() {
     assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
     assert_eq!(sim.spent().len(), before);
     assert_eq!(r.statuses[0].limit_remaining, 5);
+}
+
+/// A shadow descriptor on the same client as an enforced one never denies the request: the
+/// enforced one needs only its own hits left, the shadow one is spent only if both fit.
+#[test]
+fn a_shadow_descriptor_on_an_enforced_ones_client_never_denies() {
+    let (svc, sim) = service();
+    // The address's policy: 2 a second; one spent alone leaves 1.
+    let enforced = desc(&[("remote_address", "192.0.2.9")]);
+    let shadow = desc(&[("masked_remote_address", "192.0.2.9/32")]);
+    assert_eq!(
+        codes(&svc.answer(&request(vec![enforced.clone()])).unwrap()),
+        (OK, vec![OK])
+    );
+    // Both: 1 left, 2 asked. The enforced one fits and is spent; the shadow one is over (OK,
+    // as shadow mode answers) and not spent. The request was OVER_LIMIT: the shadow's hits
+    // were counted against the enforced descriptor.
+    let before = sim.spent().len();
+    let r = svc
+        .answer(&request(vec![enforced.clone(), shadow.clone()]))
+        .unwrap();
+    assert_eq!(codes(&r), (OK, vec![OK, OK]));
+    assert_eq!(
+        sim.spent().len(),
+        before + 1,
+        "the enforced one spent alone"
+    );
+    // Now nothing left: the enforced one denies, nothing is spent.
+    let before = sim.spent().len();
+    let r = svc.answer(&request(vec![enforced, shadow])).unwrap();
+    assert_eq!(codes(&r).0, OVER);
+    assert_eq!(sim.spent().len(), before);
 }
 
 #[test]
