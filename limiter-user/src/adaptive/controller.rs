@@ -113,7 +113,7 @@
 //! ranges, or dropped when the new configuration is disabled. [`Controller::desired`] tells what
 //! the controller wants a tracked client to hold, for rewriting entries a reload reset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map::Entry};
 
 use crate::config::{AdaptiveConfig, AdaptiveError};
 use limiter_common::{
@@ -184,6 +184,10 @@ pub struct StepOutput {
     /// Observed clients whose `(W, A)` changed; unchanged ones are left out. A change of `g`
     /// reaches a client's `A` when it is next observed: idle clients keep what they were given.
     pub decisions: Vec<ClientDecision>,
+    /// Every client observed this period and what it is to hold now ([`Controller::desired`]
+    /// of each, changed or not), in the order given; observations skipped (a blocked client,
+    /// a second observation) are left out.
+    pub observed: Vec<ClientDecision>,
     /// Clients forgotten this period: the datapath should return them to their policy
     /// (`s = gᵢ = 1`).
     pub forgotten: Vec<ClientKey>,
@@ -455,6 +459,7 @@ impl Controller {
                 band: Band::Steady,
                 load_factor: 1.0,
                 decisions: Vec::new(),
+                observed: Vec::new(),
                 forgotten: Vec::new(),
             };
         }
@@ -479,6 +484,7 @@ impl Controller {
         self.last_factor = g;
         let (step, dwell) = (self.config.step, self.config.dwell);
         let mut decisions = Vec::new();
+        let mut all = Vec::with_capacity(observed.len());
         for (key, target) in observed.iter().zip(targets) {
             #[expect(
                 clippy::expect_used,
@@ -491,16 +497,19 @@ impl Controller {
             };
             state.factor.drive(target, step, dwell);
             let effective = state.effective();
+            let decision = state.decision(*key);
             if effective != state.emitted {
                 state.emitted = effective;
-                decisions.push(state.decision(*key));
+                decisions.push(decision);
             }
+            all.push(decision);
         }
         StepOutput {
             load: self.load.unwrap_or(0.0),
             band,
             load_factor: g,
             decisions,
+            observed: all,
             forgotten: self.expire(),
         }
     }
@@ -525,31 +534,32 @@ impl Controller {
         let c = &self.config;
         let now = self.period;
         let util = obs.rate.max(0.0) * obs.window_us as f64 / (obs.limit as f64 * 1e6);
-        let fresh = match self.clients.get(&obs.key) {
-            // Seen twice in one period: the first observation counts.
-            Some(s) if s.last_seen == now => return false,
-            // A global client whose cold share changed (the member count did) keeps its state:
-            // starting it afresh would lift an overloaded node's caps at every membership change.
-            Some(s) if s.fixed_window && obs.fixed_window && s.window_us == obs.window_us => false,
-            Some(s) => {
-                (s.limit, s.window_us, s.fixed_window)
-                    != (obs.limit, obs.window_us, obs.fixed_window)
+        // One lookup: at 100k clients each is a cache miss.
+        let (state, fresh) = match self.clients.entry(obs.key) {
+            Entry::Occupied(entry) => {
+                let s = entry.into_mut();
+                // Seen twice in one period: the first observation counts.
+                if s.last_seen == now {
+                    return false;
+                }
+                // A global client whose cold share changed (the member count did) keeps its
+                // state: starting it afresh would lift an overloaded node's caps at every
+                // membership change.
+                let kept = s.fixed_window && obs.fixed_window && s.window_us == obs.window_us;
+                let fresh = !kept
+                    && (s.limit, s.window_us, s.fixed_window)
+                        != (obs.limit, obs.window_us, obs.fixed_window);
+                if fresh {
+                    *s = ClientTrack::new(obs, util, now);
+                }
+                (s, fresh)
             }
-            None => {
+            Entry::Vacant(entry) => {
                 let slot = (now + c.idle_periods as u64) as usize % self.wheel.len();
                 self.wheel[slot].push(obs.key);
-                true
+                (entry.insert(ClientTrack::new(obs, util, now)), true)
             }
         };
-        if fresh {
-            let state = ClientTrack::new(obs, util, now);
-            self.clients.insert(obs.key, state);
-        }
-        #[expect(
-            clippy::expect_used,
-            reason = "the key was inserted just above if absent"
-        )]
-        let state = self.clients.get_mut(&obs.key).expect("inserted above");
         if !fresh {
             state.util = ewma(Some(state.util), util, c.alpha);
             state.limit = obs.limit;
@@ -711,6 +721,48 @@ pub fn fair_shares(clients: &[FairDemand], capacity: f64) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `StepOutput::observed` is what `desired` says of each client observed, in the order
+    /// given, with the skipped observations (a blocked client, a second one of a client) left
+    /// out, across bands and periods (the tuner takes it instead of asking `desired`).
+    #[test]
+    fn observed_decisions_are_what_desired_says_in_order() {
+        let mut ctl = Controller::new(AdaptiveConfig {
+            enabled: true,
+            ..AdaptiveConfig::default()
+        })
+        .expect("valid");
+        let obs = |i: u8, limit, rate| ClientObservation {
+            key: [i; 16],
+            limit,
+            window_us: 1_000_000,
+            rate,
+            weight: 1.0,
+            fixed_window: i.is_multiple_of(3),
+        };
+        for (period, cpu) in [0.1, 0.95, 0.95, 0.95, 0.2, 0.5].into_iter().enumerate() {
+            let observations = [
+                obs(1, 100, 10.0 * period as f64),
+                obs(2, 0, 50.0),
+                obs(3, 40, 80.0),
+                obs(1, 100, 1.0),
+                obs(4, 10, 0.0),
+                obs(6, 1000, 2000.0),
+            ];
+            let output = ctl.step(&LoadSample { cpu }, observations);
+            let expected: Vec<ClientDecision> = [1u8, 3, 4, 6]
+                .iter()
+                .map(|&i| ctl.desired(&[i; 16]).expect("tracked"))
+                .collect();
+            assert_eq!(output.observed, expected, "period {period}");
+            for d in &output.decisions {
+                assert!(
+                    output.observed.contains(d),
+                    "a change is an observed decision"
+                );
+            }
+        }
+    }
 
     #[test]
     fn dwell_delays_reversals_and_one_waives_it() {

@@ -69,6 +69,8 @@ pub enum TunerError {
     TestRun(#[from] io::Error),
     #[error("{ADAPT_PROGRAM} rejected an adapt frame (returned {0})")]
     Rejected(u32),
+    #[error("{ADAPT_PROGRAM} answered {answered} of a read frame's {asked} slots")]
+    Unanswered { asked: usize, answered: usize },
     #[error("adaptive")]
     Config(#[from] AdaptiveError),
 }
@@ -292,11 +294,16 @@ impl Tuner {
         let entries = if enabled {
             self.read_tracked(&mut report)?
         } else {
-            HashMap::new()
+            Vec::new()
         };
+        // What each observed client's entry had at the read (window, allowance), beside
+        // `observations`.
+        let mut held = Vec::new();
         if enabled {
-            for (key, t) in self.tracked.iter_mut() {
-                let Some(&(state, in_static)) = entries.get(key) else {
+            // `entries` answers `tracked` in its iteration order (`read_tracked`), which nothing
+            // changed since: no lookup per client.
+            for ((key, t), entry) in self.tracked.iter_mut().zip(&entries) {
+                let Some((state, in_static)) = *entry else {
                     evicted.push(*key);
                     continue;
                 };
@@ -341,6 +348,7 @@ impl Tuner {
                     weight: base.weight,
                     fixed_window: base.global,
                 });
+                held.push((t.window_us, t.limit));
             }
         }
         report.observed = observations.len();
@@ -354,12 +362,16 @@ impl Tuner {
         release.extend(output.forgotten);
         let mut caps = Vec::new();
         let mut uncapped = Vec::new();
-        for obs in &observations {
-            let (Some(want), Some(t)) = (
-                self.controller.desired(&obs.key),
-                self.tracked.get(&obs.key),
-            ) else {
-                continue;
+        // The step's decisions follow `observations`, less those it skipped (for which the
+        // controller is asked: no lookup per client otherwise).
+        let mut decided = output.observed.iter().peekable();
+        for (obs, &held) in observations.iter().zip(&held) {
+            let want = match decided.next_if(|d| d.key == obs.key) {
+                Some(d) => *d,
+                None => match self.controller.desired(&obs.key) {
+                    Some(d) => d,
+                    None => continue,
+                },
             };
             if obs.fixed_window {
                 // A global client: its entry keeps the policy's window and cold share.
@@ -371,7 +383,7 @@ impl Tuner {
                 continue;
             }
             uncapped.push(obs.key);
-            if (want.window_us, want.allowance) != (t.window_us, t.limit) {
+            if (want.window_us, want.allowance) != held {
                 slots.push(AdaptSlot {
                     key: obs.key,
                     limit: want.allowance,
@@ -470,13 +482,15 @@ impl Tuner {
         ))
     }
 
-    /// The tracked clients' resident entries (and whether each is in `STATIC_CLIENTS`), read in
+    /// The tracked clients' resident entries (and whether each is in `STATIC_CLIENTS`), in the
+    /// order `tracked` iterates (one per client, `None` for a client without an entry), read in
     /// frames of `ADAPT_READ_BATCH`: one program run per frame instead of a lookup syscall per
-    /// client. A client missing from the answer has no entry.
+    /// client, and no map of the answers to look each client up in (at 100k tracked clients
+    /// each lookup is a cache miss).
     fn read_tracked(
         &mut self,
         report: &mut PeriodReport,
-    ) -> Result<HashMap<ClientKey, (ClientState, bool)>, TunerError> {
+    ) -> Result<Vec<Option<(ClientState, bool)>>, TunerError> {
         let requests: Vec<AdaptRead> = self
             .tracked
             .keys()
@@ -485,7 +499,7 @@ impl Tuner {
                 ..AdaptRead::default()
             })
             .collect();
-        let mut entries = HashMap::with_capacity(requests.len());
+        let mut entries = Vec::with_capacity(requests.len());
         let mut answers = Vec::with_capacity(ADAPT_READ_BATCH);
         for chunk in requests.chunks(ADAPT_READ_BATCH) {
             report.read_runs += 1;
@@ -499,11 +513,18 @@ impl Tuner {
             if ret != XDP_PASS {
                 return Err(TunerError::Rejected(ret));
             }
-            for read in &answers {
-                if read.result == ADAPT_APPLIED {
-                    entries.insert(read.key, (read.state, read.home == HOME_STATIC));
-                }
+            if answers.len() != chunk.len() {
+                return Err(TunerError::Unanswered {
+                    asked: chunk.len(),
+                    answered: answers.len(),
+                });
             }
+            entries.extend(chunk.iter().zip(&answers).map(|(asked, read)| {
+                // The program answers each slot about the key it was asked (it never rewrites
+                // an adapt read's key); a different one would be a broken frame: no entry.
+                (read.result == ADAPT_APPLIED && read.key == asked.key)
+                    .then_some((read.state, read.home == HOME_STATIC))
+            }));
         }
         Ok(entries)
     }
