@@ -328,9 +328,13 @@ impl<B: Budget> RlsService<B> {
                 return Ok(());
             }
         }
-        let spend: Vec<usize> = (0..checks.len())
+        // The enforced checks first: a shadow check is spent only if the sum of the request's
+        // checks on its client fit at the read, but a packet landing before the spend could
+        // still leave an enforced one short after a shadow one was spent before it.
+        let mut spend: Vec<usize> = (0..checks.len())
             .filter(|&k| read.as_ref().is_none_or(|read| read[k].1))
             .collect();
+        spend.sort_by_key(|&k| !enforced(checks[k].2));
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
         for (k, d) in spend.iter().zip(spent) {
@@ -342,12 +346,15 @@ impl<B: Budget> RlsService<B> {
             });
         }
         if let Some(read) = read {
-            for (k, (i, r, _)) in checks.iter().enumerate() {
+            // Not spent because its read did not fit what the request needs of its client (a
+            // shadow check beside enforced ones on its client, or any check in dry-run mode):
+            // over, whether or not its own hits alone would have fitted.
+            for (k, (i, _, _)) in checks.iter().enumerate() {
                 if outcomes[*i].is_none() {
-                    let (d, _) = &read[k];
+                    let (d, fits) = &read[k];
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
-                        over: !d.fits(r.hits),
+                        over: !*fits,
                         spent: false,
                     });
                 }

@@ -402,6 +402,25 @@ fn a_shadow_descriptor_on_an_enforced_ones_client_never_denies() {
         before + 1,
         "the enforced one spent alone"
     );
+    // Counted as what it is: over its limit, let through by shadow mode (its own hit alone
+    // fitted the read, but not beside the enforced one's).
+    let shadow_counts = svc
+        .store
+        .hits()
+        .snapshot()
+        .series
+        .into_iter()
+        .find(|s| s.descriptor == "masked_remote_address")
+        .map(|s| s.counts)
+        .expect("counted");
+    assert_eq!(
+        (
+            shadow_counts.over_limit,
+            shadow_counts.shadow_mode,
+            shadow_counts.within_limit
+        ),
+        (1, 1, 0)
+    );
     // Now nothing left: the enforced one denies, nothing is spent.
     let before = sim.spent().len();
     let r = svc.answer(&request(vec![enforced, shadow])).unwrap();
