@@ -318,13 +318,14 @@ impl Checker {
     }
 
     /// Spends checks all or none, in one program run when they fit a frame twice over. Each
-    /// check comes with the hits the request needs of its client (its own, or the sum of the
-    /// request's checks of that client): every client is first probed for those, and the
-    /// checks are then spent, in order, only if every probe fits (`CHECK_PROBE`,
+    /// check comes with the hits the request needs of its client (its own, or the sum of
+    /// the request's checks of that client): every client is first probed for those, and
+    /// the checks are then spent, in order, only if every probe fits (`CHECK_PROBE`,
     /// `CHECK_UNLESS_VETOED`). More checks than that take a read and then the spend
-    /// ([`all_or_none_in_two_runs`]), each one run per frame of checks. A packet or check that lands between a probe and its
-    /// spend can still deny the spend (its decision says so); the caller keeps its own other
-    /// calls out (the rate limit service's client locks).
+    /// ([`all_or_none_in_two_runs`]), each one run per frame of checks. A packet or check
+    /// that lands between a probe and its spend can still deny the spend (its decision says
+    /// so); the caller keeps its own other calls out (the rate limit service's client
+    /// locks).
     pub fn check_all_or_none(
         &self,
         checks: &[(CheckRequest, u32)],
@@ -362,9 +363,9 @@ impl Checker {
     /// beside the check (what the request needs of the client) fit. A client of a global policy
     /// with an entry that is short of what the request needs of it is noted hot, as a denied
     /// check or a refusing probe is (the rate limit service reads before it spends requests of
-    /// more than 15 checks, with a shadow or a blocked descriptor, and every request in
-    /// dry-run mode; a shadow descriptor's or a dry run's short read is noted as its denied
-    /// check would be, though it refuses nothing).
+    /// more than 15 checks, those of more than one check with a shadow descriptor or in dry-run
+    /// mode, and every request with a blocked descriptor; a shadow descriptor's or a dry run's
+    /// short read is noted as its denied check would be, though it refuses nothing).
     pub fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],

@@ -1827,41 +1827,43 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             "the checked address at 0.8 of its share"
         );
         check_eq!(maps.hot(), Vec::<ClientKey>::new(), "still not on the ring");
-        // A request refused all or none by the address's probe (3 needed, 2 left) notes it as
-        // a denied check would; the local ID with room beside it is not the cluster's.
-        let refused = checker.check_all_or_none(&[
-            (limiter_user::check::address_request(checked, 3), 3),
-            (
-                limiter_user::check::address_request(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 1),
-                1,
-            ),
-        ])?;
-        ensure!(
-            matches!(refused, limiter_user::check::AllOrNone::Refused(_)),
-            "{refused:?}"
-        );
-        check_eq!(
-            hot_ids.take(),
-            vec![ClientId::Addr(checked).key()],
-            "refused by its probe"
-        );
-        // So does the read that refuses a request too big for one run (16 checks: a read, then
-        // the spend only if all fit).
+        // A request refused all or none notes the address as a denied check would.
+        let refused_noting = |checks: &[(limiter_common::CheckRequest, u32)], what: &str| {
+            let refused = checker.check_all_or_none(checks)?;
+            ensure!(
+                matches!(refused, limiter_user::check::AllOrNone::Refused(_)),
+                "{what}: {refused:?}"
+            );
+            check_eq!(
+                hot_ids.take(),
+                vec![ClientId::Addr(checked).key()],
+                "{what}"
+            );
+            Ok(())
+        };
+        // Refused by the address's probe (3 needed, 2 left); the local ID with room beside it
+        // is not the cluster's.
+        refused_noting(
+            &[
+                (limiter_user::check::address_request(checked, 3), 3),
+                (
+                    limiter_user::check::address_request(
+                        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                        1,
+                    ),
+                    1,
+                ),
+            ],
+            "refused by its probe",
+        )?;
+        // By the read of a request too big for one run (16 checks: a read, then the spend only
+        // if all fit).
         let mut many = vec![(limiter_user::check::address_request(checked, 3), 3)];
         many.extend((1..16).map(|i| {
             let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, i));
             (limiter_user::check::address_request(other, 1), 1)
         }));
-        let refused = checker.check_all_or_none(&many)?;
-        ensure!(
-            matches!(refused, limiter_user::check::AllOrNone::Refused(_)),
-            "{refused:?}"
-        );
-        check_eq!(
-            hot_ids.take(),
-            vec![ClientId::Addr(checked).key()],
-            "refused by its read"
-        );
+        refused_noting(&many, "refused by its read")?;
         // The rate limit service reads through its budget (shadow descriptors, dry-run mode):
         // the checker's read notes the client, though such a read refuses nothing.
         let read = limiter_user::rls::budget::Budget::read_needing(

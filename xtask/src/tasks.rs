@@ -94,7 +94,7 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
             return Err(e).with_context(|| format!("bench: reading {}", target.display()));
         }
     };
-    let report = with_measured_by_hand(report, &old);
+    let report = with_measured_by_hand(report, &old)?;
     std::fs::write(&target, report)
         .with_context(|| format!("bench: writing {}", target.display()))?;
     eprintln!("bench: wrote {}", target.display());
@@ -106,19 +106,31 @@ pub fn bench(workspace: &Workspace, bench_args: &[String]) -> Result<()> {
 const MEASURED_BY_HAND: &str = "## Measured by hand";
 
 /// The generated `report` followed by the section measured by hand of the `old` BENCHMARKS.md,
-/// if it has one (from its heading, at the start of a line, to the end).
-fn with_measured_by_hand(mut report: String, old: &str) -> String {
-    let kept = old
-        .match_indices(MEASURED_BY_HAND)
-        .find(|(i, _)| *i == 0 || old[..*i].ends_with('\n'))
-        .map(|(i, _)| &old[i..]);
-    if let Some(kept) = kept {
+/// if it has one (from its heading, a line of its own, to the end; line ends made `\n`). An
+/// error if the generated report has such a heading itself: kept after it, the section would
+/// take the generated text after that heading along at every run.
+fn with_measured_by_hand(mut report: String, old: &str) -> Result<String> {
+    let heading_at = |text: &str| {
+        text.match_indices(MEASURED_BY_HAND)
+            .find(|(i, _)| {
+                let line_start = *i == 0 || text[..*i].ends_with('\n');
+                let rest = &text[i + MEASURED_BY_HAND.len()..];
+                line_start
+                    && (rest.is_empty() || rest.starts_with('\n') || rest.starts_with("\r\n"))
+            })
+            .map(|(i, _)| i)
+    };
+    anyhow::ensure!(
+        heading_at(&report).is_none(),
+        "bench: the generated report has a \"{MEASURED_BY_HAND}\" heading of its own"
+    );
+    if let Some(i) = heading_at(old) {
         if !report.ends_with("\n\n") {
             report.push_str(if report.ends_with('\n') { "\n" } else { "\n\n" });
         }
-        report.push_str(kept);
+        report.push_str(&old[i..].replace("\r\n", "\n"));
     }
-    report
+    Ok(report)
 }
 
 /// `cargo run --release -p limiter-tests --bin BIN -- SUBCOMMAND... --write REPORT ARGS...`,
@@ -272,18 +284,26 @@ mod tests {
     /// A regenerated BENCHMARKS.md keeps the old one's section measured by hand, whole, after
     /// the generated sections, and only that: a mention of the heading inside a line is not it.
     #[test]
-    fn the_section_measured_by_hand_survives_a_rerun() {
+    fn the_section_measured_by_hand_survives_a_rerun() -> Result<()> {
         let old = "# Benchmarks\n\n## gRPC API\n\nold figures, see \"## Measured by hand\"\n\n\
-                   ## Measured by hand\n\n### An A/B\n\n| a | b |\n";
+                   ## Measured by handoff, not it\n\n## Measured by hand\n\n### An A/B\n\n| a | b |\n";
         assert_eq!(
-            with_measured_by_hand("# Benchmarks\n\n## gRPC API\n\nnew figures\n".into(), old),
+            with_measured_by_hand("# Benchmarks\n\n## gRPC API\n\nnew figures\n".into(), old)?,
             "# Benchmarks\n\n## gRPC API\n\nnew figures\n\n## Measured by hand\n\n### An A/B\n\n\
              | a | b |\n"
         );
         assert_eq!(
-            with_measured_by_hand("new\n".into(), "# Benchmarks\n\nno such section\n"),
+            with_measured_by_hand("new\n".into(), "# Benchmarks\n\nno such section\n")?,
             "new\n"
         );
-        assert_eq!(with_measured_by_hand("new".into(), ""), "new");
+        assert_eq!(with_measured_by_hand("new".into(), "")?, "new");
+        // CRLF in the old file: the kept section takes the report's `\n`.
+        assert_eq!(
+            with_measured_by_hand("new\n".into(), "old\r\n## Measured by hand\r\n\r\nx\r\n")?,
+            "new\n\n## Measured by hand\n\nx\n"
+        );
+        // A generated heading of the same name is refused, not spliced around.
+        assert!(with_measured_by_hand("## Measured by hand\n".into(), old).is_err());
+        Ok(())
     }
 }

@@ -289,7 +289,9 @@ impl<T> Busiest<T> {
 
     /// [`Busiest::offer`] for a candidate the stream may have offered before (`same` finds
     /// that copy): only the better copy is kept (the first on a tie), so no candidate is kept
-    /// twice. A copy that would not get in needs no search: the one kept, if any, is better.
+    /// twice. A copy that would not get in needs no search: the one kept, if any, is better
+    /// (or ties it, and came first), and so is every tie with the worst kept that `offer`
+    /// would refuse (idle clients, once fewer than `n` are busy, all tie).
     fn offer_again(
         &mut self,
         rate: f64,
@@ -298,12 +300,22 @@ impl<T> Busiest<T> {
         item: impl FnOnce() -> T,
         same: impl Fn(&T) -> bool,
     ) {
+        let mut id = Some(id);
+        let mut label = None;
         if self.heap.len() == self.n
-            && self.heap.peek().is_some_and(|worst| {
-                rate.total_cmp(&worst.rate).then(total.cmp(&worst.total)) == Ordering::Less
-            })
+            && let Some(worst) = self.heap.peek()
         {
-            return;
+            match rate.total_cmp(&worst.rate).then(total.cmp(&worst.total)) {
+                Ordering::Less => return,
+                Ordering::Equal => {
+                    let this = id.take().map_or_else(String::new, |id| id());
+                    if this >= worst.id {
+                        return;
+                    }
+                    label = Some(this);
+                }
+                Ordering::Greater => {}
+            }
         }
         if let Some(kept) = self.heap.iter().find(|r| same(&r.item)) {
             if rate.total_cmp(&kept.rate).then(total.cmp(&kept.total)) != Ordering::Greater {
@@ -311,7 +323,9 @@ impl<T> Busiest<T> {
             }
             self.heap.retain(|r| !same(&r.item));
         }
-        self.offer(rate, total, id, item);
+        // The label, made at most once.
+        let label = move || label.unwrap_or_else(|| id.map_or_else(String::new, |id| id()));
+        self.offer(rate, total, label, item);
     }
 
     /// The kept candidates, best first.

@@ -5,24 +5,23 @@
 //! spends the budget its packets spend at the XDP fast path, under the agent's policy for the
 //! address (unless [`RlsOptions::address_clients`] is off).
 //!
-//! **All or nothing.** Every descriptor's client is probed first (would the hits the request
-//! needs of it be admitted? nothing spent); if one would be denied the request is OVER_LIMIT
-//! and nothing is spent, so a denied request never eats another descriptor's budget
-//! (descriptors of one client must fit together). Otherwise every descriptor is spent. When
-//! every descriptor is enforced, the probes and the spends are one program run for up to 15
-//! checks ([`Checker::check_all_or_none`]: the program itself skips the spends after a probe
-//! that does not fit; more take a read and then, if all fit, the spend); with a `shadow_mode`
-//! descriptor or in dry-run mode, a read and then the spend of what fits (a shadow descriptor
-//! over its limit is not spent); with a blocked descriptor, a read only (nothing is spent); a
-//! single check is simply spent. All under the locks of the request's clients (one of
-//! [`CLIENT_LOCKS`](super::budget::CLIENT_LOCKS) per client key, by its hash; a request takes those of its clients in index
-//! order), so no other call of this service spends from those clients between a probe (or
-//! read) and the spend, while calls about other clients go on (one lock for every call would
-//! stop every serving thread whenever the holder's thread is preempted while it holds it). Only
-//! address clients can still change in between (their packets, `limiter.v1` checks of the
-//! address, and calls about other addresses of its group do not take its lock): should such a
-//! client run out in those microseconds, its descriptor is OVER_LIMIT and the others were
-//! spent.
+//! **All or nothing.** Every descriptor's client is probed first (would the hits the request needs
+//! of it be admitted? nothing spent); if one would be denied the request is OVER_LIMIT and nothing
+//! is spent, so a denied request never eats another descriptor's budget (descriptors of one client
+//! must fit together). Otherwise every descriptor is spent. When every descriptor is enforced, the
+//! probes and the spends are one program run for up to 15 checks ([`Checker::check_all_or_none`]:
+//! the program itself skips the spends after a probe that does not fit; more take a read and then,
+//! if all fit, the spend); with a `shadow_mode` descriptor or in dry-run mode, a read and then the
+//! spend of what fits (a shadow descriptor over its limit is not spent); with a blocked descriptor,
+//! a read only (nothing is spent); a single check is simply spent. All under the locks of the
+//! request's clients (one of [`CLIENT_LOCKS`](super::budget::CLIENT_LOCKS) per client key, by its
+//! hash; a request takes those of its clients in index order), so no other call of this service
+//! spends from those clients between a probe (or read) and the spend, while calls about other
+//! clients go on (one lock for every call would stop every serving thread whenever the holder's
+//! thread is preempted while it holds it). Only address clients can still change in between (their
+//! packets, `limiter.v1` checks of the address, and calls about other addresses of its group do not
+//! take its lock): should such a client run out in those microseconds, its descriptor is OVER_LIMIT
+//! and the others were spent.
 //!
 //! **Fields.** `overall_code` is OK or OVER_LIMIT. One status per descriptor, in order: `code`,
 //! `current_limit` (the rule's `requests_per_unit`, `unit` and `name`; for an address client
@@ -290,9 +289,9 @@ impl<B: Budget> RlsService<B> {
     }
 
     /// One check, a shadow descriptor, dry-run mode or a blocked descriptor: a read first
-    /// (unless one check alone: spending it is all or nothing already), then the spend of what fits (a shadow
-    /// descriptor over its limit is not spent: it would be refused anyway), or nothing if an
-    /// enforced one does not fit. Under the checks' client locks.
+    /// (unless one check alone: spending it is all or nothing already), then the spend of
+    /// what fits (a shadow descriptor over its limit is not spent: it would be refused
+    /// anyway), or nothing if an enforced one does not fit. Under the checks' client locks.
     fn read_then_spend(
         &self,
         checks: &[(usize, CheckRequest, bool)],

@@ -243,7 +243,8 @@ impl ClientMaps {
     /// and so may a key a config change moves between `CLIENTS` and `STATIC_CLIENTS` (one
     /// moving back from the static map can also be missed). `visit`'s last argument is true
     /// for every visit that may be such a second one (every client of `LIMITED` and of
-    /// `STATIC_CLIENTS`): whoever lists clients keeps one copy of those.
+    /// `STATIC_CLIENTS`): whoever lists clients keeps one copy of those; a count of the visits
+    /// may count such a client twice.
     pub fn each_address(
         &self,
         mut visit: impl FnMut(&ClientKey, &ClientState, bool),
