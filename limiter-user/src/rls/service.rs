@@ -348,11 +348,21 @@ impl<B: Budget> RlsService<B> {
             // Not spent because its read did not fit what the request needs of its client (a
             // shadow check beside enforced ones on its client, or any check in dry-run mode):
             // over, whether or not its own hits alone would have fitted.
-            for (k, (i, _, _)) in checks.iter().enumerate() {
+            // What it has left is what the read found less what this request spent from its
+            // client since (the enforced checks beside it).
+            for (k, (i, r, _)) in checks.iter().enumerate() {
                 if outcomes[*i].is_none() {
                     let (d, fits) = &read[k];
+                    let spent_since = checks
+                        .iter()
+                        .filter(|(j, o, _)| {
+                            same_client(r, o) && outcomes[*j].as_ref().is_some_and(|o| o.spent)
+                        })
+                        .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits));
+                    let mut decision = d.clone();
+                    decision.remaining = decision.remaining.saturating_sub(spent_since);
                     outcomes[*i] = Some(Outcome {
-                        decision: d.clone(),
+                        decision,
                         over: !*fits,
                         spent: false,
                     });

@@ -402,6 +402,11 @@ fn a_shadow_descriptor_on_an_enforced_ones_client_never_denies() {
         before + 1,
         "the enforced one spent alone"
     );
+    assert_eq!(
+        (r.statuses[0].limit_remaining, r.statuses[1].limit_remaining),
+        (0, 0),
+        "the shadow one has what the enforced one left"
+    );
     // Counted as what it is: over its limit, let through by shadow mode (its own hit alone
     // fitted the read, but not beside the enforced one's).
     let shadow_counts = svc
