@@ -496,8 +496,8 @@ impl Controller {
                 _ => dwell,
             };
             state.factor.drive(target, step, dwell);
-            let effective = state.effective();
             let decision = state.decision(*key);
+            let effective = (decision.window_us, decision.allowance);
             if effective != state.emitted {
                 state.emitted = effective;
                 decisions.push(decision);

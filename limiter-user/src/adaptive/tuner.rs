@@ -69,8 +69,6 @@ pub enum TunerError {
     TestRun(#[from] io::Error),
     #[error("{ADAPT_PROGRAM} rejected an adapt frame (returned {0})")]
     Rejected(u32),
-    #[error("{ADAPT_PROGRAM} answered {answered} of a read frame's {asked} slots")]
-    Unanswered { asked: usize, answered: usize },
     #[error("adaptive")]
     Config(#[from] AdaptiveError),
 }
@@ -513,12 +511,7 @@ impl Tuner {
             if ret != XDP_PASS {
                 return Err(TunerError::Rejected(ret));
             }
-            if answers.len() != chunk.len() {
-                return Err(TunerError::Unanswered {
-                    asked: chunk.len(),
-                    answered: answers.len(),
-                });
-            }
+            // One answer per slot (`run_into`), so `entries` keeps `tracked`'s order.
             entries.extend(chunk.iter().zip(&answers).map(|(asked, read)| {
                 // The program answers each slot about the key it was asked (it never rewrites
                 // an adapt read's key); a different one would be a broken frame: no entry.

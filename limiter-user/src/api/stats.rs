@@ -334,6 +334,27 @@ impl<T> Busiest<T> {
     }
 }
 
+impl Busiest<(ClientKey, ClientState)> {
+    /// A client a map walk visited: [`Busiest::offer_again`] for a visit that may be the
+    /// client's second (`again`), [`Busiest::offer`] otherwise.
+    fn offer_visit(
+        &mut self,
+        again: bool,
+        rate: f64,
+        total: u64,
+        id: impl FnOnce() -> String,
+        key: &ClientKey,
+        state: &ClientState,
+    ) {
+        let item = || (*key, *state);
+        if again {
+            self.offer_again(rate, total, id, item, |(kept, _)| kept == key);
+        } else {
+            self.offer(rate, total, id, item);
+        }
+    }
+}
+
 /// The `n` busiest clients (addresses and IDs) by current rate, and what the walk counted. IDs are
 /// stored by hash; those named by a policy are shown by name, others as `id:` and the first 8
 /// bytes of the hash in hex. Runs on the blocking pool, in [`crate::stats::Walks`]' turn.
@@ -375,12 +396,7 @@ pub(super) fn top(
     maps.each_address(|k, s, again| {
         resident.addresses += 1;
         let (_, rate, total) = measure(s);
-        let label = || crate::stats::client_label(k);
-        if again {
-            busiest.offer_again(rate, total, label, || (*k, *s), |(kept, _)| kept == k);
-        } else {
-            busiest.offer(rate, total, label, || (*k, *s));
-        }
+        busiest.offer_visit(again, rate, total, || crate::stats::client_label(k), k, s);
     })
     .map_err(internal)?;
     maps.each_id(|k, s, again| {
@@ -392,11 +408,7 @@ pub(super) fn top(
                 format!("id:{hex}")
             })
         };
-        if again {
-            busiest.offer_again(rate, total, id, || (*k, *s), |(kept, _)| kept == k);
-        } else {
-            busiest.offer(rate, total, id, || (*k, *s));
-        }
+        busiest.offer_visit(again, rate, total, id, k, s);
     })
     .map_err(internal)?;
     let ranked = busiest.into_sorted();

@@ -112,7 +112,8 @@ impl TestRunFrame {
         Ok(RunResult { ret, answers })
     }
 
-    /// [`TestRunFrame::run`] with the answers put in `answers` (cleared first) and the
+    /// [`TestRunFrame::run`] with the answers put in `answers` (cleared first, then one per
+    /// request, in order) and the
     /// program's return value returned: a caller running frame after frame (an API check
     /// batch) reuses one buffer instead of allocating per run.
     pub fn run_into<In: Pod, Out: Pod>(

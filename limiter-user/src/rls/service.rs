@@ -240,12 +240,12 @@ impl<B: Budget> RlsService<B> {
         let needed: Vec<u32> = checks
             .iter()
             .map(|(_, r, shadow)| {
-                checks
-                    .iter()
-                    .filter(|(_, o, o_shadow)| {
-                        same_client(r, o) && (!enforced(*shadow) || enforced(*o_shadow))
-                    })
-                    .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
+                hits_on_client(
+                    r,
+                    checks
+                        .iter()
+                        .filter(|(_, _, other)| !enforced(*shadow) || enforced(*other)),
+                )
             })
             .collect();
         let _held = self.locks.hold(checks.iter().map(|(_, r, _)| r));
@@ -347,18 +347,17 @@ impl<B: Budget> RlsService<B> {
         if let Some(read) = read {
             // Not spent because its read did not fit what the request needs of its client (a
             // shadow check beside enforced ones on its client, or any check in dry-run mode):
-            // over, whether or not its own hits alone would have fitted.
-            // What it has left is what the read found less what this request spent from its
-            // client since (the enforced checks beside it).
+            // over, whether or not its own hits alone would have fitted; what it has left is
+            // what the read found less what this request spent from its client since.
             for (k, (i, r, _)) in checks.iter().enumerate() {
                 if outcomes[*i].is_none() {
                     let (d, fits) = &read[k];
-                    let spent_since = checks
-                        .iter()
-                        .filter(|(j, o, _)| {
-                            same_client(r, o) && outcomes[*j].as_ref().is_some_and(|o| o.spent)
-                        })
-                        .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits));
+                    let spent_since = hits_on_client(
+                        r,
+                        checks
+                            .iter()
+                            .filter(|(j, _, _)| outcomes[*j].as_ref().is_some_and(|o| o.spent)),
+                    );
                     let mut decision = d.clone();
                     decision.remaining = decision.remaining.saturating_sub(spent_since);
                     outcomes[*i] = Some(Outcome {
@@ -554,6 +553,16 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
 /// Whether two checks are of one client (the same key in the same map).
 fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
     a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
+}
+
+/// The hits of those of `checks` that are on `r`'s client (saturating).
+fn hits_on_client<'a>(
+    r: &CheckRequest,
+    checks: impl Iterator<Item = &'a (usize, CheckRequest, bool)>,
+) -> u32 {
+    checks
+        .filter(|(_, o, _)| same_client(r, o))
+        .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
 }
 
 fn tighter(
