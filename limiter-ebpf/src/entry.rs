@@ -30,8 +30,8 @@ use crate::{
     counter::{CAS_RETRIES, add_passed, add_up, set_meta},
     events::{self, Event},
     maps::{
-        CLIENTS, COARSE_CLOCK, GLOBAL_POLICIES, GRANTS, HOT, LIMITED, LIMITED_FULL_UNTIL, OVERFLOW,
-        POLICIES, STATIC_CLIENTS, STATS,
+        CLIENTS, COARSE_CLOCK, GLOBAL_POLICIES, GRANTS, HOT, LIMITED, LIMITED_FULL_UNTIL,
+        LOOKUP_HINT, OVERFLOW, POLICIES, STATIC_CLIENTS, STATS,
     },
 };
 
@@ -78,8 +78,9 @@ pub(crate) enum Located {
 /// A client is keyed by its address or by its group's key (`addr::group_key`), which depends on
 /// its policy. The first lookup uses the family's usual grouping (`MapConfig::fast_group`):
 /// `CLIENTS` (a passing client's one lookup), then `STATIC_CLIENTS` unless the agent says it is
-/// empty (`CONFIG_NO_STATIC`), then `LIMITED` (a client over its limit pays the misses before
-/// it, on packets it drops). An entry found there
+/// empty (`CONFIG_NO_STATIC`), then `LIMITED`; or `LIMITED` first on a CPU whose last packet's
+/// client was there (see [`find_packet`]: a flood's dropped packets pay one lookup, not two
+/// misses before it). An entry found there
 /// that is current is this address's: the agent marks every group a longer policy splits, so
 /// the fast key names exactly one policy's group. Otherwise the policy trie decides the key,
 /// and a stale entry under it takes the policy just resolved.
@@ -91,7 +92,7 @@ pub(crate) fn locate(
 ) -> Option<Located> {
     let mut fast = [0u8; 16];
     set_group_key(addr, fast_group(addr, config), &mut fast);
-    let found = find(&fast, config);
+    let found = find_packet(&fast, config);
     if let Some((p, home)) = found {
         // SAFETY: a live map value.
         if unsafe { (*p).is_current(config.generation) } {
@@ -208,6 +209,69 @@ fn find(key: &ClientKey, config: &MapConfig) -> Option<(*mut ClientState, Home)>
         return Some((p, Home::Kept));
     }
     LIMITED.get_ptr_mut(key).map(|p| (p, Home::Kept))
+}
+
+/// [`find`] for a packet's first lookup, in the order this CPU's last packet suggests
+/// (`LOOKUP_HINT`): after a packet whose client was in `LIMITED`, `LIMITED` first. A CPU busy
+/// dropping a flood's packets then pays one lookup per held client instead of a miss in
+/// `CLIENTS` (a cache miss in its bucket array once the flood has many sources), and one in
+/// `STATIC_CLIENTS` unless it is empty, before it; a CPU passing packets keeps the order in which
+/// a passing client costs one lookup. A wrong hint costs what the order without the hint costs,
+/// except for a client outside `LIMITED` after a held one: one lookup more (a miss in `LIMITED`).
+///
+/// Moves between the maps copy before they delete: the program copies a client into `LIMITED`
+/// before it deletes it from `CLIENTS` ([`hold_limited`]), the agent's sweep copies a released
+/// one back into `CLIENTS` before it deletes it from `LIMITED`, and a config apply copies a newly
+/// exact-address client into `STATIC_CLIENTS` before it deletes it from `LIMITED` and `CLIENTS`.
+/// - `LIMITED` first, a move into it could fall between the first lookup and the one in
+///   `CLIENTS`, and both miss: a complete miss looks in `LIMITED` once more before the packet
+///   creates an entry (a sweep between those two lookups put the client back into `CLIENTS`,
+///   where `create_entry`'s `BPF_NOEXIST` insert finds it).
+/// - `LIMITED` first, a packet between the sweep's (or the apply's) copy and its delete from
+///   `LIMITED` counts in the copy the delete drops. The sweep releases only entries with nothing
+///   to protect (a `limit` client whose windows count nothing, or a client whose policy no longer
+///   limits it), and both orders already lose a hit that lands between the agent's read of the
+///   entry and its copy: this stretches that window to the delete, a few microseconds.
+/// - `CLIENTS` first, the mirror cases: a hit on the `CLIENTS` entry between the program's copy
+///   into `LIMITED` and its delete is not carried over ([`hold_limited`]); a packet that misses
+///   `CLIENTS` before the sweep's copy and `LIMITED` after its delete creates an entry, which
+///   finds the sweep's copy instead.
+#[inline(always)]
+fn find_packet(key: &ClientKey, config: &MapConfig) -> Option<(*mut ClientState, Home)> {
+    let hint = LOOKUP_HINT.get_ptr_mut(0);
+    // SAFETY: this CPU's value of a live map, used by packets only (XDP does not nest on a CPU).
+    let limited_first = hint.is_some_and(|h| unsafe { *h } != 0);
+    let limited = || LIMITED.get_ptr_mut(key).map(|p| (p, Home::Kept, true));
+    let found = if limited_first {
+        limited()
+            .or_else(|| CLIENTS.get_ptr_mut(key).map(|p| (p, Home::Clients, false)))
+            .or_else(|| {
+                has_statics(config)
+                    .then(|| STATIC_CLIENTS.get_ptr_mut(key))
+                    .flatten()
+                    .map(|p| (p, Home::Kept, false))
+            })
+            .or_else(limited)
+    } else {
+        CLIENTS
+            .get_ptr_mut(key)
+            .map(|p| (p, Home::Clients, false))
+            .or_else(|| {
+                has_statics(config)
+                    .then(|| STATIC_CLIENTS.get_ptr_mut(key))
+                    .flatten()
+                    .map(|p| (p, Home::Kept, false))
+            })
+            .or_else(limited)
+    };
+    let in_limited = found.is_some_and(|(_, _, l)| l);
+    if let Some(h) = hint
+        && limited_first != in_limited
+    {
+        // SAFETY: as above.
+        unsafe { *h = u64::from(in_limited) };
+    }
+    found.map(|(p, home, _)| (p, home))
 }
 
 /// The client's entry (see [`locate`]), created on its first packet, where it lives, and its

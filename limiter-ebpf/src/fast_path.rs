@@ -3,16 +3,18 @@
 //! counter of `limiter-common` (the decision itself, shared with the agent's programs, is in
 //! `entry`).
 //!
-//! Per packet the hot path touches: `STATS` and `CONFIG` (one-entry arrays, which the verifier
-//! inlines to a pointer computation and which stay cache-hot), and `CLIENTS` (the one access that
-//! can miss the cache). The LPM trie `POLICIES` is walked only on a client's first packet or
+//! Per packet the hot path touches: `STATS`, `CONFIG` and `LOOKUP_HINT` (one-entry arrays, which
+//! the verifier inlines to a pointer computation and which stay cache-hot), and `CLIENTS` (the one
+//! access that can miss the cache; `LIMITED` instead on a CPU whose last packet's client was
+//! held there). The LPM trie `POLICIES` is walked only on a client's first packet or
 //! after the agent bumps the policy generation; the resolved policy is cached in the client's
 //! entry. Clients with an exact-address policy live in `STATIC_CLIENTS`, a plain hash that LRU
 //! eviction never touches, so a flood of spoofed sources cannot evict them; they cost one extra
 //! lookup (a miss in `CLIENTS`). A client's first dropped packet moves its entry from `CLIENTS`
 //! into `LIMITED`, another never-evicted hash (see `entry::hold_limited`), so a flood of spoofed
-//! sources cannot evict a limited client either; its later packets find it there after two
-//! misses. The maps are declared in `maps`.
+//! sources cannot evict a limited client either; its later packets find it there, first on a CPU
+//! whose last packet's client was there too (`entry::find_packet`: a flood's dropped packets pay
+//! one lookup), else after two misses. The maps are declared in `maps`.
 
 use core::intrinsics::{AtomicOrdering, atomic_or};
 

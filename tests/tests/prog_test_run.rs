@@ -1100,6 +1100,117 @@ fn after_a_refused_move_no_move_is_tried_for_a_pause() -> Result<()> {
     })
 }
 
+/// A packet's first lookup follows its CPU's hint (`LOOKUP_HINT`): `LIMITED` first after a
+/// packet whose client was there, else `CLIENTS` first. In either order a dynamic, a held and
+/// an exact-address client are each found and counted in their own map (no second entry is
+/// created for any), and the hint then says whether the last packet's client was in `LIMITED`.
+#[test]
+fn the_lookup_hint_orders_the_maps_and_every_client_is_found() -> Result<()> {
+    let yaml = "default: { limit: 9, window: 1h }\npolicies:\n  - { match: 10.0.0.5, limit: 9, window: 1h }\n  - { match: 198.51.100.0/24, limit: 2, window: 1h }\n";
+    // The hint read back is CPU 0's: this thread's runs are on CPU 0.
+    pin_to_cpu(0)?;
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, yaml)?;
+        let (dynamic, held, exact) = (v4(192, 0, 2, 1), v4(198, 51, 100, 2), v4(10, 0, 0, 5));
+        check_eq!(lim.send(held, 3)?, 2, "held over its limit");
+        ensure!(
+            lim.tables.limited.get(&key_of(held), 0).is_ok(),
+            "held in LIMITED"
+        );
+        // The packet that moved it found it in CLIENTS; the next finds it in LIMITED.
+        check_eq!(lookup_hint(&mut lim, None)?, 0);
+        check_eq!(lim.send(held, 1)?, 0);
+        check_eq!(
+            lookup_hint(&mut lim, None)?,
+            1,
+            "the last packet's client was held"
+        );
+        check_eq!(lim.send(exact, 1)?, 1);
+        check_eq!(
+            lookup_hint(&mut lim, None)?,
+            0,
+            "the last packet's client was not held"
+        );
+        let count = |map: &aya::maps::HashMap<_, ClientKey, ClientState>, src| {
+            map.get(&key_of(src), 0)
+                .map(|c| (c.total_passed(), c.dropped_count()))
+                .ok()
+        };
+        for (round, first) in [0u64, 1, 1, 0].into_iter().enumerate() {
+            let round = round as u64 + 1;
+            // The dynamic client: new in the first round (all three maps miss), then in CLIENTS.
+            lookup_hint(&mut lim, Some(first))?;
+            check_eq!(lim.send(dynamic, 1)?, 1, "round {round}");
+            check_eq!(lookup_hint(&mut lim, None)?, 0);
+            lookup_hint(&mut lim, Some(first))?;
+            check_eq!(lim.send(held, 1)?, 0, "round {round}");
+            check_eq!(lookup_hint(&mut lim, None)?, 1);
+            lookup_hint(&mut lim, Some(first))?;
+            check_eq!(lim.send(exact, 1)?, 1, "round {round}");
+            check_eq!(lookup_hint(&mut lim, None)?, 0);
+            check_eq!(
+                count(&lim.tables.clients, dynamic),
+                Some((round, 0)),
+                "round {round}"
+            );
+            check_eq!(
+                count(&lim.tables.limited, held),
+                Some((2, 2 + round)),
+                "round {round}"
+            );
+            check_eq!(
+                count(&lim.tables.static_clients, exact),
+                Some((1 + round, 0))
+            );
+            for (map, srcs) in [
+                (&lim.tables.clients, [held, exact]),
+                (&lim.tables.limited, [dynamic, exact]),
+                (&lim.tables.static_clients, [dynamic, held]),
+            ] {
+                for src in srcs {
+                    ensure!(
+                        count(map, src).is_none(),
+                        "round {round}: a second entry of {src}"
+                    );
+                }
+            }
+        }
+        // A new client with the hint at 1: every map misses (`LIMITED` twice), its entry is
+        // created in `CLIENTS`, and the hint goes back to 0.
+        let new = v4(192, 0, 2, 9);
+        lookup_hint(&mut lim, Some(1))?;
+        check_eq!(lim.send(new, 1)?, 1);
+        check_eq!(lookup_hint(&mut lim, None)?, 0);
+        check_eq!(count(&lim.tables.clients, new), Some((1, 0)));
+        check_eq!(count(&lim.tables.limited, new), None);
+        // The order is the hint's: with a second, current copy of the held client in `CLIENTS`
+        // that would admit (the dynamic client's entry), `LIMITED` first drops the packet and
+        // `CLIENTS` first passes it.
+        let stray = lim.tables.clients.get(&key_of(dynamic), 0)?;
+        lim.tables.clients.insert(key_of(held), stray, 0)?;
+        lookup_hint(&mut lim, Some(1))?;
+        check_eq!(lim.send(held, 1)?, 0, "LIMITED first");
+        lookup_hint(&mut lim, Some(0))?;
+        check_eq!(lim.send(held, 1)?, 1, "CLIENTS first");
+        lim.tables.clients.remove(&key_of(held))?;
+        Ok(())
+    })
+}
+
+/// CPU 0's lookup hint (the map `LOOKUP_HINT`), set to `set` on every CPU first if given.
+fn lookup_hint(lim: &mut Limiter, set: Option<u64>) -> Result<u64> {
+    let mut hint: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        lim.ebpf
+            .map_mut("LOOKUP_HINT")
+            .context("no map LOOKUP_HINT")?,
+    )?;
+    if let Some(value) = set {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        hint.set(0, PerCpuValues::try_from(vec![value; cpus])?, 0)?;
+    }
+    Ok(hint.get(&0, 0)?[0])
+}
+
 /// CPU 0's end of the pause on moves into `LIMITED` (the map `LIMITED_FULL_UNTIL`), set to
 /// `set` on every CPU first if given.
 fn pause_until(lim: &mut Limiter, set: Option<u64>) -> Result<u64> {

@@ -52,7 +52,10 @@ impl LimitedSweep {
     /// held); returns how many went. Each is read again just before it moves, so a client that
     /// resumed since the walk stays held. The copy goes into `CLIENTS` (`BPF_NOEXIST`) before the
     /// entry leaves `LIMITED`, so a packet always finds it in one or the other (the program
-    /// creates an entry only when all three maps miss). One batched walk of at most
+    /// creates an entry only when all three maps miss, and its insert finds the copy if one went
+    /// in meanwhile). A hit that lands between the re-read and the copy is lost, and on a CPU that
+    /// looks in `LIMITED` first (`find_packet` in limiter-ebpf) one that lands before the delete:
+    /// a few microseconds, on entries with nothing left to protect. One batched walk of at most
     /// `--max-limited` entries (65,536 by default: about 25 ms).
     pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DatapathError> {
         let entries =

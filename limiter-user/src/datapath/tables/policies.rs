@@ -166,7 +166,7 @@ impl Tables {
             // such run end (a run takes microseconds) before an entry goes in.
             std::thread::sleep(PROGRAM_RUNS_END);
         }
-        self.sync_static_clients(&statics, &mut report)?;
+        let made_static = self.sync_static_clients(&statics, &mut report)?;
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
             &mut self.named,
@@ -216,6 +216,17 @@ impl Tables {
             .set(0, map_config, 0)
             .map_err(map_err("CONFIG"))?;
         report.generation = generation;
+        if !made_static.is_empty() {
+            // A packet that found a client in `CLIENTS` before it moved may still copy it into
+            // `LIMITED` after the move took it out of there: once such runs have ended, a stray
+            // copy goes (a CPU that looks in `LIMITED` first would count in it, and the sweep
+            // would bring it back into `CLIENTS`).
+            std::thread::sleep(PROGRAM_RUNS_END);
+            for key in &made_static {
+                let _ = self.limited.remove(key);
+                let _ = self.clients.remove(key);
+            }
+        }
         // A refresh is due every GENERATION_SWEEP generations after the last complete one,
         // and first thing on maps a previous agent left (generation not 0), which may have died
         // owing one. A failed refresh is due again at the next apply.
@@ -241,11 +252,12 @@ impl Tables {
 
     /// Moves clients between the LRU map and the never-evicted static map so that exactly the
     /// addresses with exact-address policies are static, carrying their counters across.
+    /// Returns the keys it moved into the static map.
     fn sync_static_clients(
         &mut self,
         wanted: &[ClientKey],
         report: &mut ApplyReport,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<Vec<ClientKey>, DatapathError> {
         sync_static(
             &mut self.clients,
             "CLIENTS",
@@ -276,7 +288,7 @@ const PROGRAM_RUNS_END: std::time::Duration = std::time::Duration::from_millis(1
 /// Moves entries between an LRU map and its never-evicted static map so that exactly the keys in
 /// `wanted` are static, carrying their counters across; moved entries re-resolve their policy.
 /// A key that becomes static takes its state from `held` (`LIMITED`) if it is held there: a
-/// limited client keeps its window wherever it lives.
+/// limited client keeps its window wherever it lives. Returns the keys made static, with `held`.
 fn sync_static(
     dynamic: &mut HashMap<MapData, ClientKey, ClientState>,
     dynamic_name: &'static str,
@@ -285,7 +297,8 @@ fn sync_static(
     mut held: Option<&mut HashMap<MapData, ClientKey, ClientState>>,
     wanted: &[ClientKey],
     report: &mut ApplyReport,
-) -> Result<(), DatapathError> {
+) -> Result<Vec<ClientKey>, DatapathError> {
+    let mut added = Vec::new();
     let wanted: HashSet<ClientKey> = wanted.iter().copied().collect();
     // Every key, or an error: a walk cut short would leave keys nobody removes (and, with no
     // exact-address policy left, entries the programs skip under `CONFIG_NO_STATIC`).
@@ -313,16 +326,18 @@ fn sync_static(
         statics
             .insert(key, state, 0)
             .map_err(map_err(static_name))?;
-        let _ = dynamic.remove(key);
         // Whether or not the state came from `LIMITED`: a packet may have held the client (a
         // copy into `LIMITED`) since `from_held` was read, and a copy left there would come
-        // back into `CLIENTS` with the sweep, a second entry that packets find first.
+        // back into `CLIENTS` with the sweep, a second entry that packets find first. Out of
+        // `LIMITED` first: a CPU that looks there first counts in that copy until it goes.
         if let Some(h) = held.as_deref_mut() {
             let _ = h.remove(key);
+            added.push(*key);
         }
+        let _ = dynamic.remove(key);
         report.statics_added += 1;
     }
-    Ok(())
+    Ok(added)
 }
 
 /// The policies in the trie, `(prefix, key) -> Policy` (stats names policies from these).
