@@ -820,6 +820,65 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
     })
 }
 
+/// A packet running while an apply makes its held client exact-address may copy it back into
+/// `LIMITED` (it found the client in `CLIENTS` before the move, and holds it after): the sweep
+/// takes such copies out, once running programs have ended, of a key still static, and the
+/// static entry keeps counting. Copies of a key an apply made dynamic again stay.
+#[test]
+fn the_sweep_takes_out_copies_left_by_a_move_into_the_static_map() -> Result<()> {
+    let base = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 2, window: 1h }\n";
+    let host = format!("{base}  - {{ match: 10.0.0.5, limit: 8, window: 1h }}\n");
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, base)?;
+        let src = v4(10, 0, 0, 5);
+        check_eq!(lim.send(src, 3)?, 2);
+        let held = lim.tables.limited.get(&key_of(src), 0)?;
+        let mut sweep = lim.tables.limited_sweep()?;
+        lim.apply(&host)?;
+        ensure!(lim.tables.limited.get(&key_of(src), 0).is_err(), "moved");
+        // The racing packet's copy, and the sweep's own that came back.
+        lim.tables.limited.insert(key_of(src), held, 0)?;
+        lim.tables.clients.insert(key_of(src), held, 0)?;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        sweep.sweep(monotonic_ns())?;
+        ensure!(
+            lim.tables.limited.get(&key_of(src), 0).is_err(),
+            "copy in LIMITED left"
+        );
+        ensure!(
+            lim.tables.clients.get(&key_of(src), 0).is_err(),
+            "copy in CLIENTS left"
+        );
+        let before = lim
+            .tables
+            .static_clients
+            .get(&key_of(src), 0)?
+            .total_passed();
+        check_eq!(lim.send(src, 1)?, 1);
+        check_eq!(
+            lim.tables
+                .static_clients
+                .get(&key_of(src), 0)?
+                .total_passed(),
+            before + 1
+        );
+        // Made dynamic again before the sweep: what it holds in LIMITED is the client's.
+        let other = v4(10, 0, 0, 6);
+        lim.apply(&format!(
+            "{base}  - {{ match: 10.0.0.6, limit: 8, window: 1h }}\n"
+        ))?;
+        lim.apply(base)?;
+        check_eq!(lim.send(other, 3)?, 2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        sweep.sweep(monotonic_ns())?;
+        ensure!(
+            lim.tables.limited.get(&key_of(other), 0).is_ok(),
+            "a held client taken out"
+        );
+        Ok(())
+    })
+}
+
 #[test]
 fn a_new_exact_address_policy_moves_the_client_with_its_count() -> Result<()> {
     let base = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";

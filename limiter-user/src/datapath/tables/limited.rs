@@ -1,6 +1,10 @@
 //! The agent's sweep of `LIMITED`.
 
-use std::os::fd::AsFd as _;
+use std::{
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use limiter_common::{
@@ -10,7 +14,7 @@ use limiter_common::{
     window::{slot_count, slot_tag},
 };
 
-use super::{Tables, dup_map};
+use super::{Tables, dup_map, policies::PROGRAM_RUNS_END};
 use crate::datapath::{DatapathError, map_err, syscall};
 
 impl Tables {
@@ -21,6 +25,9 @@ impl Tables {
                 .map_err(map_err("LIMITED"))?,
             clients: HashMap::try_from(dup_map(self.clients.map(), "CLIENTS")?)
                 .map_err(map_err("CLIENTS"))?,
+            statics: HashMap::try_from(dup_map(self.static_clients.map(), "STATIC_CLIENTS")?)
+                .map_err(map_err("STATIC_CLIENTS"))?,
+            made_static: Arc::clone(&self.made_static),
         })
     }
 }
@@ -39,6 +46,9 @@ const BPF_NOEXIST: u64 = 1;
 pub struct LimitedSweep {
     limited: HashMap<MapData, ClientKey, ClientState>,
     clients: HashMap<MapData, ClientKey, ClientState>,
+    statics: HashMap<MapData, ClientKey, ClientState>,
+    /// Keys an apply made static, and when (see [`LimitedSweep::strays`]).
+    made_static: Arc<Mutex<Vec<(ClientKey, Instant)>>>,
 }
 
 /// How far behind CLOCK_MONOTONIC the program's coarse clock may be (two jiffies at HZ=250 are
@@ -55,9 +65,12 @@ impl LimitedSweep {
     /// creates an entry only when all three maps miss, and its insert finds the copy if one went
     /// in meanwhile). A hit that lands between the re-read and the copy is lost, and on a CPU that
     /// looks in `LIMITED` first (`find_packet` in limiter-ebpf) one that lands before the delete:
-    /// a few microseconds, on entries with nothing left to protect. One batched walk of at most
+    /// a few microseconds, on entries with nothing left to protect. First it takes out the copies
+    /// a packet put back while an apply made their clients static ([`LimitedSweep::strays`]).
+    /// One batched walk of at most
     /// `--max-limited` entries (65,536 by default: about 25 ms).
     pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DatapathError> {
+        self.strays();
         let entries =
             syscall::lookup_all::<ClientKey, ClientState>(self.limited.map().fd().as_fd())
                 .map_err(|error| DatapathError::Io {
@@ -78,24 +91,59 @@ impl LimitedSweep {
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(map_err("LIMITED")(e)),
             };
-            match self.clients.insert(key, state, BPF_NOEXIST) {
-                Ok(()) => {}
+            let copied = match self.clients.insert(key, state, BPF_NOEXIST) {
+                Ok(()) => true,
                 // Already there (cannot happen while LIMITED holds the key, but harmless).
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    false
+                }
                 // CLIENTS is full and would not take it (an LRU map evicts instead, so this is a
                 // preallocation failure): the client starts afresh, as before it was held.
-                Err(_) => {}
-            }
+                Err(_) => false,
+            };
             match self.limited.remove(&key) {
                 Ok(()) => removed += 1,
-                // Gone meanwhile (an `apply` moved it into the static map).
+                // Gone meanwhile: an `apply` moved it into the static map, so the copy just
+                // made is a second entry, which packets looking in `CLIENTS` first would use.
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    if copied {
+                        let _ = self.clients.remove(&key);
+                    }
+                }
                 Err(e) => return Err(map_err("LIMITED")(e)),
             }
         }
         Ok(removed)
+    }
+}
+
+impl LimitedSweep {
+    /// Removes from `LIMITED` and `CLIENTS` the copies of clients an apply made static at least
+    /// [`PROGRAM_RUNS_END`] ago that a packet running during the move put back there (it found
+    /// the client in `CLIENTS` before the move and held it after), if the key is still static.
+    fn strays(&mut self) {
+        let due: Vec<ClientKey> = {
+            let mut made = self
+                .made_static
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = Instant::now();
+            let (due, young): (Vec<_>, Vec<_>) = made
+                .drain(..)
+                .partition(|(_, at)| now.duration_since(*at) >= PROGRAM_RUNS_END);
+            *made = young;
+            due.into_iter().map(|(key, _)| key).collect()
+        };
+        for key in due {
+            if self.statics.get(&key, 0).is_ok() {
+                let _ = self.limited.remove(&key);
+                let _ = self.clients.remove(&key);
+            }
+        }
     }
 }
 

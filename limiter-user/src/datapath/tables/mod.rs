@@ -4,7 +4,7 @@
 
 use std::{
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -59,6 +59,9 @@ pub struct Tables {
     /// maps just opened or after a failed write; the next `apply` reads the trie). Shared with
     /// the [`TrieDiff`]s made against it.
     trie: Option<Arc<TrieEntries>>,
+    /// Address keys an apply moved into `static_clients`, and when: the [`LimitedSweep`] takes
+    /// out of `limited` and `clients` what a packet running during the move copied back there.
+    made_static: Arc<Mutex<Vec<(ClientKey, std::time::Instant)>>>,
 }
 
 impl Tables {
@@ -112,6 +115,7 @@ impl Tables {
             refresher: None,
             last_refresh: None,
             trie: None,
+            made_static: Arc::default(),
         })
     }
 

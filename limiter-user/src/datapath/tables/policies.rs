@@ -167,6 +167,17 @@ impl Tables {
             std::thread::sleep(PROGRAM_RUNS_END);
         }
         let made_static = self.sync_static_clients(&statics, &mut report)?;
+        if !made_static.is_empty() {
+            // A packet that found one of these clients in `CLIENTS` before it moved may still
+            // copy it into `LIMITED` after the move took it out of there: the sweep removes such
+            // a copy once those runs have ended (a CPU that looks in `LIMITED` first would count
+            // in it). Not here: an apply holds the lock the API's reads wait on.
+            let now = std::time::Instant::now();
+            self.made_static
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(made_static.into_iter().map(|key| (key, now)));
+        }
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
             &mut self.named,
@@ -216,17 +227,6 @@ impl Tables {
             .set(0, map_config, 0)
             .map_err(map_err("CONFIG"))?;
         report.generation = generation;
-        if !made_static.is_empty() {
-            // A packet that found a client in `CLIENTS` before it moved may still copy it into
-            // `LIMITED` after the move took it out of there: once such runs have ended, a stray
-            // copy goes (a CPU that looks in `LIMITED` first would count in it, and the sweep
-            // would bring it back into `CLIENTS`).
-            std::thread::sleep(PROGRAM_RUNS_END);
-            for key in &made_static {
-                let _ = self.limited.remove(key);
-                let _ = self.clients.remove(key);
-            }
-        }
         // A refresh is due every GENERATION_SWEEP generations after the last complete one,
         // and first thing on maps a previous agent left (generation not 0), which may have died
         // owing one. A failed refresh is due again at the next apply.
@@ -283,7 +283,7 @@ pub fn next_generation(generation: u32) -> u32 {
 
 /// Longer than any run of the programs (microseconds, in softirq or a test run): after a
 /// `CONFIG` write, runs that read the value before it have ended once this has passed.
-const PROGRAM_RUNS_END: std::time::Duration = std::time::Duration::from_millis(10);
+pub(super) const PROGRAM_RUNS_END: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Moves entries between an LRU map and its never-evicted static map so that exactly the keys in
 /// `wanted` are static, carrying their counters across; moved entries re-resolve their policy.
