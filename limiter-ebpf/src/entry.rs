@@ -242,17 +242,8 @@ fn find_packet(key: &ClientKey, config: &MapConfig) -> Option<(*mut ClientState,
     // SAFETY: this CPU's value of a live map, used by packets only (XDP does not nest on a CPU).
     let limited_first = hint.is_some_and(|h| unsafe { *h } != 0);
     let limited = || LIMITED.get_ptr_mut(key).map(|p| (p, Home::Kept, true));
-    let found = if limited_first {
-        limited()
-            .or_else(|| CLIENTS.get_ptr_mut(key).map(|p| (p, Home::Clients, false)))
-            .or_else(|| {
-                has_statics(config)
-                    .then(|| STATIC_CLIENTS.get_ptr_mut(key))
-                    .flatten()
-                    .map(|p| (p, Home::Kept, false))
-            })
-            .or_else(limited)
-    } else {
+    // `find`'s order; after `LIMITED` first, its last lookup is the re-check.
+    let in_order = || {
         CLIENTS
             .get_ptr_mut(key)
             .map(|p| (p, Home::Clients, false))
@@ -263,6 +254,11 @@ fn find_packet(key: &ClientKey, config: &MapConfig) -> Option<(*mut ClientState,
                     .map(|p| (p, Home::Kept, false))
             })
             .or_else(limited)
+    };
+    let found = if limited_first {
+        limited().or_else(in_order)
+    } else {
+        in_order()
     };
     let in_limited = found.is_some_and(|(_, _, l)| l);
     if let Some(h) = hint
