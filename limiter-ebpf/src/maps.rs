@@ -75,8 +75,7 @@ pub(crate) static LIMITED_FULL_UNTIL: PerCpuArray<u64> = PerCpuArray::with_max_e
 
 /// Per-CPU: 1 if the last packet this CPU looked up found its client in `LIMITED` under its
 /// family's usual key (the first lookup), so the next one looks there first (see
-/// `entry::find_packet`). Not pinned: a hint, which a new program
-/// starts without.
+/// `entry::find_packet`). Not pinned: a hint, which a new program starts without.
 #[map]
 pub(crate) static LOOKUP_HINT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 

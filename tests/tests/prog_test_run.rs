@@ -1258,31 +1258,27 @@ fn the_lookup_hint_orders_the_maps_and_every_client_is_found() -> Result<()> {
 
 /// CPU 0's lookup hint (the map `LOOKUP_HINT`), set to `set` on every CPU first if given.
 fn lookup_hint(lim: &mut Limiter, set: Option<u64>) -> Result<u64> {
-    let mut hint: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        lim.ebpf
-            .map_mut("LOOKUP_HINT")
-            .context("no map LOOKUP_HINT")?,
-    )?;
-    if let Some(value) = set {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        hint.set(0, PerCpuValues::try_from(vec![value; cpus])?, 0)?;
-    }
-    Ok(hint.get(&0, 0)?[0])
+    cpu0_value(lim, "LOOKUP_HINT", set)
 }
 
 /// CPU 0's end of the pause on moves into `LIMITED` (the map `LIMITED_FULL_UNTIL`), set to
 /// `set` on every CPU first if given.
 fn pause_until(lim: &mut Limiter, set: Option<u64>) -> Result<u64> {
-    let mut pause: PerCpuArray<_, u64> = PerCpuArray::try_from(
+    cpu0_value(lim, "LIMITED_FULL_UNTIL", set)
+}
+
+/// CPU 0's value of the one-entry per-CPU map `name`, set to `set` on every CPU first if given.
+fn cpu0_value(lim: &mut Limiter, name: &str, set: Option<u64>) -> Result<u64> {
+    let mut map: PerCpuArray<_, u64> = PerCpuArray::try_from(
         lim.ebpf
-            .map_mut("LIMITED_FULL_UNTIL")
-            .context("no map LIMITED_FULL_UNTIL")?,
+            .map_mut(name)
+            .with_context(|| format!("no map {name}"))?,
     )?;
     if let Some(value) = set {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        pause.set(0, PerCpuValues::try_from(vec![value; cpus])?, 0)?;
+        map.set(0, PerCpuValues::try_from(vec![value; cpus])?, 0)?;
     }
-    Ok(pause.get(&0, 0)?[0])
+    Ok(map.get(&0, 0)?[0])
 }
 
 /// The agent's sweep deletes a `LIMITED` entry once its window state has aged out; the client's

@@ -119,9 +119,7 @@ impl LimitedSweep {
         }
         Ok(removed)
     }
-}
 
-impl LimitedSweep {
     /// Removes from `LIMITED` and `CLIENTS` the copies of clients an apply made static at least
     /// [`PROGRAM_RUNS_END`] ago that a packet running during the move put back there (it found
     /// the client in `CLIENTS` before the move and held it after), if the key is still static.
