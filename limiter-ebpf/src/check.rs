@@ -26,6 +26,7 @@ use limiter_common::{
 };
 
 use crate::{
+    counter::add_up,
     entry::{
         Home, Located, Run, count_check, create_entry, decide_hits, locate_resolved, now_for,
         overflow_entry, set_policy,
@@ -150,21 +151,23 @@ pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
         request.hits = 0;
     }
     let mut counted = GlobalStats::default();
-    let done = check_one(&request, reply.cast_mut(), config, &mut counted);
+    let done = check_one(
+        &request,
+        if probe { need } else { 0 },
+        reply.cast_mut(),
+        config,
+        &mut counted,
+    );
     count_check(&counted);
-    let Some(key) = done else {
+    let Some((key, wont_fit)) = done else {
         return 1;
     };
-    if probe {
-        // SAFETY: `check_one` wrote the reply, inside the frame (`ptr_at`), with the state read
-        // (the grant's allowance in force for a global client) and the time it was read at.
+    if wont_fit {
+        // SAFETY: `check_one` wrote the reply, inside the frame (`ptr_at`).
         unsafe {
-            let written = reply.read_unaligned();
-            if !written.state.admits(written.now_ns, need) {
-                (&raw mut (*reply.cast_mut()).verdict)
-                    .write_unaligned(written.verdict | VERDICT_WONT_FIT);
-                veto.write_volatile(1);
-            }
+            let verdict = (&raw const (*reply).verdict).read_unaligned();
+            (&raw mut (*reply.cast_mut()).verdict).write_unaligned(verdict | VERDICT_WONT_FIT);
+            veto.write_volatile(1);
         }
     }
     // The key of the client's entry over the request's (see `check_one`), once its paths have
@@ -177,14 +180,19 @@ pub extern "C" fn limiter_check_slot(ctx: *mut xdp_md, index: u32) -> i64 {
 /// Decides one check and writes its reply; returns the key of the client's entry (an ID's, an
 /// address's own or its group's), which `check_slot` writes over the request's key in the frame
 /// for the agent to report a global client that grows hot through the API (see `Checker`'s hot
-/// notices).
+/// notices), and for a probe (`need`, the hits it asks about; 0 for any other check) whether
+/// they do not fit. A probe that does not fit counts them as dropped, as a denied check does:
+/// the client was asked for them and refused, and a member of a cluster reports demand as
+/// passed + dropped (a rate limit service request denied by one descriptor spends nothing, and
+/// without this its demand would never show above what it was admitted).
 #[inline(always)]
 fn check_one(
     request: &CheckRequest,
+    need: u32,
     reply: *mut CheckReply,
     config: &MapConfig,
     counted: &mut GlobalStats,
-) -> Option<ClientKey> {
+) -> Option<(ClientKey, bool)> {
     let mut verdict = 0;
     let mut state_ptr = None;
     let mut fresh = None;
@@ -302,6 +310,12 @@ fn check_one(
             state.limit = grant.limit_at(now, state.limit);
         }
     }
+    let wont_fit = need != 0 && !state.admits(now, need);
+    if wont_fit && let Some(p) = state_ptr {
+        // SAFETY: live map value (a probe never reaches the shared overflow budget: with no hits
+        // a missing client is read fresh, not created).
+        unsafe { add_up(&raw mut (*p).dropped, u64::from(need)) };
+    }
     // SAFETY: `ptr_at` checked that the reply area lies inside the frame.
     unsafe {
         reply.write_unaligned(CheckReply {
@@ -311,5 +325,5 @@ fn check_one(
             _pad: 0,
         })
     };
-    Some(key)
+    Some((key, wont_fit))
 }

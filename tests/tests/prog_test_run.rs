@@ -733,6 +733,20 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
             vec![(3, true), (1, false)]
         );
         check_eq!(remaining(&both)?, vec![3, 1], "nothing spent");
+        // The probe that did not fit counted the hits it asked as dropped (a denied check's
+        // way: demand is passed + dropped); the one that fit counted nothing.
+        let dropped = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u64>> {
+            let reads: Vec<_> = requests
+                .iter()
+                .map(|r| limiter_common::CheckRequest { hits: 0, ..*r })
+                .collect();
+            Ok(checker
+                .check_requests(&reads)?
+                .iter()
+                .map(|d| d.dropped)
+                .collect())
+        };
+        check_eq!(dropped(&both)?, vec![0, 2]);
         // Two checks of one client must fit together (3 left).
         let twice = [addr, addr];
         ensure!(matches!(
