@@ -122,6 +122,7 @@ impl Fixture {
             config.clone(),
             loaded,
             limiter_user::cluster::membership::ShareView::ALONE,
+            Vec::new(),
             checker.clone(),
             counters.clone(),
         ));

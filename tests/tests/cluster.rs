@@ -541,25 +541,24 @@ fn an_address_checked_only_through_the_api_is_enrolled() -> Result<()> {
     Ok(())
 }
 
-/// Makes `count` checks of one hit of `id`, one every `pause`, node `k` taking `weights[k]` of
-/// every Σ weights in turn; returns how many each node allowed.
-fn checks_spread(
-    apis: &mut [limiter_tests::api::Api],
-    id: &str,
+/// Makes `count` calls of `ask(k)` (one hit: whether node `k` allowed it), one every `pause`,
+/// node `k` taking `weights[k]` of every Σ weights in turn; returns how many each node allowed.
+fn spread(
     count: u32,
     weights: &[u32],
     pause: Duration,
+    mut ask: impl FnMut(usize) -> Result<bool>,
 ) -> Result<Vec<u64>> {
     let turn: Vec<usize> = weights
         .iter()
         .enumerate()
         .flat_map(|(k, &w)| std::iter::repeat_n(k, w as usize))
         .collect();
-    let mut allowed = vec![0; apis.len()];
+    let mut allowed = vec![0; weights.len()];
     let start = Instant::now();
     for i in 0..count {
         let k = turn[i as usize % turn.len()];
-        if apis[k].check(id, 1)?.allowed {
+        if ask(k)? {
             allowed[k] += 1;
         }
         sleep_until_instant(start + pause * (i + 1));
@@ -601,9 +600,10 @@ fn an_api_id_under_a_global_policy_is_enrolled_by_its_denials() -> Result<()> {
     let pause = Duration::from_micros(1_000_000 / u64::from(rate));
     let weights = [16, 3, 1];
     // Warm-up: denied at once on node 0, enrolled, raised after learning mode (one lease).
-    checks_spread(&mut apis, "tenant-gold", rate * 4, &weights, pause)?;
+    let mut check = |k: usize| Ok(apis[k].check("tenant-gold", 1)?.allowed);
+    spread(rate * 4, &weights, pause, &mut check)?;
     let start = Instant::now();
-    let allowed = checks_spread(&mut apis, "tenant-gold", rate * 6, &weights, pause)?;
+    let allowed = spread(rate * 6, &weights, pause, &mut check)?;
     let took = start.elapsed().as_secs_f64();
     let got: u64 = allowed.iter().sum();
     let ratio = got as f64 / (took * LIMIT as f64);
@@ -688,8 +688,10 @@ impl Rls {
 /// Envoy's rate limit service with `--rls-scope global` on every node (two Envoys, or any
 /// number, each asking its own agent): each agent enforces its share of a rule's limit, so
 /// requests that alternate over the agents get exactly the rule's limit through, never more
-/// (3 agents, 30 an hour: 10 each); requests all on one agent get its share (the service's
-/// descriptors are not enrolled by demand yet).
+/// (3 agents, 30 an hour: 10 each); requests all on one agent get its share until the
+/// descriptor is enrolled, which raises that agent only after a lease (learning mode: 2 s
+/// here), long after these requests (`a_rate_limit_service_descriptor_is_enrolled_by_its_demand`
+/// covers what follows).
 #[test]
 fn the_rate_limit_service_splits_a_rules_limit_across_the_cluster() -> Result<()> {
     require_root!();
@@ -717,6 +719,58 @@ descriptors:
         alone += u32::from(agents[0].ok("bob")?);
     }
     assert_eq!(alone, 10, "all on one agent: its share");
+    Ok(())
+}
+
+/// A rate limit service descriptor under `--rls-scope global` is enrolled by its demand, as an
+/// API ID is: the agent notes it hot when a request is refused for it (the refused probe counts
+/// its hits as dropped, so the demand shows past what was admitted), and its owner splits the
+/// rule's limit by the requests each agent sees. At 3 × L spread 80/15/5 the cold shares alone
+/// allow 10 + 10 + 4.5 of 30 a second (0.82 · L); enrolled, at least 0.9 · L, never more than
+/// L a window plus N.
+#[test]
+fn a_rate_limit_service_descriptor_is_enrolled_by_its_demand() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("requests at 3 × L a second, wall-clock rates");
+    let mut settings = Settings::standard("share");
+    const _: () = assert!(LIMIT == 30, "the rule below");
+    settings.rls = Some(
+        "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 30 }
+",
+    );
+    let c = Cluster::start_with(3, settings)?;
+    let mut agents = (0..3)
+        .map(|k| Rls::connect(&c, k))
+        .collect::<Result<Vec<_>>>()?;
+    let rate = 3 * LIMIT as u32;
+    let pause = Duration::from_micros(1_000_000 / u64::from(rate));
+    let weights = [16, 3, 1];
+    let mut ask = |k: usize| agents[k].ok("carol");
+    // Warm-up: refused at once on node 0, enrolled, raised after learning mode (one lease).
+    spread(rate * 4, &weights, pause, &mut ask)?;
+    let start = Instant::now();
+    let allowed = spread(rate * 6, &weights, pause, &mut ask)?;
+    let took = start.elapsed().as_secs_f64();
+    let got: u64 = allowed.iter().sum();
+    let ratio = got as f64 / (took * LIMIT as f64);
+    let statuses: Vec<Value> = (0..3).map(|k| c.status(k)).collect::<Result<_>>()?;
+    eprintln!("a descriptor at 3 × L, 80/15/5: allowed {allowed:?} in {took:.2} s: {ratio:.3} · L");
+    assert!(
+        got as f64 <= (took.ceil() + 1.0) * LIMIT as f64 * 1.01 + 3.0,
+        "allowed {got} in {took:.2} s: over L; {statuses:#?}"
+    );
+    assert!(
+        ratio >= 0.9,
+        "allowed {allowed:?} in {took:.2} s ({ratio:.3} · L): not enrolled? {statuses:#?}"
+    );
+    let held: u64 = statuses
+        .iter()
+        .map(|s| s["enrolment"]["held"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(held, 3, "every node holds the descriptor: {statuses:#?}");
     Ok(())
 }
 

@@ -1843,7 +1843,7 @@ fn cluster_member() -> Result<(
         phase: Phase::Connected,
         partition: Partition::Share,
     };
-    let config = with_shares(&Config::parse(GLOBAL)?, &view);
+    let config = with_shares(&Config::parse(GLOBAL)?, &[], &view);
     tables.apply(&config)?;
     let check_program = datapath::load_check_program(&mut ebpf)?;
     let program: &mut Xdp = ebpf

@@ -154,6 +154,11 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // The cluster's listener with the others, before anything is written; the node's first
     // share view is what the maps start with.
     let incarnation_path = cluster::incarnation_path(&opts.state_dir, &opts.iface);
+    // The rate limit service's global limits (`--rls-scope global`) are the cluster's too.
+    let service_global = rls_listener
+        .as_ref()
+        .map(|bound| bound.store.global_policies())
+        .unwrap_or_default();
     let prepared = match &config.cluster {
         None => {
             // Not a member now: a later start with a `cluster:` section must join again.
@@ -163,7 +168,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         Some(section) => Some(
             cluster::Prepared::new(
                 section,
-                policies_for_cluster(&config),
+                policies_for_cluster(&config, &service_global),
                 &incarnation_path,
                 adopting,
                 opts.max_global_clients as usize,
@@ -174,7 +179,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let share_view = prepared
         .as_ref()
         .map_or(ShareView::ALONE, cluster::Prepared::share_view);
-    let applied = with_shares(&config, &share_view);
+    let applied = with_shares(&config, &service_global, &share_view);
     let mut ebpf = datapath::load(&load_options)
         .with_context(|| format!("loading the XDP program for {}", opts.iface))?;
     if !adopting {
@@ -267,6 +272,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         opts.config.clone(),
         loaded,
         share_view,
+        service_global,
         checker.clone(),
         counters.clone(),
     ));
@@ -355,7 +361,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 let (limits, rls) = (limits.clone(), rls_store.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     limits.reload_file(true);
-                    rls.inspect(|r| r.reload(true));
+                    rls.inspect(|r| reload_service(&limits, r, true));
                 })
                 .await;
             }
@@ -363,7 +369,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
                 let (limits, rls) = (limits.clone(), rls_store.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     limits.reload_file(false);
-                    rls.inspect(|r| r.reload(false));
+                    rls.inspect(|r| reload_service(&limits, r, false));
                 })
                 .await;
             }
@@ -709,6 +715,19 @@ struct MemberFigures(tokio::sync::watch::Receiver<Option<crate::cluster::node::N
 impl ClusterSource for MemberFigures {
     fn status(&self) -> Option<crate::proto::ClusterStatus> {
         self.0.borrow().as_ref().map(|node| node.status())
+    }
+}
+
+/// Re-reads the rate limit service's config (`force`: even if its files did not change) and
+/// hands the global limits of its rules to the policies (see
+/// [`PolicyStore::set_service_global`]); maps that refuse them are tried again at the next poll.
+fn reload_service(limits: &PolicyStore, rls: &rls::RlsStore, force: bool) {
+    rls.reload(force);
+    if let Err(e) = limits.set_service_global(rls.global_policies()) {
+        tracing::error!(
+            "the rate limit service's limits across the cluster were not applied: {}",
+            crate::error_chain(&e)
+        );
     }
 }
 

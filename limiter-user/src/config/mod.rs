@@ -27,10 +27,15 @@ pub use self::per::{DEFAULT_V6_PER, DefaultPer, Grouping, Per};
 use crate::cluster::config::{ClusterConfig, RawCluster};
 pub use crate::duration::parse_duration_us;
 
-/// Most policies one config may hold: a client entry stores its policy's id in 15 bits
-/// (`limiter_common::maps::MAX_POLICY_ID`; the `POLICIES` trie has room for these plus
-/// `default`).
-pub const MAX_POLICIES: usize = limiter_common::maps::MAX_POLICY_ID as usize;
+/// Policy ids above every config's (the top of the 15 bits an entry stores its policy's id in,
+/// `limiter_common::maps::MAX_POLICY_ID`), kept for the entries of Envoy's rate limit service
+/// (`crate::rls`): its local rules' id, and one per distinct limit of its rules when they are
+/// global across the cluster.
+pub const RESERVED_POLICY_IDS: u16 = 256;
+/// Most policies one config may hold: a client entry stores its policy's id in 15 bits, less
+/// the [`RESERVED_POLICY_IDS`] (the `POLICIES` trie has room for these plus `default`).
+pub const MAX_POLICIES: usize =
+    (limiter_common::maps::MAX_POLICY_ID - RESERVED_POLICY_IDS) as usize;
 /// Most exact-address policies (the size of the never-evicted `STATIC_CLIENTS` map).
 pub const MAX_STATIC_CLIENTS: usize = 65_536;
 /// Largest config file the agent reads (`crate::capped_read`). The largest valid config,

@@ -93,6 +93,9 @@ struct Inner {
     effective: Arc<Effective>,
     /// What the cluster's shares derive from now ([`ShareView::ALONE`] outside a cluster).
     share_view: ShareView,
+    /// The global limits of Envoy's rate limit service's rules (`--rls-scope global`; see
+    /// [`PolicyStore::set_service_global`]).
+    service_global: Arc<[GlobalPolicy]>,
     /// What the maps and the checker hold: `effective` with each global limit replaced by this
     /// node's share of it.
     applied: Arc<Config>,
@@ -114,7 +117,9 @@ pub struct PolicyStore {
     cluster: tokio::sync::watch::Sender<ClusterPolicies>,
 }
 
-pub fn policies_for_cluster(config: &Config) -> ClusterPolicies {
+/// The `cluster:` section and global limits of `config`, and `service`'s: those of Envoy's rate
+/// limit service's rules under `--rls-scope global` (their ids above every config's).
+pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> ClusterPolicies {
     ClusterPolicies {
         config: config.cluster.clone(),
         global: global_policies(config)
@@ -124,6 +129,7 @@ pub fn policies_for_cluster(config: &Config) -> ClusterPolicies {
                 limit: r.limit,
                 window_us: r.window.micros,
             })
+            .chain(service.iter().cloned())
             .collect(),
     }
 }
@@ -147,14 +153,19 @@ fn global_policies(config: &Config) -> impl Iterator<Item = (usize, &Resolved)> 
 }
 
 /// `config` with each global `limit` policy's limit replaced by `view`'s share of it: what the
-/// maps and the checker enforce on this node.
-pub fn with_shares(config: &Config, view: &ShareView) -> Config {
+/// maps and the checker enforce on this node. `service`'s limits (the rate limit service's
+/// rules under `--rls-scope global`, which pass their share with each check) join the global
+/// limits, so the checker notes their clients hot and the programs decide them with grants.
+pub fn with_shares(config: &Config, service: &[GlobalPolicy], view: &ShareView) -> Config {
     let mut applied = config.clone();
     let global: Vec<usize> = global_policies(config).map(|(i, _)| i).collect();
     for i in global {
         let limit = &mut applied.policies[i].1.limit;
         applied.global_limits.insert(i as u16 + 1, *limit);
         *limit = view.share(*limit);
+    }
+    for g in service {
+        applied.global_limits.insert(g.id, g.limit);
     }
     applied
 }
@@ -174,18 +185,23 @@ fn hash(text: &str) -> u64 {
 }
 
 impl PolicyStore {
-    /// `with_shares(&loaded.effective.config, &share_view)` has been applied to `tables`; `path`
-    /// is the config file.
+    /// `with_shares(&loaded.effective.config, &service_global, &share_view)` has been applied
+    /// to `tables`; `path` is the config file.
     pub fn new(
         tables: Tables,
         path: PathBuf,
         loaded: Loaded,
         share_view: ShareView,
+        service_global: Vec<GlobalPolicy>,
         checker: Arc<Checker>,
         counters: Arc<Counters>,
     ) -> PolicyStore {
-        let applied = Arc::new(with_shares(&loaded.effective.config, &share_view));
-        let cluster = policies_for_cluster(&loaded.effective.config);
+        let applied = Arc::new(with_shares(
+            &loaded.effective.config,
+            &service_global,
+            &share_view,
+        ));
+        let cluster = policies_for_cluster(&loaded.effective.config, &service_global);
         checker.set_share_view(share_view);
         PolicyStore {
             inner: Mutex::new(Inner {
@@ -199,6 +215,7 @@ impl PolicyStore {
                 overlay_error: loaded.overlay_error,
                 effective: Arc::new(loaded.effective),
                 share_view,
+                service_global: service_global.into(),
                 applied,
                 unreadable: false,
             }),
@@ -224,46 +241,76 @@ impl PolicyStore {
     /// if no global policy's share changes. If the maps cannot take them, the shares before are
     /// written back and the error returned.
     pub fn set_share_view(&self, view: ShareView) -> Result<(), DatapathError> {
-        // The writer lock keeps every other change out; the config with the shares and its trie
-        // entries are made outside the policy lock (stats, metrics and checks take it), which is
-        // held only to write the maps and swap.
         let _writer = self.writer();
-        let (effective, in_force, before_view) = {
+        let (before, service) = {
             let inner = self.lock();
-            (
-                inner.effective.clone(),
-                inner.applied.clone(),
-                inner.share_view,
-            )
+            (inner.share_view, inner.service_global.clone())
         };
-        if before_view == view {
+        if before == view {
             return Ok(());
         }
-        let applied = with_shares(&effective.config, &view);
+        self.reshare(view, service)
+    }
+
+    /// Takes the global limits of Envoy's rate limit service's rules (`--rls-scope global`;
+    /// at start and after each reload of its config): they join the checker's global limits
+    /// (whose clients it notes hot) and the cluster's (which enrols those clients). Nothing is
+    /// written if they did not change. If the maps cannot take them, those before are written
+    /// back and the error returned.
+    pub fn set_service_global(&self, service: Vec<GlobalPolicy>) -> Result<(), DatapathError> {
+        let _writer = self.writer();
+        let (view, before) = {
+            let inner = self.lock();
+            (inner.share_view, inner.service_global.clone())
+        };
+        if *before == *service {
+            return Ok(());
+        }
+        self.reshare(view, service.into())
+    }
+
+    /// Writes the config in force again with `view`'s shares and `service`'s global limits
+    /// (called with the writer lock held, which keeps every other change out), and takes them
+    /// in. The config and its trie entries are made outside the policy lock (stats, metrics and
+    /// checks take it), which is held only to write the maps and swap.
+    fn reshare(&self, view: ShareView, service: Arc<[GlobalPolicy]>) -> Result<(), DatapathError> {
+        let (effective, in_force) = {
+            let inner = self.lock();
+            (inner.effective.clone(), inner.applied.clone())
+        };
+        let applied = with_shares(&effective.config, &service, &view);
+        let cluster = policies_for_cluster(&effective.config, &service);
         if applied == *in_force {
-            self.lock().share_view = view;
-            self.checker.set_share_view(view);
-            return Ok(());
-        }
-        let applied = Arc::new(applied);
-        let entries = applied.lpm_entries();
-        let trie_diff = TrieDiff::between(self.lock().tables.trie_written(), &entries);
-        let replaced = {
             let mut inner = self.lock();
-            if let Err(e) = inner.tables.apply_diff(&applied, entries, &trie_diff) {
-                if let Err(restore) = inner.tables.apply(&in_force) {
-                    tracing::error!(
-                        "restoring the shares in force after a failed apply: {restore}"
-                    );
-                }
-                return Err(e);
-            }
             inner.share_view = view;
-            std::mem::replace(&mut inner.applied, applied.clone())
-        };
-        free_later((replaced, in_force, effective, trie_diff));
-        self.checker.set_config(&applied);
+            inner.service_global = service;
+        } else {
+            let applied = Arc::new(applied);
+            let entries = applied.lpm_entries();
+            let trie_diff = TrieDiff::between(self.lock().tables.trie_written(), &entries);
+            let replaced = {
+                let mut inner = self.lock();
+                if let Err(e) = inner.tables.apply_diff(&applied, entries, &trie_diff) {
+                    if let Err(restore) = inner.tables.apply(&in_force) {
+                        tracing::error!(
+                            "restoring the shares in force after a failed apply: {restore}"
+                        );
+                    }
+                    return Err(e);
+                }
+                inner.share_view = view;
+                inner.service_global = service;
+                std::mem::replace(&mut inner.applied, applied.clone())
+            };
+            free_later((replaced, in_force, effective, trie_diff));
+            self.checker.set_config(&applied);
+        }
         self.checker.set_share_view(view);
+        self.cluster.send_if_modified(|c| {
+            let changed = *c != cluster;
+            *c = cluster;
+            changed
+        });
         Ok(())
     }
 
@@ -461,12 +508,13 @@ impl PolicyStore {
         effective: Arc<Effective>,
         api: Option<&Selector>,
     ) -> Result<Vec<Change>, DatapathError> {
-        let (before, mut share_view, trie) = {
+        let (before, mut share_view, trie, service) = {
             let inner = self.lock();
             (
                 inner.effective.clone(),
                 inner.share_view,
                 inner.tables.trie_written(),
+                inner.service_global.clone(),
             )
         };
         // A `cluster:` section added by this change: global policies admit nothing until the
@@ -474,11 +522,11 @@ impl PolicyStore {
         if effective.config.cluster.is_some() && before.config.cluster.is_none() {
             share_view = ShareView::JOINING;
         }
-        let applied = Arc::new(with_shares(&effective.config, &share_view));
+        let applied = Arc::new(with_shares(&effective.config, &service, &share_view));
         let entries = applied.lpm_entries();
         let trie_diff = TrieDiff::between(trie, &entries);
         let mut changes = diff(&before.config, &effective.config, 0, Source::File);
-        let cluster = policies_for_cluster(&effective.config);
+        let cluster = policies_for_cluster(&effective.config, &service);
         let replaced = {
             let mut inner = self.lock();
             let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {

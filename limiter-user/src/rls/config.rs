@@ -12,13 +12,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use limiter_common::window::MAX_WINDOW_US;
+use limiter_common::{maps::MAX_POLICY_ID, window::MAX_WINDOW_US};
 use serde::{Deserialize, Deserializer};
 
 use super::hits::SeriesRef;
 use crate::{
     capped_read,
-    config::{KeyLines, LineHint, MAX_CONFIG_BYTES},
+    cluster::GlobalPolicy,
+    config::{KeyLines, LineHint, MAX_CONFIG_BYTES, RESERVED_POLICY_IDS},
 };
 
 /// Why a rate limit service config was refused.
@@ -53,7 +54,18 @@ pub enum RlsConfigError {
     },
     #[error("{path}: no *.yaml or *.yml file in the directory")]
     Empty { path: PathBuf },
+    /// Under `--rls-scope global` each distinct limit of the rules is one of the cluster's
+    /// global limits, with a policy id of its own (see [`RlsConfig::global_id`]).
+    #[error(
+        "--rls-scope global: the rules have {count} distinct limits (requests_per_unit per \
+         unit, as enforced), and at most {MAX_GLOBAL_LIMITS} can be global across the cluster"
+    )]
+    TooManyGlobalLimits { count: usize },
 }
+
+/// Most distinct limits the rules may have under `--rls-scope global`: one policy id each, of
+/// the ids kept for the service (`config::RESERVED_POLICY_IDS`) below its local rules' own.
+pub const MAX_GLOBAL_LIMITS: usize = RESERVED_POLICY_IDS as usize - 1;
 
 /// A time unit of `rate_limit.unit` (and of the protocol's `RateLimit.Unit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -249,6 +261,10 @@ pub struct RlsConfig {
     /// What is worth saying at load beyond errors (limits of a day or longer, enforced as an
     /// hourly share).
     pub notes: Vec<String>,
+    /// The distinct limits of the rules, `(allowance, window_us)` as enforced ([`window`]), in
+    /// order: under `--rls-scope global` each is one of the cluster's global limits
+    /// ([`RlsConfig::global_id`]).
+    pub limits: Vec<(u32, u32)>,
 }
 
 impl RlsConfig {
@@ -286,7 +302,56 @@ impl RlsConfig {
             config.notes.extend(notes);
             config.domains.insert(domain.name.clone(), domain);
         }
+        let mut limits: Vec<(u32, u32)> = config
+            .domains
+            .values()
+            .flat_map(|d| d.descriptors.rules())
+            .filter_map(|rule| match rule.rate_limit.as_ref()?.limit? {
+                (0, _) => None,
+                (requests, unit) => Some(window(requests, unit)),
+            })
+            .collect();
+        limits.sort_unstable();
+        limits.dedup();
+        config.limits = limits;
         Ok(config)
+    }
+
+    /// The policy id the entries of rules whose limit is `(allowance, window_us)` carry under
+    /// `--rls-scope global`, one per distinct limit of the rules (counting down from below the
+    /// local rules' `RLS_POLICY_ID`): how the cluster's members name the limit to each other,
+    /// and how the agent tells which limit across the cluster an entry is under. `None` for a
+    /// limit no rule has (a request's own override, which stays local).
+    pub fn global_id(&self, allowance: u32, window_us: u32) -> Option<u16> {
+        let i = self.limits.binary_search(&(allowance, window_us)).ok()?;
+        (i < MAX_GLOBAL_LIMITS).then(|| MAX_POLICY_ID - 1 - i as u16)
+    }
+
+    /// Refuses rules with more distinct limits than there are global ids for.
+    pub fn check_global(&self) -> Result<(), RlsConfigError> {
+        if self.limits.len() > MAX_GLOBAL_LIMITS {
+            return Err(RlsConfigError::TooManyGlobalLimits {
+                count: self.limits.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The cluster's global limits these rules make under `--rls-scope global` (see
+    /// [`RlsConfig::global_id`]); members compare them through the view hash, so every member
+    /// must serve the same rules.
+    pub fn global_policies(&self) -> Vec<GlobalPolicy> {
+        self.limits
+            .iter()
+            .filter_map(|&(allowance, window_us)| {
+                Some(GlobalPolicy {
+                    id: self.global_id(allowance, window_us)?,
+                    matches: format!("rate limit service: {allowance} per {window_us} µs"),
+                    limit: allowance,
+                    window_us,
+                })
+            })
+            .collect()
     }
 
     /// Parses one file's text.

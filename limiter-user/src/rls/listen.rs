@@ -86,7 +86,7 @@ pub async fn bind(options: &RlsAgentOptions) -> anyhow::Result<RlsListener> {
         );
     }
     let hits = Arc::new(RlsHits::new(options.max_detailed_series));
-    let store = RlsStore::load(options.config.clone(), hits)
+    let store = RlsStore::load(options.config.clone(), hits, options.service.global)
         .with_context(|| format!("--rls-config {}", options.config.display()))?;
     let tls = match &options.tls {
         None => None,

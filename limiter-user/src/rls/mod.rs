@@ -27,13 +27,20 @@ pub struct RlsStore {
     seen: Mutex<Option<u64>>,
     /// The hit counters, attached to each config before it comes into force.
     hits: Arc<RlsHits>,
+    /// The rules' limits are global across the cluster (`--rls-scope global`): a config whose
+    /// rules have more distinct limits than there are ids for is refused.
+    global: bool,
 }
 
 impl RlsStore {
-    /// Loads `path` (a file or a directory), its hits counted in `hits`; an error here stops
-    /// the start.
-    pub fn load(path: PathBuf, hits: Arc<RlsHits>) -> Result<RlsStore, RlsConfigError> {
-        let (mut config, fingerprint) = RlsConfig::load(&path)?;
+    /// Loads `path` (a file or a directory), its hits counted in `hits`, its rules' limits
+    /// global across the cluster if `global`; an error here stops the start.
+    pub fn load(
+        path: PathBuf,
+        hits: Arc<RlsHits>,
+        global: bool,
+    ) -> Result<RlsStore, RlsConfigError> {
+        let (mut config, fingerprint) = load(&path, global)?;
         log_loaded(&path, &config);
         hits.install(&mut config);
         Ok(RlsStore {
@@ -41,6 +48,7 @@ impl RlsStore {
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new(Some(fingerprint)),
             hits,
+            global,
         })
     }
 
@@ -53,7 +61,17 @@ impl RlsStore {
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new(None),
             hits,
+            global: false,
         }
+    }
+
+    /// The cluster's global limits the rules in force make (none unless `--rls-scope global`;
+    /// see [`RlsConfig::global_policies`]).
+    pub fn global_policies(&self) -> Vec<crate::cluster::GlobalPolicy> {
+        if !self.global {
+            return Vec::new();
+        }
+        self.current().global_policies()
     }
 
     /// The hit counters of the rules in force.
@@ -90,7 +108,7 @@ impl RlsStore {
         if !force && *seen == Some(fingerprint) {
             return;
         }
-        let loaded = RlsConfig::load(&self.path);
+        let loaded = load(&self.path, self.global);
         // Taken as seen only if the files did not change while they were read (a file caught
         // mid-write would otherwise stay in force, or stay rejected, until a SIGHUP).
         let settled = RlsConfig::fingerprint_of(&self.path).is_ok_and(|after| after == fingerprint);
@@ -107,6 +125,15 @@ impl RlsStore {
             ),
         }
     }
+}
+
+/// [`RlsConfig::load`], and under `--rls-scope global` [`RlsConfig::check_global`].
+fn load(path: &std::path::Path, global: bool) -> Result<(RlsConfig, u64), RlsConfigError> {
+    let (config, fingerprint) = RlsConfig::load(path)?;
+    if global {
+        config.check_global()?;
+    }
+    Ok((config, fingerprint))
 }
 
 fn log_loaded(path: &std::path::Path, config: &RlsConfig) {

@@ -62,7 +62,7 @@ use limiter_common::{
 use tonic::{Request, Response, Status};
 
 use super::{
-    RlsStore,
+    RlsConfig, RlsStore,
     budget::{Budget, ClientLocks, unavailable},
     config::{Unit, window},
     hits,
@@ -73,8 +73,9 @@ use crate::{
     config::Action,
 };
 
-/// The policy id the service's entries carry (`limiter stats` shows it as `#32767` unless a
-/// policy has that index).
+/// The policy id the entries of the service's local rules carry (`#32767` in `limiter stats`),
+/// above every config's (`config::RESERVED_POLICY_IDS`); under `--rls-scope global` the rules'
+/// entries carry the id of their limit across the cluster instead (`RlsConfig::global_id`).
 pub const RLS_POLICY_ID: u16 = MAX_POLICY_ID;
 
 /// Largest request accepted (Envoy's are a few hundred bytes).
@@ -160,7 +161,7 @@ impl<B: Budget> RlsService<B> {
         let plans: Vec<Plan> = parsed
             .iter()
             .zip(limits)
-            .map(|(p, applies)| self.plan(&request.domain, p, applies))
+            .map(|(p, applies)| self.plan(&config, &request.domain, p, applies))
             .collect();
         let outcomes = self.run(&plans)?;
         count(&parsed, &plans, &outcomes);
@@ -168,7 +169,7 @@ impl<B: Budget> RlsService<B> {
     }
 
     /// What to do for one descriptor.
-    fn plan(&self, domain: &str, p: &Parsed<'_>, applies: Applies) -> Plan {
+    fn plan(&self, config: &RlsConfig, domain: &str, p: &Parsed<'_>, applies: Applies) -> Plan {
         let limit = match applies {
             Applies::Nothing => return Plan::NoLimit,
             Applies::Unlimited => return Plan::Unlimited,
@@ -192,16 +193,24 @@ impl<B: Budget> RlsService<B> {
         let (allowance, window_us) = window(limit.requests_per_unit, limit.unit);
         // A rule's limit across the cluster: this agent's share of it (the cold share ⌊L/N⌋;
         // 0 while joining; per `partition` while cut off), so the agents' admissions never sum
-        // above it. A request's own override is not the cluster's to agree on: it stays local.
-        let allowance = if self.options.global && !limit.overridden {
-            self.budget.share_view().share(allowance)
-        } else {
-            allowance
+        // above it, under the id of that limit, by which the cluster enrols a descriptor that
+        // grows hot and splits L by where its requests arrive (the check program then decides
+        // with this node's grant). A request's own override is not the cluster's to agree on: it
+        // stays local.
+        let global = self
+            .options
+            .global
+            .then(|| config.global_id(allowance, window_us))
+            .flatten()
+            .filter(|_| !limit.overridden);
+        let (allowance, id) = match global {
+            Some(id) => (self.budget.share_view().share(allowance), id),
+            None => (allowance, RLS_POLICY_ID),
         };
         let policy = Policy {
             limit: allowance,
             window_us,
-            id: RLS_POLICY_ID,
+            id,
             action: ACTION_LIMIT,
             group: 0,
         };

@@ -672,6 +672,132 @@ fn a_global_scope_enforces_this_agents_share_of_each_rule() {
     assert_eq!(r.statuses[0].limit_remaining, 99);
 }
 
+/// Under `--rls-scope global` each distinct limit of the rules (as enforced: a day's as its
+/// hourly share) is one of the cluster's global limits, with a policy id of its own below the
+/// local rules' that its descriptors' entries carry: how members name the limit to each other,
+/// and how the checker tells a global client that grows hot. A request's own override, and the
+/// local scope, carry the local rules' id.
+#[test]
+fn a_global_scope_names_each_limit_of_the_rules_by_an_id_of_its_own() {
+    let config = RlsConfig::parse(CONFIG).unwrap();
+    // `banned` (0) and `free` (unlimited) are not limits; two rules of 100 a second are one.
+    assert_eq!(
+        config.limits,
+        [
+            (1, 1_000_000),
+            (1, 3_600_000_000),
+            (3, 1_000_000),
+            (5, 60_000_000),
+            (100, 1_000_000)
+        ]
+    );
+    let policies: Vec<(u16, u32, u32)> = config
+        .global_policies()
+        .iter()
+        .map(|g| (g.id, g.limit, g.window_us))
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            (32766, 1, 1_000_000),
+            (32765, 1, 3_600_000_000),
+            (32764, 3, 1_000_000),
+            (32763, 5, 60_000_000),
+            (32762, 100, 1_000_000)
+        ]
+    );
+    assert!(
+        policies
+            .iter()
+            .all(|&(id, ..)| usize::from(id) > crate::config::MAX_POLICIES && id != RLS_POLICY_ID)
+    );
+    assert_eq!(config.global_id(3, 1_000_000), Some(32764));
+    assert_eq!(config.global_id(4, 1_000_000), None, "no rule's limit");
+
+    let ids = |options: RlsOptions, overridden: bool| {
+        let (svc, sim) = service_with(Sim::new(false), options);
+        let mut path = desc(&[("path", "/a")]);
+        if overridden {
+            path.limit = Some(RateLimitOverride {
+                requests_per_unit: 3,
+                unit: PbUnit::Second as i32,
+            });
+        }
+        svc.answer(&request(vec![path, desc(&[("user", "u")])]))
+            .unwrap();
+        let seen = sim.seen.lock().unwrap();
+        let of = |entries: &[(&str, &str)]| {
+            let key = client_key("web", entries);
+            let mut ids: Vec<u16> = seen
+                .iter()
+                .filter(|r| r.key == key)
+                .map(|r| r.policy.id)
+                .collect();
+            ids.dedup();
+            ids
+        };
+        (of(&[("path", "/a")]), of(&[("user", "u")]))
+    };
+    let global = RlsOptions {
+        address_clients: false,
+        global: true,
+        ..RlsOptions::default()
+    };
+    assert_eq!(ids(global.clone(), false), (vec![32764], vec![32763]));
+    assert_eq!(
+        ids(global, true),
+        (vec![RLS_POLICY_ID], vec![32763]),
+        "a request's own limit stays local"
+    );
+    assert_eq!(
+        ids(RlsOptions::default(), false),
+        (vec![RLS_POLICY_ID], vec![RLS_POLICY_ID])
+    );
+}
+
+/// Rules with more distinct limits than there are global ids are refused under
+/// `--rls-scope global` (at start, and on a reload, which keeps the config in force), naming
+/// the count and the cap; the local scope takes them.
+#[test]
+fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
+    let rules: String = (1..=256)
+        .map(|i| {
+            format!("  - key: k{i}\n    rate_limit: {{ unit: second, requests_per_unit: {i} }}\n")
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("limiter-rls-global-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rls.yaml");
+    std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
+    let hits = || Arc::new(hits::RlsHits::new(10));
+    let refused = RlsStore::load(path.clone(), hits(), true)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "--rls-scope global: the rules have 256 distinct limits (requests_per_unit per unit, as \
+         enforced), and at most 255 can be global across the cluster"
+    );
+    let local = RlsStore::load(path.clone(), hits(), false).unwrap();
+    assert!(
+        local.global_policies().is_empty(),
+        "local: none are the cluster's"
+    );
+    // A global store over 255 of them; 256 on a reload are refused and the 255 stay.
+    let fewer: String = rules
+        .lines()
+        .take(2 * 255)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, format!("domain: web\ndescriptors:\n{fewer}")).unwrap();
+    let store = RlsStore::load(path.clone(), hits(), true).unwrap();
+    assert_eq!(store.global_policies().len(), 255);
+    std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
+    store.reload(true);
+    assert_eq!(store.current().limits.len(), 255);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Each limited descriptor's hits are counted in its rule's series as its status says:
 /// within or over the limit, near it, let through by shadow mode; in a refused request the
 /// descriptor that fitted counts within (nothing spent), and a descriptor no rule limits is not
