@@ -341,10 +341,16 @@ impl Checker {
             );
         }
         let view = self.view();
+        // A client checked more than once for the same need is probed once: the others' probes
+        // ask for nothing (which always fits) and answer as the first does, so that a refusal
+        // counts the hits refused once in the client's `dropped`.
+        let first = first_of_each_client(checks);
         let requests: Vec<CheckRequest> = checks
             .iter()
-            .map(|(c, needed)| CheckRequest {
-                hits: *needed,
+            .zip(&first)
+            .enumerate()
+            .map(|(i, ((c, needed), &first))| CheckRequest {
+                hits: if first == i { *needed } else { 0 },
                 flags: c.flags | CHECK_PROBE,
                 ..*c
             })
@@ -356,7 +362,7 @@ impl Checker {
         let mut slots = Vec::with_capacity(requests.len());
         self.run_frame(&mut TestRunFrame::new(CHECK_FRAME), &requests, &mut slots)?;
         let (probes, spends) = slots.split_at(checks.len());
-        Ok(self.all_or_none(probes, spends, checks, &view))
+        Ok(self.all_or_none(probes, spends, checks, &first, &view))
     }
 
     /// Reads each check's client (nothing spent, no entry created) and says whether the hits
@@ -396,6 +402,7 @@ impl Checker {
         probes: &[CheckSlot],
         spends: &[CheckSlot],
         checks: &[(CheckRequest, u32)],
+        first: &[usize],
         view: &PolicyView,
     ) -> AllOrNone {
         if spends.iter().any(|s| s.reply.verdict & VERDICT_VETOED != 0) {
@@ -406,9 +413,10 @@ impl Checker {
             return AllOrNone::Refused(
                 probes
                     .iter()
-                    .map(|p| {
+                    .zip(first)
+                    .map(|(p, &first)| {
                         let d = decision(&p.reply, 0, view);
-                        let fits = p.reply.verdict & VERDICT_WONT_FIT == 0;
+                        let fits = probes[first].reply.verdict & VERDICT_WONT_FIT == 0;
                         // Only a client with an entry: the key of a read of an address without
                         // one is the address's, not its group's.
                         if !fits && d.global_limit.is_some() && d.resident {
@@ -529,6 +537,26 @@ pub enum AllOrNone {
     /// A probe did not fit, and nothing was spent: each check's client as a read found it, and
     /// whether the hits the request needed of it fitted.
     Refused(Vec<(Decision, bool)>),
+}
+
+/// Whether two checks are of one client (the same key in the same map).
+pub fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
+    a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
+}
+
+/// For each check, the index of the first check of the same client for the same need (itself
+/// if none came before): the one that probes it (see [`Checker::check_all_or_none`]).
+fn first_of_each_client(checks: &[(CheckRequest, u32)]) -> Vec<usize> {
+    checks
+        .iter()
+        .enumerate()
+        .map(|(i, (c, needed))| {
+            checks[..i]
+                .iter()
+                .position(|(o, n)| same_client(c, o) && n == needed)
+                .unwrap_or(i)
+        })
+        .collect()
 }
 
 /// All or none in two runs: `read` says of every check whether the hits the request needs of

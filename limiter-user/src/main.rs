@@ -226,7 +226,9 @@ struct RlsArgs {
     rls_deny_body: Option<PathBuf>,
     /// `global`: the rate limit service's rules are limits across the cluster (the agent's
     /// `cluster:` section), each agent enforcing its share ⌊L/N⌋, as a global policy's cold
-    /// share (every agent must serve the same rules); `local`: each agent the whole limit.
+    /// share, and a descriptor that grows hot enrolled by demand as a global client is (every
+    /// agent must serve the same rules; at most 1,023 distinct limits); `local`: each agent the
+    /// whole limit.
     #[arg(long, value_enum, default_value_t = RlsScope::Local, requires = "rls_listen")]
     rls_scope: RlsScope,
     /// Most metrics series keyed by request values (rules with `detailed_metric: true`, and

@@ -659,6 +659,12 @@ impl Rls {
 
     /// ShouldRateLimit for `user` in domain `web`, one hit: whether it was OK.
     fn ok(&mut self, user: &str) -> Result<bool> {
+        self.ok_with(&[&[("user", user)]])
+    }
+
+    /// ShouldRateLimit of `descriptors` (each a list of entries) in domain `web`, one hit:
+    /// whether it was OK.
+    fn ok_with(&mut self, descriptors: &[&[(&str, &str)]]) -> Result<bool> {
         use envoy_types::pb::envoy::{
             extensions::common::ratelimit::v3::{
                 RateLimitDescriptor, rate_limit_descriptor::Entry,
@@ -667,13 +673,19 @@ impl Rls {
         };
         let request = RateLimitRequest {
             domain: "web".into(),
-            descriptors: vec![RateLimitDescriptor {
-                entries: vec![Entry {
-                    key: "user".into(),
-                    value: user.into(),
-                }],
-                ..RateLimitDescriptor::default()
-            }],
+            descriptors: descriptors
+                .iter()
+                .map(|entries| RateLimitDescriptor {
+                    entries: entries
+                        .iter()
+                        .map(|(key, value)| Entry {
+                            key: (*key).into(),
+                            value: (*value).into(),
+                        })
+                        .collect(),
+                    ..RateLimitDescriptor::default()
+                })
+                .collect(),
             hits_addend: 0,
         };
         let call = self.client.should_rate_limit(request);
@@ -723,11 +735,12 @@ descriptors:
 }
 
 /// A rate limit service descriptor under `--rls-scope global` is enrolled by its demand, as an
-/// API ID is: the agent notes it hot when a request is refused for it (the refused probe counts
-/// its hits as dropped, so the demand shows past what was admitted), and its owner splits the
-/// rule's limit by the requests each agent sees. At 3 × L spread 80/15/5 the cold shares alone
-/// allow 10 + 10 + 4.5 of 30 a second (0.82 · L); enrolled, at least 0.9 · L, never more than
-/// L a window plus N.
+/// API ID is: the agent notes it hot when a request is refused for it, and its owner splits the
+/// rule's limit by the requests each agent sees. The requests carry a second descriptor, as
+/// Envoy's do with more than one action, so each is probed all or none: a refused probe counts
+/// its hits as the descriptor's dropped, or its demand would never show past what it was
+/// admitted. At 3 × L spread 80/15/5 the cold shares alone allow 10 + 10 + 4.5 of 30 a second
+/// (0.82 · L); enrolled, at least 0.9 · L, never more than L a window plus N.
 #[test]
 fn a_rate_limit_service_descriptor_is_enrolled_by_its_demand() -> Result<()> {
     require_root!();
@@ -739,6 +752,8 @@ fn a_rate_limit_service_descriptor_is_enrolled_by_its_demand() -> Result<()> {
 descriptors:
   - key: user
     rate_limit: { unit: second, requests_per_unit: 30 }
+  - key: generic_key
+    rate_limit: { unit: second, requests_per_unit: 100000 }
 ",
     );
     let c = Cluster::start_with(3, settings)?;
@@ -748,7 +763,7 @@ descriptors:
     let rate = 3 * LIMIT as u32;
     let pause = Duration::from_micros(1_000_000 / u64::from(rate));
     let weights = [16, 3, 1];
-    let mut ask = |k: usize| agents[k].ok("carol");
+    let mut ask = |k: usize| agents[k].ok_with(&[&[("user", "carol")], &[("generic_key", "api")]]);
     // Warm-up: refused at once on node 0, enrolled, raised after learning mode (one lease).
     spread(rate * 4, &weights, pause, &mut ask)?;
     let start = Instant::now();

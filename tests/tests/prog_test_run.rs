@@ -749,11 +749,17 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         check_eq!(dropped(&both)?, vec![0, 2]);
         // Two checks of one client must fit together (3 left).
         let twice = [addr, addr];
-        ensure!(matches!(
-            checker.check_all_or_none(&needing(&twice, &[4, 4]))?,
-            AllOrNone::Refused(_)
-        ));
+        let AllOrNone::Refused(read) = checker.check_all_or_none(&needing(&twice, &[4, 4]))? else {
+            bail!("4 asked of a client with 3 left, yet spent");
+        };
+        check_eq!(
+            read.iter().map(|(_, fits)| *fits).collect::<Vec<_>>(),
+            vec![false, false],
+            "both checks of the client answer as its probe"
+        );
         check_eq!(remaining(&twice)?, vec![3, 3]);
+        // One client probed once for both checks: its 4 refused hits counted once.
+        check_eq!(dropped(&twice)?, vec![4, 4]);
         let twice = [address_request(v4(10, 0, 0, 5), 1), addr];
         ensure!(matches!(
             checker.check_all_or_none(&needing(&twice, &[3, 3]))?,

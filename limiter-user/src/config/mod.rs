@@ -31,7 +31,7 @@ pub use crate::duration::parse_duration_us;
 /// `limiter_common::maps::MAX_POLICY_ID`), kept for the entries of Envoy's rate limit service
 /// (`crate::rls`): its local rules' id, and one per distinct limit of its rules when they are
 /// global across the cluster.
-pub const RESERVED_POLICY_IDS: u16 = 256;
+pub const RESERVED_POLICY_IDS: u16 = 1024;
 /// Most policies one config may hold: a client entry stores its policy's id in 15 bits, less
 /// the [`RESERVED_POLICY_IDS`] (the `POLICIES` trie has room for these plus `default`).
 pub const MAX_POLICIES: usize =

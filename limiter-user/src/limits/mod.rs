@@ -117,9 +117,11 @@ pub struct PolicyStore {
     cluster: tokio::sync::watch::Sender<ClusterPolicies>,
 }
 
-/// The `cluster:` section and global limits of `config`, and `service`'s: those of Envoy's rate
-/// limit service's rules under `--rls-scope global` (their ids above every config's).
+/// The `cluster:` section and global limits of `config`, and in a cluster `service`'s: those of
+/// Envoy's rate limit service's rules under `--rls-scope global` (their ids above every
+/// config's).
 pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> ClusterPolicies {
+    let service = in_cluster(config, service);
     ClusterPolicies {
         config: config.cluster.clone(),
         global: global_policies(config)
@@ -152,10 +154,23 @@ fn global_policies(config: &Config) -> impl Iterator<Item = (usize, &Resolved)> 
         .map(|(i, (_, r))| (i, r))
 }
 
+/// `service`, if `config` has a `cluster:` section, else none: outside a cluster the rate limit
+/// service's rules are whole limits (the share view is alone), and global limits in force would
+/// set the programs' cluster flag, under which they apply the grants still pinned in `GRANTS`
+/// (a cluster left, or maps adopted from a member).
+fn in_cluster<'a>(config: &Config, service: &'a [GlobalPolicy]) -> &'a [GlobalPolicy] {
+    if config.cluster.is_some() {
+        service
+    } else {
+        &[]
+    }
+}
+
 /// `config` with each global `limit` policy's limit replaced by `view`'s share of it: what the
-/// maps and the checker enforce on this node. `service`'s limits (the rate limit service's
-/// rules under `--rls-scope global`, which pass their share with each check) join the global
-/// limits, so the checker notes their clients hot and the programs decide them with grants.
+/// maps and the checker enforce on this node. In a cluster `service`'s limits (the rate limit
+/// service's rules under `--rls-scope global`, which pass their share with each check) join the
+/// global limits, so the checker notes their clients hot and the programs decide them with
+/// grants.
 pub fn with_shares(config: &Config, service: &[GlobalPolicy], view: &ShareView) -> Config {
     let mut applied = config.clone();
     let global: Vec<usize> = global_policies(config).map(|(i, _)| i).collect();
@@ -164,7 +179,7 @@ pub fn with_shares(config: &Config, service: &[GlobalPolicy], view: &ShareView) 
         applied.global_limits.insert(i as u16 + 1, *limit);
         *limit = view.share(*limit);
     }
-    for g in service {
+    for g in in_cluster(config, service) {
         applied.global_limits.insert(g.id, g.limit);
     }
     applied
@@ -719,5 +734,47 @@ impl PolicyStore {
                     .map(|(i, (m, r))| (Selector::Match(m.clone()), *r, e.layer(i + 1))),
             )
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate limit service's global limits join the global limits and the cluster's only in
+    /// a cluster: outside one, global limits in force would set the programs' cluster flag, and
+    /// grants left pinned from a cluster would be applied again.
+    #[test]
+    fn the_service_s_global_limits_count_only_in_a_cluster() {
+        let service = [GlobalPolicy {
+            id: 32000,
+            matches: "rate limit service: 30 per 1000000 µs".into(),
+            limit: 30,
+            window_us: 1_000_000,
+        }];
+        let alone = Config::parse("default: { limit: 10, window: 1s }\n").unwrap();
+        assert!(
+            with_shares(&alone, &service, &ShareView::ALONE)
+                .global_limits
+                .is_empty()
+        );
+        assert!(policies_for_cluster(&alone, &service).global.is_empty());
+        let member = Config::parse(
+            "default: { limit: 10, window: 1s }
+cluster:
+  node_id: n1
+  listen: 127.0.0.1:7201
+  peers: [\"127.0.0.1:7202\"]
+  token_file: /etc/limiter/cluster.token
+",
+        )
+        .unwrap();
+        let view = ShareView {
+            members: 2,
+            ..ShareView::ALONE
+        };
+        let applied = with_shares(&member, &service, &view);
+        assert_eq!(applied.global_limits.get(&32000), Some(&30), "L, not the share");
+        assert_eq!(policies_for_cluster(&member, &service).global, service);
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer};
 use super::hits::SeriesRef;
 use crate::{
     capped_read,
-    cluster::GlobalPolicy,
+    cluster::{GlobalPolicy, membership::stable_hash},
     config::{KeyLines, LineHint, MAX_CONFIG_BYTES, RESERVED_POLICY_IDS},
 };
 
@@ -66,6 +66,31 @@ pub enum RlsConfigError {
 /// Most distinct limits the rules may have under `--rls-scope global`: one policy id each, of
 /// the ids kept for the service (`config::RESERVED_POLICY_IDS`) below its local rules' own.
 pub const MAX_GLOBAL_LIMITS: usize = RESERVED_POLICY_IDS as usize - 1;
+
+/// The policy ids of `limits` (sorted, distinct; at most [`MAX_GLOBAL_LIMITS`] get one): each
+/// limit's id is drawn from a hash of the limit itself, the next free one below on a collision
+/// (wrapping around), taking the limits in order. Every member serving the same rules draws the
+/// same ids, and a reload that adds or removes a limit leaves the ids of the others as they
+/// were, unless it takes or frees a slot on a collision's path: an entry keeps naming the same
+/// limit to the cluster across most reloads, as it could not if ids were positions in the list.
+fn global_ids(limits: &[(u32, u32)]) -> Vec<u16> {
+    let mut taken = vec![false; MAX_GLOBAL_LIMITS];
+    limits
+        .iter()
+        .take(MAX_GLOBAL_LIMITS)
+        .map(|&(allowance, window_us)| {
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&allowance.to_le_bytes());
+            bytes[4..].copy_from_slice(&window_us.to_le_bytes());
+            let mut slot = (stable_hash(&bytes) % MAX_GLOBAL_LIMITS as u64) as usize;
+            while taken[slot] {
+                slot = (slot + 1) % MAX_GLOBAL_LIMITS;
+            }
+            taken[slot] = true;
+            MAX_POLICY_ID - 1 - slot as u16
+        })
+        .collect()
+}
 
 /// A time unit of `rate_limit.unit` (and of the protocol's `RateLimit.Unit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -265,6 +290,8 @@ pub struct RlsConfig {
     /// order: under `--rls-scope global` each is one of the cluster's global limits
     /// ([`RlsConfig::global_id`]).
     pub limits: Vec<(u32, u32)>,
+    /// The policy id of each of `limits` under `--rls-scope global` (see `global_ids`).
+    ids: Vec<u16>,
 }
 
 impl RlsConfig {
@@ -313,18 +340,19 @@ impl RlsConfig {
             .collect();
         limits.sort_unstable();
         limits.dedup();
+        config.ids = global_ids(&limits);
         config.limits = limits;
         Ok(config)
     }
 
     /// The policy id the entries of rules whose limit is `(allowance, window_us)` carry under
-    /// `--rls-scope global`, one per distinct limit of the rules (counting down from below the
-    /// local rules' `RLS_POLICY_ID`): how the cluster's members name the limit to each other,
-    /// and how the agent tells which limit across the cluster an entry is under. `None` for a
-    /// limit no rule has (a request's own override, which stays local).
+    /// `--rls-scope global`, one per distinct limit of the rules, below the local rules'
+    /// `RLS_POLICY_ID` (see `global_ids`): how the cluster's members name the limit to each
+    /// other, and how the agent tells which limit across the cluster an entry is under. `None`
+    /// for a limit no rule has (a request's own override, which stays local).
     pub fn global_id(&self, allowance: u32, window_us: u32) -> Option<u16> {
         let i = self.limits.binary_search(&(allowance, window_us)).ok()?;
-        (i < MAX_GLOBAL_LIMITS).then(|| MAX_POLICY_ID - 1 - i as u16)
+        self.ids.get(i).copied()
     }
 
     /// Refuses rules with more distinct limits than there are global ids for.

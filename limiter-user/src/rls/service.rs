@@ -57,7 +57,7 @@ use envoy_types::pb::{
 use limiter_common::{
     CheckRequest, Policy,
     addr::ClientKey,
-    maps::{ACTION_LIMIT, CHECK_NAMED, MAX_POLICY_ID},
+    maps::{ACTION_LIMIT, MAX_POLICY_ID},
 };
 use tonic::{Request, Response, Status};
 
@@ -69,7 +69,7 @@ use super::{
     matching::{Applies, Descriptor, Limit, limits_for},
 };
 use crate::{
-    check::{AllOrNone, Checker, Decision, address_request, named_request},
+    check::{AllOrNone, Checker, Decision, address_request, named_request, same_client},
     config::Action,
 };
 
@@ -557,11 +557,6 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
             series.0.record(&p.descriptor.entries, &counted);
         }
     }
-}
-
-/// Whether two checks are of one client (the same key in the same map).
-fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
-    a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
 }
 
 /// The hits of those of `checks` that are on `r`'s client (saturating).

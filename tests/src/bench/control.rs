@@ -4,7 +4,7 @@
 //! `Stats.Global` and `Check` back to back and records how long each call waited.
 //! `cargo xtask bench` runs it.
 //!
-//! Usage: `control-bench [--policies 1000,30000,32511,100000] [--rounds 5] [--write FILE]` (a
+//! Usage: `control-bench [--policies 1000,30000,31743,100000] [--rounds 5] [--write FILE]` (a
 //! count over `MAX_POLICIES` is reported as not run)
 
 use std::{
@@ -26,7 +26,7 @@ use crate::{agent::Agent, api::Api, fixture::TempDir, netns::TestNet};
 #[command(about = "Control plane at scale: start, reload and API changes with N policies")]
 pub struct Args {
     /// Policy counts to measure (each a config of that many `/24` policies).
-    #[arg(long, value_delimiter = ',', default_value = "1000,30000,32511,100000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,30000,31743,100000")]
     pub policies: Vec<usize>,
     /// Repetitions of each timed change.
     #[arg(long, default_value_t = 5)]
@@ -359,7 +359,7 @@ pub fn run(args: &Args) -> Result<()> {
     for n in skipped {
         report.push_str(&format!(
             "\n{n} policies: not run, a config holds at most {MAX_POLICIES} (policy ids are 15 \
-             bits in a client entry, the top 256 kept for the rate limit service's).\n"
+             bits in a client entry, the top 1,024 kept for the rate limit service's).\n"
         ));
     }
     print!("{report}");

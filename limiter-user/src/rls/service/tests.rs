@@ -675,8 +675,9 @@ fn a_global_scope_enforces_this_agents_share_of_each_rule() {
 /// Under `--rls-scope global` each distinct limit of the rules (as enforced: a day's as its
 /// hourly share) is one of the cluster's global limits, with a policy id of its own below the
 /// local rules' that its descriptors' entries carry: how members name the limit to each other,
-/// and how the checker tells a global client that grows hot. A request's own override, and the
-/// local scope, carry the local rules' id.
+/// and how the checker tells a global client that grows hot. The ids come from the limits
+/// themselves, so a reload that adds a rule leaves the others' as they were. A request's own
+/// override, and the local scope, carry the local rules' id.
 #[test]
 fn a_global_scope_names_each_limit_of_the_rules_by_an_id_of_its_own() {
     let config = RlsConfig::parse(CONFIG).unwrap();
@@ -696,23 +697,32 @@ fn a_global_scope_names_each_limit_of_the_rules_by_an_id_of_its_own() {
         .iter()
         .map(|g| (g.id, g.limit, g.window_us))
         .collect();
-    assert_eq!(
-        policies,
-        [
-            (32766, 1, 1_000_000),
-            (32765, 1, 3_600_000_000),
-            (32764, 3, 1_000_000),
-            (32763, 5, 60_000_000),
-            (32762, 100, 1_000_000)
-        ]
-    );
+    let limits: Vec<(u32, u32)> = policies.iter().map(|&(_, l, w)| (l, w)).collect();
+    assert_eq!(limits, config.limits);
+    let mut ids: Vec<u16> = policies.iter().map(|&(id, ..)| id).collect();
     assert!(
-        policies
-            .iter()
-            .all(|&(id, ..)| usize::from(id) > crate::config::MAX_POLICIES && id != RLS_POLICY_ID)
+        ids.iter()
+            .all(|&id| usize::from(id) > crate::config::MAX_POLICIES && id < RLS_POLICY_ID),
+        "{ids:?}"
     );
-    assert_eq!(config.global_id(3, 1_000_000), Some(32764));
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "one id per limit");
+    let per_path = config.global_id(3, 1_000_000).unwrap();
     assert_eq!(config.global_id(4, 1_000_000), None, "no rule's limit");
+    // A rule of a new limit added: the others keep their ids; the same rules, the same ids.
+    let more = RlsConfig::parse(&format!(
+        "{CONFIG}  - key: team\n    rate_limit: {{ unit: minute, requests_per_unit: 7 }}\n"
+    ))
+    .unwrap();
+    assert_eq!(more.limits.len(), 6);
+    for &(id, l, w) in &policies {
+        assert_eq!(more.global_id(l, w), Some(id), "{l} per {w} µs");
+    }
+    assert_eq!(
+        RlsConfig::parse(CONFIG).unwrap().global_policies(),
+        config.global_policies()
+    );
 
     let ids = |options: RlsOptions, overridden: bool| {
         let (svc, sim) = service_with(Sim::new(false), options);
@@ -743,10 +753,11 @@ fn a_global_scope_names_each_limit_of_the_rules_by_an_id_of_its_own() {
         global: true,
         ..RlsOptions::default()
     };
-    assert_eq!(ids(global.clone(), false), (vec![32764], vec![32763]));
+    let per_user = config.global_id(5, 60_000_000).unwrap();
+    assert_eq!(ids(global.clone(), false), (vec![per_path], vec![per_user]));
     assert_eq!(
         ids(global, true),
-        (vec![RLS_POLICY_ID], vec![32763]),
+        (vec![RLS_POLICY_ID], vec![per_user]),
         "a request's own limit stays local"
     );
     assert_eq!(
@@ -760,7 +771,7 @@ fn a_global_scope_names_each_limit_of_the_rules_by_an_id_of_its_own() {
 /// the count and the cap; the local scope takes them.
 #[test]
 fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
-    let rules: String = (1..=256)
+    let rules: String = (1..=1024)
         .map(|i| {
             format!("  - key: k{i}\n    rate_limit: {{ unit: second, requests_per_unit: {i} }}\n")
         })
@@ -775,26 +786,30 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
         .unwrap_err();
     assert_eq!(
         refused.to_string(),
-        "--rls-scope global: the rules have 256 distinct limits (requests_per_unit per unit, as \
-         enforced), and at most 255 can be global across the cluster"
+        "--rls-scope global: the rules have 1024 distinct limits (requests_per_unit per unit, as \
+         enforced), and at most 1023 can be global across the cluster"
     );
     let local = RlsStore::load(path.clone(), hits(), false).unwrap();
     assert!(
         local.global_policies().is_empty(),
         "local: none are the cluster's"
     );
-    // A global store over 255 of them; 256 on a reload are refused and the 255 stay.
+    // A global store over 1023 of them, each with an id of its own; 1024 on a reload are
+    // refused and the 1023 stay.
     let fewer: String = rules
         .lines()
-        .take(2 * 255)
+        .take(2 * 1023)
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&path, format!("domain: web\ndescriptors:\n{fewer}")).unwrap();
     let store = RlsStore::load(path.clone(), hits(), true).unwrap();
-    assert_eq!(store.global_policies().len(), 255);
+    let mut ids: Vec<u16> = store.global_policies().iter().map(|g| g.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 1023);
     std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
     store.reload(true);
-    assert_eq!(store.current().limits.len(), 255);
+    assert_eq!(store.current().limits.len(), 1023);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
