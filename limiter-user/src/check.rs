@@ -341,9 +341,9 @@ impl Checker {
             );
         }
         let view = self.view();
-        // A client checked more than once for the same need is probed once: the others' probes
-        // ask for nothing (which always fits) and answer as the first does, so that a refusal
-        // counts the hits refused once in the client's `dropped`.
+        // A client checked more than once under one policy for the same need is probed once: the
+        // others' probes ask for nothing (which always fits) and answer as the first does, so
+        // that a refusal counts the hits refused once in the client's `dropped`.
         let first = first_of_each_client(checks);
         let requests: Vec<CheckRequest> = checks
             .iter()
@@ -544,8 +544,11 @@ pub fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
     a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
 }
 
-/// For each check, the index of the first check of the same client for the same need (itself
-/// if none came before): the one that probes it (see [`Checker::check_all_or_none`]).
+/// For each check, the index of the first check of the same client under the same policy for
+/// the same need (itself if none came before): the one that probes it (see
+/// [`Checker::check_all_or_none`]). Under another policy (a rate limit service descriptor with
+/// its own `limit` beside one without) the program judges the need against that policy's limit,
+/// so such a check is probed itself.
 fn first_of_each_client(checks: &[(CheckRequest, u32)]) -> Vec<usize> {
     checks
         .iter()
@@ -553,7 +556,7 @@ fn first_of_each_client(checks: &[(CheckRequest, u32)]) -> Vec<usize> {
         .map(|(i, (c, needed))| {
             checks[..i]
                 .iter()
-                .position(|(o, n)| same_client(c, o) && n == needed)
+                .position(|(o, n)| same_client(c, o) && o.policy == c.policy && n == needed)
                 .unwrap_or(i)
         })
         .collect()

@@ -760,6 +760,23 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         check_eq!(remaining(&twice)?, vec![3, 3]);
         // One client probed once for both checks: its 4 refused hits counted once.
         check_eq!(dropped(&twice)?, vec![4, 4]);
+        // One ID under two policies (a rate limit service descriptor with its own `limit`
+        // beside one without): each is probed against its own, so the tighter refuses and
+        // nothing is spent.
+        let loose = named_request(
+            [7; 16],
+            2,
+            limiter_common::Policy {
+                limit: 100,
+                ..policy
+            },
+        );
+        let tight = named_request([7; 16], 2, limiter_common::Policy { limit: 1, ..policy });
+        ensure!(matches!(
+            checker.check_all_or_none(&needing(&[loose, tight], &[4, 4]))?,
+            AllOrNone::Refused(_)
+        ));
+        check_eq!(remaining(&[loose])?, vec![100], "nothing spent");
         let twice = [address_request(v4(10, 0, 0, 5), 1), addr];
         ensure!(matches!(
             checker.check_all_or_none(&needing(&twice, &[3, 3]))?,

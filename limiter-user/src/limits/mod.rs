@@ -774,7 +774,11 @@ cluster:
             ..ShareView::ALONE
         };
         let applied = with_shares(&member, &service, &view);
-        assert_eq!(applied.global_limits.get(&32000), Some(&30), "L, not the share");
+        assert_eq!(
+            applied.global_limits.get(&32000),
+            Some(&30),
+            "L, not the share"
+        );
         assert_eq!(policies_for_cluster(&member, &service).global, service);
     }
 }

@@ -166,17 +166,30 @@ impl Tables {
             // such run end (a run takes microseconds) before an entry goes in.
             std::thread::sleep(PROGRAM_RUNS_END);
         }
-        let made_static = self.sync_static_clients(&statics, &mut report)?;
-        if !made_static.is_empty() {
+        {
+            // The moves, and the keys made static, under the lock the sweep's clean-up of strays
+            // holds from its check that a key is still static to its removal of the key's copies
+            // (`LimitedSweep::strays`): a key made dynamic again meanwhile would lose the state
+            // its move just put into `CLIENTS`.
+            let mut strays = self
+                .made_static
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let made_static = sync_static(
+                &mut self.clients,
+                "CLIENTS",
+                &mut self.static_clients,
+                "STATIC_CLIENTS",
+                Some(&mut self.limited),
+                &statics,
+                &mut report,
+            )?;
             // A packet that found one of these clients in `CLIENTS` before it moved may still
             // copy it into `LIMITED` after the move took it out of there: the sweep removes such
             // a copy once those runs have ended (a CPU that looks in `LIMITED` first would count
             // in it). Not here: an apply holds the lock the API's reads wait on.
             let now = std::time::Instant::now();
-            self.made_static
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(made_static.into_iter().map(|key| (key, now)));
+            strays.extend(made_static.into_iter().map(|key| (key, now)));
         }
         let named: Vec<ClientKey> = config.named_policies().keys().map(|n| n.key()).collect();
         sync_static(
@@ -248,25 +261,6 @@ impl Tables {
             self.last_refresh = Some(generation);
         }
         Ok(report)
-    }
-
-    /// Moves clients between the LRU map and the never-evicted static map so that exactly the
-    /// addresses with exact-address policies are static, carrying their counters across.
-    /// Returns the keys it moved into the static map.
-    fn sync_static_clients(
-        &mut self,
-        wanted: &[ClientKey],
-        report: &mut ApplyReport,
-    ) -> Result<Vec<ClientKey>, DatapathError> {
-        sync_static(
-            &mut self.clients,
-            "CLIENTS",
-            &mut self.static_clients,
-            "STATIC_CLIENTS",
-            Some(&mut self.limited),
-            wanted,
-            report,
-        )
     }
 }
 
