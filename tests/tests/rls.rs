@@ -385,6 +385,48 @@ fn the_config_is_reloaded_and_a_bad_one_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// Under `--rls-scope global` a `cluster:` section that is added and cannot be taken up (its
+/// token file is missing) leaves the rules admitting nothing, as a joining node's global limits
+/// do; once the section is removed again each rule is the agent's whole limit, without a
+/// restart.
+#[test]
+fn a_cluster_section_not_taken_up_and_removed_leaves_the_rules_whole() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let dir = TempDir::new("rls")?;
+    let agent = start(&net, &dir, &["--rls-scope", "global"])?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let mut rls = Rls::connect(&net)?;
+    let left = |rls: &mut Rls, user: &str| -> Result<(i32, u32)> {
+        let r = rls.web(&[&[("user", user)]])?;
+        Ok((r.overall_code, r.statuses[0].limit_remaining))
+    };
+    assert_eq!(left(&mut rls, "a")?, (OK, 4), "alone: the whole limit of 5");
+    let missing = dir.join("no-such.token").to_string_lossy().into_owned();
+    agent.write_config(&format!(
+        "{AGENT_CONFIG}cluster:\n  node_id: n1\n  listen: 127.0.0.1:7299\n  peers: []\n  \
+         token_file: {missing}\n"
+    ))?;
+    assert!(
+        agent.wait_for_stderr("the added section is not taken up", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    let over = wait_until("the rules to admit nothing", Duration::from_secs(5), || {
+        Ok((left(&mut rls, "b")?.0 == OVER).then_some(()))
+    });
+    assert!(over.is_ok(), "joining: a global rule admits nothing");
+    agent.write_config(AGENT_CONFIG)?;
+    wait_until(
+        "the rules to be whole again",
+        Duration::from_secs(5),
+        || Ok((left(&mut rls, "c")?.0 == OK).then_some(())),
+    )?;
+    assert_eq!(left(&mut rls, "c")?, (OK, 3), "the whole limit again");
+    window.check();
+    Ok(())
+}
+
 /// The metrics port, on 127.0.0.1 of the receiver namespace.
 const METRICS_PORT: u16 = 9464;
 

@@ -428,7 +428,20 @@ async fn follow(
                         .await;
                 tracing::info!("cluster: section removed; this agent limits alone");
             }
-            (None, None) => {}
+            (None, None) => {
+                // A section added and not taken up (above) left the shares as a joining node's,
+                // which admit nothing of a global limit (the rate limit service's rules under
+                // `--rls-scope global` have no other way out): with the section gone again, this
+                // agent limits alone.
+                if limits.share_view() != ShareView::ALONE {
+                    let limits = limits.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        limits.set_share_view(ShareView::ALONE)
+                    })
+                    .await;
+                    tracing::info!("cluster: section removed; this agent limits alone");
+                }
+            }
         }
     }
     membership.stop_node();
