@@ -696,16 +696,19 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         };
         let addr = address_request(v4(10, 0, 0, 5), 2);
         let named = |i: u8, hits| named_request([i; 16], hits, policy);
-        let remaining = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u32>> {
+        // Each client read (nothing spent).
+        let read = |requests: &[limiter_common::CheckRequest]| {
             let reads: Vec<_> = requests
                 .iter()
                 .map(|r| limiter_common::CheckRequest { hits: 0, ..*r })
                 .collect();
-            Ok(checker
-                .check_requests(&reads)?
-                .iter()
-                .map(|d| d.remaining)
-                .collect())
+            checker.check_requests(&reads)
+        };
+        let remaining = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u32>> {
+            Ok(read(requests)?.iter().map(|d| d.remaining).collect())
+        };
+        let dropped = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u64>> {
+            Ok(read(requests)?.iter().map(|d| d.dropped).collect())
         };
         let needing = |requests: &[limiter_common::CheckRequest], needed: &[u32]| {
             requests
@@ -735,17 +738,6 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         check_eq!(remaining(&both)?, vec![3, 1], "nothing spent");
         // The probe that did not fit counted the hits it asked as dropped (a denied check's
         // way: demand is passed + dropped); the one that fit counted nothing.
-        let dropped = |requests: &[limiter_common::CheckRequest]| -> Result<Vec<u64>> {
-            let reads: Vec<_> = requests
-                .iter()
-                .map(|r| limiter_common::CheckRequest { hits: 0, ..*r })
-                .collect();
-            Ok(checker
-                .check_requests(&reads)?
-                .iter()
-                .map(|d| d.dropped)
-                .collect())
-        };
         check_eq!(dropped(&both)?, vec![0, 2]);
         // Two checks of one client must fit together (3 left).
         let twice = [addr, addr];
