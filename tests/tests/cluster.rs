@@ -777,6 +777,46 @@ descriptors:
     })
 }
 
+/// The rate limit service's limits reach the cluster on a reload of its config too: a rule
+/// whose limit no rule had at start (so no global id the members knew) is enrolled by demand
+/// once every agent has reloaded and the views agree again, as one loaded at start is.
+#[test]
+fn a_reloaded_rate_limit_service_rule_is_enrolled_by_its_demand() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("requests at 3 × L a second, wall-clock rates");
+    let mut settings = Settings::standard("share");
+    settings.rls = Some(
+        "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 5 }
+",
+    );
+    let c = Cluster::start_with(3, settings)?;
+    const _: () = assert!(LIMIT == 30, "the rule below");
+    c.dir.write(
+        "rls.yaml",
+        "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 30 }
+  - key: generic_key
+    rate_limit: { unit: second, requests_per_unit: 100000 }
+",
+    )?;
+    // Every agent polls the file (200 ms); the views disagree until all have.
+    thread::sleep(Duration::from_secs(1));
+    for k in 0..3 {
+        c.wait_phase(k, "connected", 3)?;
+    }
+    let mut agents = (0..3)
+        .map(|k| Rls::connect(&c, k))
+        .collect::<Result<Vec<_>>>()?;
+    enrolled_at_three_times_l(&c, "a reloaded rule's descriptor", |k| {
+        agents[k].ok_with(&[&[("user", "dave")], &[("generic_key", "api")]])
+    })
+}
+
 /// Two Envoys, each asking its own agent (`--rls-scope global`), in front of one backend:
 /// requests of one user alternating over them get the rule's limit once, not once per Envoy;
 /// all on one Envoy get that agent's share. This is the deployment the protocol's users run (an
