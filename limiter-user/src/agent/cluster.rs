@@ -423,9 +423,7 @@ async fn follow(
                 membership.stop_node();
                 forget_joined(&membership.incarnation_path);
                 let limits = limits.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || limits.set_share_view(ShareView::ALONE))
-                        .await;
+                let _ = tokio::task::spawn_blocking(move || limits.alone_without_cluster()).await;
                 tracing::info!("cluster: section removed; this agent limits alone");
             }
             (None, None) => {
@@ -433,12 +431,10 @@ async fn follow(
                 // which admit nothing of a global limit (the rate limit service's rules under
                 // `--rls-scope global` have no other way out): with the section gone again, this
                 // agent limits alone.
-                if limits.share_view() != ShareView::ALONE {
-                    let limits = limits.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        limits.set_share_view(ShareView::ALONE)
-                    })
-                    .await;
+                let limits = limits.clone();
+                if let Ok(Ok(true)) =
+                    tokio::task::spawn_blocking(move || limits.alone_without_cluster()).await
+                {
                     tracing::info!("cluster: section removed; this agent limits alone");
                 }
             }

@@ -267,6 +267,27 @@ impl PolicyStore {
         self.reshare(view, service)
     }
 
+    /// Applies the shares of an agent alone ([`ShareView::ALONE`]) if the config in force has
+    /// no `cluster:` section, checked under the writer lock, so that a reload that adds one
+    /// again meanwhile keeps the joining view it set; returns whether the view changed. If the
+    /// maps cannot take the shares, those before are written back and the error returned.
+    pub fn alone_without_cluster(&self) -> Result<bool, DatapathError> {
+        let _writer = self.writer();
+        let (view, service, in_cluster) = {
+            let inner = self.lock();
+            (
+                inner.share_view,
+                inner.service_global.clone(),
+                inner.effective.config.cluster.is_some(),
+            )
+        };
+        if in_cluster || view == ShareView::ALONE {
+            return Ok(false);
+        }
+        self.reshare(ShareView::ALONE, service)?;
+        Ok(true)
+    }
+
     /// Takes the global limits of Envoy's rate limit service's rules (`--rls-scope global`;
     /// at start and after each reload of its config): they join the checker's global limits
     /// (whose clients it notes hot) and the cluster's (which enrols those clients). Nothing is

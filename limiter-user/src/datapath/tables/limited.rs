@@ -123,22 +123,26 @@ impl LimitedSweep {
     /// Removes from `LIMITED` and `CLIENTS` the copies of clients an apply made static at least
     /// [`PROGRAM_RUNS_END`] ago that a packet running during the move put back there (it found
     /// the client in `CLIENTS` before the move and held it after), if the key is still static.
-    /// Under the lock an apply moves clients between the maps with, so that none is made dynamic
-    /// again between the check and the removal.
+    /// Each key's check and removal under the lock an apply moves clients between the maps with,
+    /// so that none is made dynamic again in between; taken per key, so that an apply waits for
+    /// a few syscalls at most, not for the whole list.
     fn strays(&mut self) {
-        let mut made = self
-            .made_static
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if made.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let (due, young): (Vec<_>, Vec<_>) = made
-            .drain(..)
-            .partition(|(_, at)| now.duration_since(*at) >= PROGRAM_RUNS_END);
-        *made = young;
-        for (key, _) in due {
+        let lock = || {
+            self.made_static
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let due: Vec<ClientKey> = {
+            let mut made = lock();
+            let now = Instant::now();
+            let (due, young): (Vec<_>, Vec<_>) = made
+                .drain(..)
+                .partition(|(_, at)| now.duration_since(*at) >= PROGRAM_RUNS_END);
+            *made = young;
+            due.into_iter().map(|(key, _)| key).collect()
+        };
+        for key in due {
+            let _moving = lock();
             if self.statics.get(&key, 0).is_ok() {
                 let _ = self.limited.remove(&key);
                 let _ = self.clients.remove(&key);
