@@ -746,6 +746,37 @@ descriptors:
     Ok(())
 }
 
+/// The rate limit service's rules of these tests: the user's limit is L (30) a second, and a
+/// second descriptor beside it that never refuses.
+const ENROLLED_RULES: &str = "domain: web
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 30 }
+  - key: generic_key
+    rate_limit: { unit: second, requests_per_unit: 100000 }
+";
+const _: () = assert!(LIMIT == 30, "ENROLLED_RULES");
+
+/// Three agents serving `rules` with `--rls-scope global`, a client of each; `reload` is
+/// written over the rules once the cluster is up, and waited for (every agent polls the file,
+/// and the views disagree until all have).
+fn rls_cluster(rules: &'static str, reload: Option<&str>) -> Result<(Cluster, Vec<Rls>)> {
+    let mut settings = Settings::standard("share");
+    settings.rls = Some(rules);
+    let c = Cluster::start_with(3, settings)?;
+    if let Some(reload) = reload {
+        c.dir.write("rls.yaml", reload)?;
+        thread::sleep(Duration::from_secs(1));
+        for k in 0..3 {
+            c.wait_phase(k, "connected", 3)?;
+        }
+    }
+    let agents = (0..3)
+        .map(|k| Rls::connect(&c, k))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((c, agents))
+}
+
 /// A rate limit service descriptor under `--rls-scope global` is enrolled by its demand, as an
 /// API ID is: the agent notes it hot when a request is refused for it, and its owner splits the
 /// rule's limit by the requests each agent sees. The requests carry a second descriptor, as
@@ -757,21 +788,7 @@ descriptors:
 fn a_rate_limit_service_descriptor_is_enrolled_by_its_demand() -> Result<()> {
     require_root!();
     limiter_tests::skip_under_emulation!("requests at 3 × L a second, wall-clock rates");
-    let mut settings = Settings::standard("share");
-    const _: () = assert!(LIMIT == 30, "the rule below");
-    settings.rls = Some(
-        "domain: web
-descriptors:
-  - key: user
-    rate_limit: { unit: second, requests_per_unit: 30 }
-  - key: generic_key
-    rate_limit: { unit: second, requests_per_unit: 100000 }
-",
-    );
-    let c = Cluster::start_with(3, settings)?;
-    let mut agents = (0..3)
-        .map(|k| Rls::connect(&c, k))
-        .collect::<Result<Vec<_>>>()?;
+    let (c, mut agents) = rls_cluster(ENROLLED_RULES, None)?;
     enrolled_at_three_times_l(&c, "a descriptor", |k| {
         agents[k].ok_with(&[&[("user", "carol")], &[("generic_key", "api")]])
     })
@@ -784,34 +801,12 @@ descriptors:
 fn a_reloaded_rate_limit_service_rule_is_enrolled_by_its_demand() -> Result<()> {
     require_root!();
     limiter_tests::skip_under_emulation!("requests at 3 × L a second, wall-clock rates");
-    let mut settings = Settings::standard("share");
-    settings.rls = Some(
-        "domain: web
+    let at_start = "domain: web
 descriptors:
   - key: user
     rate_limit: { unit: hour, requests_per_unit: 5 }
-",
-    );
-    let c = Cluster::start_with(3, settings)?;
-    const _: () = assert!(LIMIT == 30, "the rule below");
-    c.dir.write(
-        "rls.yaml",
-        "domain: web
-descriptors:
-  - key: user
-    rate_limit: { unit: second, requests_per_unit: 30 }
-  - key: generic_key
-    rate_limit: { unit: second, requests_per_unit: 100000 }
-",
-    )?;
-    // Every agent polls the file (200 ms); the views disagree until all have.
-    thread::sleep(Duration::from_secs(1));
-    for k in 0..3 {
-        c.wait_phase(k, "connected", 3)?;
-    }
-    let mut agents = (0..3)
-        .map(|k| Rls::connect(&c, k))
-        .collect::<Result<Vec<_>>>()?;
+";
+    let (c, mut agents) = rls_cluster(at_start, Some(ENROLLED_RULES))?;
     enrolled_at_three_times_l(&c, "a reloaded rule's descriptor", |k| {
         agents[k].ok_with(&[&[("user", "dave")], &[("generic_key", "api")]])
     })
