@@ -197,12 +197,9 @@ impl<B: Budget> RlsService<B> {
         // grows hot and splits L by where its requests arrive (the check program then decides
         // with this node's grant). A request's own override is not the cluster's to agree on: it
         // stays local.
-        let global = self
-            .options
-            .global
+        let global = (self.options.global && !limit.overridden)
             .then(|| config.global_id(allowance, window_us))
-            .flatten()
-            .filter(|_| !limit.overridden);
+            .flatten();
         let (allowance, id) = match global {
             Some(id) => (self.budget.share_view().share(allowance), id),
             None => (allowance, RLS_POLICY_ID),
