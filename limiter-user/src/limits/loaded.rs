@@ -83,15 +83,12 @@ mod tests {
     use super::*;
     use crate::config::Match;
 
-    /// A fresh directory for one test's overlay.
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "limiter-limits-{name}-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory for one test's overlay, removed when the test ends.
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("limiter-limits-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     const FILE: &str = "default: { limit: 10, window: 1s }\npolicies:\n  - { match: 10.0.0.0/8, limit: 1, window: 1s }\n";
@@ -99,7 +96,7 @@ mod tests {
     #[test]
     fn an_invalid_file_at_start_is_reported_once_by_its_own_message() {
         let dir = scratch("invalid");
-        let e = Loaded::load("default: { limit: -1 }\n", &dir.join("lo.overlay.yaml"))
+        let e = Loaded::load("default: { limit: -1 }\n", &dir.path().join("lo.overlay.yaml"))
             .err()
             .unwrap();
         let shown = crate::error_chain(&e);
@@ -112,7 +109,7 @@ mod tests {
     #[test]
     fn a_corrupt_overlay_at_start_leaves_the_file_in_force_and_names_why() {
         let dir = scratch("corrupt");
-        let path = dir.join("lo.overlay.yaml");
+        let path = dir.path().join("lo.overlay.yaml");
         std::fs::write(&path, "version: [\n").unwrap();
         let loaded = Loaded::load(FILE, &path).unwrap();
         assert_eq!(loaded.effective.config, config(FILE));
@@ -126,7 +123,7 @@ mod tests {
     #[test]
     fn removals_of_policies_the_file_dropped_are_pruned_at_start() {
         let dir = scratch("prune");
-        let path = dir.join("lo.overlay.yaml");
+        let path = dir.path().join("lo.overlay.yaml");
         let m: Match = "10.0.0.0/8".parse().unwrap();
         let mut overlay = Overlay::default();
         overlay.remove_policy(&m, &config(FILE)).unwrap();

@@ -776,9 +776,11 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
             format!("  - key: k{i}\n    rate_limit: {{ unit: second, requests_per_unit: {i} }}\n")
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!("limiter-rls-global-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("rls.yaml");
+    let dir = tempfile::Builder::new()
+        .prefix("limiter-rls-global-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("rls.yaml");
     std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
     let hits = || Arc::new(hits::RlsHits::new(10));
     let refused = RlsStore::load(path.clone(), hits(), true)
@@ -810,7 +812,6 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
     std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
     store.reload(true);
     assert_eq!(store.current().limits.len(), 1023);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Each limited descriptor's hits are counted in its rule's series as its status says:
