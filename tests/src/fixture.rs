@@ -17,6 +17,12 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether the tests run under vm-test's emulation (`LIMITER_EMULATED`, which it sets): an
+/// older kernel on a CPU many times slower.
+pub fn emulated() -> bool {
+    std::env::var_os("LIMITER_EMULATED").is_some()
+}
+
 /// Whether the tests run under CI (`CI=true`, as GitHub Actions, GitLab CI and most others set
 /// it): there a privileged test that cannot run is a failure, not a skip.
 pub fn in_ci() -> bool {
@@ -57,7 +63,7 @@ macro_rules! require_root {
 #[macro_export]
 macro_rules! skip_under_emulation {
     ($why:expr) => {
-        if std::env::var_os("LIMITER_EMULATED").is_some() {
+        if $crate::fixture::emulated() {
             eprintln!("skipped under emulation (vm-test): {}", $why);
             return Ok(());
         }
