@@ -336,7 +336,7 @@ impl Checker {
         if checks.len() * 2 > CHECK_FRAME.batch {
             return all_or_none_in_two_runs(
                 checks,
-                |c| self.read_needing(c),
+                |c| self.read_needing(c, true),
                 |r| self.check_requests(r),
             );
         }
@@ -372,14 +372,37 @@ impl Checker {
     /// more than 15 checks, those of more than one check with a shadow descriptor or in dry-run
     /// mode, and every request with a blocked descriptor; a shadow descriptor's or a dry run's
     /// short read is noted as its denied check would be, though it refuses nothing).
+    ///
+    /// With `count_refused` (the reads decide the request: a short one refuses it, or would
+    /// outside dry-run and shadow mode) each client is read by a probe for what the request
+    /// needs of it, which counts those hits in the client's `dropped` when they do not fit, as
+    /// `check_all_or_none`'s probes do: a member of a cluster reports demand as passed +
+    /// dropped, and a request refused whole spends nothing. A client checked more than once for
+    /// the same need counts them once. Without it (a request refused whatever the reads say:
+    /// a blocked descriptor) nothing is counted.
     pub fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],
+        count_refused: bool,
     ) -> Result<Vec<(Decision, bool)>, CheckError> {
         let view = self.view();
+        let first = if count_refused {
+            first_of_each_client(checks)
+        } else {
+            Vec::new()
+        };
         let reads: Vec<CheckRequest> = checks
             .iter()
-            .map(|(c, _)| CheckRequest { hits: 0, ..*c })
+            .enumerate()
+            .map(|(i, (c, needed))| match first.get(i) {
+                // A probe reads as a check of 0 hits does (the program asks `hits` of it).
+                Some(&first) => CheckRequest {
+                    hits: if first == i { *needed } else { 0 },
+                    flags: c.flags | CHECK_PROBE,
+                    ..*c
+                },
+                None => CheckRequest { hits: 0, ..*c },
+            })
             .collect();
         let mut out = Vec::with_capacity(checks.len());
         self.run_all(&reads, |k, slot| {

@@ -788,6 +788,15 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
         ));
         check_eq!(checker.runs() - runs, 1, "a read, and no spend after it");
         check_eq!(remaining(&many[..1])?, vec![3], "nothing spent");
+        // The read that refused counted the 2 hits it asked of the short client as dropped, as
+        // the probe above did (2 then, 4 now), and nothing of the clients that had room.
+        check_eq!(dropped(&many[14..])?, vec![0, 4]);
+        // A read that decides nothing (a request a blocked descriptor refuses) counts nothing;
+        // one that decides counts again.
+        checker.read_needing(&needing(&many[15..], &[2]), false)?;
+        check_eq!(dropped(&many[15..])?, vec![4]);
+        checker.read_needing(&needing(&many[15..], &[2]), true)?;
+        check_eq!(dropped(&many[15..])?, vec![6]);
         many[15] = named(1, 1);
         let runs = checker.runs();
         ensure!(matches!(
@@ -816,6 +825,8 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
             bail!("the 40th client has 89 left of the 90 asked, yet all were spent");
         };
         check_eq!(checker.runs() - runs, 2, "two frames of reads, no spend");
+        // The short client had no entry yet, and a read creates none: nothing to count in.
+        check_eq!(dropped(&[wide[38].0, wide[39].0])?, vec![0, 0]);
         check_eq!(
             read.iter()
                 .map(|(d, fits)| (d.remaining, *fits))
@@ -2064,6 +2075,7 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         let read = limiter_user::rls::budget::Budget::read_needing(
             &checker,
             &[(limiter_user::check::address_request(checked, 3), 3)],
+            true,
         )?;
         check_eq!(
             read.iter().map(|(_, fits)| *fits).collect::<Vec<_>>(),

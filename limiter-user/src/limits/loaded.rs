@@ -96,9 +96,12 @@ mod tests {
     #[test]
     fn an_invalid_file_at_start_is_reported_once_by_its_own_message() {
         let dir = scratch("invalid");
-        let e = Loaded::load("default: { limit: -1 }\n", &dir.path().join("lo.overlay.yaml"))
-            .err()
-            .unwrap();
+        let e = Loaded::load(
+            "default: { limit: -1 }\n",
+            &dir.path().join("lo.overlay.yaml"),
+        )
+        .err()
+        .unwrap();
         let shown = crate::error_chain(&e);
         let problem = Config::parse("default: { limit: -1 }\n")
             .unwrap_err()

@@ -24,13 +24,15 @@ pub trait Budget: Send + Sync + 'static {
     /// Spends checks all or none: only if each client has the hits the request needs of it
     /// (the `u32` beside each check) left (see [`Checker::check_all_or_none`]).
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
-        all_or_none_in_two_runs(checks, |c| self.read_needing(c), |r| self.decide(r))
+        all_or_none_in_two_runs(checks, |c| self.read_needing(c, true), |r| self.decide(r))
     }
-    /// Reads each check's client (nothing spent) and says whether the hits beside the check fit
-    /// (see [`Checker::read_needing`]).
+    /// Reads each check's client (nothing spent) and says whether the hits beside the check fit;
+    /// with `count_refused` the hits of a client that is short count in its `dropped` (see
+    /// [`Checker::read_needing`]; a simulation counts nothing).
     fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],
+        _count_refused: bool,
     ) -> Result<Vec<(Decision, bool)>, CheckError> {
         read_needing_with(checks, |r| self.decide(r))
     }
@@ -52,8 +54,9 @@ impl Budget for Checker {
     fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],
+        count_refused: bool,
     ) -> Result<Vec<(Decision, bool)>, CheckError> {
-        Checker::read_needing(self, checks)
+        Checker::read_needing(self, checks, count_refused)
     }
 
     fn dry_run(&self) -> bool {

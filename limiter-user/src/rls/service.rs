@@ -314,7 +314,13 @@ impl<B: Budget> RlsService<B> {
                 .zip(needed)
                 .map(|((_, r, _), n)| (*r, *n))
                 .collect();
-            Some(self.budget.read_needing(&reads).map_err(unavailable)?)
+            // A blocked descriptor refuses the request whatever the reads find: they count no
+            // refused hits (the other descriptors' clients did not refuse it).
+            Some(
+                self.budget
+                    .read_needing(&reads, !blocked)
+                    .map_err(unavailable)?,
+            )
         };
         if let Some(read) = &read {
             let denied = blocked

@@ -27,7 +27,7 @@ use tonic::Code as GrpcCode;
 
 use super::*;
 use crate::{
-    check::{CheckError, PolicyView, all_or_none_in_two_runs, decision},
+    check::{CheckError, PolicyView, all_or_none_in_two_runs, decision, read_needing_with},
     cluster::membership::ShareView,
     config::Config,
     rls::RlsConfig,
@@ -49,6 +49,8 @@ struct Sim {
     /// its client's lock was free is counted in `unlocked`.
     locks: Mutex<Option<ClientLocks>>,
     unlocked: AtomicU64,
+    /// Each `Budget::read_needing`'s `count_refused`, in order.
+    reads: Mutex<Vec<bool>>,
 }
 
 impl Sim {
@@ -73,6 +75,7 @@ impl Sim {
             all_or_none: AtomicU64::new(0),
             locks: Mutex::new(None),
             unlocked: AtomicU64::new(0),
+            reads: Mutex::new(Vec::new()),
         }
     }
 
@@ -153,7 +156,16 @@ impl Budget for Sim {
 
     fn decide_all_or_none(&self, checks: &[(CheckRequest, u32)]) -> Result<AllOrNone, CheckError> {
         self.all_or_none.fetch_add(1, Ordering::SeqCst);
-        all_or_none_in_two_runs(checks, |c| self.read_needing(c), |r| self.decide(r))
+        all_or_none_in_two_runs(checks, |c| self.read_needing(c, true), |r| self.decide(r))
+    }
+
+    fn read_needing(
+        &self,
+        checks: &[(CheckRequest, u32)],
+        count_refused: bool,
+    ) -> Result<Vec<(Decision, bool)>, CheckError> {
+        self.reads.lock().unwrap().push(count_refused);
+        read_needing_with(checks, |r| self.decide(r))
     }
 
     fn dry_run(&self) -> bool {
@@ -940,6 +952,34 @@ fn a_threads_copy_shares_the_client_locks_and_counts_its_calls() {
         "3 of /a's 3 spent through the copy"
     );
     drop(sim);
+}
+
+/// The reads before a spend count the hits a short client was asked for (its `dropped`, which a
+/// cluster member reports as demand) when they decide the request: all enforced (past 15
+/// descriptors the agent reads first), beside a shadow descriptor, in dry-run mode; not when a
+/// blocked descriptor refuses the request whatever they find.
+#[test]
+fn reads_count_refused_hits_unless_a_blocked_descriptor_refuses_the_request() {
+    let (svc, sim) = service();
+    let reads = |sim: &Sim| std::mem::take(&mut *sim.reads.lock().unwrap());
+    let both = request(vec![desc(&[("path", "/a")]), desc(&[("user", "u")])]);
+    svc.answer(&both).unwrap();
+    assert_eq!(reads(&sim), vec![true], "all enforced");
+    svc.answer(&request(vec![
+        desc(&[("path", "/a")]),
+        desc(&[("shadow", "s")]),
+    ]))
+    .unwrap();
+    assert_eq!(reads(&sim), vec![true], "beside a shadow descriptor");
+    svc.answer(&request(vec![
+        desc(&[("path", "/a")]),
+        desc(&[("banned", "b")]),
+    ]))
+    .unwrap();
+    assert_eq!(reads(&sim), vec![false], "beside a blocked descriptor");
+    let (svc, sim) = service_with(Sim::new(true), RlsOptions::default());
+    svc.answer(&both).unwrap();
+    assert_eq!(reads(&sim), vec![true], "dry-run mode");
 }
 
 /// A request whose descriptors are all enforced is decided all or none by the budget (one
