@@ -171,7 +171,8 @@ impl Collector for ClusterCollector {
                 ),
                 (
                     "limiter_cluster_foreign_messages",
-                    "Grant messages ignored: from a member that is not the client's owner here",
+                    "Grant messages ignored: from a member that is not the client's owner here, or \
+                     for a policy that is not the client's global policy here",
                     e.foreign,
                 ),
                 (

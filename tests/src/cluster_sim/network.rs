@@ -284,7 +284,8 @@ impl Sim {
                     lease: Duration::from_millis(u64::from(lease_ms)),
                     silence: Duration::from_millis(u64::from(silence_ms)),
                 });
-                node.enrolment.receive_grant(now, &view, &sender, msg);
+                node.enrolment
+                    .receive_grant(now, &view, &sender, msg, Some(info));
             }
             node.stats.cpu_pending += cpu_now() - started;
         }

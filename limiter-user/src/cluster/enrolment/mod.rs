@@ -125,7 +125,8 @@ pub struct Counts {
     pub granted: u64,
     /// Clients refused for want of room (`--max-global-clients`): they keep the cold share.
     pub refused: u64,
-    /// Owner messages ignored: from a member that is not the client's owner here.
+    /// Owner messages ignored: from a member that is not the client's owner here, or under a
+    /// policy that is not the client's global policy here.
     pub foreign: u64,
     /// Grant changes the datapath refused (offered again next round; until then the reports
     /// say the older grant is applied).
@@ -412,9 +413,31 @@ impl Enrolment {
         owned.ledger.enrol_and_receive(from, now, msg.report);
     }
 
-    /// Takes in an owner's message.
-    pub fn receive_grant(&mut self, now: Duration, view: &View<'_>, from: &NodeId, msg: GrantMsg) {
+    /// Takes in an owner's message; `info` is the message's policy here (`None`: not a global
+    /// policy of this node).
+    ///
+    /// Only the client's owner may grant, only under a global policy of this node (the one the
+    /// client is held under), and no grant is above the policy's L: no share of L is larger, so
+    /// a larger value (a member's bug, or a hostile one holding the cluster's credentials) is
+    /// taken as L. Grants otherwise are counted as foreign and ignored.
+    pub fn receive_grant(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        from: &NodeId,
+        mut msg: GrantMsg,
+        info: Option<PolicyInfo>,
+    ) {
+        let Some(info) = info else {
+            self.foreign += 1;
+            return;
+        };
+        if let Some(grant) = &mut msg.message.grant {
+            // Below u32::MAX too: `written` marks a grant the maps refused with it.
+            grant.value = grant.value.min(info.limit).min(u32::MAX - 1);
+        }
         match self.held.get_mut(&msg.client) {
+            Some(held) if held.policy != msg.policy => self.foreign += 1,
             Some(held) if held.owner == *from => {
                 if msg.release {
                     self.held.remove(&msg.client);
@@ -618,7 +641,7 @@ impl Enrolment {
         if let Some(mine) = out.remove(&self.me) {
             for msg in mine.grants {
                 let me = self.me.clone();
-                self.receive_grant(now, view, &me, msg);
+                self.receive_grant(now, view, &me, msg, info(msg.policy));
             }
         }
         self.flush(now, write);

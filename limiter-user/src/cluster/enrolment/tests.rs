@@ -117,7 +117,7 @@ impl Sim {
                 self.nodes[to].receive_report(self.now, &view, &members[from], msg, Some(info));
             }
             for msg in out.grants {
-                self.nodes[to].receive_grant(self.now, &view, &members[from], msg);
+                self.nodes[to].receive_grant(self.now, &view, &members[from], msg, Some(info));
             }
         }
         for (i, node) in self.nodes.iter_mut().enumerate() {
@@ -547,7 +547,7 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
         },
         release: false,
     };
-    not_owner.receive_grant(now, &view, &other, grant);
+    not_owner.receive_grant(now, &view, &other, grant, Some(info));
     assert_eq!(not_owner.counts(now).held, 0);
     assert_eq!(not_owner.counts(now).foreign, 1);
     // Views that differ: no new enrolment.
@@ -560,6 +560,70 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
     assert_eq!(the_owner.counts(now).owned, 0);
     the_owner.receive_report(now, &view, &other, report, Some(info));
     assert_eq!(the_owner.counts(now).owned, 1);
+}
+
+/// A holder takes grants only under the client's global policy here and none above its L: the
+/// owner's grant of u32::MAX is enforced as L; one naming a policy that is not global here, or
+/// another than the client's, is foreign and changes nothing.
+#[test]
+fn a_holder_takes_no_grant_above_the_limit_nor_under_another_policy() {
+    let members = ids(3);
+    let view = alone_view(&members, true);
+    let owner = owner::owner(&CLIENT, &members).expect("an owner").clone();
+    let me = members
+        .iter()
+        .find(|m| **m != owner)
+        .expect("another member")
+        .clone();
+    let info = PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold: L / 3,
+    };
+    let mut node = Enrolment::new(me, timing(), 1, 16);
+    let mut now = Duration::from_secs(100);
+    node.hot(now, &view, CLIENT, 1);
+    node.observe(now, &CLIENT, Some(25), 0);
+    now += ROUND;
+    let (out, _) = node.round(now, &view, &|_| Some(info));
+    let asked = out[&owner].reports[0].report.seq;
+    let mut number = 1 << 48;
+    let mut grant = |policy, value| {
+        number += 1;
+        GrantMsg {
+            client: CLIENT,
+            policy,
+            message: ToHolder {
+                message: number,
+                grant: Some(crate::cluster::lease::Grant {
+                    seq: number,
+                    value,
+                    answers: asked,
+                }),
+                terms: Some(crate::cluster::lease::Terms {
+                    lease: Duration::from_secs(1),
+                    silence: Duration::from_secs(3),
+                }),
+            },
+            release: false,
+        }
+    };
+    node.receive_grant(now, &view, &owner, grant(1, 5), None);
+    node.receive_grant(now, &view, &owner, grant(2, 5), Some(info));
+    assert_eq!(node.counts(now).foreign, 2);
+    assert_eq!(node.counts(now).granted, 0, "neither was taken");
+    node.receive_grant(now, &view, &owner, grant(1, u32::MAX), Some(info));
+    assert_eq!(node.counts(now).foreign, 2);
+    now += ROUND;
+    let (_, writes) = node.round(now, &view, &|_| Some(info));
+    let set: Vec<u32> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Set { client, value, .. } if *client == CLIENT => Some(*value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(set, vec![L], "{writes:?}");
 }
 
 proptest! {
@@ -841,6 +905,7 @@ mod second_review {
                 },
                 release: false,
             },
+            Some(info),
         );
         tick(&mut node, &mut now);
         let (out, _) = node.round(now, &v3, &|_| Some(info));
@@ -860,6 +925,7 @@ mod second_review {
                 },
                 release: true,
             },
+            Some(info),
         );
         tick(&mut node, &mut now);
         node.round(now, &v4, &|_| Some(info));
@@ -876,7 +942,7 @@ mod second_review {
         // Its first message (learning mode: no grant) reaches the holder, which echoes it.
         let (out, _) = new_owner.round(now, &v4, &|_| Some(info));
         for msg in &out[&me].grants {
-            node.receive_grant(now, &v4, &four[3], *msg);
+            node.receive_grant(now, &v4, &four[3], *msg, Some(info));
         }
         tick(&mut node, &mut now);
         let (out, _) = node.round(now, &v4, &|_| Some(info));

@@ -445,7 +445,7 @@ pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Sta
         enrolment.receive_report(now, &view, from, msg, snapshot.info(msg.policy));
     }
     for msg in incoming.grants {
-        enrolment.receive_grant(now, &view, from, msg);
+        enrolment.receive_grant(now, &view, from, msg, snapshot.info(msg.policy));
     }
     Ok(())
 }
