@@ -76,7 +76,18 @@ pub enum Refusal {
     TooMany(NodeId),
     #[error("a member count of 0 is not possible (a node counts itself)")]
     NoMembers,
+    #[error(
+        "a member count of {0} is more than any node's view holds (at most {MAX_REPORTED_MEMBERS})"
+    )]
+    TooManyMembers(u32),
 }
+
+/// The largest member count a peer may report, and the most this node counts itself: far over
+/// what any view holds ([`MAX_MEMBERS`] heard members, as many endpoints, the `peers` entries
+/// not yet resolved, and the addresses DNS gave beyond [`MAX_MEMBERS`]). A larger count (a
+/// peer's bug, or a hostile one with the cluster's credentials) would take every global
+/// policy's cold share to nothing, and stay the agreed count until `forget`.
+pub const MAX_REPORTED_MEMBERS: u32 = 1 << 16;
 
 /// What a peer's report told membership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +317,8 @@ impl Membership {
 
     /// The agreed count the previous run left, counted until `forget` from `now` has passed.
     pub fn set_floor(&mut self, members: u32, now: Instant) {
+        // A file an older agent wrote may hold a count taken in before it was capped.
+        let members = members.min(MAX_REPORTED_MEMBERS);
         self.floor = Some((members, now + self.timing.forget));
     }
 
@@ -324,6 +337,9 @@ impl Membership {
         }
         if report.members == 0 {
             return Err(Refusal::NoMembers);
+        }
+        if report.members > MAX_REPORTED_MEMBERS {
+            return Err(Refusal::TooManyMembers(report.members));
         }
         self.forget_silent(now);
         let newer = |s: &Seen| (report.incarnation, report.seq) >= (s.incarnation, s.seq);
@@ -438,7 +454,9 @@ impl Membership {
     /// This node's member count (see the module docs).
     pub fn members(&self, now: Instant) -> u32 {
         let (ids, unknown) = self.member_set(now);
-        ids.len() as u32 + unknown
+        (ids.len() as u32)
+            .saturating_add(unknown)
+            .min(MAX_REPORTED_MEMBERS)
     }
 
     /// The hash of this node's member list and global policies.

@@ -371,7 +371,7 @@ fn policy_id(policy: u32) -> Result<u16, Status> {
 }
 
 /// Checks and converts a heartbeat's enrolment messages (all or nothing).
-fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
+pub fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
     if hb.reports.len() > MAX_CLIENTS_PER_MESSAGE || hb.grants.len() > MAX_CLIENTS_PER_MESSAGE {
         return Err(Status::invalid_argument(format!(
             "at most {MAX_CLIENTS_PER_MESSAGE} clients per heartbeat"
@@ -431,11 +431,11 @@ fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
     Ok(Outgoing { reports, grants })
 }
 
-/// Takes in the enrolment messages of a heartbeat from `from` (already authenticated as it).
-pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Status> {
-    let incoming = from_wire(hb)?;
+/// Takes in the enrolment messages of a heartbeat from `from` (already authenticated as it),
+/// as [`from_wire`] read them.
+pub fn take_in(shared: &Shared, from: &NodeId, incoming: Outgoing) {
     if !shared.enrolling.load(Ordering::Acquire) {
-        return Ok(());
+        return;
     }
     let snapshot = Snapshot::take(shared);
     let view = snapshot.view();
@@ -447,7 +447,6 @@ pub fn take_in(shared: &Shared, from: &NodeId, hb: &Heartbeat) -> Result<(), Sta
     for msg in incoming.grants {
         enrolment.receive_grant(now, &view, from, msg, snapshot.info(msg.policy));
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -93,6 +93,9 @@ impl Peer for PeerService {
             )));
         }
         let report = to_report(&hb)?;
+        // The whole message is read before any of it is taken in: one refused for its
+        // enrolment part changes no membership either.
+        let incoming = enrolment::from_wire(&hb)?;
         let now = Instant::now();
         let mut state = self.0.lock();
         let own = report.node == *state.membership.me();
@@ -124,7 +127,7 @@ impl Peer for PeerService {
         }
         drop(state);
         if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
-            enrolment::take_in(&self.0, &report.node, &hb)?;
+            enrolment::take_in(&self.0, &report.node, incoming);
         }
         let answer = to_heartbeat(me, hb.seq, &self.0);
         Traffic::add(&self.0.traffic.bytes_sent, answer.encoded_len());

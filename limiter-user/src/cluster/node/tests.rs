@@ -8,7 +8,7 @@ use tonic::Request;
 use super::*;
 use crate::{
     cluster::{GlobalPolicy, config::Partition, membership::Phase},
-    proto::cluster::{Heartbeat, peer_client::PeerClient},
+    proto::cluster::{ClientReport, Heartbeat, peer_client::PeerClient},
 };
 
 const TOKEN: &str = "a-cluster-token-of-some-length";
@@ -197,6 +197,36 @@ async fn peers_without_the_token_or_as_this_node_are_refused() {
         .await
         .expect_err("oversized");
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    // A heartbeat refused for its enrolment part (a client key of 4 bytes) is refused whole:
+    // n3 is not counted, nor its member count taken.
+    let e = good
+        .heartbeat(Heartbeat {
+            members: 9,
+            reports: vec![ClientReport {
+                client: vec![1, 2, 3, 4],
+                ..Default::default()
+            }],
+            ..heartbeat("n3")
+        })
+        .await
+        .expect_err("a short client key");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // A member count no view holds is refused.
+    let e = good
+        .heartbeat(Heartbeat {
+            members: u32::MAX,
+            ..heartbeat("n3")
+        })
+        .await
+        .expect_err("members: u32::MAX");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("more than any node's view"), "{e:?}");
+    let s = n1.status();
+    assert_eq!(
+        (s.members, s.agreed_members),
+        (1, 1),
+        "neither refused heartbeat counted: {s:?}"
+    );
     let answer = good
         .heartbeat(heartbeat("n2"))
         .await
