@@ -377,8 +377,8 @@ impl Checker {
     /// outside dry-run and shadow mode) each client is read by a probe for what the request
     /// needs of it, which counts those hits in the client's `dropped` when they do not fit, as
     /// `check_all_or_none`'s probes do: a member of a cluster reports demand as passed +
-    /// dropped, and a request refused whole spends nothing. A client checked more than once for
-    /// the same need counts them once. Without it (a request refused whatever the reads say:
+    /// dropped, and a request refused whole spends nothing. A client checked more than once is
+    /// probed once, for the most its checks need (see `asked_of_each_client`). Without it (a request refused whatever the reads say:
     /// a blocked descriptor) nothing is counted.
     pub fn read_needing(
         &self,
@@ -386,18 +386,18 @@ impl Checker {
         count_refused: bool,
     ) -> Result<Vec<(Decision, bool)>, CheckError> {
         let view = self.view();
-        let first = if count_refused {
-            first_of_each_client(checks)
+        let asked = if count_refused {
+            asked_of_each_client(checks)
         } else {
             Vec::new()
         };
         let reads: Vec<CheckRequest> = checks
             .iter()
             .enumerate()
-            .map(|(i, (c, needed))| match first.get(i) {
+            .map(|(i, (c, _))| match asked.get(i) {
                 // A probe reads as a check of 0 hits does (the program asks `hits` of it).
-                Some(&first) => CheckRequest {
-                    hits: if first == i { *needed } else { 0 },
+                Some(&asked) => CheckRequest {
+                    hits: asked,
                     flags: c.flags | CHECK_PROBE,
                     ..*c
                 },
@@ -565,6 +565,24 @@ pub enum AllOrNone {
 /// Whether two checks are of one client (the same key in the same map).
 pub fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
     a.key == b.key && (a.flags & CHECK_NAMED) == (b.flags & CHECK_NAMED)
+}
+
+/// For each check, the hits its probe asks in [`Checker::read_needing`]: at the first check of
+/// each client under each policy, the most any of that client's checks needs (what the
+/// request asks of the client in all: a shadow descriptor's need also counts the enforced
+/// checks beside it), 0 at the others, so that a short client's refused hits are counted once.
+/// When the enforced checks fit and only a shadow one is short, the enforced hits are spent
+/// and counted again in that figure: the client's demand is overstated by them, never more.
+fn asked_of_each_client(checks: &[(CheckRequest, u32)]) -> Vec<u32> {
+    let mut asked = vec![0; checks.len()];
+    for (i, (c, needed)) in checks.iter().enumerate() {
+        let first = checks[..i]
+            .iter()
+            .position(|(o, _)| same_client(c, o) && o.policy == c.policy)
+            .unwrap_or(i);
+        asked[first] = asked[first].max(*needed);
+    }
+    asked
 }
 
 /// For each check, the index of the first check of the same client under the same policy for
@@ -950,6 +968,31 @@ policies:
             (drop.action, drop.limit, drop.retry_after),
             (Action::Drop, 0, None)
         );
+    }
+
+    /// A read that counts what it refuses asks each client once per policy, for the most its
+    /// checks need (an enforced descriptor's need and a shadow one's beside it on the same
+    /// client differ: probed for each, the short client counted both).
+    #[test]
+    fn a_counting_read_asks_each_client_once_for_the_most_its_checks_need() {
+        let policy = Policy {
+            limit: 5,
+            window_us: 1_000_000,
+            id: 3,
+            action: limiter_common::maps::ACTION_LIMIT,
+            group: 0,
+        };
+        let other = Policy { id: 4, ..policy };
+        let a = named_request([1; 16], 1, policy);
+        let b = named_request([2; 16], 1, policy);
+        let checks = [
+            (a, 1),
+            (b, 3),
+            (a, 2),
+            (named_request([1; 16], 1, other), 1),
+            (a, 2),
+        ];
+        assert_eq!(asked_of_each_client(&checks), vec![2, 3, 0, 1, 0]);
     }
 
     #[test]

@@ -894,7 +894,8 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
     if let Some(e) = &s.enrolment {
         println!(
             "\nenrolment: owns {} hot clients, holds {} ({} with a grant in force); refused {} \
-             (--max-global-clients), ignored {} messages of non-owners; the maps refused {} \
+             (--max-global-clients), ignored {} grant messages (not the owner's, or not under the \
+             client's global policy); the maps refused {} \
              grant changes",
             e.owned, e.held, e.granted, e.refused, e.foreign, e.unwritten
         );
