@@ -623,6 +623,47 @@ fn agent_on_a_missing_interface_fails_clearly() -> Result<()> {
     Ok(())
 }
 
+/// A second agent on an interface one already runs on is refused before it touches anything,
+/// whatever API socket and state directory it was given (it used to take the pinned link over,
+/// write its own config into the maps, and detach the program when it stopped); the first
+/// keeps its program attached and its config in force.
+#[test]
+fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let first = Agent::start(&net, "default: {limit: 7, window: 1h}\n")?;
+    let dir = TempDir::new("second")?;
+    let socket = dir.join("second.sock").to_string_lossy().into_owned();
+    let second = Agent::spawn(&net, GOOD_CONFIG, &["--api-socket", &socket])?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = second.exited()? {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second agent did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = second.stderr();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "another limiter agent runs on {} in this network namespace",
+            net.receiver_if
+        )),
+        "{log}"
+    );
+    assert!(
+        first.xdp_attached()?,
+        "the first agent's program stays attached"
+    );
+    let counter = net.udp_counter(UDP_PORT)?;
+    let src: IpAddr = sender_v4(3).into();
+    let got = send_and_count(&net, &counter, &[(src, 10)])?;
+    assert_eq!(got[&src], 7, "the first agent's limit is in force");
+    assert!(first.exited()?.is_none(), "{}", first.stderr());
+    Ok(())
+}
+
 #[test]
 fn agent_with_a_bad_config_fails_at_startup() -> Result<()> {
     require_root!();

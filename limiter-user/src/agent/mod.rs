@@ -1,6 +1,7 @@
 //! `limiter agent`: load and attach the XDP program, apply the policies, keep them in step with
 //! the config file, detach on SIGINT/SIGTERM.
 
+mod claim;
 pub mod cluster;
 pub mod descriptors;
 mod start;
@@ -101,6 +102,9 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     // clean up on any kernel.
     datapath::kernel::check().map_err(datapath::DatapathError::from)?;
     datapath::if_index(&opts.iface)?;
+    // Before anything is read, bound or written: another agent on this interface stops the
+    // start here, whatever socket and state directory it was given.
+    let _claim = claim::InterfaceClaim::take(&opts.iface)?;
     // Before anything is read from it: an overlay or a snapshot in a directory others can write
     // could be theirs.
     trusted_dir::prepare(&opts.state_dir, DirKind::State)?;
