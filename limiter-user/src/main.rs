@@ -20,6 +20,12 @@ use limiter_user::{
     proto, stats,
 };
 
+
+/// The most entries `--max-clients`, `--max-limited`, `--max-ids` and `--max-global-clients`
+/// take: 2^28, a map of 32 GiB at 120 bytes an entry. The kernel refuses a hash map of more
+/// than 2^31 (E2BIG), and it refuses it only once the agent has already discarded the maps of
+/// another size pinned before: a larger value is refused here, naming the option.
+const MAX_MAP_ENTRIES: i64 = 1 << 28;
 #[derive(Parser)]
 #[command(
     name = "limiter",
@@ -53,7 +59,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
         xdp_mode: AttachMode,
         /// Capacity of the dynamic-client map (least recently used clients are evicted).
-        #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_clients: u32,
         /// Directory of the client-state snapshot (`IFACE.snapshot`), restored after a reboot.
         #[arg(long, default_value = "/var/lib/limiter")]
@@ -68,15 +74,15 @@ enum Command {
         replace: bool,
         /// Capacity of the never-evicted map that holds clients over their limit, so that a flood
         /// of new sources cannot evict them and reset their windows (120 bytes an entry).
-        #[arg(long, default_value_t = DEFAULT_MAX_LIMITED, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = DEFAULT_MAX_LIMITED, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_limited: u32,
         /// With a `cluster:` section: most global clients this node holds grants for, and most it
         /// owns (never evicted; ~100 bytes each). A client past it keeps its cold share (safe;
         /// `limiter cluster status` counts them).
-        #[arg(long, default_value_t = DEFAULT_MAX_GLOBAL_CLIENTS, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = DEFAULT_MAX_GLOBAL_CLIENTS, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_global_clients: u32,
         /// Capacity of the map of API client IDs that are not addresses (LRU).
-        #[arg(long, default_value_t = DEFAULT_MAX_IDS, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = DEFAULT_MAX_IDS, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_ids: u32,
         /// The API's Unix socket (mode 0600) [default: /run/limiter/IFACE.sock].
         #[arg(long)]
