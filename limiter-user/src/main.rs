@@ -423,8 +423,8 @@ impl AccessArgs {
 /// How the client commands reach the agent.
 #[derive(Args, Clone)]
 struct ApiArgs {
-    /// The agent's API: a Unix socket path or an http(s):// URL [default: the socket of
-    /// --iface, or the only one in /run/limiter].
+    /// The agent's API: a Unix socket path or an http(s):// URL [default: the only socket in
+    /// /run/limiter; for `stats`, the socket of its --iface].
     #[arg(long, global = true)]
     api: Option<String>,
     /// File with the bearer token (TCP).

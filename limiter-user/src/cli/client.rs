@@ -78,7 +78,7 @@ fn default_socket(iface: Option<&str>) -> anyhow::Result<PathBuf> {
             dir.display()
         ),
         _ => anyhow::bail!(
-            "several agents run here ({}): pass --iface or --api",
+            "several agents run here ({}): pass --api with one of them",
             sockets
                 .iter()
                 .map(|p| p.display().to_string())

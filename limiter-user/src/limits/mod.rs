@@ -388,7 +388,7 @@ impl PolicyStore {
     }
 
     /// The config in force as YAML, with a comment saying what comes from the overlay
-    /// (`limiter config show`).
+    /// (`limiter limits effective`).
     pub fn effective_yaml(&self) -> String {
         let (effective, path, overlay_path, error) = {
             let inner = self.lock();

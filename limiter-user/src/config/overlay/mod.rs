@@ -310,7 +310,7 @@ impl Overlay {
         let body = serde_yaml::to_string(&Value::Mapping(doc)).unwrap_or_default();
         format!(
             "# Policy changes made through the limiter API, merged over the config file.\n\
-             # Written by the agent: edit the config file instead (see `limiter config show`).\n\
+             # Written by the agent: edit the config file instead (see `limiter limits effective`).\n\
              {body}"
         )
     }
@@ -496,7 +496,7 @@ pub struct Effective {
     pub removed: Vec<(Match, Resolved)>,
     /// Tombstones of policies the file does not have (inert; see [`Overlay::prune`]).
     pub stale_removals: Vec<Match>,
-    /// What [`Effective::yaml`] writes out when asked (`limiter config show`): the file's text
+    /// What [`Effective::yaml`] writes out when asked (`limiter limits effective`): the file's text
     /// and the overlay merged.
     source: Arc<(Arc<str>, Overlay)>,
 }
@@ -522,7 +522,7 @@ impl Effective {
         Some(self.layer(i + 1))
     }
 
-    /// The effective config for `limiter config show`: a comment saying where each part comes
+    /// The effective config for `limiter limits effective`: a comment saying where each part comes
     /// from, then [`Effective::yaml`], which an operator can put in place of the config file
     /// (and then delete the overlay) to fold the API's changes in.
     pub fn render(&self, file: &Path, overlay: &Path) -> String {
