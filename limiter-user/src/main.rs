@@ -20,7 +20,6 @@ use limiter_user::{
     proto, stats,
 };
 
-
 /// The most entries `--max-clients`, `--max-limited`, `--max-ids` and `--max-global-clients`
 /// take: 2^28, a map of 32 GiB at 120 bytes an entry. The kernel refuses a hash map of more
 /// than 2^31 (E2BIG), and it refuses it only once the agent has already discarded the maps of

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     cluster::{
         config::PeerAddr,
-        membership::{Heard, Phase, Refusal, ShareView},
+        membership::{Heard, Membership, Phase, Refusal, ShareView},
     },
     proto::cluster::peer_client::PeerClient,
 };
@@ -94,6 +94,7 @@ pub(super) async fn heartbeat_loop(
     let mut interval = shared.lock().config.sync_interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut differing = ViewsDiffer::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -104,6 +105,8 @@ pub(super) async fn heartbeat_loop(
             let mut state = shared.lock();
             let view = state.membership.share_view(now);
             let previous = state.view;
+            let peer_timeout = state.config.peer_timeout;
+            differing.watch(&state.membership, now, peer_timeout);
             let endpoints: Vec<SocketAddr> = state.membership.endpoints().collect();
             (
                 endpoints,
@@ -274,6 +277,47 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
             tracing::debug!(%addr, "cluster: this endpoint is this node")
         }
         Err(refusal) => tracing::warn!(%addr, "cluster peer refused: {refusal}"),
+    }
+}
+
+/// Says so (once, until they agree again) when live peers' views have differed from this
+/// node's for longer than a join takes: enrolment waits for every view to agree, so a lasting
+/// difference (a peer missing from one member's list, or global policies that differ, down to
+/// their positions in the config: a policy's id is its index there, local policies included)
+/// silently keeps every global client at its cold share.
+#[derive(Default)]
+struct ViewsDiffer {
+    since: Option<Instant>,
+    said: bool,
+}
+
+impl ViewsDiffer {
+    fn watch(&mut self, membership: &Membership, now: Instant, peer_timeout: Duration) {
+        let differ: Vec<String> = membership
+            .peers(now)
+            .iter()
+            .filter(|p| p.live && !p.agrees)
+            .filter_map(|p| p.node.as_ref().map(|id| id.as_str().to_owned()))
+            .collect();
+        if differ.is_empty() {
+            if self.said {
+                tracing::info!("cluster: every live peer's view agrees with this node's again");
+            }
+            *self = ViewsDiffer::default();
+            return;
+        }
+        let since = *self.since.get_or_insert(now);
+        if !self.said && now.saturating_duration_since(since) >= peer_timeout * 3 {
+            self.said = true;
+            tracing::warn!(
+                peers = %differ.join(","),
+                "cluster: these live peers' views differ from this node's: no client is enrolled \
+                 until every view agrees (global clients keep their cold share). Each member \
+                 must list the same members and have the same global policies at the same \
+                 positions in its config (a policy's id is its index there, local policies \
+                 included; `limiter cluster status` shows which peers differ)"
+            );
+        }
     }
 }
 
