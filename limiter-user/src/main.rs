@@ -21,10 +21,12 @@ use limiter_user::{
 };
 
 /// The most entries `--max-clients`, `--max-limited`, `--max-ids` and `--max-global-clients`
-/// take: 2^28, a map of 32 GiB at 120 bytes an entry. The kernel refuses a hash map of more
-/// than 2^31 (E2BIG), and it refuses it only once the agent has already discarded the maps of
-/// another size pinned before: a larger value is refused here, naming the option.
-const MAX_MAP_ENTRIES: i64 = 1 << 28;
+/// take: 2^27, a map of 15 GiB at 120 bytes an entry. The kernel sizes a hash map's buckets as
+/// the next power of two and refuses more than `U32_MAX / 16` of them (E2BIG,
+/// kernel/bpf/hashtab.c `htab_map_alloc`), so 2^27 is the largest size it takes; and it
+/// refuses only once the agent has discarded the maps of another size pinned before: a larger
+/// value is refused here, naming the option.
+const MAX_MAP_ENTRIES: i64 = 1 << 27;
 #[derive(Parser)]
 #[command(
     name = "limiter",

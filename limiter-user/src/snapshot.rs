@@ -50,8 +50,8 @@ pub fn periodic_gap(interval: Duration, cpu: Duration) -> Duration {
 /// the `LIMITED` map, whose entries a snapshot lists with the others; layout 6 added group keys,
 /// which are keys like any other: a layout-5 snapshot's address keys restore as they are, and an
 /// IPv6 client now counted per /64 starts its group afresh, its old address entry left to age
-/// out of the LRU map).
-const READABLE_LAYOUTS: [u32; 4] = [3, 4, 5, LAYOUT_VERSION];
+/// out of the LRU map; layout 7 added the cluster's maps, which snapshots do not list).
+const READABLE_LAYOUTS: [u32; 5] = [3, 4, 5, 6, LAYOUT_VERSION];
 /// The first layout with group keys (`limiter_common::addr::group_key`, in `ff00::/8`). Before
 /// it, a key there was a multicast source the parser then let through; restored now it would
 /// read as a group's key, so a source could have chosen the state of another client's group:
@@ -475,13 +475,15 @@ mod tests {
             bytes.extend_from_slice(&crc.to_le_bytes());
             bytes
         };
-        for layout in [4, 5, LAYOUT_VERSION] {
+        for layout in [4, 5, 6, LAYOUT_VERSION] {
             let s = Snapshot::decode(&with_layout(layout, &sample(3))).unwrap();
             assert_eq!(s.entries, sample(3).entries, "layout {layout}");
         }
         // A key in ff00::/8 is a group's from layout 6 on; before, a multicast source's: dropped.
-        let s = Snapshot::decode(&with_layout(LAYOUT_VERSION, &grouped)).unwrap();
-        assert_eq!(s.entries, grouped.entries);
+        for layout in [6, LAYOUT_VERSION] {
+            let s = Snapshot::decode(&with_layout(layout, &grouped)).unwrap();
+            assert_eq!(s.entries, grouped.entries, "layout {layout}");
+        }
         let s = Snapshot::decode(&with_layout(5, &grouped)).unwrap();
         assert_eq!(s.entries, [grouped.entries[0], grouped.entries[2]]);
         let next = LAYOUT_VERSION + 1;

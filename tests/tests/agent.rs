@@ -647,7 +647,8 @@ fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
     assert!(!status.success(), "{log}");
     assert!(
         log.contains(&format!(
-            "another limiter agent runs on {} in this network namespace",
+            "another limiter agent (pid {}) runs on {} in this network namespace",
+            first.pid().context("the first agent's pid")?,
             net.receiver_if
         )),
         "{log}"

@@ -113,7 +113,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         .with_context(|| format!("config {} rejected", opts.config.display()))?;
     let config = loaded.effective.config.clone();
 
-    // Listeners first: a port in use, a bad certificate or another agent on this interface's
+    // Listeners first: a port in use, a bad certificate or another agent on this agent's
     // socket stops the start before anything is loaded, written or attached.
     let listeners = api::bind(&opts.api).await?;
     // Removes the socket when `run` returns, whichever way (an orderly stop, an error after the

@@ -4,7 +4,7 @@
 //! - The directory is created (0755) if missing and must pass [`trusted_dir`]'s rules for a socket
 //!   directory (owned by the agent's uid or root; writable by others only with the sticky bit).
 //! - Something at the path that is not a socket is never removed; a socket someone listens on
-//!   (another agent on this interface) stops the start; a socket nobody listens on (a crashed
+//!   (another agent given this socket) stops the start; a socket nobody listens on (a crashed
 //!   agent's) is replaced.
 //! - The mode is set on the socket's descriptor before `bind(2)` (`fchmod`: Linux creates the
 //!   file with the socket inode's mode less the umask, `unix_bind` in net/unix/af_unix.c), so
@@ -116,7 +116,7 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Ok(()) => anyhow::bail!(
-            "API socket {} is in use by another process (another agent on this interface?)",
+            "API socket {} is in use by another process (another agent given this socket?)",
             path.display()
         ),
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => anyhow::bail!(

@@ -313,9 +313,10 @@ impl ViewsDiffer {
                 peers = %differ.join(","),
                 "cluster: these live peers' views differ from this node's: no client is enrolled \
                  until every view agrees (global clients keep their cold share). Each member \
-                 must list the same members and have the same global policies at the same \
-                 positions in its config (a policy's id is its index there, local policies \
-                 included; `limiter cluster status` shows which peers differ)"
+                 must count the same members (one down or gone may be remembered by some and \
+                 not others until it is forgotten) and have the same global policies at the \
+                 same positions in its config (a policy's id is its index there, local \
+                 policies included); `limiter cluster status` shows which peers differ"
             );
         }
     }
