@@ -378,26 +378,22 @@ impl Checker {
     /// needs of it, which counts those hits in the client's `dropped` when they do not fit, as
     /// `check_all_or_none`'s probes do: a member of a cluster reports demand as passed +
     /// dropped, and a request refused whole spends nothing. A client checked more than once is
-    /// probed once, for the most its checks need (see `asked_of_each_client`). Without it (a request refused whatever the reads say:
-    /// a blocked descriptor) nothing is counted.
+    /// probed once, for the most its checks need (see `asked_of_each_client`). Without it (a
+    /// request refused whatever the reads say: a blocked descriptor) nothing is counted.
     pub fn read_needing(
         &self,
         checks: &[(CheckRequest, u32)],
         count_refused: bool,
     ) -> Result<Vec<(Decision, bool)>, CheckError> {
         let view = self.view();
-        let asked = if count_refused {
-            asked_of_each_client(checks)
-        } else {
-            Vec::new()
-        };
+        let asked = count_refused.then(|| asked_of_each_client(checks));
         let reads: Vec<CheckRequest> = checks
             .iter()
             .enumerate()
-            .map(|(i, (c, _))| match asked.get(i) {
+            .map(|(i, (c, _))| match &asked {
                 // A probe reads as a check of 0 hits does (the program asks `hits` of it).
-                Some(&asked) => CheckRequest {
-                    hits: asked,
+                Some(asked) => CheckRequest {
+                    hits: asked[i],
                     flags: c.flags | CHECK_PROBE,
                     ..*c
                 },

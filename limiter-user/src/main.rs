@@ -27,6 +27,7 @@ use limiter_user::{
 /// refuses only once the agent has discarded the maps of another size pinned before: a larger
 /// value is refused here, naming the option.
 const MAX_MAP_ENTRIES: i64 = 1 << 27;
+
 #[derive(Parser)]
 #[command(
     name = "limiter",
