@@ -59,6 +59,8 @@ struct Settings {
     extra: String,
     /// Per node, arguments added to its agent's command line.
     args: Vec<Vec<String>>,
+    /// Per node, a `policies:` list in place of `policies` (none: `policies`).
+    policies_of: Vec<Option<String>>,
 }
 
 impl Settings {
@@ -83,6 +85,7 @@ impl Settings {
             rls: None,
             extra: String::new(),
             args: Vec::new(),
+            policies_of: Vec::new(),
         }
     }
 }
@@ -94,6 +97,12 @@ fn config(k: usize, nodes: usize, settings: &Settings, token: &str, extra: &[&st
         .map(|j| format!("\"{}:{PORT}\"", listen(j)))
         .collect();
     peers.extend(extra.iter().map(|p| format!("\"{p}\"")));
+    let policies = settings
+        .policies_of
+        .get(k)
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| settings.policies.clone());
     format!(
         "default: {{ limit: 1000, window: 1s }}
 policies:
@@ -106,7 +115,7 @@ policies:
   peer_timeout: {}
   partition: {}
 {}",
-        settings.policies,
+        policies,
         listen(k),
         peers.join(", "),
         settings.peer_timeout,
@@ -520,9 +529,47 @@ fn an_address_checked_only_through_the_api_is_enrolled() -> Result<()> {
     require_root!();
     limiter_tests::skip_under_emulation!("checks at a wall-clock rate");
     let c = Cluster::start(3, "share")?;
+    enrolled_by_api_checks(&c, cluster_client_v4(5))
+}
+
+/// Members name a global policy to each other by its content, not its position: with a local
+/// policy before it on node 1, and after it on node 2 (its id there is 2, elsewhere 1), the
+/// views agree and a client under it is enrolled on every node.
+#[test]
+fn members_agree_whatever_the_order_of_their_policies() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("checks at a wall-clock rate");
+    let standard = Settings::standard("share");
+    let global = format!(
+        "  - match: 198.18.99.0/28
+    limit: {LIMIT}
+    window: 1s
+    scope: global
+"
+    );
+    let local = "  - match: 198.18.98.0/24
+    limit: 5
+    window: 1s
+";
+    let settings = Settings {
+        policies_of: vec![
+            None,
+            Some(format!("{local}{}", standard.policies)),
+            Some(format!("{local}{global}")),
+        ],
+        ..standard
+    };
+    let c = Cluster::start_with(3, settings)?;
+    enrolled_by_api_checks(&c, cluster_client_v4(5))
+}
+
+/// Checks `client` through node 0's API at 0.9 of its cold share for 5 s: every check is
+/// allowed, and every node holds the client (enrolled by its owner, reported hot by the check
+/// program under its entry's key, as its packets would be).
+fn enrolled_by_api_checks(c: &Cluster, client: Ipv4Addr) -> Result<()> {
     let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
     let mut api = limiter_tests::api::Api::unix(&socket, Duration::from_secs(5))?;
-    let address = cluster_client_v4(5).to_string();
+    let address = client.to_string();
     let rate = (LIMIT / 3) * 9 / 10;
     let pause = Duration::from_micros(1_000_000 / rate);
     let start = Instant::now();
@@ -531,7 +578,7 @@ fn an_address_checked_only_through_the_api_is_enrolled() -> Result<()> {
         allowed += u32::from(api.check(&address, 1)?.allowed);
         sleep_until_instant(start + pause * (i + 1));
     }
-    let (held, statuses) = holders(&c)?;
+    let (held, statuses) = holders(c)?;
     assert_eq!(
         allowed,
         rate as u32 * 5,
@@ -1231,6 +1278,7 @@ fn traffic_settings(clients: u8) -> Settings {
         rls: None,
         extra: String::new(),
         args: Vec::new(),
+        policies_of: Vec::new(),
     }
 }
 

@@ -18,7 +18,7 @@ pub mod node;
 pub mod owner;
 pub mod shares;
 
-use std::{fmt, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use self::config::ClusterConfig;
 
@@ -33,28 +33,77 @@ pub struct ClusterPolicies {
 /// A global `limit` policy in force: its `match` as written, limit and window (µs).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GlobalPolicy {
-    /// The policy's id (its index in the config, 1-based): how reports name it.
+    /// The policy's id here (its index in the config, 1-based; the rate limit service's limits
+    /// have theirs above every config's): how the maps and the checker name it. Members name it
+    /// to each other by its content instead ([`GlobalPolicy::wire_name`]).
     pub id: u16,
     pub matches: String,
     pub limit: u32,
     pub window_us: u32,
 }
 
+impl GlobalPolicy {
+    /// What this policy is, as members compare it: its match, limit and window.
+    fn content(&self) -> String {
+        format!("{} {} {}", self.matches, self.limit, self.window_us)
+    }
+
+    /// How members name the policy to each other in reports and grants: a hash of its content,
+    /// never its position, so that members whose configs order their policies differently (a
+    /// local policy added before it on one host) still agree. Two policies with the same content
+    /// cannot both be in force (a config refuses a duplicate match; the rate limit service has
+    /// one per limit).
+    pub fn wire_name(&self) -> u64 {
+        membership::stable_hash(self.content().as_bytes())
+    }
+}
+
+/// The global policies in force, by their names on the wire and by their ids here.
+#[derive(Debug, Clone, Default)]
+pub struct WireNames {
+    ids: HashMap<u64, u16>,
+    names: HashMap<u16, u64>,
+}
+
+impl WireNames {
+    pub fn new(global: &[GlobalPolicy]) -> WireNames {
+        let mut names = WireNames::default();
+        for g in global {
+            let name = g.wire_name();
+            names.ids.entry(name).or_insert(g.id);
+            names.names.entry(g.id).or_insert(name);
+        }
+        names
+    }
+
+    /// The id here of the policy a peer named `name`; 0 (no global policy's id) for one not in
+    /// force here, which enrolment counts as foreign.
+    pub fn id(&self, name: u64) -> u16 {
+        self.ids.get(&name).copied().unwrap_or(0)
+    }
+
+    /// The name on the wire of policy `id`, if it is a global policy in force.
+    pub fn name(&self, id: u16) -> Option<u64> {
+        self.names.get(&id).copied()
+    }
+}
+
 impl ClusterPolicies {
     /// A hash of the global policies and the lease timing (`peer_timeout`), carried in
     /// heartbeats so that members notice they disagree: members whose leases differ enrol no
     /// client together (a new owner's learning mode lasts its own lease, which must cover the
-    /// raises an earlier owner granted).
+    /// raises an earlier owner granted). The policies are hashed by content, in sorted order:
+    /// where they sit in each member's config does not matter.
     pub fn hash(&self) -> u64 {
         let mut text = String::new();
         if let Some(config) = &self.config {
             text.push_str(&format!("peer_timeout {:?}\n", config.peer_timeout));
         }
-        for g in &self.global {
-            text.push_str(&format!(
-                "{} {} {} {}\n",
-                g.id, g.matches, g.limit, g.window_us
-            ));
+        let mut global: Vec<String> = self.global.iter().map(GlobalPolicy::content).collect();
+        global.sort_unstable();
+        for g in global {
+            text.push_str(&g);
+            text.push('\n');
         }
         membership::stable_hash(text.as_bytes())
     }
@@ -107,6 +156,34 @@ impl fmt::Display for NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn global(id: u16, matches: &str, limit: u32) -> GlobalPolicy {
+        GlobalPolicy {
+            id,
+            matches: matches.into(),
+            limit,
+            window_us: 1_000_000,
+        }
+    }
+
+    /// The view hash covers the global policies' content, not their ids or order.
+    #[test]
+    fn the_view_hash_is_free_of_positions() {
+        let policies = |global| ClusterPolicies {
+            config: None,
+            global,
+        };
+        let a = policies(vec![global(1, "10.0.0.0/8", 40), global(2, "api", 10)]);
+        let b = policies(vec![global(2, "api", 10), global(5, "10.0.0.0/8", 40)]);
+        assert_eq!(a.hash(), b.hash());
+        let c = policies(vec![global(1, "10.0.0.0/8", 41), global(2, "api", 10)]);
+        assert_ne!(a.hash(), c.hash(), "a different limit is another view");
+        let names = WireNames::new(&b.global);
+        assert_eq!(names.id(global(1, "10.0.0.0/8", 40).wire_name()), 5);
+        assert_eq!(names.name(2), Some(global(7, "api", 10).wire_name()));
+        assert_eq!(names.id(global(1, "10.0.0.0/8", 41).wire_name()), 0);
+        assert_eq!(names.name(1), None);
+    }
 
     #[test]
     fn node_ids_are_checked() {

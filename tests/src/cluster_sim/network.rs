@@ -126,7 +126,8 @@ impl Sim {
             let m = &mut self.scratch_report;
             m.client.clear();
             m.client.extend_from_slice(&r.client);
-            m.policy = u32::from(r.policy);
+            // A policy's name on the wire is a hash: 8 bytes, whatever its value.
+            m.policy = u64::MAX - u64::from(r.policy);
             m.seq = r.report.seq;
             m.demand = r.report.demand;
             m.applied = r.report.applied;
@@ -137,7 +138,7 @@ impl Sim {
             let m = &mut self.scratch_grant;
             m.client.clear();
             m.client.extend_from_slice(&g.client);
-            m.policy = u32::from(g.policy);
+            m.policy = u64::MAX - u64::from(g.policy);
             m.message = g.message.message;
             m.grant = g.message.grant.map(|v| GrantValue {
                 seq: v.seq,

@@ -11,7 +11,7 @@ use tonic::Status;
 use super::Shared;
 use crate::{
     cluster::{
-        NodeId,
+        NodeId, WireNames,
         enrolment::{GrantMsg, Outgoing, PinnedGrant, PolicyInfo, ReportMsg, View, Write},
         lease::{self, Report, Terms, ToHolder},
     },
@@ -258,7 +258,12 @@ fn used(entry: &ClientState, now: Duration) -> u32 {
 }
 
 /// Puts the latest enrolment messages for `node` into a heartbeat to it.
-pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) {
+pub fn attach_outgoing(
+    shared: &Shared,
+    names: &WireNames,
+    node: &NodeId,
+    heartbeat: &mut Heartbeat,
+) {
     let Some(out) = shared
         .outbox
         .lock()
@@ -273,7 +278,7 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
         *turn += 1;
         *turn - 1
     };
-    (heartbeat.reports, heartbeat.grants) = to_wire(&out, turn);
+    (heartbeat.reports, heartbeat.grants) = to_wire(&out, names, turn);
 }
 
 /// At most [`MAX_CLIENTS_PER_MESSAGE`] of `items`: all of them if they fit, else the `turn`-th
@@ -294,11 +299,14 @@ fn part<T>(items: &[T], turn: u64) -> impl Iterator<Item = &T> {
 }
 
 /// An outbox entry as heartbeat fields, the `turn`-th part of lists longer than one message.
-fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
+/// Messages under a policy no longer global here (a reload since the round that made them) are
+/// left out.
+fn to_wire(out: &Outgoing, names: &WireNames, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
     let reports = part(&out.reports, turn)
-        .map(|r| ClientReport {
+        .filter_map(|r| Some((r, names.name(r.policy)?)))
+        .map(|(r, policy)| ClientReport {
             client: r.client.to_vec(),
-            policy: u32::from(r.policy),
+            policy,
             seq: r.report.seq,
             demand: r.report.demand,
             used: r.report.used,
@@ -312,9 +320,10 @@ fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
         })
         .collect();
     let grants = part(&out.grants, turn)
-        .map(|g| ClientGrant {
+        .filter_map(|g| Some((g, names.name(g.policy)?)))
+        .map(|(g, policy)| ClientGrant {
             client: g.client.to_vec(),
-            policy: u32::from(g.policy),
+            policy,
             message: g.message.message,
             grant: g.message.grant.map(|v| GrantValue {
                 seq: v.seq,
@@ -365,13 +374,9 @@ fn client_key(bytes: &[u8]) -> Result<ClientKey, Status> {
     })
 }
 
-fn policy_id(policy: u32) -> Result<u16, Status> {
-    u16::try_from(policy)
-        .map_err(|_| Status::invalid_argument(format!("policy id {policy} is out of range")))
-}
-
-/// Checks and converts a heartbeat's enrolment messages (all or nothing).
-pub fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
+/// Checks and converts a heartbeat's enrolment messages (all or nothing). A policy not global
+/// here gets id 0, which enrolment counts as foreign: a peer may be a reload ahead or behind.
+pub fn from_wire(hb: &Heartbeat, names: &WireNames) -> Result<Outgoing, Status> {
     if hb.reports.len() > MAX_CLIENTS_PER_MESSAGE || hb.grants.len() > MAX_CLIENTS_PER_MESSAGE {
         return Err(Status::invalid_argument(format!(
             "at most {MAX_CLIENTS_PER_MESSAGE} clients per heartbeat"
@@ -383,7 +388,7 @@ pub fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
         .map(|r| {
             Ok(ReportMsg {
                 client: client_key(&r.client)?,
-                policy: policy_id(r.policy)?,
+                policy: names.id(r.policy),
                 report: Report {
                     seq: r.seq,
                     demand: r.demand,
@@ -414,7 +419,7 @@ pub fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
         .map(|g| {
             Ok(GrantMsg {
                 client: client_key(&g.client)?,
-                policy: policy_id(g.policy)?,
+                policy: names.id(g.policy),
                 message: ToHolder {
                     message: g.message,
                     grant: g.grant.as_ref().map(|v| lease::Grant {
@@ -484,8 +489,27 @@ mod tests {
         }
     }
 
+    /// The global policy the messages are under, as policy `id` of a config.
+    fn policy(id: u16) -> crate::cluster::GlobalPolicy {
+        crate::cluster::GlobalPolicy {
+            id,
+            matches: "10.230.0.0/24".into(),
+            limit: 40,
+            window_us: 1_000_000,
+        }
+    }
+
+    /// What a config with the messages' policy as its third holds.
+    fn names() -> WireNames {
+        WireNames::new(&[policy(3)])
+    }
+
+    fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
+        super::from_wire(hb, &names())
+    }
+
     fn heartbeat(out: &Outgoing) -> Heartbeat {
-        let (reports, grants) = to_wire(out, 0);
+        let (reports, grants) = to_wire(out, &names(), 0);
         Heartbeat {
             reports,
             grants,
@@ -568,9 +592,27 @@ mod tests {
         hb.reports[0].raise_left_ms = Some(3_600_001);
         let e = from_wire(&hb).expect_err("refused");
         assert!(e.message().contains("raise_left_ms"), "{}", e.message());
-        let mut hb = heartbeat(&grant(None));
-        hb.grants[0].policy = 70_000;
-        let e = from_wire(&hb).expect_err("refused");
-        assert!(e.message().contains("policy id 70000"), "{}", e.message());
+    }
+
+    /// Members name a global policy by its content: one whose config has it first and local
+    /// policies before it elsewhere read each other's messages under their own ids, and a policy
+    /// that differs (here in its limit) is not taken for it (id 0: enrolment counts it foreign).
+    #[test]
+    fn policies_are_named_by_content_not_position() {
+        let hb = heartbeat(&grant(None));
+        let first = WireNames::new(&[policy(1)]);
+        let got = super::from_wire(&hb, &first).expect("valid");
+        assert_eq!(got.reports[0].policy, 1);
+        assert_eq!(got.grants[0].policy, 1);
+        let other = WireNames::new(&[crate::cluster::GlobalPolicy {
+            limit: 41,
+            ..policy(3)
+        }]);
+        let got = super::from_wire(&hb, &other).expect("kept, as foreign");
+        assert_eq!(got.reports[0].policy, 0);
+        assert_eq!(got.grants[0].policy, 0);
+        // A message under a policy that is no longer global here is not sent.
+        let (reports, grants) = to_wire(&grant(None), &first, 0);
+        assert!(reports.is_empty() && grants.is_empty());
     }
 }

@@ -214,7 +214,7 @@ pub(super) fn client(
 async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
     let sent = Instant::now();
     let seq = shared.next_seq();
-    let (mut request, node) = {
+    let (mut request, node, names) = {
         let state = shared.lock();
         (
             to_heartbeat(
@@ -223,10 +223,11 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
                 shared,
             ),
             state.membership.endpoint_node(addr).cloned(),
+            state.names.clone(),
         )
     };
     if let Some(node) = node {
-        enrolment::attach_outgoing(shared, &node, &mut request);
+        enrolment::attach_outgoing(shared, &names, &node, &mut request);
     }
     let traffic = &shared.traffic;
     Traffic::add(&traffic.bytes_sent, request.encoded_len());
@@ -282,9 +283,9 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
 
 /// Says so (once, until they agree again) when live peers' views have differed from this
 /// node's for longer than a join takes: enrolment waits for every view to agree, so a lasting
-/// difference (a peer missing from one member's list, or global policies that differ, down to
-/// their positions in the config: a policy's id is its index there, local policies included)
-/// silently keeps every global client at its cold share.
+/// difference (a peer missing from one member's list, or global policies that differ in match,
+/// limit or window, or a different `peer_timeout`) silently keeps every global client at its
+/// cold share.
 #[derive(Default)]
 struct ViewsDiffer {
     since: Option<Instant>,
@@ -314,9 +315,9 @@ impl ViewsDiffer {
                 "cluster: these live peers' views differ from this node's: no client is enrolled \
                  until every view agrees (global clients keep their cold share). Each member \
                  must count the same members (one down or gone may be remembered by some and \
-                 not others until it is forgotten) and have the same global policies at the \
-                 same positions in its config (a policy's id is its index there, local \
-                 policies included); `limiter cluster status` shows which peers differ"
+                 not others until it is forgotten), have the same global policies (match, \
+                 limit and window; their order does not matter) and the same peer_timeout; \
+                 `limiter cluster status` shows which peers differ"
             );
         }
     }

@@ -26,7 +26,7 @@ use tonic::{
 use limiter_common::addr::ClientKey;
 
 use super::{
-    ClusterPolicies, NodeId,
+    ClusterPolicies, NodeId, WireNames,
     config::{ClusterConfig, PeerAddr},
     membership::{Membership, ShareView, Timing},
 };
@@ -113,6 +113,8 @@ struct State {
     membership: Membership,
     config: ClusterConfig,
     policies: ClusterPolicies,
+    /// `policies`' global policies by their names on the wire.
+    names: Arc<WireNames>,
     /// The view last handed to the sink.
     view: ShareView,
     /// The addresses `peers` resolved to at the last resolution (kept on a failed one).
@@ -278,6 +280,7 @@ impl Node {
                 state: Mutex::new(State {
                     membership,
                     config: config.clone(),
+                    names: Arc::new(WireNames::new(&policies.global)),
                     policies,
                     view,
                     resolved,
@@ -385,6 +388,7 @@ impl Node {
             ..config.clone()
         };
         state.refresh_endpoints();
+        state.names = Arc::new(WireNames::new(&policies.global));
         state.policies = policies;
         Ok(())
     }
