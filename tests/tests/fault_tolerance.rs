@@ -1143,6 +1143,11 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     );
     eprintln!("{}", mentions[0].trim());
     assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
+    let aside = format!("{}:discarded", pin_dir(&net.receiver_if).display());
+    assert!(
+        !Path::new(&aside).exists(),
+        "the old pins are set aside only until the program is attached"
+    );
 
     let got = send_and_count(&net, &counter, &[(client, 15)])?;
     let stats = second.stats()?;
@@ -1154,6 +1159,72 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     assert_eq!(client_counts(&stats, client), (LIMIT, 5));
     assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
     eprintln!("took {:?}", started.elapsed());
+    Ok(())
+}
+
+/// Removes a test's pin directory and the one its pins were set aside in.
+struct PinDirs(PathBuf);
+
+impl Drop for PinDirs {
+    fn drop(&mut self) {
+        let aside = PathBuf::from(format!("{}:discarded", self.0.display()));
+        let _ = datapath::remove_pins(&self.0);
+        let _ = datapath::remove_pins(&aside);
+    }
+}
+
+/// The id and size of the `CLIENTS` map pinned in `dir`.
+fn pinned_clients(dir: &Path) -> Result<(u32, u32)> {
+    let info = aya::maps::MapInfo::from_pin(dir.join("CLIENTS"))
+        .with_context(|| format!("opening {}/CLIENTS", dir.display()))?;
+    Ok((info.id(), info.max_entries()))
+}
+
+/// Pins of another size are set aside, not removed, until the start that found them has
+/// attached: a load that fails puts them back (a crashed agent's maps outlive a restart with a
+/// wrong `--max-clients` that fails), and one that attaches drops them.
+#[test]
+fn pins_of_another_size_come_back_when_the_load_fails() -> Result<()> {
+    require_root!();
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/limiter-test-aside-{}",
+        std::process::id()
+    ));
+    let aside = PathBuf::from(format!("{}:discarded", dir.display()));
+    let _cleanup = PinDirs(dir.clone());
+    let small = LoadOptions {
+        pin_dir: Some(dir.clone()),
+        max_clients: 1024,
+        ..LoadOptions::default()
+    };
+    drop(datapath::load(&small).context("loading the object (needs root)")?);
+    let (id, size) = pinned_clients(&dir)?;
+    assert_eq!(size, 1024);
+
+    let bigger = LoadOptions {
+        max_clients: 2048,
+        ..small
+    };
+    let failed = datapath::lifecycle::load_object(b"not an object", &bigger);
+    assert!(failed.is_err(), "a load of no object fails");
+    assert_eq!(
+        pinned_clients(&dir)?,
+        (id, 1024),
+        "the pins a failed load would have discarded are back"
+    );
+    assert!(!aside.exists(), "nothing is left set aside");
+
+    drop(datapath::load(&bigger)?);
+    let (new_id, size) = pinned_clients(&dir)?;
+    assert_eq!(size, 2048);
+    assert_ne!(new_id, id);
+    assert_eq!(
+        pinned_clients(&aside)?,
+        (id, 1024),
+        "set aside until attached"
+    );
+    datapath::lifecycle::drop_set_aside(&dir)?;
+    assert!(!aside.exists(), "dropped once attached");
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use crate::datapath::{self, Attachment};
 /// What a start that fails before the main loop must undo, done when the guard is dropped
 /// still armed (any early return): stop the API tasks, detach the program (attached but not
 /// managed is not an option), and remove the pins a fresh start created before attaching (a
-/// start that never enforced anything leaves none behind). The API socket is removed by the
+/// start that never enforced anything leaves none behind), putting back those it set aside. The API socket is removed by the
 /// agent's `SocketFile`, on a failed start as on any other return.
 ///
 /// Declare it before the loaded object: locals drop in reverse order, so the object releases
@@ -37,10 +37,15 @@ impl StartGuard {
         self.fresh_pins = Some(dir);
     }
 
-    /// The program is attached: a failure from here detaches it, and leaves the pins.
+    /// The program is attached: a failure from here detaches it, and leaves the pins. The pins
+    /// the load set aside (another layout or size) are removed now.
     pub(super) fn attached(&mut self, attachment: Attachment) {
         self.attachment = Some(attachment);
-        self.fresh_pins = None;
+        if let Some(pins) = self.fresh_pins.take()
+            && let Err(e) = datapath::lifecycle::drop_set_aside(&pins)
+        {
+            tracing::warn!("removing the discarded pins: {}", crate::error_chain(&e));
+        }
     }
 
     /// The API tasks run until `stop` says so.
@@ -70,6 +75,8 @@ impl Drop for StartGuard {
         }
         if let Some(pins) = &self.fresh_pins {
             let _ = datapath::remove_pins(pins);
+            // Pins of another layout or size this start would have discarded come back.
+            datapath::lifecycle::put_back(pins);
         }
     }
 }

@@ -146,25 +146,39 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
     loader.map_max_entries("LIMITED", opts.max_limited);
     loader.map_max_entries("GRANTS", opts.max_global_clients);
     if let Some(dir) = &opts.pin_dir {
+        let aside = set_aside_dir(dir);
+        if aside.exists() {
+            // Left by a start killed before it attached: what it held is lost, as before pins
+            // were set aside (the snapshot still restores clients).
+            tracing::warn!(dir = %aside.display(), "removing pins a killed start set aside");
+            remove_pins(&aside)?;
+        }
         // Discarding may remove the directory itself: create it afterwards.
         adopted_layout = discard_incompatible_pins(dir, opts)?;
-        std::fs::create_dir_all(dir).map_err(|source| match source.kind() {
-            io::ErrorKind::PermissionDenied => DatapathError::PinDirDenied { dir: dir.clone() },
-            _ => DatapathError::Io {
-                what: "creating the pin directory",
-                path: dir.clone(),
-                error: source,
-            },
-        })?;
-        if !writable(dir) {
-            return Err(DatapathError::PinDirDenied { dir: dir.clone() });
+        let ready = create_pin_dir(dir);
+        if let Err(e) = ready {
+            put_back(dir);
+            return Err(e);
         }
         for (name, ..) in PINNED {
             loader.map_pin_path(name, dir.join(name));
         }
     }
     super::kernel_log::set_level(&mut loader);
-    let mut ebpf = loader.load(object)?;
+    let mut ebpf = match loader.load(object) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            if let Some(dir) = &opts.pin_dir
+                && set_aside_dir(dir).exists()
+            {
+                // The maps this load created are released with it: their pins go, and the
+                // set-aside ones come back.
+                let _ = remove_pins(dir);
+                put_back(dir);
+            }
+            return Err(e.into());
+        }
+    };
     super::kernel_log::forward(&mut ebpf);
     // Pins of an older layout keep their stamp until the agent has swapped its program in and
     // cleaned them up (`complete_upgrade`): until the swap the old program still runs on
@@ -196,7 +210,99 @@ fn pinned_layout(dir: &Path) -> Option<u32> {
     layout.get(&0, 0).ok()
 }
 
-/// Removes pins this binary cannot adopt; returns the layout of the pins it will adopt.
+fn create_pin_dir(dir: &Path) -> Result<(), DatapathError> {
+    std::fs::create_dir_all(dir).map_err(|source| match source.kind() {
+        io::ErrorKind::PermissionDenied => DatapathError::PinDirDenied {
+            dir: dir.to_path_buf(),
+        },
+        _ => DatapathError::Io {
+            what: "creating the pin directory",
+            path: dir.to_path_buf(),
+            error: source,
+        },
+    })?;
+    if !writable(dir) {
+        return Err(DatapathError::PinDirDenied {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the pins in `dir` that a start cannot adopt wait until it has attached
+/// (`IFACE:discarded` beside it, on the same bpffs, which refuses names with a dot; no interface
+/// name has a colon): a start that fails before attaching puts
+/// them back ([`put_back`]), so a crashed agent's state outlives a restart with the wrong sizes
+/// that then fails; one that attaches removes them ([`drop_set_aside`]).
+fn set_aside_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(":discarded");
+    dir.with_file_name(name)
+}
+
+/// Moves the pins of `dir` to [`set_aside_dir`] (the maps live on while a program uses them).
+fn set_aside(dir: &Path) -> Result<(), DatapathError> {
+    let aside = set_aside_dir(dir);
+    create_pin_dir(&aside)?;
+    for name in PINNED.iter().map(|(name, ..)| *name) {
+        let (from, to) = (dir.join(name), aside.join(name));
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                put_back(dir);
+                return Err(DatapathError::Io {
+                    what: "setting aside pin",
+                    path: from,
+                    error: source,
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Puts the pins [`set_aside`] moved back into `dir`, where this start created none (a start
+/// that failed removes its own first); logs what it cannot put back.
+pub fn put_back(dir: &Path) {
+    let aside = set_aside_dir(dir);
+    if !aside.exists() {
+        return;
+    }
+    if let Err(e) = create_pin_dir(dir) {
+        tracing::error!(
+            "the pins set aside in {} stay there: {}",
+            aside.display(),
+            crate::error_chain(&e)
+        );
+        return;
+    }
+    for name in PINNED.iter().map(|(name, ..)| *name) {
+        let (from, to) = (aside.join(name), dir.join(name));
+        if !from.exists() || to.exists() {
+            continue;
+        }
+        if let Err(e) = std::fs::rename(&from, &to) {
+            tracing::error!(
+                "putting back the pin {} after a failed start: {e}",
+                from.display()
+            );
+        }
+    }
+    let _ = remove_pins(&aside);
+    tracing::info!(
+        dir = %dir.display(),
+        "the start failed: the pinned maps it would have discarded are back in place"
+    );
+}
+
+/// Removes the pins [`set_aside`] moved, once the start that set them aside has attached.
+pub fn drop_set_aside(dir: &Path) -> Result<(), DatapathError> {
+    remove_pins(&set_aside_dir(dir))
+}
+
+/// Sets aside pins this binary cannot adopt; returns the layout of the pins it will adopt.
 fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
     if !any_pinned(dir) {
         return Ok(None);
@@ -209,7 +315,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             dir = %dir.display(),
             "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
         );
-        remove_pins(dir)?;
+        set_aside(dir)?;
         return Ok(None);
     }
     match layout {
@@ -261,7 +367,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             map = name,
             "pinned maps have another layout or size; discarding them and starting with fresh counters"
         );
-        remove_pins(dir)?;
+        set_aside(dir)?;
         return Ok(None);
     }
     Ok(layout)
@@ -500,6 +606,11 @@ pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
     if dir.exists() {
         found = true;
         remove_pins(&dir)?;
+    }
+    let aside = set_aside_dir(&dir);
+    if aside.exists() {
+        found = true;
+        remove_pins(&aside)?;
     }
     Ok(found)
 }
