@@ -10,10 +10,11 @@ use std::{
     time::Instant,
 };
 
+use aya::maps::lpm_trie::Key;
 use limiter_common::{
     AdaptiveStatus, ClientState, GlobalStats, Policy,
-    addr::{Client, ClientKey, client_of},
-    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN},
+    addr::{Client, ClientKey, client_of, keyed_by, policy_key_of},
+    maps::{ACTION_DROP, ACTION_LIMIT, ACTION_PASS, FLAG_STATIC, MODE_DRY_RUN, generation_tag},
     window::estimate_at,
 };
 use serde::Serialize;
@@ -331,6 +332,34 @@ pub fn client_row(
     }
 }
 
+/// `state` as its next packet will find it, if the policies in force have not re-resolved it
+/// yet: after a reload (it still names the policy it was under, which a reload may have
+/// renumbered) and for an exact-address client that has sent nothing yet (written blank). The
+/// policy is the trie's match for its key, with that policy's limits (an adapted client's
+/// packet rescales what it has used; the loop's next period adapts it again). `None` for an
+/// entry that is current, or that no policy keys any more (a reload changed how addresses
+/// group: eviction or the `LIMITED` sweep removes it).
+pub(crate) fn as_resolved(
+    tables: &Tables,
+    key: &ClientKey,
+    state: &ClientState,
+    generation: u32,
+) -> Option<ClientState> {
+    if state.is_current(generation) {
+        return None;
+    }
+    let (len, data) = policy_key_of(key);
+    let policy = tables.policies.get(&Key::new(len, data), 0).ok()?;
+    if !keyed_by(key, policy.group) {
+        return None;
+    }
+    let mut resolved = *state;
+    (resolved.limit, resolved.window_us) = policy.entry_limits();
+    resolved.set_policy(policy.id);
+    resolved.set_generation_tag(generation_tag(generation));
+    Some(resolved)
+}
+
 /// Reads the maps. `top == 0` lists every client.
 pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, DatapathError> {
     let figures = Figures::read(tables, iface)?;
@@ -351,17 +380,19 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
     let maps = tables.client_maps()?;
     let entries = maps.addresses()?;
     let held = maps.limited_keys()?;
-    let mut rows: Vec<ClientRow> = entries
+    let row = |k: &ClientKey, s: &ClientState| {
+        let base = policies.get(&s.policy());
+        let name = base.map_or_else(|| format!("#{}", s.policy()), |(n, _)| n.clone());
+        let mut row = client_row(k, s, name, base.map(|(_, p)| p), now);
+        row.limited = held.contains(k);
+        row
+    };
+    let mut rows: Vec<(ClientRow, usize)> = entries
         .iter()
-        .map(|(k, s)| {
-            let base = policies.get(&s.policy());
-            let name = base.map_or_else(|| format!("#{}", s.policy()), |(n, _)| n.clone());
-            let mut row = client_row(k, s, name, base.map(|(_, p)| p), now);
-            row.limited = held.contains(k);
-            row
-        })
+        .enumerate()
+        .map(|(i, (k, s))| (row(k, s), i))
         .collect();
-    rows.sort_by(|a, b| {
+    rows.sort_by(|(a, _), (b, _)| {
         b.rate_per_s
             .total_cmp(&a.rate_per_s)
             .then((b.passed.wrapping_add(b.dropped)).cmp(&a.passed.wrapping_add(a.dropped)))
@@ -370,6 +401,18 @@ pub fn report(tables: &Tables, iface: &str, top: usize) -> Result<Report, Datapa
     if top > 0 {
         rows.truncate(top);
     }
+    // Rows shown of entries the policies in force have not re-resolved yet (they are, on their
+    // next packet) are shown as that packet will find them.
+    let rows: Vec<ClientRow> = rows
+        .into_iter()
+        .map(|(shown, i)| {
+            let (k, s) = &entries[i];
+            match as_resolved(tables, k, s, figures.policy_generation) {
+                Some(resolved) => row(k, &resolved),
+                None => shown,
+            }
+        })
+        .collect();
     Ok(Report {
         iface: iface.to_string(),
         mode: if figures.dry_run {

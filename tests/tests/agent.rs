@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use limiter_tests::{
     agent::{Agent, client_counts, find_client, link_has_xdp, run_limiter},
     fixture::{ExactWindow, TempDir},
@@ -221,7 +221,24 @@ policies:
     let agent = Agent::start(&net, config)?;
     let counter = net.udp_counter(UDP_PORT)?;
     let window = ExactWindow::start(TEST_SPAN);
-    let global_before = agent.stats()?["global"].clone();
+    let before = agent.stats()?;
+    let global_before = before["global"].clone();
+    // An exact-address client that has sent nothing yet is shown under its policy, with its
+    // limit (its entry is written blank, resolved by its first packet).
+    for e in expect.iter().filter(|e| e.is_static) {
+        let c = client(&before, e.src);
+        assert!(
+            same_policy(c["policy"].as_str().unwrap_or_default(), e.policy),
+            "before its first packet, {} is under {}: {c}",
+            e.src,
+            e.policy
+        );
+        assert_eq!(
+            (u64_field(c, "limit"), &c["action"]),
+            (e.limit, &"limit".into()),
+            "{c}"
+        );
+    }
 
     let sends: Vec<(IpAddr, u64)> = expect.iter().map(|e| (e.src, 3 * e.limit)).collect();
     let got = send_and_count(&net, &counter, &sends)?;
@@ -325,6 +342,23 @@ fn hot_reload_raises_a_limit_without_resetting_counters() -> Result<()> {
         "an unchanged client's counters changed at the reload"
     );
     assert_eq!(client_counts(&after, raised), (10, 20));
+    assert_eq!(
+        u64_field(client(&after, raised), "limit"),
+        25,
+        "stats show a client as its next packet will find it, under the reloaded policy"
+    );
+    let socket = format!("/run/limiter/{}.sock", net.receiver_if);
+    let out = run_limiter(
+        &net.receiver_ns,
+        &["stats", "--api", &socket, "--json", "--top", "0"],
+    )?;
+    ensure!(out.status.success(), "limiter stats --api: {out:?}");
+    let api: Value = serde_json::from_slice(&out.stdout)?;
+    let row = api["clients"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["client"] == raised.to_string()))
+        .with_context(|| format!("no row for {raised} in {api:#}"))?;
+    assert_eq!(row["limit"], 25, "the API's stats too: {row}");
 
     let got = send_and_count(&net, &counter, &[(raised, 30), (other, 5), (fresh, 30)])?;
     let stats = agent.stats()?;

@@ -334,9 +334,14 @@ impl<T> Busiest<T> {
     }
 }
 
-impl Busiest<(ClientKey, ClientState)> {
-    /// A client a map walk visited: [`Busiest::offer_again`] for a visit that may be the
-    /// client's second (`again`), [`Busiest::offer`] otherwise.
+impl Busiest<(ClientKey, ClientState, bool)> {
+    /// A client a map walk visited (an address's, or with `address` false an ID's):
+    /// [`Busiest::offer_again`] for a visit that may be the client's second (`again`),
+    /// [`Busiest::offer`] otherwise.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one visit's fields, passed through"
+    )]
     fn offer_visit(
         &mut self,
         again: bool,
@@ -345,10 +350,11 @@ impl Busiest<(ClientKey, ClientState)> {
         id: impl FnOnce() -> String,
         key: &ClientKey,
         state: &ClientState,
+        address: bool,
     ) {
-        let item = || (*key, *state);
+        let item = || (*key, *state, address);
         if again {
-            self.offer_again(rate, total, id, item, |(kept, _)| kept == key);
+            self.offer_again(rate, total, id, item, |(kept, _, _)| kept == key);
         } else {
             self.offer(rate, total, id, item);
         }
@@ -396,7 +402,8 @@ pub(super) fn top(
     maps.each_address(|k, s, again| {
         resident.addresses += 1;
         let (_, rate, total) = measure(s);
-        busiest.offer_visit(again, rate, total, || crate::stats::client_label(k), k, s);
+        let label = || crate::stats::client_label(k);
+        busiest.offer_visit(again, rate, total, label, k, s, true);
     })
     .map_err(internal)?;
     maps.each_id(|k, s, again| {
@@ -408,14 +415,30 @@ pub(super) fn top(
                 format!("id:{hex}")
             })
         };
-        busiest.offer_visit(again, rate, total, id, k, s);
+        busiest.offer_visit(again, rate, total, id, k, s, false);
     })
     .map_err(internal)?;
-    let ranked = busiest.into_sorted();
+    let mut ranked = busiest.into_sorted();
+    // Addresses the policies in force have not re-resolved yet are shown as their next packet
+    // will find them (see `crate::stats::as_resolved`).
+    state
+        .limits
+        .with_tables(|t| {
+            let generation = t.map_config()?.generation;
+            for r in ranked.iter_mut().filter(|r| r.item.2) {
+                if let Some(resolved) =
+                    crate::stats::as_resolved(t, &r.item.0, &r.item.1, generation)
+                {
+                    r.item.1 = resolved;
+                }
+            }
+            Ok(())
+        })
+        .map_err(internal)?;
     let global: Vec<(ClientKey, u32, u32)> = ranked
         .iter()
         .filter_map(|r| {
-            let (k, s) = &r.item;
+            let (k, s, _) = &r.item;
             Some((*k, s.limit, view.global_limit(s.policy())?))
         })
         .collect();
@@ -426,7 +449,7 @@ pub(super) fn top(
             |Ranked {
                  rate,
                  id,
-                 item: (_, s),
+                 item: (_, s, _),
                  ..
              }| {
                 let (estimate, _, _) = measure(&s);
