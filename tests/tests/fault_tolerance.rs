@@ -1143,9 +1143,9 @@ fn pins_of_another_layout_version_are_discarded_with_one_log_line() -> Result<()
     );
     eprintln!("{}", mentions[0].trim());
     assert_eq!(pinned_layout(&net.receiver_if)?, LAYOUT_VERSION);
-    let aside = format!("{}:discarded", pin_dir(&net.receiver_if).display());
+    let aside = pin_dir(&net.receiver_if).join("discarded");
     assert!(
-        !Path::new(&aside).exists(),
+        !aside.exists(),
         "the old pins are set aside only until the program is attached"
     );
 
@@ -1167,9 +1167,8 @@ struct PinDirs(PathBuf);
 
 impl Drop for PinDirs {
     fn drop(&mut self) {
-        let aside = PathBuf::from(format!("{}:discarded", self.0.display()));
+        let _ = datapath::remove_pins(&self.0.join("discarded"));
         let _ = datapath::remove_pins(&self.0);
-        let _ = datapath::remove_pins(&aside);
     }
 }
 
@@ -1190,7 +1189,7 @@ fn pins_of_another_size_come_back_when_the_load_fails() -> Result<()> {
         "/sys/fs/bpf/limiter-test-aside-{}",
         std::process::id()
     ));
-    let aside = PathBuf::from(format!("{}:discarded", dir.display()));
+    let aside = dir.join("discarded");
     let _cleanup = PinDirs(dir.clone());
     let small = LoadOptions {
         pin_dir: Some(dir.clone()),
@@ -1225,6 +1224,15 @@ fn pins_of_another_size_come_back_when_the_load_fails() -> Result<()> {
     );
     datapath::lifecycle::drop_set_aside(&dir)?;
     assert!(!aside.exists(), "dropped once attached");
+
+    // A failed load of pins it would adopt leaves them as they are.
+    let failed = datapath::lifecycle::load_object(b"not an object", &bigger);
+    assert!(failed.is_err(), "a load of no object fails");
+    assert_eq!(
+        pinned_clients(&dir)?,
+        (new_id, 2048),
+        "adopted pins are kept"
+    );
     Ok(())
 }
 

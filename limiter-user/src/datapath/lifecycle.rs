@@ -136,11 +136,11 @@ fn adopts_layout(layout: Option<u32>) -> bool {
 }
 
 /// Loads an object built from limiter-ebpf. With a pin directory, maps already pinned there with
-/// the same layout are adopted (counters survive an agent restart); pins of another layout are
-/// removed first, with a warning.
+/// the same layout are adopted (counters survive an agent restart); pins of another layout or
+/// size are set aside first, with a warning (see [`put_back`]).
 pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
-    let mut adopted_layout = None;
+    let mut found = Found::default();
     loader.map_max_entries("CLIENTS", opts.max_clients);
     loader.map_max_entries("NAMED", opts.max_ids);
     loader.map_max_entries("LIMITED", opts.max_limited);
@@ -154,10 +154,11 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
             remove_pins(&aside)?;
         }
         // Discarding may remove the directory itself: create it afterwards.
-        adopted_layout = discard_incompatible_pins(dir, opts)?;
-        let ready = create_pin_dir(dir);
-        if let Err(e) = ready {
-            put_back(dir);
+        found = discard_incompatible_pins(dir, opts)?;
+        if let Err(e) = create_pin_dir(dir) {
+            if found.set_aside {
+                put_back(dir);
+            }
             return Err(e);
         }
         for (name, ..) in PINNED {
@@ -165,31 +166,36 @@ pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Ebpf, DatapathEr
         }
     }
     super::kernel_log::set_level(&mut loader);
-    let mut ebpf = match loader.load(object) {
-        Ok(ebpf) => ebpf,
-        Err(e) => {
-            if let Some(dir) = &opts.pin_dir
-                && set_aside_dir(dir).exists()
-            {
-                // The maps this load created are released with it: their pins go, and the
-                // set-aside ones come back.
-                let _ = remove_pins(dir);
-                put_back(dir);
+    let loaded = loader
+        .load(object)
+        .map_err(DatapathError::from)
+        .and_then(|mut ebpf| {
+            super::kernel_log::forward(&mut ebpf);
+            // Pins of an older layout keep their stamp until the agent has swapped its program
+            // in and cleaned them up (`complete_upgrade`): until the swap the old program still
+            // runs on them, and a start that fails before it must find them still marked old.
+            if found.layout.is_none_or(|v| v == LAYOUT_VERSION) {
+                layout_map(ebpf.map_mut("LAYOUT"))?
+                    .set(0, LAYOUT_VERSION, 0)
+                    .map_err(map_err("LAYOUT"))?;
             }
-            return Err(e.into());
+            Ok(ebpf)
+        });
+    if loaded.is_err()
+        && found.set_aside
+        && let Some(dir) = &opts.pin_dir
+    {
+        // The maps this load created are released with it: their pins go, and the set-aside
+        // ones come back.
+        if let Err(e) = remove_pins(dir) {
+            tracing::error!(
+                "removing the pins of a failed load: {}",
+                crate::error_chain(&e)
+            );
         }
-    };
-    super::kernel_log::forward(&mut ebpf);
-    // Pins of an older layout keep their stamp until the agent has swapped its program in and
-    // cleaned them up (`complete_upgrade`): until the swap the old program still runs on
-    // them, and a start that fails before it must find them still marked old.
-    if adopted_layout.is_some_and(|v| v < LAYOUT_VERSION) {
-        return Ok(ebpf);
+        put_back(dir);
     }
-    layout_map(ebpf.map_mut("LAYOUT"))?
-        .set(0, LAYOUT_VERSION, 0)
-        .map_err(map_err("LAYOUT"))?;
-    Ok(ebpf)
+    loaded
 }
 
 /// The object's `LAYOUT` map (`ebpf.map_mut("LAYOUT")`).
@@ -229,22 +235,27 @@ fn create_pin_dir(dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Where the pins in `dir` that a start cannot adopt wait until it has attached
-/// (`IFACE:discarded` beside it, on the same bpffs, which refuses names with a dot; no interface
-/// name has a colon): a start that fails before attaching puts
-/// them back ([`put_back`]), so a crashed agent's state outlives a restart with the wrong sizes
-/// that then fails; one that attaches removes them ([`drop_set_aside`]).
+/// Where the pins in `dir` that a start cannot adopt wait until it has attached (`discarded`
+/// inside it: the agent may write there, where it may not beside it, and bpffs refuses names
+/// with a dot): a start that fails before attaching puts them back ([`put_back`]), so a crashed
+/// agent's state outlives a restart with the wrong sizes that then fails; one that attaches
+/// removes them ([`drop_set_aside`]).
 fn set_aside_dir(dir: &Path) -> PathBuf {
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(":discarded");
-    dir.with_file_name(name)
+    dir.join("discarded")
+}
+
+/// The pinned maps, `LAYOUT` first: a set-aside moves the stamp first and a put-back moves it
+/// last, so that a directory left half-way by a kill is never stamped (and is never adopted).
+fn layout_first() -> impl DoubleEndedIterator<Item = &'static str> {
+    let names = PINNED.iter().map(|(name, ..)| *name);
+    std::iter::once("LAYOUT").chain(names.filter(|n| *n != "LAYOUT"))
 }
 
 /// Moves the pins of `dir` to [`set_aside_dir`] (the maps live on while a program uses them).
 fn set_aside(dir: &Path) -> Result<(), DatapathError> {
     let aside = set_aside_dir(dir);
     create_pin_dir(&aside)?;
-    for name in PINNED.iter().map(|(name, ..)| *name) {
+    for name in layout_first() {
         let (from, to) = (dir.join(name), aside.join(name));
         match std::fs::rename(&from, &to) {
             Ok(()) => {}
@@ -259,38 +270,48 @@ fn set_aside(dir: &Path) -> Result<(), DatapathError> {
             }
         }
     }
-    let _ = std::fs::remove_dir(dir);
     Ok(())
 }
 
-/// Puts the pins [`set_aside`] moved back into `dir`, where this start created none (a start
-/// that failed removes its own first); logs what it cannot put back.
+/// Puts the pins [`set_aside`] moved back into `dir`, all of them or none: if any map is pinned
+/// in `dir` (a failed start could not remove its own), they stay set aside, to be removed by the
+/// next load, and the error says so.
 pub fn put_back(dir: &Path) {
     let aside = set_aside_dir(dir);
     if !aside.exists() {
         return;
     }
-    if let Err(e) = create_pin_dir(dir) {
+    if let Some(name) = PINNED
+        .iter()
+        .map(|(name, ..)| *name)
+        .find(|n| dir.join(n).exists())
+    {
         tracing::error!(
-            "the pins set aside in {} stay there: {}",
+            "the pinned maps set aside in {} stay there (the next start removes them): {} is \
+             pinned in {} again",
             aside.display(),
-            crate::error_chain(&e)
+            name,
+            dir.display()
         );
         return;
     }
-    for name in PINNED.iter().map(|(name, ..)| *name) {
+    for name in layout_first().rev() {
         let (from, to) = (aside.join(name), dir.join(name));
-        if !from.exists() || to.exists() {
-            continue;
-        }
-        if let Err(e) = std::fs::rename(&from, &to) {
-            tracing::error!(
-                "putting back the pin {} after a failed start: {e}",
-                from.display()
-            );
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(
+                    "putting back the pin {} after a failed start: {e}; the maps set aside \
+                     stay in {} (the next start removes them)",
+                    from.display(),
+                    aside.display()
+                );
+                return;
+            }
         }
     }
-    let _ = remove_pins(&aside);
+    let _ = std::fs::remove_dir(&aside);
     tracing::info!(
         dir = %dir.display(),
         "the start failed: the pinned maps it would have discarded are back in place"
@@ -302,10 +323,18 @@ pub fn drop_set_aside(dir: &Path) -> Result<(), DatapathError> {
     remove_pins(&set_aside_dir(dir))
 }
 
-/// Sets aside pins this binary cannot adopt; returns the layout of the pins it will adopt.
-fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
+/// What [`discard_incompatible_pins`] found: the layout of the pins the load will adopt, and
+/// whether it set pins aside.
+#[derive(Debug, Default, Clone, Copy)]
+struct Found {
+    layout: Option<u32>,
+    set_aside: bool,
+}
+
+/// Sets aside pins this binary cannot adopt.
+fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Found, DatapathError> {
     if !any_pinned(dir) {
-        return Ok(None);
+        return Ok(Found::default());
     }
     let layout = pinned_layout(dir);
     if !adopts_layout(layout) {
@@ -316,7 +345,10 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
         );
         set_aside(dir)?;
-        return Ok(None);
+        return Ok(Found {
+            layout: None,
+            set_aside: true,
+        });
     }
     match layout {
         Some(6) => {
@@ -368,9 +400,15 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Option<u3
             "pinned maps have another layout or size; discarding them and starting with fresh counters"
         );
         set_aside(dir)?;
-        return Ok(None);
+        return Ok(Found {
+            layout: None,
+            set_aside: true,
+        });
     }
-    Ok(layout)
+    Ok(Found {
+        layout,
+        set_aside: false,
+    })
 }
 
 /// The first pinned map whose type, key, value or size differs from what this binary loads with
@@ -603,14 +641,14 @@ pub fn detach_pinned(iface: &str) -> Result<bool, DatapathError> {
         }
         .detach()?;
     }
-    if dir.exists() {
-        found = true;
-        remove_pins(&dir)?;
-    }
     let aside = set_aside_dir(&dir);
     if aside.exists() {
         found = true;
         remove_pins(&aside)?;
+    }
+    if dir.exists() {
+        found = true;
+        remove_pins(&dir)?;
     }
     Ok(found)
 }
