@@ -534,7 +534,9 @@ fn an_address_checked_only_through_the_api_is_enrolled() -> Result<()> {
 
 /// Members name a global policy to each other by its content, not its position: with a local
 /// policy before it on node 1, and after it on node 2 (its id there is 2, elsewhere 1), the
-/// views agree and a client under it is enrolled on every node.
+/// views agree and a client under it is enrolled on every node. A reload that renumbers node
+/// 0's policies while the client is held keeps it held everywhere, with no grant counted as
+/// foreign.
 #[test]
 fn members_agree_whatever_the_order_of_their_policies() -> Result<()> {
     require_root!();
@@ -551,16 +553,33 @@ fn members_agree_whatever_the_order_of_their_policies() -> Result<()> {
     limit: 5
     window: 1s
 ";
+    let before_local = format!("{local}{}", standard.policies);
     let settings = Settings {
         policies_of: vec![
             None,
-            Some(format!("{local}{}", standard.policies)),
+            Some(before_local.clone()),
             Some(format!("{local}{global}")),
         ],
         ..standard
     };
-    let c = Cluster::start_with(3, settings)?;
-    enrolled_by_api_checks(&c, cluster_client_v4(5))
+    let c = Cluster::start_with(3, settings.clone())?;
+    let client = cluster_client_v4(5);
+    enrolled_by_api_checks(&c, client)?;
+    let renumbered = Settings {
+        policies_of: vec![Some(before_local), None, None],
+        ..settings
+    };
+    c.agents[0].reload(
+        &config(0, 3, &renumbered, &c.token, &[]),
+        Duration::from_secs(10),
+    )?;
+    c.wait_phase(0, "connected", 3)?;
+    enrolled_by_api_checks(&c, client)?;
+    for k in 0..3 {
+        let s = c.status(k)?;
+        assert_eq!(s["enrolment"]["foreign"], 0, "node {k}: {s:#}");
+    }
+    Ok(())
 }
 
 /// Checks `client` through node 0's API at 0.9 of its cold share for 5 s: every check is

@@ -16,7 +16,7 @@ use crate::{
     api::auth::read_token,
     check::HotIds,
     cluster::{
-        ClusterPolicies,
+        ClusterPolicies, PolicyName,
         config::ClusterConfig,
         membership::{Phase, ShareView},
         node::{Credentials, Datapath, GrantsError, Node, ShareSink, TlsMaterial},
@@ -339,6 +339,7 @@ impl Member {
             caps: self.global_caps.clone(),
             caps_seen: 0,
             primed: false,
+            limits: limits.clone(),
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
         drop(tasks);
@@ -467,6 +468,8 @@ struct Maps {
     /// The clients already in `LIMITED` were offered as hot (at the node's first round: those a
     /// previous run, or the time before the node started, left there).
     primed: bool,
+    /// Names hot clients' policies (see [`PolicyStore::global_names`]).
+    limits: Arc<PolicyStore>,
 }
 
 impl Maps {
@@ -476,20 +479,37 @@ impl Maps {
 }
 
 impl Datapath for Maps {
-    fn hot(&mut self) -> Vec<ClientKey> {
+    fn hot(&mut self) -> Vec<(ClientKey, PolicyName)> {
+        // Read before the maps' lock, not under it: an entry resolved since (a reload) is not
+        // current at this generation, and is left out.
+        let (generation, names) = match self.limits.global_names() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(
+                    "cluster: reading the policy generation: {}",
+                    crate::error_chain(&e)
+                );
+                return Vec::new();
+            }
+        };
+        let primed = std::mem::replace(&mut self.primed, true);
         let mut maps = self.lock();
         let mut hot = maps.hot();
-        if !self.primed {
+        if !primed {
             hot.extend(maps.limited());
         }
-        drop(maps);
-        self.primed = true;
         hot.extend(self.hot_ids.take());
         // Once each: a client over its limit for long is reported again and again (paced),
         // and each notice costs the round a lookup in every client map.
         hot.sort_unstable();
         hot.dedup();
-        hot
+        hot.into_iter()
+            .filter_map(|client| {
+                let entry = maps.entry(&client)?;
+                entry.is_current(generation).then_some(())?;
+                Some((client, names.name(entry.policy())?))
+            })
+            .collect()
     }
 
     fn entry(&self, client: &ClientKey) -> Option<ClientState> {

@@ -53,37 +53,29 @@ impl GlobalPolicy {
     /// local policy added before it on one host) still agree. Two policies with the same content
     /// cannot both be in force (a config refuses a duplicate match; the rate limit service has
     /// one per limit).
-    pub fn wire_name(&self) -> u64 {
+    pub fn wire_name(&self) -> PolicyName {
         membership::stable_hash(self.content().as_bytes())
     }
 }
 
-/// The global policies in force, by their names on the wire and by their ids here.
-#[derive(Debug, Clone, Default)]
+/// How members name a global policy to each other: [`GlobalPolicy::wire_name`].
+pub type PolicyName = u64;
+
+/// The names of the global policies in force, by their ids here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WireNames {
-    ids: HashMap<u64, u16>,
-    names: HashMap<u16, u64>,
+    names: HashMap<u16, PolicyName>,
 }
 
 impl WireNames {
     pub fn new(global: &[GlobalPolicy]) -> WireNames {
-        let mut names = WireNames::default();
-        for g in global {
-            let name = g.wire_name();
-            names.ids.entry(name).or_insert(g.id);
-            names.names.entry(g.id).or_insert(name);
+        WireNames {
+            names: global.iter().map(|g| (g.id, g.wire_name())).collect(),
         }
-        names
     }
 
-    /// The id here of the policy a peer named `name`; 0 (no global policy's id) for one not in
-    /// force here, which enrolment counts as foreign.
-    pub fn id(&self, name: u64) -> u16 {
-        self.ids.get(&name).copied().unwrap_or(0)
-    }
-
-    /// The name on the wire of policy `id`, if it is a global policy in force.
-    pub fn name(&self, id: u16) -> Option<u64> {
+    /// The name of policy `id`, if it is a global policy in force.
+    pub fn name(&self, id: u16) -> Option<PolicyName> {
         self.names.get(&id).copied()
     }
 }
@@ -179,9 +171,12 @@ mod tests {
         let c = policies(vec![global(1, "10.0.0.0/8", 41), global(2, "api", 10)]);
         assert_ne!(a.hash(), c.hash(), "a different limit is another view");
         let names = WireNames::new(&b.global);
-        assert_eq!(names.id(global(1, "10.0.0.0/8", 40).wire_name()), 5);
+        assert_eq!(names.name(5), Some(global(1, "10.0.0.0/8", 40).wire_name()));
         assert_eq!(names.name(2), Some(global(7, "api", 10).wire_name()));
-        assert_eq!(names.id(global(1, "10.0.0.0/8", 41).wire_name()), 0);
+        assert_ne!(
+            global(1, "10.0.0.0/8", 41).wire_name(),
+            global(1, "10.0.0.0/8", 40).wire_name()
+        );
         assert_eq!(names.name(1), None);
     }
 

@@ -38,7 +38,7 @@ use tokio::sync::broadcast;
 use crate::{
     capped_read::{self, CappedReadError},
     check::Checker,
-    cluster::{ClusterPolicies, GlobalPolicy, membership::ShareView},
+    cluster::{ClusterPolicies, GlobalPolicy, WireNames, membership::ShareView},
     config::{
         Action, Config, MAX_CONFIG_BYTES, PolicyError, Resolved, Scope,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
@@ -99,6 +99,9 @@ struct Inner {
     /// What the maps and the checker hold: `effective` with each global limit replaced by this
     /// node's share of it.
     applied: Arc<Config>,
+    /// The names on the wire of the global policies the maps' ids stand for (see
+    /// [`PolicyStore::global_names`]), changed with the maps under the same lock.
+    names: Arc<WireNames>,
     /// Hash of the file text last applied (or rejected), so it is not parsed again.
     seen_hash: Option<u64>,
     /// The file could not be read at the last check (reported once per outage).
@@ -217,6 +220,7 @@ impl PolicyStore {
             &share_view,
         ));
         let cluster = policies_for_cluster(&loaded.effective.config, &service_global);
+        let names = Arc::new(WireNames::new(&cluster.global));
         checker.set_share_view(share_view);
         PolicyStore {
             inner: Mutex::new(Inner {
@@ -232,6 +236,7 @@ impl PolicyStore {
                 share_view,
                 service_global: service_global.into(),
                 applied,
+                names,
                 unreadable: false,
             }),
             writer: Mutex::new(()),
@@ -245,6 +250,16 @@ impl PolicyStore {
     /// The `cluster:` section and global policies in force, updated as they change.
     pub fn cluster_policies(&self) -> tokio::sync::watch::Receiver<ClusterPolicies> {
         self.cluster.subscribe()
+    }
+
+    /// The maps' policy generation and the names on the wire of the global policies their ids
+    /// stand for, read together: an entry current at that generation is under the policy its
+    /// id names there (the cluster's members name policies by content, and a reload may
+    /// renumber ids).
+    pub fn global_names(&self) -> Result<(u32, Arc<WireNames>), DatapathError> {
+        let inner = self.lock();
+        let generation = inner.tables.map_config()?.generation;
+        Ok((generation, inner.names.clone()))
     }
 
     /// The view the shares in force derive from.
@@ -316,10 +331,12 @@ impl PolicyStore {
         };
         let applied = with_shares(&effective.config, &service, &view);
         let cluster = policies_for_cluster(&effective.config, &service);
+        let names = Arc::new(WireNames::new(&cluster.global));
         if applied == *in_force {
             let mut inner = self.lock();
             inner.share_view = view;
             inner.service_global = service;
+            inner.names = names;
         } else {
             let applied = Arc::new(applied);
             let entries = applied.lpm_entries();
@@ -336,6 +353,7 @@ impl PolicyStore {
                 }
                 inner.share_view = view;
                 inner.service_global = service;
+                inner.names = names;
                 std::mem::replace(&mut inner.applied, applied.clone())
             };
             free_later((replaced, in_force, effective, trie_diff));
@@ -569,6 +587,7 @@ impl PolicyStore {
         let trie_diff = TrieDiff::between(trie, &entries);
         let mut changes = diff(&before.config, &effective.config, 0, Source::File);
         let cluster = policies_for_cluster(&effective.config, &service);
+        let names = Arc::new(WireNames::new(&cluster.global));
         let replaced = {
             let mut inner = self.lock();
             let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {
@@ -587,6 +606,7 @@ impl PolicyStore {
                 change.generation = report.generation;
             }
             inner.share_view = share_view;
+            inner.names = names;
             (
                 std::mem::replace(&mut inner.applied, applied.clone()),
                 std::mem::replace(&mut inner.effective, effective.clone()),

@@ -71,8 +71,9 @@ pub const MAX_GLOBAL_LIMITS: usize = RESERVED_POLICY_IDS as usize - 1;
 /// limit's id is drawn from a hash of the limit itself, the next free one below on a collision
 /// (wrapping around), taking the limits in order. Every member serving the same rules draws the
 /// same ids, and a reload that adds or removes a limit leaves the ids of the others as they
-/// were, unless it takes or frees a slot on a collision's path: an entry keeps naming the same
-/// limit to the cluster across most reloads, as it could not if ids were positions in the list.
+/// were, unless it takes or frees a slot on a collision's path: an entry keeps its policy across
+/// most reloads, as it could not if ids were positions in the list. (The cluster's members name
+/// the limit to each other by its content, whatever its id: `cluster::GlobalPolicy::wire_name`.)
 fn global_ids(limits: &[(u32, u32)]) -> Vec<u16> {
     let mut taken = vec![false; MAX_GLOBAL_LIMITS];
     limits
@@ -347,8 +348,8 @@ impl RlsConfig {
 
     /// The policy id the entries of rules whose limit is `(allowance, window_us)` carry under
     /// `--rls-scope global`, one per distinct limit of the rules, below the local rules'
-    /// `RLS_POLICY_ID` (see `global_ids`): how the cluster's members name the limit to each
-    /// other, and how the agent tells which limit across the cluster an entry is under. `None`
+    /// `RLS_POLICY_ID` (see `global_ids`): how the agent tells which limit across the cluster
+    /// an entry is under (members name it to each other by its content). `None`
     /// for a limit no rule has (a request's own override, which stays local).
     pub fn global_id(&self, allowance: u32, window_us: u32) -> Option<u16> {
         let i = self.limits.binary_search(&(allowance, window_us)).ok()?;

@@ -79,8 +79,9 @@ pub use measure::{Accuracy, Cost, SLICES};
 pub use member::node_id;
 pub use rng::Rng;
 
-/// The one global policy's id.
-pub const POLICY: u16 = 1;
+/// The one global policy's name on the wire (a hash in the agent: 8 bytes whatever its value,
+/// as this one).
+pub const POLICY: u64 = 0x9e37_79b9_7f4a_7c15;
 /// The agent writes a lease's end this much early for the kernel's coarse clock
 /// (`cluster/node/enrolment.rs`).
 pub const COARSE_SLACK: Duration = Duration::from_millis(25);

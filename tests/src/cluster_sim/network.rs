@@ -126,8 +126,7 @@ impl Sim {
             let m = &mut self.scratch_report;
             m.client.clear();
             m.client.extend_from_slice(&r.client);
-            // A policy's name on the wire is a hash: 8 bytes, whatever its value.
-            m.policy = u64::MAX - u64::from(r.policy);
+            m.policy = r.policy;
             m.seq = r.report.seq;
             m.demand = r.report.demand;
             m.applied = r.report.applied;
@@ -138,7 +137,7 @@ impl Sim {
             let m = &mut self.scratch_grant;
             m.client.clear();
             m.client.extend_from_slice(&g.client);
-            m.policy = u64::MAX - u64::from(g.policy);
+            m.policy = g.policy;
             m.message = g.message.message;
             m.grant = g.message.grant.map(|v| GrantValue {
                 seq: v.seq,

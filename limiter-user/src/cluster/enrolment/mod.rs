@@ -36,7 +36,7 @@ use std::{
 use limiter_common::{addr::ClientKey, maps::hot_count};
 
 use super::{
-    NodeId,
+    NodeId, PolicyName,
     lease::{Holder, Ledger, Report, Timing, ToHolder},
     owner,
 };
@@ -54,8 +54,9 @@ pub const QUIET_BEFORE_RELEASE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportMsg {
     pub client: ClientKey,
-    /// The global policy's id (the configs of the members are the same: their view hashes say so).
-    pub policy: u16,
+    /// The global policy, by its name on the wire ([`crate::cluster::GlobalPolicy::wire_name`]):
+    /// what it is, never where it sits in a member's config.
+    pub policy: PolicyName,
     pub report: Report,
 }
 
@@ -63,7 +64,7 @@ pub struct ReportMsg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantMsg {
     pub client: ClientKey,
-    pub policy: u16,
+    pub policy: PolicyName,
     pub message: ToHolder,
     /// The owner released the client: back to the cold share.
     pub release: bool,
@@ -161,7 +162,7 @@ pub type WriteGrants<'a> = dyn FnMut(&[Write]) -> Vec<Write> + 'a;
 
 struct Held {
     owner: NodeId,
-    policy: u16,
+    policy: PolicyName,
     holder: Holder,
     /// (time, passed + dropped) of the client's entry, newest last.
     samples: VecDeque<(Duration, u64)>,
@@ -181,7 +182,7 @@ fn first_number(incarnation: u64) -> u64 {
 }
 
 struct Owned {
-    policy: u16,
+    policy: PolicyName,
     ledger: Ledger,
     quiet_since: Option<Duration>,
     /// Its ledger has enrolled the live members, and its owner was checked, under the view of
@@ -202,7 +203,7 @@ pub struct Enrolment {
     /// same, a ledger checked under them needs no enrolling or owner check again.
     checked_view: (Vec<NodeId>, Vec<NodeId>),
     /// Hot notices that came while views differed: (policy, when), at most `capacity`.
-    pending: HashMap<ClientKey, (u16, Duration)>,
+    pending: HashMap<ClientKey, (PolicyName, Duration)>,
     /// What the datapath holds, as last written.
     written: HashMap<ClientKey, Written>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
@@ -259,7 +260,13 @@ impl Enrolment {
         n
     }
 
-    fn attach(&mut self, client: ClientKey, owner: NodeId, policy: u16, now: Duration) -> bool {
+    fn attach(
+        &mut self,
+        client: ClientKey,
+        owner: NodeId,
+        policy: PolicyName,
+        now: Duration,
+    ) -> bool {
         if self.held.len() >= self.capacity {
             self.refused += 1;
             return false;
@@ -285,7 +292,7 @@ impl Enrolment {
     /// limit here. A client already held is not attached again (notices repeat while a client
     /// stays over its limit); while the members' views differ (no attachment then) the notice is
     /// kept, and taken up at the first round they agree.
-    pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: u16) {
+    pub fn hot(&mut self, now: Duration, view: &View<'_>, client: ClientKey, policy: PolicyName) {
         if self.held.contains_key(&client) {
             return;
         }
@@ -302,7 +309,7 @@ impl Enrolment {
 
     /// Keeps a hot notice for the first round whose view agrees (at most `capacity` of them):
     /// one that came while views differed, or while the node ran no rounds (cut off, joining).
-    pub fn defer(&mut self, client: ClientKey, policy: u16, now: Duration) {
+    pub fn defer(&mut self, client: ClientKey, policy: PolicyName, now: Duration) {
         if self.pending.len() < self.capacity || self.pending.contains_key(&client) {
             self.pending.insert(client, (policy, now));
         }
@@ -470,7 +477,7 @@ impl Enrolment {
         &mut self,
         now: Duration,
         view: &View<'_>,
-        info: &dyn Fn(u16) -> Option<PolicyInfo>,
+        info: &dyn Fn(PolicyName) -> Option<PolicyInfo>,
     ) -> (BTreeMap<NodeId, Outgoing>, Vec<Write>) {
         let mut all = Vec::new();
         let out = self.round_writing(now, view, info, &mut |writes: &[Write]| {
@@ -488,7 +495,7 @@ impl Enrolment {
         &mut self,
         now: Duration,
         view: &View<'_>,
-        info: &dyn Fn(u16) -> Option<PolicyInfo>,
+        info: &dyn Fn(PolicyName) -> Option<PolicyInfo>,
         write: &mut WriteGrants<'_>,
     ) -> BTreeMap<NodeId, Outgoing> {
         self.flush(now, write);

@@ -11,7 +11,7 @@ use tonic::Status;
 use super::Shared;
 use crate::{
     cluster::{
-        NodeId, WireNames,
+        NodeId, PolicyName,
         enrolment::{GrantMsg, Outgoing, PinnedGrant, PolicyInfo, ReportMsg, View, Write},
         lease::{self, Report, Terms, ToHolder},
     },
@@ -32,8 +32,12 @@ pub struct GrantsError(pub String);
 
 /// The maps, as enrolment needs them (the agent implements it over its pinned maps).
 pub trait Datapath: Send {
-    /// The clients the fast path reported over their limit since the last call.
-    fn hot(&mut self) -> Vec<ClientKey>;
+    /// The clients the fast path (or the checker) reported hot since the last call, each with
+    /// the name of the global policy it is under now. Left out: a client whose entry is gone,
+    /// is under no global policy, or was resolved under policies other than those in force
+    /// (a reload may renumber ids: its next packet resolves it, and reports it again if it
+    /// stays hot).
+    fn hot(&mut self) -> Vec<(ClientKey, PolicyName)>;
     /// The client's entry, wherever it lives.
     fn entry(&self, client: &ClientKey) -> Option<ClientState>;
     /// Applies grant changes in order, each on its own; returns the indices of those refused,
@@ -67,7 +71,7 @@ struct Snapshot {
     live: Vec<NodeId>,
     agreed_members: u32,
     agreed: bool,
-    policies: Vec<(u16, PolicyInfo)>,
+    policies: HashMap<PolicyName, PolicyInfo>,
 }
 
 impl Snapshot {
@@ -76,16 +80,15 @@ impl Snapshot {
         let state = shared.lock();
         let (members, live, agreed) = state.membership.enrolment_view(now);
         let policies = state
-            .policies
-            .global
+            .named
             .iter()
-            .map(|g| {
+            .map(|(&name, &(limit, window_us))| {
                 (
-                    g.id,
+                    name,
                     PolicyInfo {
-                        limit: g.limit,
-                        window: Duration::from_micros(u64::from(g.window_us)),
-                        cold: state.view.share(g.limit),
+                        limit,
+                        window: Duration::from_micros(u64::from(window_us)),
+                        cold: state.view.share(limit),
                     },
                 )
             })
@@ -113,11 +116,8 @@ impl Snapshot {
         }
     }
 
-    fn info(&self, policy: u16) -> Option<PolicyInfo> {
-        self.policies
-            .iter()
-            .find(|(id, _)| *id == policy)
-            .map(|(_, p)| *p)
+    fn info(&self, policy: PolicyName) -> Option<PolicyInfo> {
+        self.policies.get(&policy).copied()
     }
 }
 
@@ -144,7 +144,6 @@ pub fn round(shared: &Shared) {
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
         let entries: HashMap<ClientKey, Option<ClientState>> = held
             .into_iter()
-            .chain(hot.iter().copied())
             .map(|client| (client, datapath.entry(&client)))
             .collect();
         let now = monotonic();
@@ -161,9 +160,8 @@ pub fn round(shared: &Shared) {
         // Cut off or joining: the owner's ledgers would count silent holders at this phase's
         // share (0 under `deny`); no round, and this node's raises end now. The fast path's hot
         // reports (at a move into LIMITED or paced, and the scan of LIMITED at start) are kept for later.
-        let hot: Vec<(ClientKey, u16)> = hot
-            .iter()
-            .filter_map(|client| Some((*client, datapath.entry(client)?.policy())))
+        let hot: Vec<(ClientKey, PolicyName)> = hot
+            .into_iter()
             .filter(|(_, policy)| snapshot.info(*policy).is_some())
             .collect();
         let now = monotonic();
@@ -221,16 +219,14 @@ fn split(
     enrolment: &mut crate::cluster::enrolment::Enrolment,
     datapath: &mut dyn Datapath,
     snapshot: &Snapshot,
-    hot: &[ClientKey],
+    hot: &[(ClientKey, PolicyName)],
     entries: &HashMap<ClientKey, Option<ClientState>>,
     now: Duration,
 ) -> std::collections::BTreeMap<NodeId, Outgoing> {
     let view = snapshot.view();
-    for client in hot {
-        if let Some(Some(entry)) = entries.get(client)
-            && snapshot.info(entry.policy()).is_some()
-        {
-            enrolment.hot(now, &view, *client, entry.policy());
+    for &(client, policy) in hot {
+        if snapshot.info(policy).is_some() {
+            enrolment.hot(now, &view, client, policy);
         }
     }
     let held: Vec<ClientKey> = enrolment.held().copied().collect();
@@ -258,12 +254,7 @@ fn used(entry: &ClientState, now: Duration) -> u32 {
 }
 
 /// Puts the latest enrolment messages for `node` into a heartbeat to it.
-pub fn attach_outgoing(
-    shared: &Shared,
-    names: &WireNames,
-    node: &NodeId,
-    heartbeat: &mut Heartbeat,
-) {
+pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) {
     let Some(out) = shared
         .outbox
         .lock()
@@ -278,7 +269,7 @@ pub fn attach_outgoing(
         *turn += 1;
         *turn - 1
     };
-    (heartbeat.reports, heartbeat.grants) = to_wire(&out, names, turn);
+    (heartbeat.reports, heartbeat.grants) = to_wire(&out, turn);
 }
 
 /// At most [`MAX_CLIENTS_PER_MESSAGE`] of `items`: all of them if they fit, else the `turn`-th
@@ -299,14 +290,11 @@ fn part<T>(items: &[T], turn: u64) -> impl Iterator<Item = &T> {
 }
 
 /// An outbox entry as heartbeat fields, the `turn`-th part of lists longer than one message.
-/// Messages under a policy no longer global here (a reload since the round that made them) are
-/// left out.
-fn to_wire(out: &Outgoing, names: &WireNames, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
+fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
     let reports = part(&out.reports, turn)
-        .filter_map(|r| Some((r, names.name(r.policy)?)))
-        .map(|(r, policy)| ClientReport {
+        .map(|r| ClientReport {
             client: r.client.to_vec(),
-            policy,
+            policy: r.policy,
             seq: r.report.seq,
             demand: r.report.demand,
             used: r.report.used,
@@ -320,10 +308,9 @@ fn to_wire(out: &Outgoing, names: &WireNames, turn: u64) -> (Vec<ClientReport>, 
         })
         .collect();
     let grants = part(&out.grants, turn)
-        .filter_map(|g| Some((g, names.name(g.policy)?)))
-        .map(|(g, policy)| ClientGrant {
+        .map(|g| ClientGrant {
             client: g.client.to_vec(),
-            policy,
+            policy: g.policy,
             message: g.message.message,
             grant: g.message.grant.map(|v| GrantValue {
                 seq: v.seq,
@@ -375,8 +362,8 @@ fn client_key(bytes: &[u8]) -> Result<ClientKey, Status> {
 }
 
 /// Checks and converts a heartbeat's enrolment messages (all or nothing). A policy not global
-/// here gets id 0, which enrolment counts as foreign: a peer may be a reload ahead or behind.
-pub fn from_wire(hb: &Heartbeat, names: &WireNames) -> Result<Outgoing, Status> {
+/// here (a peer may be a reload ahead or behind) is counted as foreign when taken in.
+pub fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
     if hb.reports.len() > MAX_CLIENTS_PER_MESSAGE || hb.grants.len() > MAX_CLIENTS_PER_MESSAGE {
         return Err(Status::invalid_argument(format!(
             "at most {MAX_CLIENTS_PER_MESSAGE} clients per heartbeat"
@@ -388,7 +375,7 @@ pub fn from_wire(hb: &Heartbeat, names: &WireNames) -> Result<Outgoing, Status> 
         .map(|r| {
             Ok(ReportMsg {
                 client: client_key(&r.client)?,
-                policy: names.id(r.policy),
+                policy: r.policy,
                 report: Report {
                     seq: r.seq,
                     demand: r.demand,
@@ -419,7 +406,7 @@ pub fn from_wire(hb: &Heartbeat, names: &WireNames) -> Result<Outgoing, Status> 
         .map(|g| {
             Ok(GrantMsg {
                 client: client_key(&g.client)?,
-                policy: names.id(g.policy),
+                policy: g.policy,
                 message: ToHolder {
                     message: g.message,
                     grant: g.grant.as_ref().map(|v| lease::Grant {
@@ -489,27 +476,8 @@ mod tests {
         }
     }
 
-    /// The global policy the messages are under, as policy `id` of a config.
-    fn policy(id: u16) -> crate::cluster::GlobalPolicy {
-        crate::cluster::GlobalPolicy {
-            id,
-            matches: "10.230.0.0/24".into(),
-            limit: 40,
-            window_us: 1_000_000,
-        }
-    }
-
-    /// What a config with the messages' policy as its third holds.
-    fn names() -> WireNames {
-        WireNames::new(&[policy(3)])
-    }
-
-    fn from_wire(hb: &Heartbeat) -> Result<Outgoing, Status> {
-        super::from_wire(hb, &names())
-    }
-
     fn heartbeat(out: &Outgoing) -> Heartbeat {
-        let (reports, grants) = to_wire(out, &names(), 0);
+        let (reports, grants) = to_wire(out, 0);
         Heartbeat {
             reports,
             grants,
@@ -592,27 +560,5 @@ mod tests {
         hb.reports[0].raise_left_ms = Some(3_600_001);
         let e = from_wire(&hb).expect_err("refused");
         assert!(e.message().contains("raise_left_ms"), "{}", e.message());
-    }
-
-    /// Members name a global policy by its content: one whose config has it first and local
-    /// policies before it elsewhere read each other's messages under their own ids, and a policy
-    /// that differs (here in its limit) is not taken for it (id 0: enrolment counts it foreign).
-    #[test]
-    fn policies_are_named_by_content_not_position() {
-        let hb = heartbeat(&grant(None));
-        let first = WireNames::new(&[policy(1)]);
-        let got = super::from_wire(&hb, &first).expect("valid");
-        assert_eq!(got.reports[0].policy, 1);
-        assert_eq!(got.grants[0].policy, 1);
-        let other = WireNames::new(&[crate::cluster::GlobalPolicy {
-            limit: 41,
-            ..policy(3)
-        }]);
-        let got = super::from_wire(&hb, &other).expect("kept, as foreign");
-        assert_eq!(got.reports[0].policy, 0);
-        assert_eq!(got.grants[0].policy, 0);
-        // A message under a policy that is no longer global here is not sent.
-        let (reports, grants) = to_wire(&grant(None), &first, 0);
-        assert!(reports.is_empty() && grants.is_empty());
     }
 }

@@ -214,7 +214,7 @@ pub(super) fn client(
 async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
     let sent = Instant::now();
     let seq = shared.next_seq();
-    let (mut request, node, names) = {
+    let (mut request, node) = {
         let state = shared.lock();
         (
             to_heartbeat(
@@ -223,11 +223,10 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
                 shared,
             ),
             state.membership.endpoint_node(addr).cloned(),
-            state.names.clone(),
         )
     };
     if let Some(node) = node {
-        enrolment::attach_outgoing(shared, &names, &node, &mut request);
+        enrolment::attach_outgoing(shared, &node, &mut request);
     }
     let traffic = &shared.traffic;
     Traffic::add(&traffic.bytes_sent, request.encoded_len());

@@ -26,7 +26,7 @@ use tonic::{
 use limiter_common::addr::ClientKey;
 
 use super::{
-    ClusterPolicies, NodeId, WireNames,
+    ClusterPolicies, NodeId, PolicyName,
     config::{ClusterConfig, PeerAddr},
     membership::{Membership, ShareView, Timing},
 };
@@ -113,12 +113,23 @@ struct State {
     membership: Membership,
     config: ClusterConfig,
     policies: ClusterPolicies,
-    /// `policies`' global policies by their names on the wire.
-    names: Arc<WireNames>,
+    /// `policies`' global policies by their names on the wire: (limit, window in µs).
+    named: Arc<HashMap<PolicyName, (u32, u32)>>,
     /// The view last handed to the sink.
     view: ShareView,
     /// The addresses `peers` resolved to at the last resolution (kept on a failed one).
     resolved: HashMap<PeerAddr, Vec<SocketAddr>>,
+}
+
+/// The global policies of `policies` by their names on the wire: (limit, window in µs).
+fn named(policies: &ClusterPolicies) -> Arc<HashMap<PolicyName, (u32, u32)>> {
+    Arc::new(
+        policies
+            .global
+            .iter()
+            .map(|g| (g.wire_name(), (g.limit, g.window_us)))
+            .collect(),
+    )
 }
 
 struct Shared {
@@ -280,7 +291,7 @@ impl Node {
                 state: Mutex::new(State {
                     membership,
                     config: config.clone(),
-                    names: Arc::new(WireNames::new(&policies.global)),
+                    named: named(&policies),
                     policies,
                     view,
                     resolved,
@@ -388,7 +399,7 @@ impl Node {
             ..config.clone()
         };
         state.refresh_endpoints();
-        state.names = Arc::new(WireNames::new(&policies.global));
+        state.named = named(&policies);
         state.policies = policies;
         Ok(())
     }

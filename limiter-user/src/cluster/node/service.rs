@@ -95,8 +95,7 @@ impl Peer for PeerService {
         let report = to_report(&hb)?;
         // The whole message is read before any of it is taken in: one refused for its
         // enrolment part changes no membership either.
-        let names = self.0.lock().names.clone();
-        let incoming = enrolment::from_wire(&hb, &names)?;
+        let incoming = enrolment::from_wire(&hb)?;
         let now = Instant::now();
         let mut state = self.0.lock();
         let own = report.node == *state.membership.me();

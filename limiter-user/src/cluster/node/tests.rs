@@ -447,12 +447,16 @@ fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
 }
 
 /// Maps whose fast path reported `hot` (once, as the `HOT` ring does) and whose every entry
-/// is a client of global policy 1.
+/// is a client of global policy 1 (`policies()`'s).
 struct HotOnce(Vec<ClientKey>);
 
 impl Datapath for HotOnce {
-    fn hot(&mut self) -> Vec<ClientKey> {
+    fn hot(&mut self) -> Vec<(ClientKey, PolicyName)> {
+        let name = policies().global[0].wire_name();
         std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|client| (client, name))
+            .collect()
     }
 
     fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
@@ -523,4 +527,98 @@ async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
         || n1.shared.enrolment().counts(enrolment::monotonic()).held == 1,
     )
     .await;
+}
+
+/// Maps whose every entry is a client of `policies()`'s global policy, counting 1,000 packets a
+/// second since they were made (hot against any share of its L = 40); `hot` is reported once.
+struct Busy {
+    hot: Vec<ClientKey>,
+    since: Instant,
+}
+
+impl Datapath for Busy {
+    fn hot(&mut self) -> Vec<(ClientKey, PolicyName)> {
+        let name = policies().global[0].wire_name();
+        std::mem::take(&mut self.hot)
+            .into_iter()
+            .map(|client| (client, name))
+            .collect()
+    }
+
+    fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
+        let policy = limiter_common::Policy {
+            limit: 20,
+            window_us: 1_000_000,
+            id: 1,
+            ..limiter_common::Policy::default()
+        };
+        let mut state = limiter_common::ClientState::fresh(&policy, 0);
+        state.set_dropped_count(self.since.elapsed().as_millis() as u64);
+        Some(state)
+    }
+
+    fn write(
+        &mut self,
+        _: &[(ClientKey, Option<limiter_common::Grant>)],
+    ) -> Vec<(usize, GrantsError)> {
+        Vec::new()
+    }
+
+    fn grants(&self) -> Result<Vec<crate::cluster::enrolment::PinnedGrant>, GrantsError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A reload that renumbers a member's policies (a local policy added before the global one)
+/// changes nothing of what it holds: members name policies by content, and enrolment keeps
+/// those names, so the grants it gets stay its own (not foreign) and the client stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renumbers_policies_keeps_what_is_held() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let node = |id: &str, a, peer| {
+        Node::new(
+            &section(id, a, vec![peer]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect(id)
+    };
+    let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
+    n1.set_datapath(Box::new(Busy {
+        hot: vec![[7; 16]],
+        since: Instant::now(),
+    }));
+    n2.set_datapath(Box::new(Busy {
+        hot: Vec::new(),
+        since: Instant::now(),
+    }));
+    let (_stop1, rx1) = watch::channel(false);
+    let (_stop2, rx2) = watch::channel(false);
+    let (sink1, _) = recorder();
+    let (sink2, _) = recorder();
+    let _t1 = n1.run(l1, sink1, rx1);
+    let _t2 = n2.run(l2, sink2, rx2);
+    let counts = |n: &Node| n.shared.enrolment().counts(enrolment::monotonic());
+    wait_for("both hold the client, with a grant", || {
+        [&n1, &n2].iter().all(|n| {
+            let c = counts(n);
+            c.held == 1 && c.granted == 1
+        })
+    })
+    .await;
+    let mut renumbered = policies();
+    renumbered.global[0].id = 2;
+    n1.reconfigure(&section("n1", a1, vec![a2]), Some(TOKEN), renumbered)
+        .expect("reconfigured");
+    // Twenty sync intervals: grants keep coming under the policy's name.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (name, n) in [("n1", &n1), ("n2", &n2)] {
+        let c = counts(n);
+        assert_eq!((c.held, c.granted, c.foreign), (1, 1, 0), "{name}: {c:?}");
+    }
+    assert!(n1.status().views_agree, "the views still agree");
 }
