@@ -504,10 +504,10 @@ enum LimitsCommand {
 
 /// `--snapshot-interval`: a duration with a unit, 100ms to 1h.
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let window: limiter_user::config::Window = s.parse()?;
-    let d = Duration::from_micros(window.micros as u64);
-    if d < Duration::from_millis(100) {
-        return Err(format!("{s:?} is too short: at least 100ms"));
+    let micros = limiter_user::duration::parse_duration_us(s, "interval")?;
+    let d = Duration::from_micros(micros as u64);
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+        return Err(format!("interval {s:?} is out of range: it must be 100ms to 1h"));
     }
     Ok(d)
 }

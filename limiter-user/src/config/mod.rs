@@ -56,6 +56,11 @@ pub enum PolicyError {
         line: LineHint,
         message: String,
     },
+    /// A file with nothing but comments and blank lines: a truncated write, or the wrong file.
+    #[error(
+        "the config is empty: it needs at least `default:` (e.g. `default: {{ limit: 100, window: 1s }}`)"
+    )]
+    Empty,
     #[error("too many policies: {count} (at most {MAX_POLICIES})")]
     TooMany { count: usize },
     #[error("too many exact-address policies: {count} (at most {MAX_STATIC_CLIENTS})")]
@@ -511,6 +516,12 @@ impl Config {
     /// `adaptive` section holds the [`AdaptiveConfig`] knobs; it is validated even when
     /// `enabled: false`, so a bad knob is caught before it is switched on.
     pub fn parse(text: &str) -> Result<Config, PolicyError> {
+        if text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+        }) {
+            return Err(PolicyError::Empty);
+        }
         let file: Result<File, _> = serde_yaml::from_str(text);
         // Positions only for a file with something to point at: the common valid file pays
         // nothing more than its validation.

@@ -39,7 +39,7 @@ pub enum RlsConfigError {
     },
     /// Syntax, unknown fields or a field of the wrong type: serde_yaml's message names the
     /// field's path, line and column.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Yaml {
         file: String,
         #[source]

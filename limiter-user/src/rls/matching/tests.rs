@@ -430,7 +430,8 @@ descriptors:
 fn error(yaml: &str) -> String {
     match RlsConfig::parse(yaml) {
         Ok(_) => panic!("must be refused:\n{yaml}"),
-        Err(e) => e.to_string(),
+        // As the agent says it: the error and its sources.
+        Err(e) => crate::error_chain(&e),
     }
 }
 
@@ -489,6 +490,7 @@ fn errors_name_the_field_and_its_line() {
         e.contains("descriptors[0]: unknown field `rate_limt`") && e.contains("line 4"),
         "{e}"
     );
+    assert_eq!(e.matches("unknown field").count(), 1, "said once: {e}");
     let e = error(
         "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n",
     );
