@@ -507,7 +507,9 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     let micros = limiter_user::duration::parse_duration_us(s, "interval")?;
     let d = Duration::from_micros(micros as u64);
     if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
-        return Err(format!("interval {s:?} is out of range: it must be 100ms to 1h"));
+        return Err(format!(
+            "interval {s:?} is out of range: it must be 100ms to 1h"
+        ));
     }
     Ok(d)
 }

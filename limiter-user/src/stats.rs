@@ -7,6 +7,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr},
     num::NonZeroU64,
+    os::fd::AsFd as _,
     time::Instant,
 };
 
@@ -48,7 +49,7 @@ impl Figures {
         Ok(Figures {
             global: tables.global()?,
             policy_generation: config.generation,
-            attached: pin_dir(iface).join(LINK_PIN).exists(),
+            attached: attached(iface),
             dry_run: config.mode == MODE_DRY_RUN,
             adaptive: tables.adaptive_status()?,
         })
@@ -330,6 +331,24 @@ pub fn client_row(
         passed: state.total_passed(),
         dropped: state.dropped_count(),
     }
+}
+
+/// Whether the program is attached to `iface` through its pinned link: the pin is there, and
+/// the link is on the interface of that name now (deleting the interface detaches the link
+/// and leaves the pin).
+fn attached(iface: &str) -> bool {
+    let pin = pin_dir(iface).join(LINK_PIN);
+    if !pin.exists() {
+        return false;
+    }
+    // A link that cannot be opened or read (no privileges): the pin says it.
+    let Ok(link) = crate::datapath::syscall::obj_get(&pin) else {
+        return true;
+    };
+    let Ok(ifindex) = crate::datapath::syscall::xdp_link_ifindex(link.as_fd()) else {
+        return true;
+    };
+    ifindex != 0 && crate::datapath::lifecycle::if_index(iface).is_ok_and(|i| i == ifindex)
 }
 
 /// `state` as its next packet will find it, if the policies in force have not re-resolved it

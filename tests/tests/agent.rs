@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use limiter_tests::{
-    agent::{Agent, client_counts, find_client, link_has_xdp, run_limiter},
+    agent::{Agent, client_counts, find_client, link_has_xdp, run_limiter, stats_json},
     fixture::{ExactWindow, TempDir},
     frames::{TPID_8021AD, TPID_8021Q},
     netns::{
@@ -849,6 +849,26 @@ fn after_a_crash_enforcement_continues_and_a_new_agent_adopts_the_counters() -> 
     );
     assert_eq!(client_counts(&stats, first), (10, 20 + 5 + 5));
     assert_eq!(client_counts(&stats, second), (10, 20 + 5));
+    Ok(())
+}
+
+/// A crashed agent's program stays attached, and stats say so; once the interface is deleted
+/// (which detaches the link and leaves its pin) they say it is not.
+#[test]
+fn stats_say_detached_once_the_interface_is_gone() -> Result<()> {
+    require_root!();
+    let net = TestNet::new()?;
+    let mut agent = Agent::start(&net, GOOD_CONFIG)?;
+    assert!(!agent.kill()?.success());
+    agent.keep_pins();
+    let stats = stats_json(&net.receiver_ns, &net.receiver_if)?;
+    assert_eq!(stats["attached"], true, "{stats}");
+    let out = Command::new("ip")
+        .args(["-n", &net.receiver_ns, "link", "del", &net.receiver_if])
+        .output()?;
+    ensure!(out.status.success(), "ip link del: {out:?}");
+    let stats = stats_json(&net.receiver_ns, &net.receiver_if)?;
+    assert_eq!(stats["attached"], false, "{stats}");
     Ok(())
 }
 

@@ -1135,8 +1135,16 @@ fn cluster_section_errors_name_the_field_and_line() {
 
 #[test]
 fn an_empty_config_says_so() {
-    for text in ["", "\n\n", "# all commented out\n#default: { limit: 5, window: 1s }\n", "---\n"] {
+    for text in [
+        "",
+        "\n\n",
+        "# all commented out\n#default: { limit: 5, window: 1s }\n",
+        "---\n",
+    ] {
         let e = Config::parse(text).expect_err("empty").to_string();
-        assert!(e.contains("the config is empty") && e.contains("default:"), "{e}");
+        assert!(
+            e.contains("the config is empty") && e.contains("default:"),
+            "{e}"
+        );
     }
 }

@@ -18,6 +18,7 @@ use std::{
 use aya::Pod;
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -44,6 +45,14 @@ struct BatchAttr {
 #[repr(C)]
 struct LinkDetachAttr {
     link_fd: u32,
+}
+
+/// `bpf_attr.info`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
 }
 
 /// `bpf_attr` for BPF_OBJ_GET.
@@ -219,6 +228,22 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         link_fd: link.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut attr)
+}
+
+/// The interface an XDP link is attached to: `struct bpf_link_info`'s `xdp.ifindex`, 0 once the
+/// link is detached (the interface was deleted, or `BPF_LINK_DETACH`). aya 0.14's `LinkInfo`
+/// does not expose it.
+pub fn xdp_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    // type, id, prog_id, then the union (8-byte aligned, at byte 16); the kernel copies no more
+    // than asked for.
+    let mut info = [0u32; 8];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[4])
 }
 
 /// Opens a pinned BPF object (BPF_OBJ_GET).
