@@ -261,22 +261,41 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
             return;
         }
     };
+    // Read whole before any of it is taken in, as a heartbeat is (see the peer service).
+    let incoming = match enrolment::from_wire(&answer) {
+        Ok(incoming) => incoming,
+        Err(status) => {
+            tracing::warn!(%addr, "cluster peer answered with {}", status.message());
+            return;
+        }
+    };
     let mut state = shared.lock();
-    match state
+    let heard = match state
         .membership
         .answered(addr, sent, &report, Instant::now())
     {
-        Ok(Heard::Known) => {}
+        Ok(Heard::Known) => true,
         // Under the state lock, so that no answer to the member goes out in between (see the
         // peer service).
-        Ok(Heard::Restarted) => shared
-            .enrolment()
-            .holder_restarted(&report.node, report.incarnation),
+        Ok(Heard::Restarted) => {
+            shared
+                .enrolment()
+                .holder_restarted(&report.node, report.incarnation);
+            true
+        }
         // This node itself (its own heartbeat came back): not counted.
         Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
-            tracing::debug!(%addr, "cluster: this endpoint is this node")
+            tracing::debug!(%addr, "cluster: this endpoint is this node");
+            false
         }
-        Err(refusal) => tracing::warn!(%addr, "cluster peer refused: {refusal}"),
+        Err(refusal) => {
+            tracing::warn!(%addr, "cluster peer refused: {refusal}");
+            false
+        }
+    };
+    drop(state);
+    if heard && !(answer.reports.is_empty() && answer.grants.is_empty()) {
+        enrolment::take_in(shared, &report.node, incoming);
     }
 }
 

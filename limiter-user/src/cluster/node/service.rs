@@ -129,7 +129,14 @@ impl Peer for PeerService {
         if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
             enrolment::take_in(&self.0, &report.node, incoming);
         }
-        let answer = to_heartbeat(me, hb.seq, &self.0);
+        let mut answer = to_heartbeat(me, hb.seq, &self.0);
+        if !own {
+            // The answer carries this node's newest messages for the member too: one whose
+            // heartbeats reach this node but that is not (or not yet) among its peers (a rolling
+            // add) would otherwise never get them, and the clients it owns would stay at their
+            // cold share.
+            enrolment::attach_outgoing(&self.0, &report.node, &mut answer);
+        }
         Traffic::add(&self.0.traffic.bytes_sent, answer.encoded_len());
         Ok(Response::new(answer))
     }

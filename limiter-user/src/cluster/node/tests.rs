@@ -622,3 +622,61 @@ async fn a_reload_that_renumbers_policies_keeps_what_is_held() {
     }
     assert!(n1.status().views_agree, "the views still agree");
 }
+
+/// A member that is heard from but not among this node's peers (the middle of a rolling add:
+/// n2 does not list n1 yet) gets this node's reports in the answers to its heartbeats: a client
+/// it owns is enrolled and granted, not left at its cold share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_only_heard_from_gets_its_reports_in_the_answers() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let n1 = Node::new(
+        &section("n1", a1, vec![a2]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let n2 = Node::new(
+        &section("n2", a2, vec![]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n2");
+    let members = [
+        NodeId::new("n1").expect("id"),
+        NodeId::new("n2").expect("id"),
+    ];
+    let client = (0u8..=255)
+        .map(|b| [b; 16])
+        .find(|k| crate::cluster::owner::owner(k, &members) == Some(&members[0]))
+        .expect("a client n1 owns");
+    n1.set_datapath(Box::new(Busy {
+        hot: Vec::new(),
+        since: Instant::now(),
+    }));
+    n2.set_datapath(Box::new(Busy {
+        hot: vec![client],
+        since: Instant::now(),
+    }));
+    let (_stop1, rx1) = watch::channel(false);
+    let (_stop2, rx2) = watch::channel(false);
+    let (sink1, _) = recorder();
+    let (sink2, _) = recorder();
+    let _t1 = n1.run(l1, sink1, rx1);
+    let _t2 = n2.run(l2, sink2, rx2);
+    let counts = |n: &Node| n.shared.enrolment().counts(enrolment::monotonic());
+    wait_for(
+        "n1 owns the client n2 reported, and both hold it with a grant",
+        || {
+            let (c1, c2) = (counts(&n1), counts(&n2));
+            c1.owned == 1 && c1.granted == 1 && c2.held == 1 && c2.granted == 1
+        },
+    )
+    .await;
+}
