@@ -817,7 +817,8 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
     };
     if json {
         let out = serde_json::json!({
-            "configured": s.configured, "node_id": s.node_id, "incarnation": s.incarnation,
+            "configured": s.configured, "not_taken_up": s.not_taken_up,
+            "node_id": s.node_id, "incarnation": s.incarnation,
             "listen": s.listen, "phase": s.phase, "partition": s.partition,
             "members": s.members, "agreed_members": s.agreed_members,
             "views_agree": s.views_agree,
@@ -846,8 +847,15 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
         return Ok(());
     }
     if !s.configured {
-        println!("not a cluster member: the config has no `cluster:` section");
+        if s.not_taken_up.is_empty() {
+            println!("not a cluster member: the config has no `cluster:` section");
+        } else {
+            println!("not a cluster member: {}", s.not_taken_up);
+        }
         return Ok(());
+    }
+    if !s.not_taken_up.is_empty() {
+        println!("NOT TAKEN UP: {}", s.not_taken_up);
     }
     println!(
         "node {}  incarnation {}  listen {}\nphase {}  partition {}  members {} (agreed {}){}",

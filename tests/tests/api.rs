@@ -147,6 +147,7 @@ impl Fixture {
                 max_batch: 100,
                 walks: Default::default(),
                 cluster: tokio::sync::watch::channel(None).1,
+                cluster_error: tokio::sync::watch::channel(None).1,
             },
             opts,
             listeners,

@@ -1188,8 +1188,8 @@ fn a_reload_adds_and_removes_the_cluster_section() -> Result<()> {
     require_root!();
     let net = ClusterNet::new(2)?;
     let dir = TempDir::new("cluster-reload")?;
-    let token = dir.write("cluster.token", TOKEN)?;
-    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // Written only after the section is added: until then it is not taken up.
+    let token = dir.join("cluster.token").to_string_lossy().into_owned();
     let settings = Settings::standard("share");
     let clustered: Vec<String> = (0..2)
         .map(|k| config(k, 2, &settings, &token, &[]))
@@ -1217,7 +1217,23 @@ fn a_reload_adds_and_removes_the_cluster_section() -> Result<()> {
         agent.reload(&clustered[k], Duration::from_secs(10))?;
     }
     for k in 0..2 {
+        let s = wait_until("the section not taken up", Duration::from_secs(10), || {
+            let s = c.status(k)?;
+            Ok((s["not_taken_up"] != "").then_some(s))
+        })?;
+        assert_eq!(s["configured"], false, "node {k}: {s:#}");
+        let why = s["not_taken_up"].as_str().unwrap_or_default();
+        assert!(why.contains("cluster.token_file"), "node {k}: {why}");
+    }
+    // Fixing the cause is enough: the config does not change.
+    std::fs::write(&c.token, TOKEN)?;
+    std::fs::set_permissions(
+        &c.token,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    for k in 0..2 {
         let s = c.wait_phase(k, "connected", 2)?;
+        assert_eq!(s["not_taken_up"], "", "node {k}: {s:#}");
         assert_eq!(share_of(&s), LIMIT / 2, "node {k}: {s:#}");
     }
     let got = c.measure(cluster_client_v4(1), &[30, 30])?;

@@ -86,6 +86,8 @@ pub struct Member {
     max_global_clients: usize,
     /// The running node, for the API's `Cluster.Status`.
     published: watch::Sender<Option<Node>>,
+    /// Why the config's section is not taken up, while it is not (`Cluster.Status` says it).
+    error: watch::Sender<Option<String>>,
     counters: Arc<Counters>,
 }
 
@@ -305,6 +307,7 @@ impl Member {
         counters: &Arc<Counters>,
         enrolment: Enrolling,
         published: watch::Sender<Option<Node>>,
+        error: watch::Sender<Option<String>>,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Member>, JoinHandle<()>) {
         let membership = Arc::new(Member {
@@ -315,6 +318,7 @@ impl Member {
             global_caps: enrolment.global_caps,
             max_global_clients: enrolment.max_global_clients,
             published,
+            error,
             counters: counters.clone(),
         });
         if let Some(p) = prepared {
@@ -350,6 +354,30 @@ impl Member {
         });
     }
 
+    /// The section could not be taken up: says why, once until the reason changes (it is tried
+    /// again every [`RETRY`]).
+    fn not_taken_up(&self, why: String) {
+        self.error.send_if_modified(|e| {
+            if e.as_deref() == Some(why.as_str()) {
+                return false;
+            }
+            tracing::error!("cluster: {why}");
+            *e = Some(why);
+            true
+        });
+    }
+
+    /// The section in force is the config's (or there is none).
+    fn taken_up(&self) {
+        self.error.send_if_modified(|e| {
+            if e.take().is_some() {
+                tracing::info!("cluster: the section is taken up now");
+                return true;
+            }
+            false
+        });
+    }
+
     /// The running node, if any.
     pub fn node(&self) -> Option<Node> {
         self.node
@@ -369,32 +397,60 @@ impl Member {
     }
 }
 
+/// How often a section that could not be taken up is tried again, and the token file read
+/// for a new token.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Follows reloads: the section's changes go to the running node; a section added starts one
-/// (joining: it admits nothing of global policies until counted); one removed stops it.
+/// (joining: it admits nothing of global policies until counted); one removed stops it. A
+/// section that cannot be taken up (its token file missing, its port taken) is tried again every
+/// [`RETRY`], so that fixing the cause is enough (the config need not change); the token file is
+/// read as often, so that a new token takes effect without a change of the config either.
 async fn follow(
     membership: Arc<Member>,
     limits: Arc<PolicyStore>,
     mut policies: watch::Receiver<ClusterPolicies>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut token_in_force = policies
+        .borrow()
+        .config
+        .as_ref()
+        .and_then(|c| token(c).ok().flatten());
     loop {
         tokio::select! {
             changed = policies.changed() => if changed.is_err() { break },
+            _ = retry.tick() => {
+                let failed = membership.error.borrow().is_some();
+                let current = policies.borrow().clone();
+                let new_token = match (&current.config, membership.node()) {
+                    (Some(config), Some(_)) => token(config).ok().flatten(),
+                    _ => token_in_force.clone(),
+                };
+                if !failed && new_token == token_in_force {
+                    continue;
+                }
+            }
             _ = stop.wait_for(|s| *s) => break,
         }
         let current = policies.borrow_and_update().clone();
         match (&current.config, membership.node()) {
             (Some(config), Some(node)) => {
                 let reconfigured = token(config).and_then(|token| {
-                    Ok(node.reconfigure(config, token.as_deref(), current.clone())?)
+                    node.reconfigure(config, token.as_deref(), current.clone())?;
+                    Ok(token)
                 });
                 match reconfigured {
-                    Ok(()) => {
+                    Ok(token) => {
+                        token_in_force = token;
+                        membership.taken_up();
                         tracing::info!(peers = config.peers.len(), "cluster: section reloaded")
                     }
-                    Err(e) => tracing::error!(
-                        "cluster: the reloaded section is not taken up: {e:#}; the one in force stays"
-                    ),
+                    Err(e) => membership.not_taken_up(format!(
+                        "the reloaded section is not taken up: {e:#}; the one in force stays"
+                    )),
                 }
             }
             (Some(config), None) => {
@@ -408,26 +464,30 @@ async fn follow(
                 .await
                 {
                     Ok(prepared) => {
+                        token_in_force = token(config).ok().flatten();
                         let view = prepared.share_view();
                         let limits2 = limits.clone();
                         let _ =
                             tokio::task::spawn_blocking(move || limits2.set_share_view(view)).await;
                         membership.run(prepared, &limits);
+                        membership.taken_up();
                     }
-                    Err(e) => tracing::error!(
-                        "cluster: the added section is not taken up: {e:#}; global policies \
-                         admit nothing here until it is fixed"
-                    ),
+                    Err(e) => membership.not_taken_up(format!(
+                        "the added section is not taken up: {e:#}; global policies admit \
+                         nothing here until it is fixed"
+                    )),
                 }
             }
             (None, Some(_)) => {
                 membership.stop_node();
+                membership.taken_up();
                 forget_joined(&membership.incarnation_path);
                 let limits = limits.clone();
                 let _ = tokio::task::spawn_blocking(move || limits.alone_without_cluster()).await;
                 tracing::info!("cluster: section removed; this agent limits alone");
             }
             (None, None) => {
+                membership.taken_up();
                 // A section added and not taken up (above) left the shares as a joining node's,
                 // which admit nothing of a global limit (the rate limit service's rules under
                 // `--rls-scope global` have no other way out): with the section gone again, this

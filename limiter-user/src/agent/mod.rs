@@ -282,6 +282,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     ));
     let walks = Arc::new(Walks::default());
     let (cluster_tx, cluster_rx) = tokio::sync::watch::channel(None);
+    let (cluster_error_tx, cluster_error_rx) = tokio::sync::watch::channel(None);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let served = api::serve(
         ApiState {
@@ -292,6 +293,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             max_batch: opts.api.max_batch,
             walks: walks.clone(),
             cluster: cluster_rx.clone(),
+            cluster_error: cluster_error_rx,
         },
         opts.api.clone(),
         listeners,
@@ -341,6 +343,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             max_global_clients: opts.max_global_clients as usize,
         },
         cluster_tx,
+        cluster_error_tx,
         stop_rx.clone(),
     );
     tasks.push(member_task);

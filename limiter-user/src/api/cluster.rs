@@ -14,9 +14,11 @@ impl cluster_server::Cluster for ClusterService {
         _request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatus>, Status> {
         let node = self.0.cluster.borrow().clone();
-        Ok(Response::new(match node {
+        let mut status = match node {
             Some(node) => node.status(),
             None => proto::ClusterStatus::default(),
-        }))
+        };
+        status.not_taken_up = self.0.cluster_error.borrow().clone().unwrap_or_default();
+        Ok(Response::new(status))
     }
 }

@@ -158,6 +158,8 @@ pub struct ApiState {
     pub walks: Arc<Walks>,
     /// The cluster node, while the config has a `cluster:` section.
     pub cluster: tokio::sync::watch::Receiver<Option<crate::cluster::node::Node>>,
+    /// Why the config's `cluster:` section is not taken up, while it is not.
+    pub cluster_error: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Runs `f` on the blocking pool (map walks, file writes); a panic in it becomes INTERNAL.

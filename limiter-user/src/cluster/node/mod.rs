@@ -546,6 +546,8 @@ impl Node {
                 capped: counts.capped,
             }),
             traffic: Some(self.shared.traffic.to_proto()),
+            // The agent's to say (see `agent::cluster`).
+            not_taken_up: String::new(),
         }
     }
 }
