@@ -1068,7 +1068,16 @@ async fn top(n: u32, iterations: u64, target: Target) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // A command's output piped into `head` ends quietly when the pipe closes, as other tools'
+    // does, instead of panicking in `println!` (Rust's runtime ignores SIGPIPE). The agent
+    // ignores it again: a peer or an API client that goes away must not kill it.
+    // SAFETY: setting a signal's disposition, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent { .. }) {
+        // SAFETY: as above.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    }
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
