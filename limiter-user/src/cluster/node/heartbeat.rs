@@ -233,9 +233,25 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
     // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
     let answer = match tokio::time::timeout(timeout / 2, client.heartbeat(request)).await {
         Ok(Ok(answer)) => answer.into_inner(),
-        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-            // Refused as a member (say another node uses this id): worth an operator's eye.
-            tracing::warn!(%addr, "cluster heartbeat refused: {}", status.message());
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
+            // Refused as a member (another node uses this id) or not authenticated (the tokens
+            // differ, or the certificate does not name the node): worth an operator's eye, once
+            // a minute rather than at every heartbeat.
+            if shared.say(format!("refused {addr}"), status.message()) {
+                tracing::warn!(
+                    %addr,
+                    "cluster heartbeat refused ({:?}): {}",
+                    status.code(),
+                    status.message()
+                );
+            }
             Traffic::add(&traffic.heartbeats_failed, 1);
             return;
         }
@@ -289,7 +305,10 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
             false
         }
         Err(refusal) => {
-            tracing::warn!(%addr, "cluster peer refused: {refusal}");
+            let text = refusal.to_string();
+            if shared.say(format!("answer of {addr}"), &text) {
+                tracing::warn!(%addr, "cluster peer refused: {text}");
+            }
             false
         }
     };

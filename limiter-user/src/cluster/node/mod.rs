@@ -156,6 +156,32 @@ struct Shared {
     /// than one message carries goes next.
     turns: Mutex<HashMap<NodeId, u64>>,
     traffic: Traffic,
+    /// Warnings said, by what they are about: each is said again only when it changes, or after
+    /// [`SAY_AGAIN`] (a refusal repeats at every heartbeat).
+    said: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+/// How long a warning that keeps repeating stays unsaid (see `Shared::said`).
+const SAY_AGAIN: Duration = Duration::from_secs(60);
+
+impl Shared {
+    /// Whether to say `message` about `about` now: it differs from the last said about it, or
+    /// that was [`SAY_AGAIN`] ago. Bounded: about peers' addresses and ids, of which there are a
+    /// few (and it forgets everything past 1,024).
+    fn say(&self, about: String, message: &str) -> bool {
+        let now = Instant::now();
+        let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
+        if said.len() >= 1024 {
+            said.clear();
+        }
+        match said.get(&about) {
+            Some((last, at)) if last == message && now.duration_since(*at) < SAY_AGAIN => false,
+            _ => {
+                said.insert(about, (message.to_owned(), now));
+                true
+            }
+        }
+    }
 }
 
 /// The sync's work since start (status and metrics).
@@ -302,6 +328,7 @@ impl Node {
                 outbox: Mutex::default(),
                 turns: Mutex::default(),
                 traffic: Traffic::default(),
+                said: Mutex::default(),
             }),
         })
     }

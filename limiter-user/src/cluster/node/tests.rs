@@ -680,3 +680,21 @@ async fn a_member_only_heard_from_gets_its_reports_in_the_answers() {
     )
     .await;
 }
+
+/// A refusal repeated at every heartbeat is said once, then again only when it changes.
+#[tokio::test]
+async fn a_repeated_warning_is_said_once_until_it_changes() {
+    let (_l, a) = listener().await;
+    let n = Node::new(&section("n1", a, vec![]), &token(), 1, true, policies(), 16).expect("n1");
+    let say = |about: &str, message: &str| n.shared.say(about.to_owned(), message);
+    assert!(say("refused 127.0.0.1:1", "wrong cluster token"));
+    assert!(!say("refused 127.0.0.1:1", "wrong cluster token"));
+    assert!(
+        say("refused 127.0.0.2:1", "wrong cluster token"),
+        "another peer"
+    );
+    assert!(
+        say("refused 127.0.0.1:1", "the cluster token is required"),
+        "it changed"
+    );
+}
