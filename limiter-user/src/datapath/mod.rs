@@ -106,7 +106,11 @@ pub enum DatapathError {
          systemd unit packaging/limiter@.service does this)"
     )]
     PinDirDenied { dir: PathBuf },
-    #[error("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf` (in a network \
+         namespace, start the agent with `nsenter --net=/run/netns/NAME`, not `ip netns exec`, \
+         which mounts a /sys of its own where pins would vanish with the agent)"
+    )]
     BpffsNotMounted,
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
