@@ -109,11 +109,35 @@ pub fn report(report: &Report) -> String {
 
 pub fn show_duration(d: Option<&prost_types::Duration>) -> String {
     d.map_or("-".into(), |d| {
-        format!(
-            "{:?}",
-            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-        )
+        short_duration(Duration::new(
+            d.seconds.max(0) as u64,
+            d.nanos.max(0) as u32,
+        ))
     })
+}
+
+/// `d` to three significant digits in its largest unit of s, ms, µs and ns (`2.95s`, `948µs`,
+/// `23.9ms`, `1s`), so that columns of them line up.
+pub fn short_duration(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (value, unit) = [(1e9, "s"), (1e6, "ms"), (1e3, "µs")]
+        .into_iter()
+        .find(|(scale, _)| ns >= *scale)
+        .map_or((ns, "ns"), |(scale, unit)| (ns / scale, unit));
+    let decimals = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let text = format!("{value:.decimals$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &text
+    };
+    format!("{text}{unit}")
 }
 
 pub fn action_name(action: i32) -> &'static str {
@@ -221,4 +245,27 @@ pub fn client_table(clients: &[proto::ClientStats]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_shown_to_three_digits() {
+        let cases = [
+            (Duration::from_nanos(2_950_465_854), "2.95s"),
+            (Duration::from_nanos(948_155), "948µs"),
+            (Duration::from_nanos(23_927_867), "23.9ms"),
+            (Duration::from_secs(1), "1s"),
+            (Duration::from_secs(3600), "3600s"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_nanos(999), "999ns"),
+            (Duration::ZERO, "0ns"),
+        ];
+        for (d, shown) in cases {
+            assert_eq!(short_duration(d), shown, "{d:?}");
+        }
+    }
 }
