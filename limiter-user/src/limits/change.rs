@@ -84,7 +84,14 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
     if old.default != new.default || default_per(old) != default_per(new) {
         out.push(change(ChangeKind::Set, Selector::Default, new.default));
     }
-    let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
+    // As is a change of scope (local or global) alone: a global policy's share is its limit
+    // here.
+    let per = |c: &Config, i: usize| {
+        (
+            c.grouping.policies.get(i).copied().flatten(),
+            c.scope(i as u16 + 1),
+        )
+    };
     // The policies both have in the same places (all of them, after an edit of one or an API
     // change of one) are compared in place; only the rest is looked up by match.
     let common = old
@@ -185,6 +192,25 @@ mod tests {
         );
     }
 
+    /// A policy that turns global or local is a change (its limit here is a share, or whole):
+    /// the reload's log counts it.
+    #[test]
+    fn a_change_of_scope_alone_is_a_change() {
+        let text = |scope: &str| {
+            format!(
+                "default: {{ limit: 10, window: 1s }}\npolicies:\n  - {{ match: 10.0.0.0/8, limit: 30, \
+                 window: 1s{scope} }}\ncluster: {{ node_id: n1, listen: \"127.0.0.1:7201\", peers: \
+                 [\"127.0.0.1:7202\"], token_file: /unused }}\n"
+            )
+        };
+        let (local, global) = (config(&text("")), config(&text(", scope: global")));
+        assert_eq!(
+            described(&diff(&local, &global, 1, Source::File)),
+            vec![(ChangeKind::Set, "10.0.0.0/8".to_string(), 30)]
+        );
+        assert_eq!(diff(&global, &local, 1, Source::File).len(), 1);
+    }
+
     #[test]
     fn diff_of_equal_configs_is_empty_and_reordering_is_no_change() {
         let a = config(
@@ -219,7 +245,14 @@ mod tests {
         if old.default != new.default || default_per(old) != default_per(new) {
             out.push(change(ChangeKind::Set, Selector::Default, new.default));
         }
-        let per = |c: &Config, i: usize| c.grouping.policies.get(i).copied().flatten();
+        // As is a change of scope (local or global) alone: a global policy's share is its limit
+    // here.
+    let per = |c: &Config, i: usize| {
+        (
+            c.grouping.policies.get(i).copied().flatten(),
+            c.scope(i as u16 + 1),
+        )
+    };
         for (i, (m, r)) in new.policies.iter().enumerate() {
             let same = old
                 .policies
