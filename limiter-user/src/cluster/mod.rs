@@ -40,12 +40,21 @@ pub struct GlobalPolicy {
     pub matches: String,
     pub limit: u32,
     pub window_us: u32,
+    /// How the addresses it matches group into clients (`per`: `address`, `policy`, `/64`), as
+    /// in force for it; empty where that does not apply (API IDs, the rate limit service's
+    /// limits). Part of what members compare: members that group one policy's addresses
+    /// differently would key the same traffic as different clients, and each owner would
+    /// split L for its own.
+    pub grouping: String,
 }
 
 impl GlobalPolicy {
-    /// What this policy is, as members compare it: its match, limit and window.
+    /// What this policy is, as members compare it: its match, limit, window and grouping.
     fn content(&self) -> String {
-        format!("{} {} {}", self.matches, self.limit, self.window_us)
+        format!(
+            "{} {} {} {}",
+            self.matches, self.limit, self.window_us, self.grouping
+        )
     }
 
     /// How members name the policy to each other in reports and grants: a hash of its content,
@@ -155,6 +164,7 @@ mod tests {
             matches: matches.into(),
             limit,
             window_us: 1_000_000,
+            grouping: String::new(),
         }
     }
 

@@ -246,13 +246,13 @@ mod tests {
             out.push(change(ChangeKind::Set, Selector::Default, new.default));
         }
         // As is a change of scope (local or global) alone: a global policy's share is its limit
-    // here.
-    let per = |c: &Config, i: usize| {
-        (
-            c.grouping.policies.get(i).copied().flatten(),
-            c.scope(i as u16 + 1),
-        )
-    };
+        // here.
+        let per = |c: &Config, i: usize| {
+            (
+                c.grouping.policies.get(i).copied().flatten(),
+                c.scope(i as u16 + 1),
+            )
+        };
         for (i, (m, r)) in new.policies.iter().enumerate() {
             let same = old
                 .policies

@@ -133,6 +133,19 @@ pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> Cluste
                 matches: config.policies[i].0.to_string(),
                 limit: r.limit,
                 window_us: r.window.micros,
+                grouping: config.policies[i]
+                    .0
+                    .as_prefix()
+                    .map(|cidr| {
+                        let default = if cidr.addr.is_ipv4() {
+                            config.grouping.default_v4
+                        } else {
+                            config.grouping.default_v6
+                        };
+                        let per = config.grouping.policies.get(i).copied().flatten();
+                        format!("per {}", per.unwrap_or(default))
+                    })
+                    .unwrap_or_default(),
             })
             .chain(service.iter().cloned())
             .collect(),

@@ -12,6 +12,7 @@ fn the_service_s_global_limits_count_only_in_a_cluster() {
         matches: "rate limit service: 30 per 1000000 µs".into(),
         limit: 30,
         window_us: 1_000_000,
+        grouping: String::new(),
     }];
     let alone = Config::parse("default: { limit: 10, window: 1s }\n").unwrap();
     assert!(
@@ -41,4 +42,36 @@ cluster:
         "L, not the share"
     );
     assert_eq!(policies_for_cluster(&member, &service).global, service);
+}
+
+/// Members compare a global policy's grouping with its match, limit and window: grouped
+/// differently, the same traffic would be different clients on different members. Its
+/// position in the config is not compared.
+#[test]
+fn a_global_policy_is_named_by_its_content_and_grouping() {
+    let cluster = "cluster: { node_id: n1, listen: \"127.0.0.1:7201\", peers: [\"127.0.0.1:7202\"], token_file: /unused }\n";
+    let global = "  - { match: 10.0.0.0/8, limit: 30, window: 1s, scope: global }\n";
+    let local = "  - { match: 192.0.2.0/24, limit: 5, window: 1s }\n";
+    let config = |default: &str, policies: &str| {
+        Config::parse(&format!(
+            "default: {default}\npolicies:\n{policies}{cluster}"
+        ))
+        .unwrap()
+    };
+    let plain = "{ limit: 10, window: 1s }";
+    let first = policies_for_cluster(&config(plain, &format!("{global}{local}")), &[]);
+    let second = policies_for_cluster(&config(plain, &format!("{local}{global}")), &[]);
+    assert_eq!((first.global[0].id, second.global[0].id), (1, 2));
+    assert_eq!(first.global[0].wire_name(), second.global[0].wire_name());
+    assert_eq!(first.hash(), second.hash());
+    let grouped = policies_for_cluster(
+        &config(
+            "{ limit: 10, window: 1s, per: { ipv4: /24 } }",
+            &format!("{global}{local}"),
+        ),
+        &[],
+    );
+    assert_eq!(grouped.global[0].grouping, "per /24");
+    assert_ne!(first.global[0].wire_name(), grouped.global[0].wire_name());
+    assert_ne!(first.hash(), grouped.hash());
 }

@@ -378,6 +378,7 @@ impl RlsConfig {
                     matches: format!("rate limit service: {allowance} per {window_us} µs"),
                     limit: allowance,
                     window_us,
+                    grouping: String::new(),
                 })
             })
             .collect()

@@ -41,6 +41,7 @@ fn policies() -> ClusterPolicies {
             matches: "10.0.0.0/8".into(),
             limit: 40,
             window_us: 1_000_000,
+            grouping: "per address".into(),
         }],
     }
 }
