@@ -321,7 +321,7 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
 /// Says so (once, until they agree again) when live peers' views have differed from this
 /// node's for longer than a join takes: enrolment waits for every view to agree, so a lasting
 /// difference (a peer missing from one member's list, or global policies that differ in match,
-/// limit or window, or a different `peer_timeout`) silently keeps every global client at its
+/// limit, window or grouping, or a different `peer_timeout`) silently keeps every global client at its
 /// cold share.
 #[derive(Default)]
 struct ViewsDiffer {
@@ -353,7 +353,7 @@ impl ViewsDiffer {
                  until every view agrees (global clients keep their cold share). Each member \
                  must count the same members (one down or gone may be remembered by some and \
                  not others until it is forgotten), have the same global policies (match, \
-                 limit and window; their order does not matter) and the same peer_timeout; \
+                 limit, window and per; their order does not matter) and the same peer_timeout; \
                  `limiter cluster status` shows which peers differ"
             );
         }
