@@ -747,13 +747,14 @@ fn check_scopes(
         if scopes.get(i + 1).copied().unwrap_or_default() == Scope::Local {
             continue;
         }
-        let invalid = |message: String| PolicyError::Invalid {
-            field: format!("policies[{i}].scope (match {matches})"),
-            line: line(i, "scope"),
+        let invalid = |key: &str, message: String| PolicyError::Invalid {
+            field: format!("policies[{i}].{key} (match {matches})"),
+            line: line(i, key),
             message,
         };
         let Some(cluster) = cluster else {
             return Err(invalid(
+                "scope",
                 "`scope: global` holds a limit across the members of a cluster: add a \
                 `cluster:` section (node_id, listen, peers, token_file), or remove `scope`"
                     .into(),
@@ -766,11 +767,14 @@ fn check_scopes(
         }
         let members = cluster.configured_members();
         if resolved.limit < members {
-            return Err(invalid(format!(
-                "limit {} is below the cluster's {members} members: each member enforces \
-                its share ⌊limit / members⌋, which would be 0",
-                resolved.limit
-            )));
+            return Err(invalid(
+                "limit",
+                format!(
+                    "limit {} is below the cluster's {members} members: each member enforces \
+                its share ⌊limit / members⌋, which would be 0 (the policy is `scope: global`)",
+                    resolved.limit
+                ),
+            ));
         }
         if u64::from(resolved.limit) < 10 * u64::from(members) {
             warnings.push(format!(

@@ -1102,7 +1102,7 @@ fn global_policies_need_a_cluster_and_a_limit_of_at_least_the_member_count() {
         "limit: 2\n    window: 1s\n    scope",
     ));
     assert!(
-        e.contains("limit 2 is below the cluster's 3 members"),
+        e.contains("policies[0].limit (match 10.230.0.0/24) (line 4): limit 2 is below the cluster's 3 members"),
         "{e}"
     );
     let c = Config::parse(&CLUSTER.replace(

@@ -659,7 +659,7 @@ fn the_merge_keeps_the_file_s_scope_and_checks_global_limits_as_the_file_s_are()
     assert!(
         matches!(e, MergeError::Effective(_))
             && shown.contains(
-                "policies[0].scope (match 10.230.0.0/24): limit 2 is below the cluster's 3 members"
+                "policies[0].limit (match 10.230.0.0/24): limit 2 is below the cluster's 3 members"
             ),
         "{shown}"
     );
