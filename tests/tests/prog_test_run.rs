@@ -2088,9 +2088,13 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         );
         // Each has an entry the agent's enrolment reads (its counters are its demand).
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {
-            let entry = maps
+            let (entry, id) = maps
                 .entry(&key)
                 .with_context(|| format!("no entry for the {what}"))?;
+            ensure!(
+                id == (what == "ID"),
+                "the {what} client's entry is in the wrong map"
+            );
             ensure!(
                 entry.dropped_count() > 0,
                 "the {what} client's entry counts no drop"

@@ -10,19 +10,19 @@ use std::{
 use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinHandle};
 
-use limiter_common::{ClientState, Grant, addr::ClientKey};
+use limiter_common::{Grant, addr::ClientKey};
 
 use crate::{
     api::auth::read_token,
     check::HotIds,
     cluster::{
-        ClusterPolicies, PolicyName,
+        ClusterPolicies, PolicyName, WireNames,
         config::ClusterConfig,
         membership::{Phase, ShareView},
-        node::{Credentials, Datapath, GrantsError, Node, ShareSink, TlsMaterial},
+        node::{Credentials, Datapath, Entry, GrantsError, Node, ShareSink, TlsMaterial, Under},
     },
     datapath::ClusterMaps,
-    limits::PolicyStore,
+    limits::{GlobalNames, PolicyStore},
     metrics::Counters,
     state_file,
 };
@@ -105,6 +105,8 @@ pub struct Prepared {
     /// Where the incarnation that last passed the join gate (and its hold) is kept.
     joined_path: PathBuf,
     incarnation: u64,
+    /// The token the node was made with (what the token file held when it was read).
+    token: Option<String>,
 }
 
 impl Prepared {
@@ -119,6 +121,9 @@ impl Prepared {
     ) -> anyhow::Result<Prepared> {
         let listener = Node::bind(config).await?;
         let credentials = credentials(config)?;
+        // Before the incarnation: a section retried every few seconds must not spend one on
+        // each failed try.
+        Node::check(&credentials).context("cluster")?;
         let incarnation = next_incarnation(incarnation_path)?;
         // Pins alone do not show that their shares are safe to continue with: a run started
         // without pins creates them at once, and if it stopped before its join gate and hold
@@ -162,6 +167,7 @@ impl Prepared {
             members_path,
             joined_path,
             incarnation,
+            token: credentials.token,
         })
     }
 
@@ -321,6 +327,7 @@ impl Member {
             error,
             counters: counters.clone(),
         });
+        let token = prepared.as_ref().and_then(|p| p.token.clone());
         if let Some(p) = prepared {
             membership.run(p, limits);
         }
@@ -328,6 +335,7 @@ impl Member {
             membership.clone(),
             limits.clone(),
             limits.cluster_policies(),
+            token,
             stop,
         ));
         (membership, task)
@@ -343,7 +351,9 @@ impl Member {
             caps: self.global_caps.clone(),
             caps_seen: 0,
             primed: false,
-            limits: limits.clone(),
+            names: limits.global_names(),
+            unnamed: Vec::new(),
+            max_unnamed: self.max_global_clients,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
         drop(tasks);
@@ -410,15 +420,11 @@ async fn follow(
     membership: Arc<Member>,
     limits: Arc<PolicyStore>,
     mut policies: watch::Receiver<ClusterPolicies>,
+    mut token_in_force: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut token_in_force = policies
-        .borrow()
-        .config
-        .as_ref()
-        .and_then(|c| token(c).ok().flatten());
     loop {
         tokio::select! {
             changed = policies.changed() => if changed.is_err() { break },
@@ -464,7 +470,7 @@ async fn follow(
                 .await
                 {
                     Ok(prepared) => {
-                        token_in_force = token(config).ok().flatten();
+                        token_in_force = prepared.token.clone();
                         let view = prepared.share_view();
                         let limits2 = limits.clone();
                         let _ =
@@ -528,52 +534,85 @@ struct Maps {
     /// The clients already in `LIMITED` were offered as hot (at the node's first round: those a
     /// previous run, or the time before the node started, left there).
     primed: bool,
-    /// Names hot clients' policies (see [`PolicyStore::global_names`]).
-    limits: Arc<PolicyStore>,
+    /// Names clients' policies (see [`GlobalNames`]).
+    names: Arc<GlobalNames>,
+    /// Hot notices read while the policies changed, named at the next round.
+    unnamed: Vec<ClientKey>,
+    /// Most of them kept.
+    max_unnamed: usize,
 }
 
 impl Maps {
     fn lock(&self) -> std::sync::MutexGuard<'_, ClusterMaps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The entries of `clients` with the policies they are under now; `None` if the policies
+    /// changed while they were read (the entries alone then, under `Under::Unknown`).
+    fn read(&self, clients: &[ClientKey]) -> (Vec<Option<Entry>>, bool) {
+        let maps = self.lock();
+        let read = |named: Option<(u32, &WireNames)>| -> Vec<Option<Entry>> {
+            clients
+                .iter()
+                .map(|client| {
+                    let (state, id) = maps.entry(client)?;
+                    // An API ID's entry carries no generation: the checker resolves it with
+                    // each check, under the policies it has (which change within the bracket
+                    // `GlobalNames` watches).
+                    let under = match named {
+                        Some((generation, names)) if id || state.is_current(generation) => names
+                            .name(state.policy())
+                            .map_or(Under::Local, Under::Global),
+                        _ => Under::Unknown,
+                    };
+                    Some(Entry { state, under })
+                })
+                .collect()
+        };
+        match self
+            .names
+            .read(|generation, names| read(Some((generation, names))))
+        {
+            Some(entries) => (entries, true),
+            None => (read(None), false),
+        }
+    }
 }
 
 impl Datapath for Maps {
     fn hot(&mut self) -> Vec<(ClientKey, PolicyName)> {
-        // Read before the maps' lock, not under it: an entry resolved since (a reload) is not
-        // current at this generation, and is left out.
-        let (generation, names) = match self.limits.global_names() {
-            Ok(names) => names,
-            Err(e) => {
-                tracing::warn!(
-                    "cluster: reading the policy generation: {}",
-                    crate::error_chain(&e)
-                );
-                return Vec::new();
-            }
-        };
         let primed = std::mem::replace(&mut self.primed, true);
-        let mut maps = self.lock();
-        let mut hot = maps.hot();
-        if !primed {
-            hot.extend(maps.limited());
+        let mut hot = std::mem::take(&mut self.unnamed);
+        {
+            let mut maps = self.lock();
+            hot.extend(maps.hot());
+            if !primed {
+                hot.extend(maps.limited());
+            }
         }
         hot.extend(self.hot_ids.take());
         // Once each: a client over its limit for long is reported again and again (paced),
         // and each notice costs the round a lookup in every client map.
         hot.sort_unstable();
         hot.dedup();
+        let (entries, named) = self.read(&hot);
+        if !named {
+            // Named at the next round (at most --max-global-clients of them are kept).
+            hot.truncate(self.max_unnamed);
+            self.unnamed = hot;
+            return Vec::new();
+        }
         hot.into_iter()
-            .filter_map(|client| {
-                let entry = maps.entry(&client)?;
-                entry.is_current(generation).then_some(())?;
-                Some((client, names.name(entry.policy())?))
+            .zip(entries)
+            .filter_map(|(client, entry)| match entry?.under {
+                Under::Global(policy) => Some((client, policy)),
+                _ => None,
             })
             .collect()
     }
 
-    fn entry(&self, client: &ClientKey) -> Option<ClientState> {
-        self.lock().entry(client)
+    fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>> {
+        self.read(clients).0
     }
 
     fn caps(&mut self) -> Option<std::collections::HashMap<ClientKey, u32>> {

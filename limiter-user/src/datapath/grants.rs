@@ -84,9 +84,13 @@ impl ClusterMaps {
         self.clients[0].keys().filter_map(Result::ok).collect()
     }
 
-    /// The client's entry, wherever it lives.
-    pub fn entry(&self, client: &ClientKey) -> Option<ClientState> {
-        self.clients.iter().find_map(|m| m.get(client, 0).ok())
+    /// The client's entry, wherever it lives, and whether it is an API ID's (`NAMED`,
+    /// `NAMED_STATIC`: the checker resolves those entries, and stamps them with no generation).
+    pub fn entry(&self, client: &ClientKey) -> Option<(ClientState, bool)> {
+        self.clients
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| Some((m.get(client, 0).ok()?, i >= 3)))
     }
 
     /// Sets (`Some`) or deletes (`None`) grants, each on its own (a full map refuses a new

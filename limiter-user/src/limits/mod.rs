@@ -20,11 +20,13 @@
 
 mod change;
 mod loaded;
+mod names;
 
 use self::loaded::store_pruned;
 pub use self::{
     change::{Change, ChangeKind, Selector, Source, diff},
     loaded::Loaded,
+    names::GlobalNames,
 };
 
 use std::{
@@ -99,9 +101,6 @@ struct Inner {
     /// What the maps and the checker hold: `effective` with each global limit replaced by this
     /// node's share of it.
     applied: Arc<Config>,
-    /// The names on the wire of the global policies the maps' ids stand for (see
-    /// [`PolicyStore::global_names`]), changed with the maps under the same lock.
-    names: Arc<WireNames>,
     /// Hash of the file text last applied (or rejected), so it is not parsed again.
     seen_hash: Option<u64>,
     /// The file could not be read at the last check (reported once per outage).
@@ -118,6 +117,8 @@ pub struct PolicyStore {
     counters: Arc<Counters>,
     changes: broadcast::Sender<Change>,
     cluster: tokio::sync::watch::Sender<ClusterPolicies>,
+    /// The names on the wire of the global policies the maps' ids stand for.
+    names: Arc<GlobalNames>,
 }
 
 /// The `cluster:` section and global limits of `config`, and in a cluster `service`'s: those of
@@ -233,7 +234,10 @@ impl PolicyStore {
             &share_view,
         ));
         let cluster = policies_for_cluster(&loaded.effective.config, &service_global);
-        let names = Arc::new(WireNames::new(&cluster.global));
+        let names = Arc::new(GlobalNames::new(
+            tables.map_config().map_or(0, |c| c.generation),
+            Arc::new(WireNames::new(&cluster.global)),
+        ));
         checker.set_share_view(share_view);
         PolicyStore {
             inner: Mutex::new(Inner {
@@ -249,7 +253,6 @@ impl PolicyStore {
                 share_view,
                 service_global: service_global.into(),
                 applied,
-                names,
                 unreadable: false,
             }),
             writer: Mutex::new(()),
@@ -257,6 +260,7 @@ impl PolicyStore {
             counters,
             changes: broadcast::channel(CHANGE_BUFFER).0,
             cluster: tokio::sync::watch::Sender::new(cluster),
+            names,
         }
     }
 
@@ -265,14 +269,11 @@ impl PolicyStore {
         self.cluster.subscribe()
     }
 
-    /// The maps' policy generation and the names on the wire of the global policies their ids
-    /// stand for, read together: an entry current at that generation is under the policy its
-    /// id names there (the cluster's members name policies by content, and a reload may
-    /// renumber ids).
-    pub fn global_names(&self) -> Result<(u32, Arc<WireNames>), DatapathError> {
-        let inner = self.lock();
-        let generation = inner.tables.map_config()?.generation;
-        Ok((generation, inner.names.clone()))
+    /// The names on the wire of the global policies the maps' ids stand for, with the maps'
+    /// generation (see [`GlobalNames`]): the cluster's members name policies by content, and a
+    /// change may renumber ids.
+    pub fn global_names(&self) -> Arc<GlobalNames> {
+        self.names.clone()
     }
 
     /// The view the shares in force derive from.
@@ -345,32 +346,40 @@ impl PolicyStore {
         let applied = with_shares(&effective.config, &service, &view);
         let cluster = policies_for_cluster(&effective.config, &service);
         let names = Arc::new(WireNames::new(&cluster.global));
+        let changing = self.names.changing();
         if applied == *in_force {
             let mut inner = self.lock();
             inner.share_view = view;
             inner.service_global = service;
-            inner.names = names;
+            changing.done(inner.tables.map_config()?.generation, names);
         } else {
             let applied = Arc::new(applied);
             let entries = applied.lpm_entries();
             let trie_diff = TrieDiff::between(self.lock().tables.trie_written(), &entries);
-            let replaced = {
+            let (replaced, generation) = {
                 let mut inner = self.lock();
-                if let Err(e) = inner.tables.apply_diff(&applied, entries, &trie_diff) {
-                    if let Err(restore) = inner.tables.apply(&in_force) {
-                        tracing::error!(
-                            "restoring the shares in force after a failed apply: {restore}"
-                        );
+                let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {
+                    Ok(report) => report,
+                    Err(e) => {
+                        if let Err(restore) = inner.tables.apply(&in_force) {
+                            tracing::error!(
+                                "restoring the shares in force after a failed apply: {restore}"
+                            );
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
+                };
                 inner.share_view = view;
                 inner.service_global = service;
-                inner.names = names;
-                std::mem::replace(&mut inner.applied, applied.clone())
+                (
+                    std::mem::replace(&mut inner.applied, applied.clone()),
+                    report.generation,
+                )
             };
             free_later((replaced, in_force, effective, trie_diff));
             self.checker.set_config(&applied);
+            // After the checker: it writes the ids of API IDs' entries.
+            changing.done(generation, names);
         }
         self.checker.set_share_view(view);
         self.publish_cluster(cluster);
@@ -601,7 +610,8 @@ impl PolicyStore {
         let mut changes = diff(&before.config, &effective.config, 0, Source::File);
         let cluster = policies_for_cluster(&effective.config, &service);
         let names = Arc::new(WireNames::new(&cluster.global));
-        let replaced = {
+        let changing = self.names.changing();
+        let (replaced, generation) = {
             let mut inner = self.lock();
             let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {
                 Ok(report) => report,
@@ -619,15 +629,19 @@ impl PolicyStore {
                 change.generation = report.generation;
             }
             inner.share_view = share_view;
-            inner.names = names;
             (
-                std::mem::replace(&mut inner.applied, applied.clone()),
-                std::mem::replace(&mut inner.effective, effective.clone()),
+                (
+                    std::mem::replace(&mut inner.applied, applied.clone()),
+                    std::mem::replace(&mut inner.effective, effective.clone()),
+                ),
+                report.generation,
             )
         };
         // The configs and the trie replaced go out of the lock, and off the caller's path.
         free_later((replaced, trie_diff));
         self.checker.set_config(&applied);
+        // After the checker: it writes the ids of API IDs' entries.
+        changing.done(generation, names);
         self.checker.set_share_view(share_view);
         for warning in &effective.config.warnings {
             if !before.config.warnings.contains(warning) {

@@ -343,6 +343,17 @@ impl Enrolment {
         self.held.keys()
     }
 
+    /// The global policy `client` is held under, if it is held.
+    pub fn held_under(&self, client: &ClientKey) -> Option<PolicyName> {
+        self.held.get(client).map(|h| h.policy)
+    }
+
+    /// Stops holding `client` (its entry is under another policy now): its grant is cleared at
+    /// the next write, and it is back to the share its entry's policy gives.
+    pub fn let_go(&mut self, client: &ClientKey) {
+        self.held.remove(client);
+    }
+
     /// `count`: the client's passed + dropped now (`None`: it has no entry, so nothing came);
     /// `used`: what its sliding window counts as admitted now (reported to the owner, which
     /// raises no other holder into room this node's window still holds).

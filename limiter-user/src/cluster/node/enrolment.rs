@@ -38,8 +38,9 @@ pub trait Datapath: Send {
     /// (a reload may renumber ids: its next packet resolves it, and reports it again if it
     /// stays hot).
     fn hot(&mut self) -> Vec<(ClientKey, PolicyName)>;
-    /// The client's entry, wherever it lives.
-    fn entry(&self, client: &ClientKey) -> Option<ClientState>;
+    /// The entries of `clients`, in order, wherever they live: each with the name of the
+    /// global policy it is under now, where that is known (as for `hot`).
+    fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>>;
     /// Applies grant changes in order, each on its own; returns the indices of those refused,
     /// with why.
     fn write(&mut self, writes: &[(ClientKey, Option<Grant>)]) -> Vec<(usize, GrantsError)>;
@@ -50,6 +51,25 @@ pub trait Datapath: Send {
     fn caps(&mut self) -> Option<HashMap<ClientKey, u32>> {
         None
     }
+}
+
+/// A client's entry as enrolment reads it (see [`Datapath::entries`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub state: ClientState,
+    pub under: Under,
+}
+
+/// The policy a client's entry is under now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Under {
+    /// Not known: the entry was resolved under other policies (its next packet resolves it),
+    /// or a change of the policies was under way while it was read.
+    Unknown,
+    /// A local policy, or the default.
+    Local,
+    /// A global policy, by its name on the wire.
+    Global(PolicyName),
 }
 
 /// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads: leases written for the kernel are on it.
@@ -142,10 +162,8 @@ pub fn round(shared: &Shared) {
     }
     let out = if snapshot.splitting {
         let held: Vec<ClientKey> = shared.enrolment().held().copied().collect();
-        let entries: HashMap<ClientKey, Option<ClientState>> = held
-            .into_iter()
-            .map(|client| (client, datapath.entry(&client)))
-            .collect();
+        let read = datapath.entries(&held);
+        let entries: HashMap<ClientKey, Option<Entry>> = held.into_iter().zip(read).collect();
         let now = monotonic();
         let mut enrolment = shared.enrolment();
         split(
@@ -220,10 +238,31 @@ fn split(
     datapath: &mut dyn Datapath,
     snapshot: &Snapshot,
     hot: &[(ClientKey, PolicyName)],
-    entries: &HashMap<ClientKey, Option<ClientState>>,
+    entries: &HashMap<ClientKey, Option<Entry>>,
     now: Duration,
 ) -> std::collections::BTreeMap<NodeId, Outgoing> {
     let view = snapshot.view();
+    // A held client whose entry is now under another global policy (a reload gave its address
+    // a longer policy, or made its own local) is let go, and held afresh under that one if it
+    // is global here: its grants are not its policy's any more.
+    for (client, entry) in entries {
+        let Some(Entry { under, .. }) = entry else {
+            continue;
+        };
+        let Some(held) = enrolment.held_under(client) else {
+            continue;
+        };
+        match *under {
+            Under::Global(policy) if policy != held => {
+                enrolment.let_go(client);
+                if snapshot.info(policy).is_some() {
+                    enrolment.hot(now, &view, *client, policy);
+                }
+            }
+            Under::Local => enrolment.let_go(client),
+            _ => {}
+        }
+    }
     for &(client, policy) in hot {
         if snapshot.info(policy).is_some() {
             enrolment.hot(now, &view, client, policy);
@@ -233,8 +272,9 @@ fn split(
     for client in &held {
         // A client a grant attached while the maps were read gets its first sample next round.
         if let Some(entry) = entries.get(client) {
-            let count = entry.map(|e| e.total_passed() + e.dropped_count());
-            enrolment.observe(now, client, count, entry.map_or(0, |e| used(&e, now)));
+            let state = entry.map(|e| e.state);
+            let count = state.map(|e| e.total_passed() + e.dropped_count());
+            enrolment.observe(now, client, count, state.map_or(0, |e| used(&e, now)));
         }
     }
     enrolment.round_writing(now, &view, &|id| snapshot.info(id), &mut |writes| {

@@ -41,7 +41,7 @@ use self::{
     service::{PeerService, TokenCheck, bearer},
 };
 
-pub use self::enrolment::{Datapath, GrantsError};
+pub use self::enrolment::{Datapath, Entry, GrantsError, Under};
 
 /// Largest message a peer may send: a heartbeat is under 100 bytes, and each client it carries
 /// for enrolment about 60 (so 60k clients between two members in one sync interval).
@@ -256,14 +256,10 @@ impl Node {
     /// A node starting now, before anything is served or sent: its first share view is what the
     /// maps get at start. `adopted`: the agent took over pinned maps (see
     /// [`Membership::new`]).
-    pub fn new(
-        config: &ClusterConfig,
-        credentials: &Credentials,
-        incarnation: u64,
-        adopted: bool,
-        policies: ClusterPolicies,
-        max_global_clients: usize,
-    ) -> Result<Node, NodeError> {
+    /// Checks what [`Node::new`] would refuse of `credentials` (a certificate or key that does
+    /// not parse, a token that is not a header value), before anything is spent on a start
+    /// (the incarnation).
+    pub fn check(credentials: &Credentials) -> Result<(), NodeError> {
         if let Some(tls) = &credentials.tls {
             // A bad certificate or key stops the start, not the first connection.
             tonic::transport::Server::builder()
@@ -273,6 +269,19 @@ impl Node {
                 .tls_config(tls.client())
                 .map_err(NodeError::Tls)?;
         }
+        bearer(credentials.token.as_deref())?;
+        Ok(())
+    }
+
+    pub fn new(
+        config: &ClusterConfig,
+        credentials: &Credentials,
+        incarnation: u64,
+        adopted: bool,
+        policies: ClusterPolicies,
+        max_global_clients: usize,
+    ) -> Result<Node, NodeError> {
+        Node::check(credentials)?;
         let now = Instant::now();
         let mut membership = Membership::new(
             config.node_id.clone(),

@@ -99,12 +99,7 @@ impl Peer for PeerService {
         let now = Instant::now();
         let mut state = self.0.lock();
         let own = report.node == *state.membership.me();
-        if own
-            && hb.nonce != self.0.nonce
-            && self
-                .0
-                .say("another uses this id".into(), &hb.nonce.to_string())
-        {
+        if own && hb.nonce != self.0.nonce && self.0.say("another uses this id".into(), "") {
             tracing::warn!(
                 "cluster: another node uses this node's id {}: its heartbeats are refused",
                 report.node

@@ -460,14 +460,18 @@ impl Datapath for HotOnce {
             .collect()
     }
 
-    fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
+    fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>> {
         let policy = limiter_common::Policy {
             limit: 20,
             window_us: 1_000_000,
             id: 1,
             ..limiter_common::Policy::default()
         };
-        Some(limiter_common::ClientState::fresh(&policy, 0))
+        let entry = Entry {
+            state: limiter_common::ClientState::fresh(&policy, 0),
+            under: Under::Global(policies().global[0].wire_name()),
+        };
+        vec![Some(entry); clients.len()]
     }
 
     fn write(
@@ -535,6 +539,18 @@ async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
 struct Busy {
     hot: Vec<ClientKey>,
     since: Instant,
+    /// What every entry is under.
+    under: Under,
+}
+
+impl Busy {
+    fn new(hot: Vec<ClientKey>) -> Box<Busy> {
+        Box::new(Busy {
+            hot,
+            since: Instant::now(),
+            under: Under::Global(policies().global[0].wire_name()),
+        })
+    }
 }
 
 impl Datapath for Busy {
@@ -546,7 +562,7 @@ impl Datapath for Busy {
             .collect()
     }
 
-    fn entry(&self, _: &ClientKey) -> Option<limiter_common::ClientState> {
+    fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>> {
         let policy = limiter_common::Policy {
             limit: 20,
             window_us: 1_000_000,
@@ -555,7 +571,11 @@ impl Datapath for Busy {
         };
         let mut state = limiter_common::ClientState::fresh(&policy, 0);
         state.set_dropped_count(self.since.elapsed().as_millis() as u64);
-        Some(state)
+        let entry = Entry {
+            state,
+            under: self.under,
+        };
+        vec![Some(entry); clients.len()]
     }
 
     fn write(
@@ -589,14 +609,8 @@ async fn a_reload_that_renumbers_policies_keeps_what_is_held() {
         .expect(id)
     };
     let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
-    n1.set_datapath(Box::new(Busy {
-        hot: vec![[7; 16]],
-        since: Instant::now(),
-    }));
-    n2.set_datapath(Box::new(Busy {
-        hot: Vec::new(),
-        since: Instant::now(),
-    }));
+    n1.set_datapath(Busy::new(vec![[7; 16]]));
+    n2.set_datapath(Busy::new(Vec::new()));
     let (_stop1, rx1) = watch::channel(false);
     let (_stop2, rx2) = watch::channel(false);
     let (sink1, _) = recorder();
@@ -657,14 +671,8 @@ async fn a_member_only_heard_from_gets_its_reports_in_the_answers() {
         .map(|b| [b; 16])
         .find(|k| crate::cluster::owner::owner(k, &members) == Some(&members[0]))
         .expect("a client n1 owns");
-    n1.set_datapath(Box::new(Busy {
-        hot: Vec::new(),
-        since: Instant::now(),
-    }));
-    n2.set_datapath(Box::new(Busy {
-        hot: vec![client],
-        since: Instant::now(),
-    }));
+    n1.set_datapath(Busy::new(Vec::new()));
+    n2.set_datapath(Busy::new(vec![client]));
     let (_stop1, rx1) = watch::channel(false);
     let (_stop2, rx2) = watch::channel(false);
     let (sink1, _) = recorder();
@@ -698,4 +706,43 @@ async fn a_repeated_warning_is_said_once_until_it_changes() {
         say("refused 127.0.0.1:1", "the cluster token is required"),
         "it changed"
     );
+}
+
+/// A held client whose entry is now under a local policy (a reload gave its address a longer
+/// local policy) is let go: the grants its global policy's owner sends are not its policy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_client_whose_entry_turned_local_is_let_go() {
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let node = |id: &str, a, peer| {
+        Node::new(
+            &section(id, a, vec![peer]),
+            &token(),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect(id)
+    };
+    let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
+    n1.set_datapath(Busy::new(vec![[7; 16]]));
+    n2.set_datapath(Busy::new(Vec::new()));
+    let (_stop1, rx1) = watch::channel(false);
+    let (_stop2, rx2) = watch::channel(false);
+    let (sink1, _) = recorder();
+    let (sink2, _) = recorder();
+    let _t1 = n1.run(l1, sink1, rx1);
+    let _t2 = n2.run(l2, sink2, rx2);
+    let counts = |n: &Node| n.shared.enrolment().counts(enrolment::monotonic());
+    wait_for("n1 holds the client, with a grant", || {
+        let c = counts(&n1);
+        c.held == 1 && c.granted == 1
+    })
+    .await;
+    n1.set_datapath(Box::new(Busy {
+        under: Under::Local,
+        ..*Busy::new(Vec::new())
+    }));
+    wait_for("n1 lets the client go", || counts(&n1).held == 0).await;
 }
