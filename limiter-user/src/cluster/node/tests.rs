@@ -447,45 +447,6 @@ fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
     assert!(n1.shared.token().is_some(), "the token in force stays");
 }
 
-/// Maps whose fast path reported `hot` (once, as the `HOT` ring does) and whose every entry
-/// is a client of global policy 1 (`policies()`'s).
-struct HotOnce(Vec<ClientKey>);
-
-impl Datapath for HotOnce {
-    fn hot(&mut self) -> Vec<(ClientKey, PolicyName)> {
-        let name = policies().global[0].wire_name();
-        std::mem::take(&mut self.0)
-            .into_iter()
-            .map(|client| (client, name))
-            .collect()
-    }
-
-    fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>> {
-        let policy = limiter_common::Policy {
-            limit: 20,
-            window_us: 1_000_000,
-            id: 1,
-            ..limiter_common::Policy::default()
-        };
-        let entry = Entry {
-            state: limiter_common::ClientState::fresh(&policy, 0),
-            under: Under::Global(policies().global[0].wire_name()),
-        };
-        vec![Some(entry); clients.len()]
-    }
-
-    fn write(
-        &mut self,
-        _: &[(ClientKey, Option<limiter_common::Grant>)],
-    ) -> Vec<(usize, GrantsError)> {
-        Vec::new()
-    }
-
-    fn grants(&self) -> Result<Vec<crate::cluster::enrolment::PinnedGrant>, GrantsError> {
-        Ok(Vec::new())
-    }
-}
-
 /// A client the fast path reports hot while the node runs no rounds (joining after a start
 /// without pins, where the share is 0 and every busy global client is dropped; or cut off)
 /// is taken up once it splits again: the fast path reports a client once, when it moves into
@@ -513,7 +474,7 @@ async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
         1024,
     )
     .expect("n2");
-    n1.set_datapath(Box::new(HotOnce(vec![[7; 16]])));
+    n1.set_datapath(Busy::new(vec![[7; 16]]));
     assert_eq!(n1.status().phase, "joining");
     enrolment::round(&n1.shared);
     let (_stop1, rx1) = watch::channel(false);
@@ -590,33 +551,57 @@ impl Datapath for Busy {
     }
 }
 
+/// Two running nodes that list each other, on [`Busy`] maps; n1's fast path reports client
+/// `[7; 16]` hot. The nodes stop when this is dropped.
+struct BusyPair {
+    n1: Node,
+    n2: Node,
+    a1: SocketAddr,
+    a2: SocketAddr,
+    _stop: [watch::Sender<bool>; 2],
+}
+
+impl BusyPair {
+    async fn start() -> BusyPair {
+        let (l1, a1) = listener().await;
+        let (l2, a2) = listener().await;
+        let node = |id: &str, a, peer| {
+            Node::new(
+                &section(id, a, vec![peer]),
+                &token(),
+                1,
+                true,
+                policies(),
+                1024,
+            )
+            .expect(id)
+        };
+        let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
+        n1.set_datapath(Busy::new(vec![[7; 16]]));
+        n2.set_datapath(Busy::new(Vec::new()));
+        let (stop1, rx1) = watch::channel(false);
+        let (stop2, rx2) = watch::channel(false);
+        let (sink1, _) = recorder();
+        let (sink2, _) = recorder();
+        drop(n1.run(l1, sink1, rx1));
+        drop(n2.run(l2, sink2, rx2));
+        BusyPair {
+            n1,
+            n2,
+            a1,
+            a2,
+            _stop: [stop1, stop2],
+        }
+    }
+}
+
 /// A reload that renumbers a member's policies (a local policy added before the global one)
 /// changes nothing of what it holds: members name policies by content, and enrolment keeps
 /// those names, so the grants it gets stay its own (not foreign) and the client stays held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_renumbers_policies_keeps_what_is_held() {
-    let (l1, a1) = listener().await;
-    let (l2, a2) = listener().await;
-    let node = |id: &str, a, peer| {
-        Node::new(
-            &section(id, a, vec![peer]),
-            &token(),
-            1,
-            true,
-            policies(),
-            1024,
-        )
-        .expect(id)
-    };
-    let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
-    n1.set_datapath(Busy::new(vec![[7; 16]]));
-    n2.set_datapath(Busy::new(Vec::new()));
-    let (_stop1, rx1) = watch::channel(false);
-    let (_stop2, rx2) = watch::channel(false);
-    let (sink1, _) = recorder();
-    let (sink2, _) = recorder();
-    let _t1 = n1.run(l1, sink1, rx1);
-    let _t2 = n2.run(l2, sink2, rx2);
+    let pair = BusyPair::start().await;
+    let (n1, n2, a1, a2) = (&pair.n1, &pair.n2, pair.a1, pair.a2);
     let counts = |n: &Node| n.shared.enrolment().counts(enrolment::monotonic());
     wait_for("both hold the client, with a grant", || {
         [&n1, &n2].iter().all(|n| {
@@ -712,31 +697,11 @@ async fn a_repeated_warning_is_said_once_until_it_changes() {
 /// local policy) is let go: the grants its global policy's owner sends are not its policy's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_client_whose_entry_turned_local_is_let_go() {
-    let (l1, a1) = listener().await;
-    let (l2, a2) = listener().await;
-    let node = |id: &str, a, peer| {
-        Node::new(
-            &section(id, a, vec![peer]),
-            &token(),
-            1,
-            true,
-            policies(),
-            1024,
-        )
-        .expect(id)
-    };
-    let (n1, n2) = (node("n1", a1, a2), node("n2", a2, a1));
-    n1.set_datapath(Busy::new(vec![[7; 16]]));
-    n2.set_datapath(Busy::new(Vec::new()));
-    let (_stop1, rx1) = watch::channel(false);
-    let (_stop2, rx2) = watch::channel(false);
-    let (sink1, _) = recorder();
-    let (sink2, _) = recorder();
-    let _t1 = n1.run(l1, sink1, rx1);
-    let _t2 = n2.run(l2, sink2, rx2);
+    let pair = BusyPair::start().await;
+    let n1 = &pair.n1;
     let counts = |n: &Node| n.shared.enrolment().counts(enrolment::monotonic());
     wait_for("n1 holds the client, with a grant", || {
-        let c = counts(&n1);
+        let c = counts(n1);
         c.held == 1 && c.granted == 1
     })
     .await;
@@ -744,5 +709,5 @@ async fn a_held_client_whose_entry_turned_local_is_let_go() {
         under: Under::Local,
         ..*Busy::new(Vec::new())
     }));
-    wait_for("n1 lets the client go", || counts(&n1).held == 0).await;
+    wait_for("n1 lets the client go", || counts(n1).held == 0).await;
 }
