@@ -818,6 +818,8 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
     if json {
         let out = serde_json::json!({
             "configured": s.configured, "not_taken_up": s.not_taken_up,
+            "sync_interval_ms": ms(s.sync_interval.as_ref()),
+            "peer_timeout_ms": ms(s.peer_timeout.as_ref()),
             "node_id": s.node_id, "incarnation": s.incarnation,
             "listen": s.listen, "phase": s.phase, "partition": s.partition,
             "members": s.members, "agreed_members": s.agreed_members,
@@ -858,10 +860,13 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
         println!("NOT TAKEN UP: {}", s.not_taken_up);
     }
     println!(
-        "node {}  incarnation {}  listen {}\nphase {}  partition {}  members {} (agreed {}){}",
+        "node {}  incarnation {}  listen {}  sync_interval {}  peer_timeout {}\nphase {}  \
+         partition {}  members {} (agreed {}){}",
         s.node_id,
         s.incarnation,
         s.listen,
+        show_duration(s.sync_interval.as_ref()),
+        show_duration(s.peer_timeout.as_ref()),
         s.phase,
         s.partition,
         s.members,

@@ -339,6 +339,15 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
         assert_eq!(share_of(&s), LIMIT / 3, "node {k}: {s:#}");
         assert_eq!(s["policies"][0]["limit"], LIMIT);
         assert_eq!(s["views_agree"], true, "node {k}: {s:#}");
+        // The timings in force, as the section says them.
+        assert_eq!(
+            (
+                s["sync_interval_ms"].as_f64(),
+                s["peer_timeout_ms"].as_f64()
+            ),
+            (Some(50.0), Some(2000.0)),
+            "node {k}: {s:#}"
+        );
     }
     let even = c.measure(cluster_client_v4(0), &[30, 30, 30])?;
     assert_eq!(even, 30, "3 × L spread evenly over 3 nodes");

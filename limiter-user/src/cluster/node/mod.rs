@@ -556,6 +556,11 @@ impl Node {
         let views_agree = state.membership.agreed(now);
         let (node_id, listen) = (state.config.node_id.to_string(), state.config.listen);
         let partition = state.config.partition.to_string();
+        let timing = |d: Duration| prost_types::Duration::try_from(d).ok();
+        let (sync_interval, peer_timeout) = (
+            timing(state.config.sync_interval),
+            timing(state.config.peer_timeout),
+        );
         drop(state);
         let counts = self.shared.enrolment().counts(enrolment::monotonic());
         proto::ClusterStatus {
@@ -584,6 +589,8 @@ impl Node {
             traffic: Some(self.shared.traffic.to_proto()),
             // The agent's to say (see `agent::cluster`).
             not_taken_up: String::new(),
+            sync_interval,
+            peer_timeout,
         }
     }
 }
