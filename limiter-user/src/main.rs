@@ -962,8 +962,15 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
         let rows: Vec<serde_json::Value> = clients
             .iter()
             .map(|c| {
+                let window_s = c
+                    .window
+                    .as_ref()
+                    .map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 / 1e9);
+                // `addr`, `static` and `rate_per_s` as `limiter stats --iface` names them.
                 serde_json::json!({
-                    "client": c.client_id, "policy": c.policy, "action": action_name(c.action),
+                    "client": c.client_id, "addr": c.client_id, "static": c.is_static,
+                    "rate_per_s": if window_s > 0.0 { c.estimate as f64 / window_s } else { 0.0 },
+                    "policy": c.policy, "action": action_name(c.action),
                     "limit": c.limit, "allowance": c.limit, "estimate": c.estimate,
                     "remaining": (c.limit as u64).saturating_sub(c.estimate),
                     "scale": c.scale, "utilisation": c.utilisation,

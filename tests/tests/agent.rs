@@ -244,8 +244,20 @@ policies:
     let got = send_and_count(&net, &counter, &sends)?;
     let stats = agent.stats()?;
     window.check();
+    let socket = format!("/run/limiter/{}.sock", net.receiver_if);
+    let out = run_limiter(
+        &net.receiver_ns,
+        &["stats", "--api", &socket, "--json", "--top", "0"],
+    )?;
+    ensure!(out.status.success(), "limiter stats --api: {out:?}");
+    let api: Value = serde_json::from_slice(&out.stdout)?;
 
     for e in &expect {
+        let row = api["clients"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["addr"] == e.src.to_string()))
+            .with_context(|| format!("no row for {} in {api:#}", e.src))?;
+        assert_eq!(row["static"], e.is_static, "the API's stats: {row}");
         assert_eq!(
             got[&e.src], e.limit,
             "received from {} ({})",
@@ -359,6 +371,10 @@ fn hot_reload_raises_a_limit_without_resetting_counters() -> Result<()> {
         .and_then(|rows| rows.iter().find(|r| r["client"] == raised.to_string()))
         .with_context(|| format!("no row for {raised} in {api:#}"))?;
     assert_eq!(row["limit"], 25, "the API's stats too: {row}");
+    // The fields `limiter stats --iface` has, under its names.
+    assert_eq!(row["addr"], raised.to_string(), "{row}");
+    assert_eq!(row["static"], false, "{row}");
+    assert!(row["rate_per_s"].is_f64(), "{row}");
 
     let got = send_and_count(&net, &counter, &[(raised, 30), (other, 5), (fresh, 30)])?;
     let stats = agent.stats()?;

@@ -13,7 +13,7 @@ use std::{
 use limiter_common::{
     ClientState,
     addr::ClientKey,
-    maps::{ACTION_DROP, ACTION_PASS},
+    maps::{ACTION_DROP, ACTION_PASS, FLAG_STATIC},
     window::estimate_at,
 };
 use tonic::{Request, Response, Status};
@@ -75,6 +75,8 @@ impl stats_server::Stats for StatsService {
                 scale: 1.0,
                 utilisation: 0.0,
                 cluster,
+                // Top's: a check does not say which map the entry is in.
+                is_static: false,
             }))
         }
         .await
@@ -482,6 +484,7 @@ pub(super) fn top(
                     scale,
                     utilisation,
                     cluster,
+                    is_static: s.flags() & FLAG_STATIC != 0,
                 }
             },
         )
