@@ -24,8 +24,8 @@ use limiter_user::{
 /// take: 2^27, a map of 15 GiB at 120 bytes an entry. The kernel sizes a hash map's buckets as
 /// the next power of two and refuses more than `U32_MAX / 16` of them (E2BIG,
 /// kernel/bpf/hashtab.c `htab_map_alloc`), so 2^27 is the largest size it takes; and it
-/// refuses only once the agent has discarded the maps of another size pinned before: a larger
-/// value is refused here, naming the option.
+/// refuses only at the load, after the maps of another size pinned before were set aside: a
+/// larger value is refused here, naming the option, before anything is touched.
 const MAX_MAP_ENTRIES: i64 = 1 << 27;
 
 #[derive(Parser)]

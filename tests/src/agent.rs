@@ -504,6 +504,33 @@ pub fn stats_json(ns: &str, iface: &str) -> Result<Value> {
     })
 }
 
+/// `limiter stats --api SOCKET --json --top 0` in namespace `ns`, parsed.
+pub fn api_stats_json(ns: &str, socket: &str) -> Result<Value> {
+    let output = run_limiter(ns, &["stats", "--api", socket, "--json", "--top", "0"])?;
+    if !output.status.success() {
+        bail!(
+            "`limiter stats --api {socket} --json` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "`limiter stats --api --json` printed invalid JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// The row of `client` (an address or an ID, as shown) in the `clients` of
+/// [`api_stats_json`].
+pub fn api_row<'a>(stats: &'a Value, client: &str) -> Option<&'a Value> {
+    stats["clients"]
+        .as_array()?
+        .iter()
+        .find(|r| r["client"] == client)
+}
+
 /// The entry of `stats["clients"]` whose `addr` is `addr`, else the group (a prefix) it is counted
 /// in.
 pub fn find_client(stats: &Value, addr: impl Into<IpAddr>) -> Option<&Value> {

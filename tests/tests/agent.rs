@@ -16,7 +16,10 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use limiter_tests::{
-    agent::{Agent, client_counts, find_client, link_has_xdp, run_limiter, stats_json},
+    agent::{
+        Agent, api_row, api_stats_json, client_counts, find_client, link_has_xdp, run_limiter,
+        stats_json,
+    },
     fixture::{ExactWindow, TempDir},
     frames::{TPID_8021AD, TPID_8021Q},
     netns::{
@@ -244,18 +247,13 @@ policies:
     let got = send_and_count(&net, &counter, &sends)?;
     let stats = agent.stats()?;
     window.check();
-    let socket = format!("/run/limiter/{}.sock", net.receiver_if);
-    let out = run_limiter(
+    let api = api_stats_json(
         &net.receiver_ns,
-        &["stats", "--api", &socket, "--json", "--top", "0"],
+        &format!("/run/limiter/{}.sock", net.receiver_if),
     )?;
-    ensure!(out.status.success(), "limiter stats --api: {out:?}");
-    let api: Value = serde_json::from_slice(&out.stdout)?;
 
     for e in &expect {
-        let row = api["clients"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["addr"] == e.src.to_string()))
+        let row = api_row(&api, &e.src.to_string())
             .with_context(|| format!("no row for {} in {api:#}", e.src))?;
         assert_eq!(row["static"], e.is_static, "the API's stats: {row}");
         assert_eq!(
@@ -359,16 +357,11 @@ fn hot_reload_raises_a_limit_without_resetting_counters() -> Result<()> {
         25,
         "stats show a client as its next packet will find it, under the reloaded policy"
     );
-    let socket = format!("/run/limiter/{}.sock", net.receiver_if);
-    let out = run_limiter(
+    let api = api_stats_json(
         &net.receiver_ns,
-        &["stats", "--api", &socket, "--json", "--top", "0"],
+        &format!("/run/limiter/{}.sock", net.receiver_if),
     )?;
-    ensure!(out.status.success(), "limiter stats --api: {out:?}");
-    let api: Value = serde_json::from_slice(&out.stdout)?;
-    let row = api["clients"]
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["client"] == raised.to_string()))
+    let row = api_row(&api, &raised.to_string())
         .with_context(|| format!("no row for {raised} in {api:#}"))?;
     assert_eq!(row["limit"], 25, "the API's stats too: {row}");
     // The fields `limiter stats --iface` has, under its names.

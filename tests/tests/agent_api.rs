@@ -214,16 +214,12 @@ impl Drop for Prober {
 
 /// `limiter stats --api SOCKET --json --top 0`, parsed.
 fn api_stats(ns: &str, socket: &str) -> Result<Value> {
-    let out = limiter(ns, &["stats", "--api", socket, "--json", "--top", "0"])?;
-    let stdout = out.success("limiter stats --api --json");
-    serde_json::from_str(&stdout).with_context(|| format!("not JSON: {stdout}"))
+    limiter_tests::agent::api_stats_json(ns, socket)
 }
 
 /// The row of `client` in the `clients` of `limiter stats --api --json`.
 fn api_row<'a>(stats: &'a Value, client: &str) -> &'a Value {
-    stats["clients"]
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["client"] == client))
+    limiter_tests::agent::api_row(stats, client)
         .unwrap_or_else(|| panic!("no row for {client} in {stats:#}"))
 }
 

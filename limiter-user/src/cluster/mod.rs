@@ -40,9 +40,9 @@ pub struct GlobalPolicy {
     pub matches: String,
     pub limit: u32,
     pub window_us: u32,
-    /// How the addresses it matches group into clients (`per`: `address`, `policy`, `/64`), as
-    /// in force for it; empty where that does not apply (API IDs, the rate limit service's
-    /// limits). Part of what members compare: members that group one policy's addresses
+    /// How the addresses it matches group into clients: `per address`, or `per /N` for the
+    /// prefix the programs key them by (its `per` as resolved for the maps); empty where that
+    /// does not apply (API IDs, the rate limit service's limits). Part of what members compare: members that group one policy's addresses
     /// differently would key the same traffic as different clients, and each owner would
     /// split L for its own.
     pub grouping: String,

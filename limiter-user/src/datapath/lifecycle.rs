@@ -331,6 +331,14 @@ struct Found {
     set_aside: bool,
 }
 
+impl Found {
+    /// The pins were set aside: fresh maps.
+    const SET_ASIDE: Found = Found {
+        layout: None,
+        set_aside: true,
+    };
+}
+
 /// Sets aside pins this binary cannot adopt.
 fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Found, DatapathError> {
     if !any_pinned(dir) {
@@ -345,10 +353,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Found, Da
             "pinned maps have {found}, this binary uses layout v{LAYOUT_VERSION} and has no migration from it: starting with fresh maps"
         );
         set_aside(dir)?;
-        return Ok(Found {
-            layout: None,
-            set_aside: true,
-        });
+        return Ok(Found::SET_ASIDE);
     }
     match layout {
         Some(6) => {
@@ -400,10 +405,7 @@ fn discard_incompatible_pins(dir: &Path, opts: &LoadOptions) -> Result<Found, Da
             "pinned maps have another layout or size; discarding them and starting with fresh counters"
         );
         set_aside(dir)?;
-        return Ok(Found {
-            layout: None,
-            set_aside: true,
-        });
+        return Ok(Found::SET_ASIDE);
     }
     Ok(Found {
         layout,

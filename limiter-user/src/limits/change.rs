@@ -85,8 +85,8 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         out.push(change(ChangeKind::Set, Selector::Default, new.default));
     }
     // As is a change of scope (local or global) alone: a global policy's share is its limit
-    // here.
-    let per = |c: &Config, i: usize| {
+    // here. What a policy is besides its limit: its grouping and its scope.
+    let besides = |c: &Config, i: usize| {
         (
             c.grouping.policies.get(i).copied().flatten(),
             c.scope(i as u16 + 1),
@@ -101,7 +101,7 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         .take_while(|((om, _), (nm, _))| om == nm)
         .count();
     for (i, (m, r)) in new.policies[..common].iter().enumerate() {
-        if old.policies[i].1 != *r || per(old, i) != per(new, i) {
+        if old.policies[i].1 != *r || besides(old, i) != besides(new, i) {
             out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
         }
     }
@@ -111,7 +111,7 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
     for (i, (m, r)) in new.policies.iter().enumerate().skip(common) {
         let same = old_index
             .get(m)
-            .is_some_and(|&j| old.policies[j].1 == *r && per(old, j) == per(new, i));
+            .is_some_and(|&j| old.policies[j].1 == *r && besides(old, j) == besides(new, i));
         if !same {
             out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
         }
@@ -245,9 +245,8 @@ mod tests {
         if old.default != new.default || default_per(old) != default_per(new) {
             out.push(change(ChangeKind::Set, Selector::Default, new.default));
         }
-        // As is a change of scope (local or global) alone: a global policy's share is its limit
-        // here.
-        let per = |c: &Config, i: usize| {
+        // What a policy is besides its limit: its grouping and its scope.
+        let besides = |c: &Config, i: usize| {
             (
                 c.grouping.policies.get(i).copied().flatten(),
                 c.scope(i as u16 + 1),
@@ -258,7 +257,7 @@ mod tests {
                 .policies
                 .iter()
                 .enumerate()
-                .any(|(j, (om, or))| om == m && or == r && per(old, j) == per(new, i));
+                .any(|(j, (om, or))| om == m && or == r && besides(old, j) == besides(new, i));
             if !same {
                 out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
             }

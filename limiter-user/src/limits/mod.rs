@@ -35,6 +35,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use limiter_common::addr::group_bits;
 use tokio::sync::broadcast;
 
 use crate::{
@@ -134,17 +135,18 @@ pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> Cluste
                 matches: config.policies[i].0.to_string(),
                 limit: r.limit,
                 window_us: r.window.micros,
+                // The group the programs key its addresses by (`Grouping::group`, as the maps
+                // get it), not the `per` as written: `per: policy` and `per: /8` on a /8 key the
+                // same clients.
                 grouping: config.policies[i]
                     .0
                     .as_prefix()
                     .map(|cidr| {
-                        let default = if cidr.addr.is_ipv4() {
-                            config.grouping.default_v4
-                        } else {
-                            config.grouping.default_v6
-                        };
                         let per = config.grouping.policies.get(i).copied().flatten();
-                        format!("per {}", per.unwrap_or(default))
+                        match group_bits(config.grouping.group(cidr, per)) {
+                            None => "per address".to_string(),
+                            Some(bits) => format!("per /{bits}"),
+                        }
                     })
                     .unwrap_or_default(),
             })

@@ -243,8 +243,9 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         {
             // Refused as a member (another node uses this id) or not authenticated (the tokens
             // differ, or the certificate does not name the node): worth an operator's eye, once
-            // a minute rather than at every heartbeat.
-            if shared.say(format!("refused {addr}"), status.message()) {
+            // a minute rather than at every heartbeat. Keyed by the code, not the message,
+            // which a peer may vary at will.
+            if shared.say(format!("refused {addr}"), &format!("{:?}", status.code())) {
                 tracing::warn!(
                     %addr,
                     "cluster heartbeat refused ({:?}): {}",
@@ -321,8 +322,8 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
 /// Says so (once, until they agree again) when live peers' views have differed from this
 /// node's for longer than a join takes: enrolment waits for every view to agree, so a lasting
 /// difference (a peer missing from one member's list, or global policies that differ in match,
-/// limit, window or grouping, or a different `peer_timeout`) silently keeps every global client at its
-/// cold share.
+/// limit, window or grouping, or a different `peer_timeout`) silently keeps every global client
+/// at its cold share.
 #[derive(Default)]
 struct ViewsDiffer {
     since: Option<Instant>,

@@ -253,9 +253,6 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node starting now, before anything is served or sent: its first share view is what the
-    /// maps get at start. `adopted`: the agent took over pinned maps (see
-    /// [`Membership::new`]).
     /// Checks what [`Node::new`] would refuse of `credentials` (a certificate or key that does
     /// not parse, a token that is not a header value), before anything is spent on a start
     /// (the incarnation).
@@ -273,6 +270,9 @@ impl Node {
         Ok(())
     }
 
+    /// A node starting now, before anything is served or sent: its first share view is what the
+    /// maps get at start. `adopted`: the agent took over pinned maps (see
+    /// [`Membership::new`]).
     pub fn new(
         config: &ClusterConfig,
         credentials: &Credentials,
