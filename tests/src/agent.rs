@@ -488,35 +488,28 @@ pub fn link_has_xdp(ip_link_show: &str) -> bool {
 
 /// `limiter stats --iface IFACE --json --top 0` in namespace `ns`, parsed.
 pub fn stats_json(ns: &str, iface: &str) -> Result<Value> {
-    let output = run_limiter(ns, &["stats", "--iface", iface, "--json", "--top", "0"])?;
-    if !output.status.success() {
-        bail!(
-            "`limiter stats --iface {iface} --json` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&output.stdout).with_context(|| {
-        format!(
-            "`limiter stats --json` printed invalid JSON: {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    limiter_json(ns, &["stats", "--iface", iface, "--json", "--top", "0"])
 }
 
 /// `limiter stats --api SOCKET --json --top 0` in namespace `ns`, parsed.
 pub fn api_stats_json(ns: &str, socket: &str) -> Result<Value> {
-    let output = run_limiter(ns, &["stats", "--api", socket, "--json", "--top", "0"])?;
+    limiter_json(ns, &["stats", "--api", socket, "--json", "--top", "0"])
+}
+
+/// `limiter ARGS` in namespace `ns`, its output parsed as JSON; an error says what failed.
+fn limiter_json(ns: &str, args: &[&str]) -> Result<Value> {
+    let output = run_limiter(ns, args)?;
+    let command = format!("`limiter {}`", args.join(" "));
     if !output.status.success() {
         bail!(
-            "`limiter stats --api {socket} --json` failed ({}): {}",
+            "{command} failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
     serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
-            "`limiter stats --api --json` printed invalid JSON: {}",
+            "{command} printed invalid JSON: {}",
             String::from_utf8_lossy(&output.stdout)
         )
     })
