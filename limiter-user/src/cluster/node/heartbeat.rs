@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tonic::transport::Endpoint;
 
 use super::{
-    MAX_MESSAGE_BYTES, RESOLVE_INTERVAL, ShareSink, Shared, Traffic, enrolment,
+    MAX_MESSAGE_BYTES, NodeError, RESOLVE_INTERVAL, ShareSink, Shared, Traffic,
+    answerer::Answerer,
+    enrolment,
     service::{Client, TokenAdd, to_heartbeat, to_report},
 };
 use crate::{
@@ -89,7 +91,7 @@ pub(super) async fn heartbeat_loop(
     sink: ShareSink,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut clients: HashMap<SocketAddr, Client> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, Dialled> = HashMap::new();
     let in_flight: Arc<Mutex<HashSet<SocketAddr>>> = Arc::default();
     let mut interval = shared.lock().config.sync_interval;
     let mut tick = tokio::time::interval(interval);
@@ -179,11 +181,18 @@ pub(super) async fn heartbeat_loop(
     }
 }
 
+/// A peer address's client, and over TLS who answers there.
+#[derive(Clone)]
+pub(super) struct Dialled {
+    client: Client,
+    answerer: Option<Arc<Answerer>>,
+}
+
 pub(super) fn client(
     addr: SocketAddr,
     timeout: Duration,
     shared: &Arc<Shared>,
-) -> Result<Client, tonic::transport::Error> {
+) -> Result<Dialled, NodeError> {
     // From the listen address when it is a specific one of the same family: the peer then
     // sees this node's heartbeats come from where it answers (and a firewall rule on that
     // address cuts both ways).
@@ -194,9 +203,13 @@ pub(super) fn client(
     } else {
         "http"
     };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|source| NodeError::Uri { addr, source })?;
+    let mut answerer = None;
     if let Some(tls) = &shared.tls {
-        endpoint = endpoint.tls_config(tls.client())?;
+        let (dialled, answers) = tls.dial(endpoint)?;
+        endpoint = dialled;
+        answerer = Some(answers);
     }
     let channel = endpoint
         .local_address(local)
@@ -204,14 +217,19 @@ pub(super) fn client(
         .timeout(timeout)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(
-        PeerClient::with_interceptor(channel, TokenAdd(shared.clone()))
+    Ok(Dialled {
+        client: PeerClient::with_interceptor(channel, TokenAdd(shared.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+        answerer,
+    })
 }
 
-async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeout: Duration) {
+async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout: Duration) {
+    let Dialled {
+        mut client,
+        answerer,
+    } = dialled;
     let sent = Instant::now();
     let seq = shared.next_seq();
     let (mut request, node) = {
@@ -267,6 +285,23 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, mut client: Client, timeou
         }
     };
     Traffic::add(&traffic.bytes_received, answer.encoded_len());
+    // Over mutual TLS an answer speaks only as the certificate the peer presented, as a
+    // heartbeat does (see `answerer.rs`): nothing of it is taken in otherwise.
+    if let Some(answerer) = &answerer
+        && answerer.name().as_deref() != Some(answer.node_id.as_str())
+    {
+        let name = answerer.name();
+        if shared.say(format!("answer of {addr}"), "certificate") {
+            tracing::warn!(
+                %addr,
+                "cluster peer answered as node_id {:?} but its certificate names {name:?}: a \
+                 peer answers only as itself; the answer is ignored",
+                answer.node_id
+            );
+        }
+        Traffic::add(&traffic.heartbeats_failed, 1);
+        return;
+    }
     if answer.echo != seq {
         tracing::debug!(%addr, "cluster heartbeat: the answer echoes {} not {seq}", answer.echo);
         return;

@@ -32,11 +32,13 @@ use super::{
 };
 use crate::proto::{self, cluster::peer_server::PeerServer};
 
+mod answerer;
 mod enrolment;
 mod heartbeat;
 mod service;
 
 use self::{
+    answerer::{Answerer, AnswererError},
     heartbeat::{heartbeat_loop, resolve_loop},
     service::{PeerService, TokenCheck, bearer},
 };
@@ -64,6 +66,14 @@ pub enum NodeError {
     Token,
     #[error("the cluster's TLS certificate, key or CA")]
     Tls(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Ca(#[from] AnswererError),
+    #[error("the peer address {addr} as a URI")]
+    Uri {
+        addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error(
         "this agent started without cluster.tls, so its listener needs the token: a reload \
          cannot drop token_file (restart to switch to TLS alone)"
@@ -97,11 +107,17 @@ impl TlsMaterial {
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
     }
 
-    fn client(&self) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
+    /// `endpoint` dialled over mutual TLS, and what records who answers there (see
+    /// `answerer.rs`): the peer's certificate is verified against the CA as before.
+    fn dial(&self, endpoint: Endpoint) -> Result<(Endpoint, Arc<Answerer>), NodeError> {
+        let answerer = Arc::new(Answerer::new(&self.ca)?);
+        let tls = tonic::transport::ClientTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
-            .domain_name(self.server_name.clone())
+            .domain_name(self.server_name.clone());
+        let endpoint = endpoint
+            .tls_config_with_verifier(tls, answerer.clone())
+            .map_err(NodeError::Tls)?;
+        Ok((endpoint, answerer))
     }
 }
 
@@ -262,9 +278,7 @@ impl Node {
             tonic::transport::Server::builder()
                 .tls_config(tls.server())
                 .map_err(NodeError::Tls)?;
-            Endpoint::from_static("https://peer")
-                .tls_config(tls.client())
-                .map_err(NodeError::Tls)?;
+            tls.dial(Endpoint::from_static("https://peer"))?;
         }
         bearer(credentials.token.as_deref())?;
         Ok(())
