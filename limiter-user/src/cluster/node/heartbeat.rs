@@ -11,7 +11,7 @@ use std::{
 
 use prost::Message as _;
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
+use tonic::transport::{Endpoint, Uri};
 
 use super::{
     MAX_MESSAGE_BYTES, NodeError, RESOLVE_INTERVAL, ShareSink, Shared, Traffic,
@@ -198,25 +198,27 @@ pub(super) fn client(
     // address cuts both ways).
     let listen = shared.lock().config.listen.ip();
     let local = (!listen.is_unspecified() && listen.is_ipv4() == addr.is_ipv4()).then_some(listen);
-    let scheme = if shared.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|source| NodeError::Uri { addr, source })?;
-    let mut answerer = None;
-    if let Some(tls) = &shared.tls {
-        let (dialled, answers) = tls.dial(endpoint)?;
-        endpoint = dialled;
-        answerer = Some(answers);
-    }
-    let channel = endpoint
-        .local_address(local)
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|source| NodeError::Uri { addr, source })?
         .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .timeout(timeout);
+    let mut answerer = None;
+    let channel = match &shared.tls {
+        // The connection is the answerer's own, so that it knows who answers (answerer.rs).
+        Some(tls) => {
+            let dialler = tls.dialler()?;
+            let answers = Arc::new(Answerer::default());
+            answerer = Some(answers.clone());
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let (dialler, answers) = (dialler.clone(), answers.clone());
+                async move { dialler.connect(addr, local, timeout, &answers).await }
+            }))
+        }
+        None => endpoint
+            .local_address(local)
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    };
     Ok(Dialled {
         client: PeerClient::with_interceptor(channel, TokenAdd(shared.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -290,11 +292,13 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
     if let Some(answerer) = &answerer
         && answerer.name().as_deref() != Some(answer.node_id.as_str())
     {
-        let name = answerer.name();
-        if shared.say(format!("answer of {addr}"), "certificate") {
+        let name = answerer
+            .name()
+            .map_or_else(|| "no common name".to_owned(), |n| format!("{n:?}"));
+        if shared.say(format!("answer certificate of {addr}"), &answer.node_id) {
             tracing::warn!(
                 %addr,
-                "cluster peer answered as node_id {:?} but its certificate names {name:?}: a \
+                "cluster peer answered as node_id {:?} but its certificate names {name}: a \
                  peer answers only as itself; the answer is ignored",
                 answer.node_id
             );

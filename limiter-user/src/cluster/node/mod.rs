@@ -19,9 +19,7 @@ use std::{
 };
 
 use tokio::{sync::watch, task::JoinHandle};
-use tonic::{
-    metadata::AsciiMetadataValue, service::interceptor::InterceptedService, transport::Endpoint,
-};
+use tonic::{metadata::AsciiMetadataValue, service::interceptor::InterceptedService};
 
 use limiter_common::addr::ClientKey;
 
@@ -38,7 +36,7 @@ mod heartbeat;
 mod service;
 
 use self::{
-    answerer::{Answerer, AnswererError},
+    answerer::{AnswererError, Dialler},
     heartbeat::{heartbeat_loop, resolve_loop},
     service::{PeerService, TokenCheck, bearer},
 };
@@ -107,17 +105,9 @@ impl TlsMaterial {
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
     }
 
-    /// `endpoint` dialled over mutual TLS, and what records who answers there (see
-    /// `answerer.rs`): the peer's certificate is verified against the CA as before.
-    fn dial(&self, endpoint: Endpoint) -> Result<(Endpoint, Arc<Answerer>), NodeError> {
-        let answerer = Arc::new(Answerer::new(&self.ca)?);
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
-            .domain_name(self.server_name.clone());
-        let endpoint = endpoint
-            .tls_config_with_verifier(tls, answerer.clone())
-            .map_err(NodeError::Tls)?;
-        Ok((endpoint, answerer))
+    /// How this node dials its peers (see `answerer.rs`).
+    fn dialler(&self) -> Result<Dialler, AnswererError> {
+        Dialler::new(&self.cert, &self.key, &self.ca, &self.server_name)
     }
 }
 
@@ -278,7 +268,7 @@ impl Node {
             tonic::transport::Server::builder()
                 .tls_config(tls.server())
                 .map_err(NodeError::Tls)?;
-            tls.dial(Endpoint::from_static("https://peer"))?;
+            tls.dialler()?;
         }
         bearer(credentials.token.as_deref())?;
         Ok(())

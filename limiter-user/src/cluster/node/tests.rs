@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicU32;
 
-use tonic::Request;
+use tonic::{Request, transport::Endpoint};
 
 use super::*;
 use crate::{
