@@ -113,7 +113,7 @@ impl ClusterPolicies {
 /// A member's id: unique and stable (peers are identified by it, never by address). 1 to 63
 /// bytes of ASCII letters, digits, `.`, `_` and `-`, so it is safe in logs, metrics labels and
 /// file names. Shared, not copied: an owner's ledgers and messages name the same members for
-/// every hot client, every round.
+/// every hot client.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(Arc<str>);
 

@@ -233,9 +233,12 @@ pub fn run(args: &Args) -> Result<()> {
         .join(", ");
     writeln!(
         out,
-        "\nEvery enrolled member reports on every hot client to its owner and gets a grant for \
-         each from it, so a member sends about two entries per hot client per round whatever the \
-         member count; heartbeats and their answers add O(members) per round ({heartbeat}). \
+        "\nEvery live member is enrolled for every hot client, but rounds carry news: the \
+         three members a client sends to report every round and get the grants that change; \
+         the others exchange a keepalive each way per half lease (10 rounds here), so a member \
+         sends about 0.2 entries per hot client per round, less as the member count grows \
+         (sending every entry every round was 2); heartbeats and their answers add O(members) \
+         per round ({heartbeat}). \
          A member's demand is its packets over the last policy window, sampled each round: a \
          rise past the fair level shows within a fraction of a window, then the owner's next \
          round cuts the others and raises the member once the cuts are acknowledged; a fall \

@@ -172,7 +172,8 @@ impl Sim {
             window: self.cfg.window,
             cold,
         };
-        let (out, writes) = if matches!(share.phase, Phase::Connected | Phase::Alone) {
+        let splitting = matches!(share.phase, Phase::Connected | Phase::Alone);
+        let (out, writes) = if splitting {
             let (members, live, agreed) = match self.cfg.views {
                 Views::Membership => {
                     let (members, live, agreed) = node.membership.enrolment_view(instant);
@@ -205,7 +206,14 @@ impl Sim {
             node.hot.clear();
             (BTreeMap::new(), node.enrolment.suspend())
         };
-        node.outbox = out;
+        // As the agent's outbox: news waits (the newest per client) until a heartbeat takes it.
+        if splitting {
+            for (peer, newer) in out {
+                node.outbox.entry(peer).or_default().merge(newer);
+            }
+        } else {
+            node.outbox.clear();
+        }
         let cpu = (cpu_now() - started) + node.stats.cpu_pending;
         node.stats.cpu_pending = Duration::ZERO;
         node.stats.cpu += cpu;

@@ -82,10 +82,13 @@ impl Sim {
             } else {
                 node.membership.endpoint_node(addr).cloned()
             };
-            let outgoing = peer.and_then(|id| node.outbox.remove(&id)).map(|mut out| {
-                out.reports.truncate(MAX_CLIENTS_PER_MESSAGE);
-                out.grants.truncate(MAX_CLIENTS_PER_MESSAGE);
-                out
+            let outgoing = peer.and_then(|id| {
+                let waiting = node.outbox.get_mut(&id)?;
+                let out = waiting.take(MAX_CLIENTS_PER_MESSAGE);
+                if waiting.is_empty() {
+                    node.outbox.remove(&id);
+                }
+                Some(out)
             });
             if !fixed {
                 node.in_flight.insert(addr, (node.seq, now));

@@ -9,7 +9,7 @@
 //!   API checks alike), when the fast path drops one of its packets (the move into `LIMITED`
 //!   reports it; an entry that does not move reports its first denial and one in 256), or when
 //!   an API check of a global ID is denied (the checker notes it): the member starts holding it,
-//!   attached to the client's owner, and reports its demand to the owner every round.
+//!   attached to the client's owner, and reports its demand to the owner.
 //! - An owner that receives a report of hot demand (at least 0.8 of the cold share) for a client
 //!   it owns and has no ledger for opens one and enrols every live member, so that a client
 //!   whose rate creeps up is enrolled, and out of learning mode, before it reaches its cold
@@ -27,6 +27,15 @@
 //!   (Σ ≤ L), and drops the ledger.
 //! - Every holder's reports and every ledger's grants and messages are numbered from
 //!   `incarnation << 48 | now in µs`, so numbers only grow across ledgers, holders and restarts.
+//! - Rounds send news, not every held client every round: a holder reports while the client
+//!   sends to it (or its window holds some), when it stopped, applied another grant, holds a
+//!   raise, or heard the owner since its last report; an owner messages a holder with a new or
+//!   unacknowledged grant, or one that never reported. Both sides send a keepalive after half a
+//!   lease without ([`Timing::keepalive`]). A member a hot client sends nothing to (most of
+//!   them, in a large cluster) so costs two entries a half lease instead of two a round; what
+//!   either side counts is unchanged (see [`Ledger::round_due`]). The node keeps what a
+//!   heartbeat could not carry (see [`Outgoing::merge`]): news is sent once, so it must wait,
+//!   never be dropped.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -75,6 +84,53 @@ pub struct GrantMsg {
 pub struct Outgoing {
     pub reports: Vec<ReportMsg>,
     pub grants: Vec<GrantMsg>,
+}
+
+impl Outgoing {
+    /// Adds a newer round's messages for the same member to those not sent yet: the newest
+    /// report and the newest grant message per client, never a queue (a report or message
+    /// supersedes an older one of its client: it says all the older said, and the other side
+    /// ignores an older one that arrives after it). An entry keeps its place, so what waits
+    /// longest goes first. A round sends news only once (see [`Enrolment::round_writing`]), so
+    /// what a heartbeat could not carry must wait here, not be dropped.
+    pub fn merge(&mut self, newer: Outgoing) {
+        fn merge_by<T>(old: &mut Vec<T>, newer: Vec<T>, client: impl Fn(&T) -> ClientKey) {
+            if old.is_empty() {
+                *old = newer;
+                return;
+            }
+            let mut at: HashMap<ClientKey, usize> = old
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (client(m), i))
+                .collect();
+            for m in newer {
+                match at.get(&client(&m)) {
+                    Some(&i) => old[i] = m,
+                    None => {
+                        at.insert(client(&m), old.len());
+                        old.push(m);
+                    }
+                }
+            }
+        }
+        merge_by(&mut self.reports, newer.reports, |r| r.client);
+        merge_by(&mut self.grants, newer.grants, |g| g.client);
+    }
+
+    /// Takes out the `most` reports and `most` grant messages that waited longest.
+    pub fn take(&mut self, most: usize) -> Outgoing {
+        let reports = self.reports.len().min(most);
+        let grants = self.grants.len().min(most);
+        Outgoing {
+            reports: self.reports.drain(..reports).collect(),
+            grants: self.grants.drain(..grants).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reports.is_empty() && self.grants.is_empty()
+    }
 }
 
 /// The cluster as enrolment sees it at one instant.
@@ -173,6 +229,37 @@ struct Held {
     attached_at: Duration,
     /// The newest grant counted as a lapsed raise.
     lapsed: Option<u64>,
+    /// The last report sent (see [`Enrolment::round_writing`]).
+    reported: Option<Reported>,
+}
+
+/// What a holder's last report said, to tell whether the next one has news.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    at: Duration,
+    /// It said the client sends here (demand), or the window holds some of it (used).
+    busy: bool,
+    applied: Option<u64>,
+    echo: Option<u64>,
+}
+
+impl Reported {
+    /// Whether a report of `report` at `now` has news for the owner: the client sends here, or
+    /// stopped since the last; another grant applied; a raise in force (its lease left); a
+    /// message of the owner came since (answered at once, so that a grant whose
+    /// acknowledgement was lost is acknowledged again when the owner sends it again); or none
+    /// sent for `keepalive`. A holder with none of these has told the owner all it knows.
+    fn news(last: Option<Reported>, report: &Report, now: Duration, keepalive: Duration) -> bool {
+        let Some(last) = last else {
+            return true;
+        };
+        let busy = report.demand > 0 || report.used > 0;
+        busy || last.busy
+            || report.applied != last.applied
+            || report.echo != last.echo
+            || report.raise_left.is_some()
+            || now.saturating_sub(last.at) >= keepalive
+    }
 }
 
 /// The smallest number a member's reports, grants and messages carry in incarnation
@@ -283,6 +370,7 @@ impl Enrolment {
                 used: 0,
                 attached_at: now,
                 lapsed: None,
+                reported: None,
             },
         );
         true
@@ -549,24 +637,38 @@ impl Enrolment {
                 }
                 continue;
             }
-            let mut report = held.holder.report(now, held.demand, held.used);
             // What the datapath holds, not what the holder took in: a refused write leaves the
             // older grant in force, and the owner must go on counting it. Only a grant of this
             // holder's owner: what the maps keep after a release or drop (adopted pins are kept
             // for a silence limit) may be another owner's, whose numbers this owner cannot tell
             // from its own.
             let own = held.holder.in_force_seq(now);
-            report.applied = self
-                .written
-                .get(client)
-                .and_then(|w| w.seq)
-                .filter(|&seq| own == Some(seq));
+            let written = self.written.get(client);
+            let applied = written.and_then(|w| w.seq).filter(|&seq| own == Some(seq));
             // The lease left on what the kernel holds (an adopted grant's included).
-            report.raise_left = self
-                .written
-                .get(client)
+            let raise_left = written
                 .and_then(|w| w.until?.checked_sub(now))
                 .filter(|d| !d.is_zero());
+            let draft = Report {
+                seq: 0,
+                demand: held.demand,
+                used: held.used,
+                applied,
+                echo: held.holder.echo(),
+                raise_left,
+            };
+            if !Reported::news(held.reported, &draft, now, held.holder.keepalive()) {
+                continue;
+            }
+            let mut report = held.holder.report(now, held.demand, held.used);
+            report.applied = applied;
+            report.raise_left = raise_left;
+            held.reported = Some(Reported {
+                at: now,
+                busy: report.demand > 0 || report.used > 0,
+                applied,
+                echo: report.echo,
+            });
             out.entry(held.owner.clone())
                 .or_default()
                 .reports
@@ -641,7 +743,14 @@ impl Enrolment {
                 owned.ledger.release();
             }
             let release = owned.ledger.releasable(now, cold);
-            for (node, message) in owned.ledger.round(now, cold, others) {
+            // The release goes to every holder (the ledger is dropped after it): one not told
+            // would keep its cut until the owner's silence.
+            let messages = if release {
+                owned.ledger.round(now, cold, others)
+            } else {
+                owned.ledger.round_due(now, cold, others)
+            };
+            for (node, message) in messages {
                 out.entry(node).or_default().grants.push(GrantMsg {
                     client: *client,
                     policy: owned.policy,

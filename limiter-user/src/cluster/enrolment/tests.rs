@@ -30,6 +30,10 @@ struct Sim {
     in_flight: Vec<(usize, usize, Outgoing)>,
     now: Duration,
     sent: u64,
+    /// Reports each node sent, and grant messages sent to each node (over the wire: a node's
+    /// own are delivered in place).
+    reports_by: Vec<u64>,
+    grants_to: Vec<u64>,
     loss: u64,
     /// Messages to this node are lost.
     drop_to: Option<usize>,
@@ -63,6 +67,8 @@ impl Sim {
             in_flight: Vec::new(),
             now: Duration::from_secs(100),
             sent: 0,
+            reports_by: vec![0; n],
+            grants_to: vec![0; n],
             loss,
             drop_to: None,
             refuse: None,
@@ -96,6 +102,9 @@ impl Sim {
 
     fn step(&mut self, rates: &[u32]) {
         self.now += ROUND;
+        // Members may have joined.
+        self.reports_by.resize(self.members.len(), 0);
+        self.grants_to.resize(self.members.len(), 0);
         let info = PolicyInfo {
             limit: self.limit,
             window: WINDOW,
@@ -166,6 +175,8 @@ impl Sim {
             for (to, msgs) in out {
                 self.sent += 1;
                 let j = members.iter().position(|m| *m == to).expect("a member");
+                self.reports_by[i] += msgs.reports.len() as u64;
+                self.grants_to[j] += msgs.grants.len() as u64;
                 if self.loss != 0 && self.sent.is_multiple_of(self.loss) || self.drop_to == Some(j)
                 {
                     continue;
@@ -188,6 +199,91 @@ impl Sim {
     fn total(&self) -> u32 {
         (0..self.nodes.len()).map(|i| self.enforced(i)).sum()
     }
+}
+
+/// Rounds send news and keepalives, not every held client every round: a member the client
+/// sends nothing to, holding a steady grant, reports and is sent a grant message about twice
+/// per keepalive (half a lease: 10 rounds here), once each way and the answer; a member it
+/// sends to reports every round.
+#[test]
+fn a_member_without_news_sends_keepalives_only() {
+    let mut sim = Sim::new(4, 0);
+    let owner = owner::owner(&CLIENT, &sim.members)
+        .cloned()
+        .expect("an owner");
+    let owner = sim
+        .members
+        .iter()
+        .position(|m| *m == owner)
+        .expect("a member");
+    let busy = (owner + 1) % 4;
+    let quiet = (owner + 2) % 4;
+    let mut rates = [0; 4];
+    rates[busy] = 40;
+    for _ in 0..60 {
+        sim.step(&rates);
+    }
+    assert!(
+        sim.nodes[quiet].holds(&CLIENT),
+        "every live member is enrolled"
+    );
+    let (reports, grants) = (sim.reports_by.clone(), sim.grants_to.clone());
+    for _ in 0..40 {
+        sim.step(&rates);
+        assert!(sim.total() <= L);
+    }
+    let sent = |v: &[u64], before: &[u64], i: usize| v[i] - before[i];
+    assert_eq!(
+        sent(&sim.reports_by, &reports, busy),
+        40,
+        "busy: every round"
+    );
+    let quiet_reports = sent(&sim.reports_by, &reports, quiet);
+    let quiet_grants = sent(&sim.grants_to, &grants, quiet);
+    assert!(
+        (2..=10).contains(&quiet_reports) && (2..=10).contains(&quiet_grants),
+        "quiet member over 40 rounds: {quiet_reports} reports, {quiet_grants} grant messages"
+    );
+    assert!(
+        sim.enforced(busy) > sim.cold(),
+        "the busy member is raised: {}",
+        sim.enforced(busy)
+    );
+}
+
+/// The outbox: the newest entry per client, in the order they first waited.
+#[test]
+fn an_outbox_keeps_the_newest_entry_per_client_in_order() {
+    let report = |client: u8, seq: u64| ReportMsg {
+        client: [client; 16],
+        policy: 1,
+        report: Report {
+            seq,
+            demand: 0,
+            used: 0,
+            applied: None,
+            echo: None,
+            raise_left: None,
+        },
+    };
+    let mut waiting = Outgoing {
+        reports: vec![report(1, 1), report(2, 1)],
+        grants: Vec::new(),
+    };
+    waiting.merge(Outgoing {
+        reports: vec![report(3, 2), report(1, 2)],
+        grants: Vec::new(),
+    });
+    assert_eq!(
+        waiting.reports,
+        vec![report(1, 2), report(2, 1), report(3, 2)]
+    );
+    let first = waiting.take(2);
+    assert_eq!(first.reports, vec![report(1, 2), report(2, 1)]);
+    assert_eq!(waiting.reports, vec![report(3, 2)]);
+    assert!(!waiting.is_empty());
+    waiting.take(2);
+    assert!(waiting.is_empty());
 }
 
 #[test]
@@ -488,11 +584,27 @@ fn a_client_that_goes_quiet_is_released_to_the_cold_share() {
         sim.step(&[27, 0, 0]);
     }
     assert!(sim.enforced(0) > sim.cold());
-    for _ in 0..300 {
+    // Once the owner drops the ledger, every holder hears the release within a round or two
+    // (not only those due a message), rather than keeping its cut until the owner's silence.
+    let mut released = None;
+    for round in 0..300 {
         sim.step(&[0, 0, 0]);
         assert!(sim.total() <= L);
+        if released.is_none() && sim.nodes.iter().all(|n| n.counts(sim.now).owned == 0) {
+            released = Some(round);
+        }
+        if released.is_some_and(|r| round == r + 3) {
+            assert_eq!(
+                sim.grants,
+                vec![None; 3],
+                "round {round}, released at {released:?}"
+            );
+        }
     }
-    assert!(sim.nodes.iter().all(|n| n.counts(sim.now).owned == 0));
+    assert!(
+        released.is_some_and(|r| r < 200),
+        "released at {released:?}"
+    );
     assert_eq!(sim.grants, vec![None; 3]);
 }
 

@@ -139,6 +139,16 @@ impl Timing {
         self.silence
     }
 
+    /// How long an owner and a holder with nothing new for each other go without a message:
+    /// half the lease, a sixth of the silence limit the agent runs with, so that a lost
+    /// message or two does not make either side count the other as silent. Only a holder at
+    /// or below the cold share is ever that quiet: a raise is renewed when less than half its
+    /// lease is left, answering the holder's newest report, and a holder with a raise in force
+    /// reports every round.
+    pub fn keepalive(&self) -> Duration {
+        self.lease / 2
+    }
+
     /// `d` measured on a clock running up to `drift_ppm` slow, seen on one up to as fast: the
     /// most real-and-other-clock time `d` can take (`d·(1+ρ)/(1−ρ)`, rounded up, plus 1 ms).
     fn stretched(&self, d: Duration) -> Duration {
@@ -168,8 +178,9 @@ pub struct Grant {
     pub answers: u64,
 }
 
-/// An owner's message to a holder: the grant in force for it (re-sent on every round, so it
-/// also shows the owner alive), numbered per holder so the holder can echo it back.
+/// An owner's message to a holder: the grant in force for it (sent again until acknowledged,
+/// and at least every keepalive, so it also shows the owner alive), numbered per holder so the
+/// holder can echo it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ToHolder {
     pub message: u64,
@@ -263,6 +274,16 @@ impl Holder {
         self.silence
     }
 
+    /// How long this holder goes without reporting when it has no news ([`Timing::keepalive`]).
+    pub fn keepalive(&self) -> Duration {
+        self.timing.keepalive()
+    }
+
+    /// The newest owner message received, as the next report echoes it.
+    pub fn echo(&self) -> Option<u64> {
+        self.echo
+    }
+
     /// The number of the grant [`Holder::in_force`] gives at `now`.
     pub fn in_force_seq(&self, now: Duration) -> Option<u64> {
         self.in_force(now).and(self.grant.map(|g| g.seq))
@@ -347,7 +368,12 @@ impl Holder {
         let Some(grant) = message.grant else {
             return;
         };
-        if grant.seq <= self.newest_grant {
+        // An older grant never again: the owner may have stopped counting it. The newest one
+        // again only when none is in force (it was dropped for the owner's silence, or
+        // released): the owner counts it still, as no newer one was acknowledged, and a grant
+        // that is not renewed (a cut, see `Ledger::round`) comes only as copies of itself.
+        if grant.seq < self.newest_grant || (grant.seq == self.newest_grant && self.grant.is_some())
+        {
             return;
         }
         self.newest_grant = grant.seq;
@@ -407,6 +433,8 @@ struct Account {
     used: Option<(u32, Duration)>,
     /// The newest report: its seq and when it arrived (owner clock).
     last_report: Option<(u64, Duration)>,
+    /// The newest grant of this ledger the holder reported applied.
+    acked: Option<u64>,
     next_message: u64,
     /// Send times of recent messages, for echoes.
     sent: VecDeque<(u64, Duration)>,
@@ -490,11 +518,14 @@ impl Account {
             .map(|s| s + timing.shrunk(timing.silence))
     }
 
-    /// Merges the grants whose lease is over at `now` into `lapsed`.
+    /// Merges the grants whose lease is over at `now` into `lapsed`, but for the newest, which
+    /// a round may send again (a cut is not renewed: see [`Ledger::round`]); it counts the same
+    /// in `live` (at `min(value, cold)` once its lease is over).
     fn compact(&mut self, now: Duration) {
         let mut lapsed = self.lapsed;
+        let newest = self.live.last().map(|g| g.seq);
         self.live.retain(|g| {
-            if g.lapses_at > now {
+            if g.lapses_at > now || Some(g.seq) == newest {
                 return true;
             }
             lapsed = Some(lapsed.map_or((g.seq, g.value), |(seq, value)| {
@@ -710,6 +741,7 @@ impl Ledger {
             account.live.retain(|g| g.seq >= applied);
             account.lapsed = account.lapsed.filter(|&(seq, _)| seq >= applied);
             account.cold_possible = false;
+            account.acked = account.acked.max(Some(applied));
         }
         if let Some(echo) = report.echo
             && let Some(at) = numbered(&account.sent, echo)
@@ -733,6 +765,27 @@ impl Ledger {
     /// are issued ([`Sums`]): a round costs O(n log n) for n holders (each has a few grants in
     /// flight), and an idle holder whose grant stays as it is costs no check at all.
     pub fn round(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
+        self.round_with(now, cold, others, Duration::ZERO)
+    }
+
+    /// [`Ledger::round`], but a holder gets a message only when it is due one: a grant issued
+    /// this round, or one it has not acknowledged yet (sent again every round until it does:
+    /// the copy may have been lost), its first message, or none for [`Timing::keepalive`]. What
+    /// the ledger counts is the same: a message withheld would only have carried a grant the
+    /// holder already has. A holder that hears the owner less often counts as silent sooner on
+    /// both sides, never later on the owner's: the owner counts from the newest message the
+    /// holder echoed, which the holder received no later than its newest.
+    pub fn round_due(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
+        self.round_with(now, cold, others, self.timing.keepalive())
+    }
+
+    fn round_with(
+        &mut self,
+        now: Duration,
+        cold: u32,
+        others: u32,
+        keepalive: Duration,
+    ) -> Vec<(NodeId, ToHolder)> {
         let timing = self.timing;
         let budget = u64::from(self.limit).saturating_sub(u64::from(cold) * u64::from(others));
         let lease = timing.stretched(timing.lease);
@@ -751,6 +804,7 @@ impl Ledger {
             account.compact(now);
         }
         let mut grants: Vec<Option<Grant>> = vec![None; self.holders.len()];
+        let mut issued = vec![false; self.holders.len()];
         // Learning mode sends no grant at all: capping at the cold share would *raise* a holder
         // an earlier ledger had cut while others still enforce its raises.
         if now >= self.no_raise_until {
@@ -770,23 +824,25 @@ impl Ledger {
                 let lapses_at = received + lease;
                 let target = targets[i];
                 // An idle holder's grant, re-sent: its target is the value of its newest grant,
-                // at most the cold share, with more than half its lease to go. The holder's
+                // at most the cold share (so the same before and after its lease). The holder's
                 // bound is at least that value at every instant from now on, so the check
                 // below would allow all of it; it is skipped.
-                let idle = account.live.last().is_some_and(|g| {
-                    g.value == target && target <= cold && g.lapses_at >= now + timing.lease / 2
-                });
+                let idle = account
+                    .live
+                    .last()
+                    .is_some_and(|g| g.value == target && target <= cold);
                 let value = if idle {
                     target
                 } else {
                     sums.feasible(account, target, now, lapses_at, cold, budget, &timing)
                 };
-                // The same value with more than half its lease to go: send it again (the holder
-                // ignores a grant it has; the message still shows the owner alive).
-                let unchanged = account
-                    .live
-                    .last()
-                    .filter(|g| g.value == value && g.lapses_at >= now + timing.lease / 2);
+                // The same value, at most the cold share or with more than half its lease to go:
+                // send it again (the holder ignores a grant it has, and takes it back if it
+                // dropped it for silence; the message still shows the owner alive). A cut is
+                // not renewed: its lease changes nothing of what either side counts.
+                let unchanged = account.live.last().filter(|g| {
+                    g.value == value && (value <= cold || g.lapses_at >= now + timing.lease / 2)
+                });
                 grants[i] = Some(match unchanged {
                     Some(g) => Grant {
                         seq: g.seq,
@@ -794,6 +850,7 @@ impl Ledger {
                         answers: g.answers,
                     },
                     None => {
+                        issued[i] = true;
                         let seq = self.next_grant;
                         self.next_grant += 1;
                         sums.issue(
@@ -818,7 +875,17 @@ impl Ledger {
             }
         }
         let mut out = Vec::with_capacity(self.holders.len());
-        for ((id, account), grant) in self.holders.iter_mut().zip(grants) {
+        for (((id, account), grant), issued) in self.holders.iter_mut().zip(grants).zip(issued) {
+            let due = issued
+                || grant.is_some_and(|g| account.acked.is_none_or(|a| a < g.seq))
+                || account.last_report.is_none()
+                || account
+                    .sent
+                    .back()
+                    .is_none_or(|&(_, at)| now.saturating_sub(at) >= keepalive);
+            if !due {
+                continue;
+            }
             let message = account.next_message;
             account.next_message += 1;
             if account.sent.len() == SENT_REPORTS {

@@ -24,7 +24,8 @@ enum Op {
         lost: bool,
     },
     /// The owner runs a round; each grant message gets a delay from `delays` (ms; ≥ 400: lost).
-    Round { delays: Vec<u16> },
+    /// `due`: only the messages due ([`Ledger::round_due`]), else one per holder.
+    Round { delays: Vec<u16>, due: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -241,9 +242,13 @@ impl Sim {
                     }
                 }
             }
-            Op::Round { delays } => {
+            Op::Round { delays, due } => {
                 let now = self.nodes[0].clock(self.real);
-                let sent = self.ledger.round(now, self.cold, self.others);
+                let sent = if *due {
+                    self.ledger.round_due(now, self.cold, self.others)
+                } else {
+                    self.ledger.round(now, self.cold, self.others)
+                };
                 for (k, (id, message)) in sent.into_iter().enumerate() {
                     let to = self
                         .nodes
@@ -283,7 +288,8 @@ fn op() -> impl Strategy<Value = Op> {
                 delay,
                 lost
             }),
-        prop::collection::vec(0u16..500, 8).prop_map(|delays| Op::Round { delays }),
+        (prop::collection::vec(0u16..500, 8), prop::bool::ANY)
+            .prop_map(|(delays, due)| Op::Round { delays, due }),
     ]
 }
 
@@ -368,7 +374,7 @@ fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError
                 }
             })
             .collect();
-        sim.run(&Op::Round { delays })?;
+        sim.run(&Op::Round { delays, due: true })?;
         sim.run(&Op::Advance(90))?;
         let shares: Vec<u32> = sim
             .nodes
@@ -441,10 +447,10 @@ mod reference {
             let value = feasible(ledger, i, &ids, targets[i], now, lapses_at, cold, budget);
             let seq = ledger.next_grant;
             let account = ledger.holders.get_mut(&ids[i]).expect("a holder");
-            let unchanged = account
-                .live
-                .last()
-                .filter(|g| g.value == value && g.lapses_at >= now + timing.lease / 2);
+            // A cut is not renewed (as in `Ledger::round`).
+            let unchanged = account.live.last().filter(|g| {
+                g.value == value && (value <= cold || g.lapses_at >= now + timing.lease / 2)
+            });
             grants[i] = Some(match unchanged {
                 Some(g) => Grant {
                     seq: g.seq,
@@ -945,4 +951,82 @@ fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
         c_after >= 150,
         "c still held back once a's packets left its window: {c_after}"
     );
+}
+
+/// A holder cut off from the owner's messages for the silence limit drops its grant and
+/// enforces the cold share; a copy of the grant it dropped would not bring it back (a dropped
+/// grant stays dropped until a newer one), while its next echo ends the silence on the owner's
+/// side. What keeps the owner's count right is that it renews every grant (each half lease),
+/// so the first message the holder hears again carries a newer one: a change that stops
+/// renewing cuts must count such a holder at the cold share instead. With a message per
+/// holder per round and with only the messages due.
+#[test]
+fn a_holder_that_dropped_its_grant_for_silence_is_counted_right() {
+    for due in [false, true] {
+        dropped_for_silence(due);
+    }
+}
+
+fn dropped_for_silence(due: bool) {
+    let timing = Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing");
+    let ms = Duration::from_millis;
+    let ids: Vec<NodeId> = ["a", "b", "c"]
+        .iter()
+        .map(|s| NodeId::new(s).expect("id"))
+        .collect();
+    let mut holders: Vec<Holder> = ids.iter().map(|_| Holder::new(timing)).collect();
+    let mut ledger = Ledger::new(300, timing);
+    for id in &ids {
+        ledger.enrol(id);
+    }
+    let demands = [240, 240, 15];
+    // Every holder reports each round; the owner's messages reach c only when `to_c`.
+    let mut exchange = |at: Duration, to_c: bool, holders: &mut Vec<Holder>| {
+        for (i, h) in holders.iter_mut().enumerate() {
+            let report = h.report(at, demands[i], 0);
+            ledger.receive(&ids[i], at, report);
+        }
+        let messages = if due {
+            ledger.round_due(at, 100, 0)
+        } else {
+            ledger.round(at, 100, 0)
+        };
+        for (id, message) in messages {
+            let i = ids.iter().position(|x| *x == id).expect("enrolled");
+            if i < 2 || to_c {
+                holders[i].receive(at, message);
+            }
+        }
+        let enforced: u32 = holders.iter().map(|h| h.enforced(at, 100)).sum();
+        let bound = ledger.in_force_bound(at, 100, 0);
+        assert!(
+            enforced <= 300 && bound >= u64::from(enforced),
+            "at {at:?}: in force {enforced} (bound {bound}), each {:?}",
+            holders
+                .iter()
+                .map(|h| h.enforced(at, 100))
+                .collect::<Vec<_>>()
+        );
+    };
+    let mut t = 0;
+    for _ in 0..10 {
+        exchange(ms(t), true, &mut holders);
+        t += 50;
+    }
+    assert!(holders[2].enforced(ms(t), 100) < 100, "c is cut");
+    // c hears nothing for longer than the silence limit, then again.
+    while t < 2_200 {
+        exchange(ms(t), false, &mut holders);
+        t += 50;
+    }
+    assert_eq!(holders[2].enforced(ms(t), 100), 100, "c dropped its cut");
+    for _ in 0..40 {
+        exchange(ms(t), true, &mut holders);
+        t += 50;
+    }
 }

@@ -192,7 +192,17 @@ pub fn round(shared: &Shared) {
         enrolment.unwritten(&refused);
         Default::default()
     };
-    *shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+    if snapshot.splitting {
+        // News goes out once: what the last heartbeat could not carry (one was in flight, or
+        // the list was longer than a message) waits, superseded per client by newer state.
+        for (node, newer) in out {
+            outbox.entry(node).or_default().merge(newer);
+        }
+        outbox.retain(|node, o| !o.is_empty() && snapshot.members.contains(node));
+    } else {
+        outbox.clear();
+    }
 }
 
 /// Writes grant changes to the maps; returns those refused (and logs why).
@@ -293,45 +303,29 @@ fn used(entry: &ClientState, now: Duration) -> u32 {
     u32::try_from(estimate).unwrap_or(u32::MAX)
 }
 
-/// Puts the latest enrolment messages for `node` into a heartbeat to it.
+/// Puts the enrolment messages waiting for `node` into a heartbeat to it: at most
+/// [`MAX_CLIENTS_PER_MESSAGE`] reports and as many grants, those that waited longest; the rest
+/// wait for the next heartbeat (newer state replacing theirs meanwhile).
 pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) {
-    let Some(out) = shared
-        .outbox
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(node)
-    else {
-        return;
+    let out = {
+        let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = outbox.get_mut(node) else {
+            return;
+        };
+        let out = waiting.take(MAX_CLIENTS_PER_MESSAGE);
+        if waiting.is_empty() {
+            outbox.remove(node);
+        }
+        out
     };
-    let turn = {
-        let mut turns = shared.turns.lock().unwrap_or_else(|e| e.into_inner());
-        let turn = turns.entry(node.clone()).or_default();
-        *turn += 1;
-        *turn - 1
-    };
-    (heartbeat.reports, heartbeat.grants) = to_wire(&out, turn);
+    (heartbeat.reports, heartbeat.grants) = to_wire(&out);
 }
 
-/// At most [`MAX_CLIENTS_PER_MESSAGE`] of `items`: all of them if they fit, else the `turn`-th
-/// run of that many, wrapping around, so that every client's latest state goes out within
-/// ⌈len / MAX⌉ heartbeats (each carries the newest state, never a queue).
-fn part<T>(items: &[T], turn: u64) -> impl Iterator<Item = &T> {
-    let len = items.len();
-    let start = if len <= MAX_CLIENTS_PER_MESSAGE {
-        0
-    } else {
-        let runs = len.div_ceil(MAX_CLIENTS_PER_MESSAGE) as u64;
-        (turn % runs) as usize * MAX_CLIENTS_PER_MESSAGE
-    };
-    items[start..]
+/// Outbox entries as heartbeat fields.
+fn to_wire(out: &Outgoing) -> (Vec<ClientReport>, Vec<ClientGrant>) {
+    let reports = out
+        .reports
         .iter()
-        .chain(&items[..start])
-        .take(MAX_CLIENTS_PER_MESSAGE)
-}
-
-/// An outbox entry as heartbeat fields, the `turn`-th part of lists longer than one message.
-fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
-    let reports = part(&out.reports, turn)
         .map(|r| ClientReport {
             client: r.client.to_vec(),
             policy: r.policy,
@@ -347,7 +341,9 @@ fn to_wire(out: &Outgoing, turn: u64) -> (Vec<ClientReport>, Vec<ClientGrant>) {
                 .map(|d| u32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)),
         })
         .collect();
-    let grants = part(&out.grants, turn)
+    let grants = out
+        .grants
+        .iter()
         .map(|g| ClientGrant {
             client: g.client.to_vec(),
             policy: g.policy,
@@ -517,33 +513,12 @@ mod tests {
     }
 
     fn heartbeat(out: &Outgoing) -> Heartbeat {
-        let (reports, grants) = to_wire(out, 0);
+        let (reports, grants) = to_wire(out);
         Heartbeat {
             reports,
             grants,
             ..Heartbeat::default()
         }
-    }
-
-    /// Lists longer than one message go out in turns that cover every client.
-    #[test]
-    fn long_lists_are_sent_in_turns_that_cover_them() {
-        let len = MAX_CLIENTS_PER_MESSAGE * 2 + 7;
-        let items: Vec<usize> = (0..len).collect();
-        let mut seen = vec![0; len];
-        for turn in 0..3 {
-            let sent: Vec<usize> = part(&items, turn).copied().collect();
-            assert_eq!(sent.len(), MAX_CLIENTS_PER_MESSAGE);
-            for i in sent {
-                seen[i] += 1;
-            }
-        }
-        assert!(
-            seen.iter().all(|&n| n >= 1),
-            "every client within three turns"
-        );
-        let short: Vec<usize> = (0..10).collect();
-        assert_eq!(part(&short, 5).count(), 10);
     }
 
     #[test]

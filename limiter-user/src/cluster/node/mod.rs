@@ -156,11 +156,9 @@ struct Shared {
     /// `datapath` is set: heartbeats' enrolment messages are taken in (without waiting for a
     /// round that holds the maps).
     enrolling: AtomicBool,
-    /// The latest enrolment messages for each member, sent with the next heartbeat to it.
+    /// The enrolment messages waiting for each member (the newest per client), sent with the
+    /// next heartbeats to it.
     outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
-    /// Heartbeats with enrolment messages sent to each member: which part of a list longer
-    /// than one message carries goes next.
-    turns: Mutex<HashMap<NodeId, u64>>,
     traffic: Traffic,
     /// Warnings said, by what they are about: each is said again only when it changes, or after
     /// [`SAY_AGAIN`] (a refusal repeats at every heartbeat).
@@ -339,7 +337,6 @@ impl Node {
                 datapath: Mutex::new(None),
                 enrolling: AtomicBool::new(false),
                 outbox: Mutex::default(),
-                turns: Mutex::default(),
                 traffic: Traffic::default(),
                 said: Mutex::default(),
             }),
