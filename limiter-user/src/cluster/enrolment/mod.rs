@@ -237,27 +237,35 @@ struct Held {
 #[derive(Debug, Clone, Copy)]
 struct Reported {
     at: Duration,
-    /// It said the client sends here (demand), or the window holds some of it (used).
-    busy: bool,
+    /// Reports in a row, up to this one, that said the client neither sends here (demand) nor
+    /// has any of it in the window (used): 0 for a busy one.
+    idle: u8,
     applied: Option<u64>,
     echo: Option<u64>,
 }
 
 impl Reported {
     /// Whether a report of `report` at `now` has news for the owner: the client sends here, or
-    /// stopped since the last; another grant applied; a raise in force (its lease left); a
+    /// stopped since (said twice, so that one lost report does not leave the owner holding
+    /// room for it until the keepalive); another grant applied; a raise in force (`raise`); a
     /// message of the owner came since (answered at once, so that a grant whose
     /// acknowledgement was lost is acknowledged again when the owner sends it again); or none
     /// sent for `keepalive`. A holder with none of these has told the owner all it knows.
-    fn news(last: Option<Reported>, report: &Report, now: Duration, keepalive: Duration) -> bool {
+    fn news(
+        last: Option<Reported>,
+        report: &Report,
+        raise: bool,
+        now: Duration,
+        keepalive: Duration,
+    ) -> bool {
         let Some(last) = last else {
             return true;
         };
         let busy = report.demand > 0 || report.used > 0;
-        busy || last.busy
+        busy || last.idle < 2
             || report.applied != last.applied
             || report.echo != last.echo
-            || report.raise_left.is_some()
+            || raise
             || now.saturating_sub(last.at) >= keepalive
     }
 }
@@ -657,15 +665,24 @@ impl Enrolment {
                 echo: held.holder.echo(),
                 raise_left,
             };
-            if !Reported::news(held.reported, &draft, now, held.holder.keepalive()) {
+            // A raise in force: its lease is what the owner renews, answering the newest report.
+            let raise = written.is_some_and(|w| {
+                w.value != u32::MAX && w.value > policy.cold && w.until.is_some_and(|u| u > now)
+            });
+            if !Reported::news(held.reported, &draft, raise, now, held.holder.keepalive()) {
                 continue;
             }
             let mut report = held.holder.report(now, held.demand, held.used);
             report.applied = applied;
             report.raise_left = raise_left;
+            let idle = if report.demand > 0 || report.used > 0 {
+                0
+            } else {
+                held.reported.map_or(1, |r| r.idle.saturating_add(1))
+            };
             held.reported = Some(Reported {
                 at: now,
-                busy: report.demand > 0 || report.used > 0,
+                idle,
                 applied,
                 echo: report.echo,
             });

@@ -12,7 +12,9 @@
 //!   `min(value, cold)`: a raise (above the cold share) lapses back to the cold share on its own,
 //!   so the raises of a dead owner end; a cut (below it) stays.
 //! - A holder that has heard nothing from the owner for the silence limit `D` (its own clock)
-//!   drops the grant and goes back to the cold share.
+//!   drops the grant and goes back to the cold share, until a newer grant or a copy of the one
+//!   it dropped comes (a cut is not renewed, so its copies are all that come). Its reports say
+//!   it applies none meanwhile, and the owner then counts it at the cold share at least.
 //! - The owner keeps, per holder, every grant the holder may be enforcing: the newest one the
 //!   holder acknowledged and all issued after it. It counts a grant at its value until the
 //!   lease may have lapsed on the holder (the owner received the report it answers at `r`, so the
@@ -346,8 +348,8 @@ impl Holder {
 
     /// Takes in a message from the owner received at `now`.
     pub fn receive(&mut self, now: Duration, message: ToHolder) {
-        // Silence is over only if the grant in force is still valid (a dropped grant stays
-        // dropped until a newer one).
+        // Silence is over only if the grant in force is still valid: a dropped grant stays
+        // dropped until a newer one, or a copy of itself (see below).
         if let Some(heard) = self.last_heard
             && now.saturating_sub(heard) >= self.silence
         {
@@ -465,7 +467,8 @@ impl Account {
     }
 
     /// The holder's demand at `now`: the newest report's, or 0 when no report arrived for a
-    /// lease (holders report every sync interval; one that stopped is dead or cut off, and its
+    /// lease (holders report at least every keepalive, half a lease; one that stopped is dead
+    /// or cut off, and its
     /// last demand must neither hold room the others could use nor keep the client from going
     /// quiet).
     fn demand_at(&self, now: Duration, timing: &Timing) -> u32 {
@@ -625,6 +628,8 @@ impl Ledger {
         if let Some(account) = self.holders.get_mut(node) {
             account.cold_possible = true;
             account.reports_from = account.reports_from.max(first_report);
+            // Its grant goes out again at once, not at the next keepalive.
+            account.acked = None;
         }
     }
 
@@ -742,6 +747,15 @@ impl Ledger {
             account.lapsed = account.lapsed.filter(|&(seq, _)| seq >= applied);
             account.cold_possible = false;
             account.acked = account.acked.max(Some(applied));
+        } else {
+            // A newer report that applies no grant of this ledger: whatever the holder applied
+            // before, it enforces none of it now (it dropped it for the owner's silence, was
+            // released or let go, or started again, and a message without a grant, as in
+            // learning mode, does not bring it back). It may enforce the cold share: counted
+            // so, even as its echo ends the silence on this side, until it reports applying
+            // one of this ledger's grants again; its newest grant goes out again each round.
+            account.cold_possible = true;
+            account.acked = None;
         }
         if let Some(echo) = report.echo
             && let Some(at) = numbered(&account.sent, echo)

@@ -22,6 +22,10 @@ enum Op {
         used: u32,
         delay: u16,
         lost: bool,
+        /// The lease left on what the holder's kernel holds, as the agent reports it: a grant
+        /// of another ledger (the holder applies none of this one's, e.g. after a drop for
+        /// silence) puts the owner back in learning mode, mid-life.
+        raise_left: Option<u16>,
     },
     /// The owner runs a round; each grant message gets a delay from `delays` (ms; ≥ 400: lost).
     /// `due`: only the messages due ([`Ledger::round_due`]), else one per holder.
@@ -228,10 +232,12 @@ impl Sim {
                 used,
                 delay,
                 lost,
+                raise_left,
             } => {
                 let i = node % self.nodes.len();
                 let n = &mut self.nodes[i];
-                let report = n.holder.report(n.clock(self.real), *demand, *used);
+                let mut report = n.holder.report(n.clock(self.real), *demand, *used);
+                report.raise_left = raise_left.map(|ms| Duration::from_millis(u64::from(ms)));
                 if !lost {
                     let at = self.real + Duration::from_millis(u64::from(*delay));
                     self.in_flight.push((at, Message::ToOwner(i, report)));
@@ -279,14 +285,16 @@ fn op() -> impl Strategy<Value = Op> {
             0u32..5_000,
             prop_oneof![Just(0u32), 0u32..5_000],
             0u16..300,
-            prop::bool::weighted(0.1)
+            prop::bool::weighted(0.1),
+            prop::option::weighted(0.1, 1u16..3_000),
         )
-            .prop_map(|(node, demand, used, delay, lost)| Op::Report {
+            .prop_map(|(node, demand, used, delay, lost, raise_left)| Op::Report {
                 node,
                 demand,
                 used,
                 delay,
-                lost
+                lost,
+                raise_left,
             }),
         (prop::collection::vec(0u16..500, 8), prop::bool::ANY)
             .prop_map(|(delays, due)| Op::Round { delays, due }),
@@ -362,6 +370,7 @@ fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError
                 used: 0,
                 delay: 4,
                 lost: sent.is_multiple_of(5),
+                raise_left: None,
             })?;
         }
         sim.run(&Op::Advance(10))?;
@@ -954,20 +963,24 @@ fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
 }
 
 /// A holder cut off from the owner's messages for the silence limit drops its grant and
-/// enforces the cold share; a copy of the grant it dropped would not bring it back (a dropped
-/// grant stays dropped until a newer one), while its next echo ends the silence on the owner's
-/// side. What keeps the owner's count right is that it renews every grant (each half lease),
-/// so the first message the holder hears again carries a newer one: a change that stops
-/// renewing cuts must count such a holder at the cold share instead. With a message per
-/// holder per round and with only the messages due.
+/// enforces the cold share, while its echo of the next message it hears ends the silence on the
+/// owner's side. A cut is not renewed, so that next message carries a copy of the grant it
+/// dropped, which it takes back; and its report says it applies none until then, so the owner
+/// counts it at the cold share meanwhile. With a message per holder per round and with only
+/// the messages due; c is cut again at the end.
 #[test]
 fn a_holder_that_dropped_its_grant_for_silence_is_counted_right() {
     for due in [false, true] {
-        dropped_for_silence(due);
+        for learning in [false, true] {
+            dropped_for_silence(due, learning);
+        }
     }
 }
 
-fn dropped_for_silence(due: bool) {
+/// `learning`: the first report c sends when it hears the owner again says its kernel holds a
+/// lease that is not this ledger's, which puts the owner back in learning mode (no grant in
+/// any message), so c does not get its cut back from that message.
+fn dropped_for_silence(due: bool, learning: bool) {
     let timing = Timing::new(
         Duration::from_millis(500),
         Duration::from_millis(1_500),
@@ -988,7 +1001,14 @@ fn dropped_for_silence(due: bool) {
     // Every holder reports each round; the owner's messages reach c only when `to_c`.
     let mut exchange = |at: Duration, to_c: bool, holders: &mut Vec<Holder>| {
         for (i, h) in holders.iter_mut().enumerate() {
-            let report = h.report(at, demands[i], 0);
+            let mut report = h.report(at, demands[i], 0);
+            // As the agent reports it: the grant in force, none while silent.
+            report.applied = h.in_force_seq(at);
+            // Its first report on hearing the owner again (at 2.2 s), with 400 ms left.
+            if learning && i == 2 && report.applied.is_none() && at == Duration::from_millis(2_200)
+            {
+                report.raise_left = Some(Duration::from_millis(400));
+            }
             ledger.receive(&ids[i], at, report);
         }
         let messages = if due {
@@ -1029,4 +1049,5 @@ fn dropped_for_silence(due: bool) {
         exchange(ms(t), true, &mut holders);
         t += 50;
     }
+    assert!(holders[2].enforced(ms(t), 100) < 100, "c is cut again");
 }
