@@ -342,18 +342,23 @@ proptest! {
     }
 }
 
+/// A lease of half a second, a silence limit of a second and a half, ±1000 ppm of drift.
+fn half_second_lease() -> Timing {
+    Timing::new(
+        Duration::from_millis(500),
+        Duration::from_millis(1_500),
+        1000,
+    )
+    .expect("valid timing")
+}
+
 /// Liveness: with every fifth report and every seventh grant lost, a client at 3× L spread
 /// 80/15/5 over three members gets at least 90% of L in total after warm-up, split max-min by
 /// demand; after the spread flips to 5/15/80 it follows within a few rounds. Runs 12 leases,
 /// so grants are renewed many times.
 #[test]
 fn a_hot_client_gets_its_limit_where_its_demand_is() -> Result<(), TestCaseError> {
-    let timing = Timing::new(
-        Duration::from_millis(500),
-        Duration::from_millis(1_500),
-        1000,
-    )
-    .expect("valid timing");
+    let timing = half_second_lease();
     let mut sim = Sim::new(100, 3, 3, timing, &[(0, 0), (5_000, 700), (123_456, -900)]);
     let mut sent = 0u32;
     for round in 0u32..60 {
@@ -786,12 +791,7 @@ impl Prompt {
 /// previous run applied, and the others' raises must make room for that.
 #[test]
 fn a_restarted_holder_counts_at_the_cold_share_at_least() {
-    let timing = Timing::new(
-        Duration::from_millis(500),
-        Duration::from_millis(1_500),
-        1000,
-    )
-    .expect("valid timing");
+    let timing = half_second_lease();
     let ms = Duration::from_millis;
     let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing);
@@ -839,12 +839,7 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
 /// over that window.
 #[test]
 fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
-    let timing = Timing::new(
-        Duration::from_millis(500),
-        Duration::from_millis(1_500),
-        1000,
-    )
-    .expect("valid timing");
+    let timing = half_second_lease();
     let ms = Duration::from_millis;
     let run = |window: Option<Duration>| -> Vec<Vec<u32>> {
         let mut holders = Prompt::abc();
@@ -910,12 +905,7 @@ fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
 /// raises back until its packets have left any window, and no longer.
 #[test]
 fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
-    let timing = Timing::new(
-        Duration::from_millis(500),
-        Duration::from_millis(1_500),
-        1000,
-    )
-    .expect("valid timing");
+    let timing = half_second_lease();
     let ms = Duration::from_millis;
     let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing).with_window(Duration::from_secs(1));
@@ -981,12 +971,7 @@ fn a_holder_that_dropped_its_grant_for_silence_is_counted_right() {
 /// lease that is not this ledger's, which puts the owner back in learning mode (no grant in
 /// any message), so c does not get its cut back from that message.
 fn dropped_for_silence(due: bool, learning: bool) {
-    let timing = Timing::new(
-        Duration::from_millis(500),
-        Duration::from_millis(1_500),
-        1000,
-    )
-    .expect("valid timing");
+    let timing = half_second_lease();
     let ms = Duration::from_millis;
     let ids: Vec<NodeId> = ["a", "b", "c"]
         .iter()
