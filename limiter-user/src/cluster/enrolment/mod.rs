@@ -245,28 +245,22 @@ struct Reported {
 }
 
 impl Reported {
-    /// Whether a report of `report` at `now` has news for the owner: the client sends here, or
-    /// stopped since (said twice, so that one lost report does not leave the owner holding
-    /// room for it until the keepalive); another grant applied; a raise in force (`raise`); a
-    /// message of the owner came since (answered at once, so that a grant whose
+    /// Whether this report has news for the owner after `last`: the client sends here
+    /// (`idle` 0), or stopped since (said twice, so that one lost report does not leave the
+    /// owner holding room for it until the keepalive); another grant applied; a raise in force
+    /// (`raise`); a message of the owner came since (answered at once, so that a grant whose
     /// acknowledgement was lost is acknowledged again when the owner sends it again); or none
     /// sent for `keepalive`. A holder with none of these has told the owner all it knows.
-    fn news(
-        last: Option<Reported>,
-        report: &Report,
-        raise: bool,
-        now: Duration,
-        keepalive: Duration,
-    ) -> bool {
+    fn has_news(self, last: Option<Reported>, raise: bool, keepalive: Duration) -> bool {
         let Some(last) = last else {
             return true;
         };
-        let busy = report.demand > 0 || report.used > 0;
-        busy || last.idle < 2
-            || report.applied != last.applied
-            || report.echo != last.echo
+        self.idle == 0
+            || last.idle < 2
+            || self.applied != last.applied
+            || self.echo != last.echo
             || raise
-            || now.saturating_sub(last.at) >= keepalive
+            || self.at.saturating_sub(last.at) >= keepalive
     }
 }
 
@@ -657,35 +651,27 @@ impl Enrolment {
             let raise_left = written
                 .and_then(|w| w.until?.checked_sub(now))
                 .filter(|d| !d.is_zero());
-            let draft = Report {
-                seq: 0,
-                demand: held.demand,
-                used: held.used,
+            let next = Reported {
+                at: now,
+                idle: if held.demand > 0 || held.used > 0 {
+                    0
+                } else {
+                    held.reported.map_or(1, |r| r.idle.saturating_add(1))
+                },
                 applied,
                 echo: held.holder.echo(),
-                raise_left,
             };
             // A raise in force: its lease is what the owner renews, answering the newest report.
             let raise = written.is_some_and(|w| {
                 w.value != u32::MAX && w.value > policy.cold && w.until.is_some_and(|u| u > now)
             });
-            if !Reported::news(held.reported, &draft, raise, now, held.holder.keepalive()) {
+            if !next.has_news(held.reported, raise, held.holder.keepalive()) {
                 continue;
             }
+            held.reported = Some(next);
             let mut report = held.holder.report(now, held.demand, held.used);
             report.applied = applied;
             report.raise_left = raise_left;
-            let idle = if report.demand > 0 || report.used > 0 {
-                0
-            } else {
-                held.reported.map_or(1, |r| r.idle.saturating_add(1))
-            };
-            held.reported = Some(Reported {
-                at: now,
-                idle,
-                applied,
-                echo: report.echo,
-            });
             out.entry(held.owner.clone())
                 .or_default()
                 .reports

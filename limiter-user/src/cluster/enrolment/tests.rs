@@ -90,6 +90,15 @@ impl Sim {
         self.limit / self.members.len() as u32
     }
 
+    /// The index of the client's owner among the members.
+    fn owner_index(&self) -> usize {
+        let owner = owner::owner(&self.client, &self.members).expect("an owner");
+        self.members
+            .iter()
+            .position(|m| m == owner)
+            .expect("a member")
+    }
+
     /// What node `i` enforces now (the kernel's rule, `Grant::limit_at`).
     fn enforced(&self, i: usize) -> u32 {
         let cold = self.cold();
@@ -208,14 +217,7 @@ impl Sim {
 #[test]
 fn a_member_without_news_sends_keepalives_only() {
     let mut sim = Sim::new(4, 0);
-    let owner = owner::owner(&CLIENT, &sim.members)
-        .cloned()
-        .expect("an owner");
-    let owner = sim
-        .members
-        .iter()
-        .position(|m| *m == owner)
-        .expect("a member");
+    let owner = sim.owner_index();
     let busy = (owner + 1) % 4;
     let quiet = (owner + 2) % 4;
     let mut rates = [0; 4];
@@ -345,14 +347,7 @@ fn a_grant_the_datapath_refused_is_never_reported_applied() {
 #[test]
 fn a_dead_members_last_demand_does_not_keep_the_client_enrolled() {
     let mut sim = Sim::new(3, 0);
-    let owner = owner::owner(&CLIENT, &sim.members)
-        .expect("an owner")
-        .clone();
-    let o = sim
-        .members
-        .iter()
-        .position(|m| *m == owner)
-        .expect("a member");
+    let o = sim.owner_index();
     let heavy = (o + 1) % 3;
     let mut rates = [4, 4, 4];
     rates[heavy] = 72;
@@ -511,11 +506,7 @@ fn each_member_shows_the_owner_its_share_and_the_demand() {
             "node {i}"
         );
     }
-    let o = sim
-        .members
-        .iter()
-        .position(|m| *m == owner)
-        .expect("a member");
+    let o = sim.owner_index();
     let seen = sim.nodes[o]
         .client_view(sim.now, &CLIENT, cold)
         .cluster_demand

@@ -818,7 +818,6 @@ impl Ledger {
             account.compact(now);
         }
         let mut grants: Vec<Option<Grant>> = vec![None; self.holders.len()];
-        let mut issued = vec![false; self.holders.len()];
         // Learning mode sends no grant at all: capping at the cold share would *raise* a holder
         // an earlier ledger had cut while others still enforce its raises.
         if now >= self.no_raise_until {
@@ -864,7 +863,6 @@ impl Ledger {
                         answers: g.answers,
                     },
                     None => {
-                        issued[i] = true;
                         let seq = self.next_grant;
                         self.next_grant += 1;
                         sums.issue(
@@ -889,9 +887,9 @@ impl Ledger {
             }
         }
         let mut out = Vec::with_capacity(self.holders.len());
-        for (((id, account), grant), issued) in self.holders.iter_mut().zip(grants).zip(issued) {
-            let due = issued
-                || grant.is_some_and(|g| account.acked.is_none_or(|a| a < g.seq))
+        for ((id, account), grant) in self.holders.iter_mut().zip(grants) {
+            // A grant issued this round is above every acknowledged one, so unacknowledged too.
+            let due = grant.is_some_and(|g| account.acked.is_none_or(|a| a < g.seq))
                 || account.last_report.is_none()
                 || account
                     .sent

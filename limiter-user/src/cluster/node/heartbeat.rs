@@ -289,12 +289,10 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
     Traffic::add(&traffic.bytes_received, answer.encoded_len());
     // Over mutual TLS an answer speaks only as the certificate the peer presented, as a
     // heartbeat does (see `answerer.rs`): nothing of it is taken in otherwise.
-    if let Some(answerer) = &answerer
-        && answerer.name().as_deref() != Some(answer.node_id.as_str())
+    if let Some(name) = answerer.as_ref().map(|a| a.name())
+        && name.as_deref() != Some(answer.node_id.as_str())
     {
-        let name = answerer
-            .name()
-            .map_or_else(|| "no common name".to_owned(), |n| format!("{n:?}"));
+        let name = name.map_or_else(|| "no common name".to_owned(), |n| format!("{n:?}"));
         if shared.say(format!("answer certificate of {addr}"), &answer.node_id) {
             tracing::warn!(
                 %addr,

@@ -65,7 +65,7 @@ pub enum NodeError {
     #[error("the cluster's TLS certificate, key or CA")]
     Tls(#[source] tonic::transport::Error),
     #[error(transparent)]
-    Ca(#[from] AnswererError),
+    PeerTls(#[from] AnswererError),
     #[error("the peer address {addr} as a URI")]
     Uri {
         addr: SocketAddr,
