@@ -9,6 +9,7 @@ pub mod command;
 pub mod envoy;
 pub mod fixture;
 pub mod frames;
+pub mod heap;
 pub mod netns;
 pub mod traffic;
 

@@ -9,13 +9,11 @@
 //! can reach; the flood comes from other 127.0.0.0/8 addresses of the same namespace.
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     fs,
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::Path,
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -24,6 +22,7 @@ use limiter_common::{ClientState, addr::v4_mapped, window::slot};
 use limiter_tests::{
     agent::{Agent, run_limiter},
     fixture::{TempDir, wait_until},
+    heap::{Counting, peak_heap},
     netns::TestNet,
     require_root,
 };
@@ -53,52 +52,8 @@ policies:
 // Peak heap use, for the measurement of a map walk
 // ---------------------------------------------------------------------------------------------
 
-/// The system allocator, counting bytes in use and their peak.
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is passed to the system allocator unchanged; the counters only observe.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = IN_USE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.dealloc(ptr, layout) };
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-            let now = IN_USE.fetch_add(new_size, Ordering::Relaxed) + new_size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        new
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// Runs `f` and returns its value with the peak heap it used above what was in use before.
-fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = IN_USE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let value = f();
-    (value, PEAK.load(Ordering::Relaxed).saturating_sub(base))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

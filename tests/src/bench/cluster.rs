@@ -49,6 +49,11 @@ struct Run {
     down: Vec<Duration>,
     checks: u64,
     violations: u64,
+    /// Member 0's enrolment state at the end: its heap bytes (`None`: the counting allocator
+    /// is not installed), and the clients it held and owned.
+    heap: Option<usize>,
+    held: u64,
+    owned: u64,
     wall: Duration,
 }
 
@@ -119,6 +124,12 @@ fn run_one(clients: usize, nodes: usize, seconds: u64, samples: usize) -> Run {
     down.sort();
     let (checks, _) = sim.checks();
     let (_, violations) = sim.violations();
+    // What member 0's enrolment state holds on the heap: the bytes freed when it is dropped.
+    let counts = sim.counts(0);
+    let enrolment = sim.take_enrolment(0);
+    let before = crate::heap::in_use();
+    drop(enrolment);
+    let heap = (before > 0).then(|| before.saturating_sub(crate::heap::in_use()));
     Run {
         clients,
         nodes,
@@ -128,6 +139,9 @@ fn run_one(clients: usize, nodes: usize, seconds: u64, samples: usize) -> Run {
         down,
         checks,
         violations,
+        heap,
+        held: counts.held,
+        owned: counts.owned,
         wall: started.elapsed(),
     }
 }
@@ -172,7 +186,9 @@ pub fn run(args: &Args) -> Result<()> {
          prost encodings of `proto/cluster.proto` (heartbeats, their answers, and the reports \
          and grants they carry), without gRPC, HTTP/2, TLS and TCP framing. CPU is the \
          simulating thread's time (CLOCK_THREAD_CPUTIME_ID) in one member's enrolment round \
-         plus taking in the messages that came since its last round. The change latency is \
+         plus taking in the messages that came since its last round. The enrolment state is \
+         the heap one member's `Enrolment` (what it holds and owns, with their histories) \
+         frees when dropped at the end of the run, counted by a counting allocator. The change latency is \
          from a demand change at one member (up: its 5% share of a client's packets grows 16×; \
          down: its 80% share shrinks to a 16th) until every member's limit in force is within \
          5% of where it ends, for {} clients changed one after the other over a second.\n",
@@ -188,9 +204,12 @@ pub fn run(args: &Args) -> Result<()> {
     writeln!(out, "Machine: {}. Date: {}.\n", machine(), date())?;
     writeln!(
         out,
-        "| hot clients | members | entries / round / member | bytes / s / member (of which enrolment) | bytes / round / member | CPU / round / member, mean (p99) | in force everywhere after a change up, p50 / p99 | after a change down, p50 / p99 | accuracy median (min) | Σ > L |"
+        "| hot clients | members | entries / round / member | bytes / s / member (of which enrolment) | bytes / round / member | CPU / round / member, mean (p99) | enrolment state / member (per held client) | in force everywhere after a change up, p50 / p99 | after a change down, p50 / p99 | accuracy median (min) | Σ > L |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     let latency = |sorted: &[Duration]| {
         let (p50, p99) = (quantile(sorted, 0.5), quantile(sorted, 0.99));
         format!(
@@ -202,9 +221,19 @@ pub fn run(args: &Args) -> Result<()> {
         )
     };
     for r in &runs {
+        let heap = match r.heap {
+            Some(bytes) => format!(
+                "{} ({:.0} bytes; {} held, {} owned)",
+                kib(bytes as f64),
+                bytes as f64 / r.held.max(1) as f64,
+                r.held,
+                r.owned
+            ),
+            None => "—".to_string(),
+        };
         writeln!(
             out,
-            "| {} | {} | {:.0} | {}/s ({}/s) | {} | {:.2} ms ({:.2} ms) | {} | {} | {:.3} ({:.3}) | {} of {} checks |",
+            "| {} | {} | {:.0} | {}/s ({}/s) | {} | {:.2} ms ({:.2} ms) | {heap} | {} | {} | {:.3} ({:.3}) | {} of {} checks |",
             r.clients,
             r.nodes,
             r.cost.entries_per_round,

@@ -539,6 +539,20 @@ impl Sim {
         &self.nodes[i].enrolment
     }
 
+    /// Takes member `i`'s enrolment state out, leaving it a fresh one of a new start (for the
+    /// benchmark's measure of its memory, at the end of a run: the member is not the same
+    /// after).
+    pub fn take_enrolment(&mut self, i: usize) -> Enrolment {
+        let node = &mut self.nodes[i];
+        let fresh = Enrolment::new(
+            node.id.clone(),
+            self.timing,
+            node.incarnation + 1,
+            self.cfg.capacity,
+        );
+        std::mem::replace(&mut node.enrolment, fresh)
+    }
+
     /// Member `i`'s view for enrolment now: (members, live, agreed).
     pub fn view(&self, i: usize) -> (Vec<NodeId>, Vec<NodeId>, bool) {
         let node = &self.nodes[i];
