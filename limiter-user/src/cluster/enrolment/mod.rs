@@ -220,8 +220,11 @@ struct Held {
     owner: NodeId,
     policy: PolicyName,
     holder: Holder,
-    /// (time, passed + dropped) of the client's entry, newest last.
+    /// (time, passed + dropped) of the client's entry, newest last: those [`demand`] can still
+    /// use (see [`Enrolment::observe`]).
     samples: VecDeque<(Duration, u64)>,
+    /// The policy's window as of the last round (`None`: no round yet).
+    window: Option<Duration>,
     demand: u32,
     /// What the client's sliding window here counted as admitted at the newest sample.
     used: u32,
@@ -368,6 +371,7 @@ impl Enrolment {
                 policy,
                 holder: Holder::numbered_from(self.timing, first),
                 samples: VecDeque::new(),
+                window: None,
                 demand: 0,
                 used: 0,
                 attached_at: now,
@@ -461,7 +465,17 @@ impl Enrolment {
             Some(c) => held.samples.push_back((now, c)),
             None => held.samples.clear(),
         }
-        while held.samples.len() > 64 {
+        // Only what `demand` may still use, at `now` or later: the newest `SHORT_SPAN_ROUNDS`
+        // + 1, and those since the window's start (an older one is older than every later
+        // start too). Without this a member would keep 64 samples (1.5 KiB) of every hot
+        // client of the cluster. A reload that lengthens the window measures over what is kept.
+        let from = held
+            .window
+            .map_or(Duration::ZERO, |w| now.saturating_sub(w));
+        while held.samples.len() > MAX_SAMPLES
+            || (held.samples.len() > SHORT_SPAN_ROUNDS + 1
+                && held.samples.front().is_some_and(|&(at, _)| at < from))
+        {
             held.samples.pop_front();
         }
     }
@@ -612,6 +626,7 @@ impl Enrolment {
                 dropped.push(*client);
                 continue;
             };
+            held.window = Some(policy.window);
             held.demand = demand(&held.samples, now, policy.window);
             if let Some(&cap) = self.caps.get(client) {
                 // What this node would admit of more: the owner gives the rest to others.
@@ -830,6 +845,9 @@ impl Enrolment {
 
 /// How many sampling rounds the short span of [`demand`] covers.
 const SHORT_SPAN_ROUNDS: usize = 4;
+
+/// Most samples kept of a held client (a window of more rounds is measured over the newest).
+const MAX_SAMPLES: usize = 64;
 
 /// The fewest packets the short span must hold (or would at the window's rate) to be measured
 /// over: below that, a span of a few rounds is mostly noise (at 10 packets a second, 0 or 1 in

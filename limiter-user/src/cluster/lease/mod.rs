@@ -43,10 +43,7 @@
 //! acknowledged before the ledger is dropped). `super::enrolment` provides the numbering across
 //! incarnations, learning mode and release; the README lists what is still open.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use super::{NodeId, shares};
 
@@ -54,14 +51,50 @@ use super::{NodeId, shares};
 /// applied as already lapsed (`min(value, cold)`), which is always safe.
 const SENT_REPORTS: usize = 16;
 
-/// The time of message or report `number` among the recent ones `sent`, which are numbered one
-/// after the other (so it is found by its offset from the oldest).
-fn numbered(sent: &VecDeque<(u64, Duration)>, number: u64) -> Option<Duration> {
-    let &(first, _) = sent.front()?;
-    let index = usize::try_from(number.checked_sub(first)?).ok()?;
-    sent.get(index)
-        .filter(|(n, _)| *n == number)
-        .map(|&(_, at)| at)
+/// The send times of the newest [`SENT_REPORTS`] reports of a holder, or messages of an owner to
+/// one holder, which are numbered one after the other: the time of one is found by its offset
+/// from the newest. Inline, 8 bytes a time: a member holds every hot client of the cluster, so
+/// this is kept for each of them, and for each member in each ledger it owns.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    /// The number of the newest, when `len > 0`.
+    newest: u64,
+    len: u8,
+    /// Where the newest is in `at`.
+    head: u8,
+    /// Send times, as nanoseconds of the injected clock (exact for 584 years).
+    at: [u64; SENT_REPORTS],
+}
+
+impl Sent {
+    /// Records that `number` was sent at `at`. Numbers follow one another; one that does not
+    /// (never, by construction) starts the record afresh rather than misplace a time.
+    fn push(&mut self, number: u64, at: Duration) {
+        if self.len == 0 || Some(number) != self.newest.checked_add(1) {
+            self.len = 0;
+            self.head = 0;
+        } else {
+            self.head = (self.head + 1) % SENT_REPORTS as u8;
+        }
+        self.at[usize::from(self.head)] = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        self.newest = number;
+        self.len = (self.len + 1).min(SENT_REPORTS as u8);
+    }
+
+    /// When `number` was sent, if it is among the recent ones.
+    fn at(&self, number: u64) -> Option<Duration> {
+        let back = self.newest.checked_sub(number)?;
+        if self.len == 0 || back >= u64::from(self.len) {
+            return None;
+        }
+        let i = (usize::from(self.head) + SENT_REPORTS - back as usize) % SENT_REPORTS;
+        Some(Duration::from_nanos(self.at[i]))
+    }
+
+    /// When the newest was sent.
+    fn newest_at(&self) -> Option<Duration> {
+        self.at(self.newest)
+    }
 }
 
 /// Clock parameters shared by owner and holders (build with [`Timing::new`]).
@@ -239,7 +272,7 @@ pub struct Holder {
     last_heard: Option<Duration>,
     echo: Option<u64>,
     next_report: u64,
-    sent: VecDeque<(u64, Duration)>,
+    sent: Sent,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -267,7 +300,7 @@ impl Holder {
             last_heard: None,
             echo: None,
             next_report: first.max(1),
-            sent: VecDeque::with_capacity(SENT_REPORTS),
+            sent: Sent::default(),
         }
     }
 
@@ -332,10 +365,7 @@ impl Holder {
     pub fn report(&mut self, now: Duration, demand: u32, used: u32) -> Report {
         let seq = self.next_report;
         self.next_report += 1;
-        if self.sent.len() == SENT_REPORTS {
-            self.sent.pop_front();
-        }
-        self.sent.push_back((seq, now));
+        self.sent.push(seq, now);
         Report {
             seq,
             demand,
@@ -379,7 +409,7 @@ impl Holder {
             return;
         }
         self.newest_grant = grant.seq;
-        let until = numbered(&self.sent, grant.answers).map(|sent| sent + lease);
+        let until = self.sent.at(grant.answers).map(|sent| sent + lease);
         self.grant = Some(Applied {
             seq: grant.seq,
             value: grant.value,
@@ -439,7 +469,7 @@ struct Account {
     acked: Option<u64>,
     next_message: u64,
     /// Send times of recent messages, for echoes.
-    sent: VecDeque<(u64, Duration)>,
+    sent: Sent,
     /// When the owner sent the newest message the holder echoed.
     echoed_sent_at: Option<Duration>,
 }
@@ -758,7 +788,7 @@ impl Ledger {
             account.acked = None;
         }
         if let Some(echo) = report.echo
-            && let Some(at) = numbered(&account.sent, echo)
+            && let Some(at) = account.sent.at(echo)
         {
             account.echoed_sent_at = Some(account.echoed_sent_at.map_or(at, |a| a.max(at)));
         }
@@ -893,17 +923,14 @@ impl Ledger {
                 || account.last_report.is_none()
                 || account
                     .sent
-                    .back()
-                    .is_none_or(|&(_, at)| now.saturating_sub(at) >= keepalive);
+                    .newest_at()
+                    .is_none_or(|at| now.saturating_sub(at) >= keepalive);
             if !due {
                 continue;
             }
             let message = account.next_message;
             account.next_message += 1;
-            if account.sent.len() == SENT_REPORTS {
-                account.sent.pop_front();
-            }
-            account.sent.push_back((message, now));
+            account.sent.push(message, now);
             out.push((
                 id.clone(),
                 ToHolder {

@@ -491,10 +491,7 @@ mod reference {
         for (account, (id, grant)) in ledger.holders.values_mut().zip(ids.into_iter().zip(grants)) {
             let message = account.next_message;
             account.next_message += 1;
-            if account.sent.len() == SENT_REPORTS {
-                account.sent.pop_front();
-            }
-            account.sent.push_back((message, now));
+            account.sent.push(message, now);
             out.push((
                 id,
                 ToHolder {
