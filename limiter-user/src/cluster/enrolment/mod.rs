@@ -234,6 +234,25 @@ struct Held {
     lapsed: Option<u64>,
     /// The last report sent (see [`Enrolment::round_writing`]).
     reported: Option<Reported>,
+    /// Set when a round found nothing to tell the owner and nothing that could change but by
+    /// an event: until then (a keepalive, the owner's silence, a raise's lapse) rounds and
+    /// writes pass it by (its grant, if any, is stamped [`written::QUIET`]), unless a sample, a
+    /// message, a write or a cap wakes it ([`written::wake`]). Most held clients of a large
+    /// cluster send nothing to this member: this keeps a round's cost with its news.
+    quiet_until: Option<Duration>,
+}
+
+impl Held {
+    /// The client sends nothing here, and its samples say so at any later time: every count
+    /// kept is the same (they never decrease), so [`demand`] is 0 whatever the window holds.
+    fn is_idle(&self) -> bool {
+        self.used == 0
+            && self
+                .samples
+                .front()
+                .zip(self.samples.back())
+                .is_none_or(|(first, last)| first.1 == last.1)
+    }
 }
 
 /// What a holder's last report said, to tell whether the next one has news.
@@ -298,6 +317,9 @@ pub struct Enrolment {
     pending: HashMap<ClientKey, (PolicyName, Duration)>,
     /// What the datapath holds, as last written.
     written: HashMap<ClientKey, Written>,
+    /// The policies as the holders' last round saw them: another value (a reload) has every
+    /// quiet holder looked at again.
+    seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
@@ -326,6 +348,7 @@ impl Enrolment {
             checked_view: (Vec::new(), Vec::new()),
             pending: HashMap::new(),
             written: HashMap::new(),
+            seen_policies: HashMap::new(),
             adopted_until: None,
             caps: HashMap::new(),
             refused: 0,
@@ -377,6 +400,7 @@ impl Enrolment {
                 attached_at: now,
                 lapsed: None,
                 reported: None,
+                quiet_until: None,
             },
         );
         true
@@ -445,7 +469,9 @@ impl Enrolment {
     /// Stops holding `client` (its entry is under another policy now): its grant is cleared at
     /// the next write, and it is back to the share its entry's policy gives.
     pub fn let_go(&mut self, client: &ClientKey) {
-        self.held.remove(client);
+        if let Some(mut held) = self.held.remove(client) {
+            written::wake(&mut held, &mut self.written, client);
+        }
     }
 
     /// `count`: the client's passed + dropped now (`None`: it has no entry, so nothing came);
@@ -477,6 +503,9 @@ impl Enrolment {
                 && held.samples.front().is_some_and(|&(at, _)| at < from))
         {
             held.samples.pop_front();
+        }
+        if !held.is_idle() {
+            written::wake(held, &mut self.written, client);
         }
     }
 
@@ -561,6 +590,7 @@ impl Enrolment {
         match self.held.get_mut(&msg.client) {
             Some(held) if held.policy != msg.policy => self.foreign += 1,
             Some(held) if held.owner == *from => {
+                written::wake(held, &mut self.written, &msg.client);
                 if msg.release {
                     self.held.remove(&msg.client);
                 } else {
@@ -621,8 +651,24 @@ impl Enrolment {
         let mut dropped = Vec::new();
         let mut busy = Vec::new();
         let mut lapsed = 0;
+        // A reload that changed a policy (or dropped it) has every holder looked at.
+        let reloaded = self
+            .seen_policies
+            .iter()
+            .any(|(&name, &seen)| info(name) != seen);
+        if reloaded {
+            self.seen_policies.clear();
+        }
         for (client, held) in self.held.iter_mut() {
-            let Some(policy) = info(held.policy) else {
+            if !reloaded && held.quiet_until.is_some_and(|until| now < until) {
+                continue;
+            }
+            written::wake(held, &mut self.written, client);
+            let policy = *self
+                .seen_policies
+                .entry(held.policy)
+                .or_insert_with(|| info(held.policy));
+            let Some(policy) = policy else {
                 dropped.push(*client);
                 continue;
             };
@@ -681,6 +727,29 @@ impl Enrolment {
                 w.value != u32::MAX && w.value > policy.cold && w.until.is_some_and(|u| u > now)
             });
             if !next.has_news(held.reported, raise, held.holder.keepalive()) {
+                // Nothing to tell, and by time alone nothing changes before the keepalive, the
+                // owner's silence (the grant in force ends; or, silent already, the drop), or
+                // the lapse of a raise not yet counted. Its grant in force (if any) is wanted
+                // as it is meanwhile: stamped so, if the last writes wanted it (not if the
+                // datapath refused it: that one is offered again each round).
+                if held.is_idle()
+                    && !raise
+                    && (held.holder.in_force(now).is_none()
+                        || written::hush(&mut self.written, client, self.writes_made))
+                {
+                    let holder = &held.holder;
+                    let mut until = held.reported.map_or(now, |r| r.at + holder.keepalive());
+                    until = until.min(match holder.silent_from() {
+                        Some(at) if at > now => at,
+                        _ => held.attached_at + silence,
+                    });
+                    if let Some((_, Some(lapse))) = holder.in_force(now)
+                        && lapse > now
+                    {
+                        until = until.min(lapse);
+                    }
+                    held.quiet_until = Some(until);
+                }
                 continue;
             }
             held.reported = Some(next);

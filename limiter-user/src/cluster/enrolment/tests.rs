@@ -1292,3 +1292,101 @@ fn caps_fit_in_the_capacity_and_clears_come_before_sets() {
     assert!(matches!(writes[0], Write::Clear(_)) && matches!(writes[1], Write::Clear(_)));
     assert!(matches!(writes[2], Write::Set { client, value: 2, .. } if client == d));
 }
+
+/// A member the client sends nothing to, holding a steady cut, is passed by until its keepalive
+/// (its rounds cost nothing for it); and woken by whatever changes what it must report or
+/// write: a cap, a let-go (its grant is cleared at once, not at the keepalive), a write the
+/// datapath refused (offered again every round), a reload of its policy.
+#[test]
+fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
+    let mut sim = Sim::new(4, 0);
+    let owner = sim.owner_index();
+    let busy = (owner + 1) % 4;
+    let quiet = (owner + 2) % 4;
+    let mut rates = [0; 4];
+    rates[busy] = 40;
+    for _ in 0..60 {
+        sim.step(&rates);
+    }
+    let is_quiet = |sim: &Sim| {
+        let node = &sim.nodes[quiet];
+        node.held[&CLIENT]
+            .quiet_until
+            .is_some_and(|until| sim.now < until)
+    };
+    // Quiet but for the rounds around a keepalive (sent every 10 rounds, and the owner's
+    // answer, which wakes it).
+    let mut quiet_rounds = 0;
+    for _ in 0..40 {
+        sim.step(&rates);
+        quiet_rounds += u32::from(is_quiet(&sim));
+    }
+    assert!(
+        (28..40).contains(&quiet_rounds),
+        "quiet in {quiet_rounds} of 40 rounds"
+    );
+    while !is_quiet(&sim) {
+        sim.step(&rates);
+    }
+    let members = sim.members.clone();
+    let view = View {
+        members: &members,
+        live: &members,
+        agreed_members: 4,
+        agreed: true,
+    };
+    let info = PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold: sim.cold(),
+    };
+    let node = &mut sim.nodes[quiet];
+    let now = sim.now + ROUND;
+    let round = |node: &mut Enrolment, info: PolicyInfo, refuse: bool| {
+        let mut writes = Vec::new();
+        node.round_writing(now, &view, &|_| Some(info), &mut |w| {
+            writes.extend_from_slice(w);
+            if refuse { w.to_vec() } else { Vec::new() }
+        });
+        writes
+    };
+    // A cap wakes it (and is written with the next round's writes).
+    node.set_caps(HashMap::from([(CLIENT, 0)]));
+    assert!(node.held[&CLIENT].quiet_until.is_none(), "a cap wakes it");
+    node.set_caps(HashMap::new());
+    round(node, info, false);
+    assert!(node.held[&CLIENT].quiet_until.is_some(), "quiet again");
+    // A reload that changes its policy has it looked at (and takes the new window).
+    let reload = PolicyInfo {
+        window: WINDOW * 2,
+        ..info
+    };
+    round(node, reload, false);
+    assert_eq!(node.held[&CLIENT].window, Some(WINDOW * 2), "looked at");
+    round(node, info, false);
+    // A write the datapath refuses is offered again each round while the holder is idle.
+    let applied = node.written[&CLIENT];
+    node.unwritten(&[Write::Clear(CLIENT)]);
+    assert!(node.held[&CLIENT].quiet_until.is_none());
+    for _ in 0..3 {
+        let writes = round(node, info, true);
+        assert!(
+            writes
+                .iter()
+                .any(|w| matches!(w, Write::Set { client, .. } if *client == CLIENT)),
+            "the refused grant is offered again: {writes:?}"
+        );
+    }
+    let writes = round(node, info, false);
+    assert!(writes.iter().any(|w| matches!(w, Write::Set { client, value, .. } if *client == CLIENT && *value == applied.value)));
+    round(node, info, false);
+    assert!(
+        node.held[&CLIENT].quiet_until.is_some(),
+        "quiet once written"
+    );
+    // Let go while quiet: its grant is cleared by the next writes.
+    node.let_go(&CLIENT);
+    let writes = round(node, info, false);
+    assert_eq!(writes, vec![Write::Clear(CLIENT)]);
+    assert!(!node.written.contains_key(&CLIENT));
+}

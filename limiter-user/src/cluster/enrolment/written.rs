@@ -6,7 +6,43 @@ use std::{collections::HashMap, time::Duration};
 
 use limiter_common::addr::ClientKey;
 
-use super::{Enrolment, Write, WriteGrants};
+use super::{Enrolment, Held, Write, WriteGrants};
+
+/// The stamp of a grant whose holder is quiet (`Held::quiet_until`): wanted as it is, with no
+/// look each round, until the holder is woken ([`wake`]).
+pub(super) const QUIET: u64 = u64::MAX;
+
+/// `held` (of `client`) is to be looked at in the next round, and its grant in the next
+/// writes; a grant stamped [`QUIET`] is wanted again only if those writes want it.
+pub(super) fn wake(held: &mut Held, written: &mut HashMap<ClientKey, Written>, client: &ClientKey) {
+    if held.quiet_until.take().is_some() {
+        unquiet(written, client);
+    }
+}
+
+/// Stamps `client`'s grant [`QUIET`] if the last writes (number `made`) wanted it; returns
+/// whether it did.
+pub(super) fn hush(
+    written: &mut HashMap<ClientKey, Written>,
+    client: &ClientKey,
+    made: u64,
+) -> bool {
+    match written.get_mut(client) {
+        Some(w) if w.stamp == made || w.stamp == QUIET => {
+            w.stamp = QUIET;
+            true
+        }
+        _ => false,
+    }
+}
+
+fn unquiet(written: &mut HashMap<ClientKey, Written>, client: &ClientKey) {
+    if let Some(w) = written.get_mut(client)
+        && w.stamp == QUIET
+    {
+        w.stamp = 0;
+    }
+}
 
 /// A grant as the datapath holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +126,18 @@ impl Enrolment {
     /// Takes the adaptive loop's caps (all of them; see the `caps` field). They reach the
     /// datapath with the next writes, and the reports with the next round.
     pub fn set_caps(&mut self, caps: HashMap<ClientKey, u32>) {
+        // A quiet holder's grant is written capped as it was: one whose cap changed is woken.
+        let changed: Vec<ClientKey> = caps
+            .iter()
+            .filter(|&(c, v)| self.caps.get(c) != Some(v))
+            .map(|(c, _)| *c)
+            .chain(self.caps.keys().filter(|c| !caps.contains_key(*c)).copied())
+            .collect();
+        for client in changed {
+            if let Some(held) = self.held.get_mut(&client) {
+                wake(held, &mut self.written, &client);
+            }
+        }
         self.caps = caps;
     }
 
@@ -99,6 +147,7 @@ impl Enrolment {
         if writes.is_empty() {
             return;
         }
+        self.stir(&writes);
         let refused = write(&writes);
         self.unwritten(&refused);
     }
@@ -116,10 +165,18 @@ impl Enrolment {
         let mut sets = Vec::new();
         let mut wanted = 0;
         for (client, held) in &self.held {
+            let quiet = held.quiet_until.map(|until| now < until);
+            if quiet == Some(false) {
+                // Quiet no more (its round wakes it): wanted only if wanted now.
+                unquiet(&mut self.written, client);
+            }
             let Some((value, until)) = held.holder.in_force(now) else {
                 continue;
             };
             wanted += 1;
+            if quiet == Some(true) {
+                continue; // stamped QUIET: wanted as it is
+            }
             want_written(
                 &mut self.written,
                 &mut sets,
@@ -140,7 +197,7 @@ impl Enrolment {
         // for a cap's. A capped client left out keeps its share (safe).
         for (client, &cap) in &self.caps {
             let written = self.written.get(client);
-            if written.is_some_and(|w| w.stamp == stamp) {
+            if written.is_some_and(|w| w.stamp == stamp || w.stamp == QUIET) {
                 continue; // held, with its grant capped above
             }
             if wanted >= self.capacity {
@@ -172,8 +229,14 @@ impl Enrolment {
         // Clears first, so that they free room in the map before the sets take it. While
         // adopted grants are kept, only what this run wrote itself is cleared.
         let mut writes = Vec::new();
+        let held = &self.held;
         self.written.retain(|client, w| {
-            let keep = w.stamp == stamp || (keep_adopted && w.adopted);
+            // A grant is stamped QUIET only while its holder is quiet: every way out wakes it.
+            debug_assert!(
+                w.stamp != QUIET || held.get(client).is_some_and(|h| h.quiet_until.is_some()),
+                "a grant stamped QUIET without a quiet holder"
+            );
+            let keep = w.stamp == stamp || w.stamp == QUIET || (keep_adopted && w.adopted);
             if !keep {
                 writes.push(Write::Clear(*client));
             }
@@ -186,6 +249,17 @@ impl Enrolment {
     /// The node's phase gives no cold share to split by (cut off, joining): every grant is
     /// written as lapsed (raises end now, cuts stay), and no round runs until it is connected
     /// again; returns the writes.
+    /// What the datapath holds of these clients changes: their holders are looked at in the
+    /// next round (a report says which grant is applied).
+    fn stir(&mut self, writes: &[Write]) {
+        for w in writes {
+            let (Write::Set { client, .. } | Write::Clear(client)) = w;
+            if let Some(held) = self.held.get_mut(client) {
+                wake(held, &mut self.written, client);
+            }
+        }
+    }
+
     pub fn suspend(&mut self) -> Vec<Write> {
         let mut writes = Vec::new();
         for (client, grant) in self.written.iter_mut() {
@@ -199,6 +273,7 @@ impl Enrolment {
                 });
             }
         }
+        self.stir(&writes);
         writes
     }
 
@@ -206,6 +281,7 @@ impl Enrolment {
     /// datapath's grant is unknown, and the client's reports say none is applied.
     pub fn unwritten(&mut self, writes: &[Write]) {
         self.unwritten += writes.len() as u64;
+        self.stir(writes);
         for w in writes {
             let client = match w {
                 Write::Set { client, .. } | Write::Clear(client) => client,

@@ -338,6 +338,12 @@ impl Holder {
         Some((grant.value, grant.until))
     }
 
+    /// When the owner's silence begins to count (the silence limit after it was last heard);
+    /// `None`: never heard.
+    pub fn silent_from(&self) -> Option<Duration> {
+        self.last_heard.map(|heard| heard + self.silence)
+    }
+
     /// The owner has been silent for the silence limit: the holder is back at the cold share.
     pub fn owner_silent(&self, now: Duration) -> bool {
         self.last_heard
