@@ -79,8 +79,9 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_LIMITED, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_limited: u32,
         /// With a `cluster:` section: most global clients this node holds grants for, and most it
-        /// owns (never evicted; ~100 bytes each). A client past it keeps its cold share (safe;
-        /// `limiter cluster status` counts them).
+        /// owns (never evicted; ~100 bytes each in the kernel, and about 1.7 KiB each of the
+        /// agent's own memory with their histories). A client past it keeps its cold share
+        /// (safe; `limiter cluster status` counts them).
         #[arg(long, default_value_t = DEFAULT_MAX_GLOBAL_CLIENTS, value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ENTRIES))]
         max_global_clients: u32,
         /// Capacity of the map of API client IDs that are not addresses (LRU).

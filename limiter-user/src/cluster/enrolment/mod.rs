@@ -366,6 +366,11 @@ impl Enrolment {
     /// New lease timing (a reload changed `peer_timeout`): for ledgers and holders opened from now.
     pub fn set_timing(&mut self, timing: Timing) {
         self.timing = timing;
+        // A quiet holder's deadline counts the old silence limit (the let-go of one whose
+        // owner is silent): every holder is looked at again.
+        for (client, held) in &mut self.held {
+            written::wake(held, &mut self.written, client);
+        }
     }
 
     fn number(&mut self, now: Duration) -> u64 {

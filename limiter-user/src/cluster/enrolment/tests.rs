@@ -1350,6 +1350,15 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
         });
         writes
     };
+    // A reload of the lease timing wakes every holder (a quiet one's deadline counts the old
+    // silence limit).
+    node.set_timing(timing());
+    assert!(
+        node.held[&CLIENT].quiet_until.is_none(),
+        "new timing wakes it"
+    );
+    round(node, info, false);
+    assert!(node.held[&CLIENT].quiet_until.is_some(), "quiet again");
     // A cap wakes it (and is written with the next round's writes).
     node.set_caps(HashMap::from([(CLIENT, 0)]));
     assert!(node.held[&CLIENT].quiet_until.is_none(), "a cap wakes it");

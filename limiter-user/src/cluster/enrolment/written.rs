@@ -105,6 +105,10 @@ impl Enrolment {
     pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = PinnedGrant>) {
         let mut silence = self.timing.silence();
         for g in grants {
+            // At start, before any round (a held client's grant would be its holder's).
+            if let Some(held) = self.held.get_mut(&g.client) {
+                wake(held, &mut self.written, &g.client);
+            }
             self.written.insert(
                 g.client,
                 Written {
