@@ -828,7 +828,8 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             "peers": s.peers.iter().map(|p| serde_json::json!({
                 "address": p.address, "node_id": p.node_id, "live": p.live,
                 "since_ms": ms(p.since.as_ref()), "incarnation": p.incarnation,
-                "members": p.members, "agrees": p.agrees, "rtt_ms": ms(p.rtt.as_ref()),
+                "members": p.members, "agrees": p.agrees, "differs": p.differs,
+                "rtt_ms": ms(p.rtt.as_ref()),
             })).collect::<Vec<_>>(),
             "policies": s.policies.iter().map(|g| serde_json::json!({
                 "match": g.r#match, "limit": g.limit, "share": g.share,
@@ -895,10 +896,10 @@ async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             show_duration(p.since.as_ref()),
             show_duration(p.rtt.as_ref()),
             p.members,
-            if p.agrees || p.node_id.is_empty() {
-                ""
-            } else {
-                "  differs"
+            match (p.agrees || p.node_id.is_empty(), p.differs.is_empty()) {
+                (true, _) => String::new(),
+                (false, true) => "  differs".to_string(),
+                (false, false) => format!("  differs: {}", p.differs.join(", ")),
             }
         );
     }

@@ -46,6 +46,7 @@ impl Sim {
                 seq: node.seq,
                 members,
                 view_hash: 0x7e57_7e57_7e57_7e57,
+                policies_hash: 0x7e57_7e57_7e57_7e57,
             }
         } else {
             node.membership.report(node.incarnation, node.seq, instant)
@@ -331,6 +332,7 @@ fn heartbeat_len(report: &membership::Report, echo: u64) -> usize {
         echo,
         members: report.members,
         view_hash: report.view_hash,
+        policies_hash: report.policies_hash,
         nonce: 0x5eed_5eed_5eed_5eed,
         reports: Vec::new(),
         grants: Vec::new(),

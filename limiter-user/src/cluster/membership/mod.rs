@@ -65,6 +65,8 @@ pub struct Report {
     pub members: u32,
     /// The sender's [`Membership::view_hash`].
     pub view_hash: u64,
+    /// The sender's policies hash alone ([`Membership::set_policies_hash`]; 0: not sent).
+    pub policies_hash: u64,
 }
 
 /// Why a peer's message is refused.
@@ -205,6 +207,25 @@ struct Seen {
     seq: u64,
     members: u32,
     view_hash: u64,
+    policies_hash: u64,
+}
+
+/// What of a peer's view differs from this node's (see [`PeerStatus::differs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Differs {
+    /// The global policies (match, limit, window, grouping) or `peer_timeout`.
+    Policies,
+    /// The member list (with the same policies; or a member count that differs besides).
+    Members,
+}
+
+impl Differs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Differs::Policies => "policies",
+            Differs::Members => "members",
+        }
+    }
 }
 
 /// One endpoint or member, for `limiter cluster status`.
@@ -220,6 +241,9 @@ pub struct PeerStatus {
     pub members: u32,
     /// Its view hash equals ours.
     pub agrees: bool,
+    /// With a view that differs: what differs, as far as its heartbeats tell (empty for a
+    /// peer that sends no policies hash, an older agent).
+    pub differs: Vec<Differs>,
     /// The round trip of the newest answered heartbeat (dialled endpoints).
     pub rtt: Option<Duration>,
 }
@@ -355,6 +379,7 @@ impl Membership {
                     seq: report.seq,
                     members: report.members,
                     view_hash: report.view_hash,
+                    policies_hash: report.policies_hash,
                 };
             }
             // Older than what we have (reordered, or from an earlier incarnation): ignored, and
@@ -372,6 +397,7 @@ impl Membership {
                         seq: report.seq,
                         members: report.members,
                         view_hash: report.view_hash,
+                        policies_hash: report.policies_hash,
                     },
                 );
             }
@@ -584,7 +610,24 @@ impl Membership {
             seq,
             members: self.members(now),
             view_hash: self.view_hash(now),
+            policies_hash: self.policies_hash,
         }
+    }
+
+    /// What of `seen`'s view differs from this node's (whose view hash is `mine`).
+    fn differs(&self, seen: &Seen, mine: u64, now: Instant) -> Vec<Differs> {
+        if seen.view_hash == mine || seen.policies_hash == 0 {
+            return Vec::new();
+        }
+        if seen.policies_hash == self.policies_hash {
+            // The view hash covers the member list and the policies: the list differs.
+            return vec![Differs::Members];
+        }
+        let mut differs = vec![Differs::Policies];
+        if seen.members != self.members(now) {
+            differs.push(Differs::Members);
+        }
+        differs
     }
 
     /// Every endpoint, then every member heard from that is not an endpoint.
@@ -609,6 +652,7 @@ impl Membership {
                 incarnation: seen.map_or(0, |s| s.incarnation),
                 members: seen.map_or(0, |s| s.members),
                 agrees: seen.is_some_and(|s| s.view_hash == mine),
+                differs: seen.map_or_else(Vec::new, |s| self.differs(s, mine, now)),
                 rtt: e.rtt,
             });
         }
@@ -625,6 +669,7 @@ impl Membership {
                 incarnation: s.incarnation,
                 members: s.members,
                 agrees: s.view_hash == mine,
+                differs: self.differs(s, mine, now),
                 rtt: None,
             });
         }

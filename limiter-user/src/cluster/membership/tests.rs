@@ -17,6 +17,7 @@ fn report(node: &str, seq: u64, members: u32, hash: u64) -> Report {
         seq,
         members,
         view_hash: hash,
+        policies_hash: 0,
     }
 }
 
@@ -327,4 +328,41 @@ fn a_restart_counts_at_least_the_members_of_its_previous_run() {
     let forget = Timing::new(TIMEOUT).forget;
     assert_eq!(m.agreed_members(t0 + forget), 4);
     assert_eq!(m.agreed_members(t0 + forget + Duration::from_millis(1)), 3);
+}
+
+/// With views that differ, status says what differs, from the policies hash heartbeats carry
+/// apart from the view hash: the policies (or `peer_timeout`), the member list, or both; nothing
+/// for a peer that sends no policies hash (an older agent).
+#[test]
+fn a_peer_whose_view_differs_is_shown_with_what_differs() {
+    let t0 = Instant::now();
+    let mut m = three(true, Partition::Share, t0);
+    m.set_policies_hash(11);
+    let at = t0 + ms(5);
+    let with = |node: &str, seq: u64, members: u32, policies_hash: u64| Report {
+        policies_hash,
+        ..report(node, seq, members, 0xbad)
+    };
+    m.answered(addr(7202), t0, &with("n2", 1, 3, 11), at)
+        .expect("answer");
+    m.answered(addr(7203), t0, &with("n3", 1, 3, 12), at)
+        .expect("answer");
+    let differs = |m: &Membership, id: &str| {
+        m.peers(at)
+            .into_iter()
+            .find(|p| p.node.as_ref().is_some_and(|n| n.as_str() == id))
+            .map(|p| (p.agrees, p.differs))
+    };
+    assert_eq!(differs(&m, "n2"), Some((false, vec![Differs::Members])));
+    assert_eq!(differs(&m, "n3"), Some((false, vec![Differs::Policies])));
+    m.answered(addr(7203), t0, &with("n3", 2, 4, 12), at)
+        .expect("answer");
+    assert_eq!(
+        differs(&m, "n3"),
+        Some((false, vec![Differs::Policies, Differs::Members])),
+        "another member count besides"
+    );
+    m.answered(addr(7203), t0, &with("n3", 3, 3, 0), at)
+        .expect("answer");
+    assert_eq!(differs(&m, "n3"), Some((false, vec![])), "an older agent");
 }

@@ -373,7 +373,15 @@ impl ViewsDiffer {
             .peers(now)
             .iter()
             .filter(|p| p.live && !p.agrees)
-            .filter_map(|p| p.node.as_ref().map(|id| id.as_str().to_owned()))
+            .filter_map(|p| {
+                let id = p.node.as_ref()?.as_str();
+                Some(if p.differs.is_empty() {
+                    id.to_owned()
+                } else {
+                    let what: Vec<&str> = p.differs.iter().map(|d| d.as_str()).collect();
+                    format!("{id} ({})", what.join(" and "))
+                })
+            })
             .collect();
         if differ.is_empty() {
             if self.said {

@@ -538,6 +538,7 @@ impl Node {
                 incarnation: p.incarnation,
                 members: p.members,
                 agrees: p.agrees,
+                differs: p.differs.iter().map(|d| d.as_str().to_owned()).collect(),
                 rtt: p.rtt.and_then(|d| prost_types::Duration::try_from(d).ok()),
             })
             .collect();

@@ -37,6 +37,7 @@ pub(super) fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
         seq: hb.seq,
         members: hb.members,
         view_hash: hb.view_hash,
+        policies_hash: hb.policies_hash,
     })
 }
 
@@ -48,6 +49,7 @@ pub(super) fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartb
         echo,
         members: report.members,
         view_hash: report.view_hash,
+        policies_hash: report.policies_hash,
         nonce: shared.nonce,
         reports: Vec::new(),
         grants: Vec::new(),
