@@ -373,6 +373,70 @@ async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
     stop.send_replace(true);
 }
 
+/// A peer whose certificate another CA signed (a member of another cluster, or an attacker with
+/// a certificate of its own) fails the handshake both ways: it is never heard from, its name is
+/// never learned, and the heartbeats to it count as failed, while the members of this CA go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_ca_fails_the_handshake_both_ways() {
+    let (pki, other) = (Pki::new(), Pki::new());
+    let (l1, a1) = listener().await;
+    let (l2, a2) = listener().await;
+    let (l5, a5) = listener().await;
+    let tls_section = |id, a, peers| ClusterConfig {
+        token_file: None,
+        ..section(id, a, peers)
+    };
+    let node = |id, a, peers, pki: &Pki| {
+        Node::new(
+            &tls_section(id, a, peers),
+            &pki.credentials(id),
+            1,
+            true,
+            policies(),
+            1024,
+        )
+        .expect("node")
+    };
+    let n1 = node("n1", a1, vec![a2, a5], &pki);
+    let n2 = node("n2", a2, vec![a1], &pki);
+    let n5 = node("n5", a5, vec![a1], &other);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (node, l) in [(&n1, l1), (&n2, l2), (&n5, l5)] {
+        let (sink, _) = recorder();
+        tasks.extend(node.run(l, sink, rx.clone()));
+    }
+    wait_for("n1 and n2 live over TLS", || {
+        let s = n1.status();
+        s.phase == "connected" && s.peers.iter().any(|p| p.live && p.node_id == "n2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = n1.status();
+    assert!(
+        s.peers.iter().all(|p| p.node_id != "n5")
+            && s.peers
+                .iter()
+                .filter(|p| p.address == a5.to_string())
+                .all(|p| !p.live),
+        "n5 is never heard from: {s:?}"
+    );
+    assert!(
+        s.traffic.as_ref().is_some_and(|t| t.heartbeats_failed > 0),
+        "n1's heartbeats to n5 failed: {s:?}"
+    );
+    let s5 = n5.status();
+    assert!(
+        s5.peers.iter().all(|p| !p.live && p.node_id.is_empty()),
+        "n5 hears nobody: {s5:?}"
+    );
+    assert!(
+        s5.traffic.as_ref().is_some_and(|t| t.heartbeats_failed > 0),
+        "n5's heartbeats to n1 failed: {s5:?}"
+    );
+    stop.send_replace(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_named_by_dns_are_resolved_and_dialled() {
     let (l1, a1) = listener().await;
