@@ -173,7 +173,7 @@ impl Sim {
             cold,
         };
         let splitting = matches!(share.phase, Phase::Connected | Phase::Alone);
-        let (out, writes) = if splitting {
+        let (out, writes, members) = if splitting {
             let (members, live, agreed) = match self.cfg.views {
                 Views::Membership => {
                     let (members, live, agreed) = node.membership.enrolment_view(instant);
@@ -201,16 +201,20 @@ impl Sim {
                 });
                 node.enrolment.observe(now, k, count, used);
             }
-            node.enrolment.round(now, &view, &|_| Some(info))
+            let (out, writes) = node.enrolment.round(now, &view, &|_| Some(info));
+            (out, writes, members)
         } else {
             node.hot.clear();
-            (BTreeMap::new(), node.enrolment.suspend())
+            (BTreeMap::new(), node.enrolment.suspend(), Rc::default())
         };
-        // As the agent's outbox: news waits (the newest per client) until a heartbeat takes it.
+        // As the agent's outbox: news waits (the newest per client) until a heartbeat takes it,
+        // and only for members (one forgotten is never sent to).
         if splitting {
             for (peer, newer) in out {
                 node.outbox.entry(peer).or_default().merge(newer);
             }
+            node.outbox
+                .retain(|peer, o| !o.is_empty() && members.contains(peer));
         } else {
             node.outbox.clear();
         }
