@@ -215,7 +215,7 @@ struct Seen {
 pub enum Differs {
     /// The global policies (match, limit, window, grouping) or `peer_timeout`.
     Policies,
-    /// The member list (with the same policies; or a member count that differs besides).
+    /// The member list (the ids counted, and endpoints whose node is not known yet).
     Members,
 }
 
@@ -487,13 +487,18 @@ impl Membership {
 
     /// The hash of this node's member list and global policies.
     pub fn view_hash(&self, now: Instant) -> u64 {
+        self.view_hash_with(now, self.policies_hash)
+    }
+
+    /// The hash of this node's member list with `policies_hash` for the policies.
+    fn view_hash_with(&self, now: Instant, policies_hash: u64) -> u64 {
         let (ids, unknown) = self.member_set(now);
         let mut text = String::new();
         for id in ids {
             text.push_str(id.as_str());
             text.push('\n');
         }
-        stable_hash(format!("{text}{unknown}\n{}", self.policies_hash).as_bytes())
+        stable_hash(format!("{text}{unknown}\n{policies_hash}").as_bytes())
     }
 
     /// The agreed member count: the largest of ours and those members reported.
@@ -619,12 +624,13 @@ impl Membership {
         if seen.view_hash == mine || seen.policies_hash == 0 {
             return Vec::new();
         }
-        if seen.policies_hash == self.policies_hash {
-            // The view hash covers the member list and the policies: the list differs.
-            return vec![Differs::Members];
+        let mut differs = Vec::new();
+        if seen.policies_hash != self.policies_hash {
+            differs.push(Differs::Policies);
         }
-        let mut differs = vec![Differs::Policies];
-        if seen.members != self.members(now) {
+        // Its view hash is of its member list and its policies hash: with our list and its
+        // policies hash, another hash means another list.
+        if self.view_hash_with(now, seen.policies_hash) != seen.view_hash {
             differs.push(Differs::Members);
         }
         differs

@@ -339,14 +339,16 @@ fn a_peer_whose_view_differs_is_shown_with_what_differs() {
     let mut m = three(true, Partition::Share, t0);
     m.set_policies_hash(11);
     let at = t0 + ms(5);
-    let with = |node: &str, seq: u64, members: u32, policies_hash: u64| Report {
+    let with = |node: &str, seq: u64, view_hash: u64, policies_hash: u64| Report {
         policies_hash,
-        ..report(node, seq, members, 0xbad)
+        ..report(node, seq, 3, view_hash)
     };
-    m.answered(addr(7202), t0, &with("n2", 1, 3, 11), at)
+    m.answered(addr(7202), t0, &with("n2", 1, 0xbad, 11), at)
         .expect("answer");
-    m.answered(addr(7203), t0, &with("n3", 1, 3, 12), at)
+    m.answered(addr(7203), t0, &with("n3", 1, 0xbad, 12), at)
         .expect("answer");
+    // What n3 would send counting the members this node counts (n1, n2, n3).
+    let same_list = |m: &Membership, policies_hash| m.view_hash_with(at, policies_hash);
     let differs = |m: &Membership, id: &str| {
         m.peers(at)
             .into_iter()
@@ -354,15 +356,20 @@ fn a_peer_whose_view_differs_is_shown_with_what_differs() {
             .map(|p| (p.agrees, p.differs))
     };
     assert_eq!(differs(&m, "n2"), Some((false, vec![Differs::Members])));
-    assert_eq!(differs(&m, "n3"), Some((false, vec![Differs::Policies])));
-    m.answered(addr(7203), t0, &with("n3", 2, 4, 12), at)
-        .expect("answer");
     assert_eq!(
         differs(&m, "n3"),
         Some((false, vec![Differs::Policies, Differs::Members])),
-        "another member count besides"
+        "both, with the same member count"
     );
-    m.answered(addr(7203), t0, &with("n3", 3, 3, 0), at)
+    let hash = same_list(&m, 12);
+    m.answered(addr(7203), t0, &with("n3", 2, hash, 12), at)
+        .expect("answer");
+    assert_eq!(differs(&m, "n3"), Some((false, vec![Differs::Policies])));
+    let hash = same_list(&m, 11);
+    m.answered(addr(7203), t0, &with("n3", 3, hash, 11), at)
+        .expect("answer");
+    assert_eq!(differs(&m, "n3"), Some((true, vec![])), "agrees");
+    m.answered(addr(7203), t0, &with("n3", 4, 0xbad, 0), at)
         .expect("answer");
     assert_eq!(differs(&m, "n3"), Some((false, vec![])), "an older agent");
 }

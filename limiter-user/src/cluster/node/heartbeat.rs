@@ -400,7 +400,8 @@ impl ViewsDiffer {
                  must count the same members (one down or gone may be remembered by some and \
                  not others until it is forgotten), have the same global policies (match, \
                  limit, window and per; their order does not matter) and the same peer_timeout; \
-                 `limiter cluster status` shows which peers differ"
+                 `limiter cluster status` shows which peers differ, and whether in their \
+                 policies or their member lists"
             );
         }
     }

@@ -419,9 +419,13 @@ impl Node {
         state
             .membership
             .reconfigure(Timing::new(config.peer_timeout), config.partition);
-        self.shared
-            .enrolment()
-            .set_timing(super::lease::Timing::from_peer_timeout(config.peer_timeout));
+        // Only a new peer_timeout: setting the timing wakes every quiet holder.
+        let timing = super::lease::Timing::from_peer_timeout(config.peer_timeout);
+        let mut enrolment = self.shared.enrolment();
+        if enrolment.timing() != timing {
+            enrolment.set_timing(timing);
+        }
+        drop(enrolment);
         state.membership.set_policies_hash(policies.hash());
         state.resolved.retain(|p, _| config.peers.contains(p));
         for p in &config.peers {
