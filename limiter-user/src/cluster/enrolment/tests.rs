@@ -210,12 +210,9 @@ impl Sim {
     }
 }
 
-/// Rounds send news and keepalives, not every held client every round: a member the client
-/// sends nothing to, holding a steady grant, reports and is sent a grant message about twice
-/// per keepalive (half a lease: 10 rounds here), once each way and the answer; a member it
-/// sends to reports every round.
-#[test]
-fn a_member_without_news_sends_keepalives_only() {
+/// Four members, 60 rounds of the client sending 40 a window to one of them (`busy`, not the
+/// owner); `quiet` is another that is not the owner. Returns (sim, busy, quiet, rates).
+fn one_member_busy() -> (Sim, usize, usize, [u32; 4]) {
     let mut sim = Sim::new(4, 0);
     let owner = sim.owner_index();
     let busy = (owner + 1) % 4;
@@ -225,6 +222,16 @@ fn a_member_without_news_sends_keepalives_only() {
     for _ in 0..60 {
         sim.step(&rates);
     }
+    (sim, busy, quiet, rates)
+}
+
+/// Rounds send news and keepalives, not every held client every round: a member the client
+/// sends nothing to, holding a steady grant, reports and is sent a grant message about twice
+/// per keepalive (half a lease: 10 rounds here), once each way and the answer; a member it
+/// sends to reports every round.
+#[test]
+fn a_member_without_news_sends_keepalives_only() {
+    let (mut sim, busy, quiet, rates) = one_member_busy();
     assert!(
         sim.nodes[quiet].holds(&CLIENT),
         "every live member is enrolled"
@@ -1299,15 +1306,7 @@ fn caps_fit_in_the_capacity_and_clears_come_before_sets() {
 /// datapath refused (offered again every round), a reload of its policy.
 #[test]
 fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
-    let mut sim = Sim::new(4, 0);
-    let owner = sim.owner_index();
-    let busy = (owner + 1) % 4;
-    let quiet = (owner + 2) % 4;
-    let mut rates = [0; 4];
-    rates[busy] = 40;
-    for _ in 0..60 {
-        sim.step(&rates);
-    }
+    let (mut sim, _, quiet, rates) = one_member_busy();
     let is_quiet = |sim: &Sim| {
         let node = &sim.nodes[quiet];
         node.held[&CLIENT]

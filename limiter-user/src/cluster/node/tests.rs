@@ -272,45 +272,32 @@ impl Pki {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
-    let pki = Pki::new();
+/// n1 (dialling n2 and a third node), n2 (dialling n1) and the third (dialling n1, as
+/// `third_id` with `third`'s credentials) over mutual TLS with `pki`'s, running until `stop`
+/// flips; returned once n1 and n2 are live to each other.
+struct TlsTrio {
+    n1: Node,
+    third: Node,
+    a1: SocketAddr,
+    a3: SocketAddr,
+    stop: watch::Sender<bool>,
+    _tasks: Vec<JoinHandle<()>>,
+}
+
+async fn tls_trio(pki: &Pki, third_id: &str, third: &Credentials) -> TlsTrio {
     let (l1, a1) = listener().await;
     let (l2, a2) = listener().await;
     let (l3, a3) = listener().await;
-    let tls_section = |id, a, peers| ClusterConfig {
-        token_file: None,
-        ..section(id, a, peers)
+    let node = |id, a, peers, credentials: &Credentials| {
+        let section = ClusterConfig {
+            token_file: None,
+            ..section(id, a, peers)
+        };
+        Node::new(&section, credentials, 1, true, policies(), 1024).expect("node")
     };
-    // n1 dials n3 too: n3's answers say n4, which its certificate does not name.
-    let n1 = Node::new(
-        &tls_section("n1", a1, vec![a2, a3]),
-        &pki.credentials("n1"),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
-    let n2 = Node::new(
-        &tls_section("n2", a2, vec![a1]),
-        &pki.credentials("n2"),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n2");
-    // n3's certificate is the CA's, but its heartbeats say n4.
-    let n3 = Node::new(
-        &tls_section("n4", a3, vec![a1]),
-        &pki.credentials("n3"),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n3");
+    let n1 = node("n1", a1, vec![a2, a3], &pki.credentials("n1"));
+    let n2 = node("n2", a2, vec![a1], &pki.credentials("n2"));
+    let n3 = node(third_id, a3, vec![a1], third);
     let (stop, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for (node, l) in [(&n1, l1), (&n2, l2), (&n3, l3)] {
@@ -322,6 +309,28 @@ async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
         s.phase == "connected" && s.peers.iter().any(|p| p.live && p.node_id == "n2")
     })
     .await;
+    TlsTrio {
+        n1,
+        third: n3,
+        a1,
+        a3,
+        stop,
+        _tasks: tasks,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
+    let pki = Pki::new();
+    // n1 dials n3 too: n3's certificate is the CA's, but its heartbeats (and answers) say n4,
+    // which the certificate does not name.
+    let TlsTrio {
+        n1,
+        third: n3,
+        a1,
+        stop,
+        ..
+    } = tls_trio(&pki, "n4", &pki.credentials("n3")).await;
     // n3's heartbeats are refused, and so are its answers to n1's: it is never heard from
     // as n4 (the members n1 counts are n2 and n3's address, whose node it never learns).
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -382,50 +391,17 @@ async fn with_mutual_tls_peers_speak_only_as_their_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_ca_fails_the_handshake_both_ways() {
     let (pki, other) = (Pki::new(), Pki::new());
-    let (l1, a1) = listener().await;
-    let (l2, a2) = listener().await;
-    let (l5, a5) = listener().await;
-    let tls_section = |id, a, peers| ClusterConfig {
-        token_file: None,
-        ..section(id, a, peers)
-    };
-    let node = |id, a, peers, pki: &Pki| {
-        Node::new(
-            &tls_section(id, a, peers),
-            &pki.credentials(id),
-            1,
-            true,
-            policies(),
-            1024,
-        )
-        .expect("node")
-    };
-    let n1 = node("n1", a1, vec![a2, a5], &pki);
-    let n2 = node("n2", a2, vec![a1], &pki);
     let mut impostor = other.credentials("n5");
     if let Some(tls) = &mut impostor.tls {
         tls.ca = pki.0.pem().into_bytes();
     }
-    let n5 = Node::new(
-        &tls_section("n5", a5, vec![a1]),
-        &impostor,
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n5");
-    let (stop, rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    for (node, l) in [(&n1, l1), (&n2, l2), (&n5, l5)] {
-        let (sink, _) = recorder();
-        tasks.extend(node.run(l, sink, rx.clone()));
-    }
-    wait_for("n1 and n2 live over TLS", || {
-        let s = n1.status();
-        s.phase == "connected" && s.peers.iter().any(|p| p.live && p.node_id == "n2")
-    })
-    .await;
+    let TlsTrio {
+        n1,
+        third: n5,
+        a3: a5,
+        stop,
+        ..
+    } = tls_trio(&pki, "n5", &impostor).await;
     // From here n2 answers: what fails is n1's heartbeats to n5.
     let failed = |s: &proto::ClusterStatus| s.traffic.as_ref().map_or(0, |t| t.heartbeats_failed);
     let before = failed(&n1.status());
