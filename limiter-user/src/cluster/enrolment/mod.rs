@@ -171,6 +171,15 @@ pub enum Write {
     Clear(ClientKey),
 }
 
+impl Write {
+    /// The client it changes.
+    pub fn client(&self) -> ClientKey {
+        match *self {
+            Write::Set { client, .. } | Write::Clear(client) => client,
+        }
+    }
+}
+
 /// Counts for `limiter cluster status` and the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -252,6 +261,30 @@ impl Held {
                 .front()
                 .zip(self.samples.back())
                 .is_none_or(|(first, last)| first.1 == last.1)
+    }
+
+    /// For a holder with nothing to tell its owner at `now` (with `in_force` its grant in
+    /// force then, and `silence` the node's silence limit): the first instant at which time
+    /// alone could change that, its keepalive, its owner's silence (the grant in force ends;
+    /// or, silent already, the let-go), or the lapse of a raise not yet counted.
+    fn quiet_deadline(
+        &self,
+        now: Duration,
+        silence: Duration,
+        in_force: Option<(u32, Option<Duration>)>,
+    ) -> Duration {
+        let holder = &self.holder;
+        let mut until = self.reported.map_or(now, |r| r.at + holder.keepalive());
+        until = until.min(match holder.silent_from() {
+            Some(at) if at > now => at,
+            _ => self.attached_at + silence,
+        });
+        if let Some((_, Some(lapse))) = in_force
+            && lapse > now
+        {
+            until = until.min(lapse);
+        }
+        until
     }
 }
 
@@ -683,7 +716,8 @@ impl Enrolment {
                 // What this node would admit of more: the owner gives the rest to others.
                 held.demand = held.demand.min(cap);
             }
-            if let Some((value, Some(until))) = held.holder.in_force(now)
+            let in_force = held.holder.in_force(now);
+            if let Some((value, Some(until))) = in_force
                 && until <= now
                 && value > policy.cold
             {
@@ -732,28 +766,15 @@ impl Enrolment {
                 w.value != u32::MAX && w.value > policy.cold && w.until.is_some_and(|u| u > now)
             });
             if !next.has_news(held.reported, raise, held.holder.keepalive()) {
-                // Nothing to tell, and by time alone nothing changes before the keepalive, the
-                // owner's silence (the grant in force ends; or, silent already, the drop), or
-                // the lapse of a raise not yet counted. Its grant in force (if any) is wanted
-                // as it is meanwhile: stamped so, if the last writes wanted it (not if the
-                // datapath refused it: that one is offered again each round).
+                // Nothing to tell: quiet until time alone could change that. Its grant in force
+                // (if any) is wanted as it is meanwhile: stamped so, if the last writes wanted
+                // it (not if the datapath refused it: that one is offered again each round).
                 if held.is_idle()
                     && !raise
-                    && (held.holder.in_force(now).is_none()
+                    && (in_force.is_none()
                         || written::hush(&mut self.written, client, self.writes_made))
                 {
-                    let holder = &held.holder;
-                    let mut until = held.reported.map_or(now, |r| r.at + holder.keepalive());
-                    until = until.min(match holder.silent_from() {
-                        Some(at) if at > now => at,
-                        _ => held.attached_at + silence,
-                    });
-                    if let Some((_, Some(lapse))) = holder.in_force(now)
-                        && lapse > now
-                    {
-                        until = until.min(lapse);
-                    }
-                    held.quiet_until = Some(until);
+                    held.quiet_until = Some(held.quiet_deadline(now, silence, in_force));
                 }
                 continue;
             }

@@ -1302,8 +1302,9 @@ fn caps_fit_in_the_capacity_and_clears_come_before_sets() {
 
 /// A member the client sends nothing to, holding a steady cut, is passed by until its keepalive
 /// (its rounds cost nothing for it); and woken by whatever changes what it must report or
-/// write: a cap, a let-go (its grant is cleared at once, not at the keepalive), a write the
-/// datapath refused (offered again every round), a reload of its policy.
+/// write: a new lease timing, a cap, a reload of its policy, a write the datapath refused
+/// (offered again every round), a let-go (its grant is cleared at once, not at the
+/// keepalive).
 #[test]
 fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
     let (mut sim, _, quiet, rates) = one_member_busy();
@@ -1358,7 +1359,7 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
     );
     round(node, info, false);
     assert!(node.held[&CLIENT].quiet_until.is_some(), "quiet again");
-    // A cap wakes it (and is written with the next round's writes).
+    // A cap wakes it (whose cap is written with the next writes; here it equals the cut).
     node.set_caps(HashMap::from([(CLIENT, 0)]));
     assert!(node.held[&CLIENT].quiet_until.is_none(), "a cap wakes it");
     node.set_caps(HashMap::new());
@@ -1386,7 +1387,13 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
         );
     }
     let writes = round(node, info, false);
-    assert!(writes.iter().any(|w| matches!(w, Write::Set { client, value, .. } if *client == CLIENT && *value == applied.value)));
+    assert!(
+        writes
+            .iter()
+            .any(|w| matches!(w, Write::Set { client, value, .. }
+            if *client == CLIENT && *value == applied.value)),
+        "taken once the datapath takes writes: {writes:?}"
+    );
     round(node, info, false);
     assert!(
         node.held[&CLIENT].quiet_until.is_some(),

@@ -28,7 +28,7 @@ pub(super) fn hush(
     made: u64,
 ) -> bool {
     match written.get_mut(client) {
-        Some(w) if w.stamp == made || w.stamp == QUIET => {
+        Some(w) if w.stamp == made => {
             w.stamp = QUIET;
             true
         }
@@ -250,20 +250,20 @@ impl Enrolment {
         writes
     }
 
-    /// The node's phase gives no cold share to split by (cut off, joining): every grant is
-    /// written as lapsed (raises end now, cuts stay), and no round runs until it is connected
-    /// again; returns the writes.
     /// What the datapath holds of these clients changes: their holders are looked at in the
     /// next round (a report says which grant is applied).
     fn stir(&mut self, writes: &[Write]) {
         for w in writes {
-            let (Write::Set { client, .. } | Write::Clear(client)) = w;
-            if let Some(held) = self.held.get_mut(client) {
-                wake(held, &mut self.written, client);
+            let client = w.client();
+            if let Some(held) = self.held.get_mut(&client) {
+                wake(held, &mut self.written, &client);
             }
         }
     }
 
+    /// The node's phase gives no cold share to split by (cut off, joining): every grant is
+    /// written as lapsed (raises end now, cuts stay), and no round runs until it is connected
+    /// again; returns the writes.
     pub fn suspend(&mut self) -> Vec<Write> {
         let mut writes = Vec::new();
         for (client, grant) in self.written.iter_mut() {
@@ -287,11 +287,8 @@ impl Enrolment {
         self.unwritten += writes.len() as u64;
         self.stir(writes);
         for w in writes {
-            let client = match w {
-                Write::Set { client, .. } | Write::Clear(client) => client,
-            };
             self.written.insert(
-                *client,
+                w.client(),
                 Written {
                     value: u32::MAX,
                     until: None,
