@@ -261,9 +261,10 @@ fn a_spread_change_stays_within_its_bound_and_settles() {
         "a window admitted {worst:.0}, above 1.2·L + N = {bound:.0}"
     );
     // The target is a window and a few sync intervals; here it takes about two windows
-    // and a few: the demand a member reports is its packets over the last policy window, so the
-    // owner sees the new spread only gradually, over a window; and a window's admissions
-    // include those before the new split for one more.
+    // and a few: the sliding count dips for the rounds the new split takes to be in force (the
+    // holders' demand, then raises as the cut members' windows let go), and that dip stays in
+    // the count for a window; then the members raised admit their new room at once, which the
+    // sliding-window counter weighs as if spread over its window (README, Accuracy).
     let settle = 2 * window + 8 * sync;
     assert!(
         slowest <= settle,

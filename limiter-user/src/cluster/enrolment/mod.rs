@@ -529,15 +529,16 @@ impl Enrolment {
             Some(c) => held.samples.push_back((now, c)),
             None => held.samples.clear(),
         }
-        // Only what `demand` may still use, at `now` or later: the newest `SHORT_SPAN_ROUNDS`
-        // + 1, and those since the window's start (an older one is older than every later
-        // start too). Without this a member would keep 64 samples (1.5 KiB) of every hot
-        // client of the cluster. A reload that lengthens the window measures over what is kept.
+        // Only what `demand` may still use, at `now` or later: the newest samples the longest
+        // short span (`SHORT_SPANS`) needs, and those since the window's start (an older one is
+        // older than every later start too). Without this a member would keep 64 samples
+        // (1.5 KiB) of every hot client of the cluster. A reload that lengthens the window
+        // measures over what is kept.
         let from = held
             .window
             .map_or(Duration::ZERO, |w| now.saturating_sub(w));
         while held.samples.len() > MAX_SAMPLES
-            || (held.samples.len() > SHORT_SPAN_ROUNDS + 1
+            || (held.samples.len() > SHORT_SPANS[SHORT_SPANS.len() - 1] + 1
                 && held.samples.front().is_some_and(|&(at, _)| at < from))
         {
             held.samples.pop_front();
@@ -938,25 +939,30 @@ impl Enrolment {
     }
 }
 
-/// How many sampling rounds the short span of [`demand`] covers.
-const SHORT_SPAN_ROUNDS: usize = 4;
+/// The spans, in sampling rounds back from the newest sample, that [`demand`] looks for a change
+/// over, shortest first.
+const SHORT_SPANS: [usize; 3] = [1, 2, 4];
 
 /// Most samples kept of a held client (a window of more rounds is measured over the newest).
 const MAX_SAMPLES: usize = 64;
 
-/// The fewest packets the short span must hold (or would at the window's rate) to be measured
-/// over: below that, a span of a few rounds is mostly noise (at 10 packets a second, 0 or 1 in
-/// 200 ms), and the window's rate is used.
+/// The fewest packets a short span must hold (or would at the rate it is compared with) to be
+/// measured over: below that, a span of a few rounds is mostly noise (at 10 packets a second, 0
+/// or 1 in 200 ms), and the window's rate is used.
 const SHORT_SPAN_PACKETS: u64 = 16;
 
 /// Packets per `window` the client sends this member: over the last window (at least two
-/// sampling rounds), unless the last [`SHORT_SPAN_ROUNDS`] rounds show the rate has changed:
-/// they hold enough packets to measure (at the window's rate, or their own: a client that
-/// stopped reads as stopped within a few rounds) and differ from what the window's rate predicts
-/// by more than chance would (three standard deviations of a Poisson count, and two packets).
-/// A steady client's demand so stays the window's, which does not jitter with every burst.
+/// sampling rounds), unless the last few rounds show the rate has changed. A short span (of
+/// [`SHORT_SPANS`] rounds) shows a change when it holds enough packets to measure (at the
+/// window's rate, or its own: a client that stopped reads as stopped within a round or two) and
+/// differs from what the window's rate predicts by more than chance would (three standard
+/// deviations of a Poisson count, and two packets). Of the spans that show one, demand is the
+/// rate over the longest whose shorter spans agree with it (the change is older than the
+/// span, so it measures only the new rate, with the least noise): a rise sixteenfold reads in
+/// full one round later, not diluted over four. A steady client's demand so stays the window's,
+/// which does not jitter with every burst.
 ///
-/// The short span is what lets a spread change settle within a window and a few sync
+/// The short spans are what let a spread change settle within a window and a few sync
 /// intervals: over a whole window, the member the traffic left would go on reporting (and be
 /// granted) its old demand for a window while the member it moved to waited. It is safe because
 /// the owner raises nobody into room a cut member's window still holds (its reports' `used`).
@@ -982,19 +988,35 @@ fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) 
         return 0;
     }
     let packets = newest.saturating_sub(oldest);
-    if let Some(&(short_at, short)) = samples.iter().rev().nth(SHORT_SPAN_ROUNDS)
-        && short_at >= oldest_at
-        && short_at < newest_at
+    // Packets a span of `span` holds at the rate of `count` over `over`.
+    let at_rate = |count: u64, over: Duration, span: Duration| -> u64 {
+        u64::try_from(u128::from(count) * span.as_nanos() / over.as_nanos()).unwrap_or(u64::MAX)
+    };
+    // Whether `seen` packets differ from the `expected` by more than chance.
+    let differs = |expected: u64, seen: u64| -> bool {
+        seen.max(expected) >= SHORT_SPAN_PACKETS
+            && seen.abs_diff(expected) as f64 > 3.0 * (expected as f64).sqrt() + 2.0
+    };
+    // Each short span back from the newest sample, and the packets in it (`None` for one
+    // reaching before the window's oldest sample, or of no length).
+    let spans = SHORT_SPANS.map(|rounds| {
+        let &(at, count) = samples.iter().rev().nth(rounds)?;
+        (at >= oldest_at && at < newest_at).then(|| (newest_at - at, newest.saturating_sub(count)))
+    });
+    for (i, &(span, in_span)) in spans
+        .iter()
+        .enumerate()
+        .rev()
+        .filter_map(|(i, s)| Some((i, s.as_ref()?)))
     {
-        let span = newest_at - short_at;
-        let in_span = newest.saturating_sub(short);
-        let at_window_rate =
-            u64::try_from(u128::from(packets) * span.as_nanos() / elapsed.as_nanos())
-                .unwrap_or(u64::MAX);
-        let deviation = in_span.abs_diff(at_window_rate) as f64;
-        if in_span.max(at_window_rate) >= SHORT_SPAN_PACKETS
-            && deviation > 3.0 * (at_window_rate as f64).sqrt() + 2.0
-        {
+        if !differs(at_rate(packets, elapsed, span), in_span) {
+            continue;
+        }
+        let agree = spans[..i]
+            .iter()
+            .flatten()
+            .all(|&(shorter, count)| !differs(at_rate(in_span, span, shorter), count));
+        if agree {
             return per_window(in_span, span);
         }
     }

@@ -1141,9 +1141,19 @@ fn demand_follows_a_busy_client_within_rounds_and_a_slow_one_over_the_window() {
     // ...where the window's rate would still say about 1,000.
     let busy = sampled(40, |_| 2_000);
     assert_eq!(demand(&busy, last(&busy), window), 2_000);
-    // 100 a second, then 2,000: it reads 2,000 four rounds later.
-    let rose = sampled(45, |i| if i < 41 { 100 } else { 2_000 });
+    // 100 a second, then 2,000: it reads 2,000 one round later (the one-round span; the
+    // two- and four-round spans, which hold the change, would read 1,050 and 575)...
+    let rose = sampled(45, |i| if i < 44 { 100 } else { 2_000 });
     assert_eq!(demand(&rose, last(&rose), window), 2_000);
+    // ...and from three rounds on, over the spans that hold only the new rate.
+    for since in [42, 41, 38] {
+        let rose = sampled(45, |i| if i < since { 100 } else { 2_000 });
+        assert_eq!(
+            demand(&rose, last(&rose), window),
+            2_000,
+            "since round {since}"
+        );
+    }
     // 20 a second (one packet a round): too few for the short span, so the window's rate, which
     // a 10-packet burst in the last round moves only a little.
     let slow = sampled(40, |i| if i == 39 { 200 } else { 20 });
