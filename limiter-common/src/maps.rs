@@ -553,7 +553,8 @@ pub struct AdaptRead {
     /// A copy of the entry (volatile reads of each word: counters other CPUs change may be a
     /// few packets apart, which a rate does not mind).
     pub state: ClientState,
-    /// Where it lives: `HOME_CLIENTS`, `HOME_STATIC` or `HOME_LIMITED`.
+    /// Where it lives: `HOME_CLIENTS`, `HOME_STATIC`, `HOME_LIMITED`, `HOME_NAMED_STATIC` or
+    /// `HOME_NAMED`.
     pub home: u32,
     /// `ADAPT_APPLIED` (copied) or `ADAPT_NOT_RESIDENT`; 0: not reached.
     pub result: u32,
@@ -565,6 +566,11 @@ pub const HOME_CLIENTS: u32 = 0;
 pub const HOME_STATIC: u32 = 1;
 /// `AdaptRead::home`: the entry is in `LIMITED`.
 pub const HOME_LIMITED: u32 = 2;
+/// `AdaptRead::home`: the entry is an API ID's, in `NAMED_STATIC` (address keys and ID keys,
+/// SHA-256 prefixes, do not meet).
+pub const HOME_NAMED_STATIC: u32 = 3;
+/// `AdaptRead::home`: the entry is an API ID's, in `NAMED` (LRU).
+pub const HOME_NAMED: u32 = 4;
 
 /// `AdaptSlot::flags`: the agent stops tracking the client: return it to the policy it resolves
 /// to (the slot's `limit`, `window_us` and `generation` are ignored) and clear its

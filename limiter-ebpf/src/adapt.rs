@@ -20,8 +20,8 @@ use limiter_common::{
         ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_INVALID, ADAPT_KIND_READ,
         ADAPT_KIND_WRITE, ADAPT_NOT_RESIDENT, ADAPT_OFFSET, ADAPT_READ_BATCH, ADAPT_READ_LEN,
         ADAPT_READ_MASK, ADAPT_REFRESH, ADAPT_RELEASE, ADAPT_SKIPPED, ADAPT_SLOT_LEN,
-        ADAPT_SLOT_MASK, ADAPT_STALE, ADAPT_UNCHANGED, HOME_CLIENTS, HOME_LIMITED, HOME_STATIC,
-        META_FLAG,
+        ADAPT_SLOT_MASK, ADAPT_STALE, ADAPT_UNCHANGED, HOME_CLIENTS, HOME_LIMITED, HOME_NAMED,
+        HOME_NAMED_STATIC, HOME_STATIC, META_FLAG,
     },
     window::{MAX_WINDOW_US, MIN_WINDOW_US},
 };
@@ -29,7 +29,7 @@ use limiter_common::{
 use crate::{
     check::stop_or_continue,
     entry::{count_check, refresh_keyed, rescale_entry, resident_entry, resolve_key},
-    maps::{CLIENTS, CONFIG, LIMITED, STATIC_CLIENTS},
+    maps::{CLIENTS, CONFIG, LIMITED, NAMED, NAMED_STATIC, STATIC_CLIENTS},
     parse::{ptr_at, read},
 };
 
@@ -111,8 +111,10 @@ pub extern "C" fn limiter_adapt_slot(ctx: *mut xdp_md, index: u32) -> i64 {
 }
 
 /// One slot of a read frame: copies the entry of the slot's key (`CLIENTS`, then
-/// `STATIC_CLIENTS`, then `LIMITED`, as the packets find it) into the slot. A lookup here marks
-/// an LRU entry used, as a packet would: the clients read are the active ones the agent tracks.
+/// `STATIC_CLIENTS`, then `LIMITED`, as the packets find it; then `NAMED_STATIC` and `NAMED`,
+/// where API IDs' entries live) into the slot. A lookup here marks an LRU entry used, as a packet
+/// or a check would: the clients read are the active ones the adaptive loop tracks and the
+/// global ones the cluster's enrolment holds.
 #[inline(never)]
 extern "C" fn read_slot(index: u32, state: *mut c_void) -> i64 {
     // SAFETY: `state` is the `Slots` `try_adapt` passed.
@@ -128,7 +130,9 @@ extern "C" fn read_slot(index: u32, state: *mut c_void) -> i64 {
         .get_ptr(&key)
         .map(|p| (p, HOME_CLIENTS))
         .or_else(|| STATIC_CLIENTS.get_ptr(&key).map(|p| (p, HOME_STATIC)))
-        .or_else(|| LIMITED.get_ptr(&key).map(|p| (p, HOME_LIMITED)));
+        .or_else(|| LIMITED.get_ptr(&key).map(|p| (p, HOME_LIMITED)))
+        .or_else(|| NAMED_STATIC.get_ptr(&key).map(|p| (p, HOME_NAMED_STATIC)))
+        .or_else(|| NAMED.get_ptr(&key).map(|p| (p, HOME_NAMED)));
     // SAFETY: the slot lies inside the frame (above); `p` is a live map value for this run, and
     // each of its words is read once (another CPU may be changing the counters).
     unsafe {

@@ -1877,7 +1877,8 @@ fn cluster_member() -> Result<(
         .context("no limiter program")?
         .try_into()?;
     program.load()?;
-    let maps = ClusterMaps::take(&mut ebpf, &tables)?;
+    let adapt = datapath::load_adapt_program(&mut ebpf)?;
+    let maps = ClusterMaps::take(&mut ebpf, &tables, adapt)?;
     let checker = Checker::new(check_program, &config);
     Ok((Limiter { ebpf, tables }, maps, checker))
 }
@@ -2086,7 +2087,33 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
             vec![ClientId::Addr(checked).key()],
             "a short read through the service's budget"
         );
-        // Each has an entry the agent's enrolment reads (its counters are its demand).
+        // Each has an entry the agent's enrolment reads (its counters are its demand), and the
+        // read frames of the adapt program find what the lookups key by key find: in
+        // `STATIC_CLIENTS`, `NAMED_STATIC`, `LIMITED` (the address checked over its share) and
+        // `CLIENTS` (one that passed), and nothing for one without an entry.
+        let passing = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 77));
+        check_eq!(lim.send(passing, 2)?, 2);
+        let keys: Vec<ClientKey> = [
+            exact,
+            checked,
+            passing,
+            IpAddr::V4(Ipv4Addr::new(10, 230, 0, 78)),
+        ]
+        .into_iter()
+        .map(|a| ClientId::Addr(a).key())
+        .chain([gold.key(), local.key()])
+        .collect();
+        let framed = maps.entries(&keys);
+        let one_by_one: Vec<_> = keys.iter().map(|k| maps.entry(k)).collect();
+        check_eq!(
+            framed,
+            one_by_one,
+            "read frames against lookups, key by key"
+        );
+        check_eq!(
+            framed.iter().map(Option::is_some).collect::<Vec<_>>(),
+            vec![true, true, true, false, true, true]
+        );
         for (what, key) in [("exact", ClientId::Addr(exact).key()), ("ID", gold.key())] {
             let (entry, id) = maps
                 .entry(&key)

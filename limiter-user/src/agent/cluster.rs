@@ -550,12 +550,12 @@ impl Maps {
     /// The entries of `clients` with the policies they are under now; `None` if the policies
     /// changed while they were read (the entries alone then, under `Under::Unknown`).
     fn read(&self, clients: &[ClientKey]) -> (Vec<Option<Entry>>, bool) {
-        let maps = self.lock();
         let read = |named: Option<(u32, &WireNames)>| -> Vec<Option<Entry>> {
-            clients
-                .iter()
-                .map(|client| {
-                    let (state, id) = maps.entry(client)?;
+            self.lock()
+                .entries(clients)
+                .into_iter()
+                .map(|entry| {
+                    let (state, id) = entry?;
                     // An API ID's entry carries no generation: the checker resolves it with
                     // each check, under the policies it has (which change within the bracket
                     // `GlobalNames` watches).

@@ -208,6 +208,11 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         // The policies went in before the refresher was loaded: on adopted maps, the refresh
         // their first apply is due runs now, still before the program is attached.
         tables.refresh_if_owed()?;
+        // The cluster's enrolment reads its held clients' entries in the adapt program's read
+        // frames.
+        let cluster_reads = adapt_program
+            .try_clone()
+            .context("duplicating the adapt program's descriptor")?;
         let check_program = datapath::load_check_program(&mut ebpf)?;
         let tuner = Tuner::new(
             &applied,
@@ -218,7 +223,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
             load,
         )?;
         let sweep = tables.limited_sweep()?;
-        let cluster_maps = datapath::ClusterMaps::take(&mut ebpf, &tables)?;
+        let cluster_maps = datapath::ClusterMaps::take(&mut ebpf, &tables, cluster_reads)?;
         let attachment =
             datapath::attach(&mut ebpf, &opts.iface, opts.mode, Some(&pins), opts.replace)?;
         datapath::complete_upgrade(&mut ebpf, &mut tables)?;

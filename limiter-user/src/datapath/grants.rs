@@ -1,18 +1,22 @@
 //! The maps of the cluster's enrolment: `GRANTS` (what the owners of global clients granted this
 //! node; the fast path enforces the leases itself), `HOT` (the clients the fast path reported
 //! over their limit while `CONFIG_CLUSTER` is set: moved into `LIMITED`, or, paced, dropped in
-//! a map they never leave) and the client maps, addresses' and IDs', read one client at a time
-//! for the held clients' counters.
+//! a map they never leave) and the client maps, addresses' and IDs', read for the held
+//! clients' counters in read frames of the adapt program.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::{
     Ebpf,
     maps::{HashMap, Map, MapData, MapError, RingBuf},
 };
-use limiter_common::{ClientState, Grant, addr::ClientKey};
+use limiter_common::{
+    AdaptRead, ClientState, Grant,
+    addr::ClientKey,
+    maps::{ADAPT_APPLIED, ADAPT_NOT_RESIDENT, HOME_NAMED, HOME_NAMED_STATIC},
+};
 
-use super::{DatapathError, Tables, map_err};
+use super::{ADAPT_READ_FRAME, DatapathError, Tables, TestRunFrame, XDP_PASS, map_err};
 
 /// Default capacity of `GRANTS` (`--max-global-clients`): 65,536 entries of ~100 bytes.
 pub const DEFAULT_MAX_GLOBAL_CLIENTS: u32 = 1 << 16;
@@ -25,6 +29,12 @@ pub struct ClusterMaps {
     /// may be, likeliest first for a hot client (an address's before an API ID's: address keys
     /// and ID keys, SHA-256 prefixes, do not meet).
     clients: [HashMap<MapData, ClientKey, ClientState>; 5],
+    /// The adapt program, whose read frames copy many entries out per run (see
+    /// [`ClusterMaps::entries`]).
+    adapt: OwnedFd,
+    read_frame: TestRunFrame,
+    /// A failed read frame was logged (once: the next rounds read key by key, as it did).
+    read_failed: bool,
 }
 
 fn taken(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
@@ -44,8 +54,12 @@ fn from_fd(
 
 impl ClusterMaps {
     /// Takes `GRANTS` and `HOT` out of a loaded object, and handles of its own on the client
-    /// maps `tables` hold.
-    pub fn take(ebpf: &mut Ebpf, tables: &Tables) -> Result<ClusterMaps, DatapathError> {
+    /// maps `tables` hold; `adapt`: the loaded adapt program (`load_adapt_program`).
+    pub fn take(
+        ebpf: &mut Ebpf,
+        tables: &Tables,
+        adapt: OwnedFd,
+    ) -> Result<ClusterMaps, DatapathError> {
         let grants = HashMap::try_from(taken(ebpf, "GRANTS")?).map_err(map_err("GRANTS"))?;
         let hot = RingBuf::try_from(taken(ebpf, "HOT")?).map_err(map_err("HOT"))?;
         let dup_error = |error| DatapathError::Io {
@@ -65,6 +79,9 @@ impl ClusterMaps {
                 from_fd(named_static, "NAMED_STATIC")?,
                 from_fd(named, "NAMED")?,
             ],
+            adapt,
+            read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
+            read_failed: false,
         })
     }
 
@@ -91,6 +108,56 @@ impl ClusterMaps {
             .iter()
             .enumerate()
             .find_map(|(i, m)| Some((m.get(client, 0).ok()?, i >= 3)))
+    }
+
+    /// [`ClusterMaps::entry`] of each of `clients`, in order, read in read frames of the adapt
+    /// program: one program run per `ADAPT_READ_BATCH` clients instead of a lookup syscall per
+    /// map tried per client (five for a held client that sends nothing to this node, most of
+    /// them in a large cluster). A slot the program did not answer, or a run that failed, is
+    /// read key by key.
+    pub fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<(ClientState, bool)>> {
+        let mut out = Vec::with_capacity(clients.len());
+        let mut requests = Vec::with_capacity(self.read_frame.batch());
+        let mut answers = Vec::with_capacity(self.read_frame.batch());
+        for chunk in clients.chunks(self.read_frame.batch()) {
+            requests.clear();
+            requests.extend(chunk.iter().map(|&key| AdaptRead {
+                key,
+                ..AdaptRead::default()
+            }));
+            let run = self.read_frame.run_into::<AdaptRead, AdaptRead>(
+                self.adapt.as_fd(),
+                &requests,
+                0,
+                &mut answers,
+            );
+            match run {
+                Ok(XDP_PASS) => {
+                    for (key, read) in chunk.iter().zip(&answers) {
+                        // The program answers each slot about the key it was asked; a slot it
+                        // did not reach (or a different key: a broken frame) is read here.
+                        out.push(match (read.result, read.key == *key) {
+                            (ADAPT_APPLIED, true) => Some((
+                                read.state,
+                                matches!(read.home, HOME_NAMED | HOME_NAMED_STATIC),
+                            )),
+                            (ADAPT_NOT_RESIDENT, true) => None,
+                            _ => self.entry(key),
+                        });
+                    }
+                }
+                failed => {
+                    if !std::mem::replace(&mut self.read_failed, true) {
+                        tracing::warn!(
+                            "cluster: the adapt program's read frame failed ({failed:?}); \
+                             reading held clients key by key"
+                        );
+                    }
+                    out.extend(chunk.iter().map(|key| self.entry(key)));
+                }
+            }
+        }
+        out
     }
 
     /// Sets (`Some`) or deletes (`None`) grants, each on its own (a full map refuses a new

@@ -20,14 +20,15 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use limiter_common::maps::GENERATION_SWEEP;
+use limiter_common::{addr::ClientKey, maps::GENERATION_SWEEP};
 use limiter_user::{
     adaptive::{
         load::LoadSource,
         tuner::{PeriodReport, Tuner},
     },
+    check::ClientId,
     config::Config,
-    datapath::{self, LoadOptions, Tables},
+    datapath::{self, ClusterMaps, LoadOptions, Tables},
 };
 
 use crate::{
@@ -66,6 +67,64 @@ fn thread_cpu() -> Duration {
 /// The source address `limiter_bench_cycle` gives its `n`th client.
 fn cycle_addr(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+/// The cluster's enrolment reads every held client's entry each round
+/// (`ClusterMaps::entries`): here `active` clients with entries and as many that send nothing
+/// to this node (no entry: a miss in every map where one may live), read in the adapt program's
+/// read frames and, for the ratio, key by key with a lookup syscall per map tried, as before
+/// 2026-12-06. Returns the report's paragraph.
+fn cluster_read(
+    ebpf: &mut aya::Ebpf,
+    tables: &Tables,
+    adapt: std::os::fd::OwnedFd,
+    active: u32,
+) -> Result<String> {
+    let mut maps = ClusterMaps::take(ebpf, tables, adapt)?;
+    let key = |a: Ipv4Addr| ClientId::Addr(a.into()).key();
+    let held: Vec<ClientKey> = (0..active)
+        .map(|n| key(cycle_addr(n)))
+        // 198.18.0.0/15, which the cycle never sends from.
+        .chain((0..active).map(|n| key(Ipv4Addr::from(0xc612_0000 + n))))
+        .collect();
+    let mut framed_cpu = Vec::new();
+    let mut lookup_cpu = Vec::new();
+    let (mut framed, mut one_by_one) = (Vec::new(), Vec::new());
+    // Alternated, three of each: the median.
+    for _ in 0..3 {
+        let cpu0 = thread_cpu();
+        framed = maps.entries(&held);
+        framed_cpu.push(thread_cpu() - cpu0);
+        let cpu0 = thread_cpu();
+        one_by_one = held.iter().map(|k| maps.entry(k)).collect::<Vec<_>>();
+        lookup_cpu.push(thread_cpu() - cpu0);
+    }
+    ensure!(
+        framed == one_by_one,
+        "read frames and lookups key by key disagree"
+    );
+    let with_entry = framed.iter().filter(|e| e.is_some()).count();
+    ensure!(
+        with_entry == active as usize,
+        "{with_entry} of {} held clients have entries, not {active}",
+        held.len()
+    );
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (framed_ms, lookup_ms) = (median(framed_cpu), median(lookup_cpu));
+    Ok(format!(
+        "The cluster's read of its held clients' entries (`ClusterMaps::entries`, every \
+         enrolment round): {} held clients, {active} of them with an entry, in {framed_ms:.1} ms \
+         of CPU ({:.2} µs each) in read frames of the adapt program; key by key, a lookup \
+         syscall per map tried, {lookup_ms:.1} ms ({:.2} µs each): {:.1}× (medians of three, \
+         alternated).\n\n",
+        held.len(),
+        framed_ms * 1e3 / held.len() as f64,
+        lookup_ms * 1e3 / held.len() as f64,
+        lookup_ms / framed_ms.max(1e-9),
+    ))
 }
 
 struct Period {
@@ -164,6 +223,7 @@ fn scenario(active: u32, target_ms: f64, refresh: bool) -> Result<String> {
     let adapt = datapath::load_adapt_program(&mut ebpf)?;
     tables.set_refresher(adapt.try_clone().context("duplicating the adapt program")?);
     let ring = datapath::take_active(&mut ebpf)?;
+    let cluster_reads = adapt.try_clone().context("duplicating the adapt program")?;
     let mut tuner = Tuner::new(
         &config,
         generation,
@@ -215,6 +275,7 @@ fn scenario(active: u32, target_ms: f64, refresh: bool) -> Result<String> {
     run("overload", 0.95, 8)?;
     run("relief", 0.3, 8)?;
     let resident_end = tables.resident()?.0;
+    let cluster_read = cluster_read(&mut ebpf, &tables, cluster_reads, active)?;
 
     let mut out = String::new();
     writeln!(out, "### {active} active clients\n")?;
@@ -257,6 +318,7 @@ fn scenario(active: u32, target_ms: f64, refresh: bool) -> Result<String> {
         if max_cpu < target_ms { "pass" } else { "FAIL" },
         resident_end.saturating_sub(u64::from(active)),
     )?;
+    out.push_str(&cluster_read);
     if refresh {
         // The in-place refresh of every entry (due every GENERATION_SWEEP policy changes): after
         // a reload every entry is stale, so each one is resolved and rewritten.
