@@ -942,6 +942,10 @@ impl Enrolment {
 /// The spans, in sampling rounds back from the newest sample, that [`demand`] looks for a change
 /// over, shortest first.
 const SHORT_SPANS: [usize; 3] = [1, 2, 4];
+const _: () = assert!(
+    SHORT_SPANS[0] < SHORT_SPANS[1] && SHORT_SPANS[1] < SHORT_SPANS[2],
+    "demand() and the trimming in observe() take SHORT_SPANS to be ascending"
+);
 
 /// Most samples kept of a held client (a window of more rounds is measured over the newest).
 const MAX_SAMPLES: usize = 64;
@@ -952,15 +956,17 @@ const MAX_SAMPLES: usize = 64;
 const SHORT_SPAN_PACKETS: u64 = 16;
 
 /// Packets per `window` the client sends this member: over the last window (at least two
-/// sampling rounds), unless the last few rounds show the rate has changed. A short span (of
-/// [`SHORT_SPANS`] rounds) shows a change when it holds enough packets to measure (at the
-/// window's rate, or its own: a client that stopped reads as stopped within a round or two) and
-/// differs from what the window's rate predicts by more than chance would (three standard
-/// deviations of a Poisson count, and two packets). Of the spans that show one, demand is the
-/// rate over the longest whose shorter spans agree with it (the change is older than the
-/// span, so it measures only the new rate, with the least noise): a rise sixteenfold reads in
-/// full one round later, not diluted over four. A steady client's demand so stays the window's,
-/// which does not jitter with every burst.
+/// sampling rounds), unless the last rounds show the rate has changed. They show a change when
+/// the longest short span (of [`SHORT_SPANS`] rounds) differs from what the window's rate
+/// predicts by more than chance would (three standard deviations of a Poisson count, and two
+/// packets) and holds enough packets to measure (at the window's rate, or its own: a client
+/// that stopped reads as stopped within a round or two). Demand is then the rate over the
+/// longest span that also differs from the window's rate and whose older part agrees with each
+/// shorter span's rate, so that it measures only the new rate, with the least noise: a rise
+/// sixteenfold reads in full one round later, not diluted over four. The longest span has to
+/// differ first so that a client whose packets come in bursts a round or two apart (a poller,
+/// TCP's round trips) keeps the window's rate rather than swinging with each burst; a steady
+/// client's demand so stays the window's.
 ///
 /// The short spans are what let a spread change settle within a window and a few sync
 /// intervals: over a whole window, the member the traffic left would go on reporting (and be
@@ -988,7 +994,7 @@ fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) 
         return 0;
     }
     let packets = newest.saturating_sub(oldest);
-    // Packets a span of `span` holds at the rate of `count` over `over`.
+    // Packets a span of `span` holds at the rate of `count` over `over` (not zero).
     let at_rate = |count: u64, over: Duration, span: Duration| -> u64 {
         u64::try_from(u128::from(count) * span.as_nanos() / over.as_nanos()).unwrap_or(u64::MAX)
     };
@@ -1003,19 +1009,25 @@ fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) 
         let &(at, count) = samples.iter().rev().nth(rounds)?;
         (at >= oldest_at && at < newest_at).then(|| (newest_at - at, newest.saturating_sub(count)))
     });
+    let changed =
+        |&(span, in_span): &(Duration, u64)| differs(at_rate(packets, elapsed, span), in_span);
+    if !spans.iter().flatten().next_back().is_some_and(changed) {
+        return per_window(packets, elapsed);
+    }
     for (i, &(span, in_span)) in spans
         .iter()
         .enumerate()
         .rev()
         .filter_map(|(i, s)| Some((i, s.as_ref()?)))
     {
-        if !differs(at_rate(packets, elapsed, span), in_span) {
+        if !changed(&(span, in_span)) {
             continue;
         }
-        let agree = spans[..i]
-            .iter()
-            .flatten()
-            .all(|&(shorter, count)| !differs(at_rate(in_span, span, shorter), count));
+        // The part of this span before each shorter one, against the shorter one's rate.
+        let agree = spans[..i].iter().flatten().all(|&(shorter, count)| {
+            let (older, older_count) = (span - shorter, in_span.saturating_sub(count));
+            !differs(at_rate(count, shorter, older), older_count)
+        });
         if agree {
             return per_window(in_span, span);
         }

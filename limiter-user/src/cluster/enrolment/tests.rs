@@ -1161,6 +1161,47 @@ fn demand_follows_a_busy_client_within_rounds_and_a_slow_one_over_the_window() {
     assert!((20..=40).contains(&d), "{d}");
 }
 
+/// A step reads as the new rate from the round after it on, with no dip while the short spans
+/// still hold the old rate (a span is measured over only when its older part agrees with the
+/// shorter spans' rate): up from nothing, up fourfold, and down to nothing (from the second
+/// round: one round without packets is within chance of 400 a second).
+#[test]
+fn demand_after_a_step_is_the_new_rate_every_round() {
+    let window = Duration::from_secs(1);
+    for (before, after, from_round) in [(0, 800, 1), (400, 1_600, 1), (400, 0, 2)] {
+        for rounds_since in from_round..=6 {
+            let stepped = sampled(40 + rounds_since, |i| if i < 40 { before } else { after });
+            let now = stepped.back().expect("samples").0;
+            assert_eq!(
+                demand(&stepped, now, window),
+                after as u32,
+                "{before} -> {after} a second, {rounds_since} rounds on"
+            );
+        }
+    }
+}
+
+/// A client whose packets come in bursts a round or a few apart (a poller, TCP's round trips)
+/// keeps the window's rate as its demand, whichever round of its cycle the sample ends in: its
+/// one-round span swings with every burst, its longest holds whole cycles.
+#[test]
+fn demand_of_a_client_sending_in_bursts_stays_the_windows() {
+    let window = Duration::from_secs(1);
+    for (period, burst) in [(2, 800), (4, 1_600), (4, 8_000)] {
+        for end in 40..40 + period {
+            let bursty = sampled(end, |i| if i % period == 0 { burst } else { 0 });
+            let now = bursty.back().expect("samples").0;
+            let mean = burst / period as u64;
+            let d = u64::from(demand(&bursty, now, window));
+            assert!(
+                d.abs_diff(mean) <= mean / 10,
+                "a burst of {burst}/s every {period} rounds, ending in round {end}: {d}, \
+                 not about {mean}"
+            );
+        }
+    }
+}
+
 /// A busy client whose rate wobbles by chance keeps the window's rate as its demand: a few
 /// rounds of it are not taken for a change.
 #[test]
