@@ -2089,8 +2089,16 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         );
         // Each has an entry the agent's enrolment reads (its counters are its demand), and the
         // read frames of the adapt program find what the lookups key by key find: in
-        // `STATIC_CLIENTS`, `NAMED_STATIC`, `LIMITED` (the address checked over its share) and
-        // `CLIENTS` (one that passed), and nothing for one without an entry.
+        // `STATIC_CLIENTS`, `LIMITED` (the address checked over its share, moved there by its
+        // first dropped packet: 2 of its 10 are left), `CLIENTS` (one that passed) and
+        // `NAMED_STATIC`, and nothing for one without an entry.
+        let moves = lim.global()?.limited_moves;
+        check_eq!(lim.send(checked, 3)?, 2);
+        check_eq!(
+            lim.global()?.limited_moves,
+            moves + 1,
+            "the checked address moved"
+        );
         let passing = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 77));
         check_eq!(lim.send(passing, 2)?, 2);
         let keys: Vec<ClientKey> = [
@@ -2103,7 +2111,8 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         .map(|a| ClientId::Addr(a).key())
         .chain([gold.key(), local.key()])
         .collect();
-        let framed = maps.entries(&keys);
+        // Not `entries`, which falls back to the lookups if the frames fail.
+        let framed = maps.read_frames(&keys)?;
         let one_by_one: Vec<_> = keys.iter().map(|k| maps.entry(k)).collect();
         check_eq!(
             framed,

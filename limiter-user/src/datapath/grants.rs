@@ -33,7 +33,7 @@ pub struct ClusterMaps {
     /// [`ClusterMaps::entries`]).
     adapt: OwnedFd,
     read_frame: TestRunFrame,
-    /// A failed read frame was logged (once: the next rounds read key by key, as it did).
+    /// A failed read of frames was logged (once: a round whose frames fail reads key by key).
     read_failed: bool,
 }
 
@@ -111,11 +111,34 @@ impl ClusterMaps {
     }
 
     /// [`ClusterMaps::entry`] of each of `clients`, in order, read in read frames of the adapt
+    /// program (see [`ClusterMaps::read_frames`]); if that fails, key by key (logged once).
+    pub fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<(ClientState, bool)>> {
+        match self.read_frames(clients) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if !std::mem::replace(&mut self.read_failed, true) {
+                    tracing::warn!(
+                        "cluster: reading the held clients in the adapt program's read frames \
+                         failed ({e}); reading them key by key this round (and in any later \
+                         round where it fails again)"
+                    );
+                }
+                clients.iter().map(|key| self.entry(key)).collect()
+            }
+        }
+    }
+
+    /// [`ClusterMaps::entry`] of each of `clients`, in order, read in read frames of the adapt
     /// program: one program run per `ADAPT_READ_BATCH` clients instead of a lookup syscall per
     /// map tried per client (five for a held client that sends nothing to this node, most of
-    /// them in a large cluster). A slot the program did not answer, or a run that failed, is
-    /// read key by key.
-    pub fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<(ClientState, bool)>> {
+    /// them in a large cluster). Unlike a lookup syscall, the program's lookup marks an LRU
+    /// entry (`CLIENTS`, `NAMED`) used, as a packet or a check would: a held client's entry is
+    /// not the first evicted while it is held. An error if a run fails, or leaves a slot
+    /// unanswered.
+    pub fn read_frames(
+        &mut self,
+        clients: &[ClientKey],
+    ) -> std::io::Result<Vec<Option<(ClientState, bool)>>> {
         let mut out = Vec::with_capacity(clients.len());
         let mut requests = Vec::with_capacity(self.read_frame.batch());
         let mut answers = Vec::with_capacity(self.read_frame.batch());
@@ -125,39 +148,39 @@ impl ClusterMaps {
                 key,
                 ..AdaptRead::default()
             }));
-            let run = self.read_frame.run_into::<AdaptRead, AdaptRead>(
+            let ret = self.read_frame.run_into::<AdaptRead, AdaptRead>(
                 self.adapt.as_fd(),
                 &requests,
                 0,
                 &mut answers,
-            );
-            match run {
-                Ok(XDP_PASS) => {
-                    for (key, read) in chunk.iter().zip(&answers) {
-                        // The program answers each slot about the key it was asked; a slot it
-                        // did not reach (or a different key: a broken frame) is read here.
-                        out.push(match (read.result, read.key == *key) {
-                            (ADAPT_APPLIED, true) => Some((
-                                read.state,
-                                matches!(read.home, HOME_NAMED | HOME_NAMED_STATIC),
-                            )),
-                            (ADAPT_NOT_RESIDENT, true) => None,
-                            _ => self.entry(key),
-                        });
+            )?;
+            if ret != XDP_PASS {
+                return Err(std::io::Error::other(format!(
+                    "the adapt program refused a read frame (returned {ret})"
+                )));
+            }
+            for (key, read) in chunk.iter().zip(&answers) {
+                // The program answers each slot about the key it was asked.
+                out.push(match (read.result, read.key == *key) {
+                    (ADAPT_APPLIED, true) => Some((
+                        read.state,
+                        matches!(read.home, HOME_NAMED | HOME_NAMED_STATIC),
+                    )),
+                    (ADAPT_NOT_RESIDENT, true) => None,
+                    (result, _) => {
+                        return Err(std::io::Error::other(format!(
+                            "a read slot came back with result {result} (key {})",
+                            if read.key == *key {
+                                "as asked"
+                            } else {
+                                "changed"
+                            }
+                        )));
                     }
-                }
-                failed => {
-                    if !std::mem::replace(&mut self.read_failed, true) {
-                        tracing::warn!(
-                            "cluster: the adapt program's read frame failed ({failed:?}); \
-                             reading held clients key by key"
-                        );
-                    }
-                    out.extend(chunk.iter().map(|key| self.entry(key)));
-                }
+                });
             }
         }
-        out
+        Ok(out)
     }
 
     /// Sets (`Some`) or deletes (`None`) grants, each on its own (a full map refuses a new

@@ -93,7 +93,7 @@ fn cluster_read(
     // Alternated, three of each: the median.
     for _ in 0..3 {
         let cpu0 = thread_cpu();
-        framed = maps.entries(&held);
+        framed = maps.read_frames(&held)?;
         framed_cpu.push(thread_cpu() - cpu0);
         let cpu0 = thread_cpu();
         one_by_one = held.iter().map(|k| maps.entry(k)).collect::<Vec<_>>();
