@@ -971,6 +971,7 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
                 // `addr`, `static` and `rate_per_s` as `limiter stats --iface` names them.
                 serde_json::json!({
                     "client": c.client_id, "addr": c.client_id, "static": c.is_static,
+                    "limited": c.limited,
                     "rate_per_s": if window_s > 0.0 { c.estimate as f64 / window_s } else { 0.0 },
                     "policy": c.policy, "action": action_name(c.action),
                     "limit": c.limit, "allowance": c.limit, "estimate": c.estimate,
@@ -990,7 +991,7 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
                 "passed": g.packets_passed, "dropped": g.packets_dropped, "non_ip": g.packets_non_ip,
                 "malformed": g.packets_malformed, "new_clients": g.clients_created, "map_full": g.map_full,
                 "limited_moves": g.limited_moves, "limited_full": g.limited_full,
-                "clients": g.clients_resident, "ids": g.ids_resident, "checks_allowed": g.checks_allowed,
+                "limited": g.clients_limited, "clients": g.clients_resident, "ids": g.ids_resident, "checks_allowed": g.checks_allowed,
                 "checks_denied": g.checks_denied, "config_reloads": g.config_reloads,
                 "config_rejects": g.config_rejects,
             },
@@ -1004,7 +1005,7 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n{}\n",
+            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nlimited: held {}  moved in {}  refused (map full) {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n{}\n",
             if g.dry_run { "dry-run" } else { "enforce" },
             g.policy_generation,
             g.attached,
@@ -1016,6 +1017,9 @@ async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<
             g.ids_resident,
             g.clients_created,
             g.map_full,
+            g.clients_limited,
+            g.limited_moves,
+            g.limited_full,
             g.checks_allowed,
             g.checks_denied,
             g.config_reloads,

@@ -66,13 +66,19 @@ pub struct Resident {
     pub addresses: u64,
     /// Entries keyed by a named ID (from the API).
     pub ids: u64,
+    /// Of `addresses`, those held in `LIMITED` (over their limit in a window not yet over).
+    pub limited: u64,
 }
 
 impl Resident {
     /// Walks `maps`.
     pub fn count(maps: &ClientMaps) -> Result<Resident, DatapathError> {
-        let (addresses, ids) = maps.resident()?;
-        Ok(Resident { addresses, ids })
+        let (addresses, ids, limited) = maps.resident()?;
+        Ok(Resident {
+            addresses,
+            ids,
+            limited,
+        })
     }
 }
 
@@ -488,7 +494,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             Ok(Resident {
                 addresses: n,
-                ids: 0,
+                ..Resident::default()
             })
         }
     }

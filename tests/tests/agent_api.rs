@@ -550,6 +550,17 @@ fn api_limit_reaches_the_xdp_path_at_once_and_survives_a_restart() -> Result<()>
         (40, 60, 40),
         "{row}"
     );
+    // Held in `LIMITED` since its first dropped packet: the row says so, and the global count
+    // is the rows that do (all of them are listed).
+    assert_eq!(row["limited"], true, "{row}");
+    let held = stats["clients"].as_array().map_or(0, |rows| {
+        rows.iter().filter(|r| r["limited"] == true).count()
+    });
+    assert_eq!(
+        u64_at(&stats["global"], "limited"),
+        held as u64,
+        "{stats:#}"
+    );
     // Removing the API's policy puts the config file's back.
     let out = limiter(
         &net.receiver_ns,
@@ -1273,6 +1284,8 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
         [
             "198.18.0.17",
             "198.18.0.16/28",
+            // Held in `LIMITED` since its first dropped packet.
+            "(held)",
             "limit",
             "20",
             "3600s",

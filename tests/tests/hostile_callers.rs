@@ -661,7 +661,7 @@ fn a_resident_count_holds_one_batch_not_the_map() -> Result<()> {
          {copy_time:?}; counting walk: {walk_peak} bytes peak, {walk_time:?}"
     );
     assert_eq!(copied?, CLIENTS as usize);
-    assert_eq!(counted?, (u64::from(CLIENTS), 0));
+    assert_eq!(counted?, (u64::from(CLIENTS), 0, 0));
     assert!(copy_peak >= CLIENTS as usize * 56, "{copy_peak}");
     assert!(walk_peak < 1 << 20, "the walk held {walk_peak} bytes");
     Ok(())

@@ -77,6 +77,7 @@ impl stats_server::Stats for StatsService {
                 cluster,
                 // Top's: a check does not say which map the entry is in.
                 is_static: false,
+                limited: false,
             }))
         }
         .await
@@ -176,6 +177,7 @@ pub(super) async fn global(state: &ApiState) -> Result<proto::GlobalStats, Statu
         limited_moves: g.limited_moves,
         limited_full: g.limited_full,
         clients_resident: resident.addresses,
+        clients_limited: resident.limited,
         ids_resident: resident.ids,
         checks_allowed: c.checks_allowed.get(),
         checks_denied: c.checks_denied.get(),
@@ -336,7 +338,15 @@ impl<T> Busiest<T> {
     }
 }
 
-impl Busiest<(ClientKey, ClientState, bool)> {
+/// Which walk found a client of [`top`]: an address's (held in `LIMITED` or not) or an ID's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Address,
+    Held,
+    Id,
+}
+
+impl Busiest<(ClientKey, ClientState, Seen)> {
     /// A client a map walk visited (an address's, or with `address` false an ID's):
     /// [`Busiest::offer_again`] for a visit that may be the client's second (`again`),
     /// [`Busiest::offer`] otherwise.
@@ -352,9 +362,9 @@ impl Busiest<(ClientKey, ClientState, bool)> {
         id: impl FnOnce() -> String,
         key: &ClientKey,
         state: &ClientState,
-        address: bool,
+        seen: Seen,
     ) {
-        let item = || (*key, *state, address);
+        let item = || (*key, *state, seen);
         if again {
             self.offer_again(rate, total, id, item, |(kept, _, _)| kept == key);
         } else {
@@ -401,11 +411,13 @@ pub(super) fn top(
     };
     let mut busiest = Busiest::new(n);
     let mut resident = Resident::default();
-    maps.each_address(|k, s, again| {
+    maps.each_address(|k, s, again, held| {
         resident.addresses += 1;
+        resident.limited += u64::from(held);
         let (_, rate, total) = measure(s);
         let label = || crate::stats::client_label(k);
-        busiest.offer_visit(again, rate, total, label, k, s, true);
+        let seen = if held { Seen::Held } else { Seen::Address };
+        busiest.offer_visit(again, rate, total, label, k, s, seen);
     })
     .map_err(internal)?;
     maps.each_id(|k, s, again| {
@@ -417,7 +429,7 @@ pub(super) fn top(
                 format!("id:{hex}")
             })
         };
-        busiest.offer_visit(again, rate, total, id, k, s, false);
+        busiest.offer_visit(again, rate, total, id, k, s, Seen::Id);
     })
     .map_err(internal)?;
     let mut ranked = busiest.into_sorted();
@@ -427,7 +439,7 @@ pub(super) fn top(
         .limits
         .with_tables(|t| {
             let generation = t.map_config()?.generation;
-            for r in ranked.iter_mut().filter(|r| r.item.2) {
+            for r in ranked.iter_mut().filter(|r| r.item.2 != Seen::Id) {
                 if let Some(resolved) =
                     crate::stats::as_resolved(t, &r.item.0, &r.item.1, generation)
                 {
@@ -451,7 +463,7 @@ pub(super) fn top(
             |Ranked {
                  rate,
                  id,
-                 item: (_, s, _),
+                 item: (_, s, seen),
                  ..
              }| {
                 let (estimate, _, _) = measure(&s);
@@ -485,6 +497,7 @@ pub(super) fn top(
                     utilisation,
                     cluster,
                     is_static: s.flags() & FLAG_STATIC != 0,
+                    limited: seen == Seen::Held,
                 }
             },
         )

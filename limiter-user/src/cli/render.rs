@@ -205,7 +205,7 @@ pub fn global_client_table(clients: &[proto::ClientStats]) -> String {
 
 pub fn client_table(clients: &[proto::ClientStats]) -> String {
     let mut out = format!(
-        "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
+        "{:<40} {:<28} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
         "CLIENT",
         "POLICY",
         "ACTION",
@@ -219,6 +219,14 @@ pub fn client_table(clients: &[proto::ClientStats]) -> String {
         "DROPPED"
     );
     for c in clients {
+        // As `limiter stats --iface` marks them.
+        let policy = if c.is_static {
+            format!("{} (static)", c.policy)
+        } else if c.limited {
+            format!("{} (held)", c.policy)
+        } else {
+            c.policy.clone()
+        };
         let window = c
             .window
             .as_ref()
@@ -230,9 +238,9 @@ pub fn client_table(clients: &[proto::ClientStats]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<40} {:<20} {:>6} {:>10} {:>9} {:>6.2} {:>6.2} {:>10.1} {:>10} {:>12} {:>12}",
+            "{:<40} {:<28} {:>6} {:>10} {:>9} {:>6.2} {:>6.2} {:>10.1} {:>10} {:>12} {:>12}",
             c.client_id,
-            c.policy,
+            policy,
             action_name(c.action),
             c.limit,
             show_duration(c.window.as_ref()),

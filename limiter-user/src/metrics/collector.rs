@@ -176,6 +176,14 @@ impl Collector for KernelCollector {
                 ConstGauge::new(value).encode(active.encode_family(&labels)?)?;
             }
         }
+        gauge(
+            &mut encoder,
+            "limiter_clients_limited",
+            "Address clients held now in the never-evicted map of clients over their limit \
+             (--max-limited), over their limit in a window not yet over; counted in \
+             limiter_clients_active{kind=\"address\"} too.",
+            resident.limited,
+        )?;
 
         gauge(
             &mut encoder,
@@ -310,7 +318,7 @@ mod tests {
             }
             Ok(Resident {
                 addresses: walks,
-                ids: 0,
+                ..Resident::default()
             })
         }
     }

@@ -13,6 +13,7 @@ pub(crate) struct FnSource<F>(pub F);
 pub(crate) const POPULATED_RESIDENT: Resident = Resident {
     addresses: 38,
     ids: 2,
+    limited: 5,
 };
 
 impl<F> KernelSource for FnSource<F>
@@ -192,6 +193,9 @@ fn populated_lines() -> Vec<String> {
         "# TYPE limiter_clients_active gauge",
         "limiter_clients_active{iface=\"eth0\",kind=\"address\"} 38",
         "limiter_clients_active{iface=\"eth0\",kind=\"id\"} 2",
+        "# HELP limiter_clients_limited Address clients held now in the never-evicted map of clients over their limit (--max-limited), over their limit in a window not yet over; counted in limiter_clients_active{kind=\"address\"} too.",
+        "# TYPE limiter_clients_limited gauge",
+        "limiter_clients_limited{iface=\"eth0\"} 5",
         "# HELP limiter_policy_generation Generation of the policy table in the kernel, bumped on every policy change.",
         "# TYPE limiter_policy_generation gauge",
         "limiter_policy_generation{iface=\"eth0\"} 9",
@@ -485,7 +489,7 @@ fn exposition_is_well_formed() {
                 .lines()
                 .filter_map(|line| line.strip_prefix("# TYPE "))
                 .collect();
-            assert_eq!(families.len(), 33, "{text}");
+            assert_eq!(families.len(), 34, "{text}");
             let value = |name: &str| {
                 samples
                     .iter()

@@ -94,8 +94,9 @@ impl Tables {
         self.client_maps()?.addresses()
     }
 
-    /// Resident entries of the address maps and of the ID maps, counted by a batched walk.
-    pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
+    /// Resident entries of the address maps, of the ID maps, and of `LIMITED` (counted among
+    /// the addresses too), counted by a batched walk.
+    pub fn resident(&self) -> Result<(u64, u64, u64), DatapathError> {
         self.client_maps()?.resident()
     }
 
@@ -244,26 +245,27 @@ impl ClientMaps {
     /// moving back from the static map can also be missed). `visit`'s last argument is true
     /// for every visit that may be such a second one (every client of `LIMITED` and of
     /// `STATIC_CLIENTS`): whoever lists clients keeps one copy of those; a count of the visits
-    /// may count such a client twice.
+    /// may count such a client twice. Its fourth is true for the visits of `LIMITED`'s clients
+    /// (held there when the walk started or when it read the map).
     pub fn each_address(
         &self,
-        mut visit: impl FnMut(&ClientKey, &ClientState, bool),
+        mut visit: impl FnMut(&ClientKey, &ClientState, bool, bool),
     ) -> Result<(), DatapathError> {
         let before = ClientMaps::read(&self.limited, "LIMITED")?;
         ClientMaps::each_of_pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
-            &mut visit,
+            |k, s, again| visit(k, s, again, false),
         )?;
         let mut after = HashSet::with_capacity(before.len());
         ClientMaps::each(&self.limited, "LIMITED", |k, s| {
             after.insert(*k);
-            visit(k, s, true);
+            visit(k, s, true, true);
         })?;
         // Released during the walk: in `CLIENTS` now, where the walk may have passed it.
         for (k, s) in &before {
             if !after.contains(k) {
-                visit(k, s, true);
+                visit(k, s, true, true);
             }
         }
         Ok(())
@@ -283,18 +285,18 @@ impl ClientMaps {
         )
     }
 
-    /// Resident `(addresses, IDs)`: the entries of each map, counted by a walk that keeps one
-    /// batch in memory (a client moving between two maps during it may be counted twice, or
-    /// not at all).
-    pub fn resident(&self) -> Result<(u64, u64), DatapathError> {
-        let (mut addresses, mut ids) = (0u64, 0u64);
+    /// Resident `(addresses, IDs, of the addresses those in LIMITED)`: the entries of each map,
+    /// counted by a walk that keeps one batch in memory (a client moving between two maps during
+    /// it may be counted twice, or not at all).
+    pub fn resident(&self) -> Result<(u64, u64, u64), DatapathError> {
+        let (mut addresses, mut ids, mut limited) = (0u64, 0u64, 0u64);
         ClientMaps::each_of_pair(
             (&self.clients, "CLIENTS"),
             (&self.static_clients, "STATIC_CLIENTS"),
             |_, _, _| addresses += 1,
         )?;
-        ClientMaps::each(&self.limited, "LIMITED", |_, _| addresses += 1)?;
+        ClientMaps::each(&self.limited, "LIMITED", |_, _| limited += 1)?;
         self.each_id(|_, _, _| ids += 1)?;
-        Ok((addresses, ids))
+        Ok((addresses + limited, ids, limited))
     }
 }
