@@ -67,13 +67,7 @@ pub fn report(report: &Report) -> String {
         "DROPPED"
     );
     for c in &report.clients {
-        let policy = if c.is_static {
-            format!("{} (static)", c.policy)
-        } else if c.limited {
-            format!("{} (held)", c.policy)
-        } else {
-            c.policy.clone()
-        };
+        let policy = marked_policy(&c.policy, c.is_static, c.limited);
         let (window, allowance, scale, util, remaining) = match c.action {
             "limit" => (
                 Window {
@@ -203,6 +197,18 @@ pub fn global_client_table(clients: &[proto::ClientStats]) -> String {
     out
 }
 
+/// A client's policy as the tables show it: `(static)` after it for a client named by an
+/// exact-address policy, `(held)` for one held in `LIMITED`.
+fn marked_policy(policy: &str, is_static: bool, limited: bool) -> String {
+    if is_static {
+        format!("{policy} (static)")
+    } else if limited {
+        format!("{policy} (held)")
+    } else {
+        policy.to_string()
+    }
+}
+
 pub fn client_table(clients: &[proto::ClientStats]) -> String {
     let mut out = format!(
         "{:<40} {:<28} {:>6} {:>10} {:>9} {:>6} {:>6} {:>10} {:>10} {:>12} {:>12}\n",
@@ -219,14 +225,7 @@ pub fn client_table(clients: &[proto::ClientStats]) -> String {
         "DROPPED"
     );
     for c in clients {
-        // As `limiter stats --iface` marks them.
-        let policy = if c.is_static {
-            format!("{} (static)", c.policy)
-        } else if c.limited {
-            format!("{} (held)", c.policy)
-        } else {
-            c.policy.clone()
-        };
+        let policy = marked_policy(&c.policy, c.is_static, c.limited);
         let window = c
             .window
             .as_ref()
