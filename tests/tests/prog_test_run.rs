@@ -2090,14 +2090,19 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         // Each has an entry the agent's enrolment reads (its counters are its demand), and the
         // read frames of the adapt program find what the lookups key by key find: in
         // `STATIC_CLIENTS`, `LIMITED` (the address checked over its share, moved there by its
-        // first dropped packet: 2 of its 10 are left), `CLIENTS` (one that passed) and
-        // `NAMED_STATIC`, and nothing for one without an entry.
+        // first dropped packet: 2 of its 10 are left), `CLIENTS` (one that passed),
+        // `NAMED_STATIC` and `NAMED` (the local ID), and nothing for one without an entry.
         let moves = lim.global()?.limited_moves;
         check_eq!(lim.send(checked, 3)?, 2);
         check_eq!(
             lim.global()?.limited_moves,
             moves + 1,
             "the checked address moved"
+        );
+        check_eq!(
+            maps.hot(),
+            vec![ClientId::Addr(checked).key()],
+            "the checked address reported hot again as it moves"
         );
         let passing = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 77));
         check_eq!(lim.send(passing, 2)?, 2);
