@@ -959,14 +959,19 @@ const SHORT_SPAN_PACKETS: u64 = 16;
 /// sampling rounds), unless the last rounds show the rate has changed. They show a change when
 /// the longest short span (of [`SHORT_SPANS`] rounds) differs from what the window's rate
 /// predicts by more than chance would (three standard deviations of a Poisson count, and two
-/// packets) and holds enough packets to measure (at the window's rate, or its own: a client
-/// that stopped reads as stopped within a round or two). Demand is then the rate over the
+/// packets) and holds enough packets to measure (at the window's rate, or its own: a busy client
+/// that stopped reads as stopped within a few rounds). Demand is then the rate over the
 /// longest span that also differs from the window's rate and whose older part agrees with each
 /// shorter span's rate, so that it measures only the new rate, with the least noise: a rise
 /// sixteenfold reads in full one round later, not diluted over four. The longest span has to
-/// differ first so that a client whose packets come in bursts a round or two apart (a poller,
-/// TCP's round trips) keeps the window's rate rather than swinging with each burst; a steady
-/// client's demand so stays the window's.
+/// differ first so that a client whose packets come in bursts every second or fourth round (a
+/// poller, TCP's round trips) keeps the window's rate rather than swinging with each burst;
+/// bursts whose cycle the four rounds do not hold whole (every third round, or fifth) still
+/// swing, as they did when only that span was measured over, and more with the shorter spans.
+/// A steady client's demand stays the window's. What the shorter spans cost: after a step, the
+/// older part of a span is tested against a shorter span's count scaled up, whose own noise the
+/// tolerance does not count, so in a round in several the demand is measured over a shorter
+/// span than it could be (noisier than over four).
 ///
 /// The short spans are what let a spread change settle within a window and a few sync
 /// intervals: over a whole window, the member the traffic left would go on reporting (and be
@@ -1025,7 +1030,8 @@ fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) 
         }
         // The part of this span before each shorter one, against the shorter one's rate.
         let agree = spans[..i].iter().flatten().all(|&(shorter, count)| {
-            let (older, older_count) = (span - shorter, in_span.saturating_sub(count));
+            let (older, older_count) =
+                (span.saturating_sub(shorter), in_span.saturating_sub(count));
             !differs(at_rate(count, shorter, older), older_count)
         });
         if agree {

@@ -1164,7 +1164,8 @@ fn demand_follows_a_busy_client_within_rounds_and_a_slow_one_over_the_window() {
 /// A step reads as the new rate from the round after it on, with no dip while the short spans
 /// still hold the old rate (a span is measured over only when its older part agrees with the
 /// shorter spans' rate): up from nothing, up fourfold, and down to nothing (from the second
-/// round: one round without packets is within chance of 400 a second).
+/// round: after one, the four-round span still holds three rounds at 400 a second, within
+/// chance of the window's rate).
 #[test]
 fn demand_after_a_step_is_the_new_rate_every_round() {
     let window = Duration::from_secs(1);
@@ -1181,9 +1182,10 @@ fn demand_after_a_step_is_the_new_rate_every_round() {
     }
 }
 
-/// A client whose packets come in bursts a round or a few apart (a poller, TCP's round trips)
-/// keeps the window's rate as its demand, whichever round of its cycle the sample ends in: its
-/// one-round span swings with every burst, its longest holds whole cycles.
+/// A client whose packets come in bursts every second or fourth round (a poller, TCP's round
+/// trips) keeps the window's rate as its demand, whichever round of its cycle the sample ends
+/// in: its one-round span swings with every burst, its longest holds whole cycles. (A cycle of
+/// three or five rounds still swings: see `demand`.)
 #[test]
 fn demand_of_a_client_sending_in_bursts_stays_the_windows() {
     let window = Duration::from_secs(1);
