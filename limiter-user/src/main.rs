@@ -1069,10 +1069,11 @@ async fn top(n: u32, iterations: u64, target: Target) -> anyhow::Result<()> {
             print!("\x1b[2J\x1b[H");
         }
         println!(
-            "limiter top  packets passed {}  dropped {}  clients {}  IDs {}  checks allowed {}  denied {}\n",
+            "limiter top  packets passed {}  dropped {}  clients {}  held {}  IDs {}  checks allowed {}  denied {}\n",
             g.packets_passed,
             g.packets_dropped,
             g.clients_resident,
+            g.clients_limited,
             g.ids_resident,
             g.checks_allowed,
             g.checks_denied

@@ -1255,6 +1255,8 @@ fn cli_commands_against_a_running_agent() -> Result<()> {
         )),
         "{text}"
     );
+    // The one client held in `LIMITED` (198.18.0.17, below).
+    assert!(title.contains("  held 1  "), "{text}");
     let header = lines.find(|l| !l.is_empty()).unwrap_or_default();
     let columns: Vec<&str> = header.split_whitespace().collect();
     assert_eq!(

@@ -347,7 +347,7 @@ enum Seen {
 }
 
 impl Busiest<(ClientKey, ClientState, Seen)> {
-    /// A client a map walk visited (an address's, or with `address` false an ID's):
+    /// A client a map walk visited (`seen`: an address's, held or not, or an ID's):
     /// [`Busiest::offer_again`] for a visit that may be the client's second (`again`),
     /// [`Busiest::offer`] otherwise.
     #[expect(
