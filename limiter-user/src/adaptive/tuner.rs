@@ -40,12 +40,9 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use limiter_common::{
-    AdaptRead, AdaptSlot, AdaptiveStatus, ClientState,
+    AdaptSlot, AdaptiveStatus, ClientState,
     addr::ClientKey,
-    maps::{
-        ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_READ_BATCH, ADAPT_RELEASE, ADAPT_STALE,
-        HOME_STATIC,
-    },
+    maps::{ACTION_LIMIT, ADAPT_APPLIED, ADAPT_BATCH, ADAPT_RELEASE, ADAPT_STALE, HOME_STATIC},
 };
 
 use super::{
@@ -56,8 +53,8 @@ use super::{
 use crate::{
     config::{Action, AdaptiveError, Config, Scope},
     datapath::{
-        ADAPT_FRAME, ADAPT_PROGRAM, ADAPT_READ_FRAME, AdaptiveHandles, DatapathError, TestRunFrame,
-        XDP_PASS,
+        ADAPT_FRAME, ADAPT_PROGRAM, AdaptiveHandles, DatapathError, EntryReads, ReadFrameError,
+        TestRunFrame, XDP_PASS,
     },
 };
 
@@ -147,8 +144,8 @@ pub struct Tuner {
     period: u64,
     /// The adapt frame, reused.
     frame: TestRunFrame,
-    /// The read frame, reused.
-    read_frame: TestRunFrame,
+    /// The read frames, their buffer reused.
+    reads: EntryReads,
     /// Where the caps on global clients are published, for the cluster's enrolment.
     caps: Arc<GlobalCaps>,
     /// The caps as last published.
@@ -176,7 +173,7 @@ impl Tuner {
             pending_release: Vec::new(),
             period: 0,
             frame: TestRunFrame::new(ADAPT_FRAME),
-            read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
+            reads: EntryReads::default(),
             caps: Arc::default(),
             capped: HashMap::new(),
         };
@@ -489,37 +486,27 @@ impl Tuner {
         &mut self,
         report: &mut PeriodReport,
     ) -> Result<Vec<Option<(ClientState, bool)>>, TunerError> {
-        let requests: Vec<AdaptRead> = self
-            .tracked
-            .keys()
-            .map(|&key| AdaptRead {
-                key,
-                ..AdaptRead::default()
-            })
-            .collect();
-        let mut entries = Vec::with_capacity(requests.len());
-        let mut answers = Vec::with_capacity(ADAPT_READ_BATCH);
-        for chunk in requests.chunks(ADAPT_READ_BATCH) {
-            report.read_runs += 1;
-            report.reads += chunk.len();
-            let ret = self.read_frame.run_into::<AdaptRead, AdaptRead>(
-                self.program.as_fd(),
-                chunk,
-                0,
-                &mut answers,
-            )?;
-            if ret != XDP_PASS {
-                return Err(TunerError::Rejected(ret));
-            }
-            // One answer per slot (`run_into`), so `entries` keeps `tracked`'s order.
-            entries.extend(chunk.iter().zip(&answers).map(|(asked, read)| {
+        let keys: Vec<ClientKey> = self.tracked.keys().copied().collect();
+        let answers = self
+            .reads
+            .read(self.program.as_fd(), &keys)
+            .map_err(|e| match e {
+                ReadFrameError::Run(e) => TunerError::TestRun(e),
+                ReadFrameError::Rejected(ret) => TunerError::Rejected(ret),
+            })?;
+        report.read_runs += self.reads.runs(keys.len());
+        report.reads += keys.len();
+        // One answer per key, in order, so the entries keep `tracked`'s order.
+        Ok(keys
+            .iter()
+            .zip(&answers)
+            .map(|(asked, read)| {
                 // The program answers each slot about the key it was asked (it never rewrites
                 // an adapt read's key); a different one would be a broken frame: no entry.
-                (read.result == ADAPT_APPLIED && read.key == asked.key)
+                (read.result == ADAPT_APPLIED && read.key == *asked)
                     .then_some((read.state, read.home == HOME_STATIC))
-            }));
-        }
-        Ok(entries)
+            })
+            .collect())
     }
 
     /// Runs one adapt frame; returns each slot's result.

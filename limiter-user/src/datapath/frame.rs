@@ -5,15 +5,20 @@
 //!
 //! [`TestRunFrame`] is that runner, generic over the slot layout: API checks
 //! ([`crate::check`]), adaptive writes ([`crate::adaptive::tuner`]) and the in-place policy
-//! refresh ([`super::Tables::refresh_all`]) all go through it.
+//! refresh ([`super::Tables::refresh_all`]) all go through it. [`EntryReads`] runs the adapt
+//! program's read frames over many keys, for the adaptive loop and the cluster's enrolment.
 
 use std::{io, mem::size_of, os::fd::BorrowedFd};
 
 use aya::Pod;
-use limiter_common::maps::{
-    ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_KIND_READ, ADAPT_KIND_WRITE, ADAPT_OFFSET,
-    ADAPT_READ_BATCH, ADAPT_READ_LEN, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
-    CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_VETO_OFFSET,
+use limiter_common::{
+    AdaptRead,
+    addr::ClientKey,
+    maps::{
+        ADAPT_BATCH, ADAPT_ETHERTYPE, ADAPT_KIND_READ, ADAPT_KIND_WRITE, ADAPT_OFFSET,
+        ADAPT_READ_BATCH, ADAPT_READ_LEN, ADAPT_SLOT_LEN, CHECK_BATCH, CHECK_ETHERTYPE,
+        CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_VETO_OFFSET,
+    },
 };
 
 use super::syscall;
@@ -59,6 +64,67 @@ pub const ADAPT_READ_FRAME: FrameLayout = FrameLayout {
 
 /// Where a frame's kind is, after the Ethernet header.
 const KIND_OFFSET: usize = 14;
+
+/// Why [`EntryReads::read`] read nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    #[error("running {ADAPT_PROGRAM} with BPF_PROG_TEST_RUN")]
+    Run(#[from] io::Error),
+    #[error("{ADAPT_PROGRAM} rejected a read frame (returned {0})")]
+    Rejected(u32),
+}
+
+/// Read frames of the adapt program: copies of many clients' entries, [`ADAPT_READ_BATCH`] a
+/// program run, instead of a lookup syscall per client and map (the program looks in every map
+/// an entry may live in).
+pub struct EntryReads {
+    frame: TestRunFrame,
+}
+
+impl Default for EntryReads {
+    fn default() -> Self {
+        EntryReads {
+            frame: TestRunFrame::new(ADAPT_READ_FRAME),
+        }
+    }
+}
+
+impl EntryReads {
+    /// Program runs a read of `keys` takes.
+    pub fn runs(&self, keys: usize) -> usize {
+        keys.div_ceil(self.frame.batch())
+    }
+
+    /// Runs `program` (the adapt program) on read frames of `keys`; returns one answer per key,
+    /// in order: its `result` says whether the key's entry was found and copied
+    /// (`ADAPT_APPLIED`, with `state` and `home`), not resident (`ADAPT_NOT_RESIDENT`), or not
+    /// reached (0); its `key` is the one asked, unless the frame came back broken.
+    pub fn read(
+        &mut self,
+        program: BorrowedFd<'_>,
+        keys: &[ClientKey],
+    ) -> Result<Vec<AdaptRead>, ReadFrameError> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut requests = Vec::with_capacity(self.frame.batch());
+        let mut answers = Vec::with_capacity(self.frame.batch());
+        for chunk in keys.chunks(self.frame.batch()) {
+            requests.clear();
+            requests.extend(chunk.iter().map(|&key| AdaptRead {
+                key,
+                ..AdaptRead::default()
+            }));
+            let ret =
+                self.frame
+                    .run_into::<AdaptRead, AdaptRead>(program, &requests, 0, &mut answers)?;
+            if ret != XDP_PASS {
+                return Err(ReadFrameError::Rejected(ret));
+            }
+            // One answer per slot (`run_into`): `out` keeps `keys`' order.
+            out.extend_from_slice(&answers);
+        }
+        Ok(out)
+    }
+}
 
 /// The check frame's kind is its veto byte (`CHECK_VETO_OFFSET`), clear when a run starts.
 const _: () = assert!(CHECK_FRAME.kind == 0 && CHECK_VETO_OFFSET == KIND_OFFSET);

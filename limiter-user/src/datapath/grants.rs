@@ -11,12 +11,12 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, RingBuf},
 };
 use limiter_common::{
-    AdaptRead, ClientState, Grant,
+    ClientState, Grant,
     addr::ClientKey,
     maps::{ADAPT_APPLIED, ADAPT_NOT_RESIDENT, HOME_NAMED, HOME_NAMED_STATIC},
 };
 
-use super::{ADAPT_READ_FRAME, DatapathError, Tables, TestRunFrame, XDP_PASS, map_err};
+use super::{DatapathError, EntryReads, Tables, map_err};
 
 /// Default capacity of `GRANTS` (`--max-global-clients`): 65,536 entries of ~100 bytes.
 pub const DEFAULT_MAX_GLOBAL_CLIENTS: u32 = 1 << 16;
@@ -32,7 +32,7 @@ pub struct ClusterMaps {
     /// The adapt program, whose read frames copy many entries out per run (see
     /// [`ClusterMaps::entries`]).
     adapt: OwnedFd,
-    read_frame: TestRunFrame,
+    reads: EntryReads,
     /// A failed read of frames was logged (once: a round whose frames fail reads key by key).
     read_failed: bool,
 }
@@ -80,7 +80,7 @@ impl ClusterMaps {
                 from_fd(named, "NAMED")?,
             ],
             adapt,
-            read_frame: TestRunFrame::new(ADAPT_READ_FRAME),
+            reads: EntryReads::default(),
             read_failed: false,
         })
     }
@@ -139,48 +139,26 @@ impl ClusterMaps {
         &mut self,
         clients: &[ClientKey],
     ) -> std::io::Result<Vec<Option<(ClientState, bool)>>> {
-        let mut out = Vec::with_capacity(clients.len());
-        let mut requests = Vec::with_capacity(self.read_frame.batch());
-        let mut answers = Vec::with_capacity(self.read_frame.batch());
-        for chunk in clients.chunks(self.read_frame.batch()) {
-            requests.clear();
-            requests.extend(chunk.iter().map(|&key| AdaptRead {
-                key,
-                ..AdaptRead::default()
-            }));
-            let ret = self.read_frame.run_into::<AdaptRead, AdaptRead>(
-                self.adapt.as_fd(),
-                &requests,
-                0,
-                &mut answers,
-            )?;
-            if ret != XDP_PASS {
-                return Err(std::io::Error::other(format!(
-                    "the adapt program refused a read frame (returned {ret})"
-                )));
-            }
-            for (key, read) in chunk.iter().zip(&answers) {
-                // The program answers each slot about the key it was asked.
-                out.push(match (read.result, read.key == *key) {
-                    (ADAPT_APPLIED, true) => Some((
-                        read.state,
-                        matches!(read.home, HOME_NAMED | HOME_NAMED_STATIC),
-                    )),
-                    (ADAPT_NOT_RESIDENT, true) => None,
-                    (result, _) => {
-                        return Err(std::io::Error::other(format!(
-                            "a read slot came back with result {result} (key {})",
-                            if read.key == *key {
-                                "as asked"
-                            } else {
-                                "changed"
-                            }
-                        )));
-                    }
-                });
-            }
-        }
-        Ok(out)
+        let answers = self
+            .reads
+            .read(self.adapt.as_fd(), clients)
+            .map_err(std::io::Error::other)?;
+        // One answer per key, in order; each about the key it was asked.
+        clients
+            .iter()
+            .zip(&answers)
+            .map(|(key, read)| match (read.result, read.key == *key) {
+                (ADAPT_APPLIED, true) => Ok(Some((
+                    read.state,
+                    matches!(read.home, HOME_NAMED | HOME_NAMED_STATIC),
+                ))),
+                (ADAPT_NOT_RESIDENT, true) => Ok(None),
+                (result, asked) => Err(std::io::Error::other(format!(
+                    "a read slot came back with result {result} (key {})",
+                    if asked { "as asked" } else { "changed" }
+                ))),
+            })
+            .collect()
     }
 
     /// Sets (`Some`) or deletes (`None`) grants, each on its own (a full map refuses a new

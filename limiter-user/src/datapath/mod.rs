@@ -18,8 +18,8 @@ pub mod tables;
 
 pub use self::{
     frame::{
-        ADAPT_FRAME, ADAPT_PROGRAM, ADAPT_READ_FRAME, CHECK_FRAME, CHECK_PROGRAM, FrameLayout,
-        RunResult, TestRunFrame, XDP_PASS,
+        ADAPT_FRAME, ADAPT_PROGRAM, ADAPT_READ_FRAME, CHECK_FRAME, CHECK_PROGRAM, EntryReads,
+        FrameLayout, ReadFrameError, RunResult, TestRunFrame, XDP_PASS,
     },
     grants::{ClusterMaps, DEFAULT_MAX_GLOBAL_CLIENTS},
     lifecycle::*,
