@@ -330,6 +330,10 @@ pub const VERDICT_WONT_FIT: u32 = 16;
 /// `CheckReply::verdict` bit of a `CHECK_UNLESS_VETOED` slot: the frame's veto was set, so the
 /// check was not made (the reply carries no state).
 pub const VERDICT_VETOED: u32 = 32;
+/// `CheckReply::verdict` bit: the client had no entry, and this check (`hits > 0`) made one, or,
+/// with `VERDICT_OVERFLOW`, charged the shared overflow budget because the map could not take
+/// one. The agent charges such checks to a TCP caller's new-client cap.
+pub const VERDICT_NEW: u32 = 64;
 
 /// An API check, as the agent writes it into a check frame.
 #[repr(C)]

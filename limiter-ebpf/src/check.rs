@@ -20,8 +20,8 @@ use limiter_common::{
     maps::{
         CHECK_BATCH, CHECK_ETHERTYPE, CHECK_NAMED, CHECK_PROBE, CHECK_REPLY_OFFSET,
         CHECK_REQUEST_OFFSET, CHECK_SLOT_LEN, CHECK_SLOT_MASK, CHECK_STATIC, CHECK_UNLESS_VETOED,
-        CHECK_VETO_OFFSET, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT,
-        VERDICT_OVERFLOW, VERDICT_VETOED, VERDICT_WONT_FIT, VERDICT_WRITTEN,
+        CHECK_VETO_OFFSET, CONFIG_CLUSTER, META_FLAG, VERDICT_ALLOWED, VERDICT_NEW,
+        VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_VETOED, VERDICT_WONT_FIT, VERDICT_WRITTEN,
     },
 };
 
@@ -220,6 +220,7 @@ fn check_one(
         } else if request.hits == 0 {
             fresh = Some(ClientState::fresh(&request.policy, 0));
         } else {
+            verdict |= VERDICT_NEW;
             let mut entry = ClientState::fresh(&request.policy, 0);
             let created = if static_id {
                 entry.passed |= META_FLAG; // FLAG_STATIC
@@ -257,6 +258,7 @@ fn check_one(
             }
             Located::Missing(policy, k) => {
                 key = k;
+                verdict |= VERDICT_NEW;
                 state_ptr = create_entry(&policy, &k, config, counted, Run::Agent).map(|(p, _)| p);
             }
         }

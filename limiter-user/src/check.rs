@@ -27,8 +27,8 @@ use limiter_common::{
     addr::{ClientKey, v4_mapped},
     maps::{
         ACTION_DROP, ACTION_PASS, CHECK_NAMED, CHECK_PROBE, CHECK_STATIC, CHECK_UNLESS_VETOED,
-        CheckSlot, VERDICT_ALLOWED, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW, VERDICT_VETOED,
-        VERDICT_WONT_FIT, VERDICT_WRITTEN, grew_hot,
+        CheckSlot, VERDICT_ALLOWED, VERDICT_NEW, VERDICT_NOT_RESIDENT, VERDICT_OVERFLOW,
+        VERDICT_VETOED, VERDICT_WONT_FIT, VERDICT_WRITTEN, grew_hot,
     },
     window,
 };
@@ -139,6 +139,9 @@ pub struct Decision {
     pub dropped: u64,
     /// The client has an entry in the maps.
     pub resident: bool,
+    /// The client had no entry, and this check made one (or, with `overflow`, charged the
+    /// shared overflow budget): what a TCP caller's new-client cap counts.
+    pub new: bool,
     /// The entry could not be created (map full): the check was charged to the shared overflow
     /// budget, as a packet would be.
     pub overflow: bool,
@@ -527,14 +530,7 @@ impl Checker {
     /// and creates nothing; IDs that are not addresses have maps of their own and are not
     /// counted.
     pub fn new_address_entries(&self, checks: &[(&ClientId, u32)]) -> Result<u32, CheckError> {
-        let mut seen = std::collections::HashSet::new();
-        let reads: Vec<(&ClientId, u32)> = checks
-            .iter()
-            .filter(|(id, hits)| {
-                *hits > 0 && matches!(id, ClientId::Addr(_)) && seen.insert(id.key())
-            })
-            .map(|(id, _)| (*id, 0))
-            .collect();
+        let reads: Vec<(&ClientId, u32)> = entry_candidates(checks).map(|id| (id, 0)).collect();
         if reads.is_empty() {
             return Ok(0);
         }
@@ -545,6 +541,23 @@ impl Checker {
             .count();
         Ok(u32::try_from(absent).unwrap_or(u32::MAX))
     }
+}
+
+/// The most client entries in the packet path's map `checks` can create: their distinct
+/// addresses checked with hits > 0 (see [`Checker::new_address_entries`]).
+pub fn most_new_address_entries(checks: &[(&ClientId, u32)]) -> u32 {
+    u32::try_from(entry_candidates(checks).count()).unwrap_or(u32::MAX)
+}
+
+/// The distinct addresses of `checks` checked with hits > 0, each once, in order.
+fn entry_candidates<'a>(checks: &[(&'a ClientId, u32)]) -> impl Iterator<Item = &'a ClientId> {
+    let mut seen = std::collections::HashSet::new();
+    checks
+        .iter()
+        .filter(move |(id, hits)| {
+            *hits > 0 && matches!(id, ClientId::Addr(_)) && seen.insert(id.key())
+        })
+        .map(|(id, _)| *id)
 }
 
 /// What [`Checker::check_all_or_none`] did.
@@ -757,6 +770,7 @@ pub fn decision(reply: &CheckReply, hits: u32, view: &PolicyView) -> Decision {
         passed: s.total_passed(),
         dropped: s.dropped_count(),
         resident: reply.verdict & VERDICT_NOT_RESIDENT == 0,
+        new: reply.verdict & VERDICT_NEW != 0,
         overflow: reply.verdict & VERDICT_OVERFLOW != 0,
         global_limit: None,
     };
@@ -950,7 +964,7 @@ policies:
         let config = Config::parse(CONFIG).unwrap();
         let v = PolicyView::new(&config);
         let pass = decision(&reply(&config, 1, VERDICT_NOT_RESIDENT), 5, &v);
-        assert!(pass.allowed && !pass.resident);
+        assert!(pass.allowed && !pass.resident && !pass.new);
         assert_eq!(
             (pass.action, pass.limit, pass.remaining),
             (Action::Pass, u32::MAX, u32::MAX)
@@ -958,8 +972,8 @@ policies:
         assert_eq!(&*pass.policy, "10.0.0.0/8");
         assert_eq!(&*v.name(2), "192.0.2.0/24");
         assert_eq!(&*v.name(3), "#3", "an id past the policies");
-        let drop = decision(&reply(&config, 2, VERDICT_OVERFLOW), 1, &v);
-        assert!(!drop.allowed && drop.overflow);
+        let drop = decision(&reply(&config, 2, VERDICT_OVERFLOW | VERDICT_NEW), 1, &v);
+        assert!(!drop.allowed && drop.overflow && drop.new);
         assert_eq!(
             (drop.action, drop.limit, drop.retry_after),
             (Action::Drop, 0, None)

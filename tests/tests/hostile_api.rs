@@ -598,6 +598,66 @@ fn checks_of_random_addresses_create_at_most_the_cap() -> Result<()> {
     Ok(())
 }
 
+/// A call whose addresses could all be new and still fit under the new-client cap is checked at
+/// once, and the tokens its checks did not use go back: calls of addresses that have entries
+/// leave the cap as it was, while a call that creates entries is charged exactly what it
+/// created, so a call of more new addresses than are left is refused whole.
+#[test]
+fn the_new_client_cap_charges_what_checks_create_and_gives_the_rest_back() -> Result<()> {
+    require_root!();
+    limiter_tests::skip_under_emulation!("the cap refills 20 entries a second of wall clock");
+    let s = Setup::new()?;
+    let agent = s.start(&["--api-new-clients-per-second", "20"])?;
+    let mut unix = Api::unix(&s.socket, CALL_TIMEOUT)?;
+    let addrs = |base: u32, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.{}.{}.{}", 60 + base, i / 256, i % 256))
+            .collect()
+    };
+    let first = addrs(0, 15);
+    let last = addrs(2, 5);
+    let before = unix.global()?;
+    let over = s.net.in_receiver(|| -> Result<usize> {
+        let mut checker = tcp("127.0.0.1", &s.check)?;
+        let start = Instant::now();
+        // 15 new addresses in one call: 15 of the 20 are spent, 5 left.
+        ensure!(checker.batch(&first)?.results.iter().all(|r| r.allowed));
+        // Calls of those 15 (each could create 15 entries, more than are left) and of 5 of them
+        // (each holds the 5 left, and gives them back) spend nothing.
+        for _ in 0..10 {
+            ensure!(checker.batch(&first)?.results.len() == 15);
+            ensure!(checker.batch(&first[..5])?.results.len() == 5);
+        }
+        // More new addresses than the 5 left and what refilled since (20 a second): refused
+        // whole. Had the first call been given its 15 back, 20 would be there.
+        let over = (5 + (20.0 * start.elapsed().as_secs_f64()).ceil() as usize + 2).min(20);
+        let e = checker.batch(&addrs(1, over)).expect_err("over the cap");
+        ensure!(e.code() == Code::ResourceExhausted, "{e:?}");
+        ensure!(
+            e.message()
+                .contains(&format!("would create {over} client entries")),
+            "{}",
+            e.message()
+        );
+        // 5 new ones (with 2 of the first) fit in what is left: had the calls of the 5 kept
+        // what they held, nothing but the refill would be.
+        let mut mixed = last.clone();
+        mixed.extend(first[..2].iter().cloned());
+        ensure!(checker.batch(&mixed)?.results.iter().all(|r| r.allowed));
+        Ok(over)
+    })??;
+    let created = unix.global()?.clients_created - before.clients_created;
+    eprintln!("refused a call of {over} new addresses");
+    assert_eq!(created, (first.len() + last.len()) as u64);
+    for (i, a) in first.iter().enumerate() {
+        let calls = 1 + 10 + if i < 5 { 10 } else { 0 } + u64::from(i < 2);
+        assert_eq!(unix.client_stats(a)?.passed, calls, "{a}");
+    }
+    drop(unix);
+    drop(agent);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Checks off the runtime
 // ---------------------------------------------------------------------------------------------

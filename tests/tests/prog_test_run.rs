@@ -673,6 +673,44 @@ fn checks_look_in_static_clients_unless_the_agent_says_it_is_empty() -> Result<(
     })
 }
 
+/// A check that makes a client's entry says so (`VERDICT_NEW`, `Decision::new`, what the
+/// new-client cap charges): an address's first check with hits, and an ID's, but not a read, not
+/// a later check, and not a second check of the same new address in one frame.
+#[test]
+fn a_check_that_creates_an_entry_says_so() -> Result<()> {
+    use limiter_user::check::ClientId;
+    let yaml = "default: { limit: 7, window: 1h }\n";
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, yaml)?;
+        let checker = limiter_user::check::Checker::new(
+            datapath::load_check_program(&mut lim.ebpf)?,
+            &Config::parse(yaml)?,
+        );
+        let a = ClientId::Addr(v4(10, 0, 0, 5));
+        let b = ClientId::Addr(v4(10, 0, 0, 6));
+        let sent = ClientId::Addr(v4(10, 0, 0, 7));
+        let named: ClientId = "tenant-1".parse()?;
+        check_eq!(lim.send(v4(10, 0, 0, 7), 1)?, 1);
+        let new = |checks: &[(&ClientId, u32)]| -> Result<Vec<bool>> {
+            Ok(checker.check_all(checks)?.iter().map(|d| d.new).collect())
+        };
+        // A read creates nothing; a packet's entry is not the check's.
+        check_eq!(new(&[(&a, 0), (&sent, 1)])?, vec![false, false]);
+        check_eq!(lim.global()?.new_clients, 1);
+        check_eq!(
+            new(&[(&a, 1), (&a, 1), (&b, 2), (&named, 1)])?,
+            vec![true, false, true, true]
+        );
+        check_eq!(new(&[(&a, 1), (&b, 1), (&named, 1)])?, vec![false; 3]);
+        check_eq!(
+            lim.global()?.new_clients,
+            4,
+            "the packet's, a's, b's and tenant-1's"
+        );
+        Ok(())
+    })
+}
+
 /// A frame of probes and `CHECK_UNLESS_VETOED` checks spends all or none in one run: every
 /// check when each client has what the request needs of it, none (and the program says which
 /// probe did not fit) otherwise, also for two checks of one client; a request too big for one

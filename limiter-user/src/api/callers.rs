@@ -4,16 +4,21 @@
 //! its role and peer IP address (not the port: a new connection is the same caller). The Unix
 //! socket (mode 0600, root only) is exempt from both.
 //!
-//! Both limits are `governor`'s keyed GCRA limiter (the crate the API benchmark's floor server
-//! uses): exact to the nanosecond, a few atomic operations per call, no timer task; keys idle
-//! long enough to be back at a full bucket are pruned every [`PRUNE_EVERY`] charges.
+//! The call limit is `governor`'s keyed GCRA limiter (the crate the API benchmark's floor server
+//! uses): exact to the nanosecond, a few atomic operations per call, no timer task. The
+//! new-client cap is the same algorithm on the same clock, in [`Holds`]: it can also hold tokens
+//! for a call and give back the ones the call did not use, which `governor` cannot, so that a
+//! call whose addresses could all be new and still fit is checked at once, without first reading
+//! each address to count the new ones. Keys idle long enough to be back at a full bucket are
+//! pruned every [`PRUNE_EVERY`] charges.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::IpAddr,
     num::NonZeroU32,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -21,7 +26,7 @@ use std::{
 
 use governor::{
     Quota, RateLimiter,
-    clock::{Clock, DefaultClock},
+    clock::{Clock, DefaultClock, Reference as _},
     middleware::NoOpMiddleware,
     state::keyed::DashMapStateStore,
 };
@@ -123,10 +128,91 @@ struct Limit<C: Clock> {
     rate: Rate,
 }
 
+/// A keyed GCRA limit, as `governor`'s (the same quota and clock), whose tokens can also be
+/// held for a call and partly given back ([`Holds::give_back`]).
+struct Holds<C: Clock> {
+    rate: Rate,
+    /// Nanoseconds per token (GCRA's emission interval); the bucket holds `rate.burst` of them.
+    interval: u64,
+    clock: C,
+    start: C::Instant,
+    /// Each caller's theoretical arrival time, nanoseconds after `start`: its bucket is full at
+    /// or before it.
+    tat: Mutex<HashMap<CallerKey, u64>>,
+}
+
+impl<C: Clock> Holds<C> {
+    fn new(rate: Rate, clock: C) -> Self {
+        let per_token = Duration::from_secs(1) / rate.per_second.get();
+        Holds {
+            rate,
+            interval: u64::try_from(per_token.as_nanos()).unwrap_or(u64::MAX),
+            start: clock.now(),
+            clock,
+            tat: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64()
+    }
+
+    /// Takes `n` tokens from `caller`'s bucket. `Err(Some(wait))`: not there until `wait` from
+    /// now; `Err(None)`: `n` exceeds the burst. Nothing is taken on an error.
+    fn take(&self, caller: &CallerKey, n: NonZeroU32) -> Result<(), Option<Duration>> {
+        if n > self.rate.burst {
+            return Err(None);
+        }
+        let now = self.now();
+        let cost = self.interval.saturating_mul(u64::from(n.get()));
+        let tolerance = self
+            .interval
+            .saturating_mul(u64::from(self.rate.burst.get()));
+        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = tat.get(caller).map_or(now, |&t| t.max(now));
+        let after = at.saturating_add(cost);
+        if after - now > tolerance {
+            return Err(Some(Duration::from_nanos(after - now - tolerance)));
+        }
+        match tat.get_mut(caller) {
+            Some(t) => *t = after,
+            None => {
+                tat.insert(caller.clone(), after);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `n` tokens back to `caller`'s bucket (held by [`Self::take`] and not used): as if
+    /// only the rest had been taken.
+    fn give_back(&self, caller: &CallerKey, n: u32) {
+        let refund = self.interval.saturating_mul(u64::from(n));
+        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = tat.get_mut(caller) {
+            *t = t.saturating_sub(refund);
+        }
+    }
+
+    /// Drops the callers whose bucket is full again.
+    fn prune(&self) {
+        let now = self.now();
+        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        tat.retain(|_, t| *t > now);
+        tat.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.tat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
 /// The per-caller limits of the TCP API (see the module docs). `None` limits are off.
 pub struct CallerLimits<C: Clock = DefaultClock> {
     calls: Option<Limit<C>>,
-    new_clients: Option<Limit<C>>,
+    new_clients: Option<Holds<C>>,
     charges: AtomicU64,
 }
 
@@ -144,7 +230,7 @@ impl<C: Clock + Clone> CallerLimits<C> {
         };
         CallerLimits {
             calls: calls.map(limit),
-            new_clients: new_clients.map(limit),
+            new_clients: new_clients.map(|rate| Holds::new(rate, clock.clone())),
             charges: AtomicU64::new(0),
         }
     }
@@ -180,7 +266,11 @@ impl<C: Clock + Clone> CallerLimits<C> {
         let Some(limit) = &self.new_clients else {
             return Ok(());
         };
-        self.charge(limit, caller, n).map_err(|wait| {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        self.count_charge();
+        limit.take(caller, n).map_err(|wait| {
             let retry = match wait {
                 Some(wait) => format!("retry after {} ms", wait.as_millis().max(1)),
                 None => format!("send at most {} such checks per call", limit.rate.burst),
@@ -195,14 +285,41 @@ impl<C: Clock + Clone> CallerLimits<C> {
         })
     }
 
+    /// Holds `most` of `caller`'s new-client tokens for a call whose checks could create that many
+    /// entries, if the bucket has them (true; nothing to hold is always true). The call then
+    /// gives back what its checks did not create ([`Self::release_new_clients`]). Meanwhile the
+    /// held tokens are spent for the caller's other calls: a call of new addresses may be
+    /// refused by up to what its concurrent calls hold, for as long as they take.
+    pub fn hold_new_clients(&self, caller: &CallerKey, most: u32) -> bool {
+        let (Some(limit), Some(most)) = (&self.new_clients, NonZeroU32::new(most)) else {
+            return true;
+        };
+        self.count_charge();
+        limit.take(caller, most).is_ok()
+    }
+
+    /// Gives back `n` tokens held by [`Self::hold_new_clients`] that the call did not use.
+    pub fn release_new_clients(&self, caller: &CallerKey, n: u32) {
+        if let Some(limit) = &self.new_clients
+            && n > 0
+        {
+            limit.give_back(caller, n);
+        }
+    }
+
+    /// Counts a charge, pruning idle callers every [`PRUNE_EVERY`].
+    fn count_charge(&self) {
+        if self.charges.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            self.prune();
+        }
+    }
+
     /// `Err(Some(wait))`: over the limit until `wait` from now; `Err(None)`: `n` exceeds the burst.
     fn charge(&self, limit: &Limit<C>, caller: &CallerKey, n: u32) -> Result<(), Option<Duration>> {
         let Some(n) = NonZeroU32::new(n) else {
             return Ok(());
         };
-        if self.charges.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
-            self.prune();
-        }
+        self.count_charge();
         match limit.limiter.check_key_n(caller, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(limit.limiter.clock().now()))),
@@ -212,20 +329,20 @@ impl<C: Clock + Clone> CallerLimits<C> {
 
     /// Drops the keys of callers that are back at a full bucket.
     pub fn prune(&self) {
-        for limit in [&self.calls, &self.new_clients].into_iter().flatten() {
+        if let Some(limit) = &self.calls {
             limit.limiter.retain_recent();
             limit.limiter.shrink_to_fit();
+        }
+        if let Some(limit) = &self.new_clients {
+            limit.prune();
         }
     }
 
     /// Callers with state (tests).
     pub fn tracked(&self) -> usize {
-        [&self.calls, &self.new_clients]
-            .into_iter()
-            .flatten()
-            .map(|l| l.limiter.len())
-            .max()
-            .unwrap_or(0)
+        let calls = self.calls.as_ref().map_or(0, |l| l.limiter.len());
+        let new_clients = self.new_clients.as_ref().map_or(0, Holds::len);
+        calls.max(new_clients)
     }
 }
 
@@ -349,13 +466,71 @@ mod tests {
     }
 
     #[test]
+    fn held_new_client_tokens_a_call_did_not_use_are_given_back() {
+        let clock = FakeRelativeClock::default();
+        let limits = CallerLimits::with_clock(None, Some(rate(10, 10)), &clock);
+        let a = caller(Role::Check, "192.0.2.1");
+        // A call that could create 8 entries holds 8; meanwhile 2 are left for other calls.
+        assert!(limits.hold_new_clients(&a, 8));
+        assert!(!limits.hold_new_clients(&a, 3));
+        // It created 2 and gives the other 6 back: as if 2 had been charged.
+        limits.release_new_clients(&a, 6);
+        limits.charge_new_clients(&a, 8).unwrap();
+        assert!(limits.charge_new_clients(&a, 1).is_err());
+        // A refused hold takes nothing; nothing to hold always holds.
+        assert!(!limits.hold_new_clients(&a, 1));
+        assert!(limits.hold_new_clients(&a, 0));
+        clock.advance(Duration::from_secs(1));
+        // More than the burst never holds, and takes nothing either.
+        assert!(!limits.hold_new_clients(&a, 11));
+        limits.charge_new_clients(&a, 10).unwrap();
+        // Giving back more than was taken leaves a full bucket, never more than one.
+        limits.release_new_clients(&a, 1000);
+        assert!(!limits.hold_new_clients(&a, 11));
+        assert!(limits.hold_new_clients(&a, 10));
+        // Off: every hold holds.
+        let off = CallerLimits::new(None, None);
+        assert!(off.hold_new_clients(&a, u32::MAX));
+        off.release_new_clients(&a, 5);
+    }
+
+    proptest::proptest! {
+        /// The new-client cap decides every charge as `governor`'s keyed limiter does with the
+        /// same quota and clock (the call limit's), and so do holds given back at once.
+        #[test]
+        fn the_new_client_cap_decides_as_governor_does(
+            per_second in 1u32..2000,
+            burst in 1u32..50,
+            steps in proptest::collection::vec((0u64..3_000_000, 0u32..60, proptest::bool::ANY), 1..200),
+        ) {
+            let clock = FakeRelativeClock::default();
+            let quota = rate(per_second, burst);
+            let ours = CallerLimits::with_clock(None, Some(quota), &clock);
+            let theirs = CallerLimits::with_clock(Some(quota), None, &clock);
+            let a = caller(Role::Check, "192.0.2.1");
+            for (advance_us, n, hold) in steps {
+                clock.advance(Duration::from_micros(advance_us));
+                if hold && n > 0 {
+                    // Held and given back whole: changes nothing.
+                    if ours.hold_new_clients(&a, n) {
+                        ours.release_new_clients(&a, n);
+                    }
+                }
+                let mine = ours.charge_new_clients(&a, n).is_ok();
+                let governor = theirs.charge_calls(&a, n).is_ok();
+                proptest::prop_assert_eq!(mine, governor, "charge of {} after {} µs", n, advance_us);
+            }
+        }
+    }
+
+    #[test]
     fn idle_callers_are_pruned() {
         let clock = FakeRelativeClock::default();
-        let limits = CallerLimits::with_clock(Some(rate(10, 10)), None, &clock);
+        let limits = CallerLimits::with_clock(Some(rate(10, 10)), Some(rate(10, 10)), &clock);
         for i in 0..100u8 {
-            limits
-                .charge_calls(&caller(Role::Check, &format!("192.0.2.{i}")), 5)
-                .unwrap();
+            let who = caller(Role::Check, &format!("192.0.2.{i}"));
+            limits.charge_calls(&who, 5).unwrap();
+            limits.charge_new_clients(&who, 5).unwrap();
         }
         assert_eq!(limits.tracked(), 100);
         clock.advance(Duration::from_secs(2));
