@@ -46,6 +46,7 @@ use limiter_common::{addr::ClientKey, maps::hot_count};
 
 use super::{
     NodeId, PolicyName,
+    demand::{SHORT_SPANS, demand},
     lease::{Holder, Ledger, Report, Timing, ToHolder},
     owner,
 };
@@ -939,107 +940,8 @@ impl Enrolment {
     }
 }
 
-/// The spans, in sampling rounds back from the newest sample, that [`demand`] looks for a change
-/// over, shortest first.
-const SHORT_SPANS: [usize; 3] = [1, 2, 4];
-const _: () = assert!(
-    SHORT_SPANS[0] < SHORT_SPANS[1] && SHORT_SPANS[1] < SHORT_SPANS[2],
-    "demand() and the trimming in observe() take SHORT_SPANS to be ascending"
-);
-
 /// Most samples kept of a held client (a window of more rounds is measured over the newest).
 const MAX_SAMPLES: usize = 64;
-
-/// The fewest packets a short span must hold (or would at the rate it is compared with) to be
-/// measured over: below that, a span of a few rounds is mostly noise (at 10 packets a second, 0
-/// or 1 in 200 ms), and the window's rate is used.
-const SHORT_SPAN_PACKETS: u64 = 16;
-
-/// Packets per `window` the client sends this member: over the last window (at least two
-/// sampling rounds), unless the last rounds show the rate has changed. They show a change when
-/// the longest short span (of [`SHORT_SPANS`] rounds) differs from what the window's rate
-/// predicts by more than chance would (three standard deviations of a Poisson count, and two
-/// packets) and holds enough packets to measure (at the window's rate, or its own: a busy client
-/// that stopped reads as stopped within a few rounds). Demand is then the rate over the
-/// longest span that also differs from the window's rate and whose older part agrees with each
-/// shorter span's rate, so that it measures only the new rate, with the least noise: a rise
-/// sixteenfold reads in full one round later, not diluted over four. The longest span has to
-/// differ first so that a client whose packets come in bursts every second or fourth round (a
-/// poller, TCP's round trips) keeps the window's rate rather than swinging with each burst;
-/// bursts whose cycle the four rounds do not hold whole (every third round, or fifth) still
-/// swing, as they did when only that span was measured over, and more with the shorter spans.
-/// A steady client's demand stays the window's. What the shorter spans cost: after a step, the
-/// older part of a span is tested against a shorter span's count scaled up, whose own noise the
-/// tolerance does not count, so in a round in several the demand is measured over a shorter
-/// span than it could be (noisier than over four).
-///
-/// The short spans are what let a spread change settle within a window and a few sync
-/// intervals: over a whole window, the member the traffic left would go on reporting (and be
-/// granted) its old demand for a window while the member it moved to waited. It is safe because
-/// the owner raises nobody into room a cut member's window still holds (its reports' `used`).
-fn demand(samples: &VecDeque<(Duration, u64)>, now: Duration, window: Duration) -> u32 {
-    let Some(&(newest_at, newest)) = samples.back() else {
-        return 0;
-    };
-    let from = now.saturating_sub(window);
-    let Some(&(oldest_at, oldest)) = samples
-        .iter()
-        .find(|(at, _)| *at >= from)
-        .filter(|(at, _)| *at < newest_at)
-        .or_else(|| samples.iter().rev().nth(1))
-    else {
-        return 0;
-    };
-    let per_window = |packets: u64, elapsed: Duration| -> u32 {
-        let packets = u128::from(packets);
-        u32::try_from(packets * window.as_nanos() / elapsed.as_nanos()).unwrap_or(u32::MAX)
-    };
-    let elapsed = newest_at.saturating_sub(oldest_at);
-    if elapsed.is_zero() {
-        return 0;
-    }
-    let packets = newest.saturating_sub(oldest);
-    // Packets a span of `span` holds at the rate of `count` over `over` (not zero).
-    let at_rate = |count: u64, over: Duration, span: Duration| -> u64 {
-        u64::try_from(u128::from(count) * span.as_nanos() / over.as_nanos()).unwrap_or(u64::MAX)
-    };
-    // Whether `seen` packets differ from the `expected` by more than chance.
-    let differs = |expected: u64, seen: u64| -> bool {
-        seen.max(expected) >= SHORT_SPAN_PACKETS
-            && seen.abs_diff(expected) as f64 > 3.0 * (expected as f64).sqrt() + 2.0
-    };
-    // Each short span back from the newest sample, and the packets in it (`None` for one
-    // reaching before the window's oldest sample, or of no length).
-    let spans = SHORT_SPANS.map(|rounds| {
-        let &(at, count) = samples.iter().rev().nth(rounds)?;
-        (at >= oldest_at && at < newest_at).then(|| (newest_at - at, newest.saturating_sub(count)))
-    });
-    let changed =
-        |&(span, in_span): &(Duration, u64)| differs(at_rate(packets, elapsed, span), in_span);
-    if !spans.iter().flatten().next_back().is_some_and(changed) {
-        return per_window(packets, elapsed);
-    }
-    for (i, &(span, in_span)) in spans
-        .iter()
-        .enumerate()
-        .rev()
-        .filter_map(|(i, s)| Some((i, s.as_ref()?)))
-    {
-        if !changed(&(span, in_span)) {
-            continue;
-        }
-        // The part of this span before each shorter one, against the shorter one's rate.
-        let agree = spans[..i].iter().flatten().all(|&(shorter, count)| {
-            let (older, older_count) =
-                (span.saturating_sub(shorter), in_span.saturating_sub(count));
-            !differs(at_rate(count, shorter, older), older_count)
-        });
-        if agree {
-            return per_window(in_span, span);
-        }
-    }
-    per_window(packets, elapsed)
-}
 
 mod written;
 
