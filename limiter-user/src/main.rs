@@ -8,16 +8,17 @@ use limiter_user::{
     agent::{self, AgentOptions},
     api::{self, ApiOptions, ConnectionLimits, TlsFiles},
     cli::{
-        client::{self, Target, status_error},
-        render::{
-            self, action_name, client_table, global_client_table, show_duration, show_policy,
-        },
+        check::check,
+        client::Target,
+        cluster_status::cluster_status,
+        limits, render,
+        stats::{remote_stats, top},
     },
     datapath::{
         self, AttachMode, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_GLOBAL_CLIENTS, DEFAULT_MAX_IDS,
         DEFAULT_MAX_LIMITED, Tables,
     },
-    proto, stats,
+    stats,
 };
 
 /// The most entries `--max-clients`, `--max-limited`, `--max-ids` and `--max-global-clients`
@@ -627,8 +628,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rls,
             }))
         }
-        Command::Check { id, hits, api } => block_on(check(id, hits, api.target(None))),
-        Command::Limits { command, api } => block_on(limits(command, api.target(None))),
+        Command::Check { id, hits, api } => {
+            if !block_on(check(id, hits, api.target(None)))? {
+                // A distinct status so scripts can branch on the decision.
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Limits { command, api } => {
+            let target = api.target(None);
+            match command {
+                LimitsCommand::Set {
+                    matches,
+                    limit,
+                    window,
+                    action,
+                } => block_on(limits::set(matches, limit, window, action, target)),
+                LimitsCommand::Get { matches } => block_on(limits::get(matches, target)),
+                LimitsCommand::Rm { matches } => block_on(limits::rm(matches, target)),
+                LimitsCommand::Ls => block_on(limits::ls(target)),
+                LimitsCommand::Effective => block_on(limits::effective(target)),
+            }
+        }
         Command::Cluster {
             command: ClusterCommand::Status { json },
             api,
@@ -667,423 +688,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(f)
-}
-
-async fn check(id: String, hits: u32, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
-    let r = c
-        .rate_limiter
-        .check(proto::CheckRequest {
-            client_id: id.clone(),
-            hits: Some(hits),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    println!(
-        "{id}: {}{}  limit {}{} per {}  remaining {}  reset in {}  retry in {}  (policy {}, {})",
-        if r.allowed { "allowed" } else { "denied" },
-        if r.dry_run_denied {
-            " (dry-run: would be denied)"
-        } else {
-            ""
-        },
-        r.limit,
-        r.global_limit
-            .map(|g| format!(" (this node's share of {g} across the cluster)"))
-            .unwrap_or_default(),
-        show_duration(r.window.as_ref()),
-        r.remaining,
-        show_duration(r.reset_after.as_ref()),
-        show_duration(r.retry_after.as_ref()),
-        r.policy,
-        action_name(r.action),
-    );
-    if !r.allowed {
-        // A distinct status so scripts can branch on the decision.
-        std::process::exit(3);
-    }
-    Ok(())
-}
-
-async fn limits(command: LimitsCommand, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
-    match command {
-        LimitsCommand::Set {
-            matches,
-            limit,
-            window,
-            action,
-        } => {
-            let action = match action.as_str() {
-                "limit" => proto::Action::Limit,
-                "pass" => proto::Action::Pass,
-                "drop" => proto::Action::Drop,
-                other => anyhow::bail!("--action {other:?}: expected limit, pass or drop"),
-            };
-            let window = window
-                .map(|w| {
-                    w.parse::<limiter_user::config::Window>()
-                        .map_err(|e| anyhow::anyhow!("--window: {e}"))
-                })
-                .transpose()?
-                .map(|w| prost_types::Duration {
-                    seconds: (w.micros / 1_000_000) as i64,
-                    nanos: (w.micros % 1_000_000) as i32 * 1000,
-                });
-            let change = c
-                .limits
-                .set(proto::SetLimitRequest {
-                    policy: Some(proto::Policy {
-                        r#match: matches,
-                        limit,
-                        window,
-                        action: action as i32,
-                    }),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if let Some(p) = change.policy {
-                println!("set {} (generation {})", show_policy(&p), change.generation);
-            }
-        }
-        LimitsCommand::Get { matches } => {
-            let p = c
-                .limits
-                .get(proto::GetLimitRequest { r#match: matches })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            println!("{}", show_policy(&p));
-        }
-        LimitsCommand::Rm { matches } => {
-            let change = c
-                .limits
-                .delete(proto::DeleteLimitRequest { r#match: matches })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if let Some(p) = change.policy {
-                let restored = change.kind == proto::limit_change::Kind::Set as i32;
-                println!(
-                    "{} {} (generation {})",
-                    if restored {
-                        "removed the API's policy; in force again from the config file:"
-                    } else {
-                        "removed"
-                    },
-                    show_policy(&p),
-                    change.generation
-                );
-            }
-        }
-        LimitsCommand::Ls => {
-            let list = c
-                .limits
-                .list(proto::ListLimitsRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print!("{}", render::policy_table(&list));
-        }
-        LimitsCommand::Effective => {
-            let effective = c
-                .limits
-                .effective(proto::EffectiveConfigRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print!("{}", effective.yaml);
-        }
-    }
-    Ok(())
-}
-
-async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
-    let s = c
-        .cluster
-        .status(proto::ClusterStatusRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let ms = |d: Option<&prost_types::Duration>| {
-        d.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6)
-    };
-    if json {
-        let out = serde_json::json!({
-            "configured": s.configured, "not_taken_up": s.not_taken_up,
-            "sync_interval_ms": ms(s.sync_interval.as_ref()),
-            "peer_timeout_ms": ms(s.peer_timeout.as_ref()),
-            "node_id": s.node_id, "incarnation": s.incarnation,
-            "listen": s.listen, "phase": s.phase, "partition": s.partition,
-            "members": s.members, "agreed_members": s.agreed_members,
-            "views_agree": s.views_agree,
-            "peers": s.peers.iter().map(|p| serde_json::json!({
-                "address": p.address, "node_id": p.node_id, "live": p.live,
-                "since_ms": ms(p.since.as_ref()), "incarnation": p.incarnation,
-                "members": p.members, "agrees": p.agrees, "differs": p.differs,
-                "rtt_ms": ms(p.rtt.as_ref()),
-            })).collect::<Vec<_>>(),
-            "policies": s.policies.iter().map(|g| serde_json::json!({
-                "match": g.r#match, "limit": g.limit, "share": g.share,
-                "window_ms": ms(g.window.as_ref()),
-            })).collect::<Vec<_>>(),
-            "enrolment": s.enrolment.as_ref().map(|e| serde_json::json!({
-                "owned": e.owned, "held": e.held, "granted": e.granted,
-                "refused": e.refused, "foreign": e.foreign, "unwritten": e.unwritten,
-                "learning": e.learning, "raises_lapsed": e.raises_lapsed,
-                "capped": e.capped,
-            })),
-            "traffic": s.traffic.as_ref().map(|t| serde_json::json!({
-                "rounds": t.rounds, "round_time_ms": ms(t.round_time.as_ref()),
-                "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
-                "heartbeats_failed": t.heartbeats_failed,
-            })),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
-    if !s.configured {
-        if s.not_taken_up.is_empty() {
-            println!("not a cluster member: the config has no `cluster:` section");
-        } else {
-            println!("not a cluster member: {}", s.not_taken_up);
-        }
-        return Ok(());
-    }
-    if !s.not_taken_up.is_empty() {
-        println!("NOT TAKEN UP: {}", s.not_taken_up);
-    }
-    println!(
-        "node {}  incarnation {}  listen {}  sync_interval {}  peer_timeout {}\nphase {}  \
-         partition {}  members {} (agreed {}){}",
-        s.node_id,
-        s.incarnation,
-        s.listen,
-        show_duration(s.sync_interval.as_ref()),
-        show_duration(s.peer_timeout.as_ref()),
-        s.phase,
-        s.partition,
-        s.members,
-        s.agreed_members,
-        if s.views_agree { "" } else { "  VIEWS DIFFER" }
-    );
-    println!(
-        "\n{:<28} {:<20} {:<5} {:>10} {:>10} {:>8}",
-        "PEER", "NODE", "LIVE", "SINCE", "RTT", "MEMBERS"
-    );
-    for p in &s.peers {
-        println!(
-            "{:<28} {:<20} {:<5} {:>10} {:>10} {:>8}{}",
-            if p.address.is_empty() {
-                "(heard only)"
-            } else {
-                &p.address
-            },
-            if p.node_id.is_empty() {
-                "?"
-            } else {
-                &p.node_id
-            },
-            if p.live { "yes" } else { "no" },
-            show_duration(p.since.as_ref()),
-            show_duration(p.rtt.as_ref()),
-            p.members,
-            match (p.agrees || p.node_id.is_empty(), p.differs.is_empty()) {
-                (true, _) => String::new(),
-                (false, true) => "  differs".to_string(),
-                (false, false) => format!("  differs: {}", p.differs.join(", ")),
-            }
-        );
-    }
-    println!(
-        "\n{:<40} {:>10} {:>10} {:>10}",
-        "GLOBAL POLICY", "LIMIT", "SHARE", "WINDOW"
-    );
-    for g in &s.policies {
-        println!(
-            "{:<40} {:>10} {:>10} {:>10}",
-            g.r#match,
-            g.limit,
-            g.share,
-            show_duration(g.window.as_ref())
-        );
-    }
-    if let Some(e) = &s.enrolment {
-        println!(
-            "\nenrolment: owns {} hot clients, holds {} ({} with a grant in force); refused {} \
-             (--max-global-clients), ignored {} grant messages (not the owner's, or not under the \
-             client's global policy); the maps refused {} \
-             grant changes",
-            e.owned, e.held, e.granted, e.refused, e.foreign, e.unwritten
-        );
-        println!(
-            "  {} owned in learning mode; {} raises held here ran out before a newer grant; {} capped \
-             by adaptation (overloaded)",
-            e.learning, e.raises_lapsed, e.capped
-        );
-    }
-    if let Some(t) = &s.traffic {
-        println!(
-            "sync: {} rounds ({} in all), {} bytes sent, {} received, {} heartbeats unanswered",
-            t.rounds,
-            show_duration(t.round_time.as_ref()),
-            t.bytes_sent,
-            t.bytes_received,
-            t.heartbeats_failed
-        );
-    }
-    Ok(())
-}
-
-async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
-    let g = c
-        .stats
-        .global(proto::GlobalStatsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let clients = c
-        .stats
-        .top(proto::TopRequest {
-            n: u32::try_from(top).unwrap_or(u32::MAX),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .clients;
-    if json {
-        let rows: Vec<serde_json::Value> = clients
-            .iter()
-            .map(|c| {
-                let window_s = c
-                    .window
-                    .as_ref()
-                    .map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 / 1e9);
-                // `addr`, `static` and `rate_per_s` as `limiter stats --iface` names them.
-                serde_json::json!({
-                    "client": c.client_id, "addr": c.client_id, "static": c.is_static,
-                    "limited": c.limited,
-                    "rate_per_s": if window_s > 0.0 { c.estimate as f64 / window_s } else { 0.0 },
-                    "policy": c.policy, "action": action_name(c.action),
-                    "limit": c.limit, "allowance": c.limit, "estimate": c.estimate,
-                    "remaining": (c.limit as u64).saturating_sub(c.estimate),
-                    "scale": c.scale, "utilisation": c.utilisation,
-                    "passed": c.passed, "dropped": c.dropped,
-                    "window_ms": c.window.as_ref().map_or(0.0, |d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6),
-                    "cluster": c.cluster.as_ref().map(|g| serde_json::json!({
-                        "global_limit": g.global_limit, "share": g.share, "grant": g.grant,
-                        "owner": g.owner, "demand": g.demand, "cluster_demand": g.cluster_demand,
-                    })),
-                })
-            })
-            .collect();
-        let out = serde_json::json!({
-            "global": {
-                "passed": g.packets_passed, "dropped": g.packets_dropped, "non_ip": g.packets_non_ip,
-                "malformed": g.packets_malformed, "new_clients": g.clients_created, "map_full": g.map_full,
-                "limited_moves": g.limited_moves, "limited_full": g.limited_full,
-                "limited": g.clients_limited, "clients": g.clients_resident, "ids": g.ids_resident, "checks_allowed": g.checks_allowed,
-                "checks_denied": g.checks_denied, "config_reloads": g.config_reloads,
-                "config_rejects": g.config_rejects,
-            },
-            "adaptive": {
-                "enabled": g.adaptive, "cpu": g.cpu, "load_factor": g.load_factor,
-                "tracked": g.adaptive_tracked,
-            },
-            "generation": g.policy_generation, "dry_run": g.dry_run, "attached": g.attached,
-            "clients": rows,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!(
-            "mode {}  generation {}  attached {}\npackets passed {}  dropped {}  non-IP {}  malformed {}\nclients {}  IDs {}  created {}  map-full {}\nlimited: held {}  moved in {}  refused (map full) {}\nchecks allowed {}  denied {}  config reloads {}  rejects {}\n{}\n",
-            if g.dry_run { "dry-run" } else { "enforce" },
-            g.policy_generation,
-            g.attached,
-            g.packets_passed,
-            g.packets_dropped,
-            g.packets_non_ip,
-            g.packets_malformed,
-            g.clients_resident,
-            g.ids_resident,
-            g.clients_created,
-            g.map_full,
-            g.clients_limited,
-            g.limited_moves,
-            g.limited_full,
-            g.checks_allowed,
-            g.checks_denied,
-            g.config_reloads,
-            g.config_rejects,
-            if g.adaptive {
-                format!(
-                    "adaptive: cpu {:.0}%  load factor {:.3}  tracking {} clients",
-                    g.cpu * 100.0,
-                    g.load_factor,
-                    g.adaptive_tracked
-                )
-            } else {
-                "adaptive: off".to_string()
-            }
-        );
-        print!("{}", client_table(&clients));
-        print!("{}", global_client_table(&clients));
-    }
-    Ok(())
-}
-
-async fn top(n: u32, iterations: u64, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let tty = std::io::stdout().is_terminal();
-    let mut done = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
-        let g = c
-            .stats
-            .global(proto::GlobalStatsRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let clients = c
-            .stats
-            .top(proto::TopRequest { n })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .clients;
-        if tty {
-            // Clear the screen and go home.
-            print!("\x1b[2J\x1b[H");
-        }
-        println!(
-            "limiter top  packets passed {}  dropped {}  clients {}  held {}  IDs {}  checks allowed {}  denied {}\n",
-            g.packets_passed,
-            g.packets_dropped,
-            g.clients_resident,
-            g.clients_limited,
-            g.ids_resident,
-            g.checks_allowed,
-            g.checks_denied
-        );
-        print!("{}", client_table(&clients));
-        done += 1;
-        if iterations != 0 && done >= iterations {
-            return Ok(());
-        }
-    }
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,5 @@
 //! The CLI's rendering: the `limiter stats` report, the client tables and the formatting of
-//! durations, actions and policies that `main.rs`'s commands print with.
+//! durations, actions and policies that the commands print with.
 
 use std::{fmt::Write as _, time::Duration};
 
