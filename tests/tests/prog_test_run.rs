@@ -711,6 +711,76 @@ fn a_check_that_creates_an_entry_says_so() -> Result<()> {
     })
 }
 
+/// Under a TCP caller's new-client cap, a call whose addresses could all be new and still fit
+/// takes one program run and is charged the entries it created; one that might not fit reads
+/// its addresses first (two runs), and is refused whole, nothing spent, when they do not fit.
+#[test]
+fn a_capped_call_that_fits_takes_one_run() -> Result<()> {
+    use std::num::NonZeroU32;
+
+    use limiter_user::{
+        api::{CallerKey, CallerLimits, Rate, Role, Who},
+        check::ClientId,
+    };
+    let yaml = "default: { limit: 7, window: 1h }\n";
+    in_one_window(HOUR_NS, |_| {
+        let mut lim = Limiter::new(1024, yaml)?;
+        let checker = limiter_user::check::Checker::new(
+            datapath::load_check_program(&mut lim.ebpf)?,
+            &Config::parse(yaml)?,
+        );
+        // 10 a second: refills one per 100 ms, far slower than this test's calls.
+        let ten = NonZeroU32::new(10).context("10")?;
+        let limits = CallerLimits::new(
+            None,
+            Some(Rate {
+                per_second: ten,
+                burst: ten,
+            }),
+        );
+        let caller = CallerKey {
+            role: Role::Check,
+            who: Who::Addr(v4(192, 0, 2, 1)),
+        };
+        let ids: Vec<ClientId> = (0..8).map(|i| ClientId::Addr(v4(10, 0, 0, i))).collect();
+        let call = |ids: &[ClientId]| {
+            let checks: Vec<(&ClientId, u32)> = ids.iter().map(|id| (id, 1)).collect();
+            let runs = checker.runs();
+            let answer = limits.check_capped(&checker, &caller, &checks);
+            (answer, checker.runs() - runs)
+        };
+        // 6 new of 10: one run, 6 spent (4 left).
+        let (answer, runs) = call(&ids[..6]);
+        check_eq!((answer?.len(), runs), (6, 1));
+        // 6 known: 6 do not fit in the 4 left, so they are read first: two runs, none spent.
+        let (answer, runs) = call(&ids[..6]);
+        check_eq!((answer?.len(), runs), (6, 2));
+        // 4 of them: held, given back; one run.
+        let (answer, runs) = call(&ids[..4]);
+        check_eq!((answer?.len(), runs), (4, 1));
+        // 2 known and 2 new: one run; 2 left.
+        let (answer, runs) = call(&ids[4..8]);
+        check_eq!((answer?.len(), runs), (4, 1));
+        check_eq!(lim.global()?.new_clients, 8);
+        // 3 new do not fit in 2: read (one run), refused, nothing spent or created.
+        let more: Vec<ClientId> = (8..11).map(|i| ClientId::Addr(v4(10, 0, 0, i))).collect();
+        let (answer, runs) = call(&more);
+        let refused = answer.expect_err("over the cap");
+        ensure!(
+            refused.message().contains("would create 3 client entries"),
+            "{}",
+            refused.message()
+        );
+        check_eq!(runs, 1);
+        check_eq!(lim.global()?.new_clients, 8);
+        // 2 do.
+        let (answer, runs) = call(&more[..2]);
+        check_eq!((answer?.len(), runs), (2, 1));
+        check_eq!(lim.global()?.new_clients, 10);
+        Ok(())
+    })
+}
+
 /// A frame of probes and `CHECK_UNLESS_VETOED` checks spends all or none in one run: every
 /// check when each client has what the request needs of it, none (and the program says which
 /// probe did not fit) otherwise, also for two checks of one client; a request too big for one

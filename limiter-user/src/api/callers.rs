@@ -32,7 +32,8 @@ use governor::{
 };
 use tonic::Status;
 
-use super::auth::Role;
+use super::{auth::Role, convert::check_status};
+use crate::check::{Checker, ClientId, Decision, most_new_address_entries};
 
 /// A request's caller, put in its extensions by the access layer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -130,15 +131,42 @@ struct Limit<C: Clock> {
 
 /// A keyed GCRA limit, as `governor`'s (the same quota and clock), whose tokens can also be
 /// held for a call and partly given back ([`Holds::give_back`]).
+///
+/// Giving back is exact: the bucket ends as if the hold had taken only what the call used. GCRA
+/// keeps one time per caller, its theoretical arrival time `tat`, and a take of cost `c` at
+/// `now` sets `tat ← max(tat, now) + c`. Unrolled, `tat` is the largest of `tat₀ + Σc` and, for
+/// every take `i`, `tᵢ + Σ_{j≥i} cⱼ`: taking `r` less at a hold lowers the terms that start at
+/// or before it by `r` and leaves the later ones, so the bucket becomes `max(tat − r, floor)`,
+/// where `floor` is the largest of the later terms (a take that found the bucket full after the
+/// hold makes it `tat` itself, and nothing comes back: the full bucket already had the tokens,
+/// and never holds more than its burst). Each open hold keeps its `floor`, updated by every
+/// later take (`floor ← max(floor, now) + c`) and by the give-back of a later hold.
 struct Holds<C: Clock> {
     rate: Rate,
     /// Nanoseconds per token (GCRA's emission interval); the bucket holds `rate.burst` of them.
     interval: u64,
     clock: C,
     start: C::Instant,
-    /// Each caller's theoretical arrival time, nanoseconds after `start`: its bucket is full at
-    /// or before it.
-    tat: Mutex<HashMap<CallerKey, u64>>,
+    buckets: Mutex<HashMap<CallerKey, Bucket>>,
+    /// Numbers the holds, in the order they were taken.
+    next_hold: AtomicU64,
+}
+
+/// One caller's bucket. Times are nanoseconds after [`Holds::start`].
+#[derive(Debug, Clone)]
+struct Bucket {
+    /// The theoretical arrival time: the bucket is full at or before it.
+    tat: u64,
+    /// The holds not given back yet, oldest first: (number, floor).
+    open: Vec<(u64, u64)>,
+}
+
+/// Tokens [`CallerLimits::hold_new_clients`] held for a call.
+#[derive(Debug, Clone, Copy)]
+pub struct NewClientHold {
+    tokens: u32,
+    /// Its number in [`Holds::next_hold`]'s order.
+    id: u64,
 }
 
 impl<C: Clock> Holds<C> {
@@ -146,10 +174,14 @@ impl<C: Clock> Holds<C> {
         let per_token = Duration::from_secs(1) / rate.per_second.get();
         Holds {
             rate,
-            interval: u64::try_from(per_token.as_nanos()).unwrap_or(u64::MAX),
+            // At least 1 ns, as governor: above 10^9 a second the division gives 0.
+            interval: u64::try_from(per_token.as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
             start: clock.now(),
             clock,
-            tat: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            next_hold: AtomicU64::new(0),
         }
     }
 
@@ -157,9 +189,15 @@ impl<C: Clock> Holds<C> {
         self.clock.now().duration_since(self.start).as_u64()
     }
 
-    /// Takes `n` tokens from `caller`'s bucket. `Err(Some(wait))`: not there until `wait` from
-    /// now; `Err(None)`: `n` exceeds the burst. Nothing is taken on an error.
-    fn take(&self, caller: &CallerKey, n: NonZeroU32) -> Result<(), Option<Duration>> {
+    /// Takes `n` tokens from `caller`'s bucket, to hold them if `hold` (returns the hold's
+    /// number). `Err(Some(wait))`: not there until `wait` from now; `Err(None)`: `n` exceeds the
+    /// burst. Nothing is taken on an error.
+    fn take(
+        &self,
+        caller: &CallerKey,
+        n: NonZeroU32,
+        hold: bool,
+    ) -> Result<Option<u64>, Option<Duration>> {
         if n > self.rate.burst {
             return Err(None);
         }
@@ -168,41 +206,60 @@ impl<C: Clock> Holds<C> {
         let tolerance = self
             .interval
             .saturating_mul(u64::from(self.rate.burst.get()));
-        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = tat.get(caller).map_or(now, |&t| t.max(now));
-        let after = at.saturating_add(cost);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let tat = buckets.get(caller).map_or(now, |b| b.tat.max(now));
+        let after = tat.saturating_add(cost);
         if after - now > tolerance {
             return Err(Some(Duration::from_nanos(after - now - tolerance)));
         }
-        match tat.get_mut(caller) {
-            Some(t) => *t = after,
-            None => {
-                tat.insert(caller.clone(), after);
-            }
+        let bucket = match buckets.get_mut(caller) {
+            Some(b) => b,
+            None => buckets.entry(caller.clone()).or_insert(Bucket {
+                tat: now,
+                open: Vec::new(),
+            }),
+        };
+        bucket.tat = after;
+        for (_, floor) in &mut bucket.open {
+            *floor = (*floor).max(now).saturating_add(cost);
         }
-        Ok(())
+        let id = hold.then(|| self.next_hold.fetch_add(1, Ordering::Relaxed));
+        if let Some(id) = id {
+            bucket.open.push((id, 0));
+        }
+        Ok(id)
     }
 
-    /// Gives `n` tokens back to `caller`'s bucket (held by [`Self::take`] and not used): as if
-    /// only the rest had been taken.
-    fn give_back(&self, caller: &CallerKey, n: u32) {
+    /// Ends hold `id` of `caller`, giving `n` of its tokens back (see the type's docs).
+    fn give_back(&self, caller: &CallerKey, id: u64, n: u32) {
         let refund = self.interval.saturating_mul(u64::from(n));
-        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(t) = tat.get_mut(caller) {
-            *t = t.saturating_sub(refund);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        // Gone: pruned with a full bucket, which already had the tokens.
+        let Some(bucket) = buckets.get_mut(caller) else {
+            return;
+        };
+        let Some(at) = bucket.open.iter().position(|&(open, _)| open == id) else {
+            return;
+        };
+        let (_, floor) = bucket.open.remove(at);
+        bucket.tat = bucket.tat.saturating_sub(refund).max(floor);
+        // The older holds' floors counted this one's tokens in full.
+        for (_, older) in &mut bucket.open[..at] {
+            *older = older.saturating_sub(refund).max(floor);
         }
     }
 
     /// Drops the callers whose bucket is full again.
     fn prune(&self) {
         let now = self.now();
-        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
-        tat.retain(|_, t| *t > now);
-        tat.shrink_to_fit();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        // A full bucket's open holds have nothing to give back.
+        buckets.retain(|_, b| b.tat > now);
+        buckets.shrink_to_fit();
     }
 
     fn len(&self) -> usize {
-        self.tat
+        self.buckets
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
@@ -270,7 +327,7 @@ impl<C: Clock + Clone> CallerLimits<C> {
             return Ok(());
         };
         self.count_charge();
-        limit.take(caller, n).map_err(|wait| {
+        limit.take(caller, n, false).map(drop).map_err(|wait| {
             let retry = match wait {
                 Some(wait) => format!("retry after {} ms", wait.as_millis().max(1)),
                 None => format!("send at most {} such checks per call", limit.rate.burst),
@@ -286,25 +343,59 @@ impl<C: Clock + Clone> CallerLimits<C> {
     }
 
     /// Holds `most` of `caller`'s new-client tokens for a call whose checks could create that many
-    /// entries, if the bucket has them (true; nothing to hold is always true). The call then
-    /// gives back what its checks did not create ([`Self::release_new_clients`]). Meanwhile the
-    /// held tokens are spent for the caller's other calls: a call of new addresses may be
-    /// refused by up to what its concurrent calls hold, for as long as they take.
-    pub fn hold_new_clients(&self, caller: &CallerKey, most: u32) -> bool {
-        let (Some(limit), Some(most)) = (&self.new_clients, NonZeroU32::new(most)) else {
-            return true;
+    /// entries, if the bucket has them (`None` if not; nothing to hold always holds). The call
+    /// then gives back what its checks did not create ([`Self::release_new_clients`]).
+    /// Meanwhile the held tokens are spent for the caller's other calls: a call of new addresses
+    /// may be refused by up to what its concurrent calls hold, for as long as they take.
+    pub fn hold_new_clients(&self, caller: &CallerKey, most: u32) -> Option<NewClientHold> {
+        let (Some(limit), Some(tokens)) = (&self.new_clients, NonZeroU32::new(most)) else {
+            return Some(NewClientHold { tokens: 0, id: 0 });
         };
         self.count_charge();
-        limit.take(caller, most).is_ok()
+        let id = limit.take(caller, tokens, true).ok()??;
+        Some(NewClientHold { tokens: most, id })
     }
 
-    /// Gives back `n` tokens held by [`Self::hold_new_clients`] that the call did not use.
-    pub fn release_new_clients(&self, caller: &CallerKey, n: u32) {
+    /// Ends `hold`: of its tokens, the call's checks created `created` entries; the rest go
+    /// back, exactly: the bucket ends as if the hold had taken only `created` (or all it held,
+    /// if they created more).
+    pub fn release_new_clients(&self, caller: &CallerKey, hold: NewClientHold, created: u32) {
         if let Some(limit) = &self.new_clients
-            && n > 0
+            && hold.tokens > 0
         {
-            limit.give_back(caller, n);
+            limit.give_back(caller, hold.id, hold.tokens.saturating_sub(created));
         }
+    }
+
+    /// Decides `checks` for `caller` under its new-client cap: a call over it is refused whole,
+    /// nothing spent. If every address could be new and the caller could still have them, the
+    /// tokens are held, the checks spent at once (one program run per frame), and what they did
+    /// not create given back; else the addresses are read first (a run more) to count the new
+    /// ones exactly.
+    pub fn check_capped(
+        &self,
+        checker: &Checker,
+        caller: &CallerKey,
+        checks: &[(&ClientId, u32)],
+    ) -> Result<Vec<Decision>, Status> {
+        if let Some(hold) = self.hold_new_clients(caller, most_new_address_entries(checks)) {
+            let decisions = checker.check_all(checks);
+            let created = match &decisions {
+                Ok(decisions) => checks
+                    .iter()
+                    .zip(decisions)
+                    .filter(|((id, _), d)| d.new && matches!(id, ClientId::Addr(_)))
+                    .count(),
+                // A failed run keeps all it held: some frames may have created entries.
+                Err(_) => usize::MAX,
+            };
+            let created = u32::try_from(created).unwrap_or(u32::MAX);
+            self.release_new_clients(caller, hold, created);
+            return decisions.map_err(check_status);
+        }
+        let new = checker.new_address_entries(checks).map_err(check_status)?;
+        self.charge_new_clients(caller, new)?;
+        checker.check_all(checks).map_err(check_status)
     }
 
     /// Counts a charge, pruning idle callers every [`PRUNE_EVERY`].
@@ -471,27 +562,85 @@ mod tests {
         let limits = CallerLimits::with_clock(None, Some(rate(10, 10)), &clock);
         let a = caller(Role::Check, "192.0.2.1");
         // A call that could create 8 entries holds 8; meanwhile 2 are left for other calls.
-        assert!(limits.hold_new_clients(&a, 8));
-        assert!(!limits.hold_new_clients(&a, 3));
+        let hold = limits.hold_new_clients(&a, 8).unwrap();
+        assert!(limits.hold_new_clients(&a, 3).is_none());
         // It created 2 and gives the other 6 back: as if 2 had been charged.
-        limits.release_new_clients(&a, 6);
+        limits.release_new_clients(&a, hold, 2);
         limits.charge_new_clients(&a, 8).unwrap();
         assert!(limits.charge_new_clients(&a, 1).is_err());
         // A refused hold takes nothing; nothing to hold always holds.
-        assert!(!limits.hold_new_clients(&a, 1));
-        assert!(limits.hold_new_clients(&a, 0));
+        assert!(limits.hold_new_clients(&a, 1).is_none());
+        let nothing = limits.hold_new_clients(&a, 0).unwrap();
+        limits.release_new_clients(&a, nothing, 0);
         clock.advance(Duration::from_secs(1));
         // More than the burst never holds, and takes nothing either.
-        assert!(!limits.hold_new_clients(&a, 11));
-        limits.charge_new_clients(&a, 10).unwrap();
-        // Giving back more than was taken leaves a full bucket, never more than one.
-        limits.release_new_clients(&a, 1000);
-        assert!(!limits.hold_new_clients(&a, 11));
-        assert!(limits.hold_new_clients(&a, 10));
+        assert!(limits.hold_new_clients(&a, 11).is_none());
+        let hold = limits.hold_new_clients(&a, 10).unwrap();
+        // Creating more than was held gives nothing back (and takes nothing more).
+        limits.release_new_clients(&a, hold, 12);
+        assert!(limits.hold_new_clients(&a, 1).is_none());
         // Off: every hold holds.
         let off = CallerLimits::new(None, None);
-        assert!(off.hold_new_clients(&a, u32::MAX));
-        off.release_new_clients(&a, 5);
+        let hold = off.hold_new_clients(&a, u32::MAX).unwrap();
+        off.release_new_clients(&a, hold, 5);
+    }
+
+    /// Tokens held across a refill are not given back on top of it: a bucket never holds more
+    /// than its burst (found by review: 12 entries in a millisecond at a burst of 10).
+    #[test]
+    fn tokens_held_before_the_bucket_refilled_are_not_given_back() {
+        let clock = FakeRelativeClock::default();
+        let limits = CallerLimits::with_clock(None, Some(rate(10, 10)), &clock);
+        let a = caller(Role::Check, "192.0.2.1");
+        // A long call holds 2 of a full bucket, and creates nothing.
+        let long = limits.hold_new_clients(&a, 2).unwrap();
+        // 300 ms later the bucket is full again: another call takes all 10 and creates them.
+        clock.advance(Duration::from_millis(300));
+        let other = limits.hold_new_clients(&a, 10).unwrap();
+        limits.release_new_clients(&a, other, 10);
+        // The long call ends: its 2 are not given back, the full bucket had them already.
+        clock.advance(Duration::from_millis(1));
+        limits.release_new_clients(&a, long, 0);
+        assert!(limits.hold_new_clients(&a, 2).is_none());
+        // Without a refill in between, they are, as if never taken: the full bucket gains
+        // nothing in the 100 ms the long call takes, and the other call leaves 2 of 10.
+        clock.advance(Duration::from_secs(1));
+        let long = limits.hold_new_clients(&a, 2).unwrap();
+        clock.advance(Duration::from_millis(100));
+        let other = limits.hold_new_clients(&a, 8).unwrap();
+        limits.release_new_clients(&a, other, 8);
+        limits.release_new_clients(&a, long, 0);
+        limits.charge_new_clients(&a, 2).unwrap();
+        assert!(limits.charge_new_clients(&a, 1).is_err());
+    }
+
+    /// One operation of a caller on its new-client cap, for the property tests.
+    #[derive(Debug, Clone)]
+    enum CapOp {
+        Advance(u64),
+        Charge(u32),
+        /// Holds `tokens`, of which the call creates `created`; given back at the `Release`
+        /// that comes `ends_after` operations later (or at the end).
+        Hold {
+            tokens: u32,
+            created: u32,
+            ends_after: usize,
+        },
+    }
+
+    fn cap_op() -> impl proptest::strategy::Strategy<Value = CapOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u64..400_000).prop_map(CapOp::Advance),
+            (0u32..15).prop_map(CapOp::Charge),
+            (0u32..15, 0u32..20, 0usize..6).prop_map(|(tokens, created, ends_after)| {
+                CapOp::Hold {
+                    tokens,
+                    created: created.min(tokens),
+                    ends_after,
+                }
+            }),
+        ]
     }
 
     proptest::proptest! {
@@ -510,15 +659,89 @@ mod tests {
             let a = caller(Role::Check, "192.0.2.1");
             for (advance_us, n, hold) in steps {
                 clock.advance(Duration::from_micros(advance_us));
-                if hold && n > 0 {
-                    // Held and given back whole: changes nothing.
-                    if ours.hold_new_clients(&a, n) {
-                        ours.release_new_clients(&a, n);
-                    }
+                if hold && let Some(held) = ours.hold_new_clients(&a, n) {
+                    // Held and given back whole at once: changes nothing.
+                    ours.release_new_clients(&a, held, 0);
                 }
                 let mine = ours.charge_new_clients(&a, n).is_ok();
                 let governor = theirs.charge_calls(&a, n).is_ok();
                 proptest::prop_assert_eq!(mine, governor, "charge of {} after {} µs", n, advance_us);
+            }
+        }
+
+        /// Whatever calls hold, create and give back, and however long they take, the entries
+        /// charged never exceed the cap's contract: in any span of time Δ (from one operation
+        /// to a later one), at most burst + Δ · rate, counting a call's entries at its hold. And
+        /// whenever no hold is open, the bucket is exactly a GCRA's that was charged only what
+        /// each call created, at its hold.
+        #[test]
+        fn holds_never_let_a_caller_past_its_cap(
+            per_second in 1u32..50,
+            burst in 1u32..20,
+            ops in proptest::collection::vec(cap_op(), 1..120),
+        ) {
+            let clock = FakeRelativeClock::default();
+            let limits = CallerLimits::with_clock(None, Some(rate(per_second, burst)), &clock);
+            let a = caller(Role::Check, "192.0.2.1");
+            let interval = 1_000_000_000 / u64::from(per_second);
+            let mut now = 0u64;
+            // The GCRA that is charged what each call created, at its hold.
+            let mut model = 0u64;
+            let charge = |model: &mut u64, now: u64, n: u32| {
+                *model = (*model).max(now) + interval * u64::from(n);
+            };
+            // (time, entries) of every charge and hold that created entries.
+            let mut spent: Vec<(u64, u32)> = Vec::new();
+            // Open holds: (operations left, hold, created).
+            let mut open: Vec<(usize, NewClientHold, u32)> = Vec::new();
+            for op in ops {
+                match op {
+                    CapOp::Advance(us) => {
+                        clock.advance(Duration::from_micros(us));
+                        now += us * 1000;
+                    }
+                    CapOp::Charge(n) => {
+                        if limits.charge_new_clients(&a, n).is_ok() {
+                            spent.push((now, n));
+                            if n > 0 {
+                                charge(&mut model, now, n);
+                            }
+                        }
+                    }
+                    CapOp::Hold { tokens, created, ends_after } => {
+                        if let Some(hold) = limits.hold_new_clients(&a, tokens) {
+                            spent.push((now, created));
+                            open.push((ends_after, hold, created));
+                            if tokens > 0 {
+                                charge(&mut model, now, created);
+                            }
+                        }
+                    }
+                }
+                for (left, _, _) in &mut open {
+                    *left = left.saturating_sub(1);
+                }
+                for (_, hold, created) in open.extract_if(.., |(left, _, _)| *left == 0) {
+                    limits.release_new_clients(&a, hold, created);
+                }
+                if open.is_empty() {
+                    let Some(holds) = &limits.new_clients else {
+                        unreachable!("the cap is on");
+                    };
+                    let tat = holds.buckets.lock().unwrap().get(&a).map_or(0, |b| b.tat);
+                    proptest::prop_assert_eq!(tat.max(now), model.max(now), "at {} ns", now);
+                }
+            }
+            for (i, &(from, _)) in spent.iter().enumerate() {
+                let mut total = 0u64;
+                for &(at, n) in &spent[i..] {
+                    total += u64::from(n);
+                    let allowed = u64::from(burst) + (at - from) / interval;
+                    proptest::prop_assert!(
+                        total <= allowed,
+                        "{} entries from {} ns to {} ns, at most {}", total, from, at, allowed
+                    );
+                }
             }
         }
     }

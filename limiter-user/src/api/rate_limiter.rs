@@ -14,7 +14,7 @@ use super::{
     convert::*,
 };
 use crate::{
-    check::{ClientId, Decision, most_new_address_entries},
+    check::{ClientId, Decision},
     proto::{
         self,
         rate_limiter_server::{self},
@@ -22,9 +22,9 @@ use crate::{
 };
 
 /// Checks decided on the runtime's worker rather than in a check lane: one short program run
-/// (two when a new-client cap near its end needs the addresses read first), a few microseconds, cheaper than the hop to a blocking
-/// thread, which measured at one call in flight took Check from 49 to 70-125 µs (p50) and halved
-/// its calls per second. Larger batches, the ones that block for longer, go to the lanes (a
+/// (two when a new-client cap near its end needs the addresses read first), a few
+/// microseconds, cheaper than the hop to a blocking thread, which measured at one call in
+/// flight took Check from 49 to 70-125 µs (p50) and halved its calls per second. Larger batches, the ones that block for longer, go to the lanes (a
 /// frame holds up to `CHECK_BATCH` checks, but 31 of them block for about 10 µs).
 const INLINE_CHECKS: usize = 3;
 
@@ -111,25 +111,7 @@ impl RateLimiterService {
             if let Caller::Tcp(key) = &caller
                 && callers.caps_new_clients()
             {
-                // If every address could be new and the caller could still have them, spend at
-                // once and give back what the checks did not create (one program run). Else read
-                // the addresses first to count the new ones exactly, refusing the call whole if
-                // they do not fit.
-                let most = most_new_address_entries(&refs);
-                if callers.hold_new_clients(key, most) {
-                    // A failed run keeps the hold: some of its frames may have created entries.
-                    let decisions = checker.check_all(&refs).map_err(check_status)?;
-                    let new = refs
-                        .iter()
-                        .zip(&decisions)
-                        .filter(|((id, _), d)| d.new && matches!(id, ClientId::Addr(_)))
-                        .count();
-                    let unused = most.saturating_sub(u32::try_from(new).unwrap_or(u32::MAX));
-                    callers.release_new_clients(key, unused);
-                    return Ok(decisions);
-                }
-                let new = checker.new_address_entries(&refs).map_err(check_status)?;
-                callers.charge_new_clients(key, new)?;
+                return callers.check_capped(&checker, key, &refs);
             }
             checker.check_all(&refs).map_err(check_status)
         };
