@@ -457,6 +457,11 @@ impl Tuner {
     /// Puts `set` into the caps and takes out those of `clear`; publishes them if that changed
     /// anything.
     fn publish_caps(&mut self, set: Vec<(ClientKey, u32)>, clear: impl Iterator<Item = ClientKey>) {
+        // Nothing capped and nothing to cap (no global client under overload): no lookup per
+        // observed client.
+        if set.is_empty() && self.capped.is_empty() {
+            return;
+        }
         let mut changed = false;
         for (client, cap) in set {
             changed |= self.capped.insert(client, cap) != Some(cap);
