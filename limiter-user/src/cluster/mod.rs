@@ -1,9 +1,9 @@
 //! The cluster: its config section (`config`); its algorithms, pure and with time injected: who
 //! the members are and what share of a global limit each enforces (`membership`, `shares`),
-//! how a hot client's limit is split so that the shares in force never sum above L (`lease`),
-//! which member owns a client (`owner`), and how a holder estimates its demand and members'
-//! reports merge into demand (`demand`); and this agent as a member, over the wire (`node`), the
-//! one part that does I/O.
+//! how a hot client's limit is split so that the shares in force never sum above L, and how the
+//! owner merges each holder's reports (`lease`), which member owns a client (`owner`), and how a
+//! holder estimates its demand (`demand`); and this agent as a member, over the wire (`node`),
+//! the one part that does I/O.
 //!
 //! The model (issue 12): each member enforces its own share of L exactly in its maps. A client
 //! no one has enrolled gets the cold share ⌊L/N⌋ everywhere, with no sync. A client that grows hot

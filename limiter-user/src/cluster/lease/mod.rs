@@ -29,6 +29,17 @@
 //!   the bounds leave, so a raise that a cut makes room for waits until the cut is acknowledged.
 //!   This is cut-before-raise, and it is what keeps the sum ≤ L while messages are in flight.
 //!
+//! A holder's reports merge by the newest: the owner takes one only if its `seq` is above the
+//! last it took from that holder (the agent numbers reports from `incarnation << 48`, see
+//! `super::enrolment`, so the newest (incarnation, seq) wins) and, once it knows the holder
+//! started again ([`Ledger::holder_restarted`]), none of the earlier run. A copy, or a report
+//! older than one taken, changes nothing, whenever it arrives. The newest decides the holder's
+//! demand, its `used`, when it last reported and whether it applies a grant of this ledger; an
+//! older one taken before it leaves only what stays true after it: the grant it applied (the
+//! holder never goes back to an older one, so older grants stop counting) and the lease left on
+//! its kernel (learning mode lasts that long). So the order reports arrive in can make the
+//! owner's count tighter, or hold raises back longer, but never unsafe (`tests::merge`).
+//!
 //! Times are [`Duration`]s since the node's own monotonic origin (injected; never a wall clock).
 //!
 //! Preconditions the sync loop built on this must keep, and what is not covered yet (an
