@@ -1,7 +1,8 @@
 //! A holder's estimate of its demand for a global client, on its own clock: `demand()`, from
 //! its own samples of the client's counters (passed + dropped), over the policy's window, or over
-//! its last few sampling rounds when they show the rate has changed (`SHORT_SPANS`). It is what
-//! the holder reports to the client's owner (`super::lease::Report::demand`).
+//! its last few sampling rounds when they show the rate has changed (`SHORT_SPANS`). Capped by
+//! the adaptive loop's cap on the client, if any, it is what the holder reports to the client's
+//! owner (`super::lease::Report::demand`).
 //!
 //! Only durations on the holder's own monotonic clock are measured, never a time compared with
 //! another node's: a member whose wall clock is off by an hour, or steps, reports the same
@@ -14,7 +15,7 @@ use std::{collections::VecDeque, time::Duration};
 pub(super) const SHORT_SPANS: [usize; 3] = [1, 2, 4];
 const _: () = assert!(
     SHORT_SPANS[0] < SHORT_SPANS[1] && SHORT_SPANS[1] < SHORT_SPANS[2],
-    "demand() and the trimming in observe() take SHORT_SPANS to be ascending"
+    "demand() and the trimming in enrolment's observe() take SHORT_SPANS to be ascending"
 );
 
 /// The fewest packets a short span must hold (or would at the rate it is compared with) to be

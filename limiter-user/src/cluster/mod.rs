@@ -11,7 +11,7 @@
 //! take effect at once, raises only in the room that acknowledged cuts and lapsed leases leave.
 
 pub mod config;
-pub mod demand;
+mod demand;
 pub mod enrolment;
 pub mod lease;
 pub mod membership;

@@ -339,6 +339,13 @@ proptest! {
         let newest = n - 1;
         let alone = at_once(&owner, &reports, &[newest]);
         let shown_alone = shown(&alone, owner.now);
+        // The newest alone is taken: the demand is a's newest report's and b's last (30 ms old,
+        // within its life), not a comparison of the ledger with itself.
+        let (a_demand, b_demand) = (reports[newest].demand, rounds[rounds.len() - 1].1);
+        prop_assert_eq!(
+            (shown_alone.0, shown_alone.1),
+            (u64::from(a_demand) + u64::from(b_demand), a_demand.max(b_demand))
+        );
         let in_seq_order: Vec<usize> = (0..n).collect();
         let informed = shown(&at_once(&owner, &reports, &in_seq_order), owner.now);
         let exact = reports[newest].applied.is_some()
@@ -397,7 +404,46 @@ proptest! {
         let mixed = delivered(&owner, &all, &order, spacing, |_| true);
         let alone = delivered(&owner, &all, &order, spacing, |i| i >= earlier.len());
         prop_assert_eq!(format!("{mixed:?}"), format!("{alone:?}"));
+        // The new run's reports are taken (a ledger that took none would pass the above).
+        let taken = order.iter().any(|&i| i % all.len() >= earlier.len());
+        prop_assert_eq!(
+            taken,
+            format!("{alone:?}") != format!("{:?}", owner.ledger),
+            "the new run's reports {} the ledger",
+            if taken { "did not change" } else { "changed" }
+        );
         let end = owner.now + spacing * order.len() as u32;
         prop_assert_eq!(shown(&mixed, end), shown(&alone, end));
     }
+}
+
+/// The boundary of a restart: after `holder_restarted(a, F)` a report numbered `F - 1` (the
+/// earlier run's) is ignored and one numbered `F` (the new run's first) is taken.
+#[test]
+fn a_restart_takes_reports_from_its_first_number_on() {
+    let rounds = [(50, 40, true), (60, 40, true)];
+    let mut owner = owner(&rounds);
+    let first = owner.last.seq + 10;
+    owner.ledger.holder_restarted(&owner.a, first);
+    let report = |seq, demand| Report {
+        seq,
+        demand,
+        used: 0,
+        applied: None,
+        echo: None,
+        raise_left: None,
+    };
+    let mut ledger = owner.ledger.clone();
+    ledger.enrol_and_receive(&owner.a, owner.now, report(first - 1, 200));
+    assert_eq!(
+        ledger.demand(owner.now),
+        60 + 40,
+        "the earlier run's report is ignored"
+    );
+    ledger.enrol_and_receive(&owner.a, owner.now, report(first, 200));
+    assert_eq!(
+        ledger.demand(owner.now),
+        200 + 40,
+        "the new run's first report is taken"
+    );
 }
