@@ -474,6 +474,12 @@ impl Drop for Agent {
         if !self.keep_pins {
             let _ = fs::remove_dir_all(pin_dir(&self.iface));
         }
+        // An agent killed with SIGKILL could not remove its default API socket: it goes here,
+        // unless another agent on the interface answers on it by now.
+        let socket = limiter_user::api::default_socket(&self.iface);
+        if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            let _ = fs::remove_file(&socket);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

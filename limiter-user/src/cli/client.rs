@@ -61,7 +61,13 @@ fn default_socket(iface: Option<&str>) -> anyhow::Result<PathBuf> {
     if let Some(iface) = iface {
         return Ok(crate::api::default_socket(iface));
     }
-    let dir = Path::new("/run/limiter");
+    only_socket_in(Path::new("/run/limiter"))
+}
+
+/// The one agent socket in `dir` that an agent answers on. A socket no one listens on any more
+/// (its agent was killed, or crashed, before it could remove it) is passed over: it would
+/// otherwise make every command without `--api` fail with "several agents".
+fn only_socket_in(dir: &Path) -> anyhow::Result<PathBuf> {
     let sockets: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -71,19 +77,31 @@ fn default_socket(iface: Option<&str>) -> anyhow::Result<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    match sockets.as_slice() {
+    let (live, stale): (Vec<PathBuf>, Vec<PathBuf>) = sockets
+        .into_iter()
+        .partition(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
+    let list = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match live.as_slice() {
         [one] => Ok(one.clone()),
-        [] => anyhow::bail!(
+        [] if stale.is_empty() => anyhow::bail!(
             "no agent API socket in {}: is `limiter agent` running? (or pass --api)",
             dir.display()
         ),
+        [] => anyhow::bail!(
+            "no agent answers on the API sockets in {} ({}: left by agents that stopped without \
+             removing them): is `limiter agent` running? (or pass --api)",
+            dir.display(),
+            list(&stale)
+        ),
         _ => anyhow::bail!(
             "several agents run here ({}): pass --api with one of them",
-            sockets
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            list(&live)
         ),
     }
 }
@@ -173,4 +191,40 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 /// A `Status` as a one-line error: the code and the server's message.
 pub fn status_error(s: Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A socket file an agent left behind when it was killed: bound, then its listener closed.
+    fn stale(path: &Path) {
+        drop(UnixListener::bind(path).expect("bind"));
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn the_only_socket_an_agent_answers_on_is_chosen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let message = |r: anyhow::Result<PathBuf>| r.expect_err("no socket").to_string();
+        assert!(message(only_socket_in(dir.path())).starts_with("no agent API socket in"));
+        stale(&dir.path().join("old.sock"));
+        let e = message(only_socket_in(dir.path()));
+        assert!(
+            e.contains("no agent answers") && e.contains("old.sock"),
+            "{e}"
+        );
+        let live = dir.path().join("veth0.sock");
+        let _agent = UnixListener::bind(&live).expect("bind");
+        stale(&dir.path().join("older.sock"));
+        assert_eq!(only_socket_in(dir.path()).expect("one live"), live);
+        let _other = UnixListener::bind(dir.path().join("veth1.sock")).expect("bind");
+        let e = message(only_socket_in(dir.path()));
+        assert!(
+            e.starts_with("several agents run here") && !e.contains("old"),
+            "{e}"
+        );
+    }
 }
