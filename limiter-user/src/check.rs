@@ -524,16 +524,16 @@ impl Checker {
 }
 
 impl Checker {
-    /// How many client entries in the packet path's map `checks` would create: the distinct
-    /// addresses checked with hits > 0 that have no entry now. Found by reading each such
-    /// address (hits 0) through the check program, which resolves it exactly as its check will
-    /// and creates nothing; IDs that are not addresses have maps of their own and are not
-    /// counted.
-    pub fn new_address_entries(&self, checks: &[(&ClientId, u32)]) -> Result<u32, CheckError> {
-        let reads: Vec<(&ClientId, u32)> = entry_candidates(checks).map(|id| (id, 0)).collect();
-        if reads.is_empty() {
+    /// How many of `candidates` (from [`entry_candidates`]: the distinct addresses a call checks
+    /// with hits > 0) have no entry now, and so would have one made by their check. Found by
+    /// reading each (hits 0) through the check program, which resolves it exactly as its check
+    /// will and creates nothing; IDs that are not addresses have maps of their own and are not
+    /// candidates.
+    pub fn new_address_entries(&self, candidates: &[&ClientId]) -> Result<u32, CheckError> {
+        if candidates.is_empty() {
             return Ok(0);
         }
+        let reads: Vec<(&ClientId, u32)> = candidates.iter().map(|&id| (id, 0)).collect();
         let absent = self
             .check_all(&reads)?
             .iter()
@@ -543,21 +543,15 @@ impl Checker {
     }
 }
 
-/// The most client entries in the packet path's map `checks` can create: their distinct
-/// addresses checked with hits > 0 (see [`Checker::new_address_entries`]).
-pub fn most_new_address_entries(checks: &[(&ClientId, u32)]) -> u32 {
-    u32::try_from(entry_candidates(checks).count()).unwrap_or(u32::MAX)
-}
-
-/// The distinct addresses of `checks` checked with hits > 0, each once, in order.
-fn entry_candidates<'a>(checks: &[(&'a ClientId, u32)]) -> impl Iterator<Item = &'a ClientId> {
+/// The distinct addresses of `checks` checked with hits > 0, each once, in order: the entries
+/// in the packet path's map the checks could create, at most.
+pub fn entry_candidates<'a>(checks: &[(&'a ClientId, u32)]) -> Vec<&'a ClientId> {
     let mut seen = std::collections::HashSet::new();
     checks
         .iter()
-        .filter(move |(id, hits)| {
-            *hits > 0 && matches!(id, ClientId::Addr(_)) && seen.insert(id.key())
-        })
+        .filter(|(id, hits)| *hits > 0 && matches!(id, ClientId::Addr(_)) && seen.insert(id.key()))
         .map(|(id, _)| *id)
+        .collect()
 }
 
 /// What [`Checker::check_all_or_none`] did.

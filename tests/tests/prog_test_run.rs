@@ -97,6 +97,15 @@ struct Limiter {
 }
 
 impl Limiter {
+    /// The check program on these maps, with the policies of `yaml` (the config they were
+    /// loaded with) for naming them.
+    fn checker(&mut self, yaml: &str) -> Result<limiter_user::check::Checker> {
+        Ok(limiter_user::check::Checker::new(
+            datapath::load_check_program(&mut self.ebpf)?,
+            &Config::parse(yaml)?,
+        ))
+    }
+
     fn new(max_clients: u32, yaml: &str) -> Result<Limiter> {
         Limiter::with_options(
             &LoadOptions {
@@ -641,10 +650,7 @@ fn checks_look_in_static_clients_unless_the_agent_says_it_is_empty() -> Result<(
     let yaml = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.5, limit: 8, window: 1h }\n";
     in_one_window(HOUR_NS, |_| {
         let mut lim = Limiter::new(1024, yaml)?;
-        let checker = limiter_user::check::Checker::new(
-            datapath::load_check_program(&mut lim.ebpf)?,
-            &Config::parse(yaml)?,
-        );
+        let checker = lim.checker(yaml)?;
         let src = v4(10, 0, 0, 5);
         check_eq!(lim.send(src, 5)?, 5);
         let id = limiter_user::check::ClientId::Addr(src);
@@ -682,10 +688,7 @@ fn a_check_that_creates_an_entry_says_so() -> Result<()> {
     let yaml = "default: { limit: 7, window: 1h }\n";
     in_one_window(HOUR_NS, |_| {
         let mut lim = Limiter::new(1024, yaml)?;
-        let checker = limiter_user::check::Checker::new(
-            datapath::load_check_program(&mut lim.ebpf)?,
-            &Config::parse(yaml)?,
-        );
+        let checker = lim.checker(yaml)?;
         let a = ClientId::Addr(v4(10, 0, 0, 5));
         let b = ClientId::Addr(v4(10, 0, 0, 6));
         let sent = ClientId::Addr(v4(10, 0, 0, 7));
@@ -725,10 +728,7 @@ fn a_capped_call_that_fits_takes_one_run() -> Result<()> {
     let yaml = "default: { limit: 7, window: 1h }\n";
     in_one_window(HOUR_NS, |_| {
         let mut lim = Limiter::new(1024, yaml)?;
-        let checker = limiter_user::check::Checker::new(
-            datapath::load_check_program(&mut lim.ebpf)?,
-            &Config::parse(yaml)?,
-        );
+        let checker = lim.checker(yaml)?;
         // 10 a second: refills one per 100 ms, far slower than this test's calls.
         let ten = NonZeroU32::new(10).context("10")?;
         let limits = CallerLimits::new(
@@ -791,10 +791,7 @@ fn a_probed_frame_spends_all_or_none() -> Result<()> {
     let yaml = "default: { limit: 7, window: 1h }\npolicies:\n  - { match: 10.0.0.0/8, limit: 5, window: 1h }\n";
     in_one_window(HOUR_NS, |_| {
         let mut lim = Limiter::new(1024, yaml)?;
-        let checker = limiter_user::check::Checker::new(
-            datapath::load_check_program(&mut lim.ebpf)?,
-            &Config::parse(yaml)?,
-        );
+        let checker = lim.checker(yaml)?;
         let policy = limiter_common::Policy {
             limit: 3,
             window_us: 3_600_000_000,

@@ -712,7 +712,8 @@ pub fn fair_shares(clients: &[FairDemand], capacity: f64) -> Vec<f64> {
     // the infinite ratios of weights that count as the smallest positive one, by demand; then
     // in the order given: the sort is stable.) The keys are computed once, beside the index, so
     // that a comparison reads two adjacent records rather than divide and chase two indices
-    // (at 100k clients the sort was most of a period's controller time).
+    // (that sort and a second lookup of each client took about a third of an overloaded period's
+    // controller time at 100k clients).
     let mut keyed: Vec<(f64, f64, usize)> = clients
         .iter()
         .enumerate()

@@ -33,7 +33,7 @@ use governor::{
 use tonic::Status;
 
 use super::{auth::Role, convert::check_status};
-use crate::check::{Checker, ClientId, Decision, most_new_address_entries};
+use crate::check::{Checker, ClientId, Decision, entry_candidates};
 
 /// A request's caller, put in its extensions by the access layer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -378,7 +378,9 @@ impl<C: Clock + Clone> CallerLimits<C> {
         caller: &CallerKey,
         checks: &[(&ClientId, u32)],
     ) -> Result<Vec<Decision>, Status> {
-        if let Some(hold) = self.hold_new_clients(caller, most_new_address_entries(checks)) {
+        let candidates = entry_candidates(checks);
+        let most = u32::try_from(candidates.len()).unwrap_or(u32::MAX);
+        if let Some(hold) = self.hold_new_clients(caller, most) {
             let decisions = checker.check_all(checks);
             let created = match &decisions {
                 Ok(decisions) => checks
@@ -393,7 +395,9 @@ impl<C: Clock + Clone> CallerLimits<C> {
             self.release_new_clients(caller, hold, created);
             return decisions.map_err(check_status);
         }
-        let new = checker.new_address_entries(checks).map_err(check_status)?;
+        let new = checker
+            .new_address_entries(&candidates)
+            .map_err(check_status)?;
         self.charge_new_clients(caller, new)?;
         checker.check_all(checks).map_err(check_status)
     }
@@ -619,8 +623,8 @@ mod tests {
     enum CapOp {
         Advance(u64),
         Charge(u32),
-        /// Holds `tokens`, of which the call creates `created`; given back at the `Release`
-        /// that comes `ends_after` operations later (or at the end).
+        /// Holds `tokens`, of which the call creates `created`; the hold ends (what was not
+        /// created given back) `ends_after` operations later, or never.
         Hold {
             tokens: u32,
             created: u32,

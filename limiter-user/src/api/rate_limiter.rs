@@ -24,8 +24,9 @@ use crate::{
 /// Checks decided on the runtime's worker rather than in a check lane: one short program run
 /// (two when a new-client cap near its end needs the addresses read first), a few
 /// microseconds, cheaper than the hop to a blocking thread, which measured at one call in
-/// flight took Check from 49 to 70-125 µs (p50) and halved its calls per second. Larger batches, the ones that block for longer, go to the lanes (a
-/// frame holds up to `CHECK_BATCH` checks, but 31 of them block for about 10 µs).
+/// flight took Check from 49 to 70-125 µs (p50) and halved its calls per second. Larger
+/// batches, the ones that block for longer, go to the lanes (a frame holds up to `CHECK_BATCH`
+/// checks, but 31 of them block for about 10 µs).
 const INLINE_CHECKS: usize = 3;
 
 pub struct RateLimiterService {

@@ -11,10 +11,11 @@ use crate::{
     proto,
 };
 
-/// Prints the global counters and the `top` busiest clients of the agent at `target`
-/// (`json`: machine-readable).
-pub async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<()> {
-    let mut c = client::connect(&target).await?;
+/// The agent's global counters, then its `n` busiest clients.
+async fn global_and_top(
+    c: &mut client::Clients,
+    n: u32,
+) -> anyhow::Result<(proto::GlobalStats, Vec<proto::ClientStats>)> {
     let g = c
         .stats
         .global(proto::GlobalStatsRequest {})
@@ -23,13 +24,19 @@ pub async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Res
         .into_inner();
     let clients = c
         .stats
-        .top(proto::TopRequest {
-            n: u32::try_from(top).unwrap_or(u32::MAX),
-        })
+        .top(proto::TopRequest { n })
         .await
         .map_err(status_error)?
         .into_inner()
         .clients;
+    Ok((g, clients))
+}
+
+/// Prints the global counters and the `top` busiest clients of the agent at `target`
+/// (`json`: machine-readable).
+pub async fn remote_stats(top: usize, json: bool, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let (g, clients) = global_and_top(&mut c, u32::try_from(top).unwrap_or(u32::MAX)).await?;
     if json {
         let rows: Vec<serde_json::Value> = clients
             .iter()
@@ -124,19 +131,7 @@ pub async fn top(n: u32, iterations: u64, target: Target) -> anyhow::Result<()> 
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        let g = c
-            .stats
-            .global(proto::GlobalStatsRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let clients = c
-            .stats
-            .top(proto::TopRequest { n })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .clients;
+        let (g, clients) = global_and_top(&mut c, n).await?;
         if tty {
             // Clear the screen and go home.
             print!("\x1b[2J\x1b[H");
