@@ -29,6 +29,12 @@ use self::config::ClusterConfig;
 pub struct ClusterPolicies {
     pub config: Option<ClusterConfig>,
     pub global: Vec<GlobalPolicy>,
+    /// The policies whose prefix lies inside a global policy's, each as `GLOBAL > NESTED`
+    /// (their matches as written), sorted: the most specific match wins, so each takes its
+    /// addresses out of the global policy. Hashed with the global policies (members that carve
+    /// different holes in one global policy count different traffic against its limit), but not
+    /// part of its wire name.
+    pub nested: Vec<String>,
 }
 
 /// A global `limit` policy in force: its `match` as written, limit and window (µs).
@@ -91,11 +97,11 @@ impl WireNames {
 }
 
 impl ClusterPolicies {
-    /// A hash of the global policies and the lease timing (`peer_timeout`), carried in
-    /// heartbeats so that members notice they disagree: members whose leases differ enrol no
-    /// client together (a new owner's learning mode lasts its own lease, which must cover the
-    /// raises an earlier owner granted). The policies are hashed by content, in sorted order:
-    /// where they sit in each member's config does not matter.
+    /// A hash of the global policies, the policies nested inside them and the lease timing
+    /// (`peer_timeout`), carried in heartbeats so that members notice they disagree: members
+    /// whose leases differ enrol no client together (a new owner's learning mode lasts its own
+    /// lease, which must cover the raises an earlier owner granted). The policies are hashed by
+    /// content, in sorted order: where they sit in each member's config does not matter.
     pub fn hash(&self) -> u64 {
         let mut text = String::new();
         if let Some(config) = &self.config {
@@ -105,6 +111,11 @@ impl ClusterPolicies {
         global.sort_unstable();
         for g in global {
             text.push_str(&g);
+            text.push('\n');
+        }
+        for n in &self.nested {
+            text.push_str("nested ");
+            text.push_str(n);
             text.push('\n');
         }
         membership::stable_hash(text.as_bytes())
@@ -175,6 +186,7 @@ mod tests {
         let policies = |global| ClusterPolicies {
             config: None,
             global,
+            nested: Vec::new(),
         };
         let a = policies(vec![global(1, "10.0.0.0/8", 40), global(2, "api", 10)]);
         let b = policies(vec![global(2, "api", 10), global(5, "10.0.0.0/8", 40)]);
@@ -189,6 +201,13 @@ mod tests {
             global(1, "10.0.0.0/8", 40).wire_name()
         );
         assert_eq!(names.name(1), None);
+        let mut d = a.clone();
+        d.nested = vec!["10.0.0.0/8 > 10.1.0.0/16".into()];
+        assert_ne!(
+            a.hash(),
+            d.hash(),
+            "a policy nested in a global one is another view"
+        );
     }
 
     #[test]

@@ -246,6 +246,18 @@ impl FromStr for Cidr {
 }
 
 impl Cidr {
+    /// The prefix of length `prefix` that holds this one (`prefix` no longer than its own).
+    pub fn within(&self, prefix: u8) -> Cidr {
+        let outer = Cidr {
+            addr: self.addr,
+            prefix: prefix.min(self.prefix),
+        };
+        Cidr {
+            addr: outer.masked(),
+            ..outer
+        }
+    }
+
     fn masked(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(v4) => {

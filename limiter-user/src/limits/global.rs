@@ -2,11 +2,13 @@
 //! of the policies in force, and the config the maps enforce on this node (each global limit
 //! replaced by this node's share of it).
 
+use std::collections::{BTreeSet, HashMap};
+
 use limiter_common::addr::group_bits;
 
 use crate::{
     cluster::{ClusterPolicies, GlobalPolicy, membership::ShareView},
-    config::{Action, Config, Resolved, Scope},
+    config::{Action, Cidr, Config, Match, Resolved, Scope},
 };
 
 /// The `cluster:` section and global limits of `config`, and in a cluster `service`'s: those of
@@ -39,7 +41,40 @@ pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> Cluste
             })
             .chain(service.iter().cloned())
             .collect(),
+        nested: nested_in_global(config),
     }
+}
+
+/// Each policy whose prefix lies inside a global policy's (a longer prefix, or one address),
+/// as `GLOBAL > NESTED`, sorted (see `ClusterPolicies::nested`). Each policy is looked up under
+/// the prefix lengths global policies have, so a blocklist of many prefixes costs a few hash
+/// lookups each, not a comparison with every global policy.
+fn nested_in_global(config: &Config) -> Vec<String> {
+    let global: HashMap<Cidr, &Match> = global_policies(config)
+        .filter_map(|(i, _)| {
+            let matches = &config.policies[i].0;
+            matches.as_prefix().map(|cidr| (*cidr, matches))
+        })
+        .collect();
+    let lengths: BTreeSet<(bool, u8)> = global
+        .keys()
+        .map(|c| (c.addr.is_ipv4(), c.prefix))
+        .collect();
+    let (global, lengths) = (&global, &lengths);
+    let mut nested: Vec<String> = config
+        .policies
+        .iter()
+        .filter_map(|(m, _)| m.as_prefix().map(|cidr| (m, cidr)))
+        .flat_map(|(m, cidr)| {
+            lengths
+                .iter()
+                .filter(move |&&(v4, len)| v4 == cidr.addr.is_ipv4() && len < cidr.prefix)
+                .filter_map(move |&(_, len)| global.get(&cidr.within(len)))
+                .map(move |outer| format!("{outer} > {m}"))
+        })
+        .collect();
+    nested.sort_unstable();
+    nested
 }
 
 /// The global `limit` policies of `config`: index into `policies`, and the policy.

@@ -75,3 +75,44 @@ fn a_global_policy_is_named_by_its_content_and_grouping() {
     assert_ne!(first.global[0].wire_name(), grouped.global[0].wire_name());
     assert_ne!(first.hash(), grouped.hash());
 }
+
+/// A policy inside a global policy's prefix takes its addresses out of it, so members compare
+/// the holes carved in each global policy: a local /16 or one address inside a global /8 on
+/// one member only is another view, whatever the order; a policy beside the global one, or
+/// around it, is not compared.
+#[test]
+fn policies_nested_in_a_global_one_are_part_of_the_view() {
+    let cluster = "cluster: { node_id: n1, listen: \"127.0.0.1:7201\", peers: [\"127.0.0.1:7202\"], token_file: /unused }\n";
+    let global = "  - { match: 10.0.0.0/8, limit: 30, window: 1s, scope: global }\n";
+    let v6 = "  - { match: \"2001:db8::/32\", limit: 30, window: 1s, scope: global }\n";
+    let cluster_of = |policies: &str| {
+        policies_for_cluster(
+            &Config::parse(&format!(
+                "default: {{ limit: 10, window: 1s }}\npolicies:\n{global}{v6}{policies}{cluster}"
+            ))
+            .unwrap(),
+            &[],
+        )
+    };
+    let beside = "  - { match: 192.0.2.0/24, limit: 5, window: 1s }\n  - { match: 0.0.0.0/4, limit: 5, window: 1s }\n  - { match: \"2001:db9::/48\", limit: 5, window: 1s }\n";
+    let inside = "  - { match: 10.1.0.0/16, limit: 5, window: 1s }\n  - { match: 10.2.3.4, action: pass }\n  - { match: \"2001:db8:1::/48\", limit: 5, window: 1s }\n";
+    let alone = cluster_of("");
+    assert!(alone.nested.is_empty());
+    assert_eq!(cluster_of(beside).nested, Vec::<String>::new());
+    assert_eq!(alone.hash(), cluster_of(beside).hash());
+    let carved = cluster_of(inside);
+    assert_eq!(
+        carved.nested,
+        [
+            "10.0.0.0/8 > 10.1.0.0/16",
+            "10.0.0.0/8 > 10.2.3.4",
+            "2001:db8::/32 > 2001:db8:1::/48",
+        ]
+    );
+    assert_ne!(alone.hash(), carved.hash());
+    let reordered = "  - { match: \"2001:db8:1::/48\", limit: 5, window: 1s }\n  - { match: 10.2.3.4, action: pass }\n  - { match: 10.1.0.0/16, limit: 5, window: 1s }\n";
+    assert_eq!(carved.hash(), cluster_of(reordered).hash());
+    // A global policy inside another is nested in it too (and compared as a global policy).
+    let inner = cluster_of("  - { match: 10.9.0.0/16, limit: 30, window: 1s, scope: global }\n");
+    assert_eq!(inner.nested, ["10.0.0.0/8 > 10.9.0.0/16"]);
+}

@@ -399,7 +399,8 @@ impl ViewsDiffer {
                  until every view agrees (global clients keep their cold share). Each member \
                  must count the same members (one down or gone may be remembered by some and \
                  not others until it is forgotten), have the same global policies (match, \
-                 limit, window and per; their order does not matter) and the same peer_timeout; \
+                 limit, window and per; their order does not matter), the same policies inside \
+                 global prefixes and the same peer_timeout; \
                  `limiter cluster status` shows which peers differ, and whether in their \
                  policies or their member lists"
             );

@@ -43,6 +43,7 @@ fn policies() -> ClusterPolicies {
             window_us: 1_000_000,
             grouping: "per address".into(),
         }],
+        nested: Vec::new(),
     }
 }
 
