@@ -807,11 +807,12 @@ impl Rls {
 /// Envoy's rate limit service with `--rls-scope global` on every node (two Envoys, or any
 /// number, each asking its own agent): each agent enforces its share of a rule's limit, so
 /// requests that alternate over the agents get exactly the rule's limit through, never more
-/// (3 agents, 30 an hour: 10 each); requests all on one agent get its share, then a denial:
-/// the descriptor is enrolled by that denial, and the raise that follows comes only after a
-/// lease (learning mode: 2 s here), so the test stops at the first denial (under TCG, 20 more
-/// slow calls once outlasted the lease;
-/// `a_reloaded_rate_limit_service_rule_is_enrolled_by_its_demand` covers what follows).
+/// (3 agents, 30 an hour: 10 each); requests all on one agent get its share, then a denial.
+/// The descriptor grows hot at 0.8 of its share (the 8th call) and its owner raises that agent
+/// only a lease later (learning mode: 2 s here), so the test stops at the first denial, three
+/// calls on (under TCG, 20 more slow calls once outlasted the lease).
+/// `a_rate_limit_service_descriptor_is_enrolled_by_its_demand` covers what follows, on a host
+/// that is not emulated.
 #[test]
 fn the_rate_limit_service_splits_a_rules_limit_across_the_cluster() -> Result<()> {
     require_root!();
@@ -980,13 +981,15 @@ descriptors:
         alternating.iter().all(|&s| s == 200 || s == 429),
         "{alternating:?}"
     );
-    let alone: Vec<u16> = (0..10)
+    // Up to the first denial: the raise enrolment brings a lease later could come within more
+    // slow requests under TCG (see `the_rate_limit_service_splits_a_rules_limit_across_the_cluster`).
+    let alone: Vec<u16> = (0..6)
         .map(|_| envoy::get(&c.net.sender_ns, two, envoys[0].1, Some("bob")).map(|r| r.status))
         .collect::<Result<_>>()?;
     assert_eq!(
         alone,
-        [200, 200, 200, 200, 200, 429, 429, 429, 429, 429],
-        "all through one Envoy: its agent's share"
+        [200, 200, 200, 200, 200, 429],
+        "all through one Envoy: its agent's share, then a denial"
     );
     window.check();
     Ok(())

@@ -430,8 +430,8 @@ async fn follow(
             changed = policies.changed() => if changed.is_err() { break },
             _ = retry.tick() => {
                 let failed = membership.error.borrow().is_some();
-                let current = policies.borrow().clone();
-                let new_token = match (&current.config, membership.node()) {
+                let config = policies.borrow().config.clone();
+                let new_token = match (&config, membership.node()) {
                     (Some(config), Some(_)) => token(config).ok().flatten(),
                     _ => token_in_force.clone(),
                 };

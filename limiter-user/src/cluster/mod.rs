@@ -23,17 +23,19 @@ use std::{collections::HashMap, fmt, sync::Arc};
 
 use self::config::ClusterConfig;
 
-/// What the cluster's node needs of the policies in force: the `cluster:` section and the
-/// global policies.
+/// What the cluster's node needs of the policies in force: the `cluster:` section, the global
+/// policies and the policies nested inside them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClusterPolicies {
     pub config: Option<ClusterConfig>,
     pub global: Vec<GlobalPolicy>,
-    /// The policies whose prefix lies inside a global policy's, each as `GLOBAL > NESTED`
-    /// (their matches as written), sorted: the most specific match wins, so each takes its
-    /// addresses out of the global policy. Hashed with the global policies (members that carve
-    /// different holes in one global policy count different traffic against its limit), but not
-    /// part of its wire name.
+    /// The policies that may admit what the global policy would deny (`limit` and `pass`, not
+    /// `drop`) whose prefix lies inside a global policy's, each as `GLOBAL > NESTED` (both in
+    /// canonical form: `2001:DB8:0::/48` is `2001:db8::/48`), sorted: the most specific match
+    /// wins, so each takes its addresses out of the global policy. Hashed with the global
+    /// policies (a member that admits more of them than its share breaks the global bound), but
+    /// not part of a policy's wire name. A `drop` policy only ever admits less, so a blocklist
+    /// kept on one member alone is not a difference.
     pub nested: Vec<String>,
 }
 

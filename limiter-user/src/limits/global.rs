@@ -45,9 +45,9 @@ pub fn policies_for_cluster(config: &Config, service: &[GlobalPolicy]) -> Cluste
     }
 }
 
-/// Each policy whose prefix lies inside a global policy's (a longer prefix, or one address),
-/// as `GLOBAL > NESTED`, sorted (see `ClusterPolicies::nested`). Each policy is looked up under
-/// the prefix lengths global policies have, so a blocklist of many prefixes costs a few hash
+/// Each `limit` or `pass` policy whose prefix lies inside a global policy's (a longer prefix, or
+/// one address), as `GLOBAL > NESTED`, sorted (see `ClusterPolicies::nested`). Each policy is
+/// looked up under the prefix lengths global policies have, so many policies cost a few hash
 /// lookups each, not a comparison with every global policy.
 fn nested_in_global(config: &Config) -> Vec<String> {
     let global: HashMap<Cidr, &Match> = global_policies(config)
@@ -64,6 +64,7 @@ fn nested_in_global(config: &Config) -> Vec<String> {
     let mut nested: Vec<String> = config
         .policies
         .iter()
+        .filter(|(_, r)| r.action != Action::Drop)
         .filter_map(|(m, _)| m.as_prefix().map(|cidr| (m, cidr)))
         .flat_map(|(m, cidr)| {
             lengths

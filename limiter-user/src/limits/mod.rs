@@ -313,8 +313,8 @@ impl PolicyStore {
         Ok(())
     }
 
-    /// Hands `cluster` (the `cluster:` section and global limits in force) to the cluster's
-    /// node, if it changed.
+    /// Hands `cluster` (the `cluster:` section, global limits and the policies nested in them in
+    /// force) to the cluster's node, if it changed.
     fn publish_cluster(&self, cluster: ClusterPolicies) {
         self.cluster.send_if_modified(|c| {
             let changed = *c != cluster;

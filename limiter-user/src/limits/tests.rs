@@ -112,7 +112,32 @@ fn policies_nested_in_a_global_one_are_part_of_the_view() {
     assert_ne!(alone.hash(), carved.hash());
     let reordered = "  - { match: \"2001:db8:1::/48\", limit: 5, window: 1s }\n  - { match: 10.2.3.4, action: pass }\n  - { match: 10.1.0.0/16, limit: 5, window: 1s }\n";
     assert_eq!(carved.hash(), cluster_of(reordered).hash());
-    // A global policy inside another is nested in it too (and compared as a global policy).
-    let inner = cluster_of("  - { match: 10.9.0.0/16, limit: 30, window: 1s, scope: global }\n");
-    assert_eq!(inner.nested, ["10.0.0.0/8 > 10.9.0.0/16"]);
+    // A global policy inside another is nested in it too (and compared as a global policy),
+    // and a policy inside both is nested in each.
+    let inner = cluster_of(
+        "  - { match: 10.9.0.0/16, limit: 30, window: 1s, scope: global }\n  - { match: 10.9.8.0/24, limit: 5, window: 1s }\n",
+    );
+    assert_eq!(
+        inner.nested,
+        [
+            "10.0.0.0/8 > 10.9.0.0/16",
+            "10.0.0.0/8 > 10.9.8.0/24",
+            "10.9.0.0/16 > 10.9.8.0/24"
+        ]
+    );
+    // A `drop` policy only admits less: a member's own blocklist is not compared. One address
+    // of IPv6 is, in canonical form however it is written.
+    let blocked = cluster_of(
+        "  - { match: 10.7.0.0/16, action: drop }\n  - { match: \"2001:DB8:0:0::1\", limit: 5, window: 1s }\n",
+    );
+    assert_eq!(blocked.nested, ["2001:db8::/32 > 2001:db8::1"]);
+    // `::/0` holds every IPv6 policy, and nothing of IPv4's.
+    let everything = policies_for_cluster(
+        &Config::parse(&format!(
+            "default: {{ limit: 10, window: 1s }}\npolicies:\n  - {{ match: \"::/0\", limit: 30, window: 1s, scope: global }}\n  - {{ match: \"2001:db8::/32\", limit: 5, window: 1s }}\n  - {{ match: 10.0.0.0/8, limit: 5, window: 1s }}\n{cluster}"
+        ))
+        .unwrap(),
+        &[],
+    );
+    assert_eq!(everything.nested, ["::/0 > 2001:db8::/32"]);
 }

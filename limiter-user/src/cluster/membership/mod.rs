@@ -213,7 +213,8 @@ struct Seen {
 /// What of a peer's view differs from this node's (see [`PeerStatus::differs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Differs {
-    /// The global policies (match, limit, window, grouping) or `peer_timeout`.
+    /// The global policies (match, limit, window, grouping), the policies nested inside them, or
+    /// `peer_timeout`.
     Policies,
     /// The member list (the ids counted, and endpoints whose node is not known yet).
     Members,
