@@ -91,7 +91,7 @@ pub struct RlsOptions {
     /// address's client, sharing its packets' budget (`--rls-address-clients`, on by default).
     pub address_clients: bool,
     /// Add `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` and, when denied,
-    /// `Retry-After` to `response_headers_to_add` (`--rls-headers`).
+    /// `Retry-After` to `response_headers_to_add` (`--rls-headers`; see `response`).
     pub headers: bool,
     /// The body of a denied request (`raw_body`), if set (`--rls-deny-body`).
     pub deny_body: Option<Vec<u8>>,
@@ -243,15 +243,22 @@ impl<B: Budget> RlsService<B> {
         // together do not). An enforced check needs only the enforced ones' (a shadow
         // descriptor must never deny the request); a shadow one needs every check's, so that
         // it is spent only when the enforced checks beside it fit too.
+        // A descriptor of no hits (its own `hits_addend: 0`) asks whether its client has any
+        // left: one more than the request's hits on it.
         let needed: Vec<u32> = checks
             .iter()
             .map(|(_, r, shadow)| {
-                hits_on_client(
+                let hits = hits_on_client(
                     r,
                     checks
                         .iter()
                         .filter(|(_, _, other)| !enforced(*shadow) || enforced(*other)),
-                )
+                );
+                if r.hits == 0 {
+                    hits.saturating_add(1)
+                } else {
+                    hits
+                }
             })
             .collect();
         let _held = self.locks.hold(checks.iter().map(|(_, r, _)| r));
@@ -269,6 +276,7 @@ impl<B: Budget> RlsService<B> {
                 .map_err(unavailable)?
             {
                 AllOrNone::Spent(spent) => {
+                    // A descriptor of no hits had one left beside the others' (`needed`).
                     for ((i, r, _), d) in checks.iter().zip(spent) {
                         let over = (d.dry_run_denied || !d.allowed) && r.hits > 0;
                         outcomes[*i] = Some(Outcome {
@@ -349,7 +357,13 @@ impl<B: Budget> RlsService<B> {
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
         for (k, d) in spend.iter().zip(spent) {
-            let over = (d.dry_run_denied || !d.allowed) && checks[*k].1.hits > 0;
+            let over = if checks[*k].1.hits > 0 {
+                d.dry_run_denied || !d.allowed
+            } else {
+                // No hits: over when nothing is left. After a read it had one left beside the
+                // request's other hits on its client (`needed`).
+                read.is_none() && d.remaining == 0
+            };
             outcomes[checks[*k].0] = Some(Outcome {
                 decision: d,
                 over,
@@ -387,8 +401,12 @@ impl<B: Budget> RlsService<B> {
         let dry_run = self.budget.dry_run();
         let mut statuses = Vec::with_capacity(plans.len());
         let mut over_limit = false;
-        // For the headers: the status with the least left, and the longest wait of the denied.
+        // For the headers: the status with the least left; of a denied request, the denied
+        // status with the longest wait (the one that caused the denial, as envoyproxy/ratelimit
+        // reports it), and that wait unless only a blocked descriptor (which never admits, so
+        // no retry helps) denied it.
         let mut tightest: Option<(u32, u32, Duration)> = None;
+        let mut denied: Option<(u32, u32, Duration)> = None;
         let mut retry: Option<Duration> = None;
         for (plan, outcome) in plans.iter().zip(outcomes) {
             let status = match (plan, outcome) {
@@ -404,13 +422,17 @@ impl<B: Budget> RlsService<B> {
                 (Plan::Blocked(limit), _) => {
                     let enforced = !limit.shadow_mode && !dry_run;
                     over_limit |= enforced;
+                    // Its quota (none) comes back whole at the end of its unit, as
+                    // envoyproxy/ratelimit reports it; no Retry-After (see above).
+                    let unit = Duration::from_secs(limit.unit.seconds());
                     if enforced {
-                        retry = retry.max(Some(Duration::ZERO));
+                        denied = longer_wait(denied, (0, 0, unit));
                     }
-                    tightest = tighter(tightest, (0, 0, Duration::ZERO));
+                    tightest = tighter(tightest, (0, 0, unit));
                     DescriptorStatus {
                         code: if enforced { Code::OverLimit } else { Code::Ok } as i32,
                         current_limit: Some(pb_limit(limit.requests_per_unit, limit.unit, limit)),
+                        duration_until_reset: Some(pb_duration(unit)),
                         ..DescriptorStatus::default()
                     }
                 }
@@ -426,6 +448,9 @@ impl<B: Budget> RlsService<B> {
                     let next = d.next_after.unwrap_or(Duration::ZERO);
                     if enforced {
                         retry = retry.max(Some(next));
+                        // The headers of a denial say none left (the status says what fewer
+                        // hits would still find).
+                        denied = longer_wait(denied, (current.requests_per_unit, 0, next));
                     }
                     if d.action == Action::Limit || d.action == Action::Drop {
                         tightest =
@@ -457,7 +482,7 @@ impl<B: Budget> RlsService<B> {
             ..RateLimitResponse::default()
         };
         if self.options.headers
-            && let Some((limit, remaining, reset)) = tightest
+            && let Some((limit, remaining, reset)) = denied.or(tightest)
         {
             let mut headers = vec![
                 header("RateLimit-Limit", limit.to_string()),
@@ -570,6 +595,18 @@ fn hits_on_client<'a>(
     checks
         .filter(|(_, o, _)| same_client(r, o))
         .fold(0u32, |sum, (_, o, _)| sum.saturating_add(o.hits))
+}
+
+/// Of two denied statuses (limit, remaining, wait), the one with the longer wait; the first
+/// on a tie.
+fn longer_wait(
+    current: Option<(u32, u32, Duration)>,
+    candidate: (u32, u32, Duration),
+) -> Option<(u32, u32, Duration)> {
+    match current {
+        Some(c) if c.2 >= candidate.2 => Some(c),
+        _ => Some(candidate),
+    }
 }
 
 fn tighter(

@@ -340,6 +340,43 @@ fn hits_addend_zero_means_one_and_a_descriptor_may_override_it() {
     assert_eq!((r.overall_code, r.statuses[0].limit_remaining), (OK, 0));
 }
 
+/// A descriptor's own `hits_addend: 0` spends nothing and asks whether its client has a hit
+/// left: OVER_LIMIT once it has none, and then the request's other descriptors are not spent.
+#[test]
+fn a_descriptor_of_no_hits_is_a_probe() {
+    let (svc, sim) = service();
+    let mut probe = desc(&[("user", "fay")]);
+    probe.hits_addend = Some(UInt64Value { value: 0 });
+    let r = svc.answer(&request(vec![probe.clone()])).unwrap();
+    assert_eq!(codes(&r), (OK, vec![OK]));
+    assert_eq!(r.statuses[0].limit_remaining, 5, "nothing spent");
+    let mut five = request(vec![desc(&[("user", "fay")])]);
+    five.hits_addend = 5;
+    assert_eq!(codes(&svc.answer(&five).unwrap()), (OK, vec![OK]));
+    let r = svc.answer(&request(vec![probe.clone()])).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER]), "none left");
+    // Beside another descriptor: denied whole, the other not spent.
+    let before = sim.spent().len();
+    let r = svc
+        .answer(&request(vec![desc(&[("path", "/z")]), probe.clone()]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(sim.spent().len(), before);
+    assert_eq!(r.statuses[0].limit_remaining, 3, "path not spent");
+    // On the same client as a descriptor that spends: one left is not enough for both.
+    let (svc, _) = service();
+    let mut four = request(vec![desc(&[("user", "gus")])]);
+    four.hits_addend = 4;
+    svc.answer(&four).unwrap();
+    let mut probe = desc(&[("user", "gus")]);
+    probe.hits_addend = Some(UInt64Value { value: 0 });
+    let r = svc
+        .answer(&request(vec![desc(&[("user", "gus")]), probe]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(r.statuses[0].limit_remaining, 1, "the spend did not happen");
+}
+
 #[test]
 fn a_request_limit_override_replaces_the_rule() {
     let (svc, _) = service();
@@ -539,6 +576,72 @@ fn headers_and_body_when_asked_for() {
     assert_eq!(h[2], ("RateLimit-Reset".to_string(), seconds.clone()));
     assert_eq!(h[3], ("Retry-After".to_string(), seconds));
     assert_eq!(r.raw_body, b"slow down");
+}
+
+/// A denial's headers describe a denied descriptor, with none left, even when another
+/// descriptor has less left (as envoyproxy/ratelimit reports the over-limit one); its status
+/// still says what fewer hits would find.
+#[test]
+fn a_denials_headers_are_the_denied_descriptors() {
+    let (svc, _) = service_with(
+        Sim::new(false),
+        RlsOptions {
+            headers: true,
+            ..RlsOptions::default()
+        },
+    );
+    let header_of = |r: &RateLimitResponse, key: &str| {
+        r.response_headers_to_add
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| h.value.clone())
+    };
+    // `path` 3 a second: 2 left after one hit. `user` 5 a minute: 4 hits of 5 spent, 1 left.
+    svc.answer(&request(vec![desc(&[("path", "/y")])])).unwrap();
+    let mut four = request(vec![desc(&[("user", "ed")])]);
+    four.hits_addend = 4;
+    svc.answer(&four).unwrap();
+    // 2 hits on each: `path` fits (2 left), `user` does not (1 left): denied, by `user`.
+    let mut req = request(vec![desc(&[("path", "/y")]), desc(&[("user", "ed")])]);
+    req.hits_addend = 2;
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(
+        r.statuses[1].limit_remaining, 1,
+        "the status: one hit would fit"
+    );
+    assert_eq!(header_of(&r, "RateLimit-Limit").as_deref(), Some("5"));
+    assert_eq!(header_of(&r, "RateLimit-Remaining").as_deref(), Some("0"));
+    assert!(header_of(&r, "Retry-After").is_some());
+}
+
+/// A descriptor of `requests_per_unit: 0` never admits: its denial carries no `Retry-After`
+/// (no retry helps), and its quota's reset is the end of its unit, not now.
+#[test]
+fn a_blocked_descriptor_sends_no_retry_after() {
+    let (svc, _) = service_with(
+        Sim::new(false),
+        RlsOptions {
+            headers: true,
+            ..RlsOptions::default()
+        },
+    );
+    let r = svc
+        .answer(&request(vec![desc(&[("banned", "b")])]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER]));
+    let wait = r.statuses[0].duration_until_reset.unwrap();
+    assert_eq!((wait.seconds, wait.nanos), (1, 0), "its unit: a second");
+    let keys: Vec<&str> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| h.key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]
+    );
+    assert_eq!(r.response_headers_to_add[2].value, "1");
 }
 
 #[test]
