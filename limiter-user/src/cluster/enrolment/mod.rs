@@ -565,8 +565,11 @@ impl Enrolment {
         if !self.owned.contains_key(&msg.client) {
             // A ledger opens for hot demand, 0.8 of the cold share or more, as the programs report
             // it (a report that is not hot, such as a released holder's last one, opens nothing).
-            let mine = owner::owner(&msg.client, view.members) == Some(&self.me);
-            if !(mine && view.agreed && is_hot(msg.report.demand, info.cold)) {
+            // The cheap tests first: the owner's is a hash per member, and a message may carry
+            // tens of thousands of reports.
+            if !(view.agreed && is_hot(msg.report.demand, info.cold))
+                || owner::owner(&msg.client, view.members) != Some(&self.me)
+            {
                 return;
             }
             if self.owned.len() >= self.capacity {
@@ -630,6 +633,11 @@ impl Enrolment {
         match self.held.get_mut(&msg.client) {
             Some(held) if held.policy != msg.policy => self.foreign += 1,
             Some(held) if held.owner == *from => {
+                // A release older than a message heard since (a late copy, or an earlier
+                // ledger's) would drop a grant the owner's newer ledger counts.
+                if msg.release && held.holder.echo().is_some_and(|e| msg.message.message < e) {
+                    return;
+                }
                 written::wake(held, &mut self.written, &msg.client);
                 if msg.release {
                     self.held.remove(&msg.client);
@@ -642,8 +650,7 @@ impl Enrolment {
                 if msg.release {
                     return;
                 }
-                let owner = owner::owner(&msg.client, view.members);
-                if !(view.agreed && owner == Some(from)) {
+                if !view.agreed || owner::owner(&msg.client, view.members) != Some(from) {
                     self.foreign += 1;
                     return;
                 }

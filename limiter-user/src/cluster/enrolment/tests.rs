@@ -1070,6 +1070,53 @@ mod second_review {
         );
     }
 
+    /// A release older than a message the holder has heard since (a late copy, sent in an
+    /// answer and overtaken by a heartbeat, or an earlier ledger's) is ignored: the owner's
+    /// newer ledger counts the grant it would drop. A current release lets the client go.
+    #[test]
+    fn a_late_release_is_ignored() {
+        let three = ids(3);
+        let client = [7u8; 16];
+        let owner = owner::owner(&client, &three).expect("an owner").clone();
+        let me = three
+            .iter()
+            .find(|m| **m != owner)
+            .expect("another member")
+            .clone();
+        let view = alone_view(&three, true);
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 3,
+        };
+        let mut node = Enrolment::new(me.clone(), timing(), 1, 16);
+        let now = Duration::from_secs(100);
+        let message = |number: u64, release: bool| GrantMsg {
+            client,
+            policy: 1,
+            message: ToHolder {
+                message: number,
+                grant: (!release).then_some(crate::cluster::lease::Grant {
+                    seq: number,
+                    value: 2,
+                    answers: 0,
+                }),
+                terms: None,
+            },
+            release,
+        };
+        let base = (2 << 48) | 1_000;
+        node.receive_grant(now, &view, &owner, message(base + 5, false), Some(info));
+        assert!(node.holds(&client), "enrolled by its owner's cut");
+        node.receive_grant(now, &view, &owner, message(base + 4, true), Some(info));
+        assert!(
+            node.holds(&client),
+            "a release older than the cut is ignored"
+        );
+        node.receive_grant(now, &view, &owner, message(base + 6, true), Some(info));
+        assert!(!node.holds(&client), "a newer release lets it go");
+    }
+
     /// The owner is killed and comes back after more than the silence limit (a member listed in
     /// the others' configs stays the owner meanwhile). The holders let the client go once the
     /// owner is silent for the silence limit, but the fast path reports a client hot only when it

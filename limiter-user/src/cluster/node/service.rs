@@ -17,7 +17,7 @@ use super::{NodeError, Shared, Traffic, enrolment};
 use crate::{
     cluster::{
         NodeId,
-        membership::{Heard, Report},
+        membership::{Heard, Refusal, Report},
     },
     proto::cluster::{Heartbeat, peer_client::PeerClient, peer_server::Peer},
 };
@@ -85,6 +85,8 @@ impl Peer for PeerService {
         };
         let hb = request.into_inner();
         Traffic::add(&self.0.traffic.bytes_received, hb.encoded_len());
+        // First: a valid node_id is at most 63 bytes, so the messages below quote no more.
+        let report = to_report(&hb)?;
         if let Some(cn) = certified
             && cn != hb.node_id
         {
@@ -94,7 +96,6 @@ impl Peer for PeerService {
                 hb.node_id
             )));
         }
-        let report = to_report(&hb)?;
         // The whole message is read before any of it is taken in: one refused for its
         // enrolment part changes no membership either.
         let incoming = enrolment::from_wire(&hb)?;
@@ -109,10 +110,15 @@ impl Peer for PeerService {
         }
         let mut heard = Heard::Known;
         if !(own && hb.nonce == self.0.nonce) {
-            heard = state
-                .membership
-                .heard(&report, now)
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            heard = state.membership.heard(&report, now).map_err(|e| match e {
+                // Bad input, not a refusal of the member.
+                Refusal::NoMembers | Refusal::TooManyMembers(_) => {
+                    Status::invalid_argument(format!("members: {e}"))
+                }
+                Refusal::OwnId(_) | Refusal::TooMany(_) => {
+                    Status::failed_precondition(e.to_string())
+                }
+            })?;
         }
         let me = state
             .membership

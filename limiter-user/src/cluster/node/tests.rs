@@ -221,7 +221,7 @@ async fn peers_without_the_token_or_as_this_node_are_refused() {
         })
         .await
         .expect_err("members: u32::MAX");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("more than any node's view"), "{e:?}");
     let s = n1.status();
     assert_eq!(
