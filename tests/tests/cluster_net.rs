@@ -252,6 +252,8 @@ fn dropping_the_network_kills_its_agents_and_removes_everything() -> Result<()> 
             "{} left behind",
             pin_dir(iface).display()
         );
+        let socket = limiter_user::api::default_socket(iface);
+        assert!(!socket.exists(), "{} left behind", socket.display());
     }
     Ok(())
 }

@@ -343,7 +343,7 @@ fn namespace_owner(name: &str) -> Option<u32> {
 /// What dropping a network does: kills the agents still in `agents` (a guard leaked, or the
 /// test panicked before dropping it: an agent holds the namespace, and its interface, alive),
 /// deletes the namespaces in `namespaces` (last first), which destroys their veth pairs, and
-/// removes the pin directories of `ifaces`, shared by all namespaces.
+/// removes the pin directories and default API sockets of `ifaces`, shared by all namespaces.
 fn teardown(agents: &AgentRegistry, namespaces: &[String], ifaces: &[&str]) {
     let pids: Vec<u32> = mem::take(&mut *agents.lock().unwrap_or_else(|e| e.into_inner()));
     for pid in pids {
@@ -371,6 +371,9 @@ fn teardown(agents: &AgentRegistry, namespaces: &[String], ifaces: &[&str]) {
     }
     for iface in ifaces {
         let _ = fs::remove_dir_all(pin_dir(iface));
+        // The default API socket of an agent killed above: only the agent could have removed
+        // it, and the interface (so the name) is gone with the namespace.
+        let _ = fs::remove_file(limiter_user::api::default_socket(iface));
     }
 }
 
