@@ -244,21 +244,20 @@ impl<B: Budget> RlsService<B> {
         // descriptor must never deny the request); a shadow one needs every check's, so that
         // it is spent only when the enforced checks beside it fit too.
         // A descriptor of no hits (its own `hits_addend: 0`) asks whether its client has any
-        // left: one more than the request's hits on it.
+        // left: every check on that client needs one more than the request's hits on it (the
+        // same need for each, so the client is probed once, and a refused probe counts one
+        // refused hit, not one per check).
         let needed: Vec<u32> = checks
             .iter()
             .map(|(_, r, shadow)| {
-                let hits = hits_on_client(
-                    r,
+                let counted = || {
                     checks
                         .iter()
-                        .filter(|(_, _, other)| !enforced(*shadow) || enforced(*other)),
-                );
-                if r.hits == 0 {
-                    hits.saturating_add(1)
-                } else {
-                    hits
-                }
+                        .filter(|(_, _, other)| !enforced(*shadow) || enforced(*other))
+                };
+                let hits = hits_on_client(r, counted());
+                let probed = counted().any(|(_, o, _)| o.hits == 0 && same_client(r, o));
+                if probed { hits.saturating_add(1) } else { hits }
             })
             .collect();
         let _held = self.locks.hold(checks.iter().map(|(_, r, _)| r));
@@ -403,11 +402,14 @@ impl<B: Budget> RlsService<B> {
         let mut over_limit = false;
         // For the headers: the status with the least left; of a denied request, the denied
         // status with the longest wait (the one that caused the denial, as envoyproxy/ratelimit
-        // reports it), and that wait unless only a blocked descriptor (which never admits, so
-        // no retry helps) denied it.
+        // reports it). `Retry-After` is the longest wait of the denied, but only when it is
+        // known to help: not when a descriptor that never admits denied the request (a
+        // `requests_per_unit: 0` rule, or an address under a `drop` policy), and not for a
+        // wait of zero (more hits asked than are left, which no wait of one hit measures).
         let mut tightest: Option<(u32, u32, Duration)> = None;
         let mut denied: Option<(u32, u32, Duration)> = None;
         let mut retry: Option<Duration> = None;
+        let mut never_admits = false;
         for (plan, outcome) in plans.iter().zip(outcomes) {
             let status = match (plan, outcome) {
                 (Plan::NoLimit, _) => DescriptorStatus {
@@ -427,6 +429,7 @@ impl<B: Budget> RlsService<B> {
                     let unit = Duration::from_secs(limit.unit.seconds());
                     if enforced {
                         denied = longer_wait(denied, (0, 0, unit));
+                        never_admits = true;
                     }
                     tightest = tighter(tightest, (0, 0, unit));
                     DescriptorStatus {
@@ -448,6 +451,7 @@ impl<B: Budget> RlsService<B> {
                     let next = d.next_after.unwrap_or(Duration::ZERO);
                     if enforced {
                         retry = retry.max(Some(next));
+                        never_admits |= d.next_after.is_none();
                         // The headers of a denial say none left (the status says what fewer
                         // hits would still find).
                         denied = longer_wait(denied, (current.requests_per_unit, 0, next));
@@ -489,7 +493,10 @@ impl<B: Budget> RlsService<B> {
                 header("RateLimit-Remaining", remaining.to_string()),
                 header("RateLimit-Reset", ceil_seconds(reset).to_string()),
             ];
-            if over_limit && let Some(retry) = retry {
+            if over_limit
+                && !never_admits
+                && let Some(retry) = retry.filter(|r| !r.is_zero())
+            {
                 headers.push(header("Retry-After", ceil_seconds(retry).to_string()));
             }
             response.response_headers_to_add = headers;

@@ -257,12 +257,14 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
             if matches!(
                 status.code(),
                 tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
                     | tonic::Code::Unauthenticated
                     | tonic::Code::PermissionDenied
             ) =>
         {
-            // Refused as a member (another node uses this id) or not authenticated (the tokens
-            // differ, or the certificate does not name the node): worth an operator's eye, once
+            // Refused as a member (another node uses this id), for what it sent (a member
+            // count the peer cannot take) or not authenticated (the tokens differ, or the
+            // certificate does not name the node): worth an operator's eye, once
             // a minute rather than at every heartbeat. Keyed by the code, not the message,
             // which a peer may vary at will.
             if shared.say(format!("refused {addr}"), &format!("{:?}", status.code())) {

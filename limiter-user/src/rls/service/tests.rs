@@ -363,7 +363,8 @@ fn a_descriptor_of_no_hits_is_a_probe() {
     assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
     assert_eq!(sim.spent().len(), before);
     assert_eq!(r.statuses[0].limit_remaining, 3, "path not spent");
-    // On the same client as a descriptor that spends: one left is not enough for both.
+    // On the same client as a descriptor that spends: one left is not enough for both, and
+    // both say so (as two descriptors on one client that fit alone but not together).
     let (svc, _) = service();
     let mut four = request(vec![desc(&[("user", "gus")])]);
     four.hits_addend = 4;
@@ -373,7 +374,7 @@ fn a_descriptor_of_no_hits_is_a_probe() {
     let r = svc
         .answer(&request(vec![desc(&[("user", "gus")]), probe]))
         .unwrap();
-    assert_eq!(codes(&r), (OVER, vec![OK, OVER]));
+    assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
     assert_eq!(r.statuses[0].limit_remaining, 1, "the spend did not happen");
 }
 
@@ -612,7 +613,27 @@ fn a_denials_headers_are_the_denied_descriptors() {
     );
     assert_eq!(header_of(&r, "RateLimit-Limit").as_deref(), Some("5"));
     assert_eq!(header_of(&r, "RateLimit-Remaining").as_deref(), Some("0"));
-    assert!(header_of(&r, "Retry-After").is_some());
+    // One hit is left, so no wait for one hit measures when two would fit: no Retry-After
+    // (not `Retry-After: 0`, which would ask for the same refusal at once).
+    assert_eq!(header_of(&r, "Retry-After"), None);
+    // Beside a descriptor that never admits, no Retry-After either, whatever the other waits.
+    let mut one = request(vec![desc(&[("user", "ed")])]);
+    one.hits_addend = 1;
+    svc.answer(&one).unwrap();
+    let r = svc
+        .answer(&request(vec![
+            desc(&[("user", "ed")]),
+            desc(&[("banned", "x")]),
+        ]))
+        .unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
+    assert!(r.statuses[0].duration_until_reset.unwrap().seconds > 0);
+    assert_eq!(header_of(&r, "Retry-After"), None);
+    // Alone and out of hits: the wait for one.
+    let r = svc.answer(&request(vec![desc(&[("user", "ed")])])).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER]));
+    let retry: u64 = header_of(&r, "Retry-After").unwrap().parse().unwrap();
+    assert!(retry > 0, "{retry}");
 }
 
 /// A descriptor of `requests_per_unit: 0` never admits: its denial carries no `Retry-After`
