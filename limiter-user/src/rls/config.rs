@@ -1,6 +1,6 @@
 //! envoyproxy/ratelimit's configuration, read as that service reads it: one YAML document per
-//! file with a `domain` and nested `descriptors` (`key`, optional `value` with a `*` suffix
-//! wildcard, `rate_limit { unit, requests_per_unit, unlimited, name, replaces }`,
+//! file with a `domain` and nested `descriptors` (`key`, optional `value` with `*` wildcards
+//! anywhere in it, `rate_limit { unit, requests_per_unit, unlimited, name, replaces }`,
 //! `shadow_mode`, `detailed_metric`, `descriptors`), from one file or from every `*.yaml` /
 //! `*.yml` file of a directory (not its subdirectories; dotfiles skipped), one domain per file.
 //!
@@ -196,8 +196,8 @@ pub struct Rule {
     pub series: Option<SeriesRef>,
 }
 
-/// A `descriptors` list, indexed for matching: by key, then exact values, `*` suffix
-/// wildcards (in file order) and the key-only rule.
+/// A `descriptors` list, indexed for matching: by key, then exact values, wildcard values
+/// (in file order) and the key-only rule.
 #[derive(Debug, Clone, Default)]
 pub struct Descriptors {
     by_key: HashMap<String, KeyRules>,
@@ -206,13 +206,57 @@ pub struct Descriptors {
 #[derive(Debug, Clone, Default)]
 struct KeyRules {
     values: HashMap<String, Rule>,
-    wildcards: Vec<(String, Rule)>,
+    wildcards: Vec<(Wildcard, Rule)>,
     any: Option<Rule>,
+}
+
+/// A `value` with `*` in it, anywhere and any number of times (envoyproxy/ratelimit's
+/// README, example 9): each `*` matches any run of characters, the empty one too; the
+/// literal parts between must appear in order, the first at the start and the last at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wildcard {
+    /// The value split at each `*` (at least two parts: `a*` is `["a", ""]`).
+    parts: Vec<String>,
+}
+
+impl Wildcard {
+    /// `value` as a wildcard, if it has a `*`.
+    pub fn new(value: &str) -> Option<Wildcard> {
+        value.contains('*').then(|| Wildcard {
+            parts: value.split('*').map(str::to_string).collect(),
+        })
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        let (first, rest) = match self.parts.split_first() {
+            Some(split) => split,
+            None => return false,
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return value == first;
+        };
+        if value.len() < self.parts.iter().map(String::len).sum::<usize>() {
+            return false;
+        }
+        let Some(mut between) = value
+            .strip_prefix(first.as_str())
+            .and_then(|v| v.strip_suffix(last.as_str()))
+        else {
+            return false;
+        };
+        for part in middle {
+            match between.find(part.as_str()) {
+                Some(at) => between = &between[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 impl Descriptors {
     /// The rule for one request entry: `key` with `value` exactly, else the first wildcard
-    /// whose prefix `value` starts with, else `key` alone.
+    /// (in file order) `value` matches, else `key` alone.
     pub fn lookup(&self, key: &str, value: &str) -> Option<&Rule> {
         let rules = self.by_key.get(key)?;
         rules
@@ -222,7 +266,7 @@ impl Descriptors {
                 rules
                     .wildcards
                     .iter()
-                    .find(|(prefix, _)| value.starts_with(prefix.as_str()))
+                    .find(|(wildcard, _)| wildcard.matches(value))
                     .map(|(_, rule)| rule)
             })
             .or(rules.any.as_ref())
@@ -639,10 +683,10 @@ fn build_list(
         let rules = list.by_key.entry(key).or_default();
         let duplicate = match value {
             None => rules.any.replace(rule).is_some(),
-            Some(v) => match v.strip_suffix('*') {
-                Some(prefix) => {
-                    let dup = rules.wildcards.iter().any(|(p, _)| p == prefix);
-                    rules.wildcards.push((prefix.to_string(), rule));
+            Some(v) => match Wildcard::new(&v) {
+                Some(wildcard) => {
+                    let dup = rules.wildcards.iter().any(|(w, _)| *w == wildcard);
+                    rules.wildcards.push((wildcard, rule));
                     dup
                 }
                 None => rules.values.insert(v, rule).is_some(),

@@ -531,3 +531,96 @@ fn a_directory_loads_its_yaml_files_and_skips_the_rest() {
     assert_ne!(RlsConfig::fingerprint_of(&dir).unwrap(), first);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Example 9 of envoyproxy/ratelimit's README (since its wildcard matching took `*` anywhere):
+/// a middle wildcard needs the prefix and the suffix, several match their segments in order,
+/// and each `*` matches the empty run too.
+#[test]
+fn example_9_wildcards_in_the_middle_and_several() {
+    let c = config(
+        "domain: example9
+descriptors:
+  - key: path
+    value: /api/*/action
+    rate_limit: { unit: minute, requests_per_unit: 20 }
+  - key: route
+    value: /api/*/resource/*/action
+    rate_limit: { unit: minute, requests_per_unit: 30 }
+  - key: route
+    value: \"*\"
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+",
+    );
+    let at = |key: &str, value: &str| limit(&c, "example9", &[(key, value)]);
+    assert_eq!(at("path", "/api/123/action"), per(20, Unit::Minute));
+    assert_eq!(at("path", "/api/user-id/action"), per(20, Unit::Minute));
+    assert_eq!(at("path", "/api//action"), per(20, Unit::Minute));
+    assert_eq!(at("path", "/api/123/other"), Applies::Nothing);
+    assert_eq!(
+        at("path", "/api/action"),
+        Applies::Nothing,
+        "prefix and suffix overlap"
+    );
+    assert_eq!(
+        at("route", "/api/v1/resource/123/action"),
+        per(30, Unit::Minute)
+    );
+    // Not in order: the file's next wildcard, `*`, takes it (and the empty value).
+    assert_eq!(
+        at("route", "/api/v1/action/123/resource"),
+        per(1, Unit::Minute)
+    );
+    assert_eq!(at("route", ""), per(1, Unit::Minute));
+}
+
+mod wildcards {
+    use proptest::prelude::*;
+
+    use crate::rls::config::Wildcard;
+
+    proptest! {
+        /// The literal parts in order, with anything between them, always match; a trailing
+        /// `*` alone is the prefix match it was before wildcards could sit anywhere.
+        #[test]
+        fn parts_in_order_with_anything_between_match(
+            parts in prop::collection::vec("[a-c/]{0,3}", 2..5),
+            fill in prop::collection::vec("[a-d/*]{0,4}", 5),
+            value in "[a-c/]{0,6}",
+            prefix in "[a-c/]{0,3}",
+        ) {
+            let pattern = parts.join("*");
+            let wildcard = Wildcard::new(&pattern).expect("a * in it");
+            let mut built = parts[0].clone();
+            for (part, between) in parts[1..].iter().zip(&fill) {
+                built.push_str(between);
+                built.push_str(part);
+            }
+            prop_assert!(wildcard.matches(&built), "{pattern:?} ~ {built:?}");
+            let trailing = Wildcard::new(&format!("{prefix}*")).expect("a * in it");
+            prop_assert_eq!(trailing.matches(&value), value.starts_with(prefix.as_str()));
+        }
+
+        /// Against a reference: a regular expression of the same pattern, anchored.
+        #[test]
+        fn matches_as_an_anchored_regular_expression_would(
+            pattern in "[ab*]{1,6}",
+            value in "[ab]{0,8}",
+        ) {
+            prop_assume!(pattern.contains('*'));
+            let wildcard = Wildcard::new(&pattern).expect("a * in it");
+            prop_assert_eq!(wildcard.matches(&value), reference(&pattern, &value));
+        }
+    }
+
+    /// `*` as any run, by recursion: slow and plainly right.
+    fn reference(pattern: &str, value: &str) -> bool {
+        match pattern.split_once('*') {
+            None => pattern == value,
+            Some((head, tail)) => value.strip_prefix(head).is_some_and(|rest| {
+                (0..=rest.len())
+                    .filter(|&i| rest.is_char_boundary(i))
+                    .any(|i| reference(tail, &rest[i..]))
+            }),
+        }
+    }
+}
