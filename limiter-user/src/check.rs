@@ -575,7 +575,8 @@ pub fn same_client(a: &CheckRequest, b: &CheckRequest) -> bool {
 /// request asks of the client in all: a shadow descriptor's need also counts the enforced
 /// checks beside it), 0 at the others, so that a short client's refused hits are counted once.
 /// When the enforced checks fit and only a shadow one is short, the enforced hits are spent
-/// and counted again in that figure: the client's demand is overstated by them, never more.
+/// and counted again in that figure: the client's demand is overstated by them (and by one
+/// for a probe of no hits, which asks one more than the request's hits), never more.
 fn asked_of_each_client(checks: &[(CheckRequest, u32)]) -> Vec<u32> {
     let mut asked = vec![0; checks.len()];
     for (i, (c, needed)) in checks.iter().enumerate() {

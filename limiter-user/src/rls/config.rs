@@ -215,6 +215,10 @@ struct KeyRules {
 /// literal parts between must appear in order, the first at the start and the last at the end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wildcard {
+    /// The value as written: a request value equal to it is this rule's, before any wildcard
+    /// is tried (envoyproxy/ratelimit keeps its wildcard rules under their text, which its
+    /// exact lookup finds first).
+    raw: String,
     /// The value split at each `*` (at least two parts: `a*` is `["a", ""]`).
     parts: Vec<String>,
 }
@@ -223,6 +227,7 @@ impl Wildcard {
     /// `value` as a wildcard, if it has a `*`.
     pub fn new(value: &str) -> Option<Wildcard> {
         value.contains('*').then(|| Wildcard {
+            raw: value.to_string(),
             parts: value.split('*').map(str::to_string).collect(),
         })
     }
@@ -255,20 +260,22 @@ impl Wildcard {
 }
 
 impl Descriptors {
-    /// The rule for one request entry: `key` with `value` exactly, else the first wildcard
-    /// (in file order) `value` matches, else `key` alone.
+    /// The rule for one request entry: `key` with `value` exactly (a wildcard rule's own text
+    /// included), else the first wildcard (in file order) `value` matches, else `key` alone.
     pub fn lookup(&self, key: &str, value: &str) -> Option<&Rule> {
         let rules = self.by_key.get(key)?;
+        let wildcard = |found: &dyn Fn(&Wildcard) -> bool| {
+            rules
+                .wildcards
+                .iter()
+                .find(|(w, _)| found(w))
+                .map(|(_, rule)| rule)
+        };
         rules
             .values
             .get(value)
-            .or_else(|| {
-                rules
-                    .wildcards
-                    .iter()
-                    .find(|(wildcard, _)| wildcard.matches(value))
-                    .map(|(_, rule)| rule)
-            })
+            .or_else(|| wildcard(&|w| w.raw == value))
+            .or_else(|| wildcard(&|w| w.matches(value)))
             .or(rules.any.as_ref())
     }
 

@@ -4,9 +4,9 @@
 //! - a descriptor carrying a limit override uses it (whatever the rules say);
 //! - otherwise its entries are walked down the nested lists, entry `i` at depth `i`: `key` with
 //!   `value` exactly, else the first wildcard value of `key` (`*` anywhere, each matching any
-//!   run of characters) the value matches, else `key` alone. A rule's `rate_limit` applies only at the depth of the request's last entry
-//!   (a two-entry descriptor never takes a first-level limit), and the walk stops where a rule
-//!   has no nested list;
+//!   run of characters) the value matches, else `key` alone. A rule's `rate_limit` applies only
+//!   at the depth of the request's last entry (a two-entry descriptor never takes a
+//!   first-level limit), and the walk stops where a rule has no nested list;
 //! - a limit named in the `replaces` of another descriptor's limit in the same request is
 //!   dropped (that descriptor has no limit this time).
 

@@ -250,11 +250,9 @@ impl<B: Budget> RlsService<B> {
         let needed: Vec<u32> = checks
             .iter()
             .map(|(_, r, shadow)| {
-                let counted = || {
-                    checks
-                        .iter()
-                        .filter(|(_, _, other)| !enforced(*shadow) || enforced(*other))
-                };
+                // By the rules' shadow_mode, not by `enforced`: in dry-run mode the checks
+                // need what they would need if enforced.
+                let counted = || checks.iter().filter(|(_, _, other)| *shadow || !*other);
                 let hits = hits_on_client(r, counted());
                 let probed = counted().any(|(_, o, _)| o.hits == 0 && same_client(r, o));
                 if probed { hits.saturating_add(1) } else { hits }
@@ -282,6 +280,7 @@ impl<B: Budget> RlsService<B> {
                             decision: d,
                             over,
                             spent: !over,
+                            needed: 0,
                         });
                     }
                 }
@@ -291,14 +290,15 @@ impl<B: Budget> RlsService<B> {
                             decision: d,
                             over: !fits,
                             spent: false,
+                            needed: 0,
                         });
                     }
                 }
             }
-            return Ok(outcomes);
+            return Ok(with_needed(outcomes, &checks, &needed));
         }
         self.read_then_spend(&checks, &needed, blocked, enforced, &mut outcomes)?;
-        Ok(outcomes)
+        Ok(with_needed(outcomes, &checks, &needed))
     }
 
     /// One check, a shadow descriptor, dry-run mode or a blocked descriptor: a read first
@@ -341,6 +341,7 @@ impl<B: Budget> RlsService<B> {
                         decision: d.clone(),
                         over: !fits,
                         spent: false,
+                        needed: 0,
                     });
                 }
                 return Ok(());
@@ -367,6 +368,7 @@ impl<B: Budget> RlsService<B> {
                 decision: d,
                 over,
                 spent: !over,
+                needed: 0,
             });
         }
         if let Some(read) = read {
@@ -389,6 +391,7 @@ impl<B: Budget> RlsService<B> {
                         decision,
                         over: !*fits,
                         spent: false,
+                        needed: 0,
                     });
                 }
             }
@@ -404,12 +407,13 @@ impl<B: Budget> RlsService<B> {
         // status with the longest wait (the one that caused the denial, as envoyproxy/ratelimit
         // reports it). `Retry-After` is the longest wait of the denied, but only when it is
         // known to help: not when a descriptor that never admits denied the request (a
-        // `requests_per_unit: 0` rule, or an address under a `drop` policy), and not for a
-        // wait of zero (more hits asked than are left, which no wait of one hit measures).
+        // `requests_per_unit: 0` rule, an address under a `drop` policy, or a global share of
+        // none), and not when one denied asked more than one hit of its client (the waits are
+        // for one hit, which says nothing of when several fit).
         let mut tightest: Option<(u32, u32, Duration)> = None;
         let mut denied: Option<(u32, u32, Duration)> = None;
         let mut retry: Option<Duration> = None;
-        let mut never_admits = false;
+        let mut no_retry = false;
         for (plan, outcome) in plans.iter().zip(outcomes) {
             let status = match (plan, outcome) {
                 (Plan::NoLimit, _) => DescriptorStatus {
@@ -429,7 +433,7 @@ impl<B: Budget> RlsService<B> {
                     let unit = Duration::from_secs(limit.unit.seconds());
                     if enforced {
                         denied = longer_wait(denied, (0, 0, unit));
-                        never_admits = true;
+                        no_retry = true;
                     }
                     tightest = tighter(tightest, (0, 0, unit));
                     DescriptorStatus {
@@ -451,7 +455,7 @@ impl<B: Budget> RlsService<B> {
                     let next = d.next_after.unwrap_or(Duration::ZERO);
                     if enforced {
                         retry = retry.max(Some(next));
-                        never_admits |= d.next_after.is_none();
+                        no_retry |= d.next_after.is_none() || outcome.needed > 1;
                         // The headers of a denial say none left (the status says what fewer
                         // hits would still find).
                         denied = longer_wait(denied, (current.requests_per_unit, 0, next));
@@ -494,7 +498,7 @@ impl<B: Budget> RlsService<B> {
                 header("RateLimit-Reset", ceil_seconds(reset).to_string()),
             ];
             if over_limit
-                && !never_admits
+                && !no_retry
                 && let Some(retry) = retry.filter(|r| !r.is_zero())
             {
                 headers.push(header("Retry-After", ceil_seconds(retry).to_string()));
@@ -552,6 +556,23 @@ struct Outcome {
     /// The hits were spent (`decision` says what is left after them; otherwise what was left
     /// before).
     spent: bool,
+    /// What the request needed of its client (see `run`): a denial's wait is known only for
+    /// one hit.
+    needed: u32,
+}
+
+/// `outcomes` with each check's `needed` noted.
+fn with_needed(
+    mut outcomes: Vec<Option<Outcome>>,
+    checks: &[(usize, CheckRequest, bool)],
+    needed: &[u32],
+) -> Vec<Option<Outcome>> {
+    for ((i, _, _), n) in checks.iter().zip(needed) {
+        if let Some(outcome) = &mut outcomes[*i] {
+            outcome.needed = *n;
+        }
+    }
+    outcomes
 }
 
 /// Counts each limited descriptor's hits in its rule's series (see `hits`).

@@ -571,6 +571,31 @@ descriptors:
         per(1, Unit::Minute)
     );
     assert_eq!(at("route", ""), per(1, Unit::Minute));
+    // A value that is a wildcard rule's own text is that rule's, whatever comes first (as
+    // envoyproxy/ratelimit's exact lookup finds it).
+    assert_eq!(
+        at("route", "/api/*/resource/*/action"),
+        per(30, Unit::Minute)
+    );
+    let c = config(
+        "domain: example9
+descriptors:
+  - key: route
+    value: \"*\"
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+  - key: route
+    value: /api/*
+    rate_limit: { unit: minute, requests_per_unit: 2 }
+",
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("route", "/api/*")]),
+        per(2, Unit::Minute)
+    );
+    assert_eq!(
+        limit(&c, "example9", &[("route", "/api/x")]),
+        per(1, Unit::Minute)
+    );
 }
 
 mod wildcards {

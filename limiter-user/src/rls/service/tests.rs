@@ -634,6 +634,12 @@ fn a_denials_headers_are_the_denied_descriptors() {
     assert_eq!(codes(&r), (OVER, vec![OVER]));
     let retry: u64 = header_of(&r, "Retry-After").unwrap().parse().unwrap();
     assert!(retry > 0, "{retry}");
+    // Out of hits and asking two: the wait for one does not say when two fit.
+    let mut two = request(vec![desc(&[("user", "ed")])]);
+    two.hits_addend = 2;
+    let r = svc.answer(&two).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER]));
+    assert_eq!(header_of(&r, "Retry-After"), None);
 }
 
 /// A descriptor of `requests_per_unit: 0` never admits: its denial carries no `Retry-After`
