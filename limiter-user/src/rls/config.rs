@@ -219,37 +219,38 @@ pub struct Wildcard {
     /// is tried (envoyproxy/ratelimit keeps its wildcard rules under their text, which its
     /// exact lookup finds first).
     raw: String,
-    /// The value split at each `*` (at least two parts: `a*` is `["a", ""]`).
-    parts: Vec<String>,
+    /// The value split at each `*`: what it starts with, the parts between two `*`s, and what
+    /// it ends with (`a*` is `"a"`, none, `""`).
+    first: String,
+    middle: Vec<String>,
+    last: String,
 }
 
 impl Wildcard {
     /// `value` as a wildcard, if it has a `*`.
     pub fn new(value: &str) -> Option<Wildcard> {
-        value.contains('*').then(|| Wildcard {
+        let mut parts = value.split('*').map(str::to_string);
+        let first = parts.next()?;
+        let mut middle: Vec<String> = parts.collect();
+        // No `*`: no part after the first, so no wildcard.
+        let last = middle.pop()?;
+        Some(Wildcard {
             raw: value.to_string(),
-            parts: value.split('*').map(str::to_string).collect(),
+            first,
+            middle,
+            last,
         })
     }
 
     pub fn matches(&self, value: &str) -> bool {
-        let (first, rest) = match self.parts.split_first() {
-            Some(split) => split,
-            None => return false,
-        };
-        let Some((last, middle)) = rest.split_last() else {
-            return value == first;
-        };
-        if value.len() < self.parts.iter().map(String::len).sum::<usize>() {
-            return false;
-        }
+        // The prefix, then the suffix of what is left: the two never overlap.
         let Some(mut between) = value
-            .strip_prefix(first.as_str())
-            .and_then(|v| v.strip_suffix(last.as_str()))
+            .strip_prefix(self.first.as_str())
+            .and_then(|v| v.strip_suffix(self.last.as_str()))
         else {
             return false;
         };
-        for part in middle {
+        for part in &self.middle {
             match between.find(part.as_str()) {
                 Some(at) => between = &between[at + part.len()..],
                 None => return false,
@@ -264,18 +265,16 @@ impl Descriptors {
     /// included), else the first wildcard (in file order) `value` matches, else `key` alone.
     pub fn lookup(&self, key: &str, value: &str) -> Option<&Rule> {
         let rules = self.by_key.get(key)?;
-        let wildcard = |found: &dyn Fn(&Wildcard) -> bool| {
-            rules
-                .wildcards
-                .iter()
-                .find(|(w, _)| found(w))
-                .map(|(_, rule)| rule)
-        };
+        let wildcards = || rules.wildcards.iter();
         rules
             .values
             .get(value)
-            .or_else(|| wildcard(&|w| w.raw == value))
-            .or_else(|| wildcard(&|w| w.matches(value)))
+            .or_else(|| {
+                wildcards()
+                    .find(|(w, _)| w.raw == value)
+                    .or_else(|| wildcards().find(|(w, _)| w.matches(value)))
+                    .map(|(_, rule)| rule)
+            })
             .or(rules.any.as_ref())
     }
 

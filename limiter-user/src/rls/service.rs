@@ -274,31 +274,31 @@ impl<B: Budget> RlsService<B> {
             {
                 AllOrNone::Spent(spent) => {
                     // A descriptor of no hits had one left beside the others' (`needed`).
-                    for ((i, r, _), d) in checks.iter().zip(spent) {
+                    for (((i, r, _), d), n) in checks.iter().zip(spent).zip(&needed) {
                         let over = (d.dry_run_denied || !d.allowed) && r.hits > 0;
                         outcomes[*i] = Some(Outcome {
                             decision: d,
                             over,
                             spent: !over,
-                            needed: 0,
+                            needed: *n,
                         });
                     }
                 }
                 AllOrNone::Refused(read) => {
-                    for ((i, _, _), (d, fits)) in checks.iter().zip(read) {
+                    for (((i, _, _), (d, fits)), n) in checks.iter().zip(read).zip(&needed) {
                         outcomes[*i] = Some(Outcome {
                             decision: d,
                             over: !fits,
                             spent: false,
-                            needed: 0,
+                            needed: *n,
                         });
                     }
                 }
             }
-            return Ok(with_needed(outcomes, &checks, &needed));
+            return Ok(outcomes);
         }
         self.read_then_spend(&checks, &needed, blocked, enforced, &mut outcomes)?;
-        Ok(with_needed(outcomes, &checks, &needed))
+        Ok(outcomes)
     }
 
     /// One check, a shadow descriptor, dry-run mode or a blocked descriptor: a read first
@@ -336,12 +336,12 @@ impl<B: Budget> RlsService<B> {
                     .zip(read)
                     .any(|((_, _, shadow), (_, fits))| enforced(*shadow) && !fits);
             if denied {
-                for ((i, _, _), (d, fits)) in checks.iter().zip(read) {
+                for (((i, _, _), (d, fits)), n) in checks.iter().zip(read).zip(needed) {
                     outcomes[*i] = Some(Outcome {
                         decision: d.clone(),
                         over: !fits,
                         spent: false,
-                        needed: 0,
+                        needed: *n,
                     });
                 }
                 return Ok(());
@@ -368,7 +368,7 @@ impl<B: Budget> RlsService<B> {
                 decision: d,
                 over,
                 spent: !over,
-                needed: 0,
+                needed: needed[*k],
             });
         }
         if let Some(read) = read {
@@ -391,7 +391,7 @@ impl<B: Budget> RlsService<B> {
                         decision,
                         over: !*fits,
                         spent: false,
-                        needed: 0,
+                        needed: needed[k],
                     });
                 }
             }
@@ -559,20 +559,6 @@ struct Outcome {
     /// What the request needed of its client (see `run`): a denial's wait is known only for
     /// one hit.
     needed: u32,
-}
-
-/// `outcomes` with each check's `needed` noted.
-fn with_needed(
-    mut outcomes: Vec<Option<Outcome>>,
-    checks: &[(usize, CheckRequest, bool)],
-    needed: &[u32],
-) -> Vec<Option<Outcome>> {
-    for ((i, _, _), n) in checks.iter().zip(needed) {
-        if let Some(outcome) = &mut outcomes[*i] {
-            outcome.needed = *n;
-        }
-    }
-    outcomes
 }
 
 /// Counts each limited descriptor's hits in its rule's series (see `hits`).
