@@ -2089,8 +2089,9 @@ fn wall_clocks_off_by_seconds_and_an_hour_change_nothing() -> Result<()> {
 /// A member that restarts (adopting its pins) and runs its first enrolment rounds before it hears
 /// any peer (here its peer address is blackholed for its first half second) must still end up
 /// enrolled in every hot client's split once it hears them: a polite client at 0.9 · L, all on
-/// that node (which owns it), loses nothing, and a client at 3 × L (owned by node 0) gets 0.95 · L,
-/// before the restart and again a few seconds after.
+/// that node (which owns it), loses nothing (up to N, and 1% of a window that pacing slips), and
+/// a client at 3 × L (owned by node 0) gets 0.95 · L, before the restart and again a few seconds
+/// after.
 ///
 /// It failed every run before two fixes (node 1 is the restarted member):
 /// - Node 1's first rounds saw the members `[n1]` (its peers' endpoints had not answered, so their
@@ -2158,7 +2159,14 @@ fn a_member_restarted_before_it_hears_its_peers_takes_its_owners_grants() -> Res
         );
     }
     let status = c.status(1)?;
-    let polite_ok = |w: &ClientWindows| w.windows.iter().all(|&n| n + NODES >= polite_rate);
+    // Losing nothing, up to N (one packet a node may hold back) and 1% of a window: the sender's
+    // pacing moves a few packets across window edges (seen: [896, 904, 899] of 900). The failures
+    // this guards against lost hundreds a window.
+    let slack = NODES + polite_rate / 100;
+    let polite_ok = |w: &ClientWindows| {
+        w.windows.iter().all(|&n| n + slack >= polite_rate)
+            && w.total() + slack >= polite_rate * w.windows.len() as u64
+    };
     ensure!(
         polite_ok(&before[0]),
         "the polite client lost packets before the restart: {:?}",

@@ -616,6 +616,9 @@ fn the_new_client_cap_charges_what_checks_create_and_gives_the_rest_back() -> Re
     };
     let first = addrs(0, 15);
     let last = addrs(2, 5);
+    // The sender namespace's MLD reports from `::`: an entry the checks did not make, if it
+    // appears during them (as in `checks_of_random_addresses_create_at_most_the_cap`).
+    let stray_before = unix.client_stats("::")?.resident;
     let before = unix.global()?;
     let over = s.net.in_receiver(|| -> Result<usize> {
         let mut checker = tcp("127.0.0.1", &s.check)?;
@@ -647,8 +650,9 @@ fn the_new_client_cap_charges_what_checks_create_and_gives_the_rest_back() -> Re
         Ok(over)
     })??;
     let created = unix.global()?.clients_created - before.clients_created;
+    let stray = u64::from(unix.client_stats("::")?.resident && !stray_before);
     eprintln!("refused a call of {over} new addresses");
-    assert_eq!(created, (first.len() + last.len()) as u64);
+    assert_eq!(created, (first.len() + last.len()) as u64 + stray);
     for (i, a) in first.iter().enumerate() {
         let calls = 1 + 10 + if i < 5 { 10 } else { 0 } + u64::from(i < 2);
         assert_eq!(unix.client_stats(a)?.passed, calls, "{a}");
