@@ -234,6 +234,11 @@ struct RlsArgs {
     /// File whose content is the body Envoy sends with a denial (raw_body).
     #[arg(long, requires = "rls_listen")]
     rls_deny_body: Option<PathBuf>,
+    /// Answer with dynamic metadata, as envoyproxy/ratelimit's RESPONSE_DYNAMIC_METADATA: the
+    /// request's domain, descriptors and hits, and the `metadata` of the rules whose
+    /// descriptors passed, for Envoy to store under its rate limit filter's namespace.
+    #[arg(long, requires = "rls_listen")]
+    rls_dynamic_metadata: bool,
     /// `global`: the rate limit service's rules are limits across the cluster (the agent's
     /// `cluster:` section), each agent enforcing its share ⌊L/N⌋, as a global policy's cold
     /// share, and a descriptor that grows hot enrolled by demand as a global client is (every
@@ -241,8 +246,8 @@ struct RlsArgs {
     /// whole limit.
     #[arg(long, value_enum, default_value_t = RlsScope::Local, requires = "rls_listen")]
     rls_scope: RlsScope,
-    /// Most metrics series keyed by request values (rules with `detailed_metric: true`, and
-    /// descriptors with their own `limit`); hits of keys beyond it are counted in
+    /// Most metrics series keyed by request values (rules with `detailed_metric: true` or
+    /// `value_to_metric: true`, and descriptors with their own `limit`); hits of keys beyond it are counted in
     /// limiter_rls_unrecorded_hits_total.
     #[arg(
         long,
@@ -303,6 +308,7 @@ impl RlsArgs {
                 headers: self.rls_headers,
                 deny_body,
                 global: self.rls_scope == RlsScope::Global,
+                dynamic_metadata: self.rls_dynamic_metadata,
             },
             max_detailed_series: self.rls_metrics_max_detailed,
             threads: self

@@ -167,3 +167,101 @@ fn envoy_asks_the_agent_and_enforces_its_answers() -> Result<()> {
     assert_eq!(through.status, 200, "{through:?}");
     Ok(())
 }
+
+/// The rate limit config of [`quota_modes_and_metadata_reach_envoy`]: two quotas, each with
+/// metadata naming it.
+const QUOTA_RULES: &str = "\
+domain: web
+descriptors:
+  - key: service
+    value: one
+    quota_mode: true
+    metadata: { upstream: one }
+    rate_limit: { unit: hour, requests_per_unit: 2 }
+  - key: service
+    value: two
+    quota_mode: true
+    metadata: { upstream: two }
+    rate_limit: { unit: hour, requests_per_unit: 3 }
+";
+
+/// `quota_mode` and `metadata` through a real Envoy: each request asks for two quotas; it
+/// passes while either has room, and the dynamic metadata (`--rls-dynamic-metadata`) names the
+/// first quota that had room, which Envoy puts in a response header from its rate limit
+/// filter's namespace.
+#[test]
+fn quota_modes_and_metadata_reach_envoy() -> Result<()> {
+    require_root!();
+    let Some(binary) = envoy::binary() else {
+        assert!(!in_ci(), "Envoy is not installed: run `cargo xtask setup`");
+        eprintln!("skipped: Envoy is not installed (`cargo xtask setup` installs it)");
+        return Ok(());
+    };
+    let net = TestNet::new()?;
+    let dir = TempDir::new("envoy-quota")?;
+    let rules = dir.write("ratelimit.yaml", QUOTA_RULES)?;
+    let socket = dir.join("api.sock").to_string_lossy().into_owned();
+    let _agent = Agent::start_with(
+        &net,
+        AGENT_CONFIG,
+        &[
+            "--api-socket",
+            &socket,
+            "--rls-listen",
+            RLS_LISTEN,
+            "--rls-config",
+            &rules,
+            "--rls-dynamic-metadata",
+        ],
+    )?;
+    backend(&net.receiver_ns, BACKEND_PORT)?;
+    let actions = "\
+                            rate_limits:
+                              - actions:
+                                  - remote_address: {}
+                              - actions:
+                                  - request_headers:
+                                      header_name: x-user
+                                      descriptor_key: user
+";
+    let quotas = "\
+                            rate_limits:
+                              - actions:
+                                  - generic_key: { descriptor_key: service, descriptor_value: one }
+                              - actions:
+                                  - generic_key: { descriptor_key: service, descriptor_value: two }
+                          response_headers_to_add:
+                            - header:
+                                key: x-upstream
+                                value: \"%DYNAMIC_METADATA(envoy.filters.http.ratelimit:metadata:upstream)%\"
+";
+    let example_bootstrap = fs::read_to_string(example("envoy.yaml"))?;
+    anyhow::ensure!(
+        example_bootstrap.contains(actions),
+        "examples/envoy/envoy.yaml no longer has the rate_limits this test replaces"
+    );
+    let bootstrap = dir.write("envoy.yaml", &example_bootstrap.replace(actions, quotas))?;
+    let _envoy = start_envoy(&binary, &net, Path::new(&bootstrap), &dir)?;
+    let window = ExactWindow::start(TEST_SPAN);
+    let replies: Vec<Reply> = (0..7)
+        .map(|_| get(&net, sender_v4(1), None))
+        .collect::<Result<_>>()?;
+    window.check();
+    // An admitted request spends every quota with room (as envoyproxy/ratelimit counts each):
+    // `one` (2 an hour) and `two` (3 an hour) twice, then `two` alone, then neither.
+    assert_eq!(
+        statuses(&replies),
+        [200, 200, 200, 429, 429, 429, 429],
+        "{replies:?}"
+    );
+    let upstreams: Vec<Option<&str>> = replies[..3]
+        .iter()
+        .map(|r| r.header("x-upstream"))
+        .collect();
+    assert_eq!(
+        upstreams,
+        [Some("one"), Some("one"), Some("two")],
+        "{replies:?}"
+    );
+    Ok(())
+}

@@ -1,16 +1,23 @@
 //! envoyproxy/ratelimit's configuration, read as that service reads it: one YAML document per
 //! file with a `domain` and nested `descriptors` (`key`, optional `value` with `*` wildcards
 //! anywhere in it, `rate_limit { unit, requests_per_unit, unlimited, name, replaces }`,
-//! `shadow_mode`, `detailed_metric`, `descriptors`), from one file or from every `*.yaml` /
-//! `*.yml` file of a directory (not its subdirectories; dotfiles skipped), one domain per file.
+//! `shadow_mode`, `quota_mode`, `detailed_metric`, `value_to_metric`, `share_threshold`,
+//! `metadata`, `descriptors`), from one file or from every `*.yaml` / `*.yml` file of a
+//! directory (not its subdirectories; dotfiles skipped), one domain per file.
 //!
 //! Errors name the file, the field's path and its line (`descriptors[0].rate_limit.unit (line
-//! 5): ...`), as the agent's own config does.
+//! 5): ...`), as the agent's own config does. envoyproxy/ratelimit checks a key's name, not its
+//! place: one of its keys where its decoder does not read it (`shadow_mode` inside
+//! `rate_limit`, say) loads there and does nothing. It loads here too, with a warning naming it,
+//! so a file that works there works here; a key it does not know is an error in both.
 
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
+    sync::Arc,
 };
+
+use envoy_types::pb::google::protobuf::Struct;
 
 use limiter_common::{maps::MAX_POLICY_ID, window::MAX_WINDOW_US};
 use serde::{Deserialize, Deserializer};
@@ -188,7 +195,22 @@ pub struct Rule {
     pub path: String,
     pub rate_limit: Option<RateLimit>,
     pub shadow_mode: bool,
+    /// `quota_mode`: over its limit, this rule's descriptor denies the request only if every
+    /// `quota_mode` descriptor of the request is over too (see `service`).
+    pub quota_mode: bool,
     pub detailed_metric: bool,
+    /// `value_to_metric`: a request value this rule matched by its key alone or by a wildcard
+    /// names the series of the limit found at or below it (see `matching`).
+    pub value_to_metric: bool,
+    /// `value_to_metric` is set on this rule or on one it is nested in: its limit's series may
+    /// be named by request values, so it is counted as a detailed series (see `hits`).
+    pub metric_values: bool,
+    /// `share_threshold` (only on a wildcard value): every value the wildcard matches is one
+    /// client, named by the wildcard as written, rather than a client per value.
+    pub share_threshold: bool,
+    /// `metadata`: merged into the response's dynamic metadata when this rule's descriptor
+    /// passes (see `service`).
+    pub metadata: Option<Arc<Struct>>,
     pub children: Descriptors,
     /// The line the rule starts at, for messages.
     pub line: Option<usize>,
@@ -260,22 +282,33 @@ impl Wildcard {
     }
 }
 
+/// How a request entry found its rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matched<'c> {
+    /// By `key` and `value` exactly (a wildcard rule's own text included).
+    Value,
+    /// By the wildcard value written as this.
+    Wildcard(&'c str),
+    /// By `key` alone.
+    Key,
+}
+
 impl Descriptors {
     /// The rule for one request entry: `key` with `value` exactly (a wildcard rule's own text
     /// included), else the first wildcard (in file order) `value` matches, else `key` alone.
-    pub fn lookup(&self, key: &str, value: &str) -> Option<&Rule> {
+    pub fn lookup(&self, key: &str, value: &str) -> Option<(&Rule, Matched<'_>)> {
         let rules = self.by_key.get(key)?;
         let wildcards = || rules.wildcards.iter();
-        rules
-            .values
-            .get(value)
-            .or_else(|| {
-                wildcards()
-                    .find(|(w, _)| w.raw == value)
-                    .or_else(|| wildcards().find(|(w, _)| w.matches(value)))
-                    .map(|(_, rule)| rule)
-            })
-            .or(rules.any.as_ref())
+        if let Some(rule) = rules.values.get(value) {
+            return Some((rule, Matched::Value));
+        }
+        if let Some((_, rule)) = wildcards().find(|(w, _)| w.raw == value) {
+            return Some((rule, Matched::Value));
+        }
+        if let Some((w, rule)) = wildcards().find(|(w, _)| w.matches(value)) {
+            return Some((rule, Matched::Wildcard(&w.raw)));
+        }
+        rules.any.as_ref().map(|rule| (rule, Matched::Key))
     }
 
     /// No rules: a rule without a nested list ends the walk.
@@ -494,17 +527,56 @@ fn read_files(path: &Path) -> Result<Vec<(String, String)>, RlsConfigError> {
     paths.iter().map(|p| read(p)).collect()
 }
 
-/// A scalar read as text, as envoyproxy/ratelimit's YAML decoder reads `key` and `value`
-/// (`value: 500` is the string "500").
+/// A scalar read as text, as envoyproxy/ratelimit's YAML decoder reads `key` and `value`: as
+/// written (`value: 500` is the string "500", `value: 2.10` is "2.10", not "2.1").
 fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    use serde::de::Error as _;
-    match Option::<serde_yaml::Value>::deserialize(d)? {
-        None | Some(serde_yaml::Value::Null) => Ok(None),
-        Some(serde_yaml::Value::String(s)) => Ok(Some(s)),
-        Some(serde_yaml::Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(serde_yaml::Value::Bool(b)) => Ok(Some(b.to_string())),
-        Some(_) => Err(D::Error::custom("expected a string")),
+    Ok(Option::<Text>::deserialize(d)?.map(|t| t.0))
+}
+
+/// A scalar's text (see [`scalar`]).
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+        }
+        // A plain scalar comes as its text, whatever it looks like.
+        d.deserialize_str(Visitor)
     }
+}
+
+/// A key of envoyproxy/ratelimit's where its decoder does not read it: taken and ignored (see
+/// the module docs).
+type Misplaced = Option<serde::de::IgnoredAny>;
+
+/// The names of the `Misplaced` fields of a raw struct that are present, in order.
+macro_rules! misplaced {
+    ($raw:expr, $($field:ident),+ $(,)?) => {
+        [$(($raw.$field.is_some(), stringify!($field))),+]
+            .into_iter()
+            .filter_map(|(present, name)| present.then_some(name))
+            .collect::<Vec<&'static str>>()
+    };
 }
 
 #[derive(Deserialize)]
@@ -514,6 +586,56 @@ struct RawFile {
     domain: Option<String>,
     #[serde(default)]
     descriptors: Vec<RawDescriptor>,
+    #[serde(default)]
+    key: Misplaced,
+    #[serde(default)]
+    value: Misplaced,
+    #[serde(default)]
+    rate_limit: Misplaced,
+    #[serde(default)]
+    unit: Misplaced,
+    #[serde(default)]
+    requests_per_unit: Misplaced,
+    #[serde(default)]
+    unlimited: Misplaced,
+    #[serde(default)]
+    name: Misplaced,
+    #[serde(default)]
+    replaces: Misplaced,
+    #[serde(default)]
+    shadow_mode: Misplaced,
+    #[serde(default)]
+    quota_mode: Misplaced,
+    #[serde(default)]
+    detailed_metric: Misplaced,
+    #[serde(default)]
+    value_to_metric: Misplaced,
+    #[serde(default)]
+    share_threshold: Misplaced,
+    #[serde(default)]
+    metadata: Misplaced,
+}
+
+impl RawFile {
+    fn misplaced(&self) -> Vec<&'static str> {
+        misplaced!(
+            self,
+            key,
+            value,
+            rate_limit,
+            unit,
+            requests_per_unit,
+            unlimited,
+            name,
+            replaces,
+            shadow_mode,
+            quota_mode,
+            detailed_metric,
+            value_to_metric,
+            share_threshold,
+            metadata
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -529,7 +651,42 @@ struct RawDescriptor {
     #[serde(default)]
     shadow_mode: bool,
     #[serde(default)]
+    quota_mode: bool,
+    #[serde(default)]
     detailed_metric: bool,
+    #[serde(default)]
+    value_to_metric: bool,
+    #[serde(default)]
+    share_threshold: bool,
+    /// Sent to Envoy in the response's dynamic metadata (see `service`), not read here.
+    #[serde(default)]
+    metadata: Option<serde_yaml::Mapping>,
+    #[serde(default)]
+    domain: Misplaced,
+    #[serde(default)]
+    unit: Misplaced,
+    #[serde(default)]
+    requests_per_unit: Misplaced,
+    #[serde(default)]
+    unlimited: Misplaced,
+    #[serde(default)]
+    name: Misplaced,
+    #[serde(default)]
+    replaces: Misplaced,
+}
+
+impl RawDescriptor {
+    fn misplaced(&self) -> Vec<&'static str> {
+        misplaced!(
+            self,
+            domain,
+            unit,
+            requests_per_unit,
+            unlimited,
+            name,
+            replaces
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -544,6 +701,47 @@ struct RawRateLimit {
     name: Option<String>,
     #[serde(default)]
     replaces: Vec<RawReplace>,
+    #[serde(default)]
+    domain: Misplaced,
+    #[serde(default)]
+    key: Misplaced,
+    #[serde(default)]
+    value: Misplaced,
+    #[serde(default)]
+    rate_limit: Misplaced,
+    #[serde(default)]
+    descriptors: Misplaced,
+    #[serde(default)]
+    shadow_mode: Misplaced,
+    #[serde(default)]
+    quota_mode: Misplaced,
+    #[serde(default)]
+    detailed_metric: Misplaced,
+    #[serde(default)]
+    value_to_metric: Misplaced,
+    #[serde(default)]
+    share_threshold: Misplaced,
+    #[serde(default)]
+    metadata: Misplaced,
+}
+
+impl RawRateLimit {
+    fn misplaced(&self) -> Vec<&'static str> {
+        misplaced!(
+            self,
+            domain,
+            key,
+            value,
+            rate_limit,
+            descriptors,
+            shadow_mode,
+            quota_mode,
+            detailed_metric,
+            value_to_metric,
+            share_threshold,
+            metadata
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -551,6 +749,82 @@ struct RawRateLimit {
 struct RawReplace {
     #[serde(default, deserialize_with = "scalar")]
     name: Option<String>,
+    #[serde(default)]
+    domain: Misplaced,
+    #[serde(default)]
+    key: Misplaced,
+    #[serde(default)]
+    value: Misplaced,
+    #[serde(default)]
+    rate_limit: Misplaced,
+    #[serde(default)]
+    descriptors: Misplaced,
+    #[serde(default)]
+    unit: Misplaced,
+    #[serde(default)]
+    requests_per_unit: Misplaced,
+    #[serde(default)]
+    unlimited: Misplaced,
+    #[serde(default)]
+    replaces: Misplaced,
+    #[serde(default)]
+    shadow_mode: Misplaced,
+    #[serde(default)]
+    quota_mode: Misplaced,
+    #[serde(default)]
+    detailed_metric: Misplaced,
+    #[serde(default)]
+    value_to_metric: Misplaced,
+    #[serde(default)]
+    share_threshold: Misplaced,
+    #[serde(default)]
+    metadata: Misplaced,
+}
+
+impl RawReplace {
+    fn misplaced(&self) -> Vec<&'static str> {
+        misplaced!(
+            self,
+            domain,
+            key,
+            value,
+            rate_limit,
+            descriptors,
+            unit,
+            requests_per_unit,
+            unlimited,
+            replaces,
+            shadow_mode,
+            quota_mode,
+            detailed_metric,
+            value_to_metric,
+            share_threshold,
+            metadata
+        )
+    }
+}
+
+/// The warning for a key where envoyproxy/ratelimit does not read it (see the module docs).
+fn misplaced_note(file: &str, lines: &KeyLines, at: &str, key: &str) -> String {
+    let field = if at.is_empty() {
+        key.to_string()
+    } else {
+        format!("{at}.{key}")
+    };
+    let line = LineHint(line_of(lines, &field));
+    format!(
+        "{file}: {field}{line}: WARNING: ignored, as envoyproxy/ratelimit ignores it: `{key}` \
+         does nothing here{}",
+        match key {
+            "domain" => " (it belongs at the top of the file)",
+            "key" | "value" | "rate_limit" | "descriptors" | "shadow_mode" | "quota_mode"
+            | "detailed_metric" | "value_to_metric" | "share_threshold" | "metadata" =>
+                " (it belongs on a descriptor)",
+            "unit" | "requests_per_unit" | "unlimited" | "name" | "replaces" =>
+                " (it belongs in a rate_limit)",
+            _ => "",
+        }
+    )
 }
 
 /// Builds one file's domain, checking what envoyproxy/ratelimit checks at load.
@@ -566,7 +840,7 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
         line: LineHint(line_of(&lines, field)),
         message,
     };
-    let name = match raw.domain {
+    let name = match raw.domain.clone() {
         Some(d) if !d.is_empty() => d,
         _ => {
             return Err(invalid(
@@ -575,13 +849,23 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
             ));
         }
     };
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = raw
+        .misplaced()
+        .into_iter()
+        .map(|key| misplaced_note(file, &lines, "", key))
+        .collect();
     let descriptors = build_list(
         &raw.descriptors,
-        "descriptors",
-        &name,
-        &lines,
-        &invalid,
+        &Level {
+            field: "descriptors",
+            parent: &name,
+            metric_values: false,
+        },
+        &Context {
+            file,
+            lines: &lines,
+            invalid: &invalid,
+        },
         &mut notes,
     )?;
     let domain = Domain {
@@ -590,8 +874,8 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
         file: file.to_string(),
         overrides: None,
     };
-    // `replaces` must name a limit that exists somewhere in the domain: a typo would otherwise
-    // silently replace nothing.
+    // A `replaces` that names no limit of the domain replaces nothing: envoyproxy/ratelimit
+    // loads it, and so does this, with a warning (a typo would otherwise go unseen).
     let rules = domain.descriptors.rules();
     let names: HashSet<&str> = rules
         .iter()
@@ -600,12 +884,12 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
     for rule in &rules {
         for replaced in rule.rate_limit.iter().flat_map(|l| &l.replaces) {
             if !names.contains(replaced.as_str()) {
-                return Err(RlsConfigError::Invalid {
-                    file: file.to_string(),
-                    field: format!("{}.rate_limit.replaces", rule.path),
-                    line: LineHint(rule.line),
-                    message: format!("no rate_limit of the domain is named {replaced:?}"),
-                });
+                notes.push(format!(
+                    "{file}: {}.rate_limit.replaces{}: WARNING: no rate_limit of the domain is \
+                     named {replaced:?}, so it replaces nothing",
+                    rule.path,
+                    LineHint(rule.line)
+                ));
             }
         }
     }
@@ -628,17 +912,37 @@ fn line_of(lines: &KeyLines, field: &str) -> Option<usize> {
     }
 }
 
+/// What a file's lists are built with.
+struct Context<'a> {
+    file: &'a str,
+    lines: &'a KeyLines,
+    invalid: &'a dyn Fn(&str, String) -> RlsConfigError,
+}
+
+/// Where a list sits in the file.
+struct Level<'a> {
+    /// Its field path (`descriptors[0].descriptors`).
+    field: &'a str,
+    /// The path of the rule it is nested in (the domain at the top).
+    parent: &'a str,
+    /// `value_to_metric` is set on a rule it is nested in.
+    metric_values: bool,
+}
+
 fn build_list(
     raw: &[RawDescriptor],
-    field: &str,
-    parent: &str,
-    lines: &KeyLines,
-    invalid: &dyn Fn(&str, String) -> RlsConfigError,
+    level: &Level<'_>,
+    cx: &Context<'_>,
     notes: &mut Vec<String>,
 ) -> Result<Descriptors, RlsConfigError> {
+    let (lines, invalid) = (cx.lines, cx.invalid);
+    let (field, parent) = (level.field, level.parent);
     let mut list = Descriptors::default();
     for (i, d) in raw.iter().enumerate() {
         let at = format!("{field}[{i}]");
+        for key in d.misplaced() {
+            notes.push(misplaced_note(cx.file, lines, &at, key));
+        }
         let key = match &d.key {
             Some(k) if !k.is_empty() => k.clone(),
             _ => {
@@ -665,23 +969,52 @@ fn build_list(
                 r,
                 &format!("{at}.rate_limit"),
                 &path,
-                invalid,
+                cx,
                 notes,
             )?),
         };
+        let wildcard = value.as_deref().and_then(Wildcard::new);
+        if d.share_threshold && wildcard.is_none() {
+            return Err(invalid(
+                &format!("{at}.share_threshold"),
+                format!(
+                    "share_threshold can only be used with a wildcard value (one with a `*`), \
+                     and {path:?} has none"
+                ),
+            ));
+        }
+        let metadata = match &d.metadata {
+            Some(m) if !m.is_empty() => {
+                Some(Arc::new(super::metadata::from_yaml(m).map_err(|e| {
+                    invalid(
+                        &format!("{at}.metadata"),
+                        format!("not a metadata map: {e}"),
+                    )
+                })?))
+            }
+            _ => None,
+        };
+        let metric_values = level.metric_values || d.value_to_metric;
         let children = build_list(
             &d.descriptors,
-            &format!("{at}.descriptors"),
-            &path,
-            lines,
-            invalid,
+            &Level {
+                field: &format!("{at}.descriptors"),
+                parent: &path,
+                metric_values,
+            },
+            cx,
             notes,
         )?;
         let rule = Rule {
             path: path.clone(),
             rate_limit,
             shadow_mode: d.shadow_mode,
+            quota_mode: d.quota_mode,
             detailed_metric: d.detailed_metric,
+            value_to_metric: d.value_to_metric,
+            metric_values,
+            share_threshold: d.share_threshold,
+            metadata,
             children,
             line: line_of(lines, &format!("{at}.key")),
             series: None,
@@ -689,7 +1022,7 @@ fn build_list(
         let rules = list.by_key.entry(key).or_default();
         let duplicate = match value {
             None => rules.any.replace(rule).is_some(),
-            Some(v) => match Wildcard::new(&v) {
+            Some(v) => match wildcard {
                 Some(wildcard) => {
                     let dup = rules.wildcards.iter().any(|(w, _)| *w == wildcard);
                     rules.wildcards.push((wildcard, rule));
@@ -712,9 +1045,13 @@ fn build_limit(
     r: &RawRateLimit,
     at: &str,
     path: &str,
-    invalid: &dyn Fn(&str, String) -> RlsConfigError,
+    cx: &Context<'_>,
     notes: &mut Vec<String>,
 ) -> Result<RateLimit, RlsConfigError> {
+    let invalid = cx.invalid;
+    for key in r.misplaced() {
+        notes.push(misplaced_note(cx.file, cx.lines, at, key));
+    }
     let unit = match r.unit.as_deref() {
         None | Some("") => None,
         Some(u) => Some(Unit::parse(u).ok_or_else(|| {
@@ -764,9 +1101,24 @@ fn build_limit(
         }
         Some((rpu, unit))
     };
+    let name = r.name.clone().filter(|n| !n.is_empty());
     let mut replaces = Vec::new();
     for (j, rep) in r.replaces.iter().enumerate() {
+        for key in rep.misplaced() {
+            notes.push(misplaced_note(
+                cx.file,
+                cx.lines,
+                &format!("{at}.replaces[{j}]"),
+                key,
+            ));
+        }
         match &rep.name {
+            Some(n) if name.as_ref() == Some(n) => {
+                return Err(invalid(
+                    &format!("{at}.replaces[{j}].name"),
+                    format!("a rate_limit cannot replace itself ({n:?} is its own name)"),
+                ));
+            }
             Some(n) if !n.is_empty() => replaces.push(n.clone()),
             _ => {
                 return Err(invalid(
@@ -777,7 +1129,7 @@ fn build_limit(
         }
     }
     Ok(RateLimit {
-        name: r.name.clone().filter(|n| !n.is_empty()),
+        name,
         replaces,
         limit,
     })

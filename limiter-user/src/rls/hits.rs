@@ -7,7 +7,8 @@
 //! rule's own path in the config (`key_value.key`, a wildcard rule's value with its `*`): the
 //! rules come from the config, so these series are bounded by it. A rule with
 //! `detailed_metric: true`, and a descriptor carrying its own `limit` override, is counted
-//! under the request's actual entries instead: those come from requests, so they are
+//! under the request's actual entries instead, and a rule under `value_to_metric` under a key
+//! with some of the request's values (see `matching`): those come from requests, so they are
 //! *detailed* series, capped in number by [`DetailedCap`] (`--rls-metrics-max-detailed`) and
 //! in length by [`MAX_DETAILED_KEY_BYTES`]; hits of a detailed series that does not fit are
 //! counted in [`DetailedCap::unrecorded`], and memory never grows past the cap whatever the
@@ -276,6 +277,16 @@ impl Series {
         }
     }
 
+    /// Counts one descriptor's outcome under `key` (a series named by request values, see
+    /// `matching`): in the rule's detailed series, or its own if it has none.
+    pub fn record_as(&self, key: &str, outcome: &Outcome) {
+        let counts = outcome.counts();
+        match &self.detailed {
+            None => self.tally.add(counts),
+            Some(detailed) => detailed.record(key, counts),
+        }
+    }
+
     fn is_detailed(&self) -> bool {
         self.detailed.is_some()
     }
@@ -414,9 +425,12 @@ impl RlsHits {
                         rule.series = Some(SeriesRef(Arc::clone(shared)));
                         return;
                     }
+                    // Request values name its series: `detailed_metric`, or `value_to_metric`
+                    // on it or on a rule it is nested in.
+                    let detailed = rule.detailed_metric || rule.metric_values;
                     let series = match installed.rules.remove(&key) {
-                        Some(s) if s.is_detailed() == rule.detailed_metric => s,
-                        _ => self.series(rule.detailed_metric),
+                        Some(s) if s.is_detailed() == detailed => s,
+                        _ => self.series(detailed),
                     };
                     rule.series = Some(SeriesRef(Arc::clone(&series)));
                     next.rules.insert(key, series);

@@ -8,14 +8,25 @@
 //!   at the depth of the request's last entry (a two-entry descriptor never takes a
 //!   first-level limit), and the walk stops where a rule has no nested list;
 //! - a limit named in the `replaces` of another descriptor's limit in the same request is
-//!   dropped (that descriptor has no limit this time).
+//!   dropped (that descriptor has no limit this time);
+//! - an entry a `share_threshold` wildcard matched (at any depth of the walk) takes the
+//!   wildcard as written for its value in the descriptor's client: every value it matches
+//!   spends one budget;
+//! - the series a limit's hits are counted in is named as envoyproxy/ratelimit names its stats:
+//!   the rule's path, where an entry matched by its key alone or by a wildcard on a rule with
+//!   `value_to_metric` takes the request's value (a `share_threshold` wildcard's own text), and
+//!   `detailed_metric` (which wins) names it by the request's entries (the wildcard's text for a
+//!   shared one).
 
 use std::collections::HashSet;
 
 use super::{
-    config::{RlsConfig, Rule, Unit},
+    config::{Matched, RlsConfig, Rule, Unit},
     hits::SeriesRef,
 };
+
+/// Entries a `share_threshold` wildcard matched: (index, the wildcard as written).
+pub type Shared = Vec<(usize, String)>;
 
 /// A descriptor as matching sees it.
 #[derive(Debug, Clone)]
@@ -27,7 +38,7 @@ pub struct Descriptor<'a> {
 }
 
 /// The limit that applies to one descriptor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Applies {
     /// No rule: the descriptor is not limited (OK, no `current_limit`).
     Nothing,
@@ -37,7 +48,7 @@ pub enum Applies {
 }
 
 /// A limit to enforce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limit {
     pub requests_per_unit: u32,
     pub unit: Unit,
@@ -45,6 +56,18 @@ pub struct Limit {
     pub name: Option<String>,
     /// Denials are reported but never enforced.
     pub shadow_mode: bool,
+    /// `quota_mode`: over its limit, it denies the request only if every quota descriptor of
+    /// the request is over.
+    pub quota_mode: bool,
+    /// Entries a `share_threshold` wildcard matched: (index, the wildcard as written), which
+    /// the descriptor's client and detailed series take for the entry's value.
+    pub shared: Shared,
+    /// The series key its hits are counted under when request values name it
+    /// (`value_to_metric`; `detailed_metric` with a shared entry); `None`: the rule's own series
+    /// (or, `detailed_metric`, the request's entries).
+    pub metric_key: Option<String>,
+    /// The rule's `metadata`, for the response's dynamic metadata.
+    pub metadata: Option<std::sync::Arc<envoy_types::pb::google::protobuf::Struct>>,
     /// Came from the request's override, not from a rule.
     pub overridden: bool,
     /// Where its hits are counted (`None`: the config was not installed, as in tests).
@@ -57,21 +80,107 @@ pub fn rule_for<'c>(
     domain: &str,
     entries: &[(&str, &str)],
 ) -> Option<&'c Rule> {
-    let mut list = &config.domains.get(domain)?.descriptors;
+    find(config, domain, entries).map(|(rule, _)| rule)
+}
+
+/// [`rule_for`], with the entries a `share_threshold` wildcard matched on the way (allocated
+/// only if there are any).
+fn find<'c>(
+    config: &'c RlsConfig,
+    domain: &str,
+    entries: &[(&str, &str)],
+) -> Option<(&'c Rule, Shared)> {
     let mut found = None;
-    for (i, (key, value)) in entries.iter().enumerate() {
-        let Some(rule) = list.lookup(key, value) else {
-            break;
-        };
+    let mut shared = Vec::new();
+    walk(config, domain, entries, |i, rule, matched| {
+        if let Matched::Wildcard(raw) = matched
+            && rule.share_threshold
+        {
+            shared.push((i, raw.to_string()));
+        }
         if rule.rate_limit.is_some() && i + 1 == entries.len() {
             found = Some(rule);
         }
+    });
+    found.map(|rule| (rule, shared))
+}
+
+/// Calls `visit` with each entry's index, rule and how it matched, down the nested lists, as
+/// far as the entries find rules.
+fn walk<'c>(
+    config: &'c RlsConfig,
+    domain: &str,
+    entries: &[(&str, &str)],
+    mut visit: impl FnMut(usize, &'c Rule, Matched<'c>),
+) {
+    let Some(mut list) = config.domains.get(domain).map(|d| &d.descriptors) else {
+        return;
+    };
+    for (i, (key, value)) in entries.iter().enumerate() {
+        let Some((rule, matched)) = list.lookup(key, value) else {
+            return;
+        };
+        visit(i, rule, matched);
         if rule.children.is_empty() {
-            break;
+            return;
         }
         list = &rule.children;
     }
-    found
+}
+
+/// The series key of `rule`'s hits (the limit of `entries`, `shared` its entries a
+/// `share_threshold` wildcard matched) when request values name it (see the module docs).
+fn metric_key(
+    config: &RlsConfig,
+    domain: &str,
+    entries: &[(&str, &str)],
+    rule: &Rule,
+    shared: &[(usize, String)],
+) -> Option<String> {
+    if rule.detailed_metric {
+        // The request's entries: `hits` builds that key itself unless an entry is shared.
+        return (!shared.is_empty()).then(|| detailed_key(entries, shared));
+    }
+    if !rule.metric_values {
+        return None;
+    }
+    let mut key = String::new();
+    walk(config, domain, entries, |i, level, matched| {
+        let value = entries[i].1;
+        // What envoyproxy/ratelimit writes for the entry in its stats key.
+        let written = match matched {
+            Matched::Value => value,
+            Matched::Wildcard(raw) if level.share_threshold => raw,
+            Matched::Wildcard(_) | Matched::Key if level.value_to_metric => value,
+            Matched::Wildcard(raw) => raw,
+            Matched::Key => "",
+        };
+        if i > 0 {
+            key.push('.');
+        }
+        key.push_str(entries[i].0);
+        if !written.is_empty() {
+            key.push('_');
+            key.push_str(written);
+        }
+    });
+    Some(key)
+}
+
+/// A detailed series' key: the request's entries, a shared entry's value the wildcard's text.
+fn detailed_key(entries: &[(&str, &str)], shared: &[(usize, String)]) -> String {
+    let values: Vec<(&str, &str)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, v))| {
+            let v = shared
+                .iter()
+                .find(|(at, _)| *at == i)
+                .map_or(v, |(_, raw)| raw.as_str());
+            (k, v)
+        })
+        .collect();
+    super::hits::descriptor_key(&values)
 }
 
 /// The limit of each descriptor, in order (see the module docs).
@@ -83,17 +192,17 @@ pub fn limits_for(
     let Some(configured) = config.domains.get(domain) else {
         return vec![Applies::Nothing; descriptors.len()];
     };
-    let rules: Vec<Option<&Rule>> = descriptors
+    let rules: Vec<Option<(&Rule, Shared)>> = descriptors
         .iter()
         .map(|d| match d.limit_override {
             Some(_) => None,
-            None => rule_for(config, domain, &d.entries),
+            None => find(config, domain, &d.entries),
         })
         .collect();
     let replaced: HashSet<&str> = rules
         .iter()
         .flatten()
-        .flat_map(|r| r.rate_limit.iter().flat_map(|l| l.replaces.iter()))
+        .flat_map(|(r, _)| r.rate_limit.iter().flat_map(|l| l.replaces.iter()))
         .map(String::as_str)
         .collect();
     descriptors
@@ -106,11 +215,15 @@ pub fn limits_for(
                     unit,
                     name: None,
                     shadow_mode: false,
+                    quota_mode: false,
+                    shared: Vec::new(),
+                    metric_key: None,
+                    metadata: None,
                     overridden: true,
                     series: configured.overrides.clone(),
                 });
             }
-            let Some(rule) = rule else {
+            let Some((rule, shared)) = rule else {
                 return Applies::Nothing;
             };
             let Some(limit) = &rule.rate_limit else {
@@ -126,6 +239,10 @@ pub fn limits_for(
                     unit,
                     name: limit.name.clone(),
                     shadow_mode: rule.shadow_mode,
+                    quota_mode: rule.quota_mode,
+                    metric_key: metric_key(config, domain, &d.entries, rule, &shared),
+                    shared,
+                    metadata: rule.metadata.clone(),
                     overridden: false,
                     series: rule.series.clone(),
                 }),

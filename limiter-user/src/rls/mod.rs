@@ -8,6 +8,7 @@ pub mod config;
 pub mod hits;
 pub mod listen;
 pub mod matching;
+pub mod metadata;
 pub mod service;
 
 use std::{

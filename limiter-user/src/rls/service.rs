@@ -67,6 +67,7 @@ use super::{
     config::{Unit, window},
     hits,
     matching::{Applies, Descriptor, Limit, limits_for},
+    metadata,
 };
 use crate::{
     check::{AllOrNone, Checker, Decision, address_request, named_request, same_client},
@@ -98,6 +99,8 @@ pub struct RlsOptions {
     /// The config's rules are limits across the cluster (`--rls-scope global`): each agent
     /// enforces its share of a rule's limit, as for a global policy's cold share.
     pub global: bool,
+    /// Answer with dynamic metadata (`--rls-dynamic-metadata`; see `metadata`).
+    pub dynamic_metadata: bool,
 }
 
 impl Default for RlsOptions {
@@ -107,6 +110,7 @@ impl Default for RlsOptions {
             headers: false,
             deny_body: None,
             global: false,
+            dynamic_metadata: false,
         }
     }
 }
@@ -165,7 +169,7 @@ impl<B: Budget> RlsService<B> {
             .collect();
         let outcomes = self.run(&plans)?;
         count(&parsed, &plans, &outcomes);
-        Ok(self.response(&plans, &outcomes))
+        Ok(self.response(request, &plans, &outcomes))
     }
 
     /// What to do for one descriptor.
@@ -211,8 +215,18 @@ impl<B: Budget> RlsService<B> {
             action: ACTION_LIMIT,
             group: 0,
         };
+        let key = if limit.shared.is_empty() {
+            client_key(domain, &p.descriptor.entries)
+        } else {
+            // A `share_threshold` wildcard's values are one client, named by the wildcard.
+            let mut entries = p.descriptor.entries.clone();
+            for (i, raw) in &limit.shared {
+                entries[*i].1 = raw.as_str();
+            }
+            client_key(domain, &entries)
+        };
         Plan::Check {
-            request: named_request(client_key(domain, &p.descriptor.entries), p.hits, policy),
+            request: named_request(key, p.hits, policy),
             limit,
             address: false,
         }
@@ -220,11 +234,11 @@ impl<B: Budget> RlsService<B> {
 
     /// Probes (or reads) every check, then spends all of them or none (see the module docs).
     fn run(&self, plans: &[Plan]) -> Result<Vec<Option<Outcome>>, Status> {
-        let checks: Vec<(usize, CheckRequest, bool)> = plans
+        let checks: Vec<(usize, CheckRequest, Role)> = plans
             .iter()
             .enumerate()
             .filter_map(|(i, plan)| match plan {
-                Plan::Check { request, limit, .. } => Some((i, *request, limit.shadow_mode)),
+                Plan::Check { request, limit, .. } => Some((i, *request, Role::of(limit))),
                 _ => None,
             })
             .collect();
@@ -233,26 +247,35 @@ impl<B: Budget> RlsService<B> {
             return Ok(outcomes);
         }
         let dry_run = self.budget.dry_run();
-        let enforced = |shadow: bool| !shadow && !dry_run;
-        // A blocked descriptor (requests_per_unit 0) denies the request before anything is read.
-        let blocked = plans
-            .iter()
-            .any(|p| matches!(p, Plan::Blocked(l) if enforced(l.shadow_mode)));
+        // A blocked descriptor (requests_per_unit 0) denies the request before anything is read,
+        // and so do blocked quota descriptors when the request has no other quota descriptor.
+        let blocked_role = |role: Role| {
+            !dry_run
+                && plans
+                    .iter()
+                    .any(|p| matches!(p, Plan::Blocked(l) if Role::of(l) == role))
+        };
+        let blocked = blocked_role(Role::Enforced)
+            || (blocked_role(Role::Quota) && checks.iter().all(|(_, _, r)| *r != Role::Quota));
         // What each check's client must have left: the hits of the request's checks on that
         // client (two descriptors can name one client, and each alone may fit while both
-        // together do not). An enforced check needs only the enforced ones' (a shadow
-        // descriptor must never deny the request); a shadow one needs every check's, so that
-        // it is spent only when the enforced checks beside it fit too.
+        // together do not). An enforced check needs only the enforced ones' (a shadow or quota
+        // descriptor must never deny the request on its own); a shadow or quota one needs every
+        // check's, so that it is spent only when the enforced checks beside it fit too.
         // A descriptor of no hits (its own `hits_addend: 0`) asks whether its client has any
         // left: every check on that client needs one more than the request's hits on it (the
         // same need for each, so the client is probed once, and a refused probe counts one
         // refused hit, not one per check).
         let needed: Vec<u32> = checks
             .iter()
-            .map(|(_, r, shadow)| {
-                // By the rules' shadow_mode, not by `enforced`: in dry-run mode the checks
-                // need what they would need if enforced.
-                let counted = || checks.iter().filter(|(_, _, other)| *shadow || !*other);
+            .map(|(_, r, role)| {
+                // By the rules' modes, not by dry-run mode: in dry-run mode the checks need
+                // what they would need if enforced.
+                let counted = || {
+                    checks
+                        .iter()
+                        .filter(|(_, _, other)| *role != Role::Enforced || *other == Role::Enforced)
+                };
                 let hits = hits_on_client(r, counted());
                 let probed = counted().any(|(_, o, _)| o.hits == 0 && same_client(r, o));
                 if probed { hits.saturating_add(1) } else { hits }
@@ -261,7 +284,11 @@ impl<B: Budget> RlsService<B> {
         let _held = self.locks.hold(checks.iter().map(|(_, r, _)| r));
         // Every check enforced and none blocked (the common case): all or none in one program
         // run, each client probed for what it needs, then spent.
-        if checks.len() > 1 && !blocked && checks.iter().all(|(_, _, shadow)| enforced(*shadow)) {
+        if checks.len() > 1
+            && !blocked
+            && !dry_run
+            && checks.iter().all(|(_, _, role)| *role == Role::Enforced)
+        {
             let requests: Vec<(CheckRequest, u32)> = checks
                 .iter()
                 .zip(&needed)
@@ -297,22 +324,23 @@ impl<B: Budget> RlsService<B> {
             }
             return Ok(outcomes);
         }
-        self.read_then_spend(&checks, &needed, blocked, enforced, &mut outcomes)?;
+        self.read_then_spend(&checks, &needed, blocked, &mut outcomes)?;
         Ok(outcomes)
     }
 
-    /// One check, a shadow descriptor, dry-run mode or a blocked descriptor: a read first
-    /// (unless one check alone: spending it is all or nothing already), then the spend of
-    /// what fits (a shadow descriptor over its limit is not spent: it would be refused
-    /// anyway), or nothing if an enforced one does not fit. Under the checks' client locks.
+    /// One check, a shadow or quota descriptor, dry-run mode or a blocked descriptor: a read
+    /// first (unless one check alone: spending it is all or nothing already), then the spend of
+    /// what fits (a shadow or quota descriptor over its limit is not spent: it would be refused
+    /// anyway), or nothing if the request is denied: an enforced one does not fit, or no quota
+    /// one does (a blocked quota descriptor never does). Under the checks' client locks.
     fn read_then_spend(
         &self,
-        checks: &[(usize, CheckRequest, bool)],
+        checks: &[(usize, CheckRequest, Role)],
         needed: &[u32],
         blocked: bool,
-        enforced: impl Fn(bool) -> bool,
         outcomes: &mut [Option<Outcome>],
     ) -> Result<(), Status> {
+        let dry_run = self.budget.dry_run();
         let read = if checks.len() == 1 && !blocked {
             None
         } else {
@@ -330,11 +358,18 @@ impl<B: Budget> RlsService<B> {
             )
         };
         if let Some(read) = &read {
+            let mut quotas = checks
+                .iter()
+                .zip(read)
+                .filter(|((_, _, role), _)| *role == Role::Quota)
+                .peekable();
+            let quotas_over = quotas.peek().is_some() && quotas.all(|(_, (_, fits))| !fits);
             let denied = blocked
+                || (!dry_run && quotas_over)
                 || checks
                     .iter()
                     .zip(read)
-                    .any(|((_, _, shadow), (_, fits))| enforced(*shadow) && !fits);
+                    .any(|((_, _, role), (_, fits))| !dry_run && *role == Role::Enforced && !fits);
             if denied {
                 for (((i, _, _), (d, fits)), n) in checks.iter().zip(read).zip(needed) {
                     outcomes[*i] = Some(Outcome {
@@ -353,7 +388,7 @@ impl<B: Budget> RlsService<B> {
         let mut spend: Vec<usize> = (0..checks.len())
             .filter(|&k| read.as_ref().is_none_or(|read| read[k].1))
             .collect();
-        spend.sort_by_key(|&k| !enforced(checks[k].2));
+        spend.sort_by_key(|&k| checks[k].2);
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
         for (k, d) in spend.iter().zip(spent) {
@@ -399,10 +434,21 @@ impl<B: Budget> RlsService<B> {
         Ok(())
     }
 
-    fn response(&self, plans: &[Plan], outcomes: &[Option<Outcome>]) -> RateLimitResponse {
+    fn response(
+        &self,
+        request: &RateLimitRequest,
+        plans: &[Plan],
+        outcomes: &[Option<Outcome>],
+    ) -> RateLimitResponse {
         let dry_run = self.budget.dry_run();
         let mut statuses = Vec::with_capacity(plans.len());
         let mut over_limit = false;
+        // Quota descriptors deny together: the request is over when every one is. Their
+        // denial's wait is the shortest of theirs (one quota with room admits the request), and
+        // says when to retry only if that one can admit at all (as above).
+        let (mut quotas, mut quotas_over) = (0usize, 0usize);
+        let mut quota_wait: Option<(u32, u32, Duration)> = None;
+        let mut quota_retry_helps = false;
         // For the headers: the status with the least left; of a denied request, the denied
         // status with the longest wait (the one that caused the denial, as envoyproxy/ratelimit
         // reports it). `Retry-After` is the longest wait of the denied, but only when it is
@@ -426,16 +472,23 @@ impl<B: Budget> RlsService<B> {
                     ..DescriptorStatus::default()
                 },
                 (Plan::Blocked(limit), _) => {
-                    let enforced = !limit.shadow_mode && !dry_run;
-                    over_limit |= enforced;
+                    let role = Role::of(limit);
+                    let enforced = role != Role::Shadow && !dry_run;
                     // Its quota (none) comes back whole at the end of its unit, as
                     // envoyproxy/ratelimit reports it; no Retry-After (see above).
                     let unit = Duration::from_secs(limit.unit.seconds());
-                    if enforced {
-                        denied = longer_wait(denied, (0, 0, unit));
-                        no_retry = true;
+                    if role == Role::Quota {
+                        quotas += 1;
+                        quotas_over += 1;
+                        quota_wait = quota_wait.or(Some((0, 0, unit)));
+                    } else {
+                        over_limit |= enforced;
+                        if enforced {
+                            denied = longer_wait(denied, (0, 0, unit));
+                            no_retry = true;
+                        }
+                        tightest = tighter(tightest, (0, 0, unit));
                     }
-                    tightest = tighter(tightest, (0, 0, unit));
                     DescriptorStatus {
                         code: if enforced { Code::OverLimit } else { Code::Ok } as i32,
                         current_limit: Some(pb_limit(limit.requests_per_unit, limit.unit, limit)),
@@ -445,22 +498,42 @@ impl<B: Budget> RlsService<B> {
                 }
                 (Plan::Check { limit, address, .. }, Some(outcome)) => {
                     let d = &outcome.decision;
-                    let enforced = outcome.over && !limit.shadow_mode && !dry_run;
-                    over_limit |= enforced;
+                    let role = Role::of(limit);
+                    let enforced = outcome.over && role != Role::Shadow && !dry_run;
                     let current = if *address {
                         address_limit(d, limit)
                     } else {
                         pb_limit(limit.requests_per_unit, limit.unit, limit)
                     };
                     let next = d.next_after.unwrap_or(Duration::ZERO);
-                    if enforced {
+                    let helps = d.next_after.is_some() && outcome.needed <= 1;
+                    if role == Role::Quota {
+                        quotas += 1;
+                        if enforced {
+                            quotas_over += 1;
+                            // The headers of a denial say none left (the status says what
+                            // fewer hits would still find).
+                            let wait = (current.requests_per_unit, 0, next);
+                            let sooner = match (quota_retry_helps, helps) {
+                                (false, true) => true,
+                                (true, false) => false,
+                                _ => quota_wait.is_none_or(|q| next < q.2),
+                            };
+                            if sooner {
+                                quota_wait = Some(wait);
+                                quota_retry_helps = helps;
+                            }
+                        }
+                    } else if enforced {
+                        over_limit = true;
                         retry = retry.max(Some(next));
-                        no_retry |= d.next_after.is_none() || outcome.needed > 1;
-                        // The headers of a denial say none left (the status says what fewer
-                        // hits would still find).
+                        no_retry |= !helps;
                         denied = longer_wait(denied, (current.requests_per_unit, 0, next));
                     }
-                    if d.action == Action::Limit || d.action == Action::Drop {
+                    // A quota descriptor over its limit is not what limits an admitted request.
+                    if (d.action == Action::Limit || d.action == Action::Drop)
+                        && !(role == Role::Quota && enforced)
+                    {
                         tightest =
                             tighter(tightest, (current.requests_per_unit, d.remaining, next));
                     }
@@ -479,6 +552,15 @@ impl<B: Budget> RlsService<B> {
                 },
             };
             statuses.push(status);
+        }
+        if quotas > 0
+            && quotas == quotas_over
+            && let Some(wait) = quota_wait
+        {
+            over_limit = true;
+            denied = longer_wait(denied, wait);
+            retry = retry.max(Some(wait.2));
+            no_retry |= !quota_retry_helps;
         }
         let mut response = RateLimitResponse {
             overall_code: if over_limit {
@@ -508,6 +590,18 @@ impl<B: Budget> RlsService<B> {
         if over_limit && let Some(body) = &self.options.deny_body {
             response.raw_body = body.clone();
         }
+        if self.options.dynamic_metadata {
+            // The rules' `metadata` of the descriptors that passed (reported OK).
+            let passed = plans
+                .iter()
+                .zip(&response.statuses)
+                .filter(|(_, status)| status.code == Code::Ok as i32)
+                .filter_map(|(plan, _)| match plan {
+                    Plan::Blocked(limit) | Plan::Check { limit, .. } => limit.metadata.as_deref(),
+                    Plan::NoLimit | Plan::Unlimited => None,
+                });
+            response.dynamic_metadata = Some(metadata::response(request, passed));
+        }
         response
     }
 }
@@ -531,6 +625,30 @@ impl<B: Budget> RateLimitService for RlsService<B> {
 struct Parsed<'a> {
     descriptor: Descriptor<'a>,
     hits: u32,
+}
+
+/// How a descriptor's limit decides the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// Over its limit, it denies the request (spent first).
+    Enforced,
+    /// `quota_mode`: over its limit, it denies the request only if every quota descriptor of
+    /// the request is over (envoyproxy/ratelimit's quota mode); spent when it fits.
+    Quota,
+    /// `shadow_mode` (which wins over `quota_mode`): never denies; spent when it fits.
+    Shadow,
+}
+
+impl Role {
+    fn of(limit: &Limit) -> Role {
+        if limit.shadow_mode {
+            Role::Shadow
+        } else if limit.quota_mode {
+            Role::Quota
+        } else {
+            Role::Enforced
+        }
+    }
 }
 
 /// What the service does for one descriptor.
@@ -596,7 +714,10 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
             _ => continue,
         };
         if let Some(series) = &limit.series {
-            series.0.record(&p.descriptor.entries, &counted);
+            match &limit.metric_key {
+                Some(key) => series.0.record_as(key, &counted),
+                None => series.0.record(&p.descriptor.entries, &counted),
+            }
         }
     }
 }
@@ -604,7 +725,7 @@ fn count(parsed: &[Parsed<'_>], plans: &[Plan], outcomes: &[Option<Outcome>]) {
 /// The hits of those of `checks` that are on `r`'s client (saturating).
 fn hits_on_client<'a>(
     r: &CheckRequest,
-    checks: impl Iterator<Item = &'a (usize, CheckRequest, bool)>,
+    checks: impl Iterator<Item = &'a (usize, CheckRequest, Role)>,
 ) -> u32 {
     checks
         .filter(|(_, o, _)| same_client(r, o))

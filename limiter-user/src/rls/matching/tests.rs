@@ -28,6 +28,10 @@ fn per(rpu: u32, unit: Unit) -> Applies {
         unit,
         name: None,
         shadow_mode: false,
+        quota_mode: false,
+        shared: Vec::new(),
+        metric_key: None,
+        metadata: None,
         overridden: false,
         series: None,
     })
@@ -312,6 +316,10 @@ descriptors:
         unit: Unit::Second,
         name: Some("specific_limit".into()),
         shadow_mode: false,
+        quota_mode: false,
+        shared: Vec::new(),
+        metric_key: None,
+        metadata: None,
         overridden: false,
         series: None,
     });
@@ -476,12 +484,26 @@ fn errors_name_the_field_and_its_line() {
         "{e}"
     );
     let e = error(
-        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: 1\n      replaces:\n        - name: nope\n",
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      name: me\n      unit: second\n      requests_per_unit: 1\n      replaces:\n        - name: me\n",
     );
     assert!(
-        e.contains(
-            "d.a.rate_limit.replaces (line 3): no rate_limit of the domain is named \"nope\""
+        e.starts_with(
+            "config: descriptors[0].rate_limit.replaces[0].name (line 9): a rate_limit cannot \
+             replace itself"
         ),
+        "{e}"
+    );
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    value: b\n    share_threshold: true\n");
+    assert!(
+        e.starts_with(
+            "config: descriptors[0].share_threshold (line 5): share_threshold can only be used \
+             with a wildcard value"
+        ),
+        "{e}"
+    );
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    metadata: {x: !t 1}\n");
+    assert!(
+        e.starts_with("config: descriptors[0].metadata (line 4): not a metadata map: x: the tag"),
         "{e}"
     );
     // Unknown fields and bad types: serde_yaml's message, with the path and the line.
@@ -648,4 +670,76 @@ mod wildcards {
             }),
         }
     }
+}
+
+#[test]
+fn values_are_read_as_written() {
+    let c = config(
+        "domain: d
+descriptors:
+  - key: version
+    value: 2.10
+    rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: mask
+    value: 0x1F
+    rate_limit: { unit: second, requests_per_unit: 2 }
+  - key: flag
+    value: yes
+    rate_limit: { unit: second, requests_per_unit: 3 }
+  - key: n
+    value: 007
+    rate_limit: { unit: second, requests_per_unit: 4 }
+",
+    );
+    assert_eq!(limit(&c, "d", &[("version", "2.10")]), per(1, Unit::Second));
+    assert_eq!(limit(&c, "d", &[("version", "2.1")]), Applies::Nothing);
+    assert_eq!(limit(&c, "d", &[("mask", "0x1F")]), per(2, Unit::Second));
+    assert_eq!(limit(&c, "d", &[("flag", "yes")]), per(3, Unit::Second));
+    assert_eq!(limit(&c, "d", &[("n", "007")]), per(4, Unit::Second));
+    // A map where text is expected is still an error, at its line.
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    value: {x: 1}\n");
+    assert!(
+        e.contains("descriptors[0].value") && e.contains("line 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn keys_envoyproxy_ratelimit_ignores_where_they_are_load_with_a_warning() {
+    let c = config(
+        "domain: d
+shadow_mode: true
+descriptors:
+  - key: a
+    unit: second
+    rate_limit:
+      unit: second
+      requests_per_unit: 1
+      shadow_mode: true
+      replaces:
+        - name: nope
+          unit: minute
+",
+    );
+    // The misplaced shadow_mode does nothing: the limit is enforced.
+    assert_eq!(limit(&c, "d", &[("a", "x")]), per(1, Unit::Second));
+    let notes = c.notes.join("\n");
+    for expected in [
+        "config: shadow_mode (line 2): WARNING: ignored, as envoyproxy/ratelimit ignores it: \
+         `shadow_mode` does nothing here (it belongs on a descriptor)",
+        "config: descriptors[0].unit (line 5): WARNING: ignored",
+        "config: descriptors[0].rate_limit.shadow_mode (line 9): WARNING: ignored",
+        "config: descriptors[0].rate_limit.replaces[0].unit (line 12): WARNING: ignored",
+        "config: d.a.rate_limit.replaces (line 4): WARNING: no rate_limit of the domain is \
+         named \"nope\", so it replaces nothing",
+    ] {
+        assert!(notes.contains(expected), "{expected}\nnot in:\n{notes}");
+    }
+    assert_eq!(c.notes.len(), 5, "{notes}");
+    // A key envoyproxy/ratelimit does not know is an error, as there.
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      burst: 3\n");
+    assert!(
+        e.contains("unknown field `burst`") && e.contains("line 5"),
+        "{e}"
+    );
 }

@@ -201,8 +201,12 @@ descriptors:
 ";
 
 fn service_with(sim: Sim, options: RlsOptions) -> (RlsService<Sim>, Arc<Sim>) {
+    service_of(CONFIG, sim, options)
+}
+
+fn service_of(config: &str, sim: Sim, options: RlsOptions) -> (RlsService<Sim>, Arc<Sim>) {
     let sim = Arc::new(sim);
-    let store = Arc::new(RlsStore::fixed(RlsConfig::parse(CONFIG).expect("config")));
+    let store = Arc::new(RlsStore::fixed(RlsConfig::parse(config).expect("config")));
     (RlsService::new(Arc::clone(&sim), store, options), sim)
 }
 
@@ -1135,4 +1139,230 @@ fn enforced_requests_are_decided_all_or_none_by_the_budget() {
     let (svc, sim) = service_with(Sim::new(true), RlsOptions::default());
     svc.answer(&both).unwrap();
     assert_eq!(sim.all_or_none.load(Ordering::SeqCst), 0, "dry-run mode");
+}
+
+/// envoyproxy/ratelimit's newer keys: `share_threshold`, `quota_mode`, `value_to_metric`,
+/// `metadata`.
+const NEWER: &str = "domain: web
+descriptors:
+  - key: file
+    value: \"docs/*\"
+    share_threshold: true
+    value_to_metric: true
+    rate_limit: { unit: second, requests_per_unit: 2 }
+  - key: file
+    value: \"img/*\"
+    rate_limit: { unit: second, requests_per_unit: 2 }
+  - key: bucket
+    value: \"b*\"
+    share_threshold: true
+    descriptors:
+      - key: user
+        rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: service_1
+    quota_mode: true
+    metadata: { route: { name: one }, weight: 1 }
+    rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: service_2
+    quota_mode: true
+    metadata: { route: { name: two, extra: x } }
+    rate_limit: { unit: second, requests_per_unit: 2 }
+  - key: closed
+    quota_mode: true
+    rate_limit: { unit: second, requests_per_unit: 0 }
+  - key: path
+    rate_limit: { unit: second, requests_per_unit: 5 }
+  - key: method
+    value_to_metric: true
+    rate_limit: { unit: second, requests_per_unit: 5 }
+";
+
+fn newer(options: RlsOptions) -> RlsService<Sim> {
+    service_of(NEWER, Sim::new(false), options).0
+}
+
+fn admitted(svc: &RlsService<Sim>, entries: &[(&str, &str)], n: usize) -> usize {
+    let req = request(vec![desc(entries)]);
+    (0..n)
+        .filter(|_| svc.answer(&req).unwrap().overall_code == OK)
+        .count()
+}
+
+/// `share_threshold`: every value its wildcard matches spends one budget, also when the limit
+/// is on a rule nested below the wildcard; without it each value has its own.
+#[test]
+fn a_share_threshold_wildcard_is_one_client_for_all_its_values() {
+    let svc = newer(RlsOptions::default());
+    assert_eq!(admitted(&svc, &[("file", "docs/a.pdf")], 1), 1);
+    assert_eq!(
+        admitted(&svc, &[("file", "docs/b.csv")], 3),
+        1,
+        "2 for all of docs/*"
+    );
+    assert_eq!(admitted(&svc, &[("file", "img/a.png")], 3), 2);
+    assert_eq!(
+        admitted(&svc, &[("file", "img/b.png")], 3),
+        2,
+        "2 for each of img/*"
+    );
+    // Nested: the bucket entry is shared, the user entry is not.
+    assert_eq!(admitted(&svc, &[("bucket", "b1"), ("user", "u")], 1), 1);
+    assert_eq!(admitted(&svc, &[("bucket", "b2"), ("user", "u")], 1), 0);
+    assert_eq!(admitted(&svc, &[("bucket", "b2"), ("user", "v")], 1), 1);
+}
+
+/// `quota_mode`: a quota descriptor over its limit denies the request only when every quota
+/// descriptor of it is over (its status says OVER_LIMIT either way); an admitted request spends
+/// the quotas that had room; an enforced descriptor over its limit denies as ever, spending
+/// nothing.
+#[test]
+fn quota_descriptors_deny_only_together() {
+    let svc = newer(RlsOptions {
+        headers: true,
+        ..RlsOptions::default()
+    });
+    let both = request(vec![
+        desc(&[("service_1", "a")]),
+        desc(&[("service_2", "a")]),
+    ]);
+    let r = svc.answer(&both).unwrap();
+    assert_eq!(codes(&r), (OK, vec![OK, OK]));
+    assert_eq!(
+        (r.statuses[0].limit_remaining, r.statuses[1].limit_remaining),
+        (0, 1)
+    );
+    // service_1 is out, service_2 has room: admitted, service_2 spent.
+    let r = svc.answer(&both).unwrap();
+    assert_eq!(codes(&r), (OK, vec![OVER, OK]));
+    assert_eq!(r.statuses[1].limit_remaining, 0);
+    // The headers are not those of the quota that was out.
+    assert!(
+        r.response_headers_to_add
+            .iter()
+            .all(|h| h.key != "Retry-After"),
+        "{:?}",
+        r.response_headers_to_add
+    );
+    // Both out: denied, with a Retry-After.
+    let r = svc.answer(&both).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
+    assert!(
+        r.response_headers_to_add
+            .iter()
+            .any(|h| h.key == "Retry-After"),
+        "{:?}",
+        r.response_headers_to_add
+    );
+    // One quota alone denies as any limit does; a blocked one (0) is a quota that is out.
+    let one = request(vec![desc(&[("service_1", "b")])]);
+    assert_eq!(codes(&svc.answer(&one).unwrap()), (OK, vec![OK]));
+    assert_eq!(codes(&svc.answer(&one).unwrap()), (OVER, vec![OVER]));
+    let closed = request(vec![desc(&[("service_2", "c")]), desc(&[("closed", "c")])]);
+    assert_eq!(codes(&svc.answer(&closed).unwrap()), (OK, vec![OK, OVER]));
+    let only_closed = request(vec![desc(&[("path", "/q")]), desc(&[("closed", "c")])]);
+    assert_eq!(
+        codes(&svc.answer(&only_closed).unwrap()),
+        (OVER, vec![OK, OVER])
+    );
+    // An enforced descriptor over its limit denies whatever the quotas say; nothing is spent.
+    let path = request(vec![desc(&[("path", "/p")])]);
+    for _ in 0..5 {
+        assert_eq!(svc.answer(&path).unwrap().overall_code, OK);
+    }
+    let with_quota = request(vec![desc(&[("path", "/p")]), desc(&[("service_2", "d")])]);
+    assert_eq!(
+        codes(&svc.answer(&with_quota).unwrap()),
+        (OVER, vec![OVER, OK])
+    );
+    assert_eq!(admitted(&svc, &[("service_2", "d")], 3), 2, "nothing spent");
+    assert_eq!(admitted(&svc, &[("path", "/q")], 6), 5, "nothing spent");
+}
+
+/// `--rls-dynamic-metadata`: the request's domain, descriptors and hits, and the `metadata` of
+/// the rules whose descriptors passed, merged in request order.
+#[test]
+fn dynamic_metadata_carries_the_passed_rules_metadata() {
+    use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+    let svc = newer(RlsOptions {
+        dynamic_metadata: true,
+        ..RlsOptions::default()
+    });
+    fn field(s: &Struct, path: &[&str]) -> Option<Kind> {
+        let (first, rest) = path.split_first()?;
+        let kind = s.fields.get(*first)?.kind.clone()?;
+        match kind {
+            _ if rest.is_empty() => Some(kind),
+            Kind::StructValue(next) => field(&next, rest),
+            _ => None,
+        }
+    }
+    let text = |v: &str| Some(Kind::StringValue(v.to_string()));
+    let mut both = request(vec![
+        desc(&[("service_1", "a")]),
+        desc(&[("service_2", "a")]),
+    ]);
+    both.hits_addend = 1;
+    let r = svc.answer(&both).unwrap();
+    let m = r.dynamic_metadata.expect("dynamic metadata");
+    assert_eq!(field(&m, &["domain"]), text("web"));
+    assert_eq!(field(&m, &["hitsAddend"]), Some(Kind::NumberValue(1.0)));
+    let Some(Kind::ListValue(descriptors)) = field(&m, &["descriptors"]) else {
+        panic!("descriptors: {m:?}");
+    };
+    let Some(Kind::StructValue(first)) = &descriptors.values[0].kind else {
+        panic!("a descriptor");
+    };
+    let Some(Kind::ListValue(entries)) = field(first, &["entries"]) else {
+        panic!("entries");
+    };
+    assert_eq!(entries.values[0].kind, text("service_1=a"));
+    // Both passed: service_1's metadata first, service_2's adds what it lacks.
+    assert_eq!(field(&m, &["metadata", "route", "name"]), text("one"));
+    assert_eq!(field(&m, &["metadata", "route", "extra"]), text("x"));
+    assert_eq!(
+        field(&m, &["metadata", "weight"]),
+        Some(Kind::NumberValue(1.0))
+    );
+    // service_1 is out: service_2's alone.
+    let m = svc.answer(&both).unwrap().dynamic_metadata.unwrap();
+    assert_eq!(field(&m, &["metadata", "route", "name"]), text("two"));
+    assert_eq!(field(&m, &["metadata", "weight"]), None);
+    // Without the option, none.
+    let plain = newer(RlsOptions::default());
+    assert!(plain.answer(&both).unwrap().dynamic_metadata.is_none());
+}
+
+/// `value_to_metric`: a rule matched by its key alone (or a wildcard) counts under the
+/// request's value; a `share_threshold` wildcard under its own text.
+#[test]
+fn value_to_metric_names_series_by_the_request_values() {
+    let svc = newer(RlsOptions::default());
+    for (key, value) in [
+        ("method", "GET"),
+        ("method", "GET"),
+        ("method", "POST"),
+        ("path", "/a"),
+        ("file", "docs/x"),
+        ("file", "docs/y"),
+    ] {
+        svc.answer(&request(vec![desc(&[(key, value)])])).unwrap();
+    }
+    let series: Vec<(String, u64)> = svc
+        .store
+        .hits()
+        .snapshot()
+        .series
+        .into_iter()
+        .map(|s| (s.descriptor, s.counts.total_hits()))
+        .filter(|(_, hits)| *hits > 0)
+        .collect();
+    assert_eq!(
+        series,
+        [
+            ("file_docs/*".to_string(), 2),
+            ("method_GET".to_string(), 2),
+            ("method_POST".to_string(), 1),
+            ("path".to_string(), 1),
+        ]
+    );
 }

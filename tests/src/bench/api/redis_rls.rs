@@ -43,7 +43,7 @@ use tonic::{Request, Response, Status, transport::Server};
 use super::RlsRedisArgs;
 
 /// One descriptor's part of a request: its Redis key and limit, or nothing to count.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub(super) struct Counted {
     pub(super) key: String,
     pub(super) limit: Limit,
