@@ -81,7 +81,16 @@ fn compile_proto(proto_dir: &str) -> anyhow::Result<()> {
         prost::Message::encode_to_vec(&api_files),
     )
     .context("writing limiter_descriptor.bin")?;
+    // The peer service decodes with a codec of its own (`cluster::node::wire`), which refuses
+    // a heartbeat of too many clients before prost allocates them.
+    let (mut api, mut peer) = (descriptors.clone(), descriptors);
+    api.file.retain(|f| f.name() != "cluster.proto");
+    peer.file.retain(|f| f.name() == "cluster.proto");
     tonic_prost_build::configure()
-        .compile_fds(descriptors)
-        .with_context(|| format!("generating Rust code for {proto}"))
+        .compile_fds(api)
+        .with_context(|| format!("generating Rust code for {proto}"))?;
+    tonic_prost_build::configure()
+        .codec_path("crate::cluster::node::wire::PeerCodec")
+        .compile_fds(peer)
+        .with_context(|| format!("generating Rust code for {cluster}"))
 }

@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::atomic::Ordering, time::Duration};
 use limiter_common::{ClientState, Grant, addr::ClientKey};
 use tonic::Status;
 
-use super::Shared;
+use super::{Shared, wire::MAX_CLIENTS_PER_MESSAGE};
 use crate::{
     cluster::{
         NodeId, PolicyName,
@@ -17,9 +17,6 @@ use crate::{
     },
     proto::cluster::{ClientGrant, ClientReport, GrantValue, Heartbeat},
 };
-
-/// Most clients one heartbeat may carry reports or grants for (with [`super::MAX_MESSAGE_BYTES`]).
-const MAX_CLIENTS_PER_MESSAGE: usize = 30_000;
 
 /// Slack taken off a lease's end when it is written for the kernel: the fast path reads a coarse
 /// clock for windows of a second or more, up to two jiffies (20 ms at HZ=100) behind.

@@ -34,6 +34,7 @@ mod answerer;
 mod enrolment;
 mod heartbeat;
 mod service;
+pub mod wire;
 
 use self::{
     answerer::{AnswererError, Dialler},

@@ -223,6 +223,20 @@ async fn peers_without_the_token_or_as_this_node_are_refused() {
         .expect_err("members: u32::MAX");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("more than any node's view"), "{e:?}");
+    // More clients than a heartbeat may carry: refused by the codec before they are decoded.
+    let e = good
+        .heartbeat(Heartbeat {
+            reports: vec![ClientReport::default(); wire::MAX_CLIENTS_PER_MESSAGE + 1],
+            ..heartbeat("n3")
+        })
+        .await
+        .expect_err("too many clients");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .ends_with("clients in one heartbeat: refused before decoding"),
+        "{e:?}"
+    );
     let s = n1.status();
     assert_eq!(
         (s.members, s.agreed_members),
