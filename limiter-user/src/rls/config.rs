@@ -184,6 +184,9 @@ pub struct RateLimit {
     pub name: Option<String>,
     /// The names of the limits this one replaces when both apply to one request.
     pub replaces: Vec<String>,
+    /// Where each of `replaces` is written (`descriptors[0].rate_limit.replaces[0].name`),
+    /// for messages.
+    pub replaces_fields: Vec<String>,
     /// `None`: `unlimited: true`.
     pub limit: Option<(u32, Unit)>,
 }
@@ -566,17 +569,73 @@ impl<'de> Deserialize<'de> for Text {
 }
 
 /// A key of envoyproxy/ratelimit's where its decoder does not read it: taken and ignored (see
-/// the module docs).
-type Misplaced = Option<serde::de::IgnoredAny>;
+/// the module docs), once the keys in it are checked as that service checks them
+/// ([`check_keys`]).
+type Misplaced = Option<serde_yaml::Value>;
 
-/// The names of the `Misplaced` fields of a raw struct that are present, in order.
+/// The `Misplaced` fields of a raw struct that are present, in order, with their values.
 macro_rules! misplaced {
     ($raw:expr, $($field:ident),+ $(,)?) => {
-        [$(($raw.$field.is_some(), stringify!($field))),+]
+        [$((stringify!($field), $raw.$field.as_ref())),+]
             .into_iter()
-            .filter_map(|(present, name)| present.then_some(name))
-            .collect::<Vec<&'static str>>()
+            .filter_map(|(name, value)| Some((name, value?)))
+            .collect::<Vec<(&'static str, &serde_yaml::Value)>>()
     };
+}
+
+/// Every key envoyproxy/ratelimit knows (its `validKeys`): it refuses any other, anywhere in a
+/// file, and takes these anywhere.
+const VALID_KEYS: [&str; 16] = [
+    "domain",
+    "key",
+    "value",
+    "descriptors",
+    "rate_limit",
+    "unit",
+    "requests_per_unit",
+    "unlimited",
+    "shadow_mode",
+    "quota_mode",
+    "name",
+    "replaces",
+    "detailed_metric",
+    "value_to_metric",
+    "share_threshold",
+    "metadata",
+];
+
+/// Checks the keys inside a misplaced value at `field` as envoyproxy/ratelimit checks every
+/// key: each a known one (what is under `metadata` excepted), and each list one of maps.
+/// Returns the field and what is wrong with it.
+fn check_keys(value: &serde_yaml::Value, field: &str) -> Result<(), (String, String)> {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            for (k, v) in map {
+                let Some(key) = k.as_str() else {
+                    return Err((field.to_string(), format!("the key {k:?} is not a string")));
+                };
+                let at = format!("{field}.{key}");
+                if !VALID_KEYS.contains(&key) {
+                    return Err((at, format!("unknown key `{key}`")));
+                }
+                if key != "metadata" {
+                    check_keys(v, &at)?;
+                }
+            }
+            Ok(())
+        }
+        serde_yaml::Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("{field}[{i}]");
+                if !item.is_mapping() {
+                    return Err((at, "a list here must hold maps".to_string()));
+                }
+                check_keys(item, &at)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -617,7 +676,7 @@ struct RawFile {
 }
 
 impl RawFile {
-    fn misplaced(&self) -> Vec<&'static str> {
+    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
         misplaced!(
             self,
             key,
@@ -676,7 +735,7 @@ struct RawDescriptor {
 }
 
 impl RawDescriptor {
-    fn misplaced(&self) -> Vec<&'static str> {
+    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
         misplaced!(
             self,
             domain,
@@ -726,7 +785,7 @@ struct RawRateLimit {
 }
 
 impl RawRateLimit {
-    fn misplaced(&self) -> Vec<&'static str> {
+    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
         misplaced!(
             self,
             domain,
@@ -782,7 +841,7 @@ struct RawReplace {
 }
 
 impl RawReplace {
-    fn misplaced(&self) -> Vec<&'static str> {
+    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
         misplaced!(
             self,
             domain,
@@ -804,15 +863,24 @@ impl RawReplace {
     }
 }
 
-/// The warning for a key where envoyproxy/ratelimit does not read it (see the module docs).
-fn misplaced_note(file: &str, lines: &KeyLines, at: &str, key: &str) -> String {
+/// The warning for a key where envoyproxy/ratelimit does not read it (see the module docs),
+/// or the error for a key inside it that it refuses.
+fn misplaced_note(
+    cx: &Context<'_>,
+    at: &str,
+    (key, value): (&str, &serde_yaml::Value),
+) -> Result<String, RlsConfigError> {
+    let (file, lines) = (cx.file, cx.lines);
     let field = if at.is_empty() {
         key.to_string()
     } else {
         format!("{at}.{key}")
     };
+    if key != "metadata" {
+        check_keys(value, &field).map_err(|(field, message)| (cx.invalid)(&field, message))?;
+    }
     let line = LineHint(line_of(lines, &field));
-    format!(
+    Ok(format!(
         "{file}: {field}{line}: WARNING: ignored, as envoyproxy/ratelimit ignores it: `{key}` \
          does nothing here{}",
         match key {
@@ -824,7 +892,7 @@ fn misplaced_note(file: &str, lines: &KeyLines, at: &str, key: &str) -> String {
                 " (it belongs in a rate_limit)",
             _ => "",
         }
-    )
+    ))
 }
 
 /// Builds one file's domain, checking what envoyproxy/ratelimit checks at load.
@@ -849,11 +917,16 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
             ));
         }
     };
+    let cx = Context {
+        file,
+        lines: &lines,
+        invalid: &invalid,
+    };
     let mut notes: Vec<String> = raw
         .misplaced()
         .into_iter()
-        .map(|key| misplaced_note(file, &lines, "", key))
-        .collect();
+        .map(|misplaced| misplaced_note(&cx, "", misplaced))
+        .collect::<Result<_, _>>()?;
     let descriptors = build_list(
         &raw.descriptors,
         &Level {
@@ -861,11 +934,7 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
             parent: &name,
             metric_values: false,
         },
-        &Context {
-            file,
-            lines: &lines,
-            invalid: &invalid,
-        },
+        &cx,
         &mut notes,
     )?;
     let domain = Domain {
@@ -881,14 +950,13 @@ fn parse_domain(file: &str, text: &str) -> Result<(Domain, Vec<String>), RlsConf
         .iter()
         .filter_map(|r| r.rate_limit.as_ref()?.name.as_deref())
         .collect();
-    for rule in &rules {
-        for replaced in rule.rate_limit.iter().flat_map(|l| &l.replaces) {
+    for limit in rules.iter().filter_map(|r| r.rate_limit.as_ref()) {
+        for (replaced, field) in limit.replaces.iter().zip(&limit.replaces_fields) {
             if !names.contains(replaced.as_str()) {
                 notes.push(format!(
-                    "{file}: {}.rate_limit.replaces{}: WARNING: no rate_limit of the domain is \
-                     named {replaced:?}, so it replaces nothing",
-                    rule.path,
-                    LineHint(rule.line)
+                    "{file}: {field}{}: WARNING: no rate_limit of the domain is named \
+                     {replaced:?}, so it replaces nothing",
+                    LineHint(line_of(&lines, field))
                 ));
             }
         }
@@ -940,8 +1008,8 @@ fn build_list(
     let mut list = Descriptors::default();
     for (i, d) in raw.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        for key in d.misplaced() {
-            notes.push(misplaced_note(cx.file, lines, &at, key));
+        for misplaced in d.misplaced() {
+            notes.push(misplaced_note(cx, &at, misplaced)?);
         }
         let key = match &d.key {
             Some(k) if !k.is_empty() => k.clone(),
@@ -1049,8 +1117,8 @@ fn build_limit(
     notes: &mut Vec<String>,
 ) -> Result<RateLimit, RlsConfigError> {
     let invalid = cx.invalid;
-    for key in r.misplaced() {
-        notes.push(misplaced_note(cx.file, cx.lines, at, key));
+    for misplaced in r.misplaced() {
+        notes.push(misplaced_note(cx, at, misplaced)?);
     }
     let unit = match r.unit.as_deref() {
         None | Some("") => None,
@@ -1102,15 +1170,14 @@ fn build_limit(
         Some((rpu, unit))
     };
     let name = r.name.clone().filter(|n| !n.is_empty());
-    let mut replaces = Vec::new();
+    let (mut replaces, mut replaces_fields) = (Vec::new(), Vec::new());
     for (j, rep) in r.replaces.iter().enumerate() {
-        for key in rep.misplaced() {
+        for misplaced in rep.misplaced() {
             notes.push(misplaced_note(
-                cx.file,
-                cx.lines,
+                cx,
                 &format!("{at}.replaces[{j}]"),
-                key,
-            ));
+                misplaced,
+            )?);
         }
         match &rep.name {
             Some(n) if name.as_ref() == Some(n) => {
@@ -1119,7 +1186,10 @@ fn build_limit(
                     format!("a rate_limit cannot replace itself ({n:?} is its own name)"),
                 ));
             }
-            Some(n) if !n.is_empty() => replaces.push(n.clone()),
+            Some(n) if !n.is_empty() => {
+                replaces.push(n.clone());
+                replaces_fields.push(format!("{at}.replaces[{j}].name"));
+            }
             _ => {
                 return Err(invalid(
                     &format!("{at}.replaces[{j}].name"),
@@ -1131,6 +1201,7 @@ fn build_limit(
     Ok(RateLimit {
         name,
         replaces,
+        replaces_fields,
         limit,
     })
 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use envoy_types::pb::{
-    envoy::service::ratelimit::v3::RateLimitRequest,
+    envoy::service::ratelimit::v3::{RateLimitRequest, rate_limit_response::rate_limit::Unit},
     google::protobuf::{ListValue, NullValue, Struct, Value, value::Kind},
 };
 
@@ -110,7 +110,7 @@ pub fn response<'a>(
                 },
             );
             if let Some(limit) = &d.limit {
-                let unit = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit::try_from(limit.unit)
+                let unit = Unit::try_from(limit.unit)
                     .map_or_else(|_| limit.unit.to_string(), |u| u.as_str_name().to_string());
                 fields.insert(
                     "limit".to_string(),

@@ -11,16 +11,19 @@
 //! must fit together). Otherwise every descriptor is spent. When every descriptor is enforced, the
 //! probes and the spends are one program run for up to 15 checks ([`Checker::check_all_or_none`]:
 //! the program itself skips the spends after a probe that does not fit; more take a read and then,
-//! if all fit, the spend); with a `shadow_mode` descriptor or in dry-run mode, a read and then the
-//! spend of what fits (a shadow descriptor over its limit is not spent); with a blocked descriptor,
-//! a read only (nothing is spent); a single check is simply spent. All under the locks of the
-//! request's clients (one of [`CLIENT_LOCKS`](super::budget::CLIENT_LOCKS) per client key, by its
-//! hash; a request takes those of its clients in index order), so no other call of this service
-//! spends from those clients between a probe (or read) and the spend, while calls about other
-//! clients go on (one lock for every call would stop every serving thread whenever the holder's
-//! thread is preempted while it holds it). Only address clients can still change in between (their
-//! packets, `limiter.v1` checks of the address, and calls about other addresses of its group do not
-//! take its lock): should such a client run out in those microseconds, its descriptor is OVER_LIMIT
+//! if all fit, the spend); with a `shadow_mode` or `quota_mode` descriptor or in dry-run mode, a
+//! read and then the spend of what fits (a shadow or quota descriptor over its limit is not
+//! spent); with a blocked descriptor, a read only (nothing is spent); a single check is simply
+//! spent. `quota_mode` descriptors deny the request only together: when every one is over (a
+//! blocked one always is, one in `shadow_mode` never), as envoyproxy/ratelimit's quota mode.
+//! All under the locks of the request's clients (one of
+//! [`CLIENT_LOCKS`](super::budget::CLIENT_LOCKS) per client key, by its hash; a request takes
+//! those of its clients in index order), so no other call of this service spends from those
+//! clients between a probe (or read) and the spend, while calls about other clients go on (one
+//! lock for every call would stop every serving thread whenever the holder's thread is preempted
+//! while it holds it). Only address clients can still change in between (their packets,
+//! `limiter.v1` checks of the address, and calls about other addresses of its group do not take
+//! its lock): should such a client run out in those microseconds, its descriptor is OVER_LIMIT
 //! and the others were spent.
 //!
 //! **Fields.** `overall_code` is OK or OVER_LIMIT. One status per descriptor, in order: `code`,
@@ -247,34 +250,35 @@ impl<B: Budget> RlsService<B> {
             return Ok(outcomes);
         }
         let dry_run = self.budget.dry_run();
+        let quotas = Quotas::of(plans);
         // A blocked descriptor (requests_per_unit 0) denies the request before anything is read,
-        // and so do blocked quota descriptors when the request has no other quota descriptor.
-        let blocked_role = |role: Role| {
-            !dry_run
-                && plans
-                    .iter()
-                    .any(|p| matches!(p, Plan::Blocked(l) if Role::of(l) == role))
-        };
-        let blocked = blocked_role(Role::Enforced)
-            || (blocked_role(Role::Quota) && checks.iter().all(|(_, _, r)| *r != Role::Quota));
+        // and so do blocked quota descriptors when they are all the request's quota descriptors.
+        let blocked = !dry_run
+            && (plans
+                .iter()
+                .any(|p| matches!(p, Plan::Blocked(l) if Role::of(l) == Role::Enforced))
+                || (quotas.descriptors > 0 && quotas.blocked == quotas.descriptors));
         // What each check's client must have left: the hits of the request's checks on that
         // client (two descriptors can name one client, and each alone may fit while both
         // together do not). An enforced check needs only the enforced ones' (a shadow or quota
-        // descriptor must never deny the request on its own); a shadow or quota one needs every
-        // check's, so that it is spent only when the enforced checks beside it fit too.
+        // descriptor must never deny the request on its own); a quota one the enforced ones' and
+        // its own (quotas on one client are spent in turn, as many as fit); a shadow one every
+        // check's, so that it is spent only when the others beside it fit too.
         // A descriptor of no hits (its own `hits_addend: 0`) asks whether its client has any
         // left: every check on that client needs one more than the request's hits on it (the
         // same need for each, so the client is probed once, and a refused probe counts one
         // refused hit, not one per check).
         let needed: Vec<u32> = checks
             .iter()
-            .map(|(_, r, role)| {
+            .map(|(i, r, role)| {
                 // By the rules' modes, not by dry-run mode: in dry-run mode the checks need
                 // what they would need if enforced.
                 let counted = || {
-                    checks
-                        .iter()
-                        .filter(|(_, _, other)| *role != Role::Enforced || *other == Role::Enforced)
+                    checks.iter().filter(|(j, _, other)| match role {
+                        Role::Enforced => *other == Role::Enforced,
+                        Role::Quota => *other == Role::Enforced || j == i,
+                        Role::Shadow => true,
+                    })
                 };
                 let hits = hits_on_client(r, counted());
                 let probed = counted().any(|(_, o, _)| o.hits == 0 && same_client(r, o));
@@ -324,7 +328,7 @@ impl<B: Budget> RlsService<B> {
             }
             return Ok(outcomes);
         }
-        self.read_then_spend(&checks, &needed, blocked, &mut outcomes)?;
+        self.read_then_spend(&checks, &needed, blocked, quotas, &mut outcomes)?;
         Ok(outcomes)
     }
 
@@ -338,6 +342,7 @@ impl<B: Budget> RlsService<B> {
         checks: &[(usize, CheckRequest, Role)],
         needed: &[u32],
         blocked: bool,
+        quotas: Quotas,
         outcomes: &mut [Option<Outcome>],
     ) -> Result<(), Status> {
         let dry_run = self.budget.dry_run();
@@ -358,14 +363,13 @@ impl<B: Budget> RlsService<B> {
             )
         };
         if let Some(read) = &read {
-            let mut quotas = checks
+            let quotas_out = checks
                 .iter()
                 .zip(read)
-                .filter(|((_, _, role), _)| *role == Role::Quota)
-                .peekable();
-            let quotas_over = quotas.peek().is_some() && quotas.all(|(_, (_, fits))| !fits);
+                .filter(|((_, _, role), (_, fits))| *role == Role::Quota && !fits)
+                .count();
             let denied = blocked
-                || (!dry_run && quotas_over)
+                || (!dry_run && quotas.all_out(quotas_out))
                 || checks
                     .iter()
                     .zip(read)
@@ -445,8 +449,10 @@ impl<B: Budget> RlsService<B> {
         let mut over_limit = false;
         // Quota descriptors deny together: the request is over when every one is. Their
         // denial's wait is the shortest of theirs (one quota with room admits the request), and
-        // says when to retry only if that one can admit at all (as above).
-        let (mut quotas, mut quotas_over) = (0usize, 0usize);
+        // says when to retry only if that one can admit at all (as for `Retry-After` below).
+        let quotas = Quotas::of(plans);
+        // The checked quota descriptors that are out (the blocked ones are in `quotas`).
+        let mut quotas_out = 0usize;
         let mut quota_wait: Option<(u32, u32, Duration)> = None;
         let mut quota_retry_helps = false;
         // For the headers: the status with the least left; of a denied request, the denied
@@ -478,9 +484,10 @@ impl<B: Budget> RlsService<B> {
                     // envoyproxy/ratelimit reports it; no Retry-After (see above).
                     let unit = Duration::from_secs(limit.unit.seconds());
                     if role == Role::Quota {
-                        quotas += 1;
-                        quotas_over += 1;
-                        quota_wait = quota_wait.or(Some((0, 0, unit)));
+                        // Out for good (`Quotas::blocked`): it waits for its unit.
+                        if enforced {
+                            quota_wait = quota_wait.or(Some((0, 0, unit)));
+                        }
                     } else {
                         over_limit |= enforced;
                         if enforced {
@@ -508,9 +515,8 @@ impl<B: Budget> RlsService<B> {
                     let next = d.next_after.unwrap_or(Duration::ZERO);
                     let helps = d.next_after.is_some() && outcome.needed <= 1;
                     if role == Role::Quota {
-                        quotas += 1;
                         if enforced {
-                            quotas_over += 1;
+                            quotas_out += 1;
                             // The headers of a denial say none left (the status says what
                             // fewer hits would still find).
                             let wait = (current.requests_per_unit, 0, next);
@@ -553,8 +559,8 @@ impl<B: Budget> RlsService<B> {
             };
             statuses.push(status);
         }
-        if quotas > 0
-            && quotas == quotas_over
+        if !dry_run
+            && quotas.all_out(quotas_out)
             && let Some(wait) = quota_wait
         {
             over_limit = true;
@@ -637,6 +643,42 @@ enum Role {
     Quota,
     /// `shadow_mode` (which wins over `quota_mode`): never denies; spent when it fits.
     Shadow,
+}
+
+/// A request's `quota_mode` descriptors.
+#[derive(Debug, Clone, Copy)]
+struct Quotas {
+    /// All of them, in shadow mode too (never out: the request is never denied for its
+    /// quotas, as envoyproxy/ratelimit counts it).
+    descriptors: usize,
+    /// Those of `requests_per_unit: 0`, not in shadow mode: out whatever is read.
+    blocked: usize,
+}
+
+impl Quotas {
+    fn of(plans: &[Plan]) -> Quotas {
+        let mut quotas = Quotas {
+            descriptors: 0,
+            blocked: 0,
+        };
+        for plan in plans {
+            if let Plan::Blocked(limit) | Plan::Check { limit, .. } = plan
+                && limit.quota_mode
+            {
+                quotas.descriptors += 1;
+                if matches!(plan, Plan::Blocked(_)) && !limit.shadow_mode {
+                    quotas.blocked += 1;
+                }
+            }
+        }
+        quotas
+    }
+
+    /// Every quota descriptor is out, `out` of the checked ones (not in shadow mode) beside
+    /// the blocked ones.
+    fn all_out(self, checked_out: usize) -> bool {
+        self.descriptors > 0 && self.blocked + checked_out == self.descriptors
+    }
 }
 
 impl Role {

@@ -730,16 +730,26 @@ descriptors:
         "config: descriptors[0].unit (line 5): WARNING: ignored",
         "config: descriptors[0].rate_limit.shadow_mode (line 9): WARNING: ignored",
         "config: descriptors[0].rate_limit.replaces[0].unit (line 12): WARNING: ignored",
-        "config: d.a.rate_limit.replaces (line 4): WARNING: no rate_limit of the domain is \
-         named \"nope\", so it replaces nothing",
+        "config: descriptors[0].rate_limit.replaces[0].name (line 11): WARNING: no \
+         rate_limit of the domain is named \"nope\", so it replaces nothing",
     ] {
         assert!(notes.contains(expected), "{expected}\nnot in:\n{notes}");
     }
     assert_eq!(c.notes.len(), 5, "{notes}");
-    // A key envoyproxy/ratelimit does not know is an error, as there.
+    // A key envoyproxy/ratelimit does not know is an error, as there: where it is read, and
+    // inside a key it ignores (whose keys it checks all the same).
     let e = error("domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      burst: 3\n");
     assert!(
         e.contains("unknown field `burst`") && e.contains("line 5"),
         "{e}"
     );
+    let e = error("domain: d\nrate_limit:\n  unit: second\n  burst: 3\ndescriptors: []\n");
+    assert_eq!(e, "config: rate_limit.burst (line 4): unknown key `burst`");
+    let e = error("domain: d\ndescriptors:\n  - key: a\n    replaces: [x]\n");
+    assert_eq!(
+        e,
+        "config: descriptors[0].replaces[0] (line 4): a list here must hold maps"
+    );
+    // Under `metadata` any key goes.
+    config("domain: d\nmetadata: {anything: {at: all}}\n");
 }

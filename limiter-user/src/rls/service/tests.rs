@@ -1170,6 +1170,18 @@ descriptors:
   - key: closed
     quota_mode: true
     rate_limit: { unit: second, requests_per_unit: 0 }
+  - key: soft
+    quota_mode: true
+    shadow_mode: true
+    rate_limit: { unit: second, requests_per_unit: 1 }
+  - key: per_minute
+    quota_mode: true
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+  - key: pool
+    value: \"q*\"
+    quota_mode: true
+    share_threshold: true
+    rate_limit: { unit: second, requests_per_unit: 1 }
   - key: path
     rate_limit: { unit: second, requests_per_unit: 5 }
   - key: method
@@ -1365,4 +1377,78 @@ fn value_to_metric_names_series_by_the_request_values() {
             ("path".to_string(), 1),
         ]
     );
+}
+
+/// Quota descriptors beside enforced, shadow and blocked ones, in dry-run mode, and on one
+/// shared client; and the headers they give.
+#[test]
+fn quota_descriptors_among_others() {
+    let header = |r: &RateLimitResponse, name: &str| {
+        r.response_headers_to_add
+            .iter()
+            .find(|h| h.key == name)
+            .map(|h| h.value.clone())
+    };
+    let svc = newer(RlsOptions {
+        headers: true,
+        ..RlsOptions::default()
+    });
+    // An enforced descriptor that fits beside quotas that are all out: denied, nothing spent.
+    assert_eq!(admitted(&svc, &[("service_1", "e")], 1), 1);
+    let req = request(vec![desc(&[("path", "/e")]), desc(&[("service_1", "e")])]);
+    assert_eq!(codes(&svc.answer(&req).unwrap()), (OVER, vec![OK, OVER]));
+    assert_eq!(admitted(&svc, &[("path", "/e")], 6), 5, "nothing spent");
+    // A quota in shadow mode is never out, so the quotas never deny (as envoyproxy/ratelimit
+    // counts it): its statuses say OK.
+    let req = request(vec![desc(&[("soft", "s")]), desc(&[("service_1", "e")])]);
+    for _ in 0..3 {
+        assert_eq!(codes(&svc.answer(&req).unwrap()), (OK, vec![OK, OVER]));
+    }
+    // The quotas' Retry-After is the shortest wait among them: per_minute is out for about a
+    // minute, service_1 for about a second.
+    assert_eq!(admitted(&svc, &[("per_minute", "w")], 1), 1);
+    let req = request(vec![
+        desc(&[("per_minute", "w")]),
+        desc(&[("service_1", "e")]),
+    ]);
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(codes(&r), (OVER, vec![OVER, OVER]));
+    let retry: u64 = header(&r, "Retry-After")
+        .expect("a Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{r:?}");
+    // Admitted with one quota out: the headers are the quota with room's.
+    let req = request(vec![
+        desc(&[("service_1", "e")]),
+        desc(&[("service_2", "h")]),
+    ]);
+    let r = svc.answer(&req).unwrap();
+    assert_eq!(codes(&r), (OK, vec![OVER, OK]));
+    assert_eq!(header(&r, "RateLimit-Limit").as_deref(), Some("2"));
+    assert_eq!(header(&r, "RateLimit-Remaining").as_deref(), Some("1"));
+    // Two quotas on one shared client with one hit left: one is spent, the request admitted.
+    let req = request(vec![desc(&[("pool", "q1")]), desc(&[("pool", "q2")])]);
+    assert_eq!(codes(&svc.answer(&req).unwrap()), (OK, vec![OK, OVER]));
+    assert_eq!(codes(&svc.answer(&req).unwrap()), (OVER, vec![OVER, OVER]));
+}
+
+/// Dry-run mode never denies for quotas, blocked ones included.
+#[test]
+fn dry_run_quotas_report_ok() {
+    let (svc, _) = service_of(NEWER, Sim::new(true), RlsOptions::default());
+    for req in [
+        request(vec![desc(&[("closed", "c")])]),
+        request(vec![desc(&[("path", "/q")]), desc(&[("closed", "c")])]),
+        request(vec![
+            desc(&[("service_1", "a")]),
+            desc(&[("service_2", "a")]),
+        ]),
+    ] {
+        for _ in 0..4 {
+            let r = svc.answer(&req).unwrap();
+            assert_eq!(r.overall_code, OK, "{r:?}");
+            assert!(r.statuses.iter().all(|s| s.code == OK), "{r:?}");
+        }
+    }
 }
