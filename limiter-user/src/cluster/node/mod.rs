@@ -45,7 +45,8 @@ use self::{
 pub use self::enrolment::{Datapath, Entry, GrantsError, Under};
 
 /// Largest message a peer may send: a heartbeat is under 100 bytes, and each client it carries
-/// for enrolment about 60 (so 60k clients between two members in one sync interval).
+/// for enrolment about 60, at most 84 (so `wire::MAX_CLIENTS_PER_MESSAGE` reports and as many
+/// grants always fit).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// How often `peers` names (`host:port`, `dns:NAME:PORT`) are resolved again.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);

@@ -21,9 +21,11 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use crate::proto::cluster::Heartbeat;
 
-/// Most clients one heartbeat may carry reports or grants for (with
-/// [`super::MAX_MESSAGE_BYTES`]).
-pub const MAX_CLIENTS_PER_MESSAGE: usize = 30_000;
+/// Most clients one heartbeat may carry reports or grants for: as many of each, every field at
+/// its longest, still fit [`super::MAX_MESSAGE_BYTES`] (80 bytes a report, 84 a grant: see
+/// `tests::the_fullest_heartbeat_fits_the_message_cap`). It was 30,000, which could not: such a
+/// heartbeat would fail to encode.
+pub const MAX_CLIENTS_PER_MESSAGE: usize = 25_000;
 
 /// `Heartbeat.reports` and `Heartbeat.grants` (proto/cluster.proto).
 const REPORTS_FIELD: u64 = 9;
@@ -174,14 +176,59 @@ mod tests {
         ] {
             let e = check(&heartbeat(reports, grants).encode_to_vec()).expect_err("refused");
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
-            assert!(e.message().starts_with("more than 30000 clients"), "{e:?}");
+            assert!(e.message().starts_with("more than 25000 clients"), "{e:?}");
         }
         // Two million empty reports, as a hostile member would send: two bytes each.
         let mut bytes = Vec::new();
         for _ in 0..2_000_000 {
             bytes.extend_from_slice(&[(REPORTS_FIELD << 3 | 2) as u8, 0]);
         }
-        assert!(check(&bytes).is_err());
+        let e = check(&bytes).expect_err("two million reports");
+        assert!(e.message().starts_with("more than 25000 clients"), "{e:?}");
+    }
+
+    #[test]
+    fn the_fullest_heartbeat_fits_the_message_cap() {
+        use crate::proto::cluster::GrantValue;
+        let report = ClientReport {
+            client: vec![0xff; 16],
+            policy: u64::MAX,
+            seq: u64::MAX,
+            demand: u32::MAX,
+            applied: Some(u64::MAX),
+            echo: Some(u64::MAX),
+            raise_left_ms: Some(u32::MAX),
+            used: u32::MAX,
+        };
+        let grant = ClientGrant {
+            client: vec![0xff; 16],
+            policy: u64::MAX,
+            message: u64::MAX,
+            grant: Some(GrantValue {
+                seq: u64::MAX,
+                value: u32::MAX,
+                answers: u64::MAX,
+            }),
+            release: true,
+            lease_ms: u32::MAX,
+            silence_ms: u32::MAX,
+        };
+        assert_eq!((report.encoded_len(), grant.encoded_len()), (78, 82));
+        let hb = Heartbeat {
+            node_id: "n".repeat(64),
+            incarnation: u64::MAX,
+            seq: u64::MAX,
+            echo: u64::MAX,
+            members: u32::MAX,
+            view_hash: u64::MAX,
+            nonce: u64::MAX,
+            policies_hash: u64::MAX,
+            reports: vec![report; MAX_CLIENTS_PER_MESSAGE],
+            grants: vec![grant; MAX_CLIENTS_PER_MESSAGE],
+        };
+        let len = hb.encoded_len();
+        assert!(len <= super::super::MAX_MESSAGE_BYTES, "{len} bytes");
+        check(&hb.encode_to_vec()).expect("passes");
     }
 
     #[test]
