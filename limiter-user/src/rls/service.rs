@@ -388,11 +388,13 @@ impl<B: Budget> RlsService<B> {
         }
         // The enforced checks first: a shadow check is spent only if the sum of the request's
         // checks on its client fit at the read, but a packet landing before the spend could
-        // still leave an enforced one short after a shadow one was spent before it.
+        // still leave an enforced one short after a shadow one was spent before it. Then the
+        // quotas, and the shadow checks; of each, the probes (no hits) last, so that a probe
+        // sees what the spends of its kind left.
         let mut spend: Vec<usize> = (0..checks.len())
             .filter(|&k| read.as_ref().is_none_or(|read| read[k].1))
             .collect();
-        spend.sort_by_key(|&k| checks[k].2);
+        spend.sort_by_key(|&k| (checks[k].2, checks[k].1.hits == 0));
         let requests: Vec<CheckRequest> = spend.iter().map(|&k| checks[k].1).collect();
         let spent = self.budget.decide(&requests).map_err(unavailable)?;
         for (k, d) in spend.iter().zip(spent) {
@@ -400,8 +402,9 @@ impl<B: Budget> RlsService<B> {
                 d.dry_run_denied || !d.allowed
             } else {
                 // No hits: over when nothing is left. After a read it had one left beside the
-                // request's other hits on its client (`needed`).
-                read.is_none() && d.remaining == 0
+                // hits it needs of its client (`needed`), which are spent before it; a quota
+                // probe does not need the other quotas' hits, which may take the last one.
+                d.remaining == 0
             };
             outcomes[checks[*k].0] = Some(Outcome {
                 decision: d,

@@ -1431,12 +1431,37 @@ fn quota_descriptors_among_others() {
     let req = request(vec![desc(&[("pool", "q1")]), desc(&[("pool", "q2")])]);
     assert_eq!(codes(&svc.answer(&req).unwrap()), (OK, vec![OK, OVER]));
     assert_eq!(codes(&svc.answer(&req).unwrap()), (OVER, vec![OVER, OVER]));
+    // A probe (no hits) beside a quota that takes its client's last hit: over, whichever
+    // comes first.
+    let mut probe = desc(&[("pool", "q4")]);
+    probe.hits_addend = Some(UInt64Value { value: 0 });
+    for req in [
+        request(vec![desc(&[("pool", "q5")]), probe.clone()]),
+        request(vec![probe.clone(), desc(&[("pool", "q5")])]),
+    ] {
+        let (svc, sim) = service_of(NEWER, Sim::new(false), RlsOptions::default());
+        let r = svc.answer(&req).unwrap();
+        let (overall, statuses) = codes(&r);
+        assert_eq!(overall, OK, "{r:?}");
+        assert_eq!(statuses.iter().filter(|&&c| c == OVER).count(), 1, "{r:?}");
+        assert_eq!(sim.spent().len(), 1, "the quota with hits spent");
+    }
+    // A quota out beside a blocked one: every quota out, denied.
+    assert_eq!(admitted(&svc, &[("service_2", "z")], 2), 2);
+    let req = request(vec![desc(&[("service_2", "z")]), desc(&[("closed", "z")])]);
+    assert_eq!(codes(&svc.answer(&req).unwrap()), (OVER, vec![OVER, OVER]));
 }
 
-/// Dry-run mode never denies for quotas, blocked ones included.
+/// Dry-run mode never denies for quotas, blocked ones included, and spends what it would
+/// spend if they were not there.
 #[test]
 fn dry_run_quotas_report_ok() {
     let (svc, _) = service_of(NEWER, Sim::new(true), RlsOptions::default());
+    let beside_blocked = request(vec![desc(&[("path", "/d")]), desc(&[("closed", "d")])]);
+    let lefts: Vec<u32> = (0..3)
+        .map(|_| svc.answer(&beside_blocked).unwrap().statuses[0].limit_remaining)
+        .collect();
+    assert_eq!(lefts, [4, 3, 2], "path is spent");
     for req in [
         request(vec![desc(&[("closed", "c")])]),
         request(vec![desc(&[("path", "/q")]), desc(&[("closed", "c")])]),
