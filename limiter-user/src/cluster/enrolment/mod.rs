@@ -137,7 +137,8 @@ impl Outgoing {
 /// The cluster as enrolment sees it at one instant.
 #[derive(Debug, Clone, Copy)]
 pub struct View<'a> {
-    /// Every member's id, this node's included (the set rendezvous hashing picks owners from).
+    /// Every member's id, this node's included (the set rendezvous hashing picks owners from),
+    /// in order.
     pub members: &'a [NodeId],
     /// The members that are live now, this node included.
     pub live: &'a [NodeId],
@@ -333,6 +334,9 @@ struct Owned {
     /// Its ledger has enrolled the live members, and its owner was checked, under the view of
     /// the last round (see `round_writing`).
     checked: bool,
+    /// Holders of its ledger that are no longer members, not dropped yet (see
+    /// `Ledger::forget_gone`): looked at again each round until none is left.
+    gone: usize,
 }
 
 /// This member's enrolment state (see the module docs).
@@ -594,6 +598,7 @@ impl Enrolment {
                     ledger,
                     quiet_since: None,
                     checked: false,
+                    gone: 0,
                 },
             );
         }
@@ -845,9 +850,16 @@ impl Enrolment {
             if policy.limit != owned.ledger.limit() {
                 owned.ledger.release();
             }
+            let cold = policy.cold;
+            // Holders the view no longer has (a member heard from only, never through an
+            // endpoint, is forgotten after a while of silence) hold no share in it: their
+            // accounts go once none of their raises can be in force, or each would hold a cold
+            // share of L for as long as the client stays hot.
+            if view.agreed && (view_changed || owned.gone > 0) {
+                owned.gone = owned.ledger.forget_gone(view.members, now, cold);
+            }
             let enrolled = owned.ledger.enrolled().count() as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
-            let cold = policy.cold;
             // Not while a member is hot: a polite client near its cold share on one member keeps
             // its slack (the member would report it hot again at once).
             let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled)

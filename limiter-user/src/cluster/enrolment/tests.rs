@@ -183,7 +183,10 @@ impl Sim {
             });
             for (to, msgs) in out {
                 self.sent += 1;
-                let j = members.iter().position(|m| *m == to).expect("a member");
+                // A member that is gone (replaced under another id) gets nothing.
+                let Some(j) = members.iter().position(|m| *m == to) else {
+                    continue;
+                };
                 self.reports_by[i] += msgs.reports.len() as u64;
                 self.grants_to[j] += msgs.grants.len() as u64;
                 if self.loss != 0 && self.sent.is_multiple_of(self.loss) || self.drop_to == Some(j)
@@ -1400,4 +1403,61 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
     let writes = round(node, info, false);
     assert_eq!(writes, vec![Write::Clear(CLIENT)]);
     assert!(!node.written.contains_key(&CLIENT));
+}
+
+/// A member the view forgets (one heard from only, never through an endpoint, is forgotten
+/// after a while of silence; here another takes its place) while a client stays hot: its
+/// account is dropped once none of its raises can be in force, and the busy member gets the
+/// whole of L again. Before, the owner went on counting the forgotten member at a cold share
+/// for as long as the client stayed hot: the busy member got 20 of 30.
+#[test]
+fn a_member_back_under_a_new_id_leaves_no_share_behind() {
+    let mut sim = Sim::new(3, 0);
+    let o = sim.owner_index();
+    let gone = (0..3).rev().find(|&i| i != o).expect("a member");
+    let busy = 3 - o - gone;
+    let mut rates = [0; 3];
+    rates[busy] = 3 * L;
+    for _ in 0..100 {
+        sim.step(&rates);
+    }
+    let before = sim.enforced(busy);
+    assert!(before >= L * 9 / 10, "busy gets about L: {before}");
+    // The replacement sorts where the gone member did (members stay in order) and leaves the
+    // owner where it was.
+    let old = sim.members[gone].to_string();
+    let owner = sim.members[o].clone();
+    let replacement = (0..)
+        .map(|k| NodeId::new(&format!("{old}x{k}")).expect("a valid id"))
+        .find(|id| {
+            let mut members = sim.members.clone();
+            members[gone] = id.clone();
+            owner::owner(&sim.client, &members) == Some(&owner)
+        })
+        .expect("an id");
+    sim.members[gone] = replacement.clone();
+    sim.nodes[gone] = Enrolment::new(replacement, timing(), 1, 16);
+    sim.grants[gone] = None;
+    sim.in_flight
+        .retain(|(from, to, _)| *from != gone && *to != gone);
+    // The agent's join gate holds a new member at 0 for a lease (`membership`); the sim has
+    // none, so the new member enforces the cold share at once: the sum is held to L from two
+    // leases on.
+    let mut shares = Vec::new();
+    for round in 0..300 {
+        sim.step(&rates);
+        assert!(
+            round < 40 || sim.total() <= L,
+            "round {round}: {}",
+            sim.total()
+        );
+        shares.push(sim.enforced(busy));
+    }
+    let enrolled = sim.nodes[o].owned[&sim.client].ledger.enrolled().count();
+    assert_eq!(enrolled, 3, "the gone member's account dropped");
+    assert!(
+        shares[250..].iter().all(|&s| s >= L * 9 / 10),
+        "busy gets about L again: {:?}",
+        &shares[250..]
+    );
 }

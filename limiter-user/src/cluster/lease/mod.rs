@@ -681,6 +681,38 @@ impl Ledger {
                 .all(|a| a.live.iter().all(|g| g.value <= cold || g.lapses_at <= now))
     }
 
+    /// Drops the accounts of holders that are not among `members` (in order) any more:
+    /// forgotten by the view (`super::membership`). The view counts no share for them, so
+    /// an account kept would be counted at a cold share (or what it last admitted) for a node
+    /// that is not there. An account goes only once none of its raises can be in force (each
+    /// past its lease on the owner's clock) and what it reported admitted has left its window;
+    /// until then it is counted as before. A node that comes back is enrolled afresh, counted at
+    /// the cold share, its messages numbered above those the dropped account sent. Returns how
+    /// many holders that are not members are left.
+    pub fn forget_gone(&mut self, members: &[NodeId], now: Duration, cold: u32) -> usize {
+        debug_assert!(members.is_sorted(), "members in order");
+        let mut left = 0;
+        let mut first_message = self.first_message;
+        self.holders.retain(|node, account| {
+            if members.binary_search(node).is_ok() {
+                return true;
+            }
+            let raised = account
+                .live
+                .iter()
+                .any(|g| g.value > cold && g.lapses_at > now);
+            let admitted = account.used.is_some_and(|(_, until)| until > now);
+            if raised || admitted {
+                left += 1;
+                return true;
+            }
+            first_message = first_message.max(account.next_message);
+            false
+        });
+        self.first_message = first_message;
+        left
+    }
+
     /// The enrolled holders.
     pub fn enrolled(&self) -> impl Iterator<Item = &NodeId> {
         self.holders.keys()
