@@ -334,8 +334,9 @@ struct Owned {
     /// Its ledger has enrolled the live members, and its owner was checked, under the view of
     /// the last round (see `round_writing`).
     checked: bool,
-    /// Holders of its ledger that are no longer members, not dropped yet (see
-    /// `Ledger::forget_gone`): looked at again each round until none is left.
+    /// Holders of its ledger that may not be members any more, not dropped yet (see
+    /// `Ledger::forget_gone`; a holder enrolled by its report counts until a round looks): looked
+    /// at again each round whose view agrees until none is left.
     gone: usize,
 }
 
@@ -608,7 +609,12 @@ impl Enrolment {
         if owned.policy != msg.policy {
             return;
         }
-        // A member that reports is live; one that restarted enrols again.
+        // A member that reports is live; one that restarted enrols again. A holder enrolled
+        // here, whatever the view (views may differ meanwhile), is looked at again by the next
+        // round whose view agrees: it may be a member that view no longer has.
+        if !owned.ledger.is_enrolled(from) {
+            owned.gone += 1;
+        }
         owned.ledger.enrol_and_receive(from, now, msg.report);
     }
 
@@ -858,7 +864,11 @@ impl Enrolment {
             if view.agreed && (view_changed || owned.gone > 0) {
                 owned.gone = owned.ledger.forget_gone(view.members, now, cold);
             }
-            let enrolled = owned.ledger.enrolled().count() as u32;
+            // The members not enrolled are counted at the cold share; holders that are not
+            // members any more (`gone`, exact once the view agrees) are counted by their own
+            // accounts, and are not among them.
+            let gone = if view.agreed { owned.gone } else { 0 };
+            let enrolled = owned.ledger.enrolled().count().saturating_sub(gone) as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
             // Not while a member is hot: a polite client near its cold share on one member keeps
             // its slack (the member would report it hot again at once).

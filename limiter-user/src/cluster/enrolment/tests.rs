@@ -1423,8 +1423,8 @@ fn a_member_back_under_a_new_id_leaves_no_share_behind() {
     }
     let before = sim.enforced(busy);
     assert!(before >= L * 9 / 10, "busy gets about L: {before}");
-    // The replacement sorts where the gone member did (members stay in order) and leaves the
-    // owner where it was.
+    // The replacement sorts where the gone member did (members stay in order: `{old}x{k}`
+    // sorts after `{old}` and before the next `n{i}`), and the owner stays where it was.
     let old = sim.members[gone].to_string();
     let owner = sim.members[o].clone();
     let replacement = (0..)
@@ -1446,9 +1446,12 @@ fn a_member_back_under_a_new_id_leaves_no_share_behind() {
     let mut shares = Vec::new();
     for round in 0..300 {
         sim.step(&rates);
+        let counted = sim.nodes[o].owned[&sim.client]
+            .ledger
+            .in_force_bound(sim.now, sim.cold(), 0);
         assert!(
-            round < 40 || sim.total() <= L,
-            "round {round}: {}",
+            round < 40 || (sim.total() <= L && counted <= u64::from(L)),
+            "round {round}: {} in force, {counted} counted",
             sim.total()
         );
         shares.push(sim.enforced(busy));

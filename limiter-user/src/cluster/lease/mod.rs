@@ -437,6 +437,9 @@ struct Account {
     last_report: Option<(u64, Duration)>,
     /// The newest grant of this ledger the holder reported applied.
     acked: Option<u64>,
+    /// Grants numbered below this went to an earlier account of the holder, dropped by
+    /// [`Ledger::forget_gone`]: one it reports applied is another ledger's to this account.
+    first_grant: u64,
     next_message: u64,
     /// Send times of recent messages, for echoes.
     sent: Sent,
@@ -457,11 +460,12 @@ struct Counted {
 
 impl Account {
     /// A holder just enrolled: counted at the cold share until a report says otherwise, its
-    /// messages numbered from `first_message`.
-    fn enrolled(first_message: u64) -> Account {
+    /// messages numbered from `first_message`, and the grants it may apply from `first_grant`.
+    fn enrolled(first_message: u64, first_grant: u64) -> Account {
         Account {
             cold_possible: true,
             next_message: first_message,
+            first_grant,
             ..Account::default()
         }
     }
@@ -614,8 +618,10 @@ impl Ledger {
         if self.holders.contains_key(node) {
             return;
         }
-        self.holders
-            .insert(node.clone(), Account::enrolled(self.first_message));
+        self.holders.insert(
+            node.clone(),
+            Account::enrolled(self.first_message, self.next_grant),
+        );
     }
 
     /// `node`'s agent started again and numbers its reports from `first_report` on: it may have
@@ -732,10 +738,10 @@ impl Ledger {
 
     fn take_report(&mut self, node: &NodeId, now: Duration, report: Report, enrol: bool) {
         let account = if enrol {
-            let first_message = self.first_message;
+            let (first_message, first_grant) = (self.first_message, self.next_grant);
             self.holders
                 .entry(node.clone())
-                .or_insert_with(|| Account::enrolled(first_message))
+                .or_insert_with(|| Account::enrolled(first_message, first_grant))
         } else {
             let Some(account) = self.holders.get_mut(node) else {
                 return;
@@ -758,20 +764,23 @@ impl Ledger {
                 now + self.timing.stretched(self.window * 2),
             )
         });
+        // This ledger's grants to this account (not an earlier, dropped account's).
+        let first = self.first_grant.max(account.first_grant);
         let ours = report
             .applied
-            .is_some_and(|a| a >= self.first_grant && a < self.next_grant);
+            .is_some_and(|a| a >= first && a < self.next_grant);
         if !ours && let Some(left) = report.raise_left {
             // Received after the holder sent it: the lease ends before `now + left` stretched.
             let until = now + self.timing.stretched(left);
             self.no_raise_until = self.no_raise_until.max(until);
         }
         // Another ledger's grant (an earlier owner's, or another node's, whose numbers may be
-        // larger than ours): not ours to account for; the holder stays counted at the cold
+        // larger than ours, or one this ledger sent an account of the holder it dropped): not
+        // ours to account for; the holder stays counted at the cold
         // share at least (its raises lapse during learning mode).
         if let Some(applied) = report
             .applied
-            .filter(|&a| a >= self.first_grant && a < self.next_grant)
+            .filter(|&a| a >= first && a < self.next_grant)
         {
             // It never goes back to an older grant, nor to the cold share (until silence or a
             // release, which the bound covers).

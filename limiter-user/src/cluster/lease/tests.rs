@@ -718,3 +718,80 @@ fn dropped_for_silence(due: bool, learning: bool) {
 }
 
 mod merge;
+
+/// A holder the view forgets is dropped only once none of its raises can be in force and what
+/// its window held has left it; when it comes back it is counted at the cold share at least,
+/// even as it reports applying a grant of the account that was dropped (a message of that
+/// account arriving late).
+#[test]
+fn a_forgotten_holder_is_dropped_once_nothing_of_it_can_be_in_force() {
+    let ms = Duration::from_millis;
+    let mut holders = Prompt::abc();
+    let mut ledger = Ledger::new(300, half_second_lease()).with_window(Duration::from_secs(1));
+    for id in &holders.ids {
+        ledger.enrol(id);
+    }
+    let (a, b, c) = (
+        holders.ids[0].clone(),
+        holders.ids[1].clone(),
+        holders.ids[2].clone(),
+    );
+    let demands = [240, 240, 15];
+    for i in 0..5 {
+        holders.round(&mut ledger, ms(50 * i), demands);
+    }
+    holders.used.insert(b.clone(), 50);
+    let split = holders.round(&mut ledger, ms(250), demands);
+    assert!(split[1] > 100, "b raised: {split:?}");
+    let members = [a.clone(), c.clone()];
+    // a and c go on reporting, b is silent; the owner's rounds run every 50 ms.
+    let step = |ledger: &mut Ledger, holders: &mut Prompt, at: u64| {
+        holders.seq += 1;
+        for (id, demand) in [(&a, 240), (&c, 15)] {
+            ledger.receive(id, ms(at), holders.report(id, demand));
+        }
+        let mut granted: BTreeMap<NodeId, (u64, Option<u32>)> = BTreeMap::new();
+        for (id, m) in ledger.round(ms(at), 100, 0) {
+            let value = m.grant.map(|g| g.value);
+            if id != b {
+                holders.echo.insert(id.clone(), m.message);
+                if let Some(g) = m.grant {
+                    holders.applied.insert(id.clone(), g.seq);
+                }
+            }
+            granted.insert(id, (m.message, value));
+        }
+        granted
+    };
+    let mut gone = Vec::new();
+    for at in (300..=2_500).step_by(50) {
+        step(&mut ledger, &mut holders, at);
+        gone.push((at, ledger.forget_gone(&members, ms(at), 100)));
+    }
+    // b's raise is in force (a lease from its report, stretched), then it has lapsed but b's
+    // window still holds what b admitted (two windows), then nothing of b can be in force.
+    let dropped_at = gone.iter().find(|(_, n)| *n == 0).map(|(at, _)| *at);
+    assert!(
+        dropped_at.is_some_and(|at| at > 2_000),
+        "dropped at {dropped_at:?} ms"
+    );
+    assert_eq!(ledger.enrolled().cloned().collect::<Vec<_>>(), members);
+    let a_alone = step(&mut ledger, &mut holders, 2_550)[&a].1;
+    assert!(
+        a_alone.is_some_and(|v| v > 200),
+        "a gets b's room: {a_alone:?}"
+    );
+    // b comes back and is enrolled; the first message to it carries no grant (it has not
+    // reported yet). Its first report echoes that message and says it applied the raise the
+    // dropped account sent it (a message of that account arriving late), and asks for nothing
+    // more: counted at what it applied, b would leave a all the room.
+    ledger.enrol(&b);
+    let (to_b, grant) = step(&mut ledger, &mut holders, 2_600)[&b];
+    assert!(grant.is_none());
+    holders.echo.insert(b.clone(), to_b);
+    holders.seq += 1;
+    ledger.receive(&b, ms(2_620), holders.report(&b, 0));
+    // b may enforce the cold share (100): a's grant leaves room for it.
+    let a_then = step(&mut ledger, &mut holders, 2_650)[&a].1;
+    assert!(a_then.is_some_and(|v| v + 100 + 15 <= 300), "a: {a_then:?}");
+}
