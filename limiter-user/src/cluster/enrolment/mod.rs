@@ -840,7 +840,10 @@ impl Enrolment {
                 closed.push(*client);
                 continue;
             };
-            if view.agreed && (view_changed || !owned.checked) {
+            // A ledger not checked under this view (new, or created while views differed) may
+            // hold members that this view no longer has, as one whose view changed may.
+            let recheck = view_changed || !owned.checked;
+            if view.agreed && recheck {
                 owned.checked = true;
                 for member in view.live {
                     owned.ledger.enrol(member);
@@ -861,7 +864,7 @@ impl Enrolment {
             // endpoint, is forgotten after a while of silence) hold no share in it: their
             // accounts go once none of their raises can be in force, or each would hold a cold
             // share of L for as long as the client stays hot.
-            if view.agreed && (view_changed || owned.gone > 0) {
+            if view.agreed && (recheck || owned.gone > 0) {
                 owned.gone = owned.ledger.forget_gone(view.members, now, cold);
             }
             // The members not enrolled are counted at the cold share; holders that are not
