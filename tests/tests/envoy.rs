@@ -46,6 +46,16 @@ fn get(net: &TestNet, src: std::net::Ipv4Addr, user: Option<&str>) -> Result<Rep
     )
 }
 
+/// Envoy's binary; `None` (the test skips) where it is not installed, which CI never is.
+fn envoy_or_skip() -> Option<std::path::PathBuf> {
+    let binary = envoy::binary();
+    if binary.is_none() {
+        assert!(!in_ci(), "Envoy is not installed: run `cargo xtask setup`");
+        eprintln!("skipped: Envoy is not installed (`cargo xtask setup` installs it)");
+    }
+    binary
+}
+
 /// Envoy with `bootstrap`, in `net`'s receiver namespace.
 fn start_envoy(binary: &Path, net: &TestNet, bootstrap: &Path, dir: &TempDir) -> Result<Envoy> {
     Envoy::start(
@@ -61,9 +71,7 @@ fn start_envoy(binary: &Path, net: &TestNet, bootstrap: &Path, dir: &TempDir) ->
 #[test]
 fn envoy_asks_the_agent_and_enforces_its_answers() -> Result<()> {
     require_root!();
-    let Some(binary) = envoy::binary() else {
-        assert!(!in_ci(), "Envoy is not installed: run `cargo xtask setup`");
-        eprintln!("skipped: Envoy is not installed (`cargo xtask setup` installs it)");
+    let Some(binary) = envoy_or_skip() else {
         return Ok(());
     };
     let net = TestNet::new()?;
@@ -192,9 +200,7 @@ descriptors:
 #[test]
 fn quota_modes_and_metadata_reach_envoy() -> Result<()> {
     require_root!();
-    let Some(binary) = envoy::binary() else {
-        assert!(!in_ci(), "Envoy is not installed: run `cargo xtask setup`");
-        eprintln!("skipped: Envoy is not installed (`cargo xtask setup` installs it)");
+    let Some(binary) = envoy_or_skip() else {
         return Ok(());
     };
     let net = TestNet::new()?;

@@ -573,16 +573,6 @@ impl<'de> Deserialize<'de> for Text {
 /// ([`check_keys`]).
 type Misplaced = Option<serde_yaml::Value>;
 
-/// The `Misplaced` fields of a raw struct that are present, in order, with their values.
-macro_rules! misplaced {
-    ($raw:expr, $($field:ident),+ $(,)?) => {
-        [$((stringify!($field), $raw.$field.as_ref())),+]
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, value?)))
-            .collect::<Vec<(&'static str, &serde_yaml::Value)>>()
-    };
-}
-
 /// Every key envoyproxy/ratelimit knows (its `validKeys`): it refuses any other, anywhere in a
 /// file, and takes these anywhere.
 const VALID_KEYS: [&str; 16] = [
@@ -638,228 +628,100 @@ fn check_keys(value: &serde_yaml::Value, field: &str) -> Result<(), (String, Str
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    #[serde(default, deserialize_with = "scalar")]
-    domain: Option<String>,
-    #[serde(default)]
-    descriptors: Vec<RawDescriptor>,
-    #[serde(default)]
-    key: Misplaced,
-    #[serde(default)]
-    value: Misplaced,
-    #[serde(default)]
-    rate_limit: Misplaced,
-    #[serde(default)]
-    unit: Misplaced,
-    #[serde(default)]
-    requests_per_unit: Misplaced,
-    #[serde(default)]
-    unlimited: Misplaced,
-    #[serde(default)]
-    name: Misplaced,
-    #[serde(default)]
-    replaces: Misplaced,
-    #[serde(default)]
-    shadow_mode: Misplaced,
-    #[serde(default)]
-    quota_mode: Misplaced,
-    #[serde(default)]
-    detailed_metric: Misplaced,
-    #[serde(default)]
-    value_to_metric: Misplaced,
-    #[serde(default)]
-    share_threshold: Misplaced,
-    #[serde(default)]
-    metadata: Misplaced,
+/// A raw struct of the file, as serde reads it: its own fields, then a [`Misplaced`] field for
+/// each of envoyproxy/ratelimit's keys that it ignores there, and `misplaced()` listing those
+/// present with their values.
+macro_rules! raw {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident { $($(#[$field_meta:meta])* $field:ident: $ty:ty,)* }
+        misplaced { $($key:ident),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            $($(#[$field_meta])* $field: $ty,)*
+            $(#[serde(default)] $key: Misplaced,)+
+        }
+
+        impl $name {
+            fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
+                [$((stringify!($key), self.$key.as_ref())),+]
+                    .into_iter()
+                    .filter_map(|(name, value)| Some((name, value?)))
+                    .collect()
+            }
+        }
+    };
 }
 
-impl RawFile {
-    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
-        misplaced!(
-            self,
-            key,
-            value,
-            rate_limit,
-            unit,
-            requests_per_unit,
-            unlimited,
-            name,
-            replaces,
-            shadow_mode,
-            quota_mode,
-            detailed_metric,
-            value_to_metric,
-            share_threshold,
-            metadata
-        )
+raw! {
+    struct RawFile {
+        #[serde(default, deserialize_with = "scalar")]
+        domain: Option<String>,
+        #[serde(default)]
+        descriptors: Vec<RawDescriptor>,
+    }
+    misplaced {
+        key, value, rate_limit, unit, requests_per_unit, unlimited, name, replaces, shadow_mode,
+        quota_mode, detailed_metric, value_to_metric, share_threshold, metadata,
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDescriptor {
-    #[serde(default, deserialize_with = "scalar")]
-    key: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    value: Option<String>,
-    rate_limit: Option<RawRateLimit>,
-    #[serde(default)]
-    descriptors: Vec<RawDescriptor>,
-    #[serde(default)]
-    shadow_mode: bool,
-    #[serde(default)]
-    quota_mode: bool,
-    #[serde(default)]
-    detailed_metric: bool,
-    #[serde(default)]
-    value_to_metric: bool,
-    #[serde(default)]
-    share_threshold: bool,
-    /// Sent to Envoy in the response's dynamic metadata (see `service`), not read here.
-    #[serde(default)]
-    metadata: Option<serde_yaml::Mapping>,
-    #[serde(default)]
-    domain: Misplaced,
-    #[serde(default)]
-    unit: Misplaced,
-    #[serde(default)]
-    requests_per_unit: Misplaced,
-    #[serde(default)]
-    unlimited: Misplaced,
-    #[serde(default)]
-    name: Misplaced,
-    #[serde(default)]
-    replaces: Misplaced,
+raw! {
+    struct RawDescriptor {
+        #[serde(default, deserialize_with = "scalar")]
+        key: Option<String>,
+        #[serde(default, deserialize_with = "scalar")]
+        value: Option<String>,
+        rate_limit: Option<RawRateLimit>,
+        #[serde(default)]
+        descriptors: Vec<RawDescriptor>,
+        #[serde(default)]
+        shadow_mode: bool,
+        #[serde(default)]
+        quota_mode: bool,
+        #[serde(default)]
+        detailed_metric: bool,
+        #[serde(default)]
+        value_to_metric: bool,
+        #[serde(default)]
+        share_threshold: bool,
+        /// Sent to Envoy in the response's dynamic metadata (see `service`), not read here.
+        #[serde(default)]
+        metadata: Option<serde_yaml::Mapping>,
+    }
+    misplaced { domain, unit, requests_per_unit, unlimited, name, replaces }
 }
 
-impl RawDescriptor {
-    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
-        misplaced!(
-            self,
-            domain,
-            unit,
-            requests_per_unit,
-            unlimited,
-            name,
-            replaces
-        )
+raw! {
+    struct RawRateLimit {
+        #[serde(default, deserialize_with = "scalar")]
+        unit: Option<String>,
+        requests_per_unit: Option<u32>,
+        #[serde(default)]
+        unlimited: bool,
+        #[serde(default, deserialize_with = "scalar")]
+        name: Option<String>,
+        #[serde(default)]
+        replaces: Vec<RawReplace>,
+    }
+    misplaced {
+        domain, key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric,
+        value_to_metric, share_threshold, metadata,
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRateLimit {
-    #[serde(default, deserialize_with = "scalar")]
-    unit: Option<String>,
-    requests_per_unit: Option<u32>,
-    #[serde(default)]
-    unlimited: bool,
-    #[serde(default, deserialize_with = "scalar")]
-    name: Option<String>,
-    #[serde(default)]
-    replaces: Vec<RawReplace>,
-    #[serde(default)]
-    domain: Misplaced,
-    #[serde(default)]
-    key: Misplaced,
-    #[serde(default)]
-    value: Misplaced,
-    #[serde(default)]
-    rate_limit: Misplaced,
-    #[serde(default)]
-    descriptors: Misplaced,
-    #[serde(default)]
-    shadow_mode: Misplaced,
-    #[serde(default)]
-    quota_mode: Misplaced,
-    #[serde(default)]
-    detailed_metric: Misplaced,
-    #[serde(default)]
-    value_to_metric: Misplaced,
-    #[serde(default)]
-    share_threshold: Misplaced,
-    #[serde(default)]
-    metadata: Misplaced,
-}
-
-impl RawRateLimit {
-    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
-        misplaced!(
-            self,
-            domain,
-            key,
-            value,
-            rate_limit,
-            descriptors,
-            shadow_mode,
-            quota_mode,
-            detailed_metric,
-            value_to_metric,
-            share_threshold,
-            metadata
-        )
+raw! {
+    struct RawReplace {
+        #[serde(default, deserialize_with = "scalar")]
+        name: Option<String>,
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawReplace {
-    #[serde(default, deserialize_with = "scalar")]
-    name: Option<String>,
-    #[serde(default)]
-    domain: Misplaced,
-    #[serde(default)]
-    key: Misplaced,
-    #[serde(default)]
-    value: Misplaced,
-    #[serde(default)]
-    rate_limit: Misplaced,
-    #[serde(default)]
-    descriptors: Misplaced,
-    #[serde(default)]
-    unit: Misplaced,
-    #[serde(default)]
-    requests_per_unit: Misplaced,
-    #[serde(default)]
-    unlimited: Misplaced,
-    #[serde(default)]
-    replaces: Misplaced,
-    #[serde(default)]
-    shadow_mode: Misplaced,
-    #[serde(default)]
-    quota_mode: Misplaced,
-    #[serde(default)]
-    detailed_metric: Misplaced,
-    #[serde(default)]
-    value_to_metric: Misplaced,
-    #[serde(default)]
-    share_threshold: Misplaced,
-    #[serde(default)]
-    metadata: Misplaced,
-}
-
-impl RawReplace {
-    fn misplaced(&self) -> Vec<(&'static str, &serde_yaml::Value)> {
-        misplaced!(
-            self,
-            domain,
-            key,
-            value,
-            rate_limit,
-            descriptors,
-            unit,
-            requests_per_unit,
-            unlimited,
-            replaces,
-            shadow_mode,
-            quota_mode,
-            detailed_metric,
-            value_to_metric,
-            share_threshold,
-            metadata
-        )
+    misplaced {
+        domain, key, value, rate_limit, descriptors, unit, requests_per_unit, unlimited,
+        replaces, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold,
+        metadata,
     }
 }
 
