@@ -169,18 +169,20 @@ fn metric_key(
 
 /// A detailed series' key: the request's entries, a shared entry's value the wildcard's text.
 fn detailed_key(entries: &[(&str, &str)], shared: &[(usize, String)]) -> String {
-    let values: Vec<(&str, &str)> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, &(k, v))| {
-            let v = shared
-                .iter()
-                .find(|(at, _)| *at == i)
-                .map_or(v, |(_, raw)| raw.as_str());
-            (k, v)
-        })
-        .collect();
-    super::hits::descriptor_key(&values)
+    super::hits::descriptor_key(&with_shared(entries, shared))
+}
+
+/// `entries` with each entry a `share_threshold` wildcard matched (`shared`) valued as the
+/// wildcard is written: what names the descriptor's client and detailed series.
+pub fn with_shared<'a>(
+    entries: &[(&'a str, &'a str)],
+    shared: &'a [(usize, String)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut entries = entries.to_vec();
+    for (i, raw) in shared {
+        entries[*i].1 = raw.as_str();
+    }
+    entries
 }
 
 /// The limit of each descriptor, in order (see the module docs).

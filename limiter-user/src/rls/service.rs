@@ -60,7 +60,7 @@ use super::{
     budget::{Budget, ClientLocks, unavailable},
     config::{Unit, window},
     hits,
-    matching::{Applies, Descriptor, Limit, limits_for},
+    matching::{Applies, Descriptor, Limit, limits_for, with_shared},
 };
 use crate::{
     check::{AllOrNone, Checker, Decision, address_request, named_request, same_client},
@@ -160,9 +160,10 @@ impl<B: Budget> RlsService<B> {
             .zip(limits)
             .map(|(p, applies)| self.plan(&config, &request.domain, p, applies))
             .collect();
-        let outcomes = self.run(&plans)?;
+        let quotas = Quotas::of(&plans);
+        let outcomes = self.run(&plans, quotas)?;
         count(&parsed, &plans, &outcomes);
-        Ok(self.response(request, &plans, &outcomes))
+        Ok(self.response(request, &plans, quotas, &outcomes))
     }
 
     /// What to do for one descriptor.
@@ -212,11 +213,7 @@ impl<B: Budget> RlsService<B> {
             client_key(domain, &p.descriptor.entries)
         } else {
             // A `share_threshold` wildcard's values are one client, named by the wildcard.
-            let mut entries = p.descriptor.entries.clone();
-            for (i, raw) in &limit.shared {
-                entries[*i].1 = raw.as_str();
-            }
-            client_key(domain, &entries)
+            client_key(domain, &with_shared(&p.descriptor.entries, &limit.shared))
         };
         Plan::Check {
             request: named_request(key, p.hits, policy),
@@ -226,7 +223,7 @@ impl<B: Budget> RlsService<B> {
     }
 
     /// Probes (or reads) every check, then spends all of them or none (see the module docs).
-    fn run(&self, plans: &[Plan]) -> Result<Vec<Option<Outcome>>, Status> {
+    fn run(&self, plans: &[Plan], quotas: Quotas) -> Result<Vec<Option<Outcome>>, Status> {
         let checks: Vec<(usize, CheckRequest, Role)> = plans
             .iter()
             .enumerate()
@@ -240,14 +237,13 @@ impl<B: Budget> RlsService<B> {
             return Ok(outcomes);
         }
         let dry_run = self.budget.dry_run();
-        let quotas = Quotas::of(plans);
         // A blocked descriptor (requests_per_unit 0) denies the request before anything is read,
         // and so do blocked quota descriptors when they are all the request's quota descriptors.
         let blocked = !dry_run
             && (plans
                 .iter()
                 .any(|p| matches!(p, Plan::Blocked(l) if Role::of(l) == Role::Enforced))
-                || (quotas.descriptors > 0 && quotas.blocked == quotas.descriptors));
+                || quotas.all_out(0));
         // What each check's client must have left: the hits of the request's checks on that
         // client (two descriptors can name one client, and each alone may fit while both
         // together do not). An enforced check needs only the enforced ones' (a shadow or quota

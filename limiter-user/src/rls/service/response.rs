@@ -29,6 +29,7 @@ impl<B: Budget> RlsService<B> {
         &self,
         request: &RateLimitRequest,
         plans: &[Plan],
+        quotas: Quotas,
         outcomes: &[Option<Outcome>],
     ) -> RateLimitResponse {
         let dry_run = self.budget.dry_run();
@@ -37,7 +38,6 @@ impl<B: Budget> RlsService<B> {
         // Quota descriptors deny together: the request is over when every one is. Their
         // denial's wait is the shortest of theirs (one quota with room admits the request), and
         // says when to retry only if that one can admit at all (as for `Retry-After` below).
-        let quotas = Quotas::of(plans);
         // The checked quota descriptors that are out (the blocked ones are in `quotas`).
         let mut quotas_out = 0usize;
         let mut quota_wait: Option<(u32, u32, Duration)> = None;
