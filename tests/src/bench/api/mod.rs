@@ -24,6 +24,7 @@
 
 mod floor;
 mod load;
+mod placement;
 mod process;
 mod redis;
 mod redis_rls;
@@ -71,10 +72,12 @@ const FLOOR_ADDR: &str = "127.0.0.1:50061";
 const REDIS_PORT: u16 = 6390;
 /// redis-cell's only release on crates.io (0.3 and 0.4 were published on GitHub only).
 const REDIS_CELL_VERSION: &str = "0.2.2";
-/// Targets: CheckBatch decisions/s over redis-cell's pipelined decisions/s; unary Check calls/s
-/// over the governor floor's, at every concurrency.
+/// Targets: CheckBatch decisions/s over redis-cell's pipelined decisions/s and over the governor
+/// floor's; unary Check calls/s over the governor floor's, at every concurrency (the floor
+/// ratios are the performance issue's, 2026-12-02).
 const TARGET_BATCH_OVER_REDIS: f64 = 2.0;
-const TARGET_UNARY_OVER_FLOOR: f64 = 0.8;
+const TARGET_BATCH_OVER_FLOOR: f64 = 1.0;
+const TARGET_UNARY_OVER_FLOOR: f64 = 0.95;
 
 /// The agent's config: every check allowed.
 fn limiter_config() -> String {

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use super::placement::Cpus;
 use super::process::{in_ns, output_of};
 use super::{LIMIT, REDIS_CELL_VERSION, REDIS_PORT, WINDOW};
 
@@ -153,9 +154,11 @@ pub(super) fn redis_benchmark(
     connections: usize,
     requests: u64,
     keys: usize,
+    cpus: &Cpus,
 ) -> Result<(f64, f64, f64)> {
     // CL.THROTTLE key max_burst count_per_period period quantity: LIMIT per WINDOW.
     let mut command = in_ns(ns, "redis-benchmark");
+    cpus.apply_to_command(&mut command);
     command.args([
         "-h".to_owned(),
         "127.0.0.1".to_owned(),

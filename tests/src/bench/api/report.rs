@@ -5,13 +5,17 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::load::LoadReport;
+use super::placement::{GENERATOR_CPU, Placement, SERVICE_CPU};
 use super::run::{RLS_AGENT, RLS_REDIS};
 use super::{
     BATCH, BATCH_CONCURRENCY, IdKind, LIMIT, LIMITER_ADDR, Mode, Only, REDIS_CELL_VERSION,
     RLS_ADDR, RLS_CONCURRENCY, RLS_DOMAIN, RLS_REDIS_ADDR, RunArgs, STREAMS_PER_CONNECTION,
-    TARGET_BATCH_OVER_REDIS, TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US, TARGET_UNARY_OVER_FLOOR,
-    UNARY_CONCURRENCY, WINDOW,
+    TARGET_BATCH_OVER_FLOOR, TARGET_BATCH_OVER_REDIS, TARGET_RLS_OVER_REDIS, TARGET_RLS_P99_US,
+    TARGET_UNARY_OVER_FLOOR, UNARY_CONCURRENCY, WINDOW,
 };
+
+/// The governor floor's rows.
+const FLOOR: &str = "governor floor";
 use crate::bench::report::machine;
 
 /// One measurement of one case.
@@ -43,6 +47,7 @@ impl From<&LoadReport> for Measurement {
 /// One row of the report: a system and a case, measured once per round.
 pub(super) struct Row {
     pub(super) system: String,
+    pub(super) placement: Placement,
     /// The gRPC case; `None` for redis-benchmark rows.
     pub(super) case: Option<(Mode, usize)>,
     pub(super) call: &'static str,
@@ -51,9 +56,10 @@ pub(super) struct Row {
 }
 
 impl Row {
-    pub(super) fn grpc(system: &str, mode: Mode, concurrency: usize) -> Row {
+    pub(super) fn grpc(system: &str, placement: Placement, mode: Mode, concurrency: usize) -> Row {
         Row {
             system: system.to_owned(),
+            placement,
             case: Some((mode, concurrency)),
             call: match mode {
                 Mode::Unary => "Check",
@@ -93,30 +99,38 @@ impl Rows {
     pub(super) fn get_mut(
         &mut self,
         system: &str,
+        placement: Placement,
         mode: Mode,
         concurrency: usize,
     ) -> Option<&mut Row> {
-        self.0
-            .iter_mut()
-            .find(|r| r.system == system && r.case == Some((mode, concurrency)))
+        self.0.iter_mut().find(|r| {
+            r.system == system && r.placement == placement && r.case == Some((mode, concurrency))
+        })
     }
 
     /// The median measurement of a gRPC case.
     pub(super) fn median(
         &self,
         system: &str,
+        placement: Placement,
         mode: Mode,
         concurrency: usize,
     ) -> Option<&Measurement> {
         self.0
             .iter()
-            .find(|r| r.system == system && r.case == Some((mode, concurrency)))
+            .find(|r| {
+                r.system == system
+                    && r.placement == placement
+                    && r.case == Some((mode, concurrency))
+            })
             .and_then(Row::median)
     }
 }
 
 pub(super) struct ReportInput<'a> {
     pub(super) args: &'a RunArgs,
+    /// The placements measured, the one the targets are read from first.
+    pub(super) placements: &'a [Placement],
     pub(super) date: String,
     pub(super) load_before: String,
     pub(super) rows: &'a Rows,
@@ -124,7 +138,8 @@ pub(super) struct ReportInput<'a> {
     pub(super) limiter: Option<&'a str>,
     /// Why redis-cell was not measured.
     pub(super) redis: Option<&'a str>,
-    pub(super) redis_pipelined: Option<f64>,
+    /// redis-cell's pipelined decisions/s by placement.
+    pub(super) redis_pipelined: Vec<(Placement, f64)>,
     pub(super) denied_case: bool,
     /// The rate limit services' ~50% denied rows were measured.
     pub(super) rls_denied_case: bool,
@@ -193,17 +208,18 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
     }
     writeln!(
         md,
-        "| System | Call | In flight | calls/s | decisions/s | spread | p50 | p99 | denied | errors |"
+        "| System | CPUs | Call | In flight | calls/s | decisions/s | spread | p50 | p99 | denied | errors |"
     )?;
-    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for row in &input.rows.0 {
         let Some(m) = row.median() else { continue };
         let (lo, hi) = row.spread();
         let errors: Option<u64> = row.rounds.iter().map(|m| m.errors).sum();
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.system,
+            row.placement.as_str(),
             row.call,
             row.in_flight,
             m.calls_per_s.map_or("—".into(), thousands),
@@ -227,107 +243,46 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
         writeln!(md, "\nredis-cell was not measured: {reason}.")?;
     }
 
-    writeln!(md, "\nTargets (medians, every ratio from this run):\n")?;
-    writeln!(md, "| Target | limiter | baseline | ratio | |")?;
-    writeln!(md, "|---|---:|---:|---:|---|")?;
-    let floor = "governor floor";
-    let v1_kinds: &[IdKind] = match args.only {
-        Some(Only::Rls) => &[],
-        None => &[IdKind::Address, IdKind::Name],
-    };
-    for &id_kind in v1_kinds {
-        let system = format!("limiter, {} IDs", id_kind.as_str());
-        let target = format!(
-            "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {} IDs",
-            id_kind.as_str()
-        );
-        let batch = input.rows.median(&system, Mode::Batch, BATCH_CONCURRENCY);
-        match (batch, input.redis_pipelined) {
-            (Some(batch), Some(redis)) => {
-                let ratio = batch.decisions_per_s / redis;
-                writeln!(
-                    md,
-                    "| {target} | {} | {} | {ratio:.2}× | {} |",
-                    thousands(batch.decisions_per_s),
-                    thousands(redis),
-                    mark(ratio >= TARGET_BATCH_OVER_REDIS)
-                )?;
-            }
-            _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
+    writeln!(
+        md,
+        "\nTargets (medians, every ratio from this run{}):\n",
+        if input.placements.len() > 1 {
+            "; each with the processes isolated, then sharing the CPUs"
+        } else {
+            ""
         }
-        for concurrency in UNARY_CONCURRENCY {
-            let target = format!(
-                "Check ≥ {TARGET_UNARY_OVER_FLOOR}× the governor floor's calls/s, {concurrency} in flight, {} IDs",
-                id_kind.as_str()
-            );
-            match (
-                input.rows.median(&system, Mode::Unary, concurrency),
-                input.rows.median(floor, Mode::Unary, concurrency),
-            ) {
-                (Some(limiter), Some(floor)) => {
-                    let ratio = limiter.decisions_per_s / floor.decisions_per_s;
-                    writeln!(
-                        md,
-                        "| {target} | {} | {} | {ratio:.2}× | {} |",
-                        thousands(limiter.decisions_per_s),
-                        thousands(floor.decisions_per_s),
-                        mark(ratio >= TARGET_UNARY_OVER_FLOOR)
-                    )?;
-                }
-                _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
-            }
-        }
+    )?;
+    writeln!(md, "| Target | CPUs | limiter | baseline | ratio | |")?;
+    writeln!(md, "|---|---|---:|---:|---:|---|")?;
+    for &placement in input.placements {
+        targets(&mut md, input, placement)?;
     }
-
-    let rls = input.rows.median(RLS_AGENT, Mode::Rls, RLS_CONCURRENCY);
-    let rls_redis = input.rows.median(RLS_REDIS, Mode::Rls, RLS_CONCURRENCY);
-    let target = format!(
-        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× the Redis-backed service's calls/s, {RLS_CONCURRENCY} in flight"
-    );
-    match (rls, rls_redis) {
-        (Some(rls), Some(redis)) => {
-            let ratio = rls.decisions_per_s / redis.decisions_per_s;
+    for &placement in input.placements {
+        // How far any service could go here: the governor floor answers limiter.v1 with a
+        // decision that costs nearly nothing, through the same tonic stack and load generator.
+        if let (Some(floor), Some(redis)) = (
+            input
+                .rows
+                .median(FLOOR, placement, Mode::Unary, RLS_CONCURRENCY),
+            input
+                .rows
+                .median(RLS_REDIS, placement, Mode::Rls, RLS_CONCURRENCY),
+        ) {
             writeln!(
                 md,
-                "| {target} | {} | {} | {ratio:.2}× | {} |",
-                thousands(rls.decisions_per_s),
-                thousands(redis.decisions_per_s),
-                mark(ratio >= TARGET_RLS_OVER_REDIS)
+                "\nFor scale ({} CPUs): the governor floor's Check at {RLS_CONCURRENCY} in flight, \
+                 a decision costing next to nothing behind tonic's default multi-threaded \
+                 runtime, makes {} calls/s, {:.2}× the Redis-backed service's, with a p99 of {}.",
+                placement.as_str(),
+                thousands(floor.decisions_per_s),
+                floor.decisions_per_s / redis.decisions_per_s,
+                latency(floor.p99_us),
             )?;
         }
-        _ => writeln!(md, "| {target} | — | — | — | not measured |")?,
     }
-    let target = format!(
-        "ShouldRateLimit p99 < {} at {RLS_CONCURRENCY} in flight",
-        latency(TARGET_RLS_P99_US)
-    );
-    match rls {
-        Some(rls) => writeln!(
-            md,
-            "| {target} | {} | {} | | {} |",
-            latency(rls.p99_us),
-            latency(TARGET_RLS_P99_US),
-            mark(rls.p99_us < TARGET_RLS_P99_US)
-        )?,
-        None => writeln!(md, "| {target} | — | — | — | not measured |")?,
+    for &placement in input.placements {
+        rls_side_by_side(&mut md, input.rows, placement)?;
     }
-    // How far any service could go here: the governor floor answers limiter.v1 with a decision
-    // that costs nearly nothing, through the same tonic stack and load generator.
-    if let (Some(floor), Some(redis)) = (
-        input.rows.median(floor, Mode::Unary, RLS_CONCURRENCY),
-        rls_redis,
-    ) {
-        writeln!(
-            md,
-            "\nFor scale: the governor floor's Check at {RLS_CONCURRENCY} in flight makes {} \
-             calls/s, {:.2}× the Redis-backed service's, about the most any tonic service \
-             (a decision costing next to nothing) reaches through this load generator sharing \
-             this machine's CPUs.",
-            thousands(floor.decisions_per_s),
-            floor.decisions_per_s / redis.decisions_per_s
-        )?;
-    }
-    rls_side_by_side(&mut md, input.rows)?;
 
     writeln!(md, "\n### How measured\n")?;
     let denied_rows = if input.denied_case {
@@ -358,16 +313,14 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
          key:__rand_int__ {burst} {LIMIT} {window} 1` (and `-P 1` for reference) after a \
          100,000-request warm-up that sizes each measured run to about {seconds:.0} s; its \
          latency is per command as redis-benchmark reports it, which for a pipeline is the \
-         pipeline's round trip. Every server shares the machine's {cpus} CPUs with its load \
-         generator. Run with `cargo xtask bench`, or as root `api-bench run [--rounds 3 \
+         pipeline's round trip. {placements}Run with `cargo xtask bench`, or as root `api-bench run [--rounds 3 \
          --duration 2s --warmup 500ms --ids N --only rls --write FILE]` (`--only rls`: the \
          rate limit service rows alone).",
         window = WINDOW.as_secs(),
+        placements = placements_text(input.placements),
         ids = args.ids,
         burst = LIMIT - 1,
         seconds = args.duration.as_secs_f64(),
-        // SAFETY: sysconf has no preconditions.
-        cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
     )?;
     let rls_denied = if input.rls_denied_case {
         " The ~50% denied rows send `/free/N` paths for odd N (limited to 1 per hour), so once \
@@ -408,9 +361,152 @@ pub(super) fn report(input: &ReportInput<'_>) -> Result<String> {
     Ok(md)
 }
 
+/// How the cases were placed on the CPUs (see `placement`).
+fn placements_text(placements: &[Placement]) -> String {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if placements.len() < 2 {
+        return format!(
+            "Every server shares the machine's {cpus} CPUs with its load generator (CPUs \
+             {GENERATOR_CPU} and {SERVICE_CPU}, which the isolated cases need, are not both \
+             available here). "
+        );
+    }
+    format!(
+        "Every case is measured both ways in each round. Isolated: the load generator \
+         (`api-bench load` or `redis-benchmark`) on CPU {GENERATOR_CPU}, the servers on CPU \
+         {SERVICE_CPU} (the service under test, and the others, idle meanwhile), except the \
+         Redis behind the Redis-backed rate limit service, which runs beside the generator (of \
+         the two placements measured by hand, the one that gave that service more calls/s; a \
+         Redis on another host would also cost it no CPU, but add a network round trip), while \
+         for the redis-cell rows Redis is the service. Shared: every process may run on any of \
+         the machine's {cpus} CPUs, and the scheduler places each service and its generator \
+         together, so their turns on the same CPUs show in each other's figures. Each server is \
+         started once, its threads sized for the whole machine (the floor and the Redis-backed \
+         service run tonic's default runtime, a worker per CPU; the agent its own runtime, its \
+         check lanes and `--rls-threads`' one thread per 2 CPUs), and moved between the \
+         placements while it runs. The denial rows are measured once, isolated where the \
+         machine has the CPUs for it. "
+    )
+}
+
+/// The targets' rows for the measurements of one placement.
+fn targets(md: &mut String, input: &ReportInput<'_>, placement: Placement) -> Result<()> {
+    let cpus = placement.as_str();
+    let median =
+        |system: &str, mode, concurrency| input.rows.median(system, placement, mode, concurrency);
+    let v1_kinds: &[IdKind] = match input.args.only {
+        Some(Only::Rls) => &[],
+        None => &[IdKind::Address, IdKind::Name],
+    };
+    let redis_pipelined = input
+        .redis_pipelined
+        .iter()
+        .find(|(p, _)| *p == placement)
+        .map(|&(_, d)| d);
+    for &id_kind in v1_kinds {
+        let system = format!("limiter, {} IDs", id_kind.as_str());
+        let target = format!(
+            "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {} IDs",
+            id_kind.as_str()
+        );
+        match (
+            median(&system, Mode::Batch, BATCH_CONCURRENCY),
+            redis_pipelined,
+        ) {
+            (Some(batch), Some(redis)) => {
+                let ratio = batch.decisions_per_s / redis;
+                writeln!(
+                    md,
+                    "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
+                    thousands(batch.decisions_per_s),
+                    thousands(redis),
+                    mark(ratio >= TARGET_BATCH_OVER_REDIS)
+                )?;
+            }
+            _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+        }
+        let target = format!(
+            "CheckBatch ≥ {TARGET_BATCH_OVER_FLOOR}× the governor floor's decisions/s, {} IDs",
+            id_kind.as_str()
+        );
+        match (
+            median(&system, Mode::Batch, BATCH_CONCURRENCY),
+            median(FLOOR, Mode::Batch, BATCH_CONCURRENCY),
+        ) {
+            (Some(batch), Some(floor)) => {
+                let ratio = batch.decisions_per_s / floor.decisions_per_s;
+                writeln!(
+                    md,
+                    "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
+                    thousands(batch.decisions_per_s),
+                    thousands(floor.decisions_per_s),
+                    mark(ratio >= TARGET_BATCH_OVER_FLOOR)
+                )?;
+            }
+            _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+        }
+        for concurrency in UNARY_CONCURRENCY {
+            let target = format!(
+                "Check ≥ {TARGET_UNARY_OVER_FLOOR}× the governor floor's calls/s, {concurrency} in flight, {} IDs",
+                id_kind.as_str()
+            );
+            match (
+                median(&system, Mode::Unary, concurrency),
+                median(FLOOR, Mode::Unary, concurrency),
+            ) {
+                (Some(limiter), Some(floor)) => {
+                    let ratio = limiter.decisions_per_s / floor.decisions_per_s;
+                    writeln!(
+                        md,
+                        "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
+                        thousands(limiter.decisions_per_s),
+                        thousands(floor.decisions_per_s),
+                        mark(ratio >= TARGET_UNARY_OVER_FLOOR)
+                    )?;
+                }
+                _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+            }
+        }
+    }
+    let rls = median(RLS_AGENT, Mode::Rls, RLS_CONCURRENCY);
+    let rls_redis = median(RLS_REDIS, Mode::Rls, RLS_CONCURRENCY);
+    let target = format!(
+        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× the Redis-backed service's calls/s, {RLS_CONCURRENCY} in flight"
+    );
+    match (rls, rls_redis) {
+        (Some(rls), Some(redis)) => {
+            let ratio = rls.decisions_per_s / redis.decisions_per_s;
+            writeln!(
+                md,
+                "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
+                thousands(rls.decisions_per_s),
+                thousands(redis.decisions_per_s),
+                mark(ratio >= TARGET_RLS_OVER_REDIS)
+            )?;
+        }
+        _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+    }
+    let target = format!(
+        "ShouldRateLimit p99 < {} at {RLS_CONCURRENCY} in flight",
+        latency(TARGET_RLS_P99_US)
+    );
+    match rls {
+        Some(rls) => writeln!(
+            md,
+            "| {target} | {cpus} | {} | {} | | {} |",
+            latency(rls.p99_us),
+            latency(TARGET_RLS_P99_US),
+            mark(rls.p99_us < TARGET_RLS_P99_US)
+        )?,
+        None => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+    }
+    Ok(())
+}
+
 /// ShouldRateLimit on the agent, on the Redis-backed service, and limiter.v1 Check, side by side
-/// at each concurrency (calls/s, p50, p99).
-fn rls_side_by_side(md: &mut String, rows: &Rows) -> Result<()> {
+/// at each concurrency (calls/s, p50, p99), as measured in `placement`.
+fn rls_side_by_side(md: &mut String, rows: &Rows, placement: Placement) -> Result<()> {
     let check = format!("limiter, {} IDs", IdKind::Address.as_str());
     let columns = [
         (RLS_AGENT, Mode::Rls, "limiter ShouldRateLimit"),
@@ -420,13 +516,14 @@ fn rls_side_by_side(md: &mut String, rows: &Rows) -> Result<()> {
     if rows
         .0
         .iter()
-        .all(|r| r.case.is_none_or(|(mode, _)| mode != Mode::Rls))
+        .all(|r| r.placement != placement || r.case.is_none_or(|(mode, _)| mode != Mode::Rls))
     {
         return Ok(());
     }
     writeln!(
         md,
-        "\nShouldRateLimit side by side (medians; calls/s, p50 / p99):\n"
+        "\nShouldRateLimit side by side, {} CPUs (medians; calls/s, p50 / p99):\n",
+        placement.as_str()
     )?;
     write!(md, "| In flight |")?;
     for (_, _, name) in columns {
@@ -437,7 +534,7 @@ fn rls_side_by_side(md: &mut String, rows: &Rows) -> Result<()> {
     for concurrency in UNARY_CONCURRENCY {
         write!(md, "| {concurrency} |")?;
         for (system, mode, _) in columns {
-            match rows.median(system, mode, concurrency) {
+            match rows.median(system, placement, mode, concurrency) {
                 Some(m) => write!(
                     md,
                     " {}, {} / {} |",
@@ -449,8 +546,8 @@ fn rls_side_by_side(md: &mut String, rows: &Rows) -> Result<()> {
             }
         }
         match (
-            rows.median(RLS_AGENT, Mode::Rls, concurrency),
-            rows.median(RLS_REDIS, Mode::Rls, concurrency),
+            rows.median(RLS_AGENT, placement, Mode::Rls, concurrency),
+            rows.median(RLS_REDIS, placement, Mode::Rls, concurrency),
         ) {
             (Some(a), Some(r)) => writeln!(md, " {:.2}× |", a.decisions_per_s / r.decisions_per_s)?,
             _ => writeln!(md, " — |")?,

@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::load::LoadReport;
+use super::placement::{Cpus, Placement, RedisRole, Servers, generator_cpus};
 use super::process::{
     Daemon, TempDir, check_interrupted, find_executable, in_ns, listening, on_signal, output_of,
     random_token, tail,
@@ -44,6 +45,8 @@ pub(super) struct Bench<'a> {
     pub(super) args: &'a RunArgs,
     pub(super) ns: String,
     pub(super) exe: PathBuf,
+    /// Every CPU of the run.
+    pub(super) all: Cpus,
 }
 
 impl Bench<'_> {
@@ -51,11 +54,13 @@ impl Bench<'_> {
     pub(super) fn load(
         &self,
         target: &Target,
+        placement: Placement,
         mode: Mode,
         concurrency: usize,
     ) -> Result<LoadReport> {
         check_interrupted()?;
         let mut command = in_ns(&self.ns, &self.exe);
+        generator_cpus(placement, &self.all).apply_to_command(&mut command);
         command.args([
             "load".to_owned(),
             "--target".to_owned(),
@@ -81,7 +86,11 @@ impl Bench<'_> {
         if target.free_half {
             command.arg("--free-half");
         }
-        let what = format!("{} {mode:?} at concurrency {concurrency}", target.system);
+        let what = format!(
+            "{} {mode:?} at concurrency {concurrency}, {} CPUs",
+            target.system,
+            placement.as_str()
+        );
         let timeout = self.args.warmup + self.args.duration + Duration::from_secs(30);
         let stdout = output_of(&mut command, timeout).with_context(|| format!("load: {what}"));
         // A Ctrl-C also stops the load generator: report the interruption, not its failure.
@@ -139,6 +148,8 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         }
     }
     let load_before = read_trimmed("/proc/loadavg");
+    let all = Cpus::current()?;
+    let placements = Placement::all(&all);
     let date = date();
     let exe = std::env::current_exe().context("locating this executable")?;
     let bench_dir = target_dir().join("bench");
@@ -285,6 +296,19 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         args,
         ns: ns.clone(),
         exe,
+        all,
+    };
+    let mut servers = Servers {
+        agent: match &limiter {
+            Limiter::Running { agent, .. } => agent.pid(),
+            Limiter::Missing(_) => None,
+        },
+        floor: Some(floor.child.id()),
+        redis: match &redis {
+            Redis::Running(daemon) => Some(daemon.child.id()),
+            Redis::Missing(_) => None,
+        },
+        rls_redis: None,
     };
     let floor_target = Target {
         system: "governor floor".into(),
@@ -321,12 +345,17 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             .collect()
     };
     let mut rows = Rows(
-        cases
+        placements
             .iter()
-            .flat_map(|&(mode, concurrency)| {
-                targets
-                    .iter()
-                    .map(move |target| Row::grpc(&target.system, mode, concurrency))
+            .flat_map(|&placement| {
+                cases.iter().flat_map({
+                    let targets = &targets;
+                    move |&(mode, concurrency)| {
+                        targets.iter().map(move |target| {
+                            Row::grpc(&target.system, placement, mode, concurrency)
+                        })
+                    }
+                })
             })
             .collect(),
     );
@@ -334,30 +363,41 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         (BATCH, "redis-cell, pipelined (-P 100)"),
         (1, "redis-cell, unpipelined (-P 1)"),
     ];
-    let mut redis_requests = Vec::new();
+    // (placement, pipeline, requests, row) of each redis-cell case.
+    let mut redis_cases = Vec::new();
     if !rls_only && let Redis::Running(_) = &redis {
-        for (pipeline, label) in redis_rows {
-            check_interrupted()?;
-            // Warm-up, which also sizes the measured runs to about `duration`.
-            let (warm_rps, ..) =
-                redis_benchmark(&ns, pipeline, BATCH_CONCURRENCY, 100_000, args.ids)
-                    .with_context(|| format!("redis-benchmark warm-up: {label}"))?;
-            redis_requests
-                .push(((warm_rps * args.duration.as_secs_f64()) as u64).clamp(50_000, 50_000_000));
-            rows.0.push(Row {
-                system: label.to_owned(),
-                case: None,
-                call: "CL.THROTTLE",
-                in_flight: if pipeline == 1 {
-                    BATCH_CONCURRENCY.to_string()
-                } else {
-                    format!("{BATCH_CONCURRENCY} × {pipeline}")
-                },
-                rounds: Vec::new(),
-            });
+        for &placement in &placements {
+            servers.place(placement, RedisRole::Service, &all)?;
+            for (pipeline, label) in redis_rows {
+                check_interrupted()?;
+                // Warm-up, which also sizes the measured runs to about `duration`.
+                let (warm_rps, ..) = redis_benchmark(
+                    &ns,
+                    pipeline,
+                    BATCH_CONCURRENCY,
+                    100_000,
+                    args.ids,
+                    &generator_cpus(placement, &all),
+                )
+                .with_context(|| format!("redis-benchmark warm-up: {label}"))?;
+                let requests =
+                    ((warm_rps * args.duration.as_secs_f64()) as u64).clamp(50_000, 50_000_000);
+                redis_cases.push((placement, pipeline, requests, rows.0.len()));
+                rows.0.push(Row {
+                    system: label.to_owned(),
+                    placement,
+                    case: None,
+                    call: "CL.THROTTLE",
+                    in_flight: if pipeline == 1 {
+                        BATCH_CONCURRENCY.to_string()
+                    } else {
+                        format!("{BATCH_CONCURRENCY} × {pipeline}")
+                    },
+                    rounds: Vec::new(),
+                });
+            }
         }
     }
-    let redis_first_row = rows.0.len() - redis_requests.len();
     // Envoy's rate limit service on the agent, and the Redis-backed service it replaces.
     let mut rls_targets = Vec::new();
     if let (Limiter::Running { .. }, true) = (&limiter, rls_served) {
@@ -386,6 +426,7 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
                 RLS_REDIS_ADDR.parse().context("RLS_REDIS_ADDR")?,
                 Duration::from_secs(10),
             )?;
+            servers.rls_redis = Some(daemon.child.id());
             rls_targets.push(Target {
                 system: RLS_REDIS.into(),
                 addr: RLS_REDIS_ADDR,
@@ -397,44 +438,58 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
         }
         Redis::Missing(_) => None,
     };
-    for target in &rls_targets {
-        for concurrency in UNARY_CONCURRENCY {
-            rows.0
-                .push(Row::grpc(&target.system, Mode::Rls, concurrency));
+    for &placement in &placements {
+        for target in &rls_targets {
+            for concurrency in UNARY_CONCURRENCY {
+                rows.0
+                    .push(Row::grpc(&target.system, placement, Mode::Rls, concurrency));
+            }
         }
     }
     for round in 1..=args.rounds {
         eprintln!("round {round} of {}", args.rounds);
-        for &(mode, concurrency) in &cases {
-            for target in &targets {
-                let report = bench.load(target, mode, concurrency)?;
-                rows.get_mut(&target.system, mode, concurrency)
-                    .context("a row for every case")?
-                    .rounds
-                    .push((&report).into());
+        for &placement in &placements {
+            servers.place(placement, RedisRole::Backend, &all)?;
+            for &(mode, concurrency) in &cases {
+                for target in &targets {
+                    let report = bench.load(target, placement, mode, concurrency)?;
+                    rows.get_mut(&target.system, placement, mode, concurrency)
+                        .context("a row for every case")?
+                        .rounds
+                        .push((&report).into());
+                }
             }
-        }
-        for concurrency in UNARY_CONCURRENCY {
-            for target in &rls_targets {
-                let report = bench.load(target, Mode::Rls, concurrency)?;
-                rows.get_mut(&target.system, Mode::Rls, concurrency)
-                    .context("a row for every case")?
-                    .rounds
-                    .push((&report).into());
+            for concurrency in UNARY_CONCURRENCY {
+                for target in &rls_targets {
+                    let report = bench.load(target, placement, Mode::Rls, concurrency)?;
+                    rows.get_mut(&target.system, placement, Mode::Rls, concurrency)
+                        .context("a row for every case")?
+                        .rounds
+                        .push((&report).into());
+                }
             }
         }
         if let Redis::Running(daemon) = &mut redis {
-            for (i, ((pipeline, label), requests)) in
-                redis_rows.iter().zip(&redis_requests).enumerate()
-            {
+            for &(placement, pipeline, requests, row) in &redis_cases {
                 check_interrupted()?;
-                let (rps, p50_ms, p99_ms) =
-                    redis_benchmark(&ns, *pipeline, BATCH_CONCURRENCY, *requests, args.ids)
-                        .with_context(|| format!("redis-benchmark: {label}"))?;
+                servers.place(placement, RedisRole::Service, &all)?;
+                let label = &rows.0[row].system;
+                let (rps, p50_ms, p99_ms) = redis_benchmark(
+                    &ns,
+                    pipeline,
+                    BATCH_CONCURRENCY,
+                    requests,
+                    args.ids,
+                    &generator_cpus(placement, &all),
+                )
+                .with_context(|| format!("redis-benchmark: {label}"))?;
                 daemon.ensure_running()?;
-                eprintln!("{label}: {rps:.0} decisions/s, p50 {p50_ms} ms, p99 {p99_ms} ms");
-                rows.0[redis_first_row + i].rounds.push(Measurement {
-                    calls_per_s: (*pipeline == 1).then_some(rps),
+                eprintln!(
+                    "{label}, {} CPUs: {rps:.0} decisions/s, p50 {p50_ms} ms, p99 {p99_ms} ms",
+                    placement.as_str()
+                );
+                rows.0[row].rounds.push(Measurement {
+                    calls_per_s: (pipeline == 1).then_some(rps),
                     decisions_per_s: rps,
                     p50_us: p50_ms * 1e3,
                     p99_us: p99_ms * 1e3,
@@ -447,21 +502,26 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
     if let Redis::Missing(reason) = &redis {
         eprintln!("redis-cell not measured: {reason}");
     }
-    let redis_pipelined = rows
-        .0
-        .get(redis_first_row)
-        .filter(|_| !redis_requests.is_empty())
-        .and_then(Row::median)
-        .map(|m| m.decisions_per_s);
+    let redis_pipelined = redis_cases
+        .iter()
+        .filter(|&&(_, pipeline, ..)| pipeline == BATCH)
+        .filter_map(|&(placement, _, _, row)| {
+            rows.0[row].median().map(|m| (placement, m.decisions_per_s))
+        })
+        .collect();
 
-    // Denials, after the comparison: one round. The rate limit services first: requests with
-    // `/free/` paths half the time (no reload: the config has the rule from the start).
+    // Denials, after the comparison: one round, in the first placement. The rate limit services
+    // first: requests with `/free/` paths half the time (no reload: the config has the rule from
+    // the start).
+    let denials = placements[0];
+    servers.place(denials, RedisRole::Backend, &all)?;
     let mut rls_denied_case = false;
     for target in &mut rls_targets {
         target.free_half = true;
-        let report = bench.load(target, Mode::Rls, RLS_CONCURRENCY)?;
+        let report = bench.load(target, denials, Mode::Rls, RLS_CONCURRENCY)?;
         let mut row = Row::grpc(
             &format!("{}, ~50% denied", target.system),
+            denials,
             Mode::Rls,
             RLS_CONCURRENCY,
         );
@@ -483,16 +543,19 @@ pub(super) fn run(args: &RunArgs) -> Result<()> {
             free_half: false,
         };
         for (mode, concurrency) in [(Mode::Unary, 16), (Mode::Batch, BATCH_CONCURRENCY)] {
-            let report = bench.load(&target, mode, concurrency)?;
-            let mut row = Row::grpc(&target.system, mode, concurrency);
+            let report = bench.load(&target, denials, mode, concurrency)?;
+            let mut row = Row::grpc(&target.system, denials, mode, concurrency);
             row.rounds.push((&report).into());
             rows.0.push(row);
         }
         denied_case = true;
     }
 
+    // Every server back on every CPU before the report (they stop after it).
+    servers.place(Placement::Shared, RedisRole::Backend, &all)?;
     let md = report(&ReportInput {
         args,
+        placements: &placements,
         date,
         load_before,
         rows: &rows,
