@@ -346,11 +346,13 @@ struct AccessArgs {
     /// call answers RESOURCE_EXHAUSTED and checks nothing.
     #[arg(long, default_value_t = PerSecond::On(api::DEFAULT_NEW_CLIENTS_PER_SECOND), value_parser = parse_per_second)]
     api_new_clients_per_second: PerSecond,
-    /// Threads that run checks (BPF_PROG_TEST_RUN), per lane: TCP callers share one lane, the
-    /// Unix socket has its own [default: one per CPU].
+    /// Threads that run large CheckBatches (more than 124 checks; smaller ones and single
+    /// checks are decided on the async runtime), per lane: TCP callers share one lane, the Unix
+    /// socket has its own [default: one per CPU].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     api_check_threads: Option<u32>,
-    /// Calls per lane that may wait for a check thread; more answer RESOURCE_EXHAUSTED.
+    /// Large CheckBatches per lane that may wait for a check thread; more answer
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = api::DEFAULT_CHECK_QUEUE as u32, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     api_check_queue: u32,
 }

@@ -672,19 +672,36 @@ fn the_new_client_cap_charges_what_checks_create_and_gives_the_rest_back() -> Re
 const UNIX_CALL_BOUND: Duration = Duration::from_secs(1);
 /// Checks per flooding CheckBatch (each about 40 ms of BPF_PROG_TEST_RUN).
 const FLOOD_BATCH: usize = 40_000;
+/// The largest CheckBatch the agent decides on its runtime's workers, not in a lane
+/// (`limiter_user::api::rate_limiter`'s `INLINE_CHECKS`: four frames of `CHECK_BATCH`).
+const INLINE_BATCH: usize = 124;
 /// Flooding calls in flight.
 const FLOOD_CONCURRENCY: usize = 16;
 
 /// A flood of large CheckBatch calls over TCP does not stall the Unix socket: a check there and
 /// `limiter stats --api` answer within a bound while the flood runs, and the flood itself is
-/// being answered.
+/// being answered. These batches run in the TCP check lane.
 #[test]
 fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
+    flood_of_batches(FLOOD_BATCH)
+}
+
+/// The same with batches small enough to be decided on the runtime's workers
+/// (`INLINE_BATCH`), which the Unix socket's calls share: they wait behind them, within the
+/// same bound.
+#[test]
+fn a_flood_of_batches_decided_on_the_workers_does_not_stall_the_unix_socket() -> Result<()> {
+    flood_of_batches(INLINE_BATCH)
+}
+
+/// A flood of `batch`-check CheckBatch calls from 16 callers in flight over TCP, and the Unix
+/// socket's answers meanwhile.
+fn flood_of_batches(batch: usize) -> Result<()> {
     require_root!();
     limiter_tests::skip_under_emulation!("its bounds are wall-clock answer times");
     let s = Setup::new()?;
     let listen = format!("0.0.0.0:{API_PORT}");
-    let max_batch = FLOOD_BATCH.to_string();
+    let max_batch = batch.to_string();
     let mut args = vec![
         "--api-socket",
         &s.socket,
@@ -731,7 +748,7 @@ fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
                     ..Target::default()
                 })
                 .await?;
-                let checks: Vec<proto::CheckRequest> = (0..FLOOD_BATCH)
+                let checks: Vec<proto::CheckRequest> = (0..batch)
                     .map(|i| proto::CheckRequest {
                         client_id: format!("flood-{i}"),
                         hits: Some(1),
@@ -810,7 +827,7 @@ fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
         failed.load(Ordering::Relaxed),
     );
     eprintln!(
-        "flood: {ok} batches of {FLOOD_BATCH} answered, {exhausted} RESOURCE_EXHAUSTED, \
+        "flood: {ok} batches of {batch} answered, {exhausted} RESOURCE_EXHAUSTED, \
          {failed} other errors; Unix-socket check: median {:?}, max {:?}; `limiter stats --api`: \
          {stats:?}",
         latencies[latencies.len() / 2],

@@ -1,9 +1,11 @@
-//! Checks off the async runtime. A check runs BPF_PROG_TEST_RUN (about a microsecond per check,
-//! a millisecond for a batch of a thousand) and blocks its thread meanwhile; on the runtime's two
-//! worker threads a busy caller would stall every other call, the Unix socket's and the metrics
-//! endpoint's included. So checks run on tokio's blocking pool, in two lanes with their own
-//! permits: TCP callers share one, the Unix socket has the other, so a flood over TCP never makes
-//! a local `limiter check` wait for a thread.
+//! Large batches of checks off the async runtime. A check runs BPF_PROG_TEST_RUN (about a
+//! microsecond per check, a millisecond for a batch of a thousand) and blocks its thread
+//! meanwhile; on the runtime's two worker threads a caller of large batches would stall every
+//! other call, the Unix socket's and the metrics endpoint's included. So a batch larger than
+//! `rate_limiter::INLINE_CHECKS` (124) runs on tokio's blocking pool, in two lanes with their
+//! own permits: TCP callers share one, the Unix socket has the other, so a flood of large
+//! batches over TCP never makes a local `limiter check` wait for a thread. Single checks and
+//! smaller batches are decided on the worker (the hop would cost more than they do).
 //!
 //! Each lane runs at most `threads` checks at once; up to `queue` more calls wait for a thread,
 //! and a call beyond that is answered RESOURCE_EXHAUSTED at once rather than queued without

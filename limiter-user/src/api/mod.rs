@@ -6,8 +6,8 @@
 //!
 //! Served on a Unix socket (mode 0600) and, when configured, on TCP behind bearer tokens and/or
 //! mutual TLS; both beside gRPC health and reflection. TCP callers have a role (admin, or check
-//! only) and per-caller limits ([`access`], [`callers`]); checks run off the async runtime
-//! ([`check_lanes`]). Requests are bounded in size, in batch length, and in concurrency per
+//! only) and per-caller limits ([`access`], [`callers`]); large batches of checks run off the
+//! async runtime ([`check_lanes`]). Requests are bounded in size, in batch length, and in concurrency per
 //! connection; TCP connections in number (in total and per source) and in time (to
 //! authenticate, and idle), see [`connection`].
 

@@ -1,5 +1,6 @@
-//! The `RateLimiter` service: checks, single and batched, through the check program, run in the
-//! caller's check lane (off the async runtime). A TCP caller's checks that would create client
+//! The `RateLimiter` service: checks, single and batched, through the check program: a single
+//! check or a batch of up to `INLINE_CHECKS` on the runtime's worker, a larger batch in the
+//! caller's check lane (off the async runtime, see `check_lanes`). A TCP caller's checks that would create client
 //! entries in the packet path's map are counted against its new-client cap: spent at once when
 //! all of its addresses could be new and still fit, else read first and counted exactly.
 
@@ -13,6 +14,8 @@ use super::{
     check_lanes::CheckLanes,
     convert::*,
 };
+use limiter_common::maps::CHECK_BATCH;
+
 use crate::{
     check::{ClientId, Decision},
     proto::{
@@ -21,13 +24,18 @@ use crate::{
     },
 };
 
-/// Checks decided on the runtime's worker rather than in a check lane: one short program run
-/// (two when a new-client cap near its end needs the addresses read first), a few
-/// microseconds, cheaper than the hop to a blocking thread, which measured at one call in
-/// flight took Check from 49 to 70-125 µs (p50) and halved its calls per second. Larger
-/// batches, the ones that block for longer, go to the lanes (a frame holds up to `CHECK_BATCH`
-/// checks, but 31 of them block for about 10 µs).
-const INLINE_CHECKS: usize = 3;
+/// Checks decided on the runtime's worker rather than in a check lane: up to four program runs
+/// of a full frame (`CHECK_BATCH` checks each; eight when a TCP caller's new-client cap is
+/// nearly spent and the addresses are read first). A whole CheckBatch call of 124 costs about
+/// 150 µs of CPU on this machine (1.2 µs a check on one CPU, tonic included), of which the
+/// blocking part is less: about what a task may take between awaits. Meanwhile the runtime's
+/// other worker serves, unless it is deciding such a batch too. The hop to a blocking thread
+/// and back is two context switches: it took a single Check from 49 to 70-125 µs (p50) at one
+/// call in flight and halved its calls per second, and CheckBatches of 100 made 26-29% fewer
+/// decisions per second with the agent on one CPU, 7-28% fewer on two (BENCHMARKS.md, Measured
+/// by hand). Larger batches, which block for longer (one of 1,000 about a millisecond), go to
+/// the lanes, which bound how many wait.
+const INLINE_CHECKS: usize = 4 * CHECK_BATCH;
 
 pub struct RateLimiterService {
     pub state: ApiState,
@@ -95,7 +103,8 @@ impl rate_limiter_server::RateLimiter for RateLimiterService {
 }
 
 impl RateLimiterService {
-    /// Decides `checks` in order on a thread of `caller`'s lane. For a TCP caller with the
+    /// Decides `checks` in order, on the worker or on a thread of `caller`'s lane (see
+    /// `INLINE_CHECKS`). For a TCP caller with the
     /// new-client cap on, the checks that would create client entries are counted, and a call
     /// over the cap is refused whole before anything is spent.
     async fn decide(
