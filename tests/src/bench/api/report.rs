@@ -390,6 +390,31 @@ fn placements_text(placements: &[Placement]) -> String {
     )
 }
 
+/// One target's row: the limiter's rate and its baseline's (`None`: not measured), passed when
+/// their ratio reaches `goal`.
+fn ratio_row(
+    md: &mut String,
+    target: &str,
+    cpus: &str,
+    (limiter, baseline): (Option<f64>, Option<f64>),
+    goal: f64,
+) -> Result<()> {
+    match (limiter, baseline) {
+        (Some(limiter), Some(baseline)) => {
+            let ratio = limiter / baseline;
+            writeln!(
+                md,
+                "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
+                thousands(limiter),
+                thousands(baseline),
+                mark(ratio >= goal)
+            )?;
+        }
+        _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
+    }
+    Ok(())
+}
+
 /// The targets' rows for the measurements of one placement.
 fn targets(md: &mut String, input: &ReportInput<'_>, placement: Placement) -> Result<()> {
     let cpus = placement.as_str();
@@ -404,89 +429,57 @@ fn targets(md: &mut String, input: &ReportInput<'_>, placement: Placement) -> Re
         .iter()
         .find(|(p, _)| *p == placement)
         .map(|&(_, d)| d);
+    let rate = |m: Option<&Measurement>| m.map(|m| m.decisions_per_s);
     for &id_kind in v1_kinds {
         let system = format!("limiter, {} IDs", id_kind.as_str());
-        let target = format!(
-            "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {} IDs",
-            id_kind.as_str()
-        );
-        match (
-            median(&system, Mode::Batch, BATCH_CONCURRENCY),
-            redis_pipelined,
-        ) {
-            (Some(batch), Some(redis)) => {
-                let ratio = batch.decisions_per_s / redis;
-                writeln!(
-                    md,
-                    "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
-                    thousands(batch.decisions_per_s),
-                    thousands(redis),
-                    mark(ratio >= TARGET_BATCH_OVER_REDIS)
-                )?;
-            }
-            _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
-        }
-        let target = format!(
-            "CheckBatch ≥ {TARGET_BATCH_OVER_FLOOR}× the governor floor's decisions/s, {} IDs",
-            id_kind.as_str()
-        );
-        match (
-            median(&system, Mode::Batch, BATCH_CONCURRENCY),
-            median(FLOOR, Mode::Batch, BATCH_CONCURRENCY),
-        ) {
-            (Some(batch), Some(floor)) => {
-                let ratio = batch.decisions_per_s / floor.decisions_per_s;
-                writeln!(
-                    md,
-                    "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
-                    thousands(batch.decisions_per_s),
-                    thousands(floor.decisions_per_s),
-                    mark(ratio >= TARGET_BATCH_OVER_FLOOR)
-                )?;
-            }
-            _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
-        }
+        let ids = id_kind.as_str();
+        let batch = rate(median(&system, Mode::Batch, BATCH_CONCURRENCY));
+        ratio_row(
+            md,
+            &format!(
+                "CheckBatch ≥ {TARGET_BATCH_OVER_REDIS}× redis-cell pipelined decisions/s, {ids} IDs"
+            ),
+            cpus,
+            (batch, redis_pipelined),
+            TARGET_BATCH_OVER_REDIS,
+        )?;
+        ratio_row(
+            md,
+            &format!(
+                "CheckBatch ≥ {TARGET_BATCH_OVER_FLOOR}× the governor floor's decisions/s, {ids} IDs"
+            ),
+            cpus,
+            (batch, rate(median(FLOOR, Mode::Batch, BATCH_CONCURRENCY))),
+            TARGET_BATCH_OVER_FLOOR,
+        )?;
         for concurrency in UNARY_CONCURRENCY {
-            let target = format!(
-                "Check ≥ {TARGET_UNARY_OVER_FLOOR}× the governor floor's calls/s, {concurrency} in flight, {} IDs",
-                id_kind.as_str()
-            );
-            match (
-                median(&system, Mode::Unary, concurrency),
-                median(FLOOR, Mode::Unary, concurrency),
-            ) {
-                (Some(limiter), Some(floor)) => {
-                    let ratio = limiter.decisions_per_s / floor.decisions_per_s;
-                    writeln!(
-                        md,
-                        "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
-                        thousands(limiter.decisions_per_s),
-                        thousands(floor.decisions_per_s),
-                        mark(ratio >= TARGET_UNARY_OVER_FLOOR)
-                    )?;
-                }
-                _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
-            }
+            ratio_row(
+                md,
+                &format!(
+                    "Check ≥ {TARGET_UNARY_OVER_FLOOR}× the governor floor's calls/s, {concurrency} in flight, {ids} IDs"
+                ),
+                cpus,
+                (
+                    rate(median(&system, Mode::Unary, concurrency)),
+                    rate(median(FLOOR, Mode::Unary, concurrency)),
+                ),
+                TARGET_UNARY_OVER_FLOOR,
+            )?;
         }
     }
     let rls = median(RLS_AGENT, Mode::Rls, RLS_CONCURRENCY);
-    let rls_redis = median(RLS_REDIS, Mode::Rls, RLS_CONCURRENCY);
-    let target = format!(
-        "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× the Redis-backed service's calls/s, {RLS_CONCURRENCY} in flight"
-    );
-    match (rls, rls_redis) {
-        (Some(rls), Some(redis)) => {
-            let ratio = rls.decisions_per_s / redis.decisions_per_s;
-            writeln!(
-                md,
-                "| {target} | {cpus} | {} | {} | {ratio:.2}× | {} |",
-                thousands(rls.decisions_per_s),
-                thousands(redis.decisions_per_s),
-                mark(ratio >= TARGET_RLS_OVER_REDIS)
-            )?;
-        }
-        _ => writeln!(md, "| {target} | {cpus} | — | — | — | not measured |")?,
-    }
+    ratio_row(
+        md,
+        &format!(
+            "ShouldRateLimit ≥ {TARGET_RLS_OVER_REDIS}× the Redis-backed service's calls/s, {RLS_CONCURRENCY} in flight"
+        ),
+        cpus,
+        (
+            rate(rls),
+            rate(median(RLS_REDIS, Mode::Rls, RLS_CONCURRENCY)),
+        ),
+        TARGET_RLS_OVER_REDIS,
+    )?;
     let target = format!(
         "ShouldRateLimit p99 < {} at {RLS_CONCURRENCY} in flight",
         latency(TARGET_RLS_P99_US)
