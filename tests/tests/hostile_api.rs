@@ -34,6 +34,7 @@ use limiter_tests::{
     require_root,
 };
 use limiter_user::{
+    api,
     cli::client::{self, Target},
     proto,
 };
@@ -672,9 +673,6 @@ fn the_new_client_cap_charges_what_checks_create_and_gives_the_rest_back() -> Re
 const UNIX_CALL_BOUND: Duration = Duration::from_secs(1);
 /// Checks per flooding CheckBatch (each about 40 ms of BPF_PROG_TEST_RUN).
 const FLOOD_BATCH: usize = 40_000;
-/// The largest CheckBatch the agent decides on its runtime's workers, not in a lane
-/// (`limiter_user::api::rate_limiter`'s `INLINE_CHECKS`: four frames of `CHECK_BATCH`).
-const INLINE_BATCH: usize = 124;
 /// Flooding calls in flight.
 const FLOOD_CONCURRENCY: usize = 16;
 
@@ -687,11 +685,11 @@ fn a_checkbatch_flood_does_not_stall_the_unix_socket() -> Result<()> {
 }
 
 /// The same with batches small enough to be decided on the runtime's workers
-/// (`INLINE_BATCH`), which the Unix socket's calls share: they wait behind them, within the
+/// (`api::INLINE_CHECKS`), which the Unix socket's calls share: they wait behind them, within the
 /// same bound.
 #[test]
 fn a_flood_of_batches_decided_on_the_workers_does_not_stall_the_unix_socket() -> Result<()> {
-    flood_of_batches(INLINE_BATCH)
+    flood_of_batches(api::INLINE_CHECKS)
 }
 
 /// A flood of `batch`-check CheckBatch calls from 16 callers in flight over TCP, and the Unix

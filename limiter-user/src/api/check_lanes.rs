@@ -2,7 +2,7 @@
 //! microsecond per check, a millisecond for a batch of a thousand) and blocks its thread
 //! meanwhile; on the runtime's two worker threads a caller of large batches would stall every
 //! other call, the Unix socket's and the metrics endpoint's included. So a batch larger than
-//! `rate_limiter::INLINE_CHECKS` (124) runs on tokio's blocking pool, in two lanes with their
+//! [`super::INLINE_CHECKS`] (124) runs on tokio's blocking pool, in two lanes with their
 //! own permits: TCP callers share one, the Unix socket has the other, so a flood of large
 //! batches over TCP never makes a local `limiter check` wait for a thread. Single checks and
 //! smaller batches are decided on the worker (the hop would cost more than they do).

@@ -7,9 +7,9 @@
 //! Served on a Unix socket (mode 0600) and, when configured, on TCP behind bearer tokens and/or
 //! mutual TLS; both beside gRPC health and reflection. TCP callers have a role (admin, or check
 //! only) and per-caller limits ([`access`], [`callers`]); large batches of checks run off the
-//! async runtime ([`check_lanes`]). Requests are bounded in size, in batch length, and in concurrency per
-//! connection; TCP connections in number (in total and per source) and in time (to
-//! authenticate, and idle), see [`connection`].
+//! async runtime ([`check_lanes`]). Requests are bounded in size, in batch length, and in
+//! concurrency per connection; TCP connections in number (in total and per source) and in time
+//! (to authenticate, and idle), see [`connection`].
 
 mod access;
 pub mod auth;
@@ -47,7 +47,7 @@ pub use self::{
     count::ErrorCountLayer,
     limits::LimitsService,
     listen::{Listeners, Served, bind, bind_unix, serve, tls_config},
-    rate_limiter::RateLimiterService,
+    rate_limiter::{INLINE_CHECKS, RateLimiterService},
     stats::{MAX_TOP, StatsService},
     unix_socket::SocketFile,
 };

@@ -1,11 +1,13 @@
 //! The `RateLimiter` service: checks, single and batched, through the check program: a single
-//! check or a batch of up to `INLINE_CHECKS` on the runtime's worker, a larger batch in the
-//! caller's check lane (off the async runtime, see `check_lanes`). A TCP caller's checks that would create client
-//! entries in the packet path's map are counted against its new-client cap: spent at once when
-//! all of its addresses could be new and still fit, else read first and counted exactly.
+//! check or a batch of up to [`INLINE_CHECKS`] on the runtime's worker, a larger batch in the
+//! caller's check lane (off the async runtime, see `check_lanes`). A TCP caller's checks that
+//! would create client entries in the packet path's map are counted against its new-client cap:
+//! spent at once when all of its addresses could be new and still fit, else read first and
+//! counted exactly.
 
 use std::sync::Arc;
 
+use limiter_common::maps::CHECK_BATCH;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -14,8 +16,6 @@ use super::{
     check_lanes::CheckLanes,
     convert::*,
 };
-use limiter_common::maps::CHECK_BATCH;
-
 use crate::{
     check::{ClientId, Decision},
     proto::{
@@ -35,7 +35,7 @@ use crate::{
 /// decisions per second with the agent on one CPU, 7-28% fewer on two (BENCHMARKS.md, Measured
 /// by hand). Larger batches, which block for longer (one of 1,000 about a millisecond), go to
 /// the lanes, which bound how many wait.
-const INLINE_CHECKS: usize = 4 * CHECK_BATCH;
+pub const INLINE_CHECKS: usize = 4 * CHECK_BATCH;
 
 pub struct RateLimiterService {
     pub state: ApiState,
@@ -104,9 +104,9 @@ impl rate_limiter_server::RateLimiter for RateLimiterService {
 
 impl RateLimiterService {
     /// Decides `checks` in order, on the worker or on a thread of `caller`'s lane (see
-    /// `INLINE_CHECKS`). For a TCP caller with the
-    /// new-client cap on, the checks that would create client entries are counted, and a call
-    /// over the cap is refused whole before anything is spent.
+    /// [`INLINE_CHECKS`]). For a TCP caller with the new-client cap on, the checks that would
+    /// create client entries are counted, and a call over the cap is refused whole before
+    /// anything is spent.
     async fn decide(
         &self,
         caller: Caller,
