@@ -413,7 +413,9 @@ impl Membership {
         self.take_report(report, now)
     }
 
-    /// `addr` answered our heartbeat sent at `sent`, with `report`.
+    /// `addr` answered our heartbeat sent at `sent`, with `report`. An answer with this node's
+    /// own id is refused (`Refusal::OwnId`) and changes nothing: only
+    /// [`Membership::answered_as_this_node`] takes an endpoint for this node.
     pub fn answered(
         &mut self,
         addr: SocketAddr,
@@ -422,9 +424,6 @@ impl Membership {
         now: Instant,
     ) -> Result<Heard, Refusal> {
         if report.node == self.me {
-            if let Some(e) = self.endpoints.get_mut(&addr) {
-                e.is_self = true;
-            }
             return Err(Refusal::OwnId(report.node.clone()));
         }
         let heard = self.take_report(report, now)?;
@@ -440,6 +439,19 @@ impl Membership {
             }
         }
         Ok(heard)
+    }
+
+    /// `addr` answered with this node's own id: `itself` when the answer also carries this
+    /// run's nonce (a `peers` entry, or a `dns:` record, that points back here), and the endpoint
+    /// is then not counted; otherwise another node uses this node's id, and its endpoint counts
+    /// as a member whose id is not known (never fewer members: a smaller count is unsafe).
+    pub fn answered_as_this_node(&mut self, addr: SocketAddr, itself: bool) {
+        if let Some(e) = self.endpoints.get_mut(&addr) {
+            e.is_self = itself;
+            if !itself {
+                e.node = None;
+            }
+        }
     }
 
     fn forget_silent(&mut self, now: Instant) {

@@ -223,9 +223,21 @@ fn peers_cannot_claim_our_id_or_a_zero_count() {
         Err(Refusal::OwnId(id("n1")))
     );
     assert_eq!(m.heard(&report("n2", 1, 0, 0), t0), Err(Refusal::NoMembers));
-    // An endpoint that turns out to be this node does not count.
-    let _ = m.answered(addr(7203), t0, &report("n1", 1, 3, 0), t0);
+    // An endpoint that answers with this node's id is refused, and changes nothing by itself.
+    assert_eq!(
+        m.answered(addr(7203), t0, &report("n1", 1, 3, 0), t0),
+        Err(Refusal::OwnId(id("n1")))
+    );
+    assert_eq!(m.members(t0), 3);
+    // Another node using this node's id (its answer carries another nonce): still a member.
+    m.answered_as_this_node(addr(7203), false);
+    assert_eq!(m.members(t0), 3);
+    // This node itself (the answer carries its own nonce): not counted.
+    m.answered_as_this_node(addr(7203), true);
     assert_eq!(m.members(t0), 2);
+    // The address now answers as another node that uses this node's id: counted again.
+    m.answered_as_this_node(addr(7203), false);
+    assert_eq!(m.members(t0), 3);
 }
 
 #[test]

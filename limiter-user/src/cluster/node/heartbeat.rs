@@ -339,12 +339,17 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
                 .holder_restarted(&report.node, report.incarnation);
             true
         }
-        // This node itself (its own heartbeat came back): not counted.
+        // This node itself (its own heartbeat came back): not counted. Another node with this
+        // node's id (another nonce) is refused, and its endpoint still counts as a member.
         Err(Refusal::OwnId(_)) if answer.nonce == shared.nonce => {
+            state.membership.answered_as_this_node(addr, true);
             tracing::debug!(%addr, "cluster: this endpoint is this node");
             false
         }
         Err(refusal) => {
+            if matches!(refusal, Refusal::OwnId(_)) {
+                state.membership.answered_as_this_node(addr, false);
+            }
             let text = refusal.to_string();
             if shared.say(format!("answer of {addr}"), &text) {
                 tracing::warn!(%addr, "cluster peer refused: {text}");
