@@ -20,6 +20,10 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// `peer_timeout` when not written.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The longest `peer_timeout` a config takes: the longest lease any member of this version runs
+/// with (see `lease::Timing::MAX_LEASE`).
+pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What an isolated node (one that hears none of its peers) admits of a global policy's limit L.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -270,7 +274,7 @@ impl RawCluster {
             self.peer_timeout.as_deref(),
             "peer_timeout",
             DEFAULT_PEER_TIMEOUT,
-            (Duration::from_millis(50), Duration::from_secs(60)),
+            (Duration::from_millis(50), MAX_PEER_TIMEOUT),
         )?;
         if peer_timeout < sync_interval * 3 {
             return Err(ClusterConfigError {

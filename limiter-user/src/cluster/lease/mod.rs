@@ -57,7 +57,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use self::sent::Sent;
-use super::{NodeId, shares};
+use super::{NodeId, config::MAX_PEER_TIMEOUT, shares};
 
 mod sent;
 
@@ -87,11 +87,14 @@ pub enum TimingError {
 }
 
 impl Timing {
-    /// Longest lease (and so the longest silence that makes sense is a few of them).
-    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+    /// Longest lease: the longest `peer_timeout` a config takes. A peer's terms or
+    /// `raise_left` past it are refused: no member of this version sends them, and a hostile
+    /// owner's would keep a cut in force long after it left.
+    pub const MAX_LEASE: Duration = MAX_PEER_TIMEOUT;
 
-    /// Longest silence limit: 100 of the longest leases.
-    pub const MAX_SILENCE: Duration = Duration::from_secs(100 * 3600);
+    /// Longest silence limit: the one the agent runs with at the longest lease
+    /// ([`Timing::from_peer_timeout`], three leases).
+    pub const MAX_SILENCE: Duration = Duration::from_secs(3 * MAX_PEER_TIMEOUT.as_secs());
 
     pub fn new(lease: Duration, silence: Duration, drift_ppm: u32) -> Result<Timing, TimingError> {
         if drift_ppm > 100_000 {

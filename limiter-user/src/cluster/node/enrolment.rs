@@ -557,6 +557,11 @@ mod tests {
             (2_000, 2_000),
             (3_600_001, 9_000_000),
             (2_000, u32::MAX),
+            // Past what any member of this version sends (`peer_timeout` is at most 60 s, the
+            // silence limit three of them): a hostile owner's cut that outlasts it by hours.
+            (60_001, 180_000),
+            (1_000, 180_001),
+            (3_600_000, 360_000_000),
         ] {
             let mut hb = heartbeat(&grant(None));
             hb.grants[0].lease_ms = lease_ms;
@@ -569,7 +574,7 @@ mod tests {
         let e = from_wire(&hb).expect_err("refused");
         assert!(e.message().contains("16 bytes"), "{}", e.message());
         let mut hb = heartbeat(&grant(None));
-        hb.reports[0].raise_left_ms = Some(3_600_001);
+        hb.reports[0].raise_left_ms = Some(60_001);
         let e = from_wire(&hb).expect_err("refused");
         assert!(e.message().contains("raise_left_ms"), "{}", e.message());
     }
