@@ -440,6 +440,10 @@ struct Account {
     last_report: Option<(u64, Duration)>,
     /// The newest grant of this ledger the holder reported applied.
     acked: Option<u64>,
+    /// The newest grant of this ledger the holder ever reported applied, kept through its
+    /// restarts (unlike `acked`): a grant older than it is no longer counted (see
+    /// [`Ledger::take_report`]), so a later report applying one is not taken as ours.
+    acked_ever: u64,
     /// Grants numbered below this went to an earlier account of the holder, dropped by
     /// [`Ledger::forget_gone`]: one it reports applied is another ledger's to this account.
     first_grant: u64,
@@ -630,7 +634,8 @@ impl Ledger {
     /// `node`'s agent started again and numbers its reports from `first_report` on: it may have
     /// lost the grant it applied (a start without pins enforces the cold share once it has
     /// joined), so it is counted at the cold share at least until a report of the new run says
-    /// it applied a grant of this ledger. Its grants stay counted too (a start with pins keeps
+    /// it applied a grant of this ledger, no older than one it applied before (the new run
+    /// takes whatever grant reaches it first, a late copy of an older one included). Its grants stay counted too (a start with pins keeps
     /// enforcing them). A late report of the earlier run is ignored: what it says was applied
     /// may be gone.
     pub fn holder_restarted(&mut self, node: &NodeId, first_report: u64) {
@@ -767,8 +772,16 @@ impl Ledger {
                 now + self.timing.stretched(self.window * 2),
             )
         });
-        // This ledger's grants to this account (not an earlier, dropped account's).
-        let first = self.first_grant.max(account.first_grant);
+        // This ledger's grants to this account (not an earlier, dropped account's), and none
+        // older than one it applied: those stopped counting when it did (`live` keeps only
+        // newer ones), so a holder that goes back to one (a new run of its agent, which takes
+        // whatever grant arrives first, a late copy of an older one included) is not counted by
+        // them but at the cold share at least, as it may enforce a lapsed grant's
+        // `min(value, cold)`.
+        let first = self
+            .first_grant
+            .max(account.first_grant)
+            .max(account.acked_ever);
         let ours = report
             .applied
             .is_some_and(|a| a >= first && a < self.next_grant);
@@ -791,6 +804,7 @@ impl Ledger {
             account.lapsed = account.lapsed.filter(|&(seq, _)| seq >= applied);
             account.cold_possible = false;
             account.acked = account.acked.max(Some(applied));
+            account.acked_ever = account.acked_ever.max(applied);
         } else {
             // A newer report that applies no grant of this ledger: whatever the holder applied
             // before, it enforces none of it now (it dropped it for the owner's silence, was

@@ -512,6 +512,113 @@ fn a_restarted_holder_counts_at_the_cold_share_at_least() {
     assert!(split[0] + split[1] > 200, "{split:?}");
 }
 
+/// A holder that restarted takes whatever grant reaches it first: a late copy of a raise it had
+/// already replaced by a cut, which the owner stopped counting once the cut was applied. The
+/// new run enforces that raise's `min(value, cold)` (its lease answers a report of the earlier
+/// run, unknown to it) and reports it applied: the owner must count it at the cold share, not
+/// at the cut it no longer counts the raise against. (Found by review; before, the owner
+/// counted 30 of L = 30 while the holders enforced 39, and it kept renewing the raise.)
+#[test]
+fn a_restarted_holder_that_applies_an_older_grant_counts_at_the_cold_share() {
+    let timing = Timing::new(
+        Duration::from_millis(2_000),
+        Duration::from_millis(6_000),
+        1_000,
+    )
+    .expect("valid timing");
+    let (limit, cold) = (30, 10);
+    let ms = Duration::from_millis;
+    let ids = ["a", "b", "c"].map(|s| NodeId::new(s).expect("id"));
+    let mut ledger = Ledger::new(limit, timing);
+    for id in &ids {
+        ledger.enrol(id);
+    }
+    let mut holders = [0, 1, 2].map(|_| Holder::numbered_from(timing, 100));
+    let mut t = 0;
+    let mut raise_to_b = None;
+    // Reports, a round, its messages delivered (b's kept aside when asked): 30 ms of owner
+    // time, on one clock (no drift is needed here).
+    let mut step = |ledger: &mut Ledger,
+                    holders: &mut [Holder; 3],
+                    demands: [u32; 3],
+                    deliver_b: bool|
+     -> Option<ToHolder> {
+        t += 10;
+        for (i, h) in holders.iter_mut().enumerate() {
+            let report = h.report(ms(t), demands[i], 0);
+            ledger.receive(&ids[i], ms(t), report);
+        }
+        t += 10;
+        let out = ledger.round(ms(t), cold, 0);
+        t += 10;
+        let mut to_b = None;
+        for (node, message) in out {
+            let i = ids.iter().position(|id| *id == node).expect("enrolled");
+            if i == 1 {
+                to_b = Some(message);
+                if !deliver_b {
+                    continue;
+                }
+            }
+            holders[i].receive(ms(t), message);
+        }
+        to_b
+    };
+    // b is busy: raised, and a copy of a raise is kept back (a heartbeat in flight).
+    for _ in 0..4 {
+        let to_b = step(&mut ledger, &mut holders, [0, 25, 0], true);
+        if raise_to_b.is_none() && to_b.and_then(|m| m.grant).is_some_and(|g| g.value > cold) {
+            raise_to_b = to_b;
+        }
+    }
+    let raise_to_b = raise_to_b.expect("b was raised");
+    // The demand moves to c: b is cut and applies it, c is raised.
+    for _ in 0..6 {
+        step(&mut ledger, &mut holders, [0, 0, 25], true);
+    }
+    let now = ms(t);
+    assert!(holders[1].enforced(now, cold) < cold, "b is cut");
+    assert!(holders[2].enforced(now, cold) > cold, "c is raised");
+    // b's agent starts again (its kernel keeps the cut); the owner hears of it, then the late
+    // copy of the raise reaches the new run, which applies it and says so.
+    let first = 1 << 48;
+    ledger.holder_restarted(&ids[1], first);
+    holders[1] = Holder::numbered_from(timing, first);
+    t += 10;
+    holders[1].receive(ms(t), raise_to_b);
+    assert_eq!(
+        holders[1].enforced(ms(t), cold),
+        cold,
+        "the lapsed raise, capped"
+    );
+    // b's messages are lost from here on; everyone reports, the owner runs its rounds.
+    for round in 0..6 {
+        t += 10;
+        for (i, h) in holders.iter_mut().enumerate() {
+            let report = h.report(ms(t), [0, 0, 25][i], 0);
+            ledger.receive(&ids[i], ms(t), report);
+        }
+        t += 10;
+        let out = ledger.round(ms(t), cold, 0);
+        t += 10;
+        for (node, message) in out {
+            let i = ids.iter().position(|id| *id == node).expect("enrolled");
+            if i != 1 {
+                holders[i].receive(ms(t), message);
+            }
+        }
+        let now = ms(t);
+        let enforced: u32 = holders.iter().map(|h| h.enforced(now, cold)).sum();
+        let counted = ledger.in_force_bound(now, cold, 0);
+        // (The owner may count more than L for a while: the restart raised b's count to the
+        // cold share at once, beside raises of c already in force.)
+        assert!(
+            u64::from(enforced) <= counted && enforced <= limit,
+            "round {round}: the holders enforce {enforced}, the owner counts {counted} of {limit}"
+        );
+    }
+}
+
 /// A holder cut below what its sliding window already holds admits nothing more until the
 /// window lets go of it, but it cannot give those packets back: the owner raises no other holder
 /// into that room before the holder reports it gone. Without the window (a ledger that ignores
