@@ -361,6 +361,11 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
+    /// After a reload that shortened the lease: the learning mode new ledgers keep at least
+    /// (the old lease, stretched), and until when (once the members' views agree, that is,
+    /// every member took the reload, plus that learning: the last raise granted for the old
+    /// lease, by any member's ledger, has lapsed by then). See [`Enrolment::set_timing`].
+    longer_learning: Option<(Duration, Option<Duration>)>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.
@@ -389,6 +394,7 @@ impl Enrolment {
             written: HashMap::new(),
             seen_policies: HashMap::new(),
             adopted_until: None,
+            longer_learning: None,
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,
@@ -403,12 +409,38 @@ impl Enrolment {
     }
 
     /// New lease timing (a reload changed `peer_timeout`): for ledgers and holders opened from now.
+    ///
+    /// A shorter lease: the ledgers open here, which grant raises for the old one, are released
+    /// at the next round (as when L changes), and ledgers opened from now on stay in learning
+    /// mode for the old lease (stretched) until it has run out after the members' views agree
+    /// (`longer_learning`): raises granted for it here or by another member's ledger, which a
+    /// ledger taking the client over does not hear of (its holders report to their owner), stay
+    /// in force for up to that long. Until 2026-12-07 a ledger opened before such a reload
+    /// granted old-lease raises for as long as its client stayed hot, and one opened after
+    /// learned for the new lease only: a hand-over could raise a member into room an old raise
+    /// held (found by an independent review).
     pub fn set_timing(&mut self, timing: Timing) {
+        let old = Ledger::learning(&self.timing);
+        if Ledger::learning(&timing) < old {
+            let longest = self.longer_learning.map_or(old, |(l, _)| l.max(old));
+            self.longer_learning = Some((longest, None));
+        }
         self.timing = timing;
         // A quiet holder's deadline counts the old silence limit (the let-go of one whose
         // owner is silent): every holder is looked at again.
         for (client, held) in &mut self.held {
             written::wake(held, &mut self.written, client);
+        }
+    }
+
+    /// How long a ledger opened at `now` stays in learning mode: a lease of this node's timing,
+    /// or of the one before a reload shortened it, while raises granted for that may still run
+    /// (see [`Enrolment::set_timing`]).
+    fn learning(&self, now: Duration) -> Duration {
+        let learning = Ledger::learning(&self.timing);
+        match self.longer_learning {
+            Some((longer, until)) if until.is_none_or(|u| now < u) => learning.max(longer),
+            _ => learning,
         }
     }
 
@@ -581,14 +613,10 @@ impl Enrolment {
                 self.refused += 1;
                 return;
             }
+            let learning = self.learning(now);
             let first = self.number(now);
-            let mut ledger = Ledger::numbered_from(
-                info.limit,
-                self.timing,
-                first,
-                now + Ledger::learning(&self.timing),
-            )
-            .with_window(info.window);
+            let mut ledger = Ledger::numbered_from(info.limit, self.timing, first, now + learning)
+                .with_window(info.window);
             for member in view.live {
                 ledger.enrol(member);
             }
@@ -703,6 +731,11 @@ impl Enrolment {
     ) -> BTreeMap<NodeId, Outgoing> {
         self.flush(now, write);
         self.take_pending(now, view);
+        self.longer_learning = match self.longer_learning {
+            Some((longer, None)) if view.agreed => Some((longer, Some(now + longer))),
+            Some((_, Some(until))) if now >= until => None,
+            kept => kept,
+        };
         let mut out: BTreeMap<NodeId, Outgoing> = BTreeMap::new();
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
@@ -855,8 +888,9 @@ impl Enrolment {
                     owned.ledger.release();
                 }
             }
-            // A reload changed L: the ledger's budget is the old one; release and start afresh.
-            if policy.limit != owned.ledger.limit() {
+            // A reload changed L: the ledger's budget is the old one; or shortened the lease,
+            // which its raises would go on having: release and start afresh.
+            if policy.limit != owned.ledger.limit() || owned.ledger.lease() > self.timing.lease() {
                 owned.ledger.release();
             }
             let cold = policy.cold;

@@ -1464,3 +1464,116 @@ fn a_member_back_under_a_new_id_leaves_no_share_behind() {
         &shares[250..]
     );
 }
+
+/// Scenarios found by a third independent review (2026-12-07).
+mod third_review {
+    use super::*;
+
+    /// `peer_timeout` 5 s: five of `timing()`'s leases.
+    fn long() -> Timing {
+        Timing::new(Duration::from_secs(5), Duration::from_secs(15), 1_000).expect("valid")
+    }
+
+    /// A reload that shortens the lease. The owner's ledger granted raises for the old lease
+    /// and, before, went on doing so for as long as the client stayed hot; a ledger opened after
+    /// the reload (at a member taking the client over, which does not hear of the old owner's
+    /// raises: their holders report to their owner) learned for the new lease only. Now the old
+    /// ledger is released at the next round, and a ledger opened while an old raise may still
+    /// run learns for the old lease.
+    #[test]
+    fn a_reload_that_shortens_the_lease_releases_and_learns_for_the_old_lease() {
+        let mut sim = Sim::for_client(3, CLIENT);
+        let members = sim.members.clone();
+        for (node, id) in sim.nodes.iter_mut().zip(&members) {
+            *node = Enrolment::new(id.clone(), long(), 1, 16);
+        }
+        let o = sim.owner_index();
+        let big = (o + 1) % 3;
+        let mut rates = [4u32, 4, 4];
+        rates[big] = 72;
+        // Learning mode (a long lease: 100 rounds), then the raise.
+        for _ in 0..160 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(big) > sim.cold(), "the big sender is raised");
+        let (_, until) = sim.grants[big].expect("a grant");
+        let left = until.expect("a raise has a lease") - sim.now;
+        assert!(
+            left > Duration::from_secs(1),
+            "an old-lease raise: {left:?}"
+        );
+        for node in &mut sim.nodes {
+            node.set_timing(timing());
+        }
+        // A ledger opened now would learn for the old lease (views agree at once here: for one
+        // stretched old lease from the next round).
+        let old = Ledger::learning(&long());
+        assert_eq!(sim.nodes[o].learning(sim.now), old);
+        sim.step(&rates);
+        assert!(
+            sim.nodes[o].owned[&CLIENT].ledger.is_releasing(),
+            "the ledger granting old-lease raises is released"
+        );
+        let agreed = sim.now;
+        assert_eq!(sim.nodes[o].learning(agreed + old - ROUND), old);
+        assert_eq!(
+            sim.nodes[o].learning(agreed + old),
+            Ledger::learning(&timing()),
+            "the old lease has run out"
+        );
+        // Never above L meanwhile; in the end the client is enrolled afresh and its raises run
+        // for the new lease.
+        for round in 0..400 {
+            sim.step(&rates);
+            assert!(sim.total() <= L, "round {round}: {} > {L}", sim.total());
+        }
+        assert!(sim.enforced(big) > sim.cold(), "raised again");
+        let (_, until) = sim.grants[big].expect("a grant");
+        let left = until.expect("a raise has a lease") - sim.now;
+        assert!(
+            left <= Ledger::learning(&timing()),
+            "a raise for the new lease: {left:?}"
+        );
+    }
+
+    /// Until the members' views agree (some have not taken the reload yet, and their ledgers
+    /// still grant for the old lease), the longer learning mode does not start running out.
+    #[test]
+    fn the_old_lease_runs_out_only_once_views_agree() {
+        let members = ids(3);
+        let mut node = Enrolment::new(members[0].clone(), long(), 1, 16);
+        node.set_timing(timing());
+        let old = Ledger::learning(&long());
+        let differ = View {
+            members: &members,
+            live: &members,
+            agreed_members: 3,
+            agreed: false,
+        };
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 3,
+        };
+        let start = Duration::from_secs(100);
+        node.round(start, &differ, &|_| Some(info));
+        let later = start + old * 3;
+        assert_eq!(
+            node.learning(later),
+            old,
+            "views differ: still the old lease"
+        );
+        let agree = View {
+            agreed: true,
+            ..differ
+        };
+        node.round(later, &agree, &|_| Some(info));
+        assert_eq!(node.learning(later + old - ROUND), old);
+        node.round(later + old, &agree, &|_| Some(info));
+        assert_eq!(node.learning(later + old), Ledger::learning(&timing()));
+        assert!(node.longer_learning.is_none(), "forgotten once run out");
+        // A longer lease needs no such wait.
+        node.set_timing(long());
+        assert!(node.longer_learning.is_none());
+    }
+}
