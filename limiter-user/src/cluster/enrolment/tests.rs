@@ -1536,6 +1536,24 @@ mod third_review {
         );
     }
 
+    /// A grant pinned by an earlier version under a hostile owner's 100 h silence limit is kept
+    /// at start for the longest silence limit a member of this version sends, not 100 h.
+    #[test]
+    fn an_adopted_grant_is_kept_for_at_most_the_longest_silence_limit() {
+        let mut node = Enrolment::new(ids(1)[0].clone(), timing(), 1, 16);
+        let now = Duration::from_secs(100);
+        node.adopt(
+            now,
+            [PinnedGrant {
+                client: CLIENT,
+                value: 0,
+                until: None,
+                silence: Some(Duration::from_secs(100 * 3600)),
+            }],
+        );
+        assert_eq!(node.adopted_until, Some(now + Timing::MAX_SILENCE));
+    }
+
     /// Until the members' views agree (some have not taken the reload yet, and their ledgers
     /// still grant for the old lease), the longer learning mode does not start running out.
     #[test]

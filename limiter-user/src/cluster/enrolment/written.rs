@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 
 use limiter_common::addr::ClientKey;
 
-use super::{Enrolment, Held, Write, WriteGrants};
+use super::{Enrolment, Held, Timing, Write, WriteGrants};
 
 /// The stamp of a grant whose holder is quiet (`Held::quiet_until`): wanted as it is, with no
 /// look each round, until the holder is woken ([`wake`]).
@@ -104,7 +104,10 @@ impl Enrolment {
     /// them within the silence limit (see [`Enrolment::adopt`]).
     pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = PinnedGrant>) {
         let mut silence = self.timing.silence();
-        for g in grants {
+        for mut g in grants {
+            // Recorded by this agent from its owners' terms; an earlier version took terms of
+            // up to 100 h from a peer, which would keep a hostile owner's cut that long.
+            g.silence = g.silence.map(|s| s.min(Timing::MAX_SILENCE));
             // At start, before any round (a held client's grant would be its holder's).
             if let Some(held) = self.held.get_mut(&g.client) {
                 wake(held, &mut self.written, &g.client);

@@ -75,11 +75,11 @@ pub struct Timing {
 /// Why clock parameters are refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimingError {
-    #[error("the lease must be between 10 ms and 1 h, not {0:?}")]
+    #[error("the lease must be between 10 ms and 60 s, not {0:?}")]
     Lease(Duration),
     #[error(
         "the silence limit ({silence:?}) must exceed the lease stretched by clock drift \
-         ({lease:?}), or no raise could ever be granted"
+         ({lease:?}), or no raise could ever be granted, and be at most 180 s"
     )]
     Silence { silence: Duration, lease: Duration },
     #[error("clock drift is at most 100000 ppm (10%), not {0}")]
