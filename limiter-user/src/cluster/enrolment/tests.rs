@@ -1554,6 +1554,71 @@ mod third_review {
         assert_eq!(node.adopted_until, Some(now + Timing::MAX_SILENCE));
     }
 
+    /// A heartbeat of 25,000 hot reports about clients this node does not own (a member holding
+    /// the cluster's credentials, or thousands of clients hot at once) costs at most
+    /// `MAX_HASHES_PER_HEARTBEAT` rendezvous hashes: the rest wait for the next heartbeat,
+    /// where they are taken in as they would have been.
+    #[test]
+    fn one_heartbeat_costs_at_most_its_budget_of_owner_checks() {
+        let members = ids(3);
+        let view = View {
+            members: &members,
+            live: &members,
+            agreed_members: 3,
+            agreed: true,
+        };
+        let info = PolicyInfo {
+            limit: L,
+            window: WINDOW,
+            cold: L / 3,
+        };
+        let report = |i: u32| {
+            let mut client = [0u8; 16];
+            client[..4].copy_from_slice(&i.to_be_bytes());
+            ReportMsg {
+                client,
+                policy: 1,
+                report: Report {
+                    seq: u64::from(i) + 1,
+                    demand: L,
+                    used: 0,
+                    applied: None,
+                    echo: None,
+                    raise_left: None,
+                },
+            }
+        };
+        let all: Vec<ReportMsg> = (0..25_000).map(report).collect();
+        let checked = MAX_HASHES_PER_HEARTBEAT / members.len();
+        let now = Duration::from_secs(100);
+        let mut node = Enrolment::new(members[0].clone(), timing(), 1, 100_000);
+        let heartbeat = |reports: &[ReportMsg]| Outgoing {
+            reports: reports.to_vec(),
+            grants: Vec::new(),
+        };
+        let deferred = node.take_in(now, &view, &members[1], heartbeat(&all), &|_| Some(info));
+        assert_eq!(deferred, (all.len() - checked) as u64);
+        let mine = |reports: &[ReportMsg]| {
+            reports
+                .iter()
+                .filter(|r| owner::owner(&r.client, &members) == Some(&members[0]))
+                .count()
+        };
+        assert_eq!(node.owned.len(), mine(&all[..checked]));
+        // The next heartbeat carries what is left (reports of hot clients go every round).
+        let deferred = node.take_in(now, &view, &members[1], heartbeat(&all[checked..]), &|_| {
+            Some(info)
+        });
+        assert_eq!(deferred, 0);
+        assert_eq!(node.owned.len(), mine(&all));
+        // Outside a heartbeat (this node's own reports, the simulation) nothing is deferred.
+        let mut node = Enrolment::new(members[0].clone(), timing(), 1, 100_000);
+        for r in &all {
+            node.receive_report(now, &view, &members[1], *r, Some(info));
+        }
+        assert_eq!(node.owned.len(), mine(&all));
+    }
+
     /// Until the members' views agree (some have not taken the reload yet, and their ledgers
     /// still grant for the old lease), the longer learning mode does not start running out.
     #[test]

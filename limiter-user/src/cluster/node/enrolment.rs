@@ -465,12 +465,23 @@ pub fn take_in(shared: &Shared, from: &NodeId, incoming: Outgoing) {
     let snapshot = Snapshot::take(shared);
     let view = snapshot.view();
     let now = monotonic();
-    let mut enrolment = shared.enrolment();
-    for msg in incoming.reports {
-        enrolment.receive_report(now, &view, from, msg, snapshot.info(msg.policy));
-    }
-    for msg in incoming.grants {
-        enrolment.receive_grant(now, &view, from, msg, snapshot.info(msg.policy));
+    let deferred = shared
+        .enrolment()
+        .take_in(now, &view, from, incoming, &|policy| snapshot.info(policy));
+    if deferred > 0
+        && shared.say(
+            format!("deferred from {from}"),
+            "messages about clients neither owned nor held here",
+        )
+    {
+        tracing::warn!(
+            peer = %from,
+            deferred,
+            "cluster: a heartbeat carried more messages about clients this node neither owns \
+             nor holds than one heartbeat may cost to check ({} rendezvous hashes); the rest \
+             wait for the sender's next heartbeats",
+            crate::cluster::enrolment::MAX_HASHES_PER_HEARTBEAT
+        );
     }
 }
 
