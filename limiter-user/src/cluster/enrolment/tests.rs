@@ -16,6 +16,25 @@ fn timing() -> Timing {
     Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000).expect("valid")
 }
 
+/// Every member live, and their views agreeing.
+fn agreed(members: &[NodeId]) -> View<'_> {
+    View {
+        members,
+        live: members,
+        agreed_members: members.len() as u32,
+        agreed: true,
+    }
+}
+
+/// The test client's global policy (L per window), with a cold share of `cold`.
+fn policy(cold: u32) -> PolicyInfo {
+    PolicyInfo {
+        limit: L,
+        window: WINDOW,
+        cold,
+    }
+}
+
 /// `n` members, all live and agreeing, exchanging messages each round with a delay of one round
 /// (and `loss`: every how many-th message is lost, 0 for none), for one client whose packets
 /// arrive at `rates` per window. Returns the share each node enforced at every round.
@@ -612,23 +631,14 @@ fn a_client_that_goes_quiet_is_released_to_the_cold_share() {
 #[test]
 fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_grants() {
     let members = ids(3);
-    let view = View {
-        members: &members,
-        live: &members,
-        agreed_members: 3,
-        agreed: true,
-    };
+    let view = agreed(&members);
     let owner = owner::owner(&CLIENT, &members).expect("an owner").clone();
     let other = members
         .iter()
         .find(|m| **m != owner)
         .expect("another")
         .clone();
-    let info = PolicyInfo {
-        limit: L,
-        window: WINDOW,
-        cold: 10,
-    };
+    let info = policy(10);
     let report = ReportMsg {
         client: CLIENT,
         policy: 1,
@@ -1561,17 +1571,8 @@ mod third_review {
     #[test]
     fn one_heartbeat_costs_at_most_its_budget_of_owner_checks() {
         let members = ids(3);
-        let view = View {
-            members: &members,
-            live: &members,
-            agreed_members: 3,
-            agreed: true,
-        };
-        let info = PolicyInfo {
-            limit: L,
-            window: WINDOW,
-            cold: L / 3,
-        };
+        let view = agreed(&members);
+        let info = policy(L / 3);
         let report = |i: u32| {
             let mut client = [0u8; 16];
             client[..4].copy_from_slice(&i.to_be_bytes());
@@ -1628,16 +1629,10 @@ mod third_review {
         node.set_timing(timing());
         let old = Ledger::learning(&long());
         let differ = View {
-            members: &members,
-            live: &members,
-            agreed_members: 3,
             agreed: false,
+            ..agreed(&members)
         };
-        let info = PolicyInfo {
-            limit: L,
-            window: WINDOW,
-            cold: L / 3,
-        };
+        let info = policy(L / 3);
         let start = Duration::from_secs(100);
         node.round(start, &differ, &|_| Some(info));
         let later = start + old * 3;
