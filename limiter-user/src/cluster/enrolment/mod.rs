@@ -361,11 +361,6 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
-    /// After a reload that shortened the lease: the learning mode new ledgers keep at least
-    /// (the old lease, stretched), and until when (once the members' views agree, that is,
-    /// every member took the reload, plus that learning: the last raise granted for the old
-    /// lease, by any member's ledger, has lapsed by then). See [`Enrolment::set_timing`].
-    longer_learning: Option<(Duration, Option<Duration>)>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.
@@ -376,23 +371,45 @@ pub struct Enrolment {
     raises_lapsed: u64,
     /// Calls of `Enrolment::writes` so far: the stamp of what the last one wanted written.
     writes_made: u64,
-    /// Rendezvous hashes the messages being taken in may still cost (see
-    /// [`Enrolment::take_in`]; unbounded otherwise).
-    hashes_left: usize,
-    /// Messages left for a later heartbeat of their sender for want of `hashes_left`.
-    deferred: u64,
+    /// Where [`Enrolment::take_in`] starts in a heartbeat's messages (a different place each
+    /// time, so that a sender whose messages are cut short each heartbeat is not cut at the
+    /// same ones each time).
+    rotation: u64,
 }
 
 /// The most rendezvous hashes (one per member, SHA-256) the enrolment messages of one heartbeat
-/// may cost: those about clients this node neither owns nor holds, which open a ledger or an
-/// attachment if this node (or the sender) is the owner. A member holding the cluster's
-/// credentials could otherwise send 25,000 of each for random clients and hold the enrolment
-/// lock for the 50,000 × members hashes, heartbeat after heartbeat: 152 ms at 50 members on
-/// the 2-CPU test machine (release build, measured 2026-12-07), against 4 ms for this budget. The rest wait for a later heartbeat of their sender:
-/// such a report is sent again every round while its client is hot, and such a grant while it
-/// is not acknowledged, so nothing is lost, as with a message lost on the way. An honest
-/// heartbeat needs this many only when thousands of clients grow hot at once.
+/// may cost, half for its reports and half for its grants: those about clients this node
+/// neither owns nor holds, which open a ledger or an attachment if this node (or the sender) is
+/// the owner. A member holding the cluster's credentials could otherwise send 25,000 of each
+/// for random clients and hold the enrolment lock for 50,000 × members hashes, heartbeat after
+/// heartbeat: at 50 members, 152 ms for the 50,000 checks against 4 ms for the 1,310 this
+/// budget allows (release build on the 2-CPU test machine, 2026-12-07, a probe not kept). The
+/// others are ignored, as if lost on the way: the sender sends them again (a hot client's
+/// report every round, a grant not acknowledged every round), and `take_in` starts at another
+/// place in the next heartbeat. An honest heartbeat carries this many only when thousands of
+/// clients grow hot at once.
 pub const MAX_HASHES_PER_HEARTBEAT: usize = 1 << 16;
+
+/// Takes `members` hashes from `budget`: false when it has fewer left.
+fn spend(budget: &mut usize, members: usize) -> bool {
+    match budget.checked_sub(members) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
+    }
+}
+
+/// `items` from `start % len` on, wrapping around.
+fn rotated<T>(items: &[T], start: u64) -> impl Iterator<Item = &T> {
+    let at = if items.is_empty() {
+        0
+    } else {
+        (start % items.len() as u64) as usize
+    };
+    items[at..].iter().chain(&items[..at])
+}
 
 impl Enrolment {
     /// `capacity`: most clients held, and most owned (`--max-global-clients`).
@@ -410,15 +427,13 @@ impl Enrolment {
             written: HashMap::new(),
             seen_policies: HashMap::new(),
             adopted_until: None,
-            longer_learning: None,
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,
             unwritten: 0,
             raises_lapsed: 0,
             writes_made: 0,
-            hashes_left: usize::MAX,
-            deferred: 0,
+            rotation: 0x9e37_79b9_7f4a_7c15,
         }
     }
 
@@ -427,38 +442,12 @@ impl Enrolment {
     }
 
     /// New lease timing (a reload changed `peer_timeout`): for ledgers and holders opened from now.
-    ///
-    /// A shorter lease: the ledgers open here, which grant raises for the old one, are released
-    /// at the next round (as when L changes), and ledgers opened from now on stay in learning
-    /// mode for the old lease (stretched) until it has run out after the members' views agree
-    /// (`longer_learning`): raises granted for it here or by another member's ledger, which a
-    /// ledger taking the client over does not hear of (its holders report to their owner), stay
-    /// in force for up to that long. Until 2026-12-07 a ledger opened before such a reload
-    /// granted old-lease raises for as long as its client stayed hot, and one opened after
-    /// learned for the new lease only: a hand-over could raise a member into room an old raise
-    /// held (found by an independent review).
     pub fn set_timing(&mut self, timing: Timing) {
-        let old = Ledger::learning(&self.timing);
-        if Ledger::learning(&timing) < old {
-            let longest = self.longer_learning.map_or(old, |(l, _)| l.max(old));
-            self.longer_learning = Some((longest, None));
-        }
         self.timing = timing;
         // A quiet holder's deadline counts the old silence limit (the let-go of one whose
         // owner is silent): every holder is looked at again.
         for (client, held) in &mut self.held {
             written::wake(held, &mut self.written, client);
-        }
-    }
-
-    /// How long a ledger opened at `now` stays in learning mode: a lease of this node's timing,
-    /// or of the one before a reload shortened it, while raises granted for that may still run
-    /// (see [`Enrolment::set_timing`]).
-    fn learning(&self, now: Duration) -> Duration {
-        let learning = Ledger::learning(&self.timing);
-        match self.longer_learning {
-            Some((longer, until)) if until.is_none_or(|u| now < u) => learning.max(longer),
-            _ => learning,
         }
     }
 
@@ -604,42 +593,36 @@ impl Enrolment {
         }
     }
 
-    /// Takes in the enrolment messages of one heartbeat of `from`, at most
-    /// [`MAX_HASHES_PER_HEARTBEAT`] rendezvous hashes' worth of those about clients this node
-    /// neither owns nor holds. Returns how many of those were left for a later heartbeat.
+    /// Takes in the enrolment messages of one heartbeat of `from`, with at most
+    /// [`MAX_HASHES_PER_HEARTBEAT`] rendezvous hashes for those about clients this node neither
+    /// owns nor holds, starting at another place each time. Returns how many such messages were
+    /// ignored for want of hashes.
     pub fn take_in(
         &mut self,
         now: Duration,
         view: &View<'_>,
         from: &NodeId,
-        incoming: Outgoing,
+        incoming: &Outgoing,
         info: &dyn Fn(PolicyName) -> Option<PolicyInfo>,
     ) -> u64 {
-        let deferred = self.deferred;
-        self.hashes_left = MAX_HASHES_PER_HEARTBEAT;
-        for msg in incoming.reports {
-            self.receive_report(now, view, from, msg, info(msg.policy));
-        }
-        for msg in incoming.grants {
-            self.receive_grant(now, view, from, msg, info(msg.policy));
-        }
-        self.hashes_left = usize::MAX;
-        self.deferred - deferred
-    }
-
-    /// Takes `members` hashes from what the messages being taken in may still cost; false (and
-    /// the message deferred) when they would cost more.
-    fn spend_hashes(&mut self, members: usize) -> bool {
-        match self.hashes_left.checked_sub(members) {
-            Some(left) => {
-                self.hashes_left = left;
-                true
-            }
-            None => {
-                self.deferred += 1;
-                false
+        // xorshift64: a start that does not follow the order the sender keeps.
+        self.rotation ^= self.rotation << 13;
+        self.rotation ^= self.rotation >> 7;
+        self.rotation ^= self.rotation << 17;
+        let mut ignored = 0;
+        let mut budget = MAX_HASHES_PER_HEARTBEAT / 2;
+        for &msg in rotated(&incoming.reports, self.rotation) {
+            if !self.report_within(now, view, from, msg, info(msg.policy), &mut budget) {
+                ignored += 1;
             }
         }
+        let mut budget = MAX_HASHES_PER_HEARTBEAT / 2;
+        for &msg in rotated(&incoming.grants, self.rotation) {
+            if !self.grant_within(now, view, from, msg, info(msg.policy), &mut budget) {
+                ignored += 1;
+            }
+        }
+        ignored
     }
 
     /// Takes in a holder's report. `info`: the report's policy here (`None`: not a global policy
@@ -652,8 +635,22 @@ impl Enrolment {
         msg: ReportMsg,
         info: Option<PolicyInfo>,
     ) {
+        self.report_within(now, view, from, msg, info, &mut { usize::MAX });
+    }
+
+    /// [`Enrolment::receive_report`], with at most `budget` rendezvous hashes to spend: false
+    /// if the report was ignored for want of them.
+    fn report_within(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        from: &NodeId,
+        msg: ReportMsg,
+        info: Option<PolicyInfo>,
+        budget: &mut usize,
+    ) -> bool {
         let Some(info) = info else {
-            return;
+            return true;
         };
         if !self.owned.contains_key(&msg.client) {
             // A ledger opens for hot demand, 0.8 of the cold share or more, as the programs report
@@ -661,22 +658,26 @@ impl Enrolment {
             // The cheap tests first: the owner's is a hash per member, and a message may carry
             // tens of thousands of reports.
             if !(view.agreed && is_hot(msg.report.demand, info.cold)) {
-                return;
+                return true;
             }
-            if !self.spend_hashes(view.members.len()) {
-                return;
+            if !spend(budget, view.members.len()) {
+                return false;
             }
             if owner::owner(&msg.client, view.members) != Some(&self.me) {
-                return;
+                return true;
             }
             if self.owned.len() >= self.capacity {
                 self.refused += 1;
-                return;
+                return true;
             }
-            let learning = self.learning(now);
             let first = self.number(now);
-            let mut ledger = Ledger::numbered_from(info.limit, self.timing, first, now + learning)
-                .with_window(info.window);
+            let mut ledger = Ledger::numbered_from(
+                info.limit,
+                self.timing,
+                first,
+                now + Ledger::learning(&self.timing),
+            )
+            .with_window(info.window);
             for member in view.live {
                 ledger.enrol(member);
             }
@@ -692,10 +693,10 @@ impl Enrolment {
             );
         }
         let Some(owned) = self.owned.get_mut(&msg.client) else {
-            return;
+            return true;
         };
         if owned.policy != msg.policy {
-            return;
+            return true;
         }
         // A member that reports is live; one that restarted enrols again. A holder enrolled
         // here, whatever the view (views may differ meanwhile), is looked at again by the next
@@ -704,6 +705,7 @@ impl Enrolment {
             owned.gone += 1;
         }
         owned.ledger.enrol_and_receive(from, now, msg.report);
+        true
     }
 
     /// Takes in an owner's message; `info` is the message's policy here (`None`: not a global
@@ -718,12 +720,26 @@ impl Enrolment {
         now: Duration,
         view: &View<'_>,
         from: &NodeId,
-        mut msg: GrantMsg,
+        msg: GrantMsg,
         info: Option<PolicyInfo>,
     ) {
+        self.grant_within(now, view, from, msg, info, &mut { usize::MAX });
+    }
+
+    /// [`Enrolment::receive_grant`], with at most `budget` rendezvous hashes to spend: false if
+    /// the message was ignored for want of them.
+    fn grant_within(
+        &mut self,
+        now: Duration,
+        view: &View<'_>,
+        from: &NodeId,
+        mut msg: GrantMsg,
+        info: Option<PolicyInfo>,
+        budget: &mut usize,
+    ) -> bool {
         let Some(info) = info else {
             self.foreign += 1;
-            return;
+            return true;
         };
         if let Some(grant) = &mut msg.message.grant {
             // Below u32::MAX too: `written` marks a grant the maps refused with it.
@@ -735,7 +751,7 @@ impl Enrolment {
                 // A release older than a message heard since (a late copy, or an earlier
                 // ledger's) would drop a grant the owner's newer ledger counts.
                 if msg.release && held.holder.echo().is_some_and(|e| msg.message.message < e) {
-                    return;
+                    return true;
                 }
                 written::wake(held, &mut self.written, &msg.client);
                 if msg.release {
@@ -747,18 +763,18 @@ impl Enrolment {
             Some(_) => self.foreign += 1,
             None => {
                 if msg.release {
-                    return;
+                    return true;
                 }
                 if !view.agreed {
                     self.foreign += 1;
-                    return;
+                    return true;
                 }
-                if !self.spend_hashes(view.members.len()) {
-                    return;
+                if !spend(budget, view.members.len()) {
+                    return false;
                 }
                 if owner::owner(&msg.client, view.members) != Some(from) {
                     self.foreign += 1;
-                    return;
+                    return true;
                 }
                 if self.attach(msg.client, from.clone(), msg.policy, now)
                     && let Some(held) = self.held.get_mut(&msg.client)
@@ -767,6 +783,7 @@ impl Enrolment {
                 }
             }
         }
+        true
     }
 
     /// [`Enrolment::round_writing`] with a datapath that takes every change: returns the
@@ -798,11 +815,6 @@ impl Enrolment {
     ) -> BTreeMap<NodeId, Outgoing> {
         self.flush(now, write);
         self.take_pending(now, view);
-        self.longer_learning = match self.longer_learning {
-            Some((longer, None)) if view.agreed => Some((longer, Some(now + longer))),
-            Some((_, Some(until))) if now >= until => None,
-            kept => kept,
-        };
         let mut out: BTreeMap<NodeId, Outgoing> = BTreeMap::new();
         // Holders: demand, then a report; drop a client whose owner is silent and that is idle.
         let silence = self.timing.silence();
@@ -955,9 +967,8 @@ impl Enrolment {
                     owned.ledger.release();
                 }
             }
-            // A reload changed L: the ledger's budget is the old one; or shortened the lease,
-            // which its raises would go on having: release and start afresh.
-            if policy.limit != owned.ledger.limit() || owned.ledger.lease() > self.timing.lease() {
+            // A reload changed L: the ledger's budget is the old one; release and start afresh.
+            if policy.limit != owned.ledger.limit() {
                 owned.ledger.release();
             }
             let cold = policy.cold;

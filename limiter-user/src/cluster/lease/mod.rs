@@ -619,11 +619,6 @@ impl Ledger {
         self.limit
     }
 
-    /// The lease this ledger grants raises for (the timing it was opened with).
-    pub fn lease(&self) -> Duration {
-        self.timing.lease
-    }
-
     /// Enrols `node` (nothing changes if it is enrolled): it enforces the cold share until it
     /// applies a grant.
     pub fn enrol(&mut self, node: &NodeId) {

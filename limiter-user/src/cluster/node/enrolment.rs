@@ -465,21 +465,21 @@ pub fn take_in(shared: &Shared, from: &NodeId, incoming: Outgoing) {
     let snapshot = Snapshot::take(shared);
     let view = snapshot.view();
     let now = monotonic();
-    let deferred = shared
+    let ignored = shared
         .enrolment()
-        .take_in(now, &view, from, incoming, &|policy| snapshot.info(policy));
-    if deferred > 0
+        .take_in(now, &view, from, &incoming, &|policy| snapshot.info(policy));
+    if ignored > 0
         && shared.say(
-            format!("deferred from {from}"),
+            format!("ignored from {from}"),
             "messages about clients neither owned nor held here",
         )
     {
         tracing::warn!(
             peer = %from,
-            deferred,
+            ignored,
             "cluster: a heartbeat carried more messages about clients this node neither owns \
-             nor holds than one heartbeat may cost to check ({} rendezvous hashes); the rest \
-             wait for the sender's next heartbeats",
+             nor holds than one heartbeat may check ({} rendezvous hashes, one per member \
+             each); the others were ignored, and count when the sender sends them again",
             crate::cluster::enrolment::MAX_HASHES_PER_HEARTBEAT
         );
     }
