@@ -232,6 +232,18 @@ impl Sim {
     fn total(&self) -> u32 {
         (0..self.nodes.len()).map(|i| self.enforced(i)).sum()
     }
+
+    /// The last of `members` (one more than now) joins, on `timing()`; everyone's view has it
+    /// at once.
+    fn join(&mut self, members: &[NodeId]) {
+        let new = members.last().expect("a member");
+        self.members = members.to_vec();
+        self.nodes
+            .push(Enrolment::new(new.clone(), timing(), 1, 16));
+        self.grants.push(None);
+        self.silences.push(Duration::ZERO);
+        self.counts.push(0);
+    }
 }
 
 /// Four members, 60 rounds of the client sending 40 a window to one of them (`busy`, not the
@@ -790,12 +802,7 @@ mod review {
             sim.step(&[72, 14, 4]);
         }
         // n3 joins; everyone agrees on 4 members at once (cold 7).
-        sim.members = four.clone();
-        sim.nodes
-            .push(Enrolment::new(four[3].clone(), timing(), 1, 16));
-        sim.grants.push(None);
-        sim.silences.push(Duration::ZERO);
-        sim.counts.push(0);
+        sim.join(&four);
         // Raises issued for three members stay in force until their lease ends (in an agent the
         // join gate keeps the new member at 0 meanwhile, which this simulation leaves out):
         // from one stretched lease (+ a few rounds) after the join on, never above L, and one
@@ -1588,6 +1595,45 @@ mod third_review {
         assert_eq!(keys(&node), keys(&one_by_one));
     }
 
+    /// A client the `k`-th of `members` owns.
+    fn owned_by(members: &[NodeId], k: usize) -> ClientKey {
+        (0u8..=255)
+            .map(|b| [b; 16])
+            .find(|c| owner::owner(c, members) == Some(&members[k]))
+            .expect("a client that member owns")
+    }
+
+    /// `n` members on `long()` leases, with `client` sent at `rates` until its split settles,
+    /// then a reload of `timing()`'s shorter lease on every member, and one round.
+    fn reloaded_to_a_shorter_lease(n: usize, client: ClientKey, rates: &[u32]) -> Sim {
+        let mut sim = Sim::for_client(n, client);
+        let members = sim.members.clone();
+        for (node, id) in sim.nodes.iter_mut().zip(&members) {
+            *node = Enrolment::new(id.clone(), long(), 1, 16);
+        }
+        for _ in 0..160 {
+            sim.step(rates);
+        }
+        for node in &mut sim.nodes {
+            node.set_timing(timing());
+        }
+        sim.step(rates);
+        sim
+    }
+
+    /// The most the shares in force summed to over `rounds` rounds at `rates`, from round
+    /// `from` on, and the round it was first reached.
+    fn worst(sim: &mut Sim, rates: &[u32], rounds: usize, from: usize) -> (u32, usize) {
+        let mut worst = (0, 0);
+        for round in 0..rounds {
+            sim.step(rates);
+            if round >= from && sim.total() > worst.0 {
+                worst = (sim.total(), round);
+            }
+        }
+        worst
+    }
+
     /// A reload shortens the lease on every member, then the client's owner leaves (its host
     /// decommissioned: nothing reaches it) while a holder still enforces a raise it granted for
     /// the old lease. A ledger keeps the timing it was opened with, and the member rendezvous
@@ -1597,40 +1643,15 @@ mod third_review {
     /// this for a way past L; this test and the next, with a join, show it is not.)
     #[test]
     fn a_client_taken_over_after_a_reload_that_shortens_the_lease_stays_within_l() {
-        let four = ids(4);
-        let three = ids(3);
-        let client = (0u8..=255)
-            .map(|b| [b; 16])
-            .find(|c| owner::owner(c, &four) == Some(&four[3]))
-            .expect("a client the fourth member owns");
-        let mut sim = Sim::for_client(4, client);
-        for (node, id) in sim.nodes.iter_mut().zip(&four) {
-            *node = Enrolment::new(id.clone(), long(), 1, 16);
-        }
-        let mut rates = [4u32, 72, 4, 4];
-        for _ in 0..160 {
-            sim.step(&rates);
-        }
+        let mut sim = reloaded_to_a_shorter_lease(4, owned_by(&ids(4), 3), &[4, 72, 4, 4]);
         assert!(sim.enforced(1) > sim.cold(), "n1 holds a raise of n3's");
-        for node in &mut sim.nodes {
-            node.set_timing(timing());
-        }
-        sim.step(&rates);
         // n3 leaves: dead, out of every view, and nothing reaches its host any more.
         sim.dead = Some(3);
-        sim.members = three;
+        sim.members = ids(3);
         sim.grants[3] = Some((0, None));
         sim.in_flight.retain(|&(from, _, _)| from != 3);
-        rates[2] = 72;
-        rates[3] = 0;
-        let mut worst = (0, 0);
-        for round in 0..700 {
-            sim.step(&rates);
-            if sim.total() > worst.0 {
-                worst = (sim.total(), round);
-            }
-        }
-        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+        let (total, round) = worst(&mut sim, &[4, 72, 72, 0], 700, 0);
+        assert!(total <= L, "worst {total} > {L} at round {round}");
         assert!(
             sim.enforced(2) > sim.cold(),
             "the new owner raises n2 in the end"
@@ -1643,37 +1664,11 @@ mod third_review {
     /// gate, which keeps a new member at 0 meanwhile), never above L.
     #[test]
     fn a_client_handed_over_by_a_join_after_a_reload_that_shortens_the_lease_stays_within_l() {
-        let three = ids(3);
         let four = ids(4);
-        let client = (0u8..=255)
-            .map(|b| [b; 16])
-            .find(|c| owner::owner(c, &four) == Some(&four[3]))
-            .expect("a client the new member wins");
-        let mut sim = Sim::for_client(3, client);
-        for (node, id) in sim.nodes.iter_mut().zip(&three) {
-            *node = Enrolment::new(id.clone(), long(), 1, 16);
-        }
-        for _ in 0..160 {
-            sim.step(&[72, 14, 4]);
-        }
-        for node in &mut sim.nodes {
-            node.set_timing(timing());
-        }
-        sim.step(&[72, 14, 4]);
-        sim.members = four.clone();
-        sim.nodes
-            .push(Enrolment::new(four[3].clone(), timing(), 1, 16));
-        sim.grants.push(None);
-        sim.silences.push(Duration::ZERO);
-        sim.counts.push(0);
-        let mut worst = (0, 0);
-        for round in 0..400 {
-            sim.step(&[72, 14, 4, 72]);
-            if round >= 30 && sim.total() > worst.0 {
-                worst = (sim.total(), round);
-            }
-        }
-        assert!(worst.0 <= L, "worst {} > {L} at round {}", worst.0, worst.1);
+        let mut sim = reloaded_to_a_shorter_lease(3, owned_by(&four, 3), &[72, 14, 4]);
+        sim.join(&four);
+        let (total, round) = worst(&mut sim, &[72, 14, 4, 72], 400, 30);
+        assert!(total <= L, "worst {total} > {L} at round {round}");
         assert!(
             sim.enforced(3) > sim.cold(),
             "the new owner raises itself in the end"
