@@ -492,7 +492,13 @@ impl Account {
     /// The largest share the holder may be enforcing at `at` (owner clock, `at` ≥ now): a step
     /// function of time that changes only at the instants `changes` lists.
     fn bound_at(&self, at: Duration, cold: u32, timing: &Timing) -> u32 {
-        let mut bound = if self.cold_possible || self.silent_from(timing).is_none_or(|s| s <= at) {
+        self.bound_with(self.cold_possible, at, cold, timing)
+    }
+
+    /// [`Account::bound_at`], taking `cold_possible` for whether the holder may be at the cold
+    /// share for want of a grant of this ledger.
+    fn bound_with(&self, cold_possible: bool, at: Duration, cold: u32, timing: &Timing) -> u32 {
+        let mut bound = if cold_possible || self.silent_from(timing).is_none_or(|s| s <= at) {
             cold
         } else {
             0
@@ -1160,7 +1166,13 @@ impl Sums {
             // What the holder may enforce stays possible (its bound); more only into what the
             // others' counts leave (its own count, which its window may hold above its bound,
             // is replaced by the grant's).
-            let bound = u64::from(account.bound_at(start, cold, timing));
+            // Not the cold share the holder is counted at for want of a grant it applied
+            // (`cold_possible`): a holder restarted with its pins enforces the pinned grant, maybe
+            // below the cold share, until it applies one of ours, and raises granted while it was
+            // counted at that grant may still run. Granting it the cold share on the strength of
+            // the count alone would raise it into their room (found by the lease proptest's
+            // restarts: 1,605 of L = 1,604). Counted there, it is granted it only into room.
+            let bound = u64::from(account.bound_with(false, start, cold, timing));
             let mine = u64::from(account.counted_at(start, cold, timing));
             let cap = bound.max((budget + mine).saturating_sub(self.most(from, to)));
             let cap = u32::try_from(cap).unwrap_or(u32::MAX);

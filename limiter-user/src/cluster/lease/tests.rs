@@ -30,6 +30,11 @@ enum Op {
     /// The owner runs a round; each grant message gets a delay from `delays` (ms; ≥ 400: lost).
     /// `due`: only the messages due ([`Ledger::round_due`]), else one per holder.
     Round { delays: Vec<u16>, due: bool },
+    /// Holder `node`'s agent starts again with its pins (not the owner's): its kernel keeps the
+    /// grant in force, which the new run adopts for a silence limit; the new run numbers its
+    /// reports from a new incarnation, and the owner hears of it at once (before it takes in
+    /// anything of the new run). Messages in flight to the node reach the new run.
+    Restart { node: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +48,11 @@ struct Node {
     offset: Duration,
     ppm: i64,
     holder: Holder,
+    /// What the kernel kept through the node's last restart (value, end of lease on its clock),
+    /// in force until the new run applies a grant or `adopted_until` passes.
+    pinned: Option<(u32, Option<Duration>)>,
+    adopted_until: Option<Duration>,
+    restarts: u64,
 }
 
 impl Node {
@@ -106,6 +116,9 @@ impl Sim {
                 offset: Duration::from_millis(clocks[i].0),
                 ppm: i64::from(clocks[i].1),
                 holder: Holder::new(if i == 0 { timing } else { holders }),
+                pinned: None,
+                adopted_until: None,
+                restarts: 0,
             })
             .collect();
         // Reports carry what the holders' windows hold (at random in the proptest): counted for
@@ -126,11 +139,27 @@ impl Sim {
         }
     }
 
+    /// What node `n`'s kernel enforces now: its pin while the run it restarted into has applied
+    /// no grant (for the silence limit it adopted it for), else what its holder enforces.
+    fn enforced(&self, n: &Node) -> u32 {
+        let now = n.clock(self.real);
+        if n.holder.grant.is_none()
+            && let (Some((value, until)), Some(adopted)) = (n.pinned, n.adopted_until)
+            && now < adopted
+        {
+            return match until {
+                Some(u) if now < u => value,
+                _ => value.min(self.cold),
+            };
+        }
+        n.holder.enforced(now, self.cold)
+    }
+
     fn check(&self) -> Result<(), TestCaseError> {
         let enforced: u64 = self
             .nodes
             .iter()
-            .map(|n| u64::from(n.holder.enforced(n.clock(self.real), self.cold)))
+            .map(|n| u64::from(self.enforced(n)))
             .sum::<u64>()
             + u64::from(self.cold) * u64::from(self.others);
         prop_assert!(
@@ -178,6 +207,10 @@ impl Sim {
             if let Some(heard) = n.holder.last_heard {
                 clocks.push((i, heard + n.holder.silence));
             }
+            if let Some((_, Some(end))) = n.pinned {
+                clocks.push((i, end));
+            }
+            clocks.extend(n.adopted_until.map(|at| (i, at)));
         }
         for account in self.ledger.holders.values() {
             for at in account.changes(&self.ledger.timing) {
@@ -272,8 +305,34 @@ impl Sim {
                     }
                 }
             }
+            Op::Restart { node } => {
+                if self.nodes.len() > 1 {
+                    let i = 1 + node % (self.nodes.len() - 1);
+                    let now = self.nodes[i].clock(self.real);
+                    let kept = self.enforced_grant(i, now);
+                    let n = &mut self.nodes[i];
+                    n.pinned = kept;
+                    n.adopted_until = Some(now + n.holder.silence_limit());
+                    n.restarts += 1;
+                    let first = n.restarts << 48;
+                    n.holder = Holder::numbered_from(n.holder.timing, first);
+                    let id = n.id.clone();
+                    self.ledger.holder_restarted(&id, first);
+                }
+            }
         }
         self.check()
+    }
+
+    /// The grant node `i`'s kernel holds at `now` (its clock): the holder's in force, else a
+    /// pin still adopted.
+    fn enforced_grant(&self, i: usize, now: Duration) -> Option<(u32, Option<Duration>)> {
+        let n = &self.nodes[i];
+        n.holder.in_force(now).or_else(|| {
+            (n.holder.grant.is_none() && n.adopted_until.is_some_and(|at| now < at))
+                .then_some(n.pinned)
+                .flatten()
+        })
     }
 }
 
@@ -298,6 +357,12 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         (prop::collection::vec(0u16..500, 8), prop::bool::ANY)
             .prop_map(|(delays, due)| Op::Round { delays, due }),
+        // A restart every 40 ops or so.
+        (0usize..8, 0u8..13).prop_map(|(node, pick)| if pick == 0 {
+            Op::Restart { node }
+        } else {
+            Op::Advance(u16::from(pick) * 10)
+        }),
     ]
 }
 

@@ -117,7 +117,9 @@ fn feasible(
             .map(|(_, id)| u64::from(ledger.holders[id].counted_at(at, cold, timing)))
             .sum();
         let room = budget.saturating_sub(rest);
-        let cap = u64::from(mine.bound_at(at, cold, timing)).max(room);
+        // What it may enforce stays possible, but not the cold share it is counted at for want
+        // of an applied grant (see `Sums::feasible`).
+        let cap = u64::from(mine.bound_with(false, at, cold, timing)).max(room);
         let cap = u32::try_from(cap).unwrap_or(u32::MAX);
         if at < lapses_at {
             value = value.min(cap);
