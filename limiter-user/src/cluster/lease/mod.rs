@@ -92,9 +92,11 @@ impl Timing {
     /// owner's would keep a cut in force long after it left.
     pub const MAX_LEASE: Duration = MAX_PEER_TIMEOUT;
 
-    /// Longest silence limit: the one the agent runs with at the longest lease
-    /// ([`Timing::from_peer_timeout`], three leases).
-    pub const MAX_SILENCE: Duration = Duration::from_secs(3 * MAX_PEER_TIMEOUT.as_secs());
+    /// The silence limit the agent runs with, in leases ([`Timing::from_peer_timeout`]).
+    const SILENCE_LEASES: u32 = 3;
+
+    /// Longest silence limit: the one the agent runs with at the longest lease.
+    pub const MAX_SILENCE: Duration = Self::MAX_LEASE.saturating_mul(Self::SILENCE_LEASES);
 
     pub fn new(lease: Duration, silence: Duration, drift_ppm: u32) -> Result<Timing, TimingError> {
         if drift_ppm > 100_000 {
@@ -124,7 +126,7 @@ impl Timing {
     /// ±1000 ppm.
     pub fn from_peer_timeout(peer_timeout: Duration) -> Timing {
         let lease = peer_timeout.clamp(Duration::from_millis(10), Self::MAX_LEASE);
-        Timing::new(lease, lease * 3, 1_000).unwrap_or_else(|_| {
+        Timing::new(lease, lease * Self::SILENCE_LEASES, 1_000).unwrap_or_else(|_| {
             // Unreachable for leases in range (3× exceeds the stretched lease); the defaults
             // are valid.
             Timing::new(Duration::from_secs(1), Duration::from_secs(3), 1_000)
@@ -641,9 +643,9 @@ impl Ledger {
     /// lost the grant it applied (a start without pins enforces the cold share once it has
     /// joined), so it is counted at the cold share at least until a report of the new run says
     /// it applied a grant of this ledger, no older than one it applied before (the new run
-    /// takes whatever grant reaches it first, a late copy of an older one included). Its grants stay counted too (a start with pins keeps
-    /// enforcing them). A late report of the earlier run is ignored: what it says was applied
-    /// may be gone.
+    /// takes whatever grant reaches it first, a late copy of an older one included). Its grants
+    /// stay counted too (a start with pins keeps enforcing them). A late report of the earlier
+    /// run is ignored: what it says was applied may be gone.
     pub fn holder_restarted(&mut self, node: &NodeId, first_report: u64) {
         if let Some(account) = self.holders.get_mut(node) {
             account.cold_possible = true;
@@ -1165,13 +1167,12 @@ impl Sums {
             }
             // What the holder may enforce stays possible (its bound); more only into what the
             // others' counts leave (its own count, which its window may hold above its bound,
-            // is replaced by the grant's).
-            // Not the cold share the holder is counted at for want of a grant it applied
-            // (`cold_possible`): a holder restarted with its pins enforces the pinned grant, maybe
-            // below the cold share, until it applies one of ours, and raises granted while it was
-            // counted at that grant may still run. Granting it the cold share on the strength of
-            // the count alone would raise it into their room (found by the lease proptest's
-            // restarts: 1,605 of L = 1,604). Counted there, it is granted it only into room.
+            // is replaced by the grant's). The bound leaves out the cold share the holder is
+            // counted at for want of a grant it applied (`cold_possible`): restarted with its
+            // pins, it enforces the pinned grant, maybe below the cold share, until it applies
+            // one of ours, and raises granted while it was counted at that grant may still run.
+            // Granted the cold share on the strength of the count alone, it would be raised into
+            // their room (found by the lease proptest's restarts: 1,605 of L = 1,604).
             let bound = u64::from(account.bound_with(false, start, cold, timing));
             let mine = u64::from(account.counted_at(start, cold, timing));
             let cap = bound.max((budget + mine).saturating_sub(self.most(from, to)));

@@ -143,10 +143,7 @@ impl Sim {
     /// no grant (for the silence limit it adopted it for), else what its holder enforces.
     fn enforced(&self, n: &Node) -> u32 {
         let now = n.clock(self.real);
-        if n.holder.grant.is_none()
-            && let (Some((value, until)), Some(adopted)) = (n.pinned, n.adopted_until)
-            && now < adopted
-        {
+        if let Some((value, until)) = pin(n, now) {
             return match until {
                 Some(u) if now < u => value,
                 _ => value.min(self.cold),
@@ -324,16 +321,20 @@ impl Sim {
         self.check()
     }
 
-    /// The grant node `i`'s kernel holds at `now` (its clock): the holder's in force, else a
-    /// pin still adopted.
+    /// The grant node `i`'s kernel holds at `now` (its clock): the holder's in force, else its
+    /// pin.
     fn enforced_grant(&self, i: usize, now: Duration) -> Option<(u32, Option<Duration>)> {
         let n = &self.nodes[i];
-        n.holder.in_force(now).or_else(|| {
-            (n.holder.grant.is_none() && n.adopted_until.is_some_and(|at| now < at))
-                .then_some(n.pinned)
-                .flatten()
-        })
+        n.holder.in_force(now).or_else(|| pin(n, now))
     }
+}
+
+/// Node `n`'s pin while its kernel still holds it at `now` (its clock): the run it restarted
+/// into has applied no grant, and the silence limit it adopted the pin for has not passed.
+fn pin(n: &Node, now: Duration) -> Option<(u32, Option<Duration>)> {
+    (n.holder.grant.is_none() && n.adopted_until.is_some_and(|at| now < at))
+        .then_some(n.pinned)
+        .flatten()
 }
 
 fn op() -> impl Strategy<Value = Op> {
