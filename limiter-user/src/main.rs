@@ -10,8 +10,7 @@ use limiter_user::{
     cli::{
         check::check,
         client::Target,
-        cluster_status::cluster_status,
-        limits, render,
+        cluster, limits, render,
         stats::{remote_stats, top},
     },
     datapath::{
@@ -474,6 +473,14 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stop counting a decommissioned member (its host gone, or its program detached): a
+    /// member a `peers` endpoint answered as counts for the life of the agent otherwise. Remove
+    /// it from `peers` first, and run this on every agent.
+    Forget {
+        /// The member's `node_id`, as `limiter cluster status` lists it.
+        #[arg(value_name = "NODE_ID")]
+        node_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -658,10 +665,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 LimitsCommand::Effective => block_on(limits::effective(target)),
             }
         }
-        Command::Cluster {
-            command: ClusterCommand::Status { json },
-            api,
-        } => block_on(cluster_status(json, api.target(None))),
+        Command::Cluster { command, api } => match command {
+            ClusterCommand::Status { json } => block_on(cluster::status(json, api.target(None))),
+            ClusterCommand::Forget { node_id } => {
+                block_on(cluster::forget(node_id, api.target(None)))
+            }
+        },
         Command::Top { n, iterations, api } => block_on(top(n, iterations, api.target(None))),
         Command::Detach { iface } => {
             datapath::check_environment()?;

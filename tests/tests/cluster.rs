@@ -218,6 +218,15 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// `limiter cluster forget ID` on node `k`.
+    fn forget(&self, k: usize, id: &str) -> Result<std::process::Output> {
+        let socket = format!("/run/limiter/{}.sock", self.net.node(k).receiver_if);
+        run_limiter(
+            &self.net.receiver_ns,
+            &["cluster", "forget", id, "--api", &socket],
+        )
+    }
+
     /// Waits until node `k` is in `phase` with `members` agreed and (unless cut off) the same
     /// view as every member it hears; returns its status.
     fn wait_phase(&self, k: usize, phase: &str, members: u64) -> Result<Value> {
@@ -1145,6 +1154,13 @@ fn a_killed_member_keeps_its_share_and_rejoins() -> Result<()> {
     c.agents[1].keep_pins();
     c.agents[1].kill()?;
     c.wait_silent(0, 1)?;
+    // An operator cannot forget it while a `peers` endpoint names it.
+    let out = c.forget(0, "n1")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("FailedPrecondition") && said.contains("`peers`"),
+        "{said}"
+    );
     let s = c.status(0)?;
     assert_eq!(
         s["agreed_members"], 3,

@@ -322,6 +322,91 @@ fn a_member_found_through_an_endpoint_counts_after_the_endpoint_goes() {
 }
 
 #[test]
+fn an_operator_forgets_a_decommissioned_member_once_it_is_silent() {
+    let t0 = Instant::now();
+    let mut m = three(true, Partition::Share, t0);
+    let forget = Timing::new(TIMEOUT).forget;
+    for (port, node) in [(7202, "n2"), (7203, "n3")] {
+        m.answered(addr(port), t0, &report(node, 1, 3, 0), t0)
+            .expect("answer");
+    }
+    let n3 = id("n3");
+    assert_eq!(
+        m.forget_member(&n3, t0 + ms(10)),
+        Err(ForgetRefusal::Endpoint(n3.clone(), addr(7203))),
+        "an endpoint's member counts while the endpoint is configured"
+    );
+    // n3's host is decommissioned: its `peers` entry goes, its id stays counted.
+    m.set_endpoints([addr(7202)]);
+    assert_eq!(
+        m.forget_member(&n3, t0 + ms(500)),
+        Err(ForgetRefusal::Live(n3.clone(), ms(500))),
+        "heard within peer_timeout"
+    );
+    assert_eq!(m.members(t0 + ms(500)), 3, "refusals change nothing");
+    // Forgotten 2 s after it was last heard: it still counts until `forget` of silence.
+    let at = t0 + Duration::from_secs(2);
+    let forgotten = m.forget_member(&n3, at).expect("forget");
+    assert_eq!(
+        forgotten,
+        Forgotten {
+            was_learned: true,
+            leaves_in: forget - Duration::from_secs(2),
+            members_before: 3,
+            members_after: 3,
+        }
+    );
+    assert_eq!(m.members(t0 + forget), 3, "not before `forget` of silence");
+    assert_eq!(m.members(t0 + forget + ms(1)), 2);
+    assert_eq!(m.agreed_members(t0 + forget + ms(1)), 2);
+    assert_eq!(
+        m.forget_member(&n3, t0 + forget + ms(1)),
+        Err(ForgetRefusal::Unknown(n3.clone())),
+        "forgotten already"
+    );
+}
+
+#[test]
+fn a_member_silent_past_the_delay_is_forgotten_at_once_and_others_are_refused() {
+    let t0 = Instant::now();
+    let mut m = three(true, Partition::Share, t0);
+    let forget = Timing::new(TIMEOUT).forget;
+    m.answered(addr(7202), t0, &report("n2", 1, 3, 0), t0)
+        .expect("answer");
+    m.set_endpoints([addr(7203)]);
+    let later = t0 + forget + ms(1);
+    assert_eq!(m.members(later), 3, "n2 counts for the life of the process");
+    let forgotten = m.forget_member(&id("n2"), later).expect("forget");
+    assert_eq!(forgotten.leaves_in, Duration::ZERO);
+    assert_eq!((forgotten.members_before, forgotten.members_after), (3, 2));
+    assert_eq!(m.members(later), 2);
+    // If its endpoint answers again, it counts again.
+    m.set_endpoints([addr(7202), addr(7203)]);
+    m.answered(addr(7202), later, &report("n2", 2, 3, 0), later)
+        .expect("answer");
+    assert_eq!(m.members(later), 3);
+    assert_eq!(
+        m.forget_member(&id("n1"), later),
+        Err(ForgetRefusal::ThisNode(id("n1")))
+    );
+    assert_eq!(
+        m.forget_member(&id("n9"), later),
+        Err(ForgetRefusal::Unknown(id("n9")))
+    );
+    // A member only heard from (it dials us) leaves on its own: forgetting it changes nothing
+    // but says when.
+    m.heard(&report("n4", 1, 4, 0), later).expect("heard");
+    let at = later + Duration::from_secs(3);
+    let heard_only = m.forget_member(&id("n4"), at).expect("forget");
+    assert!(!heard_only.was_learned);
+    assert_eq!(heard_only.leaves_in, forget - Duration::from_secs(3));
+    assert_eq!(
+        (heard_only.members_before, heard_only.members_after),
+        (4, 4)
+    );
+}
+
+#[test]
 fn endpoints_past_the_table_still_count() {
     let t0 = Instant::now();
     let mut m = Membership::new(id("n1"), Timing::new(TIMEOUT), Partition::Share, true, t0);

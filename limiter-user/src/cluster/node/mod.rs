@@ -26,7 +26,7 @@ use limiter_common::addr::ClientKey;
 use super::{
     ClusterPolicies, NodeId, PolicyName,
     config::{ClusterConfig, PeerAddr},
-    membership::{Membership, ShareView, Timing},
+    membership::{ForgetRefusal, Membership, ShareView, Timing},
 };
 use crate::proto::{self, cluster::peer_server::PeerServer};
 
@@ -523,6 +523,39 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// An operator's `limiter cluster forget` of member `id` (see
+    /// [`Membership::forget_member`]); the shares follow at the next heartbeat round, once the
+    /// agreed count falls.
+    pub fn forget(&self, id: &NodeId) -> Result<proto::ClusterForgetResponse, ForgetRefusal> {
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        let forgotten = state.membership.forget_member(id, now)?;
+        let agreed_members = state.membership.agreed_members(now);
+        drop(state);
+        tracing::info!(
+            "cluster: {id} forgotten at an operator's request (it counted for the life of the \
+             agent: {}); members {} → {}{}",
+            forgotten.was_learned,
+            forgotten.members_before,
+            forgotten.members_after,
+            if forgotten.leaves_in.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; heard from within the forget delay, it counts {:.1} s more",
+                    forgotten.leaves_in.as_secs_f64()
+                )
+            }
+        );
+        Ok(proto::ClusterForgetResponse {
+            was_learned: forgotten.was_learned,
+            leaves_in: prost_types::Duration::try_from(forgotten.leaves_in).ok(),
+            members_before: forgotten.members_before,
+            members_after: forgotten.members_after,
+            agreed_members,
+        })
     }
 
     pub fn status(&self) -> proto::ClusterStatus {

@@ -7,7 +7,11 @@ use tonic::{Request, transport::Endpoint};
 
 use super::*;
 use crate::{
-    cluster::{GlobalPolicy, config::Partition, membership::Phase},
+    cluster::{
+        GlobalPolicy,
+        config::Partition,
+        membership::{ForgetRefusal, Phase},
+    },
     proto::cluster::{ClientReport, Heartbeat, peer_client::PeerClient},
 };
 
@@ -797,4 +801,107 @@ async fn a_held_client_whose_entry_turned_local_is_let_go() {
         ..*Busy::new(Vec::new())
     }));
     wait_for("n1 lets the client go", || counts(n1).held == 0).await;
+}
+
+/// A decommissioned member (its agent stopped, its `peers` entries removed) keeps counting on
+/// the agents that dialled it, until an operator forgets it on each: then, once it has been
+/// silent for the forget delay, the agreed count and the shares follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_member_is_forgotten_on_each_agent() {
+    let listeners = [listener().await, listener().await, listener().await];
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+    let others = |k: usize, n: usize| -> Vec<SocketAddr> {
+        (0..n).filter(|&j| j != k).map(|j| addrs[j]).collect()
+    };
+    let nodes: Vec<Node> = (0..3)
+        .map(|k| {
+            Node::new(
+                &section(&format!("n{}", k + 1), addrs[k], others(k, 3)),
+                &token(),
+                1,
+                true,
+                policies(),
+                1024,
+            )
+            .expect("node")
+        })
+        .collect();
+    let (mut stops, mut shares, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for (node, (l, _)) in nodes.iter().zip(listeners) {
+        let (stop, rx) = watch::channel(false);
+        let (sink, share) = recorder();
+        tasks.push(node.run(l, sink, rx));
+        stops.push(stop);
+        shares.push(share);
+    }
+    wait_for("three members, every peer live and agreeing", || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.agreed_members == 3
+                && s.views_agree
+                && s.peers.len() == 2
+                && s.peers.iter().all(|p| p.live && p.agrees)
+        })
+    })
+    .await;
+    // n3 is decommissioned: its agent stops, the others' configs no longer name it.
+    stops[2].send_replace(true);
+    for k in 0..2 {
+        let config = section(&format!("n{}", k + 1), addrs[k], others(k, 2));
+        nodes[k]
+            .reconfigure(&config, Some(TOKEN), policies())
+            .expect("reload");
+    }
+    let n3 = NodeId::new("n3").expect("id");
+    wait_for("n3 silent on n1 and n2", || {
+        nodes[..2].iter().all(|n| {
+            n.status()
+                .peers
+                .iter()
+                .any(|p| p.node_id == "n3" && !p.live)
+        })
+    })
+    .await;
+    assert_eq!(
+        nodes[0].status().members,
+        3,
+        "n3 counts for the agent's life"
+    );
+    // Refused: this node, a member behind an endpoint, an id never counted.
+    let refused = |id: &str| nodes[0].forget(&NodeId::new(id).expect("id")).unwrap_err();
+    assert!(matches!(refused("n1"), ForgetRefusal::ThisNode(_)));
+    assert!(matches!(refused("n2"), ForgetRefusal::Endpoint(..)));
+    assert!(matches!(refused("n9"), ForgetRefusal::Unknown(_)));
+    let forgotten = nodes[0].forget(&n3).expect("forget on n1");
+    assert!(forgotten.was_learned, "{forgotten:?}");
+    let leaves_in = forgotten.leaves_in.expect("leaves_in");
+    assert!(
+        leaves_in.seconds > 0 && leaves_in.seconds < 10,
+        "heard within the 10 s forget delay: {forgotten:?}"
+    );
+    assert_eq!(
+        (
+            forgotten.members_before,
+            forgotten.members_after,
+            forgotten.agreed_members
+        ),
+        (3, 3, 3)
+    );
+    nodes[1].forget(&n3).expect("forget on n2");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !nodes[..2].iter().all(|n| n.status().agreed_members == 2) {
+        assert!(
+            Instant::now() < deadline,
+            "n3 still counted 15 s after it stopped: {:?}",
+            nodes[0].status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for("the shares follow", || {
+        shares[..2].iter().all(|s| s.load(Ordering::SeqCst) == 20)
+    })
+    .await;
+    for stop in &stops {
+        stop.send_replace(true);
+    }
 }

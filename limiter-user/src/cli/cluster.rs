@@ -1,4 +1,5 @@
-//! `limiter cluster status`: the cluster a running agent is a member of, as a table or JSON.
+//! `limiter cluster status`: the cluster a running agent is a member of, as a table or JSON;
+//! `limiter cluster forget`: stop counting a decommissioned member.
 
 use crate::{
     cli::{
@@ -10,7 +11,7 @@ use crate::{
 
 /// Prints the cluster status of the agent at `target`: its node, phase and members, each
 /// peer, each global policy's share, enrolment and sync traffic (`json`: machine-readable).
-pub async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
+pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
     let mut c = client::connect(&target).await?;
     let s = c
         .cluster
@@ -145,5 +146,46 @@ pub async fn cluster_status(json: bool, target: Target) -> anyhow::Result<()> {
             t.heartbeats_failed
         );
     }
+    Ok(())
+}
+
+/// Asks the agent at `target` to stop counting member `node_id` (decommissioned), and says what
+/// changed and what is left to do.
+pub async fn forget(node_id: String, target: Target) -> anyhow::Result<()> {
+    let mut c = client::connect(&target).await?;
+    let r = c
+        .cluster
+        .forget(proto::ClusterForgetRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let leaves = r
+        .leaves_in
+        .as_ref()
+        .filter(|d| d.seconds > 0 || d.nanos > 0);
+    match leaves {
+        None => println!(
+            "{node_id} no longer counts here: members {} → {}",
+            r.members_before, r.members_after
+        ),
+        Some(d) => println!(
+            "{node_id} {}: it was heard from within the forget delay and counts {} more \
+             (members {} now)",
+            if r.was_learned {
+                "is forgotten"
+            } else {
+                "was only heard from, never through an endpoint"
+            },
+            show_duration(Some(d)),
+            r.members_before
+        ),
+    }
+    println!(
+        "agreed member count (the shares'): {}; it falls once no member reports more: forget \
+         {node_id} on every agent",
+        r.agreed_members
+    );
     Ok(())
 }
