@@ -45,7 +45,7 @@ pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
                 "owned": e.owned, "held": e.held, "granted": e.granted,
                 "refused": e.refused, "foreign": e.foreign, "unwritten": e.unwritten,
                 "learning": e.learning, "raises_lapsed": e.raises_lapsed,
-                "capped": e.capped,
+                "capped": e.capped, "over_budget": e.over_budget,
             })),
             "traffic": s.traffic.as_ref().map(|t| serde_json::json!({
                 "rounds": t.rounds, "round_time_ms": ms(t.round_time.as_ref()),
@@ -132,8 +132,8 @@ pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
         );
         println!(
             "  {} owned in learning mode; {} raises held here ran out before a newer grant; {} capped \
-             by adaptation (overloaded)",
-            e.learning, e.raises_lapsed, e.capped
+             by adaptation (overloaded); {} peer messages ignored past a heartbeat's budget",
+            e.learning, e.raises_lapsed, e.capped, e.over_budget
         );
     }
     if let Some(t) = &s.traffic {

@@ -176,6 +176,12 @@ impl Collector for ClusterCollector {
                     e.foreign,
                 ),
                 (
+                    "limiter_cluster_messages_over_budget",
+                    "Peers' messages about clients neither owned nor held here that were ignored, \
+                     past what one heartbeat may check (sent again by the peer)",
+                    e.over_budget,
+                ),
+                (
                     "limiter_cluster_grant_writes_refused",
                     "Grant changes the maps refused (offered again each round)",
                     e.unwritten,

@@ -573,6 +573,7 @@ fn member_status() -> crate::proto::ClusterStatus {
             learning: 1,
             raises_lapsed: 5,
             capped: 4,
+            over_budget: 6,
         }),
         traffic: Some(ClusterTraffic {
             rounds: 1200,
@@ -627,6 +628,10 @@ fn a_cluster_member_exports_its_sync_and_enrolment() {
         None
     );
     assert_eq!(value("limiter_cluster_rounds_total", None), Some(1200.0));
+    assert_eq!(
+        value("limiter_cluster_messages_over_budget_total", None),
+        Some(6.0)
+    );
     assert_eq!(
         value("limiter_cluster_round_seconds_total", None),
         Some(2.5)

@@ -199,6 +199,9 @@ pub struct Counts {
     /// Grant changes the datapath refused (offered again next round; until then the reports
     /// say the older grant is applied).
     pub unwritten: u64,
+    /// Peers' messages about clients this node neither owns nor holds that were ignored, past
+    /// a heartbeat's [`MAX_HASHES_PER_HEARTBEAT`] (counted when sent again).
+    pub over_budget: u64,
     /// Owned clients whose ledger is in learning mode.
     pub learning: u64,
     /// Raises held here that ran out before a newer grant came: the kernel went back to the
@@ -367,6 +370,8 @@ pub struct Enrolment {
     caps: HashMap<ClientKey, u32>,
     refused: u64,
     foreign: u64,
+    /// Messages [`Enrolment::take_in`] ignored for want of rendezvous hashes.
+    over_budget: u64,
     unwritten: u64,
     raises_lapsed: u64,
     /// Calls of `Enrolment::writes` so far: the stamp of what the last one wanted written.
@@ -430,6 +435,7 @@ impl Enrolment {
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,
+            over_budget: 0,
             unwritten: 0,
             raises_lapsed: 0,
             writes_made: 0,
@@ -622,6 +628,7 @@ impl Enrolment {
                 ignored += 1;
             }
         }
+        self.over_budget += ignored;
         ignored
     }
 
@@ -1045,6 +1052,7 @@ impl Enrolment {
                 .count() as u64,
             refused: self.refused,
             foreign: self.foreign,
+            over_budget: self.over_budget,
             unwritten: self.unwritten,
             learning: self
                 .owned

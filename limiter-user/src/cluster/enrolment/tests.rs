@@ -1567,6 +1567,11 @@ mod third_review {
         let mut node = Enrolment::new(me.clone(), timing(), 1, 100_000);
         let ignored = node.take_in(now, &view, sender, &heartbeat, &|_| Some(info));
         assert_eq!(ignored, 2 * (25_000 - per_kind) as u64);
+        assert_eq!(
+            node.counts(now).over_budget,
+            ignored,
+            "counted for the status"
+        );
         assert!(node.owned.len() < mine && node.held.len() < attached);
         let mut heartbeats = 1;
         while node.owned.len() < mine || node.held.len() < attached {

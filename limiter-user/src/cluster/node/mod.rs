@@ -622,6 +622,7 @@ impl Node {
                 granted: counts.granted,
                 refused: counts.refused,
                 foreign: counts.foreign,
+                over_budget: counts.over_budget,
                 unwritten: counts.unwritten,
                 learning: counts.learning,
                 raises_lapsed: counts.raises_lapsed,
