@@ -323,6 +323,8 @@ mod tests {
             "/limiter.v1.Stats/Global",
             "/limiter.v1.Stats/Client",
             "/limiter.v1.Stats/Top",
+            "/limiter.v1.Cluster/Status",
+            "/limiter.v1.Cluster/Forget",
             "/limiter.v1.RateLimiter/CheckBatchX",
             "/limiter.v1.RateLimiter/Check/",
             "/grpc.health.v1.HealthX/Check",

@@ -176,16 +176,20 @@ pub async fn forget(node_id: String, target: Target) -> anyhow::Result<()> {
             if r.was_learned {
                 "is forgotten"
             } else {
-                "was only heard from, never through an endpoint"
+                "was only heard from, never through an endpoint, and leaves on its own"
             },
             show_duration(Some(d)),
-            r.members_before
+            r.members_after
         ),
     }
     println!(
-        "agreed member count (the shares'): {}; it falls once no member reports more: forget \
-         {node_id} on every agent",
-        r.agreed_members
+        "agreed member count (the shares'): {}; it falls once no member reports more{}",
+        r.agreed_members,
+        if r.was_learned {
+            format!(": forget {node_id} on every agent that dialled it")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

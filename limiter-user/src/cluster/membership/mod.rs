@@ -98,13 +98,14 @@ pub enum ForgetRefusal {
     ThisNode(NodeId),
     #[error(
         "{0} answers at {1}, one of this node's `peers` endpoints: a member behind an endpoint \
-         counts for as long as the endpoint is configured; remove it from `peers` (or its DNS \
-         record) first"
+         counts for as long as the endpoint is configured; remove it from `peers` first (a \
+         `dns:` peer's record: once the name resolves without it)"
     )]
     Endpoint(NodeId, SocketAddr),
     #[error(
         "{0} was heard {1:?} ago, within peer_timeout: a member whose agent still sends \
-         heartbeats is not decommissioned; stop its agent first"
+         heartbeats is not decommissioned; stop its agent and detach its program first \
+         (`limiter detach`: a stopped agent's program stays attached and enforces its share)"
     )]
     Live(NodeId, Duration),
     #[error("{0} is not a member this node counts")]
@@ -117,8 +118,8 @@ pub struct Forgotten {
     /// Whether the id was counted for the life of the process (an endpoint had answered as it);
     /// `false`: it was only heard from, and leaves on its own (`leaves_in`).
     pub was_learned: bool,
-    /// How much longer it counts: 0 when it no longer does; otherwise until it has been silent
-    /// for longer than `forget` (it was heard from within that delay).
+    /// How much longer it counts: 0 when it no longer does; otherwise (never 0) until it has
+    /// been silent for longer than `forget` (it was heard from within that delay).
     pub leaves_in: Duration,
     /// This node's member count before and after.
     pub members_before: u32,
@@ -522,7 +523,13 @@ impl Membership {
         self.learned.remove(id);
         Ok(Forgotten {
             was_learned,
-            leaves_in: silent.map_or(Duration::ZERO, |s| self.timing.forget.saturating_sub(s)),
+            // Silent exactly `forget` still counts (`fresh`): never 0 then.
+            leaves_in: silent.map_or(Duration::ZERO, |s| {
+                self.timing
+                    .forget
+                    .saturating_sub(s)
+                    .max(Duration::from_nanos(1))
+            }),
             members_before,
             members_after: self.members(now),
         })

@@ -887,18 +887,35 @@ async fn a_decommissioned_member_is_forgotten_on_each_agent() {
         ),
         (3, 3, 3)
     );
-    nodes[1].forget(&n3).expect("forget on n2");
+    // Once n3 has been silent for the forget delay n1 counts two, but n2, which has not
+    // forgotten it, still reports three: the shares stay at ⌊40/3⌋.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !nodes[..2].iter().all(|n| n.status().agreed_members == 2) {
+    while nodes[0].status().members != 2 {
         assert!(
             Instant::now() < deadline,
-            "n3 still counted 15 s after it stopped: {:?}",
+            "n1 still counts n3 15 s after forgetting it: {:?}",
             nodes[0].status()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_for("the shares follow", || {
-        shares[..2].iter().all(|s| s.load(Ordering::SeqCst) == 20)
+    let s = nodes[0].status();
+    assert_eq!(s.agreed_members, 3, "n2 reports three: {s:?}");
+    assert!(!s.views_agree);
+    assert_eq!(shares[0].load(Ordering::SeqCst), 13);
+    // Silent past the delay on n2 too: forgotten there at once.
+    let forgotten = nodes[1].forget(&n3).expect("forget on n2");
+    assert_eq!(
+        (forgotten.was_learned, forgotten.members_after),
+        (true, 2),
+        "{forgotten:?}"
+    );
+    assert_eq!(
+        forgotten.leaves_in,
+        prost_types::Duration::try_from(Duration::ZERO).ok()
+    );
+    wait_for("two members agreed, and the shares follow", || {
+        nodes[..2].iter().all(|n| n.status().agreed_members == 2)
+            && shares[..2].iter().all(|s| s.load(Ordering::SeqCst) == 20)
     })
     .await;
     for stop in &stops {
