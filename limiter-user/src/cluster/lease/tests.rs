@@ -3,11 +3,12 @@
 //! actually enforce (each at its own clock) must sum to at most L, and the owner's bound must
 //! cover them.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::cluster::{NodeId, shares};
 
 #[derive(Debug, Clone)]
 enum Op {

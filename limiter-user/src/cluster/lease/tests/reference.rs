@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::cluster::lease::account::Counted;
 
 fn round(ledger: &mut Ledger, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
     let timing = ledger.timing;
