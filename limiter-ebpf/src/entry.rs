@@ -508,13 +508,18 @@ pub(crate) unsafe fn set_policy(state: *mut ClientState, policy: &Policy) -> boo
             && limit != 0
             && (*state).window_us >= MIN_WINDOW_US
             && window_us >= MIN_WINDOW_US;
-        if adapted {
+        if adapted
+            && ((*state).limit, (*state).window_us) != (limit, window_us)
+            && limiter_policy_is_global(u64::from(policy.id)) == 0
+        {
             // A client the adaptive loop tracks: its entry holds an adapted window and
             // allowance, which a reload returns to the policy's until the loop's next period.
             // Carry the used fraction over, or every reload would hand it a fresh allowance.
-            if ((*state).limit, (*state).window_us) != (limit, window_us) {
-                rescale_entry(state, limit, window_us);
-            }
+            // Not a global client's (the loop tracks those too, for their caps): its window
+            // keeps the policy's length, its count is packets its owner counted against a
+            // grant, and its limit is the cold share, which a member joining or leaving
+            // changes; scaled with it, the count would let the same packets through again.
+            rescale_entry(state, limit, window_us);
         } else {
             if window_us != (*state).window_us {
                 // Window tags of another window length mean nothing: start afresh.
@@ -728,6 +733,19 @@ pub(crate) fn report_hot(key: &ClientKey, dropped: u64) {
         [at.read_unaligned(), at.add(1).read_unaligned()]
     };
     limiter_report_hot(words[0], words[1], dropped);
+}
+
+/// Whether policy `id` is global (`GLOBAL_POLICIES`): 1 or 0. A global function, as
+/// [`limiter_report_hot`] is, so that the map lookup is verified once and not on every path
+/// through `set_policy`; called only when a tracked client's entry changes policy limits.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_policy_is_global(id: u64) -> i64 {
+    i64::from(
+        GLOBAL_POLICIES
+            .get(0)
+            .is_some_and(|bits| is_global(bits, id as u16)),
+    )
 }
 
 /// [`report_hot`]'s work, in a global function (`#[no_mangle]`: BTF linkage global), which the

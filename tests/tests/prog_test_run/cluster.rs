@@ -343,3 +343,50 @@ fn kept_clients_are_reported_hot_by_their_denials() -> Result<()> {
         Ok(())
     })
 }
+
+/// A share change (a member joins: every cold share falls) keeps what a global client's window
+/// has counted, also for a client the adaptive loop tracks (`FLAG_REPORTED`, set by the fast
+/// path on every limit client while adaptive is on). The loop's rescale of an adapted entry
+/// (carry the used fraction into the new allowance) must not apply: a global client's window
+/// counts packets its owner has counted against a grant, not a fraction of the cold share, and
+/// scaling them down with the cold share would let the node admit them again under a raise
+/// still in force (here 15 counted of a raise to 20; the cold share falls from 10 to 7, and
+/// the count scaled with it, to 11, let 9 more through where 5 were left).
+#[test]
+fn a_share_change_keeps_a_tracked_global_clients_count() -> Result<()> {
+    use limiter_common::Grant;
+    use limiter_user::{
+        cluster::{
+            config::Partition,
+            membership::{Phase, ShareView},
+        },
+        limits::with_shares,
+    };
+    limiter_tests::require_root!();
+    in_one_window(HOUR_NS, |_| {
+        let (mut lim, mut grants, _) = cluster_member()?;
+        let src = IpAddr::V4(Ipv4Addr::new(10, 230, 0, 1));
+        let raise = Grant {
+            value: 20,
+            silence_ms: 0,
+            until_ns: monotonic_ns() + HOUR_NS,
+        };
+        ensure!(grants.write(&[(key_of(src), Some(raise))]).is_empty());
+        check_eq!(lim.send(src, 15)?, 15);
+        let mut state = lim.client(src).context("no entry")?;
+        state.set_flags(FLAG_REPORTED);
+        lim.tables.clients.insert(key_of(src), state, 0)?;
+        // A fourth member: L = 30 over 4, a cold share of 7.
+        let view = ShareView {
+            members: 4,
+            phase: Phase::Connected,
+            partition: Partition::Share,
+        };
+        lim.tables
+            .apply(&with_shares(&Config::parse(GLOBAL)?, &[], &view))?;
+        check_eq!(lim.send(src, 10)?, 5, "the raise's 20 less the 15 counted");
+        let c = lim.client(src).context("no entry")?;
+        check_eq!((c.limit, c.total_passed()), (7, 20));
+        Ok(())
+    })
+}
