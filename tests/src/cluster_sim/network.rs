@@ -49,7 +49,8 @@ impl Sim {
                 policies_hash: 0x7e57_7e57_7e57_7e57,
             }
         } else {
-            node.membership.report(node.incarnation, node.seq, instant)
+            node.membership
+                .report(node.incarnation, node.seq, instant, &node.share)
         };
         node.report = Some(me.clone());
         let endpoints: Vec<SocketAddr> = if fixed {
@@ -250,7 +251,9 @@ impl Sim {
                 seq: node.seq,
                 ..me.clone()
             },
-            None => node.membership.report(node.incarnation, node.seq, instant),
+            None => node
+                .membership
+                .report(node.incarnation, node.seq, instant, &node.share),
         };
         if let Some(out) = outgoing
             && !(out.reports.is_empty() && out.grants.is_empty())

@@ -17,6 +17,8 @@
 //! The **phase** decides what a global policy's limit L becomes here ([`ShareView::share`]):
 //! - *joining*: a node that started without pins admits nothing of global policies until every
 //!   endpoint has answered a heartbeat of this run counting at least as many members as we do
+//!   (a member reports no more than the count the shares its maps hold were computed with: see
+//!   `reported_members`)
 //!   (it has counted us, and seen this incarnation), or `join_limit` passes (a member down
 //!   meanwhile may hold the share of a smaller count: see the README on adding members), and
 //!   then for one stretched lease more (`hold`): raises that owners granted before they counted
@@ -701,15 +703,31 @@ impl Membership {
             .and_then(|e| e.node.as_ref())
     }
 
-    /// What this node says of itself in a heartbeat or answer numbered `seq`.
-    pub fn report(&self, incarnation: u64, seq: u64, now: Instant) -> Report {
+    /// What this node says of itself in a heartbeat or answer numbered `seq`, with `in_force`
+    /// the view its maps hold.
+    pub fn report(&self, incarnation: u64, seq: u64, now: Instant, in_force: &ShareView) -> Report {
         Report {
             node: self.me.clone(),
             incarnation,
             seq,
-            members: self.members(now),
+            members: self.reported_members(now, in_force),
             view_hash: self.view_hash(now),
             policies_hash: self.policies_hash,
+        }
+    }
+
+    /// The member count this node reports: its own, but no more than the count the shares its
+    /// maps hold were computed with. A member that starts without pins admits its share once
+    /// every peer it dials reports counting it (the join gate), and that holds only once each
+    /// peer's maps have the smaller share: a peer counts the newcomer at once, but writes its
+    /// share at the next sync interval, later when a reload holds the store or the write fails
+    /// and is retried. Not capped while the maps hold a joining view (nothing global admitted
+    /// here, whatever the count).
+    fn reported_members(&self, now: Instant, in_force: &ShareView) -> u32 {
+        let members = self.members(now);
+        match in_force.phase {
+            Phase::Joining => members,
+            Phase::Alone | Phase::Connected | Phase::CutOff => members.min(in_force.members),
         }
     }
 

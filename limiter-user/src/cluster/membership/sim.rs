@@ -17,6 +17,8 @@ use super::*;
 const LIMIT: u32 = 100;
 const STEP: Duration = Duration::from_millis(20);
 const TIMEOUT: Duration = Duration::from_millis(200);
+/// The longest stall of a member's map writes, in steps: the join gate's time bound.
+const STALL_MAX: u16 = (3 * TIMEOUT.as_millis() / STEP.as_millis()) as u16;
 /// Most real members (one may be added to the first ones); phantoms are numbered after them.
 const MAX_REAL: usize = 5;
 
@@ -47,6 +49,15 @@ enum Op {
     AddMember,
     /// A member's config catches up: it lists every member there is.
     Configure(usize),
+    /// A member's map writes stall (a reload holds the store's lock, or they fail and are
+    /// retried) for this many sync intervals: the shares in force stay the ones last written
+    /// while its membership moves on. At most the join gate's time bound (3 × peer_timeout):
+    /// a member whose writes stall longer is, to a member joining meanwhile, like one down
+    /// (its share of the smaller count stays; the README's precondition).
+    Stall {
+        node: usize,
+        steps: u16,
+    },
 }
 
 fn op(nodes: usize) -> impl Strategy<Value = Op> {
@@ -61,6 +72,7 @@ fn op(nodes: usize) -> impl Strategy<Value = Op> {
         1 => (0..nodes, any::<bool>()).prop_map(|(node, pins)| Op::Restart { node, pins }),
         1 => Just(Op::AddMember),
         2 => (0..nodes).prop_map(Op::Configure),
+        1 => (0..nodes, 1u16..=STALL_MAX).prop_map(|(node, steps)| Op::Stall { node, steps }),
     ]
 }
 
@@ -78,6 +90,10 @@ struct Member {
     /// The share of L its maps hold, and the phase it came from.
     in_force: u32,
     phase: Phase,
+    /// The view the maps hold (what `in_force` and `phase` come from).
+    view: ShareView,
+    /// Steps its map writes stall for.
+    stalled: u16,
     /// The agreed count last in force (what the agent keeps in its state directory).
     agreed: u32,
 }
@@ -118,6 +134,12 @@ impl Sim {
                 // Joining: nothing in force, which counts every member there is.
                 in_force: 0,
                 phase: Phase::Joining,
+                view: ShareView {
+                    members: (nodes + phantoms) as u32,
+                    phase: Phase::Joining,
+                    partition,
+                },
+                stalled: 0,
                 agreed: (nodes + phantoms) as u32,
             });
         }
@@ -183,21 +205,23 @@ impl Sim {
             for j in dialled {
                 self.members[i].seq += 1;
                 let (inc_i, seq_i) = (self.members[i].incarnation, self.members[i].seq);
-                let hb = self.members[i]
-                    .m
-                    .as_ref()
-                    .expect("running")
-                    .report(inc_i, seq_i, now);
+                let hb = self.members[i].m.as_ref().expect("running").report(
+                    inc_i,
+                    seq_i,
+                    now,
+                    &self.members[i].view,
+                );
                 if !self.up[i][j] || self.members[j].m.is_none() || self.lost() {
                     continue;
                 }
                 self.members[j].seq += 1;
                 let (inc_j, seq_j) = (self.members[j].incarnation, self.members[j].seq);
+                let view_j = self.members[j].view;
                 let mj = self.members[j].m.as_mut().expect("running");
                 if mj.heard(&hb, now).is_err() {
                     continue;
                 }
-                let answer = mj.report(inc_j, seq_j, now);
+                let answer = mj.report(inc_j, seq_j, now, &view_j);
                 if !self.up[j][i] || self.lost() {
                     continue;
                 }
@@ -210,10 +234,15 @@ impl Sim {
             }
         }
         for member in &mut self.members {
+            if member.stalled > 0 {
+                member.stalled -= 1;
+                continue;
+            }
             if let Some(m) = member.m.as_mut() {
                 let view = m.share_view(now);
                 member.in_force = view.share(LIMIT);
                 member.phase = view.phase;
+                member.view = view;
                 member.agreed = view.members;
             }
         }
@@ -258,6 +287,7 @@ impl Sim {
                 }
                 let peers = self.everyone(k + 1, k);
                 let m = self.start(k, &peers, false);
+                let partition = self.partition;
                 self.members.push(Member {
                     m: Some(m),
                     peers,
@@ -265,6 +295,12 @@ impl Sim {
                     seq: 0,
                     in_force: 0,
                     phase: Phase::Joining,
+                    view: ShareView {
+                        members: (k + 1 + self.phantoms) as u32,
+                        phase: Phase::Joining,
+                        partition,
+                    },
+                    stalled: 0,
                     agreed: (k + 1 + self.phantoms) as u32,
                 });
             }
@@ -306,7 +342,14 @@ impl Sim {
                 member.seq = 0;
                 member.in_force = view.share(LIMIT);
                 member.phase = view.phase;
+                member.view = view;
+                member.stalled = 0;
                 member.agreed = view.members;
+            }
+            Op::Stall { node, steps } => {
+                if let Some(member) = self.members.get_mut(node) {
+                    member.stalled = steps;
+                }
             }
         }
     }
@@ -361,7 +404,8 @@ proptest! {
                 Op::Isolate(k)
                 | Op::Kill(k)
                 | Op::Restart { node: k, .. }
-                | Op::Configure(k) => k < n,
+                | Op::Configure(k)
+                | Op::Stall { node: k, .. } => k < n,
                 _ => true,
             };
             if fits {

@@ -238,7 +238,9 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
         let state = shared.lock();
         (
             to_heartbeat(
-                state.membership.report(shared.incarnation, seq, sent),
+                state
+                    .membership
+                    .report(shared.incarnation, seq, sent, &state.view),
                 0,
                 shared,
             ),

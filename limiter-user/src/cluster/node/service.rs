@@ -122,7 +122,7 @@ impl Peer for PeerService {
         }
         let me = state
             .membership
-            .report(self.0.incarnation, self.0.next_seq(), now);
+            .report(self.0.incarnation, self.0.next_seq(), now, &state.view);
         if heard == Heard::Restarted {
             // Before any answer to the member: its join gate opens on one (see
             // `Heard::Restarted`). Under the state lock (state before enrolment, as everywhere),

@@ -253,7 +253,11 @@ async fn peers_without_the_token_or_as_this_node_are_refused() {
         .expect("valid")
         .into_inner();
     assert_eq!((answer.node_id.as_str(), answer.echo), ("n1", 1));
-    assert_eq!(answer.members, 2, "n2 heard: n1 counts it");
+    assert_eq!(n1.status().members, 2, "n2 heard: n1 counts it");
+    // But its maps still hold the shares of one member (no heartbeat round has written the
+    // view since): it reports one, so that a member joining does not take it for enforcing
+    // the smaller share yet.
+    assert_eq!(answer.members, 1, "{answer:?}");
     stop.send_replace(true);
 }
 
