@@ -94,6 +94,7 @@ pub struct Member {
 struct Running {
     node: Node,
     stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A node made at start, with its listener bound, before the maps are written.
@@ -356,11 +357,11 @@ impl Member {
             max_unnamed: self.max_global_clients,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
-        drop(tasks);
         self.published.send_replace(Some(prepared.node.clone()));
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running {
             node: prepared.node,
             stop,
+            tasks,
         });
     }
 
@@ -398,14 +399,21 @@ impl Member {
     }
 
     /// Stops the node (its listener and heartbeats).
-    fn stop_node(&self) {
-        if let Some(running) = self.node.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = running.stop.send(true);
-        }
+    /// Stops the node; returns its tasks, which end soon after (a share view it is writing
+    /// into the maps lands first).
+    fn stop_node(&self) -> Vec<JoinHandle<()>> {
+        let running = self.node.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.published.send_replace(None);
         show(&self.counters, None);
+        running.map_or_else(Vec::new, |running| {
+            let _ = running.stop.send(true);
+            running.tasks
+        })
     }
 }
+
+/// How long a section's removal waits for the node's tasks to end.
+const NODE_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a section that could not be taken up is tried again, and the token file read
 /// for a new token.
@@ -485,7 +493,20 @@ async fn follow(
                 }
             }
             (None, Some(_)) => {
-                membership.stop_node();
+                // The node's last share view (a write in progress when it stopped) reaches the
+                // maps before this agent's own, or it would put the cluster's shares back.
+                let tasks = membership.stop_node();
+                let ended = tokio::time::timeout(NODE_STOP, async {
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                })
+                .await;
+                if ended.is_err() {
+                    tracing::warn!(
+                        "cluster: the node's tasks did not end within {NODE_STOP:?} of its stop"
+                    );
+                }
                 membership.taken_up();
                 forget_joined(&membership.incarnation_path);
                 let limits = limits.clone();

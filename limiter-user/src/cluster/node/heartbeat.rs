@@ -34,8 +34,11 @@ pub(super) async fn resolve_loop(shared: Arc<Shared>, mut stop: watch::Receiver<
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            // Stop first: a tick that is due (an iteration overran the interval) must not run
+            // one more iteration, whose view would reach the maps after the agent's own.
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
         }
         let (names, timeout) = {
             let state = shared.lock();
@@ -118,7 +121,7 @@ pub(super) async fn heartbeat_loop(
                 previous,
             )
         };
-        if view != previous {
+        if view != previous && !*stop.borrow() {
             say_view(&previous, &view);
             let sink = sink.clone();
             // Map writes: off the runtime's workers. The view is in force (and in the status)
