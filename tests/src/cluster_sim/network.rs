@@ -3,7 +3,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use limiter_user::proto::cluster::{GrantValue, Heartbeat};
+use limiter_user::{
+    cluster::NodeId,
+    proto::cluster::{GrantValue, Heartbeat},
+};
 use prost::Message as _;
 
 use super::{
@@ -84,7 +87,7 @@ impl Sim {
             } else {
                 node.membership.endpoint_node(addr).cloned()
             };
-            let outgoing = peer.and_then(|id| {
+            let outgoing = peer.clone().and_then(|id| {
                 let waiting = node.outbox.get_mut(&id)?;
                 let out = waiting.take(MAX_CLIENTS_PER_MESSAGE);
                 if waiting.is_empty() {
@@ -95,7 +98,8 @@ impl Sim {
             if !fixed {
                 node.in_flight.insert(addr, (node.seq, now));
             }
-            let base = heartbeat_len(&report, 0);
+            // Addressed to the member last heard at the address, as the agent's are.
+            let base = heartbeat_len(&report, 0, peer.as_ref());
             let entries = outgoing.as_ref().map_or(0, |o| self.outgoing_len(o));
             let node = &mut self.nodes[i];
             node.stats.heartbeat_bytes += base as u64;
@@ -106,7 +110,8 @@ impl Sim {
             }
             if fixed {
                 // The answer, as `take_heartbeat` would count it (none is simulated).
-                self.nodes[j].stats.heartbeat_bytes += heartbeat_len(&report, report.seq) as u64;
+                self.nodes[j].stats.heartbeat_bytes +=
+                    heartbeat_len(&report, report.seq, None) as u64;
                 if outgoing.is_none() {
                     continue;
                 }
@@ -300,7 +305,7 @@ impl Sim {
             return;
         }
         let echo = report.seq;
-        let len = heartbeat_len(&answer, echo);
+        let len = heartbeat_len(&answer, echo, None);
         self.nodes[to].stats.heartbeat_bytes += len as u64;
         self.send(
             to,
@@ -326,8 +331,8 @@ fn wire_terms(terms: Option<Terms>) -> (u32, u32) {
     })
 }
 
-/// Bytes of a heartbeat (or answer) without enrolment entries.
-fn heartbeat_len(report: &membership::Report, echo: u64) -> usize {
+/// Bytes of a heartbeat (or answer) without enrolment entries, addressed to `to`.
+fn heartbeat_len(report: &membership::Report, echo: u64, to: Option<&NodeId>) -> usize {
     Heartbeat {
         node_id: report.node.to_string(),
         incarnation: report.incarnation,
@@ -339,6 +344,7 @@ fn heartbeat_len(report: &membership::Report, echo: u64) -> usize {
         nonce: 0x5eed_5eed_5eed_5eed,
         reports: Vec::new(),
         grants: Vec::new(),
+        to_node_id: to.map(ToString::to_string).unwrap_or_default(),
     }
     .encoded_len()
 }

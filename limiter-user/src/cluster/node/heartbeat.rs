@@ -251,6 +251,7 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
         )
     };
     if let Some(node) = node {
+        request.to_node_id = node.to_string();
         enrolment::attach_outgoing(shared, &node, &mut request);
     }
     let traffic = &shared.traffic;

@@ -53,6 +53,7 @@ pub(super) fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartb
         nonce: shared.nonce,
         reports: Vec::new(),
         grants: Vec::new(),
+        to_node_id: String::new(),
     }
 }
 
@@ -133,8 +134,19 @@ impl Peer for PeerService {
                 .enrolment()
                 .holder_restarted(&report.node, report.incarnation);
         }
+        let addressed = addressed_here(&hb.to_node_id, state.membership.me())?;
         drop(state);
-        if !(own || hb.reports.is_empty() && hb.grants.is_empty()) {
+        let carries = !(hb.reports.is_empty() && hb.grants.is_empty());
+        if carries && !addressed && self.0.say(format!("misaddressed from {}", report.node), "") {
+            tracing::warn!(
+                peer = %report.node,
+                "cluster: a heartbeat carried enrolment messages for {}, not for this node: not \
+                 taken in (the peer dialled an address that now reaches this node: reused, or \
+                 shared behind a load balancer; give each member an address of its own)",
+                hb.to_node_id
+            );
+        }
+        if carries && addressed && !own {
             enrolment::take_in(&self.0, &report.node, incoming);
         }
         let mut answer = to_heartbeat(me, hb.seq, &self.0);
@@ -148,6 +160,17 @@ impl Peer for PeerService {
         Traffic::add(&self.0.traffic.bytes_sent, answer.encoded_len());
         Ok(Response::new(answer))
     }
+}
+
+/// Whether a heartbeat's enrolment messages are for this node `me`: `to` names it, or is empty
+/// (the sender did not know who answers at the address yet, or predates the field). A `to` that
+/// is not a node id is refused, as any malformed field.
+fn addressed_here(to: &str, me: &NodeId) -> Result<bool, Status> {
+    if to.is_empty() {
+        return Ok(true);
+    }
+    let to = NodeId::new(to).map_err(|e| Status::invalid_argument(format!("to_node_id: {e}")))?;
+    Ok(to == *me)
 }
 
 /// Checks the bearer token on the server side, and adds it on the client side.
@@ -189,3 +212,25 @@ impl Interceptor for TokenAdd {
 }
 
 pub(super) type Client = PeerClient<InterceptedService<Channel, TokenAdd>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrolment_messages_are_taken_in_only_by_the_member_they_are_for() {
+        let me = NodeId::new("n2").expect("id");
+        assert!(addressed_here("n2", &me).expect("valid"));
+        assert!(
+            addressed_here("", &me).expect("valid"),
+            "a sender that does not know yet, or predates the field"
+        );
+        assert!(
+            !addressed_here("n3", &me).expect("valid"),
+            "another member's, at an address that now reaches this one"
+        );
+        let e = addressed_here("n 3", &me).expect_err("not an id");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("to_node_id: "), "{e:?}");
+    }
+}

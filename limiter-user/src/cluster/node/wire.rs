@@ -225,6 +225,7 @@ mod tests {
             policies_hash: u64::MAX,
             reports: vec![report; MAX_CLIENTS_PER_MESSAGE],
             grants: vec![grant; MAX_CLIENTS_PER_MESSAGE],
+            to_node_id: "n".repeat(64),
         };
         let len = hb.encoded_len();
         assert!(len <= super::super::MAX_MESSAGE_BYTES, "{len} bytes");
