@@ -456,6 +456,14 @@ async fn follow(
                     node.reconfigure(config, token.as_deref(), current.clone())?;
                     Ok(token)
                 });
+                // The section removed and added again by reloads this task saw as one: the
+                // store took the second for a section added and wrote a joining view, which
+                // admits nothing of global policies, and the node, whose view did not change,
+                // would never write another.
+                let held = limits.share_view();
+                if held != node.share_view() {
+                    node.maps_hold(held);
+                }
                 match reconfigured {
                     Ok(token) => {
                         token_in_force = token;

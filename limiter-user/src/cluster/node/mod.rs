@@ -369,6 +369,13 @@ impl Node {
         self.shared.lock().view
     }
 
+    /// The maps hold `view` (another writer changed them: a reload that added the `cluster:`
+    /// section wrote a joining view): the next heartbeat round hands the sink membership's view
+    /// if it differs from that.
+    pub fn maps_hold(&self, view: ShareView) {
+        self.shared.lock().view = view;
+    }
+
     /// The agreed member count the previous run of this agent left: counted for a while (see
     /// [`Membership::set_floor`]), and the view in force recomputed with it.
     pub fn set_floor(&self, members: u32) {

@@ -926,3 +926,32 @@ async fn a_decommissioned_member_is_forgotten_on_each_agent() {
         stop.send_replace(true);
     }
 }
+
+/// When another writer left the maps with a view the node did not write (a reload that removed
+/// the `cluster:` section and one that added it back, seen by the agent as one: the store wrote
+/// a joining view, admitting nothing), the next round writes membership's view again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_another_writer_left_in_the_maps_is_replaced() {
+    let (l, a) = listener().await;
+    let node = Node::new(
+        &section("n1", a, vec![]),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect("n1");
+    let (_stop, rx) = watch::channel(false);
+    let (sink, share) = recorder();
+    let _tasks = node.run(l, sink, rx);
+    // Alone from the start: the view in force is membership's, so nothing is written.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(share.load(Ordering::SeqCst), u32::MAX, "nothing written");
+    node.maps_hold(ShareView::JOINING);
+    wait_for("membership's view written again", || {
+        share.load(Ordering::SeqCst) == 40
+    })
+    .await;
+    assert_eq!(node.share_view().phase, Phase::Alone);
+}
