@@ -264,7 +264,9 @@ fn sink(limits: &Arc<PolicyStore>, counters: &Arc<Counters>, prepared: &Prepared
     let (joined_path, incarnation) = (prepared.joined_path.clone(), prepared.incarnation);
     let joined = std::sync::atomic::AtomicBool::new(false);
     Arc::new(move |view: ShareView| match limits.set_share_view(view) {
-        Ok(()) => {
+        // The section is gone (a reload removed it): this node is stopping.
+        Ok(false) => false,
+        Ok(true) => {
             show(&counters, Some(view));
             if view.phase != Phase::Joining
                 && !joined.swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -460,9 +462,11 @@ async fn follow(
                 // store took the second for a section added and wrote a joining view, which
                 // admits nothing of global policies, and the node, whose view did not change,
                 // would never write another.
+                // The node's view first: a round writes the maps, then its view.
+                let in_force = node.share_view();
                 let held = limits.share_view();
-                if held != node.share_view() {
-                    node.maps_hold(held);
+                if held != in_force {
+                    node.maps_hold(in_force, held);
                 }
                 match reconfigured {
                     Ok(token) => {

@@ -209,18 +209,28 @@ impl PolicyStore {
     }
 
     /// Applies the shares `view` gives (the cluster's membership changed); nothing is written
-    /// if no global policy's share changes. If the maps cannot take them, the shares before are
-    /// written back and the error returned.
-    pub fn set_share_view(&self, view: ShareView) -> Result<(), DatapathError> {
+    /// if no global policy's share changes. Returns false, writing nothing, when the config in
+    /// force has no `cluster:` section (checked under the writer lock): a node stopped by a
+    /// reload that removed it must not put its shares back after the agent's own. If the maps
+    /// cannot take them, the shares before are written back and the error returned.
+    pub fn set_share_view(&self, view: ShareView) -> Result<bool, DatapathError> {
         let _writer = self.writer();
-        let (before, service) = {
+        let (before, service, in_cluster) = {
             let inner = self.lock();
-            (inner.share_view, inner.service_global.clone())
+            (
+                inner.share_view,
+                inner.service_global.clone(),
+                inner.effective.config.cluster.is_some(),
+            )
         };
-        if before == view {
-            return Ok(());
+        if !in_cluster {
+            return Ok(false);
         }
-        self.reshare(view, service)
+        if before == view {
+            return Ok(true);
+        }
+        self.reshare(view, service)?;
+        Ok(true)
     }
 
     /// Applies the shares of an agent alone ([`ShareView::ALONE`]) if the config in force has

@@ -102,8 +102,11 @@ pub(super) async fn heartbeat_loop(
     let mut differing = ViewsDiffer::default();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            // Stop first: a tick that is due (an iteration overran the interval) must not run
+            // one more iteration.
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
         }
         let now = Instant::now();
         let (endpoints, timeout, sync_interval, view, previous) = {
@@ -129,8 +132,11 @@ pub(super) async fn heartbeat_loop(
             let applied = tokio::task::spawn_blocking(move || sink(view))
                 .await
                 .unwrap_or(false);
-            if applied {
-                shared.lock().view = view;
+            let mut state = shared.lock();
+            // Unless the agent said meanwhile that the maps hold another view
+            // (`Node::maps_hold`): then the next round writes this one again.
+            if applied && state.view == previous {
+                state.view = view;
             }
         }
         {

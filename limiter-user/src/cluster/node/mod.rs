@@ -369,11 +369,16 @@ impl Node {
         self.shared.lock().view
     }
 
-    /// The maps hold `view` (another writer changed them: a reload that added the `cluster:`
-    /// section wrote a joining view): the next heartbeat round hands the sink membership's view
-    /// if it differs from that.
-    pub fn maps_hold(&self, view: ShareView) {
-        self.shared.lock().view = view;
+    /// The maps hold `view`, not `was`, the view in force the caller read before it read the
+    /// maps' (another writer changed them: a reload that added the `cluster:` section wrote a
+    /// joining view): the next heartbeat round hands the sink membership's view if it differs
+    /// from that. Nothing changes if the view in force is no longer `was` (a round wrote
+    /// another meanwhile, which the maps may hold by now).
+    pub fn maps_hold(&self, was: ShareView, view: ShareView) {
+        let mut state = self.shared.lock();
+        if state.view == was {
+            state.view = view;
+        }
     }
 
     /// The agreed member count the previous run of this agent left: counted for a while (see

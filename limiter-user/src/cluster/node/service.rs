@@ -100,6 +100,7 @@ impl Peer for PeerService {
         // The whole message is read before any of it is taken in: one refused for its
         // enrolment part changes no membership either.
         let incoming = enrolment::from_wire(&hb)?;
+        let to = addressee(&hb.to_node_id)?;
         let now = Instant::now();
         let mut state = self.0.lock();
         let own = report.node == *state.membership.me();
@@ -134,7 +135,7 @@ impl Peer for PeerService {
                 .enrolment()
                 .holder_restarted(&report.node, report.incarnation);
         }
-        let addressed = addressed_here(&hb.to_node_id, state.membership.me())?;
+        let addressed = to.as_ref().is_none_or(|to| to == state.membership.me());
         drop(state);
         let carries = !(hb.reports.is_empty() && hb.grants.is_empty());
         if carries && !addressed && self.0.say(format!("misaddressed from {}", report.node), "") {
@@ -162,15 +163,17 @@ impl Peer for PeerService {
     }
 }
 
-/// Whether a heartbeat's enrolment messages are for this node `me`: `to` names it, or is empty
-/// (the sender did not know who answers at the address yet, or predates the field). A `to` that
-/// is not a node id is refused, as any malformed field.
-fn addressed_here(to: &str, me: &NodeId) -> Result<bool, Status> {
+/// The member a heartbeat's enrolment messages are for: `None` when the field is empty (the
+/// sender did not know who answers at the address yet, or predates the field), and the
+/// messages are taken in as this node's. One that is not a node id is refused, as any malformed
+/// field, before anything of the heartbeat is taken in.
+fn addressee(to: &str) -> Result<Option<NodeId>, Status> {
     if to.is_empty() {
-        return Ok(true);
+        return Ok(None);
     }
-    let to = NodeId::new(to).map_err(|e| Status::invalid_argument(format!("to_node_id: {e}")))?;
-    Ok(to == *me)
+    NodeId::new(to)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("to_node_id: {e}")))
 }
 
 /// Checks the bearer token on the server side, and adds it on the client side.
@@ -218,18 +221,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn enrolment_messages_are_taken_in_only_by_the_member_they_are_for() {
-        let me = NodeId::new("n2").expect("id");
-        assert!(addressed_here("n2", &me).expect("valid"));
-        assert!(
-            addressed_here("", &me).expect("valid"),
+    fn a_heartbeat_names_the_member_its_messages_are_for() {
+        assert_eq!(
+            addressee("n3").expect("valid"),
+            Some(NodeId::new("n3").expect("id"))
+        );
+        assert_eq!(
+            addressee("").expect("valid"),
+            None,
             "a sender that does not know yet, or predates the field"
         );
-        assert!(
-            !addressed_here("n3", &me).expect("valid"),
-            "another member's, at an address that now reaches this one"
-        );
-        let e = addressed_here("n 3", &me).expect_err("not an id");
+        let e = addressee("n 3").expect_err("not an id");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with("to_node_id: "), "{e:?}");
     }

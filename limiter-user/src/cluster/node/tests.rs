@@ -948,7 +948,14 @@ async fn a_view_another_writer_left_in_the_maps_is_replaced() {
     // Alone from the start: the view in force is membership's, so nothing is written.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(share.load(Ordering::SeqCst), u32::MAX, "nothing written");
-    node.maps_hold(ShareView::JOINING);
+    let alone = node.share_view();
+    node.maps_hold(ShareView::JOINING, ShareView::JOINING);
+    assert_eq!(
+        node.share_view(),
+        alone,
+        "not the view in force: nothing changes"
+    );
+    node.maps_hold(alone, ShareView::JOINING);
     wait_for("membership's view written again", || {
         share.load(Ordering::SeqCst) == 40
     })
