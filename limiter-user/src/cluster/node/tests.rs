@@ -51,6 +51,20 @@ fn policies() -> ClusterPolicies {
     }
 }
 
+/// Node `id` on `listen`, dialling `peers`, with the test token and policies, adopted (no join
+/// gate).
+fn node(id: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Node {
+    Node::new(
+        &section(id, listen, peers),
+        &token(),
+        1,
+        true,
+        policies(),
+        1024,
+    )
+    .expect(id)
+}
+
 async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -84,24 +98,8 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
     let (l1, a1) = listener().await;
     let (l2, a2) = listener().await;
-    let n1 = Node::new(
-        &section("n1", a1, vec![a2]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
-    let n2 = Node::new(
-        &section("n2", a2, vec![a1]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n2");
+    let n1 = node("n1", a1, vec![a2]);
+    let n2 = node("n2", a2, vec![a1]);
     let (stop1, rx1) = watch::channel(false);
     let (stop2, rx2) = watch::channel(false);
     let (sink1, share1) = recorder();
@@ -145,15 +143,7 @@ async fn two_nodes_agree_split_and_fall_back_when_one_stops() {
 #[tokio::test]
 async fn peers_without_the_token_or_as_this_node_are_refused() {
     let (l1, a1) = listener().await;
-    let n1 = Node::new(
-        &section("n1", a1, vec![]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
+    let n1 = node("n1", a1, vec![]);
     let (stop, rx) = watch::channel(false);
     let (sink, _) = recorder();
     let _t = n1.run(l1, sink, rx);
@@ -461,15 +451,7 @@ async fn peers_named_by_dns_are_resolved_and_dialled() {
         port: a2.port(),
     }];
     let n1 = Node::new(&c1, &token(), 1, true, policies(), 1024).expect("n1");
-    let n2 = Node::new(
-        &section("n2", a2, vec![a1]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n2");
+    let n2 = node("n2", a2, vec![a1]);
     // Not resolved yet: the name counts as a member, and the node is not alone.
     assert_eq!(n1.status().members, 2);
     assert_eq!(n1.share_view().phase, Phase::Connected);
@@ -500,15 +482,7 @@ async fn peers_named_by_dns_are_resolved_and_dialled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_is_this_node_is_not_counted() {
     let (l1, a1) = listener().await;
-    let n1 = Node::new(
-        &section("n1", a1, vec![a1]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
+    let n1 = node("n1", a1, vec![a1]);
     let (stop, rx) = watch::channel(false);
     let (sink, share) = recorder();
     let _t = n1.run(l1, sink, rx);
@@ -526,15 +500,7 @@ async fn an_endpoint_that_is_this_node_is_not_counted() {
 #[test]
 fn a_reload_cannot_drop_the_token_of_a_listener_without_tls() {
     let a: SocketAddr = "127.0.0.1:7201".parse().expect("addr");
-    let n1 = Node::new(
-        &section("n1", a, vec![]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
+    let n1 = node("n1", a, vec![]);
     let e = n1
         .reconfigure(&section("n1", a, vec![]), None, policies())
         .expect_err("no credentials left");
@@ -560,15 +526,7 @@ async fn a_hot_notice_while_joining_is_taken_up_once_connected() {
         1024,
     )
     .expect("n1");
-    let n2 = Node::new(
-        &section("n2", a2, vec![a1]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n2");
+    let n2 = node("n2", a2, vec![a1]);
     n1.set_datapath(Busy::new(vec![[7; 16]]));
     assert_eq!(n1.status().phase, "joining");
     enrolment::round(&n1.shared);
@@ -725,24 +683,8 @@ async fn a_reload_that_renumbers_policies_keeps_what_is_held() {
 async fn a_member_only_heard_from_gets_its_reports_in_the_answers() {
     let (l1, a1) = listener().await;
     let (l2, a2) = listener().await;
-    let n1 = Node::new(
-        &section("n1", a1, vec![a2]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
-    let n2 = Node::new(
-        &section("n2", a2, vec![]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n2");
+    let n1 = node("n1", a1, vec![a2]);
+    let n2 = node("n2", a2, vec![]);
     let members = [
         NodeId::new("n1").expect("id"),
         NodeId::new("n2").expect("id"),
@@ -933,15 +875,7 @@ async fn a_decommissioned_member_is_forgotten_on_each_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_another_writer_left_in_the_maps_is_replaced() {
     let (l, a) = listener().await;
-    let node = Node::new(
-        &section("n1", a, vec![]),
-        &token(),
-        1,
-        true,
-        policies(),
-        1024,
-    )
-    .expect("n1");
+    let node = node("n1", a, vec![]);
     let (_stop, rx) = watch::channel(false);
     let (sink, share) = recorder();
     let _tasks = node.run(l, sink, rx);
