@@ -94,7 +94,6 @@ pub struct Member {
 struct Running {
     node: Node,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A node made at start, with its listener bound, before the maps are written.
@@ -359,11 +358,11 @@ impl Member {
             max_unnamed: self.max_global_clients,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
+        drop(tasks);
         self.published.send_replace(Some(prepared.node.clone()));
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running {
             node: prepared.node,
             stop,
-            tasks,
         });
     }
 
@@ -401,21 +400,17 @@ impl Member {
     }
 
     /// Stops the node (its listener and heartbeats).
-    /// Stops the node; returns its tasks, which end soon after (a share view it is writing
-    /// into the maps lands first).
-    fn stop_node(&self) -> Vec<JoinHandle<()>> {
-        let running = self.node.lock().unwrap_or_else(|e| e.into_inner()).take();
+    /// Stops the node. A share view it is writing meanwhile cannot land after the agent's
+    /// own: `PolicyStore::set_share_view` writes nothing once the config in force has no
+    /// `cluster:` section, checked under the store's writer lock, which the reload holds too.
+    fn stop_node(&self) {
+        if let Some(running) = self.node.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = running.stop.send(true);
+        }
         self.published.send_replace(None);
         show(&self.counters, None);
-        running.map_or_else(Vec::new, |running| {
-            let _ = running.stop.send(true);
-            running.tasks
-        })
     }
 }
-
-/// How long a section's removal waits for the node's tasks to end.
-const NODE_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a section that could not be taken up is tried again, and the token file read
 /// for a new token.
@@ -505,20 +500,7 @@ async fn follow(
                 }
             }
             (None, Some(_)) => {
-                // The node's last share view (a write in progress when it stopped) reaches the
-                // maps before this agent's own, or it would put the cluster's shares back.
-                let tasks = membership.stop_node();
-                let ended = tokio::time::timeout(NODE_STOP, async {
-                    for task in tasks {
-                        let _ = task.await;
-                    }
-                })
-                .await;
-                if ended.is_err() {
-                    tracing::warn!(
-                        "cluster: the node's tasks did not end within {NODE_STOP:?} of its stop"
-                    );
-                }
+                membership.stop_node();
                 membership.taken_up();
                 forget_joined(&membership.incarnation_path);
                 let limits = limits.clone();
