@@ -1251,3 +1251,37 @@ async fn check_frames_are_only_for_the_check_program() -> Result<()> {
     ensure!(g.non_ip == 1, "{g:?}");
     f.shutdown().await
 }
+
+/// The rate limit service's config comes into force inside the change of the policies that the
+/// cluster watches (`GlobalNames`), never before it: under `--rls-scope global` its limits'
+/// policy ids may be renumbered by a reload, and the cluster must never name the new ids under
+/// the names before (nor the ids before under the new names). The same limits again install
+/// it at once, nothing changing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_s_config_comes_into_force_inside_the_change_of_the_policies() -> Result<()> {
+    require_root!();
+    let f = Fixture::new(false).await?;
+    let names = f.limits.global_names();
+    let limit = limiter_user::cluster::GlobalPolicy {
+        id: 31_744,
+        matches: "rate limit service: 10 per 1000000 µs".into(),
+        limit: 10,
+        window_us: 1_000_000,
+        grouping: String::new(),
+    };
+    let mut changing = None;
+    f.limits.set_service_global(vec![limit.clone()], || {
+        changing = Some(names.read(|_, _| ()).is_none());
+    })?;
+    ensure!(
+        changing == Some(true),
+        "installed outside the change: {changing:?}"
+    );
+    ensure!(names.read(|_, _| ()).is_some(), "the change never ended");
+    let mut changing = None;
+    f.limits.set_service_global(vec![limit], || {
+        changing = Some(names.read(|_, _| ()).is_none());
+    })?;
+    ensure!(changing == Some(false), "the same limits: {changing:?}");
+    Ok(())
+}

@@ -731,13 +731,18 @@ impl ClusterSource for MemberFigures {
 }
 
 /// Re-reads the rate limit service's config (`force`: even if its files did not change) and
-/// hands the global limits of its rules to the policies (see
-/// [`PolicyStore::set_service_global`]); maps that refuse them are tried again at the next poll.
+/// hands the global limits of its rules to the policies, which put it in force with them (see
+/// [`PolicyStore::set_service_global`]); if the maps refuse them, the config in force stays and
+/// the files are read again at the next poll.
 fn reload_service(limits: &PolicyStore, rls: &rls::RlsStore, force: bool) {
-    rls.reload(force);
-    if let Err(e) = limits.set_service_global(rls.global_policies()) {
+    let Some(reread) = rls.reread(force) else {
+        return;
+    };
+    let global = reread.global_policies(rls);
+    if let Err(e) = limits.set_service_global(global, || rls.install(reread)) {
         tracing::error!(
-            "the rate limit service's limits across the cluster were not applied: {}",
+            "the rate limit service's limits across the cluster were not applied: {}; its \
+             config in force stays in force",
             crate::error_chain(&e)
         );
     }

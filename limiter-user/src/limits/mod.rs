@@ -229,7 +229,7 @@ impl PolicyStore {
         if before == view {
             return Ok(true);
         }
-        self.reshare(view, service)?;
+        self.reshare(view, service, || {})?;
         Ok(true)
     }
 
@@ -250,7 +250,7 @@ impl PolicyStore {
         if in_cluster || view == ShareView::ALONE {
             return Ok(false);
         }
-        self.reshare(ShareView::ALONE, service)?;
+        self.reshare(ShareView::ALONE, service, || {})?;
         Ok(true)
     }
 
@@ -259,23 +259,41 @@ impl PolicyStore {
     /// (whose clients it notes hot) and the cluster's (which enrols those clients). Nothing is
     /// written if they did not change. If the maps cannot take them, those before are written
     /// back and the error returned.
-    pub fn set_service_global(&self, service: Vec<GlobalPolicy>) -> Result<(), DatapathError> {
+    ///
+    /// `install` puts the service's config that makes them in force. It runs once the maps
+    /// hold them, inside the change of the policies the cluster watches (`GlobalNames`), and
+    /// not at all if the maps refuse them: the policy ids the service's checks write are then
+    /// never named under the names before, nor the ids before under the new names (a reload
+    /// can renumber them).
+    pub fn set_service_global(
+        &self,
+        service: Vec<GlobalPolicy>,
+        install: impl FnOnce(),
+    ) -> Result<(), DatapathError> {
         let _writer = self.writer();
         let (view, before) = {
             let inner = self.lock();
             (inner.share_view, inner.service_global.clone())
         };
         if *before == *service {
+            // The same limits have the same ids.
+            install();
             return Ok(());
         }
-        self.reshare(view, service.into())
+        self.reshare(view, service.into(), install)
     }
 
     /// Writes the config in force again with `view`'s shares and `service`'s global limits
     /// (called with the writer lock held, which keeps every other change out), and takes them
     /// in. The config and its trie entries are made outside the policy lock (stats, metrics and
-    /// checks take it), which is held only to write the maps and swap.
-    fn reshare(&self, view: ShareView, service: Arc<[GlobalPolicy]>) -> Result<(), DatapathError> {
+    /// checks take it), which is held only to write the maps and swap. `installed` runs once the
+    /// maps hold them, before the change is done (see [`PolicyStore::set_service_global`]).
+    fn reshare(
+        &self,
+        view: ShareView,
+        service: Arc<[GlobalPolicy]>,
+        installed: impl FnOnce(),
+    ) -> Result<(), DatapathError> {
         let (effective, in_force) = {
             let inner = self.lock();
             (inner.effective.clone(), inner.applied.clone())
@@ -288,7 +306,9 @@ impl PolicyStore {
             let mut inner = self.lock();
             inner.share_view = view;
             inner.service_global = service;
-            changing.done(inner.tables.map_config()?.generation, names);
+            let generation = inner.tables.map_config()?.generation;
+            installed();
+            changing.done(generation, names);
         } else {
             let applied = Arc::new(applied);
             let entries = applied.lpm_entries();
@@ -315,7 +335,9 @@ impl PolicyStore {
             };
             free_later((replaced, in_force, effective, trie_diff));
             self.checker.set_config(&applied);
-            // After the checker: it writes the ids of API IDs' entries.
+            installed();
+            // After the checker and the service: they write the ids of API IDs' and the
+            // service's entries.
             changing.done(generation, names);
         }
         self.checker.set_share_view(view);

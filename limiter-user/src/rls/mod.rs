@@ -88,9 +88,16 @@ impl RlsStore {
             .clone()
     }
 
-    /// Re-reads the config if its files changed (`force`: even if not). A config that does not
-    /// load is logged and the one in force stays.
-    pub fn reload(&self, force: bool) {
+    /// Re-reads the config if its files changed (`force`: even if not): the new config, for
+    /// [`RlsStore::install`]. A config that does not load is logged (`None`), and the one in
+    /// force stays.
+    ///
+    /// Installing is the caller's: under `--rls-scope global` the rules' limits have policy ids
+    /// of their own, which the cluster names through the policies in force, so the new config
+    /// comes into force inside the policies' change (`PolicyStore::set_service_global`), never
+    /// before it, and not at all if the maps refuse its limits (then its files are read again
+    /// at the next poll).
+    pub fn reread(&self, force: bool) -> Option<Reread> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let fingerprint = match RlsConfig::fingerprint_of(&self.path) {
             Ok(f) => f,
@@ -103,28 +110,60 @@ impl RlsStore {
                     );
                 }
                 *seen = None;
-                return;
+                return None;
             }
         };
         if !force && *seen == Some(fingerprint) {
-            return;
+            return None;
         }
         let loaded = load(&self.path, self.global);
         // Taken as seen only if the files did not change while they were read (a file caught
         // mid-write would otherwise stay in force, or stay rejected, until a SIGHUP).
         let settled = RlsConfig::fingerprint_of(&self.path).is_ok_and(|after| after == fingerprint);
-        *seen = settled.then_some(fingerprint);
         match loaded {
-            Ok((mut config, _)) => {
-                log_loaded(&self.path, &config);
-                self.hits.install(&mut config);
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+            Ok((config, _)) => Some(Reread {
+                config,
+                fingerprint: settled.then_some(fingerprint),
+            }),
+            Err(e) => {
+                *seen = settled.then_some(fingerprint);
+                tracing::error!(
+                    "rate limit service config rejected: {}; the config in force stays in force",
+                    crate::error_chain(&e)
+                );
+                None
             }
-            Err(e) => tracing::error!(
-                "rate limit service config rejected: {}; the config in force stays in force",
-                crate::error_chain(&e)
-            ),
         }
+    }
+
+    /// Puts a config [`RlsStore::reread`] returned in force.
+    pub fn install(&self, reread: Reread) {
+        let Reread {
+            mut config,
+            fingerprint,
+        } = reread;
+        log_loaded(&self.path, &config);
+        self.hits.install(&mut config);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+    }
+}
+
+/// A config [`RlsStore::reread`] loaded, not in force yet.
+pub struct Reread {
+    config: RlsConfig,
+    /// The files' fingerprint, if they did not change while they were read.
+    fingerprint: Option<u64>,
+}
+
+impl Reread {
+    /// The cluster's global limits its rules make under `--rls-scope global` (see
+    /// [`RlsStore::global_policies`]).
+    pub fn global_policies(&self, store: &RlsStore) -> Vec<crate::cluster::GlobalPolicy> {
+        if !store.global {
+            return Vec::new();
+        }
+        self.config.global_policies()
     }
 }
 

@@ -960,7 +960,7 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
     ids.dedup();
     assert_eq!(ids.len(), 1023);
     std::fs::write(&path, format!("domain: web\ndescriptors:\n{rules}")).unwrap();
-    store.reload(true);
+    assert!(store.reread(true).is_none(), "refused");
     assert_eq!(store.current().limits.len(), 1023);
 }
 
