@@ -368,6 +368,9 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
+    /// Adopted raises whose lease ran past the longest this version grants, recorded shortened
+    /// to it and rewritten so with the next writes (see [`Enrolment::adopt`]).
+    shortened: Vec<ClientKey>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.
@@ -402,6 +405,7 @@ impl Enrolment {
             written: HashMap::new(),
             seen_policies: HashMap::new(),
             adopted_until: None,
+            shortened: Vec::new(),
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,

@@ -1511,6 +1511,40 @@ mod third_review {
         assert_eq!(node.adopted_until, Some(now + Timing::MAX_SILENCE));
     }
 
+    /// A raise pinned by an earlier version with a lease past the longest this version grants
+    /// is shortened to it, in the maps too: its reports' `raise_left` is then one that owners
+    /// take (a longer one has the whole heartbeat refused), and never less than the kernel holds.
+    #[test]
+    fn an_adopted_raise_past_the_longest_lease_is_shortened_in_the_maps() {
+        let mut sim = Sim::new(3, 0);
+        let now = sim.now;
+        let far = now + Duration::from_secs(100 * 3600);
+        let value = sim.cold() * 2;
+        let pinned = PinnedGrant {
+            client: CLIENT,
+            value,
+            until: Some(far),
+            silence: None,
+        };
+        sim.nodes[0].adopt(now, [pinned]);
+        sim.grants[0] = Some((value, Some(far)));
+        sim.step(&[0, 0, 0]);
+        assert_eq!(sim.grants[0], Some((value, Some(now + Timing::MAX_LEASE))));
+        // A lease within it is kept as it was, with nothing written.
+        let mut sim = Sim::new(3, 0);
+        let until = sim.now + Duration::from_secs(1);
+        sim.nodes[0].adopt(
+            sim.now,
+            [PinnedGrant {
+                until: Some(until),
+                ..pinned
+            }],
+        );
+        sim.grants[0] = None;
+        sim.step(&[0, 0, 0]);
+        assert_eq!(sim.grants[0], None, "rewritten");
+    }
+
     /// A heartbeat of 25,000 hot reports and 25,000 grants about clients this node neither
     /// owns nor holds (a member holding the cluster's credentials, or thousands of clients hot
     /// at once) costs at most `MAX_HASHES_PER_HEARTBEAT` rendezvous hashes, half for each kind;

@@ -104,10 +104,19 @@ impl Enrolment {
     /// them within the silence limit (see [`Enrolment::adopt`]).
     pub fn adopt(&mut self, now: Duration, grants: impl IntoIterator<Item = PinnedGrant>) {
         let mut silence = self.timing.silence();
+        let longest = now.saturating_add(Timing::MAX_LEASE);
         for mut g in grants {
             // Recorded by this agent from its owners' terms; an earlier version took terms of
             // up to 100 h from a peer, which would keep a hostile owner's cut that long.
             g.silence = g.silence.map(|s| s.min(Timing::MAX_SILENCE));
+            // A lease past the longest this version grants (an earlier version's, or a hostile
+            // owner's it took in) would be reported as such, and owners refuse a report whose
+            // `raise_left` is past it, with the whole heartbeat: shortened, in the maps too
+            // (reporting less than the kernel holds would let the owner count it lapsed early).
+            if g.until.is_some_and(|until| until > longest) {
+                g.until = Some(longest);
+                self.shortened.push(g.client);
+            }
             // At start, before any round (a held client's grant would be its holder's).
             if let Some(held) = self.held.get_mut(&g.client) {
                 wake(held, &mut self.written, &g.client);
@@ -249,6 +258,17 @@ impl Enrolment {
             }
             keep
         });
+        // Adopted raises shortened at start, as recorded (unless replaced or cleared above).
+        for client in std::mem::take(&mut self.shortened) {
+            if let Some(w) = self.written.get(&client).filter(|w| w.adopted) {
+                writes.push(Write::Set {
+                    client,
+                    value: w.value,
+                    until: w.until,
+                    silence: w.silence,
+                });
+            }
+        }
         writes.append(&mut sets);
         writes
     }
