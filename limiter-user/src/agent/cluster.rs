@@ -107,6 +107,8 @@ pub struct Prepared {
     incarnation: u64,
     /// The token the node was made with (what the token file held when it was read).
     token: Option<String>,
+    /// The policies the node was made with.
+    policies: ClusterPolicies,
 }
 
 impl Prepared {
@@ -140,7 +142,7 @@ impl Prepared {
             &credentials,
             incarnation,
             adopted,
-            policies,
+            policies.clone(),
             max_global_clients,
         )
         .context("cluster")?;
@@ -168,6 +170,7 @@ impl Prepared {
             joined_path,
             incarnation,
             token: credentials.token,
+            policies,
         })
     }
 
@@ -330,13 +333,23 @@ impl Member {
             counters: counters.clone(),
         });
         let token = prepared.as_ref().and_then(|p| p.token.clone());
+        // The API serves before the node starts: a change of the policies since the node was
+        // made (a global policy set through it) reaches the node as a change, not only with
+        // the next one.
+        let mut policies = limits.cluster_policies();
+        if prepared
+            .as_ref()
+            .is_some_and(|p| *policies.borrow() != p.policies)
+        {
+            policies.mark_changed();
+        }
         if let Some(p) = prepared {
             membership.run(p, limits);
         }
         let task = tokio::spawn(follow(
             membership.clone(),
             limits.clone(),
-            limits.cluster_policies(),
+            policies,
             token,
             stop,
         ));
