@@ -442,6 +442,34 @@ impl LiveBench {
             .with_context(|| format!("no XDP program in `ip -j link`: {link}"))
     }
 
+    /// Why this kernel cannot generate the benchmark's traffic, if it cannot: it refuses
+    /// BPF_PROG_TEST_RUN with `BPF_F_TEST_XDP_LIVE_FRAMES` (Linux 5.18) with EPERM, even to root.
+    /// Some kernel builds do: 6.18.44-fc-v1300 did on 2026-12-07, where 6.18.44-fc-v1147 took it
+    /// (plain BPF_PROG_TEST_RUN still works there). One frame is sent to find out.
+    pub fn live_frames_refused(&self) -> Result<Option<String>> {
+        let prog: &Xdp = self
+            .generator
+            .program("live_gen")
+            .context("no program live_gen")?
+            .try_into()?;
+        let fd = prog.fd()?.as_fd();
+        let (frame, ifindex) = (&self.frame, self.sender_ifindex);
+        let sent = in_netns(&self.net.sender_ns, || {
+            datapath::syscall::prog_test_run_live(fd, frame, ifindex, 1)
+        })?;
+        match sent {
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(Some(format!(
+                "this kernel ({}) refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ({e}), \
+                 even to root, so the generator cannot send live frames",
+                read_trimmed("/proc/sys/kernel/osrelease")
+            ))),
+            Err(e) => {
+                Err(e).context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, one frame")
+            }
+        }
+    }
+
     /// Runs the generator on [`GENERATOR_CPU`] in the sender namespace for `time`.
     fn generate(&self, time: Duration) -> Result<()> {
         let prog: &Xdp = self
@@ -574,6 +602,22 @@ pub fn run(args: &Args) -> Result<()> {
     let measure = Duration::from_secs_f64(args.seconds);
     let load_before = read_trimmed("/proc/loadavg");
     let mut bench = LiveBench::new(args.program_time)?;
+    if let Some(why) = bench.live_frames_refused()? {
+        // Said in the report, which `cargo xtask bench` puts in BENCHMARKS.md, not failed: the
+        // other benchmarks still measure.
+        eprintln!("live-bench: not measured: {why}");
+        let md = format!(
+            "## Live traffic against nftables\n\n- Date: {}\n- Machine: {}\n\nNot measured on this \
+             machine: {why}.\n",
+            date(),
+            machine()
+        );
+        print!("{md}");
+        if let Some(path) = &args.write {
+            fs::write(path, &md).with_context(|| format!("writing {path}"))?;
+        }
+        return Ok(());
+    }
     // runs[sources index][case index] = one Run per round.
     let mut runs: Vec<Vec<Vec<Run>>> = args
         .sources
