@@ -303,10 +303,16 @@ impl PolicyStore {
         let names = Arc::new(WireNames::new(&cluster.global));
         let changing = self.names.changing();
         if applied == *in_force {
-            let mut inner = self.lock();
-            inner.share_view = view;
-            inner.service_global = service;
-            let generation = inner.tables.map_config()?.generation;
+            let generation = {
+                let mut inner = self.lock();
+                // Read first: a failed read changes nothing (the service's config is not
+                // installed, and the limits are tried again at the next reload).
+                let generation = inner.tables.map_config()?.generation;
+                inner.share_view = view;
+                inner.service_global = service;
+                generation
+            };
+            // Out of the lock that stats and checks take.
             installed();
             changing.done(generation, names);
         } else {
