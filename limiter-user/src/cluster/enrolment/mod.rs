@@ -368,9 +368,10 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
-    /// Adopted raises whose lease ran past the longest this version grants, recorded shortened
-    /// to it and rewritten so with the next writes (see [`Enrolment::adopt`]).
-    shortened: Vec<ClientKey>,
+    /// Adopted grants to be written as recorded with the next writes: raises whose lease ran
+    /// past the longest this version grants, recorded shortened to it (see
+    /// [`Enrolment::adopt`]), and adopted grants whose write the datapath refused.
+    rewrite: Vec<ClientKey>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.
@@ -405,7 +406,7 @@ impl Enrolment {
             written: HashMap::new(),
             seen_policies: HashMap::new(),
             adopted_until: None,
-            shortened: Vec::new(),
+            rewrite: Vec::new(),
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,

@@ -1528,8 +1528,15 @@ mod third_review {
         };
         sim.nodes[0].adopt(now, [pinned]);
         sim.grants[0] = Some((value, Some(far)));
+        // A refused write is offered again as it was, and the adopted grant is not cleared.
+        sim.refuse = Some(0);
         sim.step(&[0, 0, 0]);
-        assert_eq!(sim.grants[0], Some((value, Some(now + Timing::MAX_LEASE))));
+        assert_eq!(sim.grants[0], Some((value, Some(far))));
+        sim.refuse = None;
+        for _ in 0..3 {
+            sim.step(&[0, 0, 0]);
+            assert_eq!(sim.grants[0], Some((value, Some(now + Timing::MAX_LEASE))));
+        }
         // A lease within it is kept as it was, with nothing written.
         let mut sim = Sim::new(3, 0);
         let until = sim.now + Duration::from_secs(1);

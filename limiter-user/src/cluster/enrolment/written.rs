@@ -115,7 +115,7 @@ impl Enrolment {
             // (reporting less than the kernel holds would let the owner count it lapsed early).
             if g.until.is_some_and(|until| until > longest) {
                 g.until = Some(longest);
-                self.shortened.push(g.client);
+                self.rewrite.push(g.client);
             }
             // At start, before any round (a held client's grant would be its holder's).
             if let Some(held) = self.held.get_mut(&g.client) {
@@ -258,8 +258,11 @@ impl Enrolment {
             }
             keep
         });
-        // Adopted raises shortened at start, as recorded (unless replaced or cleared above).
-        for client in std::mem::take(&mut self.shortened) {
+        // Adopted grants as recorded (unless replaced or cleared above): raises shortened at
+        // start, and writes the datapath refused.
+        self.rewrite.sort_unstable();
+        self.rewrite.dedup();
+        for client in std::mem::take(&mut self.rewrite) {
             if let Some(w) = self.written.get(&client).filter(|w| w.adopted) {
                 writes.push(Write::Set {
                     client,
@@ -310,6 +313,15 @@ impl Enrolment {
         self.unwritten += writes.len() as u64;
         self.stir(writes);
         for w in writes {
+            // An adopted grant's refused set (a shortened raise, a cap) is offered again as
+            // recorded, and the grant stays adopted: taken for unknown, the next writes would
+            // clear it while its owner may still count it.
+            if let Write::Set { client, .. } = *w
+                && self.written.get(&client).is_some_and(|g| g.adopted)
+            {
+                self.rewrite.push(client);
+                continue;
+            }
             self.written.insert(
                 w.client(),
                 Written {
