@@ -198,6 +198,12 @@ impl PolicyView {
         self.dry_run
     }
 
+    /// The id of the policy a check of the API ID whose entry's key is `key` resolves to now:
+    /// its exact-ID policy's, else the default's.
+    pub fn id_policy(&self, key: &ClientKey) -> u16 {
+        self.named.get(key).map_or(self.default.id, |p| p.id)
+    }
+
     /// The limit across the cluster of policy `id`, if it is a global one.
     pub fn global_limit(&self, id: u16) -> Option<u32> {
         self.global_limits.get(&id).copied()

@@ -10,11 +10,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinHandle};
 
-use limiter_common::{Grant, addr::ClientKey};
+use limiter_common::{ClientState, Grant, addr::ClientKey};
 
 use crate::{
     api::auth::read_token,
-    check::HotIds,
+    check::{Checker, HotIds, PolicyView},
     cluster::{
         ClusterPolicies, PolicyName, WireNames,
         config::ClusterConfig,
@@ -80,8 +80,9 @@ pub struct Member {
     incarnation_path: PathBuf,
     /// The maps enrolment uses, handed to each node started.
     maps: Arc<Mutex<ClusterMaps>>,
-    /// API IDs of global policies that checks denied (hot, as dropped packets report addresses).
-    hot_ids: Arc<HotIds>,
+    /// The checker: the API IDs of global policies that checks found hot (as dropped packets
+    /// report addresses), and the policies IDs resolve to.
+    checker: Arc<Checker>,
     global_caps: Arc<crate::adaptive::GlobalCaps>,
     max_global_clients: usize,
     /// The running node, for the API's `Cluster.Status`.
@@ -325,7 +326,7 @@ impl Member {
             node: Mutex::new(None),
             incarnation_path: enrolment.incarnation_path,
             maps: Arc::new(Mutex::new(enrolment.maps)),
-            hot_ids: enrolment.hot_ids,
+            checker: enrolment.checker,
             global_caps: enrolment.global_caps,
             max_global_clients: enrolment.max_global_clients,
             published,
@@ -362,7 +363,8 @@ impl Member {
         let sink = sink(limits, &self.counters, &prepared);
         prepared.node.set_datapath(Box::new(Maps {
             maps: self.maps.clone(),
-            hot_ids: self.hot_ids.clone(),
+            hot_ids: self.checker.hot_ids(),
+            checker: self.checker.clone(),
             caps: self.global_caps.clone(),
             caps_seen: 0,
             primed: false,
@@ -544,8 +546,9 @@ pub struct Enrolling {
     pub incarnation_path: PathBuf,
     /// The maps of enrolment.
     pub maps: ClusterMaps,
-    /// The checker's API IDs of global policies that checks denied.
-    pub hot_ids: Arc<HotIds>,
+    /// The checker: its API IDs of global policies that checks found hot, and the policies
+    /// it resolves IDs to.
+    pub checker: Arc<Checker>,
     /// The adaptive loop's caps on global clients.
     pub global_caps: Arc<crate::adaptive::GlobalCaps>,
     /// `--max-global-clients`.
@@ -556,6 +559,8 @@ pub struct Enrolling {
 struct Maps {
     maps: Arc<Mutex<ClusterMaps>>,
     hot_ids: Arc<HotIds>,
+    /// Resolves API IDs to their policies (see [`under`]).
+    checker: Arc<Checker>,
     caps: Arc<crate::adaptive::GlobalCaps>,
     /// The version of `caps` last handed to enrolment.
     caps_seen: u64,
@@ -578,33 +583,66 @@ impl Maps {
     /// The entries of `clients` with the policies they are under now; `None` if the policies
     /// changed while they were read (the entries alone then, under `Under::Unknown`).
     fn read(&self, clients: &[ClientKey]) -> (Vec<Option<Entry>>, bool) {
-        let read = |named: Option<(u32, &WireNames)>| -> Vec<Option<Entry>> {
-            self.lock()
-                .entries(clients)
-                .into_iter()
-                .map(|entry| {
+        let read = |named: Option<Names<'_>>| -> Vec<Option<Entry>> {
+            let entries = self.lock().entries(clients);
+            clients
+                .iter()
+                .zip(entries)
+                .map(|(key, entry)| {
                     let (state, id) = entry?;
-                    // An API ID's entry carries no generation: the checker resolves it with
-                    // each check, under the policies it has (which change within the bracket
-                    // `GlobalNames` watches).
-                    let under = match named {
-                        Some((generation, names)) if id || state.is_current(generation) => names
-                            .name(state.policy())
-                            .map_or(Under::Local, Under::Global),
-                        _ => Under::Unknown,
-                    };
-                    Some(Entry { state, under })
+                    Some(Entry {
+                        state,
+                        under: named.map_or(Under::Unknown, |n| under(n, key, &state, id)),
+                    })
                 })
                 .collect()
         };
-        match self
-            .names
-            .read(|generation, names| read(Some((generation, names))))
-        {
+        // The checker's view is read within the bracket: a change sets it before it is done.
+        match self.names.read(|generation, names| {
+            read(Some(Names {
+                generation,
+                names,
+                view: &self.checker.view(),
+            }))
+        }) {
             Some(entries) => (entries, true),
             None => (read(None), false),
         }
     }
+}
+
+/// The policies in force, as one change left them: the maps' generation, the global policies'
+/// names, and the checker's view (which resolves API IDs).
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    generation: u32,
+    names: &'a WireNames,
+    view: &'a PolicyView,
+}
+
+/// The policy the entry `state` of client `key` (`id`: an API ID's or the rate limit service's,
+/// in the `NAMED` maps) is under now.
+///
+/// An address's entry records the generation it was resolved at: one of another generation is
+/// unknown until its next packet resolves it. An ID's entry carries no generation: its policy
+/// is the one its last check resolved, and a reload that renumbers the config's policies (one
+/// added above it) leaves the id it holds standing for another policy until its next check. So
+/// an id of the config's is taken only if a check of that ID resolves to it now (its exact-ID
+/// policy's, else the default's), and is unknown otherwise. The rate limit service's ids are
+/// drawn from its limits, which come into force within the change (see
+/// `PolicyStore::set_service_global`); one held across a reload that moved it on a collision's
+/// path is named by what it stands for now until its next check.
+fn under(n: Names<'_>, key: &ClientKey, state: &ClientState, id: bool) -> Under {
+    let policy = state.policy();
+    let current = if id {
+        usize::from(policy) > crate::config::MAX_POLICIES || n.view.id_policy(key) == policy
+    } else {
+        state.is_current(n.generation)
+    };
+    if !current {
+        return Under::Unknown;
+    }
+    n.names.name(policy).map_or(Under::Local, Under::Global)
 }
 
 impl Datapath for Maps {
@@ -671,5 +709,71 @@ impl Datapath for Maps {
                     .then(|| std::time::Duration::from_millis(u64::from(g.silence_ms))),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use super::*;
+    use crate::{check::ClientId, config::Config, limits::policies_for_cluster};
+
+    /// An API ID's entry is named by the policy a check of it resolves to now: after a reload
+    /// that put a policy above its own (renumbering them), the id its entry still holds stands
+    /// for another global policy until its next check, and is unknown meanwhile, never taken
+    /// for that other policy (whose owner's grants would then apply to this client's checks).
+    #[test]
+    fn an_api_id_s_entry_renumbered_by_a_reload_is_unknown_until_its_next_check() {
+        let policy = |name: &str, limit: u32| {
+            format!("  - match: {name}\n    limit: {limit}\n    window: 1s\n    scope: global\n")
+        };
+        let cluster = "cluster:\n  node_id: n1\n  listen: 127.0.0.1:7201\n  peers: [\"127.0.0.1:7202\"]\n  \
+                       token_file: /run/limiter/cluster.token\n";
+        let before = Config::parse(&format!(
+            "default: {{limit: 10, window: 1s}}\n{cluster}policies:\n{}",
+            policy("tenant-a", 300)
+        ))
+        .expect("config");
+        let after = Config::parse(&format!(
+            "default: {{limit: 10, window: 1s}}\n{cluster}policies:\n{}{}",
+            policy("tenant-b", 600),
+            policy("tenant-a", 300)
+        ))
+        .expect("config");
+        let wire = |config: &Config| -> (WireNames, PolicyView) {
+            let cluster = policies_for_cluster(config, &[]);
+            (WireNames::new(&cluster.global), PolicyView::new(config))
+        };
+        let key = |id: &str| ClientId::from_str(id).expect("an ID").key();
+        let entry = |policy: u16| {
+            let mut state = ClientState::default();
+            state.set_policy(policy);
+            state
+        };
+        let (names_before, view_before) = wire(&before);
+        let (names_after, view_after) = wire(&after);
+        let at = |names, view| Names {
+            generation: 1,
+            names,
+            view,
+        };
+        let a = names_before.name(1).expect("tenant-a is global");
+        assert_eq!(names_after.name(2), Some(a), "named by content");
+        let b = names_after.name(1).expect("tenant-b is global");
+        let [ka, kb] = [key("tenant-a"), key("tenant-b")];
+        let before = at(&names_before, &view_before);
+        assert_eq!(under(before, &ka, &entry(1), true), Under::Global(a));
+        let after = at(&names_after, &view_after);
+        // Checked before the reload: policy 1, which is tenant-b's now.
+        assert_eq!(under(after, &ka, &entry(1), true), Under::Unknown);
+        // Its next check writes policy 2.
+        assert_eq!(under(after, &ka, &entry(2), true), Under::Global(a));
+        assert_eq!(under(after, &kb, &entry(1), true), Under::Global(b));
+        // An ID under the default is local.
+        assert_eq!(under(after, &key("someone"), &entry(0), true), Under::Local);
+        // The rate limit service's ids are its own (not named here: local).
+        let service = crate::rls::service::RLS_POLICY_ID;
+        assert_eq!(under(after, &ka, &entry(service), true), Under::Local);
     }
 }

@@ -275,7 +275,6 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         .open_files_limit
         .set(i64::try_from(nofile).unwrap_or(i64::MAX));
     let checker = Arc::new(Checker::new(check_program, &applied));
-    let hot_ids = checker.hot_ids();
     let limits = Arc::new(PolicyStore::new(
         tables,
         opts.config.clone(),
@@ -308,7 +307,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
     let mut tasks = served?.tasks;
     let rls_store = rls_listener.as_ref().map(|bound| Arc::clone(&bound.store));
     if let Some(bound) = rls_listener {
-        tasks.push(rls::listen::serve(bound, checker, stop_rx.clone()).await?);
+        tasks.push(rls::listen::serve(bound, checker.clone(), stop_rx.clone()).await?);
     }
     guard.serving(stop_tx);
     if let Some(listener) = metrics_listener {
@@ -343,7 +342,7 @@ pub async fn run(mut opts: AgentOptions) -> anyhow::Result<()> {
         cluster::Enrolling {
             incarnation_path,
             maps: cluster_maps,
-            hot_ids,
+            checker: checker.clone(),
             global_caps: tuner.global_caps(),
             max_global_clients: opts.max_global_clients as usize,
         },
