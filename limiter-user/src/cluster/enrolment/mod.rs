@@ -368,10 +368,10 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
-    /// Adopted grants to be written as recorded with the next writes: raises whose lease ran
-    /// past the longest this version grants, recorded shortened to it (see
-    /// [`Enrolment::adopt`]), and adopted grants whose write the datapath refused.
-    rewrite: Vec<ClientKey>,
+    /// Writes of adopted grants to make with the next writes: raises whose lease ran past the
+    /// longest this version grants, shortened to it (see [`Enrolment::adopt`]), and adopted
+    /// grants' sets that the datapath refused (recorded as unknown meanwhile).
+    rewrite: Vec<Write>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.

@@ -115,7 +115,12 @@ impl Enrolment {
             // (reporting less than the kernel holds would let the owner count it lapsed early).
             if g.until.is_some_and(|until| until > longest) {
                 g.until = Some(longest);
-                self.rewrite.push(g.client);
+                self.rewrite.push(Write::Set {
+                    client: g.client,
+                    value: g.value,
+                    until: g.until,
+                    silence: g.silence.unwrap_or(silence),
+                });
             }
             // At start, before any round (a held client's grant would be its holder's).
             if let Some(held) = self.held.get_mut(&g.client) {
@@ -258,18 +263,25 @@ impl Enrolment {
             }
             keep
         });
-        // Adopted grants as recorded (unless replaced or cleared above): raises shortened at
-        // start, and writes the datapath refused.
-        self.rewrite.sort_unstable();
-        self.rewrite.dedup();
-        for client in std::mem::take(&mut self.rewrite) {
-            if let Some(w) = self.written.get(&client).filter(|w| w.adopted) {
-                writes.push(Write::Set {
-                    client,
-                    value: w.value,
-                    until: w.until,
-                    silence: w.silence,
-                });
+        // Adopted grants' writes still to make: raises shortened at start, and sets the
+        // datapath refused, unless the grant was replaced or cleared since (above).
+        for write in std::mem::take(&mut self.rewrite) {
+            let Write::Set {
+                client,
+                value,
+                until,
+                silence,
+            } = write
+            else {
+                continue;
+            };
+            let Some(w) = self.written.get_mut(&client).filter(|w| w.adopted) else {
+                continue;
+            };
+            let unknown = w.value == u32::MAX && w.seq.is_none();
+            if unknown || (w.value, w.until, w.silence) == (value, until, silence) {
+                (w.value, w.until, w.silence) = (value, until, silence);
+                writes.push(write);
             }
         }
         writes.append(&mut sets);
@@ -313,14 +325,13 @@ impl Enrolment {
         self.unwritten += writes.len() as u64;
         self.stir(writes);
         for w in writes {
-            // An adopted grant's refused set (a shortened raise, a cap) is offered again as
-            // recorded, and the grant stays adopted: taken for unknown, the next writes would
-            // clear it while its owner may still count it.
-            if let Write::Set { client, .. } = *w
-                && self.written.get(&client).is_some_and(|g| g.adopted)
-            {
-                self.rewrite.push(client);
-                continue;
+            // An adopted grant's refused set (a shortened raise, a cap, a suspension) is
+            // unknown too, but stays adopted (cleared, it would free a grant its owner may still
+            // count), and is offered again with the next writes unless they replace it.
+            let adopted = matches!(*w, Write::Set { client, .. }
+                if self.written.get(&client).is_some_and(|g| g.adopted));
+            if adopted {
+                self.rewrite.push(*w);
             }
             self.written.insert(
                 w.client(),
@@ -329,7 +340,7 @@ impl Enrolment {
                     until: None,
                     seq: None,
                     silence: self.timing.silence(),
-                    adopted: false,
+                    adopted,
                     stamp: 0,
                 },
             );
