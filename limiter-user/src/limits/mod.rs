@@ -324,10 +324,11 @@ impl PolicyStore {
                 let report = match inner.tables.apply_diff(&applied, entries, &trie_diff) {
                     Ok(report) => report,
                     Err(e) => {
-                        if let Err(restore) = inner.tables.apply(&in_force) {
-                            tracing::error!(
+                        match inner.tables.apply(&in_force) {
+                            Ok(restored) => changing.restored(restored.generation),
+                            Err(restore) => tracing::error!(
                                 "restoring the shares in force after a failed apply: {restore}"
-                            );
+                            ),
                         }
                         return Err(e);
                     }
@@ -582,10 +583,11 @@ impl PolicyStore {
                 Ok(report) => report,
                 Err(e) => {
                     let in_force = inner.applied.clone();
-                    if let Err(restore) = inner.tables.apply(&in_force) {
-                        tracing::error!(
+                    match inner.tables.apply(&in_force) {
+                        Ok(restored) => changing.restored(restored.generation),
+                        Err(restore) => tracing::error!(
                             "restoring the policies in force after a failed apply: {restore}"
-                        );
+                        ),
                     }
                     return Err(e);
                 }

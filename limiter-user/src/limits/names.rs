@@ -30,9 +30,10 @@ impl GlobalNames {
         }
     }
 
-    /// A change is under way until the returned guard is done or dropped (then the names before
-    /// stay published: a change that failed and wrote the config before it back leaves the
-    /// maps at another generation, whose entries are then read as not current, never misnamed).
+    /// A change is under way until the returned guard is done, restored (a change that failed
+    /// and wrote the config before it back, at another generation) or dropped (then the names
+    /// before stay published at the generation before: entries resolved since are read as not
+    /// current, never misnamed).
     pub fn changing(&self) -> Changing<'_> {
         self.version.fetch_add(1, Ordering::AcqRel);
         Changing {
@@ -65,6 +66,21 @@ pub struct Changing<'a> {
 }
 
 impl Changing<'_> {
+    /// The change failed, and the maps hold the policies before it again, written anew at
+    /// generation `generation`: the names before are theirs. (Dropped instead, the change
+    /// would leave the names at the generation before, and every entry resolved since read as
+    /// not current, which enrols none of them until the next change.)
+    pub fn restored(self, generation: u32) {
+        let names = self
+            .names
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone();
+        self.done(generation, names);
+    }
+
     /// The change is in force, at maps' generation `generation`, with `names`.
     pub fn done(mut self, generation: u32, names: Arc<WireNames>) {
         *self
@@ -108,5 +124,17 @@ mod tests {
             Some(4),
             "a dropped change keeps the names"
         );
+        // A change that failed and wrote the policies before it back: the names before, at
+        // the generation they were written at.
+        let before: Arc<WireNames> = Arc::new(WireNames::new(&[crate::cluster::GlobalPolicy {
+            id: 1,
+            matches: "10.0.0.0/8".into(),
+            limit: 100,
+            window_us: 1_000_000,
+            grouping: String::new(),
+        }]));
+        names.changing().done(5, before.clone());
+        names.changing().restored(7);
+        assert_eq!(names.read(|g, n| (g, n.name(1))), Some((7, before.name(1))));
     }
 }
