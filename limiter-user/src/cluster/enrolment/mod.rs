@@ -368,10 +368,14 @@ pub struct Enrolment {
     seen_policies: HashMap<PolicyName, Option<PolicyInfo>>,
     /// Grants adopted from a previous run are kept until then, unless a holder takes over.
     adopted_until: Option<Duration>,
-    /// Writes of adopted grants to make with the next writes: raises whose lease ran past the
-    /// longest this version grants, shortened to it (see [`Enrolment::adopt`]), and adopted
-    /// grants' sets that the datapath refused (recorded as unknown meanwhile).
-    rewrite: Vec<Write>,
+    /// Adopted raises whose lease ran past the longest this version grants, to be written
+    /// shortened to it while they stay as adopted: (client, the lease pinned, the lease
+    /// shortened). See [`Enrolment::adopt`].
+    shorten: Vec<(ClientKey, Duration, Duration)>,
+    /// What `written` held, before the writes in flight, of each client they change (`None`:
+    /// nothing): the datapath's update of one client is atomic, so a refused write leaves it
+    /// holding exactly that, and [`Enrolment::unwritten`] records it again.
+    before: HashMap<ClientKey, Option<Written>>,
     /// The adaptive loop's caps on global clients (`crate::adaptive::global`): what is written
     /// for a client is at most its cap (a client held or not), and a held client's demand is
     /// reported as at most its cap.
@@ -406,7 +410,8 @@ impl Enrolment {
             written: HashMap::new(),
             seen_policies: HashMap::new(),
             adopted_until: None,
-            rewrite: Vec::new(),
+            shorten: Vec::new(),
+            before: HashMap::new(),
             caps: HashMap::new(),
             refused: 0,
             foreign: 0,

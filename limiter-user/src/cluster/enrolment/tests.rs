@@ -1511,6 +1511,67 @@ mod third_review {
         assert_eq!(node.adopted_until, Some(now + Timing::MAX_SILENCE));
     }
 
+    /// A write the maps refuse leaves them holding what they held: recorded so, an adopted cut
+    /// refused a lower cap is still the cut, and a higher cap then never raises it.
+    #[test]
+    fn a_refused_cap_leaves_the_adopted_cut_recorded_and_in_force() {
+        let mut sim = Sim::new(3, 0);
+        let now = sim.now;
+        sim.nodes[0].adopt(
+            now,
+            [PinnedGrant {
+                client: CLIENT,
+                value: 2,
+                until: None,
+                silence: None,
+            }],
+        );
+        sim.grants[0] = Some((2, None));
+        sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
+        sim.refuse = Some(0);
+        sim.step(&[5, 5, 5]);
+        assert_eq!(sim.grants[0], Some((2, None)));
+        sim.refuse = None;
+        sim.nodes[0].set_caps(HashMap::from([(CLIENT, 8)]));
+        for round in 0..5 {
+            sim.step(&[5, 5, 5]);
+            assert_eq!(sim.grants[0], Some((2, None)), "round {round}");
+        }
+    }
+
+    /// A pinned raise past the longest lease that a suspension (the node joining, or cut off)
+    /// ended is not raised again by its shortening.
+    #[test]
+    fn a_suspension_ends_a_raise_waiting_to_be_shortened() {
+        let mut sim = Sim::new(3, 0);
+        let now = sim.now;
+        let value = sim.cold() * 2;
+        sim.nodes[0].adopt(
+            now,
+            [PinnedGrant {
+                client: CLIENT,
+                value,
+                until: Some(now + Duration::from_secs(100 * 3600)),
+                silence: None,
+            }],
+        );
+        let writes = sim.nodes[0].suspend();
+        assert_eq!(
+            writes,
+            vec![Write::Set {
+                client: CLIENT,
+                value,
+                until: None,
+                silence: timing().silence(),
+            }]
+        );
+        sim.grants[0] = Some((value, None));
+        for round in 0..3 {
+            sim.step(&[0, 0, 0]);
+            assert_eq!(sim.grants[0], Some((value, None)), "round {round}");
+        }
+    }
+
     /// A raise pinned by an earlier version with a lease past the longest this version grants
     /// is shortened to it, in the maps too: its reports' `raise_left` is then one that owners
     /// take (a longer one has the whole heartbeat refused), and never less than the kernel holds.

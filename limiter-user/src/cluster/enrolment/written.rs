@@ -76,6 +76,7 @@ pub struct PinnedGrant {
 /// else, only the newer number and stamp when it holds the same enforcement.
 fn want_written(
     written: &mut HashMap<ClientKey, Written>,
+    before: &mut HashMap<ClientKey, Option<Written>>,
     sets: &mut Vec<Write>,
     client: ClientKey,
     want: Written,
@@ -93,7 +94,8 @@ fn want_written(
                 until: want.until,
                 silence: want.silence,
             });
-            written.insert(client, want);
+            let previous = written.insert(client, want);
+            before.entry(client).or_insert(previous);
         }
     }
 }
@@ -111,16 +113,11 @@ impl Enrolment {
             g.silence = g.silence.map(|s| s.min(Timing::MAX_SILENCE));
             // A lease past the longest this version grants (an earlier version's, or a hostile
             // owner's it took in) would be reported as such, and owners refuse a report whose
-            // `raise_left` is past it, with the whole heartbeat: shortened, in the maps too
-            // (reporting less than the kernel holds would let the owner count it lapsed early).
-            if g.until.is_some_and(|until| until > longest) {
-                g.until = Some(longest);
-                self.rewrite.push(Write::Set {
-                    client: g.client,
-                    value: g.value,
-                    until: g.until,
-                    silence: g.silence.unwrap_or(silence),
-                });
+            // `raise_left` is past it, with the whole heartbeat: shortened with the first
+            // writes, in the maps (recorded shortened only once they hold it: reporting less
+            // than the kernel holds would let the owner count it lapsed early).
+            if let Some(until) = g.until.filter(|&until| until > longest) {
+                self.shorten.push((g.client, until, longest));
             }
             // At start, before any round (a held client's grant would be its holder's).
             if let Some(held) = self.held.get_mut(&g.client) {
@@ -170,6 +167,9 @@ impl Enrolment {
         }
         self.stir(&writes);
         let refused = write(&writes);
+        // Shortened raises the datapath took are done; a refused one is tried again.
+        self.shorten
+            .retain(|(client, ..)| refused.iter().any(|w| w.client() == *client));
         self.unwritten(&refused);
     }
 
@@ -183,6 +183,7 @@ impl Enrolment {
         // what is written without that stamp is cleared.
         self.writes_made += 1;
         let stamp = self.writes_made;
+        self.before.clear();
         let mut sets = Vec::new();
         let mut wanted = 0;
         for (client, held) in &self.held {
@@ -200,6 +201,7 @@ impl Enrolment {
             }
             want_written(
                 &mut self.written,
+                &mut self.before,
                 &mut sets,
                 *client,
                 Written {
@@ -245,12 +247,19 @@ impl Enrolment {
                 },
             };
             wanted += 1;
-            want_written(&mut self.written, &mut sets, *client, capped);
+            want_written(
+                &mut self.written,
+                &mut self.before,
+                &mut sets,
+                *client,
+                capped,
+            );
         }
         // Clears first, so that they free room in the map before the sets take it. While
         // adopted grants are kept, only what this run wrote itself is cleared.
         let mut writes = Vec::new();
         let held = &self.held;
+        let before = &mut self.before;
         self.written.retain(|client, w| {
             // A grant is stamped QUIET only while its holder is quiet: every way out wakes it.
             debug_assert!(
@@ -260,29 +269,30 @@ impl Enrolment {
             let keep = w.stamp == stamp || w.stamp == QUIET || (keep_adopted && w.adopted);
             if !keep {
                 writes.push(Write::Clear(*client));
+                before.entry(*client).or_insert(Some(*w));
             }
             keep
         });
-        // Adopted grants' writes still to make: raises shortened at start, and sets the
-        // datapath refused, unless the grant was replaced or cleared since (above).
-        for write in std::mem::take(&mut self.rewrite) {
-            let Write::Set {
-                client,
-                value,
-                until,
-                silence,
-            } = write
+        // Adopted raises shortened, while they are as pinned (not replaced, cleared, or ended
+        // by a suspension since); one the datapath refuses stays to be shortened.
+        let shorten = std::mem::take(&mut self.shorten);
+        for (client, pinned, short) in shorten {
+            let Some(w) = self
+                .written
+                .get_mut(&client)
+                .filter(|w| w.adopted && w.until == Some(pinned))
             else {
                 continue;
             };
-            let Some(w) = self.written.get_mut(&client).filter(|w| w.adopted) else {
-                continue;
-            };
-            let unknown = w.value == u32::MAX && w.seq.is_none();
-            if unknown || (w.value, w.until, w.silence) == (value, until, silence) {
-                (w.value, w.until, w.silence) = (value, until, silence);
-                writes.push(write);
-            }
+            self.before.entry(client).or_insert(Some(*w));
+            w.until = Some(short);
+            writes.push(Write::Set {
+                client,
+                value: w.value,
+                until: w.until,
+                silence: w.silence,
+            });
+            self.shorten.push((client, pinned, short));
         }
         writes.append(&mut sets);
         writes
@@ -304,8 +314,10 @@ impl Enrolment {
     /// again; returns the writes.
     pub fn suspend(&mut self) -> Vec<Write> {
         let mut writes = Vec::new();
+        self.before.clear();
         for (client, grant) in self.written.iter_mut() {
             if grant.until.is_some() {
+                self.before.insert(*client, Some(*grant));
                 grant.until = None;
                 writes.push(Write::Set {
                     client: *client,
@@ -319,31 +331,43 @@ impl Enrolment {
         writes
     }
 
-    /// The datapath refused these writes: offer them again next round. Until one is taken the
-    /// datapath's grant is unknown, and the client's reports say none is applied.
+    /// The datapath refused these writes (of the last [`Enrolment::writes`] or
+    /// [`Enrolment::suspend`]): it holds what it held before them, recorded again, so that
+    /// reports say what is applied and the next writes offer them again (or clear what is not
+    /// wanted). A write of unknown origin leaves the client's grant unknown: reports then say
+    /// none is applied.
     pub fn unwritten(&mut self, writes: &[Write]) {
         self.unwritten += writes.len() as u64;
-        self.stir(writes);
         for w in writes {
-            // An adopted grant's refused set (a shortened raise, a cap, a suspension) is
-            // unknown too, but stays adopted (cleared, it would free a grant its owner may still
-            // count), and is offered again with the next writes unless they replace it.
-            let adopted = matches!(*w, Write::Set { client, .. }
-                if self.written.get(&client).is_some_and(|g| g.adopted));
-            if adopted {
-                self.rewrite.push(*w);
+            let client = w.client();
+            match self.before.get(&client) {
+                Some(Some(before)) => {
+                    // Its holder is woken below (`stir`), so it is quiet no more.
+                    let stamp = if before.stamp == QUIET {
+                        0
+                    } else {
+                        before.stamp
+                    };
+                    self.written.insert(client, Written { stamp, ..*before });
+                }
+                Some(None) => {
+                    self.written.remove(&client);
+                }
+                None => {
+                    self.written.insert(
+                        client,
+                        Written {
+                            value: u32::MAX,
+                            until: None,
+                            seq: None,
+                            silence: self.timing.silence(),
+                            adopted: false,
+                            stamp: 0,
+                        },
+                    );
+                }
             }
-            self.written.insert(
-                w.client(),
-                Written {
-                    value: u32::MAX,
-                    until: None,
-                    seq: None,
-                    silence: self.timing.silence(),
-                    adopted,
-                    stamp: 0,
-                },
-            );
         }
+        self.stir(writes);
     }
 }
