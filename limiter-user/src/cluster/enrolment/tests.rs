@@ -1539,6 +1539,35 @@ mod third_review {
         }
     }
 
+    /// A pinned raise past the longest lease whose first write (a cap's) is refused is still
+    /// shortened once the cap no longer replaces it: the maps never keep a lease past the
+    /// longest, which would have owners refuse this node's heartbeats.
+    #[test]
+    fn a_raise_to_shorten_behind_a_refused_cap_is_shortened_later() {
+        let mut sim = Sim::new(3, 0);
+        let now = sim.now;
+        let value = sim.cold() * 2;
+        let far = now + Duration::from_secs(100 * 3600);
+        sim.nodes[0].adopt(
+            now,
+            [PinnedGrant {
+                client: CLIENT,
+                value,
+                until: Some(far),
+                silence: None,
+            }],
+        );
+        sim.grants[0] = Some((value, Some(far)));
+        sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
+        sim.refuse = Some(0);
+        sim.step(&[0, 0, 0]);
+        assert_eq!(sim.grants[0], Some((value, Some(far))), "refused");
+        sim.refuse = None;
+        sim.nodes[0].set_caps(HashMap::new());
+        sim.step(&[0, 0, 0]);
+        assert_eq!(sim.grants[0], Some((value, Some(now + Timing::MAX_LEASE))));
+    }
+
     /// A pinned raise past the longest lease that a suspension (the node joining, or cut off)
     /// ended is not raised again by its shortening.
     #[test]

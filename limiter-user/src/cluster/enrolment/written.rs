@@ -167,10 +167,8 @@ impl Enrolment {
         }
         self.stir(&writes);
         let refused = write(&writes);
-        // Shortened raises the datapath took are done; a refused one is tried again.
-        self.shorten
-            .retain(|(client, ..)| refused.iter().any(|w| w.client() == *client));
         self.unwritten(&refused);
+        self.shortened();
     }
 
     /// The grant changes since the last call. A capped client gets at most its cap: below what
@@ -274,9 +272,9 @@ impl Enrolment {
             keep
         });
         // Adopted raises shortened, while they are as pinned (not replaced, cleared, or ended
-        // by a suspension since); one the datapath refuses stays to be shortened.
-        let shorten = std::mem::take(&mut self.shorten);
-        for (client, pinned, short) in shorten {
+        // by a suspension since). Each stays queued until the maps no longer hold it as pinned
+        // (see `flush`): a refused write, this one or one that replaced it, puts it back.
+        for &(client, pinned, short) in &self.shorten {
             let Some(w) = self
                 .written
                 .get_mut(&client)
@@ -292,7 +290,6 @@ impl Enrolment {
                 until: w.until,
                 silence: w.silence,
             });
-            self.shorten.push((client, pinned, short));
         }
         writes.append(&mut sets);
         writes
@@ -331,6 +328,17 @@ impl Enrolment {
         writes
     }
 
+    /// Forgets the raises to shorten that the maps no longer hold as pinned (shortened,
+    /// replaced or cleared).
+    fn shortened(&mut self) {
+        let written = &self.written;
+        self.shorten.retain(|(client, pinned, _)| {
+            written
+                .get(client)
+                .is_some_and(|w| w.adopted && w.until == Some(*pinned))
+        });
+    }
+
     /// The datapath refused these writes (of the last [`Enrolment::writes`] or
     /// [`Enrolment::suspend`]): it holds what it held before them, recorded again, so that
     /// reports say what is applied and the next writes offer them again (or clear what is not
@@ -338,9 +346,11 @@ impl Enrolment {
     /// none is applied.
     pub fn unwritten(&mut self, writes: &[Write]) {
         self.unwritten += writes.len() as u64;
+        // Each set of writes is answered once.
+        let before = std::mem::take(&mut self.before);
         for w in writes {
             let client = w.client();
-            match self.before.get(&client) {
+            match before.get(&client) {
                 Some(Some(before)) => {
                     // Its holder is woken below (`stir`), so it is quiet no more.
                     let stamp = if before.stamp == QUIET {
