@@ -448,12 +448,7 @@ impl LiveBench {
     /// did on 2026-12-07, where 6.18.44-fc-v1147 took it. The probe sends nothing: the
     /// generator has no sources to send from yet, and aborts. Any other failure is an error.
     pub fn live_frames_refused(&self) -> Result<Option<String>> {
-        let prog: &Xdp = self
-            .generator
-            .program("live_gen")
-            .context("no program live_gen")?
-            .try_into()?;
-        let fd = prog.fd()?.as_fd();
+        let fd = self.generator_fd()?;
         let (frame, ifindex) = (&self.frame, self.sender_ifindex);
         let sent = in_netns(&self.net.sender_ns, || {
             datapath::syscall::prog_test_run_live(fd, frame, ifindex, 1)
@@ -475,14 +470,19 @@ impl LiveBench {
         }
     }
 
-    /// Runs the generator on [`GENERATOR_CPU`] in the sender namespace for `time`.
-    fn generate(&self, time: Duration) -> Result<()> {
+    /// The generator program's descriptor.
+    fn generator_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
         let prog: &Xdp = self
             .generator
             .program("live_gen")
             .context("no program live_gen")?
             .try_into()?;
-        let fd = prog.fd()?.as_fd();
+        Ok(prog.fd()?.as_fd())
+    }
+
+    /// Runs the generator on [`GENERATOR_CPU`] in the sender namespace for `time`.
+    fn generate(&self, time: Duration) -> Result<()> {
+        let fd = self.generator_fd()?;
         let (frame, ifindex) = (&self.frame, self.sender_ifindex);
         in_netns(&self.net.sender_ns, || -> Result<()> {
             pin_to_cpu(GENERATOR_CPU)?;

@@ -219,6 +219,19 @@ impl Sim {
         }
     }
 
+    /// Node 0 starts on maps a previous run left holding the grant `(value, until)` for the
+    /// client, with no silence limit recorded.
+    fn adopt_pinned(&mut self, value: u32, until: Option<Duration>) {
+        let pinned = PinnedGrant {
+            client: self.client,
+            value,
+            until,
+            silence: None,
+        };
+        self.nodes[0].adopt(self.now, [pinned]);
+        self.grants[0] = Some((value, until));
+    }
+
     /// What node `i`'s maps hold for `client`, as a restarted agent finds it pinned.
     fn pinned(&self, i: usize, client: ClientKey) -> Option<PinnedGrant> {
         self.grants[i].map(|(value, until)| PinnedGrant {
@@ -1246,17 +1259,7 @@ fn an_adaptive_cap_on_a_client_not_enrolled_is_a_cut_of_its_own() {
 #[test]
 fn an_adaptive_cap_never_raises_an_adopted_cut() {
     let mut sim = Sim::new(3, 0);
-    let now = sim.now;
-    sim.nodes[0].adopt(
-        now,
-        [PinnedGrant {
-            client: CLIENT,
-            value: 2,
-            until: None,
-            silence: None,
-        }],
-    );
-    sim.grants[0] = Some((2, None));
+    sim.adopt_pinned(2, None);
     sim.nodes[0].set_caps(HashMap::from([(CLIENT, 8)]));
     for round in 0..10 {
         sim.step(&[5, 5, 5]);
@@ -1516,17 +1519,7 @@ mod third_review {
     #[test]
     fn a_refused_cap_leaves_the_adopted_cut_recorded_and_in_force() {
         let mut sim = Sim::new(3, 0);
-        let now = sim.now;
-        sim.nodes[0].adopt(
-            now,
-            [PinnedGrant {
-                client: CLIENT,
-                value: 2,
-                until: None,
-                silence: None,
-            }],
-        );
-        sim.grants[0] = Some((2, None));
+        sim.adopt_pinned(2, None);
         sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
         sim.refuse = Some(0);
         sim.step(&[5, 5, 5]);
@@ -1548,16 +1541,7 @@ mod third_review {
         let now = sim.now;
         let value = sim.cold() * 2;
         let far = now + Duration::from_secs(100 * 3600);
-        sim.nodes[0].adopt(
-            now,
-            [PinnedGrant {
-                client: CLIENT,
-                value,
-                until: Some(far),
-                silence: None,
-            }],
-        );
-        sim.grants[0] = Some((value, Some(far)));
+        sim.adopt_pinned(value, Some(far));
         sim.nodes[0].set_caps(HashMap::from([(CLIENT, 1)]));
         sim.refuse = Some(0);
         sim.step(&[0, 0, 0]);
@@ -1575,15 +1559,7 @@ mod third_review {
         let mut sim = Sim::new(3, 0);
         let now = sim.now;
         let value = sim.cold() * 2;
-        sim.nodes[0].adopt(
-            now,
-            [PinnedGrant {
-                client: CLIENT,
-                value,
-                until: Some(now + Duration::from_secs(100 * 3600)),
-                silence: None,
-            }],
-        );
+        sim.adopt_pinned(value, Some(now + Duration::from_secs(100 * 3600)));
         let writes = sim.nodes[0].suspend();
         assert_eq!(
             writes,
@@ -1610,14 +1586,7 @@ mod third_review {
         let now = sim.now;
         let far = now + Duration::from_secs(100 * 3600);
         let value = sim.cold() * 2;
-        let pinned = PinnedGrant {
-            client: CLIENT,
-            value,
-            until: Some(far),
-            silence: None,
-        };
-        sim.nodes[0].adopt(now, [pinned]);
-        sim.grants[0] = Some((value, Some(far)));
+        sim.adopt_pinned(value, Some(far));
         // A refused write is offered again as it was, and the adopted grant is not cleared.
         sim.refuse = Some(0);
         sim.step(&[0, 0, 0]);
@@ -1630,13 +1599,7 @@ mod third_review {
         // A lease within it is kept as it was, with nothing written.
         let mut sim = Sim::new(3, 0);
         let until = sim.now + Duration::from_secs(1);
-        sim.nodes[0].adopt(
-            sim.now,
-            [PinnedGrant {
-                until: Some(until),
-                ..pinned
-            }],
-        );
+        sim.adopt_pinned(value, Some(until));
         sim.grants[0] = None;
         sim.step(&[0, 0, 0]);
         assert_eq!(sim.grants[0], None, "rewritten");
