@@ -1,4 +1,4 @@
-//! The live-traffic benchmark (`live-bench`, tests/src/bench/live.rs) on one tiny round: the
+//! The live-traffic benchmark (`live-bench`, tests/src/bench/live/) on one tiny round: the
 //! generator's frames reach the receiver, and every receiver drops what its limit says. Needs
 //! root; counts only, never times.
 

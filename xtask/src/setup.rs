@@ -45,7 +45,7 @@ const APT_PACKAGES: &[&str] = &[
     // `systemd-analyze verify` of the units (tests/tests/deploy.rs); Debian's systemd has it.
     "systemd",
     // `nft`: the live-traffic benchmark's baseline, an nftables per-source meter
-    // (tests/src/bench/live.rs).
+    // (tests/src/bench/live/).
     "nftables",
     // libfaketime: tests/tests/cluster.rs runs agents with their wall clock seconds and an hour
     // ahead.
