@@ -14,7 +14,7 @@ use limiter_common::{ClientState, Grant, addr::ClientKey};
 
 use crate::{
     api::auth::read_token,
-    check::{Checker, HotIds, PolicyView},
+    check::{Checker, PolicyView},
     cluster::{
         ClusterPolicies, PolicyName, WireNames,
         config::ClusterConfig,
@@ -363,7 +363,6 @@ impl Member {
         let sink = sink(limits, &self.counters, &prepared);
         prepared.node.set_datapath(Box::new(Maps {
             maps: self.maps.clone(),
-            hot_ids: self.checker.hot_ids(),
             checker: self.checker.clone(),
             caps: self.global_caps.clone(),
             caps_seen: 0,
@@ -558,8 +557,7 @@ pub struct Enrolling {
 /// Enrolment's view of the agent's maps.
 struct Maps {
     maps: Arc<Mutex<ClusterMaps>>,
-    hot_ids: Arc<HotIds>,
-    /// Resolves API IDs to their policies (see [`under`]).
+    /// The API IDs that checks found hot, and the policies IDs resolve to (see [`under`]).
     checker: Arc<Checker>,
     caps: Arc<crate::adaptive::GlobalCaps>,
     /// The version of `caps` last handed to enrolment.
@@ -656,7 +654,7 @@ impl Datapath for Maps {
                 hot.extend(maps.limited());
             }
         }
-        hot.extend(self.hot_ids.take());
+        hot.extend(self.checker.hot_ids().take());
         // Once each: a client over its limit for long is reported again and again (paced),
         // and each notice costs the round a lookup in every client map.
         hot.sort_unstable();

@@ -69,10 +69,15 @@ impl RlsStore {
     /// The cluster's global limits the rules in force make (none unless `--rls-scope global`;
     /// see [`RlsConfig::global_policies`]).
     pub fn global_policies(&self) -> Vec<crate::cluster::GlobalPolicy> {
+        self.global_policies_of(&self.current())
+    }
+
+    /// The cluster's global limits `config`'s rules make here.
+    fn global_policies_of(&self, config: &RlsConfig) -> Vec<crate::cluster::GlobalPolicy> {
         if !self.global {
             return Vec::new();
         }
-        self.current().global_policies()
+        config.global_policies()
     }
 
     /// The hit counters of the rules in force.
@@ -160,10 +165,7 @@ impl Reread {
     /// The cluster's global limits its rules make under `--rls-scope global` (see
     /// [`RlsStore::global_policies`]).
     pub fn global_policies(&self, store: &RlsStore) -> Vec<crate::cluster::GlobalPolicy> {
-        if !store.global {
-            return Vec::new();
-        }
-        self.config.global_policies()
+        store.global_policies_of(&self.config)
     }
 }
 

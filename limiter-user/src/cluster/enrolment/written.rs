@@ -61,6 +61,14 @@ pub(super) struct Written {
     stamp: u64,
 }
 
+impl Written {
+    /// Adopted, and still with the lease it was pinned with (`until`): not replaced, cleared
+    /// or ended by a suspension since.
+    fn as_pinned(&self, until: Duration) -> bool {
+        self.adopted && self.until == Some(until)
+    }
+}
+
 /// A grant the maps held at start (a previous run's, pinned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinnedGrant {
@@ -278,7 +286,7 @@ impl Enrolment {
             let Some(w) = self
                 .written
                 .get_mut(&client)
-                .filter(|w| w.adopted && w.until == Some(pinned))
+                .filter(|w| w.as_pinned(pinned))
             else {
                 continue;
             };
@@ -333,9 +341,7 @@ impl Enrolment {
     fn shortened(&mut self) {
         let written = &self.written;
         self.shorten.retain(|(client, pinned, _)| {
-            written
-                .get(client)
-                .is_some_and(|w| w.adopted && w.until == Some(*pinned))
+            written.get(client).is_some_and(|w| w.as_pinned(*pinned))
         });
     }
 
