@@ -848,7 +848,12 @@ async fn a_decommissioned_member_is_forgotten_on_each_agent() {
     assert_eq!(s.agreed_members, 3, "n2 reports three: {s:?}");
     assert!(!s.views_agree);
     assert_eq!(shares[0].load(Ordering::SeqCst), 13);
-    // Silent past the delay on n2 too: forgotten there at once.
+    // Silent past the delay on n2 too (n2 may have heard n3 last a little after n1 did: it
+    // lists n3 until then), then forgotten there at once.
+    wait_for("n3 silent past the forget delay on n2", || {
+        !nodes[1].status().peers.iter().any(|p| p.node_id == "n3")
+    })
+    .await;
     let forgotten = nodes[1].forget(&n3).expect("forget on n2");
     assert_eq!(
         (forgotten.was_learned, forgotten.members_after),
