@@ -732,16 +732,19 @@ impl ClusterSource for MemberFigures {
 /// Re-reads the rate limit service's config (`force`: even if its files did not change) and
 /// hands the global limits of its rules to the policies, which put it in force with them (see
 /// [`PolicyStore::set_service_global`]); if the maps refuse them, the config in force stays and
-/// the files are read again at the next poll.
+/// the files are read again when they change, or on SIGHUP.
 fn reload_service(limits: &PolicyStore, rls: &rls::RlsStore, force: bool) {
     let Some(reread) = rls.reread(force) else {
         return;
     };
     let global = reread.global_policies(rls);
+    let fingerprint = reread.fingerprint();
     if let Err(e) = limits.set_service_global(global, || rls.install(reread)) {
+        rls.refused(fingerprint);
         tracing::error!(
             "the rate limit service's limits across the cluster were not applied: {}; its \
-             config in force stays in force",
+             config in force stays in force (its files are read again when they change, or on \
+             SIGHUP)",
             crate::error_chain(&e)
         );
     }

@@ -152,6 +152,14 @@ impl RlsStore {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
     }
+
+    /// The maps refused the global limits of a config [`RlsStore::reread`] returned (their
+    /// fingerprint: [`Reread::fingerprint`]): the config in force stays, and the files are read
+    /// again only when they change, or on SIGHUP, as a config that does not load is; not at
+    /// every poll (each would parse them again and log the refusal again).
+    pub fn refused(&self, fingerprint: Option<u64>) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+    }
 }
 
 /// A config [`RlsStore::reread`] loaded, not in force yet.
@@ -166,6 +174,12 @@ impl Reread {
     /// [`RlsStore::global_policies`]).
     pub fn global_policies(&self, store: &RlsStore) -> Vec<crate::cluster::GlobalPolicy> {
         store.global_policies_of(&self.config)
+    }
+
+    /// The files' fingerprint, if they did not change while they were read (for
+    /// [`RlsStore::refused`]).
+    pub fn fingerprint(&self) -> Option<u64> {
+        self.fingerprint
     }
 }
 

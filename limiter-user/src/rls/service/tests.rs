@@ -964,6 +964,47 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
     assert_eq!(store.current().limits.len(), 1023);
 }
 
+/// A config whose global limits the maps refused stays out of force and is not read again at
+/// every poll: only once its files change, or on SIGHUP (`force`).
+#[test]
+fn a_config_the_maps_refused_is_read_again_when_it_changes_or_on_sighup() {
+    let dir = tempfile::Builder::new()
+        .prefix("limiter-rls-refused-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("rls.yaml");
+    let config = |per_second: u32| {
+        format!(
+            "domain: web\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: second, \
+             requests_per_unit: {per_second} }}\n"
+        )
+    };
+    std::fs::write(&path, config(5)).unwrap();
+    let store = RlsStore::load(path.clone(), Arc::new(hits::RlsHits::new(10)), true).unwrap();
+    let limits = |store: &RlsStore| store.current().limits.clone();
+    let before = limits(&store);
+    std::fs::write(&path, config(6)).unwrap();
+    let reread = store.reread(false).expect("changed files are read");
+    assert!(reread.fingerprint().is_some(), "settled while read");
+    store.refused(reread.fingerprint());
+    assert!(
+        store.reread(false).is_none(),
+        "the same files are not read again at the next poll"
+    );
+    assert_eq!(limits(&store), before, "the config in force stays");
+    let again = store.reread(true).expect("SIGHUP reads them again");
+    store.refused(again.fingerprint());
+    std::fs::write(&path, config(7)).unwrap();
+    let changed = store.reread(false).expect("files changed since are read");
+    store.install(changed);
+    assert_ne!(
+        limits(&store),
+        before,
+        "and put in force once the maps take them"
+    );
+    assert!(store.reread(false).is_none(), "then not read again");
+}
+
 /// Each limited descriptor's hits are counted in its rule's series as its status says:
 /// within or over the limit, near it, let through by shadow mode; in a refused request the
 /// descriptor that fitted counts within (nothing spent), and a descriptor no rule limits is not
