@@ -369,6 +369,7 @@ impl Member {
             primed: false,
             names: limits.global_names(),
             unnamed: Vec::new(),
+            deferred: Deferred::default(),
             max_unnamed: self.max_global_clients,
         }));
         let tasks = prepared.node.run(prepared.listener, sink, stop_rx);
@@ -569,8 +570,54 @@ struct Maps {
     names: Arc<GlobalNames>,
     /// Hot notices read while the policies changed, named at the next round.
     unnamed: Vec<ClientKey>,
-    /// Most of them kept.
+    /// Hot notices whose entry was under no policy known yet, read again at the next rounds.
+    deferred: Deferred,
+    /// Most of either kept.
     max_unnamed: usize,
+}
+
+/// The rounds a hot notice whose entry is under no policy known yet ([`Under::Unknown`]: one
+/// resolved before a reload, an ID's renumbered by it) is read again before it is dropped: by
+/// then a packet or check of the client has resolved it, if it still comes. A client that stays
+/// hot is reported again anyway (a crossing per window, paced denials); this only saves it the
+/// wait.
+const DEFERRED_ROUNDS: u8 = 20;
+
+/// Hot notices whose entry was under no policy known yet, each with the rounds it was read in.
+#[derive(Debug, Default)]
+struct Deferred(std::collections::HashMap<ClientKey, u8>);
+
+impl Deferred {
+    /// The clients to read again this round.
+    fn clients(&self) -> impl Iterator<Item = ClientKey> + '_ {
+        self.0.keys().copied()
+    }
+
+    /// Sorts the notices read this round (each client once, with the policy its entry is under,
+    /// `None` without an entry): those under a global policy are returned; those under no
+    /// policy known yet are kept for the next round, each for [`DEFERRED_ROUNDS`] rounds in all
+    /// and at most `max` of them; the rest are dropped.
+    fn sort(
+        &mut self,
+        notices: impl IntoIterator<Item = (ClientKey, Option<Under>)>,
+        max: usize,
+    ) -> Vec<(ClientKey, PolicyName)> {
+        let before = std::mem::take(&mut self.0);
+        let mut hot = Vec::new();
+        for (client, under) in notices {
+            match under {
+                Some(Under::Global(policy)) => hot.push((client, policy)),
+                Some(Under::Unknown) => {
+                    let rounds = before.get(&client).copied().unwrap_or(0) + 1;
+                    if rounds < DEFERRED_ROUNDS && self.0.len() < max {
+                        self.0.insert(client, rounds);
+                    }
+                }
+                Some(Under::Local) | None => {}
+            }
+        }
+        hot
+    }
 }
 
 impl Maps {
@@ -655,24 +702,24 @@ impl Datapath for Maps {
             }
         }
         hot.extend(self.checker.hot_ids().take());
+        hot.extend(self.deferred.clients());
         // Once each: a client over its limit for long is reported again and again (paced),
         // and each notice costs the round a lookup in every client map.
         hot.sort_unstable();
         hot.dedup();
         let (entries, named) = self.read(&hot);
         if !named {
-            // Named at the next round (at most --max-global-clients of them are kept).
+            // Named at the next round (at most --max-global-clients of them are kept), the
+            // deferred ones among them with their rounds.
             hot.truncate(self.max_unnamed);
             self.unnamed = hot;
             return Vec::new();
         }
-        hot.into_iter()
+        let notices = hot
+            .into_iter()
             .zip(entries)
-            .filter_map(|(client, entry)| match entry?.under {
-                Under::Global(policy) => Some((client, policy)),
-                _ => None,
-            })
-            .collect()
+            .map(|(client, entry)| (client, entry.map(|e| e.under)));
+        self.deferred.sort(notices, self.max_unnamed)
     }
 
     fn entries(&mut self, clients: &[ClientKey]) -> Vec<Option<Entry>> {
@@ -716,6 +763,53 @@ mod tests {
 
     use super::*;
     use crate::{check::ClientId, config::Config, limits::policies_for_cluster};
+
+    /// A hot notice whose entry is under no policy known yet is read again at the next rounds,
+    /// and taken up once its entry is resolved; a bounded number of rounds, and of notices.
+    #[test]
+    fn a_hot_notice_under_no_known_policy_is_read_again_for_a_while() {
+        let key = |i: u8| -> ClientKey { [i; 16] };
+        let policy: PolicyName = 7;
+        let mut deferred = Deferred::default();
+        let hot = deferred.sort(
+            [
+                (key(1), Some(Under::Unknown)),
+                (key(2), Some(Under::Global(policy))),
+                (key(3), Some(Under::Local)),
+                (key(4), None),
+                (key(5), Some(Under::Unknown)),
+            ],
+            16,
+        );
+        assert_eq!(hot, vec![(key(2), policy)]);
+        let mut again: Vec<ClientKey> = deferred.clients().collect();
+        again.sort_unstable();
+        assert_eq!(again, vec![key(1), key(5)], "the unknown ones, read again");
+        // Resolved by its next packet: taken up; the other stays unknown.
+        let hot = deferred.sort(
+            [
+                (key(1), Some(Under::Global(policy))),
+                (key(5), Some(Under::Unknown)),
+            ],
+            16,
+        );
+        assert_eq!(hot, vec![(key(1), policy)]);
+        assert_eq!(deferred.clients().collect::<Vec<_>>(), vec![key(5)]);
+        // Dropped after DEFERRED_ROUNDS rounds in all.
+        for _ in 2..DEFERRED_ROUNDS {
+            assert!(deferred.clients().any(|c| c == key(5)));
+            assert!(
+                deferred
+                    .sort([(key(5), Some(Under::Unknown))], 16)
+                    .is_empty()
+            );
+        }
+        assert_eq!(deferred.clients().count(), 0, "dropped");
+        // At most `max` kept.
+        let many = (10..20).map(|i| (key(i), Some(Under::Unknown)));
+        assert!(deferred.sort(many, 4).is_empty());
+        assert_eq!(deferred.clients().count(), 4);
+    }
 
     /// An API ID's entry is named by the policy a check of it resolves to now: after a reload
     /// that put a policy above its own (renumbering them), the id its entry still holds stands
