@@ -123,6 +123,28 @@ impl Outgoing {
         merge_by(&mut self.grants, newer.grants, |g| g.client);
     }
 
+    /// Puts back messages [`Outgoing::take`] took out that did not go through (the heartbeat
+    /// that carried them got no answer): in front of those waiting, as they waited longer,
+    /// except for a client whose newer message waits already (it says all the older said).
+    /// Sending one twice is harmless: the other side takes a report or grant message only if
+    /// it is newer than its client's last.
+    pub fn put_back(&mut self, unsent: Outgoing) {
+        fn put_back_by<T>(waiting: &mut Vec<T>, unsent: Vec<T>, client: impl Fn(&T) -> ClientKey) {
+            if unsent.is_empty() {
+                return;
+            }
+            let newer: std::collections::HashSet<ClientKey> = waiting.iter().map(&client).collect();
+            let mut all: Vec<T> = unsent
+                .into_iter()
+                .filter(|m| !newer.contains(&client(m)))
+                .collect();
+            all.append(waiting);
+            *waiting = all;
+        }
+        put_back_by(&mut self.reports, unsent.reports, |r| r.client);
+        put_back_by(&mut self.grants, unsent.grants, |g| g.client);
+    }
+
     /// Takes out the `most` reports and `most` grant messages that waited longest.
     pub fn take(&mut self, most: usize) -> Outgoing {
         let reports = self.reports.len().min(most);

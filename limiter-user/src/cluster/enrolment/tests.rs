@@ -309,9 +309,10 @@ fn a_member_without_news_sends_keepalives_only() {
     );
 }
 
-/// The outbox: the newest entry per client, in the order they first waited.
+/// The outbox: the newest entry per client, in the order they first waited; what a heartbeat
+/// without an answer carried goes back in front.
 #[test]
-fn an_outbox_keeps_the_newest_entry_per_client_in_order() {
+fn an_outbox_keeps_the_newest_entry_per_client_in_order_and_takes_back_the_unsent() {
     let report = |client: u8, seq: u64| ReportMsg {
         client: [client; 16],
         policy: 1,
@@ -342,6 +343,24 @@ fn an_outbox_keeps_the_newest_entry_per_client_in_order() {
     assert!(!waiting.is_empty());
     waiting.take(2);
     assert!(waiting.is_empty());
+    // A heartbeat that got no answer: what it carried goes back in front, unless newer state
+    // of its client waits already.
+    waiting.merge(Outgoing {
+        reports: vec![report(2, 3), report(4, 3)],
+        grants: Vec::new(),
+    });
+    waiting.put_back(first);
+    assert_eq!(
+        waiting.reports,
+        vec![report(1, 2), report(2, 3), report(4, 3)],
+        "client 1's report put back first, client 2's superseded by its newer one"
+    );
+    let mut empty = Outgoing::default();
+    empty.put_back(Outgoing {
+        reports: vec![report(5, 1)],
+        grants: Vec::new(),
+    });
+    assert_eq!(empty.reports, vec![report(5, 1)]);
 }
 
 #[test]

@@ -302,12 +302,13 @@ fn used(entry: &ClientState, now: Duration) -> u32 {
 
 /// Puts the enrolment messages waiting for `node` into a heartbeat to it: at most
 /// [`MAX_CLIENTS_PER_MESSAGE`] reports and as many grants, those that waited longest; the rest
-/// wait for the next heartbeat (newer state replacing theirs meanwhile).
-pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) {
+/// wait for the next heartbeat (newer state replacing theirs meanwhile). Returns those put in,
+/// for [`put_back_outgoing`] if the heartbeat gets no answer.
+pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) -> Outgoing {
     let out = {
         let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         let Some(waiting) = outbox.get_mut(node) else {
-            return;
+            return Outgoing::default();
         };
         let out = waiting.take(MAX_CLIENTS_PER_MESSAGE);
         if waiting.is_empty() {
@@ -316,6 +317,21 @@ pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat
         out
     };
     (heartbeat.reports, heartbeat.grants) = to_wire(&out);
+    out
+}
+
+/// Puts the messages of a heartbeat to `node` that got no answer (a timeout, a broken
+/// connection) back in its outbox, to wait for the next one (see [`Outgoing::put_back`]): a
+/// round sends news only once, so they would otherwise be lost until the next recount. Not
+/// for a heartbeat the peer refused: it would refuse them again.
+pub fn put_back_outgoing(shared: &Shared, node: &NodeId, unsent: Outgoing) {
+    if unsent.is_empty() {
+        return;
+    }
+    // As if the heartbeat were still in flight: the next round keeps them only for a member,
+    // and only while it splits (see `round`).
+    let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+    outbox.entry(node.clone()).or_default().put_back(unsent);
 }
 
 /// Outbox entries as heartbeat fields.

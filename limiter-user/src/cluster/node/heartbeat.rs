@@ -21,7 +21,9 @@ use super::{
 };
 use crate::{
     cluster::{
+        NodeId,
         config::PeerAddr,
+        enrolment::Outgoing,
         membership::{Heard, Membership, Phase, Refusal, ShareView},
     },
     proto::cluster::peer_client::PeerClient,
@@ -256,10 +258,18 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
             state.membership.endpoint_node(addr).cloned(),
         )
     };
+    let mut carried = None;
     if let Some(node) = node {
         request.to_node_id = node.to_string();
-        enrolment::attach_outgoing(shared, &node, &mut request);
+        let out = enrolment::attach_outgoing(shared, &node, &mut request);
+        carried = Some((node, out));
     }
+    // No answer (a timeout, a broken connection): what it carried waits for the next one.
+    let unanswered = |carried: Option<(NodeId, Outgoing)>| {
+        if let Some((node, out)) = carried {
+            enrolment::put_back_outgoing(shared, &node, out);
+        }
+    };
     let traffic = &shared.traffic;
     Traffic::add(&traffic.bytes_sent, request.encoded_len());
     // Half of peer_timeout: one stalled call (a lost SYN) leaves room for another within it.
@@ -293,10 +303,12 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
         Ok(Err(status)) => {
             tracing::debug!(%addr, "cluster heartbeat: {}", status.message());
             Traffic::add(&traffic.heartbeats_failed, 1);
+            unanswered(carried);
             return;
         }
         Err(_) => {
             Traffic::add(&traffic.heartbeats_failed, 1);
+            unanswered(carried);
             return;
         }
     };
