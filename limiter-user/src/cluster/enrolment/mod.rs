@@ -265,6 +265,8 @@ struct Held {
     samples: VecDeque<(Duration, u64)>,
     /// The policy's window as of the last round (`None`: no round yet).
     window: Option<Duration>,
+    /// The policy's cold share here as of the last round (`None`: no round yet).
+    cold: Option<u32>,
     demand: u32,
     /// What the client's sliding window here counted as admitted at the newest sample.
     used: u32,
@@ -486,6 +488,7 @@ impl Enrolment {
                 holder: Holder::numbered_from(self.timing, first),
                 samples: VecDeque::new(),
                 window: None,
+                cold: None,
                 demand: 0,
                 used: 0,
                 attached_at: now,
@@ -557,11 +560,13 @@ impl Enrolment {
         self.held.get(client).map(|h| h.policy)
     }
 
-    /// Stops holding `client` (its entry is under another policy now): its grant is cleared at
-    /// the next write, and it is back to the share its entry's policy gives.
-    pub fn let_go(&mut self, client: &ClientKey) {
+    /// Stops holding `client` (its entry is under another policy now, after a reload): a raise
+    /// is cleared at the next write, and it is back to the share its entry's policy gives; a
+    /// cut stays for its silence limit from `now` (see [`written::keep_cut`]).
+    pub fn let_go(&mut self, client: &ClientKey, now: Duration) {
         if let Some(mut held) = self.held.remove(client) {
             written::wake(&mut held, &mut self.written, client);
+            written::keep_cut(&mut self.written, client, held.cold, now);
         }
     }
 

@@ -63,10 +63,14 @@ impl Enrolment {
                 .entry(held.policy)
                 .or_insert_with(|| info(held.policy));
             let Some(policy) = policy else {
+                // A reload here dropped or changed its policy: its owner may not have that
+                // reload yet, and counts a cut it acknowledged until this node is silent.
+                written::keep_cut(&mut self.written, client, held.cold, now);
                 dropped.push(*client);
                 continue;
             };
             held.window = Some(policy.window);
+            held.cold = Some(policy.cold);
             held.demand = demand(&held.samples, now, policy.window);
             if let Some(&cap) = self.caps.get(client) {
                 // What this node would admit of more: the owner gives the rest to others.
@@ -191,7 +195,9 @@ impl Enrolment {
                     owned.ledger.release();
                 }
             }
-            // A reload changed L: the ledger's budget is the old one; release and start afresh.
+            // The ledger's budget is another L: release and start afresh. (In the agent a
+            // policy's name is its content, so a reload that changes L renames the policy and
+            // the ledger is closed above; this holds for callers whose names outlive L.)
             if policy.limit != owned.ledger.limit() {
                 owned.ledger.release();
             }

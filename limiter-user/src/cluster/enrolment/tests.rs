@@ -69,6 +69,10 @@ struct Sim {
     /// lasts while the node's rate stays above 0 (`None`: a notice every round over the cold
     /// share).
     episodes: Option<Vec<bool>>,
+    /// Nodes whose config no longer has the client's global policy (a rolling reload that
+    /// changed it reached them): they know nothing of it, and take no message of it in. The
+    /// client's entry there is under the changed policy, whose limit and share are the same.
+    reloaded: Vec<bool>,
 }
 
 const CLIENT: ClientKey = [7; 16];
@@ -97,6 +101,7 @@ impl Sim {
             limit: L,
             client: CLIENT,
             episodes: None,
+            reloaded: vec![false; n],
         }
     }
 
@@ -147,16 +152,19 @@ impl Sim {
             agreed_members: members.len() as u32,
             agreed: true,
         };
+        self.reloaded.resize(self.members.len(), false);
+        let reloaded = self.reloaded.clone();
+        let info_at = |i: usize| (!reloaded[i]).then_some(info);
         // Deliver what was sent last round.
         for (from, to, out) in std::mem::take(&mut self.in_flight) {
             if self.dead == Some(to) {
                 continue;
             }
             for msg in out.reports {
-                self.nodes[to].receive_report(self.now, &view, &members[from], msg, Some(info));
+                self.nodes[to].receive_report(self.now, &view, &members[from], msg, info_at(to));
             }
             for msg in out.grants {
-                self.nodes[to].receive_grant(self.now, &view, &members[from], msg, Some(info));
+                self.nodes[to].receive_grant(self.now, &view, &members[from], msg, info_at(to));
             }
         }
         for (i, node) in self.nodes.iter_mut().enumerate() {
@@ -167,7 +175,8 @@ impl Sim {
             self.counts[i] += u64::from(rates[i]) * ROUND.as_millis() as u64;
             // A node sees its client hot once it sends 0.8 of the cold share (the programs'
             // `hot_count`) or more.
-            let over = is_hot(rates[i], info.cold);
+            // Under the changed policy, which enrols nobody while the members' views differ.
+            let over = is_hot(rates[i], info.cold) && !reloaded[i];
             match &mut self.episodes {
                 None if over => node.hot(self.now, &view, self.client, 1),
                 None => {}
@@ -182,7 +191,7 @@ impl Sim {
             let refuse = self.refuse == Some(i);
             let grant = &mut self.grants[i];
             let kept = &mut self.silences[i];
-            let out = node.round_writing(self.now, &view, &|_| Some(info), &mut |writes| {
+            let out = node.round_writing(self.now, &view, &|_| info_at(i), &mut |writes| {
                 if refuse {
                     return writes.to_vec();
                 }
@@ -1343,8 +1352,8 @@ fn caps_fit_in_the_capacity_and_clears_come_before_sets() {
 /// A member the client sends nothing to, holding a steady cut, is passed by until its keepalive
 /// (its rounds cost nothing for it); and woken by whatever changes what it must report or
 /// write: a new lease timing, a cap, a reload of its policy, a write the datapath refused
-/// (offered again every round), a let-go (its grant is cleared at once, not at the
-/// keepalive).
+/// (offered again every round), a let-go (its cut is kept for its silence limit, then cleared
+/// at once, not at the keepalive).
 #[test]
 fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
     let (mut sim, _, quiet, rates) = one_member_busy();
@@ -1439,9 +1448,18 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
         node.held[&CLIENT].quiet_until.is_some(),
         "quiet once written"
     );
-    // Let go while quiet: its grant is cleared by the next writes.
-    node.let_go(&CLIENT);
-    let writes = round(node, info, false);
+    // Let go while quiet (a reload put its entry under another policy): the cut it holds
+    // stays written for the silence limit it holds it under (its owner, which may not have
+    // that reload yet, counts it until then), then the next writes clear it.
+    let silence = node.written[&CLIENT].silence;
+    assert!(node.written[&CLIENT].value < info.cold, "a cut");
+    node.let_go(&CLIENT, now);
+    assert!(round(node, info, false).is_empty(), "kept");
+    let mut writes = Vec::new();
+    node.round_writing(now + silence, &view, &|_| Some(info), &mut |w| {
+        writes.extend_from_slice(w);
+        Vec::new()
+    });
     assert_eq!(writes, vec![Write::Clear(CLIENT)]);
     assert!(!node.written.contains_key(&CLIENT));
 }
@@ -1791,5 +1809,87 @@ mod third_review {
             sim.enforced(3) > sim.cold(),
             "the new owner raises itself in the end"
         );
+    }
+}
+
+/// A rolling reload that changes a global policy (any edit renames it: its name is its
+/// content), found by a fourth independent review: the members that have the change drop the
+/// client under the old name, those that do not go on under it.
+mod rolling_reload {
+    use super::*;
+
+    /// Three members, the owner busy (72 of 90 a window): the owner raised, the others cut.
+    fn owner_raised() -> (Sim, usize, [u32; 3]) {
+        let mut sim = Sim::new(3, 0);
+        let o = sim.owner_index();
+        let mut rates = [4; 3];
+        rates[o] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(o) > sim.cold(), "the owner is raised");
+        for i in (0..3).filter(|&i| i != o) {
+            assert!(sim.enforced(i) < sim.cold(), "member {i} is cut");
+        }
+        (sim, o, rates)
+    }
+
+    /// A member reloads first: the owner, which has not, counts the cut it acknowledged until
+    /// that member has been silent for the silence limit, and keeps itself raised by it. The
+    /// member keeps its cut as long (back at the cold share at once, the three admitted 36 of
+    /// 30), then clears it.
+    #[test]
+    fn a_member_that_reloads_first_keeps_its_cut_while_the_owner_counts_it() {
+        let (mut sim, o, rates) = owner_raised();
+        let b = (o + 1) % 3;
+        let cut = sim.enforced(b);
+        sim.reloaded[b] = true;
+        let mut kept = 0;
+        for round in 0..200 {
+            sim.step(&rates);
+            assert!(
+                sim.total() <= L,
+                "round {round}: {} in force ({:?})",
+                sim.total(),
+                (0..3).map(|i| sim.enforced(i)).collect::<Vec<_>>()
+            );
+            kept += u32::from(sim.enforced(b) == cut);
+        }
+        // The silence limit is 3 s: 60 rounds.
+        assert!(kept >= 60, "the cut was kept {kept} rounds");
+        assert_eq!(sim.grants[b], None, "then cleared");
+    }
+
+    /// The owner reloads first: its ledger closes, with no release; the raises it granted run
+    /// out their lease. Its own cut (here a member's, the owner idle) is kept as a holder's.
+    #[test]
+    fn an_owner_that_reloads_first_keeps_its_own_cut_while_its_raises_run_out() {
+        let mut sim = Sim::new(3, 0);
+        let o = sim.owner_index();
+        let big = (o + 1) % 3;
+        let mut rates = [4; 3];
+        rates[big] = 72;
+        for _ in 0..100 {
+            sim.step(&rates);
+        }
+        assert!(sim.enforced(big) > sim.cold(), "a member is raised");
+        assert!(sim.enforced(o) < sim.cold(), "the owner is cut");
+        sim.reloaded[o] = true;
+        for round in 0..200 {
+            sim.step(&rates);
+            assert!(
+                sim.total() <= L,
+                "round {round}: {} in force ({:?})",
+                sim.total(),
+                (0..3).map(|i| sim.enforced(i)).collect::<Vec<_>>()
+            );
+        }
+        // Every member reloads: nothing of the old policy is left.
+        sim.reloaded = vec![true; 3];
+        for _ in 0..200 {
+            sim.step(&rates);
+            assert!(sim.total() <= L);
+        }
+        assert!(sim.grants.iter().all(Option::is_none), "{:?}", sim.grants);
     }
 }

@@ -53,10 +53,13 @@ pub(super) struct Written {
     /// change): what the reports say is applied.
     pub(super) seq: Option<u64>,
     /// The silence limit the holder keeps it under (stored with it in the maps).
-    silence: Duration,
+    pub(super) silence: Duration,
     /// Adopted from a previous run (`Enrolment::adopt`) and not replaced since: kept while
     /// `adopted_until` runs, and never raised by a cap meanwhile.
     adopted: bool,
+    /// A cut of a client let go for a change of the policies here ([`keep_cut`]): kept until
+    /// then (CLOCK_MONOTONIC) unless replaced, and never raised by a cap meanwhile.
+    kept_until: Option<Duration>,
     /// The number of the last `Enrolment::writes` call that wanted it written (0: none yet).
     stamp: u64,
 }
@@ -66,6 +69,35 @@ impl Written {
     /// or ended by a suspension since.
     fn as_pinned(&self, until: Duration) -> bool {
         self.adopted && self.until == Some(until)
+    }
+
+    /// Kept at `now` as the cut of a client let go ([`keep_cut`]).
+    fn kept(&self, now: Duration) -> bool {
+        self.kept_until.is_some_and(|until| now < until)
+    }
+}
+
+/// `client` is no longer held for a change of the policies on this node (its global policy is
+/// gone or changed, or its entry is under another policy now): a cut it holds (a grant below
+/// `cold`, the share its policy gave here) stays written as it is for the silence limit it
+/// holds it under, from `now`, unless a grant replaces it. Its owner, whose node may not have
+/// that change yet (a rolling reload), goes on counting the cut it acknowledged until the
+/// holder has been silent for that limit, and sizes raises of the other members by it: back
+/// at the cold share at once, this node would admit more than the owner counts. A raise is
+/// cleared as before: the owner counts the holder at the cold share at least. The kernel
+/// enforces a kept cut under whatever policy the client's entry is under now, one under a
+/// local policy included: its value while a lease it has runs, then at most that policy's
+/// share (`Grant::limit_at`).
+pub(super) fn keep_cut(
+    written: &mut HashMap<ClientKey, Written>,
+    client: &ClientKey,
+    cold: Option<u32>,
+    now: Duration,
+) {
+    if let Some(w) = written.get_mut(client)
+        && cold.is_some_and(|cold| w.value < cold)
+    {
+        w.kept_until = Some(now.saturating_add(w.silence));
     }
 }
 
@@ -139,6 +171,7 @@ impl Enrolment {
                     seq: None,
                     silence: g.silence.unwrap_or(silence),
                     adopted: true,
+                    kept_until: None,
                     stamp: 0,
                 },
             );
@@ -216,6 +249,7 @@ impl Enrolment {
                     seq: held.holder.in_force_seq(now),
                     silence: held.holder.silence_limit(),
                     adopted: false,
+                    kept_until: None,
                     stamp,
                 },
             );
@@ -233,8 +267,10 @@ impl Enrolment {
                 break;
             }
             // An adopted grant (a previous run's, which its owner may still count) is never
-            // raised by a cap while it is kept: the lower of the two holds.
-            let adopted = written.filter(|w| w.adopted && keep_adopted).copied();
+            // raised by a cap while it is kept, nor is a kept cut: the lower of the two holds.
+            let adopted = written
+                .filter(|w| (w.adopted && keep_adopted) || w.kept(now))
+                .copied();
             let capped = match adopted {
                 Some(w) if w.value <= cap => Written { stamp, ..w },
                 Some(w) => Written {
@@ -249,6 +285,7 @@ impl Enrolment {
                     seq: None,
                     silence: self.timing.silence(),
                     adopted: false,
+                    kept_until: None,
                     stamp,
                 },
             };
@@ -262,7 +299,8 @@ impl Enrolment {
             );
         }
         // Clears first, so that they free room in the map before the sets take it. While
-        // adopted grants are kept, only what this run wrote itself is cleared.
+        // adopted grants are kept, only what this run wrote itself is cleared; a kept cut
+        // ([`keep_cut`]) is cleared once its time is over.
         let mut writes = Vec::new();
         let held = &self.held;
         let before = &mut self.before;
@@ -272,7 +310,8 @@ impl Enrolment {
                 w.stamp != QUIET || held.get(client).is_some_and(|h| h.quiet_until.is_some()),
                 "a grant stamped QUIET without a quiet holder"
             );
-            let keep = w.stamp == stamp || w.stamp == QUIET || (keep_adopted && w.adopted);
+            let keep =
+                w.stamp == stamp || w.stamp == QUIET || (keep_adopted && w.adopted) || w.kept(now);
             if !keep {
                 writes.push(Write::Clear(*client));
                 before.entry(*client).or_insert(Some(*w));
@@ -378,6 +417,7 @@ impl Enrolment {
                             seq: None,
                             silence: self.timing.silence(),
                             adopted: false,
+                            kept_until: None,
                             stamp: 0,
                         },
                     );

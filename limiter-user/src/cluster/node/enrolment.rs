@@ -261,12 +261,12 @@ fn split(
         };
         match *under {
             Under::Global(policy) if policy != held => {
-                enrolment.let_go(client);
+                enrolment.let_go(client, now);
                 if snapshot.info(policy).is_some() {
                     enrolment.hot(now, &view, *client, policy);
                 }
             }
-            Under::Local => enrolment.let_go(client),
+            Under::Local => enrolment.let_go(client, now),
             _ => {}
         }
     }
