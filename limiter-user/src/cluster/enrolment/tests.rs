@@ -1818,6 +1818,13 @@ mod third_review {
 mod rolling_reload {
     use super::*;
 
+    /// One round, the shares in force summing to at most L.
+    fn step_within_l(sim: &mut Sim, rates: &[u32], round: usize) {
+        sim.step(rates);
+        let split: Vec<u32> = (0..sim.nodes.len()).map(|i| sim.enforced(i)).collect();
+        assert!(sim.total() <= L, "round {round}: {split:?} in force");
+    }
+
     /// Three members, the owner busy (72 of 90 a window): the owner raised, the others cut.
     fn owner_raised() -> (Sim, usize, [u32; 3]) {
         let mut sim = Sim::new(3, 0);
@@ -1846,13 +1853,7 @@ mod rolling_reload {
         sim.reloaded[b] = true;
         let mut kept = 0;
         for round in 0..200 {
-            sim.step(&rates);
-            assert!(
-                sim.total() <= L,
-                "round {round}: {} in force ({:?})",
-                sim.total(),
-                (0..3).map(|i| sim.enforced(i)).collect::<Vec<_>>()
-            );
+            step_within_l(&mut sim, &rates, round);
             kept += u32::from(sim.enforced(b) == cut);
         }
         // The silence limit is 3 s: 60 rounds.
@@ -1876,19 +1877,12 @@ mod rolling_reload {
         assert!(sim.enforced(o) < sim.cold(), "the owner is cut");
         sim.reloaded[o] = true;
         for round in 0..200 {
-            sim.step(&rates);
-            assert!(
-                sim.total() <= L,
-                "round {round}: {} in force ({:?})",
-                sim.total(),
-                (0..3).map(|i| sim.enforced(i)).collect::<Vec<_>>()
-            );
+            step_within_l(&mut sim, &rates, round);
         }
         // Every member reloads: nothing of the old policy is left.
         sim.reloaded = vec![true; 3];
-        for _ in 0..200 {
-            sim.step(&rates);
-            assert!(sim.total() <= L);
+        for round in 200..400 {
+            step_within_l(&mut sim, &rates, round);
         }
         assert!(sim.grants.iter().all(Option::is_none), "{:?}", sim.grants);
     }
