@@ -1451,9 +1451,19 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
     // Let go while quiet (a reload put its entry under another policy): the cut it holds
     // stays written for the silence limit it holds it under (its owner, which may not have
     // that reload yet, counts it until then), then the next writes clear it.
-    let silence = node.written[&CLIENT].silence;
-    assert!(node.written[&CLIENT].value < info.cold, "a cut");
+    let (value, silence) = (node.written[&CLIENT].value, node.written[&CLIENT].silence);
+    assert!(value < info.cold, "a cut");
     node.let_go(&CLIENT, now);
+    assert_eq!(
+        round(node, info, false),
+        vec![Write::Set {
+            client: CLIENT,
+            value,
+            until: None,
+            silence
+        }],
+        "kept, without its lease"
+    );
     assert!(round(node, info, false).is_empty(), "kept");
     let mut writes = Vec::new();
     node.round_writing(now + silence, &view, &|_| Some(info), &mut |w| {
@@ -1855,10 +1865,20 @@ mod rolling_reload {
         for round in 0..200 {
             step_within_l(&mut sim, &rates, round);
             kept += u32::from(sim.enforced(b) == cut);
+            assert_lease_off(&sim, b, round);
         }
         // The silence limit is 3 s: 60 rounds.
         assert!(kept >= 60, "the cut was kept {kept} rounds");
         assert_eq!(sim.grants[b], None, "then cleared");
+    }
+
+    /// What node `i` holds, if anything, has no lease: the kernel enforces a kept cut only as
+    /// far as it is below the share of the policy the entry is under now (which a reload that
+    /// lowered L makes smaller than the cut).
+    fn assert_lease_off(sim: &Sim, i: usize, round: usize) {
+        if let Some((value, until)) = sim.grants[i] {
+            assert_eq!(until, None, "round {round}: {value} kept with its lease");
+        }
     }
 
     /// The owner reloads first: its ledger closes, with no release; the raises it granted run
@@ -1874,11 +1894,17 @@ mod rolling_reload {
             sim.step(&rates);
         }
         assert!(sim.enforced(big) > sim.cold(), "a member is raised");
-        assert!(sim.enforced(o) < sim.cold(), "the owner is cut");
+        let cut = sim.enforced(o);
+        assert!(cut < sim.cold(), "the owner is cut");
         sim.reloaded[o] = true;
+        let mut kept = 0;
         for round in 0..200 {
             step_within_l(&mut sim, &rates, round);
+            kept += u32::from(sim.enforced(o) == cut);
+            assert_lease_off(&sim, o, round);
         }
+        assert!(kept >= 60, "the owner's cut was kept {kept} rounds");
+        assert_eq!(sim.grants[o], None, "then cleared");
         // Every member reloads: nothing of the old policy is left.
         sim.reloaded = vec![true; 3];
         for round in 200..400 {

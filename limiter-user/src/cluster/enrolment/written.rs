@@ -79,15 +79,15 @@ impl Written {
 
 /// `client` is no longer held for a change of the policies on this node (its global policy is
 /// gone or changed, or its entry is under another policy now): a cut it holds (a grant below
-/// `cold`, the share its policy gave here) stays written as it is for the silence limit it
-/// holds it under, from `now`, unless a grant replaces it. Its owner, whose node may not have
+/// `cold`, the share its policy gave here) stays written for the silence limit it holds it
+/// under, from `now`, unless a grant replaces it. Its owner, whose node may not have
 /// that change yet (a rolling reload), goes on counting the cut it acknowledged until the
 /// holder has been silent for that limit, and sizes raises of the other members by it: back
 /// at the cold share at once, this node would admit more than the owner counts. A raise is
-/// cleared as before: the owner counts the holder at the cold share at least. The kernel
-/// enforces a kept cut under whatever policy the client's entry is under now, one under a
-/// local policy included: its value while a lease it has runs, then at most that policy's
-/// share (`Grant::limit_at`).
+/// cleared as before: the owner counts the holder at the cold share at least. The next writes
+/// take the kept cut's lease off, so that the kernel enforces the lower of it and the share of
+/// whatever policy the client's entry is under now (`Grant::limit_at`), one under a local
+/// policy included: at most what the old owner counts, and at most the new policy's share.
 pub(super) fn keep_cut(
     written: &mut HashMap<ClientKey, Written>,
     client: &ClientKey,
@@ -315,6 +315,18 @@ impl Enrolment {
             if !keep {
                 writes.push(Write::Clear(*client));
                 before.entry(*client).or_insert(Some(*w));
+            } else if w.kept(now) && w.until.is_some() {
+                // A kept cut loses its lease: the kernel then enforces at most the share of the
+                // policy the client's entry is under now (`Grant::limit_at`), never the cut's
+                // value above it.
+                before.entry(*client).or_insert(Some(*w));
+                w.until = None;
+                sets.push(Write::Set {
+                    client: *client,
+                    value: w.value,
+                    until: None,
+                    silence: w.silence,
+                });
             }
             keep
         });
