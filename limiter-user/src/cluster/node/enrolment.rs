@@ -194,11 +194,66 @@ pub fn round(shared: &Shared) {
         // News goes out once: what the last heartbeat could not carry (one was in flight, or
         // the list was longer than a message) waits, superseded per client by newer state.
         for (node, newer) in out {
-            outbox.entry(node).or_default().merge(newer);
+            outbox.waiting.entry(node).or_default().merge(newer);
         }
-        outbox.retain(|node, o| !o.is_empty() && snapshot.members.contains(node));
+        outbox.keep_members(&snapshot.members);
     } else {
-        outbox.clear();
+        *outbox = Outbox::default();
+    }
+}
+
+/// The enrolment messages waiting for each member (the newest per client), sent with the next
+/// heartbeats to it or answers to its heartbeats, and which of those took some last.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    waiting: std::collections::BTreeMap<NodeId, Outgoing>,
+    /// Per member, the number of the last take of its messages (`takes` counts them all).
+    taken: HashMap<NodeId, u64>,
+    takes: u64,
+}
+
+/// Messages a heartbeat took out of the [`Outbox`] for `node` (its `number`-th take).
+pub struct Taken {
+    node: NodeId,
+    number: u64,
+    out: Outgoing,
+}
+
+impl Outbox {
+    /// Only the members' messages wait.
+    fn keep_members(&mut self, members: &[NodeId]) {
+        self.waiting
+            .retain(|node, o| !o.is_empty() && members.contains(node));
+        self.taken.retain(|node, _| members.contains(node));
+    }
+
+    /// Takes out the `most` reports and grant messages for `node` that waited longest.
+    fn take(&mut self, node: &NodeId, most: usize) -> Option<Taken> {
+        let waiting = self.waiting.get_mut(node)?;
+        let out = waiting.take(most);
+        if waiting.is_empty() {
+            self.waiting.remove(node);
+        }
+        self.takes += 1;
+        self.taken.insert(node.clone(), self.takes);
+        Some(Taken {
+            node: node.clone(),
+            number: self.takes,
+            out,
+        })
+    }
+
+    /// Puts back what a take that got no answer carried ([`Outgoing::put_back`]), unless a
+    /// later take sent the member newer messages meanwhile (an answer to its heartbeat), which
+    /// the older ones must not follow, or the member's messages were dropped since (it left,
+    /// or the node stopped splitting): then they are dropped too.
+    fn put_back(&mut self, unsent: Taken) {
+        if self.taken.get(&unsent.node) == Some(&unsent.number) {
+            self.waiting
+                .entry(unsent.node)
+                .or_default()
+                .put_back(unsent.out);
+        }
     }
 }
 
@@ -300,38 +355,30 @@ fn used(entry: &ClientState, now: Duration) -> u32 {
     u32::try_from(estimate).unwrap_or(u32::MAX)
 }
 
-/// Puts the enrolment messages waiting for `node` into a heartbeat to it: at most
-/// [`MAX_CLIENTS_PER_MESSAGE`] reports and as many grants, those that waited longest; the rest
-/// wait for the next heartbeat (newer state replacing theirs meanwhile). Returns those put in,
-/// for [`put_back_outgoing`] if the heartbeat gets no answer.
-pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) -> Outgoing {
-    let out = {
-        let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(waiting) = outbox.get_mut(node) else {
-            return Outgoing::default();
-        };
-        let out = waiting.take(MAX_CLIENTS_PER_MESSAGE);
-        if waiting.is_empty() {
-            outbox.remove(node);
-        }
-        out
-    };
-    (heartbeat.reports, heartbeat.grants) = to_wire(&out);
-    out
+/// Puts the enrolment messages waiting for `node` into a heartbeat to it (or an answer): at
+/// most [`MAX_CLIENTS_PER_MESSAGE`] reports and as many grants, those that waited longest; the
+/// rest wait for the next heartbeat (newer state replacing theirs meanwhile). Returns those put
+/// in, for [`put_back_outgoing`] if the heartbeat gets no answer.
+pub fn attach_outgoing(shared: &Shared, node: &NodeId, heartbeat: &mut Heartbeat) -> Option<Taken> {
+    let taken = shared
+        .outbox
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(node, MAX_CLIENTS_PER_MESSAGE)?;
+    (heartbeat.reports, heartbeat.grants) = to_wire(&taken.out);
+    Some(taken)
 }
 
-/// Puts the messages of a heartbeat to `node` that got no answer (a timeout, a broken
-/// connection) back in its outbox, to wait for the next one (see [`Outgoing::put_back`]): a
-/// round sends news only once, so they would otherwise be lost until the next recount. Not
-/// for a heartbeat the peer refused: it would refuse them again.
-pub fn put_back_outgoing(shared: &Shared, node: &NodeId, unsent: Outgoing) {
-    if unsent.is_empty() {
-        return;
-    }
-    // As if the heartbeat were still in flight: the next round keeps them only for a member,
-    // and only while it splits (see `round`).
-    let mut outbox = shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
-    outbox.entry(node.clone()).or_default().put_back(unsent);
+/// Puts the messages of a heartbeat that got no answer (a timeout, a broken connection) back
+/// in its member's outbox, to wait for the next one (see [`Outbox::put_back`]): a round sends
+/// news only once, so they would otherwise be lost until the next recount. Not for a heartbeat
+/// the peer refused: it would refuse them again.
+pub fn put_back_outgoing(shared: &Shared, unsent: Taken) {
+    shared
+        .outbox
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .put_back(unsent);
 }
 
 /// Outbox entries as heartbeat fields.
@@ -543,6 +590,47 @@ mod tests {
             grants,
             ..Heartbeat::default()
         }
+    }
+
+    /// What a heartbeat without an answer took goes back into the outbox, unless a later take
+    /// sent the member newer messages meanwhile, or its messages were dropped since.
+    #[test]
+    fn the_outbox_takes_back_what_got_no_answer_unless_newer_went_out() {
+        let n2 = NodeId::new("n2").expect("id");
+        let mut outbox = Outbox::default();
+        let fill = |outbox: &mut Outbox| {
+            outbox
+                .waiting
+                .entry(n2.clone())
+                .or_default()
+                .merge(grant(None));
+        };
+        let waiting = |outbox: &Outbox| outbox.waiting.get(&n2).cloned().unwrap_or_default();
+        assert!(outbox.take(&n2, 10).is_none(), "nothing waits");
+        fill(&mut outbox);
+        let taken = outbox.take(&n2, 10).expect("taken");
+        assert!(waiting(&outbox).is_empty());
+        outbox.put_back(taken);
+        assert_eq!(waiting(&outbox), grant(None), "put back");
+        // An answer to the member's heartbeat took what waited after the heartbeat took its
+        // messages: those are not put back behind it.
+        let first = outbox.take(&n2, 10).expect("taken");
+        fill(&mut outbox);
+        let answer = outbox.take(&n2, 10).expect("taken by an answer");
+        outbox.put_back(first);
+        assert!(waiting(&outbox).is_empty(), "older than what went out");
+        outbox.put_back(answer);
+        assert_eq!(waiting(&outbox), grant(None), "the newest take is put back");
+        // Dropped with the member's messages: it left, or the node stopped splitting.
+        let taken = outbox.take(&n2, 10).expect("taken");
+        outbox.keep_members(&[]);
+        outbox.put_back(taken);
+        assert!(waiting(&outbox).is_empty(), "not a member");
+        fill(&mut outbox);
+        let taken = outbox.take(&n2, 10).expect("taken");
+        outbox = Outbox::default();
+        outbox.put_back(taken);
+        assert!(waiting(&outbox).is_empty(), "not splitting");
     }
 
     #[test]

@@ -21,9 +21,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        NodeId,
         config::PeerAddr,
-        enrolment::Outgoing,
         membership::{Heard, Membership, Phase, Refusal, ShareView},
     },
     proto::cluster::peer_client::PeerClient,
@@ -261,13 +259,12 @@ async fn heartbeat(shared: &Shared, addr: SocketAddr, dialled: Dialled, timeout:
     let mut carried = None;
     if let Some(node) = node {
         request.to_node_id = node.to_string();
-        let out = enrolment::attach_outgoing(shared, &node, &mut request);
-        carried = Some((node, out));
+        carried = enrolment::attach_outgoing(shared, &node, &mut request);
     }
     // No answer (a timeout, a broken connection): what it carried waits for the next one.
-    let unanswered = |carried: Option<(NodeId, Outgoing)>| {
-        if let Some((node, out)) = carried {
-            enrolment::put_back_outgoing(shared, &node, out);
+    let unanswered = |carried: Option<enrolment::Taken>| {
+        if let Some(taken) = carried {
+            enrolment::put_back_outgoing(shared, taken);
         }
     };
     let traffic = &shared.traffic;

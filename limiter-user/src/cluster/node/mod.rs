@@ -160,7 +160,7 @@ struct Shared {
     enrolling: AtomicBool,
     /// The enrolment messages waiting for each member (the newest per client), sent with the
     /// next heartbeats to it.
-    outbox: Mutex<std::collections::BTreeMap<NodeId, super::enrolment::Outgoing>>,
+    outbox: Mutex<enrolment::Outbox>,
     traffic: Traffic,
     /// Warnings said, by what they are about: each is said again only when it changes, or after
     /// [`SAY_AGAIN`] (a refusal repeats at every heartbeat).
