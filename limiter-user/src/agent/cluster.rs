@@ -593,6 +593,10 @@ impl Deferred {
         self.0.keys().copied()
     }
 
+    fn contains(&self, client: &ClientKey) -> bool {
+        self.0.contains_key(client)
+    }
+
     /// Sorts the notices read this round (each client once, with the policy its entry is under,
     /// `None` without an entry): those under a global policy are returned; those under no
     /// policy known yet are kept for the next round, each for [`DEFERRED_ROUNDS`] rounds in all
@@ -709,8 +713,9 @@ impl Datapath for Maps {
         hot.dedup();
         let (entries, named) = self.read(&hot);
         if !named {
-            // Named at the next round (at most --max-global-clients of them are kept), the
-            // deferred ones among them with their rounds.
+            // Named at the next round (at most --max-global-clients of them are kept); the
+            // deferred ones are read again from `deferred`, and take no room here.
+            hot.retain(|c| !self.deferred.contains(c));
             hot.truncate(self.max_unnamed);
             self.unnamed = hot;
             return Vec::new();

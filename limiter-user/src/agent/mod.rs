@@ -729,10 +729,15 @@ impl ClusterSource for MemberFigures {
     }
 }
 
+/// How long after the maps refused the rate limit service's limits its files are tried again
+/// though they did not change (the refusal may have passed: the policies' own config may leave
+/// room by then).
+const RLS_REFUSED_RETRY: Duration = Duration::from_secs(10);
+
 /// Re-reads the rate limit service's config (`force`: even if its files did not change) and
 /// hands the global limits of its rules to the policies, which put it in force with them (see
 /// [`PolicyStore::set_service_global`]); if the maps refuse them, the config in force stays and
-/// the files are read again when they change, or on SIGHUP.
+/// the files are tried again when they change, on SIGHUP, or after [`RLS_REFUSED_RETRY`].
 fn reload_service(limits: &PolicyStore, rls: &rls::RlsStore, force: bool) {
     let Some(reread) = rls.reread(force) else {
         return;
@@ -740,12 +745,13 @@ fn reload_service(limits: &PolicyStore, rls: &rls::RlsStore, force: bool) {
     let global = reread.global_policies(rls);
     let fingerprint = reread.fingerprint();
     if let Err(e) = limits.set_service_global(global, || rls.install(reread)) {
-        rls.refused(fingerprint);
+        rls.refused(fingerprint, Instant::now() + RLS_REFUSED_RETRY);
         tracing::error!(
             "the rate limit service's limits across the cluster were not applied: {}; its \
-             config in force stays in force (its files are read again when they change, or on \
-             SIGHUP)",
-            crate::error_chain(&e)
+             config in force stays in force (its files are tried again when they change, on \
+             SIGHUP, or in {} s)",
+            crate::error_chain(&e),
+            RLS_REFUSED_RETRY.as_secs()
         );
     }
 }

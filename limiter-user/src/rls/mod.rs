@@ -14,6 +14,7 @@ pub mod service;
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
+    time::Instant,
 };
 
 pub use self::config::{RlsConfig, RlsConfigError, Unit};
@@ -24,8 +25,9 @@ pub struct RlsStore {
     path: PathBuf,
     current: RwLock<Arc<RlsConfig>>,
     /// The fingerprint of the files last seen (loaded or refused), so a refused file is reported
-    /// once, not at every poll.
-    seen: Mutex<Option<u64>>,
+    /// once, not at every poll; and, for files whose limits the maps refused, when they are
+    /// tried again if they do not change ([`RlsStore::refused`]).
+    seen: Mutex<(Option<u64>, Option<Instant>)>,
     /// The hit counters, attached to each config before it comes into force.
     hits: Arc<RlsHits>,
     /// The rules' limits are global across the cluster (`--rls-scope global`): a config whose
@@ -47,7 +49,7 @@ impl RlsStore {
         Ok(RlsStore {
             path,
             current: RwLock::new(Arc::new(config)),
-            seen: Mutex::new(Some(fingerprint)),
+            seen: Mutex::new((Some(fingerprint), None)),
             hits,
             global,
         })
@@ -60,7 +62,7 @@ impl RlsStore {
         RlsStore {
             path: PathBuf::new(),
             current: RwLock::new(Arc::new(config)),
-            seen: Mutex::new(None),
+            seen: Mutex::new((None, None)),
             hits,
             global: false,
         }
@@ -100,10 +102,11 @@ impl RlsStore {
     /// Installing is the caller's: under `--rls-scope global` the rules' limits have policy ids
     /// of their own, which the cluster names through the policies in force, so the new config
     /// comes into force inside the policies' change (`PolicyStore::set_service_global`), never
-    /// before it, and not at all if the maps refuse its limits (then its files are read again
-    /// at the next poll).
+    /// before it, and not at all if the maps refuse its limits (then see
+    /// [`RlsStore::refused`]).
     pub fn reread(&self, force: bool) -> Option<Reread> {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, retry) = &mut *guard;
         let fingerprint = match RlsConfig::fingerprint_of(&self.path) {
             Ok(f) => f,
             Err(e) => {
@@ -114,13 +117,15 @@ impl RlsStore {
                         crate::error_chain(&e)
                     );
                 }
-                *seen = None;
+                (*seen, *retry) = (None, None);
                 return None;
             }
         };
-        if !force && *seen == Some(fingerprint) {
+        let due = retry.is_some_and(|at| Instant::now() >= at);
+        if !force && !due && *seen == Some(fingerprint) {
             return None;
         }
+        *retry = None;
         let loaded = load(&self.path, self.global);
         // Taken as seen only if the files did not change while they were read (a file caught
         // mid-write would otherwise stay in force, or stay rejected, until a SIGHUP).
@@ -150,15 +155,16 @@ impl RlsStore {
         log_loaded(&self.path, &config);
         self.hits.install(&mut config);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (fingerprint, None);
     }
 
     /// The maps refused the global limits of a config [`RlsStore::reread`] returned (their
     /// fingerprint: [`Reread::fingerprint`]): the config in force stays, and the files are read
-    /// again only when they change, or on SIGHUP, as a config that does not load is; not at
-    /// every poll (each would parse them again and log the refusal again).
-    pub fn refused(&self, fingerprint: Option<u64>) {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+    /// again when they change, on SIGHUP, or from `retry` on (the refusal may pass: the
+    /// policies' own config may change to leave room); not at every poll, each of which would
+    /// parse them again and log the refusal again.
+    pub fn refused(&self, fingerprint: Option<u64>, retry: Instant) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (fingerprint, Some(retry));
     }
 }
 

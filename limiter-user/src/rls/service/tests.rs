@@ -965,9 +965,9 @@ fn a_global_scope_refuses_more_limits_than_it_has_ids_for() {
 }
 
 /// A config whose global limits the maps refused stays out of force and is not read again at
-/// every poll: only once its files change, or on SIGHUP (`force`).
+/// every poll: only once its files change, on SIGHUP (`force`), or when its retry is due.
 #[test]
-fn a_config_the_maps_refused_is_read_again_when_it_changes_or_on_sighup() {
+fn a_config_the_maps_refused_is_read_again_when_it_changes_on_sighup_or_when_due() {
     let dir = tempfile::Builder::new()
         .prefix("limiter-rls-refused-")
         .tempdir()
@@ -984,16 +984,25 @@ fn a_config_the_maps_refused_is_read_again_when_it_changes_or_on_sighup() {
     let limits = |store: &RlsStore| store.current().limits.clone();
     let before = limits(&store);
     std::fs::write(&path, config(6)).unwrap();
+    let later = std::time::Instant::now() + Duration::from_secs(3600);
     let reread = store.reread(false).expect("changed files are read");
     assert!(reread.fingerprint().is_some(), "settled while read");
-    store.refused(reread.fingerprint());
+    store.refused(reread.fingerprint(), later);
     assert!(
         store.reread(false).is_none(),
         "the same files are not read again at the next poll"
     );
     assert_eq!(limits(&store), before, "the config in force stays");
     let again = store.reread(true).expect("SIGHUP reads them again");
-    store.refused(again.fingerprint());
+    store.refused(again.fingerprint(), std::time::Instant::now());
+    let due = store
+        .reread(false)
+        .expect("read again once the retry is due");
+    store.refused(due.fingerprint(), later);
+    assert!(
+        store.reread(false).is_none(),
+        "and not again before the next"
+    );
     std::fs::write(&path, config(7)).unwrap();
     let changed = store.reread(false).expect("files changed since are read");
     store.install(changed);
