@@ -126,6 +126,8 @@ fn want_written(
         Some(w) if (w.value, w.until, w.silence) == (want.value, want.until, want.silence) => {
             w.seq = want.seq;
             w.stamp = want.stamp;
+            // Wanted now: no longer kept for a client let go (a cap keeps what it had).
+            w.kept_until = want.kept_until;
         }
         _ => {
             sets.push(Write::Set {
