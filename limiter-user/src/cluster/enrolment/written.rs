@@ -112,6 +112,23 @@ pub struct PinnedGrant {
     pub silence: Option<Duration>,
 }
 
+/// Takes the lease off `client`'s grant `w` (a raise ends, a cut stays), recording it as the
+/// maps hold it in `before` (for `Enrolment::unwritten`); returns the write that does it.
+fn lease_off(
+    client: ClientKey,
+    w: &mut Written,
+    before: &mut HashMap<ClientKey, Option<Written>>,
+) -> Write {
+    before.entry(client).or_insert(Some(*w));
+    w.until = None;
+    Write::Set {
+        client,
+        value: w.value,
+        until: None,
+        silence: w.silence,
+    }
+}
+
 /// Records that `want` is to be written for `client`: a set when the datapath holds anything
 /// else, only the newer number and stamp when it holds the same enforcement.
 fn want_written(
@@ -321,14 +338,7 @@ impl Enrolment {
                 // A kept cut loses its lease: the kernel then enforces at most the share of the
                 // policy the client's entry is under now (`Grant::limit_at`), never the cut's
                 // value above it.
-                before.entry(*client).or_insert(Some(*w));
-                w.until = None;
-                sets.push(Write::Set {
-                    client: *client,
-                    value: w.value,
-                    until: None,
-                    silence: w.silence,
-                });
+                sets.push(lease_off(*client, w, before));
             }
             keep
         });
@@ -375,14 +385,7 @@ impl Enrolment {
         self.before.clear();
         for (client, grant) in self.written.iter_mut() {
             if grant.until.is_some() {
-                self.before.insert(*client, Some(*grant));
-                grant.until = None;
-                writes.push(Write::Set {
-                    client: *client,
-                    value: grant.value,
-                    until: None,
-                    silence: grant.silence,
-                });
+                writes.push(lease_off(*client, grant, &mut self.before));
             }
         }
         self.stir(&writes);
