@@ -1835,20 +1835,42 @@ mod rolling_reload {
         assert!(sim.total() <= L, "round {round}: {split:?} in force");
     }
 
-    /// Three members, the owner busy (72 of 90 a window): the owner raised, the others cut.
-    fn owner_raised() -> (Sim, usize, [u32; 3]) {
+    /// Three members, the client busy (72 of 90 a window) on the member `busy` places after
+    /// the owner: that member raised, the others cut. Returns the owner's index.
+    fn one_raised(busy: usize) -> (Sim, usize, [u32; 3]) {
         let mut sim = Sim::new(3, 0);
         let o = sim.owner_index();
+        let busy = (o + busy) % 3;
         let mut rates = [4; 3];
-        rates[o] = 72;
+        rates[busy] = 72;
         for _ in 0..100 {
             sim.step(&rates);
         }
-        assert!(sim.enforced(o) > sim.cold(), "the owner is raised");
-        for i in (0..3).filter(|&i| i != o) {
+        assert!(sim.enforced(busy) > sim.cold(), "member {busy} is raised");
+        for i in (0..3).filter(|&i| i != busy) {
             assert!(sim.enforced(i) < sim.cold(), "member {i} is cut");
         }
         (sim, o, rates)
+    }
+
+    /// Member `i` reloads first: for 200 rounds the shares in force stay within L, and its cut
+    /// is kept, without its lease, for at least the silence limit (3 s: 60 rounds), then
+    /// cleared.
+    fn reloaded_first_keeps_its_cut(sim: &mut Sim, rates: &[u32], i: usize) {
+        let cut = sim.enforced(i);
+        sim.reloaded[i] = true;
+        let mut kept = 0;
+        for round in 0..200 {
+            step_within_l(sim, rates, round);
+            kept += u32::from(sim.enforced(i) == cut);
+            // The kernel enforces a kept cut only as far as it is below the share of the policy
+            // the entry is under now (which a reload that lowered L makes smaller than the cut).
+            if let Some((value, until)) = sim.grants[i] {
+                assert_eq!(until, None, "round {round}: {value} kept with its lease");
+            }
+        }
+        assert!(kept >= 60, "member {i}'s cut was kept {kept} rounds");
+        assert_eq!(sim.grants[i], None, "then cleared");
     }
 
     /// A member reloads first: the owner, which has not, counts the cut it acknowledged until
@@ -1857,54 +1879,16 @@ mod rolling_reload {
     /// 30), then clears it.
     #[test]
     fn a_member_that_reloads_first_keeps_its_cut_while_the_owner_counts_it() {
-        let (mut sim, o, rates) = owner_raised();
-        let b = (o + 1) % 3;
-        let cut = sim.enforced(b);
-        sim.reloaded[b] = true;
-        let mut kept = 0;
-        for round in 0..200 {
-            step_within_l(&mut sim, &rates, round);
-            kept += u32::from(sim.enforced(b) == cut);
-            assert_lease_off(&sim, b, round);
-        }
-        // The silence limit is 3 s: 60 rounds.
-        assert!(kept >= 60, "the cut was kept {kept} rounds");
-        assert_eq!(sim.grants[b], None, "then cleared");
-    }
-
-    /// What node `i` holds, if anything, has no lease: the kernel enforces a kept cut only as
-    /// far as it is below the share of the policy the entry is under now (which a reload that
-    /// lowered L makes smaller than the cut).
-    fn assert_lease_off(sim: &Sim, i: usize, round: usize) {
-        if let Some((value, until)) = sim.grants[i] {
-            assert_eq!(until, None, "round {round}: {value} kept with its lease");
-        }
+        let (mut sim, o, rates) = one_raised(0);
+        reloaded_first_keeps_its_cut(&mut sim, &rates, (o + 1) % 3);
     }
 
     /// The owner reloads first: its ledger closes, with no release; the raises it granted run
     /// out their lease. Its own cut (here a member's, the owner idle) is kept as a holder's.
     #[test]
     fn an_owner_that_reloads_first_keeps_its_own_cut_while_its_raises_run_out() {
-        let mut sim = Sim::new(3, 0);
-        let o = sim.owner_index();
-        let big = (o + 1) % 3;
-        let mut rates = [4; 3];
-        rates[big] = 72;
-        for _ in 0..100 {
-            sim.step(&rates);
-        }
-        assert!(sim.enforced(big) > sim.cold(), "a member is raised");
-        let cut = sim.enforced(o);
-        assert!(cut < sim.cold(), "the owner is cut");
-        sim.reloaded[o] = true;
-        let mut kept = 0;
-        for round in 0..200 {
-            step_within_l(&mut sim, &rates, round);
-            kept += u32::from(sim.enforced(o) == cut);
-            assert_lease_off(&sim, o, round);
-        }
-        assert!(kept >= 60, "the owner's cut was kept {kept} rounds");
-        assert_eq!(sim.grants[o], None, "then cleared");
+        let (mut sim, o, rates) = one_raised(1);
+        reloaded_first_keeps_its_cut(&mut sim, &rates, o);
         // Every member reloads: nothing of the old policy is left.
         sim.reloaded = vec![true; 3];
         for round in 200..400 {
