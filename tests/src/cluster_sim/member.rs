@@ -181,11 +181,17 @@ impl Sim {
                 }
                 Views::Fixed => (self.everyone.clone(), self.everyone.clone(), true),
             };
+            // What each member's maps hold, as the agent's node takes it for its rounds.
+            let counts = match self.cfg.views {
+                Views::Membership => node.membership.counts(instant, &members, &share),
+                Views::Fixed => Vec::new(),
+            };
             let view = View {
                 members: &members,
                 live: &live,
                 agreed_members: share.members,
                 agreed,
+                counts: &counts,
             };
             for c in std::mem::take(&mut node.hot) {
                 node.enrolment

@@ -1,13 +1,16 @@
 //! One enrolment round: each held client's report and each owned client's grants, and the
 //! grant changes for the datapath.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use super::{
     Enrolment, GrantMsg, Outgoing, PolicyInfo, QUIET_BEFORE_RELEASE, ReportMsg, Reported, View,
     Write, WriteGrants, is_hot, written,
 };
-use crate::cluster::{NodeId, PolicyName, demand::demand, owner};
+use crate::cluster::{NodeId, PolicyName, demand::demand, lease::Colds, owner, shares::cold_share};
 
 impl Enrolment {
     /// [`Enrolment::round_writing`] with a datapath that takes every change: returns the
@@ -175,6 +178,9 @@ impl Enrolment {
         if view_changed {
             self.checked_view = (view.members.to_vec(), view.live.to_vec());
         }
+        // Per (L, this node's cold share): the members whose maps hold a larger one (by index
+        // in `view.members`, with it), usually none.
+        let mut larger: HashMap<(u32, u32), Vec<(usize, u32)>> = HashMap::new();
         for (client, owned) in self.owned.iter_mut() {
             let Some(policy) = info(owned.policy) else {
                 closed.push(*client);
@@ -209,12 +215,35 @@ impl Enrolment {
             if view.agreed && (recheck || owned.gone > 0) {
                 owned.gone = owned.ledger.forget_gone(view.members, now, cold);
             }
-            // The members not enrolled are counted at the cold share; holders that are not
-            // members any more (`gone`, exact once the view agrees) are counted by their own
-            // accounts, and are not among them.
+            // The members not enrolled are counted at the cold share, or the larger one their
+            // maps hold (one that has not taken up a join yet); holders that are not members any
+            // more (`gone`, exact once the view agrees) are counted by their own accounts, and
+            // are not among them.
             let gone = if view.agreed { owned.gone } else { 0 };
             let enrolled = owned.ledger.enrolled().count().saturating_sub(gone) as u32;
             let others = view.agreed_members.saturating_sub(enrolled);
+            let lagging = &*larger.entry((policy.limit, cold)).or_insert_with(|| {
+                (view.counts.iter().enumerate())
+                    .filter_map(|(i, n)| Some((i, cold_share(policy.limit, (*n)?))))
+                    .filter(|&(_, c)| c > cold)
+                    .collect()
+            });
+            let above: u64 = lagging
+                .iter()
+                .filter(|&&(i, _)| {
+                    (view.members.get(i)).is_some_and(|m| !owned.ledger.is_enrolled(m))
+                })
+                .map(|&(_, c)| u64::from(c - cold))
+                .sum();
+            let of = |member: &NodeId| {
+                let i = view.members.binary_search(member).ok()?;
+                lagging.iter().find(|&&(j, _)| j == i).map(|&(_, c)| c)
+            };
+            let colds = Colds {
+                share: cold,
+                of: &of,
+                others: u64::from(cold) * u64::from(others) + above,
+            };
             // Not while a member is hot: a polite client near its cold share on one member keeps
             // its slack (the member would report it hot again at once).
             let quiet = owned.ledger.demand(now) * 2 <= u64::from(cold) * u64::from(enrolled)
@@ -234,11 +263,7 @@ impl Enrolment {
             let release = owned.ledger.releasable(now, cold);
             // The release goes to every holder (the ledger is dropped after it): one not told
             // would keep its cut until the owner's silence.
-            let messages = if release {
-                owned.ledger.round(now, cold, others)
-            } else {
-                owned.ledger.round_due(now, cold, others)
-            };
+            let messages = owned.ledger.round_counting(now, &colds, !release);
             for (node, message) in messages {
                 out.entry(node).or_default().grants.push(GrantMsg {
                     client: *client,

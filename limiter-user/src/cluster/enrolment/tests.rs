@@ -25,6 +25,7 @@ fn agreed(members: &[NodeId]) -> View<'_> {
         live: members,
         agreed_members: members.len() as u32,
         agreed: true,
+        counts: &[],
     }
 }
 
@@ -73,6 +74,13 @@ struct Sim {
     /// changed it reached them): they know nothing of it, and take no message of it in. The
     /// client's entry there is under the changed policy, whose limit and share are the same.
     reloaded: Vec<bool>,
+    /// The member count the cold share node `i`'s maps hold was computed with (`None`: the
+    /// members there are; `Some(0)`: a joining member's gate, nothing of it admitted). A
+    /// member takes a join up when its maps hold it, a sync interval or a stalled write later.
+    maps_count: Vec<Option<u32>>,
+    /// The members live in every view, by index (`None`: all). One not live is a member still
+    /// (its pinned program enforces its share) that none has heard within `peer_timeout`.
+    live: Option<Vec<usize>>,
 }
 
 const CLIENT: ClientKey = [7; 16];
@@ -102,6 +110,8 @@ impl Sim {
             client: CLIENT,
             episodes: None,
             reloaded: vec![false; n],
+            maps_count: vec![None; n],
+            live: None,
         }
     }
 
@@ -125,9 +135,30 @@ impl Sim {
             .expect("a member")
     }
 
+    /// The cold share node `i`'s maps hold.
+    fn cold_of(&self, i: usize) -> u32 {
+        match self.maps_count.get(i).copied().flatten() {
+            None => self.cold(),
+            Some(0) => 0,
+            Some(n) => self.limit / n,
+        }
+    }
+
+    /// By member: the count whose cold share its maps hold, as it reports it (a joining
+    /// member reports every member it counts).
+    fn counts(&self) -> Vec<Option<u32>> {
+        let members = self.members.len() as u32;
+        (0..self.members.len())
+            .map(|j| match self.maps_count.get(j).copied().flatten() {
+                None | Some(0) => Some(members),
+                Some(n) => Some(n),
+            })
+            .collect()
+    }
+
     /// What node `i` enforces now (the kernel's rule, `Grant::limit_at`).
     fn enforced(&self, i: usize) -> u32 {
-        let cold = self.cold();
+        let cold = self.cold_of(i);
         match self.grants[i] {
             None => cold,
             Some((value, Some(until))) if self.now < until => value,
@@ -140,21 +171,30 @@ impl Sim {
         // Members may have joined.
         self.reports_by.resize(self.members.len(), 0);
         self.grants_to.resize(self.members.len(), 0);
-        let info = PolicyInfo {
-            limit: self.limit,
-            window: WINDOW,
-            cold: self.cold(),
-        };
+        self.maps_count.resize(self.members.len(), None);
+        let infos: Vec<PolicyInfo> = (0..self.nodes.len())
+            .map(|i| PolicyInfo {
+                limit: self.limit,
+                window: WINDOW,
+                cold: self.cold_of(i),
+            })
+            .collect();
+        let counts = self.counts();
         let members = self.members.clone();
+        let live: Vec<NodeId> = match &self.live {
+            None => members.clone(),
+            Some(live) => live.iter().map(|&i| members[i].clone()).collect(),
+        };
         let view = View {
             members: &members,
-            live: &members,
+            live: &live,
             agreed_members: members.len() as u32,
             agreed: true,
+            counts: &counts,
         };
         self.reloaded.resize(self.members.len(), false);
         let reloaded = self.reloaded.clone();
-        let info_at = |i: usize| (!reloaded[i]).then_some(info);
+        let info_at = |i: usize| (!reloaded[i]).then_some(infos[i]);
         // Deliver what was sent last round.
         for (from, to, out) in std::mem::take(&mut self.in_flight) {
             if self.dead == Some(to) {
@@ -176,7 +216,7 @@ impl Sim {
             // A node sees its client hot once it sends 0.8 of the cold share (the programs'
             // `hot_count`) or more.
             // Under the changed policy, which enrols nobody while the members' views differ.
-            let over = is_hot(rates[i], info.cold) && !reloaded[i];
+            let over = is_hot(rates[i], infos[i].cold) && !reloaded[i];
             match &mut self.episodes {
                 None if over => node.hot(self.now, &view, self.client, 1),
                 None => {}
@@ -459,6 +499,7 @@ fn alone_view(members: &[NodeId], agreed: bool) -> View<'_> {
         live: members,
         agreed_members: members.len() as u32,
         agreed,
+        counts: &[],
     }
 }
 
@@ -731,6 +772,7 @@ fn an_owner_ignores_reports_for_clients_it_does_not_own_and_a_holder_foreign_gra
     // Views that differ: no new enrolment.
     let split = View {
         agreed: false,
+        counts: &[],
         ..view
     };
     let mut the_owner = Enrolment::new(owner.clone(), timing(), 1, 16);
@@ -1383,6 +1425,7 @@ fn a_quiet_holder_is_passed_by_until_an_event_or_its_keepalive() {
         live: &members,
         agreed_members: 4,
         agreed: true,
+        counts: &[],
     };
     let info = PolicyInfo {
         limit: L,
@@ -1895,5 +1938,106 @@ mod rolling_reload {
             step_within_l(&mut sim, &rates, round);
         }
         assert!(sim.grants.iter().all(Option::is_none), "{:?}", sim.grants);
+    }
+}
+
+/// A join that the members take up one at a time, found by a review: each member enforces
+/// the smaller cold share only once its maps hold the join, a sync interval (or a stalled
+/// write) after its view has it. An owner that counted the others at its own new share as soon
+/// as its maps held it raised itself into their old one: 74 of 70 at seven members to eight,
+/// then 82 once the member joining was cut. It counts every member at the largest share a
+/// member reports holding (`Membership::counts`).
+mod join_taken_up_late {
+    use super::*;
+
+    /// Seven members and L = 70 (cold 10), the client sent at `rate` a window to its owner and
+    /// `rest` to every other member until its split settles; then an eighth joins (cold 8).
+    /// The owner's maps take the join up at once, the member joining admits nothing until
+    /// every other has taken it up (its join gate) and a lease more, the others take it up
+    /// `lag` rounds late. `out_of_reach`: only the owner and the member joining are live (the
+    /// others are members still, not enrolled, counted at the cold share). `stuck`: one of
+    /// the others never takes the join up. Returns the sim at the end, the largest sum of the
+    /// shares in force and the round it was reached.
+    fn join_with_lag(
+        rate: u32,
+        rest: u32,
+        lag: usize,
+        out_of_reach: bool,
+        stuck: bool,
+    ) -> (Sim, u32, usize) {
+        let (seven, eight) = (ids(7), ids(8));
+        // A client whose owner stays the same across the join.
+        let client = (0u8..=255)
+            .map(|b| [b; 16])
+            .find(|c| owner::owner(c, &seven).is_some_and(|o| owner::owner(c, &eight) == Some(o)))
+            .expect("a client the join does not move");
+        let mut sim = Sim::for_client(7, client);
+        sim.limit = 70;
+        let owner = sim.owner_index();
+        let mut rates = [rest; 8];
+        rates[owner] = rate;
+        if out_of_reach {
+            sim.live = Some(vec![owner]);
+        }
+        for _ in 0..200 {
+            sim.step(&rates[..7]);
+        }
+        sim.join(&eight);
+        if let Some(live) = &mut sim.live {
+            live.push(7);
+        }
+        sim.maps_count = (0..8)
+            .map(|i| match i {
+                7 => Some(0),
+                i if i == owner => None,
+                _ => Some(7),
+            })
+            .collect();
+        let (mut worst, mut at) = (0, 0);
+        for round in 0..400 {
+            if round == lag {
+                sim.maps_count[..7].fill(None);
+                if stuck {
+                    sim.maps_count[(owner + 1) % 7] = Some(7);
+                }
+            }
+            if round == lag + 20 {
+                sim.maps_count[7] = None;
+            }
+            sim.step(&rates);
+            if sim.total() > worst {
+                (worst, at) = (sim.total(), round);
+            }
+        }
+        (sim, worst, at)
+    }
+
+    #[test]
+    fn the_owner_counts_each_member_at_the_share_it_holds_until_it_takes_the_join_up() {
+        for lag in [1, 5, 30, 60] {
+            for (rate, rest) in [(70, 0), (20, 0), (9, 9), (40, 9), (0, 30)] {
+                for out_of_reach in [true, false] {
+                    let (_, worst, round) = join_with_lag(rate, rest, lag, out_of_reach, false);
+                    assert!(
+                        worst <= 70,
+                        "{rate}/{rest}, lag {lag}, out of reach {out_of_reach}: {worst} at round {round}"
+                    );
+                }
+            }
+            // Once all hold the join, the owner has the room the six members out of reach
+            // leave at the new share (6 × 8 of 70), the member joining cut to what it sends.
+            let (sim, _, _) = join_with_lag(70, 0, lag, true, false);
+            assert_eq!(sim.enforced(sim.owner_index()), 22, "lag {lag}");
+        }
+    }
+
+    /// A member that never takes the join up (its writes fail, or it went silent before it
+    /// heard of the join) is counted at its larger share, and only it: the owner has the room
+    /// of one share of seven and five of eight (70 − 10 − 40).
+    #[test]
+    fn a_member_that_never_takes_the_join_up_costs_its_own_share_only() {
+        let (sim, worst, round) = join_with_lag(70, 0, 5, true, true);
+        assert!(worst <= 70, "{worst} at round {round}");
+        assert_eq!(sim.enforced(sim.owner_index()), 20);
     }
 }

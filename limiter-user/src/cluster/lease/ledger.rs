@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use super::{
-    Grant, Report, Terms, Timing, ToHolder,
+    Colds, Grant, Report, Terms, Timing, ToHolder,
     account::{Account, Counted},
     sums::Sums,
 };
@@ -295,7 +295,7 @@ impl Ledger {
     /// are issued ([`Sums`]): a round costs O(n log n) for n holders (each has a few grants in
     /// flight), and an idle holder whose grant stays as it is costs no check at all.
     pub fn round(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
-        self.round_with(now, cold, others, Duration::ZERO)
+        self.round_counting(now, &uniform(cold, others), false)
     }
 
     /// [`Ledger::round`], but a holder gets a message only when it is due one: a grant issued
@@ -306,18 +306,36 @@ impl Ledger {
     /// both sides, never later on the owner's: the owner counts from the newest message the
     /// holder echoed, which the holder received no later than its newest.
     pub fn round_due(&mut self, now: Duration, cold: u32, others: u32) -> Vec<(NodeId, ToHolder)> {
-        self.round_with(now, cold, others, self.timing.keepalive())
+        self.round_counting(now, &uniform(cold, others), true)
+    }
+
+    /// [`Ledger::round`] (or, `due`, [`Ledger::round_due`]) with each member counted at the
+    /// cold share it may hold ([`Colds`]).
+    pub fn round_counting(
+        &mut self,
+        now: Duration,
+        colds: &Colds<'_>,
+        due: bool,
+    ) -> Vec<(NodeId, ToHolder)> {
+        let keepalive = if due {
+            self.timing.keepalive()
+        } else {
+            Duration::ZERO
+        };
+        self.round_with(now, colds, keepalive)
     }
 
     fn round_with(
         &mut self,
         now: Duration,
-        cold: u32,
-        others: u32,
+        colds: &Colds<'_>,
         keepalive: Duration,
     ) -> Vec<(NodeId, ToHolder)> {
         let timing = self.timing;
-        let budget = u64::from(self.limit).saturating_sub(u64::from(cold) * u64::from(others));
+        let cold = colds.share;
+        let budget = u64::from(self.limit).saturating_sub(colds.others);
+        // Each holder's cold share as counted: what it may enforce without a grant in force.
+        let counted: Vec<u32> = self.holders.keys().map(|id| colds.of(id)).collect();
         let lease = timing.stretched(timing.lease);
         let wants: Vec<u32> = self
             .holders
@@ -340,11 +358,12 @@ impl Ledger {
             let mut accounts: Vec<&mut Account> = self.holders.values_mut().collect();
             let now_bounds: Vec<u32> = accounts
                 .iter()
-                .map(|a| a.bound_at(now, cold, &timing))
+                .zip(&counted)
+                .map(|(a, &c)| a.bound_at(now, c, &timing))
                 .collect();
             let mut order: Vec<usize> = (0..accounts.len()).collect();
             order.sort_by_key(|&i| (targets[i] > now_bounds[i], targets[i]));
-            let mut sums = Sums::new(&accounts, now, lease, cold, &timing);
+            let mut sums = Sums::new(&accounts, now, lease, &counted, &timing);
             for i in order {
                 let account = &mut *accounts[i];
                 let Some((answers, received)) = account.last_report else {
@@ -363,7 +382,7 @@ impl Ledger {
                 let value = if idle {
                     target
                 } else {
-                    sums.feasible(account, target, now, lapses_at, cold, budget, &timing)
+                    sums.feasible(account, target, now, lapses_at, counted[i], budget, &timing)
                 };
                 // The same value, at most the cold share or with more than half its lease to go:
                 // send it again (the holder ignores a grant it has, and takes it back if it
@@ -390,7 +409,7 @@ impl Ledger {
                                 lapses_at,
                             },
                             now,
-                            cold,
+                            counted[i],
                             &timing,
                         );
                         Grant {
@@ -435,12 +454,25 @@ impl Ledger {
     /// The most that all members may be enforcing at `now`: the bounds of the enrolled plus the
     /// cold shares of the `others`. Never above L (the tests assert it; `round` keeps it).
     pub fn in_force_bound(&self, now: Duration, cold: u32, others: u32) -> u64 {
-        let fixed = u64::from(cold) * u64::from(others);
-        fixed
+        self.in_force_counting(now, &uniform(cold, others))
+    }
+
+    /// [`Ledger::in_force_bound`] with each member counted at the cold share it may hold.
+    pub fn in_force_counting(&self, now: Duration, colds: &Colds<'_>) -> u64 {
+        colds.others
             + self
                 .holders
-                .values()
-                .map(|a| u64::from(a.bound_at(now, cold, &self.timing)))
+                .iter()
+                .map(|(id, a)| u64::from(a.bound_at(now, colds.of(id), &self.timing)))
                 .sum::<u64>()
+    }
+}
+
+/// Every member counted at the cold share `cold`, `others` of them not enrolled.
+fn uniform(cold: u32, others: u32) -> Colds<'static> {
+    Colds {
+        share: cold,
+        of: &|_| None,
+        others: u64::from(cold) * u64::from(others),
     }
 }

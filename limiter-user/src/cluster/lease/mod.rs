@@ -49,8 +49,8 @@
 //!
 //! Preconditions the sync loop built on this must keep, and what is not covered yet (an
 //! independent review listed them): the cold share a holder uses is never above the one its
-//! owner counts with, and a larger member count (a smaller budget) may be used by the owner only
-//! a stretched lease after it was announced; a holder that restarts is counted at the cold share at
+//! owner counts with ([`Colds`]: the agent counts each member at the cold share it reports its
+//! maps hold, so one that has not taken up a join yet is counted at its larger share); a holder that restarts is counted at the cold share at
 //! least from the owner's first news of its new incarnation ([`Ledger::holder_restarted`]), and
 //! must enforce nothing above what the owner counted before that until a stretched lease after
 //! the owner had that news (`super::membership`'s join gate holds it at 0); a new owner (after the old one left) must be told apart
@@ -61,7 +61,7 @@
 
 use std::time::Duration;
 
-use super::config::MAX_PEER_TIMEOUT;
+use super::{NodeId, config::MAX_PEER_TIMEOUT};
 
 mod account;
 mod holder;
@@ -213,6 +213,30 @@ pub struct ToHolder {
 pub struct Terms {
     pub lease: Duration,
     pub silence: Duration,
+}
+
+/// The cold shares an owner's round counts with. Members take up a change of the member count
+/// one at a time (each once its maps hold it), so for a while some enforce the share of another
+/// count than the owner's: a member that has not taken up a join yet enforces the larger share
+/// of fewer members. Each member is counted at the one it may hold.
+#[derive(Clone, Copy)]
+pub struct Colds<'a> {
+    /// The cold share in force on the owner's node: no grant above it while the ledger learns
+    /// or releases, and a grant at most this is no raise to hold a release back for.
+    pub share: u32,
+    /// The cold share `member` may be enforcing (`None`: `share`; counted at `share` at least):
+    /// what a holder without a grant in force is counted at, and a lapsed raise at
+    /// `min(value, cold)`.
+    pub of: &'a dyn Fn(&NodeId) -> Option<u32>,
+    /// Σ of the cold shares the members not enrolled may be enforcing.
+    pub others: u64,
+}
+
+impl Colds<'_> {
+    /// What `member` is counted at.
+    fn of(&self, member: &NodeId) -> u32 {
+        (self.of)(member).unwrap_or(self.share).max(self.share)
+    }
 }
 
 /// A holder's report to the owner.

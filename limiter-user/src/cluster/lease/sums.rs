@@ -27,11 +27,13 @@ pub(super) struct Sums {
 }
 
 impl Sums {
+    /// The sums for `accounts` at `now`, each counted with its cold share in `colds` (in order),
+    /// with grants issued this round lapsing a stretched `lease` after their reports.
     pub(super) fn new(
         accounts: &[&mut Account],
         now: Duration,
         lease: Duration,
-        cold: u32,
+        colds: &[u32],
         timing: &Timing,
     ) -> Sums {
         let mut instants = vec![now];
@@ -52,7 +54,7 @@ impl Sums {
         // Each bound as steps: its value at now, then what it changes by at each of its
         // instants; the running total is the sum at each instant.
         let mut steps = vec![0i64; len + 1];
-        for a in accounts {
+        for (a, &cold) in accounts.iter().zip(colds) {
             let mut before = a.counted_at(now, cold, timing);
             steps[0] += i64::from(before);
             for at in a.steps(now, timing, None) {

@@ -528,6 +528,34 @@ impl Membership {
             .fold(self.members(now).max(floor), u32::max)
     }
 
+    /// By member of `members` (ids in order, as [`Membership::enrolment_view`] gives them): the
+    /// member count the cold share its maps hold was computed with, as far as this node knows
+    /// (`None`: not known). This node's is `in_force`'s; another member's, what it reported last
+    /// within `forget`: a member reports no more than the count its maps hold
+    /// (`reported_members`), so one that has not written a join yet (or has not heard of the
+    /// newcomer) reports fewer members, and enforces the larger share an owner must count it at.
+    /// A member silent since goes on enforcing what its maps held, and is counted so until it
+    /// is forgotten.
+    pub fn counts(
+        &self,
+        now: Instant,
+        members: &[NodeId],
+        in_force: &ShareView,
+    ) -> Vec<Option<u32>> {
+        members
+            .iter()
+            .map(|id| {
+                if *id == self.me {
+                    return Some(in_force.members);
+                }
+                self.seen
+                    .get(id)
+                    .filter(|s| now.saturating_duration_since(s.at) <= self.timing.forget)
+                    .map(|s| s.members)
+            })
+            .collect()
+    }
+
     /// Every member heard within `forget` reported our view hash.
     pub fn agreed(&self, now: Instant) -> bool {
         let mine = self.view_hash(now);

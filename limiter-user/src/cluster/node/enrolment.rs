@@ -88,6 +88,8 @@ struct Snapshot {
     live: Vec<NodeId>,
     agreed_members: u32,
     agreed: bool,
+    /// By member: the count its maps hold, as last reported (see [`View::counts`]).
+    counts: Vec<Option<u32>>,
     policies: HashMap<PolicyName, PolicyInfo>,
 }
 
@@ -96,6 +98,7 @@ impl Snapshot {
         let now = std::time::Instant::now();
         let state = shared.lock();
         let (members, live, agreed) = state.membership.enrolment_view(now);
+        let counts = state.membership.counts(now, &members, &state.view);
         let policies = state
             .named
             .iter()
@@ -120,6 +123,7 @@ impl Snapshot {
             live,
             agreed_members: state.view.members,
             agreed,
+            counts,
             policies,
         }
     }
@@ -130,6 +134,7 @@ impl Snapshot {
             live: &self.live,
             agreed_members: self.agreed_members,
             agreed: self.agreed,
+            counts: &self.counts,
         }
     }
 
