@@ -50,6 +50,7 @@ impl Sim {
                 members,
                 view_hash: 0x7e57_7e57_7e57_7e57,
                 policies_hash: 0x7e57_7e57_7e57_7e57,
+                share_members: members,
             }
         } else {
             node.membership
@@ -343,6 +344,7 @@ fn heartbeat_len(report: &membership::Report, echo: u64, to: Option<&NodeId>) ->
         members: report.members,
         view_hash: report.view_hash,
         policies_hash: report.policies_hash,
+        share_members: report.share_members,
         nonce: 0x5eed_5eed_5eed_5eed,
         reports: Vec::new(),
         grants: Vec::new(),

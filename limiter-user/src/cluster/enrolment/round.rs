@@ -179,7 +179,7 @@ impl Enrolment {
             self.checked_view = (view.members.to_vec(), view.live.to_vec());
         }
         // Per (L, this node's cold share): the members whose maps hold a larger one (by index
-        // in `view.members`, with it), usually none.
+        // in `view.members`, in order, with it), usually none.
         let mut larger: HashMap<(u32, u32), Vec<(usize, u32)>> = HashMap::new();
         for (client, owned) in self.owned.iter_mut() {
             let Some(policy) = info(owned.policy) else {
@@ -237,7 +237,8 @@ impl Enrolment {
                 .sum();
             let of = |member: &NodeId| {
                 let i = view.members.binary_search(member).ok()?;
-                lagging.iter().find(|&&(j, _)| j == i).map(|&(_, c)| c)
+                let j = lagging.binary_search_by_key(&i, |&(j, _)| j).ok()?;
+                Some(lagging[j].1)
             };
             let colds = Colds {
                 share: cold,

@@ -144,13 +144,14 @@ impl Sim {
         }
     }
 
-    /// By member: the count whose cold share its maps hold, as it reports it (a joining
-    /// member reports every member it counts).
+    /// By member: the count whose cold share its maps hold, as it reports it (none while its
+    /// join gate holds it at 0).
     fn counts(&self) -> Vec<Option<u32>> {
         let members = self.members.len() as u32;
         (0..self.members.len())
             .map(|j| match self.maps_count.get(j).copied().flatten() {
-                None | Some(0) => Some(members),
+                None => Some(members),
+                Some(0) => None,
                 Some(n) => Some(n),
             })
             .collect()
@@ -1945,8 +1946,8 @@ mod rolling_reload {
 /// the smaller cold share only once its maps hold the join, a sync interval (or a stalled
 /// write) after its view has it. An owner that counted the others at its own new share as soon
 /// as its maps held it raised itself into their old one: 74 of 70 at seven members to eight,
-/// then 82 once the member joining was cut. It counts every member at the largest share a
-/// member reports holding (`Membership::counts`).
+/// then 82 once the member joining was cut. It counts each member at the share it reports its
+/// maps hold (`Membership::counts`).
 mod join_taken_up_late {
     use super::*;
 

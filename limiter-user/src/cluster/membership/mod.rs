@@ -70,6 +70,9 @@ pub struct Report {
     pub view_hash: u64,
     /// The sender's policies hash alone ([`Membership::set_policies_hash`]; 0: not sent).
     pub policies_hash: u64,
+    /// The member count the cold shares the sender's maps hold were computed with
+    /// ([`ShareView::share_members`]; 0: none, or not sent).
+    pub share_members: u32,
 }
 
 /// Why a peer's message is refused.
@@ -155,6 +158,16 @@ impl ShareView {
         partition: Partition::Share,
     };
 
+    /// The member count whose cold share is what this view enforces of any global limit (its
+    /// [`ShareView::share`]): 0 for none, 1 for the whole limit.
+    pub fn share_members(&self) -> u32 {
+        match (self.phase, self.partition) {
+            (Phase::Joining, _) | (Phase::CutOff, Partition::Deny) => 0,
+            (Phase::CutOff, Partition::Local) => 1,
+            _ => self.members,
+        }
+    }
+
     /// What this node enforces of a global limit `limit`.
     pub fn share(&self, limit: u32) -> u32 {
         match (self.phase, self.partition) {
@@ -211,6 +224,7 @@ struct Seen {
     members: u32,
     view_hash: u64,
     policies_hash: u64,
+    share_members: u32,
 }
 
 /// What of a peer's view differs from this node's (see [`PeerStatus::differs`]).
@@ -369,6 +383,9 @@ impl Membership {
         if report.members > MAX_REPORTED_MEMBERS {
             return Err(Refusal::TooManyMembers(report.members));
         }
+        if report.share_members > MAX_REPORTED_MEMBERS {
+            return Err(Refusal::TooManyMembers(report.share_members));
+        }
         self.forget_silent(now);
         let newer = |s: &Seen| (report.incarnation, report.seq) >= (s.incarnation, s.seq);
         let mut heard = Heard::Known;
@@ -384,6 +401,7 @@ impl Membership {
                     members: report.members,
                     view_hash: report.view_hash,
                     policies_hash: report.policies_hash,
+                    share_members: report.share_members,
                 };
             }
             // Older than what we have (reordered, or from an earlier incarnation): ignored, and
@@ -402,6 +420,7 @@ impl Membership {
                         members: report.members,
                         view_hash: report.view_hash,
                         policies_hash: report.policies_hash,
+                        share_members: report.share_members,
                     },
                 );
             }
@@ -529,13 +548,12 @@ impl Membership {
     }
 
     /// By member of `members` (ids in order, as [`Membership::enrolment_view`] gives them): the
-    /// member count the cold share its maps hold was computed with, as far as this node knows
-    /// (`None`: not known). This node's is `in_force`'s; another member's, what it reported last
-    /// within `forget`: a member reports no more than the count its maps hold
-    /// (`reported_members`), so one that has not written a join yet (or has not heard of the
-    /// newcomer) reports fewer members, and enforces the larger share an owner must count it at.
-    /// A member silent since goes on enforcing what its maps held, and is counted so until it
-    /// is forgotten.
+    /// member count the cold shares its maps hold were computed with, as far as this node knows
+    /// (`None`: not known, or none). This node's is `in_force`'s; another member's, what it
+    /// reported last within `forget` ([`Report::share_members`]): one that has not written a
+    /// join yet enforces the larger share of fewer members, and is counted at it. A member
+    /// silent since goes on enforcing what its maps held, and is counted so until it is
+    /// forgotten.
     pub fn counts(
         &self,
         now: Instant,
@@ -545,13 +563,16 @@ impl Membership {
         members
             .iter()
             .map(|id| {
-                if *id == self.me {
-                    return Some(in_force.members);
-                }
-                self.seen
-                    .get(id)
-                    .filter(|s| now.saturating_duration_since(s.at) <= self.timing.forget)
-                    .map(|s| s.members)
+                let n = if *id == self.me {
+                    in_force.share_members()
+                } else {
+                    let s = self.seen.get(id)?;
+                    if now.saturating_duration_since(s.at) > self.timing.forget {
+                        return None;
+                    }
+                    s.share_members
+                };
+                (n > 0).then_some(n)
             })
             .collect()
     }
@@ -661,6 +682,7 @@ impl Membership {
             members: self.reported_members(now, in_force),
             view_hash: self.view_hash(now),
             policies_hash: self.policies_hash,
+            share_members: in_force.share_members(),
         }
     }
 

@@ -18,6 +18,7 @@ fn report(node: &str, seq: u64, members: u32, hash: u64) -> Report {
         members,
         view_hash: hash,
         policies_hash: 0,
+        share_members: members,
     }
 }
 
@@ -476,6 +477,11 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     let t0 = Instant::now();
     let mut m = three(true, Partition::Share, t0);
     let hash = m.view_hash(t0);
+    // `members` counted, `share` the count its maps hold.
+    let says = |node: &str, seq: u64, members: u32, share: u32| Report {
+        share_members: share,
+        ..report(node, seq, members, 0)
+    };
     m.answered(addr(7202), t0, &report("n2", 1, 3, hash), t0)
         .expect("answer");
     m.answered(addr(7203), t0, &report("n3", 1, 3, hash), t0)
@@ -483,33 +489,36 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     let view = m.share_view(t0);
     let three_ids = [id("n1"), id("n2"), id("n3")];
     assert_eq!(m.counts(t0, &three_ids, &view), [Some(3); 3]);
-    // n4 joins: this node counts it at once, and its maps hold four after the next write.
-    // n3 reports three still (its maps have not taken the join up, or it has not heard of n4):
-    // it enforces the share of three, and is counted so.
+    // n4 joins. n2 has taken it up; n3 counts it but its maps hold three still (the write
+    // comes at its next sync interval, later if it stalls): it enforces the share of three,
+    // and is counted so.
     let t1 = t0 + ms(10);
-    m.heard(&report("n4", 1, 4, 0), t1).expect("heard");
-    m.answered(addr(7202), t1, &report("n2", 2, 4, 0), t1)
+    m.heard(&says("n4", 1, 4, 0), t1).expect("heard");
+    m.answered(addr(7202), t1, &says("n2", 2, 4, 4), t1)
         .expect("answer");
-    m.answered(addr(7203), t1, &report("n3", 2, 3, hash), t1)
+    m.answered(addr(7203), t1, &says("n3", 2, 4, 3), t1)
         .expect("answer");
     let four = m.share_view(t1);
     assert_eq!(four.members, 4);
     let (ids, _, _) = m.enrolment_view(t1);
     assert_eq!(ids, [id("n1"), id("n2"), id("n3"), id("n4")]);
-    assert_eq!(
-        m.counts(t1, &ids, &four),
-        [Some(4), Some(4), Some(3), Some(4)]
-    );
+    // n4 is joining: its maps admit nothing, no count above ours.
+    assert_eq!(m.counts(t1, &ids, &four), [Some(4), Some(4), Some(3), None]);
     // This node's own is what its maps hold, not what it counts.
     assert_eq!(m.counts(t1, &ids, &view)[0], Some(3));
-    // n3's maps hold four now: counted at four from its next report on.
+    // A leave the other way: n3 has forgotten a member its maps still hold (it counts fewer):
+    // counted at what its maps hold, not at the smaller count it reports.
     let t2 = t0 + ms(30);
-    m.answered(addr(7203), t1, &report("n3", 3, 4, 0), t2)
+    m.answered(addr(7203), t1, &says("n3", 3, 3, 4), t2)
         .expect("answer");
-    assert_eq!(m.counts(t2, &ids, &four), [Some(4); 4]);
-    // A member silent since is counted at what it reported last until it is forgotten, and a
-    // member not heard from at all is not known.
+    assert_eq!(m.counts(t2, &ids, &four)[2], Some(4));
+    // A member silent since is counted at what it reported last until it is forgotten.
     let forget = Timing::new(TIMEOUT).forget;
-    assert_eq!(m.counts(t1 + forget, &ids, &four)[3], Some(4));
-    assert_eq!(m.counts(t1 + forget + ms(1), &ids, &four)[3], None);
+    assert_eq!(m.counts(t1 + forget, &ids, &four)[1], Some(4));
+    assert_eq!(m.counts(t1 + forget + ms(1), &ids, &four)[1], None);
+    // A count past what any view holds is refused, as a member count is.
+    assert_eq!(
+        m.heard(&says("n5", 1, 4, MAX_REPORTED_MEMBERS + 1), t2),
+        Err(Refusal::TooManyMembers(MAX_REPORTED_MEMBERS + 1))
+    );
 }

@@ -38,6 +38,7 @@ pub(super) fn to_report(hb: &Heartbeat) -> Result<Report, Status> {
         members: hb.members,
         view_hash: hb.view_hash,
         policies_hash: hb.policies_hash,
+        share_members: hb.share_members,
     })
 }
 
@@ -50,6 +51,7 @@ pub(super) fn to_heartbeat(report: Report, echo: u64, shared: &Shared) -> Heartb
         members: report.members,
         view_hash: report.view_hash,
         policies_hash: report.policies_hash,
+        share_members: report.share_members,
         nonce: shared.nonce,
         reports: Vec::new(),
         grants: Vec::new(),

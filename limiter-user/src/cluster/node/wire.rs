@@ -223,6 +223,7 @@ mod tests {
             view_hash: u64::MAX,
             nonce: u64::MAX,
             policies_hash: u64::MAX,
+            share_members: u32::MAX,
             reports: vec![report; MAX_CLIENTS_PER_MESSAGE],
             grants: vec![grant; MAX_CLIENTS_PER_MESSAGE],
             to_node_id: "n".repeat(64),
