@@ -50,8 +50,9 @@
 //! Preconditions the sync loop built on this must keep, and what is not covered yet (an
 //! independent review listed them): the cold share a holder uses is never above the one its
 //! owner counts with ([`Colds`]: the agent counts each member at the cold share it reports its
-//! maps hold, so one that has not taken up a join yet is counted at its larger share; at a leave
-//! a member's report of the larger share it wrote can reach the owner a heartbeat late); a holder that restarts is counted at the cold share at
+//! maps hold, so one that has not taken up a join yet is counted at its larger share, and at no
+//! count above the owner's own, so one that takes up a leave is counted at its larger share
+//! before its heartbeat says so); a holder that restarts is counted at the cold share at
 //! least from the owner's first news of its new incarnation ([`Ledger::holder_restarted`]), and
 //! must enforce nothing above what the owner counted before that until a stretched lease after
 //! the owner had that news (`super::membership`'s join gate holds it at 0); a new owner (after the old one left) must be told apart

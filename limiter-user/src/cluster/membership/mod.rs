@@ -554,12 +554,19 @@ impl Membership {
     /// join yet enforces the larger share of fewer members, and is counted at it. A member
     /// silent since goes on enforcing what its maps held, and is counted so until it is
     /// forgotten.
+    ///
+    /// At most the count this node reports: at a leave, a member writes the larger share of
+    /// one member less as soon as every member it hears reports one less, this node included,
+    /// and its heartbeat saying so comes later. Its agreed count is at least what this node
+    /// reported last (while this node's count only falls), so it is counted at the larger share
+    /// from the moment this node counts one less.
     pub fn counts(
         &self,
         now: Instant,
         members: &[NodeId],
         in_force: &ShareView,
     ) -> Vec<Option<u32>> {
+        let reported = self.reported_members(now, in_force);
         members
             .iter()
             .map(|id| {
@@ -570,7 +577,7 @@ impl Membership {
                     if now.saturating_duration_since(s.at) > self.timing.forget {
                         return None;
                     }
-                    s.share_members
+                    s.share_members.min(reported)
                 };
                 (n > 0).then_some(n)
             })

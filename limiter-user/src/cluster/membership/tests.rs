@@ -516,6 +516,16 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     let forget = Timing::new(TIMEOUT).forget;
     assert_eq!(m.counts(t1 + forget, &ids, &four)[1], Some(4));
     assert_eq!(m.counts(t1 + forget + ms(1), &ids, &four)[1], None);
+    // A leave: this node forgets n4 (silent for `forget`) while n2 and n3 still report four:
+    // each may take the leave up as soon as it hears this node report three, before its
+    // heartbeat says so, and is counted at the larger share of three from now on.
+    let t3 = t1 + forget + ms(1);
+    m.answered(addr(7202), t3, &says("n2", 4, 4, 4), t3)
+        .expect("answer");
+    m.answered(addr(7203), t3, &says("n3", 4, 4, 4), t3)
+        .expect("answer");
+    assert_eq!(m.members(t3), 3, "n4 forgotten");
+    assert_eq!(m.counts(t3, &ids[..3], &four), [Some(4), Some(3), Some(3)]);
     // A count past what any view holds is refused, as a member count is.
     assert_eq!(
         m.heard(&says("n5", 1, 4, MAX_REPORTED_MEMBERS + 1), t2),
