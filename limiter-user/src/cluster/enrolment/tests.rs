@@ -144,14 +144,14 @@ impl Sim {
         }
     }
 
-    /// By member: the count whose cold share its maps hold, as it reports it (none while its
-    /// join gate holds it at 0).
+    /// By member: the count whose cold share an owner counts it at, as `Membership::counts`
+    /// gives it with every report in: what its maps hold, or while its join gate holds it at 0,
+    /// the count it reports (every member).
     fn counts(&self) -> Vec<Option<u32>> {
         let members = self.members.len() as u32;
         (0..self.members.len())
             .map(|j| match self.maps_count.get(j).copied().flatten() {
-                None => Some(members),
-                Some(0) => None,
+                None | Some(0) => Some(members),
                 Some(n) => Some(n),
             })
             .collect()

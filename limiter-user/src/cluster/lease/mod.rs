@@ -52,7 +52,8 @@
 //! owner counts with ([`Colds`]: the agent counts each member at the cold share it reports its
 //! maps hold, so one that has not taken up a join yet is counted at its larger share, and at no
 //! count above the owner's own, so one that takes up a leave is counted at its larger share
-//! before its heartbeat says so); a holder that restarts is counted at the cold share at
+//! before its heartbeat says so, while the owner's count does not rise meanwhile; the README
+//! states what is left); a holder that restarts is counted at the cold share at
 //! least from the owner's first news of its new incarnation ([`Ledger::holder_restarted`]), and
 //! must enforce nothing above what the owner counted before that until a stretched lease after
 //! the owner had that news (`super::membership`'s join gate holds it at 0); a new owner (after the old one left) must be told apart

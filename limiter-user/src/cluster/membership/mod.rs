@@ -158,12 +158,14 @@ impl ShareView {
         partition: Partition::Share,
     };
 
-    /// The member count whose cold share is what this view enforces of any global limit (its
-    /// [`ShareView::share`]): 0 for none, 1 for the whole limit.
+    /// The member count whose cold share is what this view enforces of a global limit (its
+    /// [`ShareView::share`]), as an owner is to count it: 0 for none (joining, or cut off under
+    /// `deny`). Cut off under `local` a member admits the whole limit, but says its count: that
+    /// partition policy is fail-open by choice (at most L on each side of a cut), and an owner
+    /// that heard it (a one-way cut) would otherwise cut every other holder to 0.
     pub fn share_members(&self) -> u32 {
         match (self.phase, self.partition) {
             (Phase::Joining, _) | (Phase::CutOff, Partition::Deny) => 0,
-            (Phase::CutOff, Partition::Local) => 1,
             _ => self.members,
         }
     }
@@ -548,18 +550,21 @@ impl Membership {
     }
 
     /// By member of `members` (ids in order, as [`Membership::enrolment_view`] gives them): the
-    /// member count the cold shares its maps hold were computed with, as far as this node knows
-    /// (`None`: not known, or none). This node's is `in_force`'s; another member's, what it
-    /// reported last within `forget` ([`Report::share_members`]): one that has not written a
-    /// join yet enforces the larger share of fewer members, and is counted at it. A member
-    /// silent since goes on enforcing what its maps held, and is counted so until it is
-    /// forgotten.
+    /// member count whose cold share an owner here counts it at. This node's is `in_force`'s.
+    /// Another member's is what it reported last within `forget` ([`Report::share_members`]):
+    /// one that has not written a join yet enforces the larger share of fewer members, and is
+    /// counted at it; a member silent since goes on enforcing what its maps held, and is
+    /// counted so until it is forgotten. One whose maps admit nothing now (joining, or cut off
+    /// under `deny`), or whose agent predates the field, is counted at the count it reports (the
+    /// share it will write is of its agreed count, which is at least that).
     ///
-    /// At most the count this node reports: at a leave, a member writes the larger share of
-    /// one member less as soon as every member it hears reports one less, this node included,
-    /// and its heartbeat saying so comes later. Its agreed count is at least what this node
-    /// reported last (while this node's count only falls), so it is counted at the larger share
-    /// from the moment this node counts one less.
+    /// Each at most the count this node reports, and a member not heard within `forget` at
+    /// that: at a leave, a member writes the larger share of one member less as soon as every
+    /// member it hears reports one less, this node included, and its heartbeat saying so comes
+    /// later. Its agreed count is at least the report of this node it holds, so while this
+    /// node's count only falls, every member is counted at the larger share from the moment
+    /// this node counts one less. (If this node's count rises meanwhile, a join here, a member
+    /// that took up the leave is counted at the smaller share until its next heartbeat.)
     pub fn counts(
         &self,
         now: Instant,
@@ -573,11 +578,15 @@ impl Membership {
                 let n = if *id == self.me {
                     in_force.share_members()
                 } else {
-                    let s = self.seen.get(id)?;
-                    if now.saturating_duration_since(s.at) > self.timing.forget {
-                        return None;
+                    let fresh = self
+                        .seen
+                        .get(id)
+                        .filter(|s| now.saturating_duration_since(s.at) <= self.timing.forget);
+                    match fresh {
+                        Some(s) if s.share_members > 0 => s.share_members.min(reported),
+                        Some(s) => s.members.min(reported),
+                        None => reported,
                     }
-                    s.share_members.min(reported)
                 };
                 (n > 0).then_some(n)
             })

@@ -502,8 +502,12 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     assert_eq!(four.members, 4);
     let (ids, _, _) = m.enrolment_view(t1);
     assert_eq!(ids, [id("n1"), id("n2"), id("n3"), id("n4")]);
-    // n4 is joining: its maps admit nothing, no count above ours.
-    assert_eq!(m.counts(t1, &ids, &four), [Some(4), Some(4), Some(3), None]);
+    // n4 is joining: its maps admit nothing now, and the share it will write is of at least the
+    // count it reports.
+    assert_eq!(
+        m.counts(t1, &ids, &four),
+        [Some(4), Some(4), Some(3), Some(4)]
+    );
     // This node's own is what its maps hold, not what it counts.
     assert_eq!(m.counts(t1, &ids, &view)[0], Some(3));
     // A leave the other way: n3 has forgotten a member its maps still hold (it counts fewer):
@@ -512,23 +516,33 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     m.answered(addr(7203), t1, &says("n3", 3, 3, 4), t2)
         .expect("answer");
     assert_eq!(m.counts(t2, &ids, &four)[2], Some(4));
-    // A member silent since is counted at what it reported last until it is forgotten.
-    let forget = Timing::new(TIMEOUT).forget;
-    assert_eq!(m.counts(t1 + forget, &ids, &four)[1], Some(4));
-    assert_eq!(m.counts(t1 + forget + ms(1), &ids, &four)[1], None);
+    // An agent that predates the field (0) is counted at the count it reports.
+    m.answered(addr(7202), t1, &says("n2", 3, 3, 0), t2)
+        .expect("answer");
+    assert_eq!(m.counts(t2, &ids, &four)[1], Some(3));
     // A leave: this node forgets n4 (silent for `forget`) while n2 and n3 still report four:
     // each may take the leave up as soon as it hears this node report three, before its
     // heartbeat says so, and is counted at the larger share of three from now on.
+    let forget = Timing::new(TIMEOUT).forget;
     let t3 = t1 + forget + ms(1);
-    m.answered(addr(7202), t3, &says("n2", 4, 4, 4), t3)
+    m.answered(addr(7202), t3, &says("n2", 5, 4, 4), t3)
         .expect("answer");
-    m.answered(addr(7203), t3, &says("n3", 4, 4, 4), t3)
+    m.answered(addr(7203), t3, &says("n3", 5, 4, 4), t3)
         .expect("answer");
     assert_eq!(m.members(t3), 3, "n4 forgotten");
     assert_eq!(m.counts(t3, &ids[..3], &four), [Some(4), Some(3), Some(3)]);
+    // A member silent since is counted at what it reported last until it is forgotten, then
+    // at this node's count. n4 is back, n3's maps hold three still, and n3 goes silent.
+    let t4 = t3 + ms(10);
+    m.heard(&says("n4", 2, 4, 4), t4).expect("heard");
+    m.answered(addr(7203), t4, &says("n3", 6, 4, 3), t4)
+        .expect("answer");
+    m.heard(&says("n4", 3, 4, 4), t4 + forget).expect("heard");
+    assert_eq!(m.counts(t4 + forget, &ids, &four)[2], Some(3));
+    assert_eq!(m.counts(t4 + forget + ms(1), &ids, &four)[2], Some(4));
     // A count past what any view holds is refused, as a member count is.
     assert_eq!(
-        m.heard(&says("n5", 1, 4, MAX_REPORTED_MEMBERS + 1), t2),
+        m.heard(&says("n5", 1, 4, MAX_REPORTED_MEMBERS + 1), t4 + forget),
         Err(Refusal::TooManyMembers(MAX_REPORTED_MEMBERS + 1))
     );
 }
