@@ -172,10 +172,11 @@ pub struct View<'a> {
     pub agreed_members: u32,
     /// Every member reports this node's view hash.
     pub agreed: bool,
-    /// By member (as `members`; empty: none known), the member count the cold shares its maps
-    /// hold were computed with, as it reported last (`Membership::counts`). An owner counts each
-    /// member at the share of that count: one that has not taken up a join yet enforces the
-    /// larger share of fewer members. A member without one is counted at this node's share.
+    /// By member (as `members`; empty: none known), the member count whose cold share an owner
+    /// counts it at (`Membership::counts`: what its maps hold, as it reported last, at most this
+    /// node's count): one that has not taken up a join yet enforces the larger share of fewer
+    /// members. A member without one is counted at this node's share, as is one whose count
+    /// gives a smaller share.
     pub counts: &'a [Option<u32>],
 }
 

@@ -503,11 +503,15 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     let (ids, _, _) = m.enrolment_view(t1);
     assert_eq!(ids, [id("n1"), id("n2"), id("n3"), id("n4")]);
     // n4 is joining: its maps admit nothing now, and the share it will write is of at least the
-    // count it reports.
+    // count it reports (two, when it has heard of few members yet), never above ours.
     assert_eq!(
         m.counts(t1, &ids, &four),
         [Some(4), Some(4), Some(3), Some(4)]
     );
+    m.heard(&says("n4", 2, 2, 0), t1).expect("heard");
+    assert_eq!(m.counts(t1, &ids, &four)[3], Some(2));
+    m.heard(&says("n4", 3, 9, 0), t1).expect("heard");
+    assert_eq!(m.counts(t1, &ids, &four)[3], Some(4));
     // This node's own is what its maps hold, not what it counts.
     assert_eq!(m.counts(t1, &ids, &view)[0], Some(3));
     // A leave the other way: n3 has forgotten a member its maps still hold (it counts fewer):
@@ -530,14 +534,18 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
     m.answered(addr(7203), t3, &says("n3", 5, 4, 4), t3)
         .expect("answer");
     assert_eq!(m.members(t3), 3, "n4 forgotten");
-    assert_eq!(m.counts(t3, &ids[..3], &four), [Some(4), Some(3), Some(3)]);
+    // n4 itself, silent and forgotten, at this node's count.
+    assert_eq!(
+        m.counts(t3, &ids, &four),
+        [Some(4), Some(3), Some(3), Some(3)]
+    );
     // A member silent since is counted at what it reported last until it is forgotten, then
     // at this node's count. n4 is back, n3's maps hold three still, and n3 goes silent.
     let t4 = t3 + ms(10);
-    m.heard(&says("n4", 2, 4, 4), t4).expect("heard");
+    m.heard(&says("n4", 4, 4, 4), t4).expect("heard");
     m.answered(addr(7203), t4, &says("n3", 6, 4, 3), t4)
         .expect("answer");
-    m.heard(&says("n4", 3, 4, 4), t4 + forget).expect("heard");
+    m.heard(&says("n4", 5, 4, 4), t4 + forget).expect("heard");
     assert_eq!(m.counts(t4 + forget, &ids, &four)[2], Some(3));
     assert_eq!(m.counts(t4 + forget + ms(1), &ids, &four)[2], Some(4));
     // A count past what any view holds is refused, as a member count is.
