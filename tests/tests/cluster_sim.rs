@@ -371,6 +371,65 @@ fn a_join_keeps_the_sum_at_or_below_the_limit() {
     assert!(split[new] > 0, "the new member admits nothing: {split:?}");
 }
 
+/// Found by an independent review (fixed: an owner counts each member at the cold share of the
+/// count its maps hold, as its heartbeats say): members take a join up one at a time, each when
+/// its maps hold it, and an owner counted the others at its own new, smaller share as soon as
+/// its own maps held the join. Here the client's packets all reach its owner, member 0; five
+/// members are out of its reach both ways (their cuts dropped for silence: counted at the cold
+/// share), member 1 is heard by both sides, and the five's map writes stall for a second when
+/// the eighth member joins: they enforced the cold share of seven (10 of L = 70) while the
+/// owner counted them at that of eight (8), and raised itself into the difference: 72 of 70
+/// (the member joining, held at 0 by its gate but counted at 8, covers all but the rounding).
+/// Counted at what they report, they are counted at 10 until the owner hears them again.
+#[test]
+fn a_join_the_others_have_not_written_yet_keeps_the_sum_at_or_below_the_limit() {
+    let mut cfg = quick(7, 64);
+    cfg.limit = 70;
+    let limit = cfg.limit;
+    let seven: Vec<_> = (0..7).map(node_id).collect();
+    let eight: Vec<_> = (0..8).map(node_id).collect();
+    let c = (0..64)
+        .find(|&c| {
+            owner::owner(&key(c), &seven) == Some(&seven[0])
+                && owner::owner(&key(c), &eight) == Some(&eight[0])
+        })
+        .expect("a client member 0 owns among seven and eight");
+    let mut sim = Sim::new(cfg);
+    sim.run_for(Duration::from_millis(300));
+    sim.set_demand(
+        c,
+        Demand {
+            rate: 3.0 * f64::from(limit),
+            at: vec![(0, 1.0)],
+        },
+    );
+    sim.run_for(Duration::from_millis(2_000));
+    for k in 2..7 {
+        sim.link(0, k, false);
+        sim.link(k, 0, false);
+    }
+    sim.run_for(Duration::from_millis(2_000));
+    assert_never_above(&sim, "five members out of the owner's reach");
+    let before: Vec<u32> = (0..7).map(|i| sim.in_force(i, c)).collect();
+    assert!(
+        (2..7).all(|k| before[k] == limit / 7),
+        "the five dropped their cuts: {before:?}"
+    );
+    for k in 2..7 {
+        sim.stall(k, Duration::from_millis(1_000));
+    }
+    let new = sim.join();
+    sim.run_for(Duration::from_millis(3_000));
+    let split: Vec<u32> = (0..8).map(|i| sim.in_force(i, c)).collect();
+    eprintln!("in force after the join: {split:?}");
+    assert_never_above(&sim, "a join the others have not written yet");
+    assert!(split[new] > 0, "the new member admits nothing: {split:?}");
+    assert!(
+        (2..7).all(|k| split[k] == limit / 8),
+        "the five took the join up: {split:?}"
+    );
+}
+
 /// Found by this simulation (fixed: owners count a member's new incarnation at the cold share at
 /// least before they answer it, and the join gate opens on answers to its own heartbeats, then
 /// holds a stretched lease): a member that its owner had cut below the cold share restarts

@@ -41,6 +41,8 @@ pub(super) struct Node {
     /// What it says of itself in heartbeats and answers, as of its last round.
     pub(super) report: Option<membership::Report>,
     pub(super) stats: NodeStats,
+    /// Until then (real time) its map writes stall: the share view in force stays.
+    pub(super) stalled_until: Duration,
 }
 
 /// Member `i`'s id: `n000`, `n001`, ...
@@ -68,6 +70,9 @@ impl Sim {
                 partition: Partition::Share,
             },
         };
+        if self.real < node.stalled_until {
+            return node.share;
+        }
         node.share = share;
         self.set_cold(i, share.share(self.cfg.limit));
         share
@@ -119,6 +124,7 @@ impl Sim {
             hot: Vec::new(),
             next_round: first,
             report: None,
+            stalled_until: Duration::ZERO,
             stats: NodeStats::default(),
         });
         self.addrs.insert(node_addr(i), i);

@@ -470,6 +470,13 @@ impl Sim {
         i
     }
 
+    /// Member `i`'s map writes stall for `d` from now (a reload holds the store, or they fail
+    /// and are retried): the share view in force stays the one last written while its
+    /// membership moves on.
+    pub fn stall(&mut self, i: usize, d: Duration) {
+        self.nodes[i].stalled_until = self.real + d;
+    }
+
     /// Runs until real time `until`.
     pub fn run_until(&mut self, until: Duration) {
         while let Some(Reverse((at, _, event))) = self.queue.peek().copied() {
