@@ -363,12 +363,19 @@ fn a_join_keeps_the_sum_at_or_below_the_limit() {
     let (mut sim, c) = three_members_one_skewed_client(2);
     sim.link(2, 0, false);
     sim.link(2, 1, false);
+    join_for(&mut sim, c, Duration::from_millis(2_500), "a member joins");
+}
+
+/// A member joins, and `d` passes: nothing above L meanwhile (`what` the case), and the new
+/// member admits its share by then. Returns what every member enforces of client `c`.
+fn join_for(sim: &mut Sim, c: usize, d: Duration, what: &str) -> Vec<u32> {
     let new = sim.join();
-    sim.run_for(Duration::from_millis(2_500));
-    let split: Vec<u32> = (0..4).map(|i| sim.in_force(i, c)).collect();
+    sim.run_for(d);
+    let split: Vec<u32> = (0..sim.nodes()).map(|i| sim.in_force(i, c)).collect();
     eprintln!("in force after the join: {split:?}");
-    assert_never_above(&sim, "a member joins");
+    assert_never_above(sim, what);
     assert!(split[new] > 0, "the new member admits nothing: {split:?}");
+    split
 }
 
 /// Found by an independent review (fixed: an owner counts each member at the cold share of the
@@ -418,12 +425,12 @@ fn a_join_the_others_have_not_written_yet_keeps_the_sum_at_or_below_the_limit() 
     for k in 2..7 {
         sim.stall(k, Duration::from_millis(1_000));
     }
-    let new = sim.join();
-    sim.run_for(Duration::from_millis(3_000));
-    let split: Vec<u32> = (0..8).map(|i| sim.in_force(i, c)).collect();
-    eprintln!("in force after the join: {split:?}");
-    assert_never_above(&sim, "a join the others have not written yet");
-    assert!(split[new] > 0, "the new member admits nothing: {split:?}");
+    let split = join_for(
+        &mut sim,
+        c,
+        Duration::from_millis(3_000),
+        "a join the others have not written yet",
+    );
     assert!(
         (2..7).all(|k| split[k] == limit / 8),
         "the five took the join up: {split:?}"

@@ -334,8 +334,6 @@ impl Ledger {
         let timing = self.timing;
         let cold = colds.share;
         let budget = u64::from(self.limit).saturating_sub(colds.others);
-        // Each holder's cold share as counted: what it may enforce without a grant in force.
-        let counted: Vec<u32> = self.holders.keys().map(|id| colds.of(id)).collect();
         let lease = timing.stretched(timing.lease);
         let wants: Vec<u32> = self
             .holders
@@ -355,6 +353,8 @@ impl Ledger {
         // Learning mode sends no grant at all: capping at the cold share would *raise* a holder
         // an earlier ledger had cut while others still enforce its raises.
         if now >= self.no_raise_until {
+            // Each holder's cold share as counted: what it may enforce without a grant in force.
+            let counted: Vec<u32> = self.holders.keys().map(|id| colds.of(id)).collect();
             let mut accounts: Vec<&mut Account> = self.holders.values_mut().collect();
             let now_bounds: Vec<u32> = accounts
                 .iter()
@@ -454,16 +454,12 @@ impl Ledger {
     /// The most that all members may be enforcing at `now`: the bounds of the enrolled plus the
     /// cold shares of the `others`. Never above L (the tests assert it; `round` keeps it).
     pub fn in_force_bound(&self, now: Duration, cold: u32, others: u32) -> u64 {
-        self.in_force_counting(now, &uniform(cold, others))
-    }
-
-    /// [`Ledger::in_force_bound`] with each member counted at the cold share it may hold.
-    pub fn in_force_counting(&self, now: Duration, colds: &Colds<'_>) -> u64 {
-        colds.others
+        let fixed = u64::from(cold) * u64::from(others);
+        fixed
             + self
                 .holders
-                .iter()
-                .map(|(id, a)| u64::from(a.bound_at(now, colds.of(id), &self.timing)))
+                .values()
+                .map(|a| u64::from(a.bound_at(now, cold, &self.timing)))
                 .sum::<u64>()
     }
 }
