@@ -9,7 +9,10 @@
 //! **Members** are this node, every endpoint (one each while its id is unknown), and every node
 //! heard from (an answer or a heartbeat of its own) within `forget` (much longer than
 //! `peer_timeout`): a member that goes silent still counts, because its pinned program keeps
-//! enforcing its share without an agent. Joins count at once (smaller shares, safe); leaves only
+//! enforcing its share without an agent. For `peer_timeout` after it is first heard from, a
+//! member that no endpoint has answered as is taken for one of the endpoints that have never
+//! answered, so that a start does not count each peer twice (see
+//! `Membership::heard_for_endpoints`). Joins count at once (smaller shares, safe); leaves only
 //! after `forget` (the hysteresis). Each heartbeat carries the sender's member count and a hash
 //! of its member list and global policies; the **agreed** count is the largest any member
 //! reported within `forget`, so while views disagree this node uses the smaller cold share.
@@ -216,10 +219,14 @@ struct Endpoint {
     rtt: Option<Duration>,
     /// The endpoint answered as this node itself (a `peers` entry pointing back here).
     is_self: bool,
+    /// It answered a heartbeat of this run, as whatever node.
+    answered: bool,
 }
 
 #[derive(Debug, Clone)]
 struct Seen {
+    /// When it was first heard from (kept while it stays in the table).
+    first: Instant,
     at: Instant,
     incarnation: u64,
     seq: u64,
@@ -397,6 +404,7 @@ impl Membership {
                     heard = Heard::Restarted;
                 }
                 *s = Seen {
+                    first: s.first,
                     at: now,
                     incarnation: report.incarnation,
                     seq: report.seq,
@@ -416,6 +424,7 @@ impl Membership {
                 self.seen.insert(
                     report.node.clone(),
                     Seen {
+                        first: now,
                         at: now,
                         incarnation: report.incarnation,
                         seq: report.seq,
@@ -457,6 +466,7 @@ impl Membership {
             }
             e.node = Some(report.node.clone());
             e.is_self = false;
+            e.answered = true;
             if e.echoed.is_none_or(|t| sent >= t) {
                 e.echoed = Some(sent);
                 e.rtt = Some(now.saturating_duration_since(sent));
@@ -472,6 +482,7 @@ impl Membership {
     pub fn answered_as_this_node(&mut self, addr: SocketAddr, itself: bool) {
         if let Some(e) = self.endpoints.get_mut(&addr) {
             e.is_self = itself;
+            e.answered = true;
             if !itself {
                 e.node = None;
             }
@@ -518,8 +529,45 @@ impl Membership {
     pub fn members(&self, now: Instant) -> u32 {
         let (ids, unknown) = self.member_set(now);
         (ids.len() as u32)
-            .saturating_add(unknown)
+            .saturating_add(unknown.saturating_sub(self.heard_for_endpoints(now)))
             .min(MAX_REPORTED_MEMBERS)
+    }
+
+    /// How many endpoints that have never answered are taken for members heard from (by
+    /// heartbeats of theirs) that no endpoint has answered as: those first heard within the
+    /// last `peer_timeout`, as many as there are of either. A member that starts (or joins)
+    /// hears its peers' heartbeats before the answers to its own: counting both, it counted
+    /// each peer twice for a sync interval, reported that count, and took every member's shares
+    /// down to those of almost twice the members (three members: five; found by restarting an
+    /// agent of a running cluster). With every member listing every other (the cluster's
+    /// precondition), a member heard from that no endpoint has answered as is one of the
+    /// endpoints that have not answered yet, so each is counted once. For `peer_timeout` at
+    /// most: an endpoint that has not answered by then counts on its own again (a member down,
+    /// its pinned program still enforcing), and a claim in a heartbeat never hides an endpoint
+    /// for longer.
+    fn heard_for_endpoints(&self, now: Instant) -> u32 {
+        let unanswered = self
+            .endpoints
+            .values()
+            .filter(|e| !e.answered && e.node.is_none())
+            .count();
+        if unanswered == 0 {
+            return 0;
+        }
+        let at_endpoints: BTreeSet<&NodeId> = self
+            .endpoints
+            .values()
+            .filter_map(|e| e.node.as_ref())
+            .collect();
+        let heard = self
+            .fresh(now)
+            .filter(|(id, s)| {
+                now.saturating_duration_since(s.first) < self.timing.peer_timeout
+                    && !self.learned.contains(*id)
+                    && !at_endpoints.contains(id)
+            })
+            .count();
+        unanswered.min(heard) as u32
     }
 
     /// The hash of this node's member list and global policies.
