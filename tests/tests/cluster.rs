@@ -472,6 +472,38 @@ fn enrolment_splits_a_hot_clients_limit_by_demand() -> Result<()> {
     for s in &statuses {
         assert_eq!(s["enrolment"]["held"], 1, "every node holds it: {s:#}");
     }
+    // The owner lists it with the demand across the cluster (most of it at node 0, which its
+    // own packets may never reach) and the split: every member, Σ ≤ L. Read once the traffic
+    // has stopped, the demand is already falling: its size is not asserted, its make-up is.
+    let listed: Vec<&Value> = statuses
+        .iter()
+        .flat_map(|s| s["owned_clients"].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(listed.len(), 1, "{statuses:#?}");
+    let o = listed[0];
+    assert_eq!(o["client"], skewed.to_string(), "{o:#}");
+    assert_eq!(o["global_limit"], LIMIT, "{o:#}");
+    let holders = o["holders"].as_array().map_or(&[][..], Vec::as_slice);
+    let ids: Vec<&str> = holders
+        .iter()
+        .filter_map(|h| h["node_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["n0", "n1", "n2"], "{o:#}");
+    let granted: u64 = holders.iter().filter_map(|h| h["grant"].as_u64()).sum();
+    assert!(granted <= LIMIT, "{o:#}");
+    let demands: Vec<u64> = holders
+        .iter()
+        .filter_map(|h| h["demand"].as_u64())
+        .collect();
+    assert_eq!(
+        o["cluster_demand"].as_u64(),
+        Some(demands.iter().sum()),
+        "{o:#}"
+    );
+    assert!(
+        demands[0] > 0 && demands[0] > demands[1] && demands[1] >= demands[2],
+        "80/15/5: {o:#}"
+    );
     drop(counter);
     // Polite: 0.9 · L, all on node 0 (whose cold share is a third of it).
     let polite = cluster_client_v4(3);

@@ -114,6 +114,30 @@ fn steady_state_at_fifty_and_two_hundred_members() {
             "{nodes} members: {entries:.2} entries per hot client per round"
         );
         results.push((nodes, cost));
+        // What `limiter cluster status` lists on each owner: the clients it owns with the most
+        // demand first, every member holding them (every member is enrolled here), Σ grants at
+        // most L; and every hot client on exactly one owner.
+        let mut owners = vec![0; clients];
+        for i in 0..nodes {
+            let all = sim.owned_views(i, usize::MAX);
+            for (c, view) in &all {
+                owners[*c] += 1;
+                assert_eq!(view.holders.len(), nodes, "client {c} on member {i}");
+                let granted: u32 = view.holders.iter().filter_map(|h| h.2).sum();
+                assert!(granted <= limit, "client {c}: {granted} granted of {limit}");
+            }
+            assert!(
+                all.windows(2).all(|w| w[0].1.demand >= w[1].1.demand),
+                "member {i}: not busiest first"
+            );
+            let top: Vec<usize> = sim.owned_views(i, 3).iter().map(|(c, _)| *c).collect();
+            let first: Vec<usize> = all.iter().take(3).map(|(c, _)| *c).collect();
+            assert_eq!(top, first, "member {i}: the three busiest");
+        }
+        assert!(
+            owners.iter().all(|&n| n == 1),
+            "owners per client: {owners:?}"
+        );
     }
     let (small, large) = (&results[0].1, &results[1].1);
     // Flat, or a little less at 200 (a client's three busy members are a smaller share).

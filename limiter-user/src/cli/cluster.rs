@@ -10,7 +10,9 @@ use crate::{
 };
 
 /// Prints the cluster status of the agent at `target`: its node, phase and members, each
-/// peer, each global policy's share, enrolment and sync traffic (`json`: machine-readable).
+/// peer, each global policy's share, enrolment, the clients it owns (the busiest 20, with the
+/// demand across the cluster and how the limit is split) and sync traffic (`json`:
+/// machine-readable).
 pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
     let mut c = client::connect(&target).await?;
     let s = c
@@ -47,6 +49,13 @@ pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
                 "learning": e.learning, "raises_lapsed": e.raises_lapsed,
                 "capped": e.capped, "over_budget": e.over_budget,
             })),
+            "owned_clients": s.owned_clients.iter().map(|o| serde_json::json!({
+                "client": o.client, "policy": o.policy, "global_limit": o.global_limit,
+                "cluster_demand": o.cluster_demand, "learning": o.learning,
+                "holders": o.holders.iter().map(|h| serde_json::json!({
+                    "node_id": h.node_id, "demand": h.demand, "grant": h.grant,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "traffic": s.traffic.as_ref().map(|t| serde_json::json!({
                 "rounds": t.rounds, "round_time_ms": ms(t.round_time.as_ref()),
                 "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
@@ -135,6 +144,31 @@ pub async fn status(json: bool, target: Target) -> anyhow::Result<()> {
              by adaptation (overloaded); {} peer messages ignored past a heartbeat's budget",
             e.learning, e.raises_lapsed, e.capped, e.over_budget
         );
+    }
+    if !s.owned_clients.is_empty() {
+        println!(
+            "\n{:<40} {:<28} {:>10} {:>14}  SPLIT (member demand/grant; - for the cold share)",
+            "OWNED CLIENT", "POLICY", "LIMIT", "CLUSTER DEMAND"
+        );
+        for o in &s.owned_clients {
+            let split: Vec<String> = o
+                .holders
+                .iter()
+                .map(|h| {
+                    let grant = h.grant.map_or("-".to_string(), |g| g.to_string());
+                    format!("{} {}/{grant}", h.node_id, h.demand)
+                })
+                .collect();
+            println!(
+                "{:<40} {:<28} {:>10} {:>14}  {}{}",
+                o.client,
+                o.policy,
+                o.global_limit,
+                o.cluster_demand,
+                if o.learning { "(learning) " } else { "" },
+                split.join(", ")
+            );
+        }
     }
     if let Some(t) = &s.traffic {
         println!(

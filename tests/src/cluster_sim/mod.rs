@@ -53,7 +53,9 @@ pub use limiter_common::{
 pub use limiter_user::cluster::{
     NodeId,
     config::Partition,
-    enrolment::{Enrolment, GrantMsg, Outgoing, PinnedGrant, PolicyInfo, ReportMsg, View, Write},
+    enrolment::{
+        Enrolment, GrantMsg, Outgoing, OwnedView, PinnedGrant, PolicyInfo, ReportMsg, View, Write,
+    },
     lease::{Terms, Timing},
     membership::{self, Heard, Membership, Phase, ShareView},
 };
@@ -528,6 +530,17 @@ impl Sim {
     }
 
     /// What member `i` enforces for client `c` now.
+    /// What `limiter cluster status` on member `i` lists of the clients it owns (at most
+    /// `most`, those with the most demand first), each as its client number.
+    pub fn owned_views(&self, i: usize, most: usize) -> Vec<(usize, OwnedView)> {
+        let node = &self.nodes[i];
+        node.enrolment
+            .owned_views(node.clock.at(self.real), most)
+            .into_iter()
+            .map(|v| (self.keys[&v.client] as usize, v))
+            .collect()
+    }
+
     pub fn in_force(&self, i: usize, c: usize) -> u32 {
         let node = &self.nodes[i];
         match node.grants.get(&(c as u32)) {

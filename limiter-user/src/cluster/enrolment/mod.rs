@@ -259,6 +259,21 @@ pub struct ClientView {
     pub cluster_demand: Option<u64>,
 }
 
+/// A client this node owns, as [`Enrolment::owned_views`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedView {
+    pub client: ClientKey,
+    pub policy: PolicyName,
+    /// The policy's limit across the cluster.
+    pub limit: u32,
+    /// Σ of the holders' reported demand.
+    pub demand: u64,
+    /// The ledger grants nothing yet (a new owner's learning mode).
+    pub learning: bool,
+    /// Each enrolled holder, in id order: its demand, and the newest grant it may enforce.
+    pub holders: Vec<(NodeId, u32, Option<u32>)>,
+}
+
 /// The datapath's side of a round: applies grant changes in order and returns those it refused.
 pub type WriteGrants<'a> = dyn FnMut(&[Write]) -> Vec<Write> + 'a;
 
@@ -650,6 +665,38 @@ impl Enrolment {
             demand: held.map(|h| h.demand),
             cluster_demand: self.owned.get(client).map(|o| o.ledger.demand(now)),
         }
+    }
+
+    /// The clients this node owns, at most `most`, those with the most demand first (ties in
+    /// key order), each with its ledger's split: for `limiter cluster status`. One pass over
+    /// the owned clients, and a sort of the `most` kept.
+    pub fn owned_views(&self, now: Duration, most: usize) -> Vec<OwnedView> {
+        let mut demands: Vec<(u64, &ClientKey)> = self
+            .owned
+            .iter()
+            .map(|(client, o)| (o.ledger.demand(now), client))
+            .collect();
+        let busiest_first =
+            |a: &(u64, &ClientKey), b: &(u64, &ClientKey)| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1));
+        if demands.len() > most && most > 0 {
+            demands.select_nth_unstable_by(most - 1, busiest_first);
+        }
+        demands.truncate(most);
+        demands.sort_unstable_by(busiest_first);
+        demands
+            .into_iter()
+            .filter_map(|(demand, client)| {
+                let o = self.owned.get(client)?;
+                Some(OwnedView {
+                    client: *client,
+                    policy: o.policy,
+                    limit: o.ledger.limit(),
+                    demand,
+                    learning: o.ledger.is_learning(now),
+                    holders: o.ledger.holders_view(now),
+                })
+            })
+            .collect()
     }
 
     /// Whether this node owns `client` (a ledger is open for it).

@@ -641,6 +641,35 @@ fn each_member_shows_the_owner_its_share_and_the_demand() {
         seen.abs_diff(total) <= 3,
         "owner sees {seen}, members report {total}"
     );
+    // `limiter cluster status` on the owner: the client, its demand, and how L is split.
+    let owned = sim.nodes[o].owned_views(sim.now, 20);
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    let (view, cold_view) = (&owned[0], sim.nodes[o].client_view(sim.now, &CLIENT, cold));
+    assert_eq!((view.client, view.limit, view.learning), (CLIENT, L, false));
+    assert_eq!(Some(view.demand), cold_view.cluster_demand);
+    let mut members = sim.members.clone();
+    members.sort();
+    let holders: Vec<&NodeId> = view.holders.iter().map(|(n, _, _)| n).collect();
+    assert_eq!(
+        holders,
+        members.iter().collect::<Vec<_>>(),
+        "every member, in id order"
+    );
+    let mut granted = 0;
+    for (node, demand, grant) in &view.holders {
+        let i = sim
+            .members
+            .iter()
+            .position(|m| m == node)
+            .expect("a member");
+        let v = sim.nodes[i].client_view(sim.now, &CLIENT, cold);
+        assert_eq!(Some(*demand), v.demand, "{node}");
+        assert_eq!(*grant, v.grant, "{node}: the grant it holds");
+        granted += grant.expect("every holder has a grant");
+    }
+    assert!(granted <= L, "{granted}");
+    assert!(sim.nodes[(o + 1) % 3].owned_views(sim.now, 20).is_empty());
+    assert!(sim.nodes[o].owned_views(sim.now, 0).is_empty());
     // A client nobody holds: the cold share, no owner.
     let v = sim.nodes[0].client_view(sim.now, &[9; 16], cold);
     assert_eq!(

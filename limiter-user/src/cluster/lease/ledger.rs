@@ -185,6 +185,19 @@ impl Ledger {
         left
     }
 
+    /// Each enrolled holder, in id order, with its reported demand at `now` (as
+    /// [`Ledger::demand`] counts it) and the newest grant sent to it that may still be in force
+    /// (`None`: none, it enforces the cold share): for `limiter cluster status`.
+    pub fn holders_view(&self, now: Duration) -> Vec<(NodeId, u32, Option<u32>)> {
+        self.holders
+            .iter()
+            .map(|(node, a)| {
+                let newest = a.live.iter().max_by_key(|g| g.seq).map(|g| g.value);
+                (node.clone(), a.demand_at(now, &self.timing), newest)
+            })
+            .collect()
+    }
+
     /// The enrolled holders.
     pub fn enrolled(&self) -> impl Iterator<Item = &NodeId> {
         self.holders.keys()

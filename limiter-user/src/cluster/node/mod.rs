@@ -614,8 +614,42 @@ impl Node {
             timing(state.config.sync_interval),
             timing(state.config.peer_timeout),
         );
+        // The owned clients' policies by their names on the wire (the status names them by
+        // their `match` here).
+        let matches: HashMap<PolicyName, String> = state
+            .policies
+            .global
+            .iter()
+            .map(|g| (g.wire_name(), g.matches.clone()))
+            .collect();
         drop(state);
-        let counts = self.shared.enrolment().counts(enrolment::monotonic());
+        let (counts, owned) = {
+            let enrolment = self.shared.enrolment();
+            let now = enrolment::monotonic();
+            (
+                enrolment.counts(now),
+                enrolment.owned_views(now, MAX_OWNED_SHOWN),
+            )
+        };
+        let owned_clients = owned
+            .into_iter()
+            .map(|o| proto::OwnedClient {
+                client: crate::stats::client_label(&o.client),
+                policy: matches.get(&o.policy).cloned().unwrap_or_default(),
+                global_limit: o.limit,
+                cluster_demand: o.demand,
+                learning: o.learning,
+                holders: o
+                    .holders
+                    .into_iter()
+                    .map(|(node, demand, grant)| proto::OwnedClientHolder {
+                        node_id: node.to_string(),
+                        demand,
+                        grant,
+                    })
+                    .collect(),
+            })
+            .collect();
         proto::ClusterStatus {
             configured: true,
             node_id,
@@ -645,9 +679,13 @@ impl Node {
             not_taken_up: String::new(),
             sync_interval,
             peer_timeout,
+            owned_clients,
         }
     }
 }
+
+/// Most owned clients `limiter cluster status` shows (those with the most demand).
+const MAX_OWNED_SHOWN: usize = 20;
 
 #[cfg(test)]
 mod tests;
