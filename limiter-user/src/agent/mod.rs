@@ -725,7 +725,7 @@ struct MemberFigures(tokio::sync::watch::Receiver<Option<crate::cluster::node::N
 
 impl ClusterSource for MemberFigures {
     fn status(&self) -> Option<crate::proto::ClusterStatus> {
-        self.0.borrow().as_ref().map(|node| node.status())
+        self.0.borrow().as_ref().map(|node| node.figures())
     }
 }
 

@@ -529,18 +529,18 @@ impl Sim {
         self.rounds
     }
 
-    /// What member `i` enforces for client `c` now.
     /// What `limiter cluster status` on member `i` lists of the clients it owns (at most
     /// `most`, those with the most demand first), each as its client number.
     pub fn owned_views(&self, i: usize, most: usize) -> Vec<(usize, OwnedView)> {
         let node = &self.nodes[i];
         node.enrolment
-            .owned_views(node.clock.at(self.real), most)
+            .owned_views(node.clock.at(self.real), most, &|_| Some(node.cold))
             .into_iter()
             .map(|v| (self.keys[&v.client] as usize, v))
             .collect()
     }
 
+    /// What member `i` enforces for client `c` now.
     pub fn in_force(&self, i: usize, c: usize) -> u32 {
         let node = &self.nodes[i];
         match node.grants.get(&(c as u32)) {

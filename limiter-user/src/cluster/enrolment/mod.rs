@@ -268,9 +268,10 @@ pub struct OwnedView {
     pub limit: u32,
     /// Σ of the holders' reported demand.
     pub demand: u64,
-    /// The ledger grants nothing yet (a new owner's learning mode).
+    /// The ledger grants nothing above the cold share yet (a new owner's learning mode).
     pub learning: bool,
-    /// Each enrolled holder, in id order: its demand, and the newest grant it may enforce.
+    /// Each enrolled holder, in id order: its demand, and the newest grant sent to it (at most
+    /// the cold share once its lease is over).
     pub holders: Vec<(NodeId, u32, Option<u32>)>,
 }
 
@@ -668,9 +669,18 @@ impl Enrolment {
     }
 
     /// The clients this node owns, at most `most`, those with the most demand first (ties in
-    /// key order), each with its ledger's split: for `limiter cluster status`. One pass over
-    /// the owned clients, and a sort of the `most` kept.
-    pub fn owned_views(&self, now: Duration, most: usize) -> Vec<OwnedView> {
+    /// key order), each with its ledger's split (`cold`: the cold share here of a global
+    /// policy): for `limiter cluster status`. One pass over the owned clients, and a sort of
+    /// the `most` kept.
+    pub fn owned_views(
+        &self,
+        now: Duration,
+        most: usize,
+        cold: &dyn Fn(PolicyName) -> Option<u32>,
+    ) -> Vec<OwnedView> {
+        if most == 0 {
+            return Vec::new();
+        }
         let mut demands: Vec<(u64, &ClientKey)> = self
             .owned
             .iter()
@@ -678,7 +688,7 @@ impl Enrolment {
             .collect();
         let busiest_first =
             |a: &(u64, &ClientKey), b: &(u64, &ClientKey)| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1));
-        if demands.len() > most && most > 0 {
+        if demands.len() > most {
             demands.select_nth_unstable_by(most - 1, busiest_first);
         }
         demands.truncate(most);
@@ -693,7 +703,9 @@ impl Enrolment {
                     limit: o.ledger.limit(),
                     demand,
                     learning: o.ledger.is_learning(now),
-                    holders: o.ledger.holders_view(now),
+                    holders: o
+                        .ledger
+                        .holders_view(now, cold(o.policy).unwrap_or(o.ledger.limit())),
                 })
             })
             .collect()

@@ -642,7 +642,8 @@ fn each_member_shows_the_owner_its_share_and_the_demand() {
         "owner sees {seen}, members report {total}"
     );
     // `limiter cluster status` on the owner: the client, its demand, and how L is split.
-    let owned = sim.nodes[o].owned_views(sim.now, 20);
+    let cold_of = |_| Some(cold);
+    let owned = sim.nodes[o].owned_views(sim.now, 20, &cold_of);
     assert_eq!(owned.len(), 1, "{owned:?}");
     let (view, cold_view) = (&owned[0], sim.nodes[o].client_view(sim.now, &CLIENT, cold));
     assert_eq!((view.client, view.limit, view.learning), (CLIENT, L, false));
@@ -668,8 +669,12 @@ fn each_member_shows_the_owner_its_share_and_the_demand() {
         granted += grant.expect("every holder has a grant");
     }
     assert!(granted <= L, "{granted}");
-    assert!(sim.nodes[(o + 1) % 3].owned_views(sim.now, 20).is_empty());
-    assert!(sim.nodes[o].owned_views(sim.now, 0).is_empty());
+    assert!(
+        sim.nodes[(o + 1) % 3]
+            .owned_views(sim.now, 20, &cold_of)
+            .is_empty()
+    );
+    assert!(sim.nodes[o].owned_views(sim.now, 0, &cold_of).is_empty());
     // A client nobody holds: the cold share, no owner.
     let v = sim.nodes[0].client_view(sim.now, &[9; 16], cold);
     assert_eq!(

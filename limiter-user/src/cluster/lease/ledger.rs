@@ -186,13 +186,19 @@ impl Ledger {
     }
 
     /// Each enrolled holder, in id order, with its reported demand at `now` (as
-    /// [`Ledger::demand`] counts it) and the newest grant sent to it that may still be in force
-    /// (`None`: none, it enforces the cold share): for `limiter cluster status`.
-    pub fn holders_view(&self, now: Duration) -> Vec<(NodeId, u32, Option<u32>)> {
+    /// [`Ledger::demand`] counts it) and the newest grant sent to it, at most `cold` once its
+    /// lease is over (`None`: none, it enforces the cold share): for `limiter cluster status`.
+    pub fn holders_view(&self, now: Duration, cold: u32) -> Vec<(NodeId, u32, Option<u32>)> {
         self.holders
             .iter()
             .map(|(node, a)| {
-                let newest = a.live.iter().max_by_key(|g| g.seq).map(|g| g.value);
+                let newest = a.live.iter().max_by_key(|g| g.seq).map(|g| {
+                    if now < g.lapses_at {
+                        g.value
+                    } else {
+                        g.value.min(cold)
+                    }
+                });
                 (node.clone(), a.demand_at(now, &self.timing), newest)
             })
             .collect()

@@ -441,7 +441,10 @@ impl Membership {
 
     /// A heartbeat from a peer (dialled by it). Its sender is counted by its id until one of
     /// our endpoints answers as that id: an endpoint is never taken to be a node on the
-    /// sender's word (a false claim would hide a member, and a smaller count is unsafe).
+    /// sender's word (a false claim would hide a member, and a smaller count is unsafe), except
+    /// for `peer_timeout` after the sender is first heard, as one of the endpoints that have
+    /// never answered (see [`Membership::heard_for_endpoints`]; the sender's id counts, so this
+    /// never counts fewer than without its heartbeat).
     pub fn heard(&mut self, report: &Report, now: Instant) -> Result<Heard, Refusal> {
         self.take_report(report, now)
     }
@@ -546,6 +549,12 @@ impl Membership {
     /// its pinned program still enforcing), and a claim in a heartbeat never hides an endpoint
     /// for longer.
     fn heard_for_endpoints(&self, now: Instant) -> u32 {
+        // With the table of ids endpoints answered as full, a member heard from whose endpoint
+        // answered and then went (a `dns:` record) would be in neither, and could be taken for
+        // another endpoint: none is, then.
+        if self.learned.len() >= MAX_MEMBERS {
+            return 0;
+        }
         let unanswered = self
             .endpoints
             .values()

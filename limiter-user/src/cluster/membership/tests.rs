@@ -632,3 +632,25 @@ fn each_member_is_counted_at_the_count_its_maps_hold() {
         Err(Refusal::TooManyMembers(MAX_REPORTED_MEMBERS + 1))
     );
 }
+
+/// With the table of ids endpoints answered as full, a member heard from may be one whose
+/// endpoint answered and went, in neither table: it is taken for no endpoint (the review of
+/// `heard_for_endpoints`).
+#[test]
+fn a_full_table_of_answered_ids_takes_no_heard_member_for_an_endpoint() {
+    let t0 = Instant::now();
+    let mut m = Membership::new(id("n0"), Timing::new(TIMEOUT), Partition::Share, true, t0);
+    m.set_endpoints((0..=MAX_MEMBERS as u16).map(|i| addr(8000 + i)));
+    for i in 0..MAX_MEMBERS as u16 {
+        m.answered(addr(8000 + i), t0, &report(&format!("e{i}"), 1, 2, 0), t0)
+            .expect("answer");
+    }
+    // Their heartbeats are forgotten, the ids they answered as are not.
+    let t1 = t0 + Timing::new(TIMEOUT).forget + ms(1);
+    m.heard(&report("y", 1, 2, 0), t1).expect("heard");
+    assert_eq!(
+        m.members(t1),
+        MAX_MEMBERS as u32 + 3,
+        "this node, the ids learned, the endpoint that never answered, and y"
+    );
+}

@@ -570,7 +570,20 @@ impl Node {
         })
     }
 
+    /// For `limiter cluster status`: with the [`MAX_OWNED_SHOWN`] owned clients of the most
+    /// demand.
     pub fn status(&self) -> proto::ClusterStatus {
+        self.status_listing(MAX_OWNED_SHOWN)
+    }
+
+    /// [`Node::status`] without the owned clients: for metrics, at every scrape (listing them
+    /// takes a pass over every owned client's holders, under the enrolment lock).
+    pub fn figures(&self) -> proto::ClusterStatus {
+        self.status_listing(0)
+    }
+
+    /// The status, with at most `owned` owned clients.
+    fn status_listing(&self, owned: usize) -> proto::ClusterStatus {
         let now = Instant::now();
         let state = self.shared.lock();
         // The view in force: the one the maps hold.
@@ -614,13 +627,16 @@ impl Node {
             timing(state.config.sync_interval),
             timing(state.config.peer_timeout),
         );
-        // The owned clients' policies by their names on the wire (the status names them by
-        // their `match` here).
-        let matches: HashMap<PolicyName, String> = state
+        // The owned clients' policies by their names on the wire: their `match` here (the
+        // status names them by it) and their cold share.
+        let matches: HashMap<PolicyName, (String, u32)> = state
             .policies
             .global
             .iter()
-            .map(|g| (g.wire_name(), g.matches.clone()))
+            .map(|g| {
+                let cold = super::shares::cold_share(g.limit, view.members);
+                (g.wire_name(), (g.matches.clone(), cold))
+            })
             .collect();
         drop(state);
         let (counts, owned) = {
@@ -628,14 +644,17 @@ impl Node {
             let now = enrolment::monotonic();
             (
                 enrolment.counts(now),
-                enrolment.owned_views(now, MAX_OWNED_SHOWN),
+                enrolment.owned_views(now, owned, &|name| matches.get(&name).map(|m| m.1)),
             )
         };
         let owned_clients = owned
             .into_iter()
             .map(|o| proto::OwnedClient {
                 client: crate::stats::client_label(&o.client),
-                policy: matches.get(&o.policy).cloned().unwrap_or_default(),
+                policy: matches
+                    .get(&o.policy)
+                    .map(|m| m.0.clone())
+                    .unwrap_or_default(),
                 global_limit: o.limit,
                 cluster_demand: o.demand,
                 learning: o.learning,
