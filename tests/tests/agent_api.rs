@@ -131,6 +131,7 @@ fn hourly(matches: &str, limit: u32) -> proto::Policy {
         limit: Some(limit),
         window: hour(),
         action: proto::Action::Limit as i32,
+        scope: proto::Scope::Unspecified as i32,
     }
 }
 

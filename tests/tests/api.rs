@@ -529,6 +529,7 @@ async fn invalid_requests_are_rejected_naming_the_field() -> Result<()> {
                     nanos: (ms % 1000) as i32 * 1_000_000,
                 }),
                 action: action as i32,
+                scope: proto::Scope::Unspecified as i32,
             }),
         }
     };
@@ -573,6 +574,19 @@ async fn invalid_requests_are_rejected_naming_the_field() -> Result<()> {
         "policy.action",
     )
     .await?;
+    // A scope comes from the config file: asking another than the policy's (every policy is
+    // local outside a cluster) is refused, an unknown one too; the policy's own is accepted.
+    for (scope, needle) in [
+        (
+            proto::Scope::Global as i32,
+            "policy.scope: the policy for 10.0.0.0/24 is local",
+        ),
+        (7, "policy.scope: unknown scope 7"),
+    ] {
+        let mut req = policy("10.0.0.0/24", Some(1), Some(1000), Limit);
+        req.policy.as_mut().unwrap().scope = scope;
+        expect_code(lim.set(req).await, Code::InvalidArgument, needle).await?;
+    }
     expect_code(
         lim.get(proto::GetLimitRequest {
             r#match: "10.11.0.0/16".into(),
@@ -651,6 +665,8 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
                 nanos: 0,
             }),
             action: 0,
+            // The policy's own scope may be said.
+            scope: proto::Scope::Local as i32,
         }),
     };
     let change = lim.set(set).await?.into_inner();
@@ -675,6 +691,7 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
                 nanos: 0,
             }),
             action: 0,
+            scope: proto::Scope::Unspecified as i32,
         }),
     };
     lim.set(new_id).await?;
@@ -687,6 +704,7 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
                 nanos: 0,
             }),
             action: 0,
+            scope: proto::Scope::Unspecified as i32,
         }),
     };
     lim.set(new_default).await?;
@@ -753,6 +771,11 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         .into_inner()
         .policies;
     ensure!(list.len() == 5 && list[0].r#match == "default" && list[0].limit == Some(7));
+    // Outside a cluster every policy is local, and List and Get say so.
+    ensure!(
+        list.iter().all(|p| p.scope == proto::Scope::Local as i32),
+        "{list:?}"
+    );
     let got = lim
         .get(proto::GetLimitRequest {
             r#match: "tenant-new".into(),
@@ -760,6 +783,7 @@ async fn limit_changes_apply_at_once_persist_and_stream() -> Result<()> {
         .await?
         .into_inner();
     ensure!(got.limit == Some(1) && secs(&got.window) == 3600.0);
+    ensure!(got.scope == proto::Scope::Local as i32, "{got:?}");
 
     for _ in 0..3 {
         // (set, set, delete) were streamed
@@ -818,6 +842,7 @@ async fn an_unusable_overlay_blocks_edits_and_changes_nothing() -> Result<()> {
                 nanos: 0,
             }),
             action: 0,
+            scope: proto::Scope::Unspecified as i32,
         }),
     };
     // A broken config file on disk does not block API changes (they are made over the file in
@@ -1014,6 +1039,7 @@ async fn tcp_requires_the_bearer_token() -> Result<()> {
                     nanos: 0,
                 }),
                 action: 0,
+                scope: proto::Scope::Unspecified as i32,
             }),
         };
         expect_code(c.limits.set(set).await, Code::Unauthenticated, "").await?;

@@ -365,13 +365,26 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
     // A local policy: the limit on each node.
     let local = c.measure(cluster_client_v4(6), &[30, 30, 30])?;
     assert_eq!(local, 90, "scope: local holds per node");
+    // `limits ls` says which policy is global (the Limits API carries the scope).
+    let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
+    let out = run_limiter(&c.net.receiver_ns, &["limits", "ls", "--api", &socket])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listed}");
+    let global: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.ends_with(", scope global"))
+        .collect();
+    assert_eq!(global.len(), 1, "{listed}");
+    assert!(
+        global[0].contains(&format!("limit {LIMIT} per 1s")),
+        "{listed}"
+    );
     // API checks draw from this node's share, and say so. Both checks inside one window, as the
     // packets were; a boundary between them (two process starts, slow under emulation) tries
     // again with a fresh client.
     // Under vm-test's emulation two process starts can take longer than a window, three
     // times running (seen with the host busy too); the shares above are what it checks there.
     limiter_tests::skip_under_emulation!("two `limiter check` runs inside one 1 s window");
-    let socket = format!("/run/limiter/{}.sock", c.net.node(0).receiver_if);
     for (attempt, i) in [5, 4, 3].into_iter().enumerate() {
         let client = cluster_client_v4(i).to_string();
         let check = |hits: &str| {

@@ -84,6 +84,7 @@ fn pass_default() -> proto::Policy {
         limit: None,
         window: None,
         action: proto::Action::Pass as i32,
+        scope: proto::Scope::Unspecified as i32,
     }
 }
 
@@ -96,6 +97,7 @@ fn hourly(matches: &str, limit: u32) -> proto::Policy {
             nanos: 0,
         }),
         action: proto::Action::Limit as i32,
+        scope: proto::Scope::Unspecified as i32,
     }
 }
 

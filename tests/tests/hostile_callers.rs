@@ -522,6 +522,7 @@ fn idle_connections_are_closed_and_calls_in_flight_are_not() -> Result<()> {
                             nanos: 0,
                         }),
                         action: proto::Action::Limit as i32,
+                        scope: proto::Scope::Unspecified as i32,
                     }),
                 })
                 .await?;

@@ -7,7 +7,7 @@ use tonic::Status;
 
 use crate::{
     check::{CheckError, ClientId, Decision},
-    config::{Action, Limit, Resolved, Window},
+    config::{Action, Limit, Resolved, Scope, Window},
     limits::{Change, ChangeKind, LimitsError, Selector},
     proto::{self},
 };
@@ -123,14 +123,40 @@ pub fn parse_policy(p: &proto::Policy) -> Result<(Selector, Resolved), Status> {
     Ok((selector, resolved))
 }
 
-/// A policy as the API shows it.
-pub fn policy_proto(selector: &Selector, r: &Resolved) -> proto::Policy {
+/// A policy as the API shows it; `scope` `None` in change notices (see the proto).
+pub fn policy_proto(selector: &Selector, r: &Resolved, scope: Option<Scope>) -> proto::Policy {
     let limited = r.action == Action::Limit;
     proto::Policy {
         r#match: selector.to_string(),
         limit: limited.then_some(r.limit),
         window: limited.then(|| duration(Duration::from_micros(r.window.micros as u64))),
         action: action_proto(r.action) as i32,
+        scope: match scope {
+            None => proto::Scope::Unspecified,
+            Some(Scope::Local) => proto::Scope::Local,
+            Some(Scope::Global) => proto::Scope::Global,
+        } as i32,
+    }
+}
+
+/// How a scope reads in messages: `local` or `global`, as the config file writes it.
+pub fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Local => "local",
+        Scope::Global => "global",
+    }
+}
+
+/// The scope a Set asks for (`None`: keep the policy's).
+pub fn requested_scope(p: &proto::Policy) -> Result<Option<Scope>, Status> {
+    match proto::Scope::try_from(p.scope) {
+        Ok(proto::Scope::Unspecified) => Ok(None),
+        Ok(proto::Scope::Local) => Ok(Some(Scope::Local)),
+        Ok(proto::Scope::Global) => Ok(Some(Scope::Global)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "policy.scope: unknown scope {}",
+            p.scope
+        ))),
     }
 }
 
@@ -140,7 +166,7 @@ pub(super) fn change_proto(c: &Change) -> proto::LimitChange {
             ChangeKind::Set => proto::limit_change::Kind::Set,
             ChangeKind::Deleted => proto::limit_change::Kind::Deleted,
         } as i32,
-        policy: Some(policy_proto(&c.selector, &c.limit)),
+        policy: Some(policy_proto(&c.selector, &c.limit, None)),
         generation: c.generation as u64,
         source: c.source.as_str().into(),
     }
@@ -190,6 +216,7 @@ mod tests {
                 nanos: ((ms % 1000) * 1_000_000) as i32,
             }),
             action: action as i32,
+            scope: proto::Scope::Unspecified as i32,
         }
     }
 

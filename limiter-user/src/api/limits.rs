@@ -6,6 +6,7 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
 use super::{ApiState, blocking, convert::*};
+use crate::config::Scope;
 use crate::proto::{
     self,
     limits_server::{self},
@@ -35,6 +36,21 @@ impl limits_server::Limits for LimitsService {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("policy: required"))?;
             let (selector, resolved) = parse_policy(policy)?;
+            if let Some(wanted) = requested_scope(policy)? {
+                let current = self
+                    .state
+                    .limits
+                    .get(&selector)
+                    .map_or(Scope::Local, |(_, scope)| scope);
+                if wanted != current {
+                    return Err(Status::invalid_argument(format!(
+                        "policy.scope: the policy for {selector} is {}; a policy's scope comes \
+                         from the config file (`scope: global` on it), and the API changes its \
+                         limit, window and action only",
+                        scope_name(current)
+                    )));
+                }
+            }
             let limits = self.state.limits.clone();
             let change =
                 blocking(move || limits.set(&selector, resolved).map_err(|e| status_of(&e)))
@@ -55,7 +71,7 @@ impl limits_server::Limits for LimitsService {
                 .limits
                 .get(&selector)
                 .ok_or_else(|| Status::not_found(format!("no policy matches {selector}")))?;
-            Ok(Response::new(policy_proto(&selector, &r)))
+            Ok(Response::new(policy_proto(&selector, &r.0, Some(r.1))))
         }
         .await
     }
@@ -81,8 +97,11 @@ impl limits_server::Limits for LimitsService {
         async {
             let list = self.state.limits.list();
             Ok(Response::new(proto::ListLimitsResponse {
-                policies: list.iter().map(|(s, r, _)| policy_proto(s, r)).collect(),
-                layers: list.iter().map(|(_, _, l)| l.as_str().into()).collect(),
+                policies: list
+                    .iter()
+                    .map(|(s, r, _, scope)| policy_proto(s, r, Some(*scope)))
+                    .collect(),
+                layers: list.iter().map(|(_, _, l, _)| l.as_str().into()).collect(),
             }))
         }
         .await
@@ -118,10 +137,10 @@ impl limits_server::Limits for LimitsService {
                     .limits
                     .list()
                     .iter()
-                    .map(|(s, r, _)| {
+                    .map(|(s, r, _, scope)| {
                         Ok(proto::LimitChange {
                             kind: proto::limit_change::Kind::Set as i32,
-                            policy: Some(policy_proto(s, r)),
+                            policy: Some(policy_proto(s, r, Some(*scope))),
                             generation: generation as u64,
                             source: "initial".into(),
                         })

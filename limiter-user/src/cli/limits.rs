@@ -44,6 +44,8 @@ pub async fn set(
                 limit,
                 window,
                 action: action as i32,
+                // The policy's own (the config file sets it).
+                scope: proto::Scope::Unspecified as i32,
             }),
         })
         .await

@@ -143,7 +143,7 @@ pub fn action_name(action: i32) -> &'static str {
 }
 
 pub fn show_policy(p: &proto::Policy) -> String {
-    match proto::Action::try_from(p.action) {
+    let what = match proto::Action::try_from(p.action) {
         Ok(proto::Action::Pass) => format!("{}: pass", p.r#match),
         Ok(proto::Action::Drop) => format!("{}: drop", p.r#match),
         _ => format!(
@@ -152,6 +152,12 @@ pub fn show_policy(p: &proto::Policy) -> String {
             p.limit.unwrap_or(0),
             show_duration(p.window.as_ref())
         ),
+    };
+    // Local is the rule, and change notices do not say.
+    if p.scope == proto::Scope::Global as i32 {
+        format!("{what}, scope global")
+    } else {
+        what
     }
 }
 

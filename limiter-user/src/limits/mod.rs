@@ -44,7 +44,7 @@ use crate::{
     check::Checker,
     cluster::{ClusterPolicies, GlobalPolicy, WireNames, membership::ShareView},
     config::{
-        Config, MAX_CONFIG_BYTES, PolicyError, Resolved,
+        Config, MAX_CONFIG_BYTES, PolicyError, Resolved, Scope,
         overlay::{self, Effective, Layer, MergeError, Overlay, OverlayError, Removal},
     },
     datapath::{DatapathError, Tables, TrieDiff},
@@ -745,32 +745,38 @@ impl PolicyStore {
     }
 
     /// The policy for `selector`, if there is one.
-    pub fn get(&self, selector: &Selector) -> Option<Resolved> {
+    pub fn get(&self, selector: &Selector) -> Option<(Resolved, Scope)> {
         let effective = self.lock().effective.clone();
         let config = &effective.config;
         match selector {
-            Selector::Default => Some(config.default),
+            Selector::Default => Some((config.default, Scope::Local)),
             Selector::Match(m) => config
                 .policies
                 .iter()
-                .find(|(p, _)| p == m)
-                .map(|(_, r)| *r),
+                .position(|(p, _)| p == m)
+                .map(|i| (config.policies[i].1, config.scope(i as u16 + 1))),
         }
     }
 
     /// The default, then the policies in order (the file's, then the overlay's new ones), each
-    /// with the layer it comes from.
-    pub fn list(&self) -> Vec<(Selector, Resolved, Layer)> {
+    /// with the layer it comes from and its scope.
+    pub fn list(&self) -> Vec<(Selector, Resolved, Layer, Scope)> {
         let e = self.lock().effective.clone();
-        std::iter::once((Selector::Default, e.config.default, e.layer(0)))
-            .chain(
-                e.config
-                    .policies
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (m, r))| (Selector::Match(m.clone()), *r, e.layer(i + 1))),
+        std::iter::once((
+            Selector::Default,
+            e.config.default,
+            e.layer(0),
+            Scope::Local,
+        ))
+        .chain(e.config.policies.iter().enumerate().map(|(i, (m, r))| {
+            (
+                Selector::Match(m.clone()),
+                *r,
+                e.layer(i + 1),
+                e.config.scope(i as u16 + 1),
             )
-            .collect()
+        }))
+        .collect()
     }
 }
 

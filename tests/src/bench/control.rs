@@ -249,6 +249,7 @@ fn measure(n: usize, rounds: usize) -> Result<Row> {
                 nanos: 0,
             }),
             action: proto::Action::Limit as i32,
+            scope: proto::Scope::Unspecified as i32,
         };
         let t = Instant::now();
         api.set(policy).context("Limits.Set")?;
