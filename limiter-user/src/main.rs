@@ -498,6 +498,10 @@ enum LimitsCommand {
         /// `limit` (the default), `pass` (never limited) or `drop` (always dropped).
         #[arg(long, default_value = "limit")]
         action: String,
+        /// `local` or `global`: refuse the change unless the policy has this scope (which only
+        /// the config file sets; a policy it does not have is local).
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// Show the policy for MATCH.
     Get {
@@ -658,7 +662,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     limit,
                     window,
                     action,
-                } => block_on(limits::set(matches, limit, window, action, target)),
+                    scope,
+                } => block_on(limits::set(matches, limit, window, action, scope, target)),
                 LimitsCommand::Get { matches } => block_on(limits::get(matches, target)),
                 LimitsCommand::Rm { matches } => block_on(limits::rm(matches, target)),
                 LimitsCommand::Ls => block_on(limits::ls(target)),

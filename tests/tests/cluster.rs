@@ -370,14 +370,25 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
     let out = run_limiter(&c.net.receiver_ns, &["limits", "ls", "--api", &socket])?;
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{listed}");
-    let global: Vec<&str> = listed
-        .lines()
-        .filter(|l| l.ends_with(", scope global"))
-        .collect();
-    assert_eq!(global.len(), 1, "{listed}");
+    let policy_line = |m: &str| {
+        listed
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(&format!("{m}:")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let global_match = "198.18.99.0/28";
     assert!(
-        global[0].contains(&format!("limit {LIMIT} per 1s")),
+        policy_line(global_match).ends_with(&format!("limit {LIMIT} per 1s, scope global")),
         "{listed}"
+    );
+    assert_eq!(
+        listed
+            .lines()
+            .filter(|l| l.ends_with(", scope global"))
+            .count(),
+        1,
+        "only the global policy: {listed}"
     );
     // API checks draw from this node's share, and say so. Both checks inside one window, as the
     // packets were; a boundary between them (two process starts, slow under emulation) tries
@@ -415,9 +426,55 @@ fn each_node_enforces_its_cold_share_of_a_global_limit() -> Result<()> {
             "the share is spent: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        return Ok(());
+        break;
     }
-    unreachable!("the loop returns or fails")
+    // A change through the API keeps the file's scope; one that says another is refused, also
+    // after the API removed the file's policy (the file's scope comes back with a new one).
+    let limits = |args: &[&str]| {
+        let mut all = vec!["limits", "--api", &socket];
+        all.extend_from_slice(args);
+        run_limiter(&c.net.receiver_ns, &all)
+    };
+    let limit = LIMIT.to_string();
+    let set = |scope: &str| {
+        limits(&[
+            "set",
+            global_match,
+            "--limit",
+            &limit,
+            "--window",
+            "1s",
+            "--scope",
+            scope,
+        ])
+    };
+    let out = set("local")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && said.contains(&format!(
+                "policy.scope: the policy for {global_match} is global in the config file"
+            )),
+        "{said}"
+    );
+    for step in [vec!["rm", global_match], vec![]] {
+        if !step.is_empty() {
+            let out = limits(&step)?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = set("global")?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains(", scope global"),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Sends `per_second` datagrams a second from `client`, spread over the nodes by `weights`, for

@@ -19,7 +19,7 @@ pub(super) fn status_of(e: &LimitsError) -> Status {
     match e {
         LimitsError::NotFound(_) => Status::not_found(message),
         LimitsError::DeleteDefault => Status::failed_precondition(message),
-        LimitsError::Invalid(_) => Status::invalid_argument(message),
+        LimitsError::Invalid(_) | LimitsError::Scope { .. } => Status::invalid_argument(message),
         LimitsError::OverlayUnusable { .. } => Status::failed_precondition(message),
         LimitsError::Overlay(_) | LimitsError::Apply(_) => Status::internal(message),
     }
@@ -123,8 +123,8 @@ pub fn parse_policy(p: &proto::Policy) -> Result<(Selector, Resolved), Status> {
     Ok((selector, resolved))
 }
 
-/// A policy as the API shows it; `scope` `None` in change notices (see the proto).
-pub fn policy_proto(selector: &Selector, r: &Resolved, scope: Option<Scope>) -> proto::Policy {
+/// A policy as the API shows it.
+pub fn policy_proto(selector: &Selector, r: &Resolved, scope: Scope) -> proto::Policy {
     let limited = r.action == Action::Limit;
     proto::Policy {
         r#match: selector.to_string(),
@@ -132,18 +132,9 @@ pub fn policy_proto(selector: &Selector, r: &Resolved, scope: Option<Scope>) -> 
         window: limited.then(|| duration(Duration::from_micros(r.window.micros as u64))),
         action: action_proto(r.action) as i32,
         scope: match scope {
-            None => proto::Scope::Unspecified,
-            Some(Scope::Local) => proto::Scope::Local,
-            Some(Scope::Global) => proto::Scope::Global,
+            Scope::Local => proto::Scope::Local,
+            Scope::Global => proto::Scope::Global,
         } as i32,
-    }
-}
-
-/// How a scope reads in messages: `local` or `global`, as the config file writes it.
-pub fn scope_name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Local => "local",
-        Scope::Global => "global",
     }
 }
 
@@ -166,7 +157,7 @@ pub(super) fn change_proto(c: &Change) -> proto::LimitChange {
             ChangeKind::Set => proto::limit_change::Kind::Set,
             ChangeKind::Deleted => proto::limit_change::Kind::Deleted,
         } as i32,
-        policy: Some(policy_proto(&c.selector, &c.limit, None)),
+        policy: Some(policy_proto(&c.selector, &c.limit, c.scope)),
         generation: c.generation as u64,
         source: c.source.as_str().into(),
     }

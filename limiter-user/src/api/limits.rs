@@ -6,7 +6,6 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 
 use super::{ApiState, blocking, convert::*};
-use crate::config::Scope;
 use crate::proto::{
     self,
     limits_server::{self},
@@ -36,25 +35,14 @@ impl limits_server::Limits for LimitsService {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("policy: required"))?;
             let (selector, resolved) = parse_policy(policy)?;
-            if let Some(wanted) = requested_scope(policy)? {
-                let current = self
-                    .state
-                    .limits
-                    .get(&selector)
-                    .map_or(Scope::Local, |(_, scope)| scope);
-                if wanted != current {
-                    return Err(Status::invalid_argument(format!(
-                        "policy.scope: the policy for {selector} is {}; a policy's scope comes \
-                         from the config file (`scope: global` on it), and the API changes its \
-                         limit, window and action only",
-                        scope_name(current)
-                    )));
-                }
-            }
+            let scope = requested_scope(policy)?;
             let limits = self.state.limits.clone();
-            let change =
-                blocking(move || limits.set(&selector, resolved).map_err(|e| status_of(&e)))
-                    .await?;
+            let change = blocking(move || {
+                limits
+                    .set(&selector, resolved, scope)
+                    .map_err(|e| status_of(&e))
+            })
+            .await?;
             Ok(Response::new(change_proto(&change)))
         }
         .await
@@ -71,7 +59,7 @@ impl limits_server::Limits for LimitsService {
                 .limits
                 .get(&selector)
                 .ok_or_else(|| Status::not_found(format!("no policy matches {selector}")))?;
-            Ok(Response::new(policy_proto(&selector, &r.0, Some(r.1))))
+            Ok(Response::new(policy_proto(&selector, &r.0, r.1)))
         }
         .await
     }
@@ -99,7 +87,7 @@ impl limits_server::Limits for LimitsService {
             Ok(Response::new(proto::ListLimitsResponse {
                 policies: list
                     .iter()
-                    .map(|(s, r, _, scope)| policy_proto(s, r, Some(*scope)))
+                    .map(|(s, r, _, scope)| policy_proto(s, r, *scope))
                     .collect(),
                 layers: list.iter().map(|(_, _, l, _)| l.as_str().into()).collect(),
             }))
@@ -140,7 +128,7 @@ impl limits_server::Limits for LimitsService {
                     .map(|(s, r, _, scope)| {
                         Ok(proto::LimitChange {
                             kind: proto::limit_change::Kind::Set as i32,
-                            policy: Some(policy_proto(s, r, Some(*scope))),
+                            policy: Some(policy_proto(s, r, *scope)),
                             generation: generation as u64,
                             source: "initial".into(),
                         })

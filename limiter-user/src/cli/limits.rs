@@ -10,15 +10,23 @@ use crate::{
     proto,
 };
 
-/// Creates or replaces the policy for `matches`; `window` and `action` as given to `--window`
-/// (e.g. `500ms`) and `--action` (`limit`, `pass` or `drop`).
+/// Creates or replaces the policy for `matches`; `window`, `action` and `scope` as given to
+/// `--window` (e.g. `500ms`), `--action` (`limit`, `pass` or `drop`) and `--scope` (`local` or
+/// `global`: the scope the policy must have).
 pub async fn set(
     matches: String,
     limit: Option<u32>,
     window: Option<String>,
     action: String,
+    scope: Option<String>,
     target: Target,
 ) -> anyhow::Result<()> {
+    let scope = match scope.as_deref() {
+        None => proto::Scope::Unspecified,
+        Some("local") => proto::Scope::Local,
+        Some("global") => proto::Scope::Global,
+        Some(other) => anyhow::bail!("--scope {other:?}: expected local or global"),
+    };
     let mut c = client::connect(&target).await?;
     let action = match action.as_str() {
         "limit" => proto::Action::Limit,
@@ -44,8 +52,7 @@ pub async fn set(
                 limit,
                 window,
                 action: action as i32,
-                // The policy's own (the config file sets it).
-                scope: proto::Scope::Unspecified as i32,
+                scope: scope as i32,
             }),
         })
         .await

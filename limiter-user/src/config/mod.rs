@@ -114,6 +114,16 @@ pub enum Scope {
     Global,
 }
 
+impl Scope {
+    /// As the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Local => "local",
+            Scope::Global => "global",
+        }
+    }
+}
+
 /// A window length, written `10ms`, `1.5s`, `2m`, `1h`; between 10 ms and 1 h.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {

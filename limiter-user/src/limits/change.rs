@@ -5,7 +5,7 @@
 /// Maps keyed by the operator's matches: a fast hasher (the keys are not the network's).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-use crate::config::{Config, Match, Resolved};
+use crate::config::{Config, Match, Resolved, Scope};
 
 /// What a policy is keyed by: the default, or a `match`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -63,6 +63,8 @@ pub struct Change {
     pub selector: Selector,
     /// The policy as it is now (for `Deleted`: as it was).
     pub limit: Resolved,
+    /// Its scope (the config file's), likewise.
+    pub scope: Scope,
     pub generation: u32,
     pub source: Source,
 }
@@ -72,17 +74,23 @@ pub struct Change {
 /// policies: `old`'s are looked up by match.
 pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
     let mut out = Vec::new();
-    let change = |kind, selector, limit| Change {
+    let change = |kind, selector, limit, scope| Change {
         kind,
         selector,
         limit,
+        scope,
         generation,
         source,
     };
     // A change of grouping (`per`) alone is a change of the policy too.
     let default_per = |c: &Config| (c.grouping.default_v4, c.grouping.default_v6);
     if old.default != new.default || default_per(old) != default_per(new) {
-        out.push(change(ChangeKind::Set, Selector::Default, new.default));
+        out.push(change(
+            ChangeKind::Set,
+            Selector::Default,
+            new.default,
+            Scope::Local,
+        ));
     }
     // As is a change of scope (local or global) alone: a global policy's share is its limit
     // here. What a policy is besides its limit: its grouping and its scope.
@@ -100,9 +108,11 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
         .zip(&new.policies)
         .take_while(|((om, _), (nm, _))| om == nm)
         .count();
+    let scope = |c: &Config, i: usize| c.scope(i as u16 + 1);
     for (i, (m, r)) in new.policies[..common].iter().enumerate() {
         if old.policies[i].1 != *r || besides(old, i) != besides(new, i) {
-            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+            let selector = Selector::Match(m.clone());
+            out.push(change(ChangeKind::Set, selector, *r, scope(new, i)));
         }
     }
     // A config never holds two policies of one match (`Config::parse` refuses it).
@@ -113,12 +123,14 @@ pub fn diff(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<
             .get(m)
             .is_some_and(|&j| old.policies[j].1 == *r && besides(old, j) == besides(new, i));
         if !same {
-            out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+            let selector = Selector::Match(m.clone());
+            out.push(change(ChangeKind::Set, selector, *r, scope(new, i)));
         }
     }
-    for (m, r) in &old.policies[common..] {
+    for (j, (m, r)) in old.policies.iter().enumerate().skip(common) {
         if !new_index.contains_key(m) {
-            out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
+            let selector = Selector::Match(m.clone());
+            out.push(change(ChangeKind::Deleted, selector, *r, scope(old, j)));
         }
     }
     out
@@ -204,11 +216,26 @@ mod tests {
             )
         };
         let (local, global) = (config(&text("")), config(&text(", scope: global")));
+        let to_global = diff(&local, &global, 1, Source::File);
         assert_eq!(
-            described(&diff(&local, &global, 1, Source::File)),
+            described(&to_global),
             vec![(ChangeKind::Set, "10.0.0.0/8".to_string(), 30)]
         );
-        assert_eq!(diff(&global, &local, 1, Source::File).len(), 1);
+        // The notice says the scope (the only thing that changed).
+        assert_eq!(to_global[0].scope, Scope::Global);
+        let to_local = diff(&global, &local, 1, Source::File);
+        assert_eq!(to_local.len(), 1);
+        assert_eq!(to_local[0].scope, Scope::Local);
+        // A global policy removed: its notice says what it was.
+        let empty = config(
+            "default: { limit: 10, window: 1s }\ncluster: { node_id: n1, listen: \"127.0.0.1:7201\", \
+             peers: [\"127.0.0.1:7202\"], token_file: /unused }\n",
+        );
+        let removed = diff(&global, &empty, 1, Source::File);
+        assert_eq!(
+            (removed[0].kind, removed[0].scope),
+            (ChangeKind::Deleted, Scope::Global)
+        );
     }
 
     #[test]
@@ -234,16 +261,22 @@ mod tests {
     /// The diff as it was first written (quadratic): the reference the linear one must equal.
     fn quadratic(old: &Config, new: &Config, generation: u32, source: Source) -> Vec<Change> {
         let mut out = Vec::new();
-        let change = |kind, selector, limit| Change {
+        let change = |kind, selector, limit, scope| Change {
             kind,
             selector,
             limit,
+            scope,
             generation,
             source,
         };
         let default_per = |c: &Config| (c.grouping.default_v4, c.grouping.default_v6);
         if old.default != new.default || default_per(old) != default_per(new) {
-            out.push(change(ChangeKind::Set, Selector::Default, new.default));
+            out.push(change(
+                ChangeKind::Set,
+                Selector::Default,
+                new.default,
+                Scope::Local,
+            ));
         }
         // What a policy is besides its limit: its grouping and its scope.
         let besides = |c: &Config, i: usize| {
@@ -259,12 +292,24 @@ mod tests {
                 .enumerate()
                 .any(|(j, (om, or))| om == m && or == r && besides(old, j) == besides(new, i));
             if !same {
-                out.push(change(ChangeKind::Set, Selector::Match(m.clone()), *r));
+                let scope = new.scope(i as u16 + 1);
+                out.push(change(
+                    ChangeKind::Set,
+                    Selector::Match(m.clone()),
+                    *r,
+                    scope,
+                ));
             }
         }
-        for (m, r) in &old.policies {
+        for (j, (m, r)) in old.policies.iter().enumerate() {
             if !new.policies.iter().any(|(nm, _)| nm == m) {
-                out.push(change(ChangeKind::Deleted, Selector::Match(m.clone()), *r));
+                let scope = old.scope(j as u16 + 1);
+                out.push(change(
+                    ChangeKind::Deleted,
+                    Selector::Match(m.clone()),
+                    *r,
+                    scope,
+                ));
             }
         }
         out

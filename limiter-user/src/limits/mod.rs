@@ -51,6 +51,19 @@ use crate::{
     metrics::Counters,
 };
 
+/// Whether `file` has a policy for `selector`, and its scope (local if it has none: a policy
+/// only the API sets is local). The default is local.
+fn file_scope(file: &Config, selector: &Selector) -> (bool, Scope) {
+    match selector {
+        Selector::Default => (true, Scope::Local),
+        Selector::Match(m) => file
+            .policies
+            .iter()
+            .position(|(p, _)| p == m)
+            .map_or((false, Scope::Local), |i| (true, file.scope(i as u16 + 1))),
+    }
+}
+
 /// Changes a slow `Watch` subscriber may fall behind by before it is told it lagged.
 const CHANGE_BUFFER: usize = 1024;
 
@@ -72,6 +85,20 @@ pub enum LimitsError {
     Overlay(#[source] OverlayError),
     #[error("applying the policies to the maps")]
     Apply(#[from] DatapathError),
+    /// A change that asks for another scope than the policy's: scope is the config file's.
+    #[error(
+        "policy.scope: {}; a policy's scope comes from the config file (`scope: global` on \
+         it), and the API changes its limit, window and action only",
+        match (in_file, scope) {
+            (true, scope) => format!("the policy for {selector} is {} in the config file", scope.as_str()),
+            (false, _) => format!("the config file has no policy for {selector}: one the API sets is local"),
+        }
+    )]
+    Scope {
+        selector: String,
+        in_file: bool,
+        scope: Scope,
+    },
 }
 
 impl From<MergeError> for LimitsError {
@@ -630,8 +657,27 @@ impl PolicyStore {
     }
 
     /// Creates or replaces a policy (the default with `Selector::Default`) in the overlay.
-    pub fn set(&self, selector: &Selector, limit: Resolved) -> Result<Change, LimitsError> {
-        let change = self.change(selector, |overlay, _| {
+    /// `scope`, if given, must be the policy's: the config file's, local for a policy it does
+    /// not have (checked under the writer, against the file in force).
+    pub fn set(
+        &self,
+        selector: &Selector,
+        limit: Resolved,
+        scope: Option<Scope>,
+    ) -> Result<Change, LimitsError> {
+        let mut kept = Scope::Local;
+        let change = self.change(selector, |overlay, file| {
+            let (in_file, current) = file_scope(file, selector);
+            if let Some(wanted) = scope
+                && wanted != current
+            {
+                return Err(LimitsError::Scope {
+                    selector: selector.to_string(),
+                    in_file,
+                    scope: current,
+                });
+            }
+            kept = current;
             match selector {
                 Selector::Default => overlay.set_default(limit),
                 Selector::Match(m) => overlay.set_policy(m, limit),
@@ -643,6 +689,7 @@ impl PolicyStore {
             kind: ChangeKind::Set,
             selector: selector.clone(),
             limit,
+            scope: kept,
             generation: self.generation(),
             source: Source::Api,
         }))
@@ -653,7 +700,10 @@ impl PolicyStore {
     /// (see [`crate::config::overlay`]).
     pub fn delete(&self, selector: &Selector) -> Result<Change, LimitsError> {
         let mut outcome = None;
+        let mut kept = Scope::Local;
         let change = self.change(selector, |overlay, file| {
+            // The file's policy stays, or was the one removed; an overlay-only one is local.
+            kept = file_scope(file, selector).1;
             let before = match selector {
                 Selector::Default => {
                     if !overlay.unset_default() {
@@ -682,6 +732,7 @@ impl PolicyStore {
             kind,
             selector: selector.clone(),
             limit,
+            scope: kept,
             generation: self.generation(),
             source: Source::Api,
         })

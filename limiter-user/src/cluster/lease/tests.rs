@@ -983,3 +983,38 @@ fn forget_b_and_bring_it_back(used: u32) -> Option<u64> {
     assert!(a_then.is_some_and(|v| v + 100 + 15 <= 300), "a: {a_then:?}");
     dropped_at
 }
+
+/// What `limiter cluster status` shows of a ledger's split: each holder's demand and the newest
+/// grant sent to it, a raise at most the cold share once its lease is over (the holder enforces
+/// no more then), a cut as it is.
+#[test]
+fn the_split_shows_each_holders_grant_and_a_lapsed_raise_at_the_cold_share() {
+    let timing = half_second_lease();
+    let ms = Duration::from_millis;
+    let mut holders = Prompt::abc();
+    let mut ledger = Ledger::new(300, timing);
+    for id in &holders.ids {
+        ledger.enrol(id);
+    }
+    let mut split = Vec::new();
+    for i in 0..5 {
+        split = holders.round(&mut ledger, ms(50 * i), [240, 240, 15]);
+    }
+    let at = ms(200);
+    let view = ledger.holders_view(at, 100);
+    let ids: Vec<&NodeId> = view.iter().map(|(n, _, _)| n).collect();
+    assert_eq!(ids, holders.ids.iter().collect::<Vec<_>>());
+    let grants: Vec<Option<u32>> = view.iter().map(|(_, _, g)| *g).collect();
+    assert_eq!(grants, split.iter().map(|&v| Some(v)).collect::<Vec<_>>());
+    assert!(split[0] > 100 && split[2] < 100, "{split:?}");
+    let demands: Vec<u32> = view.iter().map(|(_, d, _)| *d).collect();
+    assert_eq!(demands, [240, 240, 15]);
+    // Long after the last round: the raises have lapsed, the cut has not.
+    let later = ms(200) + timing.lease() * 4;
+    let grants: Vec<Option<u32>> = ledger
+        .holders_view(later, 100)
+        .iter()
+        .map(|(_, _, g)| *g)
+        .collect();
+    assert_eq!(grants, [Some(100), Some(100), Some(split[2])]);
+}
