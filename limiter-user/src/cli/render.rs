@@ -153,7 +153,7 @@ pub fn show_policy(p: &proto::Policy) -> String {
             show_duration(p.window.as_ref())
         ),
     };
-    // Local is the rule, and change notices do not say.
+    // Local is the rule (and an older agent says neither).
     if p.scope == proto::Scope::Global as i32 {
         format!("{what}, scope global")
     } else {

@@ -91,7 +91,7 @@ pub enum LimitsError {
          it), and the API changes its limit, window and action only",
         match (in_file, scope) {
             (true, scope) => format!("the policy for {selector} is {} in the config file", scope.as_str()),
-            (false, _) => format!("the config file has no policy for {selector}: one the API sets is local"),
+            (false, _) => format!("the policy for {selector} is local (the config file has none, and one the API sets is local)"),
         }
     )]
     Scope {
