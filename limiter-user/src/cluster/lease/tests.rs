@@ -504,6 +504,15 @@ impl Prompt {
         }
     }
 
+    /// Holders a, b and c, each enrolled in `ledger`.
+    fn abc_in(ledger: &mut Ledger) -> Prompt {
+        let holders = Prompt::abc();
+        for id in &holders.ids {
+            ledger.enrol(id);
+        }
+        holders
+    }
+
     fn report(&self, id: &NodeId, demand: u32) -> Report {
         Report {
             seq: self.seq,
@@ -540,11 +549,8 @@ impl Prompt {
 fn a_restarted_holder_counts_at_the_cold_share_at_least() {
     let timing = half_second_lease();
     let ms = Duration::from_millis;
-    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing);
-    for id in &holders.ids {
-        ledger.enrol(id);
-    }
+    let mut holders = Prompt::abc_in(&mut ledger);
     let demands = [240, 240, 15];
     let mut split = Vec::new();
     for i in 0..5 {
@@ -761,11 +767,8 @@ fn a_raise_waits_for_what_a_cut_holder_has_admitted() {
 fn what_a_silent_holders_window_held_stops_counting_after_two_windows() {
     let timing = half_second_lease();
     let ms = Duration::from_millis;
-    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing).with_window(Duration::from_secs(1));
-    for id in &holders.ids {
-        ledger.enrol(id);
-    }
+    let mut holders = Prompt::abc_in(&mut ledger);
     for i in 0..20 {
         holders.round(&mut ledger, ms(50 * i), [240, 15, 15]);
     }
@@ -919,11 +922,8 @@ fn a_forgotten_holder_is_dropped_once_nothing_of_it_can_be_in_force() {
 /// dropped (ms).
 fn forget_b_and_bring_it_back(used: u32) -> Option<u64> {
     let ms = Duration::from_millis;
-    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, half_second_lease()).with_window(Duration::from_secs(1));
-    for id in &holders.ids {
-        ledger.enrol(id);
-    }
+    let mut holders = Prompt::abc_in(&mut ledger);
     let (a, b, c) = (
         holders.ids[0].clone(),
         holders.ids[1].clone(),
@@ -991,11 +991,8 @@ fn forget_b_and_bring_it_back(used: u32) -> Option<u64> {
 fn the_split_shows_each_holders_grant_and_a_lapsed_raise_at_the_cold_share() {
     let timing = half_second_lease();
     let ms = Duration::from_millis;
-    let mut holders = Prompt::abc();
     let mut ledger = Ledger::new(300, timing);
-    for id in &holders.ids {
-        ledger.enrol(id);
-    }
+    let mut holders = Prompt::abc_in(&mut ledger);
     let mut split = Vec::new();
     for i in 0..5 {
         split = holders.round(&mut ledger, ms(50 * i), [240, 240, 15]);
