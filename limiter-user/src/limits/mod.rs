@@ -51,17 +51,22 @@ use crate::{
     metrics::Counters,
 };
 
-/// Whether `file` has a policy for `selector`, and its scope (local if it has none: a policy
-/// only the API sets is local). The default is local.
-fn file_scope(file: &Config, selector: &Selector) -> (bool, Scope) {
+/// `config`'s policy for `selector` and its scope (the default's is local), if it has one.
+fn policy_in(config: &Config, selector: &Selector) -> Option<(Resolved, Scope)> {
     match selector {
-        Selector::Default => (true, Scope::Local),
-        Selector::Match(m) => file
+        Selector::Default => Some((config.default, Scope::Local)),
+        Selector::Match(m) => config
             .policies
             .iter()
             .position(|(p, _)| p == m)
-            .map_or((false, Scope::Local), |i| (true, file.scope(i as u16 + 1))),
+            .map(|i| (config.policies[i].1, config.scope(i as u16 + 1))),
     }
+}
+
+/// Whether `file` has a policy for `selector`, and its scope (local if it has none: a policy
+/// only the API sets is local).
+fn file_scope(file: &Config, selector: &Selector) -> (bool, Scope) {
+    policy_in(file, selector).map_or((false, Scope::Local), |(_, scope)| (true, scope))
 }
 
 /// Changes a slow `Watch` subscriber may fall behind by before it is told it lagged.
@@ -798,15 +803,7 @@ impl PolicyStore {
     /// The policy for `selector`, if there is one.
     pub fn get(&self, selector: &Selector) -> Option<(Resolved, Scope)> {
         let effective = self.lock().effective.clone();
-        let config = &effective.config;
-        match selector {
-            Selector::Default => Some((config.default, Scope::Local)),
-            Selector::Match(m) => config
-                .policies
-                .iter()
-                .position(|(p, _)| p == m)
-                .map(|i| (config.policies[i].1, config.scope(i as u16 + 1))),
-        }
+        policy_in(&effective.config, selector)
     }
 
     /// The default, then the policies in order (the file's, then the overlay's new ones), each

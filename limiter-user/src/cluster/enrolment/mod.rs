@@ -681,13 +681,14 @@ impl Enrolment {
         if most == 0 {
             return Vec::new();
         }
-        let mut demands: Vec<(u64, &ClientKey)> = self
+        let mut demands: Vec<(u64, &ClientKey, &Owned)> = self
             .owned
             .iter()
-            .map(|(client, o)| (o.ledger.demand(now), client))
+            .map(|(client, o)| (o.ledger.demand(now), client, o))
             .collect();
-        let busiest_first =
-            |a: &(u64, &ClientKey), b: &(u64, &ClientKey)| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1));
+        let busiest_first = |a: &(u64, &ClientKey, &Owned), b: &(u64, &ClientKey, &Owned)| {
+            b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1))
+        };
         if demands.len() > most {
             demands.select_nth_unstable_by(most - 1, busiest_first);
         }
@@ -695,18 +696,15 @@ impl Enrolment {
         demands.sort_unstable_by(busiest_first);
         demands
             .into_iter()
-            .filter_map(|(demand, client)| {
-                let o = self.owned.get(client)?;
-                Some(OwnedView {
-                    client: *client,
-                    policy: o.policy,
-                    limit: o.ledger.limit(),
-                    demand,
-                    learning: o.ledger.is_learning(now),
-                    holders: o
-                        .ledger
-                        .holders_view(now, cold(o.policy).unwrap_or(o.ledger.limit())),
-                })
+            .map(|(demand, client, o)| OwnedView {
+                client: *client,
+                policy: o.policy,
+                limit: o.ledger.limit(),
+                demand,
+                learning: o.ledger.is_learning(now),
+                holders: o
+                    .ledger
+                    .holders_view(now, cold(o.policy).unwrap_or(o.ledger.limit())),
             })
             .collect()
     }

@@ -628,16 +628,21 @@ impl Node {
             timing(state.config.peer_timeout),
         );
         // The owned clients' policies by their names on the wire: their `match` here (the
-        // status names them by it) and their cold share.
-        let matches: HashMap<PolicyName, (String, u32)> = state
-            .policies
-            .global
-            .iter()
-            .map(|g| {
-                let cold = super::shares::cold_share(g.limit, view.members);
-                (g.wire_name(), (g.matches.clone(), cold))
-            })
-            .collect();
+        // status names them by it) and their cold share. Not for metrics (`owned` 0), which
+        // would hash every global policy at every scrape for nothing.
+        let matches: HashMap<PolicyName, (String, u32)> = if owned == 0 {
+            HashMap::new()
+        } else {
+            state
+                .policies
+                .global
+                .iter()
+                .map(|g| {
+                    let cold = super::shares::cold_share(g.limit, view.members);
+                    (g.wire_name(), (g.matches.clone(), cold))
+                })
+                .collect()
+        };
         drop(state);
         let (counts, owned) = {
             let enrolment = self.shared.enrolment();
