@@ -595,7 +595,13 @@ fn checks_of_random_addresses_create_at_most_the_cap() -> Result<()> {
     for i in 0..50 {
         unix.check(&format!("10.98.0.{i}"), 1)?;
     }
-    assert_eq!(unix.global()?.clients_created - after.clients_created, 50);
+    // And `::`'s entry, if the veth's IPv6 start-up packets made it only meanwhile (seen once:
+    // 51 created).
+    let stray_later = u64::from(unix.client_stats("::")?.resident && !stray_before) - stray;
+    assert_eq!(
+        unix.global()?.clients_created - after.clients_created,
+        50 + stray_later
+    );
     drop(unix);
     drop(agent);
     Ok(())
